@@ -1,0 +1,102 @@
+"""Autoregressive generation with static caches: prefill once, then one token per step.
+
+On a GPU the one-token step is captured once as a CUDA graph and replayed (gpt-fast's trick
+without a compiler): every step runs the same kernels on the same buffers, so the launch cost
+of a few hundred small kernels per token disappears.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .model import Model
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator=None) -> torch.Tensor:
+    """logits (b, vocab) -> token ids (b,). temperature 0 is greedy; top_p < 1 keeps the nucleus."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p > top_p  # tokens after the nucleus is full
+        sorted_p = sorted_p.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class DecodeStep:
+    """model(token, cache, pos) for one token, replayed from a CUDA graph when on a GPU."""
+
+    def __init__(self, model: Model, cache, batch: int, use_graph: bool | None = None):
+        self.model, self.cache = model, cache
+        device = model.lm_head.weight.device
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph = None
+        if use_graph is None:
+            use_graph = device.type == "cuda"
+        if use_graph:
+            self._capture()
+
+    def _run(self):
+        return self.model(self.token, self.cache, self.pos, last_only=True)
+
+    def _capture(self):
+        # Warm up on a side stream (allocator and library handles), then capture; both write into
+        # the cache, which is zeroed afterwards, before the caller's prefill.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._run()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._run()
+        for buf in self.cache.buffers():  # forget what warm-up and capture wrote
+            buf.zero_()
+
+    def __call__(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        self.token.copy_(token.view(-1, 1))
+        self.pos.fill_(pos)
+        if self.graph is None:
+            return self._run()
+        self.graph.replay()
+        return self.logits
+
+
+@torch.no_grad()
+def generate(model: Model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, eos_token_id=None, generator: torch.Generator | None = None,
+             use_graph: bool | None = None, on_token=None) -> torch.Tensor:
+    """Continue `input_ids` (b, t) by up to `max_new_tokens`; returns (b, t + n) with the prompt.
+
+    Stops early once every row has produced an EOS token (rows that finish first are padded with
+    EOS). `on_token(ids)` is called with each new (b,) tensor, for streaming.
+    """
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    b, t = input_ids.shape
+    if max_new_tokens <= 0:
+        return input_ids
+    device = model.lm_head.weight.device
+    input_ids = input_ids.to(device)
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
+                       dtype=torch.long, device=device)
+    cache = model.make_cache(b, t + max_new_tokens)
+    step = DecodeStep(model, cache, b, use_graph) if max_new_tokens > 1 else None
+    logits = model(input_ids, cache, torch.arange(t, device=device), last_only=True)
+    out, done = [input_ids], torch.zeros(b, dtype=torch.bool, device=device)
+    for i in range(max_new_tokens):
+        token = sample(logits[:, -1], temperature, top_p, generator)
+        if len(eos):
+            token = torch.where(done, eos[0], token)
+            done = done | torch.isin(token, eos)
+        out.append(token[:, None])
+        if on_token is not None:
+            on_token(token)
+        if i == max_new_tokens - 1 or (len(eos) and bool(done.all())):
+            break
+        logits = step(token, t + i)
+    return torch.cat(out, dim=1)

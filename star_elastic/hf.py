@@ -1,0 +1,324 @@
+"""Hugging Face checkpoints in and out: config.json + safetensors (sharded too), and GGUF.
+
+Our parameter names are transformers' own, so loading is `load_state_dict` after a check of
+names and shapes; saving writes what `AutoModelForCausalLM.from_pretrained` reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import StarElasticError
+from .model import Model, ModelConfig
+
+SUPPORTED = {"nemotron_h": "NemotronHForCausalLM", "llama": "LlamaForCausalLM"}
+MAMBA_CHAR = {"linear_attention": "M", "mamba": "M", "full_attention": "*", "attention": "*", "mlp": "-", "moe": "E"}
+HF_BLOCK = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+SHARD_BYTES = 2 * 1024**3
+
+
+# ----------------------------------------------------------------------------- configs
+
+def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
+    """Our dataclass from a transformers config dict (legacy NemotronH names included)."""
+    from transformers import LlamaConfig, NemotronHConfig
+
+    model_type = d.get("model_type")
+    if model_type not in SUPPORTED:
+        archs = d.get("architectures") or [model_type]
+        raise StarElasticError(f"{source}: unknown architecture {archs[0]!r} "
+                               f"(supported: {', '.join(SUPPORTED.values())})")
+    d = {k: v for k, v in d.items() if k not in ("star_elastic",)}
+    try:
+        c = (NemotronHConfig if model_type == "nemotron_h" else LlamaConfig).from_dict(d)
+    except Exception as e:  # transformers validates values; surface its reason on one line
+        raise StarElasticError(f"{source}: invalid {model_type} config: {str(e).splitlines()[0]}") from None
+    common = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, tie_word_embeddings=bool(c.tie_word_embeddings),
+                  num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
+                  max_position_embeddings=c.max_position_embeddings, intermediate_size=c.intermediate_size,
+                  attention_bias=bool(getattr(c, "attention_bias", False)), mlp_bias=bool(c.mlp_bias),
+                  bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    if model_type == "llama":
+        rope = dict(c.rope_parameters or {})
+        rope_type = rope.get("rope_type", "default")
+        return ModelConfig(family="llama", layer_types="*" * c.num_hidden_layers, norm_eps=c.rms_norm_eps,
+                           head_dim=head_dim, rope_theta=float(rope.get("rope_theta", 10000.0)),
+                           rope_scaling=None if rope_type == "default" else rope,
+                           mlp_gated=True, mlp_act=c.hidden_act, **common)
+    if c.num_nextn_predict_layers:
+        pass  # multi-token-prediction heads are not part of the causal LM; their weights are skipped
+    return ModelConfig(
+        family="nemotron_h", layer_types="".join(MAMBA_CHAR[t] for t in c.layers_block_type),
+        norm_eps=c.layer_norm_epsilon, head_dim=head_dim, rope_theta=None, mlp_gated=False, mlp_act=c.mlp_hidden_act,
+        mamba_num_heads=c.mamba_num_heads, mamba_head_dim=c.mamba_head_dim, ssm_state_size=c.ssm_state_size,
+        n_groups=c.n_groups, conv_kernel=c.conv_kernel, chunk_size=c.chunk_size,
+        time_step_min=float(c.time_step_min), use_conv_bias=bool(c.use_conv_bias), mamba_bias=bool(c.use_bias),
+        n_routed_experts=c.n_routed_experts, num_experts_per_tok=c.num_experts_per_tok,
+        moe_intermediate_size=c.moe_intermediate_size,
+        moe_shared_expert_intermediate_size=c.moe_shared_expert_intermediate_size, n_group=c.n_group,
+        topk_group=c.topk_group, norm_topk_prob=bool(c.norm_topk_prob),
+        routed_scaling_factor=float(c.routed_scaling_factor), moe_latent_size=c.moe_latent_size, **common)
+
+
+def config_to_hf(cfg: ModelConfig, base: dict | None = None) -> dict:
+    """A transformers config dict for `cfg`, starting from the checkpoint's own (`base`) so that
+    fields we do not model (chat settings, dtype, ...) survive a load/save round trip."""
+    from transformers import LlamaConfig, NemotronHConfig
+
+    if cfg.layer_sizes and any(cfg.layer_sizes):
+        raise StarElasticError("per-layer sizes cannot be written as a stock Hugging Face config "
+                               "(transformers has one size per axis for all layers)")
+    d = dict(base or {})
+    for k in ("architectures", "model_type", "transformers_version", "star_elastic"):
+        d.pop(k, None)
+    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, tie_word_embeddings=cfg.tie_word_embeddings,
+                  num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+                  head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings,
+                  intermediate_size=cfg.intermediate_size, attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias,
+                  bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
+    if cfg.family == "llama":
+        rope = dict(cfg.rope_scaling or {"rope_type": "default"})
+        rope["rope_theta"] = cfg.rope_theta
+        d.update(common, num_hidden_layers=cfg.num_layers, rms_norm_eps=cfg.norm_eps, hidden_act=cfg.mlp_act,
+                 rope_parameters=rope)
+        d.pop("rope_scaling", None)
+        d.pop("rope_theta", None)
+        out = LlamaConfig.from_dict(d)
+    else:
+        for legacy in ("hybrid_override_pattern", "num_hidden_layers", "mamba_n_groups", "mamba_d_conv",
+                       "mamba_chunk_size", "mamba_dt_min", "mamba_conv_bias"):
+            d.pop(legacy, None)
+        d.update(common, layers_block_type=[HF_BLOCK[k] for k in cfg.layer_types],
+                 layer_norm_epsilon=cfg.norm_eps, mlp_hidden_act=cfg.mlp_act,
+                 mamba_num_heads=cfg.mamba_num_heads, mamba_head_dim=cfg.mamba_head_dim,
+                 ssm_state_size=cfg.ssm_state_size, n_groups=cfg.n_groups, conv_kernel=cfg.conv_kernel,
+                 chunk_size=cfg.chunk_size, time_step_min=cfg.time_step_min, use_conv_bias=cfg.use_conv_bias,
+                 use_bias=cfg.mamba_bias, n_routed_experts=cfg.n_routed_experts,
+                 num_experts_per_tok=cfg.num_experts_per_tok, moe_intermediate_size=cfg.moe_intermediate_size,
+                 moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size,
+                 n_group=cfg.n_group, topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob,
+                 routed_scaling_factor=cfg.routed_scaling_factor, moe_latent_size=cfg.moe_latent_size,
+                 expand=max(1, cfg.mamba_num_heads * cfg.mamba_head_dim // cfg.hidden_size))
+        out = NemotronHConfig.from_dict(d)
+    out.architectures = [SUPPORTED[cfg.family]]
+    return out.to_dict()
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise StarElasticError(f"{index}: not a safetensors index ({e})") from None
+        files = [path / n for n in names]
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise StarElasticError(f"{index}: shard(s) missing: {', '.join(missing)}")
+        return files
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise StarElasticError(f"{path}: weights are in pickle format ({pickles[0]}); refusing to unpickle — "
+                               "convert them to safetensors")
+    raise StarElasticError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def read_safetensors(files: list[Path], skip=lambda name: False) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for name in sf.keys():
+                    if not skip(name):
+                        tensors[name] = sf.get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise StarElasticError(f"{f}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    return tensors
+
+
+def load_weights(model: Model, tensors: dict[str, torch.Tensor], source: str) -> Model:
+    """Copy a checkpoint state dict into `model`, refusing missing, unexpected or misshapen tensors."""
+    expected = model.state_dict()
+    if model.config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+        tensors.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s), e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}, e.g. {unexpected[0]}")
+        raise StarElasticError(f"{source}: weights do not match the config: {'; '.join(parts)}")
+    for name, t in tensors.items():
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise StarElasticError(f"{source}: tensor {name} has shape {tuple(t.shape)}, "
+                                   f"the config implies {tuple(expected[name].shape)}")
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.embed.weight
+    return model
+
+
+def load(path, dtype: torch.dtype | None = None, device=None) -> Model:
+    """Load a Hugging Face NemotronH / Llama checkpoint directory, or a GGUF file, as our Model."""
+    path = Path(path)
+    if not path.exists():
+        raise StarElasticError(f"{path}: no such file or directory")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            path = gguf_to_safetensors(path)
+        elif path.suffix in PICKLE_SUFFIXES:
+            raise StarElasticError(f"{path}: pickle files are never loaded; give a safetensors checkpoint directory")
+        else:
+            raise StarElasticError(f"{path}: expected a checkpoint directory (config.json + safetensors) or a .gguf file")
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise StarElasticError(f"{path}: not a model directory (no config.json)")
+    try:
+        raw = json.loads(config_file.read_text())
+    except ValueError as e:
+        raise StarElasticError(f"{config_file}: not valid JSON ({e})") from None
+    cfg = config_from_hf(raw, str(config_file))
+    if isinstance(raw.get("star_elastic"), dict) and raw["star_elastic"].get("layer_sizes"):
+        cfg.layer_sizes = raw["star_elastic"]["layer_sizes"]
+    tensors = read_safetensors(_weight_files(path), skip=lambda n: n.startswith("mtp."))
+    with torch.device("meta"):
+        model = Model(cfg)
+    model = load_weights(model, tensors, str(path))
+    if model.inv_freq is not None:  # a non-persistent buffer: rebuild it off the meta device
+        from .model import rope_frequencies
+        model.inv_freq = rope_frequencies(cfg)
+    model.hf_config = raw
+    model.source = str(path)
+    if dtype is not None or device is not None:
+        model.to(device=device, dtype=dtype)
+    return model.eval()
+
+
+def load_tokenizer(path):
+    """The tokenizer saved beside a checkpoint (or inside a GGUF file), or None if there is none."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if path.suffix == ".gguf":
+        path = gguf_to_safetensors(path)
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def gguf_to_safetensors(gguf: Path) -> Path:
+    """Convert a GGUF file once (dequantised through transformers' reader) into a cached HF directory."""
+    from .assets import CACHE_DIR
+
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = Path(CACHE_DIR) / "gguf" / f"{gguf.stem}-{key}"
+    if (out / "config.json").exists():
+        return out
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        import gguf as _  # noqa: F401  (transformers needs it; fail here with a clear message)
+    except ImportError:
+        raise StarElasticError("reading GGUF files needs the `gguf` package: pip install gguf") from None
+    import sys
+    print(f"converting {gguf.name} to safetensors (once, cached in {out.parent}) ...", file=sys.stderr)
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as e:
+        raise StarElasticError(f"{gguf}: cannot read GGUF file ({str(e).splitlines()[0]})") from None
+    with _staging(out) as tmp:
+        hf.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return out
+
+
+# ----------------------------------------------------------------------------- saving
+
+class _staging:
+    """Write into a temporary sibling directory, then rename it into place: never a half-written output."""
+
+    def __init__(self, dest):
+        self.dest = Path(dest)
+
+    def __enter__(self) -> Path:
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", dir=self.dest.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.dest.exists():
+            old = self.dest.with_name(f".{self.dest.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.dest, old)
+            os.replace(self.tmp, self.dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.dest)
+        return False
+
+
+staging = _staging
+
+
+def write_safetensors(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int = SHARD_BYTES):
+    """model.safetensors, or shards + index when larger than `max_shard_bytes`."""
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    shards, current, size = [], {}, 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def save_pretrained(model: Model, out, tokenizer=None, max_shard_bytes: int = SHARD_BYTES) -> Path:
+    """Write config.json + safetensors (+ tokenizer) that transformers' AutoModelForCausalLM loads."""
+    out = Path(out)
+    hf = config_to_hf(model.config, getattr(model, "hf_config", None))
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    with _staging(out) as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
+        write_safetensors(state, tmp, max_shard_bytes)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return out

@@ -1,0 +1,574 @@
+"""The hybrid decoder: Mamba-2 (M), grouped-query attention (*), MLP (-) and MoE (E) blocks.
+
+One file of plain PyTorch. Parameter names are those of Hugging Face's `NemotronHForCausalLM`
+and `LlamaForCausalLM`, so a checkpoint's state dict loads with `load_state_dict` as it is.
+
+A Nemotron-H layer is one block `x = x + mixer(norm(x))`. A Llama layer is two such blocks
+(attention, then gated MLP) under Llama's names. Every size that elastic slicing can change
+(heads, widths, experts) may differ per layer: `ModelConfig.layer_sizes` overrides them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LAYER_CHARS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+
+# Sizes that may differ per layer (elastic slicing writes them into `layer_sizes`).
+PER_LAYER_SIZES = (
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "mamba_num_heads",
+    "mamba_head_dim",
+    "n_routed_experts",
+    "moe_intermediate_size",
+    "moe_shared_expert_intermediate_size",
+)
+
+
+@dataclass
+class ModelConfig:
+    family: str = "nemotron_h"  # "nemotron_h" or "llama": the Hugging Face class of the weights
+    vocab_size: int = 256
+    hidden_size: int = 64
+    layer_types: str = "M*-E"  # one character per block: M mamba, * attention, - mlp, E moe
+    norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    # attention
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 16
+    attention_bias: bool = False
+    rope_theta: float | None = None  # None: no positional embedding (Nemotron-H)
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", ...} or None
+    max_position_embeddings: int = 4096
+    # dense MLP: Nemotron-H act(up(x)) with relu^2; Llama down(act(gate(x)) * up(x)) with SiLU
+    intermediate_size: int = 128
+    mlp_gated: bool = False
+    mlp_act: str = "relu2"
+    mlp_bias: bool = False
+    # Mamba-2
+    mamba_num_heads: int = 8
+    mamba_head_dim: int = 16
+    ssm_state_size: int = 16
+    n_groups: int = 2
+    conv_kernel: int = 4
+    chunk_size: int = 128
+    time_step_min: float = 0.0  # lower clamp of softplus(dt + dt_bias)
+    use_conv_bias: bool = True
+    mamba_bias: bool = False
+    # mixture of experts
+    n_routed_experts: int = 8
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 32
+    moe_shared_expert_intermediate_size: int = 64
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    moe_latent_size: int | None = None
+    # per-layer overrides of PER_LAYER_SIZES; None means every layer uses the values above
+    layer_sizes: list[dict] | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        bad = set(self.layer_types) - set(LAYER_CHARS)
+        if bad:
+            raise ValueError(f"unknown block type(s) {sorted(bad)} in layer_types {self.layer_types!r}")
+        if self.layer_sizes is not None and len(self.layer_sizes) != len(self.layer_types):
+            raise ValueError(f"layer_sizes has {len(self.layer_sizes)} entries for {len(self.layer_types)} layers")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_types)
+
+    def layer(self, i: int) -> "ModelConfig":
+        """The config that layer i is built from: the global sizes with its overrides applied."""
+        if not self.layer_sizes or not self.layer_sizes[i]:
+            return self
+        unknown = set(self.layer_sizes[i]) - set(PER_LAYER_SIZES)
+        if unknown:
+            raise ValueError(f"layer {i}: {sorted(unknown)} cannot vary per layer")
+        return replace(self, layer_sizes=None, **self.layer_sizes[i])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# ----------------------------------------------------------------------------- norms
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """Mamba-2's output norm: x * silu(z), then RMS-normalised within each of `groups` groups."""
+
+    def __init__(self, dim: int, groups: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.groups = groups
+        self.eps = eps
+
+    def forward(self, x, z):
+        dtype = x.dtype
+        x = x.float() * F.silu(z.float())
+        xg = x.unflatten(-1, (self.groups, -1))
+        xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xg.flatten(-2).to(dtype)
+
+
+def activation(name: str):
+    if name == "relu2":
+        return lambda x: F.relu(x).square()
+    if name == "silu":
+        return F.silu
+    if name in ("gelu", "gelu_pytorch_tanh"):
+        return lambda x: F.gelu(x, approximate="tanh" if name.endswith("tanh") else "none")
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+# ----------------------------------------------------------------------------- Mamba-2
+
+def segsum(a: torch.Tensor) -> torch.Tensor:
+    """out[..., l, s] = a[..., s+1] + ... + a[..., l] for s <= l, -inf above the diagonal.
+
+    Summed directly rather than as cumsum[l] - cumsum[s], which loses precision to cancellation.
+    """
+    n = a.shape[-1]
+    a = a[..., None].expand(*a.shape, n)  # a[..., i, j] = a_i
+    strict = torch.tril(torch.ones(n, n, dtype=torch.bool, device=a.device), diagonal=-1)
+    a = torch.cumsum(a.masked_fill(~strict, 0), dim=-2)
+    causal = torch.tril(torch.ones(n, n, dtype=torch.bool, device=a.device))
+    return a.masked_fill(~causal, -torch.inf)
+
+
+def ssd_scan(x, dt, A, B, C, chunk_size: int, initial_state=None):
+    """Chunked state-space-duality scan of Mamba-2 (the quadratic form inside chunks, the
+    recurrence across them). All in at least float32.
+
+    x: (b, t, h, p)   dt: (b, t, h), already softplus'ed   A: (h,), negative
+    B, C: (b, t, g, n) shared by the h/g heads of each group    initial_state: (b, h, p, n)
+    Returns y: (b, t, h, p) without the D skip, and the final state (b, h, p, n).
+    """
+    b, t, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    j = h // g  # heads per group
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x, dt, A, B, C = (v.to(dtype) for v in (x, dt, A, B, C))
+    L = min(chunk_size, t)
+    pad = (-t) % L
+    if pad:  # zero dt: no decay and no input, so padding changes neither outputs nor state
+        x, dt, B, C = (F.pad(v, (0, 0) * (v.dim() - 2) + (0, pad)) for v in (x, dt, B, C))
+    c = (t + pad) // L
+    xdt = (x * dt[..., None]).view(b, c, L, g, j, p)
+    a = (dt * A).view(b, c, L, h).permute(0, 3, 1, 2)  # (b, h, c, L) log-decay per step
+    a_cum = torch.cumsum(a, dim=-1)
+    B = B.view(b, c, L, g, n)
+    C = C.view(b, c, L, g, n)
+
+    # 1. within each chunk: y_l = sum_{s<=l} (C_l . B_s) exp(a_{s+1} + ... + a_l) xdt_s
+    decay = torch.exp(segsum(a)).view(b, g, j, c, L, L).permute(0, 3, 1, 2, 4, 5)  # (b,c,g,j,l,s)
+    CB = torch.einsum("bclgn,bcsgn->bcgls", C, B)
+    y = torch.einsum("bcgjls,bcsgjp->bclgjp", CB[:, :, :, None] * decay, xdt)
+
+    # 2. each chunk's own contribution to the state at its end
+    to_end = torch.exp(a_cum[..., -1:] - a_cum).view(b, g, j, c, L).permute(0, 3, 4, 1, 2)  # (b,c,L,g,j)
+    states = torch.einsum("bclgn,bclgjp->bcgjpn", B, xdt * to_end[..., None])
+
+    # 3. the recurrence across chunks: state entering chunk k from all earlier chunks
+    if initial_state is None:
+        initial_state = torch.zeros(b, h, p, n, dtype=dtype, device=x.device)
+    states = torch.cat([initial_state.to(dtype).view(b, 1, g, j, p, n), states], dim=1)  # (b,c+1,...)
+    chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
+    chunk_decay = chunk_decay.view(b, g, j, c + 1, c + 1)
+    states = torch.einsum("bgjzc,bcgjpn->bzgjpn", chunk_decay, states)
+    states, final_state = states[:, :-1], states[:, -1]
+
+    # 4. the entering state's contribution to every position of the chunk
+    from_start = torch.exp(a_cum).view(b, g, j, c, L).permute(0, 3, 4, 1, 2)  # (b,c,L,g,j)
+    y = y + torch.einsum("bclgn,bcgjpn->bclgjp", C, states) * from_start[..., None]
+    y = y.reshape(b, c * L, h, p)[:, :t]
+    return y, final_state.reshape(b, h, p, n)
+
+
+class Mamba2(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.mamba_num_heads, cfg.mamba_head_dim
+        self.n_groups, self.state_size = cfg.n_groups, cfg.ssm_state_size
+        if self.num_heads % self.n_groups:
+            raise ValueError(f"mamba_num_heads={self.num_heads} is not divisible by n_groups={self.n_groups}")
+        self.d_inner = self.num_heads * self.head_dim
+        self.conv_dim = self.d_inner + 2 * self.n_groups * self.state_size
+        self.chunk_size, self.dt_min = cfg.chunk_size, cfg.time_step_min
+        self.in_proj = nn.Linear(cfg.hidden_size, self.d_inner + self.conv_dim + self.num_heads, bias=cfg.mamba_bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.conv_kernel, groups=self.conv_dim,
+                                padding=cfg.conv_kernel - 1, bias=cfg.use_conv_bias)
+        self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32)))
+        self.D = nn.Parameter(torch.ones(self.num_heads))
+        self.norm = GatedRMSNorm(self.d_inner, self.n_groups, cfg.norm_eps)
+        self.out_proj = nn.Linear(self.d_inner, cfg.hidden_size, bias=cfg.mamba_bias)
+
+    def forward(self, u, cache: "MambaCache | None" = None):
+        b, t, _ = u.shape
+        z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        xBC = xBC.transpose(1, 2)  # (b, conv_dim, t)
+        weight = self.conv1d.weight.squeeze(1)
+        if cache is None:
+            xBC = self.conv1d(xBC)[..., :t]
+        else:  # the cached last k-1 inputs stand in for the zero padding
+            xBC = torch.cat([cache.conv.to(xBC.dtype), xBC], dim=-1)
+            cache.conv.copy_(xBC[..., -cache.conv.shape[-1]:])
+            xBC = F.conv1d(xBC, weight[:, None], self.conv1d.bias, groups=self.conv_dim)
+        xBC = F.silu(xBC).transpose(1, 2)
+        x, B, C = xBC.split([self.d_inner, self.n_groups * self.state_size, self.n_groups * self.state_size], dim=-1)
+        x = x.view(b, t, self.num_heads, self.head_dim)
+        B = B.view(b, t, self.n_groups, self.state_size)
+        C = C.view(b, t, self.n_groups, self.state_size)
+        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(min=self.dt_min)
+        A = -torch.exp(self.A_log.float())
+        if cache is not None and t == 1:
+            y = self.step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], cache.ssm)[:, None]
+        else:
+            y, final = ssd_scan(x, dt, A, B, C, self.chunk_size, None if cache is None else cache.ssm)
+            if cache is not None:
+                cache.ssm.copy_(final)
+        y = y + x.to(y.dtype) * self.D.to(y.dtype)[:, None]
+        y = self.norm(y.flatten(-2), z)
+        return self.out_proj(y.to(u.dtype))
+
+    def step(self, x, dt, A, B, C, state):
+        """One token of the recurrence h = exp(dt A) h + dt B x, y = C h (state updated in place)."""
+        j = self.num_heads // self.n_groups
+        B = B.float().repeat_interleave(j, dim=1)  # (b, h, n)
+        C = C.float().repeat_interleave(j, dim=1)
+        x = x.float()
+        new = state * torch.exp(dt * A)[..., None, None] + (dt[..., None] * x)[..., None] * B[:, :, None]
+        state.copy_(new)
+        return torch.einsum("bhpn,bhn->bhp", new, C)
+
+
+# ----------------------------------------------------------------------------- attention
+
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "llama3":  # Llama 3.1: stretch low frequencies, keep high ones, blend in between
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > old_len / lo, inv_freq / factor,
+                               torch.where(wavelen < old_len / hi, inv_freq, blended))
+    elif kind != "default":
+        raise ValueError(f"unsupported rope_type {kind!r} (supported: default, llama3)")
+    return inv_freq
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}")
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=bias)
+
+    def forward(self, x, rope=None, cache: "KVCache | None" = None, pos=None):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        else:  # static cache: write at `pos`, attend to every filled slot up to each query's position
+            k, v = cache.update(pos, k, v)
+            mask = torch.arange(k.shape[2], device=x.device)[None, :] <= pos[:, None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+# ----------------------------------------------------------------------------- MLP and MoE
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, width: int | None = None, gated: bool | None = None):
+        super().__init__()
+        width = cfg.intermediate_size if width is None else width
+        self.gated = cfg.mlp_gated if gated is None else gated
+        if self.gated:
+            self.gate_proj = nn.Linear(cfg.hidden_size, width, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, width, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(width, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.act = activation(cfg.mlp_act)
+
+    def forward(self, x):
+        if self.gated:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class TopkRouter(nn.Module):
+    """Sigmoid scores; the correction bias steers which experts are chosen but not their weights."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k, self.n_group, self.topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+        self.norm_topk_prob, self.scale = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.zeros(cfg.n_routed_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+
+    def forward(self, x):
+        """x: (tokens, hidden) -> chosen expert ids and their weights, both (tokens, top_k)."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        choice = scores + self.e_score_correction_bias.float()
+        if self.n_group > 1:  # keep the topk_group groups whose two best experts score highest
+            grouped = choice.view(x.shape[0], self.n_group, -1)
+            best_groups = grouped.topk(2, dim=-1).values.sum(-1).topk(self.topk_group, dim=-1).indices
+            keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best_groups, True)
+            choice = grouped.masked_fill(~keep[..., None], -torch.inf).view_as(choice)
+        idx = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, idx)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return idx, weights * self.scale
+
+
+class Experts(nn.Module):
+    """Routed experts, stored as transformers stores them: up (E, I, D), down (E, D, I)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.moe_latent_size or cfg.hidden_size
+        self.up_proj = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.moe_intermediate_size, d))
+        self.down_proj = nn.Parameter(torch.empty(cfg.n_routed_experts, d, cfg.moe_intermediate_size))
+        nn.init.normal_(self.up_proj, std=0.02)
+        nn.init.normal_(self.down_proj, std=0.02)
+        self.act = activation(cfg.mlp_act)
+
+    def forward(self, x, idx, weights):
+        """x: (T, D); idx, weights: (T, k). Each expert sees only the tokens routed to it."""
+        T, k = idx.shape
+        if T * k <= self.up_proj.shape[0] // 2:  # decoding: gather the few chosen experts' weights
+            h = self.act(torch.einsum("td,tkid->tki", x, self.up_proj[idx]))
+            out = torch.einsum("tki,tkdi->tkd", h, self.down_proj[idx])
+            return torch.einsum("tkd,tk->td", out, weights.to(out.dtype))
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)
+        token = order // k
+        xs = x[token]  # token copies grouped by expert
+        counts = torch.bincount(flat, minlength=self.up_proj.shape[0])
+        if xs.is_cuda and xs.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+            offs = counts.cumsum(0).to(torch.int32)
+            h = self.act(torch._grouped_mm(xs, self.up_proj.transpose(1, 2), offs=offs))
+            out = torch._grouped_mm(h, self.down_proj.transpose(1, 2), offs=offs)
+        else:
+            out = torch.cat([self.act(xe @ up.T) @ down.T for xe, up, down in
+                             zip(xs.split(counts.tolist()), self.up_proj, self.down_proj)])
+        out = out * weights.flatten()[order, None].to(out.dtype)
+        return torch.zeros_like(x, dtype=out.dtype).index_add_(0, token, out)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = TopkRouter(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = MLP(cfg, cfg.moe_shared_expert_intermediate_size, gated=False)
+        if cfg.moe_latent_size is not None:
+            self.fc1_latent_proj = nn.Linear(cfg.hidden_size, cfg.moe_latent_size, bias=cfg.mlp_bias)
+            self.fc2_latent_proj = nn.Linear(cfg.moe_latent_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.latent = cfg.moe_latent_size is not None
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        idx, weights = self.gate(flat)
+        h = self.fc1_latent_proj(flat) if self.latent else flat
+        h = self.experts(h, idx, weights)
+        h = self.fc2_latent_proj(h) if self.latent else h
+        return h.view_as(x).to(x.dtype) + self.shared_experts(x)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+MIXERS = {"M": Mamba2, "*": Attention, "-": MLP, "E": MoE}
+
+
+class Block(nn.Module):
+    """Nemotron-H layer: x + mixer(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mixer = MIXERS[kind](cfg)
+
+    def forward(self, x, rope=None, cache=None, pos=None):
+        h = self.norm(x)
+        if self.kind == "*":
+            h = self.mixer(h, rope, cache, pos)
+        elif self.kind == "M":
+            h = self.mixer(h, cache)
+        else:
+            h = self.mixer(h)
+        return x + h
+
+
+class LlamaLayer(nn.Module):
+    """Llama layer: x + attn(norm(x)), then x + mlp(norm(x)); `layer_types` holds '*' for it."""
+
+    kind = "*"
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope=None, cache=None, pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ----------------------------------------------------------------------------- caches
+
+class KVCache(nn.Module):
+    def __init__(self, batch, kv_heads, max_len, head_dim, dtype, device):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device))
+        self.register_buffer("v", torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device))
+
+    def update(self, pos, k, v):
+        self.k.index_copy_(2, pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class MambaCache(nn.Module):
+    def __init__(self, batch, mixer: Mamba2, kernel: int, dtype, device):
+        super().__init__()
+        self.register_buffer("conv", torch.zeros(batch, mixer.conv_dim, kernel - 1, dtype=dtype, device=device))
+        self.register_buffer("ssm", torch.zeros(batch, mixer.num_heads, mixer.head_dim, mixer.state_size,
+                                                dtype=torch.float32, device=device))
+
+
+# ----------------------------------------------------------------------------- model
+
+class Decoder(nn.Module):
+    """The `model.` prefix of the checkpoint: embeddings, layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        llama = cfg.family == "llama"
+        self.embed_name, self.norm_name = ("embed_tokens", "norm") if llama else ("embeddings", "norm_f")
+        self.add_module(self.embed_name, nn.Embedding(cfg.vocab_size, cfg.hidden_size))
+        self.layers = nn.ModuleList(
+            LlamaLayer(cfg.layer(i)) if llama else Block(cfg.layer(i), kind) for i, kind in enumerate(cfg.layer_types)
+        )
+        self.add_module(self.norm_name, RMSNorm(cfg.hidden_size, cfg.norm_eps))
+
+
+class Model(nn.Module):
+    """Causal LM. `model(input_ids)` -> logits (batch, seq, vocab)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.family not in ("nemotron_h", "llama"):
+            raise ValueError(f"unknown model family {cfg.family!r}")
+        if cfg.family == "llama" and set(cfg.layer_types) != {"*"}:
+            raise ValueError("a llama model has only attention+MLP layers ('*')")
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        if cfg.rope_theta is not None:
+            self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+        else:
+            self.inv_freq = None
+
+    @property
+    def embed(self) -> nn.Embedding:
+        return getattr(self.model, self.model.embed_name)
+
+    @property
+    def final_norm(self) -> RMSNorm:
+        return getattr(self.model, self.model.norm_name)
+
+    def rope(self, pos, dtype):
+        if self.inv_freq is None:
+            return None
+        freqs = pos.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, input_ids, cache: list | None = None, pos: torch.Tensor | None = None,
+                last_only: bool = False):
+        """input_ids: (b, t). With `cache` (from `make_cache`), `pos` holds the t positions written."""
+        x = self.embed(input_ids)
+        if pos is None:
+            if cache is not None:
+                raise ValueError("pos is required with a cache")
+            pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        rope = self.rope(pos, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, rope, None if cache is None else cache[i], pos)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.final_norm(x)).float()
+
+    @torch.no_grad()
+    def make_cache(self, batch: int, max_len: int, dtype=None, device=None) -> nn.ModuleList:
+        """Static caches for generation: a KV cache per attention layer, conv + SSM state per Mamba layer."""
+        p = self.lm_head.weight
+        dtype, device = dtype or p.dtype, device or p.device
+        caches = []
+        for i, layer in enumerate(self.model.layers):
+            if isinstance(layer, LlamaLayer) or layer.kind == "*":
+                attn = layer.self_attn if isinstance(layer, LlamaLayer) else layer.mixer
+                caches.append(KVCache(batch, attn.num_kv_heads, max_len, attn.head_dim, dtype, device))
+            elif layer.kind == "M":
+                caches.append(MambaCache(batch, layer.mixer, self.config.conv_kernel, dtype, device))
+            else:
+                caches.append(nn.Identity())  # stateless block
+        return nn.ModuleList(caches)
+
+    def num_parameters(self) -> int:
+        """Unique parameters, as transformers' `num_parameters()` counts them (tied weights once)."""
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
