@@ -66,6 +66,22 @@ class DecodeStep:
         return self.logits
 
 
+def _decoder(model: Model, batch: int, length: int, use_graph: bool | None):
+    """Caches and a captured decode step, kept on the model and reused by later calls of the same
+    batch size and length bucket (capturing costs a few forward passes; replaying is free)."""
+    max_len = -(-length // 256) * 256
+    steps = model.__dict__.setdefault("_decode_steps", {})
+    key = (batch, max_len, use_graph, model.lm_head.weight.dtype, model.lm_head.weight.device)
+    if key not in steps:
+        while len(steps) >= 2:  # bound the memory held by idle caches
+            steps.pop(next(iter(steps)))
+        steps[key] = DecodeStep(model, model.make_cache(batch, max_len), batch, use_graph)
+    step = steps[key]
+    for buf in step.cache.buffers():  # a fresh sequence: empty Mamba states (stale KV is masked anyway)
+        buf.zero_()
+    return step.cache, step
+
+
 @torch.no_grad()
 def generate(model: Model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, eos_token_id=None, generator: torch.Generator | None = None,
@@ -84,8 +100,7 @@ def generate(model: Model, input_ids: torch.Tensor, max_new_tokens: int, tempera
     input_ids = input_ids.to(device)
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
                        dtype=torch.long, device=device)
-    cache = model.make_cache(b, t + max_new_tokens)
-    step = DecodeStep(model, cache, b, use_graph) if max_new_tokens > 1 else None
+    cache, step = _decoder(model, b, t + max_new_tokens, use_graph)
     logits = model(input_ids, cache, torch.arange(t, device=device), last_only=True)
     out, done = [input_ids], torch.zeros(b, dtype=torch.bool, device=device)
     for i in range(max_new_tokens):

@@ -353,6 +353,14 @@ class TopkRouter(nn.Module):
         self.weight = nn.Parameter(torch.zeros(cfg.n_routed_experts, cfg.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
 
+    def _apply(self, fn, recurse=True):
+        # Routing is decided by small score differences: like transformers, keep it in fp32 whatever
+        # dtype the rest of the model is cast to.
+        super()._apply(fn, recurse)
+        self.weight.data = self.weight.data.float()
+        self.e_score_correction_bias.data = self.e_score_correction_bias.data.float()
+        return self
+
     def forward(self, x):
         """x: (tokens, hidden) -> chosen expert ids and their weights, both (tokens, top_k)."""
         scores = F.linear(x.float(), self.weight.float()).sigmoid()

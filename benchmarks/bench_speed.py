@@ -1,0 +1,190 @@
+"""Speed of our decoder vs transformers' NemotronH, side by side in one run (same card, batch, weights).
+
+Measures, in bf16 on a GPU (fp32 on CPU with --tiny): forward tokens/s, training-step tokens/s
+(forward + backward + AdamW), greedy generation tokens/s at batch 1; checks outputs agree.
+Prints ratios and writes JSON.
+
+    python benchmarks/bench_speed.py --json out.json            # the 515M config of ENVIRONMENT.md
+    python benchmarks/bench_speed.py --tiny                     # a smoke run on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+from star_elastic.generate import generate
+from star_elastic.hf import config_from_hf, load_weights
+from star_elastic.model import Model
+
+# 23 layers, Mamba/MoE alternating with three attention layers, as in ENVIRONMENT.md's reference run
+PATTERN = "MEMEM*EMEMEM*EMEMEM*EME"
+
+
+def hf_config(tiny: bool):
+    from transformers import NemotronHConfig
+
+    if tiny:
+        return NemotronHConfig(vocab_size=512, hidden_size=64, layers_block_type=[_hf(c) for c in "MEM*E"],
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, mamba_num_heads=8,
+                               mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=32, n_routed_experts=8,
+                               num_experts_per_tok=2, moe_intermediate_size=64, moe_shared_expert_intermediate_size=64,
+                               intermediate_size=128)
+    return NemotronHConfig(vocab_size=131072, hidden_size=1024, layers_block_type=[_hf(c) for c in PATTERN],
+                           num_attention_heads=16, num_key_value_heads=4, head_dim=64, mamba_num_heads=32,
+                           mamba_head_dim=64, ssm_state_size=128, n_groups=8, chunk_size=128, n_routed_experts=32,
+                           num_experts_per_tok=4, moe_intermediate_size=512, moe_shared_expert_intermediate_size=1024,
+                           intermediate_size=4096, n_group=1, topk_group=1, norm_topk_prob=True)
+
+
+def _hf(c):
+    return {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}[c]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, warmup: int, iters: int) -> float:
+    """Median seconds per call after warm-up."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def logits_of(model, x, hf: bool):
+    return model(x).logits if hf else model(x)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="tiny config, for a CPU smoke run")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd variant")
+    ap.add_argument("--skip-hf-train", action="store_true")
+    ap.add_argument("--json", help="write results here")
+    args = ap.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.tiny:
+        args.batch, args.seq, args.prompt, args.new_tokens = 2, 128, 16, 16
+    torch.manual_seed(0)
+    from transformers import NemotronHForCausalLM
+
+    hc = hf_config(args.tiny)
+    ref = NemotronHForCausalLM(hc).to(device=device, dtype=dtype)
+    ours = load_weights(Model(config_from_hf(hc.to_dict())), {k: v.clone() for k, v in ref.state_dict().items()}, "ref")
+    ours.to(device=device, dtype=dtype)
+    n_params = ours.num_parameters()
+    card = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"device {card}, dtype {dtype}, params {n_params / 1e6:.1f}M, batch {args.batch}x{args.seq}")
+    res = {"date": datetime.date.today().isoformat(), "device": card, "dtype": str(dtype), "params": n_params,
+           "config": hc.to_dict(), "batch": args.batch, "seq": args.seq, "torch": torch.__version__}
+    import transformers
+    res["transformers"] = transformers.__version__
+
+    x = torch.randint(0, hc.vocab_size, (args.batch, args.seq), device=device)
+    tokens = x.numel()
+
+    # 1. outputs agree (eval mode, one batch)
+    ref.eval(), ours.eval()
+    with torch.no_grad():
+        a, b = logits_of(ref, x[:1, :512], True).float(), logits_of(ours, x[:1, :512], False).float()
+    res["logits_rel_err"] = ((a - b).norm() / a.norm()).item()
+    res["argmax_agreement"] = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    print(f"logits rel err {res['logits_rel_err']:.2e}, argmax agreement {res['argmax_agreement']:.4f}")
+    del a, b
+
+    # 2. forward throughput
+    variants = {"transformers": (ref, True), "ours": (ours, False)}
+    compiled = None
+    if not args.no_compile:
+        compiled = torch.compile(ours)
+        variants["ours_compiled"] = (compiled, False)
+    for name, (m, hf) in variants.items():
+        with torch.no_grad():
+            s = timed(lambda: logits_of(m, x, hf), device, 2, args.iters)
+        res[f"forward_tok_s_{name}"] = tokens / s
+        print(f"forward  {name:14s} {tokens / s:10.0f} tok/s")
+
+    # 3. training step: forward + backward + AdamW, fresh copies so both start from the same weights
+    for name, (m, hf) in variants.items():
+        if name == "transformers" and args.skip_hf_train:
+            continue
+        m.train()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-5, foreach=True)
+
+        def step():
+            logits = logits_of(m, x, hf)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        s = timed(step, device, 2, args.iters)
+        res[f"train_tok_s_{name}"] = tokens / s
+        if device.type == "cuda":
+            res[f"train_peak_gib_{name}"] = torch.cuda.max_memory_allocated() / 2**30
+        print(f"train    {name:14s} {tokens / s:10.0f} tok/s")
+        del opt
+        m.eval()
+
+    # 4. greedy generation at batch 1: transformers' generate vs ours (CUDA graph on a GPU)
+    prompt = torch.randint(0, hc.vocab_size, (1, args.prompt), device=device)
+    with torch.no_grad():
+        ref_out = None
+
+        def hf_gen():
+            nonlocal ref_out
+            ref_out = ref.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                   do_sample=False, pad_token_id=0)
+
+        s = timed(hf_gen, device, 1, 2)
+        res["generate_tok_s_transformers"] = args.new_tokens / s
+        our_out = None
+
+        def our_gen():
+            nonlocal our_out
+            our_out = generate(ours, prompt, args.new_tokens)
+
+        s = timed(our_gen, device, 1, 3)
+        res["generate_tok_s_ours"] = args.new_tokens / s
+    same = (ref_out[0, args.prompt:] == our_out[0, args.prompt:]).long()
+    res["generate_first_divergence"] = int(same.argmin()) if not bool(same.all()) else args.new_tokens
+    print(f"generate transformers {res['generate_tok_s_transformers']:8.1f} tok/s, ours {res['generate_tok_s_ours']:8.1f} tok/s;"
+          f" identical greedy tokens before first divergence: {res['generate_first_divergence']}/{args.new_tokens}")
+
+    best_train = max(v for k, v in res.items() if k.startswith("train_tok_s_ours"))
+    if "train_tok_s_transformers" in res:
+        res["ratio_train"] = best_train / res["train_tok_s_transformers"]
+    res["ratio_forward"] = max(v for k, v in res.items() if k.startswith("forward_tok_s_ours")) / res["forward_tok_s_transformers"]
+    res["ratio_generate"] = res["generate_tok_s_ours"] / res["generate_tok_s_transformers"]
+    print("ratios (ours / transformers): " + ", ".join(f"{k[6:]} {v:.2f}x" for k, v in res.items() if k.startswith("ratio_")))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()
