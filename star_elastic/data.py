@@ -107,12 +107,25 @@ def read_documents(path: str | os.PathLike) -> list[str]:
 
 # --------------------------------------------------------------------------- tokenizing
 
+def document_separator(tokenizer) -> int | None:
+    """The pretraining document boundary token, when the tokenizer has one apart from BOS/EOS.
+
+    Chat models such as SmolLM2-Instruct report their chat markers (<|im_start|>, <|im_end|>)
+    as BOS/EOS; their pretraining text was separated by <|endoftext|> instead.
+    """
+    tid = tokenizer.convert_tokens_to_ids("<|endoftext|>") if hasattr(tokenizer, "convert_tokens_to_ids") else None
+    return tid if isinstance(tid, int) and tid != tokenizer.unk_token_id else None
+
+
 def tokenize_documents(docs: list[str], tokenizer, add_bos: bool = True,
-                       add_eos: bool = True) -> torch.Tensor:
+                       add_eos: bool = True, separator: int | None = None) -> torch.Tensor:
     """One 1-D LongTensor: each document's tokens, with BOS before and EOS after when the
-    tokenizer has them (and add_bos / add_eos ask for them)."""
+    tokenizer has them (and add_bos / add_eos ask for them). A `separator` token id replaces
+    both: it goes before every document."""
     bos = tokenizer.bos_token_id if add_bos else None
     eos = tokenizer.eos_token_id if add_eos else None
+    if separator is not None:
+        bos, eos = separator, None
     quiet = len(docs) < _PROGRESS_MIN_DOCS or bool(os.environ.get("STAR_ELASTIC_QUIET"))
 
     ids: list[int] = []
@@ -258,6 +271,7 @@ def load_corpus_tokens(text_arg, tokenizer, heldout_fraction: float = 0.1, seed:
     if max_docs is not None:
         docs = docs[:max_docs]
     train_docs, heldout_docs = split_documents(docs, heldout_fraction, seed)
-    train = tokenize_documents(train_docs, tokenizer)
-    heldout = tokenize_documents(heldout_docs, tokenizer)
+    sep = document_separator(tokenizer)
+    train = tokenize_documents(train_docs, tokenizer, separator=sep)
+    heldout = tokenize_documents(heldout_docs, tokenizer, separator=sep)
     return train, heldout

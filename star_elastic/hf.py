@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,14 +33,18 @@ SHARD_BYTES = 2 * 1024**3
 
 def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
     """Our dataclass from a transformers config dict (legacy NemotronH names included)."""
-    from transformers import LlamaConfig, NemotronHConfig
+    from transformers import LlamaConfig, NemotronHConfig, PretrainedConfig
 
     model_type = d.get("model_type")
+    if model_type == "star_elastic" and isinstance(d.get("star_elastic"), dict):
+        # our format for per-layer sizes: a stock config under a name transformers refuses
+        model_type = d["star_elastic"].get("model_type")
+        d = {**d, "model_type": model_type}
     if model_type not in SUPPORTED:
         archs = d.get("architectures") or [model_type]
         raise StarElasticError(f"{source}: unknown architecture {archs[0]!r} "
                                f"(supported: {', '.join(SUPPORTED.values())})")
-    d = {k: v for k, v in d.items() if k not in ("star_elastic",)}
+    d = PretrainedConfig._decode_special_floats({k: v for k, v in d.items() if k != "star_elastic"})
     try:
         c = (NemotronHConfig if model_type == "nemotron_h" else LlamaConfig).from_dict(d)
     except Exception as e:  # transformers validates values; surface its reason on one line
@@ -56,8 +62,6 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
                            head_dim=head_dim, rope_theta=float(rope.get("rope_theta", 10000.0)),
                            rope_scaling=None if rope_type == "default" else rope,
                            mlp_gated=True, mlp_act=c.hidden_act, **common)
-    if c.num_nextn_predict_layers:
-        pass  # multi-token-prediction heads are not part of the causal LM; their weights are skipped
     return ModelConfig(
         family="nemotron_h", layer_types="".join(MAMBA_CHAR[t] for t in c.layers_block_type),
         norm_eps=c.layer_norm_epsilon, head_dim=head_dim, rope_theta=None, mlp_gated=False, mlp_act=c.mlp_hidden_act,
@@ -115,6 +119,52 @@ def config_to_hf(cfg: ModelConfig, base: dict | None = None) -> dict:
     return out.to_dict()
 
 
+def config_json(d: dict) -> str:
+    """config.json text as transformers writes it (infinities as {"__float__": "Infinity"}: strict JSON)."""
+    from transformers import PretrainedConfig
+
+    return json.dumps(PretrainedConfig._encode_special_floats(d), indent=2, sort_keys=True) + "\n"
+
+
+# ----------------------------------------------------------------------------- NemotronH on disk
+
+EXPERT_KEY = re.compile(r"^(.*\.mixer\.experts)\.(\d+)\.(up_proj|down_proj)\.weight$")
+
+
+def from_disk_layout(tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """NemotronH checkpoints on disk (NVIDIA's, and what transformers itself writes) name the
+    decoder `backbone.` and store one tensor per expert; in memory transformers (and we) use
+    `model.` and one stacked (E, ...) tensor per projection. This is transformers' own mapping."""
+    out, experts = {}, {}
+    for name, t in tensors.items():
+        if name.startswith("backbone."):
+            name = "model." + name[len("backbone."):]
+        m = EXPERT_KEY.match(name)
+        if m:
+            experts.setdefault(f"{m[1]}.{m[3]}", {})[int(m[2])] = t
+        else:
+            out[name] = t
+    for name, parts in experts.items():
+        if sorted(parts) != list(range(len(parts))):
+            raise StarElasticError(f"{source}: experts of {name} are not numbered 0..{len(parts) - 1}")
+        out[name] = torch.stack([parts[j] for j in range(len(parts))])
+    return out
+
+
+def to_disk_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `from_disk_layout`: what transformers' `save_pretrained` writes for NemotronH."""
+    out = {}
+    for name, t in state.items():
+        if name.startswith("model."):
+            name = "backbone." + name[len("model."):]
+        if name.endswith((".mixer.experts.up_proj", ".mixer.experts.down_proj")):
+            prefix, proj = name.rsplit(".", 1)
+            out.update({f"{prefix}.{j}.{proj}.weight": t[j] for j in range(t.shape[0])})
+        else:
+            out[name] = t
+    return out
+
+
 # ----------------------------------------------------------------------------- loading
 
 def _weight_files(path: Path) -> list[Path]:
@@ -155,7 +205,8 @@ def read_safetensors(files: list[Path], skip=lambda name: False) -> dict[str, to
 def load_weights(model: Model, tensors: dict[str, torch.Tensor], source: str) -> Model:
     """Copy a checkpoint state dict into `model`, refusing missing, unexpected or misshapen tensors."""
     expected = model.state_dict()
-    if model.config.tie_word_embeddings:
+    tensors = dict(tensors)
+    if model.config.tied:
         expected.pop("lm_head.weight")
         tensors.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(tensors))
@@ -172,7 +223,7 @@ def load_weights(model: Model, tensors: dict[str, torch.Tensor], source: str) ->
             raise StarElasticError(f"{source}: tensor {name} has shape {tuple(t.shape)}, "
                                    f"the config implies {tuple(expected[name].shape)}")
     model.load_state_dict(tensors, strict=False, assign=True)
-    if model.config.tie_word_embeddings:
+    if model.config.tied:
         model.lm_head.weight = model.embed.weight
     return model
 
@@ -198,8 +249,15 @@ def load(path, dtype: torch.dtype | None = None, device=None) -> Model:
         raise StarElasticError(f"{config_file}: not valid JSON ({e})") from None
     cfg = config_from_hf(raw, str(config_file))
     if isinstance(raw.get("star_elastic"), dict) and raw["star_elastic"].get("layer_sizes"):
-        cfg.layer_sizes = raw["star_elastic"]["layer_sizes"]
+        try:  # checked here so that a bad list fails as one line, not deep inside Model()
+            cfg = replace(cfg, layer_sizes=raw["star_elastic"]["layer_sizes"])
+            for i in range(cfg.num_layers):
+                cfg.layer(i)
+        except (ValueError, TypeError) as e:
+            raise StarElasticError(f"{config_file}: invalid star_elastic.layer_sizes ({e})") from None
     tensors = read_safetensors(_weight_files(path), skip=lambda n: n.startswith("mtp."))
+    if cfg.family == "nemotron_h":
+        tensors = from_disk_layout(tensors, str(path))
     with torch.device("meta"):
         model = Model(cfg)
     model = load_weights(model, tensors, str(path))
@@ -247,9 +305,15 @@ def gguf_to_safetensors(gguf: Path) -> Path:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as e:
         raise StarElasticError(f"{gguf}: cannot read GGUF file ({str(e).splitlines()[0]})") from None
+    config = hf.config.to_dict()
+    config.pop("quantization_config", None)  # the weights were dequantised to fp32 on reading
+    state = hf.state_dict()
+    if config.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)
     with _staging(out) as tmp:
-        hf.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        (tmp / "config.json").write_text(config_json(config))
+        write_safetensors(state, tmp)
+        tok.save_pretrained(str(tmp))
     return out
 
 
@@ -309,15 +373,19 @@ def write_safetensors(state: dict[str, torch.Tensor], out: Path, max_shard_bytes
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
-def save_pretrained(model: Model, out, tokenizer=None, max_shard_bytes: int = SHARD_BYTES) -> Path:
-    """Write config.json + safetensors (+ tokenizer) that transformers' AutoModelForCausalLM loads."""
+def save_pretrained(model: Model, out, tokenizer=None, max_shard_bytes: int = SHARD_BYTES,
+                    config: dict | None = None) -> Path:
+    """Write config.json + safetensors (+ tokenizer) that transformers' AutoModelForCausalLM loads.
+    `config`: the config.json to write instead (star-elastic's per-layer format)."""
     out = Path(out)
-    hf = config_to_hf(model.config, getattr(model, "hf_config", None))
+    hf = config if config is not None else config_to_hf(model.config, getattr(model, "hf_config", None))
     state = model.state_dict()
-    if model.config.tie_word_embeddings:
+    if model.config.tied:
         state.pop("lm_head.weight", None)
+    if model.config.family == "nemotron_h":
+        state = to_disk_layout(state)
     with _staging(out) as tmp:
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
+        (tmp / "config.json").write_text(config_json(hf))
         write_safetensors(state, tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

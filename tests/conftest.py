@@ -1,0 +1,134 @@
+"""Shared helpers for the model / checkpoint tests: tiny transformers configs, reference models
+with every parameter randomised (so that no constant initialisation can hide a bug), and our
+model built from the same state dict."""
+
+import math
+
+import pytest
+import torch
+
+from star_elastic.hf import config_from_hf, load_weights
+from star_elastic.model import Model
+
+# Tiny tensors: one intra-op thread is faster than two, and far faster on a busy 2-core machine.
+torch.set_num_threads(1)
+
+VOCAB = 100
+HIDDEN = 32
+
+NEMOTRON_BASE = dict(
+    vocab_size=VOCAB, hidden_size=HIDDEN, layers_block_type=["mamba", "attention", "mlp", "moe"],
+    num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=48,
+    mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=2, conv_kernel=4, chunk_size=8,
+    n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, moe_shared_expert_intermediate_size=24,
+    n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0, moe_latent_size=None,
+    tie_word_embeddings=False, layer_norm_epsilon=1e-5,
+    pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+
+LLAMA_BASE = dict(
+    vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_bias=False,
+    tie_word_embeddings=False, rms_norm_eps=1e-5, max_position_embeddings=256,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    pad_token_id=None, bos_token_id=1, eos_token_id=2,
+)
+
+# Llama 3.1 scaling tuned so that head_dim=16 (wavelengths 6.3, 20, 63, 199, ...) hits all three
+# branches: kept (< 16), blended (16..64) and divided by the factor (> 64).
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def nemotron_config(**overrides):
+    from transformers import NemotronHConfig
+
+    cfg = NemotronHConfig(**{**NEMOTRON_BASE, **overrides})
+    cfg._attn_implementation = "eager"
+    cfg._experts_implementation = "eager"
+    return cfg
+
+
+def llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(**{**LLAMA_BASE, **overrides})
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Overwrite every parameter and float buffer with O(1)-scaled random values.
+
+    Transformers initialises A_log, D, dt_bias, norm weights, biases and e_score_correction_bias
+    to constants and linear weights to std 0.02; with those, a wrong D, a missing norm weight or a
+    mis-scaled expert could still give matching logits. Here each mixer contributes O(1) to the
+    residual stream and every constant becomes a random value.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(shape, lo, hi):
+        return torch.rand(shape, generator=g, dtype=torch.float64) * (hi - lo) + lo
+
+    seen = set()
+    tensors = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers()
+                                                  if b.is_floating_point() and "inv_freq" not in n]
+    for name, p in tensors:
+        if id(p) in seen:  # tied weights: once
+            continue
+        seen.add(id(p))
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "A_log":
+            v = rand(p.shape, -1.0, 1.2)  # A in [-3.3, -0.37]
+        elif leaf == "dt_bias":
+            v = rand(p.shape, -2.0, 0.5)
+        elif leaf == "D":
+            v = rand(p.shape, -1.5, 1.5)
+        elif leaf == "e_score_correction_bias":
+            v = rand(p.shape, -0.3, 0.3)
+        elif "norm" in name and leaf == "weight":
+            v = rand(p.shape, 0.5, 1.5)
+        elif leaf == "bias":
+            v = rand(p.shape, -0.2, 0.2)
+        elif "embed" in name:
+            v = torch.randn(p.shape, generator=g, dtype=torch.float64)
+        elif "conv1d" in name:
+            v = torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5
+        elif name.endswith("gate.weight"):  # router: spread the scores so that routing is decisive
+            v = torch.randn(p.shape, generator=g, dtype=torch.float64)
+        else:  # linear / expert weights (..., out, in)
+            v = torch.randn(p.shape, generator=g, dtype=torch.float64) / math.sqrt(p.shape[-1])
+        p.copy_(v.to(p.dtype))
+    return model
+
+
+def hf_model(hf_config, seed=0):
+    """A transformers causal LM for `hf_config`, randomised, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    ref = AutoModelForCausalLM.from_config(hf_config)
+    ref.config._attn_implementation = "eager"
+    return randomize_(ref, seed).eval()
+
+
+def ours_from(ref, clone: bool = False) -> Model:
+    """Our model from the reference's config dict and state dict. `load_weights` assigns the given
+    tensors (no copy), so without `clone` both models share storage."""
+    model = Model(config_from_hf(ref.config.to_dict()))
+    state = dict(ref.state_dict())
+    if clone:
+        state = {k: v.clone() for k, v in state.items()}
+    load_weights(model, state, "ref")
+    return model.eval()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,394 @@
+"""Model tests: logits parity with transformers, the chunked Mamba-2 scan against a plain
+recurrence, MoE dispatch paths, cached decoding, generation and backward."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import LLAMA3_ROPE, VOCAB, hf_model, llama_config, nemotron_config, ours_from, rel_err
+from star_elastic.generate import generate, sample
+from star_elastic.hf import config_from_hf, load_weights
+from star_elastic.model import Experts, Model, ModelConfig, MoE, ssd_scan
+
+TOL = 1e-4
+
+# ----------------------------------------------------------------------------- parity: NemotronH
+
+NEMOTRON_CASES = {
+    "all-blocks-gqa2-groups2": dict(),
+    "kv1-groups1": dict(num_key_value_heads=1, n_groups=1),
+    "groups4-heads8": dict(mamba_num_heads=8, mamba_head_dim=4, n_groups=4),
+    "moe-ngroup2-unnormed-scaled-latent": dict(n_group=2, topk_group=1, norm_topk_prob=False,
+                                               routed_scaling_factor=2.5, moe_latent_size=16),
+    "moe-ngroup4-topk2-normed-scaled": dict(n_group=4, topk_group=2, norm_topk_prob=True,
+                                            routed_scaling_factor=1.7, num_experts_per_tok=3),
+    "dt-clamp-active": dict(time_step_min=0.5),
+    "deeper-mixed": dict(layers_block_type=["moe", "mamba", "attention", "mamba", "mlp", "attention", "moe"],
+                         moe_latent_size=12),
+    "bias-everywhere": dict(use_bias=True, use_conv_bias=True, mlp_bias=True),
+    "untied-explicit": dict(tie_word_embeddings=False),
+    # transformers 5.24's NemotronHForCausalLM has `_tied_weights_keys = {}`: it never ties, even with
+    # tie_word_embeddings=True, and its state dict holds an independent lm_head.weight.
+    "tied-flag": dict(tie_word_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("seq", [16, 13, 21, 5, 1])
+@pytest.mark.parametrize("overrides", list(NEMOTRON_CASES.values()), ids=list(NEMOTRON_CASES))
+def test_nemotron_h_logits_match_transformers(overrides, seq):
+    ref = hf_model(nemotron_config(**overrides))
+    ours = ours_from(ref)
+    ids = torch.randint(0, VOCAB, (2, seq))
+    with torch.no_grad():
+        expected = ref(ids).logits
+        got = ours(ids)
+    assert got.shape == expected.shape == (2, seq, VOCAB)
+    assert rel_err(got, expected) < TOL
+
+
+def test_nemotron_h_tied_flag_is_not_tied_in_transformers():
+    """Pins the transformers behaviour the parity test above is written against."""
+    ref = hf_model(nemotron_config(tie_word_embeddings=True))
+    assert ref.lm_head.weight.data_ptr() != ref.model.embeddings.weight.data_ptr()
+    sd = ref.state_dict()
+    assert "lm_head.weight" in sd and not torch.equal(sd["lm_head.weight"], sd["model.embeddings.weight"])
+
+
+@pytest.mark.parametrize("name,default", [
+    ("mixer.A_log", lambda p: torch.log(torch.arange(1, p.numel() + 1, dtype=p.dtype))),
+    ("mixer.D", torch.ones_like),
+    ("mixer.dt_bias", torch.ones_like),
+    ("mixer.norm.weight", torch.ones_like),
+    ("layers.0.norm.weight", torch.ones_like),
+    ("norm_f.weight", torch.ones_like),
+    ("e_score_correction_bias", torch.zeros_like),
+])
+def test_parity_test_is_sensitive_to_constant_initialised_tensors(name, default):
+    """Putting one randomised tensor back to transformers' constant init must break parity,
+    otherwise the parity tests could not catch a loader that drops it."""
+    ref = hf_model(nemotron_config())
+    ours = ours_from(ref, clone=True)
+    ids = torch.randint(0, VOCAB, (2, 13))
+    with torch.no_grad():
+        assert rel_err(ours(ids), ref(ids).logits) < TOL
+    hits = [t for n, t in list(ours.named_parameters()) + list(ours.named_buffers()) if n.endswith(name)]
+    assert hits
+    with torch.no_grad():
+        hits[0].copy_(default(hits[0]))
+        assert rel_err(ours(ids), ref(ids).logits) > 1e-3
+
+
+# ----------------------------------------------------------------------------- parity: Llama
+
+LLAMA_CASES = {
+    "default-rope-untied": dict(),
+    "default-rope-tied": dict(tie_word_embeddings=True),
+    "llama3-rope-untied": dict(rope_parameters=LLAMA3_ROPE),
+    "llama3-rope-tied-kv1": dict(rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True, num_key_value_heads=1),
+    "theta500k-3layers": dict(rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, num_hidden_layers=3),
+}
+
+
+@pytest.mark.parametrize("seq", [1, 9, 70])
+@pytest.mark.parametrize("overrides", list(LLAMA_CASES.values()), ids=list(LLAMA_CASES))
+def test_llama_logits_match_transformers(overrides, seq):
+    ref = hf_model(llama_config(**overrides))
+    ours = ours_from(ref)
+    if ref.config.tie_word_embeddings:
+        assert ours.lm_head.weight is ours.embed.weight
+    ids = torch.randint(0, VOCAB, (2, seq))
+    with torch.no_grad():
+        expected = ref(ids).logits
+        got = ours(ids)
+    assert got.shape == expected.shape
+    assert rel_err(got, expected) < TOL
+
+
+def test_llama3_rope_scaling_matters():
+    """The llama3 case is a real test: our model with plain rope gives different logits."""
+    ref = hf_model(llama_config(rope_parameters=LLAMA3_ROPE))
+    ours = ours_from(ref)
+    cfg = config_from_hf(ref.config.to_dict())
+    cfg.rope_scaling = None
+    plain = load_weights(Model(cfg), dict(ref.state_dict()), "ref").eval()
+    ids = torch.randint(0, VOCAB, (1, 40))
+    with torch.no_grad():
+        assert rel_err(ours(ids), ref(ids).logits) < TOL
+        assert rel_err(plain(ids), ref(ids).logits) > 1e-3
+
+
+# ----------------------------------------------------------------------------- the chunked scan
+
+def recurrence(x, dt, A, B, C, h0=None):
+    """h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t, y_t = C_t h_t, per head; heads i*j..(i+1)*j-1 use group i."""
+    b, t, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    j = h // g
+    state = torch.zeros(b, h, p, n, dtype=torch.float64) if h0 is None else h0.clone()
+    y = torch.zeros(b, t, h, p, dtype=torch.float64)
+    for s in range(t):
+        for head in range(h):
+            grp = head // j
+            decay = torch.exp(dt[:, s, head] * A[head])[:, None, None]
+            inp = (dt[:, s, head, None] * x[:, s, head])[:, :, None] * B[:, s, grp][:, None, :]
+            state[:, head] = decay * state[:, head] + inp
+            y[:, s, head] = torch.einsum("bpn,bn->bp", state[:, head], C[:, s, grp])
+    return y, state
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("t", [1, 5, 8, 16, 21])
+def test_ssd_scan_equals_recurrence(t, with_state, groups):
+    torch.manual_seed(t * 10 + groups)
+    b, h, p, n = 2, 4, 3, 5
+    f64 = dict(dtype=torch.float64)
+    x = torch.randn(b, t, h, p, **f64)
+    dt = F.softplus(torch.randn(b, t, h, **f64))
+    A = -torch.rand(h, **f64) * 2 - 0.1
+    B = torch.randn(b, t, groups, n, **f64)
+    C = torch.randn(b, t, groups, n, **f64)
+    h0 = torch.randn(b, h, p, n, **f64) if with_state else None
+    y, final = ssd_scan(x, dt, A, B, C, chunk_size=8, initial_state=h0)
+    y_ref, final_ref = recurrence(x, dt, A, B, C, h0)
+    assert y.dtype == torch.float64 and y.shape == (b, t, h, p) and final.shape == (b, h, p, n)
+    assert rel_err(y, y_ref) < 1e-10
+    assert rel_err(final, final_ref) < 1e-10
+
+
+def test_ssd_scan_groups_are_contiguous_blocks_of_heads():
+    """With g=2 and h=4, heads 0,1 read group 0 and heads 2,3 group 1 (not interleaved)."""
+    torch.manual_seed(1)
+    f64 = dict(dtype=torch.float64)
+    x = torch.randn(1, 6, 4, 2, **f64)
+    dt = F.softplus(torch.randn(1, 6, 4, **f64))
+    A = -torch.rand(4, **f64) - 0.1
+    B, C = torch.randn(1, 6, 2, 3, **f64), torch.randn(1, 6, 2, 3, **f64)
+    B[:, :, 1] = 0  # group 1 feeds nothing: heads 2, 3 must stay zero, heads 0, 1 must not
+    y, _ = ssd_scan(x, dt, A, B, C, chunk_size=4)
+    assert y[:, :, 2:].abs().max() == 0
+    assert y[:, :, :2].abs().min() > 0
+
+
+# ----------------------------------------------------------------------------- MoE dispatch
+
+def _experts(n_experts=8, d=12, inter=6, seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(hidden_size=d, n_routed_experts=n_experts, moe_intermediate_size=inter, num_experts_per_tok=2)
+    ex = Experts(cfg)
+    with torch.no_grad():
+        ex.up_proj.normal_(0, 0.5)
+        ex.down_proj.normal_(0, 0.5)
+    return ex
+
+
+def _experts_reference(ex, x, idx, w):
+    out = torch.zeros_like(x, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for s in range(idx.shape[1]):
+            e = idx[t, s]
+            hdn = F.relu(ex.up_proj[e].double() @ x[t].double()).square()
+            out[t] += w[t, s].double() * (ex.down_proj[e].double() @ hdn)
+    return out
+
+
+def test_experts_gather_path_equals_grouped_path():
+    ex = _experts()
+    x = torch.randn(20, 12)
+    idx = torch.stack([torch.randperm(8)[:2] for _ in range(20)])
+    w = torch.rand(20, 2)
+    with torch.no_grad():
+        full = ex(x, idx, w)  # 40 routed slots: grouped / per-expert path
+        for lo in (0, 1, 5, 18):  # 1 or 2 tokens: T * k <= E / 2, the gather path
+            for n in (1, 2):
+                part = ex(x[lo:lo + n], idx[lo:lo + n], w[lo:lo + n])
+                assert rel_err(part, full[lo:lo + n]) < 1e-6
+        assert rel_err(full, _experts_reference(ex, x, idx, w)) < 1e-6
+
+
+def test_experts_with_unused_experts():
+    ex = _experts()
+    x = torch.randn(10, 12, requires_grad=True)
+    idx = torch.randint(0, 3, (10, 2))  # only experts 0..2 receive tokens
+    idx[:, 1] = (idx[:, 0] + 1) % 3
+    w = torch.rand(10, 2)
+    out = ex(x, idx, w)
+    assert rel_err(out.detach(), _experts_reference(ex, x.detach(), idx, w)) < 1e-6
+    out.square().sum().backward()
+    assert torch.isfinite(ex.up_proj.grad).all() and torch.isfinite(ex.down_proj.grad).all()
+    assert ex.up_proj.grad[3:].abs().max() == 0 and ex.up_proj.grad[:3].abs().max() > 0
+    assert torch.isfinite(x.grad).all()
+
+
+def test_moe_routes_around_starved_experts():
+    """A large negative correction bias keeps most experts out; the MoE output equals the reference."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=16, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=8,
+                      moe_shared_expert_intermediate_size=12, norm_topk_prob=False, routed_scaling_factor=1.5)
+    moe = MoE(cfg)
+    with torch.no_grad():
+        moe.gate.weight.normal_()
+        moe.gate.e_score_correction_bias.copy_(torch.tensor([0, 0, 0, -9, -9, -9, -9, -9.0]))
+        moe.experts.up_proj.normal_(0, 0.5)
+        moe.experts.down_proj.normal_(0, 0.5)
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        idx, w = moe.gate(x.reshape(-1, 16))
+        assert idx.max() <= 2
+        scores = torch.sigmoid(x.reshape(-1, 16) @ moe.gate.weight.T)
+        assert torch.allclose(w, scores.gather(1, idx) * 1.5)  # bias picks, but does not weight
+        expected = _experts_reference(moe.experts, x.reshape(-1, 16), idx, w).view(3, 5, 16)
+        expected = expected + moe.shared_experts(x).double()
+        assert rel_err(moe(x), expected) < 1e-6
+        assert rel_err(moe(x[:1, :1]), expected[:1, :1]) < 1e-6  # single token: gather path
+
+
+# ----------------------------------------------------------------------------- cached decoding
+
+def _hybrid():
+    ref = hf_model(nemotron_config(layers_block_type=["mamba", "attention", "moe", "mamba", "mlp", "attention"]))
+    return ref, ours_from(ref)
+
+
+def _llama():
+    ref = hf_model(llama_config(rope_parameters=LLAMA3_ROPE, num_hidden_layers=3))
+    return ref, ours_from(ref)
+
+
+@pytest.mark.parametrize("build", [_hybrid, _llama], ids=["nemotron_h", "llama"])
+def test_cached_decoding_equals_full_recompute(build):
+    _, model = build()
+    ids = torch.randint(0, VOCAB, (2, 30))
+    with torch.no_grad():
+        full = model(ids)
+        # prefill 11 (not a multiple of chunk 8), then one token at a time
+        cache = model.make_cache(2, 30)
+        out = [model(ids[:, :11], cache, torch.arange(11))]
+        for i in range(11, 30):
+            out.append(model(ids[:, i:i + 1], cache, torch.tensor([i])))
+        assert rel_err(torch.cat(out, 1), full) < TOL
+        # prefill 7, then multi-token chunks (13 > chunk size, then 10), then single steps
+        cache = model.make_cache(2, 30)
+        out = [model(ids[:, :7], cache, torch.arange(7)),
+               model(ids[:, 7:20], cache, torch.arange(7, 20)),
+               model(ids[:, 20:27], cache, torch.arange(20, 27))]
+        for i in range(27, 30):
+            out.append(model(ids[:, i:i + 1], cache, torch.tensor([i])))
+        assert rel_err(torch.cat(out, 1), full) < TOL
+        # last_only returns the last position's logits
+        cache = model.make_cache(2, 30)
+        last = model(ids[:, :15], cache, torch.arange(15), last_only=True)
+        assert last.shape == (2, 1, VOCAB) and rel_err(last, full[:, 14:15]) < TOL
+
+
+def test_cache_requires_pos():
+    _, model = _llama()
+    with pytest.raises(ValueError, match="pos"):
+        model(torch.zeros(1, 3, dtype=torch.long), model.make_cache(1, 3))
+
+
+# ----------------------------------------------------------------------------- generation
+
+@pytest.mark.parametrize("build", [_hybrid, _llama], ids=["nemotron_h", "llama"])
+def test_greedy_generation_matches_transformers(build):
+    ref, model = build()
+    ids = torch.randint(3, VOCAB, (2, 7))
+    expected = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)
+    got = generate(model, ids, max_new_tokens=20)
+    assert expected.shape == (2, 27)
+    assert torch.equal(got, expected)
+    single = generate(model, ids[1], max_new_tokens=20)  # 1-D prompt
+    assert torch.equal(single, expected[1:])
+    assert torch.equal(generate(model, ids, max_new_tokens=1), expected[:, :8])
+
+
+def _first(row, tokens):
+    hits = [i for i, tok in enumerate(row.tolist()) if tok in tokens]
+    return hits[0] if hits else None
+
+
+@pytest.mark.parametrize("build", [_hybrid, _llama], ids=["nemotron_h", "llama"])
+def test_eos_stops_and_pads(build):
+    _, model = build()
+    ids = torch.randint(3, VOCAB, (2, 6))
+    free = generate(model, ids, max_new_tokens=20)[:, 6:]
+    # an EOS that row 0 produces early (its first occurrence at step <= 5)
+    eos = next(tok for k, tok in enumerate(free[0].tolist()) if k >= 3 and _first(free[0], {tok}) == k)
+    for eos_arg in (eos, [eos, VOCAB + 7]):
+        got = generate(model, ids, max_new_tokens=20, eos_token_id=eos_arg)[:, 6:]
+        firsts = [_first(r, {eos}) for r in free]
+        n = 20 if None in firsts else max(firsts) + 1
+        assert got.shape == (2, n)
+        for r in range(2):
+            stop = firsts[r] if firsts[r] is not None else n
+            assert torch.equal(got[r, :stop + 1], free[r, :stop + 1][:n])
+            assert (got[r, stop + 1:] == eos).all()  # padded with EOS after it finished
+    alone = generate(model, ids[:1], max_new_tokens=20, eos_token_id=eos)[0, 6:]
+    assert alone.tolist() == free[0, :firsts[0] + 1].tolist()  # stops right after the EOS
+    assert torch.equal(generate(model, ids, max_new_tokens=0), ids)
+
+
+@pytest.mark.parametrize("build", [_hybrid, _llama], ids=["nemotron_h", "llama"])
+def test_seeded_sampling_is_reproducible_and_top_p_tiny_is_greedy(build):
+    _, model = build()
+    ids = torch.randint(3, VOCAB, (2, 5))
+    runs = [generate(model, ids, 20, temperature=1.0, generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8)]
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+    greedy = generate(model, ids, 20)
+    assert not torch.equal(runs[0], greedy)
+    nucleus1 = generate(model, ids, 20, temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(nucleus1, greedy)
+
+
+def test_sampled_tokens_stay_inside_the_nucleus():
+    _, model = _llama()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.15)  # flatter distributions: nuclei of several tokens
+    ids = torch.randint(3, VOCAB, (3, 4))
+    top_p = 0.5
+    out = generate(model, ids, 20, temperature=1.0, top_p=top_p, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        probs = torch.softmax(model(out[:, :-1]), -1)[:, 3:]  # distributions each new token was drawn from
+    sizes = []
+    for r in range(3):
+        for s in range(20):
+            p = probs[r, s]
+            tok = out[r, 4 + s]
+            mass_before = p[p > p[tok]].sum()
+            assert mass_before <= top_p + 1e-5
+            sizes.append(int((p.sort(descending=True).values.cumsum(0) - p.sort(descending=True).values <= top_p).sum()))
+    assert max(sizes) > 1  # the test exercised real nuclei, not only argmax
+
+
+def test_sample_top_p_distribution():
+    logits = torch.log(torch.tensor([[0.1, 0.5, 0.1, 0.3]])).expand(4000, 4)
+    g = torch.Generator().manual_seed(0)
+    draws = sample(logits, temperature=1.0, top_p=0.6, generator=g)
+    counts = torch.bincount(draws, minlength=4)
+    assert counts[0] == 0 and counts[2] == 0  # outside the nucleus {1, 3}
+    assert abs(counts[1].item() / 4000 - 0.5 / 0.8) < 0.03
+    assert torch.equal(sample(logits[:2], temperature=0.0), torch.tensor([1, 1]))
+
+
+# ----------------------------------------------------------------------------- backward
+
+def test_backward_gives_finite_grads_everywhere():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=32, layer_types="M*-EM", num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, intermediate_size=48, mamba_num_heads=4, mamba_head_dim=8,
+                      ssm_state_size=8, n_groups=2, chunk_size=8, n_routed_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=16, moe_shared_expert_intermediate_size=24, moe_latent_size=16)
+    model = Model(cfg)
+    with torch.no_grad():
+        model.model.layers[3].mixer.gate.weight.normal_()
+    ids = torch.randint(0, VOCAB, (2, 19))
+    logits = model(ids)
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().max() > 0, name  # every block type is on the gradient path
