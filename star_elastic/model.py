@@ -6,6 +6,10 @@ and `LlamaForCausalLM`, so a checkpoint's state dict loads with `load_state_dict
 A Nemotron-H layer is one block `x = x + mixer(norm(x))`. A Llama layer is two such blocks
 (attention, then gated MLP) under Llama's names. Every size that elastic slicing can change
 (heads, widths, experts) may differ per layer: `ModelConfig.layer_sizes` overrides them.
+
+Elastic training runs sub-networks inside the full-size model through masks (`Model.set_masks`):
+per-unit weights, 0/1 for a hard sub-architecture or fractional for the router's soft masks. With
+no masks set, every masked branch below is skipped and the model computes exactly as before.
 """
 
 from __future__ import annotations
@@ -87,6 +91,12 @@ class ModelConfig:
             raise ValueError(f"layer_sizes has {len(self.layer_sizes)} entries for {len(self.layer_types)} layers")
 
     @property
+    def tied(self) -> bool:
+        """lm_head shares the embedding matrix. transformers ties Llama on this flag but never
+        NemotronH (its NemotronH keeps a separate lm_head whatever the flag says): so do we."""
+        return self.tie_word_embeddings and self.family == "llama"
+
+    @property
     def num_layers(self) -> int:
         return len(self.layer_types)
 
@@ -115,10 +125,15 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.mask = None  # (dim,) hidden-channel mask; the input is already zero where it is 0
 
     def forward(self, x):
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.mask is None:
+            ms = xf.pow(2).mean(-1, keepdim=True)
+        else:  # the mean of squares over the kept channels only, as the sliced model computes it
+            ms = xf.pow(2).sum(-1, keepdim=True) / self.mask.float().sum()
+        xf = xf * torch.rsqrt(ms + self.eps)
         return self.weight * xf.to(x.dtype)
 
 
@@ -131,11 +146,17 @@ class GatedRMSNorm(nn.Module):
         self.groups = groups
         self.eps = eps
 
-    def forward(self, x, z):
+    def forward(self, x, z, mask=None):
+        """`mask` (dim,): weights of the kept channels (x is zero where it is 0); each group is then
+        normalised over its kept channels only."""
         dtype = x.dtype
         x = x.float() * F.silu(z.float())
         xg = x.unflatten(-1, (self.groups, -1))
-        xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + self.eps)
+        if mask is None:
+            ms = xg.pow(2).mean(-1, keepdim=True)
+        else:
+            ms = xg.pow(2).sum(-1, keepdim=True) / mask.float().view(self.groups, -1).sum(-1, keepdim=True)
+        xg = xg * torch.rsqrt(ms + self.eps)
         return self.weight * xg.flatten(-2).to(dtype)
 
 
@@ -231,6 +252,8 @@ class Mamba2(nn.Module):
         self.D = nn.Parameter(torch.ones(self.num_heads))
         self.norm = GatedRMSNorm(self.d_inner, self.n_groups, cfg.norm_eps)
         self.out_proj = nn.Linear(self.d_inner, cfg.hidden_size, bias=cfg.mamba_bias)
+        self.head_mask = None  # (num_heads,)
+        self.channel_mask = None  # (head_dim,), the same channels in every head
 
     def forward(self, u, cache: "MambaCache | None" = None):
         b, t, _ = u.shape
@@ -257,7 +280,15 @@ class Mamba2(nn.Module):
             if cache is not None:
                 cache.ssm.copy_(final)
         y = y + x.to(y.dtype) * self.D.to(y.dtype)[:, None]
-        y = self.norm(y.flatten(-2), z)
+        if self.head_mask is None and self.channel_mask is None:
+            y = self.norm(y.flatten(-2), z)
+        else:  # heads and channels are independent SSMs up to here: zero the dropped ones' outputs
+            unit = y.new_ones(self.num_heads, self.head_dim)
+            if self.head_mask is not None:
+                unit = unit * self.head_mask.to(y.dtype)[:, None]
+            if self.channel_mask is not None:
+                unit = unit * self.channel_mask.to(y.dtype)
+            y = self.norm((y * unit).flatten(-2), z, unit.flatten())
         return self.out_proj(y.to(u.dtype))
 
     def step(self, x, dt, A, B, C, state):
@@ -307,6 +338,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=bias)
+        self.head_mask = None  # (num_heads,) query-head mask, applied at the o_proj input
 
     def forward(self, x, rope=None, cache: "KVCache | None" = None, pos=None):
         b, t, _ = x.shape
@@ -321,6 +353,8 @@ class Attention(nn.Module):
             k, v = cache.update(pos, k, v)
             mask = torch.arange(k.shape[2], device=x.device)[None, :] <= pos[:, None]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+        if self.head_mask is not None:
+            out = out * self.head_mask.to(out.dtype)[:, None, None]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -336,11 +370,13 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, width, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(width, cfg.hidden_size, bias=cfg.mlp_bias)
         self.act = activation(cfg.mlp_act)
+        self.mask = None  # (width,) neuron mask, applied at the down_proj input
 
     def forward(self, x):
-        if self.gated:
-            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(self.act(self.up_proj(x)))
+        h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
+        if self.mask is not None:
+            h = h * self.mask.to(h.dtype)
+        return self.down_proj(h)
 
 
 class TopkRouter(nn.Module):
@@ -352,6 +388,7 @@ class TopkRouter(nn.Module):
         self.norm_topk_prob, self.scale = cfg.norm_topk_prob, cfg.routed_scaling_factor
         self.weight = nn.Parameter(torch.zeros(cfg.n_routed_experts, cfg.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+        self.expert_mask = None  # (n_routed_experts,): 0 never chosen; a fraction scales the expert's weight
 
     def _apply(self, fn, recurse=True):
         # Routing is decided by small score differences: like transformers, keep it in fp32 whatever
@@ -365,6 +402,8 @@ class TopkRouter(nn.Module):
         """x: (tokens, hidden) -> chosen expert ids and their weights, both (tokens, top_k)."""
         scores = F.linear(x.float(), self.weight.float()).sigmoid()
         choice = scores + self.e_score_correction_bias.float()
+        if self.expert_mask is not None:  # before group selection too: groups rank their kept experts
+            choice = choice.masked_fill(self.expert_mask == 0, -torch.inf)
         if self.n_group > 1:  # keep the topk_group groups whose two best experts score highest
             grouped = choice.view(x.shape[0], self.n_group, -1)
             best_groups = grouped.topk(2, dim=-1).values.sum(-1).topk(self.topk_group, dim=-1).indices
@@ -374,6 +413,8 @@ class TopkRouter(nn.Module):
         weights = scores.gather(1, idx)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        if self.expert_mask is not None:  # 1 for every chosen expert under a hard mask
+            weights = weights * self.expert_mask.float()[idx]
         return idx, weights * self.scale
 
 
@@ -388,12 +429,18 @@ class Experts(nn.Module):
         nn.init.normal_(self.up_proj, std=0.02)
         nn.init.normal_(self.down_proj, std=0.02)
         self.act = activation(cfg.mlp_act)
+        self.ffn_mask = None  # (moe_intermediate_size,), the same neurons in every expert
+
+    def hidden(self, h):
+        """The activation, then the neuron mask if one is set."""
+        h = self.act(h)
+        return h if self.ffn_mask is None else h * self.ffn_mask.to(h.dtype)
 
     def forward(self, x, idx, weights):
         """x: (T, D); idx, weights: (T, k). Each expert sees only the tokens routed to it."""
         T, k = idx.shape
         if T * k <= self.up_proj.shape[0] // 2:  # decoding: gather the few chosen experts' weights
-            h = self.act(torch.einsum("td,tkid->tki", x, self.up_proj[idx]))
+            h = self.hidden(torch.einsum("td,tkid->tki", x, self.up_proj[idx]))
             out = torch.einsum("tki,tkdi->tkd", h, self.down_proj[idx])
             return torch.einsum("tkd,tk->td", out, weights.to(out.dtype))
         flat = idx.flatten()
@@ -403,10 +450,10 @@ class Experts(nn.Module):
         counts = torch.bincount(flat, minlength=self.up_proj.shape[0])
         if xs.is_cuda and xs.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
             offs = counts.cumsum(0).to(torch.int32)
-            h = self.act(torch._grouped_mm(xs, self.up_proj.transpose(1, 2), offs=offs))
+            h = self.hidden(torch._grouped_mm(xs, self.up_proj.transpose(1, 2), offs=offs))
             out = torch._grouped_mm(h, self.down_proj.transpose(1, 2), offs=offs)
         else:
-            out = torch.cat([self.act(xe @ up.T) @ down.T for xe, up, down in
+            out = torch.cat([self.hidden(xe @ up.T) @ down.T for xe, up, down in
                              zip(xs.split(counts.tolist()), self.up_proj, self.down_proj)])
         out = out * weights.flatten()[order, None].to(out.dtype)
         return torch.zeros_like(x, dtype=out.dtype).index_add_(0, token, out)
@@ -437,6 +484,11 @@ class MoE(nn.Module):
 MIXERS = {"M": Mamba2, "*": Attention, "-": MLP, "E": MoE}
 
 
+def masked_add(x, h, mask):
+    """The residual update x + h, with h weighted per hidden channel (and by depth) if masked."""
+    return x + h if mask is None else x + h * mask.to(h.dtype)
+
+
 class Block(nn.Module):
     """Nemotron-H layer: x + mixer(norm(x))."""
 
@@ -445,8 +497,12 @@ class Block(nn.Module):
         self.kind = kind
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mixer = MIXERS[kind](cfg)
+        self.out_mask = None  # hidden mask x depth weight on the residual update
+        self.dropped = False  # a hard-dropped layer is the identity
 
     def forward(self, x, rope=None, cache=None, pos=None):
+        if self.dropped:
+            return x
         h = self.norm(x)
         if self.kind == "*":
             h = self.mixer(h, rope, cache, pos)
@@ -454,7 +510,7 @@ class Block(nn.Module):
             h = self.mixer(h, cache)
         else:
             h = self.mixer(h)
-        return x + h
+        return masked_add(x, h, self.out_mask)
 
 
 class LlamaLayer(nn.Module):
@@ -468,10 +524,14 @@ class LlamaLayer(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MLP(cfg)
+        self.out_mask = None  # as in Block, on both residual updates
+        self.dropped = False
 
     def forward(self, x, rope=None, cache=None, pos=None):
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache, pos)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if self.dropped:
+            return x
+        x = masked_add(x, self.self_attn(self.input_layernorm(x), rope, cache, pos), self.out_mask)
+        return masked_add(x, self.mlp(self.post_attention_layernorm(x)), self.out_mask)
 
 
 # ----------------------------------------------------------------------------- caches
@@ -524,12 +584,13 @@ class Model(nn.Module):
         self.config = cfg
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
+        if cfg.tied:
             self.lm_head.weight = self.embed.weight
         if cfg.rope_theta is not None:
             self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
         else:
             self.inv_freq = None
+        self.hidden_mask = None  # set by set_masks: zeroes dropped channels of the embeddings
 
     @property
     def embed(self) -> nn.Embedding:
@@ -550,6 +611,8 @@ class Model(nn.Module):
                 last_only: bool = False):
         """input_ids: (b, t). With `cache` (from `make_cache`), `pos` holds the t positions written."""
         x = self.embed(input_ids)
+        if self.hidden_mask is not None:
+            x = x * self.hidden_mask.to(x.dtype)
         if pos is None:
             if cache is not None:
                 raise ValueError("pos is required with a cache")
@@ -576,6 +639,72 @@ class Model(nn.Module):
             else:
                 caches.append(nn.Identity())  # stateless block
         return nn.ModuleList(caches)
+
+    def mask_targets(self) -> dict[str, tuple[nn.Module, str, int]]:
+        """Mask key -> (module, attribute, number of units) for every per-layer mask `set_masks` takes."""
+        targets = {}
+        for i, layer in enumerate(self.model.layers):
+            if isinstance(layer, LlamaLayer):
+                mods = {"*": layer.self_attn, "-": layer.mlp}
+            else:
+                mods = {layer.kind: layer.mixer}
+            if "*" in mods:
+                targets[f"layers.{i}.attn_heads"] = (mods["*"], "head_mask", mods["*"].num_heads)
+            if "-" in mods:
+                targets[f"layers.{i}.ffn"] = (mods["-"], "mask", mods["-"].down_proj.in_features)
+            if "M" in mods:
+                targets[f"layers.{i}.mamba_heads"] = (mods["M"], "head_mask", mods["M"].num_heads)
+                targets[f"layers.{i}.mamba_channels"] = (mods["M"], "channel_mask", mods["M"].head_dim)
+            if "E" in mods:
+                moe = mods["E"]
+                targets[f"layers.{i}.experts"] = (moe.gate, "expert_mask", moe.experts.up_proj.shape[0])
+                targets[f"layers.{i}.expert_ffn"] = (moe.experts, "ffn_mask", moe.experts.up_proj.shape[1])
+                shared = moe.shared_experts
+                targets[f"layers.{i}.shared_ffn"] = (shared, "mask", shared.down_proj.in_features)
+        return targets
+
+    def set_masks(self, masks: dict[str, torch.Tensor]):
+        """Run a sub-network inside this model. Masks are per-unit weights: 1 keep, 0 drop, or
+        fractional (soft masks; gradients flow into them). Keys, each optional (missing = keep all):
+          "hidden" (hidden_size,)       embedding channels, for the whole model
+          "layers.{i}" ()               depth: 0 makes layer i the identity, a fraction scales its updates
+          "layers.{i}.{axis}" (units,)  axis: attn_heads, mamba_heads, mamba_channels, ffn, experts,
+                                        expert_ffn (same neurons in every expert), shared_ffn
+        Replaces any masks set before. `star_elastic.elastic.ElasticSpec.masks` builds hard ones."""
+        self.clear_masks()
+        targets = self.mask_targets()
+        depth_keys = {f"layers.{i}" for i in range(len(self.model.layers))}
+        unknown = sorted(set(masks) - set(targets) - set(depth_keys) - {"hidden"})
+        if unknown:
+            raise ValueError(f"unknown mask key(s) {unknown} for this model")
+        for key, m in masks.items():
+            want = () if key in depth_keys else (self.config.hidden_size,) if key == "hidden" else (targets[key][2],)
+            if tuple(m.shape) != want:
+                raise ValueError(f"mask {key!r} has shape {tuple(m.shape)}, expected {want}")
+        hidden = masks.get("hidden")
+        self.hidden_mask = hidden
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.mask = hidden
+        for key, m in masks.items():
+            if key in targets:
+                module, attr, _ = targets[key]
+                setattr(module, attr, m)
+        for i, layer in enumerate(self.model.layers):
+            depth = masks.get(f"layers.{i}")
+            layer.dropped = depth is not None and not depth.requires_grad and bool(depth == 0)
+            layer.out_mask = hidden if depth is None else depth if hidden is None else depth * hidden
+
+    def clear_masks(self):
+        """Back to the full model."""
+        self.hidden_mask = None
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.mask = None
+            elif isinstance(module, (Block, LlamaLayer)):
+                module.out_mask, module.dropped = None, False
+        for module, attr, _ in self.mask_targets().values():
+            setattr(module, attr, None)
 
     def num_parameters(self) -> int:
         """Unique parameters, as transformers' `num_parameters()` counts them (tied weights once)."""
