@@ -1,0 +1,179 @@
+"""Cut a submodel out of an importance-sorted parent, and export it as a checkpoint.
+
+`take` maps one parent tensor, by its checkpoint name, to the rows/columns that a set of kept
+units owns. Slicing is `take` with prefix indices (`ElasticSpec.indices`); sorting (sort.py) is
+`take` with permutations. It needs one tensor at a time, so it also serves a streaming slicer.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from star_elastic import hf
+from star_elastic.model import Model, ModelConfig, rope_frequencies
+
+from .spec import ElasticSpec
+
+ELASTIC_ARCHITECTURE = "StarElasticForCausalLM"
+ELASTIC_MODEL_TYPE = "star_elastic"
+PER_LAYER_NOTE = ("per-layer sizes: stock transformers has one size per axis for all layers and cannot express "
+                  "this model; it is written in star-elastic's own format (load it with star_elastic.load)")
+
+
+def _sel(t: torch.Tensor, dim: int, idx: torch.Tensor | None) -> torch.Tensor:
+    return t if idx is None else t.index_select(dim, idx.to(t.device))
+
+
+def _rows(units: torch.Tensor | None, size: int) -> torch.Tensor | None:
+    """Rows of a projection whose units (heads) own `size` consecutive rows each."""
+    return None if units is None else (units[:, None] * size + torch.arange(size)).flatten()
+
+
+def _mamba_inner(c: ModelConfig, heads, channels) -> torch.Tensor | None:
+    """Indices into the d_inner = heads x head_dim features (z, x, gated norm, out_proj input)."""
+    if heads is None and channels is None:
+        return None
+    heads = torch.arange(c.mamba_num_heads) if heads is None else heads
+    channels = torch.arange(c.mamba_head_dim) if channels is None else channels
+    return (heads[:, None] * c.mamba_head_dim + channels[None, :]).flatten()
+
+
+def take(name: str, t: torch.Tensor, cfg: ModelConfig, idx: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The part of parent tensor `name` (config `cfg`) that the units in `idx` own, in idx's order.
+
+    idx keys as `ElasticSpec.indices`: "hidden", "layers.{i}.{attn_heads, kv_heads, mamba_heads,
+    mamba_channels, ffn, experts, expert_ffn, shared_ffn}"; a missing key keeps every unit in
+    place. "expert_ffn" may be (experts, kept) to pick different neurons per expert (by parent
+    expert). Layer renumbering for dropped layers is the caller's business.
+    """
+    hidden = idx.get("hidden")
+    if name in ("model.embeddings.weight", "model.embed_tokens.weight", "lm_head.weight"):
+        return _sel(t, 1, hidden)
+    if name in ("model.norm_f.weight", "model.norm.weight"):
+        return _sel(t, 0, hidden)
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(\w+)", name)
+    if m is None or int(m.group(1)) >= cfg.num_layers:
+        raise ValueError(f"{name}: not a tensor of this model")
+    i, module, leaf = int(m.group(1)), m.group(2), m.group(3)
+    c = cfg.layer(i)
+
+    def get(axis):
+        return idx.get(f"layers.{i}.{axis}")
+
+    if module in ("norm", "input_layernorm", "post_attention_layernorm"):
+        return _sel(t, 0, hidden)
+    part = module.rsplit(".", 1)[-1]
+    if part == "experts":  # (E, I, d) up and (E, d, I) down; d is hidden unless there is a latent space
+        ffn, ffn_dim = get("expert_ffn"), 1 if leaf == "up_proj" else 2
+        if ffn is not None and ffn.dim() == 2:  # per expert, before experts are picked
+            index = ffn[:, :, None] if ffn_dim == 1 else ffn[:, None, :]
+            shape = list(t.shape)
+            shape[ffn_dim] = ffn.shape[1]
+            t = t.gather(ffn_dim, index.to(t.device).expand(shape))
+        else:
+            t = _sel(t, ffn_dim, ffn)
+        t = _sel(t, 0, get("experts"))
+        return t if c.moe_latent_size else _sel(t, 3 - ffn_dim, hidden)
+    if part == "gate" and leaf == "e_score_correction_bias":
+        return _sel(t, 0, get("experts"))
+    if module == "mixer.norm":  # Mamba's gated norm
+        return _sel(t, 0, _mamba_inner(c, get("mamba_heads"), get("mamba_channels")))
+    if leaf in ("dt_bias", "A_log", "D"):
+        return _sel(t, 0, get("mamba_heads"))
+    if part == "conv1d":  # channels [x | B | C]: B and C stay whole
+        inner = _mamba_inner(c, get("mamba_heads"), get("mamba_channels"))
+        if inner is not None:
+            d_inner = c.mamba_num_heads * c.mamba_head_dim
+            inner = torch.cat([inner, d_inner + torch.arange(2 * c.n_groups * c.ssm_state_size)])
+        return _sel(t, 0, inner)
+
+    # nn.Linear: (out units, in units) of its weight; its bias follows the out units
+    ffn_axis = "shared_ffn" if "shared_experts" in module else "ffn"
+    if part in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        heads = _rows(get("kv_heads" if part in ("k_proj", "v_proj") else "attn_heads"), c.head_dim)
+        out_units, in_units = (hidden, heads) if part == "o_proj" else (heads, hidden)
+    elif part in ("up_proj", "gate_proj"):
+        out_units, in_units = get(ffn_axis), hidden
+    elif part == "down_proj":
+        out_units, in_units = hidden, get(ffn_axis)
+    elif part == "in_proj":  # rows [z | x | B | C | dt]
+        inner, heads = _mamba_inner(c, get("mamba_heads"), get("mamba_channels")), get("mamba_heads")
+        out_units = None
+        if inner is not None:
+            d_inner, bc = c.mamba_num_heads * c.mamba_head_dim, 2 * c.n_groups * c.ssm_state_size
+            dt = torch.arange(c.mamba_num_heads) if heads is None else heads
+            out_units = torch.cat([inner, d_inner + inner, 2 * d_inner + torch.arange(bc), 2 * d_inner + bc + dt])
+        in_units = hidden
+    elif part == "out_proj":
+        out_units, in_units = hidden, _mamba_inner(c, get("mamba_heads"), get("mamba_channels"))
+    elif part == "gate":  # the router
+        out_units, in_units = get("experts"), hidden
+    elif part == "fc1_latent_proj":
+        out_units, in_units = None, hidden
+    elif part == "fc2_latent_proj":
+        out_units, in_units = hidden, None
+    else:
+        raise ValueError(f"{name}: not a tensor of this model")
+    t = _sel(t, 0, out_units)
+    return _sel(t, 1, in_units) if leaf == "weight" else t
+
+
+def _renamed(name: str, new_index: dict[int, int]) -> str | None:
+    """`name` with its layer index renumbered, None for a tensor of a dropped layer."""
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    if m is None:
+        return name
+    i = int(m.group(1))
+    return None if i not in new_index else f"model.layers.{new_index[i]}.{name[m.end():]}"
+
+
+@torch.no_grad()
+def slice_model(parent: Model, spec: ElasticSpec) -> Model:
+    """The physically smaller model for `spec`: the first units of every axis of the (sorted) parent.
+
+    Computes what `parent` computes under `spec.masks(...)`. Its tensors are copies; the parent is
+    left as it was."""
+    cfg = spec.config(parent.config)
+    idx = spec.indices(parent.config)
+    new_index = {old: new for new, old in enumerate(spec.kept_layers(parent.config))}
+    state = {}
+    for name, t in parent.state_dict().items():
+        new = _renamed(name, new_index)
+        if new is not None:
+            part = take(name, t, parent.config, idx)
+            state[new] = part.clone() if part is t else part
+    with torch.device("meta"):
+        model = Model(cfg)
+    hf.load_weights(model, state, "slice")
+    if model.inv_freq is not None:  # non-persistent: rebuilt off the meta device
+        model.inv_freq = rope_frequencies(cfg).to(parent.lm_head.weight.device)
+    if hasattr(parent, "hf_config"):  # the parent's extra HF fields (chat template ids, ...) carry over
+        model.hf_config = parent.hf_config
+    return model.train(parent.training)
+
+
+def star_elastic_config(cfg: ModelConfig, base: dict | None = None) -> dict:
+    """config.json for a model with per-layer sizes: the HF config (global sizes taken from its
+    first layers) under a model type transformers does not know, plus the per-layer sizes."""
+    layer_sizes = cfg.layer_sizes
+    d = hf.config_to_hf(ModelConfig.from_dict({**cfg.to_dict(), "layer_sizes": None}), base)
+    d["architectures"] = [ELASTIC_ARCHITECTURE]
+    d["star_elastic"] = {"model_type": d["model_type"], "layer_sizes": layer_sizes}
+    d["model_type"] = ELASTIC_MODEL_TYPE  # transformers refuses it by name instead of mis-loading shapes
+    return d
+
+
+def export(model: Model, out_dir, tokenizer=None) -> Path:
+    """Save a (sliced) model. One size per axis: a standard Hugging Face checkpoint that stock
+    transformers loads. Per-layer sizes: star-elastic's format (read by `star_elastic.load`), with a
+    note on stderr that transformers cannot express it."""
+    cfg = model.config
+    if not (cfg.layer_sizes and any(cfg.layer_sizes)):
+        return hf.save_pretrained(model, out_dir, tokenizer)
+    print(f"star-elastic: {PER_LAYER_NOTE}", file=sys.stderr)
+    config = star_elastic_config(cfg, getattr(model, "hf_config", None))
+    return hf.save_pretrained(model, out_dir, tokenizer, config=config)
