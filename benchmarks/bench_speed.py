@@ -133,6 +133,7 @@ def main():
     variants = {"transformers": (ref, True), "ours": (ours, False)}
     compiled = None
     if not args.no_compile:
+        torch._dynamo.config.recompile_limit = 64  # blocks share one code object (see generate.py)
         compiled = torch.compile(ours)
         variants["ours_compiled"] = (compiled, False)
     for name, (m, hf) in variants.items():

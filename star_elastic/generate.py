@@ -32,6 +32,10 @@ class DecodeStep:
         self.model, self.cache = model, cache
         # torch.compile fuses the many small elementwise kernels of a one-token step; the CUDA
         # graph (ours, below) then removes the launch cost of what remains.
+        if compile:
+            # Blocks share one forward code object; each kind/shape/mode is a dynamo cache entry, and
+            # the default limit of 8 (shared with any training compile) would silently fall back to eager.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.forward = torch.compile(model, dynamic=False) if compile else model
         device = model.lm_head.weight.device
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
