@@ -1,0 +1,87 @@
+"""The `eval` and `generate` subcommands end to end on a tiny saved checkpoint with a tokenizer."""
+
+import json
+import math
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from star_elastic import cli, load, save_pretrained
+from star_elastic.data import read_documents, tokenize_documents
+from star_elastic.evaluate import perplexity
+from star_elastic.generate import generate
+from star_elastic.model import Model, ModelConfig
+
+WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "far", "away", "home"]
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"),
+                                        bos_token="<s>", eos_token="</s>", unk_token="[UNK]")
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=len(vocab), hidden_size=32, layer_types="M*E-", head_dim=8, mamba_head_dim=8,
+                      mamba_num_heads=4, ssm_state_size=8, chunk_size=8, bos_token_id=1, eos_token_id=2)
+    model = Model(cfg)
+    with torch.no_grad():  # make the logits far from uniform so that the checks below mean something
+        model.lm_head.weight.mul_(20)
+    save_pretrained(model, tmp_path / "ckpt", tokenizer=tokenizer)
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(" ".join(WORDS[(i * 3 + j) % len(WORDS)] for j in range(12)) for i in range(30)))
+    return tmp_path / "ckpt", tokenizer, text
+
+
+def test_eval_json_matches_library(checkpoint, tmp_path, capsys):
+    ckpt, tokenizer, text = checkpoint
+    out = tmp_path / "res" / "ppl.json"
+    assert cli.main(["eval", str(ckpt), "--data", str(text), "--seq-len", "16", "--json", str(out),
+                     "--device", "cpu"]) == 0
+    res = json.loads(out.read_text())
+    stream = tokenize_documents(read_documents(text), tokenizer)
+    expected = perplexity(load(ckpt), stream, seq_len=16, progress=False)
+    assert res["tokens"] == expected["tokens"] == stream.numel() - math.ceil(stream.numel() / 16)
+    assert res["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-6)
+    assert res["perplexity"] > 1
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_eval_heldout_split_scores_fewer_tokens(checkpoint, tmp_path):
+    ckpt, _, text = checkpoint
+    results = {}
+    for split in ("all", "heldout"):
+        out = tmp_path / f"{split}.json"
+        assert cli.main(["eval", str(ckpt), "--data", str(text), "--split", split, "--seq-len", "16",
+                         "--json", str(out)]) == 0
+        results[split] = json.loads(out.read_text())["tokens"]
+    assert 0 < results["heldout"] < results["all"]
+
+
+def test_generate_prints_the_greedy_continuation(checkpoint, capsys):
+    ckpt, tokenizer, _ = checkpoint
+    assert cli.main(["generate", str(ckpt), "--prompt", "the cat sat", "--max-new-tokens", "6", "--raw"]) == 0
+    printed = capsys.readouterr().out.strip()
+    ids = torch.tensor([tokenizer("the cat sat", add_special_tokens=False)["input_ids"]])
+    expected = generate(load(ckpt), ids, 6, eos_token_id=tokenizer.eos_token_id)
+    assert printed == tokenizer.decode(expected[0, 3:], skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["eval", "{missing}", "--data", "{text}"], ["no such file"]),
+    (["eval", "{ckpt}", "--data", "{missing}"], ["no such file or corpus"]),
+    (["eval", "{ckpt}", "--data", "{text}", "--seq-len", "0"], ["--seq-len", "at least 1"]),
+    (["generate", "{text}", "--prompt", "x"], ["checkpoint directory"]),
+])
+def test_errors_are_one_line(checkpoint, tmp_path, capsys, argv, words):
+    ckpt, _, text = checkpoint
+    fill = {"missing": tmp_path / "nope", "text": text, "ckpt": ckpt}
+    assert cli.main([a.format(**fill) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("star-elastic: error:") and "\n" not in err
+    for w in words:
+        assert w in err
