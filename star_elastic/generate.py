@@ -78,7 +78,9 @@ def _decoder(model: Model, batch: int, length: int, use_graph: bool | None, comp
     batch size and length bucket (capturing costs a few forward passes; replaying is free)."""
     max_len = -(-length // 256) * 256
     steps = model.__dict__.setdefault("_decode_steps", {})
-    key = (batch, max_len, use_graph, compile, model.lm_head.weight.dtype, model.lm_head.weight.device)
+    # a graph replays the masks it was captured with: a new set of masks needs a new capture
+    key = (batch, max_len, use_graph, compile, model.lm_head.weight.dtype, model.lm_head.weight.device,
+           model.mask_version)
     if key not in steps:
         while len(steps) >= 2:  # bound the memory held by idle caches
             steps.pop(next(iter(steps)))

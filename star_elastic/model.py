@@ -591,6 +591,7 @@ class Model(nn.Module):
         else:
             self.inv_freq = None
         self.hidden_mask = None  # set by set_masks: zeroes dropped channels of the embeddings
+        self.mask_version = 0  # bumped by set_masks / clear_masks: captured decode graphs key on it
 
     @property
     def embed(self) -> nn.Embedding:
@@ -698,6 +699,7 @@ class Model(nn.Module):
     def clear_masks(self):
         """Back to the full model."""
         self.hidden_mask = None
+        self.mask_version += 1
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.mask = None
