@@ -78,12 +78,12 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
 def config_to_hf(cfg: ModelConfig, base: dict | None = None) -> dict:
     """A transformers config dict for `cfg`, starting from the checkpoint's own (`base`) so that
     fields we do not model (chat settings, dtype, ...) survive a load/save round trip."""
-    from transformers import LlamaConfig, NemotronHConfig
+    from transformers import LlamaConfig, NemotronHConfig, PretrainedConfig
 
     if cfg.layer_sizes and any(cfg.layer_sizes):
         raise StarElasticError("per-layer sizes cannot be written as a stock Hugging Face config "
                                "(transformers has one size per axis for all layers)")
-    d = dict(base or {})
+    d = PretrainedConfig._decode_special_floats(dict(base or {}))  # base may come straight from config.json
     for k in ("architectures", "model_type", "transformers_version", "star_elastic"):
         d.pop(k, None)
     common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, tie_word_embeddings=cfg.tie_word_embeddings,

@@ -1,0 +1,521 @@
+"""Streaming slicer: cut a sub-checkpoint out of a safetensors parent on disk without loading it.
+
+    from star_elastic.elastic.stream import stream_slice
+    stream_slice("parent/", ElasticSpec(n_routed_experts=64, hidden_size=2048), "child/")
+
+The output is what `export(slice_model(load(parent), spec), out_dir)` writes (same config.json,
+same tensor names, values and shards), but the parent is never loaded: every output tensor is cut
+from its parent tensor opened lazily with `safe_open`, reading only the box of rows/columns that
+holds the kept units (`get_slice`), and written straight into the output file, whose header is
+planned from the shapes before any data is read. Memory stays about one tensor whatever the
+checkpoint or shard size; tensors of dropped layers and of dropped experts (NemotronH stores one
+tensor per expert) are never read.
+
+Streaming does not sort. Slicing keeps the *first* units of every axis, so the parent must already
+be importance-sorted (`sort_model` then `save_pretrained`): that sorted parent is what an elastic
+checkpoint stores, and every submodel is streamed out of it.
+
+The index logic is `slicing.take` itself: it runs once on a stand-in tensor that records which
+indices each dimension keeps (the read plan and the output shape), then applies to the data read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from star_elastic import hf
+from star_elastic.errors import StarElasticError
+from star_elastic.model import Model, ModelConfig
+
+from .slicing import PER_LAYER_NOTE, star_elastic_config, take
+from .spec import ElasticSpec
+
+# bytes read through one safe_open handle before it is reopened: the pages of its memory map that
+# were read count in the process's resident set until the map is closed
+READ_WINDOW = 64 * 1024**2
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+TORCH_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+               torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+               torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json")
+EXPERT_STACK = (".mixer.experts.up_proj", ".mixer.experts.down_proj")
+
+
+# ----------------------------------------------------------------------------- the parent on disk
+
+@dataclass(frozen=True)
+class _Source:
+    """One tensor of the parent: where it is and what its header says."""
+
+    file: Path
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # offset of its data in the file
+
+    def rows(self, lo: int, hi: int) -> tuple[int, int]:
+        """File byte range of rows lo..hi (first dimension)."""
+        row = DTYPE_BYTES[self.dtype] * math.prod(self.shape[1:])
+        return self.start + lo * row, self.start + hi * row
+
+
+def _header(f: Path) -> dict:
+    """The safetensors header of `f`, after checking that the file holds all the data it describes."""
+    size = f.stat().st_size
+    bad = f"{f}: not a readable safetensors file"
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise StarElasticError(f"{bad} (truncated: {size} bytes)")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise StarElasticError(f"{bad} (truncated: a {n}-byte header in a {size}-byte file)")
+        try:
+            meta = json.loads(fh.read(n))
+            tensors = {k: v for k, v in meta.items() if k != "__metadata__"}
+            end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+            for v in tensors.values():
+                v["shape"] = tuple(int(s) for s in v["shape"])
+                v["start"] = 8 + n + int(v["data_offsets"][0])
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            raise StarElasticError(f"{bad} (bad header: {str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+                from None
+    if 8 + n + end > size:
+        raise StarElasticError(f"{bad} (truncated: {size} bytes, its header describes {8 + n + end})")
+    if 8 + n + end < size:
+        raise StarElasticError(f"{bad} ({size} bytes, its header describes {8 + n + end})")
+    for k, v in tensors.items():
+        if v.get("dtype") not in DTYPE_BYTES:
+            raise StarElasticError(f"{f}: tensor {k} has unsupported dtype {v.get('dtype')!r}")
+    return tensors
+
+
+def _parent_config(path: Path) -> tuple[dict, ModelConfig]:
+    """config.json of a checkpoint directory, raw and as our config (per-layer sizes included), as `load` reads it."""
+    if not path.exists():
+        raise StarElasticError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise StarElasticError(f"{path}: expected a checkpoint directory (config.json + safetensors)")
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise StarElasticError(f"{path}: not a model directory (no config.json)")
+    try:
+        raw = json.loads(config_file.read_text())
+    except ValueError as e:
+        raise StarElasticError(f"{config_file}: not valid JSON ({e})") from None
+    cfg = hf.config_from_hf(raw, str(config_file))
+    if isinstance(raw.get("star_elastic"), dict) and raw["star_elastic"].get("layer_sizes"):
+        try:
+            cfg = replace(cfg, layer_sizes=raw["star_elastic"]["layer_sizes"])
+            for i in range(cfg.num_layers):
+                cfg.layer(i)
+        except (ValueError, TypeError) as e:
+            raise StarElasticError(f"{config_file}: invalid star_elastic.layer_sizes ({e})") from None
+    return raw, cfg
+
+
+def _parent_tensors(path: Path, cfg: ModelConfig) -> tuple[dict[str, _Source], dict[str, dict[int, _Source]]]:
+    """The parent's tensors under their in-memory names (`model.`), from the headers alone:
+    (plain tensors, per-expert tensors by stacked name and expert), checked against the config
+    as `load` checks them (no missing, unexpected or misshapen tensor)."""
+    plain, experts = {}, {}
+    for f in hf._weight_files(path):
+        for key, h in _header(f).items():
+            if key.startswith("mtp."):  # multi-token-prediction heads: `load` skips them too
+                continue
+            src = _Source(f, key, h["dtype"], h["shape"], h["start"])
+            name = "model." + key[len("backbone."):] if key.startswith("backbone.") else key
+            m = hf.EXPERT_KEY.match(name)
+            if m:
+                slot = experts.setdefault(f"{m[1]}.{m[3]}", {})
+                j = int(m[2])
+            else:
+                slot, j = plain, name
+            if j in slot:
+                raise StarElasticError(f"{path}: tensor {key} is stored twice ({slot[j].file.name}, {f.name})")
+            slot[j] = src
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Model(cfg).state_dict().items()}
+    if cfg.tied:
+        expected.pop("lm_head.weight")
+        plain.pop("lm_head.weight", None)
+    both = sorted(set(plain) & set(experts))
+    if both:
+        raise StarElasticError(f"{path}: {both[0]} is stored both stacked and one tensor per expert")
+    present = set(plain) | set(experts)
+    missing, unexpected = sorted(set(expected) - present), sorted(present - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s), e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}, e.g. {unexpected[0]}")
+        raise StarElasticError(f"{path}: weights do not match the config: {'; '.join(parts)}")
+    for name, src in plain.items():
+        if src.shape != expected[name]:
+            raise StarElasticError(f"{path}: tensor {name} has shape {src.shape}, the config implies {expected[name]}")
+    for name, parts in experts.items():
+        if sorted(parts) != list(range(len(parts))):
+            raise StarElasticError(f"{path}: experts of {name} are not numbered 0..{len(parts) - 1}")
+        shape = (len(parts),) + parts[0].shape
+        if shape != expected[name] or any(p.shape != parts[0].shape for p in parts.values()):
+            raise StarElasticError(f"{path}: tensor {name} has shape {shape}, the config implies {expected[name]}")
+    return plain, experts
+
+
+# ----------------------------------------------------------------------------- planning
+
+class _Selection:
+    """Stands in for a parent tensor in `take`: records the indices every dimension keeps instead of
+    copying data. Any other tensor operation fails (AttributeError), and the tensor is read whole."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, shape, keep=None):
+        self.shape = torch.Size(shape)
+        self.keep = list(keep) if keep is not None else [None] * len(self.shape)
+
+    def index_select(self, dim: int, index: torch.Tensor) -> "_Selection":
+        dim = dim % len(self.shape)
+        index = index.long()
+        if index.numel() and not (0 <= int(index.min()) and int(index.max()) < self.shape[dim]):
+            raise IndexError(f"index out of range for dimension {dim} of size {self.shape[dim]}")
+        keep, shape = list(self.keep), list(self.shape)
+        keep[dim] = index if keep[dim] is None else keep[dim][index]
+        shape[dim] = index.numel()
+        return _Selection(shape, keep)
+
+
+@dataclass
+class _Item:
+    """One output tensor: its name, its parent source, and how to cut it."""
+
+    out: str
+    src: _Source
+    name: str  # the parent's in-memory name, for `take`
+    idx: dict  # `take`'s indices (for an expert: without the expert axis)
+    mode: str  # "plain"; "expert" (a per-expert parent tensor); "row" (row `row` of a stacked parent tensor)
+    row: int | None
+    take_shape: tuple[int, ...]  # the parent tensor as `take` sees it (experts: a stack of one)
+    keep: list | None  # per `take` dimension, the indices kept (None: all); None: read whole and run `take`
+    shape: tuple[int, ...]  # the output tensor's shape
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_BYTES[self.src.dtype]
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def _plan(name: str, shape: tuple, cfg: ModelConfig, idx: dict) -> tuple[tuple, list | None]:
+    """(output shape, kept indices per dimension) of `take(name, <tensor of shape>, cfg, idx)`."""
+    try:
+        sel = take(name, _Selection(shape), cfg, idx)
+        if isinstance(sel, _Selection):
+            return tuple(sel.shape), sel.keep
+    except (AttributeError, TypeError):  # take did more than pick indices: read it whole, run take itself
+        pass
+    return tuple(take(name, torch.empty(shape, device="meta"), cfg, idx).shape), None
+
+
+def _disk_name(family: str, name: str, expert: int | None = None) -> str:
+    """The output's name for in-memory tensor `name` (expert `expert` of a stack), as `save_pretrained` writes it."""
+    if family != "nemotron_h":
+        return name
+    if name.startswith("model."):
+        name = "backbone." + name[len("model."):]
+    if expert is None:
+        return name
+    prefix, proj = name.rsplit(".", 1)
+    return f"{prefix}.{expert}.{proj}.weight"
+
+
+def _items(parent: ModelConfig, sub: ModelConfig, spec: ElasticSpec, plain: dict, experts: dict) -> list[_Item]:
+    """Every output tensor, in the order `save_pretrained` writes the sliced model's."""
+    idx = spec.indices(parent)
+    old_of = dict(enumerate(spec.kept_layers(parent)))
+    with torch.device("meta"):
+        wanted = {k: tuple(v.shape) for k, v in Model(sub).state_dict().items()}
+    if sub.tied:
+        wanted.pop("lm_head.weight")
+    items = []
+    for new_name, want in wanted.items():
+        m = re.match(r"model\.layers\.(\d+)\.", new_name)
+        name = new_name if m is None else f"model.layers.{old_of[int(m[1])]}.{new_name[m.end():]}"
+        if not (parent.family == "nemotron_h" and name.endswith(EXPERT_STACK)):
+            src = plain[name]
+            out_shape, keep = _plan(name, src.shape, parent, idx)
+            items.append(_Item(_disk_name(parent.family, new_name), src, name, idx, "plain", None, src.shape, keep,
+                               out_shape))
+            got = out_shape
+        else:  # one output tensor per kept expert, cut from that expert's parent tensor alone
+            i = old_of[int(m[1])]
+            kept = idx.get(f"layers.{i}.experts")
+            local = {k: v for k, v in idx.items() if k != f"layers.{i}.experts"}
+            per_expert_ffn = local.get(f"layers.{i}.expert_ffn")
+            got = None
+            for k in range(want[0]):
+                j = k if kept is None else int(kept[k])
+                loc = local
+                if per_expert_ffn is not None and per_expert_ffn.dim() == 2:  # neurons chosen per parent expert
+                    loc = {**local, f"layers.{i}.expert_ffn": per_expert_ffn[j:j + 1]}
+                if name in experts:
+                    src, mode, row = experts[name][j], "expert", None
+                    take_shape = (1,) + src.shape
+                else:
+                    src, mode, row = plain[name], "row", j
+                    take_shape = (1,) + src.shape[1:]
+                out_shape, keep = _plan(name, take_shape, parent, loc)
+                items.append(_Item(_disk_name(parent.family, new_name, k), src, name, loc, mode, row, take_shape,
+                                   keep, out_shape[1:]))
+                got = (want[0],) + out_shape[1:]
+        if got != want:  # slicing's index logic and the spec's config disagree: a bug, not a user error
+            raise RuntimeError(f"stream_slice: {new_name} would be {got}, the sliced config implies {want}")
+    return items
+
+
+# ----------------------------------------------------------------------------- reading
+
+class _Reader:
+    """Lazy safe_open handles, one per parent file, each reopened after READ_WINDOW bytes were read
+    through it so that the parent's pages leave the resident set as the slicer moves on. Before a
+    box is read through the memory map, its byte range is announced to the kernel
+    (posix_fadvise WILLNEED): one large read-ahead instead of a page fault per 4 KB from disk."""
+
+    def __init__(self, window: int = READ_WINDOW):
+        self.window, self.handles, self.read, self.fds = window, {}, {}, {}
+
+    def _handle(self, f: Path):
+        if f not in self.handles:
+            try:
+                self.handles[f] = safe_open(str(f), framework="pt")
+            except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                raise StarElasticError(f"{f}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+            self.read[f] = 0
+        return self.handles[f]
+
+    @staticmethod
+    def _box(item: _Item) -> tuple[list[slice], list]:
+        """The slices of the parent tensor on disk that hold the kept units, and the kept indices
+        relative to that box along each of `take`'s dimensions (None: all of the box)."""
+        keep = item.keep if item.keep is not None else [None] * len(item.take_shape)
+        box, rel = [], []
+        for k in keep:
+            if k is None or k.numel() == 0:
+                box.append(slice(None) if k is None else slice(0, 0))
+                rel.append(None)
+                continue
+            lo, hi = int(k.min()), int(k.max()) + 1
+            r = k - lo
+            box.append(slice(lo, hi))
+            rel.append(None if torch.equal(r, torch.arange(hi - lo)) else r)
+        if item.mode == "expert":  # the parent's tensor of this one expert: `take` sees a stack of one
+            return box[1:], rel
+        if item.mode == "row":  # row `row` of the parent's stacked experts
+            return [slice(item.row, item.row + 1)] + box[1:], rel
+        return box, rel
+
+    def _rows(self, item: _Item, disk: list[slice]) -> tuple[int, int]:
+        """File byte range the box spans (whole rows of its first dimension)."""
+        if not item.src.shape:
+            return item.src.start, item.src.start + DTYPE_BYTES[item.src.dtype]
+        lo, hi, _ = disk[0].indices(item.src.shape[0])
+        return item.src.rows(lo, max(lo, hi))
+
+    def prefetch(self, item: _Item) -> None:
+        """Ask the kernel to start reading the box of `item` into the page cache (returns at once)."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        start, end = self._rows(item, self._box(item)[0])
+        f = item.src.file
+        try:
+            if f not in self.fds:
+                self.fds[f] = os.open(f, os.O_RDONLY)
+            os.posix_fadvise(self.fds[f], start, end - start, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass  # only a hint
+
+    def tensor(self, item: _Item, cfg: ModelConfig) -> torch.Tensor:
+        """The output tensor of `item`: the box holding its kept rows/columns, read with `get_slice`,
+        then the kept indices inside the box (or `take` on the whole tensor)."""
+        disk, rel = self._box(item)
+        src = item.src
+        try:
+            t = self._handle(src.file).get_slice(src.key)[tuple(disk)]
+        except SafetensorError as e:
+            raise StarElasticError(f"{src.file}: cannot read tensor {src.key} ({str(e).splitlines()[0]})") from None
+        if item.mode == "expert":
+            t = t.unsqueeze(0)
+        if item.keep is None:
+            t = take(item.name, t, cfg, item.idx)
+        else:
+            for dim, r in enumerate(rel):
+                if r is not None:
+                    t = t.index_select(dim, r)
+        if item.mode != "plain":
+            t = t[0]
+        start, end = self._rows(item, disk)  # what the box made the process touch
+        self.read[src.file] += end - start
+        return t.contiguous()
+
+    def recycle(self):
+        """Close the handles that have read a window's worth (call with no tensor of theirs in use)."""
+        for f in [f for f, n in self.read.items() if n >= self.window and f in self.handles]:
+            self.handles.pop(f).__exit__(None, None, None)
+            self.read[f] = 0
+
+    def close(self):
+        for h in self.handles.values():
+            h.__exit__(None, None, None)
+        self.handles.clear()
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _write_tensor(fh, t: torch.Tensor) -> None:
+    """Append a contiguous tensor's bytes to an open output file."""
+    fh.write(t.reshape(-1).view(torch.uint8).numpy().data)
+
+
+def _write_shard(path: Path, items: list[_Item], produce, done, prefetch=lambda item: None) -> None:
+    """One safetensors file whose header is written first (from the planned shapes), then each
+    tensor as it is produced: one tensor in memory at a time. Tensors are laid out by decreasing
+    element size (as safetensors does) so that every tensor is aligned in the file."""
+    order = sorted(items, key=lambda it: -DTYPE_BYTES[it.src.dtype])  # stable
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for it in order:
+        header[it.out] = {"dtype": it.src.dtype, "shape": list(it.shape), "data_offsets": [offset, offset + it.nbytes]}
+        offset += it.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    with open(path, "wb") as fh:
+        fh.write(len(text).to_bytes(8, "little"))
+        fh.write(text)
+        for n, it in enumerate(order):
+            if n == 0:
+                prefetch(it)
+            if n + 1 < len(order):  # the next box is read from disk while this one is cut and written
+                prefetch(order[n + 1])
+            t = produce(it)
+            if tuple(t.shape) != it.shape or TORCH_DTYPE.get(t.dtype) != it.src.dtype:
+                raise RuntimeError(f"stream_slice: {it.out} came out {tuple(t.shape)} {t.dtype}, "
+                                   f"planned {it.shape} {it.src.dtype}")
+            _write_tensor(fh, t)
+            del t
+            done()
+
+
+def _shards(items: list[_Item], max_shard_bytes: int) -> list[list[_Item]]:
+    """Items grouped into files, by the rule of `hf.write_safetensors`."""
+    shards, current, size = [], [], 0
+    for it in items:
+        if current and size + it.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(it)
+        size += it.nbytes
+    shards.append(current)
+    return shards
+
+
+# ----------------------------------------------------------------------------- the slicer
+
+def stream_slice(parent_dir, spec: ElasticSpec | dict, out_dir, *, progress: bool = True,
+                 max_shard_bytes: int = hf.SHARD_BYTES) -> Path:
+    """Write the submodel `spec` of the safetensors checkpoint `parent_dir` to `out_dir`, reading one
+    parent tensor at a time (only the rows/columns it keeps where the layout allows).
+
+    `parent_dir`: a NemotronH or Llama checkpoint directory (config.json + model.safetensors or
+    shards with an index), NemotronH in the on-disk layout (`backbone.`, one tensor per expert) or
+    the in-memory one (`model.`, stacked experts). It must be importance-sorted already: slicing keeps
+    the first units of every axis and streaming does not sort.
+    The output is `export`'s: a stock Hugging Face checkpoint for one size per axis, star-elastic's
+    per-layer format otherwise (with a note on stderr); tokenizer files are copied. It is written
+    into a temporary directory beside `out_dir`, renamed into place at the end.
+    """
+    parent_dir, out_dir = Path(parent_dir), Path(out_dir)
+    if isinstance(spec, dict):
+        spec = ElasticSpec.from_dict(spec)
+    raw, parent = _parent_config(parent_dir)
+    src, dst = parent_dir.resolve(), out_dir.resolve()
+    if dst == src or dst in src.parents:
+        raise StarElasticError(f"{out_dir}: the output would replace the parent checkpoint {parent_dir}")
+    plain, experts = _parent_tensors(parent_dir, parent)
+    spec.validate(parent)
+    sub = spec.config(parent)
+    per_layer = bool(sub.layer_sizes and any(sub.layer_sizes))
+    # config.json keeps infinities as {"__float__": "Infinity"}; transformers' config classes want floats
+    from transformers import PretrainedConfig
+
+    base = PretrainedConfig._decode_special_floats(raw)
+    try:
+        config = star_elastic_config(sub, base) if per_layer else hf.config_to_hf(sub, base)
+    except StarElasticError:
+        raise
+    except Exception as e:  # transformers validates the sizes (e.g. hidden_size a multiple of the heads)
+        reason = str(e.__cause__ or e).strip().splitlines()[-1].strip()
+        raise StarElasticError(f"elastic spec: transformers rejects the sliced model's config ({reason})") from None
+    items = _items(parent, sub, spec, plain, experts)
+    shards = _shards(items, max_shard_bytes)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    if per_layer:
+        print(f"star-elastic: {PER_LAYER_NOTE}", file=sys.stderr)
+
+    from tqdm.auto import tqdm
+
+    reader = _Reader()
+    bar = tqdm(total=len(items), desc=f"slicing {parent_dir.name}", unit="tensor", disable=not progress)
+    try:
+        with hf.staging(out_dir) as tmp:
+            (tmp / "config.json").write_text(hf.config_json(config))
+
+            def done():
+                reader.recycle()
+                bar.update()
+
+            for fname, shard in zip(names, shards):
+                _write_shard(tmp / fname, shard, lambda it: reader.tensor(it, parent), done, reader.prefetch)
+            if len(shards) > 1:
+                index = {"metadata": {"total_size": sum(it.nbytes for it in items)},
+                         "weight_map": {it.out: fname for fname, shard in zip(names, shards) for it in shard}}
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            for name in TOKENIZER_FILES:
+                if (parent_dir / name).is_file():
+                    shutil.copyfile(parent_dir / name, tmp / name)
+    finally:
+        reader.close()
+        bar.close()
+    return out_dir
+
+
+def output_bytes(parent_dir, spec: ElasticSpec | dict) -> int:
+    """Bytes of tensor data `stream_slice` would write for `spec` (from the headers alone)."""
+    parent_dir = Path(parent_dir)
+    if isinstance(spec, dict):
+        spec = ElasticSpec.from_dict(spec)
+    _, parent = _parent_config(parent_dir)
+    plain, experts = _parent_tensors(parent_dir, parent)
+    return sum(it.nbytes for it in _items(parent, spec.config(parent), spec, plain, experts))
+
+
+__all__ = ["output_bytes", "stream_slice"]
