@@ -1,0 +1,114 @@
+"""Training losses of the elastic model (METHOD.md §7).
+
+- `kd_loss`: forward KL(p_teacher || p_student) of next-token distributions at temperature 1,
+  averaged over tokens; the teacher is the frozen parent.
+- `budget_loss`: |C / (b * C_full) - 1|, zero while the (expected) cost is within 5% of the target.
+- `full_choice_loss`: for the full budget (b = 1), an MSE pulling every router choice to the full size.
+- `next_token_ce`: optional cross-entropy on the data ("trainable teacher" / full-budget path).
+- `elastic_loss`: all of them, weighted: total = kd + lambda * (budget + anchor) + ce.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .cost import Budget
+
+
+def _kl_rows(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per row of (rows, vocab) logits, in fp32 via log_softmax (stable for
+    any logit scale; exactly 0 where the rows are equal)."""
+    log_s = F.log_softmax(student.float(), dim=-1)
+    log_t = F.log_softmax(teacher.float(), dim=-1)
+    return F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, token_mask: torch.Tensor | None = None,
+            chunk_tokens: int | None = None) -> torch.Tensor:
+    """Forward KL(p_teacher || p_student) at temperature 1, the mean over tokens.
+
+    logits: (..., vocab), the teacher's are not differentiated. `token_mask` (...,) bool/0-1: tokens
+    that count (e.g. not padding). `chunk_tokens`: compute that many tokens at a time and recompute
+    them in backward (activation checkpointing), so the fp32 softmaxes of a large vocabulary never
+    exist for every token at once."""
+    V = student_logits.shape[-1]
+    s, t = student_logits.reshape(-1, V), teacher_logits.detach().reshape(-1, V)
+    if chunk_tokens is None or chunk_tokens >= s.shape[0]:
+        kl = _kl_rows(s, t)
+    else:
+        parts = []
+        for i in range(0, s.shape[0], chunk_tokens):
+            a, b = s[i:i + chunk_tokens], t[i:i + chunk_tokens]
+            parts.append(checkpoint(_kl_rows, a, b, use_reentrant=False) if torch.is_grad_enabled() else _kl_rows(a, b))
+        kl = torch.cat(parts)
+    if token_mask is None:
+        return kl.mean()
+    w = token_mask.reshape(-1).to(kl.dtype)
+    return (kl * w).sum() / w.sum().clamp(min=1)
+
+
+def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of predicting input_ids[:, 1:] from logits[:, :-1] (as evaluate.perplexity)."""
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), input_ids[:, 1:].flatten(), ignore_index=ignore_index)
+
+
+def budget_loss(cost, budget: Budget, band: float = 0.05) -> torch.Tensor:
+    """|C / (b * C_full) - 1| (b * C_full is the budget's absolute target), 0 inside the dead band:
+    any architecture within `band` of its target is as good as any other, so the router is free to
+    trade axes there for the task loss."""
+    cost = torch.as_tensor(cost, dtype=torch.float32) if not torch.is_tensor(cost) else cost
+    dev = (cost / budget.target - 1).abs()
+    return torch.where(dev > band, dev, torch.zeros_like(dev))
+
+
+def full_choice_loss(probs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """MSE between every slot's choice probabilities and the one-hot of its full size (the last
+    choice): the anchor that keeps the b = 1 budget the whole parent."""
+    losses = []
+    for y in probs.values():
+        target = torch.zeros_like(y)
+        target[..., -1] = 1
+        losses.append(F.mse_loss(y, target))
+    return torch.stack(losses).mean()
+
+
+@dataclass
+class LossWeights:
+    kd: float = 1.0
+    budget: float = 1.0  # lambda of METHOD.md §7
+    anchor: float = 1.0  # the b = 1 pull toward the full choice, inside the budget term
+    ce: float = 0.0  # optional next-token cross-entropy (0: off)
+    band: float = 0.05  # the budget loss's dead band
+
+
+def elastic_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, cost, budget: Budget,
+                 probs: dict[str, torch.Tensor] | None = None, input_ids: torch.Tensor | None = None,
+                 weights: LossWeights | None = None, token_mask: torch.Tensor | None = None,
+                 chunk_tokens: int | None = None) -> dict[str, torch.Tensor]:
+    """Every loss of one step and `total` = kd * KD + budget * (budget loss [+ anchor * full-choice
+    MSE when b = 1]) + ce * CE. `cost` is the expected cost (router arch through the cost model) of
+    `budget`'s kind, `probs` the router's `RouterOutput.probs`. Terms with weight 0 are skipped."""
+    w = weights or LossWeights()
+    out = {}
+    total = student_logits.new_zeros((), dtype=torch.float32)
+    if w.kd:
+        out["kd"] = kd_loss(student_logits, teacher_logits, token_mask, chunk_tokens)
+        total = total + w.kd * out["kd"]
+    if w.budget:
+        out["budget"] = budget_loss(cost, budget, w.band).to(total.device)
+        term = out["budget"]
+        if budget.is_full and w.anchor and probs:
+            out["anchor"] = full_choice_loss(probs).to(total.device)
+            term = term + w.anchor * out["anchor"]
+        total = total + w.budget * term
+    if w.ce:
+        if input_ids is None:
+            raise ValueError("the CE term needs input_ids")
+        out["ce"] = next_token_ce(student_logits, input_ids)
+        total = total + w.ce * out["ce"]
+    out["total"] = total
+    return out

@@ -1,0 +1,320 @@
+"""Elastic training: the sorted parent and the budget router, trained together by distillation
+from the frozen parent over several budgets (METHOD.md §6-§7).
+
+Every step: pick a budget (stage 1 uniform, stage 2 weighted toward the full model), let the
+router sample an architecture for it, run the student masked to that architecture, and minimise
+KL(teacher || student) + lambda * budget loss. The model code knows nothing of this: masks go in
+through `Model.set_masks`.
+
+Distribution is applied from outside, torchrun style: under `torch.distributed` every rank draws
+the same global batch order and takes its own slice of it, all ranks sample the same budget and
+architecture, and gradients are averaged with one all-reduce per step. So N ranks with batch b
+compute what one process with batch N*b computes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .data import TokenBatches
+from .elastic.cost import Budget, CostModel
+from .elastic.losses import LossWeights, elastic_loss
+from .elastic.router import Router
+from .errors import StarElasticError
+from .evaluate import perplexity
+from .model import Model
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8  # sequences per step over all ranks (before gradient accumulation)
+    grad_accum: int = 1
+    seq_len: int = 256  # stage 1
+    stage2_seq_len: int | None = None  # longer context in stage 2 (None: same as stage 1)
+    stage1_fraction: float = 0.5  # share of the steps with uniform budget sampling
+    stage2_weights: list[float] | None = None  # budget probabilities in stage 2 (default: toward the full model)
+    lr: float = 1e-4
+    router_lr: float = 1e-2
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine decays to lr * this
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    router_mode: str = "hard"
+    loss: LossWeights = field(default_factory=LossWeights)
+    eval_every: int = 0  # steps; 0: only at the end
+    eval_tokens: int = 4096
+    save_every: int = 0  # steps; 0: only at the end
+    seed: int = 0
+    log_every: int = 1
+
+
+def default_stage2_weights(n: int) -> list[float]:
+    """Toward the full model (budget 0 is the largest): 0.5 / 0.3 / 0.2 for three budgets."""
+    if n == 3:
+        return [0.5, 0.3, 0.2]
+    w = [0.5 ** i for i in range(n)]
+    return [x / sum(w) for x in w]
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine down to min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class ElasticTrainer:
+    """Holds the student, the frozen teacher, the router and their optimiser; `run()` trains.
+
+    `budgets` are ordered largest first (index 0 is the full model when it is trained).
+    `rows`: packed training sequences (n, L) with L >= the longest stage's seq_len; `heldout`: a
+    1-D token stream for the periodic per-budget perplexity."""
+
+    def __init__(self, model: Model, teacher: Model, router: Router, budgets: list[Budget], rows: torch.Tensor,
+                 cfg: TrainConfig, out_dir, heldout: torch.Tensor | None = None, cost: CostModel | None = None):
+        self.model, self.teacher, self.router, self.budgets, self.cfg = model, teacher, router, budgets, cfg
+        self.out = Path(out_dir)
+        self.heldout = heldout
+        self.cost = cost or CostModel(model.config)
+        self.rank, self.world = world()
+        if cfg.batch_size % self.world:
+            raise StarElasticError(f"batch size {cfg.batch_size} is not divisible by {self.world} ranks")
+        longest = max(cfg.seq_len, cfg.stage2_seq_len or 0)
+        if rows.shape[1] < longest:
+            raise StarElasticError(f"training rows have {rows.shape[1]} tokens, the schedule needs {longest}")
+        self.device = next(model.parameters()).device
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
+        # every rank draws the same global batches; each keeps its own slice (see module docstring)
+        self.batches = TokenBatches(rows, cfg.batch_size, seed=cfg.seed)
+        self.sampler = torch.Generator().manual_seed(cfg.seed + 1)  # budgets
+        self.gumbel = torch.Generator().manual_seed(cfg.seed + 2)  # router noise
+        self.opt = torch.optim.AdamW(
+            [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr, "base_lr": cfg.lr,
+              "weight_decay": cfg.weight_decay},
+             {"params": list(router.parameters()), "lr": cfg.router_lr, "base_lr": cfg.router_lr,
+              "weight_decay": 0.0}], betas=(0.9, 0.95))
+        self.step = 0
+        teacher.eval().requires_grad_(False)
+        self.stage2 = cfg.stage2_weights or default_stage2_weights(len(budgets))
+        if len(self.stage2) != len(budgets):
+            raise StarElasticError(f"stage-2 weights {self.stage2} do not match {len(budgets)} budgets")
+
+    # ------------------------------------------------------------------------- one step
+
+    def sample_budget(self) -> int:
+        stage1 = self.step < self.cfg.stage1_fraction * self.cfg.steps
+        probs = torch.full((len(self.budgets),), 1.0) if stage1 else torch.tensor(self.stage2, dtype=torch.float)
+        return int(torch.multinomial(probs, 1, generator=self.sampler))
+
+    def seq_len(self) -> int:
+        stage1 = self.step < self.cfg.stage1_fraction * self.cfg.steps
+        return self.cfg.seq_len if stage1 or not self.cfg.stage2_seq_len else self.cfg.stage2_seq_len
+
+    def _ctx(self):
+        return self.autocast if self.autocast is not None else torch.autocast("cpu", enabled=False)
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        b = self.sample_budget()
+        budget = self.budgets[b]
+        self.router.set_progress(self.step / max(1, cfg.steps))
+        for group in self.opt.param_groups:
+            group["lr"] = group["base_lr"] * lr_factor(self.step, cfg)
+        self.model.train()
+        self.router.train()
+        L = self.seq_len()
+        logs = {}
+        for _ in range(cfg.grad_accum):
+            rows = next(self.batches)
+            per_rank = rows.shape[0] // self.world
+            x = rows[self.rank * per_rank:(self.rank + 1) * per_rank, :L].to(self.device)
+            with torch.no_grad(), self._ctx():
+                teacher_logits = self.teacher(x)
+            decision = self.router(b, mode=cfg.router_mode, generator=self.gumbel)
+            self.model.set_masks({k: v.to(self.device) for k, v in decision.masks.items()})
+            with self._ctx():
+                student_logits = self.model(x)
+            cost = self.cost.cost(budget.kind, decision.arch)
+            losses = elastic_loss(student_logits, teacher_logits, cost, budget, decision.probs, x, cfg.loss)
+            (losses["total"] / cfg.grad_accum).backward()
+            self.model.clear_masks()
+            for k, v in losses.items():
+                logs[k] = logs.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+            logs["cost_fraction"] = float(torch.as_tensor(cost).detach()) / budget.full
+        self._all_reduce_grads()
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.world > 1:  # report the mean over ranks, so every rank logs the same numbers
+            t = torch.tensor([logs[k] for k in sorted(logs)], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t)
+            logs = dict(zip(sorted(logs), (t / self.world).tolist()))
+        logs.update(step=self.step, budget=budget.name, seq_len=L, lr=self.opt.param_groups[0]["lr"],
+                    tau=self.router.tau)
+        self.step += 1
+        return logs
+
+    def _all_reduce_grads(self):
+        if self.world == 1:
+            return
+        grads = [p.grad for g in self.opt.param_groups for p in g["params"] if p.grad is not None]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    # ------------------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out perplexity of each budget's argmax architecture (masked in the parent)."""
+        if self.heldout is None:
+            return {}
+        self.model.eval()
+        self.router.eval()
+        out = {}
+        for i, budget in enumerate(self.budgets):
+            spec = self.router.spec(i)
+            self.model.set_masks(spec.masks(self.model.config, device=self.device))
+            with self._ctx():
+                r = perplexity(self.model, self.heldout, seq_len=self.cfg.seq_len, batch_size=4,
+                               max_tokens=self.cfg.eval_tokens, progress=False, device=self.device)
+            self.model.clear_masks()
+            out[budget.name] = {"perplexity": r["perplexity"], "params": spec.num_parameters(self.model.config)}
+        return out
+
+    # ------------------------------------------------------------------------- checkpoints
+
+    def state_path(self) -> Path:
+        return self.out / "train_state"
+
+    def save_state(self):
+        """Everything a resumed run needs, written atomically: weights and optimiser moments as
+        safetensors, counters and RNG states as JSON."""
+        if self.rank != 0:
+            return
+        from .hf import staging
+
+        with staging(self.state_path()) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()
+                       if not (k == "lm_head.weight" and self.model.config.tied)}, str(tmp / "model.safetensors"))
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.router.state_dict().items()},
+                      str(tmp / "router.safetensors"))
+            opt_tensors, opt_meta = {}, {"groups": [], "state": {}}
+            state = self.opt.state_dict()
+            for idx, s in state["state"].items():
+                opt_meta["state"][str(idx)] = {}
+                for k, v in s.items():
+                    if torch.is_tensor(v):
+                        opt_tensors[f"{idx}.{k}"] = v.detach().contiguous().cpu()
+                    else:
+                        opt_meta["state"][str(idx)][k] = v
+            opt_meta["groups"] = [{k: v for k, v in g.items()} for g in state["param_groups"]]
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+            meta = {"step": self.step, "optimizer": opt_meta, "data": self.batches.state_dict(),
+                    "sampler": self.sampler.get_state().tolist(), "gumbel": self.gumbel.get_state().tolist(),
+                    "config": _jsonable(asdict(self.cfg)), "budgets": [b.name for b in self.budgets]}
+            (tmp / "state.json").write_text(json.dumps(meta))
+
+    def load_state(self) -> bool:
+        """Resume from `out_dir/train_state` if it exists; True when resumed."""
+        path = self.state_path()
+        if not (path / "state.json").exists():
+            return False
+        meta = json.loads((path / "state.json").read_text())
+        if meta["budgets"] != [b.name for b in self.budgets]:
+            raise StarElasticError(f"{path}: checkpoint was trained for budgets {meta['budgets']}, "
+                                   f"not {[b.name for b in self.budgets]}")
+        weights = load_file(str(path / "model.safetensors"))
+        if self.model.config.tied:
+            weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+        self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
+        self.router.load_state_dict(load_file(str(path / "router.safetensors")))
+        tensors = load_file(str(path / "optimizer.safetensors"))
+        state = {}
+        for idx, scalars in meta["optimizer"]["state"].items():
+            s = dict(scalars)
+            for k, v in tensors.items():
+                i, _, name = k.partition(".")
+                if i == idx:
+                    s[name] = v.to(self.device) if name != "step" else v
+            state[int(idx)] = s
+        self.opt.load_state_dict({"state": state, "param_groups": meta["optimizer"]["groups"]})
+        self.batches.load_state_dict(meta["data"])
+        self.sampler.set_state(torch.tensor(meta["sampler"], dtype=torch.uint8))
+        self.gumbel.set_state(torch.tensor(meta["gumbel"], dtype=torch.uint8))
+        self.step = meta["step"]
+        return True
+
+    # ------------------------------------------------------------------------- the loop
+
+    def run(self, progress: bool = True, stop_after: int | None = None) -> list[dict]:
+        """Train to `cfg.steps` (or `stop_after` more steps, for tests of resuming); metrics go to
+        `out_dir/metrics.jsonl` (and TensorBoard when installed). Returns this call's step logs."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        metrics = self.out / "metrics.jsonl"
+        writer = _tensorboard(self.out) if self.rank == 0 else None
+        logs = []
+        end = self.cfg.steps if stop_after is None else min(self.cfg.steps, self.step + stop_after)
+        bar = tqdm(total=end, initial=self.step, desc="elastic training", unit="step",
+                   disable=not progress or self.rank != 0 or bool(os.environ.get("STAR_ELASTIC_QUIET")))
+        per_budget = {}
+        t0 = time.perf_counter()
+        while self.step < end:
+            log = self.train_step()
+            per_budget[log["budget"]] = log["kd"] if "kd" in log else log["total"]
+            bar.set_postfix({f"kd@{k}": f"{v:.3f}" for k, v in per_budget.items()})
+            bar.update(1)
+            log["tokens_per_s"] = (self.cfg.batch_size * self.cfg.grad_accum * log["seq_len"]) / max(
+                1e-9, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.steps:
+                log["eval"] = self.evaluate()
+            logs.append(log)
+            if self.rank == 0 and self.step % self.cfg.log_every == 0:
+                with metrics.open("a") as f:
+                    f.write(json.dumps(log) + "\n")
+                if writer is not None:
+                    for k, v in log.items():
+                        if isinstance(v, (int, float)):
+                            writer.add_scalar(f"train/{k}", v, self.step)
+            if self.cfg.save_every and self.step % self.cfg.save_every == 0:
+                self.save_state()
+        bar.close()
+        if self.step >= self.cfg.steps or stop_after is not None:
+            self.save_state()
+        return logs
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)))
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
