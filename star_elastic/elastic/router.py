@@ -237,6 +237,7 @@ class Router(nn.Module):
         if mode not in ("hard", "soft"):
             raise ValueError(f"router mode is 'hard' or 'soft', got {mode!r}")
         probs, samples, choice, weights, size_weights = {}, {}, {}, {}, {}
+        full = not self.training and self._is_full(budget)  # inference of b = 1: the parent (see `spec`)
         for name, logit in self.logits(budget).items():
             prefix = self.slot_prefix(name)
             if self.training:
@@ -249,7 +250,7 @@ class Router(nn.Module):
                 size_weights[name] = p
             else:
                 p = y = F.softmax(logit, dim=-1)
-                k = int(y.argmax())
+                k = len(y) - 1 if full else int(y.argmax())
                 weights[name] = prefix[k]
                 size_weights[name] = F.one_hot(torch.tensor(k, device=y.device), len(y)).to(y.dtype)
             probs[name], samples[name], choice[name] = p, y, k
@@ -287,9 +288,18 @@ class Router(nn.Module):
     @torch.no_grad()
     def spec(self, budget) -> ElasticSpec:
         """The inference architecture for `budget`: every slot's argmax (scale 1, no noise), validated
-        against the parent. Deterministic: it depends on the router weights and the budget only."""
+        against the parent. Deterministic: it depends on the router weights and the budget only.
+        A trained full budget (b = 1) is the whole parent by definition: the anchor loss pulls its
+        choices there, and this makes it exact however far training got."""
+        if self._is_full(budget):
+            return ElasticSpec()
         choice = {name: int(logit.argmax()) for name, logit in self.logits(budget).items()}
         return self.spec_of(choice)
+
+    def _is_full(self, budget) -> bool:
+        """`budget` is exactly a trained full budget (b = 1)."""
+        w = self.blend(budget)
+        return any(b.is_full and float(w[i]) == 1.0 for i, b in enumerate(self.budgets))
 
     def spec_of(self, choice: dict[str, int]) -> ElasticSpec:
         """The ElasticSpec of one choice index per slot (as `RouterOutput.choice`)."""

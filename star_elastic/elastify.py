@@ -1,0 +1,126 @@
+"""The whole pipeline of `star-elastic elastify`: importance -> sort -> router + multi-budget
+distillation -> one elastic checkpoint, with every budget's held-out perplexity before
+(zero-shot: importance-sorted prefix only) and after training."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data import TokenBatches, load_corpus_tokens, pack
+from .elastic.checkpoint import save_elastic
+from .elastic.cost import CostModel, parse_budget
+from .elastic.importance import estimate_importance
+from .elastic.router import DEFAULT_AXES, Router, RouterConfig
+from .elastic.search import choose_spec
+from .elastic.sort import sort_model
+from .errors import StarElasticError
+from .evaluate import perplexity
+from .train import ElasticTrainer, TrainConfig
+
+
+@dataclass
+class ElastifyConfig:
+    budgets: list[str] = field(default_factory=lambda: ["1.0", "0.75", "0.5"])
+    tokens: int = 20_000  # training tokens, all budgets together
+    seq_len: int = 256
+    batch_size: int = 4
+    lr: float = 1e-4
+    router_lr: float = 1e-2
+    axes: tuple = DEFAULT_AXES
+    heterogeneous: bool = False
+    calib_batches: int = 8  # importance estimation
+    eval_tokens: int = 4096  # held-out tokens per budget evaluation
+    heldout_fraction: float = 0.1
+    seed: int = 0
+
+
+def masked_perplexity(model, spec, heldout, cfg: ElastifyConfig, device) -> float:
+    model.set_masks(spec.masks(model.config, device=device))
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            return perplexity(model, heldout, seq_len=cfg.seq_len, batch_size=4, max_tokens=cfg.eval_tokens,
+                              progress=False, device=device)["perplexity"]
+    finally:
+        model.clear_masks()
+
+
+def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -> dict:
+    """Run the pipeline on a loaded `model` (trained in place) and write the checkpoint to `out`.
+    An interrupted run resumes from `.OUT.train` beside `out`."""
+    out = Path(out)
+    device = next(model.parameters()).device
+    torch.manual_seed(cfg.seed)
+    budgets = sorted((parse_budget(b, model.config) for b in cfg.budgets), key=lambda b: -b.fraction)
+    if len({b.name for b in budgets}) != len(budgets):
+        raise StarElasticError(f"budgets {cfg.budgets} name the same budget twice")
+    train_stream, heldout = load_corpus_tokens(data, tokenizer, heldout_fraction=cfg.heldout_fraction, seed=cfg.seed)
+    rows = pack(train_stream, cfg.seq_len)
+    steps = max(1, cfg.tokens // (cfg.batch_size * cfg.seq_len))
+    log(f"data: {train_stream.numel():,} training tokens ({rows.shape[0]} sequences of {cfg.seq_len}), "
+        f"{heldout.numel():,} held-out; training on {steps * cfg.batch_size * cfg.seq_len:,} tokens in {steps} steps")
+
+    t0 = time.perf_counter()
+    calib = TokenBatches(rows, min(cfg.batch_size, rows.shape[0]), seed=cfg.seed + 7)
+    depth = "depth" in cfg.axes
+    scores = estimate_importance(model, (b.to(device) for b in calib), num_batches=cfg.calib_batches, depth=depth)
+    sort_model(model, scores)
+    log(f"importance on {cfg.calib_batches} batches and function-preserving sort: {time.perf_counter() - t0:.0f} s")
+
+    # zero-shot: each budget's homogeneous prefix of the sorted parent, no training
+    layer_order = scores["layer_order"].tolist() if depth else None
+    before = {}
+    for b in budgets:
+        if b.kind != "params":
+            continue
+        spec = choose_spec(model.config, int(b.target), [a for a in cfg.axes if a != "depth"] or DEFAULT_AXES,
+                           layer_order=layer_order)
+        before[b.name] = masked_perplexity(model, spec, heldout, cfg, device)
+        log(f"  zero-shot {b.name:>6}: perplexity {before[b.name]:.3f}")
+
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    if device.type == "cuda":
+        teacher.to(torch.bfloat16)
+    router = Router(model.config, budgets, RouterConfig(axes=tuple(cfg.axes), heterogeneous=cfg.heterogeneous),
+                    layer_order=layer_order).to(device)
+    tcfg = TrainConfig(steps=steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr,
+                       router_lr=cfg.router_lr, warmup_steps=max(1, steps // 20), eval_tokens=cfg.eval_tokens,
+                       seed=cfg.seed)
+    trainer = ElasticTrainer(model, teacher, router, budgets, rows, tcfg, out.parent / f".{out.name}.train",
+                             heldout=heldout)
+    if trainer.load_state():
+        log(f"resuming training at step {trainer.step}")
+    t0 = time.perf_counter()
+    trainer.run()
+    train_s = time.perf_counter() - t0
+    del teacher
+
+    router.eval()
+    after, costs = {}, CostModel(model.config)
+    for i, b in enumerate(budgets):
+        spec = router.spec(i)
+        after[b.name] = masked_perplexity(model, spec, heldout, cfg, device)
+        got = costs.spec_cost(b.kind, spec) / b.target
+        note = "" if abs(got - 1) <= 0.05 or b.is_full else f"  (warning: cost {got:.3f}x its target, outside the 5% band)"
+        log(f"  trained   {b.name:>6}: perplexity {after[b.name]:.3f}, cost {got:.3f}x target{note}")
+    evaluation = {"data": data, "heldout_tokens": min(cfg.eval_tokens, heldout.numel()), "seq_len": cfg.seq_len,
+                  "zero_shot_perplexity": before, "trained_perplexity": after}
+    training = {"tokens": steps * cfg.batch_size * cfg.seq_len, "steps": steps, "seconds": round(train_s, 1),
+                "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}}
+    save_elastic(model, router, budgets, out, tokenizer, extra={"training": training, "evaluation": evaluation})
+    shutil.rmtree(trainer.out, ignore_errors=True)  # the resumable state is no longer needed
+    return {"zero_shot": before, "trained": after, "checkpoint": str(out), "training": training}
+
+
+def print_table(result: dict, file=sys.stdout):
+    print(f"\n{'budget':>8} {'zero-shot ppl':>14} {'elastic ppl':>12}", file=file)
+    for name, ppl in result["trained"].items():
+        zs = result["zero_shot"].get(name)
+        print(f"{name:>8} {zs if zs is None else f'{zs:.3f}':>14} {ppl:>12.3f}", file=file)
+    print(f"checkpoint: {result['checkpoint']}", file=file)

@@ -1,0 +1,110 @@
+"""The elastify pipeline end to end on tiny models, and the elastic checkpoint it writes."""
+
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from star_elastic import load
+from star_elastic.elastic.checkpoint import budget_spec, load_elastic, read_manifest
+from star_elastic.elastic.slicing import slice_model
+from star_elastic.elastify import ElastifyConfig, elastify
+from star_elastic.errors import StarElasticError
+from star_elastic.model import Model, ModelConfig
+
+WORDS = [f"w{i}" for i in range(60)]
+
+
+@pytest.fixture
+def tokenizer(tmp_path):
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    return PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), bos_token="<s>",
+                                   eos_token="</s>", unk_token="[UNK]")
+
+
+@pytest.fixture
+def text(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    docs = []
+    for d in range(80):  # documents with a learnable pattern: runs of consecutive words
+        start = int(torch.randint(0, 60, (1,), generator=g))
+        docs.append(" ".join(WORDS[(start + j) % 60] for j in range(40)))
+    path = tmp_path / "text.txt"
+    path.write_text("\n\n".join(docs))
+    return path
+
+
+PARENTS = {
+    "nemotron_h": ModelConfig(vocab_size=63, hidden_size=32, layer_types="M*EM-", num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=8, intermediate_size=64, mamba_num_heads=4,
+                              mamba_head_dim=8, ssm_state_size=8, n_groups=2, chunk_size=8, n_routed_experts=8,
+                              num_experts_per_tok=2, moe_intermediate_size=16, moe_shared_expert_intermediate_size=16,
+                              bos_token_id=1, eos_token_id=2),
+    "llama": ModelConfig(family="llama", vocab_size=63, hidden_size=32, layer_types="***", num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, intermediate_size=64, rope_theta=10000.0,
+                         mlp_gated=True, mlp_act="silu", tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
+}
+
+
+@pytest.mark.parametrize("family", list(PARENTS))
+def test_elastify_writes_a_checkpoint_every_budget_slices_from(tmp_path, tokenizer, text, family):
+    torch.manual_seed(0)
+    model = Model(PARENTS[family])
+    parent_params = model.num_parameters()
+    cfg = ElastifyConfig(budgets=["1.0", "0.75", "0.5"], tokens=16 * 32 * 6, seq_len=32, batch_size=16,
+                         calib_batches=2, eval_tokens=256, lr=1e-3)
+    out = tmp_path / "ckpt"
+    result = elastify(model, tokenizer, str(text), out, cfg, log=lambda *_: None)
+    assert set(result["trained"]) == {"1.0", "0.75", "0.5"} and set(result["zero_shot"]) == set(result["trained"])
+    assert not (tmp_path / ".ckpt.train").exists()  # resumable state removed after success
+
+    manifest = read_manifest(out)
+    assert [b["name"] for b in manifest["budgets"]] == ["1.0", "0.75", "0.5"]
+    full = manifest["budgets"][0]
+    assert full["params"] == parent_params == manifest["parent"]["params"]
+    assert set(manifest["files"]) >= {"model.safetensors", "router.safetensors"}
+    # the checkpoint directory is a stock HF checkpoint of the sorted, trained parent
+    ref, info = AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+    ckpt = load_elastic(out, verify=True)
+    x = torch.randint(0, 63, (2, 12))
+    for i, entry in enumerate(manifest["budgets"]):
+        spec = budget_spec(manifest, entry["name"])
+        assert spec.to_dict() == ckpt.router.spec(i).to_dict()  # manifest == router's argmax
+        assert spec.num_parameters(ckpt.model.config) == entry["params"]
+        small = slice_model(ckpt.model, spec)
+        ckpt.model.set_masks(spec.masks(ckpt.model.config))
+        with torch.no_grad():
+            masked, sliced = ckpt.model(x), small(x)
+        ckpt.model.clear_masks()
+        assert ((masked - sliced).norm() / masked.norm()) < 1e-5
+    sizes = [e["params"] for e in manifest["budgets"]]
+    assert sizes[0] > sizes[1] > sizes[2]
+
+
+def test_unknown_budget_and_damaged_files_are_clear_errors(tmp_path, tokenizer, text):
+    torch.manual_seed(0)
+    cfg = ElastifyConfig(budgets=["1.0", "0.5"], tokens=16 * 32 * 2, seq_len=32, batch_size=16, calib_batches=1,
+                         eval_tokens=128)
+    out = tmp_path / "ckpt"
+    elastify(Model(PARENTS["nemotron_h"]), tokenizer, str(text), out, cfg, log=lambda *_: None)
+    manifest = read_manifest(out)
+    with pytest.raises(StarElasticError, match=r"budget '0.6' is not in this checkpoint \(trained budgets: 1.0, 0.5\)"):
+        budget_spec(manifest, "0.6")
+    weights = out / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(StarElasticError, match="checksum"):
+        load_elastic(out, verify=True)
+    (out / "manifest.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(StarElasticError, match="not a star-elastic manifest"):
+        read_manifest(out)
+    with pytest.raises(StarElasticError, match="no manifest.json"):
+        read_manifest(tmp_path)
