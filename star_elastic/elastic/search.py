@@ -1,0 +1,295 @@
+"""Pick a sub-architecture for a parameter budget: zero-shot, Minitron-style (METHOD.md §3, §8).
+
+`choose_spec` returns a homogeneous spec (one size per axis for all layers, so the slice is a stock
+Hugging Face checkpoint). Every axis offers a chain of valid sizes, smallest first: hidden channels,
+query heads (evenly inside the KV groups, then whole KV groups), Mamba heads (the same count in every
+group), FFN neurons, routed experts (enough for top-k, a multiple of the router groups), depth (drop
+the least important layers first). The search shrinks the chosen axes by one common keep ratio, the
+largest whose model fits the budget, then grows axes one step at a time while the model still fits.
+
+Parameter counts are `count_parameters` of the sliced config: what transformers' `num_parameters()`
+reports for the exported checkpoint (tied embeddings once).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from star_elastic.errors import StarElasticError
+from star_elastic.model import ModelConfig
+
+from .spec import ElasticSpec, count_parameters
+
+AXES = {
+    "hidden": "embedding channels (hidden_size)",
+    "attention": "attention query heads, evenly inside the KV groups, then whole KV groups",
+    "mamba": "Mamba heads, the same number in every group",
+    "mamba_channels": "channels of every Mamba head (mamba_head_dim)",
+    "ffn": "dense FFN neurons (intermediate_size)",
+    "experts": "routed experts of every MoE layer",
+    "expert_ffn": "FFN neurons of every routed expert",
+    "shared_ffn": "FFN neurons of the shared expert",
+    "depth": "layers, least important first (needs a layer order from depth importance)",
+}
+DEFAULT_AXES = ("hidden", "attention", "mamba", "ffn", "experts")
+MIN_FRACTION = 0.85  # the chosen model has at least this share of the target
+
+_SUFFIX = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+_NUMBER = re.compile(r"(?P<num>[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?)\s*(?P<suffix>[kmbgt%]?)", re.IGNORECASE)
+
+
+def format_params(n: int) -> str:
+    """134515008 -> '134.52M'."""
+    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def parse_params(text, parent_total: int) -> int:
+    """A parameter budget as a count. Accepts a fraction of the parent's total (`0.5`, `1.0`), a
+    percentage (`50%`), or an absolute count: `70M`, `1.2B`, `500K`, `123456` (a plain integer is a
+    count, so `1` means one parameter; write `1.0` for the whole model)."""
+    s = str(text).strip().replace("_", "").replace(",", "")
+    m = _NUMBER.fullmatch(s)
+    if m is None:
+        raise StarElasticError(f"parameter target {str(text)!r} is not a number: give a fraction of the parent "
+                               "(0.5), a percentage (50%) or a count (70M, 1.2B, 500K, 123456)")
+    num, suffix = m["num"], m["suffix"].lower()
+    value = float(num)
+    if not math.isfinite(value) or value <= 0:
+        raise StarElasticError(f"parameter target {str(text)!r} must be positive")
+    if suffix == "%" or (not suffix and not re.fullmatch(r"[-+]?\d+", num)):
+        fraction = value / 100 if suffix == "%" else value
+        if fraction > 1:
+            raise StarElasticError(f"parameter target {str(text)!r} is more than the whole parent "
+                                   f"({format_params(parent_total)} parameters); a fraction is at most 1.0")
+        count = int(fraction * parent_total)  # floor: the target is an upper bound; 1.0 gives the total exactly
+    else:
+        count = int(round(value * _SUFFIX.get(suffix, 1)))
+    if count <= 0:
+        raise StarElasticError(f"parameter target {str(text)!r} is less than one parameter")
+    if count > parent_total:
+        raise StarElasticError(f"parameter target {str(text)!r} = {count:,} is more than the parent's "
+                               f"{parent_total:,} parameters")
+    return count
+
+
+# ----------------------------------------------------------------------------- per-axis chains
+
+def applicable_axes(cfg: ModelConfig) -> list[str]:
+    """The axes of AXES that `cfg` has units of (depth whenever there are two layers or more)."""
+    kinds = set(cfg.layer_types)
+    has = {"hidden": True, "attention": "*" in kinds, "mamba": "M" in kinds, "mamba_channels": "M" in kinds,
+           "ffn": "-" in kinds or cfg.family == "llama", "experts": "E" in kinds, "expert_ffn": "E" in kinds,
+           "shared_ffn": "E" in kinds, "depth": cfg.num_layers > 1}
+    return [a for a in AXES if has[a]]
+
+
+def _widths(n: int, multiple: int, base: int = 1) -> list[int]:
+    """Valid widths up to n, multiples of `base`; multiples of `multiple` too when that leaves at
+    least 32 choices (GPU-friendly shapes on real models, every size on tiny ones)."""
+    step = math.lcm(base, multiple)
+    if n % step or n // step < 32:
+        step = base
+    return list(range(step, n + 1, step))
+
+
+def _attention_pairs(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """(query heads, KV heads) choices, smallest first. Query heads leave every KV group evenly,
+    keeping the KV heads (and the KV cache); below one query head per group, whole groups go.
+    Llama: transformers' LlamaConfig requires hidden_size % num_attention_heads == 0, so only head
+    counts that divide the hidden size."""
+    Q, KV = cfg.num_attention_heads, cfg.num_key_value_heads
+    pairs = [(k, k) for k in range(1, KV)] + [(KV * p, KV) for p in range(1, Q // KV + 1)]
+    return [(q, kv) for q, kv in pairs if cfg.family != "llama" or cfg.hidden_size % q == 0]
+
+
+def _chain(cfg: ModelConfig, axis: str, layer_order, multiple: int, hidden_base: int = 1) -> list[tuple[float, dict]]:
+    """(keep fraction, spec fields) of every valid size of `axis`, smallest first; the last entry is
+    the parent's size with no fields (so an axis left whole stays out of the spec)."""
+
+    def widths(field, n, base=1):
+        return [(w / n, {field: w}) for w in _widths(n, multiple, base) if w < n] + [(1.0, {})]
+
+    if axis == "hidden":
+        return widths("hidden_size", cfg.hidden_size, hidden_base)
+    if axis == "ffn":
+        return widths("intermediate_size", cfg.intermediate_size)
+    if axis == "expert_ffn":
+        return widths("moe_intermediate_size", cfg.moe_intermediate_size)
+    if axis == "shared_ffn":
+        return widths("moe_shared_expert_intermediate_size", cfg.moe_shared_expert_intermediate_size)
+    if axis == "mamba_channels":
+        return widths("mamba_head_dim", cfg.mamba_head_dim)
+    if axis == "attention":  # the fraction counts q + kv heads: their share of the attention weights
+        Q, KV = cfg.num_attention_heads, cfg.num_key_value_heads
+        return [((q + kv) / (Q + KV), {"num_attention_heads": q} if kv == KV else
+                 {"num_attention_heads": q, "num_key_value_heads": kv})
+                for q, kv in _attention_pairs(cfg)[:-1]] + [(1.0, {})]
+    if axis == "mamba":
+        H, g = cfg.mamba_num_heads, cfg.n_groups
+        return [(g * k / H, {"mamba_num_heads": g * k}) for k in range(1, H // g)] + [(1.0, {})]
+    if axis == "experts":
+        # as ElasticSpec.validate: a multiple of the router groups, at least 2 per group (routers rank
+        # groups by their two best experts), enough in the top groups for top-k
+        E, groups, k = cfg.n_routed_experts, cfg.n_group, cfg.num_experts_per_tok
+        per = E // groups
+        lo = max(min(2, per), -(-k // cfg.topk_group), -(-k // groups))
+        return [(groups * p / E, {"n_routed_experts": groups * p}) for p in range(lo, per)] + [(1.0, {})]
+    if axis == "depth":
+        if layer_order is None:
+            raise StarElasticError("the depth axis needs a layer order (importance estimated with depth)")
+        order = [int(i) for i in layer_order]
+        L = cfg.num_layers
+        if sorted(order) != list(range(L)):
+            raise StarElasticError(f"layer order {order} is not a permutation of the parent's {L} layers")
+        # keep n layers: drop the L - n least important (the first of the order)
+        return [(n / L, {"layers": sorted(order[L - n:])}) for n in range(1, L)] + [(1.0, {})]
+    raise StarElasticError(f"unknown axis {axis!r} (known: {', '.join(AXES)})")
+
+
+# ----------------------------------------------------------------------------- search
+
+def smallest_reachable(parent_cfg: ModelConfig, axes=DEFAULT_AXES, *, layer_order=None, multiple: int = 8) -> int:
+    """Parameters of the smallest homogeneous model that shrinking `axes` (those the parent has) reaches."""
+    names = [a for a in dict.fromkeys(axes) if a in applicable_axes(parent_cfg)]
+    fields, base = {}, _hidden_base(parent_cfg, names)
+    for a in names:
+        fields.update(_chain(parent_cfg, a, layer_order, multiple, base)[0][1])
+    return ElasticSpec(**fields).num_parameters(parent_cfg)
+
+
+def _hidden_base(cfg: ModelConfig, names) -> int:
+    """Llama hidden sizes must divide by every query-head count in play (transformers' LlamaConfig)."""
+    if cfg.family != "llama":
+        return 1
+    heads = [q for q, _ in _attention_pairs(cfg)] if "attention" in names else [cfg.num_attention_heads]
+    return math.lcm(*heads)
+
+
+def choose_spec(parent_cfg: ModelConfig, target: int, axes=DEFAULT_AXES, *, layer_order=None,
+                min_fraction: float = MIN_FRACTION, multiple: int = 8) -> ElasticSpec:
+    """The homogeneous spec with the most parameters <= `target` (and >= min_fraction * target)
+    found by shrinking `axes` (names of AXES; those the parent lacks are skipped) by a common keep
+    ratio and then growing them one step at a time. `target` equal to the parent's total gives the
+    full spec ElasticSpec(). `layer_order` (least important first) is needed for "depth".
+    `multiple`: hidden and FFN widths are multiples of it where the parent's are (see `_widths`).
+    StarElasticError, naming the reachable bound, when the target cannot be met."""
+    if parent_cfg.layer_sizes and any(parent_cfg.layer_sizes):
+        raise StarElasticError("choose_spec needs a parent with one size per axis for all layers "
+                               "(this one has per-layer sizes)")
+    unknown = [a for a in axes if a not in AXES]
+    if unknown:
+        raise StarElasticError(f"unknown axis {unknown[0]!r} (known: {', '.join(AXES)})")
+    total, target = count_parameters(parent_cfg), int(target)
+    if target > total:
+        raise StarElasticError(f"target {format_params(target)} is more than the parent's {format_params(total)} "
+                               f"parameters ({total:,}), the largest model reachable")
+    if target == total:
+        return ElasticSpec()
+    usable = applicable_axes(parent_cfg)
+    names = [a for a in dict.fromkeys(axes) if a in usable]
+    if not names:
+        raise StarElasticError(f"none of the axes {', '.join(axes)} applies to this model "
+                               f"(layer types {parent_cfg.layer_types!r}; it has {', '.join(usable)})")
+    hidden_base = _hidden_base(parent_cfg, names)
+    chains = {a: _chain(parent_cfg, a, layer_order, multiple, hidden_base) for a in names}
+    counts: dict[tuple, int] = {}
+
+    def spec_at(idx: dict) -> ElasticSpec:
+        fields = {}
+        for a, i in idx.items():
+            fields.update(chains[a][i][1])
+        return ElasticSpec(**fields)
+
+    def count(idx: dict) -> int:
+        key = tuple(idx[a] for a in names)
+        if key not in counts:
+            counts[key] = spec_at(idx).num_parameters(parent_cfg)
+        return counts[key]
+
+    def at_ratio(r: float) -> dict:  # every axis at its largest size with keep fraction <= r
+        return {a: max([i for i, (f, _) in enumerate(c) if f <= r], default=0) for a, c in chains.items()}
+
+    where = f"shrinking {', '.join(names)}"
+    smallest = count({a: 0 for a in names})  # = smallest_reachable(...)
+    if smallest > target:
+        raise StarElasticError(f"target {format_params(target)} is below the smallest model reachable by {where}: "
+                               f"{format_params(smallest)} parameters ({smallest:,}, {smallest / total:.1%} of the "
+                               "parent); raise the target or add axes")
+
+    # 1. The largest common keep ratio that fits (count(at_ratio(r)) grows with r: bisection).
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if count(at_ratio(mid)) <= target:
+            lo = mid
+        else:
+            hi = mid
+
+    # 2. Grow one step at a time while the model fits, the most-shrunk axis first, so the axes
+    # stay as even as the budget allows.
+    def grow(idx: dict) -> dict:
+        while True:
+            fits = [a for a in names if idx[a] + 1 < len(chains[a]) and count({**idx, a: idx[a] + 1}) <= target]
+            if not fits:
+                return idx
+            a = min(fits, key=lambda a: chains[a][idx[a]][0])
+            idx = {**idx, a: idx[a] + 1}
+
+    idx = grow(at_ratio(lo))
+
+    # 3. Still short (an axis as coarse as whole layers sits one step below full): trade, i.e. grow
+    # one axis a step and shrink another as little as needed, while that adds parameters. Only
+    # here, as trades give up the even shrink for a few more parameters.
+    def largest_fit(idx: dict, b: str) -> dict | None:  # b as large as fits (count grows with idx[b])
+        lo_, hi_ = 0, idx[b]
+        if count({**idx, b: 0}) > target:
+            return None
+        while lo_ < hi_:
+            mid = (lo_ + hi_ + 1) // 2
+            lo_, hi_ = (mid, hi_) if count({**idx, b: mid}) <= target else (lo_, mid - 1)
+        return {**idx, b: lo_}
+
+    while count(idx) < min_fraction * target:
+        trades = [t for a in names if idx[a] + 1 < len(chains[a]) for b in names if b != a
+                  if (t := largest_fit({**idx, a: idx[a] + 1}, b)) is not None]
+        best = max(trades, key=count, default=None)
+        if best is None or count(best) <= count(idx):
+            break
+        idx = grow(best)
+    n = count(idx)
+    if n < min_fraction * target:
+        raise StarElasticError(f"no model reachable by {where} has between {min_fraction:.0%} of the target "
+                               f"{format_params(target)} and the target: the closest below has "
+                               f"{format_params(n)} ({n / target:.1%}); the sizes are too coarse, add axes")
+    return spec_at(idx)
+
+
+_NAMES = {"hidden_size": "hidden", "num_attention_heads": "attention heads", "num_key_value_heads": "KV heads",
+          "mamba_num_heads": "Mamba heads", "mamba_head_dim": "Mamba head dim", "intermediate_size": "FFN",
+          "n_routed_experts": "experts", "moe_intermediate_size": "expert FFN",
+          "moe_shared_expert_intermediate_size": "shared-expert FFN"}
+
+
+def describe(spec: ElasticSpec, parent_cfg: ModelConfig) -> str:
+    """One line: every size the spec changes, as 'hidden 576 -> 432, FFN 1536 -> 1152, layers 30 -> 22'
+    (per-layer sizes as their distinct values)."""
+    sizes = spec.sizes(parent_cfg)
+    kept = spec.kept_layers(parent_cfg)
+    parts = []
+    if spec.hidden_size is not None and spec.hidden_size != parent_cfg.hidden_size:
+        parts.append(f"hidden {parent_cfg.hidden_size} -> {spec.hidden_size}")
+    for field, name in _NAMES.items():
+        if field == "hidden_size":
+            continue
+        old = sorted({getattr(parent_cfg.layer(i), field) for i in kept if field in sizes[i]})
+        new = sorted({sizes[i][field] for i in kept if field in sizes[i]})
+        if new and new != old:
+            show = lambda v: "/".join(map(str, v))  # noqa: E731
+            parts.append(f"{name} {show(old)} -> {show(new)}")
+    if len(kept) != parent_cfg.num_layers:
+        parts.append(f"layers {parent_cfg.num_layers} -> {len(kept)}")
+    return ", ".join(parts) or "the parent's architecture (nothing removed)"
