@@ -118,30 +118,52 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = True):
     return torch.tensor([list(ids)], dtype=torch.long)
 
 
-def cmd_demo(args):
-    """Load SmolLM2, score held-out real text, and generate a short answer."""
-    from .evaluate import perplexity
+def cmd_elastify(args):
+    """importance -> sort -> router + multi-budget distillation -> one elastic checkpoint."""
+    from .elastify import ElastifyConfig, elastify, print_table
 
-    print(f"1/3 loading {DEFAULT_MODEL} ...", flush=True)
+    out = check_output(args.out, args.force)
     device = pick_device(args.device)
-    model, tokenizer = load_model_and_tokenizer(DEFAULT_MODEL, device, pick_dtype(None, device))
-    print(f"    {model.num_parameters() / 1e6:.1f}M parameters, {model.config.num_layers} layers, "
-          f"hidden {model.config.hidden_size}, on {device}")
-    print(f"2/3 perplexity on held-out {args.data} text (first {args.max_tokens} tokens) ...", flush=True)
-    stream = eval_tokens(tokenizer, args.data, "heldout")
-    res = perplexity(model, stream, seq_len=512, batch_size=4, max_tokens=args.max_tokens)
-    print(f"    perplexity {res['perplexity']:.3f} over {res['tokens']} tokens")
-    print("3/3 greedy generation:", flush=True)
-    args.model, args.raw, args.temperature, args.top_p, args.seed = DEFAULT_MODEL, False, 0.0, 1.0, 0
-    print(f"    prompt: {args.prompt}")
-    import torch
+    # master weights in fp32; on a GPU the steps run under bf16 autocast
+    model, tokenizer = load_model_and_tokenizer(args.model, device, None if args.dtype is None else pick_dtype(args.dtype, device))
+    model.float()
+    cfg = ElastifyConfig(budgets=[b.strip() for b in args.budgets.split(",") if b.strip()], tokens=args.tokens,
+                         seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, router_lr=args.router_lr,
+                         axes=tuple(a.strip() for a in args.axes.split(",")) if args.axes else ElastifyConfig.axes,
+                         heterogeneous=args.heterogeneous, calib_batches=args.calib_batches,
+                         eval_tokens=args.eval_tokens, seed=args.seed)
+    print(f"elastify {resolve_model(args.model)}: {model.num_parameters() / 1e6:.1f}M parameters, budgets "
+          f"{', '.join(cfg.budgets)}, {cfg.tokens:,} training tokens, on {device}", flush=True)
+    result = elastify(model, tokenizer, args.data, out, cfg, log=lambda msg: print(msg, flush=True))
+    print_table(result)
+    return result
 
+
+def cmd_demo(args):
+    """The quick start: elastify SmolLM2 on real text with a CPU-sized budget, then show every
+    budget's held-out perplexity before (zero-shot) and after training, and one answer."""
     from .generate import generate
 
-    ids = encode_prompt(tokenizer, args.prompt)
-    out = generate(model, ids.to(device), args.max_new_tokens, eos_token_id=tokenizer.eos_token_id)
-    print("    answer: " + tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip().replace("\n", "\n            "))
-    return res
+    out = Path(args.out)
+    print(f"star-elastic demo: SmolLM2-135M -> budgets {args.budgets} on {args.tokens:,} tokens of {args.data} "
+          f"(a CPU-sized run; see README for real ones)", flush=True)
+    ns = argparse.Namespace(model=DEFAULT_MODEL, budgets=args.budgets, data=args.data, tokens=args.tokens,
+                            out=str(out), force=True, device=args.device, dtype=None, seq_len=args.seq_len,
+                            batch_size=args.batch_size, lr=args.lr, router_lr=1e-2, axes=None, heterogeneous=False,
+                            calib_batches=args.calib_batches, eval_tokens=args.eval_tokens, seed=0)
+    result = cmd_elastify(ns)
+    smallest = min(result["trained"], key=float)
+    print(f"\nslicing budget {smallest} out of the checkpoint and asking it a question:", flush=True)
+    from .elastic.checkpoint import load_elastic
+    from .elastic.slicing import slice_model
+
+    ckpt = load_elastic(out)
+    small = slice_model(ckpt.model, ckpt.spec(smallest)).eval()
+    ids = encode_prompt(ckpt.tokenizer, args.prompt)
+    answer = generate(small, ids, args.max_new_tokens, eos_token_id=ckpt.tokenizer.eos_token_id)
+    print(f"  prompt: {args.prompt}")
+    print("  answer: " + ckpt.tokenizer.decode(answer[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return result
 
 
 # ----------------------------------------------------------------------------- importance and slicing
@@ -267,15 +289,22 @@ def cmd_slice(args):
     from .errors import StarElasticError
     from .hf import staging
 
-    if (args.params is None) == (args.spec is None):
-        raise StarElasticError("give exactly one of --params TARGET or --spec FILE")
+    budget = None
+    if args.budget is not None:  # a budget of an elastic checkpoint: its weights are sorted already
+        from .elastic.checkpoint import budget_spec, read_manifest
+
+        if args.params is not None or args.spec is not None:
+            raise StarElasticError("--budget slices an elastic checkpoint's trained budget: no --params or --spec")
+        budget = budget_spec(read_manifest(resolve_model(args.model)), args.budget)  # unknown: error, nothing written
+    elif (args.params is None) == (args.spec is None):
+        raise StarElasticError("give exactly one of --params TARGET, --spec FILE or --budget NAME")
     if args.spec and args.axes:
         raise StarElasticError("--axes chooses a spec for --params; an explicit --spec needs none")
     if args.scores and args.method:
         raise StarElasticError("--scores and --method exclude each other (the scores file has its own method)")
     args.method = args.method or "activation"
     out = check_output(args.out, args.force)
-    spec = read_spec(args.spec) if args.spec else None  # a bad file fails before the model loads
+    spec = budget if budget is not None else read_spec(args.spec) if args.spec else None  # fails before loading
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device) if args.dtype else None  # default: as stored, so 1.0 is exact
@@ -304,7 +333,9 @@ def cmd_slice(args):
         spec = choose_spec(cfg, target, axes, layer_order=None if scores is None else scores.get("layer_order"))
 
     cut = spec.indices(cfg)  # the units kept on every axis that loses some
-    if cut:
+    if budget is not None:
+        print(f"budget {args.budget} of the elastic checkpoint (trained, sorted): slicing its prefix")
+    elif cut:
         if scores is None:
             scores = slice_scores(model, tokenizer, args, depth=False)
         # Sort only the axes that lose units: the others keep the parent's exact weights and order.
@@ -325,11 +356,6 @@ def cmd_slice(args):
             "importance": None if scores is None else {k: v for k, v in scores.get("meta", {}).items()}}
     # One staging directory around export (itself atomic), so that the slice record lands together
     # with the weights: --out appears complete or not at all.
-    if hasattr(small, "hf_config"):
-        # hf.load keeps config.json as read, infinities still tagged {"__float__": "Infinity"};
-        # transformers' config classes (used by export) want the decoded floats.
-        from transformers import PretrainedConfig
-        small.hf_config = PretrainedConfig._decode_special_floats(small.hf_config)
     with staging(out) as tmp:
         export(small.cpu(), tmp / "model", tokenizer)
         for f in (tmp / "model").iterdir():
@@ -376,12 +402,39 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--raw", action="store_true", help="do not apply the chat template")
     sp.set_defaults(fn=cmd_generate)
 
-    sp = sub.add_parser("demo", help="the quick-start demo on the embedded default model")
+    sp = sub.add_parser("elastify", help="train one elastic checkpoint holding every budget")
+    model_args(sp, dtype_help="dtype to load in (training keeps fp32 master weights; bf16 autocast on a GPU)")
+    sp.add_argument("--budgets", default="1.0,0.75,0.5",
+                    help="comma-separated: fractions of the parameters (0.5), counts (70M), active=0.6, mem=2GB")
+    sp.add_argument("--data", required=True, help="training text: file or corpus name (its held-out split evaluates)")
+    sp.add_argument("--tokens", type=int, required=True, help="training tokens, all budgets together")
+    sp.add_argument("--out", required=True, help="the elastic checkpoint directory")
+    sp.add_argument("--force", action="store_true", help="replace --out if it exists")
+    sp.add_argument("--seq-len", type=int, default=256)
+    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--lr", type=float, default=1e-4, help="model learning rate")
+    sp.add_argument("--router-lr", type=float, default=1e-2)
+    sp.add_argument("--axes", help="elastic axes (default: hidden,attention,mamba,ffn,experts; also depth, "
+                                   "mamba_channels, expert_ffn, shared_ffn)")
+    sp.add_argument("--heterogeneous", action="store_true", help="per-layer sizes (our own export format)")
+    sp.add_argument("--calib-batches", type=int, default=16, help="batches for importance estimation")
+    sp.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens per budget evaluation")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(fn=cmd_elastify)
+
+    sp = sub.add_parser("demo", help="the quick-start demo: elastify SmolLM2 on real text (CPU-sized)")
     model_args(sp, positional=False)
     sp.add_argument("--data", default="wiki")
-    sp.add_argument("--max-tokens", type=int, default=4096)
+    sp.add_argument("--budgets", default="1.0,0.75,0.5")
+    sp.add_argument("--tokens", type=int, default=12288)
+    sp.add_argument("--seq-len", type=int, default=128)
+    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--lr", type=float, default=1e-4)
+    sp.add_argument("--calib-batches", type=int, default=4)
+    sp.add_argument("--eval-tokens", type=int, default=2048)
+    sp.add_argument("--out", default="runs/demo-elastic", help="where the elastic checkpoint goes")
     sp.add_argument("--prompt", default="What is the capital of France?")
-    sp.add_argument("--max-new-tokens", type=int, default=40)
+    sp.add_argument("--max-new-tokens", type=int, default=30)
     sp.set_defaults(fn=cmd_demo)
 
     def calibration_args(sp, data_required):
@@ -405,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(sp, dtype_help="dtype of the work and of the output (default: the checkpoint's own)")
     sp.add_argument("--params", help="budget: fraction of the parent's parameters (0.5) or a count (70M, 1.2B)")
     sp.add_argument("--spec", help="slice this explicit elastic spec (JSON) instead of choosing one for --params")
+    sp.add_argument("--budget", help="MODEL is an elastic checkpoint: cut this trained budget (its name, e.g. 0.5)")
     sp.add_argument("--out", required=True, help="output directory (a Hugging Face checkpoint)")
     sp.add_argument("--scores", help="importance scores from `star-elastic importance` (else estimated)")
     sp.add_argument("--method", choices=["activation", "magnitude", "random"],

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,7 +117,7 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
     return {"zero_shot": before, "trained": after, "checkpoint": str(out), "training": training}
 
 
-def print_table(result: dict, file=sys.stdout):
+def print_table(result: dict, file=None):
     print(f"\n{'budget':>8} {'zero-shot ppl':>14} {'elastic ppl':>12}", file=file)
     for name, ppl in result["trained"].items():
         zs = result["zero_shot"].get(name)

@@ -108,3 +108,34 @@ def test_unknown_budget_and_damaged_files_are_clear_errors(tmp_path, tokenizer, 
         read_manifest(out)
     with pytest.raises(StarElasticError, match="no manifest.json"):
         read_manifest(tmp_path)
+
+
+def test_cli_elastify_then_slice_a_budget(tmp_path, tokenizer, text, capsys):
+    from star_elastic import cli, save_pretrained
+
+    torch.manual_seed(0)
+    save_pretrained(Model(PARENTS["llama"]), tmp_path / "parent", tokenizer=tokenizer)
+    ckpt = tmp_path / "ckpt"
+    assert cli.main(["elastify", str(tmp_path / "parent"), "--budgets", "1.0,0.5", "--data", str(text),
+                     "--tokens", str(8 * 32 * 3), "--seq-len", "32", "--batch-size", "8", "--calib-batches", "1",
+                     "--eval-tokens", "128", "--out", str(ckpt), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "zero-shot" in printed and "elastic ppl" in printed
+    manifest = read_manifest(ckpt)
+    # a trained budget slices to a stock HF checkpoint equal to the masked parent
+    assert cli.main(["slice", str(ckpt), "--budget", "0.5", "--out", str(tmp_path / "half"), "--device", "cpu"]) == 0
+    ref, info = AutoModelForCausalLM.from_pretrained(str(tmp_path / "half"), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    parent = load(ckpt)
+    spec = budget_spec(manifest, "0.5")
+    parent.set_masks(spec.masks(parent.config))
+    x = torch.randint(3, 63, (2, 10))
+    with torch.no_grad():
+        assert ((ref(x).logits - parent(x)).norm() / parent(x).norm()) < 1e-4
+    assert ref.num_parameters() == manifest["budgets"][1]["params"]
+    # a budget not in the manifest: a clear error, nothing written
+    capsys.readouterr()
+    assert cli.main(["slice", str(ckpt), "--budget", "0.3", "--out", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'0.3' is not in this checkpoint" in err and "\n" not in err
+    assert not (tmp_path / "nope").exists()
