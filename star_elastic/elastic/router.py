@@ -7,8 +7,10 @@ units of the importance-sorted parent (per group for attention and Mamba heads a
 so every choice is a mask `Model.set_masks` takes and a size `ElasticSpec` can hold.
 
 Training samples with Gumbel-softmax (temperature annealed 1.0 -> 0.05, logits scaled 1 -> 10 over
-training progress). Hard mode runs the sampled choice's prefix mask times its probability, so the
-task loss still reaches the router; soft mode runs the probability-weighted sum of prefix masks.
+training progress). Hard mode runs the sampled choice's prefix mask "times its probability" as
+a straight-through estimator: the forward value is the exact 0/1 prefix, the gradient that of
+prefix x probability, so the task loss reaches the router without shrinking the kept units; soft
+mode runs the probability-weighted sum of prefix masks.
 The budget loss sees the expected sizes under the choice distribution softmax(logits x scale).
 In eval mode there is no noise and no schedule: the argmax choice (`spec`), whose hard masks are
 exact 0/1 and run the same function as the sliced model.
@@ -229,7 +231,8 @@ class Router(nn.Module):
 
         Training: probs p = softmax(logits x scale), the distribution a choice is drawn from; sample
         y = Gumbel-softmax(logits x scale, tau), whose argmax is a draw from p (Gumbel-max). Hard mode
-        masks = the prefix of y's argmax times y there; soft mode = sum_c y_c prefix_c. `arch` = the
+        masks = the prefix of y's argmax, straight-through (forward 0/1, gradient of prefix x y_k);
+        soft mode = sum_c y_c prefix_c. `arch` = the
         p-weighted sizes, so the cost model gives the expected cost of the drawn architecture (exact:
         the costs are linear in each axis), without the noise of a single sample and without
         vanishing as tau -> 0. Eval (inference), whatever the mode: the argmax of the logits (scale 1,
@@ -246,7 +249,10 @@ class Router(nn.Module):
                 p = F.softmax(logit * self.scale, dim=-1)
                 y = F.softmax((logit * self.scale + gumbel) / self.tau, dim=-1)
                 k = int(y.argmax())
-                weights[name] = y @ prefix if mode == "soft" else prefix[k] * y[k]
+                # hard: straight-through. The forward runs the exact 0/1 prefix (multiplying by y_k
+                # itself would shrink every kept unit to a few % while choices are many and y flat);
+                # the backward is that of prefix * y_k, so the task loss still reaches the router.
+                weights[name] = y @ prefix if mode == "soft" else prefix[k] + prefix[k] * (y[k] - y[k].detach())
                 size_weights[name] = p
             else:
                 p = y = F.softmax(logit, dim=-1)
