@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .data import TokenBatches
 from .elastic.cost import Budget, CostModel
-from .elastic.losses import LossWeights, elastic_loss
+from .elastic.losses import LossWeights, budget_loss, elastic_loss, full_choice_loss
 from .elastic.router import Router
 from .errors import StarElasticError
 from .evaluate import perplexity
@@ -51,6 +51,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     clip: float = 1.0
     router_mode: str = "hard"
+    router_warmup_steps: int = 300  # budget-only steps of the router before any model step (cheap)
     loss: LossWeights = field(default_factory=LossWeights)
     eval_every: int = 0  # steps; 0: only at the end
     eval_tokens: int = 4096
@@ -116,6 +117,32 @@ class ElasticTrainer:
         self.stage2 = cfg.stage2_weights or default_stage2_weights(len(budgets))
         if len(self.stage2) != len(budgets):
             raise StarElasticError(f"stage-2 weights {self.stage2} do not match {len(budgets)} budgets")
+
+    # ------------------------------------------------------------------------- router warm-up
+
+    def warm_up_router(self):
+        """Fit the router to the budgets alone before the model trains: an untrained router draws
+        arbitrary architectures (a 1/16-wide hidden size for the full budget, say), and distilling
+        through those would only damage the parent. Costs no model forward: the cost model is
+        analytic. Pulls each budget's expected cost, at the final (sharp) logit scale, to its
+        target exactly (no dead band), so that the argmax architectures start near their budgets."""
+        if self.cfg.router_warmup_steps <= 0:
+            return
+        opt = torch.optim.Adam(self.router.parameters(), lr=self.cfg.router_lr)
+        self.router.train()
+        self.router.set_progress(0.0)
+        sharp = self.router.config.scale[1]  # at the final logit scale the expectation is nearly the argmax
+        for _ in range(self.cfg.router_warmup_steps):
+            loss = 0.0
+            for i, budget in enumerate(self.budgets):
+                probs = {k: torch.softmax(v * sharp, -1) for k, v in self.router.logits(i).items()}
+                arch = self.router._arch(probs)
+                loss = loss + budget_loss(self.cost.cost(budget.kind, arch), budget, band=0.0)
+                if budget.is_full:
+                    loss = loss + full_choice_loss(probs)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
 
     # ------------------------------------------------------------------------- one step
 
@@ -281,6 +308,8 @@ class ElasticTrainer:
         bar = tqdm(total=end, initial=self.step, desc="elastic training", unit="step",
                    disable=not progress or self.rank != 0 or bool(os.environ.get("STAR_ELASTIC_QUIET")))
         per_budget = {}
+        if self.step == 0:
+            self.warm_up_router()
         t0 = time.perf_counter()
         while self.step < end:
             log = self.train_step()

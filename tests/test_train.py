@@ -35,7 +35,7 @@ def make(seed=0, steps=8, batch=4, **overrides):
     stream = torch.where(torch.rand(base.shape, generator=g) < 0.2, noise, base)
     rows = stream[: (stream.numel() // 32) * 32].view(-1, 32)
     cfg = TrainConfig(steps=steps, batch_size=batch, seq_len=16, stage2_seq_len=32, warmup_steps=2,
-                      lr=3e-3, router_lr=1e-2, **overrides)
+                      lr=3e-3, router_lr=1e-2, router_warmup_steps=30, **overrides)
     return model, teacher, router, budgets, rows, cfg, stream[:600]
 
 
