@@ -228,18 +228,8 @@ def load_weights(model: Model, tensors: dict[str, torch.Tensor], source: str) ->
     return model
 
 
-def load(path, dtype: torch.dtype | None = None, device=None) -> Model:
-    """Load a Hugging Face NemotronH / Llama checkpoint directory, or a GGUF file, as our Model."""
-    path = Path(path)
-    if not path.exists():
-        raise StarElasticError(f"{path}: no such file or directory")
-    if path.is_file():
-        if path.suffix == ".gguf":
-            path = gguf_to_safetensors(path)
-        elif path.suffix in PICKLE_SUFFIXES:
-            raise StarElasticError(f"{path}: pickle files are never loaded; give a safetensors checkpoint directory")
-        else:
-            raise StarElasticError(f"{path}: expected a checkpoint directory (config.json + safetensors) or a .gguf file")
+def read_config(path: Path) -> tuple[dict, ModelConfig]:
+    """config.json of a checkpoint directory: as read, and as our config (per-layer sizes included)."""
     config_file = path / "config.json"
     if not config_file.exists():
         raise StarElasticError(f"{path}: not a model directory (no config.json)")
@@ -255,6 +245,22 @@ def load(path, dtype: torch.dtype | None = None, device=None) -> Model:
                 cfg.layer(i)
         except (ValueError, TypeError) as e:
             raise StarElasticError(f"{config_file}: invalid star_elastic.layer_sizes ({e})") from None
+    return raw, cfg
+
+
+def load(path, dtype: torch.dtype | None = None, device=None) -> Model:
+    """Load a Hugging Face NemotronH / Llama checkpoint directory, or a GGUF file, as our Model."""
+    path = Path(path)
+    if not path.exists():
+        raise StarElasticError(f"{path}: no such file or directory")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            path = gguf_to_safetensors(path)
+        elif path.suffix in PICKLE_SUFFIXES:
+            raise StarElasticError(f"{path}: pickle files are never loaded; give a safetensors checkpoint directory")
+        else:
+            raise StarElasticError(f"{path}: expected a checkpoint directory (config.json + safetensors) or a .gguf file")
+    raw, cfg = read_config(path)
     tensors = read_safetensors(_weight_files(path), skip=lambda n: n.startswith("mtp."))
     if cfg.family == "nemotron_h":
         tensors = from_disk_layout(tensors, str(path))

@@ -27,7 +27,7 @@ import os
 import re
 import shutil
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -111,22 +111,7 @@ def _parent_config(path: Path) -> tuple[dict, ModelConfig]:
         raise StarElasticError(f"{path}: no such file or directory")
     if not path.is_dir():
         raise StarElasticError(f"{path}: expected a checkpoint directory (config.json + safetensors)")
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise StarElasticError(f"{path}: not a model directory (no config.json)")
-    try:
-        raw = json.loads(config_file.read_text())
-    except ValueError as e:
-        raise StarElasticError(f"{config_file}: not valid JSON ({e})") from None
-    cfg = hf.config_from_hf(raw, str(config_file))
-    if isinstance(raw.get("star_elastic"), dict) and raw["star_elastic"].get("layer_sizes"):
-        try:
-            cfg = replace(cfg, layer_sizes=raw["star_elastic"]["layer_sizes"])
-            for i in range(cfg.num_layers):
-                cfg.layer(i)
-        except (ValueError, TypeError) as e:
-            raise StarElasticError(f"{config_file}: invalid star_elastic.layer_sizes ({e})") from None
-    return raw, cfg
+    return hf.read_config(path)
 
 
 def _parent_tensors(path: Path, cfg: ModelConfig) -> tuple[dict[str, _Source], dict[str, dict[int, _Source]]]:
