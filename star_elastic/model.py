@@ -448,10 +448,12 @@ class Experts(nn.Module):
         token = order // k
         xs = x[token]  # token copies grouped by expert
         counts = torch.bincount(flat, minlength=self.up_proj.shape[0])
-        if xs.is_cuda and xs.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+        # grouped GEMM in bf16 (what it supports); it is not autocast-aware, so cast by hand
+        dt = torch.get_autocast_dtype("cuda") if xs.is_cuda and torch.is_autocast_enabled("cuda") else xs.dtype
+        if xs.is_cuda and dt == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
             offs = counts.cumsum(0).to(torch.int32)
-            h = self.hidden(torch._grouped_mm(xs, self.up_proj.transpose(1, 2), offs=offs))
-            out = torch._grouped_mm(h, self.down_proj.transpose(1, 2), offs=offs)
+            h = self.hidden(torch._grouped_mm(xs.to(dt), self.up_proj.to(dt).transpose(1, 2), offs=offs))
+            out = torch._grouped_mm(h.to(dt), self.down_proj.to(dt).transpose(1, 2), offs=offs)
         else:
             out = torch.cat([self.hidden(xe @ up.T) @ down.T for xe, up, down in
                              zip(xs.split(counts.tolist()), self.up_proj, self.down_proj)])

@@ -184,6 +184,7 @@ class ElasticTrainer:
             (losses["total"] / cfg.grad_accum).backward()
             self.model.clear_masks()
             for k, v in losses.items():
+                k = "budget_loss" if k == "budget" else k  # "budget" is the budget's name below
                 logs[k] = logs.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
             logs["cost_fraction"] = float(torch.as_tensor(cost).detach()) / budget.full
         self._all_reduce_grads()

@@ -127,4 +127,4 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     got = torch.load(out, weights_only=True)
     assert got["losses"] == pytest.approx([l["total"] for l in logs], rel=1e-4)
     for k, v in single.model.state_dict().items():
-        assert torch.allclose(got["weights"][k], v, rtol=1e-4, atol=1e-6), k
+        assert torch.allclose(got["weights"][k], v, rtol=1e-4, atol=1e-5), (k, (got["weights"][k] - v).abs().max().item())

@@ -1,0 +1,506 @@
+"""Elastic training against zero-shot slicing and Minitron-style distillation (issue 4, item 8).
+
+Equal total training tokens T for every trained method; budgets are fractions of the parent's
+total parameters (default 1.0 / 0.75 / 0.5); every row is scored on the same held-out tokens.
+
+(a) zero-shot: the importance-sorted parent, each budget the homogeneous prefix that
+    `search.choose_spec` picks (no training);
+(b) elastic:   ONE run of T tokens (ElasticTrainer: budget router + sorted parent, forward KL from
+    the frozen sorted parent) serving every budget; each budget is the router's argmax spec,
+    sliced out of the trained parent (and, as a check, also scored masked inside it);
+(c) Minitron:  each smaller budget on its own: the (a) architecture sliced from the sorted parent,
+    distilled from the frozen parent (forward KL, plain AdamW loop, same lr, schedule, batch,
+    sequence length and batch order as (b)) for T / (number of smaller budgets) tokens each;
+plus the untouched parent for the 100% budget, and (a@b): the architectures the router chose in
+(b), cut from the untrained sorted parent (no training), to separate what the router's choice of
+architecture gives from what training gives. `--minitron-arch elastic` makes (c) distil those
+architectures instead of choose_spec's.
+
+Part A: SmolLM2-135M parent (the GGUF of star_elastic.assets), trained on the wiki train split.
+Part B: a hybrid Mamba / attention / MoE NemotronH parent pretrained here on the wiki train split
+        (bench_zero_shot.py --moe's model and loop, imported), REAP-sorted experts (its budgets drop
+        experts: the router axes include "experts").
+Held-out: the wiki held-out split (primary) and the shakespeare held-out split.
+
+GPU: bf16 autocast with fp32 master weights (ElasticTrainer; the same here for (c)), teacher in
+bf16; perplexity in fp32. Seeded everywhere; on a GPU deterministic algorithms are requested
+(warn-only). The JSON is rewritten after every stage, so a run cut short keeps what it finished.
+
+    python benchmarks/bench_elastic.py --part A --json docs/results/elastic_smollm2_h100.json  # one GPU
+    python benchmarks/bench_elastic.py --part B --json docs/results/elastic_moe_h100.json       # one GPU
+    python benchmarks/bench_elastic.py --smoke                                        # CPU, both parts, tiny
+
+Sizes: T = 4,194,304 tokens per part (512 steps of 16 x 512; (c) 256 steps per smaller budget), on
+the ~0.96M-token wiki train split (about 4.4 epochs for (b)); held-out 65,536 tokens per source.
+Progress lines give tokens/s and the time left of every training run; scale with --tokens-a/-b.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.utils.deterministic
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_zero_shot as zs  # noqa: E402  (MoE parent: config, initialisation, pretraining loop; device setup)
+
+from star_elastic import load, load_tokenizer  # noqa: E402
+from star_elastic.assets import smollm2_gguf  # noqa: E402
+from star_elastic.data import TokenBatches, load_corpus_tokens, pack  # noqa: E402
+from star_elastic.elastic import ElasticSpec, slice_model, sort_model  # noqa: E402
+from star_elastic.elastic.cost import CostModel, parse_budget  # noqa: E402
+from star_elastic.elastic.importance import estimate_importance  # noqa: E402
+from star_elastic.elastic.losses import kd_loss  # noqa: E402
+from star_elastic.elastic.router import DEFAULT_AXES, Router, RouterConfig  # noqa: E402
+from star_elastic.elastic.search import applicable_axes, choose_spec, describe  # noqa: E402
+from star_elastic.errors import StarElasticError  # noqa: E402
+from star_elastic.evaluate import perplexity  # noqa: E402
+from star_elastic.model import Model  # noqa: E402
+from star_elastic.train import ElasticTrainer, TrainConfig, lr_factor  # noqa: E402
+
+METHODS = ("zero_shot", "elastic", "minitron")
+LABELS = {"parent": "parent", "zero_shot": "(a) zero-shot", "elastic": "(b) elastic", "minitron": "(c) Minitron",
+          "zero_shot_elastic_arch": "(a@b) zero-shot"}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["A", "B", "all"], default="all",
+                    help="A: SmolLM2-135M; B: pretrained MoE hybrid; all: both (one GPU: run them separately)")
+    ap.add_argument("--smoke", action="store_true", help="tiny settings that run on the CPU in a few minutes")
+    ap.add_argument("--device", help="default: cuda when available")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="write the results here (rewritten after every stage)")
+    ap.add_argument("--tokenizer", help="tokenizer directory (default: SmolLM2's, read from its GGUF)")
+    ap.add_argument("--model", help="(A) parent checkpoint directory or GGUF (default: the SmolLM2-135M GGUF)")
+    ap.add_argument("--train-data", default="wiki", help="its train split trains (and calibrates) every method")
+    ap.add_argument("--heldout", default="wiki,shakespeare",
+                    help="held-out splits scored, comma-separated corpora/files (the first is the primary)")
+    ap.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens scored per model and source")
+    ap.add_argument("--eval-seq-len", type=int, default=512)
+    ap.add_argument("--eval-batch-size", type=int, default=8)
+    ap.add_argument("--calib-batches", type=int, default=64, help="calibration batches for importance")
+    ap.add_argument("--calib-batch-size", type=int, default=8)
+    ap.add_argument("--calib-seq-len", type=int, default=512)
+    ap.add_argument("--budgets", default="1.0,0.75,0.5", help="parameter budgets (fractions of the parent's total)")
+    ap.add_argument("--axes", default=",".join(DEFAULT_AXES),
+                    help="elastic axes of the router and of choose_spec (those a parent lacks are skipped)")
+    ap.add_argument("--batch-size", type=int, default=16, help="sequences per training step, (b) and (c)")
+    ap.add_argument("--seq-len", type=int, default=512, help="training sequence length, (b) and (c)")
+    ap.add_argument("--router-lr", type=float, default=1e-2)
+    ap.add_argument("--tokens-a", type=int, default=4_194_304, help="(A) T: training tokens of (b), and of (c) in all")
+    ap.add_argument("--lr-a", type=float, default=1e-4, help="(A) model learning rate of (b) and (c)")
+    ap.add_argument("--tokens-b", type=int, default=4_194_304, help="(B) T")
+    ap.add_argument("--lr-b", type=float, default=3e-4, help="(B) model learning rate of (b) and (c)")
+    ap.add_argument("--minitron-arch", choices=["search", "elastic"], default="search",
+                    help="(c) distils choose_spec's architecture (search, as (a)) or the one the router chose in (b)")
+    ap.add_argument("--max-docs", type=int, help="first N documents of each corpus only (quick runs)")
+    # (B) the parent and its pretraining (bench_zero_shot.py --moe's defaults)
+    ap.add_argument("--pretrain-steps", type=int, default=600)
+    ap.add_argument("--pretrain-batch-size", type=int, default=16)
+    ap.add_argument("--pretrain-seq-len", type=int, default=512)
+    ap.add_argument("--pretrain-lr", type=float, default=2e-3)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--pattern", default="ME*EMEME", help="layer types (M Mamba, E MoE, * attention, - MLP)")
+    ap.add_argument("--experts", type=int, default=32, help="routed experts per MoE layer")
+    ap.add_argument("--top-k", type=int, default=4)
+    ap.add_argument("--expert-ffn", type=int, default=256)
+    ap.add_argument("--balance-rate", type=float, default=1e-3, help="aux-loss-free balancing during pretraining")
+    if ap.parse_known_args(argv)[0].smoke:  # every code path at tiny sizes; explicit flags still win
+        ap.set_defaults(max_docs=300, eval_tokens=256, eval_seq_len=128, calib_batches=2, calib_batch_size=2,
+                        calib_seq_len=64, batch_size=2, seq_len=64, tokens_a=512, tokens_b=2048, lr_b=1e-3,
+                        pretrain_steps=30, pretrain_batch_size=4, pretrain_seq_len=64, pretrain_lr=3e-3,
+                        hidden=64, pattern="ME*E", experts=8, top_k=2, expert_ffn=64)
+    return ap.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def clock(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def score(model, heldouts: dict, args) -> dict:
+    """Held-out perplexity per source, fp32 (no autocast)."""
+    model.eval()
+    return {name: perplexity(model, stream, seq_len=args.eval_seq_len, batch_size=args.eval_batch_size,
+                             progress=False)["perplexity"] for name, stream in heldouts.items()}
+
+
+def fmt(v) -> str:
+    return "-" if v is None else f"{v:.2f}" if v < 1e5 else f"{v:.3g}"
+
+
+class Results:
+    """The result dict, written to --json after every stage."""
+
+    def __init__(self, args, device, argv):
+        self.args = args
+        self.t0 = time.perf_counter()
+        self.data = {"benchmark": "bench_elastic", "date": datetime.date.today().isoformat(),
+                     "machine": zs.machine(device), "torch": torch.__version__, "seed": args.seed,
+                     "smoke": args.smoke,
+                     "command": "python benchmarks/bench_elastic.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+
+    def save(self):
+        self.data["seconds"] = round(time.perf_counter() - self.t0, 1)
+        if self.args.json:
+            Path(self.args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.args.json).write_text(json.dumps(self.data, indent=2) + "\n")
+
+
+def heldout_streams(tokenizer, args, primary_heldout: torch.Tensor | None = None) -> dict:
+    """name -> the first --eval-tokens tokens of that corpus' held-out split (the same for every row)."""
+    out = {}
+    for name in (n.strip() for n in args.heldout.split(",") if n.strip()):
+        if name == args.train_data and primary_heldout is not None:
+            stream = primary_heldout
+        else:
+            stream = load_corpus_tokens(name, tokenizer, seed=args.seed, max_docs=args.max_docs)[1]
+        out[name] = stream[:args.eval_tokens]
+    return out
+
+
+def importance_and_sort(model, train: torch.Tensor, args, device) -> dict:
+    t = clock(device)
+    batches = zs.calibration(train, args)
+    scores = estimate_importance(model, batches, progress=False)
+    sort_model(model, scores, experts_key="experts")  # experts by REAP; every permutation function-preserving
+    return {"data": f"{args.train_data} (train split)", "batches": len(batches), "batch_size": args.calib_batch_size,
+            "seq_len": args.calib_seq_len, "tokens": sum(b.numel() for b in batches),
+            "experts_ranked_by": "REAP" if any(k.endswith(".experts") for k in scores) else None,
+            "seconds": round(clock(device) - t, 1)}
+
+
+# ----------------------------------------------------------------------------- (c) the plain distillation loop
+
+def distil(student, teacher, rows: torch.Tensor, steps: int, lr: float, args, device, label: str) -> dict:
+    """Forward KL from the frozen teacher, AdamW (betas 0.9/0.95, no weight decay), warmup + cosine
+    and clipping exactly as ElasticTrainer (TrainConfig defaults, lr_factor), bf16 autocast on a GPU
+    with fp32 master weights; batches in the order ElasticTrainer draws them (same seed)."""
+    cfg = TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=lr,
+                      warmup_steps=max(1, steps // 20), seed=args.seed)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    batches = TokenBatches(rows, cfg.batch_size, seed=cfg.seed)
+    teacher.eval()
+    student.train()
+    log, window = [], []
+    t0 = clock(device)
+    every = max(1, steps // 5)
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * lr_factor(step, cfg)
+        x = next(batches)[:, :cfg.seq_len].to(device)
+        with torch.no_grad(), autocast(device):
+            t_logits = teacher(x)
+        with autocast(device):
+            s_logits = student(x)
+        loss = kd_loss(s_logits, t_logits)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        window.append(float(loss.detach()))
+        if (step + 1) % every == 0 or step + 1 == steps:
+            el = clock(device) - t0
+            tok_s = (step + 1) * x.numel() / el
+            log.append({"step": step + 1, "kd": sum(window) / len(window), "seconds": round(el, 1),
+                        "tokens_per_s": round(tok_s)})
+            print(f"    {label} step {step + 1:5d}/{steps}  kd {log[-1]['kd']:.4f}  {tok_s:,.0f} tok/s  "
+                  f"{el:.0f} s, ~{(steps - step - 1) * x.numel() / tok_s:.0f} s to go", flush=True)
+            window = []
+    student.eval()
+    return {"steps": steps, "tokens": steps * cfg.batch_size * cfg.seq_len, "seconds": round(clock(device) - t0, 1),
+            "log": log}
+
+
+# ----------------------------------------------------------------------------- the comparison
+
+def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, lr: float, args, device,
+            part: dict, save) -> None:
+    """(a), (b), (c) on `sorted_parent` (fp32, trained by nobody: every method copies it) into part["rows"]."""
+    cfg = sorted_parent.config
+    total = sorted_parent.num_parameters()
+    budgets = sorted((parse_budget(b, cfg) for b in args.budgets.split(",")), key=lambda b: -b.fraction)
+    axes = tuple(a for a in args.axes.split(",") if a in applicable_axes(cfg))
+    smaller = [b for b in budgets if not b.is_full]
+    rows = pack(train, args.seq_len)
+    tokens_per_step = args.batch_size * args.seq_len
+    steps_b = max(1, T // tokens_per_step)
+    steps_c = max(1, T // max(1, len(smaller)) // tokens_per_step)
+    part.update(budgets=[b.name for b in budgets], axes=list(axes), training={
+        "data": f"{args.train_data} (train split)", "train_tokens_available": int(train.numel()),
+        "T": steps_b * tokens_per_step, "elastic_steps": steps_b,
+        "minitron_steps_per_budget": steps_c, "minitron_tokens_per_budget": steps_c * tokens_per_step,
+        "epochs_elastic": round(steps_b * tokens_per_step / train.numel(), 2),
+        "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": lr, "router_lr": args.router_lr,
+        "minitron_arch": args.minitron_arch,
+        "schedule": "linear warmup (steps/20) + cosine to 0.1 x lr; AdamW betas (0.9, 0.95), no weight decay, clip 1.0",
+        "precision": "bf16 autocast, fp32 master weights, bf16 teacher" if device.type == "cuda" else "fp32"})
+    part["rows"] = out = []
+    part["methods"] = methods = {}
+
+    def row(method, budget, model, spec, ppl, tokens, **extra):
+        n = model.num_parameters() if model is not None else spec.num_parameters(cfg)
+        r = {"method": method, "budget": budget.name, "target_fraction": budget.fraction, "params": n,
+             "param_fraction": n / total, "architecture": describe(spec, cfg), "spec": spec.to_dict(),
+             "training_tokens": tokens, "perplexity": ppl, **extra}
+        out.append(r)
+        print(f"  {LABELS[method]:15s} {budget.name:>5s}  {n:>12,} params ({n / total:6.1%})  "
+              + "  ".join(f"{k} {fmt(v)}" for k, v in ppl.items()) + f"   [{r['architecture']}]", flush=True)
+        save()
+
+    # the untouched parent
+    t = clock(device)
+    row("parent", budgets[0], parent, ElasticSpec(), score(parent, heldouts, args), 0)
+    part["parent_eval_seconds"] = round(clock(device) - t, 1)
+
+    # (a) zero-shot
+    t = clock(device)
+    specs = {}
+    for b in budgets:
+        specs[b.name] = spec = choose_spec(cfg, int(b.target), axes)
+        small = slice_model(sorted_parent, spec)
+        row("zero_shot", b, small, spec, score(small, heldouts, args), 0)
+        del small
+    methods["zero_shot"] = {"tokens": 0, "seconds": round(clock(device) - t, 1),
+                            "note": "slicing + evaluation; no training (importance calibration shared by all)"}
+    save()
+
+    teacher = copy.deepcopy(sorted_parent).eval().requires_grad_(False)
+    if device.type == "cuda":
+        teacher.to(torch.bfloat16)
+
+    # (b) elastic: one run for every budget
+    print(f"(b) elastic: {steps_b} steps of {args.batch_size} x {args.seq_len} = {steps_b * tokens_per_step:,} tokens, "
+          f"budgets {', '.join(b.name for b in budgets)}, axes {', '.join(axes)}", flush=True)
+    torch.manual_seed(args.seed)
+    student = copy.deepcopy(sorted_parent)
+    router = Router(cfg, budgets, RouterConfig(axes=axes)).to(device)
+    tcfg = TrainConfig(steps=steps_b, batch_size=args.batch_size, seq_len=args.seq_len, lr=lr,
+                       router_lr=args.router_lr, warmup_steps=max(1, steps_b // 20), seed=args.seed)
+    part["training"]["router_warmup_steps"] = getattr(tcfg, "router_warmup_steps", None)
+    tmp = tempfile.TemporaryDirectory(prefix="bench_elastic_")  # metrics.jsonl of ElasticTrainer.run
+    trainer = ElasticTrainer(student, teacher, router, budgets, rows, tcfg, out_dir=tmp.name)
+    trainer.save_state = lambda: None  # no resumable state: it would write the weights and AdamW moments
+    t = clock(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    logs, every = [], max(1, steps_b // 10)
+    while trainer.step < steps_b:  # the package's loop (ElasticTrainer.run), a tenth at a time
+        logs += trainer.run(progress=False, stop_after=every)
+        el = clock(device) - t
+        tok_s = trainer.step * tokens_per_step / el
+        recent = {}
+        for lg in logs[-every:]:
+            recent.setdefault(lg["budget"], []).append(lg["kd"])
+        print(f"    elastic step {trainer.step:5d}/{steps_b}  kd "
+              + " ".join(f"{b.name}:{sum(recent[b.name]) / len(recent[b.name]):.4f}" for b in budgets if b.name in recent)
+              + f"  tau {logs[-1]['tau']:.3f}  {tok_s:,.0f} tok/s  {el:.0f} s, "
+              f"~{(steps_b - trainer.step) * tokens_per_step / tok_s:.0f} s to go", flush=True)
+    train_s = clock(device) - t
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    router.eval()
+    student.eval()
+    costs = CostModel(cfg)
+    t = clock(device)
+    tail = logs[len(logs) * 4 // 5:]
+    for i, b in enumerate(budgets):
+        spec = router.spec(i)
+        small = slice_model(student, spec)
+        ppl = score(small, heldouts, args)
+        del small
+        # check: the same budget masked inside the trained parent (what training ran) == sliced
+        student.set_masks(spec.masks(cfg, device=device))
+        primary = next(iter(heldouts))
+        masked = score(student, {primary: heldouts[primary]}, args)[primary]
+        student.clear_masks()
+        kd = [lg["kd"] for lg in tail if lg["budget"] == b.name]
+        row("elastic", b, None, spec, ppl, steps_b * tokens_per_step,
+            cost_vs_target=costs.spec_cost("params", spec) / b.target,
+            masked_perplexity_primary=masked,
+            steps_sampled=sum(lg["budget"] == b.name for lg in logs),
+            final_kd=sum(kd) / len(kd) if kd else None)
+    methods["elastic"] = {"tokens": steps_b * tokens_per_step, "steps": steps_b, "train_seconds": round(train_s, 1),
+                          "eval_seconds": round(clock(device) - t, 1),
+                          "tokens_per_s": round(steps_b * tokens_per_step / train_s), "peak_gpu_gib": peak,
+                          "log": [{k: v for k, v in lg.items() if k != "eval"} for lg in logs[::max(1, steps_b // 50)]]}
+    # (a@b) the router's architectures cut from the untrained sorted parent: how much of (b) is architecture
+    elastic_specs = {r["budget"]: ElasticSpec.from_dict(r["spec"]) for r in out if r["method"] == "elastic"}
+    for b in smaller:
+        small = slice_model(sorted_parent, elastic_specs[b.name])
+        row("zero_shot_elastic_arch", b, small, elastic_specs[b.name], score(small, heldouts, args), 0)
+        del small
+    save()
+    del student, router, trainer, logs
+    tmp.cleanup()
+    if args.minitron_arch == "elastic":
+        specs = elastic_specs
+
+    # (c) Minitron-style: each smaller budget alone, T / len(smaller) tokens
+    methods["minitron"] = {"tokens": 0, "train_seconds": 0.0, "per_budget": {}}
+    for b in budgets:
+        if b.is_full:
+            continue
+        print(f"(c) Minitron {b.name}: {steps_c} steps = {steps_c * tokens_per_step:,} tokens", flush=True)
+        torch.manual_seed(args.seed)
+        small = slice_model(sorted_parent, specs[b.name])
+        info = distil(small, teacher, rows, steps_c, lr, args, device, label=f"minitron {b.name}")
+        t = clock(device)
+        row("minitron", b, small, specs[b.name], score(small, heldouts, args), info["tokens"])
+        info["eval_seconds"] = round(clock(device) - t, 1)
+        m = methods["minitron"]
+        m["per_budget"][b.name] = info
+        m["tokens"] += info["tokens"]
+        m["train_seconds"] = round(m["train_seconds"] + info["seconds"], 1)
+        del small
+        save()
+    del teacher
+    part["table"] = table(part)
+    save()
+
+
+def table(part: dict) -> str:
+    rows = part["rows"]
+    sources = list(rows[0]["perplexity"])
+    by = {(r["method"], r["budget"]): r for r in rows}
+    parent = by[("parent", part["budgets"][0])]
+    tr = part["training"]
+    lines = [f"held-out perplexity ({', '.join(s + ' held-out' for s in sources)}; {tr['data']} trains); "
+             f"T = {tr['T']:,} tokens: (b) one run of T, (c) {tr['minitron_tokens_per_budget']:,} per smaller budget"]
+    for s in sources:
+        lines.append("")
+        lines.append(f"[{s}]  parent {parent['params']:,} params: ppl {fmt(parent['perplexity'][s])}")
+        lines.append(f"{'budget':>6} {'params (a)/(c)':>16} {'params (b)':>16} {'(a) zero-shot':>14} "
+                     f"{'(b) elastic':>12} {'(c) Minitron':>13} {'(b)/(c)-1':>10} {'(a@b) zero-shot':>16}")
+        for name in part["budgets"]:
+            a, b, c = (by.get((m, name)) for m in METHODS)
+            pa = f"{a['params'] / 1e6:.2f}M {a['param_fraction']:5.1%}" if a else "-"
+            off = b is not None and abs(b.get("cost_vs_target", 1.0) - 1) > 0.05
+            pb = f"{'*' if off else ''}{b['params'] / 1e6:.2f}M {b['param_fraction']:5.1%}" if b else "-"
+            va, vb = (x["perplexity"][s] if x else None for x in (a, b))
+            vc = c["perplexity"][s] if c else (parent["perplexity"][s] if a and a["param_fraction"] == 1.0 else None)
+            rel = f"{vb / vc - 1:+.2%}" if vb is not None and vc is not None else "-"
+            ab = by.get(("zero_shot_elastic_arch", name))
+            vab = ab["perplexity"][s] if ab else va if a and a["param_fraction"] == 1.0 else None
+            lines.append(f"{name:>6} {pa:>16} {pb:>16} {fmt(va):>14} {fmt(vb):>12} {fmt(vc):>13} {rel:>10} "
+                         f"{fmt(vab):>16}")
+    m = part["methods"]
+    lines.append("")
+    lines.append("(a@b): the architecture (b)'s router chose, cut from the untrained sorted parent (no training)")
+    if part["training"].get("minitron_arch") == "elastic":
+        lines.append("(c) here distils the architectures of (b): params (a)/(c) are (a)'s only")
+    if any(r["method"] == "elastic" and abs(r.get("cost_vs_target", 1.0) - 1) > 0.05 for r in rows):
+        lines.append("* the router's architecture is more than 5% away from its budget (the target of (a)/(c))")
+    lines.append(f"(c) at 100% is the untouched parent. Wall time: zero-shot {m['zero_shot']['seconds']} s (no training); "
+                 f"elastic {m['elastic']['train_seconds']} s training ({m['elastic']['tokens']:,} tokens, "
+                 f"{m['elastic']['tokens_per_s']:,} tok/s); Minitron {m['minitron']['train_seconds']} s training "
+                 f"({m['minitron']['tokens']:,} tokens)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- part A: SmolLM2-135M
+
+def run_a(args, device, res: Results) -> dict:
+    part = res.data["A"] = {"part": "A"}
+    t0 = clock(device)
+    path = Path(args.model) if args.model else smollm2_gguf()
+    parent = load(path, dtype=torch.float32, device=device).eval()
+    tokenizer = load_tokenizer(args.tokenizer or path)
+    if tokenizer is None:
+        raise StarElasticError(f"{args.tokenizer or path}: no tokenizer there")
+    train, held = load_corpus_tokens(args.train_data, tokenizer, seed=args.seed, max_docs=args.max_docs)
+    heldouts = heldout_streams(tokenizer, args, held)
+    part.update(parent={"name": path.name, "params": parent.num_parameters(), "config": parent.config.to_dict()},
+                heldout={k: int(v.numel()) for k, v in heldouts.items()}, eval_seq_len=args.eval_seq_len,
+                setup_seconds=round(clock(device) - t0, 1))
+    print(f"A: {path.name}, {parent.num_parameters():,} parameters on {res.data['machine']}; {train.numel():,} "
+          f"train tokens of {args.train_data}; held-out {part['heldout']}  [{part['setup_seconds']} s]", flush=True)
+    sorted_parent = copy.deepcopy(parent)
+    part["importance"] = importance_and_sort(sorted_parent, train, args, device)
+    compare(parent, sorted_parent, train, heldouts, args.tokens_a, args.lr_a, args, device, part, res.save)
+    part["seconds"] = round(clock(device) - t0, 1)
+    res.save()
+    return part
+
+
+# ----------------------------------------------------------------------------- part B: pretrained MoE hybrid
+
+def run_b(args, device, res: Results) -> dict:
+    part = res.data["B"] = {"part": "B"}
+    t0 = clock(device)
+    tokenizer = load_tokenizer(args.tokenizer or smollm2_gguf())
+    if tokenizer is None:
+        raise StarElasticError(f"{args.tokenizer}: no tokenizer there")
+    train, held = load_corpus_tokens(args.train_data, tokenizer, seed=args.seed, max_docs=args.max_docs)
+    heldouts = heldout_streams(tokenizer, args, held)
+    pre = SimpleNamespace(hidden=args.hidden, pattern=args.pattern, experts=args.experts, top_k=args.top_k,
+                          expert_ffn=args.expert_ffn, steps=args.pretrain_steps, batch_size=args.pretrain_batch_size,
+                          seq_len=args.pretrain_seq_len, lr=args.pretrain_lr, balance_rate=args.balance_rate,
+                          seed=args.seed)
+    cfg = zs.moe_config(pre, len(tokenizer), tokenizer)
+    torch.manual_seed(args.seed)
+    parent = Model(cfg)
+    zs.init_weights(parent, args.seed)
+    parent.to(device)
+    print(f"B: NemotronH {cfg.layer_types!r}, hidden {cfg.hidden_size}, {args.experts} experts top-{args.top_k}, "
+          f"{parent.num_parameters():,} parameters on {res.data['machine']}; pretraining {args.pretrain_steps} steps "
+          f"of {args.pretrain_batch_size} x {args.pretrain_seq_len} on {train.numel():,} tokens of {args.train_data}",
+          flush=True)
+    t = clock(device)
+    log = zs.train_moe(parent, train, pre, device)  # returns the fp32 model in eval mode
+    part.update(parent={"params": parent.num_parameters(), "config": cfg.to_dict()},
+                heldout={k: int(v.numel()) for k, v in heldouts.items()}, eval_seq_len=args.eval_seq_len,
+                pretraining={"data": f"{args.train_data} (train split)", "steps": args.pretrain_steps,
+                             "batch_size": args.pretrain_batch_size, "seq_len": args.pretrain_seq_len,
+                             "tokens": args.pretrain_steps * args.pretrain_batch_size * args.pretrain_seq_len,
+                             "lr": args.pretrain_lr, "balance_rate": args.balance_rate,
+                             "precision": "bf16 + fp32 master weights" if device.type == "cuda" else "fp32",
+                             "seconds": round(clock(device) - t, 1), "log": log})
+    res.save()
+    sorted_parent = copy.deepcopy(parent)
+    part["importance"] = importance_and_sort(sorted_parent, train, args, device)
+    compare(parent, sorted_parent, train, heldouts, args.tokens_b, args.lr_b, args, device, part, res.save)
+    part["seconds"] = round(clock(device) - t0, 1)
+    part["table"] += (f"\nParent pretraining: {part['pretraining']['tokens']:,} tokens in "
+                      f"{part['pretraining']['seconds']} s (not counted in T)")
+    res.save()
+    return part
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = zs.setup(args)  # seeds; on a GPU deterministic algorithms (warn-only) and cuBLAS workspace
+    if device.type == "cuda":  # deterministic results do not need every new tensor NaN-filled first
+        torch.utils.deterministic.fill_uninitialized_memory = False
+    res = Results(args, device, argv)
+    for name, run in (("A", run_a), ("B", run_b)):
+        if args.part in (name, "all"):
+            torch.manual_seed(args.seed)
+            run(args, device, res)
+            print(f"\n== part {name} ({res.data[name]['seconds']:.0f} s) ==\n{res.data[name]['table']}\n", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    res.save()
+    print(f"total {res.data['seconds']:.0f} s on {res.data['machine']}")
+    return res.data
+
+
+if __name__ == "__main__":
+    main()
