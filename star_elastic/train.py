@@ -124,15 +124,18 @@ class ElasticTrainer:
         """Fit the router to the budgets alone before the model trains: an untrained router draws
         arbitrary architectures (a 1/16-wide hidden size for the full budget, say), and distilling
         through those would only damage the parent. Costs no model forward: the cost model is
-        analytic. Pulls each budget's expected cost, at the final (sharp) logit scale, to its
-        target exactly (no dead band), so that the argmax architectures start near their budgets."""
+        analytic. Pulls each budget's expected cost, at a logit scale ramped to the final (sharp)
+        one, to its target exactly (no dead band), so the argmax architectures start near their budgets."""
         if self.cfg.router_warmup_steps <= 0:
             return
         opt = torch.optim.Adam(self.router.parameters(), lr=self.cfg.router_lr)
         self.router.train()
         self.router.set_progress(0.0)
-        sharp = self.router.config.scale[1]  # at the final logit scale the expectation is nearly the argmax
-        for _ in range(self.cfg.router_warmup_steps):
+        (s0, s1), n = self.router.config.scale, self.cfg.router_warmup_steps
+        for step in range(n):
+            # the logit scale ramps to its final value, where the expectation is nearly the argmax;
+            # starting there from a random router would lock its choices before they fit the budgets
+            sharp = s0 + (s1 - s0) * step / max(1, n - 1)
             loss = 0.0
             for i, budget in enumerate(self.budgets):
                 probs = {k: torch.softmax(v * sharp, -1) for k, v in self.router.logits(i).items()}
