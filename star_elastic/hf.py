@@ -202,15 +202,9 @@ def read_safetensors(files: list[Path], skip=lambda name: False) -> dict[str, to
     return tensors
 
 
-def load_weights(model: Model, tensors: dict[str, torch.Tensor], source: str) -> Model:
-    """Copy a checkpoint state dict into `model`, refusing missing, unexpected or misshapen tensors."""
-    expected = model.state_dict()
-    tensors = dict(tensors)
-    if model.config.tied:
-        expected.pop("lm_head.weight")
-        tensors.pop("lm_head.weight", None)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+def check_names(expected, present, source: str) -> None:
+    """One-line error unless the checkpoint holds exactly the tensors the config implies."""
+    missing, unexpected = sorted(set(expected) - set(present)), sorted(set(present) - set(expected))
     if missing or unexpected:
         parts = []
         if missing:
@@ -218,6 +212,16 @@ def load_weights(model: Model, tensors: dict[str, torch.Tensor], source: str) ->
         if unexpected:
             parts.append(f"unexpected {len(unexpected)}, e.g. {unexpected[0]}")
         raise StarElasticError(f"{source}: weights do not match the config: {'; '.join(parts)}")
+
+
+def load_weights(model: Model, tensors: dict[str, torch.Tensor], source: str) -> Model:
+    """Copy a checkpoint state dict into `model`, refusing missing, unexpected or misshapen tensors."""
+    expected = model.state_dict()
+    tensors = dict(tensors)
+    if model.config.tied:
+        expected.pop("lm_head.weight")
+        tensors.pop("lm_head.weight", None)
+    check_names(expected, tensors, source)
     for name, t in tensors.items():
         if tuple(t.shape) != tuple(expected[name].shape):
             raise StarElasticError(f"{source}: tensor {name} has shape {tuple(t.shape)}, "

@@ -142,15 +142,7 @@ def _parent_tensors(path: Path, cfg: ModelConfig) -> tuple[dict[str, _Source], d
     both = sorted(set(plain) & set(experts))
     if both:
         raise StarElasticError(f"{path}: {both[0]} is stored both stacked and one tensor per expert")
-    present = set(plain) | set(experts)
-    missing, unexpected = sorted(set(expected) - present), sorted(present - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensor(s), e.g. {missing[0]}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}, e.g. {unexpected[0]}")
-        raise StarElasticError(f"{path}: weights do not match the config: {'; '.join(parts)}")
+    hf.check_names(expected, set(plain) | set(experts), str(path))
     for name, src in plain.items():
         if src.shape != expected[name]:
             raise StarElasticError(f"{path}: tensor {name} has shape {src.shape}, the config implies {expected[name]}")
