@@ -98,7 +98,7 @@ def config_to_hf(cfg: ModelConfig, base: dict | None = None) -> dict:
                  rope_parameters=rope)
         d.pop("rope_scaling", None)
         d.pop("rope_theta", None)
-        out = LlamaConfig.from_dict(d)
+        out = _hf_config(LlamaConfig, d)
     else:
         for legacy in ("hybrid_override_pattern", "num_hidden_layers", "mamba_n_groups", "mamba_d_conv",
                        "mamba_chunk_size", "mamba_dt_min", "mamba_conv_bias"):
@@ -114,9 +114,19 @@ def config_to_hf(cfg: ModelConfig, base: dict | None = None) -> dict:
                  n_group=cfg.n_group, topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob,
                  routed_scaling_factor=cfg.routed_scaling_factor, moe_latent_size=cfg.moe_latent_size,
                  expand=max(1, cfg.mamba_num_heads * cfg.mamba_head_dim // cfg.hidden_size))
-        out = NemotronHConfig.from_dict(d)
+        out = _hf_config(NemotronHConfig, d)
     out.architectures = [SUPPORTED[cfg.family]]
     return out.to_dict()
+
+
+def _hf_config(cls, d: dict):
+    """transformers validates sizes (a Llama hidden size must divide by its head count, ...): say
+    which rule a sliced config breaks in one line rather than with its traceback."""
+    try:
+        return cls.from_dict(d)
+    except Exception as e:  # ValueError, or huggingface_hub's validation error wrapping one
+        reason = str(e.__cause__ or e).strip().splitlines()[0]
+        raise StarElasticError(f"transformers rejects this {cls.__name__[:-6]} config: {reason}") from None
 
 
 def config_json(d: dict) -> str:
