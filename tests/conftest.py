@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from star_elastic.errors import StarElasticError
 from star_elastic.hf import config_from_hf, load_weights
 from star_elastic.model import Model
 
@@ -132,3 +133,18 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def one_line_error(fn, *words) -> str:
+    """fn() raises a StarElasticError whose message is one line holding every word (any case)."""
+    with pytest.raises(StarElasticError) as exc:
+        fn()
+    msg = str(exc.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w.lower() in msg.lower(), (w, msg)
+    return msg
+
+
+def entries(directory):
+    return sorted(p.name for p in directory.iterdir())

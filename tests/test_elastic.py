@@ -8,11 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import hf_model, llama_config, nemotron_config, ours_from, randomize_, rel_err
+from conftest import hf_model, llama_config, nemotron_config, one_line_error, ours_from, randomize_, rel_err
 from star_elastic import hf
 from star_elastic.elastic import ElasticSpec, count_parameters, export, permutations, slice_model, sort_model
 from star_elastic.elastic.spec import applies, unit_counts
-from star_elastic.errors import StarElasticError
 from star_elastic.model import PER_LAYER_SIZES, Model, ModelConfig
 
 TOL = 1e-5  # fp32, ours against ours
@@ -54,16 +53,6 @@ def random_scores(cfg: ModelConfig, seed: int = 0) -> dict:
     scores["meta"] = {"method": "random"}
     scores["layer_order"] = torch.arange(cfg.num_layers)
     return scores
-
-
-def one_line_error(fn, *words):
-    with pytest.raises(StarElasticError) as exc:
-        fn()
-    msg = str(exc.value)
-    assert "\n" not in msg
-    for w in words:
-        assert w.lower() in msg.lower(), (w, msg)
-    return msg
 
 
 # ----------------------------------------------------------------------------- spec

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import LLAMA3_ROPE, VOCAB, hf_model, llama_config, nemotron_config, randomize_, rel_err
+from conftest import LLAMA3_ROPE, VOCAB, entries, hf_model, llama_config, nemotron_config, one_line_error, randomize_, rel_err
 from star_elastic import hf
 from star_elastic.errors import StarElasticError
 from star_elastic.hf import config_from_hf
@@ -44,20 +44,6 @@ def hf_logits(directory, x):
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     with torch.no_grad():
         return ref.eval()(x).logits
-
-
-def one_line_error(fn, *words) -> str:
-    with pytest.raises(StarElasticError) as exc:
-        fn()
-    msg = str(exc.value)
-    assert "\n" not in msg
-    for w in words:
-        assert w.lower() in msg.lower(), (w, msg)
-    return msg
-
-
-def entries(directory):
-    return sorted(p.name for p in directory.iterdir())
 
 
 # ----------------------------------------------------------------------------- ours -> transformers

@@ -12,12 +12,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import PretrainedConfig
 
-from conftest import hf_model, llama_config, nemotron_config, randomize_
+from conftest import entries, hf_model, llama_config, nemotron_config, one_line_error, randomize_
 from star_elastic import hf
 from star_elastic.elastic import ElasticSpec, export, slice_model, sort_model
 from star_elastic.elastic import stream
 from star_elastic.elastic.stream import output_bytes, stream_slice
-from star_elastic.errors import StarElasticError
 from star_elastic.model import Model, ModelConfig
 from test_elastic import LLAMA, NEMOTRON, hf_logits, random_parent_config, random_scores, random_spec
 
@@ -26,20 +25,6 @@ VOCAB = 64
 
 def ids(seq=9, seed=0, vocab=VOCAB):
     return torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(seed))
-
-
-def one_line_error(fn, *words):
-    with pytest.raises(StarElasticError) as exc:
-        fn()
-    msg = str(exc.value)
-    assert "\n" not in msg
-    for w in words:
-        assert w.lower() in msg.lower(), (w, msg)
-    return msg
-
-
-def entries(directory):
-    return sorted(p.name for p in directory.iterdir())
 
 
 def tensors(directory):
