@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 
 install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	@$(PY) -c "import star_elastic, transformers, safetensors, gguf, accelerate, tqdm, pytest" 2>/dev/null || \
+	@$(PY) -c "import star_elastic, transformers, safetensors, gguf, accelerate, tqdm, pytest, fastapi, uvicorn, httpx, matplotlib" 2>/dev/null || \
 		$(PY) -m pip install -q -e ".[test]"
 
 demo: install
