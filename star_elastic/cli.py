@@ -122,8 +122,11 @@ def cmd_elastify(args):
     """importance -> sort -> router + multi-budget distillation -> one elastic checkpoint."""
     from .elastify import ElastifyConfig, elastify, print_table
 
+    from .train import init_distributed, world
+
     out = check_output(args.out, args.force)
-    device = pick_device(args.device)
+    device = init_distributed() or pick_device(args.device)  # under torchrun: this rank's GPU
+    rank, ranks = world()
     # master weights in fp32; on a GPU the steps run under bf16 autocast
     model, tokenizer = load_model_and_tokenizer(args.model, device, None if args.dtype is None else pick_dtype(args.dtype, device))
     model.float()
@@ -132,10 +135,17 @@ def cmd_elastify(args):
                          axes=tuple(a.strip() for a in args.axes.split(",")) if args.axes else ElastifyConfig.axes,
                          heterogeneous=args.heterogeneous, calib_batches=args.calib_batches,
                          eval_tokens=args.eval_tokens, seed=args.seed)
-    print(f"elastify {resolve_model(args.model)}: {model.num_parameters() / 1e6:.1f}M parameters, budgets "
-          f"{', '.join(cfg.budgets)}, {cfg.tokens:,} training tokens, on {device}", flush=True)
+    if rank == 0:
+        where = f"{ranks} ranks ({device.type})" if ranks > 1 else str(device)
+        print(f"elastify {resolve_model(args.model)}: {model.num_parameters() / 1e6:.1f}M parameters, budgets "
+              f"{', '.join(cfg.budgets)}, {cfg.tokens:,} training tokens, on {where}", flush=True)
     result = elastify(model, tokenizer, args.data, out, cfg, log=lambda msg: print(msg, flush=True))
-    print_table(result)
+    if rank == 0:
+        print_table(result)
+    if ranks > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return result
 
 

@@ -21,7 +21,7 @@ from .elastic.search import choose_spec
 from .elastic.sort import sort_model
 from .errors import StarElasticError
 from .evaluate import perplexity
-from .train import ElasticTrainer, TrainConfig
+from .train import ElasticTrainer, TrainConfig, world
 
 
 @dataclass
@@ -55,6 +55,9 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
     An interrupted run resumes from `.OUT.train` beside `out`."""
     out = Path(out)
     device = next(model.parameters()).device
+    rank, ranks = world()  # under torchrun: every rank runs this; rank 0 logs and writes
+    if rank != 0:
+        log = lambda *a, **k: None  # noqa: E731
     torch.manual_seed(cfg.seed)
     budgets = sorted((parse_budget(b, model.config) for b in cfg.budgets), key=lambda b: -b.fraction)
     if len({b.name for b in budgets}) != len(budgets):
@@ -68,7 +71,10 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
     t0 = time.perf_counter()
     calib = TokenBatches(rows, min(cfg.batch_size, rows.shape[0]), seed=cfg.seed + 7)
     depth = "depth" in cfg.axes
-    scores = estimate_importance(model, (b.to(device) for b in calib), num_batches=cfg.calib_batches, depth=depth)
+    # each rank scores its own slice of every calibration batch; statistics are summed over ranks
+    share = (lambda b: b[rank::ranks]) if calib.batch_size >= ranks else (lambda b: b)
+    scores = estimate_importance(model, (share(b).to(device) for b in calib), num_batches=cfg.calib_batches,
+                                 depth=depth)
     sort_model(model, scores)
     log(f"importance on {cfg.calib_batches} batches and function-preserving sort: {time.perf_counter() - t0:.0f} s")
 
@@ -112,8 +118,12 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
                   "zero_shot_perplexity": before, "trained_perplexity": after}
     training = {"tokens": steps * cfg.batch_size * cfg.seq_len, "steps": steps, "seconds": round(train_s, 1),
                 "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}}
-    save_elastic(model, router, budgets, out, tokenizer, extra={"training": training, "evaluation": evaluation})
-    shutil.rmtree(trainer.out, ignore_errors=True)  # the resumable state is no longer needed
+    training["ranks"] = ranks
+    if rank == 0:
+        save_elastic(model, router, budgets, out, tokenizer, extra={"training": training, "evaluation": evaluation})
+        shutil.rmtree(trainer.out, ignore_errors=True)  # the resumable state is no longer needed
+    if ranks > 1:
+        torch.distributed.barrier()
     return {"zero_shot": before, "trained": after, "checkpoint": str(out), "training": training}
 
 

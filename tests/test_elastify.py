@@ -139,3 +139,47 @@ def test_cli_elastify_then_slice_a_budget(tmp_path, tokenizer, text, capsys):
     err = capsys.readouterr().err.strip()
     assert "'0.3' is not in this checkpoint" in err and "\n" not in err
     assert not (tmp_path / "nope").exists()
+
+
+def test_torchrun_two_gloo_ranks_write_the_checkpoint_one_process_writes(tmp_path, tokenizer, text):
+    """`torchrun --nproc_per_node 2 -m star_elastic elastify ...`: rank 0 alone writes, and the
+    checkpoint equals a one-process run's (same global batches, gradients averaged over ranks)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from star_elastic import save_pretrained
+
+    torch.manual_seed(0)
+    save_pretrained(Model(PARENTS["nemotron_h"]), tmp_path / "parent", tokenizer=tokenizer)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["elastify", str(tmp_path / "parent"), "--budgets", "1.0,0.5", "--data", str(text), "--tokens",
+            str(8 * 32 * 3), "--seq-len", "32", "--batch-size", "8", "--calib-batches", "2", "--eval-tokens", "128",
+            "--lr", "1e-2", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STAR_ELASTIC_QUIET": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                "-m", "star_elastic"]
+    p = subprocess.run(launcher + args + ["--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    from star_elastic import cli
+
+    assert cli.main(args + ["--out", str(tmp_path / "one")]) == 0
+    one, two = read_manifest(tmp_path / "one"), read_manifest(tmp_path / "two")
+    assert two["training"]["ranks"] == 2 and one["training"]["ranks"] == 1
+    assert [b["spec"] for b in one["budgets"]] == [b["spec"] for b in two["budgets"]]
+    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    worst = max(((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)).item() for k in a)
+    assert worst < 1e-3, worst
+    # training moved the model far more than the two runs differ
+    before, after = one["evaluation"]["zero_shot_perplexity"]["0.5"], one["evaluation"]["trained_perplexity"]["0.5"]
+    assert abs(after - before) / before > 1e-2
+    for name, ppl in one["evaluation"]["trained_perplexity"].items():
+        assert abs(two["evaluation"]["trained_perplexity"][name] - ppl) / ppl < 1e-4
+    assert not any(p.name.startswith(".two") for p in tmp_path.iterdir())  # resumable state removed
