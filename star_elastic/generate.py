@@ -98,7 +98,8 @@ def generate(model: Model, input_ids: torch.Tensor, max_new_tokens: int, tempera
     """Continue `input_ids` (b, t) by up to `max_new_tokens`; returns (b, t + n) with the prompt.
 
     Stops early once every row has produced an EOS token (rows that finish first are padded with
-    EOS). `on_token(ids)` is called with each new (b,) tensor, for streaming. `compile` fuses the
+    EOS). `on_token(ids)` is called with each new (b,) tensor, for streaming; if it returns True,
+    generation stops after that token (a stop string or marker seen). `compile` fuses the
     decode step with torch.compile (worth it for long or repeated generation on a GPU).
     """
     if input_ids.dim() == 1:
@@ -119,8 +120,8 @@ def generate(model: Model, input_ids: torch.Tensor, max_new_tokens: int, tempera
             token = torch.where(done, eos[0], token)
             done = done | torch.isin(token, eos)
         out.append(token[:, None])
-        if on_token is not None:
-            on_token(token)
+        if on_token is not None and on_token(token):
+            break
         if i == max_new_tokens - 1 or (len(eos) and bool(done.all())):
             break
         logits = step(token, t + i)

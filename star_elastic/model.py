@@ -10,6 +10,10 @@ A Nemotron-H layer is one block `x = x + mixer(norm(x))`. A Llama layer is two s
 Elastic training runs sub-networks inside the full-size model through masks (`Model.set_masks`):
 per-unit weights, 0/1 for a hard sub-architecture or fractional for the router's soft masks. With
 no masks set, every masked branch below is skipped and the model computes exactly as before.
+
+Serving runs sub-networks the other way: a budget view (star_elastic/serve/views.py) is a smaller
+`Model` whose parameters are views of the parent's; where no 2-D view expresses the kept part (heads
+kept per group), it swaps in a projection module over grouped views, with the same call signature.
 """
 
 from __future__ import annotations
@@ -157,7 +161,8 @@ class GatedRMSNorm(nn.Module):
         else:
             ms = xg.pow(2).sum(-1, keepdim=True) / mask.float().view(self.groups, -1).sum(-1, keepdim=True)
         xg = xg * torch.rsqrt(ms + self.eps)
-        return self.weight * xg.flatten(-2).to(dtype)
+        # the weight as (groups, dim / groups): a budget view's weight is a per-group prefix of its parent's
+        return (self.weight.view(self.groups, -1) * xg.to(dtype)).flatten(-2)
 
 
 def activation(name: str):
@@ -246,7 +251,7 @@ class Mamba2(nn.Module):
         self.chunk_size, self.dt_min = cfg.chunk_size, cfg.time_step_min
         self.in_proj = nn.Linear(cfg.hidden_size, self.d_inner + self.conv_dim + self.num_heads, bias=cfg.mamba_bias)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.conv_kernel, groups=self.conv_dim,
-                                padding=cfg.conv_kernel - 1, bias=cfg.use_conv_bias)
+                                bias=cfg.use_conv_bias)  # causal: forward prepends the k-1 previous inputs
         self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
         self.A_log = nn.Parameter(torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32)))
         self.D = nn.Parameter(torch.ones(self.num_heads))
@@ -259,27 +264,27 @@ class Mamba2(nn.Module):
         b, t, _ = u.shape
         z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
         xBC = xBC.transpose(1, 2)  # (b, conv_dim, t)
-        weight = self.conv1d.weight.squeeze(1)
-        if cache is None:
-            xBC = self.conv1d(xBC)[..., :t]
-        else:  # the cached last k-1 inputs stand in for the zero padding
-            xBC = torch.cat([cache.conv.to(xBC.dtype), xBC], dim=-1)
-            cache.conv.copy_(xBC[..., -cache.conv.shape[-1]:])
-            xBC = F.conv1d(xBC, weight[:, None], self.conv1d.bias, groups=self.conv_dim)
-        xBC = F.silu(xBC).transpose(1, 2)
+        k = self.conv1d.kernel_size[0]
+        # the k-1 inputs before these: zeros at the start of a sequence, else the cached last ones
+        before = xBC.new_zeros(b, xBC.shape[1], k - 1) if cache is None else cache.conv.to(xBC.dtype)
+        xBC = torch.cat([before, xBC], dim=-1)
+        if cache is not None:
+            cache.conv.copy_(xBC[..., -(k - 1):])
+        xBC = F.silu(self.conv1d(xBC)).transpose(1, 2)
         x, B, C = xBC.split([self.d_inner, self.n_groups * self.state_size, self.n_groups * self.state_size], dim=-1)
         x = x.view(b, t, self.num_heads, self.head_dim)
         B = B.view(b, t, self.n_groups, self.state_size)
         C = C.view(b, t, self.n_groups, self.state_size)
-        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(min=self.dt_min)
-        A = -torch.exp(self.A_log.float())
+        # per-head vectors flattened: in a budget view they are (n_groups, kept heads per group)
+        dt = F.softplus(dt.float() + self.dt_bias.float().flatten()).clamp(min=self.dt_min)
+        A = -torch.exp(self.A_log.float()).flatten()
         if cache is not None and t == 1:
             y = self.step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], cache.ssm)[:, None]
         else:
             y, final = ssd_scan(x, dt, A, B, C, self.chunk_size, None if cache is None else cache.ssm)
             if cache is not None:
                 cache.ssm.copy_(final)
-        y = y + x.to(y.dtype) * self.D.to(y.dtype)[:, None]
+        y = y + x.to(y.dtype) * self.D.to(y.dtype).flatten()[:, None]
         if self.head_mask is None and self.channel_mask is None:
             y = self.norm(y.flatten(-2), z)
         else:  # heads and channels are independent SSMs up to here: zero the dropped ones' outputs

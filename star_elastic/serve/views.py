@@ -1,0 +1,278 @@
+"""Budget views: every budget of one loaded elastic checkpoint, sharing the parent's weights.
+
+A budget is a prefix of the importance-sorted parent on every axis (METHOD.md §8), so its weights
+are slices of the parent's tensors: `budget_view` builds the budget's `Model` on the meta device
+from `spec.config(parent)` and points each parameter at a view (no copy). The view runs the
+smaller matrix products, exactly as the sliced standalone model (`slice_model`) does.
+
+Most kept parts are plain strided views: a row prefix is contiguous, a column prefix is a matrix
+with a leading-dimension stride (BLAS and cuBLAS take it as it is), experts are (E, I, d)[:e, :i, :h].
+Heads kept per group are not one 2-D view: attention keeps the first query heads of each kept KV
+group, Mamba the first heads of each of its n_groups groups. Their rows (or columns) are then a
+(groups, rows per group, in) view with one stride per group, and `GroupedLinear` runs it as one
+batched matrix product. Mamba's in_proj rows [z | x | B | C | dt] become four such parts side by
+side, its depthwise conv channels [x | B | C] two (`PartsConv1d`).
+
+Two layouts no strided view expresses are copied instead, once, when the view is built, and named
+in `view.copied`: Mamba channels (mamba_head_dim) cut together with heads per group, and routed
+experts cut inside several router groups (n_group > 1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..elastic.slicing import take
+from ..elastic.spec import ElasticSpec
+from ..model import Attention, LlamaLayer, Mamba2, Model, MLP, MoE
+
+# ----------------------------------------------------------------------------- grouped views
+
+
+def grouped(t: torch.Tensor, dim: int, groups: int, keep_groups: int, per_group: int) -> torch.Tensor:
+    """The first `per_group` entries of each of the first `keep_groups` of `groups` equal groups
+    along `dim`, as a view: `dim` becomes (keep_groups, per_group). Merged back into one dimension
+    (still a view) when the kept entries are contiguous along it."""
+    size = t.shape[dim] // groups
+    v = t.unflatten(dim, (groups, size)).narrow(dim, 0, keep_groups).narrow(dim + 1, 0, per_group)
+    return v.flatten(dim, dim + 1) if keep_groups == 1 or per_group == size else v
+
+
+def _param(t: torch.Tensor | None) -> nn.Parameter | None:
+    return None if t is None else nn.Parameter(t.detach(), requires_grad=False)
+
+
+def linear_parts(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T (+ bias) for a 2-D weight or a grouped one, (groups, out, in) with bias
+    (groups, out): the groups' outputs side by side, from one batched matrix product over views."""
+    if weight.dim() == 2:
+        return F.linear(x, weight, bias)
+    g, out, inp = weight.shape
+    flat = x.reshape(-1, inp)
+    # bmm, not matmul: matmul would fold the groups into one 2-D matrix, copying the weight each call
+    y = torch.bmm(flat.expand(g, *flat.shape), weight.transpose(1, 2))  # (groups, tokens, out)
+    if bias is not None:
+        y = y + bias[:, None, :]
+    return y.transpose(0, 1).reshape(*x.shape[:-1], g * out)
+
+
+class GroupedLinear(nn.Module):
+    """A linear layer over views of a parent's weight that no single 2-D matrix expresses.
+
+    Row parts (`weights`, each (out, in) or grouped (groups, out, in)): outputs side by side, as
+    Mamba's in_proj [z | x | B | C | dt] or attention's q_proj with query heads kept per KV group.
+    Grouped input (`in_groups`: one weight (out, groups, in per group)): the input's groups go through
+    their own columns and are summed, as o_proj / out_proj over heads kept per group.
+    """
+
+    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None] | None = None,
+                 in_groups: bool = False):
+        super().__init__()
+        if in_groups and len(weights) != 1:
+            raise ValueError("a grouped input takes one (out, groups, in) weight")
+        self.weights = nn.ParameterList([_param(w) for w in weights])
+        self.biases = [_param(b) for b in (biases or [None] * len(weights))]
+        for i, b in enumerate(self.biases):
+            if b is not None:
+                self.register_parameter(f"bias_{i}", b)
+        self.in_groups = in_groups
+
+    def forward(self, x):
+        if self.in_groups:
+            w = self.weights[0]
+            out, g, inp = w.shape
+            xg = x.reshape(-1, g, inp).transpose(0, 1)  # (groups, tokens, in per group)
+            y = torch.bmm(xg, w.permute(1, 2, 0)).sum(0)  # each group through its columns, then summed
+            if self.biases[0] is not None:
+                y = y + self.biases[0]
+            return y.view(*x.shape[:-1], out)
+        parts = [linear_parts(x, w, b) for w, b in zip(self.weights, self.biases)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+class PartsConv1d(nn.Module):
+    """Mamba's depthwise conv over channel parts, each (channels, k) or grouped (groups, channels, k)
+    (a view of the parent's conv weight); input (b, channels, t + k - 1) -> (b, channels, t), no padding."""
+
+    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None]):
+        super().__init__()
+        self.weights = nn.ParameterList([_param(w) for w in weights])
+        self.biases = [_param(b) for b in biases]
+        for i, b in enumerate(self.biases):
+            if b is not None:
+                self.register_parameter(f"bias_{i}", b)
+        self.kernel_size = (weights[0].shape[-1],)
+
+    def forward(self, x):
+        sizes = [w.shape[:-1].numel() for w in self.weights]
+        outs = []
+        for xp, w, b in zip(x.split(sizes, dim=1), self.weights, self.biases):
+            xp = xp.reshape(x.shape[0], *w.shape[:-1], x.shape[-1])
+            # the k taps of every channel at once: windows (.., t, k) times the channel's weights (.., 1, k)
+            y = (xp.unfold(-1, w.shape[-1], 1) * w[..., None, :].to(xp.dtype)).sum(-1)
+            if b is not None:
+                y = y + b[..., None].to(y.dtype)
+            outs.append(y.reshape(x.shape[0], -1, y.shape[-1]))
+        return torch.cat(outs, dim=1)
+
+
+# ----------------------------------------------------------------------------- building a view
+
+
+def _set(module: nn.Module, name: str, t: torch.Tensor | None):
+    if t is not None:
+        setattr(module, name, _param(t))
+
+
+def _attention(dst: Attention, src: Attention, h: int):
+    hd, kv, per = src.head_dim, dst.num_kv_heads, dst.num_heads // dst.num_kv_heads
+    for name in ("k_proj", "v_proj"):
+        s, d = getattr(src, name), getattr(dst, name)
+        _set(d, "weight", s.weight[: kv * hd, :h])
+        _set(d, "bias", None if s.bias is None else s.bias[: kv * hd])
+    # the first `per` query heads of each of the first `kv` KV groups
+    qw = grouped(src.q_proj.weight[:, :h], 0, src.num_kv_heads, kv, per * hd)
+    qb = None if src.q_proj.bias is None else grouped(src.q_proj.bias, 0, src.num_kv_heads, kv, per * hd)
+    ow = grouped(src.o_proj.weight[:h], 1, src.num_kv_heads, kv, per * hd)
+    ob = None if src.o_proj.bias is None else src.o_proj.bias[:h]
+    if qw.dim() == 2:  # whole KV groups (or a single one): a plain prefix of rows and of columns
+        _set(dst.q_proj, "weight", qw), _set(dst.q_proj, "bias", qb)
+        _set(dst.o_proj, "weight", ow), _set(dst.o_proj, "bias", ob)
+    else:
+        dst.q_proj = GroupedLinear([qw], [qb])
+        dst.o_proj = GroupedLinear([ow], [ob], in_groups=True)
+
+
+def _mlp(dst: MLP, src: MLP, h: int):
+    width = dst.down_proj.in_features
+    for name in ("gate_proj", "up_proj") if dst.gated else ("up_proj",):
+        _set(getattr(dst, name), "weight", getattr(src, name).weight[:width, :h])
+        _set(getattr(dst, name), "bias", None if getattr(src, name).bias is None else getattr(src, name).bias[:width])
+    _set(dst.down_proj, "weight", src.down_proj.weight[:h, :width])
+    _set(dst.down_proj, "bias", None if src.down_proj.bias is None else src.down_proj.bias[:h])
+
+
+def _mamba(dst: Mamba2, src: Mamba2, h: int):
+    G, P, d_inner, bc = src.n_groups, src.head_dim, src.d_inner, 2 * src.n_groups * src.state_size
+    per = dst.num_heads // G
+
+    def heads(t, dim, channels=P):  # the first `per` heads of every group, `channels` entries per head
+        return grouped(t, dim, G, G, per * channels)
+
+    ob = None if src.out_proj.bias is None else src.out_proj.bias[:h]
+    if dst.num_heads == src.num_heads:  # every head kept: plain column / row prefixes
+        _set(dst.in_proj, "weight", src.in_proj.weight[:, :h])
+        _set(dst.in_proj, "bias", src.in_proj.bias)
+        _set(dst.conv1d, "weight", src.conv1d.weight)
+        _set(dst.conv1d, "bias", src.conv1d.bias)
+    else:  # in_proj rows [z | x | B | C | dt] and conv channels [x | B | C]: the heads' parts side by side
+        z, x, BC, dt = src.in_proj.weight[:, :h].split([d_inner, d_inner, bc, src.num_heads])
+        b = src.in_proj.bias
+        biases = None if b is None else [heads(b[:d_inner], 0), heads(b[d_inner:2 * d_inner], 0),
+                                         b[2 * d_inner:2 * d_inner + bc], heads(b[2 * d_inner + bc:], 0, 1)]
+        dst.in_proj = GroupedLinear([heads(z, 0), heads(x, 0), BC, heads(dt, 0, 1)], biases)
+        w, b = src.conv1d.weight[:, 0], src.conv1d.bias  # (channels, k)
+        dst.conv1d = PartsConv1d([heads(w[:d_inner], 0), w[d_inner:]],
+                                 [None if b is None else heads(b[:d_inner], 0), None if b is None else b[d_inner:]])
+    for name in ("dt_bias", "A_log", "D"):  # (groups, heads per group) where the heads are cut per group
+        _set(dst, name, heads(getattr(src, name), 0, 1))
+    _set(dst.norm, "weight", heads(src.norm.weight, 0))  # the gated norm views it as (groups, -1) anyway
+    ow = heads(src.out_proj.weight[:h], 1)
+    if ow.dim() == 2:
+        _set(dst.out_proj, "weight", ow), _set(dst.out_proj, "bias", ob)
+    else:
+        dst.out_proj = GroupedLinear([ow], [ob], in_groups=True)
+
+
+def _moe(dst: MoE, src: MoE, h: int):
+    e, i = dst.experts.up_proj.shape[:2]
+    d = dst.experts.up_proj.shape[2]  # hidden, or the latent size
+    latent = src.latent
+    _set(dst.gate, "weight", src.gate.weight[:e, :h])
+    dst.gate.e_score_correction_bias = src.gate.e_score_correction_bias[:e]
+    _set(dst.experts, "up_proj", src.experts.up_proj[:e, :i, :d])
+    _set(dst.experts, "down_proj", src.experts.down_proj[:e, :d, :i])
+    _mlp(dst.shared_experts, src.shared_experts, h)
+    if latent:
+        _set(dst.fc1_latent_proj, "weight", src.fc1_latent_proj.weight[:, :h])
+        _set(dst.fc1_latent_proj, "bias", src.fc1_latent_proj.bias)
+        _set(dst.fc2_latent_proj, "weight", src.fc2_latent_proj.weight[:h])
+        _set(dst.fc2_latent_proj, "bias", None if src.fc2_latent_proj.bias is None else src.fc2_latent_proj.bias[:h])
+
+
+def _copied(parent: Model, spec: ElasticSpec, old: int, prefix: str) -> dict[str, torch.Tensor]:
+    """The sliced (copied) tensors of parent layer `old`, by their names under `prefix`."""
+    idx = spec.indices(parent.config)
+    out = {}
+    for name, t in parent.model.layers[old].state_dict(prefix=f"model.layers.{old}.").items():
+        out[prefix + name[len(f"model.layers.{old}."):]] = take(name, t, parent.config, idx)
+    return out
+
+
+@torch.no_grad()
+def budget_view(parent: Model, spec: ElasticSpec) -> Model:
+    """The submodel of `spec` over the parent's own tensors (views, no copies; see the module doc).
+    Computes what `slice_model(parent, spec)` computes. The parent must stay as it is while views of
+    it are in use (sorting or re-loading it in place would change every view)."""
+    pcfg = parent.config
+    cfg = spec.config(pcfg)
+    sizes = spec.sizes(pcfg)
+    with torch.device("meta"):
+        view = Model(cfg)
+    view.copied = []  # names of tensors that are copies (layouts no view expresses)
+    h = cfg.hidden_size
+    _set(view.embed, "weight", parent.embed.weight[:, :h])
+    if cfg.tied:
+        view.lm_head.weight = view.embed.weight
+    else:
+        _set(view.lm_head, "weight", parent.lm_head.weight[:, :h])
+    _set(view.final_norm, "weight", parent.final_norm.weight[:h])
+    for new, old in enumerate(spec.kept_layers(pcfg)):
+        src, dst, p = parent.model.layers[old], view.model.layers[new], pcfg.layer(old)
+        if isinstance(src, LlamaLayer):
+            _set(dst.input_layernorm, "weight", src.input_layernorm.weight[:h])
+            _set(dst.post_attention_layernorm, "weight", src.post_attention_layernorm.weight[:h])
+            _attention(dst.self_attn, src.self_attn, h)
+            _mlp(dst.mlp, src.mlp, h)
+            continue
+        _set(dst.norm, "weight", src.norm.weight[:h])
+        kind = src.kind
+        channels_cut = kind == "M" and sizes[old]["mamba_head_dim"] < p.mamba_head_dim
+        experts_cut = kind == "E" and p.n_group > 1 and sizes[old]["n_routed_experts"] < p.n_routed_experts
+        if channels_cut or experts_cut:  # no strided view: copy this layer's slices (listed in view.copied)
+            for name, t in _copied(parent, spec, old, "").items():
+                if not name.startswith("mixer."):
+                    continue
+                mod_name, leaf = name.rsplit(".", 1)
+                mod = dst.get_submodule(mod_name)
+                if leaf in mod._buffers:
+                    mod._buffers[leaf] = t.clone()
+                else:
+                    setattr(mod, leaf, _param(t.clone()))
+                view.copied.append(f"model.layers.{new}.{name}")
+        elif kind == "*":
+            _attention(dst.mixer, src.mixer, h)
+        elif kind == "M":
+            _mamba(dst.mixer, src.mixer, h)
+        elif kind == "-":
+            _mlp(dst.mixer, src.mixer, h)
+        else:
+            _moe(dst.mixer, src.mixer, h)
+    if parent.inv_freq is not None:
+        view.inv_freq = parent.inv_freq  # the same rotary frequencies (head_dim is never cut)
+    if hasattr(parent, "hf_config"):
+        view.hf_config = parent.hf_config
+    leftover = [n for n, t in list(view.named_parameters()) + list(view.named_buffers()) if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"budget view left {leftover[:3]} unset")
+    return view.eval().requires_grad_(False)
+
+
+def shares_storage(view: Model, parent: Model) -> bool:
+    """Whether every parameter and buffer of `view` outside `view.copied` lies in a parent tensor's storage."""
+    ptrs = {t.untyped_storage().data_ptr() for t in list(parent.parameters()) + list(parent.buffers())}
+    copied = set(getattr(view, "copied", []))
+    return all(t.untyped_storage().data_ptr() in ptrs for n, t in
+               list(view.named_parameters()) + list(view.named_buffers()) if n not in copied)
