@@ -21,7 +21,7 @@ NEMOTRON = ModelConfig(vocab_size=63, hidden_size=32, layer_types="M*EM-*", num_
                        ssm_state_size=8, n_groups=2, chunk_size=8, n_routed_experts=8, num_experts_per_tok=2,
                        moe_intermediate_size=16, moe_shared_expert_intermediate_size=16, mamba_bias=True,
                        attention_bias=True, max_position_embeddings=96, bos_token_id=1, eos_token_id=2)
-LLAMA = ModelConfig(family="llama", vocab_size=63, hidden_size=32, layer_types="***", num_attention_heads=6,
+LLAMA = ModelConfig(family="llama", vocab_size=63, hidden_size=32, layer_types="***", num_attention_heads=4,
                     num_key_value_heads=2, head_dim=8, intermediate_size=64, rope_theta=10000.0, mlp_gated=True,
                     mlp_act="silu", tie_word_embeddings=True, max_position_embeddings=96, bos_token_id=1,
                     eos_token_id=2)
@@ -32,7 +32,7 @@ SPECS = {
                                       intermediate_size=32, n_routed_experts=4, moe_intermediate_size=8,
                                       moe_shared_expert_intermediate_size=8, layers=[0, 1, 2, 3, 5])},
     "llama": {"1.0": ElasticSpec(),
-              "0.75": ElasticSpec(hidden_size=24, num_attention_heads=4, intermediate_size=48),
+              "0.75": ElasticSpec(hidden_size=24, num_attention_heads=2, intermediate_size=48),
               "0.5": ElasticSpec(hidden_size=16, num_attention_heads=[2, 4, 2], num_key_value_heads=[1, 2, 2],
                                  intermediate_size=[32, 16, 48], layers=[0, 2])},
 }

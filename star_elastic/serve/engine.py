@@ -1,0 +1,165 @@
+"""Generation at any budget of one loaded elastic checkpoint, and elastic budget control.
+
+`ElasticEngine` holds the parent once and a budget view per budget (views.py), built on first use
+and kept: switching budgets copies no weights. Caches are sized for each view's own config
+(`generate` makes them from the view).
+
+Concurrency: `generate` keeps one set of decode caches (and CUDA graph) per model, so two
+sequences decoding on the same view at once would overwrite each other's KV / Mamba state. The
+engine therefore runs one generation at a time, under a lock: every request owns the caches while
+it decodes, and outputs do not depend on what else is running. (Serialized, not interleaved: the
+simplest correct thing; batching requests together is left for later.)
+
+Elastic budget control (METHOD.md §8): `think_then_answer` writes the reasoning with a small budget
+until the end-of-thinking marker (or a token limit), then a larger budget prefills prompt +
+thinking and writes the answer.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..elastic.checkpoint import ElasticCheckpoint, budget_names, budget_spec, load_elastic
+from ..errors import StarElasticError
+from ..generate import generate
+from ..model import Model
+from .views import budget_view
+
+DEFAULT_MARKER = "</think>"
+
+
+@dataclass
+class Generation:
+    """What one call produced: new token ids (prompt excluded), why it stopped, and timings."""
+
+    tokens: list[int]
+    finish_reason: str  # "stop" (EOS, stop string or marker) or "length"
+    seconds: float
+    thinking: list[int] = field(default_factory=list)  # think_then_answer: the reasoning part
+    think_seconds: float = 0.0
+
+
+class StopWatcher:
+    """on_token callback: collects row 0's tokens and asks `generate` to stop once any stop string
+    appears in their text (checked on the last few tokens' text only, so each step stays cheap)."""
+
+    def __init__(self, tokenizer, stops: list[str], on_token=None):
+        self.tokenizer, self.stops, self.on_token = tokenizer, [s for s in stops if s], on_token
+        self.tokens: list[int] = []
+        self.hit: str | None = None
+        # a stop string of n characters spans at most n tokens (special tokens aside)
+        self.window = max((len(s) for s in self.stops), default=0) + 1
+
+    def __call__(self, token: torch.Tensor) -> bool:
+        self.tokens.append(int(token[0]))
+        stop = False
+        if self.stops:
+            tail = self.tokenizer.decode(self.tokens[-self.window:], skip_special_tokens=False)
+            self.hit = next((s for s in self.stops if s in tail), None)
+            stop = self.hit is not None
+        if self.on_token is not None and self.on_token(int(token[0])):
+            return True  # the caller gave up (a closed stream)
+        return stop
+
+
+class ElasticEngine:
+    """Every budget of one elastic checkpoint, from one copy of the weights."""
+
+    def __init__(self, ckpt: ElasticCheckpoint):
+        self.ckpt, self.parent, self.tokenizer = ckpt, ckpt.model.eval(), ckpt.tokenizer
+        self.budgets = budget_names(ckpt.manifest)
+        self.views: dict[str, Model] = {}
+        self.lock = threading.Lock()  # one generation at a time: see the module doc
+
+    @classmethod
+    def load(cls, path, device=None, dtype=None) -> "ElasticEngine":
+        ckpt = load_elastic(path, dtype=dtype, device=device)
+        if ckpt.tokenizer is None:
+            raise StarElasticError(f"{path}: no tokenizer files in the checkpoint")
+        ckpt.model.requires_grad_(False)
+        return cls(ckpt)
+
+    @property
+    def device(self):
+        return self.parent.lm_head.weight.device
+
+    @property
+    def context_length(self) -> int:
+        return int(self.parent.config.max_position_embeddings)
+
+    @property
+    def eos_ids(self) -> list[int]:
+        eos = self.parent.config.eos_token_id
+        ids = [eos] if isinstance(eos, int) else list(eos or [])
+        tok = getattr(self.tokenizer, "eos_token_id", None)
+        return ids + ([tok] if tok is not None and tok not in ids else [])
+
+    def view(self, budget: str) -> Model:
+        """The model of a budget in the manifest (StarElasticError for any other name)."""
+        budget = str(budget)
+        if budget not in self.views:
+            spec = budget_spec(self.ckpt.manifest, budget)
+            # the parent itself for a budget that keeps everything: one set of caches, not two
+            self.views[budget] = self.parent if not spec.to_dict() else budget_view(self.parent, spec)
+        return self.views[budget]
+
+    # ------------------------------------------------------------------------- generation
+
+    def _generate(self, model: Model, ids: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float,
+                  seed: int | None, stops: list[str], on_token, eos: list[int]) -> tuple[list[int], str]:
+        watcher = StopWatcher(self.tokenizer, stops, on_token)
+        gen = None
+        if temperature > 0:
+            gen = torch.Generator(device=self.device).manual_seed(0 if seed is None else seed)
+        out = generate(model, ids.to(self.device), max_new_tokens, temperature=temperature, top_p=top_p,
+                       eos_token_id=eos, generator=gen, on_token=watcher)
+        new = out[0, ids.shape[-1]:].tolist()
+        reason = "stop" if watcher.hit is not None or (new and new[-1] in eos) else "length"
+        return new, reason
+
+    def generate(self, budget: str, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
+                 on_token=None) -> Generation:
+        """Continue one prompt (1, t) at `budget`. `on_token(id)` sees every new token as it comes
+        (returning True stops); `stop` strings end the generation once they appear."""
+        model = self.view(budget)
+        with self.lock:
+            t0 = time.perf_counter()
+            tokens, reason = self._generate(model, ids, max_new_tokens, temperature, top_p, seed, stop or [],
+                                            on_token, self.eos_ids)
+            return Generation(tokens, reason, time.perf_counter() - t0)
+
+    def think_then_answer(self, ids: torch.Tensor, think_budget: str, answer_budget: str, max_think_tokens: int,
+                          max_answer_tokens: int, marker: str = DEFAULT_MARKER, temperature: float = 0.0,
+                          top_p: float = 1.0, seed: int | None = None, on_token=None) -> Generation:
+        """Reason with `think_budget` until `marker` appears in its text (or EOS, or `max_think_tokens`),
+        then answer with `answer_budget`, which prefills prompt + thinking. A thinking phase that ends
+        without the marker gets the marker appended, so the answer starts after a closed thought.
+        `on_token(id, phase)` sees the tokens of both phases ("think", then "answer")."""
+        think, answer = self.view(think_budget), self.view(answer_budget)  # unknown names fail first
+        marker_ids = self.tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
+        with self.lock:
+            t0 = time.perf_counter()
+            cb = None if on_token is None else (lambda tok: on_token(tok, "think"))
+            thought, reason = self._generate(think, ids, max_think_tokens, temperature, top_p, seed,
+                                             [marker] if marker else [], cb, self.eos_ids)
+            if reason == "stop" and thought and thought[-1] in self.eos_ids:
+                thought = thought[:-1]  # the small model ended without closing its thought
+                reason = "length"
+            if reason == "length" and marker_ids:
+                thought = thought + list(marker_ids)
+                if on_token is not None:
+                    for tok in marker_ids:
+                        on_token(tok, "think")
+            t1 = time.perf_counter()
+            prefix = torch.cat([ids.view(1, -1).to(self.device), torch.tensor([thought], device=self.device,
+                                                                             dtype=torch.long)], dim=1)
+            cb = None if on_token is None else (lambda tok: on_token(tok, "answer"))
+            tokens, reason = self._generate(answer, prefix, max_answer_tokens, temperature, top_p, seed, [], cb,
+                                            self.eos_ids)
+            t2 = time.perf_counter()
+        return Generation(tokens, reason, t2 - t0, thinking=thought, think_seconds=t1 - t0)
