@@ -92,7 +92,10 @@ def cmd_generate(args):
     import torch
 
     from .generate import generate
+    from .serve.cli import cmd_generate_budget, wants_budget
 
+    if wants_budget(args):  # a budget (or two) of an elastic checkpoint: serve/cli.py
+        return cmd_generate_budget(args)
     device = pick_device(args.device)
     model, tokenizer = load_model_and_tokenizer(args.model, device, pick_dtype(args.dtype, device))
     ids = encode_prompt(tokenizer, args.prompt, chat=not args.raw)
@@ -381,6 +384,8 @@ def cmd_slice(args):
 # ----------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
+    from .serve.cli import add_generate_budget_args, add_serve_parser
+
     p = argparse.ArgumentParser(prog="star-elastic", description="Many-in-one elastic LLMs: evaluate, slice, serve.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -410,7 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top-p", type=float, default=1.0)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    add_generate_budget_args(sp)
     sp.set_defaults(fn=cmd_generate)
+    add_serve_parser(sub, model_args)
 
     sp = sub.add_parser("elastify", help="train one elastic checkpoint holding every budget")
     model_args(sp, dtype_help="dtype to load in (training keeps fp32 master weights; bf16 autocast on a GPU)")
