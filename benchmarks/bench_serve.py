@@ -1,0 +1,287 @@
+"""Serving every budget from one elastic checkpoint: speed and memory of budget views (issue 5).
+
+Measured side by side in one run, on one machine:
+  1. decode and prefill tokens/s of each budget's view vs the same budget sliced standalone (target >= 0.95x)
+  2. budget switch latency: building a view (then cached) vs loading the sliced budget from disk
+  3. resident memory: all budgets from one checkpoint vs each budget loaded standalone
+     (CPU: bytes of distinct tensor storages; GPU: torch.cuda.memory_allocated)
+  4. tokens/s of each budget relative to the full model
+  5. elastic budget control: think with the smallest budget, answer with the full one, vs the full
+     model for both (same token counts: speed does not depend on what the tokens say)
+  6. F.linear / bmm on strided weight views vs contiguous copies (no silent per-call copy)
+
+Without --ckpt it builds its own checkpoint, untrained (quality does not matter for speed): the
+parent (SmolLM2-135M, or a random hybrid Nemotron-H with --model hybrid, or a tiny one with --smoke)
+with budget architectures from the zero-shot search. Imports neither FastAPI nor uvicorn.
+
+    python benchmarks/bench_serve.py --smoke
+    python benchmarks/bench_serve.py --model smollm2 --out docs/results/serve_cpu_smollm2.json
+    python benchmarks/bench_serve.py --device cuda --model hybrid --out docs/results/serve_h100_hybrid.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from star_elastic import load  # noqa: E402
+from star_elastic.elastic import slice_model  # noqa: E402
+from star_elastic.elastic.checkpoint import budget_names, load_elastic, save_elastic  # noqa: E402
+from star_elastic.elastic.cost import parse_budget  # noqa: E402
+from star_elastic.elastic.router import Router  # noqa: E402
+from star_elastic.elastic.search import DEFAULT_AXES, applicable_axes, choose_spec  # noqa: E402
+from star_elastic.elastic.slicing import export  # noqa: E402
+from star_elastic.generate import generate  # noqa: E402
+from star_elastic.model import Model, ModelConfig  # noqa: E402
+from star_elastic.serve.views import budget_view, shares_storage  # noqa: E402
+
+HYBRID = dict(vocab_size=32000, hidden_size=1536, layer_types="M*M-MEM*M-ME", num_attention_heads=16,
+              num_key_value_heads=4, head_dim=96, intermediate_size=4096, mamba_num_heads=32, mamba_head_dim=64,
+              ssm_state_size=64, n_groups=4, chunk_size=128, n_routed_experts=16, num_experts_per_tok=2,
+              moe_intermediate_size=768, moe_shared_expert_intermediate_size=1536, max_position_embeddings=4096)
+TINY = dict(vocab_size=512, hidden_size=128, layer_types="M*EM-*", num_attention_heads=8, num_key_value_heads=2,
+            head_dim=16, intermediate_size=256, mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2,
+            chunk_size=32, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
+            moe_shared_expert_intermediate_size=128, max_position_embeddings=1024)
+
+
+def build_checkpoint(kind: str, budgets: list[str], out: Path) -> Path:
+    """An untrained elastic checkpoint: the parent plus the zero-shot search's homogeneous architecture per budget."""
+    tokenizer = None
+    if kind == "smollm2":
+        from star_elastic.assets import smollm2_gguf
+        from star_elastic.hf import load_tokenizer
+
+        path = smollm2_gguf()
+        model, tokenizer = load(path, dtype=torch.float32), load_tokenizer(path)
+    else:
+        torch.manual_seed(0)
+        model = Model(ModelConfig(**(HYBRID if kind == "hybrid" else TINY)))
+        for p in model.parameters():  # O(1) activations everywhere, like a trained model's
+            if p.dim() >= 2:
+                torch.nn.init.normal_(p, std=p.shape[-1] ** -0.5)
+    cfg = model.config
+    parsed = [parse_budget(b, cfg) for b in budgets]
+    axes = [a for a in DEFAULT_AXES if a in applicable_axes(cfg)]
+    specs = [choose_spec(cfg, int(b.target), axes) for b in parsed]
+    router = Router(cfg, parsed)
+    router.spec = lambda i: specs[i]  # the searched architectures stand in for a trained router's argmax
+    return save_elastic(model, router, parsed, out, tokenizer=tokenizer)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def side_by_side(fns: dict, reps: int, device) -> dict:
+    """Median seconds of each fn, run interleaved (a, b, a, b, ...) after one warm-up each."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            times[k].append(timed(fn, device))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def storage_bytes(*models) -> int:
+    seen = {}
+    for m in models:
+        for t in list(m.parameters()) + list(m.buffers()):
+            s = t.untyped_storage()
+            seen[(s.device.type, s.data_ptr())] = s.nbytes()
+    return sum(seen.values())
+
+
+def matmul_checks(parent: Model, device, dtype, tokens: list[int], reps: int) -> list[dict]:
+    """F.linear on a column-prefix view (lm_head, MLP) and the grouped bmm views vs contiguous copies."""
+    from star_elastic.serve.views import GroupedLinear, grouped
+
+    D = parent.config.hidden_size
+    W = parent.lm_head.weight
+    h = (D * 3 // 4) // 8 * 8
+    rows = []
+    G = 4
+    Wo = torch.randn(D, 4 * 4 * 64, device=device, dtype=dtype)
+    cases = {"lm_head[:, :h] (column prefix)": (W[:, :h], None),
+             "o_proj heads per group (grouped columns)": (grouped(Wo[:h], 1, G, G, 2 * 64), "cols"),
+             "q_proj heads per group (grouped rows)": (grouped(Wo.T[:, :h], 0, G, G, 2 * 64), "rows")}
+    for name, (w, mode) in cases.items():
+        for n in tokens:
+            if mode is None:
+                x = torch.randn(n, h, device=device, dtype=dtype)
+                view_fn, copy = (lambda x=x, w=w: F.linear(x, w)), w.contiguous()
+                copy_fn = lambda x=x, c=copy: F.linear(x, c)  # noqa: E731
+            else:
+                lin = GroupedLinear([w], in_groups=mode == "cols")
+                # the same kept weight as one contiguous matrix: what the sliced model multiplies by
+                copy = w.contiguous().flatten(1) if mode == "cols" else w.contiguous().flatten(0, 1)
+                x = torch.randn(n, copy.shape[1], device=device, dtype=dtype)
+                view_fn, copy_fn = (lambda x=x, m=lin: m(x)), (lambda x=x, c=copy: F.linear(x, c))
+            k = 20 if device.type == "cpu" else 200
+
+            def loop(f, k=k):
+                for _ in range(k):
+                    f()
+
+            t = side_by_side({"view": lambda: loop(view_fn), "contiguous": lambda: loop(copy_fn)}, reps, device)
+            rows.append({"op": name, "tokens": n, "view_us": t["view"] / k * 1e6, "contiguous_us": t["contiguous"] / k * 1e6,
+                         "ratio": t["contiguous"] / t["view"]})
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ckpt", help="an elastic checkpoint (default: build one)")
+    ap.add_argument("--model", choices=["smollm2", "hybrid", "tiny"], help="parent to build (default smollm2; tiny with --smoke)")
+    ap.add_argument("--budgets", default="1.0,0.75,0.5")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 on cuda, float32 on cpu")
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--think-tokens", type=int, default=96)
+    ap.add_argument("--answer-tokens", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, help="torch CPU threads")
+    ap.add_argument("--smoke", action="store_true", help="tiny model, few tokens: a quick CPU check")
+    ap.add_argument("--out", help="JSON results file")
+    args = ap.parse_args()
+    if args.smoke:
+        args.model = args.model or "tiny"
+        args.prompt_len, args.new_tokens, args.think_tokens, args.answer_tokens = 16, 8, 16, 8
+    args.model = args.model or "smollm2"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or
+                                                                  ("bfloat16" if device.type == "cuda" else "float32")]
+    work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    t0 = time.perf_counter()
+    ckpt_dir = Path(args.ckpt) if args.ckpt else build_checkpoint(args.model, args.budgets.split(","), work / "ckpt")
+    build_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        base_mem = torch.cuda.memory_allocated()
+    ckpt = load_elastic(ckpt_dir, dtype=dtype, device=device)
+    parent = ckpt.model.eval().requires_grad_(False)
+    names = budget_names(ckpt.manifest)
+    specs = {n: ckpt.spec(n) for n in names}
+    print(f"checkpoint {ckpt_dir} ({'built in %.0f s' % build_s if not args.ckpt else 'given'}): "
+          f"{parent.num_parameters() / 1e6:.1f}M parameters, budgets {', '.join(names)}; {device}, {dtype}", flush=True)
+
+    # 2. switch latency: a view is built once (then cached); the alternative loads the sliced budget from disk
+    views, build_ms = {}, {}
+    for n in names:
+        t = timed(lambda: views.__setitem__(n, budget_view(parent, specs[n])), device)
+        build_ms[n] = t * 1e3
+    # 3. memory: one parent + every view, against every budget loaded standalone
+    if device.type == "cuda":
+        serving_bytes = torch.cuda.memory_allocated() - base_mem
+    else:
+        serving_bytes = storage_bytes(parent, *views.values())
+    assert all(shares_storage(v, parent) for v in views.values())
+    sliced, standalone_bytes, load_s = {}, 0, {}
+    for n in names:
+        before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+        sliced[n] = slice_model(parent, specs[n]).eval().requires_grad_(False)
+        standalone_bytes += (torch.cuda.memory_allocated() - before) if device.type == "cuda" else storage_bytes(sliced[n])
+        export(sliced[n].cpu() if device.type == "cuda" else sliced[n], work / f"sliced-{n}")
+        if device.type == "cuda":
+            sliced[n] = sliced[n].to(device)
+        load_s[n] = timed(lambda: load(work / f"sliced-{n}", dtype=dtype, device=device), device)
+    print(f"memory: all {len(names)} budgets from one checkpoint {serving_bytes / 2**20:.1f} MiB, each loaded standalone "
+          f"{standalone_bytes / 2**20:.1f} MiB (ratio {serving_bytes / standalone_bytes:.3f})", flush=True)
+
+    # 1 + 4. tokens/s: view vs sliced, every budget vs the full model
+    g = torch.Generator().manual_seed(0)
+    V = parent.config.vocab_size
+    prompt = torch.randint(3, V, (1, args.prompt_len), generator=g).to(device)
+    rows = []
+    for n in names:
+        v, s = views[n], sliced[n]
+        gen_t = side_by_side({"view": lambda: generate(v, prompt, args.new_tokens),
+                              "sliced": lambda: generate(s, prompt, args.new_tokens)}, args.reps, device)
+        with torch.no_grad():
+            pre_t = side_by_side({"view": lambda: v(prompt, last_only=True),
+                                  "sliced": lambda: s(prompt, last_only=True)}, args.reps, device)
+        same = torch.equal(generate(v, prompt, args.new_tokens), generate(s, prompt, args.new_tokens))
+        rows.append({"budget": n, "params": v.num_parameters(),
+                     "decode_tok_s_view": args.new_tokens / gen_t["view"], "decode_tok_s_sliced": args.new_tokens / gen_t["sliced"],
+                     "decode_ratio": gen_t["sliced"] / gen_t["view"],
+                     "prefill_tok_s_view": args.prompt_len / pre_t["view"], "prefill_tok_s_sliced": args.prompt_len / pre_t["sliced"],
+                     "prefill_ratio": pre_t["sliced"] / pre_t["view"], "greedy_equal": same,
+                     "view_build_ms": build_ms[n], "standalone_load_ms": load_s[n] * 1e3})
+        print(f"  budget {n}: decode view {rows[-1]['decode_tok_s_view']:.1f} tok/s vs sliced "
+              f"{rows[-1]['decode_tok_s_sliced']:.1f} ({rows[-1]['decode_ratio']:.3f}x); prefill "
+              f"{rows[-1]['prefill_ratio']:.3f}x; greedy equal: {same}", flush=True)
+    full = rows[0]["decode_tok_s_view"]
+    for r in rows:
+        r["decode_vs_full"] = r["decode_tok_s_view"] / full
+
+    # 5. think small, answer large vs the full model for both (fixed token counts, no EOS)
+    small, big = views[names[-1]], views[names[0]]
+
+    def think_answer():
+        thought = generate(small, prompt, args.think_tokens)
+        generate(big, thought, args.answer_tokens)
+
+    ta = side_by_side({"think_small_answer_full": think_answer,
+                       "full_only": lambda: generate(big, prompt, args.think_tokens + args.answer_tokens)}, args.reps, device)
+    think = {"think_budget": names[-1], "answer_budget": names[0], "think_tokens": args.think_tokens,
+             "answer_tokens": args.answer_tokens, "seconds_think_answer": ta["think_small_answer_full"],
+             "seconds_full": ta["full_only"], "speedup": ta["full_only"] / ta["think_small_answer_full"]}
+
+    # 6. strided views in the matrix products themselves
+    mm = matmul_checks(parent, device, dtype, [1, args.prompt_len], args.reps)
+
+    print(f"\n{'budget':>7} {'params':>9} {'decode view':>12} {'sliced':>9} {'view/sliced':>11} {'prefill v/s':>11} "
+          f"{'vs full':>8} {'view build':>11} {'load sliced':>12}")
+    for r in rows:
+        print(f"{r['budget']:>7} {r['params'] / 1e6:>8.1f}M {r['decode_tok_s_view']:>8.1f} t/s {r['decode_tok_s_sliced']:>9.1f} "
+              f"{r['decode_ratio']:>10.3f}x {r['prefill_ratio']:>10.3f}x {r['decode_vs_full']:>7.2f}x "
+              f"{r['view_build_ms']:>8.1f} ms {r['standalone_load_ms']:>9.1f} ms")
+    print(f"memory: one checkpoint serving every budget {serving_bytes / 2**20:.1f} MiB vs standalone "
+          f"{standalone_bytes / 2**20:.1f} MiB ({serving_bytes / standalone_bytes:.3f}x)")
+    print(f"think {names[-1]} ({args.think_tokens} tok) -> answer {names[0]} ({args.answer_tokens} tok): "
+          f"{think['seconds_think_answer']:.2f} s vs full only {think['seconds_full']:.2f} s ({think['speedup']:.2f}x faster)")
+    for r in mm:
+        print(f"matmul {r['op']}, {r['tokens']} tokens: view {r['view_us']:.0f} us, contiguous {r['contiguous_us']:.0f} us "
+              f"({r['ratio']:.2f}x)")
+    result = {"machine": {"device": str(device), "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+                          "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": str(dtype)},
+              "command": " ".join(sys.argv), "checkpoint": str(ckpt_dir), "model": args.model if not args.ckpt else None,
+              "parent_params": parent.num_parameters(), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+              "reps": args.reps, "budgets": rows,
+              "memory": {"serving_bytes": serving_bytes, "standalone_bytes": standalone_bytes,
+                         "ratio": serving_bytes / standalone_bytes,
+                         "parent_bytes": storage_bytes(parent), "how": "cuda.memory_allocated" if device.type == "cuda" else "distinct tensor storages"},
+              "think_answer": think, "matmul": mm}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
