@@ -15,7 +15,7 @@ import torch
 from .data import TokenBatches, load_corpus_tokens, pack
 from .elastic.checkpoint import save_elastic
 from .elastic.cost import CostModel, parse_budget
-from .elastic.importance import estimate_importance
+from .elastic.importance import estimate_importance, permuted_scores
 from .elastic.router import DEFAULT_AXES, Router, RouterConfig
 from .elastic.search import choose_spec
 from .elastic.sort import sort_model
@@ -75,7 +75,7 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
     share = (lambda b: b[rank::ranks]) if calib.batch_size >= ranks else (lambda b: b)
     scores = estimate_importance(model, (share(b).to(device) for b in calib), num_batches=cfg.calib_batches,
                                  depth=depth)
-    sort_model(model, scores)
+    perms = sort_model(model, scores)
     log(f"importance on {cfg.calib_batches} batches and function-preserving sort: {time.perf_counter() - t0:.0f} s")
 
     # zero-shot: each budget's homogeneous prefix of the sorted parent, no training
@@ -102,8 +102,10 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
     if trainer.load_state():
         log(f"resuming training at step {trainer.step}")
     t0 = time.perf_counter()
-    trainer.run()
+    step_logs = trainer.run()
     train_s = time.perf_counter() - t0
+    # steady-state throughput (all ranks together): the median step after the first fifth
+    rates = sorted(log["tokens_per_s"] for log in step_logs[len(step_logs) // 5:])
     del teacher
 
     router.eval()
@@ -117,10 +119,12 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
     evaluation = {"data": data, "heldout_tokens": min(cfg.eval_tokens, heldout.numel()), "seq_len": cfg.seq_len,
                   "zero_shot_perplexity": before, "trained_perplexity": after}
     training = {"tokens": steps * cfg.batch_size * cfg.seq_len, "steps": steps, "seconds": round(train_s, 1),
+                "tokens_per_s": round(rates[len(rates) // 2]) if rates else None,
                 "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}}
     training["ranks"] = ranks
     if rank == 0:
-        save_elastic(model, router, budgets, out, tokenizer, extra={"training": training, "evaluation": evaluation})
+        save_elastic(model, router, budgets, out, tokenizer, extra={"training": training, "evaluation": evaluation},
+                 scores=permuted_scores(scores, perms))
         shutil.rmtree(trainer.out, ignore_errors=True)  # the resumable state is no longer needed
     if ranks > 1:
         torch.distributed.barrier()

@@ -490,7 +490,7 @@ def test_budget_loss_alone_drives_each_budget_into_its_band(name, hetero):
                                           "moe_shared_expert_intermediate_size"]),
     ("nemotron", False, ALL_AXES[:-1], 1, ["num_attention_heads", "mamba_num_heads", "n_routed_experts"]),
     ("llama", True, ALL_AXES, 0, ["layers", "num_attention_heads", "intermediate_size"]),
-    ("llama", False, ALL_AXES, 0, ["hidden_size"]),
+    ("llama", False, ALL_AXES, 1, ["hidden_size"]),
 ])
 def test_router_masks_at_inference_equal_the_sliced_model(name, hetero, axes, seed, covers):
     cfg = NEMOTRON if name == "nemotron" else LLAMA
@@ -571,3 +571,20 @@ def test_budget_loss_gradient_reaches_the_router():
         loss.backward()
         moved = {a for a, mlp in r.mlps.items() if mlp[0].weight.grad is not None and mlp[0].weight.grad.any()}
         assert moved == set(r.mlps), (kind, moved)  # every axis changes every cost
+
+
+def test_llama_hidden_choices_are_multiples_of_every_query_head_count():
+    """transformers' LlamaConfig refuses hidden_size % num_attention_heads != 0, so whatever pair the
+    router picks must divide (NemotronH has no such rule and keeps its plain width steps)."""
+    from dataclasses import replace
+
+    cfg = replace(LLAMA, hidden_size=30, num_attention_heads=6, num_key_value_heads=3, head_dim=8)
+    r = Router(cfg, 2, RouterConfig(axes=("hidden", "attention")))
+    hidden, heads = r.slots["hidden"].sizes, r.slots["attention"].sizes
+    assert heads == [3, 6] and hidden == [6, 12, 18, 24, 30]
+    assert Router(cfg, 2, RouterConfig(axes=("hidden",))).slots["hidden"].sizes == hidden  # the parent's 6 heads
+    assert Router(NEMOTRON, 2, RouterConfig(axes=("hidden", "attention"))).slots["hidden"].sizes == width_choices(24, 16)
+    r.eval()
+    for i in range(2):
+        c = r.spec(i).config(cfg)
+        assert c.hidden_size % c.num_attention_heads == 0

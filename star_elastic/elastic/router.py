@@ -129,7 +129,10 @@ class Router(nn.Module):
         p, cfg = self.parent, self.config
         field_name = AXES[axis][0]
         if axis == "hidden":
-            sizes = width_choices(p.hidden_size, cfg.width_choices, cfg.width_multiple)
+            multiple = cfg.width_multiple or max(1, math.ceil(p.hidden_size / cfg.width_choices))
+            if p.family == "llama":  # transformers' LlamaConfig wants hidden_size % num_attention_heads == 0
+                multiple = math.lcm(multiple, *self._query_head_counts())
+            sizes = width_choices(p.hidden_size, cfg.width_choices, multiple)
             return {"hidden": (_Slot(axis, [], sizes), _prefixes(p.hidden_size, sizes))}
         if axis == "depth":
             if p.num_layers < 2:
@@ -154,6 +157,15 @@ class Router(nn.Module):
             raise ValueError(f"the parent's layers differ in {field_name}: one {axis} size for every layer "
                              "cannot fit them (use a heterogeneous router)")
         return {axis: (_Slot(axis, list(per_layer), first[0]), first[1])}
+
+    def _query_head_counts(self) -> set[int]:
+        """Every query-head count an attention layer can keep (the parent's only, when attention
+        is not elastic)."""
+        p = self.parent
+        if "attention" not in self.config.axes:
+            return {p.layer(i).num_attention_heads for i, k in enumerate(p.layer_types) if k == "*"} or {1}
+        return {q for i, k in enumerate(p.layer_types) if k == "*" for q in _layer_choices(p.layer(i), "attention",
+                                                                                              self.config)[0]}
 
     def slot_prefix(self, name: str) -> torch.Tensor:
         return getattr(self, f"prefix_{name.replace('.', '_')}")
