@@ -199,9 +199,58 @@ def _weight_files(path: Path) -> list[Path]:
     raise StarElasticError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
+MAX_HEADER_BYTES = 100 * 1024**2  # safetensors' own limit on the JSON header
+
+
+def safetensors_header(f: Path) -> dict:
+    """The JSON header of a safetensors file ({name: {"dtype", "shape", "data_offsets"}}), after the
+    cheap checks that catch damage without reading the data: the header parses, and the file is
+    exactly as long as the header says (a truncated copy or appended bytes fail here, by name)."""
+    f = Path(f)
+    try:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            prefix = fh.read(8)
+            n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+            if n < 2 or n > MAX_HEADER_BYTES or 8 + n > size:
+                raise StarElasticError(f"{f}: not a safetensors file, or truncated ({size} bytes; "
+                                       "no complete safetensors header)")
+            header = json.loads(fh.read(n))
+    except OSError as e:
+        raise StarElasticError(f"{f}: cannot read it ({e.strerror or e})") from None
+    except (ValueError, UnicodeDecodeError):
+        raise StarElasticError(f"{f}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise StarElasticError(f"{f}: not a safetensors file (its header is not a JSON object)")
+    header.pop("__metadata__", None)
+    try:
+        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise StarElasticError(f"{f}: not a safetensors file (malformed tensor entries in its header)") from None
+    expected = 8 + n + end
+    if size < expected:
+        raise StarElasticError(f"{f}: truncated ({size:,} bytes, its header describes {expected:,})")
+    if size > expected:
+        raise StarElasticError(f"{f}: {size - expected:,} unexpected bytes after the tensor data "
+                               f"({size:,} bytes, its header describes {expected:,})")
+    return header
+
+
+def header_tensors(files: list[Path], skip=lambda name: False) -> dict[str, torch.Tensor]:
+    """Every tensor of the files as an empty meta tensor of its shape: names and shapes from the
+    headers alone, so that a checkpoint can be checked against its config without reading data."""
+    out = {}
+    for f in files:
+        for name, v in safetensors_header(f).items():
+            if not skip(name):
+                out[name] = torch.empty(v["shape"], device="meta")
+    return out
+
+
 def read_safetensors(files: list[Path], skip=lambda name: False) -> dict[str, torch.Tensor]:
     tensors = {}
     for f in files:
+        safetensors_header(f)
         try:
             with safe_open(str(f), framework="pt") as sf:
                 for name in sf.keys():
@@ -224,8 +273,8 @@ def check_names(expected, present, source: str) -> None:
         raise StarElasticError(f"{source}: weights do not match the config: {'; '.join(parts)}")
 
 
-def load_weights(model: Model, tensors: dict[str, torch.Tensor], source: str) -> Model:
-    """Copy a checkpoint state dict into `model`, refusing missing, unexpected or misshapen tensors."""
+def check_shapes(model: Model, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """`tensors` less a tied lm_head, after checking that they are exactly `model`'s, shape for shape."""
     expected = model.state_dict()
     tensors = dict(tensors)
     if model.config.tied:
@@ -236,6 +285,12 @@ def load_weights(model: Model, tensors: dict[str, torch.Tensor], source: str) ->
         if tuple(t.shape) != tuple(expected[name].shape):
             raise StarElasticError(f"{source}: tensor {name} has shape {tuple(t.shape)}, "
                                    f"the config implies {tuple(expected[name].shape)}")
+    return tensors
+
+
+def load_weights(model: Model, tensors: dict[str, torch.Tensor], source: str) -> Model:
+    """Copy a checkpoint state dict into `model`, refusing missing, unexpected or misshapen tensors."""
+    tensors = check_shapes(model, tensors, source)
     model.load_state_dict(tensors, strict=False, assign=True)
     if model.config.tied:
         model.lm_head.weight = model.embed.weight
@@ -275,6 +330,7 @@ def load(path, dtype: torch.dtype | None = None, device=None) -> Model:
         else:
             raise StarElasticError(f"{path}: expected a checkpoint directory (config.json + safetensors) or a .gguf file")
     raw, cfg = read_config(path)
+    check_elastic_manifest(path, cfg)
     tensors = read_safetensors(_weight_files(path), skip=lambda n: n.startswith("mtp."))
     if cfg.family == "nemotron_h":
         tensors = from_disk_layout(tensors, str(path))
@@ -289,6 +345,33 @@ def load(path, dtype: torch.dtype | None = None, device=None) -> Model:
     if dtype is not None or device is not None:
         model.to(device=device, dtype=dtype)
     return model.eval()
+
+
+def check_elastic_manifest(path: Path, cfg: ModelConfig) -> None:
+    """An elastic checkpoint is also a plain HF directory: whoever loads it (eval, generate, slice,
+    serve) gets the cheap manifest checks (files present and of the recorded sizes, budgets that fit
+    the config) before any tensor is read. A directory without our manifest is left alone."""
+    from .elastic import checkpoint
+
+    if checkpoint.has_manifest(path):
+        checkpoint.check_cheap(path, checkpoint.read_manifest(path), cfg)
+
+
+def check_checkpoint(path) -> tuple[dict, ModelConfig]:
+    """Everything `load` checks, from config.json and the safetensors headers alone (no tensor data):
+    (raw config, config). For commands that need the architecture but not the weights."""
+    path = Path(path)
+    if not path.is_dir():
+        raise StarElasticError(f"{path}: expected a checkpoint directory (config.json + safetensors)")
+    raw, cfg = read_config(path)
+    check_elastic_manifest(path, cfg)
+    tensors = header_tensors(_weight_files(path), skip=lambda n: n.startswith("mtp."))
+    if cfg.family == "nemotron_h":
+        tensors = from_disk_layout(tensors, str(path))
+    with torch.device("meta"):
+        model = Model(cfg)
+    check_shapes(model, tensors, str(path))
+    return raw, cfg
 
 
 def load_tokenizer(path):

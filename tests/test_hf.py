@@ -230,7 +230,7 @@ def test_error_truncated_safetensors(saved):
     f = saved / "model.safetensors"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
-    one_line_error(lambda: hf.load(saved), "model.safetensors", "not a readable safetensors")
+    one_line_error(lambda: hf.load(saved), "model.safetensors", "truncated")
 
 
 def test_error_truncated_header(saved):

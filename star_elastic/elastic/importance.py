@@ -525,6 +525,26 @@ def check_scores(scores: dict, model) -> None:
             raise StarElasticError(f"scores: {k} has shape {tuple(v.shape)}, the model needs {shapes[k]}")
 
 
+def permuted_scores(scores: dict, perms: dict[str, torch.Tensor]) -> dict:
+    """`scores` re-ordered by the permutations `sort_model` applied, so that entry j of every axis
+    scores the sorted model's unit j (a budget's kept prefix is then a prefix of its scores)."""
+    out = {}
+    for key, s in scores.items():
+        if key == "meta":
+            out[key] = {**s, "order": "sorted"}
+            continue
+        layer, _, axis = key.rpartition(".")
+        if axis in ("experts_freq", "experts_ean"):  # the baselines follow the experts' order
+            axis = "experts"
+        perm = perms.get(f"{layer}.{axis}" if layer else key)
+        if axis == "expert_ffn" and s.dim() == 2:  # neurons per expert, then the experts themselves
+            if perm is not None:
+                s = s.gather(1, perm.expand_as(s) if perm.dim() == 1 else perm)
+            perm = perms.get(f"{layer}.experts")
+        out[key] = s if perm is None else s[perm]
+    return out
+
+
 def save_scores(scores: dict, path) -> Path:
     """Write scores as safetensors; "meta" (family, layer count, ...) goes into the header."""
     path = Path(path)
