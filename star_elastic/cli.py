@@ -72,8 +72,16 @@ def eval_tokens(tokenizer, data: str, split: str, seed: int = 0):
 # ----------------------------------------------------------------------------- subcommands
 
 def cmd_eval(args):
-    from .evaluate import perplexity
+    from .elastic.checkpoint import is_elastic_checkpoint
+    from .errors import StarElasticError
+    from .evaluate import eval_checkpoint_command, perplexity
 
+    if is_elastic_checkpoint(resolve_model(args.model)):  # every budget; see evaluate.py
+        return eval_checkpoint_command(args)
+    for flag in ("budgets", "plot", "compare"):
+        if getattr(args, flag):
+            raise StarElasticError(f"--{flag} needs an elastic checkpoint; {args.model} has no manifest.json")
+    args.split = args.split or "all"
     device = pick_device(args.device)
     model, tokenizer = load_model_and_tokenizer(args.model, device, pick_dtype(args.dtype, device))
     stream = eval_tokens(tokenizer, args.data, args.split)
@@ -381,6 +389,18 @@ def cmd_slice(args):
     return info
 
 
+def cmd_validate(args):
+    from .validate import validate_command
+
+    return validate_command(args)
+
+
+def cmd_inspect(args):
+    from .inspection import inspect_command
+
+    return inspect_command(args)
+
+
 # ----------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -399,12 +419,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("eval", help="perplexity of a model on text")
     model_args(sp)
     sp.add_argument("--data", required=True, help="text file (.txt, .jsonl, .json) or corpus name: wiki, shakespeare, bible")
-    sp.add_argument("--split", choices=["all", "heldout", "train"], default="all",
-                    help="score the whole text (default) or the seeded held-out / train documents")
+    sp.add_argument("--split", choices=["all", "heldout", "train"],
+                    help="score the whole text (default for a model) or the seeded held-out documents (default "
+                         "for an elastic checkpoint) or the train ones")
     sp.add_argument("--seq-len", type=int, default=1024, help="window length in tokens")
     sp.add_argument("--batch-size", type=int, default=4)
     sp.add_argument("--max-tokens", type=int, help="score only the first N tokens")
     sp.add_argument("--json", help="write the result here")
+    sp.add_argument("--budgets", help="elastic checkpoint: comma-separated budget names (default: all)")
+    sp.add_argument("--plot", help="elastic checkpoint: PNG of perplexity vs parameters and active parameters")
+    sp.add_argument("--compare", nargs="+", metavar="DIR",
+                    help="elastic checkpoint: plain checkpoints (e.g. zero-shot slices) to evaluate and plot beside it")
+    sp.add_argument("--verify", action="store_true", help="elastic checkpoint: check every file's sha256 first")
     sp.set_defaults(fn=cmd_eval)
 
     sp = sub.add_parser("generate", help="generate text from a prompt")
@@ -484,6 +510,22 @@ def build_parser() -> argparse.ArgumentParser:
                                    "ffn,experts; also mamba_channels, expert_ffn, shared_ffn, depth)")
     calibration_args(sp, data_required=False)
     sp.set_defaults(fn=cmd_slice)
+
+    sp = sub.add_parser("validate", help="check every budget of an elastic checkpoint (exit 1 on any failure)")
+    model_args(sp)
+    sp.add_argument("--data", help="text for the sliced == masked batch and the per-budget perplexity check")
+    sp.add_argument("--seq-len", type=int, default=128)
+    sp.add_argument("--batch-size", type=int, default=4)
+    sp.add_argument("--max-tokens", type=int, default=2048, help="held-out tokens per budget perplexity")
+    sp.add_argument("--json", help="write the report here")
+    sp.set_defaults(fn=cmd_validate)
+
+    sp = sub.add_parser("inspect", help="per budget: architecture per layer, sizes, storage saved; PNG maps")
+    model_args(sp)
+    sp.add_argument("--out", help="directory for architecture.png, importance.png and inspect.json")
+    sp.add_argument("--force", action="store_true", help="replace --out if it exists")
+    sp.add_argument("--verify", action="store_true", help="check every file's sha256 first")
+    sp.set_defaults(fn=cmd_inspect)
     return p
 
 
@@ -497,14 +539,14 @@ def main(argv=None) -> int:
             print(f"star-elastic: error: --{name.replace('_', '-')} must be at least 1, got {value}", file=sys.stderr)
             return 2
     try:
-        args.fn(args)
+        result = args.fn(args)
     except StarElasticError as e:
         print(f"star-elastic: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("star-elastic: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return 1 if getattr(result, "failed", False) else 0  # e.g. a validation report with failures
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import os
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,21 +24,26 @@ def _logits(model, ids):
     return out if torch.is_tensor(out) else out.logits
 
 
-@torch.no_grad()
-def perplexity(model, stream: torch.Tensor, seq_len: int = 1024, batch_size: int = 4,
-               max_tokens: int | None = None, progress: bool = True, device=None) -> dict:
-    """Perplexity of `model` (ours, or any callable returning logits / an object with .logits)."""
+def windows(stream: torch.Tensor, seq_len: int, batch_size: int, max_tokens: int | None = None) -> list[torch.Tensor]:
+    """Batches of the non-overlapping windows the module docstring describes."""
     if stream.dim() != 1 or stream.numel() < 2:
         raise ValueError("perplexity needs a 1-D stream of at least 2 tokens")
     if max_tokens is not None:
         stream = stream[:max_tokens]
+    n_full = stream.numel() // seq_len
+    wins = [stream[: n_full * seq_len].view(n_full, seq_len)] if n_full else []
+    if stream.numel() % seq_len > 1:
+        wins.append(stream[n_full * seq_len:][None])
+    return [w[i: i + batch_size] for w in wins for i in range(0, w.shape[0], batch_size)]
+
+
+@torch.no_grad()
+def perplexity(model, stream: torch.Tensor, seq_len: int = 1024, batch_size: int = 4,
+               max_tokens: int | None = None, progress: bool = True, device=None) -> dict:
+    """Perplexity of `model` (ours, or any callable returning logits / an object with .logits)."""
+    batches = windows(stream, seq_len, batch_size, max_tokens)
     if device is None:
         device = next(model.parameters()).device if hasattr(model, "parameters") else "cpu"
-    n_full = stream.numel() // seq_len
-    windows = [stream[: n_full * seq_len].view(n_full, seq_len)] if n_full else []
-    if stream.numel() % seq_len > 1:
-        windows.append(stream[n_full * seq_len:][None])
-    batches = [w[i: i + batch_size] for w in windows for i in range(0, w.shape[0], batch_size)]
     nll, count = 0.0, 0
     bar = tqdm(batches, desc="perplexity", unit="batch",
                disable=not progress or bool(os.environ.get("STAR_ELASTIC_QUIET")))
@@ -48,4 +55,183 @@ def perplexity(model, stream: torch.Tensor, seq_len: int = 1024, batch_size: int
         count += ids[:, 1:].numel()
         bar.set_postfix(ppl=f"{math.exp(nll / count):.3f}")
     return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count,
-            "windows": sum(w.shape[0] for w in windows), "seq_len": seq_len}
+            "windows": sum(b.shape[0] for b in batches), "seq_len": seq_len}
+
+
+def _timed_logits(model, ids) -> tuple[torch.Tensor, float]:
+    if ids.is_cuda:
+        torch.cuda.synchronize(ids.device)
+    t0 = time.perf_counter()
+    logits = _logits(model, ids)
+    if ids.is_cuda:
+        torch.cuda.synchronize(ids.device)
+    return logits[:, :-1].float(), time.perf_counter() - t0
+
+
+@torch.no_grad()
+def compare_models(reference, models: dict, stream: torch.Tensor, seq_len: int = 1024, batch_size: int = 4,
+                   max_tokens: int | None = None, progress: bool = True) -> dict:
+    """Per model of `models` (name -> model; the reference itself may be one of them): perplexity,
+    and agreement with `reference` on the same windows — the fraction of scored positions where the
+    top-1 tokens agree, and the mean KL(reference || model) per position in nats — and forward
+    throughput (tokens through the model per second of its forward passes, measured here).
+
+    Batches run in the outer loop, models in the inner one, so that no logits are kept beyond one
+    batch and machine noise spreads evenly over the models."""
+    device = next(reference.parameters()).device
+    batches = windows(stream, seq_len, batch_size, max_tokens)
+    stats = {name: {"nll": 0.0, "agree": 0, "kl": 0.0, "seconds": 0.0} for name in models}
+    count, forwarded = 0, 0
+    bar = tqdm(batches, desc=f"evaluating {len(models)} models", unit="batch",
+               disable=not progress or bool(os.environ.get("STAR_ELASTIC_QUIET")))
+    for ids in bar:
+        ids = ids.to(device)
+        target = ids[:, 1:].flatten()
+        ref, ref_seconds = _timed_logits(reference, ids)
+        ref_logp = F.log_softmax(ref.flatten(0, 1), dim=-1)
+        ref_top = ref_logp.argmax(-1)
+        for name, model in models.items():
+            logits, seconds = (ref, ref_seconds) if model is reference else _timed_logits(model, ids)
+            logp = ref_logp if model is reference else F.log_softmax(logits.flatten(0, 1), dim=-1)
+            st = stats[name]
+            st["nll"] += F.nll_loss(logp, target, reduction="sum").item()
+            st["agree"] += (logp.argmax(-1) == ref_top).sum().item()
+            st["kl"] += F.kl_div(logp, ref_logp, log_target=True, reduction="sum").item()
+            st["seconds"] += seconds
+        count += target.numel()
+        forwarded += ids.numel()
+    return {name: {"perplexity": math.exp(st["nll"] / count), "nll": st["nll"] / count, "tokens": count,
+                   "top1_agreement": st["agree"] / count, "kl_from_full": max(0.0, st["kl"] / count),
+                   "tokens_per_s": forwarded / st["seconds"] if st["seconds"] > 0 else float("inf"),
+                   "forward_seconds": st["seconds"]}
+            for name, st in stats.items()}
+
+
+# ----------------------------------------------------------------------------- every budget of a checkpoint
+
+def is_parent(spec, cfg) -> bool:
+    """Whether a budget's spec keeps the whole parent (then the parent itself runs, no copy)."""
+    return not spec.indices(cfg) and spec.kept_layers(cfg) == list(range(cfg.num_layers))
+
+
+def budget_models(ckpt, names: list[str]) -> dict:
+    """name -> the sliced model of that budget (the parent itself for a budget that keeps it whole).
+    Sliced rather than masked: a physically smaller model is what a budget deploys as, so its
+    throughput is the real one, and it is faster than running the full-size model under masks."""
+    from .elastic.slicing import slice_model
+
+    cfg, out = ckpt.model.config, {}
+    for name in names:
+        spec = ckpt.spec(name)
+        out[name] = ckpt.model if is_parent(spec, cfg) else slice_model(ckpt.model, spec).eval()
+    return out
+
+
+def select_budgets(manifest: dict, text: str | None) -> list[str]:
+    """Budget names from a comma-separated --budgets (default: all), each checked against the manifest."""
+    from .elastic.checkpoint import budget_names, budget_spec
+
+    if not text:
+        return budget_names(manifest)
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for n in names:
+        budget_spec(manifest, n)  # an unknown name: one line listing the trained ones
+    return names
+
+
+def model_costs(cfg, memory_settings: dict | None = None) -> dict:
+    """Parameters / active parameters / memory bytes of a whole model (CostModel of its config)."""
+    from .elastic.cost import CostModel, MemorySettings
+
+    cost = CostModel(cfg, MemorySettings(**memory_settings) if memory_settings else None)
+    return {"params": int(cost.full("params")), "active_params": int(cost.full("active")),
+            "memory_bytes": int(cost.full("memory"))}
+
+
+def evaluate_budgets(ckpt, stream: torch.Tensor, names: list[str], compare: dict | None = None,
+                     seq_len: int = 1024, batch_size: int = 4, max_tokens: int | None = None,
+                     progress: bool = True) -> dict:
+    """Every named budget (and every `compare` model, name -> model) against the parent on `stream`:
+    `compare_models`' quality numbers plus the manifest's parameters / active parameters / memory."""
+    entries = {b["name"]: b for b in ckpt.manifest["budgets"]}
+    models = budget_models(ckpt, names)
+    compare = compare or {}
+    clash = sorted(set(models) & set(compare))
+    if clash:
+        from .errors import StarElasticError
+        raise StarElasticError(f"--compare name {clash[0]!r} is also a budget name; rename the directory")
+    quality = compare_models(ckpt.model, {**models, **compare}, stream, seq_len, batch_size, max_tokens, progress)
+    budgets = {}
+    for name in names:
+        e = entries[name]
+        budgets[name] = {"kind": e.get("kind"), "fraction": e.get("fraction"), "params": e["params"],
+                         "active_params": e["active_params"], "memory_bytes": e["memory_bytes"],
+                         "spec": e["spec"], **quality[name]}
+    settings = ckpt.manifest.get("memory_settings")
+    others = {name: {**model_costs(m.config, settings), **quality[name]} for name, m in compare.items()}
+    return {"budgets": budgets, "compare": others}
+
+
+def _fmt_count(n) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
+
+
+def format_table(result: dict) -> str:
+    """The terminal table of `evaluate_budgets`' result."""
+    head = (f"{'budget':>14} {'params':>9} {'active':>9} {'memory':>10} {'ppl':>9} {'top-1 agree':>11} "
+            f"{'KL(full||b)':>11} {'tok/s':>8}")
+    lines = [head, "-" * len(head)]
+    for group in ("budgets", "compare"):
+        for name, r in result[group].items():
+            lines.append(f"{name[:14]:>14} {_fmt_count(r['params']):>9} {_fmt_count(r['active_params']):>9} "
+                         f"{r['memory_bytes'] / 2**20:>8.1f}MiB {r['perplexity']:>9.3f} {r['top1_agreement']:>11.3f} "
+                         f"{r['kl_from_full']:>11.4f} {r['tokens_per_s']:>8.0f}")
+    return "\n".join(lines)
+
+
+def eval_checkpoint_command(args) -> dict:
+    """`star-elastic eval CKPT`: every budget of an elastic checkpoint (see cli.cmd_eval)."""
+    from .cli import check_output, eval_tokens, pick_device, pick_dtype, write_json
+    from .elastic.checkpoint import load_elastic, read_manifest
+    from .errors import StarElasticError
+    from .hf import load
+
+    path = Path(args.model)
+    for out in (args.json, args.plot):  # refuse a directory as an output before any work
+        if out:
+            check_output(out, force=True, kind="file")
+    if args.plot and not str(args.plot).lower().endswith(".png"):
+        raise StarElasticError(f"--plot {args.plot}: give a .png file name")
+    names = select_budgets(read_manifest(path), args.budgets)
+    device = pick_device(args.device)
+    ckpt = load_elastic(path, dtype=pick_dtype(args.dtype, device), device=device, verify=args.verify)
+    if ckpt.tokenizer is None:
+        raise StarElasticError(f"{path}: no tokenizer files next to the weights")
+    compare = {}
+    for d in args.compare or []:
+        model = load(d, dtype=pick_dtype(args.dtype, device), device=device)
+        if model.config.vocab_size != ckpt.model.config.vocab_size:
+            raise StarElasticError(f"--compare {d}: vocabulary of {model.config.vocab_size} tokens, the checkpoint "
+                                   f"has {ckpt.model.config.vocab_size} (same tokenizer needed)")
+        compare[Path(d).resolve().name] = model
+    split = args.split or "heldout"
+    stream = eval_tokens(ckpt.tokenizer, args.data, split)
+    t0 = time.perf_counter()
+    result = evaluate_budgets(ckpt, stream, names, compare, args.seq_len, args.batch_size, args.max_tokens)
+    result = {"checkpoint": str(path), "data": args.data, "split": split, "seq_len": args.seq_len,
+              "tokens": next(iter(result["budgets"].values()))["tokens"], "device": str(device),
+              "dtype": str(ckpt.model.lm_head.weight.dtype).removeprefix("torch."),
+              "reference": "the parent (full, unsliced)", "seconds": round(time.perf_counter() - t0, 2),
+              "memory_settings": ckpt.manifest.get("memory_settings"), **result}
+    print(f"{len(names)} budget(s) of {path} on {result['tokens']} tokens ({split} split of {args.data}, "
+          f"windows of {args.seq_len}); agreement and KL against the parent")
+    print(format_table(result))
+    if args.plot:  # before the JSON: a plotting error leaves neither behind
+        from .plots import quality_plot
+
+        quality_plot(result["budgets"], result["compare"], args.plot,
+                     title=f"{path.name}: {split} {args.data}, {result['tokens']} tokens")
+        print(f"wrote {args.plot}")
+    if args.json:
+        write_json(result, args.json)
+    return result

@@ -148,3 +148,59 @@ def one_line_error(fn, *words) -> str:
 
 def entries(directory):
     return sorted(p.name for p in directory.iterdir())
+
+
+# ----------------------------------------------------------------------------- one tiny elastic checkpoint
+
+ELASTIC_WORDS = [f"w{i}" for i in range(60)]
+
+
+def word_tokenizer(directory):
+    """A WordLevel tokenizer over ELASTIC_WORDS (ids 3..62), saved in `directory`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(ELASTIC_WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(directory / "tokenizer.json"))
+    return PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"), bos_token="<s>",
+                                   eos_token="</s>", unk_token="[UNK]")
+
+
+@pytest.fixture(scope="session")
+def elastic_ckpt(tmp_path_factory):
+    """(checkpoint dir, text file): a tiny hybrid NemotronH (Mamba, attention, MoE, MLP) elastified
+    into budgets 1.0 / 0.75 / 0.5 on text with a learnable pattern. Built once per session; tests
+    that damage it work on a copy (`copy_ckpt`)."""
+    from star_elastic.elastify import ElastifyConfig, elastify
+    from star_elastic.model import ModelConfig
+
+    root = tmp_path_factory.mktemp("elastic")
+    tokenizer = word_tokenizer(root)
+    g = torch.Generator().manual_seed(0)
+    docs = []
+    for _ in range(80):  # runs of consecutive words
+        start = int(torch.randint(0, 60, (1,), generator=g))
+        docs.append(" ".join(ELASTIC_WORDS[(start + j) % 60] for j in range(40)))
+    text = root / "text.txt"
+    text.write_text("\n\n".join(docs))
+    cfg = ModelConfig(vocab_size=63, hidden_size=32, layer_types="M*EM-", num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=8, intermediate_size=64, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8,
+                      n_groups=2, chunk_size=8, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                      moe_shared_expert_intermediate_size=16, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    # randomised: a zero-initialised router scores every expert 0.5, and exact ties make top-k
+    # choices depend on how many experts there are, so sliced and masked would differ by tie-breaks
+    elastify(randomize_(Model(cfg)), tokenizer, str(text), root / "ckpt",
+             ElastifyConfig(budgets=["1.0", "0.75", "0.5"], tokens=16 * 32 * 4, seq_len=32, batch_size=16,
+                            calib_batches=2, eval_tokens=256, lr=1e-3), log=lambda *_: None)
+    return root / "ckpt", text
+
+
+@pytest.fixture
+def copy_ckpt(elastic_ckpt, tmp_path):
+    """A private copy of the session's elastic checkpoint, free to damage."""
+    import shutil
+
+    return shutil.copytree(elastic_ckpt[0], tmp_path / "ckpt")
