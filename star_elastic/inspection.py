@@ -178,15 +178,18 @@ def architecture_grids(info: dict) -> tuple[list[str], list[str], dict[str, np.n
     rows = [f"{n} (hidden {info['budgets'][n]['hidden_size']})" for n in names]
     columns = [f"{i}{t}" for i, t in enumerate(cfg.layer_types)]
     grids = {"layer kept": np.array([[1.0 if e["keep"] else 0.0 for e in info["budgets"][n]["layers"]] for n in names])}
+    hidden = np.array([[info["budgets"][n]["hidden_size"] / cfg.hidden_size] * cfg.num_layers for n in names])
+    if (hidden < 1).any():  # one size for the whole model, drawn per layer like the other axes
+        grids["hidden channels (whole model)"] = hidden * grids["layer kept"]
     for key, label in AXES:
         grid = np.full((len(names), cfg.num_layers), np.nan)
         for r, n in enumerate(names):
             for e in info["budgets"][n]["layers"]:
                 if key in e["fractions"]:
                     grid[r, e["layer"]] = e["fractions"][key]
-        if np.isfinite(grid).any():
+        if np.isfinite(grid).any() and not (grid[np.isfinite(grid)] == 1).all():  # axes no budget cuts: left out
             grids[label] = grid
-    if (grids["layer kept"] == 1).all():
+    if (grids["layer kept"] == 1).all() and len(grids) > 1:
         del grids["layer kept"]
     return rows, columns, grids
 

@@ -70,6 +70,9 @@ def quality_plot(budgets: dict, compare: dict, path, title: str = "", metric: st
         ax.set_xlabel(label)
         ax.xaxis.set_major_formatter(FuncFormatter(_millions))
         ax.grid(alpha=0.3)
+    values = [r[metric] for r in list(budgets.values()) + list(compare.values())]
+    if min(values) > 0 and max(values) / min(values) > 20:  # perplexities spanning decades
+        axes[0].set_yscale("log")
     axes[0].set_ylabel(f"held-out {metric}" if metric == "perplexity" else metric)
     axes[0].legend(fontsize=8)
     if title:
@@ -109,6 +112,8 @@ def importance_map(panels: dict[str, tuple[list[str], np.ndarray, dict]], path, 
 
     panels: axis -> (row labels, scores (rows, units) padded with NaN, {budget: kept mask (rows, units)})."""
     plt = _pyplot()
+    from matplotlib.colors import PowerNorm
+
     n = len(panels)
     cols = 2 if n > 1 else 1
     nrows = (n + cols - 1) // cols
@@ -118,8 +123,12 @@ def importance_map(panels: dict[str, tuple[list[str], np.ndarray, dict]], path, 
     for ax, (name, (labels, scores, kept)) in zip(subplots.flat, panels.items()):
         top = np.nanmax(np.abs(scores), axis=1, keepdims=True)
         norm = scores / np.where(top > 0, top, 1)
-        ax.imshow(np.ma.masked_invalid(norm), aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+        # a power norm: a few dominant units (massive activations) would leave the rest black
+        ax.imshow(np.ma.masked_invalid(norm), aspect="auto", cmap=cmap, interpolation="nearest",
+                  norm=PowerNorm(0.4, vmin=0, vmax=1))
         for b, mask in kept.items():
+            if mask.all():
+                continue  # keeps every unit: nothing to mark
             color = budget_colors.setdefault(b, f"C{len(budget_colors) % 10}")
             for r in range(mask.shape[0]):
                 # the last kept unit of every run of kept units: prefix ends (within groups, if grouped)
