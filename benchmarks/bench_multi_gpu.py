@@ -25,9 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(nproc: int, args, out: Path) -> dict:
+    batch = args.batch_size * nproc if args.weak else args.batch_size
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "star_elastic", "elastify", args.model, "--budgets", args.budgets, "--data", args.data,
-           "--tokens", str(args.tokens), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
+           "--tokens", str(args.tokens), "--seq-len", str(args.seq_len), "--batch-size", str(batch),
            "--calib-batches", str(args.calib_batches), "--eval-tokens", str(args.eval_tokens), "--out", str(out),
            "--force"] + (["--device", "cpu"] if args.smoke else [])
     env = {**os.environ, "STAR_ELASTIC_QUIET": "1", "PYTHONPATH": str(ROOT)}
@@ -38,7 +39,7 @@ def run(nproc: int, args, out: Path) -> dict:
         sys.exit(f"{nproc} ranks failed:\n{p.stderr[-3000:]}")
     manifest = json.loads((out / "manifest.json").read_text())
     tr, ev = manifest["training"], manifest["evaluation"]
-    return {"ranks": nproc, "command": " ".join(cmd[1:]), "wall_seconds": round(wall, 1),
+    return {"ranks": nproc, "global_batch": batch, "command": " ".join(cmd[1:]), "wall_seconds": round(wall, 1),
             "train_seconds": tr["seconds"], "tokens": tr["tokens"], "steps": tr["steps"],
             "tokens_per_s": tr["tokens_per_s"], "perplexity": ev["trained_perplexity"],
             "params": {b["name"]: b["params"] for b in manifest["budgets"]}}
@@ -69,6 +70,8 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=32, help="global batch (sequences per step, all ranks)")
     ap.add_argument("--calib-batches", type=int, default=16)
     ap.add_argument("--eval-tokens", type=int, default=32768)
+    ap.add_argument("--weak", action="store_true",
+                    help="weak scaling: --batch-size sequences per rank (the N-rank run's global batch is N times larger)")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run with gloo ranks")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
@@ -83,10 +86,11 @@ def main(argv=None):
         one = run(1, args, Path(tmp) / "one")
         many = run(args.gpus, args, Path(tmp) / "many")
     speedup = many["tokens_per_s"] / one["tokens_per_s"]
-    res = {"benchmark": "bench_multi_gpu", "date": time.strftime("%Y-%m-%d"), "machine": machine,
+    res = {"benchmark": "bench_multi_gpu", "scaling": "weak" if args.weak else "strong", "date": time.strftime("%Y-%m-%d"), "machine": machine,
            "torch": torch.__version__, "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
            "runs": [one, many], "speedup": round(speedup, 3), "efficiency": round(speedup / args.gpus, 3)}
-    print(f"\n{machine}: elastify {args.model}, global batch {args.batch_size} x {args.seq_len}, {args.tokens:,} tokens")
+    batch = f"{args.batch_size} sequences per rank" if args.weak else f"global batch {args.batch_size}"
+    print(f"\n{machine}: elastify {args.model}, {batch} x {args.seq_len}, {args.tokens:,} tokens")
     print(f"{'ranks':>5} {'tokens/s':>10} {'train s':>8} " + " ".join(f"{'ppl ' + b:>10}" for b in one["perplexity"]))
     for r in (one, many):
         print(f"{r['ranks']:>5} {r['tokens_per_s']:>10,} {r['train_seconds']:>8} "
