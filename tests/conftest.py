@@ -3,13 +3,14 @@ with every parameter randomised (so that no constant initialisation can hide a b
 model built from the same state dict."""
 
 import math
+import random
 
 import pytest
 import torch
 
 from star_elastic.errors import StarElasticError
 from star_elastic.hf import config_from_hf, load_weights
-from star_elastic.model import Model
+from star_elastic.model import Model, ModelConfig
 
 # Tiny tensors: one intra-op thread is faster than two, and far faster on a busy 2-core machine.
 torch.set_num_threads(1)
@@ -204,3 +205,78 @@ def copy_ckpt(elastic_ckpt, tmp_path):
     import shutil
 
     return shutil.copytree(elastic_ckpt[0], tmp_path / "ckpt")
+
+
+# ----------------------------------------------------------------------------- random parents and specs
+# Property tests (slicing, costs, streaming) draw many small parents and valid specs from these.
+
+RANDOM_VOCAB = 64
+
+
+def random_parent_config(rng: random.Random) -> ModelConfig:
+    """A small random Llama (35%) or NemotronH with every block type and every optional feature
+    (biases, latent MoE, router groups, Mamba groups, conv kernels) drawn at random."""
+    if rng.random() < 0.35:
+        kv, per = rng.choice([1, 2, 3]), rng.choice([1, 2, 3])
+        return ModelConfig(family="llama", vocab_size=RANDOM_VOCAB, hidden_size=rng.choice([12, 16, 24]),
+                           layer_types="*" * rng.randint(1, 4), num_attention_heads=kv * per,
+                           num_key_value_heads=kv, head_dim=rng.choice([4, 8]), intermediate_size=rng.randint(8, 40),
+                           mlp_gated=True, mlp_act="silu", rope_theta=10000.0, attention_bias=rng.random() < 0.3,
+                           mlp_bias=rng.random() < 0.3, tie_word_embeddings=rng.random() < 0.5)
+    kinds = list("M*-E") + [rng.choice("M*-E") for _ in range(rng.randint(0, 3))]
+    rng.shuffle(kinds)
+    kv, n_groups, n_group = rng.choice([1, 2, 3]), rng.choice([1, 2]), rng.choice([1, 2])
+    return ModelConfig(
+        family="nemotron_h", vocab_size=RANDOM_VOCAB, hidden_size=rng.choice([12, 16, 24]),
+        layer_types="".join(kinds), num_attention_heads=kv * rng.choice([1, 2, 3]), num_key_value_heads=kv,
+        head_dim=rng.choice([4, 8]), attention_bias=rng.random() < 0.3, intermediate_size=rng.randint(8, 40),
+        mamba_num_heads=n_groups * rng.randint(1, 4), mamba_head_dim=rng.choice([3, 4, 8]),
+        ssm_state_size=rng.choice([4, 8]), n_groups=n_groups, conv_kernel=rng.choice([2, 4]),
+        chunk_size=rng.choice([4, 8]), use_conv_bias=rng.random() < 0.7, mamba_bias=rng.random() < 0.3,
+        mlp_bias=rng.random() < 0.3, n_routed_experts=n_group * rng.randint(2, 4),
+        num_experts_per_tok=rng.choice([1, 2]), n_group=n_group, topk_group=n_group,
+        moe_intermediate_size=rng.randint(4, 16), moe_shared_expert_intermediate_size=rng.randint(4, 20),
+        norm_topk_prob=rng.random() < 0.5, routed_scaling_factor=rng.choice([1.0, 2.0]),
+        moe_latent_size=rng.choice([None, 8]),
+        tie_word_embeddings=rng.random() < 0.2)  # a flag NemotronH ignores: lm_head stays its own
+
+
+def valid_sizes(p: ModelConfig, axis: str, i: int) -> list[int]:
+    """Valid sizes of `axis` in parent layer i (attention: query heads for the parent's KV groups)."""
+    c = p.layer(i)
+    if axis == "num_attention_heads":
+        return [c.num_key_value_heads * k for k in range(1, c.num_attention_heads // c.num_key_value_heads + 1)]
+    if axis == "mamba_num_heads":
+        return [c.n_groups * k for k in range(1, c.mamba_num_heads // c.n_groups + 1)]
+    if axis == "n_routed_experts":
+        per = c.n_routed_experts // c.n_group
+        return [c.n_group * k for k in range(max(2, -(-c.num_experts_per_tok // c.topk_group)), per + 1)]
+    return list(range(1, getattr(c, axis) + 1))
+
+
+def random_spec(p: ModelConfig, rng: random.Random):
+    """A random valid ElasticSpec of parent p: any hidden size, dropped layers, one size or
+    per-layer sizes on every axis, sometimes fewer KV groups."""
+    from star_elastic.elastic import ElasticSpec
+    from star_elastic.elastic.spec import applies
+    from star_elastic.model import PER_LAYER_SIZES
+
+    kw = {}
+    if rng.random() < 0.7:
+        kw["hidden_size"] = rng.randint(1, p.hidden_size)
+    if rng.random() < 0.4 and p.num_layers > 1:
+        kw["layers"] = sorted(rng.sample(range(p.num_layers), rng.randint(1, p.num_layers - 1)))
+    for axis in PER_LAYER_SIZES:
+        has = [i for i, k in enumerate(p.layer_types) if applies(p, k, axis)]
+        if not has or axis == "num_key_value_heads":
+            continue
+        mode = rng.choice(["parent", "one", "per-layer"])
+        if mode == "one":
+            kw[axis] = rng.choice(valid_sizes(p, axis, has[0]))
+        elif mode == "per-layer":
+            kw[axis] = [rng.choice(valid_sizes(p, axis, i) + [None]) if i in has else None for i in range(p.num_layers)]
+    if "*" in p.layer_types and rng.random() < 0.3:  # fewer KV groups: query heads per group as the parent
+        kv = rng.randint(1, p.num_key_value_heads)
+        kw["num_key_value_heads"] = kv
+        kw["num_attention_heads"] = kv * rng.randint(1, p.num_attention_heads // p.num_key_value_heads)
+    return ElasticSpec(**kw)

@@ -8,11 +8,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import hf_model, llama_config, nemotron_config, one_line_error, ours_from, randomize_, rel_err
+from conftest import (hf_model, llama_config, nemotron_config, one_line_error, ours_from, random_parent_config,
+                      random_spec, randomize_, rel_err)
 from star_elastic import hf
 from star_elastic.elastic import ElasticSpec, count_parameters, export, permutations, slice_model, sort_model
-from star_elastic.elastic.spec import applies, unit_counts
-from star_elastic.model import PER_LAYER_SIZES, Model, ModelConfig
+from star_elastic.elastic.spec import unit_counts
+from star_elastic.model import Model, ModelConfig
 
 TOL = 1e-5  # fp32, ours against ours
 HF_TOL = 1e-4  # against transformers' own implementation
@@ -271,66 +272,6 @@ def test_soft_hidden_and_depth_masks_are_differentiable():
 
 
 # ----------------------------------------------------------------------------- sliced == masked
-
-def random_parent_config(rng: random.Random) -> ModelConfig:
-    if rng.random() < 0.35:
-        kv, per = rng.choice([1, 2, 3]), rng.choice([1, 2, 3])
-        return ModelConfig(family="llama", vocab_size=VOCAB, hidden_size=rng.choice([12, 16, 24]),
-                           layer_types="*" * rng.randint(1, 4), num_attention_heads=kv * per,
-                           num_key_value_heads=kv, head_dim=rng.choice([4, 8]), intermediate_size=rng.randint(8, 40),
-                           mlp_gated=True, mlp_act="silu", rope_theta=10000.0, attention_bias=rng.random() < 0.3,
-                           mlp_bias=rng.random() < 0.3, tie_word_embeddings=rng.random() < 0.5)
-    kinds = list("M*-E") + [rng.choice("M*-E") for _ in range(rng.randint(0, 3))]
-    rng.shuffle(kinds)
-    kv, n_groups, n_group = rng.choice([1, 2, 3]), rng.choice([1, 2]), rng.choice([1, 2])
-    top_k = rng.choice([1, 2])
-    return ModelConfig(
-        family="nemotron_h", vocab_size=VOCAB, hidden_size=rng.choice([12, 16, 24]), layer_types="".join(kinds),
-        num_attention_heads=kv * rng.choice([1, 2, 3]), num_key_value_heads=kv, head_dim=rng.choice([4, 8]),
-        intermediate_size=rng.randint(8, 40), mamba_num_heads=n_groups * rng.randint(1, 4),
-        mamba_head_dim=rng.choice([3, 4, 8]), ssm_state_size=rng.choice([4, 8]), n_groups=n_groups,
-        chunk_size=rng.choice([4, 8]), mamba_bias=rng.random() < 0.3, mlp_bias=rng.random() < 0.3,
-        n_routed_experts=n_group * rng.randint(2, 4), num_experts_per_tok=top_k, n_group=n_group,
-        topk_group=n_group, moe_intermediate_size=rng.randint(4, 16),
-        moe_shared_expert_intermediate_size=rng.randint(4, 20), norm_topk_prob=rng.random() < 0.5,
-        routed_scaling_factor=rng.choice([1.0, 2.0]), moe_latent_size=rng.choice([None, 8]),
-        tie_word_embeddings=rng.random() < 0.2)  # a flag NemotronH ignores: lm_head stays its own
-
-
-def _choices(p: ModelConfig, axis: str, i: int) -> list[int]:
-    """Valid sizes of `axis` in parent layer i (attention: query heads for the parent's KV groups)."""
-    c = p.layer(i)
-    if axis == "num_attention_heads":
-        return [c.num_key_value_heads * k for k in range(1, c.num_attention_heads // c.num_key_value_heads + 1)]
-    if axis == "mamba_num_heads":
-        return [c.n_groups * k for k in range(1, c.mamba_num_heads // c.n_groups + 1)]
-    if axis == "n_routed_experts":
-        per = c.n_routed_experts // c.n_group
-        return [c.n_group * k for k in range(max(2, -(-c.num_experts_per_tok // c.topk_group)), per + 1)]
-    return list(range(1, getattr(c, axis) + 1))
-
-
-def random_spec(p: ModelConfig, rng: random.Random) -> ElasticSpec:
-    kw = {}
-    if rng.random() < 0.7:
-        kw["hidden_size"] = rng.randint(1, p.hidden_size)
-    if rng.random() < 0.4 and p.num_layers > 1:
-        kw["layers"] = sorted(rng.sample(range(p.num_layers), rng.randint(1, p.num_layers - 1)))
-    for axis in PER_LAYER_SIZES:
-        has = [i for i, k in enumerate(p.layer_types) if applies(p, k, axis)]
-        if not has or axis == "num_key_value_heads":
-            continue
-        mode = rng.choice(["parent", "one", "per-layer"])
-        if mode == "one":
-            kw[axis] = rng.choice(_choices(p, axis, has[0]))
-        elif mode == "per-layer":
-            kw[axis] = [rng.choice(_choices(p, axis, i) + [None]) if i in has else None for i in range(p.num_layers)]
-    if "*" in p.layer_types and rng.random() < 0.3:  # fewer KV groups: query heads per group as the parent
-        kv = rng.randint(1, p.num_key_value_heads)
-        kw["num_key_value_heads"] = kv
-        kw["num_attention_heads"] = kv * rng.randint(1, p.num_attention_heads // p.num_key_value_heads)
-    return ElasticSpec(**kw)
-
 
 @pytest.mark.parametrize("seed", range(30))
 def test_sliced_equals_masked_random_specs(seed):

@@ -10,14 +10,14 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from conftest import randomize_
+from conftest import random_parent_config, random_spec, randomize_
 from star_elastic.elastic import ElasticSpec, count_parameters, slice_model
 from star_elastic.elastic.cost import (Arch, Budget, CostModel, MemorySettings, count_active, count_params,
                                        memory_bytes, parse_budget)
 from star_elastic.elastic.losses import (LossWeights, budget_loss, elastic_loss, full_choice_loss, kd_loss,
                                          next_token_ce)
 from star_elastic.elastic.router import AXES, Router, RouterConfig, width_choices
-from star_elastic.elastic.spec import applies, grouped_prefix
+from star_elastic.elastic.spec import grouped_prefix
 from star_elastic.errors import StarElasticError
 from star_elastic.model import PER_LAYER_SIZES, Model, ModelConfig
 
@@ -39,63 +39,6 @@ DEPTH_ORDER = {"nemotron": [4, 2, 0, 6, 1, 3, 5], "llama": [1, 0, 2]}  # least i
 
 # ----------------------------------------------------------------------------- random parents and specs
 
-def random_parent(rng: random.Random) -> ModelConfig:
-    if rng.random() < 0.35:
-        kv, per = rng.choice([1, 2, 3]), rng.choice([1, 2, 3])
-        return ModelConfig(family="llama", vocab_size=VOCAB, hidden_size=rng.choice([12, 16, 24]),
-                           layer_types="*" * rng.randint(1, 4), num_attention_heads=kv * per, num_key_value_heads=kv,
-                           head_dim=rng.choice([4, 8]), intermediate_size=rng.randint(8, 40), mlp_gated=True,
-                           mlp_act="silu", rope_theta=10000.0, attention_bias=rng.random() < 0.3,
-                           mlp_bias=rng.random() < 0.3, tie_word_embeddings=rng.random() < 0.5)
-    kinds = list("M*-E") + [rng.choice("M*-E") for _ in range(rng.randint(0, 3))]
-    rng.shuffle(kinds)
-    kv, n_groups, n_group = rng.choice([1, 2, 3]), rng.choice([1, 2]), rng.choice([1, 2])
-    return ModelConfig(
-        family="nemotron_h", vocab_size=VOCAB, hidden_size=rng.choice([12, 16, 24]), layer_types="".join(kinds),
-        num_attention_heads=kv * rng.choice([1, 2, 3]), num_key_value_heads=kv, head_dim=rng.choice([4, 8]),
-        attention_bias=rng.random() < 0.3, intermediate_size=rng.randint(8, 40),
-        mamba_num_heads=n_groups * rng.randint(1, 4), mamba_head_dim=rng.choice([3, 4, 8]),
-        ssm_state_size=rng.choice([4, 8]), n_groups=n_groups, conv_kernel=rng.choice([2, 4]),
-        use_conv_bias=rng.random() < 0.7, mamba_bias=rng.random() < 0.3, mlp_bias=rng.random() < 0.3,
-        n_routed_experts=n_group * rng.randint(2, 4), num_experts_per_tok=rng.choice([1, 2]), n_group=n_group,
-        topk_group=n_group, moe_intermediate_size=rng.randint(4, 16),
-        moe_shared_expert_intermediate_size=rng.randint(4, 20), moe_latent_size=rng.choice([None, 8]),
-        tie_word_embeddings=rng.random() < 0.2)
-
-
-def _sizes(c: ModelConfig, axis: str) -> list[int]:
-    if axis == "num_attention_heads":
-        return [c.num_key_value_heads * k for k in range(1, c.num_attention_heads // c.num_key_value_heads + 1)]
-    if axis == "mamba_num_heads":
-        return [c.n_groups * k for k in range(1, c.mamba_num_heads // c.n_groups + 1)]
-    if axis == "n_routed_experts":
-        per = c.n_routed_experts // c.n_group
-        return [c.n_group * k for k in range(max(2, -(-c.num_experts_per_tok // c.topk_group)), per + 1)]
-    return list(range(1, getattr(c, axis) + 1))
-
-
-def random_spec(p: ModelConfig, rng: random.Random) -> ElasticSpec:
-    kw = {}
-    if rng.random() < 0.7:
-        kw["hidden_size"] = rng.randint(1, p.hidden_size)
-    if rng.random() < 0.4 and p.num_layers > 1:
-        kw["layers"] = sorted(rng.sample(range(p.num_layers), rng.randint(1, p.num_layers - 1)))
-    for axis in PER_LAYER_SIZES:
-        has = [i for i, k in enumerate(p.layer_types) if applies(p, k, axis)]
-        if not has or axis == "num_key_value_heads":
-            continue
-        mode = rng.choice(["parent", "one", "per-layer"])
-        if mode == "one":
-            kw[axis] = rng.choice(_sizes(p, axis))
-        elif mode == "per-layer":
-            kw[axis] = [rng.choice(_sizes(p, axis) + [None]) if i in has else None for i in range(p.num_layers)]
-    if "*" in p.layer_types and rng.random() < 0.3:  # fewer KV groups
-        kv = rng.randint(1, p.num_key_value_heads)
-        kw["num_key_value_heads"] = kv
-        kw["num_attention_heads"] = kv * rng.randint(1, p.num_attention_heads // p.num_key_value_heads)
-    return ElasticSpec(**kw)
-
-
 def meta_model(cfg: ModelConfig) -> Model:
     with torch.device("meta"):
         return Model(cfg)
@@ -107,7 +50,7 @@ def test_cost_of_random_specs_is_the_counted_parameters():
     rng = random.Random(0)
     checked = {"llama": 0, "nemotron_h": 0}
     for n in range(400):
-        cfg = random_parent(rng)
+        cfg = random_parent_config(rng)
         spec = random_spec(cfg, rng)
         sub = spec.config(cfg)
         params = count_params(cfg, Arch.from_spec(spec, cfg))

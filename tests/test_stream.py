@@ -18,7 +18,8 @@ from star_elastic.elastic import ElasticSpec, export, slice_model, sort_model
 from star_elastic.elastic import stream
 from star_elastic.elastic.stream import output_bytes, stream_slice
 from star_elastic.model import Model, ModelConfig
-from test_elastic import LLAMA, NEMOTRON, hf_logits, random_parent_config, random_scores, random_spec
+from conftest import random_parent_config, random_spec
+from test_elastic import LLAMA, NEMOTRON, hf_logits, random_scores
 
 VOCAB = 64
 
