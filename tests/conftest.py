@@ -156,17 +156,20 @@ def entries(directory):
 ELASTIC_WORDS = [f"w{i}" for i in range(60)]
 
 
-def word_tokenizer(directory):
-    """A WordLevel tokenizer over ELASTIC_WORDS (ids 3..62), saved in `directory`."""
+def word_tokenizer(directory, words=ELASTIC_WORDS, chat_template: str | None = None):
+    """A WordLevel tokenizer over `words` (ids 3.., after [UNK] <s> </s>), saved in `directory`."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(ELASTIC_WORDS)}}
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(directory / "tokenizer.json"))
-    return PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"), bos_token="<s>",
-                                   eos_token="</s>", unk_token="[UNK]")
+    t = PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"), bos_token="<s>",
+                                eos_token="</s>", unk_token="[UNK]")
+    if chat_template:
+        t.chat_template = chat_template
+    return t
 
 
 @pytest.fixture(scope="session")

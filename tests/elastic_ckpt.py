@@ -3,9 +3,8 @@ whose architectures are given (no training: serving depends on the shapes, not t
 WordLevel tokenizer."""
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
+import conftest
 from conftest import randomize_
 from star_elastic.elastic import ElasticSpec
 from star_elastic.elastic.checkpoint import save_elastic
@@ -39,15 +38,7 @@ SPECS = {
 
 
 def word_tokenizer(directory, chat_template: str | None = None):
-    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(directory / "tokenizer.json"))
-    t = PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"), bos_token="<s>", eos_token="</s>",
-                                unk_token="[UNK]")
-    if chat_template:
-        t.chat_template = chat_template
-    return t
+    return conftest.word_tokenizer(directory, WORDS, chat_template)
 
 
 def random_parent(family: str, seed: int = 0) -> Model:

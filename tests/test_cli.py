@@ -5,9 +5,8 @@ import math
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
+from conftest import word_tokenizer
 from star_elastic import cli, load, save_pretrained
 from star_elastic.data import read_documents, tokenize_documents
 from star_elastic.evaluate import perplexity
@@ -19,12 +18,8 @@ WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "far", "away", "home"]
 
 @pytest.fixture
 def checkpoint(tmp_path):
-    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(tmp_path / "tokenizer.json"))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"),
-                                        bos_token="<s>", eos_token="</s>", unk_token="[UNK]")
+    tokenizer = word_tokenizer(tmp_path, WORDS)
+    vocab = tokenizer.get_vocab()
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=len(vocab), hidden_size=32, layer_types="M*E-", head_dim=8, mamba_head_dim=8,
                       mamba_num_heads=4, ssm_state_size=8, chunk_size=8, bos_token_id=1, eos_token_id=2)

@@ -4,8 +4,9 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM
+
+from conftest import word_tokenizer
 
 from star_elastic import load
 from star_elastic.elastic.checkpoint import budget_spec, load_elastic, read_manifest
@@ -19,12 +20,7 @@ WORDS = [f"w{i}" for i in range(60)]
 
 @pytest.fixture
 def tokenizer(tmp_path):
-    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(tmp_path / "tokenizer.json"))
-    return PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), bos_token="<s>",
-                                   eos_token="</s>", unk_token="[UNK]")
+    return word_tokenizer(tmp_path, WORDS)
 
 
 @pytest.fixture

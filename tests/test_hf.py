@@ -12,7 +12,6 @@ from transformers import AutoModelForCausalLM
 
 from conftest import LLAMA3_ROPE, VOCAB, entries, hf_model, llama_config, nemotron_config, one_line_error, randomize_, rel_err
 from star_elastic import hf
-from star_elastic.errors import StarElasticError
 from star_elastic.hf import config_from_hf
 from star_elastic.model import Model, ModelConfig
 

@@ -28,7 +28,6 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import StarElasticError
