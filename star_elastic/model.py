@@ -175,6 +175,22 @@ def activation(name: str):
     raise ValueError(f"unsupported activation {name!r}")
 
 
+# ----------------------------------------------------------------------------- serving head order
+
+# A serving engine may store heads rank-major (head j of group g at j * groups + g) instead of
+# group-major (g * per + j): then every budget keeps a plain prefix of them (serve/views.py,
+# `use_serving_order`). Modules flagged `serving_order` convert activations at their boundaries.
+
+def group_major(t: torch.Tensor, groups: int, size: int) -> torch.Tensor:
+    """The last dim's heads (`size` entries each) from rank-major to group-major order (a copy)."""
+    return t.unflatten(-1, (-1, groups, size)).transpose(-3, -2).flatten(-3)
+
+
+def rank_major(t: torch.Tensor, groups: int, size: int) -> torch.Tensor:
+    """The inverse of `group_major`."""
+    return t.unflatten(-1, (groups, -1, size)).transpose(-3, -2).flatten(-3)
+
+
 # ----------------------------------------------------------------------------- Mamba-2
 
 def segsum(a: torch.Tensor) -> torch.Tensor:
@@ -259,6 +275,7 @@ class Mamba2(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, cfg.hidden_size, bias=cfg.mamba_bias)
         self.head_mask = None  # (num_heads,)
         self.channel_mask = None  # (head_dim,), the same channels in every head
+        self.serving_order = False  # z / x / dt heads rank-major (in_proj, conv, out_proj): see above
 
     def forward(self, u, cache: "MambaCache | None" = None):
         b, t, _ = u.shape
@@ -272,6 +289,9 @@ class Mamba2(nn.Module):
             cache.conv.copy_(xBC[..., -(k - 1):])
         xBC = F.silu(self.conv1d(xBC)).transpose(1, 2)
         x, B, C = xBC.split([self.d_inner, self.n_groups * self.state_size, self.n_groups * self.state_size], dim=-1)
+        if self.serving_order:  # run the scan, D and the gated norm group-major, as without the flag
+            G, P = self.n_groups, self.head_dim
+            z, x, dt = group_major(z, G, P), group_major(x, G, P), group_major(dt, G, 1)
         x = x.view(b, t, self.num_heads, self.head_dim)
         B = B.view(b, t, self.n_groups, self.state_size)
         C = C.view(b, t, self.n_groups, self.state_size)
@@ -294,6 +314,8 @@ class Mamba2(nn.Module):
             if self.channel_mask is not None:
                 unit = unit * self.channel_mask.to(y.dtype)
             y = self.norm((y * unit).flatten(-2), z, unit.flatten())
+        if self.serving_order:
+            y = rank_major(y, self.n_groups, self.head_dim)
         return self.out_proj(y.to(u.dtype))
 
     def step(self, x, dt, A, B, C, state):
@@ -344,6 +366,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=bias)
         self.head_mask = None  # (num_heads,) query-head mask, applied at the o_proj input
+        self.serving_order = False  # query heads rank-major in q_proj / o_proj: head h is in KV group h % kv
 
     def forward(self, x, rope=None, cache: "KVCache | None" = None, pos=None):
         b, t, _ = x.shape
@@ -352,6 +375,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.serving_order:  # SDPA's GQA takes query head h from KV group h // per: group-major
+            q = q.unflatten(1, (-1, self.num_kv_heads)).transpose(1, 2).flatten(1, 2)
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
         else:  # static cache: write at `pos`, attend to every filled slot up to each query's position
@@ -360,6 +385,8 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
         if self.head_mask is not None:
             out = out * self.head_mask.to(out.dtype)[:, None, None]
+        if self.serving_order:  # back to rank-major: (b, kv, per, t, d) -> (b, t, per, kv, d)
+            return self.o_proj(out.unflatten(1, (self.num_kv_heads, -1)).permute(0, 3, 2, 1, 4).reshape(b, t, -1))
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -679,6 +706,9 @@ class Model(nn.Module):
           "layers.{i}.{axis}" (units,)  axis: attn_heads, mamba_heads, mamba_channels, ffn, experts,
                                         expert_ffn (same neurons in every expert), shared_ffn
         Replaces any masks set before. `star_elastic.elastic.ElasticSpec.masks` builds hard ones."""
+        if any(getattr(m, "serving_order", False) for m in self.modules()):
+            raise ValueError("masks index heads group-major, but this model stores them in serving order "
+                             "(rank-major, serve/views.py): undo it with use_serving_order(model, False) first")
         self.clear_masks()
         targets = self.mask_targets()
         depth_keys = {f"layers.{i}" for i in range(len(self.model.layers))}
