@@ -16,6 +16,14 @@ side, its depthwise conv channels [x | B | C] two (`PartsConv1d`).
 Two layouts no strided view expresses are copied instead, once, when the view is built, and named
 in `view.copied`: Mamba channels (mamba_head_dim) cut together with heads per group, and routed
 experts cut inside several router groups (n_group > 1).
+
+Serving head order (`use_serving_order`): the bmm over grouped views is 2-3x slower than one matrix
+product. Every budget keeps the same count k of heads in every group (a prefix within the group),
+so once the parent's heads are stored rank-major (head j of group g at j * groups + g, permuted in
+place at load) every budget's heads are the plain prefix of the first k * groups: q_proj rows and
+o_proj columns, Mamba's z / x / dt rows of in_proj, conv channels of x and out_proj columns become
+2-D views. The modules, flagged `serving_order`, reorder activations at their boundaries (model.py).
+Valid only while every budget keeps every KV group and cuts no Mamba channels (`serving_order_fits`).
 """
 
 from __future__ import annotations
@@ -26,7 +34,8 @@ import torch.nn.functional as F
 
 from ..elastic.slicing import take
 from ..elastic.spec import ElasticSpec
-from ..model import Attention, LlamaLayer, Mamba2, Model, MLP, MoE
+from ..errors import StarElasticError
+from ..model import Attention, LlamaLayer, Mamba2, Model, MLP, MoE, group_major, rank_major
 
 # ----------------------------------------------------------------------------- grouped views
 
@@ -132,6 +141,16 @@ def _attention(dst: Attention, src: Attention, h: int):
         s, d = getattr(src, name), getattr(dst, name)
         _set(d, "weight", s.weight[: kv * hd, :h])
         _set(d, "bias", None if s.bias is None else s.bias[: kv * hd])
+    if src.serving_order:  # rank-major heads, every KV group kept: the first `per` ranks are a prefix
+        if kv != src.num_kv_heads:
+            raise StarElasticError("a budget that drops KV groups has no view of a parent in serving order")
+        q = dst.num_heads * hd
+        _set(dst.q_proj, "weight", src.q_proj.weight[:q, :h])
+        _set(dst.q_proj, "bias", None if src.q_proj.bias is None else src.q_proj.bias[:q])
+        _set(dst.o_proj, "weight", src.o_proj.weight[:h, :q])
+        _set(dst.o_proj, "bias", None if src.o_proj.bias is None else src.o_proj.bias[:h])
+        dst.serving_order = True
+        return
     # the first `per` query heads of each of the first `kv` KV groups
     qw = grouped(src.q_proj.weight[:, :h], 0, src.num_kv_heads, kv, per * hd)
     qb = None if src.q_proj.bias is None else grouped(src.q_proj.bias, 0, src.num_kv_heads, kv, per * hd)
@@ -162,11 +181,22 @@ def _mamba(dst: Mamba2, src: Mamba2, h: int):
         return grouped(t, dim, G, G, per * channels)
 
     ob = None if src.out_proj.bias is None else src.out_proj.bias[:h]
+    dst.serving_order = src.serving_order
     if dst.num_heads == src.num_heads:  # every head kept: plain column / row prefixes
         _set(dst.in_proj, "weight", src.in_proj.weight[:, :h])
         _set(dst.in_proj, "bias", src.in_proj.bias)
         _set(dst.conv1d, "weight", src.conv1d.weight)
         _set(dst.conv1d, "bias", src.conv1d.bias)
+    elif src.serving_order:  # rank-major z / x / dt heads: each part a row prefix, conv [x prefix | B C]
+        n, inner = dst.num_heads, dst.d_inner
+        z, x, BC, dt = src.in_proj.weight[:, :h].split([d_inner, d_inner, bc, src.num_heads])
+        b = src.in_proj.bias
+        biases = None if b is None else [b[:inner], b[d_inner:d_inner + inner], b[2 * d_inner:2 * d_inner + bc],
+                                         b[2 * d_inner + bc:2 * d_inner + bc + n]]
+        dst.in_proj = GroupedLinear([z[:inner], x[:inner], BC, dt[:n]], biases)
+        w, b = src.conv1d.weight[:, 0], src.conv1d.bias
+        dst.conv1d = PartsConv1d([w[:inner], w[d_inner:]], [None if b is None else b[:inner],
+                                                            None if b is None else b[d_inner:]])
     else:  # in_proj rows [z | x | B | C | dt] and conv channels [x | B | C]: the heads' parts side by side
         z, x, BC, dt = src.in_proj.weight[:, :h].split([d_inner, d_inner, bc, src.num_heads])
         b = src.in_proj.bias
@@ -178,8 +208,10 @@ def _mamba(dst: Mamba2, src: Mamba2, h: int):
                                  [None if b is None else heads(b[:d_inner], 0), None if b is None else b[d_inner:]])
     for name in ("dt_bias", "A_log", "D"):  # (groups, heads per group) where the heads are cut per group
         _set(dst, name, heads(getattr(src, name), 0, 1))
+    # dt_bias, A_log, D and the norm weight stay group-major (the serving order runs them so), as out_proj's
+    # columns are without the serving order: grouped views where heads are cut
     _set(dst.norm, "weight", heads(src.norm.weight, 0))  # the gated norm views it as (groups, -1) anyway
-    ow = heads(src.out_proj.weight[:h], 1)
+    ow = src.out_proj.weight[:h, :dst.d_inner] if src.serving_order else heads(src.out_proj.weight[:h], 1)
     if ow.dim() == 2:
         _set(dst.out_proj, "weight", ow), _set(dst.out_proj, "bias", ob)
     else:
@@ -241,6 +273,8 @@ def budget_view(parent: Model, spec: ElasticSpec) -> Model:
         kind = src.kind
         channels_cut = kind == "M" and sizes[old]["mamba_head_dim"] < p.mamba_head_dim
         experts_cut = kind == "E" and p.n_group > 1 and sizes[old]["n_routed_experts"] < p.n_routed_experts
+        if channels_cut and src.mixer.serving_order:
+            raise StarElasticError("Mamba channels cut: no view of a parent in serving order (serving_order_fits)")
         if channels_cut or experts_cut:  # no strided view: copy this layer's slices (listed in view.copied)
             for name, t in _copied(parent, spec, old, "").items():
                 if not name.startswith("mixer."):
@@ -268,6 +302,71 @@ def budget_view(parent: Model, spec: ElasticSpec) -> Model:
     if leftover:
         raise RuntimeError(f"budget view left {leftover[:3]} unset")
     return view.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- serving head order
+
+
+def serving_order_fits(cfg, specs: list[ElasticSpec]) -> bool:
+    """Whether every budget of `specs` has views over a parent in serving order: all KV groups kept
+    (heads stay a prefix within every group) and no Mamba channels cut (that layout is copied through
+    the group-major `take`)."""
+    for spec in specs:
+        sizes = spec.sizes(cfg)
+        for i in spec.kept_layers(cfg):
+            p, s = cfg.layer(i), sizes[i]
+            if s.get("num_key_value_heads", p.num_key_value_heads) < p.num_key_value_heads:
+                return False
+            if s.get("mamba_head_dim", p.mamba_head_dim) < p.mamba_head_dim:
+                return False
+    return True
+
+
+def _refuse_state_dict(*_):
+    raise StarElasticError("this model stores its heads in serving order (rank-major): its state dict would "
+                           "be silently wrong; undo it with use_serving_order(model, False) before saving or slicing")
+
+
+@torch.no_grad()
+def use_serving_order(model: Model, on: bool = True) -> Model:
+    """Permute `model`'s heads in place to serving order (rank-major, see the module doc) or back, and
+    flag the modules. Build views after it: views built before would see other heads. While on,
+    `state_dict` (so saving, exporting, `slice_model`) refuses and `set_masks` too: both index heads
+    group-major. Attention and Mamba layers with one group, or one head per group, stay as they are."""
+    def permute(t: torch.Tensor, dim: int, groups: int, size: int):  # `dim` in units of `size` entries
+        order = rank_major if on else group_major
+        t.copy_(order(t.movedim(dim, -1), groups, size).movedim(-1, dim))
+
+    for module in model.modules():
+        if isinstance(module, Attention) and 1 < module.num_kv_heads < module.num_heads:
+            if module.serving_order == on:
+                continue
+            kv, hd = module.num_kv_heads, module.head_dim
+            permute(module.q_proj.weight, 0, kv, hd)
+            if module.q_proj.bias is not None:
+                permute(module.q_proj.bias, 0, kv, hd)
+            permute(module.o_proj.weight, 1, kv, hd)
+            module.serving_order = on
+        elif isinstance(module, Mamba2) and 1 < module.n_groups < module.num_heads:
+            if module.serving_order == on:
+                continue
+            G, P, inner = module.n_groups, module.head_dim, module.d_inner
+            dt = inner + module.conv_dim  # in_proj rows [z | x | B | C | dt]
+            for t in (module.in_proj.weight, module.in_proj.bias):
+                if t is not None:
+                    permute(t[:inner], 0, G, P), permute(t[inner:2 * inner], 0, G, P), permute(t[dt:], 0, G, 1)
+            for t in (module.conv1d.weight, module.conv1d.bias):  # channels [x | B | C]
+                if t is not None:
+                    permute(t[:inner], 0, G, P)
+            permute(module.out_proj.weight, 1, G, P)
+            module.serving_order = on
+    handle = getattr(model, "_serving_order_hook", None)
+    if on and handle is None:
+        model._serving_order_hook = model.register_state_dict_pre_hook(_refuse_state_dict)
+    elif not on and handle is not None:
+        handle.remove()
+        model._serving_order_hook = None
+    return model
 
 
 def shares_storage(view: Model, parent: Model) -> bool:

@@ -1,0 +1,98 @@
+"""Serving head order: the engine stores heads rank-major so that every budget's heads are a plain
+prefix. Views over such a parent compute what `slice_model` of the parent as loaded computes."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import rel_err
+from elastic_ckpt import SPECS, make_checkpoint, random_parent
+from star_elastic.elastic import ElasticSpec, slice_model
+from star_elastic.elastic.checkpoint import load_elastic
+from star_elastic.errors import StarElasticError
+from star_elastic.generate import generate
+from star_elastic.serve.engine import ElasticEngine
+from star_elastic.serve.views import (GroupedLinear, PartsConv1d, budget_view, serving_order_fits, shares_storage,
+                                      use_serving_order)
+
+# every budget keeps every KV group (nemotron_h: n_groups=2 Mamba, 4 query heads per KV group, MoE, MLP)
+CASES = {
+    "nemotron_h": [SPECS["nemotron_h"]["1.0"], SPECS["nemotron_h"]["0.75"],
+                   ElasticSpec(hidden_size=16, num_attention_heads=2, mamba_num_heads=2, intermediate_size=32,
+                               n_routed_experts=4, moe_intermediate_size=8, layers=[0, 1, 2, 3, 5]),
+                   ElasticSpec(num_attention_heads=[None, 2, None, None, None, 6],  # per-layer sizes
+                               mamba_num_heads=[2, None, None, 6, None, None], hidden_size=24)],
+    "llama": [SPECS["llama"]["0.75"], ElasticSpec(hidden_size=16, num_attention_heads=[2, 4, 2], layers=[0, 2])],
+}
+
+
+def _plain(view) -> bool:
+    """No grouped (bmm) weight anywhere: every projection a 2-D matrix."""
+    for m in view.modules():
+        if isinstance(m, (GroupedLinear, PartsConv1d)) and (any(w.dim() != 2 for w in m.weights)
+                                                            or getattr(m, "in_groups", False)):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_views_in_serving_order_equal_sliced_parent(family):
+    original = random_parent(family)
+    parent = use_serving_order(copy.deepcopy(original))
+    assert serving_order_fits(original.config, CASES[family])
+    x = torch.randint(0, 63, (2, 11))
+    with torch.no_grad():
+        assert rel_err(parent(x), original(x)) < 1e-5  # the parent itself, reordered, computes the same
+    assert torch.equal(generate(parent, x[:, :4], 8), generate(original, x[:, :4], 8))
+    for spec in CASES[family]:
+        view, sliced = budget_view(parent, spec), slice_model(original, spec).eval()
+        assert view.config == sliced.config and view.copied == [] and shares_storage(view, parent)
+        assert _plain(view)
+        with torch.no_grad():
+            assert rel_err(view(x), sliced(x)) < 1e-5
+        assert torch.equal(generate(view, x[:, :4], 10), generate(sliced, x[:, :4], 10))
+    # q_proj / o_proj of a budget with fewer query heads per KV group: plain prefixes of the parent's
+    layer = 1 if family == "nemotron_h" else 0
+    attn = lambda m: m.model.layers[layer].mixer if family == "nemotron_h" else m.model.layers[layer].self_attn
+    q, o = attn(budget_view(parent, CASES[family][-1])).q_proj, attn(budget_view(parent, CASES[family][-1])).o_proj
+    assert type(q) is type(o) is torch.nn.Linear
+    assert q.weight.data_ptr() == attn(parent).q_proj.weight.data_ptr()
+    assert o.weight.data_ptr() == attn(parent).o_proj.weight.data_ptr()
+
+
+def test_serving_order_refuses_what_it_would_get_wrong():
+    original = random_parent("nemotron_h")
+    parent = use_serving_order(copy.deepcopy(original))
+    with pytest.raises(StarElasticError, match="serving order"):
+        parent.state_dict()  # so saving, exporting and slice_model refuse too
+    with pytest.raises(StarElasticError, match="serving order"):
+        slice_model(parent, SPECS["nemotron_h"]["0.75"])
+    with pytest.raises(ValueError, match="serving order"):
+        parent.set_masks(SPECS["nemotron_h"]["0.75"].masks(parent.config))
+    with pytest.raises(StarElasticError, match="KV groups"):
+        budget_view(parent, SPECS["nemotron_h"]["0.5"])  # drops a KV group
+    with pytest.raises(StarElasticError, match="channels"):
+        budget_view(parent, ElasticSpec(mamba_num_heads=4, mamba_head_dim=4))
+    assert not serving_order_fits(parent.config, [SPECS["nemotron_h"]["0.5"]])
+    assert not serving_order_fits(parent.config, [ElasticSpec(mamba_head_dim=4)])
+    use_serving_order(parent, False)  # undone: the parent as loaded, bit for bit
+    for (name, a), b in zip(parent.state_dict().items(), original.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_engine_uses_serving_order_only_where_every_budget_fits(tmp_path, monkeypatch):
+    # SPECS' 0.5 budget drops a KV group: grouped views, the parent as loaded
+    engine = ElasticEngine.load(make_checkpoint(tmp_path / "a", "nemotron_h"))
+    assert not any(getattr(m, "serving_order", False) for m in engine.parent.modules())
+    monkeypatch.setitem(SPECS["nemotron_h"], "0.5", CASES["nemotron_h"][2])  # keeps every KV group
+    path = make_checkpoint(tmp_path / "b", "nemotron_h")
+    engine = ElasticEngine.load(path)
+    assert engine.parent.model.layers[1].mixer.serving_order and engine.parent.model.layers[0].mixer.serving_order
+    original = load_elastic(path).model.eval()
+    ids = torch.tensor([[1, 5, 9, 4, 7]])
+    for b in engine.budgets:
+        view = engine.view(b)
+        assert _plain(view) and (view is engine.parent or shares_storage(view, engine.parent))
+        want = generate(slice_model(original, engine.ckpt.spec(b)).eval(), ids, 8)[0, 5:].tolist()
+        assert engine.generate(b, ids, 8).tokens == want
