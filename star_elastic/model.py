@@ -14,6 +14,8 @@ no masks set, every masked branch below is skipped and the model computes exactl
 Serving runs sub-networks the other way: a budget view (star_elastic/serve/views.py) is a smaller
 `Model` whose parameters are views of the parent's; where no 2-D view expresses the kept part (heads
 kept per group), it swaps in a projection module over grouped views, with the same call signature.
+A serving engine may instead store the parent's heads in "serving order" (rank-major, below), where
+those parts are plain prefixes too: modules flagged `serving_order` reorder their activations.
 """
 
 from __future__ import annotations
@@ -181,14 +183,14 @@ def activation(name: str):
 # group-major (g * per + j): then every budget keeps a plain prefix of them (serve/views.py,
 # `use_serving_order`). Modules flagged `serving_order` convert activations at their boundaries.
 
-def group_major(t: torch.Tensor, groups: int, size: int) -> torch.Tensor:
-    """The last dim's heads (`size` entries each) from rank-major to group-major order (a copy)."""
-    return t.unflatten(-1, (-1, groups, size)).transpose(-3, -2).flatten(-3)
+def group_major(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """(..., heads, size): the heads from rank-major to group-major order (a copy)."""
+    return t.unflatten(-2, (-1, groups)).transpose(-3, -2).reshape(t.shape)
 
 
-def rank_major(t: torch.Tensor, groups: int, size: int) -> torch.Tensor:
+def rank_major(t: torch.Tensor, groups: int) -> torch.Tensor:
     """The inverse of `group_major`."""
-    return t.unflatten(-1, (groups, -1, size)).transpose(-3, -2).flatten(-3)
+    return t.unflatten(-2, (groups, -1)).transpose(-3, -2).reshape(t.shape)
 
 
 # ----------------------------------------------------------------------------- Mamba-2
@@ -275,11 +277,19 @@ class Mamba2(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, cfg.hidden_size, bias=cfg.mamba_bias)
         self.head_mask = None  # (num_heads,)
         self.channel_mask = None  # (head_dim,), the same channels in every head
-        self.serving_order = False  # z / x / dt heads rank-major (in_proj, conv, out_proj): see above
+        # Serving order (see above): in_proj rows [B | C | each head's z, x, dt rows], conv channels
+        # [B | C | x], out_proj columns: heads rank-major. A budget's rows / channels are then a prefix.
+        self.serving_order = False
 
     def forward(self, u, cache: "MambaCache | None" = None):
         b, t, _ = u.shape
-        z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        H, P, G, bc = self.num_heads, self.head_dim, self.n_groups, 2 * self.n_groups * self.state_size
+        if self.serving_order:
+            BC, heads = self.in_proj(u).split([bc, H * (2 * P + 1)], dim=-1)
+            z, x, dt = heads.unflatten(-1, (H, 2 * P + 1)).split([P, P, 1], dim=-1)
+            xBC = torch.cat([BC, x.flatten(-2)], dim=-1)
+        else:
+            z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, H], dim=-1)
         xBC = xBC.transpose(1, 2)  # (b, conv_dim, t)
         k = self.conv1d.kernel_size[0]
         # the k-1 inputs before these: zeros at the start of a sequence, else the cached last ones
@@ -288,10 +298,13 @@ class Mamba2(nn.Module):
         if cache is not None:
             cache.conv.copy_(xBC[..., -(k - 1):])
         xBC = F.silu(self.conv1d(xBC)).transpose(1, 2)
-        x, B, C = xBC.split([self.d_inner, self.n_groups * self.state_size, self.n_groups * self.state_size], dim=-1)
-        if self.serving_order:  # run the scan, D and the gated norm group-major, as without the flag
-            G, P = self.n_groups, self.head_dim
-            z, x, dt = group_major(z, G, P), group_major(x, G, P), group_major(dt, G, 1)
+        if self.serving_order:  # the scan, D and the gated norm run group-major, as without the flag
+            BC, x = xBC.split([bc, self.d_inner], dim=-1)
+            B, C = BC.chunk(2, dim=-1)
+            z, dt = group_major(z, G).flatten(-2), group_major(dt, G).flatten(-2)
+            x = group_major(x.unflatten(-1, (H, P)), G)
+        else:
+            x, B, C = xBC.split([self.d_inner, bc // 2, bc // 2], dim=-1)
         x = x.view(b, t, self.num_heads, self.head_dim)
         B = B.view(b, t, self.n_groups, self.state_size)
         C = C.view(b, t, self.n_groups, self.state_size)
@@ -315,7 +328,7 @@ class Mamba2(nn.Module):
                 unit = unit * self.channel_mask.to(y.dtype)
             y = self.norm((y * unit).flatten(-2), z, unit.flatten())
         if self.serving_order:
-            y = rank_major(y, self.n_groups, self.head_dim)
+            y = rank_major(y.unflatten(-1, (H, P)), G).flatten(-2)
         return self.out_proj(y.to(u.dtype))
 
     def step(self, x, dt, A, B, C, state):

@@ -28,12 +28,8 @@ CASES = {
 
 
 def _plain(view) -> bool:
-    """No grouped (bmm) weight anywhere: every projection a 2-D matrix."""
-    for m in view.modules():
-        if isinstance(m, (GroupedLinear, PartsConv1d)) and (any(w.dim() != 2 for w in m.weights)
-                                                            or getattr(m, "in_groups", False)):
-            return False
-    return True
+    """Every projection and conv a plain module over 2-D views: no grouped (bmm) or part-wise path."""
+    return not any(isinstance(m, (GroupedLinear, PartsConv1d)) for m in view.modules())
 
 
 @pytest.mark.parametrize("family", list(CASES))

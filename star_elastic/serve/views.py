@@ -21,8 +21,9 @@ Serving head order (`use_serving_order`): the bmm over grouped views is 2-3x slo
 product. Every budget keeps the same count k of heads in every group (a prefix within the group),
 so once the parent's heads are stored rank-major (head j of group g at j * groups + g, permuted in
 place at load) every budget's heads are the plain prefix of the first k * groups: q_proj rows and
-o_proj columns, Mamba's z / x / dt rows of in_proj, conv channels of x and out_proj columns become
-2-D views. The modules, flagged `serving_order`, reorder activations at their boundaries (model.py).
+o_proj columns, Mamba's in_proj rows (B and C first, then each head's z, x and dt rows), conv
+channels ([B | C | x]) and out_proj columns become 2-D views: one matrix product each, as in the
+sliced model. The modules, flagged `serving_order`, reorder activations at their boundaries (model.py).
 Valid only while every budget keeps every KV group and cuts no Mamba channels (`serving_order_fits`).
 """
 
@@ -187,16 +188,12 @@ def _mamba(dst: Mamba2, src: Mamba2, h: int):
         _set(dst.in_proj, "bias", src.in_proj.bias)
         _set(dst.conv1d, "weight", src.conv1d.weight)
         _set(dst.conv1d, "bias", src.conv1d.bias)
-    elif src.serving_order:  # rank-major z / x / dt heads: each part a row prefix, conv [x prefix | B C]
-        n, inner = dst.num_heads, dst.d_inner
-        z, x, BC, dt = src.in_proj.weight[:, :h].split([d_inner, d_inner, bc, src.num_heads])
-        b = src.in_proj.bias
-        biases = None if b is None else [b[:inner], b[d_inner:d_inner + inner], b[2 * d_inner:2 * d_inner + bc],
-                                         b[2 * d_inner + bc:2 * d_inner + bc + n]]
-        dst.in_proj = GroupedLinear([z[:inner], x[:inner], BC, dt[:n]], biases)
-        w, b = src.conv1d.weight[:, 0], src.conv1d.bias
-        dst.conv1d = PartsConv1d([w[:inner], w[d_inner:]], [None if b is None else b[:inner],
-                                                            None if b is None else b[d_inner:]])
+    elif src.serving_order:  # in_proj rows [B | C | z, x, dt of each head], conv [B | C | x]: row prefixes
+        rows, channels = bc + dst.num_heads * (2 * P + 1), bc + dst.d_inner
+        _set(dst.in_proj, "weight", src.in_proj.weight[:rows, :h])
+        _set(dst.in_proj, "bias", None if src.in_proj.bias is None else src.in_proj.bias[:rows])
+        _set(dst.conv1d, "weight", src.conv1d.weight[:channels])
+        _set(dst.conv1d, "bias", None if src.conv1d.bias is None else src.conv1d.bias[:channels])
     else:  # in_proj rows [z | x | B | C | dt] and conv channels [x | B | C]: the heads' parts side by side
         z, x, BC, dt = src.in_proj.weight[:, :h].split([d_inner, d_inner, bc, src.num_heads])
         b = src.in_proj.bias
@@ -208,8 +205,8 @@ def _mamba(dst: Mamba2, src: Mamba2, h: int):
                                  [None if b is None else heads(b[:d_inner], 0), None if b is None else b[d_inner:]])
     for name in ("dt_bias", "A_log", "D"):  # (groups, heads per group) where the heads are cut per group
         _set(dst, name, heads(getattr(src, name), 0, 1))
-    # dt_bias, A_log, D and the norm weight stay group-major (the serving order runs them so), as out_proj's
-    # columns are without the serving order: grouped views where heads are cut
+    # dt_bias, A_log, D and the norm weight stay group-major even in serving order (Mamba2 runs its scan and
+    # norm group-major): elementwise over grouped views where heads are cut
     _set(dst.norm, "weight", heads(src.norm.weight, 0))  # the gated norm views it as (groups, -1) anyway
     ow = src.out_proj.weight[:h, :dst.d_inner] if src.serving_order else heads(src.out_proj.weight[:h], 1)
     if ow.dim() == 2:
@@ -327,39 +324,45 @@ def _refuse_state_dict(*_):
                            "be silently wrong; undo it with use_serving_order(model, False) before saving or slicing")
 
 
+def _rank_major_units(heads: int, groups: int, size: int) -> torch.Tensor:
+    """(heads, size) indices of each head's `size` entries, heads in rank-major order."""
+    order = torch.arange(heads).view(groups, -1).T.flatten()  # head j of group g at j * groups + g
+    return order[:, None] * size + torch.arange(size)
+
+
+def _mamba_order(m: Mamba2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """In serving order, as indices into the loaded order: in_proj rows [B | C | each head's z, x, dt]
+    (loaded [z | x | B | C | dt]), conv channels [B | C | x] (loaded [x | B | C]), out_proj columns."""
+    bc, inner = 2 * m.n_groups * m.state_size, m.d_inner
+    z = _rank_major_units(m.num_heads, m.n_groups, m.head_dim)  # (heads, head_dim)
+    dt = inner + m.conv_dim + _rank_major_units(m.num_heads, m.n_groups, 1)
+    rows = torch.cat([torch.arange(2 * inner, 2 * inner + bc), torch.cat([z, inner + z, dt], 1).flatten()])
+    return rows, torch.cat([torch.arange(inner, inner + bc), z.flatten()]), z.flatten()
+
+
 @torch.no_grad()
 def use_serving_order(model: Model, on: bool = True) -> Model:
     """Permute `model`'s heads in place to serving order (rank-major, see the module doc) or back, and
     flag the modules. Build views after it: views built before would see other heads. While on,
     `state_dict` (so saving, exporting, `slice_model`) refuses and `set_masks` too: both index heads
     group-major. Attention and Mamba layers with one group, or one head per group, stay as they are."""
-    def permute(t: torch.Tensor, dim: int, groups: int, size: int):  # `dim` in units of `size` entries
-        order = rank_major if on else group_major
-        t.copy_(order(t.movedim(dim, -1), groups, size).movedim(-1, dim))
+    def permute(t: torch.Tensor | None, dim: int, idx: torch.Tensor):  # entry i of `dim` <- loaded entry idx[i]
+        if t is not None and on:
+            t.copy_(t.index_select(dim, idx))
+        elif t is not None:
+            t.index_copy_(dim, idx, t.clone())
 
-    for module in model.modules():
-        if isinstance(module, Attention) and 1 < module.num_kv_heads < module.num_heads:
-            if module.serving_order == on:
-                continue
-            kv, hd = module.num_kv_heads, module.head_dim
-            permute(module.q_proj.weight, 0, kv, hd)
-            if module.q_proj.bias is not None:
-                permute(module.q_proj.bias, 0, kv, hd)
-            permute(module.o_proj.weight, 1, kv, hd)
-            module.serving_order = on
-        elif isinstance(module, Mamba2) and 1 < module.n_groups < module.num_heads:
-            if module.serving_order == on:
-                continue
-            G, P, inner = module.n_groups, module.head_dim, module.d_inner
-            dt = inner + module.conv_dim  # in_proj rows [z | x | B | C | dt]
-            for t in (module.in_proj.weight, module.in_proj.bias):
-                if t is not None:
-                    permute(t[:inner], 0, G, P), permute(t[inner:2 * inner], 0, G, P), permute(t[dt:], 0, G, 1)
-            for t in (module.conv1d.weight, module.conv1d.bias):  # channels [x | B | C]
-                if t is not None:
-                    permute(t[:inner], 0, G, P)
-            permute(module.out_proj.weight, 1, G, P)
-            module.serving_order = on
+    for m in model.modules():
+        if isinstance(m, Attention) and 1 < m.num_kv_heads < m.num_heads and m.serving_order != on:
+            heads = _rank_major_units(m.num_heads, m.num_kv_heads, m.head_dim).flatten()
+            permute(m.q_proj.weight, 0, heads), permute(m.q_proj.bias, 0, heads), permute(m.o_proj.weight, 1, heads)
+            m.serving_order = on
+        elif isinstance(m, Mamba2) and 1 < m.n_groups < m.num_heads and m.serving_order != on:
+            rows, channels, cols = _mamba_order(m)
+            permute(m.in_proj.weight, 0, rows), permute(m.in_proj.bias, 0, rows)
+            permute(m.conv1d.weight, 0, channels), permute(m.conv1d.bias, 0, channels)
+            permute(m.out_proj.weight, 1, cols)
+            m.serving_order = on
     handle = getattr(model, "_serving_order_hook", None)
     if on and handle is None:
         model._serving_order_hook = model.register_state_dict_pre_hook(_refuse_state_dict)
