@@ -44,7 +44,7 @@ from star_elastic.elastic.search import DEFAULT_AXES, applicable_axes, choose_sp
 from star_elastic.elastic.slicing import export  # noqa: E402
 from star_elastic.generate import generate  # noqa: E402
 from star_elastic.model import Model, ModelConfig  # noqa: E402
-from star_elastic.serve.views import budget_view, shares_storage  # noqa: E402
+from star_elastic.serve.views import budget_view, serving_order_fits, shares_storage, use_serving_order  # noqa: E402
 
 HYBRID = dict(vocab_size=32000, hidden_size=1536, layer_types="M*M-MEM*M-ME", num_attention_heads=16,
               num_key_value_heads=4, head_dim=96, intermediate_size=4096, mamba_num_heads=32, mamba_head_dim=64,
@@ -164,6 +164,8 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     ap.add_argument("--smoke", action="store_true", help="tiny model, few tokens: a quick CPU check")
+    ap.add_argument("--grouped-views", action="store_true",
+                    help="keep the parent's head order (grouped bmm views), not the engine's serving order")
     ap.add_argument("--out", help="JSON results file")
     args = ap.parse_args()
     if args.smoke:
@@ -189,6 +191,12 @@ def main():
     print(f"checkpoint {ckpt_dir} ({'built in %.0f s' % build_s if not args.ckpt else 'given'}): "
           f"{parent.num_parameters() / 1e6:.1f}M parameters, budgets {', '.join(names)}; {device}, {dtype}", flush=True)
 
+    # the engine's serving head order (views.py): where every budget keeps every KV group, heads become prefixes
+    serving_order = not args.grouped_views and serving_order_fits(parent.config, list(specs.values()))
+    if serving_order:
+        use_serving_order(parent)
+    print(f"serving head order: {'on' if serving_order else 'off'}", flush=True)
+
     # 2. switch latency: a view is built once (then cached); the alternative loads the sliced budget from disk
     views, build_ms = {}, {}
     for n in names:
@@ -201,6 +209,8 @@ def main():
         serving_bytes = storage_bytes(parent, *views.values())
     assert all(shares_storage(v, parent) for v in views.values())
     sliced, standalone_bytes, load_s = {}, 0, {}
+    if serving_order:  # slice the parent as loaded (the views, in place, are back in order below)
+        use_serving_order(parent, False)
     for n in names:
         before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
         sliced[n] = slice_model(parent, specs[n]).eval().requires_grad_(False)
@@ -209,6 +219,8 @@ def main():
         if device.type == "cuda":
             sliced[n] = sliced[n].to(device)
         load_s[n] = timed(lambda: load(work / f"sliced-{n}", dtype=dtype, device=device), device)
+    if serving_order:
+        use_serving_order(parent)
     print(f"memory: all {len(names)} budgets from one checkpoint {serving_bytes / 2**20:.1f} MiB, each loaded standalone "
           f"{standalone_bytes / 2**20:.1f} MiB (ratio {serving_bytes / standalone_bytes:.3f})", flush=True)
 
@@ -270,7 +282,9 @@ def main():
     result = {"machine": {"device": str(device), "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
                           "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": str(dtype)},
               "command": " ".join(sys.argv), "checkpoint": str(ckpt_dir), "model": args.model if not args.ckpt else None,
-              "parent_params": parent.num_parameters(), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+              "parent_params": parent.num_parameters(), "serving_order": serving_order,
+              "specs": {n: specs[n].to_dict() for n in names},
+              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "reps": args.reps, "budgets": rows,
               "memory": {"serving_bytes": serving_bytes, "standalone_bytes": standalone_bytes,
                          "ratio": serving_bytes / standalone_bytes,
