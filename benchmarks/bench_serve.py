@@ -17,6 +17,9 @@ with budget architectures from the zero-shot search. Imports neither FastAPI nor
     python benchmarks/bench_serve.py --smoke
     python benchmarks/bench_serve.py --model smollm2 --out docs/results/serve_cpu_smollm2.json
     python benchmarks/bench_serve.py --device cuda --model hybrid --out docs/results/serve_h100_hybrid.json
+    python benchmarks/bench_serve.py --device cuda --model hybrid --grouped-views   # the layout before the serving order
+
+Views run over the parent in the engine's serving head order (serve/views.py) where every budget allows it.
 """
 
 from __future__ import annotations
