@@ -348,9 +348,9 @@ def use_serving_order(model: Model, on: bool = True) -> Model:
     group-major. Attention and Mamba layers with one group, or one head per group, stay as they are."""
     def permute(t: torch.Tensor | None, dim: int, idx: torch.Tensor):  # entry i of `dim` <- loaded entry idx[i]
         if t is not None and on:
-            t.copy_(t.index_select(dim, idx))
+            t.copy_(t.index_select(dim, idx.to(t.device)))
         elif t is not None:
-            t.index_copy_(dim, idx, t.clone())
+            t.index_copy_(dim, idx.to(t.device), t.clone())
 
     for m in model.modules():
         if isinstance(m, Attention) and 1 < m.num_kv_heads < m.num_heads and m.serving_order != on:
