@@ -152,11 +152,16 @@ class GatedRMSNorm(nn.Module):
         self.groups = groups
         self.eps = eps
 
-    def forward(self, x, z, mask=None):
+    def forward(self, x, z, mask=None, rank_major_head_dim: int | None = None):
         """`mask` (dim,): weights of the kept channels (x is zero where it is 0); each group is then
-        normalised over its kept channels only."""
+        normalised over its kept channels only. `rank_major_head_dim`: x, z and the weight hold heads of
+        that size rank-major (serving order): group g is the heads h with h % groups == g."""
         dtype = x.dtype
         x = x.float() * F.silu(z.float())
+        if rank_major_head_dim is not None:  # (.., heads per group, groups, head_dim): reduce over heads and channels
+            xg = x.unflatten(-1, (-1, self.groups, rank_major_head_dim))
+            xg = xg * torch.rsqrt(xg.pow(2).mean((-3, -1), keepdim=True) + self.eps)
+            return (self.weight.view(xg.shape[-3:]) * xg.to(dtype)).flatten(-3)
         xg = x.unflatten(-1, (self.groups, -1))
         if mask is None:
             ms = xg.pow(2).mean(-1, keepdim=True)
@@ -278,7 +283,9 @@ class Mamba2(nn.Module):
         self.head_mask = None  # (num_heads,)
         self.channel_mask = None  # (head_dim,), the same channels in every head
         # Serving order (see above): in_proj rows [B | C | each head's z, x, dt rows], conv channels
-        # [B | C | x], out_proj columns: heads rank-major. A budget's rows / channels are then a prefix.
+        # [B | C | x], out_proj columns, dt_bias, A_log, D, the norm weight and the cached SSM state: heads
+        # rank-major. A budget's rows / channels / heads are then a prefix. Decode runs rank-major as it is;
+        # only prefill's scan reorders (once per request).
         self.serving_order = False
 
     def forward(self, u, cache: "MambaCache | None" = None):
@@ -298,27 +305,35 @@ class Mamba2(nn.Module):
         if cache is not None:
             cache.conv.copy_(xBC[..., -(k - 1):])
         xBC = F.silu(self.conv1d(xBC)).transpose(1, 2)
-        if self.serving_order:  # the scan, D and the gated norm run group-major, as without the flag
+        if self.serving_order:  # z, x, dt, dt_bias, A_log, D, the norm weight and the cached state: rank-major
             BC, x = xBC.split([bc, self.d_inner], dim=-1)
             B, C = BC.chunk(2, dim=-1)
-            z, dt = group_major(z, G).flatten(-2), group_major(dt, G).flatten(-2)
-            x = group_major(x.unflatten(-1, (H, P)), G)
+            z, dt = z.flatten(-2), dt.flatten(-2)
         else:
             x, B, C = xBC.split([self.d_inner, bc // 2, bc // 2], dim=-1)
         x = x.view(b, t, self.num_heads, self.head_dim)
         B = B.view(b, t, self.n_groups, self.state_size)
         C = C.view(b, t, self.n_groups, self.state_size)
-        # per-head vectors flattened: in a budget view they are (n_groups, kept heads per group)
+        # per-head vectors flattened: in a grouped budget view they are (n_groups, kept heads per group)
         dt = F.softplus(dt.float() + self.dt_bias.float().flatten()).clamp(min=self.dt_min)
         A = -torch.exp(self.A_log.float()).flatten()
-        if cache is not None and t == 1:
+        if cache is not None and t == 1:  # rank-major in serving order too: no reordering per token
             y = self.step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], cache.ssm)[:, None]
+        elif self.serving_order:  # the scan takes heads group-major: reorder at its boundary, once per prefill
+            state = None if cache is None else group_major(cache.ssm.flatten(-2), G).view_as(cache.ssm)
+            y, final = ssd_scan(group_major(x, G), group_major(dt[..., None], G)[..., 0],
+                                group_major(A[:, None], G)[:, 0], B, C, self.chunk_size, state)
+            y = rank_major(y, G)
+            if cache is not None:
+                cache.ssm.copy_(rank_major(final.flatten(-2), G).view_as(final))
         else:
             y, final = ssd_scan(x, dt, A, B, C, self.chunk_size, None if cache is None else cache.ssm)
             if cache is not None:
                 cache.ssm.copy_(final)
         y = y + x.to(y.dtype) * self.D.to(y.dtype).flatten()[:, None]
-        if self.head_mask is None and self.channel_mask is None:
+        if self.serving_order:  # masks refuse in serving order (set_masks)
+            y = self.norm(y.flatten(-2), z, rank_major_head_dim=P)
+        elif self.head_mask is None and self.channel_mask is None:
             y = self.norm(y.flatten(-2), z)
         else:  # heads and channels are independent SSMs up to here: zero the dropped ones' outputs
             unit = y.new_ones(self.num_heads, self.head_dim)
@@ -327,15 +342,15 @@ class Mamba2(nn.Module):
             if self.channel_mask is not None:
                 unit = unit * self.channel_mask.to(y.dtype)
             y = self.norm((y * unit).flatten(-2), z, unit.flatten())
-        if self.serving_order:
-            y = rank_major(y.unflatten(-1, (H, P)), G).flatten(-2)
         return self.out_proj(y.to(u.dtype))
 
     def step(self, x, dt, A, B, C, state):
         """One token of the recurrence h = exp(dt A) h + dt B x, y = C h (state updated in place)."""
         j = self.num_heads // self.n_groups
-        B = B.float().repeat_interleave(j, dim=1)  # (b, h, n)
-        C = C.float().repeat_interleave(j, dim=1)
+        if self.serving_order:  # heads rank-major: head h reads group h % n_groups
+            B, C = B.float().repeat(1, j, 1), C.float().repeat(1, j, 1)  # (b, h, n)
+        else:  # group-major: head h reads group h // j
+            B, C = B.float().repeat_interleave(j, dim=1), C.float().repeat_interleave(j, dim=1)
         x = x.float()
         new = state * torch.exp(dt * A)[..., None, None] + (dt[..., None] * x)[..., None] * B[:, :, None]
         state.copy_(new)

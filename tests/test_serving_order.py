@@ -92,3 +92,31 @@ def test_engine_uses_serving_order_only_where_every_budget_fits(tmp_path, monkey
         assert _plain(view) and (view is engine.parent or shares_storage(view, engine.parent))
         want = generate(slice_model(original, engine.ckpt.spec(b)).eval(), ids, 8)[0, 5:].tolist()
         assert engine.generate(b, ids, 8).tokens == want
+
+
+def test_mamba_decode_in_serving_order_does_not_reorder(monkeypatch):
+    """Prefill stores the SSM state rank-major; each decode token then runs rank-major as stored:
+    the step matches the parent as loaded on the permuted state, with no head reordering at all."""
+    import star_elastic.model as model_mod
+    from star_elastic.model import rank_major
+
+    original = random_parent("nemotron_h")
+    parent = use_serving_order(copy.deepcopy(original))
+    ids = torch.randint(0, 63, (2, 7))
+    with torch.no_grad():
+        caches = [m.make_cache(2, 16) for m in (original, parent)]
+        pos = torch.arange(6)
+        for m, cache in zip((original, parent), caches):
+            m(ids[:, :6], cache, pos)
+        for i, (a, b) in enumerate(zip(*caches)):
+            if hasattr(a, "ssm"):  # the same state, heads rank-major
+                G = parent.model.layers[i].mixer.n_groups
+                assert rel_err(b.ssm, rank_major(a.ssm.flatten(-2), G).view_as(a.ssm)) < 1e-5
+        want = original(ids[:, 6:], caches[0], torch.tensor([6]))
+
+        def refuse(*_):
+            raise AssertionError("reordered heads in a decode step")
+        monkeypatch.setattr(model_mod, "group_major", refuse)
+        monkeypatch.setattr(model_mod, "rank_major", refuse)
+        got = parent(ids[:, 6:], caches[1], torch.tensor([6]))
+    assert rel_err(got, want) < 1e-5

@@ -23,7 +23,9 @@ so once the parent's heads are stored rank-major (head j of group g at j * group
 place at load) every budget's heads are the plain prefix of the first k * groups: q_proj rows and
 o_proj columns, Mamba's in_proj rows (B and C first, then each head's z, x and dt rows), conv
 channels ([B | C | x]) and out_proj columns become 2-D views: one matrix product each, as in the
-sliced model. The modules, flagged `serving_order`, reorder activations at their boundaries (model.py).
+sliced model; Mamba's dt_bias, A_log, D and gated-norm weight are rank-major too, so plain prefixes.
+The modules, flagged `serving_order`, compute in that order: Mamba's decode step with no reordering
+(its SSM state is cached rank-major), prefill's scan and attention's SDPA reorder at their boundaries.
 Valid only while every budget keeps every KV group and cuts no Mamba channels (`serving_order_fits`).
 """
 
@@ -203,11 +205,14 @@ def _mamba(dst: Mamba2, src: Mamba2, h: int):
         w, b = src.conv1d.weight[:, 0], src.conv1d.bias  # (channels, k)
         dst.conv1d = PartsConv1d([heads(w[:d_inner], 0), w[d_inner:]],
                                  [None if b is None else heads(b[:d_inner], 0), None if b is None else b[d_inner:]])
-    for name in ("dt_bias", "A_log", "D"):  # (groups, heads per group) where the heads are cut per group
-        _set(dst, name, heads(getattr(src, name), 0, 1))
-    # dt_bias, A_log, D and the norm weight stay group-major even in serving order (Mamba2 runs its scan and
-    # norm group-major): elementwise over grouped views where heads are cut
-    _set(dst.norm, "weight", heads(src.norm.weight, 0))  # the gated norm views it as (groups, -1) anyway
+    if src.serving_order:  # per-head vectors and the norm weight are rank-major too: prefixes
+        for name in ("dt_bias", "A_log", "D"):
+            _set(dst, name, getattr(src, name)[:dst.num_heads])
+        _set(dst.norm, "weight", src.norm.weight[:dst.d_inner])
+    else:
+        for name in ("dt_bias", "A_log", "D"):  # (groups, heads per group) where the heads are cut per group
+            _set(dst, name, heads(getattr(src, name), 0, 1))
+        _set(dst.norm, "weight", heads(src.norm.weight, 0))  # the gated norm views it as (groups, -1) anyway
     ow = src.out_proj.weight[:h, :dst.d_inner] if src.serving_order else heads(src.out_proj.weight[:h], 1)
     if ow.dim() == 2:
         _set(dst.out_proj, "weight", ow), _set(dst.out_proj, "bias", ob)
@@ -361,7 +366,9 @@ def use_serving_order(model: Model, on: bool = True) -> Model:
             rows, channels, cols = _mamba_order(m)
             permute(m.in_proj.weight, 0, rows), permute(m.in_proj.bias, 0, rows)
             permute(m.conv1d.weight, 0, channels), permute(m.conv1d.bias, 0, channels)
-            permute(m.out_proj.weight, 1, cols)
+            permute(m.out_proj.weight, 1, cols), permute(m.norm.weight, 0, cols)
+            heads = _rank_major_units(m.num_heads, m.n_groups, 1).flatten()
+            permute(m.dt_bias, 0, heads), permute(m.A_log, 0, heads), permute(m.D, 0, heads)
             m.serving_order = on
     handle = getattr(model, "_serving_order_hook", None)
     if on and handle is None:
