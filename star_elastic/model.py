@@ -152,16 +152,16 @@ class GatedRMSNorm(nn.Module):
         self.groups = groups
         self.eps = eps
 
-    def forward(self, x, z, mask=None, rank_major_head_dim: int | None = None):
+    def forward(self, x, z, mask=None, rank_major: bool = False):
         """`mask` (dim,): weights of the kept channels (x is zero where it is 0); each group is then
-        normalised over its kept channels only. `rank_major_head_dim`: x, z and the weight hold heads of
-        that size rank-major (serving order): group g is the heads h with h % groups == g."""
+        normalised over its kept channels only. `rank_major`: x and z are (..., heads, head_dim) with the
+        heads, and the weight, rank-major (serving order): group g is the heads h with h % groups == g."""
         dtype = x.dtype
         x = x.float() * F.silu(z.float())
-        if rank_major_head_dim is not None:  # (.., heads per group, groups, head_dim): reduce over heads and channels
-            xg = x.unflatten(-1, (-1, self.groups, rank_major_head_dim))
+        if rank_major:  # (..., heads per group, groups, head_dim): reduce over heads and channels
+            xg = x.unflatten(-2, (-1, self.groups))
             xg = xg * torch.rsqrt(xg.pow(2).mean((-3, -1), keepdim=True) + self.eps)
-            return (self.weight.view(xg.shape[-3:]) * xg.to(dtype)).flatten(-3)
+            return (self.weight.view(xg.shape[-3:]) * xg.to(dtype)).flatten(-3, -2)  # (..., heads, head_dim)
         xg = x.unflatten(-1, (self.groups, -1))
         if mask is None:
             ms = xg.pow(2).mean(-1, keepdim=True)
@@ -308,7 +308,7 @@ class Mamba2(nn.Module):
         if self.serving_order:  # z, x, dt, dt_bias, A_log, D, the norm weight and the cached state: rank-major
             BC, x = xBC.split([bc, self.d_inner], dim=-1)
             B, C = BC.chunk(2, dim=-1)
-            z, dt = z.flatten(-2), dt.flatten(-2)
+            dt = dt.flatten(-2)  # z stays (b, t, heads, head_dim), a view of in_proj's output (the norm takes it so)
         else:
             x, B, C = xBC.split([self.d_inner, bc // 2, bc // 2], dim=-1)
         x = x.view(b, t, self.num_heads, self.head_dim)
@@ -332,7 +332,7 @@ class Mamba2(nn.Module):
                 cache.ssm.copy_(final)
         y = y + x.to(y.dtype) * self.D.to(y.dtype).flatten()[:, None]
         if self.serving_order:  # masks refuse in serving order (set_masks)
-            y = self.norm(y.flatten(-2), z, rank_major_head_dim=P)
+            y = self.norm(y, z, rank_major=True).flatten(-2)
         elif self.head_mask is None and self.channel_mask is None:
             y = self.norm(y.flatten(-2), z)
         else:  # heads and channels are independent SSMs up to here: zero the dropped ones' outputs
