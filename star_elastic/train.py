@@ -52,6 +52,7 @@ class TrainConfig:
     clip: float = 1.0
     router_mode: str = "hard"
     router_warmup_steps: int = 300  # budget-only steps of the router before any model step (cheap)
+    budget_cost: str = "drawn"  # the budget loss judges the "drawn" architecture or the "expected" one
     loss: LossWeights = field(default_factory=LossWeights)
     eval_every: int = 0  # steps; 0: only at the end
     eval_tokens: int = 4096
@@ -129,6 +130,8 @@ class ElasticTrainer:
         self.step = 0
         teacher.eval().requires_grad_(False)
         self.stage2 = cfg.stage2_weights or default_stage2_weights(len(budgets))
+        if cfg.budget_cost not in ("drawn", "expected"):
+            raise StarElasticError(f"budget_cost is 'drawn' or 'expected', got {cfg.budget_cost!r}")
         if len(self.stage2) != len(budgets):
             raise StarElasticError(f"stage-2 weights {self.stage2} do not match {len(budgets)} budgets")
 
@@ -196,14 +199,23 @@ class ElasticTrainer:
             self.model.set_masks({k: v.to(self.device) for k, v in decision.masks.items()})
             with self._ctx():
                 student_logits = self.model(x)
-            cost = self.cost.cost(budget.kind, decision.arch)
+            expected = self.cost.cost(budget.kind, decision.arch)
+            drawn = torch.as_tensor(self.cost.cost(budget.kind, decision.chosen_arch)).detach()
+            cost = expected
+            if cfg.budget_cost == "drawn":
+                # the value is the cost of the architecture this step ran (the one argmax picks once the
+                # noise anneals); the gradient is the expected cost's. On the expected cost alone, a
+                # distribution split between a large and a small choice sits inside the band while
+                # every architecture drawn from it, and its argmax, is outside.
+                cost = drawn + expected - torch.as_tensor(expected).detach()
             losses = elastic_loss(student_logits, teacher_logits, cost, budget, decision.probs, x, cfg.loss)
             (losses["total"] / cfg.grad_accum).backward()
             self.model.clear_masks()
             for k, v in losses.items():
                 k = "budget_loss" if k == "budget" else k  # "budget" is the budget's name below
                 logs[k] = logs.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-            logs["cost_fraction"] = float(torch.as_tensor(cost).detach()) / budget.full
+            logs["cost_fraction"] = float(drawn) / budget.full  # of the architecture that ran
+            logs["expected_cost_fraction"] = float(torch.as_tensor(expected).detach()) / budget.full
         self._all_reduce_grads()
         params = [p for g in self.opt.param_groups for p in g["params"]]
         logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))

@@ -128,3 +128,42 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     assert got["losses"] == pytest.approx([l["total"] for l in logs], rel=1e-4)
     for k, v in single.model.state_dict().items():
         assert torch.allclose(got["weights"][k], v, rtol=1e-4, atol=1e-5), (k, (got["weights"][k] - v).abs().max().item())
+
+
+@pytest.mark.parametrize("judge", ["drawn", "expected"])
+def test_budget_loss_judges_the_drawn_architecture(tmp_path, judge):
+    """A router split 50/50 between the smallest and the full FFN has an expected cost right on a
+    mid budget, so the expected-cost budget loss is 0, while every architecture drawn from it (and
+    its argmax) is far outside the band. Judged on the drawn architecture, the loss sees that, and
+    its gradient (the expected cost's) reaches the router."""
+    from star_elastic.elastic.cost import Budget, CostModel
+
+    cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32, layer_types="**", num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, intermediate_size=256, mlp_gated=True, mlp_act="silu",
+                      rope_theta=10000.0)
+    torch.manual_seed(0)
+    model = Model(cfg)
+    full = CostModel(cfg).full("params")
+    router = Router(cfg, [Budget("params", full / 2, full, "mid")],
+                    RouterConfig(axes=("ffn",), hidden_dim=8, width_choices=16))
+    last = router.mlps["ffn"][-1]
+    with torch.no_grad():  # logits: the smallest and the full width equally likely, nothing else
+        last.weight.zero_()
+        last.bias.fill_(-30.0)
+        last.bias[0] = last.bias[-1] = 5.0
+    router.set_progress(0.0)
+    with torch.no_grad():
+        mid = float(CostModel(cfg).cost("params", router(0).arch))  # the expected cost of that split
+    budget = Budget("params", mid, full, "mid")
+    router.budgets = [budget]
+    rows = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
+    t = ElasticTrainer(model, copy.deepcopy(model), router, [budget], rows,
+                       TrainConfig(steps=1, batch_size=4, seq_len=16, router_warmup_steps=0, budget_cost=judge),
+                       tmp_path / "run")
+    log = t.train_step()
+    assert abs(log["expected_cost_fraction"] - budget.fraction) < 1e-3
+    assert abs(log["cost_fraction"] / budget.fraction - 1) > 0.3  # the drawn architecture is far off
+    if judge == "drawn":
+        assert log["budget_loss"] > 0.3
+    else:
+        assert log["budget_loss"] == 0.0

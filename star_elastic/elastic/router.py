@@ -88,6 +88,7 @@ class RouterOutput:
     probs: dict[str, torch.Tensor] = field(default_factory=dict)
     sample: dict[str, torch.Tensor] = field(default_factory=dict)
     choice: dict[str, int] = field(default_factory=dict)
+    chosen_arch: Arch | None = None  # the sizes of the choices taken: the architecture the masks run
 
 
 class Router(nn.Module):
@@ -272,7 +273,8 @@ class Router(nn.Module):
                 weights[name] = prefix[k]
                 size_weights[name] = F.one_hot(torch.tensor(k, device=y.device), len(y)).to(y.dtype)
             probs[name], samples[name], choice[name] = p, y, k
-        return RouterOutput(self._masks(weights), self._arch(size_weights), probs, samples, choice)
+        chosen = self._arch({n: F.one_hot(torch.tensor(k), len(probs[n])).to(probs[n]) for n, k in choice.items()})
+        return RouterOutput(self._masks(weights), self._arch(size_weights), probs, samples, choice, chosen)
 
     def _masks(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         masks = {}
