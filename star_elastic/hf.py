@@ -329,13 +329,7 @@ def load(path, dtype: torch.dtype | None = None, device=None) -> Model:
             raise StarElasticError(f"{path}: pickle files are never loaded; give a safetensors checkpoint directory")
         else:
             raise StarElasticError(f"{path}: expected a checkpoint directory (config.json + safetensors) or a .gguf file")
-    raw, cfg = read_config(path)
-    check_elastic_manifest(path, cfg)
-    tensors = read_safetensors(_weight_files(path), skip=lambda n: n.startswith("mtp."))
-    if cfg.family == "nemotron_h":
-        tensors = from_disk_layout(tensors, str(path))
-    with torch.device("meta"):
-        model = Model(cfg)
+    raw, cfg, tensors, model = _open(path, read_safetensors)
     model = load_weights(model, tensors, str(path))
     if model.inv_freq is not None:  # a non-persistent buffer: rebuild it off the meta device
         from .model import rope_frequencies
@@ -345,6 +339,19 @@ def load(path, dtype: torch.dtype | None = None, device=None) -> Model:
     if dtype is not None or device is not None:
         model.to(device=device, dtype=dtype)
     return model.eval()
+
+
+def _open(path: Path, read) -> tuple[dict, ModelConfig, dict, Model]:
+    """(raw config, config, tensors in our layout, model on the meta device) of a checkpoint
+    directory, after the manifest checks; `read` takes the tensors' data or only their headers."""
+    raw, cfg = read_config(path)
+    check_elastic_manifest(path, cfg)
+    tensors = read(_weight_files(path), skip=lambda n: n.startswith("mtp."))
+    if cfg.family == "nemotron_h":
+        tensors = from_disk_layout(tensors, str(path))
+    with torch.device("meta"):
+        model = Model(cfg)
+    return raw, cfg, tensors, model
 
 
 def check_elastic_manifest(path: Path, cfg: ModelConfig) -> None:
@@ -363,13 +370,7 @@ def check_checkpoint(path) -> tuple[dict, ModelConfig]:
     path = Path(path)
     if not path.is_dir():
         raise StarElasticError(f"{path}: expected a checkpoint directory (config.json + safetensors)")
-    raw, cfg = read_config(path)
-    check_elastic_manifest(path, cfg)
-    tensors = header_tensors(_weight_files(path), skip=lambda n: n.startswith("mtp."))
-    if cfg.family == "nemotron_h":
-        tensors = from_disk_layout(tensors, str(path))
-    with torch.device("meta"):
-        model = Model(cfg)
+    raw, cfg, tensors, model = _open(path, header_tensors)
     check_shapes(model, tensors, str(path))
     return raw, cfg
 

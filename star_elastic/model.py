@@ -21,7 +21,7 @@ those parts are plain prefixes too: modules flagged `serving_order` reorder thei
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn

@@ -4,11 +4,10 @@ standalone model computes."""
 import pytest
 import torch
 
-from conftest import randomize_, rel_err
-from elastic_ckpt import LLAMA, NEMOTRON, SPECS, random_parent
+from conftest import rel_err
+from elastic_ckpt import SPECS, random_parent
 from star_elastic.elastic import ElasticSpec, slice_model
 from star_elastic.generate import generate
-from star_elastic.model import Model
 from star_elastic.serve.views import GroupedLinear, PartsConv1d, budget_view, grouped, shares_storage
 
 CASES = [(family, name) for family in SPECS for name in SPECS[family]] + [

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ..elastic.slicing import take
 from ..elastic.spec import ElasticSpec
 from ..errors import StarElasticError
-from ..model import Attention, LlamaLayer, Mamba2, Model, MLP, MoE, group_major, rank_major
+from ..model import Attention, LlamaLayer, Mamba2, Model, MLP, MoE
 
 # ----------------------------------------------------------------------------- grouped views
 
