@@ -173,17 +173,17 @@ def cmd_demo(args):
                             batch_size=args.batch_size, lr=args.lr, router_lr=1e-2, axes=None, heterogeneous=False,
                             calib_batches=args.calib_batches, eval_tokens=args.eval_tokens, seed=0)
     result = cmd_elastify(ns)
-    smallest = min(result["trained"], key=float)
-    print(f"\nslicing budget {smallest} out of the checkpoint and asking it a question:", flush=True)
-    from .elastic.checkpoint import load_elastic
-    from .elastic.slicing import slice_model
+    from .serve.engine import ElasticEngine
 
-    ckpt = load_elastic(out)
-    small = slice_model(ckpt.model, ckpt.spec(smallest)).eval()
-    ids = encode_prompt(ckpt.tokenizer, args.prompt)
-    answer = generate(small, ids, args.max_new_tokens, eos_token_id=ckpt.tokenizer.eos_token_id)
-    print(f"  prompt: {args.prompt}")
-    print("  answer: " + ckpt.tokenizer.decode(answer[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    # every budget from one loaded copy of the weights (budget views), as a deployment would run them
+    engine = ElasticEngine.load(out, device=pick_device(args.device))
+    ids = encode_prompt(engine.tokenizer, args.prompt)
+    print(f"\nevery budget from one loaded checkpoint, greedy, {args.max_new_tokens} tokens at most "
+          f"(a CPU-sized run: small budgets have barely trained):\n  prompt: {args.prompt}", flush=True)
+    for name in engine.budgets:
+        answer = engine.generate(name, ids, args.max_new_tokens)
+        text = engine.tokenizer.decode(answer.tokens, skip_special_tokens=True).strip()
+        print(f"  {name:>6}: {text or '(nothing before the end-of-text token)'}", flush=True)
     return result
 
 
