@@ -316,7 +316,14 @@ def cmd_slice(args):
 
         if args.params is not None or args.spec is not None:
             raise StarElasticError("--budget slices an elastic checkpoint's trained budget: no --params or --spec")
-        budget = budget_spec(read_manifest(resolve_model(args.model)), args.budget)  # unknown: error, nothing written
+        manifest = read_manifest(resolve_model(args.model))
+        budget = budget_spec(manifest, args.budget)  # unknown: error, nothing written
+        if args.verify:
+            from .elastic.checkpoint import verify_files
+
+            verify_files(resolve_model(args.model), manifest, progress=True)
+    elif args.verify:
+        raise StarElasticError("--verify checks an elastic checkpoint's files: it goes with --budget")
     elif (args.params is None) == (args.spec is None):
         raise StarElasticError("give exactly one of --params TARGET, --spec FILE or --budget NAME")
     if args.spec and args.axes:
@@ -502,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--params", help="budget: fraction of the parent's parameters (0.5) or a count (70M, 1.2B)")
     sp.add_argument("--spec", help="slice this explicit elastic spec (JSON) instead of choosing one for --params")
     sp.add_argument("--budget", help="MODEL is an elastic checkpoint: cut this trained budget (its name, e.g. 0.5)")
+    sp.add_argument("--verify", action="store_true", help="with --budget: check every file's sha256 first")
     sp.add_argument("--out", required=True, help="output directory (a Hugging Face checkpoint)")
     sp.add_argument("--scores", help="importance scores from `star-elastic importance` (else estimated)")
     sp.add_argument("--method", choices=["activation", "magnitude", "random"],

@@ -160,11 +160,12 @@ def test_data_corruption_needs_the_checksum(copy_ckpt, elastic_ckpt, tmp_path, c
     load_elastic(copy_ckpt)  # cheap checks only: loads
     one_line_error(lambda: load_elastic(copy_ckpt, verify=True), "model.safetensors", "checksum")
     for argv in (["eval", str(copy_ckpt), "--data", str(elastic_ckpt[1]), "--verify", "--json", str(tmp_path / "r.json")],
-                 ["inspect", str(copy_ckpt), "--verify", "--out", str(tmp_path / "maps")]):
+                 ["inspect", str(copy_ckpt), "--verify", "--out", str(tmp_path / "maps")],
+                 ["slice", str(copy_ckpt), "--budget", "0.5", "--verify", "--out", str(tmp_path / "cut")]):
         assert cli.main(argv) == 2
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert "model.safetensors" in last and "checksum" in last, last
-    assert not os.path.exists(tmp_path / "r.json") and not os.path.exists(tmp_path / "maps")
+    assert not any(os.path.exists(tmp_path / name) for name in ("r.json", "maps", "cut"))
 
 
 def test_a_pickle_file_given_as_the_model(tmp_path, capsys):
@@ -176,3 +177,9 @@ def test_a_pickle_file_given_as_the_model(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert "model.pt" in err and "\n" not in err, err
     assert not (tmp_path / MARKER).exists()
+
+
+def test_slice_budget_verify_passes_an_intact_checkpoint(elastic_ckpt, tmp_path):
+    assert cli.main(["slice", str(elastic_ckpt[0]), "--budget", "0.5", "--verify", "--out", str(tmp_path / "cut")]) == 0
+    assert (tmp_path / "cut" / "config.json").is_file()
+    assert cli.main(["slice", str(elastic_ckpt[0]), "--params", "0.5", "--verify", "--out", str(tmp_path / "x")]) == 2
