@@ -297,15 +297,20 @@ def load_weights(model: Model, tensors: dict[str, torch.Tensor], source: str) ->
     return model
 
 
+def read_json(f: Path):
+    """A JSON file's content; a one-line error naming the file when it is not JSON."""
+    try:
+        return json.loads(f.read_text())
+    except ValueError as e:
+        raise StarElasticError(f"{f}: not valid JSON ({e})") from None
+
+
 def read_config(path: Path) -> tuple[dict, ModelConfig]:
     """config.json of a checkpoint directory: as read, and as our config (per-layer sizes included)."""
     config_file = path / "config.json"
     if not config_file.exists():
         raise StarElasticError(f"{path}: not a model directory (no config.json)")
-    try:
-        raw = json.loads(config_file.read_text())
-    except ValueError as e:
-        raise StarElasticError(f"{config_file}: not valid JSON ({e})") from None
+    raw = read_json(config_file)
     cfg = config_from_hf(raw, str(config_file))
     if isinstance(raw.get("star_elastic"), dict) and raw["star_elastic"].get("layer_sizes"):
         try:  # checked here so that a bad list fails as one line, not deep inside Model()

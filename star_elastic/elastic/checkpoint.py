@@ -31,7 +31,8 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from ..errors import StarElasticError
-from ..hf import PICKLE_SUFFIXES, _weight_files, load, load_tokenizer, safetensors_header, save_pretrained, staging
+from ..hf import (PICKLE_SUFFIXES, _weight_files, load, load_tokenizer, read_json, safetensors_header, save_pretrained,
+                  staging)
 from ..model import Model, ModelConfig
 from .cost import Arch, Budget, CostModel, MemorySettings
 from .importance import save_scores
@@ -119,10 +120,7 @@ def read_manifest(path) -> dict:
     f = path / "manifest.json"
     if not f.is_file():
         raise StarElasticError(f"{path}: not a star-elastic checkpoint (no manifest.json)")
-    try:
-        manifest = json.loads(f.read_text())
-    except ValueError as e:
-        raise StarElasticError(f"{f}: not valid JSON ({e})") from None
+    manifest = read_json(f)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise StarElasticError(f"{f}: not a star-elastic manifest")
     if manifest.get("version", 0) > VERSION:

@@ -273,8 +273,11 @@ class Router(nn.Module):
                 weights[name] = prefix[k]
                 size_weights[name] = F.one_hot(torch.tensor(k, device=y.device), len(y)).to(y.dtype)
             probs[name], samples[name], choice[name] = p, y, k
-        chosen = self._arch({n: F.one_hot(torch.tensor(k), len(probs[n])).to(probs[n]) for n, k in choice.items()})
-        return RouterOutput(self._masks(weights), self._arch(size_weights), probs, samples, choice, chosen)
+        arch = self._arch(size_weights)
+        chosen = arch  # at inference `arch` already is the sizes of the choices taken
+        if self.training:
+            chosen = self._arch({n: F.one_hot(torch.tensor(k), len(probs[n])).to(probs[n]) for n, k in choice.items()})
+        return RouterOutput(self._masks(weights), arch, probs, samples, choice, chosen)
 
     def _masks(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         masks = {}
