@@ -60,16 +60,17 @@ from star_elastic.elastic import ElasticSpec, slice_model, sort_model  # noqa: E
 from star_elastic.elastic.cost import CostModel, parse_budget  # noqa: E402
 from star_elastic.elastic.importance import estimate_importance  # noqa: E402
 from star_elastic.elastic.losses import kd_loss  # noqa: E402
-from star_elastic.elastic.router import DEFAULT_AXES, Router, RouterConfig  # noqa: E402
-from star_elastic.elastic.search import applicable_axes, choose_spec, describe  # noqa: E402
+from star_elastic.elastic.router import DEFAULT_AXES, Router, RouterConfig, project_budgets  # noqa: E402
+from star_elastic.elastic.search import applicable_axes, choose_spec, describe, search_spec  # noqa: E402
 from star_elastic.errors import StarElasticError  # noqa: E402
 from star_elastic.evaluate import perplexity  # noqa: E402
 from star_elastic.model import Model  # noqa: E402
 from star_elastic.train import ElasticTrainer, TrainConfig, lr_factor  # noqa: E402
 
 METHODS = ("zero_shot", "elastic", "minitron")
+VARIANTS = ("elastic", "elastic_anchor", "joint_fixed")
 LABELS = {"parent": "parent", "zero_shot": "(a) zero-shot", "elastic": "(b) elastic", "minitron": "(c) Minitron",
-          "zero_shot_elastic_arch": "(a@b) zero-shot"}
+          "elastic_anchor": "(b+) anchored", "joint_fixed": "(b') fixed arch", "zero_shot_elastic_arch": "(a@b) zero-shot"}
 
 
 def parse_args(argv=None):
@@ -83,7 +84,7 @@ def parse_args(argv=None):
     ap.add_argument("--tokenizer", help="tokenizer directory (default: SmolLM2's, read from its GGUF)")
     ap.add_argument("--model", help="(A) parent checkpoint directory or GGUF (default: the SmolLM2-135M GGUF)")
     ap.add_argument("--train-data", default="wiki", help="its train split trains (and calibrates) every method")
-    ap.add_argument("--heldout", default="wiki,shakespeare",
+    ap.add_argument("--heldout", default="wiki,shakespeare,bible,wiki-fr",
                     help="held-out splits scored, comma-separated corpora/files (the first is the primary)")
     ap.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens scored per model and source")
     ap.add_argument("--eval-seq-len", type=int, default=512)
@@ -101,6 +102,13 @@ def parse_args(argv=None):
     ap.add_argument("--lr-a", type=float, default=1e-4, help="(A) model learning rate of (b) and (c)")
     ap.add_argument("--tokens-b", type=int, default=4_194_304, help="(B) T")
     ap.add_argument("--lr-b", type=float, default=3e-4, help="(B) model learning rate of (b) and (c)")
+    ap.add_argument("--variants", default="elastic,elastic_anchor,joint_fixed",
+                    help="trained one-run methods: elastic (router, the paper's sampling), elastic_anchor (router, "
+                         "the full model distilled every step), joint_fixed (no router: (c)'s architectures)")
+    ap.add_argument("--full-anchor", type=float, default=1.0, help="weight of the full model's KD in elastic_anchor")
+    ap.add_argument("--zero-shot", choices=["search", "shrink"], default="search",
+                    help="(a): the best homogeneous architecture over axis combinations by calibration "
+                         "perplexity (search), or choose_spec's combined shrink of all axes")
     ap.add_argument("--minitron-arch", choices=["search", "elastic"], default="search",
                     help="(c) distils choose_spec's architecture (search, as (a)) or the one the router chose in (b)")
     ap.add_argument("--max-docs", type=int, help="first N documents of each corpus only (quick runs)")
@@ -181,6 +189,7 @@ def importance_and_sort(model, train: torch.Tensor, args, device) -> dict:
     batches = zs.calibration(train, args)
     scores = estimate_importance(model, batches, progress=False)
     sort_model(model, scores, experts_key="experts")  # experts by REAP; every permutation function-preserving
+    model.calibration = batches  # (a) scores its candidates on the same batches
     return {"data": f"{args.train_data} (train split)", "batches": len(batches), "batch_size": args.calib_batch_size,
             "seq_len": args.calib_seq_len, "tokens": sum(b.numel() for b in batches),
             "experts_ranked_by": "REAP" if any(k.endswith(".experts") for k in scores) else None,
@@ -273,12 +282,19 @@ def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, 
 
     # (a) zero-shot
     t = clock(device)
-    specs = {}
+    specs, searched = {}, {}
+    calib = [x.to(device) for x in getattr(sorted_parent, "calibration", [])][:8]
     for b in budgets:
-        specs[b.name] = spec = choose_spec(cfg, int(b.target), axes)
+        if args.zero_shot == "search" and not b.is_full and calib:
+            spec, records = search_spec(sorted_parent, int(b.target), axes, calib)
+            searched[b.name] = records
+        else:
+            spec = ElasticSpec() if b.is_full else choose_spec(cfg, int(b.target), axes)
+        specs[b.name] = spec
         small = slice_model(sorted_parent, spec)
         row("zero_shot", b, small, spec, score(small, heldouts, args), 0)
         del small
+    part["zero_shot_search"] = {"rule": args.zero_shot, "calibration_batches": len(calib), "candidates": searched}
     methods["zero_shot"] = {"tokens": 0, "seconds": round(clock(device) - t, 1),
                             "note": "slicing + evaluation; no training (importance calibration shared by all)"}
     save()
@@ -287,70 +303,24 @@ def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, 
     if device.type == "cuda":
         teacher.to(torch.bfloat16)
 
-    # (b) elastic: one run for every budget
-    print(f"(b) elastic: {steps_b} steps of {args.batch_size} x {args.seq_len} = {steps_b * tokens_per_step:,} tokens, "
-          f"budgets {', '.join(b.name for b in budgets)}, axes {', '.join(axes)}", flush=True)
-    torch.manual_seed(args.seed)
-    student = copy.deepcopy(sorted_parent)
-    router = Router(cfg, budgets, RouterConfig(axes=axes)).to(device)
-    tcfg = TrainConfig(steps=steps_b, batch_size=args.batch_size, seq_len=args.seq_len, lr=lr,
-                       router_lr=args.router_lr, warmup_steps=max(1, steps_b // 20), seed=args.seed)
-    part["training"]["router_warmup_steps"] = getattr(tcfg, "router_warmup_steps", None)
-    tmp = tempfile.TemporaryDirectory(prefix="bench_elastic_")  # metrics.jsonl of ElasticTrainer.run
-    trainer = ElasticTrainer(student, teacher, router, budgets, rows, tcfg, out_dir=tmp.name)
-    trainer.save_state = lambda: None  # no resumable state: it would write the weights and AdamW moments
-    t = clock(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    logs, every = [], max(1, steps_b // 10)
-    while trainer.step < steps_b:  # the package's loop (ElasticTrainer.run), a tenth at a time
-        logs += trainer.run(progress=False, stop_after=every)
-        el = clock(device) - t
-        tok_s = trainer.step * tokens_per_step / el
-        recent = {}
-        for lg in logs[-every:]:
-            recent.setdefault(lg["budget"], []).append(lg["kd"])
-        print(f"    elastic step {trainer.step:5d}/{steps_b}  kd "
-              + " ".join(f"{b.name}:{sum(recent[b.name]) / len(recent[b.name]):.4f}" for b in budgets if b.name in recent)
-              + f"  tau {logs[-1]['tau']:.3f}  {tok_s:,.0f} tok/s  {el:.0f} s, "
-              f"~{(steps_b - trainer.step) * tokens_per_step / tok_s:.0f} s to go", flush=True)
-    train_s = clock(device) - t
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    router.eval()
-    student.eval()
-    costs = CostModel(cfg)
-    t = clock(device)
-    tail = logs[len(logs) * 4 // 5:]
-    for i, b in enumerate(budgets):
-        spec = router.spec(i)
-        small = slice_model(student, spec)
-        ppl = score(small, heldouts, args)
-        del small
-        # check: the same budget masked inside the trained parent (what training ran) == sliced
-        student.set_masks(spec.masks(cfg, device=device))
-        primary = next(iter(heldouts))
-        masked = score(student, {primary: heldouts[primary]}, args)[primary]
-        student.clear_masks()
-        kd = [lg["kd"] for lg in tail if lg["budget"] == b.name]
-        row("elastic", b, None, spec, ppl, steps_b * tokens_per_step,
-            cost_vs_target=costs.spec_cost("params", spec) / b.target,
-            masked_perplexity_primary=masked,
-            steps_sampled=sum(lg["budget"] == b.name for lg in logs),
-            final_kd=sum(kd) / len(kd) if kd else None)
-    methods["elastic"] = {"tokens": steps_b * tokens_per_step, "steps": steps_b, "train_seconds": round(train_s, 1),
-                          "eval_seconds": round(clock(device) - t, 1),
-                          "tokens_per_s": round(steps_b * tokens_per_step / train_s), "peak_gpu_gib": peak,
-                          "log": [{k: v for k, v in lg.items() if k != "eval"} for lg in logs[::max(1, steps_b // 50)]]}
+    # (b) one run of T tokens for every budget, in each variant asked for
+    elastic_specs = None
+    for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        if variant not in VARIANTS:
+            raise StarElasticError(f"unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
+        got = one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, steps_b, lr, args, device,
+                      row, methods, tokens_per_step)
+        if variant == "elastic":
+            elastic_specs = got
     # (a@b) the router's architectures cut from the untrained sorted parent: how much of (b) is architecture
-    elastic_specs = {r["budget"]: ElasticSpec.from_dict(r["spec"]) for r in out if r["method"] == "elastic"}
     for b in smaller:
+        if elastic_specs is None:
+            break
         small = slice_model(sorted_parent, elastic_specs[b.name])
         row("zero_shot_elastic_arch", b, small, elastic_specs[b.name], score(small, heldouts, args), 0)
         del small
     save()
-    del student, router, trainer, logs
-    tmp.cleanup()
-    if args.minitron_arch == "elastic":
+    if args.minitron_arch == "elastic" and elastic_specs is not None:
         specs = elastic_specs
 
     # (c) Minitron-style: each smaller budget alone, T / len(smaller) tokens
@@ -376,42 +346,118 @@ def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, 
     save()
 
 
+def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, steps, lr, args, device, row, methods,
+            tokens_per_step) -> dict:
+    """One training run of `steps` serving every budget: `elastic` (router, the paper's budget
+    sampling, the full budget = the unmasked parent), `elastic_anchor` (router; every step distils a
+    sampled smaller budget and the full model on the same batch), `joint_fixed` (no router: each
+    budget trains (a)'s architecture; what joint training does without architecture search).
+    Rows per budget; returns the specs it ended with."""
+    cfg = sorted_parent.config
+    print(f"({LABELS[variant]}): {steps} steps of {args.batch_size} x {args.seq_len} = {steps * tokens_per_step:,} "
+          f"tokens, budgets {', '.join(b.name for b in budgets)}", flush=True)
+    torch.manual_seed(args.seed)
+    student = copy.deepcopy(sorted_parent)
+    axes = tuple(a for a in args.axes.split(",") if a in applicable_axes(cfg))
+    router = None if variant == "joint_fixed" else Router(cfg, budgets, RouterConfig(axes=axes)).to(device)
+    fixed = [specs[b.name] for b in budgets] if router is None else None
+    tcfg = TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=lr,
+                       router_lr=args.router_lr, warmup_steps=max(1, steps // 20), seed=args.seed,
+                       full_anchor=args.full_anchor if variant == "elastic_anchor" else 0.0)
+    tmp = tempfile.TemporaryDirectory(prefix="bench_elastic_")  # metrics.jsonl of ElasticTrainer.run
+    trainer = ElasticTrainer(student, teacher, router, budgets, rows, tcfg, out_dir=tmp.name, fixed_specs=fixed)
+    trainer.save_state = lambda: None  # no resumable state: it would write the weights and AdamW moments
+    t = clock(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    logs, every = [], max(1, steps // 10)
+    while trainer.step < steps:  # the package's loop (ElasticTrainer.run), a tenth at a time
+        logs += trainer.run(progress=False, stop_after=every)
+        el = clock(device) - t
+        tok_s = trainer.step * tokens_per_step / el
+        recent = {}
+        for lg in logs[-every:]:
+            recent.setdefault(lg["budget"], []).append(lg["kd"])
+        cost = {lg["budget"]: lg.get("argmax_cost_fraction") for lg in logs[-every:] if "argmax_cost_fraction" in lg}
+        print(f"    {variant} step {trainer.step:5d}/{steps}  kd "
+              + " ".join(f"{b.name}:{sum(recent[b.name]) / len(recent[b.name]):.4f}" for b in budgets if b.name in recent)
+              + ("  argmax cost " + " ".join(f"{k}:{v:.3f}" for k, v in cost.items()) if cost else "")
+              + f"  {tok_s:,.0f} tok/s  {el:.0f} s, ~{(steps - trainer.step) * tokens_per_step / tok_s:.0f} s to go",
+              flush=True)
+    train_s = clock(device) - t
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    student.eval()
+    costs = CostModel(cfg)
+    if router is not None:
+        router.eval()
+        projections = project_budgets(router, budgets, costs)
+        final = {b.name: router.spec_of(p.choice) for b, p in zip(budgets, projections)}
+    else:
+        projections, final = [None] * len(budgets), {b.name: specs[b.name] for b in budgets}
+    t = clock(device)
+    tail = logs[len(logs) * 4 // 5:]
+    for b, proj in zip(budgets, projections):
+        spec = final[b.name]
+        small = slice_model(student, spec)
+        ppl = score(small, heldouts, args)
+        del small
+        kd = [lg["kd"] for lg in tail if lg["budget"] == b.name]
+        row(variant, b, None, spec, ppl, steps * tokens_per_step,
+            cost_vs_target=costs.spec_cost("params", spec) / b.target,
+            projection=proj.to_dict() if proj is not None else None,
+            steps_sampled=sum(lg["budget"] == b.name for lg in logs),
+            final_kd=sum(kd) / len(kd) if kd else None)
+    methods[variant] = {"tokens": steps * tokens_per_step, "steps": steps, "train_seconds": round(train_s, 1),
+                        "eval_seconds": round(clock(device) - t, 1), "full_anchor": tcfg.full_anchor,
+                        "tokens_per_s": round(steps * tokens_per_step / train_s), "peak_gpu_gib": peak,
+                        "log": [{k: v for k, v in lg.items() if k != "eval"} for lg in logs[::max(1, steps // 60)]]}
+    tmp.cleanup()
+    return final
+
+
 def table(part: dict) -> str:
+    """Per held-out source: each budget's perplexity under (a), every trained one-run variant and (c),
+    with each variant's ratio to (c) (at 100%, (c) is the untouched parent: the ratio is the drift)."""
     rows = part["rows"]
     sources = list(rows[0]["perplexity"])
     by = {(r["method"], r["budget"]): r for r in rows}
     parent = by[("parent", part["budgets"][0])]
+    variants = [v for v in VARIANTS if v in part["methods"]]
     tr = part["training"]
-    lines = [f"held-out perplexity ({', '.join(s + ' held-out' for s in sources)}; {tr['data']} trains); "
-             f"T = {tr['T']:,} tokens: (b) one run of T, (c) {tr['minitron_tokens_per_budget']:,} per smaller budget"]
+    lines = [f"held-out perplexity ({', '.join(sources)}; {tr['data']} trains); T = {tr['T']:,} tokens: each "
+             f"one-run method one run of T, (c) {tr['minitron_tokens_per_budget']:,} per smaller budget"]
     for s in sources:
         lines.append("")
         lines.append(f"[{s}]  parent {parent['params']:,} params: ppl {fmt(parent['perplexity'][s])}")
-        lines.append(f"{'budget':>6} {'params (a)/(c)':>16} {'params (b)':>16} {'(a) zero-shot':>14} "
-                     f"{'(b) elastic':>12} {'(c) Minitron':>13} {'(b)/(c)-1':>10} {'(a@b) zero-shot':>16}")
+        head = f"{'budget':>6} {'(a) params':>14} {'(a) zero-shot':>14} {'(c) Minitron':>13}"
+        for v in variants:
+            head += f" {LABELS[v] + ' (vs c)':>28}"
+        lines.append(head)
         for name in part["budgets"]:
-            a, b, c = (by.get((m, name)) for m in METHODS)
-            pa = f"{a['params'] / 1e6:.2f}M {a['param_fraction']:5.1%}" if a else "-"
-            off = b is not None and abs(b.get("cost_vs_target", 1.0) - 1) > 0.05
-            pb = f"{'*' if off else ''}{b['params'] / 1e6:.2f}M {b['param_fraction']:5.1%}" if b else "-"
-            va, vb = (x["perplexity"][s] if x else None for x in (a, b))
-            vc = c["perplexity"][s] if c else (parent["perplexity"][s] if a and a["param_fraction"] == 1.0 else None)
-            rel = f"{vb / vc - 1:+.2%}" if vb is not None and vc is not None else "-"
-            ab = by.get(("zero_shot_elastic_arch", name))
-            vab = ab["perplexity"][s] if ab else va if a and a["param_fraction"] == 1.0 else None
-            lines.append(f"{name:>6} {pa:>16} {pb:>16} {fmt(va):>14} {fmt(vb):>12} {fmt(vc):>13} {rel:>10} "
-                         f"{fmt(vab):>16}")
+            a, c = by.get(("zero_shot", name)), by.get(("minitron", name))
+            full = a is not None and a["param_fraction"] == 1.0
+            vc = c["perplexity"][s] if c else (parent["perplexity"][s] if full else None)
+            share = f"{a['param_fraction']:.1%}" if a else "-"
+            line = f"{name:>6} {share:>14} {fmt(a['perplexity'][s] if a else None):>14} {fmt(vc):>13}"
+            for v in variants:
+                r = by.get((v, name))
+                if r is None:
+                    line += f" {'-':>28}"
+                    continue
+                vb = r["perplexity"][s]
+                off = "*" if abs(r.get("cost_vs_target", 1.0) - 1) > 0.05 else ""
+                rel = f"{vb / vc - 1:+.1%}" if vc else "-"
+                cell = f"{fmt(vb)} ({rel}) {off}{r['param_fraction']:.1%}"
+                line += f" {cell:>28}"
+            lines.append(line)
     m = part["methods"]
     lines.append("")
-    lines.append("(a@b): the architecture (b)'s router chose, cut from the untrained sorted parent (no training)")
-    if part["training"].get("minitron_arch") == "elastic":
-        lines.append("(c) here distils the architectures of (b): params (a)/(c) are (a)'s only")
-    if any(r["method"] == "elastic" and abs(r.get("cost_vs_target", 1.0) - 1) > 0.05 for r in rows):
-        lines.append("* the router's architecture is more than 5% away from its budget (the target of (a)/(c))")
-    lines.append(f"(c) at 100% is the untouched parent. Wall time: zero-shot {m['zero_shot']['seconds']} s (no training); "
-                 f"elastic {m['elastic']['train_seconds']} s training ({m['elastic']['tokens']:,} tokens, "
-                 f"{m['elastic']['tokens_per_s']:,} tok/s); Minitron {m['minitron']['train_seconds']} s training "
-                 f"({m['minitron']['tokens']:,} tokens)")
+    lines.append("each trained cell: perplexity (its ratio to (c) - 1) and the share of the parent's parameters it keeps")
+    if any(r["method"] in VARIANTS and abs(r.get("cost_vs_target", 1.0) - 1) > 0.05 for r in rows):
+        lines.append("* more than 5% away from its budget")
+    lines.append(f"(c) at 100% is the untouched parent. Wall time: zero-shot {m['zero_shot']['seconds']} s; "
+                 + "; ".join(f"{LABELS[v]} {m[v]['train_seconds']} s ({m[v]['tokens_per_s']:,} tok/s)" for v in variants)
+                 + f"; Minitron {m['minitron']['train_seconds']} s training ({m['minitron']['tokens']:,} tokens)")
     return "\n".join(lines)
 
 

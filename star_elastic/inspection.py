@@ -234,7 +234,7 @@ def importance_panels(info: dict) -> dict:
 
 
 def inspect_command(args) -> dict:
-    from .cli import check_output
+    from .runtime import check_output
     from .hf import staging
     from .plots import architecture_map, importance_map
 

@@ -1,10 +1,12 @@
 """Elastic training: the sorted parent and the budget router, trained together by distillation
-from the frozen parent over several budgets (METHOD.md §6-§7).
+from the frozen parent over several budgets (docs/METHOD.md §7-§9).
 
-Every step: pick a budget (stage 1 uniform, stage 2 weighted toward the full model), let the
-router sample an architecture for it, run the student masked to that architecture, and minimise
-KL(teacher || student) + lambda * budget loss. The model code knows nothing of this: masks go in
-through `Model.set_masks`.
+Every step: pick a budget (stage 1 uniform, stage 2 weighted toward the full model), run the student
+on it and minimise KL(teacher || student) + lambda * budget loss. The full budget is the parent: its
+steps run the unmasked student. A smaller budget's architecture is drawn by the router (or fixed,
+for the ablation without one), and the student runs masked to it; with `full_anchor` the full model
+is also distilled on the same batch. The model code knows nothing of this: masks go in through
+`Model.set_masks`.
 
 Distribution is applied from outside, torchrun style: under `torch.distributed` every rank draws
 the same global batch order and takes its own slice of it, all ranks sample the same budget and
@@ -18,18 +20,20 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .data import TokenBatches
 from .elastic.cost import Budget, CostModel
-from .elastic.losses import LossWeights, budget_loss, elastic_loss, full_choice_loss
-from .elastic.router import Router
+from .elastic.losses import LossWeights, budget_loss, drawn_cost, elastic_loss, full_choice_loss, kd_loss
+from .elastic.router import Router, entropy, entropy_floor_loss, project_budgets
+from .elastic.spec import ElasticSpec
 from .errors import StarElasticError
 from .evaluate import perplexity
 from .model import Model
@@ -38,7 +42,7 @@ from .model import Model
 @dataclass
 class TrainConfig:
     steps: int = 100
-    batch_size: int = 8  # sequences per step over all ranks (before gradient accumulation)
+    batch_size: int = 8  # sequences of seq_len per step over all ranks (stage 2: the same tokens in longer rows)
     grad_accum: int = 1
     seq_len: int = 256  # stage 1
     stage2_seq_len: int | None = None  # longer context in stage 2 (None: same as stage 1)
@@ -53,6 +57,11 @@ class TrainConfig:
     router_mode: str = "hard"
     router_warmup_steps: int = 300  # budget-only steps of the router before any model step (cheap)
     budget_cost: str = "drawn"  # the budget loss judges the "drawn" architecture or the "expected" one
+    router_clip: float = 1.0  # the router's gradient is clipped on its own (the model's norm would drown it)
+    entropy_floor: float = 0.1  # least normalised entropy of each router choice distribution (no saturation)
+    budget_kd_weights: list[float] | None = None  # per-budget KD weight (budget order); None: all 1
+    full_anchor: float = 0.0  # >0: every step also distils the full model on the same batch (sandwich rule);
+    #                           the budget sampler then draws only the smaller budgets
     loss: LossWeights = field(default_factory=LossWeights)
     eval_every: int = 0  # steps; 0: only at the end
     eval_tokens: int = 4096
@@ -104,29 +113,42 @@ class ElasticTrainer:
     `rows`: packed training sequences (n, L) with L >= the longest stage's seq_len; `heldout`: a
     1-D token stream for the periodic per-budget perplexity."""
 
-    def __init__(self, model: Model, teacher: Model, router: Router, budgets: list[Budget], rows: torch.Tensor,
-                 cfg: TrainConfig, out_dir, heldout: torch.Tensor | None = None, cost: CostModel | None = None):
+    def __init__(self, model: Model, teacher: Model, router: Router | None, budgets: list[Budget], rows: torch.Tensor,
+                 cfg: TrainConfig, out_dir, heldout: torch.Tensor | None = None, cost: CostModel | None = None,
+                 fixed_specs: list[ElasticSpec] | None = None):
         self.model, self.teacher, self.router, self.budgets, self.cfg = model, teacher, router, budgets, cfg
         self.out = Path(out_dir)
         self.heldout = heldout
         self.cost = cost or CostModel(model.config)
         self.rank, self.world = world()
-        if cfg.batch_size % self.world:
-            raise StarElasticError(f"batch size {cfg.batch_size} is not divisible by {self.world} ranks")
-        longest = max(cfg.seq_len, cfg.stage2_seq_len or 0)
-        if rows.shape[1] < longest:
-            raise StarElasticError(f"training rows have {rows.shape[1]} tokens, the schedule needs {longest}")
+        # no router: each budget trains the fixed architecture given (the ablation of joint training alone)
+        if (router is None) == (fixed_specs is None):
+            raise StarElasticError("give either a router or fixed_specs (one architecture per budget), not both")
+        if fixed_specs is not None and len(fixed_specs) != len(budgets):
+            raise StarElasticError(f"{len(fixed_specs)} fixed architectures for {len(budgets)} budgets")
+        self.fixed_specs = fixed_specs
+        # every step holds batch_size x seq_len tokens; stage 2 holds the same tokens in longer rows
+        self.row_len = max(cfg.seq_len, cfg.stage2_seq_len or 0)
+        if rows.shape[1] < self.row_len:
+            raise StarElasticError(f"training rows have {rows.shape[1]} tokens, the schedule needs {self.row_len}")
+        tokens = cfg.batch_size * cfg.seq_len
+        if tokens % self.row_len or self.row_len % cfg.seq_len or (tokens // self.row_len) % self.world:
+            raise StarElasticError(
+                f"a step of {cfg.batch_size} x {cfg.seq_len} tokens does not split into whole rows of "
+                f"{self.row_len} over {self.world} rank(s): make the stage-2 length a multiple of seq_len and "
+                f"batch_size x seq_len a multiple of it times the ranks")
         self.device = next(model.parameters()).device
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
         # every rank draws the same global batches; each keeps its own slice (see module docstring)
-        self.batches = TokenBatches(rows, cfg.batch_size, seed=cfg.seed)
+        self.batches = TokenBatches(rows[:, :self.row_len], tokens // self.row_len, seed=cfg.seed)
         self.sampler = torch.Generator().manual_seed(cfg.seed + 1)  # budgets
         self.gumbel = torch.Generator().manual_seed(cfg.seed + 2)  # router noise
-        self.opt = torch.optim.AdamW(
-            [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr, "base_lr": cfg.lr,
-              "weight_decay": cfg.weight_decay},
-             {"params": list(router.parameters()), "lr": cfg.router_lr, "base_lr": cfg.router_lr,
-              "weight_decay": 0.0}], betas=(0.9, 0.95))
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr, "base_lr": cfg.lr,
+                   "weight_decay": cfg.weight_decay}]
+        if router is not None:
+            groups.append({"params": list(router.parameters()), "lr": cfg.router_lr, "base_lr": cfg.router_lr,
+                           "weight_decay": 0.0})
+        self.opt = torch.optim.AdamW(groups, betas=(0.9, 0.95))
         self.step = 0
         teacher.eval().requires_grad_(False)
         self.stage2 = cfg.stage2_weights or default_stage2_weights(len(budgets))
@@ -134,106 +156,208 @@ class ElasticTrainer:
             raise StarElasticError(f"budget_cost is 'drawn' or 'expected', got {cfg.budget_cost!r}")
         if len(self.stage2) != len(budgets):
             raise StarElasticError(f"stage-2 weights {self.stage2} do not match {len(budgets)} budgets")
+        if any(w < 0 for w in self.stage2) or sum(self.stage2) <= 0:
+            raise StarElasticError(f"stage-2 weights {self.stage2} must be non-negative and not all 0")
+        self.kd_weights = cfg.budget_kd_weights or [1.0] * len(budgets)
+        if len(self.kd_weights) != len(budgets):
+            raise StarElasticError(f"per-budget KD weights {self.kd_weights} do not match {len(budgets)} budgets")
+        if not 0 <= cfg.stage1_fraction <= 1:
+            raise StarElasticError(f"stage-1 fraction must be in [0, 1], got {cfg.stage1_fraction}")
+        self.full = next((i for i, b in enumerate(budgets) if b.is_full), None)
+        if cfg.full_anchor and (self.full is None or len(budgets) < 2):
+            raise StarElasticError("the full anchor needs the full budget (1.0) and at least one smaller budget")
 
     # ------------------------------------------------------------------------- router warm-up
 
     def warm_up_router(self):
-        """Fit the router to the budgets alone before the model trains: an untrained router draws
-        arbitrary architectures (a 1/16-wide hidden size for the full budget, say), and distilling
-        through those would only damage the parent. Costs no model forward: the cost model is
-        analytic. Pulls each budget's expected cost, at a logit scale ramped to the final (sharp)
-        one, to its target exactly (no dead band), so the argmax architectures start near their budgets."""
-        if self.cfg.router_warmup_steps <= 0:
+        """Fit the router to the budgets alone before the model trains, at the logit scale training
+        starts with: an untrained router draws arbitrary architectures (a 1/16-wide hidden size for
+        a 0.75 budget, say), and distilling through those would waste steps. Costs no model forward:
+        the cost model is analytic. Each smaller budget's argmax is brought inside half its band
+        while every slot keeps its entropy floor, and it stops once they all are, so training
+        starts on budget with a router that can still move (one fitted at the final, sharp scale
+        would be one-hot, with no gradient left). The full budget learns its anchor."""
+        if self.router is None or self.cfg.router_warmup_steps <= 0:
             return
         opt = torch.optim.Adam(self.router.parameters(), lr=self.cfg.router_lr)
         self.router.train()
         self.router.set_progress(0.0)
-        (s0, s1), n = self.router.config.scale, self.cfg.router_warmup_steps
-        for step in range(n):
-            # the logit scale ramps to its final value, where the expectation is nearly the argmax;
-            # starting there from a random router would lock its choices before they fit the budgets
-            sharp = s0 + (s1 - s0) * step / max(1, n - 1)
-            loss = 0.0
+        band = self.cfg.loss.band
+        for _ in range(self.cfg.router_warmup_steps):
+            loss, settled = 0.0, True
             for i, budget in enumerate(self.budgets):
-                probs = {k: torch.softmax(v * sharp, -1) for k, v in self.router.logits(i).items()}
-                arch = self.router._arch(probs)
-                loss = loss + budget_loss(self.cost.cost(budget.kind, arch), budget, band=0.0)
+                q = {k: torch.softmax(v * self.router.scale, -1) for k, v in self.router.logits(i).items()}
                 if budget.is_full:
-                    loss = loss + full_choice_loss(probs)
+                    loss = loss + full_choice_loss(q)
+                    continue
+                expected = self.cost.cost(budget.kind, self.router.expected_arch(q))
+                argmax = self.cost.cost(budget.kind, self.router.arch_of({k: int(v.argmax()) for k, v in q.items()}))
+                settled = settled and abs(argmax / budget.target - 1) <= band / 2
+                loss = (loss + budget_loss(drawn_cost(argmax, expected), budget, band / 2)
+                        + entropy_floor_loss(q, self.cfg.entropy_floor))
+            if settled:  # every argmax in half its band: stop while the router is still soft
+                return
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        # a coarse grid of sizes can keep the argmaxes jumping across a band: settle them on the nearest
+        # in-band nested architectures the router prefers (the same projection as after training)
+        targets = [p.choice for p in project_budgets(self.router, self.budgets, self.cost, band / 2)]
+        for _ in range(self.cfg.router_warmup_steps):
+            loss, settled = 0.0, True
+            for i, choice in enumerate(targets):
+                for name, logit in self.router.logits(i).items():
+                    settled = settled and int(logit.argmax()) == choice[name]
+                    loss = loss + F.cross_entropy(logit[None], torch.tensor([choice[name]], device=logit.device))
+            if settled:
+                return
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
 
     # ------------------------------------------------------------------------- one step
 
+    def stage1(self) -> bool:
+        return self.step < self.cfg.stage1_fraction * self.cfg.steps
+
     def sample_budget(self) -> int:
-        stage1 = self.step < self.cfg.stage1_fraction * self.cfg.steps
-        probs = torch.full((len(self.budgets),), 1.0) if stage1 else torch.tensor(self.stage2, dtype=torch.float)
+        probs = torch.full((len(self.budgets),), 1.0) if self.stage1() else torch.tensor(self.stage2, dtype=torch.float)
+        if self.cfg.full_anchor:  # the full model is in every step already
+            probs[self.full] = 0.0
         return int(torch.multinomial(probs, 1, generator=self.sampler))
 
     def seq_len(self) -> int:
-        stage1 = self.step < self.cfg.stage1_fraction * self.cfg.steps
-        return self.cfg.seq_len if stage1 or not self.cfg.stage2_seq_len else self.cfg.stage2_seq_len
+        return self.cfg.seq_len if self.stage1() or not self.cfg.stage2_seq_len else self.cfg.stage2_seq_len
 
     def _ctx(self):
         return self.autocast if self.autocast is not None else torch.autocast("cpu", enabled=False)
+
+    def _batch(self, L: int) -> torch.Tensor:
+        """This rank's share of the next global batch, as rows of L tokens."""
+        rows = next(self.batches)
+        per_rank = rows.shape[0] // self.world
+        mine = rows[self.rank * per_rank:(self.rank + 1) * per_rank]
+        return mine.reshape(-1, L).to(self.device)
+
+    def _decide(self, b: int, budget: Budget):
+        """(masks, RouterOutput or None) of budget b for this step. The full budget is the parent:
+        no masks, no router draw."""
+        if budget.is_full:
+            return None, None
+        if self.router is None:
+            return self.fixed_specs[b].masks(self.model.config, device=self.device), None
+        decision = self.router(b, mode=self.cfg.router_mode, generator=self.gumbel)
+        return {k: v.to(self.device) for k, v in decision.masks.items()}, decision
+
+    def _router_loss(self, b: int, budget: Budget, decision, logs: dict) -> torch.Tensor | None:
+        """The budget loss (or, for b = 1, the anchor) and the entropy floor of the router's choice
+        for budget b; logs its drawn / expected cost and per-axis entropies."""
+        if self.router is None:
+            return None
+        w = self.cfg.loss
+        if decision is None:  # the full budget: the anchor keeps its logits on the parent for blending
+            p = {k: torch.softmax(v * self.router.scale, -1) for k, v in self.router.logits(b).items()}
+            logs["anchor"] = full_choice_loss(p)
+            return w.budget * w.anchor * logs["anchor"]
+        expected = self.cost.cost(budget.kind, decision.arch)
+        drawn_value = torch.as_tensor(self.cost.cost(budget.kind, decision.chosen_arch), dtype=torch.float32)
+        if self.cfg.budget_cost == "drawn":
+            # judged twice, with the expected cost's gradient: the architecture that ran this step, and
+            # the argmax, which is what gets exported (a flat distribution can draw in band around an
+            # argmax that is not)
+            argmax = self.router.arch_of({k: int(p.argmax()) for k, p in decision.probs.items()})
+            logs["budget"] = (budget_loss(drawn_cost(drawn_value, expected), budget, w.band)
+                              + budget_loss(drawn_cost(self.cost.cost(budget.kind, argmax), expected), budget, w.band))
+            logs["argmax_cost_fraction"] = self.cost.cost(budget.kind, argmax) / budget.full
+        else:
+            logs["budget"] = budget_loss(expected, budget, w.band)
+        logs["entropy_floor"] = entropy_floor_loss(decision.probs, self.cfg.entropy_floor)
+        logs["cost_fraction"] = float(drawn_value) / budget.full  # of the architecture that ran
+        logs["expected_cost_fraction"] = float(torch.as_tensor(expected).detach()) / budget.full
+        by_axis = {}
+        for name, p in decision.probs.items():
+            by_axis.setdefault(self.router.slots[name].axis, []).append(float(entropy(p.detach())))
+        for axis, h in by_axis.items():
+            logs[f"entropy.{axis}"] = sum(h) / len(h)
+        return w.budget * logs["budget"] + logs["entropy_floor"]
 
     def train_step(self) -> dict:
         cfg = self.cfg
         b = self.sample_budget()
         budget = self.budgets[b]
-        self.router.set_progress(self.step / max(1, cfg.steps))
+        if self.router is not None:
+            self.router.set_progress(self.step / max(1, cfg.steps))
+            self.router.train()
         for group in self.opt.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(self.step, cfg)
         self.model.train()
-        self.router.train()
         L = self.seq_len()
-        logs = {}
+        logs, sums = {}, {}
+
+        def add(name, value):
+            sums[name] = sums.get(name, 0.0) + float(value.detach() if torch.is_tensor(value) else value) / cfg.grad_accum
+
         for _ in range(cfg.grad_accum):
-            rows = next(self.batches)
-            per_rank = rows.shape[0] // self.world
-            x = rows[self.rank * per_rank:(self.rank + 1) * per_rank, :L].to(self.device)
+            x = self._batch(L)
             with torch.no_grad(), self._ctx():
                 teacher_logits = self.teacher(x)
-            decision = self.router(b, mode=cfg.router_mode, generator=self.gumbel)
-            self.model.set_masks({k: v.to(self.device) for k, v in decision.masks.items()})
-            with self._ctx():
-                student_logits = self.model(x)
-            expected = self.cost.cost(budget.kind, decision.arch)
-            drawn = torch.as_tensor(self.cost.cost(budget.kind, decision.chosen_arch)).detach()
-            cost = expected
-            if cfg.budget_cost == "drawn":
-                # the value is the cost of the architecture this step ran (the one argmax picks once the
-                # noise anneals); the gradient is the expected cost's. On the expected cost alone, a
-                # distribution split between a large and a small choice sits inside the band while
-                # every architecture drawn from it, and its argmax, is outside.
-                cost = drawn + expected - torch.as_tensor(expected).detach()
-            losses = elastic_loss(student_logits, teacher_logits, cost, budget, decision.probs, x, cfg.loss)
-            (losses["total"] / cfg.grad_accum).backward()
-            self.model.clear_masks()
-            for k, v in losses.items():
-                k = "budget_loss" if k == "budget" else k  # "budget" is the budget's name below
-                logs[k] = logs.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-            logs["cost_fraction"] = float(drawn) / budget.full  # of the architecture that ran
-            logs["expected_cost_fraction"] = float(torch.as_tensor(expected).detach()) / budget.full
-        self._all_reduce_grads()
-        params = [p for g in self.opt.param_groups for p in g["params"]]
-        logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
+            masks, decision = self._decide(b, budget)
+            step_logs = {}
+            router_loss = self._router_loss(b, budget, decision, step_logs)
+            if masks is not None:
+                self.model.set_masks(masks)
+            try:
+                with self._ctx():
+                    student_logits = self.model(x)
+                losses = elastic_loss(student_logits, teacher_logits, 0.0, budget, None, x,
+                                      replace(cfg.loss, budget=0.0, kd=cfg.loss.kd * self.kd_weights[b]))
+                total = losses["total"] + (router_loss if router_loss is not None else 0.0)
+                (total / cfg.grad_accum).backward()
+            finally:
+                self.model.clear_masks()
+            del student_logits
+            if cfg.full_anchor and not budget.is_full:  # the sandwich rule: the full model on the same batch
+                with self._ctx():
+                    full_logits = self.model(x)
+                full_kd = kd_loss(full_logits, teacher_logits)
+                (cfg.full_anchor * full_kd / cfg.grad_accum).backward()
+                add("full_kd", full_kd)
+                total = total + cfg.full_anchor * full_kd
+                del full_logits
+            for k, v in {**losses, **step_logs}.items():
+                add("budget_loss" if k == "budget" else k, v)  # "budget" is the budget's name below
+            add("total", total)
+        logs.update(sums)
+        if self.router is not None:
+            logs["router_grad_norm"] = float(self._clip(self.router.parameters(), cfg.router_clip))
+        logs["grad_norm"] = float(self._clip(self.model.parameters(), cfg.clip))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if self.world > 1:  # report the mean over ranks, so every rank logs the same numbers
             t = torch.tensor([logs[k] for k in sorted(logs)], dtype=torch.float64, device=self.device)
             dist.all_reduce(t)
             logs = dict(zip(sorted(logs), (t / self.world).tolist()))
-        logs.update(step=self.step, budget=budget.name, seq_len=L, lr=self.opt.param_groups[0]["lr"],
-                    tau=self.router.tau)
+        logs.update(step=self.step, budget=budget.name, target_fraction=budget.fraction, seq_len=L,
+                    lr=self.opt.param_groups[0]["lr"])
+        if self.router is not None:
+            logs.update(tau=self.router.tau, scale=self.router.scale)
+        if budget.is_full:
+            logs["cost_fraction"] = 1.0
         self.step += 1
         return logs
 
-    def _all_reduce_grads(self):
+    def _clip(self, params, max_norm: float) -> torch.Tensor:
+        """All-reduce (under torchrun) and clip the gradients of `params`; their norm before clipping."""
+        params = [p for p in params if p.grad is not None]
+        if not params:
+            return torch.zeros(())
+        self._all_reduce_grads(params)
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def _all_reduce_grads(self, params):
         if self.world == 1:
             return
-        grads = [p.grad for g in self.opt.param_groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
         flat = torch.cat([g.reshape(-1).float() for g in grads])
         dist.all_reduce(flat)
         flat /= self.world
@@ -250,10 +374,11 @@ class ElasticTrainer:
         if self.heldout is None:
             return {}
         self.model.eval()
-        self.router.eval()
+        if self.router is not None:
+            self.router.eval()
         out = {}
         for i, budget in enumerate(self.budgets):
-            spec = self.router.spec(i)
+            spec = self.router.spec(i) if self.router is not None else self.fixed_specs[i]
             self.model.set_masks(spec.masks(self.model.config, device=self.device))
             with self._ctx():
                 r = perplexity(self.model, self.heldout, seq_len=self.cfg.seq_len, batch_size=4,
@@ -277,8 +402,9 @@ class ElasticTrainer:
         with staging(self.state_path()) as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()
                        if not (k == "lm_head.weight" and self.model.config.tied)}, str(tmp / "model.safetensors"))
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.router.state_dict().items()},
-                      str(tmp / "router.safetensors"))
+            if self.router is not None:
+                save_file({k: v.detach().contiguous().cpu() for k, v in self.router.state_dict().items()},
+                          str(tmp / "router.safetensors"))
             opt_tensors, opt_meta = {}, {"groups": [], "state": {}}
             state = self.opt.state_dict()
             for idx, s in state["state"].items():
@@ -308,7 +434,8 @@ class ElasticTrainer:
         if self.model.config.tied:
             weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
         self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
-        self.router.load_state_dict(load_file(str(path / "router.safetensors")))
+        if self.router is not None:
+            self.router.load_state_dict(load_file(str(path / "router.safetensors")))
         tensors = load_file(str(path / "optimizer.safetensors"))
         state = {}
         for idx, scalars in meta["optimizer"]["state"].items():
@@ -377,3 +504,4 @@ def _tensorboard(out: Path):
     except ImportError:
         return None
     return SummaryWriter(str(out / "tensorboard"))
+

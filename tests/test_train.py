@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from star_elastic.elastic.cost import parse_budget
+from star_elastic.elastic.spec import ElasticSpec
 from star_elastic.elastic.router import Router, RouterConfig
 from star_elastic.model import Model, ModelConfig
 from star_elastic.train import ElasticTrainer, TrainConfig
@@ -34,8 +35,8 @@ def make(seed=0, steps=8, batch=4, **overrides):
     noise = torch.randint(0, 64, base.shape, generator=g)
     stream = torch.where(torch.rand(base.shape, generator=g) < 0.2, noise, base)
     rows = stream[: (stream.numel() // 32) * 32].view(-1, 32)
-    cfg = TrainConfig(steps=steps, batch_size=batch, seq_len=16, stage2_seq_len=32, warmup_steps=2,
-                      lr=3e-3, router_lr=1e-2, router_warmup_steps=30, **overrides)
+    cfg = TrainConfig(**{**dict(steps=steps, batch_size=batch, seq_len=16, stage2_seq_len=32, warmup_steps=2,
+                                lr=3e-3, router_lr=1e-2, router_warmup_steps=30), **overrides})
     return model, teacher, router, budgets, rows, cfg, stream[:600]
 
 
@@ -167,3 +168,155 @@ def test_budget_loss_judges_the_drawn_architecture(tmp_path, judge):
         assert log["budget_loss"] > 0.3
     else:
         assert log["budget_loss"] == 0.0
+
+
+# ----------------------------------------------------------------------------- issue 17: budgets that deliver
+
+def _masks_seen(model):
+    """A forward pre-hook recording, per call, whether any mask was set on the model."""
+    seen = []
+
+    def hook(module, args):
+        seen.append(module.hidden_mask is not None or any(
+            getattr(m, a) is not None for m, a, _ in module.mask_targets().values())
+            or any(getattr(m, "out_mask", None) is not None for m in module.modules()))
+    model.register_forward_pre_hook(hook)
+    return seen
+
+
+def test_full_budget_steps_run_the_unmasked_parent(tmp_path):
+    """The b = 1 budget is the parent: its steps run no mask at all (the router is not asked), and its
+    logged cost is the parent's. The old trainer ran router-drawn sub-architectures there."""
+    t = trainer(tmp_path, steps=30)
+    t.warm_up_router()
+    seen = _masks_seen(t.model)
+    full_steps = 0
+    for _ in range(30):
+        before = len(seen)
+        log = t.train_step()
+        if log["budget"] == "1.0":
+            full_steps += 1
+            assert seen[before:] == [False] and log["cost_fraction"] == 1.0
+        else:
+            assert seen[before:] == [True]
+    assert full_steps >= 5
+
+
+def test_router_does_not_saturate_after_the_warm_up(tmp_path):
+    """The warm-up runs at the scale training starts with: every choice distribution keeps its
+    entropy, every smaller budget's argmax is inside its band, and a budget that goes off-band
+    still gets a budget-loss gradient far above Adam's epsilon (the old warm-up, at the final
+    scale 10, left one-hot distributions and gradients of about 1e-8)."""
+    from star_elastic.elastic.losses import budget_loss, drawn_cost
+    from star_elastic.elastic.router import entropy
+
+    t = trainer(tmp_path, router_warmup_steps=200)
+    t.warm_up_router()
+    r, cost = t.router, t.cost
+    for i, b in enumerate(t.budgets[1:], start=1):
+        logits = r.logits(i)
+        assert min(float(entropy(torch.softmax(v, -1))) for v in logits.values()) >= 0.05
+        argmax = cost.cost("params", r.arch_of({k: int(v.argmax()) for k, v in logits.items()}))
+        assert abs(argmax / b.target - 1) <= 0.05, (b.name, argmax / b.target)
+        r.zero_grad()
+        r.set_progress(0.9)  # late in training, at a sharp scale
+        p = {k: torch.softmax(v * r.scale, -1) for k, v in r.logits(i).items()}
+        expected = cost.cost("params", r.expected_arch(p))
+        budget_loss(drawn_cost(1.3 * b.target, expected), b).backward()  # as if the draw were 30% over
+        norm = torch.cat([q.grad.flatten() for q in r.parameters() if q.grad is not None]).norm()
+        assert norm > 1e-3, (b.name, float(norm))
+
+
+def test_distillation_reaches_the_router_choices(tmp_path):
+    """With the budget term and the entropy floor off, a smaller budget's step still moves the router:
+    the straight-through masks carry the distillation loss to every choice."""
+    t = trainer(tmp_path, router_warmup_steps=0, entropy_floor=0.0)
+    t.cfg.loss = type(t.cfg.loss)(budget=0.0)
+    with torch.no_grad():
+        for p in t.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a student away from the teacher: KD > 0
+    while True:
+        log = t.train_step()
+        if log["budget"] != "1.0":
+            break
+    assert log["kd"] > 0 and log["router_grad_norm"] > 1e-6
+
+
+def test_steps_log_router_health_per_budget(tmp_path):
+    t = trainer(tmp_path, steps=12)
+    logs = t.run(progress=False)
+    small = [l for l in logs if l["budget"] != "1.0"]
+    assert small and all({"router_grad_norm", "cost_fraction", "expected_cost_fraction", "target_fraction",
+                          "entropy.hidden", "entropy.ffn", "entropy.experts", "budget_loss"} <= set(l) for l in small)
+    assert all(0 <= l["entropy.ffn"] <= 1 for l in small)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert "router_grad_norm" in lines[-1] or lines[-1]["budget"] == "1.0"
+
+
+def test_an_off_budget_router_comes_back_into_band_and_stays(tmp_path):
+    """The 0.5 budget's router starts on the whole parent (2x its target), no warm-up. Training with
+    the model brings its argmax back near the band and keeps it there; the projection then puts it
+    exactly in band."""
+    from star_elastic.elastic.router import project_budgets
+
+    t = trainer(tmp_path, steps=150, router_warmup_steps=0, batch=2)
+    r = t.router
+    with torch.no_grad():  # budget 2 (0.5) -> every slot's largest choice, by a wide margin
+        for mlp in r.mlps.values():
+            mlp[2].bias.zero_()
+            mlp[2].weight.zero_()
+            mlp[0].weight[:, 2] = 0.0
+        for name, slot in r.slots.items():
+            mlp = r.mlps[slot.axis]
+            names = [n for n, s in r.slots.items() if s.axis == slot.axis]
+            offset = sum(len(r.slots[n].sizes) for n in names[:names.index(name)])
+            mlp[2].bias[offset + len(slot.sizes) - 1] = 3.0
+    b = t.budgets[2]
+    argmax = lambda: t.cost.cost("params", r.arch_of({k: int(v.argmax()) for k, v in r.logits(2).items()}))  # noqa
+    assert argmax() / b.target > 1.9
+    ratios = []
+    for step in range(150):
+        t.train_step()
+        if step >= 100:
+            with torch.no_grad():
+                ratios.append(argmax() / b.target)
+    assert sum(abs(x - 1) <= 0.1 for x in ratios) >= 0.7 * len(ratios), ratios
+    r.eval()
+    proj = project_budgets(r, t.budgets, t.cost)
+    assert abs(proj[2].ratio - 1) <= 0.05 and abs(proj[1].ratio - 1) <= 0.05
+
+
+def test_fixed_architectures_train_without_a_router(tmp_path):
+    """The ablation of joint training alone: every budget runs its given architecture."""
+    from star_elastic.elastic.search import choose_spec
+
+    model, teacher, _, budgets, rows, cfg, heldout = make(steps=6)
+    specs = [ElasticSpec() if b.is_full else choose_spec(CFG, int(b.target), ("hidden", "ffn", "experts"))
+             for b in budgets]
+    t = ElasticTrainer(model, teacher, None, budgets, rows, cfg, tmp_path / "fixed", heldout=heldout,
+                       fixed_specs=specs)
+    seen = _masks_seen(model)
+    logs = t.run(progress=False)
+    assert len(logs) == 6 and all("router_grad_norm" not in l for l in logs)
+    assert [bool(s) for s in seen[:6]] == [l["budget"] != "1.0" for l in logs]
+    assert set(t.evaluate()) == set(BUDGETS)
+    with pytest.raises(Exception, match="router or fixed_specs"):
+        ElasticTrainer(model, teacher, None, budgets, rows, cfg, tmp_path / "x")
+
+
+def test_full_anchor_distils_the_full_model_every_step(tmp_path):
+    t = trainer(tmp_path, steps=20, full_anchor=1.0)
+    seen = _masks_seen(t.model)
+    logs = t.run(progress=False)
+    assert all(l["budget"] != "1.0" for l in logs) and all("full_kd" in l for l in logs)
+    assert seen == [True, False] * 20  # the sampled budget, then the parent on the same batch
+
+
+def test_stage_two_holds_the_same_tokens_in_longer_rows(tmp_path):
+    t = trainer(tmp_path, steps=4, stage1_fraction=0.5)
+    shapes = []
+    t.model.register_forward_pre_hook(lambda m, a: shapes.append(tuple(a[0].shape)))
+    t.run(progress=False)
+    assert shapes[0] == (4, 16) and shapes[-1] == (2, 32)
+    with pytest.raises(Exception, match="whole rows"):
+        trainer(tmp_path, "bad", batch=3)

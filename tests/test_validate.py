@@ -10,6 +10,7 @@ from star_elastic.elastic import checkpoint, slicing
 from star_elastic.elastic.checkpoint import load_elastic, read_manifest
 from star_elastic.elastic.spec import ElasticSpec
 from star_elastic.evaluate import perplexity
+from star_elastic.runtime import eval_tokens
 from star_elastic.validate import prefix_problem, weights_problem
 
 
@@ -34,7 +35,7 @@ def test_a_sound_checkpoint_passes_every_check(elastic_ckpt, tmp_path, capsys):
     assert "valid" in captured.out
     # monotone quality: ok or warn exactly as the perplexities computed here say
     ckpt = load_elastic(path)
-    stream = cli.eval_tokens(ckpt.tokenizer, str(text), "heldout")
+    stream = eval_tokens(ckpt.tokenizer, str(text), "heldout")
     ppl = [perplexity(slicing.slice_model(ckpt.model, ckpt.spec(n)), stream, seq_len=32, max_tokens=2048,
                       progress=False)["perplexity"] for n in ("1.0", "0.75", "0.5")]
     quality = checks(report, "quality")[None]

@@ -1,5 +1,5 @@
 """The elastic core: sub-architecture specs, importance, function-preserving sort, masked
-execution inside the parent, slicing and export (METHOD.md §3-§5)."""
+execution inside the parent, slicing and export (docs/METHOD.md §2-§5, §11)."""
 
 from .slicing import export, slice_model, take
 from .sort import permutations, sort_model

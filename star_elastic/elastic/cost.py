@@ -1,4 +1,4 @@
-"""Analytic, differentiable cost of a sub-architecture, and budgets (METHOD.md §7).
+"""Analytic, differentiable cost of a sub-architecture, and budgets (docs/METHOD.md §6).
 
 A sub-architecture is given as an `Arch`: the hidden size plus, per parent layer, how many units of
 each axis it keeps and `keep`, the weight of the layer itself (1 kept, 0 dropped). The sizes are
@@ -224,7 +224,7 @@ class CostModel:
 @dataclass(frozen=True)
 class Budget:
     """A target cost. `target` is absolute (parameters or bytes); `full` the parent's cost of the
-    same kind, so `fraction = target / full` is the `b` of METHOD.md §7. `name` is the text given."""
+    same kind, so `fraction = target / full` is the `b` of docs/METHOD.md §6. `name` is the text given."""
 
     kind: str
     target: float

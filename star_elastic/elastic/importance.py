@@ -1,4 +1,4 @@
-"""Importance of every elastic unit, from forward passes on calibration batches (METHOD.md §4).
+"""Importance of every elastic unit, from forward passes on calibration batches (docs/METHOD.md §3).
 
 Scores are a flat dict: "hidden" (D,), per layer i f"layers.{i}.<axis>" (see `AXES`), optionally
 "layer_order" / "layer_scores" (depth), and "meta" (a small dict: family, layer types, ...).

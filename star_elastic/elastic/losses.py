@@ -1,8 +1,9 @@
-"""Training losses of the elastic model (METHOD.md §7).
+"""Training losses of the elastic model (docs/METHOD.md §8).
 
 - `kd_loss`: forward KL(p_teacher || p_student) of next-token distributions at temperature 1,
   averaged over tokens; the teacher is the frozen parent.
-- `budget_loss`: |C / (b * C_full) - 1|, zero while the (expected) cost is within 5% of the target.
+- `budget_loss`: |C / (b * C_full) - 1|, zero while the cost is within 5% of the target; `drawn_cost`
+  gives C the value of the architecture that ran and the gradient of the expected cost.
 - `full_choice_loss`: for the full budget (b = 1), an MSE pulling every router choice to the full size.
 - `next_token_ce`: optional cross-entropy on the data ("trainable teacher" / full-budget path).
 - `elastic_loss`: all of them, weighted: total = kd + lambda * (budget + anchor) + ce.
@@ -65,6 +66,15 @@ def budget_loss(cost, budget: Budget, band: float = 0.05) -> torch.Tensor:
     return torch.where(dev > band, dev, torch.zeros_like(dev))
 
 
+def drawn_cost(drawn, expected) -> torch.Tensor:
+    """The value of the drawn architecture's cost with the gradient of the expected cost: the budget
+    loss judges what ran (what argmax picks once the noise anneals), while its gradient says how the
+    choice distribution moves the cost. On the expected cost alone, a distribution split between a
+    large and a small choice sits inside the band while every draw, and the argmax, is outside."""
+    expected = torch.as_tensor(expected)
+    return torch.as_tensor(drawn, dtype=expected.dtype, device=expected.device).detach() + expected - expected.detach()
+
+
 def full_choice_loss(probs: dict[str, torch.Tensor]) -> torch.Tensor:
     """MSE between every slot's choice probabilities and the one-hot of its full size (the last
     choice): the anchor that keeps the b = 1 budget the whole parent."""
@@ -79,7 +89,7 @@ def full_choice_loss(probs: dict[str, torch.Tensor]) -> torch.Tensor:
 @dataclass
 class LossWeights:
     kd: float = 1.0
-    budget: float = 1.0  # lambda of METHOD.md §7
+    budget: float = 1.0  # lambda of docs/METHOD.md §8
     anchor: float = 1.0  # the b = 1 pull toward the full choice, inside the budget term
     ce: float = 0.0  # optional next-token cross-entropy (0: off)
     band: float = 0.05  # the budget loss's dead band

@@ -1,4 +1,4 @@
-"""The budget router: which sub-architecture each budget runs (METHOD.md §6).
+"""The budget router: which sub-architecture each budget runs (docs/METHOD.md §7, §10).
 
 Per elastic axis, a small MLP maps the budget (a one-hot over the trained budgets; a budget between
 two trained ones blends their one-hots) to logits over that axis' discrete choices: one set for the
@@ -6,14 +6,14 @@ whole model (homogeneous) or one per layer (heterogeneous). Choice c keeps the p
 units of the importance-sorted parent (per group for attention and Mamba heads and routed experts),
 so every choice is a mask `Model.set_masks` takes and a size `ElasticSpec` can hold.
 
-Training samples with Gumbel-softmax (temperature annealed 1.0 -> 0.05, logits scaled 1 -> 10 over
-training progress). Hard mode runs the sampled choice's prefix mask "times its probability" as
-a straight-through estimator: the forward value is the exact 0/1 prefix, the gradient that of
-prefix x probability, so the task loss reaches the router without shrinking the kept units; soft
-mode runs the probability-weighted sum of prefix masks.
-The budget loss sees the expected sizes under the choice distribution softmax(logits x scale).
-In eval mode there is no noise and no schedule: the argmax choice (`spec`), whose hard masks are
-exact 0/1 and run the same function as the sliced model.
+Training draws a choice per slot from p = softmax(logits x scale), the scale ramped 1 -> 10 over
+training progress (Gumbel-max; soft mode keeps the Gumbel-softmax relaxation, temperature annealed
+1.0 -> 0.05). Hard masks are straight-through: forward the exact 0/1 prefix of the choice, backward
+that of the p-weighted prefix sum, so the distillation loss reaches every choice. The budget loss
+(train.py) judges the drawn and the argmax architectures with the gradient of the expected cost
+under p; an entropy floor keeps p from saturating. In eval mode there is no noise and no schedule:
+the argmax choice (`spec`), whose hard masks are exact 0/1 and run the same function as the sliced
+model. After training, `project_budgets` puts every budget in its band, nested, by construction.
 
 Axes (names as in search.py): hidden, attention (query heads per KV group; KV groups stay whole),
 mamba (heads per group), mamba_channels, ffn, experts (per router group, enough for top-k),
@@ -31,7 +31,9 @@ import torch.nn.functional as F
 
 from star_elastic.model import ModelConfig
 
-from .cost import Arch, Budget
+from star_elastic.errors import StarElasticError
+
+from .cost import Arch, Budget, CostModel
 from .spec import ElasticSpec, applies, grouped_prefix
 
 # axis -> (ElasticSpec / ModelConfig field, mask key suffix)
@@ -242,17 +244,19 @@ class Router(nn.Module):
     def forward(self, budget, mode: str = "hard", generator: torch.Generator | None = None) -> RouterOutput:
         """Sample an architecture for `budget`.
 
-        Training: probs p = softmax(logits x scale), the distribution a choice is drawn from; sample
-        y = Gumbel-softmax(logits x scale, tau), whose argmax is a draw from p (Gumbel-max). Hard mode
-        masks = the prefix of y's argmax, straight-through (forward 0/1, gradient of prefix x y_k);
-        soft mode = sum_c y_c prefix_c. `arch` = the
-        p-weighted sizes, so the cost model gives the expected cost of the drawn architecture (exact:
-        the costs are linear in each axis), without the noise of a single sample and without
-        vanishing as tau -> 0. Eval (inference), whatever the mode: the argmax of the logits (scale 1,
-        no noise), exact 0/1 masks and `arch` = its sizes."""
+        Training, per slot with logits r: the choice distribution is p = softmax(r x scale), the
+        scale ramping 1 -> 10 with training progress (explore early, commit late; the warm-up runs
+        at the starting scale, so the router does not begin one-hot); the choice k is a Gumbel-max
+        draw from p. Hard mode: straight-through masks, forward the exact 0/1 prefix of k, backward
+        that of sum_c p_c prefix_c, so the task loss reaches every choice, the larger ones too (masks
+        multiply activations: a dropped unit's mask gradient is the first-order value of adding it
+        back). Soft mode: the Gumbel-softmax relaxation y = softmax((r x scale + g) / tau), masks
+        sum_c y_c prefix_c. `arch` holds the p-weighted sizes (the gradient path of the budget
+        loss), `chosen_arch` the sizes of the choices taken. Eval (inference), whatever the mode:
+        the argmax of r, exact 0/1 masks, no noise."""
         if mode not in ("hard", "soft"):
             raise ValueError(f"router mode is 'hard' or 'soft', got {mode!r}")
-        probs, samples, choice, weights, size_weights = {}, {}, {}, {}, {}
+        probs, samples, choice, weights = {}, {}, {}, {}
         full = not self.training and self._is_full(budget)  # inference of b = 1: the parent (see `spec`)
         for name, logit in self.logits(budget).items():
             prefix = self.slot_prefix(name)
@@ -261,22 +265,19 @@ class Router(nn.Module):
                 gumbel = -torch.log(-torch.log(u.to(logit.device).clamp(1e-10, 1 - 1e-7)))
                 p = F.softmax(logit * self.scale, dim=-1)
                 y = F.softmax((logit * self.scale + gumbel) / self.tau, dim=-1)
-                k = int(y.argmax())
-                # hard: straight-through. The forward runs the exact 0/1 prefix (multiplying by y_k
-                # itself would shrink every kept unit to a few % while choices are many and y flat);
-                # the backward is that of prefix * y_k, so the task loss still reaches the router.
-                weights[name] = y @ prefix if mode == "soft" else prefix[k] + prefix[k] * (y[k] - y[k].detach())
-                size_weights[name] = p
+                k = int(y.argmax())  # = argmax(r x scale + g): a draw from p
+                if mode == "soft":
+                    weights[name] = y @ prefix
+                else:
+                    soft = p @ prefix  # forward: exactly prefix[k] (soft - soft is 0); backward: d(soft)
+                    weights[name] = prefix[k] + (soft - soft.detach())
             else:
                 p = y = F.softmax(logit, dim=-1)
                 k = len(y) - 1 if full else int(y.argmax())
                 weights[name] = prefix[k]
-                size_weights[name] = F.one_hot(torch.tensor(k, device=y.device), len(y)).to(y.dtype)
             probs[name], samples[name], choice[name] = p, y, k
-        arch = self._arch(size_weights)
-        chosen = arch  # at inference `arch` already is the sizes of the choices taken
-        if self.training:
-            chosen = self._arch({n: F.one_hot(torch.tensor(k), len(probs[n])).to(probs[n]) for n, k in choice.items()})
+        chosen = self.arch_of(choice)
+        arch = self.expected_arch(probs) if self.training else chosen
         return RouterOutput(self._masks(weights), arch, probs, samples, choice, chosen)
 
     def _masks(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -291,8 +292,9 @@ class Router(nn.Module):
                 masks.update({f"layers.{i}.{AXES[slot.axis][1]}": w for i in slot.layers})
         return masks
 
-    def _arch(self, probs: dict[str, torch.Tensor]) -> Arch:
-        """Expected sizes: the parent's, overridden by the `probs`-weighted choices of every slot."""
+    def expected_arch(self, probs: dict[str, torch.Tensor]) -> Arch:
+        """Expected sizes: the parent's, overridden by the `probs`-weighted choices of every slot (tensors:
+        the budget loss differentiates the cost through them)."""
         arch = Arch(self._full.hidden, [dict(s) for s in self._full.layers])
         for name, y in probs.items():
             slot = self.slots[name]
@@ -307,6 +309,26 @@ class Router(nn.Module):
                 for i in slot.layers:
                     arch.layers[i][AXES[slot.axis][0]] = expected
         return arch
+
+    def arch_of(self, choice: dict[str, int]) -> Arch:
+        """The integer sizes of one choice index per slot (slots not named keep the parent's)."""
+        arch = Arch(self._full.hidden, [dict(s) for s in self._full.layers])
+        for name, k in choice.items():
+            slot = self.slots[name]
+            if slot.axis == "hidden":
+                arch.hidden = slot.sizes[k]
+            elif slot.axis == "depth":
+                keep = self.slot_prefix(name)[k].tolist()
+                for i, s in enumerate(arch.layers):
+                    s["keep"] = int(keep[i])
+            else:
+                for i in slot.layers:
+                    arch.layers[i][AXES[slot.axis][0]] = slot.sizes[k]
+        return arch
+
+    def full_choice(self) -> dict[str, int]:
+        """Every slot's largest choice: the parent."""
+        return {name: len(slot.sizes) - 1 for name, slot in self.slots.items()}
 
     @torch.no_grad()
     def spec(self, budget) -> ElasticSpec:
@@ -370,3 +392,113 @@ def _layer_choices(c: ModelConfig, axis: str, cfg: RouterConfig) -> tuple[list[i
     n = getattr(c, AXES[axis][0])
     sizes = width_choices(n, cfg.width_choices, cfg.width_multiple)
     return sizes, _prefixes(n, sizes)
+
+
+# ----------------------------------------------------------------------------- after training
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Entropy of a choice distribution, normalised by log(choices) to [0, 1] (0 for one choice)."""
+    n = probs.shape[-1]
+    if n < 2:
+        return probs.new_zeros(())
+    return -(probs * probs.clamp_min(1e-12).log()).sum(-1) / math.log(n)
+
+
+def entropy_floor_loss(probs: dict[str, torch.Tensor], floor: float) -> torch.Tensor:
+    """sum over slots of max(0, floor - H(p)) (normalised entropy): keeps every choice distribution
+    from collapsing to one-hot, where softmax gradients vanish, even at the final logit scale. With a
+    small floor the draws still concentrate on the argmax."""
+    terms = [F.relu(floor - entropy(p)) for p in probs.values()]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+@dataclass
+class Projection:
+    """How a budget's architecture was fixed after training: the router's argmax, or the nearest
+    in-band architecture nested in the next larger budget's."""
+
+    choice: dict[str, int]
+    target: float  # absolute (parameters or bytes)
+    cost: float  # of `choice`
+    argmax_cost: float  # of the router's argmax before any projection
+    projected: bool
+    log_prob_loss: float = 0.0  # sum over slots of log p(argmax) - log p(choice) at inference, nats (0: the argmax)
+
+    @property
+    def ratio(self) -> float:
+        return self.cost / self.target
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "cost": self.cost, "ratio": round(self.ratio, 6),
+                "argmax_ratio": round(self.argmax_cost / self.target, 6), "projected": self.projected,
+                "log_prob_loss": round(self.log_prob_loss, 4)}
+
+
+def project_budgets(router: Router, budgets: list[Budget], costs: CostModel | None = None, band: float = 0.05,
+                    max_states: int = 50_000) -> list[Projection]:
+    """Each trained budget's architecture, in its band and nested by construction.
+
+    Budgets are visited largest first (`budgets` is in the router's order). The full budget is the
+    parent. Any other budget starts at the router's argmax, clamped slot by slot to the next larger
+    budget's choice (so its masks are contained in the larger's); if its cost is then outside
+    `band` of the target, a best-first search over single-slot moves (one choice up or down, never
+    above the larger budget's) returns the in-band architecture that costs the router the least
+    log-probability, steered toward the band. Raises StarElasticError when none is reachable."""
+    costs = costs or CostModel(router.parent)
+    order = sorted(range(len(budgets)), key=lambda i: -budgets[i].fraction)
+    out: list[Projection | None] = [None] * len(budgets)
+    upper = router.full_choice()
+    with torch.no_grad():
+        for i in order:
+            b = budgets[i]
+            if b.is_full:
+                c = router.full_choice()
+                cost = costs.cost(b.kind, router.arch_of(c))
+                out[i] = Projection(c, b.target, cost, cost, False)
+                upper = c
+                continue
+            logq = {n: F.log_softmax(v.float(), -1).tolist() for n, v in router.logits(i).items()}
+            argmax = {n: max(range(len(v)), key=v.__getitem__) for n, v in logq.items()}
+            start = {n: min(k, upper[n]) for n, k in argmax.items()}
+            out[i] = _best_in_band(router, costs, b, logq, argmax, start, upper, band, max_states)
+            upper = out[i].choice
+    return out
+
+
+def _best_in_band(router, costs, b: Budget, logq, argmax, start, upper, band, max_states) -> Projection:
+    import heapq
+
+    names = list(start)
+    best = sum(logq[n][argmax[n]] for n in names)
+    argmax_cost = costs.cost(b.kind, router.arch_of(argmax))
+
+    def evaluate(ks):
+        choice = dict(zip(names, ks))
+        cost = costs.cost(b.kind, router.arch_of(choice))
+        dev = abs(cost / b.target - 1)
+        loss = best - sum(logq[n][k] for n, k in choice.items())
+        return cost, dev, loss
+
+    ks0 = tuple(start[n] for n in names)
+    cost, dev, loss = evaluate(ks0)
+    if dev <= band:
+        return Projection(dict(zip(names, ks0)), b.target, cost, argmax_cost, ks0 != tuple(argmax[n] for n in names),
+                          loss)
+    steer = 50.0  # nats per unit of relative cost outside the band: reach the band first, then prefer the router
+    heap, seen = [(loss + steer * (dev - band), ks0)], {ks0}
+    while heap and len(seen) < max_states:
+        _, ks = heapq.heappop(heap)
+        cost, dev, loss = evaluate(ks)
+        if dev <= band:
+            return Projection(dict(zip(names, ks)), b.target, cost, argmax_cost, True, loss)
+        for j, n in enumerate(names):
+            for k in (ks[j] - 1, ks[j] + 1):
+                if 0 <= k <= upper[n]:
+                    nxt = ks[:j] + (k,) + ks[j + 1:]
+                    if nxt not in seen:
+                        seen.add(nxt)
+                        c2, d2, l2 = evaluate(nxt)
+                        heapq.heappush(heap, (l2 + steer * max(0.0, d2 - band), nxt))
+    name = b.name or f"{b.fraction:g}"
+    raise StarElasticError(f"budget {name}: no architecture within {band:.0%} of its target nested in the larger "
+                           f"budgets' was found (the router's argmax costs {argmax_cost / b.target:.3f}x the target)")

@@ -1,4 +1,4 @@
-"""Pick a sub-architecture for a parameter budget: zero-shot, Minitron-style (METHOD.md §3, §8).
+"""Pick a sub-architecture for a parameter budget: zero-shot, Minitron-style (docs/METHOD.md §12).
 
 `choose_spec` returns a homogeneous spec (one size per axis for all layers, so the slice is a stock
 Hugging Face checkpoint). Every axis offers a chain of valid sizes, smallest first: hidden channels,
@@ -6,6 +6,8 @@ query heads (evenly inside the KV groups, then whole KV groups), Mamba heads (th
 group), FFN neurons, routed experts (enough for top-k, a multiple of the router groups), depth (drop
 the least important layers first). The search shrinks the chosen axes by one common keep ratio, the
 largest whose model fits the budget, then grows axes one step at a time while the model still fits.
+`search_spec` runs `choose_spec` on every combination of the axes and keeps the candidate with the
+lowest calibration perplexity of the importance-sorted parent masked to it (Minitron's search).
 
 Parameter counts are `count_parameters` of the sliced config: what transformers' `num_parameters()`
 reports for the exported checkpoint (tied embeddings once).
@@ -13,8 +15,14 @@ reports for the exported checkpoint (tied embeddings once).
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
+import os
 import re
+
+import torch
+from tqdm.auto import tqdm
 
 from star_elastic.errors import StarElasticError
 from star_elastic.model import ModelConfig
@@ -169,6 +177,15 @@ def _hidden_base(cfg: ModelConfig, names) -> int:
     return math.lcm(*heads)
 
 
+def _check_parent_and_axes(parent_cfg: ModelConfig, axes) -> None:
+    if parent_cfg.layer_sizes and any(parent_cfg.layer_sizes):
+        raise StarElasticError("choose_spec needs a parent with one size per axis for all layers "
+                               "(this one has per-layer sizes)")
+    unknown = [a for a in axes if a not in AXES]
+    if unknown:
+        raise StarElasticError(f"unknown axis {unknown[0]!r} (known: {', '.join(AXES)})")
+
+
 def choose_spec(parent_cfg: ModelConfig, target: int, axes=DEFAULT_AXES, *, layer_order=None,
                 min_fraction: float = MIN_FRACTION, multiple: int = 8) -> ElasticSpec:
     """The homogeneous spec with the most parameters <= `target` (and >= min_fraction * target)
@@ -177,12 +194,7 @@ def choose_spec(parent_cfg: ModelConfig, target: int, axes=DEFAULT_AXES, *, laye
     full spec ElasticSpec(). `layer_order` (least important first) is needed for "depth".
     `multiple`: hidden and FFN widths are multiples of it where the parent's are (see `_widths`).
     StarElasticError, naming the reachable bound, when the target cannot be met."""
-    if parent_cfg.layer_sizes and any(parent_cfg.layer_sizes):
-        raise StarElasticError("choose_spec needs a parent with one size per axis for all layers "
-                               "(this one has per-layer sizes)")
-    unknown = [a for a in axes if a not in AXES]
-    if unknown:
-        raise StarElasticError(f"unknown axis {unknown[0]!r} (known: {', '.join(AXES)})")
+    _check_parent_and_axes(parent_cfg, axes)
     total, target = count_parameters(parent_cfg), int(target)
     if target > total:
         raise StarElasticError(f"target {format_params(target)} is more than the parent's {format_params(total)} "
@@ -266,6 +278,100 @@ def choose_spec(parent_cfg: ModelConfig, target: int, axes=DEFAULT_AXES, *, laye
                                f"{format_params(target)} and the target: the closest below has "
                                f"{format_params(n)} ({n / target:.1%}); the sizes are too coarse, add axes")
     return spec_at(idx)
+
+
+# ----------------------------------------------------------------------------- best of the axis combinations
+
+def calibration_perplexity(model, spec: ElasticSpec, batches, device=None) -> float:
+    """Perplexity of `model` masked to `spec` (`Model.set_masks`, cleared afterwards whatever
+    happens) on `batches`: (b, t) token-id LongTensors, every token but each row's first predicted
+    from the row before it (`evaluate.perplexity` on each batch's rows as windows). bf16 autocast on
+    CUDA. inf when the loss overflows."""
+    from star_elastic.evaluate import perplexity
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    nll, tokens = 0.0, 0
+    model.set_masks(spec.masks(model.config, device=device))
+    try:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            for ids in batches:
+                if ids.dim() != 2 or ids.shape[1] < 2:
+                    raise StarElasticError(f"calibration batches must be (batch, tokens) with at least 2 tokens "
+                                           f"per row, got shape {tuple(ids.shape)}")
+                try:
+                    r = perplexity(model, ids.reshape(-1), seq_len=ids.shape[1], batch_size=ids.shape[0],
+                                   progress=False, device=device)
+                except OverflowError:  # exp of a mean loss above ~709 nats
+                    return math.inf
+                nll += r["nll"] * r["tokens"]
+                tokens += r["tokens"]
+    finally:
+        model.clear_masks()
+    if not tokens:
+        raise StarElasticError("no calibration batches to score the candidate architectures on")
+    mean = nll / tokens
+    return math.exp(mean) if mean < 709.0 else math.inf  # NaN too: it ranks last
+
+
+def search_spec(model, target: int, axes, batches, *, layer_order=None, min_axes: int = 1, progress: bool = False,
+                device=None, min_fraction: float = MIN_FRACTION, multiple: int = 8
+                ) -> tuple[ElasticSpec, list[dict]]:
+    """The best homogeneous spec for `target` parameters over combinations of `axes`, scored by
+    calibration perplexity as Minitron's search does. `model`: the importance-sorted parent (ours,
+    `Model`); every combination of at least `min_axes` of the applicable `axes` ("depth" only with a
+    `layer_order`, least important first) gets `choose_spec`'s spec (combinations that cannot
+    reach the target are skipped), identical specs are scored once, by `calibration_perplexity` of
+    the parent masked to them on `batches` ((b, t) LongTensors; keep them few, one forward each per
+    candidate). Returns (lowest-perplexity spec, one record per candidate, best first: "axes" (the
+    smallest combination giving it), "combinations" (all of them), "spec" (to_dict), "params",
+    "architecture", "perplexity"). StarElasticError, one line, when no combination reaches the target."""
+    cfg = model.config
+    axes = list(dict.fromkeys(axes))
+    _check_parent_and_axes(cfg, axes)
+    batches = list(batches)
+    if not batches:
+        raise StarElasticError("search_spec needs calibration batches to score the candidate architectures")
+    usable = applicable_axes(cfg)
+    names = [a for a in axes if a in usable and (a != "depth" or layer_order is not None)]
+    if not names:
+        raise StarElasticError(f"none of the axes {', '.join(axes) or '(none)'} applies to this model "
+                               f"(it has {', '.join(a for a in usable if a != 'depth' or layer_order is not None)})")
+    if not 1 <= min_axes <= len(names):
+        raise StarElasticError(f"min_axes={min_axes}: the search has {len(names)} applicable axes "
+                               f"({', '.join(names)}); give 1 to {len(names)}")
+
+    candidates: dict[str, dict] = {}  # canonical spec JSON -> record
+    last_error = None
+    for k in range(min_axes, len(names) + 1):
+        for combo in itertools.combinations(names, k):
+            try:
+                spec = choose_spec(cfg, target, combo, layer_order=layer_order, min_fraction=min_fraction,
+                                   multiple=multiple)
+            except StarElasticError as e:
+                last_error = e  # the last is the combination of every axis: the widest reach
+                continue
+            key = json.dumps(spec.to_dict(), sort_keys=True)
+            if key in candidates:
+                candidates[key]["combinations"].append(list(combo))
+            else:
+                candidates[key] = {"axes": list(combo), "combinations": [list(combo)], "spec": spec.to_dict(),
+                                   "params": spec.num_parameters(cfg), "architecture": describe(spec, cfg),
+                                   "_spec": spec}
+    if not candidates:
+        raise StarElasticError(f"no combination of the axes {', '.join(names)} reaches the target: {last_error}")
+
+    bar = tqdm(list(candidates.values()), desc="search", unit="spec",
+               disable=not progress or bool(os.environ.get("STAR_ELASTIC_QUIET")))
+    best = math.inf
+    for rec in bar:
+        rec["perplexity"] = calibration_perplexity(model, rec["_spec"], batches, device=device)
+        best = min(best, rec["perplexity"])
+        bar.set_postfix(best=f"{best:.3f}")
+    records = sorted(candidates.values(), key=lambda r: (r["perplexity"], -r["params"]))
+    spec = records[0]["_spec"]
+    for rec in records:
+        del rec["_spec"]
+    return spec, records
 
 
 _NAMES = {"hidden_size": "hidden", "num_attention_heads": "attention heads", "num_key_value_heads": "KV heads",

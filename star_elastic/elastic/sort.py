@@ -3,7 +3,7 @@
 Permuting hidden channels, heads, neurons or experts consistently in every tensor that reads or
 writes them leaves the model's function unchanged (RMSNorm is permutation-equivariant, routing
 and attention do not depend on the order of experts or heads). After the sort every submodel is a
-prefix of the parent (METHOD.md §4-§5).
+prefix of the parent (docs/METHOD.md §4-§5).
 """
 
 from __future__ import annotations

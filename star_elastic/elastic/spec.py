@@ -1,4 +1,4 @@
-"""An elastic sub-architecture of a parent model: how many units of each axis to keep (METHOD.md §3).
+"""An elastic sub-architecture of a parent model: how many units of each axis to keep (docs/METHOD.md §2).
 
 Every size is a count of importance-sorted units kept as a prefix, so a spec plus the sorted parent
 fully defines the submodel. Grouped axes keep a prefix *inside each group*: attention query heads

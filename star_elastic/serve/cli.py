@@ -23,7 +23,7 @@ def wants_budget(args) -> bool:
 
 
 def _engine(args):
-    from ..cli import pick_device, pick_dtype, resolve_model
+    from ..runtime import pick_device, pick_dtype, resolve_model
     from .engine import ElasticEngine
 
     device = pick_device(args.device)
@@ -32,7 +32,7 @@ def _engine(args):
 
 def cmd_generate_budget(args):
     """Generate at one budget, or think with one and answer with another; prints the text."""
-    from ..cli import encode_prompt, resolve_model
+    from ..runtime import encode_prompt, resolve_model
     from ..elastic.checkpoint import budget_spec, read_manifest
     from ..errors import StarElasticError
     from .engine import DEFAULT_MARKER

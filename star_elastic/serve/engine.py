@@ -11,7 +11,7 @@ engine therefore runs one generation at a time, under a lock: every request owns
 it decodes, and outputs do not depend on what else is running. (Serialized, not interleaved: the
 simplest correct thing; batching requests together is left for later.)
 
-Elastic budget control (METHOD.md §8): `think_then_answer` writes the reasoning with a small budget
+Elastic budget control (docs/METHOD.md §13): `think_then_answer` writes the reasoning with a small budget
 until the end-of-thinking marker (or a token limit), then a larger budget prefills prompt +
 thinking and writes the answer.
 """

