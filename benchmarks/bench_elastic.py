@@ -68,9 +68,9 @@ from star_elastic.model import Model  # noqa: E402
 from star_elastic.train import ElasticTrainer, TrainConfig, lr_factor  # noqa: E402
 
 METHODS = ("zero_shot", "elastic", "minitron")
-VARIANTS = ("elastic", "elastic_anchor", "joint_fixed")
+VARIANTS = ("elastic", "elastic_small", "elastic_anchor", "joint_fixed")
 LABELS = {"parent": "parent", "zero_shot": "(a) zero-shot", "elastic": "(b) elastic", "minitron": "(c) Minitron",
-          "elastic_anchor": "(b+) anchored", "joint_fixed": "(b') fixed arch", "zero_shot_elastic_arch": "(a@b) zero-shot"}
+          "elastic_anchor": "(b+) anchored", "elastic_small": "(b*) small-weighted", "joint_fixed": "(b') fixed arch", "zero_shot_elastic_arch": "(a@b) zero-shot"}
 
 
 def parse_args(argv=None):
@@ -103,8 +103,15 @@ def parse_args(argv=None):
     ap.add_argument("--tokens-b", type=int, default=4_194_304, help="(B) T")
     ap.add_argument("--lr-b", type=float, default=3e-4, help="(B) model learning rate of (b) and (c)")
     ap.add_argument("--variants", default="elastic,elastic_anchor,joint_fixed",
-                    help="trained one-run methods: elastic (router, the paper's sampling), elastic_anchor (router, "
-                         "the full model distilled every step), joint_fixed (no router: (c)'s architectures)")
+                    help="trained one-run methods: elastic (router, the paper's sampling), elastic_small (router, "
+                         "stage 2 weighted toward the smaller budgets: --small-weights), elastic_anchor (router, the "
+                         "full model distilled every step), joint_fixed (no router: (c)'s architectures)")
+    ap.add_argument("--warm-start", type=int, default=1,
+                    help="1: the router starts from (a)'s architectures (as elastify does); 0: from the cost alone")
+    ap.add_argument("--small-weights", default="0.2,0.4,0.4", help="stage-2 budget weights of elastic_small")
+    ap.add_argument("--no-minitron", action="store_true", help="skip (c) (e.g. when another GPU runs it: --merge)")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="merge the rows of these result files (the same parts, run on several GPUs) into --json")
     ap.add_argument("--full-anchor", type=float, default=1.0, help="weight of the full model's KD in elastic_anchor")
     ap.add_argument("--zero-shot", choices=["search", "shrink"], default="search",
                     help="(a): the best homogeneous architecture over axis combinations by calibration "
@@ -326,7 +333,7 @@ def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, 
     # (c) Minitron-style: each smaller budget alone, T / len(smaller) tokens
     methods["minitron"] = {"tokens": 0, "train_seconds": 0.0, "per_budget": {}}
     for b in budgets:
-        if b.is_full:
+        if b.is_full or args.no_minitron:
             continue
         print(f"(c) Minitron {b.name}: {steps_c} steps = {steps_c * tokens_per_step:,} tokens", flush=True)
         torch.manual_seed(args.seed)
@@ -349,7 +356,8 @@ def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, 
 def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, steps, lr, args, device, row, methods,
             tokens_per_step) -> dict:
     """One training run of `steps` serving every budget: `elastic` (router, the paper's budget
-    sampling, the full budget = the unmasked parent), `elastic_anchor` (router; every step distils a
+    sampling, the full budget = the unmasked parent), `elastic_small` (the same, stage 2 weighted
+    toward the smaller budgets), `elastic_anchor` (router; every step distils a
     sampled smaller budget and the full model on the same batch), `joint_fixed` (no router: each
     budget trains (a)'s architecture; what joint training does without architecture search).
     Rows per budget; returns the specs it ended with."""
@@ -363,9 +371,13 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
     fixed = [specs[b.name] for b in budgets] if router is None else None
     tcfg = TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=lr,
                        router_lr=args.router_lr, warmup_steps=max(1, steps // 20), seed=args.seed,
-                       full_anchor=args.full_anchor if variant == "elastic_anchor" else 0.0)
+                       full_anchor=args.full_anchor if variant == "elastic_anchor" else 0.0,
+                       stage2_weights=[float(w) for w in args.small_weights.split(",")] if variant == "elastic_small"
+                       else None)
     tmp = tempfile.TemporaryDirectory(prefix="bench_elastic_")  # metrics.jsonl of ElasticTrainer.run
-    trainer = ElasticTrainer(student, teacher, router, budgets, rows, tcfg, out_dir=tmp.name, fixed_specs=fixed)
+    warm = [None if b.is_full else specs[b.name] for b in budgets] if router is not None and args.warm_start else None
+    trainer = ElasticTrainer(student, teacher, router, budgets, rows, tcfg, out_dir=tmp.name, fixed_specs=fixed,
+                             warm_start=warm)
     trainer.save_state = lambda: None  # no resumable state: it would write the weights and AdamW moments
     t = clock(device)
     if device.type == "cuda":
@@ -530,8 +542,40 @@ def run_b(args, device, res: Results) -> dict:
     return part
 
 
+def merge(files: list[str], out: str | None) -> dict:
+    """One result from runs of the same parts on several GPUs: the first file's, plus every row and
+    method the others add (rows shared by all, the parent and (a), are the same runs)."""
+    data = [json.loads(Path(f).read_text()) for f in files]
+    res = data[0]
+    for other in data[1:]:
+        for name in ("A", "B"):
+            if name not in other:
+                continue
+            if name not in res:
+                res[name] = other[name]
+                continue
+            part, add = res[name], other[name]
+            have = {(r["method"], r["budget"]) for r in part["rows"]}
+            part["rows"] += [r for r in add["rows"] if (r["method"], r["budget"]) not in have]
+            for k, v in add["methods"].items():
+                if k not in part["methods"] or (k == "minitron" and not part["methods"][k]["per_budget"]):
+                    part["methods"][k] = v
+            part["seconds"] = max(part.get("seconds", 0), add.get("seconds", 0))
+        res["command"] = " ; ".join(d["command"] for d in data)
+    for name in ("A", "B"):
+        if name in res:
+            res[name]["table"] = table(res[name]) + res[name]["table"][res[name]["table"].find("\nParent pretraining"):] \
+                if "\nParent pretraining" in res[name]["table"] else table(res[name])
+            print(f"== part {name} ==\n{res[name]['table']}\n")
+    if out:
+        Path(out).write_text(json.dumps(res, indent=2) + "\n")
+    return res
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.json)
     device = zs.setup(args)  # seeds; on a GPU deterministic algorithms (warn-only) and cuBLAS workspace
     if device.type == "cuda":  # deterministic results do not need every new tensor NaN-filled first
         torch.utils.deterministic.fill_uninitialized_memory = False

@@ -92,7 +92,7 @@ def cmd_elastify(args):
                          eval_tokens=args.eval_tokens, seed=args.seed, stage1_fraction=args.stage1_fraction,
                          stage2_weights=_floats(args.stage2_weights, "--stage2-weights"),
                          stage2_seq_len=args.stage2_seq_len, kd_weights=_floats(args.kd_weights, "--kd-weights"),
-                         full_anchor=args.full_anchor, drift_data=args.drift_data)
+                         full_anchor=args.full_anchor, drift_data=args.drift_data, router_init=args.router_init)
     if rank == 0:
         where = f"{ranks} ranks ({device.type})" if ranks > 1 else str(device)
         print(f"elastify {resolve_model(args.model)}: {model.num_parameters() / 1e6:.1f}M parameters, budgets "
@@ -107,30 +107,61 @@ def cmd_elastify(args):
     return result
 
 
-def cmd_demo(args):
-    """The quick start: elastify SmolLM2 on real text with a CPU-sized budget, then show every
-    budget's held-out perplexity before (zero-shot) and after training, and one answer."""
-    from .generate import generate
+# The demo's two sizes. CPU: milder budgets on the FFN axis alone, chosen by measurement so that
+# every budget still answers coherently after a few minutes of training on 2 cores (docs/RESULTS.md
+# §5); GPU: the real thing, every default axis, tens of millions of tokens.
+DEMO_PRESETS = {
+    "cpu": dict(budgets="1.0,0.9,0.8", axes="ffn", tokens=16384, seq_len=128, batch_size=8, lr=1e-4,
+                calib_batches=4, eval_tokens=2048),
+    "cuda": dict(budgets="1.0,0.75,0.5", axes=None, tokens=20_971_520, seq_len=512, batch_size=16, lr=1e-4,
+                 calib_batches=16, eval_tokens=16384),
+}
+DEMO_PROMPTS = ("What is the capital of France?", "Name three primary colors.", "What do bees make?")
 
-    out = Path(args.out)
-    print(f"star-elastic demo: SmolLM2-135M -> budgets {args.budgets} on {args.tokens:,} tokens of {args.data} "
-          f"(a CPU-sized run; see README for real ones)", flush=True)
-    ns = argparse.Namespace(model=DEFAULT_MODEL, budgets=args.budgets, data=args.data, tokens=args.tokens,
-                            out=str(out), force=True, device=args.device, dtype=None, seq_len=args.seq_len,
-                            batch_size=args.batch_size, lr=args.lr, router_lr=1e-2, axes=None, heterogeneous=False,
-                            calib_batches=args.calib_batches, eval_tokens=args.eval_tokens, seed=0)
-    result = cmd_elastify(ns)
+
+def cmd_demo(args):
+    """The quick start: elastify SmolLM2 on real text (CPU-sized on a CPU, GPU-sized on a GPU),
+    show each budget's held-out perplexity as a zero-shot slice and after training against the
+    parent, ask every budget a few questions from one loaded copy of the weights, and say what
+    to do next."""
+    from .elastify import ElastifyConfig, elastify, print_table
     from .serve.engine import ElasticEngine
 
+    device = pick_device(args.device)
+    preset = DEMO_PRESETS["cuda" if device.type == "cuda" else "cpu"]
+    opt = {k: getattr(args, k) if getattr(args, k, None) is not None else v for k, v in preset.items()}
+    out = Path(args.out)
+    axes = tuple(a.strip() for a in opt["axes"].split(",")) if opt["axes"] else ElastifyConfig.axes
+    print(f"star-elastic demo on {device}: SmolLM2-135M -> budgets {opt['budgets']} (axes: {', '.join(axes)}) on "
+          f"{opt['tokens']:,} tokens of {args.data}" + ("" if device.type == "cuda" else
+          " - a CPU-sized run; on a GPU the demo trains 20M tokens on every axis at 1.0 / 0.75 / 0.5"), flush=True)
+    model, tokenizer = load_model_and_tokenizer(DEFAULT_MODEL, device, None)
+    model.float()  # master weights; bf16 autocast on a GPU
+    cfg = ElastifyConfig(budgets=[b.strip() for b in opt["budgets"].split(",")], tokens=opt["tokens"],
+                         seq_len=opt["seq_len"], batch_size=opt["batch_size"], lr=opt["lr"], axes=axes,
+                         calib_batches=opt["calib_batches"], eval_tokens=opt["eval_tokens"])
+    result = elastify(model, tokenizer, args.data, out, cfg, log=lambda msg: print(msg, flush=True))
+    print_table(result)
+    del model
+
     # every budget from one loaded copy of the weights (budget views), as a deployment would run them
-    engine = ElasticEngine.load(out, device=pick_device(args.device))
-    ids = encode_prompt(engine.tokenizer, args.prompt)
-    print(f"\nevery budget from one loaded checkpoint, greedy, {args.max_new_tokens} tokens at most "
-          f"(a CPU-sized run: small budgets have barely trained):\n  prompt: {args.prompt}", flush=True)
-    for name in engine.budgets:
-        answer = engine.generate(name, ids, args.max_new_tokens)
-        text = engine.tokenizer.decode(answer.tokens, skip_special_tokens=True).strip()
-        print(f"  {name:>6}: {text or '(nothing before the end-of-text token)'}", flush=True)
+    engine = ElasticEngine.load(out, device=device)
+    print(f"\nevery budget from one loaded checkpoint, greedy, {args.max_new_tokens} tokens at most:", flush=True)
+    for prompt in ([args.prompt] if args.prompt else DEMO_PROMPTS):
+        ids = encode_prompt(engine.tokenizer, prompt)
+        print(f"  Q: {prompt}", flush=True)
+        for name in engine.budgets:
+            answer = engine.generate(name, ids, args.max_new_tokens)
+            text = " ".join(engine.tokenizer.decode(answer.tokens, skip_special_tokens=True).split())
+            print(f"    {name:>5}: {text or '(nothing before the end-of-text token)'}", flush=True)
+    small = cfg.budgets[-1]
+    print(f"""
+next:
+  star-elastic slice {out} --budget {small} --out runs/demo-{small}   # a standalone Hugging Face checkpoint
+  star-elastic serve {out}                                  # every budget behind one OpenAI-compatible server
+  star-elastic eval {out} --data {args.data}                        # every budget against the parent
+  star-elastic validate {out}                               # checksums, bands, nesting, sliced == masked
+  README: "Trusting every budget" and "Command line"; docs/METHOD.md for the method""", flush=True)
     return result
 
 
@@ -407,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--kd-weights", help="distillation weight per budget, in --budgets order (default all 1)")
     sp.add_argument("--full-anchor", type=float, default=0.0,
                     help="weight of the full model's distillation on every step (the sandwich rule; 0: off)")
+    sp.add_argument("--router-init", choices=["search", "cost"], default="search",
+                    help="the router starts from each budget's best zero-shot architecture (search, scored by "
+                         "calibration perplexity) or from one fitted to the cost alone")
     sp.add_argument("--drift-data", default="auto",
                     help="held-out text of a second domain on which the full budget's drift from the parent "
                          "is reported (default: a bundled corpus the training data does not use; '' for none)")
@@ -418,18 +452,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_elastify)
 
-    sp = sub.add_parser("demo", help="the quick-start demo: elastify SmolLM2 on real text (CPU-sized)")
+    sp = sub.add_parser("demo", help="the quick-start demo: elastify SmolLM2 on real text (CPU- or GPU-sized)")
     model_args(sp, positional=False)
     sp.add_argument("--data", default="wiki")
-    sp.add_argument("--budgets", default="1.0,0.75,0.5")
-    sp.add_argument("--tokens", type=int, default=12288)
-    sp.add_argument("--seq-len", type=int, default=128)
-    sp.add_argument("--batch-size", type=int, default=8)
-    sp.add_argument("--lr", type=float, default=1e-4)
-    sp.add_argument("--calib-batches", type=int, default=4)
-    sp.add_argument("--eval-tokens", type=int, default=2048)
+    for flag, kind in (("--budgets", str), ("--axes", str), ("--tokens", int), ("--seq-len", int),
+                       ("--batch-size", int), ("--lr", float), ("--calib-batches", int), ("--eval-tokens", int)):
+        sp.add_argument(flag, type=kind, help="default: the CPU or GPU preset (DEMO_PRESETS in cli.py)")
     sp.add_argument("--out", default="runs/demo-elastic", help="where the elastic checkpoint goes")
-    sp.add_argument("--prompt", default="What is the capital of France?")
+    sp.add_argument("--prompt", help="one question instead of the demo's three")
     sp.add_argument("--max-new-tokens", type=int, default=30)
     sp.set_defaults(fn=cmd_demo)
 

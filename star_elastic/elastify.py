@@ -19,7 +19,7 @@ from .elastic.cost import CostModel, parse_budget
 from .elastic.importance import estimate_importance, permuted_scores
 from .elastic.router import DEFAULT_AXES, Router, RouterConfig, project_budgets
 from .elastic.spec import ElasticSpec
-from .elastic.search import choose_spec
+from .elastic.search import describe, search_spec
 from .elastic.sort import sort_model
 from .errors import StarElasticError
 from .evaluate import perplexity
@@ -47,6 +47,7 @@ class ElastifyConfig:
     kd_weights: list[float] | None = None  # per budget, in --budgets order
     full_anchor: float = 0.0  # >0: the full model is distilled on every step too (the budget sampler skips it)
     drift_data: str | None = "auto"  # held-out text of a second domain for the full budget's drift ("": none)
+    router_init: str = "search"  # the router starts from the zero-shot search's architectures, or "cost" alone
 
 
 def drift_source(data: str, drift_data: str | None) -> str | None:
@@ -80,6 +81,8 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
     if rank != 0:
         log = lambda *a, **k: None  # noqa: E731
     torch.manual_seed(cfg.seed)
+    if cfg.router_init not in ("search", "cost"):
+        raise StarElasticError(f"router init is 'search' or 'cost', got {cfg.router_init!r}")
     budgets = sorted((parse_budget(b, model.config) for b in cfg.budgets), key=lambda b: -b.fraction)
     if len({b.name for b in budgets}) != len(budgets):
         raise StarElasticError(f"budgets {cfg.budgets} name the same budget twice")
@@ -105,19 +108,32 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
     perms = sort_model(model, scores)
     log(f"importance on {cfg.calib_batches} batches and function-preserving sort: {time.perf_counter() - t0:.0f} s")
 
-    # zero-shot: each budget's homogeneous prefix of the sorted parent, no training
+    # zero-shot: each budget's best homogeneous prefix of the sorted parent (Minitron's search over axis
+    # combinations, scored by calibration perplexity), no training; the router starts from them
     layer_order = scores["layer_order"].tolist() if depth else None
-    before = {}
-    for b in budgets:
-        if b.kind != "params":
+    search_batches = [b.to(device) for b, _ in zip(TokenBatches(pack(train_stream, cfg.seq_len),
+                                                                min(cfg.batch_size, rows.shape[0]), seed=cfg.seed + 7),
+                                                    range(max(1, min(cfg.calib_batches, 4))))]
+    axes = [a for a in cfg.axes if a != "depth"] or list(DEFAULT_AXES)
+    before, starts = {}, [None] * len(budgets)
+    for i, b in enumerate(budgets):
+        if b.kind != "params" or b.is_full:
             continue
-        spec = choose_spec(model.config, int(b.target), [a for a in cfg.axes if a != "depth"] or DEFAULT_AXES,
-                           layer_order=layer_order)
+        spec = search_spec(model, int(b.target), axes, search_batches, layer_order=layer_order)[0]
+        if ranks > 1:  # one choice for every rank, whatever the rounding of their searches
+            box = [spec.to_dict()]
+            torch.distributed.broadcast_object_list(box, src=0)
+            spec = ElasticSpec.from_dict(box[0])
+        starts[i] = spec
         before[b.name] = masked_perplexity(model, spec, heldout, cfg, device)
-        log(f"  zero-shot {b.name:>6}: perplexity {before[b.name]:.3f}")
+        log(f"  zero-shot {b.name:>6}: perplexity {before[b.name]:.3f}  [{describe(spec, model.config)}]")
+    if budgets[0].is_full:
+        before[budgets[0].name] = None  # filled in below: the parent
 
     # the parent (sorting preserves its function) on every held-out source: the full budget's reference
     parent_ppl = {k: masked_perplexity(model, ElasticSpec(), v, cfg, device) for k, v in heldouts.items()}
+    if budgets[0].is_full:
+        before[budgets[0].name] = parent_ppl["train domain"]
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     if device.type == "cuda":
         teacher.to(torch.bfloat16)
@@ -134,7 +150,7 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
                        seed=cfg.seed, stage1_fraction=cfg.stage1_fraction, stage2_weights=cfg.stage2_weights,
                        stage2_seq_len=cfg.stage2_seq_len, budget_kd_weights=kd_weights, full_anchor=cfg.full_anchor)
     trainer = ElasticTrainer(model, teacher, router, budgets, rows, tcfg, out.parent / f".{out.name}.train",
-                             heldout=heldout)
+                             heldout=heldout, warm_start=starts if cfg.router_init == "search" and any(starts) else None)
     if trainer.load_state():
         log(f"resuming training at step {trainer.step}")
     t0 = time.perf_counter()
@@ -179,8 +195,23 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
 
 
 def print_table(result: dict, file=None):
-    print(f"\n{'budget':>8} {'zero-shot ppl':>14} {'elastic ppl':>12}", file=file)
-    for name, ppl in result["trained"].items():
+    """Each budget: its size, its held-out perplexity as a zero-shot slice and after training, and
+    the trained one against the parent's; then the full budget's drift on every held-out source."""
+    parent = result.get("drift", {}).get("train domain", {}).get("parent")
+    print(f"\n{'budget':>8} {'kept':>7} {'zero-shot ppl':>14} {'trained ppl':>12} {'vs parent':>10}", file=file)
+    for (name, ppl), proj in zip(result["trained"].items(), result.get("projections") or [{}] * len(result["trained"])):
         zs = result["zero_shot"].get(name)
-        print(f"{name:>8} {zs if zs is None else f'{zs:.3f}':>14} {ppl:>12.3f}", file=file)
+        kept = f"{proj['cost'] / proj['target'] * float(name):.1%}" if proj and _is_fraction(name) else "-"
+        rel = f"{ppl / parent:.2f}x" if parent else "-"
+        print(f"{name:>8} {kept:>7} {'-' if zs is None else f'{zs:.3f}':>14} {ppl:>12.3f} {rel:>10}", file=file)
+    for source, d in result.get("drift", {}).items():
+        print(f"full budget on {source} held-out: {d['full_budget']:.3f} vs the parent's {d['parent']:.3f} "
+              f"({d['change']:+.2%})", file=file)
     print(f"checkpoint: {result['checkpoint']}", file=file)
+
+
+def _is_fraction(name: str) -> bool:
+    try:
+        return 0 < float(name) <= 1
+    except ValueError:
+        return False

@@ -115,7 +115,7 @@ class ElasticTrainer:
 
     def __init__(self, model: Model, teacher: Model, router: Router | None, budgets: list[Budget], rows: torch.Tensor,
                  cfg: TrainConfig, out_dir, heldout: torch.Tensor | None = None, cost: CostModel | None = None,
-                 fixed_specs: list[ElasticSpec] | None = None):
+                 fixed_specs: list[ElasticSpec] | None = None, warm_start: list[ElasticSpec | None] | None = None):
         self.model, self.teacher, self.router, self.budgets, self.cfg = model, teacher, router, budgets, cfg
         self.out = Path(out_dir)
         self.heldout = heldout
@@ -127,6 +127,11 @@ class ElasticTrainer:
         if fixed_specs is not None and len(fixed_specs) != len(budgets):
             raise StarElasticError(f"{len(fixed_specs)} fixed architectures for {len(budgets)} budgets")
         self.fixed_specs = fixed_specs
+        # per budget, an architecture chosen by quality (e.g. the zero-shot search's) that the router
+        # starts from, instead of one fitted to the cost alone
+        if warm_start is not None and len(warm_start) != len(budgets):
+            raise StarElasticError(f"{len(warm_start)} warm-start architectures for {len(budgets)} budgets")
+        self.warm_start = warm_start
         # every step holds batch_size x seq_len tokens; stage 2 holds the same tokens in longer rows
         self.row_len = max(cfg.seq_len, cfg.stage2_seq_len or 0)
         if rows.shape[1] < self.row_len:
@@ -183,6 +188,10 @@ class ElasticTrainer:
         self.router.train()
         self.router.set_progress(0.0)
         band = self.cfg.loss.band
+        if self.warm_start is not None:  # start at the given architectures, put in half the band
+            start = [None if s is None else self.router.choice_of(s) for s in self.warm_start]
+            return self._fit_router_to(project_budgets(self.router, self.budgets, self.cost, band / 2, start=start),
+                                       opt)
         for _ in range(self.cfg.router_warmup_steps):
             loss, settled = 0.0, True
             for i, budget in enumerate(self.budgets):
@@ -202,12 +211,20 @@ class ElasticTrainer:
             opt.step()
         # a coarse grid of sizes can keep the argmaxes jumping across a band: settle them on the nearest
         # in-band nested architectures the router prefers (the same projection as after training)
-        targets = [p.choice for p in project_budgets(self.router, self.budgets, self.cost, band / 2)]
+        self._fit_router_to(project_budgets(self.router, self.budgets, self.cost, band / 2), opt)
+
+    def _fit_router_to(self, projections, opt):
+        """Cross-entropy steps until every budget's argmax is its projection's choice, with at least
+        half the probability at the starting scale (a margin the first steps do not undo)."""
+        targets = [p.choice for p in projections]
         for _ in range(self.cfg.router_warmup_steps):
             loss, settled = 0.0, True
             for i, choice in enumerate(targets):
                 for name, logit in self.router.logits(i).items():
-                    settled = settled and int(logit.argmax()) == choice[name]
+                    p = torch.softmax(logit * self.router.scale, -1)
+                    if int(logit.argmax()) == choice[name] and float(p[choice[name]]) >= 0.5:
+                        continue  # this slot is there: leave it as soft as it is
+                    settled = False
                     loss = loss + F.cross_entropy(logit[None], torch.tensor([choice[name]], device=logit.device))
             if settled:
                 return

@@ -543,3 +543,20 @@ def test_llama_hidden_choices_are_multiples_of_every_query_head_count():
     for i in range(2):
         c = r.spec(i).config(cfg)
         assert c.hidden_size % c.num_attention_heads == 0
+
+
+def test_dropped_units_send_no_gradient_to_the_router():
+    """Hard masks pass the task loss to the router only through the units that ran (prefix_k x p_k).
+    A backward through every choice's prefix (sum_c p_c prefix_c) lets each dropped unit's value
+    (adding it back always helps) pull toward the largest choice: on SmolLM2 (H200, 2026-11-30) that
+    drove the 0.75 and 0.5 budgets' argmax to the whole parent against the budget loss."""
+    r = make_router().train()
+    r.set_progress(0.3)
+    out = r(2, mode="hard", generator=torch.Generator().manual_seed(0))
+    dropped = sum(((m == 0).float() * m).sum() for m in out.masks.values() if m.dim() > 0)
+    r.zero_grad()
+    dropped.backward(retain_graph=True)
+    assert all(p.grad is None or not p.grad.any() for p in r.parameters())
+    kept = sum(m.sum() for m in out.masks.values())  # while the units that ran do reach it
+    kept.backward()
+    assert any(p.grad is not None and p.grad.any() for p in r.parameters())

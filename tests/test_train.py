@@ -320,3 +320,28 @@ def test_stage_two_holds_the_same_tokens_in_longer_rows(tmp_path):
     assert shapes[0] == (4, 16) and shapes[-1] == (2, 32)
     with pytest.raises(Exception, match="whole rows"):
         trainer(tmp_path, "bad", batch=3)
+
+
+def test_router_warm_start_begins_at_the_given_architectures(tmp_path):
+    """elastify starts the router from each budget's best zero-shot architecture (chosen by
+    calibration perplexity, not by cost alone): after the warm-up, every smaller budget's argmax is
+    that architecture on the router's grid (projected into half the band where the grid misses it)."""
+    from star_elastic.elastic.router import project_budgets
+    from star_elastic.elastic.search import choose_spec
+
+    model, teacher, router, budgets, rows, cfg, heldout = make()
+    specs = [None if b.is_full else choose_spec(CFG, int(b.target), ("hidden", "ffn", "experts")) for b in budgets]
+    t = ElasticTrainer(model, teacher, router, budgets, rows, cfg, tmp_path / "warm", warm_start=specs)
+    t.warm_up_router()
+    want = project_budgets(router, budgets, t.cost, band=0.025,
+                           start=[None if s is None else router.choice_of(s) for s in specs])
+    for i, b in enumerate(budgets[1:], start=1):
+        got = {k: int(v.argmax()) for k, v in router.logits(i).items()}
+        assert got == want[i].choice, b.name
+        assert abs(t.cost.cost("params", router.arch_of(got)) / b.target - 1) <= 0.025
+        # an axis the given architecture keeps whole (attention, Mamba) stays whole unless the band needs it
+        if want[i].choice == router.choice_of(specs[i]):
+            assert got["attention"] == len(router.slots["attention"].sizes) - 1
+    # the argmaxes keep their margin without collapsing to one-hot
+    from star_elastic.elastic.router import entropy
+    assert min(float(entropy(torch.softmax(v, -1))) for i in (1, 2) for v in router.logits(i).values()) > 0.01

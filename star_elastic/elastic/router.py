@@ -9,7 +9,7 @@ so every choice is a mask `Model.set_masks` takes and a size `ElasticSpec` can h
 Training draws a choice per slot from p = softmax(logits x scale), the scale ramped 1 -> 10 over
 training progress (Gumbel-max; soft mode keeps the Gumbel-softmax relaxation, temperature annealed
 1.0 -> 0.05). Hard masks are straight-through: forward the exact 0/1 prefix of the choice, backward
-that of the p-weighted prefix sum, so the distillation loss reaches every choice. The budget loss
+that of prefix x its probability, so the distillation loss reaches the choice that ran. The budget loss
 (train.py) judges the drawn and the argmax architectures with the gradient of the expected cost
 under p; an entropy floor keeps p from saturating. In eval mode there is no noise and no schedule:
 the argmax choice (`spec`), whose hard masks are exact 0/1 and run the same function as the sliced
@@ -248,10 +248,12 @@ class Router(nn.Module):
         scale ramping 1 -> 10 with training progress (explore early, commit late; the warm-up runs
         at the starting scale, so the router does not begin one-hot); the choice k is a Gumbel-max
         draw from p. Hard mode: straight-through masks, forward the exact 0/1 prefix of k, backward
-        that of sum_c p_c prefix_c, so the task loss reaches every choice, the larger ones too (masks
-        multiply activations: a dropped unit's mask gradient is the first-order value of adding it
-        back). Soft mode: the Gumbel-softmax relaxation y = softmax((r x scale + g) / tau), masks
-        sum_c y_c prefix_c. `arch` holds the p-weighted sizes (the gradient path of the budget
+        that of prefix_k x p_k (METHOD's "argmax prefix times its probability"): the task loss
+        reaches the choice that ran. Not that of sum_c p_c prefix_c: masks multiply activations, so
+        a dropped unit's gradient is the value of adding it back, always negative, and on SmolLM2
+        (H200, 2026-11-30) that pull outweighed the budget loss and drove the 0.75 and 0.5 budgets'
+        argmax to the whole parent. Soft mode: the Gumbel-softmax relaxation
+        y = softmax((r x scale + g) / tau), masks sum_c y_c prefix_c. `arch` holds the p-weighted sizes (the gradient path of the budget
         loss), `chosen_arch` the sizes of the choices taken. Eval (inference), whatever the mode:
         the argmax of r, exact 0/1 masks, no noise."""
         if mode not in ("hard", "soft"):
@@ -268,9 +270,8 @@ class Router(nn.Module):
                 k = int(y.argmax())  # = argmax(r x scale + g): a draw from p
                 if mode == "soft":
                     weights[name] = y @ prefix
-                else:
-                    soft = p @ prefix  # forward: exactly prefix[k] (soft - soft is 0); backward: d(soft)
-                    weights[name] = prefix[k] + (soft - soft.detach())
+                else:  # straight-through "prefix x p_k": forward the exact prefix, backward that of prefix x p_k
+                    weights[name] = prefix[k] + prefix[k] * (p[k] - p[k].detach())
             else:
                 p = y = F.softmax(logit, dim=-1)
                 k = len(y) - 1 if full else int(y.argmax())
@@ -325,6 +326,23 @@ class Router(nn.Module):
                 for i in slot.layers:
                     arch.layers[i][AXES[slot.axis][0]] = slot.sizes[k]
         return arch
+
+    def choice_of(self, spec: ElasticSpec) -> dict[str, int]:
+        """The choices closest to `spec` from below: per slot, the largest size not above the spec's
+        (the smallest where all are above). Sizes the router cannot express (whole KV groups
+        dropped, say) map to the nearest it can."""
+        arch = Arch.from_spec(spec, self.parent)
+        out = {}
+        for name, slot in self.slots.items():
+            if slot.axis == "hidden":
+                want = arch.hidden
+            elif slot.axis == "depth":
+                want = sum(int(s["keep"]) for s in arch.layers)
+            else:
+                want = arch.layers[slot.layers[0]][AXES[slot.axis][0]]
+            below = [k for k, size in enumerate(slot.sizes) if size <= want]
+            out[name] = below[-1] if below else 0
+        return out
 
     def full_choice(self) -> dict[str, int]:
         """Every slot's largest choice: the parent."""
@@ -435,7 +453,7 @@ class Projection:
 
 
 def project_budgets(router: Router, budgets: list[Budget], costs: CostModel | None = None, band: float = 0.05,
-                    max_states: int = 50_000) -> list[Projection]:
+                    max_states: int = 50_000, start: list[dict | None] | None = None) -> list[Projection]:
     """Each trained budget's architecture, in its band and nested by construction.
 
     Budgets are visited largest first (`budgets` is in the router's order). The full budget is the
@@ -443,7 +461,8 @@ def project_budgets(router: Router, budgets: list[Budget], costs: CostModel | No
     budget's choice (so its masks are contained in the larger's); if its cost is then outside
     `band` of the target, a best-first search over single-slot moves (one choice up or down, never
     above the larger budget's) returns the in-band architecture that costs the router the least
-    log-probability, steered toward the band. Raises StarElasticError when none is reachable."""
+    log-probability, steered toward the band. `start`: per budget, choices to start from instead of
+    the argmax (None: the argmax). Raises StarElasticError when none is reachable."""
     costs = costs or CostModel(router.parent)
     order = sorted(range(len(budgets)), key=lambda i: -budgets[i].fraction)
     out: list[Projection | None] = [None] * len(budgets)
@@ -459,8 +478,9 @@ def project_budgets(router: Router, budgets: list[Budget], costs: CostModel | No
                 continue
             logq = {n: F.log_softmax(v.float(), -1).tolist() for n, v in router.logits(i).items()}
             argmax = {n: max(range(len(v)), key=v.__getitem__) for n, v in logq.items()}
-            start = {n: min(k, upper[n]) for n, k in argmax.items()}
-            out[i] = _best_in_band(router, costs, b, logq, argmax, start, upper, band, max_states)
+            first = start[i] if start is not None and start[i] is not None else argmax
+            out[i] = _best_in_band(router, costs, b, logq, argmax, {n: min(k, upper[n]) for n, k in first.items()},
+                                   upper, band, max_states)
             upper = out[i].choice
     return out
 
