@@ -221,7 +221,7 @@ class ElasticTrainer:
             loss, settled = 0.0, True
             for i, choice in enumerate(targets):
                 for name, logit in self.router.logits(i).items():
-                    p = torch.softmax(logit * self.router.scale, -1)
+                    p = torch.softmax(logit.detach() * self.router.scale, -1)
                     if int(logit.argmax()) == choice[name] and float(p[choice[name]]) >= 0.5:
                         continue  # this slot is there: leave it as soft as it is
                     settled = False
