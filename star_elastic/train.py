@@ -181,7 +181,9 @@ class ElasticTrainer:
         the cost model is analytic. Each smaller budget's argmax is brought inside half its band
         while every slot keeps its entropy floor, and it stops once they all are, so training
         starts on budget with a router that can still move (one fitted at the final, sharp scale
-        would be one-hot, with no gradient left). The full budget learns its anchor."""
+        would be one-hot, with no gradient left). The full budget learns its anchor. With
+        `warm_start` architectures (elastify: the zero-shot search's, chosen by calibration
+        perplexity), the router is instead fitted to those, put in half the band."""
         if self.router is None or self.cfg.router_warmup_steps <= 0:
             return
         opt = torch.optim.Adam(self.router.parameters(), lr=self.cfg.router_lr)
