@@ -11,20 +11,26 @@ import argparse
 import copy
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_train import BUDGETS, CFG  # noqa: E402
+from star_elastic.elastic.cost import CostModel, parse_budget
+from star_elastic.elastic.router import Router, RouterConfig
+from star_elastic.model import (
+    Model,
+    ModelConfig,
+)
 
-from star_elastic.elastic.cost import CostModel, parse_budget  # noqa: E402
-from star_elastic.elastic.router import Router, RouterConfig  # noqa: E402
-from star_elastic.model import Model  # noqa: E402
-from star_elastic.train import ElasticTrainer, TrainConfig  # noqa: E402
+# a toy hybrid with every block type (the shape of tests/test_train.py's)
+CFG = ModelConfig(vocab_size=64, hidden_size=32, layer_types="M*EM-", num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=8, intermediate_size=64, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8,
+                  n_groups=2, chunk_size=8, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                  moe_shared_expert_intermediate_size=16)
+BUDGETS = ["1.0", "0.75", "0.5"]
+from star_elastic.train import ElasticTrainer, TrainConfig
 
 
 def run(judge: str, seed: int, steps: int, out: str) -> list[float]:

@@ -50,8 +50,8 @@ from types import SimpleNamespace
 import torch
 import torch.utils.deterministic
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_zero_shot as zs  # noqa: E402  (MoE parent: config, initialisation, pretraining loop; device setup)
+import bench_zero_shot as zs  # noqa: E402  (MoE parent: config, initialisation, pretraining loop)
+import common  # noqa: E402
 
 from star_elastic import load, load_tokenizer  # noqa: E402
 from star_elastic.assets import smollm2_gguf  # noqa: E402
@@ -140,10 +140,7 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- helpers
 
-def clock(device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+clock = common.clock
 
 
 def autocast(device):
@@ -168,15 +165,14 @@ class Results:
         self.args = args
         self.t0 = time.perf_counter()
         self.data = {"benchmark": "bench_elastic", "date": datetime.date.today().isoformat(),
-                     "machine": zs.machine(device), "torch": torch.__version__, "seed": args.seed,
+                     "machine": common.machine(device), "torch": torch.__version__, "seed": args.seed,
                      "smoke": args.smoke,
                      "command": "python benchmarks/bench_elastic.py " + " ".join(sys.argv[1:] if argv is None else argv)}
 
     def save(self):
         self.data["seconds"] = round(time.perf_counter() - self.t0, 1)
         if self.args.json:
-            Path(self.args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(self.args.json).write_text(json.dumps(self.data, indent=2) + "\n")
+            common.write_json(self.args.json, self.data)
 
 
 def heldout_streams(tokenizer, args, primary_heldout: torch.Tensor | None = None) -> dict:
@@ -568,7 +564,7 @@ def merge(files: list[str], out: str | None) -> dict:
                 if "\nParent pretraining" in res[name]["table"] else table(res[name])
             print(f"== part {name} ==\n{res[name]['table']}\n")
     if out:
-        Path(out).write_text(json.dumps(res, indent=2) + "\n")
+        common.write_json(out, res)
     return res
 
 
@@ -576,7 +572,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.merge:
         return merge(args.merge, args.json)
-    device = zs.setup(args)  # seeds; on a GPU deterministic algorithms (warn-only) and cuBLAS workspace
+    device = common.setup(args.device, args.seed)  # seeds; on a GPU deterministic algorithms (warn-only) and cuBLAS workspace
     if device.type == "cuda":  # deterministic results do not need every new tensor NaN-filled first
         torch.utils.deterministic.fill_uninitialized_memory = False
     res = Results(args, device, argv)

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import common
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -97,8 +99,7 @@ def main(argv=None):
               + " ".join(f"{v:>10.3f}" for v in r["perplexity"].values()))
     print(f"speed-up {speedup:.2f}x on {args.gpus} ranks (scaling efficiency {speedup / args.gpus:.0%})")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        common.write_json(args.json, res)
     return res
 
 

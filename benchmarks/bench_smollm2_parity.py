@@ -9,12 +9,7 @@ the safetensors directory converted from it once. Same windows, same tokens.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import time
-
-import torch
 
 
 def main():
@@ -32,26 +27,10 @@ def main():
 
 
 def compare(data: str, max_tokens: int, seq_len: int) -> dict:
-    from transformers import AutoModelForCausalLM
-
-    from star_elastic import load, load_tokenizer
     from star_elastic.assets import smollm2_gguf
-    from star_elastic.runtime import eval_tokens
-    from star_elastic.evaluate import perplexity
+    from star_elastic.evaluate import transformers_parity
 
-    gguf = smollm2_gguf()
-    ours = load(gguf)
-    tokenizer = load_tokenizer(gguf)
-    ref = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
-    stream = eval_tokens(tokenizer, data, "heldout")
-    out = {"date": datetime.date.today().isoformat(), "machine": f"CPU ({platform.processor() or platform.machine()}, "
-           f"{torch.get_num_threads()} threads)", "data": f"held-out split of {data}", "seq_len": seq_len}
-    for name, model in (("ours", ours), ("transformers", ref)):
-        t0 = time.perf_counter()
-        r = perplexity(model, stream, seq_len=seq_len, batch_size=4, max_tokens=max_tokens)
-        out[name] = {"perplexity": r["perplexity"], "tokens": r["tokens"], "seconds": round(time.perf_counter() - t0, 1)}
-    out["relative_difference"] = abs(out["ours"]["perplexity"] / out["transformers"]["perplexity"] - 1)
-    return out
+    return transformers_parity(smollm2_gguf(), data, max_tokens, seq_len)
 
 
 if __name__ == "__main__":

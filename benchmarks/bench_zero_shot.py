@@ -23,15 +23,13 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import math
-import os
-import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
+
+import common
 import torch.nn.functional as F
 
 from star_elastic import load, load_tokenizer
@@ -91,18 +89,10 @@ def parse_args(argv=None):
 
 
 def setup(args) -> torch.device:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS; before first use
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.manual_seed(args.seed)
-    return device
+    return common.setup(args.device, args.seed)
 
 
-def machine(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+machine = common.machine
 
 
 def calibration(tokens: torch.Tensor, args) -> list[torch.Tensor]:
@@ -452,8 +442,7 @@ def main(argv=None):
     print(res["table"])
     print(f"\ntotal {res['seconds']:.0f} s on {res['machine']}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        common.write_json(args.json, res)
     return res
 
 

@@ -191,10 +191,10 @@ def format_table(result: dict) -> str:
 
 def eval_checkpoint_command(args) -> dict:
     """`star-elastic eval CKPT`: every budget of an elastic checkpoint (see cli.cmd_eval)."""
-    from .runtime import check_output, eval_tokens, pick_device, pick_dtype, write_json
     from .elastic.checkpoint import load_elastic, read_manifest
     from .errors import StarElasticError
     from .hf import load
+    from .runtime import check_output, eval_tokens, pick_device, pick_dtype, write_json
 
     path = Path(args.model)
     for out in (args.json, args.plot):  # refuse a directory as an output before any work
@@ -235,3 +235,30 @@ def eval_checkpoint_command(args) -> dict:
     if args.json:
         write_json(result, args.json)
     return result
+
+
+def transformers_parity(gguf, data: str = "wiki", max_tokens: int = 16384, seq_len: int = 512) -> dict:
+    """Our perplexity against transformers' on the held-out split of `data`, both models read from
+    the same GGUF file (transformers with `gguf_file=`, ours through its converted safetensors):
+    the same windows, the same tokens. Needs the `gguf` package."""
+    import datetime
+    import platform
+
+    from transformers import AutoModelForCausalLM
+
+    from .hf import load, load_tokenizer
+    from .runtime import eval_tokens
+
+    gguf = Path(gguf)
+    ours = load(gguf)
+    tokenizer = load_tokenizer(gguf)
+    ref = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    stream = eval_tokens(tokenizer, data, "heldout")
+    out = {"date": datetime.date.today().isoformat(), "machine": f"CPU ({platform.processor() or platform.machine()}, "
+           f"{torch.get_num_threads()} threads)", "data": f"held-out split of {data}", "seq_len": seq_len}
+    for name, model in (("ours", ours), ("transformers", ref)):
+        t0 = time.perf_counter()
+        r = perplexity(model, stream, seq_len=seq_len, batch_size=4, max_tokens=max_tokens)
+        out[name] = {"perplexity": r["perplexity"], "tokens": r["tokens"], "seconds": round(time.perf_counter() - t0, 1)}
+    out["relative_difference"] = abs(out["ours"]["perplexity"] / out["transformers"]["perplexity"] - 1)
+    return out
