@@ -19,10 +19,7 @@ import torch
 
 from star_elastic.elastic.cost import CostModel, parse_budget
 from star_elastic.elastic.router import Router, RouterConfig
-from star_elastic.model import (
-    Model,
-    ModelConfig,
-)
+from star_elastic.model import Model, ModelConfig
 
 # a toy hybrid with every block type (the shape of tests/test_train.py's)
 CFG = ModelConfig(vocab_size=64, hidden_size=32, layer_types="M*EM-", num_attention_heads=4, num_key_value_heads=2,
