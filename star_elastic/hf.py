@@ -20,7 +20,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import StarElasticError
-from .hf_files import PICKLE_SUFFIXES, _weight_files, read_json
+from .hf_files import (MAX_HEADER_BYTES, PICKLE_SUFFIXES, _weight_files, read_json, safetensors_header,  # noqa: F401
+                       shard_groups, shard_names, write_index)
 from .model import Model, ModelConfig
 
 SUPPORTED = {"nemotron_h": "NemotronHForCausalLM", "llama": "LlamaForCausalLM"}
@@ -177,41 +178,6 @@ def to_disk_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- loading
 
-MAX_HEADER_BYTES = 100 * 1024**2  # safetensors' own limit on the JSON header
-
-
-def safetensors_header(f: Path) -> dict:
-    """The JSON header of a safetensors file ({name: {"dtype", "shape", "data_offsets"}}), after the
-    cheap checks that catch damage without reading the data: the header parses, and the file is
-    exactly as long as the header says (a truncated copy or appended bytes fail here, by name)."""
-    f = Path(f)
-    try:
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            prefix = fh.read(8)
-            n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-            if n < 2 or n > MAX_HEADER_BYTES or 8 + n > size:
-                raise StarElasticError(f"{f}: not a safetensors file, or truncated ({size} bytes; "
-                                       "no complete safetensors header)")
-            header = json.loads(fh.read(n))
-    except OSError as e:
-        raise StarElasticError(f"{f}: cannot read it ({e.strerror or e})") from None
-    except (ValueError, UnicodeDecodeError):
-        raise StarElasticError(f"{f}: not a safetensors file (its header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise StarElasticError(f"{f}: not a safetensors file (its header is not a JSON object)")
-    header.pop("__metadata__", None)
-    try:
-        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-    except (TypeError, KeyError, IndexError, ValueError):
-        raise StarElasticError(f"{f}: not a safetensors file (malformed tensor entries in its header)") from None
-    expected = 8 + n + end
-    if size < expected:
-        raise StarElasticError(f"{f}: truncated ({size:,} bytes, its header describes {expected:,})")
-    if size > expected:
-        raise StarElasticError(f"{f}: {size - expected:,} unexpected bytes after the tensor data "
-                               f"({size:,} bytes, its header describes {expected:,})")
-    return header
 
 
 def header_tensors(files: list[Path], skip=lambda name: False) -> dict[str, torch.Tensor]:
@@ -433,26 +399,13 @@ staging = _staging
 def write_safetensors(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int = SHARD_BYTES):
     """model.safetensors, or shards + index when larger than `max_shard_bytes`."""
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    shards, current, size = [], {}, 0
-    for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t
-        size += nbytes
-    shards.append(current)
-    if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    nbytes = {k: t.numel() * t.element_size() for k, t in state.items()}
+    shards = shard_groups(list(state), nbytes.__getitem__, max_shard_bytes)
+    names = shard_names(len(shards))
+    for fname, shard in zip(names, shards):
+        save_file({k: state[k] for k in shard}, str(out / fname), metadata={"format": "pt"})
+    if len(shards) > 1:
+        write_index(out, {k: fname for fname, shard in zip(names, shards) for k in shard}, sum(nbytes.values()))
 
 
 def save_pretrained(model: Model, out, tokenizer=None, max_shard_bytes: int = SHARD_BYTES,

@@ -35,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 
 from star_elastic import hf
 from star_elastic.errors import StarElasticError
+from star_elastic.hf_files import safetensors_header, shard_groups, shard_names, write_index
 from star_elastic.model import Model, ModelConfig
 
 from .slicing import PER_LAYER_NOTE, star_elastic_config, take
@@ -75,33 +76,16 @@ class _Source:
 
 
 def _header(f: Path) -> dict:
-    """The safetensors header of `f`, after checking that the file holds all the data it describes."""
-    size = f.stat().st_size
-    bad = f"{f}: not a readable safetensors file"
+    """The safetensors header of `f` (checked against the file's length by `safetensors_header`),
+    each tensor with its shape as a tuple and `start`, its first byte in the file."""
     with open(f, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise StarElasticError(f"{bad} (truncated: {size} bytes)")
-        n = int.from_bytes(head, "little")
-        if n > size - 8:
-            raise StarElasticError(f"{bad} (truncated: a {n}-byte header in a {size}-byte file)")
-        try:
-            meta = json.loads(fh.read(n))
-            tensors = {k: v for k, v in meta.items() if k != "__metadata__"}
-            end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
-            for v in tensors.values():
-                v["shape"] = tuple(int(s) for s in v["shape"])
-                v["start"] = 8 + n + int(v["data_offsets"][0])
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
-            raise StarElasticError(f"{bad} (bad header: {str(e).splitlines()[0] if str(e) else type(e).__name__})") \
-                from None
-    if 8 + n + end > size:
-        raise StarElasticError(f"{bad} (truncated: {size} bytes, its header describes {8 + n + end})")
-    if 8 + n + end < size:
-        raise StarElasticError(f"{bad} ({size} bytes, its header describes {8 + n + end})")
+        n = int.from_bytes(fh.read(8), "little")
+    tensors = safetensors_header(f)
     for k, v in tensors.items():
         if v.get("dtype") not in DTYPE_BYTES:
             raise StarElasticError(f"{f}: tensor {k} has unsupported dtype {v.get('dtype')!r}")
+        v["shape"] = tuple(int(s) for s in v["shape"])
+        v["start"] = 8 + n + int(v["data_offsets"][0])
     return tensors
 
 
@@ -401,19 +385,6 @@ def _write_shard(path: Path, items: list[_Item], produce, done, prefetch=lambda 
             done()
 
 
-def _shards(items: list[_Item], max_shard_bytes: int) -> list[list[_Item]]:
-    """Items grouped into files, by the rule of `hf.write_safetensors`."""
-    shards, current, size = [], [], 0
-    for it in items:
-        if current and size + it.nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(it)
-        size += it.nbytes
-    shards.append(current)
-    return shards
-
-
 # ----------------------------------------------------------------------------- the slicer
 
 def stream_slice(parent_dir, spec: ElasticSpec | dict, out_dir, *, progress: bool = True,
@@ -452,9 +423,8 @@ def stream_slice(parent_dir, spec: ElasticSpec | dict, out_dir, *, progress: boo
         reason = str(e.__cause__ or e).strip().splitlines()[-1].strip()
         raise StarElasticError(f"elastic spec: transformers rejects the sliced model's config ({reason})") from None
     items = _items(parent, sub, spec, plain, experts)
-    shards = _shards(items, max_shard_bytes)
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    shards = shard_groups(items, lambda it: it.nbytes, max_shard_bytes)  # the rule of hf.write_safetensors
+    names = shard_names(len(shards))
     if per_layer:
         print(f"star-elastic: {PER_LAYER_NOTE}", file=sys.stderr)
 
@@ -473,9 +443,8 @@ def stream_slice(parent_dir, spec: ElasticSpec | dict, out_dir, *, progress: boo
             for fname, shard in zip(names, shards):
                 _write_shard(tmp / fname, shard, lambda it: reader.tensor(it, parent), done, reader.prefetch)
             if len(shards) > 1:
-                index = {"metadata": {"total_size": sum(it.nbytes for it in items)},
-                         "weight_map": {it.out: fname for fname, shard in zip(names, shards) for it in shard}}
-                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+                write_index(tmp, {it.out: fname for fname, shard in zip(names, shards) for it in shard},
+                            sum(it.nbytes for it in items))
             for name in TOKENIZER_FILES:
                 if (parent_dir / name).is_file():
                     shutil.copyfile(parent_dir / name, tmp / name)
