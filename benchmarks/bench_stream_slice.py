@@ -90,17 +90,8 @@ def write_parent(cfg: ModelConfig, out: Path, shard_bytes: int) -> None:
     if cfg.family == "nemotron_h":
         state = hf.to_disk_layout(state)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
-    shards, current, size = [], [], 0
-    for k, s in shapes.items():
-        n = 2 * int(torch.Size(s).numel())
-        if current and size + n > shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(k)
-        size += n
-    shards.append(current)
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    shards = hf.shard_groups(list(shapes), lambda k: 2 * int(torch.Size(shapes[k]).numel()), shard_bytes)
+    names = hf.shard_names(len(shards))
     out.mkdir(parents=True)
     (out / "config.json").write_text(hf.config_json(hf.config_to_hf(cfg)))
     g = torch.Generator().manual_seed(0)
@@ -122,10 +113,8 @@ def write_parent(cfg: ModelConfig, out: Path, shard_bytes: int) -> None:
             fh.flush()
             os.fsync(fh.fileno())
     if len(shards) > 1:
-        weight_map = {k: fname for fname, keys in zip(names, shards) for k in keys}
-        (out / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": sum(2 * torch.Size(s).numel() for s in shapes.values())},
-             "weight_map": weight_map}, indent=2))
+        hf.write_index(out, {k: fname for fname, keys in zip(names, shards) for k in keys},
+                       sum(2 * torch.Size(s).numel() for s in shapes.values()))
 
 
 def weight_files(d: Path) -> list[Path]:
