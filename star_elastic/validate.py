@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
+from .elastic.cost import BAND
 from .errors import StarElasticError
 
-BAND = 0.05  # the budget loss' dead band (losses.LossWeights.band)
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 

@@ -35,6 +35,8 @@ from star_elastic.model import ModelConfig
 from .spec import ElasticSpec
 
 COST_KINDS = ("params", "active", "memory")
+BAND = 0.05  # a budget is met within this relative distance of its target: the budget loss' dead band,
+#              the projection after training and `validate` all use it
 
 
 # ----------------------------------------------------------------------------- architectures

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .cost import Budget
+from .cost import BAND, Budget
 
 
 def _kl_rows(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -57,7 +57,7 @@ def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor, ignore_index: i
     return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), input_ids[:, 1:].flatten(), ignore_index=ignore_index)
 
 
-def budget_loss(cost, budget: Budget, band: float = 0.05) -> torch.Tensor:
+def budget_loss(cost, budget: Budget, band: float = BAND) -> torch.Tensor:
     """|C / (b * C_full) - 1| (b * C_full is the budget's absolute target), 0 inside the dead band:
     any architecture within `band` of its target is as good as any other, so the router is free to
     trade axes there for the task loss."""
@@ -92,7 +92,7 @@ class LossWeights:
     budget: float = 1.0  # lambda of docs/METHOD.md §8
     anchor: float = 1.0  # the b = 1 pull toward the full choice, inside the budget term
     ce: float = 0.0  # optional next-token cross-entropy (0: off)
-    band: float = 0.05  # the budget loss's dead band
+    band: float = BAND  # the budget loss's dead band
 
 
 def elastic_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, cost, budget: Budget,

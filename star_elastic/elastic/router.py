@@ -33,7 +33,7 @@ from star_elastic.model import ModelConfig
 
 from star_elastic.errors import StarElasticError
 
-from .cost import Arch, Budget, CostModel
+from .cost import BAND, Arch, Budget, CostModel
 from .spec import ElasticSpec, applies, grouped_prefix
 
 # axis -> (ElasticSpec / ModelConfig field, mask key suffix)
@@ -452,7 +452,7 @@ class Projection:
                 "log_prob_loss": round(self.log_prob_loss, 4)}
 
 
-def project_budgets(router: Router, budgets: list[Budget], costs: CostModel | None = None, band: float = 0.05,
+def project_budgets(router: Router, budgets: list[Budget], costs: CostModel | None = None, band: float = BAND,
                     max_states: int = 50_000, start: list[dict | None] | None = None) -> list[Projection]:
     """Each trained budget's architecture, in its band and nested by construction.
 
