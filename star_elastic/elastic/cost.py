@@ -32,7 +32,7 @@ import torch
 from star_elastic.errors import StarElasticError
 from star_elastic.model import ModelConfig
 
-from .spec import ElasticSpec
+from .spec import ElasticSpec, embedding_params, layer_params, mamba_dims
 
 COST_KINDS = ("params", "active", "memory")
 BAND = 0.05  # a budget is met within this relative distance of its target: the budget loss' dead band,
@@ -65,59 +65,13 @@ class Arch:
 
 # ----------------------------------------------------------------------------- counting
 
-def _linear(i, o, bias: bool):
-    return i * o + (o if bias else 0)
-
-
-def _mlp(D, width, bias: bool, gated: bool):
-    return _linear(D, width, bias) * (2 if gated else 1) + _linear(width, D, bias)
-
-
-def _attention(c: ModelConfig, D, s: dict):
-    q, kv = s["num_attention_heads"] * c.head_dim, s["num_key_value_heads"] * c.head_dim
-    return _linear(D, q, c.attention_bias) + 2 * _linear(D, kv, c.attention_bias) + _linear(q, D, c.attention_bias)
-
-
-def _mamba_dims(c: ModelConfig, s: dict):
-    """(heads, d_inner, conv channels) of a Mamba layer with sizes s."""
-    h = s["mamba_num_heads"]
-    inner = h * s["mamba_head_dim"]
-    return h, inner, inner + 2 * c.n_groups * c.ssm_state_size
-
-
-def _layer_params(parent: ModelConfig, i: int, D, s: dict, active: bool) -> tuple[object, object]:
-    """(parameters of layer i, of which fp32 router weights) with sizes s; `active` counts only
-    top-k routed experts."""
-    c, kind = parent.layer(i), parent.layer_types[i]
-    if parent.family == "llama":
-        return 2 * D + _attention(c, D, s) + _mlp(D, s["intermediate_size"], c.mlp_bias, c.mlp_gated), 0
-    n = D  # the block's norm
-    if kind == "*":
-        return n + _attention(c, D, s), 0
-    if kind == "-":
-        return n + _mlp(D, s["intermediate_size"], c.mlp_bias, c.mlp_gated), 0
-    if kind == "M":
-        h, inner, conv = _mamba_dims(c, s)
-        n = n + _linear(D, inner + conv + h, c.mamba_bias) + conv * c.conv_kernel + (conv if c.use_conv_bias else 0)
-        return n + 3 * h + inner + _linear(inner, D, c.mamba_bias), 0  # dt_bias, A_log, D; gated norm; out_proj
-    # MoE: router, routed experts (in the latent space if any), shared expert, latent projections
-    d = c.moe_latent_size or D
-    experts = c.num_experts_per_tok if active else s["n_routed_experts"]
-    router = s["n_routed_experts"] * D
-    n = n + router + 2 * experts * s["moe_intermediate_size"] * d
-    n = n + _mlp(D, s["moe_shared_expert_intermediate_size"], c.mlp_bias, False)
-    if c.moe_latent_size is not None:
-        n = n + _linear(D, d, c.mlp_bias) + _linear(d, D, c.mlp_bias)
-    return n, router
-
-
 def _params(parent: ModelConfig, arch: Arch, active: bool) -> tuple[object, object]:
     """(parameters, of which fp32 MoE router weights) of `arch`."""
     D = arch.hidden
-    total = parent.vocab_size * D * (1 if parent.tied else 2) + D  # embeddings, lm_head, final norm
+    total = embedding_params(parent, D)
     routers = 0
     for i, s in enumerate(arch.layers):
-        n, r = _layer_params(parent, i, D, s, active)
+        n, r = layer_params(parent, i, D, s, active)
         total = total + s["keep"] * n
         routers = routers + s["keep"] * r
     return total, routers
@@ -183,7 +137,7 @@ def memory_bytes(parent: ModelConfig, arch: Arch, settings: MemorySettings | Non
         if kind == "*":
             cache = 2 * st.batch * s["num_key_value_heads"] * st.seq_len * c.head_dim * size
         elif kind == "M":
-            h, _, conv = _mamba_dims(c, s)
+            h, _, conv = mamba_dims(c, s)
             cache = st.batch * conv * (c.conv_kernel - 1) * size
             cache = cache + st.batch * h * s["mamba_head_dim"] * c.ssm_state_size * fp32
         elif kind == "E":

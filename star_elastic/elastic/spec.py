@@ -288,40 +288,61 @@ def unit_counts(cfg: ModelConfig) -> dict[str, int]:
     return counts
 
 
+# ----------------------------------------------------------------------------- counting
+
+def _linear(i, o, bias: bool):
+    return i * o + (o if bias else 0)
+
+
+def _mlp(D, width, bias: bool, gated: bool):
+    return _linear(D, width, bias) * (2 if gated else 1) + _linear(width, D, bias)
+
+
+def _attention(c: ModelConfig, D, s: dict):
+    q, kv = s["num_attention_heads"] * c.head_dim, s["num_key_value_heads"] * c.head_dim
+    return _linear(D, q, c.attention_bias) + 2 * _linear(D, kv, c.attention_bias) + _linear(q, D, c.attention_bias)
+
+
+def mamba_dims(c: ModelConfig, s: dict):
+    """(heads, d_inner, conv channels) of a Mamba layer with sizes s."""
+    h = s["mamba_num_heads"]
+    inner = h * s["mamba_head_dim"]
+    return h, inner, inner + 2 * c.n_groups * c.ssm_state_size
+
+
+def layer_params(parent: ModelConfig, i: int, D, s: dict, active: bool) -> tuple[object, object]:
+    """(parameters of layer i of `parent`, of which fp32 router weights) with the kept sizes s (ints,
+    or tensors of expected sizes: the cost model differentiates through them); `active` counts only
+    top-k routed experts. The one parameter formula: `count_parameters` and the cost model use it."""
+    c, kind = parent.layer(i), parent.layer_types[i]
+    if parent.family == "llama":
+        return 2 * D + _attention(c, D, s) + _mlp(D, s["intermediate_size"], c.mlp_bias, c.mlp_gated), 0
+    n = D  # the block's norm
+    if kind == "*":
+        return n + _attention(c, D, s), 0
+    if kind == "-":
+        return n + _mlp(D, s["intermediate_size"], c.mlp_bias, c.mlp_gated), 0
+    if kind == "M":
+        h, inner, conv = mamba_dims(c, s)
+        n = n + _linear(D, inner + conv + h, c.mamba_bias) + conv * c.conv_kernel + (conv if c.use_conv_bias else 0)
+        return n + 3 * h + inner + _linear(inner, D, c.mamba_bias), 0  # dt_bias, A_log, D; gated norm; out_proj
+    # MoE: router, routed experts (in the latent space if any), shared expert, latent projections
+    d = c.moe_latent_size or D
+    experts = c.num_experts_per_tok if active else s["n_routed_experts"]
+    router = s["n_routed_experts"] * D
+    n = n + router + 2 * experts * s["moe_intermediate_size"] * d
+    n = n + _mlp(D, s["moe_shared_expert_intermediate_size"], c.mlp_bias, False)
+    if c.moe_latent_size is not None:
+        n = n + _linear(D, d, c.mlp_bias) + _linear(d, D, c.mlp_bias)
+    return n, router
+
+
+def embedding_params(cfg: ModelConfig, D):
+    """Embeddings, lm_head (once when tied) and the final norm at hidden size D."""
+    return cfg.vocab_size * D * (1 if cfg.tied else 2) + D
+
+
 def count_parameters(cfg: ModelConfig) -> int:
     """Unique parameters of `Model(cfg)` (as transformers counts them), computed from the config."""
-    D, llama = cfg.hidden_size, cfg.family == "llama"
-
-    def linear(i, o, bias):
-        return i * o + (o if bias else 0)
-
-    def mlp(c, width, gated):
-        return linear(D, width, c.mlp_bias) * (2 if gated else 1) + linear(width, D, c.mlp_bias)
-
-    def attention(c):
-        q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-        return linear(D, q, c.attention_bias) + 2 * linear(D, kv, c.attention_bias) + linear(q, D, c.attention_bias)
-
-    total = cfg.vocab_size * D * (1 if cfg.tied else 2) + D  # embeddings, lm_head, final norm
-    for i, kind in enumerate(cfg.layer_types):
-        c = cfg.layer(i)
-        if llama:
-            total += 2 * D + attention(c) + mlp(c, c.intermediate_size, c.mlp_gated)
-            continue
-        total += D  # the block's norm
-        if kind == "*":
-            total += attention(c)
-        elif kind == "-":
-            total += mlp(c, c.intermediate_size, c.mlp_gated)
-        elif kind == "M":
-            h, inner, bc = c.mamba_num_heads, c.mamba_num_heads * c.mamba_head_dim, 2 * c.n_groups * c.ssm_state_size
-            conv = inner + bc
-            total += linear(D, inner + conv + h, c.mamba_bias) + conv * c.conv_kernel + (conv if c.use_conv_bias else 0)
-            total += 3 * h + inner + linear(inner, D, c.mamba_bias)  # dt_bias, A_log, D; gated norm; out_proj
-        else:  # MoE: router, routed experts (in the latent space if any), shared expert, latent projections
-            d = c.moe_latent_size or D
-            total += c.n_routed_experts * D + 2 * c.n_routed_experts * c.moe_intermediate_size * d
-            total += mlp(c, c.moe_shared_expert_intermediate_size, False)
-            if c.moe_latent_size is not None:
-                total += linear(D, d, c.mlp_bias) + linear(d, D, c.mlp_bias)
-    return total
+    return embedding_params(cfg, cfg.hidden_size) + sum(
+        layer_params(cfg, i, cfg.hidden_size, s, active=False)[0] for i, s in enumerate(ElasticSpec().sizes(cfg)))
