@@ -33,22 +33,13 @@ from star_elastic.model import ModelConfig
 
 from star_elastic.errors import StarElasticError
 
+from .axes import AXES as REGISTRY
+from .axes import DEFAULT_AXES
 from .cost import BAND, Arch, Budget, CostModel
 from .spec import ElasticSpec, applies, grouped_prefix
 
-# axis -> (ElasticSpec / ModelConfig field, mask key suffix)
-AXES = {
-    "hidden": ("hidden_size", "hidden"),
-    "attention": ("num_attention_heads", "attn_heads"),
-    "mamba": ("mamba_num_heads", "mamba_heads"),
-    "mamba_channels": ("mamba_head_dim", "mamba_channels"),
-    "ffn": ("intermediate_size", "ffn"),
-    "experts": ("n_routed_experts", "experts"),
-    "expert_ffn": ("moe_intermediate_size", "expert_ffn"),
-    "shared_ffn": ("moe_shared_expert_intermediate_size", "shared_ffn"),
-    "depth": ("layers", None),
-}
-DEFAULT_AXES = ("hidden", "attention", "mamba", "ffn", "experts")
+# axis -> (ElasticSpec / ModelConfig field, mask key suffix), from the registry
+AXES = {name: (a.field, "hidden" if name == "hidden" else a.key) for name, a in REGISTRY.items()}
 
 
 @dataclass

@@ -27,20 +27,11 @@ from tqdm.auto import tqdm
 from star_elastic.errors import StarElasticError
 from star_elastic.model import ModelConfig
 
+from .axes import AXES as REGISTRY
+from .axes import DEFAULT_AXES  # noqa: F401  (re-exported)
 from .spec import ElasticSpec, count_parameters
 
-AXES = {
-    "hidden": "embedding channels (hidden_size)",
-    "attention": "attention query heads, evenly inside the KV groups, then whole KV groups",
-    "mamba": "Mamba heads, the same number in every group",
-    "mamba_channels": "channels of every Mamba head (mamba_head_dim)",
-    "ffn": "dense FFN neurons (intermediate_size)",
-    "experts": "routed experts of every MoE layer",
-    "expert_ffn": "FFN neurons of every routed expert",
-    "shared_ffn": "FFN neurons of the shared expert",
-    "depth": "layers, least important first (needs a layer order from depth importance)",
-}
-DEFAULT_AXES = ("hidden", "attention", "mamba", "ffn", "experts")
+AXES = {name: a.cuts for name, a in REGISTRY.items()}  # what each axis cuts, for help texts
 MIN_FRACTION = 0.85  # the chosen model has at least this share of the target
 
 _SUFFIX = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}

@@ -15,12 +15,13 @@ import torch
 from star_elastic.errors import StarElasticError
 from star_elastic.model import Model, ModelConfig
 
+from .axes import UNIT_KEYS
 from .slicing import take
 from .spec import unit_counts
 
 # Score keys the sort uses, per layer ("layers.{i}.{axis}"); other keys (depth order, expert
 # baselines, metadata) are ignored.
-SORTED_AXES = ("attn_heads", "mamba_heads", "mamba_channels", "ffn", "experts", "expert_ffn", "shared_ffn")
+SORTED_AXES = UNIT_KEYS  # every per-layer axis
 
 
 def _descending(s: torch.Tensor) -> torch.Tensor:
