@@ -79,6 +79,7 @@ def cmd_elastify(args):
 
     from .train import init_distributed, world
 
+    check_multiple(args.multiple)
     out = check_output(args.out, args.force)
     device = init_distributed() or pick_device(args.device)  # under torchrun: this rank's GPU
     rank, ranks = world()
@@ -92,7 +93,8 @@ def cmd_elastify(args):
                          eval_tokens=args.eval_tokens, seed=args.seed, stage1_fraction=args.stage1_fraction,
                          stage2_weights=_floats(args.stage2_weights, "--stage2-weights"),
                          stage2_seq_len=args.stage2_seq_len, kd_weights=_floats(args.kd_weights, "--kd-weights"),
-                         full_anchor=args.full_anchor, drift_data=args.drift_data, router_init=args.router_init)
+                         full_anchor=args.full_anchor, drift_data=args.drift_data, router_init=args.router_init,
+                         multiple=args.multiple)
     if rank == 0:
         where = f"{ranks} ranks ({device.type})" if ranks > 1 else str(device)
         print(f"elastify {resolve_model(args.model)}: {model.num_parameters() / 1e6:.1f}M parameters, budgets "
@@ -234,11 +236,20 @@ def read_spec(path):
         raise StarElasticError(f"--spec {path}: {e}") from None
 
 
-def check_exportable(spec, cfg) -> None:
-    """Validate an explicit spec, including what transformers' own config classes insist on."""
+def check_multiple(multiple) -> None:
+    """--multiple N: a positive integer (checked before anything is loaded)."""
     from .errors import StarElasticError
 
-    spec.validate(cfg)
+    if multiple is not None and multiple < 1:
+        raise StarElasticError(f"--multiple must be a positive integer, got {multiple}")
+
+
+def check_exportable(spec, cfg) -> None:
+    """Validate an explicit spec, including what transformers' own config classes insist on and
+    what stock transformers cannot run (`ElasticSpec.validate_stock`)."""
+    from .errors import StarElasticError
+
+    spec.validate_stock(cfg)
     sub = spec.config(cfg)
     if cfg.family == "llama":
         heads = sorted({sub.layer(i).num_attention_heads for i in range(sub.num_layers)})
@@ -291,6 +302,10 @@ def cmd_slice(args):
         raise StarElasticError("give exactly one of --params TARGET, --spec FILE or --budget NAME")
     if args.spec and args.axes:
         raise StarElasticError("--axes chooses a spec for --params; an explicit --spec needs none")
+    if args.multiple is not None and args.params is None:
+        raise StarElasticError("--multiple aligns the sizes chosen for --params; an explicit --spec or a trained "
+                               "--budget has its own")
+    check_multiple(args.multiple)
     if args.scores and args.method:
         raise StarElasticError("--scores and --method exclude each other (the scores file has its own method)")
     args.method = args.method or "activation"
@@ -321,7 +336,8 @@ def cmd_slice(args):
                 raise StarElasticError("the depth axis needs a layer order: " + (
                     "these scores have none (estimate them with `star-elastic importance --depth`)" if args.scores
                     else "weight-magnitude importance ranks no layers"))
-        spec = choose_spec(cfg, target, axes, layer_order=None if scores is None else scores.get("layer_order"))
+        spec = choose_spec(cfg, target, axes, layer_order=None if scores is None else scores.get("layer_order"),
+                           multiple=args.multiple)
 
     cut = spec.indices(cfg)  # the units kept on every axis that loses some
     if budget is not None:
@@ -372,6 +388,11 @@ def cmd_inspect(args):
 
 
 # ----------------------------------------------------------------------------- parser
+
+MULTIPLE_HELP = ("kept widths (hidden, heads x head_dim, FFN, expert FFN, ...) are multiples of N (default: 64 "
+                 "where the parent allows, else 32, 16 or 8, every size on tiny models; always what stock "
+                 "transformers needs to run the export)")
+
 
 def build_parser() -> argparse.ArgumentParser:
     from .serve.cli import add_generate_budget_args, add_serve_parser
@@ -447,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--axes", help="elastic axes (default: hidden,attention,mamba,ffn,experts; also depth, "
                                    "mamba_channels, expert_ffn, shared_ffn)")
     sp.add_argument("--heterogeneous", action="store_true", help="per-layer sizes (our own export format)")
+    sp.add_argument("--multiple", type=int, metavar="N", help=MULTIPLE_HELP)
     sp.add_argument("--calib-batches", type=int, default=16, help="batches for importance estimation")
     sp.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens per budget evaluation")
     sp.add_argument("--seed", type=int, default=0)
@@ -492,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="importance to estimate when no --scores (default: activation, which needs --data)")
     sp.add_argument("--axes", help="comma-separated axes to shrink for --params (default: hidden,attention,mamba,"
                                    "ffn,experts; also mamba_channels, expert_ffn, shared_ffn, depth)")
+    sp.add_argument("--multiple", type=int, metavar="N", help=MULTIPLE_HELP)
     calibration_args(sp, data_required=False)
     sp.set_defaults(fn=cmd_slice)
 

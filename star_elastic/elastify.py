@@ -48,6 +48,7 @@ class ElastifyConfig:
     full_anchor: float = 0.0  # >0: the full model is distilled on every step too (the budget sampler skips it)
     drift_data: str | None = "auto"  # held-out text of a second domain for the full budget's drift ("": none)
     router_init: str = "search"  # the router starts from the zero-shot search's architectures, or "cost" alone
+    multiple: int | None = None  # kept widths are multiples of it (None: aligned for GPUs, spec.aligned_multiple)
 
 
 def drift_source(data: str, drift_data: str | None) -> str | None:
@@ -119,7 +120,8 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
     for i, b in enumerate(budgets):
         if b.kind != "params" or b.is_full:
             continue
-        spec = search_spec(model, int(b.target), axes, search_batches, layer_order=layer_order)[0]
+        spec = search_spec(model, int(b.target), axes, search_batches, layer_order=layer_order,
+                           multiple=cfg.multiple)[0]
         if ranks > 1:  # one choice for every rank, whatever the rounding of their searches
             box = [spec.to_dict()]
             torch.distributed.broadcast_object_list(box, src=0)
@@ -137,7 +139,8 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     if device.type == "cuda":
         teacher.to(torch.bfloat16)
-    router = Router(model.config, budgets, RouterConfig(axes=tuple(cfg.axes), heterogeneous=cfg.heterogeneous),
+    router = Router(model.config, budgets, RouterConfig(axes=tuple(cfg.axes), heterogeneous=cfg.heterogeneous,
+                                                        width_multiple="auto" if cfg.multiple is None else cfg.multiple),
                     layer_order=layer_order).to(device)
     kd_weights = None
     if cfg.kd_weights is not None:  # given in --budgets order; the trainer's budgets are largest first

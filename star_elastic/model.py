@@ -409,7 +409,9 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
         else:  # static cache: write at `pos`, attend to every filled slot up to each query's position
             k, v = cache.update(pos, k, v)
-            mask = torch.arange(k.shape[2], device=x.device)[None, :] <= pos[:, None]
+            mask = torch.arange(k.shape[2], device=x.device) <= pos[..., None]  # (t, L), or (b, t, L) per row
+            if mask.dim() == 3:
+                mask = mask[:, None]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
         if self.head_mask is not None:
             out = out * self.head_mask.to(out.dtype)[:, None, None]
@@ -605,6 +607,13 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device))
 
     def update(self, pos, k, v):
+        """Write k, v (b, kv, t, d) at positions `pos`: (t,) shared by every row, or (b, t) per row
+        (batched serving: each sequence at its own length)."""
+        if pos.dim() == 2:
+            idx = pos[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+            self.k.scatter_(2, idx, k.to(self.k.dtype))
+            self.v.scatter_(2, idx, v.to(self.v.dtype))
+            return self.k, self.v
         self.k.index_copy_(2, pos, k.to(self.k.dtype))
         self.v.index_copy_(2, pos, v.to(self.v.dtype))
         return self.k, self.v
@@ -666,13 +675,16 @@ class Model(nn.Module):
     def rope(self, pos, dtype):
         if self.inv_freq is None:
             return None
-        freqs = pos.float()[:, None] * self.inv_freq[None, :]
+        freqs = pos.float()[..., None] * self.inv_freq  # pos (t,), or (b, t): a position per row
         emb = torch.cat([freqs, freqs], dim=-1)
+        if emb.dim() == 3:
+            emb = emb[:, None]  # (b, 1, t, d): broadcast over heads
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, input_ids, cache: list | None = None, pos: torch.Tensor | None = None,
                 last_only: bool = False):
-        """input_ids: (b, t). With `cache` (from `make_cache`), `pos` holds the t positions written."""
+        """input_ids: (b, t). With `cache` (from `make_cache`), `pos` holds the t positions written:
+        (t,) for every row, or (b, t), each row at its own positions (batched serving, serve/batching.py)."""
         x = self.embed(input_ids)
         if self.hidden_mask is not None:
             x = x * self.hidden_mask.to(x.dtype)

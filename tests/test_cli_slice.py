@@ -100,10 +100,11 @@ def test_choose_spec_within_bounds_for_random_targets(name):
             except StarElasticError as e:
                 # The default axes reach any of these targets. Fewer axes may not: a target below
                 # their reach, or between two sizes of a coarse axis (the tiny Llama's hidden size
-                # moves in steps of its 4 heads: transformers requires hidden % heads == 0).
+                # moves in steps of its 4 heads: transformers requires hidden % heads == 0; SmolLM2's,
+                # aligned, in steps of 72 = lcm(8, its 9 heads), 1/8 of it).
                 assert axes is not None, e
                 assert "below the smallest model reachable" in str(e) or (
-                    "too coarse" in str(e) and len(axes) == 1 and cfg.hidden_size < 64), e
+                    "too coarse" in str(e) and len(axes) == 1), e
                 continue
             n = spec.num_parameters(cfg)
             assert 0.85 * target <= n <= target, (axes, target, n, spec)
@@ -399,6 +400,32 @@ def test_llama_spec_transformers_cannot_load(tmp_path, capsys, files):
                      "--out", tmp_path / "out")
     assert rc == 2 and len(err.strip().splitlines()) == 1
     assert "hidden_size=22" in err and "LlamaConfig" in err and not (tmp_path / "out").exists()
+
+
+def test_spec_stock_transformers_cannot_run_is_refused(tmp_path, capsys, files):
+    (tmp_path / "odd.json").write_text('{"hidden_size": 20}')  # MoE experts: grouped-GEMM strides of 16 bytes
+    rc, _, err = run(capsys, "slice", files["nemotron"], "--spec", tmp_path / "odd.json", "--method", "random",
+                     "--out", tmp_path / "out")
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and err.startswith(ERR_PREFIX)
+    assert "hidden_size=20 is not a multiple of 8" in err and "grouped GEMM" in err and "use 16 or 24" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_slice_multiple(tmp_path, capsys, files):
+    out = tmp_path / "small"
+    rc, _, err = run(capsys, "slice", files["nemotron"], "--params", "0.8", "--multiple", "16", "--method", "random",
+                     "--out", out)
+    assert rc == 0, err
+    spec = json.loads((out / "star_elastic_slice.json").read_text())["spec"]
+    sub = ElasticSpec.from_dict(spec).config(NEMOTRON)
+    assert spec.get("hidden_size", 32) % 16 == 0 and spec.get("intermediate_size", 48) % 16 == 0, spec
+    assert sub.num_attention_heads * sub.head_dim % 16 == 0 and sub.mamba_num_heads * sub.mamba_head_dim % 16 == 0
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    for argv, words in ((["--params", "0.6", "--multiple", "0"], ["--multiple", "positive"]),
+                        (["--spec", tmp_path / "spec.json", "--multiple", "8"], ["--multiple", "--params"])):
+        rc, _, err = run(capsys, "slice", files["nemotron"], *argv, "--method", "random", "--out", tmp_path / "o2")
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and all(w in err for w in words), err
+    assert not (tmp_path / "o2").exists()
 
 
 def test_axis_the_model_lacks(tmp_path, capsys, files):

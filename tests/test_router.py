@@ -198,7 +198,9 @@ def test_choices_are_valid_sizes_of_the_parent():
     assert sizes["mamba.0"] == [2, 4, 6, 8]  # the same count in each of 2 groups
     assert sizes["experts.3"] == [4, 6, 8]  # 2 router groups, top-2 from 1 group: at least 2 per group
     assert sizes["depth"] == list(range(1, 8))
-    assert len(r.slots["hidden"].sizes) == 12 and sizes["ffn.2"][-1] == 40
+    # hidden: multiples of 8, the MoE experts' grouped GEMM needs them (spec.stock_multiple)
+    assert r.slots["hidden"].sizes == [8, 16, 24] and sizes["ffn.2"][-1] == 40
+    assert len(make_router(width_multiple=None).slots["hidden"].sizes) == 12  # checkpoints before alignment
     # homogeneous: one slot per axis
     assert {n for n in make_router(hetero=False).slots} == set(ALL_AXES)
     # a parent with per-layer sizes (itself a heterogeneous slice) needs per-layer choices
@@ -401,7 +403,10 @@ def test_budget_loss_alone_drives_each_budget_into_its_band(name, hetero):
     """The training rule without a model: the drawn architecture's cost judged, the expected cost's
     gradient (through q), the entropy floor. The argmax lands in the band, not only the expectation."""
     cfg = NEMOTRON if name == "nemotron" else LLAMA
-    r = make_router(name, hetero=hetero, axes=("hidden", "attention", "mamba", "ffn", "experts"), seed=0)
+    # fine width steps: aligned, this tiny MoE parent's hidden size has 3 (8 / 16 / 24), each a third of
+    # the parameters, too coarse for a 10% band on its own; real parents keep 8-16 aligned widths per axis
+    r = make_router(name, hetero=hetero, axes=("hidden", "attention", "mamba", "ffn", "experts"), seed=0,
+                    width_multiple=None)
     cm = CostModel(cfg)
     targets = r.budgets
     opt = torch.optim.Adam(r.parameters(), lr=1e-2)
@@ -520,7 +525,7 @@ def test_budget_loss_gradient_reaches_the_router():
     cm = CostModel(NEMOTRON)
     for kind in ("params", "active", "memory"):
         r.zero_grad()
-        budget = Budget(kind, 0.3 * cm.full(kind), cm.full(kind))
+        budget = Budget(kind, 0.2 * cm.full(kind), cm.full(kind))  # outside the band of the initial expected cost
         loss = budget_loss(cm.cost(kind, r(2).arch), budget)
         assert loss > 0
         loss.backward()
@@ -538,7 +543,9 @@ def test_llama_hidden_choices_are_multiples_of_every_query_head_count():
     hidden, heads = r.slots["hidden"].sizes, r.slots["attention"].sizes
     assert heads == [3, 6] and hidden == [6, 12, 18, 24, 30]
     assert Router(cfg, 2, RouterConfig(axes=("hidden",))).slots["hidden"].sizes == hidden  # the parent's 6 heads
-    assert Router(NEMOTRON, 2, RouterConfig(axes=("hidden", "attention"))).slots["hidden"].sizes == width_choices(24, 16)
+    assert Router(NEMOTRON, 2, RouterConfig(axes=("hidden", "attention"))).slots["hidden"].sizes == [8, 16, 24]
+    assert Router(NEMOTRON, 2, RouterConfig(axes=("hidden", "attention"), width_multiple=None)
+                  ).slots["hidden"].sizes == width_choices(24, 16)
     r.eval()
     for i in range(2):
         c = r.spec(i).config(cfg)

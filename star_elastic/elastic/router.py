@@ -36,7 +36,7 @@ from star_elastic.errors import StarElasticError
 from .axes import AXES as REGISTRY
 from .axes import DEFAULT_AXES
 from .cost import BAND, Arch, Budget, CostModel
-from .spec import ElasticSpec, applies, grouped_prefix
+from .spec import ElasticSpec, aligned_multiple, applies, grouped_prefix, stock_multiple
 
 # axis -> (ElasticSpec / ModelConfig field, mask key suffix), from the registry
 AXES = {name: (a.field, "hidden" if name == "hidden" else a.key) for name, a in REGISTRY.items()}
@@ -47,8 +47,14 @@ class RouterConfig:
     axes: tuple = DEFAULT_AXES  # elastic axes; those the parent lacks are skipped
     heterogeneous: bool = False  # per-layer choices (else one size per axis); hidden and depth are always one
     hidden_dim: int = 256  # width of every axis' MLP
-    width_choices: int = 16  # widths (hidden, FFN, ...) in steps of 1/width_choices of the parent's
-    width_multiple: int | None = None  # or in steps of this many units (e.g. 64 on GPUs)
+    width_choices: int = 16  # widths (hidden, FFN, ...) in steps of about 1/width_choices of the parent's
+    # "auto": widths aligned for GPUs (spec.aligned_multiple: 64 where the parent allows, else 32 / 16 / 8,
+    # every size on tiny models; heads x head_dim too), in steps of the largest multiple of that alignment
+    # that is at most 1/width_choices of the parent's (or the alignment itself; unaligned axes as None);
+    # an int N (`--multiple N`): every multiple of N; None (checkpoints written before alignment, rebuilt
+    # as trained): steps of ceil(n / width_choices).
+    # "auto" and N also honour what stock transformers needs to run the export (spec.stock_multiple).
+    width_multiple: int | str | None = "auto"
     min_layers: int = 1  # depth: fewest layers a choice keeps
     tau: tuple = (1.0, 0.05)  # Gumbel-softmax temperature at progress 0 and 1 (geometric in between)
     scale: tuple = (1.0, 10.0)  # logit scale at progress 0 and 1 (linear in between)
@@ -58,6 +64,29 @@ def width_choices(n: int, steps: int, multiple: int | None = None) -> list[int]:
     """Kept widths of an axis of n units: multiples of `multiple`, or of ceil(n / steps), then n."""
     step = multiple or max(1, math.ceil(n / steps))
     return list(range(step, n, step)) + [n]
+
+
+def _width_step(c: ModelConfig, field_name: str, n: int, cfg: RouterConfig, base: int = 1) -> int:
+    """The step of the kept widths of `field_name` (n units) in a layer of config c (see RouterConfig)."""
+    before = math.lcm(max(1, math.ceil(n / cfg.width_choices)), base)  # the steps before alignment
+    if cfg.width_multiple is None:  # checkpoints written before alignment load as they were trained
+        return before
+    if cfg.width_multiple == "auto":
+        heads = c.mamba_num_heads if field_name == "mamba_head_dim" else 1  # a head_dim is in every head
+        step = aligned_multiple(n, base=base, required=stock_multiple(c, field_name), width=n * heads)
+        if step == base:  # nothing to align (test-sized axes): as before
+            return before
+        return step * max(1, n // (cfg.width_choices * step))
+    if isinstance(cfg.width_multiple, str):
+        raise ValueError(f"router width_multiple is 'auto', an integer or None, got {cfg.width_multiple!r}")
+    return aligned_multiple(n, multiple=cfg.width_multiple, base=base, required=stock_multiple(c, field_name))
+
+
+def _head_multiple(n: int, unit: int, cfg: RouterConfig) -> int:
+    """Kept heads x head_dim (`unit`) of an axis of n heads are multiples of this (1 before alignment)."""
+    if cfg.width_multiple is None:
+        return 1
+    return aligned_multiple(n, unit, multiple=None if cfg.width_multiple == "auto" else cfg.width_multiple)
 
 
 @dataclass
@@ -123,10 +152,11 @@ class Router(nn.Module):
         p, cfg = self.parent, self.config
         field_name = AXES[axis][0]
         if axis == "hidden":
-            multiple = cfg.width_multiple or max(1, math.ceil(p.hidden_size / cfg.width_choices))
+            base = 1
             if p.family == "llama":  # transformers' LlamaConfig wants hidden_size % num_attention_heads == 0
-                multiple = math.lcm(multiple, *self._query_head_counts())
-            sizes = width_choices(p.hidden_size, cfg.width_choices, multiple)
+                base = math.lcm(*self._query_head_counts())
+            step = _width_step(p, "hidden_size", p.hidden_size, cfg, base)
+            sizes = width_choices(p.hidden_size, cfg.width_choices, step)
             return {"hidden": (_Slot(axis, [], sizes), _prefixes(p.hidden_size, sizes))}
         if axis == "depth":
             if p.num_layers < 2:
@@ -385,13 +415,15 @@ def _prefixes(units: int, sizes: list[int], groups: int = 1) -> torch.Tensor:
 
 def _layer_choices(c: ModelConfig, axis: str, cfg: RouterConfig) -> tuple[list[int], torch.Tensor]:
     """(sizes, prefix masks) of `axis` in a layer whose own config is c."""
-    if axis == "attention":  # query heads evenly inside every KV group
-        kv, per = c.num_key_value_heads, c.num_attention_heads // c.num_key_value_heads
-        sizes = [kv * k for k in range(1, per + 1)]
+    if axis == "attention":  # query heads evenly inside every KV group; heads x head_dim aligned
+        kv, per, Q = c.num_key_value_heads, c.num_attention_heads // c.num_key_value_heads, c.num_attention_heads
+        m = _head_multiple(Q, c.head_dim, cfg)
+        sizes = [kv * k for k in range(1, per + 1) if kv * k * c.head_dim % m == 0 or kv * k == Q]
         return sizes, _prefixes(c.num_attention_heads, sizes, kv)
-    if axis == "mamba":  # the same number of heads in every group
-        g = c.n_groups
-        sizes = [g * k for k in range(1, c.mamba_num_heads // g + 1)]
+    if axis == "mamba":  # the same number of heads in every group; heads x mamba_head_dim aligned
+        g, H = c.n_groups, c.mamba_num_heads
+        m = _head_multiple(H, c.mamba_head_dim, cfg)
+        sizes = [g * k for k in range(1, H // g + 1) if g * k * c.mamba_head_dim % m == 0 or g * k == H]
         return sizes, _prefixes(c.mamba_num_heads, sizes, g)
     if axis == "experts":  # per router group: at least 2 (groups rank by their best two) and enough for top-k
         g, per = c.n_group, c.n_routed_experts // c.n_group
@@ -399,7 +431,7 @@ def _layer_choices(c: ModelConfig, axis: str, cfg: RouterConfig) -> tuple[list[i
         sizes = [g * k for k in range(lo, per + 1)]
         return sizes, _prefixes(c.n_routed_experts, sizes, g)
     n = getattr(c, AXES[axis][0])
-    sizes = width_choices(n, cfg.width_choices, cfg.width_multiple)
+    sizes = width_choices(n, cfg.width_choices, _width_step(c, AXES[axis][0], n, cfg))
     return sizes, _prefixes(n, sizes)
 
 

@@ -4,8 +4,11 @@
 Hugging Face checkpoint). Every axis offers a chain of valid sizes, smallest first: hidden channels,
 query heads (evenly inside the KV groups, then whole KV groups), Mamba heads (the same count in every
 group), FFN neurons, routed experts (enough for top-k, a multiple of the router groups), depth (drop
-the least important layers first). The search shrinks the chosen axes by one common keep ratio, the
-largest whose model fits the budget, then grows axes one step at a time while the model still fits.
+the least important layers first). Kept widths are aligned for GPUs (64 where the parent allows,
+else 32, 16 or 8, every size on tiny models: `spec.aligned_multiple`; `multiple` sets it) and never
+what stock transformers cannot run (`spec.stock_multiple`). The search shrinks the chosen axes by
+one common keep ratio, the largest whose model fits the budget, then grows axes one step at a time
+while the model still fits.
 `search_spec` runs `choose_spec` on every combination of the axes and keeps the candidate with the
 lowest calibration perplexity of the importance-sorted parent masked to it (Minitron's search).
 
@@ -29,7 +32,7 @@ from star_elastic.model import ModelConfig
 
 from .axes import AXES as REGISTRY
 from .axes import DEFAULT_AXES  # noqa: F401  (re-exported)
-from .spec import ElasticSpec, count_parameters
+from .spec import ElasticSpec, aligned_multiple, count_parameters, stock_multiple
 
 AXES = {name: a.cuts for name, a in REGISTRY.items()}  # what each axis cuts, for help texts
 MIN_FRACTION = 0.85  # the chosen model has at least this share of the target
@@ -86,31 +89,30 @@ def applicable_axes(cfg: ModelConfig) -> list[str]:
     return [a for a in AXES if has[a]]
 
 
-def _widths(n: int, multiple: int, base: int = 1) -> list[int]:
-    """Valid widths up to n, multiples of `base`; multiples of `multiple` too when that leaves at
-    least 32 choices (GPU-friendly shapes on real models, every size on tiny ones)."""
-    step = math.lcm(base, multiple)
-    if n % step or n // step < 32:
-        step = base
-    return list(range(step, n + 1, step))
-
-
-def _attention_pairs(cfg: ModelConfig) -> list[tuple[int, int]]:
+def _attention_pairs(cfg: ModelConfig, multiple: int | None = None) -> list[tuple[int, int]]:
     """(query heads, KV heads) choices, smallest first. Query heads leave every KV group evenly,
     keeping the KV heads (and the KV cache); below one query head per group, whole groups go.
-    Llama: transformers' LlamaConfig requires hidden_size % num_attention_heads == 0, so only head
-    counts that divide the hidden size."""
-    Q, KV = cfg.num_attention_heads, cfg.num_key_value_heads
+    Aligned: the query (and, where groups go, KV) widths, heads x head_dim, are multiples of
+    `aligned_multiple` of the parent's. Llama: transformers' LlamaConfig requires hidden_size %
+    num_attention_heads == 0, so only head counts that divide the hidden size."""
+    Q, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    m = aligned_multiple(Q, hd, multiple=multiple)
     pairs = [(k, k) for k in range(1, KV)] + [(KV * p, KV) for p in range(1, Q // KV + 1)]
-    return [(q, kv) for q, kv in pairs if cfg.family != "llama" or cfg.hidden_size % q == 0]
+    return [(q, kv) for q, kv in pairs
+            if (cfg.family != "llama" or cfg.hidden_size % q == 0)
+            and ((q, kv) == (Q, KV) or (q * hd % m == 0 and (kv == KV or kv * hd % m == 0)))]
 
 
-def _chain(cfg: ModelConfig, axis: str, layer_order, multiple: int, hidden_base: int = 1) -> list[tuple[float, dict]]:
+def _chain(cfg: ModelConfig, axis: str, layer_order, multiple: int | None,
+           hidden_base: int = 1) -> list[tuple[float, dict]]:
     """(keep fraction, spec fields) of every valid size of `axis`, smallest first; the last entry is
-    the parent's size with no fields (so an axis left whole stays out of the spec)."""
+    the parent's size with no fields (so an axis left whole stays out of the spec). Widths are
+    multiples of `aligned_multiple` (`multiple`: None picks it per axis, an int is used as given),
+    and of what stock transformers needs to run them (`stock_multiple`)."""
 
-    def widths(field, n, base=1):
-        return [(w / n, {field: w}) for w in _widths(n, multiple, base) if w < n] + [(1.0, {})]
+    def widths(field, n, base=1, heads=1):
+        step = aligned_multiple(n, multiple=multiple, base=base, required=stock_multiple(cfg, field), width=n * heads)
+        return [(w / n, {field: w}) for w in range(step, n, step)] + [(1.0, {})]
 
     if axis == "hidden":
         return widths("hidden_size", cfg.hidden_size, hidden_base)
@@ -121,15 +123,16 @@ def _chain(cfg: ModelConfig, axis: str, layer_order, multiple: int, hidden_base:
     if axis == "shared_ffn":
         return widths("moe_shared_expert_intermediate_size", cfg.moe_shared_expert_intermediate_size)
     if axis == "mamba_channels":
-        return widths("mamba_head_dim", cfg.mamba_head_dim)
+        return widths("mamba_head_dim", cfg.mamba_head_dim, heads=cfg.mamba_num_heads)  # in every head
     if axis == "attention":  # the fraction counts q + kv heads: their share of the attention weights
         Q, KV = cfg.num_attention_heads, cfg.num_key_value_heads
         return [((q + kv) / (Q + KV), {"num_attention_heads": q} if kv == KV else
                  {"num_attention_heads": q, "num_key_value_heads": kv})
-                for q, kv in _attention_pairs(cfg)[:-1]] + [(1.0, {})]
-    if axis == "mamba":
-        H, g = cfg.mamba_num_heads, cfg.n_groups
-        return [(g * k / H, {"mamba_num_heads": g * k}) for k in range(1, H // g)] + [(1.0, {})]
+                for q, kv in _attention_pairs(cfg, multiple)[:-1]] + [(1.0, {})]
+    if axis == "mamba":  # aligned: the inner width, heads x mamba_head_dim
+        H, g, d = cfg.mamba_num_heads, cfg.n_groups, cfg.mamba_head_dim
+        m = aligned_multiple(H, d, multiple=multiple)
+        return [(g * k / H, {"mamba_num_heads": g * k}) for k in range(1, H // g) if g * k * d % m == 0] + [(1.0, {})]
     if axis == "experts":
         # as ElasticSpec.validate: a multiple of the router groups, at least 2 per group (routers rank
         # groups by their two best experts), enough in the top groups for top-k
@@ -151,20 +154,21 @@ def _chain(cfg: ModelConfig, axis: str, layer_order, multiple: int, hidden_base:
 
 # ----------------------------------------------------------------------------- search
 
-def smallest_reachable(parent_cfg: ModelConfig, axes=DEFAULT_AXES, *, layer_order=None, multiple: int = 8) -> int:
+def smallest_reachable(parent_cfg: ModelConfig, axes=DEFAULT_AXES, *, layer_order=None,
+                       multiple: int | None = None) -> int:
     """Parameters of the smallest homogeneous model that shrinking `axes` (those the parent has) reaches."""
     names = [a for a in dict.fromkeys(axes) if a in applicable_axes(parent_cfg)]
-    fields, base = {}, _hidden_base(parent_cfg, names)
+    fields, base = {}, _hidden_base(parent_cfg, names, multiple)
     for a in names:
         fields.update(_chain(parent_cfg, a, layer_order, multiple, base)[0][1])
     return ElasticSpec(**fields).num_parameters(parent_cfg)
 
 
-def _hidden_base(cfg: ModelConfig, names) -> int:
+def _hidden_base(cfg: ModelConfig, names, multiple: int | None = None) -> int:
     """Llama hidden sizes must divide by every query-head count in play (transformers' LlamaConfig)."""
     if cfg.family != "llama":
         return 1
-    heads = [q for q, _ in _attention_pairs(cfg)] if "attention" in names else [cfg.num_attention_heads]
+    heads = [q for q, _ in _attention_pairs(cfg, multiple)] if "attention" in names else [cfg.num_attention_heads]
     return math.lcm(*heads)
 
 
@@ -178,12 +182,15 @@ def _check_parent_and_axes(parent_cfg: ModelConfig, axes) -> None:
 
 
 def choose_spec(parent_cfg: ModelConfig, target: int, axes=DEFAULT_AXES, *, layer_order=None,
-                min_fraction: float = MIN_FRACTION, multiple: int = 8) -> ElasticSpec:
+                min_fraction: float = MIN_FRACTION, multiple: int | None = None) -> ElasticSpec:
     """The homogeneous spec with the most parameters <= `target` (and >= min_fraction * target)
     found by shrinking `axes` (names of AXES; those the parent lacks are skipped) by a common keep
     ratio and then growing them one step at a time. `target` equal to the parent's total gives the
     full spec ElasticSpec(). `layer_order` (least important first) is needed for "depth".
-    `multiple`: hidden and FFN widths are multiples of it where the parent's are (see `_widths`).
+    `multiple`: every kept width (hidden, attention and Mamba heads x head_dim, Mamba head_dim, FFN,
+    expert and shared-expert FFN) is a multiple of it; None (the default) picks 64 where the parent
+    allows, else 32, 16 or 8, else 1 on tiny models (`spec.aligned_multiple` has the rule); always
+    also what stock transformers needs to run the export (`spec.stock_multiple`).
     StarElasticError, naming the reachable bound, when the target cannot be met."""
     _check_parent_and_axes(parent_cfg, axes)
     total, target = count_parameters(parent_cfg), int(target)
@@ -197,7 +204,7 @@ def choose_spec(parent_cfg: ModelConfig, target: int, axes=DEFAULT_AXES, *, laye
     if not names:
         raise StarElasticError(f"none of the axes {', '.join(axes)} applies to this model "
                                f"(layer types {parent_cfg.layer_types!r}; it has {', '.join(usable)})")
-    hidden_base = _hidden_base(parent_cfg, names)
+    hidden_base = _hidden_base(parent_cfg, names, multiple)
     chains = {a: _chain(parent_cfg, a, layer_order, multiple, hidden_base) for a in names}
     counts: dict[tuple, int] = {}
 
@@ -305,7 +312,7 @@ def calibration_perplexity(model, spec: ElasticSpec, batches, device=None) -> fl
 
 
 def search_spec(model, target: int, axes, batches, *, layer_order=None, min_axes: int = 1, progress: bool = False,
-                device=None, min_fraction: float = MIN_FRACTION, multiple: int = 8
+                device=None, min_fraction: float = MIN_FRACTION, multiple: int | None = None
                 ) -> tuple[ElasticSpec, list[dict]]:
     """The best homogeneous spec for `target` parameters over combinations of `axes`, scored by
     calibration perplexity as Minitron's search does. `model`: the importance-sorted parent (ours,

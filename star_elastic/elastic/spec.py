@@ -13,6 +13,7 @@ per parent layer (`None` on layers the axis does not apply to or keeps whole). A
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -44,6 +45,65 @@ def grouped_prefix(total: int, groups: int, keep_groups: int, per_group: int) ->
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+# ----------------------------------------------------------------------------- aligned sizes
+
+ALIGNMENTS = (64, 32, 16, 8)  # multiples a kept width prefers, largest first
+MIN_ALIGNED_SIZES = 8  # an alignment must leave the axis this many sizes, the parent's included
+MIN_ALIGNED_WIDTH = 128  # narrower axes (test-sized models) keep every size: nothing to align there
+GROUPED_GEMM_BYTES = 16  # torch's grouped GEMM (transformers' MoE experts): strides of 16 bytes
+
+
+def stock_multiple(parent: ModelConfig, field: str) -> int:
+    """The multiple that stock transformers needs a kept `field` to be to run the export at all.
+
+    NemotronH MoE experts run through `torch.nn.functional.grouped_mm` (transformers' default
+    `experts_implementation`, on CPUs and GPUs alike), whose operands need strides of 16 bytes: the
+    expert input width (`hidden_size`, or `moe_latent_size` when there is a latent projection, which
+    is not elastic) and `moe_intermediate_size`. 16 bytes are 8 values in bf16 / fp16 (the dtypes
+    checkpoints are served in) and 4 in fp32. So 8 where the parent's own size is a multiple of 8,
+    else 4 where it is a multiple of 4 (the parent then runs in fp32 only, as its slices do), else 1
+    (the parent itself does not run on that path). Every other field: 1."""
+    if field not in ("hidden_size", "moe_intermediate_size") or "E" not in parent.layer_types:
+        return 1
+    if field == "hidden_size" and parent.moe_latent_size is not None:
+        return 1
+    n = getattr(parent, field)
+    return next((m for m in (GROUPED_GEMM_BYTES // 2, GROUPED_GEMM_BYTES // 4) if n % m == 0), 1)
+
+
+def aligned_multiple(n: int, unit: int = 1, *, multiple: int | None = None, base: int = 1, required: int = 1,
+                     width: int | None = None) -> int:
+    """The multiple (in channels) that every kept width of an axis is, below the parent's own:
+    lcm(m, base, required), m the alignment.
+
+    The axis has n units of `unit` channels each (attention / Mamba heads: unit = head_dim; plain
+    widths: unit 1), so keeping c units is a width of c x unit channels; the parent's n x unit is
+    always allowed. `base` and `required` are always honoured: `base` is what the config class needs
+    (Llama: the hidden size a multiple of every query-head count), `required` what stock tools need
+    to run it (`stock_multiple`). `width`: the channels the axis makes up in its layer, when more
+    than n x unit (a Mamba head_dim is repeated in every head: heads x head_dim); it only decides
+    whether the axis is test-sized (below).
+
+    `multiple` None (the default everywhere) picks it: the largest m in ALIGNMENTS (64, 32, 16, 8)
+    that divides the parent's width n x unit and still leaves the axis at least MIN_ALIGNED_SIZES (8)
+    sizes, the parent's included (counting widths that are multiples of lcm(m, base, required)),
+    i.e. steps of at most 1/8 of the parent: 64 from widths of 512 up (SmolLM2's FFN 1536, Nemotron
+    Nano's 2688 hidden and 1856 expert FFN), 32 for 256, 16 for 128; SmolLM2's hidden 576, a
+    multiple of its 3 / 6 / 9 query heads too (base 18), gets m = 8 (steps of 72). m = 1 when even 8
+    leaves fewer sizes, and on widths under MIN_ALIGNED_WIDTH (128 channels): test-sized models keep
+    every size, as before alignment. An int `multiple` (`--multiple N`) is used as given."""
+    if multiple is not None:
+        if not _is_int(multiple) or multiple < 1:
+            raise StarElasticError(f"--multiple must be a positive integer, got {multiple!r}")
+        return math.lcm(multiple, base, required)
+    own = n * unit
+    for m in ALIGNMENTS if max(own, width or 0) >= MIN_ALIGNED_WIDTH else ():
+        step = math.lcm(m, base, required)
+        if own % m == 0 and n // (step // math.gcd(step, unit)) >= MIN_ALIGNED_SIZES:
+            return step
+    return math.lcm(base, required)
 
 
 def _error(msg: str) -> StarElasticError:
@@ -182,6 +242,24 @@ class ElasticSpec:
             if per * p.topk_group < p.num_experts_per_tok:
                 raise err(f"{where}n_routed_experts={e}: the topk_group={p.topk_group} best groups hold "
                           f"{per * p.topk_group} experts, fewer than num_experts_per_tok={p.num_experts_per_tok}")
+
+    def validate_stock(self, parent: ModelConfig) -> None:
+        """`validate`, then raise StarElasticError (one line, saying why) for a kept size that stock
+        transformers cannot run: see `stock_multiple` (the MoE experts' grouped-GEMM widths)."""
+        self.validate(parent)
+        sizes = self.sizes(parent)
+        checks = [("", "hidden_size", self.hidden_size, parent)]
+        checks += [(f"layer {i}: ", "moe_intermediate_size", sizes[i]["moe_intermediate_size"], parent.layer(i))
+                   for i in self.kept_layers(parent) if "moe_intermediate_size" in sizes[i]]
+        for where, name, v, p in checks:
+            m = stock_multiple(p, name)
+            if v is None or v % m == 0 or v == getattr(p, name):
+                continue
+            lo, hi = v // m * m, v // m * m + m
+            near = " or ".join(str(s) for s in (lo, hi) if 0 < s <= getattr(p, name))
+            raise _error(f"{where}{name}={v} is not a multiple of {m}, so stock transformers cannot run the "
+                         "export: its NemotronH MoE experts use torch's grouped GEMM, which needs strides of "
+                         f"{GROUPED_GEMM_BYTES} bytes ({m} values in {'bf16' if m == 8 else 'fp32'}); use {near}")
 
     def _attention(self, p: ModelConfig, i: int) -> tuple[int, int]:
         """(query heads, KV groups) kept in attention layer i, whose parent config is p."""

@@ -5,10 +5,12 @@
     POST /v1/chat/completions   {"model": "1.0", "messages": [{"role": "user", "content": "..."}], ...}
 
 The request's `model` picks the budget. Every budget is a view of the one loaded parent, so
-requests at different budgets share a single copy of the weights. Generation runs on one worker
-thread, one request at a time (engine.py says why); the event loop keeps accepting requests and
-streaming tokens meanwhile. Elastic budget control through the API: `"think_budget": "0.5"` (with
-optional `max_think_tokens`, `think_marker`) thinks with that budget and answers with `model`.
+requests at different budgets share a single copy of the weights. Generations are batched
+(batching.py): concurrent requests, at the same or at different budgets, join the running batch
+between decode steps; each waits on a worker thread while the event loop keeps accepting requests
+and streaming tokens. A client that disconnects (streaming or not) frees its slot at once.
+Elastic budget control through the API: `"think_budget": "0.5"` (with optional
+`max_think_tokens`, `think_marker`) thinks with that budget and answers with `model`.
 
 Bad requests get a 4xx JSON error `{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}`.
 """
@@ -29,6 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import StarElasticError
+from .batching import BatchedEngine
 from .engine import DEFAULT_MARKER, ElasticEngine
 
 DEFAULT_MAX_TOKENS = {"completions": 16, "chat": 256}
@@ -180,8 +183,13 @@ def _truncate_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 
 def create_app(engine: ElasticEngine) -> FastAPI:
+    """The app over `engine`; a plain `ElasticEngine` is wrapped in a `BatchedEngine` sharing its weights and views."""
     app = FastAPI(title="star-elastic", version="1")
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="star-elastic-gen")  # one generation at a time
+    if not isinstance(engine, BatchedEngine):
+        engine = BatchedEngine.of(engine)
+    # a thread per request in flight, blocked while the scheduler batches its generation with the others
+    workers = max(64, 4 * engine.scheduler.slots * len(engine.budgets))
+    worker = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="star-elastic-gen")
     app.state.engine, app.state.worker = engine, worker
     created = int(time.time())
 
@@ -221,15 +229,32 @@ def create_app(engine: ElasticEngine) -> FastAPI:
              "params": entries[name].get("params"), "active_params": entries[name].get("active_params")}
             for name in engine.budgets]}
 
-    def run(args: dict, on_token=None):
-        """The generation of one request, on the worker thread."""
+    def run(args: dict, on_token=None, cancel: threading.Event | None = None):
+        """The generation of one request, on a worker thread; setting `cancel` ends it (its slot freed)."""
         if args["think"] is None:
             return engine.generate(args["model"], args["ids"], args["max_tokens"], args["temperature"], args["top_p"],
-                                   args["seed"], args["stop"], on_token)
+                                   args["seed"], args["stop"], on_token, cancel)
         t = args["think"]
         return engine.think_then_answer(args["ids"], t["budget"], args["model"], t["max_tokens"], args["max_tokens"],
                                         t["marker"], args["temperature"], args["top_p"], args["seed"],
-                                        None if on_token is None else (lambda tok, phase: on_token(tok)))
+                                        None if on_token is None else (lambda tok, phase: on_token(tok)), cancel)
+
+    def give_up(cancel: threading.Event):
+        cancel.set()
+        engine.scheduler.wake()  # leave now, not at the next step
+
+    async def until_done(request: Request, future, cancel: threading.Event):
+        """The result of a non-streaming generation; a client that disconnects meanwhile cancels it."""
+        try:
+            while True:
+                done, _ = await asyncio.wait({future}, timeout=0.25)
+                if done:
+                    return future.result()
+                if await request.is_disconnected():
+                    give_up(cancel)
+        finally:
+            if not future.done():  # the handler itself was cancelled
+                give_up(cancel)
 
     def texts(args: dict, gen) -> tuple[str, str, str]:
         """(reasoning, answer, finish_reason) of a finished generation."""
@@ -246,7 +271,9 @@ def create_app(engine: ElasticEngine) -> FastAPI:
         if args["stream"]:
             return StreamingResponse(stream(args, kind, base), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        gen = await asyncio.get_running_loop().run_in_executor(worker, run, args)
+        cancel = threading.Event()
+        future = asyncio.get_running_loop().run_in_executor(worker, run, args, None, cancel)
+        gen = await until_done(request, future, cancel)
         reasoning, answer, finish = texts(args, gen)
         n_prompt, n_new = args["ids"].shape[1], len(gen.tokens) + len(gen.thinking)
         usage = {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}
@@ -270,7 +297,7 @@ def create_app(engine: ElasticEngine) -> FastAPI:
 
         def work():
             try:
-                gen = run(args, on_token)
+                gen = run(args, on_token, closed)
                 loop.call_soon_threadsafe(queue.put_nowait, ("done", gen))
             except Exception as e:  # reported in the stream: the headers are already sent
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
@@ -309,7 +336,7 @@ def create_app(engine: ElasticEngine) -> FastAPI:
                     break
             yield "data: [DONE]\n\n"
         finally:
-            closed.set()  # a client that went away stops the generation at its next token
+            give_up(closed)  # a client that went away: its request leaves the batch, its slot freed
             del future
 
     @app.post("/v1/completions")

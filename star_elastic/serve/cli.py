@@ -77,6 +77,8 @@ def add_serve_parser(sub, model_args):
     model_args(sp)
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--slots", type=int, default=16, help="sequences decoded together per budget (continuous "
+                                                           "batching; more requests wait for a free slot; default 16)")
     sp.set_defaults(fn=cmd_serve)
     return sp
 
@@ -90,7 +92,12 @@ def cmd_serve(args):
         raise StarElasticError(f"serving needs FastAPI and uvicorn ({e}): pip install 'star-elastic[serve]'") from None
     if not 0 <= args.port < 65536:
         raise StarElasticError(f"--port must be from 0 to 65535, got {args.port}")
-    engine = _engine(args)
-    print(f"star-elastic serve: budgets {', '.join(engine.budgets)} on {engine.device}, "
+    slots = getattr(args, "slots", 16)
+    if slots < 1:
+        raise StarElasticError(f"--slots must be at least 1, got {slots}")
+    from .batching import BatchedEngine
+
+    engine = BatchedEngine.of(_engine(args), slots=slots)
+    print(f"star-elastic serve: budgets {', '.join(engine.budgets)} on {engine.device}, {slots} slots per budget, "
           f"http://{args.host}:{args.port}/v1", flush=True)
     serve(engine, args.host, args.port)

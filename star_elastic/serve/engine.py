@@ -6,10 +6,11 @@ and kept: switching budgets copies no weights. Caches are sized for each view's 
 are put in serving order at load (views.py), so that views run plain matrix products.
 
 Concurrency: `generate` keeps one set of decode caches (and CUDA graph) per model, so two
-sequences decoding on the same view at once would overwrite each other's KV / Mamba state. The
+sequences decoding on the same view at once would overwrite each other's KV / Mamba state. This
 engine therefore runs one generation at a time, under a lock: every request owns the caches while
-it decodes, and outputs do not depend on what else is running. (Serialized, not interleaved: the
-simplest correct thing; batching requests together is left for later.)
+it decodes, and outputs do not depend on what else is running. `BatchedEngine` (batching.py) has the
+same methods and interleaves requests instead: continuous batching over per-sequence cache slots,
+what the server uses.
 
 Elastic budget control (docs/METHOD.md §13): `think_then_answer` writes the reasoning with a small budget
 until the end-of-thinking marker (or a token limit), then a larger budget prefills prompt +
@@ -48,8 +49,9 @@ class StopWatcher:
     """on_token callback: collects row 0's tokens and asks `generate` to stop once any stop string
     appears in their text (checked on the last few tokens' text only, so each step stays cheap)."""
 
-    def __init__(self, tokenizer, stops: list[str], on_token=None):
+    def __init__(self, tokenizer, stops: list[str], on_token=None, cancel: threading.Event | None = None):
         self.tokenizer, self.stops, self.on_token = tokenizer, [s for s in stops if s], on_token
+        self.cancel = cancel  # once set, stop at the next token
         self.tokens: list[int] = []
         self.hit: str | None = None
         # a stop string of n characters spans at most n tokens (special tokens aside)
@@ -64,7 +66,7 @@ class StopWatcher:
             stop = self.hit is not None
         if self.on_token is not None and self.on_token(int(token[0])):
             return True  # the caller gave up (a closed stream)
-        return stop
+        return stop or (self.cancel is not None and self.cancel.is_set())
 
 
 class ElasticEngine:
@@ -80,6 +82,7 @@ class ElasticEngine:
             use_serving_order(self.parent)
         self.views: dict[str, Model] = {}
         self.lock = threading.Lock()  # one generation at a time: see the module doc
+        self.view_lock = threading.Lock()  # a view is built once, even when requests ask for it at once
 
     @classmethod
     def load(cls, path, device=None, dtype=None) -> "ElasticEngine":
@@ -107,17 +110,23 @@ class ElasticEngine:
     def view(self, budget: str) -> Model:
         """The model of a budget in the manifest (StarElasticError for any other name)."""
         budget = str(budget)
-        if budget not in self.views:
-            spec = budget_spec(self.ckpt.manifest, budget)
-            # the parent itself for a budget that keeps everything: one set of caches, not two
-            self.views[budget] = self.parent if not spec.to_dict() else budget_view(self.parent, spec)
-        return self.views[budget]
+        with self.view_lock:
+            if budget not in self.views:
+                spec = budget_spec(self.ckpt.manifest, budget)
+                # the parent itself for a budget that keeps everything: one set of caches, not two
+                self.views[budget] = self.parent if not spec.to_dict() else budget_view(self.parent, spec)
+            return self.views[budget]
 
     # ------------------------------------------------------------------------- generation
 
+    def _exclusive(self):
+        """Held around a whole generation (both phases of think_then_answer): the one-at-a-time lock."""
+        return self.lock
+
     def _generate(self, model: Model, ids: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float,
-                  seed: int | None, stops: list[str], on_token, eos: list[int]) -> tuple[list[int], str]:
-        watcher = StopWatcher(self.tokenizer, stops, on_token)
+                  seed: int | None, stops: list[str], on_token, eos: list[int],
+                  cancel: threading.Event | None = None) -> tuple[list[int], str]:
+        watcher = StopWatcher(self.tokenizer, stops, on_token, cancel)
         gen = None
         if temperature > 0:
             gen = torch.Generator(device=self.device).manual_seed(0 if seed is None else seed)
@@ -129,30 +138,32 @@ class ElasticEngine:
 
     def generate(self, budget: str, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
-                 on_token=None) -> Generation:
+                 on_token=None, cancel: threading.Event | None = None) -> Generation:
         """Continue one prompt (1, t) at `budget`. `on_token(id)` sees every new token as it comes
-        (returning True stops); `stop` strings end the generation once they appear."""
+        (returning True stops); `stop` strings end the generation once they appear; setting `cancel`
+        (from any thread) ends it at the next token."""
         model = self.view(budget)
-        with self.lock:
+        with self._exclusive():
             t0 = time.perf_counter()
             tokens, reason = self._generate(model, ids, max_new_tokens, temperature, top_p, seed, stop or [],
-                                            on_token, self.eos_ids)
+                                            on_token, self.eos_ids, cancel)
             return Generation(tokens, reason, time.perf_counter() - t0)
 
     def think_then_answer(self, ids: torch.Tensor, think_budget: str, answer_budget: str, max_think_tokens: int,
                           max_answer_tokens: int, marker: str = DEFAULT_MARKER, temperature: float = 0.0,
-                          top_p: float = 1.0, seed: int | None = None, on_token=None) -> Generation:
+                          top_p: float = 1.0, seed: int | None = None, on_token=None,
+                          cancel: threading.Event | None = None) -> Generation:
         """Reason with `think_budget` until `marker` appears in its text (or EOS, or `max_think_tokens`),
         then answer with `answer_budget`, which prefills prompt + thinking. A thinking phase that ends
         without the marker gets the marker appended, so the answer starts after a closed thought.
         `on_token(id, phase)` sees the tokens of both phases ("think", then "answer")."""
         think, answer = self.view(think_budget), self.view(answer_budget)  # unknown names fail first
         marker_ids = self.tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
-        with self.lock:
+        with self._exclusive():
             t0 = time.perf_counter()
             cb = None if on_token is None else (lambda tok: on_token(tok, "think"))
             thought, reason = self._generate(think, ids, max_think_tokens, temperature, top_p, seed,
-                                             [marker] if marker else [], cb, self.eos_ids)
+                                             [marker] if marker else [], cb, self.eos_ids, cancel)
             if reason == "stop" and thought and thought[-1] in self.eos_ids:
                 thought = thought[:-1]  # the small model ended without closing its thought
                 reason = "length"
@@ -166,6 +177,6 @@ class ElasticEngine:
                                                                              dtype=torch.long)], dim=1)
             cb = None if on_token is None else (lambda tok: on_token(tok, "answer"))
             tokens, reason = self._generate(answer, prefix, max_answer_tokens, temperature, top_p, seed, [], cb,
-                                            self.eos_ids)
+                                            self.eos_ids, cancel)
             t2 = time.perf_counter()
         return Generation(tokens, reason, t2 - t0, thinking=thought, think_seconds=t1 - t0)

@@ -1,0 +1,355 @@
+"""Continuous (iteration-level) batching: many concurrent requests, at any mix of budgets, on one
+loaded copy of the weights.
+
+Design. One scheduler thread owns every cache and runs every forward; request threads only submit
+and wait (`BatchedEngine` has `ElasticEngine`'s methods, each request blocking its caller).
+  - Slots: each model (a budget's view; budgets with the same view share one) has a `SlotPool`: static
+    caches for `slots` sequences, a KV row per attention layer and conv + SSM state per Mamba layer.
+    The active sequences fill rows 0..n-1; one that leaves (finished, cancelled, disconnected) has the
+    last row copied into its place, so a step runs on the contiguous prefix [:n] of every buffer (views,
+    no gather). Rows and length grow on demand (length in buckets of 256, as `generate`), and an idle
+    pool's caches are dropped: memory stays within slots x longest request per budget in use.
+  - Join: between steps, waiting requests (FIFO; one whose pool is full waits without blocking other
+    budgets) are prefilled one by one, each alone, into a zeroed row: exactly the computation of
+    sequential `generate`, so prompts of any length need neither padding nor per-row Mamba masking.
+  - Step: one batched forward per model with active sequences (different widths cannot share one),
+    each row at its own position (`Model.forward` takes pos (b, t): per-row RoPE, KV writes and
+    causal masks; Mamba's one-token update is per row anyway). Then each row samples with its own
+    settings and generator, and stops on EOS, stop strings, its token limit, `on_token` returning True
+    or its cancel event (checked before every step: a waiting or decoding request leaves at once).
+Greedy outputs equal one-at-a-time ones token for token (tests/test_batching.py): the arithmetic per
+row is the same, up to summation order inside batched products and over a longer masked cache. Not
+yet: CUDA graphs for the batched step (issue 12 item 3); batched or chunked prefill (a long prompt
+joining stalls the running sequences for its prefill).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+import torch
+import torch.nn as nn
+
+from ..generate import sample
+from ..model import Model
+from .engine import ElasticEngine, StopWatcher
+
+DEFAULT_SLOTS = 16
+
+
+class Request:
+    """One submitted generation. `wait()` returns (new tokens, finish reason: "stop", "length" or
+    "cancelled" when `cancel` was set before the first token), or raises what failed it."""
+
+    def __init__(self, model: Model, ids: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float,
+                 generator, eos: list[int], watcher: StopWatcher, cancel: threading.Event):
+        self.model, self.ids = model, ids.reshape(-1).long()
+        self.max_new_tokens, self.temperature, self.top_p, self.generator = max_new_tokens, temperature, top_p, generator
+        self.eos, self.watcher, self.cancel = set(eos), watcher, cancel
+        self.tokens: list[int] = []
+        self.reason: str | None = None
+        self.error: BaseException | None = None
+        self.row: int | None = None  # its row in the pool while it decodes
+        self.length = 0  # tokens in its cache rows
+        self.next_token: int | None = None  # sampled, not yet fed
+        self.done = threading.Event()
+
+    def finish(self, reason: str | None = None, error: BaseException | None = None):
+        if reason is None:  # as the sequential engine decides it
+            hit = self.watcher.hit is not None or (self.tokens and self.tokens[-1] in self.eos)
+            reason = "stop" if hit else ("cancelled" if not self.tokens and self.cancel.is_set() else "length")
+        self.reason, self.error = reason, error
+        self.done.set()
+
+    def wait(self, timeout: float | None = None) -> tuple[list[int], str]:
+        if not self.done.wait(timeout):
+            raise TimeoutError("the generation did not finish in time")
+        if self.error is not None:
+            raise self.error
+        return self.tokens, self.reason
+
+
+def _rows(cache: nn.ModuleList, lo: int, hi: int) -> nn.ModuleList:
+    """The caches of rows lo..hi-1: the same cache modules over views of their buffers (writes land in the pool)."""
+    out = []
+    for c in cache:
+        v = c.__class__.__new__(c.__class__)
+        nn.Module.__init__(v)
+        for name, buf in c.named_buffers(recurse=False):
+            v.register_buffer(name, buf[lo:hi])
+        out.append(v)
+    return nn.ModuleList(out)
+
+
+class SlotPool:
+    """Static caches for up to `slots` sequences of one model; active sequence i is in row i."""
+
+    def __init__(self, model: Model, slots: int):
+        self.model, self.slots = model, slots
+        self.cache: nn.ModuleList | None = None
+        self.rows = self.length = 0
+        self.active: list[Request] = []
+        self._views: dict[tuple[int, int], nn.ModuleList] = {}
+
+    def buffers(self):
+        return [] if self.cache is None else list(self.cache.buffers())
+
+    def free(self) -> int:
+        return self.slots - len(self.active)
+
+    def view(self, lo: int, hi: int) -> nn.ModuleList:
+        if (lo, hi) not in self._views:
+            self._views[(lo, hi)] = _rows(self.cache, lo, hi)
+        return self._views[(lo, hi)]
+
+    def reserve(self, length: int):
+        """Room for one more sequence of `length` tokens: grow rows (powers of two up to `slots`) and
+        length (buckets of 256), copying what the active rows hold."""
+        rows = self.rows if self.rows > len(self.active) else min(self.slots, max(1, 2 * self.rows))
+        length = max(self.length, -(-length // 256) * 256)
+        if self.cache is not None and (rows, length) == (self.rows, self.length):
+            return
+        cache, n = self.model.make_cache(rows, length), len(self.active)
+        if self.cache is not None and n:
+            for new, old in zip(cache.buffers(), self.cache.buffers()):
+                if new.dim() == 4 and new.shape[2] != old.shape[2]:  # KV (b, heads, length, d)
+                    new[:n, :, :old.shape[2]].copy_(old[:n])
+                else:
+                    new[:n].copy_(old[:n])
+        self.cache, self.rows, self.length, self._views = cache, rows, length, {}
+
+    def add(self, req: Request):
+        row = len(self.active)
+        for buf in self.buffers():  # a fresh sequence: empty Mamba state, no stale KV
+            buf[row].zero_()
+        req.row = row
+        self.active.append(req)
+
+    def remove(self, req: Request):
+        """Free the request's row: the last active row moves into it."""
+        row, last = req.row, len(self.active) - 1
+        if row != last:
+            for buf in self.buffers():
+                buf[row].copy_(buf[last])
+            self.active[row] = self.active[last]
+            self.active[row].row = row
+        self.active.pop()
+        req.row = None
+        if not self.active:  # idle: give the memory back
+            self.cache, self.rows, self.length, self._views = None, 0, 0, {}
+
+
+class Scheduler:
+    """The batching loop (see the module doc). `submit` from any thread; one daemon thread runs it."""
+
+    def __init__(self, device, slots: int = DEFAULT_SLOTS):
+        if slots < 1:
+            raise ValueError(f"slots must be at least 1, got {slots}")
+        self.device, self.slots = device, slots
+        self.pools: dict[int, SlotPool] = {}
+        self.waiting: deque[Request] = deque()
+        self.cond = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.closed = False
+        self.steps = 0  # batched decode forwards run (for tests and benchmarks)
+        self.max_batch = 0  # the largest batch one of them ran
+
+    # -------------------------------------------------------------------------- from request threads
+
+    def submit(self, req: Request) -> Request:
+        with self.cond:
+            if self.closed:
+                raise RuntimeError("the scheduler is closed")
+            self.waiting.append(req)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._loop, name="star-elastic-batching", daemon=True)
+                self.thread.start()
+            self.cond.notify()
+        return req
+
+    def wake(self):
+        """Look again now (a cancel event was set): a request leaves without waiting for a step."""
+        with self.cond:
+            self.cond.notify()
+
+    def active(self) -> int:
+        """Sequences holding a slot now."""
+        return sum(len(p.active) for p in list(self.pools.values()))
+
+    def close(self):
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+        if self.thread is not None:
+            self.thread.join()
+        for req in list(self.waiting) + [r for p in self.pools.values() for r in p.active]:
+            req.finish("cancelled")
+
+    # -------------------------------------------------------------------------- the scheduler thread
+
+    def _loop(self):
+        while True:
+            with self.cond:
+                while not self.closed and not self.waiting and not any(p.active for p in self.pools.values()):
+                    self.cond.wait()
+                if self.closed:
+                    return
+                waiting, self.waiting = list(self.waiting), deque()
+            try:
+                with torch.no_grad():
+                    left = self._admit(waiting)
+                    with self.cond:
+                        self.waiting.extendleft(reversed(left))  # first come, first served
+                    for pool in list(self.pools.values()):
+                        self._drop_cancelled(pool)
+                        if pool.active:
+                            try:
+                                self._step(pool)
+                            except Exception as e:  # noqa: BLE001 - this model's requests fail, the others go on
+                                self._fail(pool, e)
+            except BaseException as e:  # noqa: BLE001 - never let the loop die silently
+                for pool in self.pools.values():
+                    self._fail(pool, e)
+
+    def _fail(self, pool: SlotPool, error: BaseException):
+        for req in list(pool.active):
+            pool.remove(req)
+            req.finish(error=error)
+
+    def _pool(self, model: Model) -> SlotPool:
+        key = id(model)
+        if key not in self.pools or self.pools[key].model is not model:
+            self.pools[key] = SlotPool(model, self.slots)
+        return self.pools[key]
+
+    def _admit(self, waiting: list[Request]) -> list[Request]:
+        """Prefill every waiting request that has a free slot; the others are returned, in order."""
+        left = []
+        for req in waiting:
+            if req.cancel.is_set() or req.max_new_tokens <= 0:
+                req.finish()
+                continue
+            pool = self._pool(req.model)
+            if not pool.free():
+                left.append(req)
+                continue
+            try:
+                pool.reserve(len(req.ids) + req.max_new_tokens)
+                pool.add(req)
+                t = len(req.ids)
+                cache = pool.view(req.row, req.row + 1)
+                logits = req.model(req.ids.to(self.device)[None], cache, torch.arange(t, device=self.device),
+                                   last_only=True)
+                req.length = t
+            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                if req.row is not None:
+                    pool.remove(req)
+                req.finish(error=e)
+                continue
+            self._emit(pool, req, logits[0, -1])
+        return left
+
+    def _drop_cancelled(self, pool: SlotPool):
+        for req in [r for r in pool.active if r.cancel.is_set()]:
+            pool.remove(req)
+            req.finish()
+
+    def _step(self, pool: SlotPool):
+        """One token for every active sequence of the pool: one batched forward."""
+        reqs = list(pool.active)
+        n = len(reqs)
+        tokens = torch.tensor([[r.next_token] for r in reqs], dtype=torch.long, device=self.device)
+        pos = torch.tensor([[r.length] for r in reqs], dtype=torch.long, device=self.device)
+        logits = pool.model(tokens, pool.view(0, n), pos, last_only=True)[:, -1]
+        self.steps += 1
+        self.max_batch = max(self.max_batch, n)
+        greedy = logits.argmax(-1).tolist()
+        for i, req in enumerate(reqs):
+            req.length += 1
+            self._emit(pool, req, logits[i], greedy[i])
+
+    def _emit(self, pool: SlotPool, req: Request, logits: torch.Tensor, greedy: int | None = None):
+        """Sample the request's next token from its logits (vocab,), hand it over, and free the slot
+        when the request is done."""
+        try:
+            if req.temperature > 0:
+                tok = int(sample(logits[None], req.temperature, req.top_p, req.generator)[0])
+            else:
+                tok = int(logits.argmax(-1)) if greedy is None else greedy
+            req.tokens.append(tok)
+            stop = req.watcher([tok])  # stop strings, on_token (may return True), the cancel event
+        except Exception as e:  # noqa: BLE001 - a failing callback ends its own request only
+            pool.remove(req)
+            req.finish(error=e)
+            return
+        if stop or len(req.tokens) >= req.max_new_tokens or tok in req.eos:
+            pool.remove(req)
+            req.finish()
+        else:
+            req.next_token = tok
+
+
+class BatchedEngine(ElasticEngine):
+    """`ElasticEngine` whose generations run batched with whatever else is running (module doc):
+    the same methods and outputs, any number of concurrent callers, `slots` sequences per budget."""
+
+    def __init__(self, ckpt, serving_order: bool = True, slots: int = DEFAULT_SLOTS):
+        super().__init__(ckpt, serving_order)
+        self.scheduler = Scheduler(self.device, slots)
+
+    @classmethod
+    def of(cls, engine: ElasticEngine, slots: int = DEFAULT_SLOTS) -> "BatchedEngine":
+        """A batching engine over an already loaded engine's parent and views (nothing copied)."""
+        new = cls.__new__(cls)
+        new.__dict__.update(engine.__dict__)  # the same checkpoint, parent and views dict
+        new.scheduler = Scheduler(new.device, slots)
+        return new
+
+    def _exclusive(self):
+        return _NoLock()  # the scheduler owns the caches: callers need not take turns
+
+    def submit(self, budget: str, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None, on_token=None,
+               cancel: threading.Event | None = None, ignore_eos: bool = False) -> Request:
+        """Queue one generation and return at once; `Request.wait()` gives (tokens, reason).
+        `ignore_eos`: write all `max_new_tokens` (benchmarks)."""
+        return self._submit(self.view(budget), ids, max_new_tokens, temperature, top_p, seed, stop or [], on_token,
+                            [] if ignore_eos else self.eos_ids, cancel)
+
+    def _submit(self, model, ids, max_new_tokens, temperature, top_p, seed, stops, on_token, eos, cancel) -> Request:
+        cancel = threading.Event() if cancel is None else cancel
+        gen = None
+        if temperature > 0:  # as the sequential engine seeds it: the same draws for the same logits
+            gen = torch.Generator(device=self.device).manual_seed(0 if seed is None else seed)
+        watcher = StopWatcher(self.tokenizer, stops, on_token, cancel)
+        req = Request(model, ids, max_new_tokens, temperature, top_p, gen, eos, watcher, cancel)
+        return self.scheduler.submit(req)
+
+    def _generate(self, model, ids, max_new_tokens, temperature, top_p, seed, stops, on_token, eos,
+                  cancel=None) -> tuple[list[int], str]:
+        req = self._submit(model, ids, max_new_tokens, temperature, top_p, seed, stops, on_token, eos, cancel)
+        try:
+            while not req.done.wait(0.5):
+                pass
+        finally:  # the caller went away (KeyboardInterrupt in a CLI, say): free the slot
+            if not req.done.is_set():
+                req.cancel.set()
+                self.scheduler.wake()
+        tokens, reason = req.wait()
+        return tokens, "length" if reason == "cancelled" else reason
+
+    def close(self):
+        """Stop the scheduler: waiting and running requests end as "cancelled"."""
+        self.scheduler.close()
+
+
+class _NoLock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+__all__ = ["BatchedEngine", "Request", "Scheduler", "SlotPool", "DEFAULT_SLOTS"]

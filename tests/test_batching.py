@@ -1,0 +1,240 @@
+"""Continuous batching (serve/batching.py): batched generations equal one-at-a-time ones for mixed
+budgets and prompt lengths (hybrid Mamba / attention / MoE, and Llama), cancelled or disconnected
+requests free their slots while the others go on unchanged, and more requests than slots all finish."""
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+from elastic_ckpt import make_checkpoint
+from star_elastic.serve.app import create_app
+from star_elastic.serve.batching import BatchedEngine
+from star_elastic.serve.engine import ElasticEngine
+
+BUDGETS = ["1.0", "0.75", "0.5"]
+
+
+@pytest.fixture(scope="module", params=["nemotron_h", "llama"])
+def engine(request, tmp_path_factory):
+    """The sequential engine: the reference, and the weights a BatchedEngine shares."""
+    return ElasticEngine.load(make_checkpoint(tmp_path_factory.mktemp("ck") / "ckpt", request.param))
+
+
+@pytest.fixture
+def batched(engine):
+    made = []
+
+    def make(slots):
+        made.append(BatchedEngine.of(engine, slots=slots))
+        return made[-1]
+
+    yield make
+    for b in made:
+        b.close()
+
+
+def jobs(n, seed=0):
+    """n (budget, prompt (1, t), max new tokens, sampling) with prompts of 1 to 19 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        t = int(torch.randint(1, 20, (1,), generator=g))
+        sampling = dict(temperature=0.9, top_p=0.8, seed=i) if i % 5 == 4 else {}
+        out.append((BUDGETS[i % 3], torch.randint(3, 63, (1, t), generator=g),
+                    int(torch.randint(2, 25, (1,), generator=g)), sampling))
+    return out
+
+
+def sequential(engine, work):
+    return [(g.tokens, g.finish_reason) for g in (engine.generate(b, ids, n, **kw) for b, ids, n, kw in work)]
+
+
+def test_batched_equals_sequential_for_mixed_budgets_and_lengths(engine, batched):
+    """Submitted at once: rows join (prefilled alone, each at its length) and leave (the last row moves
+    into a finished one) between steps; greedy and seeded sampled rows give what they give alone."""
+    work = jobs(12)
+    want = sequential(engine, work)
+    eng = batched(slots=4)
+    reqs = [eng.submit(b, ids, n, **kw) for b, ids, n, kw in work]
+    assert [r.wait(120) for r in reqs] == want
+    assert eng.scheduler.max_batch > 1  # decoded together, not one at a time
+    assert eng.scheduler.active() == 0 and all(p.cache is None for p in eng.scheduler.pools.values())
+
+
+def test_more_requests_than_slots_from_many_threads(engine, batched):
+    """The blocking API from 10 threads with 2 slots per budget (think-then-answer among them): every
+    request finishes, and each gets what it gets alone."""
+    work = jobs(16, seed=1)
+    want = sequential(engine, work)
+    prompt = torch.tensor([[5, 9, 14]])
+    want_think = engine.think_then_answer(prompt, "0.5", "1.0", 5, 6, "w59 w58")
+    eng = batched(slots=2)
+    got, lock = {}, threading.Lock()
+
+    def worker(k):
+        for i in range(k, len(work), 10):
+            b, ids, n, kw = work[i]
+            g = eng.generate(b, ids, n, **kw)
+            with lock:
+                got[i] = (g.tokens, g.finish_reason)
+        if k == 0:
+            got["think"] = eng.think_then_answer(prompt, "0.5", "1.0", 5, 6, "w59 w58")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [got[i] for i in range(len(work))] == want
+    think = got["think"]
+    assert (think.thinking, think.tokens) == (want_think.thinking, want_think.tokens)
+    assert max(len(p.active) for p in eng.scheduler.pools.values()) == 0
+    assert all(p.rows <= 2 for p in eng.scheduler.pools.values())
+
+
+def test_a_longer_request_joining_grows_the_caches(engine, batched):
+    """A request whose prompt + tokens need more than the pool's length joins running ones: the caches
+    grow (the running rows copied) and every output stays the sequential one."""
+    work = [("0.5", torch.tensor([[4, 8, 15, 16]]), 20, {}), ("0.5", torch.tensor([[23, 42]]), 12, {}),
+            ("0.5", torch.tensor([[7] * 9]), 270, {})]
+    want = sequential(engine, work)
+    eng = batched(slots=4)
+    gate = threading.Event()
+    first = eng.submit(*work[0][:3], on_token=lambda tok: gate.wait(30) and False)  # held until all are queued
+    rest = [eng.submit(b, ids, n) for b, ids, n, _ in work[1:]]
+    gate.set()
+    assert [r.wait(120) for r in [first] + rest] == want
+
+
+def test_cancel_frees_the_slot_and_the_others_go_on(engine, batched):
+    """One slot per budget. A cancels itself (event set by its 3rd token): its slot goes to B, queued
+    behind it at the same budget; C at another budget is unaffected; D, cancelled while waiting,
+    never runs. B and C equal their sequential outputs."""
+    a_ids, b_ids, c_ids = torch.tensor([[3, 4, 5]]), torch.tensor([[10, 20, 30, 40]]), torch.tensor([[6]])
+    want_a = engine.generate("0.5", a_ids, 40).tokens
+    want_b = engine.generate("0.5", b_ids, 10)
+    want_c = engine.generate("1.0", c_ids, 15)
+    eng = batched(slots=1)
+    cancel_a, cancel_d = threading.Event(), threading.Event()
+    seen_a = []
+
+    def on_a(tok):
+        seen_a.append(tok)
+        if len(seen_a) == 3:
+            cancel_a.set()
+        return False
+
+    cancel_d.set()
+    a = eng.submit("0.5", a_ids, 40, on_token=on_a, cancel=cancel_a)
+    b = eng.submit("0.5", b_ids, 10)
+    c = eng.submit("1.0", c_ids, 15)
+    d = eng.submit("0.75", c_ids, 15, cancel=cancel_d)
+    tokens_a, reason_a = a.wait(60)
+    if len(want_a) > 3:  # (the model did not end by itself before)
+        assert tokens_a == want_a[:3] and reason_a == "length"
+    assert b.wait(60) == (want_b.tokens, want_b.finish_reason)
+    assert c.wait(60) == (want_c.tokens, want_c.finish_reason)
+    assert d.wait(60) == ([], "cancelled")
+    assert eng.scheduler.active() == 0
+
+
+def test_cancel_from_another_thread_leaves_at_once(engine, batched):
+    """A request cancelled from outside (not at one of its tokens) leaves the batch before the next step,
+    with a prefix of its sequential output; the request decoding beside it is unchanged."""
+    long_ids, other_ids = torch.tensor([[11, 12, 13]]), torch.tensor([[30, 31]])
+    want_long, want_other = engine.generate("1.0", long_ids, 40).tokens, engine.generate("1.0", other_ids, 20)
+    eng = batched(slots=4)
+    cancel, seen = threading.Event(), []
+
+    def on_other(tok):
+        seen.append(tok)
+        if len(seen) == 4:
+            cancel.set()
+            eng.scheduler.wake()
+        return False
+
+    long = eng.submit("1.0", long_ids, 40, cancel=cancel)
+    other = eng.submit("1.0", other_ids, 20, on_token=on_other)
+    tokens, _ = long.wait(60)
+    assert tokens == want_long[:len(tokens)]
+    if len(want_long) == 40:
+        assert len(tokens) < 40
+    assert other.wait(60) == (want_other.tokens, want_other.finish_reason)
+    assert eng.scheduler.active() == 0
+
+
+def test_a_failing_callback_fails_its_own_request_only(engine, batched):
+    want = engine.generate("0.75", torch.tensor([[9, 8, 7]]), 12)
+    eng = batched(slots=4)
+
+    def boom(tok):
+        raise ValueError("client callback failed")
+
+    bad = eng.submit("0.75", torch.tensor([[3, 4]]), 12, on_token=boom)
+    good = eng.submit("0.75", torch.tensor([[9, 8, 7]]), 12)
+    with pytest.raises(ValueError, match="client callback failed"):
+        bad.wait(60)
+    assert good.wait(60) == (want.tokens, want.finish_reason)
+    assert eng.scheduler.active() == 0
+
+
+# ----------------------------------------------------------------------------- the server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "plain"])
+def test_a_client_that_disconnects_frees_its_slot(engine, stream):
+    """Over a real socket: the scheduler holds a request after its 2nd token until the request is
+    cancelled, the client hangs up, and the server cancels it (its slot freed, fewer tokens than asked);
+    the server then answers the next request as the sequential engine does."""
+    import httpx
+    import uvicorn
+
+    eng = BatchedEngine.of(engine, slots=2)
+    sched, step, held = eng.scheduler, eng.scheduler._step, []
+    blocked = threading.Event()
+
+    def gated(pool):  # no timing: the request cannot finish before the server has seen the disconnect
+        for r in pool.active:
+            if len(r.tokens) >= 2 and not r.cancel.is_set():
+                held.append(r)
+                blocked.set()
+                r.cancel.wait(30)
+        step(pool)
+
+    sched._step = gated
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(eng), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(400):
+        if server.started:
+            break
+        time.sleep(0.05)
+    try:
+        body = json.dumps({"model": "0.5", "prompt": [5, 6, 7], "max_tokens": 60, "stream": stream}).encode()
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            assert blocked.wait(30)
+        req = held[0]
+        assert req.done.wait(30) and req.cancel.is_set()
+        assert len(req.tokens) < 60 and sched.active() == 0
+        sched._step = step
+        want = engine.generate("0.75", torch.tensor([[8, 9]]), 6)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
+                       json={"model": "0.75", "prompt": [8, 9], "max_tokens": 6}, timeout=60)
+        assert r.json()["choices"][0]["text"] == engine.tokenizer.decode(want.tokens, skip_special_tokens=True)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        eng.close()
