@@ -283,3 +283,13 @@ def random_spec(p: ModelConfig, rng: random.Random):
         kw["num_key_value_heads"] = kv
         kw["num_attention_heads"] = kv * rng.randint(1, p.num_attention_heads // p.num_key_value_heads)
     return ElasticSpec(**kw)
+
+
+# SmolLM2-135M and a Nemotron-3-Nano-like hybrid: configs only (counting parameters needs no weights)
+SMOLLM2 = ModelConfig(family="llama", vocab_size=49152, hidden_size=576, layer_types="*" * 30, num_attention_heads=9,
+                      num_key_value_heads=3, head_dim=64, intermediate_size=1536, mlp_gated=True, mlp_act="silu",
+                      rope_theta=100000.0, tie_word_embeddings=True)
+NANO = ModelConfig(family="nemotron_h", vocab_size=131072, hidden_size=2688, layer_types="MEMEM*E" * 7 + "MEM",
+                   num_attention_heads=32, num_key_value_heads=2, head_dim=128, mamba_num_heads=64, mamba_head_dim=64,
+                   ssm_state_size=128, n_groups=8, n_routed_experts=128, num_experts_per_tok=6,
+                   moe_intermediate_size=1856, moe_shared_expert_intermediate_size=3712, n_group=1, topk_group=1)

@@ -10,7 +10,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from conftest import randomize_, rel_err
+from conftest import NANO, SMOLLM2, randomize_, rel_err
 from star_elastic import cli, hf
 from star_elastic.elastic import ElasticSpec, count_parameters, sort_model
 from star_elastic.elastic.importance import load_scores, random_importance, save_scores, weight_magnitude_importance
@@ -30,14 +30,6 @@ NEMOTRON = ModelConfig(family="nemotron_h", vocab_size=VOCAB, hidden_size=32, la
 LLAMA = ModelConfig(family="llama", vocab_size=VOCAB, hidden_size=32, layer_types="****", num_attention_heads=4,
                     num_key_value_heads=2, head_dim=8, intermediate_size=48, mlp_gated=True, mlp_act="silu",
                     rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-# SmolLM2-135M and a Nemotron-3-Nano-like hybrid: configs only, counting parameters needs no weights
-SMOLLM2 = ModelConfig(family="llama", vocab_size=49152, hidden_size=576, layer_types="*" * 30, num_attention_heads=9,
-                      num_key_value_heads=3, head_dim=64, intermediate_size=1536, mlp_gated=True, mlp_act="silu",
-                      rope_theta=100000.0, tie_word_embeddings=True)
-NANO = ModelConfig(family="nemotron_h", vocab_size=131072, hidden_size=2688, layer_types="MEMEM*E" * 7 + "MEM",
-                   num_attention_heads=32, num_key_value_heads=2, head_dim=128, mamba_num_heads=64, mamba_head_dim=64,
-                   ssm_state_size=128, n_groups=8, n_routed_experts=128, num_experts_per_tok=6,
-                   moe_intermediate_size=1856, moe_shared_expert_intermediate_size=3712, n_group=1, topk_group=1)
 PARENTS = {"nemotron": NEMOTRON, "llama": LLAMA, "smollm2": SMOLLM2, "nano": NANO}
 ERR_PREFIX = "star-elastic: error: "
 
