@@ -61,7 +61,7 @@ def main(argv=None):
         b = 1 + step % 2
         d = r(b, generator=g)
         expected = cm.cost("params", d.arch)
-        argmax = r.arch_of({k: int(v.argmax()) for k, v in d.probs.items()})
+        argmax = r.argmax_arch(d.probs)
         loss = (budget_loss(drawn_cost(cm.cost("params", d.chosen_arch), expected), budgets[b])
                 + budget_loss(drawn_cost(cm.cost("params", argmax), expected), budgets[b])
                 + entropy_floor_loss(d.probs, 0.1))

@@ -100,7 +100,8 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
         f"{heldout.numel():,} held-out; training on {steps * cfg.batch_size * cfg.seq_len:,} tokens in {steps} steps")
 
     t0 = time.perf_counter()
-    calib = TokenBatches(pack(train_stream, cfg.seq_len), min(cfg.batch_size, rows.shape[0]), seed=cfg.seed + 7)
+    calib_rows = pack(train_stream, cfg.seq_len)
+    calib = TokenBatches(calib_rows, min(cfg.batch_size, rows.shape[0]), seed=cfg.seed + 7)
     depth = "depth" in cfg.axes
     # each rank scores its own slice of every calibration batch; statistics are summed over ranks
     share = (lambda b: b[rank::ranks]) if calib.batch_size >= ranks else (lambda b: b)
@@ -112,11 +113,14 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
     # zero-shot: each budget's best homogeneous prefix of the sorted parent (Minitron's search over axis
     # combinations, scored by calibration perplexity), no training; the router starts from them
     layer_order = scores["layer_order"].tolist() if depth else None
-    search_batches = [b.to(device) for b, _ in zip(TokenBatches(pack(train_stream, cfg.seq_len),
-                                                                min(cfg.batch_size, rows.shape[0]), seed=cfg.seed + 7),
+    # the first calibration batches again (importance consumed them from `calib`)
+    search_batches = [b.to(device) for b, _ in zip(TokenBatches(calib_rows, calib.batch_size, seed=cfg.seed + 7),
                                                     range(max(1, min(cfg.calib_batches, 4))))]
     axes = [a for a in cfg.axes if a != "depth"] or list(DEFAULT_AXES)
-    before, starts = {}, [None] * len(budgets)
+    # the parent (sorting preserves its function) on every held-out source: the full budget's reference
+    parent_ppl = {k: masked_perplexity(model, ElasticSpec(), v, cfg, device) for k, v in heldouts.items()}
+    before = {b.name: parent_ppl["train domain"] for b in budgets if b.is_full}
+    starts = [None] * len(budgets)
     for i, b in enumerate(budgets):
         if b.kind != "params" or b.is_full:
             continue
@@ -129,13 +133,7 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
         starts[i] = spec
         before[b.name] = masked_perplexity(model, spec, heldout, cfg, device)
         log(f"  zero-shot {b.name:>6}: perplexity {before[b.name]:.3f}  [{describe(spec, model.config)}]")
-    if budgets[0].is_full:
-        before[budgets[0].name] = None  # filled in below: the parent
 
-    # the parent (sorting preserves its function) on every held-out source: the full budget's reference
-    parent_ppl = {k: masked_perplexity(model, ElasticSpec(), v, cfg, device) for k, v in heldouts.items()}
-    if budgets[0].is_full:
-        before[budgets[0].name] = parent_ppl["train domain"]
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     if device.type == "cuda":
         teacher.to(torch.bfloat16)

@@ -197,12 +197,12 @@ class ElasticTrainer:
         for _ in range(self.cfg.router_warmup_steps):
             loss, settled = 0.0, True
             for i, budget in enumerate(self.budgets):
-                q = {k: torch.softmax(v * self.router.scale, -1) for k, v in self.router.logits(i).items()}
+                q = self.router.probs(i)
                 if budget.is_full:
                     loss = loss + full_choice_loss(q)
                     continue
                 expected = self.cost.cost(budget.kind, self.router.expected_arch(q))
-                argmax = self.cost.cost(budget.kind, self.router.arch_of({k: int(v.argmax()) for k, v in q.items()}))
+                argmax = self.cost.cost(budget.kind, self.router.argmax_arch(q))
                 settled = settled and abs(argmax / budget.target - 1) <= band / 2
                 loss = (loss + budget_loss(drawn_cost(argmax, expected), budget, band / 2)
                         + entropy_floor_loss(q, self.cfg.entropy_floor))
@@ -275,8 +275,7 @@ class ElasticTrainer:
             return None
         w = self.cfg.loss
         if decision is None:  # the full budget: the anchor keeps its logits on the parent for blending
-            p = {k: torch.softmax(v * self.router.scale, -1) for k, v in self.router.logits(b).items()}
-            logs["anchor"] = full_choice_loss(p)
+            logs["anchor"] = full_choice_loss(self.router.probs(b))
             return w.budget * w.anchor * logs["anchor"]
         expected = self.cost.cost(budget.kind, decision.arch)
         drawn_value = torch.as_tensor(self.cost.cost(budget.kind, decision.chosen_arch), dtype=torch.float32)
@@ -284,10 +283,10 @@ class ElasticTrainer:
             # judged twice, with the expected cost's gradient: the architecture that ran this step, and
             # the argmax, which is what gets exported (a flat distribution can draw in band around an
             # argmax that is not)
-            argmax = self.router.arch_of({k: int(p.argmax()) for k, p in decision.probs.items()})
+            argmax = self.cost.cost(budget.kind, self.router.argmax_arch(decision.probs))
             logs["budget"] = (budget_loss(drawn_cost(drawn_value, expected), budget, w.band)
-                              + budget_loss(drawn_cost(self.cost.cost(budget.kind, argmax), expected), budget, w.band))
-            logs["argmax_cost_fraction"] = self.cost.cost(budget.kind, argmax) / budget.full
+                              + budget_loss(drawn_cost(argmax, expected), budget, w.band))
+            logs["argmax_cost_fraction"] = argmax / budget.full
         else:
             logs["budget"] = budget_loss(expected, budget, w.band)
         logs["entropy_floor"] = entropy_floor_loss(decision.probs, self.cfg.entropy_floor)

@@ -22,6 +22,7 @@ expert_ffn, shared_ffn, depth (layers kept, least important dropped first; one c
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass, field
 
@@ -262,6 +263,10 @@ class Router(nn.Module):
                 out[name] = part
         return out
 
+    def probs(self, budget) -> dict[str, torch.Tensor]:
+        """Per slot, the choice distribution softmax(logits x scale) at the current training progress."""
+        return {name: F.softmax(logit * self.scale, dim=-1) for name, logit in self.logits(budget).items()}
+
     def forward(self, budget, mode: str = "hard", generator: torch.Generator | None = None) -> RouterOutput:
         """Sample an architecture for `budget`.
 
@@ -317,35 +322,34 @@ class Router(nn.Module):
     def expected_arch(self, probs: dict[str, torch.Tensor]) -> Arch:
         """Expected sizes: the parent's, overridden by the `probs`-weighted choices of every slot (tensors:
         the budget loss differentiates the cost through them)."""
-        arch = Arch(self._full.hidden, [dict(s) for s in self._full.layers])
-        for name, y in probs.items():
-            slot = self.slots[name]
-            expected = y @ torch.tensor(slot.sizes, dtype=y.dtype, device=y.device)
-            if slot.axis == "hidden":
-                arch.hidden = expected
-            elif slot.axis == "depth":
-                keep = y @ self.slot_prefix(name)
-                for i, s in enumerate(arch.layers):
-                    s["keep"] = keep[i]
-            else:
-                for i in slot.layers:
-                    arch.layers[i][AXES[slot.axis][0]] = expected
-        return arch
+        return self._sized({name: y @ (self.slot_prefix(name) if self.slots[name].axis == "depth" else
+                                       torch.tensor(self.slots[name].sizes, dtype=y.dtype, device=y.device))
+                            for name, y in probs.items()})
 
     def arch_of(self, choice: dict[str, int]) -> Arch:
         """The integer sizes of one choice index per slot (slots not named keep the parent's)."""
+        return self._sized({name: [int(v) for v in self.slot_prefix(name)[k].tolist()]
+                            if self.slots[name].axis == "depth" else self.slots[name].sizes[k]
+                            for name, k in choice.items()})
+
+    def argmax_arch(self, probs: dict[str, torch.Tensor]) -> Arch:
+        """The sizes of every slot's most likely choice."""
+        return self.arch_of({name: int(p.argmax()) for name, p in probs.items()})
+
+    def _sized(self, values: dict) -> Arch:
+        """The parent's sizes with each named slot's value put in: a size, or for depth the weight
+        of every layer."""
         arch = Arch(self._full.hidden, [dict(s) for s in self._full.layers])
-        for name, k in choice.items():
+        for name, value in values.items():
             slot = self.slots[name]
             if slot.axis == "hidden":
-                arch.hidden = slot.sizes[k]
+                arch.hidden = value
             elif slot.axis == "depth":
-                keep = self.slot_prefix(name)[k].tolist()
                 for i, s in enumerate(arch.layers):
-                    s["keep"] = int(keep[i])
+                    s["keep"] = value[i]
             else:
                 for i in slot.layers:
-                    arch.layers[i][AXES[slot.axis][0]] = slot.sizes[k]
+                    arch.layers[i][AXES[slot.axis][0]] = value
         return arch
 
     def choice_of(self, spec: ElasticSpec) -> dict[str, int]:
@@ -435,7 +439,7 @@ def _layer_choices(c: ModelConfig, axis: str, cfg: RouterConfig) -> tuple[list[i
     return sizes, _prefixes(n, sizes)
 
 
-# ----------------------------------------------------------------------------- after training
+# ----------------------------------------------------------------------------- entropy
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:
     """Entropy of a choice distribution, normalised by log(choices) to [0, 1] (0 for one choice)."""
@@ -452,6 +456,8 @@ def entropy_floor_loss(probs: dict[str, torch.Tensor], floor: float) -> torch.Te
     terms = [F.relu(floor - entropy(p)) for p in probs.values()]
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
+
+# ----------------------------------------------------------------------------- after training
 
 @dataclass
 class Projection:
@@ -509,8 +515,6 @@ def project_budgets(router: Router, budgets: list[Budget], costs: CostModel | No
 
 
 def _best_in_band(router, costs, b: Budget, logq, argmax, start, upper, band, max_states) -> Projection:
-    import heapq
-
     names = list(start)
     best = sum(logq[n][argmax[n]] for n in names)
     argmax_cost = costs.cost(b.kind, router.arch_of(argmax))
@@ -528,10 +532,9 @@ def _best_in_band(router, costs, b: Budget, logq, argmax, start, upper, band, ma
         return Projection(dict(zip(names, ks0)), b.target, cost, argmax_cost, ks0 != tuple(argmax[n] for n in names),
                           loss)
     steer = 50.0  # nats per unit of relative cost outside the band: reach the band first, then prefer the router
-    heap, seen = [(loss + steer * (dev - band), ks0)], {ks0}
+    heap, seen = [(loss + steer * (dev - band), ks0, cost, dev, loss)], {ks0}
     while heap and len(seen) < max_states:
-        _, ks = heapq.heappop(heap)
-        cost, dev, loss = evaluate(ks)
+        _, ks, cost, dev, loss = heapq.heappop(heap)
         if dev <= band:
             return Projection(dict(zip(names, ks)), b.target, cost, argmax_cost, True, loss)
         for j, n in enumerate(names):
@@ -541,7 +544,7 @@ def _best_in_band(router, costs, b: Budget, logq, argmax, start, upper, band, ma
                     if nxt not in seen:
                         seen.add(nxt)
                         c2, d2, l2 = evaluate(nxt)
-                        heapq.heappush(heap, (l2 + steer * max(0.0, d2 - band), nxt))
+                        heapq.heappush(heap, (l2 + steer * max(0.0, d2 - band), nxt, c2, d2, l2))
     name = b.name or f"{b.fraction:g}"
     raise StarElasticError(f"budget {name}: no architecture within {band:.0%} of its target nested in the larger "
                            f"budgets' was found (the router's argmax costs {argmax_cost / b.target:.3f}x the target)")
