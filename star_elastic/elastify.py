@@ -18,7 +18,7 @@ from .elastic.checkpoint import save_elastic
 from .elastic.cost import CostModel, parse_budget
 from .elastic.importance import estimate_importance, permuted_scores
 from .elastic.router import DEFAULT_AXES, Router, RouterConfig, project_budgets
-from .elastic.spec import ElasticSpec
+from .elastic.spec import ElasticSpec, masked
 from .elastic.search import describe, search_spec
 from .elastic.sort import sort_model
 from .errors import StarElasticError
@@ -64,13 +64,10 @@ def drift_source(data: str, drift_data: str | None) -> str | None:
 
 
 def masked_perplexity(model, spec, heldout, cfg: ElastifyConfig, device) -> float:
-    model.set_masks(spec.masks(model.config, device=device))
-    try:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            return perplexity(model, heldout, seq_len=cfg.seq_len, batch_size=4, max_tokens=cfg.eval_tokens,
-                              progress=False, device=device)["perplexity"]
-    finally:
-        model.clear_masks()
+    with masked(model, spec.masks(model.config, device=device)), \
+            torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return perplexity(model, heldout, seq_len=cfg.seq_len, batch_size=4, max_tokens=cfg.eval_tokens,
+                          progress=False, device=device)["perplexity"]
 
 
 def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -> dict:

@@ -33,7 +33,7 @@ from .data import TokenBatches
 from .elastic.cost import Budget, CostModel
 from .elastic.losses import LossWeights, budget_loss, drawn_cost, elastic_loss, full_choice_loss, kd_loss
 from .elastic.router import Router, entropy, entropy_floor_loss, project_budgets
-from .elastic.spec import ElasticSpec
+from .elastic.spec import ElasticSpec, masked
 from .errors import StarElasticError
 from .evaluate import perplexity
 from .model import Model
@@ -322,17 +322,13 @@ class ElasticTrainer:
             masks, decision = self._decide(b, budget)
             step_logs = {}
             router_loss = self._router_loss(b, budget, decision, step_logs)
-            if masks is not None:
-                self.model.set_masks(masks)
-            try:
+            with masked(self.model, masks or {}):
                 with self._ctx():
                     student_logits = self.model(x)
                 losses = elastic_loss(student_logits, teacher_logits, 0.0, budget, None, x,
                                       replace(cfg.loss, budget=0.0, kd=cfg.loss.kd * self.kd_weights[b]))
                 total = losses["total"] + (router_loss if router_loss is not None else 0.0)
                 (total / cfg.grad_accum).backward()
-            finally:
-                self.model.clear_masks()
             del student_logits
             if cfg.full_anchor and not budget.is_full:  # the sandwich rule: the full model on the same batch
                 with self._ctx():
@@ -397,11 +393,9 @@ class ElasticTrainer:
         out = {}
         for i, budget in enumerate(self.budgets):
             spec = self.router.spec(i) if self.router is not None else self.fixed_specs[i]
-            self.model.set_masks(spec.masks(self.model.config, device=self.device))
-            with self._ctx():
+            with masked(self.model, spec.masks(self.model.config, device=self.device)), self._ctx():
                 r = perplexity(self.model, self.heldout, seq_len=self.cfg.seq_len, batch_size=4,
                                max_tokens=self.cfg.eval_tokens, progress=False, device=self.device)
-            self.model.clear_masks()
             out[budget.name] = {"perplexity": r["perplexity"], "params": spec.num_parameters(self.model.config)}
         return out
 

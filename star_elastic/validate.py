@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .elastic.cost import BAND
+from .elastic.spec import masked as masked_by
 from .errors import StarElasticError
 
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.bfloat16: 3e-2, torch.float16: 1e-2}
@@ -236,12 +237,8 @@ def validate_checkpoint(path, data: str | None = None, device=None, dtype=None, 
             "prefix of the parent" + (f", inside budget(s) {', '.join(larger)}" if larger else "")
             + "; weights = parent's kept units"), name)
 
-        model.set_masks(spec.masks(cfg, device=ids.device, dtype=dtype_now))
-        try:
-            with torch.no_grad():
-                masked, out = model(ids).float(), small(ids).float()
-        finally:
-            model.clear_masks()
+        with masked_by(model, spec.masks(cfg, device=ids.device, dtype=dtype_now)), torch.no_grad():
+            masked, out = model(ids).float(), small(ids).float()
         err = ((masked - out).norm() / masked.norm().clamp(min=1e-30)).item()
         report.add("outputs", "ok" if err <= tol else "fail",
                    f"sliced vs masked relative error {err:.1e} (tolerance {tol:.0e}, {str(dtype_now)[6:]}, "

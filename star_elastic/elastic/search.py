@@ -32,7 +32,7 @@ from star_elastic.model import ModelConfig
 
 from .axes import AXES as REGISTRY
 from .axes import DEFAULT_AXES  # noqa: F401  (re-exported)
-from .spec import ElasticSpec, aligned_multiple, count_parameters, stock_multiple
+from .spec import ElasticSpec, aligned_multiple, count_parameters, masked, stock_multiple
 
 AXES = {name: a.cuts for name, a in REGISTRY.items()}  # what each axis cuts, for help texts
 MIN_FRACTION = 0.85  # the chosen model has at least this share of the target
@@ -289,22 +289,19 @@ def calibration_perplexity(model, spec: ElasticSpec, batches, device=None) -> fl
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     nll, tokens = 0.0, 0
-    model.set_masks(spec.masks(model.config, device=device))
-    try:
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            for ids in batches:
-                if ids.dim() != 2 or ids.shape[1] < 2:
-                    raise StarElasticError(f"calibration batches must be (batch, tokens) with at least 2 tokens "
-                                           f"per row, got shape {tuple(ids.shape)}")
-                try:
-                    r = perplexity(model, ids.reshape(-1), seq_len=ids.shape[1], batch_size=ids.shape[0],
-                                   progress=False, device=device)
-                except OverflowError:  # exp of a mean loss above ~709 nats
-                    return math.inf
-                nll += r["nll"] * r["tokens"]
-                tokens += r["tokens"]
-    finally:
-        model.clear_masks()
+    with masked(model, spec.masks(model.config, device=device)), torch.no_grad(), \
+            torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for ids in batches:
+            if ids.dim() != 2 or ids.shape[1] < 2:
+                raise StarElasticError(f"calibration batches must be (batch, tokens) with at least 2 tokens "
+                                       f"per row, got shape {tuple(ids.shape)}")
+            try:
+                r = perplexity(model, ids.reshape(-1), seq_len=ids.shape[1], batch_size=ids.shape[0],
+                               progress=False, device=device)
+            except OverflowError:  # exp of a mean loss above ~709 nats
+                return math.inf
+            nll += r["nll"] * r["tokens"]
+            tokens += r["tokens"]
     if not tokens:
         raise StarElasticError("no calibration batches to score the candidate architectures on")
     mean = nll / tokens

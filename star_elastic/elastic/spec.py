@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -346,6 +347,17 @@ class ElasticSpec:
             if i not in kept:
                 out[f"layers.{i}"] = torch.zeros((), dtype=dtype, device=device)
         return out
+
+
+@contextmanager
+def masked(model, masks: dict):
+    """`model` running under `masks` (as `ElasticSpec.masks` builds them; {} for none) inside the
+    block, its masks cleared afterwards whatever happens."""
+    model.set_masks(masks)
+    try:
+        yield model
+    finally:
+        model.clear_masks()
 
 
 def unit_counts(cfg: ModelConfig) -> dict[str, int]:
