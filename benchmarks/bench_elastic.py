@@ -70,7 +70,8 @@ from star_elastic.train import ElasticTrainer, TrainConfig, lr_factor  # noqa: E
 METHODS = ("zero_shot", "elastic", "minitron")
 VARIANTS = ("elastic", "elastic_small", "elastic_anchor", "joint_fixed")
 LABELS = {"parent": "parent", "zero_shot": "(a) zero-shot", "elastic": "(b) elastic", "minitron": "(c) Minitron",
-          "elastic_anchor": "(b+) anchored", "elastic_small": "(b*) small-weighted", "joint_fixed": "(b') fixed arch", "zero_shot_elastic_arch": "(a@b) zero-shot"}
+          "elastic_anchor": "(b+) anchored", "elastic_small": "(b*) small-weighted", "joint_fixed": "(b') fixed arch",
+          "zero_shot_elastic_arch": "(a@b) zero-shot"}
 
 
 def parse_args(argv=None):
@@ -187,16 +188,16 @@ def heldout_streams(tokenizer, args, primary_heldout: torch.Tensor | None = None
     return out
 
 
-def importance_and_sort(model, train: torch.Tensor, args, device) -> dict:
+def importance_and_sort(model, train: torch.Tensor, args, device) -> tuple[dict, list[torch.Tensor]]:
+    """Importance on the calibration batches and the sort; (what was done, the batches)."""
     t = clock(device)
     batches = zs.calibration(train, args)
     scores = estimate_importance(model, batches, progress=False)
     sort_model(model, scores, experts_key="experts")  # experts by REAP; every permutation function-preserving
-    model.calibration = batches  # (a) scores its candidates on the same batches
     return {"data": f"{args.train_data} (train split)", "batches": len(batches), "batch_size": args.calib_batch_size,
             "seq_len": args.calib_seq_len, "tokens": sum(b.numel() for b in batches),
             "experts_ranked_by": "REAP" if any(k.endswith(".experts") for k in scores) else None,
-            "seconds": round(clock(device) - t, 1)}
+            "seconds": round(clock(device) - t, 1)}, batches
 
 
 # ----------------------------------------------------------------------------- (c) the plain distillation loop
@@ -245,8 +246,9 @@ def distil(student, teacher, rows: torch.Tensor, steps: int, lr: float, args, de
 # ----------------------------------------------------------------------------- the comparison
 
 def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, lr: float, args, device,
-            part: dict, save) -> None:
-    """(a), (b), (c) on `sorted_parent` (fp32, trained by nobody: every method copies it) into part["rows"]."""
+            part: dict, save, calibration: list[torch.Tensor]) -> None:
+    """(a), (b), (c) on `sorted_parent` (fp32, trained by nobody: every method copies it) into part["rows"];
+    (a)'s search scores its candidates on the importance `calibration` batches (the first 8)."""
     cfg = sorted_parent.config
     total = sorted_parent.num_parameters()
     budgets = sorted((parse_budget(b, cfg) for b in args.budgets.split(",")), key=lambda b: -b.fraction)
@@ -286,7 +288,7 @@ def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, 
     # (a) zero-shot
     t = clock(device)
     specs, searched = {}, {}
-    calib = [x.to(device) for x in getattr(sorted_parent, "calibration", [])][:8]
+    calib = [x.to(device) for x in calibration[:8]]
     for b in budgets:
         if args.zero_shot == "search" and not b.is_full and calib:
             spec, records = search_spec(sorted_parent, int(b.target), axes, calib)
@@ -487,8 +489,9 @@ def run_a(args, device, res: Results) -> dict:
     print(f"A: {path.name}, {parent.num_parameters():,} parameters on {res.data['machine']}; {train.numel():,} "
           f"train tokens of {args.train_data}; held-out {part['heldout']}  [{part['setup_seconds']} s]", flush=True)
     sorted_parent = copy.deepcopy(parent)
-    part["importance"] = importance_and_sort(sorted_parent, train, args, device)
-    compare(parent, sorted_parent, train, heldouts, args.tokens_a, args.lr_a, args, device, part, res.save)
+    part["importance"], calibration = importance_and_sort(sorted_parent, train, args, device)
+    compare(parent, sorted_parent, train, heldouts, args.tokens_a, args.lr_a, args, device, part, res.save,
+            calibration)
     part["seconds"] = round(clock(device) - t0, 1)
     res.save()
     return part
@@ -529,8 +532,9 @@ def run_b(args, device, res: Results) -> dict:
                              "seconds": round(clock(device) - t, 1), "log": log})
     res.save()
     sorted_parent = copy.deepcopy(parent)
-    part["importance"] = importance_and_sort(sorted_parent, train, args, device)
-    compare(parent, sorted_parent, train, heldouts, args.tokens_b, args.lr_b, args, device, part, res.save)
+    part["importance"], calibration = importance_and_sort(sorted_parent, train, args, device)
+    compare(parent, sorted_parent, train, heldouts, args.tokens_b, args.lr_b, args, device, part, res.save,
+            calibration)
     part["seconds"] = round(clock(device) - t0, 1)
     part["table"] += (f"\nParent pretraining: {part['pretraining']['tokens']:,} tokens in "
                       f"{part['pretraining']['seconds']} s (not counted in T)")
