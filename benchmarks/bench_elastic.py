@@ -109,6 +109,8 @@ def parse_args(argv=None):
                          "full model distilled every step), joint_fixed (no router: (c)'s architectures)")
     ap.add_argument("--warm-start", type=int, default=1,
                     help="1: the router starts from (a)'s architectures (as elastify does); 0: from the cost alone")
+    ap.add_argument("--router-estimator", choices=["score", "straight-through"], default="score",
+                    help="how distillation reaches the router (TrainConfig.router_estimator)")
     ap.add_argument("--small-weights", default="0.2,0.4,0.4", help="stage-2 budget weights of elastic_small")
     ap.add_argument("--no-minitron", action="store_true", help="skip (c) (e.g. when another GPU runs it: --merge)")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
@@ -370,6 +372,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
     tcfg = TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=lr,
                        router_lr=args.router_lr, warmup_steps=max(1, steps // 20), seed=args.seed,
                        full_anchor=args.full_anchor if variant == "elastic_anchor" else 0.0,
+                       router_estimator=args.router_estimator,
                        stage2_weights=[float(w) for w in args.small_weights.split(",")] if variant == "elastic_small"
                        else None)
     tmp = tempfile.TemporaryDirectory(prefix="bench_elastic_")  # metrics.jsonl of ElasticTrainer.run

@@ -94,7 +94,7 @@ def cmd_elastify(args):
                          stage2_weights=_floats(args.stage2_weights, "--stage2-weights"),
                          stage2_seq_len=args.stage2_seq_len, kd_weights=_floats(args.kd_weights, "--kd-weights"),
                          full_anchor=args.full_anchor, drift_data=args.drift_data, router_init=args.router_init,
-                         multiple=args.multiple)
+                         router_estimator=args.router_estimator, multiple=args.multiple)
     if rank == 0:
         where = f"{ranks} ranks ({device.type})" if ranks > 1 else str(device)
         print(f"elastify {resolve_model(args.model)}: {model.num_parameters() / 1e6:.1f}M parameters, budgets "
@@ -462,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--router-init", choices=["search", "cost"], default="search",
                     help="the router starts from each budget's best zero-shot architecture (search, scored by "
                          "calibration perplexity) or from one fitted to the cost alone")
+    sp.add_argument("--router-estimator", choices=["score", "straight-through"], default="score",
+                    help="how distillation reaches the router's choices: a score-function term, each draw against "
+                         "the argmax on the same batch (score), or straight-through masks (the older rule)")
     sp.add_argument("--drift-data", default="auto",
                     help="held-out text of a second domain on which the full budget's drift from the parent "
                          "is reported (default: a bundled corpus the training data does not use; '' for none)")

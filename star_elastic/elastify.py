@@ -17,7 +17,7 @@ from .data import TokenBatches, load_corpus_tokens, pack, parse_mixture
 from .elastic.checkpoint import save_elastic
 from .elastic.cost import CostModel, parse_budget
 from .elastic.importance import estimate_importance, permuted_scores
-from .elastic.router import DEFAULT_AXES, Router, RouterConfig, project_budgets
+from .elastic.router import DEFAULT_AXES, ESTIMATORS, Router, RouterConfig, project_budgets
 from .elastic.spec import ElasticSpec, masked
 from .elastic.search import describe, search_spec
 from .elastic.sort import sort_model
@@ -48,6 +48,7 @@ class ElastifyConfig:
     full_anchor: float = 0.0  # >0: the full model is distilled on every step too (the budget sampler skips it)
     drift_data: str | None = "auto"  # held-out text of a second domain for the full budget's drift ("": none)
     router_init: str = "search"  # the router starts from the zero-shot search's architectures, or "cost" alone
+    router_estimator: str = "score"  # how distillation reaches the router: "score" or "straight-through"
     multiple: int | None = None  # kept widths are multiples of it (None: aligned for GPUs, spec.aligned_multiple)
 
 
@@ -81,6 +82,8 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
     torch.manual_seed(cfg.seed)
     if cfg.router_init not in ("search", "cost"):
         raise StarElasticError(f"router init is 'search' or 'cost', got {cfg.router_init!r}")
+    if cfg.router_estimator not in ESTIMATORS:
+        raise StarElasticError(f"router estimator is one of {', '.join(ESTIMATORS)}, got {cfg.router_estimator!r}")
     budgets = sorted((parse_budget(b, model.config) for b in cfg.budgets), key=lambda b: -b.fraction)
     if len({b.name for b in budgets}) != len(budgets):
         raise StarElasticError(f"budgets {cfg.budgets} name the same budget twice")
@@ -146,7 +149,8 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
     tcfg = TrainConfig(steps=steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr,
                        router_lr=cfg.router_lr, warmup_steps=max(1, steps // 20), eval_tokens=cfg.eval_tokens,
                        seed=cfg.seed, stage1_fraction=cfg.stage1_fraction, stage2_weights=cfg.stage2_weights,
-                       stage2_seq_len=cfg.stage2_seq_len, budget_kd_weights=kd_weights, full_anchor=cfg.full_anchor)
+                       stage2_seq_len=cfg.stage2_seq_len, budget_kd_weights=kd_weights, full_anchor=cfg.full_anchor,
+                       router_estimator=cfg.router_estimator)
     trainer = ElasticTrainer(model, teacher, router, budgets, rows, tcfg, out.parent / f".{out.name}.train",
                              heldout=heldout, warm_start=starts if cfg.router_init == "search" and any(starts) else None)
     if trainer.load_state():

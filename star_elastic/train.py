@@ -4,8 +4,10 @@ from the frozen parent over several budgets (docs/METHOD.md §7-§9).
 Every step: pick a budget (stage 1 uniform, stage 2 weighted toward the full model), run the student
 on it and minimise KL(teacher || student) + lambda * budget loss. The full budget is the parent: its
 steps run the unmasked student. A smaller budget's architecture is drawn by the router (or fixed,
-for the ablation without one), and the student runs masked to it; with `full_anchor` the full model
-is also distilled on the same batch. The model code knows nothing of this: masks go in through
+for the ablation without one), and the student runs masked to it; the router learns which draws
+distil better from a score-function term against its argmax architecture on the same batch (one
+extra forward without gradient, skipped when the draw is the argmax). With `full_anchor` the full
+model is also distilled on the same batch. The model code knows nothing of this: masks go in through
 `Model.set_masks`.
 
 Distribution is applied from outside, torchrun style: under `torch.distributed` every rank draws
@@ -31,7 +33,8 @@ from tqdm.auto import tqdm
 
 from .data import TokenBatches
 from .elastic.cost import Budget, CostModel
-from .elastic.losses import LossWeights, budget_loss, drawn_cost, elastic_loss, full_choice_loss, kd_loss
+from .elastic.losses import (LossWeights, advantage, budget_loss, drawn_cost, elastic_loss, full_choice_loss,
+                             kd_loss, score_function_loss)
 from .elastic.router import Router, entropy, entropy_floor_loss, project_budgets
 from .elastic.spec import ElasticSpec, masked
 from .errors import StarElasticError
@@ -55,6 +58,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     clip: float = 1.0
     router_mode: str = "hard"
+    router_estimator: str = "score"  # how distillation reaches hard choices: "score" or "straight-through"
+    router_quality: float = 1.0  # weight of the router's score-function (quality) term
+    draw_in_band: bool = True  # redraw (up to 32 times) until the drawn architecture is in its budget's band
+    router_band_penalty: float = 10.0  # in that term's advantage, per unit of relative cost outside the band:
+    #                                    a draw that distils better only by leaving the band is not rewarded
     router_warmup_steps: int = 300  # budget-only steps of the router before any model step (cheap)
     budget_cost: str = "drawn"  # the budget loss judges the "drawn" architecture or the "expected" one
     router_clip: float = 1.0  # the router's gradient is clipped on its own (the model's norm would drown it)
@@ -265,7 +273,11 @@ class ElasticTrainer:
             return None, None
         if self.router is None:
             return self.fixed_specs[b].masks(self.model.config, device=self.device), None
-        decision = self.router(b, mode=self.cfg.router_mode, generator=self.gumbel)
+        band = self.cfg.loss.band
+        in_band = (lambda arch: abs(self.cost.cost(budget.kind, arch) / budget.target - 1) <= band) \
+            if self.cfg.draw_in_band else None
+        decision = self.router(b, mode=self.cfg.router_mode, generator=self.gumbel, estimator=self.cfg.router_estimator,
+                               accept=in_band)
         return {k: v.to(self.device) for k, v in decision.masks.items()}, decision
 
     def _router_loss(self, b: int, budget: Budget, decision, logs: dict) -> torch.Tensor | None:
@@ -279,14 +291,14 @@ class ElasticTrainer:
             return w.budget * w.anchor * logs["anchor"]
         expected = self.cost.cost(budget.kind, decision.arch)
         drawn_value = torch.as_tensor(self.cost.cost(budget.kind, decision.chosen_arch), dtype=torch.float32)
+        argmax = self.cost.cost(budget.kind, self.router.argmax_arch(decision.probs))
+        logs["argmax_cost_fraction"] = argmax / budget.full
         if self.cfg.budget_cost == "drawn":
             # judged twice, with the expected cost's gradient: the architecture that ran this step, and
             # the argmax, which is what gets exported (a flat distribution can draw in band around an
             # argmax that is not)
-            argmax = self.cost.cost(budget.kind, self.router.argmax_arch(decision.probs))
             logs["budget"] = (budget_loss(drawn_cost(drawn_value, expected), budget, w.band)
                               + budget_loss(drawn_cost(argmax, expected), budget, w.band))
-            logs["argmax_cost_fraction"] = argmax / budget.full
         else:
             logs["budget"] = budget_loss(expected, budget, w.band)
         logs["entropy_floor"] = entropy_floor_loss(decision.probs, self.cfg.entropy_floor)
@@ -298,6 +310,25 @@ class ElasticTrainer:
         for axis, h in by_axis.items():
             logs[f"entropy.{axis}"] = sum(h) / len(h)
         return w.budget * logs["budget"] + logs["entropy_floor"]
+
+    def _off_band(self, budget: Budget, fraction: float) -> float:
+        """How far a cost (as a fraction of the parent's) is outside the budget's band (0 inside)."""
+        return float(budget_loss(fraction * budget.full, budget, self.cfg.loss.band))
+
+    def _baseline_kd(self, x, teacher_logits, decision, logs: dict) -> torch.Tensor | None:
+        """The score-function baseline: the distillation loss of the router's argmax architecture on
+        the same batch (no gradient). Scored against it, a draw is judged by its architecture, not by
+        how hard the batch is. None when there is no score term, or the draw is the argmax (no signal)."""
+        if decision is None or decision.log_prob is None:
+            return None
+        argmax = {name: int(p.argmax()) for name, p in decision.probs.items()}
+        logs["drawn_is_argmax"] = float(argmax == decision.choice)
+        if argmax == decision.choice:
+            logs["advantage"] = 0.0
+            return None
+        with torch.no_grad(), masked(self.model, {k: v.to(self.device) for k, v in self.router.hard_masks(argmax).items()}):
+            with self._ctx():
+                return kd_loss(self.model(x), teacher_logits)
 
     def train_step(self) -> dict:
         cfg = self.cfg
@@ -322,12 +353,20 @@ class ElasticTrainer:
             masks, decision = self._decide(b, budget)
             step_logs = {}
             router_loss = self._router_loss(b, budget, decision, step_logs)
+            baseline = self._baseline_kd(x, teacher_logits, decision, step_logs)
             with masked(self.model, masks or {}):
                 with self._ctx():
                     student_logits = self.model(x)
                 losses = elastic_loss(student_logits, teacher_logits, 0.0, budget, None, x,
                                       replace(cfg.loss, budget=0.0, kd=cfg.loss.kd * self.kd_weights[b]))
                 total = losses["total"] + (router_loss if router_loss is not None else 0.0)
+                if baseline is not None:  # the router's quality term: this draw against the argmax
+                    drawn_kd = losses["kd"] if "kd" in losses else kd_loss(student_logits.detach(), teacher_logits)
+                    a = advantage(drawn_kd, baseline) + cfg.router_band_penalty * (
+                        self._off_band(budget, step_logs["cost_fraction"])
+                        - self._off_band(budget, step_logs["argmax_cost_fraction"]))
+                    step_logs.update(kd_argmax=baseline, advantage=a)
+                    total = total + cfg.router_quality * score_function_loss(decision.log_prob, a)
                 (total / cfg.grad_accum).backward()
             del student_logits
             if cfg.full_anchor and not budget.is_full:  # the sandwich rule: the full model on the same batch

@@ -15,7 +15,7 @@ from star_elastic.elastic import ElasticSpec, count_parameters, slice_model
 from star_elastic.elastic.cost import (Arch, Budget, CostModel, MemorySettings, count_active, count_params,
                                        memory_bytes, parse_budget)
 from star_elastic.elastic.losses import (LossWeights, budget_loss, drawn_cost, elastic_loss, full_choice_loss, kd_loss,
-                                         next_token_ce)
+                                         advantage, next_token_ce, score_function_loss)
 from star_elastic.validate import check_nesting
 from star_elastic.elastic.router import (AXES, Router, RouterConfig, entropy_floor_loss, project_budgets,
                                          width_choices)
@@ -243,10 +243,20 @@ def test_hard_masks_are_exact_prefixes_carrying_the_probability_gradient():
     order = DEPTH_ORDER["nemotron"]
     kept = {i for i in range(7) if out.masks[f"layers.{i}"] != 0}
     assert kept == set(order[7 - r.slots["depth"].sizes[out.choice["depth"]]:])  # the most important layers
-    # the probability carries the task loss's gradient back to the router
-    sum(m.sum() for m in out.masks.values()).backward()
+    # the default (score-function) estimator: the masks carry no gradient, log p of the choice does
+    assert not any(m.requires_grad for m in out.masks.values())
+    out.log_prob.backward()
     for axis, mlp in r.mlps.items():
         assert mlp[0].weight.grad is not None and mlp[0].weight.grad.abs().sum() > 0, axis
+    # straight-through: the same exact prefixes, the probability carries the loss's gradient back
+    r.zero_grad()
+    st = r(1, mode="hard", estimator="straight-through", generator=torch.Generator().manual_seed(1))
+    assert st.log_prob is None and all(set(m.detach().unique().tolist()) <= {0.0, 1.0} for m in st.masks.values())
+    sum(m.sum() for m in st.masks.values()).backward()
+    for axis, mlp in r.mlps.items():
+        assert mlp[0].weight.grad is not None and mlp[0].weight.grad.abs().sum() > 0, axis
+    with pytest.raises(ValueError, match="estimator"):
+        r(1, estimator="reinforce")
 
 
 def test_soft_masks_are_probability_weighted_prefixes():
@@ -375,23 +385,27 @@ def test_router_is_small_for_a_smollm2_sized_model():
     assert 0 < n < 0.02 * model_params, (n, model_params)
 
 
-@pytest.mark.parametrize("mode", ["hard", "soft"])
+@pytest.mark.parametrize("mode", ["score", "straight-through", "soft"])
 @pytest.mark.parametrize("axes", [ALL_AXES[:-1], ALL_AXES])
-def test_task_loss_reaches_every_axis_of_the_router_through_the_masks(mode, axes):
+def test_task_loss_reaches_every_axis_of_the_router(mode, axes):
+    """Through the masks (straight-through, soft) or through log p of the choice (score)."""
     model = randomize_(Model(NEMOTRON), 0)
     x = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         teacher = model(x)
     r = make_router(axes=axes).train()
     r.set_progress(0.2)
-    out = r(1, mode=mode, generator=torch.Generator().manual_seed(0))
+    out = r(1, mode="soft" if mode == "soft" else "hard", generator=torch.Generator().manual_seed(0),
+            estimator="score" if mode == "soft" else mode)
     model.set_masks(out.masks)
     loss = kd_loss(model(x), teacher)
     model.clear_masks()
     assert loss > 0
+    if mode == "score":  # against a baseline the draw beat
+        loss = score_function_loss(out.log_prob, advantage(loss, 1.5 * loss.detach()))
     loss.backward()
     # (with depth, a hard sample may drop every layer of some axis: only kept layers' axes can learn)
-    want = set(r.mlps) if "depth" not in axes or mode == "soft" else {"hidden", "depth"}
+    want = set(r.mlps) if "depth" not in axes or mode != "straight-through" else {"hidden", "depth"}
     got = {a for a, mlp in r.mlps.items() if mlp[0].weight.grad is not None and mlp[0].weight.grad.any()}
     assert want <= got, (want - got, r.spec_of(out.choice))
 
@@ -559,7 +573,7 @@ def test_dropped_units_send_no_gradient_to_the_router():
     drove the 0.75 and 0.5 budgets' argmax to the whole parent against the budget loss."""
     r = make_router().train()
     r.set_progress(0.3)
-    out = r(2, mode="hard", generator=torch.Generator().manual_seed(0))
+    out = r(2, mode="hard", generator=torch.Generator().manual_seed(0), estimator="straight-through")
     dropped = sum(((m == 0).float() * m).sum() for m in out.masks.values() if m.dim() > 0)
     r.zero_grad()
     dropped.backward(retain_graph=True)
@@ -567,3 +581,62 @@ def test_dropped_units_send_no_gradient_to_the_router():
     kept = sum(m.sum() for m in out.masks.values())  # while the units that ran do reach it
     kept.backward()
     assert any(p.grad is not None and p.grad.any() for p in r.parameters())
+
+
+def _learn_choice(estimator: str, steps: int = 150) -> tuple[int, int]:
+    """Train a one-slot router (Llama FFN widths, no budget) on L(mask) = ((n - kept) / n)^2, the loss
+    of a layer whose output falls short by the units it drops. Returns (argmax choice, choices)."""
+    r = make_router("llama", hetero=False, axes=("ffn",)).train()
+    with torch.no_grad():  # every choice as likely as the others
+        r.mlps["ffn"][2].weight.zero_()
+        r.mlps["ffn"][2].bias.zero_()
+    n = LLAMA.intermediate_size
+    loss_of = lambda m: ((n - m.sum()) / n) ** 2  # noqa: E731
+    opt = torch.optim.Adam(r.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        out = r(0, mode="hard", generator=gen, estimator=estimator)
+        loss = loss_of(out.masks["layers.0.ffn"])
+        if estimator == "score":
+            argmax = {k: int(p.argmax()) for k, p in out.probs.items()}
+            loss = score_function_loss(out.log_prob, advantage(loss, loss_of(r.hard_masks(argmax)["layers.0.ffn"])))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return int(r.logits(0)["ffn"].argmax()), len(r.slots["ffn"].sizes)
+
+
+def test_the_router_learns_the_choice_that_distils_best():
+    """The quality term moves the router to the choice with the lowest loss (here: keep every unit),
+    and straight-through masks do not. Their gradient on p_k is the value of scaling the kept units
+    up: here -2 kept (n - kept) / n^2, zero for the best choice and largest for a half cut, so they
+    reinforce whichever cut ran, deepest-felt first. On SmolLM2 (H200, 2026-11-30) that cut attention
+    9 -> 3 heads at both budgets, +124% perplexity against the calibration search's FFN cuts."""
+    best, choices = _learn_choice("score")
+    assert best == choices - 1
+    cut, _ = _learn_choice("straight-through")
+    assert cut < choices - 1
+
+
+def test_advantage_is_relative_and_bounded():
+    assert float(advantage(1.1, 1.0)) == pytest.approx(0.1 / 1.05)
+    assert float(advantage(2.0, 0.0)) == pytest.approx(2.0)  # an argmax that is the teacher itself
+    assert float(advantage(0.5, 0.5)) == 0.0
+    log_p = torch.tensor(-1.0, requires_grad=True)
+    score_function_loss(log_p, advantage(torch.tensor(3.0, requires_grad=True), 1.0)).backward()
+    assert log_p.grad == pytest.approx(1.0)  # the advantage itself is not differentiated
+
+
+def test_draws_can_be_held_to_an_acceptance_test():
+    """Training redraws until `accept` takes the architecture (the trainer: its budget's band), so no
+    step trains an architecture that could never be exported; without one, draws roam."""
+    r = make_router("llama", hetero=False, axes=("ffn",)).train()
+    gen = torch.Generator().manual_seed(0)
+    ffn = lambda arch: arch.layers[0]["intermediate_size"]  # noqa: E731
+    sizes = [ffn(r(0, generator=gen).chosen_arch) for _ in range(40)]
+    assert len(set(sizes)) > 3
+    wide = lambda arch: ffn(arch) >= 30  # noqa: E731
+    held = [ffn(r(0, generator=gen, accept=wide).chosen_arch) for _ in range(40)]
+    assert all(s >= 30 for s in held) and len(set(held)) > 1
+    never = [r(0, generator=gen, accept=lambda a: False, tries=3).chosen_arch for _ in range(3)]
+    assert all(a is not None for a in never)  # no acceptable draw: the last one is used

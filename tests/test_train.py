@@ -197,8 +197,8 @@ def test_full_budget_steps_run_the_unmasked_parent(tmp_path):
         if log["budget"] == "1.0":
             full_steps += 1
             assert seen[before:] == [False] and log["cost_fraction"] == 1.0
-        else:
-            assert seen[before:] == [True]
+        else:  # the drawn architecture, and the argmax's baseline forward when the draw differs
+            assert seen[before:] in ([True], [True, True]), seen[before:]
     assert full_steps >= 5
 
 
@@ -229,7 +229,7 @@ def test_router_does_not_saturate_after_the_warm_up(tmp_path):
 
 def test_distillation_reaches_the_router_choices(tmp_path):
     """With the budget term and the entropy floor off, a smaller budget's step still moves the router:
-    the straight-through masks carry the distillation loss to every choice."""
+    its score-function term carries the distillation loss (this draw against the argmax) to the choices."""
     t = trainer(tmp_path, router_warmup_steps=0, entropy_floor=0.0)
     t.cfg.loss = type(t.cfg.loss)(budget=0.0)
     with torch.no_grad():
@@ -240,6 +240,7 @@ def test_distillation_reaches_the_router_choices(tmp_path):
         if log["budget"] != "1.0":
             break
     assert log["kd"] > 0 and log["router_grad_norm"] > 1e-6
+    assert log["drawn_is_argmax"] == 0 and log["advantage"] != 0 and log["kd_argmax"] > 0
 
 
 def test_steps_log_router_health_per_budget(tmp_path):
@@ -309,7 +310,8 @@ def test_full_anchor_distils_the_full_model_every_step(tmp_path):
     seen = _masks_seen(t.model)
     logs = t.run(progress=False)
     assert all(l["budget"] != "1.0" for l in logs) and all("full_kd" in l for l in logs)
-    assert seen == [True, False] * 20  # the sampled budget, then the parent on the same batch
+    # the sampled budget (after its argmax baseline when the draw differs), then the parent on the same batch
+    assert seen == sum((([True] if l["drawn_is_argmax"] else [True, True]) + [False] for l in logs), [])
 
 
 def test_stage_two_holds_the_same_tokens_in_longer_rows(tmp_path):
@@ -345,3 +347,14 @@ def test_router_warm_start_begins_at_the_given_architectures(tmp_path):
     # the argmaxes keep their margin without collapsing to one-hot
     from star_elastic.elastic.router import entropy
     assert min(float(entropy(torch.softmax(v.detach(), -1))) for i in (1, 2) for v in router.logits(i).values()) > 0.01
+
+
+def test_smaller_budgets_train_only_in_band_architectures(tmp_path):
+    t = trainer(tmp_path, steps=24)
+    logs = t.run(progress=False)
+    small = [l for l in logs if l["budget"] != "1.0"]
+    assert small and all(abs(l["cost_fraction"] / l["target_fraction"] - 1) <= 0.05 for l in small), \
+        [(l["budget"], l["cost_fraction"]) for l in small]
+    t2 = trainer(tmp_path, "free", steps=24, draw_in_band=False)
+    free = [l for l in t2.run(progress=False) if l["budget"] != "1.0"]
+    assert any(abs(l["cost_fraction"] / l["target_fraction"] - 1) > 0.05 for l in free)

@@ -4,6 +4,7 @@
   averaged over tokens; the teacher is the frozen parent.
 - `budget_loss`: |C / (b * C_full) - 1|, zero while the cost is within 5% of the target; `drawn_cost`
   gives C the value of the architecture that ran and the gradient of the expected cost.
+- `advantage`, `score_function_loss`: the router's quality term, advantage x log p(choice).
 - `full_choice_loss`: for the full budget (b = 1), an MSE pulling every router choice to the full size.
 - `next_token_ce`: optional cross-entropy on the data ("trainable teacher" / full-budget path).
 - `elastic_loss`: all of them, weighted: total = kd + lambda * (budget + anchor) + ce.
@@ -73,6 +74,23 @@ def drawn_cost(drawn, expected) -> torch.Tensor:
     large and a small choice sits inside the band while every draw, and the argmax, is outside."""
     expected = torch.as_tensor(expected)
     return torch.as_tensor(drawn, dtype=expected.dtype, device=expected.device).detach() + expected - expected.detach()
+
+
+def advantage(loss, baseline) -> torch.Tensor:
+    """How much worse a draw did than the baseline, relative to their mean: (L - B) / ((L + B) / 2),
+    in [-2, 2], not differentiated. Relative, so its size does not shrink as training lowers the
+    loss; bounded, so a baseline near zero (an argmax that is almost the teacher) cannot blow it up."""
+    loss = torch.as_tensor(loss, dtype=torch.float32).detach()
+    baseline = torch.as_tensor(baseline, dtype=torch.float32).detach().to(loss.device)
+    return (loss - baseline) / ((loss + baseline) / 2).abs().clamp(min=1e-8)
+
+
+def score_function_loss(log_prob: torch.Tensor, advantage) -> torch.Tensor:
+    """The router's quality term (REINFORCE): advantage x log p(choice), the advantage not
+    differentiated. Its gradient is an unbiased estimate of how the expected objective moves with the
+    choice distribution (a baseline that does not depend on the draw adds no bias): a choice that does
+    worse than the baseline on the same batch loses probability, a better one gains it."""
+    return torch.as_tensor(advantage, dtype=torch.float32).detach().to(log_prob.device) * log_prob
 
 
 def full_choice_loss(probs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -8,8 +8,9 @@ so every choice is a mask `Model.set_masks` takes and a size `ElasticSpec` can h
 
 Training draws a choice per slot from p = softmax(logits x scale), the scale ramped 1 -> 10 over
 training progress (Gumbel-max; soft mode keeps the Gumbel-softmax relaxation, temperature annealed
-1.0 -> 0.05). Hard masks are straight-through: forward the exact 0/1 prefix of the choice, backward
-that of prefix x its probability, so the distillation loss reaches the choice that ran. The budget loss
+1.0 -> 0.05). Hard masks forward the exact 0/1 prefix of the choice; the distillation loss reaches
+the router by a score-function term (the drawn choice's loss against the argmax's on the same batch,
+times log p of the choice; `Router.forward` says why not straight-through). The budget loss
 (train.py) judges the drawn and the argmax architectures with the gradient of the expected cost
 under p; an entropy floor keeps p from saturating. In eval mode there is no noise and no schedule:
 the argmax choice (`spec`), whose hard masks are exact 0/1 and run the same function as the sliced
@@ -38,6 +39,8 @@ from .axes import AXES as REGISTRY
 from .axes import DEFAULT_AXES
 from .cost import BAND, Arch, Budget, CostModel
 from .spec import ElasticSpec, aligned_multiple, applies, grouped_prefix, stock_multiple
+
+ESTIMATORS = ("score", "straight-through")  # how the task loss reaches hard choices (Router.forward)
 
 # axis -> (ElasticSpec / ModelConfig field, mask key suffix), from the registry
 AXES = {name: (a.field, "hidden" if name == "hidden" else a.key) for name, a in REGISTRY.items()}
@@ -112,6 +115,7 @@ class RouterOutput:
     sample: dict[str, torch.Tensor] = field(default_factory=dict)
     choice: dict[str, int] = field(default_factory=dict)
     chosen_arch: Arch | None = None  # the sizes of the choices taken: the architecture the masks run
+    log_prob: torch.Tensor | None = None  # sum over slots of log p(choice): the score-function path
 
 
 class Router(nn.Module):
@@ -267,35 +271,59 @@ class Router(nn.Module):
         """Per slot, the choice distribution softmax(logits x scale) at the current training progress."""
         return {name: F.softmax(logit * self.scale, dim=-1) for name, logit in self.logits(budget).items()}
 
-    def forward(self, budget, mode: str = "hard", generator: torch.Generator | None = None) -> RouterOutput:
+    def forward(self, budget, mode: str = "hard", generator: torch.Generator | None = None,
+                estimator: str = "score", accept=None, tries: int = 32) -> RouterOutput:
         """Sample an architecture for `budget`.
 
         Training, per slot with logits r: the choice distribution is p = softmax(r x scale), the
         scale ramping 1 -> 10 with training progress (explore early, commit late; the warm-up runs
         at the starting scale, so the router does not begin one-hot); the choice k is a Gumbel-max
-        draw from p. Hard mode: straight-through masks, forward the exact 0/1 prefix of k, backward
-        that of prefix_k x p_k (METHOD's "argmax prefix times its probability"): the task loss
-        reaches the choice that ran. Not that of sum_c p_c prefix_c: masks multiply activations, so
-        a dropped unit's gradient is the value of adding it back, always negative, and on SmolLM2
-        (H200, 2026-11-30) that pull outweighed the budget loss and drove the 0.75 and 0.5 budgets'
-        argmax to the whole parent. Soft mode: the Gumbel-softmax relaxation
+        draw from p. Hard mode forwards the exact 0/1 prefix of k; how the task loss reaches the
+        router is the `estimator`:
+        - "score" (default): the masks carry no gradient; `log_prob` (sum of log p_k over slots) is
+          returned for a score-function (REINFORCE) term, (loss - baseline) x log_prob, which
+          ranks choices by the loss they reach (`losses.score_function_loss`).
+        - "straight-through": backward that of prefix_k x p_k (METHOD's "argmax prefix times its
+          probability"). Its gradient on p_k is the value of scaling the kept units up, not how good
+          the choice is: it reinforces whichever choice ran in proportion to how much its kept units
+          want to be larger, which favours deep cuts (on SmolLM2, H200, 2026-11-30, it cut attention
+          9 -> 3 heads at both budgets, +124% perplexity against the search's FFN cuts).
+        Neither passes the gradient of sum_c p_c prefix_c: masks multiply activations, so a dropped
+        unit's gradient is the value of adding it back, always negative, and on SmolLM2 that pull
+        outweighed the budget loss and drove the 0.75 and 0.5 budgets' argmax to the whole parent.
+        Soft mode: the Gumbel-softmax relaxation
         y = softmax((r x scale + g) / tau), masks sum_c y_c prefix_c. `arch` holds the p-weighted sizes (the gradient path of the budget
-        loss), `chosen_arch` the sizes of the choices taken. Eval (inference), whatever the mode:
+        loss), `chosen_arch` the sizes of the choices taken. `accept` (hard mode): a test of the drawn
+        architecture's sizes (e.g. its cost in the budget's band); up to `tries` draws are made and the
+        first it takes is used (else the last), so training spends no step on an architecture that
+        could never be exported. Eval (inference), whatever the mode:
         the argmax of r, exact 0/1 masks, no noise."""
         if mode not in ("hard", "soft"):
             raise ValueError(f"router mode is 'hard' or 'soft', got {mode!r}")
-        probs, samples, choice, weights = {}, {}, {}, {}
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"router estimator is one of {', '.join(ESTIMATORS)}, got {estimator!r}")
+        score = self.training and mode == "hard" and estimator == "score"
+        probs, samples, choice, weights, log_prob = {}, {}, {}, {}, []
         full = not self.training and self._is_full(budget)  # inference of b = 1: the parent (see `spec`)
-        for name, logit in self.logits(budget).items():
+        logits = self.logits(budget)
+        if self.training:  # Gumbel-max draws from p, redrawn (hard mode) until `accept` takes one
+            tries = 1 if accept is None or mode == "soft" else max(1, tries)
+            for attempt in range(tries):
+                noise = {name: self._gumbel(logit, generator) for name, logit in logits.items()}
+                drawn = {name: int((logit.detach() * self.scale + noise[name]).argmax()) for name, logit in logits.items()}
+                if attempt == tries - 1 or accept(self.arch_of(drawn)):
+                    break
+        for name, logit in logits.items():
             prefix = self.slot_prefix(name)
             if self.training:
-                u = torch.rand(logit.shape, generator=generator, device=logit.device if generator is None else "cpu")
-                gumbel = -torch.log(-torch.log(u.to(logit.device).clamp(1e-10, 1 - 1e-7)))
                 p = F.softmax(logit * self.scale, dim=-1)
-                y = F.softmax((logit * self.scale + gumbel) / self.tau, dim=-1)
-                k = int(y.argmax())  # = argmax(r x scale + g): a draw from p
+                y = F.softmax((logit * self.scale + noise[name]) / self.tau, dim=-1)
+                k = drawn[name]  # = argmax(r x scale + g)
                 if mode == "soft":
                     weights[name] = y @ prefix
+                elif score:  # the exact prefix, no gradient; the task loss comes in through log p_k
+                    weights[name] = prefix[k]
+                    log_prob.append(F.log_softmax(logit * self.scale, dim=-1)[k])
                 else:  # straight-through "prefix x p_k": forward the exact prefix, backward that of prefix x p_k
                     weights[name] = prefix[k] + prefix[k] * (p[k] - p[k].detach())
             else:
@@ -305,7 +333,17 @@ class Router(nn.Module):
             probs[name], samples[name], choice[name] = p, y, k
         chosen = self.arch_of(choice)
         arch = self.expected_arch(probs) if self.training else chosen
-        return RouterOutput(self._masks(weights), arch, probs, samples, choice, chosen)
+        return RouterOutput(self._masks(weights), arch, probs, samples, choice, chosen,
+                            torch.stack(log_prob).sum() if log_prob else None)
+
+    @staticmethod
+    def _gumbel(logit: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        u = torch.rand(logit.shape, generator=generator, device=logit.device if generator is None else "cpu")
+        return -torch.log(-torch.log(u.to(logit.device).clamp(1e-10, 1 - 1e-7)))
+
+    def hard_masks(self, choice: dict[str, int]) -> dict[str, torch.Tensor]:
+        """The exact 0/1 masks of one choice index per slot (e.g. the argmax, as a baseline draw)."""
+        return self._masks({name: self.slot_prefix(name)[k] for name, k in choice.items()})
 
     def _masks(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         masks = {}
