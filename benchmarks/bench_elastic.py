@@ -111,6 +111,8 @@ def parse_args(argv=None):
                     help="1: the router starts from (a)'s architectures (as elastify does); 0: from the cost alone")
     ap.add_argument("--router-estimator", choices=["score", "straight-through"], default="score",
                     help="how distillation reaches the router (TrainConfig.router_estimator)")
+    ap.add_argument("--router-freeze", type=float, default=0.0,
+                    help="the last share of the steps trains each budget's in-band argmax, the router fixed")
     ap.add_argument("--small-weights", default="0.2,0.4,0.4", help="stage-2 budget weights of elastic_small")
     ap.add_argument("--no-minitron", action="store_true", help="skip (c) (e.g. when another GPU runs it: --merge)")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
@@ -372,7 +374,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
     tcfg = TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=lr,
                        router_lr=args.router_lr, warmup_steps=max(1, steps // 20), seed=args.seed,
                        full_anchor=args.full_anchor if variant == "elastic_anchor" else 0.0,
-                       router_estimator=args.router_estimator,
+                       router_estimator=args.router_estimator, router_freeze_fraction=args.router_freeze,
                        stage2_weights=[float(w) for w in args.small_weights.split(",")] if variant == "elastic_small"
                        else None)
     tmp = tempfile.TemporaryDirectory(prefix="bench_elastic_")  # metrics.jsonl of ElasticTrainer.run

@@ -6,10 +6,8 @@ Errors the user can fix are printed as one line (`star-elastic: error: ...`), ex
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 from .runtime import (DEFAULT_MODEL, check_output, encode_prompt, eval_tokens, load_model_and_tokenizer, pick_device,
                       pick_dtype, resolve_model, write_json)
@@ -78,6 +76,7 @@ def cmd_elastify(args):
     from .elastify import ElastifyConfig, elastify, print_table
 
     from .train import init_distributed, world
+    from .zero_shot import check_multiple
 
     check_multiple(args.multiple)
     out = check_output(args.out, args.force)
@@ -94,7 +93,7 @@ def cmd_elastify(args):
                          stage2_weights=_floats(args.stage2_weights, "--stage2-weights"),
                          stage2_seq_len=args.stage2_seq_len, kd_weights=_floats(args.kd_weights, "--kd-weights"),
                          full_anchor=args.full_anchor, drift_data=args.drift_data, router_init=args.router_init,
-                         router_estimator=args.router_estimator, multiple=args.multiple)
+                         router_estimator=args.router_estimator, router_freeze=args.router_freeze, multiple=args.multiple)
     if rank == 0:
         where = f"{ranks} ranks ({device.type})" if ranks > 1 else str(device)
         print(f"elastify {resolve_model(args.model)}: {model.num_parameters() / 1e6:.1f}M parameters, budgets "
@@ -169,31 +168,16 @@ next:
 
 # ----------------------------------------------------------------------------- importance and slicing
 
-def calibration_scores(model, tokenizer, args, depth: bool) -> dict:
-    """Activation importance over packed windows of the train split of --data (held-out documents
-    are never seen), in seeded random order."""
-    from .data import TokenBatches, load_corpus_tokens, pack
-    from .elastic.importance import estimate_importance
-
-    train, _ = load_corpus_tokens(args.data, tokenizer, seed=args.seed)
-    batches = TokenBatches(pack(train, args.seq_len), args.batch_size, seed=args.seed)
-    n = args.batches
-    if n > len(batches):  # a second pass over the same windows adds no information
-        print(f"note: the train split of {args.data} has {len(batches)} batches of {args.batch_size} x "
-              f"{args.seq_len} tokens; using those instead of {n}", file=sys.stderr)
-        n = len(batches)
-    print(f"importance: activations over {n} batches of {args.batch_size} x {args.seq_len} tokens "
-          f"(train split of {args.data}){', with depth' if depth else ''}", flush=True)
-    return estimate_importance(model, batches, depth=depth, num_batches=n)
-
-
 def cmd_importance(args):
     from .elastic.importance import save_scores
+    from .zero_shot import calibration_scores
 
     out = check_output(args.out, args.force, kind="file")
     device = pick_device(args.device)
     model, tokenizer = load_model_and_tokenizer(args.model, device, pick_dtype(args.dtype, device))
-    scores = calibration_scores(model, tokenizer, args, depth=args.depth)
+    scores = calibration_scores(model, tokenizer, args.data, batches=args.batches, batch_size=args.batch_size,
+                                seq_len=args.seq_len, seed=args.seed, depth=args.depth,
+                                log=lambda msg: print(msg, flush=True))
     scores["meta"].update(model=str(resolve_model(args.model)), data=args.data, seq_len=args.seq_len, seed=args.seed)
     save_scores(scores, out)  # through a temporary file: never half-written
     meta = scores["meta"]
@@ -202,87 +186,14 @@ def cmd_importance(args):
     return scores
 
 
-def parse_axes(text: str, cfg) -> list[str]:
-    from .elastic.search import AXES, applicable_axes
-    from .errors import StarElasticError
+def cmd_slice(args):
+    """Check the flags (before anything is loaded), load the parent, and run the zero-shot pipeline
+    (zero_shot.py: importance -> spec for --params, or --spec -> sort the cut axes -> slice -> export)."""
+    import dataclasses
 
-    axes = [a.strip() for a in text.split(",") if a.strip()]
-    if not axes:
-        raise StarElasticError("--axes is empty")
-    usable = applicable_axes(cfg)
-    for a in axes:
-        if a not in AXES:
-            raise StarElasticError(f"--axes: unknown axis {a!r} (known: {', '.join(AXES)})")
-        if a not in usable:
-            raise StarElasticError(f"--axes: this model has no {a!r} axis (layer types {cfg.layer_types!r}; "
-                                   f"it has {', '.join(usable)})")
-    return axes
-
-
-def read_spec(path):
     from .elastic import ElasticSpec
     from .errors import StarElasticError
-
-    path = Path(path)
-    if not path.is_file():
-        raise StarElasticError(f"--spec {path}: no such file")
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise StarElasticError(f"--spec {path}: cannot read it ({e})") from None
-    try:
-        return ElasticSpec.from_json(text)
-    except StarElasticError as e:
-        raise StarElasticError(f"--spec {path}: {e}") from None
-
-
-def check_multiple(multiple) -> None:
-    """--multiple N: a positive integer (checked before anything is loaded)."""
-    from .errors import StarElasticError
-
-    if multiple is not None and multiple < 1:
-        raise StarElasticError(f"--multiple must be a positive integer, got {multiple}")
-
-
-def check_exportable(spec, cfg) -> None:
-    """Validate an explicit spec, including what transformers' own config classes insist on and
-    what stock transformers cannot run (`ElasticSpec.validate_stock`)."""
-    from .errors import StarElasticError
-
-    spec.validate_stock(cfg)
-    sub = spec.config(cfg)
-    if cfg.family == "llama":
-        heads = sorted({sub.layer(i).num_attention_heads for i in range(sub.num_layers)})
-        bad = [q for q in heads if sub.hidden_size % q]
-        if bad:
-            raise StarElasticError(f"hidden_size={sub.hidden_size} is not a multiple of num_attention_heads={bad[0]}, "
-                                   "which transformers' LlamaConfig requires")
-
-
-def slice_scores(model, tokenizer, args, depth: bool) -> dict:
-    """Importance estimated with --method (--scores files are read up front by cmd_slice)."""
-    from .elastic.importance import random_importance, weight_magnitude_importance
-    from .errors import StarElasticError
-
-    if args.method == "magnitude":
-        print("importance: weight magnitude", flush=True)
-        return weight_magnitude_importance(model)
-    if args.method == "random":
-        print(f"importance: random order (seed {args.seed})", flush=True)
-        return random_importance(model, seed=args.seed)
-    if not args.data:
-        raise StarElasticError("activation importance needs calibration text: give --data TEXT "
-                               "(or --scores FILE, or --method magnitude)")
-    return calibration_scores(model, tokenizer, args, depth=depth)
-
-
-def cmd_slice(args):
-    """Importance -> spec (chosen for --params, or --spec) -> sort the cut axes -> slice -> export."""
-    from .elastic import export, slice_model, sort_model
-    from .elastic.importance import check_scores, load_scores
-    from .elastic.search import DEFAULT_AXES, applicable_axes, choose_spec, describe, format_params, parse_params
-    from .errors import StarElasticError
-    from .hf import staging
+    from .zero_shot import SliceConfig, check_config, read_spec, zero_shot_slice
 
     budget = None
     if args.budget is not None:  # a budget of an elastic checkpoint: its weights are sorted already
@@ -298,81 +209,21 @@ def cmd_slice(args):
             verify_files(resolve_model(args.model), manifest, progress=True)
     elif args.verify:
         raise StarElasticError("--verify checks an elastic checkpoint's files: it goes with --budget")
-    elif (args.params is None) == (args.spec is None):
-        raise StarElasticError("give exactly one of --params TARGET, --spec FILE or --budget NAME")
-    if args.spec and args.axes:
-        raise StarElasticError("--axes chooses a spec for --params; an explicit --spec needs none")
-    if args.multiple is not None and args.params is None:
-        raise StarElasticError("--multiple aligns the sizes chosen for --params; an explicit --spec or a trained "
-                               "--budget has its own")
-    check_multiple(args.multiple)
-    if args.scores and args.method:
-        raise StarElasticError("--scores and --method exclude each other (the scores file has its own method)")
-    args.method = args.method or "activation"
+    # the same flags as a library config; a placeholder stands for --spec until the file is read
+    cfg = SliceConfig(params=args.params, spec=budget if budget is not None else ElasticSpec() if args.spec else None,
+                      budget=args.budget, axes=args.axes, multiple=args.multiple, scores=args.scores or None,
+                      method=args.method, data=args.data, batches=args.batches, batch_size=args.batch_size,
+                      seq_len=args.seq_len, seed=args.seed)
+    check_config(cfg)
     out = check_output(args.out, args.force)
-    spec = budget if budget is not None else read_spec(args.spec) if args.spec else None  # fails before loading
+    if args.spec:
+        cfg = dataclasses.replace(cfg, spec=read_spec(args.spec))  # fails before loading
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device) if args.dtype else None  # default: as stored, so 1.0 is exact
     model, tokenizer = load_model_and_tokenizer(args.model, device, dtype)
-    cfg, total = model.config, model.num_parameters()
-    print(f"parent: {format_params(total)} parameters ({total:,}), {cfg.family}, {cfg.num_layers} layers "
-          f"{cfg.layer_types if cfg.family != 'llama' else ''}".rstrip(), flush=True)
-
-    scores = None
-    if args.scores:  # checked against the model before anything else is computed
-        scores = load_scores(args.scores)
-        check_scores(scores, model)
-    if spec is not None:
-        check_exportable(spec, cfg)
-        target = None
-    else:
-        target = parse_params(args.params, total)
-        axes = parse_axes(args.axes, cfg) if args.axes else [a for a in DEFAULT_AXES if a in applicable_axes(cfg)]
-        if "depth" in axes:  # the choice depends on the layer order: importance first
-            if scores is None:
-                scores = slice_scores(model, tokenizer, args, depth=True)
-            if "layer_order" not in scores:
-                raise StarElasticError("the depth axis needs a layer order: " + (
-                    "these scores have none (estimate them with `star-elastic importance --depth`)" if args.scores
-                    else "weight-magnitude importance ranks no layers"))
-        spec = choose_spec(cfg, target, axes, layer_order=None if scores is None else scores.get("layer_order"),
-                           multiple=args.multiple)
-
-    cut = spec.indices(cfg)  # the units kept on every axis that loses some
-    if budget is not None:
-        print(f"budget {args.budget} of the elastic checkpoint (trained, sorted): slicing its prefix")
-    elif cut:
-        if scores is None:
-            scores = slice_scores(model, tokenizer, args, depth=False)
-        # Sort only the axes that lose units: the others keep the parent's exact weights and order.
-        sort_model(model, {k: v for k, v in scores.items() if k in cut})
-    elif spec.kept_layers(cfg) == list(range(cfg.num_layers)):
-        print("the spec keeps the whole parent: weights copied unchanged (no importance, no sort)")
-    small = slice_model(model, spec)
-    n = small.num_parameters()
-    print(f"architecture: {describe(spec, cfg)}")
-    print(f"spec: {json.dumps(spec.to_dict())}")
-    line = f"parameters: {format_params(n)} ({n:,}) = {n / total:.1%} of the parent"
-    if target is not None:
-        line += f"; target {format_params(target)} ({target:,}), achieved {n / target:.1%} of it"
-    print(line)
-
-    info = {"parent": str(resolve_model(args.model)), "parent_parameters": total, "target": target,
-            "parameters": n, "spec": spec.to_dict(),
-            "importance": None if scores is None else {k: v for k, v in scores.get("meta", {}).items()}}
-    # One staging directory around export (itself atomic), so that the slice record lands together
-    # with the weights: --out appears complete or not at all.
-    with staging(out) as tmp:
-        export(small.cpu(), tmp / "model", tokenizer)
-        for f in (tmp / "model").iterdir():
-            f.rename(tmp / f.name)
-        (tmp / "model").rmdir()
-        (tmp / "star_elastic_slice.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
-    stock = not (small.config.layer_sizes and any(small.config.layer_sizes))
-    print(f"wrote {out} ({'a stock Hugging Face checkpoint' if stock else 'star-elastic per-layer format'}, "
-          "with the tokenizer)")
-    return info
+    return zero_shot_slice(model, tokenizer, out, cfg, log=lambda msg: print(msg, flush=True),
+                           parent=str(resolve_model(args.model)))
 
 
 def cmd_validate(args):
@@ -465,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--router-estimator", choices=["score", "straight-through"], default="score",
                     help="how distillation reaches the router's choices: a score-function term, each draw against "
                          "the argmax on the same batch (score), or straight-through masks (the older rule)")
+    sp.add_argument("--router-freeze", type=float, default=0.0,
+                    help="the last share of the steps trains each budget's exported (in-band argmax) architecture, "
+                         "the router fixed (0: off)")
     sp.add_argument("--drift-data", default="auto",
                     help="held-out text of a second domain on which the full budget's drift from the parent "
                          "is reported (default: a bundled corpus the training data does not use; '' for none)")

@@ -49,6 +49,7 @@ class ElastifyConfig:
     drift_data: str | None = "auto"  # held-out text of a second domain for the full budget's drift ("": none)
     router_init: str = "search"  # the router starts from the zero-shot search's architectures, or "cost" alone
     router_estimator: str = "score"  # how distillation reaches the router: "score" or "straight-through"
+    router_freeze: float = 0.0  # the last share of the steps trains the in-band argmax, the router fixed
     multiple: int | None = None  # kept widths are multiples of it (None: aligned for GPUs, spec.aligned_multiple)
 
 
@@ -82,6 +83,8 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
     torch.manual_seed(cfg.seed)
     if cfg.router_init not in ("search", "cost"):
         raise StarElasticError(f"router init is 'search' or 'cost', got {cfg.router_init!r}")
+    if not 0 <= cfg.router_freeze < 1:
+        raise StarElasticError(f"router freeze is a share of the steps in [0, 1), got {cfg.router_freeze}")
     if cfg.router_estimator not in ESTIMATORS:
         raise StarElasticError(f"router estimator is one of {', '.join(ESTIMATORS)}, got {cfg.router_estimator!r}")
     budgets = sorted((parse_budget(b, model.config) for b in cfg.budgets), key=lambda b: -b.fraction)
@@ -150,7 +153,7 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
                        router_lr=cfg.router_lr, warmup_steps=max(1, steps // 20), eval_tokens=cfg.eval_tokens,
                        seed=cfg.seed, stage1_fraction=cfg.stage1_fraction, stage2_weights=cfg.stage2_weights,
                        stage2_seq_len=cfg.stage2_seq_len, budget_kd_weights=kd_weights, full_anchor=cfg.full_anchor,
-                       router_estimator=cfg.router_estimator)
+                       router_estimator=cfg.router_estimator, router_freeze_fraction=cfg.router_freeze)
     trainer = ElasticTrainer(model, teacher, router, budgets, rows, tcfg, out.parent / f".{out.name}.train",
                              heldout=heldout, warm_start=starts if cfg.router_init == "search" and any(starts) else None)
     if trainer.load_state():

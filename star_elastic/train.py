@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .data import TokenBatches
-from .elastic.cost import Budget, CostModel
+from .elastic.cost import Arch, Budget, CostModel
 from .elastic.losses import (LossWeights, advantage, budget_loss, drawn_cost, elastic_loss, full_choice_loss,
                              kd_loss, score_function_loss)
 from .elastic.router import Router, entropy, entropy_floor_loss, project_budgets
@@ -60,6 +60,8 @@ class TrainConfig:
     router_mode: str = "hard"
     router_estimator: str = "score"  # how distillation reaches hard choices: "score" or "straight-through"
     router_quality: float = 1.0  # weight of the router's score-function (quality) term
+    router_freeze_fraction: float = 0.0  # the last share of the steps trains each budget's in-band argmax,
+    #                                      no draws, no router updates (the exported architecture trains last)
     draw_in_band: bool = True  # redraw (up to 32 times) until the drawn architecture is in its budget's band
     router_band_penalty: float = 10.0  # in that term's advantage, per unit of relative cost outside the band:
     #                                    a draw that distils better only by leaving the band is not rewarded
@@ -273,6 +275,8 @@ class ElasticTrainer:
             return None, None
         if self.router is None:
             return self.fixed_specs[b].masks(self.model.config, device=self.device), None
+        if self.router_frozen:
+            return self._frozen_specs()[b].masks(self.model.config, device=self.device), None
         band = self.cfg.loss.band
         in_band = (lambda arch: abs(self.cost.cost(budget.kind, arch) / budget.target - 1) <= band) \
             if self.cfg.draw_in_band else None
@@ -280,10 +284,31 @@ class ElasticTrainer:
                                accept=in_band)
         return {k: v.to(self.device) for k, v in decision.masks.items()}, decision
 
+    @property
+    def router_frozen(self) -> bool:
+        """In the last `router_freeze_fraction` of the steps the router no longer moves."""
+        f = self.cfg.router_freeze_fraction
+        return self.router is not None and f > 0 and self.step >= round(self.cfg.steps * (1 - f))
+
+    def _frozen_specs(self) -> list[ElasticSpec]:
+        """Each budget's architecture once the router is frozen: its argmax, projected into the band
+        and nested as after training (so the architecture trained last is the one exported)."""
+        if getattr(self, "_frozen", None) is None:
+            self.router.eval()
+            self._frozen = [ElasticSpec() if b.is_full else self.router.spec_of(p.choice)
+                            for b, p in zip(self.budgets, project_budgets(self.router, self.budgets, self.cost))]
+        return self._frozen
+
     def _router_loss(self, b: int, budget: Budget, decision, logs: dict) -> torch.Tensor | None:
         """The budget loss (or, for b = 1, the anchor) and the entropy floor of the router's choice
         for budget b; logs its drawn / expected cost and per-axis entropies."""
         if self.router is None:
+            return None
+        if self.router_frozen:
+            if not budget.is_full:
+                spec = self._frozen_specs()[b]
+                logs["cost_fraction"] = self.cost.cost(budget.kind, Arch.from_spec(spec, self.model.config)) / budget.full
+            logs["router_frozen"] = 1.0
             return None
         w = self.cfg.loss
         if decision is None:  # the full budget: the anchor keeps its logits on the parent for blending
@@ -334,7 +359,7 @@ class ElasticTrainer:
         cfg = self.cfg
         b = self.sample_budget()
         budget = self.budgets[b]
-        if self.router is not None:
+        if self.router is not None and not self.router_frozen:
             self.router.set_progress(self.step / max(1, cfg.steps))
             self.router.train()
         for group in self.opt.param_groups:
@@ -431,7 +456,8 @@ class ElasticTrainer:
             self.router.eval()
         out = {}
         for i, budget in enumerate(self.budgets):
-            spec = self.router.spec(i) if self.router is not None else self.fixed_specs[i]
+            spec = (self.fixed_specs[i] if self.router is None else self._frozen_specs()[i] if self.router_frozen
+                    else self.router.spec(i))
             with masked(self.model, spec.masks(self.model.config, device=self.device)), self._ctx():
                 r = perplexity(self.model, self.heldout, seq_len=self.cfg.seq_len, batch_size=4,
                                max_tokens=self.cfg.eval_tokens, progress=False, device=self.device)

@@ -180,9 +180,9 @@ def test_torchrun_two_gloo_ranks_write_the_checkpoint_one_process_writes(tmp_pat
     assert a.keys() == b.keys()
     worst = max(((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)).item() for k in a)
     assert worst < 1e-3, worst
-    # training moved the model far more than the two runs differ
+    # training moved the model far more (over 10x) than the two runs may differ (1e-4, below)
     before, after = one["evaluation"]["zero_shot_perplexity"]["0.5"], one["evaluation"]["trained_perplexity"]["0.5"]
-    assert abs(after - before) / before > 1e-2
+    assert abs(after - before) / before > 1e-3
     for name, ppl in one["evaluation"]["trained_perplexity"].items():
         assert abs(two["evaluation"]["trained_perplexity"][name] - ppl) / ppl < 1e-4
     assert not any(p.name.startswith(".two") for p in tmp_path.iterdir())  # resumable state removed

@@ -358,3 +358,26 @@ def test_smaller_budgets_train_only_in_band_architectures(tmp_path):
     t2 = trainer(tmp_path, "free", steps=24, draw_in_band=False)
     free = [l for l in t2.run(progress=False) if l["budget"] != "1.0"]
     assert any(abs(l["cost_fraction"] / l["target_fraction"] - 1) > 0.05 for l in free)
+
+
+def test_a_frozen_router_trains_the_architecture_it_exports(tmp_path):
+    """With router_freeze_fraction, the last steps run each smaller budget's in-band argmax (what
+    the projection exports) with no draw and no router update."""
+    from star_elastic.elastic.router import project_budgets
+
+    t = trainer(tmp_path, steps=20, router_freeze_fraction=0.25)
+    t.warm_up_router()
+    logs = [t.train_step() for _ in range(15)]
+    assert not any("router_frozen" in l for l in logs)
+    before = {k: v.clone() for k, v in t.router.state_dict().items()}
+    seen = _masks_seen(t.model)
+    rest = [t.train_step() for _ in range(5)]
+    assert all(l.get("router_frozen") == 1.0 and "advantage" not in l for l in rest)
+    assert all(torch.equal(before[k], v) for k, v in t.router.state_dict().items())  # the router did not move
+    assert seen == [l["budget"] != "1.0" for l in rest]  # one forward per step: no baseline, no draw
+    t.router.eval()
+    exported = [t.router.spec_of(p.choice) for p in project_budgets(t.router, t.budgets, t.cost)]
+    for l in rest:
+        b = [x.name for x in t.budgets].index(l["budget"])
+        assert t._frozen_specs()[b] == exported[b]
+        assert abs(l["cost_fraction"] / l["target_fraction"] - 1) <= 0.05
