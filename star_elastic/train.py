@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from .data import TokenBatches
 from .elastic.cost import Arch, Budget, CostModel
-from .elastic.losses import (LossWeights, advantage, budget_loss, drawn_cost, elastic_loss, full_choice_loss,
-                             kd_loss, score_function_loss)
+from .elastic.losses import (LossWeights, advantage, budget_loss, drawn_cost, full_choice_loss, kd_loss,
+                             score_function_loss, task_loss)
 from .elastic.router import Router, entropy, entropy_floor_loss, project_budgets
 from .elastic.spec import ElasticSpec, masked
 from .errors import StarElasticError
@@ -382,8 +382,7 @@ class ElasticTrainer:
             with masked(self.model, masks or {}):
                 with self._ctx():
                     student_logits = self.model(x)
-                losses = elastic_loss(student_logits, teacher_logits, 0.0, budget, None, x,
-                                      replace(cfg.loss, budget=0.0, kd=cfg.loss.kd * self.kd_weights[b]))
+                losses = task_loss(student_logits, teacher_logits, x, replace(cfg.loss, kd=cfg.loss.kd * self.kd_weights[b]))
                 total = losses["total"] + (router_loss if router_loss is not None else 0.0)
                 if baseline is not None:  # the router's quality term: this draw against the argmax
                     drawn_kd = losses["kd"] if "kd" in losses else kd_loss(student_logits.detach(), teacher_logits)

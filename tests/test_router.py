@@ -14,8 +14,8 @@ from conftest import random_parent_config, random_spec, randomize_
 from star_elastic.elastic import ElasticSpec, count_parameters, slice_model
 from star_elastic.elastic.cost import (Arch, Budget, CostModel, MemorySettings, count_active, count_params,
                                        memory_bytes, parse_budget)
-from star_elastic.elastic.losses import (LossWeights, budget_loss, drawn_cost, elastic_loss, full_choice_loss, kd_loss,
-                                         advantage, next_token_ce, score_function_loss)
+from star_elastic.elastic.losses import (LossWeights, advantage, budget_loss, drawn_cost, full_choice_loss, kd_loss,
+                                         next_token_ce, score_function_loss, task_loss)
 from star_elastic.validate import check_nesting
 from star_elastic.elastic.router import (AXES, Router, RouterConfig, entropy_floor_loss, project_budgets,
                                          width_choices)
@@ -433,8 +433,9 @@ def test_budget_loss_alone_drives_each_budget_into_its_band(name, hetero):
         b = step % len(targets)
         out = r(b, generator=g)
         cost = drawn_cost(cm.cost("params", out.chosen_arch), cm.cost("params", out.arch))
-        loss = elastic_loss(torch.zeros(1, 1, 2), None, cost, targets[b], out.probs,
-                            weights=LossWeights(kd=0.0))["total"] + entropy_floor_loss(out.probs, 0.1)
+        loss = budget_loss(cost, targets[b]) + entropy_floor_loss(out.probs, 0.1)
+        if targets[b].is_full:  # as the trainer: the anchor pulls b = 1 to the full choice
+            loss = loss + full_choice_loss(out.probs)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -523,15 +524,13 @@ def test_ce_and_budget_loss_and_anchor():
     assert budget_loss(1100, b, band=0.2).item() == 0
     assert full_choice_loss({"a": torch.tensor([0.0, 0.0, 1.0])}).item() == 0
     assert full_choice_loss({"a": torch.tensor([1.0, 0.0])}).item() == pytest.approx(1.0)
-    # the combiner: kd + lambda * (budget [+ anchor at b = 1]) + ce
+    # the model's combiner: kd * KD + ce * CE (the router's terms are the trainer's)
     s, t = torch.randn(2, 6, 20), torch.randn(2, 6, 20)
-    probs = {"a": torch.tensor([0.5, 0.5])}
-    w = LossWeights(kd=1.0, budget=2.0, anchor=3.0, ce=0.5)
-    full = Budget("params", 2000, 2000, "1.0")
-    out = elastic_loss(s, t, torch.tensor(1500.0), full, probs, ids, w)
-    want = kd_loss(s, t) + 2.0 * (0.25 + 3.0 * 0.25) + 0.5 * next_token_ce(s, ids)
-    assert torch.allclose(out["total"], want) and set(out) == {"kd", "budget", "anchor", "ce", "total"}
-    assert "anchor" not in elastic_loss(s, t, torch.tensor(1500.0), b, probs, ids, w)  # only for b = 1
+    out = task_loss(s, t, ids, LossWeights(kd=1.0, ce=0.5))
+    assert torch.allclose(out["total"], kd_loss(s, t) + 0.5 * next_token_ce(s, ids)) and set(out) == {"kd", "ce", "total"}
+    assert set(task_loss(s, t, ids)) == {"kd", "total"}  # CE off by default
+    with pytest.raises(ValueError, match="input_ids"):
+        task_loss(s, t, None, LossWeights(ce=1.0))
 
 
 def test_budget_loss_gradient_reaches_the_router():

@@ -7,7 +7,7 @@
 - `advantage`, `score_function_loss`: the router's quality term, advantage x log p(choice).
 - `full_choice_loss`: for the full budget (b = 1), an MSE pulling every router choice to the full size.
 - `next_token_ce`: optional cross-entropy on the data ("trainable teacher" / full-budget path).
-- `elastic_loss`: all of them, weighted: total = kd + lambda * (budget + anchor) + ce.
+- `task_loss`: the model's terms of one step, weighted: total = kd * KD + ce * CE.
 """
 
 from __future__ import annotations
@@ -113,26 +113,17 @@ class LossWeights:
     band: float = BAND  # the budget loss's dead band
 
 
-def elastic_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, cost, budget: Budget,
-                 probs: dict[str, torch.Tensor] | None = None, input_ids: torch.Tensor | None = None,
-                 weights: LossWeights | None = None, token_mask: torch.Tensor | None = None,
-                 chunk_tokens: int | None = None) -> dict[str, torch.Tensor]:
-    """Every loss of one step and `total` = kd * KD + budget * (budget loss [+ anchor * full-choice
-    MSE when b = 1]) + ce * CE. `cost` is the expected cost (router arch through the cost model) of
-    `budget`'s kind, `probs` the router's `RouterOutput.probs`. Terms with weight 0 are skipped."""
+def task_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, input_ids: torch.Tensor | None = None,
+              weights: LossWeights | None = None, token_mask: torch.Tensor | None = None,
+              chunk_tokens: int | None = None) -> dict[str, torch.Tensor]:
+    """The model's loss of one step: `total` = kd * KD + ce * CE (terms of weight 0 skipped). The
+    router's terms (budget, anchor, entropy floor, quality) are the trainer's (`ElasticTrainer._router_loss`)."""
     w = weights or LossWeights()
     out = {}
     total = student_logits.new_zeros((), dtype=torch.float32)
     if w.kd:
         out["kd"] = kd_loss(student_logits, teacher_logits, token_mask, chunk_tokens)
         total = total + w.kd * out["kd"]
-    if w.budget:
-        out["budget"] = budget_loss(cost, budget, w.band).to(total.device)
-        term = out["budget"]
-        if budget.is_full and w.anchor and probs:
-            out["anchor"] = full_choice_loss(probs).to(total.device)
-            term = term + w.anchor * out["anchor"]
-        total = total + w.budget * term
     if w.ce:
         if input_ids is None:
             raise ValueError("the CE term needs input_ids")
