@@ -31,7 +31,7 @@ def test_generate_at_a_budget_equals_the_sliced_model(engine):
     want = generate(small, PROMPT, 10, eos_token_id=engine.eos_ids)[0, 5:].tolist()
     assert engine.generate("0.5", PROMPT, 10).tokens == want
     assert engine.view("1.0") is engine.parent and engine.view("0.5") is engine.view("0.5")  # built once
-    with pytest.raises(Exception, match="not in this checkpoint"):
+    with pytest.raises(Exception, match="outside the trained params budgets"):
         engine.view("0.3")
 
 
@@ -96,9 +96,9 @@ def test_cli_generate_at_a_budget_and_think_answer(llama_ckpt, capsys):
 
 
 @pytest.mark.parametrize("extra, words", [
-    (["--budget", "0.3"], ["'0.3' is not in this checkpoint", "1.0, 0.75, 0.5"]),
+    (["--budget", "0.3"], ["budget 0.3 is outside the trained params budgets (0.5, 0.75, 1.0)"]),
     (["--think-budget", "0.5"], ["needs both"]),
-    (["--think-budget", "0.5", "--answer-budget", "2.0"], ["'2.0' is not in this checkpoint"]),
+    (["--think-budget", "0.5", "--answer-budget", "2.0"], ["'2.0' is more than the whole parent"]),
     (["--budget", "0.5", "--max-new-tokens", "500"], ["context"]),
 ])
 def test_cli_budget_errors_are_one_line(llama_ckpt, capsys, extra, words):

@@ -25,19 +25,19 @@ Storage is the parent's, not the sum of the budgets': each budget is a prefix of
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
 from ..errors import StarElasticError
-from ..hf import load, load_tokenizer, safetensors_header, save_pretrained, staging
+from ..hf import load, load_tokenizer, read_config, safetensors_header, save_pretrained, staging
 from ..model import Model
 from .cost import Arch, Budget, CostModel, MemorySettings
 from .importance import save_scores
 from .manifest import (FORMAT, ROUTER_FILE, VERSION, check_budgets, check_cheap, check_files,  # noqa: F401 (re-exported)
                        has_manifest, read_manifest, sha256, verify_files)
-from .router import Router, RouterConfig
+from .router import Router, RouterConfig, interpolate_budget
 from .spec import ElasticSpec
 
 IMPORTANCE_FILE = "importance.safetensors"
@@ -102,13 +102,41 @@ def budget_names(manifest: dict) -> list[str]:
     return [b["name"] for b in manifest["budgets"]]
 
 
-def budget_spec(manifest: dict, name: str) -> ElasticSpec:
-    """The architecture of the budget called `name` (as given on the command line)."""
+def budget_spec(manifest: dict, name: str, router: Router | None = None) -> ElasticSpec:
+    """The architecture of the budget called `name` (as given on the command line): a trained one,
+    or, given the checkpoint's `router`, a budget between two trained ones (`interpolated_budget`)."""
     for b in manifest["budgets"]:
         if b["name"] == str(name):
             return ElasticSpec.from_dict(b["spec"])
+    if router is not None:
+        return interpolated_budget(manifest, router, name)[0]
     raise StarElasticError(f"budget {name!r} is not in this checkpoint (trained budgets: "
                            f"{', '.join(budget_names(manifest))})")
+
+
+def interpolated_budget(manifest: dict, router: Router, name: str) -> tuple[ElasticSpec, dict]:
+    """A budget that was not trained, between two that were (e.g. 0.6 between 0.75 and 0.5): the
+    router's architecture for it, nested between its trained neighbours and in its band
+    (`router.interpolate_budget`). Returns the spec and a record that labels it as interpolated."""
+    from .cost import parse_budget
+
+    memory = MemorySettings(**manifest["memory_settings"]) if manifest.get("memory_settings") else None
+    budget = replace(parse_budget(name, router.parent, memory), name=str(name))
+    trained = [(Budget(**b), ElasticSpec.from_dict(e["spec"]))
+               for b, e in zip(manifest["router"]["budgets"], manifest["budgets"])]
+    if any(b.kind == budget.kind and abs(b.target - budget.target) <= 1e-9 * b.target for b, _ in trained):
+        same = next(e["name"] for (b, _), e in zip(trained, manifest["budgets"])
+                    if b.kind == budget.kind and abs(b.target - budget.target) <= 1e-9 * b.target)
+        return budget_spec(manifest, same), {"name": same, "interpolated": False}
+    was_training = router.training
+    router.eval()
+    try:
+        proj = interpolate_budget(router, budget, trained, CostModel(router.parent, memory))
+    finally:
+        router.train(was_training)
+    spec = router.spec_of(proj.choice)
+    return spec, {"name": str(name), "interpolated": True, "kind": budget.kind, "target": budget.target,
+                  "projection": proj.to_dict(), "spec": spec.to_dict()}
 
 
 @dataclass
@@ -119,7 +147,8 @@ class ElasticCheckpoint:
     tokenizer: object = None
 
     def spec(self, name: str) -> ElasticSpec:
-        return budget_spec(self.manifest, name)
+        """A trained budget's architecture, or an interpolated one's (between two trained)."""
+        return budget_spec(self.manifest, name, self.router)
 
 
 def load_elastic(path, dtype=None, device=None, verify: bool = False) -> ElasticCheckpoint:
@@ -131,10 +160,21 @@ def load_elastic(path, dtype=None, device=None, verify: bool = False) -> Elastic
     if verify:
         verify_files(path, manifest)
     model = load(path, dtype=dtype, device=device)  # runs check_cheap before reading tensors
+    router = load_router(path, manifest, model.config)
+    return ElasticCheckpoint(model, router.to(model.lm_head.weight.device).eval(), manifest, load_tokenizer(path))
+
+
+def load_router(path, manifest: dict | None = None, parent_cfg=None) -> Router:
+    """The checkpoint's router alone (kilobytes), in eval mode on the CPU, without the model's weights:
+    enough to resolve an interpolated budget before streaming its slice from disk."""
+    path = Path(path)
+    manifest = manifest if manifest is not None else read_manifest(path)
+    if parent_cfg is None:
+        parent_cfg = read_config(path)[1]
     r, router_file = manifest["router"], path / ROUTER_FILE
     try:
         config = RouterConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in r["config"].items()})
-        router = Router(model.config, [Budget(**b) for b in r["budgets"]], config, layer_order=r["layer_order"])
+        router = Router(parent_cfg, [Budget(**b) for b in r["budgets"]], config, layer_order=r["layer_order"])
     except (TypeError, ValueError, KeyError) as e:
         raise StarElasticError(f"{path / 'manifest.json'}: malformed router settings ({e})") from None
     safetensors_header(router_file)
@@ -142,4 +182,4 @@ def load_elastic(path, dtype=None, device=None, verify: bool = False) -> Elastic
         router.load_state_dict(load_file(str(router_file)))
     except Exception as e:
         raise StarElasticError(f"{router_file}: cannot load router ({str(e).splitlines()[0]})") from None
-    return ElasticCheckpoint(model, router.to(model.lm_head.weight.device).eval(), manifest, load_tokenizer(path))
+    return router.eval()

@@ -552,8 +552,35 @@ def project_budgets(router: Router, budgets: list[Budget], costs: CostModel | No
     return out
 
 
-def _best_in_band(router, costs, b: Budget, logq, argmax, start, upper, band, max_states) -> Projection:
+def interpolate_budget(router: Router, budget: Budget, trained: list[tuple[Budget, ElasticSpec]],
+                       costs: CostModel | None = None, band: float = BAND, max_states: int = 50_000) -> Projection:
+    """The architecture of a budget between two trained ones (METHOD §10): the router's argmax for
+    the blended input, clamped slot by slot between the neighbours' exported architectures (so it
+    nests between them), and projected into its band as after training. `trained`: every trained
+    budget with its exported spec. A budget outside the trained range of its kind is refused."""
+    costs = costs or CostModel(router.parent)
+    same = sorted(((b.target, b, s) for b, s in trained if b.kind == budget.kind), key=lambda t: t[0])
+    name = budget.name or f"{budget.fraction:g}"
+    names = ", ".join(b.name or f"{b.fraction:g}" for _, b, _ in same) or "none"
+    below = [(b, s) for t, b, s in same if t < budget.target]
+    above = [(b, s) for t, b, s in same if t > budget.target]
+    if not below or not above:
+        raise StarElasticError(f"budget {name} is outside the trained {budget.kind} budgets ({names}): only budgets "
+                               "between two trained ones can be interpolated")
+    lower, upper = router.choice_of(below[-1][1]), router.choice_of(above[0][1])
+    with torch.no_grad():
+        logq = {n: F.log_softmax(v.float(), -1).tolist() for n, v in router.logits(budget).items()}
+    argmax = {n: max(range(len(v)), key=v.__getitem__) for n, v in logq.items()}
+    start = {n: min(max(k, lower[n]), upper[n]) for n, k in argmax.items()}
+    return _best_in_band(router, costs, budget, logq, argmax, start, upper, band, max_states, lower=lower,
+                         where=f"between the trained {below[-1][0].name or below[-1][0].fraction} and "
+                               f"{above[0][0].name or above[0][0].fraction} on the router's grid")
+
+
+def _best_in_band(router, costs, b: Budget, logq, argmax, start, upper, band, max_states, lower=None,
+                  where: str = "nested in the larger budgets'") -> Projection:
     names = list(start)
+    lower = lower or {n: 0 for n in names}
     best = sum(logq[n][argmax[n]] for n in names)
     argmax_cost = costs.cost(b.kind, router.arch_of(argmax))
 
@@ -577,12 +604,12 @@ def _best_in_band(router, costs, b: Budget, logq, argmax, start, upper, band, ma
             return Projection(dict(zip(names, ks)), b.target, cost, argmax_cost, True, loss)
         for j, n in enumerate(names):
             for k in (ks[j] - 1, ks[j] + 1):
-                if 0 <= k <= upper[n]:
+                if lower[n] <= k <= upper[n]:
                     nxt = ks[:j] + (k,) + ks[j + 1:]
                     if nxt not in seen:
                         seen.add(nxt)
                         c2, d2, l2 = evaluate(nxt)
                         heapq.heappush(heap, (l2 + steer * max(0.0, d2 - band), nxt, c2, d2, l2))
     name = b.name or f"{b.fraction:g}"
-    raise StarElasticError(f"budget {name}: no architecture within {band:.0%} of its target nested in the larger "
-                           f"budgets' was found (the router's argmax costs {argmax_cost / b.target:.3f}x the target)")
+    raise StarElasticError(f"budget {name}: no architecture within {band:.0%} of its target {where} was found "
+                           f"(the router's argmax costs {argmax_cost / b.target:.3f}x the target)")

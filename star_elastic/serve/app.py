@@ -73,9 +73,12 @@ def _budget(engine: ElasticEngine, body: dict, name: str) -> str:
     v = body.get(name)
     if not isinstance(v, str) or not v:
         raise ApiError(400, f"'{name}' is required: one of the budgets {', '.join(engine.budgets)}", name)
-    if v not in engine.budgets:
-        raise ApiError(404, f"model {v!r} does not exist: this server's budgets are {', '.join(engine.budgets)}",
-                       name, "model_not_found")
+    if v not in engine.budgets:  # a budget between two trained ones is served as the router's architecture for it
+        try:
+            engine.view(v)
+        except StarElasticError as e:
+            raise ApiError(404, f"model {v!r} does not exist: this server's budgets are {', '.join(engine.budgets)}, "
+                                f"or one between two of them ({e})", name, "model_not_found") from None
     return v
 
 

@@ -33,7 +33,7 @@ def _engine(args):
 def cmd_generate_budget(args):
     """Generate at one budget, or think with one and answer with another; prints the text."""
     from ..runtime import encode_prompt, resolve_model
-    from ..elastic.checkpoint import budget_spec, read_manifest
+    from ..elastic.checkpoint import budget_names, read_manifest
     from ..errors import StarElasticError
     from .engine import DEFAULT_MARKER
 
@@ -44,11 +44,14 @@ def cmd_generate_budget(args):
         raise StarElasticError("elastic budget control needs both --think-budget and --answer-budget")
     if args.max_think_tokens < 1:
         raise StarElasticError(f"--max-think-tokens must be at least 1, got {args.max_think_tokens}")
-    manifest = read_manifest(resolve_model(args.model))  # names checked before the weights load
-    for name in (args.budget, args.think_budget, args.answer_budget):
-        if name is not None:
-            budget_spec(manifest, name)
+    trained = budget_names(read_manifest(resolve_model(args.model)))  # read before the weights load
+    names = [n for n in (args.budget, args.think_budget, args.answer_budget) if n is not None]
     engine = _engine(args)
+    for name in names:
+        if str(name) not in trained:
+            engine.view(name)  # the router's architecture for it, or a one-line error
+            print(f"[budget {name}: interpolated between trained budgets ({', '.join(trained)}), not trained itself]",
+                  file=sys.stderr)
     ids = encode_prompt(engine.tokenizer, args.prompt, chat=not args.raw)
     if ids.shape[1] + args.max_new_tokens + (args.max_think_tokens if think else 0) > engine.context_length:
         raise StarElasticError(f"prompt ({ids.shape[1]} tokens) + tokens to generate is over the model's context "

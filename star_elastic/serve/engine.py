@@ -78,7 +78,8 @@ class ElasticEngine:
         # heads rank-major, once, before any view: every budget's heads become a plain prefix (views.py).
         # The parent is then the engine's own: its state dict and masks refuse (group-major indices).
         specs = [budget_spec(ckpt.manifest, b) for b in self.budgets]
-        if serving_order and serving_order_fits(self.parent.config, specs):
+        self.serving_order = serving_order and serving_order_fits(self.parent.config, specs)
+        if self.serving_order:
             use_serving_order(self.parent)
         self.views: dict[str, Model] = {}
         self.lock = threading.Lock()  # one generation at a time: see the module doc
@@ -108,11 +109,16 @@ class ElasticEngine:
         return ids + ([tok] if tok is not None and tok not in ids else [])
 
     def view(self, budget: str) -> Model:
-        """The model of a budget in the manifest (StarElasticError for any other name)."""
+        """The model of a trained budget, or of one between two trained ones (the router's architecture
+        for it, `ElasticCheckpoint.spec`); StarElasticError for any other name."""
         budget = str(budget)
         with self.view_lock:
             if budget not in self.views:
-                spec = budget_spec(self.ckpt.manifest, budget)
+                spec = self.ckpt.spec(budget)
+                if self.serving_order and not serving_order_fits(self.parent.config, [spec]):
+                    raise StarElasticError(f"budget {budget}: its architecture drops whole KV groups or Mamba "
+                                           "channels, which views of this server's head order cannot express; "
+                                           "slice it to a checkpoint instead")
                 # the parent itself for a budget that keeps everything: one set of caches, not two
                 self.views[budget] = self.parent if not spec.to_dict() else budget_view(self.parent, spec)
             return self.views[budget]
