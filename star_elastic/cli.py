@@ -187,22 +187,27 @@ def cmd_importance(args):
 
 
 def cmd_slice(args):
-    """Check the flags (before anything is loaded), load the parent, and run the zero-shot pipeline
-    (zero_shot.py: importance -> spec for --params, or --spec -> sort the cut axes -> slice -> export)."""
+    """Check the flags (before anything is read), then one of:
+    --budget NAME: MODEL is an elastic checkpoint, its weights sorted already; the budget's prefix of
+      every tensor is streamed from disk (zero_shot.slice_budget -> elastic/stream.py), the parent
+      never loaded (--dtype casts each tensor as it is written; --device is not used);
+    --params / --spec: load the parent and run the zero-shot pipeline (zero_shot.py: importance ->
+      spec for --params, or --spec -> sort the cut axes -> slice -> export)."""
     import dataclasses
 
     from .elastic import ElasticSpec
     from .errors import StarElasticError
-    from .zero_shot import SliceConfig, check_config, read_spec, zero_shot_slice
+    from .zero_shot import SliceConfig, check_config, read_spec, slice_budget, zero_shot_slice
 
-    budget = None
+    budget = manifest = None
     if args.budget is not None:  # a budget of an elastic checkpoint: its weights are sorted already
-        from .elastic.checkpoint import budget_spec, read_manifest
+        from .elastic.checkpoint import budget_names, budget_spec, load_router, read_manifest
 
         if args.params is not None or args.spec is not None:
             raise StarElasticError("--budget slices an elastic checkpoint's trained budget: no --params or --spec")
         manifest = read_manifest(resolve_model(args.model))
-        budget = budget_spec(manifest, args.budget)  # unknown: error, nothing written
+        trained = str(args.budget) in budget_names(manifest)  # else: between two trained ones, or an error
+        budget = budget_spec(manifest, args.budget, None if trained else load_router(resolve_model(args.model), manifest))
         if args.verify:
             from .elastic.checkpoint import verify_files
 
@@ -216,11 +221,15 @@ def cmd_slice(args):
                       seq_len=args.seq_len, seed=args.seed)
     check_config(cfg)
     out = check_output(args.out, args.force)
+    if budget is not None:  # default dtype: as stored, so 1.0 is exact
+        return slice_budget(resolve_model(args.model), args.budget, out, manifest=manifest,
+                            dtype=pick_dtype(args.dtype, None) if args.dtype else None,
+                            log=lambda msg: print(msg, flush=True))
     if args.spec:
         cfg = dataclasses.replace(cfg, spec=read_spec(args.spec))  # fails before loading
 
     device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device) if args.dtype else None  # default: as stored, so 1.0 is exact
+    dtype = pick_dtype(args.dtype, device) if args.dtype else None  # default: as stored
     model, tokenizer = load_model_and_tokenizer(args.model, device, dtype)
     return zero_shot_slice(model, tokenizer, out, cfg, log=lambda msg: print(msg, flush=True),
                            parent=str(resolve_model(args.model)))

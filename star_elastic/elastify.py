@@ -161,6 +161,9 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
     t0 = time.perf_counter()
     step_logs = trainer.run()
     train_s = time.perf_counter() - t0
+    parallel = {**trainer.distribution, "peak_memory_gib": trainer.peak_memory()}  # per rank, GPU only
+    log(f"training: {parallel['ranks']} rank(s), {parallel['sharding']}")
+    model = trainer.full_model()  # sharded training: the whole weights, gathered on every rank
     # steady-state throughput (all ranks together): the median step after the first fifth
     rates = sorted(log["tokens_per_s"] for log in step_logs[len(step_logs) // 5:])
     del teacher
@@ -189,6 +192,7 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
                 "tokens_per_s": round(rates[len(rates) // 2]) if rates else None,
                 "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}}
     training["ranks"] = ranks
+    training["parallel"] = parallel
     if rank == 0:
         save_elastic(model, router, budgets, out, tokenizer, extra={"training": training, "evaluation": evaluation},
                      scores=permuted_scores(scores, perms), specs=specs, projections=projections)

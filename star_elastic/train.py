@@ -12,8 +12,11 @@ model is also distilled on the same batch. The model code knows nothing of this:
 
 Distribution is applied from outside, torchrun style: under `torch.distributed` every rank draws
 the same global batch order and takes its own slice of it, all ranks sample the same budget and
-architecture, and gradients are averaged with one all-reduce per step. So N ranks with batch b
-compute what one process with batch N*b computes.
+architecture, and gradients are averaged over the ranks. So N ranks with batch b compute what one
+process with batch N*b computes. By default (`TrainConfig.shard="auto"`) the student and the frozen
+teacher are sharded with FSDP2 (star_elastic/parallel.py): each rank holds 1/N of the weights and of
+the optimiser state, and gradients are reduce-scattered; the small router is replicated and its
+gradient all-reduced. `shard="none"` replicates everything and all-reduces every gradient by hand.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from . import parallel
 from .data import TokenBatches
 from .elastic.cost import Arch, Budget, CostModel
 from .elastic.losses import (LossWeights, advantage, budget_loss, drawn_cost, full_choice_loss, kd_loss,
@@ -78,6 +82,8 @@ class TrainConfig:
     save_every: int = 0  # steps; 0: only at the end
     seed: int = 0
     log_every: int = 1
+    shard: str = "auto"  # under torch.distributed: "fsdp" (FSDP2, the "auto" default when there are 2+ ranks)
+    #                      or "none" (every rank holds everything; gradients all-reduced by hand)
 
 
 def default_stage2_weights(n: int) -> list[float]:
@@ -154,6 +160,13 @@ class ElasticTrainer:
                 f"batch_size x seq_len a multiple of it times the ranks")
         self.device = next(model.parameters()).device
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
+        teacher.eval().requires_grad_(False)
+        self.shard = self._sharding(cfg.shard)
+        if self.shard == "fsdp":  # before the optimiser: it is built over the sharded parameters
+            mesh = parallel.device_mesh(self.device)
+            mixed = self.device.type == "cuda"  # bf16 compute, fp32 master weights and reductions
+            parallel.shard_model(model, mixed_precision=mixed, mesh=mesh)
+            parallel.shard_model(teacher, mixed_precision=mixed, mesh=mesh)
         # every rank draws the same global batches; each keeps its own slice (see module docstring)
         self.batches = TokenBatches(rows[:, :self.row_len], tokens // self.row_len, seed=cfg.seed)
         self.sampler = torch.Generator().manual_seed(cfg.seed + 1)  # budgets
@@ -165,7 +178,6 @@ class ElasticTrainer:
                            "weight_decay": 0.0})
         self.opt = torch.optim.AdamW(groups, betas=(0.9, 0.95))
         self.step = 0
-        teacher.eval().requires_grad_(False)
         self.stage2 = cfg.stage2_weights or default_stage2_weights(len(budgets))
         if cfg.budget_cost not in ("drawn", "expected"):
             raise StarElasticError(f"budget_cost is 'drawn' or 'expected', got {cfg.budget_cost!r}")
@@ -181,6 +193,44 @@ class ElasticTrainer:
         self.full = next((i for i, b in enumerate(budgets) if b.is_full), None)
         if cfg.full_anchor and (self.full is None or len(budgets) < 2):
             raise StarElasticError("the full anchor needs the full budget (1.0) and at least one smaller budget")
+
+    # ------------------------------------------------------------------------- distribution
+
+    def _sharding(self, shard: str) -> str:
+        """"fsdp" or "none", from TrainConfig.shard ("auto": FSDP2 when there are 2+ ranks)."""
+        if shard not in ("auto", "none", "fsdp"):
+            raise StarElasticError(f"shard is 'auto', 'none' or 'fsdp', got {shard!r}")
+        if shard == "auto":
+            return "fsdp" if self.world > 1 and parallel.available() else "none"
+        if shard == "fsdp" and not (parallel.available() and dist.is_initialized()):
+            raise StarElasticError("shard='fsdp' needs torch.distributed initialised (torchrun) and a torch with FSDP2")
+        return shard
+
+    @property
+    def distribution(self) -> dict:
+        """How this run was distributed, for the manifest (`training.parallel`)."""
+        return {"ranks": self.world, "sharding": "fsdp2" if self.shard == "fsdp" else "replicated",
+                "mixed_precision": "bf16 compute, fp32 master weights and reductions" if self.device.type == "cuda"
+                else "fp32"}
+
+    def peak_memory(self) -> list[float] | None:
+        """Each rank's peak GPU memory so far, in GiB (a collective under torch.distributed); None on the CPU."""
+        if self.device.type != "cuda":
+            return None
+        mine = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+        if self.world == 1:
+            return [round(mine, 2)]
+        every = [None] * self.world
+        dist.all_gather_object(every, round(mine, 2))
+        return every
+
+    def full_model(self) -> Model:
+        """The student with whole (unsharded) weights, to evaluate and save after training: the model
+        itself when it is not sharded, else a plain copy gathered from the shards (a collective: every
+        rank calls it and gets one)."""
+        if self.shard != "fsdp":
+            return self.model
+        return parallel.unsharded_copy(self.model)
 
     # ------------------------------------------------------------------------- router warm-up
 
@@ -405,9 +455,10 @@ class ElasticTrainer:
                 add("budget_loss" if k == "budget" else k, v)  # "budget" is the budget's name below
             add("total", total)
         logs.update(sums)
-        if self.router is not None:
+        if self.router is not None:  # replicated: its gradient is all-reduced by hand
             logs["router_grad_norm"] = float(self._clip(self.router.parameters(), cfg.router_clip))
-        logs["grad_norm"] = float(self._clip(self.model.parameters(), cfg.clip))
+        # sharded, FSDP has averaged the model's gradient already (reduce-scatter in the backward)
+        logs["grad_norm"] = float(self._clip(self.model.parameters(), cfg.clip, reduce=self.shard != "fsdp"))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if self.world > 1:  # report the mean over ranks, so every rank logs the same numbers
@@ -423,13 +474,16 @@ class ElasticTrainer:
         self.step += 1
         return logs
 
-    def _clip(self, params, max_norm: float) -> torch.Tensor:
-        """All-reduce (under torchrun) and clip the gradients of `params`; their norm before clipping."""
+    def _clip(self, params, max_norm: float, reduce: bool = True) -> torch.Tensor:
+        """All-reduce (under torchrun, with `reduce`) and clip the gradients of `params`; their norm
+        before clipping. Sharded gradients (DTensors) are clipped by their global norm: the norm of
+        the whole gradient over all ranks, the same on every rank."""
         params = [p for p in params if p.grad is not None]
         if not params:
             return torch.zeros(())
-        self._all_reduce_grads(params)
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if reduce:
+            self._all_reduce_grads(params)
+        return parallel.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
     def _all_reduce_grads(self, params):
         if self.world == 1:
@@ -470,27 +524,40 @@ class ElasticTrainer:
 
     def save_state(self):
         """Everything a resumed run needs, written atomically: weights and optimiser moments as
-        safetensors, counters and RNG states as JSON."""
-        if self.rank != 0:
-            return
+        safetensors, counters and RNG states as JSON. Sharded, every rank takes part (the tensors
+        are gathered whole, one at a time, onto rank 0's host memory) and rank 0 writes: the same
+        files as unsharded, so a run resumes with either."""
+        keep = self.rank == 0
+
+        def whole(v):  # every rank gathers a shard (a collective); rank 0 keeps it on the host
+            v = parallel.full_tensor(v.detach())
+            return v.contiguous().cpu() if keep else None
+
+        weights = {k: whole(v) for k, v in self.model.state_dict().items()
+                   if not (k == "lm_head.weight" and self.model.config.tied)}
+        opt_tensors, opt_meta = {}, {"groups": [], "state": {}}
+        state = self.opt.state_dict()
+        for idx, s in state["state"].items():
+            opt_meta["state"][str(idx)] = {}
+            for k, v in s.items():
+                if torch.is_tensor(v):
+                    opt_tensors[f"{idx}.{k}"] = whole(v)
+                else:
+                    opt_meta["state"][str(idx)][k] = v
+        opt_meta["groups"] = [{k: v for k, v in g.items()} for g in state["param_groups"]]
+        if keep:
+            self._write_state(weights, opt_tensors, opt_meta)
+        if self.world > 1:  # no rank reads the state before it is complete
+            dist.barrier()
+
+    def _write_state(self, weights: dict, opt_tensors: dict, opt_meta: dict):
         from .hf import staging
 
         with staging(self.state_path()) as tmp:
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()
-                       if not (k == "lm_head.weight" and self.model.config.tied)}, str(tmp / "model.safetensors"))
+            save_file(weights, str(tmp / "model.safetensors"))
             if self.router is not None:
                 save_file({k: v.detach().contiguous().cpu() for k, v in self.router.state_dict().items()},
                           str(tmp / "router.safetensors"))
-            opt_tensors, opt_meta = {}, {"groups": [], "state": {}}
-            state = self.opt.state_dict()
-            for idx, s in state["state"].items():
-                opt_meta["state"][str(idx)] = {}
-                for k, v in s.items():
-                    if torch.is_tensor(v):
-                        opt_tensors[f"{idx}.{k}"] = v.detach().contiguous().cpu()
-                    else:
-                        opt_meta["state"][str(idx)][k] = v
-            opt_meta["groups"] = [{k: v for k, v in g.items()} for g in state["param_groups"]]
             save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
             meta = {"step": self.step, "optimizer": opt_meta, "data": self.batches.state_dict(),
                     "sampler": self.sampler.get_state().tolist(), "gumbel": self.gumbel.get_state().tolist(),
@@ -509,17 +576,18 @@ class ElasticTrainer:
         weights = load_file(str(path / "model.safetensors"))
         if self.model.config.tied:
             weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
-        self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
+        parallel.load_full_state_dict(self.model, weights)  # sharded: each rank copies in its own shards
         if self.router is not None:
             self.router.load_state_dict(load_file(str(path / "router.safetensors")))
         tensors = load_file(str(path / "optimizer.safetensors"))
+        params = [p for g in self.opt.param_groups for p in g["params"]]  # the state's indices
         state = {}
         for idx, scalars in meta["optimizer"]["state"].items():
             s = dict(scalars)
             for k, v in tensors.items():
                 i, _, name = k.partition(".")
-                if i == idx:
-                    s[name] = v.to(self.device) if name != "step" else v
+                if i == idx:  # moments placed like their parameter (this rank's shard when sharded)
+                    s[name] = parallel.shard_like(v, params[int(idx)]) if name != "step" else v
             state[int(idx)] = s
         self.opt.load_state_dict({"state": state, "param_groups": meta["optimizer"]["groups"]})
         self.batches.load_state_dict(meta["data"])

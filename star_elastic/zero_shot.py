@@ -2,8 +2,11 @@
 or given) -> sort the axes that lose units -> slice -> export one checkpoint, no training.
 
 `zero_shot_slice(model, tokenizer, out, SliceConfig(params="0.5", data="wiki"))` cuts a loaded
-parent; cli.py's `cmd_slice` checks the flags, loads the parent and calls it. The helpers
-(`calibration_scores`, `slice_scores`, `parse_axes`, `read_spec`, `check_exportable`,
+parent; cli.py's `cmd_slice` checks the flags, loads the parent and calls it. A trained budget of
+an elastic checkpoint needs none of this (its weights are sorted already): `slice_budget(ckpt,
+"0.5", out)` (`slice CKPT --budget`) streams the budget's prefix of every tensor from disk with
+`elastic.stream.stream_slice`, never loading the parent, and writes what `zero_shot_slice` would.
+The helpers (`calibration_scores`, `slice_scores`, `parse_axes`, `read_spec`, `check_exportable`,
 `check_multiple`) are the steps, usable on their own. Errors are one-line `StarElasticError`s
 naming the command-line flag that sets the value.
 """
@@ -131,6 +134,9 @@ def check_config(cfg: SliceConfig) -> None:
     (with a placeholder for a --spec file not yet read), `zero_shot_slice` again on what it gets."""
     if cfg.budget is not None and cfg.params is not None:
         raise StarElasticError("--budget slices an elastic checkpoint's trained budget: no --params or --spec")
+    if cfg.budget is not None and (cfg.scores is not None or cfg.method or cfg.data):
+        raise StarElasticError("--budget cuts a trained budget out of weights sorted already: no importance "
+                               "(--scores, --method, --data)")
     if (cfg.params is None) == (cfg.spec is None):
         raise StarElasticError("give exactly one of --params TARGET, --spec FILE or --budget NAME")
     if cfg.spec is not None and cfg.budget is None and cfg.axes:  # (a trained budget ignores them)
@@ -155,8 +161,7 @@ def zero_shot_slice(model, tokenizer, out, cfg: SliceConfig, log=print, parent: 
     check_config(cfg)
     out = Path(out)
     mcfg, total = model.config, model.num_parameters()
-    log(f"parent: {format_params(total)} parameters ({total:,}), {mcfg.family}, {mcfg.num_layers} layers "
-        f"{mcfg.layer_types if mcfg.family != 'llama' else ''}".rstrip())
+    log(_parent_line(mcfg, total))
 
     scores = None
     if cfg.scores is not None:  # checked against the model before anything else is computed
@@ -191,6 +196,76 @@ def zero_shot_slice(model, tokenizer, out, cfg: SliceConfig, log=print, parent: 
         log("the spec keeps the whole parent: weights copied unchanged (no importance, no sort)")
     small = slice_model(model, spec)
     n = small.num_parameters()
+    _log_result(spec, mcfg, n, total, target, log)
+
+    info = {"parent": None if parent is None else str(parent), "parent_parameters": total, "target": target,
+            "parameters": n, "spec": spec.to_dict(),
+            "importance": None if scores is None else {k: v for k, v in scores.get("meta", {}).items()}}
+    _write_with_record(out, info, lambda d: export(small.cpu(), d, tokenizer))
+    log(_wrote_line(out, small.config, tokenizer is not None))
+    return info
+
+
+def slice_budget(checkpoint, budget: str, out, *, dtype=None, log=print, progress: bool = True,
+                 manifest: dict | None = None) -> dict:
+    """Cut the trained budget called `budget` (e.g. "0.5") out of the elastic checkpoint directory
+    `checkpoint` into `out`, streaming it from disk (`elastic.stream.stream_slice`): the parent is
+    never loaded, memory stays about one tensor. Its weights are importance-sorted already, so the
+    budget is the first units of every axis; the full budget streams the whole parent.
+
+    Writes what `zero_shot_slice(load(checkpoint, dtype), tokenizer, out, SliceConfig(spec=<the
+    budget's spec>, budget=budget))` writes: the same config.json, tensor names, values and dtypes
+    (`dtype`: floating-point tensors cast as they are written, the MoE gate through it and back to
+    the float32 the model keeps it in; None: as stored), the checkpoint's tokenizer files (copied,
+    not re-saved), and star_elastic_slice.json, the record this returns, with `"streamed": true`.
+    Every check `load` runs comes first (the manifest's cheap checks, tensor names and shapes from
+    the headers), so errors are the same one-line `StarElasticError`s. `out` is written through a
+    temporary sibling and renamed into place (an existing `out` is replaced: the command line
+    refuses that without --force); on any error nothing is left. `manifest`: the checkpoint's, if
+    read already. `progress`: a bar over the tensors written (stderr)."""
+    from .elastic.checkpoint import budget_names, budget_spec, interpolated_budget, load_router, read_manifest
+    from .elastic.spec import count_parameters
+    from .elastic.stream import stream_slice
+    from .hf import check_checkpoint, load_tokenizer
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    manifest = manifest if manifest is not None else read_manifest(checkpoint)
+    interpolated = None
+    if str(budget) in budget_names(manifest):
+        spec = budget_spec(manifest, budget)
+    else:  # between two trained budgets: the router's architecture for it (or a one-line error, nothing written)
+        spec, interpolated = interpolated_budget(manifest, load_router(checkpoint, manifest), budget)
+        interpolated = interpolated if interpolated["interpolated"] else None
+    _, mcfg = check_checkpoint(checkpoint)  # what `load` checks, from config.json and the headers alone
+    if load_tokenizer(checkpoint) is None:  # as the loading path: an exported slice comes with its tokenizer
+        raise StarElasticError(f"{checkpoint}: no tokenizer files next to the weights")
+    check_exportable(spec, mcfg)
+    src, dst = checkpoint.resolve(), out.resolve()
+    if dst == src or dst in src.parents:
+        raise StarElasticError(f"{out}: the output would replace the elastic checkpoint {checkpoint}")
+    total, n = count_parameters(mcfg), spec.num_parameters(mcfg)
+    log(_parent_line(mcfg, total))
+    how = ("interpolated between trained budgets, not trained itself" if interpolated
+           else "trained, sorted")
+    log(f"budget {budget} of the elastic checkpoint ({how}): streaming its prefix from disk "
+        "(the parent is not loaded)")
+    _log_result(spec, mcfg, n, total, None, log)
+
+    info = {"parent": str(checkpoint), "parent_parameters": total, "target": None, "parameters": n,
+            "spec": spec.to_dict(), "importance": None, "streamed": True}
+    if interpolated:
+        info["interpolated"] = interpolated
+    _write_with_record(out, info, lambda d: stream_slice(checkpoint, spec, d, dtype=dtype, progress=progress))
+    log(_wrote_line(out, spec.config(mcfg), True))
+    return info
+
+
+def _parent_line(mcfg, total: int) -> str:
+    return (f"parent: {format_params(total)} parameters ({total:,}), {mcfg.family}, {mcfg.num_layers} layers "
+            f"{mcfg.layer_types if mcfg.family != 'llama' else ''}".rstrip())
+
+
+def _log_result(spec, mcfg, n: int, total: int, target: int | None, log) -> None:
     log(f"architecture: {describe(spec, mcfg)}")
     log(f"spec: {json.dumps(spec.to_dict())}")
     line = f"parameters: {format_params(n)} ({n:,}) = {n / total:.1%} of the parent"
@@ -198,18 +273,20 @@ def zero_shot_slice(model, tokenizer, out, cfg: SliceConfig, log=print, parent: 
         line += f"; target {format_params(target)} ({target:,}), achieved {n / target:.1%} of it"
     log(line)
 
-    info = {"parent": None if parent is None else str(parent), "parent_parameters": total, "target": target,
-            "parameters": n, "spec": spec.to_dict(),
-            "importance": None if scores is None else {k: v for k, v in scores.get("meta", {}).items()}}
-    # One staging directory around export (itself atomic), so that the slice record lands together
-    # with the weights: `out` appears complete or not at all.
+
+def _write_with_record(out: Path, info: dict, write) -> None:
+    """`write(directory)` (an atomic writer of its own: export, stream_slice) inside one staging
+    directory, so that the slice record lands together with the weights: `out` appears complete
+    or not at all."""
     with staging(out) as tmp:
-        export(small.cpu(), tmp / "model", tokenizer)
+        write(tmp / "model")
         for f in (tmp / "model").iterdir():
             f.rename(tmp / f.name)
         (tmp / "model").rmdir()
         (tmp / "star_elastic_slice.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
-    stock = not (small.config.layer_sizes and any(small.config.layer_sizes))
-    log(f"wrote {out} ({'a stock Hugging Face checkpoint' if stock else 'star-elastic per-layer format'}"
-        f"{', with the tokenizer' if tokenizer is not None else ''})")
-    return info
+
+
+def _wrote_line(out: Path, sub, tokenizer: bool) -> str:
+    stock = not (sub.layer_sizes and any(sub.layer_sizes))
+    return (f"wrote {out} ({'a stock Hugging Face checkpoint' if stock else 'star-elastic per-layer format'}"
+            f"{', with the tokenizer' if tokenizer else ''})")

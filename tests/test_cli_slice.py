@@ -440,3 +440,176 @@ def test_importance_errors(tmp_path, capsys, files):
     assert rc == 0, err
     scores = load_scores(target)
     assert scores["meta"]["family"] == "llama" and sorted(scores["layer_order"].tolist()) == [0, 1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- slice CKPT --budget: streamed
+
+BUDGETS = ["1.0", "0.75", "0.5"]
+# what a tokenizer read with from_pretrained adds to tokenizer_config.json when it is saved again
+LOAD_TIME_KEYS = {"is_local", "local_files_only"}
+
+
+@pytest.fixture(scope="module")
+def budget_ckpts(tmp_path_factory):
+    """Tiny elastic checkpoints, one per family (tests/elastic_ckpt.py): a random sorted parent, the
+    budgets 1.0 / 0.75 / 0.5 with given architectures (0.5 per-layer for Llama), a word tokenizer
+    with a chat template."""
+    from elastic_ckpt import make_checkpoint
+
+    root = tmp_path_factory.mktemp("budget_ckpts")
+    return {family: make_checkpoint(root / family / "ckpt", family, chat_template="{{ messages[0]['content'] }}")
+            for family in ("nemotron_h", "llama")}
+
+
+def loading_path(ckpt, name, out, dtype=None) -> dict:
+    """What `slice CKPT --budget NAME` wrote before it streamed: the whole parent loaded (as stored,
+    or in `dtype`) with its tokenizer, the budget's spec cut and exported by `zero_shot_slice`."""
+    from star_elastic.elastic.checkpoint import budget_spec, read_manifest
+    from star_elastic.runtime import load_model_and_tokenizer
+    from star_elastic.zero_shot import SliceConfig, zero_shot_slice
+
+    model, tokenizer = load_model_and_tokenizer(str(ckpt), torch.device("cpu"), dtype)
+    cfg = SliceConfig(spec=budget_spec(read_manifest(ckpt), name), budget=name)
+    return zero_shot_slice(model, tokenizer, out, cfg, log=lambda _: None, parent=str(ckpt))
+
+
+def no_tensor_data(monkeypatch):
+    """From here on, reading a checkpoint's tensors whole (what `load` does) fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the parent was loaded")
+
+    monkeypatch.setattr(hf, "read_safetensors", refuse)
+
+
+def slice_tensors(directory) -> dict:
+    """The model's tensors in `directory` (not an elastic checkpoint's router or importance files)."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(directory.glob("model*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def assert_same_slice(new, old):
+    """`new` (streamed) holds what `old` (loaded) holds: config.json, every tensor (name, dtype,
+    value), the same files, the same record (but for "streamed"), the same tokenizer."""
+    from transformers import AutoTokenizer
+
+    assert sorted(p.name for p in new.iterdir()) == sorted(p.name for p in old.iterdir())
+    assert json.loads((new / "config.json").read_text()) == json.loads((old / "config.json").read_text())
+    a, b = slice_tensors(new), slice_tensors(old)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    record = json.loads((new / "star_elastic_slice.json").read_text())
+    assert record.pop("streamed") is True
+    assert record == json.loads((old / "star_elastic_slice.json").read_text())
+    # tokenizer files: copied from the checkpoint where the loading path saved the loaded tokenizer
+    # again; the same files, equal but for the keys that round trip adds
+    names = [p.name for p in old.iterdir() if p.name.startswith(("tokenizer", "chat_template", "special_tokens"))]
+    assert "tokenizer.json" in names and "chat_template.jinja" in names
+    for name in names:
+        if name == "tokenizer_config.json":
+            got, want = (json.loads((d / name).read_text()) for d in (new, old))
+            assert got == {k: v for k, v in want.items() if k not in LOAD_TIME_KEYS or k in got}, name
+        else:
+            assert (new / name).read_bytes() == (old / name).read_bytes(), name
+    t_new, t_old = AutoTokenizer.from_pretrained(str(new)), AutoTokenizer.from_pretrained(str(old))
+    text = "w1 w2 w3 w59 unknown"
+    assert t_new(text).input_ids == t_old(text).input_ids and t_new.chat_template == t_old.chat_template
+    assert (t_new.bos_token, t_new.eos_token, t_new.unk_token) == (t_old.bos_token, t_old.eos_token, t_old.unk_token)
+
+
+@pytest.mark.parametrize("name", BUDGETS)
+@pytest.mark.parametrize("family", ["nemotron_h", "llama"])
+def test_budget_streams_what_loading_wrote(tmp_path, capsys, monkeypatch, budget_ckpts, family, name):
+    """Every budget, the full one (the parent's architecture) included, streamed without loading the
+    parent, is bit for bit what loading the parent and exporting the slice wrote."""
+    ckpt = budget_ckpts[family]
+    loading_path(ckpt, name, tmp_path / "loaded")
+    no_tensor_data(monkeypatch)
+    rc, out, err = run(capsys, "slice", ckpt, "--budget", name, "--out", tmp_path / "streamed")
+    assert rc == 0, err
+    assert f"budget {name} of the elastic checkpoint (trained, sorted): streaming its prefix from disk" in out
+    assert_same_slice(tmp_path / "streamed", tmp_path / "loaded")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loaded", "streamed"]  # no staging leftovers
+    if name == "1.0":  # the parent itself, every tensor as stored
+        parent, small = slice_tensors(ckpt), slice_tensors(tmp_path / "streamed")
+        assert parent.keys() == small.keys() and all(torch.equal(parent[k], small[k]) for k in parent)
+
+
+@pytest.mark.parametrize("family,dtype", [("nemotron_h", "bfloat16"), ("llama", "bfloat16"), ("nemotron_h", "float16")])
+def test_budget_dtype_casts_while_streaming(tmp_path, capsys, monkeypatch, budget_ckpts, family, dtype):
+    """--dtype with --budget streams too, each tensor cast as it is written: what loading the parent
+    in that dtype wrote (the MoE gate, kept in float32 by the model, through the dtype and back)."""
+    ckpt = budget_ckpts[family]
+    loading_path(ckpt, "0.5", tmp_path / "loaded", dtype=getattr(torch, dtype))
+    no_tensor_data(monkeypatch)
+    monkeypatch.delenv("STAR_ELASTIC_QUIET")
+    rc, _, err = run(capsys, "slice", ckpt, "--budget", "0.5", "--dtype", dtype, "--out", tmp_path / "streamed")
+    assert rc == 0, err
+    assert "slicing ckpt" in err and "tensor" in err  # the progress bar
+    assert_same_slice(tmp_path / "streamed", tmp_path / "loaded")
+    kinds = {k: t.dtype for k, t in slice_tensors(tmp_path / "streamed").items()}
+    assert {d for k, d in kinds.items() if ".gate." not in k} == {getattr(torch, dtype)}
+    assert all(d == torch.float32 for k, d in kinds.items() if ".gate." in k)
+
+
+def test_budget_errors_are_one_line_and_write_nothing(tmp_path, capsys, budget_ckpts):
+    ckpt = budget_ckpts["nemotron_h"]
+    before = sorted(p.name for p in ckpt.iterdir())
+    for argv, words in (
+            (["--budget", "0.3"], ["budget 0.3 is outside the trained params budgets", "0.75"]),
+            (["--budget", "0.5", "--method", "random"], ["--budget", "--method"]),
+            (["--budget", "0.5", "--scores", tmp_path / "s.safetensors"], ["--budget", "--scores"]),
+            (["--budget", "0.5", "--data", "wiki"], ["--budget", "--data"]),
+            (["--budget", "0.5", "--params", "0.5"], ["no --params or --spec"])):
+        rc, _, err = run(capsys, "slice", ckpt, "--out", tmp_path / "out", *argv)
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith(ERR_PREFIX), err
+        for w in words:
+            assert str(w) in lines[0], (w, lines[0])
+        assert list(tmp_path.iterdir()) == []
+    # --force cannot make the slice replace the checkpoint it streams from
+    rc, _, err = run(capsys, "slice", ckpt, "--budget", "0.5", "--out", ckpt, "--force")
+    assert rc == 2 and "would replace the elastic checkpoint" in err.strip().splitlines()[-1]
+    assert sorted(p.name for p in ckpt.iterdir()) == before
+
+
+def test_budget_truncated_shard_is_one_line_and_writes_nothing(tmp_path, capsys, budget_ckpts):
+    import shutil
+
+    ckpt = shutil.copytree(budget_ckpts["llama"], tmp_path / "ckpt")
+    f = ckpt / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    rc, _, err = run(capsys, "slice", ckpt, "--budget", "0.5", "--out", tmp_path / "out")
+    last = err.strip().splitlines()[-1]
+    assert rc == 2 and last.startswith(ERR_PREFIX) and "model.safetensors" in last and "bytes" in last, err
+    # the manifest made to agree: the header check names the file
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["sizes"]["model.safetensors"] = f.stat().st_size
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    rc, _, err = run(capsys, "slice", ckpt, "--budget", "0.5", "--out", tmp_path / "out")
+    last = err.strip().splitlines()[-1]
+    assert rc == 2 and last.startswith(ERR_PREFIX) and "model.safetensors" in last and "truncated" in last, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_budget_failure_mid_stream_leaves_nothing(tmp_path, capsys, monkeypatch, budget_ckpts):
+    """A read that fails after some tensors were written: one line, no output, no staging directory."""
+    from star_elastic.elastic import stream
+
+    real, calls = stream._Reader.tensor, {"n": 0}
+
+    def failing(self, item, cfg):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise StarElasticError(f"{item.src.file}: cannot read tensor {item.src.key} (simulated)")
+        return real(self, item, cfg)
+
+    monkeypatch.setattr(stream._Reader, "tensor", failing)
+    rc, _, err = run(capsys, "slice", budget_ckpts["nemotron_h"], "--budget", "0.75", "--out", tmp_path / "out")
+    last = err.strip().splitlines()[-1]
+    assert rc == 2 and last.startswith(ERR_PREFIX) and "simulated" in last, err
+    assert calls["n"] == 5 and list(tmp_path.iterdir()) == []

@@ -140,7 +140,7 @@ def test_cli_elastify_then_slice_a_budget(tmp_path, tokenizer, text, capsys):
     capsys.readouterr()
     assert cli.main(["slice", str(ckpt), "--budget", "0.3", "--out", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "'0.3' is not in this checkpoint" in err and "\n" not in err
+    assert "budget 0.3 is outside the trained" in err and "\n" not in err
     assert not (tmp_path / "nope").exists()
 
 
@@ -175,6 +175,8 @@ def test_torchrun_two_gloo_ranks_write_the_checkpoint_one_process_writes(tmp_pat
     assert cli.main(args + ["--out", str(tmp_path / "one")]) == 0
     one, two = read_manifest(tmp_path / "one"), read_manifest(tmp_path / "two")
     assert two["training"]["ranks"] == 2 and one["training"]["ranks"] == 1
+    # torchrun shards by default (FSDP2); one process replicates (there is nothing to shard over)
+    assert two["training"]["parallel"]["sharding"] == "fsdp2" and one["training"]["parallel"]["sharding"] == "replicated"
     assert [b["spec"] for b in one["budgets"]] == [b["spec"] for b in two["budgets"]]
     a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
     assert a.keys() == b.keys()

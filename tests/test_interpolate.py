@@ -113,3 +113,26 @@ def test_generate_at_an_interpolated_budget_says_so(ckpt, capsys):
     ids = engine.tokenizer("w3 w4", add_special_tokens=False)["input_ids"]
     want = engine.generate("0.7", torch.tensor([ids]), 3)
     assert printed.out.strip() == engine.tokenizer.decode(want.tokens, skip_special_tokens=True).strip()
+
+
+def test_slice_streams_an_interpolated_budget_and_records_it(ckpt, tmp_path, capsys):
+    import json
+
+    from star_elastic import cli
+    from star_elastic.hf import load
+
+    out = tmp_path / "b07"
+    assert cli.main(["slice", str(ckpt), "--budget", "0.7", "--out", str(out)]) == 0
+    assert "interpolated between trained budgets" in capsys.readouterr().out
+    record = json.loads((out / "star_elastic_slice.json").read_text())
+    assert record["interpolated"]["interpolated"] and record["streamed"]
+    c = load_elastic(ckpt)
+    spec = c.spec("0.7")
+    assert record["spec"] == spec.to_dict()
+    from star_elastic.elastic import slice_model
+    sliced, ref = load(out).eval(), slice_model(c.model, spec).eval()
+    x = torch.randint(3, 60, (1, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(sliced(x), ref(x))
+    assert cli.main(["slice", str(ckpt), "--budget", "0.3", "--out", str(tmp_path / "no")]) == 2
+    assert not (tmp_path / "no").exists()

@@ -395,3 +395,50 @@ def test_read_plan_uses_boxes_not_whole_tensors(tmp_path):
     assert items and all(it.keep is not None for it in items)
     emb = next(it for it in items if it.out == "backbone.embeddings.weight")
     assert emb.keep[0] is None and emb.keep[1].tolist() == list(range(16))
+
+
+# ----------------------------------------------------------------------------- dtypes
+
+def _mixed_dtype_parent(cfg: ModelConfig, directory):
+    """A sorted parent whose file holds bfloat16 (the MoE router's gate included, which a loaded
+    model keeps in float32) beside float32 tensors: what `load` and `export` make of each dtype."""
+    model = randomize_(Model(cfg), 5).eval()
+    sort_model(model, random_scores(cfg, 5))
+    parent = save_parent(model, directory)
+    f = parent / "model.safetensors"
+    state = load_file(str(f))
+    for i, k in enumerate(sorted(state)):
+        if i % 2 or ".gate." in k:
+            state[k] = state[k].to(torch.bfloat16)
+    from safetensors.torch import save_file
+
+    save_file(state, str(f), metadata={"format": "pt"})
+    return parent
+
+
+@pytest.mark.parametrize("family", ["nemotron", "llama"])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16, torch.float32])
+def test_stream_dtype_is_loading_with_that_dtype(tmp_path, family, dtype):
+    """`stream_slice(..., dtype=d)` writes what `export(slice_model(load(parent, dtype=d)))` writes:
+    every floating tensor cast as it is written, the MoE gate through `d` then back to float32 (the
+    model keeps it so); no dtype: each tensor as stored. The bytes planned and written agree."""
+    cfg, spec = SPECS["nemotron-homogeneous" if family == "nemotron" else "llama-homogeneous"]
+    parent = _mixed_dtype_parent(cfg, tmp_path / "parent")
+    ref = export(savable(slice_model(hf.load(parent, dtype=dtype), spec)), tmp_path / "ref")
+    out = stream_slice(parent, spec, tmp_path / "out", dtype=dtype, progress=False)
+    assert (out / "config.json").read_text() == (ref / "config.json").read_text()
+    a, b = tensors(out), tensors(ref)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), (k, a[k].dtype, b[k].dtype)
+    gates = {t.dtype for k, t in a.items() if ".gate." in k}
+    assert gates == (set() if family == "llama" else {torch.bfloat16} if dtype is None else {torch.float32})
+    others = {t.dtype for k, t in a.items() if ".gate." not in k}
+    assert others == ({torch.float32, torch.bfloat16} if dtype is None else {dtype})
+    assert output_bytes(parent, spec, dtype) == sum(t.numel() * t.element_size() for t in a.values())
+
+
+def test_stream_dtype_errors(tmp_path, nemotron_parent):
+    for bad in (torch.int8, "bfloat16"):
+        _errors_leave_nothing(tmp_path, lambda bad=bad: stream_slice(nemotron_parent, ElasticSpec(), tmp_path / "out",
+                                                                     dtype=bad), "floating-point")

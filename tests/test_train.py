@@ -110,7 +110,9 @@ def _worker(rank, world, port, out, tmp):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model, teacher, router, budgets, rows, cfg, _ = make(steps=4, batch=4)
+        # the replicated path (every rank holds everything, gradients all-reduced by hand); 2+ ranks
+        # shard by default: tests/test_fsdp.py
+        model, teacher, router, budgets, rows, cfg, _ = make(steps=4, batch=4, shard="none")
         t = ElasticTrainer(model, teacher, router, budgets, rows, cfg, f"{tmp}/dist")
         logs = t.run(progress=False)
         if rank == 0:

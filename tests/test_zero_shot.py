@@ -14,7 +14,7 @@ from star_elastic.elastic import ElasticSpec
 from star_elastic.elastic.importance import random_importance
 from star_elastic.elastic.spec import masked
 from star_elastic.model import Model, ModelConfig
-from star_elastic.zero_shot import SliceConfig, parse_axes, zero_shot_slice
+from star_elastic.zero_shot import SliceConfig, parse_axes, slice_budget, zero_shot_slice
 
 WORDS = [f"w{i}" for i in range(60)]
 PARENTS = {
@@ -107,8 +107,37 @@ def test_parse_axes_takes_text_or_names():
     (SliceConfig(params="0.5", multiple=0), ["--multiple", "positive"]),
     (SliceConfig(params="0.5"), ["--data"]),  # activation importance without calibration text
     (SliceConfig(params="0.5", method="magnitude", axes="depth"), ["layer order"]),
+    (SliceConfig(spec=ElasticSpec(), budget="0.5", method="random"), ["--budget", "--method"]),
 ])
 def test_errors_are_one_line_and_write_nothing(tmp_path, tokenizer, cfg, words):
     model = Model(PARENTS["llama"])
     one_line_error(lambda: zero_shot_slice(model, tokenizer, tmp_path / "out", cfg, log=lambda _: None), *words)
     assert entries(tmp_path) == ["tok"]
+
+
+# ----------------------------------------------------------------------------- a trained budget, streamed
+
+@pytest.mark.parametrize("family", ["nemotron_h", "llama"])
+def test_slice_budget_streams_the_budget(tmp_path, family):
+    """`slice_budget(ckpt, name, out)`: the budget's slice of the sorted parent, written without
+    loading it, loading back as `slice_model` of the loaded parent (same tensors, same logits)."""
+    from elastic_ckpt import make_checkpoint
+    from star_elastic.elastic import slice_model
+    from star_elastic.elastic.checkpoint import budget_spec, read_manifest
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", family)
+    lines = []
+    info = slice_budget(ckpt, "0.75", tmp_path / "small", log=lines.append, progress=False)
+    spec = budget_spec(read_manifest(ckpt), "0.75")
+    ref, small = slice_model(hf.load(ckpt), spec), hf.load(tmp_path / "small")
+    assert small.config == ref.config
+    a, b = small.state_dict(), ref.state_dict()
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        assert torch.equal(small(ids()), ref(ids()))
+    assert info["streamed"] is True and info["spec"] == spec.to_dict() and info["parameters"] == small.num_parameters()
+    assert info == json.loads((tmp_path / "small" / "star_elastic_slice.json").read_text())
+    assert any("streaming its prefix from disk" in line for line in lines)
+    assert lines[-1].startswith(f"wrote {tmp_path / 'small'} (a stock Hugging Face checkpoint, with the tokenizer")
+    one_line_error(lambda: slice_budget(ckpt, "0.3", tmp_path / "nope", progress=False), "0.3", "outside the trained")
+    assert entries(tmp_path) == ["ckpt", "small", "tokenizer.json"]

@@ -13,7 +13,8 @@ tensor per expert) are never read.
 
 Streaming does not sort. Slicing keeps the *first* units of every axis, so the parent must already
 be importance-sorted (`sort_model` then `save_pretrained`): that sorted parent is what an elastic
-checkpoint stores, and every submodel is streamed out of it.
+checkpoint stores, and every submodel is streamed out of it (`star-elastic slice CKPT --budget`,
+`zero_shot.slice_budget`).
 
 The index logic is `slicing.take` itself: it runs once on a stand-in tensor that records which
 indices each dimension keeps (the read plan and the output shape), then applies to the data read.
@@ -51,6 +52,7 @@ TORCH_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
                torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
                torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64"}
+DTYPE_OF = {code: dt for dt, code in TORCH_DTYPE.items()}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
                    "chat_template.json", "generation_config.json")
@@ -175,10 +177,16 @@ class _Item:
     take_shape: tuple[int, ...]  # the parent tensor as `take` sees it (experts: a stack of one)
     keep: list | None  # per `take` dimension, the indices kept (None: all); None: read whole and run `take`
     shape: tuple[int, ...]  # the output tensor's shape
+    cast: tuple[str, ...] = ()  # dtypes the tensor is cast through, in order, as loading would (none: as stored)
+
+    @property
+    def dtype(self) -> str:
+        """The output tensor's dtype (safetensors code)."""
+        return self.cast[-1] if self.cast else self.src.dtype
 
     @property
     def nbytes(self) -> int:
-        n = DTYPE_BYTES[self.src.dtype]
+        n = DTYPE_BYTES[self.dtype]
         for s in self.shape:
             n *= s
         return n
@@ -248,6 +256,48 @@ def _items(parent: ModelConfig, sub: ModelConfig, spec: ElasticSpec, plain: dict
                 got = (want[0],) + out_shape[1:]
         if got != want:  # slicing's index logic and the spec's config disagree: a bug, not a user error
             raise RuntimeError(f"stream_slice: {new_name} would be {got}, the sliced config implies {want}")
+    return items
+
+
+def _held_dtypes(cfg: ModelConfig, plain: dict, experts: dict, dtype: torch.dtype) -> dict[str, str]:
+    """The dtype of every parent tensor (in-memory name) in `load(parent, dtype=dtype)`: floating-point
+    tensors cast to `dtype`, except what the modules' `_apply` then keeps in float32 whatever the
+    rest is (the MoE router's gate: its values pass through `dtype` first). Worked out on a model on
+    the meta device holding the stored dtypes: no data is read."""
+    stored = {name: src.dtype for name, src in plain.items()}
+    stored.update({name: parts[0].dtype for name, parts in experts.items()})
+    with torch.device("meta"):
+        model = Model(cfg)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    model.load_state_dict({k: torch.empty(shapes[k], dtype=DTYPE_OF[c], device="meta") for k, c in stored.items()},
+                          strict=False, assign=True)
+    model.to(dtype=dtype)
+    held = {k: TORCH_DTYPE[v.dtype] for k, v in model.state_dict().items()}
+    return {k: held[k] for k in stored}
+
+
+def _check_dtype(dtype) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype in TORCH_DTYPE):
+        raise StarElasticError(f"dtype {dtype}: expected a floating-point torch dtype (torch.bfloat16, ...)")
+
+
+def _plan_items(parent_dir: Path, parent: ModelConfig, spec: ElasticSpec, dtype) -> list[_Item]:
+    """Every output tensor of `spec`, each with the casts that give the values and dtype `export`
+    writes after `load(parent_dir, dtype=dtype)`: to `dtype` (floating point), then to what the model
+    holds (`_held_dtypes`). No dtype: as stored, no casts."""
+    plain, experts = _parent_tensors(parent_dir, parent)
+    spec.validate(parent)
+    items = _items(parent, spec.config(parent), spec, plain, experts)
+    if dtype is None:
+        return items
+    held = _held_dtypes(parent, plain, experts, dtype)
+    for it in items:
+        steps, now = [], it.src.dtype
+        for want in ([TORCH_DTYPE[dtype]] if DTYPE_OF[now].is_floating_point else []) + [held[it.name]]:
+            if want != now:
+                steps.append(want)
+                now = want
+        it.cast = tuple(steps)
     return items
 
 
@@ -361,10 +411,10 @@ def _write_shard(path: Path, items: list[_Item], produce, done, prefetch=lambda 
     """One safetensors file whose header is written first (from the planned shapes), then each
     tensor as it is produced: one tensor in memory at a time. Tensors are laid out by decreasing
     element size (as safetensors does) so that every tensor is aligned in the file."""
-    order = sorted(items, key=lambda it: -DTYPE_BYTES[it.src.dtype])  # stable
+    order = sorted(items, key=lambda it: -DTYPE_BYTES[it.dtype])  # stable
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for it in order:
-        header[it.out] = {"dtype": it.src.dtype, "shape": list(it.shape), "data_offsets": [offset, offset + it.nbytes]}
+        header[it.out] = {"dtype": it.dtype, "shape": list(it.shape), "data_offsets": [offset, offset + it.nbytes]}
         offset += it.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(8 + len(text)) % 8)
@@ -377,9 +427,9 @@ def _write_shard(path: Path, items: list[_Item], produce, done, prefetch=lambda 
             if n + 1 < len(order):  # the next box is read from disk while this one is cut and written
                 prefetch(order[n + 1])
             t = produce(it)
-            if tuple(t.shape) != it.shape or TORCH_DTYPE.get(t.dtype) != it.src.dtype:
+            if tuple(t.shape) != it.shape or TORCH_DTYPE.get(t.dtype) != it.dtype:
                 raise RuntimeError(f"stream_slice: {it.out} came out {tuple(t.shape)} {t.dtype}, "
-                                   f"planned {it.shape} {it.src.dtype}")
+                                   f"planned {it.shape} {it.dtype}")
             _write_tensor(fh, t)
             del t
             done()
@@ -387,8 +437,8 @@ def _write_shard(path: Path, items: list[_Item], produce, done, prefetch=lambda 
 
 # ----------------------------------------------------------------------------- the slicer
 
-def stream_slice(parent_dir, spec: ElasticSpec | dict, out_dir, *, progress: bool = True,
-                 max_shard_bytes: int = hf.SHARD_BYTES) -> Path:
+def stream_slice(parent_dir, spec: ElasticSpec | dict, out_dir, *, dtype: torch.dtype | None = None,
+                 progress: bool = True, max_shard_bytes: int = hf.SHARD_BYTES) -> Path:
     """Write the submodel `spec` of the safetensors checkpoint `parent_dir` to `out_dir`, reading one
     parent tensor at a time (only the rows/columns it keeps where the layout allows).
 
@@ -399,16 +449,19 @@ def stream_slice(parent_dir, spec: ElasticSpec | dict, out_dir, *, progress: boo
     The output is `export`'s: a stock Hugging Face checkpoint for one size per axis, star-elastic's
     per-layer format otherwise (with a note on stderr); tokenizer files are copied. It is written
     into a temporary directory beside `out_dir`, renamed into place at the end.
+    `dtype`: the output is then `export(slice_model(load(parent_dir, dtype=dtype), spec))`'s:
+    floating-point tensors are cast as they are written (what the model keeps in float32, the MoE
+    router's gate, is cast through `dtype` and back to float32). None: every tensor as stored.
     """
     parent_dir, out_dir = Path(parent_dir), Path(out_dir)
     if isinstance(spec, dict):
         spec = ElasticSpec.from_dict(spec)
+    _check_dtype(dtype)
     raw, parent = _parent_config(parent_dir)
     src, dst = parent_dir.resolve(), out_dir.resolve()
     if dst == src or dst in src.parents:
         raise StarElasticError(f"{out_dir}: the output would replace the parent checkpoint {parent_dir}")
-    plain, experts = _parent_tensors(parent_dir, parent)
-    spec.validate(parent)
+    items = _plan_items(parent_dir, parent, spec, dtype)
     sub = spec.config(parent)
     per_layer = bool(sub.layer_sizes and any(sub.layer_sizes))
     # config.json keeps infinities as {"__float__": "Infinity"}; transformers' config classes want floats
@@ -422,7 +475,6 @@ def stream_slice(parent_dir, spec: ElasticSpec | dict, out_dir, *, progress: boo
     except Exception as e:  # transformers validates the sizes (e.g. hidden_size a multiple of the heads)
         reason = str(e.__cause__ or e).strip().splitlines()[-1].strip()
         raise StarElasticError(f"elastic spec: transformers rejects the sliced model's config ({reason})") from None
-    items = _items(parent, sub, spec, plain, experts)
     shards = shard_groups(items, lambda it: it.nbytes, max_shard_bytes)  # the rule of hf.write_safetensors
     names = shard_names(len(shards))
     if per_layer:
@@ -431,17 +483,24 @@ def stream_slice(parent_dir, spec: ElasticSpec | dict, out_dir, *, progress: boo
     from tqdm.auto import tqdm
 
     reader = _Reader()
-    bar = tqdm(total=len(items), desc=f"slicing {parent_dir.name}", unit="tensor", disable=not progress)
+    bar = tqdm(total=len(items), desc=f"slicing {parent_dir.name}", unit="tensor",
+               disable=not progress or bool(os.environ.get("STAR_ELASTIC_QUIET")))
     try:
         with hf.staging(out_dir) as tmp:
             (tmp / "config.json").write_text(hf.config_json(config))
+
+            def produce(it):
+                t = reader.tensor(it, parent)
+                for code in it.cast:
+                    t = t.to(DTYPE_OF[code])
+                return t
 
             def done():
                 reader.recycle()
                 bar.update()
 
             for fname, shard in zip(names, shards):
-                _write_shard(tmp / fname, shard, lambda it: reader.tensor(it, parent), done, reader.prefetch)
+                _write_shard(tmp / fname, shard, produce, done, reader.prefetch)
             if len(shards) > 1:
                 write_index(tmp, {it.out: fname for fname, shard in zip(names, shards) for it in shard},
                             sum(it.nbytes for it in items))
@@ -454,14 +513,14 @@ def stream_slice(parent_dir, spec: ElasticSpec | dict, out_dir, *, progress: boo
     return out_dir
 
 
-def output_bytes(parent_dir, spec: ElasticSpec | dict) -> int:
+def output_bytes(parent_dir, spec: ElasticSpec | dict, dtype: torch.dtype | None = None) -> int:
     """Bytes of tensor data `stream_slice` would write for `spec` (from the headers alone)."""
     parent_dir = Path(parent_dir)
     if isinstance(spec, dict):
         spec = ElasticSpec.from_dict(spec)
+    _check_dtype(dtype)
     _, parent = _parent_config(parent_dir)
-    plain, experts = _parent_tensors(parent_dir, parent)
-    return sum(it.nbytes for it in _items(parent, spec.config(parent), spec, plain, experts))
+    return sum(it.nbytes for it in _plan_items(parent_dir, parent, spec, dtype))
 
 
 __all__ = ["output_bytes", "stream_slice"]
