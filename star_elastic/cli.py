@@ -93,7 +93,8 @@ def cmd_elastify(args):
                          stage2_weights=_floats(args.stage2_weights, "--stage2-weights"),
                          stage2_seq_len=args.stage2_seq_len, kd_weights=_floats(args.kd_weights, "--kd-weights"),
                          full_anchor=args.full_anchor, drift_data=args.drift_data, router_init=args.router_init,
-                         router_estimator=args.router_estimator, router_freeze=args.router_freeze, multiple=args.multiple)
+                         router_estimator=args.router_estimator, router_freeze=args.router_freeze, shard=args.shard,
+                         multiple=args.multiple)
     if rank == 0:
         where = f"{ranks} ranks ({device.type})" if ranks > 1 else str(device)
         print(f"elastify {resolve_model(args.model)}: {model.num_parameters() / 1e6:.1f}M parameters, budgets "
@@ -328,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--router-freeze", type=float, default=0.0,
                     help="the last share of the steps trains each budget's exported (in-band argmax) architecture, "
                          "the router fixed (0: off)")
+    sp.add_argument("--shard", choices=["auto", "fsdp", "none"], default="auto",
+                    help="under torchrun: FSDP2 sharding of the student and teacher (auto, fsdp) or every rank "
+                         "holding everything (none); auto shards when there are 2+ ranks")
     sp.add_argument("--drift-data", default="auto",
                     help="held-out text of a second domain on which the full budget's drift from the parent "
                          "is reported (default: a bundled corpus the training data does not use; '' for none)")

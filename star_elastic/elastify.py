@@ -50,6 +50,7 @@ class ElastifyConfig:
     router_init: str = "search"  # the router starts from the zero-shot search's architectures, or "cost" alone
     router_estimator: str = "score"  # how distillation reaches the router: "score" or "straight-through"
     router_freeze: float = 0.0  # the last share of the steps trains the in-band argmax, the router fixed
+    shard: str = "auto"  # under torchrun: "auto"/"fsdp" (FSDP2) or "none" (replicated, gradients all-reduced)
     multiple: int | None = None  # kept widths are multiples of it (None: aligned for GPUs, spec.aligned_multiple)
 
 
@@ -153,7 +154,7 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
                        router_lr=cfg.router_lr, warmup_steps=max(1, steps // 20), eval_tokens=cfg.eval_tokens,
                        seed=cfg.seed, stage1_fraction=cfg.stage1_fraction, stage2_weights=cfg.stage2_weights,
                        stage2_seq_len=cfg.stage2_seq_len, budget_kd_weights=kd_weights, full_anchor=cfg.full_anchor,
-                       router_estimator=cfg.router_estimator, router_freeze_fraction=cfg.router_freeze)
+                       router_estimator=cfg.router_estimator, router_freeze_fraction=cfg.router_freeze, shard=cfg.shard)
     trainer = ElasticTrainer(model, teacher, router, budgets, rows, tcfg, out.parent / f".{out.name}.train",
                              heldout=heldout, warm_start=starts if cfg.router_init == "search" and any(starts) else None)
     if trainer.load_state():

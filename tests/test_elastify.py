@@ -209,3 +209,21 @@ def test_demo_runs_end_to_end_and_says_what_to_do_next(tmp_path, tokenizer, text
     assert printed.count("Q: ") == len(cli.DEMO_PROMPTS)
     assert f"star-elastic slice {out} --budget 0.8" in printed and f"star-elastic serve {out}" in printed
     assert read_manifest(out)["budgets"][-1]["name"] == "0.8"
+
+
+def test_shard_and_router_flags_reach_the_training_config(tmp_path):
+    """--shard, --router-estimator and --router-freeze are parsed into the config elastify trains with;
+    a wrong value is refused before anything loads, and FSDP without torchrun is one line."""
+    from star_elastic.cli import build_parser
+    from star_elastic.train import ElasticTrainer, TrainConfig
+
+    args = build_parser().parse_args(["elastify", "m", "--data", "wiki", "--tokens", "64", "--out", "o",
+                                      "--shard", "none", "--router-estimator", "straight-through",
+                                      "--router-freeze", "0.2"])
+    assert (args.shard, args.router_estimator, args.router_freeze) == ("none", "straight-through", 0.2)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["elastify", "m", "--data", "wiki", "--tokens", "64", "--out", "o", "--shard", "x"])
+    model = Model(PARENTS["llama"])
+    with pytest.raises(StarElasticError, match="fsdp"):
+        ElasticTrainer(model, Model(PARENTS["llama"]), None, [], torch.zeros(4, 8, dtype=torch.long),
+                       TrainConfig(shard="fsdp", seq_len=8, batch_size=4), tmp_path, fixed_specs=[])
