@@ -262,6 +262,19 @@ def ssd_scan(x, dt, A, B, C, chunk_size: int, initial_state=None):
     return y, final_state.reshape(b, h, p, n)
 
 
+def mamba_in_proj_rows(num_heads: int, head_dim: int, n_groups: int, state_size: int) -> dict[str, slice]:
+    """The rows of Mamba's in_proj weight, as the checkpoint stores them: [z | x | B | C | dt]
+    (z gates the output, x is the input the heads scan, B and C per group, one dt per head). The
+    one description of this layout: the forward, slicing, importance and the serving views read it."""
+    d, bc = num_heads * head_dim, n_groups * state_size
+    sizes = {"z": d, "x": d, "B": bc, "C": bc, "dt": num_heads}
+    out, start = {}, 0
+    for name, n in sizes.items():
+        out[name] = slice(start, start + n)
+        start += n
+    return out
+
+
 class Mamba2(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -272,7 +285,8 @@ class Mamba2(nn.Module):
         self.d_inner = self.num_heads * self.head_dim
         self.conv_dim = self.d_inner + 2 * self.n_groups * self.state_size
         self.chunk_size, self.dt_min = cfg.chunk_size, cfg.time_step_min
-        self.in_proj = nn.Linear(cfg.hidden_size, self.d_inner + self.conv_dim + self.num_heads, bias=cfg.mamba_bias)
+        self.rows = mamba_in_proj_rows(self.num_heads, self.head_dim, self.n_groups, self.state_size)
+        self.in_proj = nn.Linear(cfg.hidden_size, self.rows["dt"].stop, bias=cfg.mamba_bias)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.conv_kernel, groups=self.conv_dim,
                                 bias=cfg.use_conv_bias)  # causal: forward prepends the k-1 previous inputs
         self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
@@ -296,7 +310,8 @@ class Mamba2(nn.Module):
             z, x, dt = heads.unflatten(-1, (H, 2 * P + 1)).split([P, P, 1], dim=-1)
             xBC = torch.cat([BC, x.flatten(-2)], dim=-1)
         else:
-            z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, H], dim=-1)
+            proj, rows = self.in_proj(u), self.rows  # x, B and C are contiguous: the conv's input
+            z, xBC, dt = proj[..., rows["z"]], proj[..., rows["x"].start:rows["C"].stop], proj[..., rows["dt"]]
         xBC = xBC.transpose(1, 2)  # (b, conv_dim, t)
         k = self.conv1d.kernel_size[0]
         # the k-1 inputs before these: zeros at the start of a sequence, else the cached last ones

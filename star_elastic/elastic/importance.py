@@ -251,8 +251,7 @@ def _register(model, hooks: _Hooks, sums: _Sums) -> None:
             sums.new(name, (mamba.num_heads, mamba.head_dim), dev)
 
             def xbranch(out, mamba=mamba, name=name):  # in_proj output: z | x | B | C | dt
-                d = mamba.num_heads * mamba.head_dim
-                s = out[..., d:2 * d].unflatten(-1, (mamba.num_heads, mamba.head_dim))
+                s = out[..., mamba.rows["x"]].unflatten(-1, (mamba.num_heads, mamba.head_dim))
                 sums.add(name, _seq_sumsq(s))
             hooks.output(mamba.in_proj, xbranch)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from star_elastic import hf
-from star_elastic.model import Model, ModelConfig, rope_frequencies
+from star_elastic.model import Model, ModelConfig, mamba_in_proj_rows, rope_frequencies
 
 from .spec import ElasticSpec
 
@@ -100,13 +100,14 @@ def take(name: str, t: torch.Tensor, cfg: ModelConfig, idx: dict[str, torch.Tens
         out_units, in_units = get(ffn_axis), hidden
     elif part == "down_proj":
         out_units, in_units = hidden, get(ffn_axis)
-    elif part == "in_proj":  # rows [z | x | B | C | dt]
+    elif part == "in_proj":  # rows [z | x | B | C | dt] (model.mamba_in_proj_rows)
         inner, heads = _mamba_inner(c, get("mamba_heads"), get("mamba_channels")), get("mamba_heads")
         out_units = None
         if inner is not None:
-            d_inner, bc = c.mamba_num_heads * c.mamba_head_dim, 2 * c.n_groups * c.ssm_state_size
+            rows = mamba_in_proj_rows(c.mamba_num_heads, c.mamba_head_dim, c.n_groups, c.ssm_state_size)
             dt = torch.arange(c.mamba_num_heads) if heads is None else heads
-            out_units = torch.cat([inner, d_inner + inner, 2 * d_inner + torch.arange(bc), 2 * d_inner + bc + dt])
+            out_units = torch.cat([rows["z"].start + inner, rows["x"].start + inner,
+                                   torch.arange(rows["B"].start, rows["C"].stop), rows["dt"].start + dt])
         in_units = hidden
     elif part == "out_proj":
         out_units, in_units = hidden, _mamba_inner(c, get("mamba_heads"), get("mamba_channels"))

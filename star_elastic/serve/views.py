@@ -197,10 +197,12 @@ def _mamba(dst: Mamba2, src: Mamba2, h: int):
         _set(dst.conv1d, "weight", src.conv1d.weight[:channels])
         _set(dst.conv1d, "bias", None if src.conv1d.bias is None else src.conv1d.bias[:channels])
     else:  # in_proj rows [z | x | B | C | dt] and conv channels [x | B | C]: the heads' parts side by side
-        z, x, BC, dt = src.in_proj.weight[:, :h].split([d_inner, d_inner, bc, src.num_heads])
-        b = src.in_proj.bias
-        biases = None if b is None else [heads(b[:d_inner], 0), heads(b[d_inner:2 * d_inner], 0),
-                                         b[2 * d_inner:2 * d_inner + bc], heads(b[2 * d_inner + bc:], 0, 1)]
+        r = src.rows  # model.mamba_in_proj_rows
+        BC = slice(r["B"].start, r["C"].stop)
+        w, b = src.in_proj.weight[:, :h], src.in_proj.bias
+        z, x, BC, dt = w[r["z"]], w[r["x"]], w[BC], w[r["dt"]]
+        biases = None if b is None else [heads(b[r["z"]], 0), heads(b[r["x"]], 0), b[r["B"].start:r["C"].stop],
+                                         heads(b[r["dt"]], 0, 1)]
         dst.in_proj = GroupedLinear([heads(z, 0), heads(x, 0), BC, heads(dt, 0, 1)], biases)
         w, b = src.conv1d.weight[:, 0], src.conv1d.bias  # (channels, k)
         dst.conv1d = PartsConv1d([heads(w[:d_inner], 0), w[d_inner:]],
