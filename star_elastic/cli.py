@@ -202,13 +202,12 @@ def cmd_slice(args):
 
     budget = manifest = None
     if args.budget is not None:  # a budget of an elastic checkpoint: its weights are sorted already
-        from .elastic.checkpoint import budget_names, budget_spec, load_router, read_manifest
+        from .elastic.checkpoint import read_manifest, resolve_budget
 
         if args.params is not None or args.spec is not None:
             raise StarElasticError("--budget slices an elastic checkpoint's trained budget: no --params or --spec")
         manifest = read_manifest(resolve_model(args.model))
-        trained = str(args.budget) in budget_names(manifest)  # else: between two trained ones, or an error
-        budget = budget_spec(manifest, args.budget, None if trained else load_router(resolve_model(args.model), manifest))
+        budget = resolve_budget(resolve_model(args.model), manifest, args.budget)[0]  # unknown: error, nothing written
         if args.verify:
             from .elastic.checkpoint import verify_files
 

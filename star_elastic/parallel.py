@@ -108,7 +108,7 @@ def full_state_dict(model: nn.Module, rank0_only: bool = True, cpu: bool = True)
         v = full_tensor(v.detach())
         if rank0_only and rank != 0:
             continue
-        out[k] = v.cpu() if cpu else v
+        out[k] = v.contiguous().cpu() if cpu else v
     return out
 
 

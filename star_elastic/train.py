@@ -327,8 +327,7 @@ class ElasticTrainer:
             return self.fixed_specs[b].masks(self.model.config, device=self.device), None
         if self.router_frozen:
             return self._frozen_specs()[b].masks(self.model.config, device=self.device), None
-        band = self.cfg.loss.band
-        in_band = (lambda arch: abs(self.cost.cost(budget.kind, arch) / budget.target - 1) <= band) \
+        in_band = (lambda arch: self._off_band(budget, self.cost.cost(budget.kind, arch)) == 0) \
             if self.cfg.draw_in_band else None
         decision = self.router(b, mode=self.cfg.router_mode, generator=self.gumbel, estimator=self.cfg.router_estimator,
                                accept=in_band)
@@ -386,9 +385,9 @@ class ElasticTrainer:
             logs[f"entropy.{axis}"] = sum(h) / len(h)
         return w.budget * logs["budget"] + logs["entropy_floor"]
 
-    def _off_band(self, budget: Budget, fraction: float) -> float:
-        """How far a cost (as a fraction of the parent's) is outside the budget's band (0 inside)."""
-        return float(budget_loss(fraction * budget.full, budget, self.cfg.loss.band))
+    def _off_band(self, budget: Budget, cost: float) -> float:
+        """How far a cost is outside the budget's band, relative to its target (0 inside)."""
+        return float(budget_loss(cost, budget, self.cfg.loss.band))
 
     def _baseline_kd(self, x, teacher_logits, decision, logs: dict) -> torch.Tensor | None:
         """The score-function baseline: the distillation loss of the router's argmax architecture on
@@ -396,7 +395,7 @@ class ElasticTrainer:
         how hard the batch is. None when there is no score term, or the draw is the argmax (no signal)."""
         if decision is None or decision.log_prob is None:
             return None
-        argmax = {name: int(p.argmax()) for name, p in decision.probs.items()}
+        argmax = self.router.argmax_choice(decision.probs)
         logs["drawn_is_argmax"] = float(argmax == decision.choice)
         if argmax == decision.choice:
             logs["advantage"] = 0.0
@@ -437,8 +436,8 @@ class ElasticTrainer:
                 if baseline is not None:  # the router's quality term: this draw against the argmax
                     drawn_kd = losses["kd"] if "kd" in losses else kd_loss(student_logits.detach(), teacher_logits)
                     a = advantage(drawn_kd, baseline) + cfg.router_band_penalty * (
-                        self._off_band(budget, step_logs["cost_fraction"])
-                        - self._off_band(budget, step_logs["argmax_cost_fraction"]))
+                        self._off_band(budget, step_logs["cost_fraction"] * budget.full)
+                        - self._off_band(budget, step_logs["argmax_cost_fraction"] * budget.full))
                     step_logs.update(kd_argmax=baseline, advantage=a)
                     total = total + cfg.router_quality * score_function_loss(decision.log_prob, a)
                 (total / cfg.grad_accum).backward()
@@ -533,8 +532,9 @@ class ElasticTrainer:
             v = parallel.full_tensor(v.detach())
             return v.contiguous().cpu() if keep else None
 
-        weights = {k: whole(v) for k, v in self.model.state_dict().items()
-                   if not (k == "lm_head.weight" and self.model.config.tied)}
+        weights = parallel.full_state_dict(self.model)  # rank 0 keeps them, on the host; the others get {}
+        if self.model.config.tied:
+            weights.pop("lm_head.weight", None)
         opt_tensors, opt_meta = {}, {"groups": [], "state": {}}
         state = self.opt.state_dict()
         for idx, s in state["state"].items():

@@ -223,19 +223,15 @@ def slice_budget(checkpoint, budget: str, out, *, dtype=None, log=print, progres
     temporary sibling and renamed into place (an existing `out` is replaced: the command line
     refuses that without --force); on any error nothing is left. `manifest`: the checkpoint's, if
     read already. `progress`: a bar over the tensors written (stderr)."""
-    from .elastic.checkpoint import budget_names, budget_spec, interpolated_budget, load_router, read_manifest
+    from .elastic.checkpoint import read_manifest, resolve_budget
     from .elastic.spec import count_parameters
     from .elastic.stream import stream_slice
     from .hf import check_checkpoint, load_tokenizer
 
     checkpoint, out = Path(checkpoint), Path(out)
     manifest = manifest if manifest is not None else read_manifest(checkpoint)
-    interpolated = None
-    if str(budget) in budget_names(manifest):
-        spec = budget_spec(manifest, budget)
-    else:  # between two trained budgets: the router's architecture for it (or a one-line error, nothing written)
-        spec, interpolated = interpolated_budget(manifest, load_router(checkpoint, manifest), budget)
-        interpolated = interpolated if interpolated["interpolated"] else None
+    # a trained budget, or one between two (the router's architecture for it); else a one-line error
+    spec, interpolated = resolve_budget(checkpoint, manifest, budget)
     _, mcfg = check_checkpoint(checkpoint)  # what `load` checks, from config.json and the headers alone
     if load_tokenizer(checkpoint) is None:  # as the loading path: an exported slice comes with its tokenizer
         raise StarElasticError(f"{checkpoint}: no tokenizer files next to the weights")

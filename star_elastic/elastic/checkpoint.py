@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import StarElasticError
 from ..hf import load, load_tokenizer, read_config, safetensors_header, save_pretrained, staging
 from ..model import Model
-from .cost import Arch, Budget, CostModel, MemorySettings
+from .cost import Arch, Budget, CostModel, MemorySettings, parse_budget
 from .importance import save_scores
 from .manifest import (FORMAT, ROUTER_FILE, VERSION, check_budgets, check_cheap, check_files,  # noqa: F401 (re-exported)
                        has_manifest, read_manifest, sha256, verify_files)
@@ -114,26 +114,29 @@ def budget_spec(manifest: dict, name: str, router: Router | None = None) -> Elas
                            f"{', '.join(budget_names(manifest))})")
 
 
+def resolve_budget(path, manifest: dict, name: str) -> tuple[ElasticSpec, dict | None]:
+    """The spec of budget `name` of the checkpoint at `path`: a trained one (and None), or one
+    between two trained ones with its record (`interpolated_budget`; only then is the router read)."""
+    if str(name) in budget_names(manifest):
+        return budget_spec(manifest, name), None
+    spec, info = interpolated_budget(manifest, load_router(path, manifest), name)
+    return spec, info if info["interpolated"] else None
+
+
 def interpolated_budget(manifest: dict, router: Router, name: str) -> tuple[ElasticSpec, dict]:
     """A budget that was not trained, between two that were (e.g. 0.6 between 0.75 and 0.5): the
     router's architecture for it, nested between its trained neighbours and in its band
-    (`router.interpolate_budget`). Returns the spec and a record that labels it as interpolated."""
-    from .cost import parse_budget
-
+    (`router.interpolate_budget`; inference logits, whatever the router's mode). Returns the spec and
+    a record that labels it as interpolated (a trained budget spelled otherwise, "75%" for "0.75", is
+    that budget)."""
     memory = MemorySettings(**manifest["memory_settings"]) if manifest.get("memory_settings") else None
     budget = replace(parse_budget(name, router.parent, memory), name=str(name))
     trained = [(Budget(**b), ElasticSpec.from_dict(e["spec"]))
                for b, e in zip(manifest["router"]["budgets"], manifest["budgets"])]
-    if any(b.kind == budget.kind and abs(b.target - budget.target) <= 1e-9 * b.target for b, _ in trained):
-        same = next(e["name"] for (b, _), e in zip(trained, manifest["budgets"])
-                    if b.kind == budget.kind and abs(b.target - budget.target) <= 1e-9 * b.target)
-        return budget_spec(manifest, same), {"name": same, "interpolated": False}
-    was_training = router.training
-    router.eval()
-    try:
-        proj = interpolate_budget(router, budget, trained, CostModel(router.parent, memory))
-    finally:
-        router.train(was_training)
+    for (b, spec), entry in zip(trained, manifest["budgets"]):
+        if b.kind == budget.kind and abs(b.target - budget.target) <= 1e-9 * b.target:
+            return spec, {"name": entry["name"], "interpolated": False}
+    proj = interpolate_budget(router, budget, trained, CostModel(router.parent, memory))
     spec = router.spec_of(proj.choice)
     return spec, {"name": str(name), "interpolated": True, "kind": budget.kind, "target": budget.target,
                   "projection": proj.to_dict(), "spec": spec.to_dict()}

@@ -370,9 +370,14 @@ class Router(nn.Module):
                             if self.slots[name].axis == "depth" else self.slots[name].sizes[k]
                             for name, k in choice.items()})
 
+    @staticmethod
+    def argmax_choice(probs: dict[str, torch.Tensor]) -> dict[str, int]:
+        """Every slot's most likely choice index."""
+        return {name: int(p.argmax()) for name, p in probs.items()}
+
     def argmax_arch(self, probs: dict[str, torch.Tensor]) -> Arch:
         """The sizes of every slot's most likely choice."""
-        return self.arch_of({name: int(p.argmax()) for name, p in probs.items()})
+        return self.arch_of(self.argmax_choice(probs))
 
     def _sized(self, values: dict) -> Arch:
         """The parent's sizes with each named slot's value put in: a size, or for depth the weight
@@ -543,8 +548,7 @@ def project_budgets(router: Router, budgets: list[Budget], costs: CostModel | No
                 out[i] = Projection(c, b.target, cost, cost, False)
                 upper = c
                 continue
-            logq = {n: F.log_softmax(v.float(), -1).tolist() for n, v in router.logits(i).items()}
-            argmax = {n: max(range(len(v)), key=v.__getitem__) for n, v in logq.items()}
+            logq, argmax = _inference_choices(router, i)
             first = start[i] if start is not None and start[i] is not None else argmax
             out[i] = _best_in_band(router, costs, b, logq, argmax, {n: min(k, upper[n]) for n, k in first.items()},
                                    upper, band, max_states)
@@ -569,12 +573,18 @@ def interpolate_budget(router: Router, budget: Budget, trained: list[tuple[Budge
                                "between two trained ones can be interpolated")
     lower, upper = router.choice_of(below[-1][1]), router.choice_of(above[0][1])
     with torch.no_grad():
-        logq = {n: F.log_softmax(v.float(), -1).tolist() for n, v in router.logits(budget).items()}
-    argmax = {n: max(range(len(v)), key=v.__getitem__) for n, v in logq.items()}
+        logq, argmax = _inference_choices(router, budget)
     start = {n: min(max(k, lower[n]), upper[n]) for n, k in argmax.items()}
     return _best_in_band(router, costs, budget, logq, argmax, start, upper, band, max_states, lower=lower,
                          where=f"between the trained {below[-1][0].name or below[-1][0].fraction} and "
                                f"{above[0][0].name or above[0][0].fraction} on the router's grid")
+
+
+def _inference_choices(router: Router, budget) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Per slot, the log-probabilities of the choices at inference (scale 1) for `budget` (a router
+    input, see `Router.blend`), and the argmax choice."""
+    logq = {n: F.log_softmax(v.float(), -1).tolist() for n, v in router.logits(budget).items()}
+    return logq, {n: max(range(len(v)), key=v.__getitem__) for n, v in logq.items()}
 
 
 def _best_in_band(router, costs, b: Budget, logq, argmax, start, upper, band, max_states, lower=None,
