@@ -47,7 +47,8 @@ from star_elastic.elastic.search import DEFAULT_AXES, applicable_axes, choose_sp
 from star_elastic.elastic.slicing import export  # noqa: E402
 from star_elastic.generate import generate  # noqa: E402
 from star_elastic.model import Model, ModelConfig  # noqa: E402
-from star_elastic.serve.views import budget_view, serving_order_fits, shares_storage, use_serving_order  # noqa: E402
+from star_elastic.serve.order import serving_order_fits, use_serving_order  # noqa: E402
+from star_elastic.serve.views import budget_view, shares_storage  # noqa: E402
 
 HYBRID = dict(vocab_size=32000, hidden_size=1536, layer_types="M*M-MEM*M-ME", num_attention_heads=16,
               num_key_value_heads=4, head_dim=96, intermediate_size=4096, mamba_num_heads=32, mamba_head_dim=64,

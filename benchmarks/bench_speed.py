@@ -163,7 +163,7 @@ def main():
         if device.type == "cuda":
             res[f"train_peak_gib_{name}"] = torch.cuda.max_memory_allocated() / 2**30
         print(f"train    {name:14s} {tokens / s:10.0f} tok/s")
-        del opt
+        opt = None  # frees the AdamW moments before the next variant
         m.eval()
 
     # 4. greedy generation at batch 1: transformers' generate vs ours (CUDA graph on a GPU)

@@ -254,7 +254,6 @@ def main(argv=None):
                     if op == "slice":
                         r = run_slice(parent, dst, spec)
                         runs[op].append(r)
-                        written = dir_bytes(dst)
                     else:
                         cmd = (f"cp -r '{parent}' '{dst}'" if op == "cp_r" else copy_bytes_cmd(parent, dst, out_bytes))
                         o, s = timed_shell(cmd)

@@ -278,10 +278,10 @@ class Balancer:
 
     @torch.no_grad()
     def step(self) -> None:
-        for router, load in self.loads.values():
+        for router, counts in self.loads.values():
             if self.rate:
-                router.e_score_correction_bias.add_(self.rate * torch.sign(load.mean() - load))
-            load.zero_()
+                router.e_score_correction_bias.add_(self.rate * torch.sign(counts.mean() - counts))
+            counts.zero_()
 
     def remove(self) -> None:
         for h in self.handles:

@@ -73,14 +73,20 @@ class DecodeStep:
         return self.logits
 
 
+def forget_decode_steps(model: Model):
+    """Drop `model`'s captured decode steps (and their caches). A graph replays the kernels, modules
+    and tensors it was captured with: whatever changes how the model computes (masks applied or
+    removed, elastic/masking.py; the serving head order, serve/order.py) calls this."""
+    model.__dict__.pop("_decode_steps", None)
+
+
 def _decoder(model: Model, batch: int, length: int, use_graph: bool | None, compile: bool = False):
     """Caches and a captured decode step, kept on the model and reused by later calls of the same
-    batch size and length bucket (capturing costs a few forward passes; replaying is free)."""
+    batch size and length bucket (capturing costs a few forward passes; replaying is free) until
+    `forget_decode_steps`."""
     max_len = -(-length // 256) * 256
     steps = model.__dict__.setdefault("_decode_steps", {})
-    # a graph replays the masks it was captured with: a new set of masks needs a new capture
-    key = (batch, max_len, use_graph, compile, model.lm_head.weight.dtype, model.lm_head.weight.device,
-           model.mask_version)
+    key = (batch, max_len, use_graph, compile, model.lm_head.weight.dtype, model.lm_head.weight.device)
     if key not in steps:
         while len(steps) >= 2:  # bound the memory held by idle caches
             steps.pop(next(iter(steps)))

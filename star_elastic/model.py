@@ -7,15 +7,11 @@ A Nemotron-H layer is one block `x = x + mixer(norm(x))`. A Llama layer is two s
 (attention, then gated MLP) under Llama's names. Every size that elastic slicing can change
 (heads, widths, experts) may differ per layer: `ModelConfig.layer_sizes` overrides them.
 
-Elastic training runs sub-networks inside the full-size model through masks (`Model.set_masks`):
-per-unit weights, 0/1 for a hard sub-architecture or fractional for the router's soft masks. With
-no masks set, every masked branch below is skipped and the model computes exactly as before.
-
-Serving runs sub-networks the other way: a budget view (star_elastic/serve/views.py) is a smaller
-`Model` whose parameters are views of the parent's; where no 2-D view expresses the kept part (heads
-kept per group), it swaps in a projection module over grouped views, with the same call signature.
-A serving engine may instead store the parent's heads in "serving order" (rank-major, below), where
-those parts are plain prefixes too: modules flagged `serving_order` reorder their activations.
+Nothing here knows about elastic training or serving; both change how the model computes from
+outside, with module swaps and hooks: training's sub-networks from star_elastic/elastic/
+(docs/METHOD.md §5), serving's budget views and head order from star_elastic/serve/ (§13). The small
+methods the forwards call (`mean_square`, `select`, `weigh`, `hidden`, `split_in_proj`, `split_conv`,
+`scan`, `group_to_heads`, `attend`) are what those swaps override.
 """
 
 from __future__ import annotations
@@ -26,6 +22,8 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from . import kernels
 
 LAYER_CHARS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 
@@ -131,16 +129,15 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-        self.mask = None  # (dim,) hidden-channel mask; the input is already zero where it is 0
 
     def forward(self, x):
         xf = x.float()
-        if self.mask is None:
-            ms = xf.pow(2).mean(-1, keepdim=True)
-        else:  # the mean of squares over the kept channels only, as the sliced model computes it
-            ms = xf.pow(2).sum(-1, keepdim=True) / self.mask.float().sum()
-        xf = xf * torch.rsqrt(ms + self.eps)
+        xf = xf * torch.rsqrt(self.mean_square(xf) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+    def mean_square(self, xf):
+        """(..., dim) in float32 -> the mean of squares over the channels, (..., 1)."""
+        return xf.pow(2).mean(-1, keepdim=True)
 
 
 class GatedRMSNorm(nn.Module):
@@ -152,22 +149,11 @@ class GatedRMSNorm(nn.Module):
         self.groups = groups
         self.eps = eps
 
-    def forward(self, x, z, mask=None, rank_major: bool = False):
-        """`mask` (dim,): weights of the kept channels (x is zero where it is 0); each group is then
-        normalised over its kept channels only. `rank_major`: x and z are (..., heads, head_dim) with the
-        heads, and the weight, rank-major (serving order): group g is the heads h with h % groups == g."""
+    def forward(self, x, z):
+        """x, z: (..., dim), the heads' channels group-major (group g: the g-th dim / groups of them)."""
         dtype = x.dtype
-        x = x.float() * F.silu(z.float())
-        if rank_major:  # (..., heads per group, groups, head_dim): reduce over heads and channels
-            xg = x.unflatten(-2, (-1, self.groups))
-            xg = xg * torch.rsqrt(xg.pow(2).mean((-3, -1), keepdim=True) + self.eps)
-            return (self.weight.view(xg.shape[-3:]) * xg.to(dtype)).flatten(-3, -2)  # (..., heads, head_dim)
-        xg = x.unflatten(-1, (self.groups, -1))
-        if mask is None:
-            ms = xg.pow(2).mean(-1, keepdim=True)
-        else:
-            ms = xg.pow(2).sum(-1, keepdim=True) / mask.float().view(self.groups, -1).sum(-1, keepdim=True)
-        xg = xg * torch.rsqrt(ms + self.eps)
+        xg = (x.float() * F.silu(z.float())).unflatten(-1, (self.groups, -1))
+        xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + self.eps)
         # the weight as (groups, dim / groups): a budget view's weight is a per-group prefix of its parent's
         return (self.weight.view(self.groups, -1) * xg.to(dtype)).flatten(-2)
 
@@ -180,22 +166,6 @@ def activation(name: str):
     if name in ("gelu", "gelu_pytorch_tanh"):
         return lambda x: F.gelu(x, approximate="tanh" if name.endswith("tanh") else "none")
     raise ValueError(f"unsupported activation {name!r}")
-
-
-# ----------------------------------------------------------------------------- serving head order
-
-# A serving engine may store heads rank-major (head j of group g at j * groups + g) instead of
-# group-major (g * per + j): then every budget keeps a plain prefix of them (serve/views.py,
-# `use_serving_order`). Modules flagged `serving_order` convert activations at their boundaries.
-
-def group_major(t: torch.Tensor, groups: int) -> torch.Tensor:
-    """(..., heads, size): the heads from rank-major to group-major order (a copy)."""
-    return t.unflatten(-2, (-1, groups)).transpose(-3, -2).reshape(t.shape)
-
-
-def rank_major(t: torch.Tensor, groups: int) -> torch.Tensor:
-    """The inverse of `group_major`."""
-    return t.unflatten(-2, (groups, -1)).transpose(-3, -2).reshape(t.shape)
 
 
 # ----------------------------------------------------------------------------- Mamba-2
@@ -294,24 +264,10 @@ class Mamba2(nn.Module):
         self.D = nn.Parameter(torch.ones(self.num_heads))
         self.norm = GatedRMSNorm(self.d_inner, self.n_groups, cfg.norm_eps)
         self.out_proj = nn.Linear(self.d_inner, cfg.hidden_size, bias=cfg.mamba_bias)
-        self.head_mask = None  # (num_heads,)
-        self.channel_mask = None  # (head_dim,), the same channels in every head
-        # Serving order (see above): in_proj rows [B | C | each head's z, x, dt rows], conv channels
-        # [B | C | x], out_proj columns, dt_bias, A_log, D, the norm weight and the cached SSM state: heads
-        # rank-major. A budget's rows / channels / heads are then a prefix. Decode runs rank-major as it is;
-        # only prefill's scan reorders (once per request).
-        self.serving_order = False
 
     def forward(self, u, cache: "MambaCache | None" = None):
         b, t, _ = u.shape
-        H, P, G, bc = self.num_heads, self.head_dim, self.n_groups, 2 * self.n_groups * self.state_size
-        if self.serving_order:
-            BC, heads = self.in_proj(u).split([bc, H * (2 * P + 1)], dim=-1)
-            z, x, dt = heads.unflatten(-1, (H, 2 * P + 1)).split([P, P, 1], dim=-1)
-            xBC = torch.cat([BC, x.flatten(-2)], dim=-1)
-        else:
-            proj, rows = self.in_proj(u), self.rows  # x, B and C are contiguous: the conv's input
-            z, xBC, dt = proj[..., rows["z"]], proj[..., rows["x"].start:rows["C"].stop], proj[..., rows["dt"]]
+        z, xBC, dt = self.split_in_proj(self.in_proj(u))
         xBC = xBC.transpose(1, 2)  # (b, conv_dim, t)
         k = self.conv1d.kernel_size[0]
         # the k-1 inputs before these: zeros at the start of a sequence, else the cached last ones
@@ -319,57 +275,47 @@ class Mamba2(nn.Module):
         xBC = torch.cat([before, xBC], dim=-1)
         if cache is not None:
             cache.conv.copy_(xBC[..., -(k - 1):])
-        xBC = F.silu(self.conv1d(xBC)).transpose(1, 2)
-        if self.serving_order:  # z, x, dt, dt_bias, A_log, D, the norm weight and the cached state: rank-major
-            BC, x = xBC.split([bc, self.d_inner], dim=-1)
-            B, C = BC.chunk(2, dim=-1)
-            dt = dt.flatten(-2)  # z stays (b, t, heads, head_dim), a view of in_proj's output (the norm takes it so)
-        else:
-            x, B, C = xBC.split([self.d_inner, bc // 2, bc // 2], dim=-1)
+        x, B, C = self.split_conv(F.silu(self.conv1d(xBC)).transpose(1, 2))
         x = x.view(b, t, self.num_heads, self.head_dim)
         B = B.view(b, t, self.n_groups, self.state_size)
         C = C.view(b, t, self.n_groups, self.state_size)
         # per-head vectors flattened: in a grouped budget view they are (n_groups, kept heads per group)
         dt = F.softplus(dt.float() + self.dt_bias.float().flatten()).clamp(min=self.dt_min)
         A = -torch.exp(self.A_log.float()).flatten()
-        if cache is not None and t == 1:  # rank-major in serving order too: no reordering per token
+        if cache is not None and t == 1:
             y = self.step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], cache.ssm)[:, None]
-        elif self.serving_order:  # the scan takes heads group-major: reorder at its boundary, once per prefill
-            state = None if cache is None else group_major(cache.ssm.flatten(-2), G).view_as(cache.ssm)
-            y, final = ssd_scan(group_major(x, G), group_major(dt[..., None], G)[..., 0],
-                                group_major(A[:, None], G)[:, 0], B, C, self.chunk_size, state)
-            y = rank_major(y, G)
-            if cache is not None:
-                cache.ssm.copy_(rank_major(final.flatten(-2), G).view_as(final))
         else:
-            y, final = ssd_scan(x, dt, A, B, C, self.chunk_size, None if cache is None else cache.ssm)
+            y, final = self.scan(x, dt, A, B, C, None if cache is None else cache.ssm)
             if cache is not None:
                 cache.ssm.copy_(final)
         y = y + x.to(y.dtype) * self.D.to(y.dtype).flatten()[:, None]
-        if self.serving_order:  # masks refuse in serving order (set_masks)
-            y = self.norm(y, z, rank_major=True).flatten(-2)
-        elif self.head_mask is None and self.channel_mask is None:
-            y = self.norm(y.flatten(-2), z)
-        else:  # heads and channels are independent SSMs up to here: zero the dropped ones' outputs
-            unit = y.new_ones(self.num_heads, self.head_dim)
-            if self.head_mask is not None:
-                unit = unit * self.head_mask.to(y.dtype)[:, None]
-            if self.channel_mask is not None:
-                unit = unit * self.channel_mask.to(y.dtype)
-            y = self.norm((y * unit).flatten(-2), z, unit.flatten())
-        return self.out_proj(y.to(u.dtype))
+        return self.out_proj(self.norm(y.flatten(-2), z).to(u.dtype))
+
+    def split_in_proj(self, proj):
+        """in_proj's output -> z (b, t, d_inner), the conv's input xBC (b, t, conv_dim), dt (b, t, heads)."""
+        rows = self.rows  # x, B and C are contiguous: the conv's input
+        return proj[..., rows["z"]], proj[..., rows["x"].start:rows["C"].stop], proj[..., rows["dt"]]
+
+    def split_conv(self, xBC):
+        """The conv's output (b, t, conv_dim) -> x (b, t, d_inner), B and C (b, t, n_groups * state_size)."""
+        bc = self.n_groups * self.state_size
+        return xBC.split([self.d_inner, bc, bc], dim=-1)
+
+    def scan(self, x, dt, A, B, C, state):
+        """The SSD scan over a sequence (ssd_scan): y (b, t, heads, head_dim) and the final state."""
+        return kernels.chunk_scan(x, dt, A, B, C, self.chunk_size, state, fallback=ssd_scan)  # Triton on CUDA
 
     def step(self, x, dt, A, B, C, state):
         """One token of the recurrence h = exp(dt A) h + dt B x, y = C h (state updated in place)."""
-        j = self.num_heads // self.n_groups
-        if self.serving_order:  # heads rank-major: head h reads group h % n_groups
-            B, C = B.float().repeat(1, j, 1), C.float().repeat(1, j, 1)  # (b, h, n)
-        else:  # group-major: head h reads group h // j
-            B, C = B.float().repeat_interleave(j, dim=1), C.float().repeat_interleave(j, dim=1)
+        B, C = self.group_to_heads(B), self.group_to_heads(C)
         x = x.float()
         new = state * torch.exp(dt * A)[..., None, None] + (dt[..., None] * x)[..., None] * B[:, :, None]
         state.copy_(new)
         return torch.einsum("bhpn,bhn->bhp", new, C)
+
+    def group_to_heads(self, v):
+        """(b, n_groups, n) -> (b, heads, n) in float32: head h reads group h // (heads / groups)."""
+        return v.float().repeat_interleave(self.num_heads // self.n_groups, dim=1)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -408,9 +354,6 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=bias)
-        self.head_mask = None  # (num_heads,) query-head mask, applied at the o_proj input
-        self.serving_order = False  # query heads rank-major in q_proj / o_proj: head h is in KV group h % kv
-
     def forward(self, x, rope=None, cache: "KVCache | None" = None, pos=None):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
@@ -418,21 +361,21 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.serving_order:  # SDPA's GQA takes query head h from KV group h // per: group-major
-            q = q.unflatten(1, (-1, self.num_kv_heads)).transpose(1, 2).flatten(1, 2)
-        if cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-        else:  # static cache: write at `pos`, attend to every filled slot up to each query's position
-            k, v = cache.update(pos, k, v)
-            mask = torch.arange(k.shape[2], device=x.device) <= pos[..., None]  # (t, L), or (b, t, L) per row
-            if mask.dim() == 3:
-                mask = mask[:, None]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
-        if self.head_mask is not None:
-            out = out * self.head_mask.to(out.dtype)[:, None, None]
-        if self.serving_order:  # back to rank-major: (b, kv, per, t, d) -> (b, t, per, kv, d)
-            return self.o_proj(out.unflatten(1, (self.num_kv_heads, -1)).permute(0, 3, 2, 1, 4).reshape(b, t, -1))
+        out = self.attend(q, k, v, cache, pos)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def attend(self, q, k, v, cache: "KVCache | None" = None, pos=None):
+        """q (b, heads, t, d), k and v (b, kv_heads, t, d) -> (b, heads, t, d). Query head h reads KV
+        head h // (heads / kv_heads) (SDPA's GQA). Causal; with `cache`, k and v are written at `pos`
+        and each query attends to every filled slot up to its position."""
+        gqa = q.shape[1] != k.shape[1]
+        if cache is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        k, v = cache.update(pos, k, v)
+        mask = torch.arange(k.shape[2], device=q.device) <= pos[..., None]  # (t, L), or (b, t, L) per row
+        if mask.dim() == 3:
+            mask = mask[:, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 # ----------------------------------------------------------------------------- MLP and MoE
@@ -447,12 +390,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, width, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(width, cfg.hidden_size, bias=cfg.mlp_bias)
         self.act = activation(cfg.mlp_act)
-        self.mask = None  # (width,) neuron mask, applied at the down_proj input
 
     def forward(self, x):
         h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
-        if self.mask is not None:
-            h = h * self.mask.to(h.dtype)
         return self.down_proj(h)
 
 
@@ -465,7 +405,6 @@ class TopkRouter(nn.Module):
         self.norm_topk_prob, self.scale = cfg.norm_topk_prob, cfg.routed_scaling_factor
         self.weight = nn.Parameter(torch.zeros(cfg.n_routed_experts, cfg.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
-        self.expert_mask = None  # (n_routed_experts,): 0 never chosen; a fraction scales the expert's weight
 
     def _apply(self, fn, recurse=True):
         # Routing is decided by small score differences: like transformers, keep it in fp32 whatever
@@ -478,21 +417,24 @@ class TopkRouter(nn.Module):
     def forward(self, x):
         """x: (tokens, hidden) -> chosen expert ids and their weights, both (tokens, top_k)."""
         scores = F.linear(x.float(), self.weight.float()).sigmoid()
-        choice = scores + self.e_score_correction_bias.float()
-        if self.expert_mask is not None:  # before group selection too: groups rank their kept experts
-            choice = choice.masked_fill(self.expert_mask == 0, -torch.inf)
+        idx = self.select(scores + self.e_score_correction_bias.float())
+        return idx, self.weigh(scores, idx) * self.scale
+
+    def select(self, choice):
+        """Selection scores (tokens, experts) -> the top_k experts of each token, (tokens, top_k)."""
         if self.n_group > 1:  # keep the topk_group groups whose two best experts score highest
-            grouped = choice.view(x.shape[0], self.n_group, -1)
+            grouped = choice.view(choice.shape[0], self.n_group, -1)
             best_groups = grouped.topk(2, dim=-1).values.sum(-1).topk(self.topk_group, dim=-1).indices
             keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best_groups, True)
-            choice = grouped.masked_fill(~keep[..., None], -torch.inf).view_as(choice)
-        idx = choice.topk(self.top_k, dim=-1).indices
+            choice = torch.where(keep[..., None], grouped, -torch.inf).view_as(choice)
+        return choice.topk(self.top_k, dim=-1).indices
+
+    def weigh(self, scores, idx):
+        """The chosen experts' weights (tokens, top_k): their sigmoid scores, normalised if norm_topk_prob."""
         weights = scores.gather(1, idx)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        if self.expert_mask is not None:  # 1 for every chosen expert under a hard mask
-            weights = weights * self.expert_mask.float()[idx]
-        return idx, weights * self.scale
+        return weights
 
 
 class Experts(nn.Module):
@@ -506,12 +448,10 @@ class Experts(nn.Module):
         nn.init.normal_(self.up_proj, std=0.02)
         nn.init.normal_(self.down_proj, std=0.02)
         self.act = activation(cfg.mlp_act)
-        self.ffn_mask = None  # (moe_intermediate_size,), the same neurons in every expert
 
     def hidden(self, h):
-        """The activation, then the neuron mask if one is set."""
-        h = self.act(h)
-        return h if self.ffn_mask is None else h * self.ffn_mask.to(h.dtype)
+        """The activation between the up and down projections, (..., moe_intermediate_size)."""
+        return self.act(h)
 
     def forward(self, x, idx, weights):
         """x: (T, D); idx, weights: (T, k). Each expert sees only the tokens routed to it."""
@@ -563,11 +503,6 @@ class MoE(nn.Module):
 MIXERS = {"M": Mamba2, "*": Attention, "-": MLP, "E": MoE}
 
 
-def masked_add(x, h, mask):
-    """The residual update x + h, with h weighted per hidden channel (and by depth) if masked."""
-    return x + h if mask is None else x + h * mask.to(h.dtype)
-
-
 class Block(nn.Module):
     """Nemotron-H layer: x + mixer(norm(x))."""
 
@@ -576,12 +511,8 @@ class Block(nn.Module):
         self.kind = kind
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mixer = MIXERS[kind](cfg)
-        self.out_mask = None  # hidden mask x depth weight on the residual update
-        self.dropped = False  # a hard-dropped layer is the identity
 
     def forward(self, x, rope=None, cache=None, pos=None):
-        if self.dropped:
-            return x
         h = self.norm(x)
         if self.kind == "*":
             h = self.mixer(h, rope, cache, pos)
@@ -589,7 +520,7 @@ class Block(nn.Module):
             h = self.mixer(h, cache)
         else:
             h = self.mixer(h)
-        return masked_add(x, h, self.out_mask)
+        return x + h
 
 
 class LlamaLayer(nn.Module):
@@ -603,14 +534,10 @@ class LlamaLayer(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MLP(cfg)
-        self.out_mask = None  # as in Block, on both residual updates
-        self.dropped = False
 
     def forward(self, x, rope=None, cache=None, pos=None):
-        if self.dropped:
-            return x
-        x = masked_add(x, self.self_attn(self.input_layernorm(x), rope, cache, pos), self.out_mask)
-        return masked_add(x, self.mlp(self.post_attention_layernorm(x)), self.out_mask)
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 # ----------------------------------------------------------------------------- caches
@@ -676,8 +603,6 @@ class Model(nn.Module):
             self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
         else:
             self.inv_freq = None
-        self.hidden_mask = None  # set by set_masks: zeroes dropped channels of the embeddings
-        self.mask_version = 0  # bumped by set_masks / clear_masks: captured decode graphs key on it
 
     @property
     def embed(self) -> nn.Embedding:
@@ -701,8 +626,6 @@ class Model(nn.Module):
         """input_ids: (b, t). With `cache` (from `make_cache`), `pos` holds the t positions written:
         (t,) for every row, or (b, t), each row at its own positions (batched serving, serve/batching.py)."""
         x = self.embed(input_ids)
-        if self.hidden_mask is not None:
-            x = x * self.hidden_mask.to(x.dtype)
         if pos is None:
             if cache is not None:
                 raise ValueError("pos is required with a cache")
@@ -729,76 +652,6 @@ class Model(nn.Module):
             else:
                 caches.append(nn.Identity())  # stateless block
         return nn.ModuleList(caches)
-
-    def mask_targets(self) -> dict[str, tuple[nn.Module, str, int]]:
-        """Mask key -> (module, attribute, number of units) for every per-layer mask `set_masks` takes."""
-        targets = {}
-        for i, layer in enumerate(self.model.layers):
-            if isinstance(layer, LlamaLayer):
-                mods = {"*": layer.self_attn, "-": layer.mlp}
-            else:
-                mods = {layer.kind: layer.mixer}
-            if "*" in mods:
-                targets[f"layers.{i}.attn_heads"] = (mods["*"], "head_mask", mods["*"].num_heads)
-            if "-" in mods:
-                targets[f"layers.{i}.ffn"] = (mods["-"], "mask", mods["-"].down_proj.in_features)
-            if "M" in mods:
-                targets[f"layers.{i}.mamba_heads"] = (mods["M"], "head_mask", mods["M"].num_heads)
-                targets[f"layers.{i}.mamba_channels"] = (mods["M"], "channel_mask", mods["M"].head_dim)
-            if "E" in mods:
-                moe = mods["E"]
-                targets[f"layers.{i}.experts"] = (moe.gate, "expert_mask", moe.experts.up_proj.shape[0])
-                targets[f"layers.{i}.expert_ffn"] = (moe.experts, "ffn_mask", moe.experts.up_proj.shape[1])
-                shared = moe.shared_experts
-                targets[f"layers.{i}.shared_ffn"] = (shared, "mask", shared.down_proj.in_features)
-        return targets
-
-    def set_masks(self, masks: dict[str, torch.Tensor]):
-        """Run a sub-network inside this model. Masks are per-unit weights: 1 keep, 0 drop, or
-        fractional (soft masks; gradients flow into them). Keys, each optional (missing = keep all):
-          "hidden" (hidden_size,)       embedding channels, for the whole model
-          "layers.{i}" ()               depth: 0 makes layer i the identity, a fraction scales its updates
-          "layers.{i}.{axis}" (units,)  axis: attn_heads, mamba_heads, mamba_channels, ffn, experts,
-                                        expert_ffn (same neurons in every expert), shared_ffn
-        Replaces any masks set before. `star_elastic.elastic.ElasticSpec.masks` builds hard ones."""
-        if any(getattr(m, "serving_order", False) for m in self.modules()):
-            raise ValueError("masks index heads group-major, but this model stores them in serving order "
-                             "(rank-major, serve/views.py): undo it with use_serving_order(model, False) first")
-        self.clear_masks()
-        targets = self.mask_targets()
-        depth_keys = {f"layers.{i}" for i in range(len(self.model.layers))}
-        unknown = sorted(set(masks) - set(targets) - set(depth_keys) - {"hidden"})
-        if unknown:
-            raise ValueError(f"unknown mask key(s) {unknown} for this model")
-        for key, m in masks.items():
-            want = () if key in depth_keys else (self.config.hidden_size,) if key == "hidden" else (targets[key][2],)
-            if tuple(m.shape) != want:
-                raise ValueError(f"mask {key!r} has shape {tuple(m.shape)}, expected {want}")
-        hidden = masks.get("hidden")
-        self.hidden_mask = hidden
-        for module in self.modules():
-            if isinstance(module, RMSNorm):
-                module.mask = hidden
-        for key, m in masks.items():
-            if key in targets:
-                module, attr, _ = targets[key]
-                setattr(module, attr, m)
-        for i, layer in enumerate(self.model.layers):
-            depth = masks.get(f"layers.{i}")
-            layer.dropped = depth is not None and not depth.requires_grad and bool(depth == 0)
-            layer.out_mask = hidden if depth is None else depth if hidden is None else depth * hidden
-
-    def clear_masks(self):
-        """Back to the full model."""
-        self.hidden_mask = None
-        self.mask_version += 1
-        for module in self.modules():
-            if isinstance(module, RMSNorm):
-                module.mask = None
-            elif isinstance(module, (Block, LlamaLayer)):
-                module.out_mask, module.dropped = None, False
-        for module, attr, _ in self.mask_targets().values():
-            setattr(module, attr, None)
 
     def num_parameters(self) -> int:
         """Unique parameters, as transformers' `num_parameters()` counts them (tied weights once)."""

@@ -10,8 +10,8 @@ of sharded modules: `full_state_dict` gathers them tensor by tensor (every rank 
 may keep them), `load_full_state_dict` copies whole tensors into the shards, `unsharded_copy`
 rebuilds a plain model.
 
-Masks (`Model.set_masks`) are plain tensor attributes of the modules, not parameters: FSDP does not
-manage them, and they work on a sharded model as on a whole one.
+Masks (elastic/masking.py) are hooks and in-place class swaps of the modules, holding no parameters:
+FSDP does not manage them, and they work on a sharded model as on a whole one.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def shard_model(model: Model, *, mixed_precision: bool, reshard_after_forward: b
         raise RuntimeError("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
     if not dist.is_initialized():
         raise RuntimeError("sharding needs torch.distributed initialised (launch with torchrun)")
-    # A hard-dropped layer (`Model.set_masks`, depth 0) returns its input, which FSDP's forward hooks
+    # A hard-dropped layer (elastic/masking.py, depth 0) returns its input, which FSDP's forward hooks
     # have made a view: FSDP warns that an in-place op on it would skip its backward hook. The model
     # never changes a block's output in place (gradients equal the unsharded model's, tests/test_fsdp.py).
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP(Block|LlamaLayer)\) returned a view")

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .elastic.cost import BAND
-from .elastic.spec import masked as masked_by
+from .elastic.masking import masked as masked_by
 from .errors import StarElasticError
 
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.bfloat16: 3e-2, torch.float16: 1e-2}

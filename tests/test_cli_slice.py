@@ -14,6 +14,7 @@ from conftest import NANO, SMOLLM2, randomize_, rel_err
 from star_elastic import cli, hf
 from star_elastic.elastic import ElasticSpec, count_parameters, sort_model
 from star_elastic.elastic.importance import load_scores, random_importance, save_scores, weight_magnitude_importance
+from star_elastic.elastic.masking import masked
 from star_elastic.elastic.search import choose_spec, parse_params, smallest_reachable
 from star_elastic.errors import StarElasticError
 from star_elastic.model import Model, ModelConfig
@@ -260,8 +261,7 @@ def test_importance_then_slice_end_to_end(tmp_path, capsys, files, name):
     assert record["parameters"] == n and record["target"] == target and spec.to_dict()
     assert small.config == spec.config(parent.config)
     sort_model(parent, scores)
-    parent.set_masks(spec.masks(parent.config))
-    with torch.no_grad():
+    with torch.no_grad(), masked(parent, spec.masks(parent.config)):
         assert rel_err(small(x), parent(x)) < 1e-5
 
 
@@ -312,8 +312,7 @@ def test_slice_explicit_spec_with_magnitude_importance(tmp_path, capsys, files):
     assert small.config == spec.config(NEMOTRON) and n == spec.num_parameters(NEMOTRON)
     parent = hf.load(files["nemotron"])
     sort_model(parent, weight_magnitude_importance(parent))
-    parent.set_masks(spec.masks(NEMOTRON))
-    with torch.no_grad():
+    with torch.no_grad(), masked(parent, spec.masks(NEMOTRON)):
         assert rel_err(hf_logits, small(x)) < 1e-4
         assert rel_err(small(x), parent(x)) < 1e-5
 

@@ -12,6 +12,7 @@ from conftest import (hf_model, llama_config, nemotron_config, one_line_error, o
                       random_spec, randomize_, rel_err)
 from star_elastic import hf
 from star_elastic.elastic import ElasticSpec, count_parameters, export, permutations, slice_model, sort_model
+from star_elastic.elastic.masking import is_masked, mask_shapes, masked
 from star_elastic.elastic.spec import unit_counts
 from star_elastic.model import Model, ModelConfig
 
@@ -214,20 +215,48 @@ def test_no_masks_and_all_ones_masks_change_nothing():
         counts = unit_counts(NEMOTRON)
         ones = {k: torch.ones(n) for k, n in counts.items() if not k.endswith("kv_heads")}
         ones.update({f"layers.{i}": torch.ones(()) for i in range(NEMOTRON.num_layers)})
-        model.set_masks(ones)
-        assert rel_err(model(x), before) < TOL
-        model.clear_masks()
+        assert set(ones) == set(mask_shapes(model))  # every key the model takes
+        with masked(model, ones):
+            assert is_masked(model)
+            assert rel_err(model(x), before) < TOL
+        assert not is_masked(model)
         assert torch.equal(model(x), before)
 
 
-def test_set_masks_rejects_unknown_keys_and_shapes():
+def test_masks_reject_unknown_keys_and_shapes():
     model = parent(NEMOTRON)
-    with pytest.raises(ValueError, match="layers.0.ffn"):
-        model.set_masks({"layers.0.ffn": torch.ones(40)})  # layer 0 is a Mamba block
-    with pytest.raises(ValueError, match="shape"):
-        model.set_masks({"hidden": torch.ones(23)})
-    with pytest.raises(ValueError, match="shape"):
-        model.set_masks({"layers.2": torch.ones(1)})
+    x = ids()
+    with torch.no_grad():
+        before = model(x)
+    for masks, match in (({"layers.0.ffn": torch.ones(40)}, "layers.0.ffn"),  # layer 0 is a Mamba block
+                         ({"hidden": torch.ones(23)}, "shape"), ({"layers.2": torch.ones(1)}, "shape")):
+        with pytest.raises(ValueError, match=match), masked(model, masks):
+            pass
+    assert not is_masked(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
+def test_masks_nest_and_come_off_whatever_happens():
+    """An inner block replaces the outer masks and gives them back; an error inside still unmasks."""
+    model, x = parent(NEMOTRON), ids()
+    small = {"layers.2.ffn": (torch.arange(40) < 10).float(), "hidden": (torch.arange(24) < 16).float()}
+    with torch.no_grad():
+        full = model(x)
+        with masked(model, small):
+            outer = model(x)
+            with masked(model, {"layers.1.attn_heads": (torch.arange(6) < 2).float()}):
+                inner = model(x)
+            assert torch.equal(model(x), outer)
+            with masked(model, {}):
+                assert torch.equal(model(x), full)
+        assert rel_err(outer, full) > 1e-3 and rel_err(inner, full) > 1e-3 and rel_err(inner, outer) > 1e-3
+        with pytest.raises(RuntimeError, match="inside"), masked(model, small):
+            raise RuntimeError("inside")
+        assert not is_masked(model) and torch.equal(model(x), full)
+    assert all(type(m).__module__ == "star_elastic.model" or type(m).__module__.startswith("torch")
+               for m in model.modules())  # every swapped class is back
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 @torch.no_grad()
@@ -250,11 +279,10 @@ def test_soft_masks_scale_their_units(key, unit):
     mask = torch.ones(unit_counts(NEMOTRON)[key])
     mask[unit] = 0.3
     mask.requires_grad_(True)
-    model.set_masks({key: mask})
-    got = model(x)
+    with masked(model, {key: mask}):
+        got = model(x)
     got.square().mean().backward()
     assert mask.grad is not None and mask.grad[unit] != 0
-    model.clear_masks()
     _scale_(model, key, unit, 0.3)
     with torch.no_grad():
         assert rel_err(got.detach(), model(x)) < TOL
@@ -265,8 +293,8 @@ def test_soft_hidden_and_depth_masks_are_differentiable():
     hidden = torch.linspace(1, 0.2, 24).requires_grad_(True)
     depth = torch.tensor(0.5, requires_grad=True)
     heads = torch.linspace(1, 0.1, 8).requires_grad_(True)
-    model.set_masks({"hidden": hidden, "layers.4": depth, "layers.0.mamba_heads": heads})
-    model(x).square().mean().backward()
+    with masked(model, {"hidden": hidden, "layers.4": depth, "layers.0.mamba_heads": heads}):
+        model(x).square().mean().backward()
     for t in (hidden, depth, heads):
         assert t.grad is not None and t.grad.abs().sum() > 0
 
@@ -285,18 +313,17 @@ def test_sliced_equals_masked_random_specs(seed):
     x = ids(seq=rng.choice([1, 5, 11]), seed=seed)
     with torch.no_grad():
         full = model(x)
-        model.set_masks(spec.masks(cfg))
-        masked = model(x)
-        model.clear_masks()
+        with masked(model, spec.masks(cfg)):
+            under_masks = model(x)
         small = slice_model(model, spec)
         sliced = small(x)
     sub_cfg = spec.config(cfg)
     assert small.config == sub_cfg
     assert small.num_parameters() == spec.num_parameters(cfg) == count_parameters(sub_cfg)
     assert count_parameters(cfg) == model.num_parameters()
-    assert rel_err(sliced, masked) < TOL, spec
+    assert rel_err(sliced, under_masks) < TOL, spec
     if spec.num_parameters(cfg) < model.num_parameters():  # the masks did something
-        assert rel_err(masked, full) > 1e-3
+        assert rel_err(under_masks, full) > 1e-3
     if cfg.tied:
         assert small.lm_head.weight is small.embed.weight
 
@@ -319,10 +346,9 @@ def test_sliced_decoding_with_cache_equals_masked():
                        mamba_num_heads=[2, None, None, None, 6, None, None], n_routed_experts=6,
                        layers=[0, 1, 3, 4, 5, 6])
     small = slice_model(model, spec)
-    model.set_masks(spec.masks(NEMOTRON))
     x = ids(seq=6)
     outs = []
-    with torch.no_grad():
+    with torch.no_grad(), masked(model, spec.masks(NEMOTRON)):
         for m in (model, small):
             cache = m.make_cache(2, 10)
             logits = [m(x, cache, torch.arange(6))]

@@ -10,6 +10,7 @@ from conftest import word_tokenizer
 
 from star_elastic import load
 from star_elastic.elastic.checkpoint import budget_spec, load_elastic, read_manifest
+from star_elastic.elastic.masking import masked
 from star_elastic.elastic.slicing import slice_model
 from star_elastic.elastify import ElastifyConfig, elastify
 from star_elastic.errors import StarElasticError
@@ -82,11 +83,9 @@ def test_elastify_writes_a_checkpoint_every_budget_slices_from(tmp_path, tokeniz
         assert abs(proj["ratio"] - 1) <= 0.05 and proj["cost"] == entry["params"] and proj["target"] == entry["target"]
         assert spec.num_parameters(ckpt.model.config) == entry["params"]
         small = slice_model(ckpt.model, spec)
-        ckpt.model.set_masks(spec.masks(ckpt.model.config))
-        with torch.no_grad():
-            masked, sliced = ckpt.model(x), small(x)
-        ckpt.model.clear_masks()
-        assert ((masked - sliced).norm() / masked.norm()) < 1e-5
+        with torch.no_grad(), masked(ckpt.model, spec.masks(ckpt.model.config)):
+            under_masks, sliced = ckpt.model(x), small(x)
+        assert ((under_masks - sliced).norm() / under_masks.norm()) < 1e-5
     sizes = [e["params"] for e in manifest["budgets"]]
     assert sizes[0] > sizes[1] > sizes[2]
 
@@ -131,9 +130,8 @@ def test_cli_elastify_then_slice_a_budget(tmp_path, tokenizer, text, capsys):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     parent = load(ckpt)
     spec = budget_spec(manifest, "0.5")
-    parent.set_masks(spec.masks(parent.config))
     x = torch.randint(3, 63, (2, 10))
-    with torch.no_grad():
+    with torch.no_grad(), masked(parent, spec.masks(parent.config)):
         assert ((ref(x).logits - parent(x)).norm() / parent(x).norm()) < 1e-4
     assert ref.num_parameters() == manifest["budgets"][1]["params"]
     # a budget not in the manifest: a clear error, nothing written

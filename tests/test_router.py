@@ -16,6 +16,7 @@ from star_elastic.elastic.cost import (Arch, Budget, CostModel, MemorySettings, 
                                        memory_bytes, parse_budget)
 from star_elastic.elastic.losses import (LossWeights, advantage, budget_loss, drawn_cost, full_choice_loss, kd_loss,
                                          next_token_ce, score_function_loss, task_loss)
+from star_elastic.elastic.masking import masked
 from star_elastic.validate import check_nesting
 from star_elastic.elastic.router import (AXES, Router, RouterConfig, entropy_floor_loss, project_budgets,
                                          width_choices)
@@ -397,9 +398,8 @@ def test_task_loss_reaches_every_axis_of_the_router(mode, axes):
     r.set_progress(0.2)
     out = r(1, mode="soft" if mode == "soft" else "hard", generator=torch.Generator().manual_seed(0),
             estimator="score" if mode == "soft" else mode)
-    model.set_masks(out.masks)
-    loss = kd_loss(model(x), teacher)
-    model.clear_masks()
+    with masked(model, out.masks):
+        loss = kd_loss(model(x), teacher)
     assert loss > 0
     if mode == "score":  # against a baseline the draw beat
         loss = score_function_loss(out.log_prob, advantage(loss, 1.5 * loss.detach()))
@@ -482,11 +482,10 @@ def test_router_masks_at_inference_equal_the_sliced_model(name, hetero, axes, se
         reduced |= {a for a, v in spec.to_dict().items()
                     if not isinstance(v, list) or a == "layers" or any(v[i] is not None for i in kept)}
         with torch.no_grad():
-            model.set_masks(r(b, mode="hard").masks)
-            masked = model(x)
-            model.clear_masks()
+            with masked(model, r(b, mode="hard").masks):
+                under_masks = model(x)
             sliced = slice_model(model, spec)(x)
-        assert (masked - sliced).abs().max() < 1e-5, (b, spec)
+        assert (under_masks - sliced).abs().max() < 1e-5, (b, spec)
     assert set(covers) <= reduced, reduced  # the comparison exercised these axes on kept layers
 
 

@@ -10,6 +10,7 @@ from conftest import one_line_error, random_parent_config, randomize_
 
 from star_elastic.elastic import ElasticSpec, slice_model, sort_model
 from star_elastic.elastic.importance import estimate_importance
+from star_elastic.elastic.masking import is_masked
 from star_elastic.elastic.search import (DEFAULT_AXES, MIN_FRACTION, calibration_perplexity, choose_spec,
                                          search_spec)
 from star_elastic.errors import StarElasticError
@@ -35,7 +36,8 @@ def sorted_parent():
 
 
 def unmasked(model) -> bool:
-    return model.hidden_mask is None and all(getattr(mod, attr) is None for mod, attr, _ in model.mask_targets().values())
+    return not is_masked(model) and all(type(m).__module__ == "star_elastic.model" or type(m).__module__.startswith("torch")
+                                        for m in model.modules())
 
 
 def total(model) -> int:

@@ -12,9 +12,10 @@ from star_elastic.elastic import ElasticSpec, slice_model
 from star_elastic.elastic.checkpoint import load_elastic
 from star_elastic.errors import StarElasticError
 from star_elastic.generate import generate
+from star_elastic.elastic.masking import masked
 from star_elastic.serve.engine import ElasticEngine
-from star_elastic.serve.views import (GroupedLinear, PartsConv1d, budget_view, serving_order_fits, shares_storage,
-                                      use_serving_order)
+from star_elastic.serve.order import in_serving_order, serving_order_fits, use_serving_order
+from star_elastic.serve.views import GroupedLinear, PartsConv1d, budget_view, shares_storage
 
 # every budget keeps every KV group (nemotron_h: n_groups=2 Mamba, 4 query heads per KV group, MoE, MLP)
 CASES = {
@@ -64,8 +65,9 @@ def test_serving_order_refuses_what_it_would_get_wrong():
         parent.state_dict()  # so saving, exporting and slice_model refuse too
     with pytest.raises(StarElasticError, match="serving order"):
         slice_model(parent, SPECS["nemotron_h"]["0.75"])
-    with pytest.raises(ValueError, match="serving order"):
-        parent.set_masks(SPECS["nemotron_h"]["0.75"].masks(parent.config))
+    masks = SPECS["nemotron_h"]["0.75"].masks(parent.config)
+    with pytest.raises(ValueError, match="serving order"), masked(parent, masks):
+        pass
     with pytest.raises(StarElasticError, match="KV groups"):
         budget_view(parent, SPECS["nemotron_h"]["0.5"])  # drops a KV group
     with pytest.raises(StarElasticError, match="channels"):
@@ -80,11 +82,11 @@ def test_serving_order_refuses_what_it_would_get_wrong():
 def test_engine_uses_serving_order_only_where_every_budget_fits(tmp_path, monkeypatch):
     # SPECS' 0.5 budget drops a KV group: grouped views, the parent as loaded
     engine = ElasticEngine.load(make_checkpoint(tmp_path / "a", "nemotron_h"))
-    assert not any(getattr(m, "serving_order", False) for m in engine.parent.modules())
+    assert not any(in_serving_order(m) for m in engine.parent.modules())
     monkeypatch.setitem(SPECS["nemotron_h"], "0.5", CASES["nemotron_h"][2])  # keeps every KV group
     path = make_checkpoint(tmp_path / "b", "nemotron_h")
     engine = ElasticEngine.load(path)
-    assert engine.parent.model.layers[1].mixer.serving_order and engine.parent.model.layers[0].mixer.serving_order
+    assert all(in_serving_order(engine.parent.model.layers[i].mixer) for i in (0, 1))
     original = load_elastic(path).model.eval()
     ids = torch.tensor([[1, 5, 9, 4, 7]])
     for b in engine.budgets:
@@ -97,8 +99,8 @@ def test_engine_uses_serving_order_only_where_every_budget_fits(tmp_path, monkey
 def test_mamba_decode_in_serving_order_does_not_reorder(monkeypatch):
     """Prefill stores the SSM state rank-major; each decode token then runs rank-major as stored:
     the step matches the parent as loaded on the permuted state, with no head reordering at all."""
-    import star_elastic.model as model_mod
-    from star_elastic.model import rank_major
+    import star_elastic.serve.order as order_mod
+    from star_elastic.serve.order import rank_major
 
     original = random_parent("nemotron_h")
     parent = use_serving_order(copy.deepcopy(original))
@@ -116,7 +118,7 @@ def test_mamba_decode_in_serving_order_does_not_reorder(monkeypatch):
 
         def refuse(*_):
             raise AssertionError("reordered heads in a decode step")
-        monkeypatch.setattr(model_mod, "group_major", refuse)
-        monkeypatch.setattr(model_mod, "rank_major", refuse)
+        monkeypatch.setattr(order_mod, "group_major", refuse)
+        monkeypatch.setattr(order_mod, "rank_major", refuse)
         got = parent(ids[:, 6:], caches[1], torch.tensor([6]))
     assert rel_err(got, want) < 1e-5

@@ -1,7 +1,9 @@
 """Training losses of the elastic model (docs/METHOD.md §8).
 
 - `kd_loss`: forward KL(p_teacher || p_student) of next-token distributions at temperature 1,
-  averaged over tokens; the teacher is the frozen parent.
+  averaged over tokens; the teacher is the frozen parent. Computed a chunk of tokens at a time; fed
+  `HeadInput`s (`head_input(model, x)`: final hidden states + LM head weight) instead of logits, it
+  applies the head per chunk too, so no (tokens, vocab) tensor of the whole batch is ever made.
 - `budget_loss`: |C / (b * C_full) - 1|, zero while the cost is within 5% of the target; `drawn_cost`
   gives C the value of the architecture that ran and the gradient of the expected cost.
 - `advantage`, `score_function_loss`: the router's quality term, advantage x log p(choice).
@@ -21,6 +23,102 @@ from torch.utils.checkpoint import checkpoint
 from .cost import BAND, Budget
 
 
+# ----------------------------------------------------------------------------- distillation
+
+# fp32 elements of one chunk of (tokens, vocab) logits when no chunk size is given: 2^27 (512 MiB), so
+# 1024 tokens of a 131k vocabulary at a time; a small vocabulary runs in one chunk.
+CHUNK_ELEMENTS = 2 ** 27
+
+
+@dataclass(frozen=True)
+class HeadInput:
+    """Logits not yet computed: the LM head's input and weight, `logits = hidden @ weight.T`.
+
+    `kd_loss`, `next_token_ce` and `task_loss` take one wherever they take logits, and apply the
+    head a chunk of tokens at a time, so no (tokens, vocab) tensor of the whole batch ever exists
+    (in any dtype). `head_input(model, input_ids)` makes one. `dtype`: the matmul's dtype, as the
+    LM head would have run it (autocast's where the model ran under autocast); None: weight's."""
+
+    hidden: torch.Tensor  # (..., D)
+    weight: torch.Tensor  # (V, D)
+    dtype: torch.dtype | None = None
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.dtype or self.weight.dtype
+
+    @property
+    def vocab_size(self) -> int:
+        return self.weight.shape[0]
+
+    def rows(self) -> torch.Tensor:
+        """hidden as (tokens, D)."""
+        return self.hidden.reshape(-1, self.hidden.shape[-1])
+
+    def logits(self, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits of `hidden` (default: all of it) through the head, the matmul in the compute
+        dtype whatever autocast is on around the call."""
+        h = self.hidden if hidden is None else hidden
+        cd = self.compute_dtype
+        with torch.autocast(h.device.type, enabled=False):
+            return F.linear(h.to(cd), self.weight.to(cd)).float()
+
+    def detach(self) -> "HeadInput":
+        return HeadInput(self.hidden.detach(), self.weight.detach(), self.dtype)
+
+
+Logits = torch.Tensor | HeadInput  # what the losses take for logits
+
+
+def head_input(model, input_ids: torch.Tensor, **kwargs) -> HeadInput:
+    """Run `model` (a star_elastic `Model`, masks and all) up to its LM head: its final hidden
+    states and the head's weight, for `kd_loss` to apply chunk by chunk. Call it where the model's
+    forward would be called (under the same autocast and grad mode): the head's compute dtype is
+    recorded from there. For the call the head's forward is the identity (the module stays in place,
+    as masking.py's dropped layers do); its weight is read after the forward. Sharded with FSDP2
+    (parallel.py), the root must keep its parameters unsharded after the forward, until the backward
+    (`model.set_reshard_after_forward(False, recurse=False)`), else this raises: the loss then uses
+    the whole weight, and its gradient is reduce-scattered with the rest."""
+    head = model.lm_head
+    own = vars(head).get("forward")
+    vars(head)["forward"] = _identity
+    try:
+        hidden = model(input_ids, **kwargs)  # Model.forward returns lm_head(final_norm(x)).float()
+    finally:
+        if own is None:
+            vars(head).pop("forward", None)
+        else:
+            vars(head)["forward"] = own
+    if type(head.weight).__name__ == "DTensor":
+        raise RuntimeError("head_input: the LM head's weight is sharded again after the forward (FSDP2); keep the "
+                           "root unsharded until the backward: model.set_reshard_after_forward(False, recurse=False)")
+    dev = hidden.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    return HeadInput(hidden, head.weight, dtype)
+
+
+def _identity(x):
+    return x
+
+
+def _rows(x: Logits) -> torch.Tensor:
+    """(tokens, vocab) logits, or (tokens, D) hidden states of a HeadInput."""
+    return x.rows() if isinstance(x, HeadInput) else x.reshape(-1, x.shape[-1])
+
+
+def _vocab(x: Logits) -> int:
+    return x.vocab_size if isinstance(x, HeadInput) else x.shape[-1]
+
+
+def _chunk_size(chunk_tokens: int | None, vocab: int) -> int:
+    return chunk_tokens or max(1, CHUNK_ELEMENTS // vocab)
+
+
+def _logits_of(x: Logits, rows: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of some rows of `x` (rows of its `_rows`)."""
+    return x.logits(rows) if isinstance(x, HeadInput) else rows.float()
+
+
 def _kl_rows(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """KL(teacher || student) per row of (rows, vocab) logits, in fp32 via log_softmax (stable for
     any logit scale; exactly 0 where the rows are equal)."""
@@ -29,33 +127,112 @@ def _kl_rows(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1)
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, token_mask: torch.Tensor | None = None,
+def _head_kl(hidden, weight, cd, teacher: Logits, t_rows, row_w, chunk: int, need_h: bool, need_w: bool):
+    """sum_r row_w[r] * KL(teacher_r || student_r) over the rows of `hidden` (tokens, D), the
+    student's logits `hidden @ weight.T` made in `cd` a chunk at a time; with the gradients of that
+    sum for hidden / weight (computed in the same pass: d KL_r / d logits_r = p_student - p_teacher).
+    Each chunk holds a few (chunk, vocab) fp32 tensors; nothing of the whole batch's logits exists."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        W = weight.to(cd)
+        gh = torch.empty_like(hidden) if need_h else None
+        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for i in range(0, hidden.shape[0], chunk):
+            h = hidden[i:i + chunk].to(cd)
+            log_s = F.log_softmax(F.linear(h, W).float(), dim=-1)
+            log_t = F.log_softmax(_logits_of(teacher, t_rows[i:i + chunk]), dim=-1)
+            p_t = log_t.exp()
+            w = row_w[i:i + chunk]
+            total += (log_t.sub_(log_s).mul_(p_t).sum(-1) * w).sum()  # kl_div's exp(t) * (t - s)
+            del log_t
+            if need_h or need_w:
+                g = log_s.exp_().sub_(p_t).mul_(w[:, None]).to(cd)  # d total / d logits of these rows
+                del log_s, p_t
+                if need_h:
+                    gh[i:i + chunk] = g @ W
+                if need_w:
+                    gw.add_(g.t() @ h)
+    return total, gh, gw
+
+
+class _HeadKD(torch.autograd.Function):
+    """`_head_kl` as an autograd function: the gradients are made in the forward pass, chunk by
+    chunk, and the backward only scales them (the loss is a scalar; no logits are kept)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, row_w, teacher, t_rows, cd, chunk):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total, gh, gw = _head_kl(hidden, weight, cd, teacher, t_rows, row_w, chunk, need_h, need_w)
+        ctx.save_for_backward(gh, gw)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        gh, gw = ctx.saved_tensors
+        return (None if gh is None else gh * grad.to(gh.dtype),
+                None if gw is None else (gw * grad).to(ctx.weight_dtype), None, None, None, None, None)
+
+
+def kd_loss(student_logits: Logits, teacher_logits: Logits, token_mask: torch.Tensor | None = None,
             chunk_tokens: int | None = None) -> torch.Tensor:
     """Forward KL(p_teacher || p_student) at temperature 1, the mean over tokens.
 
-    logits: (..., vocab), the teacher's are not differentiated. `token_mask` (...,) bool/0-1: tokens
-    that count (e.g. not padding). `chunk_tokens`: compute that many tokens at a time and recompute
-    them in backward (activation checkpointing), so the fp32 softmaxes of a large vocabulary never
-    exist for every token at once."""
-    V = student_logits.shape[-1]
-    s, t = student_logits.reshape(-1, V), teacher_logits.detach().reshape(-1, V)
-    if chunk_tokens is None or chunk_tokens >= s.shape[0]:
-        kl = _kl_rows(s, t)
-    else:
-        parts = []
-        for i in range(0, s.shape[0], chunk_tokens):
-            a, b = s[i:i + chunk_tokens], t[i:i + chunk_tokens]
-            parts.append(checkpoint(_kl_rows, a, b, use_reentrant=False) if torch.is_grad_enabled() else _kl_rows(a, b))
-        kl = torch.cat(parts)
-    if token_mask is None:
-        return kl.mean()
-    w = token_mask.reshape(-1).to(kl.dtype)
-    return (kl * w).sum() / w.sum().clamp(min=1)
+    Each side is logits (..., vocab), in any dtype, or a `HeadInput` (the LM head's input and
+    weight: `head_input(model, x)`); the teacher's is not differentiated. `token_mask` (...,)
+    bool/0-1: tokens that count (e.g. not padding). The KL is computed `chunk_tokens` tokens at a
+    time (default: about `CHUNK_ELEMENTS` logits a chunk), so the fp32 softmaxes of a large
+    vocabulary never exist for the whole batch: logits chunks are recomputed in the backward
+    (activation checkpointing); a student `HeadInput` is fused, its logits made chunk by chunk
+    and its gradients in the same pass, so that no (tokens, vocab) tensor of the batch exists."""
+    V = _vocab(student_logits)
+    if _vocab(teacher_logits) != V:
+        raise ValueError(f"student vocabulary {V} != teacher vocabulary {_vocab(teacher_logits)}")
+    teacher = teacher_logits.detach()
+    s, t = _rows(student_logits), _rows(teacher)
+    n = s.shape[0]
+    chunk = _chunk_size(chunk_tokens, V)
+    w = None if token_mask is None else token_mask.reshape(-1).to(device=s.device, dtype=torch.float32)
+    if isinstance(student_logits, HeadInput):  # fused: a weighted sum with the weights normalised
+        row_w = torch.full((n,), 1.0 / n, device=s.device) if w is None else w / w.sum().clamp(min=1)
+        W, cd = student_logits.weight, student_logits.compute_dtype
+        if torch.is_grad_enabled() and (s.requires_grad or W.requires_grad):
+            return _HeadKD.apply(s, W, row_w, teacher, t, cd, chunk)
+        return _head_kl(s, W, cd, teacher, t, row_w, chunk, False, False)[0]
+
+    def kl(a, b):
+        return _kl_rows(a, _logits_of(teacher, b))
+
+    if chunk >= n:
+        kl_rows = kl(s, t)
+    else:  # split (not slices): the backward gathers the chunks' gradients into one tensor, once
+        grad = torch.is_grad_enabled() and s.requires_grad
+        kl_rows = torch.cat([checkpoint(kl, a, b, use_reentrant=False) if grad else kl(a, b)
+                             for a, b in zip(s.split(chunk), t.split(chunk))])
+    if w is None:
+        return kl_rows.mean()
+    return (kl_rows * w).sum() / w.sum().clamp(min=1)
 
 
-def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean cross-entropy of predicting input_ids[:, 1:] from logits[:, :-1] (as evaluate.perplexity)."""
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), input_ids[:, 1:].flatten(), ignore_index=ignore_index)
+def next_token_ce(logits: Logits, input_ids: torch.Tensor, ignore_index: int = -100,
+                  chunk_tokens: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy of predicting input_ids[:, 1:] from logits[:, :-1] (as evaluate.perplexity).
+    `logits` may be a `HeadInput`: then the head is applied `chunk_tokens` tokens at a time
+    (default: about `CHUNK_ELEMENTS` logits a chunk), each chunk recomputed in the backward."""
+    targets = input_ids[:, 1:].reshape(-1)
+    if not isinstance(logits, HeadInput):
+        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets, ignore_index=ignore_index)
+    h = logits.hidden[:, :-1].reshape(-1, logits.hidden.shape[-1])
+    chunk = _chunk_size(chunk_tokens, logits.vocab_size)
+
+    def ce(rows, weight, tgt):
+        return F.cross_entropy(HeadInput(rows, weight, logits.dtype).logits(), tgt, ignore_index=ignore_index,
+                               reduction="sum")
+
+    grad = torch.is_grad_enabled() and (h.requires_grad or logits.weight.requires_grad)
+    total = sum(checkpoint(ce, a, logits.weight, b, use_reentrant=False) if grad else ce(a, logits.weight, b)
+                for a, b in zip(h.split(chunk), targets.split(chunk)))
+    return total / (targets != ignore_index).sum()
 
 
 def budget_loss(cost, budget: Budget, band: float = BAND) -> torch.Tensor:
@@ -113,21 +290,22 @@ class LossWeights:
     band: float = BAND  # the budget loss's dead band
 
 
-def task_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, input_ids: torch.Tensor | None = None,
+def task_loss(student_logits: Logits, teacher_logits: Logits | None, input_ids: torch.Tensor | None = None,
               weights: LossWeights | None = None, token_mask: torch.Tensor | None = None,
               chunk_tokens: int | None = None) -> dict[str, torch.Tensor]:
     """The model's loss of one step: `total` = kd * KD + ce * CE (terms of weight 0 skipped). The
-    router's terms (budget, anchor, entropy floor, quality) are the trainer's (`ElasticTrainer._router_loss`)."""
+    router's terms (budget, anchor, entropy floor, quality) are the trainer's (`ElasticTrainer._router_loss`).
+    Logits may be `HeadInput`s (chunked, see `kd_loss`)."""
     w = weights or LossWeights()
     out = {}
-    total = student_logits.new_zeros((), dtype=torch.float32)
+    total = _rows(student_logits).new_zeros((), dtype=torch.float32)
     if w.kd:
         out["kd"] = kd_loss(student_logits, teacher_logits, token_mask, chunk_tokens)
         total = total + w.kd * out["kd"]
     if w.ce:
         if input_ids is None:
             raise ValueError("the CE term needs input_ids")
-        out["ce"] = next_token_ce(student_logits, input_ids)
+        out["ce"] = next_token_ce(student_logits, input_ids, chunk_tokens=chunk_tokens)
         total = total + w.ce * out["ce"]
     out["total"] = total
     return out

@@ -32,7 +32,8 @@ from star_elastic.model import ModelConfig
 
 from .axes import AXES as REGISTRY
 from .axes import DEFAULT_AXES  # noqa: F401  (re-exported)
-from .spec import ElasticSpec, aligned_multiple, count_parameters, masked, stock_multiple
+from .masking import masked
+from .spec import ElasticSpec, aligned_multiple, count_parameters, stock_multiple
 
 AXES = {name: a.cuts for name, a in REGISTRY.items()}  # what each axis cuts, for help texts
 MIN_FRACTION = 0.85  # the chosen model has at least this share of the target
@@ -281,8 +282,8 @@ def choose_spec(parent_cfg: ModelConfig, target: int, axes=DEFAULT_AXES, *, laye
 # ----------------------------------------------------------------------------- best of the axis combinations
 
 def calibration_perplexity(model, spec: ElasticSpec, batches, device=None) -> float:
-    """Perplexity of `model` masked to `spec` (`Model.set_masks`, cleared afterwards whatever
-    happens) on `batches`: (b, t) token-id LongTensors, every token but each row's first predicted
+    """Perplexity of `model` masked to `spec` (`masking.masked`, the full model again afterwards
+    whatever happens) on `batches`: (b, t) token-id LongTensors, every token but each row's first predicted
     from the row before it (`evaluate.perplexity` on each batch's rows as windows). bf16 autocast on
     CUDA. inf when the loss overflows."""
     from star_elastic.evaluate import perplexity

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 
 import torch
 
 from star_elastic.errors import StarElasticError
+from star_elastic.elastic.masking import masked  # noqa: F401  (re-exported: `spec.masked` is its older home)
 from star_elastic.model import PER_LAYER_SIZES, ModelConfig
 
 Q, KV = "num_attention_heads", "num_key_value_heads"
@@ -333,7 +333,7 @@ class ElasticSpec:
         return out
 
     def masks(self, parent: ModelConfig, device=None, dtype=torch.float32) -> dict[str, torch.Tensor]:
-        """Hard 0/1 masks for `Model.set_masks` that run this spec inside the full-size parent."""
+        """Hard 0/1 masks that run this spec inside the full-size parent (`masking.masked`)."""
         counts = unit_counts(parent)
         out = {}
         for key, idx in self.indices(parent).items():
@@ -347,17 +347,6 @@ class ElasticSpec:
             if i not in kept:
                 out[f"layers.{i}"] = torch.zeros((), dtype=dtype, device=device)
         return out
-
-
-@contextmanager
-def masked(model, masks: dict):
-    """`model` running under `masks` (as `ElasticSpec.masks` builds them; {} for none) inside the
-    block, its masks cleared afterwards whatever happens."""
-    model.set_masks(masks)
-    try:
-        yield model
-    finally:
-        model.clear_masks()
 
 
 def unit_counts(cfg: ModelConfig) -> dict[str, int]:

@@ -3,7 +3,7 @@
 `ElasticEngine` holds the parent once and a budget view per budget (views.py), built on first use
 and kept: switching budgets copies no weights. Caches are sized for each view's own config
 (`generate` makes them from the view). Where every budget keeps every KV group, the parent's heads
-are put in serving order at load (views.py), so that views run plain matrix products.
+are put in serving order at load (order.py), so that views run plain matrix products.
 
 Concurrency: `generate` keeps one set of decode caches (and CUDA graph) per model, so two
 sequences decoding on the same view at once would overwrite each other's KV / Mamba state. This
@@ -29,7 +29,8 @@ from ..elastic.checkpoint import ElasticCheckpoint, budget_names, budget_spec, l
 from ..errors import StarElasticError
 from ..generate import generate
 from ..model import Model
-from .views import budget_view, serving_order_fits, use_serving_order
+from .order import serving_order_fits, use_serving_order
+from .views import budget_view
 
 DEFAULT_MARKER = "</think>"
 
@@ -75,7 +76,7 @@ class ElasticEngine:
     def __init__(self, ckpt: ElasticCheckpoint, serving_order: bool = True):
         self.ckpt, self.parent, self.tokenizer = ckpt, ckpt.model.eval(), ckpt.tokenizer
         self.budgets = budget_names(ckpt.manifest)
-        # heads rank-major, once, before any view: every budget's heads become a plain prefix (views.py).
+        # heads rank-major, once, before any view: every budget's heads become a plain prefix (order.py).
         # The parent is then the engine's own: its state dict and masks refuse (group-major indices).
         specs = [budget_spec(ckpt.manifest, b) for b in self.budgets]
         self.serving_order = serving_order and serving_order_fits(self.parent.config, specs)

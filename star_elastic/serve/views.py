@@ -17,16 +17,9 @@ Two layouts no strided view expresses are copied instead, once, when the view is
 in `view.copied`: Mamba channels (mamba_head_dim) cut together with heads per group, and routed
 experts cut inside several router groups (n_group > 1).
 
-Serving head order (`use_serving_order`): the bmm over grouped views is 2-3x slower than one matrix
-product. Every budget keeps the same count k of heads in every group (a prefix within the group),
-so once the parent's heads are stored rank-major (head j of group g at j * groups + g, permuted in
-place at load) every budget's heads are the plain prefix of the first k * groups: q_proj rows and
-o_proj columns, Mamba's in_proj rows (B and C first, then each head's z, x and dt rows), conv
-channels ([B | C | x]) and out_proj columns become 2-D views: one matrix product each, as in the
-sliced model; Mamba's dt_bias, A_log, D and gated-norm weight are rank-major too, so plain prefixes.
-The modules, flagged `serving_order`, compute in that order: Mamba's decode step with no reordering
-(its SSM state is cached rank-major), prefill's scan and attention's SDPA reorder at their boundaries.
-Valid only while every budget keeps every KV group and cuts no Mamba channels (`serving_order_fits`).
+Serving head order (order.py): where every budget keeps every KV group and all Mamba channels, the
+engine stores the parent's heads rank-major at load, and every budget's heads become plain prefixes,
+so views of such a parent are plain 2-D views with the serving-order modules of order.py.
 """
 
 from __future__ import annotations
@@ -39,6 +32,7 @@ from ..elastic.slicing import take
 from ..elastic.spec import ElasticSpec
 from ..errors import StarElasticError
 from ..model import Attention, LlamaLayer, Mamba2, Model, MLP, MoE
+from .order import in_serving_order, order_module
 
 # ----------------------------------------------------------------------------- grouped views
 
@@ -144,7 +138,7 @@ def _attention(dst: Attention, src: Attention, h: int):
         s, d = getattr(src, name), getattr(dst, name)
         _set(d, "weight", s.weight[: kv * hd, :h])
         _set(d, "bias", None if s.bias is None else s.bias[: kv * hd])
-    if src.serving_order:  # rank-major heads, every KV group kept: the first `per` ranks are a prefix
+    if in_serving_order(src):  # rank-major heads, every KV group kept: the first `per` ranks are a prefix
         if kv != src.num_kv_heads:
             raise StarElasticError("a budget that drops KV groups has no view of a parent in serving order")
         q = dst.num_heads * hd
@@ -152,7 +146,7 @@ def _attention(dst: Attention, src: Attention, h: int):
         _set(dst.q_proj, "bias", None if src.q_proj.bias is None else src.q_proj.bias[:q])
         _set(dst.o_proj, "weight", src.o_proj.weight[:h, :q])
         _set(dst.o_proj, "bias", None if src.o_proj.bias is None else src.o_proj.bias[:h])
-        dst.serving_order = True
+        order_module(dst)
         return
     # the first `per` query heads of each of the first `kv` KV groups
     qw = grouped(src.q_proj.weight[:, :h], 0, src.num_kv_heads, kv, per * hd)
@@ -184,13 +178,15 @@ def _mamba(dst: Mamba2, src: Mamba2, h: int):
         return grouped(t, dim, G, G, per * channels)
 
     ob = None if src.out_proj.bias is None else src.out_proj.bias[:h]
-    dst.serving_order = src.serving_order
+    rank_major = in_serving_order(src)
+    if rank_major:
+        order_module(dst)
     if dst.num_heads == src.num_heads:  # every head kept: plain column / row prefixes
         _set(dst.in_proj, "weight", src.in_proj.weight[:, :h])
         _set(dst.in_proj, "bias", src.in_proj.bias)
         _set(dst.conv1d, "weight", src.conv1d.weight)
         _set(dst.conv1d, "bias", src.conv1d.bias)
-    elif src.serving_order:  # in_proj rows [B | C | z, x, dt of each head], conv [B | C | x]: row prefixes
+    elif rank_major:  # in_proj rows [B | C | z, x, dt of each head], conv [B | C | x]: row prefixes
         rows, channels = bc + dst.num_heads * (2 * P + 1), bc + dst.d_inner
         _set(dst.in_proj, "weight", src.in_proj.weight[:rows, :h])
         _set(dst.in_proj, "bias", None if src.in_proj.bias is None else src.in_proj.bias[:rows])
@@ -207,7 +203,7 @@ def _mamba(dst: Mamba2, src: Mamba2, h: int):
         w, b = src.conv1d.weight[:, 0], src.conv1d.bias  # (channels, k)
         dst.conv1d = PartsConv1d([heads(w[:d_inner], 0), w[d_inner:]],
                                  [None if b is None else heads(b[:d_inner], 0), None if b is None else b[d_inner:]])
-    if src.serving_order:  # per-head vectors and the norm weight are rank-major too: prefixes
+    if rank_major:  # per-head vectors and the norm weight are rank-major too: prefixes
         for name in ("dt_bias", "A_log", "D"):
             _set(dst, name, getattr(src, name)[:dst.num_heads])
         _set(dst.norm, "weight", src.norm.weight[:dst.d_inner])
@@ -215,7 +211,7 @@ def _mamba(dst: Mamba2, src: Mamba2, h: int):
         for name in ("dt_bias", "A_log", "D"):  # (groups, heads per group) where the heads are cut per group
             _set(dst, name, heads(getattr(src, name), 0, 1))
         _set(dst.norm, "weight", heads(src.norm.weight, 0))  # the gated norm views it as (groups, -1) anyway
-    ow = src.out_proj.weight[:h, :dst.d_inner] if src.serving_order else heads(src.out_proj.weight[:h], 1)
+    ow = src.out_proj.weight[:h, :dst.d_inner] if rank_major else heads(src.out_proj.weight[:h], 1)
     if ow.dim() == 2:
         _set(dst.out_proj, "weight", ow), _set(dst.out_proj, "bias", ob)
     else:
@@ -277,7 +273,7 @@ def budget_view(parent: Model, spec: ElasticSpec) -> Model:
         kind = src.kind
         channels_cut = kind == "M" and sizes[old]["mamba_head_dim"] < p.mamba_head_dim
         experts_cut = kind == "E" and p.n_group > 1 and sizes[old]["n_routed_experts"] < p.n_routed_experts
-        if channels_cut and src.mixer.serving_order:
+        if channels_cut and in_serving_order(src.mixer):
             raise StarElasticError("Mamba channels cut: no view of a parent in serving order (serving_order_fits)")
         if channels_cut or experts_cut:  # no strided view: copy this layer's slices (listed in view.copied)
             for name, t in _copied(parent, spec, old, "").items():
@@ -306,79 +302,6 @@ def budget_view(parent: Model, spec: ElasticSpec) -> Model:
     if leftover:
         raise RuntimeError(f"budget view left {leftover[:3]} unset")
     return view.eval().requires_grad_(False)
-
-
-# ----------------------------------------------------------------------------- serving head order
-
-
-def serving_order_fits(cfg, specs: list[ElasticSpec]) -> bool:
-    """Whether every budget of `specs` has views over a parent in serving order: all KV groups kept
-    (heads stay a prefix within every group) and no Mamba channels cut (that layout is copied through
-    the group-major `take`)."""
-    for spec in specs:
-        sizes = spec.sizes(cfg)
-        for i in spec.kept_layers(cfg):
-            p, s = cfg.layer(i), sizes[i]
-            if s.get("num_key_value_heads", p.num_key_value_heads) < p.num_key_value_heads:
-                return False
-            if s.get("mamba_head_dim", p.mamba_head_dim) < p.mamba_head_dim:
-                return False
-    return True
-
-
-def _refuse_state_dict(*_):
-    raise StarElasticError("this model stores its heads in serving order (rank-major): its state dict would "
-                           "be silently wrong; undo it with use_serving_order(model, False) before saving or slicing")
-
-
-def _rank_major_units(heads: int, groups: int, size: int) -> torch.Tensor:
-    """(heads, size) indices of each head's `size` entries, heads in rank-major order."""
-    order = torch.arange(heads).view(groups, -1).T.flatten()  # head j of group g at j * groups + g
-    return order[:, None] * size + torch.arange(size)
-
-
-def _mamba_order(m: Mamba2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """In serving order, as indices into the loaded order: in_proj rows [B | C | each head's z, x, dt]
-    (loaded [z | x | B | C | dt]), conv channels [B | C | x] (loaded [x | B | C]), out_proj columns."""
-    bc, inner = 2 * m.n_groups * m.state_size, m.d_inner
-    z = _rank_major_units(m.num_heads, m.n_groups, m.head_dim)  # (heads, head_dim)
-    dt = inner + m.conv_dim + _rank_major_units(m.num_heads, m.n_groups, 1)
-    rows = torch.cat([torch.arange(2 * inner, 2 * inner + bc), torch.cat([z, inner + z, dt], 1).flatten()])
-    return rows, torch.cat([torch.arange(inner, inner + bc), z.flatten()]), z.flatten()
-
-
-@torch.no_grad()
-def use_serving_order(model: Model, on: bool = True) -> Model:
-    """Permute `model`'s heads in place to serving order (rank-major, see the module doc) or back, and
-    flag the modules. Build views after it: views built before would see other heads. While on,
-    `state_dict` (so saving, exporting, `slice_model`) refuses and `set_masks` too: both index heads
-    group-major. Attention and Mamba layers with one group, or one head per group, stay as they are."""
-    def permute(t: torch.Tensor | None, dim: int, idx: torch.Tensor):  # entry i of `dim` <- loaded entry idx[i]
-        if t is not None and on:
-            t.copy_(t.index_select(dim, idx.to(t.device)))
-        elif t is not None:
-            t.index_copy_(dim, idx.to(t.device), t.clone())
-
-    for m in model.modules():
-        if isinstance(m, Attention) and 1 < m.num_kv_heads < m.num_heads and m.serving_order != on:
-            heads = _rank_major_units(m.num_heads, m.num_kv_heads, m.head_dim).flatten()
-            permute(m.q_proj.weight, 0, heads), permute(m.q_proj.bias, 0, heads), permute(m.o_proj.weight, 1, heads)
-            m.serving_order = on
-        elif isinstance(m, Mamba2) and 1 < m.n_groups < m.num_heads and m.serving_order != on:
-            rows, channels, cols = _mamba_order(m)
-            permute(m.in_proj.weight, 0, rows), permute(m.in_proj.bias, 0, rows)
-            permute(m.conv1d.weight, 0, channels), permute(m.conv1d.bias, 0, channels)
-            permute(m.out_proj.weight, 1, cols), permute(m.norm.weight, 0, cols)
-            heads = _rank_major_units(m.num_heads, m.n_groups, 1).flatten()
-            permute(m.dt_bias, 0, heads), permute(m.A_log, 0, heads), permute(m.D, 0, heads)
-            m.serving_order = on
-    handle = getattr(model, "_serving_order_hook", None)
-    if on and handle is None:
-        model._serving_order_hook = model.register_state_dict_pre_hook(_refuse_state_dict)
-    elif not on and handle is not None:
-        handle.remove()
-        model._serving_order_hook = None
-    return model
 
 
 def shares_storage(view: Model, parent: Model) -> bool:

@@ -1,0 +1,617 @@
+"""Issue 16's fast paths, measured side by side in one run: the Mamba-2 scan (ours against
+`mamba_ssm`'s Triton kernel), the chunked distillation loss, and the whole elastic training step.
+Parts, in the order they run (`--parts`):
+
+1. scan: Nemotron 3 Nano's Mamba shapes (64 heads x 64, 8 groups, state 128, chunk 128), batch 4 x
+   4096 and 1 x 16384, inputs as autocast gives them (x, B, C bf16; dt, A fp32): our einsum scan
+   eager and under torch.compile, and the Triton kernel; forward, forward + backward, peak memory
+   above the inputs, relative error of y, final state and gradients against float64 (fresh random
+   inputs at the scales training sees, not zeros).
+2. kd: the distillation loss at a 131,072-token vocabulary over 8,192 tokens (hidden 2688), from
+   the LM head's input on (head matmuls included), forward + backward under bf16 autocast: whole
+   fp32 logits as train.py computes them today (unchunked), the same logits with kd_loss's chunks,
+   and the fused head (`HeadInput`: student, then student and teacher); time and peak memory.
+3. train: whole elastic training steps (star_elastic.train.ElasticTrainer, bf16 autocast, AdamW,
+   budgets 1.0 / 0.75 / 0.5 with the router) of a Nano-width parent: hidden 2688, 128 experts top-6
+   (moe_intermediate 1856, shared 3712), 64 Mamba heads x 64, state 128, 32 attention heads / 2 KV
+   heads x 128, vocabulary 131072, layers `MEM*EM` (the 3.44B parent of issue 16's 27,151 tokens/s;
+   `--pattern MEMEM*EME` is 6.07B, about 121 GB of weights, gradients, AdamW and teacher). With the
+   einsum scan (STAR_ELASTIC_NO_TRITON=1), with the Triton scan, and with the Triton scan and the
+   fused KD (the trainer's model and teacher calls made to return `HeadInput`s, as the train.py
+   change proposed for issue 16 item 2 would, emulated here without editing train.py). Tokens/s and
+   model FLOP utilisation: 6 x active parameters per student token + 2 x for the teacher's forward,
+   over the H200's 790 TFLOP/s bf16 peak (an argmax forward of the score estimator on smaller
+   budgets comes on top, uncounted).
+4. check: the Triton and einsum scans against float64 (outputs, final states, gradients; sequences
+   not a multiple of the chunk and shorter than one, initial states), at Nano's head / state /
+   chunk sizes, whose autotuning the parts above paid for (`--check-odd` adds a budget view's
+   shapes: fewer heads per group, head sizes 48 and 32, each a fresh autotune of ~130 Triton
+   configurations); then a small hybrid model with Nano's Mamba shapes, bf16 autocast with the
+   Triton scan on and off, against the same model in fp32: logits and every gradient, under soft
+   masks (their gradients too), and a prefill continued from its cache.
+
+    PYTHONPATH=.devcarry/mamba:$PWD python benchmarks/bench_kernels.py --json $OUT/kernels.json
+    python benchmarks/bench_kernels.py --tiny        # a CPU smoke run (Triton rows: an einsum stand-in)
+
+The Triton kernel comes from `mamba_ssm` on the path: `pip install mamba-ssm`, or, with no CUDA
+build, its source distribution (`MAMBA_SKIP_CUDA_BUILD=TRUE pip download --no-deps
+--no-build-isolation --no-binary=:all: mamba-ssm==2.3.2.post1`) unpacked, its `mamba_ssm/` folder
+with `__init__.py` cut to the version line (the original imports compiled CUDA modules), e.g. in
+the git-ignored `.devcarry/mamba/`. Needs triton and einops. Deterministic algorithms stay off
+here (mamba_ssm would pick slower deterministic kernel configurations; training does not ask for
+them either).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import math
+import os
+import sys
+import tempfile
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from star_elastic import kernels  # noqa: E402
+from star_elastic.elastic.cost import parse_budget  # noqa: E402
+from star_elastic.elastic.losses import HeadInput, head_input, kd_loss  # noqa: E402
+from star_elastic.elastic.router import Router, RouterConfig  # noqa: E402
+from star_elastic.elastic.spec import ElasticSpec, masked  # noqa: E402
+from star_elastic.model import Model, ModelConfig, ssd_scan  # noqa: E402
+from star_elastic.train import ElasticTrainer, TrainConfig  # noqa: E402
+
+BF16_PEAK = 790e12  # H200 dense bf16 matmul, as measured (an 8192^3 bf16 matmul on random data)
+
+
+def nano_config(pattern: str) -> ModelConfig:
+    return ModelConfig(vocab_size=131072, hidden_size=2688, layer_types=pattern, num_attention_heads=32,
+                       num_key_value_heads=2, head_dim=128, mamba_num_heads=64, mamba_head_dim=64, ssm_state_size=128,
+                       n_groups=8, chunk_size=128, n_routed_experts=128, num_experts_per_tok=6,
+                       moe_intermediate_size=1856, moe_shared_expert_intermediate_size=3712, routed_scaling_factor=2.5)
+
+
+def tiny_config(pattern: str = "MEM*EM") -> ModelConfig:
+    return ModelConfig(vocab_size=512, hidden_size=64, layer_types=pattern, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=16, mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=32,
+                       n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                       moe_shared_expert_intermediate_size=32)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, warmup: int, iters: int) -> float:
+    """Median seconds of one call after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = common.clock(device)
+        fn()
+        times.append(common.clock(device) - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def extra_gib(fn, device) -> float | None:
+    """Peak memory a call allocates above what was resident before it, GiB; None on the CPU."""
+    if device.type != "cuda":
+        fn()
+        return None
+    sync(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 30
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@contextmanager
+def triton_switch(on: bool):
+    """The Triton scan on or off for the block (kernels.py reads the environment at every call)."""
+    names = (kernels.ENV_DISABLE, kernels.ENV_ENABLE)
+    old = {k: os.environ.get(k) for k in names}
+    os.environ[kernels.ENV_ENABLE] = "1" if on else "0"
+    os.environ[kernels.ENV_DISABLE] = "0" if on else "1"
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def scan_inputs(b, t, h, p, g, n, device, dtype=torch.bfloat16, seed=0):
+    """Random scan inputs at the scales training sees: x, B, C ~ N(0, 1) in `dtype`; dt = softplus(
+    N(0, 0.5) + dt_bias) with per-head dt_bias giving dt around 1e-3..1e-1 (Mamba's init range);
+    A = -U(1, 16) (A_log's init range), fp32."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(b, t, h, p, device=device, generator=gen).to(dtype)
+    dt0 = torch.exp(torch.rand(h, device=device, generator=gen) * (math.log(1e-1) - math.log(1e-3)) + math.log(1e-3))
+    dt_bias = dt0 + torch.log(-torch.expm1(-dt0))  # inverse softplus
+    dt = F.softplus(torch.randn(b, t, h, device=device, generator=gen) * 0.5 + dt_bias)
+    A = -(1 + 15 * torch.rand(h, device=device, generator=gen))
+    B = torch.randn(b, t, g, n, device=device, generator=gen).to(dtype)
+    C = torch.randn(b, t, g, n, device=device, generator=gen).to(dtype)
+    return x, dt, A, B, C
+
+
+def scan_grads(fn, inputs, gy, initial=None):
+    """y, final state and the gradients of <y, gy> for x, dt, A, B, C."""
+    leaves = [v.detach().clone().requires_grad_() for v in inputs]
+    y, final = fn(*leaves, initial)
+    y.backward(gy.to(y.dtype))
+    return y.detach(), final.detach(), [v.grad for v in leaves]
+
+
+# ----------------------------------------------------------------------------- 1. check
+
+def part_check(device, odd: bool, tiny: bool) -> dict:
+    """The Triton scan and the einsum scan against float64, then a small model with it on and off.
+    Shapes use Nano's heads, head size, state and chunk, so that mamba_ssm's autotuning (~130 Triton
+    configurations, compiled on first use of each shape key) is shared with the scan and train parts;
+    `odd` adds a budget view's shapes (fewer heads per group, head size 48 or 32), each a new key."""
+    H, P, G, N, L = (8, 16, 2, 16, 32) if tiny else (64, 64, 8, 128, 128)
+    shapes = [(2, 300, H, P, G, N, L, False), (2, 300, H, P, G, N, L, True), (3, 5, H, P, G, N, L, True),
+              (1, 1000, H, P, G, N, L, False)]
+    if odd:
+        shapes += [(1, 200, 32, 48, 8, 128, 128, True), (2, 100, 6, 32, 3, 64, 64, False)]
+    out = {"shapes": []}
+    for b, t, h, p, g, n, L, with_state in shapes:
+        inputs = scan_inputs(b, t, h, p, g, n, device, torch.bfloat16, seed=t + h)
+        gen = torch.Generator(device=device).manual_seed(1)
+        gy = torch.randn(b, t, h, p, device=device, generator=gen)
+        h0 = torch.randn(b, h, p, n, device=device, generator=gen) if with_state else None
+        ref = scan_grads(lambda *a: ssd_scan(*a[:5], L, a[5]), [v.double() for v in inputs], gy.double(),
+                         None if h0 is None else h0.double())
+        row = {"b": b, "t": t, "heads": h, "head_dim": p, "groups": g, "state": n, "chunk": L,
+               "initial_state": with_state}
+        for name, fn in (("einsum", lambda *a: ssd_scan(*a[:5], L, a[5])),
+                         ("triton", lambda *a: kernels.triton_scan(*a[:5], L, a[5]))):
+            got = scan_grads(fn, inputs, gy, h0)
+            row[name] = {"y": rel(got[0], ref[0]), "final_state": rel(got[1], ref[1]),
+                         **{f"d{k}": rel(a, r) for k, a, r in zip(("x", "dt", "A", "B", "C"), got[2], ref[2])}}
+        out["shapes"].append(row)
+        print("  scan {b}x{t} h{heads} p{head_dim} g{groups} n{state} L{chunk}{s}: ".format(
+            **row, s=" +h0" if with_state else "") + "; ".join(
+            f"{k} {row['triton'][k]:.1e} (einsum {row['einsum'][k]:.1e})" for k in row["triton"]))
+    out["worst_triton"] = {k: max(r["triton"][k] for r in out["shapes"]) for k in out["shapes"][0]["triton"]}
+    out["worst_einsum"] = {k: max(r["einsum"][k] for r in out["shapes"]) for k in out["shapes"][0]["einsum"]}
+
+    # a small hybrid model with Nano's Mamba shapes: fp32 without autocast (the einsum scan: the
+    # reference), then bf16 autocast with the Triton scan on and off: logits and gradients against the
+    # reference, plain, under soft masks (gradients into the masks too), and a prefill continued from
+    # its cache; the Triton run's errors should be the einsum run's (bf16's), not larger
+    cfg = ModelConfig(vocab_size=2048, hidden_size=512, layer_types="M*ME", num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=128, mamba_num_heads=H, mamba_head_dim=P, ssm_state_size=N, n_groups=G, chunk_size=L,
+                      n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
+                      moe_shared_expert_intermediate_size=128)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Model(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 300), device=device)
+    soft_masks = {k: 0.5 + 0.5 * v for k, v in ElasticSpec(mamba_num_heads=H // 2, mamba_head_dim=3 * P // 4,
+                                                          hidden_size=384)
+                  .masks(cfg, device=device).items()}
+
+    def run(autocast: bool, on: bool):
+        with triton_switch(on), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            model.zero_grad()
+            logits = model(x)
+            logits.float().square().mean().backward()
+            grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+            soft = {k: v.clone().requires_grad_() for k, v in soft_masks.items()}
+            with masked(model, soft):
+                model.zero_grad()
+                part = model(x)
+                part.float().square().mean().backward()
+            mask_grads = torch.cat([soft[k].grad.flatten() for k in sorted(soft)])
+            cache = model.make_cache(2, 512)
+            with torch.no_grad():
+                model(x[:, :170], cache=cache, pos=torch.arange(170, device=device))
+                again = model(x[:, 170:], cache=cache, pos=torch.arange(170, 300, device=device))
+        return {"logits": logits.detach().float(), "grads": grads, "masked_logits": part.detach().float(),
+                "mask_grads": mask_grads, "cached_prefill_logits": again.float()}
+
+    ref = run(False, False)
+    out["model"] = {}
+    for name, on in (("triton_bf16", True), ("einsum_bf16", False)):
+        got = run(True, on)
+        errs = sorted(rel(got["grads"][k], ref["grads"][k]) for k in ref["grads"])
+        out["model"][name] = {"logits": rel(got["logits"], ref["logits"]),
+                              "grads_median": errs[len(errs) // 2], "grads_worst": errs[-1],
+                              **{k: rel(got[k], ref[k]) for k in ("masked_logits", "mask_grads", "cached_prefill_logits")}}
+        print(f"  model, {name} against fp32: " + ", ".join(f"{k} {v:.1e}" for k, v in out["model"][name].items()))
+    return out
+
+
+# ----------------------------------------------------------------------------- 2. scan
+
+def part_scan(device, tiny: bool, compile_: bool, iters: int, have_triton: bool) -> dict:
+    h, p, g, n, L = (8, 16, 2, 16, 64) if tiny else (64, 64, 8, 128, 128)
+    shapes = [(2, 256), (1, 512)] if tiny else [(4, 4096), (1, 16384)]
+    variants = {"einsum": lambda *a: ssd_scan(*a[:5], L, a[5] if len(a) > 5 else None)}
+    if compile_:
+        compiled = torch.compile(ssd_scan, dynamic=False)
+        variants["einsum_compiled"] = lambda *a: compiled(*a[:5], L, a[5] if len(a) > 5 else None)
+    if have_triton:
+        variants["triton"] = lambda *a: kernels.triton_scan(*a[:5], L, a[5] if len(a) > 5 else None)
+    out = {"heads": h, "head_dim": p, "groups": g, "state": n, "chunk": L, "variants": list(variants)}
+    for b, t in shapes:
+        key = f"{b}x{t}"
+        res = out[key] = {}
+        inputs = scan_inputs(b, t, h, p, g, n, device, torch.bfloat16, seed=b * t)
+        gy = torch.randn(b, t, h, p, device=device, generator=torch.Generator(device=device).manual_seed(2))
+        ref = scan_grads(lambda *a: ssd_scan(*a[:5], L, None), [v.double() for v in inputs], gy.double())
+        for name, fn in variants.items():
+            r = res[name] = {}
+            try:
+                with torch.no_grad():
+                    r["forward_ms"] = 1e3 * timed(lambda: fn(*inputs), device, 3, iters)
+                leaves = [v.detach().clone().requires_grad_() for v in inputs]
+
+                def fwd_bwd():
+                    for v in leaves:
+                        v.grad = None
+                    y, _ = fn(*leaves)
+                    y.backward(gy.to(y.dtype))
+
+                r["forward_backward_ms"] = 1e3 * timed(fwd_bwd, device, 3, iters)
+                for v in leaves:
+                    v.grad = None
+                r["peak_extra_gib"] = extra_gib(fwd_bwd, device)  # above the inputs (and the fp64 reference) held
+                y, final, grads = scan_grads(fn, inputs, gy)
+                r["rel_err_y_vs_fp64"] = rel(y, ref[0])
+                r["rel_err_state_vs_fp64"] = rel(final, ref[1])
+                r["rel_err_grads_vs_fp64"] = {k: rel(a, b) for k, a, b in zip(("x", "dt", "A", "B", "C"), grads, ref[2])}
+            except Exception as e:  # one variant failing (e.g. out of memory) leaves the others' numbers
+                r["error"] = f"{type(e).__name__}: {e}"[:500]
+                traceback.print_exc()
+            free(device)
+        if "triton" in res and "forward_ms" in res["triton"]:
+            y_ein = scan_grads(variants["einsum"], inputs, gy)[0]
+            y_tri = scan_grads(variants["triton"], inputs, gy)[0]
+            res["rel_err_triton_vs_einsum_fp32"] = rel(y_tri, y_ein)
+        del ref
+        free(device)
+    return out
+
+
+def print_scan(out: dict):
+    names = out["variants"]
+    print(f"\n  scan, {out['heads']} heads x {out['head_dim']}, {out['groups']} groups, state {out['state']}, "
+          f"chunk {out['chunk']} (x, B, C bf16)")
+    print("  " + f"{'shape':10s} {'':20s}" + "".join(f"{n:>17s}" for n in names)
+          + ("   einsum/triton  compiled/triton" if "triton" in names else ""))
+    for key, res in out.items():
+        if not isinstance(res, dict) or "einsum" not in res:
+            continue
+        for metric, unit in (("forward_ms", "ms"), ("forward_backward_ms", "ms"), ("peak_extra_gib", "GiB"),
+                             ("rel_err_y_vs_fp64", ""), ("rel_err_grads_vs_fp64", "")):
+            vals = []
+            for n in names:
+                v = res[n].get(metric)
+                if isinstance(v, dict):
+                    v = max(v.values())
+                vals.append(v)
+            cells = "".join(f"{'-':>17s}" if v is None else f"{v:17.2e}" if metric.startswith("rel") else
+                            f"{v:13.2f} {unit:3s}" for v in vals)
+            ratio = ""
+            if "triton" in names and metric.endswith("_ms") and res["triton"].get(metric):
+                r = [res.get(n, {}).get(metric) for n in ("einsum", "einsum_compiled")]
+                ratio = "   " + "  ".join(f"{x / res['triton'][metric]:13.2f}x" if x else f"{'-':>14s}" for x in r)
+            label = metric.replace("rel_err_grads_vs_fp64", "grad rel err (worst)").replace("rel_err_y_vs_fp64",
+                                                                                           "y rel err vs fp64")
+            print(f"  {key:10s} {label:20s}{cells}{ratio}")
+
+
+# ----------------------------------------------------------------------------- 3. kd
+
+def part_kd(device, tiny: bool, iters: int) -> dict:
+    n, d, vocab = (512, 64, 4096) if tiny else (8192, 2688, 131072)
+    ac = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    cd = torch.bfloat16 if device.type == "cuda" else None
+    gen = torch.Generator(device=device).manual_seed(3)
+    h = torch.randn(n, d, device=device, generator=gen).requires_grad_()
+    W = (0.02 * torch.randn(vocab, d, device=device, generator=gen)).requires_grad_()
+    tdt = torch.bfloat16 if device.type == "cuda" else torch.float32  # the teacher as elastify keeps it
+    ht = (h.detach() + 0.3 * torch.randn(n, d, device=device, generator=gen)).to(tdt)
+    Wt = (W.detach() + 0.005 * torch.randn(vocab, d, device=device, generator=gen)).to(tdt)
+
+    def teacher_logits():
+        with torch.no_grad(), torch.autocast(**ac):
+            return F.linear(ht, Wt).float()  # fp32, as Model.forward returns them
+
+    def student_logits():
+        with torch.autocast(**ac):
+            return F.linear(h, W).float()
+
+    variants = {
+        "unchunked": lambda: kd_loss(student_logits(), teacher_logits(), chunk_tokens=n),
+        "chunked_logits": lambda: kd_loss(student_logits(), teacher_logits()),
+        "fused_student": lambda: kd_loss(HeadInput(h, W, cd), teacher_logits()),
+        "fused_both": lambda: kd_loss(HeadInput(h, W, cd), HeadInput(ht, Wt, cd)),
+    }
+    out = {"tokens": n, "hidden": d, "vocab": vocab, "chunk_tokens_default": max(1, 2 ** 27 // vocab),
+           "variants": {}}
+    ref = None
+    for name, fn in variants.items():
+        r = out["variants"][name] = {}
+
+        def step():
+            h.grad = W.grad = None
+            loss = fn()
+            loss.backward()
+            return loss
+
+        try:
+            r["forward_backward_ms"] = 1e3 * timed(step, device, 2, iters)
+            h.grad = W.grad = None
+            r["peak_extra_gib"] = extra_gib(step, device)  # gradients included
+            loss = step()
+            got = (loss.detach(), h.grad.clone(), W.grad.clone())
+            if ref is None:
+                ref = got
+            r["loss"] = float(got[0])
+            r["rel_diff_vs_unchunked"] = {"loss": rel(got[0], ref[0]), "grad_hidden": rel(got[1], ref[1]),
+                                          "grad_weight": rel(got[2], ref[2])}
+        except Exception as e:
+            r["error"] = f"{type(e).__name__}: {e}"[:500]
+            traceback.print_exc()
+        free(device)
+    base = out["variants"]["unchunked"]
+    print(f"\n  KD loss, {n} tokens x vocab {vocab} (hidden {d}), head matmuls included, forward + backward")
+    print(f"  {'variant':16s} {'ms':>9s} {'vs unchunked':>13s} {'peak extra GiB':>15s} {'loss/grad rel diff':>22s}")
+    for name, r in out["variants"].items():
+        if "error" in r:
+            print(f"  {name:16s} {r['error'][:80]}")
+            continue
+        speed = base.get("forward_backward_ms", float("nan")) / r["forward_backward_ms"]
+        mem = "-" if r["peak_extra_gib"] is None else f"{r['peak_extra_gib']:.2f}"
+        diff = max(r["rel_diff_vs_unchunked"].values())
+        print(f"  {name:16s} {r['forward_backward_ms']:9.2f} {speed:12.2f}x {mem:>15s} {diff:22.1e}")
+    return out
+
+
+# ----------------------------------------------------------------------------- 4. train
+
+def active_params(cfg: ModelConfig, model: Model) -> float:
+    """Parameters one token multiplies through: all but the embedding table and the unchosen experts."""
+    routed = sum(p.numel() for k, p in model.named_parameters() if ".experts." in k and "shared" not in k)
+    total = sum(p.numel() for p in model.parameters())
+    return total - model.embed.weight.numel() - routed * (1 - cfg.num_experts_per_tok / cfg.n_routed_experts)
+
+
+def _head_forward(model: Model):
+    """A forward for `model` that returns `head_input(model, x)`: the trainer's `self.model(x)` and
+    `self.teacher(x)` then hand kd_loss HeadInputs, as the proposed train.py change would."""
+
+    def forward(input_ids, **kwargs):
+        vars(model).pop("forward")
+        try:
+            return head_input(model, input_ids, **kwargs)
+        finally:
+            vars(model)["forward"] = forward
+
+    return forward
+
+
+@contextmanager
+def fused_kd(*models, on: bool):
+    if on:
+        for m in models:
+            vars(m)["forward"] = _head_forward(m)
+    try:
+        yield
+    finally:
+        for m in models:
+            vars(m).pop("forward", None)
+
+
+def _train(model, teacher, cfg, budgets, rows, batch, seq, steps, device):
+    """One trainer's run: its step logs and peak memory (its optimiser state freed on return)."""
+    router = Router(cfg, budgets, RouterConfig()).to(device)
+    tc = TrainConfig(steps=steps, batch_size=batch, seq_len=seq, lr=1e-5, warmup_steps=1, router_warmup_steps=50,
+                     shard="none")
+    with tempfile.TemporaryDirectory() as tmp:
+        t = ElasticTrainer(model, teacher, router, budgets, rows, tc, tmp)
+        t.save_state = lambda: None  # a 3.4B train state is ~40 GB: not written
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        logs = t.run(progress=False)
+        return logs, t.peak_memory()
+
+
+def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: int, have_triton: bool) -> dict:
+    cfg = tiny_config(pattern) if tiny else nano_config(pattern)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Model(cfg)
+    teacher = copy.deepcopy(model).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    with torch.no_grad():  # a student that differs from its teacher, so the KD is not zero
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    n_total = sum(p.numel() for p in model.parameters())
+    n_active = active_params(cfg, model)
+    budgets = [parse_budget(b, cfg) for b in ["1.0", "0.75", "0.5"]]
+    rows = torch.randint(0, cfg.vocab_size, (max(16, 4 * batch), seq), generator=torch.Generator().manual_seed(1))
+    variants = [("einsum", False, False)]
+    variants += [("triton", True, False), ("triton_fused_kd", True, True)] if have_triton else [
+        ("einsum_fused_kd", False, True)]
+    out = {"pattern": pattern, "params_B": round(n_total / 1e9, 3), "active_params_B": round(n_active / 1e9, 3),
+           "batch": batch, "seq": seq, "tokens_per_step": batch * seq, "steps": steps,
+           "flops_per_token": 8 * n_active, "peak_tflops": BF16_PEAK / 1e12, "variants": {}}
+    print(f"\n  training step: layers {pattern}, {n_total / 1e6:.1f}M parameters ({n_active / 1e6:.1f}M active), "
+          f"batch {batch} x {seq}, {steps} steps per variant")
+    for name, triton_on, fused in variants:
+        r = out["variants"][name] = {}
+        try:
+            with triton_switch(triton_on), fused_kd(model, teacher, on=fused):
+                logs, r["peak_gib"] = _train(model, teacher, cfg, budgets, rows, batch, seq, steps, device)
+            timed_logs = logs[2:] if len(logs) > 3 else logs[1:] or logs
+            tok_s = sorted(log["tokens_per_s"] for log in timed_logs)[len(timed_logs) // 2]
+            r.update(tokens_per_s=round(tok_s, 1), tokens_per_s_each=[round(log["tokens_per_s"]) for log in logs],
+                     budgets=[log["budget"] for log in logs], kd=[round(log.get("kd", float("nan")), 4) for log in logs],
+                     argmax_forwards=sum(1 for log in logs if log.get("drawn_is_argmax") == 0.0),
+                     mfu=round(8 * n_active * tok_s / BF16_PEAK, 4))
+            print(f"  {name:16s} {tok_s:10.0f} tok/s  MFU {r['mfu']:.3f}  peak {r['peak_gib']} GiB  "
+                  f"budgets {r['budgets']}")
+        except Exception as e:
+            r["error"] = f"{type(e).__name__}: {e}"[:500]
+            traceback.print_exc()
+            print(f"  {name:16s} failed: {r['error'][:120]}")
+        free(device)
+    base = out["variants"]["einsum"].get("tokens_per_s")
+    if base:
+        out["speedup_vs_einsum"] = {k: round(v["tokens_per_s"] / base, 3) for k, v in out["variants"].items()
+                                    if "tokens_per_s" in v}
+        print("  tokens/s against the einsum scan: " + ", ".join(f"{k} {v:.2f}x" for k, v in out["speedup_vs_einsum"].items()))
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="small shapes: a smoke run, on the CPU too")
+    ap.add_argument("--parts", default="scan,kd,train,check",
+                    help="comma-separated, run in this order: scan, kd, train, check (check last: by then the "
+                         "kernel's autotuning for Nano's shapes is done)")
+    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                    help="the torch.compile'd einsum scan (auto: on a GPU only)")
+    ap.add_argument("--iters", type=int, default=10, help="timed calls per kernel measurement (median)")
+    ap.add_argument("--pattern", default="MEM*EM", help="layers of the Nano-width parent")
+    ap.add_argument("--batch", type=int, default=2, help="sequences per training step")
+    ap.add_argument("--seq", type=int, default=4096, help="tokens per sequence in the training step")
+    ap.add_argument("--steps", type=int, default=6, help="training steps per variant (the first two not timed)")
+    ap.add_argument("--check-odd", action="store_true",
+                    help="also check a budget view's scan shapes (each shape key costs a fresh Triton autotune)")
+    ap.add_argument("--device")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+
+    device = common.setup(args.device)
+    torch.use_deterministic_algorithms(False)  # before mamba_ssm is imported: it reads this for its kernels' configs
+    if args.tiny:
+        args.batch, args.seq, args.steps, args.iters = 2, 64, 3, min(args.iters, 3)
+    compile_ = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    parts = args.parts.split(",")
+    unknown = set(parts) - {"check", "scan", "kd", "train"}
+    if unknown:
+        raise SystemExit(f"unknown part(s) {sorted(unknown)}: check, scan, kd, train")
+    have_triton = device.type == "cuda" and kernels.kernel() is not None
+    why_not = None if have_triton else ("no CUDA device" if device.type != "cuda" else kernels.unavailable_reason())
+    stand_in = not have_triton and args.tiny and device.type == "cpu"
+    if stand_in:
+        use_stand_in()
+    res = {"date": datetime.date.today().isoformat(), "machine": common.machine(device), "torch": torch.__version__,
+           "tiny": args.tiny, "triton_scan": have_triton, "triton_unavailable": why_not, "stand_in": stand_in,
+           "command": " ".join(sys.argv)}
+    for mod in ("triton", "mamba_ssm"):
+        try:
+            res[mod] = getattr(__import__(mod), "__version__", "?")
+        except ImportError:
+            res[mod] = None
+    print(f"{res['machine']}, torch {res['torch']}, triton {res['triton']}, mamba_ssm {res['mamba_ssm']}; "
+          f"Triton scan {'on' if have_triton else 'unavailable: ' + str(why_not)}"
+          + ("; CPU smoke run: 'triton' rows run an einsum stand-in, their numbers are not the kernel's" if stand_in else ""))
+    fast = have_triton or stand_in
+    runs = {
+        "check": lambda: part_check(device, args.check_odd, args.tiny) if fast else {"skipped": why_not},
+        "scan": lambda: part_scan(device, args.tiny, compile_, args.iters, fast),
+        "kd": lambda: part_kd(device, args.tiny, args.iters),
+        "train": lambda: part_train(device, args.tiny, args.pattern, args.batch, args.seq, args.steps, fast),
+    }
+    for part in parts:
+        print(f"\n== {part}")
+        t0 = time.perf_counter()
+        try:
+            res[part] = runs[part]()
+            if part == "scan":
+                print_scan(res[part])
+        except Exception as e:  # one part failing keeps the others' results
+            traceback.print_exc()
+            res[part] = {"error": f"{type(e).__name__}: {e}"[:1000]}
+        res.setdefault("wall_s", {})[part] = round(time.perf_counter() - t0, 1)
+        print(f"   ({part}: {res['wall_s'][part]:.0f} s)")
+        free(device)
+        if args.json:
+            common.write_json(args.json, res)
+    summary(res)
+    if args.json:
+        common.write_json(args.json, res)
+        print(f"\nwrote {args.json}")
+
+
+def use_stand_in():
+    """CPU smoke runs only: the Triton paths run an einsum stand-in with the kernel's output dtype,
+    so that every code path of this script runs before GPU time is spent on it."""
+
+    def triton_scan(x, dt, A, B, C, chunk_size, initial_state=None, scan=None):
+        y, final = ssd_scan(x, dt, A, B, C, chunk_size, initial_state)
+        return y.to(x.dtype).to(torch.promote_types(x.dtype, torch.float32)), final
+
+    kernels.triton_scan = triton_scan
+    kernels.uses_triton = lambda x: x.dtype in (torch.bfloat16, torch.float16) and not kernels.disabled()
+
+
+def summary(res: dict):
+    """The headline numbers side by side."""
+    print("\n== summary")
+    scan = res.get("scan", {})
+    for key, r in scan.items():
+        if isinstance(r, dict) and "triton" in r and r["triton"].get("forward_ms"):
+            t = r["triton"]
+            line = [f"scan {key}: triton fwd {t['forward_ms']:.2f} ms, fwd+bwd {t['forward_backward_ms']:.2f} ms"]
+            for name in ("einsum", "einsum_compiled"):
+                o = r.get(name, {})
+                if o.get("forward_ms"):
+                    line.append(f"{name} takes {o['forward_ms'] / t['forward_ms']:.2f}x (fwd) / "
+                                f"{o['forward_backward_ms'] / t['forward_backward_ms']:.2f}x (fwd+bwd) the kernel's time")
+            if "rel_err_triton_vs_einsum_fp32" in r:
+                line.append(f"triton vs einsum y {r['rel_err_triton_vs_einsum_fp32']:.1e}")
+            print("  " + "; ".join(line))
+    kd = res.get("kd", {}).get("variants", {})
+    base = kd.get("unchunked", {})
+    for name, r in kd.items():
+        if name != "unchunked" and r.get("forward_backward_ms") and base.get("forward_backward_ms"):
+            mem = ""
+            if r.get("peak_extra_gib") is not None and base.get("peak_extra_gib"):
+                mem = f", peak {r['peak_extra_gib']:.2f} GiB vs {base['peak_extra_gib']:.2f} GiB unchunked"
+            print(f"  kd {name}: {base['forward_backward_ms'] / r['forward_backward_ms']:.2f}x the unchunked speed{mem}")
+    tr = res.get("train", {}).get("variants", {})
+    for name, r in tr.items():
+        if "tokens_per_s" in r:
+            print(f"  train {name}: {r['tokens_per_s']:.0f} tok/s, MFU {r['mfu']:.3f}, peak {r.get('peak_gib')} GiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Optional fast paths on CUDA: the Mamba-2 chunked scan on `mamba_ssm`'s Triton kernel.
+
+`chunk_scan` is what `model.Mamba2` calls instead of the einsum scan (`model.ssd_scan`), with the
+same arguments and the same result: y without the D skip, and the final state. It runs
+`mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined` when
+
+- the input is a CUDA tensor in bf16 or fp16 (what autocast gives the scan: training and bf16
+  serving). fp32 inputs keep the einsum scan: the kernel's matmuls would round them to TF32 (about
+  1e-3 relative), and fp32 runs are the ones held to fp32 tolerances (validate's 1e-4),
+- that kernel imports (it is pure Triton, with einops: `pip install mamba-ssm`, or, with no CUDA
+  build, the package's source with `mamba_ssm/__init__.py` cut to its version line, since the
+  original imports compiled CUDA modules; benchmarks/bench_kernels.py says how), and
+- it is switched on: `STAR_ELASTIC_TRITON=1` for now (`ON_BY_DEFAULT` is False until the kernel has
+  been checked against the einsum scan on a GPU by benchmarks/bench_kernels.py's `check` part), and
+  `STAR_ELASTIC_NO_TRITON` is not set to `1` (both read at each call, so they can be switched within
+  a process; under `torch.compile` they are read once, when the graph is traced),
+
+and the einsum `ssd_scan` (passed in as `fallback`) otherwise: on the CPU, without the package,
+or disabled. The einsum scan stays the reference the tests check against.
+
+What the kernel receives is what `ssd_scan` receives: dt already through softplus(dt + dt_bias) and
+the clamp (so the kernel's own dt_bias / softplus / dt_limit are off), A = -exp(A_log), no D, no z,
+heads group-major (head h reads group h // (heads / groups), as both scans assume), `chunk_size`,
+and the cache's SSM state as the initial state at prefill. Masks are applied by the model outside
+the scan (head and channel masks on its outputs, hidden masks before and after the mixer), so
+they work the same on either path. The kernel returns y in x's dtype; it is cast to at least fp32,
+as `ssd_scan` returns it; the final state is fp32 from both.
+
+Not covered here yet (issue 16): the causal depthwise conv1d and the one-token decode update stay
+in PyTorch. The Triton call is excluded from `torch.compile` graphs (`torch.compiler.disable`):
+a compiled model breaks its graph around each scan instead of tracing into mamba_ssm's autotuned
+kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+ENV_DISABLE = "STAR_ELASTIC_NO_TRITON"
+ENV_ENABLE = "STAR_ELASTIC_TRITON"
+ON_BY_DEFAULT = False  # not yet run on a GPU: opt in with STAR_ELASTIC_TRITON=1
+_DTYPES = (torch.bfloat16, torch.float16)  # fp32: the einsum scan (see above)
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+    """(mamba_chunk_scan_combined, None) when it imports, else (None, why not). Imported once."""
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception as e:  # ImportError, or a triton / mamba_ssm that fails while importing
+        return None, f"{type(e).__name__}: {e}"
+    return mamba_chunk_scan_combined, None
+
+
+def kernel():
+    """`mamba_ssm`'s `mamba_chunk_scan_combined`, or None when it cannot be imported."""
+    return _load()[0]
+
+
+def unavailable_reason() -> str | None:
+    """Why the Triton kernel cannot be used here (None when it imports)."""
+    return _load()[1]
+
+
+def _set(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
+
+
+def disabled() -> bool:
+    """`STAR_ELASTIC_NO_TRITON` is set (to anything but empty or 0), or the kernel is off by default
+    and `STAR_ELASTIC_TRITON` is not set."""
+    return _set(ENV_DISABLE) or not (ON_BY_DEFAULT or _set(ENV_ENABLE))
+
+
+@torch.compiler.assume_constant_result
+def triton_enabled() -> bool:
+    """The Triton scan may run: it imports and the environment does not disable it."""
+    return not disabled() and kernel() is not None
+
+
+def uses_triton(x: torch.Tensor) -> bool:
+    """Whether `chunk_scan` runs the Triton kernel for input `x`."""
+    return x.is_cuda and x.dtype in _DTYPES and triton_enabled()
+
+
+def chunk_scan(x, dt, A, B, C, chunk_size: int, initial_state=None, *, fallback):
+    """Mamba-2's chunked scan: the Triton kernel where it applies (`uses_triton`), else
+    `fallback` (the einsum `model.ssd_scan`), called with the same arguments.
+
+    x: (b, t, h, p)   dt: (b, t, h), already softplus'ed and clamped   A: (h,), negative
+    B, C: (b, t, g, n)   initial_state: (b, h, p, n) or None
+    Returns y (b, t, h, p) without the D skip and the final state (b, h, p, n), both in at least fp32.
+    """
+    if uses_triton(x):
+        return triton_scan(x, dt, A, B, C, chunk_size, initial_state)
+    return fallback(x, dt, A, B, C, chunk_size, initial_state)
+
+
+@torch.compiler.disable
+def triton_scan(x, dt, A, B, C, chunk_size: int, initial_state=None, scan=None):
+    """`mamba_chunk_scan_combined` with `ssd_scan`'s arguments and results. `scan`: the kernel
+    (default: the imported one; tests pass a stand-in)."""
+    scan = scan or kernel()
+    if scan is None:
+        raise RuntimeError(f"the Triton scan is not available: {unavailable_reason()}")
+    if initial_state is not None:
+        initial_state = initial_state.float().contiguous()
+    y, final = scan(x, dt.float(), A.float(), B, C, chunk_size, D=None, z=None, dt_bias=None,
+                    initial_states=initial_state, dt_softplus=False, return_final_states=True)
+    return y.to(torch.promote_types(x.dtype, torch.float32)), final.float()

@@ -1,0 +1,371 @@
+"""The optional fast paths (issue 16) on the CPU: the scan's dispatch (star_elastic/kernels.py) and
+the chunked distillation loss (elastic/losses.py: `kd_loss` on `HeadInput`s, `head_input`).
+
+The Triton kernel itself needs a GPU: benchmarks/bench_kernels.py checks it against the einsum
+scan there. Here: the dispatch picks the einsum scan on the CPU, when disabled and when the kernel
+cannot be imported; the adapter passes the kernel ssd_scan's arguments (through a stand-in with the
+kernel's signature); the model's Mamba layers, masked or not, with a cache or not, go through it.
+"""
+
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from star_elastic import kernels
+from star_elastic.elastic.losses import (CHUNK_ELEMENTS, HeadInput, LossWeights, head_input, kd_loss, next_token_ce,
+                                         task_loss)
+from star_elastic.elastic.spec import ElasticSpec, masked
+from star_elastic.model import Model, ModelConfig, ssd_scan
+
+CFG = ModelConfig(vocab_size=97, hidden_size=32, layer_types="M*ME", num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=8, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=2, chunk_size=8,
+                  n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                  moe_shared_expert_intermediate_size=16, intermediate_size=32)
+
+
+def scan_inputs(b=2, t=13, h=4, p=3, g=2, n=5, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, t, h, p, generator=gen).to(dtype)
+    dt = F.softplus(torch.randn(b, t, h, generator=gen))
+    A = -torch.rand(h, generator=gen) - 0.1
+    B = torch.randn(b, t, g, n, generator=gen).to(dtype)
+    C = torch.randn(b, t, g, n, generator=gen).to(dtype)
+    return x, dt, A, B, C
+
+
+class StandIn:
+    """A stand-in for mamba_chunk_scan_combined: its signature, ssd_scan's arithmetic, and a record
+    of how it was called."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
+                 cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False,
+                 return_varlen_states=False):
+        self.calls.append(dict(shape=tuple(x.shape), chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
+                               dt_softplus=dt_softplus, dt_limit=dt_limit, initial=initial_states,
+                               return_final_states=return_final_states))
+        y, final = ssd_scan(x, dt, A, B, C, chunk_size, initial_states)
+        return y.to(x.dtype), final  # the kernel returns y in x's dtype
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """The kernel 'imports' (as the stand-in); the environment switches it on and does not disable it."""
+    fake = StandIn()
+    monkeypatch.setattr(kernels, "_load", lambda: (fake, None))
+    monkeypatch.delenv(kernels.ENV_DISABLE, raising=False)
+    monkeypatch.setenv(kernels.ENV_ENABLE, "1")
+    return fake
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+def test_cpu_takes_the_einsum_scan_even_when_the_kernel_imports(stand_in):
+    x, dt, A, B, C = scan_inputs()
+    assert kernels.triton_enabled() and not kernels.uses_triton(x)
+    y, final = kernels.chunk_scan(x, dt, A, B, C, 8, fallback=ssd_scan)
+    ref_y, ref_final = ssd_scan(x, dt, A, B, C, 8)
+    assert torch.equal(y, ref_y) and torch.equal(final, ref_final) and not stand_in.calls
+
+
+@pytest.mark.parametrize("value, enabled", [("1", False), ("true", False), ("0", True), ("", True)])
+def test_environment_variable_disables_the_kernel(stand_in, monkeypatch, value, enabled):
+    monkeypatch.setenv(kernels.ENV_DISABLE, value)
+    assert kernels.disabled() is not enabled and kernels.triton_enabled() is enabled
+
+
+def test_the_kernel_is_off_unless_switched_on(stand_in, monkeypatch):
+    """Until it has run against the einsum scan on a GPU, the Triton scan is opt-in."""
+    assert not kernels.ON_BY_DEFAULT
+    monkeypatch.delenv(kernels.ENV_ENABLE)
+    assert kernels.disabled() and not kernels.triton_enabled()
+    monkeypatch.setenv(kernels.ENV_ENABLE, "1")
+    assert kernels.triton_enabled()
+
+
+def test_cuda_tensors_would_take_the_kernel_unless_disabled(stand_in, monkeypatch):
+    """`uses_triton` on a tensor that reports CUDA (the check reads only is_cuda and dtype)."""
+
+    class Cuda:
+        is_cuda, dtype = True, torch.bfloat16
+
+    assert kernels.uses_triton(Cuda())
+    for dtype in (torch.float32, torch.float64):  # full precision keeps the einsum scan (no TF32 rounding)
+        Cuda.dtype = dtype
+        assert not kernels.uses_triton(Cuda())
+    Cuda.dtype = torch.float16
+    assert kernels.uses_triton(Cuda())
+    monkeypatch.setenv(kernels.ENV_DISABLE, "1")
+    assert not kernels.uses_triton(Cuda())
+
+
+def test_no_kernel_nothing_breaks(monkeypatch):
+    """mamba_ssm not importable: the reason is kept, the model runs on the einsum scan, and asking
+    for the Triton scan directly says why it cannot."""
+    kernels._load.cache_clear()
+    monkeypatch.setitem(sys.modules, "mamba_ssm", None)  # `import mamba_ssm...` raises ImportError
+    try:
+        assert kernels.kernel() is None and "mamba_ssm" in kernels.unavailable_reason()
+        assert not kernels.triton_enabled()
+        x, dt, A, B, C = scan_inputs()
+        y, _ = kernels.chunk_scan(x, dt, A, B, C, 8, fallback=ssd_scan)
+        assert torch.equal(y, ssd_scan(x, dt, A, B, C, 8)[0])
+        torch.manual_seed(0)
+        model = Model(CFG)
+        assert torch.isfinite(model(torch.randint(0, CFG.vocab_size, (2, 11)))).all()
+        with pytest.raises(RuntimeError, match="not available"):
+            kernels.triton_scan(x, dt, A, B, C, 8)
+    finally:
+        kernels._load.cache_clear()
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_triton_adapter_passes_ssd_scan_arguments(with_state):
+    """What the kernel is given: dt as is (no softplus, bias or limit of its own), no D or z, the
+    initial state in fp32, final states asked for; y comes back in at least fp32 like ssd_scan's."""
+    fake = StandIn()
+    x, dt, A, B, C = scan_inputs(dtype=torch.bfloat16)
+    h0 = torch.randn(2, 4, 3, 5) if with_state else None
+    y, final = kernels.triton_scan(x, dt, A, B, C, 8, h0, scan=fake)
+    (call,) = fake.calls
+    assert call["D"] is None and call["z"] is None and call["dt_bias"] is None and not call["dt_softplus"]
+    assert call["dt_limit"] == (0.0, float("inf")) and call["return_final_states"] and call["chunk_size"] == 8
+    assert (call["initial"] is None) == (not with_state)
+    ref_y, ref_final = ssd_scan(x, dt, A, B, C, 8, h0)
+    assert y.dtype == torch.float32 and final.dtype == torch.float32
+    assert torch.allclose(y, ref_y.to(torch.bfloat16).float()) and torch.allclose(final, ref_final)
+
+
+def test_model_scans_go_through_the_dispatch_masked_or_not_cached_or_not(stand_in, monkeypatch):
+    """With the dispatch forced to the 'kernel' (the stand-in computes what ssd_scan does), every
+    Mamba layer's scan reaches it: plain, under masks (applied outside the scan, on its outputs)
+    and at prefill with a cache (initial state in, final state out); logits and gradients equal
+    the einsum path's, and masks change the output the same way on both paths."""
+    torch.manual_seed(0)
+    model = Model(CFG)
+    x = torch.randint(0, CFG.vocab_size, (2, 11))
+    spec = ElasticSpec(mamba_num_heads=2, mamba_head_dim=4, hidden_size=24)
+
+    def run(forced: bool):
+        monkeypatch.setattr(kernels, "uses_triton", lambda t: forced)
+        stand_in.calls.clear()
+        model.zero_grad()
+        full = model(x)
+        full.square().mean().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        with masked(model, spec.masks(CFG)):
+            part = model(x)
+        cache = model.make_cache(2, 16)
+        with torch.no_grad():
+            model(x[:, :7], cache=cache, pos=torch.arange(7))
+            step = model(x[:, 7:9], cache=cache, pos=torch.arange(7, 9))  # a second prefill, from the state
+        return full, grads, part, step, len(stand_in.calls)
+
+    fast, slow = run(True), run(False)
+    n_mamba = CFG.layer_types.count("M")
+    assert fast[4] == 4 * n_mamba and slow[4] == 0  # forward, masked, two prefills
+    assert torch.allclose(fast[0], slow[0], atol=1e-5) and torch.allclose(fast[2], slow[2], atol=1e-5)
+    assert not torch.allclose(fast[0], fast[2], atol=1e-3)  # the masks did something
+    assert torch.allclose(fast[3], slow[3], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast[1], slow[1]))
+
+
+# ----------------------------------------------------------------------------- chunked distillation
+
+def _head(seed, n_tokens=23, d=12, vocab=50, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, n_tokens, d, generator=g, dtype=dtype) * 2, torch.randn(vocab, d, generator=g, dtype=dtype)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 10, 45, 46, 1000])
+@pytest.mark.parametrize("teacher_kind", ["logits", "head"])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_chunked_kd_equals_whole_kd(chunk, teacher_kind, with_mask):
+    """46 tokens in chunks that divide it and that do not: the fused head (student HeadInput) and
+    the checkpointed logits path give the unchunked loss and its gradients (hidden, head weight)."""
+    h, W = _head(0)
+    ht, Wt = _head(1)
+    mask = (torch.arange(46).reshape(2, 23) % 3 != 0) if with_mask else None
+    ref_h, ref_W = h.clone().requires_grad_(), W.clone().requires_grad_()
+    ref = kd_loss(ref_h @ ref_W.T, ht @ Wt.T, mask)
+    ref.backward()
+    teacher = ht @ Wt.T if teacher_kind == "logits" else HeadInput(ht, Wt)
+    # fused: student as hidden + weight
+    a_h, a_W = h.clone().requires_grad_(), W.clone().requires_grad_()
+    fused = kd_loss(HeadInput(a_h, a_W), teacher, mask, chunk_tokens=chunk)
+    fused.backward()
+    # checkpointed: student as logits
+    b_h, b_W = h.clone().requires_grad_(), W.clone().requires_grad_()
+    logits = b_h @ b_W.T
+    ckpt = kd_loss(logits, teacher, mask, chunk_tokens=chunk)
+    ckpt.backward()
+    for out, gh, gw in ((fused, a_h.grad, a_W.grad), (ckpt, b_h.grad, b_W.grad)):
+        assert out.item() == pytest.approx(ref.item(), rel=1e-6)  # fp32 softmaxes inside
+        assert torch.allclose(gh, ref_h.grad, rtol=1e-5, atol=1e-8)
+        assert torch.allclose(gw, ref_W.grad, rtol=1e-5, atol=1e-8)
+    with torch.no_grad():  # no gradient wanted: the same value
+        assert kd_loss(HeadInput(h, W), teacher, mask, chunk_tokens=chunk).item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_fused_kd_makes_no_tensor_of_the_whole_batch_logits():
+    """Every tensor any op makes, forward and backward, is at most one chunk of logits (or the
+    head's weight / its gradient): nothing of (tokens, vocab) for the whole batch."""
+    n, d, vocab, chunk = 64, 8, 300, 7
+    h, W = (t.float() for t in _head(2, n_tokens=n // 2, d=d, vocab=vocab))
+    ht, Wt = (t.float() for t in _head(3, n_tokens=n // 2, d=d, vocab=vocab))
+    h.requires_grad_(), W.requires_grad_()
+
+    class Largest(TorchDispatchMode):
+        biggest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    Largest.biggest = max(Largest.biggest, t.numel())
+            return out
+
+    with Largest():
+        loss = kd_loss(HeadInput(h, W), HeadInput(ht, Wt), chunk_tokens=chunk)
+        loss.backward()
+    assert Largest.biggest <= max(chunk * vocab, vocab * d) < n * vocab
+    assert h.grad is not None and W.grad is not None
+
+
+def test_default_chunk_keeps_small_vocabularies_whole_and_cuts_large_ones():
+    s, t = torch.randn(3, 5, 40), torch.randn(3, 5, 40)
+    assert CHUNK_ELEMENTS // 40 > 15  # one chunk: the computation is the unchunked one
+    assert torch.equal(kd_loss(s, t), kd_loss(s, t, chunk_tokens=10 ** 9))
+    assert CHUNK_ELEMENTS // 131072 == 1024  # Nemotron's 131k vocabulary: 1024 tokens a chunk
+
+
+def test_head_input_is_the_model_up_to_its_head():
+    """head_input: the hidden states the LM head would take (masks applied), its weight; the head
+    is back afterwards; KD on head inputs gives the model's parameters the gradients that KD on
+    its logits gives them."""
+    torch.manual_seed(0)
+    student, teacher = Model(CFG), Model(CFG)
+    x = torch.randint(0, CFG.vocab_size, (2, 9))
+    with masked(student, ElasticSpec(hidden_size=24, mamba_num_heads=2).masks(CFG)):
+        hi = head_input(student, x)
+        assert torch.allclose(hi.logits(), student(x), atol=1e-6)
+    assert "forward" not in vars(student.lm_head) and student(x).shape == (2, 9, CFG.vocab_size)
+    assert hi.weight is student.lm_head.weight and hi.dtype is None
+    with torch.no_grad():
+        t_logits, t_head = teacher(x), head_input(teacher, x)
+    ref = kd_loss(student(x), t_logits)
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad()
+    loss = kd_loss(head_input(student, x), t_head, chunk_tokens=5)
+    loss.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    for n, p in student.named_parameters():
+        if n in ref_grads:
+            assert torch.allclose(p.grad, ref_grads[n], rtol=1e-4, atol=1e-7), n
+
+
+def test_head_input_records_autocast_dtype():
+    torch.manual_seed(0)
+    model = Model(CFG)
+    x = torch.randint(0, CFG.vocab_size, (1, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hi = head_input(model, x)
+        logits = model(x)
+    assert hi.dtype == torch.bfloat16 and hi.weight.dtype == torch.float32
+    assert torch.equal(hi.logits(), logits)  # the head's matmul in bf16, as autocast ran it
+
+
+def test_ce_and_task_loss_take_head_inputs():
+    h, W = _head(4)
+    ids = torch.randint(0, 50, (2, 23))
+    ids[0, 5] = -100  # ignored
+    a_h, a_W = h.clone().requires_grad_(), W.clone().requires_grad_()
+    ref = next_token_ce(a_h @ a_W.T, ids)
+    ref.backward()
+    b_h, b_W = h.clone().requires_grad_(), W.clone().requires_grad_()
+    out = next_token_ce(HeadInput(b_h, b_W), ids, chunk_tokens=6)
+    out.backward()
+    assert out.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert torch.allclose(b_h.grad, a_h.grad, rtol=1e-5, atol=1e-9) and torch.allclose(b_W.grad, a_W.grad, rtol=1e-5)
+    ht, Wt = _head(5)
+    both = task_loss(HeadInput(h, W), HeadInput(ht, Wt), ids, LossWeights(kd=1.0, ce=0.5), chunk_tokens=4)
+    plain = task_loss(h @ W.T, ht @ Wt.T, ids, LossWeights(kd=1.0, ce=0.5))
+    assert set(both) == {"kd", "ce", "total"}
+    assert all(both[k].item() == pytest.approx(plain[k].item(), rel=1e-6) for k in both)
+    with pytest.raises(ValueError, match="vocabulary"):
+        kd_loss(HeadInput(h, W), torch.randn(2, 23, 49))
+
+
+# ----------------------------------------------------------------------------- head inputs under FSDP2
+
+def _fsdp_worker(rank, world, port, out):
+    import os
+
+    import torch.distributed as dist
+
+    from star_elastic import parallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        whole, whole_teacher = Model(CFG), Model(CFG)
+        x = torch.randint(0, CFG.vocab_size, (4, 16), generator=torch.Generator().manual_seed(1))
+        ref = kd_loss(whole(x), whole_teacher(x).detach())
+        ref.backward()
+        student, teacher = (parallel.shard_model(Model(CFG), mixed_precision=False) for _ in range(2))
+        parallel.load_full_state_dict(student, whole.state_dict())
+        parallel.load_full_state_dict(teacher, whole_teacher.state_dict())
+        teacher.requires_grad_(False)
+        mine = x[rank * 2:(rank + 1) * 2]
+        refused = False
+        try:  # the root resharded after its forward: the head's weight is a shard again
+            head_input(student, mine)
+        except RuntimeError as e:
+            refused = "set_reshard_after_forward" in str(e)
+        for m in (student, teacher):
+            m.set_reshard_after_forward(False, recurse=False)
+        student.zero_grad()
+        with torch.no_grad():
+            t = head_input(teacher, mine)
+        loss = kd_loss(head_input(student, mine), t, chunk_tokens=5)
+        loss.backward()
+        grads = {n: parallel.full_tensor(p.grad) for n, p in student.named_parameters() if p.grad is not None}
+        mean = torch.tensor([loss.item()])
+        dist.all_reduce(mean)
+        if rank == 0:
+            worst = max(float((grads[n] - p.grad).norm() / p.grad.norm()) for n, p in whole.named_parameters())
+            torch.save({"refused": refused, "loss": mean.item() / world, "ref": ref.item(), "worst": worst,
+                        "same_keys": set(grads) == {n for n, _ in whole.named_parameters()}}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_head_inputs_under_fsdp2_equal_one_process(tmp_path):
+    """2 gloo ranks, student and teacher sharded (FSDP2) with their roots kept unsharded until the
+    backward: the chunked KD on head inputs gives the whole model's loss and every parameter's
+    gradient (the head's weight's reduce-scattered like the rest). Without that setting
+    `head_input` refuses with the fix in its message."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from star_elastic import parallel
+
+    if not parallel.available():
+        pytest.skip("this torch has no FSDP2")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "fsdp.pt"
+    mp.spawn(_fsdp_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    got = torch.load(out)
+    assert got["refused"] and got["same_keys"]
+    assert got["loss"] == pytest.approx(got["ref"], rel=1e-5) and got["worst"] < 1e-5
