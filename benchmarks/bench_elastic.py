@@ -113,6 +113,9 @@ def parse_args(argv=None):
                     help="how distillation reaches the router (TrainConfig.router_estimator)")
     ap.add_argument("--router-freeze", type=float, default=0.0,
                     help="the last share of the steps trains each budget's in-band argmax, the router fixed")
+    ap.add_argument("--freeze-select", type=int, default=8,
+                    help="with --router-freeze: router draws among which each budget's frozen architecture is "
+                         "chosen by measured KD (0: the router's argmax)")
     ap.add_argument("--small-weights", default="0.2,0.4,0.4", help="stage-2 budget weights of elastic_small")
     ap.add_argument("--no-minitron", action="store_true", help="skip (c) (e.g. when another GPU runs it: --merge)")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
@@ -375,6 +378,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                        router_lr=args.router_lr, warmup_steps=max(1, steps // 20), seed=args.seed,
                        full_anchor=args.full_anchor if variant == "elastic_anchor" else 0.0,
                        router_estimator=args.router_estimator, router_freeze_fraction=args.router_freeze,
+                       freeze_select=args.freeze_select,
                        stage2_weights=[float(w) for w in args.small_weights.split(",")] if variant == "elastic_small"
                        else None)
     tmp = tempfile.TemporaryDirectory(prefix="bench_elastic_")  # metrics.jsonl of ElasticTrainer.run
@@ -425,6 +429,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
     methods[variant] = {"tokens": steps * tokens_per_step, "steps": steps, "train_seconds": round(train_s, 1),
                         "eval_seconds": round(clock(device) - t, 1), "full_anchor": tcfg.full_anchor,
                         "tokens_per_s": round(steps * tokens_per_step / train_s), "peak_gpu_gib": peak,
+                        "selection": trainer.selection,
                         "log": [{k: v for k, v in lg.items() if k != "eval"} for lg in logs[::max(1, steps // 60)]]}
     tmp.cleanup()
     return final
@@ -551,6 +556,13 @@ def merge(files: list[str], out: str | None) -> dict:
     """One result from runs of the same parts on several GPUs: the first file's, plus every row and
     method the others add (rows shared by all, the parent and (a), are the same runs)."""
     data = [json.loads(Path(f).read_text()) for f in files]
+    # the seed draws the train / held-out split: rows of different seeds score different text, and
+    # ratios across them mean nothing (a merge of a seed-1 run with seed-0 baselines once reported
+    # a +11.9% drift that was the split, not the model)
+    for key in ("seed", "smoke"):
+        values = {f: d.get(key) for f, d in zip(files, data)}
+        if len(set(values.values())) > 1:
+            raise SystemExit(f"cannot merge runs with different {key}s: {values}")
     res = data[0]
     for other in data[1:]:
         for name in ("A", "B"):

@@ -194,6 +194,8 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
                 "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}}
     training["ranks"] = ranks
     training["parallel"] = parallel
+    if trainer.selection:  # the architectures chosen at the router freeze, by measured KD
+        training["freeze_selection"] = trainer.selection
     if rank == 0:
         save_elastic(model, router, budgets, out, tokenizer, extra={"training": training, "evaluation": evaluation},
                      scores=permuted_scores(scores, perms), specs=specs, projections=projections)

@@ -7,8 +7,8 @@ steps run the unmasked student. A smaller budget's architecture is drawn by the 
 for the ablation without one), and the student runs masked to it; the router learns which draws
 distil better from a score-function term against its argmax architecture on the same batch (one
 extra forward without gradient, skipped when the draw is the argmax). With `full_anchor` the full
-model is also distilled on the same batch. The model code knows nothing of this: masks go in through
-`Model.set_masks`.
+model is also distilled on the same batch. The model code knows nothing of this: masks are applied
+from outside it (`masked`, elastic/masking.py).
 
 Distribution is applied from outside, torchrun style: under `torch.distributed` every rank draws
 the same global batch order and takes its own slice of it, all ranks sample the same budget and
@@ -39,7 +39,7 @@ from .data import TokenBatches
 from .elastic.cost import Arch, Budget, CostModel
 from .elastic.losses import (LossWeights, advantage, budget_loss, drawn_cost, full_choice_loss, kd_loss,
                              score_function_loss, task_loss)
-from .elastic.router import Router, entropy, entropy_floor_loss, project_budgets
+from .elastic.router import Projection, Router, entropy, entropy_floor_loss, nested_in_band, project_budgets
 from .elastic.spec import ElasticSpec, masked
 from .errors import StarElasticError
 from .evaluate import perplexity
@@ -66,6 +66,9 @@ class TrainConfig:
     router_quality: float = 1.0  # weight of the router's score-function (quality) term
     router_freeze_fraction: float = 0.0  # the last share of the steps trains each budget's in-band argmax,
     #                                      no draws, no router updates (the exported architecture trains last)
+    freeze_select: int = 8  # at the freeze, the router's draws (besides its argmax and the warm start) among
+    #                         which each budget's architecture is chosen by measured KD; 0: the argmax
+    freeze_select_batches: int = 4  # training batches that score them
     draw_in_band: bool = True  # redraw (up to 32 times) until the drawn architecture is in its budget's band
     router_band_penalty: float = 10.0  # in that term's advantage, per unit of relative cost outside the band:
     #                                    a draw that distils better only by leaving the band is not rewarded
@@ -191,6 +194,7 @@ class ElasticTrainer:
         if not 0 <= cfg.stage1_fraction <= 1:
             raise StarElasticError(f"stage-1 fraction must be in [0, 1], got {cfg.stage1_fraction}")
         self.full = next((i for i, b in enumerate(budgets) if b.is_full), None)
+        self.selection: list[dict] = []  # what `select_architectures` measured (candidate 0: the argmax)
         if cfg.full_anchor and (self.full is None or len(budgets) < 2):
             raise StarElasticError("the full anchor needs the full budget (1.0) and at least one smaller budget")
 
@@ -337,16 +341,90 @@ class ElasticTrainer:
     def router_frozen(self) -> bool:
         """In the last `router_freeze_fraction` of the steps the router no longer moves."""
         f = self.cfg.router_freeze_fraction
-        return self.router is not None and f > 0 and self.step >= round(self.cfg.steps * (1 - f))
+        return self.router is not None and f > 0 and self.step >= self.freeze_start
 
     def _frozen_specs(self) -> list[ElasticSpec]:
         """Each budget's architecture once the router is frozen: its argmax, projected into the band
-        and nested as after training (so the architecture trained last is the one exported)."""
+        and nested as after training (so the architecture trained last is the one exported). At the
+        first frozen step the architectures are chosen by measured distillation first
+        (`select_architectures`) and the router is committed to them; a run resumed later in the
+        frozen phase reads them back from the committed router."""
         if getattr(self, "_frozen", None) is None:
+            if self.cfg.freeze_select and self.step == self.freeze_start:
+                self._fit_router_to(self.select_architectures(), torch.optim.Adam(self.router.parameters(),
+                                                                                   lr=self.cfg.router_lr))
             self.router.eval()
             self._frozen = [ElasticSpec() if b.is_full else self.router.spec_of(p.choice)
                             for b, p in zip(self.budgets, project_budgets(self.router, self.budgets, self.cost))]
         return self._frozen
+
+    @property
+    def freeze_start(self) -> int:
+        return round(self.cfg.steps * (1 - self.cfg.router_freeze_fraction))
+
+    @torch.no_grad()
+    def select_architectures(self) -> list[Projection]:
+        """Per budget, largest first, the in-band architecture nested in the larger budget's that
+        distils best now, among the router's argmax, the warm-start architecture and
+        `cfg.freeze_select` in-band draws (each projected into its band and nested). Scored by the KD
+        against the teacher on the first `freeze_select_batches` training batches (fixed rows, the
+        same on every rank). Why: the router's argmax can switch late in training (measured on
+        SmolLM2: the worst runs switched after 70% of the steps) and a late argmax is exported after
+        few steps on it; the KD of the shared weights as they are is a direct measure."""
+        self.model.eval()
+        per_step = self.cfg.batch_size * self.cfg.seq_len // self.row_len
+        rows = self.batches.rows[:per_step * self.cfg.freeze_select_batches, :self.row_len]
+        mine = rows.reshape(self.cfg.freeze_select_batches, self.world, -1, self.row_len)[:, self.rank]
+        mine = mine.reshape(self.cfg.freeze_select_batches, -1, self.cfg.seq_len)
+        with self._ctx():
+            teacher = [self.teacher(x.to(self.device)) for x in mine]
+
+        def score(choice) -> float:
+            masks = {k: v.to(self.device) for k, v in self.router.hard_masks(choice).items()}
+            total = torch.zeros((), dtype=torch.float64, device=self.device)
+            with masked(self.model, masks), self._ctx():
+                for x, t in zip(mine, teacher):
+                    total += kd_loss(self.model(x.to(self.device)), t).double()
+            if self.world > 1:
+                dist.all_reduce(total)
+            return float(total)
+
+        order = sorted(range(len(self.budgets)), key=lambda i: -self.budgets[i].fraction)
+        chosen: list[Projection | None] = [None] * len(self.budgets)
+        upper = self.router.full_choice()
+        progress = float(self.router.progress)
+        for i in order:
+            b = self.budgets[i]
+            if b.is_full:
+                cost = self.cost.cost(b.kind, self.router.arch_of(upper))
+                chosen[i] = Projection(upper, b.target, cost, cost, False)
+                continue
+            starts = [None]  # the argmax
+            if self.warm_start is not None and self.warm_start[i] is not None:
+                starts.append(self.router.choice_of(self.warm_start[i]))
+            self.router.train()  # draws at the starting (exploring) scale: the late one is near one-hot
+            self.router.set_progress(0.0)
+            starts += [self.router(i, mode="hard", generator=self.gumbel).choice for _ in range(self.cfg.freeze_select)]
+            self.router.set_progress(progress)
+            self.router.eval()
+            candidates = {}
+            for s in starts:
+                try:
+                    p = nested_in_band(self.router, self.budgets, i, s, upper, self.cost, self.cfg.loss.band)
+                except StarElasticError:
+                    continue  # no in-band architecture from this start
+                candidates.setdefault(tuple(sorted(p.choice.items())), p)
+            if not candidates:
+                raise StarElasticError(f"budget {b.name}: no in-band architecture nested in the larger budget's")
+            scores = [score(p.choice) for p in candidates.values()]
+            best = min(range(len(scores)), key=scores.__getitem__)
+            chosen[i] = list(candidates.values())[best]
+            self.selection.append({"step": self.step, "budget": b.name, "kd": [round(k, 5) for k in scores],
+                                   "chosen": best, "chosen_is_argmax": best == 0,
+                                   "cost_fraction": chosen[i].cost / b.full})
+            upper = chosen[i].choice
+        self.model.train()
+        return chosen
 
     def _router_loss(self, b: int, budget: Budget, decision, logs: dict) -> torch.Tensor | None:
         """The budget loss (or, for b = 1, the anchor) and the entropy floor of the router's choice
@@ -411,6 +489,8 @@ class ElasticTrainer:
         if self.router is not None and not self.router_frozen:
             self.router.set_progress(self.step / max(1, cfg.steps))
             self.router.train()
+        elif self.router is not None:
+            self._frozen_specs()  # fixed at the first frozen step, whichever budget it samples
         for group in self.opt.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(self.step, cfg)
         self.model.train()

@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from star_elastic.elastic.cost import parse_budget
+from star_elastic.elastic.masking import is_masked
 from star_elastic.elastic.spec import ElasticSpec
 from star_elastic.elastic.router import Router, RouterConfig
 from star_elastic.model import Model, ModelConfig
@@ -179,9 +180,7 @@ def _masks_seen(model):
     seen = []
 
     def hook(module, args):
-        seen.append(module.hidden_mask is not None or any(
-            getattr(m, a) is not None for m, a, _ in module.mask_targets().values())
-            or any(getattr(m, "out_mask", None) is not None for m in module.modules()))
+        seen.append(is_masked(module))
     model.register_forward_pre_hook(hook)
     return seen
 
@@ -367,7 +366,7 @@ def test_a_frozen_router_trains_the_architecture_it_exports(tmp_path):
     the projection exports) with no draw and no router update."""
     from star_elastic.elastic.router import project_budgets
 
-    t = trainer(tmp_path, steps=20, router_freeze_fraction=0.25)
+    t = trainer(tmp_path, steps=20, router_freeze_fraction=0.25, freeze_select=0)
     t.warm_up_router()
     logs = [t.train_step() for _ in range(15)]
     assert not any("router_frozen" in l for l in logs)
@@ -383,3 +382,48 @@ def test_a_frozen_router_trains_the_architecture_it_exports(tmp_path):
         b = [x.name for x in t.budgets].index(l["budget"])
         assert t._frozen_specs()[b] == exported[b]
         assert abs(l["cost_fraction"] / l["target_fraction"] - 1) <= 0.05
+    assert t.selection == []  # freeze_select=0: the argmax, nothing measured
+
+
+def test_the_freeze_keeps_the_architecture_that_distils_best(tmp_path):
+    """At the first frozen step each smaller budget's architecture is chosen among the argmax and
+    in-band draws by the KD measured on fixed training batches; the router is committed to it, so the
+    export is that architecture, nested and in band; the router then stays still."""
+    from star_elastic.elastic.losses import kd_loss
+    from star_elastic.elastic.router import project_budgets
+    from star_elastic.elastic.spec import masked
+
+    t = trainer(tmp_path, steps=20, router_freeze_fraction=0.25, freeze_select=6, freeze_select_batches=2)
+    with torch.no_grad():  # a student away from its teacher, so architectures differ in KD
+        for p in t.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    t.warm_up_router()
+    for _ in range(15):
+        t.train_step()
+    # what the selection measures, measured here by hand: the KD of each candidate on the first two
+    # training batches (2 x 4 rows of 16 tokens; the rows are stage 2's 32 long)
+    batches = t.batches.rows[:4, :32].reshape(2, 4, 16)
+
+    def kd_of(spec):
+        with torch.no_grad(), masked(t.model, spec.masks(t.model.config)):
+            return sum(float(kd_loss(t.model(x), t.teacher(x))) for x in batches)
+
+    chosen = t.select_architectures()
+    assert [s["budget"] for s in t.selection] == ["0.75", "0.5"]  # largest first
+    assert any(len(s["kd"]) > 1 for s in t.selection)  # there was a choice to make
+    for s, i in zip(t.selection, (1, 2)):
+        assert s["kd"][s["chosen"]] == min(s["kd"]) and s["chosen_is_argmax"] == (s["chosen"] == 0)
+        assert kd_of(t.router.spec_of(chosen[i].choice)) == pytest.approx(min(s["kd"]), rel=1e-4)
+        assert abs(chosen[i].ratio - 1) <= 0.05
+    assert all(chosen[2].choice[n] <= chosen[1].choice[n] for n in chosen[1].choice)  # 0.5 nested in 0.75
+    t.selection.clear()
+    t.train_step()  # the first frozen step selects (whatever budget it samples) and commits the router
+    assert [s["budget"] for s in t.selection] == ["0.75", "0.5"]
+    committed = {k: v.clone() for k, v in t.router.state_dict().items()}
+    for _ in range(4):
+        t.train_step()
+    assert all(torch.equal(committed[k], v) for k, v in t.router.state_dict().items())
+    t.router.eval()
+    proj = project_budgets(t.router, t.budgets, t.cost)
+    assert not any(p.projected for p in proj)  # the export is the committed choice, unprojected
+    assert [t.router.spec_of(p.choice) for p in proj] == t._frozen_specs()

@@ -4,7 +4,7 @@ Per elastic axis, a small MLP maps the budget (a one-hot over the trained budget
 two trained ones blends their one-hots) to logits over that axis' discrete choices: one set for the
 whole model (homogeneous) or one per layer (heterogeneous). Choice c keeps the prefix of the top-c
 units of the importance-sorted parent (per group for attention and Mamba heads and routed experts),
-so every choice is a mask `Model.set_masks` takes and a size `ElasticSpec` can hold.
+so every choice is a mask `masking.masked` takes and a size `ElasticSpec` can hold.
 
 Training draws a choice per slot from p = softmax(logits x scale), the scale ramped 1 -> 10 over
 training progress (Gumbel-max; soft mode keeps the Gumbel-softmax relaxation, temperature annealed
@@ -105,7 +105,7 @@ class _Slot:
 
 @dataclass
 class RouterOutput:
-    """One router decision. `masks` for `Model.set_masks`; `arch` expected sizes for the cost model;
+    """One router decision. `masks` for `masking.masked`; `arch` expected sizes for the cost model;
     per slot (an axis, or an axis of one layer): `probs` (the choice distribution), `sample` (the
     Gumbel-softmax relaxation the masks are built from) and the `choice` taken."""
 
@@ -548,12 +548,22 @@ def project_budgets(router: Router, budgets: list[Budget], costs: CostModel | No
                 out[i] = Projection(c, b.target, cost, cost, False)
                 upper = c
                 continue
-            logq, argmax = _inference_choices(router, i)
-            first = start[i] if start is not None and start[i] is not None else argmax
-            out[i] = _best_in_band(router, costs, b, logq, argmax, {n: min(k, upper[n]) for n, k in first.items()},
-                                   upper, band, max_states)
+            out[i] = nested_in_band(router, budgets, i, start[i] if start is not None else None, upper, costs, band,
+                                    max_states)
             upper = out[i].choice
     return out
+
+
+def nested_in_band(router: Router, budgets: list[Budget], i: int, start: dict | None, upper: dict[str, int],
+                   costs: CostModel, band: float = BAND, max_states: int = 50_000) -> Projection:
+    """Budget i's architecture from `start` (None: the router's argmax), clamped slot by slot to
+    `upper` (the next larger budget's choice) and, if outside the band, moved to the nearest in-band
+    architecture the router prefers (see `project_budgets`)."""
+    with torch.no_grad():
+        logq, argmax = _inference_choices(router, i)
+    first = start if start is not None else argmax
+    return _best_in_band(router, costs, budgets[i], logq, argmax, {n: min(k, upper[n]) for n, k in first.items()},
+                         upper, band, max_states)
 
 
 def interpolate_budget(router: Router, budget: Budget, trained: list[tuple[Budget, ElasticSpec]],
