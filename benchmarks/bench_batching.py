@@ -17,12 +17,9 @@ sequential ones.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -30,36 +27,28 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 from bench_serve import build_checkpoint  # noqa: E402
 from star_elastic.elastic.checkpoint import load_elastic  # noqa: E402
 from star_elastic.generate import generate  # noqa: E402
 from star_elastic.serve.batching import BatchedEngine  # noqa: E402
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def batched_run(engine: BatchedEngine, budget_prompts: list[tuple[str, torch.Tensor]], new_tokens: int):
     """Seconds until every request ends, and the tokens of each."""
-    sync(engine.device)
-    t0 = time.perf_counter()
+    t0 = common.clock(engine.device)
     reqs = [engine.submit(b, p, new_tokens, ignore_eos=True) for b, p in budget_prompts]
     out = [r.wait()[0] for r in reqs]
-    sync(engine.device)
-    return time.perf_counter() - t0, out
+    return common.clock(engine.device) - t0, out
 
 
 def sequential_run(engine: BatchedEngine, budget_prompts: list[tuple[str, torch.Tensor]], new_tokens: int):
-    sync(engine.device)
-    t0 = time.perf_counter()
+    t0 = common.clock(engine.device)
     out = []
     for b, p in budget_prompts:
         ids = p.to(engine.device)
         out.append(generate(engine.view(b), ids, new_tokens)[0, ids.shape[1]:].tolist())
-    sync(engine.device)
-    return time.perf_counter() - t0, out
+    return common.clock(engine.device) - t0, out
 
 
 def main():
@@ -147,12 +136,12 @@ def main():
     for eng in engines.values():
         eng.close()
     result = {"benchmark": "bench_batching", "command": " ".join(["python"] + sys.argv),
-              "machine": platform.processor() or platform.machine(), "device": str(device), "dtype": str(dtype),
+              "machine": common.machine(device), "device": str(device), "dtype": str(dtype),
               "threads": torch.get_num_threads(), "model": args.model if not args.ckpt else args.ckpt,
               "params": ckpt.model.num_parameters(), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "reps": args.reps, "rows": rows, "mixed": mixed}
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        common.write_json(args.out, result, indent=1)
         print(f"wrote {args.out}")
     return result
 

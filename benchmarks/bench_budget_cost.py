@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
+import common
 from star_elastic.elastic.cost import CostModel, parse_budget
 from star_elastic.elastic.router import Router, RouterConfig
 from star_elastic.model import Model, ModelConfig
+from star_elastic.train import ElasticTrainer, TrainConfig
 
 # a toy hybrid with every block type (the shape of tests/test_train.py's)
 CFG = ModelConfig(vocab_size=64, hidden_size=32, layer_types="M*EM-", num_attention_heads=4, num_key_value_heads=2,
@@ -27,7 +27,6 @@ CFG = ModelConfig(vocab_size=64, hidden_size=32, layer_types="M*EM-", num_attent
                   n_groups=2, chunk_size=8, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
                   moe_shared_expert_intermediate_size=16)
 BUDGETS = ["1.0", "0.75", "0.5"]
-from star_elastic.train import ElasticTrainer, TrainConfig
 
 
 def run(judge: str, seed: int, steps: int, out: str) -> list[float]:
@@ -63,8 +62,8 @@ def main():
                 rows.append({"budget_cost": judge, "seed": seed, "cost_over_target": dict(zip(BUDGETS, ratios))})
                 print(judge, seed, " ".join(f"{b}: {r:.3f}" for b, r in zip(BUDGETS, ratios)), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"benchmark": "bench_budget_cost", "date": time.strftime("%Y-%m-%d"),
-                                               "machine": "CPU", "steps": args.steps, "rows": rows}, indent=2) + "\n")
+        common.write_json(args.json, {"benchmark": "bench_budget_cost", "date": time.strftime("%Y-%m-%d"),
+                                      "machine": common.machine(torch.device("cpu")), "steps": args.steps, "rows": rows})
 
 
 if __name__ == "__main__":

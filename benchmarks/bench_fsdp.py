@@ -24,6 +24,7 @@ import tempfile
 import torch
 import torch.distributed as dist
 
+import common
 from star_elastic import parallel
 from star_elastic.elastic.cost import parse_budget
 from star_elastic.elastic.router import Router, RouterConfig
@@ -142,8 +143,7 @@ def main():
         NANO = CHECK
     elif device.type != "cuda" or ranks < 2:
         raise SystemExit("run under torchrun with 2+ GPUs: torchrun --nproc_per_node 2 benchmarks/bench_fsdp.py")
-    out = {"ranks": ranks, "torch": torch.__version__,
-           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    out = {"ranks": ranks, "torch": torch.__version__, "gpu": common.machine(device)}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = [tmp]
         dist.broadcast_object_list(tmp, src=0)  # one folder for every rank's checkpoint files
@@ -158,8 +158,7 @@ def main():
             if rank == 0:
                 print(json.dumps({part: out[part]}, indent=1), flush=True)
                 if args.json:
-                    with open(args.json, "w") as f:
-                        json.dump(out, f, indent=1)
+                    common.write_json(args.json, out, indent=1)
     dist.destroy_process_group()
 
 

@@ -10,11 +10,11 @@ ramped 1 -> 10."""
 from __future__ import annotations
 
 import argparse
-import json
 from types import SimpleNamespace
 
 import torch
 
+import common
 from star_elastic.elastic.cost import CostModel, parse_budget
 from star_elastic.elastic.losses import budget_loss, drawn_cost
 from star_elastic.elastic.router import Router, RouterConfig, entropy_floor_loss
@@ -71,8 +71,7 @@ def main(argv=None):
         r.train()
     report("cost only", r)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"benchmark": "bench_router_cost_only", "steps": args.steps, "results": out}, f, indent=2)
+        common.write_json(args.json, {"benchmark": "bench_router_cost_only", "steps": args.steps, "results": out})
 
 
 if __name__ == "__main__":

@@ -25,12 +25,9 @@ Views run over the parent in the engine's serving head order (serve/views.py) wh
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -38,6 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import common  # noqa: E402
 from star_elastic import load  # noqa: E402
 from star_elastic.elastic import slice_model  # noqa: E402
 from star_elastic.elastic.checkpoint import budget_names, load_elastic, save_elastic  # noqa: E402
@@ -84,19 +82,6 @@ def build_checkpoint(kind: str, budgets: list[str], out: Path) -> Path:
     return save_elastic(model, router, parsed, out, tokenizer=tokenizer)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device) -> float:
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
-
-
 def side_by_side(fns: dict, reps: int, device) -> dict:
     """Median seconds of each fn, run interleaved (a, b, a, b, ...) after one warm-up each."""
     for fn in fns.values():
@@ -104,7 +89,7 @@ def side_by_side(fns: dict, reps: int, device) -> dict:
     times = {k: [] for k in fns}
     for _ in range(reps):
         for k, fn in fns.items():
-            times[k].append(timed(fn, device))
+            times[k].append(common.timed(fn, device))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -182,9 +167,9 @@ def main():
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or
                                                                   ("bfloat16" if device.type == "cuda" else "float32")]
     work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
-    t0 = time.perf_counter()
+    t0 = common.clock(device)
     ckpt_dir = Path(args.ckpt) if args.ckpt else build_checkpoint(args.model, args.budgets.split(","), work / "ckpt")
-    build_s = time.perf_counter() - t0
+    build_s = common.clock(device) - t0
     if device.type == "cuda":
         torch.cuda.empty_cache()
         base_mem = torch.cuda.memory_allocated()
@@ -204,7 +189,7 @@ def main():
     # 2. switch latency: a view is built once (then cached); the alternative loads the sliced budget from disk
     views, build_ms = {}, {}
     for n in names:
-        t = timed(lambda: views.__setitem__(n, budget_view(parent, specs[n])), device)
+        t = common.timed(lambda: views.__setitem__(n, budget_view(parent, specs[n])), device)
         build_ms[n] = t * 1e3
     # 3. memory: one parent + every view, against every budget loaded standalone
     if device.type == "cuda":
@@ -222,7 +207,7 @@ def main():
         export(sliced[n].cpu() if device.type == "cuda" else sliced[n], work / f"sliced-{n}")
         if device.type == "cuda":
             sliced[n] = sliced[n].to(device)
-        load_s[n] = timed(lambda: load(work / f"sliced-{n}", dtype=dtype, device=device), device)
+        load_s[n] = common.timed(lambda: load(work / f"sliced-{n}", dtype=dtype, device=device), device)
     if serving_order:
         use_serving_order(parent)
     print(f"memory: all {len(names)} budgets from one checkpoint {serving_bytes / 2**20:.1f} MiB, each loaded standalone "
@@ -283,7 +268,7 @@ def main():
     for r in mm:
         print(f"matmul {r['op']}, {r['tokens']} tokens: view {r['view_us']:.0f} us, contiguous {r['contiguous_us']:.0f} us "
               f"({r['ratio']:.2f}x)")
-    result = {"machine": {"device": str(device), "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+    result = {"machine": {"device": str(device), "name": common.machine(device),
                           "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": str(dtype)},
               "command": " ".join(sys.argv), "checkpoint": str(ckpt_dir), "model": args.model if not args.ckpt else None,
               "parent_params": parent.num_parameters(), "serving_order": serving_order,
@@ -295,8 +280,7 @@ def main():
                          "parent_bytes": storage_bytes(parent), "how": "cuda.memory_allocated" if device.type == "cuda" else "distinct tensor storages"},
               "think_answer": think, "matmul": mm}
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        common.write_json(args.out, result)
         print(f"wrote {args.out}")
     return result
 

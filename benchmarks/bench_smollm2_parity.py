@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import common
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -22,8 +24,7 @@ def main():
     res = compare(args.data, args.max_tokens, args.seq_len)
     print(json.dumps(res, indent=2))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+        common.write_json(args.json, res)
 
 
 def compare(data: str, max_tokens: int, seq_len: int) -> dict:

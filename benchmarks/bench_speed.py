@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import platform
-import time
 
 import torch
 import torch.nn.functional as F
 
+import common
 from star_elastic.generate import generate
 from star_elastic.hf import config_from_hf, load_weights
 from star_elastic.model import Model
@@ -45,25 +43,6 @@ def hf_config(tiny: bool):
 
 def _hf(c):
     return {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}[c]
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, warmup: int, iters: int) -> float:
-    """Median seconds per call after warm-up."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def logits_of(model, x, hf: bool):
@@ -95,7 +74,7 @@ def main():
     ours = load_weights(Model(config_from_hf(hc.to_dict())), {k: v.clone() for k, v in ref.state_dict().items()}, "ref")
     ours.to(device=device, dtype=dtype)
     n_params = ours.num_parameters()
-    card = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    card = common.machine(device)
     print(f"device {card}, dtype {dtype}, params {n_params / 1e6:.1f}M, batch {args.batch}x{args.seq}")
     res = {"date": datetime.date.today().isoformat(), "device": card, "dtype": str(dtype), "params": n_params,
            "config": hc.to_dict(), "batch": args.batch, "seq": args.seq, "torch": torch.__version__}
@@ -138,7 +117,7 @@ def main():
         variants["ours_compiled"] = (compiled, False)
     for name, (m, hf) in variants.items():
         with torch.no_grad():
-            s = timed(lambda: logits_of(m, x, hf), device, 2, args.iters)
+            s = common.timed(lambda: logits_of(m, x, hf), device, 2, args.iters)
         res[f"forward_tok_s_{name}"] = tokens / s
         print(f"forward  {name:14s} {tokens / s:10.0f} tok/s")
 
@@ -158,7 +137,7 @@ def main():
 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        s = timed(step, device, 2, args.iters)
+        s = common.timed(step, device, 2, args.iters)
         res[f"train_tok_s_{name}"] = tokens / s
         if device.type == "cuda":
             res[f"train_peak_gib_{name}"] = torch.cuda.max_memory_allocated() / 2**30
@@ -176,7 +155,7 @@ def main():
             ref_out = ref.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                    do_sample=False, pad_token_id=0)
 
-        s = timed(hf_gen, device, 1, 2)
+        s = common.timed(hf_gen, device, 1, 2)
         res["generate_tok_s_transformers"] = args.new_tokens / s
         our_out = None
 
@@ -184,10 +163,10 @@ def main():
             nonlocal our_out
             our_out = generate(ours, prompt, args.new_tokens)
 
-        s = timed(our_gen, device, 1, 3)
+        s = common.timed(our_gen, device, 1, 3)
         res["generate_tok_s_ours"] = args.new_tokens / s
         if not args.no_compile:
-            s = timed(lambda: generate(ours, prompt, args.new_tokens, compile=True), device, 1, 3)
+            s = common.timed(lambda: generate(ours, prompt, args.new_tokens, compile=True), device, 1, 3)
             res["generate_tok_s_ours_compiled"] = args.new_tokens / s
             print(f"generate ours_compiled {res['generate_tok_s_ours_compiled']:8.1f} tok/s")
     same = (ref_out[0, args.prompt:] == our_out[0, args.prompt:]).long()
@@ -202,8 +181,7 @@ def main():
     res["ratio_generate"] = max(v for k, v in res.items() if k.startswith("generate_tok_s_ours")) / res["generate_tok_s_transformers"]
     print("ratios (ours / transformers): " + ", ".join(f"{k[6:]} {v:.2f}x" for k, v in res.items() if k.startswith("ratio_")))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2, default=str)
+        common.write_json(args.json, res, default=str)
 
 
 if __name__ == "__main__":

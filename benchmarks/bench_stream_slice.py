@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+import common
 from star_elastic import hf
 from star_elastic.elastic import ElasticSpec, count_parameters
 from star_elastic.elastic.spec import applies
@@ -291,8 +292,7 @@ def main(argv=None):
         }
         print_table(report)
         if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+            common.write_json(args.json, report, indent=1)
         return report
     finally:
         if args.keep:

@@ -1,6 +1,6 @@
 """What every benchmark shares: the device set-up, the machine's name, a clock that waits for the
-GPU, and JSON written whole. Benchmarks import it as `common` (run from anywhere as
-`python benchmarks/NAME.py`: Python puts the script's folder on the path)."""
+GPU, a median timer on that clock, and JSON written whole. Benchmarks import it as `common` (run
+from anywhere as `python benchmarks/NAME.py`: Python puts the script's folder on the path)."""
 
 from __future__ import annotations
 
@@ -37,10 +37,24 @@ def clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def write_json(path, data: dict) -> None:
-    """`data` as indented JSON at `path` (folders made), written to a temporary file and renamed."""
+def timed(fn, device: torch.device, warmup: int = 0, iters: int = 1) -> float:
+    """Median seconds of one call of `fn` (the upper middle of an even count) after `warmup` untimed
+    calls, each call timed on `clock` (the GPU's queued work included)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = clock(device)
+        fn()
+        times.append(clock(device) - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def write_json(path, data: dict, indent: int = 2, default=None) -> None:
+    """`data` as indented JSON at `path` (folders made), written to a temporary file and renamed.
+    `default` is json.dumps's: what to write for values JSON has no type for (e.g. `str`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_text(json.dumps(data, indent=indent, default=default) + "\n")
     tmp.replace(path)

@@ -189,52 +189,44 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def eval_checkpoint_command(args) -> dict:
-    """`star-elastic eval CKPT`: every budget of an elastic checkpoint (see cli.cmd_eval)."""
+def evaluate_checkpoint(path, data: str, *, budgets: str | list[str] | None = None, compare=(),
+                        split: str = "heldout", seq_len: int = 1024, batch_size: int = 4,
+                        max_tokens: int | None = None, device=None, dtype=None, verify: bool = False) -> dict:
+    """`star-elastic eval CKPT` without the command line: every budget of the elastic checkpoint at
+    `path` (`budgets`: comma-separated names or a list, each checked against the manifest before the
+    weights load; None: all) and every plain checkpoint directory in `compare` (same vocabulary
+    needed), each against the unsliced parent on the `split` of `data` (a file or corpus name).
+    `dtype` None: as stored; `device` None: the CPU; `verify`: every file's sha256 first. Returns
+    the record the command prints (`format_table`) and writes: the settings, then
+    `evaluate_budgets`' `budgets` and `compare`."""
     from .elastic.checkpoint import load_elastic, read_manifest
     from .errors import StarElasticError
     from .hf import load
-    from .runtime import check_output, eval_tokens, pick_device, pick_dtype, write_json
+    from .runtime import eval_tokens
 
-    path = Path(args.model)
-    for out in (args.json, args.plot):  # refuse a directory as an output before any work
-        if out:
-            check_output(out, force=True, kind="file")
-    if args.plot and not str(args.plot).lower().endswith(".png"):
-        raise StarElasticError(f"--plot {args.plot}: give a .png file name")
-    names = select_budgets(read_manifest(path), args.budgets)
-    device = pick_device(args.device)
-    ckpt = load_elastic(path, dtype=pick_dtype(args.dtype, device), device=device, verify=args.verify)
+    path = Path(path)
+    if isinstance(budgets, (list, tuple)):
+        budgets = ",".join(str(b) for b in budgets)
+    names = select_budgets(read_manifest(path), budgets)
+    device = torch.device("cpu" if device is None else device)
+    ckpt = load_elastic(path, dtype=dtype, device=device, verify=verify)
     if ckpt.tokenizer is None:
         raise StarElasticError(f"{path}: no tokenizer files next to the weights")
-    compare = {}
-    for d in args.compare or []:
-        model = load(d, dtype=pick_dtype(args.dtype, device), device=device)
+    models = {}
+    for d in compare:
+        model = load(d, dtype=dtype, device=device)
         if model.config.vocab_size != ckpt.model.config.vocab_size:
             raise StarElasticError(f"--compare {d}: vocabulary of {model.config.vocab_size} tokens, the checkpoint "
                                    f"has {ckpt.model.config.vocab_size} (same tokenizer needed)")
-        compare[Path(d).resolve().name] = model
-    split = args.split or "heldout"
-    stream = eval_tokens(ckpt.tokenizer, args.data, split)
+        models[Path(d).resolve().name] = model
+    stream = eval_tokens(ckpt.tokenizer, data, split)
     t0 = time.perf_counter()
-    result = evaluate_budgets(ckpt, stream, names, compare, args.seq_len, args.batch_size, args.max_tokens)
-    result = {"checkpoint": str(path), "data": args.data, "split": split, "seq_len": args.seq_len,
-              "tokens": next(iter(result["budgets"].values()))["tokens"], "device": str(device),
-              "dtype": str(ckpt.model.lm_head.weight.dtype).removeprefix("torch."),
-              "reference": "the parent (full, unsliced)", "seconds": round(time.perf_counter() - t0, 2),
-              "memory_settings": ckpt.manifest.get("memory_settings"), **result}
-    print(f"{len(names)} budget(s) of {path} on {result['tokens']} tokens ({split} split of {args.data}, "
-          f"windows of {args.seq_len}); agreement and KL against the parent")
-    print(format_table(result))
-    if args.plot:  # before the JSON: a plotting error leaves neither behind
-        from .plots import quality_plot
-
-        quality_plot(result["budgets"], result["compare"], args.plot,
-                     title=f"{path.name}: {split} {args.data}, {result['tokens']} tokens")
-        print(f"wrote {args.plot}")
-    if args.json:
-        write_json(result, args.json)
-    return result
+    result = evaluate_budgets(ckpt, stream, names, models, seq_len, batch_size, max_tokens)
+    return {"checkpoint": str(path), "data": data, "split": split, "seq_len": seq_len,
+            "tokens": next(iter(result["budgets"].values()))["tokens"], "device": str(device),
+            "dtype": str(ckpt.model.lm_head.weight.dtype).removeprefix("torch."),
+            "reference": "the parent (full, unsliced)", "seconds": round(time.perf_counter() - t0, 2),
+            "memory_settings": ckpt.manifest.get("memory_settings"), **result}
 
 
 def transformers_parity(gguf, data: str = "wiki", max_tokens: int = 16384, seq_len: int = 512) -> dict:

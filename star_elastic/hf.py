@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from . import fp8
 from .errors import StarElasticError
 from .hf_files import (MAX_HEADER_BYTES, PICKLE_SUFFIXES, _weight_files, read_json, safetensors_header,  # noqa: F401
                        shard_groups, shard_names, write_index)
@@ -247,7 +248,11 @@ def read_config(path: Path) -> tuple[dict, ModelConfig]:
     if not config_file.exists():
         raise StarElasticError(f"{path}: not a model directory (no config.json)")
     raw = read_json(config_file)
+    if raw.get("model_type") == "nemotron-nas":  # DeciLM block_configs: read as our per-layer Llama (decilm.py)
+        from .decilm import as_star_elastic
+        raw = as_star_elastic(raw, str(config_file))
     cfg = config_from_hf(raw, str(config_file))
+    fp8.check_quantization(raw, str(config_file))  # unquantised or FP8; any other method: one line
     if isinstance(raw.get("star_elastic"), dict) and raw["star_elastic"].get("layer_sizes"):
         try:  # checked here so that a bad list fails as one line, not deep inside Model()
             cfg = replace(cfg, layer_sizes=raw["star_elastic"]["layer_sizes"])
@@ -259,8 +264,17 @@ def read_config(path: Path) -> tuple[dict, ModelConfig]:
 
 
 def load(path, dtype: torch.dtype | None = None, device=None) -> Model:
-    """Load a Hugging Face NemotronH / Llama checkpoint directory, or a GGUF file, as our Model."""
+    """Load a Hugging Face NemotronH / Llama checkpoint directory, or a GGUF file, as our Model.
+
+    FP8 checkpoints (fp8.py) are dequantised on load, into `dtype` (None: the checkpoint's unquantised
+    dtype, bfloat16). `dtype=torch.float8_e4m3fn`: the model holds its weights as stored (dequantised
+    if FP8) and is saved in FP8 (`save_pretrained`, `export`), as is an FP8 checkpoint loaded with no
+    dtype; a floating-point dtype saves in that dtype."""
     path = Path(path)
+    save_as = dtype
+    if fp8.is_fp8_dtype(dtype):  # FP8 is how it is saved, not what it computes in
+        fp8.fp8_dtype()
+        dtype = None
     if not path.exists():
         raise StarElasticError(f"{path}: no such file or directory")
     if path.is_file():
@@ -270,24 +284,26 @@ def load(path, dtype: torch.dtype | None = None, device=None) -> Model:
             raise StarElasticError(f"{path}: pickle files are never loaded; give a safetensors checkpoint directory")
         else:
             raise StarElasticError(f"{path}: expected a checkpoint directory (config.json + safetensors) or a .gguf file")
-    raw, cfg, tensors, model = _open(path, read_safetensors)
+    raw, cfg, tensors, model = _open(path, read_safetensors, dtype)
     model = load_weights(model, tensors, str(path))
     if model.inv_freq is not None:  # a non-persistent buffer: rebuild it off the meta device
         from .model import rope_frequencies
         model.inv_freq = rope_frequencies(cfg)
-    model.hf_config = raw
+    model.hf_config = fp8.saved_config(raw, save_as)
     model.source = str(path)
     if dtype is not None or device is not None:
         model.to(device=device, dtype=dtype)
     return model.eval()
 
 
-def _open(path: Path, read) -> tuple[dict, ModelConfig, dict, Model]:
+def _open(path: Path, read, dtype=None) -> tuple[dict, ModelConfig, dict, Model]:
     """(raw config, config, tensors in our layout, model on the meta device) of a checkpoint
-    directory, after the manifest checks; `read` takes the tensors' data or only their headers."""
+    directory, after the manifest checks; `read` takes the tensors' data or only their headers.
+    FP8 weights come dequantised (into `dtype`; None: the checkpoint's unquantised dtype)."""
     raw, cfg = read_config(path)
     check_elastic_manifest(path, cfg)
     tensors = read(_weight_files(path), skip=lambda n: n.startswith("mtp."))
+    tensors = fp8.dequantize_tensors(tensors, raw, str(path), dtype)
     if cfg.family == "nemotron_h":
         tensors = from_disk_layout(tensors, str(path))
     with torch.device("meta"):
@@ -326,8 +342,12 @@ def load_tokenizer(path):
     path = Path(path)
     if path.suffix == ".gguf":
         path = gguf_to_safetensors(path)
+    kwargs = {}
+    if (path / "config.json").is_file() and read_json(path / "config.json").get("model_type") == "nemotron-nas":
+        from transformers import LlamaConfig  # DeciLM: a Llama tokenizer, without running (or asking to run)
+        kwargs["config"] = LlamaConfig()  # the config class that the checkpoint ships (decilm.py)
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, TypeError):
         return None
 
@@ -411,14 +431,20 @@ def write_safetensors(state: dict[str, torch.Tensor], out: Path, max_shard_bytes
 def save_pretrained(model: Model, out, tokenizer=None, max_shard_bytes: int = SHARD_BYTES,
                     config: dict | None = None) -> Path:
     """Write config.json + safetensors (+ tokenizer) that transformers' AutoModelForCausalLM loads.
-    `config`: the config.json to write instead (star-elastic's per-layer format)."""
+    `config`: the config.json to write instead (star-elastic's per-layer format). A config with an FP8
+    quantization_config (a model loaded as FP8, `load`) is written in FP8 (fp8.py)."""
     out = Path(out)
     hf = config if config is not None else config_to_hf(model.config, getattr(model, "hf_config", None))
+    quantize = fp8.is_fp8_config(hf)
     state = model.state_dict()
     if model.config.tied:
         state.pop("lm_head.weight", None)
+    if quantize:
+        state = fp8.cast_unquantized(state, model.config)
     if model.config.family == "nemotron_h":
         state = to_disk_layout(state)
+    if quantize:
+        state, hf = fp8.quantize_state(state, hf)
     with _staging(out) as tmp:
         (tmp / "config.json").write_text(config_json(hf))
         write_safetensors(state, tmp, max_shard_bytes)

@@ -233,18 +233,17 @@ def importance_panels(info: dict) -> dict:
     return panels
 
 
-def inspect_command(args) -> dict:
-    from .runtime import check_output
+def write_inspection(info: dict, out) -> list[str]:
+    """`inspect CKPT --out DIR`'s files for `inspect_checkpoint`'s `info`: architecture.png (the
+    fraction of the parent's units each budget keeps, per layer), importance.png when the checkpoint
+    holds scores, and inspect.json (the report). `out` is written through a temporary sibling and
+    renamed into place: it appears complete or not at all (an existing `out` is replaced: the
+    command line refuses that without --force). Returns the names written."""
     from .hf import staging
     from .plots import architecture_map, importance_map
 
-    out = check_output(args.out, args.force) if args.out else None
-    info = inspect_checkpoint(args.model, verify=args.verify)
-    print(format_report(info))
-    if out is None:
-        return info
-    name = Path(args.model).resolve().name
-    with staging(out) as tmp:  # the directory appears complete or not at all
+    name = Path(info["checkpoint"]).resolve().name
+    with staging(Path(out)) as tmp:
         rows, columns, grids = architecture_grids(info)
         architecture_map(rows, columns, grids, tmp / "architecture.png",
                          title=f"{name}: fraction of the parent's units each budget keeps, per layer")
@@ -256,5 +255,4 @@ def inspect_command(args) -> dict:
         public = {k: v for k, v in info.items() if not k.startswith("_")}
         (tmp / "inspect.json").write_text(json.dumps(public, indent=2) + "\n")
         written.append("inspect.json")
-    print(f"wrote {out}: {', '.join(written)}")
-    return info
+    return written

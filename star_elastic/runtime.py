@@ -1,6 +1,7 @@
 """What the commands share (device, dtype, model and text resolution, prompt encoding, safe output
-files): below cli.py and every module whose command it runs (evaluate, validate, inspection,
-serve/cli), which import these from here, never from cli.py, so that no import goes back up.
+files): below the command layer (cli.py, commands.py, serve/cli.py) and the library modules that
+need a helper too (evaluate, validate), which import these from here, never from the command
+layer, so that no import goes back up.
 """
 
 from __future__ import annotations
@@ -27,8 +28,14 @@ def pick_device(arg: str | None):
 
 
 def pick_dtype(arg: str | None, device):
+    """--dtype as a torch dtype; "fp8" (slice's output: fp8.py) is torch.float8_e4m3fn, or a one-line
+    error on a torch without float8 dtypes."""
     import torch
 
+    if arg == "fp8":
+        from .fp8 import fp8_dtype
+
+        return fp8_dtype()
     if arg:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[arg]
     return torch.bfloat16 if device.type == "cuda" else torch.float32

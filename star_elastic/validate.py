@@ -21,8 +21,6 @@ directory, no manifest) are one line, status 2, like every other command.
 from __future__ import annotations
 
 import re
-import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -277,24 +275,3 @@ def _probe_batch(ckpt, data, seq_len, device) -> torch.Tensor:
             return stream[: n * seq_len].view(n, seq_len).to(device)
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, ckpt.model.config.vocab_size, (2, min(seq_len, 64)), generator=g).to(device)
-
-
-def validate_command(args) -> Report:
-    from .runtime import check_output, pick_device, pick_dtype, write_json
-
-    if args.json:
-        check_output(args.json, force=True, kind="file")
-    device = pick_device(args.device)
-    t0 = time.perf_counter()
-    report = validate_checkpoint(args.model, args.data, device, pick_dtype(args.dtype, device), args.seq_len,
-                                 args.max_tokens, args.batch_size)
-    print(f"validate {args.model}")
-    print(report.format())
-    if report.failed:
-        first = report.failures[0]
-        where = f"budget {first.budget}: " if first.budget else ""
-        print(f"star-elastic: validation failed: {where}{first.detail}", file=sys.stderr)
-    if args.json:
-        write_json({"checkpoint": str(args.model), "data": args.data, "seconds": round(time.perf_counter() - t0, 2),
-                    **report.to_dict()}, args.json)
-    return report

@@ -2,12 +2,12 @@
 or given) -> sort the axes that lose units -> slice -> export one checkpoint, no training.
 
 `zero_shot_slice(model, tokenizer, out, SliceConfig(params="0.5", data="wiki"))` cuts a loaded
-parent; cli.py's `cmd_slice` checks the flags, loads the parent and calls it. A trained budget of
+parent; commands.py's `cmd_slice` checks the flags, loads the parent and calls it. A trained budget of
 an elastic checkpoint needs none of this (its weights are sorted already): `slice_budget(ckpt,
 "0.5", out)` (`slice CKPT --budget`) streams the budget's prefix of every tensor from disk with
 `elastic.stream.stream_slice`, never loading the parent, and writes what `zero_shot_slice` would.
 The helpers (`calibration_scores`, `slice_scores`, `parse_axes`, `read_spec`, `check_exportable`,
-`check_multiple`) are the steps, usable on their own. Errors are one-line `StarElasticError`s
+`check_multiple`, `check_budget`) are the steps, usable on their own. Errors are one-line `StarElasticError`s
 naming the command-line flag that sets the value.
 """
 
@@ -129,6 +129,22 @@ def slice_scores(model, tokenizer, cfg: SliceConfig, depth: bool, log=print) -> 
                               seq_len=cfg.seq_len, seed=cfg.seed, depth=depth, log=log)
 
 
+def check_budget(checkpoint, budget: str, *, verify: bool = False) -> tuple[ElasticSpec, dict]:
+    """`slice CKPT --budget NAME`'s checks before anything is written: the elastic checkpoint's
+    manifest, the spec of the budget called `budget` (trained, or between two trained ones: the
+    router's architecture for it; any other name is a one-line error) and, with `verify`, every
+    file's sha256 against the manifest. Returns (spec, manifest): the spec for
+    `SliceConfig(spec=..., budget=...)` and `check_config`, the manifest for `slice_budget`."""
+    from .elastic.checkpoint import read_manifest, resolve_budget, verify_files
+
+    checkpoint = Path(checkpoint)
+    manifest = read_manifest(checkpoint)
+    spec = resolve_budget(checkpoint, manifest, budget)[0]
+    if verify:
+        verify_files(checkpoint, manifest, progress=True)
+    return spec, manifest
+
+
 def check_config(cfg: SliceConfig) -> None:
     """What can be checked before the parent is loaded: `cmd_slice` calls this on the flags first
     (with a placeholder for a --spec file not yet read), `zero_shot_slice` again on what it gets."""
@@ -222,7 +238,10 @@ def slice_budget(checkpoint, budget: str, out, *, dtype=None, log=print, progres
     the headers), so errors are the same one-line `StarElasticError`s. `out` is written through a
     temporary sibling and renamed into place (an existing `out` is replaced: the command line
     refuses that without --force); on any error nothing is left. `manifest`: the checkpoint's, if
-    read already. `progress`: a bar over the tensors written (stderr)."""
+    read already. `progress`: a bar over the tensors written (stderr). `dtype=torch.float8_e4m3fn`
+    (`--dtype fp8`): linear weights in FP8 with one scale per row over the parent's whole row, so that
+    the budget is exactly its slice of the FP8 elastic checkpoint (fp8.py; zero-shot slices of a loaded
+    parent, whose scales are their own rows', differ there); an FP8 checkpoint slices as stored."""
     from .elastic.checkpoint import read_manifest, resolve_budget
     from .elastic.spec import count_parameters
     from .elastic.stream import stream_slice
@@ -283,6 +302,10 @@ def _write_with_record(out: Path, info: dict, write) -> None:
 
 
 def _wrote_line(out: Path, sub, tokenizer: bool) -> str:
+    from .fp8 import is_fp8_config
+    from .hf_files import read_json
+
     stock = not (sub.layer_sizes and any(sub.layer_sizes))
+    quant = ", FP8 weights with per-row scales" if is_fp8_config(read_json(out / "config.json")) else ""
     return (f"wrote {out} ({'a stock Hugging Face checkpoint' if stock else 'star-elastic per-layer format'}"
-            f"{', with the tokenizer' if tokenizer else ''})")
+            f"{quant}{', with the tokenizer' if tokenizer else ''})")

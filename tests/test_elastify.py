@@ -191,20 +191,20 @@ def test_torchrun_two_gloo_ranks_write_the_checkpoint_one_process_writes(tmp_pat
 def test_demo_runs_end_to_end_and_says_what_to_do_next(tmp_path, tokenizer, text, capsys, monkeypatch):
     """`star-elastic demo` on a tiny parent in place of SmolLM2: the CPU preset's budgets, the table
     (zero-shot vs trained vs the parent), answers from one loaded checkpoint, and the next commands."""
-    from star_elastic import cli
+    from star_elastic import cli, commands
 
     model = Model(PARENTS["llama"])
-    monkeypatch.setattr(cli, "load_model_and_tokenizer", lambda *a, **k: (model, tokenizer))
+    monkeypatch.setattr(commands, "load_model_and_tokenizer", lambda *a, **k: (model, tokenizer))
     out = tmp_path / "demo"
     assert cli.main(["demo", "--data", str(text), "--tokens", str(8 * 32 * 2), "--seq-len", "32",
                      "--calib-batches", "1", "--eval-tokens", "128", "--max-new-tokens", "4", "--out", str(out),
                      "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    assert cli.DEMO_PRESETS["cpu"]["budgets"] == "1.0,0.9,0.8"
+    assert commands.DEMO_PRESETS["cpu"]["budgets"] == "1.0,0.9,0.8"
     assert "budgets 1.0,0.9,0.8" in printed and "vs parent" in printed
     for budget in ("1.0", "0.9", "0.8"):
         assert f"{budget:>8}" in printed  # a table row each
-    assert printed.count("Q: ") == len(cli.DEMO_PROMPTS)
+    assert printed.count("Q: ") == len(commands.DEMO_PROMPTS)
     assert f"star-elastic slice {out} --budget 0.8" in printed and f"star-elastic serve {out}" in printed
     assert read_manifest(out)["budgets"][-1]["name"] == "0.8"
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import entries, one_line_error
-from star_elastic import cli
+from star_elastic import cli, commands
 from star_elastic.elastic.checkpoint import load_elastic, read_manifest
 from star_elastic.elastic.slicing import slice_model
 from star_elastic.evaluate import compare_models
@@ -118,5 +118,5 @@ def test_budget_flags_need_an_elastic_checkpoint(elastic_ckpt, tmp_path):
 
     path, text = elastic_ckpt
     save_pretrained(load(path), tmp_path / "plain", tokenizer=load_elastic(path).tokenizer)
-    one_line_error(lambda: cli.cmd_eval(cli.build_parser().parse_args(
+    one_line_error(lambda: commands.cmd_eval(cli.build_parser().parse_args(
         ["eval", str(tmp_path / "plain"), "--data", str(text), "--budgets", "0.5"])), "--budgets", "elastic checkpoint")

@@ -8,6 +8,9 @@ is one, else to `pkg`. Not counted (as in import-linter / grimp): the parent pac
 initialises on the way to a submodule. The one loop through those left is hf.py's lazy import of
 elastic/manifest.py, which first runs elastic/__init__.py, whose slicing.py imports hf.py: kept inside
 the function on purpose (see `hf.check_elastic_manifest`).
+
+The same graph keeps the command layer on top (issue 10): no library module imports cli.py,
+commands.py or serve/cli.py, and cli.py itself only parses (`build_parser`, `main`).
 """
 
 import ast
@@ -126,7 +129,8 @@ def test_graph_sees_imports():
     assert "star_elastic.hf" in graph["star_elastic"]  # package __init__, relative
     assert "star_elastic.elastic.slicing" in graph["star_elastic.elastic"]
     assert "star_elastic.hf" in graph["star_elastic.elastic.slicing"]  # `from star_elastic import hf`
-    assert "star_elastic.evaluate" in graph["star_elastic.cli"]  # function-level
+    assert "star_elastic.evaluate" in graph["star_elastic.commands"]  # function-level
+    assert "star_elastic.commands" in graph["star_elastic.cli"]  # `from . import commands`
     assert "star_elastic.elastic.checkpoint" in graph["star_elastic.serve.engine"]  # `from ..elastic.checkpoint`
     assert "star_elastic.cli" in graph["star_elastic.__main__"]
 
@@ -136,3 +140,31 @@ def test_no_import_cycles():
     found = cycles(graph)
     assert not found, "import cycles between star_elastic modules:\n" + "\n".join(
         describe(c, comp, graph) for c, comp in found)
+
+
+# The command layer: argument parsing (cli.py, and serve/cli.py's parsers) and the run function of
+# every subcommand (commands.py, serve/cli.py). It sits on top: it imports the library, never the
+# other way round, so that the library stays usable without the command line.
+COMMAND_LAYER = {"star_elastic.__main__", "star_elastic.cli", "star_elastic.commands", "star_elastic.serve.cli"}
+
+
+def test_library_never_imports_the_command_layer():
+    graph = import_graph()
+    assert COMMAND_LAYER <= set(graph), f"a command-layer module is gone: {sorted(COMMAND_LAYER - set(graph))}"
+    files = {name: f.relative_to(ROOT) for name, (f, _) in module_files().items()}
+    found = [f"  {files[a]}:{line} imports {b}" for a, targets in sorted(graph.items()) if a not in COMMAND_LAYER
+             for b, line in sorted(targets.items()) if b in COMMAND_LAYER]
+    assert not found, "library modules importing the command line (cli / commands / serve.cli):\n" + "\n".join(found)
+
+
+def test_cli_only_parses():
+    """cli.py defines the flags and `main`; every `cmd_*` run function lives in commands.py (or
+    serve/cli.py), and no library module defines one."""
+    mods = module_files()
+    tree = ast.parse(mods["star_elastic.cli"][0].read_text())
+    top = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    assert top == {"build_parser", "main"}, f"star_elastic/cli.py defines {sorted(top)}"
+    stray = [f"{f.relative_to(ROOT)}: {n.name}" for name, (f, _) in sorted(mods.items()) if name not in COMMAND_LAYER
+             for n in ast.parse(f.read_text()).body
+             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name.startswith("cmd_")]
+    assert not stray, "command run functions outside commands.py / serve/cli.py:\n" + "\n".join(stray)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from star_elastic import hf
+from star_elastic import decilm, hf
+from star_elastic.errors import StarElasticError
 from star_elastic.model import Model, ModelConfig, mamba_in_proj_rows, rope_frequencies
 
 from .spec import ElasticSpec
@@ -22,6 +23,8 @@ ELASTIC_ARCHITECTURE = "StarElasticForCausalLM"
 ELASTIC_MODEL_TYPE = "star_elastic"
 PER_LAYER_NOTE = ("per-layer sizes: stock transformers has one size per axis for all layers and cannot express "
                   "this model; it is written in star-elastic's own format (load it with star_elastic.load)")
+DECILM_HINT = ("; a Llama budget with one query-head count and FFN widths in multiples of 256 can also be written "
+               "as DeciLM block_configs, which vLLM serves (export format='decilm'; README: What loads where)")
 
 
 def _sel(t: torch.Tensor, dim: int, idx: torch.Tensor | None) -> torch.Tensor:
@@ -168,13 +171,37 @@ def star_elastic_config(cfg: ModelConfig, base: dict | None = None) -> dict:
     return d
 
 
-def export(model: Model, out_dir, tokenizer=None) -> Path:
+def export(model: Model, out_dir, tokenizer=None, format: str = "hf") -> Path:
     """Save a (sliced) model. One size per axis: a standard Hugging Face checkpoint that stock
     transformers loads. Per-layer sizes: star-elastic's format (read by `star_elastic.load`), with a
-    note on stderr that transformers cannot express it."""
+    note on stderr that transformers cannot express it. `format="decilm"`: a Llama model (per-layer
+    sizes or not) as DeciLM / Nemotron-NAS block_configs (`export_decilm`)."""
+    if format == "decilm":
+        return export_decilm(model, out_dir, tokenizer)
+    if format != "hf":
+        raise StarElasticError(f"unknown export format {format!r} (hf, decilm)")
     cfg = model.config
     if not (cfg.layer_sizes and any(cfg.layer_sizes)):
         return hf.save_pretrained(model, out_dir, tokenizer)
-    print(f"star-elastic: {PER_LAYER_NOTE}", file=sys.stderr)
+    print(f"star-elastic: {PER_LAYER_NOTE}{DECILM_HINT if cfg.family == 'llama' else ''}", file=sys.stderr)
     config = star_elastic_config(cfg, getattr(model, "hf_config", None))
     return hf.save_pretrained(model, out_dir, tokenizer, config=config)
+
+
+def export_decilm(model: Model, out_dir, tokenizer=None) -> Path:
+    """A Llama model as a DeciLM / Nemotron-NAS checkpoint (star_elastic/decilm.py): config.json with
+    per-layer `block_configs`, the config class it names (configuration_decilm.py, for
+    trust_remote_code), Llama's weight names. vLLM serves it as DeciLMForCausalLM
+    (`vllm serve DIR --trust-remote-code`); `star_elastic.load` reads it back. A model the format
+    cannot hold exactly is refused with a one-line StarElasticError before anything is written."""
+    cfg = model.config
+    decilm.block_configs(cfg)  # refuses first, on the sizes alone
+    llama = hf.config_to_hf(decilm.first_layer_config(cfg), getattr(model, "hf_config", None))
+    config = decilm.decilm_config(cfg, llama)
+    with hf.staging(out_dir) as tmp:  # weights as save_pretrained writes a Llama's, plus the config class
+        written = hf.save_pretrained(model, tmp / "weights", tokenizer, config=config)
+        for f in list(written.iterdir()):
+            f.rename(tmp / f.name)
+        written.rmdir()
+        (tmp / f"{decilm.CONFIG_MODULE}.py").write_text(decilm.CONFIGURATION_SOURCE)
+    return Path(out_dir)

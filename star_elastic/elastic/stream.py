@@ -28,13 +28,13 @@ import os
 import re
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from star_elastic import hf
+from star_elastic import fp8, hf
 from star_elastic.errors import StarElasticError
 from star_elastic.hf_files import safetensors_header, shard_groups, shard_names, write_index
 from star_elastic.model import Model, ModelConfig
@@ -100,10 +100,12 @@ def _parent_config(path: Path) -> tuple[dict, ModelConfig]:
     return hf.read_config(path)
 
 
-def _parent_tensors(path: Path, cfg: ModelConfig) -> tuple[dict[str, _Source], dict[str, dict[int, _Source]]]:
+def _parent_tensors(path: Path, cfg: ModelConfig, scales: dict | None = None
+                    ) -> tuple[dict[str, _Source], dict[str, dict[int, _Source]]]:
     """The parent's tensors under their in-memory names (`model.`), from the headers alone:
     (plain tensors, per-expert tensors by stacked name and expert), checked against the config
-    as `load` checks them (no missing, unexpected or misshapen tensor)."""
+    as `load` checks them (no missing, unexpected or misshapen tensor). An FP8 parent's scales
+    (fp8.py) are checked against their weights and go into `scales` (by file key), not the result."""
     plain, experts = {}, {}
     for f in hf._weight_files(path):
         for key, h in _header(f).items():
@@ -120,6 +122,9 @@ def _parent_tensors(path: Path, cfg: ModelConfig) -> tuple[dict[str, _Source], d
             if j in slot:
                 raise StarElasticError(f"{path}: tensor {key} is stored twice ({slot[j].file.name}, {f.name})")
             slot[j] = src
+    found = _split_scales(path, plain, experts)
+    if scales is not None:
+        scales.update(found)
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Model(cfg).state_dict().items()}
     if cfg.tied:
@@ -139,6 +144,33 @@ def _parent_tensors(path: Path, cfg: ModelConfig) -> tuple[dict[str, _Source], d
         if shape != expected[name] or any(p.shape != parts[0].shape for p in parts.values()):
             raise StarElasticError(f"{path}: tensor {name} has shape {shape}, the config implies {expected[name]}")
     return plain, experts
+
+
+def _split_scales(path: Path, plain: dict, experts: dict) -> dict[str, _Source]:
+    """Take an FP8 parent's `*_scale_inv` (and activation scales, unused) out of `plain`: its scales
+    by file key, each checked to be one per row of an FP8 weight (the only scales that slice exactly),
+    and every FP8 weight to have one."""
+    found = {}
+    for name in [n for n in plain if n.endswith((fp8.SCALE_SUFFIX, "activation_scale"))]:
+        src = plain.pop(name)
+        if name.endswith(fp8.SCALE_SUFFIX):
+            found[src.key] = src
+    weights = {src.key: src for src in plain.values()}
+    weights.update({src.key: src for parts in experts.values() for src in parts.values()})
+    for key, s in found.items():
+        w = weights.get(key[:-len(fp8.SCALE_SUFFIX)])
+        if w is None:
+            raise StarElasticError(f"{path}: {key} has no tensor {key[:-len(fp8.SCALE_SUFFIX)]} to scale")
+        if w.dtype not in ("F8_E4M3", "F8_E5M2"):
+            raise StarElasticError(f"{path}: {w.key} has a {fp8.SCALE_SUFFIX} but is stored in {w.dtype}, not FP8")
+        if s.shape != w.shape[:-1] + (1,):
+            raise StarElasticError(f"{path}: {key} has shape {s.shape}, not one scale per row {w.shape[:-1] + (1,)}: "
+                                   "only per-row FP8 scales slice exactly; load this checkpoint instead "
+                                   "(star_elastic.load dequantises any block size)")
+    bare = sorted(k for k, w in weights.items() if w.dtype in ("F8_E4M3", "F8_E5M2") and k + fp8.SCALE_SUFFIX not in found)
+    if bare:
+        raise StarElasticError(f"{path}: FP8 tensor {bare[0]} has no {fp8.SCALE_SUFFIX} beside it")
+    return found
 
 
 # ----------------------------------------------------------------------------- planning
@@ -178,6 +210,11 @@ class _Item:
     keep: list | None  # per `take` dimension, the indices kept (None: all); None: read whole and run `take`
     shape: tuple[int, ...]  # the output tensor's shape
     cast: tuple[str, ...] = ()  # dtypes the tensor is cast through, in order, as loading would (none: as stored)
+    # FP8 (fp8.py): "copy" an FP8 weight as stored; "scale" its per-row scales (`of`: the weight);
+    # "quantize" a weight, its scales from the parent's whole rows, and "scale-q" those scales (`of`:
+    # the weight); "dequantize" an FP8 weight (`of`: its scales' item). "": none of these.
+    kind: str = ""
+    of: "_Item | None" = None
 
     @property
     def dtype(self) -> str:
@@ -277,28 +314,71 @@ def _held_dtypes(cfg: ModelConfig, plain: dict, experts: dict, dtype: torch.dtyp
 
 
 def _check_dtype(dtype) -> None:
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype in TORCH_DTYPE):
-        raise StarElasticError(f"dtype {dtype}: expected a floating-point torch dtype (torch.bfloat16, ...)")
+    if isinstance(dtype, torch.dtype) and fp8.is_fp8_dtype(dtype):
+        return  # FP8 weights with per-row scales (fp8.py)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype in TORCH_DTYPE
+                                  and DTYPE_BYTES[TORCH_DTYPE[dtype]] >= 2):
+        raise StarElasticError(f"dtype {dtype}: expected a floating-point torch dtype (torch.bfloat16, ..., or "
+                               "torch.float8_e4m3fn for FP8 weights with per-row scales)")
 
 
-def _plan_items(parent_dir: Path, parent: ModelConfig, spec: ElasticSpec, dtype) -> list[_Item]:
+def _plan_items(parent_dir: Path, parent: ModelConfig, spec: ElasticSpec, dtype, raw: dict | None = None
+                ) -> list[_Item]:
     """Every output tensor of `spec`, each with the casts that give the values and dtype `export`
     writes after `load(parent_dir, dtype=dtype)`: to `dtype` (floating point), then to what the model
-    holds (`_held_dtypes`). No dtype: as stored, no casts."""
-    plain, experts = _parent_tensors(parent_dir, parent)
+    holds (`_held_dtypes`). No dtype: as stored, no casts. FP8 (`_fp8_items`): dtype float8 writes
+    linear weights in FP8 (the rest as a bfloat16 model holds it); an FP8 parent is sliced as stored
+    (no dtype, or float8) or dequantised (a floating-point dtype). `raw`: the parent's config.json."""
+    scales: dict = {}
+    plain, experts = _parent_tensors(parent_dir, parent, scales)
+    if scales and raw is not None and not fp8.is_fp8_config(raw):
+        raise StarElasticError(f"{parent_dir}: FP8 tensors (e.g. {next(iter(scales))}) but config.json has no FP8 "
+                               "quantization_config")
     spec.validate(parent)
     items = _items(parent, spec.config(parent), spec, plain, experts)
-    if dtype is None:
-        return items
-    held = _held_dtypes(parent, plain, experts, dtype)
-    for it in items:
-        steps, now = [], it.src.dtype
-        for want in ([TORCH_DTYPE[dtype]] if DTYPE_OF[now].is_floating_point else []) + [held[it.name]]:
-            if want != now:
-                steps.append(want)
-                now = want
-        it.cast = tuple(steps)
+    to_fp8 = fp8.is_fp8_dtype(dtype)
+    work = torch.bfloat16 if to_fp8 else dtype  # what the unquantised tensors become
+    if work is not None:
+        held = _held_dtypes(parent, plain, experts, work)
+        for it in items:
+            steps, now = [], it.src.dtype
+            for want in ([TORCH_DTYPE[work]] if DTYPE_OF[now].is_floating_point else []) + [held[it.name]]:
+                if want != now:
+                    steps.append(want)
+                    now = want
+            it.cast = tuple(steps)
+    if scales or to_fp8:
+        items = _fp8_items(items, scales, to_fp8, keep=to_fp8 or dtype is None)
     return items
+
+
+def _fp8_items(items: list[_Item], scales: dict, to_fp8: bool, keep: bool) -> list[_Item]:
+    """`items` with FP8 weights and their scales planned (fp8.py): a weight that has scales in the
+    parent is copied as stored with its kept rows' scales (`keep`) or dequantised; with `to_fp8`, an
+    unquantised linear weight is quantised with the scales of the parent's whole rows (so that the
+    slice is the FP8 parent's slice, whatever the budget). Each scale right after its weight."""
+    out = []
+    for it in items:
+        s = scales.get(it.src.key + fp8.SCALE_SUFFIX)
+        quantize = s is None and to_fp8 and fp8.is_quantized(it.name) and len(it.shape) >= 2 \
+            and DTYPE_OF[it.src.dtype].is_floating_point
+        if s is None and not quantize:
+            out.append(it)
+            continue
+        scale = _Item(it.out + fp8.SCALE_SUFFIX, s if s is not None else it.src, it.name, it.idx, it.mode, it.row,
+                      it.take_shape[:-1] + (1,), None if it.keep is None else it.keep[:-1] + [None],
+                      it.shape[:-1] + (1,), kind="scale" if s is not None else "scale-q", of=it)
+        if quantize:
+            it.kind, it.cast = "quantize", (fp8.FP8_CODE,)
+            scale.cast = ("F32",)
+        elif keep:
+            it.kind, it.cast = "copy", ()
+        else:
+            it.kind, it.of = "dequantize", scale
+            out.append(it)
+            continue
+        out += [it, scale]
+    return out
 
 
 # ----------------------------------------------------------------------------- reading
@@ -385,6 +465,20 @@ class _Reader:
         self.read[src.file] += end - start
         return t.contiguous()
 
+    def whole(self, item: _Item) -> torch.Tensor:
+        """The parent tensor of `item` whole, as `take` sees it (an expert's: a stack of one)."""
+        src = item.src
+        box = [slice(None)] * len(src.shape)
+        if item.mode == "row":
+            box[0] = slice(item.row, item.row + 1)
+        try:
+            t = self._handle(src.file).get_slice(src.key)[tuple(box)] if box else self._handle(src.file).get_tensor(src.key)
+        except SafetensorError as e:
+            raise StarElasticError(f"{src.file}: cannot read tensor {src.key} ({str(e).splitlines()[0]})") from None
+        start, end = self._rows(item, box)
+        self.read[src.file] += end - start
+        return t.unsqueeze(0) if item.mode == "expert" else t
+
     def recycle(self):
         """Close the handles that have read a window's worth (call with no tensor of theirs in use)."""
         for f in [f for f, n in self.read.items() if n >= self.window and f in self.handles]:
@@ -398,6 +492,60 @@ class _Reader:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+
+
+def take_quantized(name: str, q: torch.Tensor, scale: torch.Tensor, cfg: ModelConfig, idx: dict
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`take` of an FP8 tensor and its per-row scales (fp8.py): the same rows and columns of q, and
+    the kept rows' scales (a column cut leaves them as they are). Dequantised, it is exactly `take`
+    of the dequantised tensor."""
+    qs = take(name, q.view(torch.uint8), cfg, idx).view(q.dtype)  # index ops on the bytes: any torch
+    ss = take(name, scale.expand(q.shape), cfg, idx)[..., :1]
+    return qs.contiguous(), ss.contiguous()
+
+
+def _fp8_tensor(reader: _Reader, it: _Item, cfg: ModelConfig) -> torch.Tensor:
+    """The output tensor of an FP8 item (`_Item.kind`)."""
+    if it.kind == "copy":
+        if it.keep is None:  # take does more than pick indices: on the bytes, which any torch can gather
+            q = reader.whole(it)
+            q = take(it.name, q.view(torch.uint8), cfg, it.idx).view(q.dtype)
+            return (q if it.mode == "plain" else q[0]).contiguous()
+        return reader.tensor(it, cfg)
+    if it.kind == "scale":
+        return _scales(reader, it, cfg)
+    if it.kind == "dequantize":
+        q = _fp8_tensor(reader, replace(it, kind="copy", cast=()), cfg)
+        return fp8.dequantize(q, _scales(reader, it.of, cfg), DTYPE_OF[it.dtype], name=it.out)
+    weight = it if it.kind == "quantize" else it.of
+    q, s = _quantized(reader, weight, cfg)
+    return q if it.kind == "quantize" else s
+
+
+def _scales(reader: _Reader, it: _Item, cfg: ModelConfig) -> torch.Tensor:
+    """The kept rows' scales of a weight stored in FP8 (`it`: a "scale" item)."""
+    if it.keep is not None:
+        return reader.tensor(it, cfg)
+    s = reader.whole(it)
+    s = take(it.name, s.expand(it.of.take_shape), cfg, it.idx)[..., :1]
+    return (s if it.mode == "plain" else s[0]).contiguous()
+
+
+def _quantized(reader: _Reader, it: _Item, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FP8 weight, scales) of an unquantised parent weight's output `it`: the kept rows quantised
+    with scales over the parent's whole rows, then the kept columns. This is the slice of the whole
+    tensor quantised (`take_quantized`), so any budget comes out as the FP8 parent's slice."""
+    if it.keep is not None:
+        t = reader.tensor(replace(it, keep=it.keep[:-1] + [None], kind="", cast=()), cfg)  # every column
+        q, s = fp8.quantize(t, it.out)
+        if it.keep[-1] is not None:
+            q = q.index_select(-1, it.keep[-1])
+    else:
+        q, s = fp8.quantize(reader.whole(it), it.out)
+        q, s = take_quantized(it.name, q, s, cfg, it.idx)
+        if it.mode != "plain":
+            q, s = q[0], s[0]
+    return q.contiguous(), s.contiguous()
 
 
 # ----------------------------------------------------------------------------- writing
@@ -452,6 +600,11 @@ def stream_slice(parent_dir, spec: ElasticSpec | dict, out_dir, *, dtype: torch.
     `dtype`: the output is then `export(slice_model(load(parent_dir, dtype=dtype), spec))`'s:
     floating-point tensors are cast as they are written (what the model keeps in float32, the MoE
     router's gate, is cast through `dtype` and back to float32). None: every tensor as stored.
+    FP8 (fp8.py): `dtype=torch.float8_e4m3fn` writes every linear weight in FP8 with one scale per
+    row, computed over the parent's whole row (the kept columns are then cut), so that any budget is
+    exactly the slice of the FP8 parent; the rest as `dtype=torch.bfloat16` would. An FP8 parent
+    slices as stored (its kept rows' scales) with no dtype or float8, and is dequantised with a
+    floating-point dtype.
     """
     parent_dir, out_dir = Path(parent_dir), Path(out_dir)
     if isinstance(spec, dict):
@@ -461,7 +614,7 @@ def stream_slice(parent_dir, spec: ElasticSpec | dict, out_dir, *, dtype: torch.
     src, dst = parent_dir.resolve(), out_dir.resolve()
     if dst == src or dst in src.parents:
         raise StarElasticError(f"{out_dir}: the output would replace the parent checkpoint {parent_dir}")
-    items = _plan_items(parent_dir, parent, spec, dtype)
+    items = _plan_items(parent_dir, parent, spec, dtype, raw)
     sub = spec.config(parent)
     per_layer = bool(sub.layer_sizes and any(sub.layer_sizes))
     # config.json keeps infinities as {"__float__": "Infinity"}; transformers' config classes want floats
@@ -475,6 +628,10 @@ def stream_slice(parent_dir, spec: ElasticSpec | dict, out_dir, *, dtype: torch.
     except Exception as e:  # transformers validates the sizes (e.g. hidden_size a multiple of the heads)
         reason = str(e.__cause__ or e).strip().splitlines()[-1].strip()
         raise StarElasticError(f"elastic spec: transformers rejects the sliced model's config ({reason})") from None
+    config.pop("quantization_config", None)  # FP8 out or not is the items' business; K is the slice's own
+    quantized = [it for it in items if it.kind in ("copy", "quantize")]
+    if quantized:
+        config["quantization_config"] = fp8.quantization_config(max(it.shape[-1] for it in quantized))
     shards = shard_groups(items, lambda it: it.nbytes, max_shard_bytes)  # the rule of hf.write_safetensors
     names = shard_names(len(shards))
     if per_layer:
@@ -490,6 +647,8 @@ def stream_slice(parent_dir, spec: ElasticSpec | dict, out_dir, *, dtype: torch.
             (tmp / "config.json").write_text(hf.config_json(config))
 
             def produce(it):
+                if it.kind:
+                    return _fp8_tensor(reader, it, parent)
                 t = reader.tensor(it, parent)
                 for code in it.cast:
                     t = t.to(DTYPE_OF[code])
@@ -519,8 +678,8 @@ def output_bytes(parent_dir, spec: ElasticSpec | dict, dtype: torch.dtype | None
     if isinstance(spec, dict):
         spec = ElasticSpec.from_dict(spec)
     _check_dtype(dtype)
-    _, parent = _parent_config(parent_dir)
-    return sum(it.nbytes for it in _plan_items(parent_dir, parent, spec, dtype))
+    raw, parent = _parent_config(parent_dir)
+    return sum(it.nbytes for it in _plan_items(parent_dir, parent, spec, dtype, raw))
 
 
-__all__ = ["output_bytes", "stream_slice"]
+__all__ = ["output_bytes", "stream_slice", "take_quantized"]

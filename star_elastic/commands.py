@@ -1,0 +1,305 @@
+"""What each `star-elastic` subcommand runs: `cmd_<name>(args)`, the parsed flags in, one call into
+the library out, and the lines it prints.
+
+cli.py defines the flags and wires each subcommand here (`set_defaults(fn=commands.cmd_<name>)`);
+serve/cli.py holds `generate CKPT --budget` and `serve` the same way. The work itself lives in the
+library (zero_shot.py, elastify.py, evaluate.py, validate.py, inspection.py, generate.py, serve/),
+which never imports this module or cli.py (tests/test_imports.py). What the commands share (device,
+dtype, model and text resolution, prompts, safe output files) is runtime.py. Errors the user can fix
+are `StarElasticError`s, printed by `cli.main` as one line, exit status 2.
+"""
+
+from __future__ import annotations
+
+import time
+
+from .runtime import (DEFAULT_MODEL, check_output, encode_prompt, eval_tokens, load_model_and_tokenizer, pick_device,
+                      pick_dtype, resolve_model, write_json)
+
+
+def _log(msg):
+    print(msg, flush=True)
+
+
+def _floats(text, flag):
+    """'0.5,0.3,0.2' -> [0.5, 0.3, 0.2]; None stays None."""
+    from .errors import StarElasticError
+
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise StarElasticError(f"{flag} {text!r}: expected comma-separated numbers, e.g. 0.5,0.3,0.2") from None
+
+
+# ----------------------------------------------------------------------------- eval and generate
+
+def cmd_eval(args):
+    """A plain model: its perplexity. An elastic checkpoint: every budget against the parent."""
+    from .elastic.checkpoint import is_elastic_checkpoint
+    from .errors import StarElasticError
+    from .evaluate import perplexity
+
+    if is_elastic_checkpoint(resolve_model(args.model)):
+        return _eval_checkpoint(args)
+    for flag in ("budgets", "plot", "compare"):
+        if getattr(args, flag):
+            raise StarElasticError(f"--{flag} needs an elastic checkpoint; {args.model} has no manifest.json")
+    args.split = args.split or "all"
+    device = pick_device(args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, device, pick_dtype(args.dtype, device))
+    stream = eval_tokens(tokenizer, args.data, args.split)
+    t0 = time.perf_counter()
+    res = perplexity(model, stream, seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens)
+    res.update(model=str(resolve_model(args.model)), data=args.data, split=args.split, device=str(device),
+               seconds=round(time.perf_counter() - t0, 2))
+    print(f"perplexity {res['perplexity']:.4f} over {res['tokens']} tokens "
+          f"({res['windows']} windows of {args.seq_len}, {args.split} split of {args.data})")
+    if args.json:
+        write_json(res, args.json)
+    return res
+
+
+def _eval_checkpoint(args) -> dict:
+    """`eval CKPT`: evaluate.evaluate_checkpoint, its table, then --plot and --json."""
+    from pathlib import Path
+
+    from .errors import StarElasticError
+    from .evaluate import evaluate_checkpoint, format_table
+
+    for out in (args.json, args.plot):  # refuse a directory as an output before any work
+        if out:
+            check_output(out, force=True, kind="file")
+    if args.plot and not str(args.plot).lower().endswith(".png"):
+        raise StarElasticError(f"--plot {args.plot}: give a .png file name")
+    device = pick_device(args.device)
+    result = evaluate_checkpoint(args.model, args.data, budgets=args.budgets, compare=args.compare or (),
+                                 split=args.split or "heldout", seq_len=args.seq_len, batch_size=args.batch_size,
+                                 max_tokens=args.max_tokens, device=device, dtype=pick_dtype(args.dtype, device),
+                                 verify=args.verify)
+    path, split = result["checkpoint"], result["split"]
+    print(f"{len(result['budgets'])} budget(s) of {path} on {result['tokens']} tokens ({split} split of {args.data}, "
+          f"windows of {args.seq_len}); agreement and KL against the parent")
+    print(format_table(result))
+    if args.plot:  # before the JSON: a plotting error leaves neither behind
+        from .plots import quality_plot
+
+        quality_plot(result["budgets"], result["compare"], args.plot,
+                     title=f"{Path(path).name}: {split} {args.data}, {result['tokens']} tokens")
+        print(f"wrote {args.plot}")
+    if args.json:
+        write_json(result, args.json)
+    return result
+
+
+def cmd_generate(args):
+    import torch
+
+    from .generate import generate
+    from .serve.cli import cmd_generate_budget, wants_budget
+
+    if wants_budget(args):  # a budget (or two) of an elastic checkpoint: serve/cli.py
+        return cmd_generate_budget(args)
+    device = pick_device(args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, device, pick_dtype(args.dtype, device))
+    ids = encode_prompt(tokenizer, args.prompt, chat=not args.raw)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    out = generate(model, ids.to(device), args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   eos_token_id=tokenizer.eos_token_id, generator=gen)
+    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    print(text)
+    return text
+
+
+# ----------------------------------------------------------------------------- elastify and the demo
+
+def cmd_elastify(args):
+    """importance -> sort -> router + multi-budget distillation -> one elastic checkpoint (elastify.py)."""
+    from .elastify import ElastifyConfig, elastify, print_table
+    from .train import init_distributed, world
+    from .zero_shot import check_multiple
+
+    check_multiple(args.multiple)
+    out = check_output(args.out, args.force)
+    device = init_distributed() or pick_device(args.device)  # under torchrun: this rank's GPU
+    rank, ranks = world()
+    # master weights in fp32; on a GPU the steps run under bf16 autocast
+    model, tokenizer = load_model_and_tokenizer(args.model, device, None if args.dtype is None else pick_dtype(args.dtype, device))
+    model.float()
+    cfg = ElastifyConfig(budgets=[b.strip() for b in args.budgets.split(",") if b.strip()], tokens=args.tokens,
+                         seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, router_lr=args.router_lr,
+                         axes=tuple(a.strip() for a in args.axes.split(",")) if args.axes else ElastifyConfig.axes,
+                         heterogeneous=args.heterogeneous, calib_batches=args.calib_batches,
+                         eval_tokens=args.eval_tokens, seed=args.seed, stage1_fraction=args.stage1_fraction,
+                         stage2_weights=_floats(args.stage2_weights, "--stage2-weights"),
+                         stage2_seq_len=args.stage2_seq_len, kd_weights=_floats(args.kd_weights, "--kd-weights"),
+                         full_anchor=args.full_anchor, drift_data=args.drift_data, router_init=args.router_init,
+                         router_estimator=args.router_estimator, router_freeze=args.router_freeze, shard=args.shard,
+                         multiple=args.multiple)
+    if rank == 0:
+        where = f"{ranks} ranks ({device.type})" if ranks > 1 else str(device)
+        print(f"elastify {resolve_model(args.model)}: {model.num_parameters() / 1e6:.1f}M parameters, budgets "
+              f"{', '.join(cfg.budgets)}, {cfg.tokens:,} training tokens, on {where}", flush=True)
+    result = elastify(model, tokenizer, args.data, out, cfg, log=_log)
+    if rank == 0:
+        print_table(result)
+    if ranks > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return result
+
+
+# The demo's two sizes. CPU: milder budgets on the FFN axis alone, where a probe of zero-shot slices
+# still answered on topic; after a few minutes of training on 2 cores the 0.8 budget does not always
+# (docs/RESULTS.md §5). GPU: the real thing, every default axis, tens of millions of tokens (not yet run).
+DEMO_PRESETS = {
+    "cpu": dict(budgets="1.0,0.9,0.8", axes="ffn", tokens=16384, seq_len=128, batch_size=8, lr=1e-4,
+                calib_batches=4, eval_tokens=2048),
+    "cuda": dict(budgets="1.0,0.75,0.5", axes=None, tokens=20_971_520, seq_len=512, batch_size=16, lr=1e-4,
+                 calib_batches=16, eval_tokens=16384),
+}
+DEMO_PROMPTS = ("What is the capital of France?", "Name three primary colors.", "What do bees make?")
+
+
+def cmd_demo(args):
+    """The quick start: elastify SmolLM2 on real text (CPU-sized on a CPU, GPU-sized on a GPU),
+    show each budget's held-out perplexity as a zero-shot slice and after training against the
+    parent, ask every budget a few questions from one loaded copy of the weights, and say what
+    to do next."""
+    from .elastify import ElastifyConfig, elastify, print_table
+    from .serve.engine import ElasticEngine
+
+    device = pick_device(args.device)
+    preset = DEMO_PRESETS["cuda" if device.type == "cuda" else "cpu"]
+    opt = {k: getattr(args, k) if getattr(args, k, None) is not None else v for k, v in preset.items()}
+    out = check_output(args.out, force=True)  # the demo replaces its own checkpoint, never a file
+    axes = tuple(a.strip() for a in opt["axes"].split(",")) if opt["axes"] else ElastifyConfig.axes
+    print(f"star-elastic demo on {device}: SmolLM2-135M -> budgets {opt['budgets']} (axes: {', '.join(axes)}) on "
+          f"{opt['tokens']:,} tokens of {args.data}" + ("" if device.type == "cuda" else
+          " - a CPU-sized run; on a GPU the demo trains 20M tokens on every axis at 1.0 / 0.75 / 0.5"), flush=True)
+    model, tokenizer = load_model_and_tokenizer(DEFAULT_MODEL, device, None)
+    model.float()  # master weights; bf16 autocast on a GPU
+    cfg = ElastifyConfig(budgets=[b.strip() for b in opt["budgets"].split(",")], tokens=opt["tokens"],
+                         seq_len=opt["seq_len"], batch_size=opt["batch_size"], lr=opt["lr"], axes=axes,
+                         calib_batches=opt["calib_batches"], eval_tokens=opt["eval_tokens"])
+    result = elastify(model, tokenizer, args.data, out, cfg, log=_log)
+    print_table(result)
+    del model
+
+    # every budget from one loaded copy of the weights (budget views), as a deployment would run them
+    engine = ElasticEngine.load(out, device=device)
+    print(f"\nevery budget from one loaded checkpoint, greedy, {args.max_new_tokens} tokens at most:", flush=True)
+    for prompt in ([args.prompt] if args.prompt else DEMO_PROMPTS):
+        ids = encode_prompt(engine.tokenizer, prompt)
+        print(f"  Q: {prompt}", flush=True)
+        for name in engine.budgets:
+            answer = engine.generate(name, ids, args.max_new_tokens)
+            text = " ".join(engine.tokenizer.decode(answer.tokens, skip_special_tokens=True).split())
+            print(f"    {name:>5}: {text or '(nothing before the end-of-text token)'}", flush=True)
+    small = cfg.budgets[-1]
+    print(f"""
+next:
+  star-elastic slice {out} --budget {small} --out runs/demo-{small}   # a standalone Hugging Face checkpoint
+  star-elastic serve {out}                                  # every budget behind one OpenAI-compatible server
+  star-elastic eval {out} --data {args.data}                        # every budget against the parent
+  star-elastic validate {out}                               # checksums, bands, nesting, sliced == masked
+  README: "Trusting every budget" and "Command line"; docs/METHOD.md for the method""", flush=True)
+    return result
+
+
+# ----------------------------------------------------------------------------- importance and slicing
+
+def cmd_importance(args):
+    from .elastic.importance import save_scores
+    from .zero_shot import calibration_scores
+
+    out = check_output(args.out, args.force, kind="file")
+    device = pick_device(args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, device, pick_dtype(args.dtype, device))
+    scores = calibration_scores(model, tokenizer, args.data, batches=args.batches, batch_size=args.batch_size,
+                                seq_len=args.seq_len, seed=args.seed, depth=args.depth, log=_log)
+    scores["meta"].update(model=str(resolve_model(args.model)), data=args.data, seq_len=args.seq_len, seed=args.seed)
+    save_scores(scores, out)  # through a temporary file: never half-written
+    meta = scores["meta"]
+    print(f"wrote {out} ({len(scores) - 1} score tensors from {meta['sequences']} sequences, "
+          f"{meta['tokens']} tokens{', with layer order' if 'layer_order' in scores else ''})")
+    return scores
+
+
+def cmd_slice(args):
+    """Check the flags (before anything is read), then one of:
+    --budget NAME: MODEL is an elastic checkpoint, its weights sorted already; the budget's prefix of
+      every tensor is streamed from disk (zero_shot.slice_budget -> elastic/stream.py), the parent
+      never loaded (--dtype casts each tensor as it is written; --device is not used);
+    --params / --spec: load the parent and run the zero-shot pipeline (zero_shot.zero_shot_slice)."""
+    import dataclasses
+
+    from .elastic import ElasticSpec
+    from .errors import StarElasticError
+    from .zero_shot import SliceConfig, check_budget, check_config, read_spec, slice_budget, zero_shot_slice
+
+    budget = manifest = None
+    if args.budget is not None:  # a budget of an elastic checkpoint: its weights are sorted already
+        if args.params is not None or args.spec is not None:
+            raise StarElasticError("--budget slices an elastic checkpoint's trained budget: no --params or --spec")
+        budget, manifest = check_budget(resolve_model(args.model), args.budget, verify=args.verify)
+    elif args.verify:
+        raise StarElasticError("--verify checks an elastic checkpoint's files: it goes with --budget")
+    # the same flags as a library config; a placeholder stands for --spec until the file is read
+    cfg = SliceConfig(params=args.params, spec=budget if budget is not None else ElasticSpec() if args.spec else None,
+                      budget=args.budget, axes=args.axes, multiple=args.multiple, scores=args.scores or None,
+                      method=args.method, data=args.data, batches=args.batches, batch_size=args.batch_size,
+                      seq_len=args.seq_len, seed=args.seed)
+    check_config(cfg)
+    out = check_output(args.out, args.force)
+    if budget is not None:  # default dtype: as stored, so 1.0 is exact
+        return slice_budget(resolve_model(args.model), args.budget, out, manifest=manifest,
+                            dtype=pick_dtype(args.dtype, None) if args.dtype else None, log=_log)
+    if args.spec:
+        cfg = dataclasses.replace(cfg, spec=read_spec(args.spec))  # fails before loading
+
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device) if args.dtype else None  # default: as stored
+    model, tokenizer = load_model_and_tokenizer(args.model, device, dtype)
+    return zero_shot_slice(model, tokenizer, out, cfg, log=_log, parent=str(resolve_model(args.model)))
+
+
+# ----------------------------------------------------------------------------- checks
+
+def cmd_validate(args):
+    """validate.validate_checkpoint, its report, and --json; a failed check: exit status 1 (`cli.main`)."""
+    import sys
+
+    from .validate import validate_checkpoint
+
+    if args.json:
+        check_output(args.json, force=True, kind="file")
+    device = pick_device(args.device)
+    t0 = time.perf_counter()
+    report = validate_checkpoint(args.model, args.data, device, pick_dtype(args.dtype, device), args.seq_len,
+                                 args.max_tokens, args.batch_size)
+    print(f"validate {args.model}")
+    print(report.format())
+    if report.failed:
+        first = report.failures[0]
+        where = f"budget {first.budget}: " if first.budget else ""
+        print(f"star-elastic: validation failed: {where}{first.detail}", file=sys.stderr)
+    if args.json:
+        write_json({"checkpoint": str(args.model), "data": args.data, "seconds": round(time.perf_counter() - t0, 2),
+                    **report.to_dict()}, args.json)
+    return report
+
+
+def cmd_inspect(args):
+    """inspection.inspect_checkpoint, its report, and with --out the figures and inspect.json."""
+    from .inspection import format_report, inspect_checkpoint, write_inspection
+
+    out = check_output(args.out, args.force) if args.out else None
+    info = inspect_checkpoint(args.model, verify=args.verify)
+    print(format_report(info))
+    if out is not None:
+        written = write_inspection(info, out)
+        print(f"wrote {out}: {', '.join(written)}")
+    return info
