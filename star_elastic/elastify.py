@@ -18,7 +18,8 @@ from .elastic.checkpoint import save_elastic
 from .elastic.cost import CostModel, parse_budget
 from .elastic.importance import estimate_importance, permuted_scores
 from .elastic.router import DEFAULT_AXES, ESTIMATORS, Router, RouterConfig, project_budgets
-from .elastic.spec import ElasticSpec, masked
+from .elastic.masking import masked
+from .elastic.spec import ElasticSpec
 from .elastic.search import describe, search_spec
 from .elastic.sort import sort_model
 from .errors import StarElasticError

@@ -39,8 +39,10 @@ from .data import TokenBatches
 from .elastic.cost import Arch, Budget, CostModel
 from .elastic.losses import (LossWeights, advantage, budget_loss, drawn_cost, full_choice_loss, kd_loss,
                              score_function_loss, task_loss)
-from .elastic.router import Projection, Router, entropy, entropy_floor_loss, nested_in_band, project_budgets
-from .elastic.spec import ElasticSpec, masked
+from .elastic.router import (Projection, Router, entropy, entropy_floor_loss, full_projection, nested_in_band,
+                             project_budgets)
+from .elastic.masking import masked
+from .elastic.spec import ElasticSpec
 from .errors import StarElasticError
 from .evaluate import perplexity
 from .model import Model
@@ -396,8 +398,7 @@ class ElasticTrainer:
         for i in order:
             b = self.budgets[i]
             if b.is_full:
-                cost = self.cost.cost(b.kind, self.router.arch_of(upper))
-                chosen[i] = Projection(upper, b.target, cost, cost, False)
+                chosen[i] = full_projection(self.router, b, self.cost)
                 continue
             starts = [None]  # the argmax
             if self.warm_start is not None and self.warm_start[i] is not None:
@@ -407,20 +408,22 @@ class ElasticTrainer:
             starts += [self.router(i, mode="hard", generator=self.gumbel).choice for _ in range(self.cfg.freeze_select)]
             self.router.set_progress(progress)
             self.router.eval()
-            candidates = {}
+            candidates, argmax_key = {}, None
             for s in starts:
                 try:
                     p = nested_in_band(self.router, self.budgets, i, s, upper, self.cost, self.cfg.loss.band)
                 except StarElasticError:
                     continue  # no in-band architecture from this start
-                candidates.setdefault(tuple(sorted(p.choice.items())), p)
+                key = tuple(sorted(p.choice.items()))
+                argmax_key = key if s is None else argmax_key
+                candidates.setdefault(key, p)
             if not candidates:
                 raise StarElasticError(f"budget {b.name}: no in-band architecture nested in the larger budget's")
             scores = [score(p.choice) for p in candidates.values()]
             best = min(range(len(scores)), key=scores.__getitem__)
-            chosen[i] = list(candidates.values())[best]
+            key, chosen[i] = list(candidates.items())[best]
             self.selection.append({"step": self.step, "budget": b.name, "kd": [round(k, 5) for k in scores],
-                                   "chosen": best, "chosen_is_argmax": best == 0,
+                                   "chosen": best, "chosen_is_argmax": key == argmax_key,
                                    "cost_fraction": chosen[i].cost / b.full})
             upper = chosen[i].choice
         self.model.train()

@@ -10,7 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from star_elastic import parallel
-from star_elastic.elastic.spec import ElasticSpec, masked
+from star_elastic.elastic.masking import masked
+from star_elastic.elastic.spec import ElasticSpec
 from star_elastic.errors import StarElasticError
 from star_elastic.model import Model, ModelConfig
 from star_elastic.train import ElasticTrainer

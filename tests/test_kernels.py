@@ -17,7 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from star_elastic import kernels
 from star_elastic.elastic.losses import (CHUNK_ELEMENTS, HeadInput, LossWeights, head_input, kd_loss, next_token_ce,
                                          task_loss)
-from star_elastic.elastic.spec import ElasticSpec, masked
+from star_elastic.elastic.masking import masked
+from star_elastic.elastic.spec import ElasticSpec
 from star_elastic.model import Model, ModelConfig, ssd_scan
 
 CFG = ModelConfig(vocab_size=97, hidden_size=32, layer_types="M*ME", num_attention_heads=4, num_key_value_heads=2,

@@ -391,7 +391,7 @@ def test_the_freeze_keeps_the_architecture_that_distils_best(tmp_path):
     export is that architecture, nested and in band; the router then stays still."""
     from star_elastic.elastic.losses import kd_loss
     from star_elastic.elastic.router import project_budgets
-    from star_elastic.elastic.spec import masked
+    from star_elastic.elastic.masking import masked
 
     t = trainer(tmp_path, steps=20, router_freeze_fraction=0.25, freeze_select=6, freeze_select_batches=2)
     with torch.no_grad():  # a student away from its teacher, so architectures differ in KD

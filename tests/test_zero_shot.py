@@ -12,7 +12,7 @@ from conftest import entries, one_line_error, randomize_, rel_err, word_tokenize
 from star_elastic import hf
 from star_elastic.elastic import ElasticSpec
 from star_elastic.elastic.importance import random_importance
-from star_elastic.elastic.spec import masked
+from star_elastic.elastic.masking import masked
 from star_elastic.model import Model, ModelConfig
 from star_elastic.zero_shot import SliceConfig, parse_axes, slice_budget, zero_shot_slice
 

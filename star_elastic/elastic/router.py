@@ -543,15 +543,20 @@ def project_budgets(router: Router, budgets: list[Budget], costs: CostModel | No
         for i in order:
             b = budgets[i]
             if b.is_full:
-                c = router.full_choice()
-                cost = costs.cost(b.kind, router.arch_of(c))
-                out[i] = Projection(c, b.target, cost, cost, False)
-                upper = c
+                out[i] = full_projection(router, b, costs)
+                upper = out[i].choice
                 continue
             out[i] = nested_in_band(router, budgets, i, start[i] if start is not None else None, upper, costs, band,
                                     max_states)
             upper = out[i].choice
     return out
+
+
+def full_projection(router: Router, budget: Budget, costs: CostModel) -> Projection:
+    """The full budget's architecture: the parent, unprojected."""
+    c = router.full_choice()
+    cost = costs.cost(budget.kind, router.arch_of(c))
+    return Projection(c, budget.target, cost, cost, False)
 
 
 def nested_in_band(router: Router, budgets: list[Budget], i: int, start: dict | None, upper: dict[str, int],

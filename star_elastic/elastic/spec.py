@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from star_elastic.errors import StarElasticError
-from star_elastic.elastic.masking import masked  # noqa: F401  (re-exported: `spec.masked` is its older home)
+from star_elastic.elastic.masking import masked  # noqa: F401  (re-exported for code written against the older home, e.g. benchmarks/bench_masks.py run on an older tree)
 from star_elastic.model import PER_LAYER_SIZES, ModelConfig
 
 Q, KV = "num_attention_heads", "num_key_value_heads"
