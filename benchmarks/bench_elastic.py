@@ -116,6 +116,9 @@ def parse_args(argv=None):
     ap.add_argument("--freeze-select", type=int, default=8,
                     help="with --router-freeze: router draws among which each budget's frozen architecture is "
                          "chosen by measured KD (0: the router's argmax)")
+    ap.add_argument("--router-prior", type=float, default=0.0,
+                    help="weight of the pull of each smaller budget's router toward (a)'s architecture, all through "
+                         "training (TrainConfig.router_prior; needs --warm-start 1)")
     ap.add_argument("--small-weights", default="0.2,0.4,0.4", help="stage-2 budget weights of elastic_small")
     ap.add_argument("--no-minitron", action="store_true", help="skip (c) (e.g. when another GPU runs it: --merge)")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
@@ -124,8 +127,10 @@ def parse_args(argv=None):
     ap.add_argument("--zero-shot", choices=["search", "shrink"], default="search",
                     help="(a): the best homogeneous architecture over axis combinations by calibration "
                          "perplexity (search), or choose_spec's combined shrink of all axes")
-    ap.add_argument("--minitron-arch", choices=["search", "elastic"], default="search",
-                    help="(c) distils choose_spec's architecture (search, as (a)) or the one the router chose in (b)")
+    ap.add_argument("--minitron-arch", default="search", metavar="search|elastic|RESULT.json",
+                    help="(c) distils (a)'s searched architecture (search), the one the router chose in (b) of this "
+                         "run (elastic), or the (b) architectures recorded in an earlier result file of the same "
+                         "part and seed (the like-for-like check when (b) and (c) do not fit in one process)")
     ap.add_argument("--max-docs", type=int, help="first N documents of each corpus only (quick runs)")
     # (B) the parent and its pretraining (bench_zero_shot.py --moe's defaults)
     ap.add_argument("--pretrain-steps", type=int, default=600)
@@ -181,6 +186,24 @@ class Results:
         self.data["seconds"] = round(time.perf_counter() - self.t0, 1)
         if self.args.json:
             common.write_json(self.args.json, self.data)
+
+
+def recorded_elastic_specs(path: str, part_name: str, seed: int, smaller) -> dict:
+    """budget name -> the (b) architecture of that budget in an earlier bench_elastic result file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise StarElasticError(f"--minitron-arch {path}: cannot read a result file ({e})") from None
+    if data.get("seed") != seed:
+        raise StarElasticError(f"--minitron-arch {path}: that run used seed {data.get('seed')}, this one {seed} "
+                               "(the seed draws the held-out text, so the rows would not compare)")
+    rows = (data.get(part_name) or {}).get("rows", [])
+    found = {r["budget"]: ElasticSpec.from_dict(r["spec"]) for r in rows if r.get("method") == "elastic"}
+    missing = [b.name for b in smaller if b.name not in found]
+    if missing:
+        raise StarElasticError(f"--minitron-arch {path}: no (b) elastic row of part {part_name} for budget(s) "
+                               f"{', '.join(missing)}")
+    return {b.name: found[b.name] for b in smaller}
 
 
 def heldout_streams(tokenizer, args, primary_heldout: torch.Tensor | None = None) -> dict:
@@ -334,6 +357,8 @@ def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, 
     save()
     if args.minitron_arch == "elastic" and elastic_specs is not None:
         specs = elastic_specs
+    elif args.minitron_arch not in ("search", "elastic"):
+        specs = {**specs, **recorded_elastic_specs(args.minitron_arch, part["part"], args.seed, smaller)}
 
     # (c) Minitron-style: each smaller budget alone, T / len(smaller) tokens
     methods["minitron"] = {"tokens": 0, "train_seconds": 0.0, "per_budget": {}}
@@ -379,6 +404,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                        full_anchor=args.full_anchor if variant == "elastic_anchor" else 0.0,
                        router_estimator=args.router_estimator, router_freeze_fraction=args.router_freeze,
                        freeze_select=args.freeze_select,
+                       router_prior=args.router_prior if router is not None and args.warm_start else 0.0,
                        stage2_weights=[float(w) for w in args.small_weights.split(",")] if variant == "elastic_small"
                        else None)
     tmp = tempfile.TemporaryDirectory(prefix="bench_elastic_")  # metrics.jsonl of ElasticTrainer.run
@@ -390,8 +416,12 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     logs, every = [], max(1, steps // 10)
+    trajectory = []  # each smaller budget's argmax architecture after every tenth: when did it settle?
     while trainer.step < steps:  # the package's loop (ElasticTrainer.run), a tenth at a time
         logs += trainer.run(progress=False, stop_after=every)
+        if router is not None:
+            trajectory.append({"step": trainer.step, **{b.name: describe(router.spec(i), cfg)
+                                                         for i, b in enumerate(budgets) if not b.is_full}})
         el = clock(device) - t
         tok_s = trainer.step * tokens_per_step / el
         recent = {}
@@ -429,7 +459,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
     methods[variant] = {"tokens": steps * tokens_per_step, "steps": steps, "train_seconds": round(train_s, 1),
                         "eval_seconds": round(clock(device) - t, 1), "full_anchor": tcfg.full_anchor,
                         "tokens_per_s": round(steps * tokens_per_step / train_s), "peak_gpu_gib": peak,
-                        "selection": trainer.selection,
+                        "selection": trainer.selection, "argmax_trajectory": trajectory,
                         "log": [{k: v for k, v in lg.items() if k != "eval"} for lg in logs[::max(1, steps // 60)]]}
     tmp.cleanup()
     return final

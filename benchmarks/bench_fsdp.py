@@ -10,6 +10,10 @@ Two parts:
   parameter, 162 GB, before the bf16 teacher); sharded over the ranks it does. Peak memory per rank, tokens/s and model FLOP
   utilisation (6 x active parameters per student token, 2x for the teacher and for the argmax
   forward of the score estimator).
+  By default every rank builds the parent whole on its GPU and the trainer shards it; with
+  `--meta-init` it is built on the meta device and each rank materialises only its own shards
+  (parallel.meta_sharded), initialised as the constructor would (parallel.init_sharded_, one layer
+  whole at a time): the parent never sits whole on one device.
 
     torchrun --nproc_per_node 2 benchmarks/bench_fsdp.py --part check,nano --json fsdp.json
 """
@@ -50,14 +54,21 @@ def active_params(cfg: ModelConfig, model: Model) -> float:
     return total - embed - routed * (1 - cfg.num_experts_per_tok / cfg.n_routed_experts)
 
 
-def trainer(cfg: ModelConfig, device, name: str, shard: str, steps: int, batch: int, seq: int, tmp: str):
+def trainer(cfg: ModelConfig, device, name: str, shard: str, steps: int, batch: int, seq: int, tmp: str,
+            meta_init: bool = False):
     torch.manual_seed(0)
-    with torch.device(device):
-        model = Model(cfg)
-    teacher = copy.deepcopy(model).to(torch.bfloat16)
+    if meta_init:  # never whole; sharded as the trainer shards (so it keeps them), the weights of the path below
+        mixed = device.type == "cuda"
+        model = parallel.init_sharded_(parallel.meta_sharded(cfg, torch.float32, device, mixed_precision=mixed), 0)
+        teacher = parallel.init_sharded_(parallel.meta_sharded(cfg, torch.bfloat16, device, mixed_precision=mixed), 0)
+    else:
+        with torch.device(device):
+            model = Model(cfg)
+        teacher = copy.deepcopy(model).to(torch.bfloat16)
     with torch.no_grad():  # a student that differs from its teacher, so the KD is not zero
         for p in model.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+            local = p.to_local() if meta_init else p  # meta_init: this rank's shard
+            local.add_(0.01 * torch.randn_like(local))
     budgets = [parse_budget(b, cfg) for b in ["1.0", "0.75", "0.5"]]
     router = Router(cfg, budgets, RouterConfig()).to(device)
     g = torch.Generator().manual_seed(1)
@@ -102,10 +113,10 @@ def part_check(device, rank, tmp, steps, seq) -> dict:
     return out
 
 
-def part_nano(device, ranks, tmp, steps, batch, seq) -> dict:
+def part_nano(device, ranks, tmp, steps, batch, seq, meta_init=False) -> dict:
     reset_peak(device)
-    t = trainer(NANO, device, "nano", "fsdp", steps, batch, seq, tmp)
-    # the whole train state gathered on one host would be 3 x 36 GB (no sharded checkpoints yet): not saved
+    t = trainer(NANO, device, "nano", "fsdp", steps, batch, seq, tmp, meta_init=meta_init)
+    # the train state is written sharded (DCP) by the trainer, but this benchmark measures steps only: not saved
     t.save_state = lambda: None
     with torch.device("meta"):
         meta = Model(NANO)
@@ -121,7 +132,7 @@ def part_nano(device, ranks, tmp, steps, batch, seq) -> dict:
             "tokens_per_s_median": round(tok_s), "budgets": [l["budget"] for l in logs],
             "tokens_per_s": [round(l["tokens_per_s"]) for l in logs],
             "mfu_upper_bound": round(flops / (ranks * BF16_PEAK), 4), "parallel": t.distribution,
-            "batch_tokens": batch * seq}
+            "batch_tokens": batch * seq, "init": "meta, sharded" if meta_init else "whole, then sharded"}
 
 
 def main():
@@ -130,6 +141,8 @@ def main():
     ap.add_argument("--steps", type=int, default=12, help="training steps of each run")
     ap.add_argument("--nano-batch", type=int, default=8, help="sequences per step over all ranks (nano)")
     ap.add_argument("--nano-seq", type=int, default=1024)
+    ap.add_argument("--meta-init", action="store_true",
+                    help="nano: build the parent on the meta device, each rank materialising only its shards")
     ap.add_argument("--json")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; runs on the CPU too")
     args = ap.parse_args()
@@ -152,7 +165,7 @@ def main():
                 out["check"] = part_check(device, rank, tmp[0], args.steps, 64 if args.smoke else 512)
             elif part == "nano":
                 out["nano"] = part_nano(device, ranks, tmp[0], args.steps, args.nano_batch,
-                                         64 if args.smoke else args.nano_seq)
+                                         64 if args.smoke else args.nano_seq, meta_init=args.meta_init)
             else:
                 raise SystemExit(f"unknown part {part!r}: check or nano")
             if rank == 0:

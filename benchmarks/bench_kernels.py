@@ -9,7 +9,7 @@ Parts, in the order they run (`--parts`):
    inputs at the scales training sees, not zeros).
 2. kd: the distillation loss at a 131,072-token vocabulary over 8,192 tokens (hidden 2688), from
    the LM head's input on (head matmuls included), forward + backward under bf16 autocast: whole
-   fp32 logits as train.py computes them today (unchunked), the same logits with kd_loss's chunks,
+   fp32 logits as train.py computed them before issue 16 (unchunked), the same logits with kd_loss's chunks,
    and the fused head (`HeadInput`: student, then student and teacher); time and peak memory.
 3. train: whole elastic training steps (star_elastic.train.ElasticTrainer, bf16 autocast, AdamW,
    budgets 1.0 / 0.75 / 0.5 with the router) of a Nano-width parent: hidden 2688, 128 experts top-6
@@ -17,8 +17,8 @@ Parts, in the order they run (`--parts`):
    heads x 128, vocabulary 131072, layers `MEM*EM` (the 3.44B parent of issue 16's 27,151 tokens/s;
    `--pattern MEMEM*EME` is 6.07B, about 121 GB of weights, gradients, AdamW and teacher). With the
    einsum scan (STAR_ELASTIC_NO_TRITON=1), with the Triton scan, and with the Triton scan and the
-   fused KD (the trainer's model and teacher calls made to return `HeadInput`s, as the train.py
-   change proposed for issue 16 item 2 would, emulated here without editing train.py). Tokens/s and
+   fused KD (train.py's default since issue 16: the trainer hands kd_loss `HeadInput`s; the other
+   variants put back whole-batch logits, `model(x)`, as train.py did before). Tokens/s and
    model FLOP utilisation: 6 x active parameters per student token + 2 x for the teacher's forward,
    over the H200's 790 TFLOP/s bf16 peak (an argmax forward of the score estimator on smaller
    budgets comes on top, uncounted).
@@ -66,7 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from star_elastic import kernels  # noqa: E402
 from star_elastic.elastic.cost import parse_budget  # noqa: E402
-from star_elastic.elastic.losses import HeadInput, head_input, kd_loss  # noqa: E402
+from star_elastic.elastic.losses import HeadInput, kd_loss  # noqa: E402
 from star_elastic.elastic.router import Router, RouterConfig  # noqa: E402
 from star_elastic.elastic.spec import ElasticSpec, masked  # noqa: E402
 from star_elastic.model import Model, ModelConfig, ssd_scan  # noqa: E402
@@ -410,30 +410,18 @@ def active_params(cfg: ModelConfig, model: Model) -> float:
     return total - model.embed.weight.numel() - routed * (1 - cfg.num_experts_per_tok / cfg.n_routed_experts)
 
 
-def _head_forward(model: Model):
-    """A forward for `model` that returns `head_input(model, x)`: the trainer's `self.model(x)` and
-    `self.teacher(x)` then hand kd_loss HeadInputs, as the proposed train.py change would."""
-
-    def forward(input_ids, **kwargs):
-        vars(model).pop("forward")
-        try:
-            return head_input(model, input_ids, **kwargs)
-        finally:
-            vars(model)["forward"] = forward
-
-    return forward
-
-
 @contextmanager
-def fused_kd(*models, on: bool):
-    if on:
-        for m in models:
-            vars(m)["forward"] = _head_forward(m)
+def fused_kd(on: bool):
+    """The trainer hands kd_loss HeadInputs (train.py's default: the head applied a chunk at a time),
+    or, off, whole-batch logits: `model(x)` in place of `head_input(model, x)`, the earlier train.py."""
+    import star_elastic.train as train_module
+    own = train_module.head_input
+    if not on:
+        train_module.head_input = lambda model, input_ids, **kwargs: model(input_ids, **kwargs)
     try:
         yield
     finally:
-        for m in models:
-            vars(m).pop("forward", None)
+        train_module.head_input = own
 
 
 def _train(model, teacher, cfg, budgets, rows, batch, seq, steps, device):
@@ -474,7 +462,7 @@ def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: in
     for name, triton_on, fused in variants:
         r = out["variants"][name] = {}
         try:
-            with triton_switch(triton_on), fused_kd(model, teacher, on=fused):
+            with triton_switch(triton_on), fused_kd(on=fused):
                 logs, r["peak_gib"] = _train(model, teacher, cfg, budgets, rows, batch, seq, steps, device)
             timed_logs = logs[2:] if len(logs) > 3 else logs[1:] or logs
             tok_s = sorted(log["tokens_per_s"] for log in timed_logs)[len(timed_logs) // 2]

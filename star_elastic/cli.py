@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from . import commands
+from .convert import DTYPES as CONVERT_DTYPES, FORMATS
 from .runtime import DEFAULT_MODEL
 
 
@@ -92,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--router-estimator", choices=["score", "straight-through"], default="score",
                     help="how distillation reaches the router's choices: a score-function term, each draw against "
                          "the argmax on the same batch (score), or straight-through masks (the older rule)")
+    sp.add_argument("--router-prior", type=float, default=0.0,
+                    help="pull of each smaller budget's router toward the search's architecture, all through "
+                         "training, so it leaves it only where distillation quality outweighs the pull "
+                         "(needs --router-init search; 0: off)")
     sp.add_argument("--router-freeze", type=float, default=0.0,
                     help="the last share of the steps trains each budget's exported (in-band argmax) architecture, "
                          "the router fixed (0: off)")
@@ -112,8 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("demo", help="the quick-start demo: elastify SmolLM2 on real text (CPU- or GPU-sized)")
     model_args(sp, positional=False)
-    sp.add_argument("--data", default="wiki")
-    for flag, kind in (("--budgets", str), ("--axes", str), ("--tokens", int), ("--seq-len", int),
+    for flag, kind in (("--data", str), ("--budgets", str), ("--axes", str), ("--tokens", int), ("--seq-len", int),
                        ("--batch-size", int), ("--lr", float), ("--calib-batches", int), ("--eval-tokens", int)):
         sp.add_argument(flag, type=kind, help="default: the CPU or GPU preset (DEMO_PRESETS in commands.py)")
     sp.add_argument("--out", default="runs/demo-elastic", help="where the elastic checkpoint goes")
@@ -153,8 +157,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--axes", help="comma-separated axes to shrink for --params (default: hidden,attention,mamba,"
                                    "ffn,experts; also mamba_channels, expert_ffn, shared_ffn, depth)")
     sp.add_argument("--multiple", type=int, metavar="N", help=MULTIPLE_HELP)
+    sp.add_argument("--format", choices=FORMATS, default="hf",
+                    help="hf (default): a stock Hugging Face checkpoint (per-layer sizes: star-elastic's format); "
+                         "decilm: a Llama budget, per-layer or not, as DeciLM / Nemotron-NAS block_configs, which "
+                         "vLLM serves (unquantised; refused in one line where the format cannot hold the budget)")
     calibration_args(sp, data_required=False)
     sp.set_defaults(fn=commands.cmd_slice)
+
+    sp = sub.add_parser("convert", help="a whole checkpoint, plain or elastic (every budget nested, the manifest "
+                                        "kept), in FP8 or another dtype")
+    sp.add_argument("model", metavar="CKPT",
+                    help="checkpoint directory (config.json + safetensors): a plain one, or an elastic checkpoint")
+    sp.add_argument("--dtype", choices=CONVERT_DTYPES, required=True,
+                    help="fp8: linear weights float8_e4m3fn with one float32 scale per output row (transformers' "
+                         "fine-grained FP8; scales that nest, so every budget slices in FP8), the rest bfloat16; "
+                         "or a floating-point dtype (an FP8 checkpoint is dequantised)")
+    sp.add_argument("--out", required=True, help="output directory")
+    sp.add_argument("--force", action="store_true", help="replace --out if it exists")
+    sp.set_defaults(fn=commands.cmd_convert)
 
     sp = sub.add_parser("validate", help="check every budget of an elastic checkpoint (exit 1 on any failure)")
     model_args(sp)

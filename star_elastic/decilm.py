@@ -17,8 +17,11 @@ as hidden_size // num_attention_heads instead would misbuild a budget that cut t
 
 Stock transformers has no `nemotron-nas` class: the config class comes with the checkpoint
 (`configuration_decilm.py`, `auto_map`, loaded with trust_remote_code), which is how vLLM parses the
-format too. This module knows the format only; `elastic/slicing.py` writes the checkpoint and
-`hf.read_config` reads one back (`as_star_elastic`). Nothing here imports hf.py.
+format too. The weights are written unquantised (a model loaded from FP8 is exported dequantised).
+This module knows the format only; `elastic/slicing.py` writes the checkpoint (`export(...,
+format="decilm")`), `convert.write_decilm` rewrites an exported Llama slice as one (`star-elastic
+slice ... --format decilm`), and `hf.read_config` reads one back (`as_star_elastic`). Nothing here
+imports hf.py.
 """
 
 from __future__ import annotations
@@ -55,14 +58,20 @@ def _refuse(reason: str) -> StarElasticError:
     return StarElasticError(f"cannot write DeciLM block_configs: {reason}")
 
 
-def block_configs(cfg: ModelConfig) -> list[dict]:
-    """One `block_configs` entry per layer of the Llama `cfg` (per-layer sizes or not), or a one-line
-    StarElasticError saying why the format cannot hold it exactly."""
+def check_parent(cfg: ModelConfig) -> None:
+    """What any budget of a parent `cfg` needs to be written as DeciLM, known before a spec is chosen:
+    a Llama with gated SiLU MLPs; else a one-line StarElasticError. `block_configs` checks a budget's sizes."""
     if cfg.family != "llama":
         raise _refuse(f"they describe Llama layers (attention + gated MLP), not a {cfg.family} model with Mamba / "
                       "MoE blocks; per-layer NemotronH budgets stay in star-elastic's format (README: what loads where)")
     if cfg.mlp_act != "silu":
         raise _refuse(f"hidden_act {cfg.mlp_act!r}: vLLM's DeciLM runs gated SiLU MLPs only")
+
+
+def block_configs(cfg: ModelConfig) -> list[dict]:
+    """One `block_configs` entry per layer of the Llama `cfg` (per-layer sizes or not), or a one-line
+    StarElasticError saying why the format cannot hold it exactly."""
+    check_parent(cfg)
     layers = [cfg.layer(i) for i in range(cfg.num_layers)]
     heads = {c.num_attention_heads for c in layers}
     if len(heads) > 1:
@@ -87,8 +96,10 @@ def decilm_config(cfg: ModelConfig, llama: dict) -> dict:
     `hf.config_to_hf`) with the per-layer `block_configs`. The global `intermediate_size` and
     `num_key_value_heads` are null, as in NVIDIA's checkpoints: every layer's are in its block. RoPE is
     written both as transformers 5 has it (`rope_parameters`) and as transformers 4 does (`rope_theta`,
-    `rope_scaling`), for engines built on either."""
-    d = dict(llama)
+    `rope_scaling`), for engines built on either. A `quantization_config` in `llama` (inherited from a
+    model loaded from FP8, whose weights are held dequantised) is dropped: DeciLM checkpoints are
+    written unquantised, and a stale FP8 config would make a reader expect FP8 weights and scales."""
+    d = {k: v for k, v in llama.items() if k != "quantization_config"}
     d["block_configs"] = block_configs(cfg)
     d.update(architectures=[ARCHITECTURE], model_type=MODEL_TYPE, num_hidden_layers=cfg.num_layers,
              intermediate_size=None, num_key_value_heads=None,

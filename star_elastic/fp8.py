@@ -32,7 +32,7 @@ Our loader (`hf.load`, hence eval / generate / serve / validate) dequantises on 
 (`dequantize_tensors`; any `weight_block_size`, per tensor or per block, is read). FP8 matmuls on a
 GPU are not used yet: the model computes in the dtype it is loaded in.
 
-`python -m star_elastic.convert SRC --out DST` (convert.py) writes the FP8 copy of a checkpoint
+`star-elastic convert SRC --dtype fp8 --out DST` (convert.py) writes the FP8 copy of a checkpoint
 directory, plain or elastic (router, importance scores and tokenizer copied, the manifest's
 checksums rewritten).
 """

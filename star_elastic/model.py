@@ -409,9 +409,14 @@ class TopkRouter(nn.Module):
     def _apply(self, fn, recurse=True):
         # Routing is decided by small score differences: like transformers, keep it in fp32 whatever
         # dtype the rest of the model is cast to.
+        before = {"weight": self.weight.data, "e_score_correction_bias": self.e_score_correction_bias.data}
         super()._apply(fn, recurse)
-        self.weight.data = self.weight.data.float()
-        self.e_score_correction_bias.data = self.e_score_correction_bias.data.float()
+        for name, old in before.items():
+            t = getattr(self, name)
+            if t.dtype != torch.float32 and old.dtype == torch.float32 and not old.is_meta:
+                t.data = old.to(t.device)  # a cast to a lower precision: keep the fp32 values, not their rounding
+            else:
+                t.data = t.data.float()
         return self
 
     def forward(self, x):

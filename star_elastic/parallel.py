@@ -10,6 +10,11 @@ of sharded modules: `full_state_dict` gathers them tensor by tensor (every rank 
 may keep them), `load_full_state_dict` copies whole tensors into the shards, `unsharded_copy`
 rebuilds a plain model.
 
+A parent too big for one device is never built whole: `meta_sharded` builds it on the meta device,
+shards it as `shard_model` does and allocates only each rank's own shards; `local_rows` says which
+rows of a whole tensor a rank holds, so that they can be read straight from a checkpoint
+(sharded_load.py) or initialised as the constructor would (`init_sharded_`).
+
 Masks (elastic/masking.py) are hooks and in-place class swaps of the modules, holding no parameters:
 FSDP does not manage them, and they work on a sharded model as on a whole one.
 """
@@ -22,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .model import Model
+from .model import Block, LlamaLayer, Model, ModelConfig, RMSNorm, rope_frequencies
 
 try:  # torch >= 2.6 exports these publicly
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -62,11 +67,16 @@ def shard_model(model: Model, *, mixed_precision: bool, reshard_after_forward: b
     add their (autocast bf16) updates to, as the replicated path does; the LM head's matmul runs in
     bf16 under autocast either way. `reshard_after_forward`: free each block's gathered parameters
     after its forward (gather again for the backward), the least memory; False keeps them until the
-    backward."""
+    backward. A model built sharded (`meta_sharded`) is returned as it is, if sharded with this policy."""
     if not available():
         raise RuntimeError("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
     if not dist.is_initialized():
         raise RuntimeError("sharding needs torch.distributed initialised (launch with torchrun)")
+    if is_sharded(model):  # built sharded (meta_sharded, sharded_load.load_sharded): keep it if it matches
+        if getattr(model, "fsdp_mixed_precision", mixed_precision) != mixed_precision:
+            raise RuntimeError(f"the model is already sharded with mixed_precision={model.fsdp_mixed_precision}, "
+                               f"not {mixed_precision}")
+        return model
     # A hard-dropped layer (elastic/masking.py, depth 0) returns its input, which FSDP's forward hooks
     # have made a view: FSDP warns that an in-place op on it would skip its backward hook. The model
     # never changes a block's output in place (gradients equal the unsharded model's, tests/test_fsdp.py).
@@ -78,6 +88,7 @@ def shard_model(model: Model, *, mixed_precision: bool, reshard_after_forward: b
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     root = MixedPrecisionPolicy(reduce_dtype=torch.float32 if mixed_precision else None, cast_forward_inputs=False)
     fully_shard(model, mesh=mesh, mp_policy=root, reshard_after_forward=reshard_after_forward)
+    model.fsdp_mixed_precision = mixed_precision  # for a second call (the trainer's, on a model built sharded)
     return model
 
 
@@ -135,3 +146,96 @@ def unsharded_copy(model: Model) -> Model:
     plain.to(p.dtype)
     plain.load_state_dict(weights)
     return plain.train(model.training)
+
+
+# ----------------------------------------------------------------------------- built sharded
+
+def default_device() -> torch.device:
+    """This rank's device as train.init_distributed picks it: its GPU, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def meta_sharded(cfg: ModelConfig, dtype: torch.dtype, device=None, *, mixed_precision: bool = False,
+                 reshard_after_forward: bool = True, mesh=None) -> Model:
+    """`Model(cfg).to(dtype)` sharded by `shard_model`, without ever existing whole: built on the meta
+    device, sharded there, then each rank allocates its own shards (and the small unsharded buffers)
+    on `device`, uninitialised: fill them with `copy_rows_` (from a checkpoint: sharded_load.py) or
+    `init_sharded_`. The rotary `inv_freq`, the one buffer that no checkpoint holds, is rebuilt here
+    as `hf.load` builds it."""
+    device = torch.device(device) if device is not None else default_device()
+    with torch.device("meta"):
+        model = Model(cfg)
+    model.to(dtype)  # as Model.to casts it: the MoE router stays float32 (model.TopkRouter._apply)
+    unknown = {n for n, _ in model.named_buffers()} - set(model.state_dict()) - {"inv_freq"}
+    if unknown:  # a new non-persistent buffer would come out as uninitialised memory: say so
+        raise RuntimeError(f"meta_sharded does not know how to rebuild the buffer(s) {sorted(unknown)}")
+    # the mesh comes from `device`: the model's own parameters are on the meta device
+    shard_model(model, mixed_precision=mixed_precision, reshard_after_forward=reshard_after_forward,
+                mesh=mesh if mesh is not None else device_mesh(device))
+    model.to_empty(device=device)  # FSDP2 re-pads each rank's shard into its new storage; ties survive
+    if model.inv_freq is not None:
+        model.inv_freq = rope_frequencies(cfg).to(device=device, dtype=dtype)
+    return model
+
+
+def local_rows(n: int, ranks: int, rank: int) -> slice:
+    """The rows of dim 0 (of n) that `rank` of `ranks` holds under Shard(0): torch.chunk's split, as
+    FSDP2 and `distribute_tensor` cut it (chunks of ceil(n / ranks) rows; the last ranks may hold
+    fewer, or none, and FSDP2 pads them)."""
+    size = -(-n // ranks)
+    start = min(rank * size, n)
+    return slice(start, min(start + size, n))
+
+
+def rows_of(t: torch.Tensor) -> slice:
+    """The rows of the whole tensor that this rank holds of `t`: its shard's for a DTensor (sharded
+    on dim 0 over a 1-D mesh, as `shard_model` shards), all of them for a plain tensor."""
+    if DTensor is None or not isinstance(t, DTensor):
+        return slice(None)
+    (placement,) = t.placements
+    if not (placement.is_shard() and placement.dim == 0):
+        raise RuntimeError(f"expected a DTensor sharded on dim 0, got placement {placement}")
+    mesh = t.device_mesh
+    return local_rows(t.shape[0], mesh.size(), mesh.get_local_rank())
+
+
+@torch.no_grad()
+def copy_rows_(t: torch.Tensor, rows: torch.Tensor) -> None:
+    """Copy `rows` (the rows `rows_of(t)` of the whole tensor, any dtype) into this rank's part of
+    `t`, cast to t's dtype."""
+    local = t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+    if local.shape != rows.shape:
+        raise RuntimeError(f"a shard of shape {tuple(local.shape)} cannot take rows of shape {tuple(rows.shape)}")
+    local.copy_(rows)
+
+
+def constructor_units(cfg: ModelConfig):
+    """(prefix, build) of each piece of `Model(cfg)`, in the order its constructor builds them and so
+    draws its random numbers: embeddings, every layer, the final norm, the LM head."""
+    llama = cfg.family == "llama"
+    yield ("model.embed_tokens." if llama else "model.embeddings."), lambda: nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+    for i, kind in enumerate(cfg.layer_types):
+        yield f"model.layers.{i}.", (lambda i=i, kind=kind: LlamaLayer(cfg.layer(i)) if llama
+                                     else Block(cfg.layer(i), kind))
+    yield ("model.norm." if llama else "model.norm_f."), lambda: RMSNorm(cfg.hidden_size, cfg.norm_eps)
+    yield "lm_head.", lambda: nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+
+@torch.no_grad()
+def init_sharded_(model: Model, seed: int, build_device=None) -> Model:
+    """Fill a `meta_sharded` model with the weights `torch.manual_seed(seed)` then `Model(cfg)` on
+    `build_device` gives (default: the shards' device), exactly: each piece is built whole in the
+    constructor's order, one at a time (the largest, a layer, is the most ever whole), and each rank
+    keeps its own rows. Every rank draws the same numbers, so the shards are of one model."""
+    own = dict(model.named_parameters()) | dict(model.named_buffers())  # a tied LM head: the embeddings' name only
+    device = build_device or next(model.parameters()).device
+    torch.manual_seed(seed)
+    for prefix, build in constructor_units(model.config):
+        with torch.device(device):
+            unit = build()
+        for name, v in unit.state_dict().items():
+            t = own.get(prefix + name)
+            if t is not None:
+                copy_rows_(t, v[rows_of(t)])
+        del unit
+    return model

@@ -8,7 +8,9 @@ for the ablation without one), and the student runs masked to it; the router lea
 distil better from a score-function term against its argmax architecture on the same batch (one
 extra forward without gradient, skipped when the draw is the argmax). With `full_anchor` the full
 model is also distilled on the same batch. The model code knows nothing of this: masks are applied
-from outside it (`masked`, elastic/masking.py).
+from outside it (`masked`, elastic/masking.py). The distillation losses take the models' final hidden
+states and LM head weight (`head_input`) and apply the head a chunk of tokens at a time, so training
+never holds the (tokens, vocab) logits of a whole batch.
 
 Distribution is applied from outside, torchrun style: under `torch.distributed` every rank draws
 the same global batch order and takes its own slice of it, all ranks sample the same budget and
@@ -37,8 +39,8 @@ from tqdm.auto import tqdm
 from . import parallel
 from .data import TokenBatches
 from .elastic.cost import Arch, Budget, CostModel
-from .elastic.losses import (LossWeights, advantage, budget_loss, drawn_cost, full_choice_loss, kd_loss,
-                             score_function_loss, task_loss)
+from .elastic.losses import (HeadInput, LossWeights, advantage, budget_loss, drawn_cost, full_choice_loss,
+                             head_input, kd_loss, score_function_loss, task_loss)
 from .elastic.router import (Projection, Router, entropy, entropy_floor_loss, full_projection, nested_in_band,
                              project_budgets)
 from .elastic.masking import masked
@@ -75,6 +77,9 @@ class TrainConfig:
     router_band_penalty: float = 10.0  # in that term's advantage, per unit of relative cost outside the band:
     #                                    a draw that distils better only by leaving the band is not rewarded
     router_warmup_steps: int = 300  # budget-only steps of the router before any model step (cheap)
+    router_prior: float = 0.0  # >0: weight of a cross-entropy pulling each smaller budget's router toward its
+    #                            warm-start (search) architecture all through training, so it leaves it only
+    #                            where the quality term outweighs the pull; needs warm_start
     budget_cost: str = "drawn"  # the budget loss judges the "drawn" architecture or the "expected" one
     router_clip: float = 1.0  # the router's gradient is clipped on its own (the model's norm would drown it)
     entropy_floor: float = 0.1  # least normalised entropy of each router choice distribution (no saturation)
@@ -153,6 +158,9 @@ class ElasticTrainer:
         if warm_start is not None and len(warm_start) != len(budgets):
             raise StarElasticError(f"{len(warm_start)} warm-start architectures for {len(budgets)} budgets")
         self.warm_start = warm_start
+        if cfg.router_prior and (router is None or warm_start is None):
+            raise StarElasticError("a router prior pulls toward warm-start architectures: give warm_start "
+                                   "(elastify: --router-init search) or set the prior to 0")
         # every step holds batch_size x seq_len tokens; stage 2 holds the same tokens in longer rows
         self.row_len = max(cfg.seq_len, cfg.stage2_seq_len or 0)
         if rows.shape[1] < self.row_len:
@@ -170,8 +178,9 @@ class ElasticTrainer:
         if self.shard == "fsdp":  # before the optimiser: it is built over the sharded parameters
             mesh = parallel.device_mesh(self.device)
             mixed = self.device.type == "cuda"  # bf16 compute, fp32 master weights and reductions
-            parallel.shard_model(model, mixed_precision=mixed, mesh=mesh)
-            parallel.shard_model(teacher, mixed_precision=mixed, mesh=mesh)
+            for m in (model, teacher):
+                parallel.shard_model(m, mixed_precision=mixed, mesh=mesh)
+                _keep_root_unsharded(m)
         # every rank draws the same global batches; each keeps its own slice (see module docstring)
         self.batches = TokenBatches(rows[:, :self.row_len], tokens // self.row_len, seed=cfg.seed)
         self.sampler = torch.Generator().manual_seed(cfg.seed + 1)  # budgets
@@ -317,6 +326,13 @@ class ElasticTrainer:
     def _ctx(self):
         return self.autocast if self.autocast is not None else torch.autocast("cpu", enabled=False)
 
+    def _head(self, model: Model, x: torch.Tensor) -> HeadInput:
+        """`model` on x up to its LM head, under the trainer's autocast (in the caller's grad mode). The
+        losses apply the head a chunk of tokens at a time, so no (tokens, vocab) logits of the batch
+        exist: at a 131k vocabulary those dwarf the activations (elastic/losses.py)."""
+        with self._ctx():
+            return head_input(model, x)
+
     def _batch(self, L: int) -> torch.Tensor:
         """This rank's share of the next global batch, as rows of L tokens."""
         rows = next(self.batches)
@@ -378,15 +394,15 @@ class ElasticTrainer:
         rows = self.batches.rows[:per_step * self.cfg.freeze_select_batches, :self.row_len]
         mine = rows.reshape(self.cfg.freeze_select_batches, self.world, -1, self.row_len)[:, self.rank]
         mine = mine.reshape(self.cfg.freeze_select_batches, -1, self.cfg.seq_len)
-        with self._ctx():
-            teacher = [self.teacher(x.to(self.device)) for x in mine]
+        # kept for every candidate: the teacher's final hidden states (tokens x D), not its logits
+        teacher = [self._head(self.teacher, x.to(self.device)).detach() for x in mine]
 
         def score(choice) -> float:
             masks = {k: v.to(self.device) for k, v in self.router.hard_masks(choice).items()}
             total = torch.zeros((), dtype=torch.float64, device=self.device)
-            with masked(self.model, masks), self._ctx():
+            with masked(self.model, masks):
                 for x, t in zip(mine, teacher):
-                    total += kd_loss(self.model(x.to(self.device)), t).double()
+                    total += kd_loss(self._head(self.model, x.to(self.device)), t).double()
             if self.world > 1:
                 dist.all_reduce(total)
             return float(total)
@@ -457,6 +473,7 @@ class ElasticTrainer:
         else:
             logs["budget"] = budget_loss(expected, budget, w.band)
         logs["entropy_floor"] = entropy_floor_loss(decision.probs, self.cfg.entropy_floor)
+        prior = self._prior_loss(b, logs)
         logs["cost_fraction"] = float(drawn_value) / budget.full  # of the architecture that ran
         logs["expected_cost_fraction"] = float(torch.as_tensor(expected).detach()) / budget.full
         by_axis = {}
@@ -464,13 +481,24 @@ class ElasticTrainer:
             by_axis.setdefault(self.router.slots[name].axis, []).append(float(entropy(p.detach())))
         for axis, h in by_axis.items():
             logs[f"entropy.{axis}"] = sum(h) / len(h)
-        return w.budget * logs["budget"] + logs["entropy_floor"]
+        return w.budget * logs["budget"] + logs["entropy_floor"] + prior
+
+    def _prior_loss(self, b: int, logs: dict) -> torch.Tensor | float:
+        """The router prior: mean cross-entropy of budget b's slot logits against its warm-start choice."""
+        if not self.cfg.router_prior or self.warm_start[b] is None:
+            return 0.0
+        start = self.router.choice_of(self.warm_start[b])
+        logits = self.router.logits(b)
+        ce = sum(F.cross_entropy(logit[None], torch.tensor([start[name]], device=logit.device))
+                 for name, logit in logits.items()) / len(logits)
+        logs["prior"] = ce
+        return self.cfg.router_prior * ce
 
     def _off_band(self, budget: Budget, cost: float) -> float:
         """How far a cost is outside the budget's band, relative to its target (0 inside)."""
         return float(budget_loss(cost, budget, self.cfg.loss.band))
 
-    def _baseline_kd(self, x, teacher_logits, decision, logs: dict) -> torch.Tensor | None:
+    def _baseline_kd(self, x, teacher: HeadInput, decision, logs: dict) -> torch.Tensor | None:
         """The score-function baseline: the distillation loss of the router's argmax architecture on
         the same batch (no gradient). Scored against it, a draw is judged by its architecture, not by
         how hard the batch is. None when there is no score term, or the draw is the argmax (no signal)."""
@@ -482,8 +510,7 @@ class ElasticTrainer:
             logs["advantage"] = 0.0
             return None
         with torch.no_grad(), masked(self.model, {k: v.to(self.device) for k, v in self.router.hard_masks(argmax).items()}):
-            with self._ctx():
-                return kd_loss(self.model(x), teacher_logits)
+            return kd_loss(self._head(self.model, x), teacher)
 
     def train_step(self) -> dict:
         cfg = self.cfg
@@ -505,34 +532,30 @@ class ElasticTrainer:
 
         for _ in range(cfg.grad_accum):
             x = self._batch(L)
-            with torch.no_grad(), self._ctx():
-                teacher_logits = self.teacher(x)
+            with torch.no_grad():
+                teacher = self._head(self.teacher, x)
             masks, decision = self._decide(b, budget)
             step_logs = {}
             router_loss = self._router_loss(b, budget, decision, step_logs)
-            baseline = self._baseline_kd(x, teacher_logits, decision, step_logs)
+            baseline = self._baseline_kd(x, teacher, decision, step_logs)
             with masked(self.model, masks or {}):
-                with self._ctx():
-                    student_logits = self.model(x)
-                losses = task_loss(student_logits, teacher_logits, x, replace(cfg.loss, kd=cfg.loss.kd * self.kd_weights[b]))
+                student = self._head(self.model, x)
+                losses = task_loss(student, teacher, x, replace(cfg.loss, kd=cfg.loss.kd * self.kd_weights[b]))
                 total = losses["total"] + (router_loss if router_loss is not None else 0.0)
                 if baseline is not None:  # the router's quality term: this draw against the argmax
-                    drawn_kd = losses["kd"] if "kd" in losses else kd_loss(student_logits.detach(), teacher_logits)
+                    drawn_kd = losses["kd"] if "kd" in losses else kd_loss(student.detach(), teacher)
                     a = advantage(drawn_kd, baseline) + cfg.router_band_penalty * (
                         self._off_band(budget, step_logs["cost_fraction"] * budget.full)
                         - self._off_band(budget, step_logs["argmax_cost_fraction"] * budget.full))
                     step_logs.update(kd_argmax=baseline, advantage=a)
                     total = total + cfg.router_quality * score_function_loss(decision.log_prob, a)
                 (total / cfg.grad_accum).backward()
-            del student_logits
+            del student
             if cfg.full_anchor and not budget.is_full:  # the sandwich rule: the full model on the same batch
-                with self._ctx():
-                    full_logits = self.model(x)
-                full_kd = kd_loss(full_logits, teacher_logits)
+                full_kd = kd_loss(self._head(self.model, x), teacher)
                 (cfg.full_anchor * full_kd / cfg.grad_accum).backward()
                 add("full_kd", full_kd)
                 total = total + cfg.full_anchor * full_kd
-                del full_logits
             for k, v in {**losses, **step_logs}.items():
                 add("budget_loss" if k == "budget" else k, v)  # "budget" is the budget's name below
             add("total", total)
@@ -605,10 +628,21 @@ class ElasticTrainer:
         return self.out / "train_state"
 
     def save_state(self):
-        """Everything a resumed run needs, written atomically: weights and optimiser moments as
-        safetensors, counters and RNG states as JSON. Sharded, every rank takes part (the tensors
-        are gathered whole, one at a time, onto rank 0's host memory) and rank 0 writes: the same
-        files as unsharded, so a run resumes with either."""
+        """Everything a resumed run needs, written atomically (into a temporary directory, renamed
+        into place when complete). Unsharded: weights and optimiser moments as safetensors, counters
+        and RNG states as JSON, written by rank 0. Sharded (FSDP2): the student's weights and moments
+        go through torch.distributed.checkpoint into `dcp/`, every rank writing only its own shards,
+        so no rank ever holds the whole model; the small replicated pieces (router, its moments,
+        counters, RNG states, config) are written by rank 0 as unsharded. `load_state` reads either
+        under any sharding and world size."""
+        if self.shard == "fsdp":
+            self._save_sharded()
+        else:
+            self._save_gathered()
+        if self.world > 1:  # no rank reads the state before it is complete
+            dist.barrier()
+
+    def _save_gathered(self):
         keep = self.rank == 0
 
         def whole(v):  # every rank gathers a shard (a collective); rank 0 keeps it on the host
@@ -630,8 +664,11 @@ class ElasticTrainer:
         opt_meta["groups"] = [{k: v for k, v in g.items()} for g in state["param_groups"]]
         if keep:
             self._write_state(weights, opt_tensors, opt_meta)
-        if self.world > 1:  # no rank reads the state before it is complete
-            dist.barrier()
+
+    def _meta(self, optimizer: dict) -> dict:
+        return {"step": self.step, "optimizer": optimizer, "data": self.batches.state_dict(),
+                "sampler": self.sampler.get_state().tolist(), "gumbel": self.gumbel.get_state().tolist(),
+                "config": _jsonable(asdict(self.cfg)), "budgets": [b.name for b in self.budgets]}
 
     def _write_state(self, weights: dict, opt_tensors: dict, opt_meta: dict):
         from .hf import staging
@@ -642,13 +679,54 @@ class ElasticTrainer:
                 save_file({k: v.detach().contiguous().cpu() for k, v in self.router.state_dict().items()},
                           str(tmp / "router.safetensors"))
             save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-            meta = {"step": self.step, "optimizer": opt_meta, "data": self.batches.state_dict(),
-                    "sampler": self.sampler.get_state().tolist(), "gumbel": self.gumbel.get_state().tolist(),
-                    "config": _jsonable(asdict(self.cfg)), "budgets": [b.name for b in self.budgets]}
-            (tmp / "state.json").write_text(json.dumps(meta))
+            (tmp / "state.json").write_text(json.dumps(self._meta(opt_meta)))
+
+    def _trained(self) -> torch.nn.Module:
+        """The student and the router as one module: DCP's state-dict helpers name the optimiser's
+        parameters after a module that holds them all, the router's group included."""
+        modules = {"model": self.model} if self.router is None else {"model": self.model, "router": self.router}
+        return torch.nn.ModuleDict(modules)
+
+    def _save_sharded(self):
+        from contextlib import nullcontext
+
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        from .hf import staging
+
+        fresh = not self.opt.state  # before the first step: get_state_dict would fill it by a zero-lr step
+        weights, optim = get_state_dict(self._trained(), self.opt)  # this rank's shards, keyed by name
+        if fresh:  # keep it empty (AdamW's first step counts from 0), and save no moments
+            self.opt.state.clear()
+            optim["state"] = {}
+        model_w, router_w = _by_owner(weights)
+        model_s, router_s = _by_owner(optim["state"])
+        # every rank writes into rank 0's temporary directory; rank 0 renames it once all have written
+        with staging(self.state_path()) if self.rank == 0 else nullcontext() as tmp:
+            name = [str(tmp) if tmp else None]
+            dist.broadcast_object_list(name, src=0)
+            # returns on every rank only once all shards are written (and, on failure, raises on every rank)
+            dcp.save({"model": model_w, "optimizer": model_s}, checkpoint_id=Path(name[0]) / "dcp")
+            if self.rank == 0:
+                if self.router is not None:
+                    save_file({k: v.detach().contiguous().cpu() for k, v in router_w.items()},
+                              str(tmp / "router.safetensors"))
+                tensors, scalars = {}, {}
+                for fqn, s in router_s.items():
+                    scalars[fqn] = {k: v for k, v in s.items() if not torch.is_tensor(v)}
+                    tensors.update({f"{fqn}.{k}": v.detach().contiguous().cpu() for k, v in s.items()
+                                    if torch.is_tensor(v)})
+                save_file(tensors, str(tmp / "router_optimizer.safetensors"))
+                groups = [{k: v for k, v in g.items() if k != "params"} for g in optim["param_groups"]]
+                meta = self._meta({"groups": groups, "state": scalars})
+                meta.update(format="dcp", ranks=self.world)
+                (tmp / "state.json").write_text(json.dumps(meta))
 
     def load_state(self) -> bool:
-        """Resume from `out_dir/train_state` if it exists; True when resumed."""
+        """Resume from `out_dir/train_state` if it exists; True when resumed. Either format loads
+        under either sharding: a sharded (`dcp/`) state is resharded by DCP to this run's ranks, a
+        gathered one (unsharded runs, and sharded ones before DCP) is copied whole into the shards."""
         path = self.state_path()
         if not (path / "state.json").exists():
             return False
@@ -656,6 +734,17 @@ class ElasticTrainer:
         if meta["budgets"] != [b.name for b in self.budgets]:
             raise StarElasticError(f"{path}: checkpoint was trained for budgets {meta['budgets']}, "
                                    f"not {[b.name for b in self.budgets]}")
+        if meta.get("format") == "dcp":
+            self._load_sharded(path, meta)
+        else:
+            self._load_gathered(path, meta)
+        self.batches.load_state_dict(meta["data"])
+        self.sampler.set_state(torch.tensor(meta["sampler"], dtype=torch.uint8))
+        self.gumbel.set_state(torch.tensor(meta["gumbel"], dtype=torch.uint8))
+        self.step = meta["step"]
+        return True
+
+    def _load_gathered(self, path: Path, meta: dict):
         weights = load_file(str(path / "model.safetensors"))
         if self.model.config.tied:
             weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
@@ -673,11 +762,47 @@ class ElasticTrainer:
                     s[name] = parallel.shard_like(v, params[int(idx)]) if name != "step" else v
             state[int(idx)] = s
         self.opt.load_state_dict({"state": state, "param_groups": meta["optimizer"]["groups"]})
-        self.batches.load_state_dict(meta["data"])
-        self.sampler.set_state(torch.tensor(meta["sampler"], dtype=torch.uint8))
-        self.gumbel.set_state(torch.tensor(meta["gumbel"], dtype=torch.uint8))
-        self.step = meta["step"]
-        return True
+
+    def _load_sharded(self, path: Path, meta: dict):
+        import warnings
+
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+        trained = self._trained()
+        weights, optim = get_state_dict(trained, self.opt)  # placed as this run holds them: DCP reshards into it
+        if len(optim["param_groups"]) != len(meta["optimizer"]["groups"]):
+            raise StarElasticError(f"{path}: the state has {len(meta['optimizer']['groups'])} optimiser groups, "
+                                   f"this run {len(optim['param_groups'])} (a router in one run, not the other)")
+        saved = dcp.FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata
+        model_w, _ = _by_owner(weights)
+        for k, v in model_w.items():
+            have = saved.get(f"model.{k}")
+            if have is None or tuple(have.size) != tuple(v.shape):
+                there = "absent" if have is None else tuple(have.size)
+                raise StarElasticError(f"{path}: the state was written for another model "
+                                       f"({k}: {there} there, {tuple(v.shape)} here)")
+        # moments only of the parameters that had them (one never given a gradient has none, as unsaved)
+        with_state = {k[len("optimizer."):].rpartition(".")[0] for k in saved if k.startswith("optimizer.")}
+        model_s = {k: s for k, s in _by_owner(optim["state"])[0].items() if k in with_state}
+        with warnings.catch_warnings():  # in one process DCP warns that it reads without torch.distributed: meant
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": model_w, "optimizer": model_s}, checkpoint_id=path / "dcp")
+        if self.router is not None:  # strict, as unsharded
+            self.router.load_state_dict(load_file(str(path / "router.safetensors")))
+        state = {f"model.{k}": s for k, s in model_s.items()}
+        for fqn, scalars in meta["optimizer"]["state"].items():
+            state[f"router.{fqn}"] = dict(scalars)
+        for k, v in load_file(str(path / "router_optimizer.safetensors")).items():
+            fqn, _, name = k.rpartition(".")
+            state[f"router.{fqn}"][name] = v
+        for group, hyper in zip(optim["param_groups"], meta["optimizer"]["groups"]):
+            group.update(hyper)  # the saved hyperparameters; "params" stays this run's names
+        # not strict: the router is loaded above, and a parameter without saved moments starts
+        # without any, as it would have run on
+        set_state_dict(trained, self.opt, model_state_dict={f"model.{k}": v for k, v in model_w.items()},
+                       optim_state_dict={"state": state, "param_groups": optim["param_groups"]},
+                       options=StateDictOptions(strict=False))
 
     # ------------------------------------------------------------------------- the loop
 
@@ -719,6 +844,25 @@ class ElasticTrainer:
         if self.step >= self.cfg.steps or stop_after is not None:
             self.save_state()
         return logs
+
+
+def _keep_root_unsharded(module):
+    """`head_input` reads the LM head's weight after the forward and the loss uses it whole, so a
+    sharded (FSDP2) root must not reshard after its forward: the student's reshards in its backward,
+    a frozen teacher's (no backward) stays gathered, the embeddings and head whole on every rank."""
+    if not parallel.is_sharded(module):
+        return
+    if not hasattr(module, "set_reshard_after_forward"):
+        raise StarElasticError("this torch's FSDP2 has no set_reshard_after_forward, which the fused distillation "
+                               "loss (head_input) needs to keep the sharded root whole until the backward: use a "
+                               "newer torch, or shard='none'")
+    module.set_reshard_after_forward(False, recurse=False)
+
+
+def _by_owner(d: dict) -> tuple[dict, dict]:
+    """A state dict of `_trained()` split into the student's and the router's, without the prefixes."""
+    model = {k[len("model."):]: v for k, v in d.items() if k.startswith("model.")}
+    return model, {k[len("router."):]: v for k, v in d.items() if k.startswith("router.")}
 
 
 def _jsonable(obj):

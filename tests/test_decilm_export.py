@@ -234,6 +234,35 @@ def test_transformers_parses_the_shipped_config_offline(tmp_path):
     assert got["back"] == raw["block_configs"]
 
 
+def test_decilm_export_of_an_fp8_loaded_model_is_unquantised(tmp_path):
+    """A model loaded from an FP8 checkpoint holds dequantised weights but keeps the FP8
+    quantization_config (so that a stock export re-quantises, as transformers does). The DeciLM
+    export drops it and writes the weights as held: no FP8 tensors, no scales, and the same model back."""
+    from star_elastic.convert import convert_fp8
+
+    plain = hf.save_pretrained(parent(LLAMA), tmp_path / "plain")
+    loaded = hf.load(convert_fp8(plain, tmp_path / "fp8", progress=False, log=lambda *_: None))
+    assert loaded.hf_config["quantization_config"]["quant_method"] == "fp8"  # what the export inherits
+    spec = ElasticSpec(intermediate_size=[768, 256, None, 512], num_attention_heads=4, num_key_value_heads=[4, 2, 2, 4])
+    small = slice_model(loaded, spec)
+    out = export(small, tmp_path / "decilm", format="decilm")
+    raw = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in raw and raw["model_type"] == "nemotron-nas"
+    weights = {k: v for f in out.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    assert not any(k.endswith("_scale_inv") for k in weights)
+    assert {v.dtype for v in weights.values()} == {torch.bfloat16}  # dequantised, as the loaded model holds them
+    back = hf.load(out)
+    theirs, ours = back.state_dict(), small.state_dict()
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
+    x = ids()
+    with torch.no_grad():
+        expected = small.float()(x)
+    assert rel_err(expected, reference_logits(out, x)) < TOL
+    # and within FP8's error of the unquantised parent's same slice
+    with torch.no_grad():
+        assert 0 < rel_err(expected, slice_model(parent(LLAMA), spec)(x)) < 0.08
+
+
 # ----------------------------------------------------------------------------- what the format cannot hold
 
 def test_decilm_refuses_what_it_cannot_express_and_writes_nothing(tmp_path):

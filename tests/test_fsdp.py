@@ -191,7 +191,7 @@ def test_two_sharded_ranks_equal_one_process(runs):
 
 def test_sharded_resume_is_exact(runs):
     _, _, got = runs
-    assert got["resumed_losses"] == got["losses"][HALF:]  # bit for bit: whole tensors out, shards back in
+    assert got["resumed_losses"] == got["losses"][HALF:]  # bit for bit, through torch.distributed.checkpoint (each rank its shards)
     assert got["resumed"].keys() == got["weights"].keys()
     assert all(torch.equal(got["resumed"][k], v) for k, v in got["weights"].items())
 

@@ -80,11 +80,15 @@ def test_environment_variable_disables_the_kernel(stand_in, monkeypatch, value, 
     assert kernels.disabled() is not enabled and kernels.triton_enabled() is enabled
 
 
-def test_the_kernel_is_off_unless_switched_on(stand_in, monkeypatch):
-    """Until it has run against the einsum scan on a GPU, the Triton scan is opt-in."""
-    assert not kernels.ON_BY_DEFAULT
+def test_the_kernel_is_on_by_default_and_either_variable_switches_it_off(stand_in, monkeypatch):
+    """Checked against the einsum scan on a GPU (bench_kernels.py check), the Triton scan is on by default."""
     monkeypatch.delenv(kernels.ENV_ENABLE)
+    assert kernels.ON_BY_DEFAULT and kernels.triton_enabled()
+    monkeypatch.setenv(kernels.ENV_ENABLE, "0")
     assert kernels.disabled() and not kernels.triton_enabled()
+    monkeypatch.setattr(kernels, "ON_BY_DEFAULT", False)  # opt-in mode still works
+    monkeypatch.delenv(kernels.ENV_ENABLE)
+    assert not kernels.triton_enabled()
     monkeypatch.setenv(kernels.ENV_ENABLE, "1")
     assert kernels.triton_enabled()
 

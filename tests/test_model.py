@@ -392,3 +392,19 @@ def test_backward_gives_finite_grads_everywhere():
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
         assert p.grad.abs().max() > 0, name  # every block type is on the gradient path
+
+
+def test_the_moe_router_keeps_its_fp32_values_when_the_model_is_cast():
+    """Routing hangs on small score differences: a cast of the model to bf16 keeps the router's fp32
+    weights and correction bias as they were, not rounded through bf16 and back."""
+    cfg = ModelConfig(vocab_size=32, hidden_size=16, layer_types="E", n_routed_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=8, moe_shared_expert_intermediate_size=8)
+    torch.manual_seed(0)
+    model = Model(cfg)
+    gate = model.model.layers[0].mixer.gate
+    gate.e_score_correction_bias.normal_()
+    before = (gate.weight.detach().clone(), gate.e_score_correction_bias.clone())
+    model.to(torch.bfloat16)
+    assert model.embed.weight.dtype == torch.bfloat16
+    assert gate.weight.dtype == torch.float32 and torch.equal(gate.weight.detach(), before[0])
+    assert torch.equal(gate.e_score_correction_bias, before[1])

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from star_elastic.elastic.cost import parse_budget
 from star_elastic.elastic.masking import is_masked
 from star_elastic.elastic.spec import ElasticSpec
+from star_elastic.errors import StarElasticError
 from star_elastic.elastic.router import Router, RouterConfig
 from star_elastic.model import Model, ModelConfig
 from star_elastic.train import ElasticTrainer, TrainConfig
@@ -427,3 +428,39 @@ def test_the_freeze_keeps_the_architecture_that_distils_best(tmp_path):
     proj = project_budgets(t.router, t.budgets, t.cost)
     assert not any(p.projected for p in proj)  # the export is the committed choice, unprojected
     assert [t.router.spec_of(p.choice) for p in proj] == t._frozen_specs()
+
+
+def _distance_from_start(router, specs) -> float:
+    """Mean cross-entropy of the smaller budgets' router logits against their warm-start choices."""
+    total, n = 0.0, 0
+    for i, spec in enumerate(specs):
+        if spec is None:
+            continue
+        start = router.choice_of(spec)
+        for name, logit in router.logits(i).items():
+            total += float(torch.nn.functional.cross_entropy(logit[None].detach(), torch.tensor([start[name]])))
+            n += 1
+    return total / n
+
+
+def test_the_router_prior_holds_the_router_near_the_search_architecture(tmp_path):
+    """With a prior the router leaves its warm start (the search's architectures) only against a pull:
+    after the same steps it is closer to the start than without one, and logs the pull."""
+    from star_elastic.elastic.search import choose_spec
+
+    ends = {}
+    for prior in (0.0, 5.0):
+        model, teacher, router, budgets, rows, cfg, heldout = make(steps=12, router_prior=prior, router_lr=5e-2)
+        specs = [None if b.is_full else choose_spec(CFG, int(b.target), ("hidden", "ffn", "experts")) for b in budgets]
+        t = ElasticTrainer(model, teacher, router, budgets, rows, cfg, tmp_path / f"p{prior}", warm_start=specs)
+        logs = t.run(progress=False)
+        ends[prior] = _distance_from_start(router, specs)
+        logged = [lg["prior"] for lg in logs if "prior" in lg]
+        assert (len(logged) > 0) == (prior > 0) and all(v > 0 for v in logged)
+    assert ends[5.0] < 0.7 * ends[0.0], ends
+
+
+def test_a_router_prior_needs_a_warm_start(tmp_path):
+    model, teacher, router, budgets, rows, cfg, heldout = make(router_prior=1.0)
+    with pytest.raises(StarElasticError, match="warm-start"):
+        ElasticTrainer(model, teacher, router, budgets, rows, cfg, tmp_path / "x")

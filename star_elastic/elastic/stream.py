@@ -299,7 +299,7 @@ def _items(parent: ModelConfig, sub: ModelConfig, spec: ElasticSpec, plain: dict
 def _held_dtypes(cfg: ModelConfig, plain: dict, experts: dict, dtype: torch.dtype) -> dict[str, str]:
     """The dtype of every parent tensor (in-memory name) in `load(parent, dtype=dtype)`: floating-point
     tensors cast to `dtype`, except what the modules' `_apply` then keeps in float32 whatever the
-    rest is (the MoE router's gate: its values pass through `dtype` first). Worked out on a model on
+    rest is (the MoE router's gate, its stored values unrounded). Worked out on a model on
     the meta device holding the stored dtypes: no data is read."""
     stored = {name: src.dtype for name, src in plain.items()}
     stored.update({name: parts[0].dtype for name, parts in experts.items()})
@@ -342,7 +342,9 @@ def _plan_items(parent_dir: Path, parent: ModelConfig, spec: ElasticSpec, dtype,
         held = _held_dtypes(parent, plain, experts, work)
         for it in items:
             steps, now = [], it.src.dtype
-            for want in ([TORCH_DTYPE[work]] if DTYPE_OF[now].is_floating_point else []) + [held[it.name]]:
+            # what the model keeps in its own dtype (the MoE router's gate, float32) is cast straight to it
+            through = DTYPE_OF[now].is_floating_point and held[it.name] == TORCH_DTYPE[work]
+            for want in ([TORCH_DTYPE[work]] if through else []) + [held[it.name]]:
                 if want != now:
                     steps.append(want)
                     now = want
@@ -599,7 +601,7 @@ def stream_slice(parent_dir, spec: ElasticSpec | dict, out_dir, *, dtype: torch.
     into a temporary directory beside `out_dir`, renamed into place at the end.
     `dtype`: the output is then `export(slice_model(load(parent_dir, dtype=dtype), spec))`'s:
     floating-point tensors are cast as they are written (what the model keeps in float32, the MoE
-    router's gate, is cast through `dtype` and back to float32). None: every tensor as stored.
+    router's gate, is written in float32 with its stored values). None: every tensor as stored.
     FP8 (fp8.py): `dtype=torch.float8_e4m3fn` writes every linear weight in FP8 with one scale per
     row, computed over the parent's whole row (the kept columns are then cut), so that any budget is
     exactly the slice of the FP8 parent; the rest as `dtype=torch.bfloat16` would. An FP8 parent
