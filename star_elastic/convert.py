@@ -170,6 +170,7 @@ def write_decilm(out, write, *, hint: str = "", log=print):
     directory: `out` appears complete or not at all (an existing `out` is replaced: the command line
     refuses that without --force). The slice record (star_elastic_slice.json) gets `"format":
     "decilm"`. `hint`: appended to a refusal of the budget's sizes. Returns what `write` returned."""
+    from .elastic.slicing import no_per_layer_note
     from .hf import staging
 
     out = Path(out)
@@ -178,7 +179,7 @@ def write_decilm(out, write, *, hint: str = "", log=print):
         if not str(msg).startswith("wrote "):
             log(msg)
 
-    with staging(out) as tmp:
+    with staging(out) as tmp, no_per_layer_note():  # the intermediate export's format is rewritten below
         result = write(tmp / "export", writer_log)
         try:
             config = rewrite_as_decilm(tmp / "export")

@@ -231,8 +231,8 @@ def slice_budget(checkpoint, budget: str, out, *, dtype=None, log=print, progres
 
     Writes what `zero_shot_slice(load(checkpoint, dtype), tokenizer, out, SliceConfig(spec=<the
     budget's spec>, budget=budget))` writes: the same config.json, tensor names, values and dtypes
-    (`dtype`: floating-point tensors cast as they are written, the MoE gate through it and back to
-    the float32 the model keeps it in; None: as stored), the checkpoint's tokenizer files (copied,
+    (`dtype`: floating-point tensors cast as they are written, the MoE gate kept in float32 with its
+    stored values; None: as stored), the checkpoint's tokenizer files (copied,
     not re-saved), and star_elastic_slice.json, the record this returns, with `"streamed": true`.
     Every check `load` runs comes first (the manifest's cheap checks, tensor names and shapes from
     the headers), so errors are the same one-line `StarElasticError`s. `out` is written through a

@@ -4,6 +4,7 @@ model built from the same state dict."""
 
 import math
 import random
+import socket
 
 import pytest
 import torch
@@ -40,6 +41,20 @@ LLAMA_BASE = dict(
 # branches: kept (< 16), blended (16..64) and divided by the factor (> 64).
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def free_port() -> int:
+    """A free TCP port on localhost, for a process group of spawned gloo ranks."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_close_dicts(a: dict, b: dict, rtol=1e-4, atol=1e-5):
+    """Two state dicts with the same keys and close tensors (the worst key named on failure)."""
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=rtol, atol=atol), (k, (a[k] - b[k]).abs().max().item())
 
 
 def nemotron_config(**overrides):

@@ -7,7 +7,6 @@ import copy
 import json
 import os
 import shutil
-import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 
+from conftest import assert_close_dicts, free_port
 from star_elastic import parallel
 from star_elastic.elastic.cost import parse_budget
 from star_elastic.elastic.router import Router, RouterConfig
@@ -31,12 +31,6 @@ STEPS, HALF = 6, 3
 KW = dict(steps=STEPS, batch=4, clip=0.01)
 
 pytestmark = pytest.mark.skipif(not parallel.available(), reason="this torch has no FSDP2")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sharded(out, shard="fsdp"):
@@ -185,16 +179,10 @@ def runs(tmp_path_factory):
     single = trainer(tmp, "single", **KW)
     logs = single.run(progress=False)
     trainer(tmp, "single_half", **KW).run(progress=False, stop_after=HALF)
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp / "two.pt"), str(tmp)), nprocs=2, join=True)
-    mp.spawn(_worker, args=(1, _free_port(), str(tmp / "one.pt"), str(tmp)), nprocs=1, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp / "two.pt"), str(tmp)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(1, free_port(), str(tmp / "one.pt"), str(tmp)), nprocs=1, join=True)
     two, one = (torch.load(tmp / f"{n}.pt", weights_only=False) for n in ("two", "one"))
     return tmp, single, logs, two, one
-
-
-def _close(a: dict, b: dict, rtol=1e-4, atol=1e-5):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k], b[k], rtol=rtol, atol=atol), (k, (a[k] - b[k]).abs().max().item())
 
 
 def test_each_rank_writes_only_its_shards(runs):
@@ -254,21 +242,21 @@ def test_a_sharded_state_resumes_under_another_world_size_and_sharding(runs):
     want = [l["total"] for l in logs[HALF:]]
     for got, weights in ((one["losses"], one["weights"]), (two["replicated_losses"], two["replicated"])):
         assert got == pytest.approx(want, rel=1e-4)
-        _close(weights, single.model.state_dict())
+        assert_close_dicts(weights, single.model.state_dict())
     shutil.copytree(tmp / "dcp_half", tmp / "unsharded")
     t = trainer(tmp, "unsharded", **KW)
     assert t.shard == "none" and not dist.is_initialized()
     assert t.load_state() and t.step == HALF
     assert [l["total"] for l in t.run(progress=False)] == pytest.approx(want, rel=1e-4)
-    _close(t.model.state_dict(), single.model.state_dict())
-    _close(t.router.state_dict(), single.router.state_dict())
+    assert_close_dicts(t.model.state_dict(), single.model.state_dict())
+    assert_close_dicts(t.router.state_dict(), single.router.state_dict())
 
 
 def test_an_old_gathered_state_resumes_under_fsdp(runs):
     _, single, logs, got, _ = runs
     assert "model.safetensors" in got["old"]["files"] and got["old"]["dcp"] == []
     assert got["old_losses"] == pytest.approx([l["total"] for l in logs[HALF:]], rel=1e-4)
-    _close(got["old_weights"], single.model.state_dict())
+    assert_close_dicts(got["old_weights"], single.model.state_dict())
     after = got["old_after"]  # rewritten in the new format: no gathered weights left beside it
     assert after["meta"]["format"] == "dcp" and after["meta"]["step"] == STEPS
     assert "model.safetensors" not in after["files"] and "optimizer.safetensors" not in after["files"]

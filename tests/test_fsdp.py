@@ -2,13 +2,13 @@
 losses, gradient norms and weights as one process, exact resume, and whole weights out of the shards."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import assert_close_dicts, free_port
 from star_elastic import parallel
 from star_elastic.elastic.masking import masked
 from star_elastic.elastic.spec import ElasticSpec
@@ -25,12 +25,6 @@ TIED = ModelConfig(family="llama", vocab_size=64, hidden_size=32, layer_types="*
                    rope_theta=10000.0, tie_word_embeddings=True)
 
 pytestmark = pytest.mark.skipif(not parallel.available(), reason="this torch has no FSDP2")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sharded(tmp, name, **kw):
@@ -152,14 +146,8 @@ def runs(tmp_path_factory):
     logs = single.run(progress=False)
     trainer(tmp, "single_half", **KW).run(progress=False, stop_after=HALF)
     out = tmp / "fsdp.pt"
-    mp.spawn(_worker, args=(2, _free_port(), str(out), str(tmp)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out), str(tmp)), nprocs=2, join=True)
     return single, logs, torch.load(out, weights_only=False)
-
-
-def _close(a: dict, b: dict, rtol=1e-4, atol=1e-5):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k], b[k], rtol=rtol, atol=atol), (k, (a[k] - b[k]).abs().max().item())
 
 
 def test_masks_work_on_sharded_modules(runs):
@@ -180,8 +168,8 @@ def test_two_sharded_ranks_equal_one_process(runs):
     # clipping under FSDP sees the global gradient norm, not this rank's shard's
     assert got["grad_norms"] == pytest.approx([l["grad_norm"] for l in logs], rel=1e-4)
     assert sum(n > single.cfg.clip for n in got["grad_norms"]) >= 3  # so clipping did act
-    _close(got["weights"], {k: v for k, v in single.model.state_dict().items()})
-    _close(got["router"], single.router.state_dict())
+    assert_close_dicts(got["weights"], {k: v for k, v in single.model.state_dict().items()})
+    assert_close_dicts(got["router"], single.router.state_dict())
     want = [l["eval"] for l in logs if "eval" in l]
     assert len(got["evals"]) == len(want) >= 1
     for g, w in zip(got["evals"], want):
@@ -199,7 +187,7 @@ def test_sharded_resume_is_exact(runs):
 def test_a_sharded_run_resumes_a_one_process_state(runs):
     single, logs, got = runs
     assert got["cross_losses"] == pytest.approx([l["total"] for l in logs[HALF:]], rel=1e-4)
-    _close(got["cross"], single.model.state_dict())
+    assert_close_dicts(got["cross"], single.model.state_dict())
 
 
 def test_sharding_modes_are_checked(tmp_path):

@@ -4,7 +4,6 @@ weights equal the saved ones bit for bit, the sharded forward the whole model's,
 embeddings and buffers come out as `hf.load` gives them, and each rank holds and reads about half."""
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from star_elastic import hf, parallel, sharded_load
 from star_elastic.model import Model, ModelConfig
 
-from conftest import one_line_error, randomize_
+from conftest import free_port, one_line_error, randomize_
 
 pytestmark = pytest.mark.skipif(not parallel.available(), reason="this torch has no FSDP2")
 
@@ -32,12 +31,6 @@ LLAMA = ModelConfig(family="llama", vocab_size=65, hidden_size=32, layer_types="
                     rope_theta=10000.0, tie_word_embeddings=True)
 CONFIGS = {"nemotron": NEMOTRON, "llama": LLAMA}
 X = torch.randint(0, 65, (2, 12), generator=torch.Generator().manual_seed(1))
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Counting:
@@ -153,7 +146,7 @@ def runs(tmp_path_factory):
         total = sum(p.numel() * 4 for p in model.parameters())
         hf.save_pretrained(model, tmp / f"{family}-shards", max_shard_bytes=total // 2)
         assert (tmp / f"{family}-shards" / "model.safetensors.index.json").exists()
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp)), nprocs=2, join=True)
     return saved, [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
@@ -303,7 +296,7 @@ def test_a_parent_loaded_sharded_trains_as_a_whole_one(tmp_path):
     from test_train import make
 
     hf.save_pretrained(make()[0], tmp_path / "parent")
-    mp.spawn(_train_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_train_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     got = torch.load(tmp_path / "train.pt", weights_only=False)
     (losses, weights), (sharded_losses, sharded_weights) = got["whole"], got["loaded sharded"]
     assert sharded_losses == losses

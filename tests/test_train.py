@@ -3,13 +3,13 @@
 import copy
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import free_port
 from star_elastic.elastic.cost import parse_budget
 from star_elastic.elastic.masking import is_masked
 from star_elastic.elastic.spec import ElasticSpec
@@ -101,12 +101,6 @@ def test_resume_refuses_other_budgets(tmp_path):
         other.load_state()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, out, tmp):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -128,7 +122,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     single = trainer(tmp_path, "single", steps=4, batch=4)
     logs = single.run(progress=False)
     out = tmp_path / "dist.pt"
-    mp.spawn(_worker, args=(2, _free_port(), str(out), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out), str(tmp_path)), nprocs=2, join=True)
     got = torch.load(out, weights_only=True)
     assert got["losses"] == pytest.approx([l["total"] for l in logs], rel=1e-4)
     for k, v in single.model.state_dict().items():

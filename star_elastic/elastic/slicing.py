@@ -7,8 +7,10 @@ units owns. Slicing is `take` with prefix indices (`ElasticSpec.indices`); sorti
 
 from __future__ import annotations
 
+import contextvars
 import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,6 +27,25 @@ PER_LAYER_NOTE = ("per-layer sizes: stock transformers has one size per axis for
                   "this model; it is written in star-elastic's own format (load it with star_elastic.load)")
 DECILM_HINT = ("; a Llama budget with one query-head count and FFN widths in multiples of 256 can also be written "
                "as DeciLM block_configs, which vLLM serves (export format='decilm'; README: What loads where)")
+
+
+_PER_LAYER_NOTE = contextvars.ContextVar("per_layer_note", default=True)
+
+
+def per_layer_note(family: str | None = None) -> None:
+    """Say on stderr that a per-layer slice is written in our own format (unless `no_per_layer_note`)."""
+    if _PER_LAYER_NOTE.get():
+        print(f"star-elastic: {PER_LAYER_NOTE}{DECILM_HINT if family == 'llama' else ''}", file=sys.stderr)
+
+
+@contextmanager
+def no_per_layer_note():
+    """For a writer that rewrites the per-layer export in another format (convert.write_decilm)."""
+    token = _PER_LAYER_NOTE.set(False)
+    try:
+        yield
+    finally:
+        _PER_LAYER_NOTE.reset(token)
 
 
 def _sel(t: torch.Tensor, dim: int, idx: torch.Tensor | None) -> torch.Tensor:
@@ -183,7 +204,7 @@ def export(model: Model, out_dir, tokenizer=None, format: str = "hf") -> Path:
     cfg = model.config
     if not (cfg.layer_sizes and any(cfg.layer_sizes)):
         return hf.save_pretrained(model, out_dir, tokenizer)
-    print(f"star-elastic: {PER_LAYER_NOTE}{DECILM_HINT if cfg.family == 'llama' else ''}", file=sys.stderr)
+    per_layer_note(cfg.family)
     config = star_elastic_config(cfg, getattr(model, "hf_config", None))
     return hf.save_pretrained(model, out_dir, tokenizer, config=config)
 

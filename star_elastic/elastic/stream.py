@@ -27,7 +27,6 @@ import math
 import os
 import re
 import shutil
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from star_elastic.errors import StarElasticError
 from star_elastic.hf_files import safetensors_header, shard_groups, shard_names, write_index
 from star_elastic.model import Model, ModelConfig
 
-from .slicing import PER_LAYER_NOTE, star_elastic_config, take
+from .slicing import per_layer_note, star_elastic_config, take
 from .spec import ElasticSpec
 
 # bytes read through one safe_open handle before it is reopened: the pages of its memory map that
@@ -637,7 +636,7 @@ def stream_slice(parent_dir, spec: ElasticSpec | dict, out_dir, *, dtype: torch.
     shards = shard_groups(items, lambda it: it.nbytes, max_shard_bytes)  # the rule of hf.write_safetensors
     names = shard_names(len(shards))
     if per_layer:
-        print(f"star-elastic: {PER_LAYER_NOTE}", file=sys.stderr)
+        per_layer_note()
 
     from tqdm.auto import tqdm
 
