@@ -3,11 +3,14 @@ with every parameter randomised (so that no constant initialisation can hide a b
 model built from the same state dict."""
 
 import math
+import os
 import random
 import socket
+from contextlib import contextmanager
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from star_elastic.errors import StarElasticError
 from star_elastic.hf import config_from_hf, load_weights
@@ -48,6 +51,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def gloo_group(rank: int, world: int, port: int):
+    """The process group of one spawned CPU rank (gloo, one thread), destroyed on the way out."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def assert_close_dicts(a: dict, b: dict, rtol=1e-4, atol=1e-5):

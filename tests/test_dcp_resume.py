@@ -5,7 +5,6 @@ mode resumes under another (DCP reshards), and an old gathered state still resum
 
 import copy
 import json
-import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 
-from conftest import assert_close_dicts, free_port
+from conftest import assert_close_dicts, free_port, gloo_group
 from star_elastic import parallel
 from star_elastic.elastic.cost import parse_budget
 from star_elastic.elastic.router import Router, RouterConfig
@@ -77,10 +76,7 @@ def _state(out) -> dict:
 
 
 def _worker(rank, world, port, out, tmp):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         got = {}
         if world == 1:  # a 1-rank sharded run resumes the state 2 ranks wrote (DCP reshards 2 -> 1)
             _copy(f"{tmp}/dcp_half", f"{tmp}/one_rank", rank)
@@ -168,8 +164,6 @@ def _worker(rank, world, port, out, tmp):
         got["tied_equal"] = want.keys() == have.keys() and all(torch.equal(want[k], have[k]) for k in want)
         if rank == 0:
             torch.save(got, out)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

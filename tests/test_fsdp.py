@@ -1,14 +1,12 @@
 """Sharded elastic training (FSDP2, star_elastic/parallel.py) with 2 gloo ranks on the CPU: the same
 losses, gradient norms and weights as one process, exact resume, and whole weights out of the shards."""
 
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import assert_close_dicts, free_port
+from conftest import assert_close_dicts, free_port, gloo_group
 from star_elastic import parallel
 from star_elastic.elastic.masking import masked
 from star_elastic.elastic.spec import ElasticSpec
@@ -33,10 +31,7 @@ def _sharded(tmp, name, **kw):
 
 
 def _worker(rank, world, port, out, tmp):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         got = {}
         # 1. masks on sharded modules: the same logits and gradients as the whole model under the same
         # masks, a dropped layer (whose block runs no forward) included
@@ -134,8 +129,6 @@ def _worker(rank, world, port, out, tmp):
         got.update(cross_losses=[l["total"] for l in rest], cross=parallel.full_state_dict(third.model))
         if rank == 0:
             torch.save(got, out)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors import safe_open as real_safe_open
 from safetensors.torch import load_file, save_file
@@ -16,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from star_elastic import hf, parallel, sharded_load
 from star_elastic.model import Model, ModelConfig
 
-from conftest import free_port, one_line_error, randomize_
+from conftest import free_port, gloo_group, one_line_error, randomize_
 
 pytestmark = pytest.mark.skipif(not parallel.available(), reason="this torch has no FSDP2")
 
@@ -72,11 +71,8 @@ class _Failing(_Counting):
 
 
 def _worker(rank, world, port, tmp):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     got = {}
-    try:
+    with gloo_group(rank, world, port):
         for family in CONFIGS:
             for layout in ("single", "shards"):
                 path = f"{tmp}/{family}-{layout}"
@@ -128,8 +124,6 @@ def _worker(rank, world, port, tmp):
         except Exception as e:  # noqa: BLE001 - the test checks which
             got["read_error"] = (type(e).__name__, str(e))
         torch.save(got, f"{tmp}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -272,10 +266,7 @@ def _train_worker(rank, world, port, tmp):
     from test_train import make
     from star_elastic.train import ElasticTrainer
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         got = {}
         for how in ("whole", "loaded sharded"):
             model, teacher, router, budgets, rows, cfg, heldout = make(shard="fsdp", steps=3, batch=4, clip=0.01)
@@ -286,8 +277,6 @@ def _train_worker(rank, world, port, tmp):
             got[how] = ([l["total"] for l in t.run(progress=False)], parallel.full_state_dict(t.model))
         if rank == 0:
             torch.save(got, f"{tmp}/train.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_parent_loaded_sharded_trains_as_a_whole_one(tmp_path):

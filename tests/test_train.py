@@ -2,14 +2,12 @@
 
 import copy
 import json
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import free_port
+from conftest import free_port, gloo_group
 from star_elastic.elastic.cost import parse_budget
 from star_elastic.elastic.masking import is_masked
 from star_elastic.elastic.spec import ElasticSpec
@@ -102,10 +100,7 @@ def test_resume_refuses_other_budgets(tmp_path):
 
 
 def _worker(rank, world, port, out, tmp):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         # the replicated path (every rank holds everything, gradients all-reduced by hand); 2+ ranks
         # shard by default: tests/test_fsdp.py
         model, teacher, router, budgets, rows, cfg, _ = make(steps=4, batch=4, shard="none")
@@ -114,8 +109,6 @@ def _worker(rank, world, port, out, tmp):
         if rank == 0:
             torch.save({"losses": [l["total"] for l in logs],
                         "weights": {k: v.clone() for k, v in t.model.state_dict().items()}}, out)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path):
