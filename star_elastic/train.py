@@ -351,8 +351,15 @@ class ElasticTrainer:
             return self._frozen_specs()[b].masks(self.model.config, device=self.device), None
         in_band = (lambda arch: self._off_band(budget, self.cost.cost(budget.kind, arch)) == 0) \
             if self.cfg.draw_in_band else None
+        def nearest_in_band(choice):  # no in-band draw in 32: the in-band architecture nearest the last one
+            start = [choice if i == b else None for i in range(len(self.budgets))]
+            try:
+                return project_budgets(self.router, self.budgets, self.cost, self.cfg.loss.band, start=start)[b].choice
+            except StarElasticError:  # the grid has none: the draw trains, and the budget loss judges it
+                return choice
+
         decision = self.router(b, mode=self.cfg.router_mode, generator=self.gumbel, estimator=self.cfg.router_estimator,
-                               accept=in_band)
+                               accept=in_band, fallback=nearest_in_band if in_band else None)
         return {k: v.to(self.device) for k, v in decision.masks.items()}, decision
 
     @property

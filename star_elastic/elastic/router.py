@@ -272,7 +272,7 @@ class Router(nn.Module):
         return {name: F.softmax(logit * self.scale, dim=-1) for name, logit in self.logits(budget).items()}
 
     def forward(self, budget, mode: str = "hard", generator: torch.Generator | None = None,
-                estimator: str = "score", accept=None, tries: int = 32) -> RouterOutput:
+                estimator: str = "score", accept=None, tries: int = 32, fallback=None) -> RouterOutput:
         """Sample an architecture for `budget`.
 
         Training, per slot with logits r: the choice distribution is p = softmax(r x scale), the
@@ -295,8 +295,9 @@ class Router(nn.Module):
         y = softmax((r x scale + g) / tau), masks sum_c y_c prefix_c. `arch` holds the p-weighted sizes (the gradient path of the budget
         loss), `chosen_arch` the sizes of the choices taken. `accept` (hard mode): a test of the drawn
         architecture's sizes (e.g. its cost in the budget's band); up to `tries` draws are made and the
-        first it takes is used (else the last), so training spends no step on an architecture that
-        could never be exported. Eval (inference), whatever the mode:
+        first it takes is used; when none is, `fallback(choice) -> choice` (e.g. the nearest in-band
+        architecture) replaces the last draw, or without one the last draw is used. So training spends
+        no step on an architecture that could never be exported. Eval (inference), whatever the mode:
         the argmax of r, exact 0/1 masks, no noise."""
         if mode not in ("hard", "soft"):
             raise ValueError(f"router mode is 'hard' or 'soft', got {mode!r}")
@@ -311,8 +312,11 @@ class Router(nn.Module):
             for attempt in range(tries):
                 noise = {name: self._gumbel(logit, generator) for name, logit in logits.items()}
                 drawn = {name: int((logit.detach() * self.scale + noise[name]).argmax()) for name, logit in logits.items()}
-                if attempt == tries - 1 or accept(self.arch_of(drawn)):
+                if accept is not None and accept(self.arch_of(drawn)):
                     break
+            else:
+                if accept is not None and tries > 1 and fallback is not None:
+                    drawn = fallback(drawn)  # a router far outside the band draws nothing in it
         for name, logit in logits.items():
             prefix = self.slot_prefix(name)
             if self.training:
