@@ -122,9 +122,10 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
         heldouts[drift_name] = load_corpus_tokens(drift_name, tokenizer, heldout_fraction=cfg.heldout_fraction,
                                                   seed=cfg.seed)[1]
     steps = max(1, cfg.tokens // (cfg.batch_size * cfg.seq_len))
+    train_tokens = steps * cfg.batch_size * cfg.seq_len  # --tokens rounded down to whole steps
     log(f"data: {train_stream.numel():,} training tokens ({rows.shape[0]} sequences of {row_len}), "
-        f"{heldout.numel():,} held-out; training on {steps * cfg.batch_size * cfg.seq_len:,} tokens in {steps} steps")
-    repeat = passes_warning(steps * cfg.batch_size * cfg.seq_len, train_stream.numel(), data)
+        f"{heldout.numel():,} held-out; training on {train_tokens:,} tokens in {steps} steps")
+    repeat = passes_warning(train_tokens, train_stream.numel(), data)
     if repeat:
         log(repeat)
 
@@ -215,8 +216,8 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
             f"({drift[name]['change']:+.2%})")
     evaluation = {"data": data, "heldout_tokens": min(cfg.eval_tokens, heldout.numel()), "seq_len": cfg.seq_len,
                   "zero_shot_perplexity": before, "trained_perplexity": after, "full_budget_drift": drift}
-    training = {"tokens": steps * cfg.batch_size * cfg.seq_len, "steps": steps, "seconds": round(train_s, 1),
-                "passes": round(steps * cfg.batch_size * cfg.seq_len / train_stream.numel(), 2),
+    training = {"tokens": train_tokens, "steps": steps, "seconds": round(train_s, 1),
+                "passes": round(train_tokens / train_stream.numel(), 2),
                 "tokens_per_s": round(rates[len(rates) // 2]) if rates else None,
                 "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}}
     training["ranks"] = ranks

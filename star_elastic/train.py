@@ -161,6 +161,9 @@ class ElasticTrainer:
         if cfg.router_prior and (router is None or warm_start is None):
             raise StarElasticError("a router prior pulls toward warm-start architectures: give warm_start "
                                    "(elastify: --router-init search) or set the prior to 0")
+        # the prior's targets: each smaller budget's warm start on the router's grid (fixed for the run)
+        self.prior_choices = [None if s is None else router.choice_of(s) for s in warm_start] \
+            if cfg.router_prior else None
         # every step holds batch_size x seq_len tokens; stage 2 holds the same tokens in longer rows
         self.row_len = max(cfg.seq_len, cfg.stage2_seq_len or 0)
         if rows.shape[1] < self.row_len:
@@ -492,9 +495,9 @@ class ElasticTrainer:
 
     def _prior_loss(self, b: int, logs: dict) -> torch.Tensor | float:
         """The router prior: mean cross-entropy of budget b's slot logits against its warm-start choice."""
-        if not self.cfg.router_prior or self.warm_start[b] is None:
+        if not self.cfg.router_prior or self.prior_choices[b] is None:
             return 0.0
-        start = self.router.choice_of(self.warm_start[b])
+        start = self.prior_choices[b]
         logits = self.router.logits(b)
         ce = sum(F.cross_entropy(logit[None], torch.tensor([start[name]], device=logit.device))
                  for name, logit in logits.items()) / len(logits)
