@@ -61,7 +61,7 @@ from star_elastic.elastic.cost import CostModel, parse_budget  # noqa: E402
 from star_elastic.elastic.importance import estimate_importance  # noqa: E402
 from star_elastic.elastic.losses import kd_loss  # noqa: E402
 from star_elastic.elastic.router import DEFAULT_AXES, Router, RouterConfig, project_budgets  # noqa: E402
-from star_elastic.elastic.search import applicable_axes, choose_spec, describe, search_spec  # noqa: E402
+from star_elastic.elastic.search import applicable_axes, choose_spec, describe, nested_choice, search_spec  # noqa: E402
 from star_elastic.errors import StarElasticError  # noqa: E402
 from star_elastic.evaluate import perplexity  # noqa: E402
 from star_elastic.model import Model  # noqa: E402
@@ -344,7 +344,7 @@ def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, 
         if variant not in VARIANTS:
             raise StarElasticError(f"unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
         got = one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, steps_b, lr, args, device,
-                      row, methods, tokens_per_step)
+                      row, methods, tokens_per_step, searched)
         if variant == "elastic":
             elastic_specs = got
     # (a@b) the router's architectures cut from the untrained sorted parent: how much of (b) is architecture
@@ -384,7 +384,7 @@ def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, 
 
 
 def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, steps, lr, args, device, row, methods,
-            tokens_per_step) -> dict:
+            tokens_per_step, searched: dict) -> dict:
     """One training run of `steps` serving every budget: `elastic` (router, the paper's budget
     sampling, the full budget = the unmasked parent), `elastic_small` (the same, stage 2 weighted
     toward the smaller budgets), `elastic_anchor` (router; every step distils a
@@ -408,7 +408,16 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                        stage2_weights=[float(w) for w in args.small_weights.split(",")] if variant == "elastic_small"
                        else None)
     tmp = tempfile.TemporaryDirectory(prefix="bench_elastic_")  # metrics.jsonl of ElasticTrainer.run
-    warm = [None if b.is_full else specs[b.name] for b in budgets] if router is not None and args.warm_start else None
+    warm = None
+    if router is not None and args.warm_start:  # (a)'s architectures, the best combination that nests
+        warm = [None if b.is_full else specs[b.name] for b in budgets]
+        smaller = [i for i, b in enumerate(budgets) if not b.is_full and b.name in searched]
+        if smaller:
+            nested, _ = nested_choice(cfg, [searched[budgets[i].name] for i in smaller])
+            for i, spec in zip(smaller, nested):
+                warm[i] = spec
+            print("  router starts from " + "; ".join(f"{budgets[i].name}: {describe(warm[i], cfg)}" for i in smaller),
+                  flush=True)
     trainer = ElasticTrainer(student, teacher, router, budgets, rows, tcfg, out_dir=tmp.name, fixed_specs=fixed,
                              warm_start=warm)
     trainer.save_state = lambda: None  # no resumable state: it would write the weights and AdamW moments

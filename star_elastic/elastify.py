@@ -20,7 +20,7 @@ from .elastic.importance import estimate_importance, permuted_scores
 from .elastic.router import DEFAULT_AXES, ESTIMATORS, Router, RouterConfig, project_budgets
 from .elastic.masking import masked
 from .elastic.spec import ElasticSpec
-from .elastic.search import describe, search_spec
+from .elastic.search import describe, nested_choice, search_spec
 from .elastic.sort import sort_model
 from .errors import StarElasticError
 from .evaluate import perplexity
@@ -151,18 +151,30 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
     parent_ppl = {k: masked_perplexity(model, ElasticSpec(), v, cfg, device) for k, v in heldouts.items()}
     before = {b.name: parent_ppl["train domain"] for b in budgets if b.is_full}
     starts = [None] * len(budgets)
+    searched = {}  # budget index -> the search's records, best first
     for i, b in enumerate(budgets):
         if b.kind != "params" or b.is_full:
             continue
-        spec = search_spec(model, int(b.target), axes, search_batches, layer_order=layer_order,
-                           multiple=cfg.multiple)[0]
-        if ranks > 1:  # one choice for every rank, whatever the rounding of their searches
-            box = [spec.to_dict()]
+        records = search_spec(model, int(b.target), axes, search_batches, layer_order=layer_order,
+                              multiple=cfg.multiple)[1]
+        if ranks > 1:  # one ranking for every rank, whatever the rounding of their searches
+            box = [records]
             torch.distributed.broadcast_object_list(box, src=0)
-            spec = ElasticSpec.from_dict(box[0])
+            records = box[0]
+        searched[i] = records
+    # the router starts from the best combination whose budgets nest (each budget's own best need not)
+    order = sorted(searched, key=lambda i: -budgets[i].fraction)
+    chosen, nested = nested_choice(model.config, [searched[i] for i in order])
+    for i, spec in zip(order, chosen):
         starts[i] = spec
-        before[b.name] = masked_perplexity(model, spec, heldout, cfg, device)
-        log(f"  zero-shot {b.name:>6}: perplexity {before[b.name]:.3f}  [{describe(spec, model.config)}]")
+        b = budgets[i]
+        own = ElasticSpec.from_dict(searched[i][0]["spec"])  # the zero-shot baseline: the budget's own best
+        before[b.name] = masked_perplexity(model, own, heldout, cfg, device)
+        note = "" if spec == own else f"; the router starts nested, at {describe(spec, model.config)}"
+        log(f"  zero-shot {b.name:>6}: perplexity {before[b.name]:.3f}  [{describe(own, model.config)}{note}]")
+    if not nested and len(order) > 1:
+        log("  the search's candidates hold no nested combination: the router starts from each budget's best, "
+            "nested by projection")
 
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     if device.type == "cuda":

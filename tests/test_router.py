@@ -633,7 +633,7 @@ def test_draws_can_be_held_to_an_acceptance_test():
     ffn = lambda arch: arch.layers[0]["intermediate_size"]  # noqa: E731
     sizes = [ffn(r(0, generator=gen).chosen_arch) for _ in range(40)]
     assert len(set(sizes)) > 3
-    wide = lambda arch: ffn(arch) >= 30  # noqa: E731
+    wide = lambda choice: ffn(r.arch_of(choice)) >= 30  # noqa: E731
     held = [ffn(r(0, generator=gen, accept=wide).chosen_arch) for _ in range(40)]
     assert all(s >= 30 for s in held) and len(set(held)) > 1
     never = [r(0, generator=gen, accept=lambda a: False, tries=3).chosen_arch for _ in range(3)]

@@ -12,7 +12,7 @@ from star_elastic.elastic import ElasticSpec, slice_model, sort_model
 from star_elastic.elastic.importance import estimate_importance
 from star_elastic.elastic.masking import is_masked
 from star_elastic.elastic.search import (DEFAULT_AXES, MIN_FRACTION, calibration_perplexity, choose_spec,
-                                         search_spec)
+                                         nested_choice, search_spec)
 from star_elastic.errors import StarElasticError
 from star_elastic.evaluate import perplexity
 from star_elastic.model import Model, ModelConfig
@@ -139,3 +139,39 @@ def test_random_parents(seed):
     assert spec.is_homogeneous(cfg) and unmasked(model)
     if combined is not None:
         assert records[0]["perplexity"] <= next(r["perplexity"] for r in records if r["spec"] == combined.to_dict())
+
+
+def test_spec_nesting_compares_every_kept_unit_and_layer():
+    ffn = ElasticSpec(intermediate_size=32)
+    assert ElasticSpec(intermediate_size=16).within(ffn, CFG) and ffn.within(ElasticSpec(), CFG)
+    assert not ElasticSpec().within(ffn, CFG)  # the parent keeps FFN units 32..63 that ffn drops
+    assert not ElasticSpec(hidden_size=16).within(ffn, CFG)  # narrower, but with the whole FFN
+    assert ElasticSpec(hidden_size=16, intermediate_size=32).within(ffn, CFG)
+    assert not ElasticSpec(layers=[0, 1, 2]).within(ElasticSpec(layers=[0, 1, 3]), CFG)
+    assert ElasticSpec(layers=[0, 1]).within(ElasticSpec(layers=[0, 1, 3]), CFG)
+
+
+def test_the_router_start_nests_the_larger_budgets_around_the_smallest_budgets_best():
+    """Each budget's own best need not nest in the larger budget's (SmolLM2: 0.75 FFN 832, 0.5 hidden
+    360 + FFN 960). The smallest budget keeps its best candidate that the larger budgets can contain;
+    each larger budget takes its best candidate containing it."""
+    rec = lambda ppl, **spec: {"spec": spec, "perplexity": ppl}  # noqa: E731
+    big = [rec(10.0, intermediate_size=16), rec(1000.0, hidden_size=24), rec(30.0, hidden_size=16)]
+    small = [rec(20.0, hidden_size=16, intermediate_size=40), rec(21.0, intermediate_size=8)]
+    specs, nested = nested_choice(CFG, [big, small])
+    # not (FFN 16, FFN 8), the lower total perplexity: the smallest budget's best decides
+    assert nested and [s.to_dict() for s in specs] == [{"hidden_size": 24}, small[0]["spec"]]
+    assert specs[1].within(specs[0], CFG)
+    # the own bests, when they nest, are kept
+    specs, nested = nested_choice(CFG, [big, [rec(15.0, intermediate_size=8)] + small])
+    assert nested and [s.to_dict() for s in specs] == [{"intermediate_size": 16}, {"intermediate_size": 8}]
+    # the smallest budget's best fits no larger candidate: its next best that does
+    specs, nested = nested_choice(CFG, [big[:1], small])
+    assert nested and [s.to_dict() for s in specs] == [{"intermediate_size": 16}, {"intermediate_size": 8}]
+    # three budgets: each contains the next smaller
+    mid = [rec(30.0, hidden_size=24, intermediate_size=48), rec(35.0, hidden_size=16)]
+    specs, nested = nested_choice(CFG, [[rec(5.0, hidden_size=28)], mid, small])
+    assert nested and [s.to_dict() for s in specs] == [{"hidden_size": 28}, mid[0]["spec"], small[0]["spec"]]
+    # nothing nests: each budget's own best, and the caller is told
+    specs, nested = nested_choice(CFG, [[rec(10.0, intermediate_size=16)], [rec(20.0, hidden_size=16)]])
+    assert not nested and [s.to_dict() for s in specs] == [{"intermediate_size": 16}, {"hidden_size": 16}]

@@ -15,8 +15,8 @@ from test_train import CFG, trainer
 RTOL = 1e-5
 CASES = {
     # every path of a step: all budgets with their router baselines, CE beside KD, two micro-batches,
-    # the stage-2 rows, and the freeze with its selection by measured KD (at step 7)
-    "router": dict(steps=10, grad_accum=2, loss=LossWeights(ce=0.5), router_freeze_fraction=0.3, freeze_select=4,
+    # the stage-2 rows, and the freeze with its selection by measured KD (at step 8)
+    "router": dict(steps=12, grad_accum=2, loss=LossWeights(ce=0.5), router_freeze_fraction=0.3, freeze_select=4,
                    freeze_select_batches=2),
     "anchor": dict(steps=8, full_anchor=1.0),  # the sandwich rule's full-model forward
 }

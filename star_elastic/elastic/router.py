@@ -294,7 +294,8 @@ class Router(nn.Module):
         Soft mode: the Gumbel-softmax relaxation
         y = softmax((r x scale + g) / tau), masks sum_c y_c prefix_c. `arch` holds the p-weighted sizes (the gradient path of the budget
         loss), `chosen_arch` the sizes of the choices taken. `accept` (hard mode): a test of the drawn
-        architecture's sizes (e.g. its cost in the budget's band); up to `tries` draws are made and the
+        choice (a slot -> index dict; `arch_of` gives its sizes), e.g. its cost in the budget's band and
+        its nesting in the larger budget's architecture; up to `tries` draws are made and the
         first it takes is used; when none is, `fallback(choice) -> choice` (e.g. the nearest in-band
         architecture) replaces the last draw, or without one the last draw is used. So training spends
         no step on an architecture that could never be exported. Eval (inference), whatever the mode:
@@ -312,7 +313,7 @@ class Router(nn.Module):
             for attempt in range(tries):
                 noise = {name: self._gumbel(logit, generator) for name, logit in logits.items()}
                 drawn = {name: int((logit.detach() * self.scale + noise[name]).argmax()) for name, logit in logits.items()}
-                if accept is not None and accept(self.arch_of(drawn)):
+                if accept is not None and accept(drawn):
                     break
             else:
                 if accept is not None and tries > 1 and fallback is not None:
@@ -540,20 +541,39 @@ def project_budgets(router: Router, budgets: list[Budget], costs: CostModel | No
     log-probability, steered toward the band. `start`: per budget, choices to start from instead of
     the argmax (None: the argmax). Raises StarElasticError when none is reachable."""
     costs = costs or CostModel(router.parent)
-    order = sorted(range(len(budgets)), key=lambda i: -budgets[i].fraction)
     out: list[Projection | None] = [None] * len(budgets)
     upper = router.full_choice()
     with torch.no_grad():
-        for i in order:
-            b = budgets[i]
-            if b.is_full:
-                out[i] = full_projection(router, b, costs)
-                upper = out[i].choice
-                continue
-            out[i] = nested_in_band(router, budgets, i, start[i] if start is not None else None, upper, costs, band,
-                                    max_states)
+        for i in _largest_first(budgets):
+            out[i] = _project(router, budgets, i, start[i] if start is not None else None, upper, costs, band,
+                              max_states)
             upper = out[i].choice
     return out
+
+
+def larger_choice(router: Router, budgets: list[Budget], i: int, costs: CostModel | None = None, band: float = BAND,
+                  max_states: int = 50_000) -> dict[str, int]:
+    """The choice budget i must nest in: the next larger budget's architecture as `project_budgets`
+    would export it now (the parent's for the largest). Training holds its draws to it, so that what
+    a budget trains is what it exports."""
+    costs = costs or CostModel(router.parent)
+    upper = router.full_choice()
+    with torch.no_grad():
+        for j in _largest_first(budgets):
+            if j == i:
+                break
+            upper = _project(router, budgets, j, None, upper, costs, band, max_states).choice
+    return upper
+
+
+def _largest_first(budgets: list[Budget]) -> list[int]:
+    return sorted(range(len(budgets)), key=lambda i: -budgets[i].fraction)
+
+
+def _project(router, budgets, i, start, upper, costs, band, max_states) -> Projection:
+    if budgets[i].is_full:
+        return full_projection(router, budgets[i], costs)
+    return nested_in_band(router, budgets, i, start, upper, costs, band, max_states)
 
 
 def full_projection(router: Router, budget: Budget, costs: CostModel) -> Projection:

@@ -370,6 +370,35 @@ def search_spec(model, target: int, axes, batches, *, layer_order=None, min_axes
     return spec, records
 
 
+def nested_choice(parent_cfg: ModelConfig, searched: list[list[dict]]) -> tuple[list[ElasticSpec], bool]:
+    """One architecture per budget from each budget's search records (`search_spec`'s second value,
+    best first; budgets largest first) such that each is nested in the larger ones. The smallest
+    budget is settled first, at its best candidate for which every larger budget has a candidate
+    containing it; each larger budget takes its best such candidate. Returns (specs, True), or each
+    budget's own best and False when no candidates nest.
+
+    Why: the search ranks each budget alone, and its choices need not nest (SmolLM2: 0.75 = FFN 832,
+    0.5 = hidden 360 + FFN 960). A router started from and pulled toward both trained the 0.5 on FFN
+    960, and the export cut it to fit the 0.75 (H200, 2026-12-01: +57% against separate distillation).
+    Why smallest first, not the lowest total calibration perplexity: the total prefers a deep single
+    cut of the smallest budget (FFN 192 under FFN 832), and deep FFN cuts of SmolLM2's 0.5 budget are
+    the ones that trained worst (FFN 256-512: +58% to +83%, docs/RESULTS.md §9); the smallest budget
+    has the least room, so its architecture decides most."""
+    specs = [[ElasticSpec.from_dict(r["spec"]) for r in recs] for recs in searched]
+    if not specs:
+        return [], True
+    for smallest in specs[-1]:
+        chosen = [smallest]
+        for candidates in reversed(specs[:-1]):  # the next larger budget first
+            fit = next((c for c in candidates if chosen[0].within(c, parent_cfg)), None)
+            if fit is None:
+                break
+            chosen.insert(0, fit)
+        else:
+            return chosen, True
+    return [s[0] for s in specs], False
+
+
 _NAMES = {"hidden_size": "hidden", "num_attention_heads": "attention heads", "num_key_value_heads": "KV heads",
           "mamba_num_heads": "Mamba heads", "mamba_head_dim": "Mamba head dim", "intermediate_size": "FFN",
           "n_routed_experts": "experts", "moe_intermediate_size": "expert FFN",
