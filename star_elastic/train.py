@@ -831,13 +831,24 @@ class ElasticTrainer:
         self.out.mkdir(parents=True, exist_ok=True)
         metrics = self.out / "metrics.jsonl"
         writer = _tensorboard(self.out) if self.rank == 0 else None
-        logs = []
         end = self.cfg.steps if stop_after is None else min(self.cfg.steps, self.step + stop_after)
         bar = tqdm(total=end, initial=self.step, desc="elastic training", unit="step",
                    disable=not progress or self.rank != 0 or bool(os.environ.get("STAR_ELASTIC_QUIET")))
         per_budget = {}
         if self.step == 0:
             self.warm_up_router()
+        try:
+            logs = self._loop(end, bar, per_budget, metrics, writer)
+        finally:  # TensorBoard writes from a thread: close it, or it writes on after the run (into a removed dir)
+            bar.close()
+            if writer is not None:
+                writer.close()
+        if self.step >= self.cfg.steps or stop_after is not None:
+            self.save_state()
+        return logs
+
+    def _loop(self, end: int, bar, per_budget: dict, metrics: Path, writer) -> list[dict]:
+        logs = []
         t0 = time.perf_counter()
         while self.step < end:
             log = self.train_step()
@@ -859,9 +870,6 @@ class ElasticTrainer:
                             writer.add_scalar(f"train/{k}", v, self.step)
             if self.cfg.save_every and self.step % self.cfg.save_every == 0:
                 self.save_state()
-        bar.close()
-        if self.step >= self.cfg.steps or stop_after is not None:
-            self.save_state()
         return logs
 
 

@@ -504,3 +504,32 @@ def test_a_smaller_budget_trains_only_architectures_nested_in_the_larger_one(tmp
             _, decision = t._decide(b, t.budgets[b])
             assert all(k <= upper[n] for n, k in decision.choice.items()), (t.budgets[b].name, decision.choice, upper)
             assert t.router.spec_of(decision.choice).within(t.router.spec_of(upper), CFG)
+
+
+def test_the_tensorboard_writer_is_closed_when_training_ends_or_fails(tmp_path, monkeypatch):
+    """TensorBoard's writer flushes from a thread: left open, it wrote into the run directory after
+    `run` returned, and removing that directory failed (bench_kernels on an H200, 2026-12-01:
+    "Directory not empty: 'tensorboard'"). It is closed when the run ends, and when a step raises."""
+    from star_elastic import train as train_mod
+
+    class Writer:
+        def __init__(self):
+            self.closed, self.scalars = False, 0
+
+        def add_scalar(self, *a):
+            assert not self.closed, "written after close"
+            self.scalars += 1
+
+        def close(self):
+            self.closed = True
+
+    made = []
+    monkeypatch.setattr(train_mod, "_tensorboard", lambda out: made.append(Writer()) or made[-1])
+    t = trainer(tmp_path, steps=2)
+    t.run(progress=False)
+    assert made[0].closed and made[0].scalars > 0
+    t2 = trainer(tmp_path, "fails", steps=3)
+    monkeypatch.setattr(t2, "train_step", lambda: (_ for _ in ()).throw(RuntimeError("a step failed")))
+    with pytest.raises(RuntimeError, match="a step failed"):
+        t2.run(progress=False)
+    assert made[1].closed
