@@ -116,7 +116,12 @@ def cmd_generate(args):
 
 def cmd_elastify(args):
     """importance -> sort -> router + multi-budget distillation -> one elastic checkpoint (elastify.py)."""
+    from pathlib import Path
+
+    from . import parallel
     from .elastify import ElastifyConfig, elastify, print_table
+    from .errors import StarElasticError
+    from .hf import load_tokenizer
     from .train import init_distributed, world
     from .zero_shot import check_multiple
 
@@ -124,9 +129,18 @@ def cmd_elastify(args):
     out = check_output(args.out, args.force)
     device = init_distributed() or pick_device(args.device)  # under torchrun: this rank's GPU
     rank, ranks = world()
-    # master weights in fp32; on a GPU the steps run under bf16 autocast
-    model, tokenizer = load_model_and_tokenizer(args.model, device, None if args.dtype is None else pick_dtype(args.dtype, device))
-    model.float()
+    path = resolve_model(args.model)
+    # under torchrun with FSDP2 (the default there) a checkpoint directory is never loaded whole on a rank:
+    # elastify takes its path and loads it sharded; else the whole model, master weights in fp32 (on a
+    # GPU the steps run under bf16 autocast)
+    if ranks > 1 and args.shard != "none" and parallel.available() and Path(path).is_dir() and args.dtype is None:
+        model, tokenizer = path, load_tokenizer(path)
+        if tokenizer is None:
+            raise StarElasticError(f"{path}: no tokenizer files next to the weights")
+    else:
+        model, tokenizer = load_model_and_tokenizer(args.model, device,
+                                                    None if args.dtype is None else pick_dtype(args.dtype, device))
+        model.float()
     cfg = ElastifyConfig(budgets=[b.strip() for b in args.budgets.split(",") if b.strip()], tokens=args.tokens,
                          seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, router_lr=args.router_lr,
                          axes=tuple(a.strip() for a in args.axes.split(",")) if args.axes else ElastifyConfig.axes,
@@ -140,9 +154,11 @@ def cmd_elastify(args):
                          multiple=args.multiple)
     if rank == 0:
         where = f"{ranks} ranks ({device.type})" if ranks > 1 else str(device)
-        print(f"elastify {resolve_model(args.model)}: {model.num_parameters() / 1e6:.1f}M parameters, budgets "
-              f"{', '.join(cfg.budgets)}, {cfg.tokens:,} training tokens, on {where}", flush=True)
-    result = elastify(model, tokenizer, args.data, out, cfg, log=_log)
+        size = f"{model.num_parameters() / 1e6:.1f}M parameters" if hasattr(model, "num_parameters") else \
+            "loaded sharded over the ranks"
+        print(f"elastify {path}: {size}, budgets {', '.join(cfg.budgets)}, {cfg.tokens:,} training tokens, "
+              f"on {where}", flush=True)
+    result = elastify(model, tokenizer, args.data, out, cfg, log=_log, device=device)
     if rank == 0:
         print_table(result)
     if ranks > 1:

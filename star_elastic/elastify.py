@@ -22,6 +22,9 @@ from .elastic.masking import masked
 from .elastic.spec import ElasticSpec
 from .elastic.search import describe, nested_choice, search_spec
 from .elastic.sort import sort_model
+from . import parallel
+from .sharded_load import load_sharded
+from .sharded_sort import load_sorted
 from .errors import StarElasticError
 from .evaluate import perplexity
 from .train import ElasticTrainer, TrainConfig, world
@@ -95,12 +98,19 @@ def masked_perplexity(model, spec, heldout, cfg: ElastifyConfig, device) -> floa
                           progress=False, device=device)["perplexity"]
 
 
-def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -> dict:
-    """Run the pipeline on a loaded `model` (trained in place) and write the checkpoint to `out`.
-    An interrupted run resumes from `.OUT.train` beside `out`."""
+def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, device=None) -> dict:
+    """Run the pipeline on `model` (trained in place) and write the checkpoint to `out`. `model` is a
+    loaded `Model`, or under torchrun with FSDP2 the path of a safetensors checkpoint directory: then
+    the parent never sits whole on one rank (loaded sharded, scored sharded, sorted as it is loaded
+    again, written tensor by tensor; `device`: this rank's). An interrupted run resumes from
+    `.OUT.train` beside `out`."""
     out = Path(out)
-    device = next(model.parameters()).device
     rank, ranks = world()  # under torchrun: every rank runs this; rank 0 logs and writes
+    if isinstance(model, (str, Path)):
+        device = device or parallel.default_device()
+        model = load_sharded(model, torch.float32, device, mixed_precision=device.type == "cuda")
+    device = next(model.parameters()).device
+    sharded_parent = parallel.is_sharded(model)
     if rank != 0:
         log = lambda *a, **k: None  # noqa: E731
     torch.manual_seed(cfg.seed)
@@ -137,7 +147,11 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
     share = (lambda b: b[rank::ranks]) if calib.batch_size >= ranks else (lambda b: b)
     scores = estimate_importance(model, (share(b).to(device) for b in calib), num_batches=cfg.calib_batches,
                                  depth=depth)
-    perms = sort_model(model, scores)
+    if sharded_parent:  # sorting permutes rows across ranks' shards: sort while loading again, row by row
+        model, perms = load_sorted(model.source, scores=scores, dtype=torch.float32, device=device,
+                                   mixed_precision=device.type == "cuda")
+    else:
+        perms = sort_model(model, scores)
     log(f"importance on {cfg.calib_batches} batches and function-preserving sort: {time.perf_counter() - t0:.0f} s")
 
     # zero-shot: each budget's best homogeneous prefix of the sorted parent (Minitron's search over axis
@@ -176,9 +190,13 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
         log("  the search's candidates hold no nested combination: the router starts from each budget's best, "
             "nested by projection")
 
-    teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    if device.type == "cuda":
-        teacher.to(torch.bfloat16)
+    teacher_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if sharded_parent:  # the sorted parent once more, sharded, in the teacher's dtype
+        teacher = load_sorted(model.source, perms=perms, dtype=teacher_dtype, device=device,
+                              mixed_precision=device.type == "cuda")[0]
+    else:
+        teacher = copy.deepcopy(model).to(teacher_dtype)
+    teacher.eval().requires_grad_(False)
     router = Router(model.config, budgets, RouterConfig(axes=tuple(cfg.axes), heterogeneous=cfg.heterogeneous,
                                                         width_multiple="auto" if cfg.multiple is None else cfg.multiple),
                     layer_order=layer_order).to(device)
@@ -201,9 +219,14 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
     t0 = time.perf_counter()
     step_logs = trainer.run()
     train_s = time.perf_counter() - t0
-    parallel = {**trainer.distribution, "peak_memory_gib": trainer.peak_memory()}  # per rank, GPU only
-    log(f"training: {parallel['ranks']} rank(s), {parallel['sharding']}")
-    model = trainer.full_model()  # sharded training: the whole weights, gathered on every rank
+    distribution = {**trainer.distribution, "peak_memory_gib": trainer.peak_memory()}  # per rank, GPU only
+    if sharded_parent:
+        distribution["parent_load"] = "sharded from disk, importance on the shards, sorted as loaded again"
+    log(f"training: {distribution['ranks']} rank(s), {distribution['sharding']}")
+    # the student as trained: under FSDP2 still sharded, never whole on any rank. Every rank runs the
+    # same evaluation forwards on it, and the checkpoint is gathered tensor by tensor, rank 0 writing
+    model = trainer.model
+    sharded = trainer.shard == "fsdp"
     # steady-state throughput (all ranks together): the median step after the first fifth
     rates = sorted(log["tokens_per_s"] for log in step_logs[len(step_logs) // 5:])
     del teacher
@@ -233,12 +256,14 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print) -
                 "tokens_per_s": round(rates[len(rates) // 2]) if rates else None,
                 "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}}
     training["ranks"] = ranks
-    training["parallel"] = parallel
+    training["parallel"] = distribution
     if trainer.selection:  # the architectures chosen at the router freeze, by measured KD
         training["freeze_selection"] = trainer.selection
-    if rank == 0:
+    if rank == 0 or sharded:  # sharded: every rank takes part in the gathers
         save_elastic(model, router, budgets, out, tokenizer, extra={"training": training, "evaluation": evaluation},
-                     scores=permuted_scores(scores, perms), specs=specs, projections=projections)
+                     scores=permuted_scores(scores, perms), specs=specs, projections=projections,
+                     record=distribution if sharded else None)
+    if rank == 0:
         shutil.rmtree(trainer.out, ignore_errors=True)  # the resumable state is no longer needed
     if ranks > 1:
         torch.distributed.barrier()

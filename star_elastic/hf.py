@@ -12,14 +12,15 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from . import fp8
+from . import fp8, parallel
 from .errors import StarElasticError
 from .hf_files import (MAX_HEADER_BYTES, PICKLE_SUFFIXES, _weight_files, read_json, safetensors_header,  # noqa: F401
                        shard_groups, shard_names, write_index)
@@ -163,15 +164,32 @@ def from_disk_layout(tensors: dict[str, torch.Tensor], source: str) -> dict[str,
     return out
 
 
-def to_disk_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of `from_disk_layout`: what transformers' `save_pretrained` writes for NemotronH."""
+@dataclass(frozen=True, eq=False)
+class Row:
+    """Row `j` of the tensor `of`, taken only once `of` is whole: one expert of a sharded NemotronH
+    stack, which is stored one tensor per expert (the stack is gathered once, not once per expert)."""
+    of: torch.Tensor
+    j: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.of.shape[1:]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.of.dtype
+
+
+def to_disk_layout(state: dict[str, torch.Tensor], rows: bool = False) -> dict[str, torch.Tensor]:
+    """The inverse of `from_disk_layout`: what transformers' `save_pretrained` writes for NemotronH.
+    `rows`: each expert as a `Row` of its stack, not a view (for stacks that are FSDP2 shards)."""
     out = {}
     for name, t in state.items():
         if name.startswith("model."):
             name = "backbone." + name[len("model."):]
         if name.endswith((".mixer.experts.up_proj", ".mixer.experts.down_proj")):
             prefix, proj = name.rsplit(".", 1)
-            out.update({f"{prefix}.{j}.{proj}.weight": t[j] for j in range(t.shape[0])})
+            out.update({f"{prefix}.{j}.{proj}.weight": Row(t, j) if rows else t[j] for j in range(t.shape[0])})
         else:
             out[name] = t
     return out
@@ -416,38 +434,100 @@ class _staging:
 staging = _staging
 
 
-def write_safetensors(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int = SHARD_BYTES):
-    """model.safetensors, or shards + index when larger than `max_shard_bytes`."""
-    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    nbytes = {k: t.numel() * t.element_size() for k, t in state.items()}
-    shards = shard_groups(list(state), nbytes.__getitem__, max_shard_bytes)
+def write_safetensors(state: dict, out: Path | None, max_shard_bytes: int = SHARD_BYTES,
+                      stats: dict | None = None) -> None:
+    """model.safetensors into the directory `out`, or shards + index when larger than `max_shard_bytes`.
+
+    `state` may hold FSDP2 shards (DTensors) and `Row`s of them: each is gathered whole when its turn
+    comes, one at a time, so every rank must call this with the same `state`; the ranks that do not
+    write pass `out=None` and drop each tensor once gathered. The writer keeps one file's tensors on
+    the host at a time. Files are planned from the shapes before any gather, by one rule whatever
+    the sharding, so a sharded model writes the files its unsharded copy would. Each file is written
+    under a temporary name and renamed when complete. `stats` (if given) gets the names of the files
+    and `peak_bytes`: the most bytes of whole tensors held at once (the file being filled and the
+    tensor being gathered)."""
+    def nbytes(k):
+        t = state[k]
+        return t.shape.numel() * t.dtype.itemsize
+
+    def source(t):  # what is gathered for `t`: a Row's whole stack
+        return t.of if isinstance(t, Row) else t
+
+    shards = shard_groups(list(state), nbytes, max_shard_bytes)
     names = shard_names(len(shards))
+    like = next((source(t) for t in state.values() if parallel.is_dtensor(source(t))), None)
+    error, peak = None, 0
+    last = gathered = None  # the tensor last gathered, and it whole (a stack serves all of its Rows)
     for fname, shard in zip(names, shards):
-        save_file({k: state[k] for k in shard}, str(out / fname), metadata={"format": "pt"})
-    if len(shards) > 1:
-        write_index(out, {k: fname for fname, shard in zip(names, shards) for k in shard}, sum(nbytes.values()))
+        tensors, held = {}, 0
+        for k in shard:
+            t = state[k]
+            if source(t) is not last:
+                gathered = None  # the previous tensor goes before the next is gathered
+                last, gathered = source(t), parallel.full_tensor(source(t).detach())
+            writes = out is not None and error is None
+            if writes:
+                tensors[k] = (gathered[t.j] if isinstance(t, Row) else gathered).contiguous().cpu()
+                held += nbytes(k)
+                peak = max(peak, held + gathered.numel() * gathered.element_size())
+            if not (writes and isinstance(t, Row)):
+                gathered = None  # dropped at once; only the writer keeps a stack for its next rows
+        if out is not None and error is None:
+            try:
+                _write_file(tensors, Path(out) / fname)
+            except Exception as e:  # keep gathering: the other ranks are waiting in the gathers
+                error = e
+        tensors = None
+    if like is not None:  # sharded: every rank learns whether the writer wrote every file
+        if not parallel.all_ok(error is None, like) and error is None:
+            raise StarElasticError("the checkpoint was not written: rank 0 failed writing it (see its error)")
+    if error is not None:
+        raise error
+    if out is not None and len(shards) > 1:
+        write_index(Path(out), {k: fname for fname, shard in zip(names, shards) for k in shard},
+                    sum(nbytes(k) for k in state))
+    if stats is not None:
+        stats.update(files=names, peak_bytes=peak)
+
+
+def _write_file(tensors: dict[str, torch.Tensor], f: Path) -> None:
+    """One safetensors file, written under a temporary name and renamed: never found half-written."""
+    tmp = f.with_name(f".{f.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, f)
 
 
 def save_pretrained(model: Model, out, tokenizer=None, max_shard_bytes: int = SHARD_BYTES,
-                    config: dict | None = None) -> Path:
+                    config: dict | None = None, stats: dict | None = None) -> Path:
     """Write config.json + safetensors (+ tokenizer) that transformers' AutoModelForCausalLM loads.
     `config`: the config.json to write instead (star-elastic's per-layer format). A config with an FP8
-    quantization_config (a model loaded as FP8, `load`) is written in FP8 (fp8.py)."""
+    quantization_config (a model loaded as FP8, `load`) is written in FP8 (fp8.py).
+
+    A model sharded by FSDP2 (parallel.py) is never whole on any rank: every rank calls this, the
+    tensors are gathered one at a time and rank 0 alone writes (`write_safetensors`), the same files
+    as the unsharded model's. `stats`: see `write_safetensors` (filled on the rank that writes)."""
     out = Path(out)
     hf = config if config is not None else config_to_hf(model.config, getattr(model, "hf_config", None))
     quantize = fp8.is_fp8_config(hf)
+    sharded = parallel.is_sharded(model)
+    if sharded and quantize:
+        raise StarElasticError("an FP8 model is not written from FSDP2 shards; save it in its compute dtype, "
+                               "then convert it (star-elastic convert CKPT --dtype fp8)")
     state = model.state_dict()
     if model.config.tied:
         state.pop("lm_head.weight", None)
     if quantize:
         state = fp8.cast_unquantized(state, model.config)
     if model.config.family == "nemotron_h":
-        state = to_disk_layout(state)
+        state = to_disk_layout(state, rows=sharded)
     if quantize:
         state, hf = fp8.quantize_state(state, hf)
+    if sharded and dist.get_rank() != 0:
+        write_safetensors(state, None, max_shard_bytes)  # take part in the gathers; rank 0 writes
+        return out
     with _staging(out) as tmp:
         (tmp / "config.json").write_text(config_json(hf))
-        write_safetensors(state, tmp, max_shard_bytes)
+        write_safetensors(state, tmp, max_shard_bytes, stats)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return out

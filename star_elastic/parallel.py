@@ -96,6 +96,19 @@ def is_sharded(module: nn.Module) -> bool:
     return FSDPModule is not None and isinstance(module, FSDPModule)
 
 
+def is_dtensor(t) -> bool:
+    """Whether `t` is a shard (DTensor) of a whole tensor, which only a collective can gather."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def all_ok(ok: bool, like: torch.Tensor) -> bool:
+    """Whether `ok` holds on every rank of the mesh `like` (a DTensor) is sharded over: a collective,
+    so that a rank that failed alone does not leave the others waiting in the next one."""
+    flag = torch.tensor([int(ok)], dtype=torch.int32, device=like.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=like.device_mesh.get_group())
+    return bool(flag.item())
+
+
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a shard (a collective: every rank calls it), or `t` itself."""
     return t.full_tensor() if DTensor is not None and isinstance(t, DTensor) else t

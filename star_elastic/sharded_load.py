@@ -59,12 +59,10 @@ def load_sharded(path, dtype: torch.dtype | None = None, device=None, *, mixed_p
     except StarElasticError as e:
         error = e
     # a rank that could not read its rows must not leave the others waiting in the next collective
-    p = next(model.parameters())
-    ok = torch.tensor([error is None], dtype=torch.int32, device=p.device)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=p.device_mesh.get_group())
+    ok = parallel.all_ok(error is None, next(model.parameters()))
     if error is not None:
         raise error
-    if not ok.item():
+    if not ok:
         raise StarElasticError(f"{path}: another rank could not read its shards of the weights (see its error)")
     model.hf_config = fp8.saved_config(raw, dtype)
     model.source = str(path)

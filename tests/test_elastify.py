@@ -193,6 +193,11 @@ def test_torchrun_two_gloo_ranks_write_the_checkpoint_one_process_writes(tmp_pat
     assert two["training"]["ranks"] == 2 and one["training"]["ranks"] == 1
     # torchrun shards by default (FSDP2); one process replicates (there is nothing to shard over)
     assert two["training"]["parallel"]["sharding"] == "fsdp2" and one["training"]["parallel"]["sharding"] == "replicated"
+    # the sharded run never held the parent whole: loaded sharded, scored on the shards, sorted as loaded again,
+    # written tensor by tensor; and it still equals the one-process run below
+    assert two["training"]["parallel"]["parent_load"].startswith("sharded from disk")
+    assert two["training"]["parallel"]["checkpoint_write"] == "gathered tensor by tensor on rank 0"
+    assert "parent_load" not in one["training"]["parallel"]
     assert [b["spec"] for b in one["budgets"]] == [b["spec"] for b in two["budgets"]]
     a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
     assert a.keys() == b.keys()

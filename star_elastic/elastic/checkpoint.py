@@ -2,7 +2,8 @@
 
     CKPT/
       config.json, model*.safetensors   the importance-sorted parent, a stock Hugging Face
-                                        checkpoint (transformers loads it as the full model)
+                                        checkpoint (transformers loads it as the full model): one
+                                        model.safetensors, or shards and model.safetensors.index.json
       router.safetensors                the budget router's weights
       importance.safetensors            the importance scores the parent was sorted by, in the sorted
                                         order (unit j of every axis is the parent's unit j); optional
@@ -28,14 +29,16 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from .. import parallel
 from ..errors import StarElasticError
-from ..hf import load, load_tokenizer, read_config, safetensors_header, save_pretrained, staging
+from ..hf import SHARD_BYTES, load, load_tokenizer, read_config, safetensors_header, save_pretrained, staging
 from ..model import Model
 from .cost import Arch, Budget, CostModel, MemorySettings, parse_budget
 from .importance import save_scores
-from .manifest import (FORMAT, ROUTER_FILE, VERSION, check_budgets, check_cheap, check_files,  # noqa: F401 (re-exported)
+from .manifest import (FORMAT, INDEX_FILE, ROUTER_FILE, VERSION, check_budgets, check_cheap, check_files,  # noqa: F401 (re-exported)
                        has_manifest, read_manifest, sha256, verify_files)
 from .router import Router, RouterConfig, interpolate_budget
 from .spec import ElasticSpec
@@ -60,12 +63,42 @@ def budget_entry(budget: Budget, spec: ElasticSpec, parent_cfg, cost: CostModel)
 def save_elastic(model: Model, router: Router, budgets: list[Budget], out, tokenizer=None,
                  memory: MemorySettings | None = None, extra: dict | None = None,
                  scores: dict | None = None, specs: list[ElasticSpec] | None = None,
-                 projections: list | None = None) -> Path:
+                 projections: list | None = None, max_shard_bytes: int = SHARD_BYTES,
+                 record: dict | None = None) -> Path:
     """Write the elastic checkpoint of a trained (sorted) parent and router, atomically. `scores`:
     the importance scores in the parent's (sorted) unit order, kept for `star-elastic inspect`.
     `specs`: each budget's architecture (default: the router's argmax); `projections`: how each was
-    fixed after training (`router.Projection`), recorded per budget."""
-    out = Path(out)
+    fixed after training (`router.Projection`), recorded per budget. `max_shard_bytes`: the largest
+    weight file (larger parents are written in shards, with their index).
+
+    A parent sharded by FSDP2 is never whole on any rank: every rank calls this, the weights are
+    gathered tensor by tensor and rank 0 alone writes the files (`hf.save_pretrained`). `record`: a
+    dict (e.g. one inside `extra`) that is given, before the manifest is written, how the weights
+    were written and the most bytes of them held at once."""
+    sharded = parallel.is_sharded(model)
+    if not sharded:
+        return _write_elastic(model, router, budgets, Path(out), tokenizer, memory, extra, scores, specs,
+                              projections, max_shard_bytes, record)
+    error = None
+    try:
+        if dist.get_rank() == 0:
+            _write_elastic(model, router, budgets, Path(out), tokenizer, memory, extra, scores, specs,
+                           projections, max_shard_bytes, record)
+        else:  # take part in the gathers; rank 0 writes
+            save_pretrained(model, out, max_shard_bytes=max_shard_bytes)
+    except Exception as e:
+        error = e
+    # rank 0 may fail after the gathers (router, manifest): then no rank returns as if it were written
+    ok = parallel.all_ok(error is None, next(model.parameters()))
+    if error is not None:
+        raise error
+    if not ok:
+        raise StarElasticError(f"{out}: the elastic checkpoint was not written: rank 0 failed (see its error)")
+    return Path(out)
+
+
+def _write_elastic(model, router, budgets, out: Path, tokenizer, memory, extra, scores, specs, projections,
+                   max_shard_bytes, record) -> Path:
     router.eval()
     cost = CostModel(model.config, memory)
     specs = specs if specs is not None else [router.spec(i) for i in range(len(budgets))]
@@ -73,15 +106,22 @@ def save_elastic(model: Model, router: Router, budgets: list[Budget], out, token
     for entry, proj in zip(entries, projections or []):
         entry["projection"] = proj.to_dict()
     with staging(out) as tmp:
-        save_pretrained(model, tmp / "parent", tokenizer=tokenizer)
+        written = {}
+        save_pretrained(model, tmp / "parent", tokenizer=tokenizer, max_shard_bytes=max_shard_bytes, stats=written)
         for f in (tmp / "parent").iterdir():  # flatten: the checkpoint directory is the HF directory
             f.rename(tmp / f.name)
         (tmp / "parent").rmdir()
+        if record is not None:
+            record["checkpoint_write"] = ("gathered tensor by tensor on rank 0" if parallel.is_sharded(model)
+                                          else "from the whole model")
+            record["checkpoint_write_peak_bytes"] = written["peak_bytes"]
         save_file({k: v.detach().contiguous().cpu() for k, v in router.state_dict().items()},
                   str(tmp / ROUTER_FILE), metadata={"format": FORMAT})
         if scores is not None:
             save_scores(scores, tmp / IMPORTANCE_FILE)
-        weights = sorted(p.name for p in tmp.glob("*.safetensors"))
+        # every .safetensors file (each shard of a sharded parent) and the shards' index, by sha256 and size
+        weights = sorted(p.name for p in tmp.glob("*.safetensors")) + \
+            ([INDEX_FILE] if (tmp / INDEX_FILE).exists() else [])
         manifest = {
             "format": FORMAT, "version": VERSION, "family": model.config.family,
             "parent": {"params": model.num_parameters(), "active_params": int(cost.full("active")),

@@ -9,6 +9,11 @@ so the model code knows nothing about importance. Aggregation (Minitron's best):
 mean over tokens of |activation|, then the L2 norm over sequences. We keep the sum of squares
 over sequences and take the root at the end, so batches (and ranks, under torch.distributed)
 simply add up.
+
+A model sharded by FSDP2 (parallel.py) is scored as it is: every hook runs inside its module's
+forward, where FSDP has gathered the block's parameters (the REAP hook reads the experts' weights
+there), and the weight baseline gathers one tensor at a time. Its forwards are collectives, so all
+ranks run as many: a rank out of batches runs uncounted one-token forwards until every rank is.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from star_elastic import parallel
 from star_elastic.errors import StarElasticError
 from star_elastic.model import MLP, Attention, Experts, LlamaLayer, Mamba2, MoE
 
@@ -60,6 +66,24 @@ def _distributed() -> bool:
 
 def _rank() -> int:
     return torch.distributed.get_rank() if _distributed() else 0
+
+
+def _is_sharded(model) -> bool:
+    """Whether any part of `model` is an FSDP2 unit: its forward is then a collective."""
+    return _distributed() and any(parallel.is_sharded(m) for m in model.modules())
+
+
+def _most(n: int, device) -> int:
+    """The largest `n` over all ranks."""
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _idle_forward(model, device) -> None:
+    """A one-token forward, run by a rank out of batches so that the sharded forwards of the
+    others (which gather parameters from every rank) find it; what it computes is dropped."""
+    model(torch.zeros(1, 1, dtype=torch.long, device=device))
 
 
 # ----------------------------------------------------------------------------- model structure
@@ -133,12 +157,14 @@ class _Sums:
 
     def __init__(self):
         self.t: dict[str, torch.Tensor] = {}
+        self.paused = False  # during a rank's idle forwards (see _idle_forward)
 
     def new(self, name: str, shape, device) -> None:
         self.t[name] = torch.zeros(shape, dtype=torch.float64, device=device)
 
     def add(self, name: str, value: torch.Tensor) -> None:
-        self.t[name] += value.to(torch.float64)
+        if not self.paused:
+            self.t[name] += value.to(torch.float64)
 
     def all_reduce(self) -> None:
         """Sum every accumulator over ranks with one collective."""
@@ -165,9 +191,16 @@ def _accumulate_experts(experts: Experts, x, idx, weights, sums: _Sums, prefix: 
     weights. Each expert runs only on its own routed tokens, one expert at a time, so temporaries
     are at most (T*k, D) (the routed copies, as the model's own forward makes) and (tokens of one
     expert, I): never experts x tokens.
+
+    Called from the Experts module's forward pre-hook: in a model sharded by FSDP2 its parameters
+    are then the whole ones that FSDP gathered for the forward (FSDP's own pre-hook runs first), so
+    full_tensor is a no-op there; it gathers only if a caller runs this outside the forward.
     """
+    up, down = parallel.full_tensor(experts.up_proj), parallel.full_tensor(experts.down_proj)
+    if sums.paused:  # an idle forward (after the gathers: on every rank the same collectives)
+        return
     T, k = idx.shape
-    E, I = experts.up_proj.shape[:2]
+    E, I = up.shape[:2]
     flat = idx.reshape(-1)
     order = flat.argsort(stable=True)  # assignments grouped by expert
     counts = torch.bincount(flat, minlength=E)
@@ -175,8 +208,8 @@ def _accumulate_experts(experts: Experts, x, idx, weights, sums: _Sums, prefix: 
     norms, neurons = [], []
     for j, xe in enumerate(xs.split(counts.tolist())):
         if len(xe):
-            h = xe @ experts.up_proj[j].T  # (n_j, I)
-            norms.append((experts.act(h) @ experts.down_proj[j].T).float().norm(dim=-1))  # ||f_j||, pre-gate
+            h = xe @ up[j].T  # (n_j, I)
+            norms.append((experts.act(h) @ down[j].T).float().norm(dim=-1))  # ||f_j||, pre-gate
             neurons.append(h.float().abs().sum(0))
     # Per-assignment values -> per-expert sums with a few scatter-adds, not per-expert kernels.
     norm = torch.cat(norms).double() if norms else x.new_zeros(0, dtype=torch.float64)
@@ -330,10 +363,19 @@ def _skipped(model, layers):
 def _depth_order(model, batches: list[torch.Tensor], progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Iterative normalised-MSE layer removal. Each round scores every remaining layer j by
     sum (M_full - M_{-(removed + j)})^2 / sum M_full^2 over the logits of the original model,
-    removes the lowest, and repeats: L(L+1)/2 forwards per batch. Ties go to the lower index."""
+    removes the lowest, and repeats: L(L+1)/2 forwards per batch. Ties go to the lower index.
+    A sharded model: a rank with fewer batches than another adds idle forwards to each trial."""
     num_layers = len(model.model.layers)
+    device = model.embed.weight.device
+    idle = _most(len(batches), device) - len(batches) if _is_sharded(model) else 0
+
+    def idle_forwards():  # after this rank's batches, as many forwards as the rank with the most
+        for _ in range(idle):
+            _idle_forward(model, device)
+
     full = [model(b) for b in batches]  # reference logits, kept for all rounds
-    denom = sum((f.double().square().sum() for f in full), torch.zeros((), dtype=torch.float64, device=full[0].device))
+    idle_forwards()
+    denom = sum((f.double().square().sum() for f in full), torch.zeros((), dtype=torch.float64, device=device))
     remaining, order, at_removal = list(range(num_layers)), [], []
     bar = tqdm(total=num_layers * (num_layers + 1) // 2, desc="depth importance", unit="trial",
                disable=not progress)
@@ -344,6 +386,7 @@ def _depth_order(model, batches: list[torch.Tensor], progress: bool) -> tuple[to
                 with _skipped(model, order + [j]):
                     for b, f in zip(batches, full):
                         err[c] += (model(b) - f).double().square().sum()
+                    idle_forwards()
                 bar.update(1)
             if _distributed():  # one collective per round; all ranks then pick the same layer
                 both = torch.cat([err, denom[None]])
@@ -370,22 +413,38 @@ def estimate_importance(model, batches, *, depth: bool = False, depth_batches: i
     (L(L+1)/2 forwards each) -> "layer_order" (least important first), "layer_scores".
     mamba_channel_keep: score Mamba heads on their top-k channels only (default: all channels).
     num_batches: stop after this many (needed for endless iterators such as TokenBatches).
-    Under torch.distributed every rank passes its own share of the data and gets the result for
-    the union. Statistics are accumulated in float64 whatever the model's dtype.
+    Under torch.distributed every rank passes its own share of the data (any number of batches,
+    none included) and gets the result for the union. The model may be sharded by FSDP2.
+    Statistics are accumulated in float64 whatever the model's dtype.
     """
     if mamba_channel_keep is not None and mamba_channel_keep < 1:
         raise StarElasticError(f"mamba_channel_keep must be at least 1, got {mamba_channel_keep}")
+    if depth and depth_batches < 1:
+        raise StarElasticError(f"depth importance needs depth_batches of at least 1, got {depth_batches}")
     device = model.embed.weight.device
     show = progress and not _quiet() and _rank() == 0
     total = num_batches if num_batches is not None else (len(batches) if hasattr(batches, "__len__") else None)
+    sharded = _is_sharded(model)
     sums, kept = _Sums(), []
     sums.new("sequences", (), device)
     sums.new("tokens", (), device)
-    with _Hooks() as hooks:
+    with _Hooks() as hooks, tqdm(total=total, desc="importance", unit="batch", disable=not show) as bar:
         _register(model, hooks, sums)
         if num_batches is not None:  # islice: never draw a batch past the last one used
             batches = itertools.islice(batches, num_batches)
-        for batch in tqdm(batches, total=total, desc="importance", unit="batch", disable=not show):
+        batches = iter(batches)
+        while True:
+            batch = next(batches, None)
+            # sharded: one forward per step on every rank, while any rank has a batch left
+            if sharded and not _most(batch is not None, device):
+                break
+            if batch is None and not sharded:
+                break
+            if batch is None:
+                sums.paused = True
+                _idle_forward(model, device)
+                sums.paused = False
+                continue
             batch = batch.to(device)
             if batch.dim() != 2:
                 raise StarElasticError(f"expected token batches of shape (batch, seq), got {tuple(batch.shape)}")
@@ -394,15 +453,14 @@ def estimate_importance(model, batches, *, depth: bool = False, depth_batches: i
             sums.add("tokens", torch.tensor(float(batch.numel())))
             if depth and len(kept) < depth_batches:
                 kept.append(batch)
+            bar.update(1)
     sums.all_reduce()
     if sums.t["sequences"].item() == 0:
         raise StarElasticError("importance estimation got no calibration batches")
     scores = _finalize(model, sums, mamba_channel_keep)
     scores["meta"] = _meta(model, "activation", sequences=int(sums.t["sequences"].item()),
                            tokens=int(sums.t["tokens"].item()), mamba_channel_keep=mamba_channel_keep)
-    if depth:
-        if not kept:  # possible only on a rank that got no data; collectives still need it
-            raise StarElasticError("depth importance needs at least one batch on every rank")
+    if depth:  # a rank without batches takes part with none (every rank's collectives still run)
         scores["layer_order"], scores["layer_scores"] = _depth_order(model, kept, show)
     return scores
 
@@ -419,15 +477,17 @@ def weight_magnitude_importance(model) -> dict:
     the projection into its space and the columns it reads in the projection out of it).
 
     Same keys as `estimate_importance` except the activation-only expert baselines and depth.
+    A model sharded by FSDP2: each weight is gathered whole when its turn comes, one at a time
+    (a collective: every rank calls this).
     """
     hidden = torch.zeros(_hidden_size(model), dtype=torch.float64)
     seen = set()
 
-    def channel(w, dim):  # hidden channel c owns w's slice c along `dim`; tied weights count once
+    def channel(p, dim, w=None):  # hidden channel c owns p's slice c along `dim`; tied weights count once
         nonlocal hidden
-        if id(w) not in seen:
-            seen.add(id(w))
-            hidden += _sumsq(w, dim).cpu()
+        if id(p) not in seen:
+            seen.add(id(p))
+            hidden += _sumsq(_whole(p) if w is None else w, dim).cpu()
 
     channel(model.embed.weight, 1)
     channel(model.lm_head.weight, 1)
@@ -435,38 +495,47 @@ def weight_magnitude_importance(model) -> dict:
     for L in _layers(model):
         if L.attn is not None:
             a = L.attn
-            for proj in (a.q_proj, a.k_proj, a.v_proj):
+            q = _whole(a.q_proj.weight)
+            channel(a.q_proj.weight, 1, q)
+            for proj in (a.k_proj, a.v_proj):
                 channel(proj.weight, 1)
-            channel(a.o_proj.weight, 0)
-            heads = _sumsq(a.q_proj.weight.unflatten(0, (a.num_heads, a.head_dim)), 0) \
-                + _sumsq(a.o_proj.weight.unflatten(1, (a.num_heads, a.head_dim)), 1)
+            o = _whole(a.o_proj.weight)
+            channel(a.o_proj.weight, 0, o)
+            heads = _sumsq(q.unflatten(0, (a.num_heads, a.head_dim)), 0) \
+                + _sumsq(o.unflatten(1, (a.num_heads, a.head_dim)), 1)
             scores[L.key("attn_heads")] = heads.sqrt()
         if L.mamba is not None:
             m = L.mamba
-            channel(m.in_proj.weight, 1)
-            channel(m.out_proj.weight, 0)
+            w, out = _whole(m.in_proj.weight).double(), _whole(m.out_proj.weight).double()
+            channel(m.in_proj.weight, 1, w)
+            channel(m.out_proj.weight, 0, out)
             d, hp = m.num_heads * m.head_dim, (m.num_heads, m.head_dim)
-            w = m.in_proj.weight.detach().double()
             per = (w[:d].unflatten(0, hp).square().sum(-1)  # z rows
                    + w[d:2 * d].unflatten(0, hp).square().sum(-1)  # x rows
-                   + m.out_proj.weight.detach().double().unflatten(1, hp).square().sum(0))  # out_proj columns
+                   + out.unflatten(1, hp).square().sum(0))  # out_proj columns
             dt = w[-m.num_heads:].square().sum(-1)  # the head's dt row
             scores[L.key("mamba_heads")] = (per.sum(1) + dt).sqrt()
             scores[L.key("mamba_channels")] = per.sum(0).sqrt()
+            del w, out
         if L.mlp is not None:
             scores[L.key("ffn")] = _mlp_weight_scores(L.mlp, channel)
         if L.moe is not None:
             moe = L.moe
             channel(moe.gate.weight, 1)
             scores[L.key("shared_ffn")] = _mlp_weight_scores(moe.shared_experts, channel)
-            up, down = moe.experts.up_proj.detach().double(), moe.experts.down_proj.detach().double()
             if moe.latent:
                 channel(moe.fc1_latent_proj.weight, 1)
                 channel(moe.fc2_latent_proj.weight, 0)
-            else:
-                channel(moe.experts.up_proj, 2)
-                channel(moe.experts.down_proj, 1)
-            neurons = up.square().sum(2) + down.square().sum(1)  # (E, I)
+            up = _whole(moe.experts.up_proj).double()
+            neurons = up.square().sum(2)  # (E, I)
+            if not moe.latent:
+                channel(moe.experts.up_proj, 2, up)
+            up = None  # one expert stack whole at a time
+            down = _whole(moe.experts.down_proj).double()
+            neurons += down.square().sum(1)
+            if not moe.latent:
+                channel(moe.experts.down_proj, 1, down)
+            down = None
             scores[L.key("experts")] = neurons.sum(1).sqrt()
             scores[L.key("expert_ffn")] = neurons.sqrt()
     scores = {"hidden": hidden.sqrt(), **scores}
@@ -475,12 +544,19 @@ def weight_magnitude_importance(model) -> dict:
     return scores
 
 
+def _whole(p: torch.Tensor) -> torch.Tensor:
+    """A weight whole: gathered from its FSDP2 shards (a collective), or itself."""
+    return parallel.full_tensor(p.detach())
+
+
 def _mlp_weight_scores(mlp: MLP, channel) -> torch.Tensor:
     projs = [mlp.up_proj] + ([mlp.gate_proj] if mlp.gated else [])
-    for p in projs:
-        channel(p.weight, 1)
-    channel(mlp.down_proj.weight, 0)
-    return (sum(_sumsq(p.weight, 0) for p in projs) + _sumsq(mlp.down_proj.weight, 1)).sqrt()
+    ws = [_whole(p.weight) for p in projs]
+    down = _whole(mlp.down_proj.weight)
+    for p, w in zip(projs, ws):
+        channel(p.weight, 1, w)
+    channel(mlp.down_proj.weight, 0, down)
+    return (sum(_sumsq(w, 0) for w in ws) + _sumsq(down, 1)).sqrt()
 
 
 def random_importance(model, seed: int = 0) -> dict:

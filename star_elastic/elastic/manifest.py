@@ -17,6 +17,7 @@ from .spec import ElasticSpec, count_parameters
 FORMAT = "star-elastic-checkpoint"
 VERSION = 1
 ROUTER_FILE = "router.safetensors"
+INDEX_FILE = "model.safetensors.index.json"  # a sharded parent's shard map (read by loaders: it is checked too)
 
 
 def sha256(path: Path, chunk: int = 1 << 24) -> str:
@@ -74,7 +75,8 @@ def _check_structure(manifest: dict, f: Path) -> None:
     if not isinstance(files, dict) or not files or not all(isinstance(v, str) for v in files.values()):
         raise bad("'files' must map every weight file to its sha256")
     for name in files:
-        if Path(name).name != name or Path(name).suffix in PICKLE_SUFFIXES or not name.endswith(".safetensors"):
+        if Path(name).name != name or Path(name).suffix in PICKLE_SUFFIXES or not (
+                name.endswith(".safetensors") or name == INDEX_FILE):
             raise bad(f"lists {name!r}: only safetensors files in the checkpoint directory are read, "
                       "never pickles")
     sizes = manifest.get("sizes", {})
@@ -99,7 +101,8 @@ def check_files(path, manifest: dict, full: bool = False, progress: bool = False
         if name in sizes and f.stat().st_size != sizes[name]:
             raise StarElasticError(f"{f}: {f.stat().st_size:,} bytes, the manifest records {sizes[name]:,} "
                                    "(truncated or replaced)")
-    for f in _weight_files(path) + [path / ROUTER_FILE]:
+    index = [path / INDEX_FILE] if (path / INDEX_FILE).exists() else []
+    for f in _weight_files(path) + [path / ROUTER_FILE] + index:
         if f.name not in files:
             raise StarElasticError(f"{f}: not listed in the manifest (its checksum is unknown)")
     if full:

@@ -13,10 +13,10 @@ import re
 import torch
 
 from star_elastic.errors import StarElasticError
-from star_elastic.model import Model, ModelConfig
+from star_elastic.model import Model, ModelConfig, mamba_in_proj_rows
 
 from .axes import UNIT_KEYS
-from .slicing import take
+from .slicing import _mamba_inner, _rows
 from .spec import unit_counts
 
 # Score keys the sort uses, per layer ("layers.{i}.{axis}"); other keys (depth order, expert
@@ -78,19 +78,164 @@ def permutations(cfg: ModelConfig, scores: dict, experts_key: str = "experts") -
     return perms
 
 
+def check_permutations(cfg: ModelConfig, perms: dict[str, torch.Tensor]) -> None:
+    """Raise StarElasticError unless `perms` (keyed like `permutations` returns them) are permutations
+    of the model's units that keep its function: query heads inside their KV group (which moves with
+    "kv_heads"), Mamba heads inside their group, experts inside their router group."""
+    counts = unit_counts(cfg)
+    for key, p in perms.items():
+        if key not in counts:
+            raise StarElasticError(f"permutation {key}: no such axis in this model (layer types {cfg.layer_types!r})")
+        n = counts[key]
+        p = torch.as_tensor(p)
+        per_expert = key.endswith(".expert_ffn") and p.dim() == 2  # one neuron order per expert
+        want = (counts[key.replace("expert_ffn", "experts")], n) if per_expert else (n,)
+        if tuple(p.shape) != want or p.is_floating_point() \
+                or not torch.equal(p.sort(-1).values, torch.arange(n).expand(want)):
+            raise StarElasticError(f"permutation {key}: expected a permutation of the model's {n} units "
+                                   f"(shape {want}), got shape {tuple(p.shape)}")
+    for key, n in counts.items():  # grouped axes: a unit may move only inside its group
+        layer, _, axis = key.rpartition(".")
+        if not layer:
+            continue  # hidden channels: any order
+        c = cfg.layer(int(layer.split(".")[1]))
+        if axis == "attn_heads" and (key in perms or f"{layer}.kv_heads" in perms):
+            per = n // c.num_key_value_heads
+            q = torch.as_tensor(perms.get(key, torch.arange(n))).view(-1, per) // per  # each head's KV group
+            kv = torch.as_tensor(perms.get(f"{layer}.kv_heads", torch.arange(c.num_key_value_heads)))
+            if not torch.equal(q, kv[:, None].expand_as(q)):
+                raise StarElasticError(f"permutation {key}: query heads must stay in their KV group, "
+                                       f"and the groups move as {layer}.kv_heads says")
+        groups = {"mamba_heads": c.n_groups, "experts": c.n_group}.get(axis)
+        if groups and key in perms:
+            size = n // groups
+            if not torch.equal(torch.as_tensor(perms[key]) // size, torch.arange(n) // size):
+                raise StarElasticError(f"permutation {key}: units must stay in their {groups} groups of {size}")
+
+
+# ----------------------------------------------------------------------------- which rows and columns
+
+EMBEDDINGS = ("model.embeddings.weight", "model.embed_tokens.weight", "lm_head.weight")
+FINAL_NORMS = ("model.norm_f.weight", "model.norm.weight")
+
+
+def index_plan(name: str, cfg: ModelConfig, idx: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Which units of each dimension of parent tensor `name` (config `cfg`) the indices `idx` select:
+    {dim: index}, only the dims that some key of idx reaches. idx is keyed like `permutations` (or
+    `ElasticSpec.indices`); an index is 1-D along its dim, or for the experts' FFN dim (E, n): one
+    row per parent expert, each expert's own neuron order.
+
+    This is the one place that says how an axis maps onto the tensors: the in-place sort
+    (`sort_model`) and the load-time sort of a sharded parent (sharded_sort.py) both apply it with
+    `apply_plan`. It is `slicing.take`'s mapping, checked against it in tests/test_sharded_sort.py."""
+    hidden = idx.get("hidden")
+    plan: dict[int, torch.Tensor] = {}
+
+    def put(dim, units):
+        if units is not None:
+            plan[dim] = units
+        return plan
+
+    if name in EMBEDDINGS:
+        return put(1, hidden)
+    if name in FINAL_NORMS:
+        return put(0, hidden)
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(\w+)", name)
+    if m is None or int(m.group(1)) >= cfg.num_layers:
+        raise ValueError(f"{name}: not a tensor of this model")
+    i, module, leaf = int(m.group(1)), m.group(2), m.group(3)
+    c = cfg.layer(i)
+
+    def get(axis):
+        return idx.get(f"layers.{i}.{axis}")
+
+    if module in ("norm", "input_layernorm", "post_attention_layernorm"):
+        return put(0, hidden)
+    part = module.rsplit(".", 1)[-1]
+    if part == "experts":  # (E, I, d) up and (E, d, I) down; d is hidden unless there is a latent space
+        ffn_dim = 1 if leaf == "up_proj" else 2
+        put(0, get("experts"))
+        put(ffn_dim, get("expert_ffn"))
+        return plan if c.moe_latent_size else put(3 - ffn_dim, hidden)
+    if part == "gate" and leaf == "e_score_correction_bias":
+        return put(0, get("experts"))
+    if module == "mixer.norm":  # Mamba's gated norm
+        return put(0, _mamba_inner(c, get("mamba_heads"), get("mamba_channels")))
+    if leaf in ("dt_bias", "A_log", "D"):
+        return put(0, get("mamba_heads"))
+    if part == "conv1d":  # channels [x | B | C]: B and C stay whole
+        inner = _mamba_inner(c, get("mamba_heads"), get("mamba_channels"))
+        if inner is not None:
+            d_inner = c.mamba_num_heads * c.mamba_head_dim
+            inner = torch.cat([inner, d_inner + torch.arange(2 * c.n_groups * c.ssm_state_size)])
+        return put(0, inner)
+
+    # nn.Linear: (out units, in units) of its weight; its bias follows the out units
+    ffn_axis = "shared_ffn" if "shared_experts" in module else "ffn"
+    if part in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        heads = _rows(get("kv_heads" if part in ("k_proj", "v_proj") else "attn_heads"), c.head_dim)
+        out_units, in_units = (hidden, heads) if part == "o_proj" else (heads, hidden)
+    elif part in ("up_proj", "gate_proj"):
+        out_units, in_units = get(ffn_axis), hidden
+    elif part == "down_proj":
+        out_units, in_units = hidden, get(ffn_axis)
+    elif part == "in_proj":  # rows [z | x | B | C | dt] (model.mamba_in_proj_rows)
+        inner, heads = _mamba_inner(c, get("mamba_heads"), get("mamba_channels")), get("mamba_heads")
+        out_units = None
+        if inner is not None:
+            rows = mamba_in_proj_rows(c.mamba_num_heads, c.mamba_head_dim, c.n_groups, c.ssm_state_size)
+            dt = torch.arange(c.mamba_num_heads) if heads is None else heads
+            out_units = torch.cat([rows["z"].start + inner, rows["x"].start + inner,
+                                   torch.arange(rows["B"].start, rows["C"].stop), rows["dt"].start + dt])
+        in_units = hidden
+    elif part == "out_proj":
+        out_units, in_units = hidden, _mamba_inner(c, get("mamba_heads"), get("mamba_channels"))
+    elif part == "gate":  # the router
+        out_units, in_units = get("experts"), hidden
+    elif part == "fc1_latent_proj":
+        out_units, in_units = None, hidden
+    elif part == "fc2_latent_proj":
+        out_units, in_units = hidden, None
+    else:
+        raise ValueError(f"{name}: not a tensor of this model")
+    put(0, out_units)
+    return put(1, in_units) if leaf == "weight" else plan
+
+
+def apply_plan(t: torch.Tensor, plan: dict[int, torch.Tensor], rows: torch.Tensor | None = None) -> torch.Tensor:
+    """`t` indexed as `index_plan` says (`t` itself when the plan is empty). `rows`: `t` holds only
+    these rows of the parent tensor (dim 0, the plan's dim 0 already applied: a rank's rows as read
+    from a checkpoint); the per-expert FFN orders are then taken for those experts."""
+    if rows is None and 0 in plan:
+        rows = plan[0]
+        t = t.index_select(0, rows.to(t.device))
+    for dim, ix in plan.items():
+        if dim == 0:
+            continue
+        if ix.dim() == 2:  # an index per parent expert (row of dim 0)
+            ix = ix if rows is None else ix[rows]
+            shape = list(t.shape)
+            shape[dim] = ix.shape[1]
+            index = ix[:, :, None] if dim == 1 else ix[:, None, :]
+            t = t.gather(dim, index.to(t.device).expand(shape))
+        else:
+            t = t.index_select(dim, ix.to(t.device))
+    return t
+
+
 @torch.no_grad()
 def sort_model(model: Model, scores: dict, experts_key: str = "experts") -> dict[str, torch.Tensor]:
     """Reorder `model` in place by importance `scores` (keys "hidden", "layers.{i}.{axis}" as
     `importance.estimate_importance` writes them; missing axes stay as they are). Returns the
-    permutations applied. Masks set on the model refer to the old order: set them again after."""
+    permutations applied. Masks set on the model refer to the old order: set them again after.
+    A parent too big for one device is sorted as it is loaded instead: sharded_sort.load_sorted."""
     perms = permutations(model.config, scores, experts_key)
     seen = set()
     for name, t in model.state_dict(keep_vars=True).items():
         if t.data_ptr() in seen:  # tied embeddings / lm_head: one tensor, permuted once
             continue
         seen.add(t.data_ptr())
-        t = t.detach()
-        new = take(name, t, model.config, perms)
-        if new is not t:
-            t.copy_(new)
+        plan = index_plan(name, model.config, perms)
+        if plan:
+            t.detach().copy_(apply_plan(t.detach(), plan))
     return perms
