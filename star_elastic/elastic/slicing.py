@@ -17,8 +17,9 @@ import torch
 
 from star_elastic import decilm, hf
 from star_elastic.errors import StarElasticError
-from star_elastic.model import Model, ModelConfig, mamba_in_proj_rows, rope_frequencies
+from star_elastic.model import Model, ModelConfig, rope_frequencies
 
+from .layout import index_plan
 from .spec import ElasticSpec
 
 ELASTIC_ARCHITECTURE = "StarElasticForCausalLM"
@@ -52,99 +53,27 @@ def _sel(t: torch.Tensor, dim: int, idx: torch.Tensor | None) -> torch.Tensor:
     return t if idx is None else t.index_select(dim, idx.to(t.device))
 
 
-def _rows(units: torch.Tensor | None, size: int) -> torch.Tensor | None:
-    """Rows of a projection whose units (heads) own `size` consecutive rows each."""
-    return None if units is None else (units[:, None] * size + torch.arange(size)).flatten()
-
-
-def _mamba_inner(c: ModelConfig, heads, channels) -> torch.Tensor | None:
-    """Indices into the d_inner = heads x head_dim features (z, x, gated norm, out_proj input)."""
-    if heads is None and channels is None:
-        return None
-    heads = torch.arange(c.mamba_num_heads) if heads is None else heads
-    channels = torch.arange(c.mamba_head_dim) if channels is None else channels
-    return (heads[:, None] * c.mamba_head_dim + channels[None, :]).flatten()
-
-
 def take(name: str, t: torch.Tensor, cfg: ModelConfig, idx: dict[str, torch.Tensor]) -> torch.Tensor:
     """The part of parent tensor `name` (config `cfg`) that the units in `idx` own, in idx's order.
 
     idx keys as `ElasticSpec.indices`: "hidden", "layers.{i}.{attn_heads, kv_heads, mamba_heads,
     mamba_channels, ffn, experts, expert_ffn, shared_ffn}"; a missing key keeps every unit in
     place. "expert_ffn" may be (experts, kept) to pick different neurons per expert (by parent
-    expert). Layer renumbering for dropped layers is the caller's business.
+    expert). Layer renumbering for dropped layers is the caller's business. Which dimension each
+    key selects is `layout.index_plan`'s; `t` may be a stand-in that only knows `index_select`
+    (elastic/stream.py's `_Selection`).
     """
-    hidden = idx.get("hidden")
-    if name in ("model.embeddings.weight", "model.embed_tokens.weight", "lm_head.weight"):
-        return _sel(t, 1, hidden)
-    if name in ("model.norm_f.weight", "model.norm.weight"):
-        return _sel(t, 0, hidden)
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(\w+)", name)
-    if m is None or int(m.group(1)) >= cfg.num_layers:
-        raise ValueError(f"{name}: not a tensor of this model")
-    i, module, leaf = int(m.group(1)), m.group(2), m.group(3)
-    c = cfg.layer(i)
-
-    def get(axis):
-        return idx.get(f"layers.{i}.{axis}")
-
-    if module in ("norm", "input_layernorm", "post_attention_layernorm"):
-        return _sel(t, 0, hidden)
-    part = module.rsplit(".", 1)[-1]
-    if part == "experts":  # (E, I, d) up and (E, d, I) down; d is hidden unless there is a latent space
-        ffn, ffn_dim = get("expert_ffn"), 1 if leaf == "up_proj" else 2
-        if ffn is not None and ffn.dim() == 2:  # per expert, before experts are picked
-            index = ffn[:, :, None] if ffn_dim == 1 else ffn[:, None, :]
+    plan = index_plan(name, cfg, idx)
+    for dim, ix in plan.items():  # one neuron order per parent expert: taken before the experts are picked
+        if ix.dim() == 2:
             shape = list(t.shape)
-            shape[ffn_dim] = ffn.shape[1]
-            t = t.gather(ffn_dim, index.to(t.device).expand(shape))
-        else:
-            t = _sel(t, ffn_dim, ffn)
-        t = _sel(t, 0, get("experts"))
-        return t if c.moe_latent_size else _sel(t, 3 - ffn_dim, hidden)
-    if part == "gate" and leaf == "e_score_correction_bias":
-        return _sel(t, 0, get("experts"))
-    if module == "mixer.norm":  # Mamba's gated norm
-        return _sel(t, 0, _mamba_inner(c, get("mamba_heads"), get("mamba_channels")))
-    if leaf in ("dt_bias", "A_log", "D"):
-        return _sel(t, 0, get("mamba_heads"))
-    if part == "conv1d":  # channels [x | B | C]: B and C stay whole
-        inner = _mamba_inner(c, get("mamba_heads"), get("mamba_channels"))
-        if inner is not None:
-            d_inner = c.mamba_num_heads * c.mamba_head_dim
-            inner = torch.cat([inner, d_inner + torch.arange(2 * c.n_groups * c.ssm_state_size)])
-        return _sel(t, 0, inner)
-
-    # nn.Linear: (out units, in units) of its weight; its bias follows the out units
-    ffn_axis = "shared_ffn" if "shared_experts" in module else "ffn"
-    if part in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        heads = _rows(get("kv_heads" if part in ("k_proj", "v_proj") else "attn_heads"), c.head_dim)
-        out_units, in_units = (hidden, heads) if part == "o_proj" else (heads, hidden)
-    elif part in ("up_proj", "gate_proj"):
-        out_units, in_units = get(ffn_axis), hidden
-    elif part == "down_proj":
-        out_units, in_units = hidden, get(ffn_axis)
-    elif part == "in_proj":  # rows [z | x | B | C | dt] (model.mamba_in_proj_rows)
-        inner, heads = _mamba_inner(c, get("mamba_heads"), get("mamba_channels")), get("mamba_heads")
-        out_units = None
-        if inner is not None:
-            rows = mamba_in_proj_rows(c.mamba_num_heads, c.mamba_head_dim, c.n_groups, c.ssm_state_size)
-            dt = torch.arange(c.mamba_num_heads) if heads is None else heads
-            out_units = torch.cat([rows["z"].start + inner, rows["x"].start + inner,
-                                   torch.arange(rows["B"].start, rows["C"].stop), rows["dt"].start + dt])
-        in_units = hidden
-    elif part == "out_proj":
-        out_units, in_units = hidden, _mamba_inner(c, get("mamba_heads"), get("mamba_channels"))
-    elif part == "gate":  # the router
-        out_units, in_units = get("experts"), hidden
-    elif part == "fc1_latent_proj":
-        out_units, in_units = None, hidden
-    elif part == "fc2_latent_proj":
-        out_units, in_units = hidden, None
-    else:
-        raise ValueError(f"{name}: not a tensor of this model")
-    t = _sel(t, 0, out_units)
-    return _sel(t, 1, in_units) if leaf == "weight" else t
+            shape[dim] = ix.shape[1]
+            index = ix[:, :, None] if dim == 1 else ix[:, None, :]
+            t = t.gather(dim, index.to(t.device).expand(shape))
+    for dim, ix in plan.items():
+        if ix.dim() == 1:
+            t = _sel(t, dim, ix)
+    return t
 
 
 def _renamed(name: str, new_index: dict[int, int]) -> str | None:
