@@ -61,7 +61,7 @@ from star_elastic.elastic.cost import CostModel, parse_budget  # noqa: E402
 from star_elastic.elastic.importance import estimate_importance  # noqa: E402
 from star_elastic.elastic.losses import kd_loss  # noqa: E402
 from star_elastic.elastic.router import DEFAULT_AXES, Router, RouterConfig, project_budgets  # noqa: E402
-from star_elastic.elastic.search import applicable_axes, choose_spec, describe, nested_choice, search_spec  # noqa: E402
+from star_elastic.elastic.search import applicable_axes, choose_spec, describe, nested_search, search_spec  # noqa: E402
 from star_elastic.errors import StarElasticError  # noqa: E402
 from star_elastic.evaluate import perplexity  # noqa: E402
 from star_elastic.model import Model  # noqa: E402
@@ -329,7 +329,15 @@ def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, 
         small = slice_model(sorted_parent, spec)
         row("zero_shot", b, small, spec, score(small, heldouts, args), 0)
         del small
-    part["zero_shot_search"] = {"rule": args.zero_shot, "calibration_batches": len(calib), "candidates": searched}
+    # the router's start (elastify's): (a)'s architectures made to nest, smallest budget first
+    searched_smaller = [b for b in budgets if not b.is_full and b.name in searched]
+    nested_starts = {}
+    if searched_smaller:
+        got, _ = nested_search(sorted_parent, [int(b.target) for b in searched_smaller],
+                               [searched[b.name] for b in searched_smaller], axes, calib)
+        nested_starts = {b.name: s for b, s in zip(searched_smaller, got)}
+    part["zero_shot_search"] = {"rule": args.zero_shot, "calibration_batches": len(calib), "candidates": searched,
+                                "nested_starts": {k: v.to_dict() for k, v in nested_starts.items()}}
     methods["zero_shot"] = {"tokens": 0, "seconds": round(clock(device) - t, 1),
                             "note": "slicing + evaluation; no training (importance calibration shared by all)"}
     save()
@@ -344,7 +352,7 @@ def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, 
         if variant not in VARIANTS:
             raise StarElasticError(f"unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
         got = one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, steps_b, lr, args, device,
-                      row, methods, tokens_per_step, searched)
+                      row, methods, tokens_per_step, nested_starts)
         if variant == "elastic":
             elastic_specs = got
     # (a@b) the router's architectures cut from the untrained sorted parent: how much of (b) is architecture
@@ -384,7 +392,7 @@ def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, 
 
 
 def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, steps, lr, args, device, row, methods,
-            tokens_per_step, searched: dict) -> dict:
+            tokens_per_step, nested_starts: dict) -> dict:
     """One training run of `steps` serving every budget: `elastic` (router, the paper's budget
     sampling, the full budget = the unmasked parent), `elastic_small` (the same, stage 2 weighted
     toward the smaller budgets), `elastic_anchor` (router; every step distils a
@@ -409,15 +417,10 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                        else None)
     tmp = tempfile.TemporaryDirectory(prefix="bench_elastic_")  # metrics.jsonl of ElasticTrainer.run
     warm = None
-    if router is not None and args.warm_start:  # (a)'s architectures, the best combination that nests
-        warm = [None if b.is_full else specs[b.name] for b in budgets]
-        smaller = [i for i, b in enumerate(budgets) if not b.is_full and b.name in searched]
-        if smaller:
-            nested, _ = nested_choice(cfg, [searched[budgets[i].name] for i in smaller])
-            for i, spec in zip(smaller, nested):
-                warm[i] = spec
-            print("  router starts from " + "; ".join(f"{budgets[i].name}: {describe(warm[i], cfg)}" for i in smaller),
-                  flush=True)
+    if router is not None and args.warm_start:  # (a)'s architectures, nested (elastify's start)
+        warm = [None if b.is_full else nested_starts.get(b.name, specs[b.name]) for b in budgets]
+        print("  router starts from " + "; ".join(f"{b.name}: {describe(w, cfg)}" for b, w in zip(budgets, warm)
+                                                  if w is not None), flush=True)
     trainer = ElasticTrainer(student, teacher, router, budgets, rows, tcfg, out_dir=tmp.name, fixed_specs=fixed,
                              warm_start=warm)
     trainer.save_state = lambda: None  # no resumable state: it would write the weights and AdamW moments

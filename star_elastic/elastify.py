@@ -20,7 +20,7 @@ from .elastic.importance import estimate_importance, permuted_scores
 from .elastic.router import DEFAULT_AXES, ESTIMATORS, Router, RouterConfig, project_budgets
 from .elastic.masking import masked
 from .elastic.spec import ElasticSpec
-from .elastic.search import describe, nested_choice, search_spec
+from .elastic.search import describe, nested_search, search_spec
 from .elastic.sort import sort_model
 from . import parallel
 from .sharded_load import load_sharded
@@ -176,9 +176,16 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
             torch.distributed.broadcast_object_list(box, src=0)
             records = box[0]
         searched[i] = records
-    # the router starts from the best combination whose budgets nest (each budget's own best need not)
+    # the router starts from architectures that nest (each budget's own best need not): the smallest
+    # budget's best, and for each larger one the best that contains it
     order = sorted(searched, key=lambda i: -budgets[i].fraction)
-    chosen, nested = nested_choice(model.config, [searched[i] for i in order])
+    chosen, nested = nested_search(model, [int(budgets[i].target) for i in order], [searched[i] for i in order],
+                                   axes, search_batches, layer_order=layer_order, multiple=cfg.multiple) \
+        if order else ([], True)
+    if ranks > 1:  # one start for every rank, whatever the rounding of their searches
+        box = [[s.to_dict() for s in chosen], nested]
+        torch.distributed.broadcast_object_list(box, src=0)
+        chosen, nested = [ElasticSpec.from_dict(d) for d in box[0]], box[1]
     for i, spec in zip(order, chosen):
         starts[i] = spec
         b = budgets[i]

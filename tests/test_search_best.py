@@ -12,7 +12,7 @@ from star_elastic.elastic import ElasticSpec, slice_model, sort_model
 from star_elastic.elastic.importance import estimate_importance
 from star_elastic.elastic.masking import is_masked
 from star_elastic.elastic.search import (DEFAULT_AXES, MIN_FRACTION, calibration_perplexity, choose_spec,
-                                         nested_choice, search_spec)
+                                         nested_choice, nested_search, search_spec)
 from star_elastic.errors import StarElasticError
 from star_elastic.evaluate import perplexity
 from star_elastic.model import Model, ModelConfig
@@ -175,3 +175,33 @@ def test_the_router_start_nests_the_larger_budgets_around_the_smallest_budgets_b
     # nothing nests: each budget's own best, and the caller is told
     specs, nested = nested_choice(CFG, [[rec(10.0, intermediate_size=16)], [rec(20.0, hidden_size=16)]])
     assert not nested and [s.to_dict() for s in specs] == [{"intermediate_size": 16}, {"hidden_size": 16}]
+
+
+def test_a_floor_keeps_every_candidate_around_the_smaller_budget(sorted_parent):
+    """`choose_spec` / `search_spec` with a floor: every candidate contains the floor and fits the target;
+    a floor no spec of the target can hold is a one-line error."""
+    model, batches, _ = sorted_parent
+    big, small = int(0.75 * total(model)), int(0.5 * total(model))
+    floor = choose_spec(CFG, small, ("hidden", "experts"))  # hidden cut, 7 of 8 experts, every FFN neuron
+    assert not floor.within(choose_spec(CFG, big, ("ffn", "experts")), CFG)  # drops experts and FFN it keeps
+    spec, records = search_spec(model, big, DEFAULT_AXES, batches, floor=floor)
+    assert records and floor.within(spec, CFG)
+    for r in records:
+        assert floor.within(ElasticSpec.from_dict(r["spec"]), CFG) and MIN_FRACTION * big <= r["params"] <= big
+    one_line_error(lambda: choose_spec(CFG, small, ("hidden", "experts"), floor=ElasticSpec()), "target")
+
+
+def test_nested_search_grows_the_larger_budget_around_the_smallest(sorted_parent):
+    """The larger budget keeps its own best when that holds the smaller's; else the best spec for its
+    target that does, found by the floor search (not only among its own records)."""
+    model, batches, _ = sorted_parent
+    big, small = int(0.75 * total(model)), int(0.5 * total(model))
+    rec = lambda spec: {"spec": spec.to_dict(), "perplexity": 1.0}  # noqa: E731
+    own, floor = choose_spec(CFG, big, ("ffn", "experts")), choose_spec(CFG, small, ("hidden", "experts"))
+    specs, nested = nested_search(model, [big, small], [[rec(own)], [rec(floor)]], DEFAULT_AXES, batches)
+    assert nested and specs[1] == floor and specs[0] != own
+    assert floor.within(specs[0], CFG) and specs[0].num_parameters(CFG) <= big
+    assert specs[0] == search_spec(model, big, DEFAULT_AXES, batches, floor=floor)[0]  # the floor search's best
+    inner = ElasticSpec(hidden_size=16, intermediate_size=16, n_routed_experts=3)
+    specs, nested = nested_search(model, [big, small], [[rec(own)], [rec(inner)]], DEFAULT_AXES, batches)
+    assert nested and specs == [own, inner]  # already nested: kept as they are

@@ -183,7 +183,8 @@ def _check_parent_and_axes(parent_cfg: ModelConfig, axes) -> None:
 
 
 def choose_spec(parent_cfg: ModelConfig, target: int, axes=DEFAULT_AXES, *, layer_order=None,
-                min_fraction: float = MIN_FRACTION, multiple: int | None = None) -> ElasticSpec:
+                min_fraction: float = MIN_FRACTION, multiple: int | None = None,
+                floor: ElasticSpec | None = None) -> ElasticSpec:
     """The homogeneous spec with the most parameters <= `target` (and >= min_fraction * target)
     found by shrinking `axes` (names of AXES; those the parent lacks are skipped) by a common keep
     ratio and then growing them one step at a time. `target` equal to the parent's total gives the
@@ -191,7 +192,8 @@ def choose_spec(parent_cfg: ModelConfig, target: int, axes=DEFAULT_AXES, *, laye
     `multiple`: every kept width (hidden, attention and Mamba heads x head_dim, Mamba head_dim, FFN,
     expert and shared-expert FFN) is a multiple of it; None (the default) picks 64 where the parent
     allows, else 32, 16 or 8, else 1 on tiny models (`spec.aligned_multiple` has the rule); always
-    also what stock transformers needs to run the export (`spec.stock_multiple`).
+    also what stock transformers needs to run the export (`spec.stock_multiple`). `floor`: a spec the
+    result must contain (every unit it keeps kept too: a smaller budget nested in this one).
     StarElasticError, naming the reachable bound, when the target cannot be met."""
     _check_parent_and_axes(parent_cfg, axes)
     total, target = count_parameters(parent_cfg), int(target)
@@ -207,6 +209,8 @@ def choose_spec(parent_cfg: ModelConfig, target: int, axes=DEFAULT_AXES, *, laye
                                f"(layer types {parent_cfg.layer_types!r}; it has {', '.join(usable)})")
     hidden_base = _hidden_base(parent_cfg, names, multiple)
     chains = {a: _chain(parent_cfg, a, layer_order, multiple, hidden_base) for a in names}
+    if floor is not None:  # only sizes that keep what the floor keeps on that axis (the full size always does)
+        chains = {a: _at_least(parent_cfg, c, floor) for a, c in chains.items()}
     counts: dict[tuple, int] = {}
 
     def spec_at(idx: dict) -> ElasticSpec:
@@ -279,6 +283,13 @@ def choose_spec(parent_cfg: ModelConfig, target: int, axes=DEFAULT_AXES, *, laye
     return spec_at(idx)
 
 
+def _at_least(cfg: ModelConfig, chain: list[tuple[float, dict]], floor: ElasticSpec) -> list[tuple[float, dict]]:
+    """The entries of one axis's chain whose spec contains `floor` restricted to that axis."""
+    keys = {k for _, fields in chain for k in fields}
+    low = ElasticSpec(**{k: getattr(floor, k) for k in keys if getattr(floor, k) is not None})
+    return [(f, fields) for f, fields in chain if low.within(ElasticSpec(**fields), cfg)]
+
+
 # ----------------------------------------------------------------------------- best of the axis combinations
 
 def calibration_perplexity(model, spec: ElasticSpec, batches, device=None) -> float:
@@ -310,8 +321,8 @@ def calibration_perplexity(model, spec: ElasticSpec, batches, device=None) -> fl
 
 
 def search_spec(model, target: int, axes, batches, *, layer_order=None, min_axes: int = 1, progress: bool = False,
-                device=None, min_fraction: float = MIN_FRACTION, multiple: int | None = None
-                ) -> tuple[ElasticSpec, list[dict]]:
+                device=None, min_fraction: float = MIN_FRACTION, multiple: int | None = None,
+                floor: ElasticSpec | None = None) -> tuple[ElasticSpec, list[dict]]:
     """The best homogeneous spec for `target` parameters over combinations of `axes`, scored by
     calibration perplexity as Minitron's search does. `model`: the importance-sorted parent (ours,
     `Model`); every combination of at least `min_axes` of the applicable `axes` ("depth" only with a
@@ -320,7 +331,8 @@ def search_spec(model, target: int, axes, batches, *, layer_order=None, min_axes
     the parent masked to them on `batches` ((b, t) LongTensors; keep them few, one forward each per
     candidate). Returns (lowest-perplexity spec, one record per candidate, best first: "axes" (the
     smallest combination giving it), "combinations" (all of them), "spec" (to_dict), "params",
-    "architecture", "perplexity"). StarElasticError, one line, when no combination reaches the target."""
+    "architecture", "perplexity"). `floor`: every candidate contains it (`choose_spec`). StarElasticError,
+    one line, when no combination reaches the target."""
     cfg = model.config
     axes = list(dict.fromkeys(axes))
     _check_parent_and_axes(cfg, axes)
@@ -342,7 +354,7 @@ def search_spec(model, target: int, axes, batches, *, layer_order=None, min_axes
         for combo in itertools.combinations(names, k):
             try:
                 spec = choose_spec(cfg, target, combo, layer_order=layer_order, min_fraction=min_fraction,
-                                   multiple=multiple)
+                                   multiple=multiple, floor=floor)
             except StarElasticError as e:
                 last_error = e  # the last is the combination of every axis: the widest reach
                 continue
@@ -397,6 +409,33 @@ def nested_choice(parent_cfg: ModelConfig, searched: list[list[dict]]) -> tuple[
         else:
             return chosen, True
     return [s[0] for s in specs], False
+
+
+def nested_search(model, targets: list[int], searched: list[list[dict]], axes, batches, *, layer_order=None,
+                  multiple: int | None = None) -> tuple[list[ElasticSpec], bool]:
+    """Nested zero-shot architectures for budgets of `targets` parameters (largest first), given each
+    budget's own search records (`search_spec`'s second value). The smallest budget keeps its best;
+    each larger one keeps its own best if that contains the next smaller, else the best spec for its
+    target that does (`search_spec` with a floor, scored on `batches` as the search is). Where no
+    combination of the axes can contain it: `nested_choice` over the records. Returns (specs, nested).
+
+    Why search again rather than pick among the records: on SmolLM2 the only 0.75 records holding the
+    0.5's best (hidden 360 + FFN 960) are a hidden-only cut (calibration perplexity 570, against 90 for
+    the 0.75's own best) and a three-axis cut (940); the floor search finds combinations in between."""
+    cfg = model.config
+    specs: list[ElasticSpec | None] = [None] * len(targets)
+    specs[-1] = ElasticSpec.from_dict(searched[-1][0]["spec"])
+    for i in reversed(range(len(targets) - 1)):
+        own = ElasticSpec.from_dict(searched[i][0]["spec"])
+        if specs[i + 1].within(own, cfg):
+            specs[i] = own
+            continue
+        try:
+            specs[i] = search_spec(model, targets[i], axes, batches, layer_order=layer_order, multiple=multiple,
+                                   floor=specs[i + 1])[0]
+        except StarElasticError:
+            return nested_choice(cfg, searched)
+    return specs, True
 
 
 _NAMES = {"hidden_size": "hidden", "num_attention_heads": "attention heads", "num_key_value_heads": "KV heads",
