@@ -127,15 +127,20 @@ def budget_models(ckpt, names: list[str]) -> dict:
     return out
 
 
-def select_budgets(manifest: dict, text: str | None) -> list[str]:
-    """Budget names from a comma-separated --budgets (default: all), each checked against the manifest."""
-    from .elastic.checkpoint import budget_names, budget_spec
+def select_budgets(manifest: dict, text: str | None, path=None) -> list[str]:
+    """Budget names from a comma-separated --budgets (default: all), each checked against the manifest:
+    a trained budget, or with the checkpoint's `path` one between two trained ones (interpolated, read
+    off the router alone); anything else is a one-line error."""
+    from .elastic.checkpoint import budget_names, budget_spec, resolve_budget
 
     if not text:
         return budget_names(manifest)
     names = [n.strip() for n in text.split(",") if n.strip()]
     for n in names:
-        budget_spec(manifest, n)  # an unknown name: one line listing the trained ones
+        if path is None or n in budget_names(manifest):
+            budget_spec(manifest, n)  # an unknown name: one line listing the trained ones
+        else:
+            resolve_budget(path, manifest, n)  # outside the trained range: one line saying so
     return names
 
 
@@ -162,14 +167,27 @@ def evaluate_budgets(ckpt, stream: torch.Tensor, names: list[str], compare: dict
         raise StarElasticError(f"--compare name {clash[0]!r} is also a budget name; rename the directory")
     quality = compare_models(ckpt.model, {**models, **compare}, stream, seq_len, batch_size, max_tokens, progress)
     budgets = {}
+    settings = ckpt.manifest.get("memory_settings")
     for name in names:
-        e = entries[name]
+        e = entries.get(name) or _interpolated_entry(ckpt, name, settings)
         budgets[name] = {"kind": e.get("kind"), "fraction": e.get("fraction"), "params": e["params"],
                          "active_params": e["active_params"], "memory_bytes": e["memory_bytes"],
-                         "spec": e["spec"], **quality[name]}
-    settings = ckpt.manifest.get("memory_settings")
+                         "spec": e["spec"], **({"interpolated": True} if e.get("interpolated") else {}),
+                         **quality[name]}
     others = {name: {**model_costs(m.config, settings), **quality[name]} for name, m in compare.items()}
     return {"budgets": budgets, "compare": others}
+
+
+def _interpolated_entry(ckpt, name: str, settings: dict | None) -> dict:
+    """A manifest-like entry for a budget between two trained ones: its costs from its architecture."""
+    from .elastic.cost import CostModel, MemorySettings
+
+    spec = ckpt.spec(name)
+    cost = CostModel(ckpt.model.config, MemorySettings(**settings) if settings else None)
+    params = int(cost.spec_cost("params", spec))
+    return {"kind": None, "fraction": params / int(cost.full("params")), "params": params,
+            "active_params": int(cost.spec_cost("active", spec)), "memory_bytes": int(cost.spec_cost("memory", spec)),
+            "spec": spec.to_dict(), "interpolated": True}
 
 
 def _fmt_count(n) -> str:
@@ -183,9 +201,12 @@ def format_table(result: dict) -> str:
     lines = [head, "-" * len(head)]
     for group in ("budgets", "compare"):
         for name, r in result[group].items():
-            lines.append(f"{name[:14]:>14} {_fmt_count(r['params']):>9} {_fmt_count(r['active_params']):>9} "
+            label = f"{name}*" if r.get("interpolated") else name
+            lines.append(f"{label[:14]:>14} {_fmt_count(r['params']):>9} {_fmt_count(r['active_params']):>9} "
                          f"{r['memory_bytes'] / 2**20:>8.1f}MiB {r['perplexity']:>9.3f} {r['top1_agreement']:>11.3f} "
                          f"{r['kl_from_full']:>11.4f} {r['tokens_per_s']:>8.0f}")
+    if any(r.get("interpolated") for r in result["budgets"].values()):
+        lines.append("* interpolated between two trained budgets (the router's architecture; not trained)")
     return "\n".join(lines)
 
 
@@ -207,7 +228,7 @@ def evaluate_checkpoint(path, data: str, *, budgets: str | list[str] | None = No
     path = Path(path)
     if isinstance(budgets, (list, tuple)):
         budgets = ",".join(str(b) for b in budgets)
-    names = select_budgets(read_manifest(path), budgets)
+    names = select_budgets(read_manifest(path), budgets, path)
     device = torch.device("cpu" if device is None else device)
     ckpt = load_elastic(path, dtype=dtype, device=device, verify=verify)
     if ckpt.tokenizer is None:

@@ -101,7 +101,8 @@ def test_compare_models_of_identical_and_shuffled_logits():
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--budgets", "0.3"], ["'0.3' is not in this checkpoint", "1.0, 0.75, 0.5"]),
+    (["--budgets", "0.3"], ["0.3", "outside the trained", "0.5, 0.75, 1.0"]),  # budgets between are interpolated
+    (["--budgets", "big"], ["big"]),
     (["--plot", "{tmp}/plot.txt"], ["--plot", ".png"]),
 ])
 def test_bad_arguments_are_one_line_and_write_nothing(elastic_ckpt, tmp_path, capsys, argv, words):

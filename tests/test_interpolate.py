@@ -136,3 +136,35 @@ def test_slice_streams_an_interpolated_budget_and_records_it(ckpt, tmp_path, cap
         assert torch.equal(sliced(x), ref(x))
     assert cli.main(["slice", str(ckpt), "--budget", "0.3", "--out", str(tmp_path / "no")]) == 2
     assert not (tmp_path / "no").exists()
+
+
+def test_eval_scores_an_interpolated_budget_as_its_sliced_model(ckpt, tmp_path, capsys):
+    """`star-elastic eval CKPT --budgets 1.0,0.7,0.5`: the 0.7 between two trained budgets is scored as
+    the model `slice --budget 0.7` writes, its costs from its architecture, and labelled; one below
+    the trained range is a one-line error."""
+    import json
+
+    from star_elastic import cli, load
+    from star_elastic.evaluate import compare_models
+    from star_elastic.runtime import eval_tokens
+
+    from elastic_ckpt import WORDS
+
+    text = tmp_path / "text.txt"  # documents of the tokenizer's words; eval scores the held-out ones
+    text.write_text("\n\n".join(" ".join(WORDS[(d + j) % len(WORDS)] for j in range(40)) for d in range(60)))
+    assert cli.main(["eval", str(ckpt), "--data", str(text), "--budgets", "1.0,0.7,0.5", "--seq-len", "16",
+                     "--json", str(tmp_path / "r.json"), "--device", "cpu"]) == 0
+    assert "interpolated between two trained budgets" in capsys.readouterr().out
+    r = json.loads((tmp_path / "r.json").read_text())["budgets"]
+    assert r["0.7"]["interpolated"] and "interpolated" not in r["0.5"]
+    assert r["0.5"]["params"] < r["0.7"]["params"] < r["1.0"]["params"]
+    assert abs(r["0.7"]["params"] / r["1.0"]["params"] - 0.7) <= 0.05 * 0.7
+    assert cli.main(["slice", str(ckpt), "--budget", "0.7", "--out", str(tmp_path / "s")]) == 0
+    c = load_elastic(ckpt)
+    stream = eval_tokens(c.tokenizer, str(text), "heldout")
+    want = compare_models(c.model, {"s": load(tmp_path / "s").eval()}, stream, 16, 4, None, False)["s"]
+    assert r["0.7"]["perplexity"] == pytest.approx(want["perplexity"], rel=1e-5)
+    capsys.readouterr()  # the slice's progress
+    assert cli.main(["eval", str(ckpt), "--data", str(text), "--budgets", "0.3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "0.3" in err and "outside the trained" in err
