@@ -36,37 +36,50 @@ def load_sharded(path, dtype: torch.dtype | None = None, device=None, *, mixed_p
     `device` (None: this rank's GPU, else the CPU). The sharding arguments are `shard_model`'s; the
     trainer takes the model as it is when they match its own (TrainConfig.shard="fsdp")."""
     path = Path(path)
+    raw, cfg, meta, where, dtype = open_checkpoint(path, dtype, "sharded")
+    if not (parallel.available() and dist.is_initialized()):
+        raise StarElasticError("loading sharded needs torch.distributed initialised (torchrun) and a torch with FSDP2")
+    model = parallel.meta_sharded(cfg, dtype, device, mixed_precision=mixed_precision,
+                                  reshard_after_forward=reshard_after_forward, mesh=mesh)
+    fill_on_every_rank(model, lambda: fill(model, where), path)
+    model.hf_config = fp8.saved_config(raw, dtype)
+    model.source = str(path)
+    return model.eval()
+
+
+def open_checkpoint(path: Path, dtype: torch.dtype | None, how: str):
+    """(raw config, ModelConfig, meta model, tensor locations, dtype) of the checkpoint directory
+    `path`, after `hf.load`'s checks on the config and headers, before any data is read. `dtype` None:
+    the dtype the embeddings are stored in. `how` ("sharded", "sorted") names the load in errors."""
     if not path.is_dir():
         raise StarElasticError(f"{path}: expected a checkpoint directory (config.json + safetensors); "
                                "GGUF files are loaded whole, by hf.load")
     raw, cfg, headers, meta = hf._open(path, hf.header_tensors)  # names and shapes from the headers alone
     if fp8.is_fp8_config(raw):
-        raise StarElasticError(f"{path}: FP8 checkpoints are not loaded sharded yet; convert it first "
+        raise StarElasticError(f"{path}: FP8 checkpoints are not loaded {how} yet; convert it first "
                                "(star-elastic convert CKPT --dtype bfloat16 --out DIR)")
     hf.check_shapes(meta, headers, str(path))
     where = locations(_weight_files(path), cfg)
     if dtype is None:
         dtype = stored_dtype(where, meta, str(path))
     if fp8.is_fp8_dtype(dtype):
-        raise StarElasticError("FP8 is a storage format: load sharded into the dtype the model computes in")
-    if not (parallel.available() and dist.is_initialized()):
-        raise StarElasticError("loading sharded needs torch.distributed initialised (torchrun) and a torch with FSDP2")
-    model = parallel.meta_sharded(cfg, dtype, device, mixed_precision=mixed_precision,
-                                  reshard_after_forward=reshard_after_forward, mesh=mesh)
+        raise StarElasticError(f"FP8 is a storage format: load {how} into the dtype the model computes in")
+    return raw, cfg, meta, where, dtype
+
+
+def fill_on_every_rank(model: Model, fill_rows, path: Path) -> None:
+    """`fill_rows()` on this rank; if any rank could not read its rows, every rank raises (that rank its
+    own error, the others one line), so none is left waiting in the next collective."""
     error = None
     try:
-        fill(model, where)
+        fill_rows()
     except StarElasticError as e:
         error = e
-    # a rank that could not read its rows must not leave the others waiting in the next collective
     ok = parallel.all_ok(error is None, next(model.parameters()))
     if error is not None:
         raise error
     if not ok:
         raise StarElasticError(f"{path}: another rank could not read its shards of the weights (see its error)")
-    model.hf_config = fp8.saved_config(raw, dtype)
-    model.source = str(path)
-    return model.eval()
 
 
 def locations(files: list[Path], cfg: ModelConfig) -> dict[str, list[tuple[Path, str, str]]]:

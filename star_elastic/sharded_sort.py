@@ -20,12 +20,11 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 
-from . import fp8, hf, parallel
+from . import fp8, parallel
 from .elastic.sort import apply_plan, check_permutations, index_plan, permutations
 from .errors import StarElasticError
-from .hf_files import _weight_files
 from .model import Model, ModelConfig, rope_frequencies
-from .sharded_load import locations, stored_dtype
+from .sharded_load import fill_on_every_rank, open_checkpoint
 
 
 def load_sorted(path, *, scores: dict | None = None, perms: dict | None = None, experts_key: str = "experts",
@@ -41,27 +40,14 @@ def load_sorted(path, *, scores: dict | None = None, perms: dict | None = None, 
     if (scores is None) == (perms is None):
         raise StarElasticError("load_sorted takes importance scores or permutations: give exactly one")
     path = Path(path)
-    if not path.is_dir():
-        raise StarElasticError(f"{path}: expected a checkpoint directory (config.json + safetensors)")
-    raw, cfg, headers, meta = hf._open(path, hf.header_tensors)  # names and shapes from the headers alone
-    if fp8.is_fp8_config(raw):
-        raise StarElasticError(f"{path}: FP8 checkpoints are not loaded sorted yet; convert it first "
-                               "(star-elastic convert CKPT --dtype bfloat16 --out DIR)")
-    hf.check_shapes(meta, headers, str(path))
+    raw, cfg, meta, where, dtype = open_checkpoint(path, dtype, "sorted")
     if scores is not None:
         perms = permutations(cfg, scores, experts_key)
     else:
         perms = {k: torch.as_tensor(v).detach().cpu() for k, v in perms.items()}
     check_permutations(cfg, perms)
     perms = {k: v.long() for k, v in perms.items()}
-    where = locations(_weight_files(path), cfg)
-    if dtype is None:
-        dtype = stored_dtype(where, meta, str(path))
-    if fp8.is_fp8_dtype(dtype):
-        raise StarElasticError("FP8 is a storage format: load sorted into the dtype the model computes in")
-
-    distributed = dist.is_available() and dist.is_initialized()
-    if not distributed:
+    if not (dist.is_available() and dist.is_initialized()):
         model = _meta_plain(cfg, dtype, device)
         fill_sorted(model, where, perms)
     else:
@@ -69,17 +55,7 @@ def load_sorted(path, *, scores: dict | None = None, perms: dict | None = None, 
             raise StarElasticError("loading sharded needs a torch with FSDP2")
         model = parallel.meta_sharded(cfg, dtype, device, mixed_precision=mixed_precision,
                                       reshard_after_forward=reshard_after_forward, mesh=mesh)
-        error = None
-        try:
-            fill_sorted(model, where, perms)
-        except StarElasticError as e:
-            error = e
-        # a rank that could not read its rows must not leave the others waiting in the next collective
-        ok = parallel.all_ok(error is None, next(model.parameters()))
-        if error is not None:
-            raise error
-        if not ok:
-            raise StarElasticError(f"{path}: another rank could not read its shards of the weights (see its error)")
+        fill_on_every_rank(model, lambda: fill_sorted(model, where, perms), path)
     model.hf_config = fp8.saved_config(raw, dtype)
     model.source = str(path)
     return model.eval(), perms
