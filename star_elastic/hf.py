@@ -522,12 +522,31 @@ def save_pretrained(model: Model, out, tokenizer=None, max_shard_bytes: int = SH
         state = to_disk_layout(state, rows=sharded)
     if quantize:
         state, hf = fp8.quantize_state(state, hf)
+    like = next(model.parameters())
     if sharded and dist.get_rank() != 0:
+        # rank 0 first says whether it could start writing: else its error would leave this rank
+        # waiting in the first gather until the backend's timeout
+        if not parallel.all_ok(True, like):
+            raise StarElasticError(f"{out}: the checkpoint was not written: rank 0 could not start writing it "
+                                   "(see its error)")
         write_safetensors(state, None, max_shard_bytes)  # take part in the gathers; rank 0 writes
         return out
-    with _staging(out) as tmp:
-        (tmp / "config.json").write_text(config_json(hf))
-        write_safetensors(state, tmp, max_shard_bytes, stats)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+    said = False  # sharded: whether rank 0 has told the others if it could start
+    try:
+        with _staging(out) as tmp:
+            (tmp / "config.json").write_text(config_json(hf))
+            if sharded:
+                said = True
+                parallel.all_ok(True, like)
+            write_safetensors(state, tmp, max_shard_bytes, stats)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+    except BaseException:
+        if sharded and not said:
+            said = True
+            parallel.all_ok(False, like)  # the other ranks learn it and raise, instead of waiting
+        raise
+    finally:
+        if sharded and stats is not None:
+            stats["told_ranks"] = said  # a caller that failed before this call must tell them itself
     return out

@@ -96,13 +96,24 @@ def _worker(rank, world, port, out, tmp):
             max_shard_bytes=SMALL))
         hf._write_file = real
         got["calls"] = len(calls)
+        # rank 0 cannot even start (its output's parent is a file): every rank raises at once, none waits
+        blocker = f"{tmp}/a-file"
+        if rank == 0:
+            with open(blocker, "w") as f:
+                f.write("not a directory")
+        dist.barrier()
+        got["unstartable_save"] = _error(lambda: hf.save_pretrained(model, f"{blocker}/ckpt", max_shard_bytes=SMALL))
+        got["unstartable_elastic"] = _error(lambda: save_elastic(
+            model, router_for(model.config), [parse_budget(b, model.config) for b in BUDGETS], f"{blocker}/eckpt",
+            max_shard_bytes=SMALL))
         # the ranks are still in step: the next collective write works
         hf.save_pretrained(model, f"{tmp}/after-failure", max_shard_bytes=SMALL)
         dist.barrier()
         if rank == 0:
             torch.save(got, out)
         else:
-            torch.save({k: got[k] for k in ("failed_save", "failed_elastic")}, f"{out}.rank1")
+            torch.save({k: got[k] for k in ("failed_save", "failed_elastic", "unstartable_save", "unstartable_elastic")},
+                       f"{out}.rank1")
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +253,13 @@ def test_a_replaced_shard_index_is_caught(runs, tmp_path):
     index.write_text(index.read_text().replace('"total_size"', '"total_size" ', 1))  # same meaning, other bytes
     with pytest.raises(StarElasticError, match="index.json"):
         load_elastic(path, verify=True)
+
+
+def test_a_rank_0_that_cannot_start_writing_leaves_no_rank_waiting(runs):
+    """Rank 0 fails before the first gather (its output cannot be created): it raises its own error and
+    every other rank a one-line one, at once, not at the backend's timeout; the next write still works."""
+    tmp, got, other = runs
+    for key in ("unstartable_save", "unstartable_elastic"):
+        assert got[key].split(":")[0] in ("NotADirectoryError", "FileExistsError", "OSError"), got[key]
+        assert other[key].startswith("StarElasticError") and "rank 0" in other[key] and "\n" not in other[key]
+    assert weight_files(tmp / "after-failure") == weight_files(tmp / "nemotron_h-sharded")

@@ -79,15 +79,17 @@ def save_elastic(model: Model, router: Router, budgets: list[Budget], out, token
     if not sharded:
         return _write_elastic(model, router, budgets, Path(out), tokenizer, memory, extra, scores, specs,
                               projections, max_shard_bytes, record)
-    error = None
+    error, written = None, {}
     try:
         if dist.get_rank() == 0:
             _write_elastic(model, router, budgets, Path(out), tokenizer, memory, extra, scores, specs,
-                           projections, max_shard_bytes, record)
+                           projections, max_shard_bytes, record, written)
         else:  # take part in the gathers; rank 0 writes
             save_pretrained(model, out, max_shard_bytes=max_shard_bytes)
     except Exception as e:
         error = e
+        if dist.get_rank() == 0 and not written.get("told_ranks"):  # failed before the weights' writer
+            parallel.all_ok(False, next(model.parameters()))  # began: the others wait to hear it
     # rank 0 may fail after the gathers (router, manifest): then no rank returns as if it were written
     ok = parallel.all_ok(error is None, next(model.parameters()))
     if error is not None:
@@ -98,15 +100,15 @@ def save_elastic(model: Model, router: Router, budgets: list[Budget], out, token
 
 
 def _write_elastic(model, router, budgets, out: Path, tokenizer, memory, extra, scores, specs, projections,
-                   max_shard_bytes, record) -> Path:
+                   max_shard_bytes, record, written: dict | None = None) -> Path:
     router.eval()
     cost = CostModel(model.config, memory)
     specs = specs if specs is not None else [router.spec(i) for i in range(len(budgets))]
     entries = [budget_entry(b, s, model.config, cost) for b, s in zip(budgets, specs)]
     for entry, proj in zip(entries, projections or []):
         entry["projection"] = proj.to_dict()
+    written = {} if written is None else written
     with staging(out) as tmp:
-        written = {}
         save_pretrained(model, tmp / "parent", tokenizer=tokenizer, max_shard_bytes=max_shard_bytes, stats=written)
         for f in (tmp / "parent").iterdir():  # flatten: the checkpoint directory is the HF directory
             f.rename(tmp / f.name)
