@@ -359,14 +359,14 @@ class ElasticTrainer:
         # would be exported now, and (draw_in_band) in the band; otherwise the export would cut an
         # architecture that never trained (SmolLM2, H200, 2026-12-01: +57% and +83% at 0.5)
         upper = larger_choice(self.router, self.budgets, b, self.cost, self.cfg.loss.band)
+
         def acceptable(choice):
             return all(k <= upper[n] for n, k in choice.items()) and (not self.cfg.draw_in_band or self._off_band(
                 budget, self.cost.cost(budget.kind, self.router.arch_of(choice))) == 0)
 
         def nearest_in_band(choice):  # no acceptable draw in 32: the nested in-band architecture nearest the last
-            start = [choice if i == b else None for i in range(len(self.budgets))]
-            try:
-                return project_budgets(self.router, self.budgets, self.cost, self.cfg.loss.band, start=start)[b].choice
+            try:  # project_budgets' step for this budget, from the draw, under the upper already found
+                return nested_in_band(self.router, self.budgets, b, choice, upper, self.cost, self.cfg.loss.band).choice
             except StarElasticError:  # the grid has none: the draw trains, and the budget loss judges it
                 return choice
 
