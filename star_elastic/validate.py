@@ -109,28 +109,18 @@ def prefix_problem(mask: torch.Tensor, groups: int) -> str | None:
 def check_nesting(cfg, specs: dict) -> dict[str, str | None]:
     """Per budget (specs ordered largest first): None if its masks are group-wise prefixes contained
     in every larger budget's, else the first problem."""
-    masks = {name: spec.masks(cfg) for name, spec in specs.items()}
-    kept = {name: set(spec.kept_layers(cfg)) for name, spec in specs.items()}
     out, names = {}, list(specs)
     for i, name in enumerate(names):
         problem = None
-        for key, m in masks[name].items():
+        for key, m in specs[name].masks(cfg).items():
             if m.dim() == 1 and (problem := prefix_problem(m, _groups(cfg, key))):
                 problem = f"{key}: {problem}"
                 break
         for larger in names[:i]:
             if problem:
                 break
-            if not kept[name] <= kept[larger]:
-                problem = f"keeps layers {sorted(kept[name] - kept[larger])} that budget {larger} drops"
-                break
-            for key in set(masks[name]) | set(masks[larger]):  # a missing mask keeps every unit
-                m, big = masks[name].get(key), masks[larger].get(key)
-                if big is None or (m is not None and m.dim() == 0) or big.dim() == 0:
-                    continue  # depth is compared through the kept layers above
-                if m is None or bool((m > big).any()):
-                    problem = f"{key}: keeps units budget {larger} drops"
-                    break
+            if what := specs[name].outside(specs[larger], cfg):
+                problem = f"{what} that budget {larger} drops"
         out[name] = problem
     return out
 

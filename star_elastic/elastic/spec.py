@@ -335,16 +335,22 @@ class ElasticSpec:
     def within(self, other: "ElasticSpec", parent: ModelConfig) -> bool:
         """True when every layer and unit this spec keeps, `other` keeps too: the nesting of a smaller
         budget in a larger one (its weights a subset of the larger's)."""
-        if not set(self.kept_layers(parent)) <= set(other.kept_layers(parent)):
-            return False
+        return self.outside(other, parent) is None
+
+    def outside(self, other: "ElasticSpec", parent: ModelConfig) -> str | None:
+        """None when this spec is `within` `other`; else the first thing it keeps that `other` drops,
+        as "keeps layers [...]" or "<mask key>: keeps units" (validate's nesting check says which)."""
+        extra = set(self.kept_layers(parent)) - set(other.kept_layers(parent))
+        if extra:
+            return f"keeps layers {sorted(extra)}"
         mine, theirs = self.masks(parent), other.masks(parent)
-        for key in set(mine) | set(theirs):
+        for key in sorted(set(mine) | set(theirs)):
             m, t = mine.get(key), theirs.get(key)  # a missing mask keeps every unit
             if t is None or t.dim() == 0 or (m is not None and m.dim() == 0):
                 continue  # layers are compared above
             if bool(((torch.ones_like(t) if m is None else m) > t).any()):
-                return False
-        return True
+                return f"{key}: keeps units"
+        return None
 
     def masks(self, parent: ModelConfig, device=None, dtype=torch.float32) -> dict[str, torch.Tensor]:
         """Hard 0/1 masks that run this spec inside the full-size parent (`masking.masked`)."""
