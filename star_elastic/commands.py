@@ -118,11 +118,10 @@ def cmd_elastify(args):
     """importance -> sort -> router + multi-budget distillation -> one elastic checkpoint (elastify.py)."""
     from pathlib import Path
 
-    from . import parallel
     from .elastify import ElastifyConfig, elastify, print_table
     from .errors import StarElasticError
     from .hf import load_tokenizer
-    from .train import init_distributed, world
+    from .train import init_distributed, sharding, world
     from .zero_shot import check_multiple
 
     check_multiple(args.multiple)
@@ -133,7 +132,7 @@ def cmd_elastify(args):
     # under torchrun with FSDP2 (the default there) a checkpoint directory is never loaded whole on a rank:
     # elastify takes its path and loads it sharded; else the whole model, master weights in fp32 (on a
     # GPU the steps run under bf16 autocast)
-    if ranks > 1 and args.shard != "none" and parallel.available() and Path(path).is_dir() and args.dtype is None:
+    if sharding(args.shard, ranks) == "fsdp" and Path(path).is_dir() and args.dtype is None:
         model, tokenizer = path, load_tokenizer(path)
         if tokenizer is None:
             raise StarElasticError(f"{path}: no tokenizer files next to the weights")

@@ -126,6 +126,17 @@ def init_distributed():
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def sharding(shard: str, world: int) -> str:
+    """"fsdp" or "none", from TrainConfig.shard over `world` ranks ("auto": FSDP2 when there are 2+)."""
+    if shard not in ("auto", "none", "fsdp"):
+        raise StarElasticError(f"shard is 'auto', 'none' or 'fsdp', got {shard!r}")
+    if shard == "auto":
+        return "fsdp" if world > 1 and parallel.available() else "none"
+    if shard == "fsdp" and not (parallel.available() and dist.is_initialized()):
+        raise StarElasticError("shard='fsdp' needs torch.distributed initialised (torchrun) and a torch with FSDP2")
+    return shard
+
+
 def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -182,7 +193,7 @@ class ElasticTrainer:
         self.device = next(model.parameters()).device
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
         teacher.eval().requires_grad_(False)
-        self.shard = self._sharding(cfg.shard)
+        self.shard = sharding(cfg.shard, self.world)
         if self.shard == "fsdp":  # before the optimiser: it is built over the sharded parameters
             mesh = parallel.device_mesh(self.device)
             mixed = self.device.type == "cuda"  # bf16 compute, fp32 master weights and reductions
@@ -218,16 +229,6 @@ class ElasticTrainer:
             raise StarElasticError("the full anchor needs the full budget (1.0) and at least one smaller budget")
 
     # ------------------------------------------------------------------------- distribution
-
-    def _sharding(self, shard: str) -> str:
-        """"fsdp" or "none", from TrainConfig.shard ("auto": FSDP2 when there are 2+ ranks)."""
-        if shard not in ("auto", "none", "fsdp"):
-            raise StarElasticError(f"shard is 'auto', 'none' or 'fsdp', got {shard!r}")
-        if shard == "auto":
-            return "fsdp" if self.world > 1 and parallel.available() else "none"
-        if shard == "fsdp" and not (parallel.available() and dist.is_initialized()):
-            raise StarElasticError("shard='fsdp' needs torch.distributed initialised (torchrun) and a torch with FSDP2")
-        return shard
 
     @property
     def distribution(self) -> dict:
