@@ -442,8 +442,8 @@ def write_safetensors(state: dict, out: Path | None, max_shard_bytes: int = SHAR
     comes, one at a time, so every rank must call this with the same `state`; the ranks that do not
     write pass `out=None` and drop each tensor once gathered. The writer keeps one file's tensors on
     the host at a time. Files are planned from the shapes before any gather, by one rule whatever
-    the sharding, so a sharded model writes the files its unsharded copy would. Each file is written
-    under a temporary name and renamed when complete. `stats` (if given) gets the names of the files
+    the sharding, so a sharded model writes the files its unsharded copy would. `out` is a `staging`
+    directory (every caller's): a write that fails leaves nothing. `stats` (if given) gets the names of the files
     and `peak_bytes`: the most bytes of whole tensors held at once (the file being filled and the
     tensor being gathered)."""
     def nbytes(k):
@@ -491,10 +491,8 @@ def write_safetensors(state: dict, out: Path | None, max_shard_bytes: int = SHAR
 
 
 def _write_file(tensors: dict[str, torch.Tensor], f: Path) -> None:
-    """One safetensors file, written under a temporary name and renamed: never found half-written."""
-    tmp = f.with_name(f".{f.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, f)
+    """One safetensors file (into a `staging` directory: the whole checkpoint appears at once or not at all)."""
+    save_file(tensors, str(f), metadata={"format": "pt"})
 
 
 def save_pretrained(model: Model, out, tokenizer=None, max_shard_bytes: int = SHARD_BYTES,
