@@ -179,15 +179,16 @@ def evaluate_budgets(ckpt, stream: torch.Tensor, names: list[str], compare: dict
 
 
 def _interpolated_entry(ckpt, name: str, settings: dict | None) -> dict:
-    """A manifest-like entry for a budget between two trained ones: its costs from its architecture."""
-    from .elastic.cost import CostModel, MemorySettings
+    """The manifest entry (`checkpoint.budget_entry`) a budget between two trained ones would have."""
+    from dataclasses import replace
 
-    spec = ckpt.spec(name)
-    cost = CostModel(ckpt.model.config, MemorySettings(**settings) if settings else None)
-    params = int(cost.spec_cost("params", spec))
-    return {"kind": None, "fraction": params / int(cost.full("params")), "params": params,
-            "active_params": int(cost.spec_cost("active", spec)), "memory_bytes": int(cost.spec_cost("memory", spec)),
-            "spec": spec.to_dict(), "interpolated": True}
+    from .elastic.checkpoint import budget_entry
+    from .elastic.cost import CostModel, MemorySettings, parse_budget
+
+    memory = MemorySettings(**settings) if settings else None
+    budget = replace(parse_budget(name, ckpt.model.config, memory), name=name)
+    return {**budget_entry(budget, ckpt.spec(name), ckpt.model.config, CostModel(ckpt.model.config, memory)),
+            "interpolated": True}
 
 
 def _fmt_count(n) -> str:
