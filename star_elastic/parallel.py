@@ -96,6 +96,14 @@ def is_sharded(module: nn.Module) -> bool:
     return FSDPModule is not None and isinstance(module, FSDPModule)
 
 
+def compute_autocast(model: nn.Module):
+    """The autocast a forward outside the trainer needs on `model`: bf16 where it was sharded with
+    mixed precision (its blocks' parameters are gathered in bf16 while the residual stream keeps the
+    stored dtype, so a plain forward would multiply fp32 activations by bf16 weights), else none."""
+    mixed = is_sharded(model) and getattr(model, "fsdp_mixed_precision", False)
+    return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=mixed)
+
+
 def is_dtensor(t) -> bool:
     """Whether `t` is a shard (DTensor) of a whole tensor, which only a collective can gather."""
     return DTensor is not None and isinstance(t, DTensor)

@@ -54,6 +54,12 @@ def _worker(rank, world, port, tmp):
             # a rank with no data at all takes part with idle forwards
             r["one_rank_data"] = estimate_importance(model, ALL if rank == 0 else [], progress=False)
             del model
+            # as elastify loads it on a GPU: blocks gathered in bf16 (FSDP2 mixed precision), the
+            # residual stream in fp32; importance runs its forwards under bf16 autocast
+            mixed = sharded_load.load_sharded(path, device="cpu", mixed_precision=True)
+            r["mixed"] = estimate_importance(mixed, RANK_BATCHES[rank], depth=True, depth_batches=DEPTH,
+                                             progress=False)
+            del mixed
 
             _Counting.read = 0
             sharded_sort.safe_open = _Counting
@@ -116,6 +122,21 @@ def test_sharded_scores_are_one_process_on_all_batches(runs, family):
         _assert_same_scores(got[family]["weight"], weight_magnitude_importance(whole))
     for k, v in ranks[0][family]["scores"].items():  # every rank holds the same result
         assert k == "meta" or torch.equal(v, ranks[1][family]["scores"][k]), k
+
+
+@pytest.mark.parametrize("family", CONFIGS)
+def test_importance_on_a_parent_sharded_in_mixed_precision_is_the_fp32_one_to_bf16_rounding(runs, family):
+    """elastify loads a GPU parent with bf16 compute (load_sharded(mixed_precision=True)); a plain
+    forward on it multiplied fp32 activations by bf16 weights and failed (first 2-GPU run, 2026-12-01)."""
+    for got in runs[1]:
+        fp32, mixed = got[family]["scores"], got[family]["mixed"]
+        assert mixed.keys() == fp32.keys()
+        for k, v in fp32.items():
+            if k in ("meta", "layer_order", "layer_scores"):
+                continue
+            assert mixed[k].dtype == v.dtype and torch.isfinite(mixed[k]).all(), k
+            assert (mixed[k] - v).norm() <= 0.05 * v.norm() + 1e-6, k  # bf16 activations, fp64 sums
+        assert mixed["layer_order"].shape == fp32["layer_order"].shape
 
 
 @pytest.mark.parametrize("family", CONFIGS)

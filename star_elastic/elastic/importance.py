@@ -428,7 +428,8 @@ def estimate_importance(model, batches, *, depth: bool = False, depth_batches: i
     sums, kept = _Sums(), []
     sums.new("sequences", (), device)
     sums.new("tokens", (), device)
-    with _Hooks() as hooks, tqdm(total=total, desc="importance", unit="batch", disable=not show) as bar:
+    with _Hooks() as hooks, tqdm(total=total, desc="importance", unit="batch", disable=not show) as bar, \
+            parallel.compute_autocast(model):
         _register(model, hooks, sums)
         if num_batches is not None:  # islice: never draw a batch past the last one used
             batches = itertools.islice(batches, num_batches)
@@ -461,7 +462,8 @@ def estimate_importance(model, batches, *, depth: bool = False, depth_batches: i
     scores["meta"] = _meta(model, "activation", sequences=int(sums.t["sequences"].item()),
                            tokens=int(sums.t["tokens"].item()), mamba_channel_keep=mamba_channel_keep)
     if depth:  # a rank without batches takes part with none (every rank's collectives still run)
-        scores["layer_order"], scores["layer_scores"] = _depth_order(model, kept, show)
+        with parallel.compute_autocast(model):
+            scores["layer_order"], scores["layer_scores"] = _depth_order(model, kept, show)
     return scores
 
 
