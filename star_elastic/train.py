@@ -26,6 +26,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -845,8 +847,44 @@ class ElasticTrainer:
             if writer is not None:
                 writer.close()
         if self.step >= self.cfg.steps or stop_after is not None:
-            self.save_state()
+            if stop_after is not None or self.room_for_state():
+                self.save_state()
         return logs
+
+    def state_bytes(self) -> int:
+        """About what `save_state` writes, all ranks together: the student's and the router's weights
+        and their optimiser moments. Sharded, each rank writes its own shards; replicated, rank 0
+        writes what every rank holds."""
+        tensors = [p.detach() for p in self.model.parameters()]
+        tensors += [p.detach() for p in self.router.parameters()] if self.router is not None else []
+        tensors += [v for s in self.opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+        local = sum((t.to_local() if parallel.is_dtensor(t) else t).numel() * t.element_size() for t in tensors)
+        if self.shard == "fsdp" and self.world > 1:
+            total = torch.tensor([local], dtype=torch.float64, device=self.device)
+            dist.all_reduce(total)
+            return int(total.item())
+        return local
+
+    def room_for_state(self) -> bool:
+        """Whether the disk under `out` holds the final resumable state, on every rank. A 10B parent's is
+        120 GB (fp32 weights and two AdamW moments), more than the disk of a 2-GPU machine left over
+        (first 2-GPU run, 2026-12-01): then the state is skipped with a warning, and the run goes on to
+        evaluate and write its checkpoint; a crash after this point means training again."""
+        need = self.state_bytes()
+        where = self.out
+        while not where.exists():
+            where = where.parent
+        free = shutil.disk_usage(where).free
+        ok = free >= need * 1.05 + 2 ** 30
+        if self.world > 1:
+            flag = torch.tensor([int(ok)], dtype=torch.int32, device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            ok = bool(flag.item())
+        if not ok and self.rank == 0:
+            print(f"star_elastic: not saving the resumable training state: it needs {need / 1e9:.1f} GB and "
+                  f"{where} has {free / 1e9:.1f} GB free; a crash from here on means training again",
+                  file=sys.stderr, flush=True)
+        return ok
 
     def _loop(self, end: int, bar, per_budget: dict, metrics: Path, writer) -> list[dict]:
         logs = []

@@ -78,6 +78,29 @@ def test_training_reduces_the_distillation_loss_and_logs(tmp_path):
     assert (tmp_path / "run" / "train_state" / "state.json").exists()
 
 
+def test_the_final_state_is_skipped_with_a_warning_when_the_disk_cannot_hold_it(tmp_path, monkeypatch, capsys):
+    """A 10B parent's final resumable state is 120 GB; on the first 2-GPU run it filled the disk and
+    failed the run after training. Now its size is estimated first (and the estimate is what is written)."""
+    import collections
+
+    from star_elastic import train
+
+    t = trainer(tmp_path, "fits", steps=2)
+    t.run(progress=False)
+    written = sum(f.stat().st_size for f in (tmp_path / "fits" / "train_state").glob("*.safetensors"))
+    assert 0.9 * written <= t.state_bytes() <= written  # the tensors; headers and counters aside
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: usage(10 ** 12, 10 ** 12, t.state_bytes() // 2))
+    capsys.readouterr()
+    t = trainer(tmp_path, "full", steps=2)
+    logs = t.run(progress=False)
+    assert len(logs) == 2 and t.step == 2  # the run itself went on
+    assert not (tmp_path / "full" / "train_state").exists()
+    err = capsys.readouterr().err.strip()
+    assert "not saving the resumable training state" in err and "GB free" in err and "\n" not in err
+
+
 def test_killed_and_resumed_run_reproduces_the_same_losses(tmp_path):
     straight = trainer(tmp_path, "straight", steps=8).run(progress=False)
     first = trainer(tmp_path, "resumed", steps=8)
