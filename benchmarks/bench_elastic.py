@@ -329,7 +329,7 @@ def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, 
         small = slice_model(sorted_parent, spec)
         row("zero_shot", b, small, spec, score(small, heldouts, args), 0)
         del small
-    # the router's start (elastify's): (a)'s architectures made to nest, smallest budget first
+    # the router's start (elastify's): (a)'s architectures made to nest (search.nested_search)
     searched_smaller = [b for b in budgets if not b.is_full and b.name in searched]
     nested_starts = {}
     if searched_smaller:

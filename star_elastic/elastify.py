@@ -176,8 +176,8 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
             torch.distributed.broadcast_object_list(box, src=0)
             records = box[0]
         searched[i] = records
-    # the router starts from architectures that nest (each budget's own best need not): the smallest
-    # budget's best, and for each larger one the best that contains it
+    # the router starts from architectures that nest (each budget's own best need not): of the plans
+    # smallest-first and largest-first, the one that moves the budgets least from their own bests
     order = sorted(searched, key=lambda i: -budgets[i].fraction)
     chosen, nested = nested_search(model, [int(budgets[i].target) for i in order], [searched[i] for i in order],
                                    axes, search_batches, layer_order=layer_order, multiple=cfg.multiple) \

@@ -191,6 +191,65 @@ def test_a_floor_keeps_every_candidate_around_the_smaller_budget(sorted_parent):
     one_line_error(lambda: choose_spec(CFG, small, ("hidden", "experts"), floor=ElasticSpec()), "target")
 
 
+# a Llama whose FFN holds most parameters, as SmolLM2's does, and a landscape of calibration perplexity
+# shaped like SmolLM2's: any hidden cut costs a step, deep FFN cuts cost more (`P` its exponent)
+WIDE_FFN = ModelConfig(family="llama", vocab_size=64, hidden_size=64, layer_types="**", num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, intermediate_size=256, mlp_gated=True, mlp_act="silu",
+                       tie_word_embeddings=True)
+
+
+def test_a_ceiling_keeps_every_candidate_inside_the_larger_budget(sorted_parent):
+    """`choose_spec` / `search_spec` with a ceiling: every candidate fits in it and the target; a
+    ceiling too small for the target, or one cutting an axis the combination leaves whole, is refused."""
+    model, batches, _ = sorted_parent
+    big, small = int(0.75 * total(model)), int(0.5 * total(model))
+    ceiling = choose_spec(CFG, big, ("ffn", "experts"))
+    assert not choose_spec(CFG, small, ("hidden", "experts")).within(ceiling, CFG)  # keeps FFN the ceiling drops
+    spec, records = search_spec(model, small, DEFAULT_AXES, batches, ceiling=ceiling)
+    assert records and spec.within(ceiling, CFG)
+    for r in records:
+        assert ElasticSpec.from_dict(r["spec"]).within(ceiling, CFG) and MIN_FRACTION * small <= r["params"] <= small
+    half = int(0.5 * ElasticSpec().num_parameters(WIDE_FFN))  # a hidden cut leaves the FFN the ceiling cuts
+    one_line_error(lambda: choose_spec(WIDE_FFN, half, ("hidden",), ceiling=ElasticSpec(intermediate_size=160)),
+                   "does not fit inside")
+    one_line_error(lambda: choose_spec(CFG, big, ("hidden", "ffn"), ceiling=choose_spec(CFG, small, ("ffn",))),
+                   "target")
+
+
+@pytest.mark.parametrize("p, first", [(3, "largest"), (2, "smallest")])
+def test_nested_search_keeps_the_plan_that_loses_least_against_each_budgets_best(monkeypatch, p, first):
+    """The budgets' own bests do not nest (0.75 = FFN cut, 0.5 = hidden cut, as on SmolLM2). Smallest
+    first moves the 0.75 to a hidden cut; largest first keeps its FFN cut and fits the 0.5 inside it.
+    nested_search keeps whichever loses less in total log perplexity against the own bests: on SmolLM2
+    smallest first (the only plan before) cost the trained 0.75 12-13% (docs/RESULTS.md §9)."""
+    from star_elastic.elastic import search
+
+    def landscape(model, spec, batches, device=None):
+        rh, rf = (spec.hidden_size or 64) / 64, (spec.intermediate_size or 256) / 256
+        return math.exp((0.0 if rh == 1 else 1 + 8 * (1 - rh)) + 30 * (1 - rf) ** p)
+
+    monkeypatch.setattr(search, "calibration_perplexity", landscape)
+    model, batches, axes = Model(WIDE_FFN).eval(), [torch.zeros(1, 4, dtype=torch.long)], ("hidden", "ffn")
+    n = ElasticSpec().num_parameters(WIDE_FFN)
+    big, small = int(0.75 * n), int(0.5 * n)
+    (own_big, big_records), (own_small, small_records) = (search_spec(model, t, axes, batches) for t in (big, small))
+    assert own_small.hidden_size < 64 and own_small.intermediate_size is None  # a hidden cut
+    assert own_big == ElasticSpec(intermediate_size=160) if p == 3 else own_big.hidden_size < 64  # FFN only if p = 3
+    assert not own_small.within(own_big, WIDE_FFN)
+    specs, nested = nested_search(model, [big, small], [big_records, small_records], axes, batches)
+    assert nested and specs[1].within(specs[0], WIDE_FFN)
+    # the two plans, by hand
+    grown = search_spec(model, big, axes, batches, floor=own_small)
+    fitted = search_spec(model, small, axes, batches, ceiling=own_big)
+    loss = lambda ppls: sum(math.log(x / b) for x, b in zip(ppls, (big_records[0]["perplexity"],  # noqa: E731
+                                                                   small_records[0]["perplexity"])))
+    smallest_first = ([grown[0], own_small], loss([grown[1][0]["perplexity"], small_records[0]["perplexity"]]))
+    largest_first = ([own_big, fitted[0]], loss([big_records[0]["perplexity"], fitted[1][0]["perplexity"]]))
+    want = largest_first if first == "largest" else smallest_first
+    other = smallest_first if first == "largest" else largest_first
+    assert want[1] < other[1] and specs == want[0]
+
+
 def test_nested_search_grows_the_larger_budget_around_the_smallest(sorted_parent):
     """The larger budget keeps its own best when that holds the smaller's; else the best spec for its
     target that does, found by the floor search (not only among its own records)."""

@@ -184,7 +184,7 @@ def _check_parent_and_axes(parent_cfg: ModelConfig, axes) -> None:
 
 def choose_spec(parent_cfg: ModelConfig, target: int, axes=DEFAULT_AXES, *, layer_order=None,
                 min_fraction: float = MIN_FRACTION, multiple: int | None = None,
-                floor: ElasticSpec | None = None) -> ElasticSpec:
+                floor: ElasticSpec | None = None, ceiling: ElasticSpec | None = None) -> ElasticSpec:
     """The homogeneous spec with the most parameters <= `target` (and >= min_fraction * target)
     found by shrinking `axes` (names of AXES; those the parent lacks are skipped) by a common keep
     ratio and then growing them one step at a time. `target` equal to the parent's total gives the
@@ -193,7 +193,9 @@ def choose_spec(parent_cfg: ModelConfig, target: int, axes=DEFAULT_AXES, *, laye
     expert and shared-expert FFN) is a multiple of it; None (the default) picks 64 where the parent
     allows, else 32, 16 or 8, else 1 on tiny models (`spec.aligned_multiple` has the rule); always
     also what stock transformers needs to run the export (`spec.stock_multiple`). `floor`: a spec the
-    result must contain (every unit it keeps kept too: a smaller budget nested in this one).
+    result must contain (every unit it keeps kept too: a smaller budget nested in this one); `ceiling`:
+    a spec that must contain the result (a larger budget this one nests in: on the axes that the
+    ceiling cuts, only sizes within it, and the result is refused unless it fits in it whole).
     StarElasticError, naming the reachable bound, when the target cannot be met."""
     _check_parent_and_axes(parent_cfg, axes)
     total, target = count_parameters(parent_cfg), int(target)
@@ -211,6 +213,11 @@ def choose_spec(parent_cfg: ModelConfig, target: int, axes=DEFAULT_AXES, *, laye
     chains = {a: _chain(parent_cfg, a, layer_order, multiple, hidden_base) for a in names}
     if floor is not None:  # only sizes that keep what the floor keeps on that axis (the full size always does)
         chains = {a: _at_least(parent_cfg, c, floor) for a, c in chains.items()}
+    if ceiling is not None:  # only sizes the ceiling keeps on that axis
+        chains = {a: _at_most(parent_cfg, c, ceiling) for a, c in chains.items()}
+        empty = [a for a, c in chains.items() if not c]
+        if empty:
+            raise StarElasticError(f"no {empty[0]} size fits inside {describe(ceiling, parent_cfg)}")
     counts: dict[tuple, int] = {}
 
     def spec_at(idx: dict) -> ElasticSpec:
@@ -280,7 +287,18 @@ def choose_spec(parent_cfg: ModelConfig, target: int, axes=DEFAULT_AXES, *, laye
         raise StarElasticError(f"no model reachable by {where} has between {min_fraction:.0%} of the target "
                                f"{format_params(target)} and the target: the closest below has "
                                f"{format_params(n)} ({n / target:.1%}); the sizes are too coarse, add axes")
-    return spec_at(idx)
+    spec = spec_at(idx)
+    if ceiling is not None and (outside := spec.outside(ceiling, parent_cfg)):  # an axis it left whole
+        raise StarElasticError(f"shrinking {', '.join(names)} does not fit inside {describe(ceiling, parent_cfg)} "
+                               f"({outside})")
+    return spec
+
+
+def _at_most(cfg: ModelConfig, chain: list[tuple[float, dict]], ceiling: ElasticSpec) -> list[tuple[float, dict]]:
+    """The entries of one axis's chain that `ceiling`, restricted to that axis, contains."""
+    keys = {k for _, fields in chain for k in fields}
+    high = ElasticSpec(**{k: getattr(ceiling, k) for k in keys if getattr(ceiling, k) is not None})
+    return [(f, fields) for f, fields in chain if ElasticSpec(**fields).within(high, cfg)]
 
 
 def _at_least(cfg: ModelConfig, chain: list[tuple[float, dict]], floor: ElasticSpec) -> list[tuple[float, dict]]:
@@ -322,7 +340,8 @@ def calibration_perplexity(model, spec: ElasticSpec, batches, device=None) -> fl
 
 def search_spec(model, target: int, axes, batches, *, layer_order=None, min_axes: int = 1, progress: bool = False,
                 device=None, min_fraction: float = MIN_FRACTION, multiple: int | None = None,
-                floor: ElasticSpec | None = None) -> tuple[ElasticSpec, list[dict]]:
+                floor: ElasticSpec | None = None,
+                ceiling: ElasticSpec | None = None) -> tuple[ElasticSpec, list[dict]]:
     """The best homogeneous spec for `target` parameters over combinations of `axes`, scored by
     calibration perplexity as Minitron's search does. `model`: the importance-sorted parent (ours,
     `Model`); every combination of at least `min_axes` of the applicable `axes` ("depth" only with a
@@ -331,7 +350,8 @@ def search_spec(model, target: int, axes, batches, *, layer_order=None, min_axes
     the parent masked to them on `batches` ((b, t) LongTensors; keep them few, one forward each per
     candidate). Returns (lowest-perplexity spec, one record per candidate, best first: "axes" (the
     smallest combination giving it), "combinations" (all of them), "spec" (to_dict), "params",
-    "architecture", "perplexity"). `floor`: every candidate contains it (`choose_spec`). StarElasticError,
+    "architecture", "perplexity"). `floor`: every candidate contains it; `ceiling`: every candidate fits
+    in it (`choose_spec`). StarElasticError,
     one line, when no combination reaches the target."""
     cfg = model.config
     axes = list(dict.fromkeys(axes))
@@ -354,7 +374,7 @@ def search_spec(model, target: int, axes, batches, *, layer_order=None, min_axes
         for combo in itertools.combinations(names, k):
             try:
                 spec = choose_spec(cfg, target, combo, layer_order=layer_order, min_fraction=min_fraction,
-                                   multiple=multiple, floor=floor)
+                                   multiple=multiple, floor=floor, ceiling=ceiling)
             except StarElasticError as e:
                 last_error = e  # the last is the combination of every axis: the widest reach
                 continue
@@ -414,28 +434,55 @@ def nested_choice(parent_cfg: ModelConfig, searched: list[list[dict]]) -> tuple[
 def nested_search(model, targets: list[int], searched: list[list[dict]], axes, batches, *, layer_order=None,
                   multiple: int | None = None) -> tuple[list[ElasticSpec], bool]:
     """Nested zero-shot architectures for budgets of `targets` parameters (largest first), given each
-    budget's own search records (`search_spec`'s second value). The smallest budget keeps its best;
-    each larger one keeps its own best if that contains the next smaller, else the best spec for its
-    target that does (`search_spec` with a floor, scored on `batches` as the search is). Where no
-    combination of the axes can contain it: `nested_choice` over the records. Returns (specs, nested).
+    budget's own search records (`search_spec`'s second value). Two plans, each searched again on
+    `batches` as the search is:
+    - smallest first: the smallest budget keeps its best; each larger one keeps its own best if that
+      contains the next smaller, else the best spec for its target that does (`search_spec`, floor);
+    - largest first: the largest keeps its best; each smaller one keeps its own best if the next
+      larger contains it, else the best spec that fits inside it (`search_spec`, ceiling).
+    The plan that loses least against the budgets' own bests wins: the sum over budgets of
+    log(calibration perplexity / the budget's own best). Where neither plan exists: `nested_choice`
+    over the records. Returns (specs, nested).
 
-    Why search again rather than pick among the records: on SmolLM2 the only 0.75 records holding the
-    0.5's best (hidden 360 + FFN 960) are a hidden-only cut (calibration perplexity 570, against 90 for
-    the 0.75's own best) and a three-axis cut (940); the floor search finds combinations in between."""
+    Why both: on SmolLM2 the 0.75's best is FFN 1536 -> 832 (calibration perplexity 90) and the
+    0.5's hidden 360 + FFN 960 (4526). Smallest first moved the 0.75 to hidden 432 (570, 6.3x its
+    best); trained, that 0.75 finished 12-13% behind a 0.75 distilled alone on FFN 832 (H200,
+    2026-12-01, docs/RESULTS.md §9). Largest first keeps FFN 832 and fits the 0.5 inside it."""
     cfg = model.config
-    specs: list[ElasticSpec | None] = [None] * len(targets)
-    specs[-1] = ElasticSpec.from_dict(searched[-1][0]["spec"])
-    for i in reversed(range(len(targets) - 1)):
-        own = ElasticSpec.from_dict(searched[i][0]["spec"])
-        if specs[i + 1].within(own, cfg):
-            specs[i] = own
-            continue
+    own = [ElasticSpec.from_dict(recs[0]["spec"]) for recs in searched]
+    best = [recs[0]["perplexity"] for recs in searched]
+    kw = dict(layer_order=layer_order, multiple=multiple)
+    plans = []
+    for order in ("smallest first", "largest first"):
         try:
-            specs[i] = search_spec(model, targets[i], axes, batches, layer_order=layer_order, multiple=multiple,
-                                   floor=specs[i + 1])[0]
+            plans.append(_nested_plan(model, targets, own, best, axes, batches, order, kw))
         except StarElasticError:
-            return nested_choice(cfg, searched)
+            continue
+    if not plans:
+        return nested_choice(cfg, searched)
+    specs, _ = min(plans, key=lambda plan: plan[1])
     return specs, True
+
+
+def _nested_plan(model, targets, own, best, axes, batches, order: str, kw) -> tuple[list[ElasticSpec], float]:
+    """One plan of `nested_search` and its loss: the sum of log(perplexity / own best) over budgets."""
+    cfg, n = model.config, len(targets)
+    specs, ppl = list(own), list(best)
+    for i in (range(n - 2, -1, -1) if order == "smallest first" else range(1, n)):
+        if order == "smallest first":
+            if specs[i + 1].within(own[i], cfg):
+                continue
+            specs[i], records = search_spec(model, targets[i], axes, batches, floor=specs[i + 1], **kw)
+        else:
+            if own[i].within(specs[i - 1], cfg):
+                continue
+            specs[i], records = search_spec(model, targets[i], axes, batches, ceiling=specs[i - 1], **kw)
+        ppl[i] = records[0]["perplexity"]
+    return specs, sum(_log_ratio(p, b) for p, b in zip(ppl, best))
+
+
+def _log_ratio(p: float, best: float) -> float:
+    return math.log(max(p, 1e-12) / max(best, 1e-12)) if math.isfinite(p) else math.inf
 
 
 _NAMES = {"hidden_size": "hidden", "num_attention_heads": "attention heads", "num_key_value_heads": "KV heads",
