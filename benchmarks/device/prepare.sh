@@ -1,0 +1,34 @@
+#!/bin/bash
+# Builds .devcarry/ (git-ignored) on the CPU machine: what a GPU machine without network needs for the
+# benchmarks. Carry it in two calls (the device tool takes 64 MiB a call; the SmolLM2 GGUF is 98 MB):
+#   call 1: bash benchmarks/device/run.sh SETUP   carry .devcarry/{smol.part00,corpora.tar.xz,gguf-0.19.0-py3-none-any.whl,tok,run.sh}
+#   call 2 (within 30 s, the machine still warm): bash benchmarks/device/run.sh PAIR ...  carry .devcarry/{smol.part01,run.sh}
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+grep -qx '/.devcarry/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo '/.devcarry/' >> .git/info/exclude; }
+D=.devcarry; mkdir -p $D
+python3 - <<'PY'
+from star_elastic.assets import corpus, smollm2_gguf
+for name in ("wiki", "shakespeare", "bible", "wiki-fr"):
+    corpus(name)
+print(smollm2_gguf())
+PY
+CACHE=${STAR_ELASTIC_CACHE:-$HOME/.cache/star_elastic}
+tar -C "$CACHE" -cJf $D/corpora.tar.xz corpora
+GGUF=$(python3 -c "from star_elastic.assets import smollm2_gguf; print(smollm2_gguf())")
+(cd $D && rm -f smol.part* && split -n 2 -d "$GGUF" smol.part && sha256sum "$GGUF" | cut -d' ' -f1 > smol.sha)
+python3 -m pip download -q --no-deps gguf==0.19.0 -d $D
+[ -d $D/tok ] || python3 -c "from star_elastic.hf import load_tokenizer; load_tokenizer('$GGUF').save_pretrained('$D/tok')"
+if [ ! -d $D/mamba/mamba_ssm ]; then  # the Triton SSD kernels of mamba_ssm, without its CUDA extensions
+  tmp=$(mktemp -d)
+  MAMBA_SKIP_CUDA_BUILD=TRUE python3 -m pip download -q --no-deps --no-build-isolation --no-binary=:all: \
+    mamba-ssm==2.3.2.post1 -d "$tmp"
+  tar -C "$tmp" -xzf "$tmp"/mamba_ssm-2.3.2.post1.tar.gz
+  mkdir -p $D/mamba/mamba_ssm-2.3.2.post1.dist-info
+  cp -r "$tmp"/mamba_ssm-2.3.2.post1/mamba_ssm $D/mamba/
+  echo '__version__ = "2.3.2.post1"' > $D/mamba/mamba_ssm/__init__.py
+  printf 'Metadata-Version: 2.1\nName: mamba_ssm\nVersion: 2.3.2.post1\n' > $D/mamba/mamba_ssm-2.3.2.post1.dist-info/METADATA
+  rm -rf "$tmp"
+fi
+cp benchmarks/device/run.sh $D/run.sh
+du -sh $D/*

