@@ -331,13 +331,14 @@ def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, 
         del small
     # the router's start (elastify's): (a)'s architectures made to nest (search.nested_search)
     searched_smaller = [b for b in budgets if not b.is_full and b.name in searched]
-    nested_starts = {}
+    nested_starts, nested_plans = {}, []
     if searched_smaller:
         got, _ = nested_search(sorted_parent, [int(b.target) for b in searched_smaller],
-                               [searched[b.name] for b in searched_smaller], axes, calib)
+                               [searched[b.name] for b in searched_smaller], axes, calib, plans=nested_plans)
         nested_starts = {b.name: s for b, s in zip(searched_smaller, got)}
     part["zero_shot_search"] = {"rule": args.zero_shot, "calibration_batches": len(calib), "candidates": searched,
-                                "nested_starts": {k: v.to_dict() for k, v in nested_starts.items()}}
+                                "nested_starts": {k: v.to_dict() for k, v in nested_starts.items()},
+                                "nested_plans": nested_plans}
     methods["zero_shot"] = {"tokens": 0, "seconds": round(clock(device) - t, 1),
                             "note": "slicing + evaluation; no training (importance calibration shared by all)"}
     save()

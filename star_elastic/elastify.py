@@ -179,9 +179,13 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     # the router starts from architectures that nest (each budget's own best need not): of the plans
     # smallest-first and largest-first, the one that moves the budgets least from their own bests
     order = sorted(searched, key=lambda i: -budgets[i].fraction)
+    plans = []
     chosen, nested = nested_search(model, [int(budgets[i].target) for i in order], [searched[i] for i in order],
-                                   axes, search_batches, layer_order=layer_order, multiple=cfg.multiple) \
-        if order else ([], True)
+                                   axes, search_batches, layer_order=layer_order, multiple=cfg.multiple,
+                                   plans=plans) if order else ([], True)
+    if len(plans) > 1 and plans[0]["specs"] != plans[1]["specs"]:  # the budgets' own bests did not nest
+        losses = "; ".join(f"{p['order']} {p['loss']:.2f}" + (" (chosen)" if p["chosen"] else "") for p in plans)
+        log(f"  the budgets' own bests do not nest; nats of calibration perplexity lost by nesting: {losses}")
     if ranks > 1:  # one start for every rank, whatever the rounding of their searches
         box = [[s.to_dict() for s in chosen], nested]
         torch.distributed.broadcast_object_list(box, src=0)

@@ -236,8 +236,12 @@ def test_nested_search_keeps_the_plan_that_loses_least_against_each_budgets_best
     assert own_small.hidden_size < 64 and own_small.intermediate_size is None  # a hidden cut
     assert own_big == ElasticSpec(intermediate_size=160) if p == 3 else own_big.hidden_size < 64  # FFN only if p = 3
     assert not own_small.within(own_big, WIDE_FFN)
-    specs, nested = nested_search(model, [big, small], [big_records, small_records], axes, batches)
+    plans = []
+    specs, nested = nested_search(model, [big, small], [big_records, small_records], axes, batches, plans=plans)
     assert nested and specs[1].within(specs[0], WIDE_FFN)
+    assert [p["order"] for p in plans] == ["smallest first", "largest first"]
+    assert [p["order"] for p in plans if p["chosen"]] == [f"{first} first"]
+    assert min(plans, key=lambda p: p["loss"])["specs"] == [s.to_dict() for s in specs]
     # the two plans, by hand
     grown = search_spec(model, big, axes, batches, floor=own_small)
     fitted = search_spec(model, small, axes, batches, ceiling=own_big)

@@ -432,7 +432,7 @@ def nested_choice(parent_cfg: ModelConfig, searched: list[list[dict]]) -> tuple[
 
 
 def nested_search(model, targets: list[int], searched: list[list[dict]], axes, batches, *, layer_order=None,
-                  multiple: int | None = None) -> tuple[list[ElasticSpec], bool]:
+                  multiple: int | None = None, plans: list | None = None) -> tuple[list[ElasticSpec], bool]:
     """Nested zero-shot architectures for budgets of `targets` parameters (largest first), given each
     budget's own search records (`search_spec`'s second value). Two plans, each searched again on
     `batches` as the search is:
@@ -442,7 +442,8 @@ def nested_search(model, targets: list[int], searched: list[list[dict]], axes, b
       larger contains it, else the best spec that fits inside it (`search_spec`, ceiling).
     The plan that loses least against the budgets' own bests wins: the sum over budgets of
     log(calibration perplexity / the budget's own best). Where neither plan exists: `nested_choice`
-    over the records. Returns (specs, nested).
+    over the records. Returns (specs, nested); `plans`, a list, receives one record per plan built:
+    "order", "specs" (to_dict), "perplexities", "loss", "chosen".
 
     Why both: on SmolLM2 the 0.75's best is FFN 1536 -> 832 (calibration perplexity 90) and the
     0.5's hidden 360 + FFN 960 (4526). Smallest first moved the 0.75 to hidden 432 (570, 6.3x its
@@ -452,20 +453,24 @@ def nested_search(model, targets: list[int], searched: list[list[dict]], axes, b
     own = [ElasticSpec.from_dict(recs[0]["spec"]) for recs in searched]
     best = [recs[0]["perplexity"] for recs in searched]
     kw = dict(layer_order=layer_order, multiple=multiple)
-    plans = []
+    built = {}
     for order in ("smallest first", "largest first"):
         try:
-            plans.append(_nested_plan(model, targets, own, best, axes, batches, order, kw))
+            built[order] = _nested_plan(model, targets, own, best, axes, batches, order, kw)
         except StarElasticError:
             continue
-    if not plans:
+    if not built:
         return nested_choice(cfg, searched)
-    specs, _ = min(plans, key=lambda plan: plan[1])
-    return specs, True
+    chosen = min(built, key=lambda order: built[order][2])
+    if plans is not None:
+        plans.extend({"order": order, "specs": [x.to_dict() for x in specs], "perplexities": ppl, "loss": loss,
+                      "chosen": order == chosen} for order, (specs, ppl, loss) in built.items())
+    return built[chosen][0], True
 
 
-def _nested_plan(model, targets, own, best, axes, batches, order: str, kw) -> tuple[list[ElasticSpec], float]:
-    """One plan of `nested_search` and its loss: the sum of log(perplexity / own best) over budgets."""
+def _nested_plan(model, targets, own, best, axes, batches, order: str, kw) -> tuple[list[ElasticSpec], list, float]:
+    """One plan of `nested_search`: its specs, their calibration perplexities and its loss, the sum of
+    log(perplexity / own best) over budgets."""
     cfg, n = model.config, len(targets)
     specs, ppl = list(own), list(best)
     for i in (range(n - 2, -1, -1) if order == "smallest first" else range(1, n)):
@@ -478,7 +483,7 @@ def _nested_plan(model, targets, own, best, axes, batches, order: str, kw) -> tu
                 continue
             specs[i], records = search_spec(model, targets[i], axes, batches, ceiling=specs[i - 1], **kw)
         ppl[i] = records[0]["perplexity"]
-    return specs, sum(_log_ratio(p, b) for p, b in zip(ppl, best))
+    return specs, ppl, sum(_log_ratio(p, b) for p, b in zip(ppl, best))
 
 
 def _log_ratio(p: float, best: float) -> float:
