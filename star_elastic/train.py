@@ -432,7 +432,7 @@ class ElasticTrainer:
         order = sorted(range(len(self.budgets)), key=lambda i: -self.budgets[i].fraction)
         chosen: list[Projection | None] = [None] * len(self.budgets)
         upper = self.router.full_choice()
-        progress = float(self.router.progress)
+        progress = self.router.training_progress
         for i in order:
             b = self.budgets[i]
             if b.is_full:
@@ -496,11 +496,11 @@ class ElasticTrainer:
             logs["budget"] = budget_loss(expected, budget, w.band)
         logs["entropy_floor"] = entropy_floor_loss(decision.probs, self.cfg.entropy_floor)
         prior = self._prior_loss(b, logs)
-        logs["cost_fraction"] = float(drawn_value) / budget.full  # of the architecture that ran
-        logs["expected_cost_fraction"] = float(torch.as_tensor(expected).detach()) / budget.full
+        logs["cost_fraction"] = float(drawn_value) / budget.full  # of the architecture that ran (host-side)
+        logs["expected_cost_fraction"] = torch.as_tensor(expected).detach() / budget.full
         by_axis = {}
         for name, p in decision.probs.items():
-            by_axis.setdefault(self.router.slots[name].axis, []).append(float(entropy(p.detach())))
+            by_axis.setdefault(self.router.slots[name].axis, []).append(entropy(p.detach()))
         for axis, h in by_axis.items():
             logs[f"entropy.{axis}"] = sum(h) / len(h)
         return w.budget * logs["budget"] + logs["entropy_floor"] + prior
@@ -549,8 +549,9 @@ class ElasticTrainer:
         L = self.seq_len()
         logs, sums = {}, {}
 
-        def add(name, value):
-            sums[name] = sums.get(name, 0.0) + float(value.detach() if torch.is_tensor(value) else value) / cfg.grad_accum
+        def add(name, value):  # tensors stay where they are until the step's end: one host sync, not one a value
+            value = value.detach().double() if torch.is_tensor(value) else float(value)
+            sums[name] = sums.get(name, 0.0) + value / cfg.grad_accum
 
         for _ in range(cfg.grad_accum):
             x = self._batch(L)
@@ -583,11 +584,12 @@ class ElasticTrainer:
             add("total", total)
         logs.update(sums)
         if self.router is not None:  # replicated: its gradient is all-reduced by hand
-            logs["router_grad_norm"] = float(self._clip(self.router.parameters(), cfg.router_clip))
+            logs["router_grad_norm"] = self._clip(self.router.parameters(), cfg.router_clip).detach()
         # sharded, FSDP has averaged the model's gradient already (reduce-scatter in the backward)
-        logs["grad_norm"] = float(self._clip(self.model.parameters(), cfg.clip, reduce=self.shard != "fsdp"))
+        logs["grad_norm"] = self._clip(self.model.parameters(), cfg.clip, reduce=self.shard != "fsdp").detach()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        logs = _floats(logs)
         if self.world > 1:  # report the mean over ranks, so every rank logs the same numbers
             t = torch.tensor([logs[k] for k in sorted(logs)], dtype=torch.float64, device=self.device)
             dist.all_reduce(t)
@@ -910,6 +912,20 @@ class ElasticTrainer:
             if self.cfg.save_every and self.step % self.cfg.save_every == 0:
                 self.save_state()
         return logs
+
+
+def _floats(logs: dict) -> dict:
+    """The step's logs with every tensor made a float, in one transfer per device: on a GPU one host
+    sync for the step instead of one for each logged value."""
+    out = {k: v for k, v in logs.items() if not torch.is_tensor(v)}
+    by_device: dict[torch.device, list[str]] = {}
+    for k, v in logs.items():
+        if torch.is_tensor(v):
+            by_device.setdefault(parallel.full_tensor(v).device, []).append(k)
+    for device, keys in by_device.items():
+        values = torch.stack([parallel.full_tensor(logs[k]).reshape(()).double() for k in keys]).tolist()
+        out.update(zip(keys, values))
+    return {k: out[k] for k in logs}
 
 
 def _keep_root_unsharded(module):

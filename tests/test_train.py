@@ -2,6 +2,7 @@
 
 import copy
 import json
+import sys
 
 import pytest
 import torch
@@ -297,6 +298,50 @@ def test_an_off_budget_router_comes_back_into_band_and_stays(tmp_path):
     r.eval()
     proj = project_budgets(r, t.budgets, t.cost)
     assert abs(proj[2].ratio - 1) <= 0.05 and abs(proj[1].ratio - 1) <= 0.05
+
+
+def test_a_step_reads_its_logged_values_back_in_one_transfer(tmp_path, monkeypatch):
+    """On a GPU every float() of a device tensor waits for the device (a host sync); a step used to do
+    it for each logged loss and norm, and the router's schedule read its progress buffer tens of
+    times a step. Now train.py converts the step's values once (`_floats`), and the router keeps
+    its progress on the host. Counted here on the CPU: conversions made from train.py's own lines."""
+    from star_elastic.elastic.search import choose_spec
+
+    model, teacher, router, budgets, rows, cfg, heldout = make(steps=6, grad_accum=2)
+    specs = [ElasticSpec() if b.is_full else choose_spec(CFG, int(b.target), ("hidden", "ffn", "experts"))
+             for b in budgets]
+    t = ElasticTrainer(model, teacher, None, budgets, rows, cfg, tmp_path / "fixed", fixed_specs=specs)
+    t.train_step()
+    calls = []
+    for name in ("item", "tolist", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, _name=name, **k):
+            frame = sys._getframe(1)
+            if frame.f_code.co_filename.endswith("star_elastic/train.py"):
+                calls.append((_name, frame.f_lineno, self.device.type))
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    logs = [t.train_step() for _ in range(3)]
+    monkeypatch.undo()
+    # per step: the budget drawn from the (CPU) sampler, and the logged values in one transfer
+    assert len(calls) == 2 * 3, calls
+    assert all(isinstance(v, float) for l in logs for k, v in l.items() if k in ("kd", "total", "grad_norm"))
+
+    class NoSync(torch.Tensor):
+        def __float__(self):
+            raise AssertionError("the schedule read the progress buffer")
+
+        item = __float__
+
+    router.set_progress(0.3)
+    tau, scale = router.tau, router.scale
+    router.progress = router.progress.as_subclass(NoSync)  # reading it now fails
+    router.set_progress = lambda p: None
+    assert (router.tau, router.scale) == (tau, scale)
+    router.train()
+    router(2, mode="hard")  # a draw reads the schedule, never the buffer
 
 
 def test_fixed_architectures_train_without_a_router(tmp_path):

@@ -149,7 +149,14 @@ class Router(nn.Module):
                              nn.Linear(H, sum(len(s.sizes) for s in self.slots.values() if s.axis == a)))
             for a in axes})
         self.register_buffer("progress", torch.zeros(()))  # in the state dict: a resumed run resumes the schedule
+        # a host copy of it: the schedule is read many times a step, and on a GPU each read of the
+        # buffer would wait for the device (a host sync); refreshed whenever a state dict is loaded
+        self._progress = 0.0
+        self.register_load_state_dict_post_hook(lambda module, keys: module._read_progress())
         self._full = Arch.full(parent)
+
+    def _read_progress(self) -> None:
+        self._progress = float(self.progress)
 
     # ------------------------------------------------------------------------- choices
 
@@ -203,16 +210,23 @@ class Router(nn.Module):
 
     def set_progress(self, p: float) -> None:
         """Training progress in [0, 1]: sets the Gumbel temperature and the logit scale."""
-        self.progress.fill_(min(max(float(p), 0.0), 1.0))
+        # rounded as the buffer stores it, so that a loaded state dict gives the same schedule
+        self._progress = torch.tensor(min(max(float(p), 0.0), 1.0), dtype=self.progress.dtype).item()
+        self.progress.fill_(self._progress)
+
+    @property
+    def training_progress(self) -> float:
+        """The progress last set (`set_progress` or a loaded state dict), read without a device sync."""
+        return self._progress
 
     @property
     def tau(self) -> float:
-        (t0, t1), p = self.config.tau, float(self.progress)
+        (t0, t1), p = self.config.tau, self._progress
         return t0 * (t1 / t0) ** p  # geometric: as much time at 1 -> 0.2 as at 0.2 -> 0.05
 
     @property
     def scale(self) -> float:
-        (s0, s1), p = self.config.scale, float(self.progress)
+        (s0, s1), p = self.config.scale, self._progress
         return s0 + (s1 - s0) * p
 
     # ------------------------------------------------------------------------- budgets
@@ -312,7 +326,9 @@ class Router(nn.Module):
             tries = 1 if accept is None or mode == "soft" else max(1, tries)
             for attempt in range(tries):
                 noise = {name: self._gumbel(logit, generator) for name, logit in logits.items()}
-                drawn = {name: int((logit.detach() * self.scale + noise[name]).argmax()) for name, logit in logits.items()}
+                # every slot's argmax in one transfer: one host sync a try, not one a slot
+                drawn = dict(zip(logits, torch.stack([(logit.detach() * self.scale + noise[name]).argmax()
+                                                      for name, logit in logits.items()]).tolist()))
                 if accept is not None and accept(drawn):
                     break
             else:
@@ -378,7 +394,9 @@ class Router(nn.Module):
     @staticmethod
     def argmax_choice(probs: dict[str, torch.Tensor]) -> dict[str, int]:
         """Every slot's most likely choice index."""
-        return {name: int(p.argmax()) for name, p in probs.items()}
+        if not probs:
+            return {}
+        return dict(zip(probs, torch.stack([p.argmax() for p in probs.values()]).tolist()))  # one host sync
 
     def argmax_arch(self, probs: dict[str, torch.Tensor]) -> Arch:
         """The sizes of every slot's most likely choice."""
@@ -622,7 +640,11 @@ def interpolate_budget(router: Router, budget: Budget, trained: list[tuple[Budge
 def _inference_choices(router: Router, budget) -> tuple[dict[str, list[float]], dict[str, int]]:
     """Per slot, the log-probabilities of the choices at inference (scale 1) for `budget` (a router
     input, see `Router.blend`), and the argmax choice."""
-    logq = {n: F.log_softmax(v.float(), -1).tolist() for n, v in router.logits(budget).items()}
+    logits = router.logits(budget)
+    flat = torch.cat([F.log_softmax(v.float(), -1) for v in logits.values()]).tolist() if logits else []  # one sync
+    logq, at = {}, 0
+    for n, v in logits.items():
+        logq[n], at = flat[at:at + len(v)], at + len(v)
     return logq, {n: max(range(len(v)), key=v.__getitem__) for n, v in logq.items()}
 
 
