@@ -154,8 +154,8 @@ def main(argv=None) -> int:
     if p.returncode == 0:
         manifest = json.loads((out / "manifest.json").read_text())
         training = manifest["training"]
-        result["training"] = {k: training[k] for k in ("tokens", "steps", "seconds", "tokens_per_s", "ranks",
-                                                      "parallel")}
+        result["training"] = {k: training.get(k) for k in ("tokens", "steps", "seconds", "tokens_per_s", "ranks",
+                                                          "parallel", "stages_s")}
         result["checkpoint_bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         result["budgets"] = [{k: b.get(k) for k in ("name", "params", "fraction")} for b in manifest["budgets"]]
         rate = training.get("tokens_per_s") or 0

@@ -106,9 +106,17 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     `.OUT.train` beside `out`."""
     out = Path(out)
     rank, ranks = world()  # under torchrun: every rank runs this; rank 0 logs and writes
+    stages, last = {}, [time.perf_counter()]
+
+    def stage(name):  # seconds since the last stage ended (the manifest's training.stages_s)
+        now = time.perf_counter()
+        stages[name] = round(now - last[0], 1)
+        last[0] = now
+
     if isinstance(model, (str, Path)):
         device = device or parallel.default_device()
         model = load_sharded(model, torch.float32, device, mixed_precision=device.type == "cuda")
+        stage("load")
     device = next(model.parameters()).device
     sharded_parent = parallel.is_sharded(model)
     if rank != 0:
@@ -139,6 +147,7 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     if repeat:
         log(repeat)
 
+    stage("data")
     t0 = time.perf_counter()
     calib_rows = pack(train_stream, cfg.seq_len)
     calib = TokenBatches(calib_rows, min(cfg.batch_size, rows.shape[0]), seed=cfg.seed + 7)
@@ -153,6 +162,7 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     else:
         perms = sort_model(model, scores)
     log(f"importance on {cfg.calib_batches} batches and function-preserving sort: {time.perf_counter() - t0:.0f} s")
+    stage("importance_and_sort")
 
     # zero-shot: each budget's best homogeneous prefix of the sorted parent (Minitron's search over axis
     # combinations, scored by calibration perplexity), no training; the router starts from them
@@ -201,6 +211,7 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
         log("  the search's candidates hold no nested combination: the router starts from each budget's best, "
             "nested by projection")
 
+    stage("search_and_zero_shot")
     teacher_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if sharded_parent:  # the sorted parent once more, sharded, in the teacher's dtype
         teacher = load_sorted(model.source, perms=perms, dtype=teacher_dtype, device=device,
@@ -227,9 +238,11 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                              heldout=heldout, warm_start=starts if cfg.router_init == "search" and any(starts) else None)
     if trainer.load_state():
         log(f"resuming training at step {trainer.step}")
+    stage("teacher_and_router")
     t0 = time.perf_counter()
     step_logs = trainer.run()
     train_s = time.perf_counter() - t0
+    stage("training")
     distribution = {**trainer.distribution, "peak_memory_gib": trainer.peak_memory()}  # per rank, GPU only
     if sharded_parent:
         distribution["parent_load"] = "sharded from disk, importance on the shards, sorted as loaded again"
@@ -266,6 +279,9 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                 "passes": round(train_tokens / train_stream.numel(), 2),
                 "tokens_per_s": round(rates[len(rates) // 2]) if rates else None,
                 "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}}
+    stage("evaluation")
+    training["stages_s"] = stages
+    log("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in stages.items()))
     training["ranks"] = ranks
     training["parallel"] = distribution
     if trainer.selection:  # the architectures chosen at the router freeze, by measured KD
@@ -274,6 +290,8 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
         save_elastic(model, router, budgets, out, tokenizer, extra={"training": training, "evaluation": evaluation},
                      scores=permuted_scores(scores, perms), specs=specs, projections=projections,
                      record=distribution if sharded else None)
+        written = sum(f.stat().st_size for f in out.glob("*.safetensors")) if rank == 0 else 0
+        log(f"checkpoint written in {time.perf_counter() - last[0]:.0f} s ({written / 1e9:.2f} GB of safetensors)")
     if rank == 0:
         shutil.rmtree(trainer.out, ignore_errors=True)  # the resumable state is no longer needed
     if ranks > 1:

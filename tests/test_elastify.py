@@ -67,6 +67,10 @@ def test_elastify_writes_a_checkpoint_every_budget_slices_from(tmp_path, tokeniz
     manifest = read_manifest(out)
     assert [b["name"] for b in manifest["budgets"]] == ["1.0", "0.75", "0.5"]
     assert 0.5 < manifest["training"]["passes"] == result["training"]["passes"] < 2  # passes over the text, recorded
+    stages = manifest["training"]["stages_s"]  # where the time went, stage by stage
+    assert list(stages) == ["data", "importance_and_sort", "search_and_zero_shot", "teacher_and_router", "training",
+                            "evaluation"]
+    assert all(v >= 0 for v in stages.values()) and stages["training"] <= manifest["training"]["seconds"] + 0.1
     full = manifest["budgets"][0]
     assert full["params"] == parent_params == manifest["parent"]["params"]
     assert set(manifest["files"]) >= {"model.safetensors", "router.safetensors"}
