@@ -127,9 +127,10 @@ def parse_args(argv=None):
     ap.add_argument("--zero-shot", choices=["search", "shrink"], default="search",
                     help="(a): the best homogeneous architecture over axis combinations by calibration "
                          "perplexity (search), or choose_spec's combined shrink of all axes")
-    ap.add_argument("--minitron-arch", default="search", metavar="search|elastic|RESULT.json",
+    ap.add_argument("--minitron-arch", default="search", metavar="search|elastic|nested|RESULT.json",
                     help="(c) distils (a)'s searched architecture (search), the one the router chose in (b) of this "
-                         "run (elastic), or the (b) architectures recorded in an earlier result file of the same "
+                         "run (elastic), the router's nested starts (nested: the architectures a --router-prior run "
+                         "holds, so (c) can run beside it on another GPU), or the (b) architectures recorded in an earlier result file of the same "
                          "part and seed (the like-for-like check when (b) and (c) do not fit in one process)")
     ap.add_argument("--max-docs", type=int, help="first N documents of each corpus only (quick runs)")
     # (B) the parent and its pretraining (bench_zero_shot.py --moe's defaults)
@@ -366,6 +367,8 @@ def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, 
     save()
     if args.minitron_arch == "elastic" and elastic_specs is not None:
         specs = elastic_specs
+    elif args.minitron_arch == "nested":  # the router's nested starts (known before (b) runs)
+        specs = {**specs, **nested_starts}
     elif args.minitron_arch not in ("search", "elastic"):
         specs = {**specs, **recorded_elastic_specs(args.minitron_arch, part["part"], args.seed, smaller)}
 
