@@ -420,6 +420,7 @@ class _staging:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
+        _as_umask_allows(self.tmp)
         if self.dest.exists():
             old = self.dest.with_name(f".{self.dest.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -432,6 +433,18 @@ class _staging:
 
 
 staging = _staging
+
+
+def _as_umask_allows(root: Path) -> None:
+    """Give `root` and everything in it the permissions a plain mkdir / open would: the temporary
+    directory is made 0700 and safetensors writes its files 0600, so a finished checkpoint was
+    unreadable to other users (a server running as another account, a shared cache)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(root, 0o777 & ~mask)
+    for p in root.rglob("*"):
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def write_safetensors(state: dict, out: Path | None, max_shard_bytes: int = SHARD_BYTES,

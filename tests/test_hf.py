@@ -158,6 +158,22 @@ def saved(tmp_path):
     return hf.save_pretrained(our_nemotron(), tmp_path / "ckpt")
 
 
+def test_a_saved_checkpoint_has_the_permissions_of_a_plain_write(tmp_path):
+    """The staging directory is made 0700 and safetensors writes 0600: a checkpoint saved by one
+    account could not be read by a server running as another. Now it gets what the umask allows."""
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = hf.save_pretrained(our_llama(), tmp_path / "ckpt", max_shard_bytes=20_000)  # several shards
+    finally:
+        os.umask(old)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len([p for p in files if p.suffix == ".safetensors"]) > 1
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}
+
+
 def test_error_nonexistent_path(tmp_path):
     one_line_error(lambda: hf.load(tmp_path / "missing"), "missing", "no such file")
 
