@@ -114,6 +114,21 @@ def cmd_generate(args):
 
 # ----------------------------------------------------------------------------- elastify and the demo
 
+def save_dtype(arg: str, path) -> str | None:
+    """The elastic checkpoint's dtype: `auto` is the parent's own (a bf16 parent stays bf16, not the
+    fp32 master weights that trained it: half the bytes); a GGUF parent, dequantised, stays float32."""
+    from pathlib import Path
+
+    from .sharded_load import open_checkpoint
+
+    if arg != "auto":
+        return arg
+    if not Path(path).is_dir():
+        return None
+    dtype = open_checkpoint(Path(path), None, "elastified")[4]  # from the headers: no weights read
+    return str(dtype).removeprefix("torch.")
+
+
 def cmd_elastify(args):
     """importance -> sort -> router + multi-budget distillation -> one elastic checkpoint (elastify.py)."""
     from pathlib import Path
@@ -150,7 +165,7 @@ def cmd_elastify(args):
                          full_anchor=args.full_anchor, drift_data=args.drift_data, router_init=args.router_init,
                          router_estimator=args.router_estimator, router_freeze=args.router_freeze,
                          router_prior=args.router_prior, shard=args.shard,
-                         multiple=args.multiple)
+                         multiple=args.multiple, save_dtype=save_dtype(args.save_dtype, path))
     if rank == 0:
         where = f"{ranks} ranks ({device.type})" if ranks > 1 else str(device)
         size = f"{model.num_parameters() / 1e6:.1f}M parameters" if hasattr(model, "num_parameters") else \

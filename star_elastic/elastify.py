@@ -57,6 +57,7 @@ class ElastifyConfig:
     router_prior: float = 0.0  # pull of each smaller budget's router toward the search's architecture (router_init search)
     shard: str = "auto"  # under torchrun: "auto"/"fsdp" (FSDP2) or "none" (replicated, gradients all-reduced)
     multiple: int | None = None  # kept widths are multiples of it (None: aligned for GPUs, spec.aligned_multiple)
+    save_dtype: str | None = None  # the checkpoint's weights ("bfloat16", ...); None: as trained (fp32 master)
 
 
 # Passes over the training text above which the full budget drifts out of domain. Measured on SmolLM2
@@ -289,7 +290,8 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     if rank == 0 or sharded:  # sharded: every rank takes part in the gathers
         save_elastic(model, router, budgets, out, tokenizer, extra={"training": training, "evaluation": evaluation},
                      scores=permuted_scores(scores, perms), specs=specs, projections=projections,
-                     record=distribution if sharded else None)
+                     record=distribution if sharded else None,
+                     dtype=getattr(torch, cfg.save_dtype) if cfg.save_dtype else None)
         written = sum(f.stat().st_size for f in out.glob("*.safetensors")) if rank == 0 else 0
         log(f"checkpoint written in {time.perf_counter() - last[0]:.0f} s ({written / 1e9:.2f} GB of safetensors)")
     if rank == 0:

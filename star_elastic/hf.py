@@ -30,6 +30,8 @@ SUPPORTED = {"nemotron_h": "NemotronHForCausalLM", "llama": "LlamaForCausalLM"}
 MAMBA_CHAR = {"linear_attention": "M", "mamba": "M", "full_attention": "*", "attention": "*", "mlp": "-", "moe": "E"}
 HF_BLOCK = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
 SHARD_BYTES = 2 * 1024**3
+# what stays float32 whatever dtype the rest is written in: the MoE router (model.TopkRouter), as in transformers
+KEEP_FLOAT32 = (".mixer.gate.weight", ".mixer.gate.e_score_correction_bias")
 
 
 # ----------------------------------------------------------------------------- configs
@@ -448,7 +450,7 @@ def _as_umask_allows(root: Path) -> None:
 
 
 def write_safetensors(state: dict, out: Path | None, max_shard_bytes: int = SHARD_BYTES,
-                      stats: dict | None = None) -> None:
+                      stats: dict | None = None, dtype: torch.dtype | None = None) -> None:
     """model.safetensors into the directory `out`, or shards + index when larger than `max_shard_bytes`.
 
     `state` may hold FSDP2 shards (DTensors) and `Row`s of them: each is gathered whole when its turn
@@ -458,10 +460,16 @@ def write_safetensors(state: dict, out: Path | None, max_shard_bytes: int = SHAR
     the sharding, so a sharded model writes the files its unsharded copy would. `out` is a `staging`
     directory (every caller's): a write that fails leaves nothing. `stats` (if given) gets the names of the files
     and `peak_bytes`: the most bytes of whole tensors held at once (the file being filled and the
-    tensor being gathered)."""
+    tensor being gathered). `dtype`: the floating-point dtype to write in, each tensor cast as it is
+    written (the MoE router's weight and correction bias stay float32, as `Model.to` keeps them)."""
     def nbytes(k):
         t = state[k]
-        return t.shape.numel() * t.dtype.itemsize
+        return t.shape.numel() * stored(k).itemsize
+
+    def stored(k):  # the dtype tensor k is written in
+        t = source(state[k])
+        keep = dtype is None or not t.dtype.is_floating_point or k.endswith(KEEP_FLOAT32)
+        return t.dtype if keep else dtype
 
     def source(t):  # what is gathered for `t`: a Row's whole stack
         return t.of if isinstance(t, Row) else t
@@ -480,7 +488,7 @@ def write_safetensors(state: dict, out: Path | None, max_shard_bytes: int = SHAR
                 last, gathered = source(t), parallel.full_tensor(source(t).detach())
             writes = out is not None and error is None
             if writes:
-                tensors[k] = (gathered[t.j] if isinstance(t, Row) else gathered).contiguous().cpu()
+                tensors[k] = (gathered[t.j] if isinstance(t, Row) else gathered).contiguous().cpu().to(stored(k))
                 held += nbytes(k)
                 peak = max(peak, held + gathered.numel() * gathered.element_size())
             if not (writes and isinstance(t, Row)):
@@ -509,18 +517,22 @@ def _write_file(tensors: dict[str, torch.Tensor], f: Path) -> None:
 
 
 def save_pretrained(model: Model, out, tokenizer=None, max_shard_bytes: int = SHARD_BYTES,
-                    config: dict | None = None, stats: dict | None = None) -> Path:
+                    config: dict | None = None, stats: dict | None = None, dtype: torch.dtype | None = None) -> Path:
     """Write config.json + safetensors (+ tokenizer) that transformers' AutoModelForCausalLM loads.
     `config`: the config.json to write instead (star-elastic's per-layer format). A config with an FP8
     quantization_config (a model loaded as FP8, `load`) is written in FP8 (fp8.py).
 
     A model sharded by FSDP2 (parallel.py) is never whole on any rank: every rank calls this, the
     tensors are gathered one at a time and rank 0 alone writes (`write_safetensors`), the same files
-    as the unsharded model's. `stats`: see `write_safetensors` (filled on the rank that writes)."""
+    as the unsharded model's. `stats`: see `write_safetensors` (filled on the rank that writes).
+    `dtype`: a floating-point dtype to write the weights in (None: as the model holds them), e.g. a
+    bf16 parent's checkpoint after training in fp32 master weights."""
     out = Path(out)
     hf = config if config is not None else config_to_hf(model.config, getattr(model, "hf_config", None))
     quantize = fp8.is_fp8_config(hf)
     sharded = parallel.is_sharded(model)
+    if quantize and dtype is not None:
+        raise StarElasticError("an FP8 model is written in FP8; give no dtype to save it in")
     if sharded and quantize:
         raise StarElasticError("an FP8 model is not written from FSDP2 shards; save it in its compute dtype, "
                                "then convert it (star-elastic convert CKPT --dtype fp8)")
@@ -540,7 +552,7 @@ def save_pretrained(model: Model, out, tokenizer=None, max_shard_bytes: int = SH
         if not parallel.all_ok(True, like):
             raise StarElasticError(f"{out}: the checkpoint was not written: rank 0 could not start writing it "
                                    "(see its error)")
-        write_safetensors(state, None, max_shard_bytes)  # take part in the gathers; rank 0 writes
+        write_safetensors(state, None, max_shard_bytes, dtype=dtype)  # take part in the gathers; rank 0 writes
         return out
     said = False  # sharded: whether rank 0 has told the others if it could start
     try:
@@ -549,7 +561,7 @@ def save_pretrained(model: Model, out, tokenizer=None, max_shard_bytes: int = SH
             if sharded:
                 said = True
                 parallel.all_ok(True, like)
-            write_safetensors(state, tmp, max_shard_bytes, stats)
+            write_safetensors(state, tmp, max_shard_bytes, stats, dtype=dtype)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
     except BaseException:

@@ -164,6 +164,36 @@ def test_cli_elastify_then_slice_a_budget(tmp_path, tokenizer, text, capsys):
     assert not (tmp_path / "nope").exists()
 
 
+def test_a_bf16_parent_gives_a_bf16_checkpoint_and_a_dtype_can_be_asked(tmp_path, tokenizer, text):
+    """Training keeps fp32 master weights; the checkpoint used to be written in them, twice the bytes of
+    a bf16 parent (a 10B parent: 40 GB instead of 20). `--save-dtype auto` (the default) writes the
+    parent's dtype, the MoE router in float32 as transformers keeps it; a dtype can be asked for."""
+    from safetensors import safe_open
+
+    from star_elastic import cli, hf, save_pretrained
+    from star_elastic.validate import validate_checkpoint
+
+    torch.manual_seed(0)
+    save_pretrained(Model(PARENTS["nemotron_h"]).to(torch.bfloat16), tmp_path / "parent", tokenizer=tokenizer)
+    args = ["elastify", str(tmp_path / "parent"), "--budgets", "1.0,0.5", "--data", str(text), "--tokens",
+            str(8 * 32 * 2), "--seq-len", "32", "--batch-size", "8", "--calib-batches", "1", "--eval-tokens", "128",
+            "--device", "cpu"]
+    assert cli.main(args + ["--out", str(tmp_path / "auto")]) == 0
+    assert cli.main(args + ["--out", str(tmp_path / "f32"), "--save-dtype", "float32"]) == 0
+
+    def dtypes(ckpt):
+        with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+            return {k: f.get_slice(k).get_dtype() for k in f.keys()}
+
+    auto, f32 = dtypes(tmp_path / "auto"), dtypes(tmp_path / "f32")
+    router = {k for k in auto if k.endswith(hf.KEEP_FLOAT32)}
+    assert router and {auto[k] for k in router} == {"F32"}
+    assert {v for k, v in auto.items() if k not in router} == {"BF16"} and set(f32.values()) == {"F32"}
+    size = lambda d: (tmp_path / d / "model.safetensors").stat().st_size  # noqa: E731
+    assert size("auto") < 0.6 * size("f32")
+    assert validate_checkpoint(tmp_path / "auto").ok  # every budget slices and matches its masked self
+
+
 def test_torchrun_two_gloo_ranks_write_the_checkpoint_one_process_writes(tmp_path, tokenizer, text):
     """`torchrun --nproc_per_node 2 -m star_elastic elastify ...`: rank 0 alone writes, and the
     checkpoint equals a one-process run's (same global batches, gradients averaged over ranks)."""

@@ -29,6 +29,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
@@ -64,7 +65,7 @@ def save_elastic(model: Model, router: Router, budgets: list[Budget], out, token
                  memory: MemorySettings | None = None, extra: dict | None = None,
                  scores: dict | None = None, specs: list[ElasticSpec] | None = None,
                  projections: list | None = None, max_shard_bytes: int = SHARD_BYTES,
-                 record: dict | None = None) -> Path:
+                 record: dict | None = None, dtype: torch.dtype | None = None) -> Path:
     """Write the elastic checkpoint of a trained (sorted) parent and router, atomically. `scores`:
     the importance scores in the parent's (sorted) unit order, kept for `star-elastic inspect`.
     `specs`: each budget's architecture (default: the router's argmax); `projections`: how each was
@@ -74,18 +75,19 @@ def save_elastic(model: Model, router: Router, budgets: list[Budget], out, token
     A parent sharded by FSDP2 is never whole on any rank: every rank calls this, the weights are
     gathered tensor by tensor and rank 0 alone writes the files (`hf.save_pretrained`). `record`: a
     dict (e.g. one inside `extra`) that is given, before the manifest is written, how the weights
-    were written and the most bytes of them held at once."""
+    were written and the most bytes of them held at once. `dtype`: the floating-point dtype to write
+    the weights in (`hf.save_pretrained`; None: as the model holds them)."""
     sharded = parallel.is_sharded(model)
     if not sharded:
         return _write_elastic(model, router, budgets, Path(out), tokenizer, memory, extra, scores, specs,
-                              projections, max_shard_bytes, record)
+                              projections, max_shard_bytes, record, dtype=dtype)
     error, written = None, {}
     try:
         if dist.get_rank() == 0:
             _write_elastic(model, router, budgets, Path(out), tokenizer, memory, extra, scores, specs,
-                           projections, max_shard_bytes, record, written)
+                           projections, max_shard_bytes, record, written, dtype=dtype)
         else:  # take part in the gathers; rank 0 writes
-            save_pretrained(model, out, max_shard_bytes=max_shard_bytes)
+            save_pretrained(model, out, max_shard_bytes=max_shard_bytes, dtype=dtype)
     except Exception as e:
         error = e
         if dist.get_rank() == 0 and not written.get("told_ranks"):  # failed before the weights' writer
@@ -100,7 +102,7 @@ def save_elastic(model: Model, router: Router, budgets: list[Budget], out, token
 
 
 def _write_elastic(model, router, budgets, out: Path, tokenizer, memory, extra, scores, specs, projections,
-                   max_shard_bytes, record, written: dict | None = None) -> Path:
+                   max_shard_bytes, record, written: dict | None = None, dtype: torch.dtype | None = None) -> Path:
     router.eval()
     cost = CostModel(model.config, memory)
     specs = specs if specs is not None else [router.spec(i) for i in range(len(budgets))]
@@ -109,7 +111,8 @@ def _write_elastic(model, router, budgets, out: Path, tokenizer, memory, extra, 
         entry["projection"] = proj.to_dict()
     written = {} if written is None else written
     with staging(out) as tmp:
-        save_pretrained(model, tmp / "parent", tokenizer=tokenizer, max_shard_bytes=max_shard_bytes, stats=written)
+        save_pretrained(model, tmp / "parent", tokenizer=tokenizer, max_shard_bytes=max_shard_bytes, stats=written,
+                        dtype=dtype)
         for f in (tmp / "parent").iterdir():  # flatten: the checkpoint directory is the HF directory
             f.rename(tmp / f.name)
         (tmp / "parent").rmdir()
