@@ -461,7 +461,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
         projections, final = [None] * len(budgets), {b.name: specs[b.name] for b in budgets}
     t = clock(device)
     tail = logs[len(logs) * 4 // 5:]
-    for b, proj in zip(budgets, projections):
+    for i, (b, proj) in enumerate(zip(budgets, projections)):
         spec = final[b.name]
         small = slice_model(student, spec)
         ppl = score(small, heldouts, args)
@@ -471,6 +471,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
             cost_vs_target=costs.spec_cost("params", spec) / b.target,
             projection=proj.to_dict() if proj is not None else None,
             steps_sampled=sum(lg["budget"] == b.name for lg in logs),
+            trained_share=trainer.trained_share(i, proj.choice) if proj is not None else None,
             final_kd=sum(kd) / len(kd) if kd else None)
     methods[variant] = {"tokens": steps * tokens_per_step, "steps": steps, "train_seconds": round(train_s, 1),
                         "eval_seconds": round(clock(device) - t, 1), "full_anchor": tcfg.full_anchor,

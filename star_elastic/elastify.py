@@ -64,6 +64,9 @@ class ElastifyConfig:
 # (docs/RESULTS.md §9, "Drift, ..."): 4.4 passes over one corpus, +1.4% on an unseen one; 13 passes,
 # +3.1% to +3.3% (two seeds); 7 passes over a two-domain mixture, +0.3%.
 MAX_PASSES = 5.0
+# Below this share of its steps on the exported architecture, a budget is warned about (SmolLM2 seed 0
+# at 12.6M: its 0.5's router settled on the architecture it exported after 40% of the run; +17% behind (c)).
+LOW_SHARE = 0.5
 
 
 def passes_warning(tokens: int, available: int, data: str) -> str | None:
@@ -261,12 +264,18 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     # every budget in its band and nested in the larger ones, by construction (the argmax where it is)
     projections = project_budgets(router, budgets, costs, band=tcfg.loss.band)
     specs = [router.spec_of(p.choice) for p in projections]
-    after = {}
-    for b, spec, proj in zip(budgets, specs, projections):
+    after, shares = {}, {}
+    for i, (b, spec, proj) in enumerate(zip(budgets, specs, projections)):
         after[b.name] = masked_perplexity(model, spec, heldout, cfg, device)
         how = (f"projected from the router's {proj.argmax_cost / proj.target:.3f}x" if proj.projected
                else "the router's argmax")
-        log(f"  trained   {b.name:>6}: perplexity {after[b.name]:.3f}, cost {proj.ratio:.3f}x target ({how})")
+        share = shares[b.name] = trainer.trained_share(i, proj.choice)
+        trained = "" if share is None else f", trained on {share:.0%} of its steps"
+        log(f"  trained   {b.name:>6}: perplexity {after[b.name]:.3f}, cost {proj.ratio:.3f}x target ({how}{trained})")
+        if share is not None and share < LOW_SHARE:
+            log(f"  warning: budget {b.name}'s exported architecture trained on only {share:.0%} of that budget's "
+                "steps (the router settled late, or the export moved it): expect it behind a budget distilled "
+                "alone; --router-prior holds the router near its start")
     drift = {}
     for name, stream in heldouts.items():
         ppl = after[budgets[0].name] if name == "train domain" and budgets[0].is_full else \
@@ -283,6 +292,7 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     stage("evaluation")
     training["stages_s"] = stages
     log("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in stages.items()))
+    training["exported_arch_share"] = shares
     training["ranks"] = ranks
     training["parallel"] = distribution
     if trainer.selection:  # the architectures chosen at the router freeze, by measured KD

@@ -67,6 +67,9 @@ def test_elastify_writes_a_checkpoint_every_budget_slices_from(tmp_path, tokeniz
     manifest = read_manifest(out)
     assert [b["name"] for b in manifest["budgets"]] == ["1.0", "0.75", "0.5"]
     assert 0.5 < manifest["training"]["passes"] == result["training"]["passes"] < 2  # passes over the text, recorded
+    share = manifest["training"]["exported_arch_share"]  # how much of each budget's training the export saw
+    assert set(share) == {"1.0", "0.75", "0.5"} and share["1.0"] is None  # None: no router draw (this short run
+    assert all(share[b] is None or 0 <= share[b] <= 1 for b in ("0.75", "0.5"))  # may not sample every budget)
     stages = manifest["training"]["stages_s"]  # where the time went, stage by stage
     assert list(stages) == ["data", "importance_and_sort", "search_and_zero_shot", "teacher_and_router", "training",
                             "evaluation"]

@@ -111,6 +111,15 @@ def test_killed_and_resumed_run_reproduces_the_same_losses(tmp_path):
     rest = second.run(progress=False)
     resumed = [l["total"] for l in rest]
     assert resumed == pytest.approx([l["total"] for l in straight[3:]], rel=1e-6, abs=1e-7)
+    # which architectures trained, per budget, survives the resume (the export's trained share)
+    reference = trainer(tmp_path, "reference", steps=8)
+    reference.run(progress=False)
+    assert second.arch_steps == reference.arch_steps and any(reference.arch_steps)
+    for b, per_budget in enumerate(reference.arch_steps):
+        if per_budget:
+            shares = [reference.trained_share(b, dict(arch)) for arch in per_budget]
+            assert sum(shares) == pytest.approx(1.0) and all(0 < s <= 1 for s in shares)
+    assert reference.trained_share(0, {}) is None  # the full budget: no router draw
     assert [l["budget"] for l in rest] == [l["budget"] for l in straight[3:]]
 
 
