@@ -65,7 +65,7 @@ class ElastifyConfig:
 # +3.1% to +3.3% (two seeds); 7 passes over a two-domain mixture, +0.3%.
 MAX_PASSES = 5.0
 # Below this share of its steps on the exported architecture, a budget is warned about (SmolLM2 seed 0
-# at 12.6M: its 0.5's router settled on the architecture it exported after 40% of the run; +17% behind (c)).
+# at 12.6M: its 0.5's router settled on the architecture it exported after 70% of the run; +17% behind (c)).
 LOW_SHARE = 0.5
 
 

@@ -704,7 +704,7 @@ class ElasticTrainer:
     def trained_share(self, b: int, choice: dict[str, int]) -> float | None:
         """The share of budget b's router-drawn steps that trained `choice` (e.g. the exported
         architecture): low when the router settled late on what is exported, or the export moved it
-        (SmolLM2 seed 0, H200: its 0.5 moved at 40% of the run and finished 17% behind separate
+        (SmolLM2 seed 0, H200: its 0.5 settled at 70% of the run and finished 17% behind separate
         distillation). None when the router drew nothing for b (the full budget, fixed architectures)."""
         total = sum(self.arch_steps[b].values())
         return self.arch_steps[b].get(tuple(sorted(choice.items())), 0) / total if total else None
