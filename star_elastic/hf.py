@@ -30,8 +30,6 @@ SUPPORTED = {"nemotron_h": "NemotronHForCausalLM", "llama": "LlamaForCausalLM"}
 MAMBA_CHAR = {"linear_attention": "M", "mamba": "M", "full_attention": "*", "attention": "*", "mlp": "-", "moe": "E"}
 HF_BLOCK = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
 SHARD_BYTES = 2 * 1024**3
-# what stays float32 whatever dtype the rest is written in: the MoE router (model.TopkRouter), as in transformers
-KEEP_FLOAT32 = (".mixer.gate.weight", ".mixer.gate.e_score_correction_bias")
 
 
 # ----------------------------------------------------------------------------- configs
@@ -450,7 +448,7 @@ def _as_umask_allows(root: Path) -> None:
 
 
 def write_safetensors(state: dict, out: Path | None, max_shard_bytes: int = SHARD_BYTES,
-                      stats: dict | None = None, dtype: torch.dtype | None = None) -> None:
+                      stats: dict | None = None, dtypes: dict[str, torch.dtype] | None = None) -> None:
     """model.safetensors into the directory `out`, or shards + index when larger than `max_shard_bytes`.
 
     `state` may hold FSDP2 shards (DTensors) and `Row`s of them: each is gathered whole when its turn
@@ -460,16 +458,14 @@ def write_safetensors(state: dict, out: Path | None, max_shard_bytes: int = SHAR
     the sharding, so a sharded model writes the files its unsharded copy would. `out` is a `staging`
     directory (every caller's): a write that fails leaves nothing. `stats` (if given) gets the names of the files
     and `peak_bytes`: the most bytes of whole tensors held at once (the file being filled and the
-    tensor being gathered). `dtype`: the floating-point dtype to write in, each tensor cast as it is
-    written (the MoE router's weight and correction bias stay float32, as `Model.to` keeps them)."""
+    tensor being gathered). `dtypes`: name -> the dtype to write it in (each tensor cast as it is
+    written; names not in it as they are held)."""
     def nbytes(k):
         t = state[k]
         return t.shape.numel() * stored(k).itemsize
 
     def stored(k):  # the dtype tensor k is written in
-        t = source(state[k])
-        keep = dtype is None or not t.dtype.is_floating_point or k.endswith(KEEP_FLOAT32)
-        return t.dtype if keep else dtype
+        return (dtypes or {}).get(k, source(state[k]).dtype)
 
     def source(t):  # what is gathered for `t`: a Row's whole stack
         return t.of if isinstance(t, Row) else t
@@ -545,6 +541,13 @@ def save_pretrained(model: Model, out, tokenizer=None, max_shard_bytes: int = SH
         state = to_disk_layout(state, rows=sharded)
     if quantize:
         state, hf = fp8.quantize_state(state, hf)
+    dtypes = None
+    if dtype is not None:  # what each tensor is as `Model.to(dtype)` holds it (the MoE router stays float32)
+        with torch.device("meta"):
+            held = Model(model.config).to(dtype).state_dict()
+        if model.config.family == "nemotron_h":
+            held = to_disk_layout(held)
+        dtypes = {k: v.dtype for k, v in held.items()}
     like = next(model.parameters())
     if sharded and dist.get_rank() != 0:
         # rank 0 first says whether it could start writing: else its error would leave this rank
@@ -552,7 +555,7 @@ def save_pretrained(model: Model, out, tokenizer=None, max_shard_bytes: int = SH
         if not parallel.all_ok(True, like):
             raise StarElasticError(f"{out}: the checkpoint was not written: rank 0 could not start writing it "
                                    "(see its error)")
-        write_safetensors(state, None, max_shard_bytes, dtype=dtype)  # take part in the gathers; rank 0 writes
+        write_safetensors(state, None, max_shard_bytes, dtypes=dtypes)  # take part in the gathers; rank 0 writes
         return out
     said = False  # sharded: whether rank 0 has told the others if it could start
     try:
@@ -561,7 +564,7 @@ def save_pretrained(model: Model, out, tokenizer=None, max_shard_bytes: int = SH
             if sharded:
                 said = True
                 parallel.all_ok(True, like)
-            write_safetensors(state, tmp, max_shard_bytes, stats, dtype=dtype)
+            write_safetensors(state, tmp, max_shard_bytes, stats, dtypes=dtypes)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
     except BaseException:
