@@ -933,16 +933,16 @@ class ElasticTrainer:
 
 def _floats(logs: dict) -> dict:
     """The step's logs with every tensor made a float, in one transfer per device: on a GPU one host
-    sync for the step instead of one for each logged value."""
-    out = {k: v for k, v in logs.items() if not torch.is_tensor(v)}
+    sync for the step instead of one for each logged value. Every tensor is whole (`_clip` gathers
+    the norms it returns)."""
+    out = dict(logs)
     by_device: dict[torch.device, list[str]] = {}
     for k, v in logs.items():
         if torch.is_tensor(v):
-            by_device.setdefault(parallel.full_tensor(v).device, []).append(k)
-    for device, keys in by_device.items():
-        values = torch.stack([parallel.full_tensor(logs[k]).reshape(()).double() for k in keys]).tolist()
-        out.update(zip(keys, values))
-    return {k: out[k] for k in logs}
+            by_device.setdefault(v.device, []).append(k)
+    for keys in by_device.values():
+        out.update(zip(keys, torch.stack([logs[k].reshape(()).double() for k in keys]).tolist()))
+    return out
 
 
 def _keep_root_unsharded(module):
