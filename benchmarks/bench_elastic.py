@@ -63,6 +63,7 @@ from star_elastic.elastic.losses import kd_loss  # noqa: E402
 from star_elastic.elastic.router import DEFAULT_AXES, Router, RouterConfig, project_budgets  # noqa: E402
 from star_elastic.elastic.search import applicable_axes, choose_spec, describe, nested_search, search_spec  # noqa: E402
 from star_elastic.errors import StarElasticError  # noqa: E402
+from star_elastic.train import compile_layers  # noqa: E402
 from star_elastic.evaluate import perplexity  # noqa: E402
 from star_elastic.model import Model  # noqa: E402
 from star_elastic.train import ElasticTrainer, TrainConfig, lr_factor  # noqa: E402
@@ -132,6 +133,8 @@ def parse_args(argv=None):
                          "run (elastic), the router's nested starts (nested: the architectures a --router-prior run "
                          "holds, so (c) can run beside it on another GPU), or the (b) architectures recorded in an earlier result file of the same "
                          "part and seed (the like-for-like check when (b) and (c) do not fit in one process)")
+    ap.add_argument("--compile", action="store_true",
+                    help="every training loop, (b) and (c), with its layers under torch.compile (TrainConfig.compile)")
     ap.add_argument("--max-docs", type=int, help="first N documents of each corpus only (quick runs)")
     # (B) the parent and its pretraining (bench_zero_shot.py --moe's defaults)
     ap.add_argument("--pretrain-steps", type=int, default=600)
@@ -247,6 +250,9 @@ def distil(student, teacher, rows: torch.Tensor, steps: int, lr: float, args, de
     log, window = [], []
     t0 = clock(device)
     every = max(1, steps // 5)
+    backend = "inductor" if args.compile else None  # as (b)'s trainer does (TrainConfig.compile); undone below
+    for m in (student, teacher):
+        compile_layers(m, backend)
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr * lr_factor(step, cfg)
@@ -269,6 +275,8 @@ def distil(student, teacher, rows: torch.Tensor, steps: int, lr: float, args, de
             print(f"    {label} step {step + 1:5d}/{steps}  kd {log[-1]['kd']:.4f}  {tok_s:,.0f} tok/s  "
                   f"{el:.0f} s, ~{(steps - step - 1) * x.numel() / tok_s:.0f} s to go", flush=True)
             window = []
+    for m in (student, teacher):
+        compile_layers(m, None)
     student.eval()
     return {"steps": steps, "tokens": steps * cfg.batch_size * cfg.seq_len, "seconds": round(clock(device) - t0, 1),
             "log": log}
@@ -297,7 +305,8 @@ def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, 
         "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": lr, "router_lr": args.router_lr,
         "minitron_arch": args.minitron_arch,
         "schedule": "linear warmup (steps/20) + cosine to 0.1 x lr; AdamW betas (0.9, 0.95), no weight decay, clip 1.0",
-        "precision": "bf16 autocast, fp32 master weights, bf16 teacher" if device.type == "cuda" else "fp32"})
+        "precision": "bf16 autocast, fp32 master weights, bf16 teacher" if device.type == "cuda" else "fp32",
+        "compiled": bool(args.compile)})
     part["rows"] = out = []
     part["methods"] = methods = {}
 
@@ -418,7 +427,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                        freeze_select=args.freeze_select,
                        router_prior=args.router_prior if router is not None and args.warm_start else 0.0,
                        stage2_weights=[float(w) for w in args.small_weights.split(",")] if variant == "elastic_small"
-                       else None)
+                       else None, compile="inductor" if args.compile else None)
     tmp = tempfile.TemporaryDirectory(prefix="bench_elastic_")  # metrics.jsonl of ElasticTrainer.run
     warm = None
     if router is not None and args.warm_start:  # (a)'s architectures, nested (elastify's start)
@@ -450,6 +459,8 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
               + f"  {tok_s:,.0f} tok/s  {el:.0f} s, ~{(steps - trainer.step) * tokens_per_step / tok_s:.0f} s to go",
               flush=True)
     train_s = clock(device) - t
+    for m in (student, teacher):
+        compile_layers(m, None)  # evaluation runs the plain layers
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     student.eval()
     costs = CostModel(cfg)

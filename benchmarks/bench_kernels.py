@@ -70,7 +70,7 @@ from star_elastic.elastic.losses import HeadInput, kd_loss  # noqa: E402
 from star_elastic.elastic.router import Router, RouterConfig  # noqa: E402
 from star_elastic.elastic.spec import ElasticSpec, masked  # noqa: E402
 from star_elastic.model import Model, ModelConfig, ssd_scan  # noqa: E402
-from star_elastic.train import ElasticTrainer, TrainConfig  # noqa: E402
+from star_elastic.train import ElasticTrainer, TrainConfig, compile_layers  # noqa: E402
 
 BF16_PEAK = 790e12  # H200 dense bf16 matmul, as measured (an 8192^3 bf16 matmul on random data)
 
@@ -424,21 +424,27 @@ def fused_kd(on: bool):
         train_module.head_input = own
 
 
-def _train(model, teacher, cfg, budgets, rows, batch, seq, steps, device):
-    """One trainer's run: its step logs and peak memory (its optimiser state freed on return)."""
+def _train(model, teacher, cfg, budgets, rows, batch, seq, steps, device, compile_backend=None):
+    """One trainer's run: its step logs and peak memory (its optimiser state freed on return). With
+    `compile_backend` the layers run under torch.compile (TrainConfig.compile), undone on return."""
     router = Router(cfg, budgets, RouterConfig()).to(device)
     tc = TrainConfig(steps=steps, batch_size=batch, seq_len=seq, lr=1e-5, warmup_steps=1, router_warmup_steps=50,
-                     shard="none")
-    with tempfile.TemporaryDirectory() as tmp:
-        t = ElasticTrainer(model, teacher, router, budgets, rows, tc, tmp)
-        t.save_state = lambda: None  # a 3.4B train state is ~40 GB: not written
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        logs = t.run(progress=False)
-        return logs, t.peak_memory()
+                     shard="none", compile=compile_backend)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            t = ElasticTrainer(model, teacher, router, budgets, rows, tc, tmp)
+            t.save_state = lambda: None  # a 3.4B train state is ~40 GB: not written
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            logs = t.run(progress=False)
+            return logs, t.peak_memory()
+    finally:
+        for m in (model, teacher):
+            compile_layers(m, None)
 
 
-def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: int, have_triton: bool) -> dict:
+def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: int, have_triton: bool,
+               compile_step: bool = False) -> dict:
     cfg = tiny_config(pattern) if tiny else nano_config(pattern)
     torch.manual_seed(0)
     with torch.device(device):
@@ -451,19 +457,24 @@ def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: in
     n_active = active_params(cfg, model)
     budgets = [parse_budget(b, cfg) for b in ["1.0", "0.75", "0.5"]]
     rows = torch.randint(0, cfg.vocab_size, (max(16, 4 * batch), seq), generator=torch.Generator().manual_seed(1))
-    variants = [("einsum", False, False)]
-    variants += [("triton", True, False), ("triton_fused_kd", True, True)] if have_triton else [
-        ("einsum_fused_kd", False, True)]
+    # (name, Triton scan, fused KD, compile backend); the compiled step's first steps compile (the
+    # median of the last steps is timed), one graph per layer kind, budget kind and grad mode
+    variants = [("einsum", False, False, None)]
+    variants += [("triton", True, False, None), ("triton_fused_kd", True, True, None)] if have_triton else [
+        ("einsum_fused_kd", False, True, None)]
+    if compile_step:
+        variants.append(("triton_fused_kd_compiled" if have_triton else "einsum_fused_kd_compiled",
+                         have_triton, True, "inductor"))
     out = {"pattern": pattern, "params_B": round(n_total / 1e9, 3), "active_params_B": round(n_active / 1e9, 3),
            "batch": batch, "seq": seq, "tokens_per_step": batch * seq, "steps": steps,
            "flops_per_token": 8 * n_active, "peak_tflops": BF16_PEAK / 1e12, "variants": {}}
     print(f"\n  training step: layers {pattern}, {n_total / 1e6:.1f}M parameters ({n_active / 1e6:.1f}M active), "
           f"batch {batch} x {seq}, {steps} steps per variant")
-    for name, triton_on, fused in variants:
+    for name, triton_on, fused, backend in variants:
         r = out["variants"][name] = {}
         try:
             with triton_switch(triton_on), fused_kd(on=fused):
-                logs, r["peak_gib"] = _train(model, teacher, cfg, budgets, rows, batch, seq, steps, device)
+                logs, r["peak_gib"] = _train(model, teacher, cfg, budgets, rows, batch, seq, steps, device, backend)
             timed_logs = logs[2:] if len(logs) > 3 else logs[1:] or logs
             tok_s = sorted(log["tokens_per_s"] for log in timed_logs)[len(timed_logs) // 2]
             r.update(tokens_per_s=round(tok_s, 1), tokens_per_s_each=[round(log["tokens_per_s"]) for log in logs],
@@ -494,7 +505,7 @@ def main():
                     help="comma-separated, run in this order: scan, kd, train, check (check last: by then the "
                          "kernel's autotuning for Nano's shapes is done)")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                    help="the torch.compile'd einsum scan (auto: on a GPU only)")
+                    help="the torch.compile'd einsum scan and training step (auto: on a GPU only)")
     ap.add_argument("--iters", type=int, default=10, help="timed calls per kernel measurement (median)")
     ap.add_argument("--pattern", default="MEM*EM", help="layers of the Nano-width parent")
     ap.add_argument("--batch", type=int, default=2, help="sequences per training step")
@@ -536,7 +547,8 @@ def main():
         "check": lambda: part_check(device, args.check_odd, args.tiny) if fast else {"skipped": why_not},
         "scan": lambda: part_scan(device, args.tiny, compile_, args.iters, fast),
         "kd": lambda: part_kd(device, args.tiny, args.iters),
-        "train": lambda: part_train(device, args.tiny, args.pattern, args.batch, args.seq, args.steps, fast),
+        "train": lambda: part_train(device, args.tiny, args.pattern, args.batch, args.seq, args.steps, fast,
+                                    compile_),
     }
     for part in parts:
         print(f"\n== {part}")

@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--save-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                     help="dtype of the checkpoint's weights; auto: the parent's (training keeps fp32 master "
                          "weights either way)")
+    sp.add_argument("--compile", action="store_true",
+                    help="torch.compile each layer for training (inductor; worth it on GPUs, slow to start on CPUs)")
     sp.add_argument("--shard", choices=["auto", "fsdp", "none"], default="auto",
                     help="under torchrun: FSDP2 sharding of the student and teacher (auto, fsdp) or every rank "
                          "holding everything (none); auto shards when there are 2+ ranks")

@@ -469,7 +469,8 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)
         token = order // k
         xs = x[token]  # token copies grouped by expert
-        counts = torch.bincount(flat, minlength=self.up_proj.shape[0])
+        # a count of fixed shape (bincount's depends on the data, which breaks a torch.compile graph)
+        counts = flat.new_zeros(self.up_proj.shape[0]).index_add_(0, flat, torch.ones_like(flat))
         # grouped GEMM in bf16 (what it supports); it is not autocast-aware, so cast by hand
         dt = torch.get_autocast_dtype("cuda") if xs.is_cuda and torch.is_autocast_enabled("cuda") else xs.dtype
         if xs.is_cuda and dt == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
@@ -477,10 +478,15 @@ class Experts(nn.Module):
             h = self.hidden(torch._grouped_mm(xs.to(dt), self.up_proj.to(dt).transpose(1, 2), offs=offs))
             out = torch._grouped_mm(h.to(dt), self.down_proj.to(dt).transpose(1, 2), offs=offs)
         else:
-            out = torch.cat([self.hidden(xe @ up.T) @ down.T for xe, up, down in
-                             zip(xs.split(counts.tolist()), self.up_proj, self.down_proj)])
+            out = self.loop(xs, counts)
         out = out * weights.flatten()[order, None].to(out.dtype)
         return torch.zeros_like(x, dtype=out.dtype).index_add_(0, token, out)
+
+    @torch.compiler.disable  # sizes read from the data: under torch.compile, a graph per routing pattern
+    def loop(self, xs, counts):
+        """One matmul pair per expert over its tokens (xs grouped by expert, `counts` per expert)."""
+        return torch.cat([self.hidden(xe @ up.T) @ down.T for xe, up, down in
+                          zip(xs.split(counts.tolist()), self.up_proj, self.down_proj)])
 
 
 class MoE(nn.Module):

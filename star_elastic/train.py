@@ -94,6 +94,8 @@ class TrainConfig:
     save_every: int = 0  # steps; 0: only at the end
     seed: int = 0
     log_every: int = 1
+    compile: str | None = None  # a torch.compile backend ("inductor" on GPUs) applied to each layer of the
+    #                             student and the teacher; None: eager
     shard: str = "auto"  # under torch.distributed: "fsdp" (FSDP2, the "auto" default when there are 2+ ranks)
     #                      or "none" (every rank holds everything; gradients all-reduced by hand)
 
@@ -196,6 +198,9 @@ class ElasticTrainer:
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
         teacher.eval().requires_grad_(False)
         self.shard = sharding(cfg.shard, self.world)
+        if cfg.compile:  # before sharding, as torchtitan does: FSDP's hooks stay outside the compiled layers
+            for m in (model, teacher):
+                compile_layers(m, cfg.compile)
         if self.shard == "fsdp":  # before the optimiser: it is built over the sharded parameters
             mesh = parallel.device_mesh(self.device)
             mixed = self.device.type == "cuda"  # bf16 compute, fp32 master weights and reductions
@@ -929,6 +934,23 @@ class ElasticTrainer:
             if self.cfg.save_every and self.step % self.cfg.save_every == 0:
                 self.save_state()
         return logs
+
+
+def compile_layers(model: Model, backend: str | None = "inductor") -> Model:
+    """torch.compile each decoder layer in place (parameter names unchanged; `backend=None` undoes it).
+    Per layer, not the whole model, so that the graphs are small and shared by every layer of a kind,
+    and what varies between budgets (masks are hooks and class swaps of a layer's modules,
+    elastic/masking.py) costs a few recompiles, not one graph per architecture: the masks' values are
+    graph inputs. The Triton scan (kernels.py) stays outside the graphs."""
+    # layers of one kind share the code they run; each masked / unmasked variant of each kind is a
+    # graph, more than the default 8 for a hybrid model
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for layer in model.model.layers:
+        if backend is None:
+            vars(layer).pop("_compiled_call_impl", None)  # what nn.Module.compile sets
+        else:
+            layer.compile(backend=backend)
+    return model
 
 
 def _floats(logs: dict) -> dict:

@@ -1,0 +1,87 @@
+"""The compiled training step (TrainConfig.compile): each layer under torch.compile, masks and all.
+
+The CPU runs dynamo's capture with the "aot_eager" backend (the graphs, guards and AOT autograd
+that inductor also gets, without its code generation, too slow for CI); the GPU speed is a
+benchmark (benchmarks/bench_kernels.py --parts train)."""
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch._dynamo.utils import counters
+
+from conftest import free_port, gloo_group
+from star_elastic import parallel
+from star_elastic.train import compile_layers
+from test_train import trainer
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def cycling(t, order):
+    """Budgets drawn in a fixed order, so both trainers train the same budgets and every one is seen."""
+    it = itertools.cycle(order)
+    t.sample_budget = lambda: next(it)
+    return t
+
+
+def test_a_compiled_step_trains_like_the_eager_one_and_stops_recompiling_once_every_budget_ran(tmp_path):
+    kw = dict(steps=12, seed=3, stage2_seq_len=None)
+    eager = cycling(trainer(tmp_path, "eager", **kw), [1, 2, 0])
+    compiled = cycling(trainer(tmp_path, "compiled", compile="aot_eager", **kw), [1, 2, 0])
+    # one cycle of budgets (the full parent, and a router draw for each smaller budget) compiles the graphs
+    first = [(eager.train_step(), compiled.train_step()) for _ in range(3)]
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0  # the layers ran compiled
+    rest = [(eager.train_step(), compiled.train_step()) for _ in range(3)]
+    # new draws of the router are new masks, not new graphs: the masks' values are graph inputs
+    assert counters["stats"]["unique_graphs"] == graphs
+    for a, b in first + rest:
+        assert a["budget"] == b["budget"] and a.get("cost_fraction") == b.get("cost_fraction")
+        assert b["total"] == pytest.approx(a["total"], rel=1e-4, abs=1e-6)
+    for p, q in zip(eager.model.parameters(), compiled.model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_layers_keeps_parameter_names_and_can_be_undone(tmp_path):
+    t = trainer(tmp_path, steps=2)
+    names = [k for k, _ in t.model.named_parameters()]
+    compile_layers(t.model, "aot_eager")
+    assert [k for k, _ in t.model.named_parameters()] == names  # a checkpoint saves as before
+    x = torch.randint(0, 64, (1, 8))
+    want = t.teacher(x)
+    torch.testing.assert_close(t.model(x), want)
+    assert counters["stats"]["unique_graphs"] > 0
+    compile_layers(t.model, None)
+    counters.clear()
+    torch.testing.assert_close(t.model(x), want)
+    assert not counters["stats"]["unique_graphs"]  # plain forward again
+
+
+def _sharded_worker(rank, world, port, out, backend):
+    with gloo_group(rank, world, port):
+        t = cycling(trainer(Path(out).parent, f"r{rank}{backend}", shard="fsdp", steps=6, seed=3,
+                            stage2_seq_len=None, compile=backend), [1, 2, 0])
+        logs = [t.train_step()["total"] for _ in range(6)]
+        if rank == 0:
+            torch.save(logs, out)
+
+
+@pytest.mark.skipif(not parallel.available(), reason="this torch has no FSDP2")
+def test_compiled_layers_shard_with_fsdp_and_train_as_eager_sharded_ones(tmp_path):
+    """The trainer compiles before it shards (FSDP2's hooks outside the graphs, as torchtitan does):
+    two gloo ranks of compiled, sharded layers train to the losses of two eager sharded ranks."""
+    got = {}
+    for backend in (None, "aot_eager"):
+        out = tmp_path / f"{backend}.pt"
+        mp.spawn(_sharded_worker, args=(2, free_port(), str(out), backend), nprocs=2, join=True)
+        got[backend] = torch.load(out)
+    assert got["aot_eager"] == pytest.approx(got[None], rel=1e-4, abs=1e-6)
