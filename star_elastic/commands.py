@@ -182,17 +182,19 @@ def cmd_elastify(args):
     return result
 
 
-# The demo's two sizes. CPU: 1.0 / 0.9 on the FFN axis alone, 16 steps of wiki and bible at lr 3e-5, chosen
-# by measurement on the 2-core machine (docs/RESULTS.md §5): 0.8 did not answer on topic after 16 steps, and
-# wiki alone (at 1e-4 or 3e-5) flipped the full budget's first answer to a list in French, where the parent
-# prefers "The" over "L" by only 0.08 nats. GPU: the real thing, every default axis, tens of millions of tokens.
+# The demo's two sizes. CPU: 1.0 / 0.9 on the FFN axis alone, 12 steps of wiki and bible at lr 3e-5, stage 2
+# weighted toward the 0.9 budget, chosen by measurement on the 2-core machine (docs/RESULTS.md §5): 0.8 did not
+# answer on topic after 16 steps; wiki alone (at 1e-4 or 3e-5) flipped the full budget's first answer to a list
+# in French, where the parent prefers "The" over "L" by only 0.08 nats; 16 steps took 9.7-11.6 minutes (a step
+# is ~1.1 TFLOP on a CPU that multiplies at 62 GFLOP/s), 12 steps 8.2 with the same answers. GPU: the real
+# thing, every default axis, tens of millions of tokens.
 DEMO_PRESETS = {
-    "cpu": dict(data="wiki,bible", budgets="1.0,0.9", axes="ffn", tokens=16384, seq_len=128, batch_size=8, lr=3e-5,
-                calib_batches=4, eval_tokens=2048),
+    "cpu": dict(data="wiki,bible", budgets="1.0,0.9", axes="ffn", tokens=12288, seq_len=128, batch_size=8, lr=3e-5,
+                calib_batches=4, eval_tokens=2048, stage2_weights=[0.3, 0.7]),
     # the setting measured in docs/RESULTS.md §9 (two domains, 7 passes: the full budget within +0.3% of the
     # parent on text it never saw; wiki alone at 20M tokens would repeat it 22 times and drift)
     "cuda": dict(data="wiki,bible", budgets="1.0,0.75,0.5", axes=None, tokens=12_582_912, seq_len=512,
-                 batch_size=16, lr=1e-4, calib_batches=16, eval_tokens=16384),
+                 batch_size=16, lr=1e-4, calib_batches=16, eval_tokens=16384, stage2_weights=None),
 }
 DEMO_PROMPTS = ("What is the capital of France?", "Name three primary colors.", "What do bees make?")
 
@@ -219,7 +221,8 @@ def cmd_demo(args):
     model.float()  # master weights; bf16 autocast on a GPU
     cfg = ElastifyConfig(budgets=[b.strip() for b in opt["budgets"].split(",")], tokens=opt["tokens"],
                          seq_len=opt["seq_len"], batch_size=opt["batch_size"], lr=opt["lr"], axes=axes,
-                         calib_batches=opt["calib_batches"], eval_tokens=opt["eval_tokens"])
+                         calib_batches=opt["calib_batches"], eval_tokens=opt["eval_tokens"],
+                         stage2_weights=opt["stage2_weights"])
     result = elastify(model, tokenizer, opt["data"], out, cfg, log=_log)
     print_table(result)
     del model

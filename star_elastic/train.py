@@ -198,7 +198,7 @@ class ElasticTrainer:
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
         teacher.eval().requires_grad_(False)
         self.shard = sharding(cfg.shard, self.world)
-        if cfg.compile:  # before sharding, as torchtitan does: FSDP's hooks stay outside the compiled layers
+        if cfg.compile:  # compile, then shard each layer: the order torchtitan uses
             for m in (model, teacher):
                 compile_layers(m, cfg.compile)
         if self.shard == "fsdp":  # before the optimiser: it is built over the sharded parameters

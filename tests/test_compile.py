@@ -77,7 +77,7 @@ def _sharded_worker(rank, world, port, out, backend):
 
 @pytest.mark.skipif(not parallel.available(), reason="this torch has no FSDP2")
 def test_compiled_layers_shard_with_fsdp_and_train_as_eager_sharded_ones(tmp_path):
-    """The trainer compiles before it shards (FSDP2's hooks outside the graphs, as torchtitan does):
+    """The trainer compiles, then shards each layer (the order torchtitan uses):
     two gloo ranks of compiled, sharded layers train to the losses of two eager sharded ranks."""
     got = {}
     for backend in (None, "aot_eager"):
