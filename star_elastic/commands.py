@@ -165,7 +165,8 @@ def cmd_elastify(args):
                          full_anchor=args.full_anchor, drift_data=args.drift_data, router_init=args.router_init,
                          router_estimator=args.router_estimator, router_freeze=args.router_freeze,
                          router_prior=args.router_prior, shard=args.shard,
-                         multiple=args.multiple, save_dtype=save_dtype(args.save_dtype, path), compile=args.compile)
+                         multiple=args.multiple, save_dtype=save_dtype(args.save_dtype, path),
+                         compile="inductor" if args.compile else None)
     if rank == 0:
         where = f"{ranks} ranks ({device.type})" if ranks > 1 else str(device)
         size = f"{model.num_parameters() / 1e6:.1f}M parameters" if hasattr(model, "num_parameters") else \

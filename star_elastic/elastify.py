@@ -58,7 +58,7 @@ class ElastifyConfig:
     shard: str = "auto"  # under torchrun: "auto"/"fsdp" (FSDP2) or "none" (replicated, gradients all-reduced)
     multiple: int | None = None  # kept widths are multiples of it (None: aligned for GPUs, spec.aligned_multiple)
     save_dtype: str | None = None  # the checkpoint's weights ("bfloat16", ...); None: as trained (fp32 master)
-    compile: bool = False  # torch.compile each layer for training (inductor), undone afterwards
+    compile: str | None = None  # torch.compile backend of each layer for training ("inductor"), undone after
 
 
 # Passes over the training text above which the full budget drifts out of domain. Measured on SmolLM2
@@ -238,7 +238,7 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                        seed=cfg.seed, stage1_fraction=cfg.stage1_fraction, stage2_weights=cfg.stage2_weights,
                        stage2_seq_len=cfg.stage2_seq_len, budget_kd_weights=kd_weights, full_anchor=cfg.full_anchor,
                        router_estimator=cfg.router_estimator, router_freeze_fraction=cfg.router_freeze,
-                       router_prior=cfg.router_prior, shard=cfg.shard, compile="inductor" if cfg.compile else None)
+                       router_prior=cfg.router_prior, shard=cfg.shard, compile=cfg.compile)
     trainer = ElasticTrainer(model, teacher, router, budgets, rows, tcfg, out.parent / f".{out.name}.train",
                              heldout=heldout, warm_start=starts if cfg.router_init == "search" and any(starts) else None)
     if trainer.load_state():

@@ -197,6 +197,27 @@ def test_a_bf16_parent_gives_a_bf16_checkpoint_and_a_dtype_can_be_asked(tmp_path
     assert validate_checkpoint(tmp_path / "auto").ok  # every budget slices and matches its masked self
 
 
+def test_a_compiled_elastify_writes_the_checkpoint_of_an_eager_one_and_leaves_plain_layers(tmp_path, tokenizer,
+                                                                                         text):
+    """ElastifyConfig.compile trains with each layer under torch.compile (here dynamo's aot_eager, the
+    CPU's stand-in for inductor), then evaluates and exports the plain layers: the same checkpoint."""
+    from safetensors.torch import load_file
+
+    ckpts = {}
+    for backend in (None, "aot_eager"):
+        torch.manual_seed(0)
+        model = Model(PARENTS["nemotron_h"])
+        cfg = ElastifyConfig(budgets=["1.0", "0.5"], tokens=8 * 32 * 3, seq_len=32, batch_size=8, calib_batches=1,
+                             eval_tokens=128, compile=backend)
+        elastify(model, tokenizer, str(text), tmp_path / str(backend), cfg, log=lambda *a: None)
+        assert not any("_compiled_call_impl" in vars(layer) for layer in model.model.layers)
+        ckpts[backend] = load_file(tmp_path / str(backend) / "model.safetensors")
+    torch._dynamo.reset()
+    assert ckpts[None].keys() == ckpts["aot_eager"].keys()
+    for k, v in ckpts[None].items():
+        torch.testing.assert_close(ckpts["aot_eager"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_torchrun_two_gloo_ranks_write_the_checkpoint_one_process_writes(tmp_path, tokenizer, text):
     """`torchrun --nproc_per_node 2 -m star_elastic elastify ...`: rank 0 alone writes, and the
     checkpoint equals a one-process run's (same global batches, gradients averaged over ranks)."""
@@ -278,9 +299,9 @@ def test_shard_and_router_flags_reach_the_training_config(tmp_path):
 
     args = build_parser().parse_args(["elastify", "m", "--data", "wiki", "--tokens", "64", "--out", "o",
                                       "--shard", "none", "--router-estimator", "straight-through",
-                                      "--router-freeze", "0.2", "--router-prior", "0.5"])
-    assert (args.shard, args.router_estimator, args.router_freeze, args.router_prior) == (
-        "none", "straight-through", 0.2, 0.5)
+                                      "--router-freeze", "0.2", "--router-prior", "0.5", "--compile"])
+    assert (args.shard, args.router_estimator, args.router_freeze, args.router_prior, args.compile) == (
+        "none", "straight-through", 0.2, 0.5, True)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["elastify", "m", "--data", "wiki", "--tokens", "64", "--out", "o", "--shard", "x"])
     model = Model(PARENTS["llama"])
