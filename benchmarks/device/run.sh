@@ -6,7 +6,8 @@
 #                               several share a GPU on a one-GPU machine (needs smol.part01). SmolLM2 leaves an
 #                               H200 mostly idle: two runs sharing one trained at solo speed (RESULTS §9, fourth
 #                               session). PAIR and ONE are the older names.
-#   DEMO                        the GPU demo (issue 15), then eval with interpolated budgets (issue 13)
+#   DEMO                        the GPU demo (issue 15; about 8-10 minutes: a call of its own)
+#   EVALI                       then, machine still warm: eval of its checkpoint with interpolated budgets (issue 13)
 #   BATCHING | SERVE | LOAD     issue 12's serving tables at Nano widths (bench_batching/serve/load --model nano)
 #   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled
 #                               (bench_kernels --parts train; needs .devcarry/mamba)
@@ -37,9 +38,10 @@ PAIR|ONE|RUNS) shift  # results are also kept in $H/res, for a later run's --min
     names+=($1); i=$((i + 1)); shift 2
   done
   wait; cp $H/res/*.json $OUT/; for f in "${names[@]}"; do grep -v "%|" $OUT/$f.log | tail -n 25; done ;;
-DEMO) join
-  python3 -m star_elastic demo --out $H/demo 2>&1 | grep -v "%|" > $OUT/demo.txt; tail -n 45 $OUT/demo.txt
-  python3 -m star_elastic eval $H/demo --data wiki --budgets 1.0,0.9,0.75,0.6,0.5 --json $OUT/eval_interpolated.json 2>&1 | grep -v "%|" | tail -n 15 ;;
+DEMO) join; /usr/bin/time -f "demo: %e s wall" python3 -m star_elastic demo --out $H/demo 2>&1 | grep -v "%|" > $OUT/demo.txt
+  tail -n 45 $OUT/demo.txt ;;
+EVALI) python3 -m star_elastic eval $H/demo --data wiki --budgets 1.0,0.9,0.75,0.6,0.5 --json $OUT/eval_interpolated.json \
+  2>&1 | grep -v "%|" | tail -n 15 ;;
 BATCHING) python3 benchmarks/bench_batching.py --model nano --device cuda --batch-sizes 1,8,32,64 --out $OUT/batching_nano.json 2>&1 | tail -n 40 ;;
 SERVE) python3 benchmarks/bench_serve.py --model nano --device cuda --out $OUT/serve_nano.json 2>&1 | tail -n 40 ;;
 LOAD) python3 benchmarks/bench_load.py --model nano --device cuda --clients 64 --seconds 60 --json $OUT/load_nano.json 2>&1 | tail -n 40 ;;
