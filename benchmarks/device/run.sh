@@ -38,8 +38,8 @@ PAIR|ONE|RUNS) shift  # results are also kept in $H/res, for a later run's --min
     names+=($1); i=$((i + 1)); shift 2
   done
   wait; cp $H/res/*.json $OUT/; for f in "${names[@]}"; do grep -v "%|" $OUT/$f.log | tail -n 25; done ;;
-DEMO) join; /usr/bin/time -f "demo: %e s wall" python3 -m star_elastic demo --out $H/demo 2>&1 | grep -v "%|" > $OUT/demo.txt
-  tail -n 45 $OUT/demo.txt ;;
+DEMO) join; SECONDS=0; python3 -m star_elastic demo --out $H/demo 2>&1 | grep -v "%|" > $OUT/demo.txt
+  echo "demo: $SECONDS s wall" >> $OUT/demo.txt; tail -n 45 $OUT/demo.txt ;;
 EVALI) python3 -m star_elastic eval $H/demo --data wiki --budgets 1.0,0.9,0.75,0.6,0.5 --json $OUT/eval_interpolated.json \
   2>&1 | grep -v "%|" | tail -n 15 ;;
 BATCHING) python3 benchmarks/bench_batching.py --model nano --device cuda --batch-sizes 1,8,32,64 --out $OUT/batching_nano.json 2>&1 | tail -n 40 ;;
