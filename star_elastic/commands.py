@@ -220,10 +220,12 @@ def cmd_demo(args):
           "1.0 / 0.75 / 0.5"), flush=True)
     model, tokenizer = load_model_and_tokenizer(DEFAULT_MODEL, device, None)
     model.float()  # master weights; bf16 autocast on a GPU
-    cfg = ElastifyConfig(budgets=[b.strip() for b in opt["budgets"].split(",")], tokens=opt["tokens"],
-                         seq_len=opt["seq_len"], batch_size=opt["batch_size"], lr=opt["lr"], axes=axes,
-                         calib_batches=opt["calib_batches"], eval_tokens=opt["eval_tokens"],
-                         stage2_weights=opt["stage2_weights"])
+    budgets = [b.strip() for b in opt["budgets"].split(",")]
+    # the preset's stage-2 weights are for its own budgets; other --budgets get the default weighting
+    weights = opt["stage2_weights"] if opt["stage2_weights"] and len(opt["stage2_weights"]) == len(budgets) else None
+    cfg = ElastifyConfig(budgets=budgets, tokens=opt["tokens"], seq_len=opt["seq_len"], batch_size=opt["batch_size"],
+                         lr=opt["lr"], axes=axes, calib_batches=opt["calib_batches"], eval_tokens=opt["eval_tokens"],
+                         stage2_weights=weights)
     result = elastify(model, tokenizer, opt["data"], out, cfg, log=_log)
     print_table(result)
     del model

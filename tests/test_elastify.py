@@ -289,6 +289,11 @@ def test_demo_runs_end_to_end_and_says_what_to_do_next(tmp_path, tokenizer, text
     assert printed.count("Q: ") == len(commands.DEMO_PROMPTS)
     assert f"star-elastic slice {out} --budget {budgets[-1]}" in printed and f"star-elastic serve {out}" in printed
     assert [b["name"] for b in read_manifest(out)["budgets"]] == budgets
+    # other budgets than the preset's: its stage-2 weights (one per preset budget) are not forced on them
+    assert cli.main(["demo", "--data", str(text), "--budgets", "1.0,0.75,0.5", "--tokens", str(8 * 32), "--seq-len",
+                     "32", "--calib-batches", "1", "--eval-tokens", "128", "--max-new-tokens", "2", "--out", str(out),
+                     "--device", "cpu"]) == 0
+    assert [b["name"] for b in read_manifest(out)["budgets"]] == ["1.0", "0.75", "0.5"]
 
 
 def test_shard_and_router_flags_reach_the_training_config(tmp_path):
