@@ -18,7 +18,9 @@ Parts, in the order they run (`--parts`):
    `--pattern MEMEM*EME` is 6.07B, about 121 GB of weights, gradients, AdamW and teacher). With the
    einsum scan (STAR_ELASTIC_NO_TRITON=1), with the Triton scan, and with the Triton scan and the
    fused KD (train.py's default since issue 16: the trainer hands kd_loss `HeadInput`s; the other
-   variants put back whole-batch logits, `model(x)`, as train.py did before). Tokens/s and
+   variants put back whole-batch logits, `model(x)`, as train.py did before), and, with `--compile`
+   (on by default on a GPU), the last of these with each layer under torch.compile (inductor,
+   TrainConfig.compile; its first steps compile and are not timed). Tokens/s and
    model FLOP utilisation: 6 x active parameters per student token + 2 x for the teacher's forward,
    over the H200's 790 TFLOP/s bf16 peak (an argmax forward of the score estimator on smaller
    budgets comes on top, uncounted).
@@ -29,6 +31,11 @@ Parts, in the order they run (`--parts`):
    configurations); then a small hybrid model with Nano's Mamba shapes, bf16 autocast with the
    Triton scan on and off, against the same model in fp32: logits and every gradient, under soft
    masks (their gradients too), and a prefill continued from its cache.
+5. profile (only when asked: `--parts train,profile`): where the step's time goes. torch.profiler
+   over two steps (budgets 1.0 and 0.5, after two warm-up steps) of the trainer as elastify runs it,
+   self time per GPU kernel (per operator on a CPU), grouped into categories (GEMM, grouped GEMM of
+   the experts, the Triton scan, attention, the distillation loss's softmax, routing's sorts and
+   scatters, copies and casts, elementwise, the optimizer); the top 25 kernels.
 
     PYTHONPATH=.devcarry/mamba:$PWD python benchmarks/bench_kernels.py --json $OUT/kernels.json
     python benchmarks/bench_kernels.py --tiny        # a CPU smoke run (Triton rows: an einsum stand-in)
@@ -496,6 +503,93 @@ def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: in
     return out
 
 
+# kernel and operator names -> what they do in the step (the first pattern that matches wins)
+PROFILE_CATEGORIES = [
+    ("optimizer (AdamW)", ("optimizer", "adam", "multi_tensor", "foreach")),
+    ("grouped GEMM (MoE experts)", ("grouped_mm", "grouped_gemm")),
+    ("causal conv1d", ("conv",)),
+    ("Mamba scan (Triton)", ("chunk_scan", "chunk_state", "state_passing", "bmm_chunk", "chunk_cumsum")),
+    ("attention (SDPA)", ("flash", "attention", "fmha")),
+    ("GEMM", ("gemm", "xmma", "nvjet", "cutlass", "aten::mm", "aten::addmm", "aten::bmm", "matmul", "sm90", "sm80")),
+    ("softmax / distillation loss", ("softmax", "logsumexp", "kl_div", "log_softmax")),
+    ("routing: sort, gather, scatter, index", ("sort", "gather", "scatter", "index", "radix", "cumsum", "topk")),
+    ("copies and dtype casts", ("copy", "cast", "to_copy", "memcpy", "memset", "fill")),
+    ("reductions", ("reduce", "sum", "norm", "mean")),
+    ("views and launch overhead (CPU)", ("view", "strided", "permute", "reshape", "transpose", "expand", "slice",
+                                         "select", "split", "unflatten", "empty", "detach", "item")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "triton_poi", "triton_red", "silu", "mul", "add",
+                     "exp", "neg", "div", "sub", "pow", "rsqrt", "where", "clamp")),
+]
+
+
+def categorise(name: str) -> str:
+    low = name.lower()
+    return next((cat for cat, keys in PROFILE_CATEGORIES if any(k in low for k in keys)), "other")
+
+
+def part_profile(device, tiny: bool, pattern: str, batch: int, seq: int, fast: bool, top: int = 25) -> dict:
+    """Where the elastic training step's time goes: torch.profiler over two steps (after two warm-up
+    steps) of the trainer as elastify runs it (Triton scan when available, fused distillation loss,
+    eager), self time per kernel on a GPU (per operator on a CPU), grouped into categories."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = tiny_config(pattern) if tiny else nano_config(pattern)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Model(cfg)
+    teacher = copy.deepcopy(model).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    budgets = [parse_budget(b, cfg) for b in ["1.0", "0.75", "0.5"]]
+    rows = torch.randint(0, cfg.vocab_size, (max(16, 4 * batch), seq), generator=torch.Generator().manual_seed(1))
+    router = Router(cfg, budgets, RouterConfig()).to(device)
+    tc = TrainConfig(steps=8, batch_size=batch, seq_len=seq, lr=1e-5, warmup_steps=1, router_warmup_steps=50,
+                     shard="none")
+    cuda = device.type == "cuda"
+    with tempfile.TemporaryDirectory() as tmp, triton_switch(fast):
+        t = ElasticTrainer(model, teacher, router, budgets, rows, tc, tmp)
+        t.warm_up_router()
+        order = iter([0, 2, 0, 2])  # the full budget and the smallest, warmed up then profiled
+        t.sample_budget = lambda: next(order)
+        for _ in range(2):
+            t.train_step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            for _ in range(2):
+                t.train_step()
+            if cuda:
+                torch.cuda.synchronize(device)
+    events = prof.key_averages()
+    if cuda:  # device time of kernels (not operators: an operator's time is its kernels' time)
+        rows_ = [(e.key, e.self_device_time_total) for e in events
+                 if getattr(e, "device_type", None) is not None and "CUDA" in str(e.device_type)
+                 and e.self_device_time_total > 0]
+    else:
+        rows_ = [(e.key, e.self_cpu_time_total) for e in events if e.self_cpu_time_total > 0]
+    total = sum(t_ for _, t_ in rows_) or 1.0
+    by_cat: dict[str, float] = {}
+    for name, t_ in rows_:
+        by_cat[categorise(name)] = by_cat.get(categorise(name), 0.0) + t_
+    kernels_ = sorted(rows_, key=lambda r: -r[1])[:top]
+    out = {"pattern": pattern, "batch": batch, "seq": seq, "steps_profiled": 2, "budgets_profiled": ["1.0", "0.5"],
+           "clock": "GPU kernel self time" if cuda else "CPU operator self time",
+           "total_ms_per_step": round(total / 1e3 / 2, 2),
+           "categories": {k: {"ms_per_step": round(v / 1e3 / 2, 2), "share": round(v / total, 4)}
+                          for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
+           "top": [{"name": n[:120], "ms_per_step": round(t_ / 1e3 / 2, 3), "share": round(t_ / total, 4)}
+                   for n, t_ in kernels_]}
+    print(f"  {out['clock']}, {out['total_ms_per_step']} ms a step (budgets 1.0 and 0.5, two steps):")
+    for k, v in out["categories"].items():
+        print(f"    {k:40s} {v['ms_per_step']:9.2f} ms  {100 * v['share']:5.1f}%")
+    print("  top kernels:")
+    for r in out["top"][:12]:
+        print(f"    {r['ms_per_step']:9.3f} ms  {100 * r['share']:5.1f}%  {r['name'][:90]}")
+    return out
+
+
 # ----------------------------------------------------------------------------- main
 
 def main():
@@ -503,7 +597,8 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="small shapes: a smoke run, on the CPU too")
     ap.add_argument("--parts", default="scan,kd,train,check",
                     help="comma-separated, run in this order: scan, kd, train, check (check last: by then the "
-                         "kernel's autotuning for Nano's shapes is done)")
+                         "kernel's autotuning for Nano's shapes is done); profile: where a training step's time "
+                         "goes (torch.profiler, by kernel and category)")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                     help="the torch.compile'd einsum scan and training step (auto: on a GPU only)")
     ap.add_argument("--iters", type=int, default=10, help="timed calls per kernel measurement (median)")
@@ -523,9 +618,9 @@ def main():
         args.batch, args.seq, args.steps, args.iters = 2, 64, 3, min(args.iters, 3)
     compile_ = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     parts = args.parts.split(",")
-    unknown = set(parts) - {"check", "scan", "kd", "train"}
+    unknown = set(parts) - {"check", "scan", "kd", "train", "profile"}
     if unknown:
-        raise SystemExit(f"unknown part(s) {sorted(unknown)}: check, scan, kd, train")
+        raise SystemExit(f"unknown part(s) {sorted(unknown)}: check, scan, kd, train, profile")
     have_triton = device.type == "cuda" and kernels.kernel() is not None
     why_not = None if have_triton else ("no CUDA device" if device.type != "cuda" else kernels.unavailable_reason())
     stand_in = not have_triton and args.tiny and device.type == "cpu"
@@ -549,6 +644,7 @@ def main():
         "kd": lambda: part_kd(device, args.tiny, args.iters),
         "train": lambda: part_train(device, args.tiny, args.pattern, args.batch, args.seq, args.steps, fast,
                                     compile_),
+        "profile": lambda: part_profile(device, args.tiny, args.pattern, args.batch, args.seq, fast),
     }
     for part in parts:
         print(f"\n== {part}")

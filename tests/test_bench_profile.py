@@ -1,0 +1,36 @@
+"""benchmarks/bench_kernels.py --parts profile: where a training step's time goes, by category."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_kernels import categorise  # noqa: E402
+
+
+def test_gpu_kernel_names_land_in_their_categories():
+    # names as torch.profiler reports them on an H100 / H200
+    assert categorise("nvjet_tst_128x256_64x4_2x1_v_bz_coopB_TNT") == "GEMM"
+    assert categorise("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "GEMM"
+    assert categorise("_chunk_scan_fwd_kernel") == "Mamba scan (Triton)"
+    assert categorise("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3") == "attention (SDPA)"
+    assert categorise("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>") \
+        == "elementwise"
+    assert categorise("void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float>") == \
+        "softmax / distillation loss"
+    assert categorise("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>") == "optimizer (AdamW)"
+    assert categorise("something_new") == "other"
+
+
+def test_the_profile_part_runs_and_accounts_for_the_whole_step(tmp_path):
+    out = tmp_path / "p.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_kernels.py"), "--tiny", "--parts", "profile",
+                        "--device", "cpu", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    prof = json.loads(out.read_text())["profile"]
+    shares = [c["share"] for c in prof["categories"].values()]
+    assert abs(sum(shares) - 1) < 1e-3 and prof["categories"]["GEMM"]["share"] > 0
+    assert prof["total_ms_per_step"] > 0 and len(prof["top"]) > 5
