@@ -35,7 +35,9 @@ Parts, in the order they run (`--parts`):
    over two steps (budgets 1.0 and 0.5, after two warm-up steps) of the trainer as elastify runs it,
    self time per GPU kernel (per operator on a CPU), grouped into categories (GEMM, grouped GEMM of
    the experts, the Triton scan, attention, the distillation loss's softmax, routing's sorts and
-   scatters, copies and casts, elementwise, the optimizer); the top 25 kernels.
+   scatters, copies and casts, elementwise, the optimizer); the top 25 kernels. `--profile-model
+   smollm2`: SmolLM2-135M's shapes at bench_elastic's 16 x 512 instead, the run behind issue 17's
+   evidence, whose step uses a few percent of an H200.
 
     PYTHONPATH=.devcarry/mamba:$PWD python benchmarks/bench_kernels.py --json $OUT/kernels.json
     python benchmarks/bench_kernels.py --tiny        # a CPU smoke run (Triton rows: an einsum stand-in)
@@ -94,6 +96,14 @@ def tiny_config(pattern: str = "MEM*EM") -> ModelConfig:
                        head_dim=16, mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=32,
                        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                        moe_shared_expert_intermediate_size=32)
+
+
+def smollm2_config() -> ModelConfig:
+    """SmolLM2-135M's shapes (random weights): the parent of bench_elastic.py's part A, whose elastic
+    step runs at about 35,000 tokens/s on an H200, a few percent of its peak."""
+    return ModelConfig(family="llama", vocab_size=49152, hidden_size=576, layer_types="*" * 30, num_attention_heads=9,
+                       num_key_value_heads=3, head_dim=64, intermediate_size=1536, mlp_gated=True, mlp_act="silu",
+                       rope_theta=100000.0, tie_word_embeddings=True)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -527,13 +537,15 @@ def categorise(name: str) -> str:
     return next((cat for cat, keys in PROFILE_CATEGORIES if any(k in low for k in keys)), "other")
 
 
-def part_profile(device, tiny: bool, pattern: str, batch: int, seq: int, fast: bool, top: int = 25) -> dict:
+def part_profile(device, tiny: bool, pattern: str, batch: int, seq: int, fast: bool, top: int = 25,
+                 model_name: str = "nano") -> dict:
     """Where the elastic training step's time goes: torch.profiler over two steps (after two warm-up
     steps) of the trainer as elastify runs it (Triton scan when available, fused distillation loss,
-    eager), self time per kernel on a GPU (per operator on a CPU), grouped into categories."""
+    eager), self time per kernel on a GPU (per operator on a CPU), grouped into categories. `model_name`
+    "smollm2": SmolLM2-135M's shapes instead of Nano's."""
     from torch.profiler import ProfilerActivity, profile
 
-    cfg = tiny_config(pattern) if tiny else nano_config(pattern)
+    cfg = smollm2_config() if model_name == "smollm2" else tiny_config(pattern) if tiny else nano_config(pattern)
     torch.manual_seed(0)
     with torch.device(device):
         model = Model(cfg)
@@ -574,7 +586,8 @@ def part_profile(device, tiny: bool, pattern: str, batch: int, seq: int, fast: b
     for name, t_ in rows_:
         by_cat[categorise(name)] = by_cat.get(categorise(name), 0.0) + t_
     kernels_ = sorted(rows_, key=lambda r: -r[1])[:top]
-    out = {"pattern": pattern, "batch": batch, "seq": seq, "steps_profiled": 2, "budgets_profiled": ["1.0", "0.5"],
+    out = {"model": model_name, "pattern": "".join(cfg.layer_types), "batch": batch, "seq": seq, "steps_profiled": 2,
+           "budgets_profiled": ["1.0", "0.5"],
            "clock": "GPU kernel self time" if cuda else "CPU operator self time",
            "total_ms_per_step": round(total / 1e3 / 2, 2),
            "categories": {k: {"ms_per_step": round(v / 1e3 / 2, 2), "share": round(v / total, 4)}
@@ -603,6 +616,9 @@ def main():
                     help="the torch.compile'd einsum scan and training step (auto: on a GPU only)")
     ap.add_argument("--iters", type=int, default=10, help="timed calls per kernel measurement (median)")
     ap.add_argument("--pattern", default="MEM*EM", help="layers of the Nano-width parent")
+    ap.add_argument("--profile-model", choices=["nano", "smollm2"], default="nano",
+                    help="the profile part's parent: Nano's widths (--pattern, --batch, --seq) or SmolLM2-135M's "
+                         "shapes at bench_elastic's 16 x 512")
     ap.add_argument("--batch", type=int, default=2, help="sequences per training step")
     ap.add_argument("--seq", type=int, default=4096, help="tokens per sequence in the training step")
     ap.add_argument("--steps", type=int, default=6, help="training steps per variant (the first two not timed)")
@@ -644,7 +660,9 @@ def main():
         "kd": lambda: part_kd(device, args.tiny, args.iters),
         "train": lambda: part_train(device, args.tiny, args.pattern, args.batch, args.seq, args.steps, fast,
                                     compile_),
-        "profile": lambda: part_profile(device, args.tiny, args.pattern, args.batch, args.seq, fast),
+        "profile": lambda: part_profile(device, args.tiny, args.pattern, *(
+            (16, 512) if args.profile_model == "smollm2" and not args.tiny else (args.batch, args.seq)), fast,
+            model_name=args.profile_model),
     }
     for part in parts:
         print(f"\n== {part}")

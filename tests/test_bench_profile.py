@@ -34,3 +34,14 @@ def test_the_profile_part_runs_and_accounts_for_the_whole_step(tmp_path):
     shares = [c["share"] for c in prof["categories"].values()]
     assert abs(sum(shares) - 1) < 1e-3 and prof["categories"]["GEMM"]["share"] > 0
     assert prof["total_ms_per_step"] > 0 and len(prof["top"]) > 5
+
+
+def test_the_smollm2_shapes_are_smollm2s():
+    import torch
+
+    from bench_kernels import smollm2_config
+    from star_elastic.model import Model
+
+    with torch.device("meta"):
+        model = Model(smollm2_config())
+    assert model.num_parameters() == 134_515_008  # SmolLM2-135M-Instruct's count, as loaded (RESULTS §9)
