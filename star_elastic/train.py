@@ -942,6 +942,8 @@ def compile_layers(model: Model, backend: str | None = "inductor") -> Model:
     and what varies between budgets (masks are hooks and class swaps of a layer's modules,
     elastic/masking.py) costs a few recompiles, not one graph per architecture: the masks' values are
     graph inputs. The Triton scan (kernels.py) stays outside the graphs."""
+    if backend is not None and backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise StarElasticError(f"unknown torch.compile backend {backend!r} (e.g. 'inductor'; None: eager)")
     # layers of one kind share the code they run; each masked / unmasked variant of each kind is a
     # graph, more than the default 8 for a hybrid model
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)

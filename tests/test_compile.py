@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 
 from conftest import free_port, gloo_group
 from star_elastic import parallel
+from star_elastic.errors import StarElasticError
 from star_elastic.train import compile_layers
 from test_train import trainer
 
@@ -64,6 +65,8 @@ def test_compile_layers_keeps_parameter_names_and_can_be_undone(tmp_path):
     counters.clear()
     torch.testing.assert_close(t.model(x), want)
     assert not counters["stats"]["unique_graphs"]  # plain forward again
+    with pytest.raises(StarElasticError, match="unknown torch.compile backend 'indcutor'"):
+        trainer(tmp_path, "typo", steps=2, compile="indcutor")  # one line before any step, not deep in dynamo
 
 
 def _sharded_worker(rank, world, port, out, backend):
