@@ -63,10 +63,9 @@ from star_elastic.elastic.losses import kd_loss  # noqa: E402
 from star_elastic.elastic.router import DEFAULT_AXES, Router, RouterConfig, project_budgets  # noqa: E402
 from star_elastic.elastic.search import applicable_axes, choose_spec, describe, nested_search, search_spec  # noqa: E402
 from star_elastic.errors import StarElasticError  # noqa: E402
-from star_elastic.train import compile_layers  # noqa: E402
 from star_elastic.evaluate import perplexity  # noqa: E402
 from star_elastic.model import Model  # noqa: E402
-from star_elastic.train import ElasticTrainer, TrainConfig, lr_factor  # noqa: E402
+from star_elastic.train import ElasticTrainer, TrainConfig, compile_layers, lr_factor  # noqa: E402
 
 METHODS = ("zero_shot", "elastic", "minitron")
 VARIANTS = ("elastic", "elastic_small", "elastic_anchor", "joint_fixed")
@@ -459,8 +458,6 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
               + f"  {tok_s:,.0f} tok/s  {el:.0f} s, ~{(steps - trainer.step) * tokens_per_step / tok_s:.0f} s to go",
               flush=True)
     train_s = clock(device) - t
-    for m in (student, teacher):
-        compile_layers(m, None)  # evaluation runs the plain layers
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     student.eval()
     costs = CostModel(cfg)

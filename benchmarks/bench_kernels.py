@@ -79,7 +79,7 @@ from star_elastic.elastic.losses import HeadInput, kd_loss  # noqa: E402
 from star_elastic.elastic.router import Router, RouterConfig  # noqa: E402
 from star_elastic.elastic.spec import ElasticSpec, masked  # noqa: E402
 from star_elastic.model import Model, ModelConfig, ssd_scan  # noqa: E402
-from star_elastic.train import ElasticTrainer, TrainConfig, compile_layers  # noqa: E402
+from star_elastic.train import ElasticTrainer, TrainConfig  # noqa: E402
 
 BF16_PEAK = 790e12  # H200 dense bf16 matmul, as measured (an 8192^3 bf16 matmul on random data)
 
@@ -443,21 +443,17 @@ def fused_kd(on: bool):
 
 def _train(model, teacher, cfg, budgets, rows, batch, seq, steps, device, compile_backend=None):
     """One trainer's run: its step logs and peak memory (its optimiser state freed on return). With
-    `compile_backend` the layers run under torch.compile (TrainConfig.compile), undone on return."""
+    `compile_backend` the layers run under torch.compile (TrainConfig.compile; `run` puts them back)."""
     router = Router(cfg, budgets, RouterConfig()).to(device)
     tc = TrainConfig(steps=steps, batch_size=batch, seq_len=seq, lr=1e-5, warmup_steps=1, router_warmup_steps=50,
                      shard="none", compile=compile_backend)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            t = ElasticTrainer(model, teacher, router, budgets, rows, tc, tmp)
-            t.save_state = lambda: None  # a 3.4B train state is ~40 GB: not written
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            logs = t.run(progress=False)
-            return logs, t.peak_memory()
-    finally:
-        for m in (model, teacher):
-            compile_layers(m, None)
+    with tempfile.TemporaryDirectory() as tmp:
+        t = ElasticTrainer(model, teacher, router, budgets, rows, tc, tmp)
+        t.save_state = lambda: None  # a 3.4B train state is ~40 GB: not written
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        logs = t.run(progress=False)
+        return logs, t.peak_memory()
 
 
 def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: int, have_triton: bool,

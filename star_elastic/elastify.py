@@ -27,7 +27,7 @@ from .sharded_load import load_sharded
 from .sharded_sort import load_sorted
 from .errors import StarElasticError
 from .evaluate import perplexity
-from .train import ElasticTrainer, TrainConfig, compile_layers, world
+from .train import ElasticTrainer, TrainConfig, world
 
 
 @dataclass
@@ -245,12 +245,7 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
         log(f"resuming training at step {trainer.step}")
     stage("teacher_and_router")
     t0 = time.perf_counter()
-    try:
-        step_logs = trainer.run()
-    finally:
-        if cfg.compile:  # evaluation and export run the plain layers
-            for m in (model, teacher):
-                compile_layers(m, None)
+    step_logs = trainer.run()  # with cfg.compile, the layers are plain again after it
     train_s = time.perf_counter() - t0
     stage("training")
     distribution = {**trainer.distribution, "peak_memory_gib": trainer.peak_memory()}  # per rank, GPU only

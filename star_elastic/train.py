@@ -854,7 +854,8 @@ class ElasticTrainer:
 
     def run(self, progress: bool = True, stop_after: int | None = None) -> list[dict]:
         """Train to `cfg.steps` (or `stop_after` more steps, for tests of resuming); metrics go to
-        `out_dir/metrics.jsonl` (and TensorBoard when installed). Returns this call's step logs."""
+        `out_dir/metrics.jsonl` (and TensorBoard when installed). Returns this call's step logs. With
+        `cfg.compile`, the layers are plain again once training is over (or has failed)."""
         self.out.mkdir(parents=True, exist_ok=True)
         metrics = self.out / "metrics.jsonl"
         writer = _tensorboard(self.out) if self.rank == 0 else None
@@ -864,12 +865,17 @@ class ElasticTrainer:
         per_budget = {}
         if self.step == 0:
             self.warm_up_router()
+        failed = True
         try:
             logs = self._loop(end, bar, per_budget, metrics, writer)
+            failed = False
         finally:  # TensorBoard writes from a thread: close it, or it writes on after the run (into a removed dir)
             bar.close()
             if writer is not None:
                 writer.close()
+            if self.cfg.compile and (failed or self.step >= self.cfg.steps):  # training over: what evaluates
+                for m in (self.model, self.teacher):                          # and exports runs plain layers
+                    compile_layers(m, None)
         if self.step >= self.cfg.steps or stop_after is not None:
             if stop_after is not None or self.room_for_state():
                 self.save_state()

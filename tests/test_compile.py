@@ -52,6 +52,22 @@ def test_a_compiled_step_trains_like_the_eager_one_and_stops_recompiling_once_ev
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
 
 
+def test_the_trainer_puts_back_plain_layers_when_training_ends_or_fails(tmp_path):
+    compiled = lambda t: any("_compiled_call_impl" in vars(layer)  # noqa: E731
+                             for m in (t.model, t.teacher) for layer in m.model.layers)
+    t = trainer(tmp_path, "ends", steps=2, stage2_seq_len=None, compile="aot_eager")
+    assert compiled(t)
+    t.run(progress=False, stop_after=1)
+    assert compiled(t)  # more to train: still compiled
+    t.run(progress=False)
+    assert not compiled(t)  # evaluation and export run the plain layers
+    t = trainer(tmp_path, "fails", steps=2, stage2_seq_len=None, compile="aot_eager")
+    t.train_step = lambda: 1 / 0
+    with pytest.raises(ZeroDivisionError):
+        t.run(progress=False)
+    assert not compiled(t)
+
+
 def test_compile_layers_keeps_parameter_names_and_can_be_undone(tmp_path):
     t = trainer(tmp_path, steps=2)
     names = [k for k, _ in t.model.named_parameters()]
