@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 
 import common
-from bench_fsdp import BF16_PEAK, NANO, active_params
+from bench_fsdp import NANO
+from common import BF16_PEAK, active_params
 from star_elastic import save_pretrained
 from star_elastic.hf import load_tokenizer
 from star_elastic.model import Model, ModelConfig

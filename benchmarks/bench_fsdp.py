@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 import common
+from common import BF16_PEAK, active_params
 from star_elastic import parallel
 from star_elastic.elastic.cost import parse_budget
 from star_elastic.elastic.router import Router, RouterConfig
@@ -39,19 +40,7 @@ CHECK = ModelConfig(vocab_size=32000, hidden_size=1024, layer_types="M*EM*-EM", 
                     num_key_value_heads=4, head_dim=64, intermediate_size=4096, mamba_num_heads=32, mamba_head_dim=64,
                     ssm_state_size=64, n_groups=4, chunk_size=128, n_routed_experts=16, num_experts_per_tok=2,
                     moe_intermediate_size=1024, moe_shared_expert_intermediate_size=2048)
-NANO = ModelConfig(vocab_size=131072, hidden_size=2688, layer_types="MEMEM*EMEMEM*EME", num_attention_heads=32,
-                   num_key_value_heads=2, head_dim=128, mamba_num_heads=64, mamba_head_dim=64, ssm_state_size=128,
-                   n_groups=8, chunk_size=128, n_routed_experts=128, num_experts_per_tok=6, moe_intermediate_size=1856,
-                   moe_shared_expert_intermediate_size=3712, routed_scaling_factor=2.5)
-BF16_PEAK = 790e12  # H200 dense bf16 matmul ceiling as measured on the device machines
-
-
-def active_params(cfg: ModelConfig, model: Model) -> float:
-    """Parameters one token multiplies through: all but the embedding table and the unchosen experts."""
-    routed = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n and "shared" not in n)
-    embed = model.embed_tokens.weight.numel() if hasattr(model, "embed_tokens") else 0
-    total = sum(p.numel() for p in model.parameters())
-    return total - embed - routed * (1 - cfg.num_experts_per_tok / cfg.n_routed_experts)
+NANO = common.nano_config("MEMEM*EMEMEM*EME")
 
 
 def trainer(cfg: ModelConfig, device, name: str, shard: str, steps: int, batch: int, seq: int, tmp: str,

@@ -73,6 +73,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+from common import BF16_PEAK, active_params, nano_config  # noqa: E402
 from star_elastic import kernels  # noqa: E402
 from star_elastic.elastic.cost import parse_budget  # noqa: E402
 from star_elastic.elastic.losses import HeadInput, kd_loss  # noqa: E402
@@ -80,16 +81,6 @@ from star_elastic.elastic.router import Router, RouterConfig  # noqa: E402
 from star_elastic.elastic.spec import ElasticSpec, masked  # noqa: E402
 from star_elastic.model import Model, ModelConfig, ssd_scan  # noqa: E402
 from star_elastic.train import ElasticTrainer, TrainConfig  # noqa: E402
-
-BF16_PEAK = 790e12  # H200 dense bf16 matmul, as measured (an 8192^3 bf16 matmul on random data)
-
-
-def nano_config(pattern: str) -> ModelConfig:
-    return ModelConfig(vocab_size=131072, hidden_size=2688, layer_types=pattern, num_attention_heads=32,
-                       num_key_value_heads=2, head_dim=128, mamba_num_heads=64, mamba_head_dim=64, ssm_state_size=128,
-                       n_groups=8, chunk_size=128, n_routed_experts=128, num_experts_per_tok=6,
-                       moe_intermediate_size=1856, moe_shared_expert_intermediate_size=3712, routed_scaling_factor=2.5)
-
 
 def tiny_config(pattern: str = "MEM*EM") -> ModelConfig:
     return ModelConfig(vocab_size=512, hidden_size=64, layer_types=pattern, num_attention_heads=4, num_key_value_heads=2,
@@ -419,13 +410,6 @@ def part_kd(device, tiny: bool, iters: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- 4. train
-
-def active_params(cfg: ModelConfig, model: Model) -> float:
-    """Parameters one token multiplies through: all but the embedding table and the unchosen experts."""
-    routed = sum(p.numel() for k, p in model.named_parameters() if ".experts." in k and "shared" not in k)
-    total = sum(p.numel() for p in model.parameters())
-    return total - model.embed.weight.numel() - routed * (1 - cfg.num_experts_per_tok / cfg.n_routed_experts)
-
 
 @contextmanager
 def fused_kd(on: bool):

@@ -52,11 +52,6 @@ HYBRID = dict(vocab_size=32000, hidden_size=1536, layer_types="M*M-MEM*M-ME", nu
               num_key_value_heads=4, head_dim=96, intermediate_size=4096, mamba_num_heads=32, mamba_head_dim=64,
               ssm_state_size=64, n_groups=4, chunk_size=128, n_routed_experts=16, num_experts_per_tok=2,
               moe_intermediate_size=768, moe_shared_expert_intermediate_size=1536, max_position_embeddings=4096)
-# Nemotron 3 Nano's widths with 4 layers (2.1B parameters): the shapes issue 12's targets are set at
-NANO = dict(vocab_size=131072, hidden_size=2688, layer_types="M*EM", num_attention_heads=32, num_key_value_heads=2,
-            head_dim=128, mamba_num_heads=64, mamba_head_dim=64, ssm_state_size=128, n_groups=8, chunk_size=128,
-            n_routed_experts=128, num_experts_per_tok=6, moe_intermediate_size=1856,
-            moe_shared_expert_intermediate_size=3712, routed_scaling_factor=2.5, max_position_embeddings=4096)
 TINY = dict(vocab_size=512, hidden_size=128, layer_types="M*EM-*", num_attention_heads=8, num_key_value_heads=2,
             head_dim=16, intermediate_size=256, mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2,
             chunk_size=32, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
@@ -74,7 +69,8 @@ def build_checkpoint(kind: str, budgets: list[str], out: Path) -> Path:
         model, tokenizer = load(path, dtype=torch.float32), load_tokenizer(path)
     else:
         torch.manual_seed(0)
-        model = Model(ModelConfig(**{"hybrid": HYBRID, "nano": NANO}.get(kind, TINY)))
+        # nano: Nemotron 3 Nano's widths with 4 layers (2.1B parameters), the shapes issue 12's targets are set at
+        model = Model(common.nano_config("M*EM") if kind == "nano" else ModelConfig(**{"hybrid": HYBRID}.get(kind, TINY)))
         for p in model.parameters():  # O(1) activations everywhere, like a trained model's
             if p.dim() >= 2:
                 torch.nn.init.normal_(p, std=p.shape[-1] ** -0.5)

@@ -1,5 +1,6 @@
 """What every benchmark shares: the device set-up, the machine's name, a clock that waits for the
-GPU, a median timer on that clock, and JSON written whole. Benchmarks import it as `common` (run
+GPU, a median timer on that clock, JSON written whole, and what model FLOP utilisation is counted
+against (the H200's bf16 peak, Nemotron 3 Nano's widths, the parameters a token multiplies through). Benchmarks import it as `common` (run
 from anywhere as `python benchmarks/NAME.py`: Python puts the script's folder on the path)."""
 
 from __future__ import annotations
@@ -11,6 +12,28 @@ import time
 from pathlib import Path
 
 import torch
+
+from star_elastic.model import Model, ModelConfig
+
+BF16_PEAK = 790e12  # H200 dense bf16 matmul, as measured on the device machines (an 8192^3 matmul on random data)
+
+
+def nano_config(layers: str) -> ModelConfig:
+    """Nemotron 3 Nano's widths (hidden 2688, 128 experts top-6, 64 Mamba heads x 64, state 128, 32 / 2
+    attention heads x 128, vocabulary 131,072) with the layers `layers` (M Mamba, E MoE, * attention)."""
+    return ModelConfig(vocab_size=131072, hidden_size=2688, layer_types=layers, num_attention_heads=32,
+                       num_key_value_heads=2, head_dim=128, mamba_num_heads=64, mamba_head_dim=64, ssm_state_size=128,
+                       n_groups=8, chunk_size=128, n_routed_experts=128, num_experts_per_tok=6,
+                       moe_intermediate_size=1856, moe_shared_expert_intermediate_size=3712, routed_scaling_factor=2.5)
+
+
+def active_params(cfg: ModelConfig, model: Model) -> float:
+    """Parameters one token multiplies through: all but the embedding table (a lookup) and the
+    unchosen experts (an untied LM head counts)."""
+    routed = sum(p.numel() for k, p in model.named_parameters() if ".experts." in k and "shared" not in k)
+    total = sum(p.numel() for p in model.parameters())
+    embed = 0 if cfg.tied else model.embed.weight.numel()  # tied: the table is the LM head, counted once
+    return total - embed - routed * (1 - cfg.num_experts_per_tok / max(1, cfg.n_routed_experts))
 
 
 def setup(device: str | None, seed: int = 0) -> torch.device:

@@ -45,3 +45,26 @@ def test_the_smollm2_shapes_are_smollm2s():
     with torch.device("meta"):
         model = Model(smollm2_config())
     assert model.num_parameters() == 134_515_008  # SmolLM2-135M-Instruct's count, as loaded (RESULTS §9)
+
+
+def test_active_parameters_leave_out_the_embedding_lookup_and_the_unchosen_experts():
+    """One helper for every benchmark's MFU (benchmarks/common.py). bench_fsdp's own copy once looked
+    for `embed_tokens`, which a NemotronH model does not have, and counted the 352M-parameter table:
+    1.58B active for its 10.1B parent instead of 1.23B, MFU 14.5% instead of 11.3%."""
+    import torch
+
+    from bench_kernels import smollm2_config
+    from common import active_params, nano_config
+    from star_elastic.model import Model
+
+    cfg = nano_config("MEMEM*EMEMEM*EME")
+    with torch.device("meta"):
+        model = Model(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    routed = sum(p.numel() for k, p in model.named_parameters() if ".experts." in k and "shared" not in k)
+    unchosen = routed * (1 - 6 / 128)
+    assert active_params(cfg, model) == total - model.embed.weight.numel() - unchosen
+    assert round(active_params(cfg, model) / 1e9, 2) == 1.23
+    with torch.device("meta"):
+        tied = Model(smollm2_config())
+    assert active_params(tied.config, tied) == tied.num_parameters()  # the tied table is the LM head: counted once
