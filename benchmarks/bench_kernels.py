@@ -73,7 +73,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from common import BF16_PEAK, active_params, nano_config  # noqa: E402
+from common import BF16_PEAK, active_params, nano_config, smollm2_config  # noqa: E402
 from star_elastic import kernels  # noqa: E402
 from star_elastic.elastic.cost import parse_budget  # noqa: E402
 from star_elastic.elastic.losses import HeadInput, kd_loss  # noqa: E402
@@ -87,14 +87,6 @@ def tiny_config(pattern: str = "MEM*EM") -> ModelConfig:
                        head_dim=16, mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=32,
                        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                        moe_shared_expert_intermediate_size=32)
-
-
-def smollm2_config() -> ModelConfig:
-    """SmolLM2-135M's shapes (random weights): the parent of bench_elastic.py's part A, whose elastic
-    step runs at about 35,000 tokens/s on an H200, a few percent of its peak."""
-    return ModelConfig(family="llama", vocab_size=49152, hidden_size=576, layer_types="*" * 30, num_attention_heads=9,
-                       num_key_value_heads=3, head_dim=64, intermediate_size=1536, mlp_gated=True, mlp_act="silu",
-                       rope_theta=100000.0, tie_word_embeddings=True)
 
 
 # ----------------------------------------------------------------------------- helpers

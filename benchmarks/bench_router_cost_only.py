@@ -19,12 +19,9 @@ from star_elastic.elastic.cost import CostModel, parse_budget
 from star_elastic.elastic.losses import budget_loss, drawn_cost
 from star_elastic.elastic.router import Router, RouterConfig, entropy_floor_loss
 from star_elastic.elastic.search import describe
-from star_elastic.model import ModelConfig
 from star_elastic.train import ElasticTrainer, TrainConfig
 
-SMOLLM2 = ModelConfig(family="llama", vocab_size=49152, hidden_size=576, layer_types="*" * 30, num_attention_heads=9,
-                      num_key_value_heads=3, head_dim=64, intermediate_size=1536, mlp_gated=True, mlp_act="silu",
-                      rope_theta=10000.0, tie_word_embeddings=True)
+SMOLLM2 = common.smollm2_config()  # the cost model reads only the widths
 
 
 def main(argv=None):

@@ -27,6 +27,13 @@ def nano_config(layers: str) -> ModelConfig:
                        moe_intermediate_size=1856, moe_shared_expert_intermediate_size=3712, routed_scaling_factor=2.5)
 
 
+def smollm2_config() -> ModelConfig:
+    """SmolLM2-135M's shapes (random weights when built): the parent of bench_elastic.py's part A."""
+    return ModelConfig(family="llama", vocab_size=49152, hidden_size=576, layer_types="*" * 30, num_attention_heads=9,
+                       num_key_value_heads=3, head_dim=64, intermediate_size=1536, mlp_gated=True, mlp_act="silu",
+                       rope_theta=100000.0, tie_word_embeddings=True)
+
+
 def active_params(cfg: ModelConfig, model: Model) -> float:
     """Parameters one token multiplies through: all but the embedding table (a lookup) and the
     unchosen experts (an untied LM head counts)."""

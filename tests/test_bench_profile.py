@@ -39,7 +39,7 @@ def test_the_profile_part_runs_and_accounts_for_the_whole_step(tmp_path):
 def test_the_smollm2_shapes_are_smollm2s():
     import torch
 
-    from bench_kernels import smollm2_config
+    from common import smollm2_config
     from star_elastic.model import Model
 
     with torch.device("meta"):
@@ -53,8 +53,7 @@ def test_active_parameters_leave_out_the_embedding_lookup_and_the_unchosen_exper
     1.58B active for its 10.1B parent instead of 1.23B, MFU 14.5% instead of 11.3%."""
     import torch
 
-    from bench_kernels import smollm2_config
-    from common import active_params, nano_config
+    from common import active_params, nano_config, smollm2_config
     from star_elastic.model import Model
 
     cfg = nano_config("MEMEM*EMEMEM*EME")
