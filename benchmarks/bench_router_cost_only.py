@@ -44,7 +44,7 @@ def main(argv=None):
 
     torch.manual_seed(0)
     r = Router(cfg, budgets, RouterConfig(axes=axes))
-    me = SimpleNamespace(router=r, cfg=TrainConfig(), budgets=budgets, cost=cm, warm_start=None)
+    me = SimpleNamespace(router=r, cfg=TrainConfig(), budgets=budgets, cost=cm, warm_start=None, start_projections=None)
     me._fit_router_to = lambda proj, opt: ElasticTrainer._fit_router_to(me, proj, opt)
     ElasticTrainer.warm_up_router(me)
     report("warm-up", r)
