@@ -131,7 +131,8 @@ def parse_args(argv=None):
                     help="(c) distils (a)'s searched architecture (search), the one the router chose in (b) of this "
                          "run (elastic), the router's nested starts (nested: the architectures a --router-prior run "
                          "holds, so (c) can run beside it on another GPU), or the (b) architectures recorded in an earlier result file of the same "
-                         "part and seed (the like-for-like check when (b) and (c) do not fit in one process)")
+                         "part and seed (the like-for-like check when (b) and (c) do not fit in one process; "
+                         "RESULT.json:VARIANT takes another variant's, e.g. :elastic_anchor)")
     ap.add_argument("--compile", action="store_true",
                     help="every training loop, (b) and (c), with its layers under torch.compile (TrainConfig.compile)")
     ap.add_argument("--max-docs", type=int, help="first N documents of each corpus only (quick runs)")
@@ -192,7 +193,12 @@ class Results:
 
 
 def recorded_elastic_specs(path: str, part_name: str, seed: int, smaller) -> dict:
-    """budget name -> the (b) architecture of that budget in an earlier bench_elastic result file."""
+    """budget name -> the (b) architecture of that budget in an earlier bench_elastic result file.
+    `path` may end in `:VARIANT` (e.g. `B.json:elastic_anchor`) to take another one-run method's rows."""
+    method = "elastic"
+    head, _, tail = path.rpartition(":")
+    if head and tail in VARIANTS:
+        path, method = head, tail
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
@@ -201,10 +207,10 @@ def recorded_elastic_specs(path: str, part_name: str, seed: int, smaller) -> dic
         raise StarElasticError(f"--minitron-arch {path}: that run used seed {data.get('seed')}, this one {seed} "
                                "(the seed draws the held-out text, so the rows would not compare)")
     rows = (data.get(part_name) or {}).get("rows", [])
-    found = {r["budget"]: ElasticSpec.from_dict(r["spec"]) for r in rows if r.get("method") == "elastic"}
+    found = {r["budget"]: ElasticSpec.from_dict(r["spec"]) for r in rows if r.get("method") == method}
     missing = [b.name for b in smaller if b.name not in found]
     if missing:
-        raise StarElasticError(f"--minitron-arch {path}: no (b) elastic row of part {part_name} for budget(s) "
+        raise StarElasticError(f"--minitron-arch {path}: no {method} row of part {part_name} for budget(s) "
                                f"{', '.join(missing)}")
     return {b.name: found[b.name] for b in smaller}
 

@@ -87,7 +87,8 @@ class TrainConfig:
     entropy_floor: float = 0.1  # least normalised entropy of each router choice distribution (no saturation)
     budget_kd_weights: list[float] | None = None  # per-budget KD weight (budget order); None: all 1
     full_anchor: float = 0.0  # >0: every step also distils the full model on the same batch (sandwich rule);
-    #                           the budget sampler then draws only the smaller budgets
+    #                           the budget sampler then draws only the smaller budgets (equally in stage 2 too,
+    #                           unless stage2_weights says otherwise)
     loss: LossWeights = field(default_factory=LossWeights)
     eval_every: int = 0  # steps; 0: only at the end
     eval_tokens: int = 4096
@@ -218,7 +219,10 @@ class ElasticTrainer:
                            "weight_decay": 0.0})
         self.opt = torch.optim.AdamW(groups, betas=(0.9, 0.95))
         self.step = 0
-        self.stage2 = cfg.stage2_weights or default_stage2_weights(len(budgets))
+        # the paper tilts stage 2 toward the full model; with the full anchor the full model is in every
+        # step already, so by default the smaller budgets share stage 2 equally, as they share stage 1
+        self.stage2 = cfg.stage2_weights or ([1.0] * len(budgets) if cfg.full_anchor
+                                             else default_stage2_weights(len(budgets)))
         if cfg.budget_cost not in ("drawn", "expected"):
             raise StarElasticError(f"budget_cost is 'drawn' or 'expected', got {cfg.budget_cost!r}")
         if len(self.stage2) != len(budgets):

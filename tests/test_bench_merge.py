@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,3 +21,23 @@ def test_merging_runs_of_different_seeds_is_refused(tmp_path):
     ok = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_elastic.py"), "--merge",
                          str(tmp_path / "s0.json"), str(tmp_path / "s0.json")], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
+
+
+def test_minitron_arch_takes_the_rows_of_the_named_variant(tmp_path):
+    """`--minitron-arch RESULT.json:elastic_anchor` distils (c) on the sandwich run's architectures; a
+    bare RESULT.json keeps taking (b)'s; a variant the file lacks is a one-line error."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_elastic
+    from star_elastic.elastic.cost import Budget
+    from star_elastic.errors import StarElasticError
+
+    def row(method, ffn):
+        return {"method": method, "budget": "0.5", "spec": {"intermediate_size": ffn}}
+
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"seed": 3, "A": {"rows": [row("elastic", 512), row("elastic_anchor", 640)]}}))
+    half = [Budget(kind="params", target=50.0, full=100.0, name="0.5")]
+    assert bench_elastic.recorded_elastic_specs(str(path), "A", 3, half)["0.5"].intermediate_size == 512
+    assert bench_elastic.recorded_elastic_specs(f"{path}:elastic_anchor", "A", 3, half)["0.5"].intermediate_size == 640
+    with pytest.raises(StarElasticError, match="no elastic_small row"):
+        bench_elastic.recorded_elastic_specs(f"{path}:elastic_small", "A", 3, half)

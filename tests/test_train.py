@@ -380,6 +380,20 @@ def test_full_anchor_distils_the_full_model_every_step(tmp_path):
     assert seen == sum((([True] if l["drawn_is_argmax"] else [True, True]) + [False] for l in logs), [])
 
 
+def test_full_anchor_shares_stage_two_equally_among_the_smaller_budgets(tmp_path):
+    """The paper tilts stage 2 toward the full model (0.5 / 0.3 / 0.2); with the full model on every
+    step that tilt would only starve the smallest budget (0.6 / 0.4 of the draws), so the smaller
+    budgets share stage 2 equally, each trained on as many tokens as distilling it alone on T / 2."""
+    t = trainer(tmp_path, steps=400, full_anchor=1.0, stage1_fraction=0.0)
+    draws = [t.sample_budget() for _ in range(400)]
+    small = [i for i, b in enumerate(t.budgets) if not b.is_full]
+    assert t.full not in draws and len(small) == 2
+    assert t.stage2[small[0]] == t.stage2[small[1]] > 0
+    assert abs(draws.count(small[0]) - draws.count(small[1])) < 60  # 200 each, +-3 sigma
+    paper = trainer(tmp_path, "p", steps=400, stage1_fraction=0.0)
+    assert paper.stage2 == [0.5, 0.3, 0.2]
+
+
 def test_stage_two_holds_the_same_tokens_in_longer_rows(tmp_path):
     t = trainer(tmp_path, steps=4, stage1_fraction=0.5)
     shapes = []

@@ -34,10 +34,14 @@ ISSUE11) shift; setup; nvidia-smi topo -m  # more arguments go to the bench, e.g
 PAIR|ONE|RUNS) shift  # results are also kept in $H/res, for a later run's --minitron-arch $H/res/NAME.json
   join; mkdir -p $H/res; n=$(nvidia-smi -L | wc -l); i=0; names=()
   while [ $# -ge 2 ]; do
-    CUDA_VISIBLE_DEVICES=$((i % n)) python3 benchmarks/bench_elastic.py $2 --json $H/res/$1.json > $OUT/$1.log 2>&1 &
+    # each run is stopped at RUN_LIMIT s (default 570) so the call ends inside the device's 600 s, and its
+    # JSON (rewritten after every stage) comes back even then
+    (CUDA_VISIBLE_DEVICES=$((i % n)) timeout ${RUN_LIMIT:-570} python3 benchmarks/bench_elastic.py $2 \
+      --json $H/res/$1.json > $OUT/$1.log 2>&1; echo "$1: exit $?, $SECONDS s" >> $OUT/$1.log
+     cp $H/res/$1.json $OUT/ 2>/dev/null) &
     names+=($1); i=$((i + 1)); shift 2
   done
-  wait; cp $H/res/*.json $OUT/; for f in "${names[@]}"; do grep -v "%|" $OUT/$f.log | tail -n 25; done ;;
+  wait; for f in "${names[@]}"; do grep -v "%|" $OUT/$f.log | tail -n 25; done ;;
 DEMO) join; SECONDS=0; python3 -m star_elastic demo --out $H/demo 2>&1 | grep -v "%|" > $OUT/demo.txt
   echo "demo: $SECONDS s wall" >> $OUT/demo.txt; tail -n 45 $OUT/demo.txt ;;
 EVALI) python3 -m star_elastic eval $H/demo --data wiki --budgets 1.0,0.9,0.75,0.6,0.5 --json $OUT/eval_interpolated.json \
