@@ -41,6 +41,7 @@ import argparse
 import copy
 import datetime
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -65,7 +66,7 @@ from star_elastic.elastic.search import applicable_axes, choose_spec, describe, 
 from star_elastic.errors import StarElasticError  # noqa: E402
 from star_elastic.evaluate import perplexity  # noqa: E402
 from star_elastic.model import Model  # noqa: E402
-from star_elastic.train import ElasticTrainer, TrainConfig, compile_layers, lr_factor  # noqa: E402
+from star_elastic.train import ElasticTrainer, TrainConfig, adamw, compile_layers, lr_factor  # noqa: E402
 
 METHODS = ("zero_shot", "elastic", "minitron")
 VARIANTS = ("elastic", "elastic_small", "elastic_anchor", "joint_fixed")
@@ -133,6 +134,12 @@ def parse_args(argv=None):
                          "holds, so (c) can run beside it on another GPU), or the (b) architectures recorded in an earlier result file of the same "
                          "part and seed (the like-for-like check when (b) and (c) do not fit in one process; "
                          "RESULT.json:VARIANT takes another variant's, e.g. :elastic_anchor)")
+    ap.add_argument("--state-dir", metavar="DIR",
+                    help="keep each one-run method's resumable training state under DIR, so that the same command "
+                         "run again goes on where a stopped or killed call left it (removed once its rows are in)")
+    ap.add_argument("--max-train-seconds", type=float, metavar="S",
+                    help="with --state-dir: stop training after the first tenth of the steps that ends past S "
+                         "seconds of this call, and exit 75 (run the same command again to go on)")
     ap.add_argument("--compile", action="store_true",
                     help="every training loop, (b) and (c), with its layers under torch.compile (TrainConfig.compile)")
     ap.add_argument("--max-docs", type=int, help="first N documents of each corpus only (quick runs)")
@@ -248,7 +255,7 @@ def distil(student, teacher, rows: torch.Tensor, steps: int, lr: float, args, de
     cfg = TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=lr,
                       warmup_steps=max(1, steps // 20), seed=args.seed)
     params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    opt = adamw(params, lr=lr, weight_decay=cfg.weight_decay)
     batches = TokenBatches(rows, cfg.batch_size, seed=cfg.seed)
     teacher.eval()
     student.train()
@@ -434,26 +441,39 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                        stage2_weights=[float(w) for w in args.small_weights.split(",")] if variant == "elastic_small"
                        else None, compile="inductor" if args.compile else None)
     tmp = tempfile.TemporaryDirectory(prefix="bench_elastic_")  # metrics.jsonl of ElasticTrainer.run
+    # with --state-dir the run keeps its resumable state there, so a run longer than one device call
+    # goes on where the last call stopped (--max-train-seconds, or a kill: at most a tenth is redone)
+    state = Path(args.state_dir) / f"{variant}-seed{args.seed}-{steps}steps" if args.state_dir else None
     warm = None
     if router is not None and args.warm_start:  # (a)'s architectures, nested (elastify's start)
         warm = [None if b.is_full else nested_starts.get(b.name, specs[b.name]) for b in budgets]
         print("  router starts from " + "; ".join(f"{b.name}: {describe(w, cfg)}" for b, w in zip(budgets, warm)
                                                   if w is not None), flush=True)
-    trainer = ElasticTrainer(student, teacher, router, budgets, rows, tcfg, out_dir=tmp.name, fixed_specs=fixed,
-                             warm_start=warm)
-    trainer.save_state = lambda: None  # no resumable state: it would write the weights and AdamW moments
+    trainer = ElasticTrainer(student, teacher, router, budgets, rows, tcfg, out_dir=state or tmp.name,
+                             fixed_specs=fixed, warm_start=warm)
+    if state is None:
+        trainer.save_state = lambda: None  # no resumable state: it would write the weights and AdamW moments
+    logs, trajectory, earlier_s = resume(trainer, state)  # all empty unless an earlier call left a state
+    start = trainer.step
     t = clock(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    logs, every = [], max(1, steps // 10)
-    trajectory = []  # each smaller budget's argmax architecture after every tenth: when did it settle?
+    every = max(1, steps // 10)
+    # trajectory: each smaller budget's argmax architecture after every tenth: when did it settle?
     while trainer.step < steps:  # the package's loop (ElasticTrainer.run), a tenth at a time
-        logs += trainer.run(progress=False, stop_after=every)
+        logs += trainer.run(progress=False, stop_after=every)  # with a state dir, saves the state too
         if router is not None:
             trajectory.append({"step": trainer.step, **{b.name: describe(router.spec(i), cfg)
                                                          for i, b in enumerate(budgets) if not b.is_full}})
         el = clock(device) - t
-        tok_s = trainer.step * tokens_per_step / el
+        if state is not None:
+            common.write_json(state / "bench.json", {"trajectory": trajectory, "seconds": earlier_s + el,
+                                                     "step": trainer.step})
+            if args.max_train_seconds is not None and el >= args.max_train_seconds and trainer.step < steps:
+                print(f"  stopped at step {trainer.step}/{steps} after {el:.0f} s (--max-train-seconds); the same "
+                      f"command goes on from here (state in {state})", flush=True)
+                raise SystemExit(RESUME_EXIT)
+        tok_s = (trainer.step - start) * tokens_per_step / el
         recent = {}
         for lg in logs[-every:]:
             recent.setdefault(lg["budget"], []).append(lg["kd"])
@@ -463,7 +483,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
               + ("  argmax cost " + " ".join(f"{k}:{v:.3f}" for k, v in cost.items()) if cost else "")
               + f"  {tok_s:,.0f} tok/s  {el:.0f} s, ~{(steps - trainer.step) * tokens_per_step / tok_s:.0f} s to go",
               flush=True)
-    train_s = clock(device) - t
+    train_s = earlier_s + clock(device) - t  # over every call of a resumed run
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     student.eval()
     costs = CostModel(cfg)
@@ -491,9 +511,35 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                         "eval_seconds": round(clock(device) - t, 1), "full_anchor": tcfg.full_anchor,
                         "tokens_per_s": round(steps * tokens_per_step / train_s), "peak_gpu_gib": peak,
                         "selection": trainer.selection, "argmax_trajectory": trajectory,
+                        "resumed_at_step": start or None,
                         "log": [{k: v for k, v in lg.items() if k != "eval"} for lg in logs[::max(1, steps // 60)]]}
     tmp.cleanup()
+    if state is not None:  # the rows are written: the run is done, its state (weights, moments) goes
+        shutil.rmtree(state, ignore_errors=True)
     return final
+
+
+RESUME_EXIT = 75  # EX_TEMPFAIL: stopped by --max-train-seconds, to be run again with the same command
+
+
+def resume(trainer: ElasticTrainer, state: Path | None) -> tuple[list, list, float]:
+    """An earlier call's progress from `state` (the trainer's resumable state, its metrics.jsonl and the
+    bench's own bench.json): (step logs, argmax trajectory, training seconds) so far, the trainer
+    moved to the saved step. Steps logged after the saved state (a call killed mid-tenth) are dropped:
+    they are trained again."""
+    if state is None or not trainer.load_state():
+        if state is not None:
+            shutil.rmtree(state, ignore_errors=True)  # a stale half-written directory: start clean
+        return [], [], 0.0
+    metrics = state / "metrics.jsonl"
+    logs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+    logs = [lg for lg in logs if lg["step"] < trainer.step]
+    metrics.write_text("".join(json.dumps(lg) + "\n" for lg in logs))
+    side = json.loads((state / "bench.json").read_text()) if (state / "bench.json").exists() else {}
+    trajectory = [t for t in side.get("trajectory", []) if t["step"] <= trainer.step]
+    print(f"  resumed at step {trainer.step} from {state} ({len(logs)} steps logged, "
+          f"{side.get('seconds', 0.0):.0f} s trained before)", flush=True)
+    return logs, trajectory, float(side.get("seconds", 0.0))
 
 
 def table(part: dict) -> str:
@@ -654,6 +700,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.merge:
         return merge(args.merge, args.json)
+    if args.max_train_seconds is not None and not args.state_dir:
+        raise SystemExit("--max-train-seconds needs --state-dir: a stopped run goes on from its saved state")
     device = common.setup(args.device, args.seed)  # seeds; on a GPU deterministic algorithms (warn-only) and cuBLAS workspace
     if device.type == "cuda":  # deterministic results do not need every new tensor NaN-filled first
         torch.utils.deterministic.fill_uninitialized_memory = False

@@ -417,6 +417,20 @@ def fused_kd(on: bool):
         train_module.head_input = own
 
 
+@contextmanager
+def foreach_adam(on: bool):
+    """On: the trainer's AdamW in its foreach form (train.py's before the fused one), so the optimiser's
+    share of the step is measured side by side."""
+    import star_elastic.train as train_module
+    own = train_module.adamw
+    if on:
+        train_module.adamw = lambda groups, **kw: torch.optim.AdamW(groups, betas=(0.9, 0.95), foreach=True, **kw)
+    try:
+        yield
+    finally:
+        train_module.adamw = own
+
+
 def _train(model, teacher, cfg, budgets, rows, batch, seq, steps, device, compile_backend=None):
     """One trainer's run: its step logs and peak memory (its optimiser state freed on return). With
     `compile_backend` the layers run under torch.compile (TrainConfig.compile; `run` puts them back)."""
@@ -446,23 +460,23 @@ def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: in
     n_active = active_params(cfg, model)
     budgets = [parse_budget(b, cfg) for b in ["1.0", "0.75", "0.5"]]
     rows = torch.randint(0, cfg.vocab_size, (max(16, 4 * batch), seq), generator=torch.Generator().manual_seed(1))
-    # (name, Triton scan, fused KD, compile backend); the compiled step's first steps compile (the
-    # median of the last steps is timed), one graph per layer kind, budget kind and grad mode
-    variants = [("einsum", False, False, None)]
-    variants += [("triton", True, False, None), ("triton_fused_kd", True, True, None)] if have_triton else [
-        ("einsum_fused_kd", False, True, None)]
+    # (name, Triton scan, fused KD, compile backend, foreach AdamW); the compiled step's first steps compile
+    # (the median of the last steps is timed), one graph per layer kind, budget kind and grad mode
+    best = "triton_fused_kd" if have_triton else "einsum_fused_kd"
+    variants = [("einsum", False, False, None, False)]
+    variants += [("triton", True, False, None, False)] if have_triton else []
+    variants += [(best + "_foreach_adam", have_triton, True, None, True), (best, have_triton, True, None, False)]
     if compile_step:
-        variants.append(("triton_fused_kd_compiled" if have_triton else "einsum_fused_kd_compiled",
-                         have_triton, True, "inductor"))
+        variants.append((best + "_compiled", have_triton, True, "inductor", False))
     out = {"pattern": pattern, "params_B": round(n_total / 1e9, 3), "active_params_B": round(n_active / 1e9, 3),
            "batch": batch, "seq": seq, "tokens_per_step": batch * seq, "steps": steps,
            "flops_per_token": 8 * n_active, "peak_tflops": BF16_PEAK / 1e12, "variants": {}}
     print(f"\n  training step: layers {pattern}, {n_total / 1e6:.1f}M parameters ({n_active / 1e6:.1f}M active), "
           f"batch {batch} x {seq}, {steps} steps per variant")
-    for name, triton_on, fused, backend in variants:
+    for name, triton_on, fused, backend, foreach in variants:
         r = out["variants"][name] = {}
         try:
-            with triton_switch(triton_on), fused_kd(on=fused):
+            with triton_switch(triton_on), fused_kd(on=fused), foreach_adam(on=foreach):
                 logs, r["peak_gib"] = _train(model, teacher, cfg, budgets, rows, batch, seq, steps, device, backend)
             timed_logs = logs[2:] if len(logs) > 3 else logs[1:] or logs
             tok_s = sorted(log["tokens_per_s"] for log in timed_logs)[len(timed_logs) // 2]
@@ -488,7 +502,7 @@ def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: in
 # kernel and operator names -> what they do in the step (the first pattern that matches wins)
 PROFILE_CATEGORIES = [
     ("optimizer (AdamW)", ("optimizer", "adam", "multi_tensor", "foreach")),
-    ("grouped GEMM (MoE experts)", ("grouped_mm", "grouped_gemm")),
+    ("grouped GEMM (MoE experts)", ("grouped_mm", "grouped_gemm", "groupproblem")),  # torch._grouped_mm: cutlass
     ("causal conv1d", ("conv",)),
     ("Mamba scan (Triton)", ("chunk_scan", "chunk_state", "state_passing", "bmm_chunk", "chunk_cumsum")),
     ("attention (SDPA)", ("flash", "attention", "fmha")),
@@ -507,6 +521,18 @@ PROFILE_CATEGORIES = [
 def categorise(name: str) -> str:
     low = name.lower()
     return next((cat for cat, keys in PROFILE_CATEGORIES if any(k in low for k in keys)), "other")
+
+
+def timed_rows(events, cuda: bool) -> list[tuple[str, float]]:
+    """(name, self time in us) of the profiled events that add up to the step: on a GPU the kernels'
+    device time (not operators': an operator's time is its kernels' time), leaving out user
+    annotations such as `Optimizer.step#AdamW.step`, whose device span covers kernels already counted
+    (the seventh session's profile counted the optimiser twice that way); on a CPU operators' self time."""
+    if not cuda:
+        return [(e.key, e.self_cpu_time_total) for e in events if e.self_cpu_time_total > 0]
+    return [(e.key, e.self_device_time_total) for e in events
+            if getattr(e, "device_type", None) is not None and "CUDA" in str(e.device_type)
+            and not getattr(e, "is_user_annotation", False) and e.self_device_time_total > 0]
 
 
 def part_profile(device, tiny: bool, pattern: str, batch: int, seq: int, fast: bool, top: int = 25,
@@ -546,13 +572,7 @@ def part_profile(device, tiny: bool, pattern: str, batch: int, seq: int, fast: b
                 t.train_step()
             if cuda:
                 torch.cuda.synchronize(device)
-    events = prof.key_averages()
-    if cuda:  # device time of kernels (not operators: an operator's time is its kernels' time)
-        rows_ = [(e.key, e.self_device_time_total) for e in events
-                 if getattr(e, "device_type", None) is not None and "CUDA" in str(e.device_type)
-                 and e.self_device_time_total > 0]
-    else:
-        rows_ = [(e.key, e.self_cpu_time_total) for e in events if e.self_cpu_time_total > 0]
+    rows_ = timed_rows(prof.key_averages(), cuda)
     total = sum(t_ for _, t_ in rows_) or 1.0
     by_cat: dict[str, float] = {}
     for name, t_ in rows_:

@@ -80,13 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--router-lr", type=float, default=1e-2)
     sp.add_argument("--stage1-fraction", type=float, default=0.5,
                     help="share of the steps with budgets sampled uniformly (stage 1)")
-    sp.add_argument("--stage2-weights", help="budget probabilities in stage 2, largest budget first "
-                                             "(default 0.5,0.3,0.2 for three budgets: toward the full model)")
+    sp.add_argument("--stage2-weights", help="budget probabilities in stage 2, largest budget first (default: "
+                                             "the smaller budgets equally with the full anchor; without it "
+                                             "0.5,0.3,0.2 for three budgets, toward the full model)")
     sp.add_argument("--stage2-seq-len", type=int,
                     help="longer context in stage 2, the same tokens per step (a multiple of --seq-len)")
     sp.add_argument("--kd-weights", help="distillation weight per budget, in --budgets order (default all 1)")
-    sp.add_argument("--full-anchor", type=float, default=0.0,
-                    help="weight of the full model's distillation on every step (the sandwich rule; 0: off)")
+    sp.add_argument("--full-anchor", type=float, default=1.0,
+                    help="weight of the full model's distillation on every step (the sandwich rule; each smaller "
+                         "budget then trains on as many tokens as if distilled alone, at a second student pass "
+                         "per step; 0: the paper's sampling alone, which gives the full model ~42%% of the steps)")
     sp.add_argument("--router-init", choices=["search", "cost"], default="search",
                     help="the router starts from each budget's best zero-shot architecture (search, scored by "
                          "calibration perplexity) or from one fitted to the cost alone")

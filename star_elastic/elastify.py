@@ -46,10 +46,16 @@ class ElastifyConfig:
     seed: int = 0
     # the curriculum (docs/METHOD.md §9): stage 1 uniform over budgets at seq_len, stage 2 weighted at stage2_seq_len
     stage1_fraction: float = 0.5
-    stage2_weights: list[float] | None = None  # default 0.5 / 0.3 / 0.2 toward the full model
+    stage2_weights: list[float] | None = None  # default: the smaller budgets equally with the full anchor,
+    #                                            else the paper's 0.5 / 0.3 / 0.2 toward the full model
     stage2_seq_len: int | None = None
     kd_weights: list[float] | None = None  # per budget, in --budgets order
-    full_anchor: float = 0.0  # >0: the full model is distilled on every step too (the budget sampler skips it)
+    # the full model is distilled on every step too (the sandwich rule; the budget sampler skips it), so each
+    # smaller budget trains on as many tokens as distilling it alone would. Measured on SmolLM2 at 4.2M tokens
+    # (docs/RESULTS.md §9, eighth session): the smaller budgets went from +15% / +21% behind (c) on the same
+    # architecture to +3% / -2%, the full model stayed within 1% of the parent out of domain; a step costs
+    # a second student pass (1.6x the time). 0: the paper's sampling alone
+    full_anchor: float = 1.0
     drift_data: str | None = "auto"  # held-out text of a second domain for the full budget's drift ("": none)
     router_init: str = "search"  # the router starts from the zero-shot search's architectures, or "cost" alone
     router_estimator: str = "score"  # how distillation reaches the router: "score" or "straight-through"
@@ -233,10 +239,15 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
             raise StarElasticError(f"{len(cfg.kd_weights)} KD weights for {len(cfg.budgets)} budgets")
         by_name = {parse_budget(b, model.config).name: w for b, w in zip(cfg.budgets, cfg.kd_weights)}
         kd_weights = [by_name[b.name] for b in budgets]
+    # the anchor needs the full budget and a smaller one to train beside it; without them it has nothing to do
+    anchor = cfg.full_anchor if len(budgets) > 1 and any(b.is_full for b in budgets) else 0.0
+    if anchor:
+        log(f"the full model is distilled on every step too (--full-anchor {anchor:g}); each step draws one "
+            "smaller budget")
     tcfg = TrainConfig(steps=steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr,
                        router_lr=cfg.router_lr, warmup_steps=max(1, steps // 20), eval_tokens=cfg.eval_tokens,
                        seed=cfg.seed, stage1_fraction=cfg.stage1_fraction, stage2_weights=cfg.stage2_weights,
-                       stage2_seq_len=cfg.stage2_seq_len, budget_kd_weights=kd_weights, full_anchor=cfg.full_anchor,
+                       stage2_seq_len=cfg.stage2_seq_len, budget_kd_weights=kd_weights, full_anchor=anchor,
                        router_estimator=cfg.router_estimator, router_freeze_fraction=cfg.router_freeze,
                        router_prior=cfg.router_prior, shard=cfg.shard, compile=cfg.compile)
     trainer = ElasticTrainer(model, teacher, router, budgets, rows, tcfg, out.parent / f".{out.name}.train",
@@ -258,6 +269,10 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     sharded = trainer.shard == "fsdp"
     # steady-state throughput (all ranks together): the median step after the first fifth
     rates = sorted(log["tokens_per_s"] for log in step_logs[len(step_logs) // 5:])
+    # the steps each budget trained in this run (the full model's include the anchored ones): its token share
+    steps_per_budget = {b.name: sum(1 for s in step_logs if s["budget"] == b.name or (b.is_full and "full_kd" in s))
+                        for b in budgets}
+    log("steps per budget: " + ", ".join(f"{k} {v}" for k, v in steps_per_budget.items()) + f" of {len(step_logs)}")
     del teacher
 
     router.eval()
@@ -288,7 +303,7 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                   "zero_shot_perplexity": before, "trained_perplexity": after, "full_budget_drift": drift}
     training = {"tokens": train_tokens, "steps": steps, "seconds": round(train_s, 1),
                 "passes": round(train_tokens / train_stream.numel(), 2),
-                "tokens_per_s": round(rates[len(rates) // 2]) if rates else None,
+                "tokens_per_s": round(rates[len(rates) // 2]) if rates else None, "steps_per_budget": steps_per_budget,
                 "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}}
     stage("evaluation")
     training["stages_s"] = stages

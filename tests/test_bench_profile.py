@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_kernels import categorise  # noqa: E402
+from bench_kernels import categorise, timed_rows  # noqa: E402
 
 
 def test_gpu_kernel_names_land_in_their_categories():
@@ -23,6 +23,24 @@ def test_gpu_kernel_names_land_in_their_categories():
         "softmax / distillation loss"
     assert categorise("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>") == "optimizer (AdamW)"
     assert categorise("something_new") == "other"
+    # torch._grouped_mm's kernel on an H200 is a cutlass GemmUniversal over a GroupProblemShape
+    assert categorise("_ZN7cutlass13device_kernelIN2at4cuda6detail25enable_3x_kernel_for_sm9xINS_4gemm6kernel13Gemm"
+                      "UniversalINS5_17GroupProblemShapeIN4cute5tupleIJiiiEEEEE") == "grouped GEMM (MoE experts)"
+
+
+def test_a_gpu_user_annotation_is_not_counted_beside_the_kernels_it_spans():
+    """The optimiser's `record_function` range shows on the GPU timeline with the device time of the
+    kernels inside it; counted as a row of its own it made AdamW look twice as costly."""
+    from types import SimpleNamespace as E
+
+    events = [E(key="Optimizer.step#AdamW.step", device_type="DeviceType.CUDA", is_user_annotation=True,
+                self_device_time_total=28.0, self_cpu_time_total=1.0),
+              E(key="multi_tensor_apply_kernel<FusedAdamMathFunctor>", device_type="DeviceType.CUDA",
+                is_user_annotation=False, self_device_time_total=28.0, self_cpu_time_total=0.0),
+              E(key="aten::_fused_adamw_", device_type="DeviceType.CPU", is_user_annotation=False,
+                self_device_time_total=0.0, self_cpu_time_total=3.0)]
+    assert timed_rows(events, cuda=True) == [("multi_tensor_apply_kernel<FusedAdamMathFunctor>", 28.0)]
+    assert [name for name, _ in timed_rows(events, cuda=False)] == ["Optimizer.step#AdamW.step", "aten::_fused_adamw_"]
 
 
 def test_the_profile_part_runs_and_accounts_for_the_whole_step(tmp_path):

@@ -70,6 +70,10 @@ def test_elastify_writes_a_checkpoint_every_budget_slices_from(tmp_path, tokeniz
     share = manifest["training"]["exported_arch_share"]  # how much of each budget's training the export saw
     assert set(share) == {"1.0", "0.75", "0.5"} and share["1.0"] is None  # None: no router draw (this short run
     assert all(share[b] is None or 0 <= share[b] <= 1 for b in ("0.75", "0.5"))  # may not sample every budget)
+    # by default the full model trains on every step beside one smaller budget (the full anchor), so the
+    # smaller budgets split all the steps between them instead of ~58% (the paper's sampling)
+    steps = manifest["training"]["steps_per_budget"]
+    assert steps["1.0"] == manifest["training"]["steps"] == steps["0.75"] + steps["0.5"]
     stages = manifest["training"]["stages_s"]  # where the time went, stage by stage
     assert list(stages) == ["data", "importance_and_sort", "search_and_zero_shot", "teacher_and_router", "training",
                             "evaluation"]
@@ -288,7 +292,11 @@ def test_demo_runs_end_to_end_and_says_what_to_do_next(tmp_path, tokenizer, text
         assert f"{budget:>8}" in printed  # a table row each
     assert printed.count("Q: ") == len(commands.DEMO_PROMPTS)
     assert f"star-elastic slice {out} --budget {budgets[-1]}" in printed and f"star-elastic serve {out}" in printed
-    assert [b["name"] for b in read_manifest(out)["budgets"]] == budgets
+    manifest = read_manifest(out)
+    assert [b["name"] for b in manifest["budgets"]] == budgets
+    # the CPU preset keeps the paper's sampling (the anchor would double a step with one smaller budget)
+    steps = manifest["training"]["steps_per_budget"]
+    assert sum(steps.values()) == manifest["training"]["steps"] == 2
     # other budgets than the preset's: its stage-2 weights (one per preset budget) are not forced on them
     assert cli.main(["demo", "--data", str(text), "--budgets", "1.0,0.75,0.5", "--tokens", str(8 * 32), "--seq-len",
                      "32", "--calib-batches", "1", "--eval-tokens", "128", "--max-new-tokens", "2", "--out", str(out),

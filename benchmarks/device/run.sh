@@ -5,8 +5,10 @@
 #   RUNS N0 "ARGS0" [N1 "ARGS1" ...]  bench_elastic.py runs side by side, run i on GPU i mod (GPUs), so
 #                               several share a GPU on a one-GPU machine (needs smol.part01). SmolLM2 leaves an
 #                               H200 mostly idle: two runs sharing one trained at solo speed (RESULTS §9, fourth
-#                               session). PAIR and ONE are the older names.
-#   DEMO                        the GPU demo (issue 15; about 8-10 minutes: a call of its own)
+#                               session). PAIR and ONE are the older names. A run longer than one call: add
+#                               --state-dir /root/state/NAME --max-train-seconds 420 to its ARGS and repeat the
+#                               call (exit 75: not done yet; the state lives while the machine stays warm)
+#   DEMO                        the GPU demo (issue 15; 289 s with the paper's sampling, ~7 min with the anchor)
 #   EVALI                       then, machine still warm: eval of its checkpoint with interpolated budgets (issue 13)
 #   BATCHING | SERVE | LOAD     issue 12's serving tables at Nano widths (bench_batching/serve/load --model nano)
 #   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled
