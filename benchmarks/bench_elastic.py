@@ -7,7 +7,9 @@ total parameters (default 1.0 / 0.75 / 0.5); every row is scored on the same hel
     `search.choose_spec` picks (no training);
 (b) elastic:   ONE run of T tokens (ElasticTrainer: budget router + sorted parent, forward KL from
     the frozen sorted parent) serving every budget; each budget is the router's argmax spec,
-    sliced out of the trained parent (and, as a check, also scored masked inside it);
+    sliced out of the trained parent (and, as a check, also scored masked inside it); variants
+    (`--variants`): `elastic` the paper's budget sampling, `elastic_anchor` the full model distilled
+    on every step beside one smaller budget (elastify's default), `elastic_small`, `joint_fixed`;
 (c) Minitron:  each smaller budget on its own: the (a) architecture sliced from the sorted parent,
     distilled from the frozen parent (forward KL, plain AdamW loop, same lr, schedule, batch,
     sequence length and batch order as (b)) for T / (number of smaller budgets) tokens each;
@@ -24,7 +26,9 @@ Held-out: the wiki held-out split (primary) and the shakespeare held-out split.
 
 GPU: bf16 autocast with fp32 master weights (ElasticTrainer; the same here for (c)), teacher in
 bf16; perplexity in fp32. Seeded everywhere; on a GPU deterministic algorithms are requested
-(warn-only). The JSON is rewritten after every stage, so a run cut short keeps what it finished.
+(warn-only). The JSON is rewritten after every stage, so a run cut short keeps what it finished;
+with `--state-dir` a (b) run cut short (or stopped by `--max-train-seconds`, exit 75) goes on from
+its saved state when the same command runs again.
 
     python benchmarks/bench_elastic.py --part A --json docs/results/elastic_smollm2_h100.json  # one GPU
     python benchmarks/bench_elastic.py --part B --json docs/results/elastic_moe_h100.json       # one GPU
@@ -107,7 +111,7 @@ def parse_args(argv=None):
     ap.add_argument("--variants", default="elastic,elastic_anchor,joint_fixed",
                     help="trained one-run methods: elastic (router, the paper's sampling), elastic_small (router, "
                          "stage 2 weighted toward the smaller budgets: --small-weights), elastic_anchor (router, the "
-                         "full model distilled every step), joint_fixed (no router: (c)'s architectures)")
+                         "full model distilled every step: elastify's default), joint_fixed (no router: (c)'s architectures)")
     ap.add_argument("--warm-start", type=int, default=1,
                     help="1: the router starts from (a)'s architectures (as elastify does); 0: from the cost alone")
     ap.add_argument("--router-estimator", choices=["score", "straight-through"], default="score",
