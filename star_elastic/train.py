@@ -253,8 +253,13 @@ class ElasticTrainer:
         self.selection: list[dict] = []  # what `select_architectures` measured (candidate 0: the argmax)
         # per budget, the router's draws that trained: architecture (sorted (slot, choice) pairs) -> steps
         self.arch_steps: list[dict[tuple, int]] = [{} for _ in budgets]
+        if cfg.full_anchor < 0:
+            raise StarElasticError(f"the full anchor is a weight >= 0, got {cfg.full_anchor}")
         if cfg.full_anchor and (self.full is None or len(budgets) < 2):
             raise StarElasticError("the full anchor needs the full budget (1.0) and at least one smaller budget")
+        if cfg.full_anchor and not any(w > 0 for i, w in enumerate(self.stage2) if i != self.full):
+            raise StarElasticError(f"stage-2 weights {self.stage2} give every step to the full budget, which the "
+                                   "full anchor trains on every step already: give a smaller budget a weight > 0")
 
     # ------------------------------------------------------------------------- distribution
 

@@ -395,6 +395,10 @@ def test_full_anchor_shares_stage_two_equally_among_the_smaller_budgets(tmp_path
     assert abs(draws.count(small[0]) - draws.count(small[1])) <= 2  # 200 each (the even order)
     paper = trainer(tmp_path, "p", steps=400, stage1_fraction=0.0)
     assert paper.stage2 == [0.5, 0.3, 0.2]
+    with pytest.raises(Exception, match="every step to the full budget"):  # nothing left to sample
+        trainer(tmp_path, "q", steps=4, full_anchor=1.0, stage2_weights=[1.0, 0.0, 0.0])
+    with pytest.raises(Exception, match="weight >= 0"):
+        trainer(tmp_path, "r", steps=4, full_anchor=-1.0)
 
 
 @pytest.mark.parametrize("order", ["even", "random"])
