@@ -65,6 +65,8 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     ap.add_argument("--no-mixed", action="store_true", help="skip the all-budgets-at-once runs")
+    ap.add_argument("--static", choices=["auto", "on", "off"], default="auto",
+                    help="the engine's static step (every row of the pool; a CUDA graph on a GPU): auto = on a GPU")
     ap.add_argument("--smoke", action="store_true", help="tiny model, few tokens: a quick check")
     ap.add_argument("--out", help="JSON results file")
     args = ap.parse_args()
@@ -81,7 +83,7 @@ def main():
         args.model, args.budgets.split(","), Path(tempfile.mkdtemp(prefix="bench_batching_")) / "ckpt")
     ckpt = load_elastic(ckpt_dir, dtype=dtype, device=device)
     ckpt.model.requires_grad_(False)
-    names = [b for b in BatchedEngine(ckpt, slots=1).budgets]
+    names = [b for b in BatchedEngine(ckpt, slots=1, static=False).budgets]
     V = ckpt.model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, V, (1, args.prompt_len), generator=g) for _ in range(max(sizes))]
@@ -90,11 +92,13 @@ def main():
           flush=True)
 
     engines = {}
+    static = None if args.static == "auto" else args.static == "on"
 
     def engine(slots: int) -> BatchedEngine:  # one scheduler per slot count, all over the same parent and views
         if slots not in engines:
             base = next(iter(engines.values()), None)
-            engines[slots] = BatchedEngine(ckpt, slots=slots) if base is None else BatchedEngine.of(base, slots)
+            engines[slots] = BatchedEngine(ckpt, slots=slots, static=static) if base is None else \
+                BatchedEngine.of(base, slots, static=static)
         return engines[slots]
 
     rows = []
@@ -139,7 +143,9 @@ def main():
               "machine": common.machine(device), "device": str(device), "dtype": str(dtype),
               "threads": torch.get_num_threads(), "model": args.model if not args.ckpt else args.ckpt,
               "params": ckpt.model.num_parameters(), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-              "reps": args.reps, "rows": rows, "mixed": mixed}
+              "reps": args.reps, "static_step": next(iter(engines.values())).scheduler.static if engines else None,
+              "cuda_graph": next(iter(engines.values())).scheduler.use_graph if engines else None,
+              "rows": rows, "mixed": mixed}
     if args.out:
         common.write_json(args.out, result, indent=1)
         print(f"wrote {args.out}")

@@ -28,8 +28,8 @@ def engine(request, tmp_path_factory):
 def batched(engine):
     made = []
 
-    def make(slots):
-        made.append(BatchedEngine.of(engine, slots=slots))
+    def make(slots, static=None):
+        made.append(BatchedEngine.of(engine, slots=slots, static=static))
         return made[-1]
 
     yield make
@@ -53,16 +53,38 @@ def sequential(engine, work):
     return [(g.tokens, g.finish_reason) for g in (engine.generate(b, ids, n, **kw) for b, ids, n, kw in work)]
 
 
-def test_batched_equals_sequential_for_mixed_budgets_and_lengths(engine, batched):
+@pytest.mark.parametrize("static", [False, True])
+def test_batched_equals_sequential_for_mixed_budgets_and_lengths(engine, batched, static):
     """Submitted at once: rows join (prefilled alone, each at its length) and leave (the last row moves
-    into a finished one) between steps; greedy and seeded sampled rows give what they give alone."""
+    into a finished one) between steps; greedy and seeded sampled rows give what they give alone.
+    `static`: the GPU's step (every row of the pool, free rows fed token 0 at position 0, the shape a
+    CUDA graph replays), run eagerly: the free rows change nothing for the active ones."""
     work = jobs(12)
     want = sequential(engine, work)
-    eng = batched(slots=4)
+    eng = batched(slots=4, static=static)
     reqs = [eng.submit(b, ids, n, **kw) for b, ids, n, kw in work]
     assert [r.wait(120) for r in reqs] == want
     assert eng.scheduler.max_batch > 1  # decoded together, not one at a time
     assert eng.scheduler.active() == 0 and all(p.cache is None for p in eng.scheduler.pools.values())
+
+
+def test_the_static_steps_rehearsal_leaves_the_running_rows_as_they_were(engine):
+    """A CUDA graph is captured on the live caches (its warm-up and capture run the step on them):
+    the rows of running sequences are saved before and put back after."""
+    from star_elastic.serve.batching import StaticStep, _rows
+
+    model = engine.view("0.75")
+    cache = model.make_cache(4, 256)
+    with torch.no_grad():
+        model(torch.tensor([[5, 7, 9]]), _rows(cache, 0, 1), torch.arange(3))  # row 0: a running sequence...
+        for b in cache.buffers():
+            b[1:].copy_(b[:1])  # ...and so do the others
+        before = [b.clone() for b in cache.buffers()]
+        step = StaticStep(model, cache, 4, use_graph=False)
+        step.rehearse(capture=False)
+        assert all(torch.equal(a, b) for a, b in zip(before, cache.buffers()))
+        step._run()  # what the rehearsal ran: it writes into the caches, so the restore is what kept them
+        assert not all(torch.equal(a, b) for a, b in zip(before, cache.buffers()))
 
 
 def test_more_requests_than_slots_from_many_threads(engine, batched):

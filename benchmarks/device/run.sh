@@ -10,7 +10,7 @@
 #                               call (exit 75: not done yet; the state lives while the machine stays warm)
 #   DEMO                        the GPU demo (issue 15; 289 s with the paper's sampling, ~7 min with the anchor)
 #   EVALI                       then, machine still warm: eval of its checkpoint with interpolated budgets (issue 13)
-#   BATCHING | SERVE | LOAD     issue 12's serving tables at Nano widths (bench_batching/serve/load --model nano)
+#   BATCHING [args] | SERVE | LOAD  issue 12's serving tables at Nano widths (bench_batching/serve/load --model nano)
 #   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled
 #                               (bench_kernels --parts train; needs .devcarry/mamba)
 # The home folder survives between calls while the machine stays warm (30 s); $OUT comes back.
@@ -48,7 +48,8 @@ DEMO) join; SECONDS=0; python3 -m star_elastic demo --out $H/demo 2>&1 | grep -v
   echo "demo: $SECONDS s wall" >> $OUT/demo.txt; tail -n 45 $OUT/demo.txt ;;
 EVALI) python3 -m star_elastic eval $H/demo --data wiki --budgets 1.0,0.9,0.75,0.6,0.5 --json $OUT/eval_interpolated.json \
   2>&1 | grep -v "%|" | tail -n 15 ;;
-BATCHING) python3 benchmarks/bench_batching.py --model nano --device cuda --batch-sizes 1,8,32,64 --out $OUT/batching_nano.json 2>&1 | tail -n 40 ;;
+BATCHING) shift; python3 benchmarks/bench_batching.py --model nano --device cuda --batch-sizes 1,8,32,64 \
+  --out $OUT/batching_nano.json "$@" 2>&1 | tail -n 40 ;;  # e.g. --static off --out $OUT/batching_eager.json
 SERVE) python3 benchmarks/bench_serve.py --model nano --device cuda --out $OUT/serve_nano.json 2>&1 | tail -n 40 ;;
 LOAD) python3 benchmarks/bench_load.py --model nano --device cuda --clients 64 --seconds 60 --json $OUT/load_nano.json 2>&1 | tail -n 40 ;;
 KERNELS) shift; PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_kernels.py --parts train \

@@ -17,15 +17,22 @@ and wait (`BatchedEngine` has `ElasticEngine`'s methods, each request blocking i
     causal masks; Mamba's one-token update is per row anyway). Then each row samples with its own
     settings and generator, and stops on EOS, stop strings, its token limit, `on_token` returning True
     or its cancel event (checked before every step: a waiting or decoding request leaves at once).
+  - Static step (on a GPU; `Scheduler(static=True)` elsewhere): the step runs on every row of the pool,
+    the active ones first and the free ones fed token 0 at position 0 (their rows are zeroed when a
+    request joins), so its shapes change only when the pool grows, and on a GPU it is captured once
+    per pool size as a CUDA graph and replayed: one launch a step instead of one per kernel, which the
+    eager step paid on the host (docs/RESULTS.md, "Serving at Nano width on a GPU": 0.19x of a
+    CUDA-graph `generate` at one request). The capture runs the step on the live caches, so they are
+    saved before it and put back after. A capture that fails falls back to the eager static step.
 Greedy outputs equal one-at-a-time ones token for token (tests/test_batching.py): the arithmetic per
 row is the same, up to summation order inside batched products and over a longer masked cache. Not
-yet: CUDA graphs for the batched step (issue 12 item 3); batched or chunked prefill (a long prompt
-joining stalls the running sequences for its prefill).
+yet: batched or chunked prefill (a long prompt joining stalls the running sequences for its prefill).
 """
 
 from __future__ import annotations
 
 import threading
+import warnings
 from collections import deque
 
 import torch
@@ -82,6 +89,59 @@ def _rows(cache: nn.ModuleList, lo: int, hi: int) -> nn.ModuleList:
     return nn.ModuleList(out)
 
 
+class StaticStep:
+    """The decode step over every row of a pool's cache, with fixed input buffers (token and position
+    per row), replayed from a CUDA graph when `use_graph`. Built for one cache: a pool that grows
+    builds a new one."""
+
+    def __init__(self, model: Model, cache: nn.ModuleList, rows: int, use_graph: bool):
+        self.model, self.cache, self.graph = model, cache, None
+        device = model.lm_head.weight.device
+        self.token = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        if use_graph:
+            self.rehearse(capture=True)
+
+    def _run(self) -> torch.Tensor:
+        return self.model(self.token, self.cache, self.pos, last_only=True)[:, -1]
+
+    def rehearse(self, capture: bool):
+        """Warm-up forwards (and, with `capture`, the CUDA graph's capture) on the live caches, which
+        are saved first and put back after: the rows of running sequences come out as they went in."""
+        saved = [b.clone() for b in self.cache.buffers()]
+        try:
+            if capture:
+                stream = torch.cuda.Stream()  # warm up on a side stream (allocator, library handles)
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(2):
+                        self._run()
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: request threads may touch the GPU while the scheduler thread captures
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    self.logits = self._run()
+                self.graph = graph
+            else:
+                self._run()
+        finally:
+            for b, s in zip(self.cache.buffers(), saved):
+                b.copy_(s)
+
+    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits (rows, vocab) of one token per row: `tokens` and `pos` (n,) for the first n rows, the
+        other rows token 0 at position 0."""
+        n = tokens.shape[0]
+        self.token.zero_()
+        self.pos.zero_()
+        self.token[:n, 0].copy_(tokens)
+        self.pos[:n, 0].copy_(pos)
+        if self.graph is None:
+            return self._run()
+        self.graph.replay()
+        return self.logits
+
+
 class SlotPool:
     """Static caches for up to `slots` sequences of one model; active sequence i is in row i."""
 
@@ -91,6 +151,21 @@ class SlotPool:
         self.rows = self.length = 0
         self.active: list[Request] = []
         self._views: dict[tuple[int, int], nn.ModuleList] = {}
+        self._static: StaticStep | None = None  # for the current cache
+
+    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, static: bool, use_graph: bool) -> torch.Tensor:
+        """Logits (n, vocab) of the next token of the n active rows, fed `tokens` at positions `pos` (n,):
+        on the rows [:n] alone, or (`static`) on every row of the pool, from a CUDA graph with `use_graph`."""
+        n = tokens.shape[0]
+        if not static:
+            return self.model(tokens[:, None], self.view(0, n), pos[:, None], last_only=True)[:, -1]
+        if self._static is None or self._static.cache is not self.cache:
+            try:
+                self._static = StaticStep(self.model, self.cache, self.rows, use_graph)
+            except Exception as e:  # noqa: BLE001 - no graph: the same step, eager
+                warnings.warn(f"batched decode without a CUDA graph ({type(e).__name__}: {e})", stacklevel=2)
+                self._static = StaticStep(self.model, self.cache, self.rows, use_graph=False)
+        return self._static(tokens, pos)[:n]
 
     def buffers(self):
         return [] if self.cache is None else list(self.cache.buffers())
@@ -117,7 +192,7 @@ class SlotPool:
                     new[:n, :, :old.shape[2]].copy_(old[:n])
                 else:
                     new[:n].copy_(old[:n])
-        self.cache, self.rows, self.length, self._views = cache, rows, length, {}
+        self.cache, self.rows, self.length, self._views, self._static = cache, rows, length, {}, None
 
     def add(self, req: Request):
         row = len(self.active)
@@ -137,16 +212,19 @@ class SlotPool:
         self.active.pop()
         req.row = None
         if not self.active:  # idle: give the memory back
-            self.cache, self.rows, self.length, self._views = None, 0, 0, {}
+            self.cache, self.rows, self.length, self._views, self._static = None, 0, 0, {}, None
 
 
 class Scheduler:
     """The batching loop (see the module doc). `submit` from any thread; one daemon thread runs it."""
 
-    def __init__(self, device, slots: int = DEFAULT_SLOTS):
+    def __init__(self, device, slots: int = DEFAULT_SLOTS, static: bool | None = None):
         if slots < 1:
             raise ValueError(f"slots must be at least 1, got {slots}")
         self.device, self.slots = device, slots
+        # the static step pays for the free rows: worth it where a CUDA graph removes the launches
+        self.use_graph = torch.device(device).type == "cuda"
+        self.static = self.use_graph if static is None else static
         self.pools: dict[int, SlotPool] = {}
         self.waiting: deque[Request] = deque()
         self.cond = threading.Condition()
@@ -259,9 +337,9 @@ class Scheduler:
         """One token for every active sequence of the pool: one batched forward."""
         reqs = list(pool.active)
         n = len(reqs)
-        tokens = torch.tensor([[r.next_token] for r in reqs], dtype=torch.long, device=self.device)
-        pos = torch.tensor([[r.length] for r in reqs], dtype=torch.long, device=self.device)
-        logits = pool.model(tokens, pool.view(0, n), pos, last_only=True)[:, -1]
+        tokens = torch.tensor([r.next_token for r in reqs], dtype=torch.long, device=self.device)
+        pos = torch.tensor([r.length for r in reqs], dtype=torch.long, device=self.device)
+        logits = pool.decode(tokens, pos, self.static, self.use_graph and self.static)
         self.steps += 1
         self.max_batch = max(self.max_batch, n)
         greedy = logits.argmax(-1).tolist()
@@ -294,16 +372,17 @@ class BatchedEngine(ElasticEngine):
     """`ElasticEngine` whose generations run batched with whatever else is running (module doc):
     the same methods and outputs, any number of concurrent callers, `slots` sequences per budget."""
 
-    def __init__(self, ckpt, serving_order: bool = True, slots: int = DEFAULT_SLOTS):
+    def __init__(self, ckpt, serving_order: bool = True, slots: int = DEFAULT_SLOTS, static: bool | None = None):
         super().__init__(ckpt, serving_order)
-        self.scheduler = Scheduler(self.device, slots)
+        self.scheduler = Scheduler(self.device, slots, static)
 
     @classmethod
-    def of(cls, engine: ElasticEngine, slots: int = DEFAULT_SLOTS) -> "BatchedEngine":
-        """A batching engine over an already loaded engine's parent and views (nothing copied)."""
+    def of(cls, engine: ElasticEngine, slots: int = DEFAULT_SLOTS, static: bool | None = None) -> "BatchedEngine":
+        """A batching engine over an already loaded engine's parent and views (nothing copied).
+        `static`: the static step (every row, CUDA graph on a GPU); None: on a GPU only."""
         new = cls.__new__(cls)
         new.__dict__.update(engine.__dict__)  # the same checkpoint, parent and views dict
-        new.scheduler = Scheduler(new.device, slots)
+        new.scheduler = Scheduler(new.device, slots, static)
         return new
 
     def _exclusive(self):
@@ -352,4 +431,4 @@ class _NoLock:
         return False
 
 
-__all__ = ["BatchedEngine", "Request", "Scheduler", "SlotPool", "DEFAULT_SLOTS"]
+__all__ = ["BatchedEngine", "Request", "Scheduler", "SlotPool", "StaticStep", "DEFAULT_SLOTS"]
