@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import gc
 import math
 import os
@@ -424,22 +425,43 @@ def foreach_adam(on: bool):
     import star_elastic.train as train_module
     own = train_module.adamw
     if on:
-        train_module.adamw = lambda groups, **kw: torch.optim.AdamW(groups, betas=(0.9, 0.95), foreach=True, **kw)
+        train_module.adamw = functools.partial(own, fused=False, foreach=True)
     try:
         yield
     finally:
         train_module.adamw = own
 
 
-def _train(model, teacher, cfg, budgets, rows, batch, seq, steps, device, compile_backend=None):
-    """One trainer's run: its step logs and peak memory (its optimiser state freed on return). With
-    `compile_backend` the layers run under torch.compile (TrainConfig.compile; `run` puts them back)."""
+def step_setup(cfg: ModelConfig, device, batch: int, seq: int):
+    """What the train and profile parts time: (student, bf16 teacher on a GPU, budgets 1.0 / 0.75 / 0.5,
+    token rows), the student a little away from its teacher so that the KD is not zero."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Model(cfg)
+    teacher = copy.deepcopy(model).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    budgets = [parse_budget(b, cfg) for b in ["1.0", "0.75", "0.5"]]
+    rows = torch.randint(0, cfg.vocab_size, (max(16, 4 * batch), seq), generator=torch.Generator().manual_seed(1))
+    return model, teacher, budgets, rows
+
+
+def step_trainer(model, teacher, cfg, budgets, rows, batch, seq, steps, device, tmp, compile_backend=None):
+    """The trainer as elastify builds it (router included), on one process, its state never written."""
     router = Router(cfg, budgets, RouterConfig()).to(device)
     tc = TrainConfig(steps=steps, batch_size=batch, seq_len=seq, lr=1e-5, warmup_steps=1, router_warmup_steps=50,
                      shard="none", compile=compile_backend)
+    t = ElasticTrainer(model, teacher, router, budgets, rows, tc, tmp)
+    t.save_state = lambda: None  # a 3.4B train state is ~40 GB: not written
+    return t
+
+
+def _train(model, teacher, cfg, budgets, rows, batch, seq, steps, device, compile_backend=None):
+    """One trainer's run: its step logs and peak memory (its optimiser state freed on return). With
+    `compile_backend` the layers run under torch.compile (TrainConfig.compile; `run` puts them back)."""
     with tempfile.TemporaryDirectory() as tmp:
-        t = ElasticTrainer(model, teacher, router, budgets, rows, tc, tmp)
-        t.save_state = lambda: None  # a 3.4B train state is ~40 GB: not written
+        t = step_trainer(model, teacher, cfg, budgets, rows, batch, seq, steps, device, tmp, compile_backend)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         logs = t.run(progress=False)
@@ -449,17 +471,9 @@ def _train(model, teacher, cfg, budgets, rows, batch, seq, steps, device, compil
 def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: int, have_triton: bool,
                compile_step: bool = False) -> dict:
     cfg = tiny_config(pattern) if tiny else nano_config(pattern)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Model(cfg)
-    teacher = copy.deepcopy(model).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
-    with torch.no_grad():  # a student that differs from its teacher, so the KD is not zero
-        for p in model.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+    model, teacher, budgets, rows = step_setup(cfg, device, batch, seq)
     n_total = sum(p.numel() for p in model.parameters())
     n_active = active_params(cfg, model)
-    budgets = [parse_budget(b, cfg) for b in ["1.0", "0.75", "0.5"]]
-    rows = torch.randint(0, cfg.vocab_size, (max(16, 4 * batch), seq), generator=torch.Generator().manual_seed(1))
     # (name, Triton scan, fused KD, compile backend, foreach AdamW); the compiled step's first steps compile
     # (the median of the last steps is timed), one graph per layer kind, budget kind and grad mode
     best = "triton_fused_kd" if have_triton else "einsum_fused_kd"
@@ -544,21 +558,10 @@ def part_profile(device, tiny: bool, pattern: str, batch: int, seq: int, fast: b
     from torch.profiler import ProfilerActivity, profile
 
     cfg = smollm2_config() if model_name == "smollm2" else tiny_config(pattern) if tiny else nano_config(pattern)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Model(cfg)
-    teacher = copy.deepcopy(model).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    budgets = [parse_budget(b, cfg) for b in ["1.0", "0.75", "0.5"]]
-    rows = torch.randint(0, cfg.vocab_size, (max(16, 4 * batch), seq), generator=torch.Generator().manual_seed(1))
-    router = Router(cfg, budgets, RouterConfig()).to(device)
-    tc = TrainConfig(steps=8, batch_size=batch, seq_len=seq, lr=1e-5, warmup_steps=1, router_warmup_steps=50,
-                     shard="none")
+    model, teacher, budgets, rows = step_setup(cfg, device, batch, seq)
     cuda = device.type == "cuda"
     with tempfile.TemporaryDirectory() as tmp, triton_switch(fast):
-        t = ElasticTrainer(model, teacher, router, budgets, rows, tc, tmp)
+        t = step_trainer(model, teacher, cfg, budgets, rows, batch, seq, 8, device, tmp)
         t.warm_up_router()
         order = iter([0, 2, 0, 2])  # the full budget and the smallest, warmed up then profiled
         t.sample_budget = lambda: next(order)

@@ -114,12 +114,12 @@ def default_stage2_weights(n: int) -> list[float]:
     return [x / sum(w) for x in w]
 
 
-def adamw(groups, **kw) -> torch.optim.AdamW:
+def adamw(groups, fused: bool = True, **kw) -> torch.optim.AdamW:
     """AdamW (betas 0.9 / 0.95) in its fused form: one kernel over every parameter instead of a dozen
     elementwise passes. The foreach form took a quarter of the GPU time of a Nano-shaped MoE training
     step, where every expert's weights and moments are updated each step; fused, 15% and the step 1.15x
     faster (docs/RESULTS.md §12)."""
-    return torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=True, **kw)
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=fused, **kw)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
