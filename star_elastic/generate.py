@@ -25,6 +25,21 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, g
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def capture_graph(run, capture_error_mode: str = "global"):
+    """(CUDA graph, its output) of `run()`: two warm-up calls on a side stream (allocator and library
+    handles), then the capture. Whatever `run` writes, warm-up and capture write too."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode=capture_error_mode):
+        out = run()
+    return graph, out
+
+
 class DecodeStep:
     """model(token, cache, pos) for one token, replayed from a CUDA graph when on a GPU."""
 
@@ -50,17 +65,8 @@ class DecodeStep:
         return self.forward(self.token, self.cache, self.pos, last_only=True)
 
     def _capture(self):
-        # Warm up on a side stream (allocator and library handles), then capture; both write into
-        # the cache, which is zeroed afterwards, before the caller's prefill.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._run()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._run()
+        # warm-up and capture write into the cache, which is zeroed afterwards, before the caller's prefill
+        self.graph, self.logits = capture_graph(self._run)
         for buf in self.cache.buffers():  # forget what warm-up and capture wrote
             buf.zero_()
 

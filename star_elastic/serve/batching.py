@@ -38,7 +38,7 @@ from collections import deque
 import torch
 import torch.nn as nn
 
-from ..generate import sample
+from ..generate import capture_graph, sample
 from ..model import Model
 from .engine import ElasticEngine, StopWatcher
 
@@ -110,18 +110,8 @@ class StaticStep:
         are saved first and put back after: the rows of running sequences come out as they went in."""
         saved = [b.clone() for b in self.cache.buffers()]
         try:
-            if capture:
-                stream = torch.cuda.Stream()  # warm up on a side stream (allocator, library handles)
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    for _ in range(2):
-                        self._run()
-                torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                # thread_local: request threads may touch the GPU while the scheduler thread captures
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    self.logits = self._run()
-                self.graph = graph
+            if capture:  # thread_local: request threads may touch the GPU while the scheduler thread captures
+                self.graph, self.logits = capture_graph(self._run, capture_error_mode="thread_local")
             else:
                 self._run()
         finally:
