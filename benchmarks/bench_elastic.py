@@ -134,7 +134,7 @@ def parse_args(argv=None):
                          "perplexity (search), or choose_spec's combined shrink of all axes")
     ap.add_argument("--minitron-arch", default="search", metavar="search|elastic|nested|RESULT.json",
                     help="(c) distils (a)'s searched architecture (search), the one the router chose in (b) of this "
-                         "run (elastic), the router's nested starts (nested: the architectures a --router-prior run "
+                         "run (elastic: the elastic variant's if it ran, else the first variant's), the router's nested starts (nested: the architectures a --router-prior run "
                          "holds, so (c) can run beside it on another GPU), or the (b) architectures recorded in an earlier result file of the same "
                          "part and seed (the like-for-like check when (b) and (c) do not fit in one process; "
                          "RESULT.json:VARIANT takes another variant's, e.g. :elastic_anchor)")
@@ -380,7 +380,7 @@ def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, 
             raise StarElasticError(f"unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
         got = one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, steps_b, lr, args, device,
                       row, methods, tokens_per_step, nested_starts)
-        if variant == "elastic":
+        if variant != "joint_fixed" and (elastic_specs is None or variant == "elastic"):  # the router's choice
             elastic_specs = got
     # (a@b) the router's architectures cut from the untrained sorted parent: how much of (b) is architecture
     for b in smaller:

@@ -34,3 +34,19 @@ def test_a_stopped_run_resumes_from_its_state_and_counts_every_step_once(tmp_pat
 def test_max_train_seconds_without_a_state_dir_is_refused():
     r = subprocess.run(BENCH + ["--max-train-seconds", "10"], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "--max-train-seconds needs --state-dir" in r.stderr
+
+
+def test_minitron_arch_elastic_takes_the_anchored_run_when_the_paper_sampling_did_not_run(tmp_path):
+    """`--variants elastic_anchor --minitron-arch elastic`: (c) distils the anchored run's architectures
+    in the same process (the hybrid parent's pretraining differs between processes, so (b+) and (c) must
+    share one), not the zero-shot search's."""
+    out = tmp_path / "b.json"
+    argv = [a if a != "elastic" else "elastic_anchor" for a in BENCH if a != "--no-minitron"]
+    r = subprocess.run(argv + ["--minitron-arch", "elastic", "--json", str(out)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["B"]["rows"]
+    spec = {m: {row["budget"]: row["spec"] for row in rows if row["method"] == m}
+            for m in ("elastic_anchor", "minitron", "zero_shot")}
+    assert spec["minitron"] == {b: s for b, s in spec["elastic_anchor"].items() if b != "1.0"}
+    assert spec["minitron"] != {b: s for b, s in spec["zero_shot"].items() if b != "1.0"}  # else the test proves nothing

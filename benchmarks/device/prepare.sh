@@ -30,5 +30,8 @@ if [ ! -d $D/mamba/mamba_ssm ]; then  # the Triton SSD kernels of mamba_ssm, wit
   printf 'Metadata-Version: 2.1\nName: mamba_ssm\nVersion: 2.3.2.post1\n' > $D/mamba/mamba_ssm-2.3.2.post1.dist-info/METADATA
   rm -rf "$tmp"
 fi
+# the OpenAI-compatible server's packages for bench_load (LOAD), for the GPU machine's Python 3.12
+[ -d $D/serve_wheels ] || python3 -m pip download -q fastapi uvicorn httpx --only-binary=:all: --python-version 3.12 \
+  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --implementation cp -d $D/serve_wheels
 cp benchmarks/device/run.sh $D/run.sh
 du -sh $D/*

@@ -8,9 +8,10 @@
 #                               session). PAIR and ONE are the older names. A run longer than one call: add
 #                               --state-dir /root/state/NAME --max-train-seconds 420 to its ARGS and repeat the
 #                               call (exit 75: not done yet; the state lives while the machine stays warm)
-#   DEMO                        the GPU demo (issue 15; 289 s with the paper's sampling, ~7 min with the anchor)
+#   DEMO [args]                 the GPU demo (issue 15; 289 s with the paper's sampling, ~7 min with the anchor)
 #   EVALI                       then, machine still warm: eval of its checkpoint with interpolated budgets (issue 13)
-#   BATCHING [args] | SERVE | LOAD  issue 12's serving tables at Nano widths (bench_batching/serve/load --model nano)
+#   BATCHING [args] | SERVE | LOAD  issue 12's serving tables at Nano widths (bench_batching/serve/load --model nano;
+#                               LOAD needs .devcarry/serve_wheels: the server's packages, which the GPU machine lacks)
 #   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled
 #                               (bench_kernels --parts train; needs .devcarry/mamba)
 # The home folder survives between calls while the machine stays warm (30 s); $OUT comes back.
@@ -44,14 +45,15 @@ PAIR|ONE|RUNS) shift  # results are also kept in $H/res, for a later run's --min
     names+=($1); i=$((i + 1)); shift 2
   done
   wait; for f in "${names[@]}"; do grep -v "%|" $OUT/$f.log | tail -n 25; done ;;
-DEMO) join; SECONDS=0; python3 -m star_elastic demo --out $H/demo 2>&1 | grep -v "%|" > $OUT/demo.txt
+DEMO) shift; join; SECONDS=0; python3 -m star_elastic demo --out $H/demo "$@" 2>&1 | grep -v "%|" > $OUT/demo.txt
   echo "demo: $SECONDS s wall" >> $OUT/demo.txt; tail -n 45 $OUT/demo.txt ;;
 EVALI) python3 -m star_elastic eval $H/demo --data wiki --budgets 1.0,0.9,0.75,0.6,0.5 --json $OUT/eval_interpolated.json \
   2>&1 | grep -v "%|" | tail -n 15 ;;
 BATCHING) shift; python3 benchmarks/bench_batching.py --model nano --device cuda --batch-sizes 1,8,32,64 \
   --out $OUT/batching_nano.json "$@" 2>&1 | tail -n 40 ;;  # e.g. --static off --out $OUT/batching_eager.json
 SERVE) python3 benchmarks/bench_serve.py --model nano --device cuda --out $OUT/serve_nano.json 2>&1 | tail -n 40 ;;
-LOAD) python3 benchmarks/bench_load.py --model nano --device cuda --clients 64 --seconds 60 --json $OUT/load_nano.json 2>&1 | tail -n 40 ;;
+LOAD) python3 -m pip install -q --no-index --find-links .devcarry/serve_wheels --target $H/serve fastapi uvicorn httpx
+  PYTHONPATH=$H/serve:$PYTHONPATH python3 benchmarks/bench_load.py --model nano --device cuda --clients 64 --seconds 60 --json $OUT/load_nano.json 2>&1 | tail -n 40 ;;
 KERNELS) shift; PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_kernels.py --parts train \
   --json $OUT/kernels_train.json "$@" 2>&1 | grep -v "%|" | tail -n 40 ;;
 JOIN) join ;;
