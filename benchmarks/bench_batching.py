@@ -3,11 +3,21 @@
 
 For each budget and batch size B, B requests (random prompts of --prompt-len tokens, --new-tokens
 each, EOS ignored so every request writes all of them) are submitted at once to a `BatchedEngine`
-with B slots; tokens/s = B x new tokens / seconds until the last one ends (prefills included). The
-sequential baseline runs the same kind of request through `generate` (what `ElasticEngine` does),
-one after another. "mixed" submits B requests to every budget at once: one server, all budgets.
-Each figure is the median of --reps runs; `greedy_equal` checks the batched tokens against the
-sequential ones.
+with B slots, queued together so that they are admitted together (equal prompt lengths: one prefill
+forward per budget); tokens/s = B x new tokens / seconds until the last one ends (prefills included).
+The sequential baseline runs the same kind of request through `generate` (what `ElasticEngine`
+does), one after another. "mixed" submits B requests to every budget at once: one server, all
+budgets. Each figure is the median of --reps runs; `greedy_equal` checks the batched tokens against
+the sequential ones.
+
+The scheduler's counters split each batched run into admission (prefill forwards and each request's
+first token) and decode steps, the device synchronised at each phase's end (for these runs only):
+decode tok/s = tokens the decode steps wrote (B x (new tokens - 1)) / seconds in decode steps, what
+the batched step itself achieves, also given relative to the full budget's at the same B. At B = 1,
+the decode step against the memory-bandwidth bound: bytes of the budget's active weights
+(common.active_params: all but the embedding table and the unchosen experts) read once per step /
+seconds per step, as a share of --hbm-gbs (default 4800 GB/s, an H200's HBM, on a GPU; on a CPU only
+when given).
 
     python benchmarks/bench_batching.py --smoke
     python benchmarks/bench_batching.py --model tiny --out docs/results/batching_cpu_tiny.json
@@ -35,11 +45,33 @@ from star_elastic.serve.batching import BatchedEngine  # noqa: E402
 
 
 def batched_run(engine: BatchedEngine, budget_prompts: list[tuple[str, torch.Tensor]], new_tokens: int):
-    """Seconds until every request ends, and the tokens of each."""
+    """Seconds until every request ends, the tokens of each, and the scheduler's counters of the run
+    (seconds and tokens in admission and in decode steps)."""
+    sched = engine.scheduler
+    sched.sync_timing = True  # exact phase times: the device synchronised at each phase's end
+    sched.reset_counters()  # idle here: every earlier request has been handed back after its phase
     t0 = common.clock(engine.device)
-    reqs = [engine.submit(b, p, new_tokens, ignore_eos=True) for b, p in budget_prompts]
+    with sched.cond:  # (reentrant) the scheduler takes none of them before all are queued: one admission
+        reqs = [engine.submit(b, p, new_tokens, ignore_eos=True) for b, p in budget_prompts]
     out = [r.wait()[0] for r in reqs]
-    return common.clock(engine.device) - t0, out
+    return common.clock(engine.device) - t0, out, sched.counters()
+
+
+def phases(runs) -> dict:
+    """Median admission and decode seconds over runs, and the median decode-only tokens/s."""
+    counts = [c for _, _, c in runs]
+    rates = [c["decode_tokens"] / c["decode_s"] for c in counts if c["decode_s"] > 0]
+    steps = [c["decode_s"] / c["steps"] for c in counts if c["steps"]]
+    return {"prefill_s": statistics.median(c["prefill_s"] for c in counts),
+            "decode_s": statistics.median(c["decode_s"] for c in counts),
+            "decode_tok_s": statistics.median(rates) if rates else None,
+            "prefill_forwards": counts[0]["prefills"], "decode_steps": counts[0]["steps"],
+            "decode_tokens": counts[0]["decode_tokens"],
+            "step_s": statistics.median(steps) if steps else None}
+
+
+def fmt(x, spec) -> str:
+    return "n/a" if x is None else format(x, spec)
 
 
 def sequential_run(engine: BatchedEngine, budget_prompts: list[tuple[str, torch.Tensor]], new_tokens: int):
@@ -60,13 +92,16 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=32, help="tokens each request writes (EOS ignored)")
     ap.add_argument("--sequential-requests", type=int, default=4, help="requests timed one at a time per budget")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     ap.add_argument("--no-mixed", action="store_true", help="skip the all-budgets-at-once runs")
     ap.add_argument("--static", choices=["auto", "on", "off"], default="auto",
                     help="the engine's static step (every row of the pool; a CUDA graph on a GPU): auto = on a GPU")
+    ap.add_argument("--hbm-gbs", type=float,
+                    help="peak memory bandwidth, GB/s, for the B = 1 decode's share of it (default: 4800, an H200, "
+                         "on a GPU; not reported on a CPU unless given)")
     ap.add_argument("--smoke", action="store_true", help="tiny model, few tokens: a quick check")
     ap.add_argument("--out", help="JSON results file")
     args = ap.parse_args()
@@ -79,6 +114,7 @@ def main():
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or
                                                                   ("bfloat16" if device.type == "cuda" else "float32")]
     sizes = [int(b) for b in args.batch_sizes.split(",")]
+    hbm_gbs = args.hbm_gbs or (4800.0 if device.type == "cuda" else None)
     ckpt_dir = Path(args.ckpt) if args.ckpt else build_checkpoint(
         args.model, args.budgets.split(","), Path(tempfile.mkdtemp(prefix="bench_batching_")) / "ckpt")
     ckpt = load_elastic(ckpt_dir, dtype=dtype, device=device)
@@ -114,36 +150,76 @@ def main():
                 runs[n].append(batched_run(engine(n), [(b, prompts[i]) for i in range(n)], args.new_tokens))
         seq_tok_s = len(work) * args.new_tokens / statistics.median(t for t, _ in seq)
         seq_tokens = seq[0][1]
+        view = engine(1).view(b)
+        active_bytes = common.active_params(view.config, view) * view.lm_head.weight.element_size()
         for n in sizes:
-            tok_s = n * args.new_tokens / statistics.median(t for t, _ in runs[n])
+            tok_s = n * args.new_tokens / statistics.median(t for t, _, _ in runs[n])
             k = min(n, len(seq_tokens))
             equal = runs[n][0][1][:k] == seq_tokens[:k]
-            rows.append({"budget": b, "batch": n, "batched_tok_s": tok_s, "sequential_tok_s": seq_tok_s,
-                         "speedup": tok_s / seq_tok_s, "greedy_equal": equal,
-                         "max_batch": engines[n].scheduler.max_batch})
+            row = {"budget": b, "batch": n, "batched_tok_s": tok_s, "sequential_tok_s": seq_tok_s,
+                   "speedup": tok_s / seq_tok_s, "greedy_equal": equal,
+                   "max_batch": engines[n].scheduler.max_batch, **phases(runs[n]), "active_weight_bytes": active_bytes}
+            if n == 1 and row["step_s"]:  # one token a step: the active weights are read once per token
+                row["decode_gbs"] = active_bytes / row["step_s"] / 1e9
+                row["hbm_fraction"] = row["decode_gbs"] / hbm_gbs if hbm_gbs else None
+            rows.append(row)
             print(f"  budget {b:>6} batch {n:>3}: batched {tok_s:9.1f} tok/s  sequential {seq_tok_s:9.1f} tok/s  "
-                  f"{tok_s / seq_tok_s:5.2f}x  greedy equal: {equal}", flush=True)
+                  f"{tok_s / seq_tok_s:5.2f}x  greedy equal: {equal}; prefill {row['prefill_s'] * 1e3:8.1f} ms "
+                  f"({row['prefill_forwards']} fwd), decode {row['decode_s'] * 1e3:8.1f} ms "
+                  f"({row['decode_steps']} steps): decode {fmt(row['decode_tok_s'], '9.1f')} tok/s", flush=True)
+    for r in rows:  # the decode step of each budget against the full budget's at the same batch size
+        full = next(x for x in rows if x["budget"] == names[0] and x["batch"] == r["batch"])
+        both = r["decode_tok_s"] and full["decode_tok_s"]
+        r["decode_vs_full"] = r["decode_tok_s"] / full["decode_tok_s"] if both else None
     mixed = []
     if not args.no_mixed:
         for n in sizes:
             eng = engine(n)
             batch = [(b, prompts[i]) for i in range(n) for b in names]
             runs = [batched_run(eng, batch, args.new_tokens) for _ in range(args.reps)]
-            tok_s = len(batch) * args.new_tokens / statistics.median(t for t, _ in runs)
+            tok_s = len(batch) * args.new_tokens / statistics.median(t for t, _, _ in runs)
             # one at a time, the same requests take the sum of each budget's sequential time
             seq_s = sum(n * args.new_tokens / r["sequential_tok_s"] for r in rows if r["batch"] == n)
             mixed.append({"batch_per_budget": n, "requests": len(batch), "batched_tok_s": tok_s,
                           "sequential_tok_s": len(batch) * args.new_tokens / seq_s,
-                          "speedup": tok_s * seq_s / (len(batch) * args.new_tokens)})
+                          "speedup": tok_s * seq_s / (len(batch) * args.new_tokens), **phases(runs)})
+            m = mixed[-1]
             print(f"  all budgets at once, {n:>3} each: batched {tok_s:9.1f} tok/s  sequential "
-                  f"{mixed[-1]['sequential_tok_s']:9.1f} tok/s  {mixed[-1]['speedup']:5.2f}x", flush=True)
+                  f"{m['sequential_tok_s']:9.1f} tok/s  {m['speedup']:5.2f}x; prefill {m['prefill_s'] * 1e3:8.1f} ms "
+                  f"({m['prefill_forwards']} fwd), decode {m['decode_s'] * 1e3:8.1f} ms: decode "
+                  f"{fmt(m['decode_tok_s'], '9.1f')} tok/s (every budget's steps together)", flush=True)
+    print(f"\ndecode steps alone (tok/s written by decode steps / seconds in them), x the full budget {names[0]} "
+          "at the same B:")
+    print(f"{'budget':>7} " + " ".join(f"{f'B = {n}':>22}" for n in sizes))
+    for b in names:
+        cells = []
+        for n in sizes:
+            r = next(x for x in rows if x["budget"] == b and x["batch"] == n)
+            cells.append(f"{fmt(r['decode_tok_s'], '9.1f')} ({fmt(r['decode_vs_full'], '5.2f')}x)")
+        print(f"{b:>7} " + " ".join(f"{c:>22}" for c in cells))
+    print("share of the batched time in admission (prefill forwards and first tokens):")
+    print(f"{'budget':>7} " + " ".join(f"{f'B = {n}':>22}" for n in sizes))
+    for b in names:
+        cells = []
+        for n in sizes:
+            r = next(x for x in rows if x["budget"] == b and x["batch"] == n)
+            r["prefill_share"] = r["prefill_s"] / (r["prefill_s"] + r["decode_s"])
+            cells.append(f"{r['prefill_share']:.0%}")
+        print(f"{b:>7} " + " ".join(f"{c:>22}" for c in cells))
+    for r in rows:
+        if r["batch"] == 1 and r.get("decode_gbs") is not None:
+            share = "" if r["hbm_fraction"] is None else f", {r['hbm_fraction']:.1%} of {hbm_gbs:.0f} GB/s"
+            print(f"B = 1 decode, budget {r['budget']}: {r['step_s'] * 1e3:.3f} ms a step, "
+                  f"{r['active_weight_bytes'] / 1e6:.1f} MB of active weights a step = "
+                  f"{r['decode_gbs']:.1f} GB/s{share}")
     for eng in engines.values():
         eng.close()
     result = {"benchmark": "bench_batching", "command": " ".join(["python"] + sys.argv),
               "machine": common.machine(device), "device": str(device), "dtype": str(dtype),
               "threads": torch.get_num_threads(), "model": args.model if not args.ckpt else args.ckpt,
               "params": ckpt.model.num_parameters(), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-              "reps": args.reps, "static_step": next(iter(engines.values())).scheduler.static if engines else None,
+              "reps": args.reps, "hbm_gbs": hbm_gbs,
+              "static_step": next(iter(engines.values())).scheduler.static if engines else None,
               "cuda_graph": next(iter(engines.values())).scheduler.use_graph if engines else None,
               "rows": rows, "mixed": mixed}
     if args.out:

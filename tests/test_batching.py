@@ -1,6 +1,7 @@
 """Continuous batching (serve/batching.py): batched generations equal one-at-a-time ones for mixed
-budgets and prompt lengths (hybrid Mamba / attention / MoE, and Llama), cancelled or disconnected
-requests free their slots while the others go on unchanged, and more requests than slots all finish."""
+budgets and prompt lengths (hybrid Mamba / attention / MoE, and Llama), equal-length prompts admitted
+together share one prefill forward (a failing one fails alone), cancelled or disconnected requests
+free their slots while the others go on unchanged, and more requests than slots all finish."""
 
 import json
 import socket
@@ -201,6 +202,115 @@ def test_a_failing_callback_fails_its_own_request_only(engine, batched):
     with pytest.raises(ValueError, match="client callback failed"):
         bad.wait(60)
     assert good.wait(60) == (want.tokens, want.finish_reason)
+    assert eng.scheduler.active() == 0
+
+
+# ----------------------------------------------------------------------------- batched prefill
+
+
+def held(eng, budget, ids, n):
+    """Submit a request that holds the scheduler thread inside its first token's callback (so every
+    request submitted meanwhile waits for the same admission), and the event that lets it go."""
+    entered, gate = threading.Event(), threading.Event()
+
+    def on_token(tok):
+        entered.set()
+        gate.wait(30)
+        return False
+
+    req = eng.submit(budget, ids, n, on_token=on_token)
+    assert entered.wait(30)
+    return req, gate
+
+
+def shapes_of_calls(model, into):
+    """Record the (batch, tokens) shape of every forward of `model`; the hook's handle."""
+    return model.register_forward_pre_hook(lambda m, args: into.append(tuple(args[0].shape)))
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_requests_admitted_together_are_prefilled_in_groups(engine, batched, static):
+    """Mixed budgets, prompts of three lengths (several of each per budget), some sampled, one
+    finishing at its first token, more than the slots at one budget: admitted in one go, the
+    equal-length prompts of a budget share a forward, and every output is the one-at-a-time one."""
+    g = torch.Generator().manual_seed(3)
+    work = []
+    for i in range(14):
+        t = (3, 6, 6, 9)[i % 4]
+        sampling = {"temperature": 0.9, "top_p": 0.8, "seed": i} if i % 5 == 2 else {}
+        n = 1 if i == 7 else 3 + i % 6
+        work.append((BUDGETS[i % 3], torch.randint(3, 62, (1, t), generator=g), n, sampling))
+    want = sequential(engine, work)
+    gate_work = ("0.75", torch.tensor([[5, 6]]), 3)
+    want_gate = engine.generate(*gate_work).tokens
+    eng = batched(slots=4, static=static)
+    gate_req, gate = held(eng, *gate_work)
+    reqs = [eng.submit(b, ids, n, **kw) for b, ids, n, kw in work]
+    gate.set()
+    assert gate_req.wait(60) == (want_gate, "length")
+    assert [r.wait(60) for r in reqs] == want
+    c = eng.scheduler.counters()
+    assert c["prefilled"] == len(work) + 1 and c["prefills"] < c["prefilled"]  # some shared a forward
+    assert c["prefill_tokens"] == sum(ids.shape[1] for _, ids, _, _ in work) + 2
+    # every token came from a prefill (the first) or a decode step
+    assert c["prefilled"] + c["decode_tokens"] == sum(len(t) for t, _ in want) + len(want_gate)
+    assert eng.scheduler.active() == 0
+
+
+def test_equal_length_prompts_admitted_together_take_one_prefill_forward(engine, batched):
+    """Five prompts of 4 tokens to one budget, queued while a request of that budget runs: one
+    prefill forward of batch 5 (one at a time, it was five of batch 1), on the rows after the
+    running one, which goes on unchanged; every output is the sequential one."""
+    prompts = [torch.tensor([[3 + i, 10 + i, 20 + 2 * i, 40 - i]]) for i in range(5)]
+    want = [engine.generate("0.5", p, 6 + i) for i, p in enumerate(prompts)]
+    want_gate = engine.generate("0.5", torch.tensor([[7, 8]]), 12).tokens
+    model, calls = engine.view("0.5"), []
+    eng = batched(slots=8)
+    hook = shapes_of_calls(model, calls)
+    try:
+        gate_req, gate = held(eng, "0.5", torch.tensor([[7, 8]]), 12)
+        reqs = [eng.submit("0.5", p, 6 + i) for i, p in enumerate(prompts)]
+        gate.set()
+        assert [r.wait(60) for r in reqs] == [(w.tokens, w.finish_reason) for w in want]
+        assert gate_req.wait(60)[0] == want_gate
+    finally:
+        hook.remove()
+    assert [s for s in calls if s[1] > 1] == [(1, 2), (5, 4)]  # the running request's prefill, then the group's
+    assert eng.scheduler.prefills == 2 and eng.scheduler.prefilled == 6
+
+
+def test_a_failing_request_in_a_prefill_group_fails_alone(engine, batched):
+    """Three equal-length prompts join a running request; the middle one makes the forward fail in
+    the last layer (after the earlier layers wrote the group's cache rows). The group is prefilled
+    again one request at a time: only that request fails, the others and the running one give their
+    sequential outputs (their rows zeroed again before the retry)."""
+    good = [torch.tensor([[4, 9, 16, 25]]), torch.tensor([[36, 49, 30, 11]])]
+    bad = torch.tensor([[5, 61, 62, 7]])
+    want = [engine.generate("0.5", p, 8) for p in good]
+    want_gate = engine.generate("0.5", torch.tensor([[7, 8]]), 14).tokens
+    model, calls, seen = engine.view("0.5"), [], {}
+
+    def fail_on_62(m, args):
+        if seen["ids"].shape[1] > 1 and bool((seen["ids"] == 62).any()):
+            raise RuntimeError("this prompt breaks the model")
+
+    eng = batched(slots=4)
+    hooks = [shapes_of_calls(model, calls),
+             model.register_forward_pre_hook(lambda m, args: seen.__setitem__("ids", args[0])),
+             model.model.layers[-1].register_forward_pre_hook(fail_on_62)]
+    try:
+        gate_req, gate = held(eng, "0.5", torch.tensor([[7, 8]]), 14)
+        reqs = [eng.submit("0.5", p, 8) for p in (good[0], bad, good[1])]
+        gate.set()
+        assert reqs[0].wait(60) == (want[0].tokens, want[0].finish_reason)
+        with pytest.raises(RuntimeError, match="this prompt breaks the model"):
+            reqs[1].wait(60)
+        assert reqs[2].wait(60) == (want[1].tokens, want[1].finish_reason)
+        assert gate_req.wait(60)[0] == want_gate
+    finally:
+        for h in hooks:
+            h.remove()
+    assert [s for s in calls if s[1] > 1] == [(1, 2), (3, 4), (1, 4), (1, 4), (1, 4)]  # the group, then each alone
     assert eng.scheduler.active() == 0
 
 

@@ -10,8 +10,12 @@ and wait (`BatchedEngine` has `ElasticEngine`'s methods, each request blocking i
     no gather). Rows and length grow on demand (length in buckets of 256, as `generate`), and an idle
     pool's caches are dropped: memory stays within slots x longest request per budget in use.
   - Join: between steps, waiting requests (FIFO; one whose pool is full waits without blocking other
-    budgets) are prefilled one by one, each alone, into a zeroed row: exactly the computation of
-    sequential `generate`, so prompts of any length need neither padding nor per-row Mamba masking.
+    budgets) are prefilled into zeroed rows. Those admitted together with the same model and the same
+    prompt length form a group, prefilled in one forward over consecutive rows (they are added one
+    after another, so their rows are); different lengths form different groups, so no prompt is padded
+    and no Mamba state needs per-row masking: each row computes what sequential `generate` computes.
+    A group whose forward fails is prefilled again one request at a time, so that only the request at
+    fault fails. First tokens are then handed over in arrival order.
   - Step: one batched forward per model with active sequences (different widths cannot share one),
     each row at its own position (`Model.forward` takes pos (b, t): per-row RoPE, KV writes and
     causal masks; Mamba's one-token update is per row anyway). Then each row samples with its own
@@ -26,12 +30,19 @@ and wait (`BatchedEngine` has `ElasticEngine`'s methods, each request blocking i
     saved before it and put back after. A capture that fails falls back to the eager static step.
 Greedy outputs equal one-at-a-time ones token for token (tests/test_batching.py): the arithmetic per
 row is the same, up to summation order inside batched products and over a longer masked cache. Not
-yet: batched or chunked prefill (a long prompt joining stalls the running sequences for its prefill).
+yet: chunked prefill, or one forward over prompts of different lengths (a long prompt joining stalls
+the running sequences for its prefill).
+
+Counters (`Scheduler.counters()`, for tests and benchmarks): forwards and tokens of prefill and decode,
+and the seconds spent in each phase on the host clock; the device is synchronised at the phase
+boundaries only when `sync_timing` is set (benchmarks), never by default. A request finished during a
+phase is handed back after that phase's time is counted.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 from collections import deque
 
@@ -168,10 +179,12 @@ class SlotPool:
             self._views[(lo, hi)] = _rows(self.cache, lo, hi)
         return self._views[(lo, hi)]
 
-    def reserve(self, length: int):
-        """Room for one more sequence of `length` tokens: grow rows (powers of two up to `slots`) and
-        length (buckets of 256), copying what the active rows hold."""
-        rows = self.rows if self.rows > len(self.active) else min(self.slots, max(1, 2 * self.rows))
+    def reserve(self, length: int, more: int = 1):
+        """Room for `more` sequences (at most `free()`) of up to `length` tokens: grow rows (powers of
+        two up to `slots`) and length (buckets of 256), copying what the active rows hold."""
+        rows, need = max(1, self.rows), len(self.active) + more
+        while rows < need and rows < self.slots:
+            rows = min(self.slots, 2 * rows)
         length = max(self.length, -(-length // 256) * 256)
         if self.cache is not None and (rows, length) == (self.rows, self.length):
             return
@@ -185,6 +198,8 @@ class SlotPool:
         self.cache, self.rows, self.length, self._views, self._static = cache, rows, length, {}, None
 
     def add(self, req: Request):
+        """Give the request the next row, len(active): requests added one after another take
+        consecutive rows (until one is removed)."""
         row = len(self.active)
         for buf in self.buffers():  # a fresh sequence: empty Mamba state, no stale KV
             buf[row].zero_()
@@ -220,8 +235,10 @@ class Scheduler:
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
         self.closed = False
-        self.steps = 0  # batched decode forwards run (for tests and benchmarks)
-        self.max_batch = 0  # the largest batch one of them ran
+        self.max_batch = 0  # the largest batch a decode step ran
+        self.sync_timing = False  # synchronise the device at phase boundaries (benchmarks: exact phase times)
+        self._finished: list[tuple[Request, str | None, BaseException | None]] = []  # handed back after a phase
+        self.reset_counters()
 
     # -------------------------------------------------------------------------- from request threads
 
@@ -244,6 +261,20 @@ class Scheduler:
     def active(self) -> int:
         """Sequences holding a slot now."""
         return sum(len(p.active) for p in list(self.pools.values()))
+
+    def reset_counters(self):
+        """Zero the counters (between benchmark runs, while nothing runs)."""
+        self.steps = 0  # batched decode forwards run
+        self.decode_tokens = 0  # tokens those steps wrote (active rows, not the static step's free ones)
+        self.decode_s = 0.0  # seconds in decode steps (forward, sampling, bookkeeping)
+        self.prefills = 0  # prefill forwards run (a group of equal-length prompts is one)
+        self.prefilled = 0  # requests prefilled (each writes its first token there)
+        self.prefill_tokens = 0  # prompt tokens prefilled
+        self.prefill_s = 0.0  # seconds in admission (reserve, prefill forwards, first tokens)
+
+    def counters(self) -> dict:
+        return {k: getattr(self, k) for k in ("steps", "decode_tokens", "decode_s", "prefills", "prefilled",
+                                               "prefill_tokens", "prefill_s", "max_batch")}
 
     def close(self):
         with self.cond:
@@ -291,32 +322,89 @@ class Scheduler:
             self.pools[key] = SlotPool(model, self.slots)
         return self.pools[key]
 
+    def _clock(self) -> float:
+        if self.sync_timing and torch.device(self.device).type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _finish(self, req: Request, reason: str | None = None, error: BaseException | None = None):
+        """Finish `req` at the end of the current phase (after its time is counted)."""
+        self._finished.append((req, reason, error))
+
+    def _flush(self):
+        done, self._finished = self._finished, []
+        for req, reason, error in done:
+            req.finish(reason, error)
+
     def _admit(self, waiting: list[Request]) -> list[Request]:
-        """Prefill every waiting request that has a free slot; the others are returned, in order."""
-        left = []
-        for req in waiting:
-            if req.cancel.is_set() or req.max_new_tokens <= 0:
-                req.finish()
-                continue
-            pool = self._pool(req.model)
-            if not pool.free():
-                left.append(req)
-                continue
-            try:
-                pool.reserve(len(req.ids) + req.max_new_tokens)
-                pool.add(req)
-                t = len(req.ids)
-                cache = pool.view(req.row, req.row + 1)
-                logits = req.model(req.ids.to(self.device)[None], cache, torch.arange(t, device=self.device),
-                                   last_only=True)
-                req.length = t
-            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
-                if req.row is not None:
-                    pool.remove(req)
-                req.finish(error=e)
-                continue
-            self._emit(pool, req, logits[0, -1])
-        return left
+        """Prefill the waiting requests that have a free slot, first come first served; the others are
+        returned, in order. Those of one model with prompts of one length go in one forward (module
+        doc); then each gets its first token, in arrival order."""
+        t0 = self._clock()
+        try:
+            left, groups, taken = [], {}, {}
+            for req in waiting:
+                if req.cancel.is_set() or req.max_new_tokens <= 0:
+                    req.finish()
+                    continue
+                pool = self._pool(req.model)
+                if taken.get(id(pool), 0) >= pool.free():
+                    left.append(req)
+                    continue
+                taken[id(pool)] = taken.get(id(pool), 0) + 1
+                groups.setdefault((id(pool), len(req.ids)), (pool, []))[1].append(req)
+            first = {}  # id(request) -> logits (vocab,) of its first token
+            for pool, reqs in groups.values():
+                done = self._prefill_group(pool, reqs) if len(reqs) > 1 else self._prefill_one(pool, reqs[0])
+                for req, logits in done:
+                    first[id(req)] = (pool, req, logits)
+            for req in waiting:
+                if id(req) in first:
+                    self._emit(*first[id(req)])
+            return left
+        finally:
+            self.prefill_s += self._clock() - t0
+            self._flush()
+
+    def _prefill(self, pool: SlotPool, reqs: list[Request]) -> torch.Tensor:
+        """One forward over the prompts (all of one length) of requests just added to `pool`, on their
+        rows, which must be consecutive: the logits (n, vocab) of their first tokens."""
+        lo = reqs[0].row
+        if [r.row for r in reqs] != list(range(lo, lo + len(reqs))):
+            raise RuntimeError(f"a prefill group's rows are not consecutive: {[r.row for r in reqs]}")
+        ids = torch.stack([r.ids for r in reqs]).to(self.device)
+        t = ids.shape[1]
+        logits = pool.model(ids, pool.view(lo, lo + len(reqs)), torch.arange(t, device=self.device), last_only=True)
+        for r in reqs:
+            r.length = t
+        self.prefills += 1
+        self.prefilled += len(reqs)
+        self.prefill_tokens += ids.numel()
+        return logits[:, -1]
+
+    def _prefill_one(self, pool: SlotPool, req: Request) -> list[tuple[Request, torch.Tensor]]:
+        try:
+            pool.reserve(len(req.ids) + req.max_new_tokens)
+            pool.add(req)
+            logits = self._prefill(pool, [req])
+        except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+            if req.row is not None:
+                pool.remove(req)
+            self._finish(req, error=e)
+            return []
+        return [(req, logits[0])]
+
+    def _prefill_group(self, pool: SlotPool, reqs: list[Request]) -> list[tuple[Request, torch.Tensor]]:
+        try:
+            pool.reserve(max(len(r.ids) + r.max_new_tokens for r in reqs), more=len(reqs))
+            for r in reqs:
+                pool.add(r)
+            logits = self._prefill(pool, reqs)
+        except Exception:  # noqa: BLE001 - maybe one request's fault: again one at a time, so only it fails
+            for r in sorted((r for r in reqs if r.row is not None), key=lambda r: -r.row):
+                pool.remove(r)  # the last rows first: nothing moves
+            return [x for r in reqs for x in self._prefill_one(pool, r)]
+        return list(zip(reqs, logits))
 
     def _drop_cancelled(self, pool: SlotPool):
         for req in [r for r in pool.active if r.cancel.is_set()]:
@@ -325,17 +413,23 @@ class Scheduler:
 
     def _step(self, pool: SlotPool):
         """One token for every active sequence of the pool: one batched forward."""
-        reqs = list(pool.active)
-        n = len(reqs)
-        tokens = torch.tensor([r.next_token for r in reqs], dtype=torch.long, device=self.device)
-        pos = torch.tensor([r.length for r in reqs], dtype=torch.long, device=self.device)
-        logits = pool.decode(tokens, pos, self.static, self.use_graph and self.static)
-        self.steps += 1
-        self.max_batch = max(self.max_batch, n)
-        greedy = logits.argmax(-1).tolist()
-        for i, req in enumerate(reqs):
-            req.length += 1
-            self._emit(pool, req, logits[i], greedy[i])
+        t0 = self._clock()
+        try:
+            reqs = list(pool.active)
+            n = len(reqs)
+            tokens = torch.tensor([r.next_token for r in reqs], dtype=torch.long, device=self.device)
+            pos = torch.tensor([r.length for r in reqs], dtype=torch.long, device=self.device)
+            logits = pool.decode(tokens, pos, self.static, self.use_graph and self.static)
+            self.steps += 1
+            self.decode_tokens += n
+            self.max_batch = max(self.max_batch, n)
+            greedy = logits.argmax(-1).tolist()
+            for i, req in enumerate(reqs):
+                req.length += 1
+                self._emit(pool, req, logits[i], greedy[i])
+        finally:
+            self.decode_s += self._clock() - t0
+            self._flush()
 
     def _emit(self, pool: SlotPool, req: Request, logits: torch.Tensor, greedy: int | None = None):
         """Sample the request's next token from its logits (vocab,), hand it over, and free the slot
@@ -349,11 +443,11 @@ class Scheduler:
             stop = req.watcher([tok])  # stop strings, on_token (may return True), the cancel event
         except Exception as e:  # noqa: BLE001 - a failing callback ends its own request only
             pool.remove(req)
-            req.finish(error=e)
+            self._finish(req, error=e)
             return
         if stop or len(req.tokens) >= req.max_new_tokens or tok in req.eos:
             pool.remove(req)
-            req.finish()
+            self._finish(req)
         else:
             req.next_token = tok
 
