@@ -9,7 +9,8 @@ total parameters (default 1.0 / 0.75 / 0.5); every row is scored on the same hel
     the frozen sorted parent) serving every budget; each budget is the router's argmax spec,
     sliced out of the trained parent (and, as a check, also scored masked inside it); variants
     (`--variants`): `elastic` the paper's budget sampling, `elastic_anchor` the full model distilled
-    on every step beside one smaller budget (elastify's default), `elastic_small`, `joint_fixed`;
+    on every step beside one smaller budget (elastify's default), `elastic_small`, `joint_fixed`,
+    `joint_anchor` (the last two without a router, on (c)'s architectures);
 (c) Minitron:  each smaller budget on its own: the (a) architecture sliced from the sorted parent,
     distilled from the frozen parent (forward KL, plain AdamW loop, same lr, schedule, batch,
     sequence length and batch order as (b)) for T / (number of smaller budgets) tokens each;
@@ -73,10 +74,21 @@ from star_elastic.model import Model  # noqa: E402
 from star_elastic.train import ElasticTrainer, TrainConfig, adamw, compile_layers, lr_factor  # noqa: E402
 
 METHODS = ("zero_shot", "elastic", "minitron")
-VARIANTS = ("elastic", "elastic_small", "elastic_anchor", "joint_fixed")
+VARIANTS = ("elastic", "elastic_small", "elastic_anchor", "joint_fixed", "joint_anchor")
+FIXED = ("joint_fixed", "joint_anchor")  # no router: (c)'s architectures, trained jointly
+ANCHORED = ("elastic_anchor", "joint_anchor")  # the full model distilled on every step
 LABELS = {"parent": "parent", "zero_shot": "(a) zero-shot", "elastic": "(b) elastic", "minitron": "(c) Minitron",
           "elastic_anchor": "(b+) anchored", "elastic_small": "(b*) small-weighted", "joint_fixed": "(b') fixed arch",
+          "joint_anchor": "(b'+) fixed, anchored",
           "zero_shot_elastic_arch": "(a@b) zero-shot"}
+
+
+def weights(text: str) -> list[float]:
+    """--stage2-weights, --kd-weights, --small-weights: comma-separated numbers (checked as flags are read)."""
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"weights are comma-separated numbers, got {text!r}") from None
 
 
 def parse_args(argv=None):
@@ -111,7 +123,9 @@ def parse_args(argv=None):
     ap.add_argument("--variants", default="elastic,elastic_anchor,joint_fixed",
                     help="trained one-run methods: elastic (router, the paper's sampling), elastic_small (router, "
                          "stage 2 weighted toward the smaller budgets: --small-weights), elastic_anchor (router, the "
-                         "full model distilled every step: elastify's default), joint_fixed (no router: (c)'s architectures)")
+                         "full model distilled every step: elastify's default), joint_fixed (no router: (c)'s architectures), "
+                         "joint_anchor (no router, (c)'s architectures, the full model on every step: what sharing "
+                         "weights with the full model costs each budget, the router left out)")
     ap.add_argument("--warm-start", type=int, default=1,
                     help="1: the router starts from (a)'s architectures (as elastify does); 0: from the cost alone")
     ap.add_argument("--router-estimator", choices=["score", "straight-through"], default="score",
@@ -124,11 +138,18 @@ def parse_args(argv=None):
     ap.add_argument("--router-prior", type=float, default=0.0,
                     help="weight of the pull of each smaller budget's router toward (a)'s architecture, all through "
                          "training (TrainConfig.router_prior; needs --warm-start 1)")
-    ap.add_argument("--small-weights", default="0.2,0.4,0.4", help="stage-2 budget weights of elastic_small")
+    ap.add_argument("--small-weights", type=weights, default="0.2,0.4,0.4", help="stage-2 budget weights of elastic_small")
     ap.add_argument("--no-minitron", action="store_true", help="skip (c) (e.g. when another GPU runs it: --merge)")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="merge the rows of these result files (the same parts, run on several GPUs) into --json")
-    ap.add_argument("--full-anchor", type=float, default=1.0, help="weight of the full model's KD in elastic_anchor")
+    ap.add_argument("--full-anchor", type=float, default=1.0,
+                    help="weight of the full model's KD in elastic_anchor and joint_anchor")
+    ap.add_argument("--stage2-weights", type=weights, metavar="W,W,...",
+                    help="stage-2 budget weights (budget order, the full one first) of every variant but "
+                         "elastic_small (TrainConfig.stage2_weights; anchored variants never draw the full one)")
+    ap.add_argument("--kd-weights", type=weights, metavar="W,W,...",
+                    help="per-budget distillation weights (budget order) of every one-run variant "
+                         "(TrainConfig.budget_kd_weights; default all 1)")
     ap.add_argument("--zero-shot", choices=["search", "shrink"], default="search",
                     help="(a): the best homogeneous architecture over axis combinations by calibration "
                          "perplexity (search), or choose_spec's combined shrink of all axes")
@@ -373,14 +394,23 @@ def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, 
     if device.type == "cuda":
         teacher.to(torch.bfloat16)
 
+    # (c)'s architectures where they are known before (b) runs (recorded in a file, or the nested starts):
+    # the fixed-architecture variants train the same ones, so (b'+) against (c) is like for like
+    c_specs = dict(specs)
+    if args.minitron_arch == "nested":
+        c_specs.update(nested_starts)
+    elif args.minitron_arch not in ("search", "elastic"):
+        c_specs.update(recorded_elastic_specs(args.minitron_arch, part["part"], args.seed, smaller))
+
     # (b) one run of T tokens for every budget, in each variant asked for
     elastic_specs = None
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
         if variant not in VARIANTS:
             raise StarElasticError(f"unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
-        got = one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, steps_b, lr, args, device,
+        got = one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, c_specs if variant in FIXED else specs,
+                      steps_b, lr, args, device,
                       row, methods, tokens_per_step, nested_starts)
-        if variant != "joint_fixed" and (elastic_specs is None or variant == "elastic"):  # the router's choice
+        if variant not in FIXED and (elastic_specs is None or variant == "elastic"):  # the router's choice
             elastic_specs = got
     # (a@b) the router's architectures cut from the untrained sorted parent: how much of (b) is architecture
     for b in smaller:
@@ -390,12 +420,7 @@ def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, 
         row("zero_shot_elastic_arch", b, small, elastic_specs[b.name], score(small, heldouts, args), 0)
         del small
     save()
-    if args.minitron_arch == "elastic" and elastic_specs is not None:
-        specs = elastic_specs
-    elif args.minitron_arch == "nested":  # the router's nested starts (known before (b) runs)
-        specs = {**specs, **nested_starts}
-    elif args.minitron_arch not in ("search", "elastic"):
-        specs = {**specs, **recorded_elastic_specs(args.minitron_arch, part["part"], args.seed, smaller)}
+    specs = elastic_specs if args.minitron_arch == "elastic" and elastic_specs is not None else c_specs
 
     # (c) Minitron-style: each smaller budget alone, T / len(smaller) tokens
     methods["minitron"] = {"tokens": 0, "train_seconds": 0.0, "per_budget": {}}
@@ -426,7 +451,8 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
     sampling, the full budget = the unmasked parent), `elastic_small` (the same, stage 2 weighted
     toward the smaller budgets), `elastic_anchor` (router; every step distils a
     sampled smaller budget and the full model on the same batch), `joint_fixed` (no router: each
-    budget trains (a)'s architecture; what joint training does without architecture search).
+    budget trains (c)'s architecture; what joint training does without architecture search),
+    `joint_anchor` (joint_fixed with the full model on every step: what sharing weights costs a budget).
     Rows per budget; returns the specs it ended with."""
     cfg = sorted_parent.config
     print(f"({LABELS[variant]}): {steps} steps of {args.batch_size} x {args.seq_len} = {steps * tokens_per_step:,} "
@@ -434,16 +460,17 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
     torch.manual_seed(args.seed)
     student = copy.deepcopy(sorted_parent)
     axes = tuple(a for a in args.axes.split(",") if a in applicable_axes(cfg))
-    router = None if variant == "joint_fixed" else Router(cfg, budgets, RouterConfig(axes=axes)).to(device)
+    router = None if variant in FIXED else Router(cfg, budgets, RouterConfig(axes=axes)).to(device)
     fixed = [specs[b.name] for b in budgets] if router is None else None
     tcfg = TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=lr,
                        router_lr=args.router_lr, warmup_steps=max(1, steps // 20), seed=args.seed,
-                       full_anchor=args.full_anchor if variant == "elastic_anchor" else 0.0,
+                       full_anchor=args.full_anchor if variant in ANCHORED else 0.0,
                        router_estimator=args.router_estimator, router_freeze_fraction=args.router_freeze,
                        freeze_select=args.freeze_select,
                        router_prior=args.router_prior if router is not None and args.warm_start else 0.0,
-                       stage2_weights=[float(w) for w in args.small_weights.split(",")] if variant == "elastic_small"
-                       else None, compile="inductor" if args.compile else None)
+                       stage2_weights=args.small_weights if variant == "elastic_small"
+                       else args.stage2_weights, budget_kd_weights=args.kd_weights,
+                       compile="inductor" if args.compile else None)
     tmp = tempfile.TemporaryDirectory(prefix="bench_elastic_")  # metrics.jsonl of ElasticTrainer.run
     # with --state-dir the run keeps its resumable state there, so a run longer than one device call
     # goes on where the last call stopped (--max-train-seconds, or a kill: at most a tenth is redone)

@@ -50,3 +50,31 @@ def test_minitron_arch_elastic_takes_the_anchored_run_when_the_paper_sampling_di
             for m in ("elastic_anchor", "minitron", "zero_shot")}
     assert spec["minitron"] == {b: s for b, s in spec["elastic_anchor"].items() if b != "1.0"}
     assert spec["minitron"] != {b: s for b, s in spec["zero_shot"].items() if b != "1.0"}  # else the test proves nothing
+
+
+def test_joint_anchor_trains_the_recorded_architectures_with_the_full_model_on_every_step(tmp_path):
+    """(b'+) `joint_anchor`: no router, the architectures (c) distils (here recorded from an earlier run),
+    the full model on every step, stage-2 and per-budget KD weights passed through; (c) on the same ones."""
+    recorded = {"0.75": {"hidden_size": 48}, "0.5": {"hidden_size": 32, "n_routed_experts": 7}}
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"seed": 0, "B": {"rows": [{"method": "elastic_anchor", "budget": b, "spec": s}
+                                                             for b, s in recorded.items()]}}))
+    out = tmp_path / "b.json"
+    argv = [a if a != "elastic" else "joint_anchor" for a in BENCH if a != "--no-minitron"]
+    r = subprocess.run(argv + ["--minitron-arch", f"{earlier}:elastic_anchor", "--stage2-weights", "0,3,1",
+                               "--kd-weights", "1,2,1", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    part = json.loads(out.read_text())["B"]
+    spec = {m: {row["budget"]: row["spec"] for row in part["rows"] if row["method"] == m and row["budget"] != "1.0"}
+            for m in ("joint_anchor", "minitron", "zero_shot")}
+    assert spec["joint_anchor"] == spec["minitron"] == recorded != spec["zero_shot"]
+    method = part["methods"]["joint_anchor"]
+    assert method["full_anchor"] == 1.0
+    steps = {row["budget"]: row["steps_sampled"] for row in part["rows"] if row["method"] == "joint_anchor"}
+    assert steps["1.0"] == 0 and steps["0.75"] > steps["0.5"]  # every step a smaller budget, stage 2 tilted
+
+
+def test_malformed_weights_are_one_line_errors():
+    r = subprocess.run(BENCH + ["--stage2-weights", "1,x"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "weights are comma-separated numbers, got '1,x'" in r.stderr
+    assert "Traceback" not in r.stderr
