@@ -158,7 +158,8 @@ def parse_args(argv=None):
                          "run (elastic: the elastic variant's if it ran, else the first variant's), the router's nested starts (nested: the architectures a --router-prior run "
                          "holds, so (c) can run beside it on another GPU), or the (b) architectures recorded in an earlier result file of the same "
                          "part and seed (the like-for-like check when (b) and (c) do not fit in one process; "
-                         "RESULT.json:VARIANT takes another variant's, e.g. :elastic_anchor)")
+                         "RESULT.json:VARIANT takes another variant's, e.g. :elastic_anchor; BUNDLE.json#RUN one run of a "
+                         "session's bundle in docs/results)")
     ap.add_argument("--state-dir", metavar="DIR",
                     help="keep each one-run method's resumable training state under DIR, so that the same command "
                          "run again goes on where a stopped or killed call left it (removed once its rows are in)")
@@ -226,15 +227,23 @@ class Results:
 
 def recorded_elastic_specs(path: str, part_name: str, seed: int, smaller) -> dict:
     """budget name -> the (b) architecture of that budget in an earlier bench_elastic result file.
-    `path` may end in `:VARIANT` (e.g. `B.json:elastic_anchor`) to take another one-run method's rows."""
-    method = "elastic"
+    `path` may end in `:VARIANT` (e.g. `B.json:elastic_anchor`) to take another one-run method's rows,
+    and name one run of a bundle of runs with `#RUN` (`BUNDLE.json#E0:elastic_anchor`)."""
+    method, run = "elastic", None
     head, _, tail = path.rpartition(":")
     if head and tail in VARIANTS:
         path, method = head, tail
+    if "#" in path:  # BUNDLE.json#RUN: one run of a session's bundle (docs/results/elastic_session9_h200.json)
+        path, run = path.rsplit("#", 1)
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise StarElasticError(f"--minitron-arch {path}: cannot read a result file ({e})") from None
+    if run is not None:
+        if run not in data.get("runs", {}):
+            raise StarElasticError(f"--minitron-arch {path}: no run {run!r} in its 'runs' "
+                                   f"(has: {', '.join(data.get('runs', {})) or 'none'})")
+        data = data["runs"][run]
     if data.get("seed") != seed:
         raise StarElasticError(f"--minitron-arch {path}: that run used seed {data.get('seed')}, this one {seed} "
                                "(the seed draws the held-out text, so the rows would not compare)")

@@ -41,3 +41,9 @@ def test_minitron_arch_takes_the_rows_of_the_named_variant(tmp_path):
     assert bench_elastic.recorded_elastic_specs(f"{path}:elastic_anchor", "A", 3, half)["0.5"].intermediate_size == 640
     with pytest.raises(StarElasticError, match="no elastic_small row"):
         bench_elastic.recorded_elastic_specs(f"{path}:elastic_small", "A", 3, half)
+    bundle = tmp_path / "bundle.json"  # a session's runs in one file, as docs/results keeps them
+    bundle.write_text(json.dumps({"runs": {"E0": json.loads(path.read_text())}}))
+    got = bench_elastic.recorded_elastic_specs(f"{bundle}#E0:elastic_anchor", "A", 3, half)
+    assert got["0.5"].intermediate_size == 640
+    with pytest.raises(StarElasticError, match="no run 'E9'.*has: E0"):
+        bench_elastic.recorded_elastic_specs(f"{bundle}#E9", "A", 3, half)
