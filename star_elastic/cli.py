@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--compare", nargs="+", metavar="DIR",
                     help="elastic checkpoint: plain checkpoints (e.g. zero-shot slices) to evaluate and plot beside it")
     sp.add_argument("--verify", action="store_true", help="elastic checkpoint: check every file's sha256 first")
+    sp.add_argument("--fp8-matmul", action="store_true",
+                    help="decoder linear layers multiply in FP8 (per-row scales, torch._scaled_mm; FP8 tensor cores "
+                         "on H100/H200), the rest in --dtype")
     sp.set_defaults(fn=commands.cmd_eval)
 
     sp = sub.add_parser("generate", help="generate text from a prompt")
@@ -60,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top-p", type=float, default=1.0)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    sp.add_argument("--fp8-matmul", action="store_true",
+                    help="decoder linear layers multiply in FP8 (a plain checkpoint; see eval --fp8-matmul)")
     add_generate_budget_args(sp)
     sp.set_defaults(fn=commands.cmd_generate)
     add_serve_parser(sub, model_args)

@@ -48,7 +48,7 @@ def cmd_eval(args):
             raise StarElasticError(f"--{flag} needs an elastic checkpoint; {args.model} has no manifest.json")
     args.split = args.split or "all"
     device = pick_device(args.device)
-    model, tokenizer = load_model_and_tokenizer(args.model, device, pick_dtype(args.dtype, device))
+    model, tokenizer = load_for_inference(args, device)
     stream = eval_tokens(tokenizer, args.data, args.split)
     t0 = time.perf_counter()
     res = perplexity(model, stream, seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens)
@@ -77,7 +77,7 @@ def _eval_checkpoint(args) -> dict:
     result = evaluate_checkpoint(args.model, args.data, budgets=args.budgets, compare=args.compare or (),
                                  split=args.split or "heldout", seq_len=args.seq_len, batch_size=args.batch_size,
                                  max_tokens=args.max_tokens, device=device, dtype=pick_dtype(args.dtype, device),
-                                 verify=args.verify)
+                                 verify=args.verify, fp8_matmul=args.fp8_matmul)
     path, split = result["checkpoint"], result["split"]
     print(f"{len(result['budgets'])} budget(s) of {path} on {result['tokens']} tokens ({split} split of {args.data}, "
           f"windows of {args.seq_len}); agreement and KL against the parent")
@@ -93,6 +93,24 @@ def _eval_checkpoint(args) -> dict:
     return result
 
 
+def load_for_inference(args, device):
+    """(model, tokenizer) for eval / generate: as `load_model_and_tokenizer`; with --fp8-matmul, read in
+    float32 (an FP8 checkpoint's stored values then requantise exactly), then every decoder linear layer
+    multiplies in FP8 (fp8.use_fp8_matmuls), the rest computing in --dtype."""
+    compute = pick_dtype(args.dtype, device)
+    if not getattr(args, "fp8_matmul", False):
+        return load_model_and_tokenizer(args.model, device, compute)
+    import torch
+
+    from .fp8 import use_fp8_matmuls
+    model, tokenizer = load_model_and_tokenizer(args.model, device, torch.float32)
+    done = use_fp8_matmuls(model, compute)
+    _log(f"FP8 matmuls in {done['swapped']} linear layers ({done['bytes'] / 2**20:.1f} MiB of FP8 weights and scales)"
+         + (f"; {len(done['kept'])} kept in {str(compute).removeprefix('torch.')} (sizes not multiples of 16)"
+            if done["kept"] else ""))
+    return model, tokenizer
+
+
 def cmd_generate(args):
     import torch
 
@@ -100,9 +118,13 @@ def cmd_generate(args):
     from .serve.cli import cmd_generate_budget, wants_budget
 
     if wants_budget(args):  # a budget (or two) of an elastic checkpoint: serve/cli.py
+        if args.fp8_matmul:
+            from .errors import StarElasticError
+            raise StarElasticError("--fp8-matmul runs a plain checkpoint (slice the budget first: `star-elastic slice "
+                                   "CKPT --budget B --out DIR`); budget views do not take FP8 matmuls yet")
         return cmd_generate_budget(args)
     device = pick_device(args.device)
-    model, tokenizer = load_model_and_tokenizer(args.model, device, pick_dtype(args.dtype, device))
+    model, tokenizer = load_for_inference(args, device)
     ids = encode_prompt(tokenizer, args.prompt, chat=not args.raw)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     out = generate(model, ids.to(device), args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

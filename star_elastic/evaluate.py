@@ -155,12 +155,23 @@ def model_costs(cfg, memory_settings: dict | None = None) -> dict:
 
 def evaluate_budgets(ckpt, stream: torch.Tensor, names: list[str], compare: dict | None = None,
                      seq_len: int = 1024, batch_size: int = 4, max_tokens: int | None = None,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, fp8_matmul: torch.dtype | None = None) -> dict:
     """Every named budget (and every `compare` model, name -> model) against the parent on `stream`:
-    `compare_models`' quality numbers plus the manifest's parameters / active parameters / memory."""
+    `compare_models`' quality numbers plus the manifest's parameters / active parameters / memory.
+    `fp8_matmul` (a compute dtype): every budget and compared model runs FP8 matmuls (fp8.py; a whole-
+    parent budget on a copy), against the parent in that dtype."""
     entries = {b["name"]: b for b in ckpt.manifest["budgets"]}
     models = budget_models(ckpt, names)
     compare = compare or {}
+    if fp8_matmul is not None:
+        import copy
+
+        from .fp8 import use_fp8_matmuls
+        for group in (models, compare):
+            for name, m in group.items():
+                group[name] = m = copy.deepcopy(m) if m is ckpt.model else m
+                use_fp8_matmuls(m, fp8_matmul)
+        ckpt.model.to(fp8_matmul)
     clash = sorted(set(models) & set(compare))
     if clash:
         from .errors import StarElasticError
@@ -213,12 +224,15 @@ def format_table(result: dict) -> str:
 
 def evaluate_checkpoint(path, data: str, *, budgets: str | list[str] | None = None, compare=(),
                         split: str = "heldout", seq_len: int = 1024, batch_size: int = 4,
-                        max_tokens: int | None = None, device=None, dtype=None, verify: bool = False) -> dict:
+                        max_tokens: int | None = None, device=None, dtype=None, verify: bool = False,
+                        fp8_matmul: bool = False) -> dict:
     """`star-elastic eval CKPT` without the command line: every budget of the elastic checkpoint at
     `path` (`budgets`: comma-separated names or a list, each checked against the manifest before the
     weights load; None: all) and every plain checkpoint directory in `compare` (same vocabulary
     needed), each against the unsliced parent on the `split` of `data` (a file or corpus name).
-    `dtype` None: as stored; `device` None: the CPU; `verify`: every file's sha256 first. Returns
+    `dtype` None: as stored; `device` None: the CPU; `verify`: every file's sha256 first; `fp8_matmul`:
+    every budget with FP8 matmuls (fp8.use_fp8_matmuls) computing in `dtype` (None: float32 on the CPU,
+    bfloat16 on a GPU), the weights read in float32 first so that an FP8 checkpoint's come back exact. Returns
     the record the command prints (`format_table`) and writes: the settings, then
     `evaluate_budgets`' `budgets` and `compare`."""
     from .elastic.checkpoint import load_elastic, read_manifest
@@ -231,6 +245,10 @@ def evaluate_checkpoint(path, data: str, *, budgets: str | list[str] | None = No
         budgets = ",".join(str(b) for b in budgets)
     names = select_budgets(read_manifest(path), budgets, path)
     device = torch.device("cpu" if device is None else device)
+    compute = dtype
+    if fp8_matmul:
+        compute = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        dtype = torch.float32
     ckpt = load_elastic(path, dtype=dtype, device=device, verify=verify)
     if ckpt.tokenizer is None:
         raise StarElasticError(f"{path}: no tokenizer files next to the weights")
@@ -243,11 +261,13 @@ def evaluate_checkpoint(path, data: str, *, budgets: str | list[str] | None = No
         models[Path(d).resolve().name] = model
     stream = eval_tokens(ckpt.tokenizer, data, split)
     t0 = time.perf_counter()
-    result = evaluate_budgets(ckpt, stream, names, models, seq_len, batch_size, max_tokens)
+    result = evaluate_budgets(ckpt, stream, names, models, seq_len, batch_size, max_tokens,
+                              fp8_matmul=compute if fp8_matmul else None)
     return {"checkpoint": str(path), "data": data, "split": split, "seq_len": seq_len,
             "tokens": next(iter(result["budgets"].values()))["tokens"], "device": str(device),
             "dtype": str(ckpt.model.lm_head.weight.dtype).removeprefix("torch."),
             "reference": "the parent (full, unsliced)", "seconds": round(time.perf_counter() - t0, 2),
+            **({"fp8_matmul": True} if fp8_matmul else {}),
             "memory_settings": ckpt.manifest.get("memory_settings"), **result}
 
 

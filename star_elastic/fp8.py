@@ -29,8 +29,13 @@ nest: a kept head of 64 rows shares a block with a dropped one, and kept units o
 do not line up into whole blocks.
 
 Our loader (`hf.load`, hence eval / generate / serve / validate) dequantises on load
-(`dequantize_tensors`; any `weight_block_size`, per tensor or per block, is read). FP8 matmuls on a
-GPU are not used yet: the model computes in the dtype it is loaded in.
+(`dequantize_tensors`; any `weight_block_size`, per tensor or per block, is read). FP8 matmuls are
+applied from outside, after loading, the way gpt-fast swaps in quantised modules: `use_fp8_matmuls`
+replaces each decoder linear layer by an `FP8Linear` holding its per-row FP8 weight and scales and
+multiplying with `torch._scaled_mm` (activations quantised per token on the fly; H100/H200 run it on
+their FP8 tensor cores, and the CPU has the same op). Loaded in float32, an FP8 checkpoint's weights
+requantise to exactly the stored FP8 values and scales (the row maximum is 448 x scale). `eval` and
+`generate` take `--fp8-matmul`. Stacked MoE experts keep the dequantised grouped GEMM.
 
 `star-elastic convert SRC --dtype fp8 --out DST` (convert.py) writes the FP8 copy of a checkpoint
 directory, plain or elastic (router, importance scores and tokenizer copied, the manifest's
@@ -43,6 +48,7 @@ import math
 import re
 
 import torch
+import torch.nn as nn
 
 from .errors import StarElasticError
 
@@ -247,3 +253,74 @@ def quantize_state(state: dict[str, torch.Tensor], config: dict) -> tuple[dict[s
         else:
             out[k] = t
     return out, {**config, "quantization_config": quantization_config(widest)}
+
+
+# ----------------------------------------------------------------------------- FP8 matmuls
+
+FP8_MATMUL_MULTIPLE = 16  # torch._scaled_mm on GPUs: both dimensions of the weight a multiple of 16
+
+
+class FP8Linear(nn.Module):
+    """`x @ (q * scale).T + bias` with the product in FP8: the weight q (out, in) float8_e4m3fn with one
+    float32 scale per output row (this module's `weight_scale_inv`, (1, out)), each token of x quantised
+    to e4m3 with its own scale, then `torch._scaled_mm` with both row-wise scales, out in bfloat16 (what
+    GPUs support for row-wise scales), returned in x's dtype."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("weight", q)
+        self.register_buffer("weight_scale_inv", scale.float().reshape(1, -1))
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        amax = flat.abs().amax(-1, keepdim=True).float()
+        sx = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        xq = (flat.float() / sx).clamp(-FP8_MAX, FP8_MAX).to(self.weight.dtype)
+        y = torch._scaled_mm(xq, self.weight.t(), scale_a=sx, scale_b=self.weight_scale_inv,
+                             out_dtype=torch.bfloat16).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def use_fp8_matmuls(model: nn.Module, dtype: torch.dtype | None = None) -> dict:
+    """Swap every linear layer that FP8 checkpoints quantise (`is_quantized`: attention, MLP, Mamba
+    in/out, shared experts, latent projections) for an `FP8Linear` of its weight quantised per row
+    (`quantize`), in place; then cast everything else to `dtype` (None: left as it is). A layer whose
+    sizes are not multiples of 16 (what GPUs' FP8 matmul takes) stays as it is. Inference only: the
+    model can no longer be trained, masked or saved. Returns {"swapped": n, "kept": [names], "bytes":
+    bytes of FP8 weights and scales}."""
+    fp8_dtype()
+    if not hasattr(torch, "_scaled_mm"):
+        raise StarElasticError(f"FP8 matmuls need torch._scaled_mm, which torch {torch.__version__} lacks")
+    swapped, kept, nbytes = 0, [], 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is not nn.Linear or not is_quantized(f"{full}.weight"):
+                continue
+            if child.in_features % FP8_MATMUL_MULTIPLE or child.out_features % FP8_MATMUL_MULTIPLE:
+                kept.append(full)
+                continue
+            q, scale = quantize(child.weight, full)
+            new = FP8Linear(q, scale, child.bias)
+            setattr(module, child_name, new)
+            swapped += 1
+            nbytes += q.numel() + scale.numel() * 4
+    if dtype is not None:
+        for module in model.modules():
+            if isinstance(module, FP8Linear):
+                if module.bias is not None:
+                    module.bias.data = module.bias.data.to(dtype)
+                continue
+            for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+                if t.is_floating_point():
+                    t.data = t.data.to(dtype)
+    if hasattr(model, "hf_config"):
+        model.fp8_matmuls = True  # what was swapped cannot be saved back as it was
+    return {"swapped": swapped, "kept": kept, "bytes": nbytes}

@@ -524,6 +524,9 @@ def save_pretrained(model: Model, out, tokenizer=None, max_shard_bytes: int = SH
     `dtype`: a floating-point dtype to write the weights in (None: as the model holds them), e.g. a
     bf16 parent's checkpoint after training in fp32 master weights."""
     out = Path(out)
+    if getattr(model, "fp8_matmuls", False):
+        raise StarElasticError("a model with FP8 matmuls (fp8.use_fp8_matmuls) is for inference; save the model "
+                               "as loaded, or write FP8 with `star-elastic convert CKPT --dtype fp8`")
     hf = config if config is not None else config_to_hf(model.config, getattr(model, "hf_config", None))
     quantize = fp8.is_fp8_config(hf)
     sharded = parallel.is_sharded(model)

@@ -466,3 +466,78 @@ def test_convert_command(ckpts, tmp_path, capsys):
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["dtype"]["dtype"] == "float32"
     a, b = load_elastic(tmp_path / "b", verify=True).model.state_dict(), load_elastic(f8, dtype=torch.float32).model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- FP8 matmuls (fp8.use_fp8_matmuls)
+
+def test_fp8_linear_is_the_product_of_the_quantised_operands():
+    """FP8Linear = (x quantised per token) @ (w quantised per row).T, scaled back, plus the bias: the same
+    as that product done by hand in float32, to bfloat16's rounding; and near the float layer."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    x = torch.randn(2, 5, 64)
+    layer = fp8.FP8Linear(*fp8.quantize(lin.weight), lin.bias)
+    xq, sx = fp8.quantize(x.reshape(-1, 64))  # per token: the same rule as per weight row
+    by_hand = fp8.dequantize(xq, sx) @ fp8.dequantize(*fp8.quantize(lin.weight)).T + lin.bias
+    y = layer(x)
+    assert y.shape == (2, 5, 48) and y.dtype == x.dtype
+    assert rel_err(y.reshape(-1, 48), by_hand) < 4e-3  # bfloat16 output
+    assert 1e-3 < rel_err(y, lin(x)) < 0.06  # e4m3 on both operands: a few percent, never exact
+
+
+def test_fp8_matmuls_keep_an_fp8_checkpoints_own_values(ckpts):
+    """Read in float32, an FP8 checkpoint's linear weights requantise to exactly its stored FP8 values and
+    scales; layers whose sizes GPUs' FP8 matmul cannot take (not multiples of 16) stay as they are; the
+    logits stay near the dequantised model's."""
+    for family in ("llama", "nemotron_h"):
+        _, f8 = ckpts[family]
+        ref = hf.load(f8, dtype=torch.float32)
+        model = hf.load(f8, dtype=torch.float32)
+        done = fp8.use_fp8_matmuls(model)
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, fp8.FP8Linear)}
+        assert len(layers) == done["swapped"] > 0
+        assert done["bytes"] == sum(m.weight.numel() + 4 * m.weight_scale_inv.numel() for m in layers.values())
+        for name in done["kept"]:
+            kept = model.get_submodule(name)
+            assert type(kept) is torch.nn.Linear and (kept.in_features % 16 or kept.out_features % 16)
+        x = ids()
+        assert rel_err(model(x), ref(x)) < 2 * fp8_tolerance(model)
+        if family == "llama":  # our names are the checkpoint's: compare with the stored tensors
+            stored = tensors(f8)
+            for name, m in layers.items():
+                assert same(m.weight, stored[f"{name}.weight"]), name
+                assert torch.equal(m.weight_scale_inv.reshape(-1, 1), stored[f"{name}.weight_scale_inv"]), name
+
+
+def test_cli_eval_and_generate_with_fp8_matmuls(ckpts, tmp_path, capsys):
+    """`eval --fp8-matmul` of an elastic checkpoint (every budget) and of a sliced budget, and
+    `generate --fp8-matmul`; the perplexities near the dequantised runs'; budget views refuse it."""
+    bf16, f8 = ckpts["llama"]
+    words = tmp_path / "words.txt"
+    words.write_text("\n\n".join(" ".join(f"w{(s + j) % 60}" for j in range(30)) for s in range(0, 60, 3)))
+    runs = {}
+    for flag in ([], ["--fp8-matmul"]):
+        out = tmp_path / f"e{len(flag)}.json"
+        assert cli_main(["eval", str(f8), "--data", str(words), "--seq-len", "16", "--max-tokens", "128",
+                         "--json", str(out)] + flag) == 0
+        runs[bool(flag)] = json.loads(out.read_text())
+    assert runs[True].get("fp8_matmul") is True and "fp8_matmul" not in runs[False]
+    for name, r in runs[False]["budgets"].items():
+        assert abs(runs[True]["budgets"][name]["perplexity"] / r["perplexity"] - 1) < 0.1, name
+    assert runs[True]["budgets"]["1.0"]["kl_from_full"] > 0  # the reference is the parent itself, unquantised
+    assert cli_main(["slice", str(bf16), "--budget", "0.5", "--out", str(tmp_path / "half")]) == 0
+    capsys.readouterr()
+    assert cli_main(["eval", str(tmp_path / "half"), "--data", str(words), "--seq-len", "16", "--max-tokens", "64",
+                     "--fp8-matmul"]) == 0
+    seen = capsys.readouterr()
+    assert "FP8 matmuls in" in seen.err + seen.out and "perplexity" in seen.out
+    assert cli_main(["generate", str(tmp_path / "half"), "--prompt", "w1 w2 w3", "--raw", "--max-new-tokens", "4",
+                     "--fp8-matmul"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert cli_main(["generate", str(f8), "--budget", "0.5", "--prompt", "w1", "--raw", "--fp8-matmul"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--fp8-matmul runs a plain checkpoint" in err[0]
+    model = hf.load(f8, dtype=torch.float32)
+    fp8.use_fp8_matmuls(model)
+    one_line_error(lambda: hf.save_pretrained(model, tmp_path / "nope"), "FP8 matmuls", "inference")
+    assert not (tmp_path / "nope").exists()

@@ -12,6 +12,7 @@
 #   EVALI                       then, machine still warm: eval of its checkpoint with interpolated budgets (issue 13)
 #   BATCHING [args] | SERVE | LOAD  issue 12's serving tables at Nano widths (bench_batching/serve/load --model nano;
 #                               LOAD needs .devcarry/serve_wheels: the server's packages, which the GPU machine lacks)
+#   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
 #   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled
 #                               (bench_kernels --parts train; needs .devcarry/mamba)
 # The home folder survives between calls while the machine stays warm (30 s); $OUT comes back.
@@ -56,5 +57,8 @@ LOAD) python3 -m pip install -q --no-index --find-links .devcarry/serve_wheels -
   PYTHONPATH=$H/serve:$PYTHONPATH python3 benchmarks/bench_load.py --model nano --device cuda --clients 64 --seconds 60 --json $OUT/load_nano.json 2>&1 | tail -n 40 ;;
 KERNELS) shift; PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_kernels.py --parts train \
   --json $OUT/kernels_train.json "$@" 2>&1 | grep -v "%|" | tail -n 40 ;;
+FP8) join; for f in "" --fp8-matmul; do  # SmolLM2 held-out perplexity and tok/s, dequantised vs FP8 matmuls
+  python3 -m star_elastic eval --data wiki --split heldout --max-tokens 65536 --json $OUT/fp8_eval${f:+_matmul}.json $f \
+    2>&1 | grep -v "%|" | tail -n 3; done ;;
 JOIN) join ;;
 esac
