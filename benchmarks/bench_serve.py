@@ -9,6 +9,9 @@ Measured side by side in one run, on one machine:
   5. elastic budget control: think with the smallest budget, answer with the full one, vs the full
      model for both (same token counts: speed does not depend on what the tokens say)
   6. F.linear / bmm on strided weight views vs contiguous copies (no silent per-call copy)
+  7. compact views (the default) against grouped ones (--compact both): where a budget keeps heads per
+     group outside the serving head order, compact views copy those parts once (views.copied_bytes,
+     reported per budget next to the parent's and the sliced copy's size) and run plain GEMMs
 
 Without --ckpt it builds its own checkpoint, untrained (quality does not matter for speed): the
 parent (SmolLM2-135M, or a random hybrid Nemotron-H with --model hybrid, or a tiny one with --smoke)
@@ -18,6 +21,7 @@ with budget architectures from the zero-shot search. Imports neither FastAPI nor
     python benchmarks/bench_serve.py --model smollm2 --out docs/results/serve_cpu_smollm2.json
     python benchmarks/bench_serve.py --device cuda --model hybrid --out docs/results/serve_h100_hybrid.json
     python benchmarks/bench_serve.py --device cuda --model hybrid --grouped-views   # the layout before the serving order
+    python benchmarks/bench_serve.py --device cuda --model nano --grouped-views --compact both  # copies vs grouped bmm
 
 Views run over the parent in the engine's serving head order (serve/views.py) where every budget allows it.
 """
@@ -46,7 +50,7 @@ from star_elastic.elastic.slicing import export  # noqa: E402
 from star_elastic.generate import generate  # noqa: E402
 from star_elastic.model import Model, ModelConfig  # noqa: E402
 from star_elastic.serve.order import serving_order_fits, use_serving_order  # noqa: E402
-from star_elastic.serve.views import budget_view, shares_storage  # noqa: E402
+from star_elastic.serve.views import GroupedLinear, PartsConv1d, budget_view, copied_bytes, shares_storage  # noqa: E402
 
 HYBRID = dict(vocab_size=32000, hidden_size=1536, layer_types="M*M-MEM*M-ME", num_attention_heads=16,
               num_key_value_heads=4, head_dim=96, intermediate_size=4096, mamba_num_heads=32, mamba_head_dim=64,
@@ -156,6 +160,9 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny model, few tokens: a quick CPU check")
     ap.add_argument("--grouped-views", action="store_true",
                     help="keep the parent's head order (grouped bmm views), not the engine's serving order")
+    ap.add_argument("--compact", choices=["on", "off", "both"], default="both",
+                    help="views with compact copies of grouped parts (on, the engine's default), grouped bmm views "
+                         "(off), or both side by side (the first row of each budget is compact)")
     ap.add_argument("--out", help="JSON results file")
     args = ap.parse_args()
     if args.smoke:
@@ -187,32 +194,48 @@ def main():
         use_serving_order(parent)
     print(f"serving head order: {'on' if serving_order else 'off'}", flush=True)
 
-    # 2. switch latency: a view is built once (then cached); the alternative loads the sliced budget from disk
-    views, build_ms = {}, {}
-    for n in names:
-        t = common.timed(lambda: views.__setitem__(n, budget_view(parent, specs[n])), device)
-        build_ms[n] = t * 1e3
-    # 3. memory: one parent + every view, against every budget loaded standalone
-    if device.type == "cuda":
-        serving_bytes = torch.cuda.memory_allocated() - base_mem
-    else:
-        serving_bytes = storage_bytes(parent, *views.values())
-    assert all(shares_storage(v, parent) for v in views.values())
-    sliced, standalone_bytes, load_s = {}, 0, {}
+    # 2. switch latency: a view is built once (then cached); the alternative loads the sliced budget from disk.
+    # The first mode's views (compact, unless --compact off) are the ones the memory figure counts
+    modes = {"on": [True], "off": [False], "both": [True, False]}[args.compact]
+    views, build_ms = {c: {} for c in modes}, {c: {} for c in modes}
+    for c in modes:
+        for n in names:
+            t = common.timed(lambda: views[c].__setitem__(n, budget_view(parent, specs[n], compact=c)), device)
+            build_ms[c][n] = t * 1e3
+        if c == modes[0]:
+            # 3. memory: one parent + every view (the copies of compact views included), against every
+            # budget loaded standalone
+            if device.type == "cuda":
+                serving_bytes = torch.cuda.memory_allocated() - base_mem
+            else:
+                serving_bytes = storage_bytes(parent, *views[c].values())
+    assert all(shares_storage(v, parent) for vs in views.values() for v in vs.values())
+    grouped_parts = {c: {n: [k for k, m in v.named_modules() if isinstance(m, (GroupedLinear, PartsConv1d))]
+                         for n, v in views[c].items()} for c in modes}
+    sliced, standalone_bytes, load_s, sliced_bytes = {}, 0, {}, {}
     if serving_order:  # slice the parent as loaded (the views, in place, are back in order below)
         use_serving_order(parent, False)
     for n in names:
         before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
         sliced[n] = slice_model(parent, specs[n]).eval().requires_grad_(False)
         standalone_bytes += (torch.cuda.memory_allocated() - before) if device.type == "cuda" else storage_bytes(sliced[n])
+        sliced_bytes[n] = storage_bytes(sliced[n])
         export(sliced[n].cpu() if device.type == "cuda" else sliced[n], work / f"sliced-{n}")
         if device.type == "cuda":
             sliced[n] = sliced[n].to(device)
         load_s[n] = common.timed(lambda: load(work / f"sliced-{n}", dtype=dtype, device=device), device)
     if serving_order:
         use_serving_order(parent)
-    print(f"memory: all {len(names)} budgets from one checkpoint {serving_bytes / 2**20:.1f} MiB, each loaded standalone "
+    parent_bytes = storage_bytes(parent)
+    print(f"memory: all {len(names)} budgets from one checkpoint {serving_bytes / 2**20:.1f} MiB "
+          f"({'compact' if modes[0] else 'grouped'} views, copies included), each loaded standalone "
           f"{standalone_bytes / 2**20:.1f} MiB (ratio {serving_bytes / standalone_bytes:.3f})", flush=True)
+    for n in names:
+        for c in modes:
+            v = views[c][n]
+            print(f"  budget {n}, compact {'on' if c else 'off'}: copied {copied_bytes(v) / 2**20:.2f} MiB "
+                  f"({len(v.copied)} tensors) next to the parent's {parent_bytes / 2**20:.1f} MiB and the sliced copy's "
+                  f"{sliced_bytes[n] / 2**20:.1f} MiB; grouped modules: {len(grouped_parts[c][n])}", flush=True)
 
     # 1 + 4. tokens/s: view vs sliced, every budget vs the full model
     g = torch.Generator().manual_seed(0)
@@ -220,28 +243,45 @@ def main():
     prompt = torch.randint(3, V, (1, args.prompt_len), generator=g).to(device)
     rows = []
     for n in names:
-        v, s = views[n], sliced[n]
-        gen_t = side_by_side({"view": lambda: generate(v, prompt, args.new_tokens),
-                              "sliced": lambda: generate(s, prompt, args.new_tokens)}, args.reps, device)
+        s = sliced[n]
+        # views of both modes and the sliced copy, interleaved; a mode whose views hold no grouped part
+        # (no copies either) is the same model as compact off, so only the first such is timed
+        timed = [c for c in modes if c == modes[0] or grouped_parts[c][n] or grouped_parts[modes[0]][n]]
+        gen_fns = {c: (lambda v=views[c][n]: generate(v, prompt, args.new_tokens)) for c in timed}
+        gen_t = side_by_side({**gen_fns, "sliced": lambda: generate(s, prompt, args.new_tokens)}, args.reps, device)
         with torch.no_grad():
-            pre_t = side_by_side({"view": lambda: v(prompt, last_only=True),
+            pre_t = side_by_side({**{c: (lambda v=views[c][n]: v(prompt, last_only=True)) for c in timed},
                                   "sliced": lambda: s(prompt, last_only=True)}, args.reps, device)
-        same = torch.equal(generate(v, prompt, args.new_tokens), generate(s, prompt, args.new_tokens))
-        rows.append({"budget": n, "params": v.num_parameters(),
-                     "decode_tok_s_view": args.new_tokens / gen_t["view"], "decode_tok_s_sliced": args.new_tokens / gen_t["sliced"],
-                     "decode_ratio": gen_t["sliced"] / gen_t["view"],
-                     "prefill_tok_s_view": args.prompt_len / pre_t["view"], "prefill_tok_s_sliced": args.prompt_len / pre_t["sliced"],
-                     "prefill_ratio": pre_t["sliced"] / pre_t["view"], "greedy_equal": same,
-                     "view_build_ms": build_ms[n], "standalone_load_ms": load_s[n] * 1e3})
-        print(f"  budget {n}: decode view {rows[-1]['decode_tok_s_view']:.1f} tok/s vs sliced "
-              f"{rows[-1]['decode_tok_s_sliced']:.1f} ({rows[-1]['decode_ratio']:.3f}x); prefill "
-              f"{rows[-1]['prefill_ratio']:.3f}x; greedy equal: {same}", flush=True)
+        want = generate(s, prompt, args.new_tokens)
+        per_mode = {}
+        for c in modes:
+            v, t = views[c][n], (c if c in timed else modes[0])
+            per_mode["on" if c else "off"] = {
+                "decode_tok_s_view": args.new_tokens / gen_t[t], "decode_ratio": gen_t["sliced"] / gen_t[t],
+                "prefill_tok_s_view": args.prompt_len / pre_t[t], "prefill_ratio": pre_t["sliced"] / pre_t[t],
+                "greedy_equal": torch.equal(generate(v, prompt, args.new_tokens), want),
+                "copied_bytes": copied_bytes(v), "copied": list(v.copied), "grouped_modules": len(grouped_parts[c][n]),
+                "timed_separately": c in timed, "view_build_ms": build_ms[c][n]}
+        first = per_mode["on" if modes[0] else "off"]
+        rows.append({"budget": n, "params": views[modes[0]][n].num_parameters(), "compact": modes[0],
+                     "decode_tok_s_view": first["decode_tok_s_view"], "decode_tok_s_sliced": args.new_tokens / gen_t["sliced"],
+                     "decode_ratio": first["decode_ratio"],
+                     "prefill_tok_s_view": first["prefill_tok_s_view"], "prefill_tok_s_sliced": args.prompt_len / pre_t["sliced"],
+                     "prefill_ratio": first["prefill_ratio"], "greedy_equal": first["greedy_equal"],
+                     "view_build_ms": first["view_build_ms"], "standalone_load_ms": load_s[n] * 1e3,
+                     "copied_bytes": first["copied_bytes"], "parent_bytes": parent_bytes, "sliced_bytes": sliced_bytes[n],
+                     "modes": per_mode})
+        for m, r in per_mode.items():
+            print(f"  budget {n}, compact {m}: decode view {r['decode_tok_s_view']:.1f} tok/s vs sliced "
+                  f"{rows[-1]['decode_tok_s_sliced']:.1f} ({r['decode_ratio']:.3f}x); prefill "
+                  f"{r['prefill_ratio']:.3f}x; greedy equal: {r['greedy_equal']}"
+                  f"{'' if r['timed_separately'] else ' (the same views as compact on: no grouped part)'}", flush=True)
     full = rows[0]["decode_tok_s_view"]
     for r in rows:
         r["decode_vs_full"] = r["decode_tok_s_view"] / full
 
     # 5. think small, answer large vs the full model for both (fixed token counts, no EOS)
-    small, big = views[names[-1]], views[names[0]]
+    small, big = views[modes[0]][names[-1]], views[modes[0]][names[0]]
 
     def think_answer():
         thought = generate(small, prompt, args.think_tokens)
@@ -256,14 +296,17 @@ def main():
     # 6. strided views in the matrix products themselves
     mm = matmul_checks(parent, device, dtype, [1, args.prompt_len], args.reps)
 
-    print(f"\n{'budget':>7} {'params':>9} {'decode view':>12} {'sliced':>9} {'view/sliced':>11} {'prefill v/s':>11} "
-          f"{'vs full':>8} {'view build':>11} {'load sliced':>12}")
+    print(f"\n{'budget':>7} {'compact':>7} {'params':>9} {'decode view':>12} {'sliced':>9} {'view/sliced':>11} "
+          f"{'prefill v/s':>11} {'vs full':>8} {'view build':>11} {'load sliced':>12} {'copied':>10} {'sliced copy':>11}")
     for r in rows:
-        print(f"{r['budget']:>7} {r['params'] / 1e6:>8.1f}M {r['decode_tok_s_view']:>8.1f} t/s {r['decode_tok_s_sliced']:>9.1f} "
-              f"{r['decode_ratio']:>10.3f}x {r['prefill_ratio']:>10.3f}x {r['decode_vs_full']:>7.2f}x "
-              f"{r['view_build_ms']:>8.1f} ms {r['standalone_load_ms']:>9.1f} ms")
-    print(f"memory: one checkpoint serving every budget {serving_bytes / 2**20:.1f} MiB vs standalone "
-          f"{standalone_bytes / 2**20:.1f} MiB ({serving_bytes / standalone_bytes:.3f}x)")
+        for m, x in r["modes"].items():
+            print(f"{r['budget']:>7} {m:>7} {r['params'] / 1e6:>8.1f}M {x['decode_tok_s_view']:>8.1f} t/s "
+                  f"{r['decode_tok_s_sliced']:>9.1f} {x['decode_ratio']:>10.3f}x {x['prefill_ratio']:>10.3f}x "
+                  f"{x['decode_tok_s_view'] / full:>7.2f}x {x['view_build_ms']:>8.1f} ms {r['standalone_load_ms']:>9.1f} ms "
+                  f"{x['copied_bytes'] / 2**20:>6.2f} MiB {r['sliced_bytes'] / 2**20:>7.1f} MiB")
+    print(f"memory: one checkpoint serving every budget {serving_bytes / 2**20:.1f} MiB "
+          f"(parent {parent_bytes / 2**20:.1f} MiB + copies {sum(r['copied_bytes'] for r in rows) / 2**20:.2f} MiB) "
+          f"vs standalone {standalone_bytes / 2**20:.1f} MiB ({serving_bytes / standalone_bytes:.3f}x)")
     print(f"think {names[-1]} ({args.think_tokens} tok) -> answer {names[0]} ({args.answer_tokens} tok): "
           f"{think['seconds_think_answer']:.2f} s vs full only {think['seconds_full']:.2f} s ({think['speedup']:.2f}x faster)")
     for r in mm:
@@ -272,13 +315,14 @@ def main():
     result = {"machine": {"device": str(device), "name": common.machine(device),
                           "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": str(dtype)},
               "command": " ".join(sys.argv), "checkpoint": str(ckpt_dir), "model": args.model if not args.ckpt else None,
-              "parent_params": parent.num_parameters(), "serving_order": serving_order,
+              "parent_params": parent.num_parameters(), "serving_order": serving_order, "compact": args.compact,
               "specs": {n: specs[n].to_dict() for n in names},
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "reps": args.reps, "budgets": rows,
               "memory": {"serving_bytes": serving_bytes, "standalone_bytes": standalone_bytes,
-                         "ratio": serving_bytes / standalone_bytes,
-                         "parent_bytes": storage_bytes(parent), "how": "cuda.memory_allocated" if device.type == "cuda" else "distinct tensor storages"},
+                         "ratio": serving_bytes / standalone_bytes, "parent_bytes": parent_bytes,
+                         "copied_bytes": {r["budget"]: r["copied_bytes"] for r in rows},
+                         "sliced_bytes": sliced_bytes, "how": "cuda.memory_allocated" if device.type == "cuda" else "distinct tensor storages"},
               "think_answer": think, "matmul": mm}
     if args.out:
         common.write_json(args.out, result)

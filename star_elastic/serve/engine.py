@@ -3,7 +3,9 @@
 `ElasticEngine` holds the parent once and a budget view per budget (views.py), built on first use
 and kept: switching budgets copies no weights. Caches are sized for each view's own config
 (`generate` makes them from the view). Where every budget keeps every KV group, the parent's heads
-are put in serving order at load (order.py), so that views run plain matrix products.
+are put in serving order at load (order.py), so that views run plain matrix products; elsewhere a
+budget that keeps heads per group holds compact copies of those layers' parts (`compact_views`, on by
+default: views.py's module doc), so its views still run plain matrix products.
 
 Concurrency: `generate` keeps one set of decode caches (and CUDA graph) per model, so two
 sequences decoding on the same view at once would overwrite each other's KV / Mamba state. This
@@ -73,7 +75,8 @@ class StopWatcher:
 class ElasticEngine:
     """Every budget of one elastic checkpoint, from one copy of the weights."""
 
-    def __init__(self, ckpt: ElasticCheckpoint, serving_order: bool = True):
+    def __init__(self, ckpt: ElasticCheckpoint, serving_order: bool = True, compact_views: bool = True):
+        self.compact_views = compact_views  # copy the parts a grouped bmm would run (views.budget_view)
         self.ckpt, self.parent, self.tokenizer = ckpt, ckpt.model.eval(), ckpt.tokenizer
         self.budgets = budget_names(ckpt.manifest)
         # heads rank-major, once, before any view: every budget's heads become a plain prefix (order.py).
@@ -87,12 +90,16 @@ class ElasticEngine:
         self.view_lock = threading.Lock()  # a view is built once, even when requests ask for it at once
 
     @classmethod
-    def load(cls, path, device=None, dtype=None) -> "ElasticEngine":
+    def load(cls, path, device=None, dtype=None, compact_views: bool = True) -> "ElasticEngine":
+        """compact_views=False: views of budgets with heads kept per group run grouped bmm products
+        over the parent's tensors instead of holding copies of those parts (views.budget_view)."""
         ckpt = load_elastic(path, dtype=dtype, device=device)
         if ckpt.tokenizer is None:
             raise StarElasticError(f"{path}: no tokenizer files in the checkpoint")
         ckpt.model.requires_grad_(False)
-        return cls(ckpt)
+        engine = cls(ckpt)  # subclasses (BatchedEngine) take their own constructor arguments
+        engine.compact_views = compact_views  # read when views are built, on first use
+        return engine
 
     @property
     def device(self):
@@ -121,7 +128,8 @@ class ElasticEngine:
                                            "channels, which views of this server's head order cannot express; "
                                            "slice it to a checkpoint instead")
                 # the parent itself for a budget that keeps everything: one set of caches, not two
-                self.views[budget] = self.parent if not spec.to_dict() else budget_view(self.parent, spec)
+                self.views[budget] = self.parent if not spec.to_dict() else budget_view(self.parent, spec,
+                                                                                        compact=self.compact_views)
             return self.views[budget]
 
     # ------------------------------------------------------------------------- generation

@@ -17,6 +17,16 @@ Two layouts no strided view expresses are copied instead, once, when the view is
 in `view.copied`: Mamba channels (mamba_head_dim) cut together with heads per group, and routed
 experts cut inside several router groups (n_group > 1).
 
+Compact views (`compact=True`, the default): the grouped bmm runs at 0.36-0.49x a contiguous GEMM
+(an H200 at Nano shapes, docs/RESULTS.md), so wherever a part would run as a `GroupedLinear` or
+`PartsConv1d` (attention's q_proj rows and o_proj columns with query heads kept per KV group; Mamba's
+in_proj rows, conv channels and out_proj columns with heads kept per group, outside the serving head
+order) the view holds a copy of exactly the sliced model's tensor (`take`), made once when the view
+is built, and the layer runs plain nn.Linear / conv as the sliced model does. Copies are listed in
+`view.copied` and `copied_bytes(view)` gives their size; parts that are plain strided views (k/v_proj,
+o_proj's bias, Mamba's per-head vectors and norm weight) stay views. `compact=False` keeps the
+grouped modules (no copy; for comparison).
+
 Serving head order (order.py): where every budget keeps every KV group and all Mamba channels, the
 engine stores the parent's heads rank-major at load, and every budget's heads become plain prefixes,
 so views of such a parent are plain 2-D views with the serving-order modules of order.py.
@@ -132,7 +142,7 @@ def _set(module: nn.Module, name: str, t: torch.Tensor | None):
         setattr(module, name, _param(t))
 
 
-def _attention(dst: Attention, src: Attention, h: int):
+def _attention(dst: Attention, src: Attention, h: int, copy=None):
     hd, kv, per = src.head_dim, dst.num_kv_heads, dst.num_heads // dst.num_kv_heads
     for name in ("k_proj", "v_proj"):
         s, d = getattr(src, name), getattr(dst, name)
@@ -156,6 +166,10 @@ def _attention(dst: Attention, src: Attention, h: int):
     if qw.dim() == 2:  # whole KV groups (or a single one): a plain prefix of rows and of columns
         _set(dst.q_proj, "weight", qw), _set(dst.q_proj, "bias", qb)
         _set(dst.o_proj, "weight", ow), _set(dst.o_proj, "bias", ob)
+    elif copy is not None:  # compact: the sliced model's q_proj and o_proj weights, one matrix each
+        _set(dst.q_proj, "weight", copy("q_proj.weight"))
+        _set(dst.q_proj, "bias", None if qb is None else copy("q_proj.bias"))
+        _set(dst.o_proj, "weight", copy("o_proj.weight")), _set(dst.o_proj, "bias", ob)
     else:
         dst.q_proj = GroupedLinear([qw], [qb])
         dst.o_proj = GroupedLinear([ow], [ob], in_groups=True)
@@ -170,7 +184,7 @@ def _mlp(dst: MLP, src: MLP, h: int):
     _set(dst.down_proj, "bias", None if src.down_proj.bias is None else src.down_proj.bias[:h])
 
 
-def _mamba(dst: Mamba2, src: Mamba2, h: int):
+def _mamba(dst: Mamba2, src: Mamba2, h: int, copy=None):
     G, P, d_inner, bc = src.n_groups, src.head_dim, src.d_inner, 2 * src.n_groups * src.state_size
     per = dst.num_heads // G
 
@@ -192,6 +206,10 @@ def _mamba(dst: Mamba2, src: Mamba2, h: int):
         _set(dst.in_proj, "bias", None if src.in_proj.bias is None else src.in_proj.bias[:rows])
         _set(dst.conv1d, "weight", src.conv1d.weight[:channels])
         _set(dst.conv1d, "bias", None if src.conv1d.bias is None else src.conv1d.bias[:channels])
+    elif copy is not None:  # compact: the sliced model's in_proj rows and conv channels, one tensor each
+        for name in ("in_proj.weight", "in_proj.bias", "conv1d.weight", "conv1d.bias"):
+            mod, leaf = name.split(".")
+            _set(getattr(dst, mod), leaf, None if getattr(getattr(src, mod), leaf) is None else copy(name))
     else:  # in_proj rows [z | x | B | C | dt] and conv channels [x | B | C]: the heads' parts side by side
         r = src.rows  # model.mamba_in_proj_rows
         BC = slice(r["B"].start, r["C"].stop)
@@ -214,6 +232,8 @@ def _mamba(dst: Mamba2, src: Mamba2, h: int):
     ow = src.out_proj.weight[:h, :dst.d_inner] if rank_major else heads(src.out_proj.weight[:h], 1)
     if ow.dim() == 2:
         _set(dst.out_proj, "weight", ow), _set(dst.out_proj, "bias", ob)
+    elif copy is not None:  # compact: the sliced model's out_proj columns
+        _set(dst.out_proj, "weight", copy("out_proj.weight")), _set(dst.out_proj, "bias", ob)
     else:
         dst.out_proj = GroupedLinear([ow], [ob], in_groups=True)
 
@@ -243,14 +263,38 @@ def _copied(parent: Model, spec: ElasticSpec, old: int, prefix: str) -> dict[str
     return out
 
 
+def _copier(view: Model, parent: Model, idx: dict, old: int, new: int, module: str):
+    """copy(name): the sliced model's tensor `name` of parent layer `old`'s `module` (as `slice_model`
+    takes it: `take`, a copy), listed in `view.copied` under the view's layer `new`."""
+    def copy(name: str) -> torch.Tensor:
+        full = f"model.layers.{old}.{module}.{name}"
+        t = parent.get_parameter(full)
+        part = take(full, t, parent.config, idx)
+        view.copied.append(f"model.layers.{new}.{module}.{name}")
+        return part.clone() if part.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() else part
+    return copy
+
+
+def copied_bytes(view: Model) -> int:
+    """Bytes of the tensors a view holds as copies (`view.copied`), beyond the parent's storage."""
+    copied = set(getattr(view, "copied", []))
+    return sum(t.numel() * t.element_size() for n, t in list(view.named_parameters()) + list(view.named_buffers())
+               if n in copied)
+
+
 @torch.no_grad()
-def budget_view(parent: Model, spec: ElasticSpec) -> Model:
-    """The submodel of `spec` over the parent's own tensors (views, no copies; see the module doc).
+def budget_view(parent: Model, spec: ElasticSpec, compact: bool = True) -> Model:
+    """The submodel of `spec` over the parent's own tensors (views; see the module doc).
     Computes what `slice_model(parent, spec)` computes. The parent must stay as it is while views of
-    it are in use (sorting or re-loading it in place would change every view)."""
+    it are in use (sorting or re-loading it in place would change every view).
+
+    compact: parts that would run as a grouped bmm (heads kept per group outside the serving head
+    order) are copied once into the sliced model's contiguous tensors, listed in `view.copied`
+    (`copied_bytes`); False keeps them as grouped views (`GroupedLinear`, `PartsConv1d`), no copies."""
     pcfg = parent.config
     cfg = spec.config(pcfg)
     sizes = spec.sizes(pcfg)
+    idx = spec.indices(pcfg) if compact else None
     with torch.device("meta"):
         view = Model(cfg)
     view.copied = []  # names of tensors that are copies (layouts no view expresses)
@@ -266,7 +310,8 @@ def budget_view(parent: Model, spec: ElasticSpec) -> Model:
         if isinstance(src, LlamaLayer):
             _set(dst.input_layernorm, "weight", src.input_layernorm.weight[:h])
             _set(dst.post_attention_layernorm, "weight", src.post_attention_layernorm.weight[:h])
-            _attention(dst.self_attn, src.self_attn, h)
+            _attention(dst.self_attn, src.self_attn, h,
+                       _copier(view, parent, idx, old, new, "self_attn") if compact else None)
             _mlp(dst.mlp, src.mlp, h)
             continue
         _set(dst.norm, "weight", src.norm.weight[:h])
@@ -287,9 +332,9 @@ def budget_view(parent: Model, spec: ElasticSpec) -> Model:
                     setattr(mod, leaf, _param(t.clone()))
                 view.copied.append(f"model.layers.{new}.{name}")
         elif kind == "*":
-            _attention(dst.mixer, src.mixer, h)
+            _attention(dst.mixer, src.mixer, h, _copier(view, parent, idx, old, new, "mixer") if compact else None)
         elif kind == "M":
-            _mamba(dst.mixer, src.mixer, h)
+            _mamba(dst.mixer, src.mixer, h, _copier(view, parent, idx, old, new, "mixer") if compact else None)
         elif kind == "-":
             _mlp(dst.mixer, src.mixer, h)
         else:
