@@ -130,6 +130,9 @@ def parse_args(argv=None):
                     help="1: the router starts from (a)'s architectures (as elastify does); 0: from the cost alone")
     ap.add_argument("--router-estimator", choices=["score", "straight-through"], default="score",
                     help="how distillation reaches the router (TrainConfig.router_estimator)")
+    ap.add_argument("--train-on", choices=["drawn", "argmax"], default="drawn",
+                    help="router variants: the model trains the router's draw (the paper's) or its in-band argmax, "
+                         "the draw then only scored for the router (TrainConfig.train_on)")
     ap.add_argument("--router-freeze", type=float, default=0.0,
                     help="the last share of the steps trains each budget's in-band argmax, the router fixed")
     ap.add_argument("--freeze-select", type=int, default=8,
@@ -475,6 +478,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                        router_lr=args.router_lr, warmup_steps=max(1, steps // 20), seed=args.seed,
                        full_anchor=args.full_anchor if variant in ANCHORED else 0.0,
                        router_estimator=args.router_estimator, router_freeze_fraction=args.router_freeze,
+                       train_on=args.train_on,
                        freeze_select=args.freeze_select,
                        router_prior=args.router_prior if router is not None and args.warm_start else 0.0,
                        stage2_weights=args.small_weights if variant == "elastic_small"
@@ -549,6 +553,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
             final_kd=sum(kd) / len(kd) if kd else None)
     methods[variant] = {"tokens": steps * tokens_per_step, "steps": steps, "train_seconds": round(train_s, 1),
                         "eval_seconds": round(clock(device) - t, 1), "full_anchor": tcfg.full_anchor,
+                        "train_on": tcfg.train_on,
                         "tokens_per_s": round(steps * tokens_per_step / train_s), "peak_gpu_gib": peak,
                         "selection": trainer.selection, "argmax_trajectory": trajectory,
                         "resumed_at_step": start or None,

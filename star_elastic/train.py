@@ -88,6 +88,10 @@ class TrainConfig:
     budget_kd_weights: list[float] | None = None  # per-budget KD weight (budget order); None: all 1
     budget_order: str = "even"  # "even": each budget gets its share of the steps up to a step or two (a
     #                             low-discrepancy sequence); "random": independent draws, the paper's
+    train_on: str = "drawn"  # which of a smaller budget's architectures the model trains each step: "drawn" (the
+    #                          router's draw, the paper's) or "argmax" (the router's current choice, nested and in
+    #                          band: what would be exported; the draw is then only scored, without gradient, for the
+    #                          router's quality term, so a far draw explores without training the model on it)
     full_anchor: float = 0.0  # >0: every step also distils the full model on the same batch (sandwich rule);
     #                           the budget sampler then draws only the smaller budgets (equally in stage 2 too,
     #                           unless stage2_weights says otherwise)
@@ -236,6 +240,11 @@ class ElasticTrainer:
         # step already, so by default the smaller budgets share stage 2 equally, as they share stage 1
         self.stage2 = cfg.stage2_weights or ([1.0] * len(budgets) if cfg.full_anchor
                                              else default_stage2_weights(len(budgets)))
+        if cfg.train_on not in ("drawn", "argmax"):
+            raise StarElasticError(f"train_on is 'drawn' or 'argmax', got {cfg.train_on!r}")
+        if cfg.train_on == "argmax" and cfg.router_estimator != "score":
+            raise StarElasticError("train_on='argmax' needs the score-function router (router_estimator='score'): "
+                                   "straight-through masks carry the router's gradient through the drawn architecture")
         if cfg.budget_order not in ("even", "random"):
             raise StarElasticError(f"budget_order is 'even' or 'random', got {cfg.budget_order!r}")
         if cfg.budget_cost not in ("drawn", "expected"):
@@ -413,6 +422,12 @@ class ElasticTrainer:
 
         decision = self.router(b, mode=self.cfg.router_mode, generator=self.gumbel, estimator=self.cfg.router_estimator,
                                accept=acceptable, fallback=nearest_in_band)
+        decision.trained = decision.choice
+        if self.cfg.train_on == "argmax":  # the router's own choice trains; the draw is scored only
+            argmax = self.router.argmax_choice(decision.probs)
+            decision.trained = argmax if acceptable(argmax) else nearest_in_band(argmax)
+            if decision.trained != decision.choice:
+                return {k: v.to(self.device) for k, v in self.router.hard_masks(decision.trained).items()}, decision
         return {k: v.to(self.device) for k, v in decision.masks.items()}, decision
 
     @property
@@ -558,18 +573,21 @@ class ElasticTrainer:
         """How far a cost is outside the budget's band, relative to its target (0 inside)."""
         return float(budget_loss(cost, budget, self.cfg.loss.band))
 
-    def _baseline_kd(self, x, teacher: HeadInput, decision, logs: dict) -> torch.Tensor | None:
-        """The score-function baseline: the distillation loss of the router's argmax architecture on
-        the same batch (no gradient). Scored against it, a draw is judged by its architecture, not by
-        how hard the batch is. None when there is no score term, or the draw is the argmax (no signal)."""
+    def _other_kd(self, x, teacher: HeadInput, decision, logs: dict) -> torch.Tensor | None:
+        """The distillation loss (no gradient) of the architecture this step does not train, on the same
+        batch: with train_on "drawn", the score-function baseline, the router's argmax (scored against
+        it, a draw is judged by its architecture, not by how hard the batch is); with "argmax", the
+        draw, scored against the trained argmax. None when there is no score term, or the draw is
+        the argmax (no signal)."""
         if decision is None or decision.log_prob is None:
             return None
-        argmax = self.router.argmax_choice(decision.probs)
+        argmax = self.router.argmax_choice(decision.probs) if self.cfg.train_on == "drawn" else decision.trained
         logs["drawn_is_argmax"] = float(argmax == decision.choice)
         if argmax == decision.choice:
             logs["advantage"] = 0.0
             return None
-        with torch.no_grad(), masked(self.model, {k: v.to(self.device) for k, v in self.router.hard_masks(argmax).items()}):
+        other = argmax if self.cfg.train_on == "drawn" else decision.choice
+        with torch.no_grad(), masked(self.model, {k: v.to(self.device) for k, v in self.router.hard_masks(other).items()}):
             return kd_loss(self._head(self.model, x), teacher)
 
     def train_step(self) -> dict:
@@ -596,18 +614,19 @@ class ElasticTrainer:
             with torch.no_grad():
                 teacher = self._head(self.teacher, x)
             masks, decision = self._decide(b, budget)
-            if decision is not None:
-                key = tuple(sorted(decision.choice.items()))
+            if decision is not None:  # the architecture the model trains this step
+                key = tuple(sorted(decision.trained.items()))
                 self.arch_steps[b][key] = self.arch_steps[b].get(key, 0) + 1
             step_logs = {}
             router_loss = self._router_loss(b, budget, decision, step_logs)
-            baseline = self._baseline_kd(x, teacher, decision, step_logs)
+            other = self._other_kd(x, teacher, decision, step_logs)
             with masked(self.model, masks or {}):
                 student = self._head(self.model, x)
                 losses = task_loss(student, teacher, x, replace(cfg.loss, kd=cfg.loss.kd * self.kd_weights[b]))
                 total = losses["total"] + (router_loss if router_loss is not None else 0.0)
-                if baseline is not None:  # the router's quality term: this draw against the argmax
-                    drawn_kd = losses["kd"] if "kd" in losses else kd_loss(student.detach(), teacher)
+                if other is not None:  # the router's quality term: this draw against the argmax
+                    trained_kd = losses["kd"] if "kd" in losses else kd_loss(student.detach(), teacher)
+                    drawn_kd, baseline = (trained_kd, other) if cfg.train_on == "drawn" else (other, trained_kd)
                     drawn_kd, baseline = self._global_mean(drawn_kd, baseline)  # the advantage of the whole batch
                     a = advantage(drawn_kd, baseline) + cfg.router_band_penalty * (
                         self._off_band(budget, step_logs["cost_fraction"] * budget.full)

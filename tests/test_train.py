@@ -651,3 +651,58 @@ def test_the_tensorboard_writer_is_closed_when_training_ends_or_fails(tmp_path, 
     with pytest.raises(RuntimeError, match="a step failed"):
         t2.run(progress=False)
     assert made[1].closed
+
+
+@pytest.mark.parametrize("train_on", ["drawn", "argmax"])
+def test_train_on_picks_the_architecture_that_gets_the_gradient(tmp_path, monkeypatch, train_on):
+    """A smaller budget's step trains one architecture and scores the other without gradient: the draw
+    and its argmax baseline (train_on "drawn", the paper's), or the router's in-band argmax, scored
+    against the draw (train_on "argmax": a far draw explores without training the model on it; SmolLM2,
+    H200: draws of 3 of 9 attention heads logged distillation losses of 3-6 against ~0.6 and their
+    budgets fell behind (c)). Either way the draw's advantage reaches the router, and the trained one
+    is what `arch_steps` counts."""
+    import star_elastic.train as train_mod
+
+    calls, decisions = [], []
+    real_masked = train_mod.masked
+
+    def spy(model, masks):
+        calls.append((torch.is_grad_enabled(), {k: v.detach().clone() for k, v in masks.items()}))
+        return real_masked(model, masks)
+
+    monkeypatch.setattr(train_mod, "masked", spy)
+    t = trainer(tmp_path, train_on=train_on, router_warmup_steps=0, entropy_floor=0.0)
+    real_decide = t._decide
+    t._decide = lambda b, budget: (out := real_decide(b, budget), decisions.append((b, out[1])))[0]
+    with torch.no_grad():
+        for p in t.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a student away from the teacher: KD > 0
+    for _ in range(60):
+        calls.clear(), decisions.clear()
+        log = t.train_step()
+        if log["budget"] != "1.0" and log["drawn_is_argmax"] == 0:
+            break
+    else:
+        pytest.fail("no step drew away from the argmax")
+    (b, decision), = decisions
+    if train_on == "drawn":  # the draw trains, its argmax baseline is scored
+        trained, scored = decision.choice, t.router.argmax_choice(decision.probs)
+    else:  # the argmax (nested and in band: projected there if need be) trains, the draw is scored
+        trained, scored = decision.trained, decision.choice
+        cost = t.cost.cost("params", t.router.arch_of(trained))
+        assert abs(cost / t.budgets[b].target - 1) <= t.cfg.loss.band
+    assert trained != scored and decision.trained == trained
+    (graded,), (no_grad,) = [m for g, m in calls if g], [m for g, m in calls if not g]
+    for got, choice in ((graded, trained), (no_grad, scored)):
+        want = t.router.hard_masks(choice)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert t.arch_steps[b].get(tuple(sorted(trained.items()))) == 1 and sum(t.arch_steps[b].values()) == 1
+    assert log["advantage"] != 0 and log["router_grad_norm"] > 1e-6
+
+
+def test_train_on_is_checked():
+    for kw, words in ((dict(train_on="best"), "train_on"),
+                      (dict(train_on="argmax", router_estimator="straight-through"), "score-function")):
+        model, teacher, router, budgets, rows, cfg, _ = make(**kw)
+        with pytest.raises(StarElasticError, match=words):
+            ElasticTrainer(model, teacher, router, budgets, rows, cfg, "/tmp/unused")

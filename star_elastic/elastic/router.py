@@ -116,6 +116,7 @@ class RouterOutput:
     choice: dict[str, int] = field(default_factory=dict)
     chosen_arch: Arch | None = None  # the sizes of the choices taken: the architecture the masks run
     log_prob: torch.Tensor | None = None  # sum over slots of log p(choice): the score-function path
+    trained: dict[str, int] | None = None  # the choice the model trains (the trainer's train_on: drawn or argmax)
 
 
 class Router(nn.Module):
