@@ -12,6 +12,10 @@ Measured side by side in one run, on one machine:
   7. compact views (the default) against grouped ones (--compact both): where a budget keeps heads per
      group outside the serving head order, compact views copy those parts once (views.copied_bytes,
      reported per budget next to the parent's and the sliced copy's size) and run plain GEMMs
+  8. a diagnostic of the view/sliced decode gap (--contiguous-views, off by default): each budget below the
+     full model's view again, with only some of its strided tensors replaced by contiguous copies (the
+     routed experts' up/down weights, the non-contiguous Linear/conv weights, or every non-contiguous
+     tensor), timed against the sliced copy as in 1; the parent is left untouched
 
 Without --ckpt it builds its own checkpoint, untrained (quality does not matter for speed): the
 parent (SmolLM2-135M, or a random hybrid Nemotron-H with --model hybrid, or a tiny one with --smoke)
@@ -22,6 +26,7 @@ with budget architectures from the zero-shot search. Imports neither FastAPI nor
     python benchmarks/bench_serve.py --device cuda --model hybrid --out docs/results/serve_h100_hybrid.json
     python benchmarks/bench_serve.py --device cuda --model hybrid --grouped-views   # the layout before the serving order
     python benchmarks/bench_serve.py --device cuda --model nano --grouped-views --compact both  # copies vs grouped bmm
+    python benchmarks/bench_serve.py --device cuda --model nano --contiguous-views none,experts,linear,all
 
 Views run over the parent in the engine's serving head order (serve/views.py) where every budget allows it.
 """
@@ -35,6 +40,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -48,7 +54,7 @@ from star_elastic.elastic.router import Router  # noqa: E402
 from star_elastic.elastic.search import DEFAULT_AXES, applicable_axes, choose_spec  # noqa: E402
 from star_elastic.elastic.slicing import export  # noqa: E402
 from star_elastic.generate import generate  # noqa: E402
-from star_elastic.model import Model, ModelConfig  # noqa: E402
+from star_elastic.model import Experts, Model, ModelConfig  # noqa: E402
 from star_elastic.serve.order import serving_order_fits, use_serving_order  # noqa: E402
 from star_elastic.serve.views import GroupedLinear, PartsConv1d, budget_view, copied_bytes, shares_storage  # noqa: E402
 
@@ -107,6 +113,88 @@ def storage_bytes(*models) -> int:
     return sum(seen.values())
 
 
+CONTIGUOUS_MODES = ("none", "experts", "linear", "all")
+
+
+def tensor_pointers(model: nn.Module) -> dict:
+    """(data_ptr, shape, stride) of every named parameter and buffer: equal before and after means untouched."""
+    return {n: (t.data_ptr(), tuple(t.shape), t.stride()) for n, t in
+            list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))}
+
+
+@torch.no_grad()
+def contiguous_copies(view: Model, mode: str) -> tuple[list[str], int]:
+    """Replace, in `view`'s own modules only, the chosen non-contiguous tensors by contiguous copies:
+    `experts` the routed experts' up/down weights (MoE layers), `linear` every nn.Linear and nn.Conv1d
+    weight, `all` every parameter and buffer; `none` nothing. The parent's tensors (which the view's
+    were views of) are not written. A tensor shared by several modules (tied weights) gets one copy,
+    which every holder then holds.
+    The names are appended to `view.copied` (so `shares_storage` still holds). Returns (names, bytes
+    of the copies)."""
+    if mode not in CONTIGUOUS_MODES:
+        raise ValueError(f"contiguous-views mode {mode!r}: one of {', '.join(CONTIGUOUS_MODES)}")
+    nbytes, done = 0, {}
+    for _, m in view.named_modules():
+        if mode == "experts":
+            chosen = ["up_proj", "down_proj"] if isinstance(m, Experts) else []
+        elif mode == "linear":
+            chosen = ["weight"] if isinstance(m, (nn.Linear, nn.Conv1d)) else []
+        else:
+            chosen = list(m._parameters) + list(m._buffers) if mode == "all" else []
+        for leaf in chosen:
+            t = m._parameters[leaf] if leaf in m._parameters else m._buffers[leaf]
+            if t is None or t.is_contiguous() or id(t) in done:
+                continue
+            c = t.detach().clone(memory_format=torch.contiguous_format)
+            done[id(t)] = (t, nn.Parameter(c, requires_grad=False) if isinstance(t, nn.Parameter) else c)
+            nbytes += c.numel() * c.element_size()
+    names = []  # every place that held a chosen tensor (tied weights stay tied: one copy)
+    for prefix, m in view.named_modules(remove_duplicate=False):
+        for table in (m._parameters, m._buffers):
+            for leaf, t in table.items():
+                if t is not None and id(t) in done:
+                    table[leaf] = done[id(t)][1]  # (done holds the old tensor too: its id stays its own)
+                    names.append(f"{prefix}.{leaf}" if prefix else leaf)
+    view.copied.extend(names)
+    return names, nbytes
+
+
+def contiguous_diagnostic(parent: Model, specs: dict, sliced: dict, prompt: torch.Tensor, modes: list[str],
+                          compact: bool, new_tokens: int, reps: int, device) -> dict:
+    """8. For each budget below the full model: a fresh view per mode (`budget_view`, as the comparison
+    builds them), `contiguous_copies` applied to it, and its decode timed against the sliced copy by
+    `side_by_side` over `generate`, as in 1 (the plain view, mode `none`, is always among them)."""
+    modes = ["none"] + [m for m in modes if m != "none"]
+    before = tensor_pointers(parent)
+    rows = []
+    for n, spec in specs.items():
+        if spec.num_parameters(parent.config) >= parent.num_parameters():
+            continue  # the full model: its view holds the parent's own (contiguous) tensors
+        views, copied = {}, {}
+        for m in modes:
+            views[m] = budget_view(parent, spec, compact=compact)
+            copied[m] = contiguous_copies(views[m], m)
+        s = sliced[n]
+        gen_t = side_by_side({**{m: (lambda v=views[m]: generate(v, prompt, new_tokens)) for m in modes},
+                              "sliced": lambda: generate(s, prompt, new_tokens)}, reps, device)
+        want = generate(s, prompt, new_tokens)
+        for m in modes:
+            left = [k for k, t in list(views[m].named_parameters()) + list(views[m].named_buffers())
+                    if not t.is_contiguous()]
+            rows.append({"budget": n, "mode": m, "decode_tok_s": new_tokens / gen_t[m],
+                         "decode_tok_s_sliced": new_tokens / gen_t["sliced"], "decode_ratio": gen_t["sliced"] / gen_t[m],
+                         "copy_bytes": copied[m][1], "copied": copied[m][0], "non_contiguous_left": left,
+                         "greedy_equal": torch.equal(generate(views[m], prompt, new_tokens), want)})
+        print(f"  contiguous-views, budget {n}: " + ", ".join(f"{r['mode']} {r['decode_ratio']:.3f}x" for r in rows
+                                                         if r["budget"] == n) + " of the sliced copy's decode", flush=True)
+        del views
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    unchanged = tensor_pointers(parent) == before
+    assert unchanged, "contiguous-views diagnostic changed the parent's tensors"
+    return {"modes": modes, "compact": compact, "rows": rows, "parent_unchanged": unchanged}
+
+
 def matmul_checks(parent: Model, device, dtype, tokens: list[int], reps: int) -> list[dict]:
     """F.linear on a column-prefix view (lm_head, MLP) and the grouped bmm views vs contiguous copies."""
     from star_elastic.serve.views import GroupedLinear, grouped
@@ -163,8 +251,16 @@ def main():
     ap.add_argument("--compact", choices=["on", "off", "both"], default="both",
                     help="views with compact copies of grouped parts (on, the engine's default), grouped bmm views "
                          "(off), or both side by side (the first row of each budget is compact)")
+    ap.add_argument("--contiguous-views", metavar="MODES",
+                    help="diagnostic (default: off): for each budget below 1.0, views whose chosen tensors are "
+                         "contiguous copies, timed against the sliced copy; comma-separated of "
+                         f"{','.join(CONTIGUOUS_MODES)} (experts: routed experts' up/down weights; linear: non-contiguous "
+                         "Linear/conv weights; all: every non-contiguous tensor; none: the plain view, always timed)")
     ap.add_argument("--out", help="JSON results file")
     args = ap.parse_args()
+    contiguous_modes = args.contiguous_views.split(",") if args.contiguous_views else []
+    if any(m not in CONTIGUOUS_MODES for m in contiguous_modes):
+        ap.error(f"--contiguous-views takes a comma-separated list of {', '.join(CONTIGUOUS_MODES)}")
     if args.smoke:
         args.model = args.model or "tiny"
         args.prompt_len, args.new_tokens, args.think_tokens, args.answer_tokens = 16, 8, 16, 8
@@ -280,6 +376,12 @@ def main():
     for r in rows:
         r["decode_vs_full"] = r["decode_tok_s_view"] / full
 
+    # 8. which strided tensors cost the view its decode speed (--contiguous-views)
+    contiguous = None
+    if contiguous_modes:
+        contiguous = contiguous_diagnostic(parent, specs, sliced, prompt, contiguous_modes, modes[0],
+                                           args.new_tokens, args.reps, device)
+
     # 5. think small, answer large vs the full model for both (fixed token counts, no EOS)
     small, big = views[modes[0]][names[-1]], views[modes[0]][names[0]]
 
@@ -312,6 +414,15 @@ def main():
     for r in mm:
         print(f"matmul {r['op']}, {r['tokens']} tokens: view {r['view_us']:.0f} us, contiguous {r['contiguous_us']:.0f} us "
               f"({r['ratio']:.2f}x)")
+    if contiguous is not None:
+        print(f"\ncontiguous copies in the {'compact' if modes[0] else 'grouped'} views (decode against the sliced copy; "
+              f"parent unchanged: {contiguous['parent_unchanged']})")
+        print(f"{'budget':>7} {'mode':>8} {'decode':>12} {'sliced':>9} {'view/sliced':>11} {'copies':>11} "
+              f"{'tensors':>7} {'strided left':>12} {'greedy eq':>9}")
+        for r in contiguous["rows"]:
+            print(f"{r['budget']:>7} {r['mode']:>8} {r['decode_tok_s']:>8.1f} t/s {r['decode_tok_s_sliced']:>9.1f} "
+                  f"{r['decode_ratio']:>10.3f}x {r['copy_bytes'] / 2**20:>7.2f} MiB {len(r['copied']):>7} "
+                  f"{len(r['non_contiguous_left']):>12} {str(r['greedy_equal']):>9}")
     result = {"machine": {"device": str(device), "name": common.machine(device),
                           "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": str(dtype)},
               "command": " ".join(sys.argv), "checkpoint": str(ckpt_dir), "model": args.model if not args.ckpt else None,
@@ -324,6 +435,8 @@ def main():
                          "copied_bytes": {r["budget"]: r["copied_bytes"] for r in rows},
                          "sliced_bytes": sliced_bytes, "how": "cuda.memory_allocated" if device.type == "cuda" else "distinct tensor storages"},
               "think_answer": think, "matmul": mm}
+    if contiguous is not None:
+        result["contiguous_views"] = contiguous
     if args.out:
         common.write_json(args.out, result)
         print(f"wrote {args.out}")
