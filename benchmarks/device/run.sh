@@ -10,7 +10,7 @@
 #                               call (exit 75: not done yet; the state lives while the machine stays warm)
 #   DEMO [args]                 the GPU demo (issue 15; 289 s with the paper's sampling, ~7 min with the anchor)
 #   EVALI                       then, machine still warm: eval of its checkpoint with interpolated budgets (issue 13)
-#   BATCHING [args] | SERVE | LOAD  issue 12's serving tables at Nano widths (bench_batching/serve/load --model nano;
+#   BATCHING [args] | SERVE [args] | LOAD  issue 12's serving tables at Nano widths (bench_batching/serve/load --model nano;
 #                               LOAD needs .devcarry/serve_wheels: the server's packages, which the GPU machine lacks)
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
 #   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled
@@ -52,7 +52,8 @@ EVALI) python3 -m star_elastic eval $H/demo --data wiki --budgets 1.0,0.9,0.75,0
   2>&1 | grep -v "%|" | tail -n 15 ;;
 BATCHING) shift; python3 benchmarks/bench_batching.py --model nano --device cuda --batch-sizes 1,8,32,64 \
   --out $OUT/batching_nano.json "$@" 2>&1 | tail -n 40 ;;  # e.g. --static off --out $OUT/batching_eager.json
-SERVE) python3 benchmarks/bench_serve.py --model nano --device cuda --out $OUT/serve_nano.json 2>&1 | tail -n 40 ;;
+SERVE) shift; python3 benchmarks/bench_serve.py --model nano --device cuda --out $OUT/serve_nano.json "$@" 2>&1 \
+  | tail -n 60 ;;  # e.g. --contiguous-views none,experts,linear,all (what closes the views' gap)
 LOAD) python3 -m pip install -q --no-index --find-links .devcarry/serve_wheels --target $H/serve fastapi uvicorn httpx
   PYTHONPATH=$H/serve:$PYTHONPATH python3 benchmarks/bench_load.py --model nano --device cuda --clients 64 --seconds 60 --json $OUT/load_nano.json 2>&1 | tail -n 40 ;;
 KERNELS) shift; PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_kernels.py --parts train \
