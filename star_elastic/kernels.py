@@ -27,8 +27,17 @@ the scan (head and channel masks on its outputs, hidden masks before and after t
 they work the same on either path. The kernel returns y in x's dtype; it is cast to at least fp32,
 as `ssd_scan` returns it; the final state is fp32 from both.
 
-Not covered here yet (issue 16): the causal depthwise conv1d and the one-token decode update stay
-in PyTorch. The Triton call is excluded from `torch.compile` graphs (`torch.compiler.disable`):
+`state_step` is the one-token decode update (`model.Mamba2.step`) on `mamba_ssm`'s Triton
+`selective_state_update` under the same conditions (a CUDA tensor in bf16 / fp16, importable, not
+switched off): one kernel updates the fp32 state in place and returns C h, where the PyTorch
+recurrence (`model.recurrence_step`, the fallback and the reference) runs about ten. It is given B
+and C per head (b, heads, n), as the recurrence is, so that either head order (group-major, or the
+serving order's rank-major, serve/order.py) reads the right group; dt and A broadcast over the head's
+channels and state with stride-0 views, as mamba_ssm's own Mamba2 step does; no D, z or dt_bias.
+Written for issue 12 (decode speed); not yet run on a GPU, so check it there before relying on it:
+`STAR_ELASTIC_NO_TRITON=1` switches it off with the scan.
+
+Not covered here yet (issue 16): the causal depthwise conv1d stays in PyTorch. The Triton call is excluded from `torch.compile` graphs (`torch.compiler.disable`):
 a compiled model breaks its graph around each scan instead of tracing into mamba_ssm's autotuned
 kernels.
 """
@@ -54,6 +63,16 @@ def _load():
     except Exception as e:  # ImportError, or a triton / mamba_ssm that fails while importing
         return None, f"{type(e).__name__}: {e}"
     return mamba_chunk_scan_combined, None
+
+
+@functools.lru_cache(maxsize=None)
+def _load_update():
+    """(selective_state_update, None) when it imports, else (None, why not). Imported once."""
+    try:
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+    except Exception as e:  # ImportError, or a triton / mamba_ssm that fails while importing
+        return None, f"{type(e).__name__}: {e}"
+    return selective_state_update, None
 
 
 def kernel():
@@ -113,3 +132,33 @@ def triton_scan(x, dt, A, B, C, chunk_size: int, initial_state=None, scan=None):
     y, final = scan(x, dt.float(), A.float(), B, C, chunk_size, D=None, z=None, dt_bias=None,
                     initial_states=initial_state, dt_softplus=False, return_final_states=True)
     return y.to(torch.promote_types(x.dtype, torch.float32)), final.float()
+
+
+def uses_triton_step(x: torch.Tensor) -> bool:
+    """Whether `state_step` runs the Triton state update for input `x`."""
+    return x.is_cuda and x.dtype in _DTYPES and not disabled() and _load_update()[0] is not None
+
+
+def state_step(x, dt, A, B, C, state, *, fallback):
+    """One token of Mamba-2's recurrence, h = exp(dt A) h + dt B x (in place), y = C h: the Triton
+    state update where it applies (`uses_triton_step`), else `fallback` (`model.recurrence_step`).
+
+    x: (b, h, p)   dt: (b, h), already softplus'ed and clamped   A: (h,), negative
+    B, C: (b, h, n) float32, per head   state: (b, h, p, n) float32, updated in place
+    Returns y (b, h, p) in float32, without the D skip."""
+    if uses_triton_step(x):
+        return triton_state_update(x, dt, A, B, C, state)
+    return fallback(x, dt, A, B, C, state)
+
+
+@torch.compiler.disable
+def triton_state_update(x, dt, A, B, C, state, update=None):
+    """`selective_state_update` with `recurrence_step`'s arguments and result. `update`: the kernel
+    (default: the imported one; tests pass a stand-in)."""
+    update = update or _load_update()[0]
+    if update is None:
+        raise RuntimeError(f"the Triton state update is not available: {_load_update()[1]}")
+    b, h, p = x.shape
+    n = state.shape[-1]
+    return update(state, x.float(), dt.float()[..., None].expand(b, h, p), A.float()[:, None, None].expand(h, p, n),
+                  B, C, D=None, z=None, dt_bias=None, dt_softplus=False)

@@ -306,16 +306,23 @@ class Mamba2(nn.Module):
         return kernels.chunk_scan(x, dt, A, B, C, self.chunk_size, state, fallback=ssd_scan)  # Triton on CUDA
 
     def step(self, x, dt, A, B, C, state):
-        """One token of the recurrence h = exp(dt A) h + dt B x, y = C h (state updated in place)."""
-        B, C = self.group_to_heads(B), self.group_to_heads(C)
-        x = x.float()
-        new = state * torch.exp(dt * A)[..., None, None] + (dt[..., None] * x)[..., None] * B[:, :, None]
-        state.copy_(new)
-        return torch.einsum("bhpn,bhn->bhp", new, C)
+        """One token of the recurrence h = exp(dt A) h + dt B x, y = C h (state updated in place):
+        `recurrence_step`, or the Triton state update on CUDA (kernels.state_step)."""
+        return kernels.state_step(x, dt, A, self.group_to_heads(B), self.group_to_heads(C), state,
+                                  fallback=recurrence_step)
 
     def group_to_heads(self, v):
         """(b, n_groups, n) -> (b, heads, n) in float32: head h reads group h // (heads / groups)."""
         return v.float().repeat_interleave(self.num_heads // self.n_groups, dim=1)
+
+
+def recurrence_step(x, dt, A, B, C, state):
+    """One token of Mamba-2's recurrence in PyTorch: x (b, h, p), dt (b, h), A (h,), B and C per head
+    (b, h, n) in float32, state (b, h, p, n) float32 updated in place; returns y = C h (b, h, p)."""
+    x = x.float()
+    new = state * torch.exp(dt * A)[..., None, None] + (dt[..., None] * x)[..., None] * B[:, :, None]
+    state.copy_(new)
+    return torch.einsum("bhpn,bhn->bhp", new, C)
 
 
 # ----------------------------------------------------------------------------- attention

@@ -187,6 +187,102 @@ def _head(seed, n_tokens=23, d=12, vocab=50, dtype=torch.float64):
     return torch.randn(2, n_tokens, d, generator=g, dtype=dtype) * 2, torch.randn(vocab, d, generator=g, dtype=dtype)
 
 
+
+# ----------------------------------------------------------------------------- the decode state update
+
+class StandInUpdate:
+    """A stand-in for mamba_ssm's selective_state_update: its signature, its shape checks, its
+    arithmetic (head h reads group h // (heads / groups); state updated in place; out in x's dtype)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                 state_batch_indices=None):
+        b, h, p, n = state.shape
+        g = B.shape[1]
+        assert x.shape == (b, h, p) and dt.shape == x.shape and A.shape == (h, p, n)
+        assert B.shape == (b, g, n) and C.shape == B.shape and h % g == 0
+        self.calls.append(dict(dtype=x.dtype, groups=g, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                               dt_stride=dt.stride(), A_stride=A.stride()))
+        Bh, Ch = B.repeat_interleave(h // g, dim=1), C.repeat_interleave(h // g, dim=1)
+        state.copy_(state * torch.exp(dt[..., None] * A) + (dt * x)[..., None] * Bh[:, :, None])
+        return torch.einsum("bhpn,bhn->bhp", state, Ch).to(x.dtype)
+
+
+def step_inputs(b=2, h=4, p=3, n=5, dtype=torch.bfloat16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, h, p, generator=gen).to(dtype), F.softplus(torch.randn(b, h, generator=gen)),
+            -torch.rand(h, generator=gen) - 0.1, torch.randn(b, h, n, generator=gen),
+            torch.randn(b, h, n, generator=gen), torch.randn(b, h, p, n, generator=gen))
+
+
+def test_triton_state_update_is_the_recurrence():
+    """What the kernel is given (x in fp32 so y comes back fp32, dt and A broadcast as stride-0 views,
+    B and C per head, no D / z / bias / softplus of its own) and that it gives recurrence_step's y
+    and state."""
+    from star_elastic.model import recurrence_step
+
+    fake = StandInUpdate()
+    x, dt, A, B, C, state = step_inputs()
+    ref_state = state.clone()
+    y = kernels.triton_state_update(x, dt, A, B, C, state, update=fake)
+    ref = recurrence_step(x, dt, A, B, C, ref_state)
+    (call,) = fake.calls
+    assert call["dtype"] == torch.float32 and call["groups"] == 4  # per head: either head order reads right
+    assert call["D"] is None and call["z"] is None and call["dt_bias"] is None and not call["dt_softplus"]
+    assert call["dt_stride"][-1] == 0 and call["A_stride"][1:] == (0, 0)
+    assert y.dtype == torch.float32 and torch.allclose(y, ref, atol=1e-5) and torch.allclose(state, ref_state, atol=1e-5)
+
+
+def test_state_step_dispatch(monkeypatch):
+    """CPU tensors take the recurrence even when the kernel imports; CUDA bf16 / fp16 would take the
+    kernel unless disabled; fp32 keeps the recurrence; not importable: the recurrence."""
+    fake = StandInUpdate()
+    monkeypatch.setattr(kernels, "_load_update", lambda: (fake, None))
+    monkeypatch.delenv(kernels.ENV_DISABLE, raising=False)
+    x, dt, A, B, C, state = step_inputs()
+    seen = []
+    kernels.state_step(x, dt, A, B, C, state, fallback=lambda *a: seen.append(a) or a[0].float())
+    assert len(seen) == 1 and not fake.calls
+
+    class Cuda:
+        is_cuda, dtype = True, torch.bfloat16
+
+    assert kernels.uses_triton_step(Cuda())
+    Cuda.dtype = torch.float32
+    assert not kernels.uses_triton_step(Cuda())
+    Cuda.dtype = torch.float16
+    monkeypatch.setenv(kernels.ENV_DISABLE, "1")
+    assert not kernels.uses_triton_step(Cuda())
+    monkeypatch.delenv(kernels.ENV_DISABLE)
+    monkeypatch.setattr(kernels, "_load_update", lambda: (None, "ImportError: no mamba_ssm"))
+    assert not kernels.uses_triton_step(Cuda())
+    with pytest.raises(RuntimeError, match="not available"):
+        kernels.triton_state_update(*step_inputs())
+
+
+@pytest.mark.parametrize("serving_order", [False, True])
+def test_decode_through_the_kernel_generates_what_the_recurrence_does(monkeypatch, serving_order):
+    """Greedy decoding of a hybrid model with every Mamba step through the kernel (a stand-in, forced
+    on here) writes the same tokens as through the recurrence, in group-major and serving head order."""
+    from star_elastic.generate import generate
+    from star_elastic.serve.order import use_serving_order
+
+    torch.manual_seed(0)
+    model = Model(CFG).eval()
+    if serving_order:
+        use_serving_order(model)
+    ids = torch.randint(0, CFG.vocab_size, (2, 7))
+    ref = generate(model, ids, 8, use_graph=False)
+    fake = StandInUpdate()
+    monkeypatch.setattr(kernels, "_load_update", lambda: (fake, None))
+    monkeypatch.setattr(kernels, "uses_triton_step", lambda x: True)
+    got = generate(model, ids, 8, use_graph=False)
+    assert len(fake.calls) == 7 * 2  # 7 decode steps (the prompt is one prefill) x 2 Mamba layers
+    assert torch.equal(got, ref)
+
+
 @pytest.mark.parametrize("chunk", [1, 4, 7, 10, 45, 46, 1000])
 @pytest.mark.parametrize("teacher_kind", ["logits", "head"])
 @pytest.mark.parametrize("with_mask", [False, True])
@@ -374,3 +470,17 @@ def test_head_inputs_under_fsdp2_equal_one_process(tmp_path):
     got = torch.load(out)
     assert got["refused"] and got["same_keys"]
     assert got["loss"] == pytest.approx(got["ref"], rel=1e-5) and got["worst"] < 1e-5
+
+
+def test_decode_step_bench_runs_on_the_cpu(tmp_path):
+    """benchmarks/bench_decode_step.py --smoke: without the kernel both settings run the recurrence,
+    so the logits and tokens agree exactly; the JSON has what the GPU run will fill in."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_decode_step
+
+    out = tmp_path / "d.json"
+    result = bench_decode_step.main(["--smoke", "--device", "cpu", "--json", str(out)])
+    assert out.exists() and [r["batch"] for r in result["update"]] == [1, 4]
+    assert all(r["recurrence_us"] > 0 and "triton_us" not in r for r in result["update"])
+    d = result["decode"]
+    assert not d["uses_triton_step"] and d["logits_rel_err"] == 0 and d["greedy_equal"]

@@ -12,6 +12,7 @@
 #   EVALI                       then, machine still warm: eval of its checkpoint with interpolated budgets (issue 13)
 #   BATCHING [args] | SERVE [args] | LOAD  issue 12's serving tables at Nano widths (bench_batching/serve/load --model nano;
 #                               LOAD needs .devcarry/serve_wheels: the server's packages, which the GPU machine lacks)
+#   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
 #   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled
 #                               (bench_kernels --parts train; needs .devcarry/mamba)
@@ -61,5 +62,7 @@ KERNELS) shift; PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_
 FP8) join; for f in "" --fp8-matmul; do  # SmolLM2 held-out perplexity and tok/s, dequantised vs FP8 matmuls
   python3 -m star_elastic eval --data wiki --split heldout --max-tokens 65536 --json $OUT/fp8_eval${f:+_matmul}.json $f \
     2>&1 | grep -v "%|" | tail -n 3; done ;;
+DECODE) shift; PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_decode_step.py \
+  --json $OUT/decode_step.json "$@" 2>&1 | tail -n 12 ;;  # issue 12: the Triton state update vs the recurrence
 JOIN) join ;;
 esac
