@@ -6,7 +6,7 @@ one run, at Nemotron 3 Nano's Mamba shapes (64 heads x 64 channels, state 128, 8
    state is read and written once: 2 x b x 64 x 64 x 128 x 4 bytes; --hbm-gbs, default 4800 for an
    H200), with the two results compared (y and the new state, relative error).
 2. Greedy decoding of a Nano-shaped model (layers --layers, random weights, bf16) with the kernel on
-   and off (`STAR_ELASTIC_NO_TRITON`, read at each call): the logits of the first decode steps
+   and off (`STAR_ELASTIC_TRITON_STEP`, read at each call): the logits of the first decode steps
    compared, then decode tokens/s with CUDA graphs (the graphs captured afresh for each setting).
 
     python benchmarks/bench_decode_step.py --json docs/results/decode_step_h200.json   # a GPU
@@ -104,8 +104,8 @@ def bench_decode(cfg: ModelConfig, args, device) -> dict:
     model.to(dtype).eval()
     ids = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), device=device)
     out, logits = {}, {}
-    for name, off in (("recurrence", "1"), ("triton", "0")):
-        os.environ[kernels.ENV_DISABLE] = off  # read at each call
+    for name, on in (("recurrence", "0"), ("triton", "1")):
+        os.environ[kernels.ENV_STEP] = on  # read at each call (the scan stays as it is for both)
         forget_decode_steps(model)
         with torch.no_grad():  # prefill, then three one-token steps on the cache (no graph): logits compared
             t = ids.shape[1]
@@ -119,9 +119,9 @@ def bench_decode(cfg: ModelConfig, args, device) -> dict:
         tokens = gen()
         t = common.timed(gen, device, warmup=1, iters=3)
         out[name] = {"tok_s": args.new_tokens / t, "tokens": tokens[0, ids.shape[1]:].tolist()}
-    os.environ.pop(kernels.ENV_DISABLE, None)
+    os.environ.pop(kernels.ENV_STEP, None)
     forget_decode_steps(model)
-    out["uses_triton_step"] = device.type == "cuda" and kernels._load_update()[0] is not None
+    out["uses_triton_step"] = device.type == "cuda" and dtype in kernels._DTYPES and kernels._load_update()[0] is not None
     out["logits_rel_err"] = rel(logits["triton"], logits["recurrence"])
     out["greedy_equal"] = out["triton"]["tokens"] == out["recurrence"]["tokens"]
     out["speedup"] = out["triton"]["tok_s"] / out["recurrence"]["tok_s"]

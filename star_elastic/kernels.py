@@ -34,8 +34,9 @@ recurrence (`model.recurrence_step`, the fallback and the reference) runs about 
 and C per head (b, heads, n), as the recurrence is, so that either head order (group-major, or the
 serving order's rank-major, serve/order.py) reads the right group; dt and A broadcast over the head's
 channels and state with stride-0 views, as mamba_ssm's own Mamba2 step does; no D, z or dt_bias.
-Written for issue 12 (decode speed); not yet run on a GPU, so check it there before relying on it:
-`STAR_ELASTIC_NO_TRITON=1` switches it off with the scan.
+Written for issue 12 (decode speed) and not yet run on a GPU, so it is opt-in until it has been
+checked there (benchmarks/bench_decode_step.py): `STAR_ELASTIC_TRITON_STEP=1` switches it on;
+`STAR_ELASTIC_NO_TRITON=1` keeps it off with the scan.
 
 Not covered here yet (issue 16): the causal depthwise conv1d stays in PyTorch. The Triton call is excluded from `torch.compile` graphs (`torch.compiler.disable`):
 a compiled model breaks its graph around each scan instead of tracing into mamba_ssm's autotuned
@@ -51,6 +52,7 @@ import torch
 
 ENV_DISABLE = "STAR_ELASTIC_NO_TRITON"
 ENV_ENABLE = "STAR_ELASTIC_TRITON"
+ENV_STEP = "STAR_ELASTIC_TRITON_STEP"  # the decode state update: opt-in until checked on a GPU
 ON_BY_DEFAULT = True  # checked on an H200 (bench_kernels.py check); STAR_ELASTIC_TRITON=0 also switches it off
 _DTYPES = (torch.bfloat16, torch.float16)  # fp32: the einsum scan (see above)
 
@@ -135,8 +137,9 @@ def triton_scan(x, dt, A, B, C, chunk_size: int, initial_state=None, scan=None):
 
 
 def uses_triton_step(x: torch.Tensor) -> bool:
-    """Whether `state_step` runs the Triton state update for input `x`."""
-    return x.is_cuda and x.dtype in _DTYPES and not disabled() and _load_update()[0] is not None
+    """Whether `state_step` runs the Triton state update for input `x` (opt-in: `STAR_ELASTIC_TRITON_STEP`)."""
+    return (x.is_cuda and x.dtype in _DTYPES and _set(ENV_STEP) and not disabled()
+            and _load_update()[0] is not None)
 
 
 def state_step(x, dt, A, B, C, state, *, fallback):
