@@ -38,9 +38,9 @@ Written for issue 12 (decode speed) and not yet run on a GPU, so it is opt-in un
 checked there (benchmarks/bench_decode_step.py): `STAR_ELASTIC_TRITON_STEP=1` switches it on;
 `STAR_ELASTIC_NO_TRITON=1` keeps it off with the scan.
 
-Not covered here yet (issue 16): the causal depthwise conv1d stays in PyTorch. The Triton call is excluded from `torch.compile` graphs (`torch.compiler.disable`):
-a compiled model breaks its graph around each scan instead of tracing into mamba_ssm's autotuned
-kernels.
+Not covered here yet (issue 16): the causal depthwise conv1d stays in PyTorch. The Triton calls are
+excluded from `torch.compile` graphs (`torch.compiler.disable`): a compiled model breaks its graph
+around each of them instead of tracing into mamba_ssm's kernels.
 """
 
 from __future__ import annotations
@@ -136,10 +136,16 @@ def triton_scan(x, dt, A, B, C, chunk_size: int, initial_state=None, scan=None):
     return y.to(torch.promote_types(x.dtype, torch.float32)), final.float()
 
 
+@torch.compiler.assume_constant_result
+def triton_step_enabled() -> bool:
+    """The Triton state update may run: switched on (`STAR_ELASTIC_TRITON_STEP`, opt-in), not disabled,
+    and it imports."""
+    return _set(ENV_STEP) and not disabled() and _load_update()[0] is not None
+
+
 def uses_triton_step(x: torch.Tensor) -> bool:
-    """Whether `state_step` runs the Triton state update for input `x` (opt-in: `STAR_ELASTIC_TRITON_STEP`)."""
-    return (x.is_cuda and x.dtype in _DTYPES and _set(ENV_STEP) and not disabled()
-            and _load_update()[0] is not None)
+    """Whether `state_step` runs the Triton state update for input `x`."""
+    return x.is_cuda and x.dtype in _DTYPES and triton_step_enabled()
 
 
 def state_step(x, dt, A, B, C, state, *, fallback):
