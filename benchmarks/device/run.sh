@@ -14,6 +14,7 @@
 #                               LOAD needs .devcarry/serve_wheels: the server's packages, which the GPU machine lacks)
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
+#   SERVING                     BATCHING, SERVE --contiguous-views ..., DECODE and FP8 one after another
 #   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled
 #                               (bench_kernels --parts train; needs .devcarry/mamba)
 # The home folder survives between calls while the machine stays warm (30 s); $OUT comes back.
@@ -64,5 +65,7 @@ FP8) join; for f in "" --fp8-matmul; do  # SmolLM2 held-out perplexity and tok/s
     2>&1 | grep -v "%|" | tail -n 3; done ;;
 DECODE) shift; PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_decode_step.py \
   --json $OUT/decode_step.json "$@" 2>&1 | tail -n 12 ;;  # issue 12: the Triton state update vs the recurrence
+SERVING) join; for c in "BATCHING" "SERVE --contiguous-views none,experts,linear,all" "DECODE" "FP8"; do
+    timeout 170 bash $0 $c; done ;;  # issues 12 and 13 in one call (~8 min; carry mamba, smol.part01, smol.sha)
 JOIN) join ;;
 esac
