@@ -46,6 +46,7 @@ around each of them instead of tracing into mamba_ssm's kernels.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 
 import torch
@@ -58,23 +59,22 @@ _DTYPES = (torch.bfloat16, torch.float16)  # fp32: the einsum scan (see above)
 
 
 @functools.lru_cache(maxsize=None)
+def _import(module: str, name: str):
+    """(module.name, None) when it imports, else (None, why not). Imported once."""
+    try:
+        return getattr(importlib.import_module(module), name), None
+    except Exception as e:  # ImportError, or a triton / mamba_ssm that fails while importing
+        return None, f"{type(e).__name__}: {e}"
+
+
 def _load():
-    """(mamba_chunk_scan_combined, None) when it imports, else (None, why not). Imported once."""
-    try:
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-    except Exception as e:  # ImportError, or a triton / mamba_ssm that fails while importing
-        return None, f"{type(e).__name__}: {e}"
-    return mamba_chunk_scan_combined, None
+    """(mamba_chunk_scan_combined, None), or (None, why not)."""
+    return _import("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")
 
 
-@functools.lru_cache(maxsize=None)
 def _load_update():
-    """(selective_state_update, None) when it imports, else (None, why not). Imported once."""
-    try:
-        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
-    except Exception as e:  # ImportError, or a triton / mamba_ssm that fails while importing
-        return None, f"{type(e).__name__}: {e}"
-    return selective_state_update, None
+    """(selective_state_update, None), or (None, why not)."""
+    return _import("mamba_ssm.ops.triton.selective_state_update", "selective_state_update")
 
 
 def kernel():

@@ -112,7 +112,7 @@ def test_cuda_tensors_would_take_the_kernel_unless_disabled(stand_in, monkeypatc
 def test_no_kernel_nothing_breaks(monkeypatch):
     """mamba_ssm not importable: the reason is kept, the model runs on the einsum scan, and asking
     for the Triton scan directly says why it cannot."""
-    kernels._load.cache_clear()
+    kernels._import.cache_clear()
     monkeypatch.setitem(sys.modules, "mamba_ssm", None)  # `import mamba_ssm...` raises ImportError
     try:
         assert kernels.kernel() is None and "mamba_ssm" in kernels.unavailable_reason()
@@ -126,7 +126,7 @@ def test_no_kernel_nothing_breaks(monkeypatch):
         with pytest.raises(RuntimeError, match="not available"):
             kernels.triton_scan(x, dt, A, B, C, 8)
     finally:
-        kernels._load.cache_clear()
+        kernels._import.cache_clear()
 
 
 @pytest.mark.parametrize("with_state", [False, True])
