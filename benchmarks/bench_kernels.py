@@ -549,6 +549,28 @@ def timed_rows(events, cuda: bool) -> list[tuple[str, float]]:
             and not getattr(e, "is_user_annotation", False) and e.self_device_time_total > 0]
 
 
+def op_chains(events, cuda: bool, depth: int = 5) -> list[tuple[str, float]]:
+    """(chain, self time in us) per operator that runs kernels itself, summed over calls: the operator,
+    its input shapes and its nearest `depth - 1` ancestors (a backward shows as its autograd node, e.g.
+    `ToCopyBackward0`: which forward operator's gradient ran it), so a kernel category's time can be
+    traced to the code that launches it. Self device time on a GPU (the kernels an operator launches
+    directly), self CPU time on a CPU. `events`: profile().events()."""
+    out: dict[str, float] = {}
+    for e in events:
+        if "CPU" not in str(getattr(e, "device_type", "CPU")):
+            continue  # kernels themselves: counted through the operator that launched them
+        t = getattr(e, "self_device_time_total", 0.0) if cuda else e.self_cpu_time_total
+        if t <= 0:
+            continue
+        chain, p = [], e
+        while p is not None and len(chain) < depth:
+            chain.append(p.name)
+            p = p.cpu_parent
+        key = " < ".join(chain) + f"  {[list(s) for s in (e.input_shapes or []) if s]}"
+        out[key] = out.get(key, 0.0) + t
+    return sorted(out.items(), key=lambda kv: -kv[1])
+
+
 def part_profile(device, tiny: bool, pattern: str, batch: int, seq: int, fast: bool, top: int = 25,
                  model_name: str = "nano") -> dict:
     """Where the elastic training step's time goes: torch.profiler over two steps (after two warm-up
@@ -570,7 +592,7 @@ def part_profile(device, tiny: bool, pattern: str, batch: int, seq: int, fast: b
         if cuda:
             torch.cuda.synchronize(device)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=activities) as prof:
+        with profile(activities=activities, record_shapes=True) as prof:
             for _ in range(2):
                 t.train_step()
             if cuda:
@@ -588,13 +610,18 @@ def part_profile(device, tiny: bool, pattern: str, batch: int, seq: int, fast: b
            "categories": {k: {"ms_per_step": round(v / 1e3 / 2, 2), "share": round(v / total, 4)}
                           for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
            "top": [{"name": n[:120], "ms_per_step": round(t_ / 1e3 / 2, 3), "share": round(t_ / total, 4)}
-                   for n, t_ in kernels_]}
+                   for n, t_ in kernels_],
+           "top_ops": [{"op": n[:300], "ms_per_step": round(t_ / 1e3 / 2, 3), "share": round(t_ / total, 4)}
+                       for n, t_ in op_chains(prof.events(), cuda)[:top]]}
     print(f"  {out['clock']}, {out['total_ms_per_step']} ms a step (budgets 1.0 and 0.5, two steps):")
     for k, v in out["categories"].items():
         print(f"    {k:40s} {v['ms_per_step']:9.2f} ms  {100 * v['share']:5.1f}%")
     print("  top kernels:")
     for r in out["top"][:12]:
         print(f"    {r['ms_per_step']:9.3f} ms  {100 * r['share']:5.1f}%  {r['name'][:90]}")
+    print("  top operators (with their callers and input shapes):")
+    for r in out["top_ops"][:12]:
+        print(f"    {r['ms_per_step']:9.3f} ms  {100 * r['share']:5.1f}%  {r['op'][:150]}")
     return out
 
 

@@ -52,6 +52,10 @@ def test_the_profile_part_runs_and_accounts_for_the_whole_step(tmp_path):
     shares = [c["share"] for c in prof["categories"].values()]
     assert abs(sum(shares) - 1) < 1e-3 and prof["categories"]["GEMM"]["share"] > 0
     assert prof["total_ms_per_step"] > 0 and len(prof["top"]) > 5
+    # each operator with its callers: backward work names the forward operator whose gradient it is
+    ops = [r["op"] for r in prof["top_ops"]]
+    assert len(ops) > 5 and any(op.startswith("aten::mm < aten::matmul < aten::linear") for op in ops)
+    assert any("Backward" in op for op in ops) and any(" < " in op for op in ops)
 
 
 def test_the_smollm2_shapes_are_smollm2s():
