@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--raw", action="store_true", help="do not apply the chat template")
     sp.add_argument("--fp8-matmul", action="store_true",
-                    help="decoder linear layers multiply in FP8 (a plain checkpoint; see eval --fp8-matmul)")
+                    help="decoder linear layers multiply in FP8 (see eval --fp8-matmul; with --budget, every trained "
+                         "budget shares one FP8 copy of the parent)")
     add_generate_budget_args(sp)
     sp.set_defaults(fn=commands.cmd_generate)
     add_serve_parser(sub, model_args)

@@ -118,10 +118,6 @@ def cmd_generate(args):
     from .serve.cli import cmd_generate_budget, wants_budget
 
     if wants_budget(args):  # a budget (or two) of an elastic checkpoint: serve/cli.py
-        if args.fp8_matmul:
-            from .errors import StarElasticError
-            raise StarElasticError("--fp8-matmul runs a plain checkpoint (slice the budget first: `star-elastic slice "
-                                   "CKPT --budget B --out DIR`); budget views do not take FP8 matmuls yet")
         return cmd_generate_budget(args)
     device = pick_device(args.device)
     model, tokenizer = load_for_inference(args, device)

@@ -34,8 +34,10 @@ applied from outside, after loading, the way gpt-fast swaps in quantised modules
 replaces each decoder linear layer by an `FP8Linear` holding its per-row FP8 weight and scales and
 multiplying with `torch._scaled_mm` (activations quantised per token on the fly; H100/H200 run it on
 their FP8 tensor cores, and the CPU has the same op). Loaded in float32, an FP8 checkpoint's weights
-requantise to exactly the stored FP8 values and scales (the row maximum is 448 x scale). `eval` and
-`generate` take `--fp8-matmul`. Stacked MoE experts keep the dequantised grouped GEMM.
+requantise to exactly the stored FP8 values and scales (the row maximum is 448 x scale). `eval`,
+`generate` and `serve` take `--fp8-matmul`; in serving (`use_fp8_matmuls_shared`) every budget view
+multiplies by a prefix of the parent's one FP8 copy, which the per-row scales make exact. Stacked MoE
+experts keep the dequantised grouped GEMM.
 
 `star-elastic convert SRC --dtype fp8 --out DST` (convert.py) writes the FP8 copy of a checkpoint
 directory, plain or elastic (router, importance scores and tokenizer copied, the manifest's
@@ -324,3 +326,70 @@ def use_fp8_matmuls(model: nn.Module, dtype: torch.dtype | None = None) -> dict:
     if hasattr(model, "hf_config"):
         model.fp8_matmuls = True  # what was swapped cannot be saved back as it was
     return {"swapped": swapped, "kept": kept, "bytes": nbytes}
+
+
+def use_fp8_matmuls_shared(parent: nn.Module, views: list[nn.Module]) -> dict:
+    """FP8 matmuls in a parent and its budget views (serve/views.py), the views keeping their share of
+    the parent's weights: each of the parent's linear layers is quantised once, per row, and a view's
+    layer whose weight is a prefix of the parent's (a view into the same storage) becomes an
+    `FP8Linear` over the same prefix of the parent's FP8 weight and of its scales, no copy: rows cut
+    keep their own scales and columns cut leave every kept row's scale as it was (the nesting of this
+    module's doc). A view's own copies (`view.copied`) are quantised on their own. Layers whose sizes
+    are not multiples of 16 stay as they are. The parent's full-precision linear weights are then
+    referenced by nothing that was swapped. Returns {"swapped", "shared", "kept", "bytes"}."""
+    fp8_dtype()
+    if not hasattr(torch, "_scaled_mm"):
+        raise StarElasticError(f"FP8 matmuls need torch._scaled_mm, which torch {torch.__version__} lacks")
+
+    def linears(model):
+        for name, module in list(model.named_modules()):
+            for child_name, child in list(module.named_children()):
+                full = f"{name}.{child_name}" if name else child_name
+                if type(child) is nn.Linear and is_quantized(f"{full}.weight"):
+                    yield module, child_name, full, child
+
+    def aligned(lin):
+        return lin.in_features % FP8_MATMUL_MULTIPLE == 0 and lin.out_features % FP8_MATMUL_MULTIPLE == 0
+
+    by_storage: dict[int, list] = {}
+    parent_layers, out = [], {"swapped": 0, "shared": 0, "kept": [], "bytes": 0}
+    for module, child_name, full, lin in linears(parent):
+        if not aligned(lin):
+            out["kept"].append(full)
+            continue
+        q, scale = quantize(lin.weight, full)
+        by_storage.setdefault(lin.weight.untyped_storage().data_ptr(), []).append((lin.weight, q, scale))
+        parent_layers.append((module, child_name, FP8Linear(q, scale, lin.bias)))
+        out["bytes"] += q.numel() + 4 * scale.numel()
+
+    def prefix_of_parent(w):
+        """(q, scale) slices of the parent layer `w` is a prefix view of, or None."""
+        for pw, q, scale in by_storage.get(w.untyped_storage().data_ptr(), []):
+            off = w.storage_offset() - pw.storage_offset()
+            if w.dim() != 2 or not 0 <= off < pw.numel() or w.stride() != pw.stride():
+                continue
+            r0, c0 = divmod(off, pw.shape[1])
+            if r0 + w.shape[0] <= pw.shape[0] and c0 + w.shape[1] <= pw.shape[1]:
+                return q[r0:r0 + w.shape[0], c0:c0 + w.shape[1]], scale[r0:r0 + w.shape[0]]
+        return None
+
+    for view in views:
+        if view is parent:
+            continue
+        for module, child_name, full, lin in linears(view):
+            if not aligned(lin):
+                continue
+            shared = prefix_of_parent(lin.weight)
+            if shared is None:  # a copy of its own (view.copied): quantised on its own
+                shared = quantize(lin.weight, full)
+                out["bytes"] += shared[0].numel() + 4 * shared[1].numel()
+            else:
+                out["shared"] += 1
+            setattr(module, child_name, FP8Linear(*shared, lin.bias))
+            out["swapped"] += 1
+    for module, child_name, layer in parent_layers:
+        setattr(module, child_name, layer)
+        out["swapped"] += 1
+    for model in [parent, *views]:
+        model.fp8_matmuls = True  # what was swapped cannot be saved back as it was
+    return out

@@ -511,7 +511,8 @@ def test_fp8_matmuls_keep_an_fp8_checkpoints_own_values(ckpts):
 
 def test_cli_eval_and_generate_with_fp8_matmuls(ckpts, tmp_path, capsys):
     """`eval --fp8-matmul` of an elastic checkpoint (every budget) and of a sliced budget, and
-    `generate --fp8-matmul`; the perplexities near the dequantised runs'; budget views refuse it."""
+    `generate --fp8-matmul` of a plain checkpoint and of a budget; the perplexities near the
+    dequantised runs'."""
     bf16, f8 = ckpts["llama"]
     words = tmp_path / "words.txt"
     words.write_text("\n\n".join(" ".join(f"w{(s + j) % 60}" for j in range(30)) for s in range(0, 60, 3)))
@@ -534,10 +535,48 @@ def test_cli_eval_and_generate_with_fp8_matmuls(ckpts, tmp_path, capsys):
     assert cli_main(["generate", str(tmp_path / "half"), "--prompt", "w1 w2 w3", "--raw", "--max-new-tokens", "4",
                      "--fp8-matmul"]) == 0
     assert capsys.readouterr().out.strip()
-    assert cli_main(["generate", str(f8), "--budget", "0.5", "--prompt", "w1", "--raw", "--fp8-matmul"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--fp8-matmul runs a plain checkpoint" in err[0]
+    assert cli_main(["generate", str(f8), "--budget", "0.5", "--prompt", "w1 w2", "--raw", "--max-new-tokens", "3",
+                     "--fp8-matmul"]) == 0
+    seen = capsys.readouterr()
+    assert seen.out.strip() and "views of the parent's one FP8 copy" in seen.err
     model = hf.load(f8, dtype=torch.float32)
     fp8.use_fp8_matmuls(model)
     one_line_error(lambda: hf.save_pretrained(model, tmp_path / "nope"), "FP8 matmuls", "inference")
     assert not (tmp_path / "nope").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "nemotron_h"])
+def test_served_budgets_share_one_fp8_copy_of_the_parent(ckpts, family):
+    """ElasticEngine.load(fp8_matmul=True): every trained budget's linear layers that are views of the
+    parent become FP8Linear over a prefix of the parent's one FP8 weight and its per-row scales (same
+    storage, no copy); each budget's logits stay near the full-precision engine's; the parent keeps no
+    full-precision linear weight it could swap; a budget between trained ones is refused in one line."""
+    from star_elastic.serve.engine import ElasticEngine
+
+    _, f8 = ckpts[family]
+    ref = ElasticEngine.load(f8, dtype=torch.float32)
+    eng = ElasticEngine.load(f8, dtype=torch.float32, fp8_matmul=True)
+    info = eng.fp8_info
+    parent_q = {m.weight.untyped_storage().data_ptr(): m for m in eng.parent.modules()
+                if isinstance(m, fp8.FP8Linear)}
+    assert parent_q and info["swapped"] >= len(parent_q) and info["shared"] > 0
+    assert not any(type(m) is torch.nn.Linear and (m.in_features % 16 == 0 and m.out_features % 16 == 0)
+                   and fp8.is_quantized(f"{n}.weight") for n, m in eng.parent.named_modules())
+    shared = 0
+    for b in eng.budgets:
+        view = eng.view(b)
+        for m in view.modules():
+            if isinstance(m, fp8.FP8Linear) and view is not eng.parent:
+                owner = parent_q.get(m.weight.untyped_storage().data_ptr())
+                if owner is not None:  # a prefix of the parent's FP8 weight, with the prefix of its scales
+                    shared += 1
+                    o, i = m.weight.shape
+                    assert m.weight.storage_offset() == owner.weight.storage_offset()
+                    assert same(m.weight, owner.weight[:o, :i])
+                    assert m.weight_scale_inv.untyped_storage().data_ptr() == \
+                        owner.weight_scale_inv.untyped_storage().data_ptr()
+        x = ids()
+        assert rel_err(view(x), ref.view(b)(x)) < 2 * fp8_tolerance(view), b
+        assert len(eng.generate(b, x[:1], 3).tokens) == 3
+    assert shared == info["shared"]
+    one_line_error(lambda: eng.view("0.6"), "FP8 matmuls", "trained budgets")

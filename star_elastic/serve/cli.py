@@ -27,7 +27,13 @@ def _engine(args):
     from .engine import ElasticEngine
 
     device = pick_device(args.device)
-    return ElasticEngine.load(resolve_model(args.model), device=device, dtype=pick_dtype(args.dtype, device))
+    engine = ElasticEngine.load(resolve_model(args.model), device=device, dtype=pick_dtype(args.dtype, device),
+                                fp8_matmul=getattr(args, "fp8_matmul", False))
+    if getattr(engine, "fp8_info", None):
+        info = engine.fp8_info
+        print(f"FP8 matmuls: {info['swapped']} linear layers, {info['shared']} of them views of the parent's one FP8 "
+              f"copy ({info['bytes'] / 2**20:.1f} MiB)", file=sys.stderr)
+    return engine
 
 
 def cmd_generate_budget(args):
@@ -82,6 +88,8 @@ def add_serve_parser(sub, model_args):
     sp.add_argument("--port", type=int, default=8000)
     sp.add_argument("--slots", type=int, default=16, help="sequences decoded together per budget (continuous "
                                                            "batching; more requests wait for a free slot; default 16)")
+    sp.add_argument("--fp8-matmul", action="store_true",
+                    help="every trained budget multiplies in FP8, sharing one FP8 copy of the parent's linear weights")
     sp.set_defaults(fn=cmd_serve)
     return sp
 

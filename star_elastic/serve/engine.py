@@ -90,16 +90,31 @@ class ElasticEngine:
         self.view_lock = threading.Lock()  # a view is built once, even when requests ask for it at once
 
     @classmethod
-    def load(cls, path, device=None, dtype=None, compact_views: bool = True) -> "ElasticEngine":
+    def load(cls, path, device=None, dtype=None, compact_views: bool = True,
+             fp8_matmul: bool = False) -> "ElasticEngine":
         """compact_views=False: views of budgets with heads kept per group run grouped bmm products
-        over the parent's tensors instead of holding copies of those parts (views.budget_view)."""
+        over the parent's tensors instead of holding copies of those parts (views.budget_view).
+        fp8_matmul: every trained budget multiplies in FP8 (`use_fp8_matmuls`)."""
         ckpt = load_elastic(path, dtype=dtype, device=device)
         if ckpt.tokenizer is None:
             raise StarElasticError(f"{path}: no tokenizer files in the checkpoint")
         ckpt.model.requires_grad_(False)
         engine = cls(ckpt)  # subclasses (BatchedEngine) take their own constructor arguments
         engine.compact_views = compact_views  # read when views are built, on first use
+        if fp8_matmul:
+            engine.use_fp8_matmuls()
         return engine
+
+    def use_fp8_matmuls(self) -> dict:
+        """FP8 matmuls in every trained budget, sharing one FP8 copy of the parent's linear weights
+        (fp8.use_fp8_matmuls_shared): the views are built now, then swapped with the parent. Budgets
+        between trained ones are not served afterwards (their views would slice the full-precision
+        weights this frees)."""
+        from ..fp8 import use_fp8_matmuls_shared
+
+        views = [self.view(b) for b in self.budgets]
+        self.fp8_info = use_fp8_matmuls_shared(self.parent, views)
+        return self.fp8_info
 
     @property
     def device(self):
@@ -122,6 +137,9 @@ class ElasticEngine:
         budget = str(budget)
         with self.view_lock:
             if budget not in self.views:
+                if getattr(self, "fp8_info", None) is not None:
+                    raise StarElasticError(f"budget {budget}: with FP8 matmuls only the trained budgets are served "
+                                           f"({', '.join(self.budgets)})")
                 spec = self.ckpt.spec(budget)
                 if self.serving_order and not serving_order_fits(self.parent.config, [spec]):
                     raise StarElasticError(f"budget {budget}: its architecture drops whole KV groups or Mamba "
