@@ -130,6 +130,9 @@ def parse_args(argv=None):
                     help="1: the router starts from (a)'s architectures (as elastify does); 0: from the cost alone")
     ap.add_argument("--router-estimator", choices=["score", "straight-through"], default="score",
                     help="how distillation reaches the router (TrainConfig.router_estimator)")
+    ap.add_argument("--all-budgets", action="store_true",
+                    help="one-run variants: every step trains every smaller budget on the same batch "
+                         "(TrainConfig.all_budgets; with the anchor, the sandwich rule in full)")
     ap.add_argument("--train-on", choices=["drawn", "argmax"], default="drawn",
                     help="router variants: the model trains the router's draw (the paper's) or its in-band argmax, "
                          "the draw then only scored for the router (TrainConfig.train_on)")
@@ -478,7 +481,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                        router_lr=args.router_lr, warmup_steps=max(1, steps // 20), seed=args.seed,
                        full_anchor=args.full_anchor if variant in ANCHORED else 0.0,
                        router_estimator=args.router_estimator, router_freeze_fraction=args.router_freeze,
-                       train_on=args.train_on,
+                       train_on=args.train_on, all_budgets=args.all_budgets,
                        freeze_select=args.freeze_select,
                        router_prior=args.router_prior if router is not None and args.warm_start else 0.0,
                        stage2_weights=args.small_weights if variant == "elastic_small"
@@ -520,7 +523,8 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
         tok_s = (trainer.step - start) * tokens_per_step / el
         recent = {}
         for lg in logs[-every:]:
-            recent.setdefault(lg["budget"], []).append(lg["kd"])
+            for name, kd in budget_kds(lg):
+                recent.setdefault(name, []).append(kd)
         cost = {lg["budget"]: lg.get("argmax_cost_fraction") for lg in logs[-every:] if "argmax_cost_fraction" in lg}
         print(f"    {variant} step {trainer.step:5d}/{steps}  kd "
               + " ".join(f"{b.name}:{sum(recent[b.name]) / len(recent[b.name]):.4f}" for b in budgets if b.name in recent)
@@ -544,16 +548,16 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
         small = slice_model(student, spec)
         ppl = score(small, heldouts, args)
         del small
-        kd = [lg["kd"] for lg in tail if lg["budget"] == b.name]
+        kd = [v for lg in tail for name, v in budget_kds(lg) if name == b.name]
         row(variant, b, None, spec, ppl, steps * tokens_per_step,
             cost_vs_target=costs.spec_cost("params", spec) / b.target,
             projection=proj.to_dict() if proj is not None else None,
-            steps_sampled=sum(lg["budget"] == b.name for lg in logs),
+            steps_sampled=sum(any(name == b.name for name, _ in budget_kds(lg)) for lg in logs),
             trained_share=trainer.trained_share(i, proj.choice) if proj is not None else None,
             final_kd=sum(kd) / len(kd) if kd else None)
     methods[variant] = {"tokens": steps * tokens_per_step, "steps": steps, "train_seconds": round(train_s, 1),
                         "eval_seconds": round(clock(device) - t, 1), "full_anchor": tcfg.full_anchor,
-                        "train_on": tcfg.train_on,
+                        "train_on": tcfg.train_on, "all_budgets": tcfg.all_budgets,
                         "tokens_per_s": round(steps * tokens_per_step / train_s), "peak_gpu_gib": peak,
                         "selection": trainer.selection, "argmax_trajectory": trajectory,
                         "resumed_at_step": start or None,
@@ -562,6 +566,12 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
     if state is not None:  # the rows are written: the run is done, its state (weights, moments) goes
         shutil.rmtree(state, ignore_errors=True)
     return final
+
+
+def budget_kds(log: dict) -> list[tuple[str, float]]:
+    """(budget, distillation loss) of every budget a step trained: the sampled one, and with
+    --all-budgets the others (logged as kd@NAME)."""
+    return [(log["budget"], log["kd"])] + [(k[3:], v) for k, v in log.items() if k.startswith("kd@")]
 
 
 RESUME_EXIT = 75  # EX_TEMPFAIL: stopped by --max-train-seconds, to be run again with the same command

@@ -269,9 +269,10 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     sharded = trainer.shard == "fsdp"
     # steady-state throughput (all ranks together): the median step after the first fifth
     rates = sorted(log["tokens_per_s"] for log in step_logs[len(step_logs) // 5:])
-    # the steps each budget trained in this run (the full model's include the anchored ones): its token share
-    steps_per_budget = {b.name: sum(1 for s in step_logs if s["budget"] == b.name or (b.is_full and "full_kd" in s))
-                        for b in budgets}
+    # the steps each budget trained in this run (the full model's include the anchored ones, a smaller
+    # budget's those it trained beside another, TrainConfig.all_budgets): its token share
+    steps_per_budget = {b.name: sum(1 for s in step_logs if s["budget"] == b.name or (b.is_full and "full_kd" in s)
+                                    or f"kd@{b.name}" in s) for b in budgets}
     log("steps per budget: " + ", ".join(f"{k} {v}" for k, v in steps_per_budget.items()) + f" of {len(step_logs)}")
     del teacher
 

@@ -88,6 +88,9 @@ class TrainConfig:
     budget_kd_weights: list[float] | None = None  # per-budget KD weight (budget order); None: all 1
     budget_order: str = "even"  # "even": each budget gets its share of the steps up to a step or two (a
     #                             low-discrepancy sequence); "random": independent draws, the paper's
+    all_budgets: bool = False  # every step trains every smaller budget on the same batch (each with its own router
+    #                            draw; beside the full anchor: the sandwich rule in full), so each trains on all T
+    #                            tokens at one more forward and backward a budget; logged as kd@NAME etc.
     train_on: str = "drawn"  # which of a smaller budget's architectures the model trains each step: "drawn" (the
     #                          router's draw, the paper's) or "argmax" (the router's current choice, nested and in
     #                          band: what would be exported; the draw is then only scored, without gradient, for the
@@ -590,6 +593,43 @@ class ElasticTrainer:
         with torch.no_grad(), masked(self.model, {k: v.to(self.device) for k, v in self.router.hard_masks(other).items()}):
             return kd_loss(self._head(self.model, x), teacher)
 
+    def _companions(self, b: int) -> list[int]:
+        """The smaller budgets a step trains besides its sampled budget b: with `all_budgets` every other
+        one (largest first), else none."""
+        if not self.cfg.all_budgets:
+            return []
+        return [j for j, budget in enumerate(self.budgets) if j != b and not budget.is_full]
+
+    def _budget_pass(self, b: int, x, teacher: HeadInput) -> tuple[torch.Tensor, dict]:
+        """Budget b's forward and backward on batch x: its architecture (the parent's for the full
+        budget; the router's draw or argmax, `train_on`; a fixed one without a router) distilled from
+        the teacher's `teacher`, plus its router terms. Returns (its loss, what it logs)."""
+        cfg, budget = self.cfg, self.budgets[b]
+        masks, decision = self._decide(b, budget)
+        if decision is not None:  # the architecture the model trains this step
+            key = tuple(sorted(decision.trained.items()))
+            self.arch_steps[b][key] = self.arch_steps[b].get(key, 0) + 1
+        step_logs = {}
+        router_loss = self._router_loss(b, budget, decision, step_logs)
+        other = self._other_kd(x, teacher, decision, step_logs)
+        with masked(self.model, masks or {}):
+            student = self._head(self.model, x)
+            losses = task_loss(student, teacher, x, replace(cfg.loss, kd=cfg.loss.kd * self.kd_weights[b]))
+            total = losses["total"] + (router_loss if router_loss is not None else 0.0)
+            if other is not None:  # the router's quality term: this draw against the argmax
+                trained_kd = losses["kd"] if "kd" in losses else kd_loss(student.detach(), teacher)
+                drawn_kd, baseline = (trained_kd, other) if cfg.train_on == "drawn" else (other, trained_kd)
+                drawn_kd, baseline = self._global_mean(drawn_kd, baseline)  # the advantage of the whole batch
+                a = advantage(drawn_kd, baseline) + cfg.router_band_penalty * (
+                    self._off_band(budget, step_logs["cost_fraction"] * budget.full)
+                    - self._off_band(budget, step_logs["argmax_cost_fraction"] * budget.full))
+                step_logs.update(kd_argmax=baseline, advantage=a)
+                total = total + cfg.router_quality * score_function_loss(decision.log_prob, a)
+            (total / cfg.grad_accum).backward()
+        del student
+        # "budget" is the budget's name in the step's log
+        return total, {("budget_loss" if k == "budget" else k): v for k, v in {**losses, **step_logs}.items()}
+
     def train_step(self) -> dict:
         cfg = self.cfg
         b = self.sample_budget()
@@ -613,35 +653,19 @@ class ElasticTrainer:
             x = self._batch(L)
             with torch.no_grad():
                 teacher = self._head(self.teacher, x)
-            masks, decision = self._decide(b, budget)
-            if decision is not None:  # the architecture the model trains this step
-                key = tuple(sorted(decision.trained.items()))
-                self.arch_steps[b][key] = self.arch_steps[b].get(key, 0) + 1
-            step_logs = {}
-            router_loss = self._router_loss(b, budget, decision, step_logs)
-            other = self._other_kd(x, teacher, decision, step_logs)
-            with masked(self.model, masks or {}):
-                student = self._head(self.model, x)
-                losses = task_loss(student, teacher, x, replace(cfg.loss, kd=cfg.loss.kd * self.kd_weights[b]))
-                total = losses["total"] + (router_loss if router_loss is not None else 0.0)
-                if other is not None:  # the router's quality term: this draw against the argmax
-                    trained_kd = losses["kd"] if "kd" in losses else kd_loss(student.detach(), teacher)
-                    drawn_kd, baseline = (trained_kd, other) if cfg.train_on == "drawn" else (other, trained_kd)
-                    drawn_kd, baseline = self._global_mean(drawn_kd, baseline)  # the advantage of the whole batch
-                    a = advantage(drawn_kd, baseline) + cfg.router_band_penalty * (
-                        self._off_band(budget, step_logs["cost_fraction"] * budget.full)
-                        - self._off_band(budget, step_logs["argmax_cost_fraction"] * budget.full))
-                    step_logs.update(kd_argmax=baseline, advantage=a)
-                    total = total + cfg.router_quality * score_function_loss(decision.log_prob, a)
-                (total / cfg.grad_accum).backward()
-            del student
+            total, logged = self._budget_pass(b, x, teacher)
+            for k, v in logged.items():
+                add(k, v)
+            for j in self._companions(b):  # all_budgets: every other smaller budget on the same batch
+                t, logged = self._budget_pass(j, x, teacher)
+                total = total + t
+                for k, v in logged.items():
+                    add(f"{k}@{self.budgets[j].name}", v)
             if cfg.full_anchor and not budget.is_full:  # the sandwich rule: the full model on the same batch
                 full_kd = kd_loss(self._head(self.model, x), teacher)
                 (cfg.full_anchor * full_kd / cfg.grad_accum).backward()
                 add("full_kd", full_kd)
                 total = total + cfg.full_anchor * full_kd
-            for k, v in {**losses, **step_logs}.items():
-                add("budget_loss" if k == "budget" else k, v)  # "budget" is the budget's name below
             add("total", total)
         logs.update(sums)
         if self.router is not None:  # replicated: its gradient is all-reduced by hand

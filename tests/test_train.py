@@ -706,3 +706,33 @@ def test_train_on_is_checked():
         model, teacher, router, budgets, rows, cfg, _ = make(**kw)
         with pytest.raises(StarElasticError, match=words):
             ElasticTrainer(model, teacher, router, budgets, rows, cfg, "/tmp/unused")
+
+
+def test_all_budgets_trains_every_smaller_budget_on_every_step(tmp_path, monkeypatch):
+    """TrainConfig.all_budgets: each step trains the sampled budget and every other smaller one on the
+    same batch (each through its own router draw: arch_steps counts one a step for each), then the full
+    anchor; the companions log under kd@NAME, which elastify and bench_elastic count as their steps.
+    Without it, one smaller budget a step."""
+    import star_elastic.train as train_mod
+
+    graded = []
+    real_masked = train_mod.masked
+
+    def spy(model, masks):
+        if torch.is_grad_enabled():
+            graded.append(bool(masks))
+        return real_masked(model, masks)
+
+    monkeypatch.setattr(train_mod, "masked", spy)
+    smaller = [b for b in BUDGETS if b != "1.0"]
+    for all_budgets in (False, True):
+        graded.clear()
+        t = trainer(tmp_path, name=f"all{all_budgets}", steps=6, full_anchor=1.0, all_budgets=all_budgets)
+        logs = t.run(progress=False)
+        per_budget = [sum(t.arch_steps[i].values()) for i, b in enumerate(t.budgets) if not b.is_full]
+        if all_budgets:
+            assert per_budget == [6] * len(smaller) and graded == [True] * (6 * len(smaller))
+            for log in logs:
+                assert {f"kd@{n}" for n in smaller if n != log["budget"]} <= set(log) and "full_kd" in log
+        else:
+            assert sum(per_budget) == 6 and graded == [True] * 6 and not any(k.startswith("kd@") for k in logs[0])
