@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weight of the full model's distillation on every step (the sandwich rule; each smaller "
                          "budget then trains on as many tokens as if distilled alone, at a second student pass "
                          "per step; 0: the paper's sampling alone, which gives the full model ~42%% of the steps)")
+    sp.add_argument("--all-budgets", action="store_true",
+                    help="every step trains every smaller budget on the same batch (with the anchor: the sandwich "
+                         "rule in full; each smaller budget trains on all the tokens, at a pass per budget a step)")
+    sp.add_argument("--train-on", choices=["drawn", "argmax"], default="drawn",
+                    help="a smaller budget's step trains the router's draw (the paper's) or its in-band argmax, the "
+                         "draw then only scored for the router")
     sp.add_argument("--router-init", choices=["search", "cost"], default="search",
                     help="the router starts from each budget's best zero-shot architecture (search, scored by "
                          "calibration perplexity) or from one fitted to the cost alone")

@@ -56,6 +56,8 @@ class ElastifyConfig:
     # architecture to +3% / -2%, the full model stayed within 1% of the parent out of domain; a step costs
     # a second student pass (1.6x the time). 0: the paper's sampling alone
     full_anchor: float = 1.0
+    all_budgets: bool = False  # every step trains every smaller budget too (TrainConfig.all_budgets; not yet measured)
+    train_on: str = "drawn"  # the model trains the router's draw or its in-band argmax (TrainConfig.train_on)
     drift_data: str | None = "auto"  # held-out text of a second domain for the full budget's drift ("": none)
     router_init: str = "search"  # the router starts from the zero-shot search's architectures, or "cost" alone
     router_estimator: str = "score"  # how distillation reaches the router: "score" or "straight-through"
@@ -249,7 +251,8 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                        seed=cfg.seed, stage1_fraction=cfg.stage1_fraction, stage2_weights=cfg.stage2_weights,
                        stage2_seq_len=cfg.stage2_seq_len, budget_kd_weights=kd_weights, full_anchor=anchor,
                        router_estimator=cfg.router_estimator, router_freeze_fraction=cfg.router_freeze,
-                       router_prior=cfg.router_prior, shard=cfg.shard, compile=cfg.compile)
+                       router_prior=cfg.router_prior, shard=cfg.shard, compile=cfg.compile,
+                       all_budgets=cfg.all_budgets, train_on=cfg.train_on)
     trainer = ElasticTrainer(model, teacher, router, budgets, rows, tcfg, out.parent / f".{out.name}.train",
                              heldout=heldout, warm_start=starts if cfg.router_init == "search" and any(starts) else None)
     if trainer.load_state():

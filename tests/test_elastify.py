@@ -329,3 +329,21 @@ def test_a_router_prior_without_the_search_start_is_refused(tmp_path, tokenizer,
     with pytest.raises(StarElasticError, match="router-init search"):
         elastify(Model(PARENTS["llama"]), tokenizer, str(text), tmp_path / "o", cfg, log=lambda *_: None)
     assert not (tmp_path / "o").exists()
+
+
+def test_all_budgets_and_train_on_reach_the_run_and_its_manifest(tmp_path, tokenizer, text):
+    """`elastify --all-budgets --train-on argmax`: every step trains every budget (the manifest's steps
+    per budget say so: each smaller budget every step, the full one by the anchor), and the config
+    recorded in the manifest holds both options."""
+    from star_elastic import cli, save_pretrained
+
+    torch.manual_seed(0)
+    save_pretrained(Model(PARENTS["llama"]), tmp_path / "parent", tokenizer=tokenizer)
+    ckpt = tmp_path / "ckpt"
+    assert cli.main(["elastify", str(tmp_path / "parent"), "--budgets", "1.0,0.75,0.5", "--data", str(text),
+                     "--tokens", str(8 * 32 * 3), "--seq-len", "32", "--batch-size", "8", "--calib-batches", "1",
+                     "--eval-tokens", "128", "--out", str(ckpt), "--device", "cpu", "--all-budgets",
+                     "--train-on", "argmax"]) == 0
+    training = read_manifest(ckpt)["training"]
+    assert training["steps_per_budget"] == {"1.0": 3, "0.75": 3, "0.5": 3}
+    assert training["config"]["all_budgets"] is True and training["config"]["train_on"] == "argmax"
