@@ -14,6 +14,7 @@
 #                               LOAD needs .devcarry/serve_wheels: the server's packages, which the GPU machine lacks)
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
+#   PLAN17 1|2|3                issue 17's next runs, three side by side a call (S0 may need call 2 again: exit 75)
 #   SERVING                     BATCHING, SERVE --contiguous-views ..., DECODE and FP8 one after another
 #   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled
 #                               (bench_kernels --parts train; needs .devcarry/mamba)
@@ -65,6 +66,17 @@ FP8) join; for f in "" --fp8-matmul; do  # SmolLM2 held-out perplexity and tok/s
     2>&1 | grep -v "%|" | tail -n 3; done ;;
 DECODE) shift; PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_decode_step.py \
   --json $OUT/decode_step.json "$@" 2>&1 | tail -n 12 ;;  # issue 12: the Triton state update vs the recurrence
+PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bible,wiki-fr --no-minitron"
+  B=docs/results/elastic_session9_h200.json  # issue 17's next runs (the ninth session's note), three at a time
+  J0="$A --seed 0 --variants joint_anchor --minitron-arch $B#E0:elastic_anchor"
+  case "$1" in  # J*: (c)'s architectures without the router, against E0c / E1c in $B
+  1) bash $0 RUNS J0 "$J0" J1 "$A --seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor" \
+       R0 "$A --seed 0 --variants elastic_anchor --train-on argmax" ;;
+  2) bash $0 RUNS S0 "$A --seed 0 --variants elastic_anchor --all-budgets --state-dir $H/state/S0 --max-train-seconds 400" \
+       R0c "${A/--no-minitron/} --seed 0 --variants= --minitron-arch $H/res/R0.json:elastic_anchor" J0h "$J0 --full-anchor 0.5" ;;
+  3) bash $0 RUNS S0c "${A/--no-minitron/} --seed 0 --variants= --minitron-arch $H/res/S0.json:elastic_anchor" \
+       J0l "$J0 --lr-a 2e-4" J0w "$J0 --stage2-weights 0,0.65,0.35" ;;
+  esac ;;
 SERVING) join; for c in "BATCHING" "SERVE --contiguous-views none,experts,linear,all" "DECODE" "FP8"; do
     timeout 170 bash $0 $c; done ;;  # issues 12 and 13 in one call (~8 min; carry mamba, smol.part01, smol.sha)
 JOIN) join ;;
