@@ -7,7 +7,10 @@ one run, at Nemotron 3 Nano's Mamba shapes (64 heads x 64 channels, state 128, 8
    H200), with the two results compared (y and the new state, relative error).
 2. Greedy decoding of a Nano-shaped model (layers --layers, random weights, bf16) with the kernel on
    and off (`STAR_ELASTIC_TRITON_STEP`, read at each call): the logits of the first decode steps
-   compared, then decode tokens/s with CUDA graphs (the graphs captured afresh for each setting).
+   compared, then decode tokens/s with CUDA graphs (the graphs captured afresh for each setting), and
+   (--compile, on a GPU by default) with the step under torch.compile too: a one-token step of this
+   model is about 180 small kernels per 4 layers (counted on the CPU), ~2,300 for Nano's 52, each a
+   few microseconds on a GPU even when replayed from a graph; compiling fuses the elementwise ones.
 
     python benchmarks/bench_decode_step.py --json docs/results/decode_step_h200.json   # a GPU
     python benchmarks/bench_decode_step.py --smoke                                      # CPU: wiring only
@@ -37,6 +40,9 @@ def parse_args(argv=None):
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--hbm-gbs", type=float, default=4800.0, help="peak memory bandwidth, GB/s (H200: 4800)")
+    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                    help="also decode with the Triton update and generate(compile=True), which fuses the step's "
+                         "small kernels (auto: on a GPU only)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, a few iterations (CPU)")
     ap.add_argument("--json")
     return ap.parse_args(argv)
@@ -119,12 +125,32 @@ def bench_decode(cfg: ModelConfig, args, device) -> dict:
         tokens = gen()
         t = common.timed(gen, device, warmup=1, iters=3)
         out[name] = {"tok_s": args.new_tokens / t, "tokens": tokens[0, ids.shape[1]:].tolist()}
+    if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
+        os.environ[kernels.ENV_STEP] = "1"  # a Mamba layer's update stays outside the compiled graph
+        forget_decode_steps(model)
+        gen = lambda: generate(model, ids, args.new_tokens, use_graph=device.type == "cuda", compile=True)  # noqa: E731
+        tokens = gen()
+        t = common.timed(gen, device, warmup=1, iters=3)
+        out["compiled"] = {"tok_s": args.new_tokens / t, "tokens": tokens[0, ids.shape[1]:].tolist()}
+        out["compiled"]["greedy_equal"] = out["compiled"]["tokens"] == out["triton"]["tokens"]
+        print(f"  decode, batch 1, kernels on and the step compiled: {out['compiled']['tok_s']:,.0f} tok/s "
+              f"({out['compiled']['tok_s'] / out['recurrence']['tok_s']:.2f}x kernels off); greedy equal to "
+              f"eager: {out['compiled']['greedy_equal']}", flush=True)
     os.environ.pop(kernels.ENV_STEP, None)
     forget_decode_steps(model)
     out["uses_triton_step"] = device.type == "cuda" and dtype in kernels._DTYPES and kernels._load_update()[0] is not None
     out["logits_rel_err"] = rel(logits["triton"], logits["recurrence"])
     out["greedy_equal"] = out["triton"]["tokens"] == out["recurrence"]["tokens"]
     out["speedup"] = out["triton"]["tok_s"] / out["recurrence"]["tok_s"]
+    if device.type == "cuda":  # a token reads every active weight once: the HBM bound of batch-1 decode
+        out["active_weight_bytes"] = common.active_params(cfg, model) * torch.finfo(dtype).bits // 8
+        bound = args.hbm_gbs * 1e9 / out["active_weight_bytes"]
+        for name in ("recurrence", "triton", "compiled"):
+            if name in out:
+                out[name]["hbm_bound_fraction"] = out[name]["tok_s"] / bound
+        print(f"  HBM bound {bound:,.0f} tok/s ({out['active_weight_bytes'] / 1e9:.2f} GB of active weights a token): "
+              + ", ".join(f"{n} {out[n]['hbm_bound_fraction']:.0%}" for n in ("recurrence", "triton", "compiled")
+                          if n in out), flush=True)
     print(f"  decode, batch 1, {cfg.layer_types}: kernels off {out['recurrence']['tok_s']:,.0f} tok/s, kernels on "
           f"{out['triton']['tok_s']:,.0f} tok/s ({out['speedup']:.2f}x); first-step logits rel err "
           f"{out['logits_rel_err']:.1e}; greedy equal: {out['greedy_equal']}", flush=True)
