@@ -169,10 +169,12 @@ def main(argv=None):
              f"; Triton state update not used here ({kernels._load_update()[1] or 'not a GPU'})"), flush=True)
     result = {"benchmark": "bench_decode_step", "date": datetime.date.today().isoformat(),
               "machine": common.machine(device), "torch": torch.__version__, "smoke": args.smoke,
-              "hbm_gbs": args.hbm_gbs, "update": bench_update(cfg, args, device),
-              "decode": bench_decode(cfg, args, device)}
+              "hbm_gbs": args.hbm_gbs}
+    for part, run in (("update", bench_update), ("decode", bench_decode)):
+        result[part] = run(cfg, args, device)
+        if args.json:  # after each part: a run cut short keeps what it finished
+            common.write_json(args.json, result)
     if args.json:
-        common.write_json(args.json, result)
         print(f"wrote {args.json}")
     return result
 

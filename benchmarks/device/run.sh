@@ -78,6 +78,6 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
        J0l "$J0 --lr-a 2e-4" J0w "$J0 --stage2-weights 0,0.65,0.35" ;;
   esac ;;
 SERVING) join; for c in "BATCHING" "SERVE --contiguous-views none,experts,linear,all" "DECODE" "FP8"; do
-    timeout 170 bash $0 $c; done ;;  # issues 12 and 13 in one call (~8 min; carry mamba, smol.part01, smol.sha)
+    timeout 200 bash $0 $c; done ;;  # issues 12 and 13 in one call (~8 min; carry mamba, smol.part01, smol.sha)
 JOIN) join ;;
 esac
