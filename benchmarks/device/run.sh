@@ -15,7 +15,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
 #   PLAN17 1|2|3                issue 17's next runs, three side by side a call (S0 may need call 2 again: exit 75)
-#   SERVING                     BATCHING, SERVE --contiguous-views ..., DECODE and FP8 one after another
+#   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled
 #                               (bench_kernels --parts train; needs .devcarry/mamba)
 # The home folder survives between calls while the machine stays warm (30 s); $OUT comes back.
@@ -77,7 +77,7 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   3) bash $0 RUNS S0c "${A/--no-minitron/} --seed 0 --variants= --minitron-arch $H/res/S0.json:elastic_anchor" \
        J0l "$J0 --lr-a 2e-4" J0w "$J0 --stage2-weights 0,0.65,0.35" ;;
   esac ;;
-SERVING) join; for c in "BATCHING" "SERVE --contiguous-views none,experts,linear,all" "DECODE" "FP8"; do
+SERVING) join; for c in "BATCHING" "FP8" "DECODE" "SERVE --contiguous-views none,experts,linear,all"; do
     timeout 200 bash $0 $c; done ;;  # issues 12 and 13 in one call (~8 min; carry mamba, smol.part01, smol.sha)
 JOIN) join ;;
 esac
