@@ -132,11 +132,11 @@ def test_resume_refuses_other_budgets(tmp_path):
         other.load_state()
 
 
-def _worker(rank, world, port, out, tmp):
+def _worker(rank, world, port, out, tmp, extra=None):
     with gloo_group(rank, world, port):
         # the replicated path (every rank holds everything, gradients all-reduced by hand); 2+ ranks
         # shard by default: tests/test_fsdp.py
-        model, teacher, router, budgets, rows, cfg, _ = make(steps=4, batch=4, shard="none")
+        model, teacher, router, budgets, rows, cfg, _ = make(steps=4, batch=4, shard="none", **(extra or {}))
         t = ElasticTrainer(model, teacher, router, budgets, rows, cfg, f"{tmp}/dist")
         logs = t.run(progress=False)
         if rank == 0:
@@ -144,11 +144,13 @@ def _worker(rank, world, port, out, tmp):
                         "weights": {k: v.clone() for k, v in t.model.state_dict().items()}}, out)
 
 
-def test_two_gloo_ranks_equal_one_process(tmp_path):
-    single = trainer(tmp_path, "single", steps=4, batch=4)
+@pytest.mark.parametrize("extra", [{}, dict(full_anchor=1.0, all_budgets=True, train_on="argmax")],
+                         ids=["default", "anchor-all-argmax"])
+def test_two_gloo_ranks_equal_one_process(tmp_path, extra):
+    single = trainer(tmp_path, "single", steps=4, batch=4, **extra)
     logs = single.run(progress=False)
     out = tmp_path / "dist.pt"
-    mp.spawn(_worker, args=(2, free_port(), str(out), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out), str(tmp_path), extra), nprocs=2, join=True)
     got = torch.load(out, weights_only=True)
     assert got["losses"] == pytest.approx([l["total"] for l in logs], rel=1e-4)
     for k, v in single.model.state_dict().items():
