@@ -33,7 +33,8 @@ switched off): one kernel updates the fp32 state in place and returns C h, where
 recurrence (`model.recurrence_step`, the fallback and the reference) runs about ten. It is given B
 and C per head (b, heads, n), as the recurrence is, so that either head order (group-major, or the
 serving order's rank-major, serve/order.py) reads the right group; dt and A broadcast over the head's
-channels and state with stride-0 views, as mamba_ssm's own Mamba2 step does; no D, z or dt_bias.
+channels and state with stride-0 views, as mamba_ssm's own Mamba2 step does; D and dt_bias are zeros
+(the model adds D itself; dt is already biased), no z.
 Written for issue 12 (decode speed) and not yet run on a GPU, so it is opt-in until it has been
 checked there (benchmarks/bench_decode_step.py): `STAR_ELASTIC_TRITON_STEP=1` switches it on;
 `STAR_ELASTIC_NO_TRITON=1` keeps it off with the scan.
@@ -169,5 +170,8 @@ def triton_state_update(x, dt, A, B, C, state, update=None):
         raise RuntimeError(f"the Triton state update is not available: {_load_update()[1]}")
     b, h, p = x.shape
     n = state.shape[-1]
+    # D and dt_bias as stride-0 zeros, not None: the kernel's launcher reads their strides (None fails
+    # there, mamba_ssm 2.3.2), and all-zero strides on dt, A and dt_bias take its tied-head-dim path
+    zero = torch.zeros((), device=x.device, dtype=torch.float32).expand(h, p)
     return update(state, x.float(), dt.float()[..., None].expand(b, h, p), A.float()[:, None, None].expand(h, p, n),
-                  B, C, D=None, z=None, dt_bias=None, dt_softplus=False)
+                  B, C, D=zero, z=None, dt_bias=zero, dt_softplus=False)

@@ -203,11 +203,16 @@ class StandInUpdate:
         g = B.shape[1]
         assert x.shape == (b, h, p) and dt.shape == x.shape and A.shape == (h, p, n)
         assert B.shape == (b, g, n) and C.shape == B.shape and h % g == 0
-        self.calls.append(dict(dtype=x.dtype, groups=g, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
-                               dt_stride=dt.stride(), A_stride=A.stride()))
+        # mamba_ssm 2.3.2's launcher reads D's and dt_bias's strides (`*(D.stride(0), D.stride(1)) if D
+        # is not None else 0` unpacks an int when None), so None fails there
+        assert D is not None and dt_bias is not None and D.shape == dt_bias.shape == (h, p)
+        tie_hdim = A.stride(-1) == 0 and A.stride(-2) == 0 and dt.stride(-1) == 0 and dt_bias.stride(-1) == 0
+        self.calls.append(dict(dtype=x.dtype, groups=g, z=z, dt_softplus=dt_softplus, tie_hdim=tie_hdim,
+                               D_zero=bool((D == 0).all()), dt_bias_zero=bool((dt_bias == 0).all())))
+        dt = dt + dt_bias
         Bh, Ch = B.repeat_interleave(h // g, dim=1), C.repeat_interleave(h // g, dim=1)
         state.copy_(state * torch.exp(dt[..., None] * A) + (dt * x)[..., None] * Bh[:, :, None])
-        return torch.einsum("bhpn,bhn->bhp", state, Ch).to(x.dtype)
+        return (torch.einsum("bhpn,bhn->bhp", state, Ch) + x * D).to(x.dtype)
 
 
 def step_inputs(b=2, h=4, p=3, n=5, dtype=torch.bfloat16, seed=0):
@@ -218,9 +223,9 @@ def step_inputs(b=2, h=4, p=3, n=5, dtype=torch.bfloat16, seed=0):
 
 
 def test_triton_state_update_is_the_recurrence():
-    """What the kernel is given (x in fp32 so y comes back fp32, dt and A broadcast as stride-0 views,
-    B and C per head, no D / z / bias / softplus of its own) and that it gives recurrence_step's y
-    and state."""
+    """What the kernel is given (x in fp32 so y comes back fp32; dt, A and the zero dt_bias broadcast
+    as stride-0 views; B and C per head; D zeros; no z, no softplus of its own) and that it gives
+    recurrence_step's y and state."""
     from star_elastic.model import recurrence_step
 
     fake = StandInUpdate()
@@ -230,8 +235,8 @@ def test_triton_state_update_is_the_recurrence():
     ref = recurrence_step(x, dt, A, B, C, ref_state)
     (call,) = fake.calls
     assert call["dtype"] == torch.float32 and call["groups"] == 4  # per head: either head order reads right
-    assert call["D"] is None and call["z"] is None and call["dt_bias"] is None and not call["dt_softplus"]
-    assert call["dt_stride"][-1] == 0 and call["A_stride"][1:] == (0, 0)
+    assert call["D_zero"] and call["dt_bias_zero"] and call["z"] is None and not call["dt_softplus"]
+    assert call["tie_hdim"]  # dt, A and dt_bias broadcast with stride 0: the kernel's tied-head-dim path
     assert y.dtype == torch.float32 and torch.allclose(y, ref, atol=1e-5) and torch.allclose(state, ref_state, atol=1e-5)
 
 
