@@ -35,7 +35,7 @@ replaces each decoder linear layer by an `FP8Linear` holding its per-row FP8 wei
 multiplying with `torch._scaled_mm` (activations quantised per token on the fly; H100/H200 run it on
 their FP8 tensor cores, and the CPU has the same op). Loaded in float32, an FP8 checkpoint's weights
 requantise to exactly the stored FP8 values and scales (the row maximum is 448 x scale). `eval`,
-`generate` and `serve` take `--fp8-matmul`; in serving (`use_fp8_matmuls_shared`) every budget view
+`generate` and `serve` take `--fp8-matmul`; in serving (`use_fp8_matmuls(parent, views=...)`) every budget view
 multiplies by a prefix of the parent's one FP8 copy, which the per-row scales make exact. Stacked MoE
 experts keep the dequantised grouped GEMM.
 
@@ -290,59 +290,27 @@ class FP8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def use_fp8_matmuls(model: nn.Module, dtype: torch.dtype | None = None) -> dict:
+def use_fp8_matmuls(model: nn.Module, dtype: torch.dtype | None = None, views: list[nn.Module] = ()) -> dict:
     """Swap every linear layer that FP8 checkpoints quantise (`is_quantized`: attention, MLP, Mamba
     in/out, shared experts, latent projections) for an `FP8Linear` of its weight quantised per row
-    (`quantize`), in place; then cast everything else to `dtype` (None: left as it is). A layer whose
-    sizes are not multiples of 16 (what GPUs' FP8 matmul takes) stays as it is. Inference only: the
-    model can no longer be trained, masked or saved. Returns {"swapped": n, "kept": [names], "bytes":
-    bytes of FP8 weights and scales}."""
-    fp8_dtype()
-    if not hasattr(torch, "_scaled_mm"):
-        raise StarElasticError(f"FP8 matmuls need torch._scaled_mm, which torch {torch.__version__} lacks")
-    swapped, kept, nbytes = 0, [], 0
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if type(child) is not nn.Linear or not is_quantized(f"{full}.weight"):
-                continue
-            if child.in_features % FP8_MATMUL_MULTIPLE or child.out_features % FP8_MATMUL_MULTIPLE:
-                kept.append(full)
-                continue
-            q, scale = quantize(child.weight, full)
-            new = FP8Linear(q, scale, child.bias)
-            setattr(module, child_name, new)
-            swapped += 1
-            nbytes += q.numel() + scale.numel() * 4
-    if dtype is not None:
-        for module in model.modules():
-            if isinstance(module, FP8Linear):
-                if module.bias is not None:
-                    module.bias.data = module.bias.data.to(dtype)
-                continue
-            for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
-                if t.is_floating_point():
-                    t.data = t.data.to(dtype)
-    if hasattr(model, "hf_config"):
-        model.fp8_matmuls = True  # what was swapped cannot be saved back as it was
-    return {"swapped": swapped, "kept": kept, "bytes": nbytes}
+    (`quantize`), in place; then cast everything else of `model` to `dtype` (None: left as it is). A
+    layer whose sizes are not multiples of 16 (what GPUs' FP8 matmul takes) stays as it is. Inference
+    only: the model can no longer be trained, masked or saved.
 
-
-def use_fp8_matmuls_shared(parent: nn.Module, views: list[nn.Module]) -> dict:
-    """FP8 matmuls in a parent and its budget views (serve/views.py), the views keeping their share of
-    the parent's weights: each of the parent's linear layers is quantised once, per row, and a view's
-    layer whose weight is a prefix of the parent's (a view into the same storage) becomes an
-    `FP8Linear` over the same prefix of the parent's FP8 weight and of its scales, no copy: rows cut
+    `views`: budget views of `model` (serve/views.py), which keep their share of its weights: a view's
+    layer whose weight is a prefix of one of `model`'s (a view into the same storage) becomes an
+    `FP8Linear` over the same prefix of that layer's FP8 weight and of its scales, no copy: rows cut
     keep their own scales and columns cut leave every kept row's scale as it was (the nesting of this
-    module's doc). A view's own copies (`view.copied`) are quantised on their own. Layers whose sizes
-    are not multiples of 16 stay as they are. The parent's full-precision linear weights are then
-    referenced by nothing that was swapped. Returns {"swapped", "shared", "kept", "bytes"}."""
+    module's doc). A view's own copies (`view.copied`) are quantised on their own. The model's
+    full-precision linear weights are then referenced by nothing that was swapped.
+    Returns {"swapped", "shared" (view layers over the model's FP8 weights), "kept" (the model's
+    layers left as they were), "bytes" (of FP8 weights and scales)}."""
     fp8_dtype()
     if not hasattr(torch, "_scaled_mm"):
         raise StarElasticError(f"FP8 matmuls need torch._scaled_mm, which torch {torch.__version__} lacks")
 
-    def linears(model):
-        for name, module in list(model.named_modules()):
+    def linears(m):
+        for name, module in list(m.named_modules()):
             for child_name, child in list(module.named_children()):
                 full = f"{name}.{child_name}" if name else child_name
                 if type(child) is nn.Linear and is_quantized(f"{full}.weight"):
@@ -352,18 +320,18 @@ def use_fp8_matmuls_shared(parent: nn.Module, views: list[nn.Module]) -> dict:
         return lin.in_features % FP8_MATMUL_MULTIPLE == 0 and lin.out_features % FP8_MATMUL_MULTIPLE == 0
 
     by_storage: dict[int, list] = {}
-    parent_layers, out = [], {"swapped": 0, "shared": 0, "kept": [], "bytes": 0}
-    for module, child_name, full, lin in linears(parent):
+    layers, out = [], {"swapped": 0, "shared": 0, "kept": [], "bytes": 0}
+    for module, child_name, full, lin in linears(model):
         if not aligned(lin):
             out["kept"].append(full)
             continue
         q, scale = quantize(lin.weight, full)
         by_storage.setdefault(lin.weight.untyped_storage().data_ptr(), []).append((lin.weight, q, scale))
-        parent_layers.append((module, child_name, FP8Linear(q, scale, lin.bias)))
+        layers.append((module, child_name, FP8Linear(q, scale, lin.bias)))
         out["bytes"] += q.numel() + 4 * scale.numel()
 
-    def prefix_of_parent(w):
-        """(q, scale) slices of the parent layer `w` is a prefix view of, or None."""
+    def prefix_of_model(w):
+        """(q, scale) slices of the model's layer `w` is a prefix view of, or None."""
         for pw, q, scale in by_storage.get(w.untyped_storage().data_ptr(), []):
             off = w.storage_offset() - pw.storage_offset()
             if w.dim() != 2 or not 0 <= off < pw.numel() or w.stride() != pw.stride():
@@ -373,13 +341,13 @@ def use_fp8_matmuls_shared(parent: nn.Module, views: list[nn.Module]) -> dict:
                 return q[r0:r0 + w.shape[0], c0:c0 + w.shape[1]], scale[r0:r0 + w.shape[0]]
         return None
 
-    for view in views:
-        if view is parent:
+    for view in views:  # before the model's own swap: their weights still point into its storage
+        if view is model:
             continue
         for module, child_name, full, lin in linears(view):
             if not aligned(lin):
                 continue
-            shared = prefix_of_parent(lin.weight)
+            shared = prefix_of_model(lin.weight)
             if shared is None:  # a copy of its own (view.copied): quantised on its own
                 shared = quantize(lin.weight, full)
                 out["bytes"] += shared[0].numel() + 4 * shared[1].numel()
@@ -387,9 +355,18 @@ def use_fp8_matmuls_shared(parent: nn.Module, views: list[nn.Module]) -> dict:
                 out["shared"] += 1
             setattr(module, child_name, FP8Linear(*shared, lin.bias))
             out["swapped"] += 1
-    for module, child_name, layer in parent_layers:
+    for module, child_name, layer in layers:
         setattr(module, child_name, layer)
         out["swapped"] += 1
-    for model in [parent, *views]:
-        model.fp8_matmuls = True  # what was swapped cannot be saved back as it was
+    if dtype is not None:
+        for module in model.modules():
+            if isinstance(module, FP8Linear):
+                if module.bias is not None:
+                    module.bias.data = module.bias.data.to(dtype)
+                continue
+            for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+                if t.is_floating_point():
+                    t.data = t.data.to(dtype)
+    for m in [model, *views]:
+        m.fp8_matmuls = True  # what was swapped cannot be saved back as it was
     return out

@@ -107,13 +107,13 @@ class ElasticEngine:
 
     def use_fp8_matmuls(self) -> dict:
         """FP8 matmuls in every trained budget, sharing one FP8 copy of the parent's linear weights
-        (fp8.use_fp8_matmuls_shared): the views are built now, then swapped with the parent. Budgets
+        (fp8.use_fp8_matmuls with the views): the views are built now, then swapped with the parent. Budgets
         between trained ones are not served afterwards (their views would slice the full-precision
         weights this frees)."""
-        from ..fp8 import use_fp8_matmuls_shared
+        from ..fp8 import use_fp8_matmuls
 
         views = [self.view(b) for b in self.budgets]
-        self.fp8_info = use_fp8_matmuls_shared(self.parent, views)
+        self.fp8_info = use_fp8_matmuls(self.parent, views=views)
         return self.fp8_info
 
     @property
