@@ -584,13 +584,12 @@ class ElasticTrainer:
         the argmax (no signal)."""
         if decision is None or decision.log_prob is None:
             return None
-        argmax = self.router.argmax_choice(decision.probs) if self.cfg.train_on == "drawn" else decision.trained
-        logs["drawn_is_argmax"] = float(argmax == decision.choice)
-        if argmax == decision.choice:
+        scored = self.router.argmax_choice(decision.probs) if self.cfg.train_on == "drawn" else decision.choice
+        logs["drawn_is_argmax"] = float(scored == decision.trained)
+        if scored == decision.trained:
             logs["advantage"] = 0.0
             return None
-        other = argmax if self.cfg.train_on == "drawn" else decision.choice
-        with torch.no_grad(), masked(self.model, {k: v.to(self.device) for k, v in self.router.hard_masks(other).items()}):
+        with torch.no_grad(), masked(self.model, {k: v.to(self.device) for k, v in self.router.hard_masks(scored).items()}):
             return kd_loss(self._head(self.model, x), teacher)
 
     def _companions(self, b: int) -> list[int]:

@@ -29,8 +29,8 @@ def _engine(args):
     device = pick_device(args.device)
     engine = ElasticEngine.load(resolve_model(args.model), device=device, dtype=pick_dtype(args.dtype, device),
                                 fp8_matmul=getattr(args, "fp8_matmul", False))
-    if getattr(engine, "fp8_info", None):
-        info = engine.fp8_info
+    info = engine.fp8_info
+    if info is not None:
         print(f"FP8 matmuls: {info['swapped']} linear layers, {info['shared']} of them views of the parent's one FP8 "
               f"copy ({info['bytes'] / 2**20:.1f} MiB)", file=sys.stderr)
     return engine

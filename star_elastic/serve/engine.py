@@ -77,6 +77,7 @@ class ElasticEngine:
 
     def __init__(self, ckpt: ElasticCheckpoint, serving_order: bool = True, compact_views: bool = True):
         self.compact_views = compact_views  # copy the parts a grouped bmm would run (views.budget_view)
+        self.fp8_info = None  # use_fp8_matmuls' summary once the budgets multiply in FP8
         self.ckpt, self.parent, self.tokenizer = ckpt, ckpt.model.eval(), ckpt.tokenizer
         self.budgets = budget_names(ckpt.manifest)
         # heads rank-major, once, before any view: every budget's heads become a plain prefix (order.py).
@@ -137,7 +138,7 @@ class ElasticEngine:
         budget = str(budget)
         with self.view_lock:
             if budget not in self.views:
-                if getattr(self, "fp8_info", None) is not None:
+                if self.fp8_info is not None:
                     raise StarElasticError(f"budget {budget}: with FP8 matmuls only the trained budgets are served "
                                            f"({', '.join(self.budgets)})")
                 spec = self.ckpt.spec(budget)
