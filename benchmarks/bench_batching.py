@@ -100,8 +100,8 @@ def main():
     ap.add_argument("--static", choices=["auto", "on", "off"], default="auto",
                     help="the engine's static step (every row of the pool; a CUDA graph on a GPU): auto = on a GPU")
     ap.add_argument("--hbm-gbs", type=float,
-                    help="peak memory bandwidth, GB/s, for the B = 1 decode's share of it (default: 4800, an H200, "
-                         "on a GPU; not reported on a CPU unless given)")
+                    help=f"peak memory bandwidth, GB/s, for the B = 1 decode's share of it (default: {common.HBM_GBS:g}, "
+                         "an H200's, on a GPU; not reported on a CPU unless given)")
     ap.add_argument("--smoke", action="store_true", help="tiny model, few tokens: a quick check")
     ap.add_argument("--out", help="JSON results file")
     args = ap.parse_args()
@@ -114,7 +114,7 @@ def main():
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or
                                                                   ("bfloat16" if device.type == "cuda" else "float32")]
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    hbm_gbs = args.hbm_gbs or (4800.0 if device.type == "cuda" else None)
+    hbm_gbs = args.hbm_gbs or (common.HBM_GBS if device.type == "cuda" else None)
     ckpt_dir = Path(args.ckpt) if args.ckpt else build_checkpoint(
         args.model, args.budgets.split(","), Path(tempfile.mkdtemp(prefix="bench_batching_")) / "ckpt")
     ckpt = load_elastic(ckpt_dir, dtype=dtype, device=device)

@@ -39,7 +39,7 @@ def parse_args(argv=None):
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--hbm-gbs", type=float, default=4800.0, help="peak memory bandwidth, GB/s (H200: 4800)")
+    ap.add_argument("--hbm-gbs", type=float, default=common.HBM_GBS, help=f"peak memory bandwidth, GB/s (default: {common.HBM_GBS:g}, an H200's)")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                     help="also decode with the Triton update and generate(compile=True), which fuses the step's "
                          "small kernels (auto: on a GPU only)")

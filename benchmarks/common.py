@@ -1,6 +1,6 @@
 """What every benchmark shares: the device set-up, the machine's name, a clock that waits for the
 GPU, a median timer on that clock, JSON written whole, and what model FLOP utilisation is counted
-against (the H200's bf16 peak, Nemotron 3 Nano's widths, the parameters a token multiplies through). Benchmarks import it as `common` (run
+against (the H200's bf16 peak and HBM bandwidth, Nemotron 3 Nano's widths, the parameters a token multiplies through). Benchmarks import it as `common` (run
 from anywhere as `python benchmarks/NAME.py`: Python puts the script's folder on the path)."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from star_elastic.model import Model, ModelConfig
 
 BF16_PEAK = 790e12  # H200 dense bf16 matmul, as measured on the device machines (an 8192^3 matmul on random data)
+HBM_GBS = 4800.0  # H200 HBM3e bandwidth, GB/s: the bound a memory-bound decode step is held against
 
 
 def nano_config(layers: str) -> ModelConfig:

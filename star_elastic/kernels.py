@@ -28,8 +28,8 @@ they work the same on either path. The kernel returns y in x's dtype; it is cast
 as `ssd_scan` returns it; the final state is fp32 from both.
 
 `state_step` is the one-token decode update (`model.Mamba2.step`) on `mamba_ssm`'s Triton
-`selective_state_update` under the same conditions (a CUDA tensor in bf16 / fp16, importable, not
-switched off): one kernel updates the fp32 state in place and returns C h, where the PyTorch
+`selective_state_update` under the scan's conditions (a CUDA tensor in bf16 / fp16, importable, not
+switched off) and opt-in (below): one kernel updates the fp32 state in place and returns C h, where the PyTorch
 recurrence (`model.recurrence_step`, the fallback and the reference) runs about ten. It is given B
 and C per head (b, heads, n), as the recurrence is, so that either head order (group-major, or the
 serving order's rank-major, serve/order.py) reads the right group; dt and A broadcast over the head's
