@@ -14,7 +14,7 @@
 #                               LOAD needs .devcarry/serve_wheels: the server's packages, which the GPU machine lacks)
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|2|3                issue 17's next runs, three side by side a call (S0 may need call 2 again: exit 75)
+#   PLAN17 1|..|5               issue 17's next runs, three side by side a call (S0 may need call 2 again: exit 75)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled
 #                               (bench_kernels --parts train; needs .devcarry/mamba)
@@ -58,7 +58,7 @@ BATCHING) shift; python3 benchmarks/bench_batching.py --model nano --device cuda
 SERVE) shift; python3 benchmarks/bench_serve.py --model nano --device cuda --out $OUT/serve_nano.json "$@" 2>&1 \
   | tail -n 60 ;;  # e.g. --contiguous-views none,experts,linear,all (what closes the views' gap)
 LOAD) python3 -m pip install -q --no-index --find-links .devcarry/serve_wheels --target $H/serve fastapi uvicorn httpx
-  PYTHONPATH=$H/serve:$PYTHONPATH python3 benchmarks/bench_load.py --model nano --device cuda --clients 64 --seconds 60 --json $OUT/load_nano.json 2>&1 | tail -n 40 ;;
+  PYTHONPATH=$H/serve:$PYTHONPATH python3 benchmarks/bench_load.py --model nano --device cuda --clients 64 --seconds 30 --baseline-seconds 15 --json $OUT/load_nano.json 2>&1 | tee $OUT/load.log | tail -n 40 ;;  # the log comes back even if cut
 KERNELS) shift; PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_kernels.py --parts train \
   --json $OUT/kernels_train.json "$@" 2>&1 | grep -v "%|" | tail -n 40 ;;
 FP8) join; for f in "" --fp8-matmul; do  # SmolLM2 held-out perplexity and tok/s, dequantised vs FP8 matmuls
@@ -76,6 +76,15 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
        R0c "${A/--no-minitron/} --seed 0 --variants= --minitron-arch $H/res/R0.json:elastic_anchor" J0h "$J0 --full-anchor 0.5" ;;
   3) bash $0 RUNS S0c "${A/--no-minitron/} --seed 0 --variants= --minitron-arch $H/res/S0.json:elastic_anchor" \
        J0l "$J0 --lr-a 2e-4" J0w "$J0 --stage2-weights 0,0.65,0.35" ;;
+  # 4-5 (tenth session's note): J0l beat (c) at twice the learning rate; is it the rate or the method?
+  # (c) at 2e-4 and 4e-4 on E0's architectures, the router run at 2e-4, seed 1 both ways, all budgets
+  4) C="${A/--no-minitron/} --variants= --lr-a"
+     bash $0 RUNS C2 "$C 2e-4 --seed 0 --minitron-arch $B#E0:elastic_anchor" \
+       C4 "$C 4e-4 --seed 0 --minitron-arch $B#E0:elastic_anchor" E0l "$A --seed 0 --variants elastic_anchor --lr-a 2e-4" ;;
+  5) C="${A/--no-minitron/} --variants= --lr-a 2e-4"
+     bash $0 RUNS E0lc "$C --seed 0 --minitron-arch $H/res/E0l.json:elastic_anchor" \
+       C1l "$C --seed 1 --minitron-arch $B#E1:elastic_anchor" \
+       J1l "$A --seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor --lr-a 2e-4" ;;
   esac ;;
 SERVING) join; for c in "BATCHING" "FP8" "DECODE" "SERVE --contiguous-views none,experts,linear,all"; do
     timeout 200 bash $0 $c; done ;;  # issues 12 and 13 in one call (~8 min; carry mamba, smol.part01, smol.sha)
