@@ -14,7 +14,7 @@
 #                               LOAD needs .devcarry/serve_wheels: the server's packages, which the GPU machine lacks)
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|5               issue 17's next runs, three side by side a call (S0 may need call 2 again: exit 75)
+#   PLAN17 1|..|7               issue 17's next runs, three side by side a call (S0 may need call 2 again: exit 75)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled
 #                               (bench_kernels --parts train; needs .devcarry/mamba)
@@ -85,6 +85,11 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
      bash $0 RUNS E0lc "$C --seed 0 --minitron-arch $H/res/E0l.json:elastic_anchor" \
        C1l "$C --seed 1 --minitron-arch $B#E1:elastic_anchor" \
        J1l "$A --seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor --lr-a 2e-4" ;;
+  # 6-7: the best levers together through the router: every budget a step at 2e-4, with the full anchor and at 0.5
+  6) S="$A --seed 0 --variants elastic_anchor --all-budgets --lr-a 2e-4 --max-train-seconds 500"
+     bash $0 RUNS S0l "$S --state-dir $H/state/S0l" S0lh "$S --full-anchor 0.5 --state-dir $H/state/S0lh" ;;
+  7) C="${A/--no-minitron/} --variants= --lr-a 2e-4 --seed 0"
+     bash $0 RUNS S0lc "$C --minitron-arch $H/res/S0l.json:elastic_anchor" S0lhc "$C --minitron-arch $H/res/S0lh.json:elastic_anchor" ;;
   esac ;;
 SERVING) join; for c in "BATCHING" "FP8" "DECODE" "SERVE --contiguous-views none,experts,linear,all"; do
     timeout 200 bash $0 $c; done ;;  # issues 12 and 13 in one call (~8 min; carry mamba, smol.part01, smol.sha)
