@@ -14,7 +14,7 @@
 #                               LOAD needs .devcarry/serve_wheels: the server's packages, which the GPU machine lacks)
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|7               issue 17's next runs, three side by side a call (S0 may need call 2 again: exit 75)
+#   PLAN17 1|..|7|16|16c        issue 17's next runs, three side by side a call (S0 may need call 2 again: exit 75)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   GATHER [args]               issue 12: the views' MoE decode gather, the candidates side by side (bench_expert_gather)
 #   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled
@@ -91,6 +91,13 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
      bash $0 RUNS S0l "$S --state-dir $H/state/S0l" S0lh "$S --full-anchor 0.5 --state-dir $H/state/S0lh" ;;
   7) C="${A/--no-minitron/} --variants= --lr-a 2e-4 --seed 0"
      bash $0 RUNS S0lc "$C --minitron-arch $H/res/S0l.json:elastic_anchor" S0lhc "$C --minitron-arch $H/res/S0lh.json:elastic_anchor" ;;
+  # T = 16M alone on the GPU with the levers that won at 4M (LEVERS, e.g. "--all-budgets --lr-a 2e-4"): call
+  # "16" until it exits 0 (75: resumable, call again; the fifth session's 16M run trained 457 s without the
+  # anchor), then "16c", (c) on its architectures at the same rate (8M tokens a budget, ~410 s)
+  16) RUN_LIMIT=585 bash $0 RUNS E16 "$A --seed 0 --variants elastic_anchor --tokens-a 16777216 $LEVERS \
+        --state-dir $H/state/E16 --max-train-seconds 420" ;;
+  16c) RUN_LIMIT=585 bash $0 RUNS E16c "${A/--no-minitron/} --seed 0 --variants= --tokens-a 16777216 \
+        --minitron-arch $H/res/E16.json:elastic_anchor ${LR:+--lr-a $LR}" ;;
   esac ;;
 SERVING) join; for c in "BATCHING" "FP8" "DECODE" "SERVE --contiguous-views none,experts,linear,all"; do
     timeout 200 bash $0 $c; done ;;  # issues 12 and 13 in one call (~8 min; carry mamba, smol.part01, smol.sha)
