@@ -56,7 +56,7 @@ class ElastifyConfig:
     # architecture to +3% / -2%, the full model stayed within 1% of the parent out of domain; a step costs
     # a second student pass (1.6x the time). 0: the paper's sampling alone
     full_anchor: float = 1.0
-    all_budgets: bool = False  # every step trains every smaller budget too (TrainConfig.all_budgets; not yet measured)
+    all_budgets: bool = False  # every step trains every smaller budget too (TrainConfig.all_budgets)
     train_on: str = "drawn"  # the model trains the router's draw or its in-band argmax (TrainConfig.train_on)
     drift_data: str | None = "auto"  # held-out text of a second domain for the full budget's drift ("": none)
     router_init: str = "search"  # the router starts from the zero-shot search's architectures, or "cost" alone
