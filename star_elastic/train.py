@@ -29,6 +29,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -41,8 +42,8 @@ from tqdm.auto import tqdm
 from . import parallel
 from .data import TokenBatches
 from .elastic.cost import Arch, Budget, CostModel
-from .elastic.losses import (HeadInput, LossWeights, advantage, budget_loss, drawn_cost, full_choice_loss,
-                             head_input, kd_loss, score_function_loss, task_loss)
+from .elastic.losses import (HeadInput, LossWeights, advantage, budget_loss, compiled_kd, drawn_cost,
+                             full_choice_loss, head_input, kd_loss, score_function_loss, task_loss)
 from .elastic.router import (Projection, Router, entropy, entropy_floor_loss, full_projection, larger_choice,
                              nested_in_band, project_budgets)
 from .elastic.masking import masked
@@ -105,7 +106,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     compile: str | None = None  # a torch.compile backend ("inductor" on GPUs) applied to each layer of the
-    #                             student and the teacher; None: eager
+    #                             student and the teacher, and to the distillation loss's chunks; None: eager
     shard: str = "auto"  # under torch.distributed: "fsdp" (FSDP2, the "auto" default when there are 2+ ranks)
     #                      or "none" (every rank holds everything; gradients all-reduced by hand)
 
@@ -652,19 +653,20 @@ class ElasticTrainer:
             x = self._batch(L)
             with torch.no_grad():
                 teacher = self._head(self.teacher, x)
-            total, logged = self._budget_pass(b, x, teacher)
-            for k, v in logged.items():
-                add(k, v)
-            for j in self._companions(b):  # all_budgets: every other smaller budget on the same batch
-                t, logged = self._budget_pass(j, x, teacher)
-                total = total + t
+            with compiled_kd(cfg.compile) if cfg.compile else nullcontext():  # the loss's chunks compiled too
+                total, logged = self._budget_pass(b, x, teacher)
                 for k, v in logged.items():
-                    add(f"{k}@{self.budgets[j].name}", v)
-            if cfg.full_anchor and not budget.is_full:  # the sandwich rule: the full model on the same batch
-                full_kd = kd_loss(self._head(self.model, x), teacher)
-                (cfg.full_anchor * full_kd / cfg.grad_accum).backward()
-                add("full_kd", full_kd)
-                total = total + cfg.full_anchor * full_kd
+                    add(k, v)
+                for j in self._companions(b):  # all_budgets: every other smaller budget on the same batch
+                    t, logged = self._budget_pass(j, x, teacher)
+                    total = total + t
+                    for k, v in logged.items():
+                        add(f"{k}@{self.budgets[j].name}", v)
+                if cfg.full_anchor and not budget.is_full:  # the sandwich rule: the full model on the same batch
+                    full_kd = kd_loss(self._head(self.model, x), teacher)
+                    (cfg.full_anchor * full_kd / cfg.grad_accum).backward()
+                    add("full_kd", full_kd)
+                    total = total + cfg.full_anchor * full_kd
             add("total", total)
         logs.update(sums)
         if self.router is not None:  # replicated: its gradient is all-reduced by hand

@@ -323,6 +323,35 @@ def test_chunked_kd_equals_whole_kd(chunk, teacher_kind, with_mask):
         assert kd_loss(HeadInput(h, W), teacher, mask, chunk_tokens=chunk).item() == pytest.approx(ref.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("teacher_kind", ["logits", "head"])
+def test_compiled_kd_chunks_give_the_eager_loss_and_gradients(teacher_kind):
+    """compiled_kd: each chunk's softmaxes, KL and gradient as one torch.compile'd function (the CPU
+    runs dynamo's capture with "aot_eager"; inductor's fusion is the GPU's) give the eager chunks'
+    loss and gradients, chunks that divide the tokens and one that does not; off again after."""
+    from torch._dynamo.utils import counters
+
+    from star_elastic.elastic import losses
+
+    torch._dynamo.reset()
+    counters.clear()
+    h, W = _head(4)
+    ht, Wt = _head(5)
+    teacher = ht @ Wt.T if teacher_kind == "logits" else HeadInput(ht, Wt)
+    grads = []
+    for backend in (None, "aot_eager"):
+        a_h, a_W = h.clone().requires_grad_(), W.clone().requires_grad_()
+        with losses.compiled_kd(backend):
+            loss = kd_loss(HeadInput(a_h, a_W), teacher, chunk_tokens=10)  # 46 tokens: 4 x 10 and 6
+            loss.backward()
+        grads.append((loss.detach(), a_h.grad, a_W.grad))
+    assert losses._FUSED_CHUNK is None
+    assert counters["stats"]["unique_graphs"] >= 1  # the compiled chunk ran
+    (l0, gh0, gw0), (l1, gh1, gw1) = grads
+    assert l1.item() == pytest.approx(l0.item(), rel=1e-6)
+    assert torch.allclose(gh1, gh0, rtol=1e-5, atol=1e-8) and torch.allclose(gw1, gw0, rtol=1e-5, atol=1e-8)
+    torch._dynamo.reset()
+
+
 def test_fused_kd_makes_no_tensor_of_the_whole_batch_logits():
     """Every tensor any op makes, forward and backward, is at most one chunk of logits (or the
     head's weight / its gradient): nothing of (tokens, vocab) for the whole batch."""

@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import functools
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -127,11 +129,49 @@ def _kl_rows(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1)
 
 
+def _kl_chunk(z: torch.Tensor, z_t: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of `_head_kl`, written plainly for torch.compile to fuse (`compiled_kd`): from the
+    student's logits z and the teacher's z_t (rows, vocab), in any dtype, and row weights w, the
+    weighted KL sum (fp32) and its gradient for z, in z's dtype."""
+    log_s = F.log_softmax(z.float(), dim=-1)
+    log_t = F.log_softmax(z_t.float(), dim=-1)
+    p_t = log_t.exp()
+    total = ((p_t * (log_t - log_s)).sum(-1) * w).sum()
+    return total, ((log_s.exp() - p_t) * w[:, None]).to(z.dtype)
+
+
+_FUSED_CHUNK = None  # `_kl_chunk` compiled, while `compiled_kd` is on
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_chunk(backend: str):
+    return torch.compile(_kl_chunk, backend=backend, dynamic=False)
+
+
+@contextmanager
+def compiled_kd(backend: str | None):
+    """Within the block, the fused distillation loss (a student `HeadInput`, with gradients) runs each
+    chunk's softmaxes, KL and gradient as one torch.compile'd function (`backend`, e.g. "inductor"),
+    which fuses the casts and elementwise passes over the (chunk, vocab) logits that the eager code
+    makes one kernel at a time (on an H200 at Nano width: a few hundred MiB each, about 40 ms of a
+    254 ms training step, docs/RESULTS.md §12). None: eager. The trainer turns it on with
+    `TrainConfig.compile`."""
+    global _FUSED_CHUNK
+    outer = _FUSED_CHUNK
+    _FUSED_CHUNK = _compiled_chunk(backend) if backend else None
+    try:
+        yield
+    finally:
+        _FUSED_CHUNK = outer
+
+
 def _head_kl(hidden, weight, cd, teacher: Logits, t_rows, row_w, chunk: int, need_h: bool, need_w: bool):
     """sum_r row_w[r] * KL(teacher_r || student_r) over the rows of `hidden` (tokens, D), the
     student's logits `hidden @ weight.T` made in `cd` a chunk at a time; with the gradients of that
     sum for hidden / weight (computed in the same pass: d KL_r / d logits_r = p_student - p_teacher).
-    Each chunk holds a few (chunk, vocab) fp32 tensors; nothing of the whole batch's logits exists."""
+    Each chunk holds a few (chunk, vocab) fp32 tensors; nothing of the whole batch's logits exists.
+    Under `compiled_kd`, a chunk's softmax math is one compiled function (same result, fewer passes)."""
+    fused = _FUSED_CHUNK if need_h or need_w else None
     with torch.autocast(hidden.device.type, enabled=False):
         W = weight.to(cd)
         gh = torch.empty_like(hidden) if need_h else None
@@ -139,19 +179,27 @@ def _head_kl(hidden, weight, cd, teacher: Logits, t_rows, row_w, chunk: int, nee
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for i in range(0, hidden.shape[0], chunk):
             h = hidden[i:i + chunk].to(cd)
-            log_s = F.log_softmax(F.linear(h, W).float(), dim=-1)
-            log_t = F.log_softmax(_logits_of(teacher, t_rows[i:i + chunk]), dim=-1)
-            p_t = log_t.exp()
             w = row_w[i:i + chunk]
-            total += (log_t.sub_(log_s).mul_(p_t).sum(-1) * w).sum()  # kl_div's exp(t) * (t - s)
-            del log_t
-            if need_h or need_w:
+            if fused is not None:
+                rows = t_rows[i:i + chunk]  # the teacher's logits in its matmul dtype: the upcast is fused
+                z_t = (F.linear(rows.to(teacher.compute_dtype), teacher.weight.to(teacher.compute_dtype))
+                       if isinstance(teacher, HeadInput) else rows)
+                part, g = fused(F.linear(h, W), z_t, w)
+                total += part
+            else:
+                log_s = F.log_softmax(F.linear(h, W).float(), dim=-1)
+                log_t = F.log_softmax(_logits_of(teacher, t_rows[i:i + chunk]), dim=-1)
+                p_t = log_t.exp()
+                total += (log_t.sub_(log_s).mul_(p_t).sum(-1) * w).sum()  # kl_div's exp(t) * (t - s)
+                del log_t
+                if not (need_h or need_w):
+                    continue
                 g = log_s.exp_().sub_(p_t).mul_(w[:, None]).to(cd)  # d total / d logits of these rows
                 del log_s, p_t
-                if need_h:
-                    gh[i:i + chunk] = g @ W
-                if need_w:
-                    gw.add_(g.t() @ h)
+            if need_h:
+                gh[i:i + chunk] = g @ W
+            if need_w:
+                gw.add_(g.t() @ h)
     return total, gh, gw
 
 
