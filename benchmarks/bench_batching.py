@@ -83,6 +83,46 @@ def sequential_run(engine: BatchedEngine, budget_prompts: list[tuple[str, torch.
     return common.clock(engine.device) - t0, out
 
 
+def profile_paths(engine: BatchedEngine, budget: str, prompt: torch.Tensor, new_tokens: int, device) -> dict:
+    """One request of `budget`, batch 1, through the engine's batched step and through `generate`, each
+    under torch.profiler: per generated token, the kernels launched, the device's busy time (kernel
+    self time; CPU operator time on a CPU) against the wall time, and the kernels that take it. Busy
+    well below wall: the device waits on the host; as much kernel time as wall: the kernels themselves."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    out = {}
+    for name, run in (("engine", lambda: batched_run(engine, [(budget, prompt)], new_tokens)),
+                      ("generate", lambda: sequential_run(engine, [(budget, prompt)], new_tokens))):
+        run()  # warm: views, caches, graphs
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            t0 = common.clock(device)
+            run()
+            wall = common.clock(device) - t0
+        rows = [(e.key, e.count, e.self_device_time_total if cuda else e.self_cpu_time_total)
+                for e in prof.key_averages()
+                if (cuda and "CUDA" in str(getattr(e, "device_type", ""))) or (not cuda and e.self_cpu_time_total > 0)]
+        rows = [r for r in rows if r[2] > 0]
+        if not cuda and name == "engine":  # its step runs on the scheduler's thread, which the CPU profiler misses
+            out[name] = {"wall_ms_per_token": 1e3 * wall / new_tokens, "busy_ms_per_token": None}
+            print(f"  profile, {name:8s} budget {budget} batch 1: {out[name]['wall_ms_per_token']:.3f} ms a token "
+                  "(its operators run on the scheduler's thread, which the CPU profiler does not record; the GPU's "
+                  "kernels are recorded)", flush=True)
+            continue
+        busy = sum(t for _, _, t in rows) / 1e6
+        out[name] = {"wall_ms_per_token": 1e3 * wall / new_tokens, "busy_ms_per_token": 1e3 * busy / new_tokens,
+                     "busy_share": busy / wall, "launches_per_token": sum(c for _, c, _ in rows) / new_tokens,
+                     "top": [{"name": k[:100], "calls_per_token": c / new_tokens, "ms_per_token": t / 1e3 / new_tokens}
+                             for k, c, t in sorted(rows, key=lambda r: -r[2])[:8]]}
+        p = out[name]
+        print(f"  profile, {name:8s} budget {budget} batch 1: {p['wall_ms_per_token']:.3f} ms a token, "
+              f"{'kernels' if cuda else 'CPU operators'} {p['busy_ms_per_token']:.3f} ms ({p['busy_share']:.0%} busy), "
+              f"{p['launches_per_token']:.0f} {'launches' if cuda else 'calls'} a token", flush=True)
+        for r in p["top"]:
+            print(f"      {r['ms_per_token']:8.4f} ms {r['calls_per_token']:6.1f}x  {r['name'][:90]}")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", help="an elastic checkpoint (default: build one, untrained)")
@@ -103,6 +143,9 @@ def main():
                     help=f"peak memory bandwidth, GB/s, for the B = 1 decode's share of it (default: {common.HBM_GBS:g}, "
                          "an H200's, on a GPU; not reported on a CPU unless given)")
     ap.add_argument("--smoke", action="store_true", help="tiny model, few tokens: a quick check")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile batch 1 of the first budget, the engine's step against generate's: kernels, "
+                         "launches and the device's busy share a token")
     ap.add_argument("--out", help="JSON results file")
     args = ap.parse_args()
     if args.smoke:
@@ -212,6 +255,7 @@ def main():
             print(f"B = 1 decode, budget {r['budget']}: {r['step_s'] * 1e3:.3f} ms a step, "
                   f"{r['active_weight_bytes'] / 1e6:.1f} MB of active weights a step = "
                   f"{r['decode_gbs']:.1f} GB/s{share}")
+    profiled = profile_paths(engine(1), names[0], prompts[0], args.new_tokens, device) if args.profile else None
     for eng in engines.values():
         eng.close()
     result = {"benchmark": "bench_batching", "command": " ".join(["python"] + sys.argv),
@@ -221,7 +265,7 @@ def main():
               "reps": args.reps, "hbm_gbs": hbm_gbs,
               "static_step": next(iter(engines.values())).scheduler.static if engines else None,
               "cuda_graph": next(iter(engines.values())).scheduler.use_graph if engines else None,
-              "rows": rows, "mixed": mixed}
+              "rows": rows, "mixed": mixed, "profile": profiled}
     if args.out:
         common.write_json(args.out, result, indent=1)
         print(f"wrote {args.out}")
