@@ -118,6 +118,9 @@ def parse_args(argv=None):
     ap.add_argument("--router-lr", type=float, default=1e-2)
     ap.add_argument("--tokens-a", type=int, default=4_194_304, help="(A) T: training tokens of (b), and of (c) in all")
     ap.add_argument("--lr-a", type=float, default=1e-4, help="(A) model learning rate of (b) and (c)")
+    ap.add_argument("--minitron-lrs", metavar="LR,LR,...",
+                    help="(c) at its best: distil each budget once per learning rate and keep the one with the lowest "
+                         "perplexity on the first held-out source (each try recorded); default: (c) at --lr-a/--lr-b")
     ap.add_argument("--tokens-b", type=int, default=4_194_304, help="(B) T")
     ap.add_argument("--lr-b", type=float, default=3e-4, help="(B) model learning rate of (b) and (c)")
     ap.add_argument("--variants", default="elastic,elastic_anchor,joint_fixed",
@@ -288,6 +291,19 @@ def importance_and_sort(model, train: torch.Tensor, args, device) -> tuple[dict,
 
 # ----------------------------------------------------------------------------- (c) the plain distillation loop
 
+def minitron_lrs(args, lr: float) -> list[float]:
+    """(c)'s learning rates: --minitron-lrs, or the part's one rate."""
+    if not args.minitron_lrs:
+        return [lr]
+    try:
+        lrs = [float(x) for x in args.minitron_lrs.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--minitron-lrs: not a list of numbers: {args.minitron_lrs!r}") from None
+    if not lrs or min(lrs) <= 0:
+        raise SystemExit(f"--minitron-lrs: learning rates must be positive: {args.minitron_lrs!r}")
+    return lrs
+
+
 def distil(student, teacher, rows: torch.Tensor, steps: int, lr: float, args, device, label: str) -> dict:
     """Forward KL from the frozen teacher, AdamW (betas 0.9/0.95, no weight decay), warmup + cosine
     and clipping exactly as ElasticTrainer (TrainConfig defaults, lr_factor), bf16 autocast on a GPU
@@ -443,17 +459,30 @@ def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, 
         if b.is_full or args.no_minitron:
             continue
         print(f"(c) Minitron {b.name}: {steps_c} steps = {steps_c * tokens_per_step:,} tokens", flush=True)
-        torch.manual_seed(args.seed)
-        small = slice_model(sorted_parent, specs[b.name])
-        info = distil(small, teacher, rows, steps_c, lr, args, device, label=f"minitron {b.name}")
-        t = clock(device)
-        row("minitron", b, small, specs[b.name], score(small, heldouts, args), info["tokens"])
-        info["eval_seconds"] = round(clock(device) - t, 1)
+        best, sweep, seconds = None, {}, 0.0
+        for lr_c in minitron_lrs(args, lr):  # one, or the sweep: (c) at its best learning rate
+            torch.manual_seed(args.seed)
+            small = slice_model(sorted_parent, specs[b.name])
+            info = distil(small, teacher, rows, steps_c, lr_c, args, device, label=f"minitron {b.name} lr {lr_c:g}")
+            t = clock(device)
+            ppl = score(small, heldouts, args)
+            info.update(lr=lr_c, eval_seconds=round(clock(device) - t, 1))
+            sweep[f"{lr_c:g}"] = ppl
+            seconds += info["seconds"]
+            if best is None or ppl[next(iter(heldouts))] < best[1][next(iter(heldouts))]:
+                best = (info, ppl, small)
+            del small
+        info, ppl, small = best
+        if len(sweep) > 1:
+            info["lr_sweep"] = sweep  # held-out perplexity of each try; the row is the best on the first source
+            print(f"(c) Minitron {b.name}: learning rate {info['lr']:g} of {', '.join(sweep)} is the best on "
+                  f"{next(iter(heldouts))}", flush=True)
+        row("minitron", b, small, specs[b.name], ppl, info["tokens"], lr=info["lr"])
         m = methods["minitron"]
         m["per_budget"][b.name] = info
-        m["tokens"] += info["tokens"]
-        m["train_seconds"] = round(m["train_seconds"] + info["seconds"], 1)
-        del small
+        m["tokens"] += info["tokens"]  # the chosen try's: every try trains on the same T / budgets tokens
+        m["train_seconds"] = round(m["train_seconds"] + seconds, 1)
+        del small, best
         save()
     del teacher
     part["table"] = table(part)

@@ -78,3 +78,26 @@ def test_malformed_weights_are_one_line_errors():
     r = subprocess.run(BENCH + ["--stage2-weights", "1,x"], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "weights are comma-separated numbers, got '1,x'" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_minitron_lrs_keeps_each_budgets_best_learning_rate_and_records_every_try(tmp_path):
+    """(c) at its best: `--minitron-lrs` distils each smaller budget once per rate and keeps the try with
+    the lowest perplexity on the first held-out source; every try's perplexities are in the JSON."""
+    out = tmp_path / "c.json"
+    argv = [a for a in BENCH if a != "--no-minitron"]
+    argv[argv.index("--variants") + 1] = ""
+    r = subprocess.run(argv + ["--minitron-lrs", "1e-5,3e-3", "--json", str(out)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    part = json.loads(out.read_text())["B"]
+    per_budget = part["methods"]["minitron"]["per_budget"]
+    rows = {row["budget"]: row for row in part["rows"] if row["method"] == "minitron"}
+    assert per_budget and set(per_budget) == set(rows)
+    for name, info in per_budget.items():
+        sweep = info["lr_sweep"]
+        assert set(sweep) == {"1e-05", "0.003"}
+        best = min(sweep, key=lambda lr: sweep[lr]["wiki"])
+        assert info["lr"] == float(best) and rows[name]["lr"] == float(best)
+        assert rows[name]["perplexity"] == sweep[best]
+    bad = subprocess.run(argv + ["--minitron-lrs", "fast"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--minitron-lrs: not a list of numbers" in bad.stderr
