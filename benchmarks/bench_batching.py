@@ -143,6 +143,8 @@ def main():
                     help=f"peak memory bandwidth, GB/s, for the B = 1 decode's share of it (default: {common.HBM_GBS:g}, "
                          "an H200's, on a GPU; not reported on a CPU unless given)")
     ap.add_argument("--smoke", action="store_true", help="tiny model, few tokens: a quick check")
+    ap.add_argument("--fp8-matmul", action="store_true",
+                    help="every budget multiplies in FP8 (ElasticEngine.use_fp8_matmuls), batched and sequential alike")
     ap.add_argument("--profile", action="store_true",
                     help="also profile batch 1 of the first budget, the engine's step against generate's: kernels, "
                          "launches and the device's busy share a token")
@@ -157,7 +159,8 @@ def main():
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or
                                                                   ("bfloat16" if device.type == "cuda" else "float32")]
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    hbm_gbs = args.hbm_gbs or (common.HBM_GBS if device.type == "cuda" else None)
+    # FP8 weights are 1 byte where the active-bytes count assumes the checkpoint's dtype: no bound then
+    hbm_gbs = None if args.fp8_matmul else args.hbm_gbs or (common.HBM_GBS if device.type == "cuda" else None)
     ckpt_dir = Path(args.ckpt) if args.ckpt else build_checkpoint(
         args.model, args.budgets.split(","), Path(tempfile.mkdtemp(prefix="bench_batching_")) / "ckpt")
     ckpt = load_elastic(ckpt_dir, dtype=dtype, device=device)
@@ -178,6 +181,9 @@ def main():
             base = next(iter(engines.values()), None)
             engines[slots] = BatchedEngine(ckpt, slots=slots, static=static) if base is None else \
                 BatchedEngine.of(base, slots, static=static)
+            if base is None and args.fp8_matmul:  # the engines share the views, so the FP8 weights too
+                info = engines[slots].use_fp8_matmuls()
+                print(f"FP8 matmuls: {info}", flush=True)
         return engines[slots]
 
     rows = []
@@ -262,7 +268,7 @@ def main():
               "machine": common.machine(device), "device": str(device), "dtype": str(dtype),
               "threads": torch.get_num_threads(), "model": args.model if not args.ckpt else args.ckpt,
               "params": ckpt.model.num_parameters(), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-              "reps": args.reps, "hbm_gbs": hbm_gbs,
+              "reps": args.reps, "hbm_gbs": hbm_gbs, "fp8_matmul": args.fp8_matmul,
               "static_step": next(iter(engines.values())).scheduler.static if engines else None,
               "cuda_graph": next(iter(engines.values())).scheduler.use_graph if engines else None,
               "rows": rows, "mixed": mixed, "profile": profiled}

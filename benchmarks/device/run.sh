@@ -55,7 +55,7 @@ DEMO) shift; join; SECONDS=0; python3 -m star_elastic demo --out $H/demo "$@" 2>
 EVALI) python3 -m star_elastic eval $H/demo --data wiki --budgets 1.0,0.9,0.75,0.6,0.5 --json $OUT/eval_interpolated.json \
   2>&1 | grep -v "%|" | tail -n 15 ;;
 BATCHING) shift; python3 benchmarks/bench_batching.py --model nano --device cuda --batch-sizes 1,8,32,64 \
-  --out $OUT/batching_nano.json "$@" 2>&1 | tail -n 40 ;;  # e.g. --static off --out $OUT/batching_eager.json; --profile
+  --out $OUT/batching_nano.json "$@" 2>&1 | tail -n 40 ;;  # e.g. --static off --out $OUT/batching_eager.json; --profile; --fp8-matmul --out $OUT/batching_fp8.json
 SERVE) shift; python3 benchmarks/bench_serve.py --model nano --device cuda --out $OUT/serve_nano.json "$@" 2>&1 \
   | tail -n 60 ;;  # e.g. --contiguous-views none,experts,linear,all (what closes the views' gap)
 LOAD) python3 -m pip install -q --no-index --find-links .devcarry/serve_wheels --target $H/serve fastapi uvicorn httpx
