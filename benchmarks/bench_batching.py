@@ -143,6 +143,8 @@ def main():
                     help=f"peak memory bandwidth, GB/s, for the B = 1 decode's share of it (default: {common.HBM_GBS:g}, "
                          "an H200's, on a GPU; not reported on a CPU unless given)")
     ap.add_argument("--smoke", action="store_true", help="tiny model, few tokens: a quick check")
+    ap.add_argument("--no-pipeline", action="store_true",
+                    help="read every decode step before launching the next (Scheduler.pipeline off), for the side by side")
     ap.add_argument("--fp8-matmul", action="store_true",
                     help="every budget multiplies in FP8 (ElasticEngine.use_fp8_matmuls), batched and sequential alike")
     ap.add_argument("--profile", action="store_true",
@@ -181,6 +183,7 @@ def main():
             base = next(iter(engines.values()), None)
             engines[slots] = BatchedEngine(ckpt, slots=slots, static=static) if base is None else \
                 BatchedEngine.of(base, slots, static=static)
+            engines[slots].scheduler.pipeline = engines[slots].scheduler.pipeline and not args.no_pipeline
             if base is None and args.fp8_matmul:  # the engines share the views, so the FP8 weights too
                 info = engines[slots].use_fp8_matmuls()
                 print(f"FP8 matmuls: {info}", flush=True)
@@ -271,6 +274,7 @@ def main():
               "reps": args.reps, "hbm_gbs": hbm_gbs, "fp8_matmul": args.fp8_matmul,
               "static_step": next(iter(engines.values())).scheduler.static if engines else None,
               "cuda_graph": next(iter(engines.values())).scheduler.use_graph if engines else None,
+              "pipelined": next(iter(engines.values())).scheduler.pipeline if engines else None,
               "rows": rows, "mixed": mixed, "profile": profiled}
     if args.out:
         common.write_json(args.out, result, indent=1)

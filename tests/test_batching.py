@@ -25,12 +25,15 @@ def engine(request, tmp_path_factory):
     return ElasticEngine.load(make_checkpoint(tmp_path_factory.mktemp("ck") / "ckpt", request.param))
 
 
-@pytest.fixture
-def batched(engine):
+@pytest.fixture(params=[None, True], ids=["cpu-default", "static-pipelined"])
+def batched(engine, request):
+    """BatchedEngines over `engine`'s weights: the CPU's default step (eager, on the active rows, read at
+    once), or the GPU's (the static step, pipelined: the next step launched from the device's tokens
+    before this one is read), run eagerly; a test's own `static` wins."""
     made = []
 
     def make(slots, static=None):
-        made.append(BatchedEngine.of(engine, slots=slots, static=static))
+        made.append(BatchedEngine.of(engine, slots=slots, static=request.param if static is None else static))
         return made[-1]
 
     yield make
@@ -370,3 +373,25 @@ def test_a_client_that_disconnects_frees_its_slot(engine, stream):
         server.should_exit = True
         thread.join(timeout=10)
         eng.close()
+
+
+def test_the_pipelined_step_chains_and_drops_the_tokens_past_an_end(engine, batched):
+    """The static step pipelined: greedy requests of different lengths at one budget, their steps
+    launched from the previous step's tokens on the device (counted), a request ending while the next
+    step is in flight: every output equals the one-at-a-time one, nothing past its end handed over,
+    and decode_tokens counts only what was handed over. Off (`pipeline = False`): no step chained."""
+    work = [("1.0", torch.tensor([[3, 4, 5]]), 6, {}), ("1.0", torch.tensor([[9, 10, 11]]), 14, {}),
+            ("1.0", torch.tensor([[20, 21, 22]]), 3, {})]
+    want = sequential(engine, work)
+    for pipeline in (True, False):
+        eng = batched(slots=4, static=True)
+        eng.scheduler.pipeline = pipeline
+        gate = threading.Event()
+        first = eng.submit(*work[0][:3], on_token=lambda tok: gate.wait(30) and False)  # all admitted together
+        rest = [eng.submit(b, ids, n) for b, ids, n, _ in work[1:]]
+        gate.set()
+        assert [r.wait(120) for r in [first] + rest] == want
+        c = eng.scheduler.counters()
+        assert c["prefilled"] + c["decode_tokens"] == sum(len(t) for t, _ in want)
+        assert (c["chained"] > 0) == pipeline
+        assert eng.scheduler.active() == 0 and all(p.inflight is None for p in eng.scheduler.pools.values())
