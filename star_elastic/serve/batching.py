@@ -226,6 +226,8 @@ class SlotPool:
         self.active.pop()
         req.row = None
         if not self.active:  # idle: give the memory back
+            if self.inflight is not None:  # a step past every request's end may still run on these caches and
+                self.inflight.greedy.cpu()  # its graph's memory: wait for it (once a burst) before they go
             self.cache, self.rows, self.length, self._views, self._static = None, 0, 0, {}, None
             self.inflight = None
 
