@@ -81,7 +81,7 @@ def shape(s: str) -> tuple[int, int, int]:
 # ----------------------------------------------------------------------------- the variants
 
 def gather_index(w, idx):
-    return w[idx]  # what Experts.forward does: (T, k, rows, cols), contiguous
+    return w[idx]  # plain indexing, what Experts.forward did before gather_experts: (T, k, rows, cols), contiguous
 
 
 def gather_wide(dtype):
