@@ -259,7 +259,8 @@ def test_expert_never_routed_scores_zero():
 
 
 class LargestTensor(TorchDispatchMode):
-    """Records the element count of the largest tensor any op produces."""
+    """Records the element count of the largest tensor any op produces: new memory, so not a view of
+    an input (e.g. the experts' weights reinterpreted as 8-byte words before a gather)."""
 
     def __init__(self):
         super().__init__()
@@ -267,8 +268,10 @@ class LargestTensor(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
                 self.largest = max(self.largest, t.numel())
         return out
 
