@@ -161,10 +161,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.smoke:
         args.batch_sizes, args.iters, args.new_tokens, args.prompt_len = "1,4", 3, 8, 8
-    device = common.setup(args.device)
-    # a speed benchmark: no deterministic kernels (mamba_ssm reads the flag for its Triton configs when
-    # imported) and no NaN-filled new tensors; the tenth session's H200 figures ran with both on
-    torch.use_deterministic_algorithms(False)
+    # a speed benchmark (the tenth session's H200 figures ran with deterministic kernels on)
+    device = common.setup(args.device, deterministic=False)
     cfg = model_config(args)
     print(f"Mamba-2 decode update on {common.machine(device)}: heads {cfg.mamba_num_heads} x {cfg.mamba_head_dim}, "
           f"state {cfg.ssm_state_size}, groups {cfg.n_groups}"

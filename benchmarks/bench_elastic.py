@@ -459,7 +459,7 @@ def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, 
         if b.is_full or args.no_minitron:
             continue
         print(f"(c) Minitron {b.name}: {steps_c} steps = {steps_c * tokens_per_step:,} tokens", flush=True)
-        best, sweep, seconds = None, {}, 0.0
+        best, sweep, seconds, first = None, {}, 0.0, next(iter(heldouts))
         for lr_c in minitron_lrs(args, lr):  # one, or the sweep: (c) at its best learning rate
             torch.manual_seed(args.seed)
             small = slice_model(sorted_parent, specs[b.name])
@@ -469,14 +469,14 @@ def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, 
             info.update(lr=lr_c, eval_seconds=round(clock(device) - t, 1))
             sweep[f"{lr_c:g}"] = ppl
             seconds += info["seconds"]
-            if best is None or ppl[next(iter(heldouts))] < best[1][next(iter(heldouts))]:
+            if best is None or ppl[first] < best[1][first]:
                 best = (info, ppl, small)
             del small
         info, ppl, small = best
         if len(sweep) > 1:
             info["lr_sweep"] = sweep  # held-out perplexity of each try; the row is the best on the first source
             print(f"(c) Minitron {b.name}: learning rate {info['lr']:g} of {', '.join(sweep)} is the best on "
-                  f"{next(iter(heldouts))}", flush=True)
+                  f"{first}", flush=True)
         row("minitron", b, small, specs[b.name], ppl, info["tokens"], lr=info["lr"])
         m = methods["minitron"]
         m["per_budget"][b.name] = info

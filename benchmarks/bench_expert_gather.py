@@ -301,9 +301,8 @@ def main(argv=None):
         if args.parent == parse_args([]).parent:
             args.parent, args.cuts, args.top_k = "32x48x64", "32x48x64,24x40x48,16x32x32", 2
         args.sets, args.rounds, args.iters = 2, 1, 3
-    device = common.setup(args.device)
-    if device.type == "cuda" and not args.deterministic:
-        torch.use_deterministic_algorithms(False)  # timed as the server runs (index_add_ and empty() unhindered)
+    # timed as the server runs (index_add_ and empty() unhindered) unless --deterministic
+    device = common.setup(args.device, deterministic=args.deterministic)
     variants = [v for v in args.variants.split(",") if v]
     if variants[0] != "contig":
         variants = ["contig"] + [v for v in variants if v != "contig"]  # (a) is every ratio's reference

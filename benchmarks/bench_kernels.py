@@ -652,8 +652,7 @@ def main():
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
 
-    device = common.setup(args.device)
-    torch.use_deterministic_algorithms(False)  # before mamba_ssm is imported: it reads this for its kernels' configs
+    device = common.setup(args.device, deterministic=False)  # before mamba_ssm is imported
     if args.tiny:
         args.batch, args.seq, args.steps, args.iters = 2, 64, 3, min(args.iters, 3)
     compile_ = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")

@@ -173,9 +173,7 @@ def main():
     if args.tiny:
         args.batch, args.seq, args.reps, args.warmup, args.prompt_len, args.tokens = 2, 64, 3, 1, 8, 16
         args.device = args.device or "cpu"
-    device = common.setup(args.device)
-    # timed as train.py and the server run, without the deterministic kernels common.setup asks for
-    torch.use_deterministic_algorithms(False)
+    device = common.setup(args.device, deterministic=False)  # timed as train.py and the server run
     cfg = ModelConfig(**(TINY if args.tiny else HYBRID))
     model = parent(cfg, device)
     spec = half_spec(cfg)

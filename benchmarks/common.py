@@ -44,11 +44,13 @@ def active_params(cfg: ModelConfig, model: Model) -> float:
     return total - embed - routed * (1 - cfg.num_experts_per_tok / max(1, cfg.n_routed_experts))
 
 
-def setup(device: str | None, seed: int = 0) -> torch.device:
+def setup(device: str | None, seed: int = 0, deterministic: bool = True) -> torch.device:
     """The device asked for (default: CUDA when there is one), seeded; on a GPU deterministic
-    algorithms are requested (warn-only) with the cuBLAS workspace they need."""
+    algorithms are requested (warn-only) with the cuBLAS workspace they need, unless `deterministic`
+    is False: speed benchmarks time what training and serving run (and mamba_ssm picks its Triton
+    configurations by that flag when imported)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda":
+    if dev.type == "cuda" and deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS; before first use
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(seed)

@@ -29,7 +29,6 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -653,7 +652,7 @@ class ElasticTrainer:
             x = self._batch(L)
             with torch.no_grad():
                 teacher = self._head(self.teacher, x)
-            with compiled_kd(cfg.compile) if cfg.compile else nullcontext():  # the loss's chunks compiled too
+            with compiled_kd(cfg.compile):  # the loss's chunks compiled too (None: eager)
                 total, logged = self._budget_pass(b, x, teacher)
                 for k, v in logged.items():
                     add(k, v)

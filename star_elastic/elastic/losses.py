@@ -57,13 +57,14 @@ class HeadInput:
         """hidden as (tokens, D)."""
         return self.hidden.reshape(-1, self.hidden.shape[-1])
 
-    def logits(self, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 logits of `hidden` (default: all of it) through the head, the matmul in the compute
-        dtype whatever autocast is on around the call."""
+    def logits(self, hidden: torch.Tensor | None = None, fp32: bool = True) -> torch.Tensor:
+        """Logits of `hidden` (default: all of it) through the head, the matmul in the compute dtype
+        whatever autocast is on around the call; in fp32, or (`fp32=False`) in the compute dtype."""
         h = self.hidden if hidden is None else hidden
         cd = self.compute_dtype
         with torch.autocast(h.device.type, enabled=False):
-            return F.linear(h.to(cd), self.weight.to(cd)).float()
+            z = F.linear(h.to(cd), self.weight.to(cd))
+        return z.float() if fp32 else z
 
     def detach(self) -> "HeadInput":
         return HeadInput(self.hidden.detach(), self.weight.detach(), self.dtype)
@@ -182,8 +183,7 @@ def _head_kl(hidden, weight, cd, teacher: Logits, t_rows, row_w, chunk: int, nee
             w = row_w[i:i + chunk]
             if fused is not None:
                 rows = t_rows[i:i + chunk]  # the teacher's logits in its matmul dtype: the upcast is fused
-                z_t = (F.linear(rows.to(teacher.compute_dtype), teacher.weight.to(teacher.compute_dtype))
-                       if isinstance(teacher, HeadInput) else rows)
+                z_t = teacher.logits(rows, fp32=False) if isinstance(teacher, HeadInput) else rows
                 part, g = fused(F.linear(h, W), z_t, w)
                 total += part
             else:

@@ -444,24 +444,23 @@ class Scheduler:
         """One token for every active sequence of the pool: one batched forward. Pipelined (module doc):
         the step launched last time, if any, is read now, after the next one is launched from its tokens
         on the device when that is the step that would run anyway."""
-        # a device sync at the start would wait for the step in flight, which is what the pipeline hides
-        t0 = time.perf_counter() if self.pipeline else self._clock()
+        # a device sync would wait for the step in flight, which is what the pipeline hides
+        clock = time.perf_counter if self.pipeline else self._clock
+        t0 = clock()
         try:
-            prev, pool.inflight = pool.inflight, None
-            if prev is not None and prev.reqs == pool.active and self._chainable(pool):
-                pool.inflight = self._launch(pool, prev)
-                self._read(pool, prev)
-                return
-            if prev is not None:  # rows changed since it was launched: its tokens first, then the host's
-                self._read(pool, prev)
+            step, pool.inflight = pool.inflight, None
+            if step is not None and (step.reqs != pool.active or not self._chainable(pool)):
+                self._read(pool, step)  # rows changed since it was launched: its tokens first, then the host's
+                step = None
                 if not pool.active:
                     return
-            step = self._launch(pool, None)
+            if step is None:
+                step = self._launch(pool, None)
             if self.pipeline and self._chainable(pool):
                 pool.inflight = self._launch(pool, step)
             self._read(pool, step)
         finally:
-            self.decode_s += (time.perf_counter() if self.pipeline else self._clock()) - t0
+            self.decode_s += clock() - t0
             self._flush()
 
     def _chainable(self, pool: SlotPool) -> bool:
