@@ -159,6 +159,10 @@ def parse_args(argv=None):
     ap.add_argument("--kd-weights", type=weights, metavar="W,W,...",
                     help="per-budget distillation weights (budget order) of every one-run variant "
                          "(TrainConfig.budget_kd_weights; default all 1)")
+    ap.add_argument("--budget-lrs", type=weights, metavar="LR,LR,...",
+                    help="per-budget model learning rates (budget order) of every one-run variant: each budget's "
+                         "gradient gets its own AdamW moments and rate, as if distilled alone (TrainConfig.budget_lrs; "
+                         "default: one AdamW at --lr-a/--lr-b)")
     ap.add_argument("--zero-shot", choices=["search", "shrink"], default="search",
                     help="(a): the best homogeneous architecture over axis combinations by calibration "
                          "perplexity (search), or choose_spec's combined shrink of all axes")
@@ -515,6 +519,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                        router_prior=args.router_prior if router is not None and args.warm_start else 0.0,
                        stage2_weights=args.small_weights if variant == "elastic_small"
                        else args.stage2_weights, budget_kd_weights=args.kd_weights,
+                       budget_lrs=args.budget_lrs,
                        compile="inductor" if args.compile else None)
     tmp = tempfile.TemporaryDirectory(prefix="bench_elastic_")  # metrics.jsonl of ElasticTrainer.run
     # with --state-dir the run keeps its resumable state there, so a run longer than one device call
@@ -586,7 +591,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
             final_kd=sum(kd) / len(kd) if kd else None)
     methods[variant] = {"tokens": steps * tokens_per_step, "steps": steps, "train_seconds": round(train_s, 1),
                         "eval_seconds": round(clock(device) - t, 1), "full_anchor": tcfg.full_anchor,
-                        "train_on": tcfg.train_on, "all_budgets": tcfg.all_budgets,
+                        "train_on": tcfg.train_on, "all_budgets": tcfg.all_budgets, "budget_lrs": tcfg.budget_lrs,
                         "tokens_per_s": round(steps * tokens_per_step / train_s), "peak_gpu_gib": peak,
                         "selection": trainer.selection, "argmax_trajectory": trajectory,
                         "resumed_at_step": start or None,

@@ -18,6 +18,8 @@ of one --parent) and T tokens (--tokens) of top-k (--top-k) distinct random expe
   e  grouped_mm      torch._grouped_mm on the view as the prefill path does (tokens sorted by
                      expert, offs = cumulative counts per expert, int32); also on the copy
                      (grouped_mm_contig). On CUDA bf16 only (on the CPU under --smoke: wiring)
+  m  model           Experts.forward itself on the views: what a served budget runs (the gather in wide
+                     words at 1 token; from 2 tokens on a GPU, the grouped GEMM)
   f  loop_host       no gather: one matmul pair per chosen expert straight on the view, the expert
                      ids known on the host (not a drop-in: the model would have to sync for them)
 
@@ -46,7 +48,7 @@ import torch
 import common
 from star_elastic.model import Experts, activation
 
-VARIANTS = ("contig", "view", "wide_i64", "wide_c128", "index_select", "index_select_i64", "rows", "rows_i64",
+VARIANTS = ("model", "contig", "view", "wide_i64", "wide_c128", "index_select", "index_select_i64", "rows", "rows_i64",
             "grouped_mm", "grouped_mm_contig", "loop_host")
 GATHERED = {"contig", "view", "wide_i64", "wide_c128", "index_select", "index_select_i64", "rows", "rows_i64"}
 
@@ -146,8 +148,21 @@ def loop_host_decode(act, x, up, down, idx_host, weights):
     return out
 
 
+def experts_on(views, act) -> Experts:
+    """An Experts module holding `views` (up, down) as its weights, as serve/views.py gives a budget."""
+    ex = Experts.__new__(Experts)
+    torch.nn.Module.__init__(ex)
+    ex.up_proj = torch.nn.Parameter(views[0], requires_grad=False)
+    ex.down_proj = torch.nn.Parameter(views[1], requires_grad=False)
+    ex.act = act
+    return ex
+
+
 def make_variant(name, act, views, copies):
     """(gather or None, full decode fn(x, idx, idx_host, weights)) for variant `name`."""
+    if name == "model":
+        ex = experts_on(views, act)
+        return None, lambda x, idx, idx_host, w: ex(x, idx, w)
     if name in GATHERED:
         up, down = copies if name == "contig" else views
         g = {"contig": gather_index, "view": gather_index, "wide_i64": gather_wide(torch.int64),
@@ -214,13 +229,9 @@ def bench_config(cut, T, parent, act, args, device, variants, modes) -> dict:
            "view_contiguous": views[0].is_contiguous(), "variants": {}}
     ref = None
     with torch.no_grad():
-        if T * k <= e // 2:  # the model's own decode branch on the views: (b) must be it, bit for bit
-            ex = Experts.__new__(Experts)
-            torch.nn.Module.__init__(ex)
-            ex.up_proj = torch.nn.Parameter(views[0], requires_grad=False)
-            ex.down_proj = torch.nn.Parameter(views[1], requires_grad=False)
-            ex.act = act
-            model_out = [Experts.forward(ex, x, idx[s], weights[s]) for s in range(len(sets))]
+        if T * k <= e // 2 and not (device.type == "cuda" and T > 1):  # the model's own gather branch on the
+            ex = experts_on(views, act)                                  # views: (b) must be it, bit for bit
+            model_out = [ex(x, idx[s], weights[s]) for s in range(len(sets))]
         else:
             model_out = None
         for name in variants:

@@ -468,7 +468,13 @@ class Experts(nn.Module):
     def forward(self, x, idx, weights):
         """x: (T, D); idx, weights: (T, k). Each expert sees only the tokens routed to it."""
         T, k = idx.shape
-        if T * k <= self.up_proj.shape[0] // 2:  # decoding: gather the few chosen experts' weights
+        # grouped GEMM in bf16 (what it supports); it is not autocast-aware, so cast by hand
+        dt = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
+        grouped = x.is_cuda and dt == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+        # decoding: gather the few chosen experts' weights. From 2 tokens the grouped GEMM is faster on an
+        # H200, even than the gather from a contiguous copy (4 tokens x top-6 at Nano shapes: 1.34-1.58x); at 1
+        # token the gather ties or wins (0.74-1.00x the other way; docs/RESULTS.md, "the views' expert gather")
+        if T * k <= self.up_proj.shape[0] // 2 and (T == 1 or not grouped):
             h = self.hidden(torch.einsum("td,tkid->tki", x, gather_experts(self.up_proj, idx)))
             out = torch.einsum("tki,tkdi->tkd", h, gather_experts(self.down_proj, idx))
             return torch.einsum("tkd,tk->td", out, weights.to(out.dtype))
@@ -478,9 +484,7 @@ class Experts(nn.Module):
         xs = x[token]  # token copies grouped by expert
         # a count of fixed shape (bincount's depends on the data, which breaks a torch.compile graph)
         counts = flat.new_zeros(self.up_proj.shape[0]).index_add_(0, flat, torch.ones_like(flat))
-        # grouped GEMM in bf16 (what it supports); it is not autocast-aware, so cast by hand
-        dt = torch.get_autocast_dtype("cuda") if xs.is_cuda and torch.is_autocast_enabled("cuda") else xs.dtype
-        if xs.is_cuda and dt == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+        if grouped:
             offs = counts.cumsum(0).to(torch.int32)
             h = self.hidden(torch._grouped_mm(xs.to(dt), self.up_proj.to(dt).transpose(1, 2), offs=offs))
             out = torch._grouped_mm(h.to(dt), self.down_proj.to(dt).transpose(1, 2), offs=offs)
@@ -498,17 +502,19 @@ class Experts(nn.Module):
 
 def gather_experts(w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """w[idx]: the chosen experts' weights, contiguous. Where no gradient is wanted and the layout allows,
-    the bytes are moved as 8-byte words, a quarter of the bf16 elements for the index kernel to place:
-    a budget's view of the parent, (E, I, D)[:e, :i, :d], is strided, and gathered element by element it
-    decoded at 0.87x of a sliced copy on an H200 (docs/RESULTS.md, "what slows the views"). The same bytes
-    either way."""
-    wide = (w.element_size() < 8 and w.stride(-1) == 1 and not torch.compiler.is_compiling()
+    the bytes are moved as 16-byte words (else 8-byte ones), an eighth of the bf16 elements for the index
+    kernel to place: a budget's view of the parent, (E, I, D)[:e, :i, :d], is strided, and gathered element
+    by element it ran at 0.31-0.37x of the gather from a contiguous copy on an H200; in 8-byte words at
+    0.82-0.84x, in 16-byte ones at 0.93-1.00x (docs/RESULTS.md, "the views' expert gather"). The same
+    bytes either way."""
+    wide = (w.stride(-1) == 1 and not torch.compiler.is_compiling()
             and not (w.requires_grad and torch.is_grad_enabled()))
-    if wide:
-        try:
-            return w.view(torch.int64)[idx].view(w.dtype)
-        except RuntimeError:  # sizes, strides or offset not in whole words
-            pass
+    for word in (torch.complex128, torch.int64) if wide else ():
+        if w.element_size() < word.itemsize:
+            try:
+                return w.view(word)[idx].view(w.dtype)
+            except RuntimeError:  # sizes, strides or offset not in whole words
+                pass
     return w[idx]
 
 

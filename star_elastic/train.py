@@ -98,6 +98,9 @@ class TrainConfig:
     full_anchor: float = 0.0  # >0: every step also distils the full model on the same batch (sandwich rule);
     #                           the budget sampler then draws only the smaller budgets (equally in stage 2 too,
     #                           unless stage2_weights says otherwise)
+    budget_lrs: list[float] | None = None  # per-budget model learning rates (budget order): each budget's
+    #                                        gradient then has its own AdamW moments and rate (BudgetAdamW), as if
+    #                                        distilled alone; None: one AdamW over the summed gradient, at `lr`
     loss: LossWeights = field(default_factory=LossWeights)
     eval_every: int = 0  # steps; 0: only at the end
     eval_tokens: int = 4096
@@ -127,6 +130,66 @@ def adamw(groups, fused: bool = True, **kw) -> torch.optim.AdamW:
     step, where every expert's weights and moments are updated each step; fused, 15% and the step 1.15x
     faster (docs/RESULTS.md §12)."""
     return torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=fused, **kw)
+
+
+class BudgetAdamW(torch.optim.Optimizer):
+    """AdamW with one set of moments per budget, and a rate per budget (TrainConfig.budget_lrs).
+
+    A joint step sums several budgets' gradients on shared weights, and one AdamW then normalises each
+    budget's gradient by the moments of the sum, at one rate for all. Here each budget's gradient is
+    kept apart (`stash`, after its backward), updates its own moments at its own rate, and the step
+    applies the sum of those updates: for each budget, the update that distilling it alone would make.
+    Keys are budget names; a group's `scales` maps a key to its rate over the group's scheduled `lr`."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scales={}))
+        self.stashed: dict[str, list] = {}  # key -> a gradient (or None) per parameter, in _params() order
+
+    def _params(self) -> list:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    @torch.no_grad()
+    def stash(self, key: str):
+        """Move the parameters' gradients to `key` (added to what it holds: gradient accumulation)."""
+        held = self.stashed.setdefault(key, [None] * len(self._params()))
+        for i, p in enumerate(self._params()):
+            if p.grad is not None:
+                held[i] = p.grad if held[i] is None else held[i].add_(p.grad)
+                p.grad = None
+
+    def unstash(self, key: str):
+        """Put `key`'s gradients back on the parameters (to be clipped, then `step(key)`)."""
+        for p, g in zip(self._params(), self.stashed.pop(key)):
+            p.grad = g
+
+    @torch.no_grad()
+    def step(self, key: str):
+        """`key`'s AdamW update (torch.optim.AdamW's arithmetic) from the gradients on the parameters."""
+        for group in self.param_groups:
+            (b1, b2), lr = group["betas"], group["lr"] * group["scales"].get(key, 1.0)
+            ps = [p for p in group["params"] if p.grad is not None]
+            if not ps:
+                continue
+            for p in ps:
+                s = self.state[p]
+                if f"step.{key}" not in s:
+                    s[f"step.{key}"] = 0
+                    s[f"exp_avg.{key}"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    s[f"exp_avg_sq.{key}"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                s[f"step.{key}"] += 1
+            grads = [p.grad for p in ps]
+            m = [self.state[p][f"exp_avg.{key}"] for p in ps]
+            v = [self.state[p][f"exp_avg_sq.{key}"] for p in ps]
+            t = [self.state[p][f"step.{key}"] for p in ps]
+            if group["weight_decay"]:
+                torch._foreach_mul_(ps, 1 - lr * group["weight_decay"])
+            torch._foreach_lerp_(m, grads, 1 - b1)  # a few kernels over every parameter, not a dozen each
+            torch._foreach_mul_(v, b2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, [math.sqrt(1 - b2 ** n) for n in t])
+            torch._foreach_add_(denom, group["eps"])
+            torch._foreach_addcdiv_(ps, m, denom, [-lr / (1 - b1 ** n) for n in t])
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -237,7 +300,17 @@ class ElasticTrainer:
         if router is not None:
             groups.append({"params": list(router.parameters()), "lr": cfg.router_lr, "base_lr": cfg.router_lr,
                            "weight_decay": 0.0})
-        self.opt = adamw(groups)
+        if cfg.budget_lrs is None:
+            self.opt = adamw(groups)
+        else:  # each budget's own moments and rate: the model's group scales its schedule per budget
+            if len(cfg.budget_lrs) != len(budgets) or min(cfg.budget_lrs) <= 0:
+                raise StarElasticError(f"budget_lrs {cfg.budget_lrs}: give one positive rate per budget "
+                                       f"({', '.join(b.name for b in budgets)})")
+            if self.shard == "fsdp":
+                raise StarElasticError("budget_lrs needs unsharded training (shard='none'): a budget's gradients are "
+                                       "kept apart before the step, which the sharded path does not do")
+            groups[0]["scales"] = {b.name: r / cfg.lr for b, r in zip(budgets, cfg.budget_lrs)}
+            self.opt = BudgetAdamW(groups, lr=cfg.lr)
         self.step = 0
         # the paper tilts stage 2 toward the full model; with the full anchor the full model is in every
         # step already, so by default the smaller budgets share stage 2 equally, as they share stage 1
@@ -626,6 +699,7 @@ class ElasticTrainer:
                 total = total + cfg.router_quality * score_function_loss(decision.log_prob, a)
             (total / cfg.grad_accum).backward()
         del student
+        self._stash(b)
         # "budget" is the budget's name in the step's log
         return total, {("budget_loss" if k == "budget" else k): v for k, v in {**losses, **step_logs}.items()}
 
@@ -664,16 +738,25 @@ class ElasticTrainer:
                 if cfg.full_anchor and not budget.is_full:  # the sandwich rule: the full model on the same batch
                     full_kd = kd_loss(self._head(self.model, x), teacher)
                     (cfg.full_anchor * full_kd / cfg.grad_accum).backward()
+                    self._stash(self.full)
                     add("full_kd", full_kd)
                     total = total + cfg.full_anchor * full_kd
             add("total", total)
         logs.update(sums)
-        if self.router is not None:  # replicated: its gradient is all-reduced by hand
-            logs["router_grad_norm"] = self._clip(self.router.parameters(), cfg.router_clip).detach()
-        # sharded, FSDP has averaged the model's gradient already (reduce-scatter in the backward)
-        logs["grad_norm"] = self._clip(self.model.parameters(), cfg.clip, reduce=self.shard != "fsdp").detach()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        # BudgetAdamW: each budget's gradient clipped and applied on its own (its norms logged as @NAME)
+        for key in list(self.opt.stashed) if isinstance(self.opt, BudgetAdamW) else [None]:
+            at = "" if key in (None, budget.name) else f"@{key}"
+            if key is not None:
+                self.opt.unstash(key)
+            if self.router is not None:  # replicated: its gradient is all-reduced by hand
+                logs["router_grad_norm" + at] = self._clip(self.router.parameters(), cfg.router_clip).detach()
+            # sharded, FSDP has averaged the model's gradient already (reduce-scatter in the backward)
+            logs["grad_norm" + at] = self._clip(self.model.parameters(), cfg.clip, reduce=self.shard != "fsdp").detach()
+            if key is None:
+                self.opt.step()
+            else:
+                self.opt.step(key)
+            self.opt.zero_grad(set_to_none=True)
         logs = _floats(logs)
         if self.world > 1:  # report the mean over ranks, so every rank logs the same numbers
             t = torch.tensor([logs[k] for k in sorted(logs)], dtype=torch.float64, device=self.device)
@@ -687,6 +770,11 @@ class ElasticTrainer:
             logs["cost_fraction"] = 1.0
         self.step += 1
         return logs
+
+    def _stash(self, b: int):
+        """With BudgetAdamW, set budget b's gradients (its backward's, just run) apart from the others'."""
+        if isinstance(self.opt, BudgetAdamW):
+            self.opt.stash(self.budgets[b].name)
 
     def _global_mean(self, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Scalars averaged over the ranks (each rank's share of the batch is the same size), detached:

@@ -62,14 +62,14 @@ def test_joint_anchor_trains_the_recorded_architectures_with_the_full_model_on_e
     out = tmp_path / "b.json"
     argv = [a if a != "elastic" else "joint_anchor" for a in BENCH if a != "--no-minitron"]
     r = subprocess.run(argv + ["--minitron-arch", f"{earlier}:elastic_anchor", "--stage2-weights", "0,3,1",
-                               "--kd-weights", "1,2,1", "--json", str(out)], capture_output=True, text=True, timeout=600)
+                               "--kd-weights", "1,2,1", "--budget-lrs", "1e-3,2e-3,2e-3", "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     part = json.loads(out.read_text())["B"]
     spec = {m: {row["budget"]: row["spec"] for row in part["rows"] if row["method"] == m and row["budget"] != "1.0"}
             for m in ("joint_anchor", "minitron", "zero_shot")}
     assert spec["joint_anchor"] == spec["minitron"] == recorded != spec["zero_shot"]
     method = part["methods"]["joint_anchor"]
-    assert method["full_anchor"] == 1.0
+    assert method["full_anchor"] == 1.0 and method["budget_lrs"] == [1e-3, 2e-3, 2e-3]
     steps = {row["budget"]: row["steps_sampled"] for row in part["rows"] if row["method"] == "joint_anchor"}
     assert steps["1.0"] == 0 and steps["0.75"] > steps["0.5"]  # every step a smaller budget, stage 2 tilted
 

@@ -207,9 +207,9 @@ def test_experts_gather_path_equals_grouped_path():
 
 
 def test_gather_experts_moves_words_and_equals_indexing():
-    """gather_experts: w[idx] bit for bit, from a parent or a budget's strided view, moved as 8-byte words
-    where the layout allows (the index op sees int64), element by element where it does not (a width
-    not in whole words), and through autograd where a gradient is wanted."""
+    """gather_experts: w[idx] bit for bit, from a parent or a budget's strided view, moved as 16-byte words
+    where the layout allows (the index op sees complex128), else as 8-byte ones (int64), element by element
+    where neither fits (a width not in whole words), and through autograd where a gradient is wanted."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from star_elastic.model import gather_experts
@@ -227,11 +227,12 @@ def test_gather_experts_moves_words_and_equals_indexing():
     torch.manual_seed(0)
     parent = torch.randn(16, 24, 40).to(torch.bfloat16)
     idx = torch.tensor([[3, 7], [11, 0]])
-    for w, words in ((parent, True), (parent[:12, :20, :32], True), (parent[:12, :20, :30], False)):
+    for w, word in ((parent, torch.complex128), (parent[:12, :20, :32], torch.complex128),
+                    (parent[:12, :20, :36], torch.int64), (parent[:12, :20, :30], torch.bfloat16)):
         with IndexDtypes() as mode:
             got = gather_experts(w, idx)
         assert torch.equal(got, w[idx]) and got.is_contiguous()
-        assert mode.seen == [torch.int64 if words else torch.bfloat16]
+        assert mode.seen == [word]
     w = parent.float().requires_grad_()
     gather_experts(w, idx).sum().backward()  # a gradient wanted: plain indexing
     assert w.grad[3].eq(1).all() and w.grad[1].eq(0).all()

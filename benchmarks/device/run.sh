@@ -14,7 +14,7 @@
 #                               LOAD needs .devcarry/serve_wheels: the server's packages, which the GPU machine lacks)
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|7|16|16c        issue 17's next runs, three side by side a call (S0 may need call 2 again: exit 75)
+#   PLAN17 1|..|10|16|16c       issue 17's next runs, three side by side a call (S0 may need call 2 again: exit 75)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   GATHER [args]               issue 12: the views' MoE decode gather, the candidates side by side (bench_expert_gather)
 #   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled
@@ -91,6 +91,16 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
      bash $0 RUNS S0l "$S --state-dir $H/state/S0l" S0lh "$S --full-anchor 0.5 --state-dir $H/state/S0lh" ;;
   7) C="${A/--no-minitron/} --variants= --lr-a 2e-4 --seed 0"
      bash $0 RUNS S0lc "$C --minitron-arch $H/res/S0l.json:elastic_anchor" S0lhc "$C --minitron-arch $H/res/S0lh.json:elastic_anchor" ;;
+  # 8-10 (eleventh session's note): at equal rates the joint 0.75 trails (c) by ~4% at any rate, and rates above
+  # 2e-4 cost the full model out of domain; each budget its own AdamW moments and rate (--budget-lrs), against
+  # C2 / C4 / C8 of docs/results/elastic_session11_h200.json (same architectures, seed 0)
+  8) bash $0 RUNS J0s "$J0 --lr-a 2e-4 --budget-lrs 2e-4,2e-4,2e-4" J0b4 "$J0 --lr-a 2e-4 --budget-lrs 2e-4,4e-4,4e-4" \
+       J0b8 "$J0 --lr-a 2e-4 --budget-lrs 2e-4,8e-4,8e-4" ;;
+  9) C="${A/--no-minitron/} --variants= --lr-a 8e-4"
+     bash $0 RUNS E0b "$A --seed 0 --variants elastic_anchor --lr-a 2e-4 --budget-lrs 2e-4,8e-4,8e-4" \
+       J1b8 "$A --seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor --lr-a 2e-4 --budget-lrs 2e-4,8e-4,8e-4" \
+       C1e "$C --seed 1 --minitron-arch $B#E1:elastic_anchor" ;;
+  10) bash $0 RUNS E0bc "${A/--no-minitron/} --variants= --lr-a 8e-4 --seed 0 --minitron-arch $H/res/E0b.json:elastic_anchor" ;;
   # T = 16M alone on the GPU with the levers that won at 4M (LEVERS, e.g. "--all-budgets --lr-a 2e-4"): call
   # "16" until it exits 0 (75: resumable, call again; the fifth session's 16M run trained 457 s without the
   # anchor), then "16c", (c) on its architectures at the same rate (8M tokens a budget, ~410 s)
