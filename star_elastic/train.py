@@ -137,50 +137,58 @@ class BudgetAdamW(torch.optim.Optimizer):
 
     A joint step sums several budgets' gradients on shared weights, and one AdamW then normalises each
     budget's gradient by the moments of the sum, at one rate for all. Here each budget's gradient is
-    kept apart (`stash`, after its backward), updates its own moments at its own rate, and the step
-    applies the sum of those updates: for each budget, the update that distilling it alone would make.
-    Keys are budget names; a group's `scales` maps a key to its rate over the group's scheduled `lr`."""
+    kept apart (`stash`, after its backward), updates its own moments at its own rate (`step(key)`),
+    and the step applies the sum of those updates: for each budget, the update that distilling it alone
+    would make. Keys are budget names; a group's `scales` maps a key to its rate over the group's
+    scheduled `lr`. A group with `per_budget` False (the router) is left out of all that: its gradient
+    accumulates over the budgets as usual and `step()` with no key applies it, with one set of moments."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scales={}))
-        self.stashed: dict[str, list] = {}  # key -> a gradient (or None) per parameter, in _params() order
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scales={},
+                                      per_budget=True))
+        self.stashed: dict[str, list] = {}  # key -> a gradient (or None) per per-budget parameter
 
-    def _params(self) -> list:
-        return [p for g in self.param_groups for p in g["params"]]
+    def _per_budget(self) -> list:
+        return [p for g in self.param_groups if g["per_budget"] for p in g["params"]]
 
     @torch.no_grad()
     def stash(self, key: str):
-        """Move the parameters' gradients to `key` (added to what it holds: gradient accumulation)."""
-        held = self.stashed.setdefault(key, [None] * len(self._params()))
-        for i, p in enumerate(self._params()):
+        """Move the per-budget parameters' gradients to `key` (added to what it holds: accumulation)."""
+        params = self._per_budget()
+        held = self.stashed.setdefault(key, [None] * len(params))
+        for i, p in enumerate(params):
             if p.grad is not None:
                 held[i] = p.grad if held[i] is None else held[i].add_(p.grad)
                 p.grad = None
 
     def unstash(self, key: str):
-        """Put `key`'s gradients back on the parameters (to be clipped, then `step(key)`)."""
-        for p, g in zip(self._params(), self.stashed.pop(key)):
+        """Put `key`'s gradients back on the per-budget parameters (to be clipped, then `step(key)`)."""
+        for p, g in zip(self._per_budget(), self.stashed.pop(key)):
             p.grad = g
 
     @torch.no_grad()
-    def step(self, key: str):
-        """`key`'s AdamW update (torch.optim.AdamW's arithmetic) from the gradients on the parameters."""
+    def step(self, key: str | None = None):
+        """`key`'s AdamW update of the per-budget groups, or (no key) the other groups' (torch.optim.AdamW's
+        arithmetic), from the gradients on the parameters."""
         for group in self.param_groups:
-            (b1, b2), lr = group["betas"], group["lr"] * group["scales"].get(key, 1.0)
-            ps = [p for p in group["params"] if p.grad is not None]
-            if not ps:
+            if group["per_budget"] != (key is not None):
                 continue
+            name = "shared" if key is None else key
+            (b1, b2), lr = group["betas"], group["lr"] * group["scales"].get(name, 1.0)
+            ps = [p for p in group["params"] if p.grad is not None]
             for p in ps:
                 s = self.state[p]
-                if f"step.{key}" not in s:
-                    s[f"step.{key}"] = 0
-                    s[f"exp_avg.{key}"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    s[f"exp_avg_sq.{key}"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                s[f"step.{key}"] += 1
+                if f"step.{name}" not in s:
+                    s[f"step.{name}"] = 0
+                    s[f"exp_avg.{name}"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    s[f"exp_avg_sq.{name}"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                s[f"step.{name}"] += 1
+            if not ps:
+                continue
             grads = [p.grad for p in ps]
-            m = [self.state[p][f"exp_avg.{key}"] for p in ps]
-            v = [self.state[p][f"exp_avg_sq.{key}"] for p in ps]
-            t = [self.state[p][f"step.{key}"] for p in ps]
+            m = [self.state[p][f"exp_avg.{name}"] for p in ps]
+            v = [self.state[p][f"exp_avg_sq.{name}"] for p in ps]
+            t = [self.state[p][f"step.{name}"] for p in ps]
             if group["weight_decay"]:
                 torch._foreach_mul_(ps, 1 - lr * group["weight_decay"])
             torch._foreach_lerp_(m, grads, 1 - b1)  # a few kernels over every parameter, not a dozen each
@@ -310,6 +318,8 @@ class ElasticTrainer:
                 raise StarElasticError("budget_lrs needs unsharded training (shard='none'): a budget's gradients are "
                                        "kept apart before the step, which the sharded path does not do")
             groups[0]["scales"] = {b.name: r / cfg.lr for b, r in zip(budgets, cfg.budget_lrs)}
+            for group in groups[1:]:  # the router: one set of moments over every budget's gradient, as before
+                group["per_budget"] = False
             self.opt = BudgetAdamW(groups, lr=cfg.lr)
         self.step = 0
         # the paper tilts stage 2 toward the full model; with the full anchor the full model is in every
@@ -743,20 +753,20 @@ class ElasticTrainer:
                     total = total + cfg.full_anchor * full_kd
             add("total", total)
         logs.update(sums)
-        # BudgetAdamW: each budget's gradient clipped and applied on its own (its norms logged as @NAME)
-        for key in list(self.opt.stashed) if isinstance(self.opt, BudgetAdamW) else [None]:
-            at = "" if key in (None, budget.name) else f"@{key}"
-            if key is not None:
-                self.opt.unstash(key)
-            if self.router is not None:  # replicated: its gradient is all-reduced by hand
-                logs["router_grad_norm" + at] = self._clip(self.router.parameters(), cfg.router_clip).detach()
-            # sharded, FSDP has averaged the model's gradient already (reduce-scatter in the backward)
-            logs["grad_norm" + at] = self._clip(self.model.parameters(), cfg.clip, reduce=self.shard != "fsdp").detach()
-            if key is None:
-                self.opt.step()
-            else:
-                self.opt.step(key)
-            self.opt.zero_grad(set_to_none=True)
+        if self.router is not None:  # replicated: its gradient is all-reduced by hand
+            logs["router_grad_norm"] = self._clip(self.router.parameters(), cfg.router_clip).detach()
+        # BudgetAdamW: each budget's gradient clipped and applied on its own (its norm logged as grad_norm@NAME)
+        for key in list(self.opt.stashed) if isinstance(self.opt, BudgetAdamW) else []:
+            self.opt.unstash(key)
+            at = "" if key == budget.name else f"@{key}"
+            logs["grad_norm" + at] = self._clip(self.model.parameters(), cfg.clip).detach()
+            self.opt.step(key)
+            for p in self.model.parameters():
+                p.grad = None
+        if not isinstance(self.opt, BudgetAdamW):  # sharded, FSDP has averaged the gradient (reduce-scatter)
+            logs["grad_norm"] = self._clip(self.model.parameters(), cfg.clip, reduce=self.shard != "fsdp").detach()
+        self.opt.step()  # BudgetAdamW: the router's group
+        self.opt.zero_grad(set_to_none=True)
         logs = _floats(logs)
         if self.world > 1:  # report the mean over ranks, so every rank logs the same numbers
             t = torch.tensor([logs[k] for k in sorted(logs)], dtype=torch.float64, device=self.device)

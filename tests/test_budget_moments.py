@@ -127,3 +127,17 @@ def test_budget_lrs_must_name_one_positive_rate_a_budget(tmp_path):
         _ffn_trainer(tmp_path, "short", budget_lrs=[1e-3, 1e-3])
     with pytest.raises(StarElasticError, match="one positive rate per budget"):
         _ffn_trainer(tmp_path, "zero", budget_lrs=[1e-3, 0.0, 1e-3])
+
+
+def test_the_router_keeps_one_set_of_moments_over_every_budget(tmp_path):
+    """With a router, only the model's gradients are kept apart per budget; the router's accumulate over
+    the step's budgets and are applied once, with one set of moments, as without budget_lrs."""
+    model, teacher, router, budgets, rows, cfg, _ = make(steps=4, full_anchor=1.0, budget_lrs=[3e-3, 3e-3, 3e-3])
+    t = ElasticTrainer(model, teacher, router, budgets, rows, cfg, tmp_path / "router")
+    before = [p.detach().clone() for p in router.parameters()]
+    t.run(progress=False)
+    assert any(not torch.equal(b, p) for b, p in zip(before, router.parameters()))
+    keys = {k for p in router.parameters() for k in t.opt.state[p]}
+    assert keys == {"step.shared", "exp_avg.shared", "exp_avg_sq.shared"}
+    embed = t.opt.state[dict(model.named_parameters())["model.embeddings.weight"]]
+    assert embed["step.1.0"] == 4 and {"step.0.75", "step.0.5"} <= set(embed)
