@@ -44,9 +44,11 @@ PAIR|ONE|RUNS) shift  # results are also kept in $H/res, for a later run's --min
   while [ $# -ge 2 ]; do
     # each run is stopped at RUN_LIMIT s (default 570) so the call ends inside the device's 600 s, and its
     # JSON (rewritten after every stage) comes back even then
+    # a run that finished (exit 0) on this machine is not run again: a call repeated after exit 75 resumes the rest
+    if [ -e $H/res/$1.done ]; then echo "$1: done already" > $OUT/$1.log; else
     (CUDA_VISIBLE_DEVICES=$((i % n)) timeout ${RUN_LIMIT:-570} python3 benchmarks/bench_elastic.py $2 \
-      --json $H/res/$1.json > $OUT/$1.log 2>&1; echo "$1: exit $?, $SECONDS s" >> $OUT/$1.log
-     cp $H/res/$1.json $OUT/ 2>/dev/null) &
+      --json $H/res/$1.json > $OUT/$1.log 2>&1; rc=$?; echo "$1: exit $rc, $SECONDS s" >> $OUT/$1.log
+     [ $rc = 0 ] && touch $H/res/$1.done; cp $H/res/$1.json $OUT/ 2>/dev/null) & fi
     names+=($1); i=$((i + 1)); shift 2
   done
   wait; for f in "${names[@]}"; do grep -v "%|" $OUT/$f.log | tail -n 25; done ;;
@@ -96,11 +98,12 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # C2 / C4 / C8 of docs/results/elastic_session11_h200.json (same architectures, seed 0)
   8) bash $0 RUNS J0s "$J0 --lr-a 2e-4 --budget-lrs 2e-4,2e-4,2e-4" J0b4 "$J0 --lr-a 2e-4 --budget-lrs 2e-4,4e-4,4e-4" \
        J0b8 "$J0 --lr-a 2e-4 --budget-lrs 2e-4,8e-4,8e-4" ;;
-  9) C="${A/--no-minitron/} --variants= --lr-a 8e-4"
-     bash $0 RUNS E0b "$A --seed 0 --variants elastic_anchor --lr-a 2e-4 --budget-lrs 2e-4,8e-4,8e-4" \
-       J1b8 "$A --seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor --lr-a 2e-4 --budget-lrs 2e-4,8e-4,8e-4" \
-       C1e "$C --seed 1 --minitron-arch $B#E1:elastic_anchor" ;;
-  10) bash $0 RUNS E0bc "${A/--no-minitron/} --variants= --lr-a 8e-4 --seed 0 --minitron-arch $H/res/E0b.json:elastic_anchor" ;;
+  9) S="$J0 --lr-a 2e-4 --all-budgets --max-train-seconds 420"  # every smaller budget a step (S0's lever), fixed archs
+     bash $0 RUNS J0a "$S --state-dir $H/state/J0a" J0ab8 "$S --budget-lrs 2e-4,8e-4,8e-4 --state-dir $H/state/J0ab8" \
+       E0b "$A --seed 0 --variants elastic_anchor --lr-a 2e-4 --budget-lrs 2e-4,8e-4,8e-4" ;;  # 9 again on exit 75
+  10) C="${A/--no-minitron/} --variants= --lr-a 8e-4"  # E0b's (c), and the best lever at seed 1 with its (c)
+     bash $0 RUNS E0bc "$C --seed 0 --minitron-arch $H/res/E0b.json:elastic_anchor" C1e "$C --seed 1 --minitron-arch $B#E1:elastic_anchor" \
+       J1b8 "$A --seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor --lr-a 2e-4 --budget-lrs 2e-4,8e-4,8e-4" ;;
   # T = 16M alone on the GPU with the levers that won at 4M (LEVERS, e.g. "--all-budgets --lr-a 2e-4"): call
   # "16" until it exits 0 (75: resumable, call again; the fifth session's 16M run trained 457 s without the
   # anchor), then "16c", (c) on its architectures at the same rate (8M tokens a budget, ~410 s)
