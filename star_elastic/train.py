@@ -139,8 +139,8 @@ class BudgetAdamW(torch.optim.Optimizer):
     budget's gradient by the moments of the sum, at one rate for all. Here each budget's gradient is
     kept apart (`stash`, after its backward), updates its own moments at its own rate (`step(key)`),
     and the step applies the sum of those updates: for each budget, the update that distilling it alone
-    would make. Keys are budget names; a group's `scales` maps a key to its rate over the group's
-    scheduled `lr`. A group with `per_budget` False (the router) is left out of all that: its gradient
+    would make. Keys name the budgets, without dots (they end the moments' names in a saved state); a
+    group's `scales` maps a key to its rate over the group's scheduled `lr`. A group with `per_budget` False (the router) is left out of all that: its gradient
     accumulates over the budgets as usual and `step()` with no key applies it, with one set of moments."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0):
@@ -178,17 +178,17 @@ class BudgetAdamW(torch.optim.Optimizer):
             ps = [p for p in group["params"] if p.grad is not None]
             for p in ps:
                 s = self.state[p]
-                if f"step.{name}" not in s:
-                    s[f"step.{name}"] = 0
-                    s[f"exp_avg.{name}"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    s[f"exp_avg_sq.{name}"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                s[f"step.{name}"] += 1
+                if f"step_{name}" not in s:
+                    s[f"step_{name}"] = 0
+                    s[f"exp_avg_{name}"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    s[f"exp_avg_sq_{name}"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                s[f"step_{name}"] += 1
             if not ps:
                 continue
             grads = [p.grad for p in ps]
-            m = [self.state[p][f"exp_avg.{name}"] for p in ps]
-            v = [self.state[p][f"exp_avg_sq.{name}"] for p in ps]
-            t = [self.state[p][f"step.{name}"] for p in ps]
+            m = [self.state[p][f"exp_avg_{name}"] for p in ps]
+            v = [self.state[p][f"exp_avg_sq_{name}"] for p in ps]
+            t = [self.state[p][f"step_{name}"] for p in ps]
             if group["weight_decay"]:
                 torch._foreach_mul_(ps, 1 - lr * group["weight_decay"])
             torch._foreach_lerp_(m, grads, 1 - b1)  # a few kernels over every parameter, not a dozen each
@@ -317,7 +317,7 @@ class ElasticTrainer:
             if self.shard == "fsdp":
                 raise StarElasticError("budget_lrs needs unsharded training (shard='none'): a budget's gradients are "
                                        "kept apart before the step, which the sharded path does not do")
-            groups[0]["scales"] = {b.name: r / cfg.lr for b, r in zip(budgets, cfg.budget_lrs)}
+            groups[0]["scales"] = {f"b{i}": r / cfg.lr for i, r in enumerate(cfg.budget_lrs)}  # keys: _stash
             for group in groups[1:]:  # the router: one set of moments over every budget's gradient, as before
                 group["per_budget"] = False
             self.opt = BudgetAdamW(groups, lr=cfg.lr)
@@ -758,7 +758,8 @@ class ElasticTrainer:
         # BudgetAdamW: each budget's gradient clipped and applied on its own (its norm logged as grad_norm@NAME)
         for key in list(self.opt.stashed) if isinstance(self.opt, BudgetAdamW) else []:
             self.opt.unstash(key)
-            at = "" if key == budget.name else f"@{key}"
+            name = self.budgets[int(key[1:])].name
+            at = "" if name == budget.name else f"@{name}"
             logs["grad_norm" + at] = self._clip(self.model.parameters(), cfg.clip).detach()
             self.opt.step(key)
             for p in self.model.parameters():
@@ -784,7 +785,7 @@ class ElasticTrainer:
     def _stash(self, b: int):
         """With BudgetAdamW, set budget b's gradients (its backward's, just run) apart from the others'."""
         if isinstance(self.opt, BudgetAdamW):
-            self.opt.stash(self.budgets[b].name)
+            self.opt.stash(f"b{b}")
 
     def _global_mean(self, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Scalars averaged over the ranks (each rank's share of the batch is the same size), detached:
