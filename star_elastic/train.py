@@ -139,14 +139,36 @@ class BudgetAdamW(torch.optim.Optimizer):
     budget's gradient by the moments of the sum, at one rate for all. Here each budget's gradient is
     kept apart (`stash`, after its backward), updates its own moments at its own rate (`step(key)`),
     and the step applies the sum of those updates: for each budget, the update that distilling it alone
-    would make. Keys name the budgets, without dots (they end the moments' names in a saved state); a
-    group's `scales` maps a key to its rate over the group's scheduled `lr`. A group with `per_budget` False (the router) is left out of all that: its gradient
-    accumulates over the budgets as usual and `step()` with no key applies it, with one set of moments."""
+    would make. A group's `scales` maps each key (a budget, named without dots: the names end the
+    moments' names in a saved state) to its rate over the group's scheduled `lr`; those keys' moments
+    exist from the start, so a state dict always lists them all (torch.distributed.checkpoint loads
+    into that structure). A group with `per_budget` False (the router) is left out of all that: its
+    gradient accumulates over the budgets as usual and `step()` with no key applies it, with one set of
+    moments. Step counts are CPU tensors, as torch's AdamW keeps them: read without a device sync."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scales={},
                                       per_budget=True))
         self.stashed: dict[str, list] = {}  # key -> a gradient (or None) per per-budget parameter
+        for group in self.param_groups:
+            for key in group["scales"] if group["per_budget"] else ():
+                for p in group["params"]:
+                    self._moments(p, key)
+
+    def _moments(self, p, name: str) -> dict:
+        s = self.state[p]
+        if f"step_{name}" not in s:
+            s[f"step_{name}"] = torch.zeros((), dtype=torch.float32)
+            s[f"exp_avg_{name}"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            s[f"exp_avg_sq_{name}"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return s
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        for s in self.state.values():  # torch moves every tensor but "step" to its parameter's device
+            for k, v in s.items():
+                if k.startswith("step_"):
+                    s[k] = v.detach().to("cpu", torch.float32)
 
     def _per_budget(self) -> list:
         return [p for g in self.param_groups if g["per_budget"] for p in g["params"]]
@@ -167,28 +189,24 @@ class BudgetAdamW(torch.optim.Optimizer):
             p.grad = g
 
     @torch.no_grad()
-    def step(self, key: str | None = None):
+    def step(self, key: str | None = None, closure=None):
         """`key`'s AdamW update of the per-budget groups, or (no key) the other groups' (torch.optim.AdamW's
-        arithmetic), from the gradients on the parameters."""
+        arithmetic), from the gradients on the parameters. (`closure`: torch's optimiser interface; unused.)"""
         for group in self.param_groups:
             if group["per_budget"] != (key is not None):
                 continue
             name = "shared" if key is None else key
             (b1, b2), lr = group["betas"], group["lr"] * group["scales"].get(name, 1.0)
             ps = [p for p in group["params"] if p.grad is not None]
-            for p in ps:
-                s = self.state[p]
-                if f"step_{name}" not in s:
-                    s[f"step_{name}"] = 0
-                    s[f"exp_avg_{name}"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    s[f"exp_avg_sq_{name}"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                s[f"step_{name}"] += 1
             if not ps:
                 continue
+            states = [self._moments(p, name) for p in ps]
+            for s in states:
+                s[f"step_{name}"] += 1
             grads = [p.grad for p in ps]
-            m = [self.state[p][f"exp_avg_{name}"] for p in ps]
-            v = [self.state[p][f"exp_avg_sq_{name}"] for p in ps]
-            t = [self.state[p][f"step_{name}"] for p in ps]
+            m = [s[f"exp_avg_{name}"] for s in states]
+            v = [s[f"exp_avg_sq_{name}"] for s in states]
+            t = [float(s[f"step_{name}"]) for s in states]
             if group["weight_decay"]:
                 torch._foreach_mul_(ps, 1 - lr * group["weight_decay"])
             torch._foreach_lerp_(m, grads, 1 - b1)  # a few kernels over every parameter, not a dozen each
@@ -314,9 +332,6 @@ class ElasticTrainer:
             if len(cfg.budget_lrs) != len(budgets) or min(cfg.budget_lrs) <= 0:
                 raise StarElasticError(f"budget_lrs {cfg.budget_lrs}: give one positive rate per budget "
                                        f"({', '.join(b.name for b in budgets)})")
-            if self.shard == "fsdp":
-                raise StarElasticError("budget_lrs needs unsharded training (shard='none'): a budget's gradients are "
-                                       "kept apart before the step, which the sharded path does not do")
             groups[0]["scales"] = {f"b{i}": r / cfg.lr for i, r in enumerate(cfg.budget_lrs)}  # keys: _stash
             for group in groups[1:]:  # the router: one set of moments over every budget's gradient, as before
                 group["per_budget"] = False
@@ -755,16 +770,17 @@ class ElasticTrainer:
         logs.update(sums)
         if self.router is not None:  # replicated: its gradient is all-reduced by hand
             logs["router_grad_norm"] = self._clip(self.router.parameters(), cfg.router_clip).detach()
-        # BudgetAdamW: each budget's gradient clipped and applied on its own (its norm logged as grad_norm@NAME)
+        # BudgetAdamW: each budget's gradient clipped and applied on its own (its norm logged as grad_norm@NAME).
+        # Sharded, FSDP has averaged the model's gradients already (reduce-scatter in each backward)
         for key in list(self.opt.stashed) if isinstance(self.opt, BudgetAdamW) else []:
             self.opt.unstash(key)
             name = self.budgets[int(key[1:])].name
             at = "" if name == budget.name else f"@{name}"
-            logs["grad_norm" + at] = self._clip(self.model.parameters(), cfg.clip).detach()
+            logs["grad_norm" + at] = self._clip(self.model.parameters(), cfg.clip, reduce=self.shard != "fsdp").detach()
             self.opt.step(key)
             for p in self.model.parameters():
                 p.grad = None
-        if not isinstance(self.opt, BudgetAdamW):  # sharded, FSDP has averaged the gradient (reduce-scatter)
+        if not isinstance(self.opt, BudgetAdamW):
             logs["grad_norm"] = self._clip(self.model.parameters(), cfg.clip, reduce=self.shard != "fsdp").detach()
         self.opt.step()  # BudgetAdamW: the router's group
         self.opt.zero_grad(set_to_none=True)
@@ -988,7 +1004,7 @@ class ElasticTrainer:
             for k, v in tensors.items():
                 i, _, name = k.partition(".")
                 if i == idx:  # moments placed like their parameter (this rank's shard when sharded)
-                    s[name] = parallel.shard_like(v, params[int(idx)]) if name != "step" else v
+                    s[name] = parallel.shard_like(v, params[int(idx)]) if v.dim() > 0 else v  # steps: 0-d
             state[int(idx)] = s
         self.opt.load_state_dict({"state": state, "param_groups": meta["optimizer"]["groups"]})
 
