@@ -180,6 +180,7 @@ def cmd_elastify(args):
                          eval_tokens=args.eval_tokens, seed=args.seed, stage1_fraction=args.stage1_fraction,
                          stage2_weights=_floats(args.stage2_weights, "--stage2-weights"),
                          stage2_seq_len=args.stage2_seq_len, kd_weights=_floats(args.kd_weights, "--kd-weights"),
+                         budget_lrs=_floats(args.budget_lrs, "--budget-lrs"),
                          full_anchor=args.full_anchor, all_budgets=args.all_budgets, train_on=args.train_on,
                          drift_data=args.drift_data, router_init=args.router_init,
                          router_estimator=args.router_estimator, router_freeze=args.router_freeze,

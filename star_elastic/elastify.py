@@ -50,6 +50,8 @@ class ElastifyConfig:
     #                                            else the paper's 0.5 / 0.3 / 0.2 toward the full model
     stage2_seq_len: int | None = None
     kd_weights: list[float] | None = None  # per budget, in --budgets order
+    budget_lrs: list[float] | None = None  # per budget, in --budgets order: own AdamW moments and rate each
+    #                                        (TrainConfig.budget_lrs; not yet measured on a GPU); None: `lr` for all
     # the full model is distilled on every step too (the sandwich rule; the budget sampler skips it), so each
     # smaller budget trains on as many tokens as distilling it alone would. Measured on SmolLM2 at 4.2M tokens
     # (docs/RESULTS.md §9, eighth session): the smaller budgets went from +15% / +21% behind (c) on the same
@@ -235,12 +237,16 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     router = Router(model.config, budgets, RouterConfig(axes=tuple(cfg.axes), heterogeneous=cfg.heterogeneous,
                                                         width_multiple="auto" if cfg.multiple is None else cfg.multiple),
                     layer_order=layer_order).to(device)
-    kd_weights = None
-    if cfg.kd_weights is not None:  # given in --budgets order; the trainer's budgets are largest first
-        if len(cfg.kd_weights) != len(cfg.budgets):
-            raise StarElasticError(f"{len(cfg.kd_weights)} KD weights for {len(cfg.budgets)} budgets")
-        by_name = {parse_budget(b, model.config).name: w for b, w in zip(cfg.budgets, cfg.kd_weights)}
-        kd_weights = [by_name[b.name] for b in budgets]
+    def trainer_order(values, what):  # given in --budgets order; the trainer's budgets are largest first
+        if values is None:
+            return None
+        if len(values) != len(cfg.budgets):
+            raise StarElasticError(f"{len(values)} {what} for {len(cfg.budgets)} budgets")
+        by_name = {parse_budget(b, model.config).name: v for b, v in zip(cfg.budgets, values)}
+        return [by_name[b.name] for b in budgets]
+
+    kd_weights = trainer_order(cfg.kd_weights, "KD weights")
+    budget_lrs = trainer_order(cfg.budget_lrs, "learning rates (--budget-lrs)")
     # the anchor needs the full budget and a smaller one to train beside it; without them it has nothing to do
     anchor = cfg.full_anchor if len(budgets) > 1 and any(b.is_full for b in budgets) else 0.0
     if anchor:
@@ -252,7 +258,7 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                        stage2_seq_len=cfg.stage2_seq_len, budget_kd_weights=kd_weights, full_anchor=anchor,
                        router_estimator=cfg.router_estimator, router_freeze_fraction=cfg.router_freeze,
                        router_prior=cfg.router_prior, shard=cfg.shard, compile=cfg.compile,
-                       all_budgets=cfg.all_budgets, train_on=cfg.train_on)
+                       all_budgets=cfg.all_budgets, train_on=cfg.train_on, budget_lrs=budget_lrs)
     trainer = ElasticTrainer(model, teacher, router, budgets, rows, tcfg, out.parent / f".{out.name}.train",
                              heldout=heldout, warm_start=starts if cfg.router_init == "search" and any(starts) else None)
     if trainer.load_state():

@@ -335,10 +335,11 @@ def test_a_router_prior_without_the_search_start_is_refused(tmp_path, tokenizer,
     assert not (tmp_path / "o").exists()
 
 
-def test_all_budgets_and_train_on_reach_the_run_and_its_manifest(tmp_path, tokenizer, text):
-    """`elastify --all-budgets --train-on argmax`: every step trains every budget (the manifest's steps
-    per budget say so: each smaller budget every step, the full one by the anchor), and the config
-    recorded in the manifest holds both options."""
+def test_all_budgets_and_train_on_reach_the_run_and_its_manifest(tmp_path, tokenizer, text, capsys):
+    """`elastify --all-budgets --train-on argmax --budget-lrs ...`: every step trains every budget (the
+    manifest's steps per budget say so: each smaller budget every step, the full one by the anchor), the
+    config recorded in the manifest holds the options, and rates that do not match the budgets are a
+    one-line error before anything is written."""
     from star_elastic import cli, save_pretrained
 
     torch.manual_seed(0)
@@ -347,7 +348,14 @@ def test_all_budgets_and_train_on_reach_the_run_and_its_manifest(tmp_path, token
     assert cli.main(["elastify", str(tmp_path / "parent"), "--budgets", "1.0,0.75,0.5", "--data", str(text),
                      "--tokens", str(8 * 32 * 3), "--seq-len", "32", "--batch-size", "8", "--calib-batches", "1",
                      "--eval-tokens", "128", "--out", str(ckpt), "--device", "cpu", "--all-budgets",
-                     "--train-on", "argmax"]) == 0
+                     "--train-on", "argmax", "--budget-lrs", "1e-4,3e-4,2e-4"]) == 0
     training = read_manifest(ckpt)["training"]
     assert training["steps_per_budget"] == {"1.0": 3, "0.75": 3, "0.5": 3}
     assert training["config"]["all_budgets"] is True and training["config"]["train_on"] == "argmax"
+    assert training["config"]["budget_lrs"] == [1e-4, 3e-4, 2e-4]
+    capsys.readouterr()
+    assert cli.main(["elastify", str(tmp_path / "parent"), "--budgets", "1.0,0.75,0.5", "--data", str(text),
+                     "--tokens", "768", "--out", str(tmp_path / "o2"), "--device", "cpu", "--budget-lrs",
+                     "1e-4,2e-4"]) == 2
+    assert "error: 2 learning rates (--budget-lrs) for 3 budgets" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
