@@ -1,0 +1,120 @@
+"""Like-for-like ratios between bench_elastic.py runs: (b)/(c) - 1 per budget and held-out source, and
+the full budget against its parent, for pairs of runs named in result files or session bundles.
+
+    python benchmarks/compare_elastic.py docs/results/elastic_session11_h200.json \\
+        docs/results/elastic_session9_h200.json --pairs J0q:C4,E0q:C4,J0:E0c --json OUT.json
+
+Each file is a bench_elastic.py result (its stem names its one run) or a bundle with a "runs" object
+(docs/results/elastic_session*_h200.json). A pair "B:C" compares the trained rows of run B (the first
+one-run method in it, or B@METHOD) with the Minitron rows of run C, budget by budget. Both runs must
+have the same seed (it draws the held-out text) and each compared budget the same architecture;
+otherwise the pair is refused in one line. This is what the ratio tables of docs/RESULTS.md §9 are
+computed with."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import common
+
+SKIP = {"parent", "zero_shot", "zero_shot_elastic_arch"}
+
+
+def load_runs(paths: list[str]) -> dict:
+    """run name -> its result (one bench_elastic.py JSON each), from result files and bundles."""
+    runs = {}
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"compare_elastic: cannot read {path} ({e})") from None
+        found = data["runs"] if isinstance(data.get("runs"), dict) else {Path(path).stem: data}
+        for name, run in found.items():
+            if name in runs:
+                raise SystemExit(f"compare_elastic: run {name!r} is in two of the files; give one of them")
+            runs[name] = run
+    return runs
+
+
+def _part(run: dict, name: str, part: str) -> dict:
+    if part not in run:
+        raise SystemExit(f"compare_elastic: run {name!r} has no part {part}")
+    return run[part]
+
+
+def rows_of(run: dict, name: str, part: str, method: str | None) -> tuple[str, dict]:
+    """(method, budget -> row) of one method of a run: `method`, else the first trained one-run method."""
+    rows = [r for r in _part(run, name, part)["rows"] if r["method"] not in SKIP]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    if method is None:
+        method = next((m for m in methods if m != "minitron"), None)
+    if method not in methods:
+        raise SystemExit(f"compare_elastic: run {name!r} has no {method or 'one-run'} rows (has: {', '.join(methods)})")
+    return method, {r["budget"]: r for r in rows if r["method"] == method}
+
+
+def compare(runs: dict, pair: str, part: str = "A") -> dict:
+    """The ratios of one pair "B[@METHOD]:C" (see the module doc)."""
+    try:
+        b_name, c_name = pair.split(":")
+    except ValueError:
+        raise SystemExit(f"compare_elastic: a pair is RUN:RUN (e.g. J0q:C4), got {pair!r}") from None
+    b_name, _, method = b_name.partition("@")
+    for n in (b_name, c_name):
+        if n not in runs:
+            raise SystemExit(f"compare_elastic: no run {n!r} (have: {', '.join(runs)})")
+    b_run, c_run = runs[b_name], runs[c_name]
+    if b_run.get("seed") != c_run.get("seed"):
+        raise SystemExit(f"compare_elastic: {pair}: seeds {b_run.get('seed')} and {c_run.get('seed')} score different "
+                         "held-out text")
+    method, b_rows = rows_of(b_run, b_name, part, method or None)
+    _, c_rows = rows_of(c_run, c_name, part, "minitron")
+    parent = next(r for r in _part(b_run, b_name, part)["rows"] if r["method"] == "parent")["perplexity"]
+    out = {"pair": pair, "method": method, "seed": b_run.get("seed"),
+           "lr": _part(b_run, b_name, part)["training"].get("lr"), "lr_c": _part(c_run, c_name, part)["training"].get("lr"),
+           "budgets": {}}
+    for budget, c in c_rows.items():
+        b = b_rows.get(budget)
+        if b is None:
+            continue
+        if b["spec"] != c["spec"]:
+            raise SystemExit(f"compare_elastic: {pair}: budget {budget} has two architectures "
+                             f"({b['architecture']} against {c['architecture']})")
+        out["budgets"][budget] = {"architecture": b["architecture"], "param_fraction": b["param_fraction"],
+                                  "vs_c": {s: b["perplexity"][s] / c["perplexity"][s] - 1 for s in c["perplexity"]}}
+    if "1.0" in b_rows:
+        full = b_rows["1.0"]["perplexity"]
+        out["full_vs_parent"] = {s: full[s] / parent[s] - 1 for s in parent}
+    return out
+
+
+def fmt(ratios: dict) -> str:
+    return " / ".join(f"{100 * v:+.1f}" for v in ratios.values())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("files", nargs="+", help="bench_elastic.py result files or session bundles")
+    ap.add_argument("--pairs", required=True, help="comma-separated B[@METHOD]:C pairs of run names")
+    ap.add_argument("--part", default="A", choices=["A", "B"])
+    ap.add_argument("--json", help="write the ratios here")
+    args = ap.parse_args(argv)
+    runs = load_runs(args.files)
+    results = [compare(runs, p.strip(), args.part) for p in args.pairs.split(",") if p.strip()]
+    for r in results:
+        sources = next(iter(r["budgets"].values()))["vs_c"] if r["budgets"] else {}
+        print(f"{r['pair']} ({r['method']}, seed {r['seed']}, lr {r['lr']:g} against {r['lr_c']:g}); "
+              f"(b)/(c) - 1 in %, {' / '.join(sources)}")
+        for budget, v in r["budgets"].items():
+            print(f"  {budget:>5} [{100 * v['param_fraction']:.1f}%] {fmt(v['vs_c'])}   {v['architecture']}")
+        if "full_vs_parent" in r:
+            print(f"  full against its parent: {fmt(r['full_vs_parent'])}")
+    if args.json:
+        common.write_json(args.json, {"benchmark": "compare_elastic", "command": " ".join(sys.argv), "pairs": results})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""benchmarks/compare_elastic.py: the like-for-like ratios of docs/RESULTS.md §9 from result files."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from compare_elastic import compare, load_runs, main  # noqa: E402
+
+
+def _run(seed, method, ppl, spec=None, lr=1e-4, parent=None):
+    rows = [{"method": "parent", "budget": "1.0", "spec": {}, "architecture": "parent",
+             "param_fraction": 1.0, "perplexity": parent or {"wiki": 10.0, "bible": 20.0}}]
+    for budget, p in ppl.items():
+        rows.append({"method": method, "budget": budget, "spec": (spec or {}).get(budget, {"ffn": budget}),
+                     "architecture": f"arch {budget}", "param_fraction": float(budget), "perplexity": p})
+    return {"seed": seed, "A": {"rows": rows, "training": {"lr": lr}}}
+
+
+def test_ratios_of_a_pair_across_a_bundle_and_a_result_file(tmp_path, capsys):
+    bundle = tmp_path / "bundle.json"
+    bundle.write_text(json.dumps({"runs": {
+        "J": _run(0, "joint_anchor", {"1.0": {"wiki": 9.0, "bible": 22.0}, "0.75": {"wiki": 12.6, "bible": 24.0}}),
+        "S": _run(1, "minitron", {"0.75": {"wiki": 12.0, "bible": 25.0}})}}))
+    single = tmp_path / "C.json"
+    single.write_text(json.dumps(_run(0, "minitron", {"0.75": {"wiki": 12.0, "bible": 25.0}}, lr=4e-4)))
+    runs = load_runs([str(bundle), str(single)])
+    r = compare(runs, "J:C")
+    assert r["method"] == "joint_anchor" and r["lr"] == 1e-4 and r["lr_c"] == 4e-4
+    assert r["budgets"]["0.75"]["vs_c"] == pytest.approx({"wiki": 0.05, "bible": -0.04})
+    assert r["full_vs_parent"] == pytest.approx({"wiki": -0.1, "bible": 0.1})
+    main([str(bundle), str(single), "--pairs", "J:C", "--json", str(tmp_path / "out.json")])
+    assert "0.75 [75.0%] +5.0 / -4.0" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out.json").read_text())["pairs"][0]["pair"] == "J:C"
+
+
+@pytest.mark.parametrize("pair, message", [("J:S", "seeds 0 and 1"), ("J:X", "no run 'X'"), ("J-C", "RUN:RUN"),
+                                           ("J:D", "two architectures"), ("J@elastic:C", "no elastic rows")])
+def test_pairs_that_do_not_compare_are_refused_in_one_line(tmp_path, pair, message):
+    runs = {"J": _run(0, "joint_anchor", {"0.75": {"wiki": 1.0}}), "S": _run(1, "minitron", {"0.75": {"wiki": 1.0}}),
+            "C": _run(0, "minitron", {"0.75": {"wiki": 1.0}}),
+            "D": _run(0, "minitron", {"0.75": {"wiki": 1.0}}, spec={"0.75": {"ffn": 8}})}
+    with pytest.raises(SystemExit, match=message):
+        compare(runs, pair)
