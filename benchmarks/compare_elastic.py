@@ -75,6 +75,7 @@ def compare(runs: dict, pair: str, part: str = "A") -> dict:
     parent = next(r for r in _part(b_run, b_name, part)["rows"] if r["method"] == "parent")["perplexity"]
     out = {"pair": pair, "method": method, "seed": b_run.get("seed"),
            "lr": _part(b_run, b_name, part)["training"].get("lr"), "lr_c": _part(c_run, c_name, part)["training"].get("lr"),
+           "budget_lrs": _part(b_run, b_name, part).get("methods", {}).get(method, {}).get("budget_lrs"),
            "budgets": {}}
     for budget, c in c_rows.items():
         b = b_rows.get(budget)
@@ -106,7 +107,8 @@ def main(argv=None):
     results = [compare(runs, p.strip(), args.part) for p in args.pairs.split(",") if p.strip()]
     for r in results:
         sources = next(iter(r["budgets"].values()))["vs_c"] if r["budgets"] else {}
-        print(f"{r['pair']} ({r['method']}, seed {r['seed']}, lr {r['lr']:g} against {r['lr_c']:g}); "
+        lr = f"{r['lr']:g}" if not r["budget_lrs"] else "per budget " + ",".join(f"{x:g}" for x in r["budget_lrs"])
+        print(f"{r['pair']} ({r['method']}, seed {r['seed']}, lr {lr} against {r['lr_c']:g}); "
               f"(b)/(c) - 1 in %, {' / '.join(sources)}")
         for budget, v in r["budgets"].items():
             print(f"  {budget:>5} [{100 * v['param_fraction']:.1f}%] {fmt(v['vs_c'])}   {v['architecture']}")

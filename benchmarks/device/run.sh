@@ -30,6 +30,11 @@ setup() {
   tar -C $SE -xJf .devcarry/corpora.tar.xz && rm -rf $H/tok && cp -r .devcarry/tok $H/tok
   nvidia-smi --query-gpu=name,memory.used --format=csv; df -h / | tail -1
 }
+cmp() {  # cmp PAIRS RUN...: like-for-like ratios of this machine's runs against the earlier sessions' (c) runs
+  local pairs=$1; shift; local files=(); for r in "$@"; do [ -s $H/res/$r.json ] && files+=($H/res/$r.json); done
+  python3 benchmarks/compare_elastic.py docs/results/elastic_session11_h200.json docs/results/elastic_session9_h200.json \
+    "${files[@]}" --pairs $pairs --json $OUT/ratios_$(date +%H%M%S).json 2>&1 | tail -n 30
+}
 join() {
   [ -s $SE/SmolLM2-135M-Instruct.Q4_1.gguf ] && return
   cat $H/smol.part00 .devcarry/smol.part01 > $SE/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -97,13 +102,16 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # 2e-4 cost the full model out of domain; each budget its own AdamW moments and rate (--budget-lrs), against
   # C2 / C4 / C8 of docs/results/elastic_session11_h200.json (same architectures, seed 0)
   8) bash $0 RUNS J0s "$J0 --lr-a 2e-4 --budget-lrs 2e-4,2e-4,2e-4" J0b4 "$J0 --lr-a 2e-4 --budget-lrs 2e-4,4e-4,4e-4" \
-       J0b8 "$J0 --lr-a 2e-4 --budget-lrs 2e-4,8e-4,8e-4" ;;
+       J0b8 "$J0 --lr-a 2e-4 --budget-lrs 2e-4,8e-4,8e-4"
+     cmp J0s:C2,J0b4:C4,J0b8:C4,J0b8:C8 J0s J0b4 J0b8 ;;
   9) S="$J0 --lr-a 2e-4 --all-budgets --max-train-seconds 420"  # every smaller budget a step (S0's lever), fixed archs
      bash $0 RUNS J0a "$S --state-dir $H/state/J0a" J0ab8 "$S --budget-lrs 2e-4,8e-4,8e-4 --state-dir $H/state/J0ab8" \
-       E0b "$A --seed 0 --variants elastic_anchor --lr-a 2e-4 --budget-lrs 2e-4,8e-4,8e-4" ;;  # 9 again on exit 75
+       E0b "$A --seed 0 --variants elastic_anchor --lr-a 2e-4 --budget-lrs 2e-4,8e-4,8e-4"  # 9 again on exit 75
+     cmp J0a:C2,J0ab8:C8,J0ab8:C4 J0a J0ab8 ;;
   10) C="${A/--no-minitron/} --variants= --lr-a 8e-4"  # E0b's (c), and the best lever at seed 1 with its (c)
      bash $0 RUNS E0bc "$C --seed 0 --minitron-arch $H/res/E0b.json:elastic_anchor" C1e "$C --seed 1 --minitron-arch $B#E1:elastic_anchor" \
-       J1b8 "$A --seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor --lr-a 2e-4 --budget-lrs 2e-4,8e-4,8e-4" ;;
+       J1b8 "$A --seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor --lr-a 2e-4 --budget-lrs 2e-4,8e-4,8e-4"
+     cmp E0b:E0bc,J1b8:C1e,J1b8:C1q E0b E0bc C1e J1b8 ;;
   # T = 16M alone on the GPU with the levers that won at 4M (LEVERS, e.g. "--all-budgets --lr-a 2e-4"): call
   # "16" until it exits 0 (75: resumable, call again; the fifth session's 16M run trained 457 s without the
   # anchor), then "16c", (c) on its architectures at the same rate (8M tokens a budget, ~410 s)
