@@ -67,7 +67,10 @@ def phases(runs) -> dict:
             "decode_tok_s": statistics.median(rates) if rates else None,
             "prefill_forwards": counts[0]["prefills"], "decode_steps": counts[0]["steps"],
             "decode_tokens": counts[0]["decode_tokens"],
-            "step_s": statistics.median(steps) if steps else None}
+            "step_s": statistics.median(steps) if steps else None,
+            # where a step's time goes on the host: queuing its work, waiting for its tokens, the rest (Python)
+            "launch_s_per_step": statistics.median(c["launch_s"] / c["steps"] for c in counts if c["steps"]) if steps else None,
+            "wait_s_per_step": statistics.median(c["wait_s"] / c["steps"] for c in counts if c["steps"]) if steps else None}
 
 
 def fmt(x, spec) -> str:
@@ -263,7 +266,9 @@ def main():
             share = "" if r["hbm_fraction"] is None else f", {r['hbm_fraction']:.1%} of {hbm_gbs:.0f} GB/s"
             print(f"B = 1 decode, budget {r['budget']}: {r['step_s'] * 1e3:.3f} ms a step, "
                   f"{r['active_weight_bytes'] / 1e6:.1f} MB of active weights a step = "
-                  f"{r['decode_gbs']:.1f} GB/s{share}")
+                  f"{r['decode_gbs']:.1f} GB/s{share}; on the host: launching {r['launch_s_per_step'] * 1e3:.3f} ms, "
+                  f"waiting for tokens {r['wait_s_per_step'] * 1e3:.3f} ms, the rest "
+                  f"{(r['step_s'] - r['launch_s_per_step'] - r['wait_s_per_step']) * 1e3:.3f} ms")
     profiled = profile_paths(engine(1), names[0], prompts[0], args.new_tokens, device) if args.profile else None
     for eng in engines.values():
         eng.close()

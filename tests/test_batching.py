@@ -379,7 +379,8 @@ def test_the_pipelined_step_chains_and_drops_the_tokens_past_an_end(engine, batc
     """The static step pipelined: greedy requests of different lengths at one budget, their steps
     launched from the previous step's tokens on the device (counted), a request ending while the next
     step is in flight: every output equals the one-at-a-time one, nothing past its end handed over,
-    and decode_tokens counts only what was handed over. Off (`pipeline = False`): no step chained."""
+    and decode_tokens counts only what was handed over, its time split into launching and waiting. Off
+    (`pipeline = False`): no step chained."""
     work = [("1.0", torch.tensor([[3, 4, 5]]), 6, {}), ("1.0", torch.tensor([[9, 10, 11]]), 14, {}),
             ("1.0", torch.tensor([[20, 21, 22]]), 3, {})]
     want = sequential(engine, work)
@@ -394,4 +395,6 @@ def test_the_pipelined_step_chains_and_drops_the_tokens_past_an_end(engine, batc
         c = eng.scheduler.counters()
         assert c["prefilled"] + c["decode_tokens"] == sum(len(t) for t, _ in want)
         assert (c["chained"] > 0) == pipeline
+        # the host's share of the decode time: queuing the steps and waiting for their tokens, inside it
+        assert 0 < c["launch_s"] and 0 < c["wait_s"] and c["launch_s"] + c["wait_s"] <= c["decode_s"]
         assert eng.scheduler.active() == 0 and all(p.inflight is None for p in eng.scheduler.pools.values())

@@ -294,14 +294,16 @@ class Scheduler:
         self.chained = 0  # of them, launched from the previous step's tokens on the device (pipelined)
         self.decode_tokens = 0  # tokens those steps wrote (active rows, not the static step's free ones)
         self.decode_s = 0.0  # seconds in decode steps (forward, sampling, bookkeeping)
+        self.launch_s = 0.0  # of them, on the host queuing a step's work (inputs, the graph's replay, argmax)
+        self.wait_s = 0.0  # of them, waiting for a step's tokens (the device's work not yet hidden)
         self.prefills = 0  # prefill forwards run (a group of equal-length prompts is one)
         self.prefilled = 0  # requests prefilled (each writes its first token there)
         self.prefill_tokens = 0  # prompt tokens prefilled
         self.prefill_s = 0.0  # seconds in admission (reserve, prefill forwards, first tokens)
 
     def counters(self) -> dict:
-        return {k: getattr(self, k) for k in ("steps", "chained", "decode_tokens", "decode_s", "prefills", "prefilled",
-                                               "prefill_tokens", "prefill_s", "max_batch")}
+        return {k: getattr(self, k) for k in ("steps", "chained", "decode_tokens", "decode_s", "launch_s", "wait_s",
+                                               "prefills", "prefilled", "prefill_tokens", "prefill_s", "max_batch")}
 
     def close(self):
         with self.cond:
@@ -471,6 +473,7 @@ class Scheduler:
     def _launch(self, pool: SlotPool, prev: "_Launched | None") -> "_Launched":
         """Queue one decode forward over the pool's active rows: fed the requests' next tokens from the
         host, or (`prev`, launched on the same rows) its argmax tokens one position on, on the device."""
+        t0 = time.perf_counter()
         reqs = list(pool.active)
         if prev is None:
             tokens = torch.tensor([r.next_token for r in reqs], dtype=torch.long, device=self.device)
@@ -481,12 +484,16 @@ class Scheduler:
         logits = pool.decode(tokens, pos, self.static, self.use_graph and self.static)
         self.steps += 1
         self.max_batch = max(self.max_batch, len(reqs))
-        return _Launched(reqs, pos, logits, logits.argmax(-1))
+        launched = _Launched(reqs, pos, logits, logits.argmax(-1))
+        self.launch_s += time.perf_counter() - t0
+        return launched
 
     def _read(self, pool: SlotPool, step: "_Launched"):
         """Hand over a launched step's tokens (one device sync), to the requests still in the pool; one
         that has left since (finished, cancelled, failed) had a token computed past its end, dropped."""
+        t0 = time.perf_counter()
         greedy = step.greedy.tolist()
+        self.wait_s += time.perf_counter() - t0
         for i, req in enumerate(step.reqs):
             if req.row is None:
                 continue
