@@ -1,4 +1,4 @@
-"""Per-budget AdamW moments and rates (TrainConfig.budget_lrs, train.BudgetAdamW).
+"""Per-budget AdamW moments and rates (TrainConfig.budget_lrs, optim.BudgetAdamW).
 
 The eleventh session's runs found a joint run's 0.75 budget 3-4% behind distilling it alone at every
 shared learning rate from 1e-4 to 8e-4, while rates above 2e-4 cost the full model out of domain
@@ -12,7 +12,8 @@ from conftest import free_port, gloo_group
 from star_elastic import parallel
 from star_elastic.elastic.spec import ElasticSpec
 from star_elastic.errors import StarElasticError
-from star_elastic.train import BudgetAdamW, ElasticTrainer
+from star_elastic.optim import BudgetAdamW
+from star_elastic.train import ElasticTrainer
 
 from test_train import make
 
