@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument(flag, type=kind, help="default: the CPU or GPU preset (DEMO_PRESETS in commands.py)")
     sp.add_argument("--full-anchor", type=float, help="as elastify's (default: the preset's)")
     sp.add_argument("--all-budgets", action="store_true", default=None, help="as elastify's (default: the preset's)")
+    sp.add_argument("--budget-lrs", help="as elastify's, in --budgets order (default: one rate, --lr)")
+    sp.add_argument("--compile", action="store_true", help="as elastify's (each layer under torch.compile; GPUs)")
     sp.add_argument("--out", default="runs/demo-elastic", help="where the elastic checkpoint goes")
     sp.add_argument("--prompt", help="one question instead of the demo's three")
     sp.add_argument("--max-new-tokens", type=int, default=30)

@@ -250,7 +250,8 @@ def cmd_demo(args):
     cfg = ElastifyConfig(budgets=budgets, tokens=opt["tokens"], seq_len=opt["seq_len"], batch_size=opt["batch_size"],
                          lr=opt["lr"], axes=axes, calib_batches=opt["calib_batches"], eval_tokens=opt["eval_tokens"],
                          stage2_weights=weights, full_anchor=ElastifyConfig.full_anchor if opt["full_anchor"] is None
-                         else opt["full_anchor"], all_budgets=opt["all_budgets"])
+                         else opt["full_anchor"], all_budgets=opt["all_budgets"],
+                         budget_lrs=_floats(args.budget_lrs, "--budget-lrs"), compile="inductor" if args.compile else None)
     result = elastify(model, tokenizer, opt["data"], out, cfg, log=_log)
     print_table(result)
     del model
