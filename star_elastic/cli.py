@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--budget-lrs", help="model learning rate per budget, in --budgets order: each budget's gradient "
                                          "then has its own AdamW moments and rate, as if distilled alone (e.g. the "
                                          "full model at 2e-4 and the smaller at 8e-4; not yet measured on a GPU; "
-                                         "default: one AdamW at --lr)")
+                                         "the budgets' loss weights then no longer scale their steps; default: one "
+                                         "AdamW at --lr)")
     sp.add_argument("--full-anchor", type=float, default=1.0,
                     help="weight of the full model's distillation on every step (the sandwich rule; each smaller "
                          "budget then trains on as many tokens as if distilled alone, at a second student pass "
