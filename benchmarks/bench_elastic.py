@@ -153,6 +153,9 @@ def parse_args(argv=None):
                     help="merge the rows of these result files (the same parts, run on several GPUs) into --json")
     ap.add_argument("--full-anchor", type=float, default=1.0,
                     help="weight of the full model's KD in elastic_anchor and joint_anchor")
+    ap.add_argument("--stage1-fraction", type=float, default=0.5,
+                    help="share of the steps with budgets drawn uniformly (TrainConfig.stage1_fraction; 0 with "
+                         "--stage2-weights 0,1 and budgets 1.0,0.75 trains the 0.75 alone: the harness against (c))")
     ap.add_argument("--stage2-weights", type=weights, metavar="W,W,...",
                     help="stage-2 budget weights (budget order, the full one first) of every variant but "
                          "elastic_small (TrainConfig.stage2_weights; anchored variants never draw the full one)")
@@ -519,7 +522,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                        router_prior=args.router_prior if router is not None and args.warm_start else 0.0,
                        stage2_weights=args.small_weights if variant == "elastic_small"
                        else args.stage2_weights, budget_kd_weights=args.kd_weights,
-                       budget_lrs=args.budget_lrs,
+                       budget_lrs=args.budget_lrs, stage1_fraction=args.stage1_fraction,
                        compile="inductor" if args.compile else None)
     tmp = tempfile.TemporaryDirectory(prefix="bench_elastic_")  # metrics.jsonl of ElasticTrainer.run
     # with --state-dir the run keeps its resumable state there, so a run longer than one device call
@@ -592,6 +595,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
     methods[variant] = {"tokens": steps * tokens_per_step, "steps": steps, "train_seconds": round(train_s, 1),
                         "eval_seconds": round(clock(device) - t, 1), "full_anchor": tcfg.full_anchor,
                         "train_on": tcfg.train_on, "all_budgets": tcfg.all_budgets, "budget_lrs": tcfg.budget_lrs,
+                        "stage1_fraction": tcfg.stage1_fraction,
                         "tokens_per_s": round(steps * tokens_per_step / train_s), "peak_gpu_gib": peak,
                         "selection": trainer.selection, "argmax_trajectory": trajectory,
                         "resumed_at_step": start or None,

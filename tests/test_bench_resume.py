@@ -101,3 +101,24 @@ def test_minitron_lrs_keeps_each_budgets_best_learning_rate_and_records_every_tr
         assert rows[name]["perplexity"] == sweep[best]
     bad = subprocess.run(argv + ["--minitron-lrs", "fast"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "--minitron-lrs: not a list of numbers" in bad.stderr
+
+
+def test_the_joint_trainer_on_one_budget_alone_is_minitron_distillation(tmp_path):
+    """The harness behind every (b)/(c) ratio: ElasticTrainer training only the 0.75 budget (no router, no
+    anchor, stage 2 all on it) is (c) on the same architecture bit for bit on the CPU: the same batches,
+    schedule, clipping and optimiser, the mask instead of the slice. So a joint run's gap to (c) is joint
+    training's, not the harness's; the full budget, never trained, still moves with the shared weights."""
+    out = tmp_path / "h.json"
+    argv = [a for a in BENCH if a not in ("--no-minitron",)]
+    argv[argv.index("elastic")] = "joint_fixed"
+    r = subprocess.run(argv + ["--budgets", "1.0,0.75", "--stage1-fraction", "0", "--stage2-weights", "0,1",
+                               "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    part = json.loads(out.read_text())["B"]
+    rows = {(row["method"], row["budget"]): row for row in part["rows"]}
+    joint, alone = rows[("joint_fixed", "0.75")], rows[("minitron", "0.75")]
+    assert joint["steps_sampled"] == part["training"]["minitron_steps_per_budget"] > 0
+    assert rows[("joint_fixed", "1.0")]["steps_sampled"] == 0
+    assert joint["spec"] == alone["spec"] and joint["perplexity"] == alone["perplexity"]
+    assert rows[("joint_fixed", "1.0")]["perplexity"] != rows[("parent", "1.0")]["perplexity"]
+    assert part["methods"]["joint_fixed"]["stage1_fraction"] == 0.0

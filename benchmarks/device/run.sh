@@ -14,7 +14,7 @@
 #                               LOAD needs .devcarry/serve_wheels: the server's packages, which the GPU machine lacks)
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|10|16|16c       issue 17's next runs, three side by side a call (S0 may need call 2 again: exit 75)
+#   PLAN17 1|..|11|16|16c       issue 17's next runs, three side by side a call (S0 may need call 2 again: exit 75)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   GATHER [args]               issue 12: the views' MoE decode gather, the candidates side by side (bench_expert_gather)
 #   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled
@@ -112,6 +112,13 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
      bash $0 RUNS E0bc "$C --seed 0 --minitron-arch $H/res/E0b.json:elastic_anchor" C1e "$C --seed 1 --minitron-arch $B#E1:elastic_anchor" \
        J1b8 "$A --seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor --lr-a 2e-4 --budget-lrs 2e-4,8e-4,8e-4"
      cmp E0b:E0bc,J1b8:C1e,J1b8:C1q E0b E0bc C1e J1b8 ;;
+  # 11: where the 0.75's gap comes from, the 0.75 alone beside the full model (T/2 = its (c) tokens in C2, at 2e-4):
+  # J075c the harness control (the joint trainer on the 0.75 alone is (c): bit for bit on the CPU, here in bf16),
+  # J075 with the full anchor (the anchor's cost, no 0.5 steps), J075s the same with each budget its own moments
+  11) T2="--budgets 1.0,0.75 --tokens-a 2097152 --lr-a 2e-4"
+     bash $0 RUNS J075c "$A --seed 0 --variants joint_fixed --minitron-arch $B#E0:elastic_anchor $T2 --stage1-fraction 0 \
+       --stage2-weights 0,1" J075 "$J0 $T2" J075s "$J0 $T2 --budget-lrs 2e-4,2e-4"
+     cmp J075c:C2,J075:C2,J075s:C2 J075c J075 J075s ;;
   # T = 16M alone on the GPU with the levers that won at 4M (LEVERS, e.g. "--all-budgets --lr-a 2e-4"): call
   # "16" until it exits 0 (75: resumable, call again; the fifth session's 16M run trained 457 s without the
   # anchor), then "16c", (c) on its architectures at the same rate (8M tokens a budget, ~410 s)
