@@ -114,11 +114,13 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
      cmp E0b:E0bc,J1b8:C1e,J1b8:C1q E0b E0bc C1e J1b8 ;;
   # 11: where the 0.75's gap comes from, the 0.75 alone beside the full model (T/2 = its (c) tokens in C2, at 2e-4):
   # J075c the harness control (the joint trainer on the 0.75 alone is (c): bit for bit on the CPU, here in bf16),
-  # J075 with the full anchor (the anchor's cost, no 0.5 steps), J075s the same with each budget its own moments
+  # J075 with the full anchor (the anchor's cost, no 0.5 steps), J075s the same with each budget its own moments,
+  # J0n the 0.75 and the 0.5 in turn without the full model (the 0.5's cost, no anchor; J0l in session 10 had both)
   11) T2="--budgets 1.0,0.75 --tokens-a 2097152 --lr-a 2e-4"
-     bash $0 RUNS J075c "$A --seed 0 --variants joint_fixed --minitron-arch $B#E0:elastic_anchor $T2 --stage1-fraction 0 \
-       --stage2-weights 0,1" J075 "$J0 $T2" J075s "$J0 $T2 --budget-lrs 2e-4,2e-4"
-     cmp J075c:C2,J075:C2,J075s:C2 J075c J075 J075s ;;
+     F="$A --seed 0 --variants joint_fixed --minitron-arch $B#E0:elastic_anchor --stage1-fraction 0"
+     bash $0 RUNS J075c "$F $T2 --stage2-weights 0,1" J075 "$J0 $T2" J075s "$J0 $T2 --budget-lrs 2e-4,2e-4" \
+       J0n "$F --lr-a 2e-4 --stage2-weights 0,1,1"
+     cmp J075c:C2,J075:C2,J075s:C2,J0n:C2 J075c J075 J075s J0n ;;
   # T = 16M alone on the GPU with the levers that won at 4M (LEVERS, e.g. "--all-budgets --lr-a 2e-4"): call
   # "16" until it exits 0 (75: resumable, call again; the fifth session's 16M run trained 457 s without the
   # anchor), then "16c", (c) on its architectures at the same rate (8M tokens a budget, ~410 s)
