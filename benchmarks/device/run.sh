@@ -30,7 +30,7 @@ setup() {
   tar -C $SE -xJf .devcarry/corpora.tar.xz && rm -rf $H/tok && cp -r .devcarry/tok $H/tok
   nvidia-smi --query-gpu=name,memory.used --format=csv; df -h / | tail -1
 }
-cmp() {  # cmp PAIRS RUN...: like-for-like ratios of this machine's runs against the earlier sessions' (c) runs
+ratios() {  # ratios PAIRS RUN...: like-for-like ratios of this machine's runs against the earlier sessions' (c) runs
   local pairs=$1; shift; local files=(); for r in "$@"; do [ -s $H/res/$r.json ] && files+=($H/res/$r.json); done
   python3 benchmarks/compare_elastic.py docs/results/elastic_session11_h200.json docs/results/elastic_session9_h200.json \
     "${files[@]}" --pairs $pairs --json $OUT/ratios_$(date +%H%M%S).json 2>&1 | tail -n 30
@@ -103,15 +103,15 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # C2 / C4 / C8 of docs/results/elastic_session11_h200.json (same architectures, seed 0)
   8) bash $0 RUNS J0s "$J0 --lr-a 2e-4 --budget-lrs 2e-4,2e-4,2e-4" J0b4 "$J0 --lr-a 2e-4 --budget-lrs 2e-4,4e-4,4e-4" \
        J0b8 "$J0 --lr-a 2e-4 --budget-lrs 2e-4,8e-4,8e-4"
-     cmp J0s:C2,J0b4:C4,J0b8:C4,J0b8:C8 J0s J0b4 J0b8 ;;
+     ratios J0s:C2,J0b4:C4,J0b8:C4,J0b8:C8 J0s J0b4 J0b8 ;;
   9) S="$J0 --lr-a 2e-4 --all-budgets --max-train-seconds 420"  # every smaller budget a step (S0's lever), fixed archs
      bash $0 RUNS J0a "$S --state-dir $H/state/J0a" J0ab8 "$S --budget-lrs 2e-4,8e-4,8e-4 --state-dir $H/state/J0ab8" \
        E0b "$A --seed 0 --variants elastic_anchor --lr-a 2e-4 --budget-lrs 2e-4,8e-4,8e-4"  # 9 again on exit 75
-     cmp J0a:C2,J0ab8:C8,J0ab8:C4 J0a J0ab8 ;;
+     ratios J0a:C2,J0ab8:C8,J0ab8:C4 J0a J0ab8 ;;
   10) C="${A/--no-minitron/} --variants= --lr-a 8e-4"  # E0b's (c), and the best lever at seed 1 with its (c)
      bash $0 RUNS E0bc "$C --seed 0 --minitron-arch $H/res/E0b.json:elastic_anchor" C1e "$C --seed 1 --minitron-arch $B#E1:elastic_anchor" \
        J1b8 "$A --seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor --lr-a 2e-4 --budget-lrs 2e-4,8e-4,8e-4"
-     cmp E0b:E0bc,J1b8:C1e,J1b8:C1q E0b E0bc C1e J1b8 ;;
+     ratios E0b:E0bc,J1b8:C1e,J1b8:C1q E0b E0bc C1e J1b8 ;;
   # 11: where the 0.75's gap comes from, the 0.75 alone beside the full model (T/2 = its (c) tokens in C2, at 2e-4):
   # J075c the harness control (the joint trainer on the 0.75 alone is (c): bit for bit on the CPU, here in bf16),
   # J075 with the full anchor (the anchor's cost, no 0.5 steps), J075s the same with each budget its own moments,
@@ -120,7 +120,7 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
      F="$A --seed 0 --variants joint_fixed --minitron-arch $B#E0:elastic_anchor --stage1-fraction 0"
      bash $0 RUNS J075c "$F $T2 --stage2-weights 0,1" J075 "$J0 $T2" J075s "$J0 $T2 --budget-lrs 2e-4,2e-4" \
        J0n "$F --lr-a 2e-4 --stage2-weights 0,1,1"
-     cmp J075c:C2,J075:C2,J075s:C2,J0n:C2 J075c J075 J075s J0n ;;
+     ratios J075c:C2,J075:C2,J075s:C2,J0n:C2 J075c J075 J075s J0n ;;
   # T = 16M alone on the GPU with the levers that won at 4M (LEVERS, e.g. "--all-budgets --lr-a 2e-4"): call
   # "16" until it exits 0 (75: resumable, call again; the fifth session's 16M run trained 457 s without the
   # anchor), then "16c", (c) on its architectures at the same rate (8M tokens a budget, ~410 s)
