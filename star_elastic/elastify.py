@@ -146,6 +146,11 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     budgets = sorted((parse_budget(b, model.config) for b in cfg.budgets), key=lambda b: -b.fraction)
     if len({b.name for b in budgets}) != len(budgets):
         raise StarElasticError(f"budgets {cfg.budgets} name the same budget twice")
+    for values, what in ((cfg.kd_weights, "KD weights"), (cfg.budget_lrs, "learning rates (--budget-lrs)")):
+        if values is not None and len(values) != len(cfg.budgets):  # before the data, importance and search
+            raise StarElasticError(f"{len(values)} {what} for {len(cfg.budgets)} budgets")
+    if cfg.budget_lrs is not None and min(cfg.budget_lrs) <= 0:
+        raise StarElasticError(f"learning rates (--budget-lrs) must be positive, got {cfg.budget_lrs}")
     train_stream, heldout = load_corpus_tokens(data, tokenizer, heldout_fraction=cfg.heldout_fraction, seed=cfg.seed)
     row_len = max(cfg.seq_len, cfg.stage2_seq_len or 0)
     rows = pack(train_stream, row_len)
@@ -237,16 +242,13 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     router = Router(model.config, budgets, RouterConfig(axes=tuple(cfg.axes), heterogeneous=cfg.heterogeneous,
                                                         width_multiple="auto" if cfg.multiple is None else cfg.multiple),
                     layer_order=layer_order).to(device)
-    def trainer_order(values, what):  # given in --budgets order; the trainer's budgets are largest first
+    def trainer_order(values):  # given in --budgets order (counted above); the trainer's budgets are largest first
         if values is None:
             return None
-        if len(values) != len(cfg.budgets):
-            raise StarElasticError(f"{len(values)} {what} for {len(cfg.budgets)} budgets")
         by_name = {parse_budget(b, model.config).name: v for b, v in zip(cfg.budgets, values)}
         return [by_name[b.name] for b in budgets]
 
-    kd_weights = trainer_order(cfg.kd_weights, "KD weights")
-    budget_lrs = trainer_order(cfg.budget_lrs, "learning rates (--budget-lrs)")
+    kd_weights, budget_lrs = trainer_order(cfg.kd_weights), trainer_order(cfg.budget_lrs)
     # the anchor needs the full budget and a smaller one to train beside it; without them it has nothing to do
     anchor = cfg.full_anchor if len(budgets) > 1 and any(b.is_full for b in budgets) else 0.0
     if anchor:

@@ -360,3 +360,7 @@ def test_all_budgets_and_train_on_reach_the_run_and_its_manifest(tmp_path, token
                      "1e-4,2e-4"]) == 2
     assert "error: 2 learning rates (--budget-lrs) for 3 budgets" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+    assert cli.main(["elastify", str(tmp_path / "parent"), "--budgets", "1.0,0.75,0.5", "--data", str(text),
+                     "--tokens", "768", "--out", str(tmp_path / "o2"), "--device", "cpu", "--budget-lrs",
+                     "1e-4,0,1e-4"]) == 2
+    assert "error: learning rates (--budget-lrs) must be positive" in capsys.readouterr().err
