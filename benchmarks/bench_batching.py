@@ -61,16 +61,19 @@ def phases(runs) -> dict:
     """Median admission and decode seconds over runs, and the median decode-only tokens/s."""
     counts = [c for _, _, c in runs]
     rates = [c["decode_tokens"] / c["decode_s"] for c in counts if c["decode_s"] > 0]
-    steps = [c["decode_s"] / c["steps"] for c in counts if c["steps"]]
+
+    def per_step(key):  # median over runs of a counter's seconds per decode step
+        values = [c[key] / c["steps"] for c in counts if c["steps"]]
+        return statistics.median(values) if values else None
+
     return {"prefill_s": statistics.median(c["prefill_s"] for c in counts),
             "decode_s": statistics.median(c["decode_s"] for c in counts),
             "decode_tok_s": statistics.median(rates) if rates else None,
             "prefill_forwards": counts[0]["prefills"], "decode_steps": counts[0]["steps"],
             "decode_tokens": counts[0]["decode_tokens"],
-            "step_s": statistics.median(steps) if steps else None,
+            "step_s": per_step("decode_s"),
             # where a step's time goes on the host: queuing its work, waiting for its tokens, the rest (Python)
-            "launch_s_per_step": statistics.median(c["launch_s"] / c["steps"] for c in counts if c["steps"]) if steps else None,
-            "wait_s_per_step": statistics.median(c["wait_s"] / c["steps"] for c in counts if c["steps"]) if steps else None}
+            "launch_s_per_step": per_step("launch_s"), "wait_s_per_step": per_step("wait_s")}
 
 
 def fmt(x, spec) -> str:

@@ -72,11 +72,11 @@ def compare(runs: dict, pair: str, part: str = "A") -> dict:
                          "held-out text")
     method, b_rows = rows_of(b_run, b_name, part, method or None)
     _, c_rows = rows_of(c_run, c_name, part, "minitron")
-    parent = next(r for r in _part(b_run, b_name, part)["rows"] if r["method"] == "parent")["perplexity"]
+    b_part, c_part = _part(b_run, b_name, part), _part(c_run, c_name, part)
+    parent = next(r for r in b_part["rows"] if r["method"] == "parent")["perplexity"]
     out = {"pair": pair, "method": method, "seed": b_run.get("seed"),
-           "lr": _part(b_run, b_name, part)["training"].get("lr"), "lr_c": _part(c_run, c_name, part)["training"].get("lr"),
-           "budget_lrs": _part(b_run, b_name, part).get("methods", {}).get(method, {}).get("budget_lrs"),
-           "budgets": {}}
+           "lr": b_part["training"].get("lr"), "lr_c": c_part["training"].get("lr"),
+           "budget_lrs": b_part.get("methods", {}).get(method, {}).get("budget_lrs"), "budgets": {}}
     for budget, c in c_rows.items():
         b = b_rows.get(budget)
         if b is None:

@@ -677,18 +677,20 @@ class ElasticTrainer:
         logs.update(sums)
         if self.router is not None:  # replicated: its gradient is all-reduced by hand
             logs["router_grad_norm"] = self._clip(self.router.parameters(), cfg.router_clip).detach()
-        # BudgetAdamW: each budget's gradient clipped and applied on its own (its norm logged as grad_norm@NAME).
-        # Sharded, FSDP has averaged the model's gradients already (reduce-scatter in each backward)
-        for key in list(self.opt.stashed) if isinstance(self.opt, BudgetAdamW) else []:
-            self.opt.unstash(key)
-            name = self.budgets[int(key[1:])].name
-            at = "" if name == budget.name else f"@{name}"
-            logs["grad_norm" + at] = self._clip(self.model.parameters(), cfg.clip, reduce=self.shard != "fsdp").detach()
-            self.opt.step(key)
-            for p in self.model.parameters():
-                p.grad = None
-        if not isinstance(self.opt, BudgetAdamW):
-            logs["grad_norm"] = self._clip(self.model.parameters(), cfg.clip, reduce=self.shard != "fsdp").detach()
+        # sharded, FSDP has averaged the model's gradients already (reduce-scatter in each backward)
+        def clip():
+            return self._clip(self.model.parameters(), cfg.clip, reduce=self.shard != "fsdp").detach()
+
+        if isinstance(self.opt, BudgetAdamW):  # each budget's gradient clipped and applied on its own
+            for key in list(self.opt.stashed):
+                self.opt.unstash(key)
+                name = self.budgets[int(key[1:])].name  # keys are f"b{index}" (_stash)
+                logs["grad_norm" + ("" if name == budget.name else f"@{name}")] = clip()
+                self.opt.step(key)
+                for p in self.model.parameters():  # the router's gradient stays for its one step below
+                    p.grad = None
+        else:
+            logs["grad_norm"] = clip()
         self.opt.step()  # BudgetAdamW: the router's group
         self.opt.zero_grad(set_to_none=True)
         logs = _floats(logs)

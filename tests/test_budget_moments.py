@@ -4,6 +4,8 @@ The eleventh session's runs found a joint run's 0.75 budget 3-4% behind distilli
 shared learning rate from 1e-4 to 8e-4, while rates above 2e-4 cost the full model out of domain
 (docs/RESULTS.md §9). With one AdamW the rate is shared; these tests pin the lever that separates them."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -15,7 +17,7 @@ from star_elastic.errors import StarElasticError
 from star_elastic.optim import BudgetAdamW
 from star_elastic.train import ElasticTrainer
 
-from test_train import make
+from test_train import make, trainer
 
 
 def _params(seed=0):
@@ -151,8 +153,7 @@ BL = dict(steps=6, batch=4, clip=0.01, full_anchor=1.0, budget_lrs=[1e-3, 3e-3, 
 
 
 def _bl_trainer(tmp, name, **kw):
-    model, teacher, router, budgets, rows, cfg, _ = make(**BL, **kw)
-    return ElasticTrainer(model, teacher, router, budgets, rows, cfg, f"{tmp}/{name}")
+    return trainer(Path(tmp), name, **BL, **kw)
 
 
 def _sharded_worker(rank, world, port, tmp):
