@@ -67,6 +67,7 @@ from star_elastic.elastic.cost import CostModel, parse_budget  # noqa: E402
 from star_elastic.elastic.importance import estimate_importance  # noqa: E402
 from star_elastic.elastic.losses import kd_loss  # noqa: E402
 from star_elastic.elastic.router import DEFAULT_AXES, Router, RouterConfig, project_budgets  # noqa: E402
+from star_elastic.elastify import ElastifyConfig  # noqa: E402
 from star_elastic.elastic.search import applicable_axes, choose_spec, describe, nested_search, search_spec  # noqa: E402
 from star_elastic.errors import StarElasticError  # noqa: E402
 from star_elastic.evaluate import perplexity  # noqa: E402
@@ -151,8 +152,9 @@ def parse_args(argv=None):
     ap.add_argument("--no-minitron", action="store_true", help="skip (c) (e.g. when another GPU runs it: --merge)")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="merge the rows of these result files (the same parts, run on several GPUs) into --json")
-    ap.add_argument("--full-anchor", type=float, default=1.0,
-                    help="weight of the full model's KD in elastic_anchor and joint_anchor")
+    ap.add_argument("--full-anchor", type=float, default=ElastifyConfig.full_anchor,
+                    help="weight of the full model's KD in elastic_anchor and joint_anchor (default: elastify's, "
+                         "%(default)g; runs before the twelfth session used 1)")
     ap.add_argument("--stage1-fraction", type=float, default=0.5,
                     help="share of the steps with budgets drawn uniformly (TrainConfig.stage1_fraction; 0 with "
                          "--stage2-weights 0,1 and budgets 1.0,0.75 trains the 0.75 alone: the harness against (c))")

@@ -12,6 +12,7 @@ import sys
 
 from . import commands
 from .convert import DTYPES as CONVERT_DTYPES, FORMATS
+from .elastify import ElastifyConfig
 from .runtime import DEFAULT_MODEL
 
 
@@ -97,10 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
                                          "full model at 2e-4 and the smaller at 8e-4; not yet measured on a GPU; "
                                          "the budgets' loss weights then no longer scale their steps; default: one "
                                          "AdamW at --lr)")
-    sp.add_argument("--full-anchor", type=float, default=1.0,
+    sp.add_argument("--full-anchor", type=float, default=ElastifyConfig.full_anchor,
                     help="weight of the full model's distillation on every step (the sandwich rule; each smaller "
                          "budget then trains on as many tokens as if distilled alone, at a second student pass "
-                         "per step; 0: the paper's sampling alone, which gives the full model ~42%% of the steps)")
+                         "per step; lighter lets the smaller budgets learn more and the full model drift more; "
+                         "0: the paper's sampling alone, which gives the full model ~42%% of the steps; "
+                         "default %(default)g)")
     sp.add_argument("--all-budgets", action="store_true",
                     help="every step trains every smaller budget on the same batch (with the anchor: the sandwich "
                          "rule in full; each smaller budget trains on all the tokens, at a pass per budget a step)")

@@ -215,11 +215,12 @@ DEMO_PRESETS = {
                 calib_batches=4, eval_tokens=2048, stage2_weights=[0.3, 0.7], full_anchor=0.0, all_budgets=False),
     # the setting measured in docs/RESULTS.md §9 (two domains, 7 passes: the full budget within +0.3% of the
     # parent on text it never saw; wiki alone at 20M tokens would repeat it 22 times and drift). Budgets by
-    # measurement (§5, one H200): with the anchor 0.9 / 0.8 reach 1.12x / 1.40x the parent's perplexity in 7.8
-    # minutes and answer on topic; 0.75 / 0.5 reached 1.63x / 3.78x (paper's sampling) with off-topic answers
+    # measurement (§5, one H200): with the anchor at 1 0.9 / 0.8 reach 1.12x / 1.40x the parent's perplexity in
+    # 7.8 minutes and answer on topic; 0.75 / 0.5 reached 1.63x / 3.78x (paper's sampling) with off-topic
+    # answers. The anchor stays at the weight measured here until the lighter default is run on the demo
     "cuda": dict(data="wiki,bible", budgets="1.0,0.9,0.8", axes=None, tokens=12_582_912, seq_len=512,
                  batch_size=16, lr=1e-4, calib_batches=16, eval_tokens=16384, stage2_weights=None,
-                 full_anchor=None, all_budgets=False),  # None: elastify's default (the sandwich rule)
+                 full_anchor=1.0, all_budgets=False),
 }
 DEMO_PROMPTS = ("What is the capital of France?", "Name three primary colors.", "What do bees make?")
 
@@ -249,8 +250,7 @@ def cmd_demo(args):
     weights = opt["stage2_weights"] if opt["stage2_weights"] and len(opt["stage2_weights"]) == len(budgets) else None
     cfg = ElastifyConfig(budgets=budgets, tokens=opt["tokens"], seq_len=opt["seq_len"], batch_size=opt["batch_size"],
                          lr=opt["lr"], axes=axes, calib_batches=opt["calib_batches"], eval_tokens=opt["eval_tokens"],
-                         stage2_weights=weights, full_anchor=ElastifyConfig.full_anchor if opt["full_anchor"] is None
-                         else opt["full_anchor"], all_budgets=opt["all_budgets"],
+                         stage2_weights=weights, full_anchor=opt["full_anchor"], all_budgets=opt["all_budgets"],
                          budget_lrs=_floats(args.budget_lrs, "--budget-lrs"), compile="inductor" if args.compile else None)
     result = elastify(model, tokenizer, opt["data"], out, cfg, log=_log)
     print_table(result)

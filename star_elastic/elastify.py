@@ -56,8 +56,11 @@ class ElastifyConfig:
     # smaller budget trains on as many tokens as distilling it alone would. Measured on SmolLM2 at 4.2M tokens
     # (docs/RESULTS.md §9, eighth session): the smaller budgets went from +15% / +21% behind (c) on the same
     # architecture to +3% / -2%, the full model stayed within 1% of the parent out of domain; a step costs
-    # a second student pass (1.6x the time). 0: the paper's sampling alone
-    full_anchor: float = 1.0
+    # a second student pass (1.6x the time). 0: the paper's sampling alone. At weight 0.5 rather than 1 the
+    # shared weights follow the smaller budgets more: on SmolLM2 at 4.2M tokens the 0.75 gained 2-4 points on
+    # (c) and the 0.5 moved ahead of it, the full model within 1% of the parent out of domain at lr 1e-4 and
+    # within 1.4% at 2e-4 (§9, tenth and twelfth sessions); lighter still trades the full model away
+    full_anchor: float = 0.5
     all_budgets: bool = False  # every step trains every smaller budget too (TrainConfig.all_budgets)
     train_on: str = "drawn"  # the model trains the router's draw or its in-band argmax (TrainConfig.train_on)
     drift_data: str | None = "auto"  # held-out text of a second domain for the full budget's drift ("": none)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from star_elastic.elastify import ElastifyConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = [sys.executable, str(ROOT / "benchmarks" / "bench_elastic.py"), "--smoke", "--part", "B", "--variants",
          "elastic", "--no-minitron", "--pretrain-steps", "4", "--heldout", "wiki", "--eval-tokens", "128"]
@@ -69,7 +71,7 @@ def test_joint_anchor_trains_the_recorded_architectures_with_the_full_model_on_e
             for m in ("joint_anchor", "minitron", "zero_shot")}
     assert spec["joint_anchor"] == spec["minitron"] == recorded != spec["zero_shot"]
     method = part["methods"]["joint_anchor"]
-    assert method["full_anchor"] == 1.0 and method["budget_lrs"] == [1e-3, 2e-3, 2e-3]
+    assert method["full_anchor"] == ElastifyConfig.full_anchor and method["budget_lrs"] == [1e-3, 2e-3, 2e-3]
     steps = {row["budget"]: row["steps_sampled"] for row in part["rows"] if row["method"] == "joint_anchor"}
     assert steps["1.0"] == 0 and steps["0.75"] > steps["0.5"]  # every step a smaller budget, stage 2 tilted
 

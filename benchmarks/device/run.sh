@@ -14,7 +14,7 @@
 #                               LOAD needs .devcarry/serve_wheels: the server's packages, which the GPU machine lacks)
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|11|16|16c       issue 17's next runs, three side by side a call (S0 may need call 2 again: exit 75)
+#   PLAN17 1|..|14|16|16c       issue 17's next runs, three side by side a call (S0 may need call 2 again: exit 75)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   GATHER [args]               issue 12: the views' MoE decode gather, the candidates side by side (bench_expert_gather)
 #   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled
@@ -74,7 +74,7 @@ FP8) join; for f in "" --fp8-matmul; do  # SmolLM2 held-out perplexity and tok/s
     2>&1 | grep -v "%|" | tail -n 3; done ;;
 DECODE) shift; PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_decode_step.py \
   --json $OUT/decode_step.json "$@" 2>&1 | tail -n 12 ;;  # issue 12: the Triton state update vs the recurrence
-PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bible,wiki-fr --no-minitron"
+PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bible,wiki-fr --no-minitron --full-anchor 1"
   B=docs/results/elastic_session9_h200.json  # issue 17's next runs (the ninth session's note), three at a time
   J0="$A --seed 0 --variants joint_anchor --minitron-arch $B#E0:elastic_anchor"
   case "$1" in  # J*: (c)'s architectures without the router, against E0c / E1c in $B
@@ -121,6 +121,29 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
      bash $0 RUNS J075c "$F $T2 --stage2-weights 0,1" J075 "$J0 $T2" J075s "$J0 $T2 --budget-lrs 2e-4,2e-4" \
        J0n "$F --lr-a 2e-4 --stage2-weights 0,1,1"
      ratios J075c:C2,J075:C2,J075s:C2,J0n:C2 J075c J075 J075s J0n ;;
+  # (--full-anchor 1 above: the weight of every run before the twelfth session, when the default became 0.5)
+  # 12 (twelfth session): PLAN17 11 put the 0.75's whole gap on the full anchor (J075 +5.0%, J075c +0.0%, J0n
+  # without the full model -0.3%, but its full model +12..+29%); how light can the anchor be and still hold the
+  # full model within 1%: its loss weight (one set of moments) or its own rate (each budget its own moments)
+  12) bash $0 RUNS J0h2 "$J0 --lr-a 2e-4 --full-anchor 0.5" J0h4 "$J0 --lr-a 2e-4 --full-anchor 0.25" \
+       J0f5 "$J0 --lr-a 2e-4 --budget-lrs 5e-5,2e-4,2e-4" J0f2 "$J0 --lr-a 2e-4 --budget-lrs 2e-5,2e-4,2e-4"
+     ratios J0h2:C2,J0h4:C2,J0f5:C2,J0f2:C2 J0h2 J0h4 J0f5 J0f2 ;;
+  # 13: PLAN17 12's balance (anchor 0.5 at 2e-4: full within 1%, 0.75 +0.6..+4.7%, 0.5 ahead) at seed 1 with its
+  # (c), through the router (E0h; 13c is its (c) when its architectures differ from E0's), and anchor 0.35
+  13) C="${A/--no-minitron/} --variants= --lr-a 2e-4"
+     bash $0 RUNS J1h2 "$A --seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor --lr-a 2e-4 --full-anchor 0.5" \
+       C1l "$C --seed 1 --minitron-arch $B#E1:elastic_anchor" J0h3 "$J0 --lr-a 2e-4 --full-anchor 0.35" \
+       E0h "$A --seed 0 --variants elastic_anchor --lr-a 2e-4 --full-anchor 0.5"
+     ratios J1h2:C1l,J0h3:C2,E0h:C2 J1h2 C1l J0h3 E0h ;;
+  13c) bash $0 RUNS E0hc "${A/--no-minitron/} --variants= --lr-a 2e-4 --seed 0 --minitron-arch $H/res/E0h.json:elastic_anchor"
+     ratios E0h:E0hc E0h E0hc ;;
+  # 14 (the twelfth session's note): the new default anchor 0.5 on the hybrid (B: (b+) and (c) in one process,
+  # against the ninth session's B0 / B1 at anchor 1), then T = 16M on SmolLM2 with it: LEVERS="--full-anchor 0.5"
+  # PLAN17 16 until exit 0, then 16c
+  14) B="--part B --tokenizer $H/tok --heldout wiki,shakespeare,bible,wiki-fr --variants elastic_anchor --minitron-arch elastic"
+     bash $0 RUNS B0h "$B --seed 0 --full-anchor 0.5" B1h "$B --seed 1 --full-anchor 0.5" \
+       J0ah "$J0 --lr-a 2e-4 --full-anchor 0.5 --all-budgets --state-dir $H/state/J0ah --max-train-seconds 420"
+     ratios J0ah:C2 J0ah ;;  # J0ah: every smaller budget a step beside the lighter anchor (exit 75: call again)
   # T = 16M alone on the GPU with the levers that won at 4M (LEVERS, e.g. "--all-budgets --lr-a 2e-4"): call
   # "16" until it exits 0 (75: resumable, call again; the fifth session's 16M run trained 457 s without the
   # anchor), then "16c", (c) on its architectures at the same rate (8M tokens a budget, ~410 s)
