@@ -137,6 +137,9 @@ def parse_args(argv=None):
     ap.add_argument("--all-budgets", action="store_true",
                     help="one-run variants: every step trains every smaller budget on the same batch "
                          "(TrainConfig.all_budgets; with the anchor, the sandwich rule in full)")
+    ap.add_argument("--anchor-projection", action="store_true",
+                    help="anchored variants: the full anchor's gradient loses its component along the smaller "
+                         "budgets' where the two conflict (TrainConfig.anchor_projection)")
     ap.add_argument("--train-on", choices=["drawn", "argmax"], default="drawn",
                     help="router variants: the model trains the router's draw (the paper's) or its in-band argmax, "
                          "the draw then only scored for the router (TrainConfig.train_on)")
@@ -520,6 +523,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                        full_anchor=args.full_anchor if variant in ANCHORED else 0.0,
                        router_estimator=args.router_estimator, router_freeze_fraction=args.router_freeze,
                        train_on=args.train_on, all_budgets=args.all_budgets,
+                       anchor_projection=args.anchor_projection and variant in ANCHORED,
                        freeze_select=args.freeze_select,
                        router_prior=args.router_prior if router is not None and args.warm_start else 0.0,
                        stage2_weights=args.small_weights if variant == "elastic_small"
@@ -597,7 +601,8 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
     methods[variant] = {"tokens": steps * tokens_per_step, "steps": steps, "train_seconds": round(train_s, 1),
                         "eval_seconds": round(clock(device) - t, 1), "full_anchor": tcfg.full_anchor,
                         "train_on": tcfg.train_on, "all_budgets": tcfg.all_budgets, "budget_lrs": tcfg.budget_lrs,
-                        "stage1_fraction": tcfg.stage1_fraction,
+                        "anchor_projection": tcfg.anchor_projection, "stage1_fraction": tcfg.stage1_fraction,
+                        "anchor_cos": cosines(logs),
                         "tokens_per_s": round(steps * tokens_per_step / train_s), "peak_gpu_gib": peak,
                         "selection": trainer.selection, "argmax_trajectory": trajectory,
                         "resumed_at_step": start or None,
@@ -606,6 +611,17 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
     if state is not None:  # the rows are written: the run is done, its state (weights, moments) goes
         shutil.rmtree(state, ignore_errors=True)
     return final
+
+
+def cosines(logs: list[dict]) -> dict | None:
+    """With --anchor-projection: how often the full anchor's gradient conflicted with the smaller budgets'
+    (the steps it was projected on) and their mean cosine, over the run and its last tenth."""
+    cos = [lg["anchor_cos"] for lg in logs if "anchor_cos" in lg]
+    if not cos:
+        return None
+    last = cos[-max(1, len(cos) // 10):]
+    return {"negative_share": sum(c < 0 for c in cos) / len(cos), "mean": sum(cos) / len(cos),
+            "last_tenth_mean": sum(last) / len(last)}
 
 
 def budget_kds(log: dict) -> list[tuple[str, float]]:

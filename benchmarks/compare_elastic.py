@@ -74,9 +74,11 @@ def compare(runs: dict, pair: str, part: str = "A") -> dict:
     _, c_rows = rows_of(c_run, c_name, part, "minitron")
     b_part, c_part = _part(b_run, b_name, part), _part(c_run, c_name, part)
     parent = next(r for r in b_part["rows"] if r["method"] == "parent")["perplexity"]
+    how = b_part.get("methods", {}).get(method, {})
     out = {"pair": pair, "method": method, "seed": b_run.get("seed"),
            "lr": b_part["training"].get("lr"), "lr_c": c_part["training"].get("lr"),
-           "budget_lrs": b_part.get("methods", {}).get(method, {}).get("budget_lrs"), "budgets": {}}
+           "budget_lrs": how.get("budget_lrs"), "full_anchor": how.get("full_anchor"),
+           "anchor_projection": bool(how.get("anchor_projection")), "budgets": {}}
     for budget, c in c_rows.items():
         b = b_rows.get(budget)
         if b is None:
@@ -108,7 +110,9 @@ def main(argv=None):
     for r in results:
         sources = next(iter(r["budgets"].values()))["vs_c"] if r["budgets"] else {}
         lr = f"{r['lr']:g}" if not r["budget_lrs"] else "per budget " + ",".join(f"{x:g}" for x in r["budget_lrs"])
-        print(f"{r['pair']} ({r['method']}, seed {r['seed']}, lr {lr} against {r['lr_c']:g}); "
+        anchor = (f", anchor {r['full_anchor']:g}" if r["full_anchor"] else "") + (
+            " projected" if r["anchor_projection"] else "")
+        print(f"{r['pair']} ({r['method']}, seed {r['seed']}{anchor}, lr {lr} against {r['lr_c']:g}); "
               f"(b)/(c) - 1 in %, {' / '.join(sources)}")
         for budget, v in r["budgets"].items():
             print(f"  {budget:>5} [{100 * v['param_fraction']:.1f}%] {fmt(v['vs_c'])}   {v['architecture']}")

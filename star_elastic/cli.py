@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--all-budgets", action="store_true",
                     help="every step trains every smaller budget on the same batch (with the anchor: the sandwich "
                          "rule in full; each smaller budget trains on all the tokens, at a pass per budget a step)")
+    sp.add_argument("--anchor-projection", action="store_true",
+                    help="where the full anchor's gradient conflicts with the smaller budgets' (a negative inner "
+                         "product), drop its component along theirs (PCGrad), so that holding the full model does "
+                         "not undo their step")
     sp.add_argument("--train-on", choices=["drawn", "argmax"], default="drawn",
                     help="a smaller budget's step trains the router's draw (the paper's) or its in-band argmax, the "
                          "draw then only scored for the router")

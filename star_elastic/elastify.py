@@ -62,6 +62,8 @@ class ElastifyConfig:
     # within 1.4% at 2e-4 (§9, tenth and twelfth sessions); lighter still trades the full model away
     full_anchor: float = 0.5
     all_budgets: bool = False  # every step trains every smaller budget too (TrainConfig.all_budgets)
+    anchor_projection: bool = False  # the anchor's gradient off the smaller budgets' where they conflict
+    #                                  (TrainConfig.anchor_projection)
     train_on: str = "drawn"  # the model trains the router's draw or its in-band argmax (TrainConfig.train_on)
     drift_data: str | None = "auto"  # held-out text of a second domain for the full budget's drift ("": none)
     router_init: str = "search"  # the router starts from the zero-shot search's architectures, or "cost" alone
@@ -154,6 +156,11 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
             raise StarElasticError(f"{len(values)} {what} for {len(cfg.budgets)} budgets")
     if cfg.budget_lrs is not None and min(cfg.budget_lrs) <= 0:
         raise StarElasticError(f"learning rates (--budget-lrs) must be positive, got {cfg.budget_lrs}")
+    if cfg.anchor_projection and not (cfg.full_anchor and budgets[0].is_full and len(budgets) > 1):
+        raise StarElasticError("--anchor-projection projects the full anchor's gradient: it needs --full-anchor > 0, "
+                               "the full budget 1.0 and a smaller one")
+    if cfg.anchor_projection and cfg.budget_lrs is not None:
+        raise StarElasticError("--anchor-projection works on one AdamW's summed gradient: drop --budget-lrs")
     train_stream, heldout = load_corpus_tokens(data, tokenizer, heldout_fraction=cfg.heldout_fraction, seed=cfg.seed)
     row_len = max(cfg.seq_len, cfg.stage2_seq_len or 0)
     rows = pack(train_stream, row_len)
@@ -263,7 +270,8 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                        stage2_seq_len=cfg.stage2_seq_len, budget_kd_weights=kd_weights, full_anchor=anchor,
                        router_estimator=cfg.router_estimator, router_freeze_fraction=cfg.router_freeze,
                        router_prior=cfg.router_prior, shard=cfg.shard, compile=cfg.compile,
-                       all_budgets=cfg.all_budgets, train_on=cfg.train_on, budget_lrs=budget_lrs)
+                       all_budgets=cfg.all_budgets, train_on=cfg.train_on, budget_lrs=budget_lrs,
+                       anchor_projection=cfg.anchor_projection)
     trainer = ElasticTrainer(model, teacher, router, budgets, rows, tcfg, out.parent / f".{out.name}.train",
                              heldout=heldout, warm_start=starts if cfg.router_init == "search" and any(starts) else None)
     if trainer.load_state():

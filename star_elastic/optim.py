@@ -1,11 +1,14 @@
-"""The optimisers of elastic training: AdamW in its fused form (the default), and AdamW with one set
-of moments and one rate per budget (`TrainConfig.budget_lrs`)."""
+"""The optimisers of elastic training: AdamW in its fused form (the default), AdamW with one set of
+moments and one rate per budget (`TrainConfig.budget_lrs`), and the projection of the full anchor's
+gradient off the smaller budgets' where the two conflict (`TrainConfig.anchor_projection`)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+
+from . import parallel
 
 
 def adamw(groups, fused: bool = True, **kw) -> torch.optim.AdamW:
@@ -14,6 +17,28 @@ def adamw(groups, fused: bool = True, **kw) -> torch.optim.AdamW:
     step, where every expert's weights and moments are updated each step; fused, 15% and the step 1.15x
     faster (docs/RESULTS.md §12)."""
     return torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=fused, **kw)
+
+
+@torch.no_grad()
+def project_conflict(grads: list, against: list, reduce=None) -> torch.Tensor:
+    """PCGrad's projection (Yu et al., 2020), over the whole model: where `grads` and `against` (gradients,
+    one per parameter, None where absent) conflict, a negative inner product, `grads` loses its component
+    along `against`, in place, so that their sum no longer undoes `against`'s step to first order. NASViT
+    (Gong et al., 2022) resolves a supernet's conflicts with its sub-networks this way. Shards (DTensors)
+    are dotted locally and `reduce` (an all-reduce) sums the three numbers over the ranks. Returns the
+    cosine between the two before the projection, a tensor: no host sync."""
+    pairs = [(parallel.local(g), parallel.local(o)) for g, o in zip(grads, against) if g is not None and o is not None]
+    if not pairs:
+        return torch.zeros(())
+    stats = torch.stack([torch.stack([(g.double() * o.double()).sum(), o.double().square().sum(),
+                                      g.double().square().sum()]) for g, o in pairs]).sum(0)
+    if reduce is not None:
+        reduce(stats)
+    dot, oo, gg = stats
+    coef = (dot / oo.clamp_min(1e-300)).clamp(max=0.0)  # 0 where they agree: nothing removed
+    for g, o in pairs:
+        g.sub_(o * coef.to(o.dtype))
+    return dot / (oo * gg).sqrt().clamp_min(1e-300)
 
 
 class BudgetAdamW(torch.optim.Optimizer):

@@ -117,6 +117,11 @@ def all_ok(ok: bool, like: torch.Tensor) -> bool:
     return bool(flag.item())
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (no communication; in-place changes reach the DTensor), or `t`."""
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a shard (a collective: every rank calls it), or `t` itself."""
     return t.full_tensor() if DTensor is not None and isinstance(t, DTensor) else t
@@ -224,10 +229,10 @@ def rows_of(t: torch.Tensor) -> slice:
 def copy_rows_(t: torch.Tensor, rows: torch.Tensor) -> None:
     """Copy `rows` (the rows `rows_of(t)` of the whole tensor, any dtype) into this rank's part of
     `t`, cast to t's dtype."""
-    local = t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
-    if local.shape != rows.shape:
-        raise RuntimeError(f"a shard of shape {tuple(local.shape)} cannot take rows of shape {tuple(rows.shape)}")
-    local.copy_(rows)
+    part = local(t)
+    if part.shape != rows.shape:
+        raise RuntimeError(f"a shard of shape {tuple(part.shape)} cannot take rows of shape {tuple(rows.shape)}")
+    part.copy_(rows)
 
 
 def constructor_units(cfg: ModelConfig):

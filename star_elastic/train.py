@@ -48,7 +48,7 @@ from .elastic.router import (Projection, Router, entropy, entropy_floor_loss, fu
 from .elastic.masking import masked
 from .elastic.spec import ElasticSpec
 from .errors import StarElasticError
-from .optim import BudgetAdamW, adamw
+from .optim import BudgetAdamW, adamw, project_conflict
 from .evaluate import perplexity
 from .model import Model
 
@@ -99,6 +99,10 @@ class TrainConfig:
     full_anchor: float = 0.0  # >0: every step also distils the full model on the same batch (sandwich rule);
     #                           the budget sampler then draws only the smaller budgets (equally in stage 2 too,
     #                           unless stage2_weights says otherwise)
+    anchor_projection: bool = False  # with the full anchor: where its gradient conflicts with the smaller
+    #                                  budgets' (a negative inner product over the model), it loses its component
+    #                                  along theirs (PCGrad, optim.project_conflict), so the anchor holds the full
+    #                                  model only in directions that do not undo the smaller budgets' step
     budget_lrs: list[float] | None = None  # per-budget model learning rates (budget order): each budget's
     #                                        gradient then has its own AdamW moments and rate (BudgetAdamW), as if
     #                                        distilled alone; None: one AdamW over the summed gradient, at `lr`
@@ -274,6 +278,10 @@ class ElasticTrainer:
             raise StarElasticError(f"the full anchor is a weight >= 0, got {cfg.full_anchor}")
         if cfg.full_anchor and (self.full is None or len(budgets) < 2):
             raise StarElasticError("the full anchor needs the full budget (1.0) and at least one smaller budget")
+        if cfg.anchor_projection and not cfg.full_anchor:
+            raise StarElasticError("anchor_projection projects the full anchor's gradient: it needs full_anchor > 0")
+        if cfg.anchor_projection and cfg.budget_lrs:
+            raise StarElasticError("anchor_projection works on one AdamW's summed gradient: drop budget_lrs")
         if cfg.full_anchor and not any(w > 0 for i, w in enumerate(self.stage2) if i != self.full):
             raise StarElasticError(f"stage-2 weights {self.stage2} give every step to the full budget, which the "
                                    "full anchor trains on every step already: give a smaller budget a weight > 0")
@@ -654,6 +662,7 @@ class ElasticTrainer:
             value = value.detach().double() if torch.is_tensor(value) else float(value)
             sums[name] = sums.get(name, 0.0) + value / cfg.grad_accum
 
+        anchor = None  # anchor_projection: the full anchor's gradient, kept apart from the smaller budgets'
         for _ in range(cfg.grad_accum):
             x = self._batch(L)
             with torch.no_grad():
@@ -668,9 +677,7 @@ class ElasticTrainer:
                     for k, v in logged.items():
                         add(f"{k}@{self.budgets[j].name}", v)
                 if cfg.full_anchor and not budget.is_full:  # the sandwich rule: the full model on the same batch
-                    full_kd = kd_loss(self._head(self.model, x), teacher)
-                    (cfg.full_anchor * full_kd / cfg.grad_accum).backward()
-                    self._stash(self.full)
+                    full_kd, anchor = self._anchor_pass(x, teacher, anchor)
                     add("full_kd", full_kd)
                     total = total + cfg.full_anchor * full_kd
             add("total", total)
@@ -678,8 +685,13 @@ class ElasticTrainer:
         if self.router is not None:  # replicated: its gradient is all-reduced by hand
             logs["router_grad_norm"] = self._clip(self.router.parameters(), cfg.router_clip).detach()
         # sharded, FSDP has averaged the model's gradients already (reduce-scatter in each backward)
+        reduce = self.shard != "fsdp"
+        if anchor is not None:
+            logs["anchor_cos"] = self._project_anchor(anchor, reduce)
+            reduce = False  # averaged over the ranks there, or by FSDP
+
         def clip():
-            return self._clip(self.model.parameters(), cfg.clip, reduce=self.shard != "fsdp").detach()
+            return self._clip(self.model.parameters(), cfg.clip, reduce=reduce).detach()
 
         if isinstance(self.opt, BudgetAdamW):  # each budget's gradient clipped and applied on its own
             for key in list(self.opt.stashed):
@@ -707,6 +719,49 @@ class ElasticTrainer:
         self.step += 1
         return logs
 
+    def _anchor_pass(self, x, teacher: HeadInput, anchor: list | None) -> tuple[torch.Tensor, list | None]:
+        """The full anchor's forward and backward on batch x (the unmasked parent, weight `full_anchor`).
+        With `anchor_projection` its gradient is kept apart from the smaller budgets', added to `anchor`
+        (the step's so far), for `_project_anchor`. Returns (its distillation loss, `anchor`)."""
+        cfg = self.cfg
+        # right after their backward, as _stash does: taken after the anchor's forward, under FSDP2 the
+        # root module's gradients (embeddings, final norm, head) were missing from them
+        theirs = self._take_grads() if cfg.anchor_projection else None
+        full_kd = kd_loss(self._head(self.model, x), teacher)
+        (cfg.full_anchor * full_kd / cfg.grad_accum).backward()
+        self._stash(self.full)
+        if theirs is not None:
+            anchor = self._take_grads(add_to=anchor)
+            self._put_grads(theirs)
+        return full_kd, anchor
+
+    def _project_anchor(self, anchor: list, reduce: bool) -> torch.Tensor:
+        """Project the step's anchor gradient off the smaller budgets' on the model (optim.project_conflict)
+        and add it to theirs; returns the cosine before. Replicated (`reduce`), both are averaged over the
+        ranks first, so that the projection sees the whole batch's gradients, as one process would."""
+        smaller = [p.grad for p in self.model.parameters()]
+        if reduce:
+            self._all_reduce_grads(smaller + anchor)
+        cos = project_conflict(anchor, smaller, dist.all_reduce if self.shard == "fsdp" and self.world > 1 else None)
+        self._put_grads(anchor, add=True)
+        return cos
+
+    def _take_grads(self, add_to: list | None = None) -> list:
+        """The model's gradients (None where a parameter has none), taken off it; added to `add_to`'s."""
+        params = list(self.model.parameters())
+        grads = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        if add_to is None:
+            return grads
+        return [a if g is None else g if a is None else a.add_(g) for a, g in zip(add_to, grads)]
+
+    def _put_grads(self, grads: list, add: bool = False):
+        """Put `grads` back on the model's parameters (`add`: onto what they hold)."""
+        for p, g in zip(self.model.parameters(), grads):
+            if g is not None:
+                p.grad = p.grad.add_(g) if add and p.grad is not None else g
+
     def _stash(self, b: int):
         """With BudgetAdamW, set budget b's gradients (its backward's, just run) apart from the others'."""
         if isinstance(self.opt, BudgetAdamW):
@@ -729,13 +784,13 @@ class ElasticTrainer:
         if not params:
             return torch.zeros(())
         if reduce:
-            self._all_reduce_grads(params)
+            self._all_reduce_grads([p.grad for p in params])
         return parallel.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
-    def _all_reduce_grads(self, params):
-        if self.world == 1:
+    def _all_reduce_grads(self, grads):
+        grads = [g for g in grads if g is not None]
+        if self.world == 1 or not grads:
             return
-        grads = [p.grad for p in params]
         flat = torch.cat([g.reshape(-1).float() for g in grads])
         dist.all_reduce(flat)
         flat /= self.world
@@ -996,7 +1051,7 @@ class ElasticTrainer:
         tensors = [p.detach() for p in self.model.parameters()]
         tensors += [p.detach() for p in self.router.parameters()] if self.router is not None else []
         tensors += [v for s in self.opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
-        local = sum((t.to_local() if parallel.is_dtensor(t) else t).numel() * t.element_size() for t in tensors)
+        local = sum(parallel.local(t).numel() * t.element_size() for t in tensors)
         if self.shard == "fsdp" and self.world > 1:
             total = torch.tensor([local], dtype=torch.float64, device=self.device)
             dist.all_reduce(total)

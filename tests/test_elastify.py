@@ -364,3 +364,24 @@ def test_all_budgets_and_train_on_reach_the_run_and_its_manifest(tmp_path, token
                      "--tokens", "768", "--out", str(tmp_path / "o2"), "--device", "cpu", "--budget-lrs",
                      "1e-4,0,1e-4"]) == 2
     assert "error: learning rates (--budget-lrs) must be positive" in capsys.readouterr().err
+
+
+def test_anchor_projection_reaches_the_run_and_is_refused_without_its_anchor(tmp_path, tokenizer, text, capsys):
+    """`elastify --anchor-projection`: the manifest's config holds it; without the anchor, or beside
+    --budget-lrs, it is a one-line error before anything is written."""
+    from star_elastic import cli, save_pretrained
+
+    torch.manual_seed(0)
+    save_pretrained(Model(PARENTS["llama"]), tmp_path / "parent", tokenizer=tokenizer)
+    common = ["elastify", str(tmp_path / "parent"), "--budgets", "1.0,0.5", "--data", str(text), "--seq-len", "32",
+              "--batch-size", "8", "--calib-batches", "1", "--eval-tokens", "128", "--device", "cpu"]
+    ckpt = tmp_path / "ckpt"
+    assert cli.main(common + ["--tokens", str(8 * 32 * 3), "--out", str(ckpt), "--anchor-projection"]) == 0
+    assert read_manifest(ckpt)["training"]["config"]["anchor_projection"] is True
+    capsys.readouterr()
+    for extra, message in ((["--full-anchor", "0"], "needs --full-anchor > 0"),
+                           (["--budget-lrs", "1e-4,1e-4"], "drop --budget-lrs")):
+        assert cli.main(common + ["--tokens", "768", "--out", str(tmp_path / "o2"), "--anchor-projection"] + extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+        assert not (tmp_path / "o2").exists()

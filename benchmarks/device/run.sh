@@ -14,7 +14,7 @@
 #                               LOAD needs .devcarry/serve_wheels: the server's packages, which the GPU machine lacks)
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|14|16|16c       issue 17's next runs, three side by side a call (S0 may need call 2 again: exit 75)
+#   PLAN17 1|..|15|16|16c       issue 17's next runs, three side by side a call (S0 may need call 2 again: exit 75)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   GATHER [args]               issue 12: the views' MoE decode gather, the candidates side by side (bench_expert_gather)
 #   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled
@@ -144,6 +144,10 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
      bash $0 RUNS B0h "$B --seed 0 --full-anchor 0.5" B1h "$B --seed 1 --full-anchor 0.5" \
        J0ah "$J0 --lr-a 2e-4 --full-anchor 0.5 --all-budgets --state-dir $H/state/J0ah --max-train-seconds 420"
      ratios J0ah:C2 J0ah ;;  # J0ah: every smaller budget a step beside the lighter anchor (exit 75: call again)
+  # 15: does the anchor's gradient conflict with the smaller budgets' at all on SmolLM2 (methods.anchor_cos in the
+  # JSON), and does projecting the conflict away (PCGrad) keep the full model at a smaller cost to the 0.75
+  15) bash $0 RUNS J0p1 "$J0 --lr-a 2e-4 --anchor-projection" J0p2 "$J0 --lr-a 2e-4 --full-anchor 0.5 --anchor-projection"
+     ratios J0p1:C2,J0p2:C2 J0p1 J0p2 ;;
   # T = 16M alone on the GPU with the levers that won at 4M (LEVERS, e.g. "--all-budgets --lr-a 2e-4"): call
   # "16" until it exits 0 (75: resumable, call again; the fifth session's 16M run trained 457 s without the
   # anchor), then "16c", (c) on its architectures at the same rate (8M tokens a budget, ~410 s)
