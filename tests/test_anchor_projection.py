@@ -5,6 +5,8 @@ The twelfth session's runs on an H200 put the 0.75 budget's gap to separate dist
 anchor's pull on the shared weights (docs/RESULTS.md §9): its weight trades the full model against the
 smaller budgets. The projection removes only the part of the pull that undoes their step."""
 
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,9 @@ from star_elastic.optim import project_conflict
 from star_elastic.train import ElasticTrainer
 
 from test_train import make
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_anchor_conflict import main as conflict_main  # noqa: E402
 
 SPECS = [ElasticSpec(), ElasticSpec(intermediate_size=48), ElasticSpec(intermediate_size=32)]
 
@@ -130,3 +135,16 @@ def test_two_ranks_project_as_one_process(tmp_path, shard):
     assert [t for t, _ in got["logs"]] == pytest.approx([l["total"] for l in logs], rel=1e-5)
     for k, v in one.model.state_dict().items():
         assert torch.allclose(got["weights"][k], v, rtol=1e-4, atol=1e-5), k
+
+
+def test_the_conflict_benchmark_writes_each_steps_cosine(elastic_ckpt, tmp_path, capsys):
+    """benchmarks/bench_anchor_conflict.py on a tiny hybrid parent: a line and a JSON entry a step."""
+    ckpt, text = elastic_ckpt
+    out = tmp_path / "conflict.json"
+    conflict_main(["--model", str(ckpt), "--data", str(text), "--ffn", "48,32", "--steps", "3", "--batch-size", "2",
+          "--seq-len", "16", "--device", "cpu", "--json", str(out)])
+    got = json.loads(out.read_text())
+    assert [s["step"] for s in got["steps"]] == [0, 1, 2]
+    assert all(-1.0 <= s["anchor_cos"] <= 1.0 and s["budget"] in ("0.75", "0.5") for s in got["steps"])
+    assert got["steps"][0]["full_kd"] == pytest.approx(0.0, abs=1e-6)  # the student starts as its parent
+    assert "mean cosine" in capsys.readouterr().out
