@@ -30,14 +30,16 @@ def project_conflict(grads: list, against: list, reduce=None) -> torch.Tensor:
     pairs = [(parallel.local(g), parallel.local(o)) for g, o in zip(grads, against) if g is not None and o is not None]
     if not pairs:
         return torch.zeros(())
-    stats = torch.stack([torch.stack([(g.double() * o.double()).sum(), o.double().square().sum(),
-                                      g.double().square().sum()]) for g, o in pairs]).sum(0)
+    # a tensor at a time, with no temporary of its size (an embedding of a 131k vocabulary is 350M numbers)
+    flat = [(g.reshape(-1), o.reshape(-1)) for g, o in pairs]
+    stats = torch.stack([torch.stack([torch.dot(g, o), torch.dot(o, o), torch.dot(g, g)]).double()
+                         for g, o in flat]).sum(0)
     if reduce is not None:
         reduce(stats)
     dot, oo, gg = stats
     coef = (dot / oo.clamp_min(1e-300)).clamp(max=0.0)  # 0 where they agree: nothing removed
     for g, o in pairs:
-        g.sub_(o * coef.to(o.dtype))
+        g.addcmul_(o, -coef.to(g.dtype))
     return dot / (oo * gg).sqrt().clamp_min(1e-300)
 
 
