@@ -30,10 +30,14 @@ setup() {
   tar -C $SE -xJf .devcarry/corpora.tar.xz && rm -rf $H/tok && cp -r .devcarry/tok $H/tok
   nvidia-smi --query-gpu=name,memory.used --format=csv; df -h / | tail -1
 }
-ratios() {  # ratios PAIRS RUN...: like-for-like ratios of this machine's runs against the earlier sessions' (c) runs
+ratios() {  # ratios PAIRS RUN...: like-for-like ratios of this machine's runs against the earlier sessions' (c) runs,
+  # a pair at a time (a pair refused, e.g. a router that chose other architectures, does not hide the others);
+  # recompute them at home from the runs' JSON with compare_elastic.py --json
   local pairs=$1; shift; local files=(); for r in "$@"; do [ -s $H/res/$r.json ] && files+=($H/res/$r.json); done
-  python3 benchmarks/compare_elastic.py docs/results/elastic_session11_h200.json docs/results/elastic_session9_h200.json \
-    "${files[@]}" --pairs $pairs --json $OUT/ratios_$(date +%H%M%S).json 2>&1 | tail -n 30
+  for p in ${pairs//,/ }; do
+    python3 benchmarks/compare_elastic.py docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
+      docs/results/elastic_session9_h200.json "${files[@]}" --pairs $p 2>&1 | tail -n 8
+  done
 }
 join() {
   [ -s $SE/SmolLM2-135M-Instruct.Q4_1.gguf ] && return
