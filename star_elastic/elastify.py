@@ -156,7 +156,9 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
             raise StarElasticError(f"{len(values)} {what} for {len(cfg.budgets)} budgets")
     if cfg.budget_lrs is not None and min(cfg.budget_lrs) <= 0:
         raise StarElasticError(f"learning rates (--budget-lrs) must be positive, got {cfg.budget_lrs}")
-    if cfg.anchor_projection and not (cfg.full_anchor and budgets[0].is_full and len(budgets) > 1):
+    # the anchor needs the full budget and a smaller one to train beside it; without them it has nothing to do
+    anchor = cfg.full_anchor if len(budgets) > 1 and any(b.is_full for b in budgets) else 0.0
+    if cfg.anchor_projection and not anchor:
         raise StarElasticError("--anchor-projection projects the full anchor's gradient: it needs --full-anchor > 0, "
                                "the full budget 1.0 and a smaller one")
     if cfg.anchor_projection and cfg.budget_lrs is not None:
@@ -259,8 +261,6 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
         return [by_name[b.name] for b in budgets]
 
     kd_weights, budget_lrs = trainer_order(cfg.kd_weights), trainer_order(cfg.budget_lrs)
-    # the anchor needs the full budget and a smaller one to train beside it; without them it has nothing to do
-    anchor = cfg.full_anchor if len(budgets) > 1 and any(b.is_full for b in budgets) else 0.0
     if anchor:
         log(f"the full model is distilled on every step too (--full-anchor {anchor:g}); each step draws one "
             "smaller budget")

@@ -20,6 +20,27 @@ def adamw(groups, fused: bool = True, **kw) -> torch.optim.AdamW:
 
 
 @torch.no_grad()
+def take_grads(params, add_to: list | None = None) -> list:
+    """The gradients of `params` (None where one has none), taken off them; added to `add_to`'s when
+    given (accumulation over micro-batches)."""
+    params = list(params)
+    grads = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    if add_to is None:
+        return grads
+    return [a if g is None else g if a is None else a.add_(g) for a, g in zip(add_to, grads)]
+
+
+@torch.no_grad()
+def put_grads(params, grads: list, add: bool = False):
+    """Put `grads` back on `params` (`add`: onto the gradients they hold); None leaves a parameter as it is."""
+    for p, g in zip(params, grads):
+        if g is not None:
+            p.grad = p.grad.add_(g) if add and p.grad is not None else g
+
+
+@torch.no_grad()
 def project_conflict(grads: list, against: list, reduce=None) -> torch.Tensor:
     """PCGrad's projection (Yu et al., 2020), over the whole model: where `grads` and `against` (gradients,
     one per parameter, None where absent) conflict, a negative inner product, `grads` loses its component
@@ -84,20 +105,14 @@ class BudgetAdamW(torch.optim.Optimizer):
     def _per_budget(self) -> list:
         return [p for g in self.param_groups if g["per_budget"] for p in g["params"]]
 
-    @torch.no_grad()
     def stash(self, key: str):
         """Move the per-budget parameters' gradients to `key` (added to what it holds: accumulation)."""
-        params = self._per_budget()
-        held = self.stashed.setdefault(key, [None] * len(params))
-        for i, p in enumerate(params):
-            if p.grad is not None:
-                held[i] = p.grad if held[i] is None else held[i].add_(p.grad)
-                p.grad = None
+        self.stashed[key] = take_grads(self._per_budget(), add_to=self.stashed.get(key))
 
     def unstash(self, key: str):
-        """Put `key`'s gradients back on the per-budget parameters (to be clipped, then `step(key)`)."""
-        for p, g in zip(self._per_budget(), self.stashed.pop(key)):
-            p.grad = g
+        """Put `key`'s gradients back on the per-budget parameters (to be clipped, then `step(key)`); they
+        hold none, every step having cleared them after the previous key's."""
+        put_grads(self._per_budget(), self.stashed.pop(key))
 
     @torch.no_grad()
     def step(self, key: str | None = None, closure=None):

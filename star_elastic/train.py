@@ -48,7 +48,7 @@ from .elastic.router import (Projection, Router, entropy, entropy_floor_loss, fu
 from .elastic.masking import masked
 from .elastic.spec import ElasticSpec
 from .errors import StarElasticError
-from .optim import BudgetAdamW, adamw, project_conflict
+from .optim import BudgetAdamW, adamw, project_conflict, put_grads, take_grads
 from .evaluate import perplexity
 from .model import Model
 
@@ -726,13 +726,13 @@ class ElasticTrainer:
         cfg = self.cfg
         # right after their backward, as _stash does: taken after the anchor's forward, under FSDP2 the
         # root module's gradients (embeddings, final norm, head) were missing from them
-        theirs = self._take_grads() if cfg.anchor_projection else None
+        theirs = take_grads(self.model.parameters()) if cfg.anchor_projection else None
         full_kd = kd_loss(self._head(self.model, x), teacher)
         (cfg.full_anchor * full_kd / cfg.grad_accum).backward()
         self._stash(self.full)
         if theirs is not None:
-            anchor = self._take_grads(add_to=anchor)
-            self._put_grads(theirs)
+            anchor = take_grads(self.model.parameters(), add_to=anchor)
+            put_grads(self.model.parameters(), theirs)
         return full_kd, anchor
 
     def _project_anchor(self, anchor: list, reduce: bool) -> torch.Tensor:
@@ -743,24 +743,8 @@ class ElasticTrainer:
         if reduce:
             self._all_reduce_grads(smaller + anchor)
         cos = project_conflict(anchor, smaller, dist.all_reduce if self.shard == "fsdp" and self.world > 1 else None)
-        self._put_grads(anchor, add=True)
+        put_grads(self.model.parameters(), anchor, add=True)
         return cos
-
-    def _take_grads(self, add_to: list | None = None) -> list:
-        """The model's gradients (None where a parameter has none), taken off it; added to `add_to`'s."""
-        params = list(self.model.parameters())
-        grads = [p.grad for p in params]
-        for p in params:
-            p.grad = None
-        if add_to is None:
-            return grads
-        return [a if g is None else g if a is None else a.add_(g) for a, g in zip(add_to, grads)]
-
-    def _put_grads(self, grads: list, add: bool = False):
-        """Put `grads` back on the model's parameters (`add`: onto what they hold)."""
-        for p, g in zip(self.model.parameters(), grads):
-            if g is not None:
-                p.grad = p.grad.add_(g) if add and p.grad is not None else g
 
     def _stash(self, b: int):
         """With BudgetAdamW, set budget b's gradients (its backward's, just run) apart from the others'."""
