@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--full-anchor", type=float, help="as elastify's (default: the preset's)")
     sp.add_argument("--all-budgets", action="store_true", default=None, help="as elastify's (default: the preset's)")
     sp.add_argument("--budget-lrs", help="as elastify's, in --budgets order (default: one rate, --lr)")
+    sp.add_argument("--router-prior", type=float, default=0.0, help="as elastify's (default 0: off)")
     sp.add_argument("--compile", action="store_true", help="as elastify's (each layer under torch.compile; GPUs)")
     sp.add_argument("--out", default="runs/demo-elastic", help="where the elastic checkpoint goes")
     sp.add_argument("--prompt", help="one question instead of the demo's three")

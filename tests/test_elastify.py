@@ -298,15 +298,18 @@ def test_demo_runs_end_to_end_and_says_what_to_do_next(tmp_path, tokenizer, text
     steps = manifest["training"]["steps_per_budget"]
     assert sum(steps.values()) == manifest["training"]["steps"] == 2
     # other budgets than the preset's: its stage-2 weights (one per preset budget) are not forced on them
-    # and the training levers reach the run: --full-anchor, --all-budgets, --budget-lrs (the CPU preset has none)
+    # and the training levers reach the run: --full-anchor, --all-budgets, --budget-lrs, --router-prior (the CPU
+    # preset has none)
     assert cli.main(["demo", "--data", str(text), "--budgets", "1.0,0.75,0.5", "--tokens", str(8 * 32), "--seq-len",
                      "32", "--calib-batches", "1", "--eval-tokens", "128", "--max-new-tokens", "2", "--out", str(out),
-                     "--device", "cpu", "--full-anchor", "0.5", "--all-budgets", "--budget-lrs", "1e-4,2e-4,3e-4"]) == 0
+                     "--device", "cpu", "--full-anchor", "0.5", "--all-budgets", "--budget-lrs", "1e-4,2e-4,3e-4",
+                     "--router-prior", "0.7"]) == 0
     manifest = read_manifest(out)
     assert [b["name"] for b in manifest["budgets"]] == ["1.0", "0.75", "0.5"]
     assert manifest["training"]["config"]["all_budgets"] is True
     assert manifest["training"]["config"]["full_anchor"] == 0.5
     assert manifest["training"]["config"]["budget_lrs"] == [1e-4, 2e-4, 3e-4]
+    assert manifest["training"]["config"]["router_prior"] == 0.7
 
 
 def test_shard_and_router_flags_reach_the_training_config(tmp_path):

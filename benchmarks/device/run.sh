@@ -14,7 +14,7 @@
 #                               LOAD needs .devcarry/serve_wheels: the server's packages, which the GPU machine lacks)
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|15|16|16c       issue 17's next runs, three side by side a call (S0 may need call 2 again: exit 75)
+#   PLAN17 1|..|17|16|16c       issue 17's next runs, three side by side a call (S0 may need call 2 again: exit 75)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   GATHER [args]               issue 12: the views' MoE decode gather, the candidates side by side (bench_expert_gather)
 #   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled
@@ -35,7 +35,7 @@ ratios() {  # ratios PAIRS RUN...: like-for-like ratios of this machine's runs a
   # recompute them at home from the runs' JSON with compare_elastic.py --json
   local pairs=$1; shift; local files=(); for r in "$@"; do [ -s $H/res/$r.json ] && files+=($H/res/$r.json); done
   for p in ${pairs//,/ }; do
-    python3 benchmarks/compare_elastic.py docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
+    python3 benchmarks/compare_elastic.py docs/results/elastic_session13_h200.json docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
       docs/results/elastic_session9_h200.json "${files[@]}" --pairs $p 2>&1 | tail -n 8
   done
 }
@@ -81,6 +81,7 @@ DECODE) shift; PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_d
 PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bible,wiki-fr --no-minitron --full-anchor 1"
   B=docs/results/elastic_session9_h200.json  # issue 17's next runs (the ninth session's note), three at a time
   J0="$A --seed 0 --variants joint_anchor --minitron-arch $B#E0:elastic_anchor"
+  HB="--part B --tokenizer $H/tok --heldout wiki,shakespeare,bible,wiki-fr --variants elastic_anchor --minitron-arch elastic"
   case "$1" in  # J*: (c)'s architectures without the router, against E0c / E1c in $B
   1) bash $0 RUNS J0 "$J0" J1 "$A --seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor" \
        R0 "$A --seed 0 --variants elastic_anchor --train-on argmax" ;;
@@ -144,14 +145,22 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # 14 (the twelfth session's note): the new default anchor 0.5 on the hybrid (B: (b+) and (c) in one process,
   # against the ninth session's B0 / B1 at anchor 1), then T = 16M on SmolLM2 with it: LEVERS="--full-anchor 0.5"
   # PLAN17 16 until exit 0, then 16c
-  14) B="--part B --tokenizer $H/tok --heldout wiki,shakespeare,bible,wiki-fr --variants elastic_anchor --minitron-arch elastic"
-     bash $0 RUNS B0h "$B --seed 0 --full-anchor 0.5" B1h "$B --seed 1 --full-anchor 0.5" \
+  14) bash $0 RUNS B0h "$HB --seed 0 --full-anchor 0.5" B1h "$HB --seed 1 --full-anchor 0.5" \
        J0ah "$J0 --lr-a 2e-4 --full-anchor 0.5 --all-budgets --state-dir $H/state/J0ah --max-train-seconds 420"
      ratios J0ah:C2 J0ah ;;  # J0ah: every smaller budget a step beside the lighter anchor (exit 75: call again)
   # 15: does the anchor's gradient conflict with the smaller budgets' at all on SmolLM2 (methods.anchor_cos in the
   # JSON), and does projecting the conflict away (PCGrad) keep the full model at a smaller cost to the 0.75
   15) bash $0 RUNS J0p1 "$J0 --lr-a 2e-4 --anchor-projection" J0p2 "$J0 --lr-a 2e-4 --full-anchor 0.5 --anchor-projection"
      ratios J0p1:C2,J0p2:C2 J0p1 J0p2 ;;
+  # 15b (thirteenth session): 15 and 14's hybrid pair in one call, four runs side by side
+  15b) bash $0 RUNS J0p1 "$J0 --lr-a 2e-4 --anchor-projection" J0p2 "$J0 --lr-a 2e-4 --full-anchor 0.5 --anchor-projection" \
+       B0h "$HB --seed 0 --full-anchor 0.5" B1h "$HB --seed 1 --full-anchor 0.5"
+     ratios J0p1:C2,J0p2:C2 J0p1 J0p2 ;;
+  # 17 (thirteenth session's note): anchor 0.5 with stage 2 drawing the 0.75 more often (J0hw; the tenth
+  # session's J0w was this at anchor 1) and with every smaller budget on every step (J0ah, resumable)
+  17) bash $0 RUNS J0hw "$J0 --lr-a 2e-4 --full-anchor 0.5 --stage2-weights 0,0.65,0.35" \
+       J0ah "$J0 --lr-a 2e-4 --full-anchor 0.5 --all-budgets --state-dir $H/state/J0ah --max-train-seconds 420"
+     ratios J0hw:C2,J0ah:C2 J0hw J0ah ;;
   # T = 16M alone on the GPU with the levers that won at 4M (LEVERS, e.g. "--all-budgets --lr-a 2e-4"): call
   # "16" until it exits 0 (75: resumable, call again; the fifth session's 16M run trained 457 s without the
   # anchor), then "16c", (c) on its architectures at the same rate (8M tokens a budget, ~410 s)
