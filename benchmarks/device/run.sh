@@ -14,7 +14,7 @@
 #                               LOAD needs .devcarry/serve_wheels: the server's packages, which the GPU machine lacks)
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|17|16|16c       issue 17's next runs, three side by side a call (S0 may need call 2 again: exit 75)
+#   PLAN17 1|..|17|16j|16|16c   issue 17's next runs, three side by side a call (S0 may need call 2 again: exit 75)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   GATHER [args]               issue 12: the views' MoE decode gather, the candidates side by side (bench_expert_gather)
 #   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled
@@ -161,6 +161,12 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   17) bash $0 RUNS J0hw "$J0 --lr-a 2e-4 --full-anchor 0.5 --stage2-weights 0,0.65,0.35" \
        J0ah "$J0 --lr-a 2e-4 --full-anchor 0.5 --all-budgets --state-dir $H/state/J0ah --max-train-seconds 420"
      ratios J0hw:C2,J0ah:C2 J0hw J0ah ;;
+  # 16j (thirteenth session's note): T = 16M like for like without the router: J16, E0's architectures with
+  # the anchor at 0.5 (resumable: call "16j" again until both are done), beside C16, (c) on the same ones
+  16j) RUN_LIMIT=585 bash $0 RUNS J16 "$J0 --lr-a 2e-4 --full-anchor 0.5 --tokens-a 16777216 \
+        --state-dir $H/state/J16 --max-train-seconds 420" \
+       C16 "${A/--no-minitron/} --seed 0 --variants= --lr-a 2e-4 --tokens-a 16777216 --minitron-arch $B#E0:elastic_anchor"
+     ratios J16:C16 J16 C16 ;;
   # T = 16M alone on the GPU with the levers that won at 4M (LEVERS, e.g. "--all-budgets --lr-a 2e-4"): call
   # "16" until it exits 0 (75: resumable, call again; the fifth session's 16M run trained 457 s without the
   # anchor), then "16c", (c) on its architectures at the same rate (8M tokens a budget, ~410 s)
