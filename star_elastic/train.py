@@ -26,19 +26,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import parallel
+from . import parallel, train_state
 from .data import TokenBatches
 from .elastic.cost import Arch, Budget, CostModel
 from .elastic.losses import (HeadInput, LossWeights, advantage, budget_loss, compiled_kd, drawn_cost,
@@ -809,49 +806,18 @@ class ElasticTrainer:
         return self.out / "train_state"
 
     def save_state(self):
-        """Everything a resumed run needs, written atomically (into a temporary directory, renamed
-        into place when complete). Unsharded: weights and optimiser moments as safetensors, counters
-        and RNG states as JSON, written by rank 0. Sharded (FSDP2): the student's weights and moments
-        go through torch.distributed.checkpoint into `dcp/`, every rank writing only its own shards,
-        so no rank ever holds the whole model; the small replicated pieces (router, its moments,
-        counters, RNG states, config) are written by rank 0 as unsharded. `load_state` reads either
-        under any sharding and world size."""
-        if self.shard == "fsdp":
-            self._save_sharded()
-        else:
-            self._save_gathered()
-        if self.world > 1:  # no rank reads the state before it is complete
-            dist.barrier()
+        """Everything a resumed run needs, written atomically (train_state.py)."""
+        train_state.save(self)
 
-    def _save_gathered(self):
-        keep = self.rank == 0
+    def load_state(self) -> bool:
+        """Resume from `out_dir/train_state` if it exists; True when resumed (train_state.py)."""
+        return train_state.load(self)
 
-        def whole(v):  # every rank gathers a shard (a collective); rank 0 keeps it on the host
-            v = parallel.full_tensor(v.detach())
-            return v.contiguous().cpu() if keep else None
+    def state_bytes(self) -> int:
+        return train_state.size(self)
 
-        weights = parallel.full_state_dict(self.model)  # rank 0 keeps them, on the host; the others get {}
-        if self.model.config.tied:
-            weights.pop("lm_head.weight", None)
-        opt_tensors, opt_meta = {}, {"groups": [], "state": {}}
-        state = self.opt.state_dict()
-        for idx, s in state["state"].items():
-            opt_meta["state"][str(idx)] = {}
-            for k, v in s.items():
-                if torch.is_tensor(v):
-                    opt_tensors[f"{idx}.{k}"] = whole(v)
-                else:
-                    opt_meta["state"][str(idx)][k] = v
-        opt_meta["groups"] = [{k: v for k, v in g.items()} for g in state["param_groups"]]
-        if keep:
-            self._write_state(weights, opt_tensors, opt_meta)
-
-    def _meta(self, optimizer: dict) -> dict:
-        return {"step": self.step, "optimizer": optimizer, "data": self.batches.state_dict(),
-                "sampler": self.sampler.get_state().tolist(), "gumbel": self.gumbel.get_state().tolist(),
-                "config": _jsonable(asdict(self.cfg)), "budgets": [b.name for b in self.budgets],
-                "arch_steps": [[[list(map(list, arch)), steps] for arch, steps in per_budget.items()]
-                               for per_budget in self.arch_steps]}
+    def room_for_state(self) -> bool:
+        return train_state.room_for(self)
 
     def trained_share(self, b: int, choice: dict[str, int]) -> float | None:
         """The share of budget b's router-drawn steps that trained `choice` (e.g. the exported
@@ -860,142 +826,6 @@ class ElasticTrainer:
         distillation). None when the router drew nothing for b (the full budget, fixed architectures)."""
         total = sum(self.arch_steps[b].values())
         return self.arch_steps[b].get(tuple(sorted(choice.items())), 0) / total if total else None
-
-    def _write_state(self, weights: dict, opt_tensors: dict, opt_meta: dict):
-        from .hf import staging
-
-        with staging(self.state_path()) as tmp:
-            save_file(weights, str(tmp / "model.safetensors"))
-            if self.router is not None:
-                save_file({k: v.detach().contiguous().cpu() for k, v in self.router.state_dict().items()},
-                          str(tmp / "router.safetensors"))
-            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-            (tmp / "state.json").write_text(json.dumps(self._meta(opt_meta)))
-
-    def _trained(self) -> torch.nn.Module:
-        """The student and the router as one module: DCP's state-dict helpers name the optimiser's
-        parameters after a module that holds them all, the router's group included."""
-        modules = {"model": self.model} if self.router is None else {"model": self.model, "router": self.router}
-        return torch.nn.ModuleDict(modules)
-
-    def _save_sharded(self):
-        from contextlib import nullcontext
-
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        from .hf import staging
-
-        fresh = not self.opt.state  # before the first step: get_state_dict would fill it by a zero-lr step
-        weights, optim = get_state_dict(self._trained(), self.opt)  # this rank's shards, keyed by name
-        if fresh:  # keep it empty (AdamW's first step counts from 0), and save no moments
-            self.opt.state.clear()
-            optim["state"] = {}
-        model_w, router_w = _by_owner(weights)
-        model_s, router_s = _by_owner(optim["state"])
-        # every rank writes into rank 0's temporary directory; rank 0 renames it once all have written
-        with staging(self.state_path()) if self.rank == 0 else nullcontext() as tmp:
-            name = [str(tmp) if tmp else None]
-            dist.broadcast_object_list(name, src=0)
-            # returns on every rank only once all shards are written (and, on failure, raises on every rank)
-            dcp.save({"model": model_w, "optimizer": model_s}, checkpoint_id=Path(name[0]) / "dcp")
-            if self.rank == 0:
-                if self.router is not None:
-                    save_file({k: v.detach().contiguous().cpu() for k, v in router_w.items()},
-                              str(tmp / "router.safetensors"))
-                tensors, scalars = {}, {}
-                for fqn, s in router_s.items():
-                    scalars[fqn] = {k: v for k, v in s.items() if not torch.is_tensor(v)}
-                    tensors.update({f"{fqn}.{k}": v.detach().contiguous().cpu() for k, v in s.items()
-                                    if torch.is_tensor(v)})
-                save_file(tensors, str(tmp / "router_optimizer.safetensors"))
-                groups = [{k: v for k, v in g.items() if k != "params"} for g in optim["param_groups"]]
-                meta = self._meta({"groups": groups, "state": scalars})
-                meta.update(format="dcp", ranks=self.world)
-                (tmp / "state.json").write_text(json.dumps(meta))
-
-    def load_state(self) -> bool:
-        """Resume from `out_dir/train_state` if it exists; True when resumed. Either format loads
-        under either sharding: a sharded (`dcp/`) state is resharded by DCP to this run's ranks, a
-        gathered one (unsharded runs, and sharded ones before DCP) is copied whole into the shards."""
-        path = self.state_path()
-        if not (path / "state.json").exists():
-            return False
-        meta = json.loads((path / "state.json").read_text())
-        if meta["budgets"] != [b.name for b in self.budgets]:
-            raise StarElasticError(f"{path}: checkpoint was trained for budgets {meta['budgets']}, "
-                                   f"not {[b.name for b in self.budgets]}")
-        if meta.get("format") == "dcp":
-            self._load_sharded(path, meta)
-        else:
-            self._load_gathered(path, meta)
-        self.batches.load_state_dict(meta["data"])
-        self.sampler.set_state(torch.tensor(meta["sampler"], dtype=torch.uint8))
-        self.gumbel.set_state(torch.tensor(meta["gumbel"], dtype=torch.uint8))
-        self.step = meta["step"]
-        self.arch_steps = [{tuple((n, int(k)) for n, k in arch): steps for arch, steps in per_budget}
-                           for per_budget in meta.get("arch_steps", [[] for _ in self.budgets])]
-        return True
-
-    def _load_gathered(self, path: Path, meta: dict):
-        weights = load_file(str(path / "model.safetensors"))
-        if self.model.config.tied:
-            weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
-        parallel.load_full_state_dict(self.model, weights)  # sharded: each rank copies in its own shards
-        if self.router is not None:
-            self.router.load_state_dict(load_file(str(path / "router.safetensors")))
-        tensors = load_file(str(path / "optimizer.safetensors"))
-        params = [p for g in self.opt.param_groups for p in g["params"]]  # the state's indices
-        state = {}
-        for idx, scalars in meta["optimizer"]["state"].items():
-            s = dict(scalars)
-            for k, v in tensors.items():
-                i, _, name = k.partition(".")
-                if i == idx:  # moments placed like their parameter (this rank's shard when sharded)
-                    s[name] = parallel.shard_like(v, params[int(idx)]) if v.dim() > 0 else v  # steps: 0-d
-            state[int(idx)] = s
-        self.opt.load_state_dict({"state": state, "param_groups": meta["optimizer"]["groups"]})
-
-    def _load_sharded(self, path: Path, meta: dict):
-        import warnings
-
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-
-        trained = self._trained()
-        weights, optim = get_state_dict(trained, self.opt)  # placed as this run holds them: DCP reshards into it
-        if len(optim["param_groups"]) != len(meta["optimizer"]["groups"]):
-            raise StarElasticError(f"{path}: the state has {len(meta['optimizer']['groups'])} optimiser groups, "
-                                   f"this run {len(optim['param_groups'])} (a router in one run, not the other)")
-        saved = dcp.FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata
-        model_w, _ = _by_owner(weights)
-        for k, v in model_w.items():
-            have = saved.get(f"model.{k}")
-            if have is None or tuple(have.size) != tuple(v.shape):
-                there = "absent" if have is None else tuple(have.size)
-                raise StarElasticError(f"{path}: the state was written for another model "
-                                       f"({k}: {there} there, {tuple(v.shape)} here)")
-        # moments only of the parameters that had them (one never given a gradient has none, as unsaved)
-        with_state = {k[len("optimizer."):].rpartition(".")[0] for k in saved if k.startswith("optimizer.")}
-        model_s = {k: s for k, s in _by_owner(optim["state"])[0].items() if k in with_state}
-        with warnings.catch_warnings():  # in one process DCP warns that it reads without torch.distributed: meant
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load({"model": model_w, "optimizer": model_s}, checkpoint_id=path / "dcp")
-        if self.router is not None:  # strict, as unsharded
-            self.router.load_state_dict(load_file(str(path / "router.safetensors")))
-        state = {f"model.{k}": s for k, s in model_s.items()}
-        for fqn, scalars in meta["optimizer"]["state"].items():
-            state[f"router.{fqn}"] = dict(scalars)
-        for k, v in load_file(str(path / "router_optimizer.safetensors")).items():
-            fqn, _, name = k.rpartition(".")
-            state[f"router.{fqn}"][name] = v
-        for group, hyper in zip(optim["param_groups"], meta["optimizer"]["groups"]):
-            group.update(hyper)  # the saved hyperparameters; "params" stays this run's names
-        # not strict: the router is loaded above, and a parameter without saved moments starts
-        # without any, as it would have run on
-        set_state_dict(trained, self.opt, model_state_dict={f"model.{k}": v for k, v in model_w.items()},
-                       optim_state_dict={"state": state, "param_groups": optim["param_groups"]},
-                       options=StateDictOptions(strict=False))
 
     # ------------------------------------------------------------------------- the loop
 
@@ -1027,41 +857,6 @@ class ElasticTrainer:
             if stop_after is not None or self.room_for_state():
                 self.save_state()
         return logs
-
-    def state_bytes(self) -> int:
-        """About what `save_state` writes, all ranks together: the student's and the router's weights
-        and their optimiser moments. Sharded, each rank writes its own shards; replicated, rank 0
-        writes what every rank holds."""
-        tensors = [p.detach() for p in self.model.parameters()]
-        tensors += [p.detach() for p in self.router.parameters()] if self.router is not None else []
-        tensors += [v for s in self.opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
-        local = sum(parallel.local(t).numel() * t.element_size() for t in tensors)
-        if self.shard == "fsdp" and self.world > 1:
-            total = torch.tensor([local], dtype=torch.float64, device=self.device)
-            dist.all_reduce(total)
-            return int(total.item())
-        return local
-
-    def room_for_state(self) -> bool:
-        """Whether the disk under `out` holds the final resumable state, on every rank. A 10B parent's is
-        120 GB (fp32 weights and two AdamW moments), more than the disk of a 2-GPU machine left over
-        (first 2-GPU run, 2026-12-01): then the state is skipped with a warning, and the run goes on to
-        evaluate and write its checkpoint; a crash after this point means training again."""
-        need = self.state_bytes()
-        where = self.out
-        while not where.exists():
-            where = where.parent
-        free = shutil.disk_usage(where).free
-        ok = free >= need * 1.05 + 2 ** 30
-        if self.world > 1:
-            flag = torch.tensor([int(ok)], dtype=torch.int32, device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            ok = bool(flag.item())
-        if not ok and self.rank == 0:
-            print(f"star_elastic: not saving the resumable training state: it needs {need / 1e9:.1f} GB and "
-                  f"{where} has {free / 1e9:.1f} GB free; a crash from here on means training again",
-                  file=sys.stderr, flush=True)
-        return ok
 
     def _loop(self, end: int, bar, per_budget: dict, metrics: Path, writer) -> list[dict]:
         logs = []
@@ -1133,16 +928,6 @@ def _keep_root_unsharded(module):
                                "loss (head_input) needs to keep the sharded root whole until the backward: use a "
                                "newer torch, or shard='none'")
     module.set_reshard_after_forward(False, recurse=False)
-
-
-def _by_owner(d: dict) -> tuple[dict, dict]:
-    """A state dict of `_trained()` split into the student's and the router's, without the prefixes."""
-    model = {k[len("model."):]: v for k, v in d.items() if k.startswith("model.")}
-    return model, {k[len("router."):]: v for k, v in d.items() if k.startswith("router.")}
-
-
-def _jsonable(obj):
-    return json.loads(json.dumps(obj, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)))
 
 
 def _tensorboard(out: Path):

@@ -84,7 +84,7 @@ def test_the_final_state_is_skipped_with_a_warning_when_the_disk_cannot_hold_it(
     failed the run after training. Now its size is estimated first (and the estimate is what is written)."""
     import collections
 
-    from star_elastic import train
+    from star_elastic import train_state
 
     t = trainer(tmp_path, "fits", steps=2)
     t.run(progress=False)
@@ -92,7 +92,7 @@ def test_the_final_state_is_skipped_with_a_warning_when_the_disk_cannot_hold_it(
     assert 0.9 * written <= t.state_bytes() <= written  # the tensors; headers and counters aside
 
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: usage(10 ** 12, 10 ** 12, t.state_bytes() // 2))
+    monkeypatch.setattr(train_state.shutil, "disk_usage", lambda path: usage(10 ** 12, 10 ** 12, t.state_bytes() // 2))
     capsys.readouterr()
     t = trainer(tmp_path, "full", steps=2)
     logs = t.run(progress=False)
