@@ -67,7 +67,7 @@ from star_elastic.elastic.cost import CostModel, parse_budget  # noqa: E402
 from star_elastic.elastic.importance import estimate_importance  # noqa: E402
 from star_elastic.elastic.losses import kd_loss  # noqa: E402
 from star_elastic.elastic.router import DEFAULT_AXES, Router, RouterConfig, project_budgets  # noqa: E402
-from star_elastic.elastify import ElastifyConfig  # noqa: E402
+from star_elastic.elastify import ANCHOR_SELF_TOKENS, ElastifyConfig, anchor_text, parse_anchor_data  # noqa: E402
 from star_elastic.elastic.search import applicable_axes, choose_spec, describe, nested_search, search_spec  # noqa: E402
 from star_elastic.errors import StarElasticError  # noqa: E402
 from star_elastic.evaluate import perplexity  # noqa: E402
@@ -140,6 +140,9 @@ def parse_args(argv=None):
     ap.add_argument("--anchor-projection", action="store_true",
                     help="anchored variants: the full anchor's gradient loses its component along the smaller "
                          "budgets' where the two conflict (TrainConfig.anchor_projection)")
+    ap.add_argument("--anchor-data", metavar="self[:TOKENS]",
+                    help="anchored variants: the full anchor distils on text sampled from the parent (elastify "
+                         "--anchor-data self; 1M tokens unless given), not on the step's training batch")
     ap.add_argument("--train-on", choices=["drawn", "argmax"], default="drawn",
                     help="router variants: the model trains the router's draw (the paper's) or its in-band argmax, "
                          "the draw then only scored for the router (TrainConfig.train_on)")
@@ -539,8 +542,13 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
         warm = [None if b.is_full else nested_starts.get(b.name, specs[b.name]) for b in budgets]
         print("  router starts from " + "; ".join(f"{b.name}: {describe(w, cfg)}" for b, w in zip(budgets, warm)
                                                   if w is not None), flush=True)
+    anchor_rows = None
+    if args.anchor_data and variant in ANCHORED:  # sampled again by a resumed call: the same seed, the same rows
+        anchor_rows = anchor_text(parse_anchor_data(args.anchor_data), teacher, None, rows.shape[1],
+                                  tokens_per_step // rows.shape[1], min(ANCHOR_SELF_TOKENS, steps * tokens_per_step),
+                                  seed=args.seed)
     trainer = ElasticTrainer(student, teacher, router, budgets, rows, tcfg, out_dir=state or tmp.name,
-                             fixed_specs=fixed, warm_start=warm)
+                             fixed_specs=fixed, warm_start=warm, anchor_rows=anchor_rows)
     if state is None:
         trainer.save_state = lambda: None  # no resumable state: it would write the weights and AdamW moments
     logs, trajectory, earlier_s = resume(trainer, state)  # all empty unless an earlier call left a state
@@ -602,6 +610,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                         "eval_seconds": round(clock(device) - t, 1), "full_anchor": tcfg.full_anchor,
                         "train_on": tcfg.train_on, "all_budgets": tcfg.all_budgets, "budget_lrs": tcfg.budget_lrs,
                         "anchor_projection": tcfg.anchor_projection, "stage1_fraction": tcfg.stage1_fraction,
+                        "anchor_data": args.anchor_data if anchor_rows is not None else None,
                         "anchor_cos": cosines(logs),
                         "tokens_per_s": round(steps * tokens_per_step / train_s), "peak_gpu_gib": peak,
                         "selection": trainer.selection, "argmax_trajectory": trajectory,
@@ -813,6 +822,9 @@ def main(argv=None):
         return merge(args.merge, args.json)
     if args.max_train_seconds is not None and not args.state_dir:
         raise SystemExit("--max-train-seconds needs --state-dir: a stopped run goes on from its saved state")
+    if args.anchor_data and parse_anchor_data(args.anchor_data)[0] != "self":
+        raise SystemExit(f"--anchor-data {args.anchor_data!r}: the bench samples the anchor's text from the parent: "
+                         "self or self:TOKENS")
     device = common.setup(args.device, args.seed)  # seeds; on a GPU deterministic algorithms (warn-only) and cuBLAS workspace
     if device.type == "cuda":  # deterministic results do not need every new tensor NaN-filled first
         torch.utils.deterministic.fill_uninitialized_memory = False

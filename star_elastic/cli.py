@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--all-budgets", action="store_true",
                     help="every step trains every smaller budget on the same batch (with the anchor: the sandwich "
                          "rule in full; each smaller budget trains on all the tokens, at a pass per budget a step)")
+    sp.add_argument("--anchor-data", metavar="self[:TOKENS]|TEXT",
+                    help="what the full anchor distils on: 'self' samples text from the parent itself (1M tokens, "
+                         "or TOKENS), so that the anchor keeps what the parent knows beyond the training text; or "
+                         "text as --data takes it (its train split); default: each step's training batch")
     sp.add_argument("--anchor-projection", action="store_true",
                     help="where the full anchor's gradient conflicts with the smaller budgets' (a negative inner "
                          "product), drop its component along theirs (PCGrad), so that holding the full model does "
@@ -156,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--all-budgets", action="store_true", default=None, help="as elastify's (default: the preset's)")
     sp.add_argument("--budget-lrs", help="as elastify's, in --budgets order (default: one rate, --lr)")
     sp.add_argument("--router-prior", type=float, default=0.0, help="as elastify's (default 0: off)")
+    sp.add_argument("--anchor-data", help="as elastify's (default: the training batch)")
     sp.add_argument("--compile", action="store_true", help="as elastify's (each layer under torch.compile; GPUs)")
     sp.add_argument("--out", default="runs/demo-elastic", help="where the elastic checkpoint goes")
     sp.add_argument("--prompt", help="one question instead of the demo's three")

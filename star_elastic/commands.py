@@ -182,7 +182,7 @@ def cmd_elastify(args):
                          stage2_seq_len=args.stage2_seq_len, kd_weights=_floats(args.kd_weights, "--kd-weights"),
                          budget_lrs=_floats(args.budget_lrs, "--budget-lrs"),
                          full_anchor=args.full_anchor, all_budgets=args.all_budgets, train_on=args.train_on,
-                         anchor_projection=args.anchor_projection,
+                         anchor_projection=args.anchor_projection, anchor_data=args.anchor_data,
                          drift_data=args.drift_data, router_init=args.router_init,
                          router_estimator=args.router_estimator, router_freeze=args.router_freeze,
                          router_prior=args.router_prior, shard=args.shard,
@@ -254,7 +254,7 @@ def cmd_demo(args):
                          lr=opt["lr"], axes=axes, calib_batches=opt["calib_batches"], eval_tokens=opt["eval_tokens"],
                          stage2_weights=weights, full_anchor=opt["full_anchor"], all_budgets=opt["all_budgets"],
                          budget_lrs=_floats(args.budget_lrs, "--budget-lrs"), router_prior=args.router_prior,
-                         compile="inductor" if args.compile else None)
+                         anchor_data=args.anchor_data, compile="inductor" if args.compile else None)
     result = elastify(model, tokenizer, opt["data"], out, cfg, log=_log)
     print_table(result)
     del model

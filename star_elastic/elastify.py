@@ -27,6 +27,7 @@ from .sharded_load import load_sharded
 from .sharded_sort import load_sorted
 from .errors import StarElasticError
 from .evaluate import perplexity
+from .generate import sample_rows
 from .train import ElasticTrainer, TrainConfig, world
 
 
@@ -62,6 +63,10 @@ class ElastifyConfig:
     # within 1.4% at 2e-4 (§9, tenth and twelfth sessions); lighter still trades the full model away
     full_anchor: float = 0.5
     all_budgets: bool = False  # every step trains every smaller budget too (TrainConfig.all_budgets)
+    # the full anchor's own text: None, the training batch of its step; "self[:TOKENS]", text sampled from the
+    # parent itself (its knowledge beyond the training text, which the anchor is there to keep); else text as
+    # `data` is given (its train split)
+    anchor_data: str | None = None
     anchor_projection: bool = False  # the anchor's gradient off the smaller budgets' where they conflict
     #                                  (TrainConfig.anchor_projection)
     train_on: str = "drawn"  # the model trains the router's draw or its in-band argmax (TrainConfig.train_on)
@@ -74,6 +79,53 @@ class ElastifyConfig:
     multiple: int | None = None  # kept widths are multiples of it (None: aligned for GPUs, spec.aligned_multiple)
     save_dtype: str | None = None  # the checkpoint's weights ("bfloat16", ...); None: as trained (fp32 master)
     compile: str | None = None  # torch.compile backend of each layer for training ("inductor"), undone after
+
+
+# Tokens of text sampled from the parent for the full anchor by default (--anchor-data self): each of its rows
+# comes round every few hundred steps of a GPU-sized run, at a few seconds of sampling on a GPU
+ANCHOR_SELF_TOKENS = 1_048_576
+
+
+def parse_anchor_data(spec: str | None) -> tuple[str, int | None] | None:
+    """--anchor-data as (source, tokens): ("self", N or None) or (text as --data takes it, None); None: none."""
+    if not spec:
+        return None
+    name, colon, count = spec.partition(":")
+    if name.strip() != "self":
+        return spec, None
+    try:
+        tokens = int(count) if colon else None
+    except ValueError:
+        tokens = -1
+    if tokens is not None and tokens <= 0:
+        raise StarElasticError(f"--anchor-data {spec!r}: 'self' or 'self:TOKENS' with TOKENS a positive integer")
+    return "self", tokens
+
+
+def anchor_text(spec: tuple[str, int | None], teacher, tokenizer, row_len: int, step_rows: int, tokens: int,
+                seed: int = 0, heldout_fraction: float = 0.1, log=print) -> torch.Tensor:
+    """The full anchor's own text in rows of `row_len`, at least `step_rows` of them (a step's):
+    parse_anchor_data's `spec`, sampled from the parent (`tokens` of it unless the spec says) on rank 0
+    and sent to the others, so that every rank holds the same rows; or a text's train split."""
+    source, count = spec
+    if source != "self":
+        return pack(load_corpus_tokens(source, tokenizer, heldout_fraction=heldout_fraction, seed=seed)[0], row_len)
+    if parallel.is_sharded(teacher):
+        raise StarElasticError("--anchor-data self samples text from the parent, which is sharded here: give a text "
+                               "instead, or --shard none")
+    rank, ranks = world()
+    n = max(step_rows, (count or tokens) // row_len)
+    device = teacher.lm_head.weight.device
+    t0 = time.perf_counter()
+    rows = torch.zeros(n, row_len, dtype=torch.long, device=device)
+    if rank == 0:
+        rows = sample_rows(teacher, n, row_len, batch_size=128 if device.type == "cuda" else 8, seed=seed,
+                           progress=True).to(device)
+    if ranks > 1:
+        torch.distributed.broadcast(rows, src=0)
+    log(f"anchor text: {n * row_len:,} tokens sampled from the parent ({n} rows of {row_len}) in "
+        f"{time.perf_counter() - t0:.0f} s")
+    return rows.cpu()
 
 
 # Passes over the training text above which the full budget drifts out of domain. Measured on SmolLM2
@@ -163,6 +215,10 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                                "the full budget 1.0 and a smaller one")
     if cfg.anchor_projection and cfg.budget_lrs is not None:
         raise StarElasticError("--anchor-projection works on one AdamW's summed gradient: drop --budget-lrs")
+    anchor_spec = parse_anchor_data(cfg.anchor_data)
+    if anchor_spec and not anchor:
+        raise StarElasticError("--anchor-data is the full anchor's text: it needs --full-anchor > 0, the full budget "
+                               "1.0 and a smaller one")
     train_stream, heldout = load_corpus_tokens(data, tokenizer, heldout_fraction=cfg.heldout_fraction, seed=cfg.seed)
     row_len = max(cfg.seq_len, cfg.stage2_seq_len or 0)
     rows = pack(train_stream, row_len)
@@ -272,8 +328,12 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                        router_prior=cfg.router_prior, shard=cfg.shard, compile=cfg.compile,
                        all_budgets=cfg.all_budgets, train_on=cfg.train_on, budget_lrs=budget_lrs,
                        anchor_projection=cfg.anchor_projection)
+    anchor_rows = None if anchor_spec is None else anchor_text(
+        anchor_spec, teacher, tokenizer, row_len, cfg.batch_size * cfg.seq_len // row_len,
+        min(ANCHOR_SELF_TOKENS, train_tokens), cfg.seed, cfg.heldout_fraction, log)
     trainer = ElasticTrainer(model, teacher, router, budgets, rows, tcfg, out.parent / f".{out.name}.train",
-                             heldout=heldout, warm_start=starts if cfg.router_init == "search" and any(starts) else None)
+                             heldout=heldout, anchor_rows=anchor_rows,
+                             warm_start=starts if cfg.router_init == "search" and any(starts) else None)
     if trainer.load_state():
         log(f"resuming training at step {trainer.step}")
     stage("teacher_and_router")

@@ -138,3 +138,23 @@ def generate(model: Model, input_ids: torch.Tensor, max_new_tokens: int, tempera
             break
         logits = step(token, t + i)
     return torch.cat(out, dim=1)
+
+
+@torch.no_grad()
+def sample_rows(model: Model, rows: int, length: int, batch_size: int = 64, temperature: float = 1.0,
+                seed: int = 0, progress: bool = False) -> torch.Tensor:
+    """(rows, length) token ids sampled from `model` itself, each row from a first token drawn uniformly
+    from the vocabulary, then at `temperature` (LLM-QAT's data-free recipe, Liu et al. 2023): text from
+    the model's own distribution, on whatever it knows, for distilling it where no such text is at hand
+    (`elastify --anchor-data self`). Sampling runs past end-of-text tokens, as packed rows do."""
+    from tqdm.auto import tqdm
+
+    device = model.lm_head.weight.device
+    first = torch.Generator().manual_seed(seed)
+    noise = torch.Generator(device=device).manual_seed(seed + 1)
+    out = []
+    for lo in tqdm(range(0, rows, batch_size), desc="sampling anchor text", unit="batch", disable=not progress):
+        n = min(batch_size, rows - lo)
+        start = torch.randint(model.config.vocab_size, (n, 1), generator=first)
+        out.append(generate(model, start, length - 1, temperature=temperature, generator=noise).cpu())
+    return torch.cat(out) if out else torch.empty(0, length, dtype=torch.long)

@@ -174,7 +174,8 @@ class ElasticTrainer:
 
     def __init__(self, model: Model, teacher: Model, router: Router | None, budgets: list[Budget], rows: torch.Tensor,
                  cfg: TrainConfig, out_dir, heldout: torch.Tensor | None = None, cost: CostModel | None = None,
-                 fixed_specs: list[ElasticSpec] | None = None, warm_start: list[ElasticSpec | None] | None = None):
+                 fixed_specs: list[ElasticSpec] | None = None, warm_start: list[ElasticSpec | None] | None = None,
+                 anchor_rows: torch.Tensor | None = None):
         self.model, self.teacher, self.router, self.budgets, self.cfg = model, teacher, router, budgets, cfg
         self.out = Path(out_dir)
         self.heldout = heldout
@@ -227,6 +228,16 @@ class ElasticTrainer:
                 _keep_root_unsharded(m)
         # every rank draws the same global batches; each keeps its own slice (see module docstring)
         self.batches = TokenBatches(rows[:, :self.row_len], tokens // self.row_len, seed=cfg.seed)
+        # the full anchor's own text (elastify --anchor-data), batches drawn on the steps it runs; None: it
+        # distils on the training batch of its step
+        self.anchor_batches = None
+        if anchor_rows is not None:
+            if not cfg.full_anchor:
+                raise StarElasticError("anchor text is what the full anchor distils on: it needs full_anchor > 0")
+            if anchor_rows.shape[1] < self.row_len or anchor_rows.shape[0] < tokens // self.row_len:
+                raise StarElasticError(f"anchor text of {tuple(anchor_rows.shape)} rows x tokens: a step needs "
+                                       f"{tokens // self.row_len} rows of {self.row_len} tokens")
+            self.anchor_batches = TokenBatches(anchor_rows[:, :self.row_len], tokens // self.row_len, seed=cfg.seed + 3)
         self.sampler = torch.Generator().manual_seed(cfg.seed + 1)  # budgets
         self.gumbel = torch.Generator().manual_seed(cfg.seed + 2)  # router noise
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr, "base_lr": cfg.lr,
@@ -402,9 +413,10 @@ class ElasticTrainer:
         with self._ctx():
             return head_input(model, x)
 
-    def _batch(self, L: int) -> torch.Tensor:
-        """This rank's share of the next global batch, as rows of L tokens."""
-        rows = next(self.batches)
+    def _batch(self, L: int, batches: TokenBatches | None = None) -> torch.Tensor:
+        """This rank's share of the next global batch (of the training text, or of `batches`), as rows of
+        L tokens."""
+        rows = next(batches or self.batches)
         per_rank = rows.shape[0] // self.world
         mine = rows[self.rank * per_rank:(self.rank + 1) * per_rank]
         return mine.reshape(-1, L).to(self.device)
@@ -673,8 +685,13 @@ class ElasticTrainer:
                     total = total + t
                     for k, v in logged.items():
                         add(f"{k}@{self.budgets[j].name}", v)
-                if cfg.full_anchor and not budget.is_full:  # the sandwich rule: the full model on the same batch
-                    full_kd, anchor = self._anchor_pass(x, teacher, anchor)
+                if cfg.full_anchor and not budget.is_full:  # the sandwich rule: the full model on the same batch,
+                    xa, ta = x, teacher                           # or on a batch of its own text
+                    if self.anchor_batches is not None:
+                        xa = self._batch(L, self.anchor_batches)
+                        with torch.no_grad():
+                            ta = self._head(self.teacher, xa)
+                    full_kd, anchor = self._anchor_pass(xa, ta, anchor)
                     add("full_kd", full_kd)
                     total = total + cfg.full_anchor * full_kd
             add("total", total)

@@ -61,7 +61,8 @@ def _save_gathered(t):
 
 
 def _meta(t, optimizer: dict) -> dict:
-    return {"step": t.step, "optimizer": optimizer, "data": t.batches.state_dict(),
+    anchor = {} if t.anchor_batches is None else {"anchor_data": t.anchor_batches.state_dict()}
+    return {"step": t.step, "optimizer": optimizer, "data": t.batches.state_dict(), **anchor,
             "sampler": t.sampler.get_state().tolist(), "gumbel": t.gumbel.get_state().tolist(),
             "config": _jsonable(asdict(t.cfg)), "budgets": [b.name for b in t.budgets],
             "arch_steps": [[[list(map(list, arch)), steps] for arch, steps in per_budget.items()]
@@ -140,6 +141,12 @@ def load(t) -> bool:
     else:
         _load_gathered(t, path, meta)
     t.batches.load_state_dict(meta["data"])
+    if (t.anchor_batches is None) != ("anchor_data" not in meta):
+        had = "with" if "anchor_data" in meta else "without"
+        raise StarElasticError(f"{path}: the state was written by a run {had} anchor text of its own, and this run "
+                               "differs (--anchor-data)")
+    if t.anchor_batches is not None:
+        t.anchor_batches.load_state_dict(meta["anchor_data"])
     t.sampler.set_state(torch.tensor(meta["sampler"], dtype=torch.uint8))
     t.gumbel.set_state(torch.tensor(meta["gumbel"], dtype=torch.uint8))
     t.step = meta["step"]

@@ -298,18 +298,19 @@ def test_demo_runs_end_to_end_and_says_what_to_do_next(tmp_path, tokenizer, text
     steps = manifest["training"]["steps_per_budget"]
     assert sum(steps.values()) == manifest["training"]["steps"] == 2
     # other budgets than the preset's: its stage-2 weights (one per preset budget) are not forced on them
-    # and the training levers reach the run: --full-anchor, --all-budgets, --budget-lrs, --router-prior (the CPU
-    # preset has none)
+    # and the training levers reach the run: --full-anchor, --all-budgets, --budget-lrs, --router-prior,
+    # --anchor-data (the CPU preset has none)
     assert cli.main(["demo", "--data", str(text), "--budgets", "1.0,0.75,0.5", "--tokens", str(8 * 32), "--seq-len",
                      "32", "--calib-batches", "1", "--eval-tokens", "128", "--max-new-tokens", "2", "--out", str(out),
                      "--device", "cpu", "--full-anchor", "0.5", "--all-budgets", "--budget-lrs", "1e-4,2e-4,3e-4",
-                     "--router-prior", "0.7"]) == 0
+                     "--router-prior", "0.7", "--anchor-data", "self:256"]) == 0
     manifest = read_manifest(out)
     assert [b["name"] for b in manifest["budgets"]] == ["1.0", "0.75", "0.5"]
     assert manifest["training"]["config"]["all_budgets"] is True
     assert manifest["training"]["config"]["full_anchor"] == 0.5
     assert manifest["training"]["config"]["budget_lrs"] == [1e-4, 2e-4, 3e-4]
     assert manifest["training"]["config"]["router_prior"] == 0.7
+    assert manifest["training"]["config"]["anchor_data"] == "self:256"
 
 
 def test_shard_and_router_flags_reach_the_training_config(tmp_path):
@@ -385,6 +386,29 @@ def test_anchor_projection_reaches_the_run_and_is_refused_without_its_anchor(tmp
     for extra, message in ((["--full-anchor", "0"], "needs --full-anchor > 0"),
                            (["--budget-lrs", "1e-4,1e-4"], "drop --budget-lrs")):
         assert cli.main(common + ["--tokens", "768", "--out", str(tmp_path / "o2"), "--anchor-projection"] + extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+        assert not (tmp_path / "o2").exists()
+
+def test_anchor_data_reaches_the_run_and_bad_values_are_one_line(tmp_path, tokenizer, text, capsys):
+    """`elastify --anchor-data self:N` samples the anchor's text from the parent (said, and recorded in the
+    manifest); a text works as --data does; without the anchor, or with a malformed count, it is a one-line
+    error before anything is written."""
+    from star_elastic import cli, save_pretrained
+
+    torch.manual_seed(0)
+    save_pretrained(Model(PARENTS["llama"]), tmp_path / "parent", tokenizer=tokenizer)
+    common = ["elastify", str(tmp_path / "parent"), "--budgets", "1.0,0.5", "--data", str(text), "--seq-len", "32",
+              "--batch-size", "8", "--calib-batches", "1", "--eval-tokens", "128", "--device", "cpu",
+              "--tokens", str(8 * 32 * 3)]
+    for i, spec in enumerate(("self:512", str(text))):
+        ckpt = tmp_path / f"ckpt{i}"
+        assert cli.main(common + ["--out", str(ckpt), "--anchor-data", spec]) == 0
+        assert read_manifest(ckpt)["training"]["config"]["anchor_data"] == spec
+    assert "anchor text: 512 tokens sampled from the parent (16 rows of 32)" in capsys.readouterr().out
+    for extra, message in ((["--anchor-data", "self", "--full-anchor", "0"], "needs --full-anchor > 0"),
+                           (["--anchor-data", "self:many"], "TOKENS a positive integer")):
+        assert cli.main(common + ["--out", str(tmp_path / "o2")] + extra) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
         assert not (tmp_path / "o2").exists()

@@ -14,7 +14,7 @@
 #                               LOAD needs .devcarry/serve_wheels: the server's packages, which the GPU machine lacks)
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|17|16j|16|16c   issue 17's next runs, three side by side a call (S0 may need call 2 again: exit 75)
+#   PLAN17 1|..|18|16j|16|16c   issue 17's next runs, three side by side a call (S0 may need call 2 again: exit 75)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   GATHER [args]               issue 12: the views' MoE decode gather, the candidates side by side (bench_expert_gather)
 #   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled
@@ -161,6 +161,12 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   17) bash $0 RUNS J0hw "$J0 --lr-a 2e-4 --full-anchor 0.5 --stage2-weights 0,0.65,0.35" \
        J0ah "$J0 --lr-a 2e-4 --full-anchor 0.5 --all-budgets --state-dir $H/state/J0ah --max-train-seconds 420"
      ratios J0hw:C2,J0ah:C2 J0hw J0ah ;;
+  # 18 (thirteenth session's note): the full anchor on text sampled from the parent (--anchor-data self), at
+  # 2e-4 and at 4e-4, where the training-text anchor let the full model drift +2.0% / +4.2% out of domain:
+  # does the anchor on the parent's own text hold it there, and so let the smaller budgets take (c)'s rates?
+  18) bash $0 RUNS J0d2 "$J0 --lr-a 2e-4 --full-anchor 0.5 --anchor-data self" \
+       J0d4 "$J0 --lr-a 4e-4 --full-anchor 0.5 --anchor-data self" J0d4a "$J0 --lr-a 4e-4 --anchor-data self"
+     ratios J0d2:C2,J0d4:C4,J0d4a:C4 J0d2 J0d4 J0d4a ;;
   # 16j (thirteenth session's note): T = 16M like for like without the router: J16, E0's architectures with
   # the anchor at 0.5 (resumable: call "16j" again until it is done), beside (c) on the same ones, a budget a
   # process (--budgets 1.0,B at T = 8M: the 8M that (c) at 16M gives each budget, so it fits one call),
