@@ -31,8 +31,9 @@ from star_elastic.runtime import DEFAULT_MODEL, load_model_and_tokenizer, pick_d
 from star_elastic.train import ElasticTrainer, TrainConfig  # noqa: E402
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The options of a few joint steps of fixed FFN cuts on SmolLM2 (this benchmark's, bench_anchor_data's)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--data", default="wiki,bible")
     ap.add_argument("--ffn", default="960,832", help="the smaller budgets' FFN widths (budgets 0.75, 0.5)")
@@ -42,8 +43,14 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--full-anchor", type=float, default=0.5)
     ap.add_argument("--device", help="default: cuda when there is one")
-    ap.add_argument("--json", help="write every step's cosine here")
-    args = ap.parse_args(argv)
+    ap.add_argument("--json", help="write every step's figures here")
+    return ap
+
+
+def fixed_cuts(args, **train):
+    """(model, teacher, budgets, rows, specs, TrainConfig, device, tokenizer): SmolLM2 from its own weights, its
+    FFN cut to `--ffn` for the smaller budgets (nothing else cut), stage 2 from the first step with the full
+    budget never drawn (the anchor trains it), `train` overriding the TrainConfig."""
     torch.manual_seed(0)
     device = pick_device(args.device)
     model, tokenizer = load_model_and_tokenizer(args.model, device, None)
@@ -54,9 +61,25 @@ def main(argv=None):
     widths = [int(w) for w in args.ffn.split(",")]
     budgets = [parse_budget(b, model.config) for b in ["1.0"] + ["0.75", "0.5", "0.25"][: len(widths)]]
     specs = [ElasticSpec()] + [ElasticSpec(intermediate_size=w) for w in widths]
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup_steps=1,
-                      full_anchor=args.full_anchor, anchor_projection=True, stage1_fraction=0.0,
-                      stage2_weights=[0.0] + [1.0] * len(widths))
+    cfg = TrainConfig(**{**dict(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                                warmup_steps=1, full_anchor=args.full_anchor, stage1_fraction=0.0,
+                                stage2_weights=[0.0] + [1.0] * len(widths)), **train})
+    return model, teacher, budgets, rows, specs, cfg, device, tokenizer
+
+
+def record(name, args, device, path, **fields):
+    """Write benchmark `name`'s JSON: what produced it (command, machine, date) and `fields`."""
+    out = {"benchmark": name, "date": datetime.date.today().isoformat(),
+           "machine": torch.cuda.get_device_name(device) if device.type == "cuda"
+           else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
+           "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]), "config": vars(args),
+           **fields}
+    Path(path).write_text(json.dumps(out, indent=1))
+
+
+def main(argv=None):
+    args = parser(__doc__).parse_args(argv)
+    model, teacher, budgets, rows, specs, cfg, device, _ = fixed_cuts(args, anchor_projection=True)
     trainer = ElasticTrainer(model, teacher, None, budgets, rows, cfg, Path(tempfile.mkdtemp()), fixed_specs=specs)
     print("step budget  cos(anchor, smaller)  kd(smaller)  kd(full)")
     steps, t0 = [], time.perf_counter()
@@ -69,13 +92,7 @@ def main(argv=None):
     print(f"steps 2+: mean cosine {sum(later) / max(1, len(later)):+.3f}, negative on {sum(c < 0 for c in later)} "
           f"of {len(later)} ({time.perf_counter() - t0:.0f} s)")
     if args.json:
-        out = {"benchmark": "bench_anchor_conflict", "date": datetime.date.today().isoformat(),
-               "machine": torch.cuda.get_device_name(device) if device.type == "cuda"
-               else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
-               "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
-               "config": vars(args), "steps": steps}
-        Path(args.json).write_text(json.dumps(out, indent=1))
-
+        record("bench_anchor_conflict", args, device, args.json, steps=steps)
 
 if __name__ == "__main__":
     main()

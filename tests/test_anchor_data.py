@@ -142,3 +142,29 @@ def test_the_bench_samples_the_anchors_text_and_records_it(tmp_path):
     assert method["anchor_data"] == "self:512" and method["full_anchor"] > 0
     r = subprocess.run(argv + ["--anchor-data", "wiki"], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "self or self:TOKENS" in r.stderr
+
+
+def test_the_drift_benchmark_reports_both_anchors(elastic_ckpt, tmp_path, capsys):
+    """benchmarks/bench_anchor_data.py on a tiny hybrid parent: both arms train from the same start and
+    are scored against it; the anchor on sampled text distils on other batches than the training one."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_anchor_data import main
+
+    ckpt, text = elastic_ckpt
+    out = tmp_path / "drift.json"
+    main(["--model", str(ckpt), "--data", str(text), "--heldout", str(text), "--ffn", "48,32", "--steps", "3",
+          "--batch-size", "2", "--seq-len", "16", "--eval-tokens", "64", "--device", "cpu", "--json", str(out)])
+    got = json.loads(out.read_text())
+    assert set(got["arms"]) == {"training batch", "self"} and got["benchmark"] == "bench_anchor_data"
+    for arm in got["arms"].values():
+        assert set(arm["after"]) == set(got["before"]) == {"full", "0.75"}
+        assert arm["after"]["full"] != got["before"]["full"]  # the full model trained
+    # the smaller budgets' distillation losses: the same batches and start; the first step's, before the
+    # anchors' different gradients have moved anything, equal
+    kd = [arm["kd"] for arm in got["arms"].values()]
+    assert kd[0][0] == pytest.approx(kd[1][0], rel=1e-6) and kd[0] != kd[1]
+    assert "held-out perplexity" in capsys.readouterr().out
