@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from star_elastic.data import load_corpus_tokens, pack  # noqa: E402
+from star_elastic.data import TokenBatches, load_corpus_tokens, pack  # noqa: E402
+from star_elastic.elastic.importance import estimate_importance  # noqa: E402
+from star_elastic.elastic.sort import sort_model  # noqa: E402
 from star_elastic.elastic.cost import parse_budget  # noqa: E402
 from star_elastic.elastic.spec import ElasticSpec  # noqa: E402
 from star_elastic.runtime import DEFAULT_MODEL, load_model_and_tokenizer, pick_device  # noqa: E402
@@ -43,21 +45,28 @@ def parser(doc: str) -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--full-anchor", type=float, default=0.5)
     ap.add_argument("--device", help="default: cuda when there is one")
+    ap.add_argument("--calib-batches", type=int, default=8,
+                    help="batches that rank the units before the cut, as elastify does (0: cut the parent unsorted, "
+                         "as the first run of this benchmark did)")
     ap.add_argument("--json", help="write every step's figures here")
     return ap
 
 
 def fixed_cuts(args, **train):
-    """(model, teacher, budgets, rows, specs, TrainConfig, device, tokenizer): SmolLM2 from its own weights, its
-    FFN cut to `--ffn` for the smaller budgets (nothing else cut), stage 2 from the first step with the full
+    """(model, teacher, budgets, rows, specs, TrainConfig, device, tokenizer): SmolLM2 from its own weights,
+    importance-sorted (`--calib-batches`), its FFN cut to `--ffn` for the smaller budgets (nothing else cut), stage 2 from the first step with the full
     budget never drawn (the anchor trains it), `train` overriding the TrainConfig."""
     torch.manual_seed(0)
     device = pick_device(args.device)
     model, tokenizer = load_model_and_tokenizer(args.model, device, None)
     model.float()
-    teacher = copy.deepcopy(model).eval()
     stream, _ = load_corpus_tokens(args.data, tokenizer, seed=0)
     rows = pack(stream[: 400 * args.seq_len * args.batch_size], args.seq_len)
+    if args.calib_batches:  # the function-preserving sort, so that each cut keeps the most important units
+        calib = TokenBatches(rows, args.batch_size, seed=7)
+        sort_model(model, estimate_importance(model, (b.to(device) for b in calib), num_batches=args.calib_batches,
+                                              progress=False))
+    teacher = copy.deepcopy(model).eval()
     widths = [int(w) for w in args.ffn.split(",")]
     budgets = [parse_budget(b, model.config) for b in ["1.0"] + ["0.75", "0.5", "0.25"][: len(widths)]]
     specs = [ElasticSpec()] + [ElasticSpec(intermediate_size=w) for w in widths]
