@@ -54,8 +54,9 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 def fixed_cuts(args, **train):
     """(model, teacher, budgets, rows, specs, TrainConfig, device, tokenizer): SmolLM2 from its own weights,
-    importance-sorted (`--calib-batches`), its FFN cut to `--ffn` for the smaller budgets (nothing else cut), stage 2 from the first step with the full
-    budget never drawn (the anchor trains it), `train` overriding the TrainConfig."""
+    importance-sorted (`--calib-batches`), its FFN cut to `--ffn` for the smaller budgets (nothing else
+    cut), stage 2 from the first step with the full budget never drawn (the anchor trains it), `train`
+    overriding the TrainConfig."""
     torch.manual_seed(0)
     device = pick_device(args.device)
     model, tokenizer = load_model_and_tokenizer(args.model, device, None)

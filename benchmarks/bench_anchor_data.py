@@ -5,7 +5,7 @@ Two arms from the same start, side by side in one process: joint training of fix
 on the training text, the full anchor distilling the full model either on each step's training batch or
 on a batch of text sampled from the parent before training (`generate.sample_rows`). The smaller budgets
 see the same batches in both. Before and after, held-out perplexity of the full model on the training
-domain and on sources absent from it, and of the first smaller budget on the training domain. A few steps
+domain and on sources absent from it, and of the first smaller budget on the same sources. A few steps
 at a high rate, so that the drift shows on a CPU: a probe of the mechanism, not the GPU runs' quality
 comparison (`bench_elastic.py --anchor-data self`, `benchmarks/device/run.sh PLAN17 18`).
 
@@ -45,8 +45,7 @@ def main(argv=None):
                                      progress=False, device=device)["perplexity"] for name, s in heldouts.items()}
 
     t0 = time.perf_counter()
-    step_rows = args.batch_size
-    sampled = anchor_text(("self", None), teacher, tokenizer, args.seq_len, step_rows,
+    sampled = anchor_text(("self", None), teacher, tokenizer, args.seq_len, args.batch_size,
                           args.steps * args.batch_size * args.seq_len, seed=0)
     sample_s = time.perf_counter() - t0
     before = {"full": score(model, specs[0]), budgets[1].name: score(model, specs[1])}
