@@ -117,10 +117,11 @@ def anchor_text(spec: tuple[str, int | None], teacher, tokenizer, row_len: int, 
     n = max(step_rows, (count or tokens) // row_len)
     device = teacher.lm_head.weight.device
     t0 = time.perf_counter()
-    rows = torch.zeros(n, row_len, dtype=torch.long, device=device)
     if rank == 0:
         rows = sample_rows(teacher, n, row_len, batch_size=128 if device.type == "cuda" else 8, seed=seed,
                            progress=True).to(device)
+    else:  # filled by the broadcast
+        rows = torch.empty(n, row_len, dtype=torch.long, device=device)
     if ranks > 1:
         torch.distributed.broadcast(rows, src=0)
     log(f"anchor text: {n * row_len:,} tokens sampled from the parent ({n} rows of {row_len}) in "

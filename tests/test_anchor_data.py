@@ -168,3 +168,29 @@ def test_the_drift_benchmark_reports_both_anchors(elastic_ckpt, tmp_path, capsys
     kd = [arm["kd"] for arm in got["arms"].values()]
     assert kd[0][0] == pytest.approx(kd[1][0], rel=1e-6) and kd[0] != kd[1]
     assert "held-out perplexity" in capsys.readouterr().out
+
+
+def _sample_on_ranks(rank, world, port, out):
+    from conftest import gloo_group
+    from star_elastic.elastify import anchor_text
+
+    with gloo_group(rank, world, port):
+        torch.manual_seed(rank)  # each rank its own weights: only what rank 0 samples can agree everywhere
+        model = Model(CFG).eval()
+        rows = anchor_text(("self", 96), model, None, 16, 2, 10 ** 6, seed=3, log=lambda *a: None)
+        torch.save(rows, f"{out}.{rank}")
+
+
+def test_sampled_anchor_text_is_rank_zeros_on_every_rank(tmp_path):
+    """Under torchrun rank 0 samples the anchor's text and the others receive it (sampling on a GPU need
+    not repeat bit for bit across ranks, and each rank's batches are slices of the same global rows)."""
+    import torch.multiprocessing as mp
+
+    from conftest import free_port
+
+    out = tmp_path / "rows"
+    mp.spawn(_sample_on_ranks, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    zero, one = torch.load(f"{out}.0", weights_only=True), torch.load(f"{out}.1", weights_only=True)
+    assert zero.shape == (6, 16) and torch.equal(zero, one)  # 96 tokens: 6 rows of 16
+    torch.manual_seed(0)
+    assert torch.equal(zero, sample_rows(Model(CFG).eval(), 6, 16, seed=3))
