@@ -177,17 +177,6 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
        C16a "$C --budgets 1.0,0.75 --lr-a 2e-4" C16b "$C --budgets 1.0,0.5 --lr-a 2e-4" \
        C16qa "$C --budgets 1.0,0.75 --lr-a 4e-4"
      ratios J16:C16a,J16:C16b,J16:C16qa J16 C16a C16b C16qa ;;
-  # 17 (thirteenth session's note): anchor 0.5 with stage 2 drawing the 0.75 more often (J0hw; the tenth
-  # session's J0w was this at anchor 1) and with every smaller budget on every step (J0ah, resumable)
-  17) bash $0 RUNS J0hw "$J0 --lr-a 2e-4 --full-anchor 0.5 --stage2-weights 0,0.65,0.35" \
-       J0ah "$J0 --lr-a 2e-4 --full-anchor 0.5 --all-budgets --state-dir $H/state/J0ah --max-train-seconds 420"
-     ratios J0hw:C2,J0ah:C2 J0hw J0ah ;;
-  # 16j (thirteenth session's note): T = 16M like for like without the router: J16, E0's architectures with
-  # the anchor at 0.5 (resumable: call "16j" again until both are done), beside C16, (c) on the same ones
-  16j) RUN_LIMIT=585 bash $0 RUNS J16 "$J0 --lr-a 2e-4 --full-anchor 0.5 --tokens-a 16777216 \
-        --state-dir $H/state/J16 --max-train-seconds 420" \
-       C16 "${A/--no-minitron/} --seed 0 --variants= --lr-a 2e-4 --tokens-a 16777216 --minitron-arch $B#E0:elastic_anchor"
-     ratios J16:C16 J16 C16 ;;
   # T = 16M alone on the GPU with the levers that won at 4M (LEVERS, e.g. "--all-budgets --lr-a 2e-4"): call
   # "16" until it exits 0 (75: resumable, call again; the fifth session's 16M run trained 457 s without the
   # anchor), then "16c", (c) on its architectures at the same rate (8M tokens a budget, ~410 s)
