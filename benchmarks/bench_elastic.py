@@ -188,8 +188,9 @@ def parse_args(argv=None):
                     help="keep each one-run method's resumable training state under DIR, so that the same command "
                          "run again goes on where a stopped or killed call left it (removed once its rows are in)")
     ap.add_argument("--max-train-seconds", type=float, metavar="S",
-                    help="with --state-dir: stop training after the first tenth of the steps that ends past S "
-                         "seconds of this call, and exit 75 (run the same command again to go on)")
+                    help="with --state-dir: stop training before a tenth of the steps that would end past S "
+                         "seconds of this call (at the pace of the last tenth; at least one tenth a call), and exit "
+                         "75 (run the same command again to go on)")
     ap.add_argument("--compile", action="store_true",
                     help="every training loop, (b) and (c), with its layers under torch.compile (TrainConfig.compile)")
     ap.add_argument("--max-docs", type=int, help="first N documents of each corpus only (quick runs)")
@@ -556,7 +557,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
     t = clock(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    every = max(1, steps // 10)
+    every, last_el = max(1, steps // 10), 0.0
     # trajectory: each smaller budget's argmax architecture after every tenth: when did it settle?
     while trainer.step < steps:  # the package's loop (ElasticTrainer.run), a tenth at a time
         logs += trainer.run(progress=False, stop_after=every)  # with a state dir, saves the state too
@@ -567,7 +568,8 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
         if state is not None:
             common.write_json(state / "bench.json", {"trajectory": trajectory, "seconds": earlier_s + el,
                                                      "step": trainer.step})
-            if args.max_train_seconds is not None and el >= args.max_train_seconds and trainer.step < steps:
+            tenth_s, last_el = el - last_el, el
+            if out_of_time(el, tenth_s, args.max_train_seconds) and trainer.step < steps:
                 print(f"  stopped at step {trainer.step}/{steps} after {el:.0f} s (--max-train-seconds); the same "
                       f"command goes on from here (state in {state})", flush=True)
                 raise SystemExit(RESUME_EXIT)
@@ -637,6 +639,12 @@ def budget_kds(log: dict) -> list[tuple[str, float]]:
     """(budget, distillation loss) of every budget a step trained: the sampled one, and with
     --all-budgets the others (logged as kd@NAME)."""
     return [(log["budget"], log["kd"])] + [(k[3:], v) for k, v in log.items() if k.startswith("kd@")]
+
+
+def out_of_time(elapsed_s: float, last_tenth_s: float, limit_s: float | None) -> bool:
+    """--max-train-seconds: stop before the tenth that would end past the limit at the last tenth's pace, not
+    after it (a tenth can take minutes, and the call must end inside the device's limit)."""
+    return limit_s is not None and elapsed_s + last_tenth_s > limit_s
 
 
 RESUME_EXIT = 75  # EX_TEMPFAIL: stopped by --max-train-seconds, to be run again with the same command

@@ -124,3 +124,13 @@ def test_the_joint_trainer_on_one_budget_alone_is_minitron_distillation(tmp_path
     assert joint["spec"] == alone["spec"] and joint["perplexity"] == alone["perplexity"]
     assert rows[("joint_fixed", "1.0")]["perplexity"] != rows[("parent", "1.0")]["perplexity"]
     assert part["methods"]["joint_fixed"]["stage1_fraction"] == 0.0
+
+
+def test_a_call_stops_before_the_tenth_that_would_overrun_its_limit():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_elastic import out_of_time
+
+    assert out_of_time(300, 100, 350)  # the next tenth would end at 400: stop now, not after it
+    assert not out_of_time(200, 100, 350)
+    assert out_of_time(0.1, 0.1, 0)  # --max-train-seconds 0: one tenth, then stop
+    assert not out_of_time(1e9, 1e9, None)

@@ -35,7 +35,7 @@ ratios() {  # ratios PAIRS RUN...: like-for-like ratios of this machine's runs a
   # recompute them at home from the runs' JSON with compare_elastic.py --json
   local pairs=$1; shift; local files=(); for r in "$@"; do [ -s $H/res/$r.json ] && files+=($H/res/$r.json); done
   for p in ${pairs//,/ }; do
-    python3 benchmarks/compare_elastic.py docs/results/elastic_session13_h200.json docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
+    python3 benchmarks/compare_elastic.py docs/results/elastic_session14_h200.json docs/results/elastic_session13_h200.json docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
       docs/results/elastic_session9_h200.json "${files[@]}" --pairs $p 2>&1 | tail -n 8
   done
 }
@@ -177,6 +177,11 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
        C16a "$C --budgets 1.0,0.75 --lr-a 2e-4" C16b "$C --budgets 1.0,0.5 --lr-a 2e-4" \
        C16qa "$C --budgets 1.0,0.75 --lr-a 4e-4"
      ratios J16:C16a,J16:C16b,J16:C16qa J16 C16a C16b C16qa ;;
+  # 16J (fourteenth session's note): 16j's J16 alone (its (c) rows C16a / C16b / C16qa are in the fourteenth
+  # session's bundle; 16j ran out of device time at step 1836 of 2048): two calls, about 1,020 steps each
+  16J) RUN_LIMIT=585 bash $0 RUNS J16 "$J0 --lr-a 2e-4 --full-anchor 0.5 --tokens-a 16777216 \
+        --state-dir $H/state/J16 --max-train-seconds 430"
+     ratios J16:C16a,J16:C16b,J16:C16qa J16 ;;
   # T = 16M alone on the GPU with the levers that won at 4M (LEVERS, e.g. "--all-budgets --lr-a 2e-4"): call
   # "16" until it exits 0 (75: resumable, call again; the fifth session's 16M run trained 457 s without the
   # anchor), then "16c", (c) on its architectures at the same rate (8M tokens a budget, ~410 s)
