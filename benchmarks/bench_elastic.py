@@ -78,6 +78,7 @@ METHODS = ("zero_shot", "elastic", "minitron")
 VARIANTS = ("elastic", "elastic_small", "elastic_anchor", "joint_fixed", "joint_anchor")
 FIXED = ("joint_fixed", "joint_anchor")  # no router: (c)'s architectures, trained jointly
 ANCHORED = ("elastic_anchor", "joint_anchor")  # the full model distilled on every step
+ANCHOR_ROWS: dict[tuple, torch.Tensor] = {}  # --anchor-data's rows, sampled from the parent once a process
 LABELS = {"parent": "parent", "zero_shot": "(a) zero-shot", "elastic": "(b) elastic", "minitron": "(c) Minitron",
           "elastic_anchor": "(b+) anchored", "elastic_small": "(b*) small-weighted", "joint_fixed": "(b') fixed arch",
           "joint_anchor": "(b'+) fixed, anchored",
@@ -545,9 +546,11 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                                                   if w is not None), flush=True)
     anchor_rows = None
     if args.anchor_data and variant in ANCHORED:  # sampled again by a resumed call: the same seed, the same rows
-        anchor_rows = anchor_text(parse_anchor_data(args.anchor_data), teacher, None, rows.shape[1],
-                                  tokens_per_step // rows.shape[1], min(ANCHOR_SELF_TOKENS, steps * tokens_per_step),
-                                  seed=args.seed)
+        key = (args.anchor_data, rows.shape[1], tokens_per_step, min(ANCHOR_SELF_TOKENS, steps * tokens_per_step))
+        if key not in ANCHOR_ROWS:  # once a process: every anchored variant distils on the same text
+            ANCHOR_ROWS[key] = anchor_text(parse_anchor_data(args.anchor_data), teacher, None, rows.shape[1],
+                                           tokens_per_step // rows.shape[1], key[-1], seed=args.seed)
+        anchor_rows = ANCHOR_ROWS[key]
     trainer = ElasticTrainer(student, teacher, router, budgets, rows, tcfg, out_dir=state or tmp.name,
                              fixed_specs=fixed, warm_start=warm, anchor_rows=anchor_rows)
     if state is None:

@@ -19,7 +19,12 @@ BF16_PEAK = 790e12  # H200 dense bf16 matmul, as measured on the device machines
 HBM_GBS = 4800.0  # H200 HBM3e bandwidth, GB/s: the bound a memory-bound decode step is held against
 
 
-def nano_config(layers: str) -> ModelConfig:
+# Nemotron 3 Nano's 52 layers (its hybrid_override_pattern): 23 Mamba, 23 MoE, 6 attention; with nano_config
+# 31.58B parameters, 3.23B active (issue 14's parent)
+NANO_LAYERS = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
+
+
+def nano_config(layers: str = NANO_LAYERS) -> ModelConfig:
     """Nemotron 3 Nano's widths (hidden 2688, 128 experts top-6, 64 Mamba heads x 64, state 128, 32 / 2
     attention heads x 128, vocabulary 131,072) with the layers `layers` (M Mamba, E MoE, * attention)."""
     return ModelConfig(vocab_size=131072, hidden_size=2688, layer_types=layers, num_attention_heads=32,

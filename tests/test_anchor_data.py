@@ -125,21 +125,24 @@ def test_sampled_rows_come_from_the_model_itself():
 
 
 def test_the_bench_samples_the_anchors_text_and_records_it(tmp_path):
-    """bench_elastic.py --anchor-data self:N (the GPU runs' lever): the anchored run distils its full model on
-    text sampled from the parent, recorded in its method; text other than the parent's is refused."""
+    """bench_elastic.py --anchor-data self:N (the GPU runs' lever): each anchored run distils its full model on
+    text sampled from the parent, once a process whatever the number of anchored variants, recorded in
+    its method; text other than the parent's is refused."""
     import json
     import subprocess
 
     from test_bench_resume import BENCH
 
     out = tmp_path / "b.json"
-    argv = [a if a != "elastic" else "elastic_anchor" for a in BENCH]
+    argv = [a if a != "elastic" else "elastic_anchor,joint_anchor" for a in BENCH if a != "--no-minitron"]
     r = subprocess.run(argv + ["--anchor-data", "self:512", "--json", str(out)], capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "anchor text: 512 tokens sampled from the parent" in r.stdout
-    method = json.loads(out.read_text())["B"]["methods"]["elastic_anchor"]
-    assert method["anchor_data"] == "self:512" and method["full_anchor"] > 0
+    assert r.stdout.count("anchor text: 512 tokens sampled from the parent") == 1
+    methods = json.loads(out.read_text())["B"]["methods"]
+    for name in ("elastic_anchor", "joint_anchor"):
+        assert methods[name]["anchor_data"] == "self:512" and methods[name]["full_anchor"] > 0
+    argv = [a if a != "elastic" else "elastic_anchor" for a in BENCH]
     r = subprocess.run(argv + ["--anchor-data", "wiki"], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "self or self:TOKENS" in r.stderr
 

@@ -134,3 +134,4 @@ def test_a_call_stops_before_the_tenth_that_would_overrun_its_limit():
     assert not out_of_time(200, 100, 350)
     assert out_of_time(0.1, 0.1, 0)  # --max-train-seconds 0: one tenth, then stop
     assert not out_of_time(1e9, 1e9, None)
+
