@@ -182,6 +182,11 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   16J) RUN_LIMIT=585 bash $0 RUNS J16 "$J0 --lr-a 2e-4 --full-anchor 0.5 --tokens-a 16777216 \
         --state-dir $H/state/J16 --max-train-seconds 430"
      ratios J16:C16a,J16:C16b,J16:C16qa J16 ;;
+  # 16Jc: the same with its layers under torch.compile (bench_elastic --compile): one call if compiling the
+  # Llama path doubles the step's speed on the GPU, as "DEMO --compile" is to show first (never run there yet)
+  16Jc) RUN_LIMIT=585 bash $0 RUNS J16c "$J0 --lr-a 2e-4 --full-anchor 0.5 --tokens-a 16777216 --compile \
+        --state-dir $H/state/J16c --max-train-seconds 430"
+     ratios J16c:C16a,J16c:C16b,J16c:C16qa J16c ;;
   # T = 16M alone on the GPU with the levers that won at 4M (LEVERS, e.g. "--all-budgets --lr-a 2e-4"): call
   # "16" until it exits 0 (75: resumable, call again; the fifth session's 16M run trained 457 s without the
   # anchor), then "16c", (c) on its architectures at the same rate (8M tokens a budget, ~410 s)
