@@ -141,6 +141,10 @@ def parse_args(argv=None):
     ap.add_argument("--anchor-projection", action="store_true",
                     help="anchored variants: the full anchor's gradient loses its component along the smaller "
                          "budgets' where the two conflict (TrainConfig.anchor_projection)")
+    ap.add_argument("--full-delta-rank", type=int, default=0, metavar="R",
+                    help="anchored variants: the full budget gets a rank-R delta of its own on every linear layer, "
+                         "which the anchor alone trains, leaving the shared weights to the smaller budgets; the "
+                         "full budget is evaluated merged (TrainConfig.full_delta_rank)")
     ap.add_argument("--anchor-data", metavar="self[:TOKENS]",
                     help="anchored variants: the full anchor distils on text sampled from the parent (elastify "
                          "--anchor-data self; 1M tokens unless given), not on the step's training batch")
@@ -529,6 +533,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                        router_estimator=args.router_estimator, router_freeze_fraction=args.router_freeze,
                        train_on=args.train_on, all_budgets=args.all_budgets,
                        anchor_projection=args.anchor_projection and variant in ANCHORED,
+                       full_delta_rank=args.full_delta_rank if variant in ANCHORED else 0,
                        freeze_select=args.freeze_select,
                        router_prior=args.router_prior if router is not None and args.warm_start else 0.0,
                        stage2_weights=args.small_weights if variant == "elastic_small"
@@ -602,6 +607,9 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
     for i, (b, proj) in enumerate(zip(budgets, projections)):
         spec = final[b.name]
         small = slice_model(student, spec)
+        if b.is_full and trainer.delta is not None:  # the full budget is the shared weights plus its delta
+            without_delta = score(small, heldouts, args)  # what the delta carries: the shared weights alone
+            trainer.delta.merge_into(small)
         ppl = score(small, heldouts, args)
         del small
         kd = [v for lg in tail for name, v in budget_kds(lg) if name == b.name]
@@ -615,6 +623,8 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                         "eval_seconds": round(clock(device) - t, 1), "full_anchor": tcfg.full_anchor,
                         "train_on": tcfg.train_on, "all_budgets": tcfg.all_budgets, "budget_lrs": tcfg.budget_lrs,
                         "anchor_projection": tcfg.anchor_projection, "stage1_fraction": tcfg.stage1_fraction,
+                        "full_delta_rank": tcfg.full_delta_rank or None,
+                        "full_without_delta": without_delta if trainer.delta is not None else None,
                         "anchor_data": args.anchor_data if anchor_rows is not None else None,
                         "anchor_cos": cosines(logs),
                         "tokens_per_s": round(steps * tokens_per_step / train_s), "peak_gpu_gib": peak,

@@ -79,7 +79,7 @@ def compare(runs: dict, pair: str, part: str = "A") -> dict:
            "lr": b_part["training"].get("lr"), "lr_c": c_part["training"].get("lr"),
            "budget_lrs": how.get("budget_lrs"), "full_anchor": how.get("full_anchor"),
            "anchor_projection": bool(how.get("anchor_projection")), "anchor_data": how.get("anchor_data"),
-           "budgets": {}}
+           "full_delta_rank": how.get("full_delta_rank"), "budgets": {}}
     for budget, c in c_rows.items():
         b = b_rows.get(budget)
         if b is None:
@@ -112,7 +112,8 @@ def main(argv=None):
         sources = next(iter(r["budgets"].values()))["vs_c"] if r["budgets"] else {}
         lr = f"{r['lr']:g}" if not r["budget_lrs"] else "per budget " + ",".join(f"{x:g}" for x in r["budget_lrs"])
         anchor = (f", anchor {r['full_anchor']:g}" if r["full_anchor"] else "") + (
-            " projected" if r["anchor_projection"] else "") + (f" on {r['anchor_data']}" if r.get("anchor_data") else "")
+            " projected" if r["anchor_projection"] else "") + (f" on {r['anchor_data']}" if r.get("anchor_data") else "") + (
+            f", full delta rank {r['full_delta_rank']}" if r.get("full_delta_rank") else "")
         print(f"{r['pair']} ({r['method']}, seed {r['seed']}{anchor}, lr {lr} against {r['lr_c']:g}); "
               f"(b)/(c) - 1 in %, {' / '.join(sources)}")
         for budget, v in r["budgets"].items():

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from .elastic.losses import (HeadInput, LossWeights, advantage, budget_loss, com
                              full_choice_loss, head_input, kd_loss, score_function_loss, task_loss)
 from .elastic.router import (Projection, Router, entropy, entropy_floor_loss, full_projection, larger_choice,
                              nested_in_band, project_budgets)
+from .elastic.delta import FullDelta
 from .elastic.masking import masked
 from .elastic.spec import ElasticSpec
 from .errors import StarElasticError
@@ -100,6 +102,9 @@ class TrainConfig:
     #                                  budgets' (a negative inner product over the model), it loses its component
     #                                  along theirs (PCGrad, optim.project_conflict), so the anchor holds the full
     #                                  model only in directions that do not undo the smaller budgets' step
+    full_delta_rank: int = 0  # >0, with the full anchor: the full budget gets a low-rank delta of its own on every
+    #                           linear layer, trained by the anchor alone, which then leaves the shared weights to
+    #                           the smaller budgets (elastic/delta.py; measured by bench_elastic.py, not exported yet)
     budget_lrs: list[float] | None = None  # per-budget model learning rates (budget order): each budget's
     #                                        gradient then has its own AdamW moments and rate (BudgetAdamW), as if
     #                                        distilled alone; None: one AdamW over the summed gradient, at `lr`
@@ -242,6 +247,7 @@ class ElasticTrainer:
         self.gumbel = torch.Generator().manual_seed(cfg.seed + 2)  # router noise
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr, "base_lr": cfg.lr,
                    "weight_decay": cfg.weight_decay}]
+        self.delta = self._full_delta(groups)
         if router is not None:
             groups.append({"params": list(router.parameters()), "lr": cfg.router_lr, "base_lr": cfg.router_lr,
                            "weight_decay": 0.0})
@@ -652,6 +658,27 @@ class ElasticTrainer:
         # "budget" is the budget's name in the step's log
         return total, {("budget_loss" if k == "budget" else k): v for k, v in {**losses, **step_logs}.items()}
 
+    def _full_delta(self, groups: list) -> FullDelta | None:
+        """cfg.full_delta_rank: the full budget's delta (elastic/delta.py), its parameters a group of the
+        optimiser's after the model's (before the router's, whose group is last)."""
+        cfg = self.cfg
+        if not cfg.full_delta_rank:
+            return None
+        why = ("it needs the full anchor (full_anchor > 0)" if not cfg.full_anchor else
+               "not with FSDP sharding (shard='none')" if self.shard == "fsdp" else
+               "not with compiled layers" if cfg.compile else
+               "not with budget_lrs" if cfg.budget_lrs is not None else
+               "not with anchor_projection" if cfg.anchor_projection else None)
+        if why:
+            raise StarElasticError(f"full_delta_rank {cfg.full_delta_rank}: {why}")
+        delta = FullDelta(self.model, cfg.full_delta_rank, seed=cfg.seed + 4)
+        groups.append({"params": list(delta.parameters()), "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": 0.0})
+        return delta
+
+    def _as_full(self):
+        """Where the full budget runs: with its delta (its own parameters read detached), if it has one."""
+        return self.delta.applied(self.model) if self.delta is not None else nullcontext()
+
     def train_step(self) -> dict:
         cfg = self.cfg
         b = self.sample_budget()
@@ -704,8 +731,9 @@ class ElasticTrainer:
             logs["anchor_cos"] = self._project_anchor(anchor, reduce)
             reduce = False  # averaged over the ranks there, or by FSDP
 
-        def clip():
-            return self._clip(self.model.parameters(), cfg.clip, reduce=reduce).detach()
+        def clip():  # the model's gradient and its full delta's (elastic/delta.py), if any, as one
+            params = list(self.model.parameters()) + (list(self.delta.parameters()) if self.delta is not None else [])
+            return self._clip(params, cfg.clip, reduce=reduce).detach()
 
         if isinstance(self.opt, BudgetAdamW):  # each budget's gradient clipped and applied on its own
             for key in list(self.opt.stashed):
@@ -741,7 +769,9 @@ class ElasticTrainer:
         # right after their backward, as _stash does: taken after the anchor's forward, under FSDP2 the
         # root module's gradients (embeddings, final norm, head) were missing from them
         theirs = take_grads(self.model.parameters()) if cfg.anchor_projection else None
-        full_kd = kd_loss(self._head(self.model, x), teacher)
+        with self._as_full():
+            student = self._head(self.model, x)
+        full_kd = kd_loss(student, teacher)
         (cfg.full_anchor * full_kd / cfg.grad_accum).backward()
         self._stash(self.full)
         if theirs is not None:
@@ -811,7 +841,8 @@ class ElasticTrainer:
         for i, budget in enumerate(self.budgets):
             spec = (self.fixed_specs[i] if self.router is None else self._frozen_specs()[i] if self.router_frozen
                     else self.router.spec(i))
-            with masked(self.model, spec.masks(self.model.config, device=self.device)), self._ctx():
+            with (masked(self.model, spec.masks(self.model.config, device=self.device)), self._ctx(),
+                  self._as_full() if budget.is_full else nullcontext()):
                 r = perplexity(self.model, self.heldout, seq_len=self.cfg.seq_len, batch_size=4,
                                max_tokens=self.cfg.eval_tokens, progress=False, device=self.device)
             out[budget.name] = {"perplexity": r["perplexity"], "params": spec.num_parameters(self.model.config)}

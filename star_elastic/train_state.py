@@ -77,6 +77,9 @@ def _write_state(t, weights: dict, opt_tensors: dict, opt_meta: dict):
         if t.router is not None:
             save_file({k: v.detach().contiguous().cpu() for k, v in t.router.state_dict().items()},
                       str(tmp / "router.safetensors"))
+        if t.delta is not None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in t.delta.state_dict().items()},
+                      str(tmp / "full_delta.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps(_meta(t, opt_meta)))
 
@@ -162,6 +165,12 @@ def _load_gathered(t, path: Path, meta: dict):
     parallel.load_full_state_dict(t.model, weights)  # sharded: each rank copies in its own shards
     if t.router is not None:
         t.router.load_state_dict(load_file(str(path / "router.safetensors")))
+    delta = path / "full_delta.safetensors"
+    if (t.delta is None) == delta.exists():
+        raise StarElasticError(f"{path}: the state was written by a run {'with' if delta.exists() else 'without'} a "
+                               "full delta of its own, and this run differs (full_delta_rank)")
+    if t.delta is not None:
+        t.delta.load_state_dict(load_file(str(delta)))
     tensors = load_file(str(path / "optimizer.safetensors"))
     params = [p for g in t.opt.param_groups for p in g["params"]]  # the state's indices
     state = {}

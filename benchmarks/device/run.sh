@@ -167,6 +167,13 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   18) bash $0 RUNS J0d2 "$J0 --lr-a 2e-4 --full-anchor 0.5 --anchor-data self" \
        J0d4 "$J0 --lr-a 4e-4 --full-anchor 0.5 --anchor-data self" J0d4a "$J0 --lr-a 4e-4 --anchor-data self"
      ratios J0d2:C2,J0d4:C4,J0d4a:C4 J0d2 J0d4 J0d4a ;;
+  # 19 (fourteenth session's note): the full budget's own low-rank delta, trained by the anchor alone (the
+  # shared weights left to the smaller budgets, as in the twelfth session's J0n, where the 0.75 equalled (c) in
+  # domain and the 0.5 beat it, but the full model drifted 12-29%): does the delta hold the full model within
+  # 1% of its parent, and at what rank? Against C2 (anchor 1: under AdamW the weight no longer trades anything)
+  # (two side by side: the delta's small matmuls add launches to a host-bound step, three might pass 570 s)
+  19) bash $0 RUNS J0r16 "$J0 --lr-a 2e-4 --full-delta-rank 16" J0r64 "$J0 --lr-a 2e-4 --full-delta-rank 64"
+     ratios J0r16:C2,J0r64:C2 J0r16 J0r64 ;;
   # 16j (thirteenth session's note): T = 16M like for like without the router: J16, E0's architectures with
   # the anchor at 0.5 (resumable: call "16j" again until it is done), beside (c) on the same ones, a budget a
   # process (--budgets 1.0,B at T = 8M: the 8M that (c) at 16M gives each budget, so it fits one call),
@@ -179,13 +186,14 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
      ratios J16:C16a,J16:C16b,J16:C16qa J16 C16a C16b C16qa ;;
   # 16J (fourteenth session's note): 16j's J16 alone (its (c) rows C16a / C16b / C16qa are in the fourteenth
   # session's bundle; 16j ran out of device time at step 1836 of 2048): two calls, about 1,020 steps each
+  # (LEVERS="..." adds flags to J16 / J16c, e.g. "--full-anchor 1 --full-delta-rank 16" if PLAN17 19 wins)
   16J) RUN_LIMIT=585 bash $0 RUNS J16 "$J0 --lr-a 2e-4 --full-anchor 0.5 --tokens-a 16777216 \
-        --state-dir $H/state/J16 --max-train-seconds 430"
+        --state-dir $H/state/J16 --max-train-seconds 430 $LEVERS"
      ratios J16:C16a,J16:C16b,J16:C16qa J16 ;;
   # 16Jc: the same with its layers under torch.compile (bench_elastic --compile): one call if compiling the
   # Llama path doubles the step's speed on the GPU, as "DEMO --compile" is to show first (never run there yet)
   16Jc) RUN_LIMIT=585 bash $0 RUNS J16c "$J0 --lr-a 2e-4 --full-anchor 0.5 --tokens-a 16777216 --compile \
-        --state-dir $H/state/J16c --max-train-seconds 430"
+        --state-dir $H/state/J16c --max-train-seconds 430 $LEVERS"
      ratios J16c:C16a,J16c:C16b,J16c:C16qa J16c ;;
   # T = 16M alone on the GPU with the levers that won at 4M (LEVERS, e.g. "--all-budgets --lr-a 2e-4"): call
   # "16" until it exits 0 (75: resumable, call again; the fifth session's 16M run trained 457 s without the

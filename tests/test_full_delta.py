@@ -1,0 +1,109 @@
+"""The full budget's own low-rank delta (TrainConfig.full_delta_rank, elastic/delta.py).
+
+On a GPU the full anchor's pull on the shared weights was the 0.75 budget's whole gap to distilling it
+alone (docs/RESULTS.md §9): with a delta of its own the anchor trains the delta and nothing the smaller
+budgets use."""
+
+import copy
+
+import pytest
+import torch
+
+from star_elastic.elastic.delta import FullDelta
+from star_elastic.errors import StarElasticError
+from star_elastic.model import Model
+from star_elastic.train import ElasticTrainer
+
+from test_train import CFG, make
+
+# stage 2 from the start, never drawing the full budget: with the anchor or without, the same draws
+SMALLER_ONLY = dict(stage1_fraction=0.0, stage2_weights=[0.0, 1.0, 1.0], clip=1e9, steps=5)
+
+
+def _trainer(tmp_path, name, **kw):
+    model, teacher, router, budgets, rows, cfg, _ = make(**{**SMALLER_ONLY, **kw})
+    for p in model.parameters():  # a student away from its teacher, so that the anchor has work to do
+        p.data.add_(torch.randn_like(p) * 0.02)
+    return ElasticTrainer(model, teacher, router, budgets, rows, cfg, tmp_path / name)
+
+
+def test_the_anchor_trains_the_delta_and_leaves_the_shared_weights_to_the_smaller_budgets(tmp_path):
+    alone = _trainer(tmp_path, "alone", full_anchor=0.0)  # the smaller budgets only
+    alone.run(progress=False)
+    delta = _trainer(tmp_path, "delta", full_anchor=1.0, full_delta_rank=4)
+    logs = delta.run(progress=False)
+    assert all("full_kd" in lg for lg in logs)  # the anchor ran on every step
+    # the model and the router trained exactly as without the anchor: its gradient reached neither
+    for a, b in zip(alone.model.parameters(), delta.model.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(alone.router.parameters(), delta.router.parameters()):
+        assert torch.equal(a, b)
+    assert max(float(p.detach().abs().max()) for p in delta.delta.up.values()) > 0  # and the delta learnt
+    # without a delta the anchor pulls on the shared weights (what the delta is there to stop)
+    plain = _trainer(tmp_path, "plain", full_anchor=1.0)
+    plain.run(progress=False)
+    assert not all(torch.equal(a, b) for a, b in zip(alone.model.parameters(), plain.model.parameters()))
+
+
+def test_the_delta_starts_at_the_parent_and_merges_into_a_plain_full_model(tmp_path):
+    t = _trainer(tmp_path, "t", full_anchor=1.0, full_delta_rank=3)
+    x = torch.randint(0, CFG.vocab_size, (2, 12))
+    with torch.no_grad():
+        before = t.model(x)
+        with t.delta.applied(t.model):
+            assert torch.equal(t.model(x), before)  # B starts at zero: the parent exactly
+    t.run(progress=False)
+    with torch.no_grad():
+        with t.delta.applied(t.model):
+            full = t.model(x)
+        merged = t.delta.merge_into(copy.deepcopy(t.model))(x)
+        assert not torch.allclose(full, t.model(x), atol=1e-4)  # the delta changed the full model
+    torch.testing.assert_close(merged, full, rtol=1e-5, atol=1e-5)
+    # the context put the model's own parameters back: they train again
+    assert all(p.requires_grad and p.grad_fn is None for p in t.model.parameters())
+    with torch.no_grad():
+        assert torch.equal(t.model(x), t.model(x))
+
+
+def test_a_run_with_a_delta_resumes_exactly_and_only_into_a_run_with_one(tmp_path):
+    straight = _trainer(tmp_path, "straight", full_anchor=1.0, full_delta_rank=2)
+    want = straight.run(progress=False)
+    first = _trainer(tmp_path, "resumed", full_anchor=1.0, full_delta_rank=2)
+    first.run(progress=False, stop_after=2)
+    second = _trainer(tmp_path, "resumed", full_anchor=1.0, full_delta_rank=2)
+    assert second.load_state() and second.step == 2
+    rest = second.run(progress=False)
+    assert [lg["total"] for lg in rest] == pytest.approx([lg["total"] for lg in want[2:]], rel=1e-6, abs=1e-7)
+    for key in straight.delta.up:
+        torch.testing.assert_close(second.delta.up[key], straight.delta.up[key], rtol=1e-6, atol=1e-7)
+    with pytest.raises(StarElasticError, match="full delta"):
+        _trainer(tmp_path, "resumed", full_anchor=1.0).load_state()
+
+
+def test_a_delta_is_refused_where_it_cannot_serve(tmp_path):
+    with pytest.raises(StarElasticError, match="needs the full anchor"):
+        _trainer(tmp_path, "a", full_anchor=0.0, full_delta_rank=2)
+    with pytest.raises(StarElasticError, match="budget_lrs"):
+        _trainer(tmp_path, "b", full_anchor=1.0, full_delta_rank=2, budget_lrs=[1e-3, 1e-3, 1e-3])
+    with pytest.raises(ValueError, match="positive rank"):
+        FullDelta(Model(CFG), 0)
+
+
+def test_the_bench_trains_and_scores_the_full_budget_with_its_delta(tmp_path):
+    """bench_elastic.py --full-delta-rank: the anchored run records its rank and scores the full budget
+    merged with its delta, and records the shared weights' own full model beside it."""
+    import json
+    import subprocess
+
+    from test_bench_resume import BENCH
+
+    out = tmp_path / "b.json"
+    argv = [a if a != "elastic" else "elastic_anchor" for a in BENCH]
+    r = subprocess.run(argv + ["--full-anchor", "1", "--full-delta-rank", "2", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    part = json.loads(out.read_text())["B"]
+    assert part["methods"]["elastic_anchor"]["full_delta_rank"] == 2
+    full = {row["method"]: row["perplexity"] for row in part["rows"] if row["budget"] == "1.0"}
+    # scored merged: the shared weights alone (recorded beside it) are another model
+    assert full["elastic_anchor"] != part["methods"]["elastic_anchor"]["full_without_delta"]
