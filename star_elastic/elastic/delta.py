@@ -40,8 +40,9 @@ class FullDelta(nn.Module):
             w = model.get_submodule(name).weight
             out_f, in_f = w.shape
             key = name.replace(".", "/")
-            self.down[key] = nn.Parameter(torch.randn(rank, in_f, generator=g).div_(in_f ** 0.5).to(w.device))
-            self.up[key] = nn.Parameter(torch.zeros(out_f, rank, device=w.device))
+            down = torch.randn(rank, in_f, generator=g).div_(in_f ** 0.5)
+            self.down[key] = nn.Parameter(down.to(w.device, w.dtype))  # the weights' dtype: the trainer's master
+            self.up[key] = nn.Parameter(torch.zeros(out_f, rank, device=w.device, dtype=w.dtype))
 
     def delta(self, name: str) -> torch.Tensor:
         """B A of linear layer `name`, (out, in)."""
