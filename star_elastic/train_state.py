@@ -139,6 +139,10 @@ def load(t) -> bool:
     if meta["budgets"] != [b.name for b in t.budgets]:
         raise StarElasticError(f"{path}: checkpoint was trained for budgets {meta['budgets']}, "
                                f"not {[b.name for b in t.budgets]}")
+    delta = (path / "full_delta.safetensors").exists()
+    if (t.delta is None) == delta:  # either format: a sharded run ignoring a delta would resume without it
+        raise StarElasticError(f"{path}: the state was written by a run {'with' if delta else 'without'} a full delta "
+                               "of its own, and this run differs (full_delta_rank)")
     if meta.get("format") == "dcp":
         _load_sharded(t, path, meta)
     else:
@@ -165,12 +169,8 @@ def _load_gathered(t, path: Path, meta: dict):
     parallel.load_full_state_dict(t.model, weights)  # sharded: each rank copies in its own shards
     if t.router is not None:
         t.router.load_state_dict(load_file(str(path / "router.safetensors")))
-    delta = path / "full_delta.safetensors"
-    if (t.delta is None) == delta.exists():
-        raise StarElasticError(f"{path}: the state was written by a run {'with' if delta.exists() else 'without'} a "
-                               "full delta of its own, and this run differs (full_delta_rank)")
-    if t.delta is not None:
-        t.delta.load_state_dict(load_file(str(delta)))
+    if t.delta is not None:  # load() checked that the state has one
+        t.delta.load_state_dict(load_file(str(path / "full_delta.safetensors")))
     tensors = load_file(str(path / "optimizer.safetensors"))
     params = [p for g in t.opt.param_groups for p in g["params"]]  # the state's indices
     state = {}

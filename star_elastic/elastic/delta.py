@@ -33,7 +33,6 @@ class FullDelta(nn.Module):
         if rank < 1:
             raise ValueError(f"full delta rank {rank}: give a positive rank")
         g = torch.Generator().manual_seed(seed)
-        self.rank = rank
         self.names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
         self.down, self.up = nn.ParameterDict(), nn.ParameterDict()
         for name in self.names:
