@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
-import platform
 import sys
 import tempfile
 import time
@@ -23,7 +21,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
 from star_elastic.data import TokenBatches, load_corpus_tokens, pack  # noqa: E402
 from star_elastic.elastic.importance import estimate_importance  # noqa: E402
 from star_elastic.elastic.sort import sort_model  # noqa: E402
@@ -79,12 +79,10 @@ def fixed_cuts(args, **train):
 
 def record(name, args, device, path, **fields):
     """Write benchmark `name`'s JSON: what produced it (command, machine, date) and `fields`."""
-    out = {"benchmark": name, "date": datetime.date.today().isoformat(),
-           "machine": torch.cuda.get_device_name(device) if device.type == "cuda"
-           else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
-           "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]), "config": vars(args),
-           **fields}
-    Path(path).write_text(json.dumps(out, indent=1))
+    common.write_json(path, {"benchmark": name, "date": datetime.date.today().isoformat(),
+                             "machine": common.machine(device),
+                             "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+                             "config": vars(args), **fields}, indent=1)
 
 
 def main(argv=None):
