@@ -14,8 +14,10 @@ from torch._dynamo.utils import counters
 
 from conftest import free_port, gloo_group
 from star_elastic import parallel
+from star_elastic.elastic.masking import masked
 from star_elastic.errors import StarElasticError
 from star_elastic.train import compile_layers
+from test_elastic import LLAMA, NEMOTRON, ids, parent
 from test_train import trainer
 
 
@@ -83,6 +85,34 @@ def test_compile_layers_keeps_parameter_names_and_can_be_undone(tmp_path):
     assert not counters["stats"]["unique_graphs"]  # plain forward again
     with pytest.raises(StarElasticError, match="unknown torch.compile backend 'indcutor'"):
         trainer(tmp_path, "typo", steps=2, compile="indcutor")  # one line before any step, not deep in dynamo
+
+
+def _one_at_a_time(cfg):
+    """Mask sets of one kind each, in an order where each follows one the graphs were not traced under."""
+    shapes = {"*": ("attn_heads", cfg.num_attention_heads), "-": ("ffn", cfg.intermediate_size),
+              "E": ("experts", cfg.n_routed_experts), "M": ("mamba_heads", cfg.mamba_num_heads)}
+    by_axis = {}
+    for i, kind in enumerate(cfg.layer_types):
+        axis, n = shapes[kind]
+        keep = torch.arange(n) % (n // cfg.n_groups if axis == "mamba_heads" else n) < n // 2 + 1  # in every group
+        by_axis.setdefault(axis, {})[f"layers.{i}.{axis}"] = keep.float()
+    hidden = {"hidden": (torch.arange(cfg.hidden_size) < cfg.hidden_size - 4).float()}
+    return [{}, *by_axis.values(), {"layers.1": torch.tensor(0.5)}, {"layers.1": torch.tensor(0.0)}, hidden,
+            {**hidden, **by_axis["attn_heads"]}, by_axis["attn_heads"], {}]
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, NEMOTRON], ids=["llama", "nemotron"])
+def test_a_compiled_layer_runs_every_mask_it_is_given_whichever_ran_first(cfg):
+    """torch.compile does not guard on a module's hooks: masks applied by hooks ran the graph traced
+    without them (the sixteenth session's compiled 0.75 budget, an FFN-only cut, trained as the full
+    model). Masks are class swaps, on which it guards."""
+    eager = parent(cfg)
+    compiled = compile_layers(parent(cfg), "eager")
+    x = ids()
+    for masks in _one_at_a_time(cfg):
+        with torch.no_grad(), masked(eager, masks), masked(compiled, masks):
+            torch.testing.assert_close(compiled(x), eager(x), msg=lambda m: f"{sorted(masks)}: {m}")
+    assert counters["stats"]["unique_graphs"] > 0
 
 
 def _sharded_worker(rank, world, port, out, backend):

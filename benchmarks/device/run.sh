@@ -174,6 +174,12 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # (two side by side: the delta's small matmuls add launches to a host-bound step, three might pass 570 s)
   19) bash $0 RUNS J0r16 "$J0 --lr-a 2e-4 --full-delta-rank 16" J0r64 "$J0 --lr-a 2e-4 --full-delta-rank 64"
      ratios J0r16:C2,J0r64:C2 J0r16 J0r64 ;;
+  # 20 (fifteenth session): the delta held the 0.75 at (c) and the 0.5 ahead (19: J0r16 / J0r64), the full model
+  # in domain, but not out of it (+4.9% / +3.7% Shakespeare, anchored on the training text); the anchor on text
+  # sampled from the parent held French Wikipedia in the fourteenth session (J0d2): the two together, rank 64,
+  # alone (the last ~430 s of a session's device time)
+  20) bash $0 RUNS J0dr64 "$J0 --lr-a 2e-4 --full-delta-rank 64 --anchor-data self"
+     ratios J0dr64:C2 J0dr64 ;;
   # 16j (thirteenth session's note): T = 16M like for like without the router: J16, E0's architectures with
   # the anchor at 0.5 (resumable: call "16j" again until it is done), beside (c) on the same ones, a budget a
   # process (--budgets 1.0,B at T = 8M: the 8M that (c) at 16M gives each budget, so it fits one call),

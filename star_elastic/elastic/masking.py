@@ -12,17 +12,19 @@ keep all; `mask_shapes` lists them for a model):
                                 expert_ffn (same neurons in every expert), shared_ffn
 `ElasticSpec.masks` builds hard ones; the router (router.py) hard or soft ones.
 
-Each mask acts where slicing cuts (the boundaries importance.py reads), by a hook where multiplying
-an input or an output is exactly what it does, else by a module swap: the module's class is
-replaced in place by a subclass overriding one small method of the plain module (the whole, short
-forward of Mamba's gated norm), and put back on exit. Swapping the class, not the module, keeps every parameter where it is, so optimisers, FSDP's
-shards (parallel.py) and other hooks see the same modules.
-  hidden          a hook scales the embeddings' output and every residual update (with depth);
-                  every RMSNorm becomes `MaskedRMSNorm` (mean of squares over the kept channels)
-  layers.{i}      a hook scales the layer's residual updates; a hard 0 (no gradient) replaces the
-                  layer's forward by the identity
-  attn_heads      a pre-hook scales each query head's channels at o_proj's input
-  ffn, shared_ffn a pre-hook scales the neurons at down_proj's input
+Each mask acts where slicing cuts (the boundaries importance.py reads), by a module swap: the
+module's class is replaced in place by a subclass that overrides one small method of the plain
+module (the whole, short forward of Mamba's gated norm), or that multiplies its input or output
+(`_ScaledInput`, `_ScaledOutput` mixed into whatever class the module has), and put back on exit.
+Swapping the class, not the module, keeps every parameter where it is, so optimisers, FSDP's shards
+(parallel.py) and hooks see the same modules. Not hooks: torch.compile does not guard on a module's
+hooks, so a layer compiled unmasked would go on running unmasked under a hook; it guards on classes.
+  hidden          the embeddings' output and every residual update scaled (with depth); every
+                  RMSNorm becomes `MaskedRMSNorm` (mean of squares over the kept channels)
+  layers.{i}      the layer's residual updates (its mixers' outputs) scaled; a hard 0 (no gradient)
+                  makes the layer the identity
+  attn_heads      each query head's channels scaled at o_proj's input
+  ffn, shared_ffn the neurons scaled at down_proj's input
   mamba_heads,    the gated norm becomes `MaskedGatedRMSNorm`: dropped heads / channels zeroed, each
   mamba_channels  group normalised over its kept channels (heads and channels are independent
                   SSMs up to there)
@@ -35,6 +37,7 @@ Masks index the plain model's units: a model in serving order (serve/order.py) r
 
 from __future__ import annotations
 
+import functools
 import weakref
 from contextlib import contextmanager
 
@@ -106,27 +109,45 @@ class MaskedExperts(Experts):
 
 PLAIN = (RMSNorm, GatedRMSNorm, Attention, Mamba2, MLP, TopkRouter, Experts, MoE)
 
-# ----------------------------------------------------------------------------- hooks
+# ----------------------------------------------------------------------------- mixed-in scalings
 
 
-def _identity(x, *args, **kwargs):
-    return x
+class _ScaledInput:
+    """Mixed into a projection's class (o_proj, down_proj): each of its input's units (`size`
+    channels each) times `mask`, so the dropped heads or neurons contribute nothing."""
+
+    mask: torch.Tensor
+    size: int
+
+    def forward(self, x, *args, **kwargs):
+        m = self.mask.to(x.dtype)
+        x = x * m if self.size == 1 else (x.unflatten(-1, (-1, self.size)) * m[:, None]).flatten(-2)
+        return super().forward(x, *args, **kwargs)
 
 
-def _scale_output(weight: torch.Tensor):
-    """A forward hook: the module's output times `weight` (per hidden channel, or a scalar)."""
-    def hook(module, args, out):
-        return out * weight.to(out.dtype)
-    return hook
+class _ScaledOutput:
+    """Mixed into the embeddings' or a mixer's class: the output times `scale` (per hidden channel,
+    or a scalar)."""
+
+    scale: torch.Tensor
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        return out * self.scale.to(out.dtype)
 
 
-def _scale_input(mask: torch.Tensor, size: int = 1):
-    """A forward pre-hook: each of the input's units (`size` channels each) times its mask."""
-    def hook(module, args):
-        x, m = args[0], mask.to(args[0].dtype)
-        x = x * m if size == 1 else (x.unflatten(-1, (-1, size)) * m[:, None]).flatten(-2)
-        return (x, *args[1:])
-    return hook
+class _Dropped:
+    """Mixed into a layer's class: the identity, no compute at all (a hard-dropped layer)."""
+
+    def forward(self, x, *args, **kwargs):
+        return x
+
+
+@functools.cache
+def _mixed(mixin: type, cls: type) -> type:
+    """`cls` with `mixin`'s forward in front, one class per pair (torch.compile guards on a module's
+    class: the same class every step means the same graph)."""
+    return type(mixin.__name__.strip("_") + cls.__name__, (mixin, cls), {})
 
 
 def _mixers(layer: nn.Module) -> dict[str, nn.Module]:
@@ -185,13 +206,11 @@ def _check(model: Model, masks: dict[str, torch.Tensor]):
 
 
 class _Masking:
-    """The masks applied to one model: hook handles, swapped classes and identity layers, to undo."""
+    """The masks applied to one model: the modules whose class was swapped, to put back."""
 
     def __init__(self, model: Model, masks: dict[str, torch.Tensor]):
         self.model, self.masks = model, masks
-        self.handles: list = []
         self.swaps: list[tuple[nn.Module, type, list[str]]] = []
-        self.identities: list[nn.Module] = []
         try:
             self._apply()
         except BaseException:
@@ -205,33 +224,35 @@ class _Masking:
         module.__class__ = cls
         vars(module).update(attrs)
 
+    def _mix(self, module: nn.Module, mixin: type, **attrs):
+        self._swap(module, _mixed(mixin, type(module)), **attrs)
+
     def _apply(self):
         masks, model = self.masks, self.model
         hidden = masks.get("hidden")
         if hidden is not None:
-            self.handles.append(model.embed.register_forward_hook(_scale_output(hidden)))
+            self._mix(model.embed, _ScaledOutput, scale=hidden)
             for module in model.modules():
                 if isinstance(module, RMSNorm):
                     self._swap(module, MaskedRMSNorm, mask=hidden)
         for i, layer in enumerate(model.model.layers):
             depth = masks.get(f"layers.{i}")
             if depth is not None and not depth.requires_grad and bool(depth == 0):
-                vars(layer)["forward"] = _identity  # a hard-dropped layer: no compute at all
-                self.identities.append(layer)
+                self._mix(layer, _Dropped)
                 continue
             if depth is not None or hidden is not None:  # the weight of the layer's residual updates
                 weight = hidden if depth is None else depth if hidden is None else depth * hidden
                 for mixer in _mixers(layer).values():
-                    self.handles.append(mixer.register_forward_hook(_scale_output(weight)))
+                    self._mix(mixer, _ScaledOutput, scale=weight)
         for key, (module, _) in _targets(model).items():
             m = masks.get(key)
             if m is None:
                 continue
             axis = key.rsplit(".", 1)[1]
             if axis == "attn_heads":
-                self.handles.append(module.o_proj.register_forward_pre_hook(_scale_input(m, module.head_dim)))
+                self._mix(module.o_proj, _ScaledInput, mask=m, size=module.head_dim)
             elif axis in ("ffn", "shared_ffn"):
-                self.handles.append(module.down_proj.register_forward_pre_hook(_scale_input(m)))
+                self._mix(module.down_proj, _ScaledInput, mask=m, size=1)
             elif axis == "experts":
                 self._swap(module.gate, MaskedTopkRouter, mask=m)
             elif axis == "expert_ffn":
@@ -243,15 +264,11 @@ class _Masking:
                 vars(module.norm)["head_mask" if axis == "mamba_heads" else "channel_mask"] = m
 
     def remove(self):
-        for handle in self.handles:
-            handle.remove()
         for module, plain, attrs in reversed(self.swaps):
             module.__class__ = plain
             for name in attrs:
                 vars(module).pop(name, None)
-        for layer in self.identities:
-            vars(layer).pop("forward", None)
-        self.handles, self.swaps, self.identities = [], [], []
+        self.swaps = []
 
 
 _ACTIVE: "weakref.WeakKeyDictionary[Model, _Masking]" = weakref.WeakKeyDictionary()
