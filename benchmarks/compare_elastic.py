@@ -8,7 +8,8 @@ Each file is a bench_elastic.py result (its stem names its one run) or a bundle 
 (docs/results/elastic_session*_h200.json). A pair "B:C" compares the trained rows of run B (the first
 one-run method in it, or B@METHOD) with the Minitron rows of run C, budget by budget. Both runs must
 have the same seed (it draws the held-out text) and each compared budget the same architecture;
-otherwise the pair is refused in one line. This is what the ratio tables of docs/RESULTS.md §9 are
+otherwise the pair is refused in one line. A run that its bundle marks "invalid" (the reason) is
+printed with the reason. This is what the ratio tables of docs/RESULTS.md §9 are
 computed with."""
 
 from __future__ import annotations
@@ -79,7 +80,10 @@ def compare(runs: dict, pair: str, part: str = "A") -> dict:
            "lr": b_part["training"].get("lr"), "lr_c": c_part["training"].get("lr"),
            "budget_lrs": how.get("budget_lrs"), "full_anchor": how.get("full_anchor"),
            "anchor_projection": bool(how.get("anchor_projection")), "anchor_data": how.get("anchor_data"),
-           "full_delta_rank": how.get("full_delta_rank"), "budgets": {}}
+           "full_delta_rank": how.get("full_delta_rank"), "budgets": {},
+           # a bundle marks a run whose rows must not be read as a result ("invalid": why), e.g. one that a
+           # bug found later trained as something else; the ratios are still printed, under the warning
+           "invalid": {n: r["invalid"] for n, r in ((b_name, b_run), (c_name, c_run)) if r.get("invalid")}}
     for budget, c in c_rows.items():
         b = b_rows.get(budget)
         if b is None:
@@ -116,6 +120,8 @@ def main(argv=None):
             f", full delta rank {r['full_delta_rank']}" if r.get("full_delta_rank") else "")
         print(f"{r['pair']} ({r['method']}, seed {r['seed']}{anchor}, lr {lr} against {r['lr_c']:g}); "
               f"(b)/(c) - 1 in %, {' / '.join(sources)}")
+        for name, why in r["invalid"].items():
+            print(f"  INVALID run {name}: {why}")
         for budget, v in r["budgets"].items():
             print(f"  {budget:>5} [{100 * v['param_fraction']:.1f}%] {fmt(v['vs_c'])}   {v['architecture']}")
         if "full_vs_parent" in r:

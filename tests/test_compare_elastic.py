@@ -49,3 +49,15 @@ def test_pairs_that_do_not_compare_are_refused_in_one_line(tmp_path, pair, messa
             "D": _run(0, "minitron", {"0.75": {"wiki": 1.0}}, spec={"0.75": {"ffn": 8}})}
     with pytest.raises(SystemExit, match=message):
         compare(runs, pair)
+
+
+def test_a_run_marked_invalid_is_printed_with_its_reason(tmp_path, capsys):
+    bad = _run(0, "joint_anchor", {"0.75": {"wiki": 12.6}})
+    bad["invalid"] = "its 0.75 trained as the full model"
+    bundle = tmp_path / "bundle.json"
+    bundle.write_text(json.dumps({"runs": {"J": bad, "C": _run(0, "minitron", {"0.75": {"wiki": 12.0}})}}))
+    main([str(bundle), "--pairs", "J:C", "--json", str(tmp_path / "out.json")])
+    assert "INVALID run J: its 0.75 trained as the full model" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out.json").read_text())["pairs"][0]["invalid"] == {"J": bad["invalid"]}
+    assert compare({"J": _run(0, "joint_anchor", {"0.75": {"wiki": 1.0}}),
+                    "C": _run(0, "minitron", {"0.75": {"wiki": 1.0}})}, "J:C")["invalid"] == {}

@@ -35,7 +35,7 @@ ratios() {  # ratios PAIRS RUN...: like-for-like ratios of this machine's runs a
   # recompute them at home from the runs' JSON with compare_elastic.py --json
   local pairs=$1; shift; local files=(); for r in "$@"; do [ -s $H/res/$r.json ] && files+=($H/res/$r.json); done
   for p in ${pairs//,/ }; do
-    python3 benchmarks/compare_elastic.py docs/results/elastic_session14_h200.json docs/results/elastic_session13_h200.json docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
+    python3 benchmarks/compare_elastic.py docs/results/elastic_session15_h200.json docs/results/elastic_session14_h200.json docs/results/elastic_session13_h200.json docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
       docs/results/elastic_session9_h200.json "${files[@]}" --pairs $p 2>&1 | tail -n 8
   done
 }
@@ -196,11 +196,12 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   16J) RUN_LIMIT=585 bash $0 RUNS J16 "$J0 --lr-a 2e-4 --full-anchor 0.5 --tokens-a 16777216 \
         --state-dir $H/state/J16 --max-train-seconds 430 $LEVERS"
      ratios J16:C16a,J16:C16b,J16:C16qa J16 ;;
-  # 16Jc: the same with its layers under torch.compile (bench_elastic --compile): one call if compiling the
-  # Llama path doubles the step's speed on the GPU, as "DEMO --compile" is to show first (never run there yet)
-  16Jc) RUN_LIMIT=585 bash $0 RUNS J16c "$J0 --lr-a 2e-4 --full-anchor 0.5 --tokens-a 16777216 --compile \
-        --state-dir $H/state/J16c --max-train-seconds 430 $LEVERS"
-     ratios J16c:C16a,J16c:C16b,J16c:C16qa J16c ;;
+  # 16Jc: the same with its layers under torch.compile (bench_elastic --compile), two calls (~28,000 tokens/s
+  # alone: 600 s of training). The fifteenth session's J16c ran it before the masking fix of 8655a79 (its 0.75,
+  # an FFN-only cut applied by hooks, trained as the full model under compiled layers): J16cf is the rerun
+  16Jc) RUN_LIMIT=585 bash $0 RUNS J16cf "$J0 --lr-a 2e-4 --full-anchor 0.5 --tokens-a 16777216 --compile \
+        --state-dir $H/state/J16cf --max-train-seconds 430 $LEVERS"
+     ratios J16cf:C16a,J16cf:C16b,J16cf:C16qa J16cf ;;
   # T = 16M alone on the GPU with the levers that won at 4M (LEVERS, e.g. "--all-budgets --lr-a 2e-4"): call
   # "16" until it exits 0 (75: resumable, call again; the fifth session's 16M run trained 457 s without the
   # anchor), then "16c", (c) on its architectures at the same rate (8M tokens a budget, ~410 s)
