@@ -134,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--save-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                     help="dtype of the checkpoint's weights; auto: the parent's (training keeps fp32 master "
                          "weights either way)")
-    sp.add_argument("--compile", action="store_true",
-                    help="torch.compile each layer for training (inductor; worth it on GPUs, slow to start on CPUs)")
+    sp.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                    help="torch.compile each layer for training (inductor): auto (default) on one GPU with Triton, "
+                         "off on a CPU (slow to start there) and under FSDP2 (not yet measured); --compile alone is on")
     sp.add_argument("--shard", choices=["auto", "fsdp", "none"], default="auto",
                     help="under torchrun: FSDP2 sharding of the student and teacher (auto, fsdp) or every rank "
                          "holding everything (none); auto shards when there are 2+ ranks")
@@ -161,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--budget-lrs", help="as elastify's, in --budgets order (default: one rate, --lr)")
     sp.add_argument("--router-prior", type=float, default=0.0, help="as elastify's (default 0: off)")
     sp.add_argument("--anchor-data", help="as elastify's (default: the training batch)")
-    sp.add_argument("--compile", action="store_true", help="as elastify's (each layer under torch.compile; GPUs)")
+    sp.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                    help="as elastify's (default auto: each layer under torch.compile on a GPU)")
     sp.add_argument("--out", default="runs/demo-elastic", help="where the elastic checkpoint goes")
     sp.add_argument("--prompt", help="one question instead of the demo's three")
     sp.add_argument("--max-new-tokens", type=int, default=30)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import time
 
-from .runtime import (DEFAULT_MODEL, check_output, encode_prompt, eval_tokens, load_model_and_tokenizer, pick_device,
-                      pick_dtype, resolve_model, write_json)
+from .runtime import (DEFAULT_MODEL, check_output, compile_backend, encode_prompt, eval_tokens,
+                      load_model_and_tokenizer, pick_device, pick_dtype, resolve_model, write_json)
 
 
 def _log(msg):
@@ -187,13 +187,14 @@ def cmd_elastify(args):
                          router_estimator=args.router_estimator, router_freeze=args.router_freeze,
                          router_prior=args.router_prior, shard=args.shard,
                          multiple=args.multiple, save_dtype=save_dtype(args.save_dtype, path),
-                         compile="inductor" if args.compile else None)
+                         compile=compile_backend(args.compile, device, sharding(args.shard, ranks) == "fsdp"))
     if rank == 0:
         where = f"{ranks} ranks ({device.type})" if ranks > 1 else str(device)
         size = f"{model.num_parameters() / 1e6:.1f}M parameters" if hasattr(model, "num_parameters") else \
             "loaded sharded over the ranks"
+        compiled = ", layers under torch.compile (the first steps compile; --compile off: eager)" if cfg.compile else ""
         print(f"elastify {path}: {size}, budgets {', '.join(cfg.budgets)}, {cfg.tokens:,} training tokens, "
-              f"on {where}", flush=True)
+              f"on {where}{compiled}", flush=True)
     result = elastify(model, tokenizer, args.data, out, cfg, log=_log, device=device)
     if rank == 0:
         print_table(result)
@@ -254,7 +255,7 @@ def cmd_demo(args):
                          lr=opt["lr"], axes=axes, calib_batches=opt["calib_batches"], eval_tokens=opt["eval_tokens"],
                          stage2_weights=weights, full_anchor=opt["full_anchor"], all_budgets=opt["all_budgets"],
                          budget_lrs=_floats(args.budget_lrs, "--budget-lrs"), router_prior=args.router_prior,
-                         anchor_data=args.anchor_data, compile="inductor" if args.compile else None)
+                         anchor_data=args.anchor_data, compile=compile_backend(args.compile, device))
     result = elastify(model, tokenizer, opt["data"], out, cfg, log=_log)
     print_table(result)
     del model

@@ -27,6 +27,24 @@ def pick_device(arg: str | None):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def compile_backend(choice: str, device, sharded: bool = False) -> str | None:
+    """--compile as TrainConfig.compile: "on" inductor, "off" eager, "auto" (the default) inductor on a
+    GPU whose torch has Triton, eager elsewhere (on a CPU compiling costs more than it saves; measured
+    on an H200, compiled layers train SmolLM2 about 1.3x and a Nano-shaped parent 1.3-1.5x faster,
+    docs/RESULTS.md §9 and §12). Under FSDP2 (`sharded`) auto stays eager: compiled and sharded layers
+    are tested on the CPU but have not been measured on GPUs; "on" asks for them."""
+    import importlib.util
+
+    if choice == "on":
+        return "inductor"
+    if choice == "off":
+        return None
+    if choice != "auto":
+        raise ValueError(f"--compile {choice!r}: give auto, on or off")
+    return ("inductor" if device.type == "cuda" and not sharded and importlib.util.find_spec("triton") is not None
+            else None)
+
+
 def pick_dtype(arg: str | None, device):
     """--dtype as a torch dtype; "fp8" (slice's output: fp8.py) is torch.float8_e4m3fn, or a one-line
     error on a torch without float8 dtypes."""

@@ -666,7 +666,6 @@ class ElasticTrainer:
             return None
         why = ("it needs the full anchor (full_anchor > 0)" if not cfg.full_anchor else
                "not with FSDP sharding (shard='none')" if self.shard == "fsdp" else
-               "not with compiled layers" if cfg.compile else
                "not with budget_lrs" if cfg.budget_lrs is not None else
                "not with anchor_projection" if cfg.anchor_projection else None)
         if why:
@@ -676,7 +675,7 @@ class ElasticTrainer:
         return delta
 
     def _as_full(self):
-        """Where the full budget runs: with its delta (its own parameters read detached), if it has one."""
+        """Where the full budget runs: with its delta, if it has one."""
         return self.delta.applied(self.model) if self.delta is not None else nullcontext()
 
     def train_step(self) -> dict:
@@ -772,7 +771,9 @@ class ElasticTrainer:
         with self._as_full():
             student = self._head(self.model, x)
         full_kd = kd_loss(student, teacher)
-        (cfg.full_anchor * full_kd / cfg.grad_accum).backward()
+        # with the full budget's delta, the anchor trains it alone: no gradient reaches the shared weights
+        only = list(self.delta.parameters()) if self.delta is not None else None
+        (cfg.full_anchor * full_kd / cfg.grad_accum).backward(inputs=only)
         self._stash(self.full)
         if theirs is not None:
             anchor = take_grads(self.model.parameters(), add_to=anchor)

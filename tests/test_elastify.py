@@ -222,6 +222,24 @@ def test_a_compiled_elastify_writes_the_checkpoint_of_an_eager_one_and_leaves_pl
         torch.testing.assert_close(ckpts["aot_eager"][k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
+def test_compile_auto_is_inductor_on_a_gpu_with_triton_and_eager_elsewhere(monkeypatch):
+    """elastify / demo --compile: auto (the default) compiles on a GPU whose torch has Triton, unsharded."""
+    import importlib.util
+
+    from star_elastic.runtime import compile_backend
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert compile_backend("auto", cpu) is None and compile_backend("on", cpu) == "inductor"
+    assert compile_backend("off", cuda) is None
+    real = importlib.util.find_spec
+    for triton, want in ((object(), "inductor"), (None, None)):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, t=triton: t if name == "triton" else real(name, *a))
+        assert compile_backend("auto", cuda) == want
+        assert compile_backend("auto", cuda, sharded=True) is None and compile_backend("on", cuda, sharded=True)
+    with pytest.raises(ValueError, match="auto, on or off"):
+        compile_backend("yes", cpu)
+
+
 def test_torchrun_two_gloo_ranks_write_the_checkpoint_one_process_writes(tmp_path, tokenizer, text):
     """`torchrun --nproc_per_node 2 -m star_elastic elastify ...`: rank 0 alone writes, and the
     checkpoint equals a one-process run's (same global batches, gradients averaged over ranks)."""
@@ -323,7 +341,9 @@ def test_shard_and_router_flags_reach_the_training_config(tmp_path):
                                       "--shard", "none", "--router-estimator", "straight-through",
                                       "--router-freeze", "0.2", "--router-prior", "0.5", "--compile"])
     assert (args.shard, args.router_estimator, args.router_freeze, args.router_prior, args.compile) == (
-        "none", "straight-through", 0.2, 0.5, True)
+        "none", "straight-through", 0.2, 0.5, "on")
+    assert build_parser().parse_args(["elastify", "m", "--data", "wiki", "--tokens", "64", "--out", "o"]).compile == "auto"
+    assert build_parser().parse_args(["demo", "--compile", "off"]).compile == "off"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["elastify", "m", "--data", "wiki", "--tokens", "64", "--out", "o", "--shard", "x"])
     model = Model(PARENTS["llama"])

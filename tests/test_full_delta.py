@@ -80,6 +80,26 @@ def test_a_run_with_a_delta_resumes_exactly_and_only_into_a_run_with_one(tmp_pat
         _trainer(tmp_path, "resumed", full_anchor=1.0).load_state()
 
 
+def test_compiled_layers_train_the_delta_as_eager_ones(tmp_path):
+    """The delta is a class swap of each linear layer, as masks are (torch.compile guards on classes,
+    not on hooks): compiled layers (dynamo's aot_eager on the CPU) run it and train what eager ones do."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        eager = _trainer(tmp_path, "eager", full_anchor=1.0, full_delta_rank=2)
+        compiled = _trainer(tmp_path, "compiled", full_anchor=1.0, full_delta_rank=2, compile="aot_eager")
+        want, got = eager.run(progress=False), compiled.run(progress=False)
+        assert counters["stats"]["unique_graphs"] > 0
+    finally:
+        torch._dynamo.reset()
+    assert [lg["full_kd"] for lg in got] == pytest.approx([lg["full_kd"] for lg in want], rel=1e-4, abs=1e-6)
+    assert max(float(p.detach().abs().max()) for p in compiled.delta.up.values()) > 0
+    for key in eager.delta.up:
+        torch.testing.assert_close(compiled.delta.up[key], eager.delta.up[key], rtol=1e-4, atol=1e-5)
+
+
 def test_a_delta_is_refused_where_it_cannot_serve(tmp_path):
     with pytest.raises(StarElasticError, match="needs the full anchor"):
         _trainer(tmp_path, "a", full_anchor=0.0, full_delta_rank=2)

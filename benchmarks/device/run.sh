@@ -14,7 +14,7 @@
 #                               LOAD needs .devcarry/serve_wheels: the server's packages, which the GPU machine lacks)
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|18|16j|16|16c   issue 17's next runs, three side by side a call (S0 may need call 2 again: exit 75)
+#   PLAN17 1|..|20|16j|16J|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   GATHER [args]               issue 12: the views' MoE decode gather, the candidates side by side (bench_expert_gather)
 #   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled
@@ -180,6 +180,11 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # alone (the last ~430 s of a session's device time)
   20) bash $0 RUNS J0dr64 "$J0 --lr-a 2e-4 --full-delta-rank 64 --anchor-data self"
      ratios J0dr64:C2 J0dr64 ;;
+  # 21 (fifteenth session): the delta is a class swap now (was hooks and detached copies) and runs under compiled
+  # layers: J0r64 compiled (J0r64c), its ratios against J0r64's (the same run eager) and its speed (J0r64 ran
+  # 13,800 tokens/s beside another run; J0dr64 12,600 alone)
+  21) bash $0 RUNS J0r64c "$J0 --lr-a 2e-4 --full-delta-rank 64 --compile"
+     ratios J0r64c:C2 J0r64c ;;
   # 16j (thirteenth session's note): T = 16M like for like without the router: J16, E0's architectures with
   # the anchor at 0.5 (resumable: call "16j" again until it is done), beside (c) on the same ones, a budget a
   # process (--budgets 1.0,B at T = 8M: the 8M that (c) at 16M gives each budget, so it fits one call),

@@ -5,10 +5,11 @@ shares, and that pull is the 0.75 budget's whole gap to distilling it alone (doc
 session): trained beside the 0.5 with no anchor the 0.75 equals separate distillation in domain and the
 0.5 beats it by 5-8%, but the full model drifts 12-29% from its parent. Here the full model gets
 parameters of its own instead: every linear layer of the decoder adds a low-rank term, W x + B A x, in
-the full budget's passes only, and in those passes the model's own parameters are read detached. The
-anchor's gradient then reaches A and B and nothing the smaller budgets use; they train the shared
+the full budget's passes only, and the anchor's backward accumulates into A and B alone (`inputs=`,
+train.py). The anchor's gradient then reaches nothing the smaller budgets use; they train the shared
 weights as if the full model were not there, and the delta follows them to keep the full model on its
-parent. B starts at zero, so training starts from the parent exactly.
+parent. B starts at zero, so training starts from the parent exactly. The delta is applied as masks are
+(masking.py), by swapping each linear layer's class, which compiled layers see.
 
 Export merges it: the full budget is W + B A, the parent's architecture with other weights (`merge_into`).
 The smaller budgets are prefixes of W, untouched by it. Training-side only so far: `bench_elastic.py
@@ -22,6 +23,18 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from star_elastic.elastic.masking import mixed
+
+
+class _WithDelta:
+    """Mixed into a linear layer's class while the full budget runs: W x + B A x."""
+
+    delta_down: torch.Tensor
+    delta_up: torch.Tensor
+
+    def forward(self, x):
+        return super().forward(x) + F.linear(F.linear(x, self.delta_down), self.delta_up)
 
 
 class FullDelta(nn.Module):
@@ -50,29 +63,24 @@ class FullDelta(nn.Module):
 
     @contextmanager
     def applied(self, model: nn.Module):
-        """Inside: `model` is the full budget with its delta, its own parameters read detached (so that
-        what runs here trains the delta alone). Not for sharded (FSDP2) models."""
+        """Inside: `model` is the full budget with its delta, each linear layer's class swapped in place
+        as masks are (masking.py: torch.compile guards on classes, so compiled layers run it too). What
+        trains the delta alone is the backward's `inputs=` (the trainer's anchor pass), which leaves the
+        model's own parameters without gradient. Not for sharded (FSDP2) models."""
         swapped = []
-        for module in model.modules():
-            for pname, p in list(module._parameters.items()):
-                if p is not None:
-                    module._parameters[pname] = p.detach()
-                    swapped.append((module, pname, p))
-        hooks = [model.get_submodule(name).register_forward_hook(self._adder(name)) for name in self.names]
         try:
+            for name in self.names:
+                module, key = model.get_submodule(name), name.replace(".", "/")
+                swapped.append((module, type(module)))
+                module.__class__ = mixed(_WithDelta, type(module))
+                # in the instance dict, not registered: the delta's parameters are not the model's
+                vars(module).update(delta_down=self.down[key], delta_up=self.up[key])
             yield model
         finally:
-            for h in hooks:
-                h.remove()
-            for module, pname, p in swapped:
-                module._parameters[pname] = p
-
-    def _adder(self, name: str):
-        key = name.replace(".", "/")
-
-        def hook(module, args, out):
-            return out + F.linear(F.linear(args[0], self.down[key]), self.up[key])
-        return hook
+            for module, cls in swapped:
+                module.__class__ = cls
+                vars(module).pop("delta_down", None)
+                vars(module).pop("delta_up", None)
 
     @torch.no_grad()
     def merge_into(self, model: nn.Module) -> nn.Module:

@@ -144,9 +144,10 @@ class _Dropped:
 
 
 @functools.cache
-def _mixed(mixin: type, cls: type) -> type:
-    """`cls` with `mixin`'s forward in front, one class per pair (torch.compile guards on a module's
-    class: the same class every step means the same graph)."""
+def mixed(mixin: type, cls: type) -> type:
+    """`cls` with `mixin`'s forward in front, one class per pair: what a module's class is swapped to
+    (here, and for the full budget's delta, delta.py). torch.compile guards on a module's class, so the
+    same class every step means the same graph."""
     return type(mixin.__name__.strip("_") + cls.__name__, (mixin, cls), {})
 
 
@@ -225,7 +226,7 @@ class _Masking:
         vars(module).update(attrs)
 
     def _mix(self, module: nn.Module, mixin: type, **attrs):
-        self._swap(module, _mixed(mixin, type(module)), **attrs)
+        self._swap(module, mixed(mixin, type(module)), **attrs)
 
     def _apply(self):
         masks, model = self.masks, self.model
