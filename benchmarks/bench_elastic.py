@@ -148,6 +148,9 @@ def parse_args(argv=None):
     ap.add_argument("--anchor-data", metavar="self[:TOKENS]",
                     help="anchored variants: the full anchor distils on text sampled from the parent (elastify "
                          "--anchor-data self; 1M tokens unless given), not on the step's training batch")
+    ap.add_argument("--anchor-mix", type=float, default=1.0, metavar="F",
+                    help="with --anchor-data: the share of the anchor's rows from that text, the rest from the "
+                         "step's training batch (TrainConfig.anchor_mix)")
     ap.add_argument("--train-on", choices=["drawn", "argmax"], default="drawn",
                     help="router variants: the model trains the router's draw (the paper's) or its in-band argmax, "
                          "the draw then only scored for the router (TrainConfig.train_on)")
@@ -534,6 +537,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                        train_on=args.train_on, all_budgets=args.all_budgets,
                        anchor_projection=args.anchor_projection and variant in ANCHORED,
                        full_delta_rank=args.full_delta_rank if variant in ANCHORED else 0,
+                       anchor_mix=args.anchor_mix if args.anchor_data and variant in ANCHORED else 1.0,
                        freeze_select=args.freeze_select,
                        router_prior=args.router_prior if router is not None and args.warm_start else 0.0,
                        stage2_weights=args.small_weights if variant == "elastic_small"
@@ -626,6 +630,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                         "full_delta_rank": tcfg.full_delta_rank or None,
                         "full_without_delta": without_delta if trainer.delta is not None else None,
                         "anchor_data": args.anchor_data if anchor_rows is not None else None,
+                        "anchor_mix": tcfg.anchor_mix if anchor_rows is not None else None,
                         "anchor_cos": cosines(logs),
                         "tokens_per_s": round(steps * tokens_per_step / train_s), "peak_gpu_gib": peak,
                         "selection": trainer.selection, "argmax_trajectory": trajectory,
@@ -843,6 +848,8 @@ def main(argv=None):
         return merge(args.merge, args.json)
     if args.max_train_seconds is not None and not args.state_dir:
         raise SystemExit("--max-train-seconds needs --state-dir: a stopped run goes on from its saved state")
+    if args.anchor_mix != 1.0 and not args.anchor_data:
+        raise SystemExit("--anchor-mix mixes the anchor's own text into its batch: give --anchor-data")
     if args.anchor_data and parse_anchor_data(args.anchor_data)[0] != "self":
         raise SystemExit(f"--anchor-data {args.anchor_data!r}: the bench samples the anchor's text from the parent: "
                          "self or self:TOKENS")

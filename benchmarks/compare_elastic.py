@@ -80,6 +80,7 @@ def compare(runs: dict, pair: str, part: str = "A") -> dict:
            "lr": b_part["training"].get("lr"), "lr_c": c_part["training"].get("lr"),
            "budget_lrs": how.get("budget_lrs"), "full_anchor": how.get("full_anchor"),
            "anchor_projection": bool(how.get("anchor_projection")), "anchor_data": how.get("anchor_data"),
+           "anchor_mix": how.get("anchor_mix"),
            "full_delta_rank": how.get("full_delta_rank"), "budgets": {},
            # a bundle marks a run whose rows must not be read as a result ("invalid": why), e.g. one that a
            # bug found later trained as something else; the ratios are still printed, under the warning
@@ -117,6 +118,7 @@ def main(argv=None):
         lr = f"{r['lr']:g}" if not r["budget_lrs"] else "per budget " + ",".join(f"{x:g}" for x in r["budget_lrs"])
         anchor = (f", anchor {r['full_anchor']:g}" if r["full_anchor"] else "") + (
             " projected" if r["anchor_projection"] else "") + (f" on {r['anchor_data']}" if r.get("anchor_data") else "") + (
+            f" ({100 * r['anchor_mix']:.0f}% of its rows)" if r.get("anchor_mix") not in (None, 1.0) else "") + (
             f", full delta rank {r['full_delta_rank']}" if r.get("full_delta_rank") else "")
         print(f"{r['pair']} ({r['method']}, seed {r['seed']}{anchor}, lr {lr} against {r['lr_c']:g}); "
               f"(b)/(c) - 1 in %, {' / '.join(sources)}")

@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="what the full anchor distils on: 'self' samples text from the parent itself (1M tokens, "
                          "or TOKENS), so that the anchor keeps what the parent knows beyond the training text; or "
                          "text as --data takes it (its train split); default: each step's training batch")
+    sp.add_argument("--anchor-mix", type=float, default=1.0, metavar="F",
+                    help="with --anchor-data: the share of the anchor's rows from that text, the rest from the "
+                         "step's training batch (default 1: that text alone)")
     sp.add_argument("--anchor-projection", action="store_true",
                     help="where the full anchor's gradient conflicts with the smaller budgets' (a negative inner "
                          "product), drop its component along theirs (PCGrad), so that holding the full model does "

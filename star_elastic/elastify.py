@@ -67,6 +67,7 @@ class ElastifyConfig:
     # parent itself (its knowledge beyond the training text, which the anchor is there to keep); else text as
     # `data` is given (its train split)
     anchor_data: str | None = None
+    anchor_mix: float = 1.0  # the anchor text's share of the anchor's rows, the rest the training batch's
     anchor_projection: bool = False  # the anchor's gradient off the smaller budgets' where they conflict
     #                                  (TrainConfig.anchor_projection)
     train_on: str = "drawn"  # the model trains the router's draw or its in-band argmax (TrainConfig.train_on)
@@ -220,6 +221,10 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     if anchor_spec and not anchor:
         raise StarElasticError("--anchor-data is the full anchor's text: it needs --full-anchor > 0, the full budget "
                                "1.0 and a smaller one")
+    if not 0 < cfg.anchor_mix <= 1:
+        raise StarElasticError(f"--anchor-mix {cfg.anchor_mix:g}: the anchor text's share of the anchor's rows, in (0, 1]")
+    if cfg.anchor_mix != 1.0 and not anchor_spec:
+        raise StarElasticError("--anchor-mix mixes the anchor's own text into its batch: give --anchor-data")
     train_stream, heldout = load_corpus_tokens(data, tokenizer, heldout_fraction=cfg.heldout_fraction, seed=cfg.seed)
     row_len = max(cfg.seq_len, cfg.stage2_seq_len or 0)
     rows = pack(train_stream, row_len)
@@ -328,7 +333,7 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                        router_estimator=cfg.router_estimator, router_freeze_fraction=cfg.router_freeze,
                        router_prior=cfg.router_prior, shard=cfg.shard, compile=cfg.compile,
                        all_budgets=cfg.all_budgets, train_on=cfg.train_on, budget_lrs=budget_lrs,
-                       anchor_projection=cfg.anchor_projection)
+                       anchor_projection=cfg.anchor_projection, anchor_mix=cfg.anchor_mix)
     anchor_rows = None if anchor_spec is None else anchor_text(
         anchor_spec, teacher, tokenizer, row_len, cfg.batch_size * cfg.seq_len // row_len,
         min(ANCHOR_SELF_TOKENS, train_tokens), cfg.seed, cfg.heldout_fraction, log)

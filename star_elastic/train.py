@@ -102,6 +102,8 @@ class TrainConfig:
     #                                  budgets' (a negative inner product over the model), it loses its component
     #                                  along theirs (PCGrad, optim.project_conflict), so the anchor holds the full
     #                                  model only in directions that do not undo the smaller budgets' step
+    anchor_mix: float = 1.0  # with anchor text (anchor_rows): the share of the anchor's rows drawn from it, the
+    #                          rest the step's training batch's (1: the anchor text alone)
     full_delta_rank: int = 0  # >0, with the full anchor: the full budget gets a low-rank delta of its own on every
     #                           linear layer, trained by the anchor alone, which then leaves the shared weights to
     #                           the smaller budgets (elastic/delta.py; measured by bench_elastic.py, not exported yet)
@@ -243,6 +245,11 @@ class ElasticTrainer:
                 raise StarElasticError(f"anchor text of {tuple(anchor_rows.shape)} rows x tokens: a step needs "
                                        f"{tokens // self.row_len} rows of {self.row_len} tokens")
             self.anchor_batches = TokenBatches(anchor_rows[:, :self.row_len], tokens // self.row_len, seed=cfg.seed + 3)
+        if not 0 < cfg.anchor_mix <= 1:
+            raise StarElasticError(f"anchor_mix {cfg.anchor_mix}: the anchor text's share of the anchor's rows, in (0, 1]")
+        if cfg.anchor_mix < 1 and self.anchor_batches is None:
+            raise StarElasticError(f"anchor_mix {cfg.anchor_mix} mixes the anchor's own text into its batch: give "
+                                   "anchor text (--anchor-data)")
         self.sampler = torch.Generator().manual_seed(cfg.seed + 1)  # budgets
         self.gumbel = torch.Generator().manual_seed(cfg.seed + 2)  # router noise
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr, "base_lr": cfg.lr,
@@ -715,6 +722,9 @@ class ElasticTrainer:
                     xa, ta = x, teacher                           # or on a batch of its own text
                     if self.anchor_batches is not None:
                         xa = self._batch(L, self.anchor_batches)
+                        keep = round(cfg.anchor_mix * xa.shape[0])  # rows of anchor text; the rest the step's
+                        if keep < xa.shape[0]:
+                            xa = torch.cat([xa[:keep], x[keep:]])
                         with torch.no_grad():
                             ta = self._head(self.teacher, xa)
                     full_kd, anchor = self._anchor_pass(xa, ta, anchor)

@@ -95,6 +95,26 @@ def test_the_anchor_text_resumes_where_it_stopped(tmp_path):
         _trainer(tmp_path, "resumed").load_state()
 
 
+def test_a_mixed_anchor_takes_its_first_rows_from_its_text_and_the_rest_from_the_training_batch(tmp_path):
+    """anchor_mix 0.5: half the anchor's rows are its own text's, half its step's training batch's (the
+    same rows the budget trained on), so that it holds the full model on both."""
+    t = _trainer(tmp_path, "mix", anchor_rows=_anchor_rows(), anchor_mix=0.5)
+    seen = _spy(t)
+    t.run(progress=False)
+    pairs = [(seen[i - 1], seen[i]) for i in range(1, len(seen)) if seen[i][0] == "anchor"]
+    assert pairs
+    for (kind, x), (_, xa) in pairs:
+        half = xa.shape[0] // 2
+        assert kind == "budget" and xa.shape == x.shape
+        assert (xa[:half] == ANCHOR_TOKEN).float().mean() > 0.6  # the anchor's text
+        assert torch.equal(xa[half:], x[half:])  # the step's own rows
+    with pytest.raises(StarElasticError, match="give anchor text"):
+        _trainer(tmp_path, "none", anchor_mix=0.5)
+    for bad in (0.0, 1.5):
+        with pytest.raises(StarElasticError, match=r"in \(0, 1\]"):
+            _trainer(tmp_path, f"bad{bad}", anchor_rows=_anchor_rows(), anchor_mix=bad)
+
+
 def test_anchor_text_is_refused_where_it_cannot_serve(tmp_path):
     with pytest.raises(StarElasticError, match="needs full_anchor"):
         _trainer(tmp_path, "a", anchor_rows=_anchor_rows(), full_anchor=0.0)
@@ -127,7 +147,8 @@ def test_sampled_rows_come_from_the_model_itself():
 def test_the_bench_samples_the_anchors_text_and_records_it(tmp_path):
     """bench_elastic.py --anchor-data self:N (the GPU runs' lever): each anchored run distils its full model on
     text sampled from the parent, once a process whatever the number of anchored variants, recorded in
-    its method; text other than the parent's is refused."""
+    its method with its share of the anchor's rows (--anchor-mix); text other than the parent's, or a share
+    without text, is refused."""
     import json
     import subprocess
 
@@ -135,16 +156,19 @@ def test_the_bench_samples_the_anchors_text_and_records_it(tmp_path):
 
     out = tmp_path / "b.json"
     argv = [a if a != "elastic" else "elastic_anchor,joint_anchor" for a in BENCH if a != "--no-minitron"]
-    r = subprocess.run(argv + ["--anchor-data", "self:512", "--json", str(out)], capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(argv + ["--anchor-data", "self:512", "--anchor-mix", "0.5", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("anchor text: 512 tokens sampled from the parent") == 1
     methods = json.loads(out.read_text())["B"]["methods"]
     for name in ("elastic_anchor", "joint_anchor"):
         assert methods[name]["anchor_data"] == "self:512" and methods[name]["full_anchor"] > 0
+        assert methods[name]["anchor_mix"] == 0.5
     argv = [a if a != "elastic" else "elastic_anchor" for a in BENCH]
     r = subprocess.run(argv + ["--anchor-data", "wiki"], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "self or self:TOKENS" in r.stderr
+    r = subprocess.run(argv + ["--anchor-mix", "0.5"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "give --anchor-data" in r.stderr
 
 
 def test_the_drift_benchmark_reports_both_anchors(elastic_ckpt, tmp_path, capsys):

@@ -412,8 +412,8 @@ def test_anchor_projection_reaches_the_run_and_is_refused_without_its_anchor(tmp
 
 def test_anchor_data_reaches_the_run_and_bad_values_are_one_line(tmp_path, tokenizer, text, capsys):
     """`elastify --anchor-data self:N` samples the anchor's text from the parent (said, and recorded in the
-    manifest); a text works as --data does; without the anchor, or with a malformed count, it is a one-line
-    error before anything is written."""
+    manifest), mixed with the training batch by --anchor-mix; a text works as --data does; without the
+    anchor, or with a malformed count or share, it is a one-line error before anything is written."""
     from star_elastic import cli, save_pretrained
 
     torch.manual_seed(0)
@@ -421,13 +421,16 @@ def test_anchor_data_reaches_the_run_and_bad_values_are_one_line(tmp_path, token
     common = ["elastify", str(tmp_path / "parent"), "--budgets", "1.0,0.5", "--data", str(text), "--seq-len", "32",
               "--batch-size", "8", "--calib-batches", "1", "--eval-tokens", "128", "--device", "cpu",
               "--tokens", str(8 * 32 * 3)]
-    for i, spec in enumerate(("self:512", str(text))):
+    for i, (spec, mix) in enumerate((("self:512", "0.5"), (str(text), "1"))):
         ckpt = tmp_path / f"ckpt{i}"
-        assert cli.main(common + ["--out", str(ckpt), "--anchor-data", spec]) == 0
-        assert read_manifest(ckpt)["training"]["config"]["anchor_data"] == spec
+        assert cli.main(common + ["--out", str(ckpt), "--anchor-data", spec, "--anchor-mix", mix]) == 0
+        config = read_manifest(ckpt)["training"]["config"]
+        assert config["anchor_data"] == spec and config["anchor_mix"] == float(mix)
     assert "anchor text: 512 tokens sampled from the parent (16 rows of 32)" in capsys.readouterr().out
     for extra, message in ((["--anchor-data", "self", "--full-anchor", "0"], "needs --full-anchor > 0"),
-                           (["--anchor-data", "self:many"], "TOKENS a positive integer")):
+                           (["--anchor-data", "self:many"], "TOKENS a positive integer"),
+                           (["--anchor-mix", "0.5"], "give --anchor-data"),
+                           (["--anchor-data", "self", "--anchor-mix", "0"], "in (0, 1]")):
         assert cli.main(common + ["--out", str(tmp_path / "o2")] + extra) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err

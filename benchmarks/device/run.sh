@@ -176,10 +176,12 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
      ratios J0r16:C2,J0r64:C2 J0r16 J0r64 ;;
   # 20 (fifteenth session): the delta held the 0.75 at (c) and the 0.5 ahead (19: J0r16 / J0r64), the full model
   # in domain, but not out of it (+4.9% / +3.7% Shakespeare, anchored on the training text); the anchor on text
-  # sampled from the parent held French Wikipedia in the fourteenth session (J0d2): the two together, rank 64,
-  # alone (the last ~430 s of a session's device time)
-  20) bash $0 RUNS J0dr64 "$J0 --lr-a 2e-4 --full-delta-rank 64 --anchor-data self"
-     ratios J0dr64:C2 J0dr64 ;;
+  # sampled from the parent held French Wikipedia in the fourteenth session (J0d2): the delta anchored on that
+  # text alone (J0dr64) and on half of it, half the training batch (J0mr64), rank 64, side by side (~500 s;
+  # J0dr64 alone ran 12,600 tokens/s)
+  20) bash $0 RUNS J0dr64 "$J0 --lr-a 2e-4 --full-delta-rank 64 --anchor-data self" \
+       J0mr64 "$J0 --lr-a 2e-4 --full-delta-rank 64 --anchor-data self --anchor-mix 0.5"
+     ratios J0dr64:C2,J0mr64:C2 J0dr64 J0mr64 ;;
   # 21 (fifteenth session): the delta is a class swap now (was hooks and detached copies) and runs under compiled
   # layers: J0r64 compiled (J0r64c), its ratios against J0r64's (the same run eager) and its speed (J0r64 ran
   # 13,800 tokens/s beside another run; J0dr64 12,600 alone)
