@@ -250,6 +250,7 @@ class ElasticTrainer:
         if cfg.anchor_mix < 1 and self.anchor_batches is None:
             raise StarElasticError(f"anchor_mix {cfg.anchor_mix} mixes the anchor's own text into its batch: give "
                                    "anchor text (--anchor-data)")
+        self._fixed_masks: dict[int, tuple[ElasticSpec, dict]] = {}  # _spec_masks
         self.sampler = torch.Generator().manual_seed(cfg.seed + 1)  # budgets
         self.gumbel = torch.Generator().manual_seed(cfg.seed + 2)  # router noise
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr, "base_lr": cfg.lr,
@@ -434,15 +435,24 @@ class ElasticTrainer:
         mine = rows[self.rank * per_rank:(self.rank + 1) * per_rank]
         return mine.reshape(-1, L).to(self.device)
 
+    def _spec_masks(self, b: int, spec: ElasticSpec) -> dict[str, torch.Tensor]:
+        """The hard masks of budget b's fixed architecture, built once while it stays the same: building
+        them copies an index tensor to the GPU for each mask, and each such copy waits for the GPU's queue
+        to drain (dozens of host syncs a step, the host unable to run ahead)."""
+        cached = self._fixed_masks.get(b)
+        if cached is None or cached[0] is not spec:
+            cached = self._fixed_masks[b] = (spec, spec.masks(self.model.config, device=self.device))
+        return cached[1]
+
     def _decide(self, b: int, budget: Budget):
         """(masks, RouterOutput or None) of budget b for this step. The full budget is the parent:
         no masks, no router draw."""
         if budget.is_full:
             return None, None
         if self.router is None:
-            return self.fixed_specs[b].masks(self.model.config, device=self.device), None
+            return self._spec_masks(b, self.fixed_specs[b]), None
         if self.router_frozen:
-            return self._frozen_specs()[b].masks(self.model.config, device=self.device), None
+            return self._spec_masks(b, self._frozen_specs()[b]), None
         # draws are held to what could be exported: nested in the larger budget's architecture as it
         # would be exported now, and (draw_in_band) in the band; otherwise the export would cut an
         # architecture that never trained (SmolLM2, H200, 2026-12-01: +57% and +83% at 0.5)

@@ -311,6 +311,25 @@ def test_an_off_budget_router_comes_back_into_band_and_stays(tmp_path):
     assert abs(proj[2].ratio - 1) <= 0.05 and abs(proj[1].ratio - 1) <= 0.05
 
 
+def test_fixed_architectures_build_their_masks_once(tmp_path, monkeypatch):
+    """Building a spec's masks copies an index tensor to the device for each mask, and on a GPU each such
+    copy waits for the device's queue (a host sync): a run of fixed architectures (no router; the
+    bench's joint runs, a frozen router) builds each budget's masks once, not on every step."""
+    from star_elastic.elastic.search import choose_spec
+
+    model, teacher, router, budgets, rows, cfg, heldout = make(steps=8)
+    specs = [ElasticSpec() if b.is_full else choose_spec(CFG, int(b.target), ("hidden", "ffn", "experts"))
+             for b in budgets]
+    t = ElasticTrainer(model, teacher, None, budgets, rows, cfg, tmp_path / "fixed", fixed_specs=specs)
+    built, original = [], ElasticSpec.masks
+    monkeypatch.setattr(ElasticSpec, "masks", lambda self, *a, **k: built.append(self) or original(self, *a, **k))
+    logs = [t.train_step() for _ in range(8)]
+    full = next(b.name for b in budgets if b.is_full)
+    drawn = {lg["budget"] for lg in logs} - {full}
+    assert drawn and len(built) == len(drawn)  # once for each smaller budget drawn
+    assert all(any(x is spec for spec in specs) for x in built)
+
+
 def test_a_step_reads_its_logged_values_back_in_one_transfer(tmp_path, monkeypatch):
     """On a GPU every float() of a device tensor waits for the device (a host sync); a step used to do
     it for each logged loss and norm, and the router's schedule read its progress buffer tens of
