@@ -715,8 +715,12 @@ class ElasticTrainer:
             sums[name] = sums.get(name, 0.0) + value / cfg.grad_accum
 
         anchor = None  # anchor_projection: the full anchor's gradient, kept apart from the smaller budgets'
+        anchored = cfg.full_anchor and not budget.is_full
         for _ in range(cfg.grad_accum):
             x = self._batch(L)
+            # the anchor's own batch copied to the GPU now, with the step's: a copy from the host waits for
+            # the GPU's queue, which here is empty, and mid-step would not be
+            own = self._batch(L, self.anchor_batches) if anchored and self.anchor_batches is not None else None
             with torch.no_grad():
                 teacher = self._head(self.teacher, x)
             with compiled_kd(cfg.compile):  # the loss's chunks compiled too (None: eager)
@@ -728,13 +732,11 @@ class ElasticTrainer:
                     total = total + t
                     for k, v in logged.items():
                         add(f"{k}@{self.budgets[j].name}", v)
-                if cfg.full_anchor and not budget.is_full:  # the sandwich rule: the full model on the same batch,
-                    xa, ta = x, teacher                           # or on a batch of its own text
-                    if self.anchor_batches is not None:
-                        xa = self._batch(L, self.anchor_batches)
-                        keep = round(cfg.anchor_mix * xa.shape[0])  # rows of anchor text; the rest the step's
-                        if keep < xa.shape[0]:
-                            xa = torch.cat([xa[:keep], x[keep:]])
+                if anchored:  # the sandwich rule: the full model on the same batch, or on a batch of its own text
+                    xa, ta = x, teacher
+                    if own is not None:
+                        keep = round(cfg.anchor_mix * own.shape[0])  # rows of anchor text; the rest the step's
+                        xa = own if keep == own.shape[0] else torch.cat([own[:keep], x[keep:]])
                         with torch.no_grad():
                             ta = self._head(self.teacher, xa)
                     full_kd, anchor = self._anchor_pass(xa, ta, anchor)
