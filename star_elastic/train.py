@@ -718,8 +718,8 @@ class ElasticTrainer:
         anchored = cfg.full_anchor and not budget.is_full
         for _ in range(cfg.grad_accum):
             x = self._batch(L)
-            # the anchor's own batch copied to the GPU now, with the step's: a copy from the host waits for
-            # the GPU's queue, which here is empty, and mid-step would not be
+            # the anchor's own batch copied to the GPU now, beside the step's: a copy from the host waits
+            # for the GPU's queue to drain, and mid-step it would wait for the budget pass too
             own = self._batch(L, self.anchor_batches) if anchored and self.anchor_batches is not None else None
             with torch.no_grad():
                 teacher = self._head(self.teacher, x)
