@@ -145,6 +145,13 @@ def test_masks_and_indices_are_prefixes_per_group():
     assert m["layers.6"].item() == 0 and "layers.5" not in m
     assert "layers.6.experts" not in m  # dropped layers need no unit masks
     assert spec.indices(NEMOTRON)["layers.1.kv_heads"].tolist() == [0, 1]
+    # on a device they come in one transfer, views of one tensor: same keys, shapes and dtype ("meta" stands in
+    # for a GPU here; on a GPU each copy from the host waits for its queue)
+    far = spec.masks(NEMOTRON, device="meta", dtype=torch.bfloat16)
+    assert {k: (v.shape, v.device.type, v.dtype) for k, v in far.items()} == {
+        k: (v.shape, "meta", torch.bfloat16) for k, v in m.items()}
+    bases = {id(v._base) for v in far.values()}
+    assert len(bases) == 1 and None not in (v._base for v in far.values())
 
 
 # ----------------------------------------------------------------------------- sort

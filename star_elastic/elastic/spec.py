@@ -353,20 +353,24 @@ class ElasticSpec:
         return None
 
     def masks(self, parent: ModelConfig, device=None, dtype=torch.float32) -> dict[str, torch.Tensor]:
-        """Hard 0/1 masks that run this spec inside the full-size parent (`masking.masked`)."""
+        """Hard 0/1 masks that run this spec inside the full-size parent (`masking.masked`). Built on the
+        host and copied to `device` in one transfer: on a GPU each copy from the host waits for its queue."""
         counts = unit_counts(parent)
         out = {}
         for key, idx in self.indices(parent).items():
             if key.endswith(".kv_heads"):
                 continue  # a dropped KV group is dropped through its query heads
-            m = torch.zeros(counts[key], dtype=dtype, device=device)
-            m[idx.to(device)] = 1
+            m = torch.zeros(counts[key], dtype=dtype)
+            m[idx] = 1
             out[key] = m
         kept = set(self.kept_layers(parent))
         for i in range(parent.num_layers):
             if i not in kept:
-                out[f"layers.{i}"] = torch.zeros((), dtype=dtype, device=device)
-        return out
+                out[f"layers.{i}"] = torch.zeros((), dtype=dtype)
+        if device is None or torch.device(device).type == "cpu" or not out:
+            return out
+        flat = torch.cat([m.reshape(-1) for m in out.values()]).to(device)
+        return {k: v.view(m.shape) for (k, m), v in zip(out.items(), flat.split([m.numel() for m in out.values()]))}
 
 
 def unit_counts(cfg: ModelConfig) -> dict[str, int]:
