@@ -220,7 +220,7 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   esac ;;
 SERVING) join; for c in "BATCHING" "FP8" "DECODE" "SERVE --contiguous-views none,experts,linear,all"; do
     timeout 200 bash $0 $c; done ;;  # issues 12 and 13 in one call (~8 min; carry mamba, smol.part01, smol.sha)
-SYNCS) shift; join; python3 benchmarks/bench_syncs.py --json $OUT/syncs.json "$@" 2>&1 | tail -n 50 ;;  # issue 16 item 3 (~1 min)
+SYNCS) shift; python3 benchmarks/bench_syncs.py --json $OUT/syncs.json "$@" 2>&1 | tail -n 50 ;;  # issue 16 item 3 (~1 min)
 GATHER) shift; python3 benchmarks/bench_expert_gather.py --device cuda --json $OUT/expert_gather.json "$@" 2>&1 | tail -n 60 ;;
 JOIN) join ;;
 esac
