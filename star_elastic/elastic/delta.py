@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from star_elastic.elastic.masking import mixed
+from star_elastic.elastic.masking import ClassSwaps
 
 
 class _WithDelta:
@@ -67,20 +67,14 @@ class FullDelta(nn.Module):
         as masks are (masking.py: torch.compile guards on classes, so compiled layers run it too). What
         trains the delta alone is the backward's `inputs=` (the trainer's anchor pass), which leaves the
         model's own parameters without gradient. Not for sharded (FSDP2) models."""
-        swapped = []
+        swaps = ClassSwaps()
         try:
             for name in self.names:
-                module, key = model.get_submodule(name), name.replace(".", "/")
-                swapped.append((module, type(module)))
-                module.__class__ = mixed(_WithDelta, type(module))
-                # in the instance dict, not registered: the delta's parameters are not the model's
-                vars(module).update(delta_down=self.down[key], delta_up=self.up[key])
+                key = name.replace(".", "/")
+                swaps.mix(model.get_submodule(name), _WithDelta, delta_down=self.down[key], delta_up=self.up[key])
             yield model
         finally:
-            for module, cls in swapped:
-                module.__class__ = cls
-                vars(module).pop("delta_down", None)
-                vars(module).pop("delta_up", None)
+            swaps.undo()
 
     @torch.no_grad()
     def merge_into(self, model: nn.Module) -> nn.Module:

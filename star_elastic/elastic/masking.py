@@ -144,11 +144,35 @@ class _Dropped:
 
 
 @functools.cache
-def mixed(mixin: type, cls: type) -> type:
-    """`cls` with `mixin`'s forward in front, one class per pair: what a module's class is swapped to
-    (here, and for the full budget's delta, delta.py). torch.compile guards on a module's class, so the
-    same class every step means the same graph."""
+def _mixed(mixin: type, cls: type) -> type:
+    """`cls` with `mixin`'s forward in front, one class per pair. torch.compile guards on a module's
+    class, so the same class every step means the same graph."""
     return type(mixin.__name__.strip("_") + cls.__name__, (mixin, cls), {})
+
+
+class ClassSwaps:
+    """Modules whose class was swapped in place, to put back (`undo`, last first): how masks are applied
+    here, and the full budget's delta (delta.py). Attributes go in the instance dict directly: a mask or
+    a delta that is an nn.Parameter must not become one of the module's parameters."""
+
+    def __init__(self):
+        self.done: list[tuple[nn.Module, type, list[str]]] = []
+
+    def swap(self, module: nn.Module, cls: type, **attrs):
+        self.done.append((module, type(module), list(attrs)))
+        module.__class__ = cls
+        vars(module).update(attrs)
+
+    def mix(self, module: nn.Module, mixin: type, **attrs):
+        """`module`'s own class with `mixin`'s forward in front."""
+        self.swap(module, _mixed(mixin, type(module)), **attrs)
+
+    def undo(self):
+        for module, plain, attrs in reversed(self.done):
+            module.__class__ = plain
+            for name in attrs:
+                vars(module).pop(name, None)
+        self.done = []
 
 
 def _mixers(layer: nn.Module) -> dict[str, nn.Module]:
@@ -211,65 +235,51 @@ class _Masking:
 
     def __init__(self, model: Model, masks: dict[str, torch.Tensor]):
         self.model, self.masks = model, masks
-        self.swaps: list[tuple[nn.Module, type, list[str]]] = []
+        self.swaps = ClassSwaps()
         try:
             self._apply()
         except BaseException:
             self.remove()
             raise
 
-    def _swap(self, module: nn.Module, cls: type, **attrs):
-        # attributes in the instance dict directly: a mask that is an nn.Parameter must not become
-        # one of the module's parameters
-        self.swaps.append((module, type(module), list(attrs)))
-        module.__class__ = cls
-        vars(module).update(attrs)
-
-    def _mix(self, module: nn.Module, mixin: type, **attrs):
-        self._swap(module, mixed(mixin, type(module)), **attrs)
-
     def _apply(self):
-        masks, model = self.masks, self.model
+        masks, model, swaps = self.masks, self.model, self.swaps
         hidden = masks.get("hidden")
         if hidden is not None:
-            self._mix(model.embed, _ScaledOutput, scale=hidden)
+            swaps.mix(model.embed, _ScaledOutput, scale=hidden)
             for module in model.modules():
                 if isinstance(module, RMSNorm):
-                    self._swap(module, MaskedRMSNorm, mask=hidden)
+                    swaps.swap(module, MaskedRMSNorm, mask=hidden)
         for i, layer in enumerate(model.model.layers):
             depth = masks.get(f"layers.{i}")
             if depth is not None and not depth.requires_grad and bool(depth == 0):
-                self._mix(layer, _Dropped)
+                swaps.mix(layer, _Dropped)
                 continue
             if depth is not None or hidden is not None:  # the weight of the layer's residual updates
                 weight = hidden if depth is None else depth if hidden is None else depth * hidden
                 for mixer in _mixers(layer).values():
-                    self._mix(mixer, _ScaledOutput, scale=weight)
+                    swaps.mix(mixer, _ScaledOutput, scale=weight)
         for key, (module, _) in _targets(model).items():
             m = masks.get(key)
             if m is None:
                 continue
             axis = key.rsplit(".", 1)[1]
             if axis == "attn_heads":
-                self._mix(module.o_proj, _ScaledInput, mask=m, size=module.head_dim)
+                swaps.mix(module.o_proj, _ScaledInput, mask=m, size=module.head_dim)
             elif axis in ("ffn", "shared_ffn"):
-                self._mix(module.down_proj, _ScaledInput, mask=m, size=1)
+                swaps.mix(module.down_proj, _ScaledInput, mask=m, size=1)
             elif axis == "experts":
-                self._swap(module.gate, MaskedTopkRouter, mask=m)
+                swaps.swap(module.gate, MaskedTopkRouter, mask=m)
             elif axis == "expert_ffn":
-                self._swap(module.experts, MaskedExperts, mask=m)
+                swaps.swap(module.experts, MaskedExperts, mask=m)
             else:  # mamba_heads, mamba_channels: one swap of the gated norm for both
                 if type(module.norm) is not MaskedGatedRMSNorm:
-                    self._swap(module.norm, MaskedGatedRMSNorm, heads=module.num_heads, head_mask=None,
+                    swaps.swap(module.norm, MaskedGatedRMSNorm, heads=module.num_heads, head_mask=None,
                                channel_mask=None)
                 vars(module.norm)["head_mask" if axis == "mamba_heads" else "channel_mask"] = m
 
     def remove(self):
-        for module, plain, attrs in reversed(self.swaps):
-            module.__class__ = plain
-            for name in attrs:
-                vars(module).pop(name, None)
-        self.swaps = []
+        self.swaps.undo()
 
 
 _ACTIVE: "weakref.WeakKeyDictionary[Model, _Masking]" = weakref.WeakKeyDictionary()
