@@ -94,7 +94,8 @@ def _one_at_a_time(cfg):
     by_axis = {}
     for i, kind in enumerate(cfg.layer_types):
         axis, n = shapes[kind]
-        keep = torch.arange(n) % (n // cfg.n_groups if axis == "mamba_heads" else n) < n // 2 + 1  # in every group
+        size = n // cfg.n_groups if axis == "mamba_heads" else n  # Mamba heads: in every group
+        keep = torch.arange(n) % size < size // 2 + 1
         by_axis.setdefault(axis, {})[f"layers.{i}.{axis}"] = keep.float()
     hidden = {"hidden": (torch.arange(cfg.hidden_size) < cfg.hidden_size - 4).float()}
     return [{}, *by_axis.values(), {"layers.1": torch.tensor(0.5)}, {"layers.1": torch.tensor(0.0)}, hidden,
@@ -104,7 +105,7 @@ def _one_at_a_time(cfg):
 @pytest.mark.parametrize("cfg", [LLAMA, NEMOTRON], ids=["llama", "nemotron"])
 def test_a_compiled_layer_runs_every_mask_it_is_given_whichever_ran_first(cfg):
     """torch.compile does not guard on a module's hooks: masks applied by hooks ran the graph traced
-    without them (the sixteenth session's compiled 0.75 budget, an FFN-only cut, trained as the full
+    without them (the fifteenth session's compiled 0.75 budget, an FFN-only cut, trained as the full
     model). Masks are class swaps, on which it guards."""
     eager = parent(cfg)
     compiled = compile_layers(parent(cfg), "eager")
