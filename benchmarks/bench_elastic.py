@@ -614,6 +614,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
         if b.is_full and trainer.delta is not None:  # the full budget is the shared weights plus its delta
             without_delta = score(small, heldouts, args)  # what the delta carries: the shared weights alone
             trainer.delta.merge_into(small)
+            parent_rest = score(with_parents_rest(small, teacher, trainer.delta), heldouts, args)
         ppl = score(small, heldouts, args)
         del small
         kd = [v for lg in tail for name, v in budget_kds(lg) if name == b.name]
@@ -629,6 +630,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                         "anchor_projection": tcfg.anchor_projection, "stage1_fraction": tcfg.stage1_fraction,
                         "full_delta_rank": tcfg.full_delta_rank or None,
                         "full_without_delta": without_delta if trainer.delta is not None else None,
+                        "full_with_parents_rest": parent_rest if trainer.delta is not None else None,
                         "anchor_data": args.anchor_data if anchor_rows is not None else None,
                         "anchor_mix": tcfg.anchor_mix if anchor_rows is not None else None,
                         "anchor_cos": cosines(logs),
@@ -840,6 +842,21 @@ def merge(files: list[str], out: str | None) -> dict:
     if out:
         common.write_json(out, res)
     return res
+
+
+def with_parents_rest(full, parent, delta):
+    """A copy of the merged full model `full` whose parameters outside the delta's linear layers (embeddings
+    and the tied LM head, norms; on the hybrid also Mamba's own, the experts, the MoE gates) are the
+    parent's: what the full model would be if only the linear layers drifted. Its perplexity beside the
+    merged model's says whether the drift the delta does not repair lies outside the layers it covers."""
+    out = copy.deepcopy(full)
+    covered = {f"{name}.weight" for name in delta.names}
+    own = dict(parent.named_parameters())
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            if name not in covered:
+                p.copy_(own[name].to(p.dtype))
+    return out
 
 
 def main(argv=None):

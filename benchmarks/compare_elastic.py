@@ -97,6 +97,9 @@ def compare(runs: dict, pair: str, part: str = "A") -> dict:
     if "1.0" in b_rows:
         full = b_rows["1.0"]["perplexity"]
         out["full_vs_parent"] = {s: full[s] / parent[s] - 1 for s in parent}
+    for key in ("full_without_delta", "full_with_parents_rest"):  # a delta run's diagnostics (bench_elastic)
+        if how.get(key):
+            out[key + "_vs_parent"] = {s: how[key][s] / parent[s] - 1 for s in parent}
     return out
 
 
@@ -128,6 +131,11 @@ def main(argv=None):
             print(f"  {budget:>5} [{100 * v['param_fraction']:.1f}%] {fmt(v['vs_c'])}   {v['architecture']}")
         if "full_vs_parent" in r:
             print(f"  full against its parent: {fmt(r['full_vs_parent'])}")
+        if "full_without_delta_vs_parent" in r:
+            print(f"    its shared weights alone: {fmt(r['full_without_delta_vs_parent'])}")
+        if "full_with_parents_rest_vs_parent" in r:
+            print(f"    with the parent's embeddings, norms and other non-delta weights: "
+                  f"{fmt(r['full_with_parents_rest_vs_parent'])}")
     if args.json:
         common.write_json(args.json, {"benchmark": "compare_elastic", "command": " ".join(sys.argv), "pairs": results})
 

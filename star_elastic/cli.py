@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--anchor-mix", type=float, default=1.0, metavar="F",
                     help="with --anchor-data: the share of the anchor's rows from that text, the rest from the "
                          "step's training batch (default 1: that text alone)")
+    sp.add_argument("--full-delta-rank", type=int, default=0, metavar="R",
+                    help="give the full budget a low-rank delta of its own (rank R) on every linear layer, trained "
+                         "by the full anchor alone, so that the anchor no longer pulls on the weights the smaller "
+                         "budgets share; written merged into the weights, A and B in full_delta.safetensors "
+                         "(docs/METHOD.md; measured: smaller budgets better, the full model further from its "
+                         "parent out of domain; default 0: none)")
     sp.add_argument("--anchor-projection", action="store_true",
                     help="where the full anchor's gradient conflicts with the smaller budgets' (a negative inner "
                          "product), drop its component along theirs (PCGrad), so that holding the full model does "

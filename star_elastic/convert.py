@@ -73,6 +73,9 @@ def convert(src, out, dtype: str = "fp8", *, progress: bool = True, log=print) -
     check_checkpoint(src)  # what every load checks, from config.json and the headers
     elastic = has_manifest(src)
     manifest = read_manifest(src) if elastic else None
+    if elastic and manifest.get("full_delta") and dtype == "fp8":
+        raise StarElasticError(f"{src}: FP8 copies of a checkpoint with a full budget's delta (full_delta.safetensors) "
+                               "are not built; convert it to bfloat16, or slice a budget and convert that")
     with staging(out) as tmp:
         stream_slice(src, ElasticSpec(), tmp / "model", dtype=torch_dtype, progress=progress)
         for f in (tmp / "model").iterdir():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +71,12 @@ class ElastifyConfig:
     anchor_mix: float = 1.0  # the anchor text's share of the anchor's rows, the rest the training batch's
     anchor_projection: bool = False  # the anchor's gradient off the smaller budgets' where they conflict
     #                                  (TrainConfig.anchor_projection)
+    # >0: the full budget's own low-rank delta of this rank on every linear layer, trained by the anchor alone
+    # (TrainConfig.full_delta_rank, elastic/delta.py), written merged into the checkpoint's weights with A and
+    # B beside them. Measured on SmolLM2 at 4.2M tokens (docs/RESULTS.md §9, fifteenth and sixteenth
+    # sessions): the 0.75 level with separate distillation in domain and the 0.5 ahead, but the full model
+    # +3.0-3.8% on Shakespeare (anchor 0.5 without it: +0.5%); hence off by default
+    full_delta_rank: int = 0
     train_on: str = "drawn"  # the model trains the router's draw or its in-band argmax (TrainConfig.train_on)
     drift_data: str | None = "auto"  # held-out text of a second domain for the full budget's drift ("": none)
     router_init: str = "search"  # the router starts from the zero-shot search's architectures, or "cost" alone
@@ -165,8 +172,10 @@ def drift_source(data: str, drift_data: str | None) -> str | None:
                 None)
 
 
-def masked_perplexity(model, spec, heldout, cfg: ElastifyConfig, device) -> float:
-    with masked(model, spec.masks(model.config, device=device)), \
+def masked_perplexity(model, spec, heldout, cfg: ElastifyConfig, device, delta=None) -> float:
+    """`delta`: the full budget's own (delta.py), applied when `spec` keeps the whole parent."""
+    full = delta is not None and not spec.to_dict()
+    with masked(model, spec.masks(model.config, device=device)), delta.applied(model) if full else nullcontext(), \
             torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         return perplexity(model, heldout, seq_len=cfg.seq_len, batch_size=4, max_tokens=cfg.eval_tokens,
                           progress=False, device=device)["perplexity"]
@@ -225,6 +234,14 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
         raise StarElasticError(f"--anchor-mix {cfg.anchor_mix:g}: the anchor text's share of the anchor's rows, in (0, 1]")
     if cfg.anchor_mix != 1.0 and not anchor_spec:
         raise StarElasticError("--anchor-mix mixes the anchor's own text into its batch: give --anchor-data")
+    if cfg.full_delta_rank:
+        why = ("give a positive rank" if cfg.full_delta_rank < 0 else
+               "the anchor trains it: it needs --full-anchor > 0, the full budget 1.0 and a smaller one" if not anchor
+               else "drop --budget-lrs" if cfg.budget_lrs is not None else
+               "drop --anchor-projection" if cfg.anchor_projection else
+               "not with FSDP2 sharding: add --shard none" if ranks > 1 and cfg.shard != "none" else None)
+        if why:
+            raise StarElasticError(f"--full-delta-rank {cfg.full_delta_rank}: {why}")
     train_stream, heldout = load_corpus_tokens(data, tokenizer, heldout_fraction=cfg.heldout_fraction, seed=cfg.seed)
     row_len = max(cfg.seq_len, cfg.stage2_seq_len or 0)
     rows = pack(train_stream, row_len)
@@ -333,7 +350,8 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                        router_estimator=cfg.router_estimator, router_freeze_fraction=cfg.router_freeze,
                        router_prior=cfg.router_prior, shard=cfg.shard, compile=cfg.compile,
                        all_budgets=cfg.all_budgets, train_on=cfg.train_on, budget_lrs=budget_lrs,
-                       anchor_projection=cfg.anchor_projection, anchor_mix=cfg.anchor_mix)
+                       anchor_projection=cfg.anchor_projection, anchor_mix=cfg.anchor_mix,
+                       full_delta_rank=cfg.full_delta_rank)
     anchor_rows = None if anchor_spec is None else anchor_text(
         anchor_spec, teacher, tokenizer, row_len, cfg.batch_size * cfg.seq_len // row_len,
         min(ANCHOR_SELF_TOKENS, train_tokens), cfg.seed, cfg.heldout_fraction, log)
@@ -371,7 +389,7 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     specs = [router.spec_of(p.choice) for p in projections]
     after, shares = {}, {}
     for i, (b, spec, proj) in enumerate(zip(budgets, specs, projections)):
-        after[b.name] = masked_perplexity(model, spec, heldout, cfg, device)
+        after[b.name] = masked_perplexity(model, spec, heldout, cfg, device, trainer.delta)
         how = (f"projected from the router's {proj.argmax_cost / proj.target:.3f}x" if proj.projected
                else "the router's argmax")
         share = shares[b.name] = trainer.trained_share(i, proj.choice)
@@ -384,7 +402,7 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     drift = {}
     for name, stream in heldouts.items():
         ppl = after[budgets[0].name] if name == "train domain" and budgets[0].is_full else \
-            masked_perplexity(model, ElasticSpec(), stream, cfg, device)
+            masked_perplexity(model, ElasticSpec(), stream, cfg, device, trainer.delta)
         drift[name] = {"parent": parent_ppl[name], "full_budget": ppl, "change": ppl / parent_ppl[name] - 1}
         log(f"  full budget vs parent on {name} held-out: {parent_ppl[name]:.3f} -> {ppl:.3f} "
             f"({drift[name]['change']:+.2%})")
@@ -406,7 +424,7 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
         save_elastic(model, router, budgets, out, tokenizer, extra={"training": training, "evaluation": evaluation},
                      scores=permuted_scores(scores, perms), specs=specs, projections=projections,
                      record=distribution if sharded else None,
-                     dtype=getattr(torch, cfg.save_dtype) if cfg.save_dtype else None)
+                     dtype=getattr(torch, cfg.save_dtype) if cfg.save_dtype else None, delta=trainer.delta)
         written = sum(f.stat().st_size for f in out.glob("*.safetensors")) if rank == 0 else 0
         log(f"checkpoint written in {time.perf_counter() - last[0]:.0f} s ({written / 1e9:.2f} GB of safetensors)")
     if rank == 0:

@@ -109,21 +109,17 @@ def compare_models(reference, models: dict, stream: torch.Tensor, seq_len: int =
 
 # ----------------------------------------------------------------------------- every budget of a checkpoint
 
-def is_parent(spec, cfg) -> bool:
-    """Whether a budget's spec keeps the whole parent (then the parent itself runs, no copy)."""
-    return not spec.indices(cfg) and spec.kept_layers(cfg) == list(range(cfg.num_layers))
-
-
 def budget_models(ckpt, names: list[str]) -> dict:
-    """name -> the sliced model of that budget (the parent itself for a budget that keeps it whole).
-    Sliced rather than masked: a physically smaller model is what a budget deploys as, so its
-    throughput is the real one, and it is faster than running the full-size model under masks."""
+    """name -> the sliced model of that budget (the full model itself for a budget that keeps the whole
+    parent: `ckpt.full_model()`, merged with its delta if it has one). Sliced rather than masked: a
+    physically smaller model is what a budget deploys as, so its throughput is the real one, and it is
+    faster than running the full-size model under masks."""
     from .elastic.slicing import slice_model
 
     cfg, out = ckpt.model.config, {}
     for name in names:
         spec = ckpt.spec(name)
-        out[name] = ckpt.model if is_parent(spec, cfg) else slice_model(ckpt.model, spec).eval()
+        out[name] = ckpt.full_model() if spec.keeps_parent(cfg) else slice_model(ckpt.model, spec).eval()
     return out
 
 
@@ -162,6 +158,7 @@ def evaluate_budgets(ckpt, stream: torch.Tensor, names: list[str], compare: dict
     parent budget on a copy), against the parent in that dtype."""
     entries = {b["name"]: b for b in ckpt.manifest["budgets"]}
     models = budget_models(ckpt, names)
+    reference = ckpt.full_model()  # the trained full model: with a delta, merged
     compare = compare or {}
     if fp8_matmul is not None:
         import copy
@@ -169,14 +166,14 @@ def evaluate_budgets(ckpt, stream: torch.Tensor, names: list[str], compare: dict
         from .fp8 import use_fp8_matmuls
         for group in (models, compare):
             for name, m in group.items():
-                group[name] = m = copy.deepcopy(m) if m is ckpt.model else m
+                group[name] = m = copy.deepcopy(m) if m is reference else m
                 use_fp8_matmuls(m, fp8_matmul)
-        ckpt.model.to(fp8_matmul)
+        reference.to(fp8_matmul)
     clash = sorted(set(models) & set(compare))
     if clash:
         from .errors import StarElasticError
         raise StarElasticError(f"--compare name {clash[0]!r} is also a budget name; rename the directory")
-    quality = compare_models(ckpt.model, {**models, **compare}, stream, seq_len, batch_size, max_tokens, progress)
+    quality = compare_models(reference, {**models, **compare}, stream, seq_len, batch_size, max_tokens, progress)
     budgets = {}
     settings = ckpt.manifest.get("memory_settings")
     for name in names:

@@ -53,7 +53,10 @@ class BudgetScorer:
             name = str(budget)
             if name not in names:  # lm_eval's argument parser turns "0.50" into 0.5: match by value too
                 name = next((n for n in names if _same_number(n, budget)), name)
-            model, tokenizer = slice_model(ckpt.model, ckpt.spec(name)), ckpt.tokenizer
+            spec = ckpt.spec(name)
+            # the full budget is the full model (with a delta of its own, merged), not a slice of the shared weights
+            model = ckpt.full_model() if spec.keeps_parent(ckpt.model.config) else slice_model(ckpt.model, spec)
+            tokenizer = ckpt.tokenizer
         else:
             model, tokenizer = load(pretrained, dtype=dtype, device=device), load_tokenizer(pretrained)
         if tokenizer is None:

@@ -21,6 +21,7 @@ directory, no manifest) are one line, status 2, like every other command.
 from __future__ import annotations
 
 import re
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -193,8 +194,10 @@ def validate_checkpoint(path, data: str | None = None, device=None, dtype=None, 
     for b in entries:
         name = b["name"]
         spec = specs[name]
+        # the full budget with a delta of its own (delta.py) is W + B A, not a slice of W
+        full_delta = ckpt.delta is not None and spec.keeps_parent(cfg)
         try:
-            small = slice_model(model, spec).eval()
+            small = ckpt.full_model() if full_delta else slice_model(model, spec).eval()
         except Exception as e:  # a spec that passed the manifest checks but cannot be built
             report.add("slice", "fail", f"cannot slice: {str(e).splitlines()[0]}", name)
             continue
@@ -219,13 +222,14 @@ def validate_checkpoint(path, data: str | None = None, device=None, dtype=None, 
                        f"{kind} {own:,} = {ratio:.3f} x target {b['target']:,.0f}"
                        + ("" if in_band else f" (outside the {BAND:.0%} band)"), name)
 
-        problem = nesting[name] or weights_problem(model, small, spec)
+        problem = nesting[name] or weights_problem(ckpt.full_model() if full_delta else model, small, spec)
         larger = [e["name"] for e in entries[: entries.index(b)]]
         report.add("nested", "fail" if problem else "ok", problem or (
             "prefix of the parent" + (f", inside budget(s) {', '.join(larger)}" if larger else "")
             + "; weights = parent's kept units"), name)
 
-        with masked_by(model, spec.masks(cfg, device=ids.device, dtype=dtype_now)), torch.no_grad():
+        with masked_by(model, spec.masks(cfg, device=ids.device, dtype=dtype_now)), torch.no_grad(), \
+                ckpt.delta.applied(model) if full_delta else nullcontext():
             masked, out = model(ids).float(), small(ids).float()
         err = ((masked - out).norm() / masked.norm().clamp(min=1e-30)).item()
         report.add("outputs", "ok" if err <= tol else "fail",

@@ -28,16 +28,22 @@ def test_ratios_of_a_pair_across_a_bundle_and_a_result_file(tmp_path, capsys):
     single = tmp_path / "C.json"
     single.write_text(json.dumps(_run(0, "minitron", {"0.75": {"wiki": 12.0, "bible": 25.0}}, lr=4e-4)))
     data = json.loads(bundle.read_text())
-    data["runs"]["J"]["A"]["methods"] = {"joint_anchor": {"budget_lrs": [1e-4, 4e-4]}}
+    data["runs"]["J"]["A"]["methods"] = {"joint_anchor": {"budget_lrs": [1e-4, 4e-4], "full_delta_rank": 4,
+                                                          "full_without_delta": {"wiki": 12.0, "bible": 30.0},
+                                                          "full_with_parents_rest": {"wiki": 9.5, "bible": 21.0}}}
     bundle.write_text(json.dumps(data))
     runs = load_runs([str(bundle), str(single)])
     r = compare(runs, "J:C")
     assert r["method"] == "joint_anchor" and r["lr"] == 1e-4 and r["lr_c"] == 4e-4
     assert r["budgets"]["0.75"]["vs_c"] == pytest.approx({"wiki": 0.05, "bible": -0.04})
     assert r["full_vs_parent"] == pytest.approx({"wiki": -0.1, "bible": 0.1})
+    # a delta run's diagnostics: the shared weights alone, and the merged model with the parent's other weights
+    assert r["full_without_delta_vs_parent"] == pytest.approx({"wiki": 0.2, "bible": 0.5})
+    assert r["full_with_parents_rest_vs_parent"] == pytest.approx({"wiki": -0.05, "bible": 0.05})
     main([str(bundle), str(single), "--pairs", "J:C", "--json", str(tmp_path / "out.json")])
     printed = capsys.readouterr().out
     assert "0.75 [75.0%] +5.0 / -4.0" in printed and "lr per budget 0.0001,0.0004 against 0.0004" in printed
+    assert "its shared weights alone: +20.0 / +50.0" in printed and "non-delta weights: -5.0 / +5.0" in printed
     assert json.loads((tmp_path / "out.json").read_text())["pairs"][0]["pair"] == "J:C"
 
 

@@ -127,3 +127,24 @@ def test_the_bench_trains_and_scores_the_full_budget_with_its_delta(tmp_path):
     full = {row["method"]: row["perplexity"] for row in part["rows"] if row["budget"] == "1.0"}
     # scored merged: the shared weights alone (recorded beside it) are another model
     assert full["elastic_anchor"] != part["methods"]["elastic_anchor"]["full_without_delta"]
+
+
+def test_the_bench_diagnostic_puts_back_the_parents_weights_outside_the_delta(tmp_path):
+    """bench_elastic's `full_with_parents_rest`: the merged full model with the parent's embeddings, norms and
+    every other weight the delta does not cover, its linear layers as trained."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_elastic import with_parents_rest
+
+    t = _trainer(tmp_path, "t", full_anchor=1.0, full_delta_rank=2)
+    t.run(progress=False)
+    full = t.delta.merge_into(copy.deepcopy(t.model))
+    mixed = with_parents_rest(full, t.teacher, t.delta)
+    covered = {f"{n}.weight" for n in t.delta.names}
+    parent, merged = dict(t.teacher.named_parameters()), dict(full.named_parameters())
+    assert covered and any(n not in covered for n in merged)
+    for name, p in mixed.named_parameters():
+        assert torch.equal(p, merged[name] if name in covered else parent[name].to(p.dtype)), name
+    assert not all(torch.equal(merged[n], parent[n]) for n in merged if n not in covered)  # they had drifted

@@ -7,6 +7,10 @@
       router.safetensors                the budget router's weights
       importance.safetensors            the importance scores the parent was sorted by, in the sorted
                                         order (unit j of every axis is the parent's unit j); optional
+      full_delta.safetensors            with `elastify --full-delta-rank`: the full budget's own low-rank
+                                        delta (delta.py). The weights above are then the full budget
+                                        merged (W + B A), and every smaller budget is a prefix of W =
+                                        weights - B A, which loading and the streaming slicer compute
       manifest.json                     every trained budget by name: its resolved architecture
                                         (spec + per-layer sizes), total / active parameters and
                                         memory; the router's settings; a sha256 and the size in bytes
@@ -20,12 +24,15 @@ that will be read is listed, the budgets fit the config; `hf.read_safetensors` c
 length against its header. The full sha256 of every file runs on request (`verify_files`, used by
 `load_elastic(verify=True)` and `star-elastic validate`).
 
-Storage is the parent's, not the sum of the budgets': each budget is a prefix of the parent.
+Storage is the parent's, not the sum of the budgets': each budget is a prefix of the parent (of W, with
+a full delta: then plus r(in + out) parameters a linear layer).
 """
 
 from __future__ import annotations
 
+import copy
 import json
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -38,9 +45,10 @@ from ..errors import StarElasticError
 from ..hf import SHARD_BYTES, load, load_tokenizer, read_config, safetensors_header, save_pretrained, staging
 from ..model import Model
 from .cost import Arch, Budget, CostModel, MemorySettings, parse_budget
+from .delta import FullDelta, save_delta
 from .importance import save_scores
-from .manifest import (FORMAT, INDEX_FILE, ROUTER_FILE, VERSION, check_budgets, check_cheap, check_files,  # noqa: F401 (re-exported)
-                       has_manifest, read_manifest, sha256, verify_files)
+from .manifest import (DELTA_FILE, FORMAT, INDEX_FILE, ROUTER_FILE, VERSION, check_budgets, check_cheap,  # noqa: F401 (re-exported)
+                       check_files, has_manifest, read_manifest, sha256, verify_files)
 from .router import Router, RouterConfig, interpolate_budget
 from .spec import ElasticSpec
 
@@ -65,7 +73,8 @@ def save_elastic(model: Model, router: Router, budgets: list[Budget], out, token
                  memory: MemorySettings | None = None, extra: dict | None = None,
                  scores: dict | None = None, specs: list[ElasticSpec] | None = None,
                  projections: list | None = None, max_shard_bytes: int = SHARD_BYTES,
-                 record: dict | None = None, dtype: torch.dtype | None = None) -> Path:
+                 record: dict | None = None, dtype: torch.dtype | None = None,
+                 delta: FullDelta | None = None) -> Path:
     """Write the elastic checkpoint of a trained (sorted) parent and router, atomically. `scores`:
     the importance scores in the parent's (sorted) unit order, kept for `star-elastic inspect`.
     `specs`: each budget's architecture (default: the router's argmax); `projections`: how each was
@@ -76,11 +85,14 @@ def save_elastic(model: Model, router: Router, budgets: list[Budget], out, token
     gathered tensor by tensor and rank 0 alone writes the files (`hf.save_pretrained`). `record`: a
     dict (e.g. one inside `extra`) that is given, before the manifest is written, how the weights
     were written and the most bytes of them held at once. `dtype`: the floating-point dtype to write
-    the weights in (`hf.save_pretrained`; None: as the model holds them)."""
+    the weights in (`hf.save_pretrained`; None: as the model holds them). `delta`: the full budget's
+    own (delta.py): the weights are written merged (W + B A) and A, B beside them (`DELTA_FILE`)."""
     sharded = parallel.is_sharded(model)
     if not sharded:
         return _write_elastic(model, router, budgets, Path(out), tokenizer, memory, extra, scores, specs,
-                              projections, max_shard_bytes, record, dtype=dtype)
+                              projections, max_shard_bytes, record, dtype=dtype, delta=delta)
+    if delta is not None:
+        raise StarElasticError("a full budget's delta is not written from FSDP2 shards (train it unsharded)")
     error, written = None, {}
     try:
         if dist.get_rank() == 0:
@@ -102,7 +114,8 @@ def save_elastic(model: Model, router: Router, budgets: list[Budget], out, token
 
 
 def _write_elastic(model, router, budgets, out: Path, tokenizer, memory, extra, scores, specs, projections,
-                   max_shard_bytes, record, written: dict | None = None, dtype: torch.dtype | None = None) -> Path:
+                   max_shard_bytes, record, written: dict | None = None, dtype: torch.dtype | None = None,
+                   delta: FullDelta | None = None) -> Path:
     router.eval()
     cost = CostModel(model.config, memory)
     specs = specs if specs is not None else [router.spec(i) for i in range(len(budgets))]
@@ -111,8 +124,11 @@ def _write_elastic(model, router, budgets, out: Path, tokenizer, memory, extra, 
         entry["projection"] = proj.to_dict()
     written = {} if written is None else written
     with staging(out) as tmp:
-        save_pretrained(model, tmp / "parent", tokenizer=tokenizer, max_shard_bytes=max_shard_bytes, stats=written,
-                        dtype=dtype)
+        with delta.merged(model) if delta is not None else nullcontext():  # the full budget as transformers loads it
+            save_pretrained(model, tmp / "parent", tokenizer=tokenizer, max_shard_bytes=max_shard_bytes,
+                            stats=written, dtype=dtype)
+        if delta is not None:
+            save_delta(delta, tmp / DELTA_FILE, dtype=dtype)
         for f in (tmp / "parent").iterdir():  # flatten: the checkpoint directory is the HF directory
             f.rename(tmp / f.name)
         (tmp / "parent").rmdir()
@@ -133,6 +149,10 @@ def _write_elastic(model, router, budgets, out: Path, tokenizer, memory, extra, 
                        "memory_bytes": int(cost.full("memory"))},
             "memory_settings": asdict(cost.memory_settings),
             "budgets": entries,
+            **({"full_delta": {"file": DELTA_FILE, "rank": delta.rank, "linear_layers": len(delta.names),
+                               "params": sum(p.numel() for p in delta.parameters()),
+                               "weights": "the full budget merged: W + B A; smaller budgets: prefixes of W"}}
+               if delta is not None else {}),
             "router": {"config": asdict(router.config), "budgets": [asdict(b) for b in budgets],
                        "layer_order": router.layer_order},
             "files": {name: sha256(tmp / name) for name in weights},
@@ -189,14 +209,25 @@ def interpolated_budget(manifest: dict, router: Router, name: str) -> tuple[Elas
 
 @dataclass
 class ElasticCheckpoint:
+    """`model`: the sorted parent, every budget's prefix source. With a full budget's delta (`delta`, the
+    checkpoint's `DELTA_FILE`) that is W, the shared weights, and the full budget is W + B A: `full_model`."""
     model: Model
     router: Router
     manifest: dict
     tokenizer: object = None
+    delta: FullDelta | None = None
 
     def spec(self, name: str) -> ElasticSpec:
         """A trained budget's architecture, or an interpolated one's (between two trained)."""
         return budget_spec(self.manifest, name, self.router)
+
+    def full_model(self) -> Model:
+        """The full budget: `model` itself, or with a delta a copy of it with B A merged (made once)."""
+        if self.delta is None:
+            return self.model
+        if getattr(self, "_full", None) is None:
+            self._full = self.delta.merge_into(copy.deepcopy(self.model))
+        return self._full
 
 
 def load_elastic(path, dtype=None, device=None, verify: bool = False) -> ElasticCheckpoint:
@@ -209,7 +240,12 @@ def load_elastic(path, dtype=None, device=None, verify: bool = False) -> Elastic
         verify_files(path, manifest)
     model = load(path, dtype=dtype, device=device)  # runs check_cheap before reading tensors
     router = load_router(path, manifest, model.config)
-    return ElasticCheckpoint(model, router.to(model.lm_head.weight.device).eval(), manifest, load_tokenizer(path))
+    delta = None
+    if manifest.get("full_delta"):  # the weights are the full budget merged: W + B A; keep W
+        delta = FullDelta.read(model, path / DELTA_FILE)
+        delta.subtract_from(model)
+    return ElasticCheckpoint(model, router.to(model.lm_head.weight.device).eval(), manifest, load_tokenizer(path),
+                             delta)
 
 
 def load_router(path, manifest: dict | None = None, parent_cfg=None) -> Router:

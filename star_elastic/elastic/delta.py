@@ -11,20 +11,26 @@ weights as if the full model were not there, and the delta follows them to keep 
 parent. B starts at zero, so training starts from the parent exactly. The delta is applied as masks are
 (masking.py), by swapping each linear layer's class, which compiled layers see.
 
-Export merges it: the full budget is W + B A, the parent's architecture with other weights (`merge_into`).
-The smaller budgets are prefixes of W, untouched by it. Training-side only so far: `bench_elastic.py
---full-delta-rank` measures it; elastify does not write it.
+In the elastic checkpoint (`elastify --full-delta-rank`) the main tensors hold the full budget merged,
+W + B A, so that transformers loads the full model as it loads any checkpoint, and `full_delta.safetensors`
+beside them holds A and B (`save_delta`). Loading subtracts B A again (`FullDelta.read`, `subtract_from`):
+the loaded model holds W, the tensors every smaller budget is a prefix of, and the full budget runs W with
+its delta applied (or merged into a copy). The streaming slicer subtracts the kept rows of B times the kept
+columns of A, tensor by tensor (stream.py).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from star_elastic.elastic.manifest import DELTA_FILE  # noqa: F401 (re-exported)
 from star_elastic.elastic.masking import ClassSwaps
+from star_elastic.errors import StarElasticError
 
 
 class _WithDelta:
@@ -56,10 +62,56 @@ class FullDelta(nn.Module):
             self.down[key] = nn.Parameter(down.to(w.device, w.dtype))  # the weights' dtype: the trainer's master
             self.up[key] = nn.Parameter(torch.zeros(out_f, rank, device=w.device, dtype=w.dtype))
 
+    @property
+    def rank(self) -> int:
+        return next(iter(self.down.values())).shape[0]
+
     def delta(self, name: str) -> torch.Tensor:
-        """B A of linear layer `name`, (out, in)."""
+        """B A of linear layer `name`, (out, in), in float32."""
         key = name.replace(".", "/")
-        return self.up[key] @ self.down[key]
+        return self.up[key].float() @ self.down[key].float()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """A and B as the checkpoint stores them: `<layer>.delta_down` (r, in), `<layer>.delta_up` (out, r),
+        under the layers' names in the model (`model.layers.0.self_attn.q_proj`)."""
+        out = {}
+        for name in self.names:
+            key = name.replace(".", "/")
+            down, up = _stored_keys(name)
+            out[down], out[up] = self.down[key], self.up[key]
+        return out
+
+    @classmethod
+    def read(cls, model: nn.Module, path) -> "FullDelta":
+        """The delta stored at `path` (`tensors`' keys) for `model`, in its weights' dtype and device: one
+        line naming the problem when the file does not fit the model's linear layers."""
+        from ..hf import read_safetensors
+
+        path = Path(path)
+        stored = read_safetensors([path])
+        try:
+            rank = next(t.shape[0] for k, t in stored.items() if k.endswith(".delta_down"))
+        except StopIteration:
+            raise StarElasticError(f"{path}: no delta_down tensors (not a full budget's delta)") from None
+        delta = cls.__new__(cls)
+        nn.Module.__init__(delta)
+        delta.names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+        delta.down, delta.up = nn.ParameterDict(), nn.ParameterDict()
+        want = {k for name in delta.names for k in _stored_keys(name)}
+        if set(stored) != want:
+            odd = sorted(set(stored) ^ want)
+            raise StarElasticError(f"{path}: its tensors do not match the model's linear layers ({len(odd)} differ, "
+                                   f"e.g. {odd[0]})")
+        for name in delta.names:
+            w = model.get_submodule(name).weight
+            down, up = (stored[k] for k in _stored_keys(name))
+            if down.shape != (rank, w.shape[1]) or up.shape != (w.shape[0], rank):
+                raise StarElasticError(f"{path}: {name}'s delta is {tuple(up.shape)} x {tuple(down.shape)}, the layer "
+                                       f"is {tuple(w.shape)} (rank {rank})")
+            key = name.replace(".", "/")
+            delta.down[key] = nn.Parameter(down.to(w.device, w.dtype), requires_grad=False)
+            delta.up[key] = nn.Parameter(up.to(w.device, w.dtype), requires_grad=False)
+        return delta
 
     @contextmanager
     def applied(self, model: nn.Module):
@@ -67,14 +119,23 @@ class FullDelta(nn.Module):
         as masks are (masking.py: torch.compile guards on classes, so compiled layers run it too). What
         trains the delta alone is the backward's `inputs=` (the trainer's anchor pass), which leaves the
         model's own parameters without gradient. Not for sharded (FSDP2) models."""
+        swaps = self.apply(model)
+        try:
+            yield model
+        finally:
+            swaps.undo()
+
+    def apply(self, model: nn.Module) -> ClassSwaps:
+        """`applied` until the returned swaps are undone (a server's full budget runs with it for good)."""
         swaps = ClassSwaps()
         try:
             for name in self.names:
                 key = name.replace(".", "/")
                 swaps.mix(model.get_submodule(name), _WithDelta, delta_down=self.down[key], delta_up=self.up[key])
-            yield model
-        finally:
+        except BaseException:
             swaps.undo()
+            raise
+        return swaps
 
     @torch.no_grad()
     def merge_into(self, model: nn.Module) -> nn.Module:
@@ -82,5 +143,39 @@ class FullDelta(nn.Module):
         standalone full model."""
         for name in self.names:
             w = model.get_submodule(name).weight
-            w.add_(self.delta(name).to(w.dtype))
+            w.copy_((w.float() + self.delta(name).to(w.device)).to(w.dtype))
         return model
+
+    @torch.no_grad()
+    def subtract_from(self, model: nn.Module) -> nn.Module:
+        """Take B A from the weights of `model`, the full budget merged (as a checkpoint stores it): the
+        shared weights W that every smaller budget is a prefix of."""
+        for name in self.names:
+            w = model.get_submodule(name).weight
+            w.copy_((w.float() - self.delta(name).to(w.device)).to(w.dtype))
+        return model
+
+    @contextmanager
+    def merged(self, model: nn.Module):
+        """Inside: `model`'s linear weights are W + B A (for writing the checkpoint); after, exactly W again
+        (restored from copies, not by subtracting)."""
+        saved = {name: model.get_submodule(name).weight.detach().clone() for name in self.names}
+        try:
+            yield self.merge_into(model)
+        finally:
+            with torch.no_grad():
+                for name, w in saved.items():
+                    model.get_submodule(name).weight.copy_(w)
+
+
+def _stored_keys(name: str) -> tuple[str, str]:
+    """A's and B's keys in the checkpoint's delta file for linear layer `name`."""
+    return f"{name}.delta_down", f"{name}.delta_up"
+
+
+def save_delta(delta: FullDelta, path, dtype: torch.dtype | None = None) -> None:
+    """Write A and B of every linear layer (`FullDelta.tensors`), in `dtype` (None: as held)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in delta.tensors().items()},
+              str(path), metadata={"format": "star-elastic-full-delta", "rank": str(delta.rank)})

@@ -17,6 +17,7 @@ from .spec import ElasticSpec, count_parameters
 FORMAT = "star-elastic-checkpoint"
 VERSION = 1
 ROUTER_FILE = "router.safetensors"
+DELTA_FILE = "full_delta.safetensors"  # the full budget's own low-rank delta (delta.py), when trained with one
 INDEX_FILE = "model.safetensors.index.json"  # a sharded parent's shard map (read by loaders: it is checked too)
 
 
@@ -102,7 +103,8 @@ def check_files(path, manifest: dict, full: bool = False, progress: bool = False
             raise StarElasticError(f"{f}: {f.stat().st_size:,} bytes, the manifest records {sizes[name]:,} "
                                    "(truncated or replaced)")
     index = [path / INDEX_FILE] if (path / INDEX_FILE).exists() else []
-    for f in _weight_files(path) + [path / ROUTER_FILE] + index:
+    delta = [path / DELTA_FILE] if manifest.get("full_delta") else []
+    for f in _weight_files(path) + [path / ROUTER_FILE] + index + delta:
         if f.name not in files:
             raise StarElasticError(f"{f}: not listed in the manifest (its checksum is unknown)")
     if full:

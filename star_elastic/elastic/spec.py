@@ -163,6 +163,10 @@ class ElasticSpec:
     def kept_layers(self, parent: ModelConfig) -> list[int]:
         return list(range(parent.num_layers)) if self.layers is None else sorted(self.layers)
 
+    def keeps_parent(self, parent: ModelConfig) -> bool:
+        """Whether this spec keeps the whole parent (then the parent itself runs, no copy)."""
+        return not self.indices(parent) and self.kept_layers(parent) == list(range(parent.num_layers))
+
     def _value(self, axis: str, i: int):
         v = getattr(self, axis)
         return v[i] if isinstance(v, list) else v

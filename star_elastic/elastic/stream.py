@@ -18,6 +18,10 @@ checkpoint stores, and every submodel is streamed out of it (`star-elastic slice
 
 The index logic is `slicing.take` itself: it runs once on a stand-in tensor that records which
 indices each dimension keeps (the read plan and the output shape), then applies to the data read.
+
+An elastic checkpoint trained with a full budget's delta (delta.py) stores the full budget merged,
+W + B A: a smaller budget's linear weight is then its kept block of that minus the kept rows of B times
+the kept columns of A (`_without_delta`), A and B read once from `full_delta.safetensors` (small).
 """
 
 from __future__ import annotations
@@ -616,6 +620,10 @@ def stream_slice(parent_dir, spec: ElasticSpec | dict, out_dir, *, dtype: torch.
     if dst == src or dst in src.parents:
         raise StarElasticError(f"{out_dir}: the output would replace the parent checkpoint {parent_dir}")
     items = _plan_items(parent_dir, parent, spec, dtype, raw)
+    delta = _full_delta(parent_dir, parent, spec)
+    if delta and any(it.kind and it.name in delta for it in items):
+        raise StarElasticError(f"{parent_dir}: FP8 slices of a checkpoint with a full budget's delta are not built; "
+                               "slice it in a floating-point dtype")
     sub = spec.config(parent)
     per_layer = bool(sub.layer_sizes and any(sub.layer_sizes))
     # config.json keeps infinities as {"__float__": "Infinity"}; transformers' config classes want floats
@@ -650,7 +658,8 @@ def stream_slice(parent_dir, spec: ElasticSpec | dict, out_dir, *, dtype: torch.
             def produce(it):
                 if it.kind:
                     return _fp8_tensor(reader, it, parent)
-                t = reader.tensor(it, parent)
+                t = _without_delta(reader, it, parent, delta[it.name]) if it.name in delta else \
+                    reader.tensor(it, parent)
                 for code in it.cast:
                     t = t.to(DTYPE_OF[code])
                 return t
@@ -671,6 +680,34 @@ def stream_slice(parent_dir, spec: ElasticSpec | dict, out_dir, *, dtype: torch.
         reader.close()
         bar.close()
     return out_dir
+
+
+def _full_delta(parent_dir: Path, parent: ModelConfig, spec: ElasticSpec) -> dict[str, tuple]:
+    """{linear weight's in-memory name: (A, B)} of an elastic checkpoint trained with a full budget's delta,
+    for a spec smaller than the parent; {} otherwise (the full budget is the stored weights as they are)."""
+    from .manifest import DELTA_FILE, read_manifest
+
+    if not (parent_dir / "manifest.json").is_file() or spec.keeps_parent(parent):
+        return {}
+    if not read_manifest(parent_dir).get("full_delta"):
+        return {}
+    stored = hf.read_safetensors([parent_dir / DELTA_FILE])
+    return {k[:-len(".delta_down")] + ".weight": (v, stored[k[:-len("down")] + "up"])
+            for k, v in stored.items() if k.endswith(".delta_down")}
+
+
+def _without_delta(reader: "_Reader", it: _Item, cfg: ModelConfig, delta: tuple) -> torch.Tensor:
+    """`it`'s output tensor from the stored W + B A: the kept block minus B's kept rows times A's kept
+    columns, in float32, back in the stored dtype (the whole tensor when `take` does more than pick)."""
+    down, up = delta
+    if it.keep is None:
+        whole = reader.whole(it)
+        return take(it.name, (whole.float() - up.float() @ down.float()).to(whole.dtype), cfg, it.idx).contiguous()
+    t = reader.tensor(it, cfg)
+    rows, cols = it.keep
+    up = up if rows is None else up[rows]
+    down = down if cols is None else down[:, cols]
+    return (t.float() - up.float() @ down.float()).to(t.dtype)
 
 
 def output_bytes(parent_dir, spec: ElasticSpec | dict, dtype: torch.dtype | None = None) -> int:

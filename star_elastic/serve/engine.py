@@ -83,9 +83,12 @@ class ElasticEngine:
         # heads rank-major, once, before any view: every budget's heads become a plain prefix (order.py).
         # The parent is then the engine's own: its state dict and masks refuse (group-major indices).
         specs = [budget_spec(ckpt.manifest, b) for b in self.budgets]
-        self.serving_order = serving_order and serving_order_fits(self.parent.config, specs)
+        # a full budget's delta (delta.py) would need its rows and columns in that order too: not built
+        self.serving_order = serving_order and ckpt.delta is None and serving_order_fits(self.parent.config, specs)
         if self.serving_order:
             use_serving_order(self.parent)
+        if ckpt.delta is not None:  # the parent holds W, the smaller budgets' prefixes; the full budget adds B A
+            ckpt.delta.apply(self.parent)  # views are other modules over the same tensors: they run W alone
         self.views: dict[str, Model] = {}
         self.lock = threading.Lock()  # one generation at a time: see the module doc
         self.view_lock = threading.Lock()  # a view is built once, even when requests ask for it at once
@@ -113,6 +116,9 @@ class ElasticEngine:
         weights this frees)."""
         from ..fp8 import use_fp8_matmuls
 
+        if self.ckpt.delta is not None:
+            raise StarElasticError("FP8 matmuls with a full budget's delta (full_delta.safetensors) are not built: "
+                                   "serve this checkpoint in its own dtype")
         views = [self.view(b) for b in self.budgets]
         self.fp8_info = use_fp8_matmuls(self.parent, views=views)
         return self.fp8_info

@@ -1,0 +1,172 @@
+"""An elastic checkpoint with the full budget's own delta (`elastify --full-delta-rank`, elastic/delta.py).
+
+The weights hold the full budget merged (W + B A), so transformers loads the full model; A and B sit in
+full_delta.safetensors; every smaller budget is a prefix of W = weights - B A, in every path that makes a
+budget: loading (views, evaluation, validation) and the streaming slicer."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from star_elastic import cli, load
+from star_elastic.elastic.delta import FullDelta
+from star_elastic.elastic.checkpoint import DELTA_FILE, budget_spec, load_elastic, read_manifest, save_elastic
+from star_elastic.elastic.masking import masked
+from star_elastic.elastic.slicing import slice_model
+from star_elastic.elastic.stream import stream_slice
+from star_elastic.elastify import ElastifyConfig, elastify
+from star_elastic.errors import StarElasticError
+from star_elastic.evaluate import budget_models
+from star_elastic.model import Model
+from star_elastic.serve.engine import ElasticEngine
+from star_elastic.train import ElasticTrainer
+from star_elastic.validate import validate_checkpoint
+
+from test_elastify import PARENTS, WORDS, text, tokenizer  # noqa: F401 (fixtures)
+from test_full_delta import SMALLER_ONLY
+from test_train import make
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(x).float()
+
+
+def _close(a, b, tol=1e-4):
+    return float((a - b).norm() / b.norm()) < tol
+
+
+@pytest.fixture(scope="module", params=list(PARENTS))
+def written(request, tmp_path_factory):
+    """A tiny parent elastified with a delta of rank 4 (budgets 1.0 / 0.5)."""
+    from conftest import word_tokenizer
+
+    tmp = tmp_path_factory.mktemp(f"delta_{request.param}")
+    g = torch.Generator().manual_seed(0)
+    docs = [" ".join(WORDS[(int(torch.randint(0, 60, (1,), generator=g)) + j) % 60] for j in range(40))
+            for _ in range(80)]
+    (tmp / "text.txt").write_text("\n\n".join(docs))
+    torch.manual_seed(0)
+    cfg = ElastifyConfig(budgets=["1.0", "0.5"], tokens=16 * 32 * 6, seq_len=32, batch_size=16, calib_batches=2,
+                         eval_tokens=256, lr=1e-3, full_delta_rank=4)
+    out = tmp / "ckpt"
+    result = elastify(Model(PARENTS[request.param]), word_tokenizer(tmp, WORDS), str(tmp / "text.txt"), out, cfg,
+                      log=lambda *_: None)
+    return out, result
+
+
+def test_the_weights_are_the_full_budget_merged_and_transformers_runs_it(written):
+    out, result = written
+    manifest = read_manifest(out)
+    assert manifest["full_delta"]["rank"] == 4 and manifest["full_delta"]["file"] == DELTA_FILE
+    assert DELTA_FILE in manifest["files"] and DELTA_FILE in manifest["sizes"]  # checksummed like the weights
+    ckpt = load_elastic(out, verify=True)
+    assert ckpt.delta is not None and ckpt.delta.rank == 4
+    x = torch.randint(0, 63, (2, 12))
+    full = _logits(ckpt.full_model(), x)
+    assert not _close(_logits(ckpt.model, x), full, 1e-3)  # the delta learnt: W alone is another model
+    ref = AutoModelForCausalLM.from_pretrained(str(out)).eval()  # the stock loader sees W + B A
+    with torch.no_grad():
+        assert _close(ref(x).logits.float(), full)
+    # the full budget's perplexity elastify reported is the merged model's
+    assert result["trained"]["1.0"] > 0
+
+
+def test_every_smaller_budget_is_a_prefix_of_the_shared_weights_in_every_path(written, tmp_path):
+    out, _ = written
+    manifest = read_manifest(out)
+    ckpt = load_elastic(out)
+    spec = budget_spec(manifest, "0.5")
+    x = torch.randint(0, 63, (2, 12))
+    want = _logits(slice_model(ckpt.model, spec), x)
+    with torch.no_grad(), masked(ckpt.model, spec.masks(ckpt.model.config)):
+        assert _close(ckpt.model(x).float(), want, 1e-5)  # masks on W: the training's view of the budget
+    # streamed from disk: the stored W + B A minus the kept rows of B times the kept columns of A
+    stream_slice(out, spec, tmp_path / "half", progress=False)
+    assert _close(_logits(load(tmp_path / "half"), x), want)
+    # without that subtraction the slice is another model (what the test guards against)
+    merged_slice = slice_model(load(out), spec)
+    assert not _close(_logits(merged_slice, x), want, 1e-3)
+    # the full budget streamed is the stored weights as they are
+    stream_slice(out, budget_spec(manifest, "1.0"), tmp_path / "full", progress=False)
+    assert _close(_logits(load(tmp_path / "full"), x), _logits(ckpt.full_model(), x))
+    # evaluation's models and reference, and a server's views, from one loaded copy
+    models = budget_models(ckpt, ["1.0", "0.5"])
+    assert models["1.0"] is ckpt.full_model() and _close(_logits(models["0.5"], x), want)
+    engine = ElasticEngine.load(out)
+    assert _close(_logits(engine.view("1.0"), x), _logits(ckpt.full_model(), x))
+    assert _close(_logits(engine.view("0.5"), x), want)
+    assert validate_checkpoint(out, progress=False).ok
+    from star_elastic.lm_eval_adapter import BudgetScorer  # lm-eval's scorer of one budget
+    assert _close(_logits(BudgetScorer.from_checkpoint(str(out), budget="1.0").model, x), _logits(ckpt.full_model(), x))
+    assert _close(_logits(BudgetScorer.from_checkpoint(str(out), budget="0.5").model, x), want)
+
+
+def test_save_and_load_give_back_the_trained_shared_weights_and_delta(tmp_path):
+    model, teacher, router, budgets, rows, cfg, _ = make(**{**SMALLER_ONLY, "full_anchor": 1.0, "full_delta_rank": 3})
+    t = ElasticTrainer(model, teacher, router, budgets, rows, cfg, tmp_path / "t")
+    t.run(progress=False)
+    save_elastic(t.model, t.router, budgets, tmp_path / "ckpt", delta=t.delta)
+    for name, p in t.model.named_parameters():  # writing merged left the trained model as it was
+        assert p.requires_grad
+    ckpt = load_elastic(tmp_path / "ckpt")
+    for (name, a), b in zip(t.model.named_parameters(), ckpt.model.parameters()):
+        torch.testing.assert_close(b, a.detach(), rtol=0, atol=1e-6, msg=name)
+    x = torch.randint(0, t.model.config.vocab_size, (2, 10))
+    with torch.no_grad(), t.delta.applied(t.model):
+        want = t.model(x)
+    torch.testing.assert_close(_logits(ckpt.full_model(), x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_delta_file_that_does_not_fit_and_unsupported_uses_are_one_line_errors(written, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from star_elastic.convert import convert
+
+    out, _ = written
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    tensors = load_file(str(bad / DELTA_FILE))
+    key = next(k for k in tensors if k.endswith(".delta_up"))
+    tensors[key] = tensors[key][:-1]  # one row short
+    save_file(tensors, str(bad / DELTA_FILE))
+    with pytest.raises(StarElasticError, match="truncated or replaced"):  # the manifest's size check first
+        load_elastic(bad)
+    model = load(out)  # a file of the right kind whose shapes do not fit
+    with pytest.raises(StarElasticError, match="delta is"):
+        FullDelta.read(model, bad / DELTA_FILE)
+    tensors.pop(key)
+    save_file(tensors, str(bad / DELTA_FILE))
+    with pytest.raises(StarElasticError, match="do not match the model's linear layers"):
+        FullDelta.read(model, bad / DELTA_FILE)
+    (bad / DELTA_FILE).write_bytes(b"not safetensors")
+    with pytest.raises(StarElasticError, match="full_delta.safetensors"):
+        FullDelta.read(model, bad / DELTA_FILE)
+    with pytest.raises(StarElasticError, match="FP8 copies"):
+        convert(out, tmp_path / "fp8", "fp8", log=lambda *_: None)
+    assert not (tmp_path / "fp8").exists()
+    with pytest.raises(StarElasticError, match="FP8 matmuls with a full budget's delta"):
+        ElasticEngine.load(out, fp8_matmul=True)
+
+
+def test_cli_full_delta_rank_reaches_the_checkpoint_and_needs_the_anchor(tmp_path, tokenizer, text, capsys):  # noqa: F811
+    from star_elastic import save_pretrained
+
+    torch.manual_seed(0)
+    save_pretrained(Model(PARENTS["llama"]), tmp_path / "parent", tokenizer=tokenizer)
+    common = ["elastify", str(tmp_path / "parent"), "--budgets", "1.0,0.5", "--data", str(text), "--seq-len", "32",
+              "--batch-size", "8", "--calib-batches", "1", "--eval-tokens", "128", "--device", "cpu",
+              "--tokens", str(8 * 32 * 2)]
+    assert cli.main(common + ["--out", str(tmp_path / "ckpt"), "--full-delta-rank", "2"]) == 0
+    manifest = read_manifest(tmp_path / "ckpt")
+    assert manifest["full_delta"]["rank"] == 2 and manifest["training"]["config"]["full_delta_rank"] == 2
+    capsys.readouterr()
+    for extra, message in ((["--full-anchor", "0"], "needs --full-anchor > 0"),
+                           (["--full-delta-rank", "-1"], "give a positive rank")):
+        args = common + ["--out", str(tmp_path / "o2"), "--full-delta-rank", "2"] + extra
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+        assert not (tmp_path / "o2").exists()
