@@ -43,7 +43,7 @@ from .elastic.losses import (HeadInput, LossWeights, advantage, budget_loss, com
                              full_choice_loss, head_input, kd_loss, score_function_loss, task_loss)
 from .elastic.router import (Projection, Router, entropy, entropy_floor_loss, full_projection, larger_choice,
                              nested_in_band, project_budgets)
-from .elastic.delta import FullDelta
+from .elastic.delta import FullDelta, embeddings_and_norms
 from .elastic.masking import masked
 from .elastic.spec import ElasticSpec
 from .errors import StarElasticError
@@ -106,7 +106,10 @@ class TrainConfig:
     #                          rest the step's training batch's (1: the anchor text alone)
     full_delta_rank: int = 0  # >0, with the full anchor: the full budget gets a low-rank delta of its own on every
     #                           linear layer, trained by the anchor alone, which then leaves the shared weights to
-    #                           the smaller budgets (elastic/delta.py; measured by bench_elastic.py, not exported yet)
+    #                           the smaller budgets (elastic/delta.py; elastify --full-delta-rank)
+    # with the delta: the embeddings, LM head and norms stay the parent's for every budget (not trained), so the
+    # full model's only drift is in the linear layers its delta covers (delta.embeddings_and_norms)
+    freeze_embeddings_and_norms: bool = False
     budget_lrs: list[float] | None = None  # per-budget model learning rates (budget order): each budget's
     #                                        gradient then has its own AdamW moments and rate (BudgetAdamW), as if
     #                                        distilled alone; None: one AdamW over the summed gradient, at `lr`
@@ -253,6 +256,12 @@ class ElasticTrainer:
         self._fixed_masks: dict[int, tuple[ElasticSpec, dict]] = {}  # _spec_masks
         self.sampler = torch.Generator().manual_seed(cfg.seed + 1)  # budgets
         self.gumbel = torch.Generator().manual_seed(cfg.seed + 2)  # router noise
+        if cfg.freeze_embeddings_and_norms:
+            if not cfg.full_delta_rank:
+                raise StarElasticError("freeze_embeddings_and_norms keeps what the full budget's delta does not cover "
+                                       "at the parent's: it needs full_delta_rank > 0")
+            for p in embeddings_and_norms(model):
+                p.requires_grad_(False)
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr, "base_lr": cfg.lr,
                    "weight_decay": cfg.weight_decay}]
         self.delta = self._full_delta(groups)

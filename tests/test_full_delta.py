@@ -148,3 +148,20 @@ def test_the_bench_diagnostic_puts_back_the_parents_weights_outside_the_delta(tm
     for name, p in mixed.named_parameters():
         assert torch.equal(p, merged[name] if name in covered else parent[name].to(p.dtype)), name
     assert not all(torch.equal(merged[n], parent[n]) for n in merged if n not in covered)  # they had drifted
+
+
+def test_frozen_embeddings_and_norms_stay_the_parents_and_the_rest_trains(tmp_path):
+    """TrainConfig.freeze_embeddings_and_norms: the full model then differs from its parent only in the linear
+    layers, where its delta is; without the delta there is nothing to keep them for (one-line error)."""
+    from star_elastic.elastic.delta import embeddings_and_norms
+
+    t = _trainer(tmp_path, "t", full_anchor=1.0, full_delta_rank=2, freeze_embeddings_and_norms=True)
+    start = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    t.run(progress=False)
+    frozen = {id(p) for p in embeddings_and_norms(t.model)}
+    names = {n for n, p in t.model.named_parameters() if id(p) in frozen}
+    assert any("embed" in n for n in names) and any("norm" in n for n in names)
+    for n, p in t.model.named_parameters():
+        assert torch.equal(p, start[n]) == (n in names), n  # frozen ones unchanged, every other one trained
+    with pytest.raises(StarElasticError, match="needs full_delta_rank"):
+        _trainer(tmp_path, "u", full_anchor=1.0, freeze_embeddings_and_norms=True)

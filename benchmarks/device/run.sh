@@ -14,7 +14,7 @@
 #                               LOAD needs .devcarry/serve_wheels: the server's packages, which the GPU machine lacks)
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|22|16j|16J|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|23|16j|16J|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
 #   GATHER [args]               issue 12: the views' MoE decode gather, the candidates side by side (bench_expert_gather)
@@ -191,11 +191,16 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # 22 (sixteenth session): with the delta the full model stays +3.0-3.8% on Shakespeare whatever the anchor
   # reads (20, 21); every delta run now also scores the merged full model with the parent's weights outside
   # the delta's linear layers (embeddings / tied LM head, norms: bench_elastic `full_with_parents_rest`,
-  # printed by compare_elastic): is the drift left there? J0mr64 again (J0mr64b, the diagnostic and a second
-  # reading of its noise) and at seed 1 on E1's architectures against C1l (twelfth session), side by side
+  # printed by compare_elastic): is the drift left there? J0mr64 again (J0mr64b: the diagnostic, and a second
+  # reading of its noise) beside the lever that follows if it is: the embeddings, LM head and norms frozen at
+  # the parent's for every budget (J0mr64f, --freeze-embeddings-norms); 23: the winner at seed 1 on E1's
+  # architectures against C1l (twelfth session; LEVERS="--freeze-embeddings-norms" if J0mr64f wins)
   22) bash $0 RUNS J0mr64b "$J0 --lr-a 2e-4 --full-delta-rank 64 --anchor-data self --anchor-mix 0.5" \
-       J1mr64 "$A --seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor --lr-a 2e-4 --full-delta-rank 64 --anchor-data self --anchor-mix 0.5"
-     ratios J0mr64b:C2,J1mr64:C1l J0mr64b J1mr64 ;;
+       J0mr64f "$J0 --lr-a 2e-4 --full-delta-rank 64 --anchor-data self --anchor-mix 0.5 --freeze-embeddings-norms"
+     ratios J0mr64b:C2,J0mr64f:C2 J0mr64b J0mr64f ;;
+  23) bash $0 RUNS J1mr64 "$A --seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor --lr-a 2e-4 \
+       --full-delta-rank 64 --anchor-data self --anchor-mix 0.5 $LEVERS"
+     ratios J1mr64:C1l J1mr64 ;;
   # 16j (thirteenth session's note): T = 16M like for like without the router: J16, E0's architectures with
   # the anchor at 0.5 (resumable: call "16j" again until it is done), beside (c) on the same ones, a budget a
   # process (--budgets 1.0,B at T = 8M: the 8M that (c) at 16M gives each budget, so it fits one call),

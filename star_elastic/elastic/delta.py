@@ -168,6 +168,19 @@ class FullDelta(nn.Module):
                     model.get_submodule(name).weight.copy_(w)
 
 
+def embeddings_and_norms(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters the delta does not cover and a freeze can keep at the parent's: token embeddings, the LM
+    head (the embeddings themselves when tied) and every norm's scale (TrainConfig.freeze_embeddings_and_norms)."""
+    from ..model import GatedRMSNorm, RMSNorm
+
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Embedding, RMSNorm, GatedRMSNorm)) or name == "lm_head":
+            for p in m.parameters(recurse=False):
+                out[id(p)] = p
+    return list(out.values())
+
+
 def _stored_keys(name: str) -> tuple[str, str]:
     """A's and B's keys in the checkpoint's delta file for linear layer `name`."""
     return f"{name}.delta_down", f"{name}.delta_up"
