@@ -298,7 +298,11 @@ def drawn_cost(drawn, expected) -> torch.Tensor:
     choice distribution moves the cost. On the expected cost alone, a distribution split between a
     large and a small choice sits inside the band while every draw, and the argmax, is outside."""
     expected = torch.as_tensor(expected)
-    return torch.as_tensor(drawn, dtype=expected.dtype, device=expected.device).detach() + expected - expected.detach()
+    if torch.is_tensor(drawn) and drawn.device.type != "cpu":
+        drawn = drawn.detach().to(device=expected.device, dtype=expected.dtype)
+    else:  # a host value joins as a scalar operand: no copy to the device (on a GPU a copy from the host syncs)
+        drawn = float(drawn)
+    return expected - expected.detach() + drawn  # the value is drawn's exactly (e - e = 0), the gradient e's
 
 
 def advantage(loss, baseline) -> torch.Tensor:

@@ -155,6 +155,10 @@ class Router(nn.Module):
         self._progress = 0.0
         self.register_load_state_dict_post_hook(lambda module, keys: module._read_progress())
         self._full = Arch.full(parent)
+        # device copies of host values read every step (`blend`, `expected_arch`): on a GPU each copy from
+        # the host is a sync. Plain dicts, not buffers: the state dict keeps its keys
+        self._blends: dict = {}
+        self._sizes: dict = {}
 
     def _read_progress(self) -> None:
         self._progress = float(self.progress)
@@ -235,26 +239,39 @@ class Router(nn.Module):
     def blend(self, budget) -> torch.Tensor:
         """The router input for `budget`: an int index (one-hot), a float index (1.5 = half budget 1,
         half budget 2), a Budget (trained: its one-hot; else the two trained budgets of its kind around
-        its target, blended linearly in the target), or a weight vector as it is."""
+        its target, blended linearly in the target), or a weight vector as it is. Not a vector: a tensor
+        kept for the next call with the same weights (not to be changed in place)."""
         device = self.progress.device
         if torch.is_tensor(budget):
             if budget.shape != (self.n_budgets,):
                 raise ValueError(f"a budget vector has shape ({self.n_budgets},), got {tuple(budget.shape)}")
             return budget.to(device=device, dtype=torch.float32)
+        w = self._host_blend(budget)
+        # kept per value: the same budgets come back every step, and each copy from the host is a sync
+        key = (tuple(w.tolist()), w.dtype, device)
+        if key not in self._blends:
+            if len(self._blends) >= 256:  # blends of arbitrary budgets (interpolation) must not pile up
+                self._blends.clear()
+            with torch.inference_mode(False):  # usable by autograd later, whatever mode built it
+                self._blends[key] = w.to(device, copy=True)
+        return self._blends[key]
+
+    def _host_blend(self, budget) -> torch.Tensor:
+        """`blend` of an index or a Budget, built on the host (a CPU tensor: the same rounding)."""
         if isinstance(budget, Budget):
             return self._blend_budget(budget)
         x = float(budget)
         if not 0 <= x <= self.n_budgets - 1:
             raise ValueError(f"budget index {budget} is outside 0..{self.n_budgets - 1}")
         lo = min(int(x), self.n_budgets - 2) if self.n_budgets > 1 else 0
-        w = torch.zeros(self.n_budgets, device=device)
+        w = torch.zeros(self.n_budgets, device="cpu")
         w[lo] = 1 - (x - lo)
         if x > lo:
             w[lo + 1] = x - lo
         return w
 
     def _blend_budget(self, b: Budget) -> torch.Tensor:
-        w = torch.zeros(self.n_budgets, device=self.progress.device)
+        w = torch.zeros(self.n_budgets, device="cpu")
         same = sorted((t.target, i) for i, t in enumerate(self.budgets) if t.kind == b.kind)
         for target, i in same:
             if target == b.target:
@@ -326,7 +343,7 @@ class Router(nn.Module):
         if self.training:  # Gumbel-max draws from p, redrawn (hard mode) until `accept` takes one
             tries = 1 if accept is None or mode == "soft" else max(1, tries)
             for attempt in range(tries):
-                noise = {name: self._gumbel(logit, generator) for name, logit in logits.items()}
+                noise = self._gumbel(logits, generator)
                 # every slot's argmax in one transfer: one host sync a try, not one a slot
                 drawn = dict(zip(logits, torch.stack([(logit.detach() * self.scale + noise[name]).argmax()
                                                       for name, logit in logits.items()]).tolist()))
@@ -359,9 +376,17 @@ class Router(nn.Module):
                             torch.stack(log_prob).sum() if log_prob else None)
 
     @staticmethod
-    def _gumbel(logit: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        u = torch.rand(logit.shape, generator=generator, device=logit.device if generator is None else "cpu")
-        return -torch.log(-torch.log(u.to(logit.device).clamp(1e-10, 1 - 1e-7)))
+    def _gumbel(logits: dict[str, torch.Tensor], generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        """Gumbel noise shaped as every slot's logits, drawn at once: a (CPU) generator's noise comes
+        to the device in one copy, not one a slot (each a host sync on a GPU). A CPU generator's
+        stream is the same as drawing slot by slot."""
+        if not logits:
+            return {}
+        device = next(iter(logits.values())).device
+        sizes = [logit.numel() for logit in logits.values()]
+        u = torch.rand(sum(sizes), generator=generator, device=device if generator is None else "cpu")
+        g = -torch.log(-torch.log(u.to(device).clamp(1e-10, 1 - 1e-7)))
+        return {name: part.view(logit.shape) for (name, logit), part in zip(logits.items(), g.split(sizes))}
 
     def hard_masks(self, choice: dict[str, int]) -> dict[str, torch.Tensor]:
         """The exact 0/1 masks of one choice index per slot (e.g. the argmax, as a baseline draw)."""
@@ -383,8 +408,16 @@ class Router(nn.Module):
         """Expected sizes: the parent's, overridden by the `probs`-weighted choices of every slot (tensors:
         the budget loss differentiates the cost through them)."""
         return self._sized({name: y @ (self.slot_prefix(name) if self.slots[name].axis == "depth" else
-                                       torch.tensor(self.slots[name].sizes, dtype=y.dtype, device=y.device))
+                                       self._sizes_on(name, y.dtype, y.device))
                             for name, y in probs.items()})
+
+    def _sizes_on(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Slot `name`'s sizes as a tensor, copied to `device` once (each copy from the host is a sync)."""
+        key = (name, dtype, device)
+        if key not in self._sizes:
+            with torch.inference_mode(False):  # usable by autograd later, whatever mode built it
+                self._sizes[key] = torch.tensor(self.slots[name].sizes, dtype=dtype, device=device)
+        return self._sizes[key]
 
     def arch_of(self, choice: dict[str, int]) -> Arch:
         """The integer sizes of one choice index per slot (slots not named keep the parent's)."""
@@ -453,7 +486,7 @@ class Router(nn.Module):
 
     def _is_full(self, budget) -> bool:
         """`budget` is exactly a trained full budget (b = 1)."""
-        w = self.blend(budget)
+        w = self.blend(budget) if torch.is_tensor(budget) else self._host_blend(budget)  # host: no device read
         return any(b.is_full and float(w[i]) == 1.0 for i, b in enumerate(self.budgets))
 
     def spec_of(self, choice: dict[str, int]) -> ElasticSpec:
