@@ -93,10 +93,9 @@ class FullDelta(nn.Module):
             rank = next(t.shape[0] for k, t in stored.items() if k.endswith(".delta_down"))
         except StopIteration:
             raise StarElasticError(f"{path}: no delta_down tensors (not a full budget's delta)") from None
-        delta = cls.__new__(cls)
-        nn.Module.__init__(delta)
-        delta.names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
-        delta.down, delta.up = nn.ParameterDict(), nn.ParameterDict()
+        if rank < 1:
+            raise StarElasticError(f"{path}: a delta of rank {rank}")
+        delta = cls(model, rank)  # the layers and shapes; its starting values are replaced below
         want = {k for name in delta.names for k in _stored_keys(name)}
         if set(stored) != want:
             odd = sorted(set(stored) ^ want)
