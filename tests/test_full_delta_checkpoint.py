@@ -96,6 +96,8 @@ def test_every_smaller_budget_is_a_prefix_of_the_shared_weights_in_every_path(wr
     engine = ElasticEngine.load(out)
     assert _close(_logits(engine.view("1.0"), x), _logits(ckpt.full_model(), x))
     assert _close(_logits(engine.view("0.5"), x), want)
+    with pytest.raises(StarElasticError, match="runs its delta"):  # a copy of the server's parent would merge twice
+        engine.ckpt.full_model()
     assert validate_checkpoint(out, progress=False).ok
     from star_elastic.lm_eval_adapter import BudgetScorer  # lm-eval's scorer of one budget
     assert _close(_logits(BudgetScorer.from_checkpoint(str(out), budget="1.0").model, x), _logits(ckpt.full_model(), x))

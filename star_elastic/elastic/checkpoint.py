@@ -226,6 +226,8 @@ class ElasticCheckpoint:
         if self.delta is None:
             return self.model
         if getattr(self, "_full", None) is None:
+            if self.delta.is_applied(self.model):  # a copy would carry the delta and merge it: B A twice
+                raise StarElasticError("the full model is not copied from a parent that runs its delta (a server's)")
             self._full = self.delta.merge_into(copy.deepcopy(self.model))
         return self._full
 

@@ -136,6 +136,10 @@ class FullDelta(nn.Module):
             raise
         return swaps
 
+    def is_applied(self, model: nn.Module) -> bool:
+        """Whether `model`'s linear layers run this delta now (inside `applied`, or after `apply`)."""
+        return any(isinstance(model.get_submodule(name), _WithDelta) for name in self.names)
+
     @torch.no_grad()
     def merge_into(self, model: nn.Module) -> nn.Module:
         """Add B A to the weights of `model`, a copy of the full budget with the same layer names: the
