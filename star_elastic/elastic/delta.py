@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from star_elastic.elastic.manifest import DELTA_FILE  # noqa: F401 (re-exported)
 from star_elastic.elastic.masking import ClassSwaps
 from star_elastic.errors import StarElasticError
 
@@ -101,9 +100,8 @@ class FullDelta(nn.Module):
             odd = sorted(set(stored) ^ want)
             raise StarElasticError(f"{path}: its tensors do not match the model's linear layers ({len(odd)} differ, "
                                    f"e.g. {odd[0]})")
-        for name in delta.names:
+        for name, (down, up) in stored_pairs(stored).items():
             w = model.get_submodule(name).weight
-            down, up = (stored[k] for k in _stored_keys(name))
             if down.shape != (rank, w.shape[1]) or up.shape != (w.shape[0], rank):
                 raise StarElasticError(f"{path}: {name}'s delta is {tuple(up.shape)} x {tuple(down.shape)}, the layer "
                                        f"is {tuple(w.shape)} (rank {rank})")
@@ -140,22 +138,21 @@ class FullDelta(nn.Module):
         """Whether `model`'s linear layers run this delta now (inside `applied`, or after `apply`)."""
         return any(isinstance(model.get_submodule(name), _WithDelta) for name in self.names)
 
-    @torch.no_grad()
     def merge_into(self, model: nn.Module) -> nn.Module:
         """Add B A to the weights of `model`, a copy of the full budget with the same layer names: the
         standalone full model."""
-        for name in self.names:
-            w = model.get_submodule(name).weight
-            w.copy_((w.float() + self.delta(name).to(w.device)).to(w.dtype))
-        return model
+        return self._add(model, 1.0)
 
-    @torch.no_grad()
     def subtract_from(self, model: nn.Module) -> nn.Module:
         """Take B A from the weights of `model`, the full budget merged (as a checkpoint stores it): the
         shared weights W that every smaller budget is a prefix of."""
-        for name in self.names:
+        return self._add(model, -1.0)
+
+    @torch.no_grad()
+    def _add(self, model: nn.Module, sign: float) -> nn.Module:
+        for name in self.names:  # in float32, back in the weights' dtype
             w = model.get_submodule(name).weight
-            w.copy_((w.float() - self.delta(name).to(w.device)).to(w.dtype))
+            w.copy_((w.float() + sign * self.delta(name).to(w.device)).to(w.dtype))
         return model
 
     @contextmanager
@@ -187,6 +184,12 @@ def embeddings_and_norms(model: nn.Module) -> list[nn.Parameter]:
 def _stored_keys(name: str) -> tuple[str, str]:
     """A's and B's keys in the checkpoint's delta file for linear layer `name`."""
     return f"{name}.delta_down", f"{name}.delta_up"
+
+
+def stored_pairs(stored: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{linear layer's name: (A, B)} of a delta file's tensors (`FullDelta.tensors`' keys)."""
+    names = [k.removesuffix(".delta_down") for k in stored if k.endswith(".delta_down")]
+    return {name: tuple(stored[k] for k in _stored_keys(name)) for name in names}
 
 
 def save_delta(delta: FullDelta, path, dtype: torch.dtype | None = None) -> None:

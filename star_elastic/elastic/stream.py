@@ -685,15 +685,15 @@ def stream_slice(parent_dir, spec: ElasticSpec | dict, out_dir, *, dtype: torch.
 def _full_delta(parent_dir: Path, parent: ModelConfig, spec: ElasticSpec) -> dict[str, tuple]:
     """{linear weight's in-memory name: (A, B)} of an elastic checkpoint trained with a full budget's delta,
     for a spec smaller than the parent; {} otherwise (the full budget is the stored weights as they are)."""
+    from .delta import stored_pairs
     from .manifest import DELTA_FILE, read_manifest
 
     if not (parent_dir / "manifest.json").is_file() or spec.keeps_parent(parent):
         return {}
     if not read_manifest(parent_dir).get("full_delta"):
         return {}
-    stored = hf.read_safetensors([parent_dir / DELTA_FILE])
-    return {k[:-len(".delta_down")] + ".weight": (v, stored[k[:-len("down")] + "up"])
-            for k, v in stored.items() if k.endswith(".delta_down")}
+    pairs = stored_pairs(hf.read_safetensors([parent_dir / DELTA_FILE]))
+    return {f"{name}.weight": pair for name, pair in pairs.items()}
 
 
 def _without_delta(reader: "_Reader", it: _Item, cfg: ModelConfig, delta: tuple) -> torch.Tensor:
