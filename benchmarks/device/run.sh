@@ -14,7 +14,7 @@
 #                               LOAD needs .devcarry/serve_wheels: the server's packages, which the GPU machine lacks)
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|23|16j|16J|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|24|16j|16J|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
 #   GATHER [args]               issue 12: the views' MoE decode gather, the candidates side by side (bench_expert_gather)
@@ -201,6 +201,13 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   23) bash $0 RUNS J1mr64 "$A --seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor --lr-a 2e-4 \
        --full-delta-rank 64 --anchor-data self --anchor-mix 0.5 $LEVERS"
      ratios J1mr64:C1l J1mr64 ;;
+  # 24 (seventeenth session): 22 put the full model's Shakespeare drift outside the linear layers (frozen embeddings
+  # and norms: full within 1% everywhere) but the freeze cost the smaller budgets 2-6%: the delta on the
+  # embeddings (tied LM head) and norms too (--full-delta-scope all), so that the smaller budgets train them and
+  # the full model keeps its own correction; seed 0 (against C2) beside seed 1 on E1's architectures (against C1l)
+  24) M="--lr-a 2e-4 --full-delta-rank 64 --anchor-data self --anchor-mix 0.5 --full-delta-scope all"
+     bash $0 RUNS J0mr64e "$J0 $M" J1mr64e "$A --seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor $M"
+     ratios J0mr64e:C2,J1mr64e:C1l J0mr64e J1mr64e ;;
   # 16j (thirteenth session's note): T = 16M like for like without the router: J16, E0's architectures with
   # the anchor at 0.5 (resumable: call "16j" again until it is done), beside (c) on the same ones, a budget a
   # process (--budgets 1.0,B at T = 8M: the 8M that (c) at 16M gives each budget, so it fits one call),
