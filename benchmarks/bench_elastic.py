@@ -145,9 +145,6 @@ def parse_args(argv=None):
                     help="anchored variants: the full budget gets a rank-R delta of its own on every linear layer, "
                          "which the anchor alone trains, leaving the shared weights to the smaller budgets; the "
                          "full budget is evaluated merged (TrainConfig.full_delta_rank)")
-    ap.add_argument("--full-delta-scope", choices=("linear", "all"), default="linear",
-                    help="with --full-delta-rank: what the delta covers; all adds the embeddings (the LM head) and "
-                         "every norm's scale (TrainConfig.full_delta_scope)")
     ap.add_argument("--freeze-embeddings-norms", action="store_true",
                     help="with --full-delta-rank: the embeddings, LM head and norms stay the parent's in every budget, "
                          "so the full model drifts only where its delta covers (TrainConfig.freeze_embeddings_and_norms)")
@@ -543,7 +540,6 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                        train_on=args.train_on, all_budgets=args.all_budgets,
                        anchor_projection=args.anchor_projection and variant in ANCHORED,
                        full_delta_rank=args.full_delta_rank if variant in ANCHORED else 0,
-                       full_delta_scope=args.full_delta_scope,
                        freeze_embeddings_and_norms=args.freeze_embeddings_norms and variant in ANCHORED,
                        anchor_mix=args.anchor_mix if args.anchor_data and variant in ANCHORED else 1.0,
                        freeze_select=args.freeze_select,
@@ -637,7 +633,6 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                         "train_on": tcfg.train_on, "all_budgets": tcfg.all_budgets, "budget_lrs": tcfg.budget_lrs,
                         "anchor_projection": tcfg.anchor_projection, "stage1_fraction": tcfg.stage1_fraction,
                         "full_delta_rank": tcfg.full_delta_rank or None,
-                        "full_delta_scope": tcfg.full_delta_scope if tcfg.full_delta_rank else None,
                         "full_without_delta": without_delta if trainer.delta is not None else None,
                         "full_with_parents_rest": parent_rest if trainer.delta is not None else None,
                         "freeze_embeddings_and_norms": tcfg.freeze_embeddings_and_norms or None,
@@ -860,7 +855,7 @@ def with_parents_rest(full, parent, delta):
     parent's: what the full model would be if only the linear layers drifted. Its perplexity beside the
     merged model's says whether the drift the delta does not repair lies outside the layers it covers."""
     out = copy.deepcopy(full)
-    covered = delta.covered()
+    covered = {f"{name}.weight" for name in delta.names}
     own = dict(parent.named_parameters())
     with torch.no_grad():
         for name, p in out.named_parameters():
@@ -880,11 +875,6 @@ def main(argv=None):
     if args.freeze_embeddings_norms and not args.full_delta_rank:
         raise SystemExit("--freeze-embeddings-norms keeps what the full budget's delta does not cover: give "
                          "--full-delta-rank")
-    if args.full_delta_scope != "linear" and not args.full_delta_rank:
-        raise SystemExit("--full-delta-scope says what the full budget's delta covers: give --full-delta-rank")
-    if args.freeze_embeddings_norms and args.full_delta_scope != "linear":
-        raise SystemExit("--freeze-embeddings-norms keeps the parent's embeddings and norms; --full-delta-scope all "
-                         "trains a delta on them: choose one")
     if args.anchor_data and parse_anchor_data(args.anchor_data)[0] != "self":
         raise SystemExit(f"--anchor-data {args.anchor_data!r}: the bench samples the anchor's text from the parent: "
                          "self or self:TOKENS")

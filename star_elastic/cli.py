@@ -120,10 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
                          "budgets share; written merged into the weights, A and B in full_delta.safetensors "
                          "(docs/METHOD.md; measured: smaller budgets better, the full model further from its "
                          "parent out of domain; default 0: none)")
-    sp.add_argument("--full-delta-scope", choices=("linear", "all"), default="linear",
-                    help="with --full-delta-rank: what the delta covers; all adds a low-rank delta on the embeddings "
-                         "(the LM head) and one on every norm's scale, so that the full model can undo the smaller "
-                         "budgets' drift there too (default: linear)")
     sp.add_argument("--anchor-projection", action="store_true",
                     help="where the full anchor's gradient conflicts with the smaller budgets' (a negative inner "
                          "product), drop its component along theirs (PCGrad), so that holding the full model does "

@@ -184,7 +184,6 @@ def cmd_elastify(args):
                          full_anchor=args.full_anchor, all_budgets=args.all_budgets, train_on=args.train_on,
                          anchor_projection=args.anchor_projection, anchor_data=args.anchor_data,
                          anchor_mix=args.anchor_mix, full_delta_rank=args.full_delta_rank,
-                         full_delta_scope=args.full_delta_scope,
                          drift_data=args.drift_data, router_init=args.router_init,
                          router_estimator=args.router_estimator, router_freeze=args.router_freeze,
                          router_prior=args.router_prior, shard=args.shard,

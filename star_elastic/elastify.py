@@ -16,7 +16,6 @@ import torch
 from .assets import CORPORA
 from .data import TokenBatches, load_corpus_tokens, pack, parse_mixture
 from .elastic.checkpoint import save_elastic
-from .elastic.delta import SCOPES
 from .elastic.cost import CostModel, parse_budget
 from .elastic.importance import estimate_importance, permuted_scores
 from .elastic.router import DEFAULT_AXES, ESTIMATORS, Router, RouterConfig, project_budgets
@@ -78,7 +77,6 @@ class ElastifyConfig:
     # sessions): the 0.75 level with separate distillation in domain and the 0.5 ahead, but the full model
     # +3.0-3.8% on Shakespeare (anchor 0.5 without it: +0.5%); hence off by default
     full_delta_rank: int = 0
-    full_delta_scope: str = "linear"  # what the delta covers (TrainConfig.full_delta_scope): "linear" or "all"
     train_on: str = "drawn"  # the model trains the router's draw or its in-band argmax (TrainConfig.train_on)
     drift_data: str | None = "auto"  # held-out text of a second domain for the full budget's drift ("": none)
     router_init: str = "search"  # the router starts from the zero-shot search's architectures, or "cost" alone
@@ -241,9 +239,7 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                "the anchor trains it: it needs --full-anchor > 0, the full budget 1.0 and a smaller one" if not anchor
                else "drop --budget-lrs" if cfg.budget_lrs is not None else
                "drop --anchor-projection" if cfg.anchor_projection else
-               "not with FSDP2 sharding: add --shard none" if ranks > 1 and cfg.shard != "none" else
-               f"--full-delta-scope {cfg.full_delta_scope!r} is not one of {', '.join(SCOPES)}"
-               if cfg.full_delta_scope not in SCOPES else None)
+               "not with FSDP2 sharding: add --shard none" if ranks > 1 and cfg.shard != "none" else None)
         if why:
             raise StarElasticError(f"--full-delta-rank {cfg.full_delta_rank}: {why}")
     train_stream, heldout = load_corpus_tokens(data, tokenizer, heldout_fraction=cfg.heldout_fraction, seed=cfg.seed)
@@ -355,7 +351,7 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                        router_prior=cfg.router_prior, shard=cfg.shard, compile=cfg.compile,
                        all_budgets=cfg.all_budgets, train_on=cfg.train_on, budget_lrs=budget_lrs,
                        anchor_projection=cfg.anchor_projection, anchor_mix=cfg.anchor_mix,
-                       full_delta_rank=cfg.full_delta_rank, full_delta_scope=cfg.full_delta_scope)
+                       full_delta_rank=cfg.full_delta_rank)
     anchor_rows = None if anchor_spec is None else anchor_text(
         anchor_spec, teacher, tokenizer, row_len, cfg.batch_size * cfg.seq_len // row_len,
         min(ANCHOR_SELF_TOKENS, train_tokens), cfg.seed, cfg.heldout_fraction, log)

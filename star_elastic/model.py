@@ -131,12 +131,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        return self.weight * self.normed(x)
-
-    def normed(self, x):
-        """x over its root mean square, in x's dtype: the output before the weight scales it."""
         xf = x.float()
-        return (xf * torch.rsqrt(self.mean_square(xf) + self.eps)).to(x.dtype)
+        xf = xf * torch.rsqrt(self.mean_square(xf) + self.eps)
+        return self.weight * xf.to(x.dtype)
 
     def mean_square(self, xf):
         """(..., dim) in float32 -> the mean of squares over the channels, (..., 1)."""
@@ -154,13 +151,11 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, x, z):
         """x, z: (..., dim), the heads' channels group-major (group g: the g-th dim / groups of them)."""
-        # the weight as (groups, dim / groups): a budget view's weight is a per-group prefix of its parent's
-        return (self.weight.view(self.groups, -1) * self.normed(x, z)).flatten(-2)
-
-    def normed(self, x, z):
-        """x * silu(z) over each group's root mean square, (..., groups, dim / groups) in x's dtype."""
+        dtype = x.dtype
         xg = (x.float() * F.silu(z.float())).unflatten(-1, (self.groups, -1))
-        return (xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + self.eps)
+        # the weight as (groups, dim / groups): a budget view's weight is a per-group prefix of its parent's
+        return (self.weight.view(self.groups, -1) * xg.to(dtype)).flatten(-2)
 
 
 def activation(name: str):

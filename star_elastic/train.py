@@ -43,7 +43,7 @@ from .elastic.losses import (HeadInput, LossWeights, advantage, budget_loss, com
                              full_choice_loss, head_input, kd_loss, score_function_loss, task_loss)
 from .elastic.router import (Projection, Router, entropy, entropy_floor_loss, full_projection, larger_choice,
                              nested_in_band, project_budgets)
-from .elastic.delta import SCOPES, FullDelta, embeddings_and_norms
+from .elastic.delta import FullDelta, embeddings_and_norms
 from .elastic.masking import masked
 from .elastic.spec import ElasticSpec
 from .errors import StarElasticError
@@ -107,11 +107,8 @@ class TrainConfig:
     full_delta_rank: int = 0  # >0, with the full anchor: the full budget gets a low-rank delta of its own on every
     #                           linear layer, trained by the anchor alone, which then leaves the shared weights to
     #                           the smaller budgets (elastic/delta.py; elastify --full-delta-rank)
-    # what the delta covers: "linear", the linear layers; "all", also the embeddings (the LM head) and every
-    # norm's scale (delta.SCOPES), so that the full model can undo the smaller budgets' drift there too
-    full_delta_scope: str = "linear"
-    # with the "linear" delta: the embeddings, LM head and norms stay the parent's for every budget (not trained),
-    # so the full model's only drift is in the linear layers its delta covers (delta.embeddings_and_norms)
+    # with the delta: the embeddings, LM head and norms stay the parent's for every budget (not trained), so the
+    # full model's only drift is in the linear layers its delta covers (delta.embeddings_and_norms)
     freeze_embeddings_and_norms: bool = False
     budget_lrs: list[float] | None = None  # per-budget model learning rates (budget order): each budget's
     #                                        gradient then has its own AdamW moments and rate (BudgetAdamW), as if
@@ -260,9 +257,9 @@ class ElasticTrainer:
         self.sampler = torch.Generator().manual_seed(cfg.seed + 1)  # budgets
         self.gumbel = torch.Generator().manual_seed(cfg.seed + 2)  # router noise
         if cfg.freeze_embeddings_and_norms:
-            if not cfg.full_delta_rank or cfg.full_delta_scope != "linear":
+            if not cfg.full_delta_rank:
                 raise StarElasticError("freeze_embeddings_and_norms keeps what the full budget's delta does not cover "
-                                       "at the parent's: it needs full_delta_rank > 0 and full_delta_scope 'linear'")
+                                       "at the parent's: it needs full_delta_rank > 0")
             for p in embeddings_and_norms(model):
                 p.requires_grad_(False)
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr, "base_lr": cfg.lr,
@@ -696,12 +693,10 @@ class ElasticTrainer:
         why = ("it needs the full anchor (full_anchor > 0)" if not cfg.full_anchor else
                "not with FSDP sharding (shard='none')" if self.shard == "fsdp" else
                "not with budget_lrs" if cfg.budget_lrs is not None else
-               "not with anchor_projection" if cfg.anchor_projection else
-               f"full_delta_scope {cfg.full_delta_scope!r} is not one of {', '.join(SCOPES)}"
-               if cfg.full_delta_scope not in SCOPES else None)
+               "not with anchor_projection" if cfg.anchor_projection else None)
         if why:
             raise StarElasticError(f"full_delta_rank {cfg.full_delta_rank}: {why}")
-        delta = FullDelta(self.model, cfg.full_delta_rank, seed=cfg.seed + 4, scope=cfg.full_delta_scope)
+        delta = FullDelta(self.model, cfg.full_delta_rank, seed=cfg.seed + 4)
         groups.append({"params": list(delta.parameters()), "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": 0.0})
         return delta
 

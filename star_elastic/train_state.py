@@ -143,12 +143,6 @@ def load(t) -> bool:
     if (t.delta is None) == delta:  # either format: a sharded run ignoring a delta would resume without it
         raise StarElasticError(f"{path}: the state was written by a run {'with' if delta else 'without'} a full delta "
                                "of its own, and this run differs (full_delta_rank)")
-    if delta:
-        was = meta["config"]
-        was = (was.get("full_delta_rank"), was.get("full_delta_scope", "linear"))
-        if was != (t.cfg.full_delta_rank, t.cfg.full_delta_scope):
-            raise StarElasticError(f"{path}: the state's full delta has rank {was[0]}, scope {was[1]!r}; this run's "
-                                   f"rank {t.cfg.full_delta_rank}, scope {t.cfg.full_delta_scope!r}")
     if meta.get("format") == "dcp":
         _load_sharded(t, path, meta)
     else:

@@ -205,6 +205,7 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # and norms: full within 1% everywhere) but the freeze cost the smaller budgets 2-6%: the delta on the
   # embeddings (tied LM head) and norms too (--full-delta-scope all), so that the smaller budgets train them and
   # the full model keeps its own correction; seed 0 (against C2) beside seed 1 on E1's architectures (against C1l)
+  # (ran at commit 1c2bf1d; the full model stayed +3.2% on Shakespeare, and --full-delta-scope went in the next)
   24) M="--lr-a 2e-4 --full-delta-rank 64 --anchor-data self --anchor-mix 0.5 --full-delta-scope all"
      bash $0 RUNS J0mr64e "$J0 $M" J1mr64e "$A --seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor $M"
      ratios J0mr64e:C2,J1mr64e:C1l J0mr64e J1mr64e ;;

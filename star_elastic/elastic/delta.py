@@ -11,12 +11,6 @@ weights as if the full model were not there, and the delta follows them to keep 
 parent. B starts at zero, so training starts from the parent exactly. The delta is applied as masks are
 (masking.py), by swapping each linear layer's class, which compiled layers see.
 
-Scope (`TrainConfig.full_delta_scope`): "linear", the linear layers alone; "all" adds a rank-r delta on the
-token embeddings (the tied LM head with them; an untied LM head its own) and a dense one on every norm's
-scale. Why: with "linear" the full model still drifted +3% on Shakespeare, and freezing the embeddings and
-norms at the parent's removed that drift but cost the smaller budgets 2-6% (RESULTS §9, seventeenth
-session); with "all" the smaller budgets train them and the full model keeps its own correction.
-
 In the elastic checkpoint (`elastify --full-delta-rank`) the main tensors hold the full budget merged,
 W + B A, so that transformers loads the full model as it loads any checkpoint, and `full_delta.safetensors`
 beside them holds A and B (`save_delta`). Loading subtracts B A again (`FullDelta.read`, `subtract_from`):
@@ -48,99 +42,42 @@ class _WithDelta:
         return super().forward(x) + F.linear(F.linear(x, self.delta_down), self.delta_up)
 
 
-class _EmbeddingWithDelta:
-    """Mixed into the token embeddings' class: the rows of W + B A, looked up as W[ids] + B[ids] A."""
-
-    delta_down: torch.Tensor
-    delta_up: torch.Tensor
-
-    def forward(self, ids):
-        return super().forward(ids) + F.embedding(ids, self.delta_up) @ self.delta_down
-
-
-class _RMSNormWithDelta:
-    """Mixed into an RMSNorm's class: its scale is weight + d."""
-
-    delta_scale: torch.Tensor
-
-    def forward(self, x):
-        return (self.weight + self.delta_scale) * self.normed(x)
-
-
-class _GatedRMSNormWithDelta:
-    """Mixed into Mamba's gated norm's class: its scale is weight + d, per group as the norm applies it."""
-
-    delta_scale: torch.Tensor
-
-    def forward(self, x, z):
-        return ((self.weight + self.delta_scale).view(self.groups, -1) * self.normed(x, z)).flatten(-2)
-
-
-SCOPES = ("linear", "all")
-
-
 class FullDelta(nn.Module):
     """A, B (rank r) for every nn.Linear of `model` but its LM head: `up` (out, r) starts at zero,
-    `down` (r, in) small and random. With scope "all" also for the token embeddings (as a (vocab, hidden)
-    matrix; a tied LM head uses the same pair) and an untied LM head, and a dense `scale` (dim,) at zero
-    for every norm. Parameter keys are the modules' names, dots as '/'."""
+    `down` (r, in) small and random. Parameter keys are the linear layers' names, dots as '/'."""
 
-    def __init__(self, model: nn.Module, rank: int, seed: int = 0, scope: str = "linear"):
+    def __init__(self, model: nn.Module, rank: int, seed: int = 0):
         super().__init__()
         if rank < 1:
             raise ValueError(f"full delta rank {rank}: give a positive rank")
-        if scope not in SCOPES:
-            raise ValueError(f"full delta scope {scope!r}: one of {', '.join(SCOPES)}")
-        from ..model import GatedRMSNorm, RMSNorm
-
         g = torch.Generator().manual_seed(seed)
-        self.scope = scope
-        everything = scope == "all"
-        embed = model.embed if everything else None
-        self.tied_head = embed is not None and model.lm_head.weight is embed.weight
-        # the modules with a low-rank pair: linear layers, and with "all" the embeddings and an untied LM head
-        self.names = [n for n, m in model.named_modules()
-                      if (isinstance(m, nn.Linear) and (n != "lm_head" or everything and not self.tied_head))
-                      or (m is embed)]
-        self.norms = [n for n, m in model.named_modules() if everything and isinstance(m, (RMSNorm, GatedRMSNorm))]
-        self.down, self.up, self.scale = nn.ParameterDict(), nn.ParameterDict(), nn.ParameterDict()
+        self.names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+        self.down, self.up = nn.ParameterDict(), nn.ParameterDict()
         for name in self.names:
             w = model.get_submodule(name).weight
-            out_f, in_f = w.shape  # an embedding's (vocab, hidden) as a linear layer's (out, in): its LM head's
+            out_f, in_f = w.shape
             key = name.replace(".", "/")
             down = torch.randn(rank, in_f, generator=g).div_(in_f ** 0.5)
             self.down[key] = nn.Parameter(down.to(w.device, w.dtype))  # the weights' dtype: the trainer's master
             self.up[key] = nn.Parameter(torch.zeros(out_f, rank, device=w.device, dtype=w.dtype))
-        for name in self.norms:
-            w = model.get_submodule(name).weight
-            self.scale[name.replace(".", "/")] = nn.Parameter(torch.zeros_like(w))
-
-    def covered(self) -> set[str]:
-        """The names of the model's parameters that the delta changes (`named_parameters`' names)."""
-        return {f"{name}.weight" for name in self.names + self.norms}
 
     @property
     def rank(self) -> int:
         return next(iter(self.down.values())).shape[0]
 
     def delta(self, name: str) -> torch.Tensor:
-        """What the delta adds to module `name`'s weight, in float32: B A (out, in), or a norm's d (dim,)."""
+        """B A of linear layer `name`, (out, in), in float32."""
         key = name.replace(".", "/")
-        if key in self.scale:
-            return self.scale[key].float()
         return self.up[key].float() @ self.down[key].float()
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The delta as the checkpoint stores it: `<module>.delta_down` (r, in) and `<module>.delta_up`
-        (out, r) of each low-rank pair, `<norm>.delta_scale` (dim,) of each norm, under the modules' names in
-        the model (`model.layers.0.self_attn.q_proj`)."""
+        """A and B as the checkpoint stores them: `<layer>.delta_down` (r, in), `<layer>.delta_up` (out, r),
+        under the layers' names in the model (`model.layers.0.self_attn.q_proj`)."""
         out = {}
         for name in self.names:
             key = name.replace(".", "/")
             down, up = _stored_keys(name)
             out[down], out[up] = self.down[key], self.up[key]
-        for name in self.norms:
-            out[f"{name}{SCALE}"] = self.scale[name.replace(".", "/")]
         return out
 
     @classmethod
@@ -157,25 +94,18 @@ class FullDelta(nn.Module):
             raise StarElasticError(f"{path}: no delta_down tensors (not a full budget's delta)") from None
         if rank < 1:
             raise StarElasticError(f"{path}: a delta of rank {rank}")
-        scope = "all" if any(k.endswith(SCALE) for k in stored) else "linear"
-        delta = cls(model, rank, scope=scope)  # the modules and shapes; its starting values are replaced below
-        want = set(delta.tensors())
+        delta = cls(model, rank)  # the layers and shapes; its starting values are replaced below
+        want = {k for name in delta.names for k in _stored_keys(name)}
         if set(stored) != want:
             odd = sorted(set(stored) ^ want)
-            raise StarElasticError(f"{path}: its tensors do not match the model's modules ({len(odd)} differ, "
+            raise StarElasticError(f"{path}: its tensors do not match the model's linear layers ({len(odd)} differ, "
                                    f"e.g. {odd[0]})")
-        for name, d in stored_deltas(stored).items():
+        for name, (down, up) in stored_pairs(stored).items():
             w = model.get_submodule(name).weight
-            key = name.replace(".", "/")
-            if isinstance(d, torch.Tensor):
-                if d.shape != w.shape:
-                    raise StarElasticError(f"{path}: {name}'s delta is {tuple(d.shape)}, the norm is {tuple(w.shape)}")
-                delta.scale[key] = nn.Parameter(d.to(w.device, w.dtype), requires_grad=False)
-                continue
-            down, up = d
             if down.shape != (rank, w.shape[1]) or up.shape != (w.shape[0], rank):
                 raise StarElasticError(f"{path}: {name}'s delta is {tuple(up.shape)} x {tuple(down.shape)}, the layer "
                                        f"is {tuple(w.shape)} (rank {rank})")
+            key = name.replace(".", "/")
             delta.down[key] = nn.Parameter(down.to(w.device, w.dtype), requires_grad=False)
             delta.up[key] = nn.Parameter(up.to(w.device, w.dtype), requires_grad=False)
         return delta
@@ -194,21 +124,11 @@ class FullDelta(nn.Module):
 
     def apply(self, model: nn.Module) -> ClassSwaps:
         """`applied` until the returned swaps are undone (a server's full budget runs with it for good)."""
-        from ..model import GatedRMSNorm
-
         swaps = ClassSwaps()
         try:
             for name in self.names:
                 key = name.replace(".", "/")
-                m = model.get_submodule(name)
-                pair = dict(delta_down=self.down[key], delta_up=self.up[key])
-                swaps.mix(m, _EmbeddingWithDelta if isinstance(m, nn.Embedding) else _WithDelta, **pair)
-                if self.tied_head and isinstance(m, nn.Embedding):  # the LM head reads the same matrix and pair
-                    swaps.mix(model.lm_head, _WithDelta, **pair)
-            for name in self.norms:
-                m = model.get_submodule(name)
-                mixin = _GatedRMSNormWithDelta if isinstance(m, GatedRMSNorm) else _RMSNormWithDelta
-                swaps.mix(m, mixin, delta_scale=self.scale[name.replace(".", "/")])
+                swaps.mix(model.get_submodule(name), _WithDelta, delta_down=self.down[key], delta_up=self.up[key])
         except BaseException:
             swaps.undo()
             raise
@@ -216,7 +136,7 @@ class FullDelta(nn.Module):
 
     def is_applied(self, model: nn.Module) -> bool:
         """Whether `model`'s linear layers run this delta now (inside `applied`, or after `apply`)."""
-        return any(isinstance(model.get_submodule(name), (_WithDelta, _EmbeddingWithDelta)) for name in self.names)
+        return any(isinstance(model.get_submodule(name), _WithDelta) for name in self.names)
 
     def merge_into(self, model: nn.Module) -> nn.Module:
         """Add B A to the weights of `model`, a copy of the full budget with the same layer names: the
@@ -230,7 +150,7 @@ class FullDelta(nn.Module):
 
     @torch.no_grad()
     def _add(self, model: nn.Module, sign: float) -> nn.Module:
-        for name in self.names + self.norms:  # in float32, back in the weights' dtype (a tied LM head: once)
+        for name in self.names:  # in float32, back in the weights' dtype
             w = model.get_submodule(name).weight
             w.copy_((w.float() + sign * self.delta(name).to(w.device)).to(w.dtype))
         return model
@@ -239,7 +159,7 @@ class FullDelta(nn.Module):
     def merged(self, model: nn.Module):
         """Inside: `model`'s linear weights are W + B A (for writing the checkpoint); after, exactly W again
         (restored from copies, not by subtracting)."""
-        saved = {name: model.get_submodule(name).weight.detach().clone() for name in self.names + self.norms}
+        saved = {name: model.get_submodule(name).weight.detach().clone() for name in self.names}
         try:
             yield self.merge_into(model)
         finally:
@@ -249,7 +169,7 @@ class FullDelta(nn.Module):
 
 
 def embeddings_and_norms(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters the "linear" delta does not cover and a freeze can keep at the parent's: token embeddings, the LM
+    """The parameters the delta does not cover and a freeze can keep at the parent's: token embeddings, the LM
     head (the embeddings themselves when tied) and every norm's scale (TrainConfig.freeze_embeddings_and_norms)."""
     from ..model import GatedRMSNorm, RMSNorm
 
@@ -261,20 +181,15 @@ def embeddings_and_norms(model: nn.Module) -> list[nn.Parameter]:
     return list(out.values())
 
 
-SCALE = ".delta_scale"  # a norm's dense delta in the checkpoint's delta file
-
-
 def _stored_keys(name: str) -> tuple[str, str]:
-    """A's and B's keys in the checkpoint's delta file for module `name`."""
+    """A's and B's keys in the checkpoint's delta file for linear layer `name`."""
     return f"{name}.delta_down", f"{name}.delta_up"
 
 
-def stored_deltas(stored: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor] | torch.Tensor]:
-    """{module's name: (A, B), or a norm's d} of a delta file's tensors (`FullDelta.tensors`' keys)."""
+def stored_pairs(stored: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{linear layer's name: (A, B)} of a delta file's tensors (`FullDelta.tensors`' keys)."""
     names = [k.removesuffix(".delta_down") for k in stored if k.endswith(".delta_down")]
-    out = {name: tuple(stored[k] for k in _stored_keys(name)) for name in names}
-    out.update({k.removesuffix(SCALE): t for k, t in stored.items() if k.endswith(SCALE)})
-    return out
+    return {name: tuple(stored[k] for k in _stored_keys(name)) for name in names}
 
 
 def save_delta(delta: FullDelta, path, dtype: torch.dtype | None = None) -> None:
@@ -282,4 +197,4 @@ def save_delta(delta: FullDelta, path, dtype: torch.dtype | None = None) -> None
     from safetensors.torch import save_file
 
     save_file({k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in delta.tensors().items()},
-              str(path), metadata={"format": "star-elastic-full-delta", "rank": str(delta.rank), "scope": delta.scope})
+              str(path), metadata={"format": "star-elastic-full-delta", "rank": str(delta.rank)})

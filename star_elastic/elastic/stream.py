@@ -682,34 +682,28 @@ def stream_slice(parent_dir, spec: ElasticSpec | dict, out_dir, *, dtype: torch.
     return out_dir
 
 
-def _full_delta(parent_dir: Path, parent: ModelConfig, spec: ElasticSpec) -> dict[str, tuple | torch.Tensor]:
-    """{weight's in-memory name: (A, B), or a norm's d} of an elastic checkpoint trained with a full budget's
-    delta, for a spec smaller than the parent; {} otherwise (the full budget is the stored weights as they are)."""
-    from .delta import stored_deltas
+def _full_delta(parent_dir: Path, parent: ModelConfig, spec: ElasticSpec) -> dict[str, tuple]:
+    """{linear weight's in-memory name: (A, B)} of an elastic checkpoint trained with a full budget's delta,
+    for a spec smaller than the parent; {} otherwise (the full budget is the stored weights as they are)."""
+    from .delta import stored_pairs
     from .manifest import DELTA_FILE, read_manifest
 
     if not (parent_dir / "manifest.json").is_file() or spec.keeps_parent(parent):
         return {}
     if not read_manifest(parent_dir).get("full_delta"):
         return {}
-    deltas = stored_deltas(hf.read_safetensors([parent_dir / DELTA_FILE]))
-    return {f"{name}.weight": d for name, d in deltas.items()}
+    pairs = stored_pairs(hf.read_safetensors([parent_dir / DELTA_FILE]))
+    return {f"{name}.weight": pair for name, pair in pairs.items()}
 
 
-def _without_delta(reader: "_Reader", it: _Item, cfg: ModelConfig, delta: tuple | torch.Tensor) -> torch.Tensor:
+def _without_delta(reader: "_Reader", it: _Item, cfg: ModelConfig, delta: tuple) -> torch.Tensor:
     """`it`'s output tensor from the stored W + B A: the kept block minus B's kept rows times A's kept
-    columns (a norm's: minus d's kept entries), in float32, back in the stored dtype (the whole tensor when
-    `take` does more than pick)."""
-    dense = isinstance(delta, torch.Tensor)
+    columns, in float32, back in the stored dtype (the whole tensor when `take` does more than pick)."""
+    down, up = delta
     if it.keep is None:
         whole = reader.whole(it)
-        d = delta.float() if dense else delta[1].float() @ delta[0].float()
-        return take(it.name, (whole.float() - d).to(whole.dtype), cfg, it.idx).contiguous()
+        return take(it.name, (whole.float() - up.float() @ down.float()).to(whole.dtype), cfg, it.idx).contiguous()
     t = reader.tensor(it, cfg)
-    if dense:
-        (kept,) = it.keep
-        return (t.float() - (delta if kept is None else delta[kept]).float()).to(t.dtype)
-    down, up = delta
     rows, cols = it.keep
     up = up if rows is None else up[rows]
     down = down if cols is None else down[:, cols]
