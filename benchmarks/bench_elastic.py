@@ -145,9 +145,11 @@ def parse_args(argv=None):
                     help="anchored variants: the full budget gets a rank-R delta of its own on every linear layer, "
                          "which the anchor alone trains, leaving the shared weights to the smaller budgets; the "
                          "full budget is evaluated merged (TrainConfig.full_delta_rank)")
-    ap.add_argument("--freeze-embeddings-norms", action="store_true",
-                    help="with --full-delta-rank: the embeddings, LM head and norms stay the parent's in every budget, "
-                         "so the full model drifts only where its delta covers (TrainConfig.freeze_embeddings_and_norms)")
+    ap.add_argument("--freeze", metavar="PARTS", type=lambda s: [p for p in s.split(",") if p],
+                    help="anchored variants: keep these at the parent's in every budget, comma-separated: embeddings "
+                         "(with the LM head), norms (TrainConfig.freeze)")
+    ap.add_argument("--freeze-embeddings-norms", dest="freeze", action="store_const", const=["embeddings", "norms"],
+                    help="--freeze embeddings,norms (the sixteenth and seventeenth sessions' runs)")
     ap.add_argument("--anchor-data", metavar="self[:TOKENS]",
                     help="anchored variants: the full anchor distils on text sampled from the parent (elastify "
                          "--anchor-data self; 1M tokens unless given), not on the step's training batch")
@@ -540,7 +542,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                        train_on=args.train_on, all_budgets=args.all_budgets,
                        anchor_projection=args.anchor_projection and variant in ANCHORED,
                        full_delta_rank=args.full_delta_rank if variant in ANCHORED else 0,
-                       freeze_embeddings_and_norms=args.freeze_embeddings_norms and variant in ANCHORED,
+                       freeze=args.freeze if variant in ANCHORED else None,
                        anchor_mix=args.anchor_mix if args.anchor_data and variant in ANCHORED else 1.0,
                        freeze_select=args.freeze_select,
                        router_prior=args.router_prior if router is not None and args.warm_start else 0.0,
@@ -635,7 +637,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                         "full_delta_rank": tcfg.full_delta_rank or None,
                         "full_without_delta": without_delta if trainer.delta is not None else None,
                         "full_with_parents_rest": parent_rest if trainer.delta is not None else None,
-                        "freeze_embeddings_and_norms": tcfg.freeze_embeddings_and_norms or None,
+                        "freeze": tcfg.freeze,
                         "anchor_data": args.anchor_data if anchor_rows is not None else None,
                         "anchor_mix": tcfg.anchor_mix if anchor_rows is not None else None,
                         "anchor_cos": cosines(logs),
@@ -872,9 +874,8 @@ def main(argv=None):
         raise SystemExit("--max-train-seconds needs --state-dir: a stopped run goes on from its saved state")
     if args.anchor_mix != 1.0 and not args.anchor_data:
         raise SystemExit("--anchor-mix mixes the anchor's own text into its batch: give --anchor-data")
-    if args.freeze_embeddings_norms and not args.full_delta_rank:
-        raise SystemExit("--freeze-embeddings-norms keeps what the full budget's delta does not cover: give "
-                         "--full-delta-rank")
+    if args.freeze and not set(args.freeze) <= {"embeddings", "norms"}:
+        raise SystemExit(f"--freeze {','.join(args.freeze)}: embeddings, norms or both")
     if args.anchor_data and parse_anchor_data(args.anchor_data)[0] != "self":
         raise SystemExit(f"--anchor-data {args.anchor_data!r}: the bench samples the anchor's text from the parent: "
                          "self or self:TOKENS")

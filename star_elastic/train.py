@@ -43,7 +43,7 @@ from .elastic.losses import (HeadInput, LossWeights, advantage, budget_loss, com
                              full_choice_loss, head_input, kd_loss, score_function_loss, task_loss)
 from .elastic.router import (Projection, Router, entropy, entropy_floor_loss, full_projection, larger_choice,
                              nested_in_band, project_budgets)
-from .elastic.delta import FullDelta, embeddings_and_norms
+from .elastic.delta import FREEZABLE, FullDelta, embeddings_and_norms
 from .elastic.masking import masked
 from .elastic.spec import ElasticSpec
 from .errors import StarElasticError
@@ -107,9 +107,11 @@ class TrainConfig:
     full_delta_rank: int = 0  # >0, with the full anchor: the full budget gets a low-rank delta of its own on every
     #                           linear layer, trained by the anchor alone, which then leaves the shared weights to
     #                           the smaller budgets (elastic/delta.py; elastify --full-delta-rank)
-    # with the delta: the embeddings, LM head and norms stay the parent's for every budget (not trained), so the
-    # full model's only drift is in the linear layers its delta covers (delta.embeddings_and_norms)
-    freeze_embeddings_and_norms: bool = False
+    # kept at the parent's in every budget (not trained): "embeddings" (with the LM head), "norms", or both
+    # (delta.FREEZABLE). With the delta and both frozen the full model's only drift is in the linear layers its
+    # delta covers: measured, within 1% of its parent everywhere at two seeds, but the 0.75 up to 4% and the 0.5
+    # up to 9% behind separate distillation (RESULTS §9, seventeenth session)
+    freeze: list[str] | None = None
     budget_lrs: list[float] | None = None  # per-budget model learning rates (budget order): each budget's
     #                                        gradient then has its own AdamW moments and rate (BudgetAdamW), as if
     #                                        distilled alone; None: one AdamW over the summed gradient, at `lr`
@@ -256,11 +258,12 @@ class ElasticTrainer:
         self._fixed_masks: dict[int, tuple[ElasticSpec, dict]] = {}  # _spec_masks
         self.sampler = torch.Generator().manual_seed(cfg.seed + 1)  # budgets
         self.gumbel = torch.Generator().manual_seed(cfg.seed + 2)  # router noise
-        if cfg.freeze_embeddings_and_norms:
-            if not cfg.full_delta_rank:
-                raise StarElasticError("freeze_embeddings_and_norms keeps what the full budget's delta does not cover "
-                                       "at the parent's: it needs full_delta_rank > 0")
-            for p in embeddings_and_norms(model):
+        if cfg.freeze:
+            odd = sorted(set(cfg.freeze) - set(FREEZABLE))
+            if odd or self.shard == "fsdp":
+                raise StarElasticError(f"freeze {','.join(cfg.freeze)}: " + (
+                    f"{odd[0]!r} is not one of {', '.join(FREEZABLE)}" if odd else "not with FSDP sharding"))
+            for p in embeddings_and_norms(model, cfg.freeze):
                 p.requires_grad_(False)
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr, "base_lr": cfg.lr,
                    "weight_decay": cfg.weight_decay}]

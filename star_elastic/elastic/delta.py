@@ -168,14 +168,19 @@ class FullDelta(nn.Module):
                     model.get_submodule(name).weight.copy_(w)
 
 
-def embeddings_and_norms(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters the delta does not cover and a freeze can keep at the parent's: token embeddings, the LM
-    head (the embeddings themselves when tied) and every norm's scale (TrainConfig.freeze_embeddings_and_norms)."""
+FREEZABLE = ("embeddings", "norms")  # what TrainConfig.freeze can keep at the parent's
+
+
+def embeddings_and_norms(model: nn.Module, parts=FREEZABLE) -> list[nn.Parameter]:
+    """Parameters the delta does not cover, which a freeze can keep at the parent's (TrainConfig.freeze):
+    "embeddings", the token embeddings and the LM head (the embeddings themselves when tied); "norms", every
+    norm's scale."""
     from ..model import GatedRMSNorm, RMSNorm
 
+    kinds = (nn.Embedding,) * ("embeddings" in parts) + (RMSNorm, GatedRMSNorm) * ("norms" in parts)
     out = {}
     for name, m in model.named_modules():
-        if isinstance(m, (nn.Embedding, RMSNorm, GatedRMSNorm)) or name == "lm_head":
+        if isinstance(m, kinds) or (name == "lm_head" and "embeddings" in parts):
             for p in m.parameters(recurse=False):
                 out[id(p)] = p
     return list(out.values())
