@@ -148,6 +148,9 @@ def parse_args(argv=None):
     ap.add_argument("--freeze", metavar="PARTS", type=lambda s: [p for p in s.split(",") if p],
                     help="anchored variants: keep these at the parent's in every budget, comma-separated: embeddings "
                          "(with the LM head), norms (TrainConfig.freeze)")
+    ap.add_argument("--freeze-rate", type=float, default=0.0, metavar="F",
+                    help="with --freeze: what it names trains at F times every rate instead of not at all "
+                         "(TrainConfig.freeze_rate; default 0: frozen)")
     ap.add_argument("--freeze-embeddings-norms", dest="freeze", action="store_const", const=["embeddings", "norms"],
                     help="--freeze embeddings,norms (the sixteenth and seventeenth sessions' runs)")
     ap.add_argument("--anchor-data", metavar="self[:TOKENS]",
@@ -543,6 +546,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                        anchor_projection=args.anchor_projection and variant in ANCHORED,
                        full_delta_rank=args.full_delta_rank if variant in ANCHORED else 0,
                        freeze=args.freeze if variant in ANCHORED else None,
+                       freeze_rate=args.freeze_rate if variant in ANCHORED else 0.0,
                        anchor_mix=args.anchor_mix if args.anchor_data and variant in ANCHORED else 1.0,
                        freeze_select=args.freeze_select,
                        router_prior=args.router_prior if router is not None and args.warm_start else 0.0,
@@ -637,7 +641,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                         "full_delta_rank": tcfg.full_delta_rank or None,
                         "full_without_delta": without_delta if trainer.delta is not None else None,
                         "full_with_parents_rest": parent_rest if trainer.delta is not None else None,
-                        "freeze": tcfg.freeze,
+                        "freeze": tcfg.freeze, "freeze_rate": tcfg.freeze_rate if tcfg.freeze else None,
                         "anchor_data": args.anchor_data if anchor_rows is not None else None,
                         "anchor_mix": tcfg.anchor_mix if anchor_rows is not None else None,
                         "anchor_cos": cosines(logs),
@@ -876,6 +880,8 @@ def main(argv=None):
         raise SystemExit("--anchor-mix mixes the anchor's own text into its batch: give --anchor-data")
     if args.freeze and not set(args.freeze) <= {"embeddings", "norms"}:
         raise SystemExit(f"--freeze {','.join(args.freeze)}: embeddings, norms or both")
+    if args.freeze_rate and not args.freeze:
+        raise SystemExit("--freeze-rate is the rate of what --freeze names: give --freeze")
     if args.anchor_data and parse_anchor_data(args.anchor_data)[0] != "self":
         raise SystemExit(f"--anchor-data {args.anchor_data!r}: the bench samples the anchor's text from the parent: "
                          "self or self:TOKENS")

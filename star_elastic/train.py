@@ -112,6 +112,9 @@ class TrainConfig:
     # delta covers: measured, within 1% of its parent everywhere at two seeds, but the 0.75 up to 4% and the 0.5
     # up to 9% behind separate distillation (RESULTS §9, seventeenth session)
     freeze: list[str] | None = None
+    # the rate of what `freeze` names, as a fraction of every rate: 0 freezes it; e.g. 0.1 lets it move a tenth as
+    # fast (Adam's step is proportional to the rate), between what the smaller budgets need and the full model's hold
+    freeze_rate: float = 0.0
     budget_lrs: list[float] | None = None  # per-budget model learning rates (budget order): each budget's
     #                                        gradient then has its own AdamW moments and rate (BudgetAdamW), as if
     #                                        distilled alone; None: one AdamW over the summed gradient, at `lr`
@@ -258,15 +261,12 @@ class ElasticTrainer:
         self._fixed_masks: dict[int, tuple[ElasticSpec, dict]] = {}  # _spec_masks
         self.sampler = torch.Generator().manual_seed(cfg.seed + 1)  # budgets
         self.gumbel = torch.Generator().manual_seed(cfg.seed + 2)  # router noise
-        if cfg.freeze:
-            odd = sorted(set(cfg.freeze) - set(FREEZABLE))
-            if odd or self.shard == "fsdp":
-                raise StarElasticError(f"freeze {','.join(cfg.freeze)}: " + (
-                    f"{odd[0]!r} is not one of {', '.join(FREEZABLE)}" if odd else "not with FSDP sharding"))
-            for p in embeddings_and_norms(model, cfg.freeze):
-                p.requires_grad_(False)
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr, "base_lr": cfg.lr,
-                   "weight_decay": cfg.weight_decay}]
+        slow = self._frozen_parts(model)
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in slow], "lr": cfg.lr,
+                   "base_lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+        if slow:  # cfg.freeze at a rate: a group of its own, its schedule the model's scaled
+            rate = cfg.lr * cfg.freeze_rate
+            groups.append({"params": list(slow.values()), "lr": rate, "base_lr": rate, "weight_decay": cfg.weight_decay})
         self.delta = self._full_delta(groups)
         if router is not None:
             groups.append({"params": list(router.parameters()), "lr": cfg.router_lr, "base_lr": cfg.router_lr,
@@ -686,6 +686,26 @@ class ElasticTrainer:
         self._stash(b)
         # "budget" is the budget's name in the step's log
         return total, {("budget_loss" if k == "budget" else k): v for k, v in {**losses, **step_logs}.items()}
+
+    def _frozen_parts(self, model) -> dict[int, torch.nn.Parameter]:
+        """cfg.freeze: at rate 0 its parameters stop training here; at a rate > 0, {id: parameter} of them for
+        a slower group of the optimiser's (after the model's other parameters)."""
+        cfg = self.cfg
+        if not cfg.freeze:
+            return {}
+        odd = sorted(set(cfg.freeze) - set(FREEZABLE))
+        why = (f"{odd[0]!r} is not one of {', '.join(FREEZABLE)}" if odd else
+               f"freeze_rate {cfg.freeze_rate:g} is not in [0, 1)" if not 0 <= cfg.freeze_rate < 1 else
+               "not with FSDP sharding" if self.shard == "fsdp" and not cfg.freeze_rate else
+               "not with budget_lrs" if cfg.budget_lrs is not None and cfg.freeze_rate else None)
+        if why:
+            raise StarElasticError(f"freeze {','.join(cfg.freeze)}: {why}")
+        parts = embeddings_and_norms(model, cfg.freeze)
+        if cfg.freeze_rate:
+            return {id(p): p for p in parts}
+        for p in parts:
+            p.requires_grad_(False)
+        return {}
 
     def _full_delta(self, groups: list) -> FullDelta | None:
         """cfg.full_delta_rank: the full budget's delta (elastic/delta.py), its parameters a group of the

@@ -167,3 +167,33 @@ def test_frozen_embeddings_or_norms_stay_the_parents_and_the_rest_trains(tmp_pat
         assert torch.equal(p, start[n]) == frozen(n), n  # frozen ones unchanged, every other one trained
     with pytest.raises(StarElasticError, match="'heads' is not one of embeddings, norms"):
         _trainer(tmp_path, "u", full_anchor=1.0, freeze=["heads"])
+
+
+def test_a_freeze_at_a_rate_moves_what_it_names_that_much_slower(tmp_path):
+    """TrainConfig.freeze_rate: the named parts train at that fraction of the rate. Adam's first step is the
+    rate times m / sqrt(v), the same for both runs from the same start: a tenth of the rate, a tenth of the
+    step on the norms, and every other parameter the same step exactly."""
+    plain = _trainer(tmp_path, "plain", full_anchor=1.0, steps=1)
+    slow = _trainer(tmp_path, "slow", full_anchor=1.0, steps=1, freeze=["norms"], freeze_rate=0.1)
+    start = {n: p.detach().clone() for n, p in slow.model.named_parameters()}
+    plain.run(progress=False)
+    slow.run(progress=False)
+    ref = dict(plain.model.named_parameters())
+    for n, p in slow.model.named_parameters():
+        step, want = p.detach() - start[n], ref[n].detach() - start[n]
+        if "norm" in n:
+            assert want.abs().max() > 0, n
+            torch.testing.assert_close(step, 0.1 * want, rtol=1e-3, atol=1e-9, msg=n)
+        else:
+            torch.testing.assert_close(step, want, rtol=0, atol=0, msg=n)
+    # its group is saved and resumed with the rest: a stopped run goes on exactly
+    kw = dict(full_anchor=1.0, steps=4, freeze=["norms"], freeze_rate=0.1)
+    want = _trainer(tmp_path, "straight", **kw).run(progress=False)
+    _trainer(tmp_path, "resumed", **kw).run(progress=False, stop_after=2)
+    second = _trainer(tmp_path, "resumed", **kw)
+    assert second.load_state() and second.step == 2
+    rest = second.run(progress=False)
+    assert [lg["total"] for lg in rest] == pytest.approx([lg["total"] for lg in want[2:]], rel=1e-6, abs=1e-7)
+    for bad, message in ((1.5, r"freeze_rate 1.5 is not in \[0, 1\)"), (-0.1, "is not in")):
+        with pytest.raises(StarElasticError, match=message):
+            _trainer(tmp_path, "u", full_anchor=1.0, freeze=["norms"], freeze_rate=bad)

@@ -14,7 +14,7 @@
 #                               LOAD needs .devcarry/serve_wheels: the server's packages, which the GPU machine lacks)
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|25|16j|16J|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|26|16j|16J|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
 #   GATHER [args]               issue 12: the views' MoE decode gather, the candidates side by side (bench_expert_gather)
@@ -215,6 +215,10 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   25) M="--lr-a 2e-4 --full-delta-rank 64 --anchor-data self --anchor-mix 0.5"
      bash $0 RUNS J0mr64n "$J0 $M --freeze norms" J0mr64m "$J0 $M --freeze embeddings"
      ratios J0mr64n:C2,J0mr64m:C2 J0mr64n J0mr64m ;;
+  # 26: between frozen and free, both at a tenth of the rate (Adam moves them a tenth as far; J0mr64s, ~400 s alone)
+  26) bash $0 RUNS J0mr64s "$J0 --lr-a 2e-4 --full-delta-rank 64 --anchor-data self --anchor-mix 0.5 \
+       --freeze embeddings,norms --freeze-rate 0.1"
+     ratios J0mr64s:C2 J0mr64s ;;
   # 16j (thirteenth session's note): T = 16M like for like without the router: J16, E0's architectures with
   # the anchor at 0.5 (resumable: call "16j" again until it is done), beside (c) on the same ones, a budget a
   # process (--budgets 1.0,B at T = 8M: the 8M that (c) at 16M gives each budget, so it fits one call),
