@@ -444,8 +444,10 @@ class ElasticTrainer:
         L tokens."""
         rows = next(batches or self.batches)
         per_rank = rows.shape[0] // self.world
-        mine = rows[self.rank * per_rank:(self.rank + 1) * per_rank]
-        return mine.reshape(-1, L).to(self.device)
+        mine = rows[self.rank * per_rank:(self.rank + 1) * per_rank].reshape(-1, L)
+        if self.device.type == "cuda":  # a copy from pageable memory first waits for the GPU's queue to drain
+            return mine.pin_memory().to(self.device, non_blocking=True)
+        return mine.to(self.device)
 
     def _spec_masks(self, b: int, spec: ElasticSpec) -> dict[str, torch.Tensor]:
         """The hard masks of budget b's fixed architecture, built once while it stays the same: building
