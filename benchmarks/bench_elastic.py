@@ -145,14 +145,18 @@ def parse_args(argv=None):
                     help="anchored variants: the full budget gets a rank-R delta of its own on every linear layer, "
                          "which the anchor alone trains, leaving the shared weights to the smaller budgets; the "
                          "full budget is evaluated merged (TrainConfig.full_delta_rank)")
-    ap.add_argument("--freeze", metavar="PARTS", type=lambda s: [p for p in s.split(",") if p],
-                    help="anchored variants: keep these at the parent's in every budget, comma-separated: embeddings "
-                         "(with the LM head), norms (TrainConfig.freeze)")
-    ap.add_argument("--freeze-rate", type=float, default=0.0, metavar="F",
-                    help="with --freeze: what it names trains at F times every rate instead of not at all "
-                         "(TrainConfig.freeze_rate; default 0: frozen)")
-    ap.add_argument("--freeze-embeddings-norms", dest="freeze", action="store_const", const=["embeddings", "norms"],
-                    help="--freeze embeddings,norms (the sixteenth and seventeenth sessions' runs)")
+    ap.add_argument("--hold", metavar="PARTS", type=lambda s: [p for p in s.split(",") if p],
+                    help="anchored variants: hold these at or near the parent's values in every budget, "
+                         "comma-separated: embeddings (with the LM head), norms (TrainConfig.hold; frozen unless "
+                         "--hold-rate)")
+    ap.add_argument("--hold-rate", type=float, default=0.0, metavar="F",
+                    help="with --hold: what it names trains at F times every rate (TrainConfig.hold_rate; default 0: "
+                         "frozen)")
+    ap.add_argument("--hold-pull", type=float, default=0.0, metavar="L",
+                    help="with --hold-rate: each step pulls what --hold names back toward the parent's values by L "
+                         "times the rate (TrainConfig.hold_pull, L2-SP)")
+    ap.add_argument("--freeze-embeddings-norms", dest="hold", action="store_const", const=["embeddings", "norms"],
+                    help="--hold embeddings,norms (the sixteenth and seventeenth sessions' runs)")
     ap.add_argument("--anchor-data", metavar="self[:TOKENS]",
                     help="anchored variants: the full anchor distils on text sampled from the parent (elastify "
                          "--anchor-data self; 1M tokens unless given), not on the step's training batch")
@@ -545,8 +549,9 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                        train_on=args.train_on, all_budgets=args.all_budgets,
                        anchor_projection=args.anchor_projection and variant in ANCHORED,
                        full_delta_rank=args.full_delta_rank if variant in ANCHORED else 0,
-                       freeze=args.freeze if variant in ANCHORED else None,
-                       freeze_rate=args.freeze_rate if variant in ANCHORED else 0.0,
+                       hold=args.hold if variant in ANCHORED else None,
+                       hold_rate=args.hold_rate if variant in ANCHORED else 0.0,
+                       hold_pull=args.hold_pull if variant in ANCHORED else 0.0,
                        anchor_mix=args.anchor_mix if args.anchor_data and variant in ANCHORED else 1.0,
                        freeze_select=args.freeze_select,
                        router_prior=args.router_prior if router is not None and args.warm_start else 0.0,
@@ -641,7 +646,8 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                         "full_delta_rank": tcfg.full_delta_rank or None,
                         "full_without_delta": without_delta if trainer.delta is not None else None,
                         "full_with_parents_rest": parent_rest if trainer.delta is not None else None,
-                        "freeze": tcfg.freeze, "freeze_rate": tcfg.freeze_rate if tcfg.freeze else None,
+                        "hold": tcfg.hold, "hold_rate": tcfg.hold_rate if tcfg.hold else None,
+                        "hold_pull": tcfg.hold_pull if tcfg.hold else None,
                         "anchor_data": args.anchor_data if anchor_rows is not None else None,
                         "anchor_mix": tcfg.anchor_mix if anchor_rows is not None else None,
                         "anchor_cos": cosines(logs),
@@ -878,10 +884,12 @@ def main(argv=None):
         raise SystemExit("--max-train-seconds needs --state-dir: a stopped run goes on from its saved state")
     if args.anchor_mix != 1.0 and not args.anchor_data:
         raise SystemExit("--anchor-mix mixes the anchor's own text into its batch: give --anchor-data")
-    if args.freeze and not set(args.freeze) <= {"embeddings", "norms"}:
-        raise SystemExit(f"--freeze {','.join(args.freeze)}: embeddings, norms or both")
-    if args.freeze_rate and not args.freeze:
-        raise SystemExit("--freeze-rate is the rate of what --freeze names: give --freeze")
+    if args.hold and not set(args.hold) <= {"embeddings", "norms"}:
+        raise SystemExit(f"--hold {','.join(args.hold)}: embeddings, norms or both")
+    if (args.hold_rate or args.hold_pull) and not args.hold:
+        raise SystemExit("--hold-rate and --hold-pull are of what --hold names: give --hold")
+    if args.hold_pull and not args.hold_rate:
+        raise SystemExit("--hold-pull pulls back what trains: give --hold-rate > 0")
     if args.anchor_data and parse_anchor_data(args.anchor_data)[0] != "self":
         raise SystemExit(f"--anchor-data {args.anchor_data!r}: the bench samples the anchor's text from the parent: "
                          "self or self:TOKENS")

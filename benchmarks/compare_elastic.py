@@ -82,9 +82,9 @@ def compare(runs: dict, pair: str, part: str = "A") -> dict:
            "anchor_projection": bool(how.get("anchor_projection")), "anchor_data": how.get("anchor_data"),
            "anchor_mix": how.get("anchor_mix"),
            "full_delta_rank": how.get("full_delta_rank"), "full_delta_scope": how.get("full_delta_scope"),
-           # "freeze_embeddings_and_norms": true in the runs before TrainConfig.freeze
-           "freeze": how.get("freeze") or (["embeddings", "norms"] if how.get("freeze_embeddings_and_norms") else None),
-           "freeze_rate": how.get("freeze_rate"), "budgets": {},
+           # "freeze_embeddings_and_norms": true in the runs before TrainConfig.hold
+           "hold": how.get("hold") or (["embeddings", "norms"] if how.get("freeze_embeddings_and_norms") else None),
+           "hold_rate": how.get("hold_rate"), "hold_pull": how.get("hold_pull"), "budgets": {},
            # a bundle marks a run whose rows must not be read as a result ("invalid": why), e.g. one that a
            # bug found later trained as something else; the ratios are still printed, under the warning
            "invalid": {n: r["invalid"] for n, r in ((b_name, b_run), (c_name, c_run)) if r.get("invalid")}}
@@ -127,8 +127,9 @@ def main(argv=None):
             f" ({100 * r['anchor_mix']:.0f}% of its rows)" if r.get("anchor_mix") not in (None, 1.0) else "") + (
             f", full delta rank {r['full_delta_rank']}" if r.get("full_delta_rank") else "") + (
             " on embeddings and norms too" if r.get("full_delta_scope") == "all" else "") + (
-            (f", {' and '.join(r['freeze'])} at {r['freeze_rate']:g}x the rate" if r.get("freeze_rate") else
-             f", {' and '.join(r['freeze'])} frozen") if r.get("freeze") else "")
+            (f", {' and '.join(r['hold'])} at {r['hold_rate']:g}x the rate" if r.get("hold_rate") else
+             f", {' and '.join(r['hold'])} frozen") + (f", pulled back at {r['hold_pull']:g}" if r.get("hold_pull")
+                                                        else "") if r.get("hold") else "")
         print(f"{r['pair']} ({r['method']}, seed {r['seed']}{anchor}, lr {lr} against {r['lr_c']:g}); "
               f"(b)/(c) - 1 in %, {' / '.join(sources)}")
         for name, why in r["invalid"].items():

@@ -43,7 +43,7 @@ from .elastic.losses import (HeadInput, LossWeights, advantage, budget_loss, com
                              full_choice_loss, head_input, kd_loss, score_function_loss, task_loss)
 from .elastic.router import (Projection, Router, entropy, entropy_floor_loss, full_projection, larger_choice,
                              nested_in_band, project_budgets)
-from .elastic.delta import FREEZABLE, FullDelta, embeddings_and_norms
+from .elastic.delta import HELD_PARTS, FullDelta, embeddings_and_norms
 from .elastic.masking import masked
 from .elastic.spec import ElasticSpec
 from .errors import StarElasticError
@@ -107,14 +107,19 @@ class TrainConfig:
     full_delta_rank: int = 0  # >0, with the full anchor: the full budget gets a low-rank delta of its own on every
     #                           linear layer, trained by the anchor alone, which then leaves the shared weights to
     #                           the smaller budgets (elastic/delta.py; elastify --full-delta-rank)
-    # kept at the parent's in every budget (not trained): "embeddings" (with the LM head), "norms", or both
-    # (delta.FREEZABLE). With the delta and both frozen the full model's only drift is in the linear layers its
-    # delta covers: measured, within 1% of its parent everywhere at two seeds, but the 0.75 up to 4% and the 0.5
-    # up to 9% behind separate distillation (RESULTS §9, seventeenth session)
-    freeze: list[str] | None = None
-    # the rate of what `freeze` names, as a fraction of every rate: 0 freezes it; e.g. 0.1 lets it move a tenth as
-    # fast (Adam's step is proportional to the rate), between what the smaller budgets need and the full model's hold
-    freeze_rate: float = 0.0
+    # held at or near the parent's values in every budget: "embeddings" (with the LM head), "norms", or both
+    # (delta.HELD_PARTS). Frozen (hold_rate 0) beside the delta, the full model's only drift is in the linear
+    # layers its delta covers: measured, within 1% of its parent everywhere at two seeds, but the 0.75 up to 4%
+    # and the 0.5 up to 9% behind separate distillation (RESULTS §9, seventeenth session)
+    hold: list[str] | None = None
+    # their rate, as a fraction of every rate: 0 freezes them; 0.1 lets them move a tenth as fast (Adam's step is
+    # proportional to the rate), between what the smaller budgets need and what holds the full model
+    hold_rate: float = 0.0
+    # > 0 (with hold_rate > 0): after each step they move back toward the parent's values by hold_pull x the rate
+    # (L2-SP, decoupled as AdamW's decay is): a drift that the gradient keeps asking for stays, at an offset of
+    # about 1 / hold_pull a weight, while one the gradient does not sustain (Adam's noise on rare tokens' rows)
+    # decays
+    hold_pull: float = 0.0
     budget_lrs: list[float] | None = None  # per-budget model learning rates (budget order): each budget's
     #                                        gradient then has its own AdamW moments and rate (BudgetAdamW), as if
     #                                        distilled alone; None: one AdamW over the summed gradient, at `lr`
@@ -261,12 +266,15 @@ class ElasticTrainer:
         self._fixed_masks: dict[int, tuple[ElasticSpec, dict]] = {}  # _spec_masks
         self.sampler = torch.Generator().manual_seed(cfg.seed + 1)  # budgets
         self.gumbel = torch.Generator().manual_seed(cfg.seed + 2)  # router noise
-        slow = self._frozen_parts(model)
+        slow = self._held_parts(model)
         groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in slow], "lr": cfg.lr,
                    "base_lr": cfg.lr, "weight_decay": cfg.weight_decay}]
-        if slow:  # cfg.freeze at a rate: a group of its own, its schedule the model's scaled
-            rate = cfg.lr * cfg.freeze_rate
+        if slow:  # cfg.hold at a rate: a group of its own, its schedule the model's scaled
+            rate = cfg.lr * cfg.hold_rate
             groups.append({"params": list(slow.values()), "lr": rate, "base_lr": rate, "weight_decay": cfg.weight_decay})
+        # cfg.hold_pull: the parent's values (taken before any resume loads trained ones) to pull them back to
+        self.held = ((list(slow.values()), [p.detach().clone() for p in slow.values()])
+                     if slow and cfg.hold_pull else None)
         self.delta = self._full_delta(groups)
         if router is not None:
             groups.append({"params": list(router.parameters()), "lr": cfg.router_lr, "base_lr": cfg.router_lr,
@@ -689,21 +697,26 @@ class ElasticTrainer:
         # "budget" is the budget's name in the step's log
         return total, {("budget_loss" if k == "budget" else k): v for k, v in {**losses, **step_logs}.items()}
 
-    def _frozen_parts(self, model) -> dict[int, torch.nn.Parameter]:
-        """cfg.freeze: at rate 0 its parameters stop training here; at a rate > 0, {id: parameter} of them for
-        a slower group of the optimiser's (after the model's other parameters)."""
+    def _held_parts(self, model) -> dict[int, torch.nn.Parameter]:
+        """cfg.hold: at rate 0 its parameters stop training here; at a rate > 0, {id: parameter} of them for
+        a group of the optimiser's of its own (after the model's other parameters)."""
         cfg = self.cfg
-        if not cfg.freeze:
+        if not cfg.hold:
+            if cfg.hold_rate or cfg.hold_pull:
+                raise StarElasticError("hold_rate and hold_pull are of what `hold` names: give hold")
             return {}
-        odd = sorted(set(cfg.freeze) - set(FREEZABLE))
-        why = (f"{odd[0]!r} is not one of {', '.join(FREEZABLE)}" if odd else
-               f"freeze_rate {cfg.freeze_rate:g} is not in [0, 1)" if not 0 <= cfg.freeze_rate < 1 else
-               "not with FSDP sharding" if self.shard == "fsdp" and not cfg.freeze_rate else
-               "not with budget_lrs" if cfg.budget_lrs is not None and cfg.freeze_rate else None)
+        odd = sorted(set(cfg.hold) - set(HELD_PARTS))
+        why = (f"{odd[0]!r} is not one of {', '.join(HELD_PARTS)}" if odd else
+               f"hold_rate {cfg.hold_rate:g} is not in [0, 1]" if not 0 <= cfg.hold_rate <= 1 else
+               f"hold_pull {cfg.hold_pull:g} is negative" if cfg.hold_pull < 0 else
+               "hold_pull needs hold_rate > 0 (a frozen part has nothing to pull back)"
+               if cfg.hold_pull and not cfg.hold_rate else
+               "not with FSDP sharding" if self.shard == "fsdp" and (not cfg.hold_rate or cfg.hold_pull) else
+               "not with budget_lrs" if cfg.budget_lrs is not None and cfg.hold_rate else None)
         if why:
-            raise StarElasticError(f"freeze {','.join(cfg.freeze)}: {why}")
-        parts = embeddings_and_norms(model, cfg.freeze)
-        if cfg.freeze_rate:
+            raise StarElasticError(f"hold {','.join(cfg.hold)}: {why}")
+        parts = embeddings_and_norms(model, cfg.hold)
+        if cfg.hold_rate:
             return {id(p): p for p in parts}
         for p in parts:
             p.requires_grad_(False)
@@ -802,6 +815,10 @@ class ElasticTrainer:
             logs["grad_norm"] = clip()
         self.opt.step()  # BudgetAdamW: the router's group
         self.opt.zero_grad(set_to_none=True)
+        if self.held is not None:  # cfg.hold_pull: toward the parent's values, in proportion to the rate now
+            params, parent = self.held
+            with torch.no_grad():
+                torch._foreach_lerp_(params, parent, min(1.0, self.opt.param_groups[0]["lr"] * cfg.hold_pull))
         logs = _floats(logs)
         if self.world > 1:  # report the mean over ranks, so every rank logs the same numbers
             t = torch.tensor([logs[k] for k in sorted(logs)], dtype=torch.float64, device=self.device)

@@ -150,31 +150,31 @@ def test_the_bench_diagnostic_puts_back_the_parents_weights_outside_the_delta(tm
     assert not all(torch.equal(merged[n], parent[n]) for n in merged if n not in covered)  # they had drifted
 
 
-@pytest.mark.parametrize("freeze, delta", [(["embeddings", "norms"], 2), (["norms"], 2), (["embeddings"], 0)])
-def test_frozen_embeddings_or_norms_stay_the_parents_and_the_rest_trains(tmp_path, freeze, delta):
-    """TrainConfig.freeze: what it names keeps the parent's values in every budget, everything else trains.
-    With the delta and both frozen the full model differs from its parent only where its delta is."""
-    t = _trainer(tmp_path, "t", full_anchor=1.0, full_delta_rank=delta, freeze=freeze)
+@pytest.mark.parametrize("held, delta", [(["embeddings", "norms"], 2), (["norms"], 2), (["embeddings"], 0)])
+def test_frozen_embeddings_or_norms_stay_the_parents_and_the_rest_trains(tmp_path, held, delta):
+    """TrainConfig.hold at rate 0: what it names keeps the parent's values in every budget, everything else
+    trains. With the delta and both frozen the full model differs from its parent only where its delta is."""
+    t = _trainer(tmp_path, "t", full_anchor=1.0, full_delta_rank=delta, hold=held)
     start = {n: p.detach().clone() for n, p in t.model.named_parameters()}
     t.run(progress=False)
 
     def frozen(n):  # by name: "norm" is in every norm's (layers.i.norm, mixer.norm, norm_f), the LM head untied here
-        return ("norm" in n and "norms" in freeze) or (("embed" in n or n == "lm_head.weight") and "embeddings" in freeze)
+        return ("norm" in n and "norms" in held) or (("embed" in n or n == "lm_head.weight") and "embeddings" in held)
 
     names = [n for n, _ in t.model.named_parameters()]
     assert any("embed" in n for n in names) and any("norm" in n for n in names)
     for n, p in t.model.named_parameters():
         assert torch.equal(p, start[n]) == frozen(n), n  # frozen ones unchanged, every other one trained
     with pytest.raises(StarElasticError, match="'heads' is not one of embeddings, norms"):
-        _trainer(tmp_path, "u", full_anchor=1.0, freeze=["heads"])
+        _trainer(tmp_path, "u", full_anchor=1.0, hold=["heads"])
 
 
-def test_a_freeze_at_a_rate_moves_what_it_names_that_much_slower(tmp_path):
-    """TrainConfig.freeze_rate: the named parts train at that fraction of the rate. Adam's first step is the
+def test_a_hold_at_a_rate_moves_what_it_names_that_much_slower(tmp_path):
+    """TrainConfig.hold_rate: the named parts train at that fraction of the rate. Adam's first step is the
     rate times m / sqrt(v), the same for both runs from the same start: a tenth of the rate, a tenth of the
     step on the norms, and every other parameter the same step exactly."""
     plain = _trainer(tmp_path, "plain", full_anchor=1.0, steps=1)
-    slow = _trainer(tmp_path, "slow", full_anchor=1.0, steps=1, freeze=["norms"], freeze_rate=0.1)
+    slow = _trainer(tmp_path, "slow", full_anchor=1.0, steps=1, hold=["norms"], hold_rate=0.1)
     start = {n: p.detach().clone() for n, p in slow.model.named_parameters()}
     plain.run(progress=False)
     slow.run(progress=False)
@@ -187,13 +187,44 @@ def test_a_freeze_at_a_rate_moves_what_it_names_that_much_slower(tmp_path):
         else:
             torch.testing.assert_close(step, want, rtol=0, atol=0, msg=n)
     # its group is saved and resumed with the rest: a stopped run goes on exactly
-    kw = dict(full_anchor=1.0, steps=4, freeze=["norms"], freeze_rate=0.1)
+    kw = dict(full_anchor=1.0, steps=4, hold=["norms"], hold_rate=0.1)
     want = _trainer(tmp_path, "straight", **kw).run(progress=False)
     _trainer(tmp_path, "resumed", **kw).run(progress=False, stop_after=2)
     second = _trainer(tmp_path, "resumed", **kw)
     assert second.load_state() and second.step == 2
     rest = second.run(progress=False)
     assert [lg["total"] for lg in rest] == pytest.approx([lg["total"] for lg in want[2:]], rel=1e-6, abs=1e-7)
-    for bad, message in ((1.5, r"freeze_rate 1.5 is not in \[0, 1\)"), (-0.1, "is not in")):
+    for bad, message in (({"hold_rate": 1.5}, r"hold_rate 1.5 is not in \[0, 1\]"), ({"hold_rate": -0.1}, "is not in"),
+                         ({"hold_pull": 5.0}, "needs hold_rate > 0"), ({"hold_rate": 1.0, "hold_pull": -1.0}, "negative")):
         with pytest.raises(StarElasticError, match=message):
-            _trainer(tmp_path, "u", full_anchor=1.0, freeze=["norms"], freeze_rate=bad)
+            _trainer(tmp_path, "u", full_anchor=1.0, hold=["norms"], **bad)
+    with pytest.raises(StarElasticError, match="give hold"):
+        _trainer(tmp_path, "u", full_anchor=1.0, hold_rate=0.5)
+
+
+def test_a_pull_takes_the_held_parts_back_toward_the_parent_each_step(tmp_path):
+    """TrainConfig.hold_pull (L2-SP, decoupled): after Adam's step the held parts move back toward the parent's
+    values by pull x the rate, so one step from the parent is (1 - pull x rate) of the plain step on them, the
+    same step exactly elsewhere; a resumed run pulls toward the parent, not toward where it resumed."""
+    plain = _trainer(tmp_path, "plain", full_anchor=1.0, steps=1)
+    pulled = _trainer(tmp_path, "pulled", full_anchor=1.0, steps=1, hold=["embeddings"], hold_rate=1.0, hold_pull=50.0)
+    start = {n: p.detach().clone() for n, p in pulled.model.named_parameters()}
+    plain.run(progress=False)
+    logs = pulled.run(progress=False)
+    keep = 1 - logs[0]["lr"] * 50.0
+    assert 0 < keep < 0.99
+    ref = dict(plain.model.named_parameters())
+    for n, p in pulled.model.named_parameters():
+        step, want = p.detach() - start[n], ref[n].detach() - start[n]
+        if "embed" in n or n == "lm_head.weight":
+            assert want.abs().max() > 0, n
+            torch.testing.assert_close(step, keep * want, rtol=1e-4, atol=1e-8, msg=n)
+        else:
+            torch.testing.assert_close(step, want, rtol=0, atol=0, msg=n)
+    kw = dict(full_anchor=1.0, steps=4, hold=["norms"], hold_rate=1.0, hold_pull=20.0)
+    want = _trainer(tmp_path, "straight", **kw).run(progress=False)
+    _trainer(tmp_path, "resumed", **kw).run(progress=False, stop_after=2)
+    second = _trainer(tmp_path, "resumed", **kw)
+    assert second.load_state() and second.step == 2
+    rest = second.run(progress=False)
+    assert [lg["total"] for lg in rest] == pytest.approx([lg["total"] for lg in want[2:]], rel=1e-6, abs=1e-7)

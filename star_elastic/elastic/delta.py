@@ -168,11 +168,11 @@ class FullDelta(nn.Module):
                     model.get_submodule(name).weight.copy_(w)
 
 
-FREEZABLE = ("embeddings", "norms")  # what TrainConfig.freeze can keep at the parent's
+HELD_PARTS = ("embeddings", "norms")  # what TrainConfig.hold can keep at the parent's
 
 
-def embeddings_and_norms(model: nn.Module, parts=FREEZABLE) -> list[nn.Parameter]:
-    """Parameters the delta does not cover, which a freeze can keep at the parent's (TrainConfig.freeze):
+def embeddings_and_norms(model: nn.Module, parts=HELD_PARTS) -> list[nn.Parameter]:
+    """Parameters the delta does not cover, which a freeze can keep at the parent's (TrainConfig.hold):
     "embeddings", the token embeddings and the LM head (the embeddings themselves when tied); "norms", every
     norm's scale."""
     from ..model import GatedRMSNorm, RMSNorm
