@@ -86,6 +86,9 @@ def forget_decode_steps(model: Model):
     model.__dict__.pop("_decode_steps", None)
 
 
+EOS_CHECK_EVERY = 8  # generate's steps between reads of whether every row is done
+
+
 def _decoder(model: Model, batch: int, length: int, use_graph: bool | None, compile: bool = False):
     """Caches and a captured decode step, kept on the model and reused by later calls of the same
     batch size and length bucket (capturing costs a few forward passes; replaying is free) until
@@ -126,6 +129,7 @@ def generate(model: Model, input_ids: torch.Tensor, max_new_tokens: int, tempera
     cache, step = _decoder(model, b, t + max_new_tokens, use_graph, compile)
     logits = model(input_ids, cache, torch.arange(t, device=device), last_only=True)
     out, done = [input_ids], torch.zeros(b, dtype=torch.bool, device=device)
+    finished = []  # done.all() after each token, read EOS_CHECK_EVERY at a time (below)
     for i in range(max_new_tokens):
         token = sample(logits[:, -1], temperature, top_p, generator)
         if len(eos):
@@ -134,9 +138,25 @@ def generate(model: Model, input_ids: torch.Tensor, max_new_tokens: int, tempera
         out.append(token[:, None])
         if on_token is not None and on_token(token):
             break
-        if i == max_new_tokens - 1 or (len(eos) and bool(done.all())):
+        if i == max_new_tokens - 1:
             break
+        if len(eos):
+            # Reading whether every row is done waits for the step that made this token, and the device
+            # then idles while the host queues the next one. Streaming (on_token) has waited for the token
+            # already, so it reads it now; otherwise the flags are read a few steps at a time and the rows'
+            # EOS padding computed past the end is cut: the same output, one wait in EOS_CHECK_EVERY.
+            finished.append(done.all())
+            if on_token is not None or len(finished) == EOS_CHECK_EVERY:
+                flags = torch.stack(finished).tolist()
+                finished.clear()
+                if any(flags):
+                    del out[len(out) - len(flags) + flags.index(True) + 1:]
+                    break
         logits = step(token, t + i)
+    if finished:  # the last flags not yet read (the token limit came first)
+        flags = torch.stack(finished).tolist()
+        if any(flags):
+            del out[len(out) - 1 - len(flags) + flags.index(True) + 1:]
     return torch.cat(out, dim=1)
 
 

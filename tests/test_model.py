@@ -361,6 +361,30 @@ def test_eos_stops_and_pads(build):
     assert torch.equal(generate(model, ids, max_new_tokens=0), ids)
 
 
+def test_eos_read_a_few_steps_late_cuts_the_output_where_every_row_finished():
+    """generate reads whether every row is done EOS_CHECK_EVERY steps at a time (no device wait a token) and
+    cuts what it computed past that point: the output is the one of stopping at once, whichever step the
+    last row finishes at (before, on or after a read, or in the last steps before the token limit)."""
+    from star_elastic import generate as gen
+
+    _, model = _hybrid()
+    ids = torch.randint(3, VOCAB, (3, 5))
+    free = generate(model, ids, max_new_tokens=24)[:, 5:]
+    checked = 0
+    for eos in sorted(set(free.flatten().tolist())):
+        firsts = [_first(r, {eos}) for r in free]
+        for limit in (3, 8, 9, 17, 24):
+            want_n = limit if None in firsts or max(firsts) >= limit else max(firsts) + 1
+            want = free[:, :want_n].clone()
+            for r, f in enumerate(firsts):
+                if f is not None and f < want_n:
+                    want[r, f + 1:] = eos  # rows that finish first are padded with EOS
+            got = generate(model, ids, max_new_tokens=limit, eos_token_id=eos)[:, 5:]
+            assert torch.equal(got, want), (eos, limit)
+            checked += None not in firsts and max(firsts) < limit
+    assert checked >= 3 and gen.EOS_CHECK_EVERY > 1  # stops before the limit happened, reads were late
+
+
 @pytest.mark.parametrize("build", [_hybrid, _llama], ids=["nemotron_h", "llama"])
 def test_seeded_sampling_is_reproducible_and_top_p_tiny_is_greedy(build):
     _, model = build()
