@@ -143,6 +143,9 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     ap.add_argument("--no-mixed", action="store_true", help="skip the all-budgets-at-once runs")
+    ap.add_argument("--compile", metavar="BACKEND",
+                    help="the static step under torch.compile with this backend (e.g. inductor) before its CUDA "
+                         "graph: fewer kernels for the host to launch a step (StaticStep)")
     ap.add_argument("--static", choices=["auto", "on", "off"], default="auto",
                     help="the engine's static step (every row of the pool; a CUDA graph on a GPU): auto = on a GPU")
     ap.add_argument("--hbm-gbs", type=float,
@@ -187,8 +190,8 @@ def main():
     def engine(slots: int) -> BatchedEngine:  # one scheduler per slot count, all over the same parent and views
         if slots not in engines:
             base = next(iter(engines.values()), None)
-            engines[slots] = BatchedEngine(ckpt, slots=slots, static=static) if base is None else \
-                BatchedEngine.of(base, slots, static=static)
+            engines[slots] = BatchedEngine(ckpt, slots=slots, static=static, compile=args.compile) if base is None \
+                else BatchedEngine.of(base, slots, static=static, compile=args.compile)
             engines[slots].scheduler.pipeline = engines[slots].scheduler.pipeline and not args.no_pipeline
             if base is None and args.fp8_matmul:  # the engines share the views, so the FP8 weights too
                 info = engines[slots].use_fp8_matmuls()
@@ -281,6 +284,7 @@ def main():
               "params": ckpt.model.num_parameters(), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "reps": args.reps, "hbm_gbs": hbm_gbs, "fp8_matmul": args.fp8_matmul,
               "static_step": next(iter(engines.values())).scheduler.static if engines else None,
+              "compile": args.compile,
               "cuda_graph": next(iter(engines.values())).scheduler.use_graph if engines else None,
               "pipelined": next(iter(engines.values())).scheduler.pipeline if engines else None,
               "rows": rows, "mixed": mixed, "profile": profiled}

@@ -398,3 +398,28 @@ def test_the_pipelined_step_chains_and_drops_the_tokens_past_an_end(engine, batc
         # the host's share of the decode time: queuing the steps and waiting for their tokens, inside it
         assert 0 < c["launch_s"] and 0 < c["wait_s"] and c["launch_s"] + c["wait_s"] <= c["decode_s"]
         assert eng.scheduler.active() == 0 and all(p.inflight is None for p in eng.scheduler.pools.values())
+
+
+def test_a_compiled_static_step_decodes_what_the_eager_one_does(engine):
+    """Scheduler(compile=...): the static step under torch.compile (dynamo's aot_eager on the CPU, inductor
+    on a GPU, then captured as a CUDA graph) writes the same tokens as one at a time, mixed budgets and
+    lengths, and was compiled (not the eager fallback, which warns)."""
+    import warnings
+
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    work = jobs(6, seed=3)
+    want = sequential(engine, work)
+    eng = BatchedEngine.of(engine, slots=4, static=True, compile="aot_eager")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a failed compile falls back with a warning: fail here instead
+            reqs = [eng.submit(b, ids, n, **kw) for b, ids, n, kw in work]
+            got = [r.wait(300) for r in reqs]
+        assert got == want
+        assert counters["stats"]["unique_graphs"] > 0 and eng.scheduler.max_batch > 1
+    finally:
+        eng.close()
+        torch._dynamo.reset()

@@ -111,10 +111,16 @@ def _rows(cache: nn.ModuleList, lo: int, hi: int) -> nn.ModuleList:
 class StaticStep:
     """The decode step over every row of a pool's cache, with fixed input buffers (token and position
     per row), replayed from a CUDA graph when `use_graph`. Built for one cache: a pool that grows
-    builds a new one."""
+    builds a new one. `compile` (a torch.compile backend, e.g. "inductor"): the step's small kernels
+    fused first, so that the graph holds fewer of them; on an H200 replaying the ~200-kernel graph of a
+    one-token Nano step took the host about as long as the device took to run it (docs/RESULTS.md,
+    serving at Nano width)."""
 
-    def __init__(self, model: Model, cache: nn.ModuleList, rows: int, use_graph: bool):
+    def __init__(self, model: Model, cache: nn.ModuleList, rows: int, use_graph: bool, compile: str | None = None):
         self.model, self.cache, self.graph = model, cache, None
+        if compile:  # one graph per view and pool size: more than the default limit of 8
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self.forward = torch.compile(model, backend=compile, dynamic=False) if compile else model
         device = model.lm_head.weight.device
         self.token = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(rows, 1, dtype=torch.long, device=device)
@@ -122,7 +128,7 @@ class StaticStep:
             self.rehearse(capture=True)
 
     def _run(self) -> torch.Tensor:
-        return self.model(self.token, self.cache, self.pos, last_only=True)[:, -1]
+        return self.forward(self.token, self.cache, self.pos, last_only=True)[:, -1]
 
     def rehearse(self, capture: bool):
         """Warm-up forwards (and, with `capture`, the CUDA graph's capture) on the live caches, which
@@ -163,17 +169,20 @@ class SlotPool:
         self._static: StaticStep | None = None  # for the current cache
         self.inflight = None  # the step launched and not yet read (Scheduler._step, pipelined)
 
-    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, static: bool, use_graph: bool) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, static: bool, use_graph: bool,
+               compile: str | None = None) -> torch.Tensor:
         """Logits (n, vocab) of the next token of the n active rows, fed `tokens` at positions `pos` (n,):
-        on the rows [:n] alone, or (`static`) on every row of the pool, from a CUDA graph with `use_graph`."""
+        on the rows [:n] alone, or (`static`) on every row of the pool, from a CUDA graph with `use_graph`,
+        compiled with `compile`."""
         n = tokens.shape[0]
         if not static:
             return self.model(tokens[:, None], self.view(0, n), pos[:, None], last_only=True)[:, -1]
         if self._static is None or self._static.cache is not self.cache:
             try:
-                self._static = StaticStep(self.model, self.cache, self.rows, use_graph)
-            except Exception as e:  # noqa: BLE001 - no graph: the same step, eager
-                warnings.warn(f"batched decode without a CUDA graph ({type(e).__name__}: {e})", stacklevel=2)
+                self._static = StaticStep(self.model, self.cache, self.rows, use_graph, compile)
+            except Exception as e:  # noqa: BLE001 - no graph (or no compiled step): the same step, eager
+                warnings.warn(f"batched decode without a CUDA graph{' or compile' if compile else ''} "
+                              f"({type(e).__name__}: {e})", stacklevel=2)
                 self._static = StaticStep(self.model, self.cache, self.rows, use_graph=False)
         return self._static(tokens, pos)[:n]
 
@@ -266,10 +275,11 @@ class _Launched:
 class Scheduler:
     """The batching loop (see the module doc). `submit` from any thread; one daemon thread runs it."""
 
-    def __init__(self, device, slots: int = DEFAULT_SLOTS, static: bool | None = None):
+    def __init__(self, device, slots: int = DEFAULT_SLOTS, static: bool | None = None, compile: str | None = None):
         if slots < 1:
             raise ValueError(f"slots must be at least 1, got {slots}")
         self.device, self.slots = device, slots
+        self.compile = compile  # the static step's torch.compile backend (StaticStep), None: eager
         # the static step pays for the free rows: worth it where a CUDA graph removes the launches
         self.use_graph = torch.device(device).type == "cuda"
         self.static = self.use_graph if static is None else static
@@ -499,7 +509,7 @@ class Scheduler:
         else:
             tokens, pos = prev.greedy, prev.pos + 1
             self.chained += 1
-        logits = pool.decode(tokens, pos, self.static, self.use_graph and self.static)
+        logits = pool.decode(tokens, pos, self.static, self.use_graph and self.static, self.compile)
         self.steps += 1
         self.max_batch = max(self.max_batch, len(reqs))
         launched = _Launched(reqs, pos, logits, logits.argmax(-1))
@@ -544,17 +554,20 @@ class BatchedEngine(ElasticEngine):
     """`ElasticEngine` whose generations run batched with whatever else is running (module doc):
     the same methods and outputs, any number of concurrent callers, `slots` sequences per budget."""
 
-    def __init__(self, ckpt, serving_order: bool = True, slots: int = DEFAULT_SLOTS, static: bool | None = None):
+    def __init__(self, ckpt, serving_order: bool = True, slots: int = DEFAULT_SLOTS, static: bool | None = None,
+                 compile: str | None = None):
         super().__init__(ckpt, serving_order)
-        self.scheduler = Scheduler(self.device, slots, static)
+        self.scheduler = Scheduler(self.device, slots, static, compile)
 
     @classmethod
-    def of(cls, engine: ElasticEngine, slots: int = DEFAULT_SLOTS, static: bool | None = None) -> "BatchedEngine":
+    def of(cls, engine: ElasticEngine, slots: int = DEFAULT_SLOTS, static: bool | None = None,
+           compile: str | None = None) -> "BatchedEngine":
         """A batching engine over an already loaded engine's parent and views (nothing copied).
-        `static`: the static step (every row, CUDA graph on a GPU); None: on a GPU only."""
+        `static`: the static step (every row, CUDA graph on a GPU); None: on a GPU only. `compile`: its
+        torch.compile backend (StaticStep; None: eager)."""
         new = cls.__new__(cls)
         new.__dict__.update(engine.__dict__)  # the same checkpoint, parent and views dict
-        new.scheduler = Scheduler(new.device, slots, static)
+        new.scheduler = Scheduler(new.device, slots, static, compile)
         return new
 
     def _exclusive(self):
