@@ -16,6 +16,7 @@
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
 #   PLAN17 1|..|26|16j|16J|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
+#   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
 #   GATHER [args]               issue 12: the views' MoE decode gather, the candidates side by side (bench_expert_gather)
 #   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled
@@ -253,6 +254,8 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   esac ;;
 SERVING) join; for c in "BATCHING" "FP8" "DECODE" "SERVE --contiguous-views none,experts,linear,all"; do
     timeout 200 bash $0 $c; done ;;  # issues 12 and 13 in one call (~8 min; carry mamba, smol.part01, smol.sha)
+SPEED) for c in "BATCHING" "BATCHING --compile inductor --out $OUT/batching_compiled.json" "SYNCS"; do
+    timeout 250 bash $0 $c; done ;;  # seventeenth session's serving and sync changes in one call (~5 min; carry mamba)
 SYNCS) shift; python3 benchmarks/bench_syncs.py --json $OUT/syncs.json "$@" 2>&1 | tail -n 50 ;;  # issue 16 item 3 (~1 min)
 GATHER) shift; python3 benchmarks/bench_expert_gather.py --device cuda --json $OUT/expert_gather.json "$@" 2>&1 | tail -n 60 ;;
 JOIN) join ;;
