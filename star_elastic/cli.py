@@ -120,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "budgets share; written merged into the weights, A and B in full_delta.safetensors "
                          "(docs/METHOD.md; measured: smaller budgets better, the full model further from its "
                          "parent out of domain; default 0: none)")
+    sp.add_argument("--hold", metavar="PARTS",
+                    help="hold these at the parent's values in every budget, comma-separated: embeddings (with the LM "
+                         "head), norms. Measured with --full-delta-rank: both held keep the full model within 1%% of "
+                         "its parent on text it never saw, at a cost to the smaller budgets (docs/METHOD.md; default: "
+                         "none)")
+    sp.add_argument("--hold-rate", type=float, default=0.0, metavar="F",
+                    help="with --hold: train what it names at F times the rate instead of not at all (default 0)")
+    sp.add_argument("--hold-pull", type=float, default=0.0, metavar="L",
+                    help="with --hold-rate: after each step pull what --hold names back toward the parent's values by "
+                         "L times the rate (L2-SP; default 0)")
     sp.add_argument("--anchor-projection", action="store_true",
                     help="where the full anchor's gradient conflicts with the smaller budgets' (a negative inner "
                          "product), drop its component along theirs (PCGrad), so that holding the full model does "

@@ -184,6 +184,8 @@ def cmd_elastify(args):
                          full_anchor=args.full_anchor, all_budgets=args.all_budgets, train_on=args.train_on,
                          anchor_projection=args.anchor_projection, anchor_data=args.anchor_data,
                          anchor_mix=args.anchor_mix, full_delta_rank=args.full_delta_rank,
+                         hold=[p.strip() for p in args.hold.split(",") if p.strip()] if args.hold else None,
+                         hold_rate=args.hold_rate, hold_pull=args.hold_pull,
                          drift_data=args.drift_data, router_init=args.router_init,
                          router_estimator=args.router_estimator, router_freeze=args.router_freeze,
                          router_prior=args.router_prior, shard=args.shard,

@@ -29,7 +29,7 @@ from .sharded_sort import load_sorted
 from .errors import StarElasticError
 from .evaluate import perplexity
 from .generate import sample_rows
-from .train import ElasticTrainer, TrainConfig, world
+from .train import ElasticTrainer, TrainConfig, hold_problem, world
 
 
 @dataclass
@@ -77,6 +77,13 @@ class ElastifyConfig:
     # sessions): the 0.75 level with separate distillation in domain and the 0.5 ahead, but the full model
     # +3.0-3.8% on Shakespeare (anchor 0.5 without it: +0.5%); hence off by default
     full_delta_rank: int = 0
+    # the embeddings (with the LM head) and / or norms held at or near the parent's (TrainConfig.hold, hold_rate,
+    # hold_pull). Measured (§9, seventeenth session): both frozen beside the delta keep the full model within 1%
+    # of its parent everywhere at two seeds, at a cost to the smaller budgets (0.75 up to 4%, 0.5 up to 9% behind
+    # separate distillation); hence off by default
+    hold: list[str] | None = None
+    hold_rate: float = 0.0
+    hold_pull: float = 0.0
     train_on: str = "drawn"  # the model trains the router's draw or its in-band argmax (TrainConfig.train_on)
     drift_data: str | None = "auto"  # held-out text of a second domain for the full budget's drift ("": none)
     router_init: str = "search"  # the router starts from the zero-shot search's architectures, or "cost" alone
@@ -242,6 +249,9 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                "not with FSDP2 sharding: add --shard none" if ranks > 1 and cfg.shard != "none" else None)
         if why:
             raise StarElasticError(f"--full-delta-rank {cfg.full_delta_rank}: {why}")
+    why = hold_problem(cfg.hold, cfg.hold_rate, cfg.hold_pull, ranks > 1 and cfg.shard != "none", cfg.budget_lrs is not None)
+    if why:
+        raise StarElasticError(f"--hold {','.join(cfg.hold or [])}: {why}")
     train_stream, heldout = load_corpus_tokens(data, tokenizer, heldout_fraction=cfg.heldout_fraction, seed=cfg.seed)
     row_len = max(cfg.seq_len, cfg.stage2_seq_len or 0)
     rows = pack(train_stream, row_len)
@@ -351,7 +361,8 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                        router_prior=cfg.router_prior, shard=cfg.shard, compile=cfg.compile,
                        all_budgets=cfg.all_budgets, train_on=cfg.train_on, budget_lrs=budget_lrs,
                        anchor_projection=cfg.anchor_projection, anchor_mix=cfg.anchor_mix,
-                       full_delta_rank=cfg.full_delta_rank)
+                       full_delta_rank=cfg.full_delta_rank, hold=cfg.hold, hold_rate=cfg.hold_rate,
+                       hold_pull=cfg.hold_pull)
     anchor_rows = None if anchor_spec is None else anchor_text(
         anchor_spec, teacher, tokenizer, row_len, cfg.batch_size * cfg.seq_len // row_len,
         min(ANCHOR_SELF_TOKENS, train_tokens), cfg.seed, cfg.heldout_fraction, log)

@@ -701,20 +701,11 @@ class ElasticTrainer:
         """cfg.hold: at rate 0 its parameters stop training here; at a rate > 0, {id: parameter} of them for
         a group of the optimiser's of its own (after the model's other parameters)."""
         cfg = self.cfg
-        if not cfg.hold:
-            if cfg.hold_rate or cfg.hold_pull:
-                raise StarElasticError("hold_rate and hold_pull are of what `hold` names: give hold")
-            return {}
-        odd = sorted(set(cfg.hold) - set(HELD_PARTS))
-        why = (f"{odd[0]!r} is not one of {', '.join(HELD_PARTS)}" if odd else
-               f"hold_rate {cfg.hold_rate:g} is not in [0, 1]" if not 0 <= cfg.hold_rate <= 1 else
-               f"hold_pull {cfg.hold_pull:g} is negative" if cfg.hold_pull < 0 else
-               "hold_pull needs hold_rate > 0 (a frozen part has nothing to pull back)"
-               if cfg.hold_pull and not cfg.hold_rate else
-               "not with FSDP sharding" if self.shard == "fsdp" and (not cfg.hold_rate or cfg.hold_pull) else
-               "not with budget_lrs" if cfg.budget_lrs is not None and cfg.hold_rate else None)
+        why = hold_problem(cfg.hold, cfg.hold_rate, cfg.hold_pull, self.shard == "fsdp", cfg.budget_lrs is not None)
         if why:
-            raise StarElasticError(f"hold {','.join(cfg.hold)}: {why}")
+            raise StarElasticError(f"hold {','.join(cfg.hold or [])}: {why}")
+        if not cfg.hold:
+            return {}
         parts = embeddings_and_norms(model, cfg.hold)
         if cfg.hold_rate:
             return {id(p): p for p in parts}
@@ -1023,6 +1014,20 @@ def compile_layers(model: Model, backend: str | None = "inductor") -> Model:
         else:
             layer.compile(backend=backend)
     return model
+
+
+def hold_problem(hold, rate: float, pull: float, sharded: bool, budget_lrs: bool) -> str | None:
+    """What is wrong with holding `hold` (TrainConfig.hold) at `rate` with `pull`, in words that fit both the
+    trainer's config and elastify's flags; None when nothing is."""
+    odd = sorted(set(hold or []) - set(HELD_PARTS))
+    return ("a rate or a pull is of the parts held: name them (embeddings, norms)" if not hold and (rate or pull) else
+            None if not hold else
+            f"{odd[0]!r} is not one of {', '.join(HELD_PARTS)}" if odd else
+            f"the rate {rate:g} is not in [0, 1]" if not 0 <= rate <= 1 else
+            f"the pull {pull:g} is negative" if pull < 0 else
+            "a pull needs a rate > 0 (a frozen part has nothing to pull back)" if pull and not rate else
+            "not with FSDP sharding (shard 'none')" if sharded and (not rate or pull) else
+            "a rate > 0 is not with per-budget rates" if budget_lrs and rate else None)
 
 
 def _floats(logs: dict) -> dict:

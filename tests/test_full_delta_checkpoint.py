@@ -172,3 +172,35 @@ def test_cli_full_delta_rank_reaches_the_checkpoint_and_needs_the_anchor(tmp_pat
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
         assert not (tmp_path / "o2").exists()
+
+
+def test_cli_hold_keeps_the_norms_at_the_parents_and_refuses_what_it_cannot_hold(tmp_path, tokenizer, text, capsys):  # noqa: F811
+    """elastify --hold norms (with --full-delta-rank): the checkpoint's norms are the parent's (ones here, so the
+    importance sort's permutation cannot hide a change), the rest trained; a part it cannot hold, or a pull on a
+    frozen part, is a one-line error before anything is written."""
+    from safetensors.torch import load_file
+
+    from star_elastic import save_pretrained
+
+    torch.manual_seed(0)
+    save_pretrained(Model(PARENTS["llama"]), tmp_path / "parent", tokenizer=tokenizer)
+    common = ["elastify", str(tmp_path / "parent"), "--budgets", "1.0,0.5", "--data", str(text), "--seq-len", "32",
+              "--batch-size", "8", "--calib-batches", "1", "--eval-tokens", "128", "--device", "cpu",
+              "--tokens", str(8 * 32 * 2), "--full-delta-rank", "2"]
+    assert cli.main(common + ["--out", str(tmp_path / "ckpt"), "--hold", "norms"]) == 0
+    manifest = read_manifest(tmp_path / "ckpt")
+    assert manifest["training"]["config"]["hold"] == ["norms"]
+    parent, got = load_file(str(tmp_path / "parent" / "model.safetensors")), load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    norms = [k for k in got if "norm" in k]
+    assert norms and all(torch.equal(got[k], torch.ones_like(got[k])) for k in norms)
+    assert all(torch.equal(parent[k], torch.ones_like(parent[k])) for k in norms)
+    ckpt = load_elastic(tmp_path / "ckpt")  # the shared weights (the delta taken off) moved from the parent's
+    assert not torch.equal(ckpt.model.embed.weight.sort(dim=1).values,
+                           parent["model.embed_tokens.weight"].sort(dim=1).values)
+    capsys.readouterr()
+    for extra, message in ((["--hold", "heads"], "'heads' is not one of embeddings, norms"),
+                           (["--hold", "norms", "--hold-pull", "10"], "a pull needs a rate > 0")):
+        assert cli.main(common + ["--out", str(tmp_path / "o2")] + extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+        assert not (tmp_path / "o2").exists()
