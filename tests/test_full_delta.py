@@ -187,13 +187,7 @@ def test_a_hold_at_a_rate_moves_what_it_names_that_much_slower(tmp_path):
         else:
             torch.testing.assert_close(step, want, rtol=0, atol=0, msg=n)
     # its group is saved and resumed with the rest: a stopped run goes on exactly
-    kw = dict(full_anchor=1.0, steps=4, hold=["norms"], hold_rate=0.1)
-    want = _trainer(tmp_path, "straight", **kw).run(progress=False)
-    _trainer(tmp_path, "resumed", **kw).run(progress=False, stop_after=2)
-    second = _trainer(tmp_path, "resumed", **kw)
-    assert second.load_state() and second.step == 2
-    rest = second.run(progress=False)
-    assert [lg["total"] for lg in rest] == pytest.approx([lg["total"] for lg in want[2:]], rel=1e-6, abs=1e-7)
+    _resumes_exactly(tmp_path, full_anchor=1.0, steps=4, hold=["norms"], hold_rate=0.1)
     for bad, message in (({"hold_rate": 1.5}, r"the rate 1.5 is not in \[0, 1\]"), ({"hold_rate": -0.1}, "is not in"),
                          ({"hold_pull": 5.0}, "a pull needs a rate > 0"), ({"hold_rate": 1.0, "hold_pull": -1.0}, "negative")):
         with pytest.raises(StarElasticError, match=message):
@@ -221,10 +215,16 @@ def test_a_pull_takes_the_held_parts_back_toward_the_parent_each_step(tmp_path):
             torch.testing.assert_close(step, keep * want, rtol=1e-4, atol=1e-8, msg=n)
         else:
             torch.testing.assert_close(step, want, rtol=0, atol=0, msg=n)
-    kw = dict(full_anchor=1.0, steps=4, hold=["norms"], hold_rate=1.0, hold_pull=20.0)
+    _resumes_exactly(tmp_path, full_anchor=1.0, steps=4, hold=["norms"], hold_rate=1.0, hold_pull=20.0)
+
+
+def _resumes_exactly(tmp_path, **kw):
+    """A run stopped after 2 steps and resumed logs what one straight run logs (tmp_path's runs "straight",
+    "resumed")."""
     want = _trainer(tmp_path, "straight", **kw).run(progress=False)
     _trainer(tmp_path, "resumed", **kw).run(progress=False, stop_after=2)
     second = _trainer(tmp_path, "resumed", **kw)
     assert second.load_state() and second.step == 2
     rest = second.run(progress=False)
     assert [lg["total"] for lg in rest] == pytest.approx([lg["total"] for lg in want[2:]], rel=1e-6, abs=1e-7)
+    return second
