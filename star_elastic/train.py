@@ -733,7 +733,9 @@ class ElasticTrainer:
         """Where the full budget runs: with its delta, if it has one."""
         return self.delta.applied(self.model) if self.delta is not None else nullcontext()
 
-    def train_step(self) -> dict:
+    def train_step(self, defer: bool = False) -> "dict | StepLogs":
+        """One step. Its logs as floats; `defer`: as `StepLogs`, read later (`run` reads a step's logs while
+        the next one runs, so that the host never waits for the GPU to finish a step just to log it)."""
         cfg = self.cfg
         b = self.sample_budget()
         budget = self.budgets[b]
@@ -810,19 +812,15 @@ class ElasticTrainer:
             params, parent = self.held
             with torch.no_grad():
                 torch._foreach_lerp_(params, parent, min(1.0, self.opt.param_groups[0]["lr"] * cfg.hold_pull))
-        logs = _floats(logs)
-        if self.world > 1:  # report the mean over ranks, so every rank logs the same numbers
-            t = torch.tensor([logs[k] for k in sorted(logs)], dtype=torch.float64, device=self.device)
-            dist.all_reduce(t)
-            logs = dict(zip(sorted(logs), (t / self.world).tolist()))
-        logs.update(step=self.step, budget=budget.name, target_fraction=budget.fraction, seq_len=L,
+        meta = dict(step=self.step, budget=budget.name, target_fraction=budget.fraction, seq_len=L,
                     lr=self.opt.param_groups[0]["lr"])
         if self.router is not None:
-            logs.update(tau=self.router.tau, scale=self.router.scale)
+            meta.update(tau=self.router.tau, scale=self.router.scale)
         if budget.is_full:
-            logs["cost_fraction"] = 1.0
+            meta["cost_fraction"] = 1.0
         self.step += 1
-        return logs
+        out = StepLogs(logs, meta, self.world, self.device)
+        return out if defer else out.result()
 
     def _anchor_pass(self, x, teacher: HeadInput, anchor: list | None) -> tuple[torch.Tensor, list | None]:
         """The full anchor's forward and backward on batch x (the unmasked parent, weight `full_anchor`).
@@ -972,29 +970,43 @@ class ElasticTrainer:
         return logs
 
     def _loop(self, end: int, bar, per_budget: dict, metrics: Path, writer) -> list[dict]:
-        logs = []
+        logs, queued = [], None
         t0 = time.perf_counter()
         while self.step < end:
-            log = self.train_step()
-            per_budget[log["budget"]] = log["kd"] if "kd" in log else log["total"]
-            bar.set_postfix({f"kd@{k}": f"{v:.3f}" for k, v in per_budget.items()})
-            bar.update(1)
-            log["tokens_per_s"] = (self.cfg.batch_size * self.cfg.grad_accum * log["seq_len"]) / max(
-                1e-9, time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.steps:
-                log["eval"] = self.evaluate()
-            logs.append(log)
-            if self.rank == 0 and self.step % self.cfg.log_every == 0:
-                with metrics.open("a") as f:
-                    f.write(json.dumps(log) + "\n")
-                if writer is not None:
-                    for k, v in log.items():
-                        if isinstance(v, (int, float)):
-                            writer.add_scalar(f"train/{k}", v, self.step)
-            if self.cfg.save_every and self.step % self.cfg.save_every == 0:
-                self.save_state()
+            step = self.train_step(defer=True)
+            if queued is not None:  # the step before, read while this one runs on the device
+                t0 = self._record(queued.result(), t0, bar, per_budget, metrics, writer, logs)
+            queued = step
+            if (self.step >= end or self.cfg.eval_every and self.step % self.cfg.eval_every == 0
+                    or self.cfg.save_every and self.step % self.cfg.save_every == 0):
+                # evaluating or saving: at this step's weights, with nothing queued behind it
+                t0 = self._record(queued.result(), t0, bar, per_budget, metrics, writer, logs)
+                queued = None
         return logs
+
+    def _record(self, log: dict, t0: float, bar, per_budget: dict, metrics: Path, writer, logs: list) -> float:
+        """A step's logs to the bar, the metrics file and TensorBoard, with its evaluation and saved state
+        when they are due (`_loop` reads those steps at once); returns the clock for the next step's."""
+        n = log["step"] + 1  # steps done once this one is (self.step may be one further: _loop reads late)
+        per_budget[log["budget"]] = log["kd"] if "kd" in log else log["total"]
+        bar.set_postfix({f"kd@{k}": f"{v:.3f}" for k, v in per_budget.items()})
+        bar.update(1)
+        log["tokens_per_s"] = (self.cfg.batch_size * self.cfg.grad_accum * log["seq_len"]) / max(
+            1e-9, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        if self.cfg.eval_every and n % self.cfg.eval_every == 0 and n < self.cfg.steps:
+            log["eval"] = self.evaluate()
+        logs.append(log)
+        if self.rank == 0 and n % self.cfg.log_every == 0:
+            with metrics.open("a") as f:
+                f.write(json.dumps(log) + "\n")
+            if writer is not None:
+                for k, v in log.items():
+                    if isinstance(v, (int, float)):
+                        writer.add_scalar(f"train/{k}", v, n)
+        if self.cfg.save_every and n % self.cfg.save_every == 0:
+            self.save_state()
+        return t0
 
 
 def compile_layers(model: Model, backend: str | None = "inductor") -> Model:
@@ -1028,6 +1040,46 @@ def hold_problem(hold, rate: float, pull: float, sharded: bool, budget_lrs: bool
             "a pull needs a rate > 0 (a frozen part has nothing to pull back)" if pull and not rate else
             "not with FSDP sharding (shard 'none')" if sharded and (not rate or pull) else
             "a rate > 0 is not with per-budget rates" if budget_lrs and rate else None)
+
+
+class StepLogs:
+    """A step's logs, its tensors read to the host later (`result`). On a GPU they are stacked (averaged over
+    the ranks), copied to pinned memory behind an event at once, and `result` waits for that event alone:
+    reading them after the next step is queued does not wait for that step too, as `.tolist()` would."""
+
+    def __init__(self, logs: dict, meta: dict, world: int, device: torch.device):
+        self.meta, self.world = meta, world
+        self.values, self.ready = None, None
+        if device.type != "cuda":
+            self.logs = logs
+            return
+        # values off the GPU are read now (no wait); across ranks every value is averaged, as on the CPU
+        self.logs = {k: v.item() if torch.is_tensor(v) and not v.is_cuda else v for k, v in logs.items()}
+        self.keys = [k for k, v in self.logs.items() if torch.is_tensor(v) or world > 1]
+        if self.keys:
+            stacked = torch.stack([self.logs[k].reshape(()).double() if torch.is_tensor(self.logs[k]) else
+                                   torch.full((), float(self.logs[k]), dtype=torch.float64, device=device)
+                                   for k in self.keys])
+            if world > 1:  # queued now, in the same order on every rank
+                dist.all_reduce(stacked)
+                stacked /= world
+            self.values = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+            self.values.copy_(stacked, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+    def result(self) -> dict:
+        """The logs as floats, with the step's own fields (step, budget, lr, ...)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+            out = {**self.logs, **dict(zip(self.keys, self.values.tolist()))}
+        else:
+            out = _floats(self.logs)
+            if self.world > 1:  # report the mean over ranks, so every rank logs the same numbers
+                t = torch.tensor([out[k] for k in sorted(out)], dtype=torch.float64)
+                dist.all_reduce(t)
+                out = dict(zip(sorted(out), (t / self.world).tolist()))
+        return {**out, **self.meta}
 
 
 def _floats(logs: dict) -> dict:

@@ -673,6 +673,28 @@ def test_a_smaller_budget_trains_only_architectures_nested_in_the_larger_one(tmp
             assert t.router.spec_of(decision.choice).within(t.router.spec_of(upper), CFG)
 
 
+def test_run_reads_each_steps_logs_late_but_evaluates_and_saves_at_that_step(tmp_path, monkeypatch):
+    """`run` reads a step's logs while the next runs (StepLogs), so the host does not wait on the GPU to
+    log; evaluation and saving still see the weights of the step they belong to, with nothing queued after
+    it, and the logs are those of stepping by hand, in order."""
+    by_hand = trainer(tmp_path, "hand", steps=7)
+    by_hand.warm_up_router()  # what run does first
+    want = [by_hand.train_step() for _ in range(7)]
+    t = trainer(tmp_path, "run", steps=7, eval_every=3, eval_tokens=128, save_every=2)
+    seen = []  # (what ran, the trainer's step then)
+    for name in ("evaluate", "save_state"):
+        real = getattr(t, name)
+        monkeypatch.setattr(t, name, lambda real=real, name=name: (seen.append((name, t.step)), real())[1])
+    logs = t.run(progress=False)
+    assert [lg["step"] for lg in logs] == list(range(7))
+    drop = ("tokens_per_s", "eval")
+    assert [{k: v for k, v in lg.items() if k not in drop} for lg in logs] == \
+        [{k: v for k, v in lg.items() if k not in drop} for lg in want]
+    assert [lg["step"] + 1 for lg in logs if "eval" in lg] == [3, 6]
+    assert [s for name, s in seen if name == "evaluate"] == [3, 6]  # at its step: nothing ran past it
+    assert [s for name, s in seen if name == "save_state"][:3] == [2, 4, 6]
+
+
 def test_the_tensorboard_writer_is_closed_when_training_ends_or_fails(tmp_path, monkeypatch):
     """TensorBoard's writer flushes from a thread: left open, it wrote into the run directory after
     `run` returned, and removing that directory failed (bench_kernels on an H200, 2026-12-01:
@@ -696,7 +718,7 @@ def test_the_tensorboard_writer_is_closed_when_training_ends_or_fails(tmp_path, 
     t.run(progress=False)
     assert made[0].closed and made[0].scalars > 0
     t2 = trainer(tmp_path, "fails", steps=3)
-    monkeypatch.setattr(t2, "train_step", lambda: (_ for _ in ()).throw(RuntimeError("a step failed")))
+    monkeypatch.setattr(t2, "train_step", lambda **kw: (_ for _ in ()).throw(RuntimeError("a step failed")))
     with pytest.raises(RuntimeError, match="a step failed"):
         t2.run(progress=False)
     assert made[1].closed
