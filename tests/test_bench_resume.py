@@ -2,6 +2,7 @@
 last call stopped (device calls end at 600 s; an anchored SmolLM2 run at 16M tokens needs ~13 minutes)."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -107,9 +108,11 @@ def test_minitron_lrs_keeps_each_budgets_best_learning_rate_and_records_every_tr
 
 def test_the_joint_trainer_on_one_budget_alone_is_minitron_distillation(tmp_path):
     """The harness behind every (b)/(c) ratio: ElasticTrainer training only the 0.75 budget (no router, no
-    anchor, stage 2 all on it) is (c) on the same architecture bit for bit on the CPU: the same batches,
-    schedule, clipping and optimiser, the mask instead of the slice. So a joint run's gap to (c) is joint
-    training's, not the harness's; the full budget, never trained, still moves with the shared weights."""
+    anchor, stage 2 all on it) is (c) on the same architecture to float rounding on the CPU: the same
+    batches, schedule, clipping and optimiser, the mask instead of the slice. So a joint run's gap to (c) is
+    joint training's, not the harness's; the full budget, never trained, still moves with the shared weights.
+    Bit for bit on some CPUs; on others the masked and the sliced matmuls sum in other orders (1e-6 relative
+    after training, 2026-12-02), so the bound is 1e-5, a ten-thousandth of what the training moves."""
     out = tmp_path / "h.json"
     argv = [a for a in BENCH if a not in ("--no-minitron",)]
     argv[argv.index("elastic")] = "joint_fixed"
@@ -121,7 +124,11 @@ def test_the_joint_trainer_on_one_budget_alone_is_minitron_distillation(tmp_path
     joint, alone = rows[("joint_fixed", "0.75")], rows[("minitron", "0.75")]
     assert joint["steps_sampled"] == part["training"]["minitron_steps_per_budget"] > 0
     assert rows[("joint_fixed", "1.0")]["steps_sampled"] == 0
-    assert joint["spec"] == alone["spec"] and joint["perplexity"] == alone["perplexity"]
+    assert joint["spec"] == alone["spec"] and joint["perplexity"].keys() == alone["perplexity"].keys()
+    start = rows[("zero_shot", "0.75")]["perplexity"]
+    for text, ppl in alone["perplexity"].items():
+        assert abs(ppl / start[text] - 1) > 0.01  # the training moved it, by far more than the bound below
+        assert math.isclose(joint["perplexity"][text], ppl, rel_tol=1e-5), (text, joint["perplexity"][text], ppl)
     assert rows[("joint_fixed", "1.0")]["perplexity"] != rows[("parent", "1.0")]["perplexity"]
     assert part["methods"]["joint_fixed"]["stage1_fraction"] == 0.0
 
