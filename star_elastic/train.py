@@ -47,6 +47,7 @@ from .elastic.delta import HELD_PARTS, FullDelta, embeddings_and_norms
 from .elastic.masking import masked
 from .elastic.spec import ElasticSpec
 from .errors import StarElasticError
+from .runtime import HostCopy
 from .optim import BudgetAdamW, adamw, project_conflict, put_grads, take_grads
 from .evaluate import perplexity
 from .model import Model
@@ -1044,12 +1045,12 @@ def hold_problem(hold, rate: float, pull: float, sharded: bool, budget_lrs: bool
 
 class StepLogs:
     """A step's logs, its tensors read to the host later (`result`). On a GPU they are stacked (averaged over
-    the ranks), copied to pinned memory behind an event at once, and `result` waits for that event alone:
-    reading them after the next step is queued does not wait for that step too, as `.tolist()` would."""
+    the ranks) and copied to the host at once (`HostCopy`): reading them after the next step is queued does
+    not wait for that step too, as `.tolist()` would."""
 
     def __init__(self, logs: dict, meta: dict, world: int, device: torch.device):
         self.meta, self.world = meta, world
-        self.values, self.ready = None, None
+        self.values = None
         if device.type != "cuda":
             self.logs = logs
             return
@@ -1063,15 +1064,11 @@ class StepLogs:
             if world > 1:  # queued now, in the same order on every rank
                 dist.all_reduce(stacked)
                 stacked /= world
-            self.values = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
-            self.values.copy_(stacked, non_blocking=True)
-            self.ready = torch.cuda.Event()
-            self.ready.record()
+            self.values = HostCopy(stacked)
 
     def result(self) -> dict:
         """The logs as floats, with the step's own fields (step, budget, lr, ...)."""
-        if self.ready is not None:
-            self.ready.synchronize()
+        if self.values is not None:
             out = {**self.logs, **dict(zip(self.keys, self.values.tolist()))}
         else:
             out = _floats(self.logs)

@@ -59,6 +59,7 @@ import torch.nn as nn
 
 from ..generate import capture_graph, sample
 from ..model import Model
+from ..runtime import HostCopy
 from .engine import ElasticEngine, StopWatcher
 
 DEFAULT_SLOTS = 16
@@ -246,29 +247,19 @@ class SlotPool:
 
 class _Launched:
     """A decode step queued on the device: the requests of its rows (in row order), the positions fed,
-    its logits (n, vocab; a static step's are overwritten by its next replay) and their argmax (n,).
-    On a GPU the argmax is also copied to pinned host memory as soon as the step has computed it, behind
-    an event: reading it then waits for this step alone. A plain `.tolist()` is a copy queued behind
-    whatever was launched since, the pipelined next step included, so every read waited for two steps and
-    the device idled while the host launched the next (an H200 at one request: 0.69 ms waiting and 0.68 ms
-    launching a 1.40 ms step whose kernels take 0.74 ms; docs/RESULTS.md, serving at Nano width)."""
+    its logits (n, vocab; a static step's are overwritten by its next replay) and their argmax (n,),
+    copied to the host as soon as the step has computed it (`HostCopy`): reading it waits for this step
+    alone, not for the pipelined next one (which left the device idle while the host launched the next:
+    docs/RESULTS.md, serving at Nano width)."""
 
-    __slots__ = ("reqs", "pos", "logits", "greedy", "host", "ready")
+    __slots__ = ("reqs", "pos", "logits", "greedy", "host")
 
     def __init__(self, reqs, pos, logits, greedy):
         self.reqs, self.pos, self.logits, self.greedy = reqs, pos, logits, greedy
-        self.host = self.ready = None
-        if greedy.is_cuda:
-            self.host = torch.empty(greedy.shape, dtype=greedy.dtype, pin_memory=True)
-            self.host.copy_(greedy, non_blocking=True)
-            self.ready = torch.cuda.Event()
-            self.ready.record()
+        self.host = HostCopy(greedy)
 
     def tokens(self) -> list[int]:
         """The argmax tokens on the host: waits for this step (and what was queued before it) only."""
-        if self.ready is None:
-            return self.greedy.tolist()
-        self.ready.synchronize()
         return self.host.tolist()
 
 
