@@ -72,7 +72,8 @@ from star_elastic.elastic.search import applicable_axes, choose_spec, describe, 
 from star_elastic.errors import StarElasticError  # noqa: E402
 from star_elastic.evaluate import perplexity  # noqa: E402
 from star_elastic.model import Model  # noqa: E402
-from star_elastic.train import ElasticTrainer, TrainConfig, adamw, compile_layers, lr_factor  # noqa: E402
+from star_elastic.runtime import comma_list  # noqa: E402
+from star_elastic.train import ElasticTrainer, TrainConfig, adamw, compile_layers, hold_problem, lr_factor  # noqa: E402
 
 METHODS = ("zero_shot", "elastic", "minitron")
 VARIANTS = ("elastic", "elastic_small", "elastic_anchor", "joint_fixed", "joint_anchor")
@@ -145,7 +146,7 @@ def parse_args(argv=None):
                     help="anchored variants: the full budget gets a rank-R delta of its own on every linear layer, "
                          "which the anchor alone trains, leaving the shared weights to the smaller budgets; the "
                          "full budget is evaluated merged (TrainConfig.full_delta_rank)")
-    ap.add_argument("--hold", metavar="PARTS", type=lambda s: [p for p in s.split(",") if p],
+    ap.add_argument("--hold", metavar="PARTS", type=comma_list,
                     help="anchored variants: hold these at or near the parent's values in every budget, "
                          "comma-separated: embeddings (with the LM head), norms (TrainConfig.hold; frozen unless "
                          "--hold-rate)")
@@ -884,12 +885,9 @@ def main(argv=None):
         raise SystemExit("--max-train-seconds needs --state-dir: a stopped run goes on from its saved state")
     if args.anchor_mix != 1.0 and not args.anchor_data:
         raise SystemExit("--anchor-mix mixes the anchor's own text into its batch: give --anchor-data")
-    if args.hold and not set(args.hold) <= {"embeddings", "norms"}:
-        raise SystemExit(f"--hold {','.join(args.hold)}: embeddings, norms or both")
-    if (args.hold_rate or args.hold_pull) and not args.hold:
-        raise SystemExit("--hold-rate and --hold-pull are of what --hold names: give --hold")
-    if args.hold_pull and not args.hold_rate:
-        raise SystemExit("--hold-pull pulls back what trains: give --hold-rate > 0")
+    why = hold_problem(args.hold, args.hold_rate, args.hold_pull, sharded=False, budget_lrs=args.budget_lrs is not None)
+    if why:  # the trainer's own check, in elastify's words
+        raise SystemExit(f"--hold {','.join(args.hold or [])}: {why}")
     if args.anchor_data and parse_anchor_data(args.anchor_data)[0] != "self":
         raise SystemExit(f"--anchor-data {args.anchor_data!r}: the bench samples the anchor's text from the parent: "
                          "self or self:TOKENS")

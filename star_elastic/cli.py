@@ -122,9 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "parent out of domain; default 0: none)")
     sp.add_argument("--hold", metavar="PARTS",
                     help="hold these at the parent's values in every budget, comma-separated: embeddings (with the LM "
-                         "head), norms. Measured with --full-delta-rank: both held keep the full model within 1%% of "
-                         "its parent on text it never saw, at a cost to the smaller budgets (docs/METHOD.md; default: "
-                         "none)")
+                         "head), norms. Measured with --full-delta-rank: the embeddings carry the full model's drift "
+                         "on text it never saw; held, the full model stays within 1-1.3%% of its parent there, at a "
+                         "cost to the smaller budgets, least with --hold-rate 1 --hold-pull 100 (docs/METHOD.md; "
+                         "default: none)")
     sp.add_argument("--hold-rate", type=float, default=0.0, metavar="F",
                     help="with --hold: train what it names at F times the rate instead of not at all (default 0)")
     sp.add_argument("--hold-pull", type=float, default=0.0, metavar="L",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from .runtime import (DEFAULT_MODEL, check_output, compile_backend, encode_prompt, eval_tokens,
+from .runtime import (DEFAULT_MODEL, check_output, comma_list, compile_backend, encode_prompt, eval_tokens,
                       load_model_and_tokenizer, pick_device, pick_dtype, resolve_model, write_json)
 
 
@@ -173,9 +173,9 @@ def cmd_elastify(args):
         model, tokenizer = load_model_and_tokenizer(args.model, device,
                                                     None if args.dtype is None else pick_dtype(args.dtype, device))
         model.float()
-    cfg = ElastifyConfig(budgets=[b.strip() for b in args.budgets.split(",") if b.strip()], tokens=args.tokens,
+    cfg = ElastifyConfig(budgets=comma_list(args.budgets), tokens=args.tokens,
                          seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, router_lr=args.router_lr,
-                         axes=tuple(a.strip() for a in args.axes.split(",")) if args.axes else ElastifyConfig.axes,
+                         axes=tuple(comma_list(args.axes)) or ElastifyConfig.axes,
                          heterogeneous=args.heterogeneous, calib_batches=args.calib_batches,
                          eval_tokens=args.eval_tokens, seed=args.seed, stage1_fraction=args.stage1_fraction,
                          stage2_weights=_floats(args.stage2_weights, "--stage2-weights"),
@@ -184,7 +184,7 @@ def cmd_elastify(args):
                          full_anchor=args.full_anchor, all_budgets=args.all_budgets, train_on=args.train_on,
                          anchor_projection=args.anchor_projection, anchor_data=args.anchor_data,
                          anchor_mix=args.anchor_mix, full_delta_rank=args.full_delta_rank,
-                         hold=[p.strip() for p in args.hold.split(",") if p.strip()] if args.hold else None,
+                         hold=comma_list(args.hold) or None,
                          hold_rate=args.hold_rate, hold_pull=args.hold_pull,
                          drift_data=args.drift_data, router_init=args.router_init,
                          router_estimator=args.router_estimator, router_freeze=args.router_freeze,
@@ -244,7 +244,7 @@ def cmd_demo(args):
     preset = DEMO_PRESETS["cuda" if device.type == "cuda" else "cpu"]
     opt = {k: getattr(args, k) if getattr(args, k, None) is not None else v for k, v in preset.items()}
     out = check_output(args.out, force=True)  # the demo replaces its own checkpoint, never a file
-    axes = tuple(a.strip() for a in opt["axes"].split(",")) if opt["axes"] else ElastifyConfig.axes
+    axes = tuple(comma_list(opt["axes"])) or ElastifyConfig.axes
     print(f"star-elastic demo on {device}: SmolLM2-135M -> budgets {opt['budgets']} (axes: {', '.join(axes)}) on "
           f"{opt['tokens']:,} tokens of {opt['data']}" + ("" if device.type == "cuda" else
           f" in {max(1, opt['tokens'] // (opt['batch_size'] * opt['seq_len']))} steps at lr {opt['lr']:g} - a "
@@ -253,7 +253,7 @@ def cmd_demo(args):
           "compiled)"), flush=True)
     model, tokenizer = load_model_and_tokenizer(DEFAULT_MODEL, device, None)
     model.float()  # master weights; bf16 autocast on a GPU
-    budgets = [b.strip() for b in opt["budgets"].split(",")]
+    budgets = comma_list(opt["budgets"])
     # the preset's stage-2 weights are for its own budgets; other --budgets get the default weighting
     weights = opt["stage2_weights"] if opt["stage2_weights"] and len(opt["stage2_weights"]) == len(budgets) else None
     cfg = ElastifyConfig(budgets=budgets, tokens=opt["tokens"], seq_len=opt["seq_len"], batch_size=opt["batch_size"],

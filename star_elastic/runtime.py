@@ -39,6 +39,11 @@ class HostCopy:
         return self.host.tolist()
 
 
+def comma_list(text: str | None) -> list[str]:
+    """A flag's comma-separated names, blanks dropped: "1.0, 0.75,," -> ["1.0", "0.75"]."""
+    return [x.strip() for x in (text or "").split(",") if x.strip()]
+
+
 def resolve_model(arg: str) -> Path:
     from .assets import smollm2_gguf
 
