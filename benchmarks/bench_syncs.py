@@ -6,6 +6,9 @@ Builds SmolLM2-135M's shapes with random weights (benchmarks/common.smollm2_conf
 the full anchor at 0.5, and runs a few steps of `ElasticTrainer` under `torch.cuda.set_sync_debug_mode("warn")`:
 every operation that makes the host wait for the device (a tensor read back to Python, a copy from pageable host
 memory, a data-dependent shape) warns, and the warnings are counted by the line of Python that caused them.
+The steps are taken as `ElasticTrainer.run` takes them: each step's logs read after the next step is queued.
+That read waits on a CUDA event (`runtime.HostCopy`), which the sync detector does not flag; such waits are
+counted apart, by the line that read, since one that comes after the next step is queued keeps the device busy.
 `joint`: fixed architectures, no router (the bench's joint runs); `router`: the learnable router. A step is
 host-bound when these waits keep the host from queueing ahead, so the table says where to look, not how long.
 Needs a CUDA device; counting, not timing."""
@@ -14,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import sys
 import tempfile
+import traceback
 import warnings
 from pathlib import Path
 
@@ -46,6 +51,36 @@ def count_syncs(records: list, steps: int) -> list[dict]:
     """The synchronisation warnings among `records`, per line of Python, most first, with counts a step."""
     hits = collections.Counter(where(r) for r in records if "synchronizing" in str(r.message))
     return [{"where": k, "per_step": n / steps} for k, n in hits.most_common()]
+
+
+@contextlib.contextmanager
+def event_waits():
+    """Count every `torch.cuda.Event.synchronize` by the first line of ours outside runtime.py that led to it."""
+    hits, original = collections.Counter(), torch.cuda.Event.synchronize
+
+    def counted(self):
+        for frame in reversed(traceback.extract_stack()[:-1]):
+            if frame.filename.startswith(OURS) and not frame.filename.endswith("runtime.py"):
+                hits[f"{frame.filename[len(OURS) + 1:]}:{frame.lineno}"] += 1
+                break
+        return original(self)
+
+    torch.cuda.Event.synchronize = counted
+    try:
+        yield hits
+    finally:
+        torch.cuda.Event.synchronize = original
+
+
+def steps_as_run_takes_them(t: ElasticTrainer, steps: int):
+    """`steps` steps, each one's logs read once the next is queued, the last at once (as `run` does)."""
+    previous = None
+    for _ in range(steps):
+        logs = t.train_step(defer=True)
+        if previous is not None:
+            previous.result()
+        previous = logs
+    previous.result()
 
 
 def trainer(variant: str, device: torch.device, batch: int, seq: int, steps: int, out: str) -> ElasticTrainer:
@@ -86,20 +121,25 @@ def main(argv=None):
             for _ in range(2):  # first steps: allocations, autotuning, caches
                 t.train_step()
             torch.cuda.synchronize()
-            with warnings.catch_warnings(record=True) as records:
+            with warnings.catch_warnings(record=True) as records, event_waits() as waits:
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
                 try:
-                    for _ in range(args.steps):
-                        t.train_step()
+                    steps_as_run_takes_them(t, args.steps)
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
-        results[variant] = rows = count_syncs(records, args.steps)
+        rows = count_syncs(records, args.steps)
+        events = [{"where": k, "per_step": n / args.steps} for k, n in waits.most_common()]
+        results[variant] = rows
+        results[f"{variant}_event_waits"] = events
         total = sum(r["per_step"] for r in rows)
         print(f"{variant}: {total:.1f} host syncs a step ({args.batch_size} x {args.seq_len}, budgets 1.0 / 0.75 / 0.5, "
-              "anchor 0.5)")
+              f"anchor 0.5); {sum(r['per_step'] for r in events):.1f} waits on an event (a step's logs, read after "
+              "the next step is queued)")
         for r in rows[:20]:
             print(f"  {r['per_step']:6.1f}  {r['where']}")
+        for r in events:
+            print(f"  {r['per_step']:6.1f}  {r['where']}  (event)")
     if args.json:
         common.write_json(args.json, {"benchmark": "bench_syncs", "command": " ".join(sys.argv),
                                       "machine": common.machine(device), "torch": torch.__version__,

@@ -37,3 +37,45 @@ def test_without_a_gpu_it_says_so_in_one_line():
     r = subprocess.run([sys.executable, str(BENCH / "bench_syncs.py"), "--device", "cpu"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode != 0 and "needs a CUDA device" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_steps_are_taken_as_run_takes_them_each_read_after_the_next_is_queued():
+    events = []
+
+    class Logs:
+        def __init__(self, i):
+            self.i = i
+
+        def result(self):
+            events.append(("read", self.i))
+
+    class Trainer:
+        n = 0
+
+        def train_step(self, defer=False):
+            assert defer
+            self.n += 1
+            events.append(("step", self.n))
+            return Logs(self.n)
+
+    bench_syncs.steps_as_run_takes_them(Trainer(), 3)
+    assert events == [("step", 1), ("step", 2), ("read", 1), ("step", 3), ("read", 2), ("read", 3)]
+
+
+def test_event_waits_are_counted_by_the_line_that_read(monkeypatch):
+    """A wait on a CUDA event (HostCopy's) is invisible to torch's sync detector; the bench counts it by the
+    first line of ours that led to it, and puts the method back after."""
+    import inspect
+
+    import torch
+
+    def stand_in(self):
+        return None
+
+    monkeypatch.setattr(torch.cuda.Event, "synchronize", stand_in)
+    with bench_syncs.event_waits() as hits:
+        for _ in range(2):
+            line = inspect.currentframe().f_lineno + 1
+            torch.cuda.Event.synchronize(None)
+    assert dict(hits) == {f"tests/test_bench_syncs.py:{line}": 2}
+    assert torch.cuda.Event.synchronize is stand_in
