@@ -29,6 +29,7 @@ from .sharded_sort import load_sorted
 from .errors import StarElasticError
 from .evaluate import perplexity
 from .generate import sample_rows
+from .elastic.delta import held_values
 from .train import ElasticTrainer, TrainConfig, hold_problem, world
 
 
@@ -84,6 +85,11 @@ class ElastifyConfig:
     hold: list[str] | None = None
     hold_rate: float = 0.0
     hold_pull: float = 0.0
+    # with the delta and a hold at a rate: the full budget keeps the parent's values of what `hold` names as its
+    # own (FullDelta.keep), the smaller budgets the trained ones. Measured (§9, eighteenth session, as the
+    # parent's put back after training): held at the rate and pulled back at 100, the full model within 1% of
+    # its parent everywhere beside a 0.75 within 1.5% of separate distillation; off by default (one seed)
+    full_keeps_held: bool = False
     train_on: str = "drawn"  # the model trains the router's draw or its in-band argmax (TrainConfig.train_on)
     drift_data: str | None = "auto"  # held-out text of a second domain for the full budget's drift ("": none)
     router_init: str = "search"  # the router starts from the zero-shot search's architectures, or "cost" alone
@@ -252,6 +258,9 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     why = hold_problem(cfg.hold, cfg.hold_rate, cfg.hold_pull, ranks > 1 and cfg.shard != "none", cfg.budget_lrs is not None)
     if why:
         raise StarElasticError(f"--hold {','.join(cfg.hold or [])}: {why}")
+    if cfg.full_keeps_held and not (cfg.full_delta_rank and cfg.hold and cfg.hold_rate):
+        raise StarElasticError("--full-keeps-held keeps the parent's values of what --hold trains for the full budget "
+                               "beside its delta: give --full-delta-rank, --hold and --hold-rate > 0")
     train_stream, heldout = load_corpus_tokens(data, tokenizer, heldout_fraction=cfg.heldout_fraction, seed=cfg.seed)
     row_len = max(cfg.seq_len, cfg.stage2_seq_len or 0)
     rows = pack(train_stream, row_len)
@@ -366,6 +375,7 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     anchor_rows = None if anchor_spec is None else anchor_text(
         anchor_spec, teacher, tokenizer, row_len, cfg.batch_size * cfg.seq_len // row_len,
         min(ANCHOR_SELF_TOKENS, train_tokens), cfg.seed, cfg.heldout_fraction, log)
+    parents_held = held_values(model, cfg.hold) if cfg.full_keeps_held else None  # the sorted parent's, in full
     trainer = ElasticTrainer(model, teacher, router, budgets, rows, tcfg, out.parent / f".{out.name}.train",
                              heldout=heldout, anchor_rows=anchor_rows,
                              warm_start=starts if cfg.router_init == "search" and any(starts) else None)
@@ -376,6 +386,11 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     step_logs = trainer.run()  # with cfg.compile, the layers are plain again after it
     train_s = time.perf_counter() - t0
     stage("training")
+    if parents_held is not None:  # from here on (evaluation, checkpoint) the full budget runs the parent's
+        trainer.delta.keep(trainer.model, parents_held)
+        log(f"the full budget keeps the parent's {', '.join(cfg.hold)} as its own "
+            f"({sum(t.numel() for t in parents_held.values()):,} parameters); the smaller budgets the trained ones")
+        del parents_held
     distribution = {**trainer.distribution, "peak_memory_gib": trainer.peak_memory()}  # per rank, GPU only
     if sharded_parent:
         distribution["parent_load"] = "sharded from disk, importance on the shards, sorted as loaded again"

@@ -131,9 +131,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
+        return self.scaled(x, self.weight)
+
+    def scaled(self, x, weight):
+        """The norm with `weight` as its scale (a full budget's own, elastic/delta.py, or the module's)."""
         xf = x.float()
         xf = xf * torch.rsqrt(self.mean_square(xf) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return weight * xf.to(x.dtype)
 
     def mean_square(self, xf):
         """(..., dim) in float32 -> the mean of squares over the channels, (..., 1)."""
@@ -151,11 +155,15 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, x, z):
         """x, z: (..., dim), the heads' channels group-major (group g: the g-th dim / groups of them)."""
+        return self.scaled(x, z, self.weight)
+
+    def scaled(self, x, z, weight):
+        """The norm with `weight` as its scale (a full budget's own, elastic/delta.py, or the module's)."""
         dtype = x.dtype
         xg = (x.float() * F.silu(z.float())).unflatten(-1, (self.groups, -1))
         xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + self.eps)
         # the weight as (groups, dim / groups): a budget view's weight is a per-group prefix of its parent's
-        return (self.weight.view(self.groups, -1) * xg.to(dtype)).flatten(-2)
+        return (weight.view(self.groups, -1) * xg.to(dtype)).flatten(-2)
 
 
 def activation(name: str):

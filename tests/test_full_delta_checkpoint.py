@@ -27,6 +27,14 @@ from test_full_delta import SMALLER_ONLY
 from test_train import make
 
 
+def write_word_text(path):
+    """80 documents of 40 words in runs of WORDS' order from seeded starts: text a tiny parent learns from."""
+    g = torch.Generator().manual_seed(0)
+    docs = [" ".join(WORDS[(int(torch.randint(0, 60, (1,), generator=g)) + j) % 60] for j in range(40))
+            for _ in range(80)]
+    path.write_text("\n\n".join(docs))
+
+
 def _logits(model, x):
     with torch.no_grad():
         return model(x).float()
@@ -42,10 +50,7 @@ def written(request, tmp_path_factory):
     from conftest import word_tokenizer
 
     tmp = tmp_path_factory.mktemp(f"delta_{request.param}")
-    g = torch.Generator().manual_seed(0)
-    docs = [" ".join(WORDS[(int(torch.randint(0, 60, (1,), generator=g)) + j) % 60] for j in range(40))
-            for _ in range(80)]
-    (tmp / "text.txt").write_text("\n\n".join(docs))
+    write_word_text(tmp / "text.txt")
     torch.manual_seed(0)
     cfg = ElastifyConfig(budgets=["1.0", "0.5"], tokens=16 * 32 * 6, seq_len=32, batch_size=16, calib_batches=2,
                          eval_tokens=256, lr=1e-3, full_delta_rank=4)
@@ -72,8 +77,10 @@ def test_the_weights_are_the_full_budget_merged_and_transformers_runs_it(written
     assert result["trained"]["1.0"] > 0
 
 
-def test_every_smaller_budget_is_a_prefix_of_the_shared_weights_in_every_path(written, tmp_path):
-    out, _ = written
+def check_every_path(out, tmp_path):
+    """Budget 0.5 of checkpoint `out` is the same model masked on the loaded shared weights, sliced from them,
+    streamed from disk, in evaluation and in a server; so is the full budget (the loaded model merged).
+    Returns (loaded checkpoint, input, the 0.5's logits, the server)."""
     manifest = read_manifest(out)
     ckpt = load_elastic(out)
     spec = budget_spec(manifest, "0.5")
@@ -81,24 +88,28 @@ def test_every_smaller_budget_is_a_prefix_of_the_shared_weights_in_every_path(wr
     want = _logits(slice_model(ckpt.model, spec), x)
     with torch.no_grad(), masked(ckpt.model, spec.masks(ckpt.model.config)):
         assert _close(ckpt.model(x).float(), want, 1e-5)  # masks on W: the training's view of the budget
-    # streamed from disk: the stored W + B A minus the kept rows of B times the kept columns of A
-    stream_slice(out, spec, tmp_path / "half", progress=False)
+    stream_slice(out, spec, tmp_path / "half", progress=False)  # from disk
     assert _close(_logits(load(tmp_path / "half"), x), want)
-    # without that subtraction the slice is another model (what the test guards against)
-    merged_slice = slice_model(load(out), spec)
-    assert not _close(_logits(merged_slice, x), want, 1e-3)
-    # the full budget streamed is the stored weights as they are
     stream_slice(out, budget_spec(manifest, "1.0"), tmp_path / "full", progress=False)
     assert _close(_logits(load(tmp_path / "full"), x), _logits(ckpt.full_model(), x))
-    # evaluation's models and reference, and a server's views, from one loaded copy
-    models = budget_models(ckpt, ["1.0", "0.5"])
+    models = budget_models(ckpt, ["1.0", "0.5"])  # evaluation's models, from one loaded copy
     assert models["1.0"] is ckpt.full_model() and _close(_logits(models["0.5"], x), want)
-    engine = ElasticEngine.load(out)
+    engine = ElasticEngine.load(out)  # a server's views, from one loaded copy
     assert _close(_logits(engine.view("1.0"), x), _logits(ckpt.full_model(), x))
     assert _close(_logits(engine.view("0.5"), x), want)
+    assert validate_checkpoint(out, progress=False).ok
+    return ckpt, x, want, engine
+
+
+def test_every_smaller_budget_is_a_prefix_of_the_shared_weights_in_every_path(written, tmp_path):
+    out, _ = written
+    ckpt, x, want, engine = check_every_path(out, tmp_path)
+    # streamed, the stored W + B A minus the kept rows of B times the kept columns of A: without that
+    # subtraction the slice is another model (what the test guards against)
+    merged_slice = slice_model(load(out), budget_spec(read_manifest(out), "0.5"))
+    assert not _close(_logits(merged_slice, x), want, 1e-3)
     with pytest.raises(StarElasticError, match="runs its delta"):  # a copy of the server's parent would merge twice
         engine.ckpt.full_model()
-    assert validate_checkpoint(out, progress=False).ok
     from star_elastic.lm_eval_adapter import BudgetScorer  # lm-eval's scorer of one budget
     assert _close(_logits(BudgetScorer.from_checkpoint(str(out), budget="1.0").model, x), _logits(ckpt.full_model(), x))
     assert _close(_logits(BudgetScorer.from_checkpoint(str(out), budget="0.5").model, x), want)

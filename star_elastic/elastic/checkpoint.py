@@ -10,7 +10,9 @@
       full_delta.safetensors            with `elastify --full-delta-rank`: the full budget's own low-rank
                                         delta (delta.py). The weights above are then the full budget
                                         merged (W + B A), and every smaller budget is a prefix of W =
-                                        weights - B A, which loading and the streaming slicer compute
+                                        weights - B A, which loading and the streaming slicer compute;
+                                        with `--full-keeps-held` the weights hold the full budget's own
+                                        embeddings / norms and this file the smaller budgets' (.shared)
       manifest.json                     every trained budget by name: its resolved architecture
                                         (spec + per-layer sizes), total / active parameters and
                                         memory; the router's settings; a sha256 and the size in bytes
@@ -128,7 +130,7 @@ def _write_elastic(model, router, budgets, out: Path, tokenizer, memory, extra, 
             save_pretrained(model, tmp / "parent", tokenizer=tokenizer, max_shard_bytes=max_shard_bytes,
                             stats=written, dtype=dtype)
         if delta is not None:
-            save_delta(delta, tmp / DELTA_FILE, dtype=dtype)
+            save_delta(delta, tmp / DELTA_FILE, dtype=dtype, model=model)  # outside `merged`: the shared values
         for f in (tmp / "parent").iterdir():  # flatten: the checkpoint directory is the HF directory
             f.rename(tmp / f.name)
         (tmp / "parent").rmdir()
@@ -151,7 +153,10 @@ def _write_elastic(model, router, budgets, out: Path, tokenizer, memory, extra, 
             "budgets": entries,
             **({"full_delta": {"file": DELTA_FILE, "rank": delta.rank, "linear_layers": len(delta.names),
                                "params": sum(p.numel() for p in delta.parameters()),
-                               "weights": "the full budget merged: W + B A; smaller budgets: prefixes of W"}}
+                               "weights": "the full budget merged: W + B A; smaller budgets: prefixes of W",
+                               **({"own": sorted(delta.rest), "own_params": sum(t.numel() for t in delta.rest.values()),
+                                   "own_weights": "the full budget's values here; the smaller budgets' in the "
+                                                  "delta file as <parameter>.shared"} if delta.rest else {})}}
                if delta is not None else {}),
             "router": {"config": asdict(router.config), "budgets": [asdict(b) for b in budgets],
                        "layer_order": router.layer_order},

@@ -17,6 +17,15 @@ beside them holds A and B (`save_delta`). Loading subtracts B A again (`FullDelt
 the loaded model holds W, the tensors every smaller budget is a prefix of, and the full budget runs W with
 its delta applied (or merged into a copy). The streaming slicer subtracts the kept rows of B times the kept
 columns of A, tensor by tensor (stream.py).
+
+Its own embeddings and norms (`keep`, `elastify --full-keeps-held`): the delta covers the linear layers only,
+and the embeddings (the LM head when tied) and norms that the smaller budgets train carry the full model's
+drift out of domain (docs/RESULTS.md §9, seventeenth and eighteenth sessions). Held near the parent's while
+training (TrainConfig.hold with a rate and a pull), they can be put back for the full budget alone: the
+full budget then keeps the parent's values as tensors of its own (`rest`), run by swapping those modules'
+classes as the linear layers' are. The checkpoint's main tensors hold the full budget's values, so that
+transformers loads the full model; `full_delta.safetensors` adds the values every smaller budget reads,
+under `<parameter>.shared` (loading puts them in the model, the streaming slicer reads them from there).
 """
 
 from __future__ import annotations
@@ -42,6 +51,46 @@ class _WithDelta:
         return super().forward(x) + F.linear(F.linear(x, self.delta_down), self.delta_up)
 
 
+class _OwnEmbedding:
+    """Mixed into an nn.Embedding while the full budget runs: the full budget's own table."""
+
+    own_weight: torch.Tensor
+
+    def forward(self, x):
+        return F.embedding(x, self.own_weight, self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse)
+
+
+class _OwnLinear:
+    """Mixed into the LM head while the full budget runs: the full budget's own matrix (tied: its embeddings)."""
+
+    own_weight: torch.Tensor
+
+    def forward(self, x):
+        return F.linear(x, self.own_weight, self.bias)
+
+
+class _OwnNorm:
+    """Mixed into an RMSNorm or GatedRMSNorm while the full budget runs: the full budget's own scale."""
+
+    own_weight: torch.Tensor
+
+    def forward(self, *args):
+        return self.scaled(*args, self.own_weight)
+
+
+def _own_mixin(module: nn.Module) -> type:
+    from ..model import GatedRMSNorm, RMSNorm
+
+    if isinstance(module, nn.Embedding):
+        return _OwnEmbedding
+    if isinstance(module, nn.Linear):
+        return _OwnLinear
+    if isinstance(module, (RMSNorm, GatedRMSNorm)):
+        return _OwnNorm
+    raise StarElasticError(f"a full budget's own weight for a {type(module).__name__} is not built")
+
+
 class FullDelta(nn.Module):
     """A, B (rank r) for every nn.Linear of `model` but its LM head: `up` (out, r) starts at zero,
     `down` (r, in) small and random. Parameter keys are the linear layers' names, dots as '/'."""
@@ -60,6 +109,30 @@ class FullDelta(nn.Module):
             down = torch.randn(rank, in_f, generator=g).div_(in_f ** 0.5)
             self.down[key] = nn.Parameter(down.to(w.device, w.dtype))  # the weights' dtype: the trainer's master
             self.up[key] = nn.Parameter(torch.zeros(out_f, rank, device=w.device, dtype=w.dtype))
+        # the full budget's own values of parameters outside the linear layers (`keep`), by parameter name;
+        # `shared`: the smaller budgets' values read from a checkpoint, until `subtract_from` puts them in
+        self.rest: dict[str, torch.Tensor] = {}
+        self.shared: dict[str, torch.Tensor] = {}
+
+    def keep(self, model: nn.Module, values: dict[str, torch.Tensor]) -> "FullDelta":
+        """The full budget keeps `values` ({parameter name: tensor}, e.g. the parent's from `held_values`) as
+        tensors of its own; `model`'s own values of those parameters stay the smaller budgets'."""
+        params = dict(model.named_parameters())
+        for name, v in values.items():
+            if name not in params or params[name].shape != v.shape:
+                raise StarElasticError(f"the full budget's own {name} {tuple(v.shape)} is not one of the model's "
+                                       "parameters")
+            self.rest[name] = v.detach().to(params[name].device, params[name].dtype).clone()
+        return self
+
+    def _own_modules(self, model: nn.Module) -> list[tuple[nn.Module, torch.Tensor]]:
+        """(module, the full budget's own weight) for every module whose weight is one of `rest` (a tied LM
+        head too: its weight is the embeddings')."""
+        if not self.rest:
+            return []
+        by_id = {id(p): self.rest[name] for name, p in model.named_parameters() if name in self.rest}
+        return [(m, by_id[id(m.weight)]) for m in model.modules()
+                if isinstance(getattr(m, "weight", None), nn.Parameter) and id(m.weight) in by_id]
 
     @property
     def rank(self) -> int:
@@ -95,6 +168,12 @@ class FullDelta(nn.Module):
         if rank < 1:
             raise StarElasticError(f"{path}: a delta of rank {rank}")
         delta = cls(model, rank)  # the layers and shapes; its starting values are replaced below
+        params = dict(model.named_parameters())
+        for key in [k for k in stored if k.endswith(SHARED)]:
+            name, t = key.removesuffix(SHARED), stored.pop(key)
+            if name not in params or params[name].shape != t.shape:
+                raise StarElasticError(f"{path}: {key} {tuple(t.shape)} is not one of the model's parameters")
+            delta.shared[name] = t.to(params[name].device, params[name].dtype)
         want = {k for name in delta.names for k in _stored_keys(name)}
         if set(stored) != want:
             odd = sorted(set(stored) ^ want)
@@ -129,6 +208,8 @@ class FullDelta(nn.Module):
             for name in self.names:
                 key = name.replace(".", "/")
                 swaps.mix(model.get_submodule(name), _WithDelta, delta_down=self.down[key], delta_up=self.up[key])
+            for module, own in self._own_modules(model):
+                swaps.mix(module, _own_mixin(module), own_weight=own)
         except BaseException:
             swaps.undo()
             raise
@@ -136,17 +217,37 @@ class FullDelta(nn.Module):
 
     def is_applied(self, model: nn.Module) -> bool:
         """Whether `model`'s linear layers run this delta now (inside `applied`, or after `apply`)."""
-        return any(isinstance(model.get_submodule(name), _WithDelta) for name in self.names)
+        return any(isinstance(model.get_submodule(name), _WithDelta) for name in self.names) or \
+            any(isinstance(m, (_OwnEmbedding, _OwnLinear, _OwnNorm)) for m, _ in self._own_modules(model))
 
     def merge_into(self, model: nn.Module) -> nn.Module:
-        """Add B A to the weights of `model`, a copy of the full budget with the same layer names: the
-        standalone full model."""
-        return self._add(model, 1.0)
+        """Add B A to the weights of `model`, a copy of the full budget with the same layer names, and put in
+        its own embeddings and norms (`rest`): the standalone full model."""
+        self._add(model, 1.0)
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for name, own in self.rest.items():
+                params[name].copy_(own)
+        return model
 
     def subtract_from(self, model: nn.Module) -> nn.Module:
-        """Take B A from the weights of `model`, the full budget merged (as a checkpoint stores it): the
-        shared weights W that every smaller budget is a prefix of."""
-        return self._add(model, -1.0)
+        """Take B A from the weights of `model`, the full budget merged (as a checkpoint stores it), and put in
+        the smaller budgets' embeddings and norms (`shared`, read with the delta), keeping the full budget's
+        as its own: the shared weights W that every smaller budget is a prefix of."""
+        self._add(model, -1.0)
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for name, theirs in self.shared.items():
+                self.rest[name] = params[name].detach().clone()
+                params[name].copy_(theirs)
+        self.shared = {}
+        return model
+
+    def shared_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores beside A and B: `model`'s values (the smaller budgets') of what the full
+        budget keeps its own of, under `<parameter>.shared`."""
+        params = dict(model.named_parameters())
+        return {name + SHARED: params[name] for name in self.rest}
 
     @torch.no_grad()
     def _add(self, model: nn.Module, sign: float) -> nn.Module:
@@ -160,14 +261,19 @@ class FullDelta(nn.Module):
         """Inside: `model`'s linear weights are W + B A (for writing the checkpoint); after, exactly W again
         (restored from copies, not by subtracting)."""
         saved = {name: model.get_submodule(name).weight.detach().clone() for name in self.names}
+        params = dict(model.named_parameters())
+        saved_rest = {name: params[name].detach().clone() for name in self.rest}
         try:
             yield self.merge_into(model)
         finally:
             with torch.no_grad():
                 for name, w in saved.items():
                     model.get_submodule(name).weight.copy_(w)
+                for name, w in saved_rest.items():
+                    params[name].copy_(w)
 
 
+SHARED = ".shared"  # the suffix of the smaller budgets' values in the delta file (`FullDelta.keep`)
 HELD_PARTS = ("embeddings", "norms")  # what TrainConfig.hold can keep at the parent's
 
 
@@ -186,6 +292,13 @@ def embeddings_and_norms(model: nn.Module, parts=HELD_PARTS) -> list[nn.Paramete
     return list(out.values())
 
 
+def held_values(model: nn.Module, parts) -> dict[str, torch.Tensor]:
+    """Copies of `model`'s values of what `parts` names (`embeddings_and_norms`), by parameter name: taken from
+    the parent before training, what `FullDelta.keep` gives the full budget."""
+    own = {id(p) for p in embeddings_and_norms(model, parts)}
+    return {name: p.detach().clone() for name, p in model.named_parameters() if id(p) in own}
+
+
 def _stored_keys(name: str) -> tuple[str, str]:
     """A's and B's keys in the checkpoint's delta file for linear layer `name`."""
     return f"{name}.delta_down", f"{name}.delta_up"
@@ -197,9 +310,13 @@ def stored_pairs(stored: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tenso
     return {name: tuple(stored[k] for k in _stored_keys(name)) for name in names}
 
 
-def save_delta(delta: FullDelta, path, dtype: torch.dtype | None = None) -> None:
-    """Write A and B of every linear layer (`FullDelta.tensors`), in `dtype` (None: as held)."""
+def save_delta(delta: FullDelta, path, dtype: torch.dtype | None = None, model: nn.Module | None = None) -> None:
+    """Write A and B of every linear layer (`FullDelta.tensors`), in `dtype` (None: as held), and, when the full
+    budget keeps embeddings or norms of its own, `model`'s values of them (the smaller budgets')."""
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in delta.tensors().items()},
+    if delta.rest and model is None:
+        raise ValueError("save_delta: the smaller budgets' embeddings and norms come from the model: pass it")
+    tensors = {**delta.tensors(), **(delta.shared_tensors(model) if delta.rest else {})}
+    save_file({k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in tensors.items()},
               str(path), metadata={"format": "star-elastic-full-delta", "rank": str(delta.rank)})

@@ -21,7 +21,8 @@ indices each dimension keeps (the read plan and the output shape), then applies 
 
 An elastic checkpoint trained with a full budget's delta (delta.py) stores the full budget merged,
 W + B A: a smaller budget's linear weight is then its kept block of that minus the kept rows of B times
-the kept columns of A (`_without_delta`), A and B read once from `full_delta.safetensors` (small).
+the kept columns of A (`_without_delta`), A and B read once from `full_delta.safetensors` (small). Where
+the full budget keeps embeddings or norms of its own, a smaller budget's come from that file too (`.shared`).
 """
 
 from __future__ import annotations
@@ -620,8 +621,8 @@ def stream_slice(parent_dir, spec: ElasticSpec | dict, out_dir, *, dtype: torch.
     if dst == src or dst in src.parents:
         raise StarElasticError(f"{out_dir}: the output would replace the parent checkpoint {parent_dir}")
     items = _plan_items(parent_dir, parent, spec, dtype, raw)
-    delta = _full_delta(parent_dir, parent, spec)
-    if delta and any(it.kind and it.name in delta for it in items):
+    delta, shared = _full_delta(parent_dir, parent, spec)
+    if (delta or shared) and any(it.kind and (it.name in delta or it.name in shared) for it in items):
         raise StarElasticError(f"{parent_dir}: FP8 slices of a checkpoint with a full budget's delta are not built; "
                                "slice it in a floating-point dtype")
     sub = spec.config(parent)
@@ -658,8 +659,12 @@ def stream_slice(parent_dir, spec: ElasticSpec | dict, out_dir, *, dtype: torch.
             def produce(it):
                 if it.kind:
                     return _fp8_tensor(reader, it, parent)
-                t = _without_delta(reader, it, parent, delta[it.name]) if it.name in delta else \
-                    reader.tensor(it, parent)
+                if it.name in shared:  # the smaller budgets' own embeddings / norms, not the full budget's
+                    t = take(it.name, shared[it.name].to(DTYPE_OF[it.src.dtype]), parent, it.idx).contiguous()
+                elif it.name in delta:
+                    t = _without_delta(reader, it, parent, delta[it.name])
+                else:
+                    t = reader.tensor(it, parent)
                 for code in it.cast:
                     t = t.to(DTYPE_OF[code])
                 return t
@@ -682,18 +687,21 @@ def stream_slice(parent_dir, spec: ElasticSpec | dict, out_dir, *, dtype: torch.
     return out_dir
 
 
-def _full_delta(parent_dir: Path, parent: ModelConfig, spec: ElasticSpec) -> dict[str, tuple]:
+def _full_delta(parent_dir: Path, parent: ModelConfig, spec: ElasticSpec) -> tuple[dict[str, tuple], dict]:
     """{linear weight's in-memory name: (A, B)} of an elastic checkpoint trained with a full budget's delta,
-    for a spec smaller than the parent; {} otherwise (the full budget is the stored weights as they are)."""
-    from .delta import stored_pairs
+    and {in-memory name: tensor} of the smaller budgets' own embeddings and norms where the full budget keeps
+    the parent's (delta.py), for a spec smaller than the parent; ({}, {}) otherwise (the full budget is the
+    stored weights as they are)."""
+    from .delta import SHARED, stored_pairs
     from .manifest import DELTA_FILE, read_manifest
 
     if not (parent_dir / "manifest.json").is_file() or spec.keeps_parent(parent):
-        return {}
+        return {}, {}
     if not read_manifest(parent_dir).get("full_delta"):
-        return {}
-    pairs = stored_pairs(hf.read_safetensors([parent_dir / DELTA_FILE]))
-    return {f"{name}.weight": pair for name, pair in pairs.items()}
+        return {}, {}
+    stored = hf.read_safetensors([parent_dir / DELTA_FILE])
+    shared = {k.removesuffix(SHARED): t for k, t in stored.items() if k.endswith(SHARED)}
+    return {f"{name}.weight": pair for name, pair in stored_pairs(stored).items()}, shared
 
 
 def _without_delta(reader: "_Reader", it: _Item, cfg: ModelConfig, delta: tuple) -> torch.Tensor:
