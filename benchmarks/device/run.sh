@@ -228,8 +228,10 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
      ratios J0mr64s:C2,J0mr64p:C2 J0mr64s J0mr64p ;;
   # 27 (eighteenth session): the embeddings carry the drift (25: norms held +2.5% on Shakespeare, embeddings held
   # +1.3%); pulled back at 100 (26, J0mr64p) was the best held run (0.75 within 1.5% of (c) everywhere, 0.5
-  # within 3.6%, full +1.3% on Shakespeare): its second seed on E1's architectures against C1l (J1mr64p), and a
-  # stronger pull (J0mr64p3, 300 x the rate: 6% of the gap a step)
+  # within 3.6%, full +1.3% on Shakespeare, and with the parent's embeddings and norms put back, what
+  # elastify --full-keeps-held writes, within 1% everywhere): its second seed on E1's architectures against C1l
+  # (J1mr64p; compare_elastic's "with the parent's embeddings, norms" line), and a stronger pull (J0mr64p3, 300 x
+  # the rate: 6% of the gap a step)
   27) M="--lr-a 2e-4 --full-delta-rank 64 --anchor-data self --anchor-mix 0.5 --hold embeddings,norms --hold-rate 1"
      bash $0 RUNS J1mr64p "$A --seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor $M --hold-pull 100" \
        J0mr64p3 "$J0 $M --hold-pull 300"
