@@ -216,7 +216,8 @@ class FullDelta(nn.Module):
         return swaps
 
     def is_applied(self, model: nn.Module) -> bool:
-        """Whether `model`'s linear layers run this delta now (inside `applied`, or after `apply`)."""
+        """Whether `model` runs this delta now, its linear layers or its own embeddings / norms (inside
+        `applied`, or after `apply`)."""
         return any(isinstance(model.get_submodule(name), _WithDelta) for name in self.names) or \
             any(isinstance(m, (_OwnEmbedding, _OwnLinear, _OwnNorm)) for m, _ in self._own_modules(model))
 
