@@ -64,6 +64,7 @@ from star_elastic.assets import smollm2_gguf  # noqa: E402
 from star_elastic.data import TokenBatches, load_corpus_tokens, pack  # noqa: E402
 from star_elastic.elastic import ElasticSpec, slice_model, sort_model  # noqa: E402
 from star_elastic.elastic.cost import CostModel, parse_budget  # noqa: E402
+from star_elastic.elastic.delta import held_values  # noqa: E402
 from star_elastic.elastic.importance import estimate_importance  # noqa: E402
 from star_elastic.elastic.losses import kd_loss  # noqa: E402
 from star_elastic.elastic.router import DEFAULT_AXES, Router, RouterConfig, project_budgets  # noqa: E402
@@ -576,6 +577,9 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
             ANCHOR_ROWS[key] = anchor_text(parse_anchor_data(args.anchor_data), teacher, None, rows.shape[1],
                                            tokens_per_step // rows.shape[1], key[-1], seed=args.seed)
         anchor_rows = ANCHOR_ROWS[key]
+    # a delta beside a hold that trains: the parent's held values, in the student's precision before it trains,
+    # for the full model that `elastify --full-keeps-held` writes (scored as "full_keeps_held")
+    parents_held = held_values(student, tcfg.hold) if tcfg.full_delta_rank and tcfg.hold and tcfg.hold_rate else None
     trainer = ElasticTrainer(student, teacher, router, budgets, rows, tcfg, out_dir=state or tmp.name,
                              fixed_specs=fixed, warm_start=warm, anchor_rows=anchor_rows)
     if state is None:
@@ -630,7 +634,9 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
         if b.is_full and trainer.delta is not None:  # the full budget is the shared weights plus its delta
             without_delta = score(small, heldouts, args)  # what the delta carries: the shared weights alone
             trainer.delta.merge_into(small)
-            parent_rest = score(with_parents_rest(small, teacher, trainer.delta), heldouts, args)
+            parent_rest = score(with_values(small, parents_rest(teacher, trainer.delta)), heldouts, args)
+            if parents_held is not None:  # what elastify --full-keeps-held writes: the parent's held values put in
+                keeps_held = score(with_values(small, parents_held), heldouts, args)
         ppl = score(small, heldouts, args)
         del small
         kd = [v for lg in tail for name, v in budget_kds(lg) if name == b.name]
@@ -647,6 +653,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                         "full_delta_rank": tcfg.full_delta_rank or None,
                         "full_without_delta": without_delta if trainer.delta is not None else None,
                         "full_with_parents_rest": parent_rest if trainer.delta is not None else None,
+                        "full_keeps_held": keeps_held if parents_held is not None else None,
                         "hold": tcfg.hold, "hold_rate": tcfg.hold_rate if tcfg.hold else None,
                         "hold_pull": tcfg.hold_pull if tcfg.hold else None,
                         "anchor_data": args.anchor_data if anchor_rows is not None else None,
@@ -862,18 +869,22 @@ def merge(files: list[str], out: str | None) -> dict:
     return res
 
 
-def with_parents_rest(full, parent, delta):
-    """A copy of the merged full model `full` whose parameters outside the delta's linear layers (embeddings
-    and the tied LM head, norms; on the hybrid also Mamba's own, the experts, the MoE gates) are the
-    parent's: what the full model would be if only the linear layers drifted. Its perplexity beside the
-    merged model's says whether the drift the delta does not repair lies outside the layers it covers."""
-    out = copy.deepcopy(full)
+def parents_rest(parent, delta) -> dict:
+    """The parent's parameters outside the delta's linear layers (embeddings and the tied LM head, norms; on
+    the hybrid also Mamba's own, the experts, the MoE gates), by name: put into the merged full model
+    (`with_values`), what it would be if only the linear layers drifted. Its perplexity beside the merged
+    model's says whether the drift the delta does not repair lies outside the layers it covers."""
     covered = {f"{name}.weight" for name in delta.names}
-    own = dict(parent.named_parameters())
+    return {name: p for name, p in parent.named_parameters() if name not in covered}
+
+
+def with_values(full, values: dict):
+    """A copy of the model `full` with `values` ({parameter name: tensor}) put in."""
+    out = copy.deepcopy(full)
+    own = dict(out.named_parameters())
     with torch.no_grad():
-        for name, p in out.named_parameters():
-            if name not in covered:
-                p.copy_(own[name].to(p.dtype))
+        for name, v in values.items():
+            own[name].copy_(v.to(own[name].dtype))
     return out
 
 

@@ -100,7 +100,7 @@ def compare(runs: dict, pair: str, part: str = "A") -> dict:
     if "1.0" in b_rows:
         full = b_rows["1.0"]["perplexity"]
         out["full_vs_parent"] = {s: full[s] / parent[s] - 1 for s in parent}
-    for key in ("full_without_delta", "full_with_parents_rest"):  # a delta run's diagnostics (bench_elastic)
+    for key in ("full_without_delta", "full_with_parents_rest", "full_keeps_held"):  # a delta run's (bench_elastic)
         if how.get(key):
             out[key + "_vs_parent"] = {s: how[key][s] / parent[s] - 1 for s in parent}
     return out
@@ -143,6 +143,8 @@ def main(argv=None):
         if "full_with_parents_rest_vs_parent" in r:
             print(f"    with the parent's embeddings, norms and other non-delta weights: "
                   f"{fmt(r['full_with_parents_rest_vs_parent'])}")
+        if "full_keeps_held_vs_parent" in r:
+            print(f"    keeping the parent's held values (elastify --full-keeps-held): {fmt(r['full_keeps_held_vs_parent'])}")
     if args.json:
         common.write_json(args.json, {"benchmark": "compare_elastic", "command": " ".join(sys.argv), "pairs": results})
 

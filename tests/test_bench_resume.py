@@ -155,3 +155,20 @@ def test_the_bench_refuses_a_hold_the_trainer_would_refuse_in_the_same_words():
         r = subprocess.run(BENCH + flags, capture_output=True, text=True, timeout=120)
         assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("--hold") and words in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
+
+
+def test_a_delta_beside_a_hold_that_trains_scores_the_full_model_elastify_full_keeps_held_writes(tmp_path):
+    """With --full-delta-rank and --hold at a rate the bench also scores the merged full model with only the held
+    parts put back at the parent's (`full_keeps_held`): on the hybrid not the same as every non-delta weight put
+    back (Mamba's own, the experts, the gates), nor the merged model as trained."""
+    out = tmp_path / "k.json"
+    argv = BENCH[:BENCH.index("--variants")] + ["--variants", "joint_anchor"] + \
+        BENCH[BENCH.index("--variants") + 2:]
+    r = subprocess.run(argv + ["--full-delta-rank", "2", "--hold", "embeddings,norms", "--hold-rate", "1",
+                               "--hold-pull", "10", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    part = json.loads(out.read_text())["B"]
+    how = part["methods"]["joint_anchor"]
+    full = next(row for row in part["rows"] if row["method"] == "joint_anchor" and row["budget"] == "1.0")
+    kept, rest = how["full_keeps_held"]["wiki"], how["full_with_parents_rest"]["wiki"]
+    assert math.isfinite(kept) and kept != rest and kept != full["perplexity"]["wiki"]

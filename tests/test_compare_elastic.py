@@ -30,7 +30,8 @@ def test_ratios_of_a_pair_across_a_bundle_and_a_result_file(tmp_path, capsys):
     data = json.loads(bundle.read_text())
     data["runs"]["J"]["A"]["methods"] = {"joint_anchor": {"budget_lrs": [1e-4, 4e-4], "full_delta_rank": 4,
                                                           "full_without_delta": {"wiki": 12.0, "bible": 30.0},
-                                                          "full_with_parents_rest": {"wiki": 9.5, "bible": 21.0}}}
+                                                          "full_with_parents_rest": {"wiki": 9.5, "bible": 21.0},
+                                                          "full_keeps_held": {"wiki": 9.9, "bible": 20.0}}}
     bundle.write_text(json.dumps(data))
     runs = load_runs([str(bundle), str(single)])
     r = compare(runs, "J:C")
@@ -40,10 +41,12 @@ def test_ratios_of_a_pair_across_a_bundle_and_a_result_file(tmp_path, capsys):
     # a delta run's diagnostics: the shared weights alone, and the merged model with the parent's other weights
     assert r["full_without_delta_vs_parent"] == pytest.approx({"wiki": 0.2, "bible": 0.5})
     assert r["full_with_parents_rest_vs_parent"] == pytest.approx({"wiki": -0.05, "bible": 0.05})
+    assert r["full_keeps_held_vs_parent"] == pytest.approx({"wiki": -0.01, "bible": 0.0})
     main([str(bundle), str(single), "--pairs", "J:C", "--json", str(tmp_path / "out.json")])
     printed = capsys.readouterr().out
     assert "0.75 [75.0%] +5.0 / -4.0" in printed and "lr per budget 0.0001,0.0004 against 0.0004" in printed
     assert "its shared weights alone: +20.0 / +50.0" in printed and "non-delta weights: -5.0 / +5.0" in printed
+    assert "keeping the parent's held values (elastify --full-keeps-held): -1.0 / +0.0" in printed
     assert json.loads((tmp_path / "out.json").read_text())["pairs"][0]["pair"] == "J:C"
 
 
