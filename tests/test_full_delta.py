@@ -136,12 +136,12 @@ def test_the_bench_diagnostic_puts_back_the_parents_weights_outside_the_delta(tm
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from bench_elastic import with_parents_rest
+    from bench_elastic import parents_rest, with_values
 
     t = _trainer(tmp_path, "t", full_anchor=1.0, full_delta_rank=2)
     t.run(progress=False)
     full = t.delta.merge_into(copy.deepcopy(t.model))
-    mixed = with_parents_rest(full, t.teacher, t.delta)
+    mixed = with_values(full, parents_rest(t.teacher, t.delta))
     covered = {f"{n}.weight" for n in t.delta.names}
     parent, merged = dict(t.teacher.named_parameters()), dict(full.named_parameters())
     assert covered and any(n not in covered for n in merged)
