@@ -87,9 +87,13 @@ DECODE) shift; PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_d
 PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bible,wiki-fr --no-minitron --full-anchor 1"
   B=docs/results/elastic_session9_h200.json  # issue 17's next runs (the ninth session's note), three at a time
   J0="$A --seed 0 --variants joint_anchor --minitron-arch $B#E0:elastic_anchor"
+  J1="$A --seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor"
+  # both_seeds NAME0 NAME1 "FLAGS": the same flags at seed 0 on E0's architectures (against C2) beside seed 1 on
+  # E1's (against C1l), and their ratios
+  both_seeds() { bash $0 RUNS $1 "$J0 $3" $2 "$J1 $3"; ratios $1:C2,$2:C1l $1 $2; }
   HB="--part B --tokenizer $H/tok --heldout wiki,shakespeare,bible,wiki-fr --variants elastic_anchor --minitron-arch elastic"
   case "$1" in  # J*: (c)'s architectures without the router, against E0c / E1c in $B
-  1) bash $0 RUNS J0 "$J0" J1 "$A --seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor" \
+  1) bash $0 RUNS J0 "$J0" J1 "$J1" \
        R0 "$A --seed 0 --variants elastic_anchor --train-on argmax" ;;
   2) bash $0 RUNS S0 "$A --seed 0 --variants elastic_anchor --all-budgets --state-dir $H/state/S0 --max-train-seconds 400" \
        R0c "${A/--no-minitron/} --seed 0 --variants= --minitron-arch $H/res/R0.json:elastic_anchor" J0h "$J0 --full-anchor 0.5" ;;
@@ -103,7 +107,7 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   5) C="${A/--no-minitron/} --variants= --lr-a 2e-4"
      bash $0 RUNS E0lc "$C --seed 0 --minitron-arch $H/res/E0l.json:elastic_anchor" \
        C1l "$C --seed 1 --minitron-arch $B#E1:elastic_anchor" \
-       J1l "$A --seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor --lr-a 2e-4" ;;
+       J1l "$J1 --lr-a 2e-4" ;;
   # 6-7: the best levers together through the router: every budget a step at 2e-4, with the full anchor and at 0.5
   6) S="$A --seed 0 --variants elastic_anchor --all-budgets --lr-a 2e-4 --max-train-seconds 500"
      bash $0 RUNS S0l "$S --state-dir $H/state/S0l" S0lh "$S --full-anchor 0.5 --state-dir $H/state/S0lh" ;;
@@ -121,7 +125,7 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
      ratios J0a:C2,J0ab8:C8,J0ab8:C4 J0a J0ab8 ;;
   10) C="${A/--no-minitron/} --variants= --lr-a 8e-4"  # E0b's (c), and the best lever at seed 1 with its (c)
      bash $0 RUNS E0bc "$C --seed 0 --minitron-arch $H/res/E0b.json:elastic_anchor" C1e "$C --seed 1 --minitron-arch $B#E1:elastic_anchor" \
-       J1b8 "$A --seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor --lr-a 2e-4 --budget-lrs 2e-4,8e-4,8e-4"
+       J1b8 "$J1 --lr-a 2e-4 --budget-lrs 2e-4,8e-4,8e-4"
      ratios E0b:E0bc,J1b8:C1e,J1b8:C1q E0b E0bc C1e J1b8 ;;
   # 11: where the 0.75's gap comes from, the 0.75 alone beside the full model (T/2 = its (c) tokens in C2, at 2e-4):
   # J075c the harness control (the joint trainer on the 0.75 alone is (c): bit for bit on the CPU, here in bf16),
@@ -142,7 +146,7 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # 13: PLAN17 12's balance (anchor 0.5 at 2e-4: full within 1%, 0.75 +0.6..+4.7%, 0.5 ahead) at seed 1 with its
   # (c), through the router (E0h; 13c is its (c) when its architectures differ from E0's), and anchor 0.35
   13) C="${A/--no-minitron/} --variants= --lr-a 2e-4"
-     bash $0 RUNS J1h2 "$A --seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor --lr-a 2e-4 --full-anchor 0.5" \
+     bash $0 RUNS J1h2 "$J1 --lr-a 2e-4 --full-anchor 0.5" \
        C1l "$C --seed 1 --minitron-arch $B#E1:elastic_anchor" J0h3 "$J0 --lr-a 2e-4 --full-anchor 0.35" \
        E0h "$A --seed 0 --variants elastic_anchor --lr-a 2e-4 --full-anchor 0.5"
      ratios J1h2:C1l,J0h3:C2,E0h:C2 J1h2 C1l J0h3 E0h ;;
@@ -203,7 +207,7 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   22) bash $0 RUNS J0mr64b "$J0 --lr-a 2e-4 --full-delta-rank 64 --anchor-data self --anchor-mix 0.5" \
        J0mr64f "$J0 --lr-a 2e-4 --full-delta-rank 64 --anchor-data self --anchor-mix 0.5 --freeze-embeddings-norms"
      ratios J0mr64b:C2,J0mr64f:C2 J0mr64b J0mr64f ;;
-  23) bash $0 RUNS J1mr64 "$A --seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor --lr-a 2e-4 \
+  23) bash $0 RUNS J1mr64 "$J1 --lr-a 2e-4 \
        --full-delta-rank 64 --anchor-data self --anchor-mix 0.5 $LEVERS"
      ratios J1mr64:C1l J1mr64 ;;
   # 24 (seventeenth session): 22 put the full model's Shakespeare drift outside the linear layers (frozen embeddings
@@ -212,8 +216,7 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # the full model keeps its own correction; seed 0 (against C2) beside seed 1 on E1's architectures (against C1l)
   # (ran at commit 1c2bf1d; the full model stayed +3.2% on Shakespeare, and --full-delta-scope went in the next)
   24) M="--lr-a 2e-4 --full-delta-rank 64 --anchor-data self --anchor-mix 0.5 --full-delta-scope all"
-     bash $0 RUNS J0mr64e "$J0 $M" J1mr64e "$A --seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor $M"
-     ratios J0mr64e:C2,J1mr64e:C1l J0mr64e J1mr64e ;;
+     both_seeds J0mr64e J1mr64e "$M" ;;
   # 25 (seventeenth session): the freeze of both (22, 23: J0mr64f / J1mr64) held the full model within 1% everywhere
   # at two seeds but cost the 0.75 up to 4% and the 0.5 up to 9%; the delta on them too (24) did not hold it:
   # which of the two carries the drift, the norms (J0mr64n) or the embeddings with the tied LM head (J0mr64m)?
@@ -233,20 +236,18 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # (J1mr64p; compare_elastic's "with the parent's embeddings, norms" line), and a stronger pull (J0mr64p3, 300 x
   # the rate: 6% of the gap a step)
   27) M="--lr-a 2e-4 --full-delta-rank 64 --anchor-data self --anchor-mix 0.5 --hold embeddings,norms --hold-rate 1"
-     bash $0 RUNS J1mr64p "$A --seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor $M --hold-pull 100" \
+     bash $0 RUNS J1mr64p "$J1 $M --hold-pull 100" \
        J0mr64p3 "$J0 $M --hold-pull 300"
      ratios J1mr64p:C1l,J0mr64p3:C2 J1mr64p J0mr64p3 ;;
   # 28 (nineteenth session): 27 held the full model (--full-keeps-held) within 1% at seed 1 too, but the 0.5
   # trailed (c) by up to 14.6% at seed 1 (E1's 0.5 keeps 3 of 9 heads) and 5% at seed 0: a weaker pull (30 x the
   # rate) lets the cut hidden size retune the embeddings more, at both seeds
   28) M="--lr-a 2e-4 --full-delta-rank 64 --anchor-data self --anchor-mix 0.5 --hold embeddings,norms --hold-rate 1 --hold-pull 30"
-     bash $0 RUNS J0mr64q "$J0 $M" J1mr64q "$A --seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor $M"
-     ratios J0mr64q:C2,J1mr64q:C1l J0mr64q J1mr64q ;;
+     both_seeds J0mr64q J1mr64q "$M" ;;
   # 29 (nineteenth session): 28's pull of 30 put the 0.5 ahead of (c) at seed 0 but the kept-held full model at
   # +1.5% (Shakespeare); 100 held the full model within 1% and left the 0.5 3-15% behind: the middle, 50, at both
   29) M="--lr-a 2e-4 --full-delta-rank 64 --anchor-data self --anchor-mix 0.5 --hold embeddings,norms --hold-rate 1 --hold-pull 50"
-     bash $0 RUNS J0mr64h "$J0 $M" J1mr64h "$A --seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor $M"
-     ratios J0mr64h:C2,J1mr64h:C1l J0mr64h J1mr64h ;;
+     both_seeds J0mr64h J1mr64h "$M" ;;
   # 16j (thirteenth session's note): T = 16M like for like without the router: J16, E0's architectures with
   # the anchor at 0.5 (resumable: call "16j" again until it is done), beside (c) on the same ones, a budget a
   # process (--budgets 1.0,B at T = 8M: the 8M that (c) at 16M gives each budget, so it fits one call),
