@@ -34,7 +34,7 @@ from star_elastic import parallel
 from star_elastic.elastic.cost import parse_budget
 from star_elastic.elastic.router import Router, RouterConfig
 from star_elastic.model import Model, ModelConfig
-from star_elastic.train import ElasticTrainer, TrainConfig, init_distributed, world
+from star_elastic.train import ElasticTrainer, TrainConfig, init_distributed, leave_distributed, world
 
 CHECK = ModelConfig(vocab_size=32000, hidden_size=1024, layer_types="M*EM*-EM", num_attention_heads=16,
                     num_key_value_heads=4, head_dim=64, intermediate_size=4096, mamba_num_heads=32, mamba_head_dim=64,
@@ -161,7 +161,7 @@ def main():
                 print(json.dumps({part: out[part]}, indent=1), flush=True)
                 if args.json:
                     common.write_json(args.json, out, indent=1)
-    dist.destroy_process_group()
+    leave_distributed()
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ def cmd_elastify(args):
     from .elastify import ElastifyConfig, elastify, print_table
     from .errors import StarElasticError
     from .hf import load_tokenizer
-    from .train import init_distributed, sharding, world
+    from .train import init_distributed, leave_distributed, sharding, world
     from .zero_shot import check_multiple
 
     check_multiple(args.multiple)
@@ -202,9 +202,7 @@ def cmd_elastify(args):
     if rank == 0:
         print_table(result)
     if ranks > 1:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+        leave_distributed()
     return result
 
 

@@ -4,7 +4,6 @@ against physically deleting layers, hook hygiene, file round trips and the 2-ran
 
 import copy
 import os
-import socket
 
 import pytest
 import safetensors.torch
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from conftest import randomize_
+from conftest import free_port, gloo_group, randomize_
 from star_elastic.data import TokenBatches
 from star_elastic.elastic.importance import (
     _accumulate_experts, _Sums, check_scores, estimate_importance, load_scores, random_importance,
@@ -463,26 +462,16 @@ def test_load_rejects_foreign_truncated_and_missing_files(tmp_path):
 
 # ----------------------------------------------------------------------------- distributed
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), STAR_ELASTIC_QUIET="1")
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    os.environ["STAR_ELASTIC_QUIET"] = "1"
+    with gloo_group(rank, world, port):
         mine = batches(n=4)[rank::world]  # each rank sees half of the data
         s = estimate_importance(nemotron(), mine, depth=True, depth_batches=1, progress=False)
         save_scores(s, os.path.join(out_dir, f"rank{rank}.safetensors"))
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def test_two_gloo_ranks_equal_one_process_on_all_data(tmp_path):
-    mp.spawn(_rank_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     # one process, all four batches; its two depth batches are the two ranks' first batches
     single = estimate(nemotron(), batches(n=4), depth=True, depth_batches=2)
     ranks = [load_scores(tmp_path / f"rank{r}.safetensors") for r in range(2)]

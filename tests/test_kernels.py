@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import free_port, gloo_group
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from star_elastic import kernels
@@ -445,16 +446,11 @@ def test_ce_and_task_loss_take_head_inputs():
 # ----------------------------------------------------------------------------- head inputs under FSDP2
 
 def _fsdp_worker(rank, world, port, out):
-    import os
-
     import torch.distributed as dist
 
     from star_elastic import parallel
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         torch.manual_seed(0)
         whole, whole_teacher = Model(CFG), Model(CFG)
         x = torch.randint(0, CFG.vocab_size, (4, 16), generator=torch.Generator().manual_seed(1))
@@ -484,8 +480,6 @@ def _fsdp_worker(rank, world, port, out):
             worst = max(float((grads[n] - p.grad).norm() / p.grad.norm()) for n, p in whole.named_parameters())
             torch.save({"refused": refused, "loss": mean.item() / world, "ref": ref.item(), "worst": worst,
                         "same_keys": set(grads) == {n for n, _ in whole.named_parameters()}}, out)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_head_inputs_under_fsdp2_equal_one_process(tmp_path):
@@ -493,19 +487,14 @@ def test_head_inputs_under_fsdp2_equal_one_process(tmp_path):
     backward: the chunked KD on head inputs gives the whole model's loss and every parameter's
     gradient (the head's weight's reduce-scattered like the rest). Without that setting
     `head_input` refuses with the fix in its message."""
-    import socket
-
     import torch.multiprocessing as mp
 
     from star_elastic import parallel
 
     if not parallel.available():
         pytest.skip("this torch has no FSDP2")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "fsdp.pt"
-    mp.spawn(_fsdp_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    mp.spawn(_fsdp_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     got = torch.load(out)
     assert got["refused"] and got["same_keys"]
     assert got["loss"] == pytest.approx(got["ref"], rel=1e-5) and got["worst"] < 1e-5
