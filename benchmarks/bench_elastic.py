@@ -157,6 +157,11 @@ def parse_args(argv=None):
     ap.add_argument("--hold-pull", type=float, default=0.0, metavar="L",
                     help="with --hold-rate: each step pulls what --hold names back toward the parent's values by L "
                          "times the rate (TrainConfig.hold_pull, L2-SP)")
+    ap.add_argument("--full-keeps-held-training", action="store_true",
+                    help="with --full-delta-rank and --hold at a rate: the full budget runs the parent's values of what "
+                         "--hold names from the first step (TrainConfig.full_keeps_held; elastify --full-keeps-held "
+                         "training), so its row is that model; without it the row trains beside the shared values "
+                         "and full_keeps_held scores them put back after training")
     ap.add_argument("--freeze-embeddings-norms", dest="hold", action="store_const", const=["embeddings", "norms"],
                     help="--hold embeddings,norms (the sixteenth and seventeenth sessions' runs)")
     ap.add_argument("--anchor-data", metavar="self[:TOKENS]",
@@ -554,6 +559,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                        hold=args.hold if variant in ANCHORED else None,
                        hold_rate=args.hold_rate if variant in ANCHORED else 0.0,
                        hold_pull=args.hold_pull if variant in ANCHORED else 0.0,
+                       full_keeps_held=args.full_keeps_held_training and variant in ANCHORED,
                        anchor_mix=args.anchor_mix if args.anchor_data and variant in ANCHORED else 1.0,
                        freeze_select=args.freeze_select,
                        router_prior=args.router_prior if router is not None and args.warm_start else 0.0,
@@ -579,7 +585,9 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
         anchor_rows = ANCHOR_ROWS[key]
     # a delta beside a hold that trains: the parent's held values, in the student's precision before it trains,
     # for the full model that `elastify --full-keeps-held` writes (scored as "full_keeps_held")
-    parents_held = held_values(student, tcfg.hold) if tcfg.full_delta_rank and tcfg.hold and tcfg.hold_rate else None
+    # (kept from the first step instead, tcfg.full_keeps_held, the full row itself is that model)
+    parents_held = held_values(student, tcfg.hold) if tcfg.full_delta_rank and tcfg.hold and tcfg.hold_rate and \
+        not tcfg.full_keeps_held else None
     trainer = ElasticTrainer(student, teacher, router, budgets, rows, tcfg, out_dir=state or tmp.name,
                              fixed_specs=fixed, warm_start=warm, anchor_rows=anchor_rows)
     if state is None:
@@ -654,6 +662,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                         "full_without_delta": without_delta if trainer.delta is not None else None,
                         "full_with_parents_rest": parent_rest if trainer.delta is not None else None,
                         "full_keeps_held": keeps_held if parents_held is not None else None,
+                        "full_keeps_held_training": tcfg.full_keeps_held,
                         "hold": tcfg.hold, "hold_rate": tcfg.hold_rate if tcfg.hold else None,
                         "hold_pull": tcfg.hold_pull if tcfg.hold else None,
                         "anchor_data": args.anchor_data if anchor_rows is not None else None,
@@ -899,6 +908,8 @@ def main(argv=None):
     why = hold_problem(args.hold, args.hold_rate, args.hold_pull, sharded=False, budget_lrs=args.budget_lrs is not None)
     if why:  # the trainer's own check, in elastify's words
         raise SystemExit(f"--hold {','.join(args.hold or [])}: {why}")
+    if args.full_keeps_held_training and not (args.full_delta_rank and args.hold and args.hold_rate):
+        raise SystemExit("--full-keeps-held-training: give --full-delta-rank, --hold and --hold-rate > 0")
     if args.anchor_data and parse_anchor_data(args.anchor_data)[0] != "self":
         raise SystemExit(f"--anchor-data {args.anchor_data!r}: the bench samples the anchor's text from the parent: "
                          "self or self:TOKENS")

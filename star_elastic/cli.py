@@ -131,12 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--hold-pull", type=float, default=0.0, metavar="L",
                     help="with --hold-rate: after each step pull what --hold names back toward the parent's values by "
                          "L times the rate (L2-SP; default 0)")
-    sp.add_argument("--full-keeps-held", action="store_true",
+    sp.add_argument("--full-keeps-held", nargs="?", const="after", default="", choices=("after", "training"),
+                    metavar="WHEN",
                     help="with --full-delta-rank and --hold at a rate: the full budget keeps the parent's values of "
                          "what --hold names as its own (in the weights transformers loads), the smaller budgets the "
-                         "trained ones (in full_delta.safetensors). Measured as the parent's put back after "
-                         "--hold embeddings,norms --hold-rate 1 --hold-pull 100: the full model within 1%% of its "
-                         "parent everywhere, the 0.75 within 1.5%% of separate distillation (docs/RESULTS.md §9)")
+                         "trained ones (in full_delta.safetensors). WHEN: 'after' training (the default; measured "
+                         "with --hold embeddings,norms --hold-rate 1 --hold-pull 100: the full model within 1%% of "
+                         "its parent everywhere at two seeds, docs/RESULTS.md §9) or from its first 'training' step, "
+                         "so that the delta learns beside them (not yet measured on a GPU)")
     sp.add_argument("--anchor-projection", action="store_true",
                     help="where the full anchor's gradient conflicts with the smaller budgets' (a negative inner "
                          "product), drop its component along theirs (PCGrad), so that holding the full model does "

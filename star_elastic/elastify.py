@@ -86,10 +86,12 @@ class ElastifyConfig:
     hold_rate: float = 0.0
     hold_pull: float = 0.0
     # with the delta and a hold at a rate: the full budget keeps the parent's values of what `hold` names as its
-    # own (FullDelta.keep), the smaller budgets the trained ones. Measured (§9, eighteenth session, as the
-    # parent's put back after training): held at the rate and pulled back at 100, the full model within 1% of
-    # its parent everywhere beside a 0.75 within 1.5% of separate distillation; off by default (one seed)
-    full_keeps_held: bool = False
+    # own (FullDelta.keep), the smaller budgets the trained ones. "after": put back once training ends; measured
+    # (§9, eighteenth and nineteenth sessions): held at the rate and pulled back at 100, the full model within 1%
+    # of its parent everywhere at two seeds, the 0.75 within 1.5% of separate distillation at one of them.
+    # "training": kept from the first step (TrainConfig.full_keeps_held), so the delta learns beside them; not
+    # yet measured on a GPU. "": off (the default)
+    full_keeps_held: str = ""
     train_on: str = "drawn"  # the model trains the router's draw or its in-band argmax (TrainConfig.train_on)
     drift_data: str | None = "auto"  # held-out text of a second domain for the full budget's drift ("": none)
     router_init: str = "search"  # the router starts from the zero-shot search's architectures, or "cost" alone
@@ -258,6 +260,9 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     why = hold_problem(cfg.hold, cfg.hold_rate, cfg.hold_pull, ranks > 1 and cfg.shard != "none", cfg.budget_lrs is not None)
     if why:
         raise StarElasticError(f"--hold {','.join(cfg.hold or [])}: {why}")
+    if cfg.full_keeps_held not in ("", "after", "training"):
+        raise StarElasticError(f"--full-keeps-held {cfg.full_keeps_held!r}: 'after' (training) or 'training' "
+                               "(from its first step)")
     if cfg.full_keeps_held and not (cfg.full_delta_rank and cfg.hold and cfg.hold_rate):
         raise StarElasticError("--full-keeps-held keeps the parent's values of what --hold trains for the full budget "
                                "beside its delta: give --full-delta-rank, --hold and --hold-rate > 0")
@@ -371,11 +376,12 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                        all_budgets=cfg.all_budgets, train_on=cfg.train_on, budget_lrs=budget_lrs,
                        anchor_projection=cfg.anchor_projection, anchor_mix=cfg.anchor_mix,
                        full_delta_rank=cfg.full_delta_rank, hold=cfg.hold, hold_rate=cfg.hold_rate,
-                       hold_pull=cfg.hold_pull)
+                       hold_pull=cfg.hold_pull, full_keeps_held=cfg.full_keeps_held == "training")
     anchor_rows = None if anchor_spec is None else anchor_text(
         anchor_spec, teacher, tokenizer, row_len, cfg.batch_size * cfg.seq_len // row_len,
         min(ANCHOR_SELF_TOKENS, train_tokens), cfg.seed, cfg.heldout_fraction, log)
-    parents_held = held_values(model, cfg.hold) if cfg.full_keeps_held else None  # the sorted parent's, in full
+    # the sorted parent's, in full ("training": the trainer keeps them from its first step)
+    parents_held = held_values(model, cfg.hold) if cfg.full_keeps_held == "after" else None
     trainer = ElasticTrainer(model, teacher, router, budgets, rows, tcfg, out.parent / f".{out.name}.train",
                              heldout=heldout, anchor_rows=anchor_rows,
                              warm_start=starts if cfg.router_init == "search" and any(starts) else None)
@@ -391,6 +397,9 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
         log(f"the full budget keeps the parent's {', '.join(cfg.hold)} as its own "
             f"({sum(t.numel() for t in parents_held.values()):,} parameters); the smaller budgets the trained ones")
         del parents_held
+    elif cfg.full_keeps_held == "training":
+        log(f"the full budget kept the parent's {', '.join(cfg.hold)} as its own throughout training "
+            f"({sum(t.numel() for t in trainer.delta.rest.values()):,} parameters); the smaller budgets the trained ones")
     distribution = {**trainer.distribution, "peak_memory_gib": trainer.peak_memory()}  # per rank, GPU only
     if sharded_parent:
         distribution["parent_load"] = "sharded from disk, importance on the shards, sorted as loaded again"

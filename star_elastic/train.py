@@ -43,7 +43,7 @@ from .elastic.losses import (HeadInput, LossWeights, advantage, budget_loss, com
                              full_choice_loss, head_input, kd_loss, score_function_loss, task_loss)
 from .elastic.router import (Projection, Router, entropy, entropy_floor_loss, full_projection, larger_choice,
                              nested_in_band, project_budgets)
-from .elastic.delta import HELD_PARTS, FullDelta, embeddings_and_norms
+from .elastic.delta import HELD_PARTS, FullDelta, embeddings_and_norms, held_values
 from .elastic.masking import masked
 from .elastic.spec import ElasticSpec
 from .errors import StarElasticError
@@ -121,6 +121,10 @@ class TrainConfig:
     # about 1 / hold_pull a weight, while one the gradient does not sustain (Adam's noise on rare tokens' rows)
     # decays
     hold_pull: float = 0.0
+    # with the delta and a hold at a rate: the full budget runs the parent's values of what `hold` names from the
+    # first step (FullDelta.keep), so its delta learns beside the values it is exported with, while the held
+    # parts train for the smaller budgets alone (elastify --full-keeps-held training)
+    full_keeps_held: bool = False
     budget_lrs: list[float] | None = None  # per-budget model learning rates (budget order): each budget's
     #                                        gradient then has its own AdamW moments and rate (BudgetAdamW), as if
     #                                        distilled alone; None: one AdamW over the summed gradient, at `lr`
@@ -729,6 +733,9 @@ class ElasticTrainer:
         """cfg.full_delta_rank: the full budget's delta (elastic/delta.py), its parameters a group of the
         optimiser's after the model's (before the router's, whose group is last)."""
         cfg = self.cfg
+        if cfg.full_keeps_held and not (cfg.full_delta_rank and cfg.hold and cfg.hold_rate):
+            raise StarElasticError("full_keeps_held keeps the parent's values of what `hold` trains for the full "
+                                   "budget beside its delta: give full_delta_rank, hold and hold_rate > 0")
         if not cfg.full_delta_rank:
             return None
         why = ("it needs the full anchor (full_anchor > 0)" if not cfg.full_anchor else
@@ -738,6 +745,8 @@ class ElasticTrainer:
         if why:
             raise StarElasticError(f"full_delta_rank {cfg.full_delta_rank}: {why}")
         delta = FullDelta(self.model, cfg.full_delta_rank, seed=cfg.seed + 4)
+        if cfg.full_keeps_held:  # the parent's values, taken before any resume loads trained ones
+            delta.keep(self.model, held_values(self.model, cfg.hold))
         groups.append({"params": list(delta.parameters()), "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": 0.0})
         return delta
 

@@ -172,3 +172,13 @@ def test_a_delta_beside_a_hold_that_trains_scores_the_full_model_elastify_full_k
     full = next(row for row in part["rows"] if row["method"] == "joint_anchor" and row["budget"] == "1.0")
     kept, rest = how["full_keeps_held"]["wiki"], how["full_with_parents_rest"]["wiki"]
     assert math.isfinite(kept) and kept != rest and kept != full["perplexity"]["wiki"]
+
+
+def test_the_full_budget_kept_from_the_first_step_needs_a_delta_beside_a_hold_that_trains():
+    """--full-keeps-held-training (TrainConfig.full_keeps_held) is refused in one line, before any training,
+    without the delta and a hold at a rate: there would be nothing of the parent's for the full budget to keep."""
+    for extra in ([], ["--full-delta-rank", "2", "--hold", "norms"], ["--hold", "norms", "--hold-rate", "1"]):
+        r = subprocess.run(BENCH + ["--full-keeps-held-training", *extra], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert r.stderr.strip().splitlines()[-1] == ("--full-keeps-held-training: give --full-delta-rank, --hold and "
+                                                     "--hold-rate > 0")

@@ -218,6 +218,40 @@ def test_a_pull_takes_the_held_parts_back_toward_the_parent_each_step(tmp_path):
     _resumes_exactly(tmp_path, full_anchor=1.0, steps=4, hold=["norms"], hold_rate=1.0, hold_pull=20.0)
 
 
+
+def test_kept_from_the_first_step_the_anchor_runs_the_parents_held_values(tmp_path):
+    """TrainConfig.full_keeps_held: every anchor pass runs the parent's embeddings and norms (FullDelta.keep
+    before the first step), so the delta learns beside the values it is exported with. The held parts still
+    train, and are pulled, for the smaller budgets alone: those train exactly as when the parent's values are
+    put back only after training (elastify --full-keeps-held after), and the delta learns something else."""
+    kw = dict(full_anchor=1.0, full_delta_rank=4, hold=["embeddings", "norms"], hold_rate=1.0, hold_pull=5.0)
+    kept, after = _trainer(tmp_path, "kept", full_keeps_held=True, **kw), _trainer(tmp_path, "after", **kw)
+    parent = {n: p.detach().clone() for n, p in kept.model.named_parameters() if n in kept.delta.rest}
+    assert parent and all(torch.equal(kept.delta.rest[n], parent[n]) for n in parent) and not after.delta.rest
+    logs_kept, logs_after = kept.run(progress=False), after.run(progress=False)
+    for (n, a), b in zip(kept.model.named_parameters(), after.model.parameters()):
+        assert torch.equal(a, b), n  # the shared weights, held parts included: the anchor reaches neither
+    assert any(not torch.equal(dict(kept.model.named_parameters())[n], v) for n, v in parent.items())  # they moved
+    assert all(torch.equal(kept.delta.rest[n], v) for n, v in parent.items())  # the full budget's did not
+    # the first anchor sees the same values either way; once the held parts have moved, the anchors differ
+    assert logs_kept[0]["full_kd"] == pytest.approx(logs_after[0]["full_kd"], rel=1e-6)
+    assert logs_kept[-1]["full_kd"] != pytest.approx(logs_after[-1]["full_kd"], rel=1e-4)
+    assert any(not torch.allclose(kept.delta.up[k], after.delta.up[k]) for k in kept.delta.up)
+    x = torch.randint(0, CFG.vocab_size, (2, 12))
+    with torch.no_grad():
+        with kept._as_full():  # where the anchor runs: the delta and the parent's held values
+            full = kept.model(x)
+        plain = copy.deepcopy(kept.model)
+        for n, v in parent.items():
+            plain.get_parameter(n).copy_(v)
+        for name in kept.delta.names:
+            plain.get_submodule(name).weight.add_(kept.delta.delta(name))
+        torch.testing.assert_close(full, plain(x), rtol=1e-5, atol=1e-5)
+    _resumes_exactly(tmp_path, full_keeps_held=True, **{**kw, "steps": 4})
+    for bad in ({"hold_rate": 0.0, "hold_pull": 0.0}, {"full_delta_rank": 0}):
+        with pytest.raises(StarElasticError, match="full_keeps_held keeps the parent's values"):
+            _trainer(tmp_path, "u", full_keeps_held=True, **{**kw, **bad})
+
 def _resumes_exactly(tmp_path, **kw):
     """A run stopped after 2 steps and resumed logs what one straight run logs (tmp_path's runs "straight",
     "resumed")."""

@@ -35,23 +35,26 @@ def _by_row(t):
     return t.float().sort(dim=-1).values
 
 
-@pytest.fixture(scope="module", params=list(PARENTS))
+@pytest.fixture(scope="module", params=[(p, when) for p in PARENTS for when in ("after", "training")],
+                ids=lambda p: "-".join(p))
 def written(request, tmp_path_factory):
     """A tiny parent elastified with a delta of rank 4, its embeddings and norms held at the full rate and
-    pulled back, the full budget keeping the parent's (budgets 1.0 / 0.5). Also the parent's held values."""
+    pulled back, the full budget keeping the parent's (budgets 1.0 / 0.5), put back after training or kept
+    from its first step. Also the parent's held values."""
     from conftest import word_tokenizer
 
-    tmp = tmp_path_factory.mktemp(f"keeps_{request.param}")
+    family, when = request.param
+    tmp = tmp_path_factory.mktemp(f"keeps_{family}_{when}")
     write_word_text(tmp / "text.txt")
     torch.manual_seed(0)
-    parent = Model(PARENTS[request.param])
+    parent = Model(PARENTS[family])
     with torch.no_grad():  # norms away from ones, so that "the parent's" is not just "untouched"
         for p in held_values(parent, ["norms"]).keys():
             parent.get_parameter(p).mul_(1 + 0.1 * torch.rand_like(parent.get_parameter(p)))
     before = {k: v.clone() for k, v in held_values(parent, ["embeddings", "norms"]).items()}
     cfg = ElastifyConfig(budgets=["1.0", "0.5"], tokens=16 * 32 * 6, seq_len=32, batch_size=16, calib_batches=2,
                          eval_tokens=256, lr=1e-3, full_delta_rank=4, hold=["embeddings", "norms"], hold_rate=1.0,
-                         hold_pull=10.0, full_keeps_held=True)
+                         hold_pull=10.0, full_keeps_held=when)
     out = tmp / "ckpt"
     result = elastify(parent, word_tokenizer(tmp, WORDS), str(tmp / "text.txt"), out, cfg, log=lambda *_: None)
     return out, result, before
@@ -133,3 +136,11 @@ def test_cli_full_keeps_held_needs_the_delta_and_a_hold_that_trains(tmp_path, to
     assert cli.main(common + ["--out", str(tmp_path / "ok"), "--full-delta-rank", "2", "--hold", "norms",
                               "--hold-rate", "1"]) == 0
     assert read_manifest(tmp_path / "ok")["full_delta"]["own"]
+    assert "keeps the parent's norms" in capsys.readouterr().out
+    assert cli.main(common + ["training", "--out", str(tmp_path / "kept"), "--full-delta-rank", "2", "--hold",
+                              "norms", "--hold-rate", "1"]) == 0
+    assert read_manifest(tmp_path / "kept")["full_delta"]["own"]
+    assert "kept the parent's norms as its own throughout training" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(common + ["always", "--out", str(tmp_path / "bad")])
+    assert "invalid choice: 'always'" in capsys.readouterr().err and not (tmp_path / "bad").exists()

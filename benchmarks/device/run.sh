@@ -14,7 +14,7 @@
 #                               LOAD needs .devcarry/serve_wheels: the server's packages, which the GPU machine lacks)
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|29|16j|16J|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|30|16j|16J|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -248,6 +248,12 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # +1.5% (Shakespeare); 100 held the full model within 1% and left the 0.5 3-15% behind: the middle, 50, at both
   29) M="--lr-a 2e-4 --full-delta-rank 64 --anchor-data self --anchor-mix 0.5 --hold embeddings,norms --hold-rate 1 --hold-pull 50"
      both_seeds J0mr64h J1mr64h "$M" ;;
+  # 30 (twentieth session): the pull is a dial between the full model (strong) and the 0.5 (weak) because the
+  # full budget's delta trained beside the shared embeddings and norms and was then given the parent's. Kept
+  # from the first step (--full-keeps-held-training), the delta learns beside the parent's values, so the full
+  # row should hold within 1% whatever the pull: at 30, where the 0.5 led (c) at seed 0, both seeds
+  30) M="--lr-a 2e-4 --full-delta-rank 64 --anchor-data self --anchor-mix 0.5 --hold embeddings,norms --hold-rate 1 --hold-pull 30"
+     both_seeds J0mr64k J1mr64k "$M --full-keeps-held-training" ;;
   # 16j (thirteenth session's note): T = 16M like for like without the router: J16, E0's architectures with
   # the anchor at 0.5 (resumable: call "16j" again until it is done), beside (c) on the same ones, a budget a
   # process (--budgets 1.0,B at T = 8M: the 8M that (c) at 16M gives each budget, so it fits one call),
