@@ -107,7 +107,8 @@ class TrainConfig:
     #                          rest the step's training batch's (1: the anchor text alone)
     full_delta_rank: int = 0  # >0, with the full anchor: the full budget gets a low-rank delta of its own on every
     #                           linear layer, trained by the anchor alone, which then leaves the shared weights to
-    #                           the smaller budgets (elastic/delta.py; elastify --full-delta-rank)
+    #                           the smaller budgets (elastic/delta.py; elastify --full-delta-rank); its gradient is
+    #                           clipped on its own, so the anchor does not scale their step either
     # held at or near the parent's values in every budget: "embeddings" (with the LM head), "norms", or both
     # (delta.HELD_PARTS). Frozen (hold_rate 0) beside the delta, the full model's only drift is in the linear
     # layers its delta covers: measured, within 1% of its parent everywhere at two seeds, but the 0.75 up to 4%
@@ -813,9 +814,13 @@ class ElasticTrainer:
             logs["anchor_cos"] = self._project_anchor(anchor, reduce)
             reduce = False  # averaged over the ranks there, or by FSDP
 
-        def clip():  # the model's gradient and its full delta's (elastic/delta.py), if any, as one
-            params = list(self.model.parameters()) + (list(self.delta.parameters()) if self.delta is not None else [])
-            return self._clip(params, cfg.clip, reduce=reduce).detach()
+        def clip():  # the model's gradient
+            return self._clip(self.model.parameters(), cfg.clip, reduce=reduce).detach()
+
+        if self.delta is not None:  # on its own: clipped with the model's as one norm, the anchor (which trains the
+            # delta alone) scaled the smaller budgets' step whenever the clip bound (a fifth to a third of the
+            # nineteenth session's logged steps)
+            logs["delta_grad_norm"] = self._clip(self.delta.parameters(), cfg.clip, reduce=reduce).detach()
 
         if isinstance(self.opt, BudgetAdamW):  # each budget's gradient clipped and applied on its own
             for key in list(self.opt.stashed):

@@ -28,11 +28,13 @@ def _trainer(tmp_path, name, **kw):
 
 
 def test_the_anchor_trains_the_delta_and_leaves_the_shared_weights_to_the_smaller_budgets(tmp_path):
-    alone = _trainer(tmp_path, "alone", full_anchor=0.0)  # the smaller budgets only
-    alone.run(progress=False)
-    delta = _trainer(tmp_path, "delta", full_anchor=1.0, full_delta_rank=4)
+    """Even where the gradient is clipped: the delta's is clipped on its own (clipped as one norm with the
+    model's, the anchor scaled the smaller budgets' step whenever the clip bound)."""
+    alone = _trainer(tmp_path, "alone", full_anchor=0.0, clip=0.02)  # the smaller budgets only
+    assert all(lg["grad_norm"] > 0.02 for lg in alone.run(progress=False))  # the clip binds on every step
+    delta = _trainer(tmp_path, "delta", full_anchor=1.0, full_delta_rank=4, clip=0.02)
     logs = delta.run(progress=False)
-    assert all("full_kd" in lg for lg in logs)  # the anchor ran on every step
+    assert all("full_kd" in lg and lg["delta_grad_norm"] > 0 for lg in logs)  # the anchor ran on every step
     # the model and the router trained exactly as without the anchor: its gradient reached neither
     for a, b in zip(alone.model.parameters(), delta.model.parameters()):
         assert torch.equal(a, b)
@@ -40,7 +42,7 @@ def test_the_anchor_trains_the_delta_and_leaves_the_shared_weights_to_the_smalle
         assert torch.equal(a, b)
     assert max(float(p.detach().abs().max()) for p in delta.delta.up.values()) > 0  # and the delta learnt
     # without a delta the anchor pulls on the shared weights (what the delta is there to stop)
-    plain = _trainer(tmp_path, "plain", full_anchor=1.0)
+    plain = _trainer(tmp_path, "plain", full_anchor=1.0, clip=0.02)
     plain.run(progress=False)
     assert not all(torch.equal(a, b) for a, b in zip(alone.model.parameters(), plain.model.parameters()))
 
@@ -224,7 +226,8 @@ def test_kept_from_the_first_step_the_anchor_runs_the_parents_held_values(tmp_pa
     before the first step), so the delta learns beside the values it is exported with. The held parts still
     train, and are pulled, for the smaller budgets alone: those train exactly as when the parent's values are
     put back only after training (elastify --full-keeps-held after), and the delta learns something else."""
-    kw = dict(full_anchor=1.0, full_delta_rank=4, hold=["embeddings", "norms"], hold_rate=1.0, hold_pull=5.0)
+    kw = dict(full_anchor=1.0, full_delta_rank=4, hold=["embeddings", "norms"], hold_rate=1.0, hold_pull=5.0,
+              clip=0.02)  # the clip binding: the delta's own (a shared norm would tie the two modes' steps)
     kept, after = _trainer(tmp_path, "kept", full_keeps_held=True, **kw), _trainer(tmp_path, "after", **kw)
     parent = {n: p.detach().clone() for n, p in kept.model.named_parameters() if n in kept.delta.rest}
     assert parent and all(torch.equal(kept.delta.rest[n], parent[n]) for n in parent) and not after.delta.rest

@@ -250,10 +250,14 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
      both_seeds J0mr64h J1mr64h "$M" ;;
   # 30 (twentieth session): the pull is a dial between the full model (strong) and the 0.5 (weak) because the
   # full budget's delta trained beside the shared embeddings and norms and was then given the parent's. Kept
-  # from the first step (--full-keeps-held-training), the delta learns beside the parent's values, so the full
-  # row should hold within 1% whatever the pull: at 30, where the 0.5 led (c) at seed 0, both seeds
+  # from the first step (--full-keeps-held-training) the delta learns beside the parent's values, so the full
+  # row should hold within 1% whatever the pull. Since 28 the delta's gradient is also clipped on its own (with
+  # the model's as one norm the anchor scaled the smaller budgets' steps), so at seed 0 and pull 30 (where the
+  # 0.5 led (c)): J0mr64c, 28's J0mr64q again with the clip apart (what the clip did), beside J0mr64k, kept
+  # from the first step (what keeping does); seed 1 next
   30) M="--lr-a 2e-4 --full-delta-rank 64 --anchor-data self --anchor-mix 0.5 --hold embeddings,norms --hold-rate 1 --hold-pull 30"
-     both_seeds J0mr64k J1mr64k "$M --full-keeps-held-training" ;;
+     bash $0 RUNS J0mr64c "$J0 $M" J0mr64k "$J0 $M --full-keeps-held-training"
+     ratios J0mr64c:C2,J0mr64k:C2 J0mr64c J0mr64k ;;
   # 16j (thirteenth session's note): T = 16M like for like without the router: J16, E0's architectures with
   # the anchor at 0.5 (resumable: call "16j" again until it is done), beside (c) on the same ones, a budget a
   # process (--budgets 1.0,B at T = 8M: the 8M that (c) at 16M gives each budget, so it fits one call),
