@@ -178,8 +178,8 @@ def leave_distributed():
     """Destroy the process group, then let the interpreter exit cleanly. gloo's worker threads free a
     finished collective's tensors after the caller has moved on, and freeing a tensor that Python also
     holds takes the GIL; a thread still waiting for it when the interpreter finalizes is killed inside
-    C++ (std::terminate: SIGABRT after a run that had succeeded; 1 two-rank run in 12 when the last
-    collective came just before exit, torch 2.13, Python 3.11). Sleeping releases the GIL to them."""
+    C++ (std::terminate: SIGABRT after a run that had succeeded; about 1 two-rank run in 20 when the
+    last collective came just before exit, torch 2.13, Python 3.11). Sleeping releases the GIL to them."""
     if dist.is_initialized():
         dist.destroy_process_group()
         time.sleep(0.05)

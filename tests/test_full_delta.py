@@ -220,7 +220,6 @@ def test_a_pull_takes_the_held_parts_back_toward_the_parent_each_step(tmp_path):
     _resumes_exactly(tmp_path, full_anchor=1.0, steps=4, hold=["norms"], hold_rate=1.0, hold_pull=20.0)
 
 
-
 def test_kept_from_the_first_step_the_anchor_runs_the_parents_held_values(tmp_path):
     """TrainConfig.full_keeps_held: every anchor pass runs the parent's embeddings and norms (FullDelta.keep
     before the first step), so the delta learns beside the values it is exported with. The held parts still
@@ -254,6 +253,7 @@ def test_kept_from_the_first_step_the_anchor_runs_the_parents_held_values(tmp_pa
     for bad in ({"hold_rate": 0.0, "hold_pull": 0.0}, {"full_delta_rank": 0}):
         with pytest.raises(StarElasticError, match="full_keeps_held keeps the parent's values"):
             _trainer(tmp_path, "u", full_keeps_held=True, **{**kw, **bad})
+
 
 def _resumes_exactly(tmp_path, **kw):
     """A run stopped after 2 steps and resumed logs what one straight run logs (tmp_path's runs "straight",

@@ -17,8 +17,9 @@ import torch.distributed as dist
 # machine: with `dist.destroy_process_group()` alone 8 of 30 pairs had a rank abort (and 3-8 of 20-30 in
 # reruns); with `leave_distributed()` none of 30.
 TRIALS = r"""
-import os, socket, sys
+import os, sys
 import torch, torch.distributed as dist
+from conftest import free_port
 from star_elastic.train import leave_distributed
 
 def rank_main(rank, port):
@@ -34,9 +35,7 @@ def rank_main(rank, port):
 
 aborted = 0
 for _ in range(int(sys.argv[1])):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     pids = []
     for rank in range(2):
         pid = os.fork()
@@ -53,7 +52,7 @@ print(aborted)
                     reason="needs gloo and fork")
 def test_ranks_that_leave_after_a_collective_exit_cleanly():
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
     run = subprocess.run([sys.executable, "-c", TRIALS, "20"], capture_output=True, text=True, env=env,
                          timeout=300, cwd=root)
     assert run.returncode == 0, run.stderr[-2000:]
