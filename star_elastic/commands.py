@@ -258,7 +258,10 @@ def cmd_demo(args):
                          lr=opt["lr"], axes=axes, calib_batches=opt["calib_batches"], eval_tokens=opt["eval_tokens"],
                          stage2_weights=weights, full_anchor=opt["full_anchor"], all_budgets=opt["all_budgets"],
                          budget_lrs=_floats(args.budget_lrs, "--budget-lrs"), router_prior=args.router_prior,
-                         anchor_data=args.anchor_data, compile=compile_backend(args.compile, device))
+                         anchor_data=args.anchor_data, anchor_mix=args.anchor_mix,
+                         full_delta_rank=args.full_delta_rank, hold=comma_list(args.hold) or None,
+                         hold_rate=args.hold_rate, hold_pull=args.hold_pull, full_keeps_held=args.full_keeps_held,
+                         compile=compile_backend(args.compile, device))
     result = elastify(model, tokenizer, opt["data"], out, cfg, log=_log)
     print_table(result)
     del model

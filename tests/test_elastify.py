@@ -317,11 +317,11 @@ def test_demo_runs_end_to_end_and_says_what_to_do_next(tmp_path, tokenizer, text
     assert sum(steps.values()) == manifest["training"]["steps"] == 2
     # other budgets than the preset's: its stage-2 weights (one per preset budget) are not forced on them
     # and the training levers reach the run: --full-anchor, --all-budgets, --budget-lrs, --router-prior,
-    # --anchor-data (the CPU preset has none)
+    # --anchor-data (the CPU preset has none), and the full budget's delta and hold (all of elastify's)
     assert cli.main(["demo", "--data", str(text), "--budgets", "1.0,0.75,0.5", "--tokens", str(8 * 32), "--seq-len",
                      "32", "--calib-batches", "1", "--eval-tokens", "128", "--max-new-tokens", "2", "--out", str(out),
                      "--device", "cpu", "--full-anchor", "0.5", "--all-budgets", "--budget-lrs", "1e-4,2e-4,3e-4",
-                     "--router-prior", "0.7", "--anchor-data", "self:256"]) == 0
+                     "--router-prior", "0.7", "--anchor-data", "self:256", "--anchor-mix", "0.5"]) == 0
     manifest = read_manifest(out)
     assert [b["name"] for b in manifest["budgets"]] == ["1.0", "0.75", "0.5"]
     assert manifest["training"]["config"]["all_budgets"] is True
@@ -329,6 +329,15 @@ def test_demo_runs_end_to_end_and_says_what_to_do_next(tmp_path, tokenizer, text
     assert manifest["training"]["config"]["budget_lrs"] == [1e-4, 2e-4, 3e-4]
     assert manifest["training"]["config"]["router_prior"] == 0.7
     assert manifest["training"]["config"]["anchor_data"] == "self:256"
+    assert manifest["training"]["config"]["anchor_mix"] == 0.5
+    assert cli.main(["demo", "--data", str(text), "--budgets", "1.0,0.5", "--tokens", str(8 * 32), "--seq-len", "32",
+                     "--calib-batches", "1", "--eval-tokens", "128", "--max-new-tokens", "2", "--out", str(out),
+                     "--device", "cpu", "--full-anchor", "1", "--full-delta-rank", "4", "--hold", "embeddings,norms",
+                     "--hold-rate", "1", "--hold-pull", "30", "--full-keeps-held", "training"]) == 0
+    config = read_manifest(out)["training"]["config"]
+    assert (config["full_delta_rank"], config["hold"], config["hold_rate"], config["hold_pull"],
+            config["full_keeps_held"]) == (4, ["embeddings", "norms"], 1.0, 30.0, "training")
+    assert (out / "full_delta.safetensors").is_file()
 
 
 def test_shard_and_router_flags_reach_the_training_config(tmp_path):
