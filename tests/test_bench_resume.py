@@ -182,3 +182,31 @@ def test_the_full_budget_kept_from_the_first_step_needs_a_delta_beside_a_hold_th
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert r.stderr.strip().splitlines()[-1] == ("--full-keeps-held-training: give --full-delta-rank, --hold and "
                                                      "--hold-rate > 0")
+
+
+def test_a_resumed_run_with_the_full_budgets_delta_and_kept_values_equals_one_run(tmp_path):
+    """PLAN17 16K's run (T = 16M, several device calls) resumes a full delta beside held parts that train and
+    are pulled back, the full budget keeping the parent's values from the first step: stopped after its first
+    tenth and resumed, it scores what one uninterrupted run scores, every budget (the delta, the pull's parent
+    values and the kept values all come back)."""
+    flags = ["--variants", "elastic_anchor", "--full-anchor", "1", "--full-delta-rank", "2", "--hold",
+             "embeddings,norms", "--hold-rate", "1", "--hold-pull", "10", "--full-keeps-held-training",
+             "--tokens-b", "4096"]  # 32 steps, stopped after 3: the first anchor step moves nothing (KD 0)
+    one, resumed, state = tmp_path / "one.json", tmp_path / "resumed.json", tmp_path / "state"
+    r = subprocess.run(BENCH + flags + ["--json", str(one)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run(BENCH + flags + ["--state-dir", str(state), "--max-train-seconds", "0", "--json",
+                                        str(tmp_path / "first.json")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 75, r.stderr[-2000:]
+    r = subprocess.run(BENCH + flags + ["--state-dir", str(state), "--json", str(resumed)], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0 and "resumed at step 3" in r.stdout, r.stderr[-2000:]
+
+    def trained(path):
+        return {row["budget"]: row["perplexity"]["wiki"] for row in json.loads(path.read_text())["B"]["rows"]
+                if row["method"] == "elastic_anchor"}
+
+    a, b = trained(one), trained(resumed)
+    assert set(a) == {"1.0", "0.75", "0.5"} and set(b) == set(a)
+    for budget, ppl in a.items():
+        assert math.isclose(b[budget], ppl, rel_tol=1e-6), (budget, ppl, b[budget])

@@ -14,7 +14,7 @@
 #                               LOAD needs .devcarry/serve_wheels: the server's packages, which the GPU machine lacks)
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|31|16j|16J|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|32|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -262,6 +262,17 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   31) M="--lr-a 2e-4 --full-delta-rank 64 --anchor-data self --anchor-mix 0.5 --hold embeddings,norms --hold-rate 1 --hold-pull 30"
      bash $0 RUNS J1mr64c "$J1 $M" J1mr64k "$J1 $M --full-keeps-held-training"
      ratios J1mr64c:C1l,J1mr64k:C1l J1mr64c J1mr64k ;;
+  # 32 (twenty-first session): kept from the first step the full model held within 1% at both seeds (J0mr64k,
+  # J1mr64k), but seed 1's 0.5 trailed (c) by up to 10.8%: a weaker pull (10) for it, the full model kept
+  32) M="--lr-a 2e-4 --full-delta-rank 64 --anchor-data self --anchor-mix 0.5 --hold embeddings,norms --hold-rate 1 --hold-pull 10"
+     bash $0 RUNS J1mr64k10 "$J1 $M --full-keeps-held-training"
+     ratios J1mr64k10:C1l J1mr64k10 ;;
+  # 16K (for the next session): T = 16M like for like with the recipe that held the full model at both seeds
+  # at 4M (J0mr64k), against 16j's (c) rows, resumable (call "16K" again until it is done, 3 calls or so)
+  16K) RUN_LIMIT=585 bash $0 RUNS J16k "$J0 --lr-a 2e-4 --tokens-a 16777216 --full-delta-rank 64 --anchor-data self \
+        --anchor-mix 0.5 --hold embeddings,norms --hold-rate 1 --hold-pull 30 --full-keeps-held-training \
+        --state-dir $H/state/J16k --max-train-seconds 430"
+     ratios J16k:C16a,J16k:C16b,J16k:C16qa J16k ;;
   # 16j (thirteenth session's note): T = 16M like for like without the router: J16, E0's architectures with
   # the anchor at 0.5 (resumable: call "16j" again until it is done), beside (c) on the same ones, a budget a
   # process (--budgets 1.0,B at T = 8M: the 8M that (c) at 16M gives each budget, so it fits one call),
