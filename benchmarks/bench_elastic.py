@@ -102,6 +102,11 @@ def parse_args(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny settings that run on the CPU in a few minutes")
     ap.add_argument("--device", help="default: cuda when available")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--strict-determinism", action="store_true",
+                    help="on a GPU, deterministic algorithms strictly, not warn-only: SDPA then leaves its cuDNN "
+                         "backend, whose backward is not deterministic (the one warning of the twenty-first "
+                         "session's runs, whose like-for-like smaller budgets differed by up to 3 points), and any "
+                         "other op without a deterministic kernel stops the run")
     ap.add_argument("--json", help="write the results here (rewritten after every stage)")
     ap.add_argument("--tokenizer", help="tokenizer directory (default: SmolLM2's, read from its GGUF)")
     ap.add_argument("--model", help="(A) parent checkpoint directory or GGUF (default: the SmolLM2-135M GGUF)")
@@ -260,6 +265,13 @@ def fmt(v) -> str:
     return "-" if v is None else f"{v:.2f}" if v < 1e5 else f"{v:.3g}"
 
 
+def determinism() -> str:
+    """The deterministic-algorithms mode this process runs in: strict, warn-only or off."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return "off"
+    return "warn-only" if torch.is_deterministic_algorithms_warn_only_enabled() else "strict"
+
+
 class Results:
     """The result dict, written to --json after every stage."""
 
@@ -268,7 +280,7 @@ class Results:
         self.t0 = time.perf_counter()
         self.data = {"benchmark": "bench_elastic", "date": datetime.date.today().isoformat(),
                      "machine": common.machine(device), "torch": torch.__version__, "seed": args.seed,
-                     "smoke": args.smoke,
+                     "smoke": args.smoke, "deterministic": determinism(),
                      "command": "python benchmarks/bench_elastic.py " + " ".join(sys.argv[1:] if argv is None else argv)}
 
     def save(self):
@@ -916,6 +928,8 @@ def main(argv=None):
     device = common.setup(args.device, args.seed)  # seeds; on a GPU deterministic algorithms (warn-only) and cuBLAS workspace
     if device.type == "cuda":  # deterministic results do not need every new tensor NaN-filled first
         torch.utils.deterministic.fill_uninitialized_memory = False
+    if args.strict_determinism:
+        torch.use_deterministic_algorithms(True, warn_only=False)
     res = Results(args, device, argv)
     for name, run in (("A", run_a), ("B", run_b)):
         if args.part in (name, "all"):

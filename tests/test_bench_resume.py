@@ -210,3 +210,18 @@ def test_a_resumed_run_with_the_full_budgets_delta_and_kept_values_equals_one_ru
     assert set(a) == {"1.0", "0.75", "0.5"} and set(b) == set(a)
     for budget, ppl in a.items():
         assert math.isclose(b[budget], ppl, rel_tol=1e-6), (budget, ppl, b[budget])
+
+
+def test_strict_determinism_is_applied_and_recorded(tmp_path):
+    """--strict-determinism turns deterministic algorithms on without warn-only (on a GPU SDPA then leaves its
+    cuDNN backend, whose backward is not deterministic), the run completes under it, and the result says which
+    mode it ran in (here on the CPU: off without the flag, since only a GPU run asks for warn-only)."""
+    out = {}
+    for name, extra in (("plain", []), ("strict", ["--strict-determinism"])):
+        out[name] = tmp_path / f"{name}.json"
+        r = subprocess.run(BENCH + extra + ["--json", str(out[name])], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(out["strict"].read_text())["deterministic"] == "strict"
+    assert json.loads(out["plain"].read_text())["deterministic"] == "off"
+    one, two = (json.loads(out[n].read_text())["B"]["rows"] for n in ("plain", "strict"))
+    assert [row["perplexity"] for row in one] == [row["perplexity"] for row in two]  # the CPU was deterministic already

@@ -14,7 +14,7 @@
 #                               LOAD needs .devcarry/serve_wheels: the server's packages, which the GPU machine lacks)
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|32|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|33|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -267,6 +267,13 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   32) M="--lr-a 2e-4 --full-delta-rank 64 --anchor-data self --anchor-mix 0.5 --hold embeddings,norms --hold-rate 1 --hold-pull 10"
      bash $0 RUNS J1mr64k10 "$J1 $M --full-keeps-held-training"
      ratios J1mr64k10:C1l J1mr64k10 ;;
+  # 33 (for the next session): like runs' smaller budgets differed by up to 3 points (twenty-first session), the
+  # only op warned about being cuDNN's attention backward: J0mr64k twice under --strict-determinism, side by
+  # side; equal figures mean paired lever comparisons at one seed become exact (and the time says its cost)
+  33) M="--lr-a 2e-4 --full-delta-rank 64 --anchor-data self --anchor-mix 0.5 --hold embeddings,norms --hold-rate 1 --hold-pull 30"
+     bash $0 RUNS J0mr64s1 "$J0 $M --full-keeps-held-training --strict-determinism" \
+       J0mr64s2 "$J0 $M --full-keeps-held-training --strict-determinism"
+     ratios J0mr64s1:C2,J0mr64s2:C2 J0mr64s1 J0mr64s2 ;;
   # 16K (for the next session): T = 16M like for like with the recipe that held the full model at both seeds
   # at 4M (J0mr64k), against 16j's (c) rows, resumable (call "16K" again until it is done, 3 calls or so)
   16K) RUN_LIMIT=585 bash $0 RUNS J16k "$J0 --lr-a 2e-4 --tokens-a 16777216 --full-delta-rank 64 --anchor-data self \
