@@ -37,7 +37,7 @@ ratios() {  # ratios PAIRS RUN...: like-for-like ratios of this machine's runs a
   # recompute them at home from the runs' JSON with compare_elastic.py --json
   local pairs=$1; shift; local files=(); for r in "$@"; do [ -s $H/res/$r.json ] && files+=($H/res/$r.json); done
   for p in ${pairs//,/ }; do
-    python3 benchmarks/compare_elastic.py docs/results/elastic_session18_h200.json docs/results/elastic_session17_h200.json docs/results/elastic_session16_h200.json docs/results/elastic_session15_h200.json docs/results/elastic_session14_h200.json docs/results/elastic_session13_h200.json docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
+    python3 benchmarks/compare_elastic.py docs/results/elastic_session21_h200.json docs/results/elastic_session19_h200.json docs/results/elastic_session18_h200.json docs/results/elastic_session17_h200.json docs/results/elastic_session16_h200.json docs/results/elastic_session15_h200.json docs/results/elastic_session14_h200.json docs/results/elastic_session13_h200.json docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
       docs/results/elastic_session9_h200.json "${files[@]}" --pairs $p 2>&1 | tail -n 8
   done
 }
