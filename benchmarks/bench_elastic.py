@@ -74,7 +74,8 @@ from star_elastic.errors import StarElasticError  # noqa: E402
 from star_elastic.evaluate import perplexity  # noqa: E402
 from star_elastic.model import Model  # noqa: E402
 from star_elastic.runtime import comma_list  # noqa: E402
-from star_elastic.train import ElasticTrainer, TrainConfig, adamw, compile_layers, hold_problem, lr_factor  # noqa: E402
+from star_elastic.train import (  # noqa: E402
+    ElasticTrainer, TrainConfig, adamw, compile_layers, hold_problem, keep_problem, lr_factor)
 
 METHODS = ("zero_shot", "elastic", "minitron")
 VARIANTS = ("elastic", "elastic_small", "elastic_anchor", "joint_fixed", "joint_anchor")
@@ -920,8 +921,9 @@ def main(argv=None):
     why = hold_problem(args.hold, args.hold_rate, args.hold_pull, sharded=False, budget_lrs=args.budget_lrs is not None)
     if why:  # the trainer's own check, in elastify's words
         raise SystemExit(f"--hold {','.join(args.hold or [])}: {why}")
-    if args.full_keeps_held_training and not (args.full_delta_rank and args.hold and args.hold_rate):
-        raise SystemExit("--full-keeps-held-training: give --full-delta-rank, --hold and --hold-rate > 0")
+    why = keep_problem(args.full_keeps_held_training, args.full_delta_rank, args.hold, args.hold_rate)
+    if why:  # the trainer's own check, as for --hold
+        raise SystemExit(f"--full-keeps-held-training: {why}")
     if args.anchor_data and parse_anchor_data(args.anchor_data)[0] != "self":
         raise SystemExit(f"--anchor-data {args.anchor_data!r}: the bench samples the anchor's text from the parent: "
                          "self or self:TOKENS")

@@ -30,7 +30,7 @@ from .errors import StarElasticError
 from .evaluate import perplexity
 from .generate import sample_rows
 from .elastic.delta import held_values
-from .train import ElasticTrainer, TrainConfig, hold_problem, world
+from .train import ElasticTrainer, TrainConfig, hold_problem, keep_problem, world
 
 
 @dataclass
@@ -89,8 +89,9 @@ class ElastifyConfig:
     # own (FullDelta.keep), the smaller budgets the trained ones. "after": put back once training ends; measured
     # (§9, eighteenth and nineteenth sessions): held at the rate and pulled back at 100, the full model within 1%
     # of its parent everywhere at two seeds, the 0.75 within 1.5% of separate distillation at one of them.
-    # "training": kept from the first step (TrainConfig.full_keeps_held), so the delta learns beside them; not
-    # yet measured on a GPU. "": off (the default)
+    # "training": kept from the first step (TrainConfig.full_keeps_held), so the delta learns beside them;
+    # measured (§9, twenty-first session): pulled back at 30 (or 10), the full model within 1% of its parent
+    # everywhere at two seeds. "": off (the default)
     full_keeps_held: str = ""
     train_on: str = "drawn"  # the model trains the router's draw or its in-band argmax (TrainConfig.train_on)
     drift_data: str | None = "auto"  # held-out text of a second domain for the full budget's drift ("": none)
@@ -263,9 +264,10 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     if cfg.full_keeps_held not in ("", "after", "training"):
         raise StarElasticError(f"--full-keeps-held {cfg.full_keeps_held!r}: 'after' (training) or 'training' "
                                "(from its first step)")
-    if cfg.full_keeps_held and not (cfg.full_delta_rank and cfg.hold and cfg.hold_rate):
-        raise StarElasticError("--full-keeps-held keeps the parent's values of what --hold trains for the full budget "
-                               "beside its delta: give --full-delta-rank, --hold and --hold-rate > 0")
+    why = keep_problem(cfg.full_keeps_held, cfg.full_delta_rank, cfg.hold, cfg.hold_rate)
+    if why:
+        raise StarElasticError(f"--full-keeps-held keeps the parent's values of what --hold trains for the full budget "
+                               f"beside its delta: {why}")
     train_stream, heldout = load_corpus_tokens(data, tokenizer, heldout_fraction=cfg.heldout_fraction, seed=cfg.seed)
     row_len = max(cfg.seq_len, cfg.stage2_seq_len or 0)
     rows = pack(train_stream, row_len)

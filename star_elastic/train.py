@@ -734,9 +734,10 @@ class ElasticTrainer:
         """cfg.full_delta_rank: the full budget's delta (elastic/delta.py), its parameters a group of the
         optimiser's after the model's (before the router's, whose group is last)."""
         cfg = self.cfg
-        if cfg.full_keeps_held and not (cfg.full_delta_rank and cfg.hold and cfg.hold_rate):
-            raise StarElasticError("full_keeps_held keeps the parent's values of what `hold` trains for the full "
-                                   "budget beside its delta: give full_delta_rank, hold and hold_rate > 0")
+        why = keep_problem(cfg.full_keeps_held, cfg.full_delta_rank, cfg.hold, cfg.hold_rate)
+        if why:
+            raise StarElasticError(f"full_keeps_held keeps the parent's values of what `hold` trains for the full "
+                                   f"budget beside its delta: {why}")
         if not cfg.full_delta_rank:
             return None
         why = ("it needs the full anchor (full_anchor > 0)" if not cfg.full_anchor else
@@ -1066,6 +1067,14 @@ def hold_problem(hold, rate: float, pull: float, sharded: bool, budget_lrs: bool
             "a pull needs a rate > 0 (a frozen part has nothing to pull back)" if pull and not rate else
             "not with FSDP sharding (shard 'none')" if sharded and (not rate or pull) else
             "a rate > 0 is not with per-budget rates" if budget_lrs and rate else None)
+
+
+def keep_problem(keep, full_delta_rank: int, hold, hold_rate: float) -> str | None:
+    """What is missing for the full budget to keep the parent's values of what `hold` names (TrainConfig /
+    ElastifyConfig.full_keeps_held, bench --full-keeps-held-training): its delta and a hold that trains, without
+    which there is nothing of the parent's to keep. None when nothing is (or nothing is kept)."""
+    return "give --full-delta-rank, --hold and --hold-rate > 0" if keep and not (full_delta_rank and hold and
+                                                                                  hold_rate) else None
 
 
 class StepLogs:
