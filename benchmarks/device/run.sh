@@ -91,6 +91,10 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # both_seeds NAME0 NAME1 "FLAGS": the same flags at seed 0 on E0's architectures (against C2) beside seed 1 on
   # E1's (against C1l), and their ratios
   both_seeds() { bash $0 RUNS $1 "$J0 $3" $2 "$J1 $3"; ratios $1:C2,$2:C1l $1 $2; }
+  # the held recipe (eighteenth session on): the full budget's delta, the anchor on half sampled text, embeddings
+  # and norms held at the full rate (add the pull); KEPT: pulled at 30 and kept from the first step (since 30)
+  HELD="--lr-a 2e-4 --full-delta-rank 64 --anchor-data self --anchor-mix 0.5 --hold embeddings,norms --hold-rate 1"
+  KEPT="$HELD --hold-pull 30 --full-keeps-held-training"
   HB="--part B --tokenizer $H/tok --heldout wiki,shakespeare,bible,wiki-fr --variants elastic_anchor --minitron-arch elastic"
   case "$1" in  # J*: (c)'s architectures without the router, against E0c / E1c in $B
   1) bash $0 RUNS J0 "$J0" J1 "$J1" \
@@ -242,11 +246,11 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # 28 (nineteenth session): 27 held the full model (--full-keeps-held) within 1% at seed 1 too, but the 0.5
   # trailed (c) by up to 14.6% at seed 1 (E1's 0.5 keeps 3 of 9 heads) and 5% at seed 0: a weaker pull (30 x the
   # rate) lets the cut hidden size retune the embeddings more, at both seeds
-  28) M="--lr-a 2e-4 --full-delta-rank 64 --anchor-data self --anchor-mix 0.5 --hold embeddings,norms --hold-rate 1 --hold-pull 30"
+  28) M="$HELD --hold-pull 30"
      both_seeds J0mr64q J1mr64q "$M" ;;
   # 29 (nineteenth session): 28's pull of 30 put the 0.5 ahead of (c) at seed 0 but the kept-held full model at
   # +1.5% (Shakespeare); 100 held the full model within 1% and left the 0.5 3-15% behind: the middle, 50, at both
-  29) M="--lr-a 2e-4 --full-delta-rank 64 --anchor-data self --anchor-mix 0.5 --hold embeddings,norms --hold-rate 1 --hold-pull 50"
+  29) M="$HELD --hold-pull 50"
      both_seeds J0mr64h J1mr64h "$M" ;;
   # 30 (twentieth session): the pull is a dial between the full model (strong) and the 0.5 (weak) because the
   # full budget's delta trained beside the shared embeddings and norms and was then given the parent's. Kept
@@ -255,30 +259,23 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # the model's as one norm the anchor scaled the smaller budgets' steps), so at seed 0 and pull 30 (where the
   # 0.5 led (c)): J0mr64c, 28's J0mr64q again with the clip apart (what the clip did), beside J0mr64k, kept
   # from the first step (what keeping does); seed 1 next
-  30) M="--lr-a 2e-4 --full-delta-rank 64 --anchor-data self --anchor-mix 0.5 --hold embeddings,norms --hold-rate 1 --hold-pull 30"
-     bash $0 RUNS J0mr64c "$J0 $M" J0mr64k "$J0 $M --full-keeps-held-training"
+  30) bash $0 RUNS J0mr64c "$J0 $HELD --hold-pull 30" J0mr64k "$J0 $KEPT"
      ratios J0mr64c:C2,J0mr64k:C2 J0mr64c J0mr64k ;;
   # 31: 30 at seed 1 on E1's architectures (against C1l), where the 0.5 trailed (c) most (J1mr64q: +5.8% wiki-fr)
-  31) M="--lr-a 2e-4 --full-delta-rank 64 --anchor-data self --anchor-mix 0.5 --hold embeddings,norms --hold-rate 1 --hold-pull 30"
-     bash $0 RUNS J1mr64c "$J1 $M" J1mr64k "$J1 $M --full-keeps-held-training"
+  31) bash $0 RUNS J1mr64c "$J1 $HELD --hold-pull 30" J1mr64k "$J1 $KEPT"
      ratios J1mr64c:C1l,J1mr64k:C1l J1mr64c J1mr64k ;;
   # 32 (twenty-first session): kept from the first step the full model held within 1% at both seeds (J0mr64k,
   # J1mr64k), but seed 1's 0.5 trailed (c) by up to 10.8%: a weaker pull (10) for it, the full model kept
-  32) M="--lr-a 2e-4 --full-delta-rank 64 --anchor-data self --anchor-mix 0.5 --hold embeddings,norms --hold-rate 1 --hold-pull 10"
-     bash $0 RUNS J1mr64k10 "$J1 $M --full-keeps-held-training"
+  32) bash $0 RUNS J1mr64k10 "$J1 $HELD --hold-pull 10 --full-keeps-held-training"
      ratios J1mr64k10:C1l J1mr64k10 ;;
   # 33 (for the next session): like runs' smaller budgets differed by up to 3 points (twenty-first session), the
   # only op warned about being cuDNN's attention backward: J0mr64k twice under --strict-determinism, side by
   # side; equal figures mean paired lever comparisons at one seed become exact (and the time says its cost)
-  33) M="--lr-a 2e-4 --full-delta-rank 64 --anchor-data self --anchor-mix 0.5 --hold embeddings,norms --hold-rate 1 --hold-pull 30"
-     bash $0 RUNS J0mr64s1 "$J0 $M --full-keeps-held-training --strict-determinism" \
-       J0mr64s2 "$J0 $M --full-keeps-held-training --strict-determinism"
+  33) bash $0 RUNS J0mr64s1 "$J0 $KEPT --strict-determinism" J0mr64s2 "$J0 $KEPT --strict-determinism"
      ratios J0mr64s1:C2,J0mr64s2:C2 J0mr64s1 J0mr64s2 ;;
   # 16K (for the next session): T = 16M like for like with the recipe that held the full model at both seeds
   # at 4M (J0mr64k), against 16j's (c) rows, resumable (call "16K" again until it is done, 3 calls or so)
-  16K) RUN_LIMIT=585 bash $0 RUNS J16k "$J0 --lr-a 2e-4 --tokens-a 16777216 --full-delta-rank 64 --anchor-data self \
-        --anchor-mix 0.5 --hold embeddings,norms --hold-rate 1 --hold-pull 30 --full-keeps-held-training \
-        --state-dir $H/state/J16k --max-train-seconds 430"
+  16K) RUN_LIMIT=585 bash $0 RUNS J16k "$J0 $KEPT --tokens-a 16777216 --state-dir $H/state/J16k --max-train-seconds 430"
      ratios J16k:C16a,J16k:C16b,J16k:C16qa J16k ;;
   # 16j (thirteenth session's note): T = 16M like for like without the router: J16, E0's architectures with
   # the anchor at 0.5 (resumable: call "16j" again until it is done), beside (c) on the same ones, a budget a
