@@ -1,8 +1,9 @@
 #!/bin/bash
 # Builds .devcarry/ (git-ignored) on the CPU machine: what a GPU machine without network needs for the
 # benchmarks. Carry it in two calls (the device tool takes 64 MiB a call; the SmolLM2 GGUF is 98 MB):
-#   call 1: bash benchmarks/device/run.sh SETUP   carry .devcarry/{smol.part00,corpora.tar.xz,gguf-0.19.0-py3-none-any.whl,tok,run.sh}
-#   call 2 (within 30 s, the machine still warm): bash .devcarry/run.sh RUNS NAME "ARGS" ...  carry .devcarry/{smol.part01,smol.sha,run.sh}
+#   call 1: bash benchmarks/device/run.sh SETUP   carry .devcarry/{smol.part00,corpora.tar.xz,gguf-0.19.0-py3-none-any.whl,run.sh}
+#   call 2 (within 30 s, the machine still warm): bash .devcarry/run.sh RUNS NAME "ARGS" ...  carry .devcarry/{smol.part01,smol.sha,tok,run.sh}
+#   (the tokenizer travels with either call; with part00 and the corpora it put call 1 past the limit)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 grep -qx '/.devcarry/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo '/.devcarry/' >> .git/info/exclude; }

@@ -29,7 +29,9 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 setup() {
   cp .devcarry/smol.part00 $H/ 2>/dev/null
   python3 -m pip install -q --no-index --no-deps --target $H/site .devcarry/gguf-0.19.0-py3-none-any.whl
-  tar -C $SE -xJf .devcarry/corpora.tar.xz && rm -rf $H/tok && cp -r .devcarry/tok $H/tok
+  tar -C $SE -xJf .devcarry/corpora.tar.xz
+  # the tokenizer may come with either call: part00, the corpora and the tracked tree near the 64 MiB a call carries
+  [ -d .devcarry/tok ] && rm -rf $H/tok && cp -r .devcarry/tok $H/tok
   nvidia-smi --query-gpu=name,memory.used --format=csv; df -h / | tail -1
 }
 ratios() {  # ratios PAIRS RUN...: like-for-like ratios of this machine's runs against the earlier sessions' (c) runs,
@@ -42,6 +44,7 @@ ratios() {  # ratios PAIRS RUN...: like-for-like ratios of this machine's runs a
   done
 }
 join() {
+  [ -d $H/tok ] || cp -r .devcarry/tok $H/tok
   [ -s $SE/SmolLM2-135M-Instruct.Q4_1.gguf ] && return
   # joined to a temporary name, kept only when its checksum holds: a join on a machine that lost part00 (a cold
   # start) once left a short file that every later call took for the model
