@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def full_budget_args(sp):
         """What keeps the full budget near its parent besides the anchor's weight: elastify's flags, and the demo's
-        (the same defaults: none of them is in a demo preset)."""
+        (whose defaults are its preset's: elastify's on the CPU, the recipe of docs/RESULTS.md §9 on a GPU)."""
         sp.add_argument("--anchor-data", metavar="self[:TOKENS]|TEXT",
                         help="what the full anchor distils on: 'self' samples text from the parent itself (1M tokens, "
                              "or TOKENS), so that the anchor keeps what the parent knows beyond the training text; or "
@@ -186,7 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=commands.cmd_elastify)
 
-    sp = sub.add_parser("demo", help="the quick-start demo: elastify SmolLM2 on real text (CPU- or GPU-sized)")
+    sp = sub.add_parser("demo", help="the quick-start demo: elastify SmolLM2 on real text (CPU- or GPU-sized)",
+                        description="Elastify SmolLM2 on real text, CPU- or GPU-sized (DEMO_PRESETS in commands.py), "
+                                    "then ask every budget from one loaded copy. The full-budget flags' defaults below "
+                                    "are elastify's, which the CPU preset uses; the GPU preset trains with the recipe "
+                                    "that keeps the full model within 1%% of its parent (docs/RESULTS.md §9): "
+                                    "--full-anchor 1 --anchor-data self --anchor-mix 0.5 --full-delta-rank 64 --hold "
+                                    "embeddings,norms --hold-rate 1 --hold-pull 30 --full-keeps-held training.")
     model_args(sp, positional=False)
     for flag, kind in (("--data", str), ("--budgets", str), ("--axes", str), ("--tokens", int), ("--seq-len", int),
                        ("--batch-size", int), ("--lr", float), ("--calib-batches", int), ("--eval-tokens", int)):
@@ -196,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--budget-lrs", help="as elastify's, in --budgets order (default: one rate, --lr)")
     sp.add_argument("--router-prior", type=float, default=0.0, help="as elastify's (default 0: off)")
     full_budget_args(sp)
+    # not given: the preset's (on the CPU elastify's defaults; on a GPU the recipe that keeps the full budget)
+    sp.set_defaults(anchor_data=None, anchor_mix=None, full_delta_rank=None, hold=None, hold_rate=None, hold_pull=None,
+                    full_keeps_held=None)
     sp.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
                     help="as elastify's (default auto: each layer under torch.compile on a GPU)")
     sp.add_argument("--out", default="runs/demo-elastic", help="where the elastic checkpoint goes")

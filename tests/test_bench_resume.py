@@ -225,3 +225,35 @@ def test_strict_determinism_is_applied_and_recorded(tmp_path):
     assert json.loads(out["plain"].read_text())["deterministic"] == "off"
     one, two = (json.loads(out[n].read_text())["B"]["rows"] for n in ("plain", "strict"))
     assert [row["perplexity"] for row in one] == [row["perplexity"] for row in two]  # the CPU was deterministic already
+
+
+def test_strict_runs_sample_their_anchor_text_warn_only_and_stop_on_a_nondeterministic_op():
+    """Under --strict-determinism the parent samples the anchor's text with deterministic algorithms at warn-only
+    (strict made that forward-only sampling 12x slower on the GPU), strict again afterwards; an op that warns of
+    a non-deterministic kernel meanwhile stops the run with its message, and outside strict mode nothing changes."""
+    import warnings
+
+    import pytest
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_elastic
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        with pytest.warns(UserWarning, match="unrelated"), bench_elastic.sampling_determinism():
+            assert bench_elastic.determinism() == "warn-only"
+            warnings.warn("an unrelated warning")  # not about determinism: shown, and the run goes on
+        assert bench_elastic.determinism() == "strict"
+        with pytest.raises(SystemExit, match="without a deterministic kernel: index_add_cuda_ does not have a "
+                                             "deterministic implementation"):
+            with bench_elastic.sampling_determinism():
+                warnings.warn("index_add_cuda_ does not have a deterministic implementation, but you set ...")
+        assert bench_elastic.determinism() == "strict"
+        torch.use_deterministic_algorithms(False)
+        with bench_elastic.sampling_determinism(), pytest.warns(UserWarning, match="index_add_cuda_"):
+            assert bench_elastic.determinism() == "off"
+            warnings.warn("index_add_cuda_ does not have a deterministic implementation")  # not strict: no stop
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])

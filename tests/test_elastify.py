@@ -340,6 +340,33 @@ def test_demo_runs_end_to_end_and_says_what_to_do_next(tmp_path, tokenizer, text
     assert (out / "full_delta.safetensors").is_file()
 
 
+def test_the_demo_trains_with_elastifys_defaults_on_the_cpu_and_the_recipe_that_keeps_the_full_budget_on_a_gpu():
+    """The full-budget flags of `demo` default to its preset: on the CPU elastify's own defaults (none of them),
+    on a GPU the recipe measured in docs/RESULTS.md §9 (anchor 1 on half sampled text, a rank-64 delta, the
+    parent's embeddings and norms held at the full rate, pulled back and kept from the first step), which the
+    trainer's own checks accept; a flag given wins over either preset, also one that turns a lever off."""
+    from star_elastic.cli import build_parser
+    from star_elastic.commands import demo_options
+    from star_elastic.train import hold_problem, keep_problem
+
+    levers = ("anchor_data", "anchor_mix", "full_delta_rank", "hold", "hold_rate", "hold_pull", "full_keeps_held")
+    elastify_args = build_parser().parse_args(["elastify", "m", "--data", "wiki", "--tokens", "64", "--out", "o"])
+    cpu, gpu = (demo_options(build_parser().parse_args(["demo"]), kind) for kind in ("cpu", "cuda"))
+    assert {k: cpu[k] for k in levers} == {k: getattr(elastify_args, k) for k in levers}
+    assert cpu["full_anchor"] == 0.0
+    assert {k: gpu[k] for k in levers + ("full_anchor",)} == dict(
+        anchor_data="self", anchor_mix=0.5, full_delta_rank=64, hold="embeddings,norms", hold_rate=1.0,
+        hold_pull=30.0, full_keeps_held="training", full_anchor=1.0)
+    hold = gpu["hold"].split(",")
+    assert hold_problem(hold, gpu["hold_rate"], gpu["hold_pull"], sharded=False, budget_lrs=False) is None
+    assert keep_problem(gpu["full_keeps_held"], gpu["full_delta_rank"], hold, gpu["hold_rate"]) is None
+    given = demo_options(build_parser().parse_args(["demo", "--full-delta-rank", "0", "--full-keeps-held",
+                                                    "--anchor-mix", "1", "--hold-pull", "0"]), "cuda")
+    assert (given["full_delta_rank"], given["full_keeps_held"], given["anchor_mix"], given["hold_pull"]) == (
+        0, "after", 1.0, 0.0)
+    assert given["hold"] == "embeddings,norms"  # what was not given stays the preset's
+
+
 def test_shard_and_router_flags_reach_the_training_config(tmp_path):
     """--shard, --router-estimator and --router-freeze are parsed into the config elastify trains with;
     a wrong value is refused before anything loads, and FSDP without torchrun is one line."""

@@ -9,6 +9,7 @@
 #                               --state-dir /root/state/NAME --max-train-seconds 420 to its ARGS and repeat the
 #                               call (exit 75: not done yet; the state lives while the machine stays warm)
 #   DEMO [args]                 the GPU demo (issue 15; 289 s with the paper's sampling, ~7 min with the anchor)
+#   DEMOBG [args]               the demo in the background, read back over several calls (runs past 600 s)
 #   EVALI                       then, machine still warm: eval of its checkpoint with interpolated budgets (issue 13)
 #   BATCHING [args] | SERVE [args] | LOAD  issue 12's serving tables at Nano widths (bench_batching/serve/load --model nano;
 #                               LOAD needs .devcarry/serve_wheels: the server's packages, which the GPU machine lacks)
@@ -72,6 +73,16 @@ PAIR|ONE|RUNS) shift  # results are also kept in $H/res, for a later run's --min
   wait; for f in "${names[@]}"; do grep -v "%|" $OUT/$f.log | tail -n 25; done ;;
 DEMO) shift; join; SECONDS=0; python3 -m star_elastic demo --out $H/demo "$@" 2>&1 | grep -v "%|" > $OUT/demo.txt
   echo "demo: $SECONDS s wall" >> $OUT/demo.txt; tail -n 45 $OUT/demo.txt ;;
+DEMOBG) shift; join  # the demo longer than one call (issue 15's ~15 minutes): started in a process session of its
+  # own, which outlives the call while the machine stays warm; each call (the same arguments, or none once it
+  # started) waits up to RUN_LIMIT s and brings back its output so far; "demo: N s wall" at its end says it is done
+  if [ ! -e $H/demo_bg.txt ]; then
+    # (setsid: the device machine ends what a call leaves running, except a new process session)
+    setsid bash -c 'SECONDS=0; python3 -m star_elastic demo --out '$H'/demo "$@" > '$H'/demo_bg.log 2>&1
+      echo "demo: exit $?, $SECONDS s wall" >> '$H'/demo_bg.log' demo "$@" < /dev/null > /dev/null 2>&1 &
+    touch $H/demo_bg.txt; fi
+  for i in $(seq ${RUN_LIMIT:-560}); do grep -q "^demo: exit" $H/demo_bg.log 2>/dev/null && break; sleep 1; done
+  grep -v "%|" $H/demo_bg.log > $OUT/demo.txt; tail -n 45 $OUT/demo.txt ;;
 EVALI) python3 -m star_elastic eval $H/demo --data wiki --budgets 1.0,0.9,0.75,0.6,0.5 --json $OUT/eval_interpolated.json \
   2>&1 | grep -v "%|" | tail -n 15 ;;
 BATCHING) shift; python3 benchmarks/bench_batching.py --model nano --device cuda --batch-sizes 1,8,32,64 \
@@ -278,7 +289,9 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
      ratios J0mr64s1:C2,J0mr64s2:C2 J0mr64s1 J0mr64s2 ;;
   # 16K (for the next session): T = 16M like for like with the recipe that held the full model at both seeds
   # at 4M (J0mr64k), against 16j's (c) rows, resumable (call "16K" again until it is done, 3 calls or so)
-  16K) RUN_LIMIT=585 bash $0 RUNS J16k "$J0 $KEPT --tokens-a 16777216 --state-dir $H/state/J16k --max-train-seconds 430"
+  # (strict since the twenty-second session: two strict runs agreed step for step, warn-only ones did not)
+  16K) RUN_LIMIT=585 bash $0 RUNS J16k "$J0 $KEPT --strict-determinism --tokens-a 16777216 --state-dir $H/state/J16k \
+         --max-train-seconds 430"
      ratios J16k:C16a,J16k:C16b,J16k:C16qa J16k ;;
   # 16j (thirteenth session's note): T = 16M like for like without the router: J16, E0's architectures with
   # the anchor at 0.5 (resumable: call "16j" again until it is done), beside (c) on the same ones, a budget a
