@@ -177,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--drift-data", default="auto",
                     help="held-out text of a second domain on which the full budget's drift from the parent "
                          "is reported (default: a bundled corpus the training data does not use; '' for none)")
+    sp.add_argument("--no-chat-drift", dest="chat_drift", action="store_false",
+                    help="do not report the full budget's drift on the parent's own greedy answers to 24 chat "
+                         "questions (by default reported when the tokenizer has a chat template: held-out prose "
+                         "does not see a chat model's answers move)")
     sp.add_argument("--axes", help="elastic axes (default: hidden,attention,mamba,ffn,experts; also depth, "
                                    "mamba_channels, expert_ffn, shared_ffn)")
     sp.add_argument("--heterogeneous", action="store_true", help="per-layer sizes (our own export format)")

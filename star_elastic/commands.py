@@ -186,7 +186,7 @@ def cmd_elastify(args):
                          anchor_mix=args.anchor_mix, full_delta_rank=args.full_delta_rank,
                          hold=comma_list(args.hold) or None,
                          hold_rate=args.hold_rate, hold_pull=args.hold_pull, full_keeps_held=args.full_keeps_held,
-                         drift_data=args.drift_data, router_init=args.router_init,
+                         drift_data=args.drift_data, chat_drift=args.chat_drift, router_init=args.router_init,
                          router_estimator=args.router_estimator, router_freeze=args.router_freeze,
                          router_prior=args.router_prior, shard=args.shard,
                          multiple=args.multiple, save_dtype=save_dtype(args.save_dtype, path),

@@ -27,8 +27,8 @@ from . import parallel
 from .sharded_load import load_sharded
 from .sharded_sort import load_sorted
 from .errors import StarElasticError
-from .evaluate import perplexity
-from .generate import sample_rows
+from .evaluate import answer_scores, perplexity
+from .generate import generate, sample_rows
 from .elastic.delta import held_values
 from .train import ElasticTrainer, TrainConfig, hold_problem, keep_problem, world
 
@@ -95,6 +95,9 @@ class ElastifyConfig:
     full_keeps_held: str = ""
     train_on: str = "drawn"  # the model trains the router's draw or its in-band argmax (TrainConfig.train_on)
     drift_data: str | None = "auto"  # held-out text of a second domain for the full budget's drift ("": none)
+    # the full budget's drift on the parent's own greedy answers to CHAT_QUESTIONS too, when the tokenizer has a
+    # chat template (scored on the answers' tokens; "chat answers" in the drift table)
+    chat_drift: bool = True
     router_init: str = "search"  # the router starts from the zero-shot search's architectures, or "cost" alone
     router_estimator: str = "score"  # how distillation reaches the router: "score" or "straight-through"
     router_freeze: float = 0.0  # the last share of the steps trains the in-band argmax, the router fixed
@@ -188,13 +191,56 @@ def drift_source(data: str, drift_data: str | None) -> str | None:
                 None)
 
 
-def masked_perplexity(model, spec, heldout, cfg: ElastifyConfig, device, delta=None) -> float:
-    """`delta`: the full budget's own (delta.py), applied when `spec` keeps the whole parent."""
+def masked_scores(model, spec, heldout, cfg: ElastifyConfig, device, delta=None) -> dict:
+    """The budget `spec` of `model` on held-out text: {"perplexity"} on a token stream; on chat transcripts
+    (chat_transcripts) answer_scores' (the answers' perplexity, first_token_kept). `delta`: the full budget's
+    own (delta.py), applied when `spec` keeps the whole parent."""
     full = delta is not None and not spec.to_dict()
     with masked(model, spec.masks(model.config, device=device)), delta.applied(model) if full else nullcontext(), \
             torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        if isinstance(heldout, list):
+            return answer_scores(model, heldout, device)
         return perplexity(model, heldout, seq_len=cfg.seq_len, batch_size=4, max_tokens=cfg.eval_tokens,
-                          progress=False, device=device)["perplexity"]
+                          progress=False, device=device)
+
+
+def masked_perplexity(model, spec, heldout, cfg: ElastifyConfig, device, delta=None) -> float:
+    return masked_scores(model, spec, heldout, cfg, device, delta)["perplexity"]
+
+
+# Questions the parent answers before training, for the full budget's drift on chat (ElastifyConfig.chat_drift).
+# Held-out prose does not see a chat model's answers move: the GPU demo's full model stayed within 1.4% of its
+# parent on two sources of prose yet answered "What is the capital of France?" in a loop in French, where its
+# parent says "Paris" (docs/RESULTS.md §5, twenty-second session).
+CHAT_QUESTIONS = (
+    "What is the capital of France?", "Name three primary colors.", "What do bees make?",
+    "How many days are in a week?", "What is the largest planet in the solar system?", "Why is the sky blue?",
+    "What is photosynthesis?", "Who wrote Romeo and Juliet?", "How do I boil an egg?", "What is 12 times 7?",
+    "Give me a synonym for happy.", "What language is spoken in Brazil?", "What is the boiling point of water?",
+    "Explain what a computer program is.", "What should I pack for a beach trip?", "What is the tallest mountain?",
+    "Translate 'thank you' into Spanish.", "Write a short sentence about autumn.", "What do plants need to grow?",
+    "How does a bicycle work?", "What is the opposite of cold?", "Name a famous painter.",
+    "What is the moon made of?", "Suggest a name for a pet cat.",
+)
+
+
+@torch.no_grad()
+def chat_transcripts(model, tokenizer, questions=CHAT_QUESTIONS, max_new_tokens: int = 32) -> list | None:
+    """The parent's greedy answers to `questions` through the tokenizer's chat template, as (ids, prompt_len)
+    pairs for answer_scores; None when the tokenizer has no chat template (a base model: no chat to drift)."""
+    from .runtime import encode_prompt
+
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    device = next(model.parameters()).device
+    eos = getattr(tokenizer, "eos_token_id", None)
+    out = []
+    for q in questions:  # in the model's own precision (the static caches are in it)
+        ids = encode_prompt(tokenizer, q).to(device)
+        full = generate(model, ids, max_new_tokens, eos_token_id=eos, use_graph=False)[0].cpu()
+        if full.numel() > ids.shape[1]:  # an answer of no tokens has nothing to score
+            out.append((full, ids.shape[1]))
+    return out or None
 
 
 def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, device=None) -> dict:
@@ -308,8 +354,17 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     search_batches = [b.to(device) for b, _ in zip(TokenBatches(calib_rows, calib.batch_size, seed=cfg.seed + 7),
                                                     range(max(1, min(cfg.calib_batches, 4))))]
     axes = [a for a in cfg.axes if a != "depth"] or list(DEFAULT_AXES)
-    # the parent (sorting preserves its function) on every held-out source: the full budget's reference
-    parent_ppl = {k: masked_perplexity(model, ElasticSpec(), v, cfg, device) for k, v in heldouts.items()}
+    # the parent (sorting preserves its function) answering chat questions, before training moves it (a sharded
+    # parent cannot generate: the chat source is then left out)
+    t0 = time.perf_counter()
+    chat = chat_transcripts(model, tokenizer) if cfg.chat_drift and not sharded_parent else None
+    if chat:
+        heldouts["chat answers"] = chat
+        log(f"chat answers: the parent answered {len(chat)} questions ({sum(len(i) - n for i, n in chat):,} tokens) "
+            f"in {time.perf_counter() - t0:.0f} s, for the full budget's drift on them")
+    # the parent on every held-out source: the full budget's reference
+    parent_scores = {k: masked_scores(model, ElasticSpec(), v, cfg, device) for k, v in heldouts.items()}
+    parent_ppl = {k: v["perplexity"] for k, v in parent_scores.items()}
     before = {b.name: parent_ppl["train domain"] for b in budgets if b.is_full}
     starts = [None] * len(budgets)
     searched = {}  # budget index -> the search's records, best first
@@ -438,11 +493,15 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                 "alone; --router-prior holds the router near its start")
     drift = {}
     for name, stream in heldouts.items():
-        ppl = after[budgets[0].name] if name == "train domain" and budgets[0].is_full else \
-            masked_perplexity(model, ElasticSpec(), stream, cfg, device, trainer.delta)
+        got = {"perplexity": after[budgets[0].name]} if name == "train domain" and budgets[0].is_full else \
+            masked_scores(model, ElasticSpec(), stream, cfg, device, trainer.delta)
+        ppl = got["perplexity"]
         drift[name] = {"parent": parent_ppl[name], "full_budget": ppl, "change": ppl / parent_ppl[name] - 1}
+        if "first_token_kept" in got:  # chat answers: how many the full budget still begins as the parent did
+            drift[name].update(answers=len(stream), first_token_kept={
+                "parent": parent_scores[name]["first_token_kept"], "full_budget": got["first_token_kept"]})
         log(f"  full budget vs parent on {name} held-out: {parent_ppl[name]:.3f} -> {ppl:.3f} "
-            f"({drift[name]['change']:+.2%})")
+            f"({drift[name]['change']:+.2%})" + first_tokens(drift[name]))
     evaluation = {"data": data, "heldout_tokens": min(cfg.eval_tokens, heldout.numel()), "seq_len": cfg.seq_len,
                   "zero_shot_perplexity": before, "trained_perplexity": after, "full_budget_drift": drift}
     training = {"tokens": train_tokens, "steps": steps, "seconds": round(train_s, 1),
@@ -484,8 +543,17 @@ def print_table(result: dict, file=None):
         print(f"{name:>8} {kept:>7} {'-' if zs is None else f'{zs:.3f}':>14} {ppl:>12.3f} {rel:>10}", file=file)
     for source, d in result.get("drift", {}).items():
         print(f"full budget on {source} held-out: {d['full_budget']:.3f} vs the parent's {d['parent']:.3f} "
-              f"({d['change']:+.2%})", file=file)
+              f"({d['change']:+.2%})" + first_tokens(d), file=file)
     print(f"checkpoint: {result['checkpoint']}", file=file)
+
+
+def first_tokens(drift: dict) -> str:
+    """'; ... first token: 23 of 24 (the parent 24)' for a chat-answers drift entry, else ''."""
+    kept, n = drift.get("first_token_kept"), drift.get("answers")
+    if not kept or not n:
+        return ""
+    return (f"; answers begun with the parent's greedy first token: {round(kept['full_budget'] * n)} of {n} "
+            f"(the parent itself {round(kept['parent'] * n)})")
 
 
 def _is_fraction(name: str) -> bool:

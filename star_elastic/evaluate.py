@@ -58,6 +58,25 @@ def perplexity(model, stream: torch.Tensor, seq_len: int = 1024, batch_size: int
             "windows": sum(b.shape[0] for b in batches), "seq_len": seq_len}
 
 
+@torch.no_grad()
+def answer_scores(model, transcripts: list[tuple[torch.Tensor, int]], device=None) -> dict:
+    """`model` on the answer tokens alone of chat transcripts, (ids, prompt_len) each, each token given
+    everything before it (prompts and templates left out, so that a system prompt repeated in every transcript
+    does not dilute the answers): its perplexity, and the share of answers whose first token is its argmax
+    (for transcripts of a parent's greedy answers, the answers it would still begin the same way; a first
+    token that tips starts another answer, at a cost to the perplexity too small to show)."""
+    if device is None:
+        device = next(model.parameters()).device
+    nll, count, first = 0.0, 0, 0
+    for ids, start in transcripts:
+        ids = ids.to(device)[None]
+        logits = _logits(model, ids)[0, start - 1:-1].float()
+        nll += F.cross_entropy(logits, ids[0, start:], reduction="sum").item()
+        count += ids.shape[1] - start
+        first += int(logits[0].argmax() == ids[0, start])
+    return {"perplexity": math.exp(nll / max(count, 1)), "first_token_kept": first / max(len(transcripts), 1)}
+
+
 def _timed_logits(model, ids) -> tuple[torch.Tensor, float]:
     if ids.is_cuda:
         torch.cuda.synchronize(ids.device)

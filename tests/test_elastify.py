@@ -119,6 +119,87 @@ def test_drift_is_measured_on_a_bundled_corpus_the_training_does_not_use():
     assert drift_source("wiki", "bible") == "bible" and drift_source("wiki", "") is None
 
 
+CHAT = "{% for m in messages %}user {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}answer {% endif %}"
+
+
+def test_answer_scores_score_the_answers_alone_and_count_the_first_tokens_kept():
+    """Chat transcripts are scored on their answers' tokens, each given everything before it: equal to the
+    cross-entropy computed by hand over those positions, and not the whole transcript's perplexity; an answer
+    counts as begun the same way when its first token is the model's argmax there."""
+    import math
+
+    import torch.nn.functional as F
+
+    from star_elastic.evaluate import answer_scores
+
+    torch.manual_seed(0)
+    model = Model(PARENTS["llama"]).eval()
+    transcripts = [(torch.randint(0, 63, (14,)), 9), (torch.randint(0, 63, (10,)), 4)]
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        logits = [model(ids[None])[0] for ids, _ in transcripts]
+    for (ids, start), lg in zip(transcripts, logits):
+        nll += F.cross_entropy(lg[start - 1:-1], ids[start:], reduction="sum").item()
+        n += len(ids) - start
+    got = answer_scores(model, transcripts)
+    assert math.isclose(got["perplexity"], math.exp(nll / n), rel_tol=1e-5)
+    assert got["first_token_kept"] == sum(int(lg[s - 1].argmax() == ids[s]) for (ids, s), lg in
+                                          zip(transcripts, logits)) / 2
+    whole = answer_scores(model, [(ids, 1) for ids, _ in transcripts])["perplexity"]  # every token but the first
+    assert not math.isclose(whole, math.exp(nll / n), rel_tol=1e-3)
+    # answers begun with the argmax: all kept; one first token changed: half
+    greedy = [(torch.cat([ids[:s], lg[s - 1].argmax()[None], ids[s + 1:]]), s) for (ids, s), lg in
+              zip(transcripts, logits)]
+    assert answer_scores(model, greedy)["first_token_kept"] == 1.0
+    other = (greedy[0][0].clone(), greedy[0][1])
+    other[0][other[1]] = (other[0][other[1]] + 1) % 63
+    assert answer_scores(model, [other, greedy[1]])["first_token_kept"] == 0.5
+
+
+def test_the_full_budgets_drift_on_the_parents_own_chat_answers(tmp_path, tokenizer, text):
+    """With a chat template, elastify has the parent answer CHAT_QUESTIONS greedily before training and reports
+    the full budget's perplexity on those answers against the parent's ("chat answers" in the drift table and
+    the manifest); the transcripts are the parent's greedy answers; a base tokenizer, or chat_drift off, has
+    no such source."""
+    from star_elastic.elastify import CHAT_QUESTIONS, chat_transcripts
+
+    tokenizer.chat_template = CHAT
+    torch.manual_seed(0)
+    parent = Model(PARENTS["llama"]).eval()
+    transcripts = chat_transcripts(parent, tokenizer, max_new_tokens=5)
+    assert len(transcripts) == len(CHAT_QUESTIONS)
+    for ids, start in transcripts:  # each answer token is the parent's argmax after what came before it
+        with torch.no_grad():
+            logits = parent(ids[None])[0]
+        assert torch.equal(logits[start - 1:-1].argmax(-1), ids[start:])
+    cfg = ElastifyConfig(budgets=["1.0", "0.5"], tokens=16 * 32 * 2, seq_len=32, batch_size=16, calib_batches=1,
+                         eval_tokens=128, drift_data="")
+    result = elastify(parent, tokenizer, str(text), tmp_path / "ckpt", cfg, log=lambda *_: None)
+    chat = result["drift"]["chat answers"]
+    assert chat["parent"] > 1 and chat["full_budget"] > 1 and chat["change"] != 0  # training moved it
+    # the parent begins every answer with its own greedy token (it wrote them), and the count is of answers
+    assert chat["answers"] == len(CHAT_QUESTIONS) and chat["first_token_kept"]["parent"] == 1.0
+    assert 0 <= chat["first_token_kept"]["full_budget"] <= 1
+    import io
+
+    from star_elastic.elastify import print_table
+    table = io.StringIO()
+    print_table(result, file=table)
+    n = len(CHAT_QUESTIONS)
+    assert (f"full budget on chat answers held-out: {chat['full_budget']:.3f}" in table.getvalue() and
+            f"greedy first token: {round(chat['first_token_kept']['full_budget'] * n)} of {n} (the parent itself {n})"
+            in table.getvalue())
+    assert read_manifest(tmp_path / "ckpt")["evaluation"]["full_budget_drift"]["chat answers"] == chat
+    off = elastify(Model(PARENTS["llama"]), tokenizer, str(text), tmp_path / "off",
+                   ElastifyConfig(**{**cfg.__dict__, "chat_drift": False}), log=lambda *_: None)
+    assert "chat answers" not in off["drift"]
+    tokenizer.chat_template = None
+    assert chat_transcripts(parent, tokenizer) is None
+    from star_elastic.cli import build_parser
+    base = ["elastify", "m", "--data", "wiki", "--tokens", "64", "--out", "o"]
+    assert build_parser().parse_args(base).chat_drift and not build_parser().parse_args(base + ["--no-chat-drift"]).chat_drift
+
+
 def test_unknown_budget_and_damaged_files_are_clear_errors(tmp_path, tokenizer, text):
     torch.manual_seed(0)
     cfg = ElastifyConfig(budgets=["1.0", "0.5"], tokens=16 * 32 * 2, seq_len=32, batch_size=16, calib_batches=1,
@@ -354,9 +435,9 @@ def test_the_demo_trains_with_elastifys_defaults_on_the_cpu_and_the_recipe_that_
     cpu, gpu = (demo_options(build_parser().parse_args(["demo"]), kind) for kind in ("cpu", "cuda"))
     assert {k: cpu[k] for k in levers} == {k: getattr(elastify_args, k) for k in levers}
     assert cpu["full_anchor"] == 0.0
-    assert {k: gpu[k] for k in levers + ("full_anchor",)} == dict(
-        anchor_data="self", anchor_mix=0.5, full_delta_rank=64, hold="embeddings,norms", hold_rate=1.0,
-        hold_pull=30.0, full_keeps_held="training", full_anchor=1.0)
+    assert {k: gpu[k] for k in levers + ("full_anchor",)} == {
+        "anchor_data": "self", "anchor_mix": 0.5, "full_delta_rank": 64, "hold": "embeddings,norms", "hold_rate": 1.0,
+        "hold_pull": 30.0, "full_keeps_held": "training", "full_anchor": 1.0}
     hold = gpu["hold"].split(",")
     assert hold_problem(hold, gpu["hold_rate"], gpu["hold_pull"], sharded=False, budget_lrs=False) is None
     assert keep_problem(gpu["full_keeps_held"], gpu["full_delta_rank"], hold, gpu["hold_rate"]) is None
