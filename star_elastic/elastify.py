@@ -29,6 +29,7 @@ from .sharded_sort import load_sorted
 from .errors import StarElasticError
 from .evaluate import answer_scores, perplexity
 from .generate import generate, sample_rows
+from .runtime import chat_prefix, encode_prompt
 from .elastic.delta import held_values
 from .train import ElasticTrainer, TrainConfig, hold_problem, keep_problem, world
 
@@ -113,20 +114,27 @@ class ElastifyConfig:
 ANCHOR_SELF_TOKENS = 1_048_576
 
 
+# --anchor-data's text sampled from the parent: from a random first token, or conversations from its chat
+# template's opening (so that the anchor covers the chat format, where held-out prose does not look)
+SAMPLED = ("self", "chat")
+
+
 def parse_anchor_data(spec: str | None) -> tuple[str, int | None] | None:
-    """--anchor-data as (source, tokens): ("self", N or None) or (text as --data takes it, None); None: none."""
+    """--anchor-data as (source, tokens): ("self" or "chat", N or None) or (text as --data takes it, None);
+    None: none."""
     if not spec:
         return None
     name, colon, count = spec.partition(":")
-    if name.strip() != "self":
+    name = name.strip()
+    if name not in SAMPLED:
         return spec, None
     try:
         tokens = int(count) if colon else None
     except ValueError:
         tokens = -1
     if tokens is not None and tokens <= 0:
-        raise StarElasticError(f"--anchor-data {spec!r}: 'self' or 'self:TOKENS' with TOKENS a positive integer")
-    return "self", tokens
+        raise StarElasticError(f"--anchor-data {spec!r}: '{name}' or '{name}:TOKENS' with TOKENS a positive integer")
+    return name, tokens
 
 
 def anchor_text(spec: tuple[str, int | None], teacher, tokenizer, row_len: int, step_rows: int, tokens: int,
@@ -135,23 +143,33 @@ def anchor_text(spec: tuple[str, int | None], teacher, tokenizer, row_len: int, 
     parse_anchor_data's `spec`, sampled from the parent (`tokens` of it unless the spec says) on rank 0
     and sent to the others, so that every rank holds the same rows; or a text's train split."""
     source, count = spec
-    if source != "self":
+    if source not in SAMPLED:
         return pack(load_corpus_tokens(source, tokenizer, heldout_fraction=heldout_fraction, seed=seed)[0], row_len)
     if parallel.is_sharded(teacher):
-        raise StarElasticError("--anchor-data self samples text from the parent, which is sharded here: give a text "
-                               "instead, or --shard none")
+        raise StarElasticError(f"--anchor-data {source} samples text from the parent, which is sharded here: give a "
+                               "text instead, or --shard none")
+    prefix = None
+    if source == "chat":
+        prefix = chat_prefix(tokenizer)
+        if not prefix:
+            raise StarElasticError("--anchor-data chat samples conversations through the tokenizer's chat template, "
+                                   "and this tokenizer has none: use 'self'")
+        if len(prefix) >= row_len // 2:
+            raise StarElasticError(f"--anchor-data chat: the chat template opens with {len(prefix)} tokens, half a "
+                                   f"row of {row_len} or more: use 'self' or longer rows")
     rank, ranks = world()
     n = max(step_rows, (count or tokens) // row_len)
     device = teacher.lm_head.weight.device
     t0 = time.perf_counter()
     if rank == 0:
         rows = sample_rows(teacher, n, row_len, batch_size=128 if device.type == "cuda" else 8, seed=seed,
-                           progress=True).to(device)
+                           progress=True, prefix=prefix).to(device)
     else:  # filled by the broadcast
         rows = torch.empty(n, row_len, dtype=torch.long, device=device)
     if ranks > 1:
         torch.distributed.broadcast(rows, src=0)
-    log(f"anchor text: {n * row_len:,} tokens sampled from the parent ({n} rows of {row_len}) in "
+    log(f"anchor text: {n * row_len:,} tokens sampled from the parent ({n} rows of {row_len}"
+        f"{f', each opening a conversation ({len(prefix)} tokens of its chat template)' if prefix else ''}) in "
         f"{time.perf_counter() - t0:.0f} s")
     return rows.cpu()
 
@@ -228,8 +246,6 @@ CHAT_QUESTIONS = (
 def chat_transcripts(model, tokenizer, questions=CHAT_QUESTIONS, max_new_tokens: int = 32) -> list | None:
     """The parent's greedy answers to `questions` through the tokenizer's chat template, as (ids, prompt_len)
     pairs for answer_scores; None when the tokenizer has no chat template (a base model: no chat to drift)."""
-    from .runtime import encode_prompt
-
     if not getattr(tokenizer, "chat_template", None):
         return None
     device = next(model.parameters()).device

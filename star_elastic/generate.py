@@ -162,11 +162,13 @@ def generate(model: Model, input_ids: torch.Tensor, max_new_tokens: int, tempera
 
 @torch.no_grad()
 def sample_rows(model: Model, rows: int, length: int, batch_size: int = 64, temperature: float = 1.0,
-                seed: int = 0, progress: bool = False) -> torch.Tensor:
+                seed: int = 0, progress: bool = False, prefix: list[int] | None = None) -> torch.Tensor:
     """(rows, length) token ids sampled from `model` itself, each row from a first token drawn uniformly
     from the vocabulary, then at `temperature` (LLM-QAT's data-free recipe, Liu et al. 2023): text from
     the model's own distribution, on whatever it knows, for distilling it where no such text is at hand
-    (`elastify --anchor-data self`). Sampling runs past end-of-text tokens, as packed rows do."""
+    (`elastify --anchor-data self`). With `prefix`, every row opens with those tokens instead (a chat
+    template's opening: conversations in the model's own words, `--anchor-data chat`). Sampling runs past
+    end-of-text tokens, as packed rows do."""
     from tqdm.auto import tqdm
 
     device = model.lm_head.weight.device
@@ -175,6 +177,7 @@ def sample_rows(model: Model, rows: int, length: int, batch_size: int = 64, temp
     out = []
     for lo in tqdm(range(0, rows, batch_size), desc="sampling anchor text", unit="batch", disable=not progress):
         n = min(batch_size, rows - lo)
-        start = torch.randint(model.config.vocab_size, (n, 1), generator=first)
-        out.append(generate(model, start, length - 1, temperature=temperature, generator=noise).cpu())
+        start = (torch.tensor([prefix] * n, dtype=torch.long) if prefix else
+                 torch.randint(model.config.vocab_size, (n, 1), generator=first))
+        out.append(generate(model, start, length - start.shape[1], temperature=temperature, generator=noise).cpu())
     return torch.cat(out) if out else torch.empty(0, length, dtype=torch.long)

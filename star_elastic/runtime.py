@@ -137,6 +137,17 @@ def eval_tokens(tokenizer, data: str, split: str, seed: int = 0):
     return heldout if split == "heldout" else train
 
 
+def chat_prefix(tokenizer) -> list[int] | None:
+    """The token ids a conversation opens with through the tokenizer's chat template, up to where a user's
+    words go (a default system turn included, where the template writes one); None without a template."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        return None
+    mark = "\u2063"  # the invisible separator: a character no template writes
+    text = tokenizer.apply_chat_template([{"role": "user", "content": mark}], tokenize=False)
+    head = text.split(mark)[0]
+    return list(tokenizer(head, add_special_tokens=False)["input_ids"]) if head else None
+
+
 def encode_prompt(tokenizer, prompt: str, chat: bool = True):
     """Token ids (1, t) for a prompt, through the chat template when the tokenizer has one."""
     import torch

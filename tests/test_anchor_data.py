@@ -221,3 +221,36 @@ def test_sampled_anchor_text_is_rank_zeros_on_every_rank(tmp_path):
     assert zero.shape == (6, 16) and torch.equal(zero, one)  # 96 tokens: 6 rows of 16
     torch.manual_seed(0)
     assert torch.equal(zero, sample_rows(Model(CFG).eval(), 6, 16, seed=3))
+
+
+CHAT = "{% for m in messages %}w1 w2 {{ m['content'] }} w3 {% endfor %}{% if add_generation_prompt %}w4 {% endif %}"
+
+
+def test_chat_anchor_text_opens_every_row_with_the_chat_template(tmp_path):
+    """--anchor-data chat: rows sampled from the parent, each opening with the chat template's tokens up to a
+    user's words (so that the anchor distils the parent on conversations, where held-out prose does not look);
+    parsed like 'self'; refused in one line for a tokenizer without a template."""
+    from conftest import word_tokenizer
+    from star_elastic.elastify import anchor_text
+    from star_elastic.runtime import chat_prefix
+
+    assert parse_anchor_data("chat") == ("chat", None) and parse_anchor_data("chat:512") == ("chat", 512)
+    with pytest.raises(StarElasticError, match="'chat' or 'chat:TOKENS' with TOKENS a positive integer"):
+        parse_anchor_data("chat:0")
+    tokenizer = word_tokenizer(tmp_path, chat_template=CHAT)
+    prefix = chat_prefix(tokenizer)
+    assert prefix == tokenizer("w1 w2", add_special_tokens=False)["input_ids"] == [4, 5]
+    torch.manual_seed(0)
+    model = Model(CFG).eval()
+    rows = anchor_text(("chat", 6 * 16), model, tokenizer, 16, 2, 0, seed=3, log=lambda *_: None)
+    assert rows.shape == (6, 16) and (rows[:, :2] == torch.tensor(prefix)).all()
+    assert len({tuple(r) for r in rows[:, 2:].tolist()}) > 1  # sampled after the opening, not one row repeated
+    # near zero temperature a row is the parent's greedy continuation of the opening
+    cold = sample_rows(model, 2, 12, seed=5, temperature=1e-6, prefix=prefix)
+    assert torch.equal(cold, generate(model, torch.tensor([prefix] * 2), 10, temperature=0.0))
+    plain = word_tokenizer(tmp_path)
+    assert chat_prefix(plain) is None and chat_prefix(None) is None
+    with pytest.raises(StarElasticError, match="has none: use 'self'"):
+        anchor_text(("chat", None), model, plain, 16, 2, 96, log=lambda *_: None)
+    with pytest.raises(StarElasticError, match="half a row"):
+        anchor_text(("chat", None), model, tokenizer, 4, 2, 96, log=lambda *_: None)
