@@ -70,7 +70,7 @@ from star_elastic.elastic.delta import held_values  # noqa: E402
 from star_elastic.elastic.importance import estimate_importance  # noqa: E402
 from star_elastic.elastic.losses import kd_loss  # noqa: E402
 from star_elastic.elastic.router import DEFAULT_AXES, Router, RouterConfig, project_budgets  # noqa: E402
-from star_elastic.elastify import ANCHOR_SELF_TOKENS, ElastifyConfig, anchor_text, parse_anchor_data  # noqa: E402
+from star_elastic.elastify import ANCHOR_SELF_TOKENS, SAMPLED, ElastifyConfig, anchor_text, parse_anchor_data  # noqa: E402
 from star_elastic.elastic.search import applicable_axes, choose_spec, describe, nested_search, search_spec  # noqa: E402
 from star_elastic.errors import StarElasticError  # noqa: E402
 from star_elastic.evaluate import perplexity  # noqa: E402
@@ -172,9 +172,10 @@ def parse_args(argv=None):
                          "and full_keeps_held scores them put back after training")
     ap.add_argument("--freeze-embeddings-norms", dest="hold", action="store_const", const=["embeddings", "norms"],
                     help="--hold embeddings,norms (the sixteenth and seventeenth sessions' runs)")
-    ap.add_argument("--anchor-data", metavar="self[:TOKENS]",
+    ap.add_argument("--anchor-data", metavar="self[:TOKENS]|chat[:TOKENS]",
                     help="anchored variants: the full anchor distils on text sampled from the parent (elastify "
-                         "--anchor-data self; 1M tokens unless given), not on the step's training batch")
+                         "--anchor-data self, or chat: conversations opening with the tokenizer's chat template; "
+                         "1M tokens unless given), not on the step's training batch")
     ap.add_argument("--anchor-mix", type=float, default=1.0, metavar="F",
                     help="with --anchor-data: the share of the anchor's rows from that text, the rest from the "
                          "step's training batch (TrainConfig.anchor_mix)")
@@ -620,8 +621,11 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
     if args.anchor_data and variant in ANCHORED:  # sampled again by a resumed call: the same seed, the same rows
         key = (args.anchor_data, rows.shape[1], tokens_per_step, min(ANCHOR_SELF_TOKENS, steps * tokens_per_step))
         if key not in ANCHOR_ROWS:  # once a process: every anchored variant distils on the same text
+            spec = parse_anchor_data(args.anchor_data)
+            # chat: the rows open with the chat template of the tokenizer the run reads its text with
+            tokenizer = load_tokenizer(args.tokenizer or args.model or smollm2_gguf()) if spec[0] == "chat" else None
             with sampling_determinism():
-                ANCHOR_ROWS[key] = anchor_text(parse_anchor_data(args.anchor_data), teacher, None, rows.shape[1],
+                ANCHOR_ROWS[key] = anchor_text(spec, teacher, tokenizer, rows.shape[1],
                                                tokens_per_step // rows.shape[1], key[-1], seed=args.seed)
         anchor_rows = ANCHOR_ROWS[key]
     # a delta beside a hold that trains: the parent's held values, in the student's precision before it trains,
@@ -952,9 +956,9 @@ def main(argv=None):
     why = keep_problem(args.full_keeps_held_training, args.full_delta_rank, args.hold, args.hold_rate)
     if why:  # the trainer's own check, as for --hold
         raise SystemExit(f"--full-keeps-held-training: {why}")
-    if args.anchor_data and parse_anchor_data(args.anchor_data)[0] != "self":
+    if args.anchor_data and parse_anchor_data(args.anchor_data)[0] not in SAMPLED:
         raise SystemExit(f"--anchor-data {args.anchor_data!r}: the bench samples the anchor's text from the parent: "
-                         "self or self:TOKENS")
+                         "self, chat, self:TOKENS or chat:TOKENS")
     device = common.setup(args.device, args.seed)  # seeds; on a GPU deterministic algorithms (warn-only) and cuBLAS workspace
     if device.type == "cuda":  # deterministic results do not need every new tensor NaN-filled first
         torch.utils.deterministic.fill_uninitialized_memory = False

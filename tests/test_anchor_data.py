@@ -166,7 +166,13 @@ def test_the_bench_samples_the_anchors_text_and_records_it(tmp_path):
         assert methods[name]["anchor_mix"] == 0.5
     argv = [a if a != "elastic" else "elastic_anchor" for a in BENCH]
     r = subprocess.run(argv + ["--anchor-data", "wiki"], capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "self or self:TOKENS" in r.stderr
+    assert r.returncode != 0 and "self, chat, self:TOKENS or chat:TOKENS" in r.stderr
+    argv = [a if a != "elastic" else "joint_anchor" for a in BENCH if a != "--no-minitron"]
+    r = subprocess.run(argv + ["--anchor-data", "chat:512", "--json", str(out)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "each opening a conversation (24 tokens of its chat template)" in r.stdout  # SmolLM2's tokenizer's
+    assert json.loads(out.read_text())["B"]["methods"]["joint_anchor"]["anchor_data"] == "chat:512"
     r = subprocess.run(argv + ["--anchor-mix", "0.5"], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "give --anchor-data" in r.stderr
 
