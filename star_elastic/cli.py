@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Elastify SmolLM2 on real text, CPU- or GPU-sized (DEMO_PRESETS in commands.py), "
                                     "then ask every budget from one loaded copy. The full-budget flags' defaults below "
                                     "are elastify's, which the CPU preset uses; the GPU preset trains with the recipe "
-                                    "that keeps the full model within 1%% of its parent (docs/RESULTS.md §9): "
+                                    "that keeps the full budget near its parent (docs/RESULTS.md §9): "
                                     "--full-anchor 1 --anchor-data self --anchor-mix 0.5 --full-delta-rank 64 --hold "
                                     "embeddings,norms --hold-rate 1 --hold-pull 30 --full-keeps-held training.")
     model_args(sp, positional=False)
