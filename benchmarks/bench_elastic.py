@@ -70,10 +70,11 @@ from star_elastic.elastic.delta import held_values  # noqa: E402
 from star_elastic.elastic.importance import estimate_importance  # noqa: E402
 from star_elastic.elastic.losses import kd_loss  # noqa: E402
 from star_elastic.elastic.router import DEFAULT_AXES, Router, RouterConfig, project_budgets  # noqa: E402
-from star_elastic.elastify import ANCHOR_SELF_TOKENS, SAMPLED, ElastifyConfig, anchor_text, parse_anchor_data  # noqa: E402
+from star_elastic.elastify import (ANCHOR_SELF_TOKENS, SAMPLED, ElastifyConfig, anchor_text,  # noqa: E402
+                                   chat_transcripts, parse_anchor_data)
 from star_elastic.elastic.search import applicable_axes, choose_spec, describe, nested_search, search_spec  # noqa: E402
 from star_elastic.errors import StarElasticError  # noqa: E402
-from star_elastic.evaluate import perplexity  # noqa: E402
+from star_elastic.evaluate import answer_scores, perplexity  # noqa: E402
 from star_elastic.model import Model  # noqa: E402
 from star_elastic.runtime import comma_list  # noqa: E402
 from star_elastic.train import (  # noqa: E402
@@ -115,7 +116,9 @@ def parse_args(argv=None):
     ap.add_argument("--model", help="(A) parent checkpoint directory or GGUF (default: the SmolLM2-135M GGUF)")
     ap.add_argument("--train-data", default="wiki", help="its train split trains (and calibrates) every method")
     ap.add_argument("--heldout", default="wiki,shakespeare,bible,wiki-fr",
-                    help="held-out splits scored, comma-separated corpora/files (the first is the primary)")
+                    help="held-out splits scored, comma-separated corpora/files (the first is the primary); "
+                         "'chat': the parent's own greedy answers to elastify's chat questions, scored on the "
+                         "answers' tokens (a tokenizer with a chat template)")
     ap.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens scored per model and source")
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--eval-batch-size", type=int, default=8)
@@ -261,8 +264,9 @@ def autocast(device):
 def score(model, heldouts: dict, args) -> dict:
     """Held-out perplexity per source, fp32 (no autocast)."""
     model.eval()
-    return {name: perplexity(model, stream, seq_len=args.eval_seq_len, batch_size=args.eval_batch_size,
-                             progress=False)["perplexity"] for name, stream in heldouts.items()}
+    return {name: answer_scores(model, stream)["perplexity"] if isinstance(stream, list) else
+            perplexity(model, stream, seq_len=args.eval_seq_len, batch_size=args.eval_batch_size,
+                       progress=False)["perplexity"] for name, stream in heldouts.items()}
 
 
 def fmt(v) -> str:
@@ -353,12 +357,33 @@ def heldout_streams(tokenizer, args, primary_heldout: torch.Tensor | None = None
     """name -> the first --eval-tokens tokens of that corpus' held-out split (the same for every row)."""
     out = {}
     for name in (n.strip() for n in args.heldout.split(",") if n.strip()):
+        if name == "chat":  # the parent's own chat answers: filled in by with_chat once the parent is ready
+            out[name] = None
+            continue
         if name == args.train_data and primary_heldout is not None:
             stream = primary_heldout
         else:
             stream = load_corpus_tokens(name, tokenizer, seed=args.seed, max_docs=args.max_docs)[1]
         out[name] = stream[:args.eval_tokens]
     return out
+
+
+def with_chat(heldouts: dict, parent, tokenizer) -> dict:
+    """--heldout chat: the parent's greedy answers to elastify's chat questions (elastify.chat_transcripts),
+    scored on the answers' tokens like the other sources (the full budget's chat drift, each budget's chat)."""
+    if "chat" in heldouts:
+        with sampling_determinism():  # generation, forward-only, like the anchor's sampling
+            heldouts["chat"] = chat_transcripts(parent, tokenizer)
+        if heldouts["chat"] is None:
+            raise SystemExit("--heldout chat: the parent answers through its tokenizer's chat template, and this "
+                             "tokenizer has none")
+    return heldouts
+
+
+def heldout_sizes(heldouts: dict) -> dict:
+    """Tokens scored per source (a chat source: its answers' tokens)."""
+    return {k: int(sum(len(ids) - n for ids, n in v) if isinstance(v, list) else v.numel())
+            for k, v in heldouts.items()}
 
 
 def importance_and_sort(model, train: torch.Tensor, args, device) -> tuple[dict, list[torch.Tensor]]:
@@ -826,9 +851,9 @@ def run_a(args, device, res: Results) -> dict:
     if tokenizer is None:
         raise StarElasticError(f"{args.tokenizer or path}: no tokenizer there")
     train, held = load_corpus_tokens(args.train_data, tokenizer, seed=args.seed, max_docs=args.max_docs)
-    heldouts = heldout_streams(tokenizer, args, held)
+    heldouts = with_chat(heldout_streams(tokenizer, args, held), parent, tokenizer)
     part.update(parent={"name": path.name, "params": parent.num_parameters(), "config": parent.config.to_dict()},
-                heldout={k: int(v.numel()) for k, v in heldouts.items()}, eval_seq_len=args.eval_seq_len,
+                heldout=heldout_sizes(heldouts), eval_seq_len=args.eval_seq_len,
                 setup_seconds=round(clock(device) - t0, 1))
     print(f"A: {path.name}, {parent.num_parameters():,} parameters on {res.data['machine']}; {train.numel():,} "
           f"train tokens of {args.train_data}; held-out {part['heldout']}  [{part['setup_seconds']} s]", flush=True)
@@ -866,8 +891,9 @@ def run_b(args, device, res: Results) -> dict:
           flush=True)
     t = clock(device)
     log = zs.train_moe(parent, train, pre, device)  # returns the fp32 model in eval mode
+    heldouts = with_chat(heldouts, parent, tokenizer)
     part.update(parent={"params": parent.num_parameters(), "config": cfg.to_dict()},
-                heldout={k: int(v.numel()) for k, v in heldouts.items()}, eval_seq_len=args.eval_seq_len,
+                heldout=heldout_sizes(heldouts), eval_seq_len=args.eval_seq_len,
                 pretraining={"data": f"{args.train_data} (train split)", "steps": args.pretrain_steps,
                              "batch_size": args.pretrain_batch_size, "seq_len": args.pretrain_seq_len,
                              "tokens": args.pretrain_steps * args.pretrain_batch_size * args.pretrain_seq_len,

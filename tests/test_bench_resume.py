@@ -257,3 +257,24 @@ def test_strict_runs_sample_their_anchor_text_warn_only_and_stop_on_a_nondetermi
             warnings.warn("index_add_cuda_ does not have a deterministic implementation")  # not strict: no stop
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def test_the_bench_scores_every_row_on_the_parents_own_chat_answers(tmp_path):
+    """--heldout wiki,chat: beside the prose, every row is scored on the parent's greedy answers to elastify's
+    chat questions (its answers' tokens alone): the sorted parent's zero-shot 1.0 as the parent (the sort
+    preserves its function), the trained rows elsewhere."""
+    from star_elastic.elastify import CHAT_QUESTIONS
+
+    out = tmp_path / "chat.json"
+    argv = [a if a != "wiki" else "wiki,chat" for a in BENCH]
+    r = subprocess.run(argv + ["--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    part = json.loads(out.read_text())["B"]
+    assert list(part["heldout"]) == ["wiki", "chat"] and part["heldout"]["chat"] >= len(CHAT_QUESTIONS)
+    rows = part["rows"]
+    assert all(set(row["perplexity"]) == {"wiki", "chat"} for row in rows)
+    parent = next(row for row in rows if row["method"] == "parent")["perplexity"]["chat"]
+    zero = next(row for row in rows if row["method"] == "zero_shot" and row["budget"] == "1.0")["perplexity"]["chat"]
+    assert parent > 1 and math.isclose(zero, parent, rel_tol=1e-4)
+    trained = [row["perplexity"]["chat"] for row in rows if row["method"] == "elastic"]
+    assert trained and all(not math.isclose(t, parent, rel_tol=1e-4) for t in trained)

@@ -285,12 +285,16 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # 33 (for the next session): like runs' smaller budgets differed by up to 3 points (twenty-first session), the
   # only op warned about being cuDNN's attention backward: J0mr64k twice under --strict-determinism, side by
   # side; equal figures mean paired lever comparisons at one seed become exact (and the time says its cost)
-  33) bash $0 RUNS J0mr64s1 "$J0 $KEPT --strict-determinism" J0mr64s2 "$J0 $KEPT --strict-determinism"
+  # (with the chat source since the twenty-second session: the parent's own chat answers, scored as a fifth
+  # held-out source; the (c) rows have none, so it shows in the full model's column against the parent)
+  33) CHAT="--heldout wiki,shakespeare,bible,wiki-fr,chat"
+     bash $0 RUNS J0mr64s1 "$J0 $KEPT --strict-determinism $CHAT" J0mr64s2 "$J0 $KEPT --strict-determinism $CHAT"
      ratios J0mr64s1:C2,J0mr64s2:C2 J0mr64s1 J0mr64s2 ;;
   # 16K (for the next session): T = 16M like for like with the recipe that held the full model at both seeds
   # at 4M (J0mr64k), against 16j's (c) rows, resumable (call "16K" again until it is done, 3 calls or so)
   # (strict since the twenty-second session: two strict runs agreed step for step, warn-only ones did not)
-  16K) RUN_LIMIT=585 bash $0 RUNS J16k "$J0 $KEPT --strict-determinism --tokens-a 16777216 --state-dir $H/state/J16k \
+  16K) RUN_LIMIT=585 bash $0 RUNS J16k "$J0 $KEPT --strict-determinism --heldout wiki,shakespeare,bible,wiki-fr,chat \
+         --tokens-a 16777216 --state-dir $H/state/J16k \
          --max-train-seconds 430"
      ratios J16k:C16a,J16k:C16b,J16k:C16qa J16k ;;
   # 16j (thirteenth session's note): T = 16M like for like without the router: J16, E0's architectures with
