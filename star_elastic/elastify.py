@@ -226,6 +226,11 @@ def masked_perplexity(model, spec, heldout, cfg: ElastifyConfig, device, delta=N
     return masked_scores(model, spec, heldout, cfg, device, delta)["perplexity"]
 
 
+# A first answer token the parent prefers by more than this (nats, top log-probability less the second) is one
+# training should not tip; below it, near-ties tip at the slightest training (the CPU preset's 12 steps at 3e-5
+# began 2 of 24 answers otherwise, both near-ties, docs/RESULTS.md §5)
+CLEAR_MARGIN = 0.5
+
 # Questions the parent answers before training, for the full budget's drift on chat (ElastifyConfig.chat_drift).
 # Held-out prose does not see a chat model's answers move: the GPU demo's full model stayed within 1.4% of its
 # parent on two sources of prose yet answered "What is the capital of France?" in a loop in French, where its
@@ -513,9 +518,13 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
             masked_scores(model, ElasticSpec(), stream, cfg, device, trainer.delta)
         ppl = got["perplexity"]
         drift[name] = {"parent": parent_ppl[name], "full_budget": ppl, "change": ppl / parent_ppl[name] - 1}
-        if "first_token_kept" in got:  # chat answers: how many the full budget still begins as the parent did
+        if "first_token_kept" in got:  # chat answers: how many the full budget still begins as the parent did,
+            # of all and of those the parent begins with a clear margin (a near-tie tips at the slightest training)
+            sure = [i for i, m in enumerate(parent_scores[name]["first_margin"]) if m > CLEAR_MARGIN]
             drift[name].update(answers=len(stream), first_token_kept={
-                "parent": parent_scores[name]["first_token_kept"], "full_budget": got["first_token_kept"]})
+                "parent": parent_scores[name]["first_token_kept"], "full_budget": got["first_token_kept"]},
+                clear_first_tokens={"margin_nats": CLEAR_MARGIN, "answers": len(sure),
+                                    "kept": sum(got["first_kept"][i] for i in sure)})
         log(f"  full budget vs parent on {name} held-out: {parent_ppl[name]:.3f} -> {ppl:.3f} "
             f"({drift[name]['change']:+.2%})" + first_tokens(drift[name]))
     evaluation = {"data": data, "heldout_tokens": min(cfg.eval_tokens, heldout.numel()), "seq_len": cfg.seq_len,
@@ -564,12 +573,15 @@ def print_table(result: dict, file=None):
 
 
 def first_tokens(drift: dict) -> str:
-    """'; ... first token: 23 of 24 (the parent 24)' for a chat-answers drift entry, else ''."""
-    kept, n = drift.get("first_token_kept"), drift.get("answers")
+    """'; ... first token: 23 of 24 (the parent itself 24; 20 of the 20 it begins by over 0.5 nats)' for a
+    chat-answers drift entry, else ''."""
+    kept, n, clear = drift.get("first_token_kept"), drift.get("answers"), drift.get("clear_first_tokens")
     if not kept or not n:
         return ""
+    sure = (f"; {clear['kept']} of the {clear['answers']} it begins by over {clear['margin_nats']:g} nats"
+            if clear else "")
     return (f"; answers begun with the parent's greedy first token: {round(kept['full_budget'] * n)} of {n} "
-            f"(the parent itself {round(kept['parent'] * n)})")
+            f"(the parent itself {round(kept['parent'] * n)}{sure})")
 
 
 def _is_fraction(name: str) -> bool:

@@ -62,19 +62,24 @@ def perplexity(model, stream: torch.Tensor, seq_len: int = 1024, batch_size: int
 def answer_scores(model, transcripts: list[tuple[torch.Tensor, int]], device=None) -> dict:
     """`model` on the answer tokens alone of chat transcripts, (ids, prompt_len) each, each token given
     everything before it (prompts and templates left out, so that a system prompt repeated in every transcript
-    does not dilute the answers): its perplexity, and the share of answers whose first token is its argmax
-    (for transcripts of a parent's greedy answers, the answers it would still begin the same way; a first
-    token that tips starts another answer, at a cost to the perplexity too small to show)."""
+    does not dilute the answers): its perplexity; per answer whether its first token is the model's argmax
+    ("first_kept": for transcripts of a parent's greedy answers, the answers it would still begin the same
+    way; a first token that tips starts another answer, at a cost to the perplexity too small to show) and
+    the model's margin there, top log-probability less the second ("first_margin": a near-tie tips at the
+    slightest training); "first_token_kept", the share kept."""
     if device is None:
         device = next(model.parameters()).device
-    nll, count, first = 0.0, 0, 0
+    nll, count, kept, margins = 0.0, 0, [], []
     for ids, start in transcripts:
         ids = ids.to(device)[None]
         logits = _logits(model, ids)[0, start - 1:-1].float()
         nll += F.cross_entropy(logits, ids[0, start:], reduction="sum").item()
         count += ids.shape[1] - start
-        first += int(logits[0].argmax() == ids[0, start])
-    return {"perplexity": math.exp(nll / max(count, 1)), "first_token_kept": first / max(len(transcripts), 1)}
+        top = logits[0].log_softmax(-1).topk(2).values
+        kept.append(bool(logits[0].argmax() == ids[0, start]))
+        margins.append(float(top[0] - top[1]))
+    return {"perplexity": math.exp(nll / max(count, 1)), "first_token_kept": sum(kept) / max(len(kept), 1),
+            "first_kept": kept, "first_margin": margins}
 
 
 def _timed_logits(model, ids) -> tuple[torch.Tensor, float]:

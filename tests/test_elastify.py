@@ -145,6 +145,10 @@ def test_answer_scores_score_the_answers_alone_and_count_the_first_tokens_kept()
     assert math.isclose(got["perplexity"], math.exp(nll / n), rel_tol=1e-5)
     assert got["first_token_kept"] == sum(int(lg[s - 1].argmax() == ids[s]) for (ids, s), lg in
                                           zip(transcripts, logits)) / 2
+    assert got["first_kept"] == [bool(lg[s - 1].argmax() == ids[s]) for (ids, s), lg in zip(transcripts, logits)]
+    for margin, ((ids, s), lg) in zip(got["first_margin"], zip(transcripts, logits)):
+        top = lg[s - 1].log_softmax(-1).sort(descending=True).values
+        assert margin > 0 and math.isclose(margin, float(top[0] - top[1]), rel_tol=1e-4)
     whole = answer_scores(model, [(ids, 1) for ids, _ in transcripts])["perplexity"]  # every token but the first
     assert not math.isclose(whole, math.exp(nll / n), rel_tol=1e-3)
     # answers begun with the argmax: all kept; one first token changed: half
@@ -180,6 +184,8 @@ def test_the_full_budgets_drift_on_the_parents_own_chat_answers(tmp_path, tokeni
     # the parent begins every answer with its own greedy token (it wrote them), and the count is of answers
     assert chat["answers"] == len(CHAT_QUESTIONS) and chat["first_token_kept"]["parent"] == 1.0
     assert 0 <= chat["first_token_kept"]["full_budget"] <= 1
+    clear = chat["clear_first_tokens"]  # the answers the parent begins by a clear margin, and how many were kept
+    assert clear["margin_nats"] == 0.5 and 0 <= clear["kept"] <= clear["answers"] <= len(CHAT_QUESTIONS)
     import io
 
     from star_elastic.elastify import print_table
@@ -187,8 +193,8 @@ def test_the_full_budgets_drift_on_the_parents_own_chat_answers(tmp_path, tokeni
     print_table(result, file=table)
     n = len(CHAT_QUESTIONS)
     assert (f"full budget on chat answers held-out: {chat['full_budget']:.3f}" in table.getvalue() and
-            f"greedy first token: {round(chat['first_token_kept']['full_budget'] * n)} of {n} (the parent itself {n})"
-            in table.getvalue())
+            f"greedy first token: {round(chat['first_token_kept']['full_budget'] * n)} of {n} (the parent itself {n}; "
+            f"{clear['kept']} of the {clear['answers']} it begins by over 0.5 nats)" in table.getvalue())
     assert read_manifest(tmp_path / "ckpt")["evaluation"]["full_budget_drift"]["chat answers"] == chat
     off = elastify(Model(PARENTS["llama"]), tokenizer, str(text), tmp_path / "off",
                    ElastifyConfig(**{**cfg.__dict__, "chat_drift": False}), log=lambda *_: None)
