@@ -248,15 +248,19 @@ CHAT_QUESTIONS = (
 
 
 @torch.no_grad()
-def chat_transcripts(model, tokenizer, questions=CHAT_QUESTIONS, max_new_tokens: int = 32) -> list | None:
+def chat_transcripts(model, tokenizer, questions=CHAT_QUESTIONS, max_new_tokens: int = 32,
+                     progress: bool = False) -> list | None:
     """The parent's greedy answers to `questions` through the tokenizer's chat template, as (ids, prompt_len)
     pairs for answer_scores; None when the tokenizer has no chat template (a base model: no chat to drift)."""
     if not getattr(tokenizer, "chat_template", None):
         return None
     device = next(model.parameters()).device
     eos = getattr(tokenizer, "eos_token_id", None)
+    from tqdm.auto import tqdm
+
     out = []
-    for q in questions:  # in the model's own precision (the static caches are in it)
+    for q in tqdm(questions, desc="chat answers", unit="question", disable=not progress):  # in the model's own
+        # precision (the static caches are in it)
         ids = encode_prompt(tokenizer, q).to(device)
         full = generate(model, ids, max_new_tokens, eos_token_id=eos, use_graph=False)[0].cpu()
         if full.numel() > ids.shape[1]:  # an answer of no tokens has nothing to score
@@ -378,7 +382,7 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     # the parent (sorting preserves its function) answering chat questions, before training moves it (a sharded
     # parent cannot generate: the chat source is then left out)
     t0 = time.perf_counter()
-    chat = chat_transcripts(model, tokenizer) if cfg.chat_drift and not sharded_parent else None
+    chat = chat_transcripts(model, tokenizer, progress=rank == 0) if cfg.chat_drift and not sharded_parent else None
     if chat:
         heldouts["chat answers"] = chat
         log(f"chat answers: the parent answered {len(chat)} questions ({sum(len(i) - n for i, n in chat):,} tokens) "
@@ -527,6 +531,8 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                                     "kept": sum(got["first_kept"][i] for i in sure)})
         log(f"  full budget vs parent on {name} held-out: {parent_ppl[name]:.3f} -> {ppl:.3f} "
             f"({drift[name]['change']:+.2%})" + first_tokens(drift[name]))
+        if chat_warning(drift[name]):
+            log(chat_warning(drift[name]))
     evaluation = {"data": data, "heldout_tokens": min(cfg.eval_tokens, heldout.numel()), "seq_len": cfg.seq_len,
                   "zero_shot_perplexity": before, "trained_perplexity": after, "full_budget_drift": drift}
     training = {"tokens": train_tokens, "steps": steps, "seconds": round(train_s, 1),
@@ -582,6 +588,17 @@ def first_tokens(drift: dict) -> str:
             if clear else "")
     return (f"; answers begun with the parent's greedy first token: {round(kept['full_budget'] * n)} of {n} "
             f"(the parent itself {round(kept['parent'] * n)}{sure})")
+
+
+def chat_warning(drift: dict) -> str | None:
+    """A warning when the full budget begins otherwise an answer that its parent begins by a clear margin: a
+    chat model drifted where held-out prose does not look."""
+    clear = drift.get("clear_first_tokens")
+    if not clear or clear["kept"] == clear["answers"]:
+        return None
+    return (f"  warning: the full budget begins {clear['answers'] - clear['kept']} of the {clear['answers']} chat "
+            f"answers its parent begins clearly (by over {clear['margin_nats']:g} nats) with another token: it has "
+            "drifted as a chat model; --anchor-data chat distils it on conversations (docs/METHOD.md)")
 
 
 def _is_fraction(name: str) -> bool:

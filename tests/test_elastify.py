@@ -199,6 +199,11 @@ def test_the_full_budgets_drift_on_the_parents_own_chat_answers(tmp_path, tokeni
     off = elastify(Model(PARENTS["llama"]), tokenizer, str(text), tmp_path / "off",
                    ElastifyConfig(**{**cfg.__dict__, "chat_drift": False}), log=lambda *_: None)
     assert "chat answers" not in off["drift"]
+    from star_elastic.elastify import chat_warning
+    assert chat_warning({**chat, "clear_first_tokens": {"margin_nats": 0.5, "answers": 18, "kept": 18}}) is None
+    warned = chat_warning({**chat, "clear_first_tokens": {"margin_nats": 0.5, "answers": 18, "kept": 15}})
+    assert "begins 3 of the 18 chat answers its parent begins clearly" in warned and "--anchor-data chat" in warned
+    assert chat_warning({"parent": 1.0}) is None  # prose sources have no answers to count
     tokenizer.chat_template = None
     assert chat_transcripts(parent, tokenizer) is None
     from star_elastic.cli import build_parser
