@@ -74,7 +74,7 @@ from star_elastic.elastify import (ANCHOR_SELF_TOKENS, SAMPLED, ElastifyConfig, 
                                    chat_transcripts, parse_anchor_data)
 from star_elastic.elastic.search import applicable_axes, choose_spec, describe, nested_search, search_spec  # noqa: E402
 from star_elastic.errors import StarElasticError  # noqa: E402
-from star_elastic.evaluate import answer_scores, perplexity  # noqa: E402
+from star_elastic.evaluate import answer_scores, answer_tokens, perplexity  # noqa: E402
 from star_elastic.model import Model  # noqa: E402
 from star_elastic.runtime import comma_list  # noqa: E402
 from star_elastic.train import (  # noqa: E402
@@ -382,8 +382,7 @@ def with_chat(heldouts: dict, parent, tokenizer) -> dict:
 
 def heldout_sizes(heldouts: dict) -> dict:
     """Tokens scored per source (a chat source: its answers' tokens)."""
-    return {k: int(sum(len(ids) - n for ids, n in v) if isinstance(v, list) else v.numel())
-            for k, v in heldouts.items()}
+    return {k: answer_tokens(v) if isinstance(v, list) else int(v.numel()) for k, v in heldouts.items()}
 
 
 def importance_and_sort(model, train: torch.Tensor, args, device) -> tuple[dict, list[torch.Tensor]]:
@@ -462,9 +461,10 @@ def distil(student, teacher, rows: torch.Tensor, steps: int, lr: float, args, de
 # ----------------------------------------------------------------------------- the comparison
 
 def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, lr: float, args, device,
-            part: dict, save, calibration: list[torch.Tensor]) -> None:
+            part: dict, save, calibration: list[torch.Tensor], tokenizer) -> None:
     """(a), (b), (c) on `sorted_parent` (fp32, trained by nobody: every method copies it) into part["rows"];
-    (a)'s search scores its candidates on the importance `calibration` batches (the first 8)."""
+    (a)'s search scores its candidates on the importance `calibration` batches (the first 8). `tokenizer`:
+    the part's (its chat template opens --anchor-data chat's rows)."""
     cfg = sorted_parent.config
     total = sorted_parent.num_parameters()
     budgets = sorted((parse_budget(b, cfg) for b in args.budgets.split(",")), key=lambda b: -b.fraction)
@@ -549,7 +549,7 @@ def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, 
             raise StarElasticError(f"unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
         got = one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, c_specs if variant in FIXED else specs,
                       steps_b, lr, args, device,
-                      row, methods, tokens_per_step, nested_starts)
+                      row, methods, tokens_per_step, nested_starts, tokenizer)
         if variant not in FIXED and (elastic_specs is None or variant == "elastic"):  # the router's choice
             elastic_specs = got
     # (a@b) the router's architectures cut from the untrained sorted parent: how much of (b) is architecture
@@ -599,7 +599,7 @@ def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, 
 
 
 def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, steps, lr, args, device, row, methods,
-            tokens_per_step, nested_starts: dict) -> dict:
+            tokens_per_step, nested_starts: dict, tokenizer) -> dict:
     """One training run of `steps` serving every budget: `elastic` (router, the paper's budget
     sampling, the full budget = the unmasked parent), `elastic_small` (the same, stage 2 weighted
     toward the smaller budgets), `elastic_anchor` (router; every step distils a
@@ -646,11 +646,8 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
     if args.anchor_data and variant in ANCHORED:  # sampled again by a resumed call: the same seed, the same rows
         key = (args.anchor_data, rows.shape[1], tokens_per_step, min(ANCHOR_SELF_TOKENS, steps * tokens_per_step))
         if key not in ANCHOR_ROWS:  # once a process: every anchored variant distils on the same text
-            spec = parse_anchor_data(args.anchor_data)
-            # chat: the rows open with the chat template of the tokenizer the run reads its text with
-            tokenizer = load_tokenizer(args.tokenizer or args.model or smollm2_gguf()) if spec[0] == "chat" else None
             with sampling_determinism():
-                ANCHOR_ROWS[key] = anchor_text(spec, teacher, tokenizer, rows.shape[1],
+                ANCHOR_ROWS[key] = anchor_text(parse_anchor_data(args.anchor_data), teacher, tokenizer, rows.shape[1],
                                                tokens_per_step // rows.shape[1], key[-1], seed=args.seed)
         anchor_rows = ANCHOR_ROWS[key]
     # a delta beside a hold that trains: the parent's held values, in the student's precision before it trains,
@@ -860,7 +857,7 @@ def run_a(args, device, res: Results) -> dict:
     sorted_parent = copy.deepcopy(parent)
     part["importance"], calibration = importance_and_sort(sorted_parent, train, args, device)
     compare(parent, sorted_parent, train, heldouts, args.tokens_a, args.lr_a, args, device, part, res.save,
-            calibration)
+            calibration, tokenizer)
     part["seconds"] = round(clock(device) - t0, 1)
     res.save()
     return part
@@ -904,7 +901,7 @@ def run_b(args, device, res: Results) -> dict:
     sorted_parent = copy.deepcopy(parent)
     part["importance"], calibration = importance_and_sort(sorted_parent, train, args, device)
     compare(parent, sorted_parent, train, heldouts, args.tokens_b, args.lr_b, args, device, part, res.save,
-            calibration)
+            calibration, tokenizer)
     part["seconds"] = round(clock(device) - t0, 1)
     part["table"] += (f"\nParent pretraining: {part['pretraining']['tokens']:,} tokens in "
                       f"{part['pretraining']['seconds']} s (not counted in T)")

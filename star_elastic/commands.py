@@ -215,7 +215,10 @@ def cmd_elastify(args):
 # smaller budget the full anchor would run both models on every step, 1.9x the time, past 10 minutes.
 DEMO_PRESETS = {
     "cpu": dict(data="wiki,bible", budgets="1.0,0.9", axes="ffn", tokens=12288, seq_len=128, batch_size=8, lr=3e-5,
-                calib_batches=4, eval_tokens=2048, stage2_weights=[0.3, 0.7], full_anchor=0.0, all_budgets=False),
+                calib_batches=4, eval_tokens=2048, stage2_weights=[0.3, 0.7], full_anchor=0.0, all_budgets=False,
+                # the full-budget levers: elastify's defaults (none)
+                anchor_data=None, anchor_mix=1.0, full_delta_rank=0, hold=None, hold_rate=0.0, hold_pull=0.0,
+                full_keeps_held=""),
     # the setting measured in docs/RESULTS.md §9 (two domains, 7 passes: the full budget within +0.6% of the
     # parent on text it never saw; wiki alone at 20M tokens would repeat it 22 times and drift). Budgets, anchor
     # and rate by measurement (§5, one H200): anchor 0.5 at 2e-4 takes 0.9 / 0.8 to 1.10x / 1.32x the parent's
@@ -231,9 +234,6 @@ DEMO_PRESETS = {
                  full_anchor=1.0, all_budgets=False, anchor_data="self", anchor_mix=0.5, full_delta_rank=64,
                  hold="embeddings,norms", hold_rate=1.0, hold_pull=30.0, full_keeps_held="training"),
 }
-# the CPU preset's full-budget levers: elastify's defaults (none)
-DEMO_PRESETS["cpu"].update(anchor_data=None, anchor_mix=1.0, full_delta_rank=0, hold=None, hold_rate=0.0, hold_pull=0.0,
-                           full_keeps_held="")
 DEMO_PROMPTS = ("What is the capital of France?", "Name three primary colors.", "What do bees make?")
 
 

@@ -27,7 +27,7 @@ from . import parallel
 from .sharded_load import load_sharded
 from .sharded_sort import load_sorted
 from .errors import StarElasticError
-from .evaluate import answer_scores, perplexity
+from .evaluate import answer_scores, answer_tokens, perplexity
 from .generate import generate, sample_rows
 from .runtime import chat_prefix, encode_prompt
 from .elastic.delta import held_values
@@ -252,15 +252,15 @@ def chat_transcripts(model, tokenizer, questions=CHAT_QUESTIONS, max_new_tokens:
                      progress: bool = False) -> list | None:
     """The parent's greedy answers to `questions` through the tokenizer's chat template, as (ids, prompt_len)
     pairs for answer_scores; None when the tokenizer has no chat template (a base model: no chat to drift)."""
+    from tqdm.auto import tqdm
+
     if not getattr(tokenizer, "chat_template", None):
         return None
     device = next(model.parameters()).device
     eos = getattr(tokenizer, "eos_token_id", None)
-    from tqdm.auto import tqdm
-
     out = []
-    for q in tqdm(questions, desc="chat answers", unit="question", disable=not progress):  # in the model's own
-        # precision (the static caches are in it)
+    # in the model's own precision, no autocast: the static caches are in it
+    for q in tqdm(questions, desc="chat answers", unit="question", disable=not progress):
         ids = encode_prompt(tokenizer, q).to(device)
         full = generate(model, ids, max_new_tokens, eos_token_id=eos, use_graph=False)[0].cpu()
         if full.numel() > ids.shape[1]:  # an answer of no tokens has nothing to score
@@ -385,7 +385,7 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     chat = chat_transcripts(model, tokenizer, progress=rank == 0) if cfg.chat_drift and not sharded_parent else None
     if chat:
         heldouts["chat answers"] = chat
-        log(f"chat answers: the parent answered {len(chat)} questions ({sum(len(i) - n for i, n in chat):,} tokens) "
+        log(f"chat answers: the parent answered {len(chat)} questions ({answer_tokens(chat):,} tokens) "
             f"in {time.perf_counter() - t0:.0f} s, for the full budget's drift on them")
     # the parent on every held-out source: the full budget's reference
     parent_scores = {k: masked_scores(model, ElasticSpec(), v, cfg, device) for k, v in heldouts.items()}
@@ -531,8 +531,9 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                                     "kept": sum(got["first_kept"][i] for i in sure)})
         log(f"  full budget vs parent on {name} held-out: {parent_ppl[name]:.3f} -> {ppl:.3f} "
             f"({drift[name]['change']:+.2%})" + first_tokens(drift[name]))
-        if chat_warning(drift[name]):
-            log(chat_warning(drift[name]))
+        warning = chat_warning(drift[name])
+        if warning:
+            log(warning)
     evaluation = {"data": data, "heldout_tokens": min(cfg.eval_tokens, heldout.numel()), "seq_len": cfg.seq_len,
                   "zero_shot_perplexity": before, "trained_perplexity": after, "full_budget_drift": drift}
     training = {"tokens": train_tokens, "steps": steps, "seconds": round(train_s, 1),

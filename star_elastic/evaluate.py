@@ -58,6 +58,11 @@ def perplexity(model, stream: torch.Tensor, seq_len: int = 1024, batch_size: int
             "windows": sum(b.shape[0] for b in batches), "seq_len": seq_len}
 
 
+def answer_tokens(transcripts: list[tuple[torch.Tensor, int]]) -> int:
+    """The answer tokens that answer_scores scores in chat transcripts, (ids, prompt_len) each."""
+    return sum(len(ids) - start for ids, start in transcripts)
+
+
 @torch.no_grad()
 def answer_scores(model, transcripts: list[tuple[torch.Tensor, int]], device=None) -> dict:
     """`model` on the answer tokens alone of chat transcripts, (ids, prompt_len) each, each token given
@@ -69,16 +74,15 @@ def answer_scores(model, transcripts: list[tuple[torch.Tensor, int]], device=Non
     slightest training); "first_token_kept", the share kept."""
     if device is None:
         device = next(model.parameters()).device
-    nll, count, kept, margins = 0.0, 0, [], []
+    nll, kept, margins = 0.0, [], []
     for ids, start in transcripts:
         ids = ids.to(device)[None]
         logits = _logits(model, ids)[0, start - 1:-1].float()
         nll += F.cross_entropy(logits, ids[0, start:], reduction="sum").item()
-        count += ids.shape[1] - start
         top = logits[0].log_softmax(-1).topk(2).values
         kept.append(bool(logits[0].argmax() == ids[0, start]))
         margins.append(float(top[0] - top[1]))
-    return {"perplexity": math.exp(nll / max(count, 1)), "first_token_kept": sum(kept) / max(len(kept), 1),
+    return {"perplexity": math.exp(nll / max(answer_tokens(transcripts), 1)), "first_token_kept": sum(kept) / max(len(kept), 1),
             "first_kept": kept, "first_margin": margins}
 
 
