@@ -46,6 +46,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import hashlib
 import json
 import shutil
 import sys
@@ -282,10 +283,12 @@ def determinism() -> str:
 
 @contextlib.contextmanager
 def sampling_determinism():
-    """Strict determinism relaxed to warn-only while the parent samples text, and held to account: the
-    sampling is forward-only, whose kernels are deterministic, yet strict mode made it 12x slower on the GPU
-    (389 s for 1M tokens against about 30 s, twenty-second session). Any op that warns of a
-    non-deterministic kernel meanwhile stops the run, so a strict run stays reproducible end to end."""
+    """Strict determinism relaxed to warn-only while the parent samples text, and held to account: strict mode
+    made sampling 12x slower on the GPU (389 s for 1M tokens against about 30 s, twenty-second session). Any op
+    that warns of a non-deterministic kernel meanwhile stops the run. That is not yet enough: two strict runs
+    of the twenty-third session, no warning raised, sampled different anchor text (their full budgets' KD
+    parted at the first step while the smaller budgets trained bit for bit alike); each run prints its anchor
+    text's fingerprint, and benchmarks/check_sampling.py looks for the kernel."""
     if determinism() != "strict":
         yield
         return
@@ -378,6 +381,16 @@ def with_chat(heldouts: dict, parent, tokenizer) -> dict:
             raise SystemExit("--heldout chat: the parent answers through its tokenizer's chat template, and this "
                              "tokenizer has none")
     return heldouts
+
+
+def fingerprint(tokens) -> str:
+    """A short hash of token ids: a (n,) or (rows, n) tensor, or chat transcripts ((ids, prompt_len) each). Two
+    runs whose held-out (or anchor) fingerprints differ read different text, whatever their seeds say."""
+    h = hashlib.sha256()
+    for ids, start in (tokens if isinstance(tokens, list) else [(tokens, 0)]):
+        h.update(ids.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+        h.update(str(start).encode())
+    return h.hexdigest()[:16]
 
 
 def heldout_sizes(heldouts: dict) -> dict:
@@ -650,6 +663,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                 ANCHOR_ROWS[key] = anchor_text(parse_anchor_data(args.anchor_data), teacher, tokenizer, rows.shape[1],
                                                tokens_per_step // rows.shape[1], key[-1], seed=args.seed)
         anchor_rows = ANCHOR_ROWS[key]
+        print(f"  anchor text fingerprint {fingerprint(anchor_rows)}", flush=True)
     # a delta beside a hold that trains: the parent's held values, in the student's precision before it trains,
     # for the full model that `elastify --full-keeps-held` writes (scored as "full_keeps_held")
     # (kept from the first step instead, tcfg.full_keeps_held, the full row itself is that model)
@@ -665,6 +679,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     every, last_el = max(1, steps // 10), 0.0
+    full_name = next((b.name for b in budgets if b.is_full), None)  # its KD on the anchor's rows, when anchored
     # trajectory: each smaller budget's argmax architecture after every tenth: when did it settle?
     while trainer.step < steps:  # the package's loop (ElasticTrainer.run), a tenth at a time
         logs += trainer.run(progress=False, stop_after=every)  # with a state dir, saves the state too
@@ -683,7 +698,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
         tok_s = (trainer.step - start) * tokens_per_step / el
         recent = {}
         for lg in logs[-every:]:
-            for name, kd in budget_kds(lg):
+            for name, kd in budget_kds(lg, full_name):
                 recent.setdefault(name, []).append(kd)
         cost = {lg["budget"]: lg.get("argmax_cost_fraction") for lg in logs[-every:] if "argmax_cost_fraction" in lg}
         print(f"    {variant} step {trainer.step:5d}/{steps}  kd "
@@ -714,7 +729,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                 keeps_held = score(with_values(small, parents_held), heldouts, args)
         ppl = score(small, heldouts, args)
         del small
-        kd = [v for lg in tail for name, v in budget_kds(lg) if name == b.name]
+        kd = [v for lg in tail for name, v in budget_kds(lg, full_name) if name == b.name]
         row(variant, b, None, spec, ppl, steps * tokens_per_step,
             cost_vs_target=costs.spec_cost("params", spec) / b.target,
             projection=proj.to_dict() if proj is not None else None,
@@ -734,6 +749,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                         "hold_pull": tcfg.hold_pull if tcfg.hold else None,
                         "anchor_data": args.anchor_data if anchor_rows is not None else None,
                         "anchor_mix": tcfg.anchor_mix if anchor_rows is not None else None,
+                        "anchor_sha": fingerprint(anchor_rows) if anchor_rows is not None else None,
                         "anchor_cos": cosines(logs),
                         "tokens_per_s": round(steps * tokens_per_step / train_s), "peak_gpu_gib": peak,
                         "selection": trainer.selection, "argmax_trajectory": trajectory,
@@ -756,10 +772,14 @@ def cosines(logs: list[dict]) -> dict | None:
             "last_tenth_mean": sum(last) / len(last)}
 
 
-def budget_kds(log: dict) -> list[tuple[str, float]]:
-    """(budget, distillation loss) of every budget a step trained: the sampled one, and with
-    --all-budgets the others (logged as kd@NAME)."""
-    return [(log["budget"], log["kd"])] + [(k[3:], v) for k, v in log.items() if k.startswith("kd@")]
+def budget_kds(log: dict, full: str | None = None) -> list[tuple[str, float]]:
+    """(budget, distillation loss) of every budget a step trained: the sampled one, with --all-budgets the
+    others (logged as kd@NAME), and with the full anchor the full budget `full` (logged as full_kd, on the
+    anchor's rows)."""
+    out = [(log["budget"], log["kd"])] + [(k[3:], v) for k, v in log.items() if k.startswith("kd@")]
+    if full is not None and "full_kd" in log and all(name != full for name, _ in out):
+        out.append((full, log["full_kd"]))
+    return out
 
 
 def out_of_time(elapsed_s: float, last_tenth_s: float, limit_s: float | None) -> bool:
@@ -850,8 +870,8 @@ def run_a(args, device, res: Results) -> dict:
     train, held = load_corpus_tokens(args.train_data, tokenizer, seed=args.seed, max_docs=args.max_docs)
     heldouts = with_chat(heldout_streams(tokenizer, args, held), parent, tokenizer)
     part.update(parent={"name": path.name, "params": parent.num_parameters(), "config": parent.config.to_dict()},
-                heldout=heldout_sizes(heldouts), eval_seq_len=args.eval_seq_len,
-                setup_seconds=round(clock(device) - t0, 1))
+                heldout=heldout_sizes(heldouts), heldout_sha={k: fingerprint(v) for k, v in heldouts.items()},
+                eval_seq_len=args.eval_seq_len, setup_seconds=round(clock(device) - t0, 1))
     print(f"A: {path.name}, {parent.num_parameters():,} parameters on {res.data['machine']}; {train.numel():,} "
           f"train tokens of {args.train_data}; held-out {part['heldout']}  [{part['setup_seconds']} s]", flush=True)
     sorted_parent = copy.deepcopy(parent)
@@ -890,8 +910,8 @@ def run_b(args, device, res: Results) -> dict:
     log = zs.train_moe(parent, train, pre, device)  # returns the fp32 model in eval mode
     heldouts = with_chat(heldouts, parent, tokenizer)
     part.update(parent={"params": parent.num_parameters(), "config": cfg.to_dict()},
-                heldout=heldout_sizes(heldouts), eval_seq_len=args.eval_seq_len,
-                pretraining={"data": f"{args.train_data} (train split)", "steps": args.pretrain_steps,
+                heldout=heldout_sizes(heldouts), heldout_sha={k: fingerprint(v) for k, v in heldouts.items()},
+                eval_seq_len=args.eval_seq_len, pretraining={"data": f"{args.train_data} (train split)", "steps": args.pretrain_steps,
                              "batch_size": args.pretrain_batch_size, "seq_len": args.pretrain_seq_len,
                              "tokens": args.pretrain_steps * args.pretrain_batch_size * args.pretrain_seq_len,
                              "lr": args.pretrain_lr, "balance_rate": args.balance_rate,

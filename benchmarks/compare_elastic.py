@@ -57,6 +57,27 @@ def rows_of(run: dict, name: str, part: str, method: str | None) -> tuple[str, d
     return method, {r["budget"]: r for r in rows if r["method"] == method}
 
 
+PARENT_TOLERANCE = 1e-3  # the parent on the same text scores the same, to a GPU's rounding
+
+
+def same_text(pair: str, b_part: dict, c_part: dict) -> dict:
+    """The parent's perplexities of run B, once both runs are seen to score the same held-out text: their
+    held-out fingerprints agree (runs from the twenty-third session on), and so does the untouched parent's
+    perplexity on every source both score. A seed alone does not make it the same text: another tokenizer,
+    corpus or --max-docs draws other tokens, and a ratio across them would measure that."""
+    parents = [next(r for r in p["rows"] if r["method"] == "parent")["perplexity"] for p in (b_part, c_part)]
+    prints = [p.get("heldout_sha") or {} for p in (b_part, c_part)]
+    for s in sorted(set(prints[0]) & set(prints[1])):
+        if prints[0][s] != prints[1][s]:
+            raise SystemExit(f"compare_elastic: {pair}: the two runs score different held-out {s} text "
+                             f"(fingerprints {prints[0][s]} and {prints[1][s]})")
+    for s in [s for s in parents[0] if s in parents[1]]:
+        if abs(parents[0][s] / parents[1][s] - 1) > PARENT_TOLERANCE:
+            raise SystemExit(f"compare_elastic: {pair}: the parent scores {parents[0][s]:.2f} against "
+                             f"{parents[1][s]:.2f} on {s}: the two runs score different held-out text")
+    return parents[0]
+
+
 def compare(runs: dict, pair: str, part: str = "A") -> dict:
     """The ratios of one pair "B[@METHOD]:C" (see the module doc)."""
     try:
@@ -74,7 +95,7 @@ def compare(runs: dict, pair: str, part: str = "A") -> dict:
     method, b_rows = rows_of(b_run, b_name, part, method or None)
     _, c_rows = rows_of(c_run, c_name, part, "minitron")
     b_part, c_part = _part(b_run, b_name, part), _part(c_run, c_name, part)
-    parent = next(r for r in b_part["rows"] if r["method"] == "parent")["perplexity"]
+    parent = same_text(pair, b_part, c_part)
     how = b_part.get("methods", {}).get(method, {})
     out = {"pair": pair, "method": method, "seed": b_run.get("seed"),
            "lr": b_part["training"].get("lr"), "lr_c": c_part["training"].get("lr"),

@@ -162,7 +162,8 @@ def generate(model: Model, input_ids: torch.Tensor, max_new_tokens: int, tempera
 
 @torch.no_grad()
 def sample_rows(model: Model, rows: int, length: int, batch_size: int = 64, temperature: float = 1.0,
-                seed: int = 0, progress: bool = False, prefix: list[int] | None = None) -> torch.Tensor:
+                seed: int = 0, progress: bool = False, prefix: list[int] | None = None,
+                use_graph: bool | None = None) -> torch.Tensor:
     """(rows, length) token ids sampled from `model` itself, each row from a first token drawn uniformly
     from the vocabulary, then at `temperature` (LLM-QAT's data-free recipe, Liu et al. 2023): text from
     the model's own distribution, on whatever it knows, for distilling it where no such text is at hand
@@ -179,5 +180,6 @@ def sample_rows(model: Model, rows: int, length: int, batch_size: int = 64, temp
         n = min(batch_size, rows - lo)
         start = (torch.tensor([prefix] * n, dtype=torch.long) if prefix else
                  torch.randint(model.config.vocab_size, (n, 1), generator=first))
-        out.append(generate(model, start, length - start.shape[1], temperature=temperature, generator=noise).cpu())
+        out.append(generate(model, start, length - start.shape[1], temperature=temperature, generator=noise,
+                            use_graph=use_graph).cpu())
     return torch.cat(out) if out else torch.empty(0, length, dtype=torch.long)

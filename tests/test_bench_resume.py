@@ -65,7 +65,8 @@ def test_joint_anchor_trains_the_recorded_architectures_with_the_full_model_on_e
     out = tmp_path / "b.json"
     argv = [a if a != "elastic" else "joint_anchor" for a in BENCH if a != "--no-minitron"]
     r = subprocess.run(argv + ["--minitron-arch", f"{earlier}:elastic_anchor", "--stage2-weights", "0,3,1",
-                               "--kd-weights", "1,2,1", "--budget-lrs", "1e-3,2e-3,2e-3", "--json", str(out)], capture_output=True, text=True, timeout=600)
+                               "--kd-weights", "1,2,1", "--budget-lrs", "1e-3,2e-3,2e-3", "--anchor-data", "self",
+                               "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     part = json.loads(out.read_text())["B"]
     spec = {m: {row["budget"]: row["spec"] for row in part["rows"] if row["method"] == m and row["budget"] != "1.0"}
@@ -75,6 +76,11 @@ def test_joint_anchor_trains_the_recorded_architectures_with_the_full_model_on_e
     assert method["full_anchor"] == ElastifyConfig.full_anchor and method["budget_lrs"] == [1e-3, 2e-3, 2e-3]
     steps = {row["budget"]: row["steps_sampled"] for row in part["rows"] if row["method"] == "joint_anchor"}
     assert steps["1.0"] == 0 and steps["0.75"] > steps["0.5"]  # every step a smaller budget, stage 2 tilted
+    # the full budget, distilled beside every sampled one, reports its KD (on the anchor's rows) all the same
+    kd = {row["budget"]: row["final_kd"] for row in part["rows"] if row["method"] == "joint_anchor"}
+    assert all(v is not None and v > 0 for v in kd.values()), kd
+    assert list(part["heldout_sha"]) == ["wiki"] and len(part["heldout_sha"]["wiki"]) == 16
+    assert f"anchor text fingerprint {method['anchor_sha']}" in r.stdout  # two runs on the same rows print one
 
 
 def test_malformed_weights_are_one_line_errors():

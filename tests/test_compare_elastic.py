@@ -70,3 +70,20 @@ def test_a_run_marked_invalid_is_printed_with_its_reason(tmp_path, capsys):
     assert json.loads((tmp_path / "out.json").read_text())["pairs"][0]["invalid"] == {"J": bad["invalid"]}
     assert compare({"J": _run(0, "joint_anchor", {"0.75": {"wiki": 1.0}}),
                     "C": _run(0, "minitron", {"0.75": {"wiki": 1.0}})}, "J:C")["invalid"] == {}
+
+
+def test_runs_that_score_different_held_out_text_are_refused_whatever_their_seeds():
+    """A seed does not fix the text: another tokenizer or corpus draws other tokens (the twenty-third session's
+    runs with --tokenizer scored the parent 15.32 on wiki against 16.31). The untouched parent's perplexity
+    tells, and so do the held-out fingerprints of newer runs."""
+    base = _run(0, "joint_anchor", {"0.75": {"wiki": 12.0, "bible": 24.0}})
+    other_text = _run(0, "minitron", {"0.75": {"wiki": 12.0, "bible": 24.0}}, parent={"wiki": 10.5, "bible": 20.0})
+    with pytest.raises(SystemExit, match="the parent scores 10.00 against 10.50 on wiki: the two runs score"):
+        compare({"J": base, "C": other_text}, "J:C")
+    same = _run(0, "minitron", {"0.75": {"wiki": 12.0, "bible": 24.0}}, parent={"wiki": 10.0001, "bible": 20.0})
+    assert compare({"J": base, "C": same}, "J:C")["budgets"]["0.75"]["vs_c"]["wiki"] == pytest.approx(0.0)
+    base["A"]["heldout_sha"], same["A"]["heldout_sha"] = {"wiki": "aa", "bible": "bb"}, {"wiki": "aa", "bible": "cc"}
+    with pytest.raises(SystemExit, match="different held-out bible text"):
+        compare({"J": base, "C": same}, "J:C")
+    same["A"]["heldout_sha"]["bible"] = "bb"
+    assert compare({"J": base, "C": same}, "J:C")["budgets"]

@@ -14,6 +14,7 @@
 #   BATCHING [args] | SERVE [args] | LOAD  issue 12's serving tables at Nano widths (bench_batching/serve/load --model nano;
 #                               LOAD needs .devcarry/serve_wheels: the server's packages, which the GPU machine lacks)
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
+#   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
 #   PLAN17 1|..|33|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
@@ -82,7 +83,10 @@ DEMOBG) shift; join  # the demo longer than one call (issue 15's ~15 minutes): s
       echo "demo: exit $?, $SECONDS s wall" >> '$H'/demo_bg.log' demo "$@" < /dev/null > /dev/null 2>&1 &
     touch $H/demo_bg.txt; fi
   for i in $(seq ${RUN_LIMIT:-560}); do grep -q "^demo: exit" $H/demo_bg.log 2>/dev/null && break; sleep 1; done
-  grep -v "%|" $H/demo_bg.log > $OUT/demo.txt; tail -n 45 $OUT/demo.txt ;;
+  # tqdm's bars are carriage-return updates of one line: the text without them, then the newest bar (where it is)
+  tr '\r' '\n' < $H/demo_bg.log | grep -v "%|" > $OUT/demo.txt
+  grep -q "^demo: exit" $OUT/demo.txt || tr '\r' '\n' < $H/demo_bg.log | grep "%|" | tail -n 1 | sed 's/^/latest: /' >> $OUT/demo.txt
+  tail -n 45 $OUT/demo.txt ;;
 EVALI) python3 -m star_elastic eval $H/demo --data wiki --budgets 1.0,0.9,0.75,0.6,0.5 --json $OUT/eval_interpolated.json \
   2>&1 | grep -v "%|" | tail -n 15 ;;
 BATCHING) shift; python3 benchmarks/bench_batching.py --model nano --device cuda --batch-sizes 1,8,32,64 \
@@ -93,6 +97,9 @@ LOAD) python3 -m pip install -q --no-index --find-links .devcarry/serve_wheels -
   PYTHONPATH=$H/serve:$PYTHONPATH python3 benchmarks/bench_load.py --model nano --device cuda --clients 64 --seconds 30 --baseline-seconds 15 --json $OUT/load_nano.json 2>&1 | tee $OUT/load.log | tail -n 40 ;;  # the log comes back even if cut
 KERNELS) shift; PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_kernels.py --parts train \
   --json $OUT/kernels_train.json "$@" 2>&1 | grep -v "%|" | tail -n 40 ;;
+SAMPLEDET) shift; join  # issue 17: is the anchor's sampled text the same run to run? twice side by side, each mode twice
+  for k in 1 2; do python3 benchmarks/check_sampling.py --json $OUT/check_sampling_$k.json "$@" > $OUT/check_sampling_$k.txt 2>&1 & done
+  wait; head -n 30 $OUT/check_sampling_1.txt $OUT/check_sampling_2.txt ;;
 FP8) join; for f in "" --fp8-matmul; do  # SmolLM2 held-out perplexity and tok/s, dequantised vs FP8 matmuls
   python3 -m star_elastic eval --data wiki --split heldout --max-tokens 65536 --json $OUT/fp8_eval${f:+_matmul}.json $f \
     2>&1 | grep -v "%|" | tail -n 3; done ;;
