@@ -159,6 +159,9 @@ def parse_args(argv=None):
                     help="anchored variants: the full budget gets a rank-R delta of its own on every linear layer, "
                          "which the anchor alone trains, leaving the shared weights to the smaller budgets; the "
                          "full budget is evaluated merged (TrainConfig.full_delta_rank)")
+    ap.add_argument("--full-delta-lr", type=float, default=0.0, metavar="LR",
+                    help="with --full-delta-rank: the delta's own learning rate (default 0: the model's; "
+                         "TrainConfig.full_delta_lr)")
     ap.add_argument("--hold", metavar="PARTS", type=comma_list,
                     help="anchored variants: hold these at or near the parent's values in every budget, "
                          "comma-separated: embeddings (with the LM head), norms (TrainConfig.hold; frozen unless "
@@ -635,6 +638,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                        train_on=args.train_on, all_budgets=args.all_budgets,
                        anchor_projection=args.anchor_projection and variant in ANCHORED,
                        full_delta_rank=args.full_delta_rank if variant in ANCHORED else 0,
+                       full_delta_lr=args.full_delta_lr if variant in ANCHORED else 0.0,
                        hold=args.hold if variant in ANCHORED else None,
                        hold_rate=args.hold_rate if variant in ANCHORED else 0.0,
                        hold_pull=args.hold_pull if variant in ANCHORED else 0.0,
@@ -741,6 +745,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                         "train_on": tcfg.train_on, "all_budgets": tcfg.all_budgets, "budget_lrs": tcfg.budget_lrs,
                         "anchor_projection": tcfg.anchor_projection, "stage1_fraction": tcfg.stage1_fraction,
                         "full_delta_rank": tcfg.full_delta_rank or None,
+                        "full_delta_lr": tcfg.full_delta_lr or None,
                         "full_without_delta": without_delta if trainer.delta is not None else None,
                         "full_with_parents_rest": parent_rest if trainer.delta is not None else None,
                         "full_keeps_held": keeps_held if parents_held is not None else None,

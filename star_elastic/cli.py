@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "smaller budgets share; written merged into the weights, A and B in "
                              "full_delta.safetensors (docs/METHOD.md; measured: smaller budgets better, the full "
                              "model further from its parent out of domain; default 0: none)")
+        sp.add_argument("--full-delta-lr", type=float, default=0.0, metavar="LR",
+                        help="with --full-delta-rank: the delta's own learning rate (default 0: --lr's). A low-rank "
+                             "delta starting at zero follows the shared weights' drift slowly at their rate")
         sp.add_argument("--hold", metavar="PARTS",
                         help="hold these at the parent's values in every budget, comma-separated: embeddings (with "
                              "the LM head), norms. Measured with --full-delta-rank: the embeddings carry the full "
@@ -209,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--router-prior", type=float, default=0.0, help="as elastify's (default 0: off)")
     full_budget_args(sp)
     # not given: the preset's (on the CPU elastify's defaults; on a GPU the recipe that keeps the full budget)
-    sp.set_defaults(anchor_data=None, anchor_mix=None, full_delta_rank=None, hold=None, hold_rate=None, hold_pull=None,
-                    full_keeps_held=None)
+    sp.set_defaults(anchor_data=None, anchor_mix=None, full_delta_rank=None, full_delta_lr=None, hold=None,
+                    hold_rate=None, hold_pull=None, full_keeps_held=None)
     sp.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
                     help="as elastify's (default auto: each layer under torch.compile on a GPU)")
     sp.add_argument("--out", default="runs/demo-elastic", help="where the elastic checkpoint goes")

@@ -79,6 +79,7 @@ class ElastifyConfig:
     # sessions): the 0.75 level with separate distillation in domain and the 0.5 ahead, but the full model
     # +3.0-3.8% on Shakespeare (anchor 0.5 without it: +0.5%); hence off by default
     full_delta_rank: int = 0
+    full_delta_lr: float = 0.0  # its own rate (TrainConfig.full_delta_lr; 0: --lr)
     # the embeddings (with the LM head) and / or norms held at or near the parent's (TrainConfig.hold, hold_rate,
     # hold_pull). Measured (§9, seventeenth session): both frozen beside the delta keep the full model within 1%
     # of its parent everywhere at two seeds, at a cost to the smaller budgets (0.75 up to 4%, 0.5 up to 9% behind
@@ -329,6 +330,9 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                "not with FSDP2 sharding: add --shard none" if ranks > 1 and cfg.shard != "none" else None)
         if why:
             raise StarElasticError(f"--full-delta-rank {cfg.full_delta_rank}: {why}")
+    if cfg.full_delta_lr < 0 or (cfg.full_delta_lr and not cfg.full_delta_rank):
+        raise StarElasticError(f"--full-delta-lr {cfg.full_delta_lr:g}: " + (
+            "a rate is positive (0: --lr's)" if cfg.full_delta_lr < 0 else "it is the rate of --full-delta-rank's delta: give a rank"))
     why = hold_problem(cfg.hold, cfg.hold_rate, cfg.hold_pull, ranks > 1 and cfg.shard != "none", cfg.budget_lrs is not None)
     if why:
         raise StarElasticError(f"--hold {','.join(cfg.hold or [])}: {why}")
@@ -457,7 +461,8 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                        router_prior=cfg.router_prior, shard=cfg.shard, compile=cfg.compile,
                        all_budgets=cfg.all_budgets, train_on=cfg.train_on, budget_lrs=budget_lrs,
                        anchor_projection=cfg.anchor_projection, anchor_mix=cfg.anchor_mix,
-                       full_delta_rank=cfg.full_delta_rank, hold=cfg.hold, hold_rate=cfg.hold_rate,
+                       full_delta_rank=cfg.full_delta_rank, full_delta_lr=cfg.full_delta_lr, hold=cfg.hold,
+                       hold_rate=cfg.hold_rate,
                        hold_pull=cfg.hold_pull, full_keeps_held=cfg.full_keeps_held == "training")
     anchor_rows = None if anchor_spec is None else anchor_text(
         anchor_spec, teacher, tokenizer, row_len, cfg.batch_size * cfg.seq_len // row_len,

@@ -370,12 +370,34 @@ def load_tokenizer(path):
         return None
 
 
+GGUF_CONVERSION = 2  # 2: special tokens as the GGUF file says (special_tokens_from_gguf)
+
+
+def special_tokens_from_gguf(tokenizer, gguf: Path) -> None:
+    """Set the tokenizer's BOS, EOS, padding and unknown tokens to the ids the GGUF file names, where the reader
+    made them otherwise: transformers 5.17 (the GPU machines') read SmolLM2-Instruct's EOS as <|im_start|>, the
+    file's BOS, against <|im_end|> in the file, so that documents were joined and answers ended at the wrong
+    token (the parent's held-out perplexity 16.31 on wiki against 15.32, docs/RESULTS.md §9)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf)).fields
+    for role in ("bos", "eos", "padding", "unknown"):
+        field = fields.get(f"tokenizer.ggml.{role}_token_id")
+        if field is None:
+            continue
+        tid = int(field.parts[field.data[0]][0])
+        attr = {"padding": "pad", "unknown": "unk"}.get(role, role)
+        if getattr(tokenizer, f"{attr}_token_id", None) != tid and 0 <= tid < len(tokenizer):
+            setattr(tokenizer, f"{attr}_token", tokenizer.convert_ids_to_tokens(tid))
+
+
 def gguf_to_safetensors(gguf: Path) -> Path:
     """Convert a GGUF file once (dequantised through transformers' reader) into a cached HF directory."""
     from .assets import CACHE_DIR
 
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    # GGUF_CONVERSION in the key: a directory converted before the special tokens were checked is converted again
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}:{GGUF_CONVERSION}".encode()).hexdigest()[:16]
     out = Path(CACHE_DIR) / "gguf" / f"{gguf.stem}-{key}"
     if (out / "config.json").exists():
         return out
@@ -391,6 +413,7 @@ def gguf_to_safetensors(gguf: Path) -> Path:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as e:
         raise StarElasticError(f"{gguf}: cannot read GGUF file ({str(e).splitlines()[0]})") from None
+    special_tokens_from_gguf(tok, gguf)
     config = hf.config.to_dict()
     config.pop("quantization_config", None)  # the weights were dequantised to fp32 on reading
     state = hf.state_dict()

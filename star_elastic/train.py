@@ -109,6 +109,10 @@ class TrainConfig:
     #                           linear layer, trained by the anchor alone, which then leaves the shared weights to
     #                           the smaller budgets (elastic/delta.py; elastify --full-delta-rank); its gradient is
     #                           clipped on its own, so the anchor does not scale their step either
+    full_delta_lr: float = 0.0  # the delta's own rate (0: `lr`). B starts at zero and moves at Adam's pace, the
+    #                             shared weights drift at the same pace, and a rank-R product of two such factors
+    #                             follows a full-rank drift slowly (LoRA+ gives B a higher rate for this reason);
+    #                             the GPU runs left the full model +8% on the parent's chat answers (RESULTS §9)
     # held at or near the parent's values in every budget: "embeddings" (with the LM head), "norms", or both
     # (delta.HELD_PARTS). Frozen (hold_rate 0) beside the delta, the full model's only drift is in the linear
     # layers its delta covers: measured, within 1% of its parent everywhere at two seeds, but the 0.75 up to 4%
@@ -738,6 +742,9 @@ class ElasticTrainer:
         if why:
             raise StarElasticError(f"full_keeps_held keeps the parent's values of what `hold` trains for the full "
                                    f"budget beside its delta: {why}")
+        if cfg.full_delta_lr < 0 or (cfg.full_delta_lr and not cfg.full_delta_rank):
+            raise StarElasticError(f"full_delta_lr {cfg.full_delta_lr:g}: " + (
+                "a rate is positive (0: the model's)" if cfg.full_delta_lr < 0 else "there is no delta (full_delta_rank 0)"))
         if not cfg.full_delta_rank:
             return None
         why = ("it needs the full anchor (full_anchor > 0)" if not cfg.full_anchor else
@@ -749,7 +756,8 @@ class ElasticTrainer:
         delta = FullDelta(self.model, cfg.full_delta_rank, seed=cfg.seed + 4)
         if cfg.full_keeps_held:  # the parent's values, taken before any resume loads trained ones
             delta.keep(self.model, held_values(self.model, cfg.hold))
-        groups.append({"params": list(delta.parameters()), "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": 0.0})
+        lr = cfg.full_delta_lr or cfg.lr
+        groups.append({"params": list(delta.parameters()), "lr": lr, "base_lr": lr, "weight_decay": 0.0})
         return delta
 
     def _as_full(self):

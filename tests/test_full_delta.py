@@ -121,11 +121,12 @@ def test_the_bench_trains_and_scores_the_full_budget_with_its_delta(tmp_path):
 
     out = tmp_path / "b.json"
     argv = [a if a != "elastic" else "elastic_anchor" for a in BENCH]
-    r = subprocess.run(argv + ["--full-anchor", "1", "--full-delta-rank", "2", "--json", str(out)],
+    r = subprocess.run(argv + ["--full-anchor", "1", "--full-delta-rank", "2", "--full-delta-lr", "3e-3", "--json", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     part = json.loads(out.read_text())["B"]
     assert part["methods"]["elastic_anchor"]["full_delta_rank"] == 2
+    assert part["methods"]["elastic_anchor"]["full_delta_lr"] == 3e-3
     full = {row["method"]: row["perplexity"] for row in part["rows"] if row["budget"] == "1.0"}
     # scored merged: the shared weights alone (recorded beside it) are another model
     assert full["elastic_anchor"] != part["methods"]["elastic_anchor"]["full_without_delta"]
@@ -265,3 +266,22 @@ def _resumes_exactly(tmp_path, **kw):
     rest = second.run(progress=False)
     assert [lg["total"] for lg in rest] == pytest.approx([lg["total"] for lg in want[2:]], rel=1e-6, abs=1e-7)
     return second
+
+
+def test_the_delta_moves_at_its_own_rate_and_the_shared_weights_do_not_notice(tmp_path):
+    """TrainConfig.full_delta_lr: Adam's first step moves every entry of B (zero at the start) by the rate
+    itself, so at ten times the rate B's largest entry is ten times as large; the smaller budgets' weights
+    train exactly as before."""
+    runs = {}
+    for name, lr in (("same", 0.0), ("ten", 10.0)):
+        t = _trainer(tmp_path, name, full_anchor=1.0, full_delta_rank=4, steps=1, lr=1e-3, full_delta_lr=lr * 1e-3)
+        t.run(progress=False)
+        runs[name] = t
+    size = {k: max(float(p.detach().abs().max()) for p in t.delta.up.values()) for k, t in runs.items()}
+    assert size["same"] > 0 and size["ten"] / size["same"] == pytest.approx(10, rel=1e-3)
+    for a, b in zip(runs["same"].model.parameters(), runs["ten"].model.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(StarElasticError, match="there is no delta"):
+        _trainer(tmp_path, "c", full_anchor=1.0, full_delta_lr=1e-3)
+    with pytest.raises(StarElasticError, match="a rate is positive"):
+        _trainer(tmp_path, "d", full_anchor=1.0, full_delta_rank=2, full_delta_lr=-1.0)

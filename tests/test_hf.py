@@ -351,3 +351,27 @@ def test_save_with_tokenizer(tmp_path):
     out = hf.save_pretrained(our_llama(), tmp_path / "ckpt", tokenizer=tok)
     back = hf.load_tokenizer(out)
     assert back is not None and back("w3 w7")["input_ids"] == tok("w3 w7")["input_ids"]
+
+
+def test_a_gguf_files_special_tokens_win_over_what_the_reader_made_of_them(tmp_path):
+    """transformers 5.17 read SmolLM2-Instruct's EOS as its BOS (<|im_start|>) where the GGUF file says
+    <|im_end|>: documents were joined and chat answers ended at the wrong token on the GPU machines. The
+    conversion sets BOS, EOS and padding to the file's ids, and leaves a token the file does not name alone."""
+    import gguf
+
+    from conftest import word_tokenizer
+
+    path = tmp_path / "m.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(2)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tok = word_tokenizer(tmp_path)
+    tok.eos_token = "<s>"  # the reader's mistake: EOS = BOS
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 1, None)
+    hf.special_tokens_from_gguf(tok, path)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (1, 2, 2, 0)
