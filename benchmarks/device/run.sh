@@ -16,7 +16,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|33|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|35|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -116,6 +116,7 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # and norms held at the full rate (add the pull); KEPT: pulled at 30 and kept from the first step (since 30)
   HELD="--lr-a 2e-4 --full-delta-rank 64 --anchor-data self --anchor-mix 0.5 --hold embeddings,norms --hold-rate 1"
   KEPT="$HELD --hold-pull 30 --full-keeps-held-training"
+  CHAT="--heldout wiki,shakespeare,bible,wiki-fr,chat"  # with the parent's own chat answers as a fifth source
   HB="--part B --tokenizer $H/tok --heldout wiki,shakespeare,bible,wiki-fr --variants elastic_anchor --minitron-arch elastic"
   case "$1" in  # J*: (c)'s architectures without the router, against E0c / E1c in $B
   1) bash $0 RUNS J0 "$J0" J1 "$J1" \
@@ -294,9 +295,21 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # side; equal figures mean paired lever comparisons at one seed become exact (and the time says its cost)
   # (with the chat source since the twenty-second session: the parent's own chat answers, scored as a fifth
   # held-out source; the (c) rows have none, so it shows in the full model's column against the parent)
-  33) CHAT="--heldout wiki,shakespeare,bible,wiki-fr,chat"
-     bash $0 RUNS J0mr64s1 "$J0 $KEPT --strict-determinism $CHAT" J0mr64s2 "$J0 $KEPT --strict-determinism $CHAT"
+  33) bash $0 RUNS J0mr64s1 "$J0 $KEPT --strict-determinism $CHAT" J0mr64s2 "$J0 $KEPT --strict-determinism $CHAT"
      ratios J0mr64s1:C2,J0mr64s2:C2 J0mr64s1 J0mr64s2 ;;
+  # 34-35 (for the next session, twenty-third session's note): the GGUF conversion now reads SmolLM2-Instruct's EOS
+  # as the file says (<|im_end|>; the GPU machine's transformers read <|im_start|>), so every run reads other text
+  # than before and compare_elastic refuses the old (c) runs: C2e is C2 again, J0k the recipe again (strict, chat
+  # source), both side by side; then the full model's chat drift (+8.3-8.6% on the parent's answers): the
+  # delta's own rate, 10x and 5x the model's (--full-delta-lr). Run SAMPLEDET first (a few minutes): does the
+  # anchor text come out the same in two processes (it did not in the twenty-third session's two strict runs)?
+  34) C="${A/--no-minitron/} --variants= --lr-a 2e-4"
+     bash $0 RUNS C2e "$C --seed 0 --minitron-arch $B#E0:elastic_anchor $CHAT" \
+       J0k "$J0 $KEPT --strict-determinism $CHAT"
+     ratios J0k:C2e J0k C2e ;;
+  35) bash $0 RUNS J0kl10 "$J0 $KEPT --strict-determinism $CHAT --full-delta-lr 2e-3" \
+       J0kl5 "$J0 $KEPT --strict-determinism $CHAT --full-delta-lr 1e-3"
+     ratios J0kl10:C2e,J0kl5:C2e J0kl10 J0kl5 ;;
   # 16K (for the next session): T = 16M like for like with the recipe that held the full model at both seeds
   # at 4M (J0mr64k), against 16j's (c) rows, resumable (call "16K" again until it is done, 3 calls or so)
   # (strict since the twenty-second session: two strict runs agreed step for step, warn-only ones did not)
