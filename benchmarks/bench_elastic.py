@@ -265,12 +265,14 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def score(model, heldouts: dict, args) -> dict:
-    """Held-out perplexity per source, fp32 (no autocast)."""
+def score(model, heldouts: dict, args, reference=None) -> dict:
+    """Held-out perplexity per source, fp32 (no autocast); with a `reference` (the parent) its KL from the
+    model instead, nats a scored position."""
     model.eval()
-    return {name: answer_scores(model, stream)["perplexity"] if isinstance(stream, list) else
+    key = "perplexity" if reference is None else "kl_from_reference"
+    return {name: answer_scores(model, stream, reference=reference)[key] if isinstance(stream, list) else
             perplexity(model, stream, seq_len=args.eval_seq_len, batch_size=args.eval_batch_size,
-                       progress=False)["perplexity"] for name, stream in heldouts.items()}
+                       progress=False, reference=reference)[key] for name, stream in heldouts.items()}
 
 
 def fmt(v) -> str:
@@ -732,6 +734,8 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
             if parents_held is not None:  # what elastify --full-keeps-held writes: the parent's held values put in
                 keeps_held = score(with_values(small, parents_held), heldouts, args)
         ppl = score(small, heldouts, args)
+        if b.is_full:  # how far the full model moved, which perplexity can hide (a flatter model gains on prose)
+            full_kl = score(small, heldouts, args, reference=teacher)
         del small
         kd = [v for lg in tail for name, v in budget_kds(lg, full_name) if name == b.name]
         row(variant, b, None, spec, ppl, steps * tokens_per_step,
@@ -750,6 +754,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                         "full_with_parents_rest": parent_rest if trainer.delta is not None else None,
                         "full_keeps_held": keeps_held if parents_held is not None else None,
                         "full_keeps_held_training": tcfg.full_keeps_held,
+                        "full_kl_from_parent": full_kl if any(b.is_full for b in budgets) else None,
                         "hold": tcfg.hold, "hold_rate": tcfg.hold_rate if tcfg.hold else None,
                         "hold_pull": tcfg.hold_pull if tcfg.hold else None,
                         "anchor_data": args.anchor_data if anchor_rows is not None else None,

@@ -122,6 +122,8 @@ def compare(runs: dict, pair: str, part: str = "A") -> dict:
     if "1.0" in b_rows:
         full = b_rows["1.0"]["perplexity"]
         out["full_vs_parent"] = {s: full[s] / parent[s] - 1 for s in parent}
+    if how.get("full_kl_from_parent"):  # nats a token (bench_elastic from the twenty-third session on)
+        out["full_kl_from_parent"] = how["full_kl_from_parent"]
     for key in ("full_without_delta", "full_with_parents_rest", "full_keeps_held"):  # a delta run's (bench_elastic)
         if how.get(key):
             out[key + "_vs_parent"] = {s: how[key][s] / parent[s] - 1 for s in parent}
@@ -161,6 +163,9 @@ def main(argv=None):
             print(f"  {budget:>5} [{100 * v['param_fraction']:.1f}%] {fmt(v['vs_c'])}   {v['architecture']}")
         if "full_vs_parent" in r:
             print(f"  full against its parent: {fmt(r['full_vs_parent'])}")
+        if "full_kl_from_parent" in r:
+            print("    the parent's KL from it, nats a token: "
+                  + " / ".join(f"{v:.4f}" for v in r["full_kl_from_parent"].values()))
         if "full_without_delta_vs_parent" in r:
             print(f"    its shared weights alone: {fmt(r['full_without_delta_vs_parent'])}")
         if "full_with_parents_rest_vs_parent" in r:

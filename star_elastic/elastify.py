@@ -210,17 +210,17 @@ def drift_source(data: str, drift_data: str | None) -> str | None:
                 None)
 
 
-def masked_scores(model, spec, heldout, cfg: ElastifyConfig, device, delta=None) -> dict:
+def masked_scores(model, spec, heldout, cfg: ElastifyConfig, device, delta=None, reference=None) -> dict:
     """The budget `spec` of `model` on held-out text: {"perplexity"} on a token stream; on chat transcripts
     (chat_transcripts) answer_scores' (the answers' perplexity, first_token_kept). `delta`: the full budget's
-    own (delta.py), applied when `spec` keeps the whole parent."""
+    own (delta.py), applied when `spec` keeps the whole parent. `reference` (the parent): its KL from it too."""
     full = delta is not None and not spec.to_dict()
     with masked(model, spec.masks(model.config, device=device)), delta.applied(model) if full else nullcontext(), \
             torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         if isinstance(heldout, list):
-            return answer_scores(model, heldout, device)
+            return answer_scores(model, heldout, device, reference=reference)
         return perplexity(model, heldout, seq_len=cfg.seq_len, batch_size=4, max_tokens=cfg.eval_tokens,
-                          progress=False, device=device)
+                          progress=False, device=device, reference=reference)
 
 
 def masked_perplexity(model, spec, heldout, cfg: ElastifyConfig, device, delta=None) -> float:
@@ -502,7 +502,6 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     steps_per_budget = {b.name: sum(1 for s in step_logs if s["budget"] == b.name or (b.is_full and "full_kd" in s)
                                     or f"kd@{b.name}" in s) for b in budgets}
     log("steps per budget: " + ", ".join(f"{k} {v}" for k, v in steps_per_budget.items()) + f" of {len(step_logs)}")
-    del teacher
 
     router.eval()
     costs = CostModel(model.config)
@@ -523,10 +522,12 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                 "alone; --router-prior holds the router near its start")
     drift = {}
     for name, stream in heldouts.items():
-        got = {"perplexity": after[budgets[0].name]} if name == "train domain" and budgets[0].is_full else \
-            masked_scores(model, ElasticSpec(), stream, cfg, device, trainer.delta)
+        # with the parent's KL from the full budget: a flatter full model scores better on prose its parent is
+        # unsure of and worse on its parent's own answers, at one distance from it (docs/RESULTS.md §9)
+        got = masked_scores(model, ElasticSpec(), stream, cfg, device, trainer.delta, reference=teacher)
         ppl = got["perplexity"]
-        drift[name] = {"parent": parent_ppl[name], "full_budget": ppl, "change": ppl / parent_ppl[name] - 1}
+        drift[name] = {"parent": parent_ppl[name], "full_budget": ppl, "change": ppl / parent_ppl[name] - 1,
+                       "kl_from_parent": got["kl_from_reference"]}
         if "first_token_kept" in got:  # chat answers: how many the full budget still begins as the parent did,
             # of all and of those the parent begins with a clear margin (a near-tie tips at the slightest training)
             sure = [i for i, m in enumerate(parent_scores[name]["first_margin"]) if m > CLEAR_MARGIN]
@@ -535,10 +536,12 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                 clear_first_tokens={"margin_nats": CLEAR_MARGIN, "answers": len(sure),
                                     "kept": sum(got["first_kept"][i] for i in sure)})
         log(f"  full budget vs parent on {name} held-out: {parent_ppl[name]:.3f} -> {ppl:.3f} "
-            f"({drift[name]['change']:+.2%})" + first_tokens(drift[name]))
+            f"({drift[name]['change']:+.2%}), KL from the parent {drift[name]['kl_from_parent']:.4f} nats a token"
+            + first_tokens(drift[name]))
         warning = chat_warning(drift[name])
         if warning:
             log(warning)
+    del teacher
     evaluation = {"data": data, "heldout_tokens": min(cfg.eval_tokens, heldout.numel()), "seq_len": cfg.seq_len,
                   "zero_shot_perplexity": before, "trained_perplexity": after, "full_budget_drift": drift}
     training = {"tokens": train_tokens, "steps": steps, "seconds": round(train_s, 1),

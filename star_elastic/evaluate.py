@@ -37,14 +37,23 @@ def windows(stream: torch.Tensor, seq_len: int, batch_size: int, max_tokens: int
     return [w[i: i + batch_size] for w in wins for i in range(0, w.shape[0], batch_size)]
 
 
+def _kl_sum(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Summed KL(reference || model) over the positions of two (..., vocab) logit tensors, in nats."""
+    ref = F.log_softmax(reference_logits.float().flatten(0, -2), dim=-1)
+    return F.kl_div(F.log_softmax(logits.float().flatten(0, -2), dim=-1), ref, log_target=True, reduction="sum").item()
+
+
 @torch.no_grad()
 def perplexity(model, stream: torch.Tensor, seq_len: int = 1024, batch_size: int = 4,
-               max_tokens: int | None = None, progress: bool = True, device=None) -> dict:
-    """Perplexity of `model` (ours, or any callable returning logits / an object with .logits)."""
+               max_tokens: int | None = None, progress: bool = True, device=None, reference=None) -> dict:
+    """Perplexity of `model` (ours, or any callable returning logits / an object with .logits). With a
+    `reference` model (a parent), also "kl_from_reference": the mean KL(reference || model) a scored position,
+    in nats, which sees a model move where perplexity may not (a flatter model scores better on text its
+    parent is unsure of and worse on text it is sure of, docs/RESULTS.md §9)."""
     batches = windows(stream, seq_len, batch_size, max_tokens)
     if device is None:
         device = next(model.parameters()).device if hasattr(model, "parameters") else "cpu"
-    nll, count = 0.0, 0
+    nll, kl, count = 0.0, 0.0, 0
     bar = tqdm(batches, desc="perplexity", unit="batch",
                disable=not progress or bool(os.environ.get("STAR_ELASTIC_QUIET")))
     for ids in bar:
@@ -52,10 +61,15 @@ def perplexity(model, stream: torch.Tensor, seq_len: int = 1024, batch_size: int
         logits = _logits(model, ids)[:, :-1].float()
         loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
         nll += loss.item()
+        if reference is not None:
+            kl += _kl_sum(_logits(reference, ids)[:, :-1], logits)
         count += ids[:, 1:].numel()
         bar.set_postfix(ppl=f"{math.exp(nll / count):.3f}")
-    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count,
-            "windows": sum(b.shape[0] for b in batches), "seq_len": seq_len}
+    out = {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count,
+           "windows": sum(b.shape[0] for b in batches), "seq_len": seq_len}
+    if reference is not None:
+        out["kl_from_reference"] = max(0.0, kl / count)
+    return out
 
 
 def answer_tokens(transcripts: list[tuple[torch.Tensor, int]]) -> int:
@@ -64,26 +78,33 @@ def answer_tokens(transcripts: list[tuple[torch.Tensor, int]]) -> int:
 
 
 @torch.no_grad()
-def answer_scores(model, transcripts: list[tuple[torch.Tensor, int]], device=None) -> dict:
+def answer_scores(model, transcripts: list[tuple[torch.Tensor, int]], device=None, reference=None) -> dict:
     """`model` on the answer tokens alone of chat transcripts, (ids, prompt_len) each, each token given
     everything before it (prompts and templates left out, so that a system prompt repeated in every transcript
     does not dilute the answers): its perplexity; per answer whether its first token is the model's argmax
     ("first_kept": for transcripts of a parent's greedy answers, the answers it would still begin the same
     way; a first token that tips starts another answer, at a cost to the perplexity too small to show) and
     the model's margin there, top log-probability less the second ("first_margin": a near-tie tips at the
-    slightest training); "first_token_kept", the share kept."""
+    slightest training); "first_token_kept", the share kept. With a `reference` model, "kl_from_reference" on
+    the answer positions, as perplexity's."""
     if device is None:
         device = next(model.parameters()).device
-    nll, kept, margins = 0.0, [], []
+    nll, kl, kept, margins = 0.0, 0.0, [], []
     for ids, start in transcripts:
         ids = ids.to(device)[None]
         logits = _logits(model, ids)[0, start - 1:-1].float()
         nll += F.cross_entropy(logits, ids[0, start:], reduction="sum").item()
+        if reference is not None:
+            kl += _kl_sum(_logits(reference, ids)[0, start - 1:-1], logits)
         top = logits[0].log_softmax(-1).topk(2).values
         kept.append(bool(logits[0].argmax() == ids[0, start]))
         margins.append(float(top[0] - top[1]))
-    return {"perplexity": math.exp(nll / max(answer_tokens(transcripts), 1)), "first_token_kept": sum(kept) / max(len(kept), 1),
-            "first_kept": kept, "first_margin": margins}
+    n = max(answer_tokens(transcripts), 1)
+    out = {"perplexity": math.exp(nll / n), "first_token_kept": sum(kept) / max(len(kept), 1), "first_kept": kept,
+           "first_margin": margins}
+    if reference is not None:
+        out["kl_from_reference"] = max(0.0, kl / n)
+    return out
 
 
 def _timed_logits(model, ids) -> tuple[torch.Tensor, float]:

@@ -181,6 +181,9 @@ def test_the_full_budgets_drift_on_the_parents_own_chat_answers(tmp_path, tokeni
     result = elastify(parent, tokenizer, str(text), tmp_path / "ckpt", cfg, log=lambda *_: None)
     chat = result["drift"]["chat answers"]
     assert chat["parent"] > 1 and chat["full_budget"] > 1 and chat["change"] != 0  # training moved it
+    # and the parent's KL from the full budget says how far (here barely moved: on the answers, to rounding)
+    assert result["drift"]["train domain"]["kl_from_parent"] > 0
+    assert all(0 <= d["kl_from_parent"] < 1e-3 for d in result["drift"].values()), result["drift"]
     # the parent begins every answer with its own greedy token (it wrote them), and the count is of answers
     assert chat["answers"] == len(CHAT_QUESTIONS) and chat["first_token_kept"]["parent"] == 1.0
     assert 0 <= chat["first_token_kept"]["full_budget"] <= 1

@@ -127,6 +127,8 @@ def test_the_bench_trains_and_scores_the_full_budget_with_its_delta(tmp_path):
     part = json.loads(out.read_text())["B"]
     assert part["methods"]["elastic_anchor"]["full_delta_rank"] == 2
     assert part["methods"]["elastic_anchor"]["full_delta_lr"] == 3e-3
+    kl = part["methods"]["elastic_anchor"]["full_kl_from_parent"]  # how far the full model moved, per source
+    assert list(kl) == list(part["heldout"]) and all(v > 0 for v in kl.values())
     full = {row["method"]: row["perplexity"] for row in part["rows"] if row["budget"] == "1.0"}
     # scored merged: the shared weights alone (recorded beside it) are another model
     assert full["elastic_anchor"] != part["methods"]["elastic_anchor"]["full_without_delta"]
