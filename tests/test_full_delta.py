@@ -287,3 +287,28 @@ def test_the_delta_moves_at_its_own_rate_and_the_shared_weights_do_not_notice(tm
         _trainer(tmp_path, "c", full_anchor=1.0, full_delta_lr=1e-3)
     with pytest.raises(StarElasticError, match="a rate is positive"):
         _trainer(tmp_path, "d", full_anchor=1.0, full_delta_rank=2, full_delta_lr=-1.0)
+
+
+def test_the_anchors_loss_reads_the_full_budgets_own_lm_head(tmp_path):
+    """The anchor's KD takes the LM head's input and weight (head_input, so that no batch of logits exists);
+    the full budget keeping the parent's embeddings (tied: the LM head) must be scored with its own head
+    there, as its forward and its export are. It was not (twenty-third session): the loss read the shared head,
+    which the smaller budgets train, so the delta learnt to make up for a head the full model does not run,
+    and the faster the delta learnt, the further the exported full model moved from its parent."""
+    from star_elastic.elastic.losses import head_input, kd_loss
+
+    kw = dict(full_anchor=1.0, full_delta_rank=4, hold=["embeddings", "norms"], hold_rate=1.0, hold_pull=5.0)
+    t = _trainer(tmp_path, "kept", full_keeps_held=True, **kw)
+    t.run(progress=False)  # the shared head (with the embeddings when tied) moves away from the full budget's own
+    own = [v for n, v in t.delta.rest.items() if t.model.get_parameter(n) is t.model.lm_head.weight]
+    assert len(own) == 1 and not torch.equal(t.model.lm_head.weight, own[0])
+    x = torch.randint(0, CFG.vocab_size, (2, 12))
+    with torch.no_grad(), t._as_full():
+        logits = t.model(x)
+        h = head_input(t.model, x)
+        teacher = t.teacher(x)
+    torch.testing.assert_close(h.hidden.float() @ h.weight.float().T, logits.float(), rtol=1e-5, atol=1e-5)
+    assert kd_loss(h, teacher) == pytest.approx(float(kd_loss(logits, teacher)), rel=1e-5)
+    with torch.no_grad():  # outside the full budget: the shared head, as before
+        h = head_input(t.model, x)
+        torch.testing.assert_close(h.hidden.float() @ h.weight.float().T, t.model(x).float(), rtol=1e-5, atol=1e-5)

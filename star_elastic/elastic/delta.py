@@ -69,6 +69,10 @@ class _OwnLinear:
     def forward(self, x):
         return F.linear(x, self.own_weight, self.bias)
 
+    def head_weight(self) -> torch.Tensor:
+        """The matrix the head runs, for losses that apply it themselves (losses.head_input)."""
+        return self.own_weight
+
 
 class _OwnNorm:
     """Mixed into an RMSNorm or GatedRMSNorm while the full budget runs: the full budget's own scale."""

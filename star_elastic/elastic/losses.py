@@ -97,7 +97,10 @@ def head_input(model, input_ids: torch.Tensor, **kwargs) -> HeadInput:
                            "root unsharded until the backward: model.set_reshard_after_forward(False, recurse=False)")
     dev = hidden.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-    return HeadInput(hidden, head.weight, dtype)
+    # the matrix the head runs: a head whose class is swapped to run another (the full budget's own, delta.py)
+    # says which; reading `.weight` there scored the full budget with the shared head (twenty-third session)
+    own = getattr(head, "head_weight", None)
+    return HeadInput(hidden, own() if own is not None else head.weight, dtype)
 
 
 def _identity(x):
