@@ -109,7 +109,9 @@ def compare(runs: dict, pair: str, part: str = "A") -> dict:
            "hold_rate": how.get("hold_rate"), "hold_pull": how.get("hold_pull"), "budgets": {},
            # a bundle marks a run whose rows must not be read as a result ("invalid": why), e.g. one that a
            # bug found later trained as something else; the ratios are still printed, under the warning
-           "invalid": {n: r["invalid"] for n, r in ((b_name, b_run), (c_name, c_run)) if r.get("invalid")}}
+           "invalid": {n: r["invalid"] for n, r in ((b_name, b_run), (c_name, c_run)) if r.get("invalid")},
+           # one whose full budget alone must not be read as the setting's (its smaller budgets stand)
+           "full_budget_invalid": b_run.get("full_budget_invalid")}
     for budget, c in c_rows.items():
         b = b_rows.get(budget)
         if b is None:
@@ -163,6 +165,8 @@ def main(argv=None):
             print(f"  {budget:>5} [{100 * v['param_fraction']:.1f}%] {fmt(v['vs_c'])}   {v['architecture']}")
         if "full_vs_parent" in r:
             print(f"  full against its parent: {fmt(r['full_vs_parent'])}")
+            if r.get("full_budget_invalid"):
+                print(f"    NOT the setting's full budget: {r['full_budget_invalid']}")
         if "full_kl_from_parent" in r:
             print("    the parent's KL from it, nats a token: "
                   + " / ".join(f"{v:.4f}" for v in r["full_kl_from_parent"].values()))

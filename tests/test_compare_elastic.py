@@ -74,6 +74,17 @@ def test_a_run_marked_invalid_is_printed_with_its_reason(tmp_path, capsys):
                     "C": _run(0, "minitron", {"0.75": {"wiki": 1.0}})}, "J:C")["invalid"] == {}
 
 
+def test_a_run_whose_full_budget_alone_is_marked_prints_it_under_the_full_row(tmp_path, capsys):
+    run = _run(0, "joint_anchor", {"1.0": {"wiki": 9.0}, "0.75": {"wiki": 12.6}}, parent={"wiki": 10.0})
+    run["full_budget_invalid"] = "its delta learnt against the wrong head"
+    bundle = tmp_path / "bundle.json"
+    bundle.write_text(json.dumps({"runs": {"J": run, "C": _run(0, "minitron", {"0.75": {"wiki": 12.0}}, parent={"wiki": 10.0})}}))
+    main([str(bundle), "--pairs", "J:C"])
+    printed = capsys.readouterr().out
+    assert "full against its parent: -10.0\n    NOT the setting's full budget: its delta learnt against" in printed
+    assert "INVALID" not in printed and "0.75 [75.0%] +5.0" in printed  # the smaller budgets stand
+
+
 def test_runs_that_score_different_held_out_text_are_refused_whatever_their_seeds():
     """A seed does not fix the text: another tokenizer or corpus draws other tokens (the twenty-third session's
     runs with --tokenizer scored the parent 15.32 on wiki against 16.31). The untouched parent's perplexity
