@@ -229,7 +229,8 @@ DEMO_PRESETS = {
     # the router exporting a smaller 0.8, in its band
     # the twenty-second session's GPU demo with the recipe below (§5): 1.10x / 1.32x in 6.4 minutes, the router
     # exporting the eager run's 0.8 (82.7%), the full model -1.4% / -0.6% off its parent in domain / on Shakespeare
-    # (+0.8% on Shakespeare without it); the recipe: §9 "Kept from the first step"
+    # (+0.8% on Shakespeare without it); the recipe: §9 "Kept from the first step" (its full model's delta trained
+    # against the shared LM head until the twenty-third session's fix: the full model's figures are to be redone)
     "cuda": dict(data="wiki,bible", budgets="1.0,0.9,0.8", axes=None, tokens=12_582_912, seq_len=512,
                  batch_size=16, lr=2e-4, calib_batches=16, eval_tokens=16384, stage2_weights=None,
                  full_anchor=1.0, all_budgets=False, anchor_data="self", anchor_mix=0.5, full_delta_rank=64,
