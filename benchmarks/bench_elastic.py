@@ -46,7 +46,6 @@ import argparse
 import contextlib
 import copy
 import datetime
-import hashlib
 import json
 import shutil
 import sys
@@ -79,7 +78,7 @@ from star_elastic.evaluate import answer_scores, answer_tokens, perplexity  # no
 from star_elastic.model import Model  # noqa: E402
 from star_elastic.runtime import comma_list  # noqa: E402
 from star_elastic.train import (  # noqa: E402
-    ElasticTrainer, TrainConfig, adamw, compile_layers, hold_problem, keep_problem, lr_factor)
+    ElasticTrainer, TrainConfig, adamw, compile_layers, delta_lr_problem, hold_problem, keep_problem, lr_factor)
 
 METHODS = ("zero_shot", "elastic", "minitron")
 VARIANTS = ("elastic", "elastic_small", "elastic_anchor", "joint_fixed", "joint_anchor")
@@ -265,14 +264,18 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def score(model, heldouts: dict, args, reference=None) -> dict:
-    """Held-out perplexity per source, fp32 (no autocast); with a `reference` (the parent) its KL from the
-    model instead, nats a scored position."""
+def scores(model, heldouts: dict, args, reference=None) -> dict:
+    """Per held-out source, fp32 (no autocast), evaluate's result: its "perplexity", and with a `reference`
+    (the parent) the parent's KL from the model ("kl_from_reference", nats a scored position)."""
     model.eval()
-    key = "perplexity" if reference is None else "kl_from_reference"
-    return {name: answer_scores(model, stream, reference=reference)[key] if isinstance(stream, list) else
+    return {name: answer_scores(model, stream, reference=reference) if isinstance(stream, list) else
             perplexity(model, stream, seq_len=args.eval_seq_len, batch_size=args.eval_batch_size,
-                       progress=False, reference=reference)[key] for name, stream in heldouts.items()}
+                       progress=False, reference=reference) for name, stream in heldouts.items()}
+
+
+def score(model, heldouts: dict, args) -> dict:
+    """Held-out perplexity per source, fp32 (no autocast)."""
+    return {name: got["perplexity"] for name, got in scores(model, heldouts, args).items()}
 
 
 def fmt(v) -> str:
@@ -388,19 +391,11 @@ def with_chat(heldouts: dict, parent, tokenizer) -> dict:
     return heldouts
 
 
-def fingerprint(tokens) -> str:
-    """A short hash of token ids: a (n,) or (rows, n) tensor, or chat transcripts ((ids, prompt_len) each). Two
-    runs whose held-out (or anchor) fingerprints differ read different text, whatever their seeds say."""
-    h = hashlib.sha256()
-    for ids, start in (tokens if isinstance(tokens, list) else [(tokens, 0)]):
-        h.update(ids.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
-        h.update(str(start).encode())
-    return h.hexdigest()[:16]
-
-
-def heldout_sizes(heldouts: dict) -> dict:
-    """Tokens scored per source (a chat source: its answers' tokens)."""
-    return {k: answer_tokens(v) if isinstance(v, list) else int(v.numel()) for k, v in heldouts.items()}
+def heldout_record(heldouts: dict) -> dict:
+    """What a part records of its held-out sources: the tokens scored per source (a chat source: its answers'
+    tokens) and each one's fingerprint (compare_elastic refuses runs that read different text)."""
+    return {"heldout": {k: answer_tokens(v) if isinstance(v, list) else int(v.numel()) for k, v in heldouts.items()},
+            "heldout_sha": {k: common.fingerprint(v) for k, v in heldouts.items()}}
 
 
 def importance_and_sort(model, train: torch.Tensor, args, device) -> tuple[dict, list[torch.Tensor]]:
@@ -661,7 +656,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
         warm = [None if b.is_full else nested_starts.get(b.name, specs[b.name]) for b in budgets]
         print("  router starts from " + "; ".join(f"{b.name}: {describe(w, cfg)}" for b, w in zip(budgets, warm)
                                                   if w is not None), flush=True)
-    anchor_rows = None
+    anchor_rows, anchor_sha = None, None
     if args.anchor_data and variant in ANCHORED:  # sampled again by a resumed call: the same seed, the same rows
         key = (args.anchor_data, rows.shape[1], tokens_per_step, min(ANCHOR_SELF_TOKENS, steps * tokens_per_step))
         if key not in ANCHOR_ROWS:  # once a process: every anchored variant distils on the same text
@@ -669,7 +664,8 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                 ANCHOR_ROWS[key] = anchor_text(parse_anchor_data(args.anchor_data), teacher, tokenizer, rows.shape[1],
                                                tokens_per_step // rows.shape[1], key[-1], seed=args.seed)
         anchor_rows = ANCHOR_ROWS[key]
-        print(f"  anchor text fingerprint {fingerprint(anchor_rows)}", flush=True)
+        anchor_sha = common.fingerprint(anchor_rows)
+        print(f"  anchor text fingerprint {anchor_sha}", flush=True)
     # a delta beside a hold that trains: the parent's held values, in the student's precision before it trains,
     # for the full model that `elastify --full-keeps-held` writes (scored as "full_keeps_held")
     # (kept from the first step instead, tcfg.full_keeps_held, the full row itself is that model)
@@ -733,9 +729,11 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
             parent_rest = score(with_values(small, parents_rest(teacher, trainer.delta)), heldouts, args)
             if parents_held is not None:  # what elastify --full-keeps-held writes: the parent's held values put in
                 keeps_held = score(with_values(small, parents_held), heldouts, args)
-        ppl = score(small, heldouts, args)
-        if b.is_full:  # how far the full model moved, which perplexity can hide (a flatter model gains on prose)
-            full_kl = score(small, heldouts, args, reference=teacher)
+        # the full budget with how far it moved, which perplexity can hide (a flatter model gains on prose)
+        got = scores(small, heldouts, args, reference=teacher if b.is_full else None)
+        ppl = {name: g["perplexity"] for name, g in got.items()}
+        if b.is_full:
+            full_kl = {name: g["kl_from_reference"] for name, g in got.items()}
         del small
         kd = [v for lg in tail for name, v in budget_kds(lg, full_name) if name == b.name]
         row(variant, b, None, spec, ppl, steps * tokens_per_step,
@@ -759,7 +757,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                         "hold_pull": tcfg.hold_pull if tcfg.hold else None,
                         "anchor_data": args.anchor_data if anchor_rows is not None else None,
                         "anchor_mix": tcfg.anchor_mix if anchor_rows is not None else None,
-                        "anchor_sha": fingerprint(anchor_rows) if anchor_rows is not None else None,
+                        "anchor_sha": anchor_sha,
                         "anchor_cos": cosines(logs),
                         "tokens_per_s": round(steps * tokens_per_step / train_s), "peak_gpu_gib": peak,
                         "selection": trainer.selection, "argmax_trajectory": trajectory,
@@ -880,8 +878,7 @@ def run_a(args, device, res: Results) -> dict:
     train, held = load_corpus_tokens(args.train_data, tokenizer, seed=args.seed, max_docs=args.max_docs)
     heldouts = with_chat(heldout_streams(tokenizer, args, held), parent, tokenizer)
     part.update(parent={"name": path.name, "params": parent.num_parameters(), "config": parent.config.to_dict()},
-                heldout=heldout_sizes(heldouts), heldout_sha={k: fingerprint(v) for k, v in heldouts.items()},
-                eval_seq_len=args.eval_seq_len, setup_seconds=round(clock(device) - t0, 1))
+                **heldout_record(heldouts), eval_seq_len=args.eval_seq_len, setup_seconds=round(clock(device) - t0, 1))
     print(f"A: {path.name}, {parent.num_parameters():,} parameters on {res.data['machine']}; {train.numel():,} "
           f"train tokens of {args.train_data}; held-out {part['heldout']}  [{part['setup_seconds']} s]", flush=True)
     sorted_parent = copy.deepcopy(parent)
@@ -920,8 +917,8 @@ def run_b(args, device, res: Results) -> dict:
     log = zs.train_moe(parent, train, pre, device)  # returns the fp32 model in eval mode
     heldouts = with_chat(heldouts, parent, tokenizer)
     part.update(parent={"params": parent.num_parameters(), "config": cfg.to_dict()},
-                heldout=heldout_sizes(heldouts), heldout_sha={k: fingerprint(v) for k, v in heldouts.items()},
-                eval_seq_len=args.eval_seq_len, pretraining={"data": f"{args.train_data} (train split)", "steps": args.pretrain_steps,
+                **heldout_record(heldouts), eval_seq_len=args.eval_seq_len,
+                pretraining={"data": f"{args.train_data} (train split)", "steps": args.pretrain_steps,
                              "batch_size": args.pretrain_batch_size, "seq_len": args.pretrain_seq_len,
                              "tokens": args.pretrain_steps * args.pretrain_batch_size * args.pretrain_seq_len,
                              "lr": args.pretrain_lr, "balance_rate": args.balance_rate,
@@ -1009,6 +1006,9 @@ def main(argv=None):
     why = keep_problem(args.full_keeps_held_training, args.full_delta_rank, args.hold, args.hold_rate)
     if why:  # the trainer's own check, as for --hold
         raise SystemExit(f"--full-keeps-held-training: {why}")
+    why = delta_lr_problem(args.full_delta_lr, args.full_delta_rank)
+    if why:
+        raise SystemExit(f"--full-delta-lr {args.full_delta_lr:g}: {why}")
     if args.anchor_data and parse_anchor_data(args.anchor_data)[0] not in SAMPLED:
         raise SystemExit(f"--anchor-data {args.anchor_data!r}: the bench samples the anchor's text from the parent: "
                          "self, chat, self:TOKENS or chat:TOKENS")

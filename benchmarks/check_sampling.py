@@ -21,7 +21,6 @@ import torch.utils.deterministic
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from bench_elastic import fingerprint  # noqa: E402
 
 from star_elastic import load  # noqa: E402
 from star_elastic.assets import smollm2_gguf  # noqa: E402
@@ -52,7 +51,7 @@ def main(argv=None):
                     warnings.simplefilter("always")
                     rows = sample_rows(model, args.rows, args.length, batch_size=args.batch_size, seed=0,
                                        use_graph=graph)
-                prints.append({"fingerprint": fingerprint(rows), "seconds": round(common.clock(device) - t, 2),
+                prints.append({"fingerprint": common.fingerprint(rows), "seconds": round(common.clock(device) - t, 2),
                                "warnings": sorted({str(w.message).splitlines()[0] for w in caught})})
             same = prints[0]["fingerprint"] == prints[1]["fingerprint"]
             results.append({"mode": mode, "cuda_graph": graph, "same_twice": same, "samples": prints})

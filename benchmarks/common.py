@@ -5,6 +5,7 @@ from anywhere as `python benchmarks/NAME.py`: Python puts the script's folder on
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -96,3 +97,13 @@ def write_json(path, data: dict, indent: int = 2, default=None) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=indent, default=default) + "\n")
     tmp.replace(path)
+
+
+def fingerprint(tokens) -> str:
+    """A short hash of token ids: a (n,) or (rows, n) tensor, or chat transcripts ((ids, prompt_len) each). Two
+    runs whose held-out (or anchor) fingerprints differ read different text, whatever their seeds say."""
+    h = hashlib.sha256()
+    for ids, start in (tokens if isinstance(tokens, list) else [(tokens, 0)]):
+        h.update(ids.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+        h.update(str(start).encode())
+    return h.hexdigest()[:16]

@@ -31,7 +31,7 @@ from .evaluate import answer_scores, answer_tokens, perplexity
 from .generate import generate, sample_rows
 from .runtime import chat_prefix, encode_prompt
 from .elastic.delta import held_values
-from .train import ElasticTrainer, TrainConfig, hold_problem, keep_problem, world
+from .train import ElasticTrainer, TrainConfig, delta_lr_problem, hold_problem, keep_problem, world
 
 
 @dataclass
@@ -330,9 +330,9 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                "not with FSDP2 sharding: add --shard none" if ranks > 1 and cfg.shard != "none" else None)
         if why:
             raise StarElasticError(f"--full-delta-rank {cfg.full_delta_rank}: {why}")
-    if cfg.full_delta_lr < 0 or (cfg.full_delta_lr and not cfg.full_delta_rank):
-        raise StarElasticError(f"--full-delta-lr {cfg.full_delta_lr:g}: " + (
-            "a rate is positive (0: --lr's)" if cfg.full_delta_lr < 0 else "it is the rate of --full-delta-rank's delta: give a rank"))
+    why = delta_lr_problem(cfg.full_delta_lr, cfg.full_delta_rank)
+    if why:
+        raise StarElasticError(f"--full-delta-lr {cfg.full_delta_lr:g}: {why}")
     why = hold_problem(cfg.hold, cfg.hold_rate, cfg.hold_pull, ranks > 1 and cfg.shard != "none", cfg.budget_lrs is not None)
     if why:
         raise StarElasticError(f"--hold {','.join(cfg.hold or [])}: {why}")
@@ -508,9 +508,13 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     # every budget in its band and nested in the larger ones, by construction (the argmax where it is)
     projections = project_budgets(router, budgets, costs, band=tcfg.loss.band)
     specs = [router.spec_of(p.choice) for p in projections]
-    after, shares = {}, {}
+    after, shares, full_scores = {}, {}, None
     for i, (b, spec, proj) in enumerate(zip(budgets, specs, projections)):
-        after[b.name] = masked_perplexity(model, spec, heldout, cfg, device, trainer.delta)
+        # the full budget with the parent's KL from it: its drift on the training domain, below, reads this pass
+        got = masked_scores(model, spec, heldout, cfg, device, trainer.delta, reference=teacher if b.is_full else None)
+        after[b.name] = got["perplexity"]
+        if b.is_full:
+            full_scores = got
         how = (f"projected from the router's {proj.argmax_cost / proj.target:.3f}x" if proj.projected
                else "the router's argmax")
         share = shares[b.name] = trainer.trained_share(i, proj.choice)
@@ -524,7 +528,8 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     for name, stream in heldouts.items():
         # with the parent's KL from the full budget: a flatter full model scores better on prose its parent is
         # unsure of and worse on its parent's own answers, at one distance from it (docs/RESULTS.md §9)
-        got = masked_scores(model, ElasticSpec(), stream, cfg, device, trainer.delta, reference=teacher)
+        got = full_scores if name == "train domain" and full_scores is not None else \
+            masked_scores(model, ElasticSpec(), stream, cfg, device, trainer.delta, reference=teacher)
         ppl = got["perplexity"]
         drift[name] = {"parent": parent_ppl[name], "full_budget": ppl, "change": ppl / parent_ppl[name] - 1,
                        "kl_from_parent": got["kl_from_reference"]}

@@ -742,9 +742,9 @@ class ElasticTrainer:
         if why:
             raise StarElasticError(f"full_keeps_held keeps the parent's values of what `hold` trains for the full "
                                    f"budget beside its delta: {why}")
-        if cfg.full_delta_lr < 0 or (cfg.full_delta_lr and not cfg.full_delta_rank):
-            raise StarElasticError(f"full_delta_lr {cfg.full_delta_lr:g}: " + (
-                "a rate is positive (0: the model's)" if cfg.full_delta_lr < 0 else "there is no delta (full_delta_rank 0)"))
+        why = delta_lr_problem(cfg.full_delta_lr, cfg.full_delta_rank)
+        if why:
+            raise StarElasticError(f"full_delta_lr {cfg.full_delta_lr:g}: {why}")
         if not cfg.full_delta_rank:
             return None
         why = ("it needs the full anchor (full_anchor > 0)" if not cfg.full_anchor else
@@ -1083,6 +1083,16 @@ def keep_problem(keep, full_delta_rank: int, hold, hold_rate: float) -> str | No
     which there is nothing of the parent's to keep. None when nothing is (or nothing is kept)."""
     return "give --full-delta-rank, --hold and --hold-rate > 0" if keep and not (full_delta_rank and hold and
                                                                                   hold_rate) else None
+
+
+def delta_lr_problem(full_delta_lr: float, full_delta_rank: int) -> str | None:
+    """What is wrong with the delta's own rate (TrainConfig / ElastifyConfig.full_delta_lr, bench
+    --full-delta-lr); None when nothing is."""
+    if full_delta_lr < 0:
+        return "a rate is positive (0: the model's)"
+    if full_delta_lr and not full_delta_rank:
+        return "it is the rate of --full-delta-rank's delta, and there is no delta: give a rank"
+    return None
 
 
 class StepLogs:
