@@ -562,7 +562,7 @@ def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, 
             raise StarElasticError(f"unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
         got = one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, c_specs if variant in FIXED else specs,
                       steps_b, lr, args, device,
-                      row, methods, tokens_per_step, nested_starts, tokenizer)
+                      row, methods, tokens_per_step, nested_starts, tokenizer, save=save)
         if variant not in FIXED and (elastic_specs is None or variant == "elastic"):  # the router's choice
             elastic_specs = got
     # (a@b) the router's architectures cut from the untrained sorted parent: how much of (b) is architecture
@@ -612,7 +612,7 @@ def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, 
 
 
 def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, steps, lr, args, device, row, methods,
-            tokens_per_step, nested_starts: dict, tokenizer) -> dict:
+            tokens_per_step, nested_starts: dict, tokenizer, save=lambda: None) -> dict:
     """One training run of `steps` serving every budget: `elastic` (router, the paper's budget
     sampling, the full budget = the unmasked parent), `elastic_small` (the same, stage 2 weighted
     toward the smaller budgets), `elastic_anchor` (router; every step distils a
@@ -718,41 +718,18 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
         final = {b.name: router.spec_of(p.choice) for b, p in zip(budgets, projections)}
     else:
         projections, final = [None] * len(budgets), {b.name: specs[b.name] for b in budgets}
-    t = clock(device)
-    tail = logs[len(logs) * 4 // 5:]
-    for i, (b, proj) in enumerate(zip(budgets, projections)):
-        spec = final[b.name]
-        small = slice_model(student, spec)
-        if b.is_full and trainer.delta is not None:  # the full budget is the shared weights plus its delta
-            without_delta = score(small, heldouts, args)  # what the delta carries: the shared weights alone
-            trainer.delta.merge_into(small)
-            parent_rest = score(with_values(small, parents_rest(teacher, trainer.delta)), heldouts, args)
-            if parents_held is not None:  # what elastify --full-keeps-held writes: the parent's held values put in
-                keeps_held = score(with_values(small, parents_held), heldouts, args)
-        # the full budget with how far it moved, which perplexity can hide (a flatter model gains on prose)
-        got = scores(small, heldouts, args, reference=teacher if b.is_full else None)
-        ppl = {name: g["perplexity"] for name, g in got.items()}
-        if b.is_full:
-            full_kl = {name: g["kl_from_reference"] for name, g in got.items()}
-        del small
-        kd = [v for lg in tail for name, v in budget_kds(lg, full_name) if name == b.name]
-        row(variant, b, None, spec, ppl, steps * tokens_per_step,
-            cost_vs_target=costs.spec_cost("params", spec) / b.target,
-            projection=proj.to_dict() if proj is not None else None,
-            steps_sampled=sum(any(name == b.name for name, _ in budget_kds(lg)) for lg in logs),
-            trained_share=trainer.trained_share(i, proj.choice) if proj is not None else None,
-            final_kd=sum(kd) / len(kd) if kd else None)
+    # the training's record first, so that a run cut while it is scored (a device call's limit) keeps its log;
+    # the scores are added below, the full budget's (with its diagnostics, the longest) last
     methods[variant] = {"tokens": steps * tokens_per_step, "steps": steps, "train_seconds": round(train_s, 1),
-                        "eval_seconds": round(clock(device) - t, 1), "full_anchor": tcfg.full_anchor,
+                        "full_anchor": tcfg.full_anchor,
                         "train_on": tcfg.train_on, "all_budgets": tcfg.all_budgets, "budget_lrs": tcfg.budget_lrs,
                         "anchor_projection": tcfg.anchor_projection, "stage1_fraction": tcfg.stage1_fraction,
                         "full_delta_rank": tcfg.full_delta_rank or None,
                         "full_delta_lr": tcfg.full_delta_lr or None,
-                        "full_without_delta": without_delta if trainer.delta is not None else None,
-                        "full_with_parents_rest": parent_rest if trainer.delta is not None else None,
-                        "full_keeps_held": keeps_held if parents_held is not None else None,
                         "full_keeps_held_training": tcfg.full_keeps_held,
-                        "full_kl_from_parent": full_kl if any(b.is_full for b in budgets) else None,
+                        # the full budget's scores beside its perplexity, added once it is scored
+                        "full_without_delta": None, "full_with_parents_rest": None, "full_keeps_held": None,
+                        "full_kl_from_parent": None,
                         "hold": tcfg.hold, "hold_rate": tcfg.hold_rate if tcfg.hold else None,
                         "hold_pull": tcfg.hold_pull if tcfg.hold else None,
                         "anchor_data": args.anchor_data if anchor_rows is not None else None,
@@ -763,6 +740,37 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                         "selection": trainer.selection, "argmax_trajectory": trajectory,
                         "resumed_at_step": start or None,
                         "log": [{k: v for k, v in lg.items() if k != "eval"} for lg in logs[::max(1, steps // 60)]]}
+    save()
+    t = clock(device)
+    tail = logs[len(logs) * 4 // 5:]
+    for i in sorted(range(len(budgets)), key=lambda i: budgets[i].is_full):
+        b, proj = budgets[i], projections[i]
+        spec = final[b.name]
+        small = slice_model(student, spec)
+        if b.is_full and trainer.delta is not None:  # the full budget is the shared weights plus its delta
+            without_delta = score(small, heldouts, args)  # what the delta carries: the shared weights alone
+            trainer.delta.merge_into(small)
+            parent_rest = score(with_values(small, parents_rest(teacher, trainer.delta)), heldouts, args)
+            # what elastify --full-keeps-held writes: the parent's held values put in
+            keeps_held = score(with_values(small, parents_held), heldouts, args) if parents_held is not None else None
+            methods[variant].update(full_without_delta=without_delta, full_with_parents_rest=parent_rest,
+                                    full_keeps_held=keeps_held)
+            save()
+        # the full budget with how far it moved, which perplexity can hide (a flatter model gains on prose)
+        got = scores(small, heldouts, args, reference=teacher if b.is_full else None)
+        ppl = {name: g["perplexity"] for name, g in got.items()}
+        if b.is_full:
+            methods[variant]["full_kl_from_parent"] = {name: g["kl_from_reference"] for name, g in got.items()}
+        del small
+        kd = [v for lg in tail for name, v in budget_kds(lg, full_name) if name == b.name]
+        row(variant, b, None, spec, ppl, steps * tokens_per_step,
+            cost_vs_target=costs.spec_cost("params", spec) / b.target,
+            projection=proj.to_dict() if proj is not None else None,
+            steps_sampled=sum(any(name == b.name for name, _ in budget_kds(lg)) for lg in logs),
+            trained_share=trainer.trained_share(i, proj.choice) if proj is not None else None,
+            final_kd=sum(kd) / len(kd) if kd else None)
+    methods[variant]["eval_seconds"] = round(clock(device) - t, 1)
+    save()
     tmp.cleanup()
     if state is not None:  # the rows are written: the run is done, its state (weights, moments) goes
         shutil.rmtree(state, ignore_errors=True)

@@ -34,12 +34,14 @@ def main(argv=None):
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=128, help="rows sampled at once (elastify's on a GPU)")
     ap.add_argument("--modes", default="warn-only,strict", help="deterministic-algorithm modes to try")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the model's weights; bench_elastic.py's teacher samples in bfloat16 on a GPU")
     ap.add_argument("--device")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     device = common.setup(args.device)  # as bench_elastic.py: warn-only, the cuBLAS workspace, no NaN filling
     torch.utils.deterministic.fill_uninitialized_memory = False
-    model = load(args.model or smollm2_gguf(), dtype=torch.float32, device=device).eval()
+    model = load(args.model or smollm2_gguf(), dtype=getattr(torch, args.dtype), device=device).eval()
     results = []
     for mode in args.modes.split(","):
         torch.use_deterministic_algorithms(True, warn_only=mode == "warn-only")
@@ -62,6 +64,7 @@ def main(argv=None):
     if args.json:
         common.write_json(args.json, {"benchmark": "check_sampling", "machine": common.machine(device),
                                       "torch": torch.__version__, "command": " ".join(sys.argv), "rows": args.rows,
+                                      "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
                                       "length": args.length, "results": results})
 
 

@@ -284,3 +284,36 @@ def test_the_bench_scores_every_row_on_the_parents_own_chat_answers(tmp_path):
     assert parent > 1 and math.isclose(zero, parent, rel_tol=1e-4)
     trained = [row["perplexity"]["chat"] for row in rows if row["method"] == "elastic"]
     assert trained and all(not math.isclose(t, parent, rel_tol=1e-4) for t in trained)
+
+
+def test_a_run_cut_while_its_full_budget_is_scored_keeps_its_training_log_and_smaller_rows(tmp_path, monkeypatch):
+    """A device call's limit that falls while the trained rows are scored (twenty-fourth session: two runs lost
+    everything after 512 steps) leaves the training's record and the smaller budgets' rows in --json: the full
+    budget, whose scores with a delta take several passes, is scored last."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_elastic
+
+    class Cut(Exception):
+        pass
+
+    def cut_at_the_full_budget(model, heldouts, args, reference=None):
+        if reference is not None:  # only the full budget is scored against the parent
+            raise Cut
+        return real(model, heldouts, args)
+
+    real = bench_elastic.scores
+    monkeypatch.setattr(bench_elastic, "scores", cut_at_the_full_budget)
+    out = tmp_path / "cut.json"
+    argv = BENCH[2:BENCH.index("--variants")] + ["--variants", "joint_anchor"] + BENCH[BENCH.index("--variants") + 2:]
+    try:
+        bench_elastic.main(argv + ["--full-delta-rank", "2", "--json", str(out)])
+    except Cut:
+        pass
+    else:
+        raise AssertionError("the full budget was never scored against its parent")
+    part = json.loads(out.read_text())["B"]
+    how = part["methods"]["joint_anchor"]
+    assert how["steps"] == 16 and how["log"] and "eval_seconds" not in how
+    assert how["full_without_delta"] is not None and how["full_kl_from_parent"] is None  # cut between the two
+    scored = {row["budget"] for row in part["rows"] if row["method"] == "joint_anchor"}
+    assert scored == set(part["budgets"]) - {"1.0"}

@@ -25,3 +25,14 @@ def test_the_same_seed_samples_the_same_rows_twice_on_the_cpu(tmp_path, capsys):
     prints = {s["fingerprint"] for r in results for s in r["samples"]}
     assert all(r["same_twice"] for r in results) and len(prints) == 1  # one text, in every mode
     assert capsys.readouterr().out.count("same") == 2
+
+
+def test_it_samples_in_the_benchs_teacher_dtype(tmp_path):
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, layer_types="*-", head_dim=8, chunk_size=8)
+    ckpt = hf.save_pretrained(randomize_(Model(cfg)), tmp_path / "ckpt")
+    for dtype in ("float32", "bfloat16"):
+        check_sampling.main(["--model", str(ckpt), "--rows", "4", "--length", "16", "--batch-size", "4",
+                             "--modes", "warn-only", "--dtype", dtype, "--device", "cpu",
+                             "--json", str(tmp_path / f"{dtype}.json")])
+        out = json.loads((tmp_path / f"{dtype}.json").read_text())
+        assert out["dtype"] == dtype and out["results"][0]["same_twice"]  # the weights it sampled with
