@@ -5,6 +5,7 @@ distillation -> one elastic checkpoint, with every budget's held-out perplexity 
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -569,11 +570,22 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
         written = sum(f.stat().st_size for f in out.glob("*.safetensors")) if rank == 0 else 0
         log(f"checkpoint written in {time.perf_counter() - last[0]:.0f} s ({written / 1e9:.2f} GB of safetensors)")
     if rank == 0:
+        keep_step_log(trainer.out / "metrics.jsonl", out)
         shutil.rmtree(trainer.out, ignore_errors=True)  # the resumable state is no longer needed
     if ranks > 1:
         torch.distributed.barrier()
     return {"zero_shot": before, "trained": after, "checkpoint": str(out), "training": training, "drift": drift,
             "projections": [p.to_dict() for p in projections]}
+
+
+def keep_step_log(log: Path, out: Path):
+    """The training's step log (a line a step: each budget's KD, the full budget's on the anchor's rows, the
+    router's costs and gradients) beside the checkpoint, as `metrics.jsonl`: it outlives the resumable state,
+    which is removed. Copied under a temporary name, then renamed, so the file is never half there."""
+    if log.exists():
+        tmp = out / ".metrics.jsonl.tmp"
+        shutil.copyfile(log, tmp)
+        os.replace(tmp, out / "metrics.jsonl")
 
 
 def print_table(result: dict, file=None):

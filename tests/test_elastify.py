@@ -59,6 +59,9 @@ def test_elastify_writes_a_checkpoint_every_budget_slices_from(tmp_path, tokeniz
     result = elastify(model, tokenizer, str(text), out, cfg, log=lambda *_: None)
     assert set(result["trained"]) == {"1.0", "0.75", "0.5"} and set(result["zero_shot"]) == set(result["trained"])
     assert not (tmp_path / ".ckpt.train").exists()  # resumable state removed after success
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # the step log kept
+    assert [s["step"] for s in steps] == list(range(6)) and all("full_kd" in s and "kd" in s for s in steps)
+    assert not list(out.glob(".*"))  # no temporary file left beside it
     # elastify never writes a checkpoint its own validate rejects (off-band budgets are projected)
     from star_elastic.validate import validate_checkpoint
     report = validate_checkpoint(out)
