@@ -78,7 +78,8 @@ from star_elastic.evaluate import answer_scores, answer_tokens, perplexity  # no
 from star_elastic.model import Model  # noqa: E402
 from star_elastic.runtime import comma_list  # noqa: E402
 from star_elastic.train import (  # noqa: E402
-    ElasticTrainer, TrainConfig, adamw, compile_layers, delta_lr_problem, hold_problem, keep_problem, lr_factor)
+    ElasticTrainer, TrainConfig, adamw, compile_layers, delta_lr_problem, finish_problem, hold_problem, keep_problem,
+    lr_factor)
 
 METHODS = ("zero_shot", "elastic", "minitron")
 VARIANTS = ("elastic", "elastic_small", "elastic_anchor", "joint_fixed", "joint_anchor")
@@ -161,6 +162,10 @@ def parse_args(argv=None):
     ap.add_argument("--full-delta-lr", type=float, default=0.0, metavar="LR",
                     help="with --full-delta-rank: the delta's own learning rate (default 0: the model's; "
                          "TrainConfig.full_delta_lr)")
+    ap.add_argument("--full-delta-finish", type=int, default=0, metavar="STEPS",
+                    help="with --full-delta-rank: STEPS more steps after training that train the delta alone, the "
+                         "shared weights fixed (TrainConfig.full_delta_finish; their tokens are the full budget's "
+                         "alone, beside T)")
     ap.add_argument("--hold", metavar="PARTS", type=comma_list,
                     help="anchored variants: hold these at or near the parent's values in every budget, "
                          "comma-separated: embeddings (with the LM head), norms (TrainConfig.hold; frozen unless "
@@ -636,6 +641,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                        anchor_projection=args.anchor_projection and variant in ANCHORED,
                        full_delta_rank=args.full_delta_rank if variant in ANCHORED else 0,
                        full_delta_lr=args.full_delta_lr if variant in ANCHORED else 0.0,
+                       full_delta_finish=args.full_delta_finish if variant in ANCHORED else 0,
                        hold=args.hold if variant in ANCHORED else None,
                        hold_rate=args.hold_rate if variant in ANCHORED else 0.0,
                        hold_pull=args.hold_pull if variant in ANCHORED else 0.0,
@@ -683,7 +689,8 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
     every, last_el = max(1, steps // 10), 0.0
     full_name = next((b.name for b in budgets if b.is_full), None)  # its KD on the anchor's rows, when anchored
     # trajectory: each smaller budget's argmax architecture after every tenth: when did it settle?
-    while trainer.step < steps:  # the package's loop (ElasticTrainer.run), a tenth at a time
+    while trainer.step < trainer.end:  # the package's loop (ElasticTrainer.run), a tenth at a time
+        # (then the delta's finish, --full-delta-finish)
         logs += trainer.run(progress=False, stop_after=every)  # with a state dir, saves the state too
         if router is not None:
             trajectory.append({"step": trainer.step, **{b.name: describe(router.spec(i), cfg)
@@ -693,8 +700,8 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
             common.write_json(state / "bench.json", {"trajectory": trajectory, "seconds": earlier_s + el,
                                                      "step": trainer.step})
             tenth_s, last_el = el - last_el, el
-            if out_of_time(el, tenth_s, args.max_train_seconds) and trainer.step < steps:
-                print(f"  stopped at step {trainer.step}/{steps} after {el:.0f} s (--max-train-seconds); the same "
+            if out_of_time(el, tenth_s, args.max_train_seconds) and trainer.step < trainer.end:
+                print(f"  stopped at step {trainer.step}/{trainer.end} after {el:.0f} s (--max-train-seconds); the same "
                       f"command goes on from here (state in {state})", flush=True)
                 raise SystemExit(RESUME_EXIT)
         tok_s = (trainer.step - start) * tokens_per_step / el
@@ -703,10 +710,10 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
             for name, kd in budget_kds(lg, full_name):
                 recent.setdefault(name, []).append(kd)
         cost = {lg["budget"]: lg.get("argmax_cost_fraction") for lg in logs[-every:] if "argmax_cost_fraction" in lg}
-        print(f"    {variant} step {trainer.step:5d}/{steps}  kd "
+        print(f"    {variant} step {trainer.step:5d}/{trainer.end}  kd "
               + " ".join(f"{b.name}:{sum(recent[b.name]) / len(recent[b.name]):.4f}" for b in budgets if b.name in recent)
               + ("  argmax cost " + " ".join(f"{k}:{v:.3f}" for k, v in cost.items()) if cost else "")
-              + f"  {tok_s:,.0f} tok/s  {el:.0f} s, ~{(steps - trainer.step) * tokens_per_step / tok_s:.0f} s to go",
+              + f"  {tok_s:,.0f} tok/s  {el:.0f} s, ~{(trainer.end - trainer.step) * tokens_per_step / tok_s:.0f} s to go",
               flush=True)
     train_s = earlier_s + clock(device) - t  # over every call of a resumed run
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -726,6 +733,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                         "anchor_projection": tcfg.anchor_projection, "stage1_fraction": tcfg.stage1_fraction,
                         "full_delta_rank": tcfg.full_delta_rank or None,
                         "full_delta_lr": tcfg.full_delta_lr or None,
+                        "full_delta_finish": tcfg.full_delta_finish or None,
                         "full_keeps_held_training": tcfg.full_keeps_held,
                         # the full budget's scores beside its perplexity, added once it is scored
                         "full_without_delta": None, "full_with_parents_rest": None, "full_keeps_held": None,
@@ -1014,6 +1022,9 @@ def main(argv=None):
     why = keep_problem(args.full_keeps_held_training, args.full_delta_rank, args.hold, args.hold_rate)
     if why:  # the trainer's own check, as for --hold
         raise SystemExit(f"--full-keeps-held-training: {why}")
+    why = finish_problem(args.full_delta_finish, args.full_delta_rank)
+    if why:
+        raise SystemExit(f"--full-delta-finish {args.full_delta_finish}: {why}")
     why = delta_lr_problem(args.full_delta_lr, args.full_delta_rank)
     if why:
         raise SystemExit(f"--full-delta-lr {args.full_delta_lr:g}: {why}")

@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--full-delta-lr", type=float, default=0.0, metavar="LR",
                         help="with --full-delta-rank: the delta's own learning rate (default 0: --lr's). A low-rank "
                              "delta starting at zero follows the shared weights' drift slowly at their rate")
+        sp.add_argument("--full-delta-finish", type=int, default=0, metavar="STEPS",
+                        help="with --full-delta-rank: after training, STEPS more steps that train the delta alone "
+                             "(the full budget distilled on the anchor's batch, the shared weights fixed), so it "
+                             "catches up with their drift at no cost to the smaller budgets (default 0: none)")
         sp.add_argument("--hold", metavar="PARTS",
                         help="hold these at the parent's values in every budget, comma-separated: embeddings (with "
                              "the LM head), norms. Measured with --full-delta-rank: the embeddings carry the full "
@@ -212,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--router-prior", type=float, default=0.0, help="as elastify's (default 0: off)")
     full_budget_args(sp)
     # not given: the preset's (on the CPU elastify's defaults; on a GPU the recipe that keeps the full budget)
-    sp.set_defaults(anchor_data=None, anchor_mix=None, full_delta_rank=None, full_delta_lr=None, hold=None,
+    sp.set_defaults(anchor_data=None, anchor_mix=None, full_delta_rank=None, full_delta_lr=None,
+                    full_delta_finish=None, hold=None,
                     hold_rate=None, hold_pull=None, full_keeps_held=None)
     sp.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
                     help="as elastify's (default auto: each layer under torch.compile on a GPU)")

@@ -32,7 +32,8 @@ from .evaluate import answer_scores, answer_tokens, perplexity
 from .generate import generate, sample_rows
 from .runtime import chat_prefix, encode_prompt
 from .elastic.delta import held_values
-from .train import ElasticTrainer, TrainConfig, delta_lr_problem, hold_problem, keep_problem, world
+from .train import (ElasticTrainer, TrainConfig, delta_lr_problem, finish_problem, hold_problem, keep_problem,
+                    world)
 
 
 @dataclass
@@ -81,6 +82,7 @@ class ElastifyConfig:
     # +3.0-3.8% on Shakespeare (anchor 0.5 without it: +0.5%); hence off by default
     full_delta_rank: int = 0
     full_delta_lr: float = 0.0  # its own rate (TrainConfig.full_delta_lr; 0: --lr)
+    full_delta_finish: int = 0  # steps after training that train the delta alone (TrainConfig.full_delta_finish)
     # the embeddings (with the LM head) and / or norms held at or near the parent's (TrainConfig.hold, hold_rate,
     # hold_pull). Measured (§9, seventeenth session): both frozen beside the delta keep the full model within 1%
     # of its parent everywhere at two seeds, at a cost to the smaller budgets (0.75 up to 4%, 0.5 up to 9% behind
@@ -334,6 +336,9 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     why = delta_lr_problem(cfg.full_delta_lr, cfg.full_delta_rank)
     if why:
         raise StarElasticError(f"--full-delta-lr {cfg.full_delta_lr:g}: {why}")
+    why = finish_problem(cfg.full_delta_finish, cfg.full_delta_rank)
+    if why:
+        raise StarElasticError(f"--full-delta-finish {cfg.full_delta_finish}: {why}")
     why = hold_problem(cfg.hold, cfg.hold_rate, cfg.hold_pull, ranks > 1 and cfg.shard != "none", cfg.budget_lrs is not None)
     if why:
         raise StarElasticError(f"--hold {','.join(cfg.hold or [])}: {why}")
@@ -462,7 +467,8 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                        router_prior=cfg.router_prior, shard=cfg.shard, compile=cfg.compile,
                        all_budgets=cfg.all_budgets, train_on=cfg.train_on, budget_lrs=budget_lrs,
                        anchor_projection=cfg.anchor_projection, anchor_mix=cfg.anchor_mix,
-                       full_delta_rank=cfg.full_delta_rank, full_delta_lr=cfg.full_delta_lr, hold=cfg.hold,
+                       full_delta_rank=cfg.full_delta_rank, full_delta_lr=cfg.full_delta_lr,
+                       full_delta_finish=cfg.full_delta_finish, hold=cfg.hold,
                        hold_rate=cfg.hold_rate,
                        hold_pull=cfg.hold_pull, full_keeps_held=cfg.full_keeps_held == "training")
     anchor_rows = None if anchor_spec is None else anchor_text(
@@ -503,6 +509,10 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     steps_per_budget = {b.name: sum(1 for s in step_logs if s["budget"] == b.name or (b.is_full and "full_kd" in s)
                                     or f"kd@{b.name}" in s) for b in budgets}
     log("steps per budget: " + ", ".join(f"{k} {v}" for k, v in steps_per_budget.items()) + f" of {len(step_logs)}")
+    finish = [s for s in step_logs if s.get("phase") == "full_delta_finish"]
+    if finish:  # (a resumed run's logs hold this call's steps only)
+        log(f"the delta's finish: {len(finish)} steps with the shared weights fixed, the full budget's KD "
+            f"{finish[0]['full_kd']:.4f} -> {finish[-1]['full_kd']:.4f}")
 
     router.eval()
     costs = CostModel(model.config)

@@ -113,6 +113,12 @@ class TrainConfig:
     #                             shared weights drift at the same pace, and a rank-R product of two such factors
     #                             follows a full-rank drift slowly (LoRA+ gives B a higher rate for this reason);
     #                             the GPU runs left the full model +8% on the parent's chat answers (RESULTS §9)
+    full_delta_finish: int = 0  # steps after the `steps` that train the delta alone, the shared weights (and so
+    #                             the smaller budgets) fixed: the full budget distilled on the anchor's batch, at
+    #                             the delta's rate on a cosine of its own. While the shared weights train, the delta
+    #                             follows their drift from behind (the full budget's KD rose over the first hundred
+    #                             steps of the twenty-fourth session's GPU runs, then fell with the rate); with them
+    #                             fixed it can catch up, and costs the smaller budgets nothing
     # held at or near the parent's values in every budget: "embeddings" (with the LM head), "norms", or both
     # (delta.HELD_PARTS). Frozen (hold_rate 0) beside the delta, the full model's only drift is in the linear
     # layers its delta covers: measured, within 1% of its parent everywhere at two seeds, but the 0.75 up to 4%
@@ -297,6 +303,7 @@ class ElasticTrainer:
         self.held = ((list(slow.values()), [p.detach().clone() for p in slow.values()])
                      if slow and cfg.hold_pull else None)
         self.delta = self._full_delta(groups)
+        self.end = cfg.steps + cfg.full_delta_finish  # the last step: the delta's finish after the training's
         if router is not None:
             groups.append({"params": list(router.parameters()), "lr": cfg.router_lr, "base_lr": cfg.router_lr,
                            "weight_decay": 0.0})
@@ -745,6 +752,9 @@ class ElasticTrainer:
         why = delta_lr_problem(cfg.full_delta_lr, cfg.full_delta_rank)
         if why:
             raise StarElasticError(f"full_delta_lr {cfg.full_delta_lr:g}: {why}")
+        why = finish_problem(cfg.full_delta_finish, cfg.full_delta_rank)
+        if why:
+            raise StarElasticError(f"full_delta_finish {cfg.full_delta_finish}: {why}")
         if not cfg.full_delta_rank:
             return None
         why = ("it needs the full anchor (full_anchor > 0)" if not cfg.full_anchor else
@@ -757,7 +767,8 @@ class ElasticTrainer:
         if cfg.full_keeps_held:  # the parent's values, taken before any resume loads trained ones
             delta.keep(self.model, held_values(self.model, cfg.hold))
         lr = cfg.full_delta_lr or cfg.lr
-        groups.append({"params": list(delta.parameters()), "lr": lr, "base_lr": lr, "weight_decay": 0.0})
+        groups.append({"params": list(delta.parameters()), "lr": lr, "base_lr": lr, "weight_decay": 0.0,
+                       "full_delta": True})
         return delta
 
     def _as_full(self):
@@ -768,6 +779,8 @@ class ElasticTrainer:
         """One step. Its logs as floats; `defer`: as `StepLogs`, read later (`run` reads a step's logs while
         the next one runs, so that the host never waits for the GPU to finish a step just to log it)."""
         cfg = self.cfg
+        if self.step >= cfg.steps:  # past the training's steps: the delta's finish
+            return self._finish_step(defer)
         b = self.sample_budget()
         budget = self.budgets[b]
         if self.router is not None and not self.router_frozen:
@@ -804,12 +817,7 @@ class ElasticTrainer:
                     for k, v in logged.items():
                         add(f"{k}@{self.budgets[j].name}", v)
                 if anchored:  # the sandwich rule: the full model on the same batch, or on a batch of its own text
-                    xa, ta = x, teacher
-                    if own is not None:
-                        keep = round(cfg.anchor_mix * own.shape[0])  # rows of anchor text; the rest the step's
-                        xa = own if keep == own.shape[0] else torch.cat([own[:keep], x[keep:]])
-                        with torch.no_grad():
-                            ta = self._head(self.teacher, xa)
+                    xa, ta = self._anchor_batch(x, teacher, own)
                     full_kd, anchor = self._anchor_pass(xa, ta, anchor)
                     add("full_kd", full_kd)
                     total = total + cfg.full_anchor * full_kd
@@ -853,6 +861,49 @@ class ElasticTrainer:
             meta.update(tau=self.router.tau, scale=self.router.scale)
         if budget.is_full:
             meta["cost_fraction"] = 1.0
+        self.step += 1
+        out = StepLogs(logs, meta, self.world, self.device)
+        return out if defer else out.result()
+
+    def _anchor_batch(self, x, teacher: HeadInput | None, own) -> tuple[torch.Tensor, HeadInput]:
+        """The full anchor's batch and its teacher: the step's (x), or `own` rows of the anchor text with the
+        rest of the step's (anchor_mix)."""
+        if own is None:
+            return x, teacher
+        keep = round(self.cfg.anchor_mix * own.shape[0])  # rows of anchor text; the rest the step's
+        xa = own if keep == own.shape[0] else torch.cat([own[:keep], x[keep:]])
+        with torch.no_grad():
+            return xa, self._head(self.teacher, xa)
+
+    def _finish_step(self, defer: bool) -> "dict | StepLogs":
+        """One step of the delta's finish (cfg.full_delta_finish): the full budget distilled on the anchor's
+        batch, its delta alone trained (the other groups at rate 0, and no gradient reaches them), at the
+        delta's rate on a cosine from it to min_lr_ratio x it over the finish."""
+        cfg = self.cfg
+        t = (self.step - cfg.steps) / max(1, cfg.full_delta_finish)
+        factor = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+        for group in self.opt.param_groups:
+            group["lr"] = group["base_lr"] * factor if group.get("full_delta") else 0.0
+        self.model.train()
+        L = self.seq_len()
+        only = list(self.delta.parameters())
+        total = 0.0
+        for _ in range(cfg.grad_accum):
+            x = self._batch(L)
+            own = self._batch(L, self.anchor_batches) if self.anchor_batches is not None else None
+            with torch.no_grad():
+                xa, ta = self._anchor_batch(x, None, own) if own is not None else (x, self._head(self.teacher, x))
+            with compiled_kd(cfg.compile), self._as_full():
+                full_kd = kd_loss(self._head(self.model, xa), ta)
+            (full_kd / cfg.grad_accum).backward(inputs=only)
+            total = total + full_kd.detach().double() / cfg.grad_accum
+        logs = {"kd": total, "full_kd": total, "total": total,
+                "delta_grad_norm": self._clip(only, cfg.clip, reduce=self.shard != "fsdp").detach()}
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        meta = dict(step=self.step, budget=self.budgets[self.full].name, target_fraction=1.0, seq_len=L,
+                    lr=next(g["lr"] for g in self.opt.param_groups if g.get("full_delta")), phase="full_delta_finish",
+                    cost_fraction=1.0)
         self.step += 1
         out = StepLogs(logs, meta, self.world, self.device)
         return out if defer else out.result()
@@ -982,7 +1033,7 @@ class ElasticTrainer:
         self.out.mkdir(parents=True, exist_ok=True)
         metrics = self.out / "metrics.jsonl"
         writer = _tensorboard(self.out) if self.rank == 0 else None
-        end = self.cfg.steps if stop_after is None else min(self.cfg.steps, self.step + stop_after)
+        end = self.end if stop_after is None else min(self.end, self.step + stop_after)
         bar = tqdm(total=end, initial=self.step, desc="elastic training", unit="step",
                    disable=not progress or self.rank != 0 or bool(os.environ.get("STAR_ELASTIC_QUIET")))
         per_budget = {}
@@ -996,10 +1047,10 @@ class ElasticTrainer:
             bar.close()
             if writer is not None:
                 writer.close()
-            if self.cfg.compile and (failed or self.step >= self.cfg.steps):  # training over: what evaluates
+            if self.cfg.compile and (failed or self.step >= self.end):  # training over: what evaluates
                 for m in (self.model, self.teacher):                          # and exports runs plain layers
                     compile_layers(m, None)
-        if self.step >= self.cfg.steps or stop_after is not None:
+        if self.step >= self.end or stop_after is not None:
             if stop_after is not None or self.room_for_state():
                 self.save_state()
         return logs
@@ -1083,6 +1134,16 @@ def keep_problem(keep, full_delta_rank: int, hold, hold_rate: float) -> str | No
     which there is nothing of the parent's to keep. None when nothing is (or nothing is kept)."""
     return "give --full-delta-rank, --hold and --hold-rate > 0" if keep and not (full_delta_rank and hold and
                                                                                   hold_rate) else None
+
+
+def finish_problem(full_delta_finish: int, full_delta_rank: int) -> str | None:
+    """What is wrong with the delta's finish (TrainConfig / ElastifyConfig.full_delta_finish, bench
+    --full-delta-finish); None when nothing is."""
+    if full_delta_finish < 0:
+        return "a number of steps, 0 or more"
+    if full_delta_finish and not full_delta_rank:
+        return "it trains --full-delta-rank's delta alone, and there is no delta: give a rank"
+    return None
 
 
 def delta_lr_problem(full_delta_lr: float, full_delta_rank: int) -> str | None:

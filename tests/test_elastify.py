@@ -447,14 +447,15 @@ def test_the_demo_trains_with_elastifys_defaults_on_the_cpu_and_the_recipe_that_
     from star_elastic.commands import demo_options
     from star_elastic.train import hold_problem, keep_problem
 
-    levers = ("anchor_data", "anchor_mix", "full_delta_rank", "full_delta_lr", "hold", "hold_rate", "hold_pull",
-              "full_keeps_held")
+    levers = ("anchor_data", "anchor_mix", "full_delta_rank", "full_delta_lr", "full_delta_finish", "hold", "hold_rate",
+              "hold_pull", "full_keeps_held")
     elastify_args = build_parser().parse_args(["elastify", "m", "--data", "wiki", "--tokens", "64", "--out", "o"])
     cpu, gpu = (demo_options(build_parser().parse_args(["demo"]), kind) for kind in ("cpu", "cuda"))
     assert {k: cpu[k] for k in levers} == {k: getattr(elastify_args, k) for k in levers}
     assert cpu["full_anchor"] == 0.0
     assert {k: gpu[k] for k in levers + ("full_anchor",)} == {
-        "anchor_data": "self", "anchor_mix": 0.5, "full_delta_rank": 64, "full_delta_lr": 0.0, "hold": "embeddings,norms",
+        "anchor_data": "self", "anchor_mix": 0.5, "full_delta_rank": 64, "full_delta_lr": 0.0, "full_delta_finish": 0,
+        "hold": "embeddings,norms",
         "hold_rate": 1.0,
         "hold_pull": 30.0, "full_keeps_held": "training", "full_anchor": 1.0}
     hold = gpu["hold"].split(",")
@@ -563,12 +564,20 @@ def test_anchor_data_reaches_the_run_and_bad_values_are_one_line(tmp_path, token
         config = read_manifest(ckpt)["training"]["config"]
         assert config["anchor_data"] == spec and config["anchor_mix"] == float(mix)
     assert "anchor text: 512 tokens sampled from the parent (16 rows of 32)" in capsys.readouterr().out
+    # the delta's finish (--full-delta-finish): run after training, said, and recorded
+    ckpt = tmp_path / "finish"
+    assert cli.main(common + ["--out", str(ckpt), "--full-delta-rank", "2", "--full-delta-finish", "2"]) == 0
+    assert read_manifest(ckpt)["training"]["config"]["full_delta_finish"] == 2
+    assert "the delta's finish: 2 steps with the shared weights fixed" in capsys.readouterr().out
     for extra, message in ((["--anchor-data", "self", "--full-anchor", "0"], "needs --full-anchor > 0"),
                            (["--anchor-data", "self:many"], "TOKENS a positive integer"),
                            (["--anchor-mix", "0.5"], "give --anchor-data"),
                            (["--anchor-data", "self", "--anchor-mix", "0"], "in (0, 1]"),
                            (["--full-delta-lr", "1e-3"], "--full-delta-lr 0.001: it is the rate of --full-delta-rank"),
-                           (["--full-anchor", "1", "--full-delta-rank", "4", "--full-delta-lr", "-1"], "a rate is positive")):
+                           (["--full-anchor", "1", "--full-delta-rank", "4", "--full-delta-lr", "-1"], "a rate is positive"),
+                           (["--full-delta-finish", "5"], "--full-delta-finish 5: it trains --full-delta-rank's delta"),
+                           (["--full-anchor", "1", "--full-delta-rank", "4", "--full-delta-finish", "-1"],
+                            "a number of steps")):
         assert cli.main(common + ["--out", str(tmp_path / "o2")] + extra) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err

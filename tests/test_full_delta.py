@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from star_elastic.elastic.delta import FullDelta
+from star_elastic.elastic.losses import kd_loss
 from star_elastic.errors import StarElasticError
 from star_elastic.model import Model
 from star_elastic.train import ElasticTrainer
@@ -121,12 +122,14 @@ def test_the_bench_trains_and_scores_the_full_budget_with_its_delta(tmp_path):
 
     out = tmp_path / "b.json"
     argv = [a if a != "elastic" else "elastic_anchor" for a in BENCH]
-    r = subprocess.run(argv + ["--full-anchor", "1", "--full-delta-rank", "2", "--full-delta-lr", "3e-3", "--json", str(out)],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(argv + ["--full-anchor", "1", "--full-delta-rank", "2", "--full-delta-lr", "3e-3",
+                               "--full-delta-finish", "3", "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     part = json.loads(out.read_text())["B"]
     assert part["methods"]["elastic_anchor"]["full_delta_rank"] == 2
     assert part["methods"]["elastic_anchor"]["full_delta_lr"] == 3e-3
+    assert part["methods"]["elastic_anchor"]["full_delta_finish"] == 3  # and ran: three steps of it in the log
+    assert sum(lg.get("phase") == "full_delta_finish" for lg in part["methods"]["elastic_anchor"]["log"]) == 3
     kl = part["methods"]["elastic_anchor"]["full_kl_from_parent"]  # how far the full model moved, per source
     assert list(kl) == list(part["heldout"]) and all(v > 0 for v in kl.values())
     full = {row["method"]: row["perplexity"] for row in part["rows"] if row["budget"] == "1.0"}
@@ -312,3 +315,36 @@ def test_the_anchors_loss_reads_the_full_budgets_own_lm_head(tmp_path):
     with torch.no_grad():  # outside the full budget: the shared head, as before
         h = head_input(t.model, x)
         torch.testing.assert_close(h.hidden.float() @ h.weight.float().T, t.model(x).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_deltas_finish_trains_the_delta_alone_and_brings_the_full_budget_closer(tmp_path):
+    """TrainConfig.full_delta_finish: after the training's steps, steps that train the delta alone. The shared
+    weights and the router end exactly as a run without the finish leaves them (so the smaller budgets lose
+    nothing), the full budget's KD on a fixed batch falls, and a run stopped inside the finish resumes exactly."""
+    kw = dict(full_anchor=1.0, full_delta_rank=4, lr=3e-3)
+    plain = _trainer(tmp_path, "plain", **kw)
+    plain.run(progress=False)
+    done = _trainer(tmp_path, "done", full_delta_finish=12, **kw)
+    logs = done.run(progress=False)
+    assert done.step == done.end == 5 + 12 and len(logs) == 17
+    finish = logs[5:]
+    assert all(lg["phase"] == "full_delta_finish" and lg["budget"] == "1.0" and lg["delta_grad_norm"] > 0
+               for lg in finish) and not any("phase" in lg for lg in logs[:5])
+    assert finish[0]["lr"] == pytest.approx(3e-3) and finish[-1]["lr"] < finish[0]["lr"]  # its own cosine
+    for a, b in zip(plain.model.parameters(), done.model.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(plain.router.parameters(), done.router.parameters()):
+        assert torch.equal(a, b)
+    x = torch.arange(64).repeat(2).view(4, 32)  # the pattern the training text repeats
+
+    def full_kd(t):
+        with torch.no_grad(), t._as_full():
+            return float(kd_loss(t._head(t.model, x), t._head(t.teacher, x)))
+    assert full_kd(done) < 0.9 * full_kd(plain)
+    _trainer(tmp_path, "resumed", full_delta_finish=12, **kw).run(progress=False, stop_after=7)  # inside the finish
+    second = _trainer(tmp_path, "resumed", full_delta_finish=12, **kw)
+    assert second.load_state() and second.step == 7
+    rest = second.run(progress=False)
+    assert [lg["total"] for lg in rest] == pytest.approx([lg["total"] for lg in logs[7:]], rel=1e-6, abs=1e-7)
+    with pytest.raises(StarElasticError, match="there is no delta"):
+        _trainer(tmp_path, "e", full_anchor=1.0, full_delta_finish=3)
