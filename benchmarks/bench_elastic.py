@@ -78,8 +78,8 @@ from star_elastic.evaluate import answer_scores, answer_tokens, perplexity  # no
 from star_elastic.model import Model  # noqa: E402
 from star_elastic.runtime import comma_list  # noqa: E402
 from star_elastic.train import (  # noqa: E402
-    ElasticTrainer, TrainConfig, adamw, compile_layers, delta_lr_problem, finish_problem, hold_problem, keep_problem,
-    lr_factor)
+    DELTA_OPTIONS, ElasticTrainer, TrainConfig, adamw, compile_layers, delta_option_problem, hold_problem,
+    keep_problem, lr_factor)
 
 METHODS = ("zero_shot", "elastic", "minitron")
 VARIANTS = ("elastic", "elastic_small", "elastic_anchor", "joint_fixed", "joint_anchor")
@@ -1022,12 +1022,10 @@ def main(argv=None):
     why = keep_problem(args.full_keeps_held_training, args.full_delta_rank, args.hold, args.hold_rate)
     if why:  # the trainer's own check, as for --hold
         raise SystemExit(f"--full-keeps-held-training: {why}")
-    why = finish_problem(args.full_delta_finish, args.full_delta_rank)
-    if why:
-        raise SystemExit(f"--full-delta-finish {args.full_delta_finish}: {why}")
-    why = delta_lr_problem(args.full_delta_lr, args.full_delta_rank)
-    if why:
-        raise SystemExit(f"--full-delta-lr {args.full_delta_lr:g}: {why}")
+    for option in DELTA_OPTIONS:
+        why = delta_option_problem(option, getattr(args, option), args.full_delta_rank)
+        if why:
+            raise SystemExit(f"--{option.replace('_', '-')} {getattr(args, option):g}: {why}")
     if args.anchor_data and parse_anchor_data(args.anchor_data)[0] not in SAMPLED:
         raise SystemExit(f"--anchor-data {args.anchor_data!r}: the bench samples the anchor's text from the parent: "
                          "self, chat, self:TOKENS or chat:TOKENS")

@@ -32,7 +32,7 @@ from .evaluate import answer_scores, answer_tokens, perplexity
 from .generate import generate, sample_rows
 from .runtime import chat_prefix, encode_prompt
 from .elastic.delta import held_values
-from .train import (ElasticTrainer, TrainConfig, delta_lr_problem, finish_problem, hold_problem, keep_problem,
+from .train import (DELTA_OPTIONS, ElasticTrainer, TrainConfig, delta_option_problem, hold_problem, keep_problem,
                     world)
 
 
@@ -333,12 +333,10 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                "not with FSDP2 sharding: add --shard none" if ranks > 1 and cfg.shard != "none" else None)
         if why:
             raise StarElasticError(f"--full-delta-rank {cfg.full_delta_rank}: {why}")
-    why = delta_lr_problem(cfg.full_delta_lr, cfg.full_delta_rank)
-    if why:
-        raise StarElasticError(f"--full-delta-lr {cfg.full_delta_lr:g}: {why}")
-    why = finish_problem(cfg.full_delta_finish, cfg.full_delta_rank)
-    if why:
-        raise StarElasticError(f"--full-delta-finish {cfg.full_delta_finish}: {why}")
+    for option in DELTA_OPTIONS:
+        why = delta_option_problem(option, getattr(cfg, option), cfg.full_delta_rank)
+        if why:
+            raise StarElasticError(f"--{option.replace('_', '-')} {getattr(cfg, option):g}: {why}")
     why = hold_problem(cfg.hold, cfg.hold_rate, cfg.hold_pull, ranks > 1 and cfg.shard != "none", cfg.budget_lrs is not None)
     if why:
         raise StarElasticError(f"--hold {','.join(cfg.hold or [])}: {why}")

@@ -749,12 +749,10 @@ class ElasticTrainer:
         if why:
             raise StarElasticError(f"full_keeps_held keeps the parent's values of what `hold` trains for the full "
                                    f"budget beside its delta: {why}")
-        why = delta_lr_problem(cfg.full_delta_lr, cfg.full_delta_rank)
-        if why:
-            raise StarElasticError(f"full_delta_lr {cfg.full_delta_lr:g}: {why}")
-        why = finish_problem(cfg.full_delta_finish, cfg.full_delta_rank)
-        if why:
-            raise StarElasticError(f"full_delta_finish {cfg.full_delta_finish}: {why}")
+        for option in DELTA_OPTIONS:
+            why = delta_option_problem(option, getattr(cfg, option), cfg.full_delta_rank)
+            if why:
+                raise StarElasticError(f"{option} {getattr(cfg, option):g}: {why}")
         if not cfg.full_delta_rank:
             return None
         why = ("it needs the full anchor (full_anchor > 0)" if not cfg.full_anchor else
@@ -1136,23 +1134,19 @@ def keep_problem(keep, full_delta_rank: int, hold, hold_rate: float) -> str | No
                                                                                   hold_rate) else None
 
 
-def finish_problem(full_delta_finish: int, full_delta_rank: int) -> str | None:
-    """What is wrong with the delta's finish (TrainConfig / ElastifyConfig.full_delta_finish, bench
-    --full-delta-finish); None when nothing is."""
-    if full_delta_finish < 0:
-        return "a number of steps, 0 or more"
-    if full_delta_finish and not full_delta_rank:
-        return "it trains --full-delta-rank's delta alone, and there is no delta: give a rank"
-    return None
+# an option of the full budget's delta: what a negative value is told, and what the delta is to it
+DELTA_OPTIONS = {"full_delta_lr": ("a rate is positive (0: the model's)", "it is the rate of"),
+                 "full_delta_finish": ("a number of steps, 0 or more", "it trains")}
 
 
-def delta_lr_problem(full_delta_lr: float, full_delta_rank: int) -> str | None:
-    """What is wrong with the delta's own rate (TrainConfig / ElastifyConfig.full_delta_lr, bench
-    --full-delta-lr); None when nothing is."""
-    if full_delta_lr < 0:
-        return "a rate is positive (0: the model's)"
-    if full_delta_lr and not full_delta_rank:
-        return "it is the rate of --full-delta-rank's delta, and there is no delta: give a rank"
+def delta_option_problem(option: str, value: float, full_delta_rank: int) -> str | None:
+    """What is wrong with an option of the full budget's delta (DELTA_OPTIONS: its own rate, its finish), as
+    TrainConfig / ElastifyConfig and the bench take it; None when nothing is."""
+    negative, what = DELTA_OPTIONS[option]
+    if value < 0:
+        return negative
+    if value and not full_delta_rank:
+        return f"{what} --full-delta-rank's delta, and there is no delta: give a rank"
     return None
 
 

@@ -16,7 +16,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|36|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|37|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -319,6 +319,12 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   36) RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J0kl4 "$J0 $KEPT --strict-determinism $CHAT --full-delta-lr 8e-4" \
        J0kl8 "$J0 $KEPT --strict-determinism $CHAT --full-delta-lr 1.6e-3"
      ratios J0kl4:C2e,J0kl8:C2e J0kl4 J0kl8 ;;
+  # 37: the delta's finish (--full-delta-finish, twenty-fourth session): 64 steps (an eighth of the run) that
+  # train the delta alone after training, at the model's rate and at twice it; resumable (call again on exit 75)
+  37) F="$J0 $KEPT --strict-determinism $CHAT --full-delta-finish 64 --max-train-seconds 380"
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J0kf "$F --state-dir $H/state/J0kf" \
+       J0kf2 "$F --full-delta-lr 4e-4 --state-dir $H/state/J0kf2"
+     ratios J0kf:C2e,J0kf2:C2e J0kf J0kf2 ;;
   # 16K (for the next session): T = 16M like for like with the recipe that held the full model at both seeds
   # at 4M (J0mr64k), against 16j's (c) rows, resumable (call "16K" again until it is done, 3 calls or so)
   # (strict since the twenty-second session: two strict runs agreed step for step, warn-only ones did not)
