@@ -750,7 +750,11 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                         "log": [{k: v for k, v in lg.items() if k != "eval"} for lg in logs[::max(1, steps // 60)]]}
     save()
     t = clock(device)
-    tail = logs[len(logs) * 4 // 5:]
+    # each budget's final KD: over the last fifth of the training's steps, the full budget's over the last fifth
+    # of the delta's finish where there is one (--full-delta-finish)
+    trained = [lg for lg in logs if "phase" not in lg]
+    finish = [lg for lg in logs if "phase" in lg]
+    tail, finish_tail = trained[len(trained) * 4 // 5:], finish[len(finish) * 4 // 5:]
     for i in sorted(range(len(budgets)), key=lambda i: budgets[i].is_full):
         b, proj = budgets[i], projections[i]
         spec = final[b.name]
@@ -770,7 +774,8 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
         if b.is_full:
             methods[variant]["full_kl_from_parent"] = {name: g["kl_from_reference"] for name, g in got.items()}
         del small
-        kd = [v for lg in tail for name, v in budget_kds(lg, full_name) if name == b.name]
+        kd = [v for lg in (finish_tail if b.is_full and finish_tail else tail) for name, v in budget_kds(lg, full_name)
+              if name == b.name]
         row(variant, b, None, spec, ppl, steps * tokens_per_step,
             cost_vs_target=costs.spec_cost("params", spec) / b.target,
             projection=proj.to_dict() if proj is not None else None,

@@ -129,7 +129,10 @@ def test_the_bench_trains_and_scores_the_full_budget_with_its_delta(tmp_path):
     assert part["methods"]["elastic_anchor"]["full_delta_rank"] == 2
     assert part["methods"]["elastic_anchor"]["full_delta_lr"] == 3e-3
     assert part["methods"]["elastic_anchor"]["full_delta_finish"] == 3  # and ran: three steps of it in the log
-    assert sum(lg.get("phase") == "full_delta_finish" for lg in part["methods"]["elastic_anchor"]["log"]) == 3
+    log = part["methods"]["elastic_anchor"]["log"]
+    assert sum(lg.get("phase") == "full_delta_finish" for lg in log) == 3
+    full_row = next(row for row in part["rows"] if row["method"] == "elastic_anchor" and row["budget"] == "1.0")
+    assert full_row["final_kd"] == pytest.approx(log[-1]["full_kd"])  # the finish's last fifth: its last step
     kl = part["methods"]["elastic_anchor"]["full_kl_from_parent"]  # how far the full model moved, per source
     assert list(kl) == list(part["heldout"]) and all(v > 0 for v in kl.values())
     full = {row["method"]: row["perplexity"] for row in part["rows"] if row["budget"] == "1.0"}
