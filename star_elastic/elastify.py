@@ -509,8 +509,9 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     log("steps per budget: " + ", ".join(f"{k} {v}" for k, v in steps_per_budget.items()) + f" of {len(step_logs)}")
     finish = [s for s in step_logs if s.get("phase") == "full_delta_finish"]
     if finish:  # (a resumed run's logs hold this call's steps only)
-        log(f"the delta's finish: {len(finish)} steps with the shared weights fixed, the full budget's KD "
-            f"{finish[0]['full_kd']:.4f} -> {finish[-1]['full_kd']:.4f}")
+        log(f"the delta's finish: {len(finish)} steps ({sum(s['seq_len'] for s in finish) * cfg.batch_size:,} tokens "
+            f"beside the {train_tokens:,}, the full budget's alone) with the shared weights fixed, the full budget's "
+            f"KD {finish[0]['full_kd']:.4f} -> {finish[-1]['full_kd']:.4f}")
 
     router.eval()
     costs = CostModel(model.config)

@@ -568,7 +568,7 @@ def test_anchor_data_reaches_the_run_and_bad_values_are_one_line(tmp_path, token
     ckpt = tmp_path / "finish"
     assert cli.main(common + ["--out", str(ckpt), "--full-delta-rank", "2", "--full-delta-finish", "2"]) == 0
     assert read_manifest(ckpt)["training"]["config"]["full_delta_finish"] == 2
-    assert "the delta's finish: 2 steps with the shared weights fixed" in capsys.readouterr().out
+    assert "the delta's finish: 2 steps (512 tokens beside the 768, the full budget's alone)" in capsys.readouterr().out
     for extra, message in ((["--anchor-data", "self", "--full-anchor", "0"], "needs --full-anchor > 0"),
                            (["--anchor-data", "self:many"], "TOKENS a positive integer"),
                            (["--anchor-mix", "0.5"], "give --anchor-data"),
