@@ -162,12 +162,16 @@ def default_stage2_weights(n: int) -> list[float]:
     return [x / sum(w) for x in w]
 
 
+def cosine(t: float, min_ratio: float) -> float:
+    """The rate's factor at t in [0, 1] of a cosine from 1 down to min_ratio."""
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Linear warmup, then cosine down to min_lr_ratio."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    return cosine((step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps), cfg.min_lr_ratio)
 
 
 def init_distributed():
@@ -864,22 +868,22 @@ class ElasticTrainer:
         return out if defer else out.result()
 
     def _anchor_batch(self, x, teacher: HeadInput | None, own) -> tuple[torch.Tensor, HeadInput]:
-        """The full anchor's batch and its teacher: the step's (x), or `own` rows of the anchor text with the
-        rest of the step's (anchor_mix)."""
-        if own is None:
-            return x, teacher
-        keep = round(self.cfg.anchor_mix * own.shape[0])  # rows of anchor text; the rest the step's
-        xa = own if keep == own.shape[0] else torch.cat([own[:keep], x[keep:]])
-        with torch.no_grad():
-            return xa, self._head(self.teacher, xa)
+        """The full anchor's batch and its teacher: the step's (x, with `teacher` when the step has it), or
+        `own` rows of the anchor text with the rest of the step's (anchor_mix)."""
+        if own is not None:
+            keep = round(self.cfg.anchor_mix * own.shape[0])  # rows of anchor text; the rest the step's
+            x, teacher = own if keep == own.shape[0] else torch.cat([own[:keep], x[keep:]]), None
+        if teacher is None:
+            with torch.no_grad():
+                teacher = self._head(self.teacher, x)
+        return x, teacher
 
     def _finish_step(self, defer: bool) -> "dict | StepLogs":
         """One step of the delta's finish (cfg.full_delta_finish): the full budget distilled on the anchor's
         batch, its delta alone trained (the other groups at rate 0, and no gradient reaches them), at the
         delta's rate on a cosine from it to min_lr_ratio x it over the finish."""
         cfg = self.cfg
-        t = (self.step - cfg.steps) / max(1, cfg.full_delta_finish)
-        factor = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+        factor = cosine((self.step - cfg.steps) / max(1, cfg.full_delta_finish), cfg.min_lr_ratio)
         for group in self.opt.param_groups:
             group["lr"] = group["base_lr"] * factor if group.get("full_delta") else 0.0
         self.model.train()
@@ -889,8 +893,7 @@ class ElasticTrainer:
         for _ in range(cfg.grad_accum):
             x = self._batch(L)
             own = self._batch(L, self.anchor_batches) if self.anchor_batches is not None else None
-            with torch.no_grad():
-                xa, ta = self._anchor_batch(x, None, own) if own is not None else (x, self._head(self.teacher, x))
+            xa, ta = self._anchor_batch(x, None, own)
             with compiled_kd(cfg.compile), self._as_full():
                 full_kd = kd_loss(self._head(self.model, xa), ta)
             (full_kd / cfg.grad_accum).backward(inputs=only)
