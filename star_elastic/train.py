@@ -265,6 +265,7 @@ class ElasticTrainer:
                 f"{self.row_len} over {self.world} rank(s): make the stage-2 length a multiple of seq_len and "
                 f"batch_size x seq_len a multiple of it times the ranks")
         self.device = next(model.parameters()).device
+        self.now = time.perf_counter  # the host's clock for a step's rate on the CPU (StepClock)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
         teacher.eval().requires_grad_(False)
         self.shard = sharding(cfg.shard, self.world)
@@ -1058,29 +1059,34 @@ class ElasticTrainer:
 
     def _loop(self, end: int, bar, per_budget: dict, metrics: Path, writer) -> list[dict]:
         logs, queued = [], None
-        t0 = time.perf_counter()
+        clock = StepClock(self.device, self.now)
+        since = clock.mark()
         while self.step < end:
-            step = self.train_step(defer=True)
+            step = self.train_step(defer=True), clock.mark()  # the mark: behind the step's work
             if queued is not None:  # the step before, read while this one runs on the device
-                t0 = self._record(queued.result(), t0, bar, per_budget, metrics, writer, logs)
+                since = self._record(*queued, since, clock, bar, per_budget, metrics, writer, logs)
             queued = step
             if (self.step >= end or self.cfg.eval_every and self.step % self.cfg.eval_every == 0
                     or self.cfg.save_every and self.step % self.cfg.save_every == 0):
                 # evaluating or saving: at this step's weights, with nothing queued behind it
-                t0 = self._record(queued.result(), t0, bar, per_budget, metrics, writer, logs)
+                since = self._record(*queued, since, clock, bar, per_budget, metrics, writer, logs)
                 queued = None
         return logs
 
-    def _record(self, log: dict, t0: float, bar, per_budget: dict, metrics: Path, writer, logs: list) -> float:
+    def _record(self, step: "StepLogs", done, since, clock: "StepClock", bar, per_budget: dict, metrics: Path,
+                writer, logs: list):
         """A step's logs to the bar, the metrics file and TensorBoard, with its evaluation and saved state
-        when they are due (`_loop` reads those steps at once); returns the clock for the next step's."""
+        when they are due (`_loop` reads those steps at once). Its rate is over the time from the end of
+        the step before (`since`) to its own end (`done`), both marks of `clock`; returns the mark the next
+        step's time starts from."""
+        log = step.result()
         n = log["step"] + 1  # steps done once this one is (self.step may be one further: _loop reads late)
         per_budget[log["budget"]] = log["kd"] if "kd" in log else log["total"]
         bar.set_postfix({f"kd@{k}": f"{v:.3f}" for k, v in per_budget.items()})
         bar.update(1)
         log["tokens_per_s"] = (self.cfg.batch_size * self.cfg.grad_accum * log["seq_len"]) / max(
-            1e-9, time.perf_counter() - t0)
-        t0 = time.perf_counter()
+            1e-9, clock.seconds(since, done))
+        since = done
         if self.cfg.eval_every and n % self.cfg.eval_every == 0 and n < self.cfg.steps:
             log["eval"] = self.evaluate()
         logs.append(log)
@@ -1093,7 +1099,9 @@ class ElasticTrainer:
                         writer.add_scalar(f"train/{k}", v, n)
         if self.cfg.save_every and n % self.cfg.save_every == 0:
             self.save_state()
-        return t0
+        if "eval" in log or self.cfg.save_every and n % self.cfg.save_every == 0:
+            since = clock.mark()  # the next step's time leaves out the evaluation's and the save's
+        return since
 
 
 def compile_layers(model: Model, backend: str | None = "inductor") -> Model:
@@ -1151,6 +1159,29 @@ def delta_option_problem(option: str, value: float, full_delta_rank: int) -> str
     if value and not full_delta_rank:
         return f"{what} --full-delta-rank's delta, and there is no delta: give a rank"
     return None
+
+
+class StepClock:
+    """When a step's work ended, for its rate. On a GPU an event recorded on the stream behind the step's
+    kernels, read when the step is: the host's clock at that read would give a step read right after the
+    one before (at a save or an evaluation, or where a step waits on its own work) the time of neither.
+    On the CPU a step's work is done when `train_step` returns: the host's clock (`now`) then."""
+
+    def __init__(self, device: torch.device, now=time.perf_counter):
+        self.cuda, self.now = device.type == "cuda", now
+
+    def mark(self):
+        if not self.cuda:
+            return self.now()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start, end) -> float:
+        if not self.cuda:
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1000
 
 
 class StepLogs:

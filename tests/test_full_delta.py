@@ -351,3 +351,30 @@ def test_the_deltas_finish_trains_the_delta_alone_and_brings_the_full_budget_clo
     assert [lg["total"] for lg in rest] == pytest.approx([lg["total"] for lg in logs[7:]], rel=1e-6, abs=1e-7)
     with pytest.raises(StarElasticError, match="there is no delta"):
         _trainer(tmp_path, "e", full_anchor=1.0, full_delta_finish=3)
+
+
+def test_each_steps_rate_is_over_its_own_time_across_saves_and_the_finish(tmp_path):
+    """A step's tokens/s is over the time its own work took (StepClock), on a fake clock that each step moves
+    by its cost: 1 s a training step, 3 s a finish step, 10 s a save. Read late (the loop reads a step after
+    the next one is queued), the last training step got the first finish step's time, and a step read right
+    after the one before (at a save) a time near zero: the GPU's metrics showed 5.6 million tokens/s."""
+    t = _trainer(tmp_path, "clock", full_anchor=1.0, full_delta_rank=4, full_delta_finish=4, save_every=3)
+    now = [0.0]
+    t.now = lambda: now[0]
+    step, save = t.train_step, t.save_state
+
+    def timed_step(defer=False):
+        now[0] += 3.0 if t.step >= t.cfg.steps else 1.0
+        return step(defer)
+
+    def timed_save(*a, **kw):
+        out = save(*a, **kw)
+        now[0] += 10.0
+        return out
+    t.train_step, t.save_state = timed_step, timed_save
+    logs = t.run(progress=False)
+    assert len(logs) == 9
+    for lg in logs:
+        tokens = t.cfg.batch_size * t.cfg.grad_accum * lg["seq_len"]
+        cost = 3.0 if lg.get("phase") == "full_delta_finish" else 1.0
+        assert lg["tokens_per_s"] == pytest.approx(tokens / cost), lg["step"]

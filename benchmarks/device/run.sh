@@ -325,6 +325,23 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J0kf "$F --state-dir $H/state/J0kf" \
        J0kf2 "$F --full-delta-lr 4e-4 --state-dir $H/state/J0kf2"
      ratios J0kf:C2e,J0kf2:C2e J0kf J0kf2 ;;
+  # CLOCK: the step's rate from CUDA events (StepClock) on a tiny trainer with saves and a finish
+  CLOCK) cd tests && python3 - <<'PY'
+import tempfile, torch
+from test_full_delta import SMALLER_ONLY
+from test_train import make
+from star_elastic.train import ElasticTrainer
+model, teacher, router, budgets, rows, cfg, _ = make(**{**SMALLER_ONLY, "full_anchor": 1.0, "full_delta_rank": 4,
+                                                     "full_delta_finish": 8, "save_every": 3, "steps": 12})
+t = ElasticTrainer(model.cuda(), teacher.cuda(), router.cuda(), budgets, rows, cfg, tempfile.mkdtemp())
+for lg in t.run(progress=False):
+    print(lg["step"], lg.get("phase", "train"), round(lg["tokens_per_s"]))
+PY
+     ;;
+  # 38: one run alone, a longer finish at the faster rate (J0kf2 at 64 steps: chat +3.8%, KL 0.031-0.056)
+  38) F="$J0 $KEPT --strict-determinism $CHAT --full-delta-lr 4e-4 --max-train-seconds 450"
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J0kf3 "$F --full-delta-finish 256 --state-dir $H/state/J0kf3"
+     ratios J0kf3:C2e J0kf3 ;;
   # 16K (for the next session): T = 16M like for like with the recipe that held the full model at both seeds
   # at 4M (J0mr64k), against 16j's (c) rows, resumable (call "16K" again until it is done, 3 calls or so)
   # (strict since the twenty-second session: two strict runs agreed step for step, warn-only ones did not)
