@@ -445,7 +445,7 @@ def test_the_demo_trains_with_elastifys_defaults_on_the_cpu_and_the_recipe_that_
     trainer's own checks accept; a flag given wins over either preset, also one that turns a lever off."""
     from star_elastic.cli import build_parser
     from star_elastic.commands import demo_options
-    from star_elastic.train import hold_problem, keep_problem
+    from star_elastic.train import DELTA_OPTIONS, delta_option_problem, hold_problem, keep_problem
 
     levers = ("anchor_data", "anchor_mix", "full_delta_rank", "full_delta_lr", "full_delta_finish", "hold", "hold_rate",
               "hold_pull", "full_keeps_held")
@@ -454,7 +454,7 @@ def test_the_demo_trains_with_elastifys_defaults_on_the_cpu_and_the_recipe_that_
     assert {k: cpu[k] for k in levers} == {k: getattr(elastify_args, k) for k in levers}
     assert cpu["full_anchor"] == 0.0
     assert {k: gpu[k] for k in levers + ("full_anchor",)} == {
-        "anchor_data": "self", "anchor_mix": 0.5, "full_delta_rank": 64, "full_delta_lr": 0.0, "full_delta_finish": 0,
+        "anchor_data": "self", "anchor_mix": 0.5, "full_delta_rank": 64, "full_delta_lr": 4e-4, "full_delta_finish": 256,
         "hold": "embeddings,norms",
         "hold_rate": 1.0,
         "hold_pull": 30.0, "full_keeps_held": "training", "full_anchor": 1.0}
@@ -466,6 +466,14 @@ def test_the_demo_trains_with_elastifys_defaults_on_the_cpu_and_the_recipe_that_
     assert (given["full_delta_rank"], given["full_keeps_held"], given["anchor_mix"], given["hold_pull"]) == (
         0, "after", 1.0, 0.0)
     assert given["hold"] == "embeddings,norms"  # what was not given stays the preset's
+    # the delta turned off takes the preset's rate and finish of it along (else: "there is no delta"), and
+    # every preset's and given set passes the trainer's check
+    assert (given["full_delta_lr"], given["full_delta_finish"]) == (0, 0)
+    for opt in (cpu, gpu, given):
+        assert all(delta_option_problem(k, opt[k], opt["full_delta_rank"]) is None for k in DELTA_OPTIONS)
+    wrong = demo_options(build_parser().parse_args(["demo", "--full-delta-rank", "0", "--full-delta-finish", "8"]),
+                         "cuda")
+    assert delta_option_problem("full_delta_finish", wrong["full_delta_finish"], 0)  # a flag given is kept, refused
 
 
 def test_shard_and_router_flags_reach_the_training_config(tmp_path):
