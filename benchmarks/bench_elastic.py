@@ -744,7 +744,10 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                         "anchor_mix": tcfg.anchor_mix if anchor_rows is not None else None,
                         "anchor_sha": anchor_sha,
                         "anchor_cos": cosines(logs),
-                        "tokens_per_s": round(steps * tokens_per_step / train_s), "peak_gpu_gib": peak,
+                        # the rate over every step the trainer ran: the finish's too (train_s holds them)
+                        "finish_tokens": tcfg.full_delta_finish * tokens_per_step,
+                        "tokens_per_s": round((steps + tcfg.full_delta_finish) * tokens_per_step / train_s),
+                        "peak_gpu_gib": peak,
                         "selection": trainer.selection, "argmax_trajectory": trajectory,
                         "resumed_at_step": start or None,
                         "log": [{k: v for k, v in lg.items() if k != "eval"} for lg in logs[::max(1, steps // 60)]]}
@@ -881,7 +884,9 @@ def table(part: dict) -> str:
     if any(r["method"] in VARIANTS and abs(r.get("cost_vs_target", 1.0) - 1) > 0.05 for r in rows):
         lines.append("* more than 5% away from its budget")
     lines.append(f"(c) at 100% is the untouched parent. Wall time: zero-shot {m['zero_shot']['seconds']} s; "
-                 + "; ".join(f"{LABELS[v]} {m[v]['train_seconds']} s ({m[v]['tokens_per_s']:,} tok/s)" for v in variants)
+                 + "; ".join(f"{LABELS[v]} {m[v]['train_seconds']} s ({m[v]['tokens_per_s']:,} tok/s"
+                             + (f", the delta's finish's {m[v]['finish_tokens']:,} tokens in them"
+                                if m[v].get("finish_tokens") else "") + ")" for v in variants)
                  + f"; Minitron {m['minitron']['train_seconds']} s training ({m['minitron']['tokens']:,} tokens)")
     return "\n".join(lines)
 

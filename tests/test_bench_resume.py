@@ -171,10 +171,16 @@ def test_a_delta_beside_a_hold_that_trains_scores_the_full_model_elastify_full_k
     argv = BENCH[:BENCH.index("--variants")] + ["--variants", "joint_anchor"] + \
         BENCH[BENCH.index("--variants") + 2:]
     r = subprocess.run(argv + ["--full-delta-rank", "2", "--hold", "embeddings,norms", "--hold-rate", "1",
-                               "--hold-pull", "10", "--json", str(out)], capture_output=True, text=True, timeout=600)
+                               "--hold-pull", "10", "--full-delta-finish", "40", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     part = json.loads(out.read_text())["B"]
     how = part["methods"]["joint_anchor"]
+    # the rate is over every step the trainer ran in its seconds, the delta's finish's too
+    per_step = part["training"]["T"] // part["training"]["elastic_steps"]
+    assert how["finish_tokens"] == 40 * per_step and how["steps"] <= 40
+    ran = (how["steps"] + 40) * per_step
+    assert math.isclose(how["tokens_per_s"] * how["train_seconds"], ran, rel_tol=0.1), (how, ran)
     full = next(row for row in part["rows"] if row["method"] == "joint_anchor" and row["budget"] == "1.0")
     kept, rest = how["full_keeps_held"]["wiki"], how["full_with_parents_rest"]["wiki"]
     assert math.isfinite(kept) and kept != rest and kept != full["perplexity"]["wiki"]
