@@ -500,8 +500,10 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     # same evaluation forwards on it, and the checkpoint is gathered tensor by tensor, rank 0 writing
     model = trainer.model
     sharded = trainer.shard == "fsdp"
-    # steady-state throughput (all ranks together): the median step after the first fifth
-    rates = sorted(log["tokens_per_s"] for log in step_logs[len(step_logs) // 5:])
+    # steady-state throughput (all ranks together): the median training step after the first fifth (the
+    # delta's finish, a lighter step, apart)
+    trained = [s for s in step_logs if "phase" not in s]
+    rates = sorted(log["tokens_per_s"] for log in trained[len(trained) // 5:])
     # the steps each budget trained in this run (the full model's include the anchored ones, a smaller
     # budget's those it trained beside another, TrainConfig.all_budgets): its token share
     steps_per_budget = {b.name: sum(1 for s in step_logs if s["budget"] == b.name or (b.is_full and "full_kd" in s)
@@ -511,7 +513,8 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     if finish:  # (a resumed run's logs hold this call's steps only)
         log(f"the delta's finish: {len(finish)} steps ({sum(s['seq_len'] for s in finish) * cfg.batch_size:,} tokens "
             f"beside the {train_tokens:,}, the full budget's alone) with the shared weights fixed, the full budget's "
-            f"KD {finish[0]['full_kd']:.4f} -> {finish[-1]['full_kd']:.4f}")
+            f"KD {finish[0]['full_kd']:.4f} -> {finish[-1]['full_kd']:.4f}, "
+            f"{sorted(s['tokens_per_s'] for s in finish)[len(finish) // 2]:,.0f} tokens/s")
 
     router.eval()
     costs = CostModel(model.config)

@@ -577,6 +577,11 @@ def test_anchor_data_reaches_the_run_and_bad_values_are_one_line(tmp_path, token
     assert cli.main(common + ["--out", str(ckpt), "--full-delta-rank", "2", "--full-delta-finish", "2"]) == 0
     assert read_manifest(ckpt)["training"]["config"]["full_delta_finish"] == 2
     assert "the delta's finish: 2 steps (512 tokens beside the 768, the full budget's alone)" in capsys.readouterr().out
+    # the run's tokens/s is its training steps' (the median), the finish's lighter steps apart
+    steps = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
+    trained = sorted(s["tokens_per_s"] for s in steps if "phase" not in s)
+    assert len(trained) == 3 and len(steps) == 5
+    assert read_manifest(ckpt)["training"]["tokens_per_s"] == round(trained[1])
     for extra, message in ((["--anchor-data", "self", "--full-anchor", "0"], "needs --full-anchor > 0"),
                            (["--anchor-data", "self:many"], "TOKENS a positive integer"),
                            (["--anchor-mix", "0.5"], "give --anchor-data"),
