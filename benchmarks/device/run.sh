@@ -16,7 +16,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|38|CLOCK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|40|CLOCK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -325,6 +325,15 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J0kf "$F --state-dir $H/state/J0kf" \
        J0kf2 "$F --full-delta-lr 4e-4 --state-dir $H/state/J0kf2"
      ratios J0kf:C2e,J0kf2:C2e J0kf J0kf2 ;;
+  # 39: the finish four times longer (1,024 steps, ~340 s of its own): resumable, call again on exit 75
+  39) F="$J0 $KEPT --strict-determinism $CHAT --full-delta-lr 4e-4 --max-train-seconds 430"
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J0kf4 "$F --full-delta-finish 1024 --state-dir $H/state/J0kf4"
+     ratios J0kf4:C2e J0kf4 ;;
+  # 40: the delta's rank doubled (128) with J0kf3's finish, beside the finish at 4x the rate (8e-4)
+  40) F="$J0 $KEPT --strict-determinism $CHAT --full-delta-finish 256 --max-train-seconds 380"
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J0kr128 "${F/--full-delta-rank 64/--full-delta-rank 128} \
+        --full-delta-lr 4e-4 --state-dir $H/state/J0kr128" J0kf8 "$F --full-delta-lr 8e-4 --state-dir $H/state/J0kf8"
+     ratios J0kr128:C2e,J0kf8:C2e J0kr128 J0kf8 ;;
   # CLOCK: the step's rate from CUDA events (StepClock) on a tiny trainer with saves and a finish
   CLOCK) cd tests && python3 - <<'PY'
 import tempfile, torch
