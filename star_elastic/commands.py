@@ -273,7 +273,7 @@ def cmd_demo(args):
           f" in {max(1, opt['tokens'] // (opt['batch_size'] * opt['seq_len']))} steps at lr {opt['lr']:g} - a "
           "CPU-sized run; on a GPU the demo trains 12.6M tokens of wiki and bible on every axis at "
           "1.0 / 0.9 / 0.8, keeping the full budget (on one H200: 1.10x and 1.32x the parent's perplexity, the "
-          "full model within 1.4%)"), flush=True)
+          "full model within 1.4% on prose)"), flush=True)
     model, tokenizer = load_model_and_tokenizer(DEFAULT_MODEL, device, None)
     model.float()  # master weights; bf16 autocast on a GPU
     budgets = comma_list(opt["budgets"])
