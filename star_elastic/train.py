@@ -1097,9 +1097,10 @@ class ElasticTrainer:
                 for k, v in log.items():
                     if isinstance(v, (int, float)):
                         writer.add_scalar(f"train/{k}", v, n)
-        if self.cfg.save_every and n % self.cfg.save_every == 0:
+        saving = bool(self.cfg.save_every and n % self.cfg.save_every == 0)
+        if saving:
             self.save_state()
-        if "eval" in log or self.cfg.save_every and n % self.cfg.save_every == 0:
+        if "eval" in log or saving:
             since = clock.mark()  # the next step's time leaves out the evaluation's and the save's
         return since
 
