@@ -166,6 +166,9 @@ def parse_args(argv=None):
                     help="with --full-delta-rank: STEPS more steps after training that train the delta alone, the "
                          "shared weights fixed (TrainConfig.full_delta_finish; their tokens are the full budget's "
                          "alone, beside T)")
+    ap.add_argument("--full-delta-restore", choices=("weights", "activations"), default="",
+                    help="with --full-delta-rank: where training ends, the delta set in closed form to the rank-r part "
+                         "of the parent's linear weights less the shared ones (TrainConfig.full_delta_restore)")
     ap.add_argument("--hold", metavar="PARTS", type=comma_list,
                     help="anchored variants: hold these at or near the parent's values in every budget, "
                          "comma-separated: embeddings (with the LM head), norms (TrainConfig.hold; frozen unless "
@@ -642,6 +645,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                        full_delta_rank=args.full_delta_rank if variant in ANCHORED else 0,
                        full_delta_lr=args.full_delta_lr if variant in ANCHORED else 0.0,
                        full_delta_finish=args.full_delta_finish if variant in ANCHORED else 0,
+                       full_delta_restore=args.full_delta_restore if variant in ANCHORED else "",
                        hold=args.hold if variant in ANCHORED else None,
                        hold_rate=args.hold_rate if variant in ANCHORED else 0.0,
                        hold_pull=args.hold_pull if variant in ANCHORED else 0.0,
@@ -734,6 +738,8 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                         "full_delta_rank": tcfg.full_delta_rank or None,
                         "full_delta_lr": tcfg.full_delta_lr or None,
                         "full_delta_finish": tcfg.full_delta_finish or None,
+                        "full_delta_restore": tcfg.full_delta_restore or None,
+                        "full_delta_restored": trainer.restored,
                         "full_keeps_held_training": tcfg.full_keeps_held,
                         # the full budget's scores beside its perplexity, added once it is scored
                         "full_without_delta": None, "full_with_parents_rest": None, "full_keeps_held": None,
@@ -1036,6 +1042,9 @@ def main(argv=None):
         why = delta_option_problem(option, getattr(args, option), args.full_delta_rank)
         if why:
             raise SystemExit(f"--{option.replace('_', '-')} {getattr(args, option):g}: {why}")
+    if args.full_delta_restore and not args.full_delta_rank:
+        raise SystemExit(f"--full-delta-restore {args.full_delta_restore}: it sets --full-delta-rank's delta, and "
+                         "there is no delta: give a rank")
     if args.anchor_data and parse_anchor_data(args.anchor_data)[0] not in SAMPLED:
         raise SystemExit(f"--anchor-data {args.anchor_data!r}: the bench samples the anchor's text from the parent: "
                          "self, chat, self:TOKENS or chat:TOKENS")

@@ -104,6 +104,7 @@ def compare(runs: dict, pair: str, part: str = "A") -> dict:
            "anchor_mix": how.get("anchor_mix"),
            "full_delta_rank": how.get("full_delta_rank"), "full_delta_scope": how.get("full_delta_scope"),
            "full_delta_lr": how.get("full_delta_lr"), "full_delta_finish": how.get("full_delta_finish"),
+           "full_delta_restore": how.get("full_delta_restore"), "full_delta_restored": how.get("full_delta_restored"),
            # "freeze_embeddings_and_norms": true in the runs before TrainConfig.hold
            "hold": how.get("hold") or (["embeddings", "norms"] if how.get("freeze_embeddings_and_norms") else None),
            "hold_rate": how.get("hold_rate"), "hold_pull": how.get("hold_pull"), "budgets": {},
@@ -153,6 +154,8 @@ def main(argv=None):
             f" ({100 * r['anchor_mix']:.0f}% of its rows)" if r.get("anchor_mix") not in (None, 1.0) else "") + (
             f", full delta rank {r['full_delta_rank']}" if r.get("full_delta_rank") else "") + (
             f" at lr {r['full_delta_lr']:g}" if r.get("full_delta_lr") else "") + (
+            f", restored from the weights' drift ({r['full_delta_restore']}, {r['full_delta_restored']:.0%} of it)"
+            if r.get("full_delta_restore") else "") + (
             f", its finish {r['full_delta_finish']} steps" if r.get("full_delta_finish") else "") + (
             " on embeddings and norms too" if r.get("full_delta_scope") == "all" else "") + (
             (f", {' and '.join(r['hold'])} at {r['hold_rate']:g}x the rate" if r.get("hold_rate") else

@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --full-delta-rank: after training, STEPS more steps that train the delta alone "
                              "(the full budget distilled on the anchor's batch, the shared weights fixed), so it "
                              "catches up with their drift at no cost to the smaller budgets (default 0: none)")
+        sp.add_argument("--full-delta-restore", choices=("weights", "activations"), default="",
+                        help="with --full-delta-rank: where training ends (before --full-delta-finish), set the delta "
+                             "in closed form to the rank-R part of the parent's linear weights less the shared ones, "
+                             "the error weighted by each layer's inputs in the parent (activations) or not (weights)")
         sp.add_argument("--hold", metavar="PARTS",
                         help="hold these at the parent's values in every budget, comma-separated: embeddings (with "
                              "the LM head), norms. Measured with --full-delta-rank: the embeddings carry the full "
@@ -217,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     full_budget_args(sp)
     # not given: the preset's (on the CPU elastify's defaults; on a GPU the recipe that keeps the full budget)
     sp.set_defaults(anchor_data=None, anchor_mix=None, full_delta_rank=None, full_delta_lr=None,
-                    full_delta_finish=None, hold=None,
+                    full_delta_finish=None, full_delta_restore=None, hold=None,
                     hold_rate=None, hold_pull=None, full_keeps_held=None)
     sp.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
                     help="as elastify's (default auto: each layer under torch.compile on a GPU)")

@@ -185,6 +185,7 @@ def cmd_elastify(args):
                          anchor_projection=args.anchor_projection, anchor_data=args.anchor_data,
                          anchor_mix=args.anchor_mix, full_delta_rank=args.full_delta_rank,
                          full_delta_lr=args.full_delta_lr, full_delta_finish=args.full_delta_finish,
+                         full_delta_restore=args.full_delta_restore,
                          hold=comma_list(args.hold) or None,
                          hold_rate=args.hold_rate, hold_pull=args.hold_pull, full_keeps_held=args.full_keeps_held,
                          drift_data=args.drift_data, chat_drift=args.chat_drift, router_init=args.router_init,
@@ -219,6 +220,7 @@ DEMO_PRESETS = {
                 calib_batches=4, eval_tokens=2048, stage2_weights=[0.3, 0.7], full_anchor=0.0, all_budgets=False,
                 # the full-budget levers: elastify's defaults (none)
                 anchor_data=None, anchor_mix=1.0, full_delta_rank=0, full_delta_lr=0.0, full_delta_finish=0,
+                full_delta_restore="",
                 hold=None, hold_rate=0.0,
                 hold_pull=0.0, full_keeps_held=""),
     # the setting measured in docs/RESULTS.md §9 (two domains, 7 passes: the full budget within +0.6% of the
@@ -239,7 +241,7 @@ DEMO_PRESETS = {
     "cuda": dict(data="wiki,bible", budgets="1.0,0.9,0.8", axes=None, tokens=12_582_912, seq_len=512,
                  batch_size=16, lr=2e-4, calib_batches=16, eval_tokens=16384, stage2_weights=None,
                  full_anchor=1.0, all_budgets=False, anchor_data="self", anchor_mix=0.5, full_delta_rank=64,
-                 full_delta_lr=4e-4, full_delta_finish=256, hold="embeddings,norms", hold_rate=1.0, hold_pull=30.0,
+                 full_delta_lr=4e-4, full_delta_finish=256, full_delta_restore="", hold="embeddings,norms", hold_rate=1.0, hold_pull=30.0,
                  full_keeps_held="training"),
 }
 DEMO_PROMPTS = ("What is the capital of France?", "Name three primary colors.", "What do bees make?")
@@ -253,6 +255,7 @@ def demo_options(args, device_type: str) -> dict:
     opt = {k: getattr(args, k) if getattr(args, k, None) is not None else v for k, v in preset.items()}
     if not opt["full_delta_rank"]:  # the delta turned off: the preset's options of it go too (flags given stay)
         opt.update({k: 0 for k in DELTA_OPTIONS if getattr(args, k, None) is None})
+        opt["full_delta_restore"] = args.full_delta_restore or ""
     return opt
 
 
@@ -285,7 +288,7 @@ def cmd_demo(args):
                          budget_lrs=_floats(args.budget_lrs, "--budget-lrs"), router_prior=args.router_prior,
                          anchor_data=opt["anchor_data"], anchor_mix=opt["anchor_mix"],
                          full_delta_rank=opt["full_delta_rank"], full_delta_lr=opt["full_delta_lr"],
-                         full_delta_finish=opt["full_delta_finish"],
+                         full_delta_finish=opt["full_delta_finish"], full_delta_restore=opt["full_delta_restore"],
                          hold=comma_list(opt["hold"]) or None,
                          hold_rate=opt["hold_rate"], hold_pull=opt["hold_pull"], full_keeps_held=opt["full_keeps_held"],
                          compile=compile_backend(args.compile, device))

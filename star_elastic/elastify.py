@@ -32,8 +32,8 @@ from .evaluate import answer_scores, answer_tokens, perplexity
 from .generate import generate, sample_rows
 from .runtime import chat_prefix, encode_prompt
 from .elastic.delta import held_values
-from .train import (DELTA_OPTIONS, ElasticTrainer, TrainConfig, delta_option_problem, hold_problem, keep_problem,
-                    world)
+from .train import (DELTA_OPTIONS, RESTORE_MODES, ElasticTrainer, TrainConfig, delta_option_problem, hold_problem,
+                    keep_problem, world)
 
 
 @dataclass
@@ -83,6 +83,9 @@ class ElastifyConfig:
     full_delta_rank: int = 0
     full_delta_lr: float = 0.0  # its own rate (TrainConfig.full_delta_lr; 0: --lr)
     full_delta_finish: int = 0  # steps after training that train the delta alone (TrainConfig.full_delta_finish)
+    # the delta set in closed form where training ends, before the finish: "weights" or "activations"
+    # (TrainConfig.full_delta_restore, FullDelta.restore); "": off
+    full_delta_restore: str = ""
     # the embeddings (with the LM head) and / or norms held at or near the parent's (TrainConfig.hold, hold_rate,
     # hold_pull). Measured (§9, seventeenth session): both frozen beside the delta keep the full model within 1%
     # of its parent everywhere at two seeds, at a cost to the smaller budgets (0.75 up to 4%, 0.5 up to 9% behind
@@ -337,6 +340,10 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
         why = delta_option_problem(option, getattr(cfg, option), cfg.full_delta_rank)
         if why:
             raise StarElasticError(f"--{option.replace('_', '-')} {getattr(cfg, option):g}: {why}")
+    if cfg.full_delta_restore and not (cfg.full_delta_rank and cfg.full_delta_restore in RESTORE_MODES):
+        raise StarElasticError(f"--full-delta-restore {cfg.full_delta_restore!r}: " + (
+            f"one of {', '.join(m for m in RESTORE_MODES if m)}" if cfg.full_delta_restore not in RESTORE_MODES else
+            "it sets --full-delta-rank's delta, and there is no delta: give a rank"))
     why = hold_problem(cfg.hold, cfg.hold_rate, cfg.hold_pull, ranks > 1 and cfg.shard != "none", cfg.budget_lrs is not None)
     if why:
         raise StarElasticError(f"--hold {','.join(cfg.hold or [])}: {why}")
@@ -466,7 +473,8 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                        all_budgets=cfg.all_budgets, train_on=cfg.train_on, budget_lrs=budget_lrs,
                        anchor_projection=cfg.anchor_projection, anchor_mix=cfg.anchor_mix,
                        full_delta_rank=cfg.full_delta_rank, full_delta_lr=cfg.full_delta_lr,
-                       full_delta_finish=cfg.full_delta_finish, hold=cfg.hold,
+                       full_delta_finish=cfg.full_delta_finish, full_delta_restore=cfg.full_delta_restore,
+                       hold=cfg.hold,
                        hold_rate=cfg.hold_rate,
                        hold_pull=cfg.hold_pull, full_keeps_held=cfg.full_keeps_held == "training")
     anchor_rows = None if anchor_spec is None else anchor_text(
@@ -492,6 +500,9 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     elif cfg.full_keeps_held == "training":
         log(f"the full budget kept the parent's {', '.join(cfg.hold)} as its own throughout training "
             f"({sum(t.numel() for t in trainer.delta.rest.values()):,} parameters); the smaller budgets the trained ones")
+    if trainer.restored is not None:
+        log(f"the delta set from the shared weights' drift ({cfg.full_delta_restore}) where training ended: rank "
+            f"{cfg.full_delta_rank} covers {trainer.restored:.1%} of it" + (", then the finish trained it on" if cfg.full_delta_finish else ""))
     distribution = {**trainer.distribution, "peak_memory_gib": trainer.peak_memory()}  # per rank, GPU only
     if sharded_parent:
         distribution["parent_load"] = "sharded from disk, importance on the shards, sorted as loaded again"
@@ -568,6 +579,8 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                 "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}}
     stage("evaluation")
     training["stages_s"] = stages
+    if trainer.restored is not None:  # the share of the shared weights' drift the restored delta covered
+        training["full_delta_restored"] = round(trainer.restored, 4)
     log("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in stages.items()))
     training["exported_arch_share"] = shares
     training["ranks"] = ranks

@@ -27,7 +27,7 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -43,7 +43,7 @@ from .elastic.losses import (HeadInput, LossWeights, advantage, budget_loss, com
                              full_choice_loss, head_input, kd_loss, score_function_loss, task_loss)
 from .elastic.router import (Projection, Router, entropy, entropy_floor_loss, full_projection, larger_choice,
                              nested_in_band, project_budgets)
-from .elastic.delta import HELD_PARTS, FullDelta, embeddings_and_norms, held_values
+from .elastic.delta import HELD_PARTS, FullDelta, embeddings_and_norms, held_values, input_covariances
 from .elastic.masking import masked
 from .elastic.spec import ElasticSpec
 from .errors import StarElasticError
@@ -119,6 +119,12 @@ class TrainConfig:
     #                             follows their drift from behind (the full budget's KD rose over the first hundred
     #                             steps of the twenty-fourth session's GPU runs, then fell with the rate); with them
     #                             fixed it can catch up, and costs the smaller budgets nothing
+    # the delta set in closed form where training ends (before the finish, if any): B A the rank-r part of the
+    # parent's linear weights less the shared ones (FullDelta.restore), "weights" the nearest in weights,
+    # "activations" weighted by the inputs each layer sees in the parent on RESTORE_BATCHES steps' worth of the
+    # anchor's text; "" off. The trained delta follows the shared weights' drift from behind; this starts where
+    # they are, and the finish trains on from there
+    full_delta_restore: str = ""
     # held at or near the parent's values in every budget: "embeddings" (with the LM head), "norms", or both
     # (delta.HELD_PARTS). Frozen (hold_rate 0) beside the delta, the full model's only drift is in the linear
     # layers its delta covers: measured, within 1% of its parent everywhere at two seeds, but the 0.75 up to 4%
@@ -308,6 +314,7 @@ class ElasticTrainer:
         self.held = ((list(slow.values()), [p.detach().clone() for p in slow.values()])
                      if slow and cfg.hold_pull else None)
         self.delta = self._full_delta(groups)
+        self.restored: float | None = None  # restore_delta's share of the drift covered, once it ran
         self.end = cfg.steps + cfg.full_delta_finish  # the last step: the delta's finish after the training's
         if router is not None:
             groups.append({"params": list(router.parameters()), "lr": cfg.router_lr, "base_lr": cfg.router_lr,
@@ -759,6 +766,9 @@ class ElasticTrainer:
             if why:
                 raise StarElasticError(f"{option} {getattr(cfg, option):g}: {why}")
         if not cfg.full_delta_rank:
+            if cfg.full_delta_restore:
+                raise StarElasticError(f"full_delta_restore {cfg.full_delta_restore!r} sets the full budget's delta, "
+                                       "and there is none: give full_delta_rank")
             return None
         why = ("it needs the full anchor (full_anchor > 0)" if not cfg.full_anchor else
                "not with FSDP sharding (shard='none')" if self.shard == "fsdp" else
@@ -766,6 +776,9 @@ class ElasticTrainer:
                "not with anchor_projection" if cfg.anchor_projection else None)
         if why:
             raise StarElasticError(f"full_delta_rank {cfg.full_delta_rank}: {why}")
+        if cfg.full_delta_restore not in RESTORE_MODES:
+            raise StarElasticError(f"full_delta_restore {cfg.full_delta_restore!r}: one of "
+                                   f"{', '.join(m for m in RESTORE_MODES if m)} (or '' for none)")
         delta = FullDelta(self.model, cfg.full_delta_rank, seed=cfg.seed + 4)
         if cfg.full_keeps_held:  # the parent's values, taken before any resume loads trained ones
             delta.keep(self.model, held_values(self.model, cfg.hold))
@@ -773,6 +786,29 @@ class ElasticTrainer:
         groups.append({"params": list(delta.parameters()), "lr": lr, "base_lr": lr, "weight_decay": 0.0,
                        "full_delta": True})
         return delta
+
+    def restore_delta(self) -> float:
+        """cfg.full_delta_restore: the delta set from the parent's weights and the shared ones as they are now
+        (FullDelta.restore), Adam's moments of the old one dropped. Returns the share of the drift it covers (also
+        `self.restored`). A function of the weights and fixed calibration rows alone, so a resumed run gets the
+        same delta."""
+        cfg = self.cfg
+        covariances = None
+        if cfg.full_delta_restore == "activations":
+            per_step = cfg.batch_size * cfg.seq_len // self.row_len
+            n = per_step * RESTORE_BATCHES
+            own = 0 if self.anchor_batches is None else round(cfg.anchor_mix * n)  # the anchor's mix of texts
+            rows = self.batches.rows[:n - own]
+            if own:
+                rows = torch.cat([self.anchor_batches.rows[:own], rows])
+            batches = (rows[i:i + per_step].to(self.device) for i in range(0, rows.shape[0], per_step))
+            with eager_layers(self.teacher):
+                covariances = input_covariances(self.teacher, self.delta.names, lambda x: self._head(self.teacher, x),
+                                                batches)
+        self.restored = self.delta.restore(self.model, self.teacher, covariances)
+        for p in self.delta.parameters():
+            self.opt.state.pop(p, None)
+        return self.restored
 
     def _as_full(self):
         """Where the full budget runs: with its delta, if it has one."""
@@ -1063,6 +1099,8 @@ class ElasticTrainer:
         since = clock.mark()
         while self.step < end:
             step = self.train_step(defer=True), clock.mark()  # the mark: behind the step's work
+            if self.step == self.cfg.steps and self.cfg.full_delta_restore:  # training over: set the delta
+                self.restore_delta()
             if queued is not None:  # the step before, read while this one runs on the device
                 since = self._record(*queued, since, clock, bar, per_budget, metrics, writer, logs)
             queued = step
@@ -1105,6 +1143,19 @@ class ElasticTrainer:
         return since
 
 
+@contextmanager
+def eager_layers(model: Model):
+    """Inside: `model`'s compiled layers (compile_layers) run eagerly, e.g. under hooks that a graph would not
+    run; after, compiled again, with the graphs they had."""
+    saved = [vars(layer).pop("_compiled_call_impl", None) for layer in model.model.layers]
+    try:
+        yield model
+    finally:
+        for layer, call in zip(model.model.layers, saved):
+            if call is not None:
+                vars(layer)["_compiled_call_impl"] = call
+
+
 def compile_layers(model: Model, backend: str | None = "inductor") -> Model:
     """torch.compile each decoder layer in place (parameter names unchanged; `backend=None` undoes it).
     Per layer, not the whole model, so that the graphs are small and shared by every layer of a kind,
@@ -1145,6 +1196,9 @@ def keep_problem(keep, full_delta_rank: int, hold, hold_rate: float) -> str | No
     return "give --full-delta-rank, --hold and --hold-rate > 0" if keep and not (full_delta_rank and hold and
                                                                                   hold_rate) else None
 
+
+RESTORE_MODES = ("", "weights", "activations")  # TrainConfig.full_delta_restore
+RESTORE_BATCHES = 8  # steps' worth of rows whose inputs weight the restore ("activations")
 
 # an option of the full budget's delta: what a negative value is told, and what the delta is to it
 DELTA_OPTIONS = {"full_delta_lr": ("a rate is positive (0: the model's)", "it is the rate of"),

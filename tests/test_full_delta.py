@@ -264,15 +264,15 @@ def test_kept_from_the_first_step_the_anchor_runs_the_parents_held_values(tmp_pa
             _trainer(tmp_path, "u", full_keeps_held=True, **{**kw, **bad})
 
 
-def _resumes_exactly(tmp_path, **kw):
-    """A run stopped after 2 steps and resumed logs what one straight run logs (tmp_path's runs "straight",
-    "resumed")."""
+def _resumes_exactly(tmp_path, stop_after: int = 2, **kw):
+    """A run stopped after `stop_after` steps and resumed logs what one straight run logs (tmp_path's runs
+    "straight", "resumed")."""
     want = _trainer(tmp_path, "straight", **kw).run(progress=False)
-    _trainer(tmp_path, "resumed", **kw).run(progress=False, stop_after=2)
+    _trainer(tmp_path, "resumed", **kw).run(progress=False, stop_after=stop_after)
     second = _trainer(tmp_path, "resumed", **kw)
-    assert second.load_state() and second.step == 2
+    assert second.load_state() and second.step == stop_after
     rest = second.run(progress=False)
-    assert [lg["total"] for lg in rest] == pytest.approx([lg["total"] for lg in want[2:]], rel=1e-6, abs=1e-7)
+    assert [lg["total"] for lg in rest] == pytest.approx([lg["total"] for lg in want[stop_after:]], rel=1e-6, abs=1e-7)
     return second
 
 
@@ -378,3 +378,100 @@ def test_each_steps_rate_is_over_its_own_time_across_saves_and_the_finish(tmp_pa
         tokens = t.cfg.batch_size * t.cfg.grad_accum * lg["seq_len"]
         cost = 3.0 if lg.get("phase") == "full_delta_finish" else 1.0
         assert lg["tokens_per_s"] == pytest.approx(tokens / cost), lg["step"]
+
+
+def _gap_model(rank_of_gap: int | None, seed: int = 0):
+    """A tiny model and a copy of it (the 'parent') whose linear weights differ from it by a random gap of
+    rank `rank_of_gap` per layer (None: full rank)."""
+    g = torch.Generator().manual_seed(seed)
+    model = Model(CFG).eval()
+    parent = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in FullDelta(model, 1).names:
+            w = parent.get_submodule(name).weight
+            r = rank_of_gap or min(w.shape)
+            w.add_(0.05 * torch.randn(w.shape[0], r, generator=g) @ torch.randn(r, w.shape[1], generator=g) / r ** 0.5)
+    return model, parent
+
+
+def test_a_restored_delta_is_the_best_rank_r_correction_of_the_shared_weights(tmp_path):
+    """FullDelta.restore: where the parent differs from the shared weights by a rank-r gap, a rank-r delta
+    restored from the weights makes the full budget the parent exactly (share 1), weighted by the inputs or
+    not. Where the gap is full rank, the plain restore is the nearest rank-r correction in weights (the
+    Eckart-Young error: the tail of the singular values), and the input-weighted one is nearer on the inputs it
+    was calibrated on than the plain one is (its error there is the least of any rank-r correction)."""
+    from star_elastic.elastic.delta import input_covariances
+
+    model, parent = _gap_model(3)
+    x = torch.randint(0, CFG.vocab_size, (4, 16))
+    for covariances in (None, input_covariances(parent, FullDelta(model, 1).names, parent, [x])):
+        delta = FullDelta(model, 3)
+        assert delta.restore(model, parent, covariances) == pytest.approx(1.0, abs=1e-6)
+        with torch.no_grad(), delta.applied(model):
+            torch.testing.assert_close(model(x), parent(x), rtol=1e-4, atol=1e-4)
+
+    model, parent = _gap_model(None, seed=1)
+    names = FullDelta(model, 1).names
+    calib = [torch.randint(0, CFG.vocab_size, (4, 16)) for _ in range(2)]
+    covariances = input_covariances(parent, names, parent, calib)
+    plain, weighted = FullDelta(model, 2), FullDelta(model, 2)
+    share = plain.restore(model, parent, None)
+    assert 0 < share < 1 and weighted.restore(model, parent, covariances) < 1
+    for name in names:
+        gap = (parent.get_submodule(name).weight - model.get_submodule(name).weight).detach().double()
+        s = torch.linalg.svdvals(gap)
+        assert float(torch.linalg.norm(gap - plain.delta(name).detach().double())) == pytest.approx(float(s[2:].norm()), rel=1e-4)
+        cov = covariances[name].double()
+
+        def err(d):  # the mean squared output error over the calibration inputs: tr((G - D) C (G - D)^T)
+            e = gap - d.detach().double()
+            return float(torch.trace(e @ cov @ e.T))
+        assert err(weighted.delta(name)) <= err(plain.delta(name)) * (1 + 1e-3)
+
+
+def test_input_covariances_are_the_mean_outer_product_of_each_layers_inputs():
+    """input_covariances against the inputs caught directly: E[x x^T] over every token of every batch."""
+    from star_elastic.elastic.delta import input_covariances
+
+    model = Model(CFG).eval()
+    name = FullDelta(model, 1).names[0]
+    caught = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda m, a: caught.append(a[0].reshape(-1, a[0].shape[-1])))
+    batches = [torch.randint(0, CFG.vocab_size, (2, 8)), torch.randint(0, CFG.vocab_size, (3, 5))]
+    with torch.no_grad():
+        got = input_covariances(model, [name], model, batches)[name]
+    handle.remove()
+    xs = torch.cat(caught[:2])
+    torch.testing.assert_close(got, xs.T @ xs / xs.shape[0], rtol=1e-5, atol=1e-6)
+
+
+def test_training_ends_with_the_restored_delta_and_the_finish_starts_from_it(tmp_path):
+    """TrainConfig.full_delta_restore: where the training's steps end, B A is FullDelta.restore's of the
+    trained shared weights (the smaller budgets' weights as a run without it leaves them); the finish trains on
+    from there; the full budget is closer to the parent right after it than with the trained delta; a run
+    stopped inside the finish resumes exactly; bad values are one-line errors."""
+    kw = dict(full_anchor=1.0, full_delta_rank=4, lr=3e-3)
+    trained = _trainer(tmp_path, "trained", **kw)
+    trained.run(progress=False)
+    restored = _trainer(tmp_path, "restored", full_delta_restore="weights", **kw)
+    restored.run(progress=False)
+    assert restored.restored is not None and 0 < restored.restored <= 1 and trained.restored is None
+    for a, b in zip(trained.model.parameters(), restored.model.parameters()):
+        assert torch.equal(a, b)
+    want = FullDelta(restored.model, 4)
+    want.restore(restored.model, restored.teacher)
+    for name in want.names:
+        torch.testing.assert_close(restored.delta.delta(name), want.delta(name), rtol=1e-5, atol=1e-7)
+    x = torch.arange(64).repeat(2).view(4, 32)
+
+    def full_kd(t):
+        with torch.no_grad(), t._as_full():
+            return float(kd_loss(t._head(t.model, x), t._head(t.teacher, x)))
+    assert full_kd(restored) < full_kd(trained)
+
+    second = _resumes_exactly(tmp_path, stop_after=6, full_delta_restore="activations", full_delta_finish=4, **kw)
+    assert second.restored is not None  # from the state: it ran before the stop, not again
+    with pytest.raises(StarElasticError, match="there is none"):
+        _trainer(tmp_path, "e", full_anchor=1.0, full_delta_restore="weights")
+    with pytest.raises(StarElasticError, match="one of weights, activations"):
+        _trainer(tmp_path, "f", full_anchor=1.0, full_delta_rank=2, full_delta_restore="svd")

@@ -16,7 +16,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|40|CLOCK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|42|CLOCK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -335,6 +335,17 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J0kf8 "$F --full-delta-lr 8e-4 --state-dir $H/state/J0kf8" \
        J0kf16 "$F --full-delta-lr 1.6e-3 --state-dir $H/state/J0kf16"
      ratios J0kf8:C2e,J0kf16:C2e J0kf8 J0kf16 ;;
+  # 41: the delta restored in closed form where training ends (--full-delta-restore activations, twenty-sixth
+  # session), then J0kf3's finish (256 steps at 4e-4); and the restore alone (no finish). One after the other,
+  # each resumable (call again on exit 75). On a fresh machine the GGUF's conversion (88 s) and the anchor's
+  # sampling under strict mode (83 s) come before training: PLAN17 40's two runs side by side did not reach
+  # their evaluation in one call (twenty-sixth session)
+  41) F="$J0 $KEPT --strict-determinism $CHAT --full-delta-lr 4e-4 --full-delta-restore activations --max-train-seconds 330"
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J0kr "$F --full-delta-finish 256 --state-dir $H/state/J0kr"
+     ratios J0kr:C2e J0kr ;;
+  42) F="$J0 $KEPT --strict-determinism $CHAT --full-delta-lr 4e-4 --full-delta-restore activations --max-train-seconds 330"
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J0kr0 "$F --state-dir $H/state/J0kr0"
+     ratios J0kr0:C2e J0kr0 ;;
   # CLOCK: the step's rate from CUDA events (StepClock) on a tiny trainer with saves and a finish
   CLOCK) cd tests && python3 - <<'PY'
 import tempfile, torch

@@ -261,6 +261,45 @@ class FullDelta(nn.Module):
             w.copy_((w.float() + sign * self.delta(name).to(w.device)).to(w.dtype))
         return model
 
+    @torch.no_grad()
+    def restore(self, model: nn.Module, parent: nn.Module, covariances: dict[str, torch.Tensor] | None = None,
+                damping: float = 1e-2) -> float:
+        """Set B A, layer by layer, to the rank-r part of what the shared weights lost: the parent's weight
+        less `model`'s, W_p - W. With `covariances` ({layer: E[x x^T] of its inputs in the parent},
+        `input_covariances`) the nearest in ||(W_p - W - B A) L||, where L L^T is the covariance (damped by
+        `damping` x its mean diagonal): the error weighted by the inputs the layer sees, so directions that
+        no input takes cost nothing (ASVD / SVD-LLM's whitening); without, the plain nearest in weights.
+        Both factors get the root of the singular values, so that training on from here (the finish) moves
+        them at one pace. Returns the share of the (weighted) loss that the rank-r part covers, over all
+        layers: 1 restores the parent exactly, and what is missing is the full model's drift that a rank-r
+        delta cannot hold. Why: the trained delta follows the shared weights from behind (docs/RESULTS.md §9);
+        this one starts where they are."""
+        caught = total = 0.0
+        r = self.rank
+        for name in self.names:
+            w = model.get_submodule(name).weight.detach().double()
+            gap = parent.get_submodule(name).weight.detach().to(w.device).double() - w  # (out, in)
+            if covariances is None:
+                lower = None
+                target = gap
+            else:
+                cov = covariances[name].to(w.device).double()
+                cov = cov + damping * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(cov.shape[0], device=w.device,
+                                                                                           dtype=cov.dtype)
+                lower = torch.linalg.cholesky(cov)
+                target = gap @ lower
+            u, s, vh = torch.linalg.svd(target, full_matrices=False)
+            total += float((s ** 2).sum())
+            caught += float((s[:r] ** 2).sum())
+            root = s[:r].sqrt()
+            down = root[:, None] * vh[:r]  # (r, in), in the whitened basis
+            if lower is not None:  # back: down L^-1
+                down = torch.linalg.solve_triangular(lower.T, down.T, upper=True).T
+            key = name.replace(".", "/")
+            self.up[key].copy_((u[:, :r] * root).to(self.up[key].dtype))
+            self.down[key].copy_(down.to(self.down[key].dtype))
+        return caught / total if total else 1.0
+
     @contextmanager
     def merged(self, model: nn.Module):
         """Inside: `model`'s linear weights are W + B A (for writing the checkpoint); after, exactly W again
@@ -276,6 +315,33 @@ class FullDelta(nn.Module):
                     model.get_submodule(name).weight.copy_(w)
                 for name, w in saved_rest.items():
                     params[name].copy_(w)
+
+
+@torch.no_grad()
+def input_covariances(model: nn.Module, names: list[str], run, batches) -> dict[str, torch.Tensor]:
+    """E[x x^T] (float32, (in, in)) of the inputs of `model`'s linear layers `names` over `batches`, each run
+    by `run(x)` (the caller's forward, under its autocast): what `FullDelta.restore` weights the error by."""
+    sums: dict[str, torch.Tensor] = {}
+    counts = dict.fromkeys(names, 0)
+
+    def hook(name):
+        def pre(module, args):
+            flat = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            sums[name] = sums[name].addmm_(flat.T, flat) if name in sums else flat.T @ flat
+            counts[name] += flat.shape[0]
+        return pre
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        for x in batches:
+            run(x)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if not counts[n]]
+    if missing:
+        raise StarElasticError(f"input_covariances: {len(missing)} layers saw no input (e.g. {missing[0]})")
+    return {n: sums[n] / counts[n] for n in names}
 
 
 SHARED = ".shared"  # the suffix of the smaller budgets' values in the delta file (`FullDelta.keep`)
