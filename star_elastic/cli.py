@@ -61,10 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --full-delta-rank: after training, STEPS more steps that train the delta alone "
                              "(the full budget distilled on the anchor's batch, the shared weights fixed), so it "
                              "catches up with their drift at no cost to the smaller budgets (default 0: none)")
-        sp.add_argument("--full-delta-restore", choices=("weights", "activations"), default="",
+        sp.add_argument("--full-delta-restore", choices=("activations", "weights", "none"), default=None,
                         help="with --full-delta-rank: where training ends (before --full-delta-finish), set the delta "
                              "in closed form to the rank-R part of the parent's linear weights less the shared ones, "
-                             "the error weighted by each layer's inputs in the parent (activations) or not (weights)")
+                             "the error weighted by each layer's inputs in the parent (activations, the default with "
+                             "a delta) or not (weights); none: the trained delta as it is")
         sp.add_argument("--hold", metavar="PARTS",
                         help="hold these at the parent's values in every budget, comma-separated: embeddings (with "
                              "the LM head), norms. Measured with --full-delta-rank: the embeddings carry the full "

@@ -147,6 +147,17 @@ def save_dtype(arg: str, path) -> str | None:
     return str(dtype).removeprefix("torch.")
 
 
+def restore_mode(given: str | None, rank: int, default: str) -> str:
+    """--full-delta-restore as given ("none": off), else `default` where there is a delta (rank > 0); a mode
+    given without a delta is a one-line error."""
+    from .errors import StarElasticError
+
+    if given not in (None, "none") and not rank:
+        raise StarElasticError(f"--full-delta-restore {given}: it sets --full-delta-rank's delta, and there is no "
+                               "delta: give a rank")
+    return "" if given == "none" or not rank else given or default
+
+
 def cmd_elastify(args):
     """importance -> sort -> router + multi-budget distillation -> one elastic checkpoint (elastify.py)."""
     from pathlib import Path
@@ -158,6 +169,7 @@ def cmd_elastify(args):
     from .zero_shot import check_multiple
 
     check_multiple(args.multiple)
+    restore = restore_mode(args.full_delta_restore, args.full_delta_rank, ElastifyConfig.full_delta_restore)
     out = check_output(args.out, args.force)
     device = init_distributed() or pick_device(args.device)  # under torchrun: this rank's GPU
     rank, ranks = world()
@@ -185,7 +197,7 @@ def cmd_elastify(args):
                          anchor_projection=args.anchor_projection, anchor_data=args.anchor_data,
                          anchor_mix=args.anchor_mix, full_delta_rank=args.full_delta_rank,
                          full_delta_lr=args.full_delta_lr, full_delta_finish=args.full_delta_finish,
-                         full_delta_restore=args.full_delta_restore,
+                         full_delta_restore=restore,
                          hold=comma_list(args.hold) or None,
                          hold_rate=args.hold_rate, hold_pull=args.hold_pull, full_keeps_held=args.full_keeps_held,
                          drift_data=args.drift_data, chat_drift=args.chat_drift, router_init=args.router_init,
@@ -241,7 +253,8 @@ DEMO_PRESETS = {
     "cuda": dict(data="wiki,bible", budgets="1.0,0.9,0.8", axes=None, tokens=12_582_912, seq_len=512,
                  batch_size=16, lr=2e-4, calib_batches=16, eval_tokens=16384, stage2_weights=None,
                  full_anchor=1.0, all_budgets=False, anchor_data="self", anchor_mix=0.5, full_delta_rank=64,
-                 full_delta_lr=4e-4, full_delta_finish=256, full_delta_restore="", hold="embeddings,norms", hold_rate=1.0, hold_pull=30.0,
+                 full_delta_lr=4e-4, full_delta_finish=256, full_delta_restore="activations", hold="embeddings,norms",
+                 hold_rate=1.0, hold_pull=30.0,
                  full_keeps_held="training"),
 }
 DEMO_PROMPTS = ("What is the capital of France?", "Name three primary colors.", "What do bees make?")
@@ -255,7 +268,8 @@ def demo_options(args, device_type: str) -> dict:
     opt = {k: getattr(args, k) if getattr(args, k, None) is not None else v for k, v in preset.items()}
     if not opt["full_delta_rank"]:  # the delta turned off: the preset's options of it go too (flags given stay)
         opt.update({k: 0 for k in DELTA_OPTIONS if getattr(args, k, None) is None})
-        opt["full_delta_restore"] = args.full_delta_restore or ""
+    opt["full_delta_restore"] = restore_mode(args.full_delta_restore, opt["full_delta_rank"],
+                                             preset["full_delta_restore"])
     return opt
 
 

@@ -83,9 +83,11 @@ class ElastifyConfig:
     full_delta_rank: int = 0
     full_delta_lr: float = 0.0  # its own rate (TrainConfig.full_delta_lr; 0: --lr)
     full_delta_finish: int = 0  # steps after training that train the delta alone (TrainConfig.full_delta_finish)
-    # the delta set in closed form where training ends, before the finish: "weights" or "activations"
-    # (TrainConfig.full_delta_restore, FullDelta.restore); "": off
-    full_delta_restore: str = ""
+    # with a delta (full_delta_rank > 0): the delta set in closed form where training ends, before the finish,
+    # "activations" or "weights" (TrainConfig.full_delta_restore, FullDelta.restore); "": off. Measured on the
+    # CPU probe (docs/RESULTS.md §9, twenty-sixth session): the parent's KL from the full model 0.06-0.08 nats a
+    # token -> 0.003-0.004, the smaller budget unchanged; hence on wherever the delta is
+    full_delta_restore: str = "activations"
     # the embeddings (with the LM head) and / or norms held at or near the parent's (TrainConfig.hold, hold_rate,
     # hold_pull). Measured (§9, seventeenth session): both frozen beside the delta keep the full model within 1%
     # of its parent everywhere at two seeds, at a cost to the smaller budgets (0.75 up to 4%, 0.5 up to 9% behind
@@ -340,10 +342,9 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
         why = delta_option_problem(option, getattr(cfg, option), cfg.full_delta_rank)
         if why:
             raise StarElasticError(f"--{option.replace('_', '-')} {getattr(cfg, option):g}: {why}")
-    if cfg.full_delta_restore and not (cfg.full_delta_rank and cfg.full_delta_restore in RESTORE_MODES):
-        raise StarElasticError(f"--full-delta-restore {cfg.full_delta_restore!r}: " + (
-            f"one of {', '.join(m for m in RESTORE_MODES if m)}" if cfg.full_delta_restore not in RESTORE_MODES else
-            "it sets --full-delta-rank's delta, and there is no delta: give a rank"))
+    if cfg.full_delta_restore not in RESTORE_MODES:
+        raise StarElasticError(f"--full-delta-restore {cfg.full_delta_restore!r}: one of "
+                               f"{', '.join(m for m in RESTORE_MODES if m)} (or '' for none)")
     why = hold_problem(cfg.hold, cfg.hold_rate, cfg.hold_pull, ranks > 1 and cfg.shard != "none", cfg.budget_lrs is not None)
     if why:
         raise StarElasticError(f"--hold {','.join(cfg.hold or [])}: {why}")
@@ -473,7 +474,8 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                        all_budgets=cfg.all_budgets, train_on=cfg.train_on, budget_lrs=budget_lrs,
                        anchor_projection=cfg.anchor_projection, anchor_mix=cfg.anchor_mix,
                        full_delta_rank=cfg.full_delta_rank, full_delta_lr=cfg.full_delta_lr,
-                       full_delta_finish=cfg.full_delta_finish, full_delta_restore=cfg.full_delta_restore,
+                       full_delta_finish=cfg.full_delta_finish,
+                       full_delta_restore=cfg.full_delta_restore if cfg.full_delta_rank else "",
                        hold=cfg.hold,
                        hold_rate=cfg.hold_rate,
                        hold_pull=cfg.hold_pull, full_keeps_held=cfg.full_keeps_held == "training")

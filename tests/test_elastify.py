@@ -474,6 +474,15 @@ def test_the_demo_trains_with_elastifys_defaults_on_the_cpu_and_the_recipe_that_
     wrong = demo_options(build_parser().parse_args(["demo", "--full-delta-rank", "0", "--full-delta-finish", "8"]),
                          "cuda")
     assert delta_option_problem("full_delta_finish", wrong["full_delta_finish"], 0)  # a flag given is kept, refused
+    # the delta's closed-form restore: on with the GPU preset's delta, off without a delta, a flag given wins,
+    # and a mode given without a delta is refused
+    assert (cpu["full_delta_restore"], gpu["full_delta_restore"], given["full_delta_restore"]) == ("", "activations", "")
+    assert demo_options(build_parser().parse_args(["demo", "--full-delta-restore", "weights"]), "cuda")[
+        "full_delta_restore"] == "weights"
+    assert demo_options(build_parser().parse_args(["demo", "--full-delta-restore", "none"]), "cuda")[
+        "full_delta_restore"] == ""
+    with pytest.raises(StarElasticError, match="there is no delta"):
+        demo_options(build_parser().parse_args(["demo", "--full-delta-restore", "weights"]), "cpu")
 
 
 def test_shard_and_router_flags_reach_the_training_config(tmp_path):
@@ -582,6 +591,12 @@ def test_anchor_data_reaches_the_run_and_bad_values_are_one_line(tmp_path, token
     trained = sorted(s["tokens_per_s"] for s in steps if "phase" not in s)
     assert len(trained) == 3 and len(steps) == 5
     assert read_manifest(ckpt)["training"]["tokens_per_s"] == round(trained[1])
+    # the delta restored in closed form where training ends (--full-delta-restore): said and recorded
+    ckpt = tmp_path / "restore"
+    assert cli.main(common + ["--out", str(ckpt), "--full-delta-rank", "2", "--full-delta-restore", "weights"]) == 0
+    assert "the delta set from the shared weights' drift (weights) where training ended: rank 2 covers" in \
+        capsys.readouterr().out
+    assert 0 < read_manifest(ckpt)["training"]["full_delta_restored"] <= 1
     for extra, message in ((["--anchor-data", "self", "--full-anchor", "0"], "needs --full-anchor > 0"),
                            (["--anchor-data", "self:many"], "TOKENS a positive integer"),
                            (["--anchor-mix", "0.5"], "give --anchor-data"),
@@ -590,7 +605,8 @@ def test_anchor_data_reaches_the_run_and_bad_values_are_one_line(tmp_path, token
                            (["--full-anchor", "1", "--full-delta-rank", "4", "--full-delta-lr", "-1"], "a rate is positive"),
                            (["--full-delta-finish", "5"], "--full-delta-finish 5: it trains --full-delta-rank's delta"),
                            (["--full-anchor", "1", "--full-delta-rank", "4", "--full-delta-finish", "-1"],
-                            "a number of steps")):
+                            "a number of steps"),
+                           (["--full-delta-restore", "activations"], "--full-delta-restore activations: it sets")):
         assert cli.main(common + ["--out", str(tmp_path / "o2")] + extra) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err

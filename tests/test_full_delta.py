@@ -123,12 +123,14 @@ def test_the_bench_trains_and_scores_the_full_budget_with_its_delta(tmp_path):
     out = tmp_path / "b.json"
     argv = [a if a != "elastic" else "elastic_anchor" for a in BENCH]
     r = subprocess.run(argv + ["--full-anchor", "1", "--full-delta-rank", "2", "--full-delta-lr", "3e-3",
-                               "--full-delta-finish", "3", "--json", str(out)], capture_output=True, text=True, timeout=600)
+                               "--full-delta-finish", "3", "--full-delta-restore", "activations", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     part = json.loads(out.read_text())["B"]
     assert part["methods"]["elastic_anchor"]["full_delta_rank"] == 2
     assert part["methods"]["elastic_anchor"]["full_delta_lr"] == 3e-3
     assert part["methods"]["elastic_anchor"]["full_delta_finish"] == 3  # and ran: three steps of it in the log
+    assert 0 < part["methods"]["elastic_anchor"]["full_delta_restored"] <= 1  # restored before the finish
     log = part["methods"]["elastic_anchor"]["log"]
     assert sum(lg.get("phase") == "full_delta_finish" for lg in log) == 3
     full_row = next(row for row in part["rows"] if row["method"] == "elastic_anchor" and row["budget"] == "1.0")
