@@ -445,6 +445,12 @@ def test_input_covariances_are_the_mean_outer_product_of_each_layers_inputs():
     handle.remove()
     xs = torch.cat(caught[:2])
     torch.testing.assert_close(got, xs.T @ xs / xs.shape[0], rtol=1e-5, atol=1e-6)
+    # under the caller's bf16 autocast (the trainer's on a GPU), still summed in float32: on an H200 the sum's
+    # matmul came out bf16 and the next batch's addmm_ refused it (twenty-sixth session, `run.sh PLAN17 RESTORE`)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        under = input_covariances(model, [name], model, batches)[name]
+    assert under.dtype == torch.float32
+    torch.testing.assert_close(under, got, rtol=0.05, atol=0.05 * float(got.abs().max()))
 
 
 def test_training_ends_with_the_restored_delta_and_the_finish_starts_from_it(tmp_path):

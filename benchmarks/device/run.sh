@@ -346,6 +346,25 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   42) F="$J0 $KEPT --strict-determinism $CHAT --full-delta-lr 4e-4 --full-delta-restore activations --max-train-seconds 330"
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J0kr0 "$F --state-dir $H/state/J0kr0"
      ratios J0kr0:C2e J0kr0 ;;
+  # RESTORE: the delta's closed-form restore on CUDA with compiled layers and a bf16 teacher (as elastify runs it),
+  # on the tests' tiny trainer: it runs, and the full budget's KD on a fixed batch before and after
+  RESTORE) cd tests && python3 - <<'PY'
+import tempfile, torch
+from test_full_delta import SMALLER_ONLY
+from test_train import make
+from star_elastic.elastic.losses import kd_loss
+from star_elastic.train import ElasticTrainer
+for mode in ("", "weights", "activations"):
+    model, teacher, router, budgets, rows, cfg, _ = make(**{**SMALLER_ONLY, "full_anchor": 1.0, "full_delta_rank": 4,
+        "steps": 12, "full_delta_restore": mode, "compile": "inductor"})
+    t = ElasticTrainer(model.cuda(), teacher.cuda().to(torch.bfloat16), router.cuda(), budgets, rows, cfg, tempfile.mkdtemp())
+    logs = t.run(progress=False)
+    x = torch.arange(64).repeat(2).view(4, 32).cuda()
+    with torch.no_grad(), t._as_full():
+        kd = float(kd_loss(t._head(t.model, x), t._head(t.teacher, x)))
+    print(f"restore {mode or 'none'}: share {t.restored}, full KD on a fixed batch {kd:.5f}, last step {logs[-1]['full_kd']:.5f}")
+PY
+     ;;
   # CLOCK: the step's rate from CUDA events (StepClock) on a tiny trainer with saves and a finish
   CLOCK) cd tests && python3 - <<'PY'
 import tempfile, torch

@@ -327,7 +327,8 @@ def input_covariances(model: nn.Module, names: list[str], run, batches) -> dict[
     def hook(name):
         def pre(module, args):
             flat = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            sums[name] = sums[name].addmm_(flat.T, flat) if name in sums else flat.T @ flat
+            with torch.autocast(flat.device.type, enabled=False):  # in float32 under the caller's autocast too
+                sums[name] = sums[name].addmm_(flat.T, flat) if name in sums else flat.T @ flat
             counts[name] += flat.shape[0]
         return pre
 
