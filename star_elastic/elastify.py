@@ -462,7 +462,11 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
         return [by_name[b.name] for b in budgets]
 
     kd_weights, budget_lrs = trainer_order(cfg.kd_weights), trainer_order(cfg.budget_lrs)
-    if anchor:
+    if anchor and cfg.full_delta_rank and cfg.full_delta_restore:
+        log(f"each step draws one smaller budget; the full budget's delta is restored where training ends "
+            f"(--full-delta-restore {cfg.full_delta_restore}), so the anchor's passes, which would train only it, "
+            "are skipped")
+    elif anchor:
         log(f"the full model is distilled on every step too (--full-anchor {anchor:g}); each step draws one "
             "smaller budget")
     tcfg = TrainConfig(steps=steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr,

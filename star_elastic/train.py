@@ -316,6 +316,11 @@ class ElasticTrainer:
                      if slow and cfg.hold_pull else None)
         self.delta = self._full_delta(groups)
         self.restored: float | None = None  # restore_delta's share of the drift covered, once it ran
+        # with the delta restored where training ends, the anchor's passes would train a delta that the restore
+        # replaces, and nothing else (their gradient reaches the delta alone): skipped, ~40% of a step. The budget
+        # sampler still leaves the full budget to the anchor (cfg.full_anchor), so the shared weights train as
+        # they would beside it, bit for bit
+        self.restore_only = self.delta is not None and bool(cfg.full_delta_restore)
         self.end = cfg.steps + cfg.full_delta_finish  # the last step: the delta's finish after the training's
         if router is not None:
             groups.append({"params": list(router.parameters()), "lr": cfg.router_lr, "base_lr": cfg.router_lr,
@@ -839,7 +844,7 @@ class ElasticTrainer:
             sums[name] = sums.get(name, 0.0) + value / cfg.grad_accum
 
         anchor = None  # anchor_projection: the full anchor's gradient, kept apart from the smaller budgets'
-        anchored = cfg.full_anchor and not budget.is_full
+        anchored = cfg.full_anchor and not budget.is_full and not self.restore_only
         for _ in range(cfg.grad_accum):
             x = self._batch(L)
             # the anchor's own batch copied to the GPU now, beside the step's: a copy from the host waits

@@ -455,15 +455,19 @@ def test_input_covariances_are_the_mean_outer_product_of_each_layers_inputs():
 
 def test_training_ends_with_the_restored_delta_and_the_finish_starts_from_it(tmp_path):
     """TrainConfig.full_delta_restore: where the training's steps end, B A is FullDelta.restore's of the
-    trained shared weights (the smaller budgets' weights as a run without it leaves them); the finish trains on
+    trained shared weights (the smaller budgets' weights as a run without it leaves them, though the anchor's
+    passes are skipped); the finish trains on
     from there; the full budget is closer to the parent right after it than with the trained delta; a run
     stopped inside the finish resumes exactly; bad values are one-line errors."""
     kw = dict(full_anchor=1.0, full_delta_rank=4, lr=3e-3)
     trained = _trainer(tmp_path, "trained", **kw)
     trained.run(progress=False)
     restored = _trainer(tmp_path, "restored", full_delta_restore="weights", **kw)
-    restored.run(progress=False)
+    logs = restored.run(progress=False)
     assert restored.restored is not None and 0 < restored.restored <= 1 and trained.restored is None
+    # the anchor's passes, which would train only what the restore replaces, are skipped: the shared weights
+    # train bit for bit as beside them
+    assert not any("full_kd" in lg for lg in logs) and len(logs) == 5
     for a, b in zip(trained.model.parameters(), restored.model.parameters()):
         assert torch.equal(a, b)
     want = FullDelta(restored.model, 4)
