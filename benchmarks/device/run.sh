@@ -335,9 +335,10 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J0kf8 "$F --full-delta-lr 8e-4 --state-dir $H/state/J0kf8" \
        J0kf16 "$F --full-delta-lr 1.6e-3 --state-dir $H/state/J0kf16"
      ratios J0kf8:C2e,J0kf16:C2e J0kf8 J0kf16 ;;
-  # 41: the delta restored in closed form where training ends (--full-delta-restore activations, twenty-sixth
-  # session), then J0kf3's finish (256 steps at 4e-4); and the restore alone (no finish). One after the other,
-  # each resumable (call again on exit 75). On a fresh machine the GGUF's conversion (88 s) and the anchor's
+  # 42 (first), 41: the delta restored in closed form where training ends (--full-delta-restore activations,
+  # twenty-sixth session) alone, and then J0kf3's finish (256 steps at 4e-4; on the CPU a finish after the
+  # restore did not help). With the restore the anchor's passes are skipped, so a step is one student pass.
+  # Each resumable (call again on exit 75). On a fresh machine the GGUF's conversion (88 s) and the anchor's
   # sampling under strict mode (83 s) come before training: PLAN17 40's two runs side by side did not reach
   # their evaluation in one call (twenty-sixth session)
   41) F="$J0 $KEPT --strict-determinism $CHAT --full-delta-lr 4e-4 --full-delta-restore activations --max-train-seconds 330"
