@@ -34,6 +34,19 @@ SHARD_BYTES = 2 * 1024**3
 
 # ----------------------------------------------------------------------------- configs
 
+
+def dt_floor(c) -> float:
+    """The lower clamp of softplus(dt + dt_bias) that the installed transformers' NemotronH applies, which our
+    `time_step_min` mirrors: `time_step_limit[0]` from transformers 5.25 on, `time_step_min` before (5.24 clamped
+    at it; from 5.25 it only initialises dt_bias). An export writes both (the same value), so it runs alike in
+    either."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__).release >= (5, 25) and getattr(c, "time_step_limit", None) is not None:
+        return float(c.time_step_limit[0])
+    return float(c.time_step_min)
+
 def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
     """Our dataclass from a transformers config dict (legacy NemotronH names included)."""
     from transformers import LlamaConfig, NemotronHConfig, PretrainedConfig
@@ -70,7 +83,7 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
         norm_eps=c.layer_norm_epsilon, head_dim=head_dim, rope_theta=None, mlp_gated=False, mlp_act=c.mlp_hidden_act,
         mamba_num_heads=c.mamba_num_heads, mamba_head_dim=c.mamba_head_dim, ssm_state_size=c.ssm_state_size,
         n_groups=c.n_groups, conv_kernel=c.conv_kernel, chunk_size=c.chunk_size,
-        time_step_min=float(c.time_step_min), use_conv_bias=bool(c.use_conv_bias), mamba_bias=bool(c.use_bias),
+        time_step_min=dt_floor(c), use_conv_bias=bool(c.use_conv_bias), mamba_bias=bool(c.use_bias),
         n_routed_experts=c.n_routed_experts, num_experts_per_tok=c.num_experts_per_tok,
         moe_intermediate_size=c.moe_intermediate_size,
         moe_shared_expert_intermediate_size=c.moe_shared_expert_intermediate_size, n_group=c.n_group,
@@ -110,7 +123,8 @@ def config_to_hf(cfg: ModelConfig, base: dict | None = None) -> dict:
                  layer_norm_epsilon=cfg.norm_eps, mlp_hidden_act=cfg.mlp_act,
                  mamba_num_heads=cfg.mamba_num_heads, mamba_head_dim=cfg.mamba_head_dim,
                  ssm_state_size=cfg.ssm_state_size, n_groups=cfg.n_groups, conv_kernel=cfg.conv_kernel,
-                 chunk_size=cfg.chunk_size, time_step_min=cfg.time_step_min, use_conv_bias=cfg.use_conv_bias,
+                 chunk_size=cfg.chunk_size, time_step_min=cfg.time_step_min,
+                 time_step_limit=[cfg.time_step_min, float("inf")], use_conv_bias=cfg.use_conv_bias,
                  use_bias=cfg.mamba_bias, n_routed_experts=cfg.n_routed_experts,
                  num_experts_per_tok=cfg.num_experts_per_tok, moe_intermediate_size=cfg.moe_intermediate_size,
                  moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size,
