@@ -154,7 +154,8 @@ def main(argv=None):
             f" ({100 * r['anchor_mix']:.0f}% of its rows)" if r.get("anchor_mix") not in (None, 1.0) else "") + (
             f", full delta rank {r['full_delta_rank']}" if r.get("full_delta_rank") else "") + (
             f" at lr {r['full_delta_lr']:g}" if r.get("full_delta_lr") else "") + (
-            f", restored from the weights' drift ({r['full_delta_restore']}, {r['full_delta_restored']:.0%} of it)"
+            f", restored from the weights' drift ({r['full_delta_restore']}" + (
+                f", {r['full_delta_restored']:.0%} of it)" if r.get("full_delta_restored") is not None else ")")
             if r.get("full_delta_restore") else "") + (
             f", its finish {r['full_delta_finish']} steps" if r.get("full_delta_finish") else "") + (
             " on embeddings and norms too" if r.get("full_delta_scope") == "all" else "") + (

@@ -29,6 +29,8 @@ def test_ratios_of_a_pair_across_a_bundle_and_a_result_file(tmp_path, capsys):
     single.write_text(json.dumps(_run(0, "minitron", {"0.75": {"wiki": 12.0, "bible": 25.0}}, lr=4e-4)))
     data = json.loads(bundle.read_text())
     data["runs"]["J"]["A"]["methods"] = {"joint_anchor": {"budget_lrs": [1e-4, 4e-4], "full_delta_rank": 4,
+                                                          "full_delta_restore": "activations",
+                                                          "full_delta_restored": 0.977,
                                                           "full_without_delta": {"wiki": 12.0, "bible": 30.0},
                                                           "full_with_parents_rest": {"wiki": 9.5, "bible": 21.0},
                                                           "full_keeps_held": {"wiki": 9.9, "bible": 20.0},
@@ -49,6 +51,7 @@ def test_ratios_of_a_pair_across_a_bundle_and_a_result_file(tmp_path, capsys):
     assert "its shared weights alone: +20.0 / +50.0" in printed and "non-delta weights: -5.0 / +5.0" in printed
     assert "keeping the parent's held values (elastify --full-keeps-held): -1.0 / +0.0" in printed
     assert "the parent's KL from it, nats a token: 0.0123 / 0.0500" in printed
+    assert "full delta rank 4, restored from the weights' drift (activations, 98% of it)" in printed
     assert json.loads((tmp_path / "out.json").read_text())["pairs"][0]["pair"] == "J:C"
 
 
