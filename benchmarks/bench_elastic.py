@@ -70,6 +70,7 @@ from star_elastic.elastic.delta import held_values  # noqa: E402
 from star_elastic.elastic.importance import estimate_importance  # noqa: E402
 from star_elastic.elastic.losses import kd_loss  # noqa: E402
 from star_elastic.elastic.router import DEFAULT_AXES, Router, RouterConfig, project_budgets  # noqa: E402
+from star_elastic.commands import restore_mode  # noqa: E402
 from star_elastic.elastify import (ANCHOR_SELF_TOKENS, SAMPLED, ElastifyConfig, anchor_text,  # noqa: E402
                                    chat_transcripts, parse_anchor_data)
 from star_elastic.elastic.search import applicable_axes, choose_spec, describe, nested_search, search_spec  # noqa: E402
@@ -1042,9 +1043,10 @@ def main(argv=None):
         why = delta_option_problem(option, getattr(args, option), args.full_delta_rank)
         if why:
             raise SystemExit(f"--{option.replace('_', '-')} {getattr(args, option):g}: {why}")
-    if args.full_delta_restore and not args.full_delta_rank:
-        raise SystemExit(f"--full-delta-restore {args.full_delta_restore}: it sets --full-delta-rank's delta, and "
-                         "there is no delta: give a rank")
+    try:  # a mode given without a delta: elastify's one-line error
+        restore_mode(args.full_delta_restore or None, args.full_delta_rank, "")
+    except StarElasticError as e:
+        raise SystemExit(str(e)) from None
     if args.anchor_data and parse_anchor_data(args.anchor_data)[0] not in SAMPLED:
         raise SystemExit(f"--anchor-data {args.anchor_data!r}: the bench samples the anchor's text from the parent: "
                          "self, chat, self:TOKENS or chat:TOKENS")

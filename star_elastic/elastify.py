@@ -462,10 +462,10 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
         return [by_name[b.name] for b in budgets]
 
     kd_weights, budget_lrs = trainer_order(cfg.kd_weights), trainer_order(cfg.budget_lrs)
-    if anchor and cfg.full_delta_rank and cfg.full_delta_restore:
+    restore = cfg.full_delta_restore if cfg.full_delta_rank else ""  # the restore sets the delta: none without one
+    if anchor and restore:
         log(f"each step draws one smaller budget; the full budget's delta is restored where training ends "
-            f"(--full-delta-restore {cfg.full_delta_restore}), so the anchor's passes, which would train only it, "
-            "are skipped")
+            f"(--full-delta-restore {restore}), so the anchor's passes, which would train only it, are skipped")
     elif anchor:
         log(f"the full model is distilled on every step too (--full-anchor {anchor:g}); each step draws one "
             "smaller budget")
@@ -479,7 +479,7 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                        anchor_projection=cfg.anchor_projection, anchor_mix=cfg.anchor_mix,
                        full_delta_rank=cfg.full_delta_rank, full_delta_lr=cfg.full_delta_lr,
                        full_delta_finish=cfg.full_delta_finish,
-                       full_delta_restore=cfg.full_delta_restore if cfg.full_delta_rank else "",
+                       full_delta_restore=restore,
                        hold=cfg.hold,
                        hold_rate=cfg.hold_rate,
                        hold_pull=cfg.hold_pull, full_keeps_held=cfg.full_keeps_held == "training")
@@ -507,8 +507,9 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
         log(f"the full budget kept the parent's {', '.join(cfg.hold)} as its own throughout training "
             f"({sum(t.numel() for t in trainer.delta.rest.values()):,} parameters); the smaller budgets the trained ones")
     if trainer.restored is not None:
-        log(f"the delta set from the shared weights' drift ({cfg.full_delta_restore}) where training ended: rank "
-            f"{cfg.full_delta_rank} covers {trainer.restored:.1%} of it" + (", then the finish trained it on" if cfg.full_delta_finish else ""))
+        log(f"the delta set from the shared weights' drift ({restore}) where training ended: rank "
+            f"{cfg.full_delta_rank} covers {trainer.restored:.1%} of it"
+            + (", then the finish trained it on" if cfg.full_delta_finish else ""))
     distribution = {**trainer.distribution, "peak_memory_gib": trainer.peak_memory()}  # per rank, GPU only
     if sharded_parent:
         distribution["parent_load"] = "sharded from disk, importance on the shards, sorted as loaded again"

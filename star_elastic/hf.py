@@ -34,7 +34,6 @@ SHARD_BYTES = 2 * 1024**3
 
 # ----------------------------------------------------------------------------- configs
 
-
 def dt_floor(c) -> float:
     """The lower clamp of softplus(dt + dt_bias) that the installed transformers' NemotronH applies, which our
     `time_step_min` mirrors: `time_step_limit[0]` from transformers 5.25 on, `time_step_min` before (5.24 clamped
@@ -46,6 +45,7 @@ def dt_floor(c) -> float:
     if Version(transformers.__version__).release >= (5, 25) and getattr(c, "time_step_limit", None) is not None:
         return float(c.time_step_limit[0])
     return float(c.time_step_min)
+
 
 def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
     """Our dataclass from a transformers config dict (legacy NemotronH names included)."""

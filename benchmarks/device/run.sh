@@ -119,6 +119,8 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   HELD="--lr-a 2e-4 --full-delta-rank 64 --anchor-data self --anchor-mix 0.5 --hold embeddings,norms --hold-rate 1"
   KEPT="$HELD --hold-pull 30 --full-keeps-held-training"
   CHAT="--heldout wiki,shakespeare,bible,wiki-fr,chat"  # with the parent's own chat answers as a fifth source
+  # the recipe with the delta restored where training ends (PLAN17 41 and 42, twenty-sixth session)
+  RESTORED="$J0 $KEPT --strict-determinism $CHAT --full-delta-lr 4e-4 --full-delta-restore activations --max-train-seconds 330"
   HB="--part B --tokenizer $H/tok --heldout wiki,shakespeare,bible,wiki-fr --variants elastic_anchor --minitron-arch elastic"
   case "$1" in  # J*: (c)'s architectures without the router, against E0c / E1c in $B
   1) bash $0 RUNS J0 "$J0" J1 "$J1" \
@@ -341,11 +343,9 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # Each resumable (call again on exit 75). On a fresh machine the GGUF's conversion (88 s) and the anchor's
   # sampling under strict mode (83 s) come before training: PLAN17 40's two runs side by side did not reach
   # their evaluation in one call (twenty-sixth session)
-  41) F="$J0 $KEPT --strict-determinism $CHAT --full-delta-lr 4e-4 --full-delta-restore activations --max-train-seconds 330"
-     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J0kr "$F --full-delta-finish 256 --state-dir $H/state/J0kr"
+  41) RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J0kr "$RESTORED --full-delta-finish 256 --state-dir $H/state/J0kr"
      ratios J0kr:C2e J0kr ;;
-  42) F="$J0 $KEPT --strict-determinism $CHAT --full-delta-lr 4e-4 --full-delta-restore activations --max-train-seconds 330"
-     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J0kr0 "$F --state-dir $H/state/J0kr0"
+  42) RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J0kr0 "$RESTORED --state-dir $H/state/J0kr0"
      ratios J0kr0:C2e J0kr0 ;;
   # RESTORE: the delta's closed-form restore on CUDA with compiled layers and a bf16 teacher (as elastify runs it),
   # on the tests' tiny trainer: it runs, and the full budget's KD on a fixed batch before and after
