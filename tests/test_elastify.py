@@ -454,7 +454,7 @@ def test_the_demo_trains_with_elastifys_defaults_on_the_cpu_and_the_recipe_that_
     assert {k: cpu[k] for k in levers} == {k: getattr(elastify_args, k) for k in levers}
     assert cpu["full_anchor"] == 0.0
     assert {k: gpu[k] for k in levers + ("full_anchor",)} == {
-        "anchor_data": "self", "anchor_mix": 0.5, "full_delta_rank": 64, "full_delta_lr": 0.0, "full_delta_finish": 0,
+        "anchor_data": "self", "anchor_mix": 0.5, "full_delta_rank": 64, "full_delta_lr": 4e-4, "full_delta_finish": 256,
         "hold": "embeddings,norms",
         "hold_rate": 1.0,
         "hold_pull": 30.0, "full_keeps_held": "training", "full_anchor": 1.0}

@@ -16,7 +16,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|42|CLOCK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|45|CLOCK|16R|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -41,7 +41,7 @@ ratios() {  # ratios PAIRS RUN...: like-for-like ratios of this machine's runs a
   # recompute them at home from the runs' JSON with compare_elastic.py --json
   local pairs=$1; shift; local files=(); for r in "$@"; do [ -s $H/res/$r.json ] && files+=($H/res/$r.json); done
   for p in ${pairs//,/ }; do
-    python3 benchmarks/compare_elastic.py docs/results/elastic_session24_h200.json docs/results/elastic_session21_h200.json docs/results/elastic_session19_h200.json docs/results/elastic_session18_h200.json docs/results/elastic_session17_h200.json docs/results/elastic_session16_h200.json docs/results/elastic_session15_h200.json docs/results/elastic_session14_h200.json docs/results/elastic_session13_h200.json docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
+    python3 benchmarks/compare_elastic.py docs/results/elastic_session27_h200.json docs/results/elastic_session24_h200.json docs/results/elastic_session21_h200.json docs/results/elastic_session19_h200.json docs/results/elastic_session18_h200.json docs/results/elastic_session17_h200.json docs/results/elastic_session16_h200.json docs/results/elastic_session15_h200.json docs/results/elastic_session14_h200.json docs/results/elastic_session13_h200.json docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
       docs/results/elastic_session9_h200.json "${files[@]}" --pairs $p 2>&1 | tail -n 8
   done
 }
@@ -120,7 +120,7 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   KEPT="$HELD --hold-pull 30 --full-keeps-held-training"
   CHAT="--heldout wiki,shakespeare,bible,wiki-fr,chat"  # with the parent's own chat answers as a fifth source
   # the recipe with the delta restored where training ends (PLAN17 41 and 42, twenty-sixth session)
-  RESTORED="$J0 $KEPT --strict-determinism $CHAT --full-delta-lr 4e-4 --full-delta-restore activations --max-train-seconds 330"
+  RESTORED="$J0 $KEPT --strict-determinism $CHAT --full-delta-lr 4e-4 --full-delta-restore activations --max-train-seconds ${MTS:-330}"
   HB="--part B --tokenizer $H/tok --heldout wiki,shakespeare,bible,wiki-fr --variants elastic_anchor --minitron-arch elastic"
   case "$1" in  # J*: (c)'s architectures without the router, against E0c / E1c in $B
   1) bash $0 RUNS J0 "$J0" J1 "$J1" \
@@ -347,6 +347,28 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
      ratios J0kr:C2e J0kr ;;
   42) RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J0kr0 "$RESTORED --state-dir $H/state/J0kr0"
      ratios J0kr0:C2e J0kr0 ;;
+  # 43 (twenty-seventh session): 41's recipe at seed 1 on E1's architectures (against C1l), beside 41 with a
+  # finish twice as long (512 steps)
+  43) RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J1kr "${RESTORED/$J0/$J1} --full-delta-finish 256 --state-dir $H/state/J1kr" \
+       J0kr5 "$RESTORED --full-delta-finish 512 --state-dir $H/state/J0kr5"
+     ratios J1kr:C1l,J0kr5:C2e J1kr J0kr5 ;;
+  # 44: (c) at seed 1 on E1's architectures with the chat source (C1l scored other text), for J1kr
+  44) C="${A/--no-minitron/} --variants= --lr-a 2e-4"
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS C1e "$C --seed 1 --minitron-arch $B#E1:elastic_anchor $CHAT"
+     ratios J1kr:C1e C1e J1kr ;;
+  # 45 (for the next session): with the restore the full budget keeps its own embeddings, norms and delta, so
+  # the pull toward the parent's embeddings (--hold-pull 30, there to hold the full model) only constrains the
+  # smaller budgets: J0kr / J1kr without it, side by side (resumable: call again on exit 75)
+  45) RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J0kp0 "$RESTORED --full-delta-finish 256 --hold-pull 0 --state-dir $H/state/J0kp0" \
+       J1kp0 "${RESTORED/$J0/$J1} --full-delta-finish 256 --hold-pull 0 --state-dir $H/state/J1kp0"
+     ratios J0kp0:C2e,J1kp0:C1e J0kp0 J1kp0 ;;
+  # 16R (for the next session): T = 16M with the restore and its finish (J0kr's recipe) against (c) on the same
+  # architectures run again on the right text (the fourteenth session's C16a / C16b read the old EOS), a budget a
+  # process at 8M (what (c) at 16M gives each budget), all three side by side; J16r resumable (call again on 75)
+  16R) C="${A/--no-minitron/} --seed 0 --variants= --tokens-a 8388608 --minitron-arch $B#E0:elastic_anchor --lr-a 2e-4 $CHAT"
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16r "$RESTORED --full-delta-finish 256 --tokens-a 16777216 \
+         --state-dir $H/state/J16r" C16ra "$C --budgets 1.0,0.75" C16rb "$C --budgets 1.0,0.5"
+     ratios J16r:C16ra,J16r:C16rb J16r C16ra C16rb ;;
   # RESTORE: the delta's closed-form restore on CUDA with compiled layers and a bf16 teacher (as elastify runs it),
   # on the tests' tiny trainer: it runs, and the full budget's KD on a fixed batch before and after
   RESTORE) cd tests && python3 - <<'PY'
