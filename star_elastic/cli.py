@@ -210,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "are elastify's, which the CPU preset uses; the GPU preset trains with the recipe "
                                     "that keeps the full budget near its parent (docs/RESULTS.md §9): "
                                     "--full-anchor 1 --anchor-data self --anchor-mix 0.5 --full-delta-rank 64 --hold "
-                                    "embeddings,norms --hold-rate 1 --hold-pull 30 --full-keeps-held training.")
+                                    "embeddings,norms --hold-rate 1 --hold-pull 30 --full-keeps-held training, the "
+                                    "delta restored in closed form where training ends (--full-delta-restore "
+                                    "activations), then --full-delta-finish 256 at --full-delta-lr 4e-4.")
     model_args(sp, positional=False)
     for flag, kind in (("--data", str), ("--budgets", str), ("--axes", str), ("--tokens", int), ("--seq-len", int),
                        ("--batch-size", int), ("--lr", float), ("--calib-batches", int), ("--eval-tokens", int)):
@@ -218,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--full-anchor", type=float, help="as elastify's (default: the preset's)")
     sp.add_argument("--all-budgets", action="store_true", default=None, help="as elastify's (default: the preset's)")
     sp.add_argument("--budget-lrs", help="as elastify's, in --budgets order (default: one rate, --lr)")
+    sp.add_argument("--stage2-weights", help="as elastify's, in --budgets order (default: the preset's for its own "
+                                             "budgets, elastify's for others)")
     sp.add_argument("--router-prior", type=float, default=0.0, help="as elastify's (default 0: off)")
     full_budget_args(sp)
     # not given: the preset's (on the CPU elastify's defaults; on a GPU the recipe that keeps the full budget)

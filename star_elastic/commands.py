@@ -269,6 +269,7 @@ DEMO_PROMPTS = ("What is the capital of France?", "Name three primary colors.", 
 
 def demo_options(args, device_type: str) -> dict:
     """The demo's settings: each flag given, else the CPU or GPU preset's."""
+    from .errors import StarElasticError
     from .train import DELTA_OPTIONS
 
     preset = DEMO_PRESETS["cuda" if device_type == "cuda" else "cpu"]
@@ -277,6 +278,14 @@ def demo_options(args, device_type: str) -> dict:
         opt.update({k: 0 for k in DELTA_OPTIONS if getattr(args, k, None) is None})
     opt["full_delta_restore"] = restore_mode(args.full_delta_restore, opt["full_delta_rank"],
                                              preset["full_delta_restore"])
+    n = len(comma_list(opt["budgets"]))
+    if args.stage2_weights is not None:  # given: in --budgets order, one a budget
+        opt["stage2_weights"] = _floats(args.stage2_weights, "--stage2-weights")
+        if len(opt["stage2_weights"]) != n:
+            raise StarElasticError(f"--stage2-weights {args.stage2_weights}: {len(opt['stage2_weights'])} weights for "
+                                   f"{n} budgets ({opt['budgets']})")
+    elif opt["stage2_weights"] and len(opt["stage2_weights"]) != n:
+        opt["stage2_weights"] = None  # the preset's are for its own budgets; other --budgets get elastify's
     return opt
 
 
@@ -301,11 +310,9 @@ def cmd_demo(args):
     model, tokenizer = load_model_and_tokenizer(DEFAULT_MODEL, device, None)
     model.float()  # master weights; bf16 autocast on a GPU
     budgets = comma_list(opt["budgets"])
-    # the preset's stage-2 weights are for its own budgets; other --budgets get the default weighting
-    weights = opt["stage2_weights"] if opt["stage2_weights"] and len(opt["stage2_weights"]) == len(budgets) else None
     cfg = ElastifyConfig(budgets=budgets, tokens=opt["tokens"], seq_len=opt["seq_len"], batch_size=opt["batch_size"],
                          lr=opt["lr"], axes=axes, calib_batches=opt["calib_batches"], eval_tokens=opt["eval_tokens"],
-                         stage2_weights=weights, full_anchor=opt["full_anchor"], all_budgets=opt["all_budgets"],
+                         stage2_weights=opt["stage2_weights"], full_anchor=opt["full_anchor"], all_budgets=opt["all_budgets"],
                          budget_lrs=_floats(args.budget_lrs, "--budget-lrs"), router_prior=args.router_prior,
                          anchor_data=opt["anchor_data"], anchor_mix=opt["anchor_mix"],
                          full_delta_rank=opt["full_delta_rank"], full_delta_lr=opt["full_delta_lr"],

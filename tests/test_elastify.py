@@ -483,6 +483,14 @@ def test_the_demo_trains_with_elastifys_defaults_on_the_cpu_and_the_recipe_that_
         "full_delta_restore"] == ""
     with pytest.raises(StarElasticError, match="there is no delta"):
         demo_options(build_parser().parse_args(["demo", "--full-delta-restore", "weights"]), "cpu")
+    # stage-2 weights: the preset's for its own budgets, none (elastify's) for others, a given set in --budgets
+    # order, and a given set of the wrong length refused in one line before anything loads
+    assert cpu["stage2_weights"] == [0.3, 0.7] and gpu["stage2_weights"] is None
+    assert demo_options(build_parser().parse_args(["demo", "--budgets", "1.0,0.9,0.8"]), "cpu")["stage2_weights"] is None
+    assert demo_options(build_parser().parse_args(["demo", "--stage2-weights", "0,0.3,0.7"]), "cuda")[
+        "stage2_weights"] == [0.0, 0.3, 0.7]
+    with pytest.raises(StarElasticError, match="2 weights for 3 budgets"):
+        demo_options(build_parser().parse_args(["demo", "--stage2-weights", "0.3,0.7"]), "cuda")
 
 
 def test_shard_and_router_flags_reach_the_training_config(tmp_path):
