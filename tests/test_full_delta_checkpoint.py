@@ -185,6 +185,22 @@ def test_cli_full_delta_rank_reaches_the_checkpoint_and_needs_the_anchor(tmp_pat
         assert not (tmp_path / "o2").exists()
 
 
+def test_elastify_says_the_delta_leaves_a_moes_routed_experts_out(tmp_path, tokenizer, text, capsys):  # noqa: F811
+    """The delta covers nn.Linear layers; a hybrid's routed experts are stacked tensors it does not cover, and
+    elastify says so (the full budget runs the experts the smaller budgets train) where a model has them."""
+    from star_elastic import save_pretrained
+
+    for family, says in (("nemotron_h", True), ("llama", False)):
+        torch.manual_seed(0)
+        save_pretrained(Model(PARENTS[family]), tmp_path / family, tokenizer=tokenizer)
+        args = ["elastify", str(tmp_path / family), "--budgets", "1.0,0.5", "--data", str(text), "--seq-len", "32",
+                "--batch-size", "8", "--calib-batches", "1", "--eval-tokens", "128", "--device", "cpu",
+                "--tokens", str(8 * 32), "--full-delta-rank", "2", "--out", str(tmp_path / f"{family}-out")]
+        assert cli.main(args) == 0
+        out = capsys.readouterr()
+        assert ("not the routed experts' stacked weights (1 MoE layer)" in out.out + out.err) == says, family
+
+
 def test_cli_hold_keeps_the_norms_at_the_parents_and_refuses_what_it_cannot_hold(tmp_path, tokenizer, text, capsys):  # noqa: F811
     """elastify --hold norms (with --full-delta-rank): the checkpoint's norms are the parent's (ones here, so the
     importance sort's permutation cannot hide a change), the rest trained; a part it cannot hold, or a pull on a
