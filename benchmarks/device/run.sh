@@ -9,7 +9,9 @@
 #                               --state-dir /root/state/NAME --max-train-seconds 420 to its ARGS and repeat the
 #                               call (exit 75: not done yet; the state lives while the machine stays warm)
 #   DEMO [args]                 the GPU demo (issue 15; 289 s with the paper's sampling, ~7 min with the anchor)
-#   DEMOBG [args]               the demo in the background, read back over several calls (runs past 600 s)
+#   DEMOBG [args]               the demo in the background, read back over several calls (runs past 600 s);
+#                               RUN_LIMIT=1 starts it and returns, so a bench run can share the call and the GPU
+#                               (twenty-seventh session: wait for the GGUF's conversion first, see RESULTS §5)
 #   EVALI                       then, machine still warm: eval of its checkpoint with interpolated budgets (issue 13)
 #   BATCHING [args] | SERVE [args] | LOAD  issue 12's serving tables at Nano widths (bench_batching/serve/load --model nano;
 #                               LOAD needs .devcarry/serve_wheels: the server's packages, which the GPU machine lacks)
