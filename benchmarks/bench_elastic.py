@@ -1007,11 +1007,11 @@ def merge(files: list[str], out: str | None) -> dict:
 
 
 def parents_rest(parent, delta) -> dict:
-    """The parent's parameters outside the delta's linear layers (embeddings and the tied LM head, norms; on
-    the hybrid also Mamba's own, the experts, the MoE gates), by name: put into the merged full model
-    (`with_values`), what it would be if only the linear layers drifted. Its perplexity beside the merged
-    model's says whether the drift the delta does not repair lies outside the layers it covers."""
-    covered = {f"{name}.weight" for name in delta.names}
+    """The parent's parameters outside what the delta covers (embeddings and the tied LM head, norms; on the
+    hybrid also Mamba's own, the MoE gates), by name: put into the merged full model (`with_values`), what it
+    would be if only the linear layers and routed experts drifted. Its perplexity beside the merged model's
+    says whether the drift the delta does not repair lies outside what it covers."""
+    covered = {f"{name}.weight" for name in delta.names} | set(delta.experts)
     return {name: p for name, p in parent.named_parameters() if name not in covered}
 
 

@@ -30,7 +30,6 @@ from .sharded_sort import load_sorted
 from .errors import StarElasticError
 from .evaluate import answer_scores, answer_tokens, perplexity
 from .generate import generate, sample_rows
-from .model import Experts
 from .runtime import chat_prefix, encode_prompt
 from .elastic.delta import held_values
 from .train import (DELTA_OPTIONS, RESTORE_MODES, ElasticTrainer, TrainConfig, delta_option_problem, hold_problem,
@@ -470,11 +469,6 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     elif anchor:
         log(f"the full model is distilled on every step too (--full-anchor {anchor:g}); each step draws one "
             "smaller budget")
-    moe_layers = sum(isinstance(m, Experts) for m in model.modules())
-    if cfg.full_delta_rank and moe_layers:  # said, not refused: the rest of the delta still holds what it covers
-        log(f"note: the full budget's delta covers the linear layers, not the routed experts' stacked weights "
-            f"({moe_layers} MoE layer{'s' * (moe_layers > 1)}): the full budget runs its experts as the smaller "
-            "budgets train them (docs/METHOD.md §17)")
     tcfg = TrainConfig(steps=steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr,
                        router_lr=cfg.router_lr, warmup_steps=max(1, steps // 20), eval_tokens=cfg.eval_tokens,
                        seed=cfg.seed, stage1_fraction=cfg.stage1_fraction, stage2_weights=cfg.stage2_weights,

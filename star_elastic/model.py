@@ -473,6 +473,12 @@ class Experts(nn.Module):
         """The activation between the up and down projections, (..., moe_intermediate_size)."""
         return self.act(h)
 
+    def weights(self, which: str, idx=None):
+        """Tensor `which` ("up_proj" or "down_proj"): every expert's, or the experts `idx` (T, k) chooses,
+        gathered. The one place the forward reads them: the full budget's delta adds its own here (delta.py)."""
+        w = getattr(self, which)
+        return w if idx is None else gather_experts(w, idx)
+
     def forward(self, x, idx, weights):
         """x: (T, D); idx, weights: (T, k). Each expert sees only the tokens routed to it."""
         T, k = idx.shape
@@ -483,8 +489,8 @@ class Experts(nn.Module):
         # H200, even than the gather from a contiguous copy (4 tokens x top-6 at Nano shapes: 1.34-1.58x); at 1
         # token the gather ties or wins (0.74-1.00x the other way; docs/RESULTS.md, "the views' expert gather")
         if T * k <= self.up_proj.shape[0] // 2 and (T == 1 or not grouped):
-            h = self.hidden(torch.einsum("td,tkid->tki", x, gather_experts(self.up_proj, idx)))
-            out = torch.einsum("tki,tkdi->tkd", h, gather_experts(self.down_proj, idx))
+            h = self.hidden(torch.einsum("td,tkid->tki", x, self.weights("up_proj", idx)))
+            out = torch.einsum("tki,tkdi->tkd", h, self.weights("down_proj", idx))
             return torch.einsum("tkd,tk->td", out, weights.to(out.dtype))
         flat = idx.flatten()
         order = flat.argsort(stable=True)
@@ -494,8 +500,8 @@ class Experts(nn.Module):
         counts = flat.new_zeros(self.up_proj.shape[0]).index_add_(0, flat, torch.ones_like(flat))
         if grouped:
             offs = counts.cumsum(0).to(torch.int32)
-            h = self.hidden(torch._grouped_mm(xs.to(dt), self.up_proj.to(dt).transpose(1, 2), offs=offs))
-            out = torch._grouped_mm(h.to(dt), self.down_proj.to(dt).transpose(1, 2), offs=offs)
+            h = self.hidden(torch._grouped_mm(xs.to(dt), self.weights("up_proj").to(dt).transpose(1, 2), offs=offs))
+            out = torch._grouped_mm(h.to(dt), self.weights("down_proj").to(dt).transpose(1, 2), offs=offs)
         else:
             out = self.loop(xs, counts)
         out = out * weights.flatten()[order, None].to(out.dtype)
@@ -505,7 +511,7 @@ class Experts(nn.Module):
     def loop(self, xs, counts):
         """One matmul pair per expert over its tokens (xs grouped by expert, `counts` per expert)."""
         return torch.cat([self.hidden(xe @ up.T) @ down.T for xe, up, down in
-                          zip(xs.split(counts.tolist()), self.up_proj, self.down_proj)])
+                          zip(xs.split(counts.tolist()), self.weights("up_proj"), self.weights("down_proj"))])
 
 
 def gather_experts(w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

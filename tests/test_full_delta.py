@@ -155,7 +155,7 @@ def test_the_bench_diagnostic_puts_back_the_parents_weights_outside_the_delta(tm
     t.run(progress=False)
     full = t.delta.merge_into(copy.deepcopy(t.model))
     mixed = with_values(full, parents_rest(t.teacher, t.delta))
-    covered = {f"{n}.weight" for n in t.delta.names}
+    covered = {f"{n}.weight" for n in t.delta.names} | set(t.delta.experts)
     parent, merged = dict(t.teacher.named_parameters()), dict(full.named_parameters())
     assert covered and any(n not in covered for n in merged)
     for name, p in mixed.named_parameters():
@@ -257,8 +257,8 @@ def test_kept_from_the_first_step_the_anchor_runs_the_parents_held_values(tmp_pa
         plain = copy.deepcopy(kept.model)
         for n, v in parent.items():
             plain.get_parameter(n).copy_(v)
-        for name in kept.delta.names:
-            plain.get_submodule(name).weight.add_(kept.delta.delta(name))
+        for name in kept.delta.targets:  # the linear layers and the routed experts
+            kept.delta.weight_of(plain, name).add_(kept.delta.delta(name))
         torch.testing.assert_close(full, plain(x), rtol=1e-5, atol=1e-5)
     _resumes_exactly(tmp_path, full_keeps_held=True, **{**kw, "steps": 4})
     for bad in ({"hold_rate": 0.0, "hold_pull": 0.0}, {"full_delta_rank": 0}):
@@ -383,16 +383,20 @@ def test_each_steps_rate_is_over_its_own_time_across_saves_and_the_finish(tmp_pa
 
 
 def _gap_model(rank_of_gap: int | None, seed: int = 0):
-    """A tiny model and a copy of it (the 'parent') whose linear weights differ from it by a random gap of
-    rank `rank_of_gap` per layer (None: full rank)."""
+    """A tiny model and a copy of it (the 'parent') whose linear weights, and each routed expert's, differ from
+    it by a random gap of rank `rank_of_gap` per layer / expert (None: full rank)."""
     g = torch.Generator().manual_seed(seed)
     model = Model(CFG).eval()
     parent = copy.deepcopy(model)
+    probe = FullDelta(model, 1)
+    assert probe.experts  # CFG has a MoE layer: its experts are covered too
     with torch.no_grad():
-        for name in FullDelta(model, 1).names:
-            w = parent.get_submodule(name).weight
-            r = rank_of_gap or min(w.shape)
-            w.add_(0.05 * torch.randn(w.shape[0], r, generator=g) @ torch.randn(r, w.shape[1], generator=g) / r ** 0.5)
+        for name in probe.targets:
+            w = probe.weight_of(parent, name)
+            *stack, out_f, in_f = w.shape
+            r = rank_of_gap or min(out_f, in_f)
+            w.add_(0.05 * torch.randn(*stack, out_f, r, generator=g) @ torch.randn(*stack, r, in_f, generator=g)
+                   / r ** 0.5)
     return model, parent
 
 
@@ -419,10 +423,14 @@ def test_a_restored_delta_is_the_best_rank_r_correction_of_the_shared_weights(tm
     plain, weighted = FullDelta(model, 2), FullDelta(model, 2)
     share = plain.restore(model, parent, None)
     assert 0 < share < 1 and weighted.restore(model, parent, covariances) < 1
-    for name in names:
-        gap = (parent.get_submodule(name).weight - model.get_submodule(name).weight).detach().double()
+    for name in plain.targets:  # the experts expert by expert: the tail of each one's singular values
+        gap = (plain.weight_of(parent, name) - plain.weight_of(model, name)).detach().double()
         s = torch.linalg.svdvals(gap)
-        assert float(torch.linalg.norm(gap - plain.delta(name).detach().double())) == pytest.approx(float(s[2:].norm()), rel=1e-4)
+        assert float(torch.linalg.norm(gap - plain.delta(name).detach().double())) == pytest.approx(
+            float(s[..., 2:].norm()), rel=1e-4)
+        if name in plain.experts:  # restored in weights in either mode (no per-expert inputs are gathered)
+            torch.testing.assert_close(weighted.delta(name), plain.delta(name))
+            continue
         cov = covariances[name].double()
 
         def err(d):  # the mean squared output error over the calibration inputs: tr((G - D) C (G - D)^T)
@@ -472,7 +480,7 @@ def test_training_ends_with_the_restored_delta_and_the_finish_starts_from_it(tmp
         assert torch.equal(a, b)
     want = FullDelta(restored.model, 4)
     want.restore(restored.model, restored.teacher)
-    for name in want.names:
+    for name in want.targets:
         torch.testing.assert_close(restored.delta.delta(name), want.delta(name), rtol=1e-5, atol=1e-7)
     x = torch.arange(64).repeat(2).view(4, 32)
 
@@ -487,3 +495,32 @@ def test_training_ends_with_the_restored_delta_and_the_finish_starts_from_it(tmp
         _trainer(tmp_path, "e", full_anchor=1.0, full_delta_restore="weights")
     with pytest.raises(StarElasticError, match="one of weights, activations"):
         _trainer(tmp_path, "f", full_anchor=1.0, full_delta_rank=2, full_delta_restore="svd")
+
+
+def test_the_experts_delta_runs_as_merged_weights_when_decoding_gathers_and_when_prefill_groups(tmp_path):
+    """The routed experts' B A (FullDelta.experts): the full budget with the delta applied equals a copy with it
+    merged on one token (decode: the chosen experts' weights gathered, B A of those alone) and on many (every
+    expert's), and a delta file written before the experts had one still reads, on the linear layers alone."""
+    from star_elastic.elastic.delta import save_delta
+
+    model = Model(CFG).eval()
+    delta = FullDelta(model, 2, seed=3)
+    with torch.no_grad():
+        for p in delta.up.values():
+            p.normal_(0, 0.05)
+    merged = delta.merge_into(copy.deepcopy(model))
+    assert delta.experts and any(not torch.equal(merged.get_parameter(n), model.get_parameter(n)) for n in delta.experts)
+    for length in (1, 9):  # one token: T * k <= E / 2, the gather path; nine: every expert's tokens grouped
+        x = torch.randint(0, CFG.vocab_size, (1, length))
+        with torch.no_grad(), delta.applied(model):
+            got = model(x)
+        torch.testing.assert_close(got, merged(x), rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            assert not torch.allclose(model(x), got, atol=1e-4)  # undone after the block
+    old = FullDelta(model, 2, seed=3)
+    for name in old.experts:
+        del old.down[name.replace(".", "/")], old.up[name.replace(".", "/")]
+    old.experts = []
+    save_delta(old, tmp_path / "old.safetensors")
+    read = FullDelta.read(model, tmp_path / "old.safetensors")
+    assert read.experts == [] and read.names == delta.names and read.rank == 2

@@ -185,20 +185,28 @@ def test_cli_full_delta_rank_reaches_the_checkpoint_and_needs_the_anchor(tmp_pat
         assert not (tmp_path / "o2").exists()
 
 
-def test_elastify_says_the_delta_leaves_a_moes_routed_experts_out(tmp_path, tokenizer, text, capsys):  # noqa: F811
-    """The delta covers nn.Linear layers; a hybrid's routed experts are stacked tensors it does not cover, and
-    elastify says so (the full budget runs the experts the smaller budgets train) where a model has them."""
-    from star_elastic import save_pretrained
+def test_the_delta_covers_a_moes_routed_experts_expert_by_expert(written):
+    """A hybrid's routed experts are stacked (E, out, in) tensors, not linear layers: the delta holds an A and
+    B per expert for each (the manifest counts them), the restore gives the experts that the smaller budget
+    trained a correction of their own, and the full budget's experts are the stored ones (W + B A)."""
+    from safetensors.torch import load_file
 
-    for family, says in (("nemotron_h", True), ("llama", False)):
-        torch.manual_seed(0)
-        save_pretrained(Model(PARENTS[family]), tmp_path / family, tokenizer=tokenizer)
-        args = ["elastify", str(tmp_path / family), "--budgets", "1.0,0.5", "--data", str(text), "--seq-len", "32",
-                "--batch-size", "8", "--calib-batches", "1", "--eval-tokens", "128", "--device", "cpu",
-                "--tokens", str(8 * 32), "--full-delta-rank", "2", "--out", str(tmp_path / f"{family}-out")]
-        assert cli.main(args) == 0
-        out = capsys.readouterr()
-        assert ("not the routed experts' stacked weights (1 MoE layer)" in out.out + out.err) == says, family
+    out, result = written
+    manifest = read_manifest(out)
+    ckpt = load_elastic(out, verify=True)
+    moe = [n for n, m in ckpt.model.named_modules() if type(m).__name__ == "Experts"]
+    assert manifest["full_delta"]["expert_tensors"] == 2 * len(moe) == len(ckpt.delta.experts)
+    stored = load_file(str(out / DELTA_FILE))
+    for name in ckpt.delta.experts:
+        w = ckpt.model.get_parameter(name)
+        down, up = stored[f"{name}.delta_down"], stored[f"{name}.delta_up"]
+        assert down.shape == (w.shape[0], 4, w.shape[2]) and up.shape == (w.shape[0], w.shape[1], 4)
+    if moe:  # the smaller budget trained some experts: the full budget's differ from the shared ones there
+        assert any(float(ckpt.delta.delta(name).abs().max()) > 0 for name in ckpt.delta.experts)
+        full = ckpt.full_model()
+        for name in ckpt.delta.experts:
+            torch.testing.assert_close(full.get_parameter(name).float(), ckpt.model.get_parameter(name).float()
+                                       + ckpt.delta.delta(name), rtol=1e-5, atol=1e-6)
 
 
 def test_cli_hold_keeps_the_norms_at_the_parents_and_refuses_what_it_cannot_hold(tmp_path, tokenizer, text, capsys):  # noqa: F811

@@ -4,8 +4,10 @@ Why: the full anchor holds the full model near its parent by pulling on the weig
 shares, and that pull is the 0.75 budget's whole gap to distilling it alone (docs/RESULTS.md §9, twelfth
 session): trained beside the 0.5 with no anchor the 0.75 equals separate distillation in domain and the
 0.5 beats it by 5-8%, but the full model drifts 12-29% from its parent. Here the full model gets
-parameters of its own instead: every linear layer of the decoder adds a low-rank term, W x + B A x, in
-the full budget's passes only, and the anchor's backward accumulates into A and B alone (`inputs=`,
+parameters of its own instead: every linear layer of the decoder adds a low-rank term, W x + B A x, and
+every routed expert of a MoE one of its own (the stacked (E, out, in) tensors get A (E, r, in) and B
+(E, out, r): each expert runs W_e + B_e A_e, formed for the chosen experts alone when decoding gathers
+them), in the full budget's passes only, and the anchor's backward accumulates into A and B alone (`inputs=`,
 train.py). The anchor's gradient then reaches nothing the smaller budgets use; they train the shared
 weights as if the full model were not there, and the delta follows them to keep the full model on its
 parent. B starts at zero, so training starts from the parent exactly. The delta is applied as masks are
@@ -18,7 +20,7 @@ the loaded model holds W, the tensors every smaller budget is a prefix of, and t
 its delta applied (or merged into a copy). The streaming slicer subtracts the kept rows of B times the kept
 columns of A, tensor by tensor (stream.py).
 
-Its own embeddings and norms (`keep`, `elastify --full-keeps-held`): the delta covers the linear layers only,
+Its own embeddings and norms (`keep`, `elastify --full-keeps-held`): the delta covers the linear layers and experts,
 and the embeddings (the LM head when tied) and norms that the smaller budgets train carry the full model's
 drift out of domain (docs/RESULTS.md §9, seventeenth and eighteenth sessions). Held near the parent's while
 training (TrainConfig.hold with a rate and a pull), they can be put back for the full budget alone: the
@@ -49,6 +51,20 @@ class _WithDelta:
 
     def forward(self, x):
         return super().forward(x) + F.linear(F.linear(x, self.delta_down), self.delta_up)
+
+
+class _ExpertsWithDelta:
+    """Mixed into routed experts while the full budget runs: each expert's W + B A, and when decoding gathers
+    the chosen experts, only theirs (the stack's B A is never formed for one token)."""
+
+    delta_pairs: dict  # {"up_proj" / "down_proj": (A (E, r, in), B (E, out, r))}
+
+    def weights(self, which, idx=None):
+        w = super().weights(which, idx)
+        down, up = self.delta_pairs[which]
+        if idx is not None:
+            down, up = down[idx], up[idx]
+        return w + (up @ down).to(w.dtype)
 
 
 class _OwnEmbedding:
@@ -96,23 +112,28 @@ def _own_mixin(module: nn.Module) -> type:
 
 
 class FullDelta(nn.Module):
-    """A, B (rank r) for every nn.Linear of `model` but its LM head: `up` (out, r) starts at zero,
-    `down` (r, in) small and random. Parameter keys are the linear layers' names, dots as '/'."""
+    """A, B (rank r) for every nn.Linear of `model` but its LM head, and for each expert of a MoE's routed
+    experts (their stacked (E, out, in) tensors: A (E, r, in), B (E, out, r)): `up` starts at zero, `down`
+    small and random. Parameter keys are the layers' names (the experts' parameters' names), dots as '/'."""
 
     def __init__(self, model: nn.Module, rank: int, seed: int = 0):
+        from ..model import Experts
+
         super().__init__()
         if rank < 1:
             raise ValueError(f"full delta rank {rank}: give a positive rank")
         g = torch.Generator().manual_seed(seed)
         self.names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+        self.experts = [f"{n}.{which}" for n, m in model.named_modules() if isinstance(m, Experts)
+                        for which in EXPERT_TENSORS]
         self.down, self.up = nn.ParameterDict(), nn.ParameterDict()
-        for name in self.names:
-            w = model.get_submodule(name).weight
-            out_f, in_f = w.shape
+        for name in self.targets:
+            w = self.weight_of(model, name)
+            *stack, out_f, in_f = w.shape
             key = name.replace(".", "/")
-            down = torch.randn(rank, in_f, generator=g).div_(in_f ** 0.5)
+            down = torch.randn(*stack, rank, in_f, generator=g).div_(in_f ** 0.5)
             self.down[key] = nn.Parameter(down.to(w.device, w.dtype))  # the weights' dtype: the trainer's master
-            self.up[key] = nn.Parameter(torch.zeros(out_f, rank, device=w.device, dtype=w.dtype))
+            self.up[key] = nn.Parameter(torch.zeros(*stack, out_f, rank, device=w.device, dtype=w.dtype))
         # the full budget's own values of parameters outside the linear layers (`keep`), by parameter name;
         # `shared`: the smaller budgets' values read from a checkpoint, until `subtract_from` puts them in
         self.rest: dict[str, torch.Tensor] = {}
@@ -139,19 +160,29 @@ class FullDelta(nn.Module):
                 if isinstance(getattr(m, "weight", None), nn.Parameter) and id(m.weight) in by_id]
 
     @property
+    def targets(self) -> list[str]:
+        """What the delta covers: the linear layers' names, then the routed experts' tensors' names."""
+        return self.names + self.experts
+
+    def weight_of(self, model: nn.Module, name: str) -> torch.Tensor:
+        """The weight target `name` adds to in `model`: a linear layer's, or an experts' tensor (E, out, in)."""
+        return model.get_parameter(name) if name in self.experts else model.get_submodule(name).weight
+
+    @property
     def rank(self) -> int:
-        return next(iter(self.down.values())).shape[0]
+        return next(iter(self.down.values())).shape[-2]
 
     def delta(self, name: str) -> torch.Tensor:
-        """B A of linear layer `name`, (out, in), in float32."""
+        """B A of target `name`, (out, in) (experts: (E, out, in)), in float32."""
         key = name.replace(".", "/")
         return self.up[key].float() @ self.down[key].float()
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """A and B as the checkpoint stores them: `<layer>.delta_down` (r, in), `<layer>.delta_up` (out, r),
-        under the layers' names in the model (`model.layers.0.self_attn.q_proj`)."""
+        under the layers' names in the model (`model.layers.0.self_attn.q_proj`); the experts' under their
+        tensors' names (`model.layers.1.mixer.experts.up_proj.delta_down`, (E, r, in))."""
         out = {}
-        for name in self.names:
+        for name in self.targets:
             key = name.replace(".", "/")
             down, up = _stored_keys(name)
             out[down], out[up] = self.down[key], self.up[key]
@@ -166,7 +197,7 @@ class FullDelta(nn.Module):
         path = Path(path)
         stored = read_safetensors([path])
         try:
-            rank = next(t.shape[0] for k, t in stored.items() if k.endswith(".delta_down"))
+            rank = next(t.shape[-2] for k, t in stored.items() if k.endswith(".delta_down"))
         except StopIteration:
             raise StarElasticError(f"{path}: no delta_down tensors (not a full budget's delta)") from None
         if rank < 1:
@@ -178,14 +209,19 @@ class FullDelta(nn.Module):
             if name not in params or params[name].shape != t.shape:
                 raise StarElasticError(f"{path}: {key} {tuple(t.shape)} is not one of the model's parameters")
             delta.shared[name] = t.to(params[name].device, params[name].dtype)
-        want = {k for name in delta.names for k in _stored_keys(name)}
+        if not any(_stored_keys(name)[0] in stored for name in delta.experts):  # written before the experts had one
+            for name in delta.experts:
+                del delta.down[name.replace(".", "/")], delta.up[name.replace(".", "/")]
+            delta.experts = []
+        want = {k for name in delta.targets for k in _stored_keys(name)}
         if set(stored) != want:
             odd = sorted(set(stored) ^ want)
-            raise StarElasticError(f"{path}: its tensors do not match the model's linear layers ({len(odd)} differ, "
-                                   f"e.g. {odd[0]})")
+            raise StarElasticError(f"{path}: its tensors do not match the model's linear layers and experts ({len(odd)} "
+                                   f"differ, e.g. {odd[0]})")
         for name, (down, up) in stored_pairs(stored).items():
-            w = model.get_submodule(name).weight
-            if down.shape != (rank, w.shape[1]) or up.shape != (w.shape[0], rank):
+            w = delta.weight_of(model, name)
+            *stack, out_f, in_f = w.shape
+            if down.shape != (*stack, rank, in_f) or up.shape != (*stack, out_f, rank):
                 raise StarElasticError(f"{path}: {name}'s delta is {tuple(up.shape)} x {tuple(down.shape)}, the layer "
                                        f"is {tuple(w.shape)} (rank {rank})")
             key = name.replace(".", "/")
@@ -212,6 +248,10 @@ class FullDelta(nn.Module):
             for name in self.names:
                 key = name.replace(".", "/")
                 swaps.mix(model.get_submodule(name), _WithDelta, delta_down=self.down[key], delta_up=self.up[key])
+            for module in dict.fromkeys(name.rpartition(".")[0] for name in self.experts):
+                pairs = {which: (self.down[f"{module}/{which}".replace(".", "/")],
+                                 self.up[f"{module}/{which}".replace(".", "/")]) for which in EXPERT_TENSORS}
+                swaps.mix(model.get_submodule(module), _ExpertsWithDelta, delta_pairs=pairs)
             for module, own in self._own_modules(model):
                 swaps.mix(module, _own_mixin(module), own_weight=own)
         except BaseException:
@@ -223,6 +263,7 @@ class FullDelta(nn.Module):
         """Whether `model` runs this delta now, its linear layers or its own embeddings / norms (inside
         `applied`, or after `apply`)."""
         return any(isinstance(model.get_submodule(name), _WithDelta) for name in self.names) or \
+            any(isinstance(model.get_submodule(name.rpartition(".")[0]), _ExpertsWithDelta) for name in self.experts) or \
             any(isinstance(m, (_OwnEmbedding, _OwnLinear, _OwnNorm)) for m, _ in self._own_modules(model))
 
     def merge_into(self, model: nn.Module) -> nn.Module:
@@ -256,8 +297,8 @@ class FullDelta(nn.Module):
 
     @torch.no_grad()
     def _add(self, model: nn.Module, sign: float) -> nn.Module:
-        for name in self.names:  # in float32, back in the weights' dtype
-            w = model.get_submodule(name).weight
+        for name in self.targets:  # in float32, back in the weights' dtype
+            w = self.weight_of(model, name)
             w.copy_((w.float() + sign * self.delta(name).to(w.device)).to(w.dtype))
         return model
 
@@ -276,10 +317,10 @@ class FullDelta(nn.Module):
         this one starts where they are."""
         caught = total = 0.0
         r = self.rank
-        for name in self.names:
-            w = model.get_submodule(name).weight.detach().double()
-            gap = parent.get_submodule(name).weight.detach().to(w.device).double() - w  # (out, in)
-            if covariances is None:
+        for name in self.targets:
+            w = self.weight_of(model, name).detach().double()
+            gap = self.weight_of(parent, name).detach().to(w.device).double() - w  # (out, in); experts (E, out, in)
+            if covariances is None or name not in covariances:  # the experts: in weights (no per-expert inputs)
                 lower = None
                 target = gap
             else:
@@ -288,23 +329,27 @@ class FullDelta(nn.Module):
                                                                                            dtype=cov.dtype)
                 lower = torch.linalg.cholesky(cov)
                 target = gap @ lower
-            u, s, vh = torch.linalg.svd(target, full_matrices=False)
+            u, s, vh = torch.linalg.svd(target, full_matrices=False)  # batched over the experts
             total += float((s ** 2).sum())
-            caught += float((s[:r] ** 2).sum())
-            root = s[:r].sqrt()
-            down = root[:, None] * vh[:r]  # (r, in), in the whitened basis
+            k = min(r, s.shape[-1])  # a rank above the matrix's: the rest of A and B stays zero
+            caught += float((s[..., :k] ** 2).sum())
+            root = s[..., :k].sqrt()
+            down = root[..., :, None] * vh[..., :k, :]  # (r, in), in the whitened basis
             if lower is not None:  # back: down L^-1
                 down = torch.linalg.solve_triangular(lower.T, down.T, upper=True).T
             key = name.replace(".", "/")
-            self.up[key].copy_((u[:, :r] * root).to(self.up[key].dtype))
-            self.down[key].copy_(down.to(self.down[key].dtype))
+            up_k = torch.zeros_like(self.up[key], dtype=torch.float64)
+            down_k = torch.zeros_like(self.down[key], dtype=torch.float64)
+            up_k[..., :k], down_k[..., :k, :] = u[..., :, :k] * root[..., None, :], down
+            self.up[key].copy_(up_k.to(self.up[key].dtype))
+            self.down[key].copy_(down_k.to(self.down[key].dtype))
         return caught / total if total else 1.0
 
     @contextmanager
     def merged(self, model: nn.Module):
         """Inside: `model`'s linear weights are W + B A (for writing the checkpoint); after, exactly W again
         (restored from copies, not by subtracting)."""
-        saved = {name: model.get_submodule(name).weight.detach().clone() for name in self.names}
+        saved = {name: self.weight_of(model, name).detach().clone() for name in self.targets}
         params = dict(model.named_parameters())
         saved_rest = {name: params[name].detach().clone() for name in self.rest}
         try:
@@ -312,7 +357,7 @@ class FullDelta(nn.Module):
         finally:
             with torch.no_grad():
                 for name, w in saved.items():
-                    model.get_submodule(name).weight.copy_(w)
+                    self.weight_of(model, name).copy_(w)
                 for name, w in saved_rest.items():
                     params[name].copy_(w)
 
@@ -345,6 +390,7 @@ def input_covariances(model: nn.Module, names: list[str], run, batches) -> dict[
     return {n: sums[n] / counts[n] for n in names}
 
 
+EXPERT_TENSORS = ("up_proj", "down_proj")  # a MoE's routed experts' stacked tensors, (E, out, in) each
 SHARED = ".shared"  # the suffix of the smaller budgets' values in the delta file (`FullDelta.keep`)
 HELD_PARTS = ("embeddings", "norms")  # what TrainConfig.hold can keep at the parent's
 

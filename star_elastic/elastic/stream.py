@@ -209,7 +209,7 @@ class _Item:
     name: str  # the parent's in-memory name, for `take`
     idx: dict  # `take`'s indices (for an expert: without the expert axis)
     mode: str  # "plain"; "expert" (a per-expert parent tensor); "row" (row `row` of a stacked parent tensor)
-    row: int | None
+    row: int | None  # the expert's index in the parent's stack ("expert" and "row"); None: plain
     take_shape: tuple[int, ...]  # the parent tensor as `take` sees it (experts: a stack of one)
     keep: list | None  # per `take` dimension, the indices kept (None: all); None: read whole and run `take`
     shape: tuple[int, ...]  # the output tensor's shape
@@ -285,8 +285,8 @@ def _items(parent: ModelConfig, sub: ModelConfig, spec: ElasticSpec, plain: dict
                 loc = local
                 if per_expert_ffn is not None and per_expert_ffn.dim() == 2:  # neurons chosen per parent expert
                     loc = {**local, f"layers.{i}.expert_ffn": per_expert_ffn[j:j + 1]}
-                if name in experts:
-                    src, mode, row = experts[name][j], "expert", None
+                if name in experts:  # `row`: the expert's index in the parent's stack (its delta's, stream_slice)
+                    src, mode, row = experts[name][j], "expert", j
                     take_shape = (1,) + src.shape
                 else:
                     src, mode, row = plain[name], "row", j
@@ -701,21 +701,27 @@ def _full_delta(parent_dir: Path, parent: ModelConfig, spec: ElasticSpec) -> tup
         return {}, {}
     stored = hf.read_safetensors([parent_dir / DELTA_FILE])
     shared = {k.removesuffix(SHARED): t for k, t in stored.items() if k.endswith(SHARED)}
-    return {f"{name}.weight": pair for name, pair in stored_pairs(stored).items()}, shared
+    # a linear layer's pair under its weight's name; the routed experts' (A (E, r, in)) under their tensors' own
+    return {name if pair[0].dim() == 3 else f"{name}.weight": pair for name, pair in stored_pairs(stored).items()}, shared
 
 
 def _without_delta(reader: "_Reader", it: _Item, cfg: ModelConfig, delta: tuple) -> torch.Tensor:
     """`it`'s output tensor from the stored W + B A: the kept block minus B's kept rows times A's kept
-    columns, in float32, back in the stored dtype (the whole tensor when `take` does more than pick)."""
+    columns, in float32, back in the stored dtype (the whole tensor when `take` does more than pick). An
+    expert's tensor: its own A and B, row `it.row` of the stacked ones."""
     down, up = delta
+    if it.mode != "plain":  # as `take` sees the expert: a stack of one
+        down, up = down[it.row:it.row + 1], up[it.row:it.row + 1]
     if it.keep is None:
         whole = reader.whole(it)
-        return take(it.name, (whole.float() - up.float() @ down.float()).to(whole.dtype), cfg, it.idx).contiguous()
+        t = take(it.name, (whole.float() - up.float() @ down.float()).to(whole.dtype), cfg, it.idx)
+        return (t if it.mode == "plain" else t[0]).contiguous()
     t = reader.tensor(it, cfg)
-    rows, cols = it.keep
-    up = up if rows is None else up[rows]
-    down = down if cols is None else down[:, cols]
-    return (t.float() - up.float() @ down.float()).to(t.dtype)
+    rows, cols = it.keep[-2:]
+    up = up if rows is None else up[..., rows, :]
+    down = down if cols is None else down[..., cols]
+    bd = up.float() @ down.float()
+    return (t.float() - (bd if it.mode == "plain" else bd[0])).to(t.dtype)
 
 
 def output_bytes(parent_dir, spec: ElasticSpec | dict, dtype: torch.dtype | None = None) -> int:
