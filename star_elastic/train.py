@@ -810,7 +810,7 @@ class ElasticTrainer:
             batches = (rows[i:i + per_step].to(self.device) for i in range(0, rows.shape[0], per_step))
             with eager_layers(self.teacher):
                 covariances = input_covariances(self.teacher, self.delta.names, lambda x: self._head(self.teacher, x),
-                                                batches)
+                                                batches, experts=self.delta.experts)
         self.restored = self.delta.restore(self.model, self.teacher, covariances)
         for p in self.delta.parameters():
             self.opt.state.pop(p, None)

@@ -410,16 +410,17 @@ def test_a_restored_delta_is_the_best_rank_r_correction_of_the_shared_weights(tm
 
     model, parent = _gap_model(3)
     x = torch.randint(0, CFG.vocab_size, (4, 16))
-    for covariances in (None, input_covariances(parent, FullDelta(model, 1).names, parent, [x])):
+    probe = FullDelta(model, 1)
+    for covariances in (None, input_covariances(parent, probe.names, parent, [x], experts=probe.experts)):
         delta = FullDelta(model, 3)
         assert delta.restore(model, parent, covariances) == pytest.approx(1.0, abs=1e-6)
         with torch.no_grad(), delta.applied(model):
             torch.testing.assert_close(model(x), parent(x), rtol=1e-4, atol=1e-4)
 
     model, parent = _gap_model(None, seed=1)
-    names = FullDelta(model, 1).names
+    probe = FullDelta(model, 1)
     calib = [torch.randint(0, CFG.vocab_size, (4, 16)) for _ in range(2)]
-    covariances = input_covariances(parent, names, parent, calib)
+    covariances = input_covariances(parent, probe.names, parent, calib, experts=probe.experts)
     plain, weighted = FullDelta(model, 2), FullDelta(model, 2)
     share = plain.restore(model, parent, None)
     assert 0 < share < 1 and weighted.restore(model, parent, covariances) < 1
@@ -428,8 +429,14 @@ def test_a_restored_delta_is_the_best_rank_r_correction_of_the_shared_weights(tm
         s = torch.linalg.svdvals(gap)
         assert float(torch.linalg.norm(gap - plain.delta(name).detach().double())) == pytest.approx(
             float(s[..., 2:].norm()), rel=1e-4)
-        if name in plain.experts:  # restored in weights in either mode (no per-expert inputs are gathered)
-            torch.testing.assert_close(weighted.delta(name), plain.delta(name))
+        if name in plain.experts:  # weighted by each expert's E[x^2] per input channel: nearer in that metric
+            ms = covariances[name].double()
+
+            def err(d):  # sum over experts of tr((G_e - D_e) diag(m_e) (G_e - D_e)^T)
+                e = gap - d.detach().double()
+                return float((e * e * ms[:, None, :]).sum())
+            assert err(weighted.delta(name)) <= err(plain.delta(name)) * (1 + 1e-3)
+            assert not torch.allclose(weighted.delta(name), plain.delta(name))
             continue
         cov = covariances[name].double()
 
@@ -459,6 +466,33 @@ def test_input_covariances_are_the_mean_outer_product_of_each_layers_inputs():
         under = input_covariances(model, [name], model, batches)[name]
     assert under.dtype == torch.float32
     torch.testing.assert_close(under, got, rtol=0.05, atol=0.05 * float(got.abs().max()))
+
+
+def test_input_covariances_weigh_each_expert_by_the_tokens_routed_to_it():
+    """For the routed experts, input_covariances gives each expert's mean square per input channel over the
+    tokens routed to it (up_proj: the expert's input; down_proj: its hidden activation), ones for an expert no
+    token reached."""
+    from star_elastic.elastic.delta import input_covariances
+
+    model = Model(CFG).eval()
+    probe = FullDelta(model, 1)
+    module_name = probe.experts[0].rpartition(".")[0]
+    experts = model.get_submodule(module_name)
+    caught = []
+    handle = experts.register_forward_hook(lambda m, a, o: caught.append((a[0].detach(), a[1])))
+    batches = [torch.randint(0, CFG.vocab_size, (2, 8)), torch.randint(0, CFG.vocab_size, (3, 5))]
+    with torch.no_grad():
+        got = input_covariances(model, [], model, batches, experts=probe.experts)
+    handle.remove()
+    x, idx = torch.cat([c[0] for c in caught[:2]]), torch.cat([c[1] for c in caught[:2]])
+    for e in range(experts.up_proj.shape[0]):
+        xe = x[(idx == e).any(-1)]
+        if not xe.shape[0]:
+            assert torch.equal(got[f"{module_name}.up_proj"][e], torch.ones(x.shape[-1]))
+            continue
+        he = experts.hidden(xe @ experts.up_proj[e].T)
+        torch.testing.assert_close(got[f"{module_name}.up_proj"][e], (xe * xe).mean(0), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got[f"{module_name}.down_proj"][e], (he * he).mean(0), rtol=1e-5, atol=1e-7)
 
 
 def test_training_ends_with_the_restored_delta_and_the_finish_starts_from_it(tmp_path):

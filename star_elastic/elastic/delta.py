@@ -308,7 +308,7 @@ class FullDelta(nn.Module):
         """Set B A, layer by layer, to the rank-r part of what the shared weights lost: the parent's weight
         less `model`'s, W_p - W. With `covariances` ({layer: E[x x^T] of its inputs in the parent},
         `input_covariances`) the nearest in ||(W_p - W - B A) L||, where L L^T is the covariance (damped by
-        `damping` x its mean diagonal): the error weighted by the inputs the layer sees, so directions that
+        `damping` x its mean diagonal; for an expert, L the root of its diagonal, E[x^2] per input channel): the error weighted by the inputs the layer sees, so directions that
         no input takes cost nothing (ASVD / SVD-LLM's whitening); without, the plain nearest in weights.
         Both factors get the root of the singular values, so that training on from here (the finish) moves
         them at one pace. Returns the share of the (weighted) loss that the rank-r part covers, over all
@@ -320,9 +320,15 @@ class FullDelta(nn.Module):
         for name in self.targets:
             w = self.weight_of(model, name).detach().double()
             gap = self.weight_of(parent, name).detach().to(w.device).double() - w  # (out, in); experts (E, out, in)
-            if covariances is None or name not in covariances:  # the experts: in weights (no per-expert inputs)
+            scale = None
+            if covariances is None or name not in covariances:
                 lower = None
                 target = gap
+            elif name in self.experts:  # each expert's E[x^2] per input channel (E, in): the diagonal weighting
+                ms = covariances[name].to(w.device).double()
+                scale = (ms + damping * ms.mean(-1, keepdim=True).clamp_min(1e-12)).sqrt()[:, None, :]
+                lower = None
+                target = gap * scale
             else:
                 cov = covariances[name].to(w.device).double()
                 cov = cov + damping * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(cov.shape[0], device=w.device,
@@ -337,6 +343,8 @@ class FullDelta(nn.Module):
             down = root[..., :, None] * vh[..., :k, :]  # (r, in), in the whitened basis
             if lower is not None:  # back: down L^-1
                 down = torch.linalg.solve_triangular(lower.T, down.T, upper=True).T
+            if scale is not None:  # back: down S^-1
+                down = down / scale
             key = name.replace(".", "/")
             up_k = torch.zeros_like(self.up[key], dtype=torch.float64)
             down_k = torch.zeros_like(self.down[key], dtype=torch.float64)
@@ -363,11 +371,35 @@ class FullDelta(nn.Module):
 
 
 @torch.no_grad()
-def input_covariances(model: nn.Module, names: list[str], run, batches) -> dict[str, torch.Tensor]:
+def input_covariances(model: nn.Module, names: list[str], run, batches, experts=()) -> dict[str, torch.Tensor]:
     """E[x x^T] (float32, (in, in)) of the inputs of `model`'s linear layers `names` over `batches`, each run
-    by `run(x)` (the caller's forward, under its autocast): what `FullDelta.restore` weights the error by."""
+    by `run(x)` (the caller's forward, under its autocast): what `FullDelta.restore` weights the error by. For
+    the routed experts' tensors `experts` (FullDelta.experts), each expert's E[x^2] per input channel over the
+    tokens routed to it, (E, in): a diagonal weight, as ASVD scales a weight (the full (E, in, in) would be
+    125 GB at Nano's shapes); an expert no token reached gets ones (the plain restore)."""
     sums: dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(names, 0)
+    squares: dict[str, torch.Tensor] = {}
+    routed: dict[str, torch.Tensor] = {}
+
+    def expert_hook(module_name):
+        def post(module, args, output):
+            x, idx = args[0].detach().float(), args[1]
+            with torch.autocast(x.device.type, enabled=False):
+                for e in range(module.up_proj.shape[0]):
+                    xe = x[(idx == e).any(-1)]
+                    if not xe.shape[0]:
+                        continue
+                    he = module.hidden(xe @ module.up_proj[e].float().T)
+                    for which, v in (("up_proj", xe), ("down_proj", he)):
+                        key = f"{module_name}.{which}"
+                        if key not in squares:
+                            w = getattr(module, which)
+                            squares[key] = torch.zeros(w.shape[0], w.shape[2], device=x.device)
+                            routed[key] = torch.zeros(w.shape[0], device=x.device)
+                        squares[key][e] += (v * v).sum(0)
+                        routed[key][e] += v.shape[0]
+        return post
 
     def hook(name):
         def pre(module, args):
@@ -378,6 +410,8 @@ def input_covariances(model: nn.Module, names: list[str], run, batches) -> dict[
         return pre
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    handles += [model.get_submodule(m).register_forward_hook(expert_hook(m))
+                for m in dict.fromkeys(n.rpartition(".")[0] for n in experts)]
     try:
         for x in batches:
             run(x)
@@ -387,7 +421,15 @@ def input_covariances(model: nn.Module, names: list[str], run, batches) -> dict[
     missing = [n for n in names if not counts[n]]
     if missing:
         raise StarElasticError(f"input_covariances: {len(missing)} layers saw no input (e.g. {missing[0]})")
-    return {n: sums[n] / counts[n] for n in names}
+    out = {n: sums[n] / counts[n] for n in names}
+    for n in experts:
+        w = model.get_parameter(n)
+        if n not in squares:  # no token reached the layer's experts
+            out[n] = torch.ones(w.shape[0], w.shape[2], device=w.device)
+            continue
+        seen = routed[n] > 0
+        out[n] = torch.where(seen[:, None], squares[n] / routed[n].clamp_min(1)[:, None], torch.ones_like(squares[n]))
+    return out
 
 
 EXPERT_TENSORS = ("up_proj", "down_proj")  # a MoE's routed experts' stacked tensors, (E, out, in) each
