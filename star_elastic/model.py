@@ -473,6 +473,11 @@ class Experts(nn.Module):
         """The activation between the up and down projections, (..., moe_intermediate_size)."""
         return self.act(h)
 
+    def grouped(self, which: str, xs, offs, dt):
+        """xs (token copies grouped by expert, `offs` the groups' ends) through each one's tensor `which`, as
+        one grouped GEMM in `dt`."""
+        return torch._grouped_mm(xs.to(dt), self.weights(which).to(dt).transpose(1, 2), offs=offs)
+
     def weights(self, which: str, idx=None):
         """Tensor `which` ("up_proj" or "down_proj"): every expert's, or the experts `idx` (T, k) chooses,
         gathered. The one place the forward reads them: the full budget's delta adds its own here (delta.py)."""
@@ -500,8 +505,8 @@ class Experts(nn.Module):
         counts = flat.new_zeros(self.up_proj.shape[0]).index_add_(0, flat, torch.ones_like(flat))
         if grouped:
             offs = counts.cumsum(0).to(torch.int32)
-            h = self.hidden(torch._grouped_mm(xs.to(dt), self.weights("up_proj").to(dt).transpose(1, 2), offs=offs))
-            out = torch._grouped_mm(h.to(dt), self.weights("down_proj").to(dt).transpose(1, 2), offs=offs)
+            h = self.hidden(self.grouped("up_proj", xs, offs, dt))
+            out = self.grouped("down_proj", h, offs, dt)
         else:
             out = self.loop(xs, counts)
         out = out * weights.flatten()[order, None].to(out.dtype)

@@ -590,3 +590,31 @@ def test_a_restore_that_covers_the_experts_brings_a_hybrids_full_budget_closer_t
         linear.experts = []
         both.restore(t.model, t.teacher, cov), linear.restore(t.model, t.teacher, cov)
         assert full_kd(both) < 0.5 * full_kd(linear)  # measured: 0.0105 against 0.11
+
+
+@pytest.mark.parametrize("rank", [8, 2])
+def test_the_experts_delta_in_grouped_gemms_equals_the_merged_weights(rank):
+    """Where the experts run as grouped GEMMs (prefill and batched decode on a GPU), the full budget's delta is
+    W x + B (A x), three grouped GEMMs, not every expert's W + B A formed: the same as the merged weights' GEMM
+    (bf16, as the GPU path runs it; torch's grouped GEMM also runs on the CPU). A rank whose bf16 rows are not
+    16 bytes (2 here) takes the merged weights instead, and agrees too."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch without _grouped_mm")
+    model = Model(CFG).eval()
+    delta = FullDelta(model, rank, seed=3)
+    with torch.no_grad():
+        for p in delta.up.values():
+            p.normal_(0, 0.2)
+    merged = delta.merge_into(copy.deepcopy(model))
+    module = delta.experts[0].rpartition(".")[0]
+    offs = torch.tensor([1, 3, 3, 6, 7, 9, 11, 12], dtype=torch.int32)  # eight experts, one with no token
+    g = torch.Generator().manual_seed(0)
+    for which, width in (("up_proj", CFG.hidden_size), ("down_proj", CFG.moe_intermediate_size)):
+        xs = torch.randn(12, width, generator=g)
+        with torch.no_grad():
+            want = merged.get_submodule(module).grouped(which, xs, offs, torch.bfloat16).float()
+            with delta.applied(model):
+                got = model.get_submodule(module).grouped(which, xs, offs, torch.bfloat16).float()
+            plain = model.get_submodule(module).grouped(which, xs, offs, torch.bfloat16).float()
+        torch.testing.assert_close(got, want, rtol=0.03, atol=0.03 * float(want.abs().max()))
+        assert float((plain - want).abs().max()) > 0.1 * float(want.abs().max())  # the delta matters here
