@@ -49,11 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --anchor-data: the share of the anchor's rows from that text, the rest from the "
                              "step's training batch (default 1: that text alone)")
         sp.add_argument("--full-delta-rank", type=int, default=0, metavar="R",
-                        help="give the full budget a low-rank delta of its own (rank R) on every linear layer, "
-                             "trained by the full anchor alone, so that the anchor no longer pulls on the weights the "
-                             "smaller budgets share; written merged into the weights, A and B in "
-                             "full_delta.safetensors (docs/METHOD.md; measured: smaller budgets better, the full "
-                             "model further from its parent out of domain; default 0: none)")
+                        help="give the full budget a low-rank delta of its own (rank R) on every linear layer and "
+                             "routed expert, trained by the full anchor alone and set in closed form where training "
+                             "ends (--full-delta-restore), so that holding the full model no longer pulls on the "
+                             "weights the smaller budgets share; written merged into the weights, A and B in "
+                             "full_delta.safetensors (docs/METHOD.md; part of --keep-full; default 0: none)")
         sp.add_argument("--full-delta-lr", type=float, default=0.0, metavar="LR",
                         help="with --full-delta-rank: the delta's own learning rate (default 0: --lr's). A low-rank "
                              "delta starting at zero follows the shared weights' drift slowly at their rate")
@@ -149,16 +149,27 @@ def build_parser() -> argparse.ArgumentParser:
                                          "full model at 2e-4 and the smaller at 8e-4; not yet measured on a GPU; "
                                          "the budgets' loss weights then no longer scale their steps; default: one "
                                          "AdamW at --lr)")
-    sp.add_argument("--full-anchor", type=float, default=ElastifyConfig.full_anchor,
+    sp.add_argument("--full-anchor", type=float,
                     help="weight of the full model's distillation on every step (the sandwich rule; each smaller "
                          "budget then trains on as many tokens as if distilled alone, at a second student pass "
                          "per step; lighter lets the smaller budgets learn more and the full model drift more; "
                          "0: the paper's sampling alone, which gives the full model ~42%% of the steps; "
-                         "default %(default)g)")
+                         f"default {ElastifyConfig.full_anchor:g}, 1 with --keep-full)")
+    sp.add_argument("--keep-full", action="store_true",
+                    help="the recipe that keeps the full model within 1%% of its parent on text in and out of the "
+                         "training domain, chat answers included (docs/RESULTS.md §9: --full-anchor 1 --anchor-data "
+                         "self --anchor-mix 0.5 --full-delta-rank 64 --full-delta-lr 4e-4 --full-delta-finish 256 "
+                         "--hold embeddings,norms --hold-rate 1 --hold-pull 30 --full-keeps-held training, the delta "
+                         "restored where training ends); each of those flags given beside it wins. Not under FSDP2 "
+                         "(--shard none)")
     sp.add_argument("--all-budgets", action="store_true",
                     help="every step trains every smaller budget on the same batch (with the anchor: the sandwich "
                          "rule in full; each smaller budget trains on all the tokens, at a pass per budget a step)")
     full_budget_args(sp)
+    # not given: elastify's own (commands.PLAIN_LEVERS), or with --keep-full the recipe's (commands.KEEP_FULL)
+    sp.set_defaults(anchor_data=None, anchor_mix=None, full_delta_rank=None, full_delta_lr=None,
+                    full_delta_finish=None, full_delta_restore=None, hold=None,
+                    hold_rate=None, hold_pull=None, full_keeps_held=None)
     sp.add_argument("--anchor-projection", action="store_true",
                     help="where the full anchor's gradient conflicts with the smaller budgets' (a negative inner "
                          "product), drop its component along theirs (PCGrad), so that holding the full model does "

@@ -169,7 +169,7 @@ def cmd_elastify(args):
     from .zero_shot import check_multiple
 
     check_multiple(args.multiple)
-    restore = restore_mode(args.full_delta_restore, args.full_delta_rank, ElastifyConfig.full_delta_restore)
+    levers = lever_options(args, KEEP_FULL if args.keep_full else PLAIN_LEVERS)
     out = check_output(args.out, args.force)
     device = init_distributed() or pick_device(args.device)  # under torchrun: this rank's GPU
     rank, ranks = world()
@@ -193,13 +193,9 @@ def cmd_elastify(args):
                          stage2_weights=_floats(args.stage2_weights, "--stage2-weights"),
                          stage2_seq_len=args.stage2_seq_len, kd_weights=_floats(args.kd_weights, "--kd-weights"),
                          budget_lrs=_floats(args.budget_lrs, "--budget-lrs"),
-                         full_anchor=args.full_anchor, all_budgets=args.all_budgets, train_on=args.train_on,
-                         anchor_projection=args.anchor_projection, anchor_data=args.anchor_data,
-                         anchor_mix=args.anchor_mix, full_delta_rank=args.full_delta_rank,
-                         full_delta_lr=args.full_delta_lr, full_delta_finish=args.full_delta_finish,
-                         full_delta_restore=restore,
-                         hold=comma_list(args.hold) or None,
-                         hold_rate=args.hold_rate, hold_pull=args.hold_pull, full_keeps_held=args.full_keeps_held,
+                         all_budgets=args.all_budgets, train_on=args.train_on,
+                         anchor_projection=args.anchor_projection,
+                         **{**levers, "hold": comma_list(levers["hold"]) or None},
                          drift_data=args.drift_data, chat_drift=args.chat_drift, router_init=args.router_init,
                          router_estimator=args.router_estimator, router_freeze=args.router_freeze,
                          router_prior=args.router_prior, shard=args.shard,
@@ -227,14 +223,42 @@ def cmd_elastify(args):
 # is ~1.1 TFLOP on a CPU that multiplies at 62 GFLOP/s), 12 steps 8.2 with the same answers. GPU: the real
 # thing, every default axis, tens of millions of tokens. The CPU demo keeps the paper's sampling: with one
 # smaller budget the full anchor would run both models on every step, 1.9x the time, past 10 minutes.
+# The levers that hold the full budget, as elastify defaults them (ElastifyConfig's: the full anchor at 0.5, nothing
+# else; the restore wherever a delta is on) ...
+PLAIN_LEVERS = dict(full_anchor=0.5, anchor_data=None, anchor_mix=1.0, full_delta_rank=0, full_delta_lr=0.0,
+                    full_delta_finish=0, full_delta_restore="activations", hold=None, hold_rate=0.0, hold_pull=0.0,
+                    full_keeps_held="")
+# ... and as `elastify --keep-full` sets them: the recipe that held SmolLM2's full model within 1% of its parent,
+# or better, on five sources at two seeds, chat answers included (docs/RESULTS.md §9, twenty-seventh session: the
+# delta on every linear layer and routed expert, restored in closed form where training ends, then 256 steps
+# alone at 4e-4; the parent's embeddings and norms its own from the first step), the GPU demo's preset
+KEEP_FULL = dict(full_anchor=1.0, anchor_data="self", anchor_mix=0.5, full_delta_rank=64, full_delta_lr=4e-4,
+                 full_delta_finish=256, full_delta_restore="activations", hold="embeddings,norms", hold_rate=1.0,
+                 hold_pull=30.0, full_keeps_held="training")
+
+
+def lever_options(args, base: dict) -> dict:
+    """`base`'s settings (a preset: PLAIN_LEVERS, KEEP_FULL, a demo's), each replaced by its flag where one was
+    given (the parser's default for these is None). A delta turned off by a flag takes the base's options of it
+    along (its rate, finish, and the keeping of the parent's values beside it), flags given staying; the restore
+    is on wherever a delta is (restore_mode)."""
+    from .train import DELTA_OPTIONS
+
+    opt = {k: getattr(args, k) if getattr(args, k, None) is not None else v for k, v in base.items()}
+    if not opt["full_delta_rank"]:
+        opt.update({k: 0 for k in DELTA_OPTIONS if getattr(args, k, None) is None})
+        if getattr(args, "full_keeps_held", None) is None:
+            opt["full_keeps_held"] = ""
+    opt["full_delta_restore"] = restore_mode(getattr(args, "full_delta_restore", None), opt["full_delta_rank"],
+                                             base["full_delta_restore"])
+    return opt
+
+
 DEMO_PRESETS = {
     "cpu": dict(data="wiki,bible", budgets="1.0,0.9", axes="ffn", tokens=12288, seq_len=128, batch_size=8, lr=3e-5,
-                calib_batches=4, eval_tokens=2048, stage2_weights=[0.3, 0.7], full_anchor=0.0, all_budgets=False,
-                # the full-budget levers: elastify's defaults (none)
-                anchor_data=None, anchor_mix=1.0, full_delta_rank=0, full_delta_lr=0.0, full_delta_finish=0,
-                full_delta_restore="",
-                hold=None, hold_rate=0.0,
-                hold_pull=0.0, full_keeps_held=""),
+                calib_batches=4, eval_tokens=2048, stage2_weights=[0.3, 0.7], all_budgets=False,
+                # the full-budget levers: elastify's defaults, without the anchor
+                **{**PLAIN_LEVERS, "full_anchor": 0.0}),
     # the setting measured in docs/RESULTS.md §9 (two domains, 7 passes: the full budget within +0.6% of the
     # parent on text it never saw; wiki alone at 20M tokens would repeat it 22 times and drift). Budgets, anchor
     # and rate by measurement (§5, one H200): anchor 0.5 at 2e-4 takes 0.9 / 0.8 to 1.10x / 1.32x the parent's
@@ -260,9 +284,7 @@ DEMO_PRESETS = {
     # 0.008-0.017 on every source, within 1% of its parent (or better) at two seeds; so the finish is back.
     "cuda": dict(data="wiki,bible", budgets="1.0,0.9,0.8", axes=None, tokens=12_582_912, seq_len=512,
                  batch_size=16, lr=2e-4, calib_batches=16, eval_tokens=16384, stage2_weights=None,
-                 full_anchor=1.0, all_budgets=False, anchor_data="self", anchor_mix=0.5, full_delta_rank=64,
-                 full_delta_lr=4e-4, full_delta_finish=256, full_delta_restore="activations", hold="embeddings,norms",
-                 hold_rate=1.0, hold_pull=30.0, full_keeps_held="training"),
+                 all_budgets=False, **KEEP_FULL),
 }
 DEMO_PROMPTS = ("What is the capital of France?", "Name three primary colors.", "What do bees make?")
 
@@ -270,14 +292,8 @@ DEMO_PROMPTS = ("What is the capital of France?", "Name three primary colors.", 
 def demo_options(args, device_type: str) -> dict:
     """The demo's settings: each flag given, else the CPU or GPU preset's."""
     from .errors import StarElasticError
-    from .train import DELTA_OPTIONS
 
-    preset = DEMO_PRESETS["cuda" if device_type == "cuda" else "cpu"]
-    opt = {k: getattr(args, k) if getattr(args, k, None) is not None else v for k, v in preset.items()}
-    if not opt["full_delta_rank"]:  # the delta turned off: the preset's options of it go too (flags given stay)
-        opt.update({k: 0 for k in DELTA_OPTIONS if getattr(args, k, None) is None})
-    opt["full_delta_restore"] = restore_mode(args.full_delta_restore, opt["full_delta_rank"],
-                                             preset["full_delta_restore"])
+    opt = lever_options(args, DEMO_PRESETS["cuda" if device_type == "cuda" else "cpu"])
     n = len(comma_list(opt["budgets"]))
     if args.stage2_weights is not None:  # given: in --budgets order, one a budget
         opt["stage2_weights"] = _floats(args.stage2_weights, "--stage2-weights")

@@ -444,14 +444,16 @@ def test_the_demo_trains_with_elastifys_defaults_on_the_cpu_and_the_recipe_that_
     parent's embeddings and norms held at the full rate, pulled back and kept from the first step), which the
     trainer's own checks accept; a flag given wins over either preset, also one that turns a lever off."""
     from star_elastic.cli import build_parser
-    from star_elastic.commands import demo_options
+    from star_elastic.commands import KEEP_FULL, PLAIN_LEVERS, demo_options, lever_options
     from star_elastic.train import DELTA_OPTIONS, delta_option_problem, hold_problem, keep_problem
 
     levers = ("anchor_data", "anchor_mix", "full_delta_rank", "full_delta_lr", "full_delta_finish", "hold", "hold_rate",
               "hold_pull", "full_keeps_held")
     elastify_args = build_parser().parse_args(["elastify", "m", "--data", "wiki", "--tokens", "64", "--out", "o"])
     cpu, gpu = (demo_options(build_parser().parse_args(["demo"]), kind) for kind in ("cpu", "cuda"))
-    assert {k: cpu[k] for k in levers} == {k: getattr(elastify_args, k) for k in levers}
+    plain = lever_options(elastify_args, PLAIN_LEVERS)
+    assert {k: cpu[k] for k in levers} == {k: plain[k] for k in levers}
+    assert {k: gpu[k] for k in KEEP_FULL} == KEEP_FULL  # the GPU demo runs elastify --keep-full's recipe
     assert cpu["full_anchor"] == 0.0
     assert {k: gpu[k] for k in levers + ("full_anchor",)} == {
         "anchor_data": "self", "anchor_mix": 0.5, "full_delta_rank": 64, "full_delta_lr": 4e-4, "full_delta_finish": 256,
@@ -491,6 +493,52 @@ def test_the_demo_trains_with_elastifys_defaults_on_the_cpu_and_the_recipe_that_
         "stage2_weights"] == [0.0, 0.3, 0.7]
     with pytest.raises(StarElasticError, match="2 weights for 3 budgets"):
         demo_options(build_parser().parse_args(["demo", "--stage2-weights", "0.3,0.7"]), "cuda")
+
+
+def test_keep_full_is_the_recipe_and_a_flag_beside_it_wins(tmp_path, tokenizer, text):
+    """elastify's full-budget levers: without --keep-full ElastifyConfig's own defaults (the full anchor alone);
+    with it the recipe that held the full model within 1% (commands.KEEP_FULL), every value of which passes the
+    trainer's checks; a flag given beside it wins, and turning the delta off takes its options along. A run with
+    it writes a checkpoint whose manifest records the recipe."""
+    import dataclasses
+
+    from star_elastic import cli, save_pretrained
+    from star_elastic.cli import build_parser
+    from star_elastic.commands import KEEP_FULL, PLAIN_LEVERS, lever_options
+    from star_elastic.train import delta_option_problem, hold_problem, keep_problem, DELTA_OPTIONS
+
+    base = ["elastify", "m", "--data", "wiki", "--tokens", "64", "--out", "o"]
+    defaults = {f.name: f.default for f in dataclasses.fields(ElastifyConfig)}
+    assert {k: defaults[k] for k in PLAIN_LEVERS} == PLAIN_LEVERS
+    assert lever_options(build_parser().parse_args(base), PLAIN_LEVERS) == {**PLAIN_LEVERS, "full_delta_restore": ""}
+
+    def opts(*flags):
+        args = build_parser().parse_args(base + list(flags))
+        return lever_options(args, KEEP_FULL if args.keep_full else PLAIN_LEVERS)
+    recipe = opts("--keep-full")
+    assert recipe == KEEP_FULL and recipe["full_delta_rank"] == 64 and recipe["full_delta_restore"] == "activations"
+    hold = recipe["hold"].split(",")
+    assert hold_problem(hold, recipe["hold_rate"], recipe["hold_pull"], sharded=False, budget_lrs=False) is None
+    assert keep_problem(recipe["full_keeps_held"], recipe["full_delta_rank"], hold, recipe["hold_rate"]) is None
+    assert all(delta_option_problem(k, recipe[k], recipe["full_delta_rank"]) is None for k in DELTA_OPTIONS)
+    assert opts("--keep-full", "--hold-pull", "0", "--full-anchor", "0.5") == {**KEEP_FULL, "hold_pull": 0.0,
+                                                                               "full_anchor": 0.5}
+    off = opts("--keep-full", "--full-delta-rank", "0")
+    assert (off["full_delta_lr"], off["full_delta_finish"], off["full_keeps_held"], off["full_delta_restore"]) == (
+        0, 0, "", "")
+    assert keep_problem(off["full_keeps_held"], 0, hold, off["hold_rate"]) is None
+
+    torch.manual_seed(0)
+    save_pretrained(Model(PARENTS["llama"]), tmp_path / "parent", tokenizer=tokenizer)
+    args = ["elastify", str(tmp_path / "parent"), "--budgets", "1.0,0.5", "--data", str(text), "--seq-len", "32",
+            "--batch-size", "8", "--calib-batches", "1", "--eval-tokens", "128", "--device", "cpu",
+            "--tokens", str(8 * 32 * 2), "--keep-full", "--full-delta-rank", "4", "--full-delta-finish", "2",
+            "--out", str(tmp_path / "ckpt")]
+    assert cli.main(args) == 0
+    config = read_manifest(tmp_path / "ckpt")["training"]["config"]
+    assert (config["full_anchor"], config["anchor_data"], config["full_delta_rank"], config["full_delta_finish"],
+            config["hold"], config["hold_pull"], config["full_keeps_held"]) == (
+        1.0, "self", 4, 2, ["embeddings", "norms"], 30.0, "training")
 
 
 def test_shard_and_router_flags_reach_the_training_config(tmp_path):
