@@ -208,6 +208,8 @@ def cmd_elastify(args):
         compiled = ", layers under torch.compile (the first steps compile; --compile off: eager)" if cfg.compile else ""
         print(f"elastify {path}: {size}, budgets {', '.join(cfg.budgets)}, {cfg.tokens:,} training tokens, "
               f"on {where}{compiled}", flush=True)
+        if args.keep_full:
+            print(f"--keep-full: {lever_flags(levers)}", flush=True)
     result = elastify(model, tokenizer, args.data, out, cfg, log=_log, device=device)
     if rank == 0:
         print_table(result)
@@ -252,6 +254,20 @@ def lever_options(args, base: dict) -> dict:
     opt["full_delta_restore"] = restore_mode(getattr(args, "full_delta_restore", None), opt["full_delta_rank"],
                                              base["full_delta_restore"])
     return opt
+
+
+def lever_flags(opt: dict) -> str:
+    """The full-budget levers `opt` (lever_options') as the flags that set them, those at elastify's defaults left
+    out: what a run with a preset ran, in words a user can type."""
+    flags = []
+    for k, v in opt.items():
+        flag = "--" + k.replace("_", "-")
+        if k == "full_delta_restore":  # on ("activations") wherever a delta is: said only when otherwise
+            if opt["full_delta_rank"] and v != PLAIN_LEVERS[k]:
+                flags.append(f"{flag} {v or 'none'}")
+        elif v != PLAIN_LEVERS[k]:
+            flags.append(f"{flag} {v:g}" if isinstance(v, float) else f"{flag} {v}")
+    return " ".join(flags)
 
 
 DEMO_PRESETS = {
@@ -323,6 +339,10 @@ def cmd_demo(args):
           "CPU-sized run; on a GPU the demo trains 12.6M tokens of wiki and bible on every axis at "
           "1.0 / 0.9 / 0.8, keeping the full budget (on one H200: 1.09x-1.10x and 1.32x-1.47x the parent's perplexity "
           "in runs of the recipe, docs/RESULTS.md §5)"), flush=True)
+    held = lever_flags({k: opt[k] for k in PLAIN_LEVERS})
+    if device.type == "cuda" and held:  # (the CPU preset holds nothing beyond elastify's defaults, anchor off)
+        print(f"the full budget held by: {held}" + (" (elastify --keep-full)" if held == lever_flags(KEEP_FULL)
+                                                     else ""), flush=True)
     model, tokenizer = load_model_and_tokenizer(DEFAULT_MODEL, device, None)
     model.float()  # master weights; bf16 autocast on a GPU
     budgets = comma_list(opt["budgets"])

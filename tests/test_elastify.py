@@ -523,6 +523,11 @@ def test_keep_full_is_the_recipe_and_a_flag_beside_it_wins(tmp_path, tokenizer, 
     assert all(delta_option_problem(k, recipe[k], recipe["full_delta_rank"]) is None for k in DELTA_OPTIONS)
     assert opts("--keep-full", "--hold-pull", "0", "--full-anchor", "0.5") == {**KEEP_FULL, "hold_pull": 0.0,
                                                                                "full_anchor": 0.5}
+    # the recipe as flags (what elastify --keep-full prints), typed back without it, is the recipe
+    from star_elastic.commands import lever_flags
+    assert lever_flags({**PLAIN_LEVERS, "full_delta_restore": ""}) == ""
+    assert opts(*lever_flags(KEEP_FULL).split()) == KEEP_FULL
+    assert "--full-delta-restore weights" in lever_flags(opts("--keep-full", "--full-delta-restore", "weights"))
     off = opts("--keep-full", "--full-delta-rank", "0")
     assert (off["full_delta_lr"], off["full_delta_finish"], off["full_keeps_held"], off["full_delta_restore"]) == (
         0, 0, "", "")
