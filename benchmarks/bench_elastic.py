@@ -172,7 +172,7 @@ def parse_args(argv=None):
                          "of the parent's linear weights less the shared ones (TrainConfig.full_delta_restore)")
     ap.add_argument("--hold", metavar="PARTS", type=comma_list,
                     help="anchored variants: hold these at or near the parent's values in every budget, "
-                         "comma-separated: embeddings (with the LM head), norms (TrainConfig.hold; frozen unless "
+                         "comma-separated: embeddings (with the LM head), norms, mamba, gates (TrainConfig.hold; frozen unless "
                          "--hold-rate)")
     ap.add_argument("--hold-rate", type=float, default=0.0, metavar="F",
                     help="with --hold: what it names trains at F times every rate (TrainConfig.hold_rate; default 0: "

@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "a delta) or not (weights); none: the trained delta as it is")
         sp.add_argument("--hold", metavar="PARTS",
                         help="hold these at the parent's values in every budget, comma-separated: embeddings (with "
-                             "the LM head), norms. Measured with --full-delta-rank: the embeddings carry the full "
+                             "the LM head), norms, mamba (each Mamba mixer's A_log, D, dt_bias and causal conv), gates "
+                             "(each MoE's router weight). Measured with --full-delta-rank: the embeddings carry the full "
                              "model's drift on text it never saw; held, the full model stays within 1-1.3%% of its "
                              "parent there, at a cost to the smaller budgets, least with --hold-rate 1 --hold-pull "
                              "100 (docs/METHOD.md; default: none)")

@@ -83,16 +83,22 @@ def test_a_run_with_a_delta_resumes_exactly_and_only_into_a_run_with_one(tmp_pat
         _trainer(tmp_path, "resumed", full_anchor=1.0).load_state()
 
 
-def test_compiled_layers_train_the_delta_as_eager_ones(tmp_path):
-    """The delta is a class swap of each linear layer, as masks are (torch.compile guards on classes,
-    not on hooks): compiled layers (dynamo's aot_eager on the CPU) run it and train what eager ones do."""
+@pytest.mark.parametrize("kept", [False, True])
+def test_compiled_layers_train_the_delta_as_eager_ones(tmp_path, kept):
+    """The delta is a class swap of each linear layer and experts module, as masks are (torch.compile guards
+    on classes, not on hooks): compiled layers (dynamo's aot_eager on the CPU) run it and train what eager ones
+    do; so do the full budget's own values of every held part (kept: embeddings, norms, Mamba's own and the
+    gates, read through class properties)."""
     from torch._dynamo.utils import counters
 
+    kw = dict(full_anchor=1.0, full_delta_rank=2)
+    if kept:
+        kw.update(hold=["embeddings", "norms", "mamba", "gates"], hold_rate=1.0, full_keeps_held=True)
     torch._dynamo.reset()
     counters.clear()
     try:
-        eager = _trainer(tmp_path, "eager", full_anchor=1.0, full_delta_rank=2)
-        compiled = _trainer(tmp_path, "compiled", full_anchor=1.0, full_delta_rank=2, compile="aot_eager")
+        eager = _trainer(tmp_path, "eager", **kw)
+        compiled = _trainer(tmp_path, "compiled", compile="aot_eager", **kw)
         want, got = eager.run(progress=False), compiled.run(progress=False)
         assert counters["stats"]["unique_graphs"] > 0
     finally:

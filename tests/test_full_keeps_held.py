@@ -30,9 +30,13 @@ def _close(a, b, tol=1e-4):
     return float((a - b).norm() / b.norm()) < tol
 
 
-def _by_row(t):
-    """A tensor's values sorted within each row: the importance sort permutes hidden channels, not rows."""
-    return t.float().sort(dim=-1).values
+def _by_row(t, name=""):
+    """A tensor's values sorted within each row: the importance sort permutes hidden channels, not rows; a
+    mixer's own (Mamba's per-head values and conv channels, a gate's experts) whole, its rows permuted too."""
+    return t.float().flatten().sort().values if ".mixer." in name else t.float().sort(dim=-1).values
+
+
+HELD = ["embeddings", "norms", "mamba", "gates"]  # every part the full budget can keep (Llama: the first two)
 
 
 @pytest.fixture(scope="module", params=[(p, when) for p in PARENTS for when in ("after", "training")],
@@ -51,9 +55,9 @@ def written(request, tmp_path_factory):
     with torch.no_grad():  # norms away from ones, so that "the parent's" is not just "untouched"
         for p in held_values(parent, ["norms"]).keys():
             parent.get_parameter(p).mul_(1 + 0.1 * torch.rand_like(parent.get_parameter(p)))
-    before = {k: v.clone() for k, v in held_values(parent, ["embeddings", "norms"]).items()}
+    before = {k: v.clone() for k, v in held_values(parent, HELD).items()}
     cfg = ElastifyConfig(budgets=["1.0", "0.5"], tokens=16 * 32 * 6, seq_len=32, batch_size=16, calib_batches=2,
-                         eval_tokens=256, lr=1e-3, full_delta_rank=4, hold=["embeddings", "norms"], hold_rate=1.0,
+                         eval_tokens=256, lr=1e-3, full_delta_rank=4, hold=HELD, hold_rate=1.0,
                          hold_pull=10.0, full_keeps_held=when)
     out = tmp / "ckpt"
     result = elastify(parent, word_tokenizer(tmp, WORDS), str(tmp / "text.txt"), out, cfg, log=lambda *_: None)
@@ -70,9 +74,12 @@ def test_the_weights_hold_the_parents_embeddings_and_norms_and_transformers_runs
     full = ckpt.full_model()
     params = dict(full.named_parameters())
     for name in own:  # the full budget's: the parent's, channels sorted; the smaller budgets': trained away
-        assert torch.equal(_by_row(params[name]), _by_row(before[name])), name
+        assert torch.equal(_by_row(params[name], name), _by_row(before[name], name)), name
         assert torch.equal(dict(ckpt.model.named_parameters())[name], shared[name].float()), name
-    assert any(not torch.equal(_by_row(shared[n]), _by_row(before[n])) for n in own)
+    assert any(not torch.equal(_by_row(shared[n], n), _by_row(before[n], n)) for n in own)
+    if any(".mixer." in n for n in own):  # a hybrid: Mamba's own and the gates kept too, and trained away
+        assert {n.rpartition(".")[2] for n in own if ".mixer." in n} >= {"A_log", "D", "dt_bias", "weight"}
+        assert any(not torch.equal(_by_row(shared[n], n), _by_row(before[n], n)) for n in own if ".mixer." in n)
     x = torch.randint(0, 63, (2, 12))
     ref = AutoModelForCausalLM.from_pretrained(str(out)).eval()  # the stock loader sees the full budget
     with torch.no_grad():
@@ -93,10 +100,11 @@ def test_every_smaller_budget_reads_the_trained_values_in_every_path(written, tm
 def test_keep_is_applied_and_merged_alike_and_bad_input_is_one_line(tmp_path):
     torch.manual_seed(0)
     model = Model(PARENTS["nemotron_h"])
-    parent = held_values(model, ["embeddings", "norms"])
+    parent = held_values(model, HELD)
+    assert any(n.endswith("A_log") for n in parent) and any("gate" in n for n in parent)
     delta = FullDelta(model, 2)
     with torch.no_grad():
-        for p in held_values(model, ["embeddings", "norms"]):
+        for p in held_values(model, HELD):
             model.get_parameter(p).add_(0.05 * torch.randn_like(model.get_parameter(p)))
         for p in delta.up.values():
             p.normal_(0, 0.05)

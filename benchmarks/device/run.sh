@@ -19,7 +19,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|45|CLOCK|16R|HR|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|45|CLOCK|16R|HR|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -379,6 +379,12 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
        --full-delta-restore activations --full-delta-finish 256 --hold embeddings,norms --hold-rate 1 --hold-pull 30 \
        --full-keeps-held-training --strict-determinism"
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS B0kr "$HB --seed 0 $R" B1kr "$HB --seed 1 $R" ;;
+  # HRK: HR with the full budget keeping the parent's Mamba values and MoE gates too (the delta covers neither;
+  # twenty-seventh session), against HR's runs
+  HRK) R="--full-anchor 1 --anchor-data self --anchor-mix 0.5 --full-delta-rank 64 --full-delta-lr 4e-4 \
+       --full-delta-restore activations --full-delta-finish 256 --hold embeddings,norms,mamba,gates --hold-rate 1 \
+       --hold-pull 30 --full-keeps-held-training --strict-determinism"
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS B0krk "$HB --seed 0 $R" B1krk "$HB --seed 1 $R" ;;
   # RESTORE: the delta's closed-form restore on CUDA with compiled layers and a bf16 teacher (as elastify runs it),
   # on the tests' tiny trainer: it runs, and the full budget's KD on a fixed batch before and after
   RESTORE) cd tests && python3 - <<'PY'

@@ -32,6 +32,7 @@ under `<parameter>.shared` (loading puts them in the model, the streaming slicer
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -111,6 +112,26 @@ class _OwnNorm:
         return self.scaled(*args, self.own_weight)
 
 
+class _OwnValues:
+    """Mixed into any other module whose parameters the full budget keeps its own of (Mamba's A_log, D, dt_bias
+    and causal conv, a MoE's gate): each such attribute read as the full budget's value (`_own_values`' class
+    properties shadow the module's parameters, which stay the smaller budgets')."""
+
+    own_values: dict
+
+
+def shared_value(module: nn.Module, name: str):
+    """`module`'s parameter `name` as the smaller budgets share it, also where the full budget's own value
+    shadows the attribute (`_OwnValues`, a server's parent running the full budget for good): what views read."""
+    return module._parameters[name] if name in module._parameters else getattr(module, name)
+
+
+@functools.cache
+def _own_values(names: tuple[str, ...]) -> type:
+    """The `_OwnValues` mixin for parameters `names`, one class per set (torch.compile guards on classes)."""
+    return type("_OwnValues", (_OwnValues,), {n: property(lambda self, n=n: self.own_values[n]) for n in names})
+
+
 def _own_mixin(module: nn.Module) -> type:
     from ..model import GatedRMSNorm, RMSNorm
 
@@ -163,13 +184,23 @@ class FullDelta(nn.Module):
         return self
 
     def _own_modules(self, model: nn.Module) -> list[tuple[nn.Module, torch.Tensor]]:
-        """(module, the full budget's own weight) for every module whose weight is one of `rest` (a tied LM
-        head too: its weight is the embeddings')."""
+        """(module, the full budget's own weight) for every embedding, linear layer or norm whose weight is one
+        of `rest` (a tied LM head too: its weight is the embeddings')."""
         if not self.rest:
             return []
         by_id = {id(p): self.rest[name] for name, p in model.named_parameters() if name in self.rest}
         return [(m, by_id[id(m.weight)]) for m in model.modules()
-                if isinstance(getattr(m, "weight", None), nn.Parameter) and id(m.weight) in by_id]
+                if _has_own_mixin(m) and isinstance(getattr(m, "weight", None), nn.Parameter) and id(m.weight) in by_id]
+
+    def _own_params(self, model: nn.Module) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
+        """(module, {attribute: the full budget's own value}) for every other module with parameters in `rest`
+        (Mamba's own, a MoE's gate: HELD_PARTS "mamba", "gates")."""
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for name, own in self.rest.items():
+            owner, _, attr = name.rpartition(".")
+            if not _has_own_mixin(model.get_submodule(owner)):
+                groups.setdefault(owner, {})[attr] = own
+        return [(model.get_submodule(owner), values) for owner, values in groups.items()]
 
     @property
     def targets(self) -> list[str]:
@@ -266,6 +297,8 @@ class FullDelta(nn.Module):
                 swaps.mix(model.get_submodule(module), _ExpertsWithDelta, delta_pairs=pairs)
             for module, own in self._own_modules(model):
                 swaps.mix(module, _own_mixin(module), own_weight=own)
+            for module, values in self._own_params(model):
+                swaps.mix(module, _own_values(tuple(sorted(values))), own_values=values)
         except BaseException:
             swaps.undo()
             raise
@@ -276,7 +309,8 @@ class FullDelta(nn.Module):
         `applied`, or after `apply`)."""
         return any(isinstance(model.get_submodule(name), _WithDelta) for name in self.names) or \
             any(isinstance(model.get_submodule(name.rpartition(".")[0]), _ExpertsWithDelta) for name in self.experts) or \
-            any(isinstance(m, (_OwnEmbedding, _OwnLinear, _OwnNorm)) for m, _ in self._own_modules(model))
+            any(isinstance(m, (_OwnEmbedding, _OwnLinear, _OwnNorm)) for m, _ in self._own_modules(model)) or \
+            any(isinstance(m, _OwnValues) for m, _ in self._own_params(model))
 
     def merge_into(self, model: nn.Module) -> nn.Module:
         """Add B A to the weights of `model`, a copy of the full budget with the same layer names, and put in
@@ -446,20 +480,32 @@ def input_covariances(model: nn.Module, names: list[str], run, batches, experts=
 
 EXPERT_TENSORS = ("up_proj", "down_proj")  # a MoE's routed experts' stacked tensors, (E, out, in) each
 SHARED = ".shared"  # the suffix of the smaller budgets' values in the delta file (`FullDelta.keep`)
-HELD_PARTS = ("embeddings", "norms")  # what TrainConfig.hold can keep at the parent's
+HELD_PARTS = ("embeddings", "norms", "mamba", "gates")  # what TrainConfig.hold can keep at the parent's
+
+
+def _has_own_mixin(module: nn.Module) -> bool:
+    """Whether the full budget's own weight of `module` runs by `_own_mixin` (else by `_OwnValues`)."""
+    from ..model import GatedRMSNorm, RMSNorm
+
+    return isinstance(module, (nn.Embedding, nn.Linear, RMSNorm, GatedRMSNorm))
 
 
 def embeddings_and_norms(model: nn.Module, parts=HELD_PARTS) -> list[nn.Parameter]:
     """Parameters the delta does not cover, which a freeze can keep at the parent's (TrainConfig.hold):
     "embeddings", the token embeddings and the LM head (the embeddings themselves when tied); "norms", every
-    norm's scale."""
-    from ..model import GatedRMSNorm, RMSNorm
+    norm's scale; "mamba", each Mamba mixer's own (A_log, D, dt_bias, the causal conv's weight and bias);
+    "gates", each MoE's router weight (the choice of experts)."""
+    from ..model import GatedRMSNorm, Mamba2, RMSNorm, TopkRouter
 
-    kinds = (nn.Embedding,) * ("embeddings" in parts) + (RMSNorm, GatedRMSNorm) * ("norms" in parts)
+    kinds = (nn.Embedding,) * ("embeddings" in parts) + (RMSNorm, GatedRMSNorm) * ("norms" in parts) + \
+        (TopkRouter,) * ("gates" in parts)
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, kinds) or (name == "lm_head" and "embeddings" in parts):
             for p in m.parameters(recurse=False):
+                out[id(p)] = p
+        if isinstance(m, Mamba2) and "mamba" in parts:
+            for p in [*m.parameters(recurse=False), *m.conv1d.parameters()]:
                 out[id(p)] = p
     return list(out.values())
 

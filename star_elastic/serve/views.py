@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..elastic.delta import shared_value
 from ..elastic.slicing import take
 from ..elastic.spec import ElasticSpec
 from ..errors import StarElasticError
@@ -198,14 +199,15 @@ def _mamba(dst: Mamba2, src: Mamba2, h: int, copy=None):
     if dst.num_heads == src.num_heads:  # every head kept: plain column / row prefixes
         _set(dst.in_proj, "weight", src.in_proj.weight[:, :h])
         _set(dst.in_proj, "bias", src.in_proj.bias)
-        _set(dst.conv1d, "weight", src.conv1d.weight)
-        _set(dst.conv1d, "bias", src.conv1d.bias)
+        _set(dst.conv1d, "weight", shared_value(src.conv1d, "weight"))
+        _set(dst.conv1d, "bias", shared_value(src.conv1d, "bias"))
     elif rank_major:  # in_proj rows [B | C | z, x, dt of each head], conv [B | C | x]: row prefixes
         rows, channels = bc + dst.num_heads * (2 * P + 1), bc + dst.d_inner
         _set(dst.in_proj, "weight", src.in_proj.weight[:rows, :h])
         _set(dst.in_proj, "bias", None if src.in_proj.bias is None else src.in_proj.bias[:rows])
-        _set(dst.conv1d, "weight", src.conv1d.weight[:channels])
-        _set(dst.conv1d, "bias", None if src.conv1d.bias is None else src.conv1d.bias[:channels])
+        cw, cb = shared_value(src.conv1d, "weight"), shared_value(src.conv1d, "bias")
+        _set(dst.conv1d, "weight", cw[:channels])
+        _set(dst.conv1d, "bias", None if cb is None else cb[:channels])
     elif copy is not None:  # compact: the sliced model's in_proj rows and conv channels, one tensor each
         for name in ("in_proj.weight", "in_proj.bias", "conv1d.weight", "conv1d.bias"):
             mod, leaf = name.split(".")
@@ -218,16 +220,16 @@ def _mamba(dst: Mamba2, src: Mamba2, h: int, copy=None):
         biases = None if b is None else [heads(b[r["z"]], 0), heads(b[r["x"]], 0), b[r["B"].start:r["C"].stop],
                                          heads(b[r["dt"]], 0, 1)]
         dst.in_proj = GroupedLinear([heads(z, 0), heads(x, 0), BC, heads(dt, 0, 1)], biases)
-        w, b = src.conv1d.weight[:, 0], src.conv1d.bias  # (channels, k)
+        w, b = shared_value(src.conv1d, "weight")[:, 0], shared_value(src.conv1d, "bias")  # (channels, k)
         dst.conv1d = PartsConv1d([heads(w[:d_inner], 0), w[d_inner:]],
                                  [None if b is None else heads(b[:d_inner], 0), None if b is None else b[d_inner:]])
     if rank_major:  # per-head vectors and the norm weight are rank-major too: prefixes
         for name in ("dt_bias", "A_log", "D"):
-            _set(dst, name, getattr(src, name)[:dst.num_heads])
+            _set(dst, name, shared_value(src, name)[:dst.num_heads])
         _set(dst.norm, "weight", src.norm.weight[:dst.d_inner])
     else:
         for name in ("dt_bias", "A_log", "D"):  # (groups, heads per group) where the heads are cut per group
-            _set(dst, name, heads(getattr(src, name), 0, 1))
+            _set(dst, name, heads(shared_value(src, name), 0, 1))
         _set(dst.norm, "weight", heads(src.norm.weight, 0))  # the gated norm views it as (groups, -1) anyway
     ow = src.out_proj.weight[:h, :dst.d_inner] if rank_major else heads(src.out_proj.weight[:h], 1)
     if ow.dim() == 2:
@@ -242,7 +244,7 @@ def _moe(dst: MoE, src: MoE, h: int):
     e, i = dst.experts.up_proj.shape[:2]
     d = dst.experts.up_proj.shape[2]  # hidden, or the latent size
     latent = src.latent
-    _set(dst.gate, "weight", src.gate.weight[:e, :h])
+    _set(dst.gate, "weight", shared_value(src.gate, "weight")[:e, :h])
     dst.gate.e_score_correction_bias = src.gate.e_score_correction_bias[:e]
     _set(dst.experts, "up_proj", src.experts.up_proj[:e, :i, :d])
     _set(dst.experts, "down_proj", src.experts.down_proj[:e, :d, :i])
@@ -268,7 +270,8 @@ def _copier(view: Model, parent: Model, idx: dict, old: int, new: int, module: s
     takes it: `take`, a copy), listed in `view.copied` under the view's layer `new`."""
     def copy(name: str) -> torch.Tensor:
         full = f"model.layers.{old}.{module}.{name}"
-        t = parent.get_parameter(full)
+        owner, _, leaf = full.rpartition(".")
+        t = shared_value(parent.get_submodule(owner), leaf)
         part = take(full, t, parent.config, idx)
         view.copied.append(f"model.layers.{new}.{module}.{name}")
         return part.clone() if part.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() else part
