@@ -169,7 +169,8 @@ def test_the_bench_diagnostic_puts_back_the_parents_weights_outside_the_delta(tm
     assert not all(torch.equal(merged[n], parent[n]) for n in merged if n not in covered)  # they had drifted
 
 
-@pytest.mark.parametrize("held, delta", [(["embeddings", "norms"], 2), (["norms"], 2), (["embeddings"], 0)])
+@pytest.mark.parametrize("held, delta", [(["embeddings", "norms"], 2), (["norms"], 2), (["embeddings"], 0),
+                                         (["mamba", "gates"], 2)])
 def test_frozen_embeddings_or_norms_stay_the_parents_and_the_rest_trains(tmp_path, held, delta):
     """TrainConfig.hold at rate 0: what it names keeps the parent's values in every budget, everything else
     trains. With the delta and both frozen the full model differs from its parent only where its delta is."""
@@ -178,7 +179,10 @@ def test_frozen_embeddings_or_norms_stay_the_parents_and_the_rest_trains(tmp_pat
     t.run(progress=False)
 
     def frozen(n):  # by name: "norm" is in every norm's (layers.i.norm, mixer.norm, norm_f), the LM head untied here
-        return ("norm" in n and "norms" in held) or (("embed" in n or n == "lm_head.weight") and "embeddings" in held)
+        leaf = n.rpartition(".")[2]
+        return ("norm" in n and "norms" in held) or (("embed" in n or n == "lm_head.weight") and "embeddings" in held) \
+            or ((leaf in ("A_log", "D", "dt_bias") or ".conv1d." in n) and "mamba" in held) \
+            or (".gate." in n and "gates" in held)
 
     names = [n for n, _ in t.model.named_parameters()]
     assert any("embed" in n for n in names) and any("norm" in n for n in names)
