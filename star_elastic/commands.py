@@ -194,8 +194,7 @@ def cmd_elastify(args):
                          stage2_seq_len=args.stage2_seq_len, kd_weights=_floats(args.kd_weights, "--kd-weights"),
                          budget_lrs=_floats(args.budget_lrs, "--budget-lrs"),
                          all_budgets=args.all_budgets, train_on=args.train_on,
-                         anchor_projection=args.anchor_projection,
-                         **{**levers, "hold": comma_list(levers["hold"]) or None},
+                         anchor_projection=args.anchor_projection, **lever_config(levers),
                          drift_data=args.drift_data, chat_drift=args.chat_drift, router_init=args.router_init,
                          router_estimator=args.router_estimator, router_freeze=args.router_freeze,
                          router_prior=args.router_prior, shard=args.shard,
@@ -254,6 +253,11 @@ def lever_options(args, base: dict) -> dict:
     opt["full_delta_restore"] = restore_mode(getattr(args, "full_delta_restore", None), opt["full_delta_rank"],
                                              base["full_delta_restore"])
     return opt
+
+
+def lever_config(opt: dict) -> dict:
+    """The resolved levers (lever_options') as ElastifyConfig's fields: --hold's comma list as a list."""
+    return {**{k: opt[k] for k in PLAIN_LEVERS}, "hold": comma_list(opt["hold"]) or None}
 
 
 def lever_flags(opt: dict) -> str:
@@ -339,23 +343,18 @@ def cmd_demo(args):
           "CPU-sized run; on a GPU the demo trains 12.6M tokens of wiki and bible on every axis at "
           "1.0 / 0.9 / 0.8, keeping the full budget (on one H200: 1.09x-1.10x and 1.32x-1.47x the parent's perplexity "
           "in runs of the recipe, docs/RESULTS.md §5)"), flush=True)
-    held = lever_flags({k: opt[k] for k in PLAIN_LEVERS})
-    if device.type == "cuda" and held:  # (the CPU preset holds nothing beyond elastify's defaults, anchor off)
-        print(f"the full budget held by: {held}" + (" (elastify --keep-full)" if held == lever_flags(KEEP_FULL)
-                                                     else ""), flush=True)
+    levers = {k: opt[k] for k in PLAIN_LEVERS}
+    if device.type == "cuda" and lever_flags(levers):  # (the CPU preset holds nothing beyond elastify's, anchor off)
+        print(f"the full budget held by: {lever_flags(levers)}" + (" (elastify --keep-full)" if levers == KEEP_FULL
+                                                                   else ""), flush=True)
     model, tokenizer = load_model_and_tokenizer(DEFAULT_MODEL, device, None)
     model.float()  # master weights; bf16 autocast on a GPU
     budgets = comma_list(opt["budgets"])
     cfg = ElastifyConfig(budgets=budgets, tokens=opt["tokens"], seq_len=opt["seq_len"], batch_size=opt["batch_size"],
                          lr=opt["lr"], axes=axes, calib_batches=opt["calib_batches"], eval_tokens=opt["eval_tokens"],
-                         stage2_weights=opt["stage2_weights"], full_anchor=opt["full_anchor"], all_budgets=opt["all_budgets"],
+                         stage2_weights=opt["stage2_weights"], all_budgets=opt["all_budgets"],
                          budget_lrs=_floats(args.budget_lrs, "--budget-lrs"), router_prior=args.router_prior,
-                         anchor_data=opt["anchor_data"], anchor_mix=opt["anchor_mix"],
-                         full_delta_rank=opt["full_delta_rank"], full_delta_lr=opt["full_delta_lr"],
-                         full_delta_finish=opt["full_delta_finish"], full_delta_restore=opt["full_delta_restore"],
-                         hold=comma_list(opt["hold"]) or None,
-                         hold_rate=opt["hold_rate"], hold_pull=opt["hold_pull"], full_keeps_held=opt["full_keeps_held"],
-                         compile=compile_backend(args.compile, device))
+                         **lever_config(opt), compile=compile_backend(args.compile, device))
     result = elastify(model, tokenizer, opt["data"], out, cfg, log=_log)
     print_table(result)
     del model

@@ -72,7 +72,7 @@ class _ExpertsWithDelta:
         # forward (~80 GFLOP a tensor at Nano's shapes, rank 64), more than a batched decode step itself. The
         # grouped GEMM wants 16-byte rows: a rank whose rows are not falls back to the merged weights.
         down, up = self.delta_pairs[which]
-        if (down.shape[-2] * torch.empty((), dtype=dt).element_size()) % 16:
+        if down.shape[-2] * dt.itemsize % 16:
             return super().grouped(which, xs, offs, dt)
         x = xs.to(dt)
         plain = torch._grouped_mm(x, super().weights(which).to(dt).transpose(1, 2), offs=offs)
@@ -190,7 +190,8 @@ class FullDelta(nn.Module):
             return []
         by_id = {id(p): self.rest[name] for name, p in model.named_parameters() if name in self.rest}
         return [(m, by_id[id(m.weight)]) for m in model.modules()
-                if _has_own_mixin(m) and isinstance(getattr(m, "weight", None), nn.Parameter) and id(m.weight) in by_id]
+                if _has_own_mixin(m) and isinstance(getattr(m, "weight", None), nn.Parameter)
+                and id(m.weight) in by_id]
 
     def _own_params(self, model: nn.Module) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
         """(module, {attribute: the full budget's own value}) for every other module with parameters in `rest`
@@ -201,6 +202,14 @@ class FullDelta(nn.Module):
             if not _has_own_mixin(model.get_submodule(owner)):
                 groups.setdefault(owner, {})[attr] = own
         return [(model.get_submodule(owner), values) for owner, values in groups.items()]
+
+    def without_experts(self) -> "FullDelta":
+        """This delta on the linear layers alone (as one written before the experts had one reads)."""
+        for name in self.experts:
+            key = name.replace(".", "/")
+            del self.down[key], self.up[key]
+        self.experts = []
+        return self
 
     @property
     def targets(self) -> list[str]:
@@ -253,14 +262,12 @@ class FullDelta(nn.Module):
                 raise StarElasticError(f"{path}: {key} {tuple(t.shape)} is not one of the model's parameters")
             delta.shared[name] = t.to(params[name].device, params[name].dtype)
         if not any(_stored_keys(name)[0] in stored for name in delta.experts):  # written before the experts had one
-            for name in delta.experts:
-                del delta.down[name.replace(".", "/")], delta.up[name.replace(".", "/")]
-            delta.experts = []
+            delta.without_experts()
         want = {k for name in delta.targets for k in _stored_keys(name)}
         if set(stored) != want:
             odd = sorted(set(stored) ^ want)
-            raise StarElasticError(f"{path}: its tensors do not match the model's linear layers and experts ({len(odd)} "
-                                   f"differ, e.g. {odd[0]})")
+            raise StarElasticError(f"{path}: its tensors do not match the model's linear layers and experts "
+                                   f"({len(odd)} differ, e.g. {odd[0]})")
         for name, (down, up) in stored_pairs(stored).items():
             w = delta.weight_of(model, name)
             *stack, out_f, in_f = w.shape
@@ -307,8 +314,9 @@ class FullDelta(nn.Module):
     def is_applied(self, model: nn.Module) -> bool:
         """Whether `model` runs this delta now, its linear layers or its own embeddings / norms (inside
         `applied`, or after `apply`)."""
+        experts = (model.get_submodule(name.rpartition(".")[0]) for name in self.experts)
         return any(isinstance(model.get_submodule(name), _WithDelta) for name in self.names) or \
-            any(isinstance(model.get_submodule(name.rpartition(".")[0]), _ExpertsWithDelta) for name in self.experts) or \
+            any(isinstance(m, _ExpertsWithDelta) for m in experts) or \
             any(isinstance(m, (_OwnEmbedding, _OwnLinear, _OwnNorm)) for m, _ in self._own_modules(model)) or \
             any(isinstance(m, _OwnValues) for m, _ in self._own_params(model))
 
@@ -351,16 +359,16 @@ class FullDelta(nn.Module):
     @torch.no_grad()
     def restore(self, model: nn.Module, parent: nn.Module, covariances: dict[str, torch.Tensor] | None = None,
                 damping: float = 1e-2) -> float:
-        """Set B A, layer by layer, to the rank-r part of what the shared weights lost: the parent's weight
-        less `model`'s, W_p - W. With `covariances` ({layer: E[x x^T] of its inputs in the parent},
-        `input_covariances`) the nearest in ||(W_p - W - B A) L||, where L L^T is the covariance (damped by
-        `damping` x its mean diagonal; for an expert, L the root of its diagonal, E[x^2] per input channel): the error weighted by the inputs the layer sees, so directions that
-        no input takes cost nothing (ASVD / SVD-LLM's whitening); without, the plain nearest in weights.
-        Both factors get the root of the singular values, so that training on from here (the finish) moves
-        them at one pace. Returns the share of the (weighted) loss that the rank-r part covers, over all
-        layers: 1 restores the parent exactly, and what is missing is the full model's drift that a rank-r
-        delta cannot hold. Why: the trained delta follows the shared weights from behind (docs/RESULTS.md §9);
-        this one starts where they are."""
+        """Set B A, layer by layer, to the rank-r part of what the shared weights lost: the parent's weight less
+        `model`'s, W_p - W. With `covariances` ({layer: E[x x^T] of its inputs in the parent}, `input_covariances`)
+        the nearest in ||(W_p - W - B A) L||, where L L^T is the covariance (damped by `damping` x its mean
+        diagonal; for an expert, L the root of its diagonal, E[x^2] per input channel): the error weighted by the
+        inputs the layer sees, so directions that no input takes cost nothing (ASVD / SVD-LLM's whitening); without,
+        the plain nearest in weights. Both factors get the root of the singular values, so that training on from
+        here (the finish) moves them at one pace. Returns the share of the (weighted) loss that the rank-r part
+        covers, over all layers: 1 restores the parent exactly, and what is missing is the full model's drift that a
+        rank-r delta cannot hold. Why: the trained delta follows the shared weights from behind (docs/RESULTS.md
+        §9); this one starts where they are."""
         caught = total = 0.0
         r = self.rank
         for name in self.targets:
