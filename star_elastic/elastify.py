@@ -334,8 +334,7 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
         why = ("give a positive rank" if cfg.full_delta_rank < 0 else
                "the anchor trains it: it needs --full-anchor > 0, the full budget 1.0 and a smaller one" if not anchor
                else "drop --budget-lrs" if cfg.budget_lrs is not None else
-               "drop --anchor-projection" if cfg.anchor_projection else
-               "not with FSDP2 sharding: add --shard none" if ranks > 1 and cfg.shard != "none" else None)
+               "drop --anchor-projection" if cfg.anchor_projection else None)
         if why:
             raise StarElasticError(f"--full-delta-rank {cfg.full_delta_rank}: {why}")
     for option in DELTA_OPTIONS:

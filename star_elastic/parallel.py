@@ -96,6 +96,16 @@ def is_sharded(module: nn.Module) -> bool:
     return FSDPModule is not None and isinstance(module, FSDPModule)
 
 
+def reshard(model: nn.Module) -> nn.Module:
+    """Every FSDP2 unit of `model` back to its shards (no communication). The root stays gathered after a
+    forward (the trainer's `reshard_after_forward=False`), its parameters then whole tensors that a later
+    state_dict frees: code that holds parameters across such a call (FullDelta.merged) reshards first."""
+    for m in model.modules():
+        if is_sharded(m):
+            m.reshard()
+    return model
+
+
 def compute_autocast(model: nn.Module):
     """The autocast a forward outside the trainer needs on `model`: bf16 where it was sharded with
     mixed precision (its blocks' parameters are gathered in bf16 while the residual stream keeps the

@@ -777,7 +777,6 @@ class ElasticTrainer:
                                        "and there is none: give full_delta_rank")
             return None
         why = ("it needs the full anchor (full_anchor > 0)" if not cfg.full_anchor else
-               "not with FSDP sharding (shard='none')" if self.shard == "fsdp" else
                "not with budget_lrs" if cfg.budget_lrs is not None else
                "not with anchor_projection" if cfg.anchor_projection else None)
         if why:
@@ -811,6 +810,10 @@ class ElasticTrainer:
             with eager_layers(self.teacher):
                 covariances = input_covariances(self.teacher, self.delta.names, lambda x: self._head(self.teacher, x),
                                                 batches, experts=self.delta.experts)
+            if self.world > 1:  # the ranks' means averaged (the same rows on every rank: the same means)
+                for v in covariances.values():
+                    dist.all_reduce(v)
+                    v /= self.world
         self.restored = self.delta.restore(self.model, self.teacher, covariances)
         for p in self.delta.parameters():
             self.opt.state.pop(p, None)
@@ -882,7 +885,9 @@ class ElasticTrainer:
         if self.delta is not None:  # on its own: clipped with the model's as one norm, the anchor (which trains the
             # delta alone) scaled the smaller budgets' step whenever the clip bound (a fifth to a third of the
             # nineteenth session's logged steps)
-            logs["delta_grad_norm"] = self._clip(self.delta.parameters(), cfg.clip, reduce=reduce).detach()
+            # replicated (not sharded by FSDP2): its gradient all-reduced by hand on every path
+            logs["delta_grad_norm"] = self._clip(self.delta.parameters(), cfg.clip,
+                                                 reduce=reduce or self.shard == "fsdp").detach()
 
         if isinstance(self.opt, BudgetAdamW):  # each budget's gradient clipped and applied on its own
             for key in list(self.opt.stashed):
@@ -942,7 +947,7 @@ class ElasticTrainer:
             (full_kd / cfg.grad_accum).backward(inputs=only)
             total = total + full_kd.detach().double() / cfg.grad_accum
         logs = {"kd": total, "full_kd": total, "total": total,
-                "delta_grad_norm": self._clip(only, cfg.clip, reduce=self.shard != "fsdp").detach()}
+                "delta_grad_norm": self._clip(only, cfg.clip).detach()}  # replicated: all-reduced, sharded or not
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         meta = dict(step=self.step, budget=self.budgets[self.full].name, target_fraction=1.0, seq_len=L,
@@ -1191,7 +1196,7 @@ def hold_problem(hold, rate: float, pull: float, sharded: bool, budget_lrs: bool
             f"the rate {rate:g} is not in [0, 1]" if not 0 <= rate <= 1 else
             f"the pull {pull:g} is negative" if pull < 0 else
             "a pull needs a rate > 0 (a frozen part has nothing to pull back)" if pull and not rate else
-            "not with FSDP sharding (shard 'none')" if sharded and (not rate or pull) else
+            "frozen (rate 0) not with FSDP sharding (shard 'none', or a rate > 0)" if sharded and not rate else
             "a rate > 0 is not with per-budget rates" if budget_lrs and rate else None)
 
 

@@ -85,10 +85,10 @@ def _write_state(t, weights: dict, opt_tensors: dict, opt_meta: dict):
 
 
 def _trained(t) -> torch.nn.Module:
-    """The student and the router as one module: DCP's state-dict helpers name the optimiser's
-    parameters after a module that holds them all, the router's group included."""
-    modules = {"model": t.model} if t.router is None else {"model": t.model, "router": t.router}
-    return torch.nn.ModuleDict(modules)
+    """The student, the router and the full budget's delta as one module: DCP's state-dict helpers name the
+    optimiser's parameters after a module that holds them all, the router's and the delta's groups included."""
+    modules = {"model": t.model, "router": t.router, "delta": t.delta}
+    return torch.nn.ModuleDict({k: m for k, m in modules.items() if m is not None})
 
 
 def _save_sharded(t):
@@ -104,8 +104,8 @@ def _save_sharded(t):
     if fresh:  # keep it empty (AdamW's first step counts from 0), and save no moments
         t.opt.state.clear()
         optim["state"] = {}
-    model_w, router_w = _by_owner(weights)
-    model_s, router_s = _by_owner(optim["state"])
+    model_w, router_w, delta_w = _by_owner(weights)
+    model_s, router_s, delta_s = _by_owner(optim["state"])
     # every rank writes into rank 0's temporary directory; rank 0 renames it once all have written
     with staging(t.state_path()) if t.rank == 0 else nullcontext() as tmp:
         name = [str(tmp) if tmp else None]
@@ -116,14 +116,14 @@ def _save_sharded(t):
             if t.router is not None:
                 save_file({k: v.detach().contiguous().cpu() for k, v in router_w.items()},
                           str(tmp / "router.safetensors"))
-            tensors, scalars = {}, {}
-            for fqn, s in router_s.items():
-                scalars[fqn] = {k: v for k, v in s.items() if not torch.is_tensor(v)}
-                tensors.update({f"{fqn}.{k}": v.detach().contiguous().cpu() for k, v in s.items()
-                                if torch.is_tensor(v)})
-            save_file(tensors, str(tmp / "router_optimizer.safetensors"))
+            # the replicated pieces' moments (the router's; the delta's, whole on every rank too) from rank 0
+            scalars, delta_scalars = _write_moments(router_s, tmp / "router_optimizer.safetensors"), {}
+            if t.delta is not None:
+                save_file({k: v.detach().contiguous().cpu() for k, v in delta_w.items()},
+                          str(tmp / "full_delta.safetensors"))
+                delta_scalars = _write_moments(delta_s, tmp / "full_delta_optimizer.safetensors")
             groups = [{k: v for k, v in g.items() if k != "params"} for g in optim["param_groups"]]
-            meta = _meta(t, {"groups": groups, "state": scalars})
+            meta = _meta(t, {"groups": groups, "state": scalars, "delta_state": delta_scalars})
             meta.update(format="dcp", ranks=t.world)
             (tmp / "state.json").write_text(json.dumps(meta))
 
@@ -197,7 +197,7 @@ def _load_sharded(t, path: Path, meta: dict):
         raise StarElasticError(f"{path}: the state has {len(meta['optimizer']['groups'])} optimiser groups, "
                                f"this run {len(optim['param_groups'])} (a router in one run, not the other)")
     saved = dcp.FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata
-    model_w, _ = _by_owner(weights)
+    model_w = _by_owner(weights)[0]
     for k, v in model_w.items():
         have = saved.get(f"model.{k}")
         if have is None or tuple(have.size) != tuple(v.shape):
@@ -212,12 +212,12 @@ def _load_sharded(t, path: Path, meta: dict):
         dcp.load({"model": model_w, "optimizer": model_s}, checkpoint_id=path / "dcp")
     if t.router is not None:  # strict, as unsharded
         t.router.load_state_dict(load_file(str(path / "router.safetensors")))
+    if t.delta is not None:  # load() checked that the state has one
+        t.delta.load_state_dict(load_file(str(path / "full_delta.safetensors")))
     state = {f"model.{k}": s for k, s in model_s.items()}
-    for fqn, scalars in meta["optimizer"]["state"].items():
-        state[f"router.{fqn}"] = dict(scalars)
-    for k, v in load_file(str(path / "router_optimizer.safetensors")).items():
-        fqn, _, name = k.rpartition(".")
-        state[f"router.{fqn}"][name] = v
+    state.update(_read_moments("router", meta["optimizer"]["state"], path / "router_optimizer.safetensors"))
+    if t.delta is not None and meta["optimizer"].get("delta_state"):
+        state.update(_read_moments("delta", meta["optimizer"]["delta_state"], path / "full_delta_optimizer.safetensors"))
     for group, hyper in zip(optim["param_groups"], meta["optimizer"]["groups"]):
         group.update(hyper)  # the saved hyperparameters; "params" stays this run's names
     # not strict: the router is loaded above, and a parameter without saved moments starts
@@ -264,10 +264,30 @@ def room_for(t) -> bool:
     return ok
 
 
-def _by_owner(d: dict) -> tuple[dict, dict]:
-    """A state dict of `_trained()` split into the student's and the router's, without the prefixes."""
-    model = {k[len("model."):]: v for k, v in d.items() if k.startswith("model.")}
-    return model, {k[len("router."):]: v for k, v in d.items() if k.startswith("router.")}
+def _by_owner(d: dict) -> tuple[dict, dict, dict]:
+    """A state dict of `_trained()` split into the student's, the router's and the delta's, without the prefixes."""
+    return tuple({k[len(owner) + 1:]: v for k, v in d.items() if k.startswith(owner + ".")}
+                 for owner in ("model", "router", "delta"))
+
+
+def _write_moments(state: dict, path: Path) -> dict:
+    """A replicated piece's optimiser state ({fqn: {moment: value}}): its tensors into `path` as safetensors
+    (`<fqn>.<moment>`), its scalars returned for state.json."""
+    tensors, scalars = {}, {}
+    for fqn, s in state.items():
+        scalars[fqn] = {k: v for k, v in s.items() if not torch.is_tensor(v)}
+        tensors.update({f"{fqn}.{k}": v.detach().contiguous().cpu() for k, v in s.items() if torch.is_tensor(v)})
+    save_file(tensors, str(path))
+    return scalars
+
+
+def _read_moments(owner: str, scalars: dict, path: Path) -> dict:
+    """`_write_moments`' state back, keyed as `_trained()` names it (`<owner>.<fqn>`)."""
+    state = {f"{owner}.{fqn}": dict(s) for fqn, s in scalars.items()}
+    for k, v in load_file(str(path)).items():
+        fqn, _, name = k.rpartition(".")
+        state[f"{owner}.{fqn}"][name] = v
+    return state
 
 
 def _jsonable(obj):

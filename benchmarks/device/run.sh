@@ -19,7 +19,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|45|CLOCK|16R|HR|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|45|CLOCK|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -366,6 +366,9 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   45) RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J0kp0 "$RESTORED --full-delta-finish 256 --hold-pull 0 --state-dir $H/state/J0kp0" \
        J1kp0 "${RESTORED/$J0/$J1} --full-delta-finish 256 --hold-pull 0 --state-dir $H/state/J1kp0"
      ratios J0kp0:C2e,J1kp0:C1e J0kp0 J1kp0 ;;
+  # 16R: its (c) runs C16ra / C16rb ran in the twenty-eighth session (elastic_session28_h200.json: carry their
+  # JSON's runs into $H/res and touch $H/res/C16ra.done, C16rb.done to skip them); J16r needs two calls back to
+  # back on one machine (its state lives only while the machine is warm: the twenty-eighth session lost it)
   # 16R (for the next session): T = 16M with the restore and its finish (J0kr's recipe) against (c) on the same
   # architectures run again on the right text (the fourteenth session's C16a / C16b read the old EOS), a budget a
   # process at 8M (what (c) at 16M gives each budget), all three side by side; J16r resumable (call again on 75)
@@ -379,6 +382,13 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
        --full-delta-restore activations --full-delta-finish 256 --hold embeddings,norms --hold-rate 1 --hold-pull 30 \
        --full-keeps-held-training --strict-determinism"
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS B0kr "$HB --seed 0 $R" B1kr "$HB --seed 1 $R" ;;
+  # HR0 (twenty-eighth session's HR: the recipe cost the hybrid's 0.75 5-10 points against the unheld B0h / B1h):
+  # HR without the pull toward the parent's embeddings, the one lever of the recipe that reaches the smaller
+  # budgets (with the restore the full budget's passes train only its delta)
+  HR0) R="--full-anchor 1 --anchor-data self --anchor-mix 0.5 --full-delta-rank 64 --full-delta-lr 4e-4 \
+       --full-delta-restore activations --full-delta-finish 256 --hold embeddings,norms --hold-rate 1 --hold-pull 0 \
+       --full-keeps-held-training --strict-determinism"
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS B0kp0 "$HB --seed 0 $R" B1kp0 "$HB --seed 1 $R" ;;
   # HRK: HR with the full budget keeping the parent's Mamba values and MoE gates too (the delta covers neither;
   # twenty-seventh session), against HR's runs
   HRK) R="--full-anchor 1 --anchor-data self --anchor-mix 0.5 --full-delta-rank 64 --full-delta-lr 4e-4 \

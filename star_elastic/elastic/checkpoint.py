@@ -93,15 +93,18 @@ def save_elastic(model: Model, router: Router, budgets: list[Budget], out, token
     if not sharded:
         return _write_elastic(model, router, budgets, Path(out), tokenizer, memory, extra, scores, specs,
                               projections, max_shard_bytes, record, dtype=dtype, delta=delta)
-    if delta is not None:
-        raise StarElasticError("a full budget's delta is not written from FSDP2 shards (train it unsharded)")
     error, written = None, {}
     try:
+        # the smaller budgets' values of what the full budget keeps its own of: gathered by every rank, before
+        # rank 0 writes them (a gather is a collective); each rank merges B A into its own shards
+        parallel.reshard(model)  # the root as shards again (gathered after a forward, freed by a later gather)
+        shared = delta.shared_tensors(model) if delta is not None and delta.rest else None
         if dist.get_rank() == 0:
             _write_elastic(model, router, budgets, Path(out), tokenizer, memory, extra, scores, specs,
-                           projections, max_shard_bytes, record, written, dtype=dtype)
+                           projections, max_shard_bytes, record, written, dtype=dtype, delta=delta, shared=shared)
         else:  # take part in the gathers; rank 0 writes
-            save_pretrained(model, out, max_shard_bytes=max_shard_bytes, dtype=dtype)
+            with delta.merged(model) if delta is not None else nullcontext():
+                save_pretrained(model, out, max_shard_bytes=max_shard_bytes, dtype=dtype)
     except Exception as e:
         error = e
         if dist.get_rank() == 0 and not written.get("told_ranks"):  # failed before the weights' writer
@@ -117,7 +120,7 @@ def save_elastic(model: Model, router: Router, budgets: list[Budget], out, token
 
 def _write_elastic(model, router, budgets, out: Path, tokenizer, memory, extra, scores, specs, projections,
                    max_shard_bytes, record, written: dict | None = None, dtype: torch.dtype | None = None,
-                   delta: FullDelta | None = None) -> Path:
+                   delta: FullDelta | None = None, shared: dict | None = None) -> Path:
     router.eval()
     cost = CostModel(model.config, memory)
     specs = specs if specs is not None else [router.spec(i) for i in range(len(budgets))]
@@ -130,7 +133,7 @@ def _write_elastic(model, router, budgets, out: Path, tokenizer, memory, extra, 
             save_pretrained(model, tmp / "parent", tokenizer=tokenizer, max_shard_bytes=max_shard_bytes,
                             stats=written, dtype=dtype)
         if delta is not None:
-            save_delta(delta, tmp / DELTA_FILE, dtype=dtype, model=model)  # outside `merged`: the shared values
+            save_delta(delta, tmp / DELTA_FILE, dtype=dtype, model=model, shared=shared)  # outside `merged`
         for f in (tmp / "parent").iterdir():  # flatten: the checkpoint directory is the HF directory
             f.rename(tmp / f.name)
         (tmp / "parent").rmdir()

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from star_elastic import parallel
 from star_elastic.elastic.masking import ClassSwaps
 from star_elastic.errors import StarElasticError
 
@@ -180,7 +181,9 @@ class FullDelta(nn.Module):
             if name not in params or params[name].shape != v.shape:
                 raise StarElasticError(f"the full budget's own {name} {tuple(v.shape)} is not one of the model's "
                                        "parameters")
-            self.rest[name] = v.detach().to(params[name].device, params[name].dtype).clone()
+            # whole on every rank under FSDP2 (a collective: every rank keeps them): the full budget's forward
+            # reads them in place of a gathered parameter
+            self.rest[name] = parallel.full_tensor(v.detach()).to(params[name].device, params[name].dtype).clone()
         return self
 
     def _own_modules(self, model: nn.Module) -> list[tuple[nn.Module, torch.Tensor]]:
@@ -284,7 +287,8 @@ class FullDelta(nn.Module):
         """Inside: `model` is the full budget with its delta, each linear layer's class swapped in place
         as masks are (masking.py: torch.compile guards on classes, so compiled layers run it too). What
         trains the delta alone is the backward's `inputs=` (the trainer's anchor pass), which leaves the
-        model's own parameters without gradient. Not for sharded (FSDP2) models."""
+        model's own parameters without gradient. Sharded (FSDP2) models too: a layer's forward reads its weight
+        gathered, and A, B are whole on every rank (their gradient all-reduced by the trainer)."""
         swaps = self.apply(model)
         try:
             yield model
@@ -327,7 +331,7 @@ class FullDelta(nn.Module):
         with torch.no_grad():
             params = dict(model.named_parameters())
             for name, own in self.rest.items():
-                params[name].copy_(own)
+                params[name].copy_(parallel.shard_like(own, params[name]))
         return model
 
     def subtract_from(self, model: nn.Module) -> nn.Module:
@@ -347,13 +351,13 @@ class FullDelta(nn.Module):
         """What a checkpoint stores beside A and B: `model`'s values (the smaller budgets') of what the full
         budget keeps its own of, under `<parameter>.shared`."""
         params = dict(model.named_parameters())
-        return {name + SHARED: params[name] for name in self.rest}
+        return {name + SHARED: parallel.full_tensor(params[name].detach()) for name in self.rest}  # sharded: gathered
 
     @torch.no_grad()
     def _add(self, model: nn.Module, sign: float) -> nn.Module:
-        for name in self.targets:  # in float32, back in the weights' dtype
+        for name in self.targets:  # in float32, back in the weights' dtype; sharded: each rank its own rows
             w = self.weight_of(model, name)
-            w.copy_((w.float() + sign * self.delta(name).to(w.device)).to(w.dtype))
+            w.copy_((w.float() + sign * parallel.shard_like(self.delta(name), w)).to(w.dtype))
         return model
 
     @torch.no_grad()
@@ -372,8 +376,10 @@ class FullDelta(nn.Module):
         caught = total = 0.0
         r = self.rank
         for name in self.targets:
-            w = self.weight_of(model, name).detach().double()
-            gap = self.weight_of(parent, name).detach().to(w.device).double() - w  # (out, in); experts (E, out, in)
+            # whole weights (sharded: gathered, a collective that every rank runs; each then finds the same B A)
+            w = parallel.full_tensor(self.weight_of(model, name).detach()).double()
+            parent_w = parallel.full_tensor(self.weight_of(parent, name).detach())
+            gap = parent_w.to(w.device).double() - w  # (out, in); experts (E, out, in)
             scale = None
             if covariances is None or name not in covariances:
                 lower = None
@@ -411,6 +417,7 @@ class FullDelta(nn.Module):
     def merged(self, model: nn.Module):
         """Inside: `model`'s linear weights are W + B A (for writing the checkpoint); after, exactly W again
         (restored from copies, not by subtracting)."""
+        parallel.reshard(model)  # sharded: the parameters held below are the ones a gather leaves registered
         saved = {name: self.weight_of(model, name).detach().clone() for name in self.targets}
         params = dict(model.named_parameters())
         saved_rest = {name: params[name].detach().clone() for name in self.rest}
@@ -536,13 +543,17 @@ def stored_pairs(stored: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tenso
     return {name: tuple(stored[k] for k in _stored_keys(name)) for name in names}
 
 
-def save_delta(delta: FullDelta, path, dtype: torch.dtype | None = None, model: nn.Module | None = None) -> None:
+def save_delta(delta: FullDelta, path, dtype: torch.dtype | None = None, model: nn.Module | None = None,
+               shared: dict | None = None) -> None:
     """Write A and B of every linear layer (`FullDelta.tensors`), in `dtype` (None: as held), and, when the full
-    budget keeps embeddings or norms of its own, `model`'s values of them (the smaller budgets')."""
+    budget keeps embeddings or norms of its own, `model`'s values of them (the smaller budgets'; `shared`: those
+    as `FullDelta.shared_tensors` gave them, gathered beforehand from a sharded model by every rank)."""
     from safetensors.torch import save_file
 
-    if delta.rest and model is None:
+    if delta.rest and model is None and shared is None:
         raise ValueError("save_delta: the smaller budgets' embeddings and norms come from the model: pass it")
-    tensors = {**delta.tensors(), **(delta.shared_tensors(model) if delta.rest else {})}
+    if delta.rest and shared is None:
+        shared = delta.shared_tensors(model)
+    tensors = {**delta.tensors(), **(shared or {})}
     save_file({k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in tensors.items()},
               str(path), metadata={"format": "star-elastic-full-delta", "rank": str(delta.rank)})

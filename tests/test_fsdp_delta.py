@@ -1,0 +1,173 @@
+"""The recipe that keeps the full budget (its own delta, restored where training ends, then a finish; the
+parent's embeddings and norms its own, the smaller budgets' pulled toward them) under FSDP2, with 2 gloo
+ranks on the CPU: the same losses, delta and weights as one process, an exact resume, and the same checkpoint
+files written from the shards."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from conftest import assert_close_dicts, free_port, gloo_group
+from star_elastic import parallel
+from star_elastic.elastic.checkpoint import save_elastic
+from star_elastic.train import ElasticTrainer
+
+from test_train import make, trainer
+
+pytestmark = pytest.mark.skipif(not parallel.available(), reason="this torch has no FSDP2")
+
+STEPS, HALF = 6, 3
+RECIPE = dict(steps=STEPS, batch=4, full_anchor=1.0, full_delta_rank=4, full_delta_restore="activations",
+              full_delta_finish=2, hold=["embeddings", "norms"], hold_rate=1.0, hold_pull=30.0, full_keeps_held=True)
+
+
+def _sharded(tmp, name):
+    model, teacher, router, budgets, rows, cfg, _ = make(shard="fsdp", **RECIPE)
+    return ElasticTrainer(model, teacher, router, budgets, rows, cfg, f"{tmp}/{name}")
+
+
+def _delta(t) -> dict:
+    return {k: v.detach().clone() for k, v in t.delta.state_dict().items()}
+
+
+def _full_logits(t, x) -> torch.Tensor:
+    with torch.no_grad(), t.delta.applied(t.model):
+        return t.model(x)
+
+
+def _worker(rank, world, port, out, tmp):
+    with gloo_group(rank, world, port):
+        t = _sharded(tmp, "straight")
+        assert t.shard == "fsdp" and parallel.is_sharded(t.model)
+        assert not any(parallel.is_dtensor(p) for p in t.delta.parameters())  # replicated, whole on every rank
+        logs = t.run(progress=False)
+        x = torch.arange(32).view(2, 16) % 64
+        got = dict(losses=[l["total"] for l in logs], delta_norms=[l.get("delta_grad_norm") for l in logs],
+                   phases=[l.get("phase") for l in logs], restored=t.restored, delta=_delta(t),
+                   weights=parallel.full_state_dict(t.model), full_logits=_full_logits(t, x))
+        save_elastic(t.model, t.router, t.budgets, f"{tmp}/ck_sharded", None, delta=t.delta)
+
+        _sharded(tmp, "resumed").run(progress=False, stop_after=HALF)
+        second = _sharded(tmp, "resumed")
+        assert second.load_state() and second.step == HALF
+        rest = second.run(progress=False)
+        got.update(resumed_losses=[l["total"] for l in rest], resumed_delta=_delta(second),
+                   resumed=parallel.full_state_dict(second.model))
+        if rank == 0:
+            torch.save(got, out)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp_delta")
+    single = trainer(tmp, "single", **RECIPE)
+    logs = single.run(progress=False)
+    save_elastic(single.model, single.router, single.budgets, tmp / "ck_single", None, delta=single.delta)
+    out = tmp / "fsdp_delta.pt"
+    mp.spawn(_worker, args=(2, free_port(), str(out), str(tmp)), nprocs=2, join=True)
+    return tmp, single, logs, torch.load(out, weights_only=False)
+
+
+def test_sharded_recipe_equals_one_process(runs):
+    tmp, single, logs, got = runs
+    assert got["phases"] == [l.get("phase") for l in logs] and "full_delta_finish" in got["phases"]
+    assert got["losses"] == pytest.approx([l["total"] for l in logs], rel=1e-4)
+    # the delta's gradient averaged over the ranks (it is not FSDP's to reduce): the same norms, the finish's too
+    want = [l.get("delta_grad_norm") for l in logs]
+    assert [n is None for n in got["delta_norms"]] == [n is None for n in want]
+    assert [n for n in got["delta_norms"] if n is not None] == pytest.approx([n for n in want if n is not None],
+                                                                              rel=1e-3)
+    assert got["restored"] == pytest.approx(single.restored, rel=1e-5) and 0 < single.restored <= 1
+    assert_close_dicts(got["delta"], _delta(single))
+    assert_close_dicts(got["weights"], single.model.state_dict())
+    x = torch.arange(32).view(2, 16) % 64
+    assert torch.allclose(got["full_logits"], _full_logits(single, x), rtol=1e-4, atol=1e-5)
+
+
+def test_sharded_recipe_resumes_exactly(runs):
+    _, _, _, got = runs  # against the uninterrupted sharded run
+    assert got["resumed_losses"] == pytest.approx(got["losses"][HALF:], rel=1e-6, abs=1e-8)
+    assert_close_dicts(got["resumed_delta"], got["delta"], rtol=1e-5, atol=1e-7)
+    assert_close_dicts(got["resumed"], got["weights"], rtol=1e-5, atol=1e-7)
+
+
+def test_sharded_checkpoint_with_delta_is_the_one_process_one(runs):
+    """Written from the shards: the full budget merged (W + B A, its own embeddings and norms), A and B, and
+    the smaller budgets' embeddings and norms beside them, the same files as from one process."""
+    tmp, _, _, _ = runs
+    single, sharded = tmp / "ck_single", tmp / "ck_sharded"
+    files = sorted(f.name for f in single.glob("*.safetensors"))
+    assert files == sorted(f.name for f in sharded.glob("*.safetensors")) and "full_delta.safetensors" in files
+    for name in files:
+        a, b = load_file(str(single / name)), load_file(str(sharded / name))
+        assert_close_dicts(b, a)
+    shared = [k for k in load_file(str(single / "full_delta.safetensors")) if k.endswith(".shared")]
+    assert shared  # the smaller budgets' values of the kept embeddings and norms are there
+
+
+def _trained_delta_worker(rank, world, port, out, tmp):
+    with gloo_group(rank, world, port):
+        model, teacher, router, budgets, rows, cfg, _ = make(shard="fsdp", **TRAINED)
+        t = ElasticTrainer(model, teacher, router, budgets, rows, cfg, f"{tmp}/trained")
+        logs = t.run(progress=False)
+        got = dict(losses=[l["total"] for l in logs], full_kd=[l.get("full_kd") for l in logs], delta=_delta(t))
+        if rank == 0:
+            torch.save(got, out)
+
+
+# the delta trained by the anchor's passes (no restore): their backward reaches the delta alone under FSDP2 too
+TRAINED = {**RECIPE, "full_delta_restore": "", "full_delta_finish": 0, "hold": None, "hold_rate": 0.0,
+           "hold_pull": 0.0, "full_keeps_held": False}
+
+
+def test_sharded_anchor_trains_the_delta_as_one_process(tmp_path):
+    single = trainer(tmp_path, "single", **TRAINED)
+    logs = single.run(progress=False)
+    assert any(l.get("full_kd") is not None for l in logs)  # the anchor ran, and trained the delta
+    assert any(v.abs().sum() > 0 for k, v in _delta(single).items() if k.startswith("up."))
+    out = tmp_path / "trained.pt"
+    mp.spawn(_trained_delta_worker, args=(2, free_port(), str(out), str(tmp_path)), nprocs=2, join=True)
+    got = torch.load(out, weights_only=False)
+    assert got["losses"] == pytest.approx([l["total"] for l in logs], rel=1e-4)
+    assert got["full_kd"] == pytest.approx([l.get("full_kd") for l in logs], rel=1e-4)
+    # A's first gradients are near zero (B starts at zero) and Adam scales them to full steps: float noise in
+    # the two runs' reduction orders shows there at 1e-4 of A's values
+    assert_close_dicts(got["delta"], _delta(single), atol=2e-4)
+
+
+def _elastify_worker(rank, world, port, tmp):
+    from star_elastic.commands import KEEP_FULL, lever_config
+    from star_elastic.elastify import ElastifyConfig, elastify
+    from star_elastic.model import Model
+    from test_elastify import PARENTS, WORDS
+    from conftest import word_tokenizer
+
+    with gloo_group(rank, world, port):
+        torch.manual_seed(0)
+        (Path(tmp) / f"rank{rank}").mkdir(exist_ok=True)
+        tokenizer = word_tokenizer(Path(tmp) / f"rank{rank}", WORDS)
+        levers = {**lever_config(KEEP_FULL), "full_delta_rank": 4, "full_delta_finish": 2,
+                  "anchor_data": f"{tmp}/text.txt"}  # sampled text needs the parent whole: a text under FSDP2
+        cfg = ElastifyConfig(budgets=["1.0", "0.75", "0.5"], tokens=16 * 32 * 6, seq_len=32, batch_size=16,
+                             calib_batches=2, eval_tokens=256, lr=1e-3, **levers)
+        elastify(Model(PARENTS["nemotron_h"]), tokenizer, f"{tmp}/text.txt", f"{tmp}/ckpt", cfg, log=lambda *_: None)
+
+
+def test_elastify_keep_full_under_fsdp2_writes_a_valid_checkpoint(tmp_path):
+    """`elastify --keep-full` under torchrun, sharded: its checkpoint has the delta and passes validate."""
+    from star_elastic.elastic.checkpoint import read_manifest
+    from star_elastic.validate import validate_checkpoint
+    from test_elastify import WORDS
+
+    g = torch.Generator().manual_seed(0)  # test_elastify's text: runs of consecutive words
+    starts = torch.randint(0, 60, (80,), generator=g).tolist()
+    (tmp_path / "text.txt").write_text("\n\n".join(" ".join(WORDS[(s + j) % 60] for j in range(40)) for s in starts))
+    mp.spawn(_elastify_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    manifest = read_manifest(tmp_path / "ckpt")
+    assert manifest["training"]["parallel"]["sharding"] == "fsdp2" and manifest["training"]["parallel"]["ranks"] == 2
+    assert manifest["full_delta"]["rank"] == 4 and manifest["full_delta"]["own"]
+    report = validate_checkpoint(tmp_path / "ckpt")
+    assert report.ok, [c for c in report.checks if c.status == "fail"]
