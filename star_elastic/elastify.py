@@ -29,7 +29,7 @@ from .sharded_load import load_sharded
 from .sharded_sort import load_sorted
 from .errors import StarElasticError
 from .evaluate import answer_scores, answer_tokens, perplexity
-from .generate import generate, sample_rows
+from .generate import forget_decode_steps, generate, sample_rows
 from .runtime import chat_prefix, encode_prompt
 from .elastic.delta import held_values
 from .train import (DELTA_OPTIONS, RESTORE_MODES, ElasticTrainer, TrainConfig, delta_option_problem, hold_problem,
@@ -150,13 +150,11 @@ def anchor_text(spec: tuple[str, int | None], teacher, tokenizer, row_len: int, 
                 seed: int = 0, heldout_fraction: float = 0.1, log=print) -> torch.Tensor:
     """The full anchor's own text in rows of `row_len`, at least `step_rows` of them (a step's):
     parse_anchor_data's `spec`, sampled from the parent (`tokens` of it unless the spec says) on rank 0
-    and sent to the others, so that every rank holds the same rows; or a text's train split."""
+    and sent to the others, so that every rank holds the same rows (a parent sharded by FSDP2: sampled by
+    every rank in step, each gathering the weights, rank 0's rows sent); or a text's train split."""
     source, count = spec
     if source not in SAMPLED:
         return pack(load_corpus_tokens(source, tokenizer, heldout_fraction=heldout_fraction, seed=seed)[0], row_len)
-    if parallel.is_sharded(teacher):
-        raise StarElasticError(f"--anchor-data {source} samples text from the parent, which is sharded here: give a "
-                               "text instead, or --shard none")
     prefix = None
     if source == "chat":
         prefix = chat_prefix(tokenizer)
@@ -170,9 +168,13 @@ def anchor_text(spec: tuple[str, int | None], teacher, tokenizer, row_len: int, 
     n = max(step_rows, (count or tokens) // row_len)
     device = teacher.lm_head.weight.device
     t0 = time.perf_counter()
-    if rank == 0:
-        rows = sample_rows(teacher, n, row_len, batch_size=128 if device.type == "cuda" else 8, seed=seed,
-                           progress=True, prefix=prefix).to(device)
+    sharded = parallel.is_sharded(teacher)
+    if rank == 0 or sharded:  # sharded, every rank runs the same forwards (each gathers its layers' weights)
+        with parallel.compute_autocast(teacher):  # no CUDA graph: FSDP's gathers are not for capture
+            rows = sample_rows(teacher, n, row_len, batch_size=128 if device.type == "cuda" else 8, seed=seed,
+                               progress=rank == 0, prefix=prefix, use_graph=False if sharded else None).to(device)
+        if sharded:
+            forget_decode_steps(teacher)  # its caches: the trainer needs the memory
     else:  # filled by the broadcast
         rows = torch.empty(n, row_len, dtype=torch.long, device=device)
     if ranks > 1:

@@ -149,8 +149,7 @@ def _elastify_worker(rank, world, port, tmp):
         torch.manual_seed(0)
         (Path(tmp) / f"rank{rank}").mkdir(exist_ok=True)
         tokenizer = word_tokenizer(Path(tmp) / f"rank{rank}", WORDS)
-        levers = {**lever_config(KEEP_FULL), "full_delta_rank": 4, "full_delta_finish": 2,
-                  "anchor_data": f"{tmp}/text.txt"}  # sampled text needs the parent whole: a text under FSDP2
+        levers = {**lever_config(KEEP_FULL), "full_delta_rank": 4, "full_delta_finish": 2}
         cfg = ElastifyConfig(budgets=["1.0", "0.75", "0.5"], tokens=16 * 32 * 6, seq_len=32, batch_size=16,
                              calib_batches=2, eval_tokens=256, lr=1e-3, **levers)
         elastify(Model(PARENTS["nemotron_h"]), tokenizer, f"{tmp}/text.txt", f"{tmp}/ckpt", cfg, log=lambda *_: None)
@@ -171,3 +170,33 @@ def test_elastify_keep_full_under_fsdp2_writes_a_valid_checkpoint(tmp_path):
     assert manifest["full_delta"]["rank"] == 4 and manifest["full_delta"]["own"]
     report = validate_checkpoint(tmp_path / "ckpt")
     assert report.ok, [c for c in report.checks if c.status == "fail"]
+
+
+def _sampling_worker(rank, world, port, out):
+    import copy
+
+    from star_elastic.elastify import anchor_text
+    from test_train import CFG
+    from star_elastic.model import Model
+
+    with gloo_group(rank, world, port):
+        torch.manual_seed(0)
+        teacher = parallel.shard_model(copy.deepcopy(Model(CFG)), mixed_precision=False).eval()
+        rows = anchor_text(("self", 16 * 12), teacher, None, row_len=16, step_rows=4, tokens=0, seed=3,
+                           log=lambda *_: None)
+        if rank == 0:
+            torch.save(rows, out)
+
+
+def test_text_sampled_from_a_sharded_parent_is_the_whole_parents(tmp_path):
+    """`--anchor-data self` with a parent loaded sharded (a big one under torchrun): every rank samples in
+    step, and the rows are those the whole parent samples."""
+    from star_elastic.generate import sample_rows
+    from star_elastic.model import Model
+    from test_train import CFG
+
+    torch.manual_seed(0)
+    want = sample_rows(Model(CFG).eval(), 12, 16, batch_size=8, seed=3)
+    mp.spawn(_sampling_worker, args=(2, free_port(), str(tmp_path / "rows.pt")), nprocs=2, join=True)
+    got = torch.load(tmp_path / "rows.pt")
+    assert got.shape == (12, 16) and torch.equal(got, want)
