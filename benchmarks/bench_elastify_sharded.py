@@ -26,6 +26,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -97,6 +98,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--timeout", type=float, default=None, help="seconds the elastify run may take")
     ap.add_argument("--keep", action="store_true", help="keep the parent and the checkpoint")
+    ap.add_argument("--elastify-args", default="", metavar="ARGS",
+                    help="more flags for elastify, e.g. \"--keep-full\" (the recipe that keeps the full model)")
     ap.add_argument("--json")
     ap.add_argument("--smoke", action="store_true", help="tiny parent, 2 gloo ranks on the CPU")
     args = ap.parse_args(argv)
@@ -130,6 +133,7 @@ def main(argv=None) -> int:
            str(args.calib_batches), "--eval-tokens", str(args.eval_tokens), "--out", str(out)]
     if not cuda:
         cmd += ["--device", "cpu"]
+    cmd += shlex.split(args.elastify_args)
     env = {**os.environ, "STAR_ELASTIC_QUIET": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1" if not cuda else "4")}
     result["elastify_command"] = " ".join(cmd[1:])
     t0 = time.perf_counter()
