@@ -56,6 +56,7 @@ def _worker(rank, world, port, out, tmp):
         rest = second.run(progress=False)
         got.update(resumed_losses=[l["total"] for l in rest], resumed_delta=_delta(second),
                    resumed=parallel.full_state_dict(second.model))
+        _sharded(tmp, "half").run(progress=False, stop_after=HALF)  # a sharded state for one process to resume
         if rank == 0:
             torch.save(got, out)
 
@@ -92,6 +93,16 @@ def test_sharded_recipe_resumes_exactly(runs):
     assert got["resumed_losses"] == pytest.approx(got["losses"][HALF:], rel=1e-6, abs=1e-8)
     assert_close_dicts(got["resumed_delta"], got["delta"], rtol=1e-5, atol=1e-7)
     assert_close_dicts(got["resumed"], got["weights"], rtol=1e-5, atol=1e-7)
+
+
+def test_one_process_resumes_the_sharded_state(runs):
+    """Two ranks stopped halfway (DCP's shards, the delta and its moments from rank 0), one process goes on."""
+    tmp, _, _, got = runs
+    t = trainer(tmp, "half", **RECIPE)
+    assert t.load_state() and t.step == HALF
+    rest = t.run(progress=False)
+    assert [l["total"] for l in rest] == pytest.approx(got["losses"][HALF:], rel=1e-4)
+    assert_close_dicts(_delta(t), got["delta"])
 
 
 def test_sharded_checkpoint_with_delta_is_the_one_process_one(runs):
