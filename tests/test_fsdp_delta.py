@@ -1,7 +1,9 @@
 """The recipe that keeps the full budget (its own delta, restored where training ends, then a finish; the
 parent's embeddings and norms its own, the smaller budgets' pulled toward them) under FSDP2, with 2 gloo
-ranks on the CPU: the same losses, delta and weights as one process, an exact resume, and the same checkpoint
-files written from the shards."""
+ranks on the CPU, on the tests' tiny hybrid (Mamba, attention, a MoE whose routed experts the delta covers):
+the same losses, delta and weights as one process, an exact resume (sharded, and by one process), the same
+checkpoint files written from the shards, `elastify --keep-full` under torchrun, and text sampled from a
+sharded parent."""
 
 from pathlib import Path
 
