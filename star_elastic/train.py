@@ -884,10 +884,9 @@ class ElasticTrainer:
 
         if self.delta is not None:  # on its own: clipped with the model's as one norm, the anchor (which trains the
             # delta alone) scaled the smaller budgets' step whenever the clip bound (a fifth to a third of the
-            # nineteenth session's logged steps)
-            # replicated (not sharded by FSDP2): its gradient all-reduced by hand on every path
-            logs["delta_grad_norm"] = self._clip(self.delta.parameters(), cfg.clip,
-                                                 reduce=reduce or self.shard == "fsdp").detach()
+            # nineteenth session's logged steps). Replicated, not sharded by FSDP2: its gradient all-reduced by hand
+            # (`reduce` is off only after the anchor's projection, which the delta is not run with)
+            logs["delta_grad_norm"] = self._clip(self.delta.parameters(), cfg.clip).detach()
 
         if isinstance(self.opt, BudgetAdamW):  # each budget's gradient clipped and applied on its own
             for key in list(self.opt.stashed):
