@@ -78,6 +78,7 @@ from star_elastic.errors import StarElasticError  # noqa: E402
 from star_elastic.evaluate import answer_scores, answer_tokens, perplexity  # noqa: E402
 from star_elastic.model import Model  # noqa: E402
 from star_elastic.runtime import comma_list  # noqa: E402
+from star_elastic.train_state import saved_anchor_rows  # noqa: E402
 from star_elastic.train import (  # noqa: E402
     DELTA_OPTIONS, ElasticTrainer, TrainConfig, adamw, compile_layers, delta_option_problem, hold_problem,
     keep_problem, lr_factor)
@@ -668,7 +669,12 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
         print("  router starts from " + "; ".join(f"{b.name}: {describe(w, cfg)}" for b, w in zip(budgets, warm)
                                                   if w is not None), flush=True)
     anchor_rows, anchor_sha = None, None
-    if args.anchor_data and variant in ANCHORED:  # sampled again by a resumed call: the same seed, the same rows
+    saved = saved_anchor_rows(state) if state is not None and args.anchor_data and variant in ANCHORED else None
+    if saved is not None:  # a resumed call reads the interrupted one's rows (a new sample differs on CUDA)
+        anchor_rows = saved
+        anchor_sha = common.fingerprint(anchor_rows)
+        print(f"  anchor text of the interrupted call, fingerprint {anchor_sha}", flush=True)
+    elif args.anchor_data and variant in ANCHORED:
         key = (args.anchor_data, rows.shape[1], tokens_per_step, min(ANCHOR_SELF_TOKENS, steps * tokens_per_step))
         if key not in ANCHOR_ROWS:  # once a process: every anchored variant distils on the same text
             with sampling_determinism():

@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the recipe that keeps the full model within 1%% of its parent on text in and out of the "
                          "training domain, chat answers included (docs/RESULTS.md §9: --full-anchor 1 --anchor-data "
                          "self --anchor-mix 0.5 --full-delta-rank 64 --full-delta-lr 4e-4 --full-delta-finish 256 "
-                         "--hold embeddings,norms --hold-rate 1 --hold-pull 30 --full-keeps-held training, the delta "
+                         "--hold embeddings,norms --hold-rate 1 --full-keeps-held training, the delta "
                          "restored where training ends); each of those flags given beside it wins")
     sp.add_argument("--all-budgets", action="store_true",
                     help="every step trains every smaller budget on the same batch (with the anchor: the sandwich "

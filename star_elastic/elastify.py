@@ -32,6 +32,7 @@ from .evaluate import answer_scores, answer_tokens, perplexity
 from .generate import forget_decode_steps, generate, sample_rows
 from .runtime import chat_prefix, encode_prompt
 from .elastic.delta import held_values
+from .train_state import saved_anchor_rows
 from .train import (DELTA_OPTIONS, RESTORE_MODES, ElasticTrainer, TrainConfig, delta_option_problem, hold_problem,
                     keep_problem, world)
 
@@ -484,12 +485,16 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                        hold=cfg.hold,
                        hold_rate=cfg.hold_rate,
                        hold_pull=cfg.hold_pull, full_keeps_held=cfg.full_keeps_held == "training")
-    anchor_rows = None if anchor_spec is None else anchor_text(
-        anchor_spec, teacher, tokenizer, row_len, cfg.batch_size * cfg.seq_len // row_len,
-        min(ANCHOR_SELF_TOKENS, train_tokens), cfg.seed, cfg.heldout_fraction, log)
+    state_dir = out.parent / f".{out.name}.train"
+    anchor_rows = None if anchor_spec is None else saved_anchor_rows(state_dir)
+    if anchor_rows is not None:  # the interrupted run's text: a new sample would differ on CUDA
+        log(f"anchor text: the interrupted run's {anchor_rows.numel():,} tokens (in {state_dir})")
+    elif anchor_spec is not None:
+        anchor_rows = anchor_text(anchor_spec, teacher, tokenizer, row_len, cfg.batch_size * cfg.seq_len // row_len,
+                                  min(ANCHOR_SELF_TOKENS, train_tokens), cfg.seed, cfg.heldout_fraction, log)
     # the sorted parent's, in full ("training": the trainer keeps them from its first step)
     parents_held = held_values(model, cfg.hold) if cfg.full_keeps_held == "after" else None
-    trainer = ElasticTrainer(model, teacher, router, budgets, rows, tcfg, out.parent / f".{out.name}.train",
+    trainer = ElasticTrainer(model, teacher, router, budgets, rows, tcfg, state_dir,
                              heldout=heldout, anchor_rows=anchor_rows,
                              warm_start=starts if cfg.router_init == "search" and any(starts) else None)
     if trainer.load_state():

@@ -25,6 +25,10 @@ from safetensors.torch import load_file, save_file
 from . import parallel
 from .errors import StarElasticError
 
+# The full anchor's own text, saved with the state: text sampled from the parent on CUDA differs from
+# process to process (docs/RESULTS.md §9), so a resumed run reads the interrupted one's rows, not a new sample
+ANCHOR_FILE = "anchor_rows.safetensors"
+
 
 def save(t):
     """Write `t.state_path()` (every rank calls it: sharded, each writes its own shards)."""
@@ -81,7 +85,22 @@ def _write_state(t, weights: dict, opt_tensors: dict, opt_meta: dict):
             save_file({k: v.detach().contiguous().cpu() for k, v in t.delta.state_dict().items()},
                       str(tmp / "full_delta.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        _write_anchor(t, tmp)
         (tmp / "state.json").write_text(json.dumps(_meta(t, opt_meta)))
+
+
+def _write_anchor(t, tmp: Path):
+    if t.anchor_batches is not None:
+        save_file({"rows": t.anchor_batches.rows.contiguous().cpu()}, str(tmp / ANCHOR_FILE))
+
+
+def saved_anchor_rows(out_dir) -> torch.Tensor | None:
+    """The anchor text that a resumable state in `out_dir` (the trainer's) trained on, or None: a run that
+    will resume passes these rows instead of sampling again (minutes at Nano, and other text)."""
+    path = Path(out_dir) / "train_state"
+    if not ((path / "state.json").exists() and (path / ANCHOR_FILE).exists()):
+        return None
+    return load_file(str(path / ANCHOR_FILE))["rows"]
 
 
 def _trained(t) -> torch.nn.Module:
@@ -124,6 +143,7 @@ def _save_sharded(t):
                 delta_scalars = _write_moments(delta_s, tmp / "full_delta_optimizer.safetensors")
             groups = [{k: v for k, v in g.items() if k != "params"} for g in optim["param_groups"]]
             meta = _meta(t, {"groups": groups, "state": scalars, "delta_state": delta_scalars})
+            _write_anchor(t, tmp)
             meta.update(format="dcp", ranks=t.world)
             (tmp / "state.json").write_text(json.dumps(meta))
 
@@ -153,6 +173,12 @@ def load(t) -> bool:
         raise StarElasticError(f"{path}: the state was written by a run {had} anchor text of its own, and this run "
                                "differs (--anchor-data)")
     if t.anchor_batches is not None:
+        if (path / ANCHOR_FILE).exists():  # states from before it was saved resume on this run's rows
+            rows = load_file(str(path / ANCHOR_FILE))["rows"]
+            if rows.shape != t.anchor_batches.rows.shape:
+                raise StarElasticError(f"{path}: the state's anchor text is {tuple(rows.shape)} rows x tokens, this "
+                                       f"run's {tuple(t.anchor_batches.rows.shape)} (--anchor-data, --seq-len)")
+            t.anchor_batches.rows = rows
         t.anchor_batches.load_state_dict(meta["anchor_data"])
     t.sampler.set_state(torch.tensor(meta["sampler"], dtype=torch.uint8))
     t.gumbel.set_state(torch.tensor(meta["gumbel"], dtype=torch.uint8))

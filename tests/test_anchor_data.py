@@ -95,6 +95,28 @@ def test_the_anchor_text_resumes_where_it_stopped(tmp_path):
         _trainer(tmp_path, "resumed").load_state()
 
 
+def test_a_resumed_run_reads_the_interrupted_runs_anchor_text_not_a_new_sample(tmp_path):
+    """Text sampled from the parent on CUDA differs from process to process (a 16M-token SmolLM2 run resumed
+    on a new sample, twenty-ninth session): the state keeps the rows, and a resumed trainer handed another
+    sample trains on the interrupted one's, as a run that never stopped would."""
+    from star_elastic.train_state import saved_anchor_rows
+
+    straight = _trainer(tmp_path, "straight", anchor_rows=_anchor_rows())
+    want = straight.run(progress=False)
+    first = _trainer(tmp_path, "resumed", anchor_rows=_anchor_rows())
+    first.run(progress=False, stop_after=3)
+    assert torch.equal(saved_anchor_rows(tmp_path / "resumed"), _anchor_rows())
+    assert saved_anchor_rows(tmp_path / "straight") is not None and saved_anchor_rows(tmp_path / "none") is None
+    other = _anchor_rows().flip(0)  # a new sample: other rows of the same shape
+    second = _trainer(tmp_path, "resumed", anchor_rows=other)
+    assert second.load_state() and torch.equal(second.anchor_batches.rows, _anchor_rows())
+    rest = second.run(progress=False)
+    assert [lg["total"] for lg in rest] == pytest.approx([lg["total"] for lg in want[3:]], rel=1e-6, abs=1e-7)
+    # rows of another shape (another --seq-len or --anchor-data count) are a one-line refusal
+    with pytest.raises(StarElasticError, match=r"the state's anchor text is \(6, 32\) rows x tokens, this run's \(8, 32\)"):
+        _trainer(tmp_path, "resumed", anchor_rows=_anchor_rows(n=8)).load_state()
+
+
 def test_a_mixed_anchor_takes_its_first_rows_from_its_text_and_the_rest_from_the_training_batch(tmp_path):
     """anchor_mix 0.5: half the anchor's rows are its own text's, half its step's training batch's (the
     same rows the budget trained on), so that it holds the full model on both."""

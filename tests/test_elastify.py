@@ -459,14 +459,14 @@ def test_the_demo_trains_with_elastifys_defaults_on_the_cpu_and_the_recipe_that_
         "anchor_data": "self", "anchor_mix": 0.5, "full_delta_rank": 64, "full_delta_lr": 4e-4, "full_delta_finish": 256,
         "hold": "embeddings,norms",
         "hold_rate": 1.0,
-        "hold_pull": 30.0, "full_keeps_held": "training", "full_anchor": 1.0}
+        "hold_pull": 0.0, "full_keeps_held": "training", "full_anchor": 1.0}
     hold = gpu["hold"].split(",")
     assert hold_problem(hold, gpu["hold_rate"], gpu["hold_pull"], sharded=False, budget_lrs=False) is None
     assert keep_problem(gpu["full_keeps_held"], gpu["full_delta_rank"], hold, gpu["hold_rate"]) is None
     given = demo_options(build_parser().parse_args(["demo", "--full-delta-rank", "0", "--full-keeps-held",
-                                                    "--anchor-mix", "1", "--hold-pull", "0"]), "cuda")
+                                                    "--anchor-mix", "1", "--hold-pull", "10"]), "cuda")
     assert (given["full_delta_rank"], given["full_keeps_held"], given["anchor_mix"], given["hold_pull"]) == (
-        0, "after", 1.0, 0.0)
+        0, "after", 1.0, 10.0)
     assert given["hold"] == "embeddings,norms"  # what was not given stays the preset's
     # the delta turned off takes the preset's rate and finish of it along (else: "there is no delta"), and
     # every preset's and given set passes the trainer's check
@@ -521,8 +521,8 @@ def test_keep_full_is_the_recipe_and_a_flag_beside_it_wins(tmp_path, tokenizer, 
     assert hold_problem(hold, recipe["hold_rate"], recipe["hold_pull"], sharded=False, budget_lrs=False) is None
     assert keep_problem(recipe["full_keeps_held"], recipe["full_delta_rank"], hold, recipe["hold_rate"]) is None
     assert all(delta_option_problem(k, recipe[k], recipe["full_delta_rank"]) is None for k in DELTA_OPTIONS)
-    assert opts("--keep-full", "--hold-pull", "0", "--full-anchor", "0.5") == {**KEEP_FULL, "hold_pull": 0.0,
-                                                                               "full_anchor": 0.5}
+    assert opts("--keep-full", "--hold-pull", "30", "--full-anchor", "0.5") == {**KEEP_FULL, "hold_pull": 30.0,
+                                                                                "full_anchor": 0.5}
     # the recipe as flags (what elastify --keep-full prints), typed back without it, is the recipe
     from star_elastic.commands import lever_flags
     assert lever_flags({**PLAIN_LEVERS, "full_delta_restore": ""}) == ""
@@ -543,7 +543,7 @@ def test_keep_full_is_the_recipe_and_a_flag_beside_it_wins(tmp_path, tokenizer, 
     config = read_manifest(tmp_path / "ckpt")["training"]["config"]
     assert (config["full_anchor"], config["anchor_data"], config["full_delta_rank"], config["full_delta_finish"],
             config["hold"], config["hold_pull"], config["full_keeps_held"]) == (
-        1.0, "self", 4, 2, ["embeddings", "norms"], 30.0, "training")
+        1.0, "self", 4, 2, ["embeddings", "norms"], 0.0, "training")
 
 
 def test_shard_and_router_flags_reach_the_training_config(tmp_path):
@@ -672,3 +672,49 @@ def test_anchor_data_reaches_the_run_and_bad_values_are_one_line(tmp_path, token
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
         assert not (tmp_path / "o2").exists()
+
+
+def test_an_interrupted_elastify_resumes_on_its_anchor_text_without_sampling_again(tmp_path, tokenizer, text,
+                                                                                  monkeypatch):
+    """`elastify --anchor-data self` stopped mid-training: run again, it reads the rows its state kept (a
+    new sample costs minutes at Nano and, on CUDA, is other text) and trains on them from where it stopped."""
+    from star_elastic import elastify as elastify_module
+    from star_elastic.train import ElasticTrainer
+    from star_elastic.train_state import saved_anchor_rows
+
+    cfg = ElastifyConfig(budgets=["1.0", "0.5"], tokens=8 * 32 * 4, seq_len=32, batch_size=8, calib_batches=1,
+                         eval_tokens=128, lr=1e-3, anchor_data="self:512")
+    run, load_state = ElasticTrainer.run, ElasticTrainer.load_state
+
+    def power_cut(self, *a, **k):
+        run(self, progress=False, stop_after=2)  # saves the state
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(ElasticTrainer, "run", power_cut)
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError, match="power cut"):
+        elastify(Model(PARENTS["llama"]), tokenizer, str(text), tmp_path / "ckpt", cfg, log=lambda *_: None)
+    kept = saved_anchor_rows(tmp_path / ".ckpt.train")
+    assert kept is not None and kept.shape == (16, 32)
+    monkeypatch.setattr(ElasticTrainer, "run", run)
+
+    def sample_again(*a, **k):
+        raise AssertionError("sampled again")
+
+    seen = []
+
+    def resume(self):
+        resumed = load_state(self)
+        seen.append((resumed, self.step, self.anchor_batches.rows.clone()))
+        return resumed
+
+    monkeypatch.setattr(elastify_module, "anchor_text", sample_again)
+    monkeypatch.setattr(ElasticTrainer, "load_state", resume)
+    lines = []
+    torch.manual_seed(0)
+    elastify(Model(PARENTS["llama"]), tokenizer, str(text), tmp_path / "ckpt", cfg, log=lines.append)
+    assert f"anchor text: the interrupted run's 512 tokens (in {tmp_path / '.ckpt.train'})" in lines
+    assert "resuming training at step 2" in lines
+    assert seen[0][:2] == (True, 2) and torch.equal(seen[0][2], kept)
+    assert (tmp_path / "ckpt").is_dir() and not (tmp_path / ".ckpt.train").exists()
+

@@ -2,6 +2,7 @@
 # The GPU machine's side of the benchmarks (see prepare.sh beside this for what it carries). $1 = case:
 #   SETUP                       unpack the corpora, tokenizer and gguf wheel into the home folder
 #   EXPERTDELTA                 the experts' delta on CUDA's grouped GEMMs and gather path (check_expert_delta.py)
+#   RESTORESVD                  the delta's restore at Nano's shapes: randomized vs full float64 SVD (bench_restore_svd.py)
 #   ISSUE11                     SETUP, then bench_elastify_sharded.py on every GPU (issue 11)
 #   RUNS N0 "ARGS0" [N1 "ARGS1" ...]  bench_elastic.py runs side by side, run i on GPU i mod (GPUs), so
 #                               several share a GPU on a one-GPU machine (needs smol.part01). SmolLM2 leaves an
@@ -19,7 +20,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|45|CLOCK|16r|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|45|CLOCK|16r|16p|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -44,7 +45,7 @@ ratios() {  # ratios PAIRS RUN...: like-for-like ratios of this machine's runs a
   # recompute them at home from the runs' JSON with compare_elastic.py --json
   local pairs=$1; shift; local files=(); for r in "$@"; do [ -s $H/res/$r.json ] && files+=($H/res/$r.json); done
   for p in ${pairs//,/ }; do
-    python3 benchmarks/compare_elastic.py docs/results/elastic_session28_h200.json docs/results/elastic_session27_h200.json docs/results/elastic_session24_h200.json docs/results/elastic_session21_h200.json docs/results/elastic_session19_h200.json docs/results/elastic_session18_h200.json docs/results/elastic_session17_h200.json docs/results/elastic_session16_h200.json docs/results/elastic_session15_h200.json docs/results/elastic_session14_h200.json docs/results/elastic_session13_h200.json docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
+    python3 benchmarks/compare_elastic.py docs/results/elastic_session29_h200.json docs/results/elastic_session28_h200.json docs/results/elastic_session27_h200.json docs/results/elastic_session24_h200.json docs/results/elastic_session21_h200.json docs/results/elastic_session19_h200.json docs/results/elastic_session18_h200.json docs/results/elastic_session17_h200.json docs/results/elastic_session16_h200.json docs/results/elastic_session15_h200.json docs/results/elastic_session14_h200.json docs/results/elastic_session13_h200.json docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
       docs/results/elastic_session9_h200.json "${files[@]}" --pairs $p 2>&1 | tail -n 8
   done
 }
@@ -53,14 +54,20 @@ join() {
   [ -s $SE/SmolLM2-135M-Instruct.Q4_1.gguf ] && return
   # joined to a temporary name, kept only when its checksum holds: a join on a machine that lost part00 (a cold
   # start) once left a short file that every later call took for the model
+  # under a lock: two modes started side by side (PLAN17 16r's background run and HR0) once joined into the same
+  # file at once, and one of them failed its checksum (twenty-ninth session)
   local f=$SE/SmolLM2-135M-Instruct.Q4_1.gguf
-  cat $H/smol.part00 .devcarry/smol.part01 > $f.part
-  echo "$(cat .devcarry/smol.sha 2>/dev/null || echo b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53)  $f.part" | sha256sum -c \
-    && mv $f.part $f || { rm -f $f.part; echo "join: the model's parts do not add up (run SETUP first on a fresh machine)"; exit 1; }
+  mkdir -p $SE
+  ( flock 9; [ -s $f ] && exit 0
+    cat $H/smol.part00 .devcarry/smol.part01 > $f.part
+    echo "$(cat .devcarry/smol.sha 2>/dev/null || echo b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53)  $f.part" | sha256sum -c \
+      && mv $f.part $f || { rm -f $f.part; echo "join: the model's parts do not add up (run SETUP first on a fresh machine)"; exit 1; }
+  ) 9> $SE/.join.lock || exit 1
 }
 case "$1" in
 SETUP) setup ;;
 EXPERTDELTA) python3 benchmarks/device/check_expert_delta.py ;;
+RESTORESVD) python3 benchmarks/bench_restore_svd.py --device cuda --json $OUT/restore_svd.json 2>&1 | tail -n 14 ;;  # the restore at Nano
 ISSUE11) shift; setup; nvidia-smi topo -m  # more arguments go to the bench, e.g. --layers "MEMEM*EMEMEM*" --timeout 400
   cd benchmarks && python3 bench_elastify_sharded.py --tokenizer $H/tok --work $H/work --json $OUT/sharded.json "$@" 2>&1 | tail -60 ;;
 PAIR|ONE|RUNS) shift  # results are also kept in $H/res, for a later run's --minitron-arch $H/res/NAME.json
@@ -372,6 +379,15 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
          --state-dir $H/state/J16r" &
      [ -e $H/res/B0kp0.done ] || bash $0 PLAN17 HR0; wait
      ratios J16r:C16ra,J16r:C16rb J16r ;;
+  # 16p (for the thirtieth session): J16r (twenty-ninth session: 0.75 +1.2..+6.2%, 0.5 -0.9..+6.0% against (c) at
+  # 16M; the full model +3.4% on chat answers, KL 0.033, the restore covering 94%) without the pull, which at 4M
+  # cost SmolLM2's 0.5 4-7 points and the hybrid's 0.75 5-10 (PLAN17 45, HR0), and with a finish three times as
+  # long (768 steps: at 16M the delta has more drift to follow; the finish touches only the full budget's delta,
+  # so the smaller budgets' rows answer the pull alone). Alone on the GPU, two calls back to back (the second
+  # resumes; the state keeps its anchor text now)
+  16p) RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16p "${RESTORED/--hold-pull 30/--hold-pull 0} --full-delta-finish 768 \
+         --tokens-a 16777216 --state-dir $H/state/J16p"
+     ratios J16p:C16ra,J16p:C16rb J16p ;;
   # 16R: its (c) runs C16ra / C16rb ran in the twenty-eighth session (elastic_session28_h200.json: carry their
   # JSON's runs into $H/res and touch $H/res/C16ra.done, C16rb.done to skip them); J16r needs two calls back to
   # back on one machine (its state lives only while the machine is warm: the twenty-eighth session lost it)
