@@ -456,6 +456,35 @@ def test_a_restored_delta_is_the_best_rank_r_correction_of_the_shared_weights(tm
         assert err(weighted.delta(name)) <= err(plain.delta(name)) * (1 + 1e-3)
 
 
+def test_above_the_exact_size_the_restore_factors_by_a_randomized_svd_as_good_as_the_full_one():
+    """Nano's experts (1856 x 2688) take 11 s each for a float64 SVD on the CPU, and a restore has thousands:
+    above EXACT_SVD_MAX rows and columns `top_singular` finds the rank-r part by a randomized range finder. On a
+    drift of decaying spectrum (what training leaves) its rank-r error is the full SVD's to 1e-9, batched over
+    experts; it is the same call to call, and the global RNG is left where it was."""
+    from star_elastic.elastic.delta import EXACT_SVD_MAX, top_singular
+
+    g = torch.Generator().manual_seed(0)
+    m, n, r = EXACT_SVD_MAX + 6, EXACT_SVD_MAX + 40, 8
+    q1, _ = torch.linalg.qr(torch.randn(2, m, 48, generator=g, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(2, n, 48, generator=g, dtype=torch.float64))
+    spectrum = 0.7 ** torch.arange(48, dtype=torch.float64)  # decaying, as a drift's
+    a = q1 * spectrum @ q2.mT + 1e-6 * torch.randn(2, m, n, generator=g, dtype=torch.float64)
+    before = torch.get_rng_state()
+    u, s, vh = top_singular(a, r)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert u.shape == (2, m, r) and s.shape == (2, r) and vh.shape == (2, r, n)
+    exact = torch.linalg.svdvals(a)[..., :r]
+    assert torch.allclose(s, exact, rtol=1e-9, atol=0)
+    best = (a ** 2).sum((-2, -1)) - (exact ** 2).sum(-1)  # Eckart-Young: the rank-r error of the full SVD
+    got = ((a - u * s[..., None, :] @ vh) ** 2).sum((-2, -1))
+    assert torch.allclose(got, best, rtol=1e-9)
+    again = top_singular(a, r)
+    assert all(torch.equal(x, y) for x, y in zip((u, s, vh), again))
+    # at or below the size, the exact SVD: SmolLM2's layers (576 wide) and every test's restore
+    small = a[0, :EXACT_SVD_MAX, :200]
+    assert torch.allclose(top_singular(small, r)[1], torch.linalg.svdvals(small)[:r], rtol=1e-12)
+
+
 def test_input_covariances_are_the_mean_outer_product_of_each_layers_inputs():
     """input_covariances against the inputs caught directly: E[x x^T] over every token of every batch."""
     from star_elastic.elastic.delta import input_covariances

@@ -37,12 +37,41 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from star_elastic import parallel
 from star_elastic.elastic.masking import ClassSwaps
 from star_elastic.errors import StarElasticError
+
+# Above this many rows and columns a layer's rank-r part comes from a randomized SVD (`top_singular`), not a full
+# one: a full float64 SVD of one of Nemotron 3 Nano's experts (1856 x 2688) took 11 s on the 2-core CPU, and the
+# restore has ~5,900 of them. SmolLM2's layers (576 wide) and the tests' stay on the exact path.
+EXACT_SVD_MAX = 1024
+
+
+def _key(name: str) -> str:
+    """A target's key in the delta's ParameterDicts, whose keys may not hold dots."""
+    return name.replace(".", "/")
+
+
+def top_singular(a: torch.Tensor, k: int, oversample: int = 16, iters: int = 4, seed: int = 0):
+    """The top `k` singular triplets (u, s, vh) of `a` (..., m, n), batched over leading dimensions: exact up to
+    EXACT_SVD_MAX rows or columns, else a randomized range finder with `iters` power iterations (Halko, Martinsson
+    and Tropp 2011, Algorithm 4.4) on its own generator, so the result is the same run to run and the global RNG
+    is left alone."""
+    m, n = a.shape[-2:]
+    if min(m, n) <= EXACT_SVD_MAX:
+        u, s, vh = torch.linalg.svd(a, full_matrices=False)
+        return u[..., :k], s[..., :k], vh[..., :k, :]
+    q = min(k + oversample, m, n)
+    g = torch.Generator(device=a.device).manual_seed(seed)
+    basis = torch.linalg.qr(a @ torch.randn(*a.shape[:-2], n, q, generator=g, device=a.device, dtype=a.dtype)).Q
+    for _ in range(iters):  # each QR keeps the basis orthonormal, so small singular values are not lost to rounding
+        basis = torch.linalg.qr(a @ torch.linalg.qr(a.mT @ basis).Q).Q
+    u, s, vh = torch.linalg.svd(basis.mT @ a, full_matrices=False)  # (q, n): small
+    return (basis @ u)[..., :k], s[..., :k], vh[..., :k, :]
 
 
 class _WithDelta:
@@ -164,7 +193,7 @@ class FullDelta(nn.Module):
         for name in self.targets:
             w = self.weight_of(model, name)
             *stack, out_f, in_f = w.shape
-            key = name.replace(".", "/")
+            key = _key(name)
             down = torch.randn(*stack, rank, in_f, generator=g).div_(in_f ** 0.5)
             self.down[key] = nn.Parameter(down.to(w.device, w.dtype))  # the weights' dtype: the trainer's master
             self.up[key] = nn.Parameter(torch.zeros(*stack, out_f, rank, device=w.device, dtype=w.dtype))
@@ -209,7 +238,7 @@ class FullDelta(nn.Module):
     def without_experts(self) -> "FullDelta":
         """This delta on the linear layers alone (as one written before the experts had one reads)."""
         for name in self.experts:
-            key = name.replace(".", "/")
+            key = _key(name)
             del self.down[key], self.up[key]
         self.experts = []
         return self
@@ -229,7 +258,7 @@ class FullDelta(nn.Module):
 
     def delta(self, name: str) -> torch.Tensor:
         """B A of target `name`, (out, in) (experts: (E, out, in)), in float32."""
-        key = name.replace(".", "/")
+        key = _key(name)
         return self.up[key].float() @ self.down[key].float()
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -238,7 +267,7 @@ class FullDelta(nn.Module):
         tensors' names (`model.layers.1.mixer.experts.up_proj.delta_down`, (E, r, in))."""
         out = {}
         for name in self.targets:
-            key = name.replace(".", "/")
+            key = _key(name)
             down, up = _stored_keys(name)
             out[down], out[up] = self.down[key], self.up[key]
         return out
@@ -277,7 +306,7 @@ class FullDelta(nn.Module):
             if down.shape != (*stack, rank, in_f) or up.shape != (*stack, out_f, rank):
                 raise StarElasticError(f"{path}: {name}'s delta is {tuple(up.shape)} x {tuple(down.shape)}, the layer "
                                        f"is {tuple(w.shape)} (rank {rank})")
-            key = name.replace(".", "/")
+            key = _key(name)
             delta.down[key] = nn.Parameter(down.to(w.device, w.dtype), requires_grad=False)
             delta.up[key] = nn.Parameter(up.to(w.device, w.dtype), requires_grad=False)
         return delta
@@ -300,11 +329,11 @@ class FullDelta(nn.Module):
         swaps = ClassSwaps()
         try:
             for name in self.names:
-                key = name.replace(".", "/")
+                key = _key(name)
                 swaps.mix(model.get_submodule(name), _WithDelta, delta_down=self.down[key], delta_up=self.up[key])
             for module in dict.fromkeys(name.rpartition(".")[0] for name in self.experts):
-                pairs = {which: (self.down[f"{module}/{which}".replace(".", "/")],
-                                 self.up[f"{module}/{which}".replace(".", "/")]) for which in EXPERT_TENSORS}
+                pairs = {which: (self.down[_key(f"{module}.{which}")],
+                                 self.up[_key(f"{module}.{which}")]) for which in EXPERT_TENSORS}
                 swaps.mix(model.get_submodule(module), _ExpertsWithDelta, delta_pairs=pairs)
             for module, own in self._own_modules(model):
                 swaps.mix(module, _own_mixin(module), own_weight=own)
@@ -375,10 +404,18 @@ class FullDelta(nn.Module):
         §9); this one starts where they are."""
         caught = total = 0.0
         r = self.rank
-        for name in self.targets:
-            # whole weights (sharded: gathered, a collective that every rank runs; each then finds the same B A)
+        rank, ranks = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
+            else (0, 1)
+        for i, name in enumerate(self.targets):
+            # whole weights (sharded: gathered, a collective that every rank runs)
             w = parallel.full_tensor(self.weight_of(model, name).detach()).double()
             parent_w = parallel.full_tensor(self.weight_of(parent, name).detach())
+            key = _key(name)
+            owner = i % ranks  # layers dealt out: each rank factors its own, then sends B A to the others
+            if rank != owner:
+                for t in (self.up[key], self.down[key]):
+                    dist.broadcast(t.data, src=owner)
+                continue
             gap = parent_w.to(w.device).double() - w  # (out, in); experts (E, out, in)
             scale = None
             if covariances is None or name not in covariances:
@@ -395,22 +432,29 @@ class FullDelta(nn.Module):
                                                                                            dtype=cov.dtype)
                 lower = torch.linalg.cholesky(cov)
                 target = gap @ lower
-            u, s, vh = torch.linalg.svd(target, full_matrices=False)  # batched over the experts
-            total += float((s ** 2).sum())
-            k = min(r, s.shape[-1])  # a rank above the matrix's: the rest of A and B stays zero
-            caught += float((s[..., :k] ** 2).sum())
+            k = min(r, *target.shape[-2:])  # a rank above the matrix's: the rest of A and B stays zero
+            u, s, vh = top_singular(target, k)  # batched over the experts
+            total += float((target ** 2).sum())
+            caught += float((s ** 2).sum())
             root = s[..., :k].sqrt()
             down = root[..., :, None] * vh[..., :k, :]  # (r, in), in the whitened basis
             if lower is not None:  # back: down L^-1
                 down = torch.linalg.solve_triangular(lower.T, down.T, upper=True).T
             if scale is not None:  # back: down S^-1
                 down = down / scale
-            key = name.replace(".", "/")
             up_k = torch.zeros_like(self.up[key], dtype=torch.float64)
             down_k = torch.zeros_like(self.down[key], dtype=torch.float64)
-            up_k[..., :k], down_k[..., :k, :] = u[..., :, :k] * root[..., None, :], down
+            up_k[..., :k], down_k[..., :k, :] = u * root[..., None, :], down
             self.up[key].copy_(up_k.to(self.up[key].dtype))
             self.down[key].copy_(down_k.to(self.down[key].dtype))
+            if ranks > 1:
+                for t in (self.up[key], self.down[key]):
+                    dist.broadcast(t.data, src=owner)
+        if ranks > 1:  # each rank summed its own layers'
+            device = next((t.device for t in self.up.values()), torch.device("cpu"))
+            sums = torch.tensor([caught, total], dtype=torch.float64, device=device)
+            dist.all_reduce(sums)
+            caught, total = sums.tolist()
         return caught / total if total else 1.0
 
     @contextmanager
