@@ -257,6 +257,10 @@ def parse_args(argv=None):
     ap.add_argument("--top-k", type=int, default=4)
     ap.add_argument("--expert-ffn", type=int, default=256)
     ap.add_argument("--balance-rate", type=float, default=1e-3, help="aux-loss-free balancing during pretraining")
+    ap.add_argument("--parent-b", metavar="FILE.safetensors",
+                    help="B's pretrained parent from FILE if it is there, else pretrained and written there: runs in "
+                         "other processes (a resumed call, (c) run apart) then distil the same parent, where a GPU's "
+                         "pretraining is not the same run to run")
     if ap.parse_known_args(argv)[0].smoke:  # every code path at tiny sizes; explicit flags still win
         ap.set_defaults(max_docs=300, eval_tokens=256, eval_seq_len=128, calib_batches=2, calib_batch_size=2,
                         calib_seq_len=64, batch_size=2, seq_len=64, tokens_a=512, tokens_b=2048, lr_b=1e-3,
@@ -952,8 +956,7 @@ def run_b(args, device, res: Results) -> dict:
           f"{parent.num_parameters():,} parameters on {res.data['machine']}; pretraining {args.pretrain_steps} steps "
           f"of {args.pretrain_batch_size} x {args.pretrain_seq_len} on {train.numel():,} tokens of {args.train_data}",
           flush=True)
-    t = clock(device)
-    log = zs.train_moe(parent, train, pre, device)  # returns the fp32 model in eval mode
+    log, seconds = pretrained_parent(parent, train, pre, device, args.parent_b)
     heldouts = with_chat(heldouts, parent, tokenizer)
     part.update(parent={"params": parent.num_parameters(), "config": cfg.to_dict()},
                 **heldout_record(heldouts), eval_seq_len=args.eval_seq_len,
@@ -962,7 +965,8 @@ def run_b(args, device, res: Results) -> dict:
                              "tokens": args.pretrain_steps * args.pretrain_batch_size * args.pretrain_seq_len,
                              "lr": args.pretrain_lr, "balance_rate": args.balance_rate,
                              "precision": "bf16 + fp32 master weights" if device.type == "cuda" else "fp32",
-                             "seconds": round(clock(device) - t, 1), "log": log})
+                             "seconds": seconds, "log": log,
+                             **({"file": args.parent_b} if args.parent_b else {})})
     res.save()
     sorted_parent = copy.deepcopy(parent)
     part["importance"], calibration = importance_and_sort(sorted_parent, train, args, device)
@@ -973,6 +977,37 @@ def run_b(args, device, res: Results) -> dict:
                       f"{part['pretraining']['seconds']} s (not counted in T)")
     res.save()
     return part
+
+
+def pretrained_parent(parent: Model, train, pre, device, path: str | None) -> tuple[list, float]:
+    """Pretrain `parent` (fp32, eval mode after), or with `path` load it from there when the file exists (its
+    pretraining's log and seconds from the file's metadata), writing it there after pretraining (a temporary
+    file renamed). Returns the pretraining's log and seconds."""
+    from safetensors import safe_open
+    from safetensors.torch import load_model, save_model
+
+    if path and Path(path).exists():
+        try:
+            with safe_open(path, "pt") as f:
+                meta = f.metadata() or {}
+            if "log" not in meta:
+                raise ValueError("no pretraining log in it")
+            load_model(parent, path, device=str(device))
+        except Exception as e:  # a foreign, truncated or other-shaped file: one line, not the loader's traceback
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise SystemExit(f"--parent-b {path}: not this bench's parent for these settings ({why})") from None
+        print(f"  the parent pretrained by an earlier call, from {path}", flush=True)
+        parent.eval()
+        return json.loads(meta["log"]), float(meta["seconds"])
+    t = clock(device)
+    log = zs.train_moe(parent, train, pre, device)  # returns the fp32 model in eval mode
+    seconds = round(clock(device) - t, 1)
+    if path:
+        tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        save_model(parent, str(tmp), metadata={"log": json.dumps(log), "seconds": str(seconds)})
+        tmp.replace(path)
+    return log, seconds
 
 
 def merge(files: list[str], out: str | None) -> dict:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from star_elastic.elastify import ElastifyConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +34,34 @@ def test_a_stopped_run_resumes_from_its_state_and_counts_every_step_once(tmp_pat
     assert sum(row["steps_sampled"] for row in rows) == 16  # the first call's step counted, none twice
     assert len(elastic["argmax_trajectory"]) == 16  # one per tenth (a step each here), across both calls
     assert not any(state.iterdir())  # the finished run's weights and moments are removed
+
+
+def test_a_parent_file_gives_every_process_the_same_pretrained_hybrid(tmp_path):
+    """`--parent-b FILE`: the first run pretrains B's parent and writes it there, a later one (a resumed call, or
+    (c) run in a process of its own) distils that parent instead of pretraining another (a GPU's pretraining is
+    not the same run to run; here a different pretraining rate stands for that); a file this bench did not
+    write is a one-line refusal."""
+    from safetensors.torch import save_file
+
+    parent = tmp_path / "parent.safetensors"
+    runs = {}
+    for name, lr in (("first", "3e-3"), ("second", "1e-2")):
+        r = subprocess.run(BENCH + ["--parent-b", str(parent), "--pretrain-lr", lr, "--json", str(tmp_path / name)],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs[name] = (json.loads((tmp_path / name).read_text())["B"], r.stdout)
+        assert parent.exists()
+    (first, _), (second, out) = runs["first"], runs["second"]
+    assert "the parent pretrained by an earlier call" in out and "pretrained by an earlier call" not in runs["first"][1]
+    parent_rows = [[row for row in part["rows"] if row["method"] == "parent"] for part in (first, second)]
+    assert parent_rows[0] == parent_rows[1] and parent_rows[0]  # the same parent, scored the same
+    assert second["pretraining"]["log"] == first["pretraining"]["log"]
+    assert second["pretraining"]["seconds"] == first["pretraining"]["seconds"]
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "foreign.safetensors"))
+    r = subprocess.run(BENCH + ["--parent-b", str(tmp_path / "foreign.safetensors"), "--json", str(tmp_path / "f")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "foreign.safetensors" in r.stderr.strip().splitlines()[-1]
 
 
 def test_max_train_seconds_without_a_state_dir_is_refused():

@@ -20,7 +20,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|45|CLOCK|16r|16p|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|45|CLOCK|16r|16p|HB16|HB16c|S30|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -411,6 +411,24 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
        --full-delta-restore activations --full-delta-finish 256 --hold embeddings,norms --hold-rate 1 --hold-pull 0 \
        --full-keeps-held-training --strict-determinism"
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS B0kp0 "$HB --seed 0 $R" B1kp0 "$HB --seed 1 $R" ;;
+  # HB16 (issue 17's hybrid at T = 16M, never run): HR0's recipe (--keep-full's since the twenty-ninth session) at
+  # seed 0, the elastic run alone and resumable (call again on exit 75), its parent pretrained once and kept in
+  # $H/res/parentB0.safetensors (--parent-b) so that a resumed call and the (c) runs distil the same one; then
+  # HB16c: (c) at 8.4M tokens a budget on B16's architectures, a budget a process, side by side, and the ratios
+  HB16) R="--full-anchor 1 --anchor-data self --anchor-mix 0.5 --full-delta-rank 64 --full-delta-lr 4e-4 \
+       --full-delta-restore activations --full-delta-finish 256 --hold embeddings,norms --hold-rate 1 --hold-pull 0 \
+       --full-keeps-held-training --strict-determinism"
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS B16 "${HB/--minitron-arch elastic/--no-minitron} --seed 0 $R \
+       --tokens-b 16777216 --state-dir $H/state/B16 --parent-b $H/res/parentB0.safetensors --max-train-seconds ${MTS:-400}" ;;
+  # S30 (the thirtieth session's first calls): 16p and HB16 side by side, called back to back until both are done
+  # (each resumes; a finished one is skipped), then HB16c, RESTORESVD and the demo
+  S30) bash $0 PLAN17 16p > $OUT/s30_16p.txt 2>&1 & bash $0 PLAN17 HB16 > $OUT/s30_hb16.txt 2>&1; wait
+     tail -n 12 $OUT/s30_16p.txt $OUT/s30_hb16.txt ;;
+  HB16c) C="--part B --tokenizer $H/tok --heldout wiki,shakespeare,bible,wiki-fr --variants= --seed 0 --tokens-b 8388608 \
+       --minitron-arch $H/res/B16.json:elastic_anchor --parent-b $H/res/parentB0.safetensors"
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS C16ba "$C --budgets 1.0,0.75" C16bb "$C --budgets 1.0,0.5"
+     python3 benchmarks/compare_elastic.py $H/res/B16.json $H/res/C16ba.json $H/res/C16bb.json --part B \
+       --pairs B16:C16ba,B16:C16bb 2>&1 | tail -n 16 ;;
   # HRK: HR with the full budget keeping the parent's Mamba values and MoE gates too (the delta covers neither;
   # twenty-seventh session), against HR's runs
   HRK) R="--full-anchor 1 --anchor-data self --anchor-mix 0.5 --full-delta-rank 64 --full-delta-lr 4e-4 \
