@@ -46,8 +46,9 @@ from star_elastic.elastic.masking import ClassSwaps
 from star_elastic.errors import StarElasticError
 
 # Above this many rows and columns a layer's rank-r part comes from a randomized SVD (`top_singular`), not a full
-# one: a full float64 SVD of one of Nemotron 3 Nano's experts (1856 x 2688) took 11 s on the 2-core CPU, and the
-# restore has ~5,900 of them. SmolLM2's layers (576 wide) and the tests' stay on the exact path.
+# one: a full float64 SVD of one of Nemotron 3 Nano's experts (1856 x 2688) took 5 s on one CPU thread (0.57 s
+# randomized), and the restore has ~5,900 of them (docs/RESULTS.md §9). SmolLM2's layers (576 wide) and the
+# tests' stay on the exact path.
 EXACT_SVD_MAX = 1024
 
 
