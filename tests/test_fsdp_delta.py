@@ -213,3 +213,31 @@ def test_text_sampled_from_a_sharded_parent_is_the_whole_parents(tmp_path):
     mp.spawn(_sampling_worker, args=(2, free_port(), str(tmp_path / "rows.pt")), nprocs=2, join=True)
     got = torch.load(tmp_path / "rows.pt")
     assert got.shape == (12, 16) and torch.equal(got, want)
+
+
+def _anchor_resume_worker(rank, world, port, out, tmp):
+    from test_anchor_data import _anchor_rows
+
+    with gloo_group(rank, world, port):
+        def sharded(rows):
+            model, teacher, router, budgets, data, cfg, _ = make(shard="fsdp", steps=6, full_anchor=1.0)
+            return ElasticTrainer(model, teacher, router, budgets, data, cfg, f"{tmp}/anchored", anchor_rows=rows)
+
+        sharded(_anchor_rows()).run(progress=False, stop_after=3)
+        second = sharded(_anchor_rows().flip(0))  # each rank handed another sample, as a resumed call on CUDA is
+        assert second.load_state() and second.step == 3
+        if rank == 0:
+            torch.save(second.anchor_batches.rows, out)
+
+
+def test_a_sharded_state_keeps_the_anchor_text_it_trained_on(tmp_path):
+    """Under FSDP2 the state's anchor rows are written from rank 0 beside DCP's shards, and every rank of a
+    resumed run reads them, whatever sample it was handed."""
+    from star_elastic.train_state import saved_anchor_rows
+    from test_anchor_data import _anchor_rows
+
+    mp.spawn(_anchor_resume_worker, args=(2, free_port(), str(tmp_path / "rows.pt"), str(tmp_path)), nprocs=2,
+             join=True)
+    assert torch.equal(torch.load(tmp_path / "rows.pt"), _anchor_rows())
+    assert torch.equal(saved_anchor_rows(tmp_path / "anchored"), _anchor_rows())
+    assert (tmp_path / "anchored" / "train_state" / "dcp").is_dir()  # the sharded format
