@@ -75,6 +75,41 @@ def top_singular(a: torch.Tensor, k: int, oversample: int = 16, iters: int = 4, 
     return (basis @ u)[..., :k], s[..., :k], vh[..., :k, :]
 
 
+# Routed experts restored this many at a time (FullDelta.restore): bounds the float64 copies at Nano's shapes
+EXPERT_CHUNK = 16
+
+
+def _rank_part(gap: torch.Tensor, r: int, cov: torch.Tensor | None, diagonal: bool, damping: float):
+    """FullDelta.restore's factors of one weight's float64 `gap` (out, in), or of a stack of experts' (E, out, in):
+    (up (..., out, r), down (..., r, in), caught, total), the rank-r part of the gap weighted by `cov` (a linear
+    layer's E[x x^T], whitened by its Cholesky factor; `diagonal`: experts' E[x^2] per input channel (E, in), a
+    scale per channel), both factors with the root of the singular values; columns past the matrix's rank zero."""
+    lower = scale = None
+    if cov is None:
+        target = gap
+    elif diagonal:
+        scale = (cov + damping * cov.mean(-1, keepdim=True).clamp_min(1e-12)).sqrt()[:, None, :]
+        target = gap * scale
+    else:
+        cov = cov + damping * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(cov.shape[0], device=cov.device,
+                                                                                   dtype=cov.dtype)
+        lower = torch.linalg.cholesky(cov)
+        target = gap @ lower
+    k = min(r, *target.shape[-2:])
+    u, s, vh = top_singular(target, k)  # batched over the experts
+    root = s.sqrt()
+    down = root[..., :, None] * vh  # (k, in), in the whitened basis
+    if lower is not None:  # back: down L^-1
+        down = torch.linalg.solve_triangular(lower.T, down.T, upper=True).T
+    if scale is not None:  # back: down S^-1
+        down = down / scale
+    *stack, out_f, in_f = gap.shape
+    up_r = gap.new_zeros(*stack, out_f, r)
+    down_r = gap.new_zeros(*stack, r, in_f)
+    up_r[..., :k], down_r[..., :k, :] = u * root[..., None, :], down
+    return up_r, down_r, float((s ** 2).sum()), float((target ** 2).sum())
+
+
 class _WithDelta:
     """Mixed into a linear layer's class while the full budget runs: W x + B A x."""
 
@@ -409,45 +444,25 @@ class FullDelta(nn.Module):
             else (0, 1)
         for i, name in enumerate(self.targets):
             # whole weights (sharded: gathered, a collective that every rank runs)
-            w = parallel.full_tensor(self.weight_of(model, name).detach()).double()
-            parent_w = parallel.full_tensor(self.weight_of(parent, name).detach())
+            w = parallel.full_tensor(self.weight_of(model, name).detach())
+            parent_w = parallel.full_tensor(self.weight_of(parent, name).detach()).to(w.device)
             key = _key(name)
             owner = i % ranks  # layers dealt out: each rank factors its own, then sends B A to the others
             if rank != owner:
                 for t in (self.up[key], self.down[key]):
                     dist.broadcast(t.data, src=owner)
                 continue
-            gap = parent_w.to(w.device).double() - w  # (out, in); experts (E, out, in)
-            scale = None
-            if covariances is None or name not in covariances:
-                lower = None
-                target = gap
-            elif name in self.experts:  # each expert's E[x^2] per input channel (E, in): the diagonal weighting
-                ms = covariances[name].to(w.device).double()
-                scale = (ms + damping * ms.mean(-1, keepdim=True).clamp_min(1e-12)).sqrt()[:, None, :]
-                lower = None
-                target = gap * scale
-            else:
-                cov = covariances[name].to(w.device).double()
-                cov = cov + damping * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(cov.shape[0], device=w.device,
-                                                                                           dtype=cov.dtype)
-                lower = torch.linalg.cholesky(cov)
-                target = gap @ lower
-            k = min(r, *target.shape[-2:])  # a rank above the matrix's: the rest of A and B stays zero
-            u, s, vh = top_singular(target, k)  # batched over the experts
-            total += float((target ** 2).sum())
-            caught += float((s ** 2).sum())
-            root = s[..., :k].sqrt()
-            down = root[..., :, None] * vh[..., :k, :]  # (r, in), in the whitened basis
-            if lower is not None:  # back: down L^-1
-                down = torch.linalg.solve_triangular(lower.T, down.T, upper=True).T
-            if scale is not None:  # back: down S^-1
-                down = down / scale
-            up_k = torch.zeros_like(self.up[key], dtype=torch.float64)
-            down_k = torch.zeros_like(self.down[key], dtype=torch.float64)
-            up_k[..., :k], down_k[..., :k, :] = u * root[..., None, :], down
-            self.up[key].copy_(up_k.to(self.up[key].dtype))
-            self.down[key].copy_(down_k.to(self.down[key].dtype))
+            cov = None if covariances is None or name not in covariances else covariances[name].to(w.device).double()
+            # the experts a few at a time: in float64 Nano's 128 (1856 x 2688) are 5 GB a copy
+            parts = [slice(e, e + EXPERT_CHUNK) for e in range(0, w.shape[0], EXPERT_CHUNK)] \
+                if name in self.experts else [slice(None)]
+            for part in parts:
+                gap = parent_w[part].double() - w[part].double()  # (out, in); experts (E, out, in)
+                experts = name in self.experts
+                up, down, c, t = _rank_part(gap, r, cov[part] if experts and cov is not None else cov, experts, damping)
+                self.up[key][part].copy_(up.to(self.up[key].dtype))
+                self.down[key][part].copy_(down.to(self.down[key].dtype))
+                caught, total = caught + c, total + t
             if ranks > 1:
                 for t in (self.up[key], self.down[key]):
                     dist.broadcast(t.data, src=owner)
