@@ -20,7 +20,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|45|CLOCK|16r|16p|HB16|HB16c|S30|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|HB16|HB16c|S30|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -420,6 +420,12 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
        --full-keeps-held-training --strict-determinism"
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS B16 "${HB/--minitron-arch elastic/--no-minitron} --seed 0 $R \
        --tokens-b 16777216 --state-dir $H/state/B16 --parent-b $H/res/parentB0.safetensors --max-train-seconds ${MTS:-400}" ;;
+  # 16pw: J16p with the 0.75 drawn 65% of the smaller budgets' steps (stage 2): at 16M J16r's 0.75 fitted its own
+  # training text 15% worse than (c) (twenty-ninth session); if more of the steps close that, it was starved of
+  # steps, if not, of capacity that the 0.5 shares. Run it only if J16p's 0.75 misses (c)
+  16pw) RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16pw "${RESTORED/--hold-pull 30/--hold-pull 0} --full-delta-finish 768 \
+         --tokens-a 16777216 --stage2-weights 0,0.65,0.35 --state-dir $H/state/J16pw"
+     ratios J16pw:C16ra,J16pw:C16rb J16pw ;;
   # S30 (the thirtieth session's first calls): 16p and HB16 side by side, called back to back until both are done
   # (each resumes; a finished one is skipped), then HB16c, RESTORESVD and the demo
   S30) bash $0 PLAN17 16p > $OUT/s30_16p.txt 2>&1 & bash $0 PLAN17 HB16 > $OUT/s30_hb16.txt 2>&1; wait
