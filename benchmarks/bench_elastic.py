@@ -57,6 +57,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.utils.deterministic
+from safetensors.torch import load_file
 
 import bench_zero_shot as zs  # noqa: E402  (MoE parent: config, initialisation, pretraining loop)
 import common  # noqa: E402
@@ -192,6 +193,10 @@ def parse_args(argv=None):
                     help="anchored variants: the full anchor distils on text sampled from the parent (elastify "
                          "--anchor-data self, or chat: conversations opening with the tokenizer's chat template; "
                          "1M tokens unless given), not on the step's training batch")
+    ap.add_argument("--anchor-cache", metavar="DIR",
+                    help="keep the anchor's sampled text in DIR, keyed by the parent's weights, the seed and the "
+                         "anchor's settings: later runs of the same parent read it instead of sampling again (a "
+                         "minute or two a run on a GPU, and on CUDA other text each time)")
     ap.add_argument("--anchor-mix", type=float, default=1.0, metavar="F",
                     help="with --anchor-data: the share of the anchor's rows from that text, the rest from the "
                          "step's training batch (TrainConfig.anchor_mix)")
@@ -680,10 +685,16 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
         print(f"  anchor text of the interrupted call, fingerprint {anchor_sha}", flush=True)
     elif args.anchor_data and variant in ANCHORED:
         key = (args.anchor_data, rows.shape[1], tokens_per_step, min(ANCHOR_SELF_TOKENS, steps * tokens_per_step))
+        cached = anchor_cache_file(args, key, teacher)
+        if key not in ANCHOR_ROWS and cached is not None and cached.exists():
+            ANCHOR_ROWS[key] = load_file(str(cached))["rows"]
+            print(f"  anchor text from {cached}", flush=True)
         if key not in ANCHOR_ROWS:  # once a process: every anchored variant distils on the same text
             with sampling_determinism():
                 ANCHOR_ROWS[key] = anchor_text(parse_anchor_data(args.anchor_data), teacher, tokenizer, rows.shape[1],
                                                tokens_per_step // rows.shape[1], key[-1], seed=args.seed)
+            if cached is not None:
+                common.write_safetensors(cached, {"rows": ANCHOR_ROWS[key].contiguous()})
         anchor_rows = ANCHOR_ROWS[key]
         anchor_sha = common.fingerprint(anchor_rows)
         print(f"  anchor text fingerprint {anchor_sha}", flush=True)
@@ -977,6 +988,21 @@ def run_b(args, device, res: Results) -> dict:
                       f"{part['pretraining']['seconds']} s (not counted in T)")
     res.save()
     return part
+
+
+def anchor_cache_file(args, key: tuple, teacher) -> Path | None:
+    """--anchor-cache's file for the anchor text of `key` (its settings) sampled from `teacher` at args.seed, or
+    None without the flag: named by a digest of those and of the teacher's weights (each tensor's shape and
+    float64 sum), so that another parent, seed or setting never reads it."""
+    if not args.anchor_cache:
+        return None
+    import hashlib
+
+    h = hashlib.sha256(repr((key, args.seed)).encode())
+    with torch.no_grad():
+        for name, p in teacher.state_dict().items():
+            h.update(f"{name}{tuple(p.shape)}{float(p.double().sum()):.17g}".encode())
+    return Path(args.anchor_cache) / f"anchor-{h.hexdigest()[:20]}.safetensors"
 
 
 def pretrained_parent(parent: Model, train, pre, device, path: str | None) -> tuple[list, float]:

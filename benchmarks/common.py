@@ -99,6 +99,17 @@ def write_json(path, data: dict, indent: int = 2, default=None) -> None:
     tmp.replace(path)
 
 
+def write_safetensors(path, tensors: dict) -> None:
+    """`tensors` as safetensors at `path` (folders made), written to a temporary file and renamed."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+
+
 def fingerprint(tokens) -> str:
     """A short hash of token ids: a (n,) or (rows, n) tensor, or chat transcripts ((ids, prompt_len) each). Two
     runs whose held-out (or anchor) fingerprints differ read different text, whatever their seeds say."""

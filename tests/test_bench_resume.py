@@ -64,6 +64,29 @@ def test_a_parent_file_gives_every_process_the_same_pretrained_hybrid(tmp_path):
     assert "foreign.safetensors" in r.stderr.strip().splitlines()[-1]
 
 
+def test_the_anchor_cache_gives_later_runs_of_the_same_parent_the_same_text(tmp_path):
+    """`--anchor-cache DIR`: the first anchored run samples its text and keeps it there; a later run of the same
+    parent, seed and settings reads it (no sampling, the same fingerprint), and a run at another seed samples
+    its own."""
+    parent, cache = tmp_path / "parent.safetensors", tmp_path / "anchors"
+    argv = [a if a != "elastic" else "elastic_anchor" for a in BENCH] + [
+        "--parent-b", str(parent), "--anchor-data", "self:1024", "--anchor-cache", str(cache)]
+
+    def run(name, *extra):
+        r = subprocess.run(argv + list(extra) + ["--json", str(tmp_path / name)], capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return json.loads((tmp_path / name).read_text())["B"]["methods"]["elastic_anchor"]["anchor_sha"], r.stdout
+
+    first, out1 = run("first")
+    second, out2 = run("second")
+    assert "anchor text from" not in out1 and "sampled from the parent" in out1
+    assert "anchor text from" in out2 and "sampled from the parent" not in out2
+    assert first == second and len(list(cache.iterdir())) == 1
+    third, out3 = run("third", "--seed", "1")  # another seed: its own text, its own file
+    assert "sampled from the parent" in out3 and len(list(cache.iterdir())) == 2
+
+
 def test_max_train_seconds_without_a_state_dir_is_refused():
     r = subprocess.run(BENCH + ["--max-train-seconds", "10"], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "--max-train-seconds needs --state-dir" in r.stderr

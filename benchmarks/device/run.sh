@@ -118,7 +118,8 @@ FP8) join; for f in "" --fp8-matmul; do  # SmolLM2 held-out perplexity and tok/s
     2>&1 | grep -v "%|" | tail -n 3; done ;;
 DECODE) shift; PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_decode_step.py \
   --json $OUT/decode_step.json "$@" 2>&1 | tail -n 12 ;;  # issue 12: the Triton state update vs the recurrence
-PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bible,wiki-fr --no-minitron --full-anchor 1"
+PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bible,wiki-fr --no-minitron --full-anchor 1 \
+    --anchor-cache $H/res/anchor"  # the runs of a machine share their anchor text (sampled once, 45-105 s saved a run)
   B=docs/results/elastic_session9_h200.json  # issue 17's next runs (the ninth session's note), three at a time
   J0="$A --seed 0 --variants joint_anchor --minitron-arch $B#E0:elastic_anchor"
   J1="$A --seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor"
@@ -132,7 +133,8 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   CHAT="--heldout wiki,shakespeare,bible,wiki-fr,chat"  # with the parent's own chat answers as a fifth source
   # the recipe with the delta restored where training ends (PLAN17 41 and 42, twenty-sixth session)
   RESTORED="$J0 $KEPT --strict-determinism $CHAT --full-delta-lr 4e-4 --full-delta-restore activations --max-train-seconds ${MTS:-330}"
-  HB="--part B --tokenizer $H/tok --heldout wiki,shakespeare,bible,wiki-fr --variants elastic_anchor --minitron-arch elastic"
+  HB="--part B --tokenizer $H/tok --heldout wiki,shakespeare,bible,wiki-fr --variants elastic_anchor --minitron-arch elastic \
+    --anchor-cache $H/res/anchor"
   case "$1" in  # J*: (c)'s architectures without the router, against E0c / E1c in $B
   1) bash $0 RUNS J0 "$J0" J1 "$J1" \
        R0 "$A --seed 0 --variants elastic_anchor --train-on argmax" ;;
