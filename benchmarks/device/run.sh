@@ -20,7 +20,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|HB16|HB16c|S30|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|HB16|HB16c|S30|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -428,6 +428,11 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   16pw) RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16pw "${RESTORED/--hold-pull 30/--hold-pull 0} --full-delta-finish 768 \
          --tokens-a 16777216 --stage2-weights 0,0.65,0.35 --state-dir $H/state/J16pw"
      ratios J16pw:C16ra,J16pw:C16rb J16pw ;;
+  # 16pr: J16p with the delta at rank 128: at 16M rank 64 held 94% of the drift (97-98% at 4M), and what it
+  # leaves is the full model's +3.4% on chat answers; run it if J16p's longer finish does not close that
+  16pr) RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16pr "${RESTORED/--hold-pull 30/--hold-pull 0} --full-delta-finish 768 \
+         --full-delta-rank 128 --tokens-a 16777216 --state-dir $H/state/J16pr"
+     ratios J16pr:C16ra,J16pr:C16rb J16pr ;;
   # S30 (the thirtieth session's first calls): 16p and HB16 side by side, called back to back until both are done
   # (each resumes; a finished one is skipped), then HB16c, RESTORESVD and the demo
   S30) bash $0 PLAN17 16p > $OUT/s30_16p.txt 2>&1 & bash $0 PLAN17 HB16 > $OUT/s30_hb16.txt 2>&1; wait
