@@ -100,12 +100,13 @@ def write_json(path, data: dict, indent: int = 2, default=None) -> None:
 
 
 def write_safetensors(path, tensors: dict) -> None:
-    """`tensors` as safetensors at `path` (folders made), written to a temporary file and renamed."""
+    """`tensors` as safetensors at `path` (folders made), written to a temporary file of this process's and
+    renamed (two runs side by side writing the same file leave one whole copy)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file(tensors, str(tmp))
     tmp.replace(path)
 
