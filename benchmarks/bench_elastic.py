@@ -47,6 +47,7 @@ import contextlib
 import copy
 import datetime
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -1029,7 +1030,7 @@ def pretrained_parent(parent: Model, train, pre, device, path: str | None) -> tu
     log = zs.train_moe(parent, train, pre, device)  # returns the fp32 model in eval mode
     seconds = round(clock(device) - t, 1)
     if path:
-        tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+        tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")  # one a process: runs side by side
         tmp.parent.mkdir(parents=True, exist_ok=True)
         save_model(parent, str(tmp), metadata={"log": json.dumps(log), "seconds": str(seconds)})
         tmp.replace(path)
