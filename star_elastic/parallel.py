@@ -92,6 +92,13 @@ def shard_model(model: Model, *, mixed_precision: bool, reshard_after_forward: b
     return model
 
 
+def world() -> tuple[int, int]:
+    """(this rank, the number of ranks): (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def is_sharded(module: nn.Module) -> bool:
     return FSDPModule is not None and isinstance(module, FSDPModule)
 

@@ -217,10 +217,7 @@ def sharding(shard: str, world: int) -> str:
     return shard
 
 
-def world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+world = parallel.world  # (rank, ranks): commands, elastify and the benchmarks import it from here
 
 
 class ElasticTrainer:

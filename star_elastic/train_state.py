@@ -173,8 +173,8 @@ def load(t) -> bool:
         raise StarElasticError(f"{path}: the state was written by a run {had} anchor text of its own, and this run "
                                "differs (--anchor-data)")
     if t.anchor_batches is not None:
-        if (path / ANCHOR_FILE).exists():  # states from before it was saved resume on this run's rows
-            rows = load_file(str(path / ANCHOR_FILE))["rows"]
+        rows = saved_anchor_rows(t.out)  # None: a state from before it was saved resumes on this run's rows
+        if rows is not None:
             if rows.shape != t.anchor_batches.rows.shape:
                 raise StarElasticError(f"{path}: the state's anchor text is {tuple(rows.shape)} rows x tokens, this "
                                        f"run's {tuple(t.anchor_batches.rows.shape)} (--anchor-data, --seq-len)")

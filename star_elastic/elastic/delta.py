@@ -440,8 +440,7 @@ class FullDelta(nn.Module):
         §9); this one starts where they are."""
         caught = total = 0.0
         r = self.rank
-        rank, ranks = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
-            else (0, 1)
+        rank, ranks = parallel.world()
         for i, name in enumerate(self.targets):
             # whole weights (sharded: gathered, a collective that every rank runs)
             w = parallel.full_tensor(self.weight_of(model, name).detach())
@@ -454,11 +453,11 @@ class FullDelta(nn.Module):
                 continue
             cov = None if covariances is None or name not in covariances else covariances[name].to(w.device).double()
             # the experts a few at a time: in float64 Nano's 128 (1856 x 2688) are 5 GB a copy
-            parts = [slice(e, e + EXPERT_CHUNK) for e in range(0, w.shape[0], EXPERT_CHUNK)] \
-                if name in self.experts else [slice(None)]
+            experts = name in self.experts
+            parts = [slice(e, e + EXPERT_CHUNK) for e in range(0, w.shape[0], EXPERT_CHUNK)] if experts else \
+                [slice(None)]
             for part in parts:
                 gap = parent_w[part].double() - w[part].double()  # (out, in); experts (E, out, in)
-                experts = name in self.experts
                 up, down, c, t = _rank_part(gap, r, cov[part] if experts and cov is not None else cov, experts, damping)
                 self.up[key][part].copy_(up.to(self.up[key].dtype))
                 self.down[key][part].copy_(down.to(self.down[key].dtype))
