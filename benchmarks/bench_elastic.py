@@ -686,16 +686,18 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
         print(f"  anchor text of the interrupted call, fingerprint {anchor_sha}", flush=True)
     elif args.anchor_data and variant in ANCHORED:
         key = (args.anchor_data, rows.shape[1], tokens_per_step, min(ANCHOR_SELF_TOKENS, steps * tokens_per_step))
-        cached = anchor_cache_file(args, key, teacher)
-        if key not in ANCHOR_ROWS and cached is not None and cached.exists():
-            ANCHOR_ROWS[key] = load_file(str(cached))["rows"]
-            print(f"  anchor text from {cached}", flush=True)
         if key not in ANCHOR_ROWS:  # once a process: every anchored variant distils on the same text
-            with sampling_determinism():
-                ANCHOR_ROWS[key] = anchor_text(parse_anchor_data(args.anchor_data), teacher, tokenizer, rows.shape[1],
-                                               tokens_per_step // rows.shape[1], key[-1], seed=args.seed)
-            if cached is not None:
-                common.write_safetensors(cached, {"rows": ANCHOR_ROWS[key].contiguous()})
+            cached = anchor_cache_file(args, key, teacher)
+            if cached is not None and cached.exists():
+                ANCHOR_ROWS[key] = load_file(str(cached))["rows"]
+                print(f"  anchor text from {cached}", flush=True)
+            else:
+                with sampling_determinism():
+                    ANCHOR_ROWS[key] = anchor_text(parse_anchor_data(args.anchor_data), teacher, tokenizer,
+                                                   rows.shape[1], tokens_per_step // rows.shape[1], key[-1],
+                                                   seed=args.seed)
+                if cached is not None:
+                    common.write_safetensors(cached, {"rows": ANCHOR_ROWS[key].contiguous()})
         anchor_rows = ANCHOR_ROWS[key]
         anchor_sha = common.fingerprint(anchor_rows)
         print(f"  anchor text fingerprint {anchor_sha}", flush=True)
