@@ -83,7 +83,7 @@ from star_elastic.runtime import comma_list  # noqa: E402
 from star_elastic.train_state import saved_anchor_rows  # noqa: E402
 from star_elastic.train import (  # noqa: E402
     DELTA_OPTIONS, ElasticTrainer, TrainConfig, adamw, compile_layers, delta_option_problem, hold_problem,
-    keep_problem, lr_factor)
+    keep_problem, lr_factor, mix_rows)
 
 METHODS = ("zero_shot", "elastic", "minitron")
 VARIANTS = ("elastic", "elastic_small", "elastic_anchor", "joint_fixed", "joint_anchor")
@@ -201,6 +201,10 @@ def parse_args(argv=None):
     ap.add_argument("--anchor-mix", type=float, default=1.0, metavar="F",
                     help="with --anchor-data: the share of the anchor's rows from that text, the rest from the "
                          "step's training batch (TrainConfig.anchor_mix)")
+    ap.add_argument("--budget-mix", type=float, default=0.0, metavar="F",
+                    help="with --anchor-data: the share of each smaller budget's rows from that text too, in the "
+                         "anchored variants and in (c) alike, so that the comparison stays like for like "
+                         "(TrainConfig.budget_mix; 0: the training text alone)")
     ap.add_argument("--train-on", choices=["drawn", "argmax"], default="drawn",
                     help="router variants: the model trains the router's draw (the paper's) or its in-band argmax, "
                          "the draw then only scored for the router (TrainConfig.train_on)")
@@ -445,15 +449,19 @@ def minitron_lrs(args, lr: float) -> list[float]:
     return lrs
 
 
-def distil(student, teacher, rows: torch.Tensor, steps: int, lr: float, args, device, label: str) -> dict:
+def distil(student, teacher, rows: torch.Tensor, steps: int, lr: float, args, device, label: str,
+           mix: tuple[torch.Tensor, float] | None = None) -> dict:
     """Forward KL from the frozen teacher, AdamW (betas 0.9/0.95, no weight decay), warmup + cosine
     and clipping exactly as ElasticTrainer (TrainConfig defaults, lr_factor), bf16 autocast on a GPU
-    with fp32 master weights; batches in the order ElasticTrainer draws them (same seed)."""
+    with fp32 master weights; batches in the order ElasticTrainer draws them (same seed). `mix`: (anchor
+    rows, share): that share of each batch's rows from the anchor's text, drawn as the trainer draws it
+    (TrainConfig.budget_mix)."""
     cfg = TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=lr,
                       warmup_steps=max(1, steps // 20), seed=args.seed)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = adamw(params, lr=lr, weight_decay=cfg.weight_decay)
     batches = TokenBatches(rows, cfg.batch_size, seed=cfg.seed)
+    own = None if mix is None else TokenBatches(mix[0][:, :cfg.seq_len], cfg.batch_size, seed=cfg.seed + 3)
     teacher.eval()
     student.train()
     log, window = [], []
@@ -466,6 +474,8 @@ def distil(student, teacher, rows: torch.Tensor, steps: int, lr: float, args, de
         for g in opt.param_groups:
             g["lr"] = lr * lr_factor(step, cfg)
         x = next(batches)[:, :cfg.seq_len].to(device)
+        if own is not None:
+            x = mix_rows(next(own).to(device), x, mix[1])
         with torch.no_grad(), autocast(device):
             t_logits = teacher(x)
         with autocast(device):
@@ -597,6 +607,12 @@ def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, 
 
     # (c) Minitron-style: each smaller budget alone, T / len(smaller) tokens
     methods["minitron"] = {"tokens": 0, "train_seconds": 0.0, "per_budget": {}}
+    mix = None  # --budget-mix: (c) distils on the same share of the parent's own text as (b)'s smaller budgets
+    if args.budget_mix and not args.no_minitron and smaller:
+        # (b)'s steps: the key of (b)'s text, so that (c) reads the same rows
+        mix_rows_c, sha = anchor_text_rows(args, teacher, tokenizer, rows.shape[1], tokens_per_step, steps_b)
+        mix = (mix_rows_c, args.budget_mix)
+        methods["minitron"].update(budget_mix=args.budget_mix, anchor_data=args.anchor_data, anchor_sha=sha)
     for b in budgets:
         if b.is_full or args.no_minitron:
             continue
@@ -605,7 +621,8 @@ def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, 
         for lr_c in minitron_lrs(args, lr):  # one, or the sweep: (c) at its best learning rate
             torch.manual_seed(args.seed)
             small = slice_model(sorted_parent, specs[b.name])
-            info = distil(small, teacher, rows, steps_c, lr_c, args, device, label=f"minitron {b.name} lr {lr_c:g}")
+            info = distil(small, teacher, rows, steps_c, lr_c, args, device, label=f"minitron {b.name} lr {lr_c:g}",
+                          mix=mix)
             t = clock(device)
             ppl = score(small, heldouts, args)
             info.update(lr=lr_c, eval_seconds=round(clock(device) - t, 1))
@@ -663,6 +680,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                        hold_pull=args.hold_pull if variant in ANCHORED else 0.0,
                        full_keeps_held=args.full_keeps_held_training and variant in ANCHORED,
                        anchor_mix=args.anchor_mix if args.anchor_data and variant in ANCHORED else 1.0,
+                       budget_mix=args.budget_mix if args.anchor_data and variant in ANCHORED else 0.0,
                        freeze_select=args.freeze_select,
                        router_prior=args.router_prior if router is not None and args.warm_start else 0.0,
                        stage2_weights=args.small_weights if variant == "elastic_small"
@@ -685,22 +703,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
         anchor_sha = common.fingerprint(anchor_rows)
         print(f"  anchor text of the interrupted call, fingerprint {anchor_sha}", flush=True)
     elif args.anchor_data and variant in ANCHORED:
-        key = (args.anchor_data, rows.shape[1], tokens_per_step, min(ANCHOR_SELF_TOKENS, steps * tokens_per_step))
-        if key not in ANCHOR_ROWS:  # once a process: every anchored variant distils on the same text
-            cached = anchor_cache_file(args, key, teacher)
-            if cached is not None and cached.exists():
-                ANCHOR_ROWS[key] = load_file(str(cached))["rows"]
-                print(f"  anchor text from {cached}", flush=True)
-            else:
-                with sampling_determinism():
-                    ANCHOR_ROWS[key] = anchor_text(parse_anchor_data(args.anchor_data), teacher, tokenizer,
-                                                   rows.shape[1], tokens_per_step // rows.shape[1], key[-1],
-                                                   seed=args.seed)
-                if cached is not None:
-                    common.write_safetensors(cached, {"rows": ANCHOR_ROWS[key].contiguous()})
-        anchor_rows = ANCHOR_ROWS[key]
-        anchor_sha = common.fingerprint(anchor_rows)
-        print(f"  anchor text fingerprint {anchor_sha}", flush=True)
+        anchor_rows, anchor_sha = anchor_text_rows(args, teacher, tokenizer, rows.shape[1], tokens_per_step, steps)
     # a delta beside a hold that trains: the parent's held values, in the student's precision before it trains,
     # for the full model that `elastify --full-keeps-held` writes (scored as "full_keeps_held")
     # (kept from the first step instead, tcfg.full_keeps_held, the full row itself is that model)
@@ -773,6 +776,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                         "hold_pull": tcfg.hold_pull if tcfg.hold else None,
                         "anchor_data": args.anchor_data if anchor_rows is not None else None,
                         "anchor_mix": tcfg.anchor_mix if anchor_rows is not None else None,
+                        "budget_mix": tcfg.budget_mix or None,
                         "anchor_sha": anchor_sha,
                         "anchor_cos": cosines(logs),
                         # the rate over every step the trainer ran: the finish's too (train_s holds them)
@@ -822,6 +826,29 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
     if state is not None:  # the rows are written: the run is done, its state (weights, moments) goes
         shutil.rmtree(state, ignore_errors=True)
     return final
+
+
+def anchor_text_rows(args, teacher, tokenizer, row_len: int, tokens_per_step: int, steps: int):
+    """--anchor-data's rows and their fingerprint: sampled from the parent once a process (every anchored variant,
+    and (c) with --budget-mix, distils on the same text), or read from --anchor-cache."""
+    key = (args.anchor_data, row_len, tokens_per_step, min(ANCHOR_SELF_TOKENS, steps * tokens_per_step))
+    if key not in ANCHOR_ROWS:
+        cached = anchor_cache_file(args, key, teacher)
+        # under a lock: runs started side by side (an elastic run and its (c) with --budget-mix) would each sample,
+        # and on CUDA get other text; the second waits for the first's file and reads it
+        with file_lock(cached):
+            if cached is not None and cached.exists():
+                ANCHOR_ROWS[key] = load_file(str(cached))["rows"]
+                print(f"  anchor text from {cached}", flush=True)
+            else:
+                with sampling_determinism():
+                    ANCHOR_ROWS[key] = anchor_text(parse_anchor_data(args.anchor_data), teacher, tokenizer, row_len,
+                                                   tokens_per_step // row_len, key[-1], seed=args.seed)
+                if cached is not None:
+                    common.write_safetensors(cached, {"rows": ANCHOR_ROWS[key].contiguous()})
+    sha = common.fingerprint(ANCHOR_ROWS[key])
+    print(f"  anchor text fingerprint {sha}", flush=True)
+    return ANCHOR_ROWS[key], sha
 
 
 def cosines(logs: list[dict]) -> dict | None:
@@ -993,6 +1020,24 @@ def run_b(args, device, res: Results) -> dict:
     return part
 
 
+@contextlib.contextmanager
+def file_lock(path: Path | None):
+    """An exclusive lock beside `path` (PATH.lock) for the block, between the processes of one machine; none
+    for None."""
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def anchor_cache_file(args, key: tuple, teacher) -> Path | None:
     """--anchor-cache's file for the anchor text of `key` (its settings) sampled from `teacher` at args.seed, or
     None without the flag: named by a digest of those and of the teacher's weights (each tensor's shape and
@@ -1103,6 +1148,11 @@ def main(argv=None):
         raise SystemExit("--max-train-seconds needs --state-dir: a stopped run goes on from its saved state")
     if args.anchor_mix != 1.0 and not args.anchor_data:
         raise SystemExit("--anchor-mix mixes the anchor's own text into its batch: give --anchor-data")
+    if not 0 <= args.budget_mix <= 1:
+        raise SystemExit(f"--budget-mix {args.budget_mix:g}: a share of the rows, in [0, 1]")
+    if args.budget_mix and not args.anchor_data:
+        raise SystemExit("--budget-mix mixes the anchor's own text into the smaller budgets' batches: give "
+                         "--anchor-data")
     why = hold_problem(args.hold, args.hold_rate, args.hold_pull, sharded=False, budget_lrs=args.budget_lrs is not None)
     if why:  # the trainer's own check, in elastify's words
         raise SystemExit(f"--hold {','.join(args.hold or [])}: {why}")

@@ -102,6 +102,10 @@ def compare(runs: dict, pair: str, part: str = "A") -> dict:
            "budget_lrs": how.get("budget_lrs"), "full_anchor": how.get("full_anchor"),
            "anchor_projection": bool(how.get("anchor_projection")), "anchor_data": how.get("anchor_data"),
            "anchor_mix": how.get("anchor_mix"),
+           # --budget-mix: the smaller budgets' share of the parent's own text, (b)'s and (c)'s (a pair may mix a
+           # (b) that had it with a (c) that had not: against the plain (c) it is the honest baseline)
+           "budget_mix": how.get("budget_mix"),
+           "budget_mix_c": c_part.get("methods", {}).get("minitron", {}).get("budget_mix"),
            "full_delta_rank": how.get("full_delta_rank"), "full_delta_scope": how.get("full_delta_scope"),
            "full_delta_lr": how.get("full_delta_lr"), "full_delta_finish": how.get("full_delta_finish"),
            "full_delta_restore": how.get("full_delta_restore"), "full_delta_restored": how.get("full_delta_restored"),
@@ -152,6 +156,8 @@ def main(argv=None):
         anchor = (f", anchor {r['full_anchor']:g}" if r["full_anchor"] else "") + (
             " projected" if r["anchor_projection"] else "") + (f" on {r['anchor_data']}" if r.get("anchor_data") else "") + (
             f" ({100 * r['anchor_mix']:.0f}% of its rows)" if r.get("anchor_mix") not in (None, 1.0) else "") + (
+            f", the smaller budgets {100 * r['budget_mix']:.0f}% on it" if r.get("budget_mix") else "") + (
+            f", (c) {100 * r['budget_mix_c']:.0f}% on it" if r.get("budget_mix_c") else "") + (
             f", full delta rank {r['full_delta_rank']}" if r.get("full_delta_rank") else "") + (
             f" at lr {r['full_delta_lr']:g}" if r.get("full_delta_lr") else "") + (
             f", restored from the weights' drift ({r['full_delta_restore']}" + (

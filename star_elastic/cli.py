@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--anchor-mix", type=float, default=1.0, metavar="F",
                         help="with --anchor-data: the share of the anchor's rows from that text, the rest from the "
                              "step's training batch (default 1: that text alone)")
+        sp.add_argument("--budget-mix", type=float, default=0.0, metavar="F",
+                        help="with --anchor-data: the share of each smaller budget's rows from that text too, the "
+                             "rest from the step's training batch, so that the weights they share keep seeing "
+                             "the parent's own text (default 0: the training text alone; not yet measured on a GPU)")
         sp.add_argument("--full-delta-rank", type=int, default=0, metavar="R",
                         help="give the full budget a low-rank delta of its own (rank R) on every linear layer and "
                              "routed expert, trained by the full anchor alone and set in closed form where training "
@@ -167,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "rule in full; each smaller budget trains on all the tokens, at a pass per budget a step)")
     full_budget_args(sp)
     # not given: elastify's own (commands.PLAIN_LEVERS), or with --keep-full the recipe's (commands.KEEP_FULL)
-    sp.set_defaults(anchor_data=None, anchor_mix=None, full_delta_rank=None, full_delta_lr=None,
+    sp.set_defaults(anchor_data=None, anchor_mix=None, budget_mix=None, full_delta_rank=None, full_delta_lr=None,
                     full_delta_finish=None, full_delta_restore=None, hold=None,
                     hold_rate=None, hold_pull=None, full_keeps_held=None)
     sp.add_argument("--anchor-projection", action="store_true",
@@ -236,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--router-prior", type=float, default=0.0, help="as elastify's (default 0: off)")
     full_budget_args(sp)
     # not given: the preset's (on the CPU elastify's defaults; on a GPU the recipe that keeps the full budget)
-    sp.set_defaults(anchor_data=None, anchor_mix=None, full_delta_rank=None, full_delta_lr=None,
+    sp.set_defaults(anchor_data=None, anchor_mix=None, budget_mix=None, full_delta_rank=None, full_delta_lr=None,
                     full_delta_finish=None, full_delta_restore=None, hold=None,
                     hold_rate=None, hold_pull=None, full_keeps_held=None)
     sp.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],

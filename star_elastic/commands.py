@@ -226,9 +226,9 @@ def cmd_elastify(args):
 # smaller budget the full anchor would run both models on every step, 1.9x the time, past 10 minutes.
 # The levers that hold the full budget, as elastify defaults them (ElastifyConfig's: the full anchor at 0.5, nothing
 # else; the restore wherever a delta is on) ...
-PLAIN_LEVERS = dict(full_anchor=0.5, anchor_data=None, anchor_mix=1.0, full_delta_rank=0, full_delta_lr=0.0,
-                    full_delta_finish=0, full_delta_restore="activations", hold=None, hold_rate=0.0, hold_pull=0.0,
-                    full_keeps_held="")
+PLAIN_LEVERS = dict(full_anchor=0.5, anchor_data=None, anchor_mix=1.0, budget_mix=0.0, full_delta_rank=0,
+                    full_delta_lr=0.0, full_delta_finish=0, full_delta_restore="activations", hold=None,
+                    hold_rate=0.0, hold_pull=0.0, full_keeps_held="")
 # ... and as `elastify --keep-full` sets them: the recipe that held SmolLM2's full model within 1% of its parent,
 # or better, on five sources at two seeds, chat answers included (docs/RESULTS.md §9, twenty-seventh session: the
 # delta on every linear layer and routed expert, restored in closed form where training ends, then 256 steps
@@ -236,9 +236,9 @@ PLAIN_LEVERS = dict(full_anchor=0.5, anchor_data=None, anchor_mix=1.0, full_delt
 # of the shared embeddings and norms toward the parent's since the twenty-ninth session (§9): the full model
 # keeps the parent's own, so the pull only held the smaller budgets back (without it SmolLM2's full model the
 # same or closer, its 0.5 ahead of (c) by 4-7 points more at seed 0, and the hybrid's 0.75 5-10 points better)
-KEEP_FULL = dict(full_anchor=1.0, anchor_data="self", anchor_mix=0.5, full_delta_rank=64, full_delta_lr=4e-4,
-                 full_delta_finish=256, full_delta_restore="activations", hold="embeddings,norms", hold_rate=1.0,
-                 hold_pull=0.0, full_keeps_held="training")
+KEEP_FULL = dict(full_anchor=1.0, anchor_data="self", anchor_mix=0.5, budget_mix=0.0, full_delta_rank=64,
+                 full_delta_lr=4e-4, full_delta_finish=256, full_delta_restore="activations",
+                 hold="embeddings,norms", hold_rate=1.0, hold_pull=0.0, full_keeps_held="training")
 
 
 def lever_options(args, base: dict) -> dict:

@@ -74,6 +74,7 @@ class ElastifyConfig:
     # `data` is given (its train split)
     anchor_data: str | None = None
     anchor_mix: float = 1.0  # the anchor text's share of the anchor's rows, the rest the training batch's
+    budget_mix: float = 0.0  # the anchor text's share of each smaller budget's rows too (TrainConfig.budget_mix)
     anchor_projection: bool = False  # the anchor's gradient off the smaller budgets' where they conflict
     #                                  (TrainConfig.anchor_projection)
     # >0: the full budget's own low-rank delta of this rank on every linear layer, trained by the anchor alone
@@ -333,6 +334,12 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
         raise StarElasticError(f"--anchor-mix {cfg.anchor_mix:g}: the anchor text's share of the anchor's rows, in (0, 1]")
     if cfg.anchor_mix != 1.0 and not anchor_spec:
         raise StarElasticError("--anchor-mix mixes the anchor's own text into its batch: give --anchor-data")
+    if not 0 <= cfg.budget_mix <= 1:
+        raise StarElasticError(f"--budget-mix {cfg.budget_mix:g}: the anchor text's share of a smaller budget's rows, "
+                               "in [0, 1]")
+    if cfg.budget_mix and not anchor_spec:
+        raise StarElasticError("--budget-mix mixes the anchor's own text into the smaller budgets' batches: give "
+                               "--anchor-data")
     if cfg.full_delta_rank:
         why = ("give a positive rank" if cfg.full_delta_rank < 0 else
                "the anchor trains it: it needs --full-anchor > 0, the full budget 1.0 and a smaller one" if not anchor
@@ -478,7 +485,7 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                        router_estimator=cfg.router_estimator, router_freeze_fraction=cfg.router_freeze,
                        router_prior=cfg.router_prior, shard=cfg.shard, compile=cfg.compile,
                        all_budgets=cfg.all_budgets, train_on=cfg.train_on, budget_lrs=budget_lrs,
-                       anchor_projection=cfg.anchor_projection, anchor_mix=cfg.anchor_mix,
+                       anchor_projection=cfg.anchor_projection, anchor_mix=cfg.anchor_mix, budget_mix=cfg.budget_mix,
                        full_delta_rank=cfg.full_delta_rank, full_delta_lr=cfg.full_delta_lr,
                        full_delta_finish=cfg.full_delta_finish,
                        full_delta_restore=restore,

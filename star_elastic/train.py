@@ -105,6 +105,11 @@ class TrainConfig:
     #                                  model only in directions that do not undo the smaller budgets' step
     anchor_mix: float = 1.0  # with anchor text (anchor_rows): the share of the anchor's rows drawn from it, the
     #                          rest the step's training batch's (1: the anchor text alone)
+    budget_mix: float = 0.0  # with anchor text (anchor_rows): the share of each smaller budget's rows drawn from it
+    #                          too, the rest the step's training batch's (0: the training text alone). The shared
+    #                          weights are moved by every smaller budget's steps; on the training text alone they
+    #                          leave the parent's behaviour elsewhere further behind than a budget trained alone
+    #                          does (the 0.75 level in domain, 3-7% behind out of it at 16M: docs/RESULTS.md §9)
     full_delta_rank: int = 0  # >0, with the full anchor: the full budget gets a low-rank delta of its own on every
     #                           linear layer, trained by the anchor alone, which then leaves the shared weights to
     #                           the smaller budgets (elastic/delta.py; elastify --full-delta-rank); its gradient is
@@ -167,6 +172,12 @@ def default_stage2_weights(n: int) -> list[float]:
         return [0.5, 0.3, 0.2]
     w = [0.5 ** i for i in range(n)]
     return [x / sum(w) for x in w]
+
+
+def mix_rows(own: torch.Tensor, x: torch.Tensor, share: float) -> torch.Tensor:
+    """`share` of the rows from `own` (the anchor's text), the rest from `x` (the step's batch)."""
+    keep = round(share * x.shape[0])
+    return own if keep == x.shape[0] else torch.cat([own[:keep], x[keep:]])
 
 
 def cosine(t: float, min_ratio: float) -> float:
@@ -299,6 +310,12 @@ class ElasticTrainer:
         if cfg.anchor_mix < 1 and self.anchor_batches is None:
             raise StarElasticError(f"anchor_mix {cfg.anchor_mix} mixes the anchor's own text into its batch: give "
                                    "anchor text (--anchor-data)")
+        if not 0 <= cfg.budget_mix <= 1:
+            raise StarElasticError(f"budget_mix {cfg.budget_mix}: the anchor text's share of a smaller budget's rows, "
+                                   "in [0, 1]")
+        if cfg.budget_mix and self.anchor_batches is None:
+            raise StarElasticError(f"budget_mix {cfg.budget_mix} mixes the anchor's text into the smaller budgets' "
+                                   "batches: give anchor text (--anchor-data)")
         self._fixed_masks: dict[int, tuple[ElasticSpec, dict]] = {}  # _spec_masks
         self.sampler = torch.Generator().manual_seed(cfg.seed + 1)  # budgets
         self.gumbel = torch.Generator().manual_seed(cfg.seed + 2)  # router noise
@@ -846,7 +863,9 @@ class ElasticTrainer:
         anchor = None  # anchor_projection: the full anchor's gradient, kept apart from the smaller budgets'
         anchored = cfg.full_anchor and not budget.is_full and not self.restore_only
         for _ in range(cfg.grad_accum):
-            x = self._batch(L)
+            x = plain = self._batch(L)
+            if cfg.budget_mix and not budget.is_full:  # rows of the parent's own text in the budget's batch too
+                x = mix_rows(self._batch(L, self.anchor_batches), plain, cfg.budget_mix)
             # the anchor's own batch copied to the GPU now, beside the step's: a copy from the host waits
             # for the GPU's queue to drain, and mid-step it would wait for the budget pass too
             own = self._batch(L, self.anchor_batches) if anchored and self.anchor_batches is not None else None
@@ -862,7 +881,7 @@ class ElasticTrainer:
                     for k, v in logged.items():
                         add(f"{k}@{self.budgets[j].name}", v)
                 if anchored:  # the sandwich rule: the full model on the same batch, or on a batch of its own text
-                    xa, ta = self._anchor_batch(x, teacher, own)
+                    xa, ta = self._anchor_batch(plain, teacher if plain is x else None, own)
                     full_kd, anchor = self._anchor_pass(xa, ta, anchor)
                     add("full_kd", full_kd)
                     total = total + cfg.full_anchor * full_kd
@@ -915,8 +934,7 @@ class ElasticTrainer:
         """The full anchor's batch and its teacher: the step's (x, with `teacher` when the step has it), or
         `own` rows of the anchor text with the rest of the step's (anchor_mix)."""
         if own is not None:
-            keep = round(self.cfg.anchor_mix * own.shape[0])  # rows of anchor text; the rest the step's
-            x, teacher = own if keep == own.shape[0] else torch.cat([own[:keep], x[keep:]]), None
+            x, teacher = mix_rows(own, x, self.cfg.anchor_mix), None
         if teacher is None:
             with torch.no_grad():
                 teacher = self._head(self.teacher, x)

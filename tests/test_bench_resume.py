@@ -82,9 +82,53 @@ def test_the_anchor_cache_gives_later_runs_of_the_same_parent_the_same_text(tmp_
     second, out2 = run("second")
     assert "anchor text from" not in out1 and "sampled from the parent" in out1
     assert "anchor text from" in out2 and "sampled from the parent" not in out2
-    assert first == second and len(list(cache.iterdir())) == 1
+    assert first == second and len(list(cache.glob("*.safetensors"))) == 1
     third, out3 = run("third", "--seed", "1")  # another seed: its own text, its own file
-    assert "sampled from the parent" in out3 and len(list(cache.iterdir())) == 2
+    assert "sampled from the parent" in out3 and len(list(cache.glob("*.safetensors"))) == 2
+
+
+def _anchor_rows_in_a_process(cache, out):
+    """One bench process's anchor text through --anchor-cache, its sampler slow and its text its own (as two
+    samples on CUDA are), written to `out`."""
+    import os
+    import time
+    from argparse import Namespace
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_elastic
+    from safetensors.torch import save_file
+    from star_elastic.model import Model
+    from test_train import CFG
+
+    def slow_own_sample(spec, teacher, tokenizer, row_len, rows_per_step, tokens, seed):
+        time.sleep(1.0)
+        return torch.full((4, row_len), os.getpid() % 1000)
+
+    bench_elastic.anchor_text = slow_own_sample
+    torch.manual_seed(0)
+    args = Namespace(anchor_data="self:64", anchor_cache=str(cache), seed=0)
+    rows, _ = bench_elastic.anchor_text_rows(args, Model(CFG).eval(), None, 16, 32, 4)
+    save_file({"rows": rows.contiguous()}, out)
+
+
+def test_runs_started_side_by_side_share_one_sample_of_the_anchor_text(tmp_path):
+    """Two processes of one machine asking --anchor-cache for the same text at once (an elastic run and its (c)
+    with --budget-mix, started side by side): one samples, the other waits for its file and reads it, instead of
+    each sampling text of its own (on CUDA, other text)."""
+    import multiprocessing as mp
+
+    from safetensors.torch import load_file
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_anchor_rows_in_a_process, args=(tmp_path / "cache", str(tmp_path / f"r{i}")))
+             for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    a, b = (load_file(str(tmp_path / f"r{i}"))["rows"] for i in range(2))
+    assert torch.equal(a, b) and len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
 
 
 def test_max_train_seconds_without_a_state_dir_is_refused():

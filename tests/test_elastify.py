@@ -636,11 +636,13 @@ def test_anchor_data_reaches_the_run_and_bad_values_are_one_line(tmp_path, token
     common = ["elastify", str(tmp_path / "parent"), "--budgets", "1.0,0.5", "--data", str(text), "--seq-len", "32",
               "--batch-size", "8", "--calib-batches", "1", "--eval-tokens", "128", "--device", "cpu",
               "--tokens", str(8 * 32 * 3)]
-    for i, (spec, mix) in enumerate((("self:512", "0.5"), (str(text), "1"))):
+    for i, (spec, mix, budget_mix) in enumerate((("self:512", "0.5", "0.25"), (str(text), "1", "0"))):
         ckpt = tmp_path / f"ckpt{i}"
-        assert cli.main(common + ["--out", str(ckpt), "--anchor-data", spec, "--anchor-mix", mix]) == 0
+        assert cli.main(common + ["--out", str(ckpt), "--anchor-data", spec, "--anchor-mix", mix,
+                                  "--budget-mix", budget_mix]) == 0
         config = read_manifest(ckpt)["training"]["config"]
         assert config["anchor_data"] == spec and config["anchor_mix"] == float(mix)
+        assert config["budget_mix"] == float(budget_mix)  # the smaller budgets' share of it (--budget-mix)
     assert "anchor text: 512 tokens sampled from the parent (16 rows of 32)" in capsys.readouterr().out
     # the delta's finish (--full-delta-finish): run after training, said, and recorded
     ckpt = tmp_path / "finish"
@@ -662,6 +664,8 @@ def test_anchor_data_reaches_the_run_and_bad_values_are_one_line(tmp_path, token
                            (["--anchor-data", "self:many"], "TOKENS a positive integer"),
                            (["--anchor-mix", "0.5"], "give --anchor-data"),
                            (["--anchor-data", "self", "--anchor-mix", "0"], "in (0, 1]"),
+                           (["--budget-mix", "0.5"], "--budget-mix mixes the anchor's own text"),
+                           (["--anchor-data", "self", "--budget-mix", "2"], "--budget-mix 2: the anchor text's share"),
                            (["--full-delta-lr", "1e-3"], "--full-delta-lr 0.001: it is the rate of --full-delta-rank"),
                            (["--full-anchor", "1", "--full-delta-rank", "4", "--full-delta-lr", "-1"], "a rate is positive"),
                            (["--full-delta-finish", "5"], "--full-delta-finish 5: it trains --full-delta-rank's delta"),
