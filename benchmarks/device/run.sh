@@ -420,8 +420,10 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   HB16) R="--full-anchor 1 --anchor-data self --anchor-mix 0.5 --full-delta-rank 64 --full-delta-lr 4e-4 \
        --full-delta-restore activations --full-delta-finish 256 --hold embeddings,norms --hold-rate 1 --hold-pull 0 \
        --full-keeps-held-training --strict-determinism"
-     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS B16 "${HB/--minitron-arch elastic/--no-minitron} --seed 0 $R \
-       --tokens-b 16777216 --state-dir $H/state/B16 --parent-b $H/res/parentB0.safetensors --max-train-seconds ${MTS:-400}" ;;
+     # SEED=1: the second seed (B16s1, its own parent file; seed 0 ran in the thirtieth session)
+     s=${SEED:-0}; n=B16$([ $s = 0 ] || echo s$s)
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS $n "${HB/--minitron-arch elastic/--no-minitron} --seed $s $R \
+       --tokens-b 16777216 --state-dir $H/state/$n --parent-b $H/res/parentB$s.safetensors --max-train-seconds ${MTS:-400}" ;;
   # 16pw: J16p with the 0.75 drawn 65% of the smaller budgets' steps (stage 2): at 16M J16r's 0.75 fitted its own
   # training text 15% worse than (c) (twenty-ninth session); if more of the steps close that, it was starved of
   # steps, if not, of capacity that the 0.5 shares. Run it only if J16p's 0.75 misses (c)
@@ -455,11 +457,23 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # (each resumes; a finished one is skipped), then HB16c, RESTORESVD and the demo
   S30) bash $0 PLAN17 16p > $OUT/s30_16p.txt 2>&1 & bash $0 PLAN17 HB16 > $OUT/s30_hb16.txt 2>&1; wait
      tail -n 12 $OUT/s30_16p.txt $OUT/s30_hb16.txt ;;
-  HB16c) C="--part B --tokenizer $H/tok --heldout wiki,shakespeare,bible,wiki-fr --variants= --seed 0 --tokens-b 8388608 \
-       --minitron-arch $H/res/B16.json:elastic_anchor --parent-b $H/res/parentB0.safetensors"
-     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS C16ba "$C --budgets 1.0,0.75" C16bb "$C --budgets 1.0,0.5"
-     python3 benchmarks/compare_elastic.py $H/res/B16.json $H/res/C16ba.json $H/res/C16bb.json --part B \
-       --pairs B16:C16ba,B16:C16bb 2>&1 | tail -n 16 ;;
+  HB16c) s=${SEED:-0}; x=$([ $s = 0 ] || echo s$s); n=B16$x  # SEED=1: B16s1's (c), C16bas1 / C16bbs1
+     C="--part B --tokenizer $H/tok --heldout wiki,shakespeare,bible,wiki-fr --variants= --seed $s --tokens-b 8388608 \
+       --minitron-arch $H/res/$n.json:elastic_anchor --parent-b $H/res/parentB$s.safetensors"
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS C16ba$x "$C --budgets 1.0,0.75" C16bb$x "$C --budgets 1.0,0.5"
+     python3 benchmarks/compare_elastic.py $H/res/$n.json $H/res/C16ba$x.json $H/res/C16bb$x.json --part B \
+       --pairs $n:C16ba$x,$n:C16bb$x 2>&1 | tail -n 16 ;;
+  # S31 (the thirty-first session, after SETUP): PLAN17 4m's elastic runs at both seeds side by side (J0km, J1km;
+  # J0kp0 / J1kp0 so took 440 s, one call), called again on exit 75; they sample the anchor text into the cache.
+  # Then S31c: their (c) runs with the same mix (C2em, C1em; not resumable, so apart from the J runs) and the
+  # ratios against both the mixed and the plain (c). Then SEED=1 HB16 and, B16s1 done, SEED=1 HB16c
+  S31) M="--full-delta-finish 256 --hold-pull 0 --budget-mix 0.5"
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J0km "$RESTORED $M --state-dir $H/state/J0km" \
+       J1km "${RESTORED/$J0/$J1} $M --state-dir $H/state/J1km" ;;
+  S31c) C="${A/--no-minitron/} --variants= --lr-a 2e-4 --anchor-data self --budget-mix 0.5 $CHAT"
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS C2em "$C --seed 0 --minitron-arch $B#E0:elastic_anchor" \
+       C1em "$C --seed 1 --minitron-arch $B#E1:elastic_anchor"
+     ratios J0km:C2em,J0km:C2e,J1km:C1em,J1km:C1e J0km J1km C2em C1em ;;
   # HRK: HR with the full budget keeping the parent's Mamba values and MoE gates too (the delta covers neither;
   # twenty-seventh session), against HR's runs
   HRK) R="--full-anchor 1 --anchor-data self --anchor-mix 0.5 --full-delta-rank 64 --full-delta-lr 4e-4 \
