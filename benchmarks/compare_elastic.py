@@ -125,7 +125,10 @@ def compare(runs: dict, pair: str, part: str = "A") -> dict:
             raise SystemExit(f"compare_elastic: {pair}: budget {budget} has two architectures "
                              f"({b['architecture']} against {c['architecture']})")
         out["budgets"][budget] = {"architecture": b["architecture"], "param_fraction": b["param_fraction"],
-                                  "vs_c": {s: b["perplexity"][s] / c["perplexity"][s] - 1 for s in c["perplexity"]}}
+                                  "vs_c": {s: b["perplexity"][s] / c["perplexity"][s] - 1 for s in c["perplexity"]},
+                                  # how well each fits its own training batches at the end: a nested budget that
+                                  # fits them as well as (c) and still trails out of domain lacks other things
+                                  "kd_end": {"b": b.get("final_kd"), "c": last_fifth_kd(c_part, budget)}}
     if "1.0" in b_rows:
         full = b_rows["1.0"]["perplexity"]
         out["full_vs_parent"] = {s: full[s] / parent[s] - 1 for s in parent}
@@ -135,6 +138,21 @@ def compare(runs: dict, pair: str, part: str = "A") -> dict:
         if how.get(key):
             out[key + "_vs_parent"] = {s: how[key][s] / parent[s] - 1 for s in parent}
     return out
+
+
+def last_fifth_kd(part: dict, budget: str) -> float | None:
+    """(c)'s mean KD over the last fifth of its steps, from its log (windows of a fifth, the last one short),
+    as bench_elastic's final_kd is (b)'s; None where the run has no log of it."""
+    info = part.get("methods", {}).get("minitron", {}).get("per_budget", {}).get(budget)
+    if not info or not info.get("log"):
+        return None
+    start, total, n, prev = info["steps"] * 4 // 5, 0.0, 0, 0
+    for entry in info["log"]:
+        window = entry["step"] - prev
+        if entry["step"] > start:
+            total, n = total + entry["kd"] * window, n + window
+        prev = entry["step"]
+    return total / n if n else None
 
 
 def fmt(ratios: dict) -> str:
@@ -174,6 +192,10 @@ def main(argv=None):
             print(f"  INVALID run {name}: {why}")
         for budget, v in r["budgets"].items():
             print(f"  {budget:>5} [{100 * v['param_fraction']:.1f}%] {fmt(v['vs_c'])}   {v['architecture']}")
+            kd = v.get("kd_end") or {}
+            if kd.get("b") is not None and kd.get("c") is not None:
+                print(f"    its KD on its training batches over the last fifth: {kd['b']:.4f} against (c)'s "
+                      f"{kd['c']:.4f} ({100 * (kd['b'] / kd['c'] - 1):+.1f}%)")
         if "full_vs_parent" in r:
             print(f"  full against its parent: {fmt(r['full_vs_parent'])}")
             if r.get("full_budget_invalid"):

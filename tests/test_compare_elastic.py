@@ -55,6 +55,26 @@ def test_ratios_of_a_pair_across_a_bundle_and_a_result_file(tmp_path, capsys):
     assert json.loads((tmp_path / "out.json").read_text())["pairs"][0]["pair"] == "J:C"
 
 
+def test_each_budgets_training_kd_at_the_end_beside_cs_and_the_mixes(tmp_path, capsys):
+    """The last fifth's KD on its own training batches, (b)'s (final_kd) against (c)'s (from its log of fifths,
+    the last window short, weighted by steps): fitting the text apart from doing well elsewhere (the thirtieth
+    session's 0.75: 6% above (c) and 3-7% behind out of domain); and --budget-mix of either side said."""
+    b = _run(0, "joint_anchor", {"0.75": {"wiki": 12.6, "bible": 24.0}})
+    b["A"]["rows"][1]["final_kd"] = 0.22
+    b["A"]["methods"] = {"joint_anchor": {"budget_mix": 0.5, "anchor_data": "self"}}
+    c = _run(0, "minitron", {"0.75": {"wiki": 12.0, "bible": 25.0}})
+    log = [{"step": 200, "kd": 0.9}, {"step": 800, "kd": 0.5}, {"step": 1000, "kd": 0.2}, {"step": 1010, "kd": 0.1}]
+    c["A"]["methods"] = {"minitron": {"budget_mix": 0.5, "per_budget": {"0.75": {"steps": 1010, "log": log}}}}
+    (tmp_path / "b.json").write_text(json.dumps({"runs": {"J": b, "C": c}}))
+    r = compare(load_runs([str(tmp_path / "b.json")]), "J:C")
+    # the last fifth: steps past 808, i.e. the windows ending at 1000 (200 steps) and 1010 (10 steps)
+    assert r["budgets"]["0.75"]["kd_end"] == pytest.approx({"b": 0.22, "c": (0.2 * 200 + 0.1 * 10) / 210})
+    main([str(tmp_path / "b.json"), "--pairs", "J:C"])
+    printed = capsys.readouterr().out
+    assert "over the last fifth: 0.2200 against (c)'s 0.1952 (+12.7%)" in printed
+    assert "the smaller budgets 50% on it, (c) 50% on it" in printed
+
+
 @pytest.mark.parametrize("pair, message", [("J:S", "seeds 0 and 1"), ("J:X", "no run 'X'"), ("J-C", "RUN:RUN"),
                                            ("J:D", "two architectures"), ("J@elastic:C", "no elastic rows")])
 def test_pairs_that_do_not_compare_are_refused_in_one_line(tmp_path, pair, message):
