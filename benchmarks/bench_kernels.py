@@ -68,6 +68,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -75,7 +76,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from common import BF16_PEAK, active_params, nano_config, smollm2_config  # noqa: E402
-from star_elastic import kernels  # noqa: E402
+from star_elastic import kernels, parallel  # noqa: E402
 from star_elastic.elastic.cost import parse_budget  # noqa: E402
 from star_elastic.elastic.losses import HeadInput, kd_loss  # noqa: E402
 from star_elastic.elastic.router import Router, RouterConfig  # noqa: E402
@@ -447,25 +448,50 @@ def step_setup(cfg: ModelConfig, device, batch: int, seq: int):
     return model, teacher, budgets, rows
 
 
-def step_trainer(model, teacher, cfg, budgets, rows, batch, seq, steps, device, tmp, compile_backend=None):
+def step_trainer(model, teacher, cfg, budgets, rows, batch, seq, steps, device, tmp, compile_backend=None,
+                 shard="none"):
     """The trainer as elastify builds it (router included), on one process, its state never written."""
     router = Router(cfg, budgets, RouterConfig()).to(device)
     tc = TrainConfig(steps=steps, batch_size=batch, seq_len=seq, lr=1e-5, warmup_steps=1, router_warmup_steps=50,
-                     shard="none", compile=compile_backend)
+                     shard=shard, compile=compile_backend)
     t = ElasticTrainer(model, teacher, router, budgets, rows, tc, tmp)
     t.save_state = lambda: None  # a 3.4B train state is ~40 GB: not written
     return t
 
 
-def _train(model, teacher, cfg, budgets, rows, batch, seq, steps, device, compile_backend=None):
+def _train(model, teacher, cfg, budgets, rows, batch, seq, steps, device, compile_backend=None, shard="none"):
     """One trainer's run: its step logs and peak memory (its optimiser state freed on return). With
-    `compile_backend` the layers run under torch.compile (TrainConfig.compile; `run` puts them back)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        t = step_trainer(model, teacher, cfg, budgets, rows, batch, seq, steps, device, tmp, compile_backend)
+    `compile_backend` the layers run under torch.compile (TrainConfig.compile; `run` puts them back). With
+    shard "fsdp" the student and teacher are copies sharded by FSDP2 over a process group of this one
+    process: each block's weights cast to bf16 once a gather, not at every use under autocast."""
+    with tempfile.TemporaryDirectory() as tmp, one_rank_group(device, shard == "fsdp"):
+        if shard == "fsdp":  # fully_shard changes a module in place: the other variants keep the plain ones
+            model, teacher = copy.deepcopy(model), copy.deepcopy(teacher)
+        t = step_trainer(model, teacher, cfg, budgets, rows, batch, seq, steps, device, tmp, compile_backend, shard)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         logs = t.run(progress=False)
         return logs, t.peak_memory()
+
+
+@contextmanager
+def one_rank_group(device, on: bool = True):
+    """A torch.distributed group of this process alone (FSDP2 needs one), for the block; nothing if `on` is
+    false or a group exists."""
+    if not on or dist.is_initialized():
+        yield
+        return
+    import socket
+
+    with socket.socket() as sock:  # a free port for the group's rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            world_size=1, rank=0)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: int, have_triton: bool,
@@ -474,24 +500,33 @@ def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: in
     model, teacher, budgets, rows = step_setup(cfg, device, batch, seq)
     n_total = sum(p.numel() for p in model.parameters())
     n_active = active_params(cfg, model)
-    # (name, Triton scan, fused KD, compile backend, foreach AdamW); the compiled step's first steps compile
-    # (the median of the last steps is timed), one graph per layer kind, budget kind and grad mode
+    # (name, Triton scan, fused KD, compile backend, foreach AdamW, shard); the compiled step's first steps
+    # compile (the median of the last steps is timed), one graph per layer kind, budget kind and grad mode.
+    # "_fsdp1": FSDP2 over this one process, whose bf16 gathers cast each block's weights once a forward (and
+    # once a backward) where autocast casts them at every use: the profile's hundreds of small casts
     best = "triton_fused_kd" if have_triton else "einsum_fused_kd"
-    variants = [("einsum", False, False, None, False)]
-    variants += [("triton", True, False, None, False)] if have_triton else []
-    variants += [(best + "_foreach_adam", have_triton, True, None, True), (best, have_triton, True, None, False)]
+    variants = [("einsum", False, False, None, False, "none")]
+    variants += [("triton", True, False, None, False, "none")] if have_triton else []
+    variants += [(best + "_foreach_adam", have_triton, True, None, True, "none"),
+                 (best, have_triton, True, None, False, "none")]
     if compile_step:
-        variants.append((best + "_compiled", have_triton, True, "inductor", False))
+        variants.append((best + "_compiled", have_triton, True, "inductor", False, "none"))
+    fsdp1 = parallel.available() and dist.is_available()
+    if fsdp1:
+        variants.append((best + "_fsdp1", have_triton, True, None, False, "fsdp"))
+        if compile_step:
+            variants.append((best + "_compiled_fsdp1", have_triton, True, "inductor", False, "fsdp"))
     out = {"pattern": pattern, "params_B": round(n_total / 1e9, 3), "active_params_B": round(n_active / 1e9, 3),
            "batch": batch, "seq": seq, "tokens_per_step": batch * seq, "steps": steps,
            "flops_per_token": 8 * n_active, "peak_tflops": BF16_PEAK / 1e12, "variants": {}}
     print(f"\n  training step: layers {pattern}, {n_total / 1e6:.1f}M parameters ({n_active / 1e6:.1f}M active), "
           f"batch {batch} x {seq}, {steps} steps per variant")
-    for name, triton_on, fused, backend, foreach in variants:
+    for name, triton_on, fused, backend, foreach, shard in variants:
         r = out["variants"][name] = {}
         try:
             with triton_switch(triton_on), fused_kd(on=fused), foreach_adam(on=foreach):
-                logs, r["peak_gib"] = _train(model, teacher, cfg, budgets, rows, batch, seq, steps, device, backend)
+                logs, r["peak_gib"] = _train(model, teacher, cfg, budgets, rows, batch, seq, steps, device, backend,
+                                             shard)
             timed_logs = logs[2:] if len(logs) > 3 else logs[1:] or logs
             tok_s = sorted(log["tokens_per_s"] for log in timed_logs)[len(timed_logs) // 2]
             r.update(tokens_per_s=round(tok_s, 1), tokens_per_s_each=[round(log["tokens_per_s"]) for log in logs],

@@ -89,3 +89,35 @@ def test_active_parameters_leave_out_the_embedding_lookup_and_the_unchosen_exper
     with torch.device("meta"):
         tied = Model(smollm2_config())
     assert active_params(tied.config, tied) == tied.num_parameters()  # the tied table is the LM head: counted once
+
+
+def test_the_one_rank_fsdp_variant_trains_what_the_plain_step_trains(monkeypatch):
+    """bench_kernels.py --parts train's "_fsdp1" rows: FSDP2 over a group of this one process (on a GPU its bf16
+    gathers cast each block's weights once a pass instead of at every use). On the CPU, in fp32, it runs the
+    same steps as the plain trainer from the same start: the same budgets and distillation losses, and it
+    leaves no process group behind."""
+    import copy
+
+    import pytest
+    import torch
+    import torch.distributed as dist
+
+    from bench_kernels import _train, step_setup, tiny_config
+
+    from star_elastic import parallel
+
+    sharded = []
+    shard_model = parallel.shard_model
+    monkeypatch.setattr(parallel, "shard_model", lambda m, **kw: sharded.append(m) or shard_model(m, **kw))
+    cfg = tiny_config()
+    model, teacher, budgets, rows = step_setup(cfg, torch.device("cpu"), 2, 64)
+    runs = {}
+    for shard in ("none", "fsdp"):
+        torch.manual_seed(1)  # the router's start
+        logs, _ = _train(copy.deepcopy(model), copy.deepcopy(teacher), cfg, budgets, rows, 2, 64, 4,
+                         torch.device("cpu"), shard=shard)
+        runs[shard] = logs
+    assert len(sharded) == 2 and not dist.is_initialized()  # the fsdp run's student and teacher, sharded
+    assert [lg["budget"] for lg in runs["fsdp"]] == [lg["budget"] for lg in runs["none"]]
+    kd = {k: [lg["kd"] for lg in v if "kd" in lg] for k, v in runs.items()}
+    assert len(kd["none"]) >= 3 and kd["fsdp"] == pytest.approx(kd["none"], rel=1e-4, abs=1e-6)
