@@ -454,8 +454,8 @@ def distil(student, teacher, rows: torch.Tensor, steps: int, lr: float, args, de
     """Forward KL from the frozen teacher, AdamW (betas 0.9/0.95, no weight decay), warmup + cosine
     and clipping exactly as ElasticTrainer (TrainConfig defaults, lr_factor), bf16 autocast on a GPU
     with fp32 master weights; batches in the order ElasticTrainer draws them (same seed). `mix`: (anchor
-    rows, share): that share of each batch's rows from the anchor's text, drawn as the trainer draws it
-    (TrainConfig.budget_mix)."""
+    rows, share): that share of each batch's rows from the anchor's text, the rest its own as without it
+    (TrainConfig.budget_mix; a stream of its own over the same rows as the elastic run's)."""
     cfg = TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=lr,
                       warmup_steps=max(1, steps // 20), seed=args.seed)
     params = [p for p in student.parameters() if p.requires_grad]
