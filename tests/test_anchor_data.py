@@ -183,7 +183,7 @@ def test_budget_mix_resumes_where_it_stopped(tmp_path):
 
 def test_the_benchs_c_distils_on_the_same_mix():
     """bench_elastic.py --budget-mix: (c)'s distillation takes the same share of its rows from the anchor's
-    text, drawn as the trainer draws it, so that (b) against (c) stays like for like."""
+    text (the same rows as the elastic run's), so that (b) against (c) stays like for like."""
     import sys
     from argparse import Namespace
     from pathlib import Path
