@@ -190,7 +190,7 @@ def parse_args(argv=None):
                          "and full_keeps_held scores them put back after training")
     ap.add_argument("--freeze-embeddings-norms", dest="hold", action="store_const", const=["embeddings", "norms"],
                     help="--hold embeddings,norms (the sixteenth and seventeenth sessions' runs)")
-    ap.add_argument("--anchor-data", metavar="self[:TOKENS]|chat[:TOKENS]",
+    ap.add_argument("--anchor-data", metavar="self[:TOKENS]|chat[:TOKENS]|self+chat[:TOKENS]",
                     help="anchored variants: the full anchor distils on text sampled from the parent (elastify "
                          "--anchor-data self, or chat: conversations opening with the tokenizer's chat template; "
                          "1M tokens unless given), not on the step's training batch")
@@ -1169,7 +1169,7 @@ def main(argv=None):
         raise SystemExit(str(e)) from None
     if args.anchor_data and parse_anchor_data(args.anchor_data)[0] not in SAMPLED:
         raise SystemExit(f"--anchor-data {args.anchor_data!r}: the bench samples the anchor's text from the parent: "
-                         "self, chat, self:TOKENS or chat:TOKENS")
+                         "self, chat or self+chat, each with :TOKENS or without")
     device = common.setup(args.device, args.seed)  # seeds; on a GPU deterministic algorithms (warn-only) and cuBLAS workspace
     if device.type == "cuda":  # deterministic results do not need every new tensor NaN-filled first
         torch.utils.deterministic.fill_uninitialized_memory = False

@@ -39,11 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     def full_budget_args(sp):
         """What keeps the full budget near its parent besides the anchor's weight: elastify's flags, and the demo's
         (whose defaults are its preset's: elastify's on the CPU, the recipe of docs/RESULTS.md §9 on a GPU)."""
-        sp.add_argument("--anchor-data", metavar="self[:TOKENS]|chat[:TOKENS]|TEXT",
+        sp.add_argument("--anchor-data", metavar="self[:TOKENS]|chat[:TOKENS]|self+chat[:TOKENS]|TEXT",
                         help="what the full anchor distils on: 'self' samples text from the parent itself (1M tokens, "
                              "or TOKENS), so that the anchor keeps what the parent knows beyond the training text; "
                              "'chat' samples conversations, each row opening with the tokenizer's chat template, so "
-                             "that it keeps how the parent answers (not yet measured on a GPU); or text as --data "
+                             "that it keeps how the parent answers (not yet measured on a GPU); 'self+chat' half of each, "
+                             "alternating row by row; or text as --data "
                              "takes it (its train split); default: each step's training batch")
         sp.add_argument("--anchor-mix", type=float, default=1.0, metavar="F",
                         help="with --anchor-data: the share of the anchor's rows from that text, the rest from the "

@@ -126,8 +126,10 @@ ANCHOR_SELF_TOKENS = 1_048_576
 
 
 # --anchor-data's text sampled from the parent: from a random first token, or conversations from its chat
-# template's opening (so that the anchor covers the chat format, where held-out prose does not look)
-SAMPLED = ("self", "chat")
+# template's opening (so that the anchor covers the chat format, where held-out prose does not look), or half
+# of each, alternating (self+chat: at 16M tokens the full model held prose within 1% and drifted +2.4% on the
+# parent's chat answers, docs/RESULTS.md §9, thirtieth session)
+SAMPLED = ("self", "chat", "self+chat")
 
 
 def parse_anchor_data(spec: str | None) -> tuple[str, int | None] | None:
@@ -158,31 +160,41 @@ def anchor_text(spec: tuple[str, int | None], teacher, tokenizer, row_len: int, 
     if source not in SAMPLED:
         return pack(load_corpus_tokens(source, tokenizer, heldout_fraction=heldout_fraction, seed=seed)[0], row_len)
     prefix = None
-    if source == "chat":
+    if source in ("chat", "self+chat"):
         prefix = chat_prefix(tokenizer)
         if not prefix:
-            raise StarElasticError("--anchor-data chat samples conversations through the tokenizer's chat template, "
-                                   "and this tokenizer has none: use 'self'")
+            raise StarElasticError(f"--anchor-data {source} samples conversations through the tokenizer's chat "
+                                   "template, and this tokenizer has none: use 'self'")
         if len(prefix) >= row_len // 2:
-            raise StarElasticError(f"--anchor-data chat: the chat template opens with {len(prefix)} tokens, half a "
-                                   f"row of {row_len} or more: use 'self' or longer rows")
+            raise StarElasticError(f"--anchor-data {source}: the chat template opens with {len(prefix)} tokens, half "
+                                   f"a row of {row_len} or more: use 'self' or longer rows")
     rank, ranks = world()
     n = max(step_rows, (count or tokens) // row_len)
     device = teacher.lm_head.weight.device
     t0 = time.perf_counter()
     sharded = parallel.is_sharded(teacher)
     if rank == 0 or sharded:  # sharded, every rank runs the same forwards (each gathers its layers' weights)
-        with parallel.compute_autocast(teacher):  # no CUDA graph: FSDP's gathers are not for capture
-            rows = sample_rows(teacher, n, row_len, batch_size=128 if device.type == "cuda" else 8, seed=seed,
-                               progress=rank == 0, prefix=prefix, use_graph=False if sharded else None).to(device)
+        def sample(count, opening, seed):
+            with parallel.compute_autocast(teacher):  # no CUDA graph: FSDP's gathers are not for capture
+                return sample_rows(teacher, count, row_len, batch_size=128 if device.type == "cuda" else 8, seed=seed,
+                                   progress=rank == 0, prefix=opening, use_graph=False if sharded else None).to(device)
+
+        if source == "self+chat":  # alternating, so that any run of rows (a batch, the restore's) holds both
+            chats = n // 2
+            plain, chat = sample(n - chats, None, seed), sample(chats, prefix, seed + 1)
+            rows = torch.empty(n, row_len, dtype=torch.long, device=device)
+            rows[0::2], rows[1::2] = plain, chat
+        else:
+            rows = sample(n, prefix, seed)
         if sharded:
             forget_decode_steps(teacher)  # its caches: the trainer needs the memory
     else:  # filled by the broadcast
         rows = torch.empty(n, row_len, dtype=torch.long, device=device)
     if ranks > 1:
         torch.distributed.broadcast(rows, src=0)
+    opens = "each" if source == "chat" else "every other one"
     log(f"anchor text: {n * row_len:,} tokens sampled from the parent ({n} rows of {row_len}"
-        f"{f', each opening a conversation ({len(prefix)} tokens of its chat template)' if prefix else ''}) in "
+        f"{f', {opens} opening a conversation ({len(prefix)} tokens of its chat template)' if prefix else ''}) in "
         f"{time.perf_counter() - t0:.0f} s")
     return rows.cpu()
 

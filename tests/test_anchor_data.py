@@ -261,7 +261,7 @@ def test_the_bench_samples_the_anchors_text_and_records_it(tmp_path):
     assert c["budget_mix"] == 0.25 and c["anchor_sha"] == methods["joint_anchor"]["anchor_sha"]
     argv = [a if a != "elastic" else "elastic_anchor" for a in BENCH]
     r = subprocess.run(argv + ["--anchor-data", "wiki"], capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "self, chat, self:TOKENS or chat:TOKENS" in r.stderr
+    assert r.returncode != 0 and "self, chat or self+chat, each with :TOKENS" in r.stderr
     argv = [a if a != "elastic" else "joint_anchor" for a in BENCH if a != "--no-minitron"]
     r = subprocess.run(argv + ["--anchor-data", "chat:512", "--json", str(out)], capture_output=True, text=True,
                        timeout=600)
@@ -351,8 +351,17 @@ def test_chat_anchor_text_opens_every_row_with_the_chat_template(tmp_path):
     # near zero temperature a row is the parent's greedy continuation of the opening
     cold = sample_rows(model, 2, 12, seed=5, temperature=1e-6, prefix=prefix)
     assert torch.equal(cold, generate(model, torch.tensor([prefix] * 2), 10, temperature=0.0))
+    # self+chat: half of each, alternating row by row, each half as its own source samples it
+    assert parse_anchor_data("self+chat:96") == ("self+chat", 96)
+    mixed = anchor_text(("self+chat", 7 * 16), model, tokenizer, 16, 2, 0, seed=3, log=lambda *_: None)
+    assert mixed.shape == (7, 16)
+    assert (mixed[1::2, :2] == torch.tensor(prefix)).all()  # the conversations
+    assert torch.equal(mixed[0::2], sample_rows(model, 4, 16, seed=3))  # the plain rows, as 'self' samples them
+    assert torch.equal(mixed[1::2], sample_rows(model, 3, 16, seed=4, prefix=prefix))
     plain = word_tokenizer(tmp_path)
     assert chat_prefix(plain) is None and chat_prefix(None) is None
+    with pytest.raises(StarElasticError, match="self\\+chat samples conversations"):
+        anchor_text(("self+chat", None), model, plain, 16, 2, 96, log=lambda *_: None)
     with pytest.raises(StarElasticError, match="has none: use 'self'"):
         anchor_text(("chat", None), model, plain, 16, 2, 96, log=lambda *_: None)
     with pytest.raises(StarElasticError, match="half a row"):

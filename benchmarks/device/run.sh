@@ -467,6 +467,12 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS C16ba$x "$C --budgets 1.0,0.75" C16bb$x "$C --budgets 1.0,0.5"
      python3 benchmarks/compare_elastic.py $H/res/$n.json $H/res/C16ba$x.json $H/res/C16bb$x.json --part B \
        --pairs $n:C16ba$x,$n:C16bb$x 2>&1 | tail -n 16 ;;
+  # 16c: J16p with the anchor on half conversations (--anchor-data self+chat): at 16M its full model held prose
+  # within 1% but drifted +2.4% on the parent's chat answers, and neither the anchor, the restore's calibration nor
+  # the finish saw the chat format (thirtieth session). Resumable: call again on 75 (three calls)
+  16c) RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16c "${RESTORED/--hold-pull 30/--hold-pull 0} --full-delta-finish 768 \
+         --anchor-data self+chat --tokens-a 16777216 --state-dir $H/state/J16c"
+     ratios J16c:C16ra,J16c:C16rb J16c ;;
   # S31 (the thirty-first session, after SETUP): PLAN17 4m's elastic runs at both seeds side by side (J0km, J1km;
   # J0kp0 / J1kp0 so took 440 s, one call), called again on exit 75; they sample the anchor text into the cache.
   # Then S31c: their (c) runs with the same mix (C2em, C1em; not resumable, so apart from the J runs) and the
