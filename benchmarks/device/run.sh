@@ -475,11 +475,13 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
      ratios J16c:C16ra,J16c:C16rb J16c ;;
   # HBP (after S31 and the hybrid's second seed): the hybrid's parent pretrained five times longer (3,000 steps,
   # 24.6M tokens): with 600 its zero-shot 0.75 is within 5% of the parent itself, and (c) over-fits its text, so a
-  # weak parent flatters the elastic run's lead; HR0's recipe at 4M, (c) in the same process, two seeds
+  # weak parent flatters the elastic run's lead; HR0's recipe at 4M, (c) in the same process, SEED=0 then 1
   HBP) R="--full-anchor 1 --anchor-data self --anchor-mix 0.5 --full-delta-rank 64 --full-delta-lr 4e-4 \
        --full-delta-restore activations --full-delta-finish 256 --hold embeddings,norms --hold-rate 1 --hold-pull 0 \
        --full-keeps-held-training --strict-determinism --pretrain-steps 3000"
-     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS B0p "$HB --seed 0 $R" B1p "$HB --seed 1 $R" ;;
+     s=${SEED:-0}  # a seed a call (~230 s of pretraining each); the parent kept in a file for a resumed call
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS B${s}p "$HB --seed $s $R --parent-b $H/res/parentBp$s.safetensors \
+       --state-dir $H/state/B${s}p --max-train-seconds ${MTS:-250}" ;;
   # S31 (the thirty-first session, after SETUP): PLAN17 4m's elastic runs at both seeds side by side (J0km, J1km;
   # J0kp0 / J1kp0 so took 440 s, one call), called again on exit 75; they sample the anchor text into the cache.
   # Then S31c: their (c) runs with the same mix (C2em, C1em; not resumable, so apart from the J runs) and the
