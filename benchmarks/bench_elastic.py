@@ -1056,32 +1056,35 @@ def anchor_cache_file(args, key: tuple, teacher) -> Path | None:
 def pretrained_parent(parent: Model, train, pre, device, path: str | None) -> tuple[list, float]:
     """Pretrain `parent` (fp32, eval mode after), or with `path` load it from there when the file exists (its
     pretraining's log and seconds from the file's metadata), writing it there after pretraining (a temporary
-    file renamed). Returns the pretraining's log and seconds."""
+    file renamed). Under a lock beside the file: runs started side by side would each pretrain, and on a GPU
+    get other parents; one pretrains, the others wait and read its file. Returns the pretraining's log and
+    seconds."""
     from safetensors import safe_open
     from safetensors.torch import load_model, save_model
 
-    if path and Path(path).exists():
-        try:
-            with safe_open(path, "pt") as f:
-                meta = f.metadata() or {}
-            if "log" not in meta:
-                raise ValueError("no pretraining log in it")
-            load_model(parent, path, device=str(device))
-        except Exception as e:  # a foreign, truncated or other-shaped file: one line, not the loader's traceback
-            why = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise SystemExit(f"--parent-b {path}: not this bench's parent for these settings ({why})") from None
-        print(f"  the parent pretrained by an earlier call, from {path}", flush=True)
-        parent.eval()
-        return json.loads(meta["log"]), float(meta["seconds"])
-    t = clock(device)
-    log = zs.train_moe(parent, train, pre, device)  # returns the fp32 model in eval mode
-    seconds = round(clock(device) - t, 1)
-    if path:
-        tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")  # one a process: runs side by side
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        save_model(parent, str(tmp), metadata={"log": json.dumps(log), "seconds": str(seconds)})
-        tmp.replace(path)
-    return log, seconds
+    with file_lock(Path(path) if path else None):
+        if path and Path(path).exists():
+            try:
+                with safe_open(path, "pt") as f:
+                    meta = f.metadata() or {}
+                if "log" not in meta:
+                    raise ValueError("no pretraining log in it")
+                load_model(parent, path, device=str(device))
+            except Exception as e:  # a foreign, truncated or other-shaped file: one line, not the loader's traceback
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise SystemExit(f"--parent-b {path}: not this bench's parent for these settings ({why})") from None
+            print(f"  the parent pretrained by an earlier call, from {path}", flush=True)
+            parent.eval()
+            return json.loads(meta["log"]), float(meta["seconds"])
+        t = clock(device)
+        log = zs.train_moe(parent, train, pre, device)  # returns the fp32 model in eval mode
+        seconds = round(clock(device) - t, 1)
+        if path:
+            tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            save_model(parent, str(tmp), metadata={"log": json.dumps(log), "seconds": str(seconds)})
+            tmp.replace(path)
+        return log, seconds
 
 
 def merge(files: list[str], out: str | None) -> dict:

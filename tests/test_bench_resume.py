@@ -131,6 +131,50 @@ def test_runs_started_side_by_side_share_one_sample_of_the_anchor_text(tmp_path)
     assert torch.equal(a, b) and len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
 
 
+def _parent_in_a_process(path, out):
+    """One bench process's --parent-b parent, its pretraining slow and its weights its own (as two pretrainings on
+    a GPU are), the sum of its weights written to `out`."""
+    import os
+    import time
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_elastic
+    from safetensors.torch import save_file
+    from star_elastic.model import Model
+    from test_train import CFG
+
+    def slow_own_pretraining(parent, train, pre, device):
+        time.sleep(1.0)
+        with torch.no_grad():
+            for p in parent.parameters():
+                p.fill_(os.getpid() % 1000)
+        return [{"step": 1, "loss": 1.0}]
+
+    bench_elastic.zs.train_moe = slow_own_pretraining
+    parent = Model(CFG)
+    bench_elastic.pretrained_parent(parent, None, None, torch.device("cpu"), str(path))
+    save_file({"sum": torch.stack([p.double().sum() for p in parent.parameters()]).sum()[None]}, out)
+
+
+def test_runs_started_side_by_side_distil_one_pretrained_parent(tmp_path):
+    """Two processes asking --parent-b for the same file before it exists: one pretrains and writes it, the other
+    waits under the lock and loads it, instead of each distilling a parent of its own (on a GPU, another one)."""
+    import multiprocessing as mp
+
+    from safetensors.torch import load_file
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_parent_in_a_process, args=(tmp_path / "parent.safetensors", str(tmp_path / f"p{i}")))
+             for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    a, b = (load_file(str(tmp_path / f"p{i}"))["sum"] for i in range(2))
+    assert torch.equal(a, b) and (tmp_path / "parent.safetensors").exists()
+
+
 def test_max_train_seconds_without_a_state_dir_is_refused():
     r = subprocess.run(BENCH + ["--max-train-seconds", "10"], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "--max-train-seconds needs --state-dir" in r.stderr
