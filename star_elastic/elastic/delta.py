@@ -447,21 +447,20 @@ class FullDelta(nn.Module):
             parent_w = parallel.full_tensor(self.weight_of(parent, name).detach()).to(w.device)
             key = _key(name)
             owner = i % ranks  # layers dealt out: each rank factors its own, then sends B A to the others
-            if rank != owner:
-                for t in (self.up[key], self.down[key]):
-                    dist.broadcast(t.data, src=owner)
-                continue
-            cov = None if covariances is None or name not in covariances else covariances[name].to(w.device).double()
-            # the experts a few at a time: in float64 Nano's 128 (1856 x 2688) are 5 GB a copy
-            experts = name in self.experts
-            parts = [slice(e, e + EXPERT_CHUNK) for e in range(0, w.shape[0], EXPERT_CHUNK)] if experts else \
-                [slice(None)]
-            for part in parts:
-                gap = parent_w[part].double() - w[part].double()  # (out, in); experts (E, out, in)
-                up, down, c, t = _rank_part(gap, r, cov[part] if experts and cov is not None else cov, experts, damping)
-                self.up[key][part].copy_(up.to(self.up[key].dtype))
-                self.down[key][part].copy_(down.to(self.down[key].dtype))
-                caught, total = caught + c, total + t
+            if rank == owner:
+                cov = None if covariances is None or name not in covariances else \
+                    covariances[name].to(w.device).double()
+                # the experts a few at a time: in float64 Nano's 128 (1856 x 2688) are 5 GB a copy
+                experts = name in self.experts
+                parts = [slice(e, e + EXPERT_CHUNK) for e in range(0, w.shape[0], EXPERT_CHUNK)] if experts else \
+                    [slice(None)]
+                for part in parts:
+                    gap = parent_w[part].double() - w[part].double()  # (out, in); experts (E, out, in)
+                    up, down, c, t = _rank_part(gap, r, cov[part] if experts and cov is not None else cov, experts,
+                                                damping)
+                    self.up[key][part].copy_(up.to(self.up[key].dtype))
+                    self.down[key][part].copy_(down.to(self.down[key].dtype))
+                    caught, total = caught + c, total + t
             if ranks > 1:
                 for t in (self.up[key], self.down[key]):
                     dist.broadcast(t.data, src=owner)
