@@ -481,13 +481,8 @@ def one_rank_group(device, on: bool = True):
     if not on or dist.is_initialized():
         yield
         return
-    import socket
-
-    with socket.socket() as sock:  # a free port for the group's rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            world_size=1, rank=0)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            init_method=f"tcp://127.0.0.1:{common.free_port()}", world_size=1, rank=0)
     try:
         yield
     finally:

@@ -45,7 +45,6 @@ import platform
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -174,12 +173,6 @@ def serve_child(a):
     print("server stopped", flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """The server of `ckpt` on 127.0.0.1 at a free port: a child process (this script with --serve-child),
     or with `args.in_process` a uvicorn thread of this process. `stop()` shuts it down gracefully."""
@@ -187,7 +180,7 @@ class Server:
     def __init__(self, ckpt: Path, args, log_path: Path):
         import httpx
 
-        self.port = free_port()
+        self.port = common.free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.in_process, self.log_path, self.log, self.proc = args.in_process, log_path, None, None
         t0 = time.perf_counter()

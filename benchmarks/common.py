@@ -119,3 +119,12 @@ def fingerprint(tokens) -> str:
         h.update(ids.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
         h.update(str(start).encode())
     return h.hexdigest()[:16]
+
+
+def free_port() -> int:
+    """A free TCP port on localhost: a server's, or a process group's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
