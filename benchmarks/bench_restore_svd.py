@@ -14,6 +14,7 @@ triangular solve per linear layer) and the weights' gathers are not counted: the
 from __future__ import annotations
 
 import argparse
+import datetime
 import sys
 from collections import Counter
 from pathlib import Path
@@ -72,7 +73,8 @@ def main():
     print(f"the whole restore at Nano ({len(common.NANO_LAYERS)} layers, rank {args.rank}) on {common.machine(device)}: "
           f"ours {total_ours:.0f} s, the full SVD {total_full:.0f} s ({total_full / total_ours:.1f}x); one rank's "
           "share of it under torchrun is 1/ranks (layers dealt out)")
-    common.write_json(args.json, {"benchmark": "bench_restore_svd", "machine": common.machine(device),
+    common.write_json(args.json, {"benchmark": "bench_restore_svd", "date": datetime.date.today().isoformat(),
+                                  "machine": common.machine(device),
                                   "torch": torch.__version__, "rank": args.rank, "exact_svd_max": EXACT_SVD_MAX,
                                   "rows": rows, "nano_restore_ours_s": total_ours,
                                   "nano_restore_full_svd_s": total_full})
