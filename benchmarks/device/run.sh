@@ -20,7 +20,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|HB16|HB16c|S30|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m|16sc|HB16|HB16c|HBP|S30|S31|S31c|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -435,18 +435,7 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   16pr) RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16pr "${RESTORED/--hold-pull 30/--hold-pull 0} --full-delta-finish 768 \
          --full-delta-rank 128 --tokens-a 16777216 --state-dir $H/state/J16pr"
      ratios J16pr:C16ra,J16pr:C16rb J16pr ;;
-  # 4m (for the thirty-first session): at 16M the 0.75 was level with (c) in domain and 3-7% behind out of it,
-  # its KD on its own text within 6% of (c)'s (thirtieth session): the shared weights, moved by both smaller
-  # budgets on the training text alone, keep less of the parent elsewhere. Give the smaller budgets half their
-  # rows of the parent's own text too (--budget-mix 0.5), and (c) the same mix (like for like; the plain C2e /
-  # C1e stay the honest baseline): J0kp0 / J1kp0 with the mix, a seed a call (J resumable: call again on 75);
-  # the (c) runs read the elastic run's anchor text from the cache (bench_elastic locks it: one sample)
-  4m) C="${A/--no-minitron/} --variants= --lr-a 2e-4 --anchor-data self --budget-mix 0.5 $CHAT"
-     s=${SEED:-0}; e=$([ $s = 0 ] && echo 2 || echo 1); J=$([ $s = 0 ] && echo "$RESTORED" || echo "${RESTORED/$J0/$J1}")
-     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J${s}km "$J --full-delta-finish 256 --hold-pull 0 --budget-mix 0.5 \
-         --state-dir $H/state/J${s}km" C${e}em "$C --seed $s --minitron-arch $B#E$s:elastic_anchor"
-     ratios J${s}km:C${e}em,J${s}km:C${e}e J${s}km C${e}em ;;
-  # 16m (after 4m, if the mix closes the 0.75's gap out of domain): J16p with the mix against (c) with it at 16M
+  # 16m (after S31 / S31c, if the mix closes the 0.75's gap out of domain): J16p with the mix against (c) with it at 16M
   16m) C="${A/--no-minitron/} --seed 0 --variants= --tokens-a 8388608 --minitron-arch $B#E0:elastic_anchor --lr-a 2e-4 \
          --anchor-data self --budget-mix 0.5 $CHAT"
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16m "${RESTORED/--hold-pull 30/--hold-pull 0} --full-delta-finish 768 \
@@ -467,10 +456,10 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS C16ba$x "$C --budgets 1.0,0.75" C16bb$x "$C --budgets 1.0,0.5"
      python3 benchmarks/compare_elastic.py $H/res/$n.json $H/res/C16ba$x.json $H/res/C16bb$x.json --part B \
        --pairs $n:C16ba$x,$n:C16bb$x 2>&1 | tail -n 16 ;;
-  # 16c: J16p with the anchor on half conversations (--anchor-data self+chat): at 16M its full model held prose
+  # 16sc: J16p with the anchor on half conversations (--anchor-data self+chat): at 16M its full model held prose
   # within 1% but drifted +2.4% on the parent's chat answers, and neither the anchor, the restore's calibration nor
   # the finish saw the chat format (thirtieth session). Resumable: call again on 75 (three calls)
-  16c) RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16c "${RESTORED/--hold-pull 30/--hold-pull 0} --full-delta-finish 768 \
+  16sc) RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16c "${RESTORED/--hold-pull 30/--hold-pull 0} --full-delta-finish 768 \
          --anchor-data self+chat --tokens-a 16777216 --state-dir $H/state/J16c"
      ratios J16c:C16ra,J16c:C16rb J16c ;;
   # HBP (after S31 and the hybrid's second seed): the hybrid's parent pretrained five times longer (3,000 steps,
@@ -482,10 +471,14 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
      s=${SEED:-0}  # a seed a call (~230 s of pretraining each); the parent kept in a file for a resumed call
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS B${s}p "$HB --seed $s $R --parent-b $H/res/parentBp$s.safetensors \
        --state-dir $H/state/B${s}p --max-train-seconds ${MTS:-250}" ;;
-  # S31 (the thirty-first session, after SETUP): PLAN17 4m's elastic runs at both seeds side by side (J0km, J1km;
-  # J0kp0 / J1kp0 so took 440 s, one call), called again on exit 75; they sample the anchor text into the cache.
-  # Then S31c: their (c) runs with the same mix (C2em, C1em; not resumable, so apart from the J runs) and the
-  # ratios against both the mixed and the plain (c). Then SEED=1 HB16 and, B16s1 done, SEED=1 HB16c
+  # S31 (the thirty-first session, after SETUP): at 16M the 0.75 was level with (c) in domain and 3-7% behind out
+  # of it, its KD on its own text within 6% of (c)'s (thirtieth session): the shared weights, moved by both smaller
+  # budgets on the training text alone, keep less of the parent elsewhere. So J0kp0 / J1kp0 with half of the
+  # smaller budgets' rows the parent's own text (--budget-mix 0.5), side by side (J0kp0 / J1kp0 so took 440 s, one
+  # call), called again on exit 75; they sample the anchor text into the cache. Then S31c: their (c) with the same
+  # mix (C2em, C1em, like for like; not resumable, so apart from the J runs; bench_elastic's lock gives them the
+  # J runs' text), and the ratios against both the mixed and the plain (c) (C2e / C1e, the honest baseline).
+  # Then SEED=1 HB16 and, B16s1 done, SEED=1 MLRS=1e-4,3e-4 HB16c
   S31) M="--full-delta-finish 256 --hold-pull 0 --budget-mix 0.5"
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J0km "$RESTORED $M --state-dir $H/state/J0km" \
        J1km "${RESTORED/$J0/$J1} $M --state-dir $H/state/J1km" ;;
