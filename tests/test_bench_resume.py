@@ -87,6 +87,22 @@ def test_the_anchor_cache_gives_later_runs_of_the_same_parent_the_same_text(tmp_
     assert "sampled from the parent" in out3 and len(list(cache.glob("*.safetensors"))) == 2
 
 
+def _two_processes(target, shared, tmp_path, key):
+    """`target(shared, out)` in two spawned processes started at once; the tensor `key` each wrote to its `out`."""
+    import multiprocessing as mp
+
+    from safetensors.torch import load_file
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(shared, str(tmp_path / f"out{i}"))) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    return [load_file(str(tmp_path / f"out{i}"))[key] for i in range(2)]
+
+
 def _anchor_rows_in_a_process(cache, out):
     """One bench process's anchor text through --anchor-cache, its sampler slow and its text its own (as two
     samples on CUDA are), written to `out`."""
@@ -115,19 +131,7 @@ def test_runs_started_side_by_side_share_one_sample_of_the_anchor_text(tmp_path)
     """Two processes of one machine asking --anchor-cache for the same text at once (an elastic run and its (c)
     with --budget-mix, started side by side): one samples, the other waits for its file and reads it, instead of
     each sampling text of its own (on CUDA, other text)."""
-    import multiprocessing as mp
-
-    from safetensors.torch import load_file
-
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_anchor_rows_in_a_process, args=(tmp_path / "cache", str(tmp_path / f"r{i}")))
-             for i in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
-    a, b = (load_file(str(tmp_path / f"r{i}"))["rows"] for i in range(2))
+    a, b = _two_processes(_anchor_rows_in_a_process, tmp_path / "cache", tmp_path, "rows")
     assert torch.equal(a, b) and len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
 
 
@@ -159,19 +163,7 @@ def _parent_in_a_process(path, out):
 def test_runs_started_side_by_side_distil_one_pretrained_parent(tmp_path):
     """Two processes asking --parent-b for the same file before it exists: one pretrains and writes it, the other
     waits under the lock and loads it, instead of each distilling a parent of its own (on a GPU, another one)."""
-    import multiprocessing as mp
-
-    from safetensors.torch import load_file
-
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_parent_in_a_process, args=(tmp_path / "parent.safetensors", str(tmp_path / f"p{i}")))
-             for i in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
-    a, b = (load_file(str(tmp_path / f"p{i}"))["sum"] for i in range(2))
+    a, b = _two_processes(_parent_in_a_process, tmp_path / "parent.safetensors", tmp_path, "sum")
     assert torch.equal(a, b) and (tmp_path / "parent.safetensors").exists()
 
 
