@@ -128,7 +128,11 @@ def compare(runs: dict, pair: str, part: str = "A") -> dict:
                                   "vs_c": {s: b["perplexity"][s] / c["perplexity"][s] - 1 for s in c["perplexity"]},
                                   # how well each fits its own training batches at the end: a nested budget that
                                   # fits them as well as (c) and still trails out of domain lacks other things
-                                  "kd_end": {"b": b.get("final_kd"), "c": last_fifth_kd(c_part, budget)}}
+                                  "kd_end": {"b": b.get("final_kd"), "c": last_fifth_kd(c_part, budget)},
+                                  # (c)'s own rate: with --minitron-lrs each budget's is the sweep's choice
+                                  "lr_c": c.get("lr", out["lr_c"]),
+                                  "lr_sweep_c": c_part.get("methods", {}).get("minitron", {}).get(
+                                      "per_budget", {}).get(budget, {}).get("lr_sweep")}
     if "1.0" in b_rows:
         full = b_rows["1.0"]["perplexity"]
         out["full_vs_parent"] = {s: full[s] / parent[s] - 1 for s in parent}
@@ -186,12 +190,16 @@ def main(argv=None):
             (f", {' and '.join(r['hold'])} at {r['hold_rate']:g}x the rate" if r.get("hold_rate") else
              f", {' and '.join(r['hold'])} frozen") + (f", pulled back at {r['hold_pull']:g}" if r.get("hold_pull")
                                                         else "") if r.get("hold") else "")
-        print(f"{r['pair']} ({r['method']}, seed {r['seed']}{anchor}, lr {lr} against {r['lr_c']:g}); "
+        c_lrs = {v["lr_c"] for v in r["budgets"].values() if v.get("lr_c") is not None} or {r["lr_c"]}
+        lr_c = f"{c_lrs.pop():g}" if len(c_lrs) == 1 else "(c)'s per budget"
+        print(f"{r['pair']} ({r['method']}, seed {r['seed']}{anchor}, lr {lr} against {lr_c}); "
               f"(b)/(c) - 1 in %, {' / '.join(sources)}")
         for name, why in r["invalid"].items():
             print(f"  INVALID run {name}: {why}")
         for budget, v in r["budgets"].items():
             print(f"  {budget:>5} [{100 * v['param_fraction']:.1f}%] {fmt(v['vs_c'])}   {v['architecture']}")
+            if v.get("lr_sweep_c"):  # (c) at the best of several rates: which, and of which
+                print(f"    (c) at lr {v['lr_c']:g}, the best on its first source of {', '.join(v['lr_sweep_c'])}")
             kd = v.get("kd_end") or {}
             if kd.get("b") is not None and kd.get("c") is not None:
                 print(f"    its KD on its training batches over the last fifth: {kd['b']:.4f} against (c)'s "

@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--budget-mix", type=float, default=0.0, metavar="F",
                         help="with --anchor-data: the share of each smaller budget's rows from that text too, the "
                              "rest from the step's training batch, so that the weights they share keep seeing "
-                             "the parent's own text (default 0: the training text alone; not yet measured on a GPU)")
+                             "the parent's own text (default 0: the training text alone). A trade between domains: at 0.5 "
+                             "on SmolLM2 the budgets gained 5-12%% out of the training domain and lost 3-4%% in it "
+                             "(docs/RESULTS.md section 9)")
         sp.add_argument("--full-delta-rank", type=int, default=0, metavar="R",
                         help="give the full budget a low-rank delta of its own (rank R) on every linear layer and "
                              "routed expert, trained by the full anchor alone and set in closed form where training "

@@ -75,6 +75,28 @@ def test_each_budgets_training_kd_at_the_end_beside_cs_and_the_mixes(tmp_path, c
     assert "the smaller budgets 50% on it, (c) 50% on it" in printed
 
 
+def test_cs_rate_is_each_budgets_own_when_a_sweep_chose_it(tmp_path, capsys):
+    """With --minitron-lrs each (c) budget keeps the sweep's best rate: the 0.5 of the thirty-first session's
+    hybrid ran at 1e-4 while the run's rate was 3e-4, and the header said 3e-4 for both."""
+    b = _run(0, "joint_anchor", {"0.75": {"wiki": 12.6, "bible": 24.0}, "0.5": {"wiki": 15.0, "bible": 30.0}})
+    c = _run(0, "minitron", {"0.75": {"wiki": 12.0, "bible": 25.0}, "0.5": {"wiki": 16.0, "bible": 29.0}}, lr=3e-4)
+    c["A"]["rows"][1]["lr"], c["A"]["rows"][2]["lr"] = 3e-4, 1e-4
+    sweep = {"0.0001": {"wiki": 16.0, "bible": 29.0}, "0.0003": {"wiki": 17.0, "bible": 28.0}}
+    c["A"]["methods"] = {"minitron": {"per_budget": {"0.5": {"lr": 1e-4, "lr_sweep": sweep}}}}
+    (tmp_path / "b.json").write_text(json.dumps({"runs": {"J": b, "C": c}}))
+    r = compare(load_runs([str(tmp_path / "b.json")]), "J:C")
+    assert r["budgets"]["0.75"]["lr_c"] == 3e-4 and r["budgets"]["0.5"]["lr_c"] == 1e-4
+    main([str(tmp_path / "b.json"), "--pairs", "J:C"])
+    printed = capsys.readouterr().out
+    assert "lr 0.0001 against (c)'s per budget)" in printed
+    assert "(c) at lr 0.0001, the best on its first source of 0.0001, 0.0003" in printed
+    # one rate for every budget: said once, as before
+    c["A"]["rows"][2]["lr"] = 3e-4
+    (tmp_path / "b.json").write_text(json.dumps({"runs": {"J": b, "C": c}}))
+    main([str(tmp_path / "b.json"), "--pairs", "J:C"])
+    assert "lr 0.0001 against 0.0003)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("pair, message", [("J:S", "seeds 0 and 1"), ("J:X", "no run 'X'"), ("J-C", "RUN:RUN"),
                                            ("J:D", "two architectures"), ("J@elastic:C", "no elastic rows")])
 def test_pairs_that_do_not_compare_are_refused_in_one_line(tmp_path, pair, message):
