@@ -498,7 +498,8 @@ def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: in
     # (name, Triton scan, fused KD, compile backend, foreach AdamW, shard); the compiled step's first steps
     # compile (the median of the last steps is timed), one graph per layer kind, budget kind and grad mode.
     # "_fsdp1": FSDP2 over this one process, whose bf16 gathers cast each block's weights once a forward (and
-    # once a backward) where autocast casts them at every use: the profile's hundreds of small casts
+    # once a backward) where autocast casts them at every use: the profile's hundreds of small casts. Measured
+    # on an H200 (thirty-first session, docs/RESULTS.md §12): 10% slower and 24-27 GiB more, eager and compiled
     best = "triton_fused_kd" if have_triton else "einsum_fused_kd"
     variants = [("einsum", False, False, None, False, "none")]
     variants += [("triton", True, False, None, False, "none")] if have_triton else []
