@@ -20,7 +20,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -436,12 +436,14 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
          --full-delta-rank 128 --tokens-a 16777216 --state-dir $H/state/J16pr"
      ratios J16pr:C16ra,J16pr:C16rb J16pr ;;
   # 16m (after S31 / S31c, if the mix closes the 0.75's gap out of domain): J16p with the mix against (c) with it at 16M
-  16m) C="${A/--no-minitron/} --seed 0 --variants= --tokens-a 8388608 --minitron-arch $B#E0:elastic_anchor --lr-a 2e-4 \
-         --anchor-data self --budget-mix 0.5 $CHAT"
-     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16m "${RESTORED/--hold-pull 30/--hold-pull 0} --full-delta-finish 768 \
-         --budget-mix 0.5 --tokens-a 16777216 --state-dir $H/state/J16m" C16ma "$C --budgets 1.0,0.75" \
-         C16mb "$C --budgets 1.0,0.5"
-     ratios J16m:C16ma,J16m:C16mb,J16m:C16ra,J16m:C16rb J16m C16ma C16mb ;;
+  # MIX=0.2 (after S31 at MIX=0.2): the share that S31 picks; runs named J16m$x as S31's
+  16m) MIX=${MIX:-0.5}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
+     C="${A/--no-minitron/} --seed 0 --variants= --tokens-a 8388608 --minitron-arch $B#E0:elastic_anchor --lr-a 2e-4 \
+         --anchor-data self --budget-mix $MIX $CHAT"
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16m$x "${RESTORED/--hold-pull 30/--hold-pull 0} --full-delta-finish 768 \
+         --budget-mix $MIX --tokens-a 16777216 --state-dir $H/state/J16m$x" C16ma$x "$C --budgets 1.0,0.75" \
+         C16mb$x "$C --budgets 1.0,0.5"
+     ratios J16m$x:C16ma$x,J16m$x:C16mb$x,J16m$x:C16ra,J16m$x:C16rb J16m$x C16ma$x C16mb$x ;;
   # S30 (the thirtieth session's first calls): 16p and HB16 side by side, called back to back until both are done
   # (each resumes; a finished one is skipped), then HB16c, RESTORESVD and the demo
   S30) bash $0 PLAN17 16p > $OUT/s30_16p.txt 2>&1 & bash $0 PLAN17 HB16 > $OUT/s30_hb16.txt 2>&1; wait
