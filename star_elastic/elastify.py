@@ -580,8 +580,11 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
             log(f"  warning: budget {b.name}'s exported architecture trained on only {share:.0%} of that budget's "
                 "steps (the router settled late, or the export moved it): expect it behind a budget distilled "
                 "alone; --router-prior holds the router near its start")
-    drift = {}
+    drift, elsewhere = {}, {}
     for name, stream in heldouts.items():
+        if name != "train domain":  # every smaller budget there too: what a budget keeps of the parent out of domain
+            elsewhere[name] = {b.name: masked_scores(model, spec, stream, cfg, device, trainer.delta)["perplexity"]
+                               for b, spec in zip(budgets, specs) if not b.is_full}
         # with the parent's KL from the full budget: a flatter full model scores better on prose its parent is
         # unsure of and worse on its parent's own answers, at one distance from it (docs/RESULTS.md §9)
         got = full_scores if name == "train domain" and full_scores is not None else \
@@ -604,7 +607,8 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
             log(warning)
     del teacher
     evaluation = {"data": data, "heldout_tokens": min(cfg.eval_tokens, heldout.numel()), "seq_len": cfg.seq_len,
-                  "zero_shot_perplexity": before, "trained_perplexity": after, "full_budget_drift": drift}
+                  "zero_shot_perplexity": before, "trained_perplexity": after, "full_budget_drift": drift,
+                  "trained_perplexity_elsewhere": elsewhere}
     training = {"tokens": train_tokens, "steps": steps, "seconds": round(train_s, 1),
                 "passes": round(train_tokens / train_stream.numel(), 2),
                 "tokens_per_s": round(rates[len(rates) // 2]) if rates else None, "steps_per_budget": steps_per_budget,
@@ -632,6 +636,7 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     if ranks > 1:
         torch.distributed.barrier()
     return {"zero_shot": before, "trained": after, "checkpoint": str(out), "training": training, "drift": drift,
+            "elsewhere": elsewhere,
             "projections": [p.to_dict() for p in projections]}
 
 
@@ -647,7 +652,8 @@ def keep_step_log(log: Path, out: Path):
 
 def print_table(result: dict, file=None):
     """Each budget: its size, its held-out perplexity as a zero-shot slice and after training, and
-    the trained one against the parent's; then the full budget's drift on every held-out source."""
+    the trained one against the parent's; then the full budget's drift on every held-out source, and the
+    smaller budgets on every source besides the training domain's, against the parent there."""
     parent = result.get("drift", {}).get("train domain", {}).get("parent")
     print(f"\n{'budget':>8} {'kept':>7} {'zero-shot ppl':>14} {'trained ppl':>12} {'vs parent':>10}", file=file)
     for (name, ppl), proj in zip(result["trained"].items(), result.get("projections") or [{}] * len(result["trained"])):
@@ -658,6 +664,12 @@ def print_table(result: dict, file=None):
     for source, d in result.get("drift", {}).items():
         print(f"full budget on {source} held-out: {d['full_budget']:.3f} vs the parent's {d['parent']:.3f} "
               f"({d['change']:+.2%})" + first_tokens(d), file=file)
+    for source, ppls in (result.get("elsewhere") or {}).items():
+        parent_there = result.get("drift", {}).get(source, {}).get("parent")
+        if ppls and parent_there:
+            print(f"smaller budgets on {source} held-out: " + ", ".join(
+                f"{name} {ppl:.3f} ({ppl / parent_there:.2f}x)" for name, ppl in ppls.items())
+                + f" against the parent's {parent_there:.3f}", file=file)
     print(f"checkpoint: {result['checkpoint']}", file=file)
 
 

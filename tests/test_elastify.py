@@ -181,8 +181,17 @@ def test_the_full_budgets_drift_on_the_parents_own_chat_answers(tmp_path, tokeni
         assert torch.equal(logits[start - 1:-1].argmax(-1), ids[start:])
     cfg = ElastifyConfig(budgets=["1.0", "0.5"], tokens=16 * 32 * 2, seq_len=32, batch_size=16, calib_batches=1,
                          eval_tokens=128, drift_data="")
+    answers = chat_transcripts(parent, tokenizer)  # what elastify asks the parent before training (greedy)
     result = elastify(parent, tokenizer, str(text), tmp_path / "ckpt", cfg, log=lambda *_: None)
     chat = result["drift"]["chat answers"]
+    # the smaller budget on the same answers, scored as its slice of the written checkpoint scores them
+    from star_elastic.evaluate import answer_scores
+    ckpt = load_elastic(tmp_path / "ckpt")
+    small = slice_model(ckpt.model, budget_spec(ckpt.manifest, "0.5")).eval()
+    elsewhere = result["elsewhere"]["chat answers"]
+    assert set(elsewhere) == {"0.5"}
+    assert elsewhere["0.5"] == pytest.approx(answer_scores(small, answers)["perplexity"], rel=1e-4)
+    assert read_manifest(tmp_path / "ckpt")["evaluation"]["trained_perplexity_elsewhere"] == result["elsewhere"]
     assert chat["parent"] > 1 and chat["full_budget"] > 1 and chat["change"] != 0  # training moved it
     # and the parent's KL from the full budget says how far (here barely moved: on the answers, to rounding)
     assert result["drift"]["train domain"]["kl_from_parent"] > 0
@@ -201,10 +210,12 @@ def test_the_full_budgets_drift_on_the_parents_own_chat_answers(tmp_path, tokeni
     assert (f"full budget on chat answers held-out: {chat['full_budget']:.3f}" in table.getvalue() and
             f"greedy first token: {round(chat['first_token_kept']['full_budget'] * n)} of {n} (the parent itself {n}; "
             f"{clear['kept']} of the {clear['answers']} it begins by over 0.5 nats)" in table.getvalue())
+    assert (f"smaller budgets on chat answers held-out: 0.5 {elsewhere['0.5']:.3f} "
+            f"({elsewhere['0.5'] / chat['parent']:.2f}x) against the parent's {chat['parent']:.3f}") in table.getvalue()
     assert read_manifest(tmp_path / "ckpt")["evaluation"]["full_budget_drift"]["chat answers"] == chat
     off = elastify(Model(PARENTS["llama"]), tokenizer, str(text), tmp_path / "off",
                    ElastifyConfig(**{**cfg.__dict__, "chat_drift": False}), log=lambda *_: None)
-    assert "chat answers" not in off["drift"]
+    assert "chat answers" not in off["drift"] and off["elsewhere"] == {}
     from star_elastic.elastify import chat_warning
     assert chat_warning({**chat, "clear_first_tokens": {"margin_nats": 0.5, "answers": 18, "kept": 18}}) is None
     warned = chat_warning({**chat, "clear_first_tokens": {"margin_nats": 0.5, "answers": 18, "kept": 15}})
