@@ -451,12 +451,17 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # MLRS=1e-4,3e-4: (c) at its best of those rates (at seed 0 its 0.75 fitted its training text 2.8x better than
   # B16's and did worse on every held-out source: 8.7 passes over 963k tokens; a lower rate may over-fit less);
   # the runs are then named C16ba$x-lr / C16bb$x-lr
+  # On a fresh machine (B16's run and its parent file gone with an earlier one): the architectures from B16's
+  # bundle, and the parent pretrained again under strict determinism, as B16's was (the ratios refuse a parent
+  # that scores otherwise); e.g. SEED=0 MLRS=1e-4,3e-4 for seed 0's (c) at its better rate (thirty-first session)
   HB16c) s=${SEED:-0}; x=$([ $s = 0 ] || echo s$s)$([ -n "$MLRS" ] && echo -lr); n=B16$([ $s = 0 ] || echo s$s)
+     b=$H/res/$n.json; arch=$b:elastic_anchor
+     [ -s $b ] || { b=docs/results/elastic_session$([ $s = 0 ] && echo 30 || echo 31)_h200.json; arch="$b#$n:elastic_anchor"; }
      C="--part B --tokenizer $H/tok --heldout wiki,shakespeare,bible,wiki-fr --variants= --seed $s --tokens-b 8388608 \
-       --minitron-arch $H/res/$n.json:elastic_anchor --parent-b $H/res/parentB$s.safetensors \
-       ${MLRS:+--minitron-lrs $MLRS}"
+       --minitron-arch $arch --parent-b $H/res/parentB$s.safetensors ${MLRS:+--minitron-lrs $MLRS} \
+       $([ -s $H/res/parentB$s.safetensors ] || echo --strict-determinism)"
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS C16ba$x "$C --budgets 1.0,0.75" C16bb$x "$C --budgets 1.0,0.5"
-     python3 benchmarks/compare_elastic.py $H/res/$n.json $H/res/C16ba$x.json $H/res/C16bb$x.json --part B \
+     python3 benchmarks/compare_elastic.py $b $H/res/C16ba$x.json $H/res/C16bb$x.json --part B \
        --pairs $n:C16ba$x,$n:C16bb$x 2>&1 | tail -n 16 ;;
   # 16sc: J16p with the anchor on half conversations (--anchor-data self+chat): at 16M its full model held prose
   # within 1% but drifted +2.4% on the parent's chat answers, and neither the anchor, the restore's calibration nor
