@@ -512,3 +512,54 @@ def test_decode_step_bench_runs_on_the_cpu(tmp_path):
     assert all(r["recurrence_us"] > 0 and "triton_us" not in r for r in result["update"])
     d = result["decode"]
     assert not d["uses_triton_step"] and d["logits_rel_err"] == 0 and d["greedy_equal"]
+
+
+def test_head_gradient_accumulates_in_one_gemm_where_the_device_has_it(monkeypatch):
+    """The LM head's gradient adds each chunk's product into its fp32 sum in one GEMM (`torch.addmm` with
+    out_dtype, CUDA) where the device has it, instead of writing the product in bf16 and adding it apart (about
+    10 ms of a 254 ms step at Nano, docs/RESULTS.md §12). No CPU kernel: a stand-in that records its calls
+    and adds in fp32 checks what the fused loss hands it; the gradients equal the plain path's."""
+    from star_elastic.elastic import losses
+
+    h, W = _head(0)
+    ht, Wt = _head(1)
+    teacher = HeadInput(ht, Wt)
+
+    def grads(dtype=torch.bfloat16):
+        a_h, a_W = h.clone().requires_grad_(), W.clone().requires_grad_()
+        kd_loss(HeadInput(a_h, a_W, dtype), teacher, chunk_tokens=10).backward()
+        return a_h.grad, a_W.grad
+
+    exact_w = grads(torch.float64)[1]
+    plain_h, plain_w = grads()  # on the CPU: no such GEMM, the product then the add
+    assert not losses._accumulating_gemm(torch.device("cpu"), torch.bfloat16)
+    calls = []
+
+    def addmm(acc, a, b, out_dtype=None, out=None):
+        calls.append((a.dtype, b.dtype, out_dtype, out is acc))
+        return out.add_(a.float() @ b.float())
+
+    monkeypatch.setattr(losses, "_accumulating_gemm", lambda device, dtype: True)
+    monkeypatch.setattr(losses.torch, "addmm", addmm)
+    fast_h, fast_w = grads()
+    assert len(calls) == 5 and set(calls) == {(torch.bfloat16, torch.bfloat16, torch.float32, True)}  # 46 rows / 10
+    assert torch.equal(fast_h, plain_h)  # the hidden states' gradient does not take this path
+    # the same sums, the products added in fp32 rather than rounded to bf16 first: nearer the exact gradient
+    assert (fast_w - exact_w).norm() < (plain_w - exact_w).norm() < 0.02 * exact_w.norm()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fp32-accumulating GEMM is CUDA's")
+def test_head_gradient_gemm_on_cuda_equals_the_product_then_the_add():
+    """On a GPU (`run.sh` runs this file there): the one-GEMM path is found and gives the plain path's
+    gradient to bf16 rounding, at the shapes of a real head's chunk."""
+    from star_elastic.elastic import losses
+
+    dev = torch.device("cuda")
+    assert losses._accumulating_gemm(dev, torch.bfloat16)
+    g = torch.randn(1024, 8192, device=dev, dtype=torch.bfloat16)
+    x = torch.randn(1024, 512, device=dev, dtype=torch.bfloat16)
+    acc, ref = (torch.randn(8192, 512, device=dev) for _ in range(2))
+    ref.copy_(acc)
+    losses._add_product(acc, g.t(), x)
+    ref.add_(g.t() @ x)
+    assert torch.allclose(acc, ref, rtol=2e-2, atol=0.5)  # the reference rounds its product to bf16

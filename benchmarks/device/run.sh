@@ -27,6 +27,7 @@
 #   GATHER [args]               issue 12: the views' MoE decode gather, the candidates side by side (bench_expert_gather)
 #   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled
 #                               (bench_kernels --parts train; needs .devcarry/mamba)
+#   GPUTESTS [-k EXPR]          the CUDA-only tests of tests/test_kernels.py (default -k cuda)
 # The home folder survives between calls while the machine stays warm (30 s); $OUT comes back.
 set -x
 H=/root; SE=$H/.cache/star_elastic; mkdir -p $SE $OUT
@@ -106,6 +107,8 @@ SERVE) shift; python3 benchmarks/bench_serve.py --model nano --device cuda --out
   | tail -n 60 ;;  # e.g. --contiguous-views none,experts,linear,all (what closes the views' gap)
 LOAD) python3 -m pip install -q --no-index --find-links .devcarry/serve_wheels --target $H/serve fastapi uvicorn httpx
   PYTHONPATH=$H/serve:$PYTHONPATH python3 benchmarks/bench_load.py --model nano --device cuda --clients 64 --seconds 30 --baseline-seconds 15 --json $OUT/load_nano.json 2>&1 | tee $OUT/load.log | tail -n 40 ;;  # the log comes back even if cut
+GPUTESTS) shift  # the tests that need CUDA (skipped in CI): e.g. the head gradient's fp32-accumulating GEMM
+  python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py -k "${1:-cuda}" 2>&1 | tail -n 30 ;;
 KERNELS) shift; PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_kernels.py --parts train \
   --json $OUT/kernels_train.json "$@" 2>&1 | grep -v "%|" | tail -n 40 ;;
 SAMPLEDET) shift; join  # issue 17: is the anchor's sampled text the same run to run? twice side by side, each mode twice

@@ -169,6 +169,36 @@ def compiled_kd(backend: str | None):
         _FUSED_CHUNK = outer
 
 
+@functools.lru_cache(maxsize=None)
+def _accumulating_gemm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)` adds a product of `dtype` matrices
+    into an fp32 `acc` in one GEMM on `device` (CUDA builds of recent torch; no CPU kernel): tried once on a
+    small case against the product-then-add, so that a torch without it, or one that gets it wrong, takes
+    the plain path."""
+    if dtype == torch.float32:
+        return False
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        a, b = (torch.randn(n, 64, device=device, dtype=dtype, generator=g) for n in (48, 40))
+        acc = torch.randn(48, 40, device=device, dtype=torch.float32, generator=g)
+        want = acc + (a @ b.t()).float()
+        torch.addmm(acc, a, b.t(), out_dtype=torch.float32, out=acc)
+        return bool(torch.allclose(acc, want, rtol=1e-2, atol=1e-2))
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+    """acc += a @ b for an fp32 `acc` and `a`, `b` in the compute dtype: one GEMM accumulating in fp32 where
+    the device has it (`_accumulating_gemm`), else the product in the compute dtype, then the add. At Nano's
+    head (131,072 x 2,688) the separate add read and wrote 1.4 GB of fp32 a chunk, about 10 ms of a 254 ms
+    training step on an H200 (docs/RESULTS.md §12, the step's profile)."""
+    if a.dtype != acc.dtype and _accumulating_gemm(acc.device, a.dtype):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.add_(a @ b)
+
+
 def _head_kl(hidden, weight, cd, teacher: Logits, t_rows, row_w, chunk: int, need_h: bool, need_w: bool):
     """sum_r row_w[r] * KL(teacher_r || student_r) over the rows of `hidden` (tokens, D), the
     student's logits `hidden @ weight.T` made in `cd` a chunk at a time; with the gradients of that
@@ -202,7 +232,7 @@ def _head_kl(hidden, weight, cd, teacher: Logits, t_rows, row_w, chunk: int, nee
             if need_h:
                 gh[i:i + chunk] = g @ W
             if need_w:
-                gw.add_(g.t() @ h)
+                _add_product(gw, g.t(), h)
     return total, gh, gw
 
 
