@@ -208,6 +208,25 @@ MAX_PASSES = 5.0
 LOW_SHARE = 0.5
 
 
+# A smaller budget whose perplexity against the parent's is this much worse out of its training domain than in
+# it has kept less of the parent there (on SmolLM2 the 0.75 trailed its (c) by 3-7% out of domain while level in
+# it, docs/RESULTS.md §9); --budget-mix trades some of the training domain for it
+ELSEWHERE_GAP = 1.1
+
+
+def elsewhere_note(budget: str, in_domain: float, elsewhere: dict[str, float], budget_mix: float) -> str | None:
+    """A one-line note when smaller budget `budget` is over ELSEWHERE_GAP times further from the parent on some
+    other source than in its training domain (`in_domain`, `elsewhere`: its perplexity over the parent's), and
+    its batches had none of the parent's own text; else None."""
+    worst = max(elsewhere, key=elsewhere.get, default=None)
+    if budget_mix or worst is None or elsewhere[worst] <= ELSEWHERE_GAP * in_domain:
+        return None
+    return (f"  note: budget {budget} keeps less of the parent out of its training domain ({elsewhere[worst]:.2f}x the "
+            f"parent's perplexity on {worst}, {in_domain:.2f}x in domain); if it must serve other text, --anchor-data "
+            "self --budget-mix F gives its batches a share F of the parent's own text, at some cost in domain "
+            "(F = 0.5 on SmolLM2: 5-12% better out of domain, 3-4% worse in it, docs/RESULTS.md §9)")
+
+
 def passes_warning(tokens: int, available: int, data: str) -> str | None:
     """A one-line warning when training would repeat its text more than MAX_PASSES times, else None."""
     passes = tokens / max(available, 1)
@@ -605,6 +624,12 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
         warning = chat_warning(drift[name])
         if warning:
             log(warning)
+    for b in budgets:
+        if not b.is_full:
+            note = elsewhere_note(b.name, after[b.name] / parent_ppl["train domain"],
+                                  {n: v[b.name] / parent_ppl[n] for n, v in elsewhere.items()}, cfg.budget_mix)
+            if note:
+                log(note)
     del teacher
     evaluation = {"data": data, "heldout_tokens": min(cfg.eval_tokens, heldout.numel()), "seq_len": cfg.seq_len,
                   "zero_shot_perplexity": before, "trained_perplexity": after, "full_budget_drift": drift,

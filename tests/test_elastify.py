@@ -114,6 +114,17 @@ def test_many_passes_over_one_corpus_warn_of_drift():
     assert "13.0 passes" in mixed and "other domains" in mixed
 
 
+def test_a_smaller_budget_far_from_the_parent_out_of_domain_is_pointed_to_the_budget_mix():
+    from star_elastic.elastify import elsewhere_note
+
+    note = elsewhere_note("0.9", 1.35, {"shakespeare": 1.47, "chat answers": 1.65}, budget_mix=0.0)
+    assert note.strip().startswith("note: budget 0.9") and "1.65x the parent's perplexity on chat answers" in note
+    assert "1.35x in domain" in note and "--budget-mix F" in note and "\n" not in note
+    assert elsewhere_note("0.9", 1.35, {"shakespeare": 1.47}, budget_mix=0.0) is None  # within 10% of in domain
+    assert elsewhere_note("0.9", 1.35, {"chat answers": 1.65}, budget_mix=0.5) is None  # the mix is on already
+    assert elsewhere_note("0.9", 1.35, {}, budget_mix=0.0) is None  # no other source
+
+
 def test_drift_is_measured_on_a_bundled_corpus_the_training_does_not_use():
     assert drift_source("wiki", "auto") == "shakespeare"
     assert drift_source("shakespeare:0.5,wiki:0.5", "auto") == "bible"
@@ -182,7 +193,8 @@ def test_the_full_budgets_drift_on_the_parents_own_chat_answers(tmp_path, tokeni
     cfg = ElastifyConfig(budgets=["1.0", "0.5"], tokens=16 * 32 * 2, seq_len=32, batch_size=16, calib_batches=1,
                          eval_tokens=128, drift_data="")
     answers = chat_transcripts(parent, tokenizer)  # what elastify asks the parent before training (greedy)
-    result = elastify(parent, tokenizer, str(text), tmp_path / "ckpt", cfg, log=lambda *_: None)
+    logged = []
+    result = elastify(parent, tokenizer, str(text), tmp_path / "ckpt", cfg, log=logged.append)
     chat = result["drift"]["chat answers"]
     # the smaller budget on the same answers, scored as its slice of the written checkpoint scores them
     from star_elastic.evaluate import answer_scores
@@ -192,6 +204,10 @@ def test_the_full_budgets_drift_on_the_parents_own_chat_answers(tmp_path, tokeni
     assert set(elsewhere) == {"0.5"}
     assert elsewhere["0.5"] == pytest.approx(answer_scores(small, answers)["perplexity"], rel=1e-4)
     assert read_manifest(tmp_path / "ckpt")["evaluation"]["trained_perplexity_elsewhere"] == result["elsewhere"]
+    # said when the budget is further from the parent there than in its training domain (by over 10%)
+    gap = (elsewhere["0.5"] / chat["parent"]) / (result["trained"]["0.5"] / result["drift"]["train domain"]["parent"])
+    notes = [line for line in logged if "keeps less of the parent out of its training domain" in line]
+    assert len(notes) == (gap > 1.1) and all("budget 0.5" in n and "--budget-mix" in n for n in notes)
     assert chat["parent"] > 1 and chat["full_budget"] > 1 and chat["change"] != 0  # training moved it
     # and the parent's KL from the full budget says how far (here barely moved: on the answers, to rounding)
     assert result["drift"]["train domain"]["kl_from_parent"] > 0
