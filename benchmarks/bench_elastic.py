@@ -82,8 +82,8 @@ from star_elastic.model import Model  # noqa: E402
 from star_elastic.runtime import comma_list  # noqa: E402
 from star_elastic.train_state import saved_anchor_rows  # noqa: E402
 from star_elastic.train import (  # noqa: E402
-    DELTA_OPTIONS, ElasticTrainer, TrainConfig, adamw, compile_layers, delta_option_problem, hold_problem,
-    keep_problem, lr_factor, mix_rows)
+    DELTA_OPTIONS, ElasticTrainer, TrainConfig, adamw, budget_mix_problem, compile_layers, delta_option_problem,
+    hold_problem, keep_problem, lr_factor, mix_rows)
 
 METHODS = ("zero_shot", "elastic", "minitron")
 VARIANTS = ("elastic", "elastic_small", "elastic_anchor", "joint_fixed", "joint_anchor")
@@ -1151,11 +1151,9 @@ def main(argv=None):
         raise SystemExit("--max-train-seconds needs --state-dir: a stopped run goes on from its saved state")
     if args.anchor_mix != 1.0 and not args.anchor_data:
         raise SystemExit("--anchor-mix mixes the anchor's own text into its batch: give --anchor-data")
-    if not 0 <= args.budget_mix <= 1:
-        raise SystemExit(f"--budget-mix {args.budget_mix:g}: a share of the rows, in [0, 1]")
-    if args.budget_mix and not args.anchor_data:
-        raise SystemExit("--budget-mix mixes the anchor's own text into the smaller budgets' batches: give "
-                         "--anchor-data")
+    why = budget_mix_problem(args.budget_mix, bool(args.anchor_data))
+    if why:
+        raise SystemExit(f"--budget-mix {why}")
     why = hold_problem(args.hold, args.hold_rate, args.hold_pull, sharded=False, budget_lrs=args.budget_lrs is not None)
     if why:  # the trainer's own check, in elastify's words
         raise SystemExit(f"--hold {','.join(args.hold or [])}: {why}")

@@ -33,8 +33,8 @@ from .generate import forget_decode_steps, generate, sample_rows
 from .runtime import chat_prefix, encode_prompt
 from .elastic.delta import held_values
 from .train_state import saved_anchor_rows
-from .train import (DELTA_OPTIONS, RESTORE_MODES, ElasticTrainer, TrainConfig, delta_option_problem, hold_problem,
-                    keep_problem, world)
+from .train import (DELTA_OPTIONS, RESTORE_MODES, ElasticTrainer, TrainConfig, budget_mix_problem, delta_option_problem,
+                    hold_problem, keep_problem, world)
 
 
 @dataclass
@@ -365,12 +365,9 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
         raise StarElasticError(f"--anchor-mix {cfg.anchor_mix:g}: the anchor text's share of the anchor's rows, in (0, 1]")
     if cfg.anchor_mix != 1.0 and not anchor_spec:
         raise StarElasticError("--anchor-mix mixes the anchor's own text into its batch: give --anchor-data")
-    if not 0 <= cfg.budget_mix <= 1:
-        raise StarElasticError(f"--budget-mix {cfg.budget_mix:g}: the anchor text's share of a smaller budget's rows, "
-                               "in [0, 1]")
-    if cfg.budget_mix and not anchor_spec:
-        raise StarElasticError("--budget-mix mixes the anchor's own text into the smaller budgets' batches: give "
-                               "--anchor-data")
+    why = budget_mix_problem(cfg.budget_mix, bool(anchor_spec))
+    if why:
+        raise StarElasticError(f"--budget-mix {why}")
     if cfg.full_delta_rank:
         why = ("give a positive rank" if cfg.full_delta_rank < 0 else
                "the anchor trains it: it needs --full-anchor > 0, the full budget 1.0 and a smaller one" if not anchor

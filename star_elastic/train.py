@@ -310,12 +310,9 @@ class ElasticTrainer:
         if cfg.anchor_mix < 1 and self.anchor_batches is None:
             raise StarElasticError(f"anchor_mix {cfg.anchor_mix} mixes the anchor's own text into its batch: give "
                                    "anchor text (--anchor-data)")
-        if not 0 <= cfg.budget_mix <= 1:
-            raise StarElasticError(f"budget_mix {cfg.budget_mix}: the anchor text's share of a smaller budget's rows, "
-                                   "in [0, 1]")
-        if cfg.budget_mix and self.anchor_batches is None:
-            raise StarElasticError(f"budget_mix {cfg.budget_mix} mixes the anchor's text into the smaller budgets' "
-                                   "batches: give anchor text (--anchor-data)")
+        why = budget_mix_problem(cfg.budget_mix, self.anchor_batches is not None)
+        if why:
+            raise StarElasticError(f"budget_mix {why}")
         self._fixed_masks: dict[int, tuple[ElasticSpec, dict]] = {}  # _spec_masks
         self.sampler = torch.Generator().manual_seed(cfg.seed + 1)  # budgets
         self.gumbel = torch.Generator().manual_seed(cfg.seed + 2)  # router noise
@@ -1212,6 +1209,14 @@ def hold_problem(hold, rate: float, pull: float, sharded: bool, budget_lrs: bool
             "a pull needs a rate > 0 (a frozen part has nothing to pull back)" if pull and not rate else
             "frozen (rate 0) not with FSDP sharding (shard 'none', or a rate > 0)" if sharded and not rate else
             "a rate > 0 is not with per-budget rates" if budget_lrs and rate else None)
+
+
+def budget_mix_problem(mix: float, anchor_text: bool) -> str | None:
+    """What is wrong with a budget_mix of `mix` (TrainConfig / ElastifyConfig, bench --budget-mix) with or without
+    anchor text, after the option's name; None when nothing is."""
+    return (f"{mix:g}: the anchor text's share of a smaller budget's rows, in [0, 1]" if not 0 <= mix <= 1 else
+            "mixes the anchor's own text into the smaller budgets' batches: give anchor text (--anchor-data)"
+            if mix and not anchor_text else None)
 
 
 def keep_problem(keep, full_delta_rank: int, hold, hold_rate: float) -> str | None:
