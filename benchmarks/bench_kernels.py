@@ -490,7 +490,7 @@ def one_rank_group(device, on: bool = True):
 
 
 def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: int, have_triton: bool,
-               compile_step: bool = False) -> dict:
+               compile_step: bool = False, fsdp1: bool = False) -> dict:
     cfg = tiny_config(pattern) if tiny else nano_config(pattern)
     model, teacher, budgets, rows = step_setup(cfg, device, batch, seq)
     n_total = sum(p.numel() for p in model.parameters())
@@ -499,7 +499,8 @@ def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: in
     # compile (the median of the last steps is timed), one graph per layer kind, budget kind and grad mode.
     # "_fsdp1": FSDP2 over this one process, whose bf16 gathers cast each block's weights once a forward (and
     # once a backward) where autocast casts them at every use: the profile's hundreds of small casts. Measured
-    # on an H200 (thirty-first session, docs/RESULTS.md §12): 10% slower and 24-27 GiB more, eager and compiled
+    # on an H200 (thirty-first session, docs/RESULTS.md §12): 10% slower and 24-27 GiB more, eager and compiled,
+    # so these rows run only when asked (--fsdp1): they cost about 45 s of device time a run
     best = "triton_fused_kd" if have_triton else "einsum_fused_kd"
     variants = [("einsum", False, False, None, False, "none")]
     variants += [("triton", True, False, None, False, "none")] if have_triton else []
@@ -507,8 +508,9 @@ def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: in
                  (best, have_triton, True, None, False, "none")]
     if compile_step:
         variants.append((best + "_compiled", have_triton, True, "inductor", False, "none"))
-    fsdp1 = parallel.available() and dist.is_available()
-    if fsdp1:
+    if fsdp1 and not (parallel.available() and dist.is_available()):
+        print("  --fsdp1: FSDP2 is not available in this torch build; its rows are left out")
+    elif fsdp1:
         variants.append((best + "_fsdp1", have_triton, True, None, False, "fsdp"))
         if compile_step:
             variants.append((best + "_compiled_fsdp1", have_triton, True, "inductor", False, "fsdp"))
@@ -679,6 +681,8 @@ def main():
     ap.add_argument("--steps", type=int, default=6, help="training steps per variant (the first two not timed)")
     ap.add_argument("--check-odd", action="store_true",
                     help="also check a budget view's scan shapes (each shape key costs a fresh Triton autotune)")
+    ap.add_argument("--fsdp1", action="store_true",
+                    help="--parts train: also the step sharded by FSDP2 over this one process (measured slower)")
     ap.add_argument("--device")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
@@ -713,7 +717,7 @@ def main():
         "scan": lambda: part_scan(device, args.tiny, compile_, args.iters, fast),
         "kd": lambda: part_kd(device, args.tiny, args.iters),
         "train": lambda: part_train(device, args.tiny, args.pattern, args.batch, args.seq, args.steps, fast,
-                                    compile_),
+                                    compile_, args.fsdp1),
         "profile": lambda: part_profile(device, args.tiny, args.pattern, *(
             (16, 512) if args.profile_model == "smollm2" and not args.tiny else (args.batch, args.seq)), fast,
             model_name=args.profile_model),

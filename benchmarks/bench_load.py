@@ -18,10 +18,12 @@ client c starting at budget c), a prompt of `--prompt-tokens` random token ids, 
 `--new-tokens`, greedy, streamed (a fraction `--non-stream-fraction` not streamed), then the next; a
 request under way at the deadline runs to its end. Per request: time to first token (the first SSE
 chunk carrying text; a non-streamed request: its whole latency, and it is left out of the TTFT
-figures), latency (until `data: [DONE]` / the whole body), tokens. A failure is any non-200 status,
-exception, error event in the stream, stream without [DONE] or, with EOS ignored, a request that
-ends other than at its token limit. Throughput = tokens written / seconds from the phase's start to
-its last request's end (tokens as the server counted them; with EOS ignored they must equal the
+figures), latency (until `data: [DONE]` / the whole body), tokens (a streamed request asks for the usage
+chunk, `stream_options.include_usage`: a chunk carries all the text ready when it is sent, several tokens
+when the server's loop falls behind, and `tokens_per_chunk` says how often). A failure is any non-200
+status, exception, error event in the stream, stream without [DONE] or its usage chunk or, with EOS
+ignored, a request that ends other than at its token limit. Throughput = tokens written / seconds from the
+phase's start to its last request's end (tokens as the server counted them; they must equal the
 clients' count). Percentiles are nearest-rank. After each phase the server must be idle again: no
 slot in use, no request waiting, every pool's caches dropped.
 
@@ -292,6 +294,8 @@ class Sampler(threading.Thread):
 async def one_request(http, budget: str, prompt: list[int], new_tokens: int, stream: bool, ignore_eos: bool,
                       t_phase: float) -> dict:
     body = {"model": budget, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0.0, "stream": stream}
+    if stream:  # a chunk may carry several tokens: the usage chunk at the end counts them
+        body["stream_options"] = {"include_usage": True}
     rec = {"budget": budget, "stream": stream, "start": 0.0, "ttft": None, "latency": None, "tokens": 0,
            "finish": None, "error": None}
     t0 = time.perf_counter()
@@ -315,6 +319,9 @@ async def one_request(http, budget: str, prompt: list[int], new_tokens: int, str
                     if "error" in obj:
                         rec["error"] = f"error event: {obj['error'].get('message')}"
                         return rec
+                    if not obj["choices"]:  # the usage chunk
+                        rec["tokens"] = obj["usage"]["completion_tokens"]
+                        continue
                     choice = obj["choices"][0]
                     if choice.get("text"):
                         chunks += 1
@@ -323,11 +330,11 @@ async def one_request(http, budget: str, prompt: list[int], new_tokens: int, str
                     if choice.get("finish_reason"):
                         rec["finish"] = choice["finish_reason"]
             rec["latency"] = time.perf_counter() - t0
+            rec["chunks"] = chunks
             if not done:
                 rec["error"] = "the stream ended without data: [DONE]"
-            # streamed text chunks undercount tokens (a special token writes no text): with EOS ignored
-            # the request wrote exactly max_tokens, else the server's count is the one to trust
-            rec["tokens"] = new_tokens if ignore_eos and rec["finish"] == "length" else chunks
+            elif not rec["tokens"]:
+                rec["error"] = "the stream ended without its usage chunk"
         else:
             r = await http.post("/v1/completions", json=body)
             rec["latency"] = time.perf_counter() - t0
@@ -404,7 +411,10 @@ def summarize(records: list[dict], wall: float, server_tokens: dict[str, int], b
                   "tokens": tokens, "client_tokens": client_tokens, "tok_s": tokens / wall, "req_s": len(ok) / wall,
                   "latency_p50": pct(lat, 50), "latency_p99": pct(lat, 99), "latency_max": max(lat, default=None),
                   "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99),
-                  "request_tok_s_p50": pct([r["tokens"] / r["latency"] for r in ok if r["latency"]], 50)}
+                  "request_tok_s_p50": pct([r["tokens"] / r["latency"] for r in ok if r["latency"]], 50),
+                  # tokens a text chunk carries: 1 while the server keeps up, more when its loop falls behind
+                  "tokens_per_chunk": (sum(r["tokens"] for r in ok if r.get("chunks")) /
+                                       max(1, sum(r.get("chunks", 0) for r in ok)))}
     return out
 
 
@@ -559,7 +569,8 @@ def run_phase(server: Server, sampler: Sampler, name: str, clients: int, seconds
         memory = memory_summary(sampler.samples, name)
     print(f"  {name}: {clients} client(s), {wall:.1f} s: {summary['all']['ok']} requests, "
           f"{summary['all']['failed']} failed, {summary['all']['tok_s']:.1f} tok/s, latency p50 "
-          f"{fmt(summary['all']['latency_p50'])} s, TTFT p50 {fmt(summary['all']['ttft_p50'], '.3f')} s, largest "
+          f"{fmt(summary['all']['latency_p50'])} s, TTFT p50 {fmt(summary['all']['ttft_p50'], '.3f')} s, "
+          f"{summary['all']['tokens_per_chunk']:.2f} tokens a streamed chunk, largest "
           f"batch {after['max_batch']}, RSS {fmt(memory.get('rss_peak', 0) / 2**20, '.0f')} MB peak; CPU cores busy: "
           f"server {fmt(cpu['server_cores'])}, clients {fmt(cpu['client_cores'])}", flush=True)
     for r in records:
@@ -646,7 +657,7 @@ def main(argv=None):
            "gain": {b: (phases["concurrent"]["summary"][b]["tok_s"] / phases["sequential"]["summary"][b]["tok_s"]
                         if phases["sequential"]["summary"][b]["tok_s"] else None) for b in budgets + ["all"]},
            "tokens_match": all(p["summary"][b]["tokens"] == p["summary"][b]["client_tokens"]
-                               for p in phases.values() for b in budgets) if not args.keep_eos else None,
+                               for p in phases.values() for b in budgets),
            "phases": {name: {k: v for k, v in p.items() if k != "records"} for name, p in phases.items()},
            "memory_samples": sampler.samples,
            # one row per request: phase, client, budget, streamed, start, ttft, latency, tokens, finish, error

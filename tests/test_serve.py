@@ -81,6 +81,13 @@ def test_completion_stream_and_stop_string(client, engine):
         lines = [ln for ln in r.iter_lines() if ln]
     assert lines[-1] == "data: [DONE]"
     assert "".join(json.loads(ln[6:])["choices"][0]["text"] for ln in lines[:-1]) == text
+    with client.stream("POST", "/v1/completions", json={"model": "0.5", "prompt": "w10 w11", "max_tokens": 10,
+                                                        "stream": True, "stream_options": {"include_usage": True}}) as r:
+        chunks = [json.loads(ln[6:]) for ln in r.iter_lines() if ln and ln != "data: [DONE]"]
+    assert chunks[-1]["choices"] == [] and "usage" not in chunks[-2]  # OpenAI's usage chunk, last
+    assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == text
+    plain = client.post("/v1/completions", json={"model": "0.5", "prompt": "w10 w11", "max_tokens": 10}).json()
+    assert chunks[-1]["usage"] == plain["usage"]
     stop = text.split()[2]  # a word the model writes: the text ends before it
     body = client.post("/v1/completions", json={"model": "0.5", "prompt": "w10 w11", "max_tokens": 10,
                                                 "stop": stop}).json()
@@ -108,6 +115,8 @@ BAD = [
     ({"model": "0.5", "prompt": "w1", "temperature": "hot"}, 400, "temperature"),
     ({"model": "0.5", "prompt": "w1", "n": 2}, 400, "'n' must be 1"),
     ({"model": "0.5", "prompt": "w1", "think_budget": "9"}, 404, "'9' does not exist"),
+    ({"model": "0.5", "prompt": "w1", "stream": True, "stream_options": {"usage": 1}}, 400, "'stream_options' must"),
+    ({"model": "0.5", "prompt": "w1", "stream_options": {"include_usage": True}}, 400, "only allowed with 'stream'"),
     ([1, 2], 400, "JSON object"),
 ]
 
@@ -180,3 +189,76 @@ def test_concurrent_mixed_budget_requests_over_a_socket(engine):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def byte_level_tokenizer():
+    """A small byte-level BPE tokenizer (SmolLM2's kind): characters outside its merges take one token per
+    byte, so a character can end inside a later token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+UNICODE_TEXT = "Crème brûlée, 東京 🦊 and the quick fox.\n  Ünïcödé — the lazy dog " * 3
+
+
+def test_streamed_text_is_the_whole_decode_read_a_few_tokens_at_a_time():
+    """The streaming detokenizer's pieces join to exactly what decoding the whole answer gives (multi-byte
+    characters split over tokens included), and each step decodes a few tokens, not the answer so far
+    (which made streaming quadratic in the answer's length)."""
+    from star_elastic.serve.app import Detokenizer
+
+    tok = byte_level_tokenizer()
+    ids = tok(UNICODE_TEXT, add_special_tokens=False)["input_ids"]
+    lengths = []
+
+    class Counting:
+        def decode(self, tokens, **kw):
+            lengths.append(len(tokens))
+            return tok.decode(tokens, **kw)
+
+    detok = Detokenizer(Counting())
+    pieces = [detok.add(t) for t in ids]
+    assert "".join(pieces) == detok.sent == tok.decode(ids) == UNICODE_TEXT
+    assert "" in pieces  # a character not yet whole was held back, not sent broken
+    assert len(ids) > 100 and max(lengths) <= 8
+
+
+def test_a_stream_sends_what_is_queued_as_one_piece_and_cuts_at_a_stop_string():
+    """Tokens that queue up while the event loop is busy go out as one chunk, not a chunk each; text that may be
+    the start of a stop string is held back until the next tokens say, so a stop string that spans two reads
+    still cuts the text where it begins, and nothing of it is sent."""
+    import asyncio
+
+    from star_elastic.serve.app import Detokenizer, StreamEnd, text_deltas
+
+    tok = byte_level_tokenizer()
+    ids = tok(UNICODE_TEXT, add_special_tokens=False)["input_ids"]
+
+    async def run(batches, stops):
+        """What the stream yields when each batch of items is queued whole before it reads again: one piece
+        for each batch but the last, then everything to the end."""
+        queue, out = asyncio.Queue(), []
+        gen = text_deltas(queue, Detokenizer(tok), stops)
+        for batch in batches:
+            for item in batch:
+                queue.put_nowait(item)
+            out.append(await gen.__anext__())
+        out += [piece async for piece in gen]
+        return out
+
+    done = ("done", "generation")
+    whole = asyncio.run(run([[("token", t) for t in ids] + [done]], []))
+    assert whole == [UNICODE_TEXT, StreamEnd("done", "generation", False)]
+
+    stop_at = UNICODE_TEXT.index("quick")
+    split = next(i for i in range(len(ids)) if len(tok.decode(ids[:i])) > stop_at + 2)  # inside "quick"
+    first, rest = [("token", t) for t in ids[:split]], [("token", t) for t in ids[split:]]
+    parts = asyncio.run(run([first, rest + [done]], ["quick"]))
+    texts = [p for p in parts if isinstance(p, str)]
+    assert "".join(texts) == UNICODE_TEXT[:stop_at] and parts[-1] == StreamEnd("done", "generation", True)

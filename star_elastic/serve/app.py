@@ -11,6 +11,8 @@ between decode steps; each waits on a worker thread while the event loop keeps a
 and streaming tokens. A client that disconnects (streaming or not) frees its slot at once.
 Elastic budget control through the API: `"think_budget": "0.5"` (with optional
 `max_think_tokens`, `think_marker`) thinks with that budget and answers with `model`.
+A streamed chunk carries all the text ready when it is sent (under load, several tokens' worth);
+`"stream_options": {"include_usage": true}` ends the stream with OpenAI's usage chunk.
 
 Bad requests get a 4xx JSON error `{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}`.
 """
@@ -23,6 +25,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import torch
 from fastapi import FastAPI, Request
@@ -147,7 +150,15 @@ def parse_request(engine: ElasticEngine, body, kind: str) -> dict:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be true or false", "stream")
+    options = body.get("stream_options")
+    if options is not None and not (isinstance(options, dict) and set(options) <= {"include_usage"}
+                                    and isinstance(options.get("include_usage", False), bool)):
+        raise ApiError(400, "'stream_options' must be an object with at most 'include_usage': true or false",
+                       "stream_options")
+    if options is not None and not stream:
+        raise ApiError(400, "'stream_options' is only allowed with 'stream': true", "stream_options")
     args = dict(model=model, ids=ids, max_tokens=max_tokens, stream=stream, stop=stop or [],
+                include_usage=bool((options or {}).get("include_usage")),
                 temperature=_number(body, "temperature", 0.0, 0.0, 2.0),
                 top_p=_number(body, "top_p", 1.0, 1e-9, 1.0), seed=_int(body, "seed", None, 0), think=None)
     if body.get("think_budget") is not None:  # elastic budget control: think small, answer with `model`
@@ -166,23 +177,72 @@ def parse_request(engine: ElasticEngine, body, kind: str) -> dict:
 # ----------------------------------------------------------------------------- the app
 
 class Detokenizer:
-    """Text deltas of a growing token list (a token may end inside a multi-byte character)."""
+    """Text deltas of a growing token list, decoding a few tokens at a time rather than the whole list at every
+    token (quadratic in the answer's length). A token's text depends on the tokens before it (a leading space, the
+    bytes of one character split over tokens), so a delta is the text of tokens[prefix:] less that of
+    tokens[prefix:read], where `prefix` trails by one emitted delta (the approach of TGI and vLLM)."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.tokens, self.sent = tokenizer, [], ""
+        self.prefix = self.read = 0  # tokens[prefix:read]: the context of the next delta, already sent
 
     def add(self, token: int) -> str:
         self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # wait for the rest of the character
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        before, text = decode(self.tokens[self.prefix:self.read]), decode(self.tokens[self.prefix:])
+        if text.endswith("\ufffd") or len(text) <= len(before):  # the rest of a character, or nothing shown yet
             return ""
-        delta, self.sent = text[len(self.sent):], text
+        delta = text[len(before):]
+        self.prefix, self.read, self.sent = self.read, len(self.tokens), self.sent + delta
         return delta
 
 
-def _truncate_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    cut = min((text.index(s) for s in stops if s and s in text), default=None)
+def _truncate_at_stop(text: str, stops: list[str], start: int = 0) -> tuple[str, bool]:
+    """`text` cut before the first stop string found at or after `start`."""
+    cut = min((i for i in (text.find(s, start) for s in stops if s) if i >= 0), default=None)
     return (text, False) if cut is None else (text[:cut], True)
+
+
+def _stop_prefix_at_end(text: str, stops: list[str]) -> int:
+    """The length of the longest end of `text` that begins one of `stops` (0 if none does)."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+               default=0)
+
+
+class StreamEnd(NamedTuple):
+    what: str  # "done" (value: the generation) or "error" (value: the exception)
+    value: object
+    stopped: bool  # a stop string ended the text
+
+
+async def text_deltas(queue: asyncio.Queue, detok: Detokenizer, stops: list[str]):
+    """The text of a streamed generation: reads ("token", id) items from `queue` until a ("done", generation) or
+    ("error", exception) item, and yields each new piece of text (cut before a stop string, and holding back an
+    end that may begin one until the next tokens say), then a `StreamEnd`.
+    Everything already queued goes out as one piece: under load the event loop falls behind the batch, and a chunk
+    per token would add as much HTTP work again as it has fallen behind by."""
+    sent, stopped, longest_stop = "", False, max((len(s) for s in stops), default=0)
+    while True:
+        items = [await queue.get()]
+        while not queue.empty():
+            items.append(queue.get_nowait())
+        seen, end = len(detok.sent), None
+        for what, value in items:
+            if what != "token":
+                end = (what, value)
+                break
+            detok.add(value)
+        if not stopped:
+            # a stop string not in the text before can only begin where the new text reaches it
+            text, stopped = _truncate_at_stop(detok.sent, stops, max(0, seen - longest_stop + 1))
+            # text that may be the start of a stop string waits for the next tokens, unless the stream ends
+            upto = len(text) if stopped or end else len(text) - _stop_prefix_at_end(text, stops)
+            if upto > len(sent):
+                yield text[len(sent):upto]
+                sent = text[:upto]
+        if end is not None:
+            yield StreamEnd(*end, stopped)
+            return
 
 
 def create_app(engine: ElasticEngine) -> FastAPI:
@@ -266,6 +326,10 @@ def create_app(engine: ElasticEngine) -> FastAPI:
         reasoning = tok.decode(gen.thinking, skip_special_tokens=True) if args["think"] else ""
         return reasoning, answer, "stop" if hit else gen.finish_reason
 
+    def usage(args: dict, gen) -> dict:
+        n_prompt, n_new = args["ids"].shape[1], len(gen.tokens) + len(gen.thinking)
+        return {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}
+
     async def respond(request: Request, kind: str):
         args = parse_request(engine, await read_json(request), kind)
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
@@ -278,8 +342,6 @@ def create_app(engine: ElasticEngine) -> FastAPI:
         future = asyncio.get_running_loop().run_in_executor(worker, run, args, None, cancel)
         gen = await until_done(request, future, cancel)
         reasoning, answer, finish = texts(args, gen)
-        n_prompt, n_new = args["ids"].shape[1], len(gen.tokens) + len(gen.thinking)
-        usage = {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}
         if kind == "chat":
             message = {"role": "assistant", "content": answer}
             if args["think"]:
@@ -287,7 +349,7 @@ def create_app(engine: ElasticEngine) -> FastAPI:
             choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
         else:
             choice = {"index": 0, "text": reasoning + answer, "finish_reason": finish, "logprobs": None}
-        return {**base, "choices": [choice], "usage": usage}
+        return {**base, "choices": [choice], "usage": usage(args, gen)}
 
     async def stream(args: dict, kind: str, base: dict):
         """Server-sent events in OpenAI's chunk format; a closed connection stops the generation."""
@@ -319,24 +381,15 @@ def create_app(engine: ElasticEngine) -> FastAPI:
         try:
             if kind == "chat":
                 yield chunk(None, role=True)
-            sent, finish = "", None
-            while True:
-                what, value = await queue.get()
-                if what == "token":
-                    detok.add(value)
-                    text, hit = _truncate_at_stop(detok.sent, args["stop"])
-                    if len(text) > len(sent):
-                        yield chunk(text[len(sent):])
-                        sent = text
-                    if hit:
-                        finish = "stop"
-                elif what == "error":
-                    yield f"data: {json.dumps({'error': {'message': f'internal error: {value}', 'type': 'server_error'}})}\n\n"
-                    break
+            async for item in text_deltas(queue, detok, args["stop"]):
+                if isinstance(item, str):
+                    yield chunk(item)
+                elif item.what == "error":
+                    yield f"data: {json.dumps({'error': {'message': f'internal error: {item.value}', 'type': 'server_error'}})}\n\n"
                 else:
-                    finish = finish or value.finish_reason
-                    yield chunk(None, finish=finish)
-                    break
+                    yield chunk(None, finish="stop" if item.stopped else item.value.finish_reason)
+                    if args["include_usage"]:  # OpenAI's last chunk: no choices, the request's token counts
+                        yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage(args, item.value)})}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             give_up(closed)  # a client that went away: its request leaves the batch, its slot freed
@@ -359,4 +412,4 @@ def serve(engine: ElasticEngine, host: str = "127.0.0.1", port: int = 8000, log_
     uvicorn.run(create_app(engine), host=host, port=port, log_level=log_level)
 
 
-__all__ = ["ApiError", "StarElasticError", "create_app", "serve"]
+__all__ = ["ApiError", "Detokenizer", "StarElasticError", "StreamEnd", "create_app", "serve", "text_deltas"]
