@@ -15,7 +15,7 @@
 #                               RUN_LIMIT=1 starts it and returns, so a bench run can share the call and the GPU
 #                               (twenty-seventh session: wait for the GGUF's conversion first, see RESULTS §5)
 #   EVALI                       then, machine still warm: eval of its checkpoint with interpolated budgets (issue 13)
-#   BATCHING [args] | SERVE [args] | LOAD  issue 12's serving tables at Nano widths (bench_batching/serve/load --model nano;
+#   BATCHING [args] | SERVE [args] | LOAD [args]  issue 12's serving tables at Nano widths (bench_batching/serve/load --model nano;
 #                               LOAD needs .devcarry/serve_wheels: the server's packages, which the GPU machine lacks)
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
@@ -105,8 +105,8 @@ BATCHING) shift; python3 benchmarks/bench_batching.py --model nano --device cuda
   --out $OUT/batching_nano.json "$@" 2>&1 | tail -n 40 ;;  # e.g. --static off --out $OUT/batching_eager.json; --profile; --fp8-matmul --out $OUT/batching_fp8.json
 SERVE) shift; python3 benchmarks/bench_serve.py --model nano --device cuda --out $OUT/serve_nano.json "$@" 2>&1 \
   | tail -n 60 ;;  # e.g. --contiguous-views none,experts,linear,all (what closes the views' gap)
-LOAD) python3 -m pip install -q --no-index --find-links .devcarry/serve_wheels --target $H/serve fastapi uvicorn httpx
-  PYTHONPATH=$H/serve:$PYTHONPATH python3 benchmarks/bench_load.py --model nano --device cuda --clients 64 --seconds 30 --baseline-seconds 15 --json $OUT/load_nano.json 2>&1 | tee $OUT/load.log | tail -n 40 ;;  # the log comes back even if cut
+LOAD) shift; python3 -m pip install -q --no-index --find-links .devcarry/serve_wheels --target $H/serve fastapi uvicorn httpx
+  PYTHONPATH=$H/serve:$PYTHONPATH python3 benchmarks/bench_load.py --model nano --device cuda --clients 64 --seconds 30 --baseline-seconds 15 --json $OUT/load_nano.json "$@" 2>&1 | tee $OUT/load.log | tail -n 40 ;;  # the log comes back even if cut; e.g. --new-tokens 256
 GPUTESTS) shift  # the tests that need CUDA (skipped in CI): e.g. the head gradient's fp32-accumulating GEMM
   python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py -k "${1:-cuda}" 2>&1 | tail -n 30 ;;
 KERNELS) shift; PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_kernels.py --parts train \
