@@ -80,3 +80,19 @@ def test_errors_are_one_line(checkpoint, tmp_path, capsys, argv, words):
     assert err.startswith("star-elastic: error:") and "\n" not in err
     for w in words:
         assert w in err
+
+
+def test_the_tiny_parent_example_takes_flags_and_refuses_bad_layers(tmp_path):
+    """examples/tiny_nemotron_h.py wrote a model into a folder named "--help" when asked for help; now --help
+    prints its usage, and an unknown layer character is a one-line error, both writing nothing."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "tiny_nemotron_h.py"
+    run = lambda *a: subprocess.run([sys.executable, str(script), *a], cwd=tmp_path, capture_output=True, text=True)  # noqa: E731
+    r = run("--help")
+    assert r.returncode == 0 and "--layers" in r.stdout
+    r = run(str(tmp_path / "bad"), "--layers", "MXZ")
+    assert r.returncode == 2 and "one character a layer" in r.stderr.splitlines()[-1] and "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
