@@ -282,32 +282,11 @@ DEMO_PRESETS = {
                 calib_batches=4, eval_tokens=2048, stage2_weights=[0.3, 0.7], all_budgets=False,
                 # the full-budget levers: elastify's defaults, without the anchor
                 **{**PLAIN_LEVERS, "full_anchor": 0.0}),
-    # the setting measured in docs/RESULTS.md §9 (two domains, 7 passes: the full budget within +0.6% of the
-    # parent on text it never saw; wiki alone at 20M tokens would repeat it 22 times and drift). Budgets, anchor
-    # and rate by measurement (§5, one H200): anchor 0.5 at 2e-4 takes 0.9 / 0.8 to 1.10x / 1.32x the parent's
-    # perplexity in 8.8 minutes, answering on topic (anchor 1 at 1e-4: 1.12x / 1.40x; 0.5 at 3e-4: 1.10x /
-    # 1.40x, the full model +1.7% off its parent on Shakespeare); 0.75 / 0.5 reached 1.63x / 3.78x (paper's
-    # sampling) with off-topic answers; compiled layers (the GPU default since) gave 1.10x / 1.45x in 5.6 minutes,
-    # the router exporting a smaller 0.8, in its band
-    # the twenty-second session's GPU demo with the recipe below (§5): 1.10x / 1.32x in 6.4 minutes, the router
-    # exporting the eager run's 0.8 (82.7%), the full model -1.4% / -0.6% off its parent in domain / on Shakespeare
-    # (+0.8% on Shakespeare without it); the recipe: §9 "Kept from the first step" (its full model's delta trained
-    # against the shared LM head until the twenty-third session's fix: the full model's figures are to be redone).
-    # The delta at 4e-4 with 256 finish steps since the twenty-fifth session (§9 "The delta's finish"): in the
-    # bench it took the full model from +5.8% to +3.0% on chat answers (KL 0.05-0.08 -> 0.02-0.04 nats) and left
-    # the smaller budgets bit for bit; about 2.1M tokens of the full model alone, ~90 s on an H200. The demo with
-    # them (twenty-sixth session, §5): 0.9 / 0.8 at 1.10x / 1.47x in 520 s, the full model +6.0% on chat answers.
-    # Since then the delta is also restored in closed form where training ends (full_delta_restore, §9
-    # twenty-sixth session: on the CPU probe the full model's KL 0.06-0.08 -> 0.003-0.004; a finish after it did
-    # not help, 0.0044 -> 0.0061 on Shakespeare), which replaces the trained delta: so no finish and no rate of its
-    # own, and the anchor's passes are skipped (they trained only the delta). The demo with it (twenty-seventh
-    # session, §5): 1.09x / 1.32x in 360 s, the full model +0.6% on chat answers but +2.25% in domain (rank 64
-    # held 91.5% of the drift of 7 passes). On the GPU, unlike the CPU probe, a finish after the restore helps:
-    # in the bench (§9, twenty-seventh session) 256 steps at 4e-4 took the full model's KL from 0.019-0.047 to
-    # 0.008-0.017 on every source, within 1% of its parent (or better) at two seeds; so the finish is back.
-    # The demo with it (twenty-eighth session, §5): 1.10x / 1.32x in 499 s (two bench runs beside it), the full
-    # model -1.5% / -0.6% in domain / on Shakespeare, +1.65% on chat answers (664 tokens; +0.6% without the finish).
-    # KEEP_FULL without the pull since the twenty-ninth session (see there); the demo has not run with it yet.
+    # The GPU preset, chosen by measurement on one H200 (docs/RESULTS.md §5, where every run and lever tried is
+    # kept): two domains, since wiki alone at this token count repeats itself and the full model drifts; 0.9 / 0.8
+    # on every axis reach 1.09-1.10x / 1.32x the parent's held-out perplexity in 6-9 minutes and answer on topic
+    # (0.75 / 0.5 reached 1.63x / 3.78x, off topic); the full budget kept by KEEP_FULL (`elastify --keep-full`,
+    # §9), without the pull since the twenty-ninth session (the demo has not yet run without it).
     "cuda": dict(data="wiki,bible", budgets="1.0,0.9,0.8", axes=None, tokens=12_582_912, seq_len=512,
                  batch_size=16, lr=2e-4, calib_batches=16, eval_tokens=16384, stage2_weights=None,
                  all_budgets=False, **KEEP_FULL),
