@@ -607,22 +607,24 @@ def op_chains(events, cuda: bool, depth: int = 5) -> list[tuple[str, float]]:
 
 
 def part_profile(device, tiny: bool, pattern: str, batch: int, seq: int, fast: bool, top: int = 25,
-                 model_name: str = "nano") -> dict:
-    """Where the elastic training step's time goes: torch.profiler over two steps (after two warm-up
-    steps) of the trainer as elastify runs it (Triton scan when available, fused distillation loss,
-    eager), self time per kernel on a GPU (per operator on a CPU), grouped into categories. `model_name`
-    "smollm2": SmolLM2-135M's shapes instead of Nano's."""
+                 model_name: str = "nano", compile_backend: str | None = None) -> dict:
+    """Where the elastic training step's time goes: torch.profiler over two steps (after the warm-up steps)
+    of the trainer as elastify runs it (Triton scan when available, fused distillation loss; eager, or each
+    layer and the loss's chunks compiled with `compile_backend`, elastify's default on a GPU, warmed up
+    until each budget's graphs exist), self time per kernel on a GPU (per operator on a CPU), grouped into
+    categories. `model_name` "smollm2": SmolLM2-135M's shapes instead of Nano's."""
     from torch.profiler import ProfilerActivity, profile
 
     cfg = smollm2_config() if model_name == "smollm2" else tiny_config(pattern) if tiny else nano_config(pattern)
     model, teacher, budgets, rows = step_setup(cfg, device, batch, seq)
     cuda = device.type == "cuda"
+    warm = 4 if compile_backend else 2  # compiled: each budget's step twice (the second compiles what is left)
     with tempfile.TemporaryDirectory() as tmp, triton_switch(fast):
-        t = step_trainer(model, teacher, cfg, budgets, rows, batch, seq, 8, device, tmp)
+        t = step_trainer(model, teacher, cfg, budgets, rows, batch, seq, warm + 4, device, tmp, compile_backend)
         t.warm_up_router()
-        order = iter([0, 2, 0, 2])  # the full budget and the smallest, warmed up then profiled
+        order = iter([0, 2] * (warm // 2 + 1))  # the full budget and the smallest, warmed up then profiled
         t.sample_budget = lambda: next(order)
-        for _ in range(2):
+        for _ in range(warm):
             t.train_step()
         if cuda:
             torch.cuda.synchronize(device)
@@ -639,6 +641,7 @@ def part_profile(device, tiny: bool, pattern: str, batch: int, seq: int, fast: b
         by_cat[categorise(name)] = by_cat.get(categorise(name), 0.0) + t_
     kernels_ = sorted(rows_, key=lambda r: -r[1])[:top]
     out = {"model": model_name, "pattern": "".join(cfg.layer_types), "batch": batch, "seq": seq, "steps_profiled": 2,
+           "compiled": compile_backend,
            "budgets_profiled": ["1.0", "0.5"],
            "clock": "GPU kernel self time" if cuda else "CPU operator self time",
            "total_ms_per_step": round(total / 1e3 / 2, 2),
@@ -648,7 +651,8 @@ def part_profile(device, tiny: bool, pattern: str, batch: int, seq: int, fast: b
                    for n, t_ in kernels_],
            "top_ops": [{"op": n[:300], "ms_per_step": round(t_ / 1e3 / 2, 3), "share": round(t_ / total, 4)}
                        for n, t_ in op_chains(prof.events(), cuda)[:top]]}
-    print(f"  {out['clock']}, {out['total_ms_per_step']} ms a step (budgets 1.0 and 0.5, two steps):")
+    print(f"  {out['clock']}, {out['total_ms_per_step']} ms a step (budgets 1.0 and 0.5, two steps, "
+          f"{'compiled' if compile_backend else 'eager'}):")
     for k, v in out["categories"].items():
         print(f"    {k:40s} {v['ms_per_step']:9.2f} ms  {100 * v['share']:5.1f}%")
     print("  top kernels:")
@@ -720,7 +724,7 @@ def main():
                                     compile_, args.fsdp1),
         "profile": lambda: part_profile(device, args.tiny, args.pattern, *(
             (16, 512) if args.profile_model == "smollm2" and not args.tiny else (args.batch, args.seq)), fast,
-            model_name=args.profile_model),
+            model_name=args.profile_model, compile_backend="inductor" if compile_ else None),
     }
     for part in parts:
         print(f"\n== {part}")
