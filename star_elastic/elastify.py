@@ -312,37 +312,144 @@ def chat_transcripts(model, tokenizer, questions=CHAT_QUESTIONS, max_new_tokens:
     return out or None
 
 
-def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, device=None) -> dict:
-    """Run the pipeline on `model` (trained in place) and write the checkpoint to `out`. `model` is a
-    loaded `Model`, or under torchrun with FSDP2 the path of a safetensors checkpoint directory: then
-    the parent never sits whole on one rank (loaded sharded, scored sharded, sorted as it is loaded
-    again, written tensor by tensor; `device`: this rank's). An interrupted run resumes from
-    `.OUT.train` beside `out`."""
-    out = Path(out)
-    rank, ranks = world()  # under torchrun: every rank runs this; rank 0 logs and writes
-    stages, last = {}, [time.perf_counter()]
+def train_config(cfg: ElastifyConfig, budgets: list, model_config, steps: int, anchor: float) -> TrainConfig:
+    """The trainer's settings from elastify's: values given one a budget in --budgets order put in the trainer's
+    order (largest first), the full anchor as `check_options` resolved it, the delta's restore only with a delta."""
+    def trainer_order(values):
+        if values is None:
+            return None
+        by_name = {parse_budget(b, model_config).name: v for b, v in zip(cfg.budgets, values)}
+        return [by_name[b.name] for b in budgets]
 
-    def stage(name):  # seconds since the last stage ended (the manifest's training.stages_s)
-        now = time.perf_counter()
-        stages[name] = round(now - last[0], 1)
-        last[0] = now
+    kd_weights, budget_lrs = trainer_order(cfg.kd_weights), trainer_order(cfg.budget_lrs)
+    restore = cfg.full_delta_restore if cfg.full_delta_rank else ""  # the restore sets the delta: none without one
+    return TrainConfig(steps=steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr,
+                       router_lr=cfg.router_lr, warmup_steps=max(1, steps // 20), eval_tokens=cfg.eval_tokens,
+                       seed=cfg.seed, stage1_fraction=cfg.stage1_fraction, stage2_weights=cfg.stage2_weights,
+                       stage2_seq_len=cfg.stage2_seq_len, budget_kd_weights=kd_weights, full_anchor=anchor,
+                       router_estimator=cfg.router_estimator, router_freeze_fraction=cfg.router_freeze,
+                       router_prior=cfg.router_prior, shard=cfg.shard, compile=cfg.compile,
+                       all_budgets=cfg.all_budgets, train_on=cfg.train_on, budget_lrs=budget_lrs,
+                       anchor_projection=cfg.anchor_projection, anchor_mix=cfg.anchor_mix, budget_mix=cfg.budget_mix,
+                       full_delta_rank=cfg.full_delta_rank, full_delta_lr=cfg.full_delta_lr,
+                       full_delta_finish=cfg.full_delta_finish, full_delta_restore=restore, hold=cfg.hold,
+                       hold_rate=cfg.hold_rate, hold_pull=cfg.hold_pull,
+                       full_keeps_held=cfg.full_keeps_held == "training")
 
-    if isinstance(model, (str, Path)):
-        device = device or parallel.default_device()
-        model = load_sharded(model, torch.float32, device, mixed_precision=device.type == "cuda")
-        stage("load")
-    device = next(model.parameters()).device
-    sharded_parent = parallel.is_sharded(model)
-    if rank != 0:
-        log = lambda *a, **k: None  # noqa: E731
-    torch.manual_seed(cfg.seed)
+
+def score_budgets(model, teacher, delta, budgets: list, specs: list, projections: list, shares: dict, heldouts: dict,
+                  parent_scores: dict, cfg: ElastifyConfig, device, log) -> tuple[dict, dict, dict]:
+    """Every trained budget scored where training ended: its held-out perplexity in the training domain
+    (`heldouts["train domain"]`), the full budget's drift from its parent (`parent_scores`) on every held-out
+    source with the parent's KL from it, and every smaller budget on the sources besides the training
+    domain's. Logs each, with the warnings and notes they call for. Returns (perplexity in domain, drift,
+    perplexity elsewhere), by budget name."""
+    heldout, parent_ppl = heldouts["train domain"], {k: v["perplexity"] for k, v in parent_scores.items()}
+    after, full_scores = {}, None
+    for b, spec, proj in zip(budgets, specs, projections):
+        # the full budget with the parent's KL from it: its drift on the training domain, below, reads this pass
+        got = masked_scores(model, spec, heldout, cfg, device, delta, reference=teacher if b.is_full else None)
+        after[b.name] = got["perplexity"]
+        if b.is_full:
+            full_scores = got
+        how = (f"projected from the router's {proj.argmax_cost / proj.target:.3f}x" if proj.projected
+               else "the router's argmax")
+        share = shares[b.name]
+        trained = "" if share is None else f", trained on {share:.0%} of its steps"
+        log(f"  trained   {b.name:>6}: perplexity {after[b.name]:.3f}, cost {proj.ratio:.3f}x target ({how}{trained})")
+        if share is not None and share < LOW_SHARE:
+            log(f"  warning: budget {b.name}'s exported architecture trained on only {share:.0%} of that budget's "
+                "steps (the router settled late, or the export moved it): expect it behind a budget distilled "
+                "alone; --router-prior holds the router near its start")
+    drift, elsewhere = {}, {}
+    for name, stream in heldouts.items():
+        if name != "train domain":  # every smaller budget there too: what a budget keeps of the parent out of domain
+            elsewhere[name] = {b.name: masked_scores(model, spec, stream, cfg, device, delta)["perplexity"]
+                               for b, spec in zip(budgets, specs) if not b.is_full}
+        # with the parent's KL from the full budget: a flatter full model scores better on prose its parent is
+        # unsure of and worse on its parent's own answers, at one distance from it (docs/RESULTS.md §9)
+        got = full_scores if name == "train domain" and full_scores is not None else \
+            masked_scores(model, ElasticSpec(), stream, cfg, device, delta, reference=teacher)
+        ppl = got["perplexity"]
+        drift[name] = {"parent": parent_ppl[name], "full_budget": ppl, "change": ppl / parent_ppl[name] - 1,
+                       "kl_from_parent": got["kl_from_reference"]}
+        if "first_token_kept" in got:  # chat answers: how many the full budget still begins as the parent did,
+            # of all and of those the parent begins with a clear margin (a near-tie tips at the slightest training)
+            sure = [i for i, m in enumerate(parent_scores[name]["first_margin"]) if m > CLEAR_MARGIN]
+            drift[name].update(answers=len(stream), first_token_kept={
+                "parent": parent_scores[name]["first_token_kept"], "full_budget": got["first_token_kept"]},
+                clear_first_tokens={"margin_nats": CLEAR_MARGIN, "answers": len(sure),
+                                    "kept": sum(got["first_kept"][i] for i in sure)})
+        log(f"  full budget vs parent on {name} held-out: {parent_ppl[name]:.3f} -> {ppl:.3f} "
+            f"({drift[name]['change']:+.2%}), KL from the parent {drift[name]['kl_from_parent']:.4f} nats a token"
+            + first_tokens(drift[name]))
+        warning = chat_warning(drift[name])
+        if warning:
+            log(warning)
+    for b in budgets:
+        if not b.is_full:
+            note = elsewhere_note(b.name, after[b.name] / parent_ppl["train domain"],
+                                  {n: v[b.name] / parent_ppl[n] for n, v in elsewhere.items()}, cfg.budget_mix)
+            if note:
+                log(note)
+    return after, drift, elsewhere
+
+
+def zero_shot_starts(model, budgets: list, axes: list[str], batches: list, layer_order, heldout, cfg: ElastifyConfig,
+                     device, ranks: int, log) -> tuple[list, dict[str, float]]:
+    """Zero-shot, no training: each smaller budget's best homogeneous prefix of the sorted parent (Minitron's
+    search over axis combinations, scored by calibration perplexity on `batches`), its perplexity on `heldout`,
+    and the architectures the router starts from, which must nest where each budget's own best need not: of
+    the plans smallest-first and largest-first, the one that moves the budgets least from their own bests.
+    Returns (starts in `budgets` order, None where a budget is the full one or not given by parameters;
+    {budget name: zero-shot perplexity})."""
+    starts, before = [None] * len(budgets), {}
+    searched = {}  # budget index -> the search's records, best first
+    for i, b in enumerate(budgets):
+        if b.kind != "params" or b.is_full:
+            continue
+        records = search_spec(model, int(b.target), axes, batches, layer_order=layer_order,
+                              multiple=cfg.multiple)[1]
+        if ranks > 1:  # one ranking for every rank, whatever the rounding of their searches
+            box = [records]
+            torch.distributed.broadcast_object_list(box, src=0)
+            records = box[0]
+        searched[i] = records
+    order = sorted(searched, key=lambda i: -budgets[i].fraction)
+    plans = []
+    chosen, nested = nested_search(model, [int(budgets[i].target) for i in order], [searched[i] for i in order],
+                                   axes, batches, layer_order=layer_order, multiple=cfg.multiple,
+                                   plans=plans) if order else ([], True)
+    if len(plans) > 1 and plans[0]["specs"] != plans[1]["specs"]:  # the budgets' own bests did not nest
+        losses = "; ".join(f"{p['order']} {p['loss']:.2f}" + (" (chosen)" if p["chosen"] else "") for p in plans)
+        log(f"  the budgets' own bests do not nest; nats of calibration perplexity lost by nesting: {losses}")
+    if ranks > 1:  # one start for every rank, whatever the rounding of their searches
+        box = [[s.to_dict() for s in chosen], nested]
+        torch.distributed.broadcast_object_list(box, src=0)
+        chosen, nested = [ElasticSpec.from_dict(d) for d in box[0]], box[1]
+    for i, spec in zip(order, chosen):
+        starts[i] = spec
+        b = budgets[i]
+        own = ElasticSpec.from_dict(searched[i][0]["spec"])  # the zero-shot baseline: the budget's own best
+        before[b.name] = masked_perplexity(model, own, heldout, cfg, device)
+        note = "" if spec == own else f"; the router starts nested, at {describe(spec, model.config)}"
+        log(f"  zero-shot {b.name:>6}: perplexity {before[b.name]:.3f}  [{describe(own, model.config)}{note}]")
+    if not nested and len(order) > 1:
+        log("  the search's candidates hold no nested combination: the router starts from each budget's best, "
+            "nested by projection")
+    return starts, before
+
+
+def check_options(cfg: ElastifyConfig, budgets: list, ranks: int) -> tuple[float, tuple[str, int | None] | None]:
+    """The full anchor's weight (0 where there is no full budget and smaller one to train it beside) and
+    --anchor-data parsed; a one-line StarElasticError for any option that contradicts another, before the data,
+    importance and search take their time."""
     if cfg.router_init not in ("search", "cost"):
         raise StarElasticError(f"router init is 'search' or 'cost', got {cfg.router_init!r}")
     if not 0 <= cfg.router_freeze < 1:
         raise StarElasticError(f"router freeze is a share of the steps in [0, 1), got {cfg.router_freeze}")
     if cfg.router_estimator not in ESTIMATORS:
         raise StarElasticError(f"router estimator is one of {', '.join(ESTIMATORS)}, got {cfg.router_estimator!r}")
-    budgets = sorted((parse_budget(b, model.config) for b in cfg.budgets), key=lambda b: -b.fraction)
     if len({b.name for b in budgets}) != len(budgets):
         raise StarElasticError(f"budgets {cfg.budgets} name the same budget twice")
     for values, what in ((cfg.kd_weights, "KD weights"), (cfg.budget_lrs, "learning rates (--budget-lrs)")):
@@ -392,6 +499,35 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     if why:
         raise StarElasticError(f"--full-keeps-held keeps the parent's values of what --hold trains for the full budget "
                                f"beside its delta: {why}")
+    return anchor, anchor_spec
+
+
+def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, device=None) -> dict:
+    """Run the pipeline on `model` (trained in place) and write the checkpoint to `out`. `model` is a
+    loaded `Model`, or under torchrun with FSDP2 the path of a safetensors checkpoint directory: then
+    the parent never sits whole on one rank (loaded sharded, scored sharded, sorted as it is loaded
+    again, written tensor by tensor; `device`: this rank's). An interrupted run resumes from
+    `.OUT.train` beside `out`."""
+    out = Path(out)
+    rank, ranks = world()  # under torchrun: every rank runs this; rank 0 logs and writes
+    stages, last = {}, [time.perf_counter()]
+
+    def stage(name):  # seconds since the last stage ended (the manifest's training.stages_s)
+        now = time.perf_counter()
+        stages[name] = round(now - last[0], 1)
+        last[0] = now
+
+    if isinstance(model, (str, Path)):
+        device = device or parallel.default_device()
+        model = load_sharded(model, torch.float32, device, mixed_precision=device.type == "cuda")
+        stage("load")
+    device = next(model.parameters()).device
+    sharded_parent = parallel.is_sharded(model)
+    if rank != 0:
+        log = lambda *a, **k: None  # noqa: E731
+    torch.manual_seed(cfg.seed)
+    budgets = sorted((parse_budget(b, model.config) for b in cfg.budgets), key=lambda b: -b.fraction)
+    anchor, anchor_spec = check_options(cfg, budgets, ranks)
     train_stream, heldout = load_corpus_tokens(data, tokenizer, heldout_fraction=cfg.heldout_fraction, seed=cfg.seed)
     row_len = max(cfg.seq_len, cfg.stage2_seq_len or 0)
     rows = pack(train_stream, row_len)
@@ -425,13 +561,6 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     log(f"importance on {cfg.calib_batches} batches and function-preserving sort: {time.perf_counter() - t0:.0f} s")
     stage("importance_and_sort")
 
-    # zero-shot: each budget's best homogeneous prefix of the sorted parent (Minitron's search over axis
-    # combinations, scored by calibration perplexity), no training; the router starts from them
-    layer_order = scores["layer_order"].tolist() if depth else None
-    # the first calibration batches again (importance consumed them from `calib`)
-    search_batches = [b.to(device) for b, _ in zip(TokenBatches(calib_rows, calib.batch_size, seed=cfg.seed + 7),
-                                                    range(max(1, min(cfg.calib_batches, 4))))]
-    axes = [a for a in cfg.axes if a != "depth"] or list(DEFAULT_AXES)
     # the parent (sorting preserves its function) answering chat questions, before training moves it (a sharded
     # parent cannot generate: the chat source is then left out)
     t0 = time.perf_counter()
@@ -443,43 +572,14 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     # the parent on every held-out source: the full budget's reference
     parent_scores = {k: masked_scores(model, ElasticSpec(), v, cfg, device) for k, v in heldouts.items()}
     parent_ppl = {k: v["perplexity"] for k, v in parent_scores.items()}
-    before = {b.name: parent_ppl["train domain"] for b in budgets if b.is_full}
-    starts = [None] * len(budgets)
-    searched = {}  # budget index -> the search's records, best first
-    for i, b in enumerate(budgets):
-        if b.kind != "params" or b.is_full:
-            continue
-        records = search_spec(model, int(b.target), axes, search_batches, layer_order=layer_order,
-                              multiple=cfg.multiple)[1]
-        if ranks > 1:  # one ranking for every rank, whatever the rounding of their searches
-            box = [records]
-            torch.distributed.broadcast_object_list(box, src=0)
-            records = box[0]
-        searched[i] = records
-    # the router starts from architectures that nest (each budget's own best need not): of the plans
-    # smallest-first and largest-first, the one that moves the budgets least from their own bests
-    order = sorted(searched, key=lambda i: -budgets[i].fraction)
-    plans = []
-    chosen, nested = nested_search(model, [int(budgets[i].target) for i in order], [searched[i] for i in order],
-                                   axes, search_batches, layer_order=layer_order, multiple=cfg.multiple,
-                                   plans=plans) if order else ([], True)
-    if len(plans) > 1 and plans[0]["specs"] != plans[1]["specs"]:  # the budgets' own bests did not nest
-        losses = "; ".join(f"{p['order']} {p['loss']:.2f}" + (" (chosen)" if p["chosen"] else "") for p in plans)
-        log(f"  the budgets' own bests do not nest; nats of calibration perplexity lost by nesting: {losses}")
-    if ranks > 1:  # one start for every rank, whatever the rounding of their searches
-        box = [[s.to_dict() for s in chosen], nested]
-        torch.distributed.broadcast_object_list(box, src=0)
-        chosen, nested = [ElasticSpec.from_dict(d) for d in box[0]], box[1]
-    for i, spec in zip(order, chosen):
-        starts[i] = spec
-        b = budgets[i]
-        own = ElasticSpec.from_dict(searched[i][0]["spec"])  # the zero-shot baseline: the budget's own best
-        before[b.name] = masked_perplexity(model, own, heldout, cfg, device)
-        note = "" if spec == own else f"; the router starts nested, at {describe(spec, model.config)}"
-        log(f"  zero-shot {b.name:>6}: perplexity {before[b.name]:.3f}  [{describe(own, model.config)}{note}]")
-    if not nested and len(order) > 1:
-        log("  the search's candidates hold no nested combination: the router starts from each budget's best, "
-            "nested by projection")
+    # zero-shot, searched on the first calibration batches again (importance consumed them from `calib`)
+    layer_order = scores["layer_order"].tolist() if depth else None
+    search_batches = [b.to(device) for b, _ in zip(TokenBatches(calib_rows, calib.batch_size, seed=cfg.seed + 7),
+                                                    range(max(1, min(cfg.calib_batches, 4))))]
+    axes = [a for a in cfg.axes if a != "depth"] or list(DEFAULT_AXES)
+    starts, zero_shot = zero_shot_starts(model, budgets, axes, search_batches, layer_order, heldout, cfg, device, ranks,
+                                         log)
+    before = {**{b.name: parent_ppl["train domain"] for b in budgets if b.is_full}, **zero_shot}
 
     stage("search_and_zero_shot")
     teacher_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -492,34 +592,14 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     router = Router(model.config, budgets, RouterConfig(axes=tuple(cfg.axes), heterogeneous=cfg.heterogeneous,
                                                         width_multiple="auto" if cfg.multiple is None else cfg.multiple),
                     layer_order=layer_order).to(device)
-    def trainer_order(values):  # given in --budgets order (counted above); the trainer's budgets are largest first
-        if values is None:
-            return None
-        by_name = {parse_budget(b, model.config).name: v for b, v in zip(cfg.budgets, values)}
-        return [by_name[b.name] for b in budgets]
-
-    kd_weights, budget_lrs = trainer_order(cfg.kd_weights), trainer_order(cfg.budget_lrs)
-    restore = cfg.full_delta_restore if cfg.full_delta_rank else ""  # the restore sets the delta: none without one
+    tcfg = train_config(cfg, budgets, model.config, steps, anchor)
+    restore = tcfg.full_delta_restore
     if anchor and restore:
         log(f"each step draws one smaller budget; the full budget's delta is restored where training ends "
             f"(--full-delta-restore {restore}), so the anchor's passes, which would train only it, are skipped")
     elif anchor:
         log(f"the full model is distilled on every step too (--full-anchor {anchor:g}); each step draws one "
             "smaller budget")
-    tcfg = TrainConfig(steps=steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr,
-                       router_lr=cfg.router_lr, warmup_steps=max(1, steps // 20), eval_tokens=cfg.eval_tokens,
-                       seed=cfg.seed, stage1_fraction=cfg.stage1_fraction, stage2_weights=cfg.stage2_weights,
-                       stage2_seq_len=cfg.stage2_seq_len, budget_kd_weights=kd_weights, full_anchor=anchor,
-                       router_estimator=cfg.router_estimator, router_freeze_fraction=cfg.router_freeze,
-                       router_prior=cfg.router_prior, shard=cfg.shard, compile=cfg.compile,
-                       all_budgets=cfg.all_budgets, train_on=cfg.train_on, budget_lrs=budget_lrs,
-                       anchor_projection=cfg.anchor_projection, anchor_mix=cfg.anchor_mix, budget_mix=cfg.budget_mix,
-                       full_delta_rank=cfg.full_delta_rank, full_delta_lr=cfg.full_delta_lr,
-                       full_delta_finish=cfg.full_delta_finish,
-                       full_delta_restore=restore,
-                       hold=cfg.hold,
-                       hold_rate=cfg.hold_rate,
-                       hold_pull=cfg.hold_pull, full_keeps_held=cfg.full_keeps_held == "training")
     state_dir = out.parent / f".{out.name}.train"
     anchor_rows = None if anchor_spec is None else saved_anchor_rows(state_dir)
     if anchor_rows is not None:  # the interrupted run's text: a new sample would differ on CUDA
@@ -576,57 +656,13 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
             f"{sorted(s['tokens_per_s'] for s in finish)[len(finish) // 2]:,.0f} tokens/s")
 
     router.eval()
-    costs = CostModel(model.config)
     # every budget in its band and nested in the larger ones, by construction (the argmax where it is)
-    projections = project_budgets(router, budgets, costs, band=tcfg.loss.band)
+    projections = project_budgets(router, budgets, CostModel(model.config), band=tcfg.loss.band)
     specs = [router.spec_of(p.choice) for p in projections]
-    after, shares, full_scores = {}, {}, None
-    for i, (b, spec, proj) in enumerate(zip(budgets, specs, projections)):
-        # the full budget with the parent's KL from it: its drift on the training domain, below, reads this pass
-        got = masked_scores(model, spec, heldout, cfg, device, trainer.delta, reference=teacher if b.is_full else None)
-        after[b.name] = got["perplexity"]
-        if b.is_full:
-            full_scores = got
-        how = (f"projected from the router's {proj.argmax_cost / proj.target:.3f}x" if proj.projected
-               else "the router's argmax")
-        share = shares[b.name] = trainer.trained_share(i, proj.choice)
-        trained = "" if share is None else f", trained on {share:.0%} of its steps"
-        log(f"  trained   {b.name:>6}: perplexity {after[b.name]:.3f}, cost {proj.ratio:.3f}x target ({how}{trained})")
-        if share is not None and share < LOW_SHARE:
-            log(f"  warning: budget {b.name}'s exported architecture trained on only {share:.0%} of that budget's "
-                "steps (the router settled late, or the export moved it): expect it behind a budget distilled "
-                "alone; --router-prior holds the router near its start")
-    drift, elsewhere = {}, {}
-    for name, stream in heldouts.items():
-        if name != "train domain":  # every smaller budget there too: what a budget keeps of the parent out of domain
-            elsewhere[name] = {b.name: masked_scores(model, spec, stream, cfg, device, trainer.delta)["perplexity"]
-                               for b, spec in zip(budgets, specs) if not b.is_full}
-        # with the parent's KL from the full budget: a flatter full model scores better on prose its parent is
-        # unsure of and worse on its parent's own answers, at one distance from it (docs/RESULTS.md §9)
-        got = full_scores if name == "train domain" and full_scores is not None else \
-            masked_scores(model, ElasticSpec(), stream, cfg, device, trainer.delta, reference=teacher)
-        ppl = got["perplexity"]
-        drift[name] = {"parent": parent_ppl[name], "full_budget": ppl, "change": ppl / parent_ppl[name] - 1,
-                       "kl_from_parent": got["kl_from_reference"]}
-        if "first_token_kept" in got:  # chat answers: how many the full budget still begins as the parent did,
-            # of all and of those the parent begins with a clear margin (a near-tie tips at the slightest training)
-            sure = [i for i, m in enumerate(parent_scores[name]["first_margin"]) if m > CLEAR_MARGIN]
-            drift[name].update(answers=len(stream), first_token_kept={
-                "parent": parent_scores[name]["first_token_kept"], "full_budget": got["first_token_kept"]},
-                clear_first_tokens={"margin_nats": CLEAR_MARGIN, "answers": len(sure),
-                                    "kept": sum(got["first_kept"][i] for i in sure)})
-        log(f"  full budget vs parent on {name} held-out: {parent_ppl[name]:.3f} -> {ppl:.3f} "
-            f"({drift[name]['change']:+.2%}), KL from the parent {drift[name]['kl_from_parent']:.4f} nats a token"
-            + first_tokens(drift[name]))
-        warning = chat_warning(drift[name])
-        if warning:
-            log(warning)
-    for b in budgets:
-        if not b.is_full:
-            note = elsewhere_note(b.name, after[b.name] / parent_ppl["train domain"],
-                                  {n: v[b.name] / parent_ppl[n] for n, v in elsewhere.items()}, cfg.budget_mix)
-            if note:
-                log(note)
+    # the share of its steps each budget trained the architecture it exports (None: the full budget)
+    shares = {b.name: trainer.trained_share(i, p.choice) for i, (b, p) in enumerate(zip(budgets, projections))}
+    after, drift, elsewhere = score_budgets(model, teacher, trainer.delta, budgets, specs, projections, shares,
+                                            heldouts, parent_scores, cfg, device, log)
     del teacher
     evaluation = {"data": data, "heldout_tokens": min(cfg.eval_tokens, heldout.numel()), "seq_len": cfg.seq_len,
                   "zero_shot_perplexity": before, "trained_perplexity": after, "full_budget_drift": drift,
