@@ -247,6 +247,9 @@ class ElasticTrainer:
         self.heldout = heldout
         self.cost = cost or CostModel(model.config)
         self.rank, self.world = world()
+        self.shard = sharding(cfg.shard, self.world)
+        # every option checked before anything below changes the model (compiled, sharded, parts frozen)
+        check_config(cfg, budgets, self.shard == "fsdp", anchor_rows is not None)
         # no router: each budget trains the fixed architecture given (the ablation of joint training alone)
         if (router is None) == (fixed_specs is None):
             raise StarElasticError("give either a router or fixed_specs (one architecture per budget), not both")
@@ -279,11 +282,14 @@ class ElasticTrainer:
                 f"a step of {cfg.batch_size} x {cfg.seq_len} tokens does not split into whole rows of "
                 f"{self.row_len} over {self.world} rank(s): make the stage-2 length a multiple of seq_len and "
                 f"batch_size x seq_len a multiple of it times the ranks")
+        if anchor_rows is not None and (anchor_rows.shape[1] < self.row_len or
+                                        anchor_rows.shape[0] < tokens // self.row_len):
+            raise StarElasticError(f"anchor text of {tuple(anchor_rows.shape)} rows x tokens: a step needs "
+                                   f"{tokens // self.row_len} rows of {self.row_len} tokens")
         self.device = next(model.parameters()).device
         self.now = time.perf_counter  # the host's clock for a step's rate on the CPU (StepClock)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
         teacher.eval().requires_grad_(False)
-        self.shard = sharding(cfg.shard, self.world)
         if cfg.compile:  # compile, then shard each layer: the order torchtitan uses
             for m in (model, teacher):
                 compile_layers(m, cfg.compile)
@@ -299,20 +305,7 @@ class ElasticTrainer:
         # distils on the training batch of its step
         self.anchor_batches = None
         if anchor_rows is not None:
-            if not cfg.full_anchor:
-                raise StarElasticError("anchor text is what the full anchor distils on: it needs full_anchor > 0")
-            if anchor_rows.shape[1] < self.row_len or anchor_rows.shape[0] < tokens // self.row_len:
-                raise StarElasticError(f"anchor text of {tuple(anchor_rows.shape)} rows x tokens: a step needs "
-                                       f"{tokens // self.row_len} rows of {self.row_len} tokens")
             self.anchor_batches = TokenBatches(anchor_rows[:, :self.row_len], tokens // self.row_len, seed=cfg.seed + 3)
-        if not 0 < cfg.anchor_mix <= 1:
-            raise StarElasticError(f"anchor_mix {cfg.anchor_mix}: the anchor text's share of the anchor's rows, in (0, 1]")
-        if cfg.anchor_mix < 1 and self.anchor_batches is None:
-            raise StarElasticError(f"anchor_mix {cfg.anchor_mix} mixes the anchor's own text into its batch: give "
-                                   "anchor text (--anchor-data)")
-        why = budget_mix_problem(cfg.budget_mix, self.anchor_batches is not None)
-        if why:
-            raise StarElasticError(f"budget_mix {why}")
         self._fixed_masks: dict[int, tuple[ElasticSpec, dict]] = {}  # _spec_masks
         self.sampler = torch.Generator().manual_seed(cfg.seed + 1)  # budgets
         self.gumbel = torch.Generator().manual_seed(cfg.seed + 2)  # router noise
@@ -339,51 +332,17 @@ class ElasticTrainer:
         if cfg.budget_lrs is None:
             self.opt = adamw(groups)
         else:  # each budget's own moments and rate: the model's group scales its schedule per budget
-            if len(cfg.budget_lrs) != len(budgets) or min(cfg.budget_lrs) <= 0:
-                raise StarElasticError(f"budget_lrs {cfg.budget_lrs}: give one positive rate per budget "
-                                       f"({', '.join(b.name for b in budgets)})")
             groups[0]["scales"] = {f"b{i}": r / cfg.lr for i, r in enumerate(cfg.budget_lrs)}  # keys: _stash
             for group in groups[1:]:  # the router: one set of moments over every budget's gradient, as before
                 group["per_budget"] = False
             self.opt = BudgetAdamW(groups, lr=cfg.lr)
         self.step = 0
-        # the paper tilts stage 2 toward the full model; with the full anchor the full model is in every
-        # step already, so by default the smaller budgets share stage 2 equally, as they share stage 1
-        self.stage2 = cfg.stage2_weights or ([1.0] * len(budgets) if cfg.full_anchor
-                                             else default_stage2_weights(len(budgets)))
-        if cfg.train_on not in ("drawn", "argmax"):
-            raise StarElasticError(f"train_on is 'drawn' or 'argmax', got {cfg.train_on!r}")
-        if cfg.train_on == "argmax" and cfg.router_estimator != "score":
-            raise StarElasticError("train_on='argmax' needs the score-function router (router_estimator='score'): "
-                                   "straight-through masks carry the router's gradient through the drawn architecture")
-        if cfg.budget_order not in ("even", "random"):
-            raise StarElasticError(f"budget_order is 'even' or 'random', got {cfg.budget_order!r}")
-        if cfg.budget_cost not in ("drawn", "expected"):
-            raise StarElasticError(f"budget_cost is 'drawn' or 'expected', got {cfg.budget_cost!r}")
-        if len(self.stage2) != len(budgets):
-            raise StarElasticError(f"stage-2 weights {self.stage2} do not match {len(budgets)} budgets")
-        if any(w < 0 for w in self.stage2) or sum(self.stage2) <= 0:
-            raise StarElasticError(f"stage-2 weights {self.stage2} must be non-negative and not all 0")
+        self.stage2 = stage2_weights(cfg, len(budgets))
         self.kd_weights = cfg.budget_kd_weights or [1.0] * len(budgets)
-        if len(self.kd_weights) != len(budgets):
-            raise StarElasticError(f"per-budget KD weights {self.kd_weights} do not match {len(budgets)} budgets")
-        if not 0 <= cfg.stage1_fraction <= 1:
-            raise StarElasticError(f"stage-1 fraction must be in [0, 1], got {cfg.stage1_fraction}")
         self.full = next((i for i, b in enumerate(budgets) if b.is_full), None)
         self.selection: list[dict] = []  # what `select_architectures` measured (candidate 0: the argmax)
         # per budget, the router's draws that trained: architecture (sorted (slot, choice) pairs) -> steps
         self.arch_steps: list[dict[tuple, int]] = [{} for _ in budgets]
-        if cfg.full_anchor < 0:
-            raise StarElasticError(f"the full anchor is a weight >= 0, got {cfg.full_anchor}")
-        if cfg.full_anchor and (self.full is None or len(budgets) < 2):
-            raise StarElasticError("the full anchor needs the full budget (1.0) and at least one smaller budget")
-        if cfg.anchor_projection and not cfg.full_anchor:
-            raise StarElasticError("anchor_projection projects the full anchor's gradient: it needs full_anchor > 0")
-        if cfg.anchor_projection and cfg.budget_lrs:
-            raise StarElasticError("anchor_projection works on one AdamW's summed gradient: drop budget_lrs")
-        if cfg.full_anchor and not any(w > 0 for i, w in enumerate(self.stage2) if i != self.full):
-            raise StarElasticError(f"stage-2 weights {self.stage2} give every step to the full budget, which the "
-                                   "full anchor trains on every step already: give a smaller budget a weight > 0")
 
     # ------------------------------------------------------------------------- distribution
 
@@ -758,9 +717,6 @@ class ElasticTrainer:
         """cfg.hold: at rate 0 its parameters stop training here; at a rate > 0, {id: parameter} of them for
         a group of the optimiser's of its own (after the model's other parameters)."""
         cfg = self.cfg
-        why = hold_problem(cfg.hold, cfg.hold_rate, cfg.hold_pull, self.shard == "fsdp", cfg.budget_lrs is not None)
-        if why:
-            raise StarElasticError(f"hold {','.join(cfg.hold or [])}: {why}")
         if not cfg.hold:
             return {}
         parts = embeddings_and_norms(model, cfg.hold)
@@ -774,27 +730,8 @@ class ElasticTrainer:
         """cfg.full_delta_rank: the full budget's delta (elastic/delta.py), its parameters a group of the
         optimiser's after the model's (before the router's, whose group is last)."""
         cfg = self.cfg
-        why = keep_problem(cfg.full_keeps_held, cfg.full_delta_rank, cfg.hold, cfg.hold_rate)
-        if why:
-            raise StarElasticError(f"full_keeps_held keeps the parent's values of what `hold` trains for the full "
-                                   f"budget beside its delta: {why}")
-        for option in DELTA_OPTIONS:
-            why = delta_option_problem(option, getattr(cfg, option), cfg.full_delta_rank)
-            if why:
-                raise StarElasticError(f"{option} {getattr(cfg, option):g}: {why}")
         if not cfg.full_delta_rank:
-            if cfg.full_delta_restore:
-                raise StarElasticError(f"full_delta_restore {cfg.full_delta_restore!r} sets the full budget's delta, "
-                                       "and there is none: give full_delta_rank")
             return None
-        why = ("it needs the full anchor (full_anchor > 0)" if not cfg.full_anchor else
-               "not with budget_lrs" if cfg.budget_lrs is not None else
-               "not with anchor_projection" if cfg.anchor_projection else None)
-        if why:
-            raise StarElasticError(f"full_delta_rank {cfg.full_delta_rank}: {why}")
-        if cfg.full_delta_restore not in RESTORE_MODES:
-            raise StarElasticError(f"full_delta_restore {cfg.full_delta_restore!r}: one of "
-                                   f"{', '.join(m for m in RESTORE_MODES if m)} (or '' for none)")
         delta = FullDelta(self.model, cfg.full_delta_rank, seed=cfg.seed + 4)
         if cfg.full_keeps_held:  # the parent's values, taken before any resume loads trained ones
             delta.keep(self.model, held_values(self.model, cfg.hold))
@@ -1244,6 +1181,86 @@ def delta_option_problem(option: str, value: float, full_delta_rank: int) -> str
     if value and not full_delta_rank:
         return f"{what} --full-delta-rank's delta, and there is no delta: give a rank"
     return None
+
+
+def stage2_weights(cfg: TrainConfig, n: int) -> list[float]:
+    """Stage 2's budget weights: as given; else, with the full anchor, the budgets equally (the full model is
+    in every step already, so the smaller ones share stage 2 as they share stage 1); else the paper's, tilted
+    toward the full model."""
+    return cfg.stage2_weights or ([1.0] * n if cfg.full_anchor else default_stage2_weights(n))
+
+
+def check_config(cfg: TrainConfig, budgets: list[Budget], sharded: bool, anchor_text: bool):
+    """A one-line StarElasticError for the first option of `cfg` that is out of range or contradicts another,
+    given the budgets, whether the model is sharded and whether the full anchor has text of its own."""
+    n, full = len(budgets), next((i for i, b in enumerate(budgets) if b.is_full), None)
+    stage2 = stage2_weights(cfg, n)
+    kd_weights = cfg.budget_kd_weights or [1.0] * n
+    if anchor_text and not cfg.full_anchor:
+        raise StarElasticError("anchor text is what the full anchor distils on: it needs full_anchor > 0")
+    if not 0 < cfg.anchor_mix <= 1:
+        raise StarElasticError(f"anchor_mix {cfg.anchor_mix}: the anchor text's share of the anchor's rows, in (0, 1]")
+    if cfg.anchor_mix < 1 and not anchor_text:
+        raise StarElasticError(f"anchor_mix {cfg.anchor_mix} mixes the anchor's own text into its batch: give "
+                               "anchor text (--anchor-data)")
+    why = budget_mix_problem(cfg.budget_mix, anchor_text)
+    if why:
+        raise StarElasticError(f"budget_mix {why}")
+    if cfg.budget_lrs is not None and (len(cfg.budget_lrs) != n or min(cfg.budget_lrs) <= 0):
+        raise StarElasticError(f"budget_lrs {cfg.budget_lrs}: give one positive rate per budget "
+                               f"({', '.join(b.name for b in budgets)})")
+    if cfg.train_on not in ("drawn", "argmax"):
+        raise StarElasticError(f"train_on is 'drawn' or 'argmax', got {cfg.train_on!r}")
+    if cfg.train_on == "argmax" and cfg.router_estimator != "score":
+        raise StarElasticError("train_on='argmax' needs the score-function router (router_estimator='score'): "
+                               "straight-through masks carry the router's gradient through the drawn architecture")
+    if cfg.budget_order not in ("even", "random"):
+        raise StarElasticError(f"budget_order is 'even' or 'random', got {cfg.budget_order!r}")
+    if cfg.budget_cost not in ("drawn", "expected"):
+        raise StarElasticError(f"budget_cost is 'drawn' or 'expected', got {cfg.budget_cost!r}")
+    if len(stage2) != n:
+        raise StarElasticError(f"stage-2 weights {stage2} do not match {n} budgets")
+    if any(w < 0 for w in stage2) or sum(stage2) <= 0:
+        raise StarElasticError(f"stage-2 weights {stage2} must be non-negative and not all 0")
+    if len(kd_weights) != n:
+        raise StarElasticError(f"per-budget KD weights {kd_weights} do not match {n} budgets")
+    if not 0 <= cfg.stage1_fraction <= 1:
+        raise StarElasticError(f"stage-1 fraction must be in [0, 1], got {cfg.stage1_fraction}")
+    if cfg.full_anchor < 0:
+        raise StarElasticError(f"the full anchor is a weight >= 0, got {cfg.full_anchor}")
+    if cfg.full_anchor and (full is None or n < 2):
+        raise StarElasticError("the full anchor needs the full budget (1.0) and at least one smaller budget")
+    if cfg.anchor_projection and not cfg.full_anchor:
+        raise StarElasticError("anchor_projection projects the full anchor's gradient: it needs full_anchor > 0")
+    if cfg.anchor_projection and cfg.budget_lrs:
+        raise StarElasticError("anchor_projection works on one AdamW's summed gradient: drop budget_lrs")
+    if cfg.full_anchor and not any(w > 0 for i, w in enumerate(stage2) if i != full):
+        raise StarElasticError(f"stage-2 weights {stage2} give every step to the full budget, which the "
+                               "full anchor trains on every step already: give a smaller budget a weight > 0")
+    why = hold_problem(cfg.hold, cfg.hold_rate, cfg.hold_pull, sharded, cfg.budget_lrs is not None)
+    if why:
+        raise StarElasticError(f"hold {','.join(cfg.hold or [])}: {why}")
+    why = keep_problem(cfg.full_keeps_held, cfg.full_delta_rank, cfg.hold, cfg.hold_rate)
+    if why:
+        raise StarElasticError(f"full_keeps_held keeps the parent's values of what `hold` trains for the full "
+                               f"budget beside its delta: {why}")
+    for option in DELTA_OPTIONS:
+        why = delta_option_problem(option, getattr(cfg, option), cfg.full_delta_rank)
+        if why:
+            raise StarElasticError(f"{option} {getattr(cfg, option):g}: {why}")
+    if not cfg.full_delta_rank:
+        if cfg.full_delta_restore:
+            raise StarElasticError(f"full_delta_restore {cfg.full_delta_restore!r} sets the full budget's delta, "
+                                   "and there is none: give full_delta_rank")
+        return
+    why = ("it needs the full anchor (full_anchor > 0)" if not cfg.full_anchor else
+           "not with budget_lrs" if cfg.budget_lrs is not None else
+           "not with anchor_projection" if cfg.anchor_projection else None)
+    if why:
+        raise StarElasticError(f"full_delta_rank {cfg.full_delta_rank}: {why}")
+    if cfg.full_delta_restore not in RESTORE_MODES:
+        raise StarElasticError(f"full_delta_restore {cfg.full_delta_restore!r}: one of "
+                               f"{', '.join(m for m in RESTORE_MODES if m)} (or '' for none)")
 
 
 class StepClock:

@@ -807,3 +807,18 @@ def test_all_budgets_trains_every_smaller_budget_on_every_step(tmp_path, monkeyp
                 assert {f"kd@{n}" for n in smaller if n != log["budget"]} <= set(log) and "full_kd" in log
         else:
             assert sum(per_budget) == 6 and graded == [True] * 6 and not any(k.startswith("kd@") for k in logs[0])
+
+
+@pytest.mark.parametrize("bad", [dict(train_on="bogus"), dict(budget_cost="bogus"), dict(stage1_fraction=2.0),
+                                 dict(full_delta_restore="activations")])
+def test_a_bad_option_leaves_the_model_as_it_was(tmp_path, bad):
+    """Every option is checked before the trainer changes the model in place: before, an option checked late
+    (train_on, budget_cost, the stage-1 share, a restore without a delta) raised only after the student and
+    teacher had been compiled and the held embeddings frozen, leaving the caller's model changed."""
+    model, teacher, router, budgets, rows, cfg, _ = make(compile="inductor", hold=["embeddings"], hold_rate=0.0,
+                                                          **bad)
+    with pytest.raises(StarElasticError):
+        ElasticTrainer(model, teacher, router, budgets, rows, cfg, tmp_path / "run")
+    for m in (model, teacher):
+        assert not any("_compiled_call_impl" in vars(layer) for layer in m.model.layers)
+    assert all(p.requires_grad for p in model.parameters())
