@@ -4,8 +4,16 @@ Measures, in bf16 on a GPU (fp32 on CPU with --tiny): forward tokens/s, training
 (forward + backward + AdamW), greedy generation tokens/s at batch 1; checks outputs agree.
 Prints ratios and writes JSON.
 
-    python benchmarks/bench_speed.py --json out.json            # the 515M config of ENVIRONMENT.md
+    python benchmarks/bench_speed.py --json out.json            # the 539M config of the issue-16 table
     python benchmarks/bench_speed.py --tiny                     # a smoke run on the CPU
+    python benchmarks/bench_speed.py --hf-kernels --json out.json   # transformers on its kernels (issue 16)
+
+Without `mamba_ssm` and `causal_conv1d`, transformers runs its pure-PyTorch Mamba path (the slowest anchor);
+with them (`--hf-kernels` insists on them; benchmarks/device/run.sh HFKBUILD builds causal_conv1d, HFK runs
+this) it runs their Triton and CUDA kernels, the anchor a user who installs them gets, and our model uses
+`mamba_ssm`'s Triton scan too. Every transformers function that fell back to PyTorch (transformers says so in
+a warning) is listed in the JSON (`transformers_fallbacks`), so a run shows which anchor it measured. Both
+models train with the same AdamW (fused on a GPU, as the trainer's).
 """
 
 from __future__ import annotations
@@ -45,6 +53,39 @@ def _hf(c):
     return {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}[c]
 
 
+def missing_kernels() -> list[str]:
+    """What keeps transformers' NemotronH off its fast Mamba path here: the kernels that do not import."""
+    checks = {"mamba_ssm (its Triton SSD kernels)": "from mamba_ssm.ops.triton.ssd_combined import "
+                                                    "mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined",
+              "mamba_ssm's selective_state_update": "from mamba_ssm.ops.triton.selective_state_update import "
+                                                    "selective_state_update",
+              "causal_conv1d (a CUDA build)": "import causal_conv1d, causal_conv1d_cuda"}
+    missing = []
+    for what, statement in checks.items():
+        try:
+            exec(statement, {})
+        except Exception as e:  # noqa: BLE001 - any failure to import is the answer
+            missing.append(f"{what} does not import ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})")
+    return missing
+
+
+def watch_fallbacks() -> list[str]:
+    """A list that fills with the names of transformers' functions that fall back to their PyTorch reference
+    (transformers warns once for each), for the JSON."""
+    import logging
+
+    seen: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            msg = record.getMessage()
+            if "falling back" in msg:
+                seen.append(msg.split("`")[1] if "`" in msg else msg[:120])
+
+    logging.getLogger("transformers").addHandler(Catch())
+    return seen
+
+
 def logits_of(model, x, hf: bool):
     return model(x).logits if hf else model(x)
 
@@ -59,11 +100,18 @@ def main():
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd variant")
     ap.add_argument("--skip-hf-train", action="store_true")
+    ap.add_argument("--hf-kernels", action="store_true",
+                    help="refuse to run unless transformers can use mamba_ssm's and causal_conv1d's kernels")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    missing = missing_kernels()
+    if args.hf_kernels and missing:
+        raise SystemExit(f"--hf-kernels: {'; '.join(missing)} (on the GPU machine: benchmarks/device/run.sh "
+                         "HFKBUILD, then HFK)")
+    fallbacks = watch_fallbacks()
     if args.tiny:
         args.batch, args.seq, args.prompt, args.new_tokens = 2, 128, 16, 16
     torch.manual_seed(0)
@@ -80,6 +128,8 @@ def main():
            "config": hc.to_dict(), "batch": args.batch, "seq": args.seq, "torch": torch.__version__}
     import transformers
     res["transformers"] = transformers.__version__
+    res["transformers_kernels_missing"] = missing
+    res["transformers_fallbacks"] = fallbacks  # filled as transformers warns
 
     x = torch.randint(0, hc.vocab_size, (args.batch, args.seq), device=device)
     tokens = x.numel()
@@ -126,7 +176,7 @@ def main():
         if name == "transformers" and args.skip_hf_train:
             continue
         m.train()
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-5, foreach=True)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-5, **({"fused": True} if device.type == "cuda" else {}))
 
         def step():
             logits = logits_of(m, x, hf)
@@ -179,6 +229,8 @@ def main():
         res["ratio_train"] = best_train / res["train_tok_s_transformers"]
     res["ratio_forward"] = max(v for k, v in res.items() if k.startswith("forward_tok_s_ours")) / res["forward_tok_s_transformers"]
     res["ratio_generate"] = max(v for k, v in res.items() if k.startswith("generate_tok_s_ours")) / res["generate_tok_s_transformers"]
+    print(f"transformers' kernels missing: {missing or 'none'}; its functions that fell back to PyTorch: "
+          f"{sorted(set(fallbacks)) or 'none'}")
     print("ratios (ours / transformers): " + ", ".join(f"{k[6:]} {v:.2f}x" for k, v in res.items() if k.startswith("ratio_")))
     if args.json:
         common.write_json(args.json, res, default=str)

@@ -31,6 +31,24 @@ if [ ! -d $D/mamba/mamba_ssm ]; then  # the Triton SSD kernels of mamba_ssm, wit
   printf 'Metadata-Version: 2.1\nName: mamba_ssm\nVersion: 2.3.2.post1\n' > $D/mamba/mamba_ssm-2.3.2.post1.dist-info/METADATA
   rm -rf "$tmp"
 fi
+if [ ! -d $D/causal_conv1d ]; then  # transformers' other kernel (issue 16's anchor): its source, built on the GPU
+  # machine for sm_90 alone by run.sh HFKBUILD (about 6 minutes), with the build's own tools as wheels
+  tmp=$(mktemp -d)
+  CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE python3 -m pip download -q --no-deps --no-build-isolation --no-binary=:all: \
+    causal-conv1d==1.7.0 -d "$tmp"
+  tar -C "$tmp" -xzf "$tmp"/causal_conv1d-1.7.0.tar.gz
+  cp -r "$tmp"/causal_conv1d-1.7.0 $D/causal_conv1d && rm -rf $D/causal_conv1d/tests "$tmp"
+  python3 - $D/causal_conv1d/setup.py <<'PY'
+import re, sys
+p = sys.argv[1]
+s = open(p).read()
+a = s.index('        cc_flag.append("-gencode")\n        cc_flag.append("arch=compute_75')
+b = s.index('arch=compute_121,code=sm_121")') + len('arch=compute_121,code=sm_121")')
+open(p, "w").write(s[:a] + '        cc_flag += ["-gencode", "arch=compute_90,code=sm_90"]  # H100 / H200 only' + s[b:])
+PY
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+    --platform manylinux_2_17_x86_64 wheel ninja -d $D/causal_conv1d/wheels
+fi
 # the OpenAI-compatible server's packages for bench_load (LOAD), for the GPU machine's Python 3.12
 [ -d $D/serve_wheels ] || python3 -m pip download -q fastapi uvicorn httpx --only-binary=:all: --python-version 3.12 \
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --implementation cp -d $D/serve_wheels

@@ -28,6 +28,9 @@
 #   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled; --parts profile: the compiled step by kernel (--compile off: eager), --fsdp1: the FSDP2 rows
 #                               (bench_kernels --parts train; needs .devcarry/mamba)
 #   GPUTESTS [-k EXPR]          the CUDA-only tests of tests/test_kernels.py (default -k cuda)
+#   HFKBUILD                    causal_conv1d built for sm_90 into the home folder (~6 min; carry .devcarry/causal_conv1d),
+#                               then within 30 s: HFK [args]: bench_speed.py, our model against transformers on its
+#                               kernels (mamba_ssm + causal_conv1d), issue 16's 539M table (carry .devcarry/mamba)
 # The home folder survives between calls while the machine stays warm (30 s); $OUT comes back.
 set -x
 H=/root; SE=$H/.cache/star_elastic; mkdir -p $SE $OUT
@@ -107,6 +110,14 @@ SERVE) shift; python3 benchmarks/bench_serve.py --model nano --device cuda --out
   | tail -n 60 ;;  # e.g. --contiguous-views none,experts,linear,all (what closes the views' gap)
 LOAD) shift; python3 -m pip install -q --no-index --find-links .devcarry/serve_wheels --target $H/serve fastapi uvicorn httpx
   PYTHONPATH=$H/serve:$PYTHONPATH python3 benchmarks/bench_load.py --model nano --device cuda --clients 64 --seconds 30 --baseline-seconds 15 --json $OUT/load_nano.json "$@" 2>&1 | tee $OUT/load.log | tail -n 40 ;;  # the log comes back even if cut; e.g. --new-tokens 256
+HFKBUILD) export PATH=$H/site/bin:$PATH  # the ninja wheel's binary: a parallel build
+  python3 -c "import wheel" 2>/dev/null && which ninja || python3 -m pip install -q --no-index --no-deps --target $H/site \
+    .devcarry/causal_conv1d/wheels/*.whl
+  SECONDS=0; (cd .devcarry/causal_conv1d && CAUSAL_CONV1D_FORCE_BUILD=TRUE MAX_JOBS=16 python3 -m pip install -q \
+    --no-build-isolation --no-deps --no-index --target $H/site . 2>&1 | tail -n 20); echo "causal_conv1d built in $SECONDS s"
+  PYTHONPATH=.devcarry/mamba:benchmarks:$PYTHONPATH python3 -c "from bench_speed import missing_kernels as m; print(m() or 'every kernel imports')" ;;
+HFK) shift; PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_speed.py --hf-kernels --json $OUT/speed_hfk.json "$@" \
+  2>&1 | grep -v "%|" | tail -n 40 ;;
 GPUTESTS) shift  # the tests that need CUDA (skipped in CI): e.g. the head gradient's fp32-accumulating GEMM
   python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py -k "${1:-cuda}" 2>&1 | tail -n 30 ;;
 KERNELS) shift; PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_kernels.py --parts train \

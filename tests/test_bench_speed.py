@@ -1,0 +1,37 @@
+"""benchmarks/bench_speed.py: which anchor it measured. transformers' NemotronH is 13x faster on its kernels
+than on its PyTorch fallback, so a run must say which one it ran against."""
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def test_the_kernels_transformers_lacks_are_named_and_hf_kernels_refuses_without_them():
+    import importlib.util
+
+    from bench_speed import missing_kernels
+
+    missing = missing_kernels()
+    have = {name: importlib.util.find_spec(name) is not None for name in ("mamba_ssm", "causal_conv1d")}
+    for name, installed in have.items():  # not installed: named (installed, it may still fail to import)
+        assert installed or any(m.startswith(name) for m in missing)
+    if missing:  # the CPU machine: --hf-kernels refuses in one line, before building any model
+        r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_speed.py"), "--tiny", "--hf-kernels"],
+                           capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 1 and "--hf-kernels:" in r.stderr and "HFKBUILD" in r.stderr
+        assert "Traceback" not in r.stderr
+
+
+def test_transformers_fallback_warnings_are_collected():
+    from bench_speed import watch_fallbacks
+
+    seen = watch_fallbacks()
+    logging.getLogger("transformers.models.nemotron_h").warning(
+        "`causal_conv1d_fn` is falling back to its reference PyTorch implementation because `causal_conv1d` is "
+        "not installed.")
+    logging.getLogger("transformers").warning("something else")
+    assert seen == ["causal_conv1d_fn"]
