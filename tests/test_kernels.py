@@ -243,12 +243,12 @@ def test_triton_state_update_is_the_recurrence():
 
 def test_state_step_dispatch(monkeypatch):
     """CPU tensors take the recurrence even when the kernel imports; CUDA bf16 / fp16 would take the
-    kernel when switched on (opt-in) and not disabled; fp32 keeps the recurrence; not importable: the
-    recurrence."""
+    kernel by default (on since it was checked on an H200), unless switched off alone or with the scan; fp32
+    keeps the recurrence; not importable: the recurrence."""
     fake = StandInUpdate()
     monkeypatch.setattr(kernels, "_load_update", lambda: (fake, None))
     monkeypatch.delenv(kernels.ENV_DISABLE, raising=False)
-    monkeypatch.setenv(kernels.ENV_STEP, "1")
+    monkeypatch.delenv(kernels.ENV_STEP, raising=False)
     x, dt, A, B, C, state = step_inputs()
     seen = []
     kernels.state_step(x, dt, A, B, C, state, fallback=lambda *a: seen.append(a) or a[0].float())
@@ -257,10 +257,11 @@ def test_state_step_dispatch(monkeypatch):
     class Cuda:
         is_cuda, dtype = True, torch.bfloat16
 
-    assert kernels.uses_triton_step(Cuda())
-    monkeypatch.delenv(kernels.ENV_STEP)  # opt-in until checked on a GPU
+    assert kernels.uses_triton_step(Cuda())  # on by default
+    monkeypatch.setenv(kernels.ENV_STEP, "0")  # switched off alone
     assert not kernels.uses_triton_step(Cuda())
     monkeypatch.setenv(kernels.ENV_STEP, "1")
+    assert kernels.uses_triton_step(Cuda())
     Cuda.dtype = torch.float32
     assert not kernels.uses_triton_step(Cuda())
     Cuda.dtype = torch.float16
