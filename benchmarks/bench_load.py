@@ -115,6 +115,33 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def fake_model_steps(seconds: float):
+    """The batched engine's model replaced by a wait: each decode step and each prefill sleeps `seconds` (the
+    GIL released, as while a GPU replays a graph) and returns logits whose argmax is token 42, so that what is
+    measured is the server's own work per request and token (HTTP, scheduling, streaming)."""
+    from star_elastic.serve import batching
+
+    def logits(n: int, vocab: int) -> torch.Tensor:
+        out = torch.zeros(n, vocab)
+        out[:, 42] = 1.0
+        return out
+
+    def decode(pool, tokens, pos, *args, **kwargs):
+        time.sleep(seconds)
+        return logits(tokens.shape[0], pool.model.config.vocab_size)
+
+    def prefill(sched, pool, reqs):
+        time.sleep(seconds)
+        for r in reqs:
+            r.length = len(r.ids)
+        sched.prefills += 1
+        sched.prefilled += len(reqs)
+        return logits(len(reqs), pool.model.config.vocab_size)
+
+    batching.SlotPool.decode = decode
+    batching.Scheduler._prefill = prefill
+
+
 def make_app(ckpt, a):
     """(app, engine, info): `create_app` over a `LoadEngine` of `ckpt`, plus the /bench/stats route."""
     from star_elastic.serve.app import create_app
@@ -125,6 +152,8 @@ def make_app(ckpt, a):
     device = torch.device(a.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype or
                                                                   ("bfloat16" if device.type == "cuda" else "float32")]
+    if getattr(a, "fake_step_ms", None):
+        fake_model_steps(a.fake_step_ms / 1e3)
     engine = LoadEngine.of(ElasticEngine.load(ckpt, device=device, dtype=dtype), slots=a.slots)
     engine.ignore_eos = not a.keep_eos
     engine.start_counting()
@@ -198,6 +227,7 @@ class Server:
             cmd += ["--dtype", args.dtype] if args.dtype else []
             cmd += ["--threads", str(args.threads)] if args.threads else []
             cmd += ["--keep-eos"] if args.keep_eos else []
+            cmd += ["--fake-step-ms", str(args.fake_step_ms)] if args.fake_step_ms else []
             self.log = open(log_path, "w")
             self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
             self.pid = self.proc.pid
@@ -333,8 +363,8 @@ async def one_request(http, budget: str, prompt: list[int], new_tokens: int, str
             rec["chunks"] = chunks
             if not done:
                 rec["error"] = "the stream ended without data: [DONE]"
-            elif not rec["tokens"]:
-                rec["error"] = "the stream ended without its usage chunk"
+            elif not rec["tokens"]:  # a server without the usage chunk: a text chunk a token, as it then sent
+                rec["tokens"] = new_tokens if ignore_eos and rec["finish"] == "length" else chunks
         else:
             r = await http.post("/v1/completions", json=body)
             rec["latency"] = time.perf_counter() - t0
@@ -533,6 +563,9 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, help="the server's torch CPU threads")
     ap.add_argument("--in-process", action="store_true", help="serve from a thread of this process (quicker to "
                     "start; the clients then share its GIL, and the RSS is theirs too)")
+    ap.add_argument("--fake-step-ms", type=float,
+                    help="the server layer alone: every decode step and prefill a sleep of this many ms (the GIL "
+                         "free, as a GPU's graph replay leaves it) that writes a fixed token, the model not run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--request-timeout", type=float, default=600.0)
     ap.add_argument("--start-timeout", type=float, default=600.0)
