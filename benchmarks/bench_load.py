@@ -685,6 +685,7 @@ def main(argv=None):
            "model": args.ckpt or args.model, "budgets": budgets, "clients": args.clients,
            "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
            "non_stream_fraction": args.non_stream_fraction, "server_start_seconds": server.start_seconds,
+           "fake_step_ms": args.fake_step_ms,  # set: the model not run, each step a wait (the server layer alone)
            "server_exit_code": code,
            "server": "in-process thread" if args.in_process else "child process", "warmup_failures": bad, "failures": failures,
            "gain": {b: (phases["concurrent"]["summary"][b]["tok_s"] / phases["sequential"]["summary"][b]["tok_s"]

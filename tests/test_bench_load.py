@@ -43,3 +43,21 @@ def test_load_benchmark_serves_every_budget_without_failures(tmp_path):
         assert r["ttft"] is not None and 0 < r["ttft"] <= r["latency"], r
     assert len(rows) == sum(p["summary"]["all"]["requests"] for p in data["phases"].values())
     assert "| all |" in data["markdown"] and res["gain"]["all"] > 0
+
+
+def test_the_server_layer_alone_with_fake_model_steps(tmp_path, monkeypatch):
+    """--fake-step-ms: the model is not run (each step a wait that writes token 42), so the benchmark measures
+    the server's own work; every request still gets its tokens through the real server and scheduler."""
+    from star_elastic.serve import batching
+
+    for cls, name in ((batching.SlotPool, "decode"), (batching.Scheduler, "_prefill")):
+        monkeypatch.setattr(cls, name, getattr(cls, name))  # put back after the test: the fake patches the classes
+    out = tmp_path / "load.json"
+    bench_load.main(["--model", "tiny", "--in-process", "--threads", "1", "--clients", "3", "--seconds", "2",
+                     "--baseline-seconds", "1", "--prompt-tokens", "8", "--new-tokens", "5", "--fake-step-ms", "2",
+                     "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["fake_step_ms"] == 2.0 and data["failures"] == [] and data["tokens_match"] is True
+    rows = [dict(zip(data["request_fields"], r)) for r in data["requests"]]
+    assert rows and all(r["error"] is None and r["tokens"] == 5 for r in rows)
+    assert batching.SlotPool.decode.__module__ == "bench_load"  # the model really was replaced
