@@ -50,7 +50,7 @@ PY
     --platform manylinux_2_17_x86_64 wheel ninja -d $D/causal_conv1d/wheels
 fi
 # the OpenAI-compatible server's packages for bench_load (LOAD), for the GPU machine's Python 3.12
-[ -d $D/serve_wheels ] || python3 -m pip download -q fastapi uvicorn httpx --only-binary=:all: --python-version 3.12 \
+[ -d $D/serve_wheels ] || python3 -m pip download -q fastapi uvicorn httpx py-spy --only-binary=:all: --python-version 3.12 \
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --implementation cp -d $D/serve_wheels
 cp benchmarks/device/run.sh $D/run.sh
 du -sh $D/*

@@ -16,7 +16,8 @@
 #                               (twenty-seventh session: wait for the GGUF's conversion first, see RESULTS §5)
 #   EVALI                       then, machine still warm: eval of its checkpoint with interpolated budgets (issue 13)
 #   BATCHING [args] | SERVE [args] | LOAD [args]  issue 12's serving tables at Nano widths (bench_batching/serve/load --model nano;
-#                               LOAD needs .devcarry/serve_wheels: the server's packages, which the GPU machine lacks)
+#                               LOAD needs .devcarry/serve_wheels: the server's packages, which the GPU machine lacks;
+#                               PROFILE=1 LOAD: under py-spy, where the server's host time goes)
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
@@ -109,7 +110,11 @@ BATCHING) shift; python3 benchmarks/bench_batching.py --model nano --device cuda
 SERVE) shift; python3 benchmarks/bench_serve.py --model nano --device cuda --out $OUT/serve_nano.json "$@" 2>&1 \
   | tail -n 60 ;;  # e.g. --contiguous-views none,experts,linear,all (what closes the views' gap)
 LOAD) shift; python3 -m pip install -q --no-index --find-links .devcarry/serve_wheels --target $H/serve fastapi uvicorn httpx
-  PYTHONPATH=$H/serve:$PYTHONPATH python3 benchmarks/bench_load.py --model nano --device cuda --clients 64 --seconds 30 --baseline-seconds 15 --json $OUT/load_nano.json "$@" 2>&1 | tee $OUT/load.log | tail -n 40 ;;  # the log comes back even if cut; e.g. --new-tokens 256
+  # PROFILE=1: under py-spy (its wheel in serve_wheels), the server process's samples that hold the GIL, by
+  # stack, in $OUT/load_pyspy.txt (raw: "stack count" lines): where the server's one busy core goes
+  spy=(); [ -n "$PROFILE" ] && python3 -m pip install -q --no-index --find-links .devcarry/serve_wheels --target $H/serve py-spy \
+    && spy=($H/serve/bin/py-spy record -r 100 --gil --subprocesses --format raw -o $OUT/load_pyspy.txt --)
+  PYTHONPATH=$H/serve:$PYTHONPATH "${spy[@]}" python3 benchmarks/bench_load.py --model nano --device cuda --clients 64 --seconds 30 --baseline-seconds 15 --json $OUT/load_nano.json "$@" 2>&1 | tee $OUT/load.log | tail -n 40 ;;  # the log comes back even if cut; e.g. --new-tokens 256
 HFKBUILD) export PATH=$H/site/bin:$PATH  # the ninja wheel's binary: a parallel build
   python3 -c "import wheel" 2>/dev/null && which ninja || python3 -m pip install -q --no-index --no-deps --target $H/site \
     .devcarry/causal_conv1d/wheels/*.whl
