@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what the full anchor distils on: 'self' samples text from the parent itself (1M tokens, "
                              "or TOKENS), so that the anchor keeps what the parent knows beyond the training text; "
                              "'chat' samples conversations, each row opening with the tokenizer's chat template, so "
-                             "that it keeps how the parent answers (not yet measured on a GPU); 'self+chat' half of each, "
+                             "that it keeps how the parent answers (RESULTS §9, twenty-third session); 'self+chat' half of each, "
                              "alternating row by row; or text as --data "
                              "takes it (its train split); default: each step's training batch")
         sp.add_argument("--anchor-mix", type=float, default=1.0, metavar="F",
@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--kd-weights", help="distillation weight per budget, in --budgets order (default all 1)")
     sp.add_argument("--budget-lrs", help="model learning rate per budget, in --budgets order: each budget's gradient "
                                          "then has its own AdamW moments and rate, as if distilled alone (e.g. the "
-                                         "full model at 2e-4 and the smaller at 8e-4; not yet measured on a GPU; "
+                                         "full model at 2e-4 and the smaller at 8e-4; measured on SmolLM2, docs/RESULTS.md §9 twelfth "
+                                         "session: a lower rate for the full model damaged it out of domain; "
                                          "the budgets' loss weights then no longer scale their steps; default: one "
                                          "AdamW at --lr)")
     sp.add_argument("--full-anchor", type=float,

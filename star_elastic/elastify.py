@@ -58,7 +58,7 @@ class ElastifyConfig:
     stage2_seq_len: int | None = None
     kd_weights: list[float] | None = None  # per budget, in --budgets order
     budget_lrs: list[float] | None = None  # per budget, in --budgets order: own AdamW moments and rate each
-    #                                        (TrainConfig.budget_lrs; not yet measured on a GPU); None: `lr` for all
+    #                                        (TrainConfig.budget_lrs; RESULTS §9, twelfth session); None: `lr` for all
     # the full model is distilled on every step too (the sandwich rule; the budget sampler skips it), so each
     # smaller budget trains on as many tokens as distilling it alone would. Measured on SmolLM2 at 4.2M tokens
     # (docs/RESULTS.md §9, eighth session): the smaller budgets went from +15% / +21% behind (c) on the same
