@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +86,23 @@ def watch_fallbacks() -> list[str]:
 
     logging.getLogger("transformers").addHandler(Catch())
     return seen
+
+
+@contextmanager
+def causal_conv_on(on: bool = True):
+    """Our Mamba conv on causal_conv1d's kernel inside the block (kernels.ENV_CONV, read at each call)."""
+    from star_elastic import kernels
+
+    before = os.environ.get(kernels.ENV_CONV)
+    if on:
+        os.environ[kernels.ENV_CONV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(kernels.ENV_CONV, None)
+        else:
+            os.environ[kernels.ENV_CONV] = before
 
 
 def logits_of(model, x, hf: bool):
@@ -160,13 +179,22 @@ def main():
 
     # 2. forward throughput
     variants = {"transformers": (ref, True), "ours": (ours, False)}
+    if device.type == "cuda" and not any(m.startswith("causal_conv1d") for m in missing):
+        variants["ours_causal_conv"] = (ours, False)  # eager, Mamba's conv on causal_conv1d's kernel (opt-in)
+        with torch.no_grad():
+            b = logits_of(ours, probe, False).float()
+            with causal_conv_on():
+                c = logits_of(ours, probe, False).float()
+        res["logits_rel_err_causal_conv_vs_ours"] = rel(c, b)
+        print(f"logits rel err: ours with causal_conv1d's conv against ours {res['logits_rel_err_causal_conv_vs_ours']:.2e}")
+        del b, c
     compiled = None
     if not args.no_compile:
         torch._dynamo.config.recompile_limit = 64  # blocks share one code object (see generate.py)
         compiled = torch.compile(ours)
         variants["ours_compiled"] = (compiled, False)
     for name, (m, hf) in variants.items():
-        with torch.no_grad():
+        with torch.no_grad(), causal_conv_on(name.endswith("causal_conv")):
             s = common.timed(lambda: logits_of(m, x, hf), device, 2, args.iters)
         res[f"forward_tok_s_{name}"] = tokens / s
         print(f"forward  {name:14s} {tokens / s:10.0f} tok/s")
@@ -187,7 +215,8 @@ def main():
 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        s = common.timed(step, device, 2, args.iters)
+        with causal_conv_on(name.endswith("causal_conv")):
+            s = common.timed(step, device, 2, args.iters)
         res[f"train_tok_s_{name}"] = tokens / s
         if device.type == "cuda":
             res[f"train_peak_gib_{name}"] = torch.cuda.max_memory_allocated() / 2**30

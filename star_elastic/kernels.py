@@ -41,9 +41,14 @@ greedy decode the same tokens, the update 1.1x faster at batch 1 and 1.5x / 2.2x
 generate's CUDA graph and under torch.compile), so on by default since the thirty-second session:
 `STAR_ELASTIC_TRITON_STEP=0` switches it off alone, `STAR_ELASTIC_NO_TRITON=1` with the scan.
 
-Not covered here yet (issue 16): the causal depthwise conv1d stays in PyTorch. The Triton calls are
-excluded from `torch.compile` graphs (`torch.compiler.disable`): a compiled model breaks its graph
-around each of them instead of tracing into mamba_ssm's kernels.
+`causal_conv` is Mamba's depthwise causal conv and its SiLU at training and prefill without a cache
+(`model.Mamba2.forward`) on `causal_conv1d`'s CUDA kernel (`causal_conv1d_fn`, a CUDA build: benchmarks/device
+says how), under the scan's conditions and opt-in (`STAR_ELASTIC_CAUSAL_CONV=1`) until it has been checked on
+a GPU (`bench_speed.py --hf-kernels` times and compares it, `ours_causal_conv`). The weight and bias are cast to
+the input's dtype, as autocast casts them for `F.conv1d`; the inputs before the first are zeros, as there.
+
+The kernel calls are excluded from `torch.compile` graphs (`torch.compiler.disable`): a compiled model breaks its
+graph around each of them instead of tracing into them.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ import torch
 ENV_DISABLE = "STAR_ELASTIC_NO_TRITON"
 ENV_ENABLE = "STAR_ELASTIC_TRITON"
 ENV_STEP = "STAR_ELASTIC_TRITON_STEP"  # "0": the decode state update stays on the recurrence
+ENV_CONV = "STAR_ELASTIC_CAUSAL_CONV"  # "1": Mamba's conv on causal_conv1d's kernel (opt-in until checked on a GPU)
 ON_BY_DEFAULT = True  # checked on an H200 (bench_kernels.py check); STAR_ELASTIC_TRITON=0 also switches it off
 _DTYPES = (torch.bfloat16, torch.float16)  # fp32: the einsum scan (see above)
 
@@ -177,3 +183,31 @@ def triton_state_update(x, dt, A, B, C, state, update=None):
     zero = torch.zeros((), device=x.device, dtype=torch.float32).expand(h, p)
     return update(state, x.float(), dt.float()[..., None].expand(b, h, p), A.float()[:, None, None].expand(h, p, n),
                   B, C, D=zero, z=None, dt_bias=zero, dt_softplus=False)
+
+
+def _load_conv():
+    """(causal_conv1d_fn, None), or (None, why not)."""
+    return _import("causal_conv1d", "causal_conv1d_fn")
+
+
+@torch.compiler.assume_constant_result
+def causal_conv_enabled() -> bool:
+    """The causal conv kernel may run: switched on (`STAR_ELASTIC_CAUSAL_CONV=1`), not disabled with the scan,
+    and it imports."""
+    return _set(ENV_CONV) and not disabled() and _load_conv()[0] is not None
+
+
+def uses_causal_conv(x: torch.Tensor) -> bool:
+    """Whether `model.Mamba2` runs its conv (no cache) on `causal_conv` for input `x` (b, channels, t)."""
+    return x.is_cuda and x.dtype in _DTYPES and causal_conv_enabled()
+
+
+@torch.compiler.disable
+def causal_conv(x, weight, bias, conv=None):
+    """silu of the depthwise causal conv of x (b, channels, t) with weight (channels, k) and bias (channels,) or
+    None, zeros before the first input: `causal_conv1d_fn`. `conv`: the kernel (default: the imported one; tests
+    pass a stand-in). Returns (b, channels, t) in x's dtype."""
+    conv = conv or _load_conv()[0]
+    if conv is None:
+        raise RuntimeError(f"the causal conv kernel is not available: {_load_conv()[1]}")
+    return conv(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), activation="silu")

@@ -277,13 +277,17 @@ class Mamba2(nn.Module):
         b, t, _ = u.shape
         z, xBC, dt = self.split_in_proj(self.in_proj(u))
         xBC = xBC.transpose(1, 2)  # (b, conv_dim, t)
-        k = self.conv1d.kernel_size[0]
-        # the k-1 inputs before these: zeros at the start of a sequence, else the cached last ones
-        before = xBC.new_zeros(b, xBC.shape[1], k - 1) if cache is None else cache.conv.to(xBC.dtype)
-        xBC = torch.cat([before, xBC], dim=-1)
-        if cache is not None:
-            cache.conv.copy_(xBC[..., -(k - 1):])
-        x, B, C = self.split_conv(F.silu(self.conv1d(xBC)).transpose(1, 2))
+        if cache is None and type(self.conv1d) is nn.Conv1d and kernels.uses_causal_conv(xBC):
+            xBC = kernels.causal_conv(xBC, self.conv1d.weight[:, 0], self.conv1d.bias)  # CUDA, opt-in
+        else:
+            k = self.conv1d.kernel_size[0]
+            # the k-1 inputs before these: zeros at the start of a sequence, else the cached last ones
+            before = xBC.new_zeros(b, xBC.shape[1], k - 1) if cache is None else cache.conv.to(xBC.dtype)
+            xBC = torch.cat([before, xBC], dim=-1)
+            if cache is not None:
+                cache.conv.copy_(xBC[..., -(k - 1):])
+            xBC = F.silu(self.conv1d(xBC))
+        x, B, C = self.split_conv(xBC.transpose(1, 2))
         x = x.view(b, t, self.num_heads, self.head_dim)
         B = B.view(b, t, self.n_groups, self.state_size)
         C = C.view(b, t, self.n_groups, self.state_size)

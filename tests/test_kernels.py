@@ -181,6 +181,81 @@ def test_model_scans_go_through_the_dispatch_masked_or_not_cached_or_not(stand_i
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast[1], slow[1]))
 
 
+# ----------------------------------------------------------------------------- the causal conv
+
+class StandInConv:
+    """What `causal_conv1d_fn(x, weight, bias, activation="silu")` computes, in PyTorch: silu of the depthwise
+    conv of x (b, channels, t) with weight (channels, k), zeros before the first input. Records its calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, weight, bias=None, activation=None):
+        self.calls.append(dict(x=x, weight=weight, bias=bias, activation=activation))
+        k = weight.shape[-1]
+        out = F.conv1d(F.pad(x, (k - 1, 0)), weight[:, None], bias, groups=x.shape[1])
+        return F.silu(out) if activation in ("silu", "swish") else out
+
+
+def test_causal_conv_dispatch_is_opt_in_until_checked_on_a_gpu(monkeypatch):
+    """CUDA bf16 / fp16 inputs take causal_conv1d's kernel only when switched on (STAR_ELASTIC_CAUSAL_CONV=1),
+    importable and not disabled with the Triton paths; fp32 and CPU tensors never do."""
+    monkeypatch.setattr(kernels, "_load_conv", lambda: (StandInConv(), None))
+    monkeypatch.delenv(kernels.ENV_DISABLE, raising=False)
+    monkeypatch.delenv(kernels.ENV_CONV, raising=False)
+
+    class Cuda:
+        is_cuda, dtype = True, torch.bfloat16
+
+    assert not kernels.uses_causal_conv(Cuda())  # off by default
+    monkeypatch.setenv(kernels.ENV_CONV, "1")
+    assert kernels.uses_causal_conv(Cuda()) and not kernels.uses_causal_conv(torch.zeros(2, dtype=torch.bfloat16))
+    Cuda.dtype = torch.float32
+    assert not kernels.uses_causal_conv(Cuda())
+    Cuda.dtype = torch.float16
+    monkeypatch.setenv(kernels.ENV_DISABLE, "1")
+    assert not kernels.uses_causal_conv(Cuda())
+    monkeypatch.delenv(kernels.ENV_DISABLE)
+    monkeypatch.setattr(kernels, "_load_conv", lambda: (None, "ImportError: no causal_conv1d"))
+    assert not kernels.uses_causal_conv(Cuda())
+    with pytest.raises(RuntimeError, match="not available"):
+        kernels.causal_conv(torch.zeros(1, 2, 3), torch.zeros(2, 4), None)
+
+
+def test_model_conv_through_the_kernel_equals_the_pytorch_conv(monkeypatch):
+    """Every Mamba layer's conv without a cache (training, a first prefill) reaches the kernel when it applies
+    (a stand-in, forced on here) with the weight as (channels, k) in the input's dtype and SiLU inside: logits
+    and gradients equal the PyTorch conv's, masked or not; with a cache the PyTorch path runs (it keeps the
+    conv state)."""
+    torch.manual_seed(0)
+    model = Model(CFG)
+    x = torch.randint(0, CFG.vocab_size, (2, 11))
+    spec = ElasticSpec(mamba_num_heads=2, mamba_head_dim=4, hidden_size=24)
+    fake = StandInConv()
+    monkeypatch.setattr(kernels, "_load_conv", lambda: (fake, None))
+
+    def run(forced: bool):
+        monkeypatch.setattr(kernels, "uses_causal_conv", lambda t: forced)
+        fake.calls.clear()
+        model.zero_grad()
+        full = model(x)
+        full.square().mean().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        with masked(model, spec.masks(CFG)):
+            part = model(x)
+        with torch.no_grad():
+            model(x[:, :7], cache=model.make_cache(2, 16), pos=torch.arange(7))
+        return full, grads, part, list(fake.calls)
+
+    fast, slow = run(True), run(False)
+    n_mamba = CFG.layer_types.count("M")
+    assert len(fast[3]) == 2 * n_mamba and not slow[3]  # plain and masked; the cached prefill keeps PyTorch's conv
+    call = fast[3][0]
+    assert call["activation"] == "silu" and call["weight"].dim() == 2 and call["weight"].dtype == call["x"].dtype
+    assert torch.allclose(fast[0], slow[0], atol=1e-5) and torch.allclose(fast[2], slow[2], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast[1], slow[1]))
+
+
 # ----------------------------------------------------------------------------- chunked distillation
 
 def _head(seed, n_tokens=23, d=12, vocab=50, dtype=torch.float64):
