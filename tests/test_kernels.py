@@ -181,6 +181,26 @@ def test_model_scans_go_through_the_dispatch_masked_or_not_cached_or_not(stand_i
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast[1], slow[1]))
 
 
+class FakeCuda:
+    """What a dispatch reads of a tensor: a CUDA one, bf16 unless set."""
+
+    def __init__(self, dtype=torch.bfloat16):
+        self.is_cuda, self.dtype = True, dtype
+
+
+def check_cuda_half_only(monkeypatch, uses, loader: str):
+    """What every optional kernel's dispatch `uses` shares, once switched on: CUDA bf16 / fp16 inputs only (CPU
+    and fp32 tensors keep PyTorch's path), off with STAR_ELASTIC_NO_TRITON, off when its module (kernels.<loader>)
+    does not import."""
+    assert uses(FakeCuda()) and uses(FakeCuda(torch.float16))
+    assert not uses(torch.zeros(2, dtype=torch.bfloat16)) and not uses(FakeCuda(torch.float32))
+    monkeypatch.setenv(kernels.ENV_DISABLE, "1")
+    assert not uses(FakeCuda())
+    monkeypatch.delenv(kernels.ENV_DISABLE)
+    monkeypatch.setattr(kernels, loader, lambda: (None, "ImportError: not installed"))
+    assert not uses(FakeCuda())
+
+
 # ----------------------------------------------------------------------------- the causal conv
 
 class StandInConv:
@@ -204,20 +224,9 @@ def test_causal_conv_dispatch_is_opt_in_until_checked_on_a_gpu(monkeypatch):
     monkeypatch.delenv(kernels.ENV_DISABLE, raising=False)
     monkeypatch.delenv(kernels.ENV_CONV, raising=False)
 
-    class Cuda:
-        is_cuda, dtype = True, torch.bfloat16
-
-    assert not kernels.uses_causal_conv(Cuda())  # off by default
+    assert not kernels.uses_causal_conv(FakeCuda())  # off by default
     monkeypatch.setenv(kernels.ENV_CONV, "1")
-    assert kernels.uses_causal_conv(Cuda()) and not kernels.uses_causal_conv(torch.zeros(2, dtype=torch.bfloat16))
-    Cuda.dtype = torch.float32
-    assert not kernels.uses_causal_conv(Cuda())
-    Cuda.dtype = torch.float16
-    monkeypatch.setenv(kernels.ENV_DISABLE, "1")
-    assert not kernels.uses_causal_conv(Cuda())
-    monkeypatch.delenv(kernels.ENV_DISABLE)
-    monkeypatch.setattr(kernels, "_load_conv", lambda: (None, "ImportError: no causal_conv1d"))
-    assert not kernels.uses_causal_conv(Cuda())
+    check_cuda_half_only(monkeypatch, kernels.uses_causal_conv, "_load_conv")
     with pytest.raises(RuntimeError, match="not available"):
         kernels.causal_conv(torch.zeros(1, 2, 3), torch.zeros(2, 4), None)
 
@@ -329,22 +338,11 @@ def test_state_step_dispatch(monkeypatch):
     kernels.state_step(x, dt, A, B, C, state, fallback=lambda *a: seen.append(a) or a[0].float())
     assert len(seen) == 1 and not fake.calls
 
-    class Cuda:
-        is_cuda, dtype = True, torch.bfloat16
-
-    assert kernels.uses_triton_step(Cuda())  # on by default
+    assert kernels.uses_triton_step(FakeCuda())  # on by default
     monkeypatch.setenv(kernels.ENV_STEP, "0")  # switched off alone
-    assert not kernels.uses_triton_step(Cuda())
+    assert not kernels.uses_triton_step(FakeCuda())
     monkeypatch.setenv(kernels.ENV_STEP, "1")
-    assert kernels.uses_triton_step(Cuda())
-    Cuda.dtype = torch.float32
-    assert not kernels.uses_triton_step(Cuda())
-    Cuda.dtype = torch.float16
-    monkeypatch.setenv(kernels.ENV_DISABLE, "1")
-    assert not kernels.uses_triton_step(Cuda())
-    monkeypatch.delenv(kernels.ENV_DISABLE)
-    monkeypatch.setattr(kernels, "_load_update", lambda: (None, "ImportError: no mamba_ssm"))
-    assert not kernels.uses_triton_step(Cuda())
+    check_cuda_half_only(monkeypatch, kernels.uses_triton_step, "_load_update")
     with pytest.raises(RuntimeError, match="not available"):
         kernels.triton_state_update(*step_inputs())
 
