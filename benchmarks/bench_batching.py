@@ -14,10 +14,11 @@ The scheduler's counters split each batched run into admission (prefill forwards
 first token) and decode steps, the device synchronised at each phase's end (for these runs only):
 decode tok/s = tokens the decode steps wrote (B x (new tokens - 1)) / seconds in decode steps, what
 the batched step itself achieves, also given relative to the full budget's at the same B. At B = 1,
-the decode step against the memory-bandwidth bound: bytes of the budget's active weights
-(common.active_params: all but the embedding table and the unchosen experts) read once per step /
-seconds per step, as a share of --hbm-gbs (default 4800 GB/s, an H200's HBM, on a GPU; on a CPU only
-when given).
+the decode step against the memory-bandwidth bound, at every batch size B: bytes of the weights a step
+reads (common.step_weight_bytes: all but the embedding table, and of the routed experts the share that B
+tokens reach, k / E at B = 1) / seconds per step, as a share of --hbm-gbs (default 4800 GB/s, an H200's
+HBM, on a GPU; on a CPU only when given). The ratio of a budget's bytes to the full budget's at the same B
+is the most a bandwidth-bound step could gain from the budget (printed beside the measured ratio).
 
     python benchmarks/bench_batching.py --smoke
     python benchmarks/bench_batching.py --model tiny --out docs/results/batching_cpu_tiny.json
@@ -38,9 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from bench_serve import build_checkpoint  # noqa: E402
+from bench_serve import budget_specs, build_checkpoint, parent_config  # noqa: E402
 from star_elastic.elastic.checkpoint import load_elastic  # noqa: E402
 from star_elastic.generate import generate  # noqa: E402
+from star_elastic.model import Model  # noqa: E402
 from star_elastic.serve.batching import BatchedEngine  # noqa: E402
 
 
@@ -129,6 +131,24 @@ def profile_paths(engine: BatchedEngine, budget: str, prompt: torch.Tensor, new_
     return out
 
 
+def bytes_table(kind: str, budgets: list[str], sizes: list[int]) -> dict:
+    """The weights a decode step of each budget reads at each batch size, in bf16 (common.step_weight_bytes), on
+    the meta device, and their ratio to the full budget's: no model built."""
+    cfg = parent_config(kind)
+    parsed, specs = budget_specs(cfg, budgets)
+    out = {}
+    print(f"weights a decode step reads ({kind}, bf16), x the full budget's at the same B:")
+    print(f"{'budget':>7} " + " ".join(f"{f'B = {n}':>18}" for n in sizes))
+    for b, spec in zip(parsed, specs):
+        with torch.device("meta"):
+            model = Model(spec.config(cfg)).to(torch.bfloat16)
+        out[b.name] = {n: common.step_weight_bytes(model.config, model, n) for n in sizes}
+    for name, row in out.items():
+        first = next(iter(out.values()))
+        print(f"{name:>7} " + " ".join(f"{row[n] / 1e9:9.3f} GB {first[n] / row[n]:5.2f}x" for n in sizes))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", help="an elastic checkpoint (default: build one, untrained)")
@@ -159,8 +179,13 @@ def main():
     ap.add_argument("--profile", action="store_true",
                     help="also profile batch 1 of the first budget, the engine's step against generate's: kernels, "
                          "launches and the device's busy share a token")
+    ap.add_argument("--bytes-only", action="store_true",
+                    help="only the weights a decode step reads per budget and batch size (bf16, on the meta device: "
+                         "no model built, no GPU), and the most a bandwidth-bound step gains per budget")
     ap.add_argument("--out", help="JSON results file")
     args = ap.parse_args()
+    if args.bytes_only:
+        return bytes_table(args.model, args.budgets.split(","), [int(b) for b in args.batch_sizes.split(",")])
     if args.smoke:
         args.model, args.batch_sizes, args.prompt_len, args.new_tokens, args.reps = "tiny", "1,4", 8, 8, 1
         args.sequential_requests = 2
@@ -212,16 +237,17 @@ def main():
         seq_tok_s = len(work) * args.new_tokens / statistics.median(t for t, _ in seq)
         seq_tokens = seq[0][1]
         view = engine(1).view(b)
-        active_bytes = common.active_params(view.config, view) * view.lm_head.weight.element_size()
+        active_bytes = common.step_weight_bytes(view.config, view, 1)
         for n in sizes:
             tok_s = n * args.new_tokens / statistics.median(t for t, _, _ in runs[n])
             k = min(n, len(seq_tokens))
             equal = runs[n][0][1][:k] == seq_tokens[:k]
             row = {"budget": b, "batch": n, "batched_tok_s": tok_s, "sequential_tok_s": seq_tok_s,
                    "speedup": tok_s / seq_tok_s, "greedy_equal": equal,
-                   "max_batch": engines[n].scheduler.max_batch, **phases(runs[n]), "active_weight_bytes": active_bytes}
-            if n == 1 and row["step_s"]:  # one token a step: the active weights are read once per token
-                row["decode_gbs"] = active_bytes / row["step_s"] / 1e9
+                   "max_batch": engines[n].scheduler.max_batch, **phases(runs[n]), "active_weight_bytes": active_bytes,
+                   "step_weight_bytes": common.step_weight_bytes(view.config, view, n)}
+            if row["step_s"]:  # each weight a step reads, read once
+                row["decode_gbs"] = row["step_weight_bytes"] / row["step_s"] / 1e9
                 row["hbm_fraction"] = row["decode_gbs"] / hbm_gbs if hbm_gbs else None
             rows.append(row)
             print(f"  budget {b:>6} batch {n:>3}: batched {tok_s:9.1f} tok/s  sequential {seq_tok_s:9.1f} tok/s  "
@@ -257,6 +283,20 @@ def main():
         for n in sizes:
             r = next(x for x in rows if x["budget"] == b and x["batch"] == n)
             cells.append(f"{fmt(r['decode_tok_s'], '9.1f')} ({fmt(r['decode_vs_full'], '5.2f')}x)")
+        print(f"{b:>7} " + " ".join(f"{c:>22}" for c in cells))
+    print("weights a decode step reads, x the full budget's at the same B (the most a bandwidth-bound step gains), "
+          "and the step's share of the bandwidth bound:")
+    print(f"{'budget':>7} " + " ".join(f"{f'B = {n}':>22}" for n in sizes))
+    for b in names:
+        cells = []
+        for n in sizes:
+            r = next(x for x in rows if x["budget"] == b and x["batch"] == n)
+            full = next(x for x in rows if x["budget"] == names[0] and x["batch"] == n)
+            r["bytes_vs_full"] = full["step_weight_bytes"] / r["step_weight_bytes"]
+            share = "" if r.get("hbm_fraction") is None else f", {r['hbm_fraction']:.0%}"
+            size = r["step_weight_bytes"]
+            size = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+            cells.append(f"{size} {r['bytes_vs_full']:.2f}x{share}")
         print(f"{b:>7} " + " ".join(f"{c:>22}" for c in cells))
     print("share of the batched time in admission (prefill forwards and first tokens):")
     print(f"{'budget':>7} " + " ".join(f"{f'B = {n}':>22}" for n in sizes))

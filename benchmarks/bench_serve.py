@@ -68,6 +68,21 @@ TINY = dict(vocab_size=512, hidden_size=128, layer_types="M*EM-*", num_attention
             moe_shared_expert_intermediate_size=128, max_position_embeddings=1024)
 
 
+def parent_config(kind: str) -> ModelConfig:
+    """The config of the parent `build_checkpoint` makes for `kind` (smollm2: its shapes)."""
+    if kind == "smollm2":
+        return common.smollm2_config()
+    return common.nano_config("M*EM") if kind == "nano" else ModelConfig(**{"hybrid": HYBRID}.get(kind, TINY))
+
+
+def budget_specs(cfg: ModelConfig, budgets: list[str]) -> tuple[list, list]:
+    """(parsed budgets, the zero-shot search's homogeneous architecture for each): what the untrained
+    checkpoints of these benchmarks serve."""
+    parsed = [parse_budget(b, cfg) for b in budgets]
+    axes = [a for a in DEFAULT_AXES if a in applicable_axes(cfg)]
+    return parsed, [choose_spec(cfg, int(b.target), axes) for b in parsed]
+
+
 def build_checkpoint(kind: str, budgets: list[str], out: Path) -> Path:
     """An untrained elastic checkpoint: the parent plus the zero-shot search's homogeneous architecture per budget."""
     tokenizer = None
@@ -80,14 +95,12 @@ def build_checkpoint(kind: str, budgets: list[str], out: Path) -> Path:
     else:
         torch.manual_seed(0)
         # nano: Nemotron 3 Nano's widths with 4 layers (2.1B parameters), the shapes issue 12's targets are set at
-        model = Model(common.nano_config("M*EM") if kind == "nano" else ModelConfig(**{"hybrid": HYBRID}.get(kind, TINY)))
+        model = Model(parent_config(kind))
         for p in model.parameters():  # O(1) activations everywhere, like a trained model's
             if p.dim() >= 2:
                 torch.nn.init.normal_(p, std=p.shape[-1] ** -0.5)
     cfg = model.config
-    parsed = [parse_budget(b, cfg) for b in budgets]
-    axes = [a for a in DEFAULT_AXES if a in applicable_axes(cfg)]
-    specs = [choose_spec(cfg, int(b.target), axes) for b in parsed]
+    parsed, specs = budget_specs(cfg, budgets)
     router = Router(cfg, parsed)
     router.spec = lambda i: specs[i]  # the searched architectures stand in for a trained router's argmax
     return save_elastic(model, router, parsed, out, tokenizer=tokenizer)

@@ -50,6 +50,25 @@ def active_params(cfg: ModelConfig, model: Model) -> float:
     return total - embed - routed * (1 - cfg.num_experts_per_tok / max(1, cfg.n_routed_experts))
 
 
+def step_weight_bytes(cfg: ModelConfig, model: Model, batch: int = 1) -> float:
+    """Bytes of weights one decode step over `batch` sequences reads, each weight once: every parameter but the
+    embedding table (a lookup; tied, it is the LM head, read once), and of each MoE layer's E routed experts the
+    share that `batch` tokens choosing top-k reach, 1 - (1 - k / E) ** batch if routing is uniform (k / E at
+    batch 1, as `active_params` counts). E is read from each layer's expert tensors, so a budget's view counts
+    the experts it keeps. The memory-bandwidth bound of a decode step is this over the HBM bandwidth."""
+    from star_elastic.model import Experts
+
+    total = sum(p.numel() for p in model.parameters())
+    embed = 0 if cfg.tied else model.embed.weight.numel()
+    routed = read = 0.0
+    for m in model.modules():
+        if isinstance(m, Experts):
+            n, e = m.up_proj.numel() + m.down_proj.numel(), m.up_proj.shape[0]
+            routed += n
+            read += n * (1 - (1 - min(cfg.num_experts_per_tok, e) / e) ** batch)
+    return (total - embed - routed + read) * model.lm_head.weight.element_size()
+
+
 def setup(device: str | None, seed: int = 0, deterministic: bool = True) -> torch.device:
     """The device asked for (default: CUDA when there is one), seeded; on a GPU deterministic
     algorithms are requested (warn-only) with the cuBLAS workspace they need, unless `deterministic`

@@ -20,3 +20,32 @@ def test_the_nano_parent_of_issue_14_has_nanos_size():
         model = Model(cfg)
     assert abs(sum(p.numel() for p in model.parameters()) / 1e9 - 31.58) < 0.01
     assert abs(active_params(cfg, model) / 1e9 - 3.23) < 0.01
+
+
+def test_a_decode_steps_weight_bytes_count_the_experts_its_batch_reaches():
+    """common.step_weight_bytes: at batch 1 the active weights (k of E experts, as active_params counts them);
+    at larger batches the share of the experts that B tokens reach, toward every weight but the embedding
+    table; E read from the layer's own tensors, so a budget with fewer experts reads a larger share of them."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+
+    from common import active_params, step_weight_bytes
+    from star_elastic.elastic.spec import ElasticSpec
+    from star_elastic.model import Model, ModelConfig
+
+    cfg = ModelConfig(vocab_size=100, hidden_size=16, layer_types="ME", mamba_num_heads=4, mamba_head_dim=4,
+                      ssm_state_size=4, n_groups=2, n_routed_experts=8, num_experts_per_tok=2,
+                      moe_intermediate_size=8, moe_shared_expert_intermediate_size=8)
+    model = Model(cfg)
+    elem = model.lm_head.weight.element_size()
+    routed = model.model.layers[1].mixer.experts
+    n_routed = routed.up_proj.numel() + routed.down_proj.numel()
+    everything = sum(p.numel() for p in model.parameters()) - model.embed.weight.numel()
+    assert step_weight_bytes(cfg, model, 1) == active_params(cfg, model) * elem
+    assert step_weight_bytes(cfg, model, 4) == (everything - n_routed * (1 - 2 / 8) ** 4) * elem
+    assert step_weight_bytes(cfg, model, 10_000) == everything * elem
+    small = Model(ElasticSpec(n_routed_experts=4).config(cfg))  # 4 experts kept: 2 of 4 read at batch 1
+    e = small.model.layers[1].mixer.experts
+    n_small = e.up_proj.numel() + e.down_proj.numel()
+    rest = sum(p.numel() for p in small.parameters()) - small.embed.weight.numel() - n_small
+    assert step_weight_bytes(small.config, small, 1) == (rest + n_small / 2) * elem
