@@ -154,7 +154,8 @@ def make_app(ckpt, a):
                                                                   ("bfloat16" if device.type == "cuda" else "float32")]
     if getattr(a, "fake_step_ms", None):
         fake_model_steps(a.fake_step_ms / 1e3)
-    engine = LoadEngine.of(ElasticEngine.load(ckpt, device=device, dtype=dtype), slots=a.slots)
+    engine = LoadEngine.of(ElasticEngine.load(ckpt, device=device, dtype=dtype), slots=a.slots,
+                           compile=getattr(a, "compile", None))
     engine.ignore_eos = not a.keep_eos
     engine.start_counting()
     app = create_app(engine)
@@ -228,6 +229,7 @@ class Server:
             cmd += ["--threads", str(args.threads)] if args.threads else []
             cmd += ["--keep-eos"] if args.keep_eos else []
             cmd += ["--fake-step-ms", str(args.fake_step_ms)] if args.fake_step_ms else []
+            cmd += ["--compile", args.compile] if args.compile else []
             self.log = open(log_path, "w")
             self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
             self.pid = self.proc.pid
@@ -563,6 +565,9 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, help="the server's torch CPU threads")
     ap.add_argument("--in-process", action="store_true", help="serve from a thread of this process (quicker to "
                     "start; the clients then share its GIL, and the RSS is theirs too)")
+    ap.add_argument("--compile", metavar="BACKEND",
+                    help="the server's batched decode step under torch.compile (e.g. inductor), as `star-elastic "
+                         "serve --compile on`")
     ap.add_argument("--fake-step-ms", type=float,
                     help="the server layer alone: every decode step and prefill a sleep of this many ms (the GIL "
                          "free, as a GPU's graph replay leaves it) that writes a fixed token, the model not run")
@@ -685,7 +690,7 @@ def main(argv=None):
            "model": args.ckpt or args.model, "budgets": budgets, "clients": args.clients,
            "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
            "non_stream_fraction": args.non_stream_fraction, "server_start_seconds": server.start_seconds,
-           "fake_step_ms": args.fake_step_ms,  # set: the model not run, each step a wait (the server layer alone)
+           "fake_step_ms": args.fake_step_ms, "compile": args.compile,  # set: the model not run, each step a wait (the server layer alone)
            "server_exit_code": code,
            "server": "in-process thread" if args.in_process else "child process", "warmup_failures": bad, "failures": failures,
            "gain": {b: (phases["concurrent"]["summary"][b]["tok_s"] / phases["sequential"]["summary"][b]["tok_s"]

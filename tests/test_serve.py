@@ -262,3 +262,19 @@ def test_a_stream_sends_what_is_queued_as_one_piece_and_cuts_at_a_stop_string():
     parts = asyncio.run(run([first, rest + [done]], ["quick"]))
     texts = [p for p in parts if isinstance(p, str)]
     assert "".join(texts) == UNICODE_TEXT[:stop_at] and parts[-1] == StreamEnd("done", "generation", True)
+
+
+@pytest.mark.parametrize("flag, backend", [([], None), (["--compile", "on"], "inductor"), (["--compile", "auto"], None)])
+def test_serve_command_compiles_the_decode_step_when_asked(tmp_path, monkeypatch, capsys, flag, backend):
+    """`star-elastic serve --compile on` hands the batched engine the inductor backend for its decode step; off by
+    default, and auto leaves it off on a CPU. The server itself is not started here."""
+    from star_elastic import cli
+    from star_elastic.serve import app
+
+    served = []
+    monkeypatch.setattr(app, "serve", lambda engine, host, port: served.append(engine))
+    ckpt = make_checkpoint(tmp_path / "ckpt", "nemotron_h", TEMPLATE)
+    assert cli.main(["serve", str(ckpt), "--device", "cpu", "--port", "0", *flag]) == 0
+    assert len(served) == 1 and served[0].scheduler.compile == backend
+    assert ("decode step compiled" in capsys.readouterr().out) == (backend is not None)
+    served[0].close()
