@@ -546,6 +546,40 @@ def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: in
     return out
 
 
+def part_kdcurve(device, tiny: bool, pattern: str, batch: int, seq: int, steps: int, have_triton: bool,
+                 compile_step: bool) -> dict:
+    """Issue 16's "no loss of accuracy" over training: the elastic step's distillation losses over `steps` steps from
+    one start, on the reference path (the einsum scan, the KD on whole-batch logits, eager) twice (its own
+    run-to-run noise) and on the fast default (the Triton scan where it imports, the fused KD, layers and loss
+    compiled where `compile_step`). Each run starts from copies of the same student, teacher and router, and
+    draws the same budgets. Reports every step's KD, the mean relative gap of each run to the reference over
+    the steps, and the last ten steps' mean KD."""
+    cfg = tiny_config(pattern) if tiny else nano_config(pattern)
+    model, teacher, budgets, rows = step_setup(cfg, device, batch, seq)
+    fast_name = ("triton" if have_triton else "einsum") + "_fused_kd" + ("_compiled" if compile_step else "")
+    variants = {"reference": (False, False, None), "reference_again": (False, False, None),
+                fast_name: (have_triton, True, "inductor" if compile_step else None)}
+    out = {"pattern": pattern, "batch": batch, "seq": seq, "steps": steps, "variants": {}}
+    print(f"\n  KD over {steps} steps: layers {pattern}, batch {batch} x {seq}; " + ", ".join(variants))
+    for name, (triton_on, fused, backend) in variants.items():
+        torch.manual_seed(1)  # the router's start
+        with triton_switch(triton_on), fused_kd(on=fused):
+            logs, _ = _train(copy.deepcopy(model), copy.deepcopy(teacher), cfg, budgets, rows, batch, seq, steps,
+                             device, backend)
+        out["variants"][name] = {"kd": [log.get("kd") for log in logs], "budgets": [log["budget"] for log in logs]}
+        free(device)
+    ref = out["variants"]["reference"]
+    for name, r in out["variants"].items():
+        pairs = [(a, b) for a, b in zip(r["kd"], ref["kd"]) if a is not None and b is not None and b]
+        last = [k for k in r["kd"][-10:] if k is not None]
+        r["same_budgets"] = r["budgets"] == ref["budgets"]
+        r["mean_rel_gap_to_reference"] = sum(abs(a - b) / abs(b) for a, b in pairs) / max(1, len(pairs))
+        r["last10_mean_kd"] = sum(last) / max(1, len(last))
+        print(f"  {name:28s} mean |KD - reference| / reference over the steps {r['mean_rel_gap_to_reference']:.2e}; "
+              f"last ten steps' mean KD {r['last10_mean_kd']:.4f}; the same budgets drawn: {r['same_budgets']}")
+    return out
+
+
 # kernel and operator names -> what they do in the step (the first pattern that matches wins)
 PROFILE_CATEGORIES = [
     ("optimizer (AdamW)", ("optimizer", "adam", "multi_tensor", "foreach")),
@@ -672,7 +706,8 @@ def main():
     ap.add_argument("--parts", default="scan,kd,train,check",
                     help="comma-separated, run in this order: scan, kd, train, check (check last: by then the "
                          "kernel's autotuning for Nano's shapes is done); profile: where a training step's time "
-                         "goes (torch.profiler, by kernel and category)")
+                         "goes (torch.profiler, by kernel and category); kdcurve: the step's KD losses over "
+                         "--kd-steps steps, the fast path against the reference (batch 1)")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                     help="the torch.compile'd einsum scan and training step (auto: on a GPU only)")
     ap.add_argument("--iters", type=int, default=10, help="timed calls per kernel measurement (median)")
@@ -685,6 +720,7 @@ def main():
     ap.add_argument("--steps", type=int, default=6, help="training steps per variant (the first two not timed)")
     ap.add_argument("--check-odd", action="store_true",
                     help="also check a budget view's scan shapes (each shape key costs a fresh Triton autotune)")
+    ap.add_argument("--kd-steps", type=int, default=50, help="--parts kdcurve: training steps per run")
     ap.add_argument("--fsdp1", action="store_true",
                     help="--parts train: also the step sharded by FSDP2 over this one process (measured slower)")
     ap.add_argument("--device")
@@ -696,9 +732,10 @@ def main():
         args.batch, args.seq, args.steps, args.iters = 2, 64, 3, min(args.iters, 3)
     compile_ = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     parts = args.parts.split(",")
-    unknown = set(parts) - {"check", "scan", "kd", "train", "profile"}
+    known = ("check", "scan", "kd", "train", "profile", "kdcurve")
+    unknown = set(parts) - set(known)
     if unknown:
-        raise SystemExit(f"unknown part(s) {sorted(unknown)}: check, scan, kd, train, profile")
+        raise SystemExit(f"unknown part(s) {sorted(unknown)}: {', '.join(known)}")
     have_triton = device.type == "cuda" and kernels.kernel() is not None
     why_not = None if have_triton else ("no CUDA device" if device.type != "cuda" else kernels.unavailable_reason())
     stand_in = not have_triton and args.tiny and device.type == "cpu"
@@ -722,6 +759,8 @@ def main():
         "kd": lambda: part_kd(device, args.tiny, args.iters),
         "train": lambda: part_train(device, args.tiny, args.pattern, args.batch, args.seq, args.steps, fast,
                                     compile_, args.fsdp1),
+        "kdcurve": lambda: part_kdcurve(device, args.tiny, args.pattern, 1, min(args.seq, 2048), args.kd_steps, fast,
+                                        compile_),
         "profile": lambda: part_profile(device, args.tiny, args.pattern, *(
             (16, 512) if args.profile_model == "smollm2" and not args.tiny else (args.batch, args.seq)), fast,
             model_name=args.profile_model, compile_backend="inductor" if compile_ else None),

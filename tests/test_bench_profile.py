@@ -121,3 +121,20 @@ def test_the_one_rank_fsdp_variant_trains_what_the_plain_step_trains(monkeypatch
     assert [lg["budget"] for lg in runs["fsdp"]] == [lg["budget"] for lg in runs["none"]]
     kd = {k: [lg["kd"] for lg in v if "kd" in lg] for k, v in runs.items()}
     assert len(kd["none"]) >= 3 and kd["fsdp"] == pytest.approx(kd["none"], rel=1e-4, abs=1e-6)
+
+
+def test_the_kd_curve_part_trains_each_path_from_one_start():
+    """bench_kernels.py --parts kdcurve: the reference path twice and the fast default from copies of one start
+    draw the same budgets; on the CPU (fp32, deterministic) the reference repeats itself exactly and the fused KD
+    follows it to rounding over the steps."""
+    import torch
+
+    from bench_kernels import part_kdcurve
+
+    out = part_kdcurve(torch.device("cpu"), True, "MEM*EM", 1, 64, 6, have_triton=False, compile_step=False)
+    runs = out["variants"]
+    assert set(runs) == {"reference", "reference_again", "einsum_fused_kd"}
+    assert all(r["same_budgets"] and len(r["kd"]) == 6 for r in runs.values())
+    assert runs["reference_again"]["kd"] == runs["reference"]["kd"]
+    assert runs["einsum_fused_kd"]["mean_rel_gap_to_reference"] < 1e-5
+    assert len(set(runs["reference"]["kd"])) > 1  # the losses moved: the runs trained
