@@ -96,3 +96,9 @@ def test_the_tiny_parent_example_takes_flags_and_refuses_bad_layers(tmp_path):
     r = run(str(tmp_path / "bad"), "--layers", "MXZ")
     assert r.returncode == 2 and "one character a layer" in r.stderr.splitlines()[-1] and "Traceback" not in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+    # the lm-eval task's builder took its first argument as a number: --help was a ValueError traceback
+    builder = script.parent / "lm_eval" / "make_wiki_next_sentence.py"
+    r = subprocess.run([sys.executable, str(builder), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--items" in r.stdout
+    r = subprocess.run([sys.executable, str(builder), "--items", "0"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--items must be at least 1" in r.stderr and "Traceback" not in r.stderr

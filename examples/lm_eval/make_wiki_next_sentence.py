@@ -4,12 +4,13 @@ sentence; the answer is its true second sentence, the distractors are second sen
 other held-out articles.
 
     python examples/lm_eval/make_wiki_next_sentence.py            # writes the JSONL beside this file
+    python examples/lm_eval/make_wiki_next_sentence.py --items 500
 """
 
+import argparse
 import json
 import random
 import re
-import sys
 from pathlib import Path
 
 from star_elastic.assets import resolve_text
@@ -39,4 +40,10 @@ def main(n: int = 100, seed: int = 0):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 100)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--items", type=int, default=100, help="multiple-choice items to write (default 100)")
+    ap.add_argument("--seed", type=int, default=0, help="which articles and distractors")
+    args = ap.parse_args()
+    if args.items < 1:
+        ap.error(f"--items must be at least 1, got {args.items}")
+    main(args.items, args.seed)
