@@ -27,8 +27,6 @@ def test_a_decode_steps_weight_bytes_count_the_experts_its_batch_reaches():
     at larger batches the share of the experts that B tokens reach, toward every weight but the embedding
     table; E read from the layer's own tensors, so a budget with fewer experts reads a larger share of them."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    import torch
-
     from common import active_params, step_weight_bytes
     from star_elastic.elastic.spec import ElasticSpec
     from star_elastic.model import Model, ModelConfig
