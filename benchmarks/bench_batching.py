@@ -275,38 +275,30 @@ def main():
                   f"{m['sequential_tok_s']:9.1f} tok/s  {m['speedup']:5.2f}x; prefill {m['prefill_s'] * 1e3:8.1f} ms "
                   f"({m['prefill_forwards']} fwd), decode {m['decode_s'] * 1e3:8.1f} ms: decode "
                   f"{fmt(m['decode_tok_s'], '9.1f')} tok/s (every budget's steps together)", flush=True)
-    print(f"\ndecode steps alone (tok/s written by decode steps / seconds in them), x the full budget {names[0]} "
-          "at the same B:")
-    print(f"{'budget':>7} " + " ".join(f"{f'B = {n}':>22}" for n in sizes))
-    for b in names:
-        cells = []
-        for n in sizes:
-            r = next(x for x in rows if x["budget"] == b and x["batch"] == n)
-            cells.append(f"{fmt(r['decode_tok_s'], '9.1f')} ({fmt(r['decode_vs_full'], '5.2f')}x)")
-        print(f"{b:>7} " + " ".join(f"{c:>22}" for c in cells))
-    print("weights a decode step reads, x the full budget's at the same B (the most a bandwidth-bound step gains), "
-          "and the step's share of the bandwidth bound:")
-    print(f"{'budget':>7} " + " ".join(f"{f'B = {n}':>22}" for n in sizes))
-    for b in names:
-        cells = []
-        for n in sizes:
-            r = next(x for x in rows if x["budget"] == b and x["batch"] == n)
-            full = next(x for x in rows if x["budget"] == names[0] and x["batch"] == n)
-            r["bytes_vs_full"] = full["step_weight_bytes"] / r["step_weight_bytes"]
-            share = "" if r.get("hbm_fraction") is None else f", {r['hbm_fraction']:.0%}"
-            size = r["step_weight_bytes"]
-            size = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
-            cells.append(f"{size} {r['bytes_vs_full']:.2f}x{share}")
-        print(f"{b:>7} " + " ".join(f"{c:>22}" for c in cells))
-    print("share of the batched time in admission (prefill forwards and first tokens):")
-    print(f"{'budget':>7} " + " ".join(f"{f'B = {n}':>22}" for n in sizes))
-    for b in names:
-        cells = []
-        for n in sizes:
-            r = next(x for x in rows if x["budget"] == b and x["batch"] == n)
-            r["prefill_share"] = r["prefill_s"] / (r["prefill_s"] + r["decode_s"])
-            cells.append(f"{r['prefill_share']:.0%}")
-        print(f"{b:>7} " + " ".join(f"{c:>22}" for c in cells))
+    def grid(title: str, cell):
+        """A table of budgets x batch sizes: cell(row, the full budget's row at the same B) in each."""
+        print(title)
+        print(f"{'budget':>7} " + " ".join(f"{f'B = {n}':>22}" for n in sizes))
+        for b in names:
+            cells = [cell(next(x for x in rows if x["budget"] == b and x["batch"] == n),
+                          next(x for x in rows if x["budget"] == names[0] and x["batch"] == n)) for n in sizes]
+            print(f"{b:>7} " + " ".join(f"{c:>22}" for c in cells))
+
+    def weights(r, full):
+        r["bytes_vs_full"] = full["step_weight_bytes"] / r["step_weight_bytes"]
+        size = r["step_weight_bytes"]
+        size = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+        return f"{size} {r['bytes_vs_full']:.2f}x" + ("" if r.get("hbm_fraction") is None else f", {r['hbm_fraction']:.0%}")
+
+    def admission(r, full):
+        r["prefill_share"] = r["prefill_s"] / (r["prefill_s"] + r["decode_s"])
+        return f"{r['prefill_share']:.0%}"
+
+    grid(f"\ndecode steps alone (tok/s written by decode steps / seconds in them), x the full budget {names[0]} at "
+         "the same B:", lambda r, full: f"{fmt(r['decode_tok_s'], '9.1f')} ({fmt(r['decode_vs_full'], '5.2f')}x)")
+    grid("weights a decode step reads, x the full budget's at the same B (the most a bandwidth-bound step gains), "
+         "and the step's share of the bandwidth bound:", weights)
+    grid("share of the batched time in admission (prefill forwards and first tokens):", admission)
     for r in rows:
         if r["batch"] == 1 and r.get("decode_gbs") is not None:
             share = "" if r["hbm_fraction"] is None else f", {r['hbm_fraction']:.1%} of {hbm_gbs:.0f} GB/s"
