@@ -147,19 +147,18 @@ def test_triton_adapter_passes_ssd_scan_arguments(with_state):
     assert torch.allclose(y, ref_y.to(torch.bfloat16).float()) and torch.allclose(final, ref_final)
 
 
-def test_model_scans_go_through_the_dispatch_masked_or_not_cached_or_not(stand_in, monkeypatch):
-    """With the dispatch forced to the 'kernel' (the stand-in computes what ssd_scan does), every
-    Mamba layer's scan reaches it: plain, under masks (applied outside the scan, on its outputs)
-    and at prefill with a cache (initial state in, final state out); logits and gradients equal
-    the einsum path's, and masks change the output the same way on both paths."""
+def model_paths(monkeypatch, dispatch: str, calls: list):
+    """A small hybrid model run with kernels.<dispatch> forced on, then off: for each, (logits, gradients of a
+    loss on them, logits under masks, the logits of a second prefill continued from a cache, the kernel calls
+    recorded in `calls` meanwhile)."""
     torch.manual_seed(0)
     model = Model(CFG)
     x = torch.randint(0, CFG.vocab_size, (2, 11))
     spec = ElasticSpec(mamba_num_heads=2, mamba_head_dim=4, hidden_size=24)
 
     def run(forced: bool):
-        monkeypatch.setattr(kernels, "uses_triton", lambda t: forced)
-        stand_in.calls.clear()
+        monkeypatch.setattr(kernels, dispatch, lambda t: forced)
+        calls.clear()
         model.zero_grad()
         full = model(x)
         full.square().mean().backward()
@@ -170,15 +169,27 @@ def test_model_scans_go_through_the_dispatch_masked_or_not_cached_or_not(stand_i
         with torch.no_grad():
             model(x[:, :7], cache=cache, pos=torch.arange(7))
             step = model(x[:, 7:9], cache=cache, pos=torch.arange(7, 9))  # a second prefill, from the state
-        return full, grads, part, step, len(stand_in.calls)
+        return full, grads, part, step, list(calls)
 
-    fast, slow = run(True), run(False)
-    n_mamba = CFG.layer_types.count("M")
-    assert fast[4] == 4 * n_mamba and slow[4] == 0  # forward, masked, two prefills
+    return run(True), run(False)
+
+
+def assert_same_paths(fast, slow):
     assert torch.allclose(fast[0], slow[0], atol=1e-5) and torch.allclose(fast[2], slow[2], atol=1e-5)
     assert not torch.allclose(fast[0], fast[2], atol=1e-3)  # the masks did something
     assert torch.allclose(fast[3], slow[3], atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast[1], slow[1]))
+
+
+def test_model_scans_go_through_the_dispatch_masked_or_not_cached_or_not(stand_in, monkeypatch):
+    """With the dispatch forced to the 'kernel' (the stand-in computes what ssd_scan does), every
+    Mamba layer's scan reaches it: plain, under masks (applied outside the scan, on its outputs)
+    and at prefill with a cache (initial state in, final state out); logits and gradients equal
+    the einsum path's, and masks change the output the same way on both paths."""
+    fast, slow = model_paths(monkeypatch, "uses_triton", stand_in.calls)
+    n_mamba = CFG.layer_types.count("M")
+    assert len(fast[4]) == 4 * n_mamba and not slow[4]  # forward, masked, two prefills
+    assert_same_paths(fast, slow)
 
 
 class FakeCuda:
@@ -236,33 +247,14 @@ def test_model_conv_through_the_kernel_equals_the_pytorch_conv(monkeypatch):
     (a stand-in, forced on here) with the weight as (channels, k) in the input's dtype and SiLU inside: logits
     and gradients equal the PyTorch conv's, masked or not; with a cache the PyTorch path runs (it keeps the
     conv state)."""
-    torch.manual_seed(0)
-    model = Model(CFG)
-    x = torch.randint(0, CFG.vocab_size, (2, 11))
-    spec = ElasticSpec(mamba_num_heads=2, mamba_head_dim=4, hidden_size=24)
     fake = StandInConv()
     monkeypatch.setattr(kernels, "_load_conv", lambda: (fake, None))
-
-    def run(forced: bool):
-        monkeypatch.setattr(kernels, "uses_causal_conv", lambda t: forced)
-        fake.calls.clear()
-        model.zero_grad()
-        full = model(x)
-        full.square().mean().backward()
-        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-        with masked(model, spec.masks(CFG)):
-            part = model(x)
-        with torch.no_grad():
-            model(x[:, :7], cache=model.make_cache(2, 16), pos=torch.arange(7))
-        return full, grads, part, list(fake.calls)
-
-    fast, slow = run(True), run(False)
+    fast, slow = model_paths(monkeypatch, "uses_causal_conv", fake.calls)
     n_mamba = CFG.layer_types.count("M")
-    assert len(fast[3]) == 2 * n_mamba and not slow[3]  # plain and masked; the cached prefill keeps PyTorch's conv
-    call = fast[3][0]
+    assert len(fast[4]) == 2 * n_mamba and not slow[4]  # plain and masked; the cached prefills keep PyTorch's conv
+    call = fast[4][0]
     assert call["activation"] == "silu" and call["weight"].dim() == 2 and call["weight"].dtype == call["x"].dtype
-    assert torch.allclose(fast[0], slow[0], atol=1e-5) and torch.allclose(fast[2], slow[2], atol=1e-5)
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast[1], slow[1]))
+    assert_same_paths(fast, slow)
 
 
 # ----------------------------------------------------------------------------- chunked distillation
