@@ -1,4 +1,6 @@
-"""Optional fast paths on CUDA: the Mamba-2 chunked scan on `mamba_ssm`'s Triton kernel.
+"""Optional fast paths on CUDA for Mamba-2: the chunked scan and the one-token state update on `mamba_ssm`'s
+Triton kernels (on by default), the causal conv on `causal_conv1d`'s CUDA kernel (opt-in). Each falls back
+to the model's PyTorch code, which stays the CPU path and the tests' reference.
 
 `chunk_scan` is what `model.Mamba2` calls instead of the einsum scan (`model.ssd_scan`), with the
 same arguments and the same result: y without the D skip, and the final state. It runs
