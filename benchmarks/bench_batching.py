@@ -143,9 +143,9 @@ def bytes_table(kind: str, budgets: list[str], sizes: list[int]) -> dict:
         with torch.device("meta"):
             model = Model(spec.config(cfg)).to(torch.bfloat16)
         out[b.name] = {n: common.step_weight_bytes(model.config, model, n) for n in sizes}
+    full = next(iter(out.values()))  # budgets come largest first: the full budget's row
     for name, row in out.items():
-        first = next(iter(out.values()))
-        print(f"{name:>7} " + " ".join(f"{row[n] / 1e9:9.3f} GB {first[n] / row[n]:5.2f}x" for n in sizes))
+        print(f"{name:>7} " + " ".join(f"{row[n] / 1e9:9.3f} GB {full[n] / row[n]:5.2f}x" for n in sizes))
     return out
 
 

@@ -59,7 +59,6 @@ import datetime
 import functools
 import gc
 import math
-import os
 import sys
 import tempfile
 import time
@@ -134,21 +133,9 @@ def free(device):
         torch.cuda.empty_cache()
 
 
-@contextmanager
 def triton_switch(on: bool):
     """The Triton scan on or off for the block (kernels.py reads the environment at every call)."""
-    names = (kernels.ENV_DISABLE, kernels.ENV_ENABLE)
-    old = {k: os.environ.get(k) for k in names}
-    os.environ[kernels.ENV_ENABLE] = "1" if on else "0"
-    os.environ[kernels.ENV_DISABLE] = "0" if on else "1"
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return common.environment({kernels.ENV_ENABLE: "1" if on else "0", kernels.ENV_DISABLE: "0" if on else "1"})
 
 
 def scan_inputs(b, t, h, p, g, n, device, dtype=torch.bfloat16, seed=0):

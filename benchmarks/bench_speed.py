@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -88,21 +86,11 @@ def watch_fallbacks() -> list[str]:
     return seen
 
 
-@contextmanager
 def causal_conv_on(on: bool = True):
     """Our Mamba conv on causal_conv1d's kernel inside the block (kernels.ENV_CONV, read at each call)."""
     from star_elastic import kernels
 
-    before = os.environ.get(kernels.ENV_CONV)
-    if on:
-        os.environ[kernels.ENV_CONV] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(kernels.ENV_CONV, None)
-        else:
-            os.environ[kernels.ENV_CONV] = before
+    return common.environment({kernels.ENV_CONV: "1"} if on else {})
 
 
 def logits_of(model, x, hf: bool):

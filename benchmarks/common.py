@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -67,6 +68,22 @@ def step_weight_bytes(cfg: ModelConfig, model: Model, batch: int = 1) -> float:
             routed += n
             read += n * (1 - (1 - min(cfg.num_experts_per_tok, e) / e) ** batch)
     return (total - embed - routed + read) * model.lm_head.weight.element_size()
+
+
+@contextmanager
+def environment(values: dict[str, str]):
+    """The environment variables `values` set for the block, then put back as they were (star_elastic's kernel
+    switches are read from the environment at each call)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def setup(device: str | None, seed: int = 0, deterministic: bool = True) -> torch.device:

@@ -1195,7 +1195,6 @@ def check_config(cfg: TrainConfig, budgets: list[Budget], sharded: bool, anchor_
     given the budgets, whether the model is sharded and whether the full anchor has text of its own."""
     n, full = len(budgets), next((i for i, b in enumerate(budgets) if b.is_full), None)
     stage2 = stage2_weights(cfg, n)
-    kd_weights = cfg.budget_kd_weights or [1.0] * n
     if anchor_text and not cfg.full_anchor:
         raise StarElasticError("anchor text is what the full anchor distils on: it needs full_anchor > 0")
     if not 0 < cfg.anchor_mix <= 1:
@@ -1222,8 +1221,8 @@ def check_config(cfg: TrainConfig, budgets: list[Budget], sharded: bool, anchor_
         raise StarElasticError(f"stage-2 weights {stage2} do not match {n} budgets")
     if any(w < 0 for w in stage2) or sum(stage2) <= 0:
         raise StarElasticError(f"stage-2 weights {stage2} must be non-negative and not all 0")
-    if len(kd_weights) != n:
-        raise StarElasticError(f"per-budget KD weights {kd_weights} do not match {n} budgets")
+    if cfg.budget_kd_weights and len(cfg.budget_kd_weights) != n:
+        raise StarElasticError(f"per-budget KD weights {cfg.budget_kd_weights} do not match {n} budgets")
     if not 0 <= cfg.stage1_fraction <= 1:
         raise StarElasticError(f"stage-1 fraction must be in [0, 1], got {cfg.stage1_fraction}")
     if cfg.full_anchor < 0:
