@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--router-lr", type=float, default=1e-2)
     sp.add_argument("--stage1-fraction", type=float, default=0.5,
                     help="share of the steps with budgets sampled uniformly (stage 1)")
-    sp.add_argument("--stage2-weights", help="budget probabilities in stage 2, largest budget first (default: "
+    sp.add_argument("--stage2-weights", help="budget probabilities in stage 2, in --budgets order as --kd-weights (default: "
                                              "the smaller budgets equally with the full anchor; without it "
                                              "0.5,0.3,0.2 for three budgets, toward the full model)")
     sp.add_argument("--stage2-seq-len", type=int,

@@ -19,7 +19,7 @@ from .data import TokenBatches, load_corpus_tokens, pack, parse_mixture
 from .elastic.checkpoint import save_elastic
 from .elastic.cost import CostModel, parse_budget
 from .elastic.importance import estimate_importance, permuted_scores
-from .elastic.router import DEFAULT_AXES, ESTIMATORS, Router, RouterConfig, project_budgets
+from .elastic.router import DEFAULT_AXES, Router, RouterConfig, project_budgets
 from .elastic.masking import masked
 from .elastic.spec import ElasticSpec
 from .elastic.search import describe, nested_search, search_spec
@@ -33,8 +33,7 @@ from .generate import forget_decode_steps, generate, sample_rows
 from .runtime import chat_prefix, encode_prompt
 from .elastic.delta import held_values
 from .train_state import saved_anchor_rows
-from .train import (DELTA_OPTIONS, RESTORE_MODES, ElasticTrainer, TrainConfig, budget_mix_problem, delta_option_problem,
-                    hold_problem, keep_problem, world)
+from .train import RESTORE_MODES, ElasticTrainer, TrainConfig, check_config, keep_problem, world
 
 
 @dataclass
@@ -53,8 +52,9 @@ class ElastifyConfig:
     seed: int = 0
     # the curriculum (docs/METHOD.md §9): stage 1 uniform over budgets at seq_len, stage 2 weighted at stage2_seq_len
     stage1_fraction: float = 0.5
-    stage2_weights: list[float] | None = None  # default: the smaller budgets equally with the full anchor,
-    #                                            else the paper's 0.5 / 0.3 / 0.2 toward the full model
+    # in --budgets order; default: the smaller budgets equally with the full anchor, else the paper's 0.5 / 0.3 /
+    # 0.2 toward the full model
+    stage2_weights: list[float] | None = None
     stage2_seq_len: int | None = None
     kd_weights: list[float] | None = None  # per budget, in --budgets order
     budget_lrs: list[float] | None = None  # per budget, in --budgets order: own AdamW moments and rate each
@@ -313,19 +313,21 @@ def chat_transcripts(model, tokenizer, questions=CHAT_QUESTIONS, max_new_tokens:
 
 
 def train_config(cfg: ElastifyConfig, budgets: list, model_config, steps: int, anchor: float) -> TrainConfig:
-    """The trainer's settings from elastify's: values given one a budget in --budgets order put in the trainer's
-    order (largest first), the full anchor as `check_options` resolved it, the delta's restore only with a delta."""
+    """The trainer's settings from elastify's: values given one a budget in --budgets order (stage 2's weights, KD
+    weights, learning rates) put in the trainer's order (largest first), the full anchor as `check_options`
+    resolved it, the delta's restore only with a delta."""
     def trainer_order(values):
-        if values is None:
-            return None
+        if values is None or len(values) != len(cfg.budgets):
+            return values  # (none, or a count that check_config refuses)
         by_name = {parse_budget(b, model_config).name: v for b, v in zip(cfg.budgets, values)}
         return [by_name[b.name] for b in budgets]
 
-    kd_weights, budget_lrs = trainer_order(cfg.kd_weights), trainer_order(cfg.budget_lrs)
-    restore = cfg.full_delta_restore if cfg.full_delta_rank else ""  # the restore sets the delta: none without one
+    stage2, kd_weights, budget_lrs = map(trainer_order, (cfg.stage2_weights, cfg.kd_weights, cfg.budget_lrs))
+    # the restore sets the delta: none without one (a mode it does not know is passed on, for check_config to name)
+    restore = "" if not cfg.full_delta_rank and cfg.full_delta_restore in RESTORE_MODES else cfg.full_delta_restore
     return TrainConfig(steps=steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr,
                        router_lr=cfg.router_lr, warmup_steps=max(1, steps // 20), eval_tokens=cfg.eval_tokens,
-                       seed=cfg.seed, stage1_fraction=cfg.stage1_fraction, stage2_weights=cfg.stage2_weights,
+                       seed=cfg.seed, stage1_fraction=cfg.stage1_fraction, stage2_weights=stage2,
                        stage2_seq_len=cfg.stage2_seq_len, budget_kd_weights=kd_weights, full_anchor=anchor,
                        router_estimator=cfg.router_estimator, router_freeze_fraction=cfg.router_freeze,
                        router_prior=cfg.router_prior, shard=cfg.shard, compile=cfg.compile,
@@ -440,65 +442,35 @@ def zero_shot_starts(model, budgets: list, axes: list[str], batches: list, layer
     return starts, before
 
 
-def check_options(cfg: ElastifyConfig, budgets: list, ranks: int) -> tuple[float, tuple[str, int | None] | None]:
+# a TrainConfig field -> the elastify flag that sets it, where the two names differ (check_options' messages)
+FLAG_OF = {"budget_kd_weights": "kd_weights", "router_freeze_fraction": "router_freeze", "anchor_rows": "anchor_data"}
+
+
+def flag(field: str) -> str:
+    """The elastify flag of a TrainConfig field: `--kd-weights` for budget_kd_weights."""
+    return "--" + FLAG_OF.get(field, field).replace("_", "-")
+
+
+def check_options(cfg: ElastifyConfig, budgets: list, model_config,
+                  ranks: int) -> tuple[float, tuple[str, int | None] | None]:
     """The full anchor's weight (0 where there is no full budget and smaller one to train it beside) and
-    --anchor-data parsed; a one-line StarElasticError for any option that contradicts another, before the data,
-    importance and search take their time."""
+    --anchor-data parsed; a one-line StarElasticError, naming the flags, for any option that contradicts another,
+    before the data, importance and search take their time: elastify's own options here, the trainer's by the
+    trainer's own `check_config`."""
     if cfg.router_init not in ("search", "cost"):
-        raise StarElasticError(f"router init is 'search' or 'cost', got {cfg.router_init!r}")
-    if not 0 <= cfg.router_freeze < 1:
-        raise StarElasticError(f"router freeze is a share of the steps in [0, 1), got {cfg.router_freeze}")
-    if cfg.router_estimator not in ESTIMATORS:
-        raise StarElasticError(f"router estimator is one of {', '.join(ESTIMATORS)}, got {cfg.router_estimator!r}")
-    if len({b.name for b in budgets}) != len(budgets):
-        raise StarElasticError(f"budgets {cfg.budgets} name the same budget twice")
-    for values, what in ((cfg.kd_weights, "KD weights"), (cfg.budget_lrs, "learning rates (--budget-lrs)")):
-        if values is not None and len(values) != len(cfg.budgets):  # before the data, importance and search
-            raise StarElasticError(f"{len(values)} {what} for {len(cfg.budgets)} budgets")
-    if cfg.budget_lrs is not None and min(cfg.budget_lrs) <= 0:
-        raise StarElasticError(f"learning rates (--budget-lrs) must be positive, got {cfg.budget_lrs}")
-    # the anchor needs the full budget and a smaller one to train beside it; without them it has nothing to do
-    anchor = cfg.full_anchor if len(budgets) > 1 and any(b.is_full for b in budgets) else 0.0
-    if cfg.anchor_projection and not anchor:
-        raise StarElasticError("--anchor-projection projects the full anchor's gradient: it needs --full-anchor > 0, "
-                               "the full budget 1.0 and a smaller one")
-    if cfg.anchor_projection and cfg.budget_lrs is not None:
-        raise StarElasticError("--anchor-projection works on one AdamW's summed gradient: drop --budget-lrs")
-    anchor_spec = parse_anchor_data(cfg.anchor_data)
-    if anchor_spec and not anchor:
-        raise StarElasticError("--anchor-data is the full anchor's text: it needs --full-anchor > 0, the full budget "
-                               "1.0 and a smaller one")
-    if not 0 < cfg.anchor_mix <= 1:
-        raise StarElasticError(f"--anchor-mix {cfg.anchor_mix:g}: the anchor text's share of the anchor's rows, in (0, 1]")
-    if cfg.anchor_mix != 1.0 and not anchor_spec:
-        raise StarElasticError("--anchor-mix mixes the anchor's own text into its batch: give --anchor-data")
-    why = budget_mix_problem(cfg.budget_mix, bool(anchor_spec))
-    if why:
-        raise StarElasticError(f"--budget-mix {why}")
-    if cfg.full_delta_rank:
-        why = ("give a positive rank" if cfg.full_delta_rank < 0 else
-               "the anchor trains it: it needs --full-anchor > 0, the full budget 1.0 and a smaller one" if not anchor
-               else "drop --budget-lrs" if cfg.budget_lrs is not None else
-               "drop --anchor-projection" if cfg.anchor_projection else None)
-        if why:
-            raise StarElasticError(f"--full-delta-rank {cfg.full_delta_rank}: {why}")
-    for option in DELTA_OPTIONS:
-        why = delta_option_problem(option, getattr(cfg, option), cfg.full_delta_rank)
-        if why:
-            raise StarElasticError(f"--{option.replace('_', '-')} {getattr(cfg, option):g}: {why}")
-    if cfg.full_delta_restore not in RESTORE_MODES:
-        raise StarElasticError(f"--full-delta-restore {cfg.full_delta_restore!r}: one of "
-                               f"{', '.join(m for m in RESTORE_MODES if m)} (or '' for none)")
-    why = hold_problem(cfg.hold, cfg.hold_rate, cfg.hold_pull, ranks > 1 and cfg.shard != "none", cfg.budget_lrs is not None)
-    if why:
-        raise StarElasticError(f"--hold {','.join(cfg.hold or [])}: {why}")
+        raise StarElasticError(f"--router-init is 'search' or 'cost', got {cfg.router_init!r}")
     if cfg.full_keeps_held not in ("", "after", "training"):
         raise StarElasticError(f"--full-keeps-held {cfg.full_keeps_held!r}: 'after' (training) or 'training' "
                                "(from its first step)")
-    why = keep_problem(cfg.full_keeps_held, cfg.full_delta_rank, cfg.hold, cfg.hold_rate)
+    why = keep_problem(cfg.full_keeps_held, cfg.full_delta_rank, cfg.hold, cfg.hold_rate)  # "after" too
     if why:
         raise StarElasticError(f"--full-keeps-held keeps the parent's values of what --hold trains for the full budget "
                                f"beside its delta: {why}")
+    # the anchor needs the full budget and a smaller one to train beside it; without them it has nothing to do
+    anchor = cfg.full_anchor if len(budgets) > 1 and any(b.is_full for b in budgets) else 0.0
+    anchor_spec = parse_anchor_data(cfg.anchor_data)
+    check_config(train_config(cfg, budgets, model_config, 1, anchor), budgets, ranks > 1 and cfg.shard != "none",
+                 anchor_spec is not None, name=flag)
     return anchor, anchor_spec
 
 
@@ -527,7 +499,7 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
         log = lambda *a, **k: None  # noqa: E731
     torch.manual_seed(cfg.seed)
     budgets = sorted((parse_budget(b, model.config) for b in cfg.budgets), key=lambda b: -b.fraction)
-    anchor, anchor_spec = check_options(cfg, budgets, ranks)
+    anchor, anchor_spec = check_options(cfg, budgets, model.config, ranks)
     train_stream, heldout = load_corpus_tokens(data, tokenizer, heldout_fraction=cfg.heldout_fraction, seed=cfg.seed)
     row_len = max(cfg.seq_len, cfg.stage2_seq_len or 0)
     rows = pack(train_stream, row_len)

@@ -41,8 +41,8 @@ from .data import TokenBatches
 from .elastic.cost import Arch, Budget, CostModel
 from .elastic.losses import (HeadInput, LossWeights, advantage, budget_loss, compiled_kd, drawn_cost,
                              full_choice_loss, head_input, kd_loss, score_function_loss, task_loss)
-from .elastic.router import (Projection, Router, entropy, entropy_floor_loss, full_projection, larger_choice,
-                             nested_in_band, project_budgets)
+from .elastic.router import (ESTIMATORS, Projection, Router, entropy, entropy_floor_loss, full_projection,
+                             larger_choice, nested_in_band, project_budgets)
 from .elastic.delta import HELD_PARTS, FullDelta, embeddings_and_norms, held_values, input_covariances
 from .elastic.masking import masked
 from .elastic.spec import ElasticSpec
@@ -1190,76 +1190,93 @@ def stage2_weights(cfg: TrainConfig, n: int) -> list[float]:
     return cfg.stage2_weights or ([1.0] * n if cfg.full_anchor else default_stage2_weights(n))
 
 
-def check_config(cfg: TrainConfig, budgets: list[Budget], sharded: bool, anchor_text: bool):
+def check_config(cfg: TrainConfig, budgets: list[Budget], sharded: bool, anchor_text: bool, name=lambda field: field):
     """A one-line StarElasticError for the first option of `cfg` that is out of range or contradicts another,
-    given the budgets, whether the model is sharded and whether the full anchor has text of its own."""
+    given the budgets, whether the model is sharded and whether the full anchor has text of its own
+    (`anchor_rows`). `name` is what the caller calls a TrainConfig field in its messages: the field itself for
+    the trainer, the flag for elastify, which checks its options here before any work."""
     n, full = len(budgets), next((i for i, b in enumerate(budgets) if b.is_full), None)
     stage2 = stage2_weights(cfg, n)
+    anchor, text = name("full_anchor"), name("anchor_rows")
+    with_anchor = f"it needs {anchor} > 0, the full budget 1.0 and a smaller one"
+    if len({b.name for b in budgets}) != n:
+        raise StarElasticError(f"budgets {', '.join(b.name for b in budgets)} name the same budget twice")
     if anchor_text and not cfg.full_anchor:
-        raise StarElasticError("anchor text is what the full anchor distils on: it needs full_anchor > 0")
+        raise StarElasticError(f"{text} is the full anchor's text: {with_anchor}")
     if not 0 < cfg.anchor_mix <= 1:
-        raise StarElasticError(f"anchor_mix {cfg.anchor_mix}: the anchor text's share of the anchor's rows, in (0, 1]")
+        raise StarElasticError(f"{name('anchor_mix')} {cfg.anchor_mix:g}: the anchor text's share of the anchor's "
+                               "rows, in (0, 1]")
     if cfg.anchor_mix < 1 and not anchor_text:
-        raise StarElasticError(f"anchor_mix {cfg.anchor_mix} mixes the anchor's own text into its batch: give "
-                               "anchor text (--anchor-data)")
+        raise StarElasticError(f"{name('anchor_mix')} {cfg.anchor_mix:g} mixes the anchor's own text into its batch: "
+                               f"give anchor text ({text})")
     why = budget_mix_problem(cfg.budget_mix, anchor_text)
     if why:
-        raise StarElasticError(f"budget_mix {why}")
+        raise StarElasticError(f"{name('budget_mix')} {why}")
     if cfg.budget_lrs is not None and (len(cfg.budget_lrs) != n or min(cfg.budget_lrs) <= 0):
-        raise StarElasticError(f"budget_lrs {cfg.budget_lrs}: give one positive rate per budget "
-                               f"({', '.join(b.name for b in budgets)})")
-    if cfg.train_on not in ("drawn", "argmax"):
-        raise StarElasticError(f"train_on is 'drawn' or 'argmax', got {cfg.train_on!r}")
-    if cfg.train_on == "argmax" and cfg.router_estimator != "score":
-        raise StarElasticError("train_on='argmax' needs the score-function router (router_estimator='score'): "
-                               "straight-through masks carry the router's gradient through the drawn architecture")
-    if cfg.budget_order not in ("even", "random"):
-        raise StarElasticError(f"budget_order is 'even' or 'random', got {cfg.budget_order!r}")
-    if cfg.budget_cost not in ("drawn", "expected"):
-        raise StarElasticError(f"budget_cost is 'drawn' or 'expected', got {cfg.budget_cost!r}")
-    if len(stage2) != n:
-        raise StarElasticError(f"stage-2 weights {stage2} do not match {n} budgets")
-    if any(w < 0 for w in stage2) or sum(stage2) <= 0:
-        raise StarElasticError(f"stage-2 weights {stage2} must be non-negative and not all 0")
+        raise StarElasticError(f"{name('budget_lrs')} {', '.join(f'{v:g}' for v in cfg.budget_lrs)}: give one "
+                               f"positive rate per budget ({', '.join(b.name for b in budgets)})")
     if cfg.budget_kd_weights and len(cfg.budget_kd_weights) != n:
-        raise StarElasticError(f"per-budget KD weights {cfg.budget_kd_weights} do not match {n} budgets")
+        raise StarElasticError(f"{name('budget_kd_weights')} {', '.join(f'{v:g}' for v in cfg.budget_kd_weights)}: "
+                               f"give one weight per budget ({', '.join(b.name for b in budgets)})")
+    if cfg.router_estimator not in ESTIMATORS:
+        raise StarElasticError(f"{name('router_estimator')} is one of {', '.join(ESTIMATORS)}, got "
+                               f"{cfg.router_estimator!r}")
+    if not 0 <= cfg.router_freeze_fraction < 1:
+        raise StarElasticError(f"{name('router_freeze_fraction')} is a share of the steps in [0, 1), got "
+                               f"{cfg.router_freeze_fraction:g}")
+    if cfg.train_on not in ("drawn", "argmax"):
+        raise StarElasticError(f"{name('train_on')} is 'drawn' or 'argmax', got {cfg.train_on!r}")
+    if cfg.train_on == "argmax" and cfg.router_estimator != "score":
+        raise StarElasticError(f"{name('train_on')} argmax needs the score-function router "
+                               f"({name('router_estimator')} score): straight-through masks carry the router's gradient "
+                               "through the drawn architecture")
+    if cfg.budget_order not in ("even", "random"):
+        raise StarElasticError(f"{name('budget_order')} is 'even' or 'random', got {cfg.budget_order!r}")
+    if cfg.budget_cost not in ("drawn", "expected"):
+        raise StarElasticError(f"{name('budget_cost')} is 'drawn' or 'expected', got {cfg.budget_cost!r}")
+    if len(stage2) != n:
+        raise StarElasticError(f"{name('stage2_weights')} {stage2} do not match {n} budgets")
+    if any(w < 0 for w in stage2) or sum(stage2) <= 0:
+        raise StarElasticError(f"{name('stage2_weights')} {stage2} must be non-negative and not all 0")
     if not 0 <= cfg.stage1_fraction <= 1:
-        raise StarElasticError(f"stage-1 fraction must be in [0, 1], got {cfg.stage1_fraction}")
+        raise StarElasticError(f"{name('stage1_fraction')} must be in [0, 1], got {cfg.stage1_fraction:g}")
     if cfg.full_anchor < 0:
-        raise StarElasticError(f"the full anchor is a weight >= 0, got {cfg.full_anchor}")
+        raise StarElasticError(f"{anchor} is a weight >= 0, got {cfg.full_anchor:g}")
     if cfg.full_anchor and (full is None or n < 2):
-        raise StarElasticError("the full anchor needs the full budget (1.0) and at least one smaller budget")
+        raise StarElasticError(f"{anchor} {cfg.full_anchor:g}: the full anchor needs the full budget (1.0) and at "
+                               "least one smaller budget")
     if cfg.anchor_projection and not cfg.full_anchor:
-        raise StarElasticError("anchor_projection projects the full anchor's gradient: it needs full_anchor > 0")
-    if cfg.anchor_projection and cfg.budget_lrs:
-        raise StarElasticError("anchor_projection works on one AdamW's summed gradient: drop budget_lrs")
+        raise StarElasticError(f"{name('anchor_projection')} projects the full anchor's gradient: {with_anchor}")
+    if cfg.anchor_projection and cfg.budget_lrs is not None:
+        raise StarElasticError(f"{name('anchor_projection')} works on one AdamW's summed gradient: drop "
+                               f"{name('budget_lrs')}")
     if cfg.full_anchor and not any(w > 0 for i, w in enumerate(stage2) if i != full):
-        raise StarElasticError(f"stage-2 weights {stage2} give every step to the full budget, which the "
+        raise StarElasticError(f"{name('stage2_weights')} {stage2} give every step to the full budget, which the "
                                "full anchor trains on every step already: give a smaller budget a weight > 0")
     why = hold_problem(cfg.hold, cfg.hold_rate, cfg.hold_pull, sharded, cfg.budget_lrs is not None)
     if why:
-        raise StarElasticError(f"hold {','.join(cfg.hold or [])}: {why}")
+        raise StarElasticError(f"{name('hold')} {','.join(cfg.hold or [])}: {why}")
     why = keep_problem(cfg.full_keeps_held, cfg.full_delta_rank, cfg.hold, cfg.hold_rate)
     if why:
-        raise StarElasticError(f"full_keeps_held keeps the parent's values of what `hold` trains for the full "
-                               f"budget beside its delta: {why}")
+        raise StarElasticError(f"{name('full_keeps_held')} keeps the parent's values of what {name('hold')} trains for "
+                               f"the full budget beside its delta: {why}")
+    rank = f"{name('full_delta_rank')} {cfg.full_delta_rank}"
+    why = ("give a positive rank" if cfg.full_delta_rank < 0 else
+           f"the full anchor trains it: {with_anchor}" if cfg.full_delta_rank and not cfg.full_anchor else
+           f"not with {name('budget_lrs')}" if cfg.full_delta_rank and cfg.budget_lrs is not None else
+           f"not with {name('anchor_projection')}" if cfg.full_delta_rank and cfg.anchor_projection else None)
+    if why:
+        raise StarElasticError(f"{rank}: {why}")
     for option in DELTA_OPTIONS:
         why = delta_option_problem(option, getattr(cfg, option), cfg.full_delta_rank)
         if why:
-            raise StarElasticError(f"{option} {getattr(cfg, option):g}: {why}")
-    if not cfg.full_delta_rank:
-        if cfg.full_delta_restore:
-            raise StarElasticError(f"full_delta_restore {cfg.full_delta_restore!r} sets the full budget's delta, "
-                                   "and there is none: give full_delta_rank")
-        return
-    why = ("it needs the full anchor (full_anchor > 0)" if not cfg.full_anchor else
-           "not with budget_lrs" if cfg.budget_lrs is not None else
-           "not with anchor_projection" if cfg.anchor_projection else None)
-    if why:
-        raise StarElasticError(f"full_delta_rank {cfg.full_delta_rank}: {why}")
+            raise StarElasticError(f"{name(option)} {getattr(cfg, option):g}: {why}")
+    restore = f"{name('full_delta_restore')} {cfg.full_delta_restore!r}"
     if cfg.full_delta_restore not in RESTORE_MODES:
-        raise StarElasticError(f"full_delta_restore {cfg.full_delta_restore!r}: one of "
-                               f"{', '.join(m for m in RESTORE_MODES if m)} (or '' for none)")
+        raise StarElasticError(f"{restore}: one of {', '.join(m for m in RESTORE_MODES if m)} (or '' for none)")
+    if cfg.full_delta_restore and not cfg.full_delta_rank:
+        raise StarElasticError(f"{restore} sets the full budget's delta, and there is none: give "
+                               f"{name('full_delta_rank')}")
 
 
 class StepClock:

@@ -602,6 +602,45 @@ def test_a_router_prior_without_the_search_start_is_refused(tmp_path, tokenizer,
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("stage1_fraction", 1.5, "--stage1-fraction must be in [0, 1], got 1.5"),
+    ("router_freeze", 1.0, "--router-freeze is a share of the steps in [0, 1), got 1"),
+    ("kd_weights", [1.0], "--kd-weights 1: give one weight per budget (1.0, 0.5)"),
+    ("stage2_weights", [1.0, 0.0], "--stage2-weights [1.0, 0.0] give every step to the full budget"),
+    ("train_on", "both", "--train-on is 'drawn' or 'argmax', got 'both'"),
+    ("full_delta_rank", -2, "--full-delta-rank -2: give a positive rank"),
+])
+def test_every_training_option_is_refused_in_elastifys_words_before_any_data_is_read(tmp_path, tokenizer, option,
+                                                                                     value, message):
+    """elastify checks the trainer's options with the trainer's own rules (train.check_config) before the data,
+    importance and search take their time, naming its flags: a bad --stage1-fraction used to surface, in the
+    trainer's field names, only once the trainer was built. The data path here does not exist: the option's
+    error comes first."""
+    cfg = ElastifyConfig(budgets=["1.0", "0.5"], tokens=16 * 32, seq_len=32, batch_size=16, **{option: value})
+    with pytest.raises(StarElasticError) as got:
+        elastify(Model(PARENTS["llama"]), tokenizer, str(tmp_path / "no-such-text"), tmp_path / "o", cfg,
+                 log=lambda *_: None)
+    assert message in str(got.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_every_per_budget_list_is_read_in_budgets_order():
+    """--stage2-weights, --kd-weights and --budget-lrs are each one value a budget in --budgets order (stage 2's
+    weights were read largest budget first while the other two were reordered: `--budgets 0.5,1.0
+    --stage2-weights 1,0` gave the full budget stage 2's steps)."""
+    from star_elastic.elastic.cost import parse_budget
+    from star_elastic.elastify import train_config
+
+    config = PARENTS["llama"]
+    cfg = ElastifyConfig(budgets=["0.5", "1.0", "0.75"], stage2_weights=[1.0, 0.0, 0.5], kd_weights=[3.0, 1.0, 2.0],
+                         budget_lrs=[3e-4, 1e-4, 2e-4])
+    budgets = sorted((parse_budget(b, config) for b in cfg.budgets), key=lambda b: -b.fraction)
+    got = train_config(cfg, budgets, config, steps=4, anchor=1.0)
+    assert [b.name for b in budgets] == ["1.0", "0.75", "0.5"]
+    assert got.stage2_weights == [0.0, 0.5, 1.0]
+    assert got.budget_kd_weights == [1.0, 2.0, 3.0] and got.budget_lrs == [1e-4, 2e-4, 3e-4]
+
+
 def test_all_budgets_and_train_on_reach_the_run_and_its_manifest(tmp_path, tokenizer, text, capsys):
     """`elastify --all-budgets --train-on argmax --budget-lrs ...`: every step trains every budget (the
     manifest's steps per budget say so: each smaller budget every step, the full one by the anchor), the
@@ -624,12 +663,13 @@ def test_all_budgets_and_train_on_reach_the_run_and_its_manifest(tmp_path, token
     assert cli.main(["elastify", str(tmp_path / "parent"), "--budgets", "1.0,0.75,0.5", "--data", str(text),
                      "--tokens", "768", "--out", str(tmp_path / "o2"), "--device", "cpu", "--budget-lrs",
                      "1e-4,2e-4"]) == 2
-    assert "error: 2 learning rates (--budget-lrs) for 3 budgets" in capsys.readouterr().err
+    assert "error: --budget-lrs 0.0001, 0.0002: give one positive rate per budget (1.0, 0.75, 0.5)" in \
+        capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
     assert cli.main(["elastify", str(tmp_path / "parent"), "--budgets", "1.0,0.75,0.5", "--data", str(text),
                      "--tokens", "768", "--out", str(tmp_path / "o2"), "--device", "cpu", "--budget-lrs",
                      "1e-4,0,1e-4"]) == 2
-    assert "error: learning rates (--budget-lrs) must be positive" in capsys.readouterr().err
+    assert "error: --budget-lrs 0.0001, 0, 0.0001: give one positive rate per budget" in capsys.readouterr().err
 
 
 def test_anchor_projection_reaches_the_run_and_is_refused_without_its_anchor(tmp_path, tokenizer, text, capsys):
@@ -689,7 +729,7 @@ def test_anchor_data_reaches_the_run_and_bad_values_are_one_line(tmp_path, token
     assert 0 < read_manifest(ckpt)["training"]["full_delta_restored"] <= 1
     for extra, message in ((["--anchor-data", "self", "--full-anchor", "0"], "needs --full-anchor > 0"),
                            (["--anchor-data", "self:many"], "TOKENS a positive integer"),
-                           (["--anchor-mix", "0.5"], "give --anchor-data"),
+                           (["--anchor-mix", "0.5"], "give anchor text (--anchor-data)"),
                            (["--anchor-data", "self", "--anchor-mix", "0"], "in (0, 1]"),
                            (["--budget-mix", "0.5"], "--budget-mix mixes the anchor's own text"),
                            (["--anchor-data", "self", "--budget-mix", "2"], "--budget-mix 2: the anchor text's share"),

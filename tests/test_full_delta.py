@@ -110,8 +110,10 @@ def test_compiled_layers_train_the_delta_as_eager_ones(tmp_path, kept):
 
 
 def test_a_delta_is_refused_where_it_cannot_serve(tmp_path):
-    with pytest.raises(StarElasticError, match="needs the full anchor"):
+    with pytest.raises(StarElasticError, match="full_delta_rank 2: the full anchor trains it: it needs full_anchor > 0"):
         _trainer(tmp_path, "a", full_anchor=0.0, full_delta_rank=2)
+    with pytest.raises(StarElasticError, match="full_delta_rank -1: give a positive rank"):
+        _trainer(tmp_path, "a", full_anchor=1.0, full_delta_rank=-1)
     with pytest.raises(StarElasticError, match="budget_lrs"):
         _trainer(tmp_path, "b", full_anchor=1.0, full_delta_rank=2, budget_lrs=[1e-3, 1e-3, 1e-3])
     with pytest.raises(ValueError, match="positive rank"):
