@@ -126,7 +126,8 @@ def chunk_scan(x, dt, A, B, C, chunk_size: int, initial_state=None, *, fallback)
 
     x: (b, t, h, p)   dt: (b, t, h), already softplus'ed and clamped   A: (h,), negative
     B, C: (b, t, g, n)   initial_state: (b, h, p, n) or None
-    Returns y (b, t, h, p) without the D skip and the final state (b, h, p, n), both in at least fp32.
+    Returns y (b, t, h, p) without the D skip, in x's dtype from the kernel (fp32 from the einsum), and the
+    final state (b, h, p, n) in fp32.
     """
     if uses_triton(x):
         return triton_scan(x, dt, A, B, C, chunk_size, initial_state)
@@ -144,7 +145,9 @@ def triton_scan(x, dt, A, B, C, chunk_size: int, initial_state=None, scan=None):
         initial_state = initial_state.float().contiguous()
     y, final = scan(x, dt.float(), A.float(), B, C, chunk_size, D=None, z=None, dt_bias=None,
                     initial_states=initial_state, dt_softplus=False, return_final_states=True)
-    return y.to(torch.promote_types(x.dtype, torch.float32)), final.float()
+    # y as the kernel wrote it: widened here, outside any compiled graph, the fp32 copy would be a graph input
+    # that a compiled layer keeps for its backward (8 KB a token a layer at Nano's heads); Mamba2 widens it
+    return y, final.float()
 
 
 @torch.compiler.assume_constant_result

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from . import kernels
 
@@ -159,11 +160,16 @@ class GatedRMSNorm(nn.Module):
 
     def scaled(self, x, z, weight):
         """The norm with `weight` as its scale (a full budget's own, elastic/delta.py, or the module's)."""
-        dtype = x.dtype
-        xg = (x.float() * F.silu(z.float())).unflatten(-1, (self.groups, -1))
-        xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + self.eps)
-        # the weight as (groups, dim / groups): a budget view's weight is a per-group prefix of its parent's
-        return (weight.view(self.groups, -1) * xg.to(dtype)).flatten(-2)
+        return gated_rms_norm(x, z, weight, self.groups, self.eps)
+
+
+def gated_rms_norm(x, z, weight, groups: int, eps: float):
+    """x * silu(z), RMS-normalised within each of `groups` groups of the last dimension, scaled by `weight`."""
+    dtype = x.dtype
+    xg = (x.float() * F.silu(z.float())).unflatten(-1, (groups, -1))
+    xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + eps)
+    # the weight as (groups, dim / groups): a budget view's weight is a per-group prefix of its parent's
+    return (weight.view(groups, -1) * xg.to(dtype)).flatten(-2)
 
 
 def activation(name: str):
@@ -253,6 +259,11 @@ def mamba_in_proj_rows(num_heads: int, head_dim: int, n_groups: int, state_size:
     return out
 
 
+# torch.utils.checkpoint's settings for the cheap parts that training recomputes in backward rather than keep
+# (Mamba's conv and gated norm, the MoE router's scores): no random numbers there, no RNG state to stash
+RECOMPUTE = dict(use_reentrant=False, preserve_rng_state=False)
+
+
 class Mamba2(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -279,6 +290,11 @@ class Mamba2(nn.Module):
         xBC = xBC.transpose(1, 2)  # (b, conv_dim, t)
         if cache is None and type(self.conv1d) is nn.Conv1d and kernels.uses_causal_conv(xBC):
             xBC = kernels.causal_conv(xBC, self.conv1d.weight[:, 0], self.conv1d.bias)  # CUDA, opt-in
+        elif cache is None and type(self.conv1d) is nn.Conv1d and torch.is_grad_enabled():
+            # recomputed in backward, so that only xBC (a view of in_proj's output, kept anyway) is kept for it:
+            # autograd would keep the zero-padded copy and the conv's output, 24 KB a token a layer at Nano's
+            # widths (benchmarks/bench_saved.py)
+            xBC = checkpoint(causal_conv_silu, xBC, self.conv1d.weight, self.conv1d.bias, **RECOMPUTE)
         else:
             k = self.conv1d.kernel_size[0]
             # the k-1 inputs before these: zeros at the start of a sequence, else the cached last ones
@@ -300,8 +316,15 @@ class Mamba2(nn.Module):
             y, final = self.scan(x, dt, A, B, C, None if cache is None else cache.ssm)
             if cache is not None:
                 cache.ssm.copy_(final)
-        y = y + x.to(y.dtype) * self.D.to(y.dtype).flatten()[:, None]
-        return self.out_proj(self.norm(y.flatten(-2), z).to(u.dtype))
+        if torch.is_grad_enabled() and type(self.norm) is GatedRMSNorm:
+            # recomputed in backward (elementwise work): its fp32 intermediates are about 80 KB a token at Nano's
+            # widths (eager), and y, x and z are kept anyway. A function of the tensors read now: a class swapped
+            # in from outside (masks, a full budget's own values) may be gone by the time backward recomputes it
+            norm = self.norm
+            y = checkpoint(skip_and_gated_norm, y, x, self.D, z, norm.weight, norm.groups, norm.eps, **RECOMPUTE)
+        else:
+            y = self.norm(with_skip(y, x, self.D).flatten(-2), z)
+        return self.out_proj(y.to(u.dtype))
 
     def split_in_proj(self, proj):
         """in_proj's output -> z (b, t, d_inner), the conv's input xBC (b, t, conv_dim), dt (b, t, heads)."""
@@ -326,6 +349,23 @@ class Mamba2(nn.Module):
     def group_to_heads(self, v):
         """(b, n_groups, n) -> (b, heads, n) in float32: head h reads group h // (heads / groups)."""
         return v.float().repeat_interleave(self.num_heads // self.n_groups, dim=1)
+
+
+def with_skip(y, x, D):
+    """The scan's y (b, t, heads, head_dim; fp32 or x's dtype) plus Mamba's D skip, in fp32."""
+    return y.float() + x.float() * D.float().flatten()[:, None]
+
+
+def skip_and_gated_norm(y, x, D, z, weight, groups: int, eps: float):
+    """`with_skip`, then the gated norm (`gated_rms_norm`): Mamba2's output before out_proj."""
+    return gated_rms_norm(with_skip(y, x, D).flatten(-2), z, weight, groups, eps)
+
+
+def causal_conv_silu(x, weight, bias):
+    """silu of the depthwise causal conv of x (b, channels, t) by weight (channels, 1, k): zeros before the
+    first input, as Mamba2.forward's concatenation puts them."""
+    k = weight.shape[-1]
+    return F.silu(F.conv1d(F.pad(x, (k - 1, 0)), weight, bias, groups=x.shape[1]))
 
 
 def recurrence_step(x, dt, A, B, C, state):
@@ -415,6 +455,11 @@ class MLP(nn.Module):
         return self.down_proj(h)
 
 
+def router_scores(x, weight):
+    """x: (tokens, hidden) -> each expert's sigmoid score, (tokens, experts), in fp32."""
+    return F.linear(x.float(), weight.float()).sigmoid()
+
+
 class TopkRouter(nn.Module):
     """Sigmoid scores; the correction bias steers which experts are chosen but not their weights."""
 
@@ -440,7 +485,10 @@ class TopkRouter(nn.Module):
 
     def forward(self, x):
         """x: (tokens, hidden) -> chosen expert ids and their weights, both (tokens, top_k)."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        # recomputed in backward (a product 128 experts wide at Nano) rather than keep its fp32 copy of x; a
+        # function of the weight read now (a class swapped in from outside may shadow it, and be gone by then)
+        scores = (checkpoint(router_scores, x, self.weight, **RECOMPUTE) if torch.is_grad_enabled() else
+                  router_scores(x, self.weight))
         idx = self.select(scores + self.e_score_correction_bias.float())
         return idx, self.weigh(scores, idx) * self.scale
 
@@ -493,7 +541,7 @@ class Experts(nn.Module):
         T, k = idx.shape
         # grouped GEMM in bf16 (what it supports); it is not autocast-aware, so cast by hand
         dt = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
-        grouped = x.is_cuda and dt == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+        grouped = uses_grouped_mm(x, dt)
         # decoding: gather the few chosen experts' weights. From 2 tokens the grouped GEMM is faster on an
         # H200, even than the gather from a contiguous copy (4 tokens x top-6 at Nano shapes: 1.34-1.58x); at 1
         # token the gather ties or wins (0.74-1.00x the other way; docs/RESULTS.md, "the views' expert gather")
@@ -521,6 +569,12 @@ class Experts(nn.Module):
         """One matmul pair per expert over its tokens (xs grouped by expert, `counts` per expert)."""
         return torch.cat([self.hidden(xe @ up.T) @ down.T for xe, up, down in
                           zip(xs.split(counts.tolist()), self.weights("up_proj"), self.weights("down_proj"))])
+
+
+def uses_grouped_mm(x: torch.Tensor, dt: torch.dtype) -> bool:
+    """Whether `Experts` runs its experts as one grouped GEMM (`torch._grouped_mm`, bf16 on CUDA) for input x
+    computed in `dt`; else a matmul pair per expert."""
+    return x.is_cuda and dt == torch.bfloat16 and hasattr(torch, "_grouped_mm")
 
 
 def gather_experts(w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -138,3 +138,24 @@ def test_the_kd_curve_part_trains_each_path_from_one_start():
     assert runs["reference_again"]["kd"] == runs["reference"]["kd"]
     assert runs["einsum_fused_kd"]["mean_rel_gap_to_reference"] < 1e-5
     assert len(set(runs["reference"]["kd"])) > 1  # the losses moved: the runs trained
+
+
+def test_the_training_step_with_every_activation_kept_runs_beside_the_default():
+    """bench_kernels.py --parts train --keep-activations: the step with nothing recomputed in backward runs beside
+    the default (what the recompute costs and saves, on a GPU; the gradients are the same,
+    tests/test_model.py), with model.checkpoint a plain call only inside its row."""
+    import torch
+
+    import star_elastic.model as model_module
+    from bench_kernels import keep_activations, part_train
+
+    own = model_module.checkpoint
+    with keep_activations(True):
+        assert model_module.checkpoint is not own and model_module.checkpoint(lambda a: a + 1, 1, x=0) == 2
+    assert model_module.checkpoint is own
+    out = part_train(torch.device("cpu"), True, "MEM*EM", 1, 64, 4, have_triton=False, keep=True)
+    assert model_module.checkpoint is own
+    runs = out["variants"]
+    default, kept = runs["einsum_fused_kd"], runs["einsum_fused_kd_keep"]
+    assert "error" not in default and "error" not in kept and kept["tokens_per_s"] > 0
+    assert len(kept["kd"]) == len(default["kd"]) == 4

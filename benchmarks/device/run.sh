@@ -26,8 +26,10 @@
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
 #   GATHER [args]               issue 12: the views' MoE decode gather, the candidates side by side (bench_expert_gather)
-#   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled; --parts profile: the compiled step by kernel (--compile off: eager); --parts kdcurve: KD over 50 steps, fast against reference; --fsdp1: the FSDP2 rows
+#   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled; --parts profile: the compiled step by kernel (--compile off: eager); --parts kdcurve: KD over 50 steps, fast against reference; --fsdp1: the FSDP2 rows; --keep-activations: the step without the recompute, beside
 #                               (bench_kernels --parts train; needs .devcarry/mamba)
+#   SAVED [args]                issue 16: the bytes each layer keeps for backward, 539M and Nano widths, eager and compiled,
+#                               on the real kernels (bench_saved.py --kernels real; needs .devcarry/mamba)
 #   GPUTESTS [-k EXPR]          the CUDA-only tests of tests/test_kernels.py (default -k cuda)
 #   HFKBUILD                    causal_conv1d built for sm_90 into the home folder (~6 min; carry .devcarry/causal_conv1d),
 #                               then within 30 s: HFK [args]: bench_speed.py, our model against transformers on its
@@ -123,6 +125,8 @@ HFKBUILD) export PATH=$H/site/bin:$PATH  # the ninja wheel's binary: a parallel 
   PYTHONPATH=.devcarry/mamba:benchmarks:$PYTHONPATH python3 -c "from bench_speed import missing_kernels as m; print(m() or 'every kernel imports')" ;;
 HFK) shift; PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_speed.py --hf-kernels --json $OUT/speed_hfk.json "$@" \
   2>&1 | grep -v "%|" | tail -n 40 ;;
+SAVED) shift; for m in 539m nano; do PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_saved.py --model $m \
+  --kernels real --compile --json $OUT/saved_${m}_gpu.json "$@" 2>&1 | grep -v "^    " | tail -n 8; done ;;
 GPUTESTS) shift  # the tests that need CUDA (skipped in CI): e.g. the head gradient's fp32-accumulating GEMM
   python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py -k "${1:-cuda}" 2>&1 | tail -n 30 ;;
 KERNELS) shift; PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_kernels.py --parts train \

@@ -1,0 +1,217 @@
+"""Activation memory: the bytes each kind of layer keeps for its backward, per token, eager and compiled.
+
+Issue 16 asks for plain training "at no more memory" than transformers on its kernels, and our step used more
+(34.6 GiB compiled against 28.8 at the 539M config, batch 4 x 2048). Peak memory on a GPU says how much, not
+where: this counts every tensor autograd keeps for the backward pass (`saved_tensors_hooks`, each storage once,
+parameters left out) for each kind of layer of the 539M config (`bench_speed.py`'s) or of Nemotron 3 Nano's
+widths, in bf16: a model of two such layers less a model of one, so that the count holds under torch.compile.
+
+On a GPU the real kernels run when they import. On the CPU, `--kernels stand-in` puts stand-ins in their place
+that keep for backward what the kernels keep (read from their `save_for_backward` calls:
+`mamba_chunk_scan_combined` keeps its output, x, dt, dA_cumsum (b, heads, t) in fp32, A, B and C;
+`causal_conv1d_fn` keeps its input, weight and bias), and runs the experts on the grouped GEMM (its forward
+runs on the CPU), so that the CPU counts what a GPU step keeps.
+Beside ours it prints what `mamba_ssm`'s fused Mamba layer (`mamba_split_conv1d_scan_combined`, the one
+transformers runs with its kernels) keeps, from the same list: in_proj's output zxbcdt, out_x (b, t, heads x
+head_dim) in the input's dtype and the norm's rstd, plus the in_proj input that the layer's linear keeps.
+
+    python benchmarks/bench_saved.py --kernels stand-in --compile --json docs/results/saved_cpu.json
+    python benchmarks/bench_saved.py --model nano --kernels stand-in --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from contextlib import ExitStack
+
+import torch
+
+import common
+from star_elastic import kernels
+from star_elastic import model as model_module
+from star_elastic.hf import config_from_hf
+from star_elastic.model import Model
+
+KINDS = {"M": "Mamba", "E": "MoE", "*": "attention", "-": "MLP"}
+
+
+class ScanStandIn(torch.autograd.Function):
+    """mamba_chunk_scan_combined's forward on CPU (the einsum scan's arithmetic) keeping what it keeps."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, chunk_size, initial_states):
+        from star_elastic.model import ssd_scan
+
+        with torch.no_grad():
+            y, final = ssd_scan(x, dt, A, B, C, chunk_size, initial_states)
+        y = y.to(x.dtype)  # the kernel writes y in x's dtype
+        b, t, h, _ = x.shape
+        dA_cumsum = torch.zeros(b, h, t, dtype=torch.float32, device=x.device)
+        ctx.save_for_backward(y, x, dt, dA_cumsum, A, B, C)
+        return y, final
+
+    @staticmethod
+    def backward(ctx, gy, gfinal):  # not run: the bench counts what the forward keeps
+        return (None,) * 7
+
+
+def stand_in_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
+                  dt_softplus=False, return_final_states=True, **_):
+    return ScanStandIn.apply(x, dt, A, B, C, chunk_size, initial_states)
+
+
+class ConvStandIn(torch.autograd.Function):
+    """causal_conv1d_fn(x, weight, bias, activation="silu") on CPU keeping its input, weight and bias."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        k = weight.shape[-1]
+        with torch.no_grad():
+            y = torch.nn.functional.conv1d(torch.nn.functional.pad(x, (k - 1, 0)), weight[:, None], bias,
+                                           groups=x.shape[1])
+        ctx.save_for_backward(x, weight, bias)
+        return torch.nn.functional.silu(y)
+
+    @staticmethod
+    def backward(ctx, gy):
+        return None, None, None
+
+
+def stand_in_conv(x, weight, bias=None, activation=None):
+    return ConvStandIn.apply(x, weight, bias)
+
+
+def kernels_in(stack: ExitStack, how: str, device: torch.device, conv: bool):
+    """Put the kernels named by `how` in place for the runs in `stack`: 'none' (the PyTorch paths), 'real'
+    (the imported kernels, on a GPU), 'stand-in' (the stand-ins above, on any device)."""
+    env = {kernels.ENV_ENABLE: "1" if how != "none" else "0", kernels.ENV_CONV: "1" if conv and how != "none" else "0"}
+    if how == "none":
+        env[kernels.ENV_DISABLE] = "1"
+    stack.enter_context(common.environment(env))
+    if how == "stand-in":
+        patches = {"_load": lambda: (stand_in_scan, None), "_load_conv": lambda: (stand_in_conv, None),
+                   "uses_triton": lambda x: x.dtype in kernels._DTYPES,
+                   "uses_causal_conv": lambda x: conv and x.dtype in kernels._DTYPES}
+        # and the experts on the grouped GEMM, as on a GPU (its forward runs on the CPU; only the backward does not)
+        for module, values in ((kernels, patches), (model_module, {"uses_grouped_mm": lambda x, dt: dt == torch.bfloat16})):
+            old = {k: getattr(module, k) for k in values}
+            for k, v in values.items():
+                setattr(module, k, v)
+            stack.callback(lambda module=module, old=old: [setattr(module, k, v) for k, v in old.items()])
+    elif how == "real" and kernels.unavailable_reason():
+        raise SystemExit(f"--kernels real: {kernels.unavailable_reason()}")
+
+
+def kept(model: Model, x: torch.Tensor, compiled: bool) -> list[tuple[int, str, tuple]]:
+    """(bytes, dtype, shape) of every tensor one forward keeps for backward, each storage once, the model's
+    parameters apart."""
+    run = torch.compile(model) if compiled else model
+    if compiled:
+        run(x)  # compile outside the count
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def keep(t):
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key[0] not in params and key not in seen:
+            seen[key] = (t.untyped_storage().nbytes(), str(t.dtype).replace("torch.", ""), tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        run(x)
+    if compiled:
+        torch._dynamo.reset()
+    return sorted(seen.values(), key=lambda r: -r[0])
+
+
+def per_layer(build, kind: str, x, compiled: bool) -> tuple[float, float, list]:
+    """Bytes one `kind` layer keeps, and the rest (embedding, final norm, LM head): a model of two such layers
+    less a model of one, which holds under torch.compile too (a compiled graph saves its tensors when it
+    returns, so hooks at layer boundaries cannot say which layer saved them). Also the two-layer model's
+    largest kept tensors."""
+    one, two = (kept(build(kind * n), x, compiled) for n in (1, 2))
+    layer = sum(r[0] for r in two) - sum(r[0] for r in one)
+    return layer, sum(r[0] for r in one) - layer, two
+
+
+def fused_mamba_bytes(cfg) -> float:
+    """Bytes a token that mamba_ssm's fused Mamba layer keeps (its save_for_backward, bf16): zxbcdt, out_x and
+    rstd (one fp32 a group), and in_proj's input, kept by the linear before it."""
+    d_inner = cfg.mamba_num_heads * cfg.mamba_head_dim
+    zxbcdt = 2 * d_inner + 2 * cfg.n_groups * cfg.ssm_state_size + cfg.mamba_num_heads
+    return 2 * (zxbcdt + d_inner + cfg.hidden_size) + 4 * cfg.n_groups
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=("539m", "nano", "tiny"), default="539m",
+                    help="539m: bench_speed.py's config (hidden 1024, 32 Mamba heads); nano: Nemotron 3 Nano's "
+                         "widths; tiny: bench_speed.py's --tiny config, for a smoke run")
+    ap.add_argument("--layers", default="M*E", help="the kinds of layer to count (M Mamba, E MoE, * attention)")
+    ap.add_argument("--tokens", type=int, default=512, help="sequence length of the one-row batch")
+    ap.add_argument("--kernels", choices=("none", "real", "stand-in"), default="stand-in",
+                    help="the Mamba scan and conv: PyTorch's, the kernels (GPU), or stand-ins keeping what they keep")
+    ap.add_argument("--conv-kernel", action="store_true",
+                    help="the conv on causal_conv1d's kernel (or its stand-in), opt-in as in the library")
+    ap.add_argument("--compile", action="store_true", help="also count with the model under torch.compile")
+    ap.add_argument("--device")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+
+    device = common.setup(args.device)
+    if args.model in ("539m", "tiny"):
+        import bench_speed
+
+        def build(layers):
+            hc = bench_speed.hf_config(args.model == "tiny")
+            hc.layers_block_type = [bench_speed._hf(c) for c in layers]
+            hc.num_hidden_layers = len(layers)
+            return config_from_hf(hc.to_dict())
+
+        pattern = bench_speed.PATTERN
+    else:
+        build, pattern = common.nano_config, common.NANO_LAYERS
+
+    def model_of(layers):
+        torch.manual_seed(0)
+        return Model(build(layers)).to(device=device, dtype=torch.bfloat16)
+
+    cfg = build(args.layers[0])
+    x = torch.randint(0, cfg.vocab_size, (1, args.tokens), device=device)
+    res = {"benchmark": "bench_saved", "command": "python benchmarks/bench_saved.py " + " ".join(sys.argv[1:]),
+           "date": datetime.date.today().isoformat(), "machine": common.machine(device), "model": args.model,
+           "layers": args.layers, "tokens": args.tokens, "kernels": args.kernels, "conv_kernel": args.conv_kernel,
+           "torch": torch.__version__, "fused_mamba_kb_per_token": fused_mamba_bytes(cfg) / 1024, "modes": {}}
+    print(f"{args.model} (layers {args.layers}), {args.tokens} tokens, bf16 on {res['machine']}, kernels: "
+          f"{args.kernels}{' (conv too)' if args.conv_kernel else ''}")
+    kb = lambda n: n / args.tokens / 1024  # noqa: E731
+    for mode in ("eager", "compiled") if args.compile else ("eager",):
+        rows, rest = {}, []
+        for c in args.layers:
+            with ExitStack() as stack:
+                kernels_in(stack, args.kernels, device, conv=args.conv_kernel)
+                layer, other, largest = per_layer(model_of, c, x, mode == "compiled")
+            rest.append(kb(other))
+            rows[KINDS[c]] = {"kb_per_token": kb(layer), "largest_in_two_layers": [
+                {"kb_per_token": kb(n), "dtype": d, "shape": list(sh)} for n, d, sh in largest[:12]]}
+        # the whole model: as many layers of each kind as the full pattern has, and the rest once
+        whole = sum(rows[KINDS[c]]["kb_per_token"] for c in pattern if KINDS[c] in rows) + sum(rest) / len(rest)
+        res["modes"][mode] = {"layers": rows, "rest_kb_per_token": sum(rest) / len(rest),
+                              "whole_model_kb_per_token": whole, "whole_model_counts_every_kind":
+                              set(pattern) <= set(args.layers)}
+        print(f"{mode}: " + ", ".join(f"{k} {r['kb_per_token']:.1f}" for k, r in rows.items()) +
+              f", embedding + head {sum(rest) / len(rest):.1f} KB a token; {len(pattern)} layers ({pattern}): "
+              f"{whole:.0f} KB a token, {whole * 1024 * 8192 / 2**30:.2f} GiB at 4 x 2048")
+        for k, r in rows.items():
+            for t in r["largest_in_two_layers"][:6]:
+                print(f"    {k:10s} {t['kb_per_token']:6.2f} KB  {t['dtype']:9s} {tuple(t['shape'])}")
+    print(f"mamba_ssm's fused Mamba layer keeps {res['fused_mamba_kb_per_token']:.1f} KB a token "
+          "(zxbcdt, out_x, rstd, in_proj's input)")
+    if args.json:
+        common.write_json(args.json, res)
+
+
+if __name__ == "__main__":
+    main()
