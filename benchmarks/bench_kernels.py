@@ -689,8 +689,9 @@ def part_profile(device, tiny: bool, pattern: str, batch: int, seq: int, fast: b
                           for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
            "top": [{"name": n[:120], "ms_per_step": round(t_ / 1e3 / 2, 3), "share": round(t_ / total, 4)}
                    for n, t_ in kernels_],
+           # twice as many operator chains as kernels: each operator appears under several callers
            "top_ops": [{"op": n[:300], "ms_per_step": round(t_ / 1e3 / 2, 3), "share": round(t_ / total, 4)}
-                       for n, t_ in op_chains(prof.events(), cuda)[:top]]}
+                       for n, t_ in op_chains(prof.events(), cuda)[:2 * top]]}
     print(f"  {out['clock']}, {out['total_ms_per_step']} ms a step (budgets 1.0 and 0.5, two steps, "
           f"{'compiled' if compile_backend else 'eager'}):")
     for k, v in out["categories"].items():

@@ -32,7 +32,7 @@ import common
 from star_elastic import kernels
 from star_elastic import model as model_module
 from star_elastic.hf import config_from_hf
-from star_elastic.model import Model
+from star_elastic.model import Model, TopkRouter
 
 KINDS = {"M": "Mamba", "E": "MoE", "*": "attention", "-": "MLP"}
 
@@ -175,8 +175,21 @@ def main(argv=None):
         build, pattern = common.nano_config, common.NANO_LAYERS
 
     def model_of(layers):
+        """The model built in bf16 on `device` (built in fp32 and cast, two Nano MoE layers need 13 GB at once;
+        with the compile that ran the CPU machine out of memory), the router's weight back in fp32 as a cast
+        leaves it (model.TopkRouter)."""
         torch.manual_seed(0)
-        return Model(build(layers)).to(device=device, dtype=torch.bfloat16)
+        dtype = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device(device):
+                model = Model(build(layers))
+        finally:
+            torch.set_default_dtype(dtype)
+        for m in model.modules():
+            if isinstance(m, TopkRouter):
+                m.float()
+        return model
 
     cfg = build(args.layers[0])
     x = torch.randint(0, cfg.vocab_size, (1, args.tokens), device=device)
