@@ -63,7 +63,8 @@ import sys
 import tempfile
 import time
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from unittest import mock
 from pathlib import Path
 
 import torch
@@ -392,47 +393,29 @@ def part_kd(device, tiny: bool, iters: int) -> dict:
 
 # ----------------------------------------------------------------------------- 4. train
 
-@contextmanager
 def fused_kd(on: bool):
     """The trainer hands kd_loss HeadInputs (train.py's default: the head applied a chunk at a time),
     or, off, whole-batch logits: `model(x)` in place of `head_input(model, x)`, the earlier train.py."""
     import star_elastic.train as train_module
-    own = train_module.head_input
-    if not on:
-        train_module.head_input = lambda model, input_ids, **kwargs: model(input_ids, **kwargs)
-    try:
-        yield
-    finally:
-        train_module.head_input = own
+    return nullcontext() if on else mock.patch.object(
+        train_module, "head_input", lambda model, input_ids, **kwargs: model(input_ids, **kwargs))
 
 
-@contextmanager
 def keep_activations(on: bool):
     """On: the model keeps every activation autograd records (`model.checkpoint` a plain call), as before the
     thirty-third session, where a Mamba layer's conv and gated norm and the router's scores are recomputed in
     backward: what the recompute costs in time and saves in memory, side by side."""
     import star_elastic.model as model_module
-    own = model_module.checkpoint
-    if on:
-        model_module.checkpoint = lambda fn, *args, **settings: fn(*args)
-    try:
-        yield
-    finally:
-        model_module.checkpoint = own
+    return mock.patch.object(model_module, "checkpoint", lambda fn, *args, **settings: fn(*args)) if on else \
+        nullcontext()
 
 
-@contextmanager
 def foreach_adam(on: bool):
     """On: the trainer's AdamW in its foreach form (train.py's before the fused one), so the optimiser's
     share of the step is measured side by side."""
     import star_elastic.train as train_module
-    own = train_module.adamw
-    if on:
-        train_module.adamw = functools.partial(own, fused=False, foreach=True)
-    try:
-        yield
-    finally:
-        train_module.adamw = own
+    return mock.patch.object(train_module, "adamw", functools.partial(train_module.adamw, fused=False, foreach=True)) \
+        if on else nullcontext()
 
 
 def step_setup(cfg: ModelConfig, device, batch: int, seq: int):

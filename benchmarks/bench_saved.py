@@ -25,6 +25,7 @@ import argparse
 import datetime
 import sys
 from contextlib import ExitStack
+from unittest import mock
 
 import torch
 
@@ -91,15 +92,12 @@ def kernels_in(stack: ExitStack, how: str, device: torch.device, conv: bool):
         env[kernels.ENV_DISABLE] = "1"
     stack.enter_context(common.environment(env))
     if how == "stand-in":
-        patches = {"_load": lambda: (stand_in_scan, None), "_load_conv": lambda: (stand_in_conv, None),
-                   "uses_triton": lambda x: x.dtype in kernels._DTYPES,
-                   "uses_causal_conv": lambda x: conv and x.dtype in kernels._DTYPES}
+        stack.enter_context(mock.patch.multiple(
+            kernels, _load=lambda: (stand_in_scan, None), _load_conv=lambda: (stand_in_conv, None),
+            uses_triton=lambda x: x.dtype in kernels._DTYPES,
+            uses_causal_conv=lambda x: conv and x.dtype in kernels._DTYPES))
         # and the experts on the grouped GEMM, as on a GPU (its forward runs on the CPU; only the backward does not)
-        for module, values in ((kernels, patches), (model_module, {"uses_grouped_mm": lambda x, dt: dt == torch.bfloat16})):
-            old = {k: getattr(module, k) for k in values}
-            for k, v in values.items():
-                setattr(module, k, v)
-            stack.callback(lambda module=module, old=old: [setattr(module, k, v) for k, v in old.items()])
+        stack.enter_context(mock.patch.object(model_module, "uses_grouped_mm", lambda x, dt: dt == torch.bfloat16))
     elif how == "real" and kernels.unavailable_reason():
         raise SystemExit(f"--kernels real: {kernels.unavailable_reason()}")
 
@@ -193,7 +191,8 @@ def main(argv=None):
 
     cfg = build(args.layers[0])
     x = torch.randint(0, cfg.vocab_size, (1, args.tokens), device=device)
-    res = {"benchmark": "bench_saved", "command": "python benchmarks/bench_saved.py " + " ".join(sys.argv[1:]),
+    res = {"benchmark": "bench_saved", "command": "python benchmarks/bench_saved.py " + " ".join(
+               sys.argv[1:] if argv is None else argv),
            "date": datetime.date.today().isoformat(), "machine": common.machine(device), "model": args.model,
            "layers": args.layers, "tokens": args.tokens, "kernels": args.kernels, "conv_kernel": args.conv_kernel,
            "torch": torch.__version__, "fused_mamba_kb_per_token": fused_mamba_bytes(cfg) / 1024, "modes": {}}

@@ -259,9 +259,15 @@ def mamba_in_proj_rows(num_heads: int, head_dim: int, n_groups: int, state_size:
     return out
 
 
-# torch.utils.checkpoint's settings for the cheap parts that training recomputes in backward rather than keep
-# (Mamba's conv and gated norm, the MoE router's scores): no random numbers there, no RNG state to stash
-RECOMPUTE = dict(use_reentrant=False, preserve_rng_state=False)
+def recomputed(fn, *args):
+    """fn(*args); while autograd records, recomputed in backward rather than its intermediates kept
+    (torch.utils.checkpoint): the cheap parts of training's forward (Mamba's conv and gated norm, the MoE
+    router's scores). `fn` is a function of `args` alone, read now: a class swapped in from outside (masks, a
+    full budget's own values) may be gone by the time backward recomputes it. No random numbers in these, so no
+    RNG state is stashed."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
 
 
 class Mamba2(nn.Module):
@@ -290,12 +296,12 @@ class Mamba2(nn.Module):
         xBC = xBC.transpose(1, 2)  # (b, conv_dim, t)
         if cache is None and type(self.conv1d) is nn.Conv1d and kernels.uses_causal_conv(xBC):
             xBC = kernels.causal_conv(xBC, self.conv1d.weight[:, 0], self.conv1d.bias)  # CUDA, opt-in
-        elif cache is None and type(self.conv1d) is nn.Conv1d and torch.is_grad_enabled():
+        elif cache is None and type(self.conv1d) is nn.Conv1d:
             # recomputed in backward, so that only xBC (a view of in_proj's output, kept anyway) is kept for it:
             # autograd would keep the zero-padded copy and the conv's output, 24 KB a token a layer at Nano's
             # widths (benchmarks/bench_saved.py)
-            xBC = checkpoint(causal_conv_silu, xBC, self.conv1d.weight, self.conv1d.bias, **RECOMPUTE)
-        else:
+            xBC = recomputed(causal_conv_silu, xBC, self.conv1d.weight, self.conv1d.bias)
+        else:  # a cache to continue from, or a conv class swapped in from outside
             k = self.conv1d.kernel_size[0]
             # the k-1 inputs before these: zeros at the start of a sequence, else the cached last ones
             before = xBC.new_zeros(b, xBC.shape[1], k - 1) if cache is None else cache.conv.to(xBC.dtype)
@@ -316,13 +322,12 @@ class Mamba2(nn.Module):
             y, final = self.scan(x, dt, A, B, C, None if cache is None else cache.ssm)
             if cache is not None:
                 cache.ssm.copy_(final)
-        if torch.is_grad_enabled() and type(self.norm) is GatedRMSNorm:
+        if type(self.norm) is GatedRMSNorm:
             # recomputed in backward (elementwise work): its fp32 intermediates are about 80 KB a token at Nano's
-            # widths (eager), and y, x and z are kept anyway. A function of the tensors read now: a class swapped
-            # in from outside (masks, a full budget's own values) may be gone by the time backward recomputes it
+            # widths (eager), and y, x and z are kept anyway
             norm = self.norm
-            y = checkpoint(skip_and_gated_norm, y, x, self.D, z, norm.weight, norm.groups, norm.eps, **RECOMPUTE)
-        else:
+            y = recomputed(skip_and_gated_norm, y, x, self.D, z, norm.weight, norm.groups, norm.eps)
+        else:  # a norm class swapped in from outside (masks, a full budget's own norm) runs as it is
             y = self.norm(with_skip(y, x, self.D).flatten(-2), z)
         return self.out_proj(y.to(u.dtype))
 
@@ -485,10 +490,8 @@ class TopkRouter(nn.Module):
 
     def forward(self, x):
         """x: (tokens, hidden) -> chosen expert ids and their weights, both (tokens, top_k)."""
-        # recomputed in backward (a product 128 experts wide at Nano) rather than keep its fp32 copy of x; a
-        # function of the weight read now (a class swapped in from outside may shadow it, and be gone by then)
-        scores = (checkpoint(router_scores, x, self.weight, **RECOMPUTE) if torch.is_grad_enabled() else
-                  router_scores(x, self.weight))
+        # recomputed in backward (a product 128 experts wide at Nano) rather than keep its fp32 copy of x
+        scores = recomputed(router_scores, x, self.weight)
         idx = self.select(scores + self.e_score_correction_bias.float())
         return idx, self.weigh(scores, idx) * self.scale
 
