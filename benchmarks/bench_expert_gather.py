@@ -46,7 +46,7 @@ import datetime
 import torch
 
 import common
-from star_elastic.model import Experts, activation
+from star_elastic.model import Experts, activation, back_to_tokens, gathered_experts
 
 VARIANTS = ("model", "contig", "view", "wide_i64", "wide_c128", "index_select", "index_select_i64", "rows", "rows_i64",
             "grouped_mm", "grouped_mm_contig", "loop_host")
@@ -118,9 +118,7 @@ def gather_rows(dtype=None):
 
 def einsum_decode(act, x, up_g, down_g, weights):
     """Experts.forward's decode branch after its gathers."""
-    h = act(torch.einsum("td,tkid->tki", x, up_g))
-    out = torch.einsum("tki,tkdi->tkd", h, down_g)
-    return torch.einsum("tkd,tk->td", out, weights.to(out.dtype))
+    return gathered_experts(act, x, up_g, down_g, weights)
 
 
 def grouped_mm_decode(act, x, up, down, idx, weights):
@@ -133,9 +131,8 @@ def grouped_mm_decode(act, x, up, down, idx, weights):
     counts = flat.new_zeros(up.shape[0]).index_add_(0, flat, torch.ones_like(flat))
     offs = counts.cumsum(0).to(torch.int32)
     h = act(torch._grouped_mm(xs, up.transpose(1, 2), offs=offs))
-    out = torch._grouped_mm(h, down.transpose(1, 2), offs=offs)
-    out = out * weights.flatten()[order, None].to(out.dtype)
-    return torch.zeros_like(x, dtype=out.dtype).index_add_(0, token, out)
+    h = h * weights.flatten()[order, None].to(h.dtype)
+    return back_to_tokens(torch._grouped_mm(h, down.transpose(1, 2), offs=offs), order, k)
 
 
 def loop_host_decode(act, x, up, down, idx_host, weights):

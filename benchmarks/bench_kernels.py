@@ -536,18 +536,24 @@ def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: in
 
 
 def part_kdcurve(device, tiny: bool, pattern: str, batch: int, seq: int, steps: int, have_triton: bool,
-                 compile_step: bool) -> dict:
+                 compile_step: bool, apart: bool = False) -> dict:
     """Issue 16's "no loss of accuracy" over training: the elastic step's distillation losses over `steps` steps from
     one start, on the reference path (the einsum scan, the KD on whole-batch logits, eager) twice (its own
     run-to-run noise) and on the fast default (the Triton scan where it imports, the fused KD, layers and loss
     compiled where `compile_step`). Each run starts from copies of the same student, teacher and router, and
     draws the same budgets. Reports every step's KD, the mean relative gap of each run to the reference over
-    the steps, and the last ten steps' mean KD."""
+    the steps (and its signed mean: on an H200 the fast path ran above the reference at every step), and the last
+    ten steps' mean KD. `apart`: also each of the fast path's parts alone on the reference path, to say which one
+    moves the curve."""
     cfg = tiny_config(pattern) if tiny else nano_config(pattern)
     model, teacher, budgets, rows = step_setup(cfg, device, batch, seq)
     fast_name = ("triton" if have_triton else "einsum") + "_fused_kd" + ("_compiled" if compile_step else "")
     variants = {"reference": (False, False, None), "reference_again": (False, False, None),
                 fast_name: (have_triton, True, "inductor" if compile_step else None)}
+    if apart:
+        variants.update({"triton_only": (True, False, None)} if have_triton else {})
+        variants.update({"fused_kd_only": (False, True, None)})
+        variants.update({"compiled_only": (False, False, "inductor")} if compile_step else {})
     out = {"pattern": pattern, "batch": batch, "seq": seq, "steps": steps, "variants": {}}
     print(f"\n  KD over {steps} steps: layers {pattern}, batch {batch} x {seq}; " + ", ".join(variants))
     for name, (triton_on, fused, backend) in variants.items():
@@ -563,8 +569,10 @@ def part_kdcurve(device, tiny: bool, pattern: str, batch: int, seq: int, steps: 
         last = [k for k in r["kd"][-10:] if k is not None]
         r["same_budgets"] = r["budgets"] == ref["budgets"]
         r["mean_rel_gap_to_reference"] = sum(abs(a - b) / abs(b) for a, b in pairs) / max(1, len(pairs))
+        r["mean_signed_gap_to_reference"] = sum((a - b) / abs(b) for a, b in pairs) / max(1, len(pairs))
         r["last10_mean_kd"] = sum(last) / max(1, len(last))
-        print(f"  {name:28s} mean |KD - reference| / reference over the steps {r['mean_rel_gap_to_reference']:.2e}; "
+        print(f"  {name:28s} mean |KD - reference| / reference over the steps {r['mean_rel_gap_to_reference']:.2e} "
+              f"(signed {r['mean_signed_gap_to_reference']:+.2e}); "
               f"last ten steps' mean KD {r['last10_mean_kd']:.4f}; the same budgets drawn: {r['same_budgets']}")
     return out
 
@@ -711,6 +719,8 @@ def main():
     ap.add_argument("--check-odd", action="store_true",
                     help="also check a budget view's scan shapes (each shape key costs a fresh Triton autotune)")
     ap.add_argument("--kd-steps", type=int, default=50, help="--parts kdcurve: training steps per run")
+    ap.add_argument("--kd-apart", action="store_true",
+                    help="--parts kdcurve: also the Triton scan, the fused KD and the compiled step each alone")
     ap.add_argument("--fsdp1", action="store_true",
                     help="--parts train: also the step sharded by FSDP2 over this one process (measured slower)")
     ap.add_argument("--keep-activations", action="store_true",
@@ -752,7 +762,7 @@ def main():
         "train": lambda: part_train(device, args.tiny, args.pattern, args.batch, args.seq, args.steps, fast,
                                     compile_, args.fsdp1, args.keep_activations),
         "kdcurve": lambda: part_kdcurve(device, args.tiny, args.pattern, 1, min(args.seq, 2048), args.kd_steps, fast,
-                                        compile_),
+                                        compile_, args.kd_apart),
         "profile": lambda: part_profile(device, args.tiny, args.pattern, *(
             (16, 512) if args.profile_model == "smollm2" and not args.tiny else (args.batch, args.seq)), fast,
             model_name=args.profile_model, compile_backend="inductor" if compile_ else None),

@@ -52,9 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--budget-mix", type=float, default=0.0, metavar="F",
                         help="with --anchor-data: the share of each smaller budget's rows from that text too, the "
                              "rest from the step's training batch, so that the weights they share keep seeing "
-                             "the parent's own text (default 0: the training text alone). A trade between domains: at 0.5 "
-                             "on SmolLM2 the budgets gained 5-12%% out of the training domain and lost 3-4%% in it "
-                             "(docs/RESULTS.md section 9)")
+                             "the parent's own text (default 0: the training text alone; 0.2 with --keep-full). On "
+                             "SmolLM2 at 0.2 the 0.75 budget was level with one distilled alone in the training "
+                             "domain and 4-7%% ahead of it out of the domain (3-6%% behind there without the mix); "
+                             "at 0.5 it lost 3-4%% in domain (docs/RESULTS.md section 9)")
         sp.add_argument("--full-delta-rank", type=int, default=0, metavar="R",
                         help="give the full budget a low-rank delta of its own (rank R) on every linear layer and "
                              "routed expert, trained by the full anchor alone and set in closed form where training "
@@ -166,10 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
                          f"default {ElastifyConfig.full_anchor:g}, 1 with --keep-full)")
     sp.add_argument("--keep-full", action="store_true",
                     help="the recipe that keeps the full model within 1%% of its parent on text in and out of the "
-                         "training domain, chat answers included (docs/RESULTS.md §9: --full-anchor 1 --anchor-data "
-                         "self --anchor-mix 0.5 --full-delta-rank 64 --full-delta-lr 4e-4 --full-delta-finish 256 "
-                         "--hold embeddings,norms --hold-rate 1 --full-keeps-held training, the delta "
-                         "restored where training ends); each of those flags given beside it wins")
+                         "training domain, chat answers included, and a fifth of the smaller budgets' rows the "
+                         "parent's own text (docs/RESULTS.md §9: "
+                         f"{commands.lever_flags(commands.KEEP_FULL)}, the delta restored where training ends); "
+                         "each of those flags given beside it wins")
     sp.add_argument("--all-budgets", action="store_true",
                     help="every step trains every smaller budget on the same batch (with the anchor: the sandwich "
                          "rule in full; each smaller budget trains on all the tokens, at a pass per budget a step)")
@@ -227,11 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Elastify SmolLM2 on real text, CPU- or GPU-sized (DEMO_PRESETS in commands.py), "
                                     "then ask every budget from one loaded copy. The full-budget flags' defaults below "
                                     "are elastify's, which the CPU preset uses; the GPU preset trains with the recipe "
-                                    "that keeps the full budget near its parent (docs/RESULTS.md §9): "
-                                    "--full-anchor 1 --anchor-data self --anchor-mix 0.5 --full-delta-rank 64 --hold "
-                                    "embeddings,norms --hold-rate 1 --hold-pull 30 --full-keeps-held training, the "
-                                    "delta restored in closed form where training ends (--full-delta-restore "
-                                    "activations), then --full-delta-finish 256 at --full-delta-lr 4e-4.")
+                                    "that keeps the full budget near its parent, elastify --keep-full's "
+                                    "(docs/RESULTS.md §9): "
+                                    f"{commands.lever_flags(commands.KEEP_FULL)}, the delta restored in closed form "
+                                    "where training ends.")
     model_args(sp, positional=False)
     for flag, kind in (("--data", str), ("--budgets", str), ("--axes", str), ("--tokens", int), ("--seq-len", int),
                        ("--batch-size", int), ("--lr", float), ("--calib-batches", int), ("--eval-tokens", int)):

@@ -223,8 +223,9 @@ def elsewhere_note(budget: str, in_domain: float, elsewhere: dict[str, float], b
         return None
     return (f"  note: budget {budget} keeps less of the parent out of its training domain ({elsewhere[worst]:.2f}x the "
             f"parent's perplexity on {worst}, {in_domain:.2f}x in domain); if it must serve other text, --anchor-data "
-            "self --budget-mix F gives its batches a share F of the parent's own text, at some cost in domain "
-            "(F = 0.5 on SmolLM2: 5-12% better out of domain, 3-4% worse in it, docs/RESULTS.md §9)")
+            "self --budget-mix F gives its batches a share F of the parent's own text, at a cost in domain that "
+            "grows with F (on SmolLM2 at F = 0.2, elastify --keep-full's, the 0.75 level with one distilled alone in "
+            "domain and 4-7% ahead out of it; at 0.5 3-4% behind in domain; docs/RESULTS.md §9)")
 
 
 def passes_warning(tokens: int, available: int, data: str) -> str | None:

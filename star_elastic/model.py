@@ -548,30 +548,55 @@ class Experts(nn.Module):
         # decoding: gather the few chosen experts' weights. From 2 tokens the grouped GEMM is faster on an
         # H200, even than the gather from a contiguous copy (4 tokens x top-6 at Nano shapes: 1.34-1.58x); at 1
         # token the gather ties or wins (0.74-1.00x the other way; docs/RESULTS.md, "the views' expert gather")
+        # Each copy's routing weight scales its activation before the down projection (transformers scales
+        # the down projection's output: the same sum, rounded in another order). So backward needs no copy of
+        # the down projection's output for the weights' gradient: at Nano's widths 6 x 2688 values a token
+        # that a MoE layer no longer keeps (docs/RESULTS.md, "what a training step keeps").
         if T * k <= self.up_proj.shape[0] // 2 and (T == 1 or not grouped):
-            h = self.hidden(torch.einsum("td,tkid->tki", x, self.weights("up_proj", idx)))
-            out = torch.einsum("tki,tkdi->tkd", h, self.weights("down_proj", idx))
-            return torch.einsum("tkd,tk->td", out, weights.to(out.dtype))
+            return gathered_experts(self.hidden, x, self.weights("up_proj", idx), self.weights("down_proj", idx),
+                                    weights)
         flat = idx.flatten()
         order = flat.argsort(stable=True)
         token = order // k
         xs = x[token]  # token copies grouped by expert
+        scale = weights.flatten()[order, None]
         # a count of fixed shape (bincount's depends on the data, which breaks a torch.compile graph)
         counts = flat.new_zeros(self.up_proj.shape[0]).index_add_(0, flat, torch.ones_like(flat))
         if grouped:
             offs = counts.cumsum(0).to(torch.int32)
             h = self.hidden(self.grouped("up_proj", xs, offs, dt))
-            out = self.grouped("down_proj", h, offs, dt)
+            out = self.grouped("down_proj", h * scale.to(h.dtype), offs, dt)
         else:
-            out = self.loop(xs, counts)
-        out = out * weights.flatten()[order, None].to(out.dtype)
-        return torch.zeros_like(x, dtype=out.dtype).index_add_(0, token, out)
+            out = self.loop(xs, scale, counts)
+        return back_to_tokens(out, order, k)
 
     @torch.compiler.disable  # sizes read from the data: under torch.compile, a graph per routing pattern
-    def loop(self, xs, counts):
-        """One matmul pair per expert over its tokens (xs grouped by expert, `counts` per expert)."""
-        return torch.cat([self.hidden(xe @ up.T) @ down.T for xe, up, down in
-                          zip(xs.split(counts.tolist()), self.weights("up_proj"), self.weights("down_proj"))])
+    def loop(self, xs, scale, counts):
+        """One matmul pair per expert over its tokens (xs grouped by expert, `counts` per expert, each copy's
+        activation times its `scale`)."""
+        rows, outs = counts.tolist(), []
+        for xe, se, up, down in zip(xs.split(rows), scale.split(rows), self.weights("up_proj"),
+                                    self.weights("down_proj")):
+            h = self.hidden(xe @ up.T)
+            outs.append((h * se.to(h.dtype)) @ down.T)
+        return torch.cat(outs)
+
+
+def gathered_experts(act, x, up, down, weights):
+    """The experts for a few tokens on their chosen experts' gathered tensors, up (T, k, I, D) and down (T, k, D, I):
+    each copy's activation times its routing weight, then a product per copy and the sum over the k (one
+    contraction over k and I together would copy the gathered weights)."""
+    h = act(torch.einsum("td,tkid->tki", x, up))
+    h = h * weights.to(h.dtype)[..., None]
+    return torch.einsum("tki,tkdi->tkd", h, down).sum(1).to(h.dtype)
+
+
+def back_to_tokens(out, order, k: int):
+    """The routed copies' outputs `out`, grouped by expert (`order` the argsort that grouped them), back in
+    token order and summed over each token's k copies: a gather keeps only its indices for backward
+    (`index_add_` keeps its whole source), and the sum's order is fixed (`index_add_` adds atomically on a GPU)."""
+    where = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
+    return out[where].view(-1, k, out.shape[-1]).sum(1).to(out.dtype)  # (autocast would widen the sum to fp32)
 
 
 def uses_grouped_mm(x: torch.Tensor, dt: torch.dtype) -> bool:

@@ -131,12 +131,17 @@ def test_the_kd_curve_part_trains_each_path_from_one_start():
 
     from bench_kernels import part_kdcurve
 
-    out = part_kdcurve(torch.device("cpu"), True, "MEM*EM", 1, 64, 6, have_triton=False, compile_step=False)
+    out = part_kdcurve(torch.device("cpu"), True, "MEM*EM", 1, 64, 6, have_triton=False, compile_step=False,
+                       apart=True)
     runs = out["variants"]
-    assert set(runs) == {"reference", "reference_again", "einsum_fused_kd"}
+    # apart: each fast part alone; with no Triton and no compile only the fused KD is a part of its own
+    assert set(runs) == {"reference", "reference_again", "einsum_fused_kd", "fused_kd_only"}
     assert all(r["same_budgets"] and len(r["kd"]) == 6 for r in runs.values())
     assert runs["reference_again"]["kd"] == runs["reference"]["kd"]
-    assert runs["einsum_fused_kd"]["mean_rel_gap_to_reference"] < 1e-5
+    assert runs["reference_again"]["mean_signed_gap_to_reference"] == 0
+    assert runs["fused_kd_only"]["kd"] == runs["einsum_fused_kd"]["kd"]  # the same path, named twice
+    assert abs(runs["einsum_fused_kd"]["mean_signed_gap_to_reference"]) <= runs["einsum_fused_kd"][
+        "mean_rel_gap_to_reference"] < 1e-5
     assert len(set(runs["reference"]["kd"])) > 1  # the losses moved: the runs trained
 
 

@@ -49,3 +49,27 @@ def test_a_mamba_layer_keeps_the_scan_kernels_tensors_and_not_the_padded_conv_in
     assert ("float32", (1, cfg.mamba_num_heads, 64)) in shapes
     channels = cfg.mamba_num_heads * cfg.mamba_head_dim + 2 * cfg.n_groups * cfg.ssm_state_size
     assert not any(shape == (1, channels, 64 + cfg.conv_kernel - 1) for _, shape in shapes)
+
+
+def test_a_moe_layer_keeps_one_hidden_wide_copy_of_each_routed_token():
+    """Under the grouped GEMM's stand-in a MoE layer keeps the routed token copies (tokens x top_k, hidden) for
+    the up projection's gradient, and no second such tensor: the routing weights scale the activation before
+    the down projection, so its output is not kept for their gradient (it was, 6 x 2688 values a token at Nano)."""
+    import bench_saved
+    from bench_speed import hf_config
+
+    from star_elastic.hf import config_from_hf
+    from star_elastic.model import Model
+
+    hc = hf_config(True)
+    hc.layers_block_type, hc.num_hidden_layers = ["moe"], 1
+    hc.moe_intermediate_size = hc.hidden_size // 2  # widths apart, so a shape names its tensor
+    cfg = config_from_hf(hc.to_dict())
+    model = Model(cfg).to(torch.bfloat16)
+    x = torch.randint(0, cfg.vocab_size, (1, 64))
+    with ExitStack() as stack:
+        bench_saved.kernels_in(stack, "stand-in", torch.device("cpu"), conv=False)
+        shapes = [shape for _, _, shape in bench_saved.kept(model, x, compiled=False)]
+    copies = 64 * cfg.num_experts_per_tok
+    assert (copies, cfg.moe_intermediate_size) in shapes  # the experts ran on the grouped path
+    assert shapes.count((copies, cfg.hidden_size)) == 1

@@ -467,14 +467,16 @@ def test_demo_runs_end_to_end_and_says_what_to_do_next(tmp_path, tokenizer, text
 
 def test_the_demo_trains_with_elastifys_defaults_on_the_cpu_and_the_recipe_that_keeps_the_full_budget_on_a_gpu():
     """The full-budget flags of `demo` default to its preset: on the CPU elastify's own defaults (none of them),
-    on a GPU the recipe measured in docs/RESULTS.md §9 (anchor 1 on half sampled text, a rank-64 delta, the
+    on a GPU the recipe measured in docs/RESULTS.md §9 (anchor 1 on half sampled text, a fifth of the smaller
+    budgets' rows that text too, a rank-64 delta, the
     parent's embeddings and norms held at the full rate, pulled back and kept from the first step), which the
     trainer's own checks accept; a flag given wins over either preset, also one that turns a lever off."""
     from star_elastic.cli import build_parser
     from star_elastic.commands import KEEP_FULL, PLAIN_LEVERS, demo_options, lever_options
-    from star_elastic.train import DELTA_OPTIONS, delta_option_problem, hold_problem, keep_problem
+    from star_elastic.train import (DELTA_OPTIONS, budget_mix_problem, delta_option_problem, hold_problem,
+                                    keep_problem)
 
-    levers = ("anchor_data", "anchor_mix", "full_delta_rank", "full_delta_lr", "full_delta_finish", "hold", "hold_rate",
+    levers = ("anchor_data", "anchor_mix", "budget_mix", "full_delta_rank", "full_delta_lr", "full_delta_finish", "hold", "hold_rate",
               "hold_pull", "full_keeps_held")
     elastify_args = build_parser().parse_args(["elastify", "m", "--data", "wiki", "--tokens", "64", "--out", "o"])
     cpu, gpu = (demo_options(build_parser().parse_args(["demo"]), kind) for kind in ("cpu", "cuda"))
@@ -483,11 +485,12 @@ def test_the_demo_trains_with_elastifys_defaults_on_the_cpu_and_the_recipe_that_
     assert {k: gpu[k] for k in KEEP_FULL} == KEEP_FULL  # the GPU demo runs elastify --keep-full's recipe
     assert cpu["full_anchor"] == 0.0
     assert {k: gpu[k] for k in levers + ("full_anchor",)} == {
-        "anchor_data": "self", "anchor_mix": 0.5, "full_delta_rank": 64, "full_delta_lr": 4e-4, "full_delta_finish": 256,
+        "anchor_data": "self", "anchor_mix": 0.5, "budget_mix": 0.2, "full_delta_rank": 64, "full_delta_lr": 4e-4, "full_delta_finish": 256,
         "hold": "embeddings,norms",
         "hold_rate": 1.0,
         "hold_pull": 0.0, "full_keeps_held": "training", "full_anchor": 1.0}
     hold = gpu["hold"].split(",")
+    assert budget_mix_problem(gpu["budget_mix"], anchor_text=True) is None
     assert hold_problem(hold, gpu["hold_rate"], gpu["hold_pull"], sharded=False, budget_lrs=False) is None
     assert keep_problem(gpu["full_keeps_held"], gpu["full_delta_rank"], hold, gpu["hold_rate"]) is None
     given = demo_options(build_parser().parse_args(["demo", "--full-delta-rank", "0", "--full-keeps-held",

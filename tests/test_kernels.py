@@ -630,3 +630,28 @@ def test_head_gradient_gemm_on_cuda_equals_the_product_then_the_add():
     losses._add_product(acc, g.t(), x)
     ref.add_(g.t() @ x)
     assert torch.allclose(acc, ref, rtol=2e-2, atol=0.5)  # the reference rounds its product to bf16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the grouped GEMM's backward is CUDA's")
+def test_grouped_experts_on_cuda_give_the_per_expert_paths_gradients():
+    """On a GPU: the experts as one grouped GEMM in bf16 (the routing weights scaling the activations before
+    the down projection, the copies summed back by a gather) give the per-expert path's output and
+    gradients, that path run in fp32, to bf16 rounding."""
+    from star_elastic.model import Experts, ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=256, n_routed_experts=16, moe_intermediate_size=128, num_experts_per_tok=4)
+    ex = Experts(cfg).cuda()
+    T = 512
+    x = torch.randn(T, 256, device="cuda", requires_grad=True)
+    idx = torch.stack([torch.randperm(16)[:4] for _ in range(T)]).cuda()
+    w = torch.rand(T, 4, device="cuda", requires_grad=True)
+    g = torch.randn(T, 256, device="cuda")
+    grads = []
+    for dt in (torch.bfloat16, torch.float32):  # bf16: the grouped GEMM; fp32: a matmul pair per expert
+        with torch.autocast("cuda", torch.bfloat16, enabled=dt == torch.bfloat16):
+            out = ex(x, idx, w)
+        assert (out.dtype == torch.bfloat16) == (dt == torch.bfloat16)
+        grads.append((out.float(), *torch.autograd.grad((out.float() * g).sum(), (x, w, ex.up_proj, ex.down_proj))))
+    for got, want in zip(*grads):
+        assert (got - want).norm() < 0.02 * want.norm()

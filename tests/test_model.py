@@ -208,6 +208,26 @@ def test_experts_gather_path_equals_grouped_path():
         assert rel_err(full, _experts_reference(ex, x, idx, w)) < 1e-6
 
 
+def test_experts_gradients_equal_the_reference_on_every_path():
+    """The routing weights scale each copy's activation before the down projection, and the copies come back to
+    token order by a gather and a sum (neither keeps the down projection's output for backward): the same
+    function as weighting the output, so the gradients of x, the weights and both tensors equal the
+    reference's, on the per-expert path (many tokens) and the gather path (one)."""
+    ex = _experts().double()
+    torch.manual_seed(1)
+    for T in (20, 1):
+        x = torch.randn(T, 12, dtype=torch.float64, requires_grad=True)
+        idx = torch.stack([torch.randperm(8)[:2] for _ in range(T)])
+        w = torch.rand(T, 2, dtype=torch.float64, requires_grad=True)
+        g = torch.randn(T, 12, dtype=torch.float64)
+        grads = []
+        for run in (ex, _experts_reference):
+            out = run(x, idx, w) if run is ex else run(ex, x, idx, w)
+            grads.append(torch.autograd.grad((out * g).sum(), (x, w, ex.up_proj, ex.down_proj)))
+        for got, want in zip(*grads):
+            assert rel_err(got, want) < 1e-10
+
+
 def test_gather_experts_moves_words_and_equals_indexing():
     """gather_experts: w[idx] bit for bit, from a parent or a budget's strided view, moved as 16-byte words
     where the layout allows (the index op sees complex128), else as 8-byte ones (int64), element by element
