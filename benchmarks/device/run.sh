@@ -21,7 +21,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -52,7 +52,7 @@ ratios() {  # ratios PAIRS RUN...: like-for-like ratios of this machine's runs a
   # recompute them at home from the runs' JSON with compare_elastic.py --json
   local pairs=$1; shift; local files=(); for r in "$@"; do [ -s $H/res/$r.json ] && files+=($H/res/$r.json); done
   for p in ${pairs//,/ }; do
-    python3 benchmarks/compare_elastic.py docs/results/elastic_session31_h200.json docs/results/elastic_session30_h200.json docs/results/elastic_session29_h200.json docs/results/elastic_session28_h200.json docs/results/elastic_session27_h200.json docs/results/elastic_session24_h200.json docs/results/elastic_session21_h200.json docs/results/elastic_session19_h200.json docs/results/elastic_session18_h200.json docs/results/elastic_session17_h200.json docs/results/elastic_session16_h200.json docs/results/elastic_session15_h200.json docs/results/elastic_session14_h200.json docs/results/elastic_session13_h200.json docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
+    python3 benchmarks/compare_elastic.py docs/results/elastic_session34_h200.json docs/results/elastic_session31_h200.json docs/results/elastic_session30_h200.json docs/results/elastic_session29_h200.json docs/results/elastic_session28_h200.json docs/results/elastic_session27_h200.json docs/results/elastic_session24_h200.json docs/results/elastic_session21_h200.json docs/results/elastic_session19_h200.json docs/results/elastic_session18_h200.json docs/results/elastic_session17_h200.json docs/results/elastic_session16_h200.json docs/results/elastic_session15_h200.json docs/results/elastic_session14_h200.json docs/results/elastic_session13_h200.json docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
       docs/results/elastic_session9_h200.json "${files[@]}" --pairs $p 2>&1 | tail -n 8
   done
 }
@@ -471,6 +471,13 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # (each resumes; a finished one is skipped), then HB16c, RESTORESVD and the demo
   S30) bash $0 PLAN17 16p > $OUT/s30_16p.txt 2>&1 & bash $0 PLAN17 HB16 > $OUT/s30_hb16.txt 2>&1; wait
      tail -n 12 $OUT/s30_16p.txt $OUT/s30_hb16.txt ;;
+  # S34 (the next session's first call after SETUP; carry .devcarry/mamba too): the like-for-like (c) of the
+  # thirty-fourth session's J0km02 / J1km02 (MIX=0.2 S31c; on a fresh machine it samples the anchor text again:
+  # compare its fingerprint in the JSON with J0km02's) beside issue 16's KD curve with each fast part alone
+  # (losses, not timings, so sharing the GPU is harmless); ~400 s
+  S34) MIX=0.2 bash $0 PLAN17 S31c > $OUT/s34_c.txt 2>&1 &
+     bash $0 KERNELS --parts kdcurve --kd-apart > $OUT/s34_kdcurve.txt 2>&1; wait
+     tail -n 20 $OUT/s34_c.txt $OUT/s34_kdcurve.txt ;;
   # MLRS=1e-4,3e-4: (c) at its best of those rates (at seed 0 its 0.75 fitted its training text 2.8x better than
   # B16's and did worse on every held-out source: 8.7 passes over 963k tokens; a lower rate may over-fit less);
   # the runs are then named C16ba$x-lr / C16bb$x-lr
