@@ -571,9 +571,10 @@ def test_keep_full_is_the_recipe_and_a_flag_beside_it_wins(tmp_path, tokenizer, 
             "--out", str(tmp_path / "ckpt")]
     assert cli.main(args) == 0
     config = read_manifest(tmp_path / "ckpt")["training"]["config"]
-    assert (config["full_anchor"], config["anchor_data"], config["full_delta_rank"], config["full_delta_finish"],
-            config["hold"], config["hold_pull"], config["full_keeps_held"]) == (
-        1.0, "self", 4, 2, ["embeddings", "norms"], 0.0, "training")
+    assert (config["full_anchor"], config["anchor_data"], config["budget_mix"], config["full_delta_rank"],
+            config["full_delta_finish"], config["hold"], config["hold_pull"], config["full_keeps_held"]) == (
+        1.0, "self", KEEP_FULL["budget_mix"], 4, 2, ["embeddings", "norms"], 0.0, "training")
+    assert KEEP_FULL["budget_mix"] > 0  # the smaller budgets see the parent's own text too (RESULTS §9)
 
 
 def test_shard_and_router_flags_reach_the_training_config(tmp_path):
