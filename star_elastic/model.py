@@ -525,8 +525,14 @@ class Experts(nn.Module):
         self.act = activation(cfg.mlp_act)
 
     def hidden(self, h):
-        """The activation between the up and down projections, (..., moe_intermediate_size)."""
-        return self.act(h)
+        """The activation between the up and down projections, (..., moe_intermediate_size), times
+        `neuron_scale()` where there is one."""
+        return scaled_activation(h, self.act, self.neuron_scale())
+
+    def neuron_scale(self):
+        """A factor per expert FFN neuron after the activation, (moe_intermediate_size,): none here (masks give
+        one from outside)."""
+        return None
 
     def grouped(self, which: str, xs, offs, dt):
         """xs (token copies grouped by expert, `offs` the groups' ends) through each one's tensor `which`, as
@@ -564,8 +570,9 @@ class Experts(nn.Module):
         counts = flat.new_zeros(self.up_proj.shape[0]).index_add_(0, flat, torch.ones_like(flat))
         if grouped:
             offs = counts.cumsum(0).to(torch.int32)
-            h = self.hidden(self.grouped("up_proj", xs, offs, dt))
-            out = self.grouped("down_proj", h * scale.to(h.dtype), offs, dt)
+            h = recomputed(scaled_activation, self.grouped("up_proj", xs, offs, dt), self.act, self.neuron_scale(),
+                           scale)
+            out = self.grouped("down_proj", h, offs, dt)
         else:
             out = self.loop(xs, scale, counts)
         return back_to_tokens(out, order, k)
@@ -574,12 +581,22 @@ class Experts(nn.Module):
     def loop(self, xs, scale, counts):
         """One matmul pair per expert over its tokens (xs grouped by expert, `counts` per expert, each copy's
         activation times its `scale`)."""
-        rows, outs = counts.tolist(), []
+        rows, outs, neurons = counts.tolist(), [], self.neuron_scale()
         for xe, se, up, down in zip(xs.split(rows), scale.split(rows), self.weights("up_proj"),
                                     self.weights("down_proj")):
-            h = self.hidden(xe @ up.T)
-            outs.append((h * se.to(h.dtype)) @ down.T)
+            outs.append(recomputed(scaled_activation, xe @ up.T, self.act, neurons, se) @ down.T)
         return torch.cat(outs)
+
+
+def scaled_activation(h, act, neurons=None, copies=None):
+    """act(h) times a factor per neuron (`neurons`, (I,)) and one per row (`copies`, (rows, 1): the routing
+    weights) where given. In training the experts recompute it in backward (`recomputed`): then only its input
+    and the down projection's input are kept, not the activation's output besides (eager; a compiled graph
+    recomputes such elementwise work itself)."""
+    h = act(h)
+    if neurons is not None:
+        h = h * neurons.to(h.dtype)
+    return h if copies is None else h * copies.to(h.dtype)
 
 
 def gathered_experts(act, x, up, down, weights):

@@ -73,3 +73,6 @@ def test_a_moe_layer_keeps_one_hidden_wide_copy_of_each_routed_token():
     copies = 64 * cfg.num_experts_per_tok
     assert (copies, cfg.moe_intermediate_size) in shapes  # the experts ran on the grouped path
     assert shapes.count((copies, cfg.hidden_size)) == 1
+    # and two activation-wide ones: the up projection's output and the down projection's input; the
+    # activation's own output is recomputed in backward, not kept beside them
+    assert shapes.count((copies, cfg.moe_intermediate_size)) == 2

@@ -513,7 +513,8 @@ def test_a_mamba_layer_recomputes_its_conv_and_norm_in_backward_with_the_same_gr
     conv + SiLU and the D skip + gated norm are recomputed in backward (torch.utils.checkpoint), where autograd
     kept the zero-padded conv input, the conv's output and the norm's fp32 intermediates (at the 539M config
     88.6 -> 36.6 KB a token eager, benchmarks/bench_saved.py); so are the MoE router's scores (its fp32 copy of
-    the input). The gradients are the same, the router's and the masks' included, masked or not."""
+    the input), and the experts' activation times its neuron mask and routing weights (kept beside its input
+    before). The gradients are the same, the router's and the masks' included, masked or not."""
     from contextlib import nullcontext
 
     from star_elastic import kernels
@@ -529,7 +530,7 @@ def test_a_mamba_layer_recomputes_its_conv_and_norm_in_backward_with_the_same_gr
     with torch.no_grad():  # a router that prefers some experts: its gradient then reaches the chosen ones' weights
         model.model.layers[1].mixer.gate.weight.normal_()
     x = torch.randint(0, cfg.vocab_size, (2, 16))
-    spec = ElasticSpec(mamba_num_heads=2, hidden_size=24)
+    spec = ElasticSpec(mamba_num_heads=2, hidden_size=24, moe_intermediate_size=8)
     keep_everything = lambda fn, *a, **settings: fn(*a)  # noqa: E731  (what autograd kept before)
 
     def grads(masks, backward_inside=True):  # the parameters' and, masked, the (soft) masks' gradients: the
@@ -549,7 +550,8 @@ def test_a_mamba_layer_recomputes_its_conv_and_norm_in_backward_with_the_same_gr
         monkeypatch.setattr(model_module, "checkpoint", keep_everything)
         want = grads(masks, inside)
         monkeypatch.undo()
-        assert got.keys() == want.keys() and got and (not masks or {"mask hidden", "mask layers.0.mamba_heads"} <= got.keys())
+        assert got.keys() == want.keys() and got and (not masks or {
+            "mask hidden", "mask layers.0.mamba_heads", "mask layers.1.expert_ffn"} <= got.keys())
         for name in got:
             torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
 

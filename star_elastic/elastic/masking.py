@@ -102,9 +102,8 @@ class MaskedExperts(Experts):
 
     mask: torch.Tensor
 
-    def hidden(self, h):
-        h = super().hidden(h)
-        return h * self.mask.to(h.dtype)
+    def neuron_scale(self):
+        return self.mask
 
 
 PLAIN = (RMSNorm, GatedRMSNorm, Attention, Mamba2, MLP, TopkRouter, Experts, MoE)
