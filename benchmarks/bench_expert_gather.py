@@ -46,7 +46,7 @@ import datetime
 import torch
 
 import common
-from star_elastic.model import Experts, activation, back_to_tokens, gathered_experts
+from star_elastic.model import Experts, activation, back_to_tokens, gathered_experts, scaled_activation
 
 VARIANTS = ("model", "contig", "view", "wide_i64", "wide_c128", "index_select", "index_select_i64", "rows", "rows_i64",
             "grouped_mm", "grouped_mm_contig", "loop_host")
@@ -130,8 +130,8 @@ def grouped_mm_decode(act, x, up, down, idx, weights):
     xs = x[token]
     counts = flat.new_zeros(up.shape[0]).index_add_(0, flat, torch.ones_like(flat))
     offs = counts.cumsum(0).to(torch.int32)
-    h = act(torch._grouped_mm(xs, up.transpose(1, 2), offs=offs))
-    h = h * weights.flatten()[order, None].to(h.dtype)
+    h = scaled_activation(torch._grouped_mm(xs, up.transpose(1, 2), offs=offs), act,
+                          copies=weights.flatten()[order, None])
     return back_to_tokens(torch._grouped_mm(h, down.transpose(1, 2), offs=offs), order, k)
 
 

@@ -215,7 +215,8 @@ def main(argv=None):
                               set(pattern) <= set(args.layers)}
         print(f"{mode}: " + ", ".join(f"{k} {r['kb_per_token']:.1f}" for k, r in rows.items()) +
               f", embedding + head {sum(rest) / len(rest):.1f} KB a token; {len(pattern)} layers ({pattern}): "
-              f"{whole:.0f} KB a token, {whole * 1024 * 8192 / 2**30:.2f} GiB at 4 x 2048")
+              f"{whole:.0f} KB a token, {whole * 1024 * 8192 / 2**30:.2f} GiB at 4 x 2048"
+              + ("" if set(pattern) <= set(args.layers) else " (the kinds not in --layers left out)"))
         for k, r in rows.items():
             for t in r["largest_in_two_layers"][:6]:
                 print(f"    {k:10s} {t['kb_per_token']:6.2f} KB  {t['dtype']:9s} {tuple(t['shape'])}")

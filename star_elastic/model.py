@@ -603,8 +603,7 @@ def gathered_experts(act, x, up, down, weights):
     """The experts for a few tokens on their chosen experts' gathered tensors, up (T, k, I, D) and down (T, k, D, I):
     each copy's activation times its routing weight, then a product per copy and the sum over the k (one
     contraction over k and I together would copy the gathered weights)."""
-    h = act(torch.einsum("td,tkid->tki", x, up))
-    h = h * weights.to(h.dtype)[..., None]
+    h = scaled_activation(torch.einsum("td,tkid->tki", x, up), act, copies=weights[..., None])
     return torch.einsum("tki,tkdi->tkd", h, down).sum(1).to(h.dtype)
 
 
