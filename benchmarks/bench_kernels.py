@@ -63,7 +63,7 @@ import sys
 import tempfile
 import time
 import traceback
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from unittest import mock
 from pathlib import Path
 
@@ -402,12 +402,23 @@ def fused_kd(on: bool):
 
 
 def keep_activations(on: bool):
-    """On: the model keeps every activation autograd records (`model.checkpoint` a plain call), as before the
-    thirty-third session, where a Mamba layer's conv and gated norm and the router's scores are recomputed in
-    backward: what the recompute costs in time and saves in memory, side by side."""
+    """On: the model keeps every activation autograd records (`model.checkpoint` a plain call, Mamba's norm and
+    out_proj by autograd: `norm_then_out_proj`), as before the thirty-third session, where a Mamba layer's conv
+    and gated norm and the router's scores are recomputed in backward: what the recompute costs in time and
+    saves in memory, side by side."""
     import star_elastic.model as model_module
-    return mock.patch.object(model_module, "checkpoint", lambda fn, *args, **settings: fn(*args)) if on else \
-        nullcontext()
+    if not on:
+        return nullcontext()
+    stack = ExitStack()
+    stack.enter_context(mock.patch.object(model_module, "checkpoint", lambda fn, *args, **settings: fn(*args)))
+    stack.enter_context(mock.patch.object(model_module, "norm_and_out_proj", model_module.norm_then_out_proj))
+    return stack
+
+
+def conv_scan_switch(on: bool):
+    """On: Mamba's conv, scan and skip as one function (kernels.conv_scan, opt-in in the library), which keeps
+    the conv's input rather than its output for backward; read when a compiled layer is traced."""
+    return common.environment({kernels.ENV_CONV_SCAN: "1" if on else "0"})
 
 
 def foreach_adam(on: bool):
@@ -475,43 +486,47 @@ def one_rank_group(device, on: bool = True):
 
 
 def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: int, have_triton: bool,
-               compile_step: bool = False, fsdp1: bool = False, keep: bool = False) -> dict:
+               compile_step: bool = False, fsdp1: bool = False, keep: bool = False, conv_scan: bool = False) -> dict:
     cfg = tiny_config(pattern) if tiny else nano_config(pattern)
     model, teacher, budgets, rows = step_setup(cfg, device, batch, seq)
     n_total = sum(p.numel() for p in model.parameters())
     n_active = active_params(cfg, model)
-    # (name, Triton scan, fused KD, compile backend, foreach AdamW, shard, keep every activation); the compiled
+    # (name, Triton scan, fused KD, compile backend, foreach AdamW, shard, activations: "" the default, "keep" every
+    # one kept, "conv_scan" Mamba's conv, scan and skip as one function, kernels.conv_scan); the compiled
     # step's first steps
     # compile (the median of the last steps is timed), one graph per layer kind, budget kind and grad mode.
-    # "_keep": every activation kept (no recompute in backward, --keep-activations), beside the default.
+    # "_keep": every activation kept (no recompute in backward, --keep-activations), beside the default;
+    # "_conv_scan": the conv recomputed inside the scan's backward, its output not kept (--conv-scan; opt-in).
     # "_fsdp1": FSDP2 over this one process, whose bf16 gathers cast each block's weights once a forward (and
     # once a backward) where autocast casts them at every use: the profile's hundreds of small casts. Measured
     # on an H200 (thirty-first session, docs/RESULTS.md §12): 10% slower and 24-27 GiB more, eager and compiled,
     # so these rows run only when asked (--fsdp1): they cost about 45 s of device time a run
     best = "triton_fused_kd" if have_triton else "einsum_fused_kd"
-    variants = [("einsum", False, False, None, False, "none", False)]
-    variants += [("triton", True, False, None, False, "none", False)] if have_triton else []
-    variants += [(best + "_foreach_adam", have_triton, True, None, True, "none", False),
-                 (best, have_triton, True, None, False, "none", False)]
-    variants += [(best + "_keep", have_triton, True, None, False, "none", True)] if keep else []
+    variants = [("einsum", False, False, None, False, "none", "")]
+    variants += [("triton", True, False, None, False, "none", "")] if have_triton else []
+    variants += [(best + "_foreach_adam", have_triton, True, None, True, "none", ""),
+                 (best, have_triton, True, None, False, "none", "")]
+    extra = [a for a, on in (("keep", keep), ("conv_scan", conv_scan and have_triton)) if on]
+    variants += [(f"{best}_{a}", have_triton, True, None, False, "none", a) for a in extra]
     if compile_step:
-        variants.append((best + "_compiled", have_triton, True, "inductor", False, "none", False))
-        variants += [(best + "_compiled_keep", have_triton, True, "inductor", False, "none", True)] if keep else []
+        variants.append((best + "_compiled", have_triton, True, "inductor", False, "none", ""))
+        variants += [(f"{best}_compiled_{a}", have_triton, True, "inductor", False, "none", a) for a in extra]
     if fsdp1 and not (parallel.available() and dist.is_available()):
         print("  --fsdp1: FSDP2 is not available in this torch build; its rows are left out")
     elif fsdp1:
-        variants.append((best + "_fsdp1", have_triton, True, None, False, "fsdp", False))
+        variants.append((best + "_fsdp1", have_triton, True, None, False, "fsdp", ""))
         if compile_step:
-            variants.append((best + "_compiled_fsdp1", have_triton, True, "inductor", False, "fsdp", False))
+            variants.append((best + "_compiled_fsdp1", have_triton, True, "inductor", False, "fsdp", ""))
     out = {"pattern": pattern, "params_B": round(n_total / 1e9, 3), "active_params_B": round(n_active / 1e9, 3),
            "batch": batch, "seq": seq, "tokens_per_step": batch * seq, "steps": steps,
            "flops_per_token": 8 * n_active, "peak_tflops": BF16_PEAK / 1e12, "variants": {}}
     print(f"\n  training step: layers {pattern}, {n_total / 1e6:.1f}M parameters ({n_active / 1e6:.1f}M active), "
           f"batch {batch} x {seq}, {steps} steps per variant")
-    for name, triton_on, fused, backend, foreach, shard, keep_all in variants:
+    for name, triton_on, fused, backend, foreach, shard, activations in variants:
         r = out["variants"][name] = {}
         try:
-            with triton_switch(triton_on), fused_kd(on=fused), foreach_adam(on=foreach), keep_activations(keep_all):
+            with triton_switch(triton_on), fused_kd(on=fused), foreach_adam(on=foreach), \
+                    keep_activations(activations == "keep"), conv_scan_switch(activations == "conv_scan"):
                 logs, r["peak_gib"] = _train(model, teacher, cfg, budgets, rows, batch, seq, steps, device, backend,
                                              shard)
             timed_logs = logs[2:] if len(logs) > 3 else logs[1:] or logs
@@ -725,6 +740,9 @@ def main():
                     help="--parts train: also the step sharded by FSDP2 over this one process (measured slower)")
     ap.add_argument("--keep-activations", action="store_true",
                     help="--parts train: also the step keeping every activation (no recompute in backward)")
+    ap.add_argument("--conv-scan", action="store_true",
+                    help="--parts train: also the step with Mamba's conv, scan and skip as one function "
+                         "(STAR_ELASTIC_CONV_SCAN=1), eager and compiled")
     ap.add_argument("--device")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
@@ -760,7 +778,7 @@ def main():
         "scan": lambda: part_scan(device, args.tiny, compile_, args.iters, fast),
         "kd": lambda: part_kd(device, args.tiny, args.iters),
         "train": lambda: part_train(device, args.tiny, args.pattern, args.batch, args.seq, args.steps, fast,
-                                    compile_, args.fsdp1, args.keep_activations),
+                                    compile_, args.fsdp1, args.keep_activations, args.conv_scan),
         "kdcurve": lambda: part_kdcurve(device, args.tiny, args.pattern, 1, min(args.seq, 2048), args.kd_steps, fast,
                                         compile_, args.kd_apart),
         "profile": lambda: part_profile(device, args.tiny, args.pattern, *(
@@ -798,6 +816,12 @@ def use_stand_in():
 
     kernels.triton_scan = triton_scan
     kernels.uses_triton = lambda x: x.dtype in (torch.bfloat16, torch.float16) and not kernels.disabled()
+    # conv + scan as one function (--conv-scan) on the scan's forward and backward in PyTorch
+    from bench_saved import ScanOpsStandIn
+
+    ops = ScanOpsStandIn()
+    kernels._load_conv_scan = lambda: ((ops.fwd, ops.bwd), None)
+    kernels.uses_conv_scan = lambda x: x.dtype in (torch.bfloat16, torch.float16) and kernels.conv_scan_enabled()
 
 
 def summary(res: dict):

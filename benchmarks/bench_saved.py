@@ -15,6 +15,9 @@ Beside ours it prints what `mamba_ssm`'s fused Mamba layer (`mamba_split_conv1d_
 transformers runs with its kernels) keeps, from the same list: in_proj's output zxbcdt, out_x (b, t, heads x
 head_dim) in the input's dtype and the norm's rstd, plus the in_proj input that the layer's linear keeps.
 
+`--conv-scan` counts with Mamba's conv, scan and skip as one function (kernels.conv_scan, opt-in in the library;
+its stand-in is the scan's forward and backward in PyTorch, `ScanOpsStandIn`, which the tests also use).
+
     python benchmarks/bench_saved.py --kernels stand-in --compile --json docs/results/saved_cpu.json
     python benchmarks/bench_saved.py --model nano --kernels stand-in --compile
 """
@@ -84,18 +87,67 @@ def stand_in_conv(x, weight, bias=None, activation=None):
     return ConvStandIn.apply(x, weight, bias)
 
 
-def kernels_in(stack: ExitStack, how: str, device: torch.device, conv: bool):
+class ScanOpsStandIn:
+    """`_mamba_chunk_scan_combined_fwd` and `_bwd` (what `kernels.conv_scan` calls) in PyTorch: their
+    signatures, the asserts on shapes and strides that `kernels.ConvScan` must pass, the einsum scan's
+    arithmetic (the backward by autograd through it), and a record of the calls. Keeps nothing itself: the
+    autograd function around it keeps what it keeps."""
+
+    def __init__(self):
+        self.calls = []
+
+    @staticmethod
+    def _check(x, dt, A, B, C, D):
+        b, t, h, _ = x.shape
+        assert dt.shape == (b, t, h) and A.shape == (h,) and B.shape[:2] == (b, t) and C.shape == B.shape
+        assert D is None or D.shape == (h,)
+        assert x.stride(-1) == 1 or x.stride(1) == 1  # the kernel's: either M or K contiguous
+
+    def fwd(self, x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
+            cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, float("inf"))):
+        from star_elastic.model import ssd_scan, with_skip
+
+        self._check(x, dt, A, B, C, D)
+        self.calls.append(("fwd", dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, initial=initial_states)))
+        with torch.no_grad():
+            y, final = ssd_scan(x, dt, A, B, C, chunk_size, initial_states)
+            out = (y if D is None else with_skip(y, x, D)).to(x.dtype)
+        return out, None, dt, None, None, final
+
+    def bwd(self, dout, x, dt, A, B, C, out, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
+            dfinal_states=None, seq_idx=None, dt_softplus=False, dt_limit=(0.0, float("inf")), dx=None, ddt=None,
+            dB=None, dC=None, dz=None, recompute_output=False):
+        from star_elastic.model import ssd_scan, with_skip
+
+        self._check(x, dt, A, B, C, D)
+        assert out.shape == x.shape and dout.shape == x.shape and dout.stride(-1) == 1
+        self.calls.append(("bwd", dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, initial=initial_states)))
+        leaves = [t.detach().requires_grad_() for t in (x, dt, A, B, C, *(() if D is None else (D,)))]
+        with torch.enable_grad():
+            y = ssd_scan(*leaves[:5], chunk_size, initial_states)[0]
+            y = y if D is None else with_skip(y, leaves[0], leaves[5])
+            grads = torch.autograd.grad(y.to(x.dtype), leaves, dout)
+        dD = grads[5] if D is not None else None
+        return (*grads[:5], dD, None, None, None)
+
+
+def kernels_in(stack: ExitStack, how: str, device: torch.device, conv: bool, conv_scan: bool = False):
     """Put the kernels named by `how` in place for the runs in `stack`: 'none' (the PyTorch paths), 'real'
-    (the imported kernels, on a GPU), 'stand-in' (the stand-ins above, on any device)."""
-    env = {kernels.ENV_ENABLE: "1" if how != "none" else "0", kernels.ENV_CONV: "1" if conv and how != "none" else "0"}
+    (the imported kernels, on a GPU), 'stand-in' (the stand-ins above, on any device). `conv`: the conv on
+    causal_conv1d's kernel; `conv_scan`: conv, scan and skip as one function (kernels.conv_scan)."""
+    env = {kernels.ENV_ENABLE: "1" if how != "none" else "0", kernels.ENV_CONV: "1" if conv and how != "none" else "0",
+           kernels.ENV_CONV_SCAN: "1" if conv_scan and how != "none" else "0"}
     if how == "none":
         env[kernels.ENV_DISABLE] = "1"
     stack.enter_context(common.environment(env))
     if how == "stand-in":
+        ops = ScanOpsStandIn()
         stack.enter_context(mock.patch.multiple(
             kernels, _load=lambda: (stand_in_scan, None), _load_conv=lambda: (stand_in_conv, None),
+            _load_conv_scan=lambda: ((ops.fwd, ops.bwd), None),
             uses_triton=lambda x: x.dtype in kernels._DTYPES,
-            uses_causal_conv=lambda x: conv and x.dtype in kernels._DTYPES))
+            uses_causal_conv=lambda x: conv and x.dtype in kernels._DTYPES,
+            uses_conv_scan=lambda x: conv_scan and x.dtype in kernels._DTYPES))
         # and the experts on the grouped GEMM, as on a GPU (its forward runs on the CPU; only the backward does not)
         stack.enter_context(mock.patch.object(model_module, "uses_grouped_mm", lambda x, dt: dt == torch.bfloat16))
     elif how == "real" and kernels.unavailable_reason():
@@ -153,6 +205,8 @@ def main(argv=None):
                     help="the Mamba scan and conv: PyTorch's, the kernels (GPU), or stand-ins keeping what they keep")
     ap.add_argument("--conv-kernel", action="store_true",
                     help="the conv on causal_conv1d's kernel (or its stand-in), opt-in as in the library")
+    ap.add_argument("--conv-scan", action="store_true",
+                    help="conv, scan and skip as one function (kernels.conv_scan), opt-in as in the library")
     ap.add_argument("--compile", action="store_true", help="also count with the model under torch.compile")
     ap.add_argument("--device")
     ap.add_argument("--json")
@@ -195,15 +249,16 @@ def main(argv=None):
                sys.argv[1:] if argv is None else argv),
            "date": datetime.date.today().isoformat(), "machine": common.machine(device), "model": args.model,
            "layers": args.layers, "tokens": args.tokens, "kernels": args.kernels, "conv_kernel": args.conv_kernel,
+           "conv_scan": args.conv_scan,
            "torch": torch.__version__, "fused_mamba_kb_per_token": fused_mamba_bytes(cfg) / 1024, "modes": {}}
     print(f"{args.model} (layers {args.layers}), {args.tokens} tokens, bf16 on {res['machine']}, kernels: "
-          f"{args.kernels}{' (conv too)' if args.conv_kernel else ''}")
+          f"{args.kernels}{' (conv too)' if args.conv_kernel else ''}{', conv + scan as one' if args.conv_scan else ''}")
     kb = lambda n: n / args.tokens / 1024  # noqa: E731
     for mode in ("eager", "compiled") if args.compile else ("eager",):
         rows, rest = {}, []
         for c in args.layers:
             with ExitStack() as stack:
-                kernels_in(stack, args.kernels, device, conv=args.conv_kernel)
+                kernels_in(stack, args.kernels, device, conv=args.conv_kernel, conv_scan=args.conv_scan)
                 layer, other, largest = per_layer(model_of, c, x, mode == "compiled")
             rest.append(kb(other))
             rows[KINDS[c]] = {"kb_per_token": kb(layer), "largest_in_two_layers": [

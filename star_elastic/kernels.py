@@ -49,6 +49,13 @@ says how), under the scan's conditions and opt-in (`STAR_ELASTIC_CAUSAL_CONV=1`)
 a GPU (`bench_speed.py --hf-kernels` times and compares it, `ours_causal_conv`). The weight and bias are cast to
 the input's dtype, as autocast casts them for `F.conv1d`; the inputs before the first are zeros, as there.
 
+`conv_scan` is training's conv + SiLU, scan and D skip as one autograd function (`ConvScan`) on the scan's
+Triton forward and backward (`_mamba_chunk_scan_combined_fwd` / `_bwd`, the functions `mamba_ssm`'s own wrappers
+call), opt-in (`STAR_ELASTIC_CONV_SCAN=1`) until checked on a GPU (tests/test_kernels.py's CUDA test, `bench_kernels
+--conv-scan` for the time): it keeps in_proj's output (kept anyway, for z) where autograd kept
+the conv's output for the scan and the skip, and its backward recomputes the conv, as `mamba_ssm`'s fused Mamba
+layer does (12 KB a token a layer less at Nano's widths; benchmarks/bench_saved.py --conv-scan).
+
 The kernel calls are excluded from `torch.compile` graphs (`torch.compiler.disable`): a compiled model breaks its
 graph around each of them instead of tracing into them.
 """
@@ -65,6 +72,7 @@ ENV_DISABLE = "STAR_ELASTIC_NO_TRITON"
 ENV_ENABLE = "STAR_ELASTIC_TRITON"
 ENV_STEP = "STAR_ELASTIC_TRITON_STEP"  # "0": the decode state update stays on the recurrence
 ENV_CONV = "STAR_ELASTIC_CAUSAL_CONV"  # "1": Mamba's conv on causal_conv1d's kernel (opt-in until checked on a GPU)
+ENV_CONV_SCAN = "STAR_ELASTIC_CONV_SCAN"  # "1": conv, scan and D skip as one function (opt-in until checked on a GPU)
 ON_BY_DEFAULT = True  # checked on an H200 (bench_kernels.py check); STAR_ELASTIC_TRITON=0 also switches it off
 _DTYPES = (torch.bfloat16, torch.float16)  # fp32: the einsum scan (see above)
 
@@ -216,3 +224,83 @@ def causal_conv(x, weight, bias, conv=None):
     if conv is None:
         raise RuntimeError(f"the causal conv kernel is not available: {_load_conv()[1]}")
     return conv(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), activation="silu")
+
+
+# ----------------------------------------------------------------------------- conv, scan and skip in one
+
+def _load_conv_scan():
+    """((the scan's forward, its backward), None): `mamba_ssm`'s `_mamba_chunk_scan_combined_fwd` / `_bwd`, the
+    functions its own autograd wrappers call; or (None, why not)."""
+    fwd, why = _import("mamba_ssm.ops.triton.ssd_combined", "_mamba_chunk_scan_combined_fwd")
+    bwd, why_bwd = _import("mamba_ssm.ops.triton.ssd_combined", "_mamba_chunk_scan_combined_bwd")
+    return ((fwd, bwd), None) if fwd is not None and bwd is not None else (None, why or why_bwd)
+
+
+@torch.compiler.assume_constant_result
+def conv_scan_enabled() -> bool:
+    """Conv, scan and skip may run as one function: switched on (`STAR_ELASTIC_CONV_SCAN=1`), not disabled with
+    the scan, and the scan's forward and backward import."""
+    return _set(ENV_CONV_SCAN) and not disabled() and _load_conv_scan()[0] is not None
+
+
+def uses_conv_scan(x: torch.Tensor) -> bool:
+    """Whether `model.Mamba2` runs its conv (no cache), scan and D skip as `conv_scan` for input `x`."""
+    return x.is_cuda and x.dtype in _DTYPES and conv_scan_enabled()
+
+
+class ConvScan(torch.autograd.Function):
+    """silu(causal conv(x B C rows of in_proj's output)) split into x, B and C, the chunked scan, and the D skip:
+    y + D x (b, t, heads, head_dim) in in_proj's dtype. What it keeps for backward is in_proj's output (which the
+    layer keeps anyway, for z), dt, A and D; backward recomputes the conv (a depthwise conv of width 4), then
+    runs the scan's backward. Autograd around the conv and the scan kept the conv's output instead, for the
+    scan (x, B and C) and for the skip (x): 12 KB a token a layer at Nano's widths (benchmarks/bench_saved.py).
+    `mamba_ssm`'s fused Mamba layer recomputes the conv so too. `ops`: the scan's (forward, backward) with
+    mamba_ssm's signatures; `conv`: silu of the causal conv, (b, channels, t) -> (b, channels, t)."""
+
+    @staticmethod
+    def forward(ctx, proj, weight, bias, dt, A, D, dims, chunk_size, ops, conv):
+        with torch.no_grad():
+            x, B, C = _conv_split(conv, proj, weight, bias, dims)[1:]
+            out = ops[0](x, dt, A, B, C, chunk_size, D=D)[0]
+        ctx.save_for_backward(proj, weight, bias, dt, A, D)
+        ctx.dims, ctx.chunk_size, ctx.ops, ctx.conv = dims, chunk_size, ops, conv
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        proj, weight, bias, dt, A, D = ctx.saved_tensors
+        leaves = [None if t is None else t.detach().requires_grad_(need)
+                  for t, need in zip((proj, weight, bias), ctx.needs_input_grad)]
+        with torch.enable_grad():
+            conv_out, x, B, C = _conv_split(ctx.conv, *leaves, ctx.dims)
+        dx, ddt, dA, dB, dC, dD = ctx.ops[1](dout.contiguous(), x.detach(), dt, A, B.detach(), C.detach(),
+                                             x.detach(), ctx.chunk_size, D=D)[:6]  # out: unread without z
+        d_conv = torch.cat([dx.flatten(2), dB.flatten(2), dC.flatten(2)], dim=-1).transpose(1, 2)
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        got = iter(torch.autograd.grad(conv_out, wanted, d_conv) if wanted else ())
+        d_leaves = [next(got) if t is not None and t.requires_grad else None for t in leaves]
+        return (*d_leaves, ddt, dA, dD, None, None, None, None)
+
+
+def _conv_split(conv, proj, weight, bias, dims):
+    """The conv's output (b, channels, t) in proj's dtype, and x (b, t, heads, head_dim), B and C (b, t, groups,
+    state) viewed from it, as `model.Mamba2.forward` views them. proj: in_proj's output, rows [z | x B C | dt]."""
+    heads, head_dim, groups, state = dims
+    xBC = proj[..., heads * head_dim: 2 * heads * head_dim + 2 * groups * state].transpose(1, 2)
+    out = conv(xBC, weight.to(xBC.dtype), None if bias is None else bias.to(xBC.dtype))
+    b, _, t = out.shape
+    x, B, C = out.transpose(1, 2).split([heads * head_dim, groups * state, groups * state], dim=-1)
+    return out, x.view(b, t, heads, head_dim), B.view(b, t, groups, state), C.view(b, t, groups, state)
+
+
+@torch.compiler.disable
+def conv_scan(proj, weight, bias, dt, A, D, dims, chunk_size: int, *, conv, ops=None):
+    """`ConvScan` on the scan's Triton forward and backward (`ops`: default the imported ones; tests pass
+    stand-ins). proj: in_proj's whole output (b, t, rows [z | x B C | dt]), the conv's input its x B C rows (not
+    a view of them: see model.Mamba2.forward); weight (channels, 1, k); bias (channels,) or None; dt (b, t, heads)
+    already softplus'ed and clamped; A, D (heads,); dims: (heads, head_dim, groups, state).
+    Returns y + D x (b, t, heads, head_dim) in proj's dtype."""
+    ops = ops or _load_conv_scan()[0]
+    if ops is None:
+        raise RuntimeError(f"the Triton scan's forward and backward are not available: {_load_conv_scan()[1]}")
+    return ConvScan.apply(proj, weight, bias, dt, A.float(), D.float(), tuple(dims), chunk_size, ops, conv)

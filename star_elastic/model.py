@@ -10,8 +10,12 @@ A Nemotron-H layer is one block `x = x + mixer(norm(x))`. A Llama layer is two s
 Nothing here knows about elastic training or serving; both change how the model computes from
 outside, with module swaps and hooks: training's sub-networks from star_elastic/elastic/
 (docs/METHOD.md §5), serving's budget views and head order from star_elastic/serve/ (§13). The small
-methods the forwards call (`mean_square`, `select`, `weigh`, `hidden`, `split_in_proj`, `split_conv`,
+methods the forwards call (`mean_square`, `select`, `weigh`, `neuron_scale`, `split_in_proj`, `split_conv`,
 `scan`, `group_to_heads`, `attend`) are what those swaps override.
+
+Training keeps little for backward: the cheap parts (Mamba's conv and gated norm, the MoE router's scores,
+the experts' activation) are recomputed in backward rather than their outputs kept (`recomputed`,
+`norm_and_out_proj`); benchmarks/bench_saved.py counts what each kind of layer keeps.
 """
 
 from __future__ import annotations
@@ -292,44 +296,69 @@ class Mamba2(nn.Module):
 
     def forward(self, u, cache: "MambaCache | None" = None):
         b, t, _ = u.shape
-        z, xBC, dt = self.split_in_proj(self.in_proj(u))
-        xBC = xBC.transpose(1, 2)  # (b, conv_dim, t)
+        proj = self.in_proj(u)
+        # per-head vectors flattened: in a grouped budget view they are (n_groups, kept heads per group)
+        dt = F.softplus(self.split_in_proj(proj)[2].float() + self.dt_bias.float().flatten()).clamp(min=self.dt_min)
+        A = -torch.exp(self.A_log.float()).flatten()
+        # training on CUDA, opt-in: conv, scan and skip as one function that keeps less for backward; it splits
+        # and scans as this class does, so not where a swap from outside (serving order) overrides those
+        if cache is None and type(self.conv1d) is nn.Conv1d and torch.is_grad_enabled() and kernels.uses_conv_scan(
+                proj) and (type(self).split_in_proj, type(self).split_conv, type(self).scan) == (
+                Mamba2.split_in_proj, Mamba2.split_conv, Mamba2.scan):
+            # in_proj's whole output goes in, z is cut from it after: views of it passed across the graph break a
+            # compiled layer has here made torch.compile (2.13, CPU) rebuild them with garbage shapes
+            dims = (self.num_heads, self.head_dim, self.n_groups, self.state_size)
+            y = kernels.conv_scan(proj, self.conv1d.weight, self.conv1d.bias, dt, A, self.D.flatten(), dims,
+                                  self.chunk_size, conv=causal_conv_silu)
+            z, x = self.split_in_proj(proj)[0], None  # y has the skip
+        else:
+            z, xBC, _ = self.split_in_proj(proj)
+            x, B, C = self.xbc(self.conv(xBC.transpose(1, 2), cache))  # the conv over (b, conv_dim, t)
+            if cache is not None and t == 1:
+                y = self.step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], cache.ssm)[:, None]
+            else:
+                y, final = self.scan(x, dt, A, B, C, None if cache is None else cache.ssm)
+                if cache is not None:
+                    cache.ssm.copy_(final)
+        norm, out = self.norm, self.out_proj
+        if type(norm) is GatedRMSNorm and type(out) is nn.Linear and torch.is_grad_enabled() \
+                and not (out._forward_hooks or out._forward_pre_hooks):
+            # the norm's output is not kept for out_proj's weight gradient: recomputed in backward with the norm
+            # (8 KB a token a layer at Nano's widths); out_proj's hooks would not see it, so none may be set
+            return norm_and_out_proj(y, x, self.D, z, norm.weight, norm.groups, norm.eps, out.weight, out.bias,
+                                     u.dtype)
+        if type(norm) is GatedRMSNorm:
+            # recomputed in backward (elementwise work): its fp32 intermediates are about 80 KB a token at Nano's
+            # widths (eager), and y, x and z are kept anyway
+            y = recomputed(skip_and_gated_norm, y, x, self.D, z, norm.weight, norm.groups, norm.eps)
+        else:  # a norm class swapped in from outside (masks, a full budget's own norm) runs as it is
+            y = norm(with_skip(y, x, self.D).flatten(-2), z)
+        return out(y.to(u.dtype))
+
+    def conv(self, xBC, cache: "MambaCache | None"):
+        """silu of the causal conv of xBC (b, conv_dim, t), continuing from the cache's last inputs if given."""
         if cache is None and type(self.conv1d) is nn.Conv1d and kernels.uses_causal_conv(xBC):
-            xBC = kernels.causal_conv(xBC, self.conv1d.weight[:, 0], self.conv1d.bias)  # CUDA, opt-in
-        elif cache is None and type(self.conv1d) is nn.Conv1d:
+            return kernels.causal_conv(xBC, self.conv1d.weight[:, 0], self.conv1d.bias)  # CUDA, opt-in
+        if cache is None and type(self.conv1d) is nn.Conv1d:
             # recomputed in backward, so that only xBC (a view of in_proj's output, kept anyway) is kept for it:
             # autograd would keep the zero-padded copy and the conv's output, 24 KB a token a layer at Nano's
             # widths (benchmarks/bench_saved.py)
-            xBC = recomputed(causal_conv_silu, xBC, self.conv1d.weight, self.conv1d.bias)
-        else:  # a cache to continue from, or a conv class swapped in from outside
-            k = self.conv1d.kernel_size[0]
-            # the k-1 inputs before these: zeros at the start of a sequence, else the cached last ones
-            before = xBC.new_zeros(b, xBC.shape[1], k - 1) if cache is None else cache.conv.to(xBC.dtype)
-            xBC = torch.cat([before, xBC], dim=-1)
-            if cache is not None:
-                cache.conv.copy_(xBC[..., -(k - 1):])
-            xBC = F.silu(self.conv1d(xBC))
-        x, B, C = self.split_conv(xBC.transpose(1, 2))
-        x = x.view(b, t, self.num_heads, self.head_dim)
-        B = B.view(b, t, self.n_groups, self.state_size)
-        C = C.view(b, t, self.n_groups, self.state_size)
-        # per-head vectors flattened: in a grouped budget view they are (n_groups, kept heads per group)
-        dt = F.softplus(dt.float() + self.dt_bias.float().flatten()).clamp(min=self.dt_min)
-        A = -torch.exp(self.A_log.float()).flatten()
-        if cache is not None and t == 1:
-            y = self.step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], cache.ssm)[:, None]
-        else:
-            y, final = self.scan(x, dt, A, B, C, None if cache is None else cache.ssm)
-            if cache is not None:
-                cache.ssm.copy_(final)
-        if type(self.norm) is GatedRMSNorm:
-            # recomputed in backward (elementwise work): its fp32 intermediates are about 80 KB a token at Nano's
-            # widths (eager), and y, x and z are kept anyway
-            norm = self.norm
-            y = recomputed(skip_and_gated_norm, y, x, self.D, z, norm.weight, norm.groups, norm.eps)
-        else:  # a norm class swapped in from outside (masks, a full budget's own norm) runs as it is
-            y = self.norm(with_skip(y, x, self.D).flatten(-2), z)
-        return self.out_proj(y.to(u.dtype))
+            return recomputed(causal_conv_silu, xBC, self.conv1d.weight, self.conv1d.bias)
+        # a cache to continue from, or a conv class swapped in from outside
+        k = self.conv1d.kernel_size[0]
+        # the k-1 inputs before these: zeros at the start of a sequence, else the cached last ones
+        before = xBC.new_zeros(xBC.shape[0], xBC.shape[1], k - 1) if cache is None else cache.conv.to(xBC.dtype)
+        xBC = torch.cat([before, xBC], dim=-1)
+        if cache is not None:
+            cache.conv.copy_(xBC[..., -(k - 1):])
+        return F.silu(self.conv1d(xBC))
+
+    def xbc(self, conv_out):
+        """The conv's output (b, conv_dim, t) -> x (b, t, heads, head_dim), B and C (b, t, n_groups, state)."""
+        b, _, t = conv_out.shape
+        x, B, C = self.split_conv(conv_out.transpose(1, 2))
+        return (x.view(b, t, self.num_heads, self.head_dim), B.view(b, t, self.n_groups, self.state_size),
+                C.view(b, t, self.n_groups, self.state_size))
 
     def split_in_proj(self, proj):
         """in_proj's output -> z (b, t, d_inner), the conv's input xBC (b, t, conv_dim), dt (b, t, heads)."""
@@ -357,13 +386,75 @@ class Mamba2(nn.Module):
 
 
 def with_skip(y, x, D):
-    """The scan's y (b, t, heads, head_dim; fp32 or x's dtype) plus Mamba's D skip, in fp32."""
+    """The scan's y (b, t, heads, head_dim; fp32 or x's dtype) plus Mamba's D skip, in fp32; x None: y has it
+    (kernels.conv_scan adds it)."""
+    if x is None:
+        return y.float()
     return y.float() + x.float() * D.float().flatten()[:, None]
 
 
 def skip_and_gated_norm(y, x, D, z, weight, groups: int, eps: float):
     """`with_skip`, then the gated norm (`gated_rms_norm`): Mamba2's output before out_proj."""
     return gated_rms_norm(with_skip(y, x, D).flatten(-2), z, weight, groups, eps)
+
+
+def norm_and_out_proj(y, x, D, z, weight, groups: int, eps: float, out_weight, out_bias, dtype):
+    """out_proj(skip_and_gated_norm(...).to(dtype)) as `_NormOutProj`: the same values, autocast's cast of the
+    product included, with the norm recomputed in backward instead of its output kept."""
+    device = y.device.type
+    mm = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else dtype
+    return _NormOutProj.apply(y, x, D, z, weight, groups, eps, out_weight, out_bias, dtype, mm)
+
+
+def norm_then_out_proj(y, x, D, z, weight, groups: int, eps: float, out_weight, out_bias, dtype):
+    """What `norm_and_out_proj` computes, by autograd (keeping the norm's output): its tests' reference."""
+    return F.linear(skip_and_gated_norm(y, x, D, z, weight, groups, eps).to(dtype), out_weight, out_bias)
+
+
+class _NormOutProj(torch.autograd.Function):
+    """Mamba2's last steps, the D skip, gated norm and out_proj, keeping for backward only their inputs (y, x,
+    z: kept anyway, for the scan or as views of in_proj's output) and no tensor of their own: autograd kept the
+    norm's output for out_proj's weight gradient. Backward recomputes the norm (elementwise, one reduction per
+    group) and writes its gradient out, plain tensor operations that torch.compile traces and fuses; `mamba_ssm`'s
+    fused Mamba layer does the same. x None: y has the skip (kernels.conv_scan). The product runs in `mm` (the
+    autocast dtype, as F.linear would under autocast), the norm's output cast to `dtype` first, as
+    `out_proj(y.to(u.dtype))` does."""
+
+    @staticmethod
+    def forward(ctx, y, x, D, z, weight, groups, eps, out_weight, out_bias, dtype, mm):
+        with torch.no_grad():
+            n = skip_and_gated_norm(y, x, D, z, weight, groups, eps).to(dtype).to(mm)
+            out = F.linear(n, out_weight.to(mm), None if out_bias is None else out_bias.to(mm))
+        ctx.save_for_backward(y, x, D, z, weight, out_weight, out_bias)
+        ctx.groups, ctx.eps, ctx.dtype, ctx.mm = groups, eps, dtype, mm
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        y, x, D, z, weight, out_weight, out_bias = ctx.saved_tensors
+        G = ctx.groups
+        s = with_skip(y, x, D)  # (b, t, heads, head_dim), fp32
+        zf = z.float()
+        sig = torch.sigmoid(zf)
+        silu = zf * sig
+        g = (s.flatten(-2) * silu).unflatten(-1, (G, -1))
+        r = torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + ctx.eps)
+        g_hat = g * r
+        n = (weight.view(G, -1) * g_hat).flatten(-2).to(ctx.dtype).to(ctx.mm)  # the forward's product input
+        d2 = d_out.flatten(0, -2)
+        d_out_weight = (d2.t() @ n.flatten(0, -2)).to(out_weight.dtype)
+        d_out_bias = None if out_bias is None else d2.sum(0).to(out_bias.dtype)
+        d_n = (d_out @ out_weight.to(ctx.mm)).float().unflatten(-1, (G, -1))
+        d_weight = (d_n * g_hat).flatten(0, -3).sum(0).flatten().to(weight.dtype).view_as(weight)
+        d_g_hat = d_n * weight.view(G, -1).float()
+        d_g = (r * (d_g_hat - g_hat * (d_g_hat * g_hat).mean(-1, keepdim=True))).flatten(-2)
+        d_s = (d_g * silu).view_as(s)
+        d_z = (d_g * s.flatten(-2) * sig * (1 + zf * (1 - sig))).to(z.dtype)
+        d_x = d_D = None
+        if x is not None:
+            d_x = (d_s * D.float().flatten()[:, None]).to(x.dtype)
+            d_D = (d_s * x.float()).flatten(0, -3).sum(0).sum(-1).to(D.dtype).view_as(D)
+        return d_s.to(y.dtype), d_x, d_D, d_z, d_weight, None, None, d_out_weight, d_out_bias, None, None
 
 
 def causal_conv_silu(x, weight, bias):

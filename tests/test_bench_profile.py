@@ -148,19 +148,46 @@ def test_the_kd_curve_part_trains_each_path_from_one_start():
 def test_the_training_step_with_every_activation_kept_runs_beside_the_default():
     """bench_kernels.py --parts train --keep-activations: the step with nothing recomputed in backward runs beside
     the default (what the recompute costs and saves, on a GPU; the gradients are the same,
-    tests/test_model.py), with model.checkpoint a plain call only inside its row."""
+    tests/test_model.py), with model.checkpoint a plain call and Mamba's norm and out_proj by autograd only inside
+    its row."""
     import torch
 
     import star_elastic.model as model_module
     from bench_kernels import keep_activations, part_train
 
-    own = model_module.checkpoint
+    own, fused = model_module.checkpoint, model_module.norm_and_out_proj
     with keep_activations(True):
         assert model_module.checkpoint is not own and model_module.checkpoint(lambda a: a + 1, 1, x=0) == 2
-    assert model_module.checkpoint is own
+        assert model_module.norm_and_out_proj is model_module.norm_then_out_proj
+    assert model_module.checkpoint is own and model_module.norm_and_out_proj is fused
     out = part_train(torch.device("cpu"), True, "MEM*EM", 1, 64, 4, have_triton=False, keep=True)
-    assert model_module.checkpoint is own
+    assert model_module.checkpoint is own and model_module.norm_and_out_proj is fused
     runs = out["variants"]
     default, kept = runs["einsum_fused_kd"], runs["einsum_fused_kd_keep"]
     assert "error" not in default and "error" not in kept and kept["tokens_per_s"] > 0
     assert len(kept["kd"]) == len(default["kd"]) == 4
+
+
+def test_train_part_runs_the_conv_scan_row_beside_the_default(monkeypatch):
+    """bench_kernels --parts train --conv-scan: a row with Mamba's conv, scan and skip as one function
+    (kernels.conv_scan, here on the scan's PyTorch stand-ins, in fp32 as the CPU trains) beside the default, the
+    switch on only inside its row; the same budgets drawn, and KD losses the default's to 2%."""
+    import torch
+
+    from bench_kernels import part_train
+    from bench_saved import ScanOpsStandIn
+    from star_elastic import kernels
+
+    ops = ScanOpsStandIn()
+    monkeypatch.setattr(kernels, "_load_conv_scan", lambda: ((ops.fwd, ops.bwd), None))
+    monkeypatch.setattr(kernels, "uses_conv_scan", lambda x: kernels.conv_scan_enabled())  # the CPU trains in fp32
+    seen = []
+    monkeypatch.setattr(ops, "calls", type("Calls", (list,), {"append": lambda self, c: seen.append(
+        kernels.conv_scan_enabled())})())
+    out = part_train(torch.device("cpu"), True, "MEM*EM", 1, 64, 4, have_triton=True, conv_scan=True)
+    runs = out["variants"]
+    default, one = runs["triton_fused_kd"], runs["triton_fused_kd_conv_scan"]
+    assert "error" not in default and "error" not in one and seen and all(seen)
+    assert one["budgets"] == default["budgets"]
+    assert all(abs(a - b) <= 0.02 * abs(b) for a, b in zip(one["kd"], default["kd"]))
+    assert not kernels.conv_scan_enabled()

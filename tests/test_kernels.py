@@ -258,6 +258,139 @@ def test_model_conv_through_the_kernel_equals_the_pytorch_conv(monkeypatch):
     assert_same_paths(fast, slow)
 
 
+# ----------------------------------------------------------------------------- conv, scan and skip in one
+
+def scan_ops_stand_in():
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_saved import ScanOpsStandIn
+
+    return ScanOpsStandIn()
+
+
+def test_conv_scan_dispatch_is_opt_in_training_only_until_checked_on_a_gpu(monkeypatch):
+    """conv + scan + skip as one function only when switched on (STAR_ELASTIC_CONV_SCAN=1), importable and not
+    disabled with the Triton paths, on CUDA bf16 / fp16; without it the layer's usual path runs."""
+    ops = scan_ops_stand_in()
+    monkeypatch.setattr(kernels, "_load_conv_scan", lambda: ((ops.fwd, ops.bwd), None))
+    monkeypatch.delenv(kernels.ENV_DISABLE, raising=False)
+    monkeypatch.delenv(kernels.ENV_CONV_SCAN, raising=False)
+    assert not kernels.uses_conv_scan(FakeCuda())  # off by default
+    monkeypatch.setenv(kernels.ENV_CONV_SCAN, "1")
+    check_cuda_half_only(monkeypatch, kernels.uses_conv_scan, "_load_conv_scan")
+    with pytest.raises(RuntimeError, match="not available"):
+        kernels.conv_scan(*[torch.zeros(1)] * 6, (1, 1, 1, 1), 8, conv=None)
+
+
+def test_model_through_conv_scan_equals_the_usual_path_and_keeps_less(monkeypatch):
+    """Training's Mamba layers through kernels.conv_scan (the scan's forward and backward as stand-ins with
+    mamba_ssm's signatures, forced on here): the conv's input goes in, the D skip comes out added, and backward
+    recomputes the conv. Logits and gradients equal the usual path's (conv, scan, skip apart), masked or not;
+    without grad (the cached prefills) the usual path runs. Fails if the conv's output is kept or the skip
+    added twice."""
+    ops = scan_ops_stand_in()
+    monkeypatch.setattr(kernels, "_load_conv_scan", lambda: ((ops.fwd, ops.bwd), None))
+    fast, slow = model_paths(monkeypatch, "uses_conv_scan", ops.calls)
+    n_mamba = CFG.layer_types.count("M")
+    kinds = [k for k, _ in fast[4]]
+    assert kinds.count("fwd") == 2 * n_mamba and kinds.count("bwd") == n_mamba and not slow[4]
+    assert all(c["D"] is not None and c["z"] is None and c["dt_bias"] is None and not c["dt_softplus"]
+               and c["initial"] is None for _, c in fast[4])
+    assert_same_paths(fast, slow)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or kernels.unavailable_reason() is not None,
+                    reason="the Triton scan's forward and backward need a GPU and mamba_ssm")
+def test_conv_scan_and_norm_out_proj_on_cuda_give_autograds_output_and_gradients(monkeypatch):
+    """On a GPU, mamba_ssm's real forward and backward: a Mamba layer at Nano's head shapes (fewer heads), under
+    autocast as training runs it, gives the output and gradients (every parameter's, the input's) of the
+    reference (the Triton scan, autograd through the norm and out_proj: norm_then_out_proj) to bf16 rounding:
+    with the norm and out_proj's written-out backward (the default), with kernels.conv_scan too, and that
+    compiled."""
+    import star_elastic.model as model_module
+    from star_elastic.model import Mamba2
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=256, mamba_num_heads=16, mamba_head_dim=64, n_groups=4, ssm_state_size=128,
+                      chunk_size=128)
+    layer = Mamba2(cfg).cuda()
+    u = torch.randn(2, 512, 256, device="cuda", requires_grad=True)
+    g = torch.randn(2, 512, 256, device="cuda")
+    monkeypatch.delenv(kernels.ENV_DISABLE, raising=False)
+
+    def run(conv_scan: bool, reference=False, compiled=False):
+        monkeypatch.setenv(kernels.ENV_CONV_SCAN, "1" if conv_scan else "0")
+        assert kernels.uses_conv_scan(torch.zeros(1, device="cuda", dtype=torch.bfloat16)) == conv_scan
+        with monkeypatch.context() as m:
+            if reference:
+                m.setattr(model_module, "norm_and_out_proj", model_module.norm_then_out_proj)
+            with torch.autocast("cuda", torch.bfloat16):
+                out = (torch.compile(layer) if compiled else layer)(u)
+            return (out.float(), *torch.autograd.grad((out.float() * g).sum(), [u, *layer.parameters()]))
+
+    want = run(False, reference=True)
+    for got in (run(False), run(True), run(True, compiled=True)):
+        for a, b in zip(got, want):
+            assert (a - b).norm() < 0.02 * b.norm() + 1e-6
+
+
+def test_a_compiled_layer_through_conv_scan_gives_the_references_gradients(monkeypatch):
+    """Under torch.compile (the layer's graph breaks at conv_scan) and CPU autocast, with the scan's stand-ins:
+    the output and gradients equal the eager reference's (autograd through conv, scan, norm and out_proj), as
+    tests/test_kernels.py's CUDA test asks on a GPU. A first version passed views of in_proj's output across
+    the break, which torch.compile rebuilt with garbage shapes (a RuntimeError, two runs in three)."""
+    import star_elastic.model as model_module
+    from star_elastic.model import Mamba2
+
+    ops = scan_ops_stand_in()
+    monkeypatch.setattr(kernels, "_load_conv_scan", lambda: ((ops.fwd, ops.bwd), None))
+    monkeypatch.setattr(kernels, "uses_conv_scan", lambda x: kernels.conv_scan_enabled())
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=64, mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=16,
+                      chunk_size=32)
+    layer = Mamba2(cfg)
+    u = torch.randn(2, 64, 64, requires_grad=True)
+    g = torch.randn(2, 64, 64)
+
+    def run(conv_scan, reference=False, compiled=False):
+        monkeypatch.setenv(kernels.ENV_CONV_SCAN, "1" if conv_scan else "0")
+        with monkeypatch.context() as m:
+            if reference:
+                m.setattr(model_module, "norm_and_out_proj", model_module.norm_then_out_proj)
+            with torch.autocast("cpu", torch.bfloat16):
+                out = (torch.compile(layer) if compiled else layer)(u)
+            return (out.float(), *torch.autograd.grad((out.float() * g).sum(), [u, *layer.parameters()]))
+
+    want = run(False, reference=True)
+    for _ in range(2):
+        torch._dynamo.reset()
+        got = run(True, compiled=True)
+        for a, b in zip(got, want):
+            assert (a - b).norm() < 0.02 * b.norm() + 1e-6
+    assert [k for k, _ in ops.calls] == ["fwd", "bwd"] * 2
+
+
+def test_conv_scan_keeps_the_convs_input_not_its_output(monkeypatch):
+    """What a Mamba layer keeps for backward through kernels.conv_scan: not the conv's output (x, B and C for
+    the scan and x for the skip: conv_dim values a token), which the usual path keeps; the conv's input is a
+    view of in_proj's output, kept anyway."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks"))
+    from contextlib import ExitStack
+
+    import bench_saved
+
+    cfg = ModelConfig(vocab_size=97, hidden_size=32, layer_types="M", mamba_num_heads=4, mamba_head_dim=8,
+                      ssm_state_size=8, n_groups=2, chunk_size=8)
+    model = Model(cfg).to(torch.bfloat16)
+    x = torch.randint(0, cfg.vocab_size, (1, 64))
+    kept = {}
+    for one in (False, True):
+        with ExitStack() as stack:
+            bench_saved.kernels_in(stack, "stand-in", torch.device("cpu"), conv=False, conv_scan=one)
+            kept[one] = sum(n for n, _, _ in bench_saved.kept(model, x, compiled=False))
+    conv_dim = 4 * 8 + 2 * 2 * 8
+    assert kept[False] - kept[True] >= 64 * conv_dim * 2  # bf16
+
+
 # ----------------------------------------------------------------------------- chunked distillation
 
 def _head(seed, n_tokens=23, d=12, vocab=50, dtype=torch.float64):

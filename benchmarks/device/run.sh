@@ -26,11 +26,12 @@
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
 #   GATHER [args]               issue 12: the views' MoE decode gather, the candidates side by side (bench_expert_gather)
-#   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled; --parts profile: the compiled step by kernel (--compile off: eager); --parts kdcurve: KD over 50 steps, fast against reference (--kd-apart: each fast part alone too); --fsdp1: the FSDP2 rows; --keep-activations: the step without the recompute, beside
+#   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled; --parts profile: the compiled step by kernel (--compile off: eager); --parts kdcurve: KD over 50 steps, fast against reference (--kd-apart: each fast part alone too); --fsdp1: the FSDP2 rows; --keep-activations: the step without the recompute, beside; --conv-scan: Mamba's conv, scan and skip as one function, beside
 #                               (bench_kernels --parts train; needs .devcarry/mamba)
 #   SAVED [args]                issue 16: the bytes each layer keeps for backward, 539M and Nano widths, eager and compiled,
-#                               on the real kernels (bench_saved.py --kernels real; needs .devcarry/mamba)
-#   GPUTESTS [-k EXPR]          the CUDA-only tests of tests/test_kernels.py (default -k cuda)
+#                               on the real kernels (bench_saved.py --kernels real; needs .devcarry/mamba); --conv-scan too
+#   GPUTESTS [-k EXPR]          the CUDA-only tests of tests/test_kernels.py (default -k cuda; carry .devcarry/mamba, or
+#                               the tests of the Triton paths skip)
 #   HFKBUILD                    causal_conv1d built for sm_90 into the home folder (~6 min; carry .devcarry/causal_conv1d),
 #                               then within 30 s: HFK [args]: bench_speed.py, our model against transformers on its
 #                               kernels (mamba_ssm + causal_conv1d), issue 16's 539M table (carry .devcarry/mamba)
@@ -128,7 +129,8 @@ HFK) shift; PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_spee
 SAVED) shift; for m in 539m nano; do PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_saved.py --model $m \
   --kernels real --compile --json $OUT/saved_${m}_gpu.json "$@" 2>&1 | grep -v "^    " | tail -n 8; done ;;
 GPUTESTS) shift  # the tests that need CUDA (skipped in CI): e.g. the head gradient's fp32-accumulating GEMM
-  python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py -k "${1:-cuda}" 2>&1 | tail -n 30 ;;
+  PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py \
+    -k "${1:-cuda}" 2>&1 | tail -n 30 ;;
 KERNELS) shift; PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_kernels.py --parts train \
   --json $OUT/kernels_train.json "$@" 2>&1 | grep -v "%|" | tail -n 40 ;;
 SAMPLEDET) shift; join  # issue 17: is the anchor's sampled text the same run to run? twice side by side, each mode twice
