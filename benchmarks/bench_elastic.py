@@ -81,9 +81,9 @@ from star_elastic.evaluate import answer_scores, answer_tokens, perplexity  # no
 from star_elastic.model import Model  # noqa: E402
 from star_elastic.runtime import comma_list  # noqa: E402
 from star_elastic.train_state import saved_anchor_rows  # noqa: E402
-from star_elastic.train import (  # noqa: E402
-    DELTA_OPTIONS, ElasticTrainer, TrainConfig, adamw, budget_mix_problem, compile_layers, delta_option_problem,
-    hold_problem, keep_problem, lr_factor, mix_rows)
+from star_elastic.train import ElasticTrainer, adamw, compile_layers, mix_rows  # noqa: E402
+from star_elastic.train_config import (  # noqa: E402
+    DELTA_OPTIONS, TrainConfig, budget_mix_problem, delta_option_problem, hold_problem, keep_problem, lr_factor)
 
 METHODS = ("zero_shot", "elastic", "minitron")
 VARIANTS = ("elastic", "elastic_small", "elastic_anchor", "joint_fixed", "joint_anchor")

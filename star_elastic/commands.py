@@ -249,7 +249,7 @@ def lever_options(args, base: dict) -> dict:
     given (the parser's default for these is None). A delta turned off by a flag takes the base's options of it
     along (its rate, finish, and the keeping of the parent's values beside it), flags given staying; the restore
     is on wherever a delta is (restore_mode)."""
-    from .train import DELTA_OPTIONS
+    from .train_config import DELTA_OPTIONS
 
     opt = {k: getattr(args, k) if getattr(args, k, None) is not None else v for k, v in base.items()}
     if not opt["full_delta_rank"]:

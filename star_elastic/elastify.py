@@ -33,7 +33,8 @@ from .generate import forget_decode_steps, generate, sample_rows
 from .runtime import chat_prefix, encode_prompt
 from .elastic.delta import held_values
 from .train_state import saved_anchor_rows
-from .train import RESTORE_MODES, ElasticTrainer, TrainConfig, check_config, keep_problem, world
+from .train import ElasticTrainer, world
+from .train_config import RESTORE_MODES, TrainConfig, check_config, keep_problem
 
 
 @dataclass

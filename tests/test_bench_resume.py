@@ -284,7 +284,7 @@ def test_a_call_stops_before_the_tenth_that_would_overrun_its_limit():
 
 
 def test_the_bench_refuses_a_hold_the_trainer_would_refuse_in_the_same_words():
-    """bench_elastic checks --hold / --hold-rate / --hold-pull with the trainer's own rule (train.hold_problem),
+    """bench_elastic checks --hold / --hold-rate / --hold-pull with the trainer's own rule (train_config.hold_problem),
     before any model is built, so a run on the GPU machine cannot fail minutes in on a typo."""
     for flags, words in [(["--hold", "embedding"], "'embedding' is not one of embeddings, norms"),
                          (["--hold-rate", "0.1"], "a rate or a pull is of the parts held"),

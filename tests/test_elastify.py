@@ -473,7 +473,7 @@ def test_the_demo_trains_with_elastifys_defaults_on_the_cpu_and_the_recipe_that_
     trainer's own checks accept; a flag given wins over either preset, also one that turns a lever off."""
     from star_elastic.cli import build_parser
     from star_elastic.commands import KEEP_FULL, PLAIN_LEVERS, demo_options, lever_options
-    from star_elastic.train import (DELTA_OPTIONS, budget_mix_problem, delta_option_problem, hold_problem,
+    from star_elastic.train_config import (DELTA_OPTIONS, budget_mix_problem, delta_option_problem, hold_problem,
                                     keep_problem)
 
     levers = ("anchor_data", "anchor_mix", "budget_mix", "full_delta_rank", "full_delta_lr", "full_delta_finish", "hold", "hold_rate",
@@ -535,7 +535,7 @@ def test_keep_full_is_the_recipe_and_a_flag_beside_it_wins(tmp_path, tokenizer, 
     from star_elastic import cli, save_pretrained
     from star_elastic.cli import build_parser
     from star_elastic.commands import KEEP_FULL, PLAIN_LEVERS, lever_options
-    from star_elastic.train import delta_option_problem, hold_problem, keep_problem, DELTA_OPTIONS
+    from star_elastic.train_config import delta_option_problem, hold_problem, keep_problem, DELTA_OPTIONS
 
     base = ["elastify", "m", "--data", "wiki", "--tokens", "64", "--out", "o"]
     defaults = {f.name: f.default for f in dataclasses.fields(ElastifyConfig)}
@@ -616,7 +616,7 @@ def test_a_router_prior_without_the_search_start_is_refused(tmp_path, tokenizer,
 ])
 def test_every_training_option_is_refused_in_elastifys_words_before_any_data_is_read(tmp_path, tokenizer, option,
                                                                                      value, message):
-    """elastify checks the trainer's options with the trainer's own rules (train.check_config) before the data,
+    """elastify checks the trainer's options with the trainer's own rules (train_config.check_config) before the data,
     importance and search take their time, naming its flags: a bad --stage1-fraction used to surface, in the
     trainer's field names, only once the trainer was built. The data path here does not exist: the option's
     error comes first."""
