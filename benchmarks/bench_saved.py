@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from unittest import mock
 
 import torch
@@ -35,6 +35,8 @@ import torch
 import common
 from star_elastic import kernels
 from star_elastic import model as model_module
+from star_elastic.elastic.masking import masked
+from star_elastic.elastic.spec import ElasticSpec
 from star_elastic.hf import config_from_hf
 from star_elastic.model import Model, TopkRouter
 
@@ -154,9 +156,33 @@ def kernels_in(stack: ExitStack, how: str, device: torch.device, conv: bool, con
         raise SystemExit(f"--kernels real: {kernels.unavailable_reason()}")
 
 
-def kept(model: Model, x: torch.Tensor, compiled: bool) -> list[tuple[int, str, tuple]]:
+def budget_masks(cfg) -> dict[str, torch.Tensor]:
+    """Soft masks of a smaller budget, as the router's draws give them in training (values in (0, 1], with a
+    gradient): half of every layer's Mamba heads, attention heads and expert neurons, three quarters of the
+    experts and of the embedding channels."""
+    half, kinds = (lambda n: max(1, n // 2)), set(cfg.layer_types)  # noqa: E731
+    sizes = {"hidden_size": cfg.hidden_size * 3 // 4}
+    if "M" in kinds:
+        sizes["mamba_num_heads"] = max(cfg.n_groups, cfg.mamba_num_heads // 2 // cfg.n_groups * cfg.n_groups)
+    if "*" in kinds:
+        sizes["num_key_value_heads"] = half(cfg.num_key_value_heads)
+    if "E" in kinds:
+        sizes.update(n_routed_experts=max(cfg.num_experts_per_tok, cfg.n_routed_experts * 3 // 4),
+                     moe_intermediate_size=half(cfg.moe_intermediate_size),
+                     moe_shared_expert_intermediate_size=half(cfg.moe_shared_expert_intermediate_size))
+    spec = ElasticSpec(**sizes)
+    return {k: (0.5 + 0.5 * m.float()).requires_grad_() for k, m in spec.masks(cfg).items()}
+
+
+def kept(model: Model, x: torch.Tensor, compiled: bool, masks: bool = False) -> list[tuple[int, str, tuple]]:
     """(bytes, dtype, shape) of every tensor one forward keeps for backward, each storage once, the model's
-    parameters apart."""
+    parameters apart; `masks`: under a smaller budget's soft masks (`budget_masks`), as training's masked steps
+    run (the masks' own storages apart too)."""
+    with masked(model, budget_masks(model.config)) if masks else nullcontext():
+        return _kept(model, x, compiled)
+
+
+def _kept(model: Model, x: torch.Tensor, compiled: bool) -> list[tuple[int, str, tuple]]:
     run = torch.compile(model) if compiled else model
     if compiled:
         run(x)  # compile outside the count
@@ -176,12 +202,12 @@ def kept(model: Model, x: torch.Tensor, compiled: bool) -> list[tuple[int, str, 
     return sorted(seen.values(), key=lambda r: -r[0])
 
 
-def per_layer(build, kind: str, x, compiled: bool) -> tuple[float, float, list]:
+def per_layer(build, kind: str, x, compiled: bool, masks: bool = False) -> tuple[float, float, list]:
     """Bytes one `kind` layer keeps, and the rest (embedding, final norm, LM head): a model of two such layers
     less a model of one, which holds under torch.compile too (a compiled graph saves its tensors when it
     returns, so hooks at layer boundaries cannot say which layer saved them). Also the two-layer model's
     largest kept tensors."""
-    one, two = (kept(build(kind * n), x, compiled) for n in (1, 2))
+    one, two = (kept(build(kind * n), x, compiled, masks) for n in (1, 2))
     layer = sum(r[0] for r in two) - sum(r[0] for r in one)
     return layer, sum(r[0] for r in one) - layer, two
 
@@ -207,6 +233,8 @@ def main(argv=None):
                     help="the conv on causal_conv1d's kernel (or its stand-in), opt-in as in the library")
     ap.add_argument("--conv-scan", action="store_true",
                     help="conv, scan and skip as one function (kernels.conv_scan), opt-in as in the library")
+    ap.add_argument("--masked", action="store_true",
+                    help="count under a smaller budget's soft masks, as training's masked steps run (budget_masks)")
     ap.add_argument("--compile", action="store_true", help="also count with the model under torch.compile")
     ap.add_argument("--device")
     ap.add_argument("--json")
@@ -249,17 +277,18 @@ def main(argv=None):
                sys.argv[1:] if argv is None else argv),
            "date": datetime.date.today().isoformat(), "machine": common.machine(device), "model": args.model,
            "layers": args.layers, "tokens": args.tokens, "kernels": args.kernels, "conv_kernel": args.conv_kernel,
-           "conv_scan": args.conv_scan,
+           "conv_scan": args.conv_scan, "masked": args.masked,
            "torch": torch.__version__, "fused_mamba_kb_per_token": fused_mamba_bytes(cfg) / 1024, "modes": {}}
     print(f"{args.model} (layers {args.layers}), {args.tokens} tokens, bf16 on {res['machine']}, kernels: "
-          f"{args.kernels}{' (conv too)' if args.conv_kernel else ''}{', conv + scan as one' if args.conv_scan else ''}")
+          f"{args.kernels}{' (conv too)' if args.conv_kernel else ''}{', conv + scan as one' if args.conv_scan else ''}"
+          f"{', under a smaller budget' + chr(39) + 's soft masks' if args.masked else ''}")
     kb = lambda n: n / args.tokens / 1024  # noqa: E731
     for mode in ("eager", "compiled") if args.compile else ("eager",):
         rows, rest = {}, []
         for c in args.layers:
             with ExitStack() as stack:
                 kernels_in(stack, args.kernels, device, conv=args.conv_kernel, conv_scan=args.conv_scan)
-                layer, other, largest = per_layer(model_of, c, x, mode == "compiled")
+                layer, other, largest = per_layer(model_of, c, x, mode == "compiled", args.masked)
             rest.append(kb(other))
             rows[KINDS[c]] = {"kb_per_token": kb(layer), "largest_in_two_layers": [
                 {"kb_per_token": kb(n), "dtype": d, "shape": list(sh)} for n, d, sh in largest[:12]]}

@@ -10,8 +10,8 @@ A Nemotron-H layer is one block `x = x + mixer(norm(x))`. A Llama layer is two s
 Nothing here knows about elastic training or serving; both change how the model computes from
 outside, with module swaps and hooks: training's sub-networks from star_elastic/elastic/
 (docs/METHOD.md §5), serving's budget views and head order from star_elastic/serve/ (§13). The small
-methods the forwards call (`mean_square`, `select`, `weigh`, `neuron_scale`, `split_in_proj`, `split_conv`,
-`scan`, `group_to_heads`, `attend`) are what those swaps override.
+methods the forwards call (`mean_square`, `channel_scale`, `select`, `weigh`, `neuron_scale`, `split_in_proj`,
+`split_conv`, `scan`, `group_to_heads`, `attend`) are what those swaps override.
 
 Training keeps little for backward: the cheap parts (Mamba's conv and gated norm, the MoE router's scores,
 the experts' activation) are recomputed in backward rather than their outputs kept (`recomputed`,
@@ -164,14 +164,25 @@ class GatedRMSNorm(nn.Module):
 
     def scaled(self, x, z, weight):
         """The norm with `weight` as its scale (a full budget's own, elastic/delta.py, or the module's)."""
-        return gated_rms_norm(x, z, weight, self.groups, self.eps)
+        return gated_rms_norm(x, z, weight, self.groups, self.eps, self.channel_scale())
+
+    def channel_scale(self):
+        """Each channel's share in its group (dim,), or None: all of it. Masks give theirs (elastic/masking.py)."""
+        return None
 
 
-def gated_rms_norm(x, z, weight, groups: int, eps: float):
-    """x * silu(z), RMS-normalised within each of `groups` groups of the last dimension, scaled by `weight`."""
+def gated_rms_norm(x, z, weight, groups: int, eps: float, unit=None):
+    """x * silu(z), RMS-normalised within each of `groups` groups of the last dimension, scaled by `weight`.
+    `unit` (dim,) or None: x's channels scaled by it first, each group's mean of squares taken over its sum
+    (the kept channels, under a mask) rather than the group's size."""
     dtype = x.dtype
-    xg = (x.float() * F.silu(z.float())).unflatten(-1, (groups, -1))
-    xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + eps)
+    if unit is None:
+        xg = (x.float() * F.silu(z.float())).unflatten(-1, (groups, -1))
+        xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + eps)
+    else:
+        xg = ((x * unit.to(dtype)).float() * F.silu(z.float())).unflatten(-1, (groups, -1))
+        kept = unit.float().view(groups, -1).sum(-1, keepdim=True)
+        xg = xg * torch.rsqrt(xg.pow(2).sum(-1, keepdim=True) / kept + eps)
     # the weight as (groups, dim / groups): a budget view's weight is a per-group prefix of its parent's
     return (weight.view(groups, -1) * xg.to(dtype)).flatten(-2)
 
@@ -321,17 +332,20 @@ class Mamba2(nn.Module):
                 if cache is not None:
                     cache.ssm.copy_(final)
         norm, out = self.norm, self.out_proj
-        if type(norm) is GatedRMSNorm and type(out) is nn.Linear and torch.is_grad_enabled() \
+        # the norm as this class computes it (masks give only their channel scale), so it can be recomputed
+        plain_norm = (type(norm).forward, type(norm).scaled) == (GatedRMSNorm.forward, GatedRMSNorm.scaled)
+        if plain_norm and type(out) is nn.Linear and torch.is_grad_enabled() \
                 and not (out._forward_hooks or out._forward_pre_hooks):
             # the norm's output is not kept for out_proj's weight gradient: recomputed in backward with the norm
             # (8 KB a token a layer at Nano's widths); out_proj's hooks would not see it, so none may be set
             return norm_and_out_proj(y, x, self.D, z, norm.weight, norm.groups, norm.eps, out.weight, out.bias,
-                                     u.dtype)
-        if type(norm) is GatedRMSNorm:
+                                     u.dtype, norm.channel_scale())
+        if plain_norm:
             # recomputed in backward (elementwise work): its fp32 intermediates are about 80 KB a token at Nano's
             # widths (eager), and y, x and z are kept anyway
-            y = recomputed(skip_and_gated_norm, y, x, self.D, z, norm.weight, norm.groups, norm.eps)
-        else:  # a norm class swapped in from outside (masks, a full budget's own norm) runs as it is
+            y = recomputed(skip_and_gated_norm, y, x, self.D, z, norm.weight, norm.groups, norm.eps,
+                           norm.channel_scale())
+        else:  # a norm class swapped in from outside (a full budget's own norm, serving order) runs as it is
             y = norm(with_skip(y, x, self.D).flatten(-2), z)
         return out(y.to(u.dtype))
 
@@ -393,52 +407,59 @@ def with_skip(y, x, D):
     return y.float() + x.float() * D.float().flatten()[:, None]
 
 
-def skip_and_gated_norm(y, x, D, z, weight, groups: int, eps: float):
+def skip_and_gated_norm(y, x, D, z, weight, groups: int, eps: float, unit=None):
     """`with_skip`, then the gated norm (`gated_rms_norm`): Mamba2's output before out_proj."""
-    return gated_rms_norm(with_skip(y, x, D).flatten(-2), z, weight, groups, eps)
+    return gated_rms_norm(with_skip(y, x, D).flatten(-2), z, weight, groups, eps, unit)
 
 
-def norm_and_out_proj(y, x, D, z, weight, groups: int, eps: float, out_weight, out_bias, dtype):
+def norm_and_out_proj(y, x, D, z, weight, groups: int, eps: float, out_weight, out_bias, dtype, unit=None):
     """out_proj(skip_and_gated_norm(...).to(dtype)) as `_NormOutProj`: the same values, autocast's cast of the
     product included, with the norm recomputed in backward instead of its output kept."""
     device = y.device.type
     mm = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else dtype
-    return _NormOutProj.apply(y, x, D, z, weight, groups, eps, out_weight, out_bias, dtype, mm)
+    return _NormOutProj.apply(y, x, D, z, weight, unit, groups, eps, out_weight, out_bias, dtype, mm)
 
 
-def norm_then_out_proj(y, x, D, z, weight, groups: int, eps: float, out_weight, out_bias, dtype):
+def norm_then_out_proj(y, x, D, z, weight, groups: int, eps: float, out_weight, out_bias, dtype, unit=None):
     """What `norm_and_out_proj` computes, by autograd (keeping the norm's output): its tests' reference."""
-    return F.linear(skip_and_gated_norm(y, x, D, z, weight, groups, eps).to(dtype), out_weight, out_bias)
+    return F.linear(skip_and_gated_norm(y, x, D, z, weight, groups, eps, unit).to(dtype), out_weight, out_bias)
 
 
 class _NormOutProj(torch.autograd.Function):
     """Mamba2's last steps, the D skip, gated norm and out_proj, keeping for backward only their inputs (y, x,
     z: kept anyway, for the scan or as views of in_proj's output) and no tensor of their own: autograd kept the
-    norm's output for out_proj's weight gradient. Backward recomputes the norm (elementwise, one reduction per
-    group) and writes its gradient out, plain tensor operations that torch.compile traces and fuses; `mamba_ssm`'s
-    fused Mamba layer does the same. x None: y has the skip (kernels.conv_scan). The product runs in `mm` (the
-    autocast dtype, as F.linear would under autocast), the norm's output cast to `dtype` first, as
-    `out_proj(y.to(u.dtype))` does."""
+    norm's output for out_proj's weight gradient, and under masks (`unit`, the channels' shares) the norm's
+    fp32 intermediates too. Backward recomputes the norm (elementwise, one reduction per group) and writes its
+    gradient out, the mask's included (the router learns through it), in plain tensor operations that
+    torch.compile traces and fuses; `mamba_ssm`'s fused Mamba layer does the same, unmasked. x None: y has the
+    skip (kernels.conv_scan). The product runs in `mm` (the autocast dtype, as F.linear would under autocast),
+    the norm's output cast to `dtype` first, as `out_proj(y.to(u.dtype))` does.
+
+    The norm per token and group of channels c: a = s unit (s = y + D x), g = a silu(z), k = sum unit (the
+    group's size without a mask), r = (sum g^2 / k + eps)^-1/2, n = weight g r. So with g^ = g r and dg^ the
+    gradient reaching g^: dg = r (dg^ - g^ sum(dg^ g^) / k) and dk = sum(dg^ g^) sum(g^^2) / (2 k^2)."""
 
     @staticmethod
-    def forward(ctx, y, x, D, z, weight, groups, eps, out_weight, out_bias, dtype, mm):
+    def forward(ctx, y, x, D, z, weight, unit, groups, eps, out_weight, out_bias, dtype, mm):
         with torch.no_grad():
-            n = skip_and_gated_norm(y, x, D, z, weight, groups, eps).to(dtype).to(mm)
+            n = skip_and_gated_norm(y, x, D, z, weight, groups, eps, unit).to(dtype).to(mm)
             out = F.linear(n, out_weight.to(mm), None if out_bias is None else out_bias.to(mm))
-        ctx.save_for_backward(y, x, D, z, weight, out_weight, out_bias)
+        ctx.save_for_backward(y, x, D, z, weight, unit, out_weight, out_bias)
         ctx.groups, ctx.eps, ctx.dtype, ctx.mm = groups, eps, dtype, mm
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        y, x, D, z, weight, out_weight, out_bias = ctx.saved_tensors
+        y, x, D, z, weight, unit, out_weight, out_bias = ctx.saved_tensors
         G = ctx.groups
         s = with_skip(y, x, D)  # (b, t, heads, head_dim), fp32
+        a = s.flatten(-2) if unit is None else s.flatten(-2) * unit.float()
         zf = z.float()
         sig = torch.sigmoid(zf)
         silu = zf * sig
-        g = (s.flatten(-2) * silu).unflatten(-1, (G, -1))
-        r = torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + ctx.eps)
+        g = (a * silu).unflatten(-1, (G, -1))
+        k = g.shape[-1] if unit is None else unit.float().view(G, -1).sum(-1, keepdim=True)
+        r = torch.rsqrt(g.pow(2).sum(-1, keepdim=True) / k + ctx.eps)
         g_hat = g * r
         n = (weight.view(G, -1) * g_hat).flatten(-2).to(ctx.dtype).to(ctx.mm)  # the forward's product input
         d2 = d_out.flatten(0, -2)
@@ -447,14 +468,23 @@ class _NormOutProj(torch.autograd.Function):
         d_n = (d_out @ out_weight.to(ctx.mm)).float().unflatten(-1, (G, -1))
         d_weight = (d_n * g_hat).flatten(0, -3).sum(0).flatten().to(weight.dtype).view_as(weight)
         d_g_hat = d_n * weight.view(G, -1).float()
-        d_g = (r * (d_g_hat - g_hat * (d_g_hat * g_hat).mean(-1, keepdim=True))).flatten(-2)
-        d_s = (d_g * silu).view_as(s)
-        d_z = (d_g * s.flatten(-2) * sig * (1 + zf * (1 - sig))).to(z.dtype)
+        along = (d_g_hat * g_hat).sum(-1, keepdim=True)
+        d_g = (r * (d_g_hat - g_hat * along / k)).flatten(-2)
+        d_a = d_g * silu
+        d_z = (d_g * a * sig * (1 + zf * (1 - sig))).to(z.dtype)
+        d_s, d_unit = d_a, None
+        if unit is not None:
+            d_s = d_a * unit.float()
+            d_k = (along * g_hat.pow(2).sum(-1, keepdim=True) / (2 * k * k)).flatten(0, -3).sum(0)  # (G, 1)
+            d_unit = ((d_a * s.flatten(-2)).flatten(0, -2).sum(0) + d_k.expand(G, g.shape[-1]).flatten())
+            d_unit = d_unit.to(unit.dtype)
+        d_s = d_s.view_as(s)
         d_x = d_D = None
         if x is not None:
             d_x = (d_s * D.float().flatten()[:, None]).to(x.dtype)
             d_D = (d_s * x.float()).flatten(0, -3).sum(0).sum(-1).to(D.dtype).view_as(D)
-        return d_s.to(y.dtype), d_x, d_D, d_z, d_weight, None, None, d_out_weight, d_out_bias, None, None
+        return (d_s.to(y.dtype), d_x, d_D, d_z, d_weight, d_unit, None, None, d_out_weight, d_out_bias, None,
+                None)
 
 
 def causal_conv_silu(x, weight, bias):

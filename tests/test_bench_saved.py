@@ -76,3 +76,27 @@ def test_a_moe_layer_keeps_one_hidden_wide_copy_of_each_routed_token():
     # and two activation-wide ones: the up projection's output and the down projection's input; the
     # activation's own output is recomputed in backward, not kept beside them
     assert shapes.count((copies, cfg.moe_intermediate_size)) == 2
+
+
+def test_a_masked_mamba_layer_keeps_about_what_an_unmasked_one_keeps():
+    """Under a smaller budget's soft masks (bench_saved.budget_masks, as training's masked steps run) a Mamba
+    layer keeps little more than unmasked: the masked gated norm is recomputed in backward with out_proj, not
+    run as a swapped-in forward whose fp32 intermediates autograd kept (2.6x the unmasked layer's bytes at the
+    539M config, eager)."""
+    import bench_saved
+    from bench_speed import hf_config
+
+    from star_elastic.hf import config_from_hf
+    from star_elastic.model import Model
+
+    hc = hf_config(True)
+    hc.layers_block_type, hc.num_hidden_layers = ["mamba"], 1
+    cfg = config_from_hf(hc.to_dict())
+    model = Model(cfg).to(torch.bfloat16)
+    x = torch.randint(0, cfg.vocab_size, (1, 64))
+    total = {}
+    for masks in (False, True):
+        with ExitStack() as stack:
+            bench_saved.kernels_in(stack, "stand-in", torch.device("cpu"), conv=False)
+            total[masks] = sum(n for n, _, _ in bench_saved.kept(model, x, compiled=False, masks=masks))
+    assert total[False] < total[True] < 1.3 * total[False]

@@ -508,14 +508,17 @@ def _kept_bytes(fn, inside=None) -> int:
     return out, seen
 
 
+@pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("skip_inside", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_norm_and_out_proj_gives_autograds_values_and_gradients(skip_inside, dtype):
+def test_norm_and_out_proj_gives_autograds_values_and_gradients(skip_inside, dtype, masked):
     """Mamba's D skip, gated norm and out_proj as one function whose backward is written out (the norm
-    recomputed, its output not kept): the output and the gradients of y, x, D, z, the norm's weight and
-    out_proj's weight and bias equal autograd's through the plain composition (norm_then_out_proj): from float64
-    inputs to fp32 rounding (the norm computes in fp32); with bf16 inputs under autocast (as training runs it on a GPU, here on the CPU) to bf16 rounding.
-    skip_inside: x None, y already has the skip (kernels.conv_scan)."""
+    recomputed, its output not kept): the output and the gradients of y, x, D, z, the norm's weight, a soft
+    mask's channel scale and out_proj's weight and bias equal autograd's through the plain composition
+    (norm_then_out_proj): from float64 inputs to fp32 rounding (the norm computes in fp32); with bf16 inputs
+    under autocast (as training runs it on a GPU, here on the CPU) to bf16 rounding. skip_inside: x None, y
+    already has the skip (kernels.conv_scan). masked: the channels scaled by a soft mask (0 for some, between 0
+    and 1 for others), each group normalised over its kept share, as MaskedGatedRMSNorm gives it."""
     from star_elastic.model import norm_and_out_proj, norm_then_out_proj
 
     torch.manual_seed(0)
@@ -525,13 +528,14 @@ def test_norm_and_out_proj_gives_autograds_values_and_gradients(skip_inside, dty
     x = None if skip_inside else torch.randn(b, t, h, p, dtype=dtype)
     z = torch.randn(b, t, h * p, dtype=dtype)
     D, weight = torch.randn(h, dtype=wide), 1 + 0.1 * torch.randn(h * p, dtype=wide)
+    unit = torch.rand(h * p).mul(torch.rand(h * p) > 0.3) if masked else None  # a soft mask, some channels at 0
     out_w, out_b = torch.randn(hidden, h * p, dtype=wide) / 5, torch.randn(hidden, dtype=wide)
-    leaves = [v.requires_grad_() for v in (y, x, D, z, weight, out_w, out_b) if v is not None]
+    leaves = [v.requires_grad_() for v in (y, x, D, z, weight, unit, out_w, out_b) if v is not None]
     g = torch.randn(b, t, hidden, dtype=wide)
     results = []
     for fn in (norm_and_out_proj, norm_then_out_proj):
         with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
-            out = fn(y, x, D, z, weight, G, 1e-5, out_w, out_b, wide)
+            out = fn(y, x, D, z, weight, G, 1e-5, out_w, out_b, wide, unit)
         results.append((out, *torch.autograd.grad((out.to(wide) * g).sum(), leaves, allow_unused=True)))
     for got, want in zip(*results):
         if skip_inside and want is None:  # D: only through x's skip

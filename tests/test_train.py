@@ -153,8 +153,12 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, extra):
     mp.spawn(_worker, args=(2, free_port(), str(out), str(tmp_path), extra), nprocs=2, join=True)
     got = torch.load(out, weights_only=True)
     assert got["losses"] == pytest.approx([l["total"] for l in logs], rel=1e-4)
+    # atol: AdamW at lr 3e-3 turns fp32 differences in the order of the sums (over one batch or two halves) into
+    # weight differences where a gradient is near zero; the worst element, an attention o_proj's, was 1.0e-5
+    # apart, and 1.8e-5 once the masked Mamba norm's backward was written out (thirty-fifth session); a wrong
+    # average over ranks moves weights by the order of the rate
     for k, v in single.model.state_dict().items():
-        assert torch.allclose(got["weights"][k], v, rtol=1e-4, atol=1e-5), (k, (got["weights"][k] - v).abs().max().item())
+        assert torch.allclose(got["weights"][k], v, rtol=1e-4, atol=5e-5), (k, (got["weights"][k] - v).abs().max().item())
 
 
 @pytest.mark.parametrize("judge", ["drawn", "expected"])

@@ -14,7 +14,7 @@ keep all; `mask_shapes` lists them for a model):
 
 Each mask acts where slicing cuts (the boundaries importance.py reads), by a module swap: the
 module's class is replaced in place by a subclass that overrides one small method of the plain
-module (the whole, short forward of Mamba's gated norm), or that multiplies its input or output
+module (Mamba's gated norm: its channel scale), or that multiplies its input or output
 (`_ScaledInput`, `_ScaledOutput` mixed into whatever class the module has), and put back on exit.
 Swapping the class, not the module, keeps every parameter where it is, so optimisers, FSDP's shards
 (parallel.py) and hooks see the same modules. Not hooks: torch.compile does not guard on a module's
@@ -43,7 +43,6 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from star_elastic.generate import forget_decode_steps
 from star_elastic.model import (MLP, Attention, Experts, GatedRMSNorm, LlamaLayer, Mamba2, Model, MoE, RMSNorm,
@@ -64,24 +63,20 @@ class MaskedRMSNorm(RMSNorm):
 
 class MaskedGatedRMSNorm(GatedRMSNorm):
     """Mamba's gated norm with `head_mask` (heads,) and / or `channel_mask` (head_dim,) (either None):
-    the dropped heads' and channels' outputs zeroed, each group normalised over its kept channels."""
+    the dropped heads' and channels' outputs zeroed, each group normalised over its kept channels (its channel
+    scale, which `model.gated_rms_norm` applies: so the layer recomputes the masked norm in backward too)."""
 
     head_mask: torch.Tensor | None
     channel_mask: torch.Tensor | None
     heads: int
 
-    def forward(self, x, z):
-        unit = x.new_ones(self.heads, x.shape[-1] // self.heads)  # each channel's weight
+    def channel_scale(self):
+        unit = torch.ones(self.heads, self.weight.shape[0] // self.heads, device=self.weight.device)
         if self.head_mask is not None:
-            unit = unit * self.head_mask.to(x.dtype)[:, None]
+            unit = unit * self.head_mask.float()[:, None]
         if self.channel_mask is not None:
-            unit = unit * self.channel_mask.to(x.dtype)
-        unit = unit.flatten()
-        dtype = x.dtype
-        xg = ((x * unit).float() * F.silu(z.float())).unflatten(-1, (self.groups, -1))
-        kept = unit.float().view(self.groups, -1).sum(-1, keepdim=True)
-        xg = xg * torch.rsqrt(xg.pow(2).sum(-1, keepdim=True) / kept + self.eps)
-        return (self.weight.view(self.groups, -1) * xg.to(dtype)).flatten(-2)
+            unit = unit * self.channel_mask.float()
+        return unit.flatten()
 
 
 class MaskedTopkRouter(TopkRouter):
