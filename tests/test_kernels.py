@@ -213,6 +213,17 @@ def check_cuda_half_only(monkeypatch, uses, loader: str):
     assert not uses(FakeCuda())
 
 
+def check_opt_in(monkeypatch, uses, loader: str, loaded, env: str):
+    """An opt-in kernel's dispatch `uses` (its module kernels.<loader> 'importing' as `loaded`): off by default,
+    then, with `env` set to 1, what check_cuda_half_only checks."""
+    monkeypatch.setattr(kernels, loader, lambda: (loaded, None))
+    monkeypatch.delenv(kernels.ENV_DISABLE, raising=False)
+    monkeypatch.delenv(env, raising=False)
+    assert not uses(FakeCuda())  # off by default
+    monkeypatch.setenv(env, "1")
+    check_cuda_half_only(monkeypatch, uses, loader)
+
+
 # ----------------------------------------------------------------------------- the causal conv
 
 class StandInConv:
@@ -232,13 +243,7 @@ class StandInConv:
 def test_causal_conv_dispatch_is_opt_in_until_checked_on_a_gpu(monkeypatch):
     """CUDA bf16 / fp16 inputs take causal_conv1d's kernel only when switched on (STAR_ELASTIC_CAUSAL_CONV=1),
     importable and not disabled with the Triton paths; fp32 and CPU tensors never do."""
-    monkeypatch.setattr(kernels, "_load_conv", lambda: (StandInConv(), None))
-    monkeypatch.delenv(kernels.ENV_DISABLE, raising=False)
-    monkeypatch.delenv(kernels.ENV_CONV, raising=False)
-
-    assert not kernels.uses_causal_conv(FakeCuda())  # off by default
-    monkeypatch.setenv(kernels.ENV_CONV, "1")
-    check_cuda_half_only(monkeypatch, kernels.uses_causal_conv, "_load_conv")
+    check_opt_in(monkeypatch, kernels.uses_causal_conv, "_load_conv", StandInConv(), kernels.ENV_CONV)
     with pytest.raises(RuntimeError, match="not available"):
         kernels.causal_conv(torch.zeros(1, 2, 3), torch.zeros(2, 4), None)
 
@@ -267,26 +272,21 @@ def scan_ops_stand_in():
     return ScanOpsStandIn()
 
 
-def test_conv_scan_dispatch_is_opt_in_training_only_until_checked_on_a_gpu(monkeypatch):
+def test_conv_scan_dispatch_is_opt_in_until_checked_on_a_gpu(monkeypatch):
     """conv + scan + skip as one function only when switched on (STAR_ELASTIC_CONV_SCAN=1), importable and not
     disabled with the Triton paths, on CUDA bf16 / fp16; without it the layer's usual path runs."""
     ops = scan_ops_stand_in()
-    monkeypatch.setattr(kernels, "_load_conv_scan", lambda: ((ops.fwd, ops.bwd), None))
-    monkeypatch.delenv(kernels.ENV_DISABLE, raising=False)
-    monkeypatch.delenv(kernels.ENV_CONV_SCAN, raising=False)
-    assert not kernels.uses_conv_scan(FakeCuda())  # off by default
-    monkeypatch.setenv(kernels.ENV_CONV_SCAN, "1")
-    check_cuda_half_only(monkeypatch, kernels.uses_conv_scan, "_load_conv_scan")
+    check_opt_in(monkeypatch, kernels.uses_conv_scan, "_load_conv_scan", (ops.fwd, ops.bwd), kernels.ENV_CONV_SCAN)
     with pytest.raises(RuntimeError, match="not available"):
         kernels.conv_scan(*[torch.zeros(1)] * 6, (1, 1, 1, 1), 8, conv=None)
 
 
-def test_model_through_conv_scan_equals_the_usual_path_and_keeps_less(monkeypatch):
+def test_model_through_conv_scan_equals_the_usual_path(monkeypatch):
     """Training's Mamba layers through kernels.conv_scan (the scan's forward and backward as stand-ins with
-    mamba_ssm's signatures, forced on here): the conv's input goes in, the D skip comes out added, and backward
+    mamba_ssm's signatures, forced on here): in_proj's output goes in, the D skip comes out added, and backward
     recomputes the conv. Logits and gradients equal the usual path's (conv, scan, skip apart), masked or not;
-    without grad (the cached prefills) the usual path runs. Fails if the conv's output is kept or the skip
-    added twice."""
+    without grad (the cached prefills) the usual path runs. Fails if the skip is added twice or a gradient
+    is lost."""
     ops = scan_ops_stand_in()
     monkeypatch.setattr(kernels, "_load_conv_scan", lambda: ((ops.fwd, ops.bwd), None))
     fast, slow = model_paths(monkeypatch, "uses_conv_scan", ops.calls)
@@ -298,6 +298,30 @@ def test_model_through_conv_scan_equals_the_usual_path_and_keeps_less(monkeypatc
     assert_same_paths(fast, slow)
 
 
+def layer_runs(monkeypatch, layer, u, g):
+    """run(conv_scan, reference=False, compiled=False): the Mamba `layer`'s output on `u` under bf16 autocast on
+    u's device and the gradients of (output * g).sum() for u and every parameter; conv_scan switches
+    kernels.conv_scan on, reference runs norm_then_out_proj (autograd) for the norm and out_proj."""
+    import star_elastic.model as model_module
+
+    def run(conv_scan: bool, reference=False, compiled=False):
+        monkeypatch.setenv(kernels.ENV_CONV_SCAN, "1" if conv_scan else "0")
+        with monkeypatch.context() as m:
+            if reference:
+                m.setattr(model_module, "norm_and_out_proj", model_module.norm_then_out_proj)
+            with torch.autocast(u.device.type, torch.bfloat16):
+                out = (torch.compile(layer) if compiled else layer)(u)
+            return (out.float(), *torch.autograd.grad((out.float() * g).sum(), [u, *layer.parameters()]))
+
+    return run
+
+
+def assert_near(got, want):
+    """Each tensor of `got` within bf16 rounding (2% of the norm) of `want`'s."""
+    for a, b in zip(got, want, strict=True):
+        assert (a - b).norm() < 0.02 * b.norm() + 1e-6
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or kernels.unavailable_reason() is not None,
                     reason="the Triton scan's forward and backward need a GPU and mamba_ssm")
 def test_conv_scan_and_norm_out_proj_on_cuda_give_autograds_output_and_gradients(monkeypatch):
@@ -306,7 +330,6 @@ def test_conv_scan_and_norm_out_proj_on_cuda_give_autograds_output_and_gradients
     reference (the Triton scan, autograd through the norm and out_proj: norm_then_out_proj) to bf16 rounding:
     with the norm and out_proj's written-out backward (the default), with kernels.conv_scan too, and that
     compiled."""
-    import star_elastic.model as model_module
     from star_elastic.model import Mamba2
 
     torch.manual_seed(0)
@@ -316,21 +339,12 @@ def test_conv_scan_and_norm_out_proj_on_cuda_give_autograds_output_and_gradients
     u = torch.randn(2, 512, 256, device="cuda", requires_grad=True)
     g = torch.randn(2, 512, 256, device="cuda")
     monkeypatch.delenv(kernels.ENV_DISABLE, raising=False)
-
-    def run(conv_scan: bool, reference=False, compiled=False):
-        monkeypatch.setenv(kernels.ENV_CONV_SCAN, "1" if conv_scan else "0")
-        assert kernels.uses_conv_scan(torch.zeros(1, device="cuda", dtype=torch.bfloat16)) == conv_scan
-        with monkeypatch.context() as m:
-            if reference:
-                m.setattr(model_module, "norm_and_out_proj", model_module.norm_then_out_proj)
-            with torch.autocast("cuda", torch.bfloat16):
-                out = (torch.compile(layer) if compiled else layer)(u)
-            return (out.float(), *torch.autograd.grad((out.float() * g).sum(), [u, *layer.parameters()]))
-
+    run = layer_runs(monkeypatch, layer, u, g)
     want = run(False, reference=True)
-    for got in (run(False), run(True), run(True, compiled=True)):
-        for a, b in zip(got, want):
-            assert (a - b).norm() < 0.02 * b.norm() + 1e-6
+    for conv_scan, compiled in ((False, False), (True, False), (True, True)):
+        got = run(conv_scan, compiled=compiled)
+        assert kernels.uses_conv_scan(u.detach().to(torch.bfloat16)) == conv_scan  # the real dispatch took it
+        assert_near(got, want)
 
 
 def test_a_compiled_layer_through_conv_scan_gives_the_references_gradients(monkeypatch):
@@ -338,7 +352,6 @@ def test_a_compiled_layer_through_conv_scan_gives_the_references_gradients(monke
     the output and gradients equal the eager reference's (autograd through conv, scan, norm and out_proj), as
     tests/test_kernels.py's CUDA test asks on a GPU. A first version passed views of in_proj's output across
     the break, which torch.compile rebuilt with garbage shapes (a RuntimeError, two runs in three)."""
-    import star_elastic.model as model_module
     from star_elastic.model import Mamba2
 
     ops = scan_ops_stand_in()
@@ -350,22 +363,11 @@ def test_a_compiled_layer_through_conv_scan_gives_the_references_gradients(monke
     layer = Mamba2(cfg)
     u = torch.randn(2, 64, 64, requires_grad=True)
     g = torch.randn(2, 64, 64)
-
-    def run(conv_scan, reference=False, compiled=False):
-        monkeypatch.setenv(kernels.ENV_CONV_SCAN, "1" if conv_scan else "0")
-        with monkeypatch.context() as m:
-            if reference:
-                m.setattr(model_module, "norm_and_out_proj", model_module.norm_then_out_proj)
-            with torch.autocast("cpu", torch.bfloat16):
-                out = (torch.compile(layer) if compiled else layer)(u)
-            return (out.float(), *torch.autograd.grad((out.float() * g).sum(), [u, *layer.parameters()]))
-
+    run = layer_runs(monkeypatch, layer, u, g)
     want = run(False, reference=True)
     for _ in range(2):
         torch._dynamo.reset()
-        got = run(True, compiled=True)
-        for a, b in zip(got, want):
-            assert (a - b).norm() < 0.02 * b.norm() + 1e-6
+        assert_near(run(True, compiled=True), want)
     assert [k for k, _ in ops.calls] == ["fwd", "bwd"] * 2
 
 
