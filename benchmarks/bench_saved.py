@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from unittest import mock
 
 import torch
@@ -35,6 +35,7 @@ import torch
 import common
 from star_elastic import kernels
 from star_elastic import model as model_module
+from star_elastic.elastic.delta import FullDelta
 from star_elastic.elastic.masking import masked
 from star_elastic.elastic.spec import ElasticSpec
 from star_elastic.hf import config_from_hf
@@ -174,19 +175,33 @@ def budget_masks(cfg) -> dict[str, torch.Tensor]:
     return {k: (0.5 + 0.5 * m.float()).requires_grad_() for k, m in spec.masks(cfg).items()}
 
 
-def kept(model: Model, x: torch.Tensor, compiled: bool, masks: bool = False) -> list[tuple[int, str, tuple]]:
+def kept(model: Model, x: torch.Tensor, compiled: bool, masks: bool = False, keep_full: bool = False
+         ) -> list[tuple[int, str, tuple]]:
     """(bytes, dtype, shape) of every tensor one forward keeps for backward, each storage once, the model's
     parameters apart; `masks`: under a smaller budget's soft masks (`budget_masks`), as training's masked steps
-    run (the masks' own storages apart too)."""
-    with masked(model, budget_masks(model.config)) if masks else nullcontext():
-        return _kept(model, x, compiled)
+    run; `keep_full`: as the full anchor's pass runs under elastify --keep-full, with the full budget's delta
+    (rank 64) and its own norm weights (`FullDelta`). The masks' and the delta's own tensors are apart too."""
+    with ExitStack() as stack:
+        apart = []
+        if masks:
+            soft = budget_masks(model.config)
+            apart += soft.values()
+            stack.enter_context(masked(model, soft))
+        if keep_full:
+            delta = FullDelta(model, 64).keep(model, {n: p.detach() for n, p in model.named_parameters()
+                                                       if n.endswith("norm.weight")})
+            for t in delta.rest.values():
+                t.requires_grad_()
+            apart += [*delta.parameters(), *delta.rest.values()]
+            stack.enter_context(delta.applied(model))
+        return _kept(model, x, compiled, apart)
 
 
-def _kept(model: Model, x: torch.Tensor, compiled: bool) -> list[tuple[int, str, tuple]]:
+def _kept(model: Model, x: torch.Tensor, compiled: bool, apart=()) -> list[tuple[int, str, tuple]]:
     run = torch.compile(model) if compiled else model
     if compiled:
         run(x)  # compile outside the count
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    params = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *apart]}
     seen = {}
 
     def keep(t):
@@ -202,12 +217,13 @@ def _kept(model: Model, x: torch.Tensor, compiled: bool) -> list[tuple[int, str,
     return sorted(seen.values(), key=lambda r: -r[0])
 
 
-def per_layer(build, kind: str, x, compiled: bool, masks: bool = False) -> tuple[float, float, list]:
+def per_layer(build, kind: str, x, compiled: bool, masks: bool = False, keep_full: bool = False
+              ) -> tuple[float, float, list]:
     """Bytes one `kind` layer keeps, and the rest (embedding, final norm, LM head): a model of two such layers
     less a model of one, which holds under torch.compile too (a compiled graph saves its tensors when it
     returns, so hooks at layer boundaries cannot say which layer saved them). Also the two-layer model's
     largest kept tensors."""
-    one, two = (kept(build(kind * n), x, compiled, masks) for n in (1, 2))
+    one, two = (kept(build(kind * n), x, compiled, masks, keep_full) for n in (1, 2))
     layer = sum(r[0] for r in two) - sum(r[0] for r in one)
     return layer, sum(r[0] for r in one) - layer, two
 
@@ -235,6 +251,9 @@ def main(argv=None):
                     help="conv, scan and skip as one function (kernels.conv_scan), opt-in as in the library")
     ap.add_argument("--masked", action="store_true",
                     help="count under a smaller budget's soft masks, as training's masked steps run (budget_masks)")
+    ap.add_argument("--keep-full", action="store_true",
+                    help="count the full anchor's pass as elastify --keep-full runs it: the full budget's delta "
+                         "(rank 64) and its own norm weights")
     ap.add_argument("--compile", action="store_true", help="also count with the model under torch.compile")
     ap.add_argument("--device")
     ap.add_argument("--json")
@@ -278,17 +297,19 @@ def main(argv=None):
            "date": datetime.date.today().isoformat(), "machine": common.machine(device), "model": args.model,
            "layers": args.layers, "tokens": args.tokens, "kernels": args.kernels, "conv_kernel": args.conv_kernel,
            "conv_scan": args.conv_scan, "masked": args.masked,
+           "keep_full": args.keep_full,
            "torch": torch.__version__, "fused_mamba_kb_per_token": fused_mamba_bytes(cfg) / 1024, "modes": {}}
     print(f"{args.model} (layers {args.layers}), {args.tokens} tokens, bf16 on {res['machine']}, kernels: "
           f"{args.kernels}{' (conv too)' if args.conv_kernel else ''}{', conv + scan as one' if args.conv_scan else ''}"
-          f"{', under a smaller budget' + chr(39) + 's soft masks' if args.masked else ''}")
+          f"{', under a smaller budget' + chr(39) + 's soft masks' if args.masked else ''}"
+          f"{', the full budget with its delta and own norms' if args.keep_full else ''}")
     kb = lambda n: n / args.tokens / 1024  # noqa: E731
     for mode in ("eager", "compiled") if args.compile else ("eager",):
         rows, rest = {}, []
         for c in args.layers:
             with ExitStack() as stack:
                 kernels_in(stack, args.kernels, device, conv=args.conv_kernel, conv_scan=args.conv_scan)
-                layer, other, largest = per_layer(model_of, c, x, mode == "compiled", args.masked)
+                layer, other, largest = per_layer(model_of, c, x, mode == "compiled", args.masked, args.keep_full)
             rest.append(kb(other))
             rows[KINDS[c]] = {"kb_per_token": kb(layer), "largest_in_two_layers": [
                 {"kb_per_token": kb(n), "dtype": d, "shape": list(sh)} for n, d, sh in largest[:12]]}

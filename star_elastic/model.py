@@ -136,7 +136,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        return self.scaled(x, self.weight)
+        return self.scaled(x, self.norm_weight())
+
+    def norm_weight(self):
+        """The scale the norm runs with: its weight, or a full budget's own (elastic/delta.py swaps that in)."""
+        return self.weight
 
     def scaled(self, x, weight):
         """The norm with `weight` as its scale (a full budget's own, elastic/delta.py, or the module's)."""
@@ -160,7 +164,11 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, x, z):
         """x, z: (..., dim), the heads' channels group-major (group g: the g-th dim / groups of them)."""
-        return self.scaled(x, z, self.weight)
+        return self.scaled(x, z, self.norm_weight())
+
+    def norm_weight(self):
+        """The scale the norm runs with: its weight, or a full budget's own (elastic/delta.py swaps that in)."""
+        return self.weight
 
     def scaled(self, x, z, weight):
         """The norm with `weight` as its scale (a full budget's own, elastic/delta.py, or the module's)."""
@@ -332,20 +340,21 @@ class Mamba2(nn.Module):
                 if cache is not None:
                     cache.ssm.copy_(final)
         norm, out = self.norm, self.out_proj
-        # the norm as this class computes it (masks give only their channel scale), so it can be recomputed
+        # the norm as this class computes it (masks give only their channel scale, a full budget's own norm its
+        # weight), so it can be recomputed
         plain_norm = (type(norm).forward, type(norm).scaled) == (GatedRMSNorm.forward, GatedRMSNorm.scaled)
         if plain_norm and type(out) is nn.Linear and torch.is_grad_enabled() \
                 and not (out._forward_hooks or out._forward_pre_hooks):
             # the norm's output is not kept for out_proj's weight gradient: recomputed in backward with the norm
             # (8 KB a token a layer at Nano's widths); out_proj's hooks would not see it, so none may be set
-            return norm_and_out_proj(y, x, self.D, z, norm.weight, norm.groups, norm.eps, out.weight, out.bias,
-                                     u.dtype, norm.channel_scale())
+            return norm_and_out_proj(y, x, self.D, z, norm.norm_weight(), norm.groups, norm.eps, out.weight,
+                                     out.bias, u.dtype, norm.channel_scale())
         if plain_norm:
             # recomputed in backward (elementwise work): its fp32 intermediates are about 80 KB a token at Nano's
             # widths (eager), and y, x and z are kept anyway
-            y = recomputed(skip_and_gated_norm, y, x, self.D, z, norm.weight, norm.groups, norm.eps,
+            y = recomputed(skip_and_gated_norm, y, x, self.D, z, norm.norm_weight(), norm.groups, norm.eps,
                            norm.channel_scale())
-        else:  # a norm class swapped in from outside (a full budget's own norm, serving order) runs as it is
+        else:  # a norm class swapped in from outside that computes otherwise (serving order) runs as it is
             y = norm(with_skip(y, x, self.D).flatten(-2), z)
         return out(y.to(u.dtype))
 

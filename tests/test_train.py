@@ -158,7 +158,8 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, extra):
     # apart, and 1.8e-5 once the masked Mamba norm's backward was written out (thirty-fifth session); a wrong
     # average over ranks moves weights by the order of the rate
     for k, v in single.model.state_dict().items():
-        assert torch.allclose(got["weights"][k], v, rtol=1e-4, atol=5e-5), (k, (got["weights"][k] - v).abs().max().item())
+        assert torch.allclose(got["weights"][k], v, rtol=1e-4, atol=5e-5), \
+            (k, (got["weights"][k] - v).abs().max().item())
 
 
 @pytest.mark.parametrize("judge", ["drawn", "expected"])

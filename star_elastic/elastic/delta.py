@@ -170,12 +170,13 @@ class _OwnLinear:
 
 
 class _OwnNorm:
-    """Mixed into an RMSNorm or GatedRMSNorm while the full budget runs: the full budget's own scale."""
+    """Mixed into an RMSNorm or GatedRMSNorm while the full budget runs: the full budget's own scale (the norm's
+    forward reads it, and so does a Mamba layer that recomputes its norm in backward)."""
 
     own_weight: torch.Tensor
 
-    def forward(self, *args):
-        return self.scaled(*args, self.own_weight)
+    def norm_weight(self):
+        return self.own_weight
 
 
 class _OwnValues:
