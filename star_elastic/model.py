@@ -10,8 +10,8 @@ A Nemotron-H layer is one block `x = x + mixer(norm(x))`. A Llama layer is two s
 Nothing here knows about elastic training or serving; both change how the model computes from
 outside, with module swaps and hooks: training's sub-networks from star_elastic/elastic/
 (docs/METHOD.md §5), serving's budget views and head order from star_elastic/serve/ (§13). The small
-methods the forwards call (`mean_square`, `channel_scale`, `select`, `weigh`, `neuron_scale`, `split_in_proj`,
-`split_conv`, `scan`, `group_to_heads`, `attend`) are what those swaps override.
+methods the forwards call (`mean_square`, `norm_weight`, `channel_scale`, `select`, `weigh`, `neuron_scale`,
+`split_in_proj`, `split_conv`, `scan`, `group_to_heads`, `attend`) are what those swaps override.
 
 Training keeps little for backward: the cheap parts (Mamba's conv and gated norm, the MoE router's scores,
 the experts' activation) are recomputed in backward rather than their outputs kept (`recomputed`,
