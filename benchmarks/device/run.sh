@@ -30,7 +30,7 @@
 #                               (bench_kernels --parts train; needs .devcarry/mamba)
 #   SAVED [args]                issue 16: the bytes each layer keeps for backward, 539M and Nano widths, eager and compiled,
 #                               on the real kernels (bench_saved.py --kernels real; needs .devcarry/mamba); --conv-scan too
-#   S35 [args] | S35B           GPUTESTS then KERNELS --conv-scan --keep-activations; SAVED plain / --conv-scan / --masked / both
+#   S35 [args] | S35B           GPUTESTS then KERNELS --conv-scan --keep-activations; SAVED plain / --conv-scan / --masked / both / --keep-full
 #   GPUTESTS [-k EXPR]          the CUDA-only tests of tests/test_kernels.py (default -k cuda; carry .devcarry/mamba, or
 #                               the tests of the Triton paths skip)
 #   HFKBUILD                    causal_conv1d built for sm_90 into the home folder (~6 min; carry .devcarry/causal_conv1d),
@@ -132,8 +132,9 @@ SAVED) shift; for m in 539m nano; do PYTHONPATH=.devcarry/mamba:$PYTHONPATH pyth
 S35) shift  # the thirty-fifth session's CPU work on a GPU: its CUDA tests, then the step with conv_scan beside
   # the default and without the recompute (carry .devcarry/mamba)
   bash $0 GPUTESTS; bash $0 KERNELS --conv-scan --keep-activations "$@" ;;
-S35B) shift  # what a layer keeps on the real kernels: plain, conv_scan, masked, both (about 300 s; carry .devcarry/mamba)
-  for a in "" --conv-scan --masked "--masked --conv-scan"; do bash $0 SAVED $a; mkdir -p $OUT/saved${a// /}
+S35B) shift  # what a layer keeps on the real kernels: plain, conv_scan, masked, both, keep-full (about 370 s; carry
+  # .devcarry/mamba)
+  for a in "" --conv-scan --masked "--masked --conv-scan" --keep-full; do bash $0 SAVED $a; mkdir -p $OUT/saved${a// /}
     mv $OUT/saved_*_gpu.json $OUT/saved${a// /}/ 2>/dev/null; done ;;
 GPUTESTS) shift  # the tests that need CUDA (skipped in CI): e.g. the head gradient's fp32-accumulating GEMM
   PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py \
