@@ -255,15 +255,16 @@ class ConvScan(torch.autograd.Function):
     runs the scan's backward. Autograd around the conv and the scan kept the conv's output instead, for the
     scan (x, B and C) and for the skip (x): 12 KB a token a layer at Nano's widths (benchmarks/bench_saved.py).
     `mamba_ssm`'s fused Mamba layer recomputes the conv so too. `ops`: the scan's (forward, backward) with
-    mamba_ssm's signatures; `conv`: silu of the causal conv, (b, channels, t) -> (b, channels, t)."""
+    mamba_ssm's signatures; `conv_split`: (proj, weight, bias) -> the conv's output (b, channels, t) and x, B
+    and C viewed from it (the layer's own, `model.Mamba2.conv_and_views`, which knows in_proj's rows)."""
 
     @staticmethod
-    def forward(ctx, proj, weight, bias, dt, A, D, dims, chunk_size, ops, conv):
+    def forward(ctx, proj, weight, bias, dt, A, D, chunk_size, ops, conv_split):
         with torch.no_grad():
-            x, B, C = _conv_split(conv, proj, weight, bias, dims)[1:]
+            x, B, C = conv_split(proj, weight, bias)[1:]
             out = ops[0](x, dt, A, B, C, chunk_size, D=D)[0]
         ctx.save_for_backward(proj, weight, bias, dt, A, D)
-        ctx.dims, ctx.chunk_size, ctx.ops, ctx.conv = dims, chunk_size, ops, conv
+        ctx.chunk_size, ctx.ops, ctx.conv_split = chunk_size, ops, conv_split
         return out
 
     @staticmethod
@@ -272,35 +273,24 @@ class ConvScan(torch.autograd.Function):
         leaves = [None if t is None else t.detach().requires_grad_(need)
                   for t, need in zip((proj, weight, bias), ctx.needs_input_grad)]
         with torch.enable_grad():
-            conv_out, x, B, C = _conv_split(ctx.conv, *leaves, ctx.dims)
+            conv_out, x, B, C = ctx.conv_split(*leaves)
         dx, ddt, dA, dB, dC, dD = ctx.ops[1](dout.contiguous(), x.detach(), dt, A, B.detach(), C.detach(),
                                              x.detach(), ctx.chunk_size, D=D)[:6]  # out: unread without z
         d_conv = torch.cat([dx.flatten(2), dB.flatten(2), dC.flatten(2)], dim=-1).transpose(1, 2)
         wanted = [t for t in leaves if t is not None and t.requires_grad]
         got = iter(torch.autograd.grad(conv_out, wanted, d_conv) if wanted else ())
         d_leaves = [next(got) if t is not None and t.requires_grad else None for t in leaves]
-        return (*d_leaves, ddt, dA, dD, None, None, None, None)
-
-
-def _conv_split(conv, proj, weight, bias, dims):
-    """The conv's output (b, channels, t) in proj's dtype, and x (b, t, heads, head_dim), B and C (b, t, groups,
-    state) viewed from it, as `model.Mamba2.forward` views them. proj: in_proj's output, rows [z | x B C | dt]."""
-    heads, head_dim, groups, state = dims
-    xBC = proj[..., heads * head_dim: 2 * heads * head_dim + 2 * groups * state].transpose(1, 2)
-    out = conv(xBC, weight.to(xBC.dtype), None if bias is None else bias.to(xBC.dtype))
-    b, _, t = out.shape
-    x, B, C = out.transpose(1, 2).split([heads * head_dim, groups * state, groups * state], dim=-1)
-    return out, x.view(b, t, heads, head_dim), B.view(b, t, groups, state), C.view(b, t, groups, state)
+        return (*d_leaves, ddt, dA, dD, None, None, None)
 
 
 @torch.compiler.disable
-def conv_scan(proj, weight, bias, dt, A, D, dims, chunk_size: int, *, conv, ops=None):
+def conv_scan(proj, weight, bias, dt, A, D, chunk_size: int, *, conv_split, ops=None):
     """`ConvScan` on the scan's Triton forward and backward (`ops`: default the imported ones; tests pass
-    stand-ins). proj: in_proj's whole output (b, t, rows [z | x B C | dt]), the conv's input its x B C rows (not
-    a view of them: see model.Mamba2.forward); weight (channels, 1, k); bias (channels,) or None; dt (b, t, heads)
-    already softplus'ed and clamped; A, D (heads,); dims: (heads, head_dim, groups, state).
+    stand-ins). proj: in_proj's whole output, the conv's input its x B C rows (not a view of them: see
+    model.Mamba2.forward); weight (channels, 1, k); bias (channels,) or None; dt (b, t, heads) already
+    softplus'ed and clamped; A, D (heads,); conv_split: see `ConvScan`.
     Returns y + D x (b, t, heads, head_dim) in proj's dtype."""
     ops = ops or _load_conv_scan()[0]
     if ops is None:
         raise RuntimeError(f"the Triton scan's forward and backward are not available: {_load_conv_scan()[1]}")
-    return ConvScan.apply(proj, weight, bias, dt, A.float(), D.float(), tuple(dims), chunk_size, ops, conv)
+    return ConvScan.apply(proj, weight, bias, dt, A.float(), D.float(), chunk_size, ops, conv_split)

@@ -326,9 +326,8 @@ class Mamba2(nn.Module):
                 Mamba2.split_in_proj, Mamba2.split_conv, Mamba2.scan):
             # in_proj's whole output goes in, z is cut from it after: views of it passed across the graph break a
             # compiled layer has here made torch.compile (2.13, CPU) rebuild them with garbage shapes
-            dims = (self.num_heads, self.head_dim, self.n_groups, self.state_size)
-            y = kernels.conv_scan(proj, self.conv1d.weight, self.conv1d.bias, dt, A, self.D.flatten(), dims,
-                                  self.chunk_size, conv=causal_conv_silu)
+            y = kernels.conv_scan(proj, self.conv1d.weight, self.conv1d.bias, dt, A, self.D.flatten(),
+                                  self.chunk_size, conv_split=self.conv_and_views)
             z, x = self.split_in_proj(proj)[0], None  # y has the skip
         else:
             z, xBC, _ = self.split_in_proj(proj)
@@ -375,6 +374,14 @@ class Mamba2(nn.Module):
         if cache is not None:
             cache.conv.copy_(xBC[..., -(k - 1):])
         return F.silu(self.conv1d(xBC))
+
+    def conv_and_views(self, proj, weight, bias):
+        """silu of the causal conv of in_proj's x B C rows (zeros before the first input) with `weight` and
+        `bias` in proj's dtype, and x, B and C viewed from it (`xbc`): what kernels.conv_scan runs, and recomputes
+        in backward from the tensors it kept."""
+        xBC = self.split_in_proj(proj)[1].transpose(1, 2)
+        out = causal_conv_silu(xBC, weight.to(xBC.dtype), None if bias is None else bias.to(xBC.dtype))
+        return (out, *self.xbc(out))
 
     def xbc(self, conv_out):
         """The conv's output (b, conv_dim, t) -> x (b, t, heads, head_dim), B and C (b, t, n_groups, state)."""

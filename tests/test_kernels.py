@@ -278,7 +278,7 @@ def test_conv_scan_dispatch_is_opt_in_until_checked_on_a_gpu(monkeypatch):
     ops = scan_ops_stand_in()
     check_opt_in(monkeypatch, kernels.uses_conv_scan, "_load_conv_scan", (ops.fwd, ops.bwd), kernels.ENV_CONV_SCAN)
     with pytest.raises(RuntimeError, match="not available"):
-        kernels.conv_scan(*[torch.zeros(1)] * 6, (1, 1, 1, 1), 8, conv=None)
+        kernels.conv_scan(*[torch.zeros(1)] * 6, 8, conv_split=None)
 
 
 def test_model_through_conv_scan_equals_the_usual_path(monkeypatch):
