@@ -416,7 +416,7 @@ def keep_activations(on: bool):
 
 
 def conv_scan_switch(on: bool):
-    """On: Mamba's conv, scan and skip as one function (kernels.conv_scan, opt-in in the library), which keeps
+    """On: Mamba's conv, scan and skip as one function (kernels.conv_scan, the library's default), which keeps
     the conv's input rather than its output for backward; read when a compiled layer is traced."""
     return common.environment({kernels.ENV_CONV_SCAN: "1" if on else "0"})
 
@@ -486,17 +486,18 @@ def one_rank_group(device, on: bool = True):
 
 
 def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: int, have_triton: bool,
-               compile_step: bool = False, fsdp1: bool = False, keep: bool = False, conv_scan: bool = False) -> dict:
+               compile_step: bool = False, fsdp1: bool = False, keep: bool = False, apart: bool = False) -> dict:
     cfg = tiny_config(pattern) if tiny else nano_config(pattern)
     model, teacher, budgets, rows = step_setup(cfg, device, batch, seq)
     n_total = sum(p.numel() for p in model.parameters())
     n_active = active_params(cfg, model)
     # (name, Triton scan, fused KD, compile backend, foreach AdamW, shard, activations: "" the default, "keep" every
-    # one kept, "conv_scan" Mamba's conv, scan and skip as one function, kernels.conv_scan); the compiled
+    # one kept, "apart" Mamba's conv, scan and skip apart, not as kernels.conv_scan); the compiled
     # step's first steps
     # compile (the median of the last steps is timed), one graph per layer kind, budget kind and grad mode.
     # "_keep": every activation kept (no recompute in backward, --keep-activations), beside the default;
-    # "_conv_scan": the conv recomputed inside the scan's backward, its output not kept (--conv-scan; opt-in).
+    # "_apart": Mamba's conv and scan apart, autograd keeping the conv's output (--conv-scan-apart; the default
+    # until the thirty-sixth session): the default rows run them as one function, the conv recomputed in backward.
     # "_fsdp1": FSDP2 over this one process, whose bf16 gathers cast each block's weights once a forward (and
     # once a backward) where autocast casts them at every use: the profile's hundreds of small casts. Measured
     # on an H200 (thirty-first session, docs/RESULTS.md §12): 10% slower and 24-27 GiB more, eager and compiled,
@@ -506,7 +507,7 @@ def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: in
     variants += [("triton", True, False, None, False, "none", "")] if have_triton else []
     variants += [(best + "_foreach_adam", have_triton, True, None, True, "none", ""),
                  (best, have_triton, True, None, False, "none", "")]
-    extra = [a for a, on in (("keep", keep), ("conv_scan", conv_scan and have_triton)) if on]
+    extra = [a for a, on in (("keep", keep), ("apart", apart and have_triton)) if on]
     variants += [(f"{best}_{a}", have_triton, True, None, False, "none", a) for a in extra]
     if compile_step:
         variants.append((best + "_compiled", have_triton, True, "inductor", False, "none", ""))
@@ -526,7 +527,7 @@ def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: in
         r = out["variants"][name] = {}
         try:
             with triton_switch(triton_on), fused_kd(on=fused), foreach_adam(on=foreach), \
-                    keep_activations(activations == "keep"), conv_scan_switch(activations == "conv_scan"):
+                    keep_activations(activations == "keep"), conv_scan_switch(activations not in ("keep", "apart")):
                 logs, r["peak_gib"] = _train(model, teacher, cfg, budgets, rows, batch, seq, steps, device, backend,
                                              shard)
             timed_logs = logs[2:] if len(logs) > 3 else logs[1:] or logs
@@ -740,9 +741,9 @@ def main():
                     help="--parts train: also the step sharded by FSDP2 over this one process (measured slower)")
     ap.add_argument("--keep-activations", action="store_true",
                     help="--parts train: also the step keeping every activation (no recompute in backward)")
-    ap.add_argument("--conv-scan", action="store_true",
-                    help="--parts train: also the step with Mamba's conv, scan and skip as one function "
-                         "(STAR_ELASTIC_CONV_SCAN=1), eager and compiled")
+    ap.add_argument("--conv-scan-apart", action="store_true",
+                    help="--parts train: also the step with Mamba's conv, scan and skip apart, not as one "
+                         "function (STAR_ELASTIC_CONV_SCAN=0), eager and compiled")
     ap.add_argument("--device")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
@@ -778,7 +779,7 @@ def main():
         "scan": lambda: part_scan(device, args.tiny, compile_, args.iters, fast),
         "kd": lambda: part_kd(device, args.tiny, args.iters),
         "train": lambda: part_train(device, args.tiny, args.pattern, args.batch, args.seq, args.steps, fast,
-                                    compile_, args.fsdp1, args.keep_activations, args.conv_scan),
+                                    compile_, args.fsdp1, args.keep_activations, args.conv_scan_apart),
         "kdcurve": lambda: part_kdcurve(device, args.tiny, args.pattern, 1, min(args.seq, 2048), args.kd_steps, fast,
                                         compile_, args.kd_apart),
         "profile": lambda: part_profile(device, args.tiny, args.pattern, *(
@@ -816,7 +817,8 @@ def use_stand_in():
 
     kernels.triton_scan = triton_scan
     kernels.uses_triton = lambda x: x.dtype in (torch.bfloat16, torch.float16) and not kernels.disabled()
-    # conv + scan as one function (--conv-scan) on the scan's forward and backward in PyTorch
+    # conv + scan as one function (the default rows; --conv-scan-apart beside) on the scan's forward and backward
+    # in PyTorch
     from bench_saved import ScanOpsStandIn
 
     ops = ScanOpsStandIn()

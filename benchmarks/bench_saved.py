@@ -15,8 +15,9 @@ Beside ours it prints what `mamba_ssm`'s fused Mamba layer (`mamba_split_conv1d_
 transformers runs with its kernels) keeps, from the same list: in_proj's output zxbcdt, out_x (b, t, heads x
 head_dim) in the input's dtype and the norm's rstd, plus the in_proj input that the layer's linear keeps.
 
-`--conv-scan` counts with Mamba's conv, scan and skip as one function (kernels.conv_scan, opt-in in the library;
-its stand-in is the scan's forward and backward in PyTorch, `ScanOpsStandIn`, which the tests also use).
+`--conv-scan` counts with Mamba's conv, scan and skip as one function (kernels.conv_scan, the library's default on
+a GPU since the thirty-sixth session; without the flag they run apart, as before; its stand-in is the scan's forward
+and backward in PyTorch, `ScanOpsStandIn`, which the tests also use).
 
     python benchmarks/bench_saved.py --kernels stand-in --compile --json docs/results/saved_cpu.json
     python benchmarks/bench_saved.py --model nano --kernels stand-in --compile
@@ -248,7 +249,8 @@ def main(argv=None):
     ap.add_argument("--conv-kernel", action="store_true",
                     help="the conv on causal_conv1d's kernel (or its stand-in), opt-in as in the library")
     ap.add_argument("--conv-scan", action="store_true",
-                    help="conv, scan and skip as one function (kernels.conv_scan), opt-in as in the library")
+                    help="conv, scan and skip as one function (kernels.conv_scan, the library's default on a GPU); "
+                         "without it they run apart")
     ap.add_argument("--masked", action="store_true",
                     help="count under a smaller budget's soft masks, as training's masked steps run (budget_masks)")
     ap.add_argument("--keep-full", action="store_true",

@@ -1,5 +1,6 @@
 """Optional fast paths on CUDA for Mamba-2: the chunked scan and the one-token state update on `mamba_ssm`'s
-Triton kernels (on by default), the causal conv on `causal_conv1d`'s CUDA kernel (opt-in). Each falls back
+Triton kernels (on by default), training's conv, scan and skip as one function on the scan's Triton forward and
+backward (on by default), the causal conv on `causal_conv1d`'s CUDA kernel (opt-in). Each falls back
 to the model's PyTorch code, which stays the CPU path and the tests' reference.
 
 `chunk_scan` is what `model.Mamba2` calls instead of the einsum scan (`model.ssd_scan`), with the
@@ -51,10 +52,12 @@ the input's dtype, as autocast casts them for `F.conv1d`; the inputs before the 
 
 `conv_scan` is training's conv + SiLU, scan and D skip as one autograd function (`ConvScan`) on the scan's
 Triton forward and backward (`_mamba_chunk_scan_combined_fwd` / `_bwd`, the functions `mamba_ssm`'s own wrappers
-call), opt-in (`STAR_ELASTIC_CONV_SCAN=1`) until checked on a GPU (tests/test_kernels.py's CUDA test, `bench_kernels
---conv-scan` for the time): it keeps in_proj's output (kept anyway, for z) where autograd kept
-the conv's output for the scan and the skip, and its backward recomputes the conv, as `mamba_ssm`'s fused Mamba
-layer does (12 KB a token a layer less at Nano's widths; benchmarks/bench_saved.py --conv-scan).
+call): it keeps in_proj's output (kept anyway, for z) where autograd kept the conv's output for the scan and the
+skip, and its backward recomputes the conv, as `mamba_ssm`'s fused Mamba layer does (12 KB a token a layer less
+at Nano's widths; benchmarks/bench_saved.py --conv-scan). On by default since it was checked on an H100
+(thirty-sixth session: tests/test_kernels.py's CUDA test against autograd, eager and compiled; the Nano-width
+step no slower, `bench_kernels --conv-scan`); `STAR_ELASTIC_CONV_SCAN=0` switches it off alone,
+`STAR_ELASTIC_NO_TRITON=1` with the scan.
 
 The kernel calls are excluded from `torch.compile` graphs (`torch.compiler.disable`): a compiled model breaks its
 graph around each of them instead of tracing into them.
@@ -72,7 +75,7 @@ ENV_DISABLE = "STAR_ELASTIC_NO_TRITON"
 ENV_ENABLE = "STAR_ELASTIC_TRITON"
 ENV_STEP = "STAR_ELASTIC_TRITON_STEP"  # "0": the decode state update stays on the recurrence
 ENV_CONV = "STAR_ELASTIC_CAUSAL_CONV"  # "1": Mamba's conv on causal_conv1d's kernel (opt-in until checked on a GPU)
-ENV_CONV_SCAN = "STAR_ELASTIC_CONV_SCAN"  # "1": conv, scan and D skip as one function (opt-in until checked on a GPU)
+ENV_CONV_SCAN = "STAR_ELASTIC_CONV_SCAN"  # "0": conv, scan and D skip apart (autograd keeps the conv's output)
 ON_BY_DEFAULT = True  # checked on an H200 (bench_kernels.py check); STAR_ELASTIC_TRITON=0 also switches it off
 _DTYPES = (torch.bfloat16, torch.float16)  # fp32: the einsum scan (see above)
 
@@ -238,9 +241,9 @@ def _load_conv_scan():
 
 @torch.compiler.assume_constant_result
 def conv_scan_enabled() -> bool:
-    """Conv, scan and skip may run as one function: switched on (`STAR_ELASTIC_CONV_SCAN=1`), not disabled with
-    the scan, and the scan's forward and backward import."""
-    return _set(ENV_CONV_SCAN) and not disabled() and _load_conv_scan()[0] is not None
+    """Conv, scan and skip may run as one function: not switched off (`STAR_ELASTIC_CONV_SCAN=0`), not disabled
+    with the scan, and the scan's forward and backward import."""
+    return os.environ.get(ENV_CONV_SCAN, "") != "0" and not disabled() and _load_conv_scan()[0] is not None
 
 
 def uses_conv_scan(x: torch.Tensor) -> bool:

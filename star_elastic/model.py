@@ -319,7 +319,7 @@ class Mamba2(nn.Module):
         # per-head vectors flattened: in a grouped budget view they are (n_groups, kept heads per group)
         dt = F.softplus(self.split_in_proj(proj)[2].float() + self.dt_bias.float().flatten()).clamp(min=self.dt_min)
         A = -torch.exp(self.A_log.float()).flatten()
-        # training on CUDA, opt-in: conv, scan and skip as one function that keeps less for backward; it splits
+        # training on CUDA: conv, scan and skip as one function that keeps less for backward; it splits
         # and scans as this class does, so not where a swap from outside (serving order) overrides those
         if cache is None and type(self.conv1d) is nn.Conv1d and torch.is_grad_enabled() and kernels.uses_conv_scan(
                 proj) and (type(self).split_in_proj, type(self).split_conv, type(self).scan) == (

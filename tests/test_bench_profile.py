@@ -168,26 +168,37 @@ def test_the_training_step_with_every_activation_kept_runs_beside_the_default():
     assert len(kept["kd"]) == len(default["kd"]) == 4
 
 
-def test_train_part_runs_the_conv_scan_row_beside_the_default(monkeypatch):
-    """bench_kernels --parts train --conv-scan: a row with Mamba's conv, scan and skip as one function
-    (kernels.conv_scan, here on the scan's PyTorch stand-ins, in fp32 as the CPU trains) beside the default, the
-    switch on only inside its row; the same budgets drawn, and KD losses the default's to 2%."""
+def test_train_part_runs_conv_scan_by_default_and_the_apart_row_beside(monkeypatch):
+    """bench_kernels --parts train --conv-scan-apart: the default rows run Mamba's conv, scan and skip as one
+    function (kernels.conv_scan, the library's default on a GPU; here the scan's PyTorch stand-ins, in fp32 as the
+    CPU trains) wherever the Triton paths are on, and the "_apart" row beside them never does (nor the einsum
+    row); the same budgets drawn, and KD losses the default's to 2%."""
     import torch
 
-    from bench_kernels import part_train
+    import bench_kernels
     from bench_saved import ScanOpsStandIn
     from star_elastic import kernels
 
     ops = ScanOpsStandIn()
     monkeypatch.setattr(kernels, "_load_conv_scan", lambda: ((ops.fwd, ops.bwd), None))
     monkeypatch.setattr(kernels, "uses_conv_scan", lambda x: kernels.conv_scan_enabled())  # the CPU trains in fp32
-    seen = []
-    monkeypatch.setattr(ops, "calls", type("Calls", (list,), {"append": lambda self, c: seen.append(
-        kernels.conv_scan_enabled())})())
-    out = part_train(torch.device("cpu"), True, "MEM*EM", 1, 64, 4, have_triton=True, conv_scan=True)
+    monkeypatch.delenv(kernels.ENV_CONV_SCAN, raising=False)
+    calls_per_row, train = [], bench_kernels._train
+
+    def counted(*args, **kwargs):
+        before = len(ops.calls)
+        out = train(*args, **kwargs)
+        calls_per_row.append(len(ops.calls) - before)
+        return out
+
+    monkeypatch.setattr(bench_kernels, "_train", counted)
+    out = bench_kernels.part_train(torch.device("cpu"), True, "MEM*EM", 1, 64, 4, have_triton=True, apart=True)
     runs = out["variants"]
-    default, one = runs["triton_fused_kd"], runs["triton_fused_kd_conv_scan"]
-    assert "error" not in default and "error" not in one and seen and all(seen)
-    assert one["budgets"] == default["budgets"]
-    assert all(abs(a - b) <= 0.02 * abs(b) for a, b in zip(one["kd"], default["kd"]))
-    assert not kernels.conv_scan_enabled()
+    assert list(runs) == ["einsum", "triton", "triton_fused_kd_foreach_adam", "triton_fused_kd",
+                          "triton_fused_kd_apart"]
+    assert calls_per_row[0] == 0 and all(n > 0 for n in calls_per_row[1:4]) and calls_per_row[4] == 0
+    default, apart = runs["triton_fused_kd"], runs["triton_fused_kd_apart"]
+    assert "error" not in default and "error" not in apart
+    assert apart["budgets"] == default["budgets"]
+    assert all(abs(a - b) <= 0.02 * abs(b) for a, b in zip(apart["kd"], default["kd"]))
+    assert kernels.ENV_CONV_SCAN not in __import__("os").environ  # the switch is put back after each row

@@ -272,11 +272,19 @@ def scan_ops_stand_in():
     return ScanOpsStandIn()
 
 
-def test_conv_scan_dispatch_is_opt_in_until_checked_on_a_gpu(monkeypatch):
-    """conv + scan + skip as one function only when switched on (STAR_ELASTIC_CONV_SCAN=1), importable and not
-    disabled with the Triton paths, on CUDA bf16 / fp16; without it the layer's usual path runs."""
+def test_conv_scan_dispatch_is_on_by_default_since_checked_on_a_gpu(monkeypatch):
+    """conv + scan + skip as one function on CUDA bf16 / fp16 by default (checked on an H100), unless switched off
+    alone (STAR_ELASTIC_CONV_SCAN=0) or with the Triton paths, or not importable; CPU and fp32 tensors never
+    take it; without it the layer's usual path runs."""
     ops = scan_ops_stand_in()
-    check_opt_in(monkeypatch, kernels.uses_conv_scan, "_load_conv_scan", (ops.fwd, ops.bwd), kernels.ENV_CONV_SCAN)
+    monkeypatch.setattr(kernels, "_load_conv_scan", lambda: ((ops.fwd, ops.bwd), None))
+    monkeypatch.delenv(kernels.ENV_DISABLE, raising=False)
+    monkeypatch.delenv(kernels.ENV_CONV_SCAN, raising=False)
+    assert kernels.uses_conv_scan(FakeCuda())  # on by default
+    monkeypatch.setenv(kernels.ENV_CONV_SCAN, "0")  # switched off alone
+    assert not kernels.uses_conv_scan(FakeCuda())
+    monkeypatch.setenv(kernels.ENV_CONV_SCAN, "1")
+    check_cuda_half_only(monkeypatch, kernels.uses_conv_scan, "_load_conv_scan")
     with pytest.raises(RuntimeError, match="not available"):
         kernels.conv_scan(*[torch.zeros(1)] * 6, 8, conv_split=None)
 

@@ -27,6 +27,8 @@ if [ ! -d $D/mamba/mamba_ssm ]; then  # the Triton SSD kernels of mamba_ssm, wit
   tar -C "$tmp" -xzf "$tmp"/mamba_ssm-2.3.2.post1.tar.gz
   mkdir -p $D/mamba/mamba_ssm-2.3.2.post1.dist-info
   cp -r "$tmp"/mamba_ssm-2.3.2.post1/mamba_ssm $D/mamba/
+  # Mamba-3's kernels (550 KB) are not used here, and without them the model's first part fits one call's 64 MiB
+  rm -rf $D/mamba/mamba_ssm/ops/tilelang $D/mamba/mamba_ssm/ops/cute $D/mamba/mamba_ssm/ops/triton/mamba3
   echo '__version__ = "2.3.2.post1"' > $D/mamba/mamba_ssm/__init__.py
   printf 'Metadata-Version: 2.1\nName: mamba_ssm\nVersion: 2.3.2.post1\n' > $D/mamba/mamba_ssm-2.3.2.post1.dist-info/METADATA
   rm -rf "$tmp"

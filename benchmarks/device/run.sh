@@ -26,11 +26,11 @@
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
 #   GATHER [args]               issue 12: the views' MoE decode gather, the candidates side by side (bench_expert_gather)
-#   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled; --parts profile: the compiled step by kernel (--compile off: eager); --parts kdcurve: KD over 50 steps, fast against reference (--kd-apart: each fast part alone too); --fsdp1: the FSDP2 rows; --keep-activations: the step without the recompute, beside; --conv-scan: Mamba's conv, scan and skip as one function, beside
+#   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled; --parts profile: the compiled step by kernel (--compile off: eager); --parts kdcurve: KD over 50 steps, fast against reference (--kd-apart: each fast part alone too); --fsdp1: the FSDP2 rows; --keep-activations: the step without the recompute, beside; --conv-scan-apart: Mamba's conv, scan and skip apart (not as one function, the default), beside
 #                               (bench_kernels --parts train; needs .devcarry/mamba)
 #   SAVED [args]                issue 16: the bytes each layer keeps for backward, 539M and Nano widths, eager and compiled,
 #                               on the real kernels (bench_saved.py --kernels real; needs .devcarry/mamba); --conv-scan too
-#   S35 [args] | S35B           GPUTESTS then KERNELS --conv-scan --keep-activations; SAVED plain / --conv-scan / --masked / both / --keep-full
+#   S35 [args] | S35B           GPUTESTS then KERNELS --conv-scan-apart --keep-activations; SAVED plain / --conv-scan / --masked / both / --keep-full
 #   GPUTESTS [-k EXPR]          the CUDA-only tests of tests/test_kernels.py (default -k cuda; carry .devcarry/mamba, or
 #                               the tests of the Triton paths skip)
 #   HFKBUILD                    causal_conv1d built for sm_90 into the home folder (~6 min; carry .devcarry/causal_conv1d),
@@ -131,7 +131,7 @@ SAVED) shift; for m in 539m nano; do PYTHONPATH=.devcarry/mamba:$PYTHONPATH pyth
   --kernels real --compile --json $OUT/saved_${m}_gpu.json "$@" 2>&1 | grep -v "^    " | tail -n 8; done ;;
 S35) shift  # the thirty-fifth session's CPU work on a GPU: its CUDA tests, then the step with conv_scan beside
   # the default and without the recompute (carry .devcarry/mamba)
-  bash $0 GPUTESTS; bash $0 KERNELS --conv-scan --keep-activations "$@" ;;
+  bash $0 GPUTESTS; bash $0 KERNELS --conv-scan-apart --keep-activations "$@" ;;
 S35B) shift  # what a layer keeps on the real kernels: plain, conv_scan, masked, both, keep-full (about 370 s; carry
   # .devcarry/mamba)
   for a in "" --conv-scan --masked "--masked --conv-scan" --keep-full; do bash $0 SAVED $a; mkdir -p $OUT/saved${a// /}
