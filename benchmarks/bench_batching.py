@@ -16,8 +16,8 @@ decode tok/s = tokens the decode steps wrote (B x (new tokens - 1)) / seconds in
 the batched step itself achieves, also given relative to the full budget's at the same B. At B = 1,
 the decode step against the memory-bandwidth bound, at every batch size B: bytes of the weights a step
 reads (common.step_weight_bytes: all but the embedding table, and of the routed experts the share that B
-tokens reach, k / E at B = 1) / seconds per step, as a share of --hbm-gbs (default 4800 GB/s, an H200's
-HBM, on a GPU; on a CPU only when given). The ratio of a budget's bytes to the full budget's at the same B
+tokens reach, k / E at B = 1) / seconds per step, as a share of --hbm-gbs (default on a GPU the card's
+HBM bandwidth, common.hbm_gbs: an H100's 3,350 GB/s, an H200's 4,800; on a CPU only when given). The ratio of a budget's bytes to the full budget's at the same B
 is the most a bandwidth-bound step could gain from the budget (printed beside the measured ratio).
 
     python benchmarks/bench_batching.py --smoke
@@ -169,8 +169,8 @@ def main():
     ap.add_argument("--static", choices=["auto", "on", "off"], default="auto",
                     help="the engine's static step (every row of the pool; a CUDA graph on a GPU): auto = on a GPU")
     ap.add_argument("--hbm-gbs", type=float,
-                    help=f"peak memory bandwidth, GB/s, for the B = 1 decode's share of it (default: {common.HBM_GBS:g}, "
-                         "an H200's, on a GPU; not reported on a CPU unless given)")
+                    help="peak memory bandwidth, GB/s, for the B = 1 decode's share of it (default on a GPU: the card's, "
+                         "common.hbm_gbs: an H100 3,350, an H200 4,800; not reported on a CPU unless given)")
     ap.add_argument("--smoke", action="store_true", help="tiny model, few tokens: a quick check")
     ap.add_argument("--no-pipeline", action="store_true",
                     help="read every decode step before launching the next (Scheduler.pipeline off), for the side by side")
@@ -196,7 +196,7 @@ def main():
                                                                   ("bfloat16" if device.type == "cuda" else "float32")]
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     # FP8 weights are 1 byte where the active-bytes count assumes the checkpoint's dtype: no bound then
-    hbm_gbs = None if args.fp8_matmul else args.hbm_gbs or (common.HBM_GBS if device.type == "cuda" else None)
+    hbm_gbs = None if args.fp8_matmul else args.hbm_gbs or (common.hbm_gbs(device) if device.type == "cuda" else None)
     ckpt_dir = Path(args.ckpt) if args.ckpt else build_checkpoint(
         args.model, args.budgets.split(","), Path(tempfile.mkdtemp(prefix="bench_batching_")) / "ckpt")
     ckpt = load_elastic(ckpt_dir, dtype=dtype, device=device)

@@ -19,6 +19,7 @@ from star_elastic.model import Model, ModelConfig
 
 BF16_PEAK = 790e12  # H200 dense bf16 matmul, as measured on the device machines (an 8192^3 matmul on random data)
 HBM_GBS = 4800.0  # H200 HBM3e bandwidth, GB/s: the bound a memory-bound decode step is held against
+HBM_GBS_BY_CARD = {"H100": 3350.0, "H200": 4800.0}  # SXM cards' HBM bandwidth, GB/s, by a word of their name
 
 
 # Nemotron 3 Nano's 52 layers (its hybrid_override_pattern): 23 Mamba, 23 MoE, 6 attention; with nano_config
@@ -103,6 +104,13 @@ def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def hbm_gbs(device: torch.device) -> float:
+    """The peak memory bandwidth (GB/s) of `device`'s card, by its name (an H100 3,350, an H200 4,800), else
+    HBM_GBS: a decode step's share of the bound is held against the card it ran on."""
+    name = machine(device) if device.type == "cuda" else ""
+    return next((gbs for card, gbs in HBM_GBS_BY_CARD.items() if card in name), HBM_GBS)
 
 
 def clock(device: torch.device) -> float:

@@ -47,3 +47,17 @@ def test_a_decode_steps_weight_bytes_count_the_experts_its_batch_reaches():
     n_small = e.up_proj.numel() + e.down_proj.numel()
     rest = sum(p.numel() for p in small.parameters()) - small.embed.weight.numel() - n_small
     assert step_weight_bytes(small.config, small, 1) == (rest + n_small / 2) * elem
+
+
+def test_the_bandwidth_bound_is_the_cards_own(monkeypatch):
+    """A decode step's share of the HBM bound is held against the card it ran on (the thirty-sixth session's H100
+    run was first reported against an H200's 4,800 GB/s): an H100 3,350, an H200 4,800, an unknown card and the
+    CPU the default."""
+    import torch
+
+    import common
+
+    for name, gbs in (("NVIDIA H100 80GB HBM3", 3350.0), ("NVIDIA H200", 4800.0), ("NVIDIA A100", common.HBM_GBS)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
+        assert common.hbm_gbs(torch.device("cuda")) == gbs
+    assert common.hbm_gbs(torch.device("cpu")) == common.HBM_GBS
