@@ -563,6 +563,9 @@ def part_kdcurve(device, tiny: bool, pattern: str, batch: int, seq: int, steps: 
     moves the curve."""
     cfg = tiny_config(pattern) if tiny else nano_config(pattern)
     model, teacher, budgets, rows = step_setup(cfg, device, batch, seq)
+    # every run starts from copies of these, so they wait in host memory: the card holds one run's model, teacher
+    # and optimiser (on an 80 GB H100 the originals beside a run's copies ran out of memory, thirty-sixth session)
+    model, teacher = model.cpu(), teacher.cpu()
     fast_name = ("triton" if have_triton else "einsum") + "_fused_kd" + ("_compiled" if compile_step else "")
     variants = {"reference": (False, False, None), "reference_again": (False, False, None),
                 fast_name: (have_triton, True, "inductor" if compile_step else None)}
@@ -575,8 +578,8 @@ def part_kdcurve(device, tiny: bool, pattern: str, batch: int, seq: int, steps: 
     for name, (triton_on, fused, backend) in variants.items():
         torch.manual_seed(1)  # the router's start
         with triton_switch(triton_on), fused_kd(on=fused):
-            logs, _ = _train(copy.deepcopy(model), copy.deepcopy(teacher), cfg, budgets, rows, batch, seq, steps,
-                             device, backend)
+            logs, _ = _train(copy.deepcopy(model).to(device), copy.deepcopy(teacher).to(device), cfg, budgets, rows,
+                             batch, seq, steps, device, backend)
         out["variants"][name] = {"kd": [log.get("kd") for log in logs], "budgets": [log["budget"] for log in logs]}
         free(device)
     ref = out["variants"]["reference"]
