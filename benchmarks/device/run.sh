@@ -21,7 +21,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -477,6 +477,14 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
          --budget-mix $MIX --tokens-a 16777216 --state-dir $H/state/J16m$x" C16ma$x "$C --budgets 1.0,0.75" \
          C16mb$x "$C --budgets 1.0,0.5"
      ratios J16m$x:C16ma$x,J16m$x:C16mb$x,J16m$x:C16ra,J16m$x:C16rb J16m$x C16ma$x C16mb$x ;;
+  # 16mj (for the next session, after SETUP): 16m's elastic run alone (its two (c) runs take the GPU's time: a
+  # session's 30 minutes hold about three calls), against the plain (c) at 16M already run (C16ra / C16rb,
+  # elastic_session28_h200.json), the honest baseline; call again on exit 75 (resumable while the machine stays
+  # warm: a machine taken back loses its state)
+  16mj) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16m$x "${RESTORED/--hold-pull 30/--hold-pull 0} --full-delta-finish 768 \
+         --budget-mix $MIX --tokens-a 16777216 --state-dir $H/state/J16m$x"
+     ratios J16m$x:C16ra,J16m$x:C16rb J16m$x ;;
   # S30 (the thirtieth session's first calls): 16p and HB16 side by side, called back to back until both are done
   # (each resumes; a finished one is skipped), then HB16c, RESTORESVD and the demo
   S30) bash $0 PLAN17 16p > $OUT/s30_16p.txt 2>&1 & bash $0 PLAN17 HB16 > $OUT/s30_hb16.txt 2>&1; wait
