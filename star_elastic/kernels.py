@@ -56,7 +56,7 @@ call): it keeps in_proj's output (kept anyway, for z) where autograd kept the co
 skip, and its backward recomputes the conv, as `mamba_ssm`'s fused Mamba layer does (12 KB a token a layer less
 at Nano's widths; benchmarks/bench_saved.py --conv-scan). On by default since it was checked on an H100
 (thirty-sixth session: tests/test_kernels.py's CUDA test against autograd, eager and compiled; the Nano-width
-step no slower, `bench_kernels --conv-scan`); `STAR_ELASTIC_CONV_SCAN=0` switches it off alone,
+step no slower, `bench_kernels --conv-scan-apart` beside); `STAR_ELASTIC_CONV_SCAN=0` switches it off alone,
 `STAR_ELASTIC_NO_TRITON=1` with the scan.
 
 The kernel calls are excluded from `torch.compile` graphs (`torch.compiler.disable`): a compiled model breaks its
