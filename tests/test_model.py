@@ -613,3 +613,37 @@ def test_a_mamba_layer_recomputes_its_conv_and_norm_in_backward_with_the_same_gr
     monkeypatch.setattr(model_module, "norm_and_out_proj", model_module.norm_then_out_proj)
     # 0.53 at these widths (0.58 while the norm's output was kept for out_proj), 0.41 at the 539M config
     assert recomputed < 0.55 * kept(), (recomputed, kept())
+
+
+def test_rms_norm_runs_torchs_fused_norm_unless_a_mask_gives_its_mean_of_squares(monkeypatch):
+    """A plain RMSNorm runs torch's rms_norm (one fused kernel on CUDA, forward and backward) and gives the
+    written-out norm's values and gradients (fp32 in, bf16 in); a masked one (its own mean of squares over the
+    kept channels) keeps the written-out form."""
+    from star_elastic.elastic.masking import MaskedRMSNorm
+    from star_elastic.model import RMSNorm
+
+    calls = []
+    fused = F.rms_norm
+    monkeypatch.setattr(F, "rms_norm", lambda *a, **k: calls.append(a[1]) or fused(*a, **k))
+    torch.manual_seed(0)
+    norm = RMSNorm(16, 1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 5, 16, dtype=dtype, requires_grad=True)
+        y = norm(x)
+        assert len(calls) == 1 and tuple(calls.pop()) == (16,)
+        xf = x.float()
+        want = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+        g = torch.randn_like(want)
+        got_x, got_w = torch.autograd.grad((y * g).sum(), (x, norm.weight))
+        want_x, want_w = torch.autograd.grad((want * g).sum(), (x, norm.weight))
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+        for a, b in ((y, want), (got_x, want_x), (got_w, want_w)):
+            torch.testing.assert_close(a, b, **tol)
+    masked = MaskedRMSNorm(16, 1e-5)
+    masked.mask = torch.tensor([1.0] * 12 + [0.0] * 4)
+    x = torch.randn(2, 16) * masked.mask
+    y = masked(x)
+    assert not calls
+    torch.testing.assert_close(y[:, :12], RMSNorm(12, 1e-5)(x[:, :12]))  # the kept channels' own norm
