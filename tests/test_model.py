@@ -617,10 +617,10 @@ def test_a_mamba_layer_recomputes_its_conv_and_norm_in_backward_with_the_same_gr
 
 def test_rms_norm_runs_torchs_fused_norm_unless_a_mask_gives_its_mean_of_squares(monkeypatch):
     """A plain RMSNorm runs torch's rms_norm (one fused kernel on CUDA, forward and backward) and gives the
-    written-out norm's values and gradients (fp32 in, bf16 in); a masked one (its own mean of squares over the
-    kept channels) keeps the written-out form."""
+    written-out norm's values and gradients (fp32 in, bf16 in), and so does Mamba's gated norm per group; a
+    masked one (its own mean of squares over the kept channels, or a channel scale) keeps the written-out form."""
     from star_elastic.elastic.masking import MaskedRMSNorm
-    from star_elastic.model import RMSNorm
+    from star_elastic.model import GatedRMSNorm, RMSNorm
 
     calls = []
     fused = F.rms_norm
@@ -641,6 +641,15 @@ def test_rms_norm_runs_torchs_fused_norm_unless_a_mask_gives_its_mean_of_squares
         tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
         for a, b in ((y, want), (got_x, want_x), (got_w, want_w)):
             torch.testing.assert_close(a, b, **tol)
+    gated = GatedRMSNorm(16, 4, 1e-5)  # Mamba's: each of 4 groups of 4 channels normalised on its own
+    x, z = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    y = gated(x, z)
+    assert len(calls) == 1 and tuple(calls.pop()) == (4,)
+    g = (x * F.silu(z)).unflatten(-1, (4, 4))
+    torch.testing.assert_close(y, (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + 1e-5)).flatten(-2))
+    gated.channel_scale = lambda: torch.tensor([1.0, 1.0, 0.5, 0.0] * 4)  # a mask's soft channel scale
+    gated(x, z)
+    assert not calls
     masked = MaskedRMSNorm(16, 1e-5)
     masked.mask = torch.tensor([1.0] * 12 + [0.0] * 4)
     x = torch.randn(2, 16) * masked.mask
