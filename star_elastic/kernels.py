@@ -113,6 +113,11 @@ def _set(name: str) -> bool:
     return os.environ.get(name, "") not in ("", "0")
 
 
+def _off(name: str) -> bool:
+    """An on-by-default path switched off alone (`name=0`)."""
+    return os.environ.get(name, "") == "0"
+
+
 def disabled() -> bool:
     """`STAR_ELASTIC_NO_TRITON` is set (to anything but empty or 0), or `STAR_ELASTIC_TRITON` is set to 0,
     or the kernel is off by default and `STAR_ELASTIC_TRITON` is not set."""
@@ -165,7 +170,7 @@ def triton_scan(x, dt, A, B, C, chunk_size: int, initial_state=None, scan=None):
 def triton_step_enabled() -> bool:
     """The Triton state update may run: not switched off (`STAR_ELASTIC_TRITON_STEP=0`), not disabled with
     the scan, and it imports."""
-    return os.environ.get(ENV_STEP, "") != "0" and not disabled() and _load_update()[0] is not None
+    return not _off(ENV_STEP) and not disabled() and _load_update()[0] is not None
 
 
 def uses_triton_step(x: torch.Tensor) -> bool:
@@ -243,7 +248,7 @@ def _load_conv_scan():
 def conv_scan_enabled() -> bool:
     """Conv, scan and skip may run as one function: not switched off (`STAR_ELASTIC_CONV_SCAN=0`), not disabled
     with the scan, and the scan's forward and backward import."""
-    return os.environ.get(ENV_CONV_SCAN, "") != "0" and not disabled() and _load_conv_scan()[0] is not None
+    return not _off(ENV_CONV_SCAN) and not disabled() and _load_conv_scan()[0] is not None
 
 
 def uses_conv_scan(x: torch.Tensor) -> bool:

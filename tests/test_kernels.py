@@ -224,6 +224,18 @@ def check_opt_in(monkeypatch, uses, loader: str, loaded, env: str):
     check_cuda_half_only(monkeypatch, uses, loader)
 
 
+def check_on_by_default(monkeypatch, uses, loader: str, env: str):
+    """An on-by-default kernel's dispatch `uses` (its module kernels.<loader>, already 'importing'): on with
+    nothing set, off with `env` set to 0 alone, then, with `env` set to 1, what check_cuda_half_only checks."""
+    monkeypatch.delenv(kernels.ENV_DISABLE, raising=False)
+    monkeypatch.delenv(env, raising=False)
+    assert uses(FakeCuda())  # on by default
+    monkeypatch.setenv(env, "0")  # switched off alone
+    assert not uses(FakeCuda())
+    monkeypatch.setenv(env, "1")
+    check_cuda_half_only(monkeypatch, uses, loader)
+
+
 # ----------------------------------------------------------------------------- the causal conv
 
 class StandInConv:
@@ -278,13 +290,7 @@ def test_conv_scan_dispatch_is_on_by_default_since_checked_on_a_gpu(monkeypatch)
     take it; without it the layer's usual path runs."""
     ops = scan_ops_stand_in()
     monkeypatch.setattr(kernels, "_load_conv_scan", lambda: ((ops.fwd, ops.bwd), None))
-    monkeypatch.delenv(kernels.ENV_DISABLE, raising=False)
-    monkeypatch.delenv(kernels.ENV_CONV_SCAN, raising=False)
-    assert kernels.uses_conv_scan(FakeCuda())  # on by default
-    monkeypatch.setenv(kernels.ENV_CONV_SCAN, "0")  # switched off alone
-    assert not kernels.uses_conv_scan(FakeCuda())
-    monkeypatch.setenv(kernels.ENV_CONV_SCAN, "1")
-    check_cuda_half_only(monkeypatch, kernels.uses_conv_scan, "_load_conv_scan")
+    check_on_by_default(monkeypatch, kernels.uses_conv_scan, "_load_conv_scan", kernels.ENV_CONV_SCAN)
     with pytest.raises(RuntimeError, match="not available"):
         kernels.conv_scan(*[torch.zeros(1)] * 6, 8, conv_split=None)
 
@@ -473,12 +479,7 @@ def test_state_step_dispatch(monkeypatch):
     seen = []
     kernels.state_step(x, dt, A, B, C, state, fallback=lambda *a: seen.append(a) or a[0].float())
     assert len(seen) == 1 and not fake.calls
-
-    assert kernels.uses_triton_step(FakeCuda())  # on by default
-    monkeypatch.setenv(kernels.ENV_STEP, "0")  # switched off alone
-    assert not kernels.uses_triton_step(FakeCuda())
-    monkeypatch.setenv(kernels.ENV_STEP, "1")
-    check_cuda_half_only(monkeypatch, kernels.uses_triton_step, "_load_update")
+    check_on_by_default(monkeypatch, kernels.uses_triton_step, "_load_update", kernels.ENV_STEP)
     with pytest.raises(RuntimeError, match="not available"):
         kernels.triton_state_update(*step_inputs())
 
