@@ -567,12 +567,13 @@ def part_kdcurve(device, tiny: bool, pattern: str, batch: int, seq: int, steps: 
     # and optimiser (on an 80 GB H100 the originals beside a run's copies ran out of memory, thirty-sixth session)
     model, teacher = model.cpu(), teacher.cpu()
     fast_name = ("triton" if have_triton else "einsum") + "_fused_kd" + ("_compiled" if compile_step else "")
-    variants = {"reference": (False, False, None), "reference_again": (False, False, None),
-                fast_name: (have_triton, True, "inductor" if compile_step else None)}
-    if apart:
-        variants.update({"triton_only": (True, False, None)} if have_triton else {})
+    variants = {"reference": (False, False, None)}
+    if apart:  # first, so that a call cut short has them: which part moves the curve is the question
         variants.update({"fused_kd_only": (False, True, None)})
+        variants.update({"triton_only": (True, False, None)} if have_triton else {})
         variants.update({"compiled_only": (False, False, "inductor")} if compile_step else {})
+    variants.update({fast_name: (have_triton, True, "inductor" if compile_step else None),
+                     "reference_again": (False, False, None)})
     out = {"pattern": pattern, "batch": batch, "seq": seq, "steps": steps, "variants": {}}
     print(f"\n  KD over {steps} steps: layers {pattern}, batch {batch} x {seq}; " + ", ".join(variants))
     for name, (triton_on, fused, backend) in variants.items():
@@ -580,20 +581,23 @@ def part_kdcurve(device, tiny: bool, pattern: str, batch: int, seq: int, steps: 
         with triton_switch(triton_on), fused_kd(on=fused):
             logs, _ = _train(copy.deepcopy(model).to(device), copy.deepcopy(teacher).to(device), cfg, budgets, rows,
                              batch, seq, steps, device, backend)
-        out["variants"][name] = {"kd": [log.get("kd") for log in logs], "budgets": [log["budget"] for log in logs]}
+        out["variants"][name] = r = {"kd": [log.get("kd") for log in logs], "budgets": [log["budget"] for log in logs]}
         free(device)
-    ref = out["variants"]["reference"]
-    for name, r in out["variants"].items():
-        pairs = [(a, b) for a, b in zip(r["kd"], ref["kd"]) if a is not None and b is not None and b]
-        last = [k for k in r["kd"][-10:] if k is not None]
-        r["same_budgets"] = r["budgets"] == ref["budgets"]
-        r["mean_rel_gap_to_reference"] = sum(abs(a - b) / abs(b) for a, b in pairs) / max(1, len(pairs))
-        r["mean_signed_gap_to_reference"] = sum((a - b) / abs(b) for a, b in pairs) / max(1, len(pairs))
-        r["last10_mean_kd"] = sum(last) / max(1, len(last))
-        print(f"  {name:28s} mean |KD - reference| / reference over the steps {r['mean_rel_gap_to_reference']:.2e} "
-              f"(signed {r['mean_signed_gap_to_reference']:+.2e}); "
-              f"last ten steps' mean KD {r['last10_mean_kd']:.4f}; the same budgets drawn: {r['same_budgets']}")
+        kd_gaps(name, r, out["variants"]["reference"])  # printed as each run ends: a call cut short keeps the runs done
     return out
+
+
+def kd_gaps(name: str, r: dict, ref: dict):
+    """Run `r`'s KD curve against the reference run's `ref`: its gaps and last-ten mean, stored in `r` and printed."""
+    pairs = [(a, b) for a, b in zip(r["kd"], ref["kd"]) if a is not None and b is not None and b]
+    last = [k for k in r["kd"][-10:] if k is not None]
+    r["same_budgets"] = r["budgets"] == ref["budgets"]
+    r["mean_rel_gap_to_reference"] = sum(abs(a - b) / abs(b) for a, b in pairs) / max(1, len(pairs))
+    r["mean_signed_gap_to_reference"] = sum((a - b) / abs(b) for a, b in pairs) / max(1, len(pairs))
+    r["last10_mean_kd"] = sum(last) / max(1, len(last))
+    print(f"  {name:28s} mean |KD - reference| / reference over the steps {r['mean_rel_gap_to_reference']:.2e} "
+          f"(signed {r['mean_signed_gap_to_reference']:+.2e}); "
+          f"last ten steps' mean KD {r['last10_mean_kd']:.4f}; the same budgets drawn: {r['same_budgets']}")
 
 
 # kernel and operator names -> what they do in the step (the first pattern that matches wins)

@@ -36,6 +36,7 @@
 #   HFKBUILD                    causal_conv1d built for sm_90 into the home folder (~6 min; carry .devcarry/causal_conv1d),
 #                               then within 30 s: HFK [args]: bench_speed.py, our model against transformers on its
 #                               kernels (mamba_ssm + causal_conv1d), issue 16's 539M table (carry .devcarry/mamba)
+#   HFKPRE [args]                HFK on causal_conv1d cross-built at home (carry .devcarry/causal_conv1d_built, .devcarry/mamba)
 # The home folder survives between calls while the machine stays warm (30 s); $OUT comes back.
 set -x
 H=/root; SE=$H/.cache/star_elastic; mkdir -p $SE $OUT
@@ -125,6 +126,11 @@ HFKBUILD) export PATH=$H/site/bin:$PATH  # the ninja wheel's binary: a parallel 
   SECONDS=0; (cd .devcarry/causal_conv1d && CAUSAL_CONV1D_FORCE_BUILD=TRUE MAX_JOBS=16 python3 -m pip install -q \
     --no-build-isolation --no-deps --no-index --target $H/site . 2>&1 | tail -n 20); echo "causal_conv1d built in $SECONDS s"
   PYTHONPATH=.devcarry/mamba:benchmarks:$PYTHONPATH python3 -c "from bench_speed import missing_kernels as m; print(m() or 'every kernel imports')" ;;
+HFKPRE) shift  # HFK on causal_conv1d cross-built at home (prepare.sh's note; carry .devcarry/causal_conv1d_built
+  # and .devcarry/mamba): no build on the device, no SETUP either (a random 539M config, no SmolLM2)
+  export PYTHONPATH=.devcarry/causal_conv1d_built:$PYTHONPATH
+  PYTHONPATH=.devcarry/mamba:benchmarks:$PYTHONPATH python3 -c "from bench_speed import missing_kernels as m; print(m() or 'every kernel imports')"
+  bash $0 HFK "$@" ;;
 HFK) shift; PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_speed.py --hf-kernels --json $OUT/speed_hfk.json "$@" \
   2>&1 | grep -v "%|" | tail -n 40 ;;
 SAVED) shift; for m in 539m nano; do PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_saved.py --model $m \
