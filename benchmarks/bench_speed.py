@@ -9,8 +9,8 @@ Prints ratios and writes JSON.
     python benchmarks/bench_speed.py --hf-kernels --json out.json   # transformers on its kernels (issue 16)
 
 Without `mamba_ssm` and `causal_conv1d`, transformers runs its pure-PyTorch Mamba path (the slowest anchor);
-with them (`--hf-kernels` insists on them; benchmarks/device/run.sh HFKBUILD builds causal_conv1d, HFK runs
-this) it runs their Triton and CUDA kernels, the anchor a user who installs them gets, and our model uses
+with them (`--hf-kernels` insists on them; benchmarks/device/run.sh HFKPRE runs this on causal_conv1d
+cross-built at home by benchmarks/device/cross_build_causal_conv1d.sh, or HFKBUILD builds it on the GPU, then HFK) it runs their Triton and CUDA kernels, the anchor a user who installs them gets, and our model uses
 `mamba_ssm`'s Triton scan too. Every transformers function that fell back to PyTorch (transformers says so in
 a warning) is listed in the JSON (`transformers_fallbacks`), so a run shows which anchor it measured. Both
 models train with the same AdamW (fused on a GPU, as the trainer's).
@@ -117,7 +117,7 @@ def main():
     missing = missing_kernels()
     if args.hf_kernels and missing:
         raise SystemExit(f"--hf-kernels: {'; '.join(missing)} (on the GPU machine: benchmarks/device/run.sh "
-                         "HFKBUILD, then HFK)")
+                         "HFKPRE with causal_conv1d cross-built by cross_build_causal_conv1d.sh, or HFKBUILD then HFK)")
     fallbacks = watch_fallbacks()
     if args.tiny:
         args.batch, args.seq, args.prompt, args.new_tokens = 2, 128, 16, 16

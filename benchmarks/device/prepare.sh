@@ -34,7 +34,8 @@ if [ ! -d $D/mamba/mamba_ssm ]; then  # the Triton SSD kernels of mamba_ssm, wit
   rm -rf "$tmp"
 fi
 if [ ! -d $D/causal_conv1d ]; then  # transformers' other kernel (issue 16's anchor): its source, built on the GPU
-  # machine for sm_90 alone by run.sh HFKBUILD (about 6 minutes), with the build's own tools as wheels
+  # machine for sm_90 alone by run.sh HFKBUILD (about 6 minutes), with the build's own tools as wheels, or here by
+  # benchmarks/device/cross_build_causal_conv1d.sh (about 5 minutes on 2 cores, no device time; run.sh HFKPRE)
   tmp=$(mktemp -d)
   CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE python3 -m pip download -q --no-deps --no-build-isolation --no-binary=:all: \
     causal-conv1d==1.7.0 -d "$tmp"
