@@ -36,7 +36,8 @@
 #   HFKBUILD                    causal_conv1d built for sm_90 into the home folder (~6 min; carry .devcarry/causal_conv1d),
 #                               then within 30 s: HFK [args]: bench_speed.py, our model against transformers on its
 #                               kernels (mamba_ssm + causal_conv1d), issue 16's 539M table (carry .devcarry/mamba)
-#   HFKPRE [args]                HFK on causal_conv1d cross-built at home (carry .devcarry/causal_conv1d_built, .devcarry/mamba)
+#   HFKPRE [args]               HFK on causal_conv1d cross-built at home (carry .devcarry/causal_conv1d_built, .devcarry/mamba)
+#   S37                         HFKPRE then the KD curve by part, one call, no SETUP (~550 s)
 # The home folder survives between calls while the machine stays warm (30 s); $OUT comes back.
 set -x
 H=/root; SE=$H/.cache/star_elastic; mkdir -p $SE $OUT
@@ -135,6 +136,13 @@ HFK) shift; PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_spee
   2>&1 | grep -v "%|" | tail -n 40 ;;
 SAVED) shift; for m in 539m nano; do PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_saved.py --model $m \
   --kernels real --compile --json $OUT/saved_${m}_gpu.json "$@" 2>&1 | grep -v "^    " | tail -n 8; done ;;
+S37) shift  # one call with no SETUP (carry .devcarry/causal_conv1d_built, .devcarry/mamba, .devcarry/run.sh; 26 MB):
+  # issue 16's 539M table against transformers on its kernels, then the KD curve with each fast part alone (each
+  # run's line printed as it ends: a call cut short keeps those done); ~550 s. The thirty-seventh session's plan,
+  # never started: eleven machine starts failed
+  SECONDS=0; timeout 280 bash $0 HFKPRE > $OUT/hfk.txt 2>&1; grep -v "^+" $OUT/hfk.txt | tail -n 30
+  timeout $((${RUN_LIMIT:-560} - SECONDS)) bash $0 KERNELS --parts kdcurve --kd-apart > $OUT/kdcurve.txt 2>&1
+  grep -v "^+" $OUT/kdcurve.txt | tail -n 12 ;;
 S35) shift  # the thirty-fifth session's CPU work on a GPU: its CUDA tests, then the step with conv_scan beside
   # the default and without the recompute (carry .devcarry/mamba)
   bash $0 GPUTESTS; bash $0 KERNELS --conv-scan-apart --keep-activations "$@" ;;
