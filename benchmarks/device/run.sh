@@ -139,7 +139,7 @@ SAVED) shift; for m in 539m nano; do PYTHONPATH=.devcarry/mamba:$PYTHONPATH pyth
 S37) shift  # one call with no SETUP (carry .devcarry/causal_conv1d_built, .devcarry/mamba, .devcarry/run.sh; 26 MB):
   # issue 16's 539M table against transformers on its kernels, then the KD curve with each fast part alone (each
   # run's line printed as it ends: a call cut short keeps those done); ~550 s. The thirty-seventh session's plan,
-  # never started: eleven machine starts failed
+  # never started: sixteen machine starts failed
   SECONDS=0; timeout 280 bash $0 HFKPRE > $OUT/hfk.txt 2>&1; grep -v "^+" $OUT/hfk.txt | tail -n 30
   timeout $((${RUN_LIMIT:-560} - SECONDS)) bash $0 KERNELS --parts kdcurve --kd-apart > $OUT/kdcurve.txt 2>&1
   grep -v "^+" $OUT/kdcurve.txt | tail -n 12 ;;
