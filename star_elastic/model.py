@@ -145,17 +145,19 @@ class RMSNorm(nn.Module):
     def scaled(self, x, weight):
         """The norm with `weight` as its scale (a full budget's own, elastic/delta.py, or the module's)."""
         xf = x.float()
-        if type(self).mean_square is RMSNorm.mean_square:
+        ms = self.mean_square(xf)
+        if ms is None:
             # torch's own: one fused kernel on CUDA, forward and backward (4 fewer a norm in an eager decode
-            # step), the same operations as below on the CPU
+            # step), the written-out operations on the CPU
             xf = F.rms_norm(xf, xf.shape[-1:], eps=self.eps)
         else:  # a mask's mean of squares over its kept channels (elastic/masking.py)
-            xf = xf * torch.rsqrt(self.mean_square(xf) + self.eps)
+            xf = xf * torch.rsqrt(ms + self.eps)
         return weight * xf.to(x.dtype)
 
     def mean_square(self, xf):
-        """(..., dim) in float32 -> the mean of squares over the channels, (..., 1)."""
-        return xf.pow(2).mean(-1, keepdim=True)
+        """(..., dim) in float32 -> the mean of squares to normalise by, (..., 1), or None: over every channel
+        (torch's rms_norm takes it). Masks give theirs over the kept channels (elastic/masking.py)."""
+        return None
 
 
 class GatedRMSNorm(nn.Module):

@@ -129,9 +129,8 @@ HFKBUILD) export PATH=$H/site/bin:$PATH  # the ninja wheel's binary: a parallel 
   PYTHONPATH=.devcarry/mamba:benchmarks:$PYTHONPATH python3 -c "from bench_speed import missing_kernels as m; print(m() or 'every kernel imports')" ;;
 HFKPRE) shift  # HFK on causal_conv1d cross-built at home (prepare.sh's note; carry .devcarry/causal_conv1d_built
   # and .devcarry/mamba): no build on the device, no SETUP either (a random 539M config, no SmolLM2)
-  export PYTHONPATH=.devcarry/causal_conv1d_built:$PYTHONPATH
-  PYTHONPATH=.devcarry/mamba:benchmarks:$PYTHONPATH python3 -c "from bench_speed import missing_kernels as m; print(m() or 'every kernel imports')"
-  bash $0 HFK "$@" ;;
+  # (bench_speed --hf-kernels names any kernel that does not import, and stops)
+  PYTHONPATH=.devcarry/causal_conv1d_built:$PYTHONPATH bash $0 HFK "$@" ;;
 HFK) shift; PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_speed.py --hf-kernels --json $OUT/speed_hfk.json "$@" \
   2>&1 | grep -v "%|" | tail -n 40 ;;
 SAVED) shift; for m in 539m nano; do PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_saved.py --model $m \
