@@ -269,6 +269,10 @@ def main():
                          "contiguous copies, timed against the sliced copy; comma-separated of "
                          f"{','.join(CONTIGUOUS_MODES)} (experts: routed experts' up/down weights; linear: non-contiguous "
                          "Linear/conv weights; all: every non-contiguous tensor; none: the plain view, always timed)")
+    ap.add_argument("--compile", action="store_true",
+                    help="decode through torch.compile'd steps (generate(compile=True)), views and sliced copies "
+                         "alike: fused elementwise kernels, so what serving order adds (head reorders, its gated "
+                         "norm) costs no launches of its own")
     ap.add_argument("--out", help="JSON results file")
     args = ap.parse_args()
     contiguous_modes = args.contiguous_views.split(",") if args.contiguous_views else []
@@ -351,24 +355,28 @@ def main():
     V = parent.config.vocab_size
     prompt = torch.randint(3, V, (1, args.prompt_len), generator=g).to(device)
     rows = []
+
+    def gen(model, ids, new_tokens):
+        return generate(model, ids, new_tokens, compile=args.compile)
+
     for n in names:
         s = sliced[n]
         # views of both modes and the sliced copy, interleaved; a mode whose views hold no grouped part
         # (no copies either) is the same model as compact off, so only the first such is timed
         timed = [c for c in modes if c == modes[0] or grouped_parts[c][n] or grouped_parts[modes[0]][n]]
-        gen_fns = {c: (lambda v=views[c][n]: generate(v, prompt, args.new_tokens)) for c in timed}
-        gen_t = side_by_side({**gen_fns, "sliced": lambda: generate(s, prompt, args.new_tokens)}, args.reps, device)
+        gen_fns = {c: (lambda v=views[c][n]: gen(v, prompt, args.new_tokens)) for c in timed}
+        gen_t = side_by_side({**gen_fns, "sliced": lambda: gen(s, prompt, args.new_tokens)}, args.reps, device)
         with torch.no_grad():
             pre_t = side_by_side({**{c: (lambda v=views[c][n]: v(prompt, last_only=True)) for c in timed},
                                   "sliced": lambda: s(prompt, last_only=True)}, args.reps, device)
-        want = generate(s, prompt, args.new_tokens)
+        want = gen(s, prompt, args.new_tokens)
         per_mode = {}
         for c in modes:
             v, t = views[c][n], (c if c in timed else modes[0])
             per_mode["on" if c else "off"] = {
                 "decode_tok_s_view": args.new_tokens / gen_t[t], "decode_ratio": gen_t["sliced"] / gen_t[t],
                 "prefill_tok_s_view": args.prompt_len / pre_t[t], "prefill_ratio": pre_t["sliced"] / pre_t[t],
-                "greedy_equal": torch.equal(generate(v, prompt, args.new_tokens), want),
+                "greedy_equal": torch.equal(gen(v, prompt, args.new_tokens), want),
                 "copied_bytes": copied_bytes(v), "copied": list(v.copied), "grouped_modules": len(grouped_parts[c][n]),
                 "timed_separately": c in timed, "view_build_ms": build_ms[c][n]}
         first = per_mode["on" if modes[0] else "off"]
@@ -399,11 +407,11 @@ def main():
     small, big = views[modes[0]][names[-1]], views[modes[0]][names[0]]
 
     def think_answer():
-        thought = generate(small, prompt, args.think_tokens)
-        generate(big, thought, args.answer_tokens)
+        thought = gen(small, prompt, args.think_tokens)
+        gen(big, thought, args.answer_tokens)
 
     ta = side_by_side({"think_small_answer_full": think_answer,
-                       "full_only": lambda: generate(big, prompt, args.think_tokens + args.answer_tokens)}, args.reps, device)
+                       "full_only": lambda: gen(big, prompt, args.think_tokens + args.answer_tokens)}, args.reps, device)
     think = {"think_budget": names[-1], "answer_budget": names[0], "think_tokens": args.think_tokens,
              "answer_tokens": args.answer_tokens, "seconds_think_answer": ta["think_small_answer_full"],
              "seconds_full": ta["full_only"], "speedup": ta["full_only"] / ta["think_small_answer_full"]}
@@ -442,7 +450,7 @@ def main():
               "parent_params": parent.num_parameters(), "serving_order": serving_order, "compact": args.compact,
               "specs": {n: specs[n].to_dict() for n in names},
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-              "reps": args.reps, "budgets": rows,
+              "reps": args.reps, "compiled_decode": args.compile, "budgets": rows,
               "memory": {"serving_bytes": serving_bytes, "standalone_bytes": standalone_bytes,
                          "ratio": serving_bytes / standalone_bytes, "parent_bytes": parent_bytes,
                          "copied_bytes": {r["budget"]: r["copied_bytes"] for r in rows},

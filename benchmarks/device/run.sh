@@ -130,8 +130,10 @@ HFKBUILD) export PATH=$H/site/bin:$PATH  # the ninja wheel's binary: a parallel 
 HFKPRE) shift  # HFK on causal_conv1d cross-built at home (prepare.sh's note; carry .devcarry/causal_conv1d_built
   # and .devcarry/mamba): no build on the device, no SETUP either (a random 539M config, no SmolLM2)
   # (bench_speed --hf-kernels names any kernel that does not import, and stops)
-  PYTHONPATH=.devcarry/causal_conv1d_built:$PYTHONPATH bash $0 HFK "$@" ;;
-HFK) shift; PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_speed.py --hf-kernels --json $OUT/speed_hfk.json "$@" \
+  # (through HFK_PATH: the preamble above sets PYTHONPATH afresh in `bash $0 HFK`, so a PYTHONPATH given here
+  # was lost, and the thirty-eighth session's first call ran without the build)
+  HFK_PATH=.devcarry/causal_conv1d_built bash $0 HFK "$@" ;;
+HFK) shift; PYTHONPATH=${HFK_PATH:+$HFK_PATH:}.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_speed.py --hf-kernels --json $OUT/speed_hfk.json "$@" \
   2>&1 | grep -v "%|" | tail -n 40 ;;
 SAVED) shift; for m in 539m nano; do PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_saved.py --model $m \
   --kernels real --compile --json $OUT/saved_${m}_gpu.json "$@" 2>&1 | grep -v "^    " | tail -n 8; done ;;

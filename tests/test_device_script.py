@@ -1,0 +1,24 @@
+"""benchmarks/device/run.sh: what a device call hands to Python (a fake `python3` records it; no GPU needed)."""
+
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_hfkpre_puts_the_cross_built_causal_conv1d_on_the_path_the_benchmark_runs_with(tmp_path):
+    # the thirty-eighth session's first call: HFKPRE set PYTHONPATH for `bash $0 HFK`, whose preamble set it
+    # afresh, so transformers' kernels were "missing" on a machine that had them
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text('#!/bin/sh\necho "$PYTHONPATH" > "$OUT/pythonpath"\necho "$@" > "$OUT/args"\n')
+    (fake / "python3").chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "OUT": str(out)}
+    subprocess.run(["bash", "benchmarks/device/run.sh", "HFKPRE"], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=60)
+    path = (out / "pythonpath").read_text().strip().split(":")
+    assert "bench_speed.py --hf-kernels" in (out / "args").read_text()
+    assert ".devcarry/causal_conv1d_built" in path and ".devcarry/mamba" in path
+    assert path.index(".devcarry/causal_conv1d_built") < path.index(".devcarry/mamba")
