@@ -271,8 +271,7 @@ def main():
                          "Linear/conv weights; all: every non-contiguous tensor; none: the plain view, always timed)")
     ap.add_argument("--compile", action="store_true",
                     help="decode through torch.compile'd steps (generate(compile=True)), views and sliced copies "
-                         "alike: fused elementwise kernels, so what serving order adds (head reorders, its gated "
-                         "norm) costs no launches of its own")
+                         "alike (fused elementwise kernels, as a server with --compile runs them)")
     ap.add_argument("--out", help="JSON results file")
     args = ap.parse_args()
     contiguous_modes = args.contiguous_views.split(",") if args.contiguous_views else []
