@@ -799,3 +799,32 @@ def test_grouped_experts_on_cuda_give_the_per_expert_paths_gradients():
         grads.append((out.float(), *torch.autograd.grad((out.float() * g).sum(), (x, w, ex.up_proj, ex.down_proj))))
     for got, want in zip(*grads):
         assert (got - want).norm() < 0.02 * want.norm()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or kernels._load_conv()[0] is None,
+                    reason="causal_conv1d's CUDA kernel (run.sh: HFK_PATH=.devcarry/causal_conv1d_built GPUTESTS -k causal_conv)")
+def test_causal_conv_kernel_on_cuda_gives_the_pytorch_convs_output_and_gradients():
+    """On a GPU with causal_conv1d built: `kernels.causal_conv` on the conv input as the model passes it (a
+    channels-last view of in_proj's output, bf16) gives `causal_conv_silu`'s output and gradients, the PyTorch conv
+    run in fp32 on the same values, to within the error of the PyTorch conv run in bf16: the check that would make
+    the kernel the default for a prefill."""
+    from star_elastic.model import causal_conv_silu
+
+    torch.manual_seed(0)
+    b, t, channels, k = 2, 777, 1280, 4
+    proj = torch.randn(b, t, channels + 64, device="cuda", dtype=torch.bfloat16)
+    weight = (torch.randn(channels, 1, k, device="cuda") / k).requires_grad_()
+    bias = (torch.randn(channels, device="cuda") / 10).requires_grad_()
+    g = torch.randn(b, channels, t, device="cuda")
+
+    def run(fn, dtype):
+        x = proj[..., 32:32 + channels].detach().to(dtype).requires_grad_()
+        out = fn(x.transpose(1, 2), weight.to(dtype), bias.to(dtype))  # (b, channels, t), channels stride 1
+        return (out.float(), *torch.autograd.grad((out.float() * g).sum(), (x, weight, bias)))
+
+    want = run(causal_conv_silu, torch.float32)
+    kernel = run(lambda x, w, bias_: kernels.causal_conv(x, w[:, 0], bias_), torch.bfloat16)
+    plain = run(causal_conv_silu, torch.bfloat16)
+    for name, got, ref, bf16 in zip(("output", "d input", "d weight", "d bias"), kernel, want, plain):
+        err, floor = ((got.float() - ref).norm() / ref.norm()).item(), ((bf16.float() - ref).norm() / ref.norm()).item()
+        assert err <= 2 * floor + 1e-3, f"{name}: the kernel off by {err:.2e}, PyTorch's bf16 conv by {floor:.2e}"

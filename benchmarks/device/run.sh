@@ -161,7 +161,8 @@ S35B) shift  # what a layer keeps on the real kernels: plain, conv_scan, masked,
   for a in "" --conv-scan --masked "--masked --conv-scan" --keep-full; do bash $0 SAVED $a; mkdir -p $OUT/saved${a// /}
     mv $OUT/saved_*_gpu.json $OUT/saved${a// /}/ 2>/dev/null; done ;;
 GPUTESTS) shift  # the tests that need CUDA (skipped in CI): e.g. the head gradient's fp32-accumulating GEMM
-  PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py \
+  # (HFK_PATH=.devcarry/causal_conv1d_built, carried, runs the causal conv kernel's test too: -k causal_conv)
+  PYTHONPATH=${HFK_PATH:+$HFK_PATH:}.devcarry/mamba:$PYTHONPATH python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py \
     -k "${1:-cuda}" 2>&1 | tail -n 30 ;;
 KERNELS) shift; PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_kernels.py --parts train \
   --json $OUT/kernels_train.json "$@" 2>&1 | grep -v "%|" | tail -n 40 ;;
