@@ -323,8 +323,9 @@ class Mamba2(nn.Module):
     def forward(self, u, cache: "MambaCache | None" = None):
         b, t, _ = u.shape
         proj = self.in_proj(u)
+        z, xBC, dt = self.split_in_proj(proj)  # once: views here, a copy of the conv's input in serving order
         # per-head vectors flattened: in a grouped budget view they are (n_groups, kept heads per group)
-        dt = F.softplus(self.split_in_proj(proj)[2].float() + self.dt_bias.float().flatten()).clamp(min=self.dt_min)
+        dt = F.softplus(dt.float() + self.dt_bias.float().flatten()).clamp(min=self.dt_min)
         A = -torch.exp(self.A_log.float()).flatten()
         # training on CUDA: conv, scan and skip as one function that keeps less for backward; it splits
         # and scans as this class does, so not where a swap from outside (serving order) overrides those
@@ -337,7 +338,6 @@ class Mamba2(nn.Module):
                                   self.chunk_size, conv_split=self.conv_and_views)
             z, x = self.split_in_proj(proj)[0], None  # y has the skip
         else:
-            z, xBC, _ = self.split_in_proj(proj)
             x, B, C = self.xbc(self.conv(xBC.transpose(1, 2), cache))  # the conv over (b, conv_dim, t)
             if cache is not None and t == 1:
                 y = self.step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], cache.ssm)[:, None]
@@ -569,8 +569,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = self.attend(q, k, v, cache, pos)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return self.o_proj(self.merge_heads(self.attend(q, k, v, cache, pos)))
+
+    def merge_heads(self, out):
+        """The heads' outputs (b, heads, t, d) side by side, (b, t, heads * d): o_proj's input."""
+        return out.transpose(1, 2).flatten(2)
 
     def attend(self, q, k, v, cache: "KVCache | None" = None, pos=None):
         """q (b, heads, t, d), k and v (b, kv_heads, t, d) -> (b, heads, t, d). Query head h reads KV

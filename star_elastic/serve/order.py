@@ -48,11 +48,16 @@ class ServingOrderAttention(Attention):
     """Query heads rank-major in q_proj's rows and o_proj's columns: head h is in KV group h % kv_heads."""
 
     def attend(self, q, k, v, cache=None, pos=None):
-        # q, out: (b, heads, t, d). SDPA's GQA takes query head h from KV group h // (heads / kv_heads):
-        # group-major at its boundary, (b, per, kv, ...) -> (b, kv, per, ...), and back
+        # q: (b, heads, t, d). SDPA's GQA takes query head h from KV group h // (heads / kv_heads): the queries
+        # group-major at its boundary, (b, per, kv, ...) -> (b, kv, per, ...); its output stays group-major
         kv = self.num_kv_heads
-        out = super().attend(q.unflatten(1, (-1, kv)).transpose(1, 2).flatten(1, 2), k, v, cache, pos)
-        return out.unflatten(1, (kv, -1)).transpose(1, 2).flatten(1, 2)
+        return super().attend(q.unflatten(1, (-1, kv)).transpose(1, 2).flatten(1, 2), k, v, cache, pos)
+
+    def merge_heads(self, out):
+        # SDPA's group-major output (b, kv, per, t, d) to o_proj's rank-major columns (b, t, per, kv, d): the
+        # reorder and the heads' merge in one copy (two before, one each)
+        b, _, t, _ = out.shape
+        return out.unflatten(1, (self.num_kv_heads, -1)).permute(0, 3, 2, 1, 4).reshape(b, t, -1)
 
 
 class ServingOrderMamba2(Mamba2):
@@ -64,7 +69,11 @@ class ServingOrderMamba2(Mamba2):
         H, P, bc = self.num_heads, self.head_dim, 2 * self.n_groups * self.state_size
         BC, heads = proj.split([bc, H * (2 * P + 1)], dim=-1)
         z, x, dt = heads.unflatten(-1, (H, 2 * P + 1)).split([P, P, 1], dim=-1)
-        return z, torch.cat([BC, x.flatten(-2)], dim=-1), dt.flatten(-2)  # z (b, t, heads, head_dim), a view
+        # the conv's input [B | C | x] in one copy: x's heads are strided rows, so B and C go in as rows of P
+        # where they divide into them (flattening x first would copy it once more)
+        xBC = (torch.cat([BC.unflatten(-1, (-1, P)), x], dim=-2).flatten(-2) if bc % P == 0
+               else torch.cat([BC, x.flatten(-2)], dim=-1))
+        return z, xBC, dt.flatten(-2)  # z (b, t, heads, head_dim), a view
 
     def split_conv(self, xBC):
         BC, x = xBC.split([2 * self.n_groups * self.state_size, self.d_inner], dim=-1)
@@ -90,11 +99,39 @@ class RankMajorGatedRMSNorm(GatedRMSNorm):
     `ServingOrderMamba2.split_in_proj` leaves it (a view of in_proj's output, not copied)."""
 
     def forward(self, x, z):
-        dtype = x.dtype
-        x = x.view(z.shape).float() * F.silu(z.float())
-        xg = x.unflatten(-2, (-1, self.groups))  # (..., heads per group, groups, head_dim)
-        xg = xg * torch.rsqrt(xg.pow(2).mean((-3, -1), keepdim=True) + self.eps)
-        return (self.weight.view(xg.shape[-3:]) * xg.to(dtype)).flatten(-3)
+        # out= has no autograd, a compiled graph fuses the written-out form anyway, and on the CPU torch's rms_norm
+        # is written out too
+        written_out = torch.is_grad_enabled() or torch.compiler.is_compiling() or not z.is_cuda
+        return (rank_major_gated_norm if written_out else rank_major_gated_norm_fused)(x, z, self.weight, self.groups,
+                                                                                       self.eps)
+
+
+def rank_major_gated_norm(x, z, weight, groups: int, eps: float):
+    """x * silu(z), RMS-normalised over each rank-major group's heads and channels, times `weight`: x (..., heads *
+    head_dim), z (..., heads, head_dim) -> (..., heads * head_dim), in the written-out operations."""
+    dtype = x.dtype
+    x = x.view(z.shape).float() * F.silu(z.float())
+    xg = x.unflatten(-2, (-1, groups))  # (..., heads per group, groups, head_dim)
+    xg = xg * torch.rsqrt(xg.pow(2).mean((-3, -1), keepdim=True) + eps)
+    return (weight.view(xg.shape[-3:]) * xg.to(dtype)).flatten(-3)
+
+
+def rank_major_gated_norm_fused(x, z, weight, groups: int, eps: float):
+    """`rank_major_gated_norm` with torch's rms_norm (one fused kernel on CUDA, as the plain order's norm runs):
+    x * silu(z) written group-major, so that the norm takes each group's heads and channels together, and the
+    weight's product written back rank-major. As many kernels as the plain order's norm, four fewer than the
+    written-out form; no autograd (out=)."""
+    per, P = z.shape[-2] // groups, z.shape[-1]
+
+    def group_major(v):  # (..., heads, head_dim) rank-major -> (..., groups, per, head_dim), a view
+        return v.unflatten(-2, (per, groups)).transpose(-3, -2)
+
+    g = torch.empty(*z.shape[:-2], groups, per, P, dtype=torch.float32, device=z.device)
+    torch.mul(group_major(x.view(z.shape).float()), group_major(F.silu(z.float())), out=g)
+    g = F.rms_norm(g, (per, P), eps=eps).to(x.dtype)
+    out = torch.empty(z.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=z.device)
+    torch.mul(group_major(weight.view(-1, P)), g, out=group_major(out))
+    return out.flatten(-2)
 
 
 def in_serving_order(module) -> bool:
