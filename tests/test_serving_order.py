@@ -199,3 +199,25 @@ def test_a_decode_token_in_serving_order_adds_only_the_unavoidable_copies():
     kinds = original.config.layer_types
     extra = per_token(parent) - per_token(original)
     assert 0 < extra <= kinds.count("M") + 2 * kinds.count("*"), extra
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused norm runs on CUDA (run.sh S39 runs this first)")
+def test_serving_order_on_cuda_gives_the_plain_orders_logits_through_the_fused_norm(monkeypatch):
+    from star_elastic.serve import order
+
+    torch.manual_seed(0)
+    original = random_parent("nemotron_h").cuda()
+    parent = use_serving_order(copy.deepcopy(original))
+    ids = torch.randint(0, 63, (2, 9), device="cuda")
+    calls, fused = [], order.rank_major_gated_norm_fused
+    monkeypatch.setattr(order, "rank_major_gated_norm_fused", lambda *a: calls.append(1) or fused(*a))
+    with torch.no_grad():
+        got, want = [], []
+        for m, out in ((original, want), (parent, got)):
+            cache = m.make_cache(2, 16)
+            out.append(m(ids[:, :6], cache, torch.arange(6, device="cuda")))
+            for i in range(6, 9):
+                out.append(m(ids[:, i:i + 1], cache, torch.tensor([i], device="cuda")))
+    assert calls  # the fused norm ran
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-4
