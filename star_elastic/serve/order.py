@@ -14,7 +14,11 @@ Applied at load as module swaps, the way gpt-fast swaps in quantised modules: `u
 permutes the weights in place and replaces the class of each Attention and Mamba2 module (and of
 Mamba's gated norm) by the subclass below that computes in that order, overriding the plain model's
 small methods: Mamba's decode step runs with no reordering (its SSM state is cached rank-major);
-prefill's scan and attention's SDPA reorder at their boundaries. `use_serving_order(model, False)`
+prefill's scan and attention's SDPA reorder at their boundaries. What the order still costs a decode token
+is one copy a Mamba layer (its conv input, gathered from rank-major rows) and two an attention layer (its
+queries to SDPA's order, its output back), on an H100 about 7% of a Nano-width view's decode before the
+thirty-eighth session took the other copies out (docs/RESULTS.md, "Views against slices, eager and compiled").
+`use_serving_order(model, False)`
 puts weights and classes back. While on, the state dict refuses (it would be silently wrong) and so
 do masks (elastic/masking.py): both index heads group-major.
 """
