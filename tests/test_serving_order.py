@@ -221,3 +221,32 @@ def test_serving_order_on_cuda_gives_the_plain_orders_logits_through_the_fused_n
     assert calls  # the fused norm ran
     for a, b in zip(got, want):
         assert rel_err(a, b) < 1e-4
+
+
+def test_head_order_loaded_keeps_the_parent_and_copies_what_the_budgets_keep_per_group(tmp_path, monkeypatch, capsys):
+    """`--head-order loaded` (`ElasticEngine.load(serving_order=False)`): the parent stays as loaded (its state dict
+    readable), a budget keeping heads per group holds copies of those parts (plain modules, no grouped product), and
+    every budget generates what its slice does, from the command line too."""
+    from star_elastic import cli
+    from star_elastic.serve.views import copied_bytes
+
+    monkeypatch.setitem(SPECS["nemotron_h"], "0.5", CASES["nemotron_h"][2])  # keeps every KV group: the order fits
+    path = make_checkpoint(tmp_path / "b", "nemotron_h")
+    engine = ElasticEngine.load(path, serving_order=False)
+    assert not engine.serving_order and not any(in_serving_order(m) for m in engine.parent.modules())
+    engine.parent.state_dict()  # not refused: nothing permuted
+    original = load_elastic(path).model.eval()
+    ids = torch.tensor([[1, 5, 9, 4, 7]])
+    for b in engine.budgets:
+        view = engine.view(b)
+        assert _plain(view)
+        assert (copied_bytes(view) > 0) == (b != "1.0")  # heads kept per group: copied once
+        want = generate(slice_model(original, engine.ckpt.spec(b)).eval(), ids, 8)[0, 5:].tolist()
+        assert engine.generate(b, ids, 8).tokens == want
+    prompt = "w3 w4 w5"
+    outs = []
+    for order in ("serving", "loaded"):
+        assert cli.main(["generate", str(path), "--budget", "0.5", "--prompt", prompt, "--max-new-tokens", "6",
+                         "--raw", "--device", "cpu", "--head-order", order]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[0].strip()

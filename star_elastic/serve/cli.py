@@ -16,6 +16,16 @@ def add_generate_budget_args(sp):
     sp.add_argument("--answer-budget", help="... then answer with this one (prefills prompt + reasoning)")
     sp.add_argument("--think-marker", default=None, help="end of the reasoning (default: </think>)")
     sp.add_argument("--max-think-tokens", type=int, default=512, help="reasoning token limit (default 512)")
+    add_head_order_arg(sp)
+
+
+def add_head_order_arg(sp):
+    sp.add_argument("--head-order", choices=["serving", "loaded"], default="serving",
+                    help="where budgets keep heads per group: serving (default) permutes the parent's heads once so "
+                         "that every budget's are a prefix, no memory beside the parent, a few reorder copies each "
+                         "token; loaded keeps the parent as loaded and copies those parts of each budget once "
+                         "(about 5%% of a Nano-shaped parent for budgets 0.75 and 0.5), the views then running the "
+                         "sliced model's products (docs/RESULTS.md, views against slices)")
 
 
 def wants_budget(args) -> bool:
@@ -28,7 +38,8 @@ def _engine(args):
 
     device = pick_device(args.device)
     engine = ElasticEngine.load(resolve_model(args.model), device=device, dtype=pick_dtype(args.dtype, device),
-                                fp8_matmul=getattr(args, "fp8_matmul", False))
+                                fp8_matmul=getattr(args, "fp8_matmul", False),
+                                serving_order=getattr(args, "head_order", "serving") == "serving")
     info = engine.fp8_info
     if info is not None:
         print(f"FP8 matmuls: {info['swapped']} linear layers, {info['shared']} of them views of the parent's one FP8 "
@@ -95,6 +106,7 @@ def add_serve_parser(sub, model_args):
                          "0.84 ms a step at batch 1 against 1.18 eager (docs/RESULTS.md, serving at Nano width), at "
                          "the cost of compiling once per budget and pool size as requests arrive; auto: on a GPU "
                          "with Triton; default off")
+    add_head_order_arg(sp)
     sp.set_defaults(fn=cmd_serve)
     return sp
 

@@ -95,15 +95,17 @@ class ElasticEngine:
 
     @classmethod
     def load(cls, path, device=None, dtype=None, compact_views: bool = True,
-             fp8_matmul: bool = False) -> "ElasticEngine":
+             fp8_matmul: bool = False, serving_order: bool = True) -> "ElasticEngine":
         """compact_views=False: views of budgets with heads kept per group run grouped bmm products
         over the parent's tensors instead of holding copies of those parts (views.budget_view).
-        fp8_matmul: every trained budget multiplies in FP8 (`use_fp8_matmuls`)."""
+        fp8_matmul: every trained budget multiplies in FP8 (`use_fp8_matmuls`).
+        serving_order=False: the parent keeps its heads as loaded, and a budget that keeps heads per group holds
+        copies of those parts (compact views) instead of the order's reorders at every token (order.py)."""
         ckpt = load_elastic(path, dtype=dtype, device=device)
         if ckpt.tokenizer is None:
             raise StarElasticError(f"{path}: no tokenizer files in the checkpoint")
         ckpt.model.requires_grad_(False)
-        engine = cls(ckpt)  # subclasses (BatchedEngine) take their own constructor arguments
+        engine = cls(ckpt, serving_order=serving_order)  # subclasses (BatchedEngine) take their own arguments too
         engine.compact_views = compact_views  # read when views are built, on first use
         if fp8_matmul:
             engine.use_fp8_matmuls()
