@@ -7,6 +7,7 @@ Prints ratios and writes JSON.
     python benchmarks/bench_speed.py --json out.json            # the 539M config of the issue-16 table
     python benchmarks/bench_speed.py --tiny                     # a smoke run on the CPU
     python benchmarks/bench_speed.py --hf-kernels --json out.json   # transformers on its kernels (issue 16)
+    python benchmarks/bench_speed.py --hf-kernels --profile          # ... and where each training step's time goes
 
 Without `mamba_ssm` and `causal_conv1d`, transformers runs its pure-PyTorch Mamba path (the slowest anchor);
 with them (`--hf-kernels` insists on them; benchmarks/device/run.sh HFKPRE runs this on causal_conv1d
@@ -93,6 +94,42 @@ def causal_conv_on(on: bool = True):
     return common.environment({kernels.ENV_CONV: "1"} if on else {})
 
 
+def profile_steps(step, device, steps: int = 2) -> dict:
+    """torch.profiler over `steps` calls of `step` (after the timed ones): milliseconds a step by category of
+    kernel (bench_kernels' categories; operators' CPU time on a CPU) and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench_kernels import categorise, timed_rows
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    rows = timed_rows(prof.key_averages(), cuda)
+    by_cat: dict[str, float] = {}
+    for name, t in rows:
+        by_cat[categorise(name)] = by_cat.get(categorise(name), 0.0) + t / 1e3 / steps
+    top = sorted(rows, key=lambda r: -r[1])[:15]
+    return {"clock": "GPU kernel self time" if cuda else "CPU operator self time",
+            "ms_per_step": round(sum(by_cat.values()), 3),
+            "categories": {k: round(v, 3) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
+            "top": [{"name": n[:120], "ms_per_step": round(t / 1e3 / steps, 3)} for n, t in top]}
+
+
+def print_profiles(profiles: dict):
+    """The training step's time by category, one column a variant."""
+    names = list(profiles)
+    cats = sorted({c for p in profiles.values() for c in p["categories"]},
+                  key=lambda c: -max(p["categories"].get(c, 0.0) for p in profiles.values()))
+    print(f"\ntraining step by category, ms a step ({next(iter(profiles.values()))['clock']}):")
+    print(f"  {'':40s}" + "".join(f"{n[:16]:>17s}" for n in names))
+    for c in cats + ["total"]:
+        vals = [p["ms_per_step"] if c == "total" else p["categories"].get(c, 0.0) for p in profiles.values()]
+        print(f"  {c:40s}" + "".join(f"{v:17.2f}" for v in vals))
+
+
 def logits_of(model, x, hf: bool):
     return model(x).logits if hf else model(x)
 
@@ -106,6 +143,9 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd variant")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile two training steps of each variant (torch.profiler: kernel time by category, "
+                         "the categories of bench_kernels' profile), side by side: where ours and transformers' differ")
     ap.add_argument("--skip-hf-train", action="store_true")
     ap.add_argument("--hf-kernels", action="store_true",
                     help="refuse to run unless transformers can use mamba_ssm's and causal_conv1d's kernels")
@@ -205,6 +245,8 @@ def main():
             torch.cuda.reset_peak_memory_stats()
         with causal_conv_on(name.endswith("causal_conv")):
             s = common.timed(step, device, 2, args.iters)
+            if args.profile:
+                res.setdefault("train_profile", {})[name] = profile_steps(step, device)
         res[f"train_tok_s_{name}"] = tokens / s
         if device.type == "cuda":
             res[f"train_peak_gib_{name}"] = torch.cuda.max_memory_allocated() / 2**30
@@ -241,6 +283,8 @@ def main():
     print(f"generate transformers {res['generate_tok_s_transformers']:8.1f} tok/s, ours {res['generate_tok_s_ours']:8.1f} tok/s;"
           f" identical greedy tokens before first divergence: {res['generate_first_divergence']}/{args.new_tokens}")
 
+    if args.profile:
+        print_profiles(res["train_profile"])
     best_train = max(v for k, v in res.items() if k.startswith("train_tok_s_ours"))
     if "train_tok_s_transformers" in res:
         res["ratio_train"] = best_train / res["train_tok_s_transformers"]

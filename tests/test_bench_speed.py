@@ -35,3 +35,22 @@ def test_transformers_fallback_warnings_are_collected():
         "not installed.")
     logging.getLogger("transformers").warning("something else")
     assert seen == ["causal_conv1d_fn"]
+
+
+def test_profile_groups_a_steps_time_by_category_and_the_total_is_their_sum():
+    import torch
+
+    from bench_speed import profile_steps
+
+    w = torch.randn(64, 64, requires_grad=True)
+    opt = torch.optim.AdamW([w])
+
+    def step():
+        (torch.relu(torch.randn(32, 64) @ w) ** 2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    p = profile_steps(step, torch.device("cpu"))
+    assert p["categories"]["GEMM"] > 0 and p["categories"]["optimizer (AdamW)"] > 0
+    assert abs(sum(p["categories"].values()) - p["ms_per_step"]) < 1e-2
+    assert p["top"] and all(t["ms_per_step"] >= 0 for t in p["top"])

@@ -36,7 +36,8 @@
 #   HFKBUILD                    causal_conv1d built for sm_90 into the home folder (~6 min; carry .devcarry/causal_conv1d),
 #                               then within 30 s: HFK [args]: bench_speed.py, our model against transformers on its
 #                               kernels (mamba_ssm + causal_conv1d), issue 16's 539M table (carry .devcarry/mamba)
-#   HFKPRE [args]               HFK on causal_conv1d cross-built at home (carry .devcarry/causal_conv1d_built, .devcarry/mamba)
+#   HFKPRE [args]               HFK on causal_conv1d cross-built at home (carry .devcarry/causal_conv1d_built, .devcarry/mamba);
+#                               HFKPRE --profile: each variant's training step by kernel category, side by side (~6 min)
 #   S37                         HFKPRE then the KD curve by part, one call, no SETUP (~550 s)
 #   S39                         SERVE in the leaner serving order, then the parent's own order with compact copies (~8 min)
 # The home folder survives between calls while the machine stays warm (30 s); $OUT comes back.
