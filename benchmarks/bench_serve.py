@@ -369,6 +369,7 @@ def main():
             pre_t = side_by_side({**{c: (lambda v=views[c][n]: v(prompt, last_only=True)) for c in timed},
                                   "sliced": lambda: s(prompt, last_only=True)}, args.reps, device)
         want = gen(s, prompt, args.new_tokens)
+        ops_sliced = sum(common.decode_ops(s, prompt).values())  # the kernels a decode token launches, eager
         per_mode = {}
         for c in modes:
             v, t = views[c][n], (c if c in timed else modes[0])
@@ -377,7 +378,8 @@ def main():
                 "prefill_tok_s_view": args.prompt_len / pre_t[t], "prefill_ratio": pre_t["sliced"] / pre_t[t],
                 "greedy_equal": torch.equal(gen(v, prompt, args.new_tokens), want),
                 "copied_bytes": copied_bytes(v), "copied": list(v.copied), "grouped_modules": len(grouped_parts[c][n]),
-                "timed_separately": c in timed, "view_build_ms": build_ms[c][n]}
+                "timed_separately": c in timed, "view_build_ms": build_ms[c][n],
+                "decode_ops_view": sum(common.decode_ops(v, prompt).values()), "decode_ops_sliced": ops_sliced}
         first = per_mode["on" if modes[0] else "off"]
         rows.append({"budget": n, "params": views[modes[0]][n].num_parameters(), "compact": modes[0],
                      "decode_tok_s_view": first["decode_tok_s_view"], "decode_tok_s_sliced": args.new_tokens / gen_t["sliced"],
@@ -390,7 +392,8 @@ def main():
         for m, r in per_mode.items():
             print(f"  budget {n}, compact {m}: decode view {r['decode_tok_s_view']:.1f} tok/s vs sliced "
                   f"{rows[-1]['decode_tok_s_sliced']:.1f} ({r['decode_ratio']:.3f}x); prefill "
-                  f"{r['prefill_ratio']:.3f}x; greedy equal: {r['greedy_equal']}"
+                  f"{r['prefill_ratio']:.3f}x; operators a decode token {r['decode_ops_view']} vs "
+                  f"{r['decode_ops_sliced']}; greedy equal: {r['greedy_equal']}"
                   f"{'' if r['timed_separately'] else ' (the same views as compact on: no grouped part)'}", flush=True)
     full = rows[0]["decode_tok_s_view"]
     for r in rows:

@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import time
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -131,6 +132,38 @@ def timed(fn, device: torch.device, warmup: int = 0, iters: int = 1) -> float:
         fn()
         times.append(clock(device) - t0)
     return sorted(times)[len(times) // 2]
+
+
+# what a compute-operator count leaves out: no kernel behind these (allocations, aliases, reading a scalar)
+NO_KERNEL = {"empty", "empty_strided", "resize_", "detach", "lift_fresh", "alias", "_unsafe_view",
+             "_local_scalar_dense"}
+
+
+def decode_ops(model: Model, ids: torch.Tensor) -> Counter:
+    """The operators that compute (no views, no allocations) in one decode token of `generate` (eager, no CUDA graph:
+    a graph's replay hides them), by name: a count of the kernels a step launches where each operator is one (on
+    CUDA; on the CPU torch's rms_norm is written out). The difference of three and two new tokens."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from star_elastic.generate import generate
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name.split("::")[-1]
+            if not func.is_view and name not in NO_KERNEL:
+                self.ops[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for n in (2, 3):
+        with Count() as c:
+            generate(model, ids, n, use_graph=False)
+        counts.append(c.ops)
+    return counts[1] - counts[0]
 
 
 def write_json(path, data: dict, indent: int = 2, default=None) -> None:

@@ -2,6 +2,8 @@
 prefix. Views over such a parent compute what `slice_model` of the parent as loaded computes."""
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,33 +170,15 @@ def test_a_decode_token_in_serving_order_adds_only_the_unavoidable_copies():
     output was reordered and merged in two copies (12 extra here, against 6 now; on an H100 every view, the full
     budget's too, decoded at 0.93x of its slice, thirty-eighth session). The CUDA norm's saving (torch's fused
     rms_norm, four kernels a Mamba layer) does not show on the CPU, where rms_norm is written out in both orders."""
-    from collections import Counter
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    free = {"empty", "empty_strided", "resize_", "detach", "lift_fresh", "alias", "_unsafe_view", "_local_scalar_dense"}
-
-    class Count(TorchDispatchMode):  # every operator that computes (no views, no allocations)
-        def __init__(self):
-            super().__init__()
-            self.ops = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func.is_view and func._schema.name.split("::")[1] not in free:
-                self.ops[func._schema.name] += 1
-            return func(*args, **(kwargs or {}))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from common import decode_ops
 
     original = random_parent("nemotron_h")
     parent = use_serving_order(copy.deepcopy(original))
     ids = torch.randint(0, 63, (1, 6))
 
     def per_token(model):
-        counts = []
-        for n in (2, 3):
-            with Count() as c:
-                generate(model, ids, n)
-            counts.append(sum(c.ops.values()))
-        return counts[1] - counts[0]
+        return sum(decode_ops(model, ids).values())
 
     kinds = original.config.layer_types
     extra = per_token(parent) - per_token(original)

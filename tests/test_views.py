@@ -143,13 +143,14 @@ def test_compact_copies_only_the_grouped_parts(family):
         want |= {f"model.layers.{i}.mixer.q_proj.bias" for i in attention}
         mamba = [i for i, t in enumerate(view.config.layer_types) if t == "M"]
         want |= {f"model.layers.{i}.mixer.{p}" for i in mamba for p in
-                 ("in_proj.weight", "in_proj.bias", "conv1d.weight", "conv1d.bias", "out_proj.weight")}
+                 ("in_proj.weight", "in_proj.bias", "conv1d.weight", "conv1d.bias", "out_proj.weight", "dt_bias",
+                  "A_log", "D")}  # the per-head vectors too: as strided views they were copied at every token
         assert mamba and all(isinstance(view.model.layers[i].mixer.conv1d, torch.nn.Conv1d) for i in mamba)
     assert set(view.copied) == want and len(view.copied) == len(want)
-    assert all(type(view.get_submodule(n.rsplit(".", 1)[0])) is torch.nn.Linear for n in want if "conv1d" not in n)
+    assert all(type(view.get_submodule(n.rsplit(".", 1)[0])) is torch.nn.Linear for n in want if "_proj." in n)
     params = dict(view.named_parameters())
     assert copied_bytes(view) == sum(params[n].numel() * params[n].element_size() for n in want) > 0
-    assert shares_storage(view, parent)  # k_proj, v_proj, o_proj's bias, Mamba's per-head vectors: views
+    assert shares_storage(view, parent)  # k_proj, v_proj, o_proj's bias, Mamba's norm weight: views
     view.copied = []
     assert not shares_storage(view, parent)  # the listed ones really are copies
     x = torch.randint(0, 63, (2, 9))

@@ -229,7 +229,10 @@ def _mamba(dst: Mamba2, src: Mamba2, h: int, copy=None):
         _set(dst.norm, "weight", src.norm.weight[:dst.d_inner])
     else:
         for name in ("dt_bias", "A_log", "D"):  # (groups, heads per group) where the heads are cut per group
-            _set(dst, name, heads(shared_value(src, name), 0, 1))
+            v = heads(shared_value(src, name), 0, 1)
+            # compact: the sliced model's vectors (a few floats), not a strided view that the layer's flatten
+            # copied at every token (two kernels a Mamba layer a decode token, benchmarks/common.py decode_ops)
+            _set(dst, name, copy(name) if copy is not None and v.dim() > 1 else v)
         _set(dst.norm, "weight", heads(src.norm.weight, 0))  # the gated norm views it as (groups, -1) anyway
     ow = src.out_proj.weight[:h, :dst.d_inner] if rank_major else heads(src.out_proj.weight[:h], 1)
     if ow.dim() == 2:
