@@ -234,3 +234,12 @@ def test_head_order_loaded_keeps_the_parent_and_copies_what_the_budgets_keep_per
                          "--raw", "--device", "cpu", "--head-order", order]) == 0
         outs.append(capsys.readouterr().out)
     assert outs[0] == outs[1] and outs[0].strip()
+    from star_elastic.serve import app
+
+    served = []
+    monkeypatch.setattr(app, "serve", lambda engine, host, port: served.append(engine))
+    for order in ("serving", "loaded"):
+        assert cli.main(["serve", str(path), "--device", "cpu", "--port", "0", "--head-order", order]) == 0
+        assert served[-1].serving_order == (order == "serving")
+        assert f"heads {'in serving order' if order == 'serving' else 'as loaded'}" in capsys.readouterr().out
+        served[-1].close()

@@ -130,6 +130,7 @@ def cmd_serve(args):
     base = _engine(args)
     backend = compile_backend(getattr(args, "compile", "off"), base.device)
     engine = BatchedEngine.of(base, slots=slots, compile=backend)
-    print(f"star-elastic serve: budgets {', '.join(engine.budgets)} on {engine.device}, {slots} slots per budget"
-          f"{', decode step compiled' if backend else ''}, http://{args.host}:{args.port}/v1", flush=True)
+    order = "heads in serving order" if engine.serving_order else "heads as loaded"
+    print(f"star-elastic serve: budgets {', '.join(engine.budgets)} on {engine.device}, {slots} slots per budget, "
+          f"{order}{', decode step compiled' if backend else ''}, http://{args.host}:{args.port}/v1", flush=True)
     serve(engine, args.host, args.port)
