@@ -40,6 +40,7 @@
 #                               HFKPRE --profile: each variant's training step by kernel category, side by side (~6 min)
 #   S37                         HFKPRE then the KD curve by part, one call, no SETUP (~550 s)
 #   S39                         SERVE in the leaner serving order, then the parent's own order with compact copies (~8 min)
+#   S40                         GPUTESTS causal_conv, then HFKPRE --profile, one call, no SETUP (~7 min)
 # The home folder survives between calls while the machine stays warm (30 s); $OUT comes back.
 set -x
 H=/root; SE=$H/.cache/star_elastic; mkdir -p $SE $OUT
@@ -155,6 +156,12 @@ S39) shift  # issue 12's views against slices (carry .devcarry/mamba, .devcarry/
   SECONDS=0; i=0; for c in "--compact on" "--grouped-views --compact on" "--grouped-views --compact on --compile"; do
     i=$((i + 1)); timeout $((570 - SECONDS)) bash $0 SERVE $c --reps 5 --out $OUT/serve_s39_$i.json > $OUT/s39.txt 2>&1
     echo "== SERVE $c"; grep -v "^+" $OUT/s39.txt | grep -v "^matmul\|^  budget" | tail -n 9; done ;;
+S40) shift  # one call, no SETUP (carry .devcarry/causal_conv1d_built, .devcarry/mamba, .devcarry/run.sh; ~7 min): the
+  # causal conv kernel's CUDA test (what would make it the prefill default), then issue 16's 539M table with each
+  # variant's training step by kernel category (where our 1.10x of transformers-with-kernels goes)
+  HFK_PATH=.devcarry/causal_conv1d_built timeout 120 bash $0 GPUTESTS causal_conv
+  timeout $((${RUN_LIMIT:-560} - SECONDS)) bash $0 HFKPRE --profile > $OUT/hfk_profile.txt 2>&1
+  grep -v "^+" $OUT/hfk_profile.txt | tail -n 40 ;;
 S35) shift  # the thirty-fifth session's CPU work on a GPU: its CUDA tests, then the step with conv_scan beside
   # the default and without the recompute (carry .devcarry/mamba)
   bash $0 GPUTESTS; bash $0 KERNELS --conv-scan-apart --keep-activations "$@" ;;
