@@ -413,7 +413,11 @@ class Mamba2(nn.Module):
 
     def step(self, x, dt, A, B, C, state):
         """One token of the recurrence h = exp(dt A) h + dt B x, y = C h (state updated in place):
-        `recurrence_step`, or the Triton state update on CUDA (kernels.state_step)."""
+        `recurrence_step`, or the Triton state update on CUDA (kernels.state_step). B and C per group."""
+        if type(self).group_to_heads is Mamba2.group_to_heads and kernels.uses_triton_step(x):
+            # the kernel reads head h's B and C from group h // (heads / groups), as group_to_heads gives them, and
+            # casts them to fp32 itself: no per-head fp32 copies (four kernels a Mamba layer a decode token)
+            return kernels.triton_state_update(x, dt, A, B, C, state)
         return kernels.state_step(x, dt, A, self.group_to_heads(B), self.group_to_heads(C), state,
                                   fallback=recurrence_step)
 

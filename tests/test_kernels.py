@@ -434,10 +434,10 @@ class StandInUpdate:
         # is not None else 0` unpacks an int when None), so None fails there
         assert D is not None and dt_bias is not None and D.shape == dt_bias.shape == (h, p)
         tie_hdim = A.stride(-1) == 0 and A.stride(-2) == 0 and dt.stride(-1) == 0 and dt_bias.stride(-1) == 0
-        self.calls.append(dict(dtype=x.dtype, groups=g, z=z, dt_softplus=dt_softplus, tie_hdim=tie_hdim,
+        self.calls.append(dict(dtype=x.dtype, groups=g, B_dtype=B.dtype, z=z, dt_softplus=dt_softplus, tie_hdim=tie_hdim,
                                D_zero=bool((D == 0).all()), dt_bias_zero=bool((dt_bias == 0).all())))
         dt = dt + dt_bias
-        Bh, Ch = B.repeat_interleave(h // g, dim=1), C.repeat_interleave(h // g, dim=1)
+        Bh, Ch = B.float().repeat_interleave(h // g, dim=1), C.float().repeat_interleave(h // g, dim=1)  # as loaded
         state.copy_(state * torch.exp(dt[..., None] * A) + (dt * x)[..., None] * Bh[:, :, None])
         return (torch.einsum("bhpn,bhn->bhp", state, Ch) + x * D).to(x.dtype)
 
@@ -502,6 +502,10 @@ def test_decode_through_the_kernel_generates_what_the_recurrence_does(monkeypatc
     monkeypatch.setattr(kernels, "uses_triton_step", lambda x: True)
     got = generate(model, ids, 8, use_graph=False)
     assert len(fake.calls) == 7 * 2  # 7 decode steps (the prompt is one prefill) x 2 Mamba layers
+    # group-major: B and C per group as the conv gives them (the kernel maps heads to groups and casts them
+    # itself); the serving order's rank-major heads need them per head in fp32
+    groups = {(c["groups"], c["B_dtype"]) for c in fake.calls}
+    assert groups == ({(CFG.mamba_num_heads, torch.float32)} if serving_order else {(CFG.n_groups, torch.float32)})
     assert torch.equal(got, ref)
 
 
@@ -828,3 +832,30 @@ def test_causal_conv_kernel_on_cuda_gives_the_pytorch_convs_output_and_gradients
     for name, got, ref, bf16 in zip(("output", "d input", "d weight", "d bias"), kernel, want, plain):
         err, floor = ((got.float() - ref).norm() / ref.norm()).item(), ((bf16.float() - ref).norm() / ref.norm()).item()
         assert err <= 2 * floor + 1e-3, f"{name}: the kernel off by {err:.2e}, PyTorch's bf16 conv by {floor:.2e}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or kernels._load_update()[0] is None,
+                    reason="mamba_ssm's Triton state update on CUDA (run.sh GPUTESTS)")
+@pytest.mark.parametrize("serving_order", [False, True])
+def test_decode_on_cuda_through_the_real_state_update_gives_the_recurrences_logits(monkeypatch, serving_order):
+    """On a GPU: a bf16 hybrid decoding through mamba_ssm's state update, B and C given per group (group-major) or per
+    head in fp32 (serving order), against the same decode on the PyTorch recurrence, logits at every step."""
+    from star_elastic.serve.order import use_serving_order
+
+    torch.manual_seed(0)
+    model = Model(CFG).cuda().to(torch.bfloat16).eval()
+    if serving_order:
+        use_serving_order(model)
+    ids = torch.randint(0, CFG.vocab_size, (2, 9), device="cuda")
+    runs = []
+    for on in (True, False):  # STAR_ELASTIC_TRITON_STEP=0: the recurrence
+        monkeypatch.setenv(kernels.ENV_STEP, "1" if on else "0")
+        assert kernels.uses_triton_step(ids.new_zeros(1, dtype=torch.bfloat16)) == on
+        with torch.no_grad():
+            cache = model.make_cache(2, 16)
+            out = [model(ids[:, :6], cache, torch.arange(6, device="cuda"))]
+            for i in range(6, 9):
+                out.append(model(ids[:, i:i + 1], cache, torch.tensor([i], device="cuda")))
+        runs.append(torch.cat([o[:, -1].float() for o in out]))
+    got, want = runs
+    assert (got - want).norm() / want.norm() < 2e-2

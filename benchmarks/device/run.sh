@@ -150,9 +150,11 @@ S37) shift  # one call with no SETUP (carry .devcarry/causal_conv1d_built, .devc
 S39) shift  # issue 12's views against slices (carry .devcarry/mamba, .devcarry/run.sh; ~8 min): the thirty-eighth
   # session found the serving head order itself costing every view, the full budget's too (0.93x on an H100), and
   # took 6-7 kernels a decode token out of it (one copy of Mamba's conv input, not two; the norm on torch's fused
-  # rms_norm; attention's output reordered and merged in one copy); eager, then the parent in its own order with
-  # the grouped parts copied once (compact; 0.99x on the CPU), eager and compiled
-  python3 -m pytest -q -rs -p no:cacheprovider tests/test_serving_order.py -k cuda 2>&1 | tail -n 3
+  # rms_norm; attention's output reordered and merged in one copy), and gave group-major models' state update B
+  # and C per group; the CUDA tests of both first, then eager, then the parent in its own order with the grouped
+  # parts copied once (compact; 0.99x on the CPU), eager and compiled
+  PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 -m pytest -q -rs -p no:cacheprovider tests/test_serving_order.py \
+    tests/test_kernels.py -k "cuda and (serving_order or real_state_update)" 2>&1 | tail -n 3
   SECONDS=0; i=0; for c in "--compact on" "--grouped-views --compact on" "--grouped-views --compact on --compile"; do
     i=$((i + 1)); timeout $((570 - SECONDS)) bash $0 SERVE $c --reps 5 --out $OUT/serve_s39_$i.json > $OUT/s39.txt 2>&1
     echo "== SERVE $c"; grep -v "^+" $OUT/s39.txt | grep -v "^matmul\|^  budget" | tail -n 9; done ;;
