@@ -22,10 +22,11 @@ Compact views (`compact=True`, the default): the grouped bmm runs at 0.36-0.49x 
 `PartsConv1d` (attention's q_proj rows and o_proj columns with query heads kept per KV group; Mamba's
 in_proj rows, conv channels and out_proj columns with heads kept per group, outside the serving head
 order) the view holds a copy of exactly the sliced model's tensor (`take`), made once when the view
-is built, and the layer runs plain nn.Linear / conv as the sliced model does. Copies are listed in
-`view.copied` and `copied_bytes(view)` gives their size; parts that are plain strided views (k/v_proj,
-o_proj's bias, Mamba's per-head vectors and norm weight) stay views. `compact=False` keeps the
-grouped modules (no copy; for comparison).
+is built, and the layer runs plain nn.Linear / conv as the sliced model does; so are Mamba's per-head
+vectors (dt_bias, A_log, D: a few floats, which as strided views the layer copied at every token). Copies
+are listed in `view.copied` and `copied_bytes(view)` gives their size; parts that are plain strided views
+(k/v_proj, o_proj's bias, Mamba's norm weight) stay views. `compact=False` keeps the grouped modules (no
+copy; for comparison).
 
 Serving head order (order.py): where every budget keeps every KV group and all Mamba channels, the
 engine stores the parent's heads rank-major at load, and every budget's heads become plain prefixes,
