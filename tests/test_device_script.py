@@ -7,33 +7,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_hfkpre_puts_the_cross_built_causal_conv1d_on_the_path_the_benchmark_runs_with(tmp_path):
-    # the thirty-eighth session's first call: HFKPRE set PYTHONPATH for `bash $0 HFK`, whose preamble set it
-    # afresh, so transformers' kernels were "missing" on a machine that had them
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "python3").write_text('#!/bin/sh\necho "$PYTHONPATH" > "$OUT/pythonpath"\necho "$@" > "$OUT/args"\n')
-    (fake / "python3").chmod(0o755)
-    out = tmp_path / "out"
-    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "OUT": str(out)}
-    subprocess.run(["bash", "benchmarks/device/run.sh", "HFKPRE"], cwd=ROOT, env=env, check=True,
-                   capture_output=True, timeout=60)
-    path = (out / "pythonpath").read_text().strip().split(":")
-    assert "bench_speed.py --hf-kernels" in (out / "args").read_text()
-    assert ".devcarry/causal_conv1d_built" in path and ".devcarry/mamba" in path
-    assert path.index(".devcarry/causal_conv1d_built") < path.index(".devcarry/mamba")
-
-
-def test_s40_runs_the_causal_conv_test_and_the_profile_both_with_the_build_on_the_path(tmp_path):
+def run_script(tmp_path, target: str) -> list[tuple[list[str], str]]:
+    """`run.sh target` with a fake python3: each call's PYTHONPATH entries and arguments, in order."""
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "python3").write_text('#!/bin/sh\necho "$PYTHONPATH|$*" >> "$OUT/calls"\n')
     (fake / "python3").chmod(0o755)
     out = tmp_path / "out"
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "OUT": str(out)}
-    subprocess.run(["bash", "benchmarks/device/run.sh", "S40"], cwd=ROOT, env=env, check=True, capture_output=True,
+    subprocess.run(["bash", "benchmarks/device/run.sh", target], cwd=ROOT, env=env, check=True, capture_output=True,
                    timeout=60)
-    calls = [line.split("|", 1) for line in (out / "calls").read_text().splitlines()]
-    assert [c[1].split()[:2] for c in calls] == [["-m", "pytest"], ["benchmarks/bench_speed.py", "--hf-kernels"]]
+    return [(path.split(":"), args) for path, args in
+            (line.split("|", 1) for line in (out / "calls").read_text().splitlines())]
+
+
+def test_hfkpre_puts_the_cross_built_causal_conv1d_on_the_path_the_benchmark_runs_with(tmp_path):
+    # the thirty-eighth session's first call: HFKPRE set PYTHONPATH for `bash $0 HFK`, whose preamble set it
+    # afresh, so transformers' kernels were "missing" on a machine that had them
+    [(path, args)] = run_script(tmp_path, "HFKPRE")
+    assert "bench_speed.py --hf-kernels" in args
+    assert ".devcarry/causal_conv1d_built" in path and ".devcarry/mamba" in path
+    assert path.index(".devcarry/causal_conv1d_built") < path.index(".devcarry/mamba")
+
+
+def test_s40_runs_the_causal_conv_test_and_the_profile_both_with_the_build_on_the_path(tmp_path):
+    calls = run_script(tmp_path, "S40")
+    assert [args.split()[:2] for _, args in calls] == [["-m", "pytest"], ["benchmarks/bench_speed.py", "--hf-kernels"]]
     assert "-k causal_conv" in calls[0][1] and "--profile" in calls[1][1]
-    assert all(".devcarry/causal_conv1d_built" in c[0].split(":") for c in calls)
+    assert all(".devcarry/causal_conv1d_built" in path for path, _ in calls)
