@@ -33,11 +33,11 @@ as `ssd_scan` returns it; the final state is fp32 from both.
 `state_step` is the one-token decode update (`model.Mamba2.step`) on `mamba_ssm`'s Triton
 `selective_state_update` under the scan's conditions (a CUDA tensor in bf16 / fp16, importable, not
 switched off): one kernel updates the fp32 state in place and returns C h, where the PyTorch
-recurrence (`model.recurrence_step`, the fallback and the reference) runs about ten. `model.Mamba2.step`
-gives it B and C per group (b, groups, n) in the model's dtype where the heads are group-major (the kernel
-reads head h's from group h // (heads / groups) and casts them itself: no per-head fp32 copies, four kernels
-a layer a decode token, thirty-eighth session), and per head (b, heads, n) in fp32, as the recurrence takes
-them, in the serving order's rank-major heads (serve/order.py); dt and A broadcast over the head's
+recurrence (`model.recurrence_step`, the fallback and the reference) runs about ten. Both take B and C
+per group (b, groups, n), head h reading group h // (heads / groups), in any dtype: `model.Mamba2.step`
+passes them so where the heads are group-major (no per-head fp32 copies, four kernels a layer a decode
+token, thirty-eighth session), and per head (b, heads, n) in fp32 in the serving order's rank-major heads
+(serve/order.py, `state_groups`), which neither maps; dt and A broadcast over the head's
 channels and state with stride-0 views, as mamba_ssm's own Mamba2 step does; D and dt_bias are zeros
 (the model adds D itself; dt is already biased), no z.
 Written for issue 12 (decode speed); checked on an H200 (benchmarks/bench_decode_step.py, tenth session,
@@ -185,7 +185,8 @@ def state_step(x, dt, A, B, C, state, *, fallback):
     state update where it applies (`uses_triton_step`), else `fallback` (`model.recurrence_step`).
 
     x: (b, h, p)   dt: (b, h), already softplus'ed and clamped   A: (h,), negative
-    B, C: (b, h, n) float32, per head   state: (b, h, p, n) float32, updated in place
+    B, C: (b, g, n) per group (head h reads group h // (h / g)) or per head (g = h), any dtype
+    state: (b, h, p, n) float32, updated in place
     Returns y (b, h, p) in float32, without the D skip."""
     if uses_triton_step(x):
         return triton_state_update(x, dt, A, B, C, state)
@@ -194,8 +195,7 @@ def state_step(x, dt, A, B, C, state, *, fallback):
 
 @torch.compiler.disable
 def triton_state_update(x, dt, A, B, C, state, update=None):
-    """`selective_state_update` with `recurrence_step`'s arguments and result; B and C may also come per group
-    (b, groups, n), head h reading group h // (heads / groups), in any dtype. `update`: the kernel (default: the
+    """`selective_state_update` with `recurrence_step`'s arguments and result. `update`: the kernel (default: the
     imported one; tests pass a stand-in)."""
     update = update or _load_update()[0]
     if update is None:

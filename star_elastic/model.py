@@ -11,7 +11,7 @@ Nothing here knows about elastic training or serving; both change how the model 
 outside, with module swaps and hooks: training's sub-networks from star_elastic/elastic/
 (docs/METHOD.md §5), serving's budget views and head order from star_elastic/serve/ (§13). The small
 methods the forwards call (`mean_square`, `norm_weight`, `channel_scale`, `select`, `weigh`, `neuron_scale`,
-`split_in_proj`, `split_conv`, `scan`, `group_to_heads`, `attend`) are what those swaps override.
+`split_in_proj`, `split_conv`, `scan`, `state_groups`, `attend`) are what those swaps override.
 
 Training keeps little for backward: the cheap parts (Mamba's conv and gated norm, the MoE router's scores,
 the experts' activation) are recomputed in backward rather than their outputs kept (`recomputed`,
@@ -413,17 +413,16 @@ class Mamba2(nn.Module):
 
     def step(self, x, dt, A, B, C, state):
         """One token of the recurrence h = exp(dt A) h + dt B x, y = C h (state updated in place):
-        `recurrence_step`, or the Triton state update on CUDA (kernels.state_step). B and C per group."""
-        if type(self).group_to_heads is Mamba2.group_to_heads and kernels.uses_triton_step(x):
-            # the kernel reads head h's B and C from group h // (heads / groups), as group_to_heads gives them, and
-            # casts them to fp32 itself: no per-head fp32 copies (four kernels a Mamba layer a decode token)
-            return kernels.triton_state_update(x, dt, A, B, C, state)
-        return kernels.state_step(x, dt, A, self.group_to_heads(B), self.group_to_heads(C), state,
+        `recurrence_step`, or the Triton state update on CUDA (kernels.state_step), given B and C as
+        `state_groups` gives them."""
+        return kernels.state_step(x, dt, A, self.state_groups(B), self.state_groups(C), state,
                                   fallback=recurrence_step)
 
-    def group_to_heads(self, v):
-        """(b, n_groups, n) -> (b, heads, n) in float32: head h reads group h // (heads / groups)."""
-        return v.float().repeat_interleave(self.num_heads // self.n_groups, dim=1)
+    def state_groups(self, v):
+        """B or C (b, n_groups, n) as the state update reads them: per group as they are, head h reading group
+        h // (heads / groups), the mapping both the Triton kernel and `recurrence_step` make (the kernel casts
+        them itself: no per-head fp32 copies, four kernels a Mamba layer a decode token on CUDA)."""
+        return v
 
 
 def with_skip(y, x, D):
@@ -522,9 +521,12 @@ def causal_conv_silu(x, weight, bias):
 
 
 def recurrence_step(x, dt, A, B, C, state):
-    """One token of Mamba-2's recurrence in PyTorch: x (b, h, p), dt (b, h), A (h,), B and C per head
-    (b, h, n) in float32, state (b, h, p, n) float32 updated in place; returns y = C h (b, h, p)."""
+    """One token of Mamba-2's recurrence in PyTorch: x (b, h, p), dt (b, h), A (h,), B and C (b, g, n) per group
+    (head h reading group h // (h / g)) or per head (g = h), state (b, h, p, n) float32 updated in place; returns
+    y = C h (b, h, p)."""
     x = x.float()
+    per = x.shape[1] // B.shape[1]
+    B, C = (v.float() if per == 1 else v.float().repeat_interleave(per, dim=1) for v in (B, C))
     new = state * torch.exp(dt * A)[..., None, None] + (dt[..., None] * x)[..., None] * B[:, :, None]
     state.copy_(new)
     return torch.einsum("bhpn,bhn->bhp", new, C)

@@ -93,7 +93,8 @@ class ServingOrderMamba2(Mamba2):
                                 group_major(A[:, None], G)[:, 0], B, C, state)
         return rank_major(y, G), rank_major(final.flatten(-2), G).view_as(final)
 
-    def group_to_heads(self, v):
+    def state_groups(self, v):
+        # rank-major head h reads group h % groups, a mapping the state update does not make: per head, in fp32
         return v.float().repeat(1, self.num_heads // self.n_groups, 1)  # decode: no reordering
 
 
