@@ -624,6 +624,14 @@ def categorise(name: str) -> str:
     return next((cat for cat, keys in PROFILE_CATEGORIES if any(k in low for k in keys)), "other")
 
 
+def category_ms(rows: list[tuple[str, float]], steps: int) -> dict[str, float]:
+    """Milliseconds a step by category (`categorise`) of `timed_rows`' (name, us) over `steps` steps, largest first."""
+    by_cat: dict[str, float] = {}
+    for name, t in rows:
+        by_cat[categorise(name)] = by_cat.get(categorise(name), 0.0) + t / 1e3 / steps
+    return dict(sorted(by_cat.items(), key=lambda kv: -kv[1]))
+
+
 def timed_rows(events, cuda: bool) -> list[tuple[str, float]]:
     """(name, self time in us) of the profiled events that add up to the step: on a GPU the kernels'
     device time (not operators': an operator's time is its kernels' time), leaving out user
@@ -690,17 +698,15 @@ def part_profile(device, tiny: bool, pattern: str, batch: int, seq: int, fast: b
                 torch.cuda.synchronize(device)
     rows_ = timed_rows(prof.key_averages(), cuda)
     total = sum(t_ for _, t_ in rows_) or 1.0
-    by_cat: dict[str, float] = {}
-    for name, t_ in rows_:
-        by_cat[categorise(name)] = by_cat.get(categorise(name), 0.0) + t_
+    by_cat = category_ms(rows_, 2)
     kernels_ = sorted(rows_, key=lambda r: -r[1])[:top]
     out = {"model": model_name, "pattern": "".join(cfg.layer_types), "batch": batch, "seq": seq, "steps_profiled": 2,
            "compiled": compile_backend,
            "budgets_profiled": ["1.0", "0.5"],
            "clock": "GPU kernel self time" if cuda else "CPU operator self time",
            "total_ms_per_step": round(total / 1e3 / 2, 2),
-           "categories": {k: {"ms_per_step": round(v / 1e3 / 2, 2), "share": round(v / total, 4)}
-                          for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
+           "categories": {k: {"ms_per_step": round(v, 2), "share": round(v * 1e3 * 2 / total, 4)}
+                          for k, v in by_cat.items()},
            "top": [{"name": n[:120], "ms_per_step": round(t_ / 1e3 / 2, 3), "share": round(t_ / total, 4)}
                    for n, t_ in kernels_],
            # twice as many operator chains as kernels: each operator appears under several callers

@@ -99,7 +99,7 @@ def profile_steps(step, device, steps: int = 2) -> dict:
     kernel (bench_kernels' categories; operators' CPU time on a CPU) and the top kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    from bench_kernels import categorise, timed_rows
+    from bench_kernels import category_ms, timed_rows
 
     cuda = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
@@ -108,13 +108,11 @@ def profile_steps(step, device, steps: int = 2) -> dict:
         if cuda:
             torch.cuda.synchronize(device)
     rows = timed_rows(prof.key_averages(), cuda)
-    by_cat: dict[str, float] = {}
-    for name, t in rows:
-        by_cat[categorise(name)] = by_cat.get(categorise(name), 0.0) + t / 1e3 / steps
+    by_cat = category_ms(rows, steps)
     top = sorted(rows, key=lambda r: -r[1])[:15]
     return {"clock": "GPU kernel self time" if cuda else "CPU operator self time",
             "ms_per_step": round(sum(by_cat.values()), 3),
-            "categories": {k: round(v, 3) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
+            "categories": {k: round(v, 3) for k, v in by_cat.items()},
             "top": [{"name": n[:120], "ms_per_step": round(t / 1e3 / steps, 3)} for n, t in top]}
 
 
