@@ -165,6 +165,7 @@ def main():
     hc = hf_config(args.tiny)
     ref = NemotronHForCausalLM(hc).to(device=device, dtype=dtype)
     ours = load_weights(Model(config_from_hf(hc.to_dict())), {k: v.clone() for k, v in ref.state_dict().items()}, "ref")
+    n_active = common.active_params(ours.config, ours)
     ours.to(device=device, dtype=dtype)
     n_params = ours.num_parameters()
     card = common.machine(device)
@@ -246,9 +247,12 @@ def main():
             if args.profile:
                 res.setdefault("train_profile", {})[name] = profile_steps(step, device)
         res[f"train_tok_s_{name}"] = tokens / s
+        # model FLOP utilisation: 6 x the parameters a token multiplies through (attention's and the scan's own
+        # products left out) against the bf16 peak measured on the device machines
+        res[f"train_mfu_{name}"] = 6 * n_active * tokens / s / common.BF16_PEAK
         if device.type == "cuda":
             res[f"train_peak_gib_{name}"] = torch.cuda.max_memory_allocated() / 2**30
-        print(f"train    {name:14s} {tokens / s:10.0f} tok/s")
+        print(f"train    {name:14s} {tokens / s:10.0f} tok/s  {100 * res[f'train_mfu_{name}']:5.1f}% MFU")
         opt = None  # frees the AdamW moments before the next variant
         m.eval()
 
