@@ -14,7 +14,10 @@ with them (`--hf-kernels` insists on them; benchmarks/device/run.sh HFKPRE runs 
 cross-built at home by benchmarks/device/cross_build_causal_conv1d.sh, or HFKBUILD builds it on the GPU, then HFK) it runs their Triton and CUDA kernels, the anchor a user who installs them gets, and our model uses
 `mamba_ssm`'s Triton scan too. Every transformers function that fell back to PyTorch (transformers says so in
 a warning) is listed in the JSON (`transformers_fallbacks`), so a run shows which anchor it measured. Both
-models train with the same AdamW (fused on a GPU, as the trainer's).
+models train with the same AdamW (fused on a GPU, as the trainer's) and the same cross-entropy on whole fp32
+logits (what transformers' own loss computes); ours also with the library's chunked one (`*_chunked_ce`:
+`next_token_ce` on a `head_input`, as elastic training's losses run), printed beside, the best of ours in the
+ratio. Where `causal_conv1d` imports, `ours_pytorch_conv` is ours with Mamba's conv on PyTorch's conv1d.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+from star_elastic.elastic.losses import head_input, next_token_ce
 from star_elastic.generate import generate
 from star_elastic.hf import config_from_hf, load_weights
 from star_elastic.model import Model
@@ -87,11 +91,12 @@ def watch_fallbacks() -> list[str]:
     return seen
 
 
-def causal_conv_on(on: bool = True):
-    """Our Mamba conv on causal_conv1d's kernel inside the block (kernels.ENV_CONV, read at each call)."""
+def pytorch_conv(on: bool = True):
+    """Our Mamba conv on PyTorch's conv1d, not causal_conv1d's kernel (the default where it imports; kernels.ENV_CONV,
+    read at each call)."""
     from star_elastic import kernels
 
-    return common.environment({kernels.ENV_CONV: "1"} if on else {})
+    return common.environment({kernels.ENV_CONV: "0"} if on else {})
 
 
 def profile_steps(step, device, steps: int = 2) -> dict:
@@ -207,13 +212,15 @@ def main():
     # 2. forward throughput
     variants = {"transformers": (ref, True), "ours": (ours, False)}
     if device.type == "cuda" and not any(m.startswith("causal_conv1d") for m in missing):
-        variants["ours_causal_conv"] = (ours, False)  # eager, Mamba's conv on causal_conv1d's kernel (opt-in)
+        # eager, Mamba's conv on PyTorch's conv1d: what "ours" ran before causal_conv1d's kernel became the default
+        variants["ours_pytorch_conv"] = (ours, False)
         with torch.no_grad():
-            b = logits_of(ours, probe, False).float()
-            with causal_conv_on():
-                c = logits_of(ours, probe, False).float()
+            c = logits_of(ours, probe, False).float()
+            with pytorch_conv():
+                b = logits_of(ours, probe, False).float()
         res["logits_rel_err_causal_conv_vs_ours"] = rel(c, b)
-        print(f"logits rel err: ours with causal_conv1d's conv against ours {res['logits_rel_err_causal_conv_vs_ours']:.2e}")
+        print(f"logits rel err: ours (causal_conv1d's conv) against ours on PyTorch's conv "
+              f"{res['logits_rel_err_causal_conv_vs_ours']:.2e}")
         del b, c
     compiled = None
     if not args.no_compile:
@@ -221,28 +228,43 @@ def main():
         compiled = torch.compile(ours)
         variants["ours_compiled"] = (compiled, False)
     for name, (m, hf) in variants.items():
-        with torch.no_grad(), causal_conv_on(name.endswith("causal_conv")):
+        with torch.no_grad(), pytorch_conv(name.endswith("pytorch_conv")):
             s = common.timed(lambda: logits_of(m, x, hf), device, 2, args.iters)
         res[f"forward_tok_s_{name}"] = tokens / s
         print(f"forward  {name:14s} {tokens / s:10.0f} tok/s")
 
-    # 3. training step: forward + backward + AdamW, fresh copies so both start from the same weights
-    for name, (m, hf) in variants.items():
+    # 3. training step: forward + backward + AdamW, fresh copies so both start from the same weights. Every
+    # variant takes the same cross-entropy on whole logits (what transformers' own loss computes: the logits cast
+    # to fp32, then cross_entropy), and ours also the library's own (`*_chunked_ce`: `next_token_ce` on a
+    # `head_input`, the LM head and the loss a chunk of tokens at a time, no (tokens, vocab) tensor of the batch)
+    with torch.no_grad():  # the two losses agree (bf16 logits rounded differently; fp32 on the CPU: exactly)
+        whole = F.cross_entropy(ours(x)[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
+        chunked = next_token_ce(head_input(ours, x), x)
+    res["loss_whole_logits"], res["loss_chunked_ce"] = whole.item(), chunked.item()
+    print(f"loss: whole logits {whole.item():.5f}, chunked (next_token_ce) {chunked.item():.5f}")
+    train_variants = dict(variants)
+    train_variants["ours_chunked_ce"] = (ours, False)
+    if compiled is not None:
+        train_variants["ours_compiled_chunked_ce"] = (compiled, False)
+    for name, (m, hf) in train_variants.items():
         if name == "transformers" and args.skip_hf_train:
             continue
         m.train()
         opt = torch.optim.AdamW(m.parameters(), lr=1e-5, **({"fused": True} if device.type == "cuda" else {}))
 
         def step():
-            logits = logits_of(m, x, hf)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
+            if name.endswith("chunked_ce"):
+                loss = next_token_ce(head_input(m, x), x)
+            else:
+                logits = logits_of(m, x, hf)
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        with causal_conv_on(name.endswith("causal_conv")):
+        with pytorch_conv(name.endswith("pytorch_conv")):
             s = common.timed(step, device, 2, args.iters)
             if args.profile:
                 res.setdefault("train_profile", {})[name] = profile_steps(step, device)
@@ -252,7 +274,7 @@ def main():
         res[f"train_mfu_{name}"] = 6 * n_active * tokens / s / common.BF16_PEAK
         if device.type == "cuda":
             res[f"train_peak_gib_{name}"] = torch.cuda.max_memory_allocated() / 2**30
-        print(f"train    {name:14s} {tokens / s:10.0f} tok/s  {100 * res[f'train_mfu_{name}']:5.1f}% MFU")
+        print(f"train    {name:24s} {tokens / s:10.0f} tok/s  {100 * res[f'train_mfu_{name}']:5.1f}% MFU")
         opt = None  # frees the AdamW moments before the next variant
         m.eval()
 

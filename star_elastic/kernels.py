@@ -47,10 +47,12 @@ generate's CUDA graph and under torch.compile), so on by default since the thirt
 `STAR_ELASTIC_TRITON_STEP=0` switches it off alone, `STAR_ELASTIC_NO_TRITON=1` with the scan.
 
 `causal_conv` is Mamba's depthwise causal conv and its SiLU at training and prefill without a cache
-(`model.Mamba2.forward`) on `causal_conv1d`'s CUDA kernel (`causal_conv1d_fn`, a CUDA build: benchmarks/device
-says how), under the scan's conditions and opt-in (`STAR_ELASTIC_CAUSAL_CONV=1`) until it has been checked on
-a GPU (`bench_speed.py --hf-kernels` times and compares it, `ours_causal_conv`). The weight and bias are cast to
-the input's dtype, as autocast casts them for `F.conv1d`; the inputs before the first are zeros, as there.
+(`model.Mamba2.forward`, and inside `conv_scan`, forward and backward) on `causal_conv1d`'s CUDA kernel
+(`causal_conv1d_fn`, a CUDA build: benchmarks/device says how), under the scan's conditions. On by default
+since its CUDA test passed on an H100 (thirty-ninth session; the training step's PyTorch depthwise conv and its
+backward took 12.2 ms of 136 at 539M, transformers' on this kernel 1.7 ms: docs/RESULTS.md §2);
+`STAR_ELASTIC_CAUSAL_CONV=0` switches it off alone. The weight and bias are cast to the input's dtype, as
+autocast casts them for `F.conv1d`; the inputs before the first are zeros, as there.
 
 `conv_scan` is training's conv + SiLU, scan and D skip as one autograd function (`ConvScan`) on the scan's
 Triton forward and backward (`_mamba_chunk_scan_combined_fwd` / `_bwd`, the functions `mamba_ssm`'s own wrappers
@@ -76,7 +78,7 @@ import torch
 ENV_DISABLE = "STAR_ELASTIC_NO_TRITON"
 ENV_ENABLE = "STAR_ELASTIC_TRITON"
 ENV_STEP = "STAR_ELASTIC_TRITON_STEP"  # "0": the decode state update stays on the recurrence
-ENV_CONV = "STAR_ELASTIC_CAUSAL_CONV"  # "1": Mamba's conv on causal_conv1d's kernel (opt-in until checked on a GPU)
+ENV_CONV = "STAR_ELASTIC_CAUSAL_CONV"  # "0": Mamba's conv stays on PyTorch's conv1d
 ENV_CONV_SCAN = "STAR_ELASTIC_CONV_SCAN"  # "0": conv, scan and D skip apart (autograd keeps the conv's output)
 ON_BY_DEFAULT = True  # checked on an H200 (bench_kernels.py check); STAR_ELASTIC_TRITON=0 also switches it off
 _DTYPES = (torch.bfloat16, torch.float16)  # fp32: the einsum scan (see above)
@@ -216,14 +218,25 @@ def _load_conv():
 
 @torch.compiler.assume_constant_result
 def causal_conv_enabled() -> bool:
-    """The causal conv kernel may run: switched on (`STAR_ELASTIC_CAUSAL_CONV=1`), not disabled with the scan,
-    and it imports."""
-    return _set(ENV_CONV) and not disabled() and _load_conv()[0] is not None
+    """The causal conv kernel may run: not switched off (`STAR_ELASTIC_CAUSAL_CONV=0`), not disabled with the
+    scan, and it imports."""
+    return not _off(ENV_CONV) and not disabled() and _load_conv()[0] is not None
 
 
 def uses_causal_conv(x: torch.Tensor) -> bool:
     """Whether `model.Mamba2` runs its conv (no cache) on `causal_conv` for input `x` (b, channels, t)."""
     return x.is_cuda and x.dtype in _DTYPES and causal_conv_enabled()
+
+
+def channels_last_fits(x: torch.Tensor) -> bool:
+    """Whether causal_conv1d's kernel reads x (b, channels, t) where it lies: channels-first (time stride 1), or
+    channels-last with channels, batch and time strides multiples of 8 (its checks) and 16-byte aligned (its
+    vector loads). A view of in_proj's output whose row width or offset is not (a masked or odd-sized layer)
+    is copied instead."""
+    if x.stride(2) == 1:
+        return True
+    return (x.stride(1) == 1 and x.shape[1] % 8 == 0 and x.stride(0) % 8 == 0 and x.stride(2) % 8 == 0
+            and x.data_ptr() % 16 == 0)
 
 
 @torch.compiler.disable
@@ -234,6 +247,8 @@ def causal_conv(x, weight, bias, conv=None):
     conv = conv or _load_conv()[0]
     if conv is None:
         raise RuntimeError(f"the causal conv kernel is not available: {_load_conv()[1]}")
+    if not channels_last_fits(x):  # a copy the kernel reads channels-first, rather than its refusal or misreads
+        x = x.contiguous()
     return conv(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), activation="silu")
 
 

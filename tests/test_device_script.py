@@ -32,6 +32,15 @@ def test_hfkpre_puts_the_cross_built_causal_conv1d_on_the_path_the_benchmark_run
 
 def test_s40_runs_the_causal_conv_test_and_the_profile_both_with_the_build_on_the_path(tmp_path):
     calls = run_script(tmp_path, "S40")
-    assert [args.split()[:2] for _, args in calls] == [["-m", "pytest"], ["benchmarks/bench_speed.py", "--hf-kernels"]]
+    assert len(calls) == 2 and calls[0][1].startswith("-m pytest")
+    assert "benchmarks/bench_speed.py --hf-kernels" in calls[1][1]
     assert "-k causal_conv" in calls[0][1] and "--profile" in calls[1][1]
+    assert all(".devcarry/causal_conv1d_built" in path for path, _ in calls)
+
+
+def test_s41_runs_the_conv_scan_tests_with_the_build_then_the_profile(tmp_path):
+    calls = run_script(tmp_path, "S41")
+    assert len(calls) == 2 and calls[0][1].startswith("-m pytest")
+    assert "cuda and (conv_scan or causal_conv)" in calls[0][1]
+    assert "benchmarks/bench_speed.py --hf-kernels" in calls[1][1] and "--profile" in calls[1][1]
     assert all(".devcarry/causal_conv1d_built" in path for path, _ in calls)

@@ -517,8 +517,9 @@ def test_the_demo_trains_with_elastifys_defaults_on_the_cpu_and_the_recipe_that_
         demo_options(build_parser().parse_args(["demo", "--full-delta-restore", "weights"]), "cpu")
     # stage-2 weights: the preset's for its own budgets, none (elastify's) for others, a given set in --budgets
     # order, and a given set of the wrong length refused in one line before anything loads
-    assert cpu["stage2_weights"] == [0.3, 0.7] and gpu["stage2_weights"] is None
+    assert cpu["stage2_weights"] == [0.3, 0.7] and gpu["stage2_weights"] == [0.0, 0.2, 0.8]
     assert demo_options(build_parser().parse_args(["demo", "--budgets", "1.0,0.9,0.8"]), "cpu")["stage2_weights"] is None
+    assert demo_options(build_parser().parse_args(["demo", "--budgets", "1.0,0.75"]), "cuda")["stage2_weights"] is None
     assert demo_options(build_parser().parse_args(["demo", "--stage2-weights", "0,0.3,0.7"]), "cuda")[
         "stage2_weights"] == [0.0, 0.3, 0.7]
     with pytest.raises(StarElasticError, match="2 weights for 3 budgets"):

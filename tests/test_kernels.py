@@ -213,17 +213,6 @@ def check_cuda_half_only(monkeypatch, uses, loader: str):
     assert not uses(FakeCuda())
 
 
-def check_opt_in(monkeypatch, uses, loader: str, loaded, env: str):
-    """An opt-in kernel's dispatch `uses` (its module kernels.<loader> 'importing' as `loaded`): off by default,
-    then, with `env` set to 1, what check_cuda_half_only checks."""
-    monkeypatch.setattr(kernels, loader, lambda: (loaded, None))
-    monkeypatch.delenv(kernels.ENV_DISABLE, raising=False)
-    monkeypatch.delenv(env, raising=False)
-    assert not uses(FakeCuda())  # off by default
-    monkeypatch.setenv(env, "1")
-    check_cuda_half_only(monkeypatch, uses, loader)
-
-
 def check_on_by_default(monkeypatch, uses, loader: str, env: str):
     """An on-by-default kernel's dispatch `uses` (its module kernels.<loader>, already 'importing'): on with
     nothing set, off with `env` set to 0 alone, then, with `env` set to 1, what check_cuda_half_only checks."""
@@ -252,12 +241,37 @@ class StandInConv:
         return F.silu(out) if activation in ("silu", "swish") else out
 
 
-def test_causal_conv_dispatch_is_opt_in_until_checked_on_a_gpu(monkeypatch):
-    """CUDA bf16 / fp16 inputs take causal_conv1d's kernel only when switched on (STAR_ELASTIC_CAUSAL_CONV=1),
-    importable and not disabled with the Triton paths; fp32 and CPU tensors never do."""
-    check_opt_in(monkeypatch, kernels.uses_causal_conv, "_load_conv", StandInConv(), kernels.ENV_CONV)
-    with pytest.raises(RuntimeError, match="not available"):
+def test_causal_conv_dispatch_is_on_by_default_since_checked_on_a_gpu(monkeypatch):
+    """CUDA bf16 / fp16 inputs take causal_conv1d's kernel by default (its CUDA test passed on an H100), unless
+    switched off alone (STAR_ELASTIC_CAUSAL_CONV=0) or with the Triton paths, or not importable; fp32 and CPU
+    tensors never do."""
+    monkeypatch.setattr(kernels, "_load_conv", lambda: (StandInConv(), None))
+    check_on_by_default(monkeypatch, kernels.uses_causal_conv, "_load_conv", kernels.ENV_CONV)
+    monkeypatch.setattr(kernels, "_load_conv", lambda: (None, "no module named causal_conv1d"))
+    with pytest.raises(RuntimeError, match="not available: no module named causal_conv1d"):
         kernels.causal_conv(torch.zeros(1, 2, 3), torch.zeros(2, 4), None)
+
+
+def test_causal_conv_copies_a_layout_the_kernel_would_refuse_or_misread():
+    """The kernel reads channels-last views of in_proj's output only with channels and strides multiples of 8
+    and 16-byte aligned data (its own checks and vector loads): such a view goes in as it is, any other (an odd
+    row width, an odd offset: a small or masked layer) as a channels-first copy, with the same result."""
+    conv = StandInConv()
+    weight, bias = torch.randn(16, 4), torch.randn(16)
+
+    def run(width: int, offset: int):
+        proj = torch.randn(2, 9, width, dtype=torch.bfloat16)
+        x = proj[..., offset:offset + 16].transpose(1, 2)  # (b, channels, t), channels stride 1
+        conv.calls.clear()
+        out = kernels.causal_conv(x, weight, bias, conv=conv)
+        assert torch.equal(out, StandInConv()(x.contiguous(), weight.to(x.dtype), bias.to(x.dtype), activation="silu"))
+        return conv.calls[0]["x"]
+
+    assert run(40, 8).stride(1) == 1  # a fitting view: read in place
+    for width, offset in ((36, 8), (40, 3)):  # row width 36 (not a multiple of 8); offset 3 elements (6 bytes)
+        got = run(width, offset)
+        assert got.stride(2) == 1 and got.is_contiguous()
+    assert kernels.channels_last_fits(torch.zeros(2, 16, 9))  # channels-first: always
 
 
 def test_model_conv_through_the_kernel_equals_the_pytorch_conv(monkeypatch):
@@ -353,12 +367,18 @@ def test_conv_scan_and_norm_out_proj_on_cuda_give_autograds_output_and_gradients
     u = torch.randn(2, 512, 256, device="cuda", requires_grad=True)
     g = torch.randn(2, 512, 256, device="cuda")
     monkeypatch.delenv(kernels.ENV_DISABLE, raising=False)
+    monkeypatch.setenv(kernels.ENV_CONV, "0")  # PyTorch's conv for the reference and the first three
     run = layer_runs(monkeypatch, layer, u, g)
     want = run(False, reference=True)
     for conv_scan, compiled in ((False, False), (True, False), (True, True)):
         got = run(conv_scan, compiled=compiled)
         assert kernels.uses_conv_scan(u.detach().to(torch.bfloat16)) == conv_scan  # the real dispatch took it
         assert_near(got, want)
+    if kernels._load_conv()[0] is not None:  # causal_conv1d built (run.sh GPUTESTS with HFK_PATH): its conv too
+        monkeypatch.delenv(kernels.ENV_CONV)
+        assert kernels.uses_causal_conv(u.detach().to(torch.bfloat16))
+        for compiled in (False, True):
+            assert_near(run(True, compiled=compiled), want)
 
 
 def test_a_compiled_layer_through_conv_scan_gives_the_references_gradients(monkeypatch):
@@ -383,6 +403,36 @@ def test_a_compiled_layer_through_conv_scan_gives_the_references_gradients(monke
         torch._dynamo.reset()
         assert_near(run(True, compiled=True), want)
     assert [k for k, _ in ops.calls] == ["fwd", "bwd"] * 2
+
+
+def test_conv_scan_runs_its_conv_and_the_recompute_on_the_causal_conv_kernel(monkeypatch):
+    """Inside kernels.conv_scan the conv, forward and the backward's recompute, goes through the causal conv kernel
+    where it applies (both stand-ins, forced on here), so its backward is the kernel's, not PyTorch's depthwise
+    conv's (12 of 136 ms a 539M step on an H100); the output and every gradient equal those with PyTorch's conv.
+    Before, conv_scan always ran PyTorch's conv: the kernel saw no call."""
+    from star_elastic.model import Mamba2
+
+    ops, conv = scan_ops_stand_in(), StandInConv()
+    monkeypatch.setattr(kernels, "_load_conv_scan", lambda: ((ops.fwd, ops.bwd), None))
+    monkeypatch.setattr(kernels, "_load_conv", lambda: (conv, None))
+    monkeypatch.setattr(kernels, "uses_conv_scan", lambda x: True)
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=64, mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=16,
+                      chunk_size=32)
+    layer = Mamba2(cfg)
+    u = torch.randn(2, 64, 64, requires_grad=True)
+    g = torch.randn(2, 64, 64)
+
+    def run(kernel: bool):
+        monkeypatch.setattr(kernels, "uses_causal_conv", lambda x: kernel)
+        conv.calls.clear()
+        out = layer(u)
+        return (out, *torch.autograd.grad((out * g).sum(), [u, *layer.parameters()])), len(conv.calls)
+
+    (fast, n_fast), (slow, n_slow) = run(True), run(False)
+    assert (n_fast, n_slow) == (2, 0)  # forward, then the recompute in backward
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(fast, slow, strict=True))
+    assert layer.conv1d.weight.grad is None  # autograd.grad: nothing accumulated, so the comparison is fair
 
 
 def test_conv_scan_keeps_the_convs_input_not_its_output(monkeypatch):

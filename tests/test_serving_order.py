@@ -84,11 +84,11 @@ def test_serving_order_refuses_what_it_would_get_wrong():
 
 def test_engine_uses_serving_order_only_where_every_budget_fits(tmp_path, monkeypatch):
     # SPECS' 0.5 budget drops a KV group: grouped views, the parent as loaded
-    engine = ElasticEngine.load(make_checkpoint(tmp_path / "a", "nemotron_h"))
+    engine = ElasticEngine.load(make_checkpoint(tmp_path / "a", "nemotron_h"), serving_order=True)
     assert not any(in_serving_order(m) for m in engine.parent.modules())
     monkeypatch.setitem(SPECS["nemotron_h"], "0.5", CASES["nemotron_h"][2])  # keeps every KV group
     path = make_checkpoint(tmp_path / "b", "nemotron_h")
-    engine = ElasticEngine.load(path)
+    engine = ElasticEngine.load(path, serving_order=True)
     assert all(in_serving_order(engine.parent.model.layers[i].mixer) for i in (0, 1))
     original = load_elastic(path).model.eval()
     ids = torch.tensor([[1, 5, 9, 4, 7]])

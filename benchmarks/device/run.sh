@@ -41,6 +41,7 @@
 #   S37                         HFKPRE then the KD curve by part, one call, no SETUP (~550 s)
 #   S39                         SERVE in the leaner serving order, then the parent's own order with compact copies (~8 min)
 #   S40                         GPUTESTS causal_conv, then HFKPRE --profile, one call, no SETUP (~7 min)
+#   S41                         the causal conv's CUDA tests (conv_scan too), then HFKPRE --profile (~6 min)
 # The home folder survives between calls while the machine stays warm (30 s); $OUT comes back.
 set -x
 H=/root; SE=$H/.cache/star_elastic; mkdir -p $SE $OUT
@@ -136,8 +137,9 @@ HFKPRE) shift  # HFK on causal_conv1d cross-built at home (prepare.sh's note; ca
   # (through HFK_PATH: the preamble above sets PYTHONPATH afresh in `bash $0 HFK`, so a PYTHONPATH given here
   # was lost, and the thirty-eighth session's first call ran without the build)
   HFK_PATH=.devcarry/causal_conv1d_built bash $0 HFK "$@" ;;
-HFK) shift; PYTHONPATH=${HFK_PATH:+$HFK_PATH:}.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_speed.py --hf-kernels --json $OUT/speed_hfk.json "$@" \
-  2>&1 | grep -v "%|" | tail -n 40 ;;
+HFK) shift  # its lines land in $OUT/hfk_live.txt as they are printed: a call cut short keeps those done
+  PYTHONPATH=${HFK_PATH:+$HFK_PATH:}.devcarry/mamba:$PYTHONPATH python3 -u benchmarks/bench_speed.py --hf-kernels \
+    --json $OUT/speed_hfk.json "$@" 2>&1 | grep --line-buffered -v "%|" > $OUT/hfk_live.txt; tail -n 40 $OUT/hfk_live.txt ;;
 SAVED) shift; for m in 539m nano; do PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_saved.py --model $m \
   --kernels real --compile --json $OUT/saved_${m}_gpu.json "$@" 2>&1 | grep -v "^    " | tail -n 8; done ;;
 S37) shift  # one call with no SETUP (carry .devcarry/causal_conv1d_built, .devcarry/mamba, .devcarry/run.sh; 26 MB):
@@ -164,6 +166,14 @@ S40) shift  # one call, no SETUP (carry .devcarry/causal_conv1d_built, .devcarry
   HFK_PATH=.devcarry/causal_conv1d_built timeout 120 bash $0 GPUTESTS causal_conv
   timeout $((${RUN_LIMIT:-560} - SECONDS)) bash $0 HFKPRE --profile > $OUT/hfk_profile.txt 2>&1
   grep -v "^+" $OUT/hfk_profile.txt | tail -n 40 ;;
+S41) shift  # one call, no SETUP (carry .devcarry/causal_conv1d_built, .devcarry/mamba, .devcarry/run.sh; ~6 min): the
+  # thirty-ninth session made causal_conv1d's kernel the default conv, inside conv_scan too (its backward was 12.2
+  # of 136 ms a 539M step on PyTorch's depthwise conv, transformers' 1.7 on the kernel): its CUDA tests, then the
+  # 539M table by category. Each part writes under $OUT as it goes (that session's try lost both to a cut pipe)
+  HFK_PATH=.devcarry/causal_conv1d_built timeout 170 bash $0 GPUTESTS "cuda and (conv_scan or causal_conv)" \
+    > $OUT/gputests.txt 2>&1; grep -v "^+" $OUT/gputests.txt | tail -n 8
+  timeout $((${RUN_LIMIT:-540} - SECONDS)) bash $0 HFKPRE --profile > $OUT/hfk_profile.txt 2>&1
+  grep -v "^+" $OUT/hfk_profile.txt | tail -n 36 ;;
 S35) shift  # the thirty-fifth session's CPU work on a GPU: its CUDA tests, then the step with conv_scan beside
   # the default and without the recompute (carry .devcarry/mamba)
   bash $0 GPUTESTS; bash $0 KERNELS --conv-scan-apart --keep-activations "$@" ;;

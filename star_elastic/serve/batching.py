@@ -545,7 +545,7 @@ class BatchedEngine(ElasticEngine):
     """`ElasticEngine` whose generations run batched with whatever else is running (module doc):
     the same methods and outputs, any number of concurrent callers, `slots` sequences per budget."""
 
-    def __init__(self, ckpt, serving_order: bool = True, slots: int = DEFAULT_SLOTS, static: bool | None = None,
+    def __init__(self, ckpt, serving_order: bool = False, slots: int = DEFAULT_SLOTS, static: bool | None = None,
                  compile: str | None = None):
         super().__init__(ckpt, serving_order)
         self.scheduler = Scheduler(self.device, slots, static, compile)

@@ -20,12 +20,13 @@ def add_generate_budget_args(sp):
 
 
 def add_head_order_arg(sp):
-    sp.add_argument("--head-order", choices=["serving", "loaded"], default="serving",
-                    help="where budgets keep heads per group: serving (default) permutes the parent's heads once so "
-                         "that every budget's are a prefix, no memory beside the parent, a few reorder copies each "
-                         "token; loaded keeps the parent as loaded and copies those parts of each budget once "
-                         "(about 5%% of a Nano-shaped parent for budgets 0.75 and 0.5), the views then running the "
-                         "sliced model's products (docs/RESULTS.md, views against slices)")
+    sp.add_argument("--head-order", choices=["loaded", "serving"], default="loaded",
+                    help="where budgets keep heads per group: loaded (default) keeps the parent as loaded and copies "
+                         "those parts of each budget once (about 5%% of a Nano-shaped parent for budgets 0.75 and "
+                         "0.5), the views then decoding at the sliced models' speed (0.99-1.01x on an H100); serving "
+                         "permutes the parent's heads once so that every budget's are a prefix, no memory beside the "
+                         "parent, a few reorder copies each token (0.95-1.00x) (docs/RESULTS.md, views against "
+                         "slices)")
 
 
 def wants_budget(args) -> bool:
@@ -39,7 +40,7 @@ def _engine(args):
     device = pick_device(args.device)
     engine = ElasticEngine.load(resolve_model(args.model), device=device, dtype=pick_dtype(args.dtype, device),
                                 fp8_matmul=getattr(args, "fp8_matmul", False),
-                                serving_order=getattr(args, "head_order", "serving") == "serving")
+                                serving_order=getattr(args, "head_order", "loaded") == "serving")
     info = engine.fp8_info
     if info is not None:
         print(f"FP8 matmuls: {info['swapped']} linear layers, {info['shared']} of them views of the parent's one FP8 "

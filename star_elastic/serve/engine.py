@@ -1,11 +1,13 @@
 """Generation at any budget of one loaded elastic checkpoint, and elastic budget control.
 
 `ElasticEngine` holds the parent once and a budget view per budget (views.py), built on first use
-and kept: switching budgets copies no weights. Caches are sized for each view's own config
-(`generate` makes them from the view). Where every budget keeps every KV group, the parent's heads
-are put in serving order at load (order.py), so that views run plain matrix products; elsewhere a
-budget that keeps heads per group holds compact copies of those layers' parts (`compact_views`, on by
-default: views.py's module doc), so its views still run plain matrix products.
+and kept: switching budgets copies no weights but the parts below. Caches are sized for each view's own config
+(`generate` makes them from the view). A budget that keeps heads per group holds compact copies of those
+layers' parts (`compact_views`, on by default: views.py's module doc), so its views run the sliced model's
+plain matrix products: 0.99-1.01x of a sliced copy's decode on an H100 at Nano width, for about 5% of the
+parent's memory (docs/RESULTS.md, views against slices). `serving_order=True` instead puts the parent's heads
+in serving order at load where every budget keeps every KV group (order.py): no copies, every budget's heads a
+prefix, but reorders at every token (0.95-0.97x, prefill 0.88x).
 
 Concurrency: `generate` keeps one set of decode caches (and CUDA graph) per model, so two
 sequences decoding on the same view at once would overwrite each other's KV / Mamba state. This
@@ -75,7 +77,7 @@ class StopWatcher:
 class ElasticEngine:
     """Every budget of one elastic checkpoint, from one copy of the weights."""
 
-    def __init__(self, ckpt: ElasticCheckpoint, serving_order: bool = True, compact_views: bool = True):
+    def __init__(self, ckpt: ElasticCheckpoint, serving_order: bool = False, compact_views: bool = True):
         self.compact_views = compact_views  # copy the parts a grouped bmm would run (views.budget_view)
         self.fp8_info = None  # use_fp8_matmuls' summary once the budgets multiply in FP8
         self.ckpt, self.parent, self.tokenizer = ckpt, ckpt.model.eval(), ckpt.tokenizer
@@ -95,7 +97,7 @@ class ElasticEngine:
 
     @classmethod
     def load(cls, path, device=None, dtype=None, compact_views: bool = True,
-             fp8_matmul: bool = False, serving_order: bool = True) -> "ElasticEngine":
+             fp8_matmul: bool = False, serving_order: bool = False) -> "ElasticEngine":
         """compact_views=False: views of budgets with heads kept per group run grouped bmm products
         over the parent's tensors instead of holding copies of those parts (views.budget_view).
         fp8_matmul: every trained budget multiplies in FP8 (`use_fp8_matmuls`).
