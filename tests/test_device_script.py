@@ -30,17 +30,20 @@ def test_hfkpre_puts_the_cross_built_causal_conv1d_on_the_path_the_benchmark_run
     assert path.index(".devcarry/causal_conv1d_built") < path.index(".devcarry/mamba")
 
 
-def test_s40_runs_the_causal_conv_test_and_the_profile_both_with_the_build_on_the_path(tmp_path):
-    calls = run_script(tmp_path, "S40")
+def profiled_run_calls(tmp_path, target: str):
+    """`run.sh target`'s two calls: pytest, then the 539M table profiled, both with causal_conv1d's build on the path."""
+    calls = run_script(tmp_path, target)
     assert len(calls) == 2 and calls[0][1].startswith("-m pytest")
-    assert "benchmarks/bench_speed.py --hf-kernels" in calls[1][1]
-    assert "-k causal_conv" in calls[0][1] and "--profile" in calls[1][1]
+    assert "benchmarks/bench_speed.py --hf-kernels" in calls[1][1] and "--profile" in calls[1][1]
     assert all(".devcarry/causal_conv1d_built" in path for path, _ in calls)
+    return calls
+
+
+def test_s40_runs_the_causal_conv_test_and_the_profile_both_with_the_build_on_the_path(tmp_path):
+    calls = profiled_run_calls(tmp_path, "S40")
+    assert "-k causal_conv" in calls[0][1]
 
 
 def test_s41_runs_the_conv_scan_tests_with_the_build_then_the_profile(tmp_path):
-    calls = run_script(tmp_path, "S41")
-    assert len(calls) == 2 and calls[0][1].startswith("-m pytest")
+    calls = profiled_run_calls(tmp_path, "S41")
     assert "cuda and (conv_scan or causal_conv)" in calls[0][1]
-    assert "benchmarks/bench_speed.py --hf-kernels" in calls[1][1] and "--profile" in calls[1][1]
-    assert all(".devcarry/causal_conv1d_built" in path for path, _ in calls)

@@ -381,22 +381,26 @@ def test_conv_scan_and_norm_out_proj_on_cuda_give_autograds_output_and_gradients
             assert_near(run(True, compiled=compiled), want)
 
 
+def small_mamba_layer():
+    """A small Mamba layer (8 heads of 16, 2 groups), an input u (2, 64, 64) that wants its gradient, and g to
+    weigh the output by."""
+    from star_elastic.model import Mamba2
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=64, mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=16,
+                      chunk_size=32)
+    return Mamba2(cfg), torch.randn(2, 64, 64, requires_grad=True), torch.randn(2, 64, 64)
+
+
 def test_a_compiled_layer_through_conv_scan_gives_the_references_gradients(monkeypatch):
     """Under torch.compile (the layer's graph breaks at conv_scan) and CPU autocast, with the scan's stand-ins:
     the output and gradients equal the eager reference's (autograd through conv, scan, norm and out_proj), as
     tests/test_kernels.py's CUDA test asks on a GPU. A first version passed views of in_proj's output across
     the break, which torch.compile rebuilt with garbage shapes (a RuntimeError, two runs in three)."""
-    from star_elastic.model import Mamba2
-
     ops = scan_ops_stand_in()
     monkeypatch.setattr(kernels, "_load_conv_scan", lambda: ((ops.fwd, ops.bwd), None))
     monkeypatch.setattr(kernels, "uses_conv_scan", lambda x: kernels.conv_scan_enabled())
-    torch.manual_seed(0)
-    cfg = ModelConfig(hidden_size=64, mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=16,
-                      chunk_size=32)
-    layer = Mamba2(cfg)
-    u = torch.randn(2, 64, 64, requires_grad=True)
-    g = torch.randn(2, 64, 64)
+    layer, u, g = small_mamba_layer()
     run = layer_runs(monkeypatch, layer, u, g)
     want = run(False, reference=True)
     for _ in range(2):
@@ -410,18 +414,11 @@ def test_conv_scan_runs_its_conv_and_the_recompute_on_the_causal_conv_kernel(mon
     where it applies (both stand-ins, forced on here), so its backward is the kernel's, not PyTorch's depthwise
     conv's (12 of 136 ms a 539M step on an H100); the output and every gradient equal those with PyTorch's conv.
     Before, conv_scan always ran PyTorch's conv: the kernel saw no call."""
-    from star_elastic.model import Mamba2
-
     ops, conv = scan_ops_stand_in(), StandInConv()
     monkeypatch.setattr(kernels, "_load_conv_scan", lambda: ((ops.fwd, ops.bwd), None))
     monkeypatch.setattr(kernels, "_load_conv", lambda: (conv, None))
     monkeypatch.setattr(kernels, "uses_conv_scan", lambda x: True)
-    torch.manual_seed(0)
-    cfg = ModelConfig(hidden_size=64, mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=16,
-                      chunk_size=32)
-    layer = Mamba2(cfg)
-    u = torch.randn(2, 64, 64, requires_grad=True)
-    g = torch.randn(2, 64, 64)
+    layer, u, g = small_mamba_layer()
 
     def run(kernel: bool):
         monkeypatch.setattr(kernels, "uses_causal_conv", lambda x: kernel)
