@@ -49,8 +49,9 @@ generate's CUDA graph and under torch.compile), so on by default since the thirt
 `causal_conv` is Mamba's depthwise causal conv and its SiLU at training and prefill without a cache
 (`model.Mamba2.forward`, and inside `conv_scan`, forward and backward) on `causal_conv1d`'s CUDA kernel
 (`causal_conv1d_fn`, a CUDA build: benchmarks/device says how), under the scan's conditions. On by default
-since its CUDA test passed on an H100 (thirty-ninth session; the training step's PyTorch depthwise conv and its
-backward took 12.2 ms of 136 at 539M, transformers' on this kernel 1.7 ms: docs/RESULTS.md §2);
+since its CUDA test (output and gradients on the model's layout) passed on an H100 (thirty-ninth session; the
+training step's PyTorch depthwise conv and its backward took 12.2 ms of 136 at 539M, transformers' on this kernel
+1.7 ms: docs/RESULTS.md §2; inside `conv_scan` it is tested on the CPU with a stand-in, its CUDA test not yet run);
 `STAR_ELASTIC_CAUSAL_CONV=0` switches it off alone. The weight and bias are cast to the input's dtype, as
 autocast casts them for `F.conv1d`; the inputs before the first are zeros, as there.
 
