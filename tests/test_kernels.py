@@ -274,6 +274,25 @@ def test_causal_conv_copies_a_layout_the_kernel_would_refuse_or_misread():
     assert kernels.channels_last_fits(torch.zeros(2, 16, 9))  # channels-first: always
 
 
+def test_the_kernel_reads_the_conv_input_in_place_at_nano_and_539m_widths():
+    """At the widths the benchmarks measure (Nemotron 3 Nano's Mamba: 64 heads x 64, 8 groups, state 128; the 539M
+    config's: 32 heads x 64) the conv's input, a channels-last view of in_proj's output, meets the kernel's layout
+    rules, so the fast path copies nothing; a test-sized layer (odd row width) takes the channels-first copy."""
+    from star_elastic.model import Mamba2
+
+    def conv_input_fits(heads: int, head_dim: int, groups: int, state: int, hidden: int = 256) -> bool:
+        cfg = ModelConfig(hidden_size=hidden, mamba_num_heads=heads, mamba_head_dim=head_dim, n_groups=groups,
+                          ssm_state_size=state)
+        with torch.device("meta"):
+            layer = Mamba2(cfg)
+        proj = torch.empty(2, 5, layer.in_proj.out_features, dtype=torch.bfloat16)
+        return kernels.channels_last_fits(layer.split_in_proj(proj)[1].transpose(1, 2))
+
+    assert conv_input_fits(64, 64, 8, 128, hidden=2688)  # Nano
+    assert conv_input_fits(32, 64, 8, 128, hidden=1024)  # the 539M config of bench_speed
+    assert not conv_input_fits(3, 6, 1, 5)  # row width 2 * 18 + 2 * 5 + 3 = 49
+
+
 def test_model_conv_through_the_kernel_equals_the_pytorch_conv(monkeypatch):
     """Every Mamba layer's conv without a cache (training, a first prefill) reaches the kernel when it applies
     (a stand-in, forced on here) with the weight as (channels, k) in the input's dtype and SiLU inside: logits
