@@ -101,24 +101,43 @@ def pytorch_conv(on: bool = True):
 
 def profile_steps(step, device, steps: int = 2) -> dict:
     """torch.profiler over `steps` calls of `step` (after the timed ones): milliseconds a step by category of
-    kernel (bench_kernels' categories; operators' CPU time on a CPU) and the top kernels."""
+    kernel (bench_kernels' categories; operators' CPU time on a CPU), the top kernels, and where the step is not
+    kernel time: its wall time under the profiler, the share with no kernel running (`idle_ms`: the host
+    launching or waiting), the kernel launches a step, and the operators (with input shapes and the nearest
+    callers, `bench_kernels.op_chains`) whose kernels are the copies and dtype casts."""
+    import time
+
     from torch.profiler import ProfilerActivity, profile
 
-    from bench_kernels import category_ms, timed_rows
+    from bench_kernels import categorise, category_ms, op_chains, timed_rows
 
     cuda = device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
+                 record_shapes=True) as prof:
+        t0 = time.perf_counter()
         for _ in range(steps):
             step()
         if cuda:
             torch.cuda.synchronize(device)
+        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
     rows = timed_rows(prof.key_averages(), cuda)
     by_cat = category_ms(rows, steps)
     top = sorted(rows, key=lambda r: -r[1])[:15]
+    kernel_ms = sum(by_cat.values())
+    launches = sum(e.count for e in prof.key_averages() if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                                       "cudaLaunchKernelExC", "cuLaunchKernelEx"))
+    # the operators behind the copies: their chains whose kernels categorise as copies (a chain's own name is
+    # an operator's; its kernels are what it launched, so the operator's name decides)
+    copies = [(c, t) for c, t in op_chains(prof.events(), cuda)
+              if categorise(c.split(" < ")[0]) == "copies and dtype casts"][:12]
     return {"clock": "GPU kernel self time" if cuda else "CPU operator self time",
-            "ms_per_step": round(sum(by_cat.values()), 3),
+            "ms_per_step": round(kernel_ms, 3),
+            "wall_ms_profiled": round(wall_ms, 3),
+            "idle_ms": round(max(0.0, wall_ms - kernel_ms), 3) if cuda else None,
+            "kernel_launches_per_step": launches / steps if cuda else None,
             "categories": {k: round(v, 3) for k, v in by_cat.items()},
-            "top": [{"name": n[:120], "ms_per_step": round(t / 1e3 / steps, 3)} for n, t in top]}
+            "top": [{"name": n[:120], "ms_per_step": round(t / 1e3 / steps, 3)} for n, t in top],
+            "copy_operators": [{"chain": c[:300], "ms_per_step": round(t / 1e3 / steps, 3)} for c, t in copies]}
 
 
 def print_profiles(profiles: dict):
@@ -131,6 +150,15 @@ def print_profiles(profiles: dict):
     for c in cats + ["total"]:
         vals = [p["ms_per_step"] if c == "total" else p["categories"].get(c, 0.0) for p in profiles.values()]
         print(f"  {c:40s}" + "".join(f"{v:17.2f}" for v in vals))
+    for key, label in (("wall_ms_profiled", "wall, profiled"), ("idle_ms", "no kernel running"),
+                       ("kernel_launches_per_step", "kernel launches a step")):
+        if all(p.get(key) is not None for p in profiles.values()):
+            print(f"  {label:40s}" + "".join(f"{p[key]:17.2f}" for p in profiles.values()))
+    for name, p in profiles.items():
+        if p.get("copy_operators"):
+            print(f"  copies and casts in {name}, by operator (ms a step):")
+            for row in p["copy_operators"][:6]:
+                print(f"    {row['ms_per_step']:7.2f}  {row['chain'][:150]}")
 
 
 def logits_of(model, x, hf: bool):
