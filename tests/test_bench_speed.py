@@ -46,7 +46,8 @@ def test_profile_groups_a_steps_time_by_category_and_the_total_is_their_sum():
     opt = torch.optim.AdamW([w])
 
     def step():
-        (torch.relu(torch.randn(32, 64) @ w) ** 2).sum().backward()
+        x = torch.randn(64, 32).t().contiguous()  # a copy, for the copies' operators below
+        (torch.relu(x @ w) ** 2).sum().backward()
         opt.step()
         opt.zero_grad()
 
@@ -54,3 +55,7 @@ def test_profile_groups_a_steps_time_by_category_and_the_total_is_their_sum():
     assert p["categories"]["GEMM"] > 0 and p["categories"]["optimizer (AdamW)"] > 0
     assert abs(sum(p["categories"].values()) - p["ms_per_step"]) < 1e-2
     assert p["top"] and all(t["ms_per_step"] >= 0 for t in p["top"])
+    # where the step is not operator time: the wall time holds the operators' self times; the copy is traced
+    # to the operator that made it, with its shape
+    assert p["wall_ms_profiled"] >= p["ms_per_step"] and p["idle_ms"] is None
+    assert any(r["chain"].startswith("aten::copy_") and "[32, 64]" in r["chain"] for r in p["copy_operators"])
