@@ -130,6 +130,10 @@ def profile_steps(step, device, steps: int = 2) -> dict:
     # an operator's; its kernels are what it launched, so the operator's name decides)
     copies = [(c, t) for c, t in op_chains(prof.events(), cuda)
               if categorise(c.split(" < ")[0]) == "copies and dtype casts"][:12]
+    # the host's side on a GPU: what the CPU spends a step on, by event (operators, compiled regions, CUDA
+    # runtime calls such as kernel launches and synchronisations: a wait shows as a long cudaStreamSynchronize)
+    host = sorted(((e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()
+                   if cuda and e.self_cpu_time_total > 0), key=lambda r: -r[1])[:15]
     return {"clock": "GPU kernel self time" if cuda else "CPU operator self time",
             "ms_per_step": round(kernel_ms, 3),
             "wall_ms_profiled": round(wall_ms, 3),
@@ -137,7 +141,9 @@ def profile_steps(step, device, steps: int = 2) -> dict:
             "kernel_launches_per_step": launches / steps if cuda else None,
             "categories": {k: round(v, 3) for k, v in by_cat.items()},
             "top": [{"name": n[:120], "ms_per_step": round(t / 1e3 / steps, 3)} for n, t in top],
-            "copy_operators": [{"chain": c[:300], "ms_per_step": round(t / 1e3 / steps, 3)} for c, t in copies]}
+            "copy_operators": [{"chain": c[:300], "ms_per_step": round(t / 1e3 / steps, 3)} for c, t in copies],
+            "host_top": [{"name": n[:120], "cpu_ms_per_step": round(t / 1e3 / steps, 3), "calls_per_step": c / steps}
+                         for n, t, c in host]}
 
 
 def print_profiles(profiles: dict):
@@ -155,6 +161,10 @@ def print_profiles(profiles: dict):
         if all(p.get(key) is not None for p in profiles.values()):
             print(f"  {label:40s}" + "".join(f"{p[key]:17.2f}" for p in profiles.values()))
     for name, p in profiles.items():
+        if p.get("host_top"):
+            print(f"  the host's time in {name}, by event (CPU ms a step, calls a step):")
+            for row in p["host_top"][:8]:
+                print(f"    {row['cpu_ms_per_step']:7.2f} {row['calls_per_step']:7.0f}  {row['name'][:110]}")
         if p.get("copy_operators"):
             print(f"  copies and casts in {name}, by operator (ms a step):")
             for row in p["copy_operators"][:6]:
