@@ -266,7 +266,8 @@ def main():
     ap.add_argument("--head-order", choices=["loaded", "serving"], default="loaded",
                     help="the parent's heads as loaded, parts kept per group copied (compact) or run grouped (the "
                          "engine's default), or in the serving head order where it fits")
-    ap.add_argument("--grouped-views", action="store_true", help="the same as --head-order loaded (older records)")
+    ap.add_argument("--grouped-views", dest="head_order", action="store_const", const="loaded",
+                    help="the same as --head-order loaded (older records)")
     ap.add_argument("--compact", choices=["on", "off", "both"], default="both",
                     help="views with compact copies of grouped parts (on, the engine's default), grouped bmm views "
                          "(off), or both side by side (the first row of each budget is compact)")
@@ -307,8 +308,7 @@ def main():
           f"{parent.num_parameters() / 1e6:.1f}M parameters, budgets {', '.join(names)}; {device}, {dtype}", flush=True)
 
     # --head-order serving (order.py): where every budget keeps every KV group, heads become prefixes
-    serving_order = (args.head_order == "serving" and not args.grouped_views
-                     and serving_order_fits(parent.config, list(specs.values())))
+    serving_order = args.head_order == "serving" and serving_order_fits(parent.config, list(specs.values()))
     if serving_order:
         use_serving_order(parent)
     print(f"serving head order: {'on' if serving_order else 'off'}", flush=True)

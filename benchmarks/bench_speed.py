@@ -120,20 +120,21 @@ def profile_steps(step, device, steps: int = 2) -> dict:
         if cuda:
             torch.cuda.synchronize(device)
         wall_ms = (time.perf_counter() - t0) * 1e3 / steps
-    rows = timed_rows(prof.key_averages(), cuda)
+    averages = prof.key_averages()  # one aggregation of the events, read three ways below
+    rows = timed_rows(averages, cuda)
     by_cat = category_ms(rows, steps)
     top = sorted(rows, key=lambda r: -r[1])[:15]
     kernel_ms = sum(by_cat.values())
-    launches = sum(e.count for e in prof.key_averages() if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
-                                                                       "cudaLaunchKernelExC", "cuLaunchKernelEx"))
+    launches = sum(e.count for e in averages if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
+                                                            "cuLaunchKernelEx"))
     # the operators behind the copies: their chains whose kernels categorise as copies (a chain's own name is
     # an operator's; its kernels are what it launched, so the operator's name decides)
     copies = [(c, t) for c, t in op_chains(prof.events(), cuda)
               if categorise(c.split(" < ")[0]) == "copies and dtype casts"][:12]
     # the host's side on a GPU: what the CPU spends a step on, by event (operators, compiled regions, CUDA
     # runtime calls such as kernel launches and synchronisations: a wait shows as a long cudaStreamSynchronize)
-    host = sorted(((e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()
-                   if cuda and e.self_cpu_time_total > 0), key=lambda r: -r[1])[:15]
+    host = sorted(((e.key, e.self_cpu_time_total, e.count) for e in averages if e.self_cpu_time_total > 0),
+                  key=lambda r: -r[1])[:15] if cuda else []
     return {"clock": "GPU kernel self time" if cuda else "CPU operator self time",
             "ms_per_step": round(kernel_ms, 3),
             "wall_ms_profiled": round(wall_ms, 3),
