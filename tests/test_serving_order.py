@@ -137,15 +137,17 @@ def test_prefill_and_decode_in_serving_order_give_the_plain_orders_logits(head_d
     original = Model(replace(NEMOTRON, mamba_head_dim=head_dim)).eval()
     parent = use_serving_order(copy.deepcopy(original))
     ids = torch.randint(0, 63, (2, 9))
-    with torch.no_grad():
-        got, want = [], []
-        for m, out in ((original, want), (parent, got)):
-            cache = m.make_cache(2, 16)
-            out.append(m(ids[:, :6], cache, torch.arange(6)))
-            for i in range(6, 9):
-                out.append(m(ids[:, i:i + 1], cache, torch.tensor([i])))
-    for a, b in zip(got, want):
+    for a, b in zip(prefill_then_decode(parent, ids), prefill_then_decode(original, ids)):
         assert rel_err(a, b) < 1e-5
+
+
+def prefill_then_decode(model, ids) -> list:
+    """`model`'s logits for a prefill of ids' first 6 tokens, then for each later token decoded one at a time."""
+    pos = torch.arange(ids.shape[1], device=ids.device)
+    with torch.no_grad():
+        cache = model.make_cache(ids.shape[0], 16)
+        return [model(ids[:, :6], cache, pos[:6])] + [model(ids[:, i:i + 1], cache, pos[i:i + 1])
+                                                      for i in range(6, ids.shape[1])]
 
 
 def test_the_fused_rank_major_norm_equals_the_written_out_one():
@@ -195,13 +197,7 @@ def test_serving_order_on_cuda_gives_the_plain_orders_logits_through_the_fused_n
     ids = torch.randint(0, 63, (2, 9), device="cuda")
     calls, fused = [], order.rank_major_gated_norm_fused
     monkeypatch.setattr(order, "rank_major_gated_norm_fused", lambda *a: calls.append(1) or fused(*a))
-    with torch.no_grad():
-        got, want = [], []
-        for m, out in ((original, want), (parent, got)):
-            cache = m.make_cache(2, 16)
-            out.append(m(ids[:, :6], cache, torch.arange(6, device="cuda")))
-            for i in range(6, 9):
-                out.append(m(ids[:, i:i + 1], cache, torch.tensor([i], device="cuda")))
+    want, got = prefill_then_decode(original, ids), prefill_then_decode(parent, ids)
     assert calls  # the fused norm ran
     for a, b in zip(got, want):
         assert rel_err(a, b) < 1e-4
