@@ -1,6 +1,6 @@
 """Optional fast paths on CUDA for Mamba-2: the chunked scan and the one-token state update on `mamba_ssm`'s
 Triton kernels (on by default), training's conv, scan and skip as one function on the scan's Triton forward and
-backward (on by default), the causal conv on `causal_conv1d`'s CUDA kernel (opt-in). Each falls back
+backward (on by default), the causal conv on `causal_conv1d`'s CUDA kernel (on by default where it imports). Each falls back
 to the model's PyTorch code, which stays the CPU path and the tests' reference.
 
 `chunk_scan` is what `model.Mamba2` calls instead of the einsum scan (`model.ssd_scan`), with the
@@ -51,7 +51,8 @@ generate's CUDA graph and under torch.compile), so on by default since the thirt
 (`causal_conv1d_fn`, a CUDA build: benchmarks/device says how), under the scan's conditions. On by default
 since its CUDA test (output and gradients on the model's layout) passed on an H100 (thirty-ninth session; the
 training step's PyTorch depthwise conv and its backward took 12.2 ms of 136 at 539M, transformers' on this kernel
-1.7 ms: docs/RESULTS.md §2; inside `conv_scan` it is tested on the CPU with a stand-in, its CUDA test not yet run);
+1.7 ms: docs/RESULTS.md §2; inside `conv_scan` its CUDA test against autograd passed on an H100 in the fortieth
+session, beside the stand-in test on the CPU);
 `STAR_ELASTIC_CAUSAL_CONV=0` switches it off alone. The weight and bias are cast to the input's dtype, as
 autocast casts them for `F.conv1d`; the inputs before the first are zeros, as there.
 

@@ -21,7 +21,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16mc (MIX=)|16mrf (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -60,7 +60,7 @@ ratios() {  # ratios PAIRS RUN...: like-for-like ratios of this machine's runs a
   # recompute them at home from the runs' JSON with compare_elastic.py --json
   local pairs=$1; shift; local files=(); for r in "$@"; do [ -s $H/res/$r.json ] && files+=($H/res/$r.json); done
   for p in ${pairs//,/ }; do
-    python3 benchmarks/compare_elastic.py docs/results/elastic_session34_h200.json docs/results/elastic_session31_h200.json docs/results/elastic_session30_h200.json docs/results/elastic_session29_h200.json docs/results/elastic_session28_h200.json docs/results/elastic_session27_h200.json docs/results/elastic_session24_h200.json docs/results/elastic_session21_h200.json docs/results/elastic_session19_h200.json docs/results/elastic_session18_h200.json docs/results/elastic_session17_h200.json docs/results/elastic_session16_h200.json docs/results/elastic_session15_h200.json docs/results/elastic_session14_h200.json docs/results/elastic_session13_h200.json docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
+    python3 benchmarks/compare_elastic.py docs/results/elastic_session40_h100.json docs/results/elastic_session34_h200.json docs/results/elastic_session31_h200.json docs/results/elastic_session30_h200.json docs/results/elastic_session29_h200.json docs/results/elastic_session28_h200.json docs/results/elastic_session27_h200.json docs/results/elastic_session24_h200.json docs/results/elastic_session21_h200.json docs/results/elastic_session19_h200.json docs/results/elastic_session18_h200.json docs/results/elastic_session17_h200.json docs/results/elastic_session16_h200.json docs/results/elastic_session15_h200.json docs/results/elastic_session14_h200.json docs/results/elastic_session13_h200.json docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
       docs/results/elastic_session9_h200.json "${files[@]}" --pairs $p 2>&1 | tail -n 8
   done
 }
@@ -531,6 +531,22 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16m$x "${RESTORED/--hold-pull 30/--hold-pull 0} --full-delta-finish 768 \
          --budget-mix $MIX --tokens-a 16777216 --state-dir $H/state/J16m$x"
      ratios J16m$x:C16ra,J16m$x:C16rb J16m$x ;;
+  # 16mc (fortieth session, after 16mj): 16m's two (c) runs alone, side by side: the like-for-like (c) of J16m$x,
+  # each budget distilled alone on the same mixed data
+  16mc) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
+     C="${A/--no-minitron/} --seed 0 --variants= --tokens-a 8388608 --minitron-arch $B#E0:elastic_anchor --lr-a 2e-4 \
+         --anchor-data self --budget-mix $MIX $CHAT"
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS C16ma$x "$C --budgets 1.0,0.75" C16mb$x "$C --budgets 1.0,0.5"
+     ratios J16m$x:C16ma$x,J16m$x:C16mb$x C16ma$x C16mb$x ;;
+  # 16mrf (after 16mj / 16mc; fortieth session's note): J16m02 held the smaller budgets but left the full model +3.8%
+  # on chat answers, what its rank-64 delta did not take back of a drift the mix made larger; side by side: the
+  # delta at rank 128 (J16mr$x) and its finish twice as long (J16mf$x), each against J16m02 (about 800 s over two
+  # calls; call again on exit 75 while the machine stays warm)
+  16mrf) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
+     R="${RESTORED/--hold-pull 30/--hold-pull 0} --budget-mix $MIX --tokens-a 16777216"
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16mr$x "$R --full-delta-finish 768 --full-delta-rank 128 \
+         --state-dir $H/state/J16mr$x" J16mf$x "$R --full-delta-finish 1536 --state-dir $H/state/J16mf$x"
+     ratios J16mr$x:C16ma$x,J16mf$x:C16ma$x J16mr$x J16mf$x ;;
   # S30 (the thirtieth session's first calls): 16p and HB16 side by side, called back to back until both are done
   # (each resumes; a finished one is skipped), then HB16c, RESTORESVD and the demo
   S30) bash $0 PLAN17 16p > $OUT/s30_16p.txt 2>&1 & bash $0 PLAN17 HB16 > $OUT/s30_hb16.txt 2>&1; wait
