@@ -163,8 +163,7 @@ def cmd_elastify(args):
     from pathlib import Path
 
     from .elastify import ElastifyConfig, elastify, print_table
-    from .errors import StarElasticError
-    from .hf import load_tokenizer
+    from .hf import require_tokenizer
     from .train import init_distributed, leave_distributed, sharding, world
     from .zero_shot import check_multiple
 
@@ -178,9 +177,7 @@ def cmd_elastify(args):
     # elastify takes its path and loads it sharded; else the whole model, master weights in fp32 (on a
     # GPU the steps run under bf16 autocast)
     if sharding(args.shard, ranks) == "fsdp" and Path(path).is_dir() and args.dtype is None:
-        model, tokenizer = path, load_tokenizer(path)
-        if tokenizer is None:
-            raise StarElasticError(f"{path}: no tokenizer files next to the weights")
+        model, tokenizer = path, require_tokenizer(path)
     else:
         model, tokenizer = load_model_and_tokenizer(args.model, device,
                                                     None if args.dtype is None else pick_dtype(args.dtype, device))

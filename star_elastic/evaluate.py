@@ -283,7 +283,7 @@ def evaluate_checkpoint(path, data: str, *, budgets: str | list[str] | None = No
     `evaluate_budgets`' `budgets` and `compare`."""
     from .elastic.checkpoint import load_elastic, read_manifest
     from .errors import StarElasticError
-    from .hf import load
+    from .hf import load, require_tokenizer
     from .runtime import eval_tokens
 
     path = Path(path)
@@ -296,8 +296,7 @@ def evaluate_checkpoint(path, data: str, *, budgets: str | list[str] | None = No
         compute = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         dtype = torch.float32
     ckpt = load_elastic(path, dtype=dtype, device=device, verify=verify)
-    if ckpt.tokenizer is None:
-        raise StarElasticError(f"{path}: no tokenizer files next to the weights")
+    require_tokenizer(path, ckpt.tokenizer)
     models = {}
     for d in compare:
         model = load(d, dtype=dtype, device=device)

@@ -384,6 +384,17 @@ def load_tokenizer(path):
         return None
 
 
+def require_tokenizer(path, tokenizer=None):
+    """`tokenizer`, or the one saved beside the checkpoint at `path` (`load_tokenizer`); where there is none, a
+    one-line error that says what to put there."""
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
+    if tokenizer is None:
+        raise StarElasticError(f"{path}: no tokenizer files next to the weights: save the parent's tokenizer there "
+                               "(AutoTokenizer.from_pretrained(...).save_pretrained(DIR) writes tokenizer.json and "
+                               "tokenizer_config.json)")
+    return tokenizer
+
+
 GGUF_CONVERSION = 2  # 2: special tokens as the GGUF file says (special_tokens_from_gguf)
 
 

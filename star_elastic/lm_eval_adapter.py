@@ -43,7 +43,7 @@ class BudgetScorer:
         """An elastic checkpoint's budget (sliced once), or a plain checkpoint when `budget` is None."""
         from .elastic.checkpoint import budget_names, is_elastic_checkpoint, load_elastic
         from .elastic.slicing import slice_model
-        from .hf import load, load_tokenizer
+        from .hf import load, load_tokenizer, require_tokenizer
 
         if budget is not None:
             if not is_elastic_checkpoint(pretrained):
@@ -59,9 +59,7 @@ class BudgetScorer:
             tokenizer = ckpt.tokenizer
         else:
             model, tokenizer = load(pretrained, dtype=dtype, device=device), load_tokenizer(pretrained)
-        if tokenizer is None:
-            raise StarElasticError(f"{pretrained}: no tokenizer files next to the weights")
-        return cls(model, tokenizer, **kwargs)
+        return cls(model, require_tokenizer(pretrained, tokenizer), **kwargs)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

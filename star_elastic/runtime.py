@@ -91,15 +91,11 @@ def pick_dtype(arg: str | None, device):
 
 
 def load_model_and_tokenizer(arg: str, device=None, dtype=None):
-    from .errors import StarElasticError
-    from .hf import load, load_tokenizer
+    from .hf import load, require_tokenizer
 
     path = resolve_model(arg)
     model = load(path, dtype=dtype, device=device)
-    tokenizer = load_tokenizer(path)
-    if tokenizer is None:
-        raise StarElasticError(f"{path}: no tokenizer files next to the weights")
-    return model, tokenizer
+    return model, require_tokenizer(path)
 
 
 def check_output(path, force: bool, kind: str = "directory") -> Path:

@@ -245,15 +245,14 @@ def slice_budget(checkpoint, budget: str, out, *, dtype=None, log=print, progres
     from .elastic.checkpoint import read_manifest, resolve_budget
     from .elastic.spec import count_parameters
     from .elastic.stream import stream_slice
-    from .hf import check_checkpoint, load_tokenizer
+    from .hf import check_checkpoint, require_tokenizer
 
     checkpoint, out = Path(checkpoint), Path(out)
     manifest = manifest if manifest is not None else read_manifest(checkpoint)
     # a trained budget, or one between two (the router's architecture for it); else a one-line error
     spec, interpolated = resolve_budget(checkpoint, manifest, budget)
     _, mcfg = check_checkpoint(checkpoint)  # what `load` checks, from config.json and the headers alone
-    if load_tokenizer(checkpoint) is None:  # as the loading path: an exported slice comes with its tokenizer
-        raise StarElasticError(f"{checkpoint}: no tokenizer files next to the weights")
+    require_tokenizer(checkpoint)  # as the loading path: an exported slice comes with its tokenizer
     check_exportable(spec, mcfg)
     src, dst = checkpoint.resolve(), out.resolve()
     if dst == src or dst in src.parents:

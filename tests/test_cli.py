@@ -71,10 +71,19 @@ def test_generate_prints_the_greedy_continuation(checkpoint, capsys):
     (["eval", "{ckpt}", "--data", "{missing}"], ["no such file or corpus"]),
     (["eval", "{ckpt}", "--data", "{text}", "--seq-len", "0"], ["--seq-len", "at least 1"]),
     (["generate", "{text}", "--prompt", "x"], ["checkpoint directory"]),
+    # weights and config alone: each command says what is missing and how to add it, not a transformers traceback
+    (["generate", "{bare}", "--prompt", "x"], ["no tokenizer files", "save_pretrained"]),
+    (["eval", "{bare}", "--data", "{text}"], ["no tokenizer files", "save_pretrained"]),
+    (["elastify", "{bare}", "--out", "{missing}", "--data", "{text}", "--budgets", "1.0,0.5", "--tokens", "4096"],
+     ["no tokenizer files", "save_pretrained"]),
 ])
 def test_errors_are_one_line(checkpoint, tmp_path, capsys, argv, words):
     ckpt, _, text = checkpoint
-    fill = {"missing": tmp_path / "nope", "text": text, "ckpt": ckpt}
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((ckpt / name).read_bytes())
+    fill = {"missing": tmp_path / "nope", "text": text, "ckpt": ckpt, "bare": bare}
     assert cli.main([a.format(**fill) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("star-elastic: error:") and "\n" not in err
