@@ -8,6 +8,7 @@ Prints ratios and writes JSON.
     python benchmarks/bench_speed.py --tiny                     # a smoke run on the CPU
     python benchmarks/bench_speed.py --hf-kernels --json out.json   # transformers on its kernels (issue 16)
     python benchmarks/bench_speed.py --hf-kernels --profile          # ... and where each training step's time goes
+    python benchmarks/bench_speed.py --hf-kernels --profile --cudagraphs  # ... and ours compiled with CUDA graphs
 
 Without `mamba_ssm` and `causal_conv1d`, transformers runs its pure-PyTorch Mamba path (the slowest anchor);
 with them (`--hf-kernels` insists on them; benchmarks/device/run.sh HFKPRE runs this on causal_conv1d
@@ -185,6 +186,9 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd variant")
+    ap.add_argument("--cudagraphs", action="store_true",
+                    help="also train ours compiled with CUDA graphs (mode='reduce-overhead', the chunked loss): "
+                         "whether the compiled step's time with no kernel running is the host launching")
     ap.add_argument("--profile", action="store_true",
                     help="also profile two training steps of each variant (torch.profiler: kernel time by category, "
                          "the categories of bench_kernels' profile), side by side: where ours and transformers' differ")
@@ -285,6 +289,10 @@ def main():
     train_variants["ours_chunked_ce"] = (ours, False)
     if compiled is not None:
         train_variants["ours_compiled_chunked_ce"] = (compiled, False)
+    if args.cudagraphs and not args.no_compile:
+        # a second compile of the same module (its own graphs and recompiles); the graph breaks at the Triton
+        # calls run eagerly between the captured regions
+        train_variants["ours_cudagraphs_chunked_ce"] = (torch.compile(ours, mode="reduce-overhead"), False)
     for name, (m, hf) in train_variants.items():
         if name == "transformers" and args.skip_hf_train:
             continue
@@ -292,6 +300,8 @@ def main():
         opt = torch.optim.AdamW(m.parameters(), lr=1e-5, **({"fused": True} if device.type == "cuda" else {}))
 
         def step():
+            if "cudagraphs" in name:  # a new iteration: the last step's graph outputs may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
             if name.endswith("chunked_ce"):
                 loss = next_token_ce(head_input(m, x), x)
             else:

@@ -7,14 +7,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_script(tmp_path, target: str) -> list[tuple[list[str], str]]:
-    """`run.sh target` with a fake python3: each call's PYTHONPATH entries and arguments, in order."""
+def run_script(tmp_path, target: str, **env_vars) -> list[tuple[list[str], str]]:
+    """`run.sh target` with a fake python3 (and `env_vars` set): each call's PYTHONPATH entries and arguments, in
+    order."""
     fake = tmp_path / "bin"
-    fake.mkdir()
+    fake.mkdir(parents=True)
     (fake / "python3").write_text('#!/bin/sh\necho "$PYTHONPATH|$*" >> "$OUT/calls"\n')
     (fake / "python3").chmod(0o755)
     out = tmp_path / "out"
-    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "OUT": str(out)}
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "OUT": str(out), **env_vars}
     subprocess.run(["bash", "benchmarks/device/run.sh", target], cwd=ROOT, env=env, check=True, capture_output=True,
                    timeout=60)
     return [(path.split(":"), args) for path, args in
@@ -30,9 +31,9 @@ def test_hfkpre_puts_the_cross_built_causal_conv1d_on_the_path_the_benchmark_run
     assert path.index(".devcarry/causal_conv1d_built") < path.index(".devcarry/mamba")
 
 
-def profiled_run_calls(tmp_path, target: str):
+def profiled_run_calls(tmp_path, target: str, **env_vars):
     """`run.sh target`'s two calls: pytest, then the 539M table profiled, both with causal_conv1d's build on the path."""
-    calls = run_script(tmp_path, target)
+    calls = run_script(tmp_path, target, **env_vars)
     assert len(calls) == 2 and calls[0][1].startswith("-m pytest")
     assert "benchmarks/bench_speed.py --hf-kernels" in calls[1][1] and "--profile" in calls[1][1]
     assert all(".devcarry/causal_conv1d_built" in path for path, _ in calls)
@@ -44,6 +45,10 @@ def test_s40_runs_the_causal_conv_test_and_the_profile_both_with_the_build_on_th
     assert "-k causal_conv" in calls[0][1]
 
 
-def test_s41_runs_the_conv_scan_tests_with_the_build_then_the_profile(tmp_path):
-    calls = profiled_run_calls(tmp_path, "S41")
+def test_s41_profiles_with_cuda_graphs_beside_and_runs_the_conv_scan_tests_first_when_asked(tmp_path):
+    # the tests passed in the fortieth session: S41 alone is the profile (184 s of device time saved)
+    [(path, args)] = run_script(tmp_path / "plain", "S41")
+    assert "bench_speed.py --hf-kernels" in args and "--profile" in args and "--cudagraphs" in args
+    assert ".devcarry/causal_conv1d_built" in path
+    calls = profiled_run_calls(tmp_path / "tests", "S41", TESTS="1")
     assert "cuda and (conv_scan or causal_conv)" in calls[0][1]
