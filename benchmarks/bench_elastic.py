@@ -768,6 +768,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                         "full_delta_finish": tcfg.full_delta_finish or None,
                         "full_delta_restore": tcfg.full_delta_restore or None,
                         "full_delta_restored": trainer.restored,
+                        "full_delta_restore_report": trainer.restore_report,
                         "full_keeps_held_training": tcfg.full_keeps_held,
                         # the full budget's scores beside its perplexity, added once it is scored
                         "full_without_delta": None, "full_with_parents_rest": None, "full_keeps_held": None,

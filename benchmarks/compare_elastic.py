@@ -109,6 +109,7 @@ def compare(runs: dict, pair: str, part: str = "A") -> dict:
            "full_delta_rank": how.get("full_delta_rank"), "full_delta_scope": how.get("full_delta_scope"),
            "full_delta_lr": how.get("full_delta_lr"), "full_delta_finish": how.get("full_delta_finish"),
            "full_delta_restore": how.get("full_delta_restore"), "full_delta_restored": how.get("full_delta_restored"),
+           "full_delta_restore_report": how.get("full_delta_restore_report"),
            # "freeze_embeddings_and_norms": true in the runs before TrainConfig.hold
            "hold": how.get("hold") or (["embeddings", "norms"] if how.get("freeze_embeddings_and_norms") else None),
            "hold_rate": how.get("hold_rate"), "hold_pull": how.get("hold_pull"), "budgets": {},
@@ -183,7 +184,10 @@ def main(argv=None):
             f", full delta rank {r['full_delta_rank']}" if r.get("full_delta_rank") else "") + (
             f" at lr {r['full_delta_lr']:g}" if r.get("full_delta_lr") else "") + (
             f", restored from the weights' drift ({r['full_delta_restore']}" + (
-                f", {r['full_delta_restored']:.0%} of it)" if r.get("full_delta_restored") is not None else ")")
+                f", {r['full_delta_restored']:.0%} of it" + (
+                    "; " + ", ".join(f"{k} {v:.1%}" for k, v in r["full_delta_restore_report"].items())
+                    if r.get("full_delta_restore_report") else "") + ")"
+                if r.get("full_delta_restored") is not None else ")")
             if r.get("full_delta_restore") else "") + (
             f", its finish {r['full_delta_finish']} steps" if r.get("full_delta_finish") else "") + (
             " on embeddings and norms too" if r.get("full_delta_scope") == "all" else "") + (

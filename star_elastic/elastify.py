@@ -605,6 +605,11 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
         log(f"the delta set from the shared weights' drift ({restore}) where training ended: rank "
             f"{cfg.full_delta_rank} covers {trainer.restored:.1%} of it"
             + (", then the finish trained it on" if cfg.full_delta_finish else ""))
+        if trainer.restore_report:  # what a larger delta, or this one spent layer by layer, would have covered
+            log("  the same restore " + ", ".join(f"at {k}: {v:.1%}" for k, v in trainer.restore_report.items()
+                                                  if k.startswith("rank") and k != f"rank {cfg.full_delta_rank}")
+                + f"; rank {cfg.full_delta_rank}'s parameters given out layer by layer: "
+                  f"{trainer.restore_report['allocated']:.1%}")
     distribution = {**trainer.distribution, "peak_memory_gib": trainer.peak_memory()}  # per rank, GPU only
     if sharded_parent:
         distribution["parent_load"] = "sharded from disk, importance on the shards, sorted as loaded again"
@@ -649,6 +654,8 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     training["stages_s"] = stages
     if trainer.restored is not None:  # the share of the shared weights' drift the restored delta covered
         training["full_delta_restored"] = round(trainer.restored, 4)
+        if trainer.restore_report:
+            training["full_delta_restore_report"] = {k: round(v, 4) for k, v in trainer.restore_report.items()}
     log("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in stages.items()))
     training["exported_arch_share"] = shares
     training["ranks"] = ranks

@@ -190,6 +190,7 @@ class ElasticTrainer:
                      if slow and cfg.hold_pull else None)
         self.delta = self._full_delta(groups)
         self.restored: float | None = None  # restore_delta's share of the drift covered, once it ran
+        self.restore_report: dict | None = None  # and at other ranks (FullDelta.report)
         # with the delta restored where training ends, the anchor's passes would train a delta that the restore
         # replaces, and nothing else (their gradient reaches the delta alone): skipped, ~40% of a step. The budget
         # sampler still leaves the full budget to the anchor (cfg.full_anchor), so the shared weights train as
@@ -633,6 +634,7 @@ class ElasticTrainer:
                     dist.all_reduce(v)
                     v /= self.world
         self.restored = self.delta.restore(self.model, self.teacher, covariances)
+        self.restore_report = self.delta.report
         for p in self.delta.parameters():
             self.opt.state.pop(p, None)
         return self.restored

@@ -31,6 +31,8 @@ def test_ratios_of_a_pair_across_a_bundle_and_a_result_file(tmp_path, capsys):
     data["runs"]["J"]["A"]["methods"] = {"joint_anchor": {"budget_lrs": [1e-4, 4e-4], "full_delta_rank": 4,
                                                           "full_delta_restore": "activations",
                                                           "full_delta_restored": 0.977,
+                                                          "full_delta_restore_report": {"rank 8": 0.99,
+                                                                                        "allocated": 0.985},
                                                           "full_without_delta": {"wiki": 12.0, "bible": 30.0},
                                                           "full_with_parents_rest": {"wiki": 9.5, "bible": 21.0},
                                                           "full_keeps_held": {"wiki": 9.9, "bible": 20.0},
@@ -51,7 +53,7 @@ def test_ratios_of_a_pair_across_a_bundle_and_a_result_file(tmp_path, capsys):
     assert "its shared weights alone: +20.0 / +50.0" in printed and "non-delta weights: -5.0 / +5.0" in printed
     assert "keeping the parent's held values (elastify --full-keeps-held): -1.0 / +0.0" in printed
     assert "the parent's KL from it, nats a token: 0.0123 / 0.0500" in printed
-    assert "full delta rank 4, restored from the weights' drift (activations, 98% of it)" in printed
+    assert "full delta rank 4, restored from the weights' drift (activations, 98% of it; rank 8 99.0%, allocated 98.5%)" in printed
     assert json.loads((tmp_path / "out.json").read_text())["pairs"][0]["pair"] == "J:C"
 
 

@@ -729,9 +729,14 @@ def test_anchor_data_reaches_the_run_and_bad_values_are_one_line(tmp_path, token
     # the delta restored in closed form where training ends (--full-delta-restore): said and recorded
     ckpt = tmp_path / "restore"
     assert cli.main(common + ["--out", str(ckpt), "--full-delta-rank", "2", "--full-delta-restore", "weights"]) == 0
-    assert "the delta set from the shared weights' drift (weights) where training ended: rank 2 covers" in \
-        capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "the delta set from the shared weights' drift (weights) where training ended: rank 2 covers" in printed
     assert 0 < read_manifest(ckpt)["training"]["full_delta_restored"] <= 1
+    # and what a larger delta, or this one given out layer by layer, would have covered
+    report = read_manifest(ckpt)["training"]["full_delta_restore_report"]
+    assert report["rank 2"] == read_manifest(ckpt)["training"]["full_delta_restored"]
+    assert report["rank 1"] <= report["rank 2"] <= report["rank 4"] <= report["rank 8"] <= 1
+    assert f"at rank 8: {report['rank 8']:.1%}" in printed and "given out layer by layer" in printed
     for extra, message in ((["--anchor-data", "self", "--full-anchor", "0"], "needs --full-anchor > 0"),
                            (["--anchor-data", "self:many"], "TOKENS a positive integer"),
                            (["--anchor-mix", "0.5"], "give anchor text (--anchor-data)"),

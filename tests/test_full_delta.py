@@ -458,6 +458,33 @@ def test_a_restored_delta_is_the_best_rank_r_correction_of_the_shared_weights(tm
         assert err(weighted.delta(name)) <= err(plain.delta(name)) * (1 + 1e-3)
 
 
+def test_the_restore_reports_what_other_ranks_and_its_parameters_given_out_by_layer_would_cover(monkeypatch):
+    """FullDelta.report (restore_report): the share of the drift a restore at half, two and four times the rank
+    would cover (the one at the rank is the restore's own), and what the same parameters cover given out layer by
+    layer where the drift is: more than a uniform rank when one layer carries most of it. None where an SVD was
+    not exact (its tail unknown)."""
+    from star_elastic.elastic import delta as delta_module
+
+    model, parent = _gap_model(None, seed=2)
+    delta = FullDelta(model, 2)
+    with torch.no_grad():  # one layer's gap ten times the others'
+        w = delta.weight_of(parent, delta.names[0])
+        w.add_(9 * (w - delta.weight_of(model, delta.names[0])))
+    share = delta.restore(model, parent)
+    report = delta.report
+    assert set(report) == {"rank 1", "rank 2", "rank 4", "rank 8", "allocated"}
+    assert report["rank 2"] == pytest.approx(share, rel=1e-9)
+    assert report["rank 1"] < report["rank 2"] < report["rank 4"] < report["rank 8"] <= 1 + 1e-9
+    assert FullDelta(model, 8).restore(model, parent) == pytest.approx(report["rank 8"], rel=1e-9)
+    assert report["allocated"] > report["rank 2"] + 0.05
+    uniform = FullDelta(model, 2)
+    uniform.restore(model, copy.deepcopy(model))  # no drift at all: nothing to report on
+    assert uniform.report is None
+    monkeypatch.setattr(delta_module, "EXACT_SVD_MAX", 2)  # every layer on the randomized SVD
+    delta.restore(model, parent)
+    assert delta.report is None
+
+
 def test_above_the_exact_size_the_restore_factors_by_a_randomized_svd_as_good_as_the_full_one():
     """Nano's experts (1856 x 2688) take 11 s each for a float64 SVD on the CPU, and a restore has thousands:
     above EXACT_SVD_MAX rows and columns `top_singular` finds the rank-r part by a randomized range finder. On a
@@ -566,6 +593,7 @@ def test_training_ends_with_the_restored_delta_and_the_finish_starts_from_it(tmp
 
     second = _resumes_exactly(tmp_path, stop_after=6, full_delta_restore="activations", full_delta_finish=4, **kw)
     assert second.restored is not None  # from the state: it ran before the stop, not again
+    assert second.restore_report["rank 4"] == pytest.approx(second.restored, rel=1e-6)
     with pytest.raises(StarElasticError, match="there is none"):
         _trainer(tmp_path, "e", full_anchor=1.0, full_delta_restore="weights")
     with pytest.raises(StarElasticError, match="one of weights, activations"):

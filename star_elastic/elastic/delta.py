@@ -57,15 +57,21 @@ def _key(name: str) -> str:
     return name.replace(".", "/")
 
 
-def top_singular(a: torch.Tensor, k: int, oversample: int = 16, iters: int = 4, seed: int = 0):
+def top_singular(a: torch.Tensor, k: int, oversample: int = 16, iters: int = 4, seed: int = 0,
+                 spectrum: list | None = None):
     """The top `k` singular triplets (u, s, vh) of `a` (..., m, n), batched over leading dimensions: exact up to
     EXACT_SVD_MAX rows or columns, else a randomized range finder with `iters` power iterations (Halko, Martinsson
     and Tropp 2011, Algorithm 4.4) on its own generator, so the result is the same run to run and the global RNG
-    is left alone."""
+    is left alone. `spectrum`: a list that gets every singular value (..., min(m, n)) where the SVD was exact,
+    None where it was not."""
     m, n = a.shape[-2:]
     if min(m, n) <= EXACT_SVD_MAX:
         u, s, vh = torch.linalg.svd(a, full_matrices=False)
+        if spectrum is not None:
+            spectrum.append(s)
         return u[..., :k], s[..., :k], vh[..., :k, :]
+    if spectrum is not None:
+        spectrum.append(None)
     q = min(k + oversample, m, n)
     g = torch.Generator(device=a.device).manual_seed(seed)
     basis = torch.linalg.qr(a @ torch.randn(*a.shape[:-2], n, q, generator=g, device=a.device, dtype=a.dtype)).Q
@@ -81,9 +87,11 @@ EXPERT_CHUNK = 16
 
 def _rank_part(gap: torch.Tensor, r: int, cov: torch.Tensor | None, diagonal: bool, damping: float):
     """FullDelta.restore's factors of one weight's float64 `gap` (out, in), or of a stack of experts' (E, out, in):
-    (up (..., out, r), down (..., r, in), caught, total), the rank-r part of the gap weighted by `cov` (a linear
-    layer's E[x x^T], whitened by its Cholesky factor; `diagonal`: experts' E[x^2] per input channel (E, in), a
-    scale per channel), both factors with the root of the singular values; columns past the matrix's rank zero."""
+    (up (..., out, r), down (..., r, in), caught, total, squares), the rank-r part of the gap weighted by `cov` (a
+    linear layer's E[x x^T], whitened by its Cholesky factor; `diagonal`: experts' E[x^2] per input channel (E, in),
+    a scale per channel), both factors with the root of the singular values; columns past the matrix's rank zero.
+    `squares`: every squared singular value of the weighted gap (..., min(out, in)) where the SVD was exact, else
+    None (restore_report reads them)."""
     lower = scale = None
     if cov is None:
         target = gap
@@ -96,7 +104,8 @@ def _rank_part(gap: torch.Tensor, r: int, cov: torch.Tensor | None, diagonal: bo
         lower = torch.linalg.cholesky(cov)
         target = gap @ lower
     k = min(r, *target.shape[-2:])
-    u, s, vh = top_singular(target, k)  # batched over the experts
+    spectrum = []
+    u, s, vh = top_singular(target, k, spectrum=spectrum)  # batched over the experts
     root = s.sqrt()
     down = root[..., :, None] * vh  # (k, in), in the whitened basis
     if lower is not None:  # back: down L^-1
@@ -107,7 +116,31 @@ def _rank_part(gap: torch.Tensor, r: int, cov: torch.Tensor | None, diagonal: bo
     up_r = gap.new_zeros(*stack, out_f, r)
     down_r = gap.new_zeros(*stack, r, in_f)
     up_r[..., :k], down_r[..., :k, :] = u * root[..., None, :], down
-    return up_r, down_r, float((s ** 2).sum()), float((target ** 2).sum())
+    squares = None if spectrum[0] is None else spectrum[0] ** 2
+    return up_r, down_r, float((s ** 2).sum()), float((target ** 2).sum()), squares
+
+
+def restore_report(spectra: list, total: float, rank: int) -> dict | None:
+    """What a restore's delta would cover of the (weighted) drift at other sizes, from the squared singular values
+    of each layer's weighted gap: `spectra`, one (squares (..., k) descending, out + in) a weight or stack of
+    experts (an expert's rows apart), `total` the drift's squared norm. {"rank R": share} at half, one, two and
+    four times `rank` (the one at `rank` is what the restore covered), and "allocated": the share that the same
+    number of parameters would cover given out layer by layer, each singular pair to wherever its value per
+    parameter (squared singular value / (out + in)) is highest, where a uniform rank gives each weight `rank`.
+    Why: whether the full budget's remaining drift wants a larger delta, or the same one spent unevenly
+    (docs/RESULTS.md §9, fortieth session). None where any layer's SVD was not exact (above EXACT_SVD_MAX)."""
+    if not spectra or total <= 0 or any(sq is None for sq, _ in spectra):
+        return None
+    rows = [(sq.reshape(-1, sq.shape[-1]).double().cpu(), cost) for sq, cost in spectra]
+    report = {f"rank {rho}": sum(float(sq[:, :rho].sum()) for sq, _ in rows) / total
+              for rho in sorted({max(1, rank // 2), rank, 2 * rank, 4 * rank})}
+    values = torch.cat([sq.reshape(-1) for sq, _ in rows])
+    costs = torch.cat([torch.full((sq.numel(),), float(cost), dtype=torch.float64) for sq, cost in rows])
+    budget = sum(min(rank, sq.shape[1]) * sq.shape[0] * cost for sq, cost in rows)
+    order = torch.argsort(values / costs, descending=True)  # within a weight: its own singular values in order
+    fits = torch.cumsum(costs[order], 0) <= budget
+    report["allocated"] = float(values[order][fits].sum()) / total
+    return report
 
 
 class _WithDelta:
@@ -237,6 +270,7 @@ class FullDelta(nn.Module):
         # the full budget's own values of parameters outside the linear layers (`keep`), by parameter name;
         # `shared`: the smaller budgets' values read from a checkpoint, until `subtract_from` puts them in
         self.rest: dict[str, torch.Tensor] = {}
+        self.report: dict | None = None  # the last restore's restore_report
         self.shared: dict[str, torch.Tensor] = {}
 
     def keep(self, model: nn.Module, values: dict[str, torch.Tensor]) -> "FullDelta":
@@ -437,11 +471,13 @@ class FullDelta(nn.Module):
         the plain nearest in weights. Both factors get the root of the singular values, so that training on from
         here (the finish) moves them at one pace. Returns the share of the (weighted) loss that the rank-r part
         covers, over all layers: 1 restores the parent exactly, and what is missing is the full model's drift that a
-        rank-r delta cannot hold. Why: the trained delta follows the shared weights from behind (docs/RESULTS.md
-        §9); this one starts where they are."""
+        rank-r delta cannot hold; `self.report` says what other ranks, or this one spent unevenly, would cover
+        (restore_report). Why: the trained delta follows the shared weights from behind (docs/RESULTS.md §9); this
+        one starts where they are."""
         caught = total = 0.0
         r = self.rank
         rank, ranks = parallel.world()
+        spectra = []  # (squared singular values, out + in) of this rank's layers, for restore_report
         for i, name in enumerate(self.targets):
             # whole weights (sharded: gathered, a collective that every rank runs)
             w = parallel.full_tensor(self.weight_of(model, name).detach())
@@ -457,8 +493,9 @@ class FullDelta(nn.Module):
                     [slice(None)]
                 for part in parts:
                     gap = parent_w[part].double() - w[part].double()  # (out, in); experts (E, out, in)
-                    up, down, c, t = _rank_part(gap, r, cov[part] if experts and cov is not None else cov, experts,
-                                                damping)
+                    up, down, c, t, squares = _rank_part(gap, r, cov[part] if experts and cov is not None else cov,
+                                                         experts, damping)
+                    spectra.append((squares, sum(gap.shape[-2:])))
                     self.up[key][part].copy_(up.to(self.up[key].dtype))
                     self.down[key][part].copy_(down.to(self.down[key].dtype))
                     caught, total = caught + c, total + t
@@ -470,6 +507,10 @@ class FullDelta(nn.Module):
             sums = torch.tensor([caught, total], dtype=torch.float64, device=device)
             dist.all_reduce(sums)
             caught, total = sums.tolist()
+            gathered = [None] * ranks
+            dist.all_gather_object(gathered, [(None if sq is None else sq.cpu(), cost) for sq, cost in spectra])
+            spectra = [pair for got in gathered for pair in got]
+        self.report = restore_report(spectra, total, r)
         return caught / total if total else 1.0
 
     @contextmanager
