@@ -513,7 +513,9 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     steps = max(1, cfg.tokens // (cfg.batch_size * cfg.seq_len))
     train_tokens = steps * cfg.batch_size * cfg.seq_len  # --tokens rounded down to whole steps
     log(f"data: {train_stream.numel():,} training tokens ({rows.shape[0]} sequences of {row_len}), "
-        f"{heldout.numel():,} held-out; training on {train_tokens:,} tokens in {steps} steps")
+        f"{heldout.numel():,} held-out; training on {train_tokens:,} tokens in {steps} steps"
+        + (f" (--tokens {cfg.tokens:,} in whole steps of {cfg.batch_size} x {cfg.seq_len})"
+           if train_tokens != cfg.tokens else ""))
     repeat = passes_warning(train_tokens, train_stream.numel(), data)
     if repeat:
         log(repeat)

@@ -296,7 +296,7 @@ def test_cli_elastify_then_slice_a_budget(tmp_path, tokenizer, text, capsys):
     assert not (tmp_path / "nope").exists()
 
 
-def test_a_bf16_parent_gives_a_bf16_checkpoint_and_a_dtype_can_be_asked(tmp_path, tokenizer, text):
+def test_a_bf16_parent_gives_a_bf16_checkpoint_and_a_dtype_can_be_asked(tmp_path, tokenizer, text, capsys):
     """Training keeps fp32 master weights; the checkpoint used to be written in them, twice the bytes of
     a bf16 parent (a 10B parent: 40 GB instead of 20). `--save-dtype auto` (the default) writes the
     parent's dtype, the MoE router in float32 as transformers keeps it; a dtype can be asked for."""
@@ -311,7 +311,11 @@ def test_a_bf16_parent_gives_a_bf16_checkpoint_and_a_dtype_can_be_asked(tmp_path
             str(8 * 32 * 2), "--seq-len", "32", "--batch-size", "8", "--calib-batches", "1", "--eval-tokens", "128",
             "--device", "cpu"]
     assert cli.main(args + ["--out", str(tmp_path / "auto")]) == 0
+    capsys.readouterr()
+    # --tokens not a whole number of steps: the same two steps, and the run says what it rounded
+    args[args.index("--tokens") + 1] = str(8 * 32 * 2 + 100)
     assert cli.main(args + ["--out", str(tmp_path / "f32"), "--save-dtype", "float32"]) == 0
+    assert "training on 512 tokens in 2 steps (--tokens 612 in whole steps of 8 x 32)" in capsys.readouterr().out
 
     def dtypes(ckpt):
         with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
