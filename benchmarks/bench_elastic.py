@@ -173,6 +173,9 @@ def parse_args(argv=None):
     ap.add_argument("--full-delta-restore", choices=("weights", "activations"), default="",
                     help="with --full-delta-rank: where training ends, the delta set in closed form to the rank-r part "
                          "of the parent's linear weights less the shared ones (TrainConfig.full_delta_restore)")
+    ap.add_argument("--full-delta-allocate", action="store_true",
+                    help="with --full-delta-restore: its rank's parameters given out layer by layer where the drift "
+                         "is (TrainConfig.full_delta_allocate)")
     ap.add_argument("--hold", metavar="PARTS", type=comma_list,
                     help="anchored variants: hold these at or near the parent's values in every budget, "
                          "comma-separated: embeddings (with the LM head), norms, mamba, gates (TrainConfig.hold; frozen unless "
@@ -675,6 +678,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                        full_delta_lr=args.full_delta_lr if variant in ANCHORED else 0.0,
                        full_delta_finish=args.full_delta_finish if variant in ANCHORED else 0,
                        full_delta_restore=args.full_delta_restore if variant in ANCHORED else "",
+                       full_delta_allocate=args.full_delta_allocate and variant in ANCHORED,
                        hold=args.hold if variant in ANCHORED else None,
                        hold_rate=args.hold_rate if variant in ANCHORED else 0.0,
                        hold_pull=args.hold_pull if variant in ANCHORED else 0.0,
@@ -769,6 +773,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                         "full_delta_restore": tcfg.full_delta_restore or None,
                         "full_delta_restored": trainer.restored,
                         "full_delta_restore_report": trainer.restore_report,
+                        "full_delta_allocate": tcfg.full_delta_allocate or None,
                         "full_keeps_held_training": tcfg.full_keeps_held,
                         # the full budget's scores beside its perplexity, added once it is scored
                         "full_without_delta": None, "full_with_parents_rest": None, "full_keeps_held": None,
@@ -1169,6 +1174,9 @@ def main(argv=None):
         restore_mode(args.full_delta_restore or None, args.full_delta_rank, "")
     except StarElasticError as e:
         raise SystemExit(str(e)) from None
+    if args.full_delta_allocate and not args.full_delta_restore:
+        raise SystemExit("--full-delta-allocate gives the delta's rank out where its restore finds the drift: give "
+                         "--full-delta-restore")
     if args.anchor_data and parse_anchor_data(args.anchor_data)[0] not in SAMPLED:
         raise SystemExit(f"--anchor-data {args.anchor_data!r}: the bench samples the anchor's text from the parent: "
                          "self, chat or self+chat, each with :TOKENS or without")

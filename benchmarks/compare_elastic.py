@@ -110,6 +110,7 @@ def compare(runs: dict, pair: str, part: str = "A") -> dict:
            "full_delta_lr": how.get("full_delta_lr"), "full_delta_finish": how.get("full_delta_finish"),
            "full_delta_restore": how.get("full_delta_restore"), "full_delta_restored": how.get("full_delta_restored"),
            "full_delta_restore_report": how.get("full_delta_restore_report"),
+           "full_delta_allocate": how.get("full_delta_allocate"),
            # "freeze_embeddings_and_norms": true in the runs before TrainConfig.hold
            "hold": how.get("hold") or (["embeddings", "norms"] if how.get("freeze_embeddings_and_norms") else None),
            "hold_rate": how.get("hold_rate"), "hold_pull": how.get("hold_pull"), "budgets": {},
@@ -182,6 +183,7 @@ def main(argv=None):
             f", the smaller budgets {100 * r['budget_mix']:.0f}% on it" if r.get("budget_mix") else "") + (
             f", (c) {100 * r['budget_mix_c']:.0f}% on it" if r.get("budget_mix_c") else "") + (
             f", full delta rank {r['full_delta_rank']}" if r.get("full_delta_rank") else "") + (
+            " given out layer by layer" if r.get("full_delta_allocate") else "") + (
             f" at lr {r['full_delta_lr']:g}" if r.get("full_delta_lr") else "") + (
             f", restored from the weights' drift ({r['full_delta_restore']}" + (
                 f", {r['full_delta_restored']:.0%} of it" + (

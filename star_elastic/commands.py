@@ -224,7 +224,8 @@ def cmd_elastify(args):
 # The levers that hold the full budget, as elastify defaults them (ElastifyConfig's: the full anchor at 0.5, nothing
 # else; the restore wherever a delta is on) ...
 PLAIN_LEVERS = dict(full_anchor=0.5, anchor_data=None, anchor_mix=1.0, budget_mix=0.0, full_delta_rank=0,
-                    full_delta_lr=0.0, full_delta_finish=0, full_delta_restore="activations", hold=None,
+                    full_delta_lr=0.0, full_delta_finish=0, full_delta_restore="activations", full_delta_allocate=False,
+                    hold=None,
                     hold_rate=0.0, hold_pull=0.0, full_keeps_held="")
 # ... and as `elastify --keep-full` sets them: the recipe that held SmolLM2's full model within 1% of its parent,
 # or better, on five sources at two seeds, chat answers included (docs/RESULTS.md §9, twenty-seventh session: the
@@ -237,7 +238,7 @@ PLAIN_LEVERS = dict(full_anchor=0.5, anchor_data=None, anchor_mix=1.0, budget_mi
 # SmolLM2, two seeds, the 0.75 then level with (c) in domain (+0.1 to +0.6%) and 3.7-6.6% ahead out of it, where
 # without it it trailed by 3-6%; half (0.5) cost 3-4% in domain
 KEEP_FULL = dict(full_anchor=1.0, anchor_data="self", anchor_mix=0.5, budget_mix=0.2, full_delta_rank=64,
-                 full_delta_lr=4e-4, full_delta_finish=256, full_delta_restore="activations",
+                 full_delta_lr=4e-4, full_delta_finish=256, full_delta_restore="activations", full_delta_allocate=False,
                  hold="embeddings,norms", hold_rate=1.0, hold_pull=0.0, full_keeps_held="training")
 
 
@@ -253,6 +254,8 @@ def lever_options(args, base: dict) -> dict:
         opt.update({k: 0 for k in DELTA_OPTIONS if getattr(args, k, None) is None})
         if getattr(args, "full_keeps_held", None) is None:
             opt["full_keeps_held"] = ""
+        if getattr(args, "full_delta_allocate", None) is None:
+            opt["full_delta_allocate"] = False
     opt["full_delta_restore"] = restore_mode(getattr(args, "full_delta_restore", None), opt["full_delta_rank"],
                                              base["full_delta_restore"])
     return opt
@@ -272,6 +275,9 @@ def lever_flags(opt: dict) -> str:
         if k == "full_delta_restore":  # on ("activations") wherever a delta is: said only when otherwise
             if opt["full_delta_rank"] and v != PLAIN_LEVERS[k]:
                 flags.append(f"{flag} {v or 'none'}")
+        elif isinstance(v, bool):  # a switch: its flag alone
+            if v != PLAIN_LEVERS[k]:
+                flags.append(flag)
         elif v != PLAIN_LEVERS[k]:
             flags.append(f"{flag} {v:g}" if isinstance(v, float) else f"{flag} {v}")
     return " ".join(flags)

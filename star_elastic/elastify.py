@@ -91,6 +91,7 @@ class ElastifyConfig:
     # CPU probe (docs/RESULTS.md §9, twenty-sixth session): the parent's KL from the full model 0.06-0.08 nats a
     # token -> 0.003-0.004, the smaller budget unchanged; hence on wherever the delta is
     full_delta_restore: str = "activations"
+    full_delta_allocate: bool = False  # the restore gives the rank's parameters out layer by layer (TrainConfig's)
     # the embeddings (with the LM head) and / or norms held at or near the parent's (TrainConfig.hold, hold_rate,
     # hold_pull). Measured (§9, seventeenth session): both frozen beside the delta keep the full model within 1%
     # of its parent everywhere at two seeds, at a cost to the smaller budgets (0.75 up to 4%, 0.5 up to 9% behind
@@ -336,7 +337,8 @@ def train_config(cfg: ElastifyConfig, budgets: list, model_config, steps: int, a
                        all_budgets=cfg.all_budgets, train_on=cfg.train_on, budget_lrs=budget_lrs,
                        anchor_projection=cfg.anchor_projection, anchor_mix=cfg.anchor_mix, budget_mix=cfg.budget_mix,
                        full_delta_rank=cfg.full_delta_rank, full_delta_lr=cfg.full_delta_lr,
-                       full_delta_finish=cfg.full_delta_finish, full_delta_restore=restore, hold=cfg.hold,
+                       full_delta_finish=cfg.full_delta_finish, full_delta_restore=restore,
+                       full_delta_allocate=cfg.full_delta_allocate, hold=cfg.hold,
                        hold_rate=cfg.hold_rate, hold_pull=cfg.hold_pull,
                        full_keeps_held=cfg.full_keeps_held == "training")
 
@@ -604,9 +606,11 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
         log(f"the full budget kept the parent's {', '.join(cfg.hold)} as its own throughout training "
             f"({sum(t.numel() for t in trainer.delta.rest.values()):,} parameters); the smaller budgets the trained ones")
     if trainer.restored is not None:
-        log(f"the delta set from the shared weights' drift ({restore}) where training ended: rank "
-            f"{cfg.full_delta_rank} covers {trainer.restored:.1%} of it"
-            + (", then the finish trained it on" if cfg.full_delta_finish else ""))
+        given = trainer.delta.ranks().values()
+        spent = (f"rank {cfg.full_delta_rank}'s parameters given out layer by layer (ranks {min(given)} to "
+                 f"{max(given)})" if cfg.full_delta_allocate else f"rank {cfg.full_delta_rank}")
+        log(f"the delta set from the shared weights' drift ({restore}) where training ended: {spent} covers "
+            f"{trainer.restored:.1%} of it" + (", then the finish trained it on" if cfg.full_delta_finish else ""))
         if trainer.restore_report:  # what a larger delta, or this one spent layer by layer, would have covered
             log("  the same restore " + ", ".join(f"at {k}: {v:.1%}" for k, v in trainer.restore_report.items()
                                                   if k.startswith("rank") and k != f"rank {cfg.full_delta_rank}")

@@ -633,11 +633,20 @@ class ElasticTrainer:
                 for v in covariances.values():
                     dist.all_reduce(v)
                     v /= self.world
-        self.restored = self.delta.restore(self.model, self.teacher, covariances)
+        old = list(self.delta.parameters())
+        self.restored = self.delta.restore(self.model, self.teacher, covariances, allocate=cfg.full_delta_allocate)
         self.restore_report = self.delta.report
-        for p in self.delta.parameters():
+        for p in old:
             self.opt.state.pop(p, None)
+        self.delta_to_optimizer()
         return self.restored
+
+    def delta_to_optimizer(self):
+        """The optimiser's delta group holds the delta's parameters as they are now (a restore that gave its rank
+        out layer by layer, or a resume of one, made new ones)."""
+        for group in self.opt.param_groups:
+            if group.get("full_delta"):
+                group["params"] = list(self.delta.parameters())
 
     def _as_full(self):
         """Where the full budget runs: with its delta, if it has one."""

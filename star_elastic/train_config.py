@@ -93,6 +93,10 @@ class TrainConfig:
     # they are, and the finish trains on from there. Measured on the CPU probe (docs/RESULTS.md §9, twenty-sixth
     # session): rank 64 held 97.7% of the weighted gap, the parent's KL from the full model 0.06-0.08 -> 0.003
     full_delta_restore: str = ""
+    # with the restore: the rank's parameters given out layer by layer where the drift is (delta.allocate_ranks:
+    # each further singular pair where its squared value per parameter is highest), not the rank on every layer.
+    # What it would cover is reported beside every restore (FullDelta.report) whether on or not
+    full_delta_allocate: bool = False
     # held at or near the parent's values in every budget: "embeddings" (with the LM head), "norms", or both
     # (delta.HELD_PARTS). Frozen (hold_rate 0) beside the delta, the full model's only drift is in the linear
     # layers its delta covers: measured, within 1% of its parent everywhere at two seeds, but the 0.75 up to 4%
@@ -288,4 +292,7 @@ def check_config(cfg: TrainConfig, budgets: list[Budget], sharded: bool, anchor_
     if cfg.full_delta_restore and not cfg.full_delta_rank:
         raise StarElasticError(f"{restore} sets the full budget's delta, and there is none: give "
                                f"{name('full_delta_rank')}")
+    if cfg.full_delta_allocate and not cfg.full_delta_restore:
+        raise StarElasticError(f"{name('full_delta_allocate')} gives the delta's rank out where its restore finds the "
+                               f"drift, and there is no restore: give {name('full_delta_restore')}")
 

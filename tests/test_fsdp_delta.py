@@ -171,14 +171,17 @@ def _elastify_worker(rank, world, port, tmp):
         torch.manual_seed(0)
         (Path(tmp) / f"rank{rank}").mkdir(exist_ok=True)
         tokenizer = word_tokenizer(Path(tmp) / f"rank{rank}", WORDS)
-        levers = {**lever_config(KEEP_FULL), "full_delta_rank": 4, "full_delta_finish": 2}
+        # the rank given out layer by layer (--full-delta-allocate): each rank factors its own layers, so every rank
+        # must come to the same ranks from the gathered spectra, or the broadcasts of A and B would not fit
+        levers = {**lever_config(KEEP_FULL), "full_delta_rank": 4, "full_delta_finish": 2, "full_delta_allocate": True}
         cfg = ElastifyConfig(budgets=["1.0", "0.75", "0.5"], tokens=16 * 32 * 6, seq_len=32, batch_size=16,
                              calib_batches=2, eval_tokens=256, lr=1e-3, **levers)
         elastify(Model(PARENTS["nemotron_h"]), tokenizer, f"{tmp}/text.txt", f"{tmp}/ckpt", cfg, log=lambda *_: None)
 
 
 def test_elastify_keep_full_under_fsdp2_writes_a_valid_checkpoint(tmp_path):
-    """`elastify --keep-full` under torchrun, sharded: its checkpoint has the delta and passes validate."""
+    """`elastify --keep-full --full-delta-allocate` under torchrun, sharded: its checkpoint has the delta, at the
+    ranks the restore gave out, and passes validate."""
     from star_elastic.elastic.checkpoint import read_manifest
     from star_elastic.validate import validate_checkpoint
     from test_elastify import WORDS
@@ -190,6 +193,7 @@ def test_elastify_keep_full_under_fsdp2_writes_a_valid_checkpoint(tmp_path):
     manifest = read_manifest(tmp_path / "ckpt")
     assert manifest["training"]["parallel"]["sharding"] == "fsdp2" and manifest["training"]["parallel"]["ranks"] == 2
     assert manifest["full_delta"]["rank"] == 4 and manifest["full_delta"]["own"]
+    assert len(set(manifest["full_delta"]["ranks"].values())) > 1
     report = validate_checkpoint(tmp_path / "ckpt")
     assert report.ok, [c for c in report.checks if c.status == "fail"]
 

@@ -131,7 +131,8 @@ def test_the_bench_trains_and_scores_the_full_budget_with_its_delta(tmp_path):
     out = tmp_path / "b.json"
     argv = [a if a != "elastic" else "elastic_anchor" for a in BENCH]
     r = subprocess.run(argv + ["--full-anchor", "1", "--full-delta-rank", "2", "--full-delta-lr", "3e-3",
-                               "--full-delta-finish", "3", "--full-delta-restore", "activations", "--json", str(out)],
+                               "--full-delta-finish", "3", "--full-delta-restore", "activations",
+                               "--full-delta-allocate", "--json", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     part = json.loads(out.read_text())["B"]
@@ -139,6 +140,10 @@ def test_the_bench_trains_and_scores_the_full_budget_with_its_delta(tmp_path):
     assert part["methods"]["elastic_anchor"]["full_delta_lr"] == 3e-3
     assert part["methods"]["elastic_anchor"]["full_delta_finish"] == 3  # and ran: three steps of it in the log
     assert 0 < part["methods"]["elastic_anchor"]["full_delta_restored"] <= 1  # restored before the finish
+    # at the ranks its restore gave out (--full-delta-allocate): it covered what its report said they would
+    assert part["methods"]["elastic_anchor"]["full_delta_allocate"] is True
+    assert part["methods"]["elastic_anchor"]["full_delta_restored"] == pytest.approx(
+        part["methods"]["elastic_anchor"]["full_delta_restore_report"]["allocated"], rel=1e-6)
     log = part["methods"]["elastic_anchor"]["log"]
     assert sum(lg.get("phase") == "full_delta_finish" for lg in log) == 3
     full_row = next(row for row in part["rows"] if row["method"] == "elastic_anchor" and row["budget"] == "1.0")
@@ -485,6 +490,40 @@ def test_the_restore_reports_what_other_ranks_and_its_parameters_given_out_by_la
     assert delta.report is None
 
 
+def test_a_restore_that_gives_its_rank_out_by_layer_spends_no_more_and_covers_what_it_reported(monkeypatch):
+    """FullDelta.restore(allocate=True): the rank's parameters given out where the drift is (allocate_ranks):
+    the layer that carries most of it gets more than the rank, the others less (at least 1), no more parameters
+    in all than the uniform rank's; it covers what the uniform restore's report said it would, more than the
+    uniform one, and the full model is nearer its parent. A layer too wide for the exact SVD: a one-line error."""
+    from star_elastic.elastic import delta as delta_module
+
+    model, parent = _gap_model(None, seed=2)
+    heavy = FullDelta(model, 1).names[0]
+    with torch.no_grad():
+        w = FullDelta(model, 1).weight_of(parent, heavy)
+        w.add_(9 * (w - FullDelta(model, 1).weight_of(model, heavy)))
+    uniform, spent = FullDelta(model, 2), FullDelta(model, 2)
+    covered = uniform.restore(model, parent)
+    share = spent.restore(model, parent, allocate=True)
+    ranks = spent.ranks()
+    assert ranks[heavy] > 2 and min(ranks.values()) >= 1 and any(r < 2 for r in ranks.values())
+    assert sum(p.numel() for p in spent.parameters()) <= sum(p.numel() for p in uniform.parameters())
+    assert share == pytest.approx(uniform.report["allocated"], rel=1e-9) and share > covered + 0.05
+    assert spent.report == pytest.approx(uniform.report, rel=1e-9)  # the report does not depend on the spend
+
+    def gap(d):
+        with torch.no_grad():
+            return sum(float((d.weight_of(parent, n) - d.weight_of(model, n) - d.delta(n)).double().norm() ** 2)
+                       for n in d.targets)
+    assert gap(spent) < gap(uniform)
+    x = torch.randint(0, CFG.vocab_size, (2, 16))
+    with torch.no_grad(), spent.applied(model):  # the resized delta runs in the model's layers
+        assert torch.isfinite(model(x)).all()
+    monkeypatch.setattr(delta_module, "EXACT_SVD_MAX", 2)
+    with pytest.raises(StarElasticError, match="exact SVD"):
+        FullDelta(model, 2).restore(model, parent, allocate=True)
+
+
 def test_above_the_exact_size_the_restore_factors_by_a_randomized_svd_as_good_as_the_full_one():
     """Nano's experts (1856 x 2688) take 11 s each for a float64 SVD on the CPU, and a restore has thousands:
     above EXACT_SVD_MAX rows and columns `top_singular` finds the rank-r part by a randomized range finder. On a
@@ -594,6 +633,17 @@ def test_training_ends_with_the_restored_delta_and_the_finish_starts_from_it(tmp
     second = _resumes_exactly(tmp_path, stop_after=6, full_delta_restore="activations", full_delta_finish=4, **kw)
     assert second.restored is not None  # from the state: it ran before the stop, not again
     assert second.restore_report["rank 4"] == pytest.approx(second.restored, rel=1e-6)
+    # the rank given out by layer (TrainConfig.full_delta_allocate): the optimiser trains the resized delta in the
+    # finish, and a run stopped inside it resumes exactly, the delta at the ranks it was given
+    spent = _resumes_exactly(tmp_path / "allocated", stop_after=6, full_delta_restore="activations",
+                             full_delta_finish=4, full_delta_allocate=True, **kw)
+    assert len(set(spent.delta.ranks().values())) > 1
+    assert spent.restored == pytest.approx(spent.restore_report["allocated"], rel=1e-6)
+    in_optimizer = {id(p) for g in spent.opt.param_groups for p in g["params"]}
+    assert all(id(p) in in_optimizer and spent.opt.state[p]["exp_avg"].shape == p.shape
+               for p in spent.delta.parameters())  # trained in the finish at their new shapes
+    with pytest.raises(StarElasticError, match="there is no restore"):
+        _trainer(tmp_path, "g", full_anchor=1.0, full_delta_rank=2, full_delta_allocate=True)
     with pytest.raises(StarElasticError, match="there is none"):
         _trainer(tmp_path, "e", full_anchor=1.0, full_delta_restore="weights")
     with pytest.raises(StarElasticError, match="one of weights, activations"):

@@ -115,6 +115,32 @@ def test_every_smaller_budget_is_a_prefix_of_the_shared_weights_in_every_path(wr
     assert _close(_logits(BudgetScorer.from_checkpoint(str(out), budget="0.5").model, x), want)
 
 
+def test_a_delta_given_out_by_layer_is_written_read_and_run_at_its_own_ranks(tmp_path):
+    """`elastify --full-delta-allocate`: the restore gives rank 4's parameters out layer by layer; the manifest
+    names each layer's rank, the delta reads back at those ranks, transformers runs the merged full budget, and
+    every path that makes a budget gives the 0.5 and the full model as with a uniform rank."""
+    from conftest import word_tokenizer
+
+    write_word_text(tmp_path / "text.txt")
+    torch.manual_seed(0)
+    cfg = ElastifyConfig(budgets=["1.0", "0.5"], tokens=16 * 32 * 6, seq_len=32, batch_size=16, calib_batches=2,
+                         eval_tokens=256, lr=1e-3, full_delta_rank=4, full_delta_restore="weights",
+                         full_delta_allocate=True)
+    out = tmp_path / "ckpt"
+    elastify(Model(PARENTS["nemotron_h"]), word_tokenizer(tmp_path, WORDS), str(tmp_path / "text.txt"), out, cfg,
+             log=lambda *_: None)
+    manifest = read_manifest(out)
+    ranks = manifest["full_delta"]["ranks"]
+    assert manifest["full_delta"]["rank"] == 4 and len(set(ranks.values())) > 1
+    ckpt = load_elastic(out)
+    assert ckpt.delta.rank == 4 and ckpt.delta.ranks() == ranks
+    x = torch.randint(0, 63, (2, 12))
+    ref = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        assert _close(ref(x).logits.float(), _logits(ckpt.full_model(), x))
+    check_every_path(out, tmp_path)
+
+
 def test_save_and_load_give_back_the_trained_shared_weights_and_delta(tmp_path):
     model, teacher, router, budgets, rows, cfg, _ = make(**{**SMALLER_ONLY, "full_anchor": 1.0, "full_delta_rank": 3})
     t = ElasticTrainer(model, teacher, router, budgets, rows, cfg, tmp_path / "t")

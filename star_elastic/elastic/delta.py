@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 
 from star_elastic import parallel
@@ -120,26 +121,50 @@ def _rank_part(gap: torch.Tensor, r: int, cov: torch.Tensor | None, diagonal: bo
     return up_r, down_r, float((s ** 2).sum()), float((target ** 2).sum()), squares
 
 
-def restore_report(spectra: list, total: float, rank: int) -> dict | None:
+def _units(spectra: dict) -> dict[str, tuple[torch.Tensor, float]]:
+    """{target: (value of its i-th singular pair, cost of one pair in parameters)}: a weight's squared singular
+    values, a stack of experts' summed over the experts (its A and B are (E, r, in) and (E, out, r): one rank for
+    all of them, so its i-th pair is every expert's i-th), from `spectra` {target: (squares (..., k), out + in)}."""
+    units = {}
+    for name, (sq, pair) in spectra.items():
+        rows = sq.reshape(-1, sq.shape[-1]).double().cpu()
+        units[name] = rows.sum(0), float(pair * rows.shape[0])
+    return units
+
+
+def allocate_ranks(spectra: dict, rank: int) -> dict[str, int]:
+    """{target: rank} that spend what a uniform `rank` spends in parameters where the drift is: every target at
+    least 1, then each further singular pair, across all targets, in order of its squared singular value per
+    parameter, while the total stays within the uniform rank's (a weight's own pairs come in order: its values
+    fall). `spectra`: {target: (every squared singular value of its weighted gap (..., k), out + in)}."""
+    units = _units(spectra)
+    budget = sum(min(rank, v.numel()) * cost for v, cost in units.values())
+    ranks = {name: 1 for name in units}
+    budget -= sum(cost for _, cost in units.values())
+    names = [name for name, (v, _) in units.items() for _ in range(v.numel() - 1)]
+    values = torch.cat([v[1:] for v, _ in units.values()])
+    costs = torch.cat([torch.full((v.numel() - 1,), cost, dtype=torch.float64) for v, cost in units.values()])
+    order = torch.argsort(values / costs, descending=True, stable=True)
+    for i in order[torch.cumsum(costs[order], 0) <= budget].tolist():
+        ranks[names[i]] += 1
+    return ranks
+
+
+def restore_report(spectra: dict, total: float, rank: int) -> dict | None:
     """What a restore's delta would cover of the (weighted) drift at other sizes, from the squared singular values
-    of each layer's weighted gap: `spectra`, one (squares (..., k) descending, out + in) a weight or stack of
-    experts (an expert's rows apart), `total` the drift's squared norm. {"rank R": share} at half, one, two and
-    four times `rank` (the one at `rank` is what the restore covered), and "allocated": the share that the same
-    number of parameters would cover given out layer by layer, each singular pair to wherever its value per
-    parameter (squared singular value / (out + in)) is highest, where a uniform rank gives each weight `rank`.
-    Why: whether the full budget's remaining drift wants a larger delta, or the same one spent unevenly
-    (docs/RESULTS.md §9, fortieth session). None where any layer's SVD was not exact (above EXACT_SVD_MAX)."""
-    if not spectra or total <= 0 or any(sq is None for sq, _ in spectra):
+    of each target's weighted gap (`spectra`: {target: (squares (..., k), out + in)}, an expert's rows apart) and
+    `total`, the drift's squared norm: {"rank R": share} at half, one, two and four times `rank` (the one at `rank`
+    is what a uniform restore covers), and "allocated": the share that the same number of parameters covers given
+    out layer by layer (`allocate_ranks`). Why: whether the full budget's remaining drift wants a larger delta, or
+    the same one spent unevenly (docs/RESULTS.md §9, fortieth session). None where any layer's SVD was not exact
+    (above EXACT_SVD_MAX)."""
+    if not spectra or total <= 0 or any(sq is None for sq, _ in spectra.values()):
         return None
-    rows = [(sq.reshape(-1, sq.shape[-1]).double().cpu(), cost) for sq, cost in spectra]
-    report = {f"rank {rho}": sum(float(sq[:, :rho].sum()) for sq, _ in rows) / total
+    units = _units(spectra)
+    report = {f"rank {rho}": sum(float(v[:rho].sum()) for v, _ in units.values()) / total
               for rho in sorted({max(1, rank // 2), rank, 2 * rank, 4 * rank})}
-    values = torch.cat([sq.reshape(-1) for sq, _ in rows])
-    costs = torch.cat([torch.full((sq.numel(),), float(cost), dtype=torch.float64) for sq, cost in rows])
-    budget = sum(min(rank, sq.shape[1]) * sq.shape[0] * cost for sq, cost in rows)
-    order = torch.argsort(values / costs, descending=True)  # within a weight: its own singular values in order
-    fits = torch.cumsum(costs[order], 0) <= budget
-    report["allocated"] = float(values[order][fits].sum()) / total
+    ranks = allocate_ranks(spectra, rank)
+    report["allocated"] = sum(float(v[:ranks[name]].sum()) for name, (v, _) in units.items()) / total
     return report
 
 
@@ -249,12 +274,15 @@ class FullDelta(nn.Module):
     experts (their stacked (E, out, in) tensors: A (E, r, in), B (E, out, r)): `up` starts at zero, `down`
     small and random. Parameter keys are the layers' names (the experts' parameters' names), dots as '/'."""
 
-    def __init__(self, model: nn.Module, rank: int, seed: int = 0):
+    def __init__(self, model: nn.Module, rank: int, seed: int = 0, ranks: dict[str, int] | None = None):
+        """`ranks`: a target's own rank where it is not `rank` (a restore that gave rank's parameters out layer by
+        layer, `allocate_ranks`; a delta read back from one); `rank` stays the delta's nominal size."""
         from ..model import Experts
 
         super().__init__()
-        if rank < 1:
+        if rank < 1 or any(r < 1 for r in (ranks or {}).values()):
             raise ValueError(f"full delta rank {rank}: give a positive rank")
+        self.nominal_rank = rank
         g = torch.Generator().manual_seed(seed)
         self.names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
         self.experts = [f"{n}.{which}" for n, m in model.named_modules() if isinstance(m, Experts)
@@ -263,10 +291,10 @@ class FullDelta(nn.Module):
         for name in self.targets:
             w = self.weight_of(model, name)
             *stack, out_f, in_f = w.shape
-            key = _key(name)
-            down = torch.randn(*stack, rank, in_f, generator=g).div_(in_f ** 0.5)
+            key, r = _key(name), (ranks or {}).get(name, rank)
+            down = torch.randn(*stack, r, in_f, generator=g).div_(in_f ** 0.5)
             self.down[key] = nn.Parameter(down.to(w.device, w.dtype))  # the weights' dtype: the trainer's master
-            self.up[key] = nn.Parameter(torch.zeros(*stack, out_f, rank, device=w.device, dtype=w.dtype))
+            self.up[key] = nn.Parameter(torch.zeros(*stack, out_f, r, device=w.device, dtype=w.dtype))
         # the full budget's own values of parameters outside the linear layers (`keep`), by parameter name;
         # `shared`: the smaller budgets' values read from a checkpoint, until `subtract_from` puts them in
         self.rest: dict[str, torch.Tensor] = {}
@@ -325,7 +353,25 @@ class FullDelta(nn.Module):
 
     @property
     def rank(self) -> int:
-        return next(iter(self.down.values())).shape[-2]
+        """The nominal rank: every target's, unless the restore gave its parameters out layer by layer."""
+        return self.nominal_rank
+
+    def ranks(self) -> dict[str, int]:
+        """Each target's own rank."""
+        return {name: self.down[_key(name)].shape[-2] for name in self.targets}
+
+    def resize(self, ranks: dict[str, int]) -> "FullDelta":
+        """Targets at other ranks (`ranks`: {target: rank}), their A and B new zero tensors of that shape (the
+        restore fills them; a resumed run loads them): new parameters, so an optimiser holding the old ones must
+        be given these (the trainer's `restore_delta` and resume do)."""
+        for name, r in ranks.items():
+            key = _key(name)
+            down, up = self.down[key], self.up[key]
+            if down.shape[-2] != r:
+                self.down[key] = nn.Parameter(down.new_zeros(*down.shape[:-2], r, down.shape[-1]),
+                                              requires_grad=down.requires_grad)
+                self.up[key] = nn.Parameter(up.new_zeros(*up.shape[:-1], r), requires_grad=up.requires_grad)
+        return self
 
     def delta(self, name: str) -> torch.Tensor:
         """B A of target `name`, (out, in) (experts: (E, out, in)), in float32."""
@@ -351,12 +397,15 @@ class FullDelta(nn.Module):
 
         path = Path(path)
         stored = read_safetensors([path])
-        try:
-            rank = next(t.shape[-2] for k, t in stored.items() if k.endswith(".delta_down"))
-        except StopIteration:
-            raise StarElasticError(f"{path}: no delta_down tensors (not a full budget's delta)") from None
-        if rank < 1:
-            raise StarElasticError(f"{path}: a delta of rank {rank}")
+        stored_ranks = {k.removesuffix(".delta_down"): t.shape[-2] for k, t in stored.items()
+                        if k.endswith(".delta_down")}
+        if not stored_ranks:
+            raise StarElasticError(f"{path}: no delta_down tensors (not a full budget's delta)")
+        if min(stored_ranks.values()) < 1:
+            raise StarElasticError(f"{path}: a delta of rank {min(stored_ranks.values())}")
+        rank = max(stored_ranks.values())
+        with safe_open(str(path), "pt") as f:  # the nominal rank (a delta given out layer by layer: its own)
+            rank = int((f.metadata() or {}).get("rank", rank))
         delta = cls(model, rank)  # the layers and shapes; its starting values are replaced below
         params = dict(model.named_parameters())
         for key in [k for k in stored if k.endswith(SHARED)]:
@@ -374,9 +423,10 @@ class FullDelta(nn.Module):
         for name, (down, up) in stored_pairs(stored).items():
             w = delta.weight_of(model, name)
             *stack, out_f, in_f = w.shape
-            if down.shape != (*stack, rank, in_f) or up.shape != (*stack, out_f, rank):
+            r = down.shape[-2]
+            if down.shape != (*stack, r, in_f) or up.shape != (*stack, out_f, r):
                 raise StarElasticError(f"{path}: {name}'s delta is {tuple(up.shape)} x {tuple(down.shape)}, the layer "
-                                       f"is {tuple(w.shape)} (rank {rank})")
+                                       f"is {tuple(w.shape)} (rank {r})")
             key = _key(name)
             delta.down[key] = nn.Parameter(down.to(w.device, w.dtype), requires_grad=False)
             delta.up[key] = nn.Parameter(up.to(w.device, w.dtype), requires_grad=False)
@@ -462,7 +512,7 @@ class FullDelta(nn.Module):
 
     @torch.no_grad()
     def restore(self, model: nn.Module, parent: nn.Module, covariances: dict[str, torch.Tensor] | None = None,
-                damping: float = 1e-2) -> float:
+                damping: float = 1e-2, allocate: bool = False) -> float:
         """Set B A, layer by layer, to the rank-r part of what the shared weights lost: the parent's weight less
         `model`'s, W_p - W. With `covariances` ({layer: E[x x^T] of its inputs in the parent}, `input_covariances`)
         the nearest in ||(W_p - W - B A) L||, where L L^T is the covariance (damped by `damping` x its mean
@@ -472,12 +522,21 @@ class FullDelta(nn.Module):
         here (the finish) moves them at one pace. Returns the share of the (weighted) loss that the rank-r part
         covers, over all layers: 1 restores the parent exactly, and what is missing is the full model's drift that a
         rank-r delta cannot hold; `self.report` says what other ranks, or this one spent unevenly, would cover
-        (restore_report). Why: the trained delta follows the shared weights from behind (docs/RESULTS.md §9); this
-        one starts where they are."""
+        (restore_report). `allocate`: rank r's parameters given out layer by layer where the drift is
+        (`allocate_ranks`; the targets resized, so an optimiser must be given the new parameters), from a first
+        pass over the layers' spectra; every layer's SVD must be exact (at most EXACT_SVD_MAX wide). Why: the
+        trained delta follows the shared weights from behind (docs/RESULTS.md §9); this one starts where they are."""
+        self.report = None
+        spectra = self._spectra(model, parent, covariances, damping) if allocate else None
+        if allocate:
+            wide = [name for name, (sq, _) in spectra.items() if sq is None]
+            if wide:
+                raise StarElasticError(f"the delta's ranks given out layer by layer need every layer's exact SVD, and "
+                                       f"{wide[0]} is wider than {EXACT_SVD_MAX} on both sides: use a uniform rank")
+            self.resize(allocate_ranks(spectra, self.rank))
         caught = total = 0.0
-        r = self.rank
         rank, ranks = parallel.world()
-        spectra = []  # (squared singular values, out + in) of this rank's layers, for restore_report
+        mine = {}  # target: [(squared singular values, out + in) of each part] of this rank's layers
         for i, name in enumerate(self.targets):
             # whole weights (sharded: gathered, a collective that every rank runs)
             w = parallel.full_tensor(self.weight_of(model, name).detach())
@@ -493,9 +552,10 @@ class FullDelta(nn.Module):
                     [slice(None)]
                 for part in parts:
                     gap = parent_w[part].double() - w[part].double()  # (out, in); experts (E, out, in)
-                    up, down, c, t, squares = _rank_part(gap, r, cov[part] if experts and cov is not None else cov,
-                                                         experts, damping)
-                    spectra.append((squares, sum(gap.shape[-2:])))
+                    up, down, c, t, squares = _rank_part(gap, self.down[key].shape[-2],
+                                                         cov[part] if experts and cov is not None else cov, experts,
+                                                         damping)
+                    mine.setdefault(name, []).append((squares, sum(gap.shape[-2:])))
                     self.up[key][part].copy_(up.to(self.up[key].dtype))
                     self.down[key][part].copy_(down.to(self.down[key].dtype))
                     caught, total = caught + c, total + t
@@ -507,11 +567,40 @@ class FullDelta(nn.Module):
             sums = torch.tensor([caught, total], dtype=torch.float64, device=device)
             dist.all_reduce(sums)
             caught, total = sums.tolist()
-            gathered = [None] * ranks
-            dist.all_gather_object(gathered, [(None if sq is None else sq.cpu(), cost) for sq, cost in spectra])
-            spectra = [pair for got in gathered for pair in got]
-        self.report = restore_report(spectra, total, r)
+        if spectra is None:  # not allocated: the spectra of the factoring pass
+            spectra = self._gather_spectra(mine)
+        self.report = restore_report(spectra, total, self.rank)
         return caught / total if total else 1.0
+
+    def _gather_spectra(self, mine: dict) -> dict:
+        """{target: (squares of all its parts (..., k) or None, out + in)} from each rank's own targets' parts."""
+        if parallel.world()[1] > 1:
+            gathered = [None] * parallel.world()[1]
+            dist.all_gather_object(gathered, {name: [(None if sq is None else sq.cpu(), pair) for sq, pair in parts]
+                                              for name, parts in mine.items()})
+            mine = {name: parts for got in gathered for name, parts in got.items()}
+        return {name: (None if any(sq is None for sq, _ in parts) else torch.cat([sq.cpu() for sq, _ in parts]),
+                       parts[0][1]) for name, parts in mine.items()}
+
+    def _spectra(self, model: nn.Module, parent: nn.Module, covariances, damping: float) -> dict:
+        """Every target's squared singular values of its weighted gap (restore's first pass when it allocates):
+        each rank its own targets', then gathered."""
+        rank, ranks = parallel.world()
+        mine = {}
+        for i, name in enumerate(self.targets):
+            w = parallel.full_tensor(self.weight_of(model, name).detach())
+            parent_w = parallel.full_tensor(self.weight_of(parent, name).detach()).to(w.device)
+            if rank != i % ranks:
+                continue
+            cov = None if covariances is None or name not in covariances else covariances[name].to(w.device).double()
+            experts = name in self.experts
+            parts = [slice(e, e + EXPERT_CHUNK) for e in range(0, w.shape[0], EXPERT_CHUNK)] if experts else \
+                [slice(None)]
+            for part in parts:
+                gap = parent_w[part].double() - w[part].double()
+                squares = _rank_part(gap, 1, cov[part] if experts and cov is not None else cov, experts, damping)[4]
+                mine.setdefault(name, []).append((squares, sum(gap.shape[-2:])))
+        return self._gather_spectra(mine)
 
     @contextmanager
     def merged(self, model: nn.Module):
