@@ -490,7 +490,7 @@ def test_the_restore_reports_what_other_ranks_and_its_parameters_given_out_by_la
     assert delta.report is None
 
 
-def test_a_restore_that_gives_its_rank_out_by_layer_spends_no_more_and_covers_what_it_reported(monkeypatch):
+def test_a_restore_that_gives_its_rank_out_by_layer_spends_no_more_and_covers_what_it_reported(monkeypatch, tmp_path):
     """FullDelta.restore(allocate=True): the rank's parameters given out where the drift is (allocate_ranks):
     the layer that carries most of it gets more than the rank, the others less (at least 1), no more parameters
     in all than the uniform rank's; it covers what the uniform restore's report said it would, more than the
@@ -522,6 +522,10 @@ def test_a_restore_that_gives_its_rank_out_by_layer_spends_no_more_and_covers_wh
     monkeypatch.setattr(delta_module, "EXACT_SVD_MAX", 2)
     with pytest.raises(StarElasticError, match="exact SVD"):
         FullDelta(model, 2).restore(model, parent, allocate=True)
+    # and a trainer asked for it says so before its first step, not where training ends (hours later on a GPU)
+    with pytest.raises(StarElasticError, match="exact SVD"):
+        _trainer(tmp_path, "wide", full_anchor=1.0, full_delta_rank=2, full_delta_restore="weights",
+                 full_delta_allocate=True)
 
 
 def test_above_the_exact_size_the_restore_factors_by_a_randomized_svd_as_good_as_the_full_one():

@@ -356,6 +356,15 @@ class FullDelta(nn.Module):
         """The nominal rank: every target's, unless the restore gave its parameters out layer by layer."""
         return self.nominal_rank
 
+    def too_wide_to_allocate(self, model: nn.Module) -> str | None:
+        """Why `restore(..., allocate=True)` cannot run on `model` (a layer wider than EXACT_SVD_MAX on both sides:
+        its spectrum is not computed whole), or None."""
+        wide = next((name for name in self.targets if min(self.weight_of(model, name).shape[-2:]) > EXACT_SVD_MAX),
+                    None)
+        return None if wide is None else (
+            f"the delta's ranks given out layer by layer need every layer's exact SVD, and {wide} is wider than "
+            f"{EXACT_SVD_MAX} on both sides: use a uniform rank")
+
     def ranks(self) -> dict[str, int]:
         """Each target's own rank."""
         return {name: self.down[_key(name)].shape[-2] for name in self.targets}
@@ -527,12 +536,11 @@ class FullDelta(nn.Module):
         pass over the layers' spectra; every layer's SVD must be exact (at most EXACT_SVD_MAX wide). Why: the
         trained delta follows the shared weights from behind (docs/RESULTS.md §9); this one starts where they are."""
         self.report = None
+        wide = self.too_wide_to_allocate(parent) if allocate else None
+        if wide:
+            raise StarElasticError(wide)
         spectra = self._spectra(model, parent, covariances, damping) if allocate else None
         if allocate:
-            wide = [name for name, (sq, _) in spectra.items() if sq is None]
-            if wide:
-                raise StarElasticError(f"the delta's ranks given out layer by layer need every layer's exact SVD, and "
-                                       f"{wide[0]} is wider than {EXACT_SVD_MAX} on both sides: use a uniform rank")
             self.resize(allocate_ranks(spectra, self.rank))
         caught = total = 0.0
         rank, ranks = parallel.world()
