@@ -611,11 +611,12 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                  f"{max(given)})" if cfg.full_delta_allocate else f"rank {cfg.full_delta_rank}")
         log(f"the delta set from the shared weights' drift ({restore}) where training ended: {spent} covers "
             f"{trainer.restored:.1%} of it" + (", then the finish trained it on" if cfg.full_delta_finish else ""))
-        if trainer.restore_report:  # what a larger delta, or this one spent layer by layer, would have covered
+        if trainer.restore_report:  # what other sizes, or the other way of spending this one, would have covered
+            own = "allocated" if cfg.full_delta_allocate else f"rank {cfg.full_delta_rank}"  # what it said above
             log("  the same restore " + ", ".join(f"at {k}: {v:.1%}" for k, v in trainer.restore_report.items()
-                                                  if k.startswith("rank") and k != f"rank {cfg.full_delta_rank}")
-                + f"; rank {cfg.full_delta_rank}'s parameters given out layer by layer: "
-                  f"{trainer.restore_report['allocated']:.1%}")
+                                                  if k.startswith("rank") and k != own)
+                + (f"; rank {cfg.full_delta_rank}'s parameters given out layer by layer: "
+                   f"{trainer.restore_report['allocated']:.1%}" if own != "allocated" else ""))
     distribution = {**trainer.distribution, "peak_memory_gib": trainer.peak_memory()}  # per rank, GPU only
     if sharded_parent:
         distribution["parent_load"] = "sharded from disk, importance on the shards, sorted as loaded again"
