@@ -21,7 +21,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16mc (MIX=)|16m3 (MIX=)|16ma (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16mc (MIX=)|16m3 (MIX=)|16mk (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -543,23 +543,26 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
      ratios J16m$x:C16ma$x,J16m$x:C16mb$x C16ma$x C16mb$x ;;
   # 16m3 (fortieth session's note, after SETUP): J16m02 held the smaller budgets ahead of the plain (c) but left the
   # full model +3.8% on chat answers and the 0.75 +2.5% / +4.3% behind the mixed (c) out of domain; three levers on
-  # it side by side, each against J16m02 (its recipe otherwise): the delta at rank 128 (J16mr$x: capacity for a
-  # drift the mix made larger), the anchor, restore rows, finish and mix on half chat-format parent text
-  # (J16mk$x, --anchor-data self+chat: the data the full model drifts on), and the 0.75 drawn 65% of the smaller
-  # budgets' steps (J16mw$x: the 0.5 leads its (c) by 2-9%, the 0.75 fits its text 4.6% worse than its (c)).
-  # About 1,100 s over two or three calls (call again on exit 75 while the machine stays warm)
+  # it side by side, each against J16m02 (its recipe otherwise): the delta at rank 128 (J16mr$x: capacity), rank 64's
+  # parameters given out layer by layer (J16ma$x, --full-delta-allocate: on SmolLM2's own drift in a CPU probe it
+  # left half the uniform rank's remainder, as rank 128 did, docs/RESULTS.md §9), and the 0.75 drawn 65% of the
+  # smaller budgets' steps (J16mw$x: the 0.5 leads its (c) by 2-9%, the 0.75 fits its text 4.6% worse than its
+  # (c)). Each records the restore's report. About 1,100 s over two or three calls (call again on exit 75 while
+  # the machine stays warm)
   16m3) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
      R="${RESTORED/--hold-pull 30/--hold-pull 0} --budget-mix $MIX --tokens-a 16777216 --full-delta-finish 768"
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16mr$x "$R --full-delta-rank 128 --state-dir $H/state/J16mr$x" \
-       J16mk$x "${R/--anchor-data self/--anchor-data self+chat} --state-dir $H/state/J16mk$x" \
+       J16ma$x "$R --full-delta-allocate --state-dir $H/state/J16ma$x" \
        J16mw$x "$R --stage2-weights 0,0.65,0.35 --state-dir $H/state/J16mw$x"
-     ratios J16mr$x:C16ma$x,J16mk$x:C16ma$x,J16mw$x:C16ma$x,J16mw$x:C16mb$x J16mr$x J16mk$x J16mw$x ;;
-  # 16ma (after 16m3, if its runs' full_delta_restore_report has "allocated" well above "rank 64"): J16m02 with the
-  # rank's parameters given out layer by layer (J16ma$x, --full-delta-allocate), against J16m02 and J16mr$x
-  16ma) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
-     R="${RESTORED/--hold-pull 30/--hold-pull 0} --budget-mix $MIX --tokens-a 16777216 --full-delta-finish 768"
-     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16ma$x "$R --full-delta-allocate --state-dir $H/state/J16ma$x"
-     ratios J16ma$x:C16ma$x,J16ma$x:C16mb$x J16ma$x ;;
+     ratios J16mr$x:C16ma$x,J16ma$x:C16ma$x,J16mw$x:C16ma$x,J16mw$x:C16mb$x J16mr$x J16ma$x J16mw$x ;;
+  # 16mk: the data lever, after 16m3: J16m02 with the anchor, restore rows, finish and mix on half chat-format
+  # parent text (J16mk$x, --anchor-data self+chat; in the twenty-third session, before the restore and the finish,
+  # the anchor on sampled conversations did not move the chat drift); its smaller budgets against the plain (c)
+  16mk) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
+     R="${RESTORED/--hold-pull 30/--hold-pull 0}"; R="${R/--anchor-data self/--anchor-data self+chat}"
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16mk$x "$R --budget-mix $MIX --tokens-a 16777216 \
+         --full-delta-finish 768 --state-dir $H/state/J16mk$x"
+     ratios J16mk$x:C16ra,J16mk$x:C16rb J16mk$x ;;
   # S30 (the thirtieth session's first calls): 16p and HB16 side by side, called back to back until both are done
   # (each resumes; a finished one is skipped), then HB16c, RESTORESVD and the demo
   S30) bash $0 PLAN17 16p > $OUT/s30_16p.txt 2>&1 & bash $0 PLAN17 HB16 > $OUT/s30_hb16.txt 2>&1; wait
