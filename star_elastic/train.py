@@ -604,9 +604,6 @@ class ElasticTrainer:
         if not cfg.full_delta_rank:
             return None
         delta = FullDelta(self.model, cfg.full_delta_rank, seed=cfg.seed + 4)
-        wide = delta.too_wide_to_allocate(self.model) if cfg.full_delta_allocate else None
-        if wide:  # said before training, not where it ends
-            raise StarElasticError(f"full_delta_allocate: {wide}")
         if cfg.full_keeps_held:  # the parent's values, taken before any resume loads trained ones
             delta.keep(self.model, held_values(self.model, cfg.hold))
         lr = cfg.full_delta_lr or cfg.lr

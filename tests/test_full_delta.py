@@ -490,11 +490,12 @@ def test_the_restore_reports_what_other_ranks_and_its_parameters_given_out_by_la
     assert delta.report is None
 
 
-def test_a_restore_that_gives_its_rank_out_by_layer_spends_no_more_and_covers_what_it_reported(monkeypatch, tmp_path):
+def test_a_restore_that_gives_its_rank_out_by_layer_spends_no_more_and_covers_what_it_reported(monkeypatch):
     """FullDelta.restore(allocate=True): the rank's parameters given out where the drift is (allocate_ranks):
     the layer that carries most of it gets more than the rank, the others less (at least 1), no more parameters
     in all than the uniform rank's; it covers what the uniform restore's report said it would, more than the
-    uniform one, and the full model is nearer its parent. A layer too wide for the exact SVD: a one-line error."""
+    uniform one, and the full model is nearer its parent. Above the exact SVD's size: a
+    randomized SVD's top values of each layer, no layer given more than it looked at."""
     from star_elastic.elastic import delta as delta_module
 
     model, parent = _gap_model(None, seed=2)
@@ -519,13 +520,20 @@ def test_a_restore_that_gives_its_rank_out_by_layer_spends_no_more_and_covers_wh
     x = torch.randint(0, CFG.vocab_size, (2, 16))
     with torch.no_grad(), spent.applied(model):  # the resized delta runs in the model's layers
         assert torch.isfinite(model(x)).all()
+    # above the exact SVD's size (every layer here, with the bound at 2) each layer's top ALLOCATE_SPAN x r values
+    # from the randomized SVD: the same ranks and share as the exact spectra where no layer wants more than that
+    even, even_parent = _gap_model(None, seed=1)
+    exact = FullDelta(even, 2)
+    exact_share = exact.restore(even, even_parent, allocate=True)
     monkeypatch.setattr(delta_module, "EXACT_SVD_MAX", 2)
-    with pytest.raises(StarElasticError, match="exact SVD"):
-        FullDelta(model, 2).restore(model, parent, allocate=True)
-    # and a trainer asked for it says so before its first step, not where training ends (hours later on a GPU)
-    with pytest.raises(StarElasticError, match="exact SVD"):
-        _trainer(tmp_path, "wide", full_anchor=1.0, full_delta_rank=2, full_delta_restore="weights",
-                 full_delta_allocate=True)
+    found = FullDelta(even, 2)
+    assert found.restore(even, even_parent, allocate=True) == pytest.approx(exact_share, rel=1e-6)
+    assert found.ranks() == exact.ranks() and max(exact.ranks().values()) <= delta_module.ALLOCATE_SPAN * 2
+    assert set(found.report) == {"rank 1", "rank 2", "rank 4", "rank 8", "allocated"}  # as far as it looked
+    # ... and where one layer wants more, it gets that far and no further, still ahead of the uniform rank
+    capped = FullDelta(model, 2)
+    assert capped.restore(model, parent, allocate=True) > covered + 0.05
+    assert capped.ranks()[heavy] == delta_module.ALLOCATE_SPAN * 2 < ranks[heavy]
 
 
 def test_above_the_exact_size_the_restore_factors_by_a_randomized_svd_as_good_as_the_full_one():

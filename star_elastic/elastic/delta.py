@@ -82,17 +82,23 @@ def top_singular(a: torch.Tensor, k: int, oversample: int = 16, iters: int = 4, 
     return (basis @ u)[..., :k], s[..., :k], vh[..., :k, :]
 
 
+# A restore that gives its rank out layer by layer finds, above EXACT_SVD_MAX, each layer's top this-many-times-r
+# singular values (randomized SVD): no layer gets more, and the report's sizes go that far
+ALLOCATE_SPAN = 4
+
 # Routed experts restored this many at a time (FullDelta.restore): bounds the float64 copies at Nano's shapes
 EXPERT_CHUNK = 16
 
 
-def _rank_part(gap: torch.Tensor, r: int, cov: torch.Tensor | None, diagonal: bool, damping: float):
+def _rank_part(gap: torch.Tensor, r: int, cov: torch.Tensor | None, diagonal: bool, damping: float,
+               spectrum_k: int = 0):
     """FullDelta.restore's factors of one weight's float64 `gap` (out, in), or of a stack of experts' (E, out, in):
     (up (..., out, r), down (..., r, in), caught, total, squares), the rank-r part of the gap weighted by `cov` (a
     linear layer's E[x x^T], whitened by its Cholesky factor; `diagonal`: experts' E[x^2] per input channel (E, in),
     a scale per channel), both factors with the root of the singular values; columns past the matrix's rank zero.
-    `squares`: every squared singular value of the weighted gap (..., min(out, in)) where the SVD was exact, else
-    None (restore_report reads them)."""
+    `squares`: every squared singular value of the weighted gap (..., min(out, in)) where the SVD was exact; above
+    EXACT_SVD_MAX the top `spectrum_k` of them (the randomized SVD run that far), or None when `spectrum_k` is 0
+    (restore_report and allocate_ranks read them)."""
     lower = scale = None
     if cov is None:
         target = gap
@@ -106,7 +112,11 @@ def _rank_part(gap: torch.Tensor, r: int, cov: torch.Tensor | None, diagonal: bo
         target = gap @ lower
     k = min(r, *target.shape[-2:])
     spectrum = []
-    u, s, vh = top_singular(target, k, spectrum=spectrum)  # batched over the experts
+    u, s, vh = top_singular(target, min(max(k, spectrum_k), *target.shape[-2:]), spectrum=spectrum)  # over experts
+    partial = spectrum[0] is None and spectrum_k
+    if partial:  # the randomized SVD's top values: as far as it was asked to go
+        spectrum[0] = s
+    u, s, vh = u[..., :k], s[..., :k], vh[..., :k, :]
     root = s.sqrt()
     down = root[..., :, None] * vh  # (k, in), in the whitened basis
     if lower is not None:  # back: down L^-1
@@ -126,7 +136,7 @@ def _units(spectra: dict) -> dict[str, tuple[torch.Tensor, float]]:
     values, a stack of experts' summed over the experts (its A and B are (E, r, in) and (E, out, r): one rank for
     all of them, so its i-th pair is every expert's i-th), from `spectra` {target: (squares (..., k), out + in)}."""
     units = {}
-    for name, (sq, pair) in spectra.items():
+    for name, (sq, pair, _) in spectra.items():
         rows = sq.reshape(-1, sq.shape[-1]).double().cpu()
         units[name] = rows.sum(0), float(pair * rows.shape[0])
     return units
@@ -136,7 +146,8 @@ def allocate_ranks(spectra: dict, rank: int) -> dict[str, int]:
     """{target: rank} that spend what a uniform `rank` spends in parameters where the drift is: every target at
     least 1, then each further singular pair, across all targets, in order of its squared singular value per
     parameter, while the total stays within the uniform rank's (a weight's own pairs come in order: its values
-    fall). `spectra`: {target: (every squared singular value of its weighted gap (..., k), out + in)}."""
+    fall; a target whose spectrum is its top values alone goes no further). `spectra`: {target: (the squared
+    singular values of its weighted gap (..., k), out + in, min(out, in))}."""
     units = _units(spectra)
     budget = sum(min(rank, v.numel()) * cost for v, cost in units.values())
     ranks = {name: 1 for name in units}
@@ -152,17 +163,19 @@ def allocate_ranks(spectra: dict, rank: int) -> dict[str, int]:
 
 def restore_report(spectra: dict, total: float, rank: int) -> dict | None:
     """What a restore's delta would cover of the (weighted) drift at other sizes, from the squared singular values
-    of each target's weighted gap (`spectra`: {target: (squares (..., k), out + in)}, an expert's rows apart) and
+    of each target's weighted gap (`spectra`: {target: (squares (..., k), out + in, min(out, in))}, an expert's rows
+    apart; k below min(out, in) where only the top values were found, and a size past them is then left out) and
     `total`, the drift's squared norm: {"rank R": share} at half, one, two and four times `rank` (the one at `rank`
     is what a uniform restore covers), and "allocated": the share that the same number of parameters covers given
     out layer by layer (`allocate_ranks`). Why: whether the full budget's remaining drift wants a larger delta, or
-    the same one spent unevenly (docs/RESULTS.md §9, fortieth session). None where any layer's SVD was not exact
-    (above EXACT_SVD_MAX)."""
-    if not spectra or total <= 0 or any(sq is None for sq, _ in spectra.values()):
+    the same one spent unevenly (docs/RESULTS.md §9, fortieth session). None where a layer's spectrum was not found
+    (above EXACT_SVD_MAX without a restore that gives its rank out)."""
+    if not spectra or total <= 0 or any(sq is None for sq, _, _ in spectra.values()):
         return None
     units = _units(spectra)
     report = {f"rank {rho}": sum(float(v[:rho].sum()) for v, _ in units.values()) / total
-              for rho in sorted({max(1, rank // 2), rank, 2 * rank, 4 * rank})}
+              for rho in sorted({max(1, rank // 2), rank, 2 * rank, 4 * rank})
+              if all(sq.shape[-1] >= min(rho, full) for sq, _, full in spectra.values())}
     ranks = allocate_ranks(spectra, rank)
     report["allocated"] = sum(float(v[:ranks[name]].sum()) for name, (v, _) in units.items()) / total
     return report
@@ -356,15 +369,6 @@ class FullDelta(nn.Module):
         """The nominal rank: every target's, unless the restore gave its parameters out layer by layer."""
         return self.nominal_rank
 
-    def too_wide_to_allocate(self, model: nn.Module) -> str | None:
-        """Why `restore(..., allocate=True)` cannot run on `model` (a layer wider than EXACT_SVD_MAX on both sides:
-        its spectrum is not computed whole), or None."""
-        wide = next((name for name in self.targets if min(self.weight_of(model, name).shape[-2:]) > EXACT_SVD_MAX),
-                    None)
-        return None if wide is None else (
-            f"the delta's ranks given out layer by layer need every layer's exact SVD, and {wide} is wider than "
-            f"{EXACT_SVD_MAX} on both sides: use a uniform rank")
-
     def ranks(self) -> dict[str, int]:
         """Each target's own rank."""
         return {name: self.down[_key(name)].shape[-2] for name in self.targets}
@@ -533,12 +537,10 @@ class FullDelta(nn.Module):
         rank-r delta cannot hold; `self.report` says what other ranks, or this one spent unevenly, would cover
         (restore_report). `allocate`: rank r's parameters given out layer by layer where the drift is
         (`allocate_ranks`; the targets resized, so an optimiser must be given the new parameters), from a first
-        pass over the layers' spectra; every layer's SVD must be exact (at most EXACT_SVD_MAX wide). Why: the
-        trained delta follows the shared weights from behind (docs/RESULTS.md §9); this one starts where they are."""
+        pass over the layers' spectra (above EXACT_SVD_MAX each layer's top ALLOCATE_SPAN x r values, so none gets
+        more than that). Why: the trained delta follows the shared weights from behind (docs/RESULTS.md §9); this
+        one starts where they are."""
         self.report = None
-        wide = self.too_wide_to_allocate(parent) if allocate else None
-        if wide:
-            raise StarElasticError(wide)
         spectra = self._spectra(model, parent, covariances, damping) if allocate else None
         if allocate:
             self.resize(allocate_ranks(spectra, self.rank))
@@ -563,7 +565,7 @@ class FullDelta(nn.Module):
                     up, down, c, t, squares = _rank_part(gap, self.down[key].shape[-2],
                                                          cov[part] if experts and cov is not None else cov, experts,
                                                          damping)
-                    mine.setdefault(name, []).append((squares, sum(gap.shape[-2:])))
+                    mine.setdefault(name, []).append((squares, sum(gap.shape[-2:]), min(gap.shape[-2:])))
                     self.up[key][part].copy_(up.to(self.up[key].dtype))
                     self.down[key][part].copy_(down.to(self.down[key].dtype))
                     caught, total = caught + c, total + t
@@ -584,11 +586,11 @@ class FullDelta(nn.Module):
         """{target: (squares of all its parts (..., k) or None, out + in)} from each rank's own targets' parts."""
         if parallel.world()[1] > 1:
             gathered = [None] * parallel.world()[1]
-            dist.all_gather_object(gathered, {name: [(None if sq is None else sq.cpu(), pair) for sq, pair in parts]
-                                              for name, parts in mine.items()})
+            dist.all_gather_object(gathered, {name: [(None if sq is None else sq.cpu(), pair, full)
+                                                     for sq, pair, full in parts] for name, parts in mine.items()})
             mine = {name: parts for got in gathered for name, parts in got.items()}
-        return {name: (None if any(sq is None for sq, _ in parts) else torch.cat([sq.cpu() for sq, _ in parts]),
-                       parts[0][1]) for name, parts in mine.items()}
+        return {name: (None if any(sq is None for sq, _, _ in parts) else torch.cat([sq.cpu() for sq, _, _ in parts]),
+                       parts[0][1], parts[0][2]) for name, parts in mine.items()}
 
     def _spectra(self, model: nn.Module, parent: nn.Module, covariances, damping: float) -> dict:
         """Every target's squared singular values of its weighted gap (restore's first pass when it allocates):
@@ -606,8 +608,9 @@ class FullDelta(nn.Module):
                 [slice(None)]
             for part in parts:
                 gap = parent_w[part].double() - w[part].double()
-                squares = _rank_part(gap, 1, cov[part] if experts and cov is not None else cov, experts, damping)[4]
-                mine.setdefault(name, []).append((squares, sum(gap.shape[-2:])))
+                squares = _rank_part(gap, 1, cov[part] if experts and cov is not None else cov, experts, damping,
+                                     spectrum_k=ALLOCATE_SPAN * self.rank)[4]
+                mine.setdefault(name, []).append((squares, sum(gap.shape[-2:]), min(gap.shape[-2:])))
         return self._gather_spectra(mine)
 
     @contextmanager
