@@ -225,8 +225,7 @@ def cmd_elastify(args):
 # else; the restore wherever a delta is on) ...
 PLAIN_LEVERS = dict(full_anchor=0.5, anchor_data=None, anchor_mix=1.0, budget_mix=0.0, full_delta_rank=0,
                     full_delta_lr=0.0, full_delta_finish=0, full_delta_restore="activations", full_delta_allocate=False,
-                    hold=None,
-                    hold_rate=0.0, hold_pull=0.0, full_keeps_held="")
+                    hold=None, hold_rate=0.0, hold_pull=0.0, full_keeps_held="")
 # ... and as `elastify --keep-full` sets them: the recipe that held SmolLM2's full model within 1% of its parent,
 # or better, on five sources at two seeds, chat answers included (docs/RESULTS.md §9, twenty-seventh session: the
 # delta on every linear layer and routed expert, restored in closed form where training ends, then 256 steps

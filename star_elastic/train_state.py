@@ -24,7 +24,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import parallel
-from .elastic.delta import _key
 from .errors import StarElasticError
 
 # The full anchor's own text, saved with the state: text sampled from the parent on CUDA differs from
@@ -168,8 +167,7 @@ def load(t) -> bool:
                                "of its own, and this run differs (full_delta_rank)")
     if delta:  # the delta's ranks as saved (a restore may have given them out layer by layer), before any loading
         with safe_open(str(path / "full_delta.safetensors"), "pt") as f:
-            saved = {k.removeprefix("down."): f.get_slice(k).get_shape()[-2] for k in f.keys() if k.startswith("down.")}
-        t.delta.resize({name: saved[_key(name)] for name in t.delta.targets if _key(name) in saved})
+            t.delta.resize_like({k: f.get_slice(k).get_shape() for k in f.keys()})
         t.delta_to_optimizer()
     if meta.get("format") == "dcp":
         _load_sharded(t, path, meta)

@@ -386,6 +386,12 @@ class FullDelta(nn.Module):
                 self.up[key] = nn.Parameter(up.new_zeros(*up.shape[:-1], r), requires_grad=up.requires_grad)
         return self
 
+    def resize_like(self, shapes: dict[str, list[int]]) -> "FullDelta":
+        """`resize` to the ranks of a saved state dict's tensors ({state-dict key: shape}, as a trainer's saved
+        state holds them)."""
+        return self.resize({name: shapes[f"down.{_key(name)}"][-2] for name in self.targets
+                            if f"down.{_key(name)}" in shapes})
+
     def delta(self, name: str) -> torch.Tensor:
         """B A of target `name`, (out, in) (experts: (E, out, in)), in float32."""
         key = _key(name)
