@@ -58,21 +58,15 @@ def _key(name: str) -> str:
     return name.replace(".", "/")
 
 
-def top_singular(a: torch.Tensor, k: int, oversample: int = 16, iters: int = 4, seed: int = 0,
-                 spectrum: list | None = None):
+def top_singular(a: torch.Tensor, k: int, oversample: int = 16, iters: int = 4, seed: int = 0):
     """The top `k` singular triplets (u, s, vh) of `a` (..., m, n), batched over leading dimensions: exact up to
     EXACT_SVD_MAX rows or columns, else a randomized range finder with `iters` power iterations (Halko, Martinsson
     and Tropp 2011, Algorithm 4.4) on its own generator, so the result is the same run to run and the global RNG
-    is left alone. `spectrum`: a list that gets every singular value (..., min(m, n)) where the SVD was exact,
-    None where it was not."""
+    is left alone."""
     m, n = a.shape[-2:]
     if min(m, n) <= EXACT_SVD_MAX:
         u, s, vh = torch.linalg.svd(a, full_matrices=False)
-        if spectrum is not None:
-            spectrum.append(s)
         return u[..., :k], s[..., :k], vh[..., :k, :]
-    if spectrum is not None:
-        spectrum.append(None)
     q = min(k + oversample, m, n)
     g = torch.Generator(device=a.device).manual_seed(seed)
     basis = torch.linalg.qr(a @ torch.randn(*a.shape[:-2], n, q, generator=g, device=a.device, dtype=a.dtype)).Q
@@ -110,13 +104,11 @@ def _rank_part(gap: torch.Tensor, r: int, cov: torch.Tensor | None, diagonal: bo
                                                                                    dtype=cov.dtype)
         lower = torch.linalg.cholesky(cov)
         target = gap @ lower
-    k = min(r, *target.shape[-2:])
-    spectrum = []
-    u, s, vh = top_singular(target, min(max(k, spectrum_k), *target.shape[-2:]), spectrum=spectrum)  # over experts
-    partial = spectrum[0] is None and spectrum_k
-    if partial:  # the randomized SVD's top values: as far as it was asked to go
-        spectrum[0] = s
-    u, s, vh = u[..., :k], s[..., :k], vh[..., :k, :]
+    k, full = min(r, *target.shape[-2:]), min(target.shape[-2:])
+    # as many singular values as the report reads: all of them where the SVD is exact (it finds them anyway)
+    found = full if full <= EXACT_SVD_MAX else min(max(k, spectrum_k), full)
+    u, spectrum, vh = top_singular(target, found)  # batched over the experts
+    u, s, vh = u[..., :k], spectrum[..., :k], vh[..., :k, :]
     root = s.sqrt()
     down = root[..., :, None] * vh  # (k, in), in the whitened basis
     if lower is not None:  # back: down L^-1
@@ -127,7 +119,7 @@ def _rank_part(gap: torch.Tensor, r: int, cov: torch.Tensor | None, diagonal: bo
     up_r = gap.new_zeros(*stack, out_f, r)
     down_r = gap.new_zeros(*stack, r, in_f)
     up_r[..., :k], down_r[..., :k, :] = u * root[..., None, :], down
-    squares = None if spectrum[0] is None else spectrum[0] ** 2
+    squares = spectrum ** 2 if full <= EXACT_SVD_MAX or spectrum_k else None
     return up_r, down_r, float((s ** 2).sum()), float((target ** 2).sum()), squares
 
 
@@ -287,13 +279,13 @@ class FullDelta(nn.Module):
     experts (their stacked (E, out, in) tensors: A (E, r, in), B (E, out, r)): `up` starts at zero, `down`
     small and random. Parameter keys are the layers' names (the experts' parameters' names), dots as '/'."""
 
-    def __init__(self, model: nn.Module, rank: int, seed: int = 0, ranks: dict[str, int] | None = None):
-        """`ranks`: a target's own rank where it is not `rank` (a restore that gave rank's parameters out layer by
-        layer, `allocate_ranks`; a delta read back from one); `rank` stays the delta's nominal size."""
+    def __init__(self, model: nn.Module, rank: int, seed: int = 0):
+        """`rank` on every target; a restore that gives its parameters out layer by layer (`resize`) keeps it as
+        the delta's nominal size."""
         from ..model import Experts
 
         super().__init__()
-        if rank < 1 or any(r < 1 for r in (ranks or {}).values()):
+        if rank < 1:
             raise ValueError(f"full delta rank {rank}: give a positive rank")
         self.nominal_rank = rank
         g = torch.Generator().manual_seed(seed)
@@ -304,10 +296,10 @@ class FullDelta(nn.Module):
         for name in self.targets:
             w = self.weight_of(model, name)
             *stack, out_f, in_f = w.shape
-            key, r = _key(name), (ranks or {}).get(name, rank)
-            down = torch.randn(*stack, r, in_f, generator=g).div_(in_f ** 0.5)
+            key = _key(name)
+            down = torch.randn(*stack, rank, in_f, generator=g).div_(in_f ** 0.5)
             self.down[key] = nn.Parameter(down.to(w.device, w.dtype))  # the weights' dtype: the trainer's master
-            self.up[key] = nn.Parameter(torch.zeros(*stack, out_f, r, device=w.device, dtype=w.dtype))
+            self.up[key] = nn.Parameter(torch.zeros(*stack, out_f, rank, device=w.device, dtype=w.dtype))
         # the full budget's own values of parameters outside the linear layers (`keep`), by parameter name;
         # `shared`: the smaller budgets' values read from a checkpoint, until `subtract_from` puts them in
         self.rest: dict[str, torch.Tensor] = {}
@@ -551,31 +543,18 @@ class FullDelta(nn.Module):
         if allocate:
             self.resize(allocate_ranks(spectra, self.rank))
         caught = total = 0.0
-        rank, ranks = parallel.world()
-        mine = {}  # target: [(squared singular values, out + in) of each part] of this rank's layers
-        for i, name in enumerate(self.targets):
-            # whole weights (sharded: gathered, a collective that every rank runs)
-            w = parallel.full_tensor(self.weight_of(model, name).detach())
-            parent_w = parallel.full_tensor(self.weight_of(parent, name).detach()).to(w.device)
+        ranks = parallel.world()[1]
+        mine = {}  # target: [(squared singular values, out + in, min(out, in)) of each part] of this rank's layers
+        for name, owner, gaps in self._gaps(model, parent, covariances):
             key = _key(name)
-            owner = i % ranks  # layers dealt out: each rank factors its own, then sends B A to the others
-            if rank == owner:
-                cov = None if covariances is None or name not in covariances else \
-                    covariances[name].to(w.device).double()
-                # the experts a few at a time: in float64 Nano's 128 (1856 x 2688) are 5 GB a copy
-                experts = name in self.experts
-                parts = [slice(e, e + EXPERT_CHUNK) for e in range(0, w.shape[0], EXPERT_CHUNK)] if experts else \
-                    [slice(None)]
-                for part in parts:
-                    gap = parent_w[part].double() - w[part].double()  # (out, in); experts (E, out, in)
-                    up, down, c, t, squares = _rank_part(gap, self.down[key].shape[-2],
-                                                         cov[part] if experts and cov is not None else cov, experts,
-                                                         damping)
-                    mine.setdefault(name, []).append((squares, sum(gap.shape[-2:]), min(gap.shape[-2:])))
-                    self.up[key][part].copy_(up.to(self.up[key].dtype))
-                    self.down[key][part].copy_(down.to(self.down[key].dtype))
-                    caught, total = caught + c, total + t
-            if ranks > 1:
+            for part, gap, cov in gaps:
+                up, down, c, t, squares = _rank_part(gap, self.down[key].shape[-2], cov, name in self.experts,
+                                                     damping)
+                mine.setdefault(name, []).append((squares, sum(gap.shape[-2:]), min(gap.shape[-2:])))
+                self.up[key][part].copy_(up.to(self.up[key].dtype))
+                self.down[key][part].copy_(down.to(self.down[key].dtype))
+                caught, total = caught + c, total + t
+            if ranks > 1:  # the owner factored it: the others receive B A
                 for t in (self.up[key], self.down[key]):
                     dist.broadcast(t.data, src=owner)
         if ranks > 1:  # each rank summed its own layers'
@@ -589,32 +568,44 @@ class FullDelta(nn.Module):
         return caught / total if total else 1.0
 
     def _gather_spectra(self, mine: dict) -> dict:
-        """{target: (squares of all its parts (..., k) or None, out + in)} from each rank's own targets' parts."""
-        if parallel.world()[1] > 1:
-            gathered = [None] * parallel.world()[1]
+        """{target: (squares of all its parts (..., k) or None, out + in, min(out, in))} from each rank's own
+        targets' parts."""
+        ranks = parallel.world()[1]
+        if ranks > 1:
+            gathered = [None] * ranks
             dist.all_gather_object(gathered, {name: [(None if sq is None else sq.cpu(), pair, full)
                                                      for sq, pair, full in parts] for name, parts in mine.items()})
             mine = {name: parts for got in gathered for name, parts in got.items()}
         return {name: (None if any(sq is None for sq, _, _ in parts) else torch.cat([sq.cpu() for sq, _, _ in parts]),
                        parts[0][1], parts[0][2]) for name, parts in mine.items()}
 
-    def _spectra(self, model: nn.Module, parent: nn.Module, covariances, damping: float) -> dict:
-        """Every target's squared singular values of its weighted gap (restore's first pass when it allocates):
-        each rank its own targets', then gathered."""
+    def _gaps(self, model: nn.Module, parent: nn.Module, covariances):
+        """Per target, in order: (name, the rank that owns it, [(part, float64 gap W_p - W of the part, its
+        covariance or None)], empty on the other ranks). Layers are dealt out across ranks, each factoring its
+        own; every rank gathers every whole weight (sharded: a collective). The experts go EXPERT_CHUNK at a time:
+        in float64 Nano's 128 (1856 x 2688) are 5 GB a copy."""
         rank, ranks = parallel.world()
-        mine = {}
         for i, name in enumerate(self.targets):
             w = parallel.full_tensor(self.weight_of(model, name).detach())
             parent_w = parallel.full_tensor(self.weight_of(parent, name).detach()).to(w.device)
-            if rank != i % ranks:
+            owner = i % ranks
+            if rank != owner:
+                yield name, owner, []
                 continue
             cov = None if covariances is None or name not in covariances else covariances[name].to(w.device).double()
             experts = name in self.experts
             parts = [slice(e, e + EXPERT_CHUNK) for e in range(0, w.shape[0], EXPERT_CHUNK)] if experts else \
                 [slice(None)]
-            for part in parts:
-                gap = parent_w[part].double() - w[part].double()
-                squares = _rank_part(gap, 1, cov[part] if experts and cov is not None else cov, experts, damping,
+            yield name, owner, ((part, parent_w[part].double() - w[part].double(),  # (out, in); experts (E, out, in)
+                                 cov[part] if experts and cov is not None else cov) for part in parts)
+
+    def _spectra(self, model: nn.Module, parent: nn.Module, covariances, damping: float) -> dict:
+        """Every target's squared singular values of its weighted gap (restore's first pass when it allocates):
+        each rank its own targets', then gathered."""
+        mine = {}
+        for name, _, gaps in self._gaps(model, parent, covariances):
+            for _, gap, cov in gaps:
+                squares = _rank_part(gap, 1, cov, name in self.experts, damping,
                                      spectrum_k=ALLOCATE_SPAN * self.rank)[4]
                 mine.setdefault(name, []).append((squares, sum(gap.shape[-2:]), min(gap.shape[-2:])))
         return self._gather_spectra(mine)
