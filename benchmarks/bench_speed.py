@@ -177,6 +177,11 @@ def logits_of(model, x, hf: bool):
     return model(x).logits if hf else model(x)
 
 
+def whole_logits_ce(model, x, hf: bool):
+    """Next-token cross-entropy on the whole batch's logits cast to fp32: what transformers' own loss computes."""
+    return F.cross_entropy(logits_of(model, x, hf)[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny config, for a CPU smoke run")
@@ -281,7 +286,7 @@ def main():
     # to fp32, then cross_entropy), and ours also the library's own (`*_chunked_ce`: `next_token_ce` on a
     # `head_input`, the LM head and the loss a chunk of tokens at a time, no (tokens, vocab) tensor of the batch)
     with torch.no_grad():  # the two losses agree (bf16 logits rounded differently; fp32 on the CPU: exactly)
-        whole = F.cross_entropy(ours(x)[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
+        whole = whole_logits_ce(ours, x, False)
         chunked = next_token_ce(head_input(ours, x), x)
     res["loss_whole_logits"], res["loss_chunked_ce"] = whole.item(), chunked.item()
     print(f"loss: whole logits {whole.item():.5f}, chunked (next_token_ce) {chunked.item():.5f}")
@@ -302,11 +307,7 @@ def main():
         def step():
             if "cudagraphs" in name:  # a new iteration: the last step's graph outputs may be overwritten
                 torch.compiler.cudagraph_mark_step_begin()
-            if name.endswith("chunked_ce"):
-                loss = next_token_ce(head_input(m, x), x)
-            else:
-                logits = logits_of(m, x, hf)
-                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
+            loss = next_token_ce(head_input(m, x), x) if name.endswith("chunked_ce") else whole_logits_ce(m, x, hf)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
