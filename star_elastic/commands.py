@@ -251,10 +251,9 @@ def lever_options(args, base: dict) -> dict:
     opt = {k: getattr(args, k) if getattr(args, k, None) is not None else v for k, v in base.items()}
     if not opt["full_delta_rank"]:
         opt.update({k: 0 for k in DELTA_OPTIONS if getattr(args, k, None) is None})
-        if getattr(args, "full_keeps_held", None) is None:
-            opt["full_keeps_held"] = ""
-        if getattr(args, "full_delta_allocate", None) is None:
-            opt["full_delta_allocate"] = False
+        for k, off in (("full_keeps_held", ""), ("full_delta_allocate", False)):  # what goes with the delta
+            if getattr(args, k, None) is None:
+                opt[k] = off
     opt["full_delta_restore"] = restore_mode(getattr(args, "full_delta_restore", None), opt["full_delta_rank"],
                                              base["full_delta_restore"])
     return opt
