@@ -673,7 +673,8 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
         save_elastic(model, router, budgets, out, tokenizer, extra={"training": training, "evaluation": evaluation},
                      scores=permuted_scores(scores, perms), specs=specs, projections=projections,
                      record=distribution if sharded else None,
-                     dtype=getattr(torch, cfg.save_dtype) if cfg.save_dtype else None, delta=trainer.delta)
+                     dtype=getattr(torch, cfg.save_dtype) if cfg.save_dtype else None, delta=trainer.delta,
+                     order=perms)
         written = sum(f.stat().st_size for f in out.glob("*.safetensors")) if rank == 0 else 0
         log(f"checkpoint written in {time.perf_counter() - last[0]:.0f} s ({written / 1e9:.2f} GB of safetensors)")
     if rank == 0:

@@ -7,6 +7,9 @@
       router.safetensors                the budget router's weights
       importance.safetensors            the importance scores the parent was sorted by, in the sorted
                                         order (unit j of every axis is the parent's unit j); optional
+      parent_order.safetensors          the order the parent was sorted in: per axis, the parent's unit at
+                                        each sorted position (`sorted_parent` sorts the parent's own
+                                        checkpoint the same way); optional
       full_delta.safetensors            with `elastify --full-delta-rank`: the full budget's own low-rank
                                         delta (delta.py). The weights above are then the full budget
                                         merged (W + B A), and every smaller budget is a prefix of W =
@@ -55,6 +58,7 @@ from .router import Router, RouterConfig, interpolate_budget
 from .spec import ElasticSpec
 
 IMPORTANCE_FILE = "importance.safetensors"
+PARENT_ORDER_FILE = "parent_order.safetensors"
 
 
 def is_elastic_checkpoint(path) -> bool:
@@ -76,9 +80,11 @@ def save_elastic(model: Model, router: Router, budgets: list[Budget], out, token
                  scores: dict | None = None, specs: list[ElasticSpec] | None = None,
                  projections: list | None = None, max_shard_bytes: int = SHARD_BYTES,
                  record: dict | None = None, dtype: torch.dtype | None = None,
-                 delta: FullDelta | None = None) -> Path:
+                 delta: FullDelta | None = None, order: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the elastic checkpoint of a trained (sorted) parent and router, atomically. `scores`:
-    the importance scores in the parent's (sorted) unit order, kept for `star-elastic inspect`.
+    the importance scores in the parent's (sorted) unit order, kept for `star-elastic inspect`; `order`: the
+    permutations the parent was sorted by (`sort_model`'s), kept so that the parent's own checkpoint can be
+    sorted the same way (`sorted_parent`: what training moved, weight by weight).
     `specs`: each budget's architecture (default: the router's argmax); `projections`: how each was
     fixed after training (`router.Projection`), recorded per budget. `max_shard_bytes`: the largest
     weight file (larger parents are written in shards, with their index).
@@ -92,7 +98,7 @@ def save_elastic(model: Model, router: Router, budgets: list[Budget], out, token
     sharded = parallel.is_sharded(model)
     if not sharded:
         return _write_elastic(model, router, budgets, Path(out), tokenizer, memory, extra, scores, specs,
-                              projections, max_shard_bytes, record, dtype=dtype, delta=delta)
+                              projections, max_shard_bytes, record, dtype=dtype, delta=delta, order=order)
     error, written = None, {}
     try:
         # the smaller budgets' values of what the full budget keeps its own of: gathered by every rank, before
@@ -101,7 +107,8 @@ def save_elastic(model: Model, router: Router, budgets: list[Budget], out, token
         shared = delta.shared_tensors(model) if delta is not None and delta.rest else None
         if dist.get_rank() == 0:
             _write_elastic(model, router, budgets, Path(out), tokenizer, memory, extra, scores, specs,
-                           projections, max_shard_bytes, record, written, dtype=dtype, delta=delta, shared=shared)
+                           projections, max_shard_bytes, record, written, dtype=dtype, delta=delta, shared=shared,
+                           order=order)
         else:  # take part in the gathers; rank 0 writes
             with delta.merged(model) if delta is not None else nullcontext():
                 save_pretrained(model, out, max_shard_bytes=max_shard_bytes, dtype=dtype)
@@ -120,7 +127,8 @@ def save_elastic(model: Model, router: Router, budgets: list[Budget], out, token
 
 def _write_elastic(model, router, budgets, out: Path, tokenizer, memory, extra, scores, specs, projections,
                    max_shard_bytes, record, written: dict | None = None, dtype: torch.dtype | None = None,
-                   delta: FullDelta | None = None, shared: dict | None = None) -> Path:
+                   delta: FullDelta | None = None, shared: dict | None = None,
+                   order: dict[str, torch.Tensor] | None = None) -> Path:
     router.eval()
     cost = CostModel(model.config, memory)
     specs = specs if specs is not None else [router.spec(i) for i in range(len(budgets))]
@@ -145,6 +153,9 @@ def _write_elastic(model, router, budgets, out: Path, tokenizer, memory, extra, 
                   str(tmp / ROUTER_FILE), metadata={"format": FORMAT})
         if scores is not None:
             save_scores(scores, tmp / IMPORTANCE_FILE)
+        if order is not None:
+            save_file({k: torch.as_tensor(v).long().contiguous().cpu() for k, v in order.items()},
+                      str(tmp / PARENT_ORDER_FILE), metadata={"format": "pt", "star_elastic": "parent-order"})
         # every .safetensors file (each shard of a sharded parent) and the shards' index, by sha256 and size
         weights = sorted(p.name for p in tmp.glob("*.safetensors")) + \
             ([INDEX_FILE] if (tmp / INDEX_FILE).exists() else [])
@@ -260,6 +271,36 @@ def load_elastic(path, dtype=None, device=None, verify: bool = False) -> Elastic
         delta.subtract_from(model)
     return ElasticCheckpoint(model, router.to(model.lm_head.weight.device).eval(), manifest, load_tokenizer(path),
                              delta)
+
+
+def read_parent_order(path) -> dict[str, torch.Tensor]:
+    """The permutations the elastic checkpoint at `path`'s parent was sorted by (`save_elastic`'s `order`)."""
+    f = Path(path) / PARENT_ORDER_FILE
+    if not f.is_file():
+        raise StarElasticError(f"{path}: no {PARENT_ORDER_FILE} (written by elastify since the forty-first session): "
+                               "the order its parent was sorted in is not recorded")
+    safetensors_header(f)
+    return load_file(str(f))
+
+
+def sorted_parent(path, parent, dtype=None, device=None) -> Model:
+    """The parent checkpoint `parent` (a directory or .gguf), sorted as the elastic checkpoint at `path` sorted it
+    (`read_parent_order`): the teacher its budgets were trained from, unit for unit, so that what training moved
+    is a difference of weights (the full budget's drift, benchmarks/bench_delta_forms.py). One line naming the
+    problem when `parent` is not that checkpoint's parent."""
+    from .sort import apply_permutations
+
+    order = read_parent_order(path)
+    ours = read_config(Path(path))[1]
+    model = load(parent, dtype=dtype, device=device)
+    fields = ("family", "layer_types", "hidden_size", "vocab_size", "intermediate_size", "num_attention_heads",
+              "num_key_value_heads", "n_routed_experts", "mamba_num_heads")
+    differ = [f for f in fields if getattr(model.config, f, None) != getattr(ours, f, None)]
+    if differ:
+        raise StarElasticError(f"{parent}: not the parent of {path} (its {differ[0]} is "
+                               f"{getattr(model.config, differ[0], None)!r}, the checkpoint's "
+                               f"{getattr(ours, differ[0], None)!r})")
+    return apply_permutations(model, order)
 
 
 def load_router(path, manifest: dict | None = None, parent_cfg=None) -> Router:

@@ -122,6 +122,15 @@ def sort_model(model: Model, scores: dict, experts_key: str = "experts") -> dict
     permutations applied. Masks set on the model refer to the old order: set them again after.
     A parent too big for one device is sorted as it is loaded instead: sharded_sort.load_sorted."""
     perms = permutations(model.config, scores, experts_key)
+    apply_permutations(model, perms)
+    return perms
+
+
+@torch.no_grad()
+def apply_permutations(model: Model, perms: dict[str, torch.Tensor]) -> Model:
+    """Reorder `model` in place by `perms` (as `sort_model` returns them, or as an elastic checkpoint stores the
+    order its parent was sorted in: checkpoint.read_parent_order), checked to keep its function first."""
+    check_permutations(model.config, perms)
     seen = set()
     for name, t in model.state_dict(keep_vars=True).items():
         if t.data_ptr() in seen:  # tied embeddings / lm_head: one tensor, permuted once
@@ -130,4 +139,4 @@ def sort_model(model: Model, scores: dict, experts_key: str = "experts") -> dict
         plan = index_plan(name, model.config, perms)
         if plan:
             t.detach().copy_(apply_plan(t.detach(), plan))
-    return perms
+    return model

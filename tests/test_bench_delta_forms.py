@@ -1,0 +1,87 @@
+"""benchmarks/bench_delta_forms.py: the forms of the full budget's delta, each against the drift it was cut from.
+The quantisers must cover what their bits allow, GPTQ no less than plain rounding under the inputs' weight, and
+the benchmark's rows must match what a restore of the same rank covers."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ELASTIC_WORDS, randomize_, word_tokenizer
+from star_elastic import hf
+from star_elastic.elastify import ElastifyConfig, elastify
+from star_elastic.model import Model, ModelConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_delta_forms as bench  # noqa: E402
+
+
+def weighted_miss(d, approx, cov):
+    e = d - approx
+    return float(torch.einsum("oi,ij,oj->", e, cov, e) / torch.einsum("oi,ij,oj->", d, cov, d))
+
+
+@pytest.fixture(scope="module")
+def correlated():
+    """A drift (48, 128) and a covariance of strongly correlated inputs, where GPTQ's error feedback matters."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 128, generator=g, dtype=torch.float64) @ torch.randn(128, 128, generator=g,
+                                                                              dtype=torch.float64)
+    return torch.randn(48, 128, generator=g, dtype=torch.float64), x.T @ x / 2048
+
+
+@pytest.mark.parametrize("bits, most", [(4, 0.02), (3, 0.08), (2, 0.2), (1, 0.4)])
+def test_rounding_misses_what_its_bits_allow_and_gptq_less(correlated, bits, most):
+    d, cov = correlated
+    plain = bench.rounded(d, bits)
+    levels = plain.reshape(48, 2, 64)
+    assert all(len(torch.unique(g)) <= 2 ** bits for g in levels.reshape(-1, 64))  # b bits a weight, a scale a group
+    assert weighted_miss(d, plain, cov) < most
+    assert weighted_miss(d, bench.gptq(d, cov, bits), cov) < weighted_miss(d, plain, cov)
+
+
+def test_gptq_under_white_inputs_is_plain_rounding(correlated):
+    d, _ = correlated
+    torch.testing.assert_close(bench.gptq(d, torch.eye(128, dtype=torch.float64), 3, damping=0.0),
+                               bench.rounded(d, 3))
+
+
+def test_sizes_count_packed_bits_scales_and_factors():
+    assert bench.bits_bytes((576, 1536), 2) == 576 * 1536 / 4 + 2 * 576 * 1536 / 64
+    assert bench.rank_bytes((576, 1536), 64) == 2 * 64 * (576 + 1536)
+    assert bench.bits_bytes((32, 48), 1) == 32 * 48 / 8 + 2 * 32 * 48 / 16  # groups of gcd(48, 64) = 16
+
+
+def test_the_benchmark_scores_every_form_against_the_sorted_parent(tmp_path):
+    cfg = ModelConfig(vocab_size=63, hidden_size=32, layer_types="*-*-", num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=8, intermediate_size=64, bos_token_id=1, eos_token_id=2)
+    tokenizer = word_tokenizer(tmp_path)
+    torch.manual_seed(0)
+    hf.save_pretrained(randomize_(Model(cfg)), tmp_path / "parent", tokenizer=tokenizer)
+    g = torch.Generator().manual_seed(0)
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(" ".join(ELASTIC_WORDS[(int(torch.randint(0, 60, (1,), generator=g)) + j) % 60]
+                                         for j in range(40)) for _ in range(60)))
+    elastify(hf.load(tmp_path / "parent"), tokenizer, str(text), tmp_path / "ckpt",
+             ElastifyConfig(budgets=["1.0", "0.5"], tokens=16 * 32 * 4, seq_len=32, batch_size=16, calib_batches=2,
+                            eval_tokens=128, lr=1e-2, full_anchor=1.0, full_delta_rank=4, full_delta_restore="activations",
+                            hold=["embeddings", "norms"], hold_rate=1.0, full_keeps_held="training", chat_drift=False),
+             log=lambda *_: None)
+    out = bench.main([str(tmp_path / "ckpt"), "--parent", str(tmp_path / "parent"), "--calib", str(text),
+                      "--calib-rows", "8", "--seq-len", "32", "--sources", str(text), "--eval-tokens", "256",
+                      "--no-chat", "--json", str(tmp_path / "forms.json")])
+    assert (tmp_path / "forms.json").is_file() and out["rank"] == 4
+    rows = out["rows"]
+    assert set(rows) >= {"no delta", "checkpoint's full", "rank 4", "rank 8", "4-bit", "1-bit",
+                         "rank 2 + 1-bit rest"}
+    covered = {k: r["covered"] for k, r in rows.items() if "covered" in r}
+    assert covered.pop("no delta") == 0 and all(0 < v <= 1 for v in covered.values())
+    assert covered["rank 8"] > covered["rank 4"] and covered["4-bit"] > covered["2-bit"]
+    assert covered["rank 2 + 1-bit rest"] > covered["1-bit"]  # the rest adds to what the bits alone cover
+    assert rows["4-bit"]["bytes"] > rows["2-bit"]["bytes"] > rows["1-bit"]["bytes"]
+    # the full budget keeps its own embeddings and norms, so its drift is the linear layers' alone: the shared
+    # weights carry a real one (four steps at 1e-2), and what a form covers of it is what it takes back
+    alone = abs(rows["no delta"]["drift"][str(text)])
+    assert alone > 0.01
+    assert abs(rows["4-bit"]["drift"][str(text)]) < alone / 10
