@@ -20,8 +20,9 @@ by GPTQ (Frantar et al. 2022: each column rounded in turn, its error spread over
 under the same input covariance; 1 bit: sign times the group's mean magnitude, BitDelta's form per group;
 2 bits: four levels (k + 1/2) s, s the group's RMS, near Lloyd-Max for a Gaussian) and by plain rounding
 (`--rounding`); and rank k plus the rest of the drift so rounded (the low-rank part takes the few large
-directions, the bits the long tail). Sizes count packed bits, scales and factors in bf16. Routed experts keep
-the checkpoint's own delta in every form.
+directions, the bits the long tail; what `elastify --full-delta-bits` builds). The rounding is the library's
+(delta.round_rest). Sizes count packed bits, scales and factors in bf16. Routed experts keep the checkpoint's own
+delta in every form.
 
     python benchmarks/bench_delta_forms.py CKPT [--parent PARENT] --json OUT.json
 
@@ -34,7 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import math
 import sys
 from pathlib import Path
 
@@ -45,58 +45,20 @@ import common  # noqa: E402
 
 from star_elastic.data import load_corpus_tokens  # noqa: E402
 from star_elastic.elastic.checkpoint import load_elastic, sorted_parent  # noqa: E402
-from star_elastic.elastic.delta import _rank_part, input_covariances  # noqa: E402
+from star_elastic.elastic.delta import (REST_GROUP, _rank_part, input_covariances, rest_dense, rest_group,  # noqa: E402
+                                       round_rest)
 from star_elastic.elastify import chat_transcripts  # noqa: E402
 from star_elastic.errors import StarElasticError  # noqa: E402
 from star_elastic.evaluate import answer_scores, perplexity  # noqa: E402
 
-GROUP = 64  # weights sharing one scale, along the input
-
-
-def _group(cols: int) -> int:
-    return math.gcd(cols, GROUP)
-
-
-def _levels(x: torch.Tensor, s: torch.Tensor, bits: int) -> torch.Tensor:
-    """x rounded to `bits`-bit levels of scale s (broadcast)."""
-    if bits == 1:
-        return torch.where(x < 0, -s, s)
-    if bits == 2:
-        return ((x / s - 0.5).round().clamp(-2, 1) + 0.5) * s
-    top = 2 ** (bits - 1) - 1
-    return (x / s).round().clamp(-top - 1, top) * s
-
-
-def _scale(g: torch.Tensor, bits: int) -> torch.Tensor:
-    """A group's scale along its last dim: mean magnitude (1 bit), RMS (2 bits), else absmax over the top level."""
-    s = g.abs().mean(-1) if bits == 1 else g.pow(2).mean(-1).sqrt() if bits == 2 else \
-        g.abs().amax(-1) / (2 ** (bits - 1) - 1)
-    return s.clamp_min(1e-12)
-
-
 def rounded(d: torch.Tensor, bits: int) -> torch.Tensor:
-    """d (out, in) rounded to nearest, group by group."""
-    o, i = d.shape
-    g = d.reshape(o, i // _group(i), _group(i))
-    return _levels(g, _scale(g, bits)[..., None], bits).reshape(o, i)
+    """d (out, in) rounded to nearest, group by group (delta.round_rest without a covariance)."""
+    return rest_dense(*round_rest(d, None, bits), bits)
 
 
-def gptq(d: torch.Tensor, cov: torch.Tensor, bits: int, damping: float = 1e-2) -> torch.Tensor:
-    """d (out, in) rounded column by column under the input covariance `cov` (in, in), each column's error
-    spread over the columns not yet rounded (GPTQ), a group's scale set where the group begins."""
-    w = d.clone()
-    n = w.shape[1]
-    h = cov + damping * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(n, dtype=cov.dtype, device=cov.device)
-    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    q = torch.zeros_like(w)
-    size = _group(n)
-    for i in range(n):
-        if i % size == 0:
-            s = _scale(w[:, i:i + size], bits)
-        q[:, i] = _levels(w[:, i], s, bits)
-        err = (w[:, i] - q[:, i]) / upper[i, i]
-        w[:, i:] -= err[:, None] * upper[i, i:][None, :]
-    return q
+def gptq(d: torch.Tensor, cov: torch.Tensor, bits: int) -> torch.Tensor:
+    """d (out, in) rounded column by column under the input covariance `cov` (delta.round_rest: GPTQ)."""
+    return rest_dense(*round_rest(d, cov, bits), bits)
 
 
 def low_rank(d: torch.Tensor, cov: torch.Tensor, rank: int) -> torch.Tensor:
@@ -111,7 +73,7 @@ def rank_bytes(shape, rank: int) -> float:
 
 def bits_bytes(shape, bits: int) -> float:
     o, i = shape
-    return o * i * bits / 8 + 2.0 * o * i / _group(i)
+    return o * i * bits / 8 + 2.0 * o * i / rest_group(i)
 
 
 def forms(rank: int, rounding: bool) -> dict:
@@ -220,7 +182,7 @@ def main(argv=None) -> dict:
 
     result = {"benchmark": "bench_delta_forms", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "machine": common.machine(torch.device("cpu")), "checkpoint": str(args.checkpoint),
-              "parent": str(args.parent), "rank": rank, "linear_layers": len(names), "group": GROUP,
+              "parent": str(args.parent), "rank": rank, "linear_layers": len(names), "group": REST_GROUP,
               "drift_weighted_total": total, "parent_scores": base, "rows": rows_out,
               "settings": {k: v for k, v in vars(args).items() if k != "json"}}
     if args.json:

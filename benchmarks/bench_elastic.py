@@ -176,6 +176,9 @@ def parse_args(argv=None):
     ap.add_argument("--full-delta-allocate", action="store_true",
                     help="with --full-delta-restore: its rank's parameters given out layer by layer where the drift "
                          "is (TrainConfig.full_delta_allocate)")
+    ap.add_argument("--full-delta-bits", type=int, choices=(0, 1, 2, 4, 8), default=0,
+                    help="with --full-delta-restore: the rest of each linear layer's drift past rank r rounded to "
+                         "this many bits a weight (TrainConfig.full_delta_bits)")
     ap.add_argument("--hold", metavar="PARTS", type=comma_list,
                     help="anchored variants: hold these at or near the parent's values in every budget, "
                          "comma-separated: embeddings (with the LM head), norms, mamba, gates (TrainConfig.hold; frozen unless "
@@ -679,6 +682,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                        full_delta_finish=args.full_delta_finish if variant in ANCHORED else 0,
                        full_delta_restore=args.full_delta_restore if variant in ANCHORED else "",
                        full_delta_allocate=args.full_delta_allocate and variant in ANCHORED,
+                       full_delta_bits=args.full_delta_bits if variant in ANCHORED else 0,
                        hold=args.hold if variant in ANCHORED else None,
                        hold_rate=args.hold_rate if variant in ANCHORED else 0.0,
                        hold_pull=args.hold_pull if variant in ANCHORED else 0.0,
@@ -774,6 +778,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                         "full_delta_restored": trainer.restored,
                         "full_delta_restore_report": trainer.restore_report,
                         "full_delta_allocate": tcfg.full_delta_allocate or None,
+                        "full_delta_bits": tcfg.full_delta_bits or None,
                         "full_keeps_held_training": tcfg.full_keeps_held,
                         # the full budget's scores beside its perplexity, added once it is scored
                         "full_without_delta": None, "full_with_parents_rest": None, "full_keeps_held": None,
@@ -1174,6 +1179,8 @@ def main(argv=None):
         restore_mode(args.full_delta_restore or None, args.full_delta_rank, "")
     except StarElasticError as e:
         raise SystemExit(str(e)) from None
+    if args.full_delta_bits and not args.full_delta_restore:
+        raise SystemExit("--full-delta-bits rounds the drift the delta's restore finds: give --full-delta-restore")
     if args.full_delta_allocate and not args.full_delta_restore:
         raise SystemExit("--full-delta-allocate gives the delta's rank out where its restore finds the drift: give "
                          "--full-delta-restore")

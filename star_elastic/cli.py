@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --full-delta-restore: give the delta's parameters (rank R on every layer's worth) "
                              "out layer by layer where the drift is, not rank R everywhere; every restore reports "
                              "what this would cover (training.full_delta_restore_report in the manifest)")
+        sp.add_argument("--full-delta-bits", type=int, choices=(1, 2, 4, 8), default=None, metavar="BITS",
+                        help="with --full-delta-restore: also round the rest of each linear layer's drift past rank "
+                             "R to BITS a weight (GPTQ under the layer's inputs, a scale per 64 weights), a fixed "
+                             "term the finish trains the delta beside; on SmolLM2's own drift 4 bits covered 99.96%% "
+                             "where rank 64 covered 98.4%% (docs/RESULTS.md §9); a server then holds that term "
+                             "dense for the full budget (off by default)")
         sp.add_argument("--hold", metavar="PARTS",
                         help="hold these at the parent's values in every budget, comma-separated: embeddings (with "
                              "the LM head), norms, mamba (each Mamba mixer's A_log, D, dt_bias and causal conv), gates "
@@ -181,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     full_budget_args(sp)
     # not given: elastify's own (commands.PLAIN_LEVERS), or with --keep-full the recipe's (commands.KEEP_FULL)
     sp.set_defaults(anchor_data=None, anchor_mix=None, budget_mix=None, full_delta_rank=None, full_delta_lr=None,
-                    full_delta_finish=None, full_delta_restore=None, full_delta_allocate=None, hold=None,
+                    full_delta_finish=None, full_delta_restore=None, full_delta_allocate=None, full_delta_bits=None,
+                    hold=None,
                     hold_rate=None, hold_pull=None, full_keeps_held=None)
     sp.add_argument("--anchor-projection", action="store_true",
                     help="where the full anchor's gradient conflicts with the smaller budgets' (a negative inner "
@@ -249,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     full_budget_args(sp)
     # not given: the preset's (on the CPU elastify's defaults; on a GPU the recipe that keeps the full budget)
     sp.set_defaults(anchor_data=None, anchor_mix=None, budget_mix=None, full_delta_rank=None, full_delta_lr=None,
-                    full_delta_finish=None, full_delta_restore=None, full_delta_allocate=None, hold=None,
+                    full_delta_finish=None, full_delta_restore=None, full_delta_allocate=None, full_delta_bits=None,
+                    hold=None,
                     hold_rate=None, hold_pull=None, full_keeps_held=None)
     sp.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
                     help="as elastify's (default auto: each layer under torch.compile on a GPU)")

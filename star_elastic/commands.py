@@ -225,7 +225,7 @@ def cmd_elastify(args):
 # else; the restore wherever a delta is on) ...
 PLAIN_LEVERS = dict(full_anchor=0.5, anchor_data=None, anchor_mix=1.0, budget_mix=0.0, full_delta_rank=0,
                     full_delta_lr=0.0, full_delta_finish=0, full_delta_restore="activations", full_delta_allocate=False,
-                    hold=None, hold_rate=0.0, hold_pull=0.0, full_keeps_held="")
+                    full_delta_bits=0, hold=None, hold_rate=0.0, hold_pull=0.0, full_keeps_held="")
 # ... and as `elastify --keep-full` sets them: the recipe that held SmolLM2's full model within 1% of its parent,
 # or better, on five sources at two seeds, chat answers included (docs/RESULTS.md §9, twenty-seventh session: the
 # delta on every linear layer and routed expert, restored in closed form where training ends, then 256 steps
@@ -238,7 +238,7 @@ PLAIN_LEVERS = dict(full_anchor=0.5, anchor_data=None, anchor_mix=1.0, budget_mi
 # without it it trailed by 3-6%; half (0.5) cost 3-4% in domain
 KEEP_FULL = dict(full_anchor=1.0, anchor_data="self", anchor_mix=0.5, budget_mix=0.2, full_delta_rank=64,
                  full_delta_lr=4e-4, full_delta_finish=256, full_delta_restore="activations", full_delta_allocate=False,
-                 hold="embeddings,norms", hold_rate=1.0, hold_pull=0.0, full_keeps_held="training")
+                 full_delta_bits=0, hold="embeddings,norms", hold_rate=1.0, hold_pull=0.0, full_keeps_held="training")
 
 
 def lever_options(args, base: dict) -> dict:
@@ -251,7 +251,8 @@ def lever_options(args, base: dict) -> dict:
     opt = {k: getattr(args, k) if getattr(args, k, None) is not None else v for k, v in base.items()}
     if not opt["full_delta_rank"]:
         opt.update({k: 0 for k in DELTA_OPTIONS if getattr(args, k, None) is None})
-        for k, off in (("full_keeps_held", ""), ("full_delta_allocate", False)):  # what goes with the delta
+        # what goes with the delta
+        for k, off in (("full_keeps_held", ""), ("full_delta_allocate", False), ("full_delta_bits", 0)):
             if getattr(args, k, None) is None:
                 opt[k] = off
     opt["full_delta_restore"] = restore_mode(getattr(args, "full_delta_restore", None), opt["full_delta_rank"],

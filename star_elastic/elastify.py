@@ -92,6 +92,7 @@ class ElastifyConfig:
     # token -> 0.003-0.004, the smaller budget unchanged; hence on wherever the delta is
     full_delta_restore: str = "activations"
     full_delta_allocate: bool = False  # the restore gives the rank's parameters out layer by layer (TrainConfig's)
+    full_delta_bits: int = 0  # the restore rounds the rest past rank r to this many bits a weight (TrainConfig's)
     # the embeddings (with the LM head) and / or norms held at or near the parent's (TrainConfig.hold, hold_rate,
     # hold_pull). Measured (§9, seventeenth session): both frozen beside the delta keep the full model within 1%
     # of its parent everywhere at two seeds, at a cost to the smaller budgets (0.75 up to 4%, 0.5 up to 9% behind
@@ -338,7 +339,8 @@ def train_config(cfg: ElastifyConfig, budgets: list, model_config, steps: int, a
                        anchor_projection=cfg.anchor_projection, anchor_mix=cfg.anchor_mix, budget_mix=cfg.budget_mix,
                        full_delta_rank=cfg.full_delta_rank, full_delta_lr=cfg.full_delta_lr,
                        full_delta_finish=cfg.full_delta_finish, full_delta_restore=restore,
-                       full_delta_allocate=cfg.full_delta_allocate, hold=cfg.hold,
+                       full_delta_allocate=cfg.full_delta_allocate, full_delta_bits=cfg.full_delta_bits,
+                       hold=cfg.hold,
                        hold_rate=cfg.hold_rate, hold_pull=cfg.hold_pull,
                        full_keeps_held=cfg.full_keeps_held == "training")
 
@@ -608,7 +610,8 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     if trainer.restored is not None:
         given = trainer.delta.ranks().values()
         spent = (f"rank {cfg.full_delta_rank}'s parameters given out layer by layer (ranks {min(given)} to "
-                 f"{max(given)})" if cfg.full_delta_allocate else f"rank {cfg.full_delta_rank}")
+                 f"{max(given)})" if cfg.full_delta_allocate else f"rank {cfg.full_delta_rank}") + \
+            (f" and the rest rounded to {cfg.full_delta_bits} bits a weight" if cfg.full_delta_bits else "")
         log(f"the delta set from the shared weights' drift ({restore}) where training ended: {spent} covers "
             f"{trainer.restored:.1%} of it" + (", then the finish trained it on" if cfg.full_delta_finish else ""))
         if trainer.restore_report:  # what other sizes, or the other way of spending this one, would have covered

@@ -603,7 +603,7 @@ class ElasticTrainer:
         cfg = self.cfg
         if not cfg.full_delta_rank:
             return None
-        delta = FullDelta(self.model, cfg.full_delta_rank, seed=cfg.seed + 4)
+        delta = FullDelta(self.model, cfg.full_delta_rank, seed=cfg.seed + 4, bits=cfg.full_delta_bits)
         if cfg.full_keeps_held:  # the parent's values, taken before any resume loads trained ones
             delta.keep(self.model, held_values(self.model, cfg.hold))
         lr = cfg.full_delta_lr or cfg.lr

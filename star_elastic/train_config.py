@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from .elastic.cost import Budget
 from .elastic.losses import LossWeights
-from .elastic.delta import HELD_PARTS
+from .elastic.delta import HELD_PARTS, REST_BITS
 from .elastic.router import ESTIMATORS
 from .errors import StarElasticError
 
@@ -97,6 +97,10 @@ class TrainConfig:
     # each further singular pair where its squared value per parameter is highest), not the rank on every layer.
     # What it would cover is reported beside every restore (FullDelta.report) whether on or not
     full_delta_allocate: bool = False
+    # with the restore: the rest of each linear layer's drift past its rank-r part rounded to this many bits a
+    # weight (1, 2, 4 or 8; 0: none), a fixed term beside B A (delta.round_rest). On SmolLM2's own drift 4 bits
+    # covered 99.96% where rank 64 covered 98.4% (docs/RESULTS.md §9, forty-first session)
+    full_delta_bits: int = 0
     # held at or near the parent's values in every budget: "embeddings" (with the LM head), "norms", or both
     # (delta.HELD_PARTS). Frozen (hold_rate 0) beside the delta, the full model's only drift is in the linear
     # layers its delta covers: measured, within 1% of its parent everywhere at two seeds, but the 0.75 up to 4%
@@ -292,6 +296,15 @@ def check_config(cfg: TrainConfig, budgets: list[Budget], sharded: bool, anchor_
     if cfg.full_delta_restore and not cfg.full_delta_rank:
         raise StarElasticError(f"{restore} sets the full budget's delta, and there is none: give "
                                f"{name('full_delta_rank')}")
+    if cfg.full_delta_bits and not cfg.full_delta_restore:
+        raise StarElasticError(f"{name('full_delta_bits')} rounds the drift the delta's restore finds, and there is "
+                               f"no restore: give {name('full_delta_restore')}")
+    if cfg.full_delta_bits not in (0, *REST_BITS):
+        raise StarElasticError(f"{name('full_delta_bits')} {cfg.full_delta_bits}: give one of "
+                               f"{', '.join(map(str, REST_BITS))} (or 0: none)")
+    if cfg.full_delta_bits and sharded:
+        raise StarElasticError(f"{name('full_delta_bits')} under FSDP2 sharding is not built (the rounded rest is "
+                               "whole on one device): run on one device, or without it")
     if cfg.full_delta_allocate and not cfg.full_delta_restore:
         raise StarElasticError(f"{name('full_delta_allocate')} gives the delta's rank out where its restore finds the "
                                f"drift, and there is no restore: give {name('full_delta_restore')}")

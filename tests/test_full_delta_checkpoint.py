@@ -141,6 +141,44 @@ def test_a_delta_given_out_by_layer_is_written_read_and_run_at_its_own_ranks(tmp
     check_every_path(out, tmp_path)
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_a_delta_with_its_rest_rounded_is_written_read_and_run(tmp_path, bits):
+    """`elastify --full-delta-bits`: the restore rounds each linear layer's drift past rank 2 to `bits` a weight;
+    the delta file holds the codes packed, the manifest says so, the delta reads back the same, transformers runs
+    the merged full budget, and every path that makes a budget (masks, slices, streaming, evaluation, a server)
+    gives the 0.5 and the full model as with the rank alone."""
+    from conftest import word_tokenizer
+
+    write_word_text(tmp_path / "text.txt")
+    torch.manual_seed(0)
+    common = dict(budgets=["1.0", "0.5"], tokens=16 * 32 * 6, seq_len=32, batch_size=16, calib_batches=2,
+                  eval_tokens=256, lr=3e-3, full_anchor=1.0, full_delta_rank=2, full_delta_restore="activations")
+    outs, results = {}, {}
+    for b in (0, bits):
+        torch.manual_seed(0)
+        outs[b] = tmp_path / f"ckpt{b}"
+        results[b] = elastify(Model(PARENTS["nemotron_h"]), word_tokenizer(tmp_path, WORDS), str(tmp_path / "text.txt"),
+                              outs[b], ElastifyConfig(**common, full_delta_bits=b), log=lambda *_: None)
+    # the same training (the bits change only the restore): the rounded rest covers more of the same drift
+    assert results[bits]["training"]["full_delta_restored"] > results[0]["training"]["full_delta_restored"]
+    manifest = read_manifest(outs[bits])
+    entry = manifest["full_delta"]
+    assert entry["bits"] == bits and entry["rounded_layers"] == len(load_elastic(outs[0]).delta.names)
+    ckpt = load_elastic(outs[bits])
+    assert ckpt.delta.bits == bits
+    for name in ckpt.delta.names:
+        codes = getattr(ckpt.delta.rounded_codes, name.replace(".", "/"))
+        assert int(codes.max()) < 2 ** bits and codes.shape == ckpt.delta.weight_of(ckpt.model, name).shape
+    x = torch.randint(0, 63, (2, 12))
+    ref = AutoModelForCausalLM.from_pretrained(str(outs[bits])).eval()
+    with torch.no_grad():
+        assert _close(ref(x).logits.float(), _logits(ckpt.full_model(), x))
+    # the smaller budgets never see the rest: the 0.5 is the same model with or without it
+    half0 = slice_model(load_elastic(outs[0]).model, budget_spec(read_manifest(outs[0]), "0.5"))
+    _, x, want, _ = check_every_path(outs[bits], tmp_path)
+    assert _close(_logits(half0, x), want, 1e-5)
+
+
 def test_save_and_load_give_back_the_trained_shared_weights_and_delta(tmp_path):
     model, teacher, router, budgets, rows, cfg, _ = make(**{**SMALLER_ONLY, "full_anchor": 1.0, "full_delta_rank": 3})
     t = ElasticTrainer(model, teacher, router, budgets, rows, cfg, tmp_path / "t")
@@ -198,12 +236,14 @@ def test_cli_full_delta_rank_reaches_the_checkpoint_and_needs_the_anchor(tmp_pat
     common = ["elastify", str(tmp_path / "parent"), "--budgets", "1.0,0.5", "--data", str(text), "--seq-len", "32",
               "--batch-size", "8", "--calib-batches", "1", "--eval-tokens", "128", "--device", "cpu",
               "--tokens", str(8 * 32 * 2)]
-    assert cli.main(common + ["--out", str(tmp_path / "ckpt"), "--full-delta-rank", "2"]) == 0
+    assert cli.main(common + ["--out", str(tmp_path / "ckpt"), "--full-delta-rank", "2", "--full-delta-bits", "4"]) == 0
     manifest = read_manifest(tmp_path / "ckpt")
     assert manifest["full_delta"]["rank"] == 2 and manifest["training"]["config"]["full_delta_rank"] == 2
-    capsys.readouterr()
+    assert manifest["full_delta"]["bits"] == 4 and manifest["training"]["config"]["full_delta_bits"] == 4
+    assert "the rest rounded to 4 bits a weight" in capsys.readouterr().out
     for extra, message in ((["--full-anchor", "0"], "needs --full-anchor > 0"),
-                           (["--full-delta-rank", "-1"], "give a positive rank")):
+                           (["--full-delta-rank", "-1"], "give a positive rank"),
+                           (["--full-delta-restore", "none", "--full-delta-bits", "2"], "there is no restore")):
         args = common + ["--out", str(tmp_path / "o2"), "--full-delta-rank", "2"] + extra
         assert cli.main(args) == 2
         err = capsys.readouterr().err

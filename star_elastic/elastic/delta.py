@@ -33,6 +33,7 @@ under `<parameter>.shared` (loading puts them in the model, the streaming slicer
 from __future__ import annotations
 
 import functools
+import math
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -173,14 +174,104 @@ def restore_report(spectra: dict, total: float, rank: int) -> dict | None:
     return report
 
 
+# The rest of the drift past the rank-r part, rounded to a few bits a weight (TrainConfig.full_delta_bits): a scale
+# per REST_GROUP weights along the input. On SmolLM2's own drift (docs/RESULTS.md §9, forty-first session) the
+# dense drift at 4 bits covered 99.96% of it where rank 64 covered 98.4% and rank 128 99.4%: a training drift is
+# not low-rank enough for a rank to hold its tail, and a few bits a weight hold it at a like size.
+REST_GROUP = 64
+REST_BITS = (1, 2, 4, 8)
+
+
+def rest_group(cols: int) -> int:
+    """Weights sharing one scale along an input of `cols` columns."""
+    return math.gcd(cols, REST_GROUP)
+
+
+def _rest_scale(g: torch.Tensor, bits: int) -> torch.Tensor:
+    """The scale of each group (along the last dim) of `g`: its mean magnitude (1 bit: sign times it, BitDelta's
+    form), its RMS (2 bits: four levels (k + 1/2) s, near Lloyd-Max for a Gaussian), else its largest magnitude
+    over the top level."""
+    s = g.abs().mean(-1) if bits == 1 else g.pow(2).mean(-1).sqrt() if bits == 2 else \
+        g.abs().amax(-1) / (2 ** (bits - 1) - 1)
+    return s.clamp_min(1e-12)
+
+
+def rest_codes(x: torch.Tensor, s: torch.Tensor, bits: int) -> torch.Tensor:
+    """`x`'s nearest level at scale `s` as a code in [0, 2^bits) (rest_values inverts it)."""
+    if bits == 1:
+        return (x >= 0).to(torch.uint8)
+    if bits == 2:
+        return ((x / s - 0.5).round().clamp(-2, 1) + 2).to(torch.uint8)
+    half = 2 ** (bits - 1)
+    return ((x / s).round().clamp(-half, half - 1) + half).to(torch.uint8)
+
+
+def rest_values(codes: torch.Tensor, s: torch.Tensor, bits: int) -> torch.Tensor:
+    """The levels `codes` stand for at scale `s` (same shape as codes, s broadcast)."""
+    c = codes.to(s.dtype)
+    return (2 * c - 1) * s if bits == 1 else (c - 1.5) * s if bits == 2 else (c - 2 ** (bits - 1)) * s
+
+
+def round_rest(gap: torch.Tensor, cov: torch.Tensor | None, bits: int, damping: float = 1e-2):
+    """(codes uint8 (out, in), scales (out, in / group)) of `gap` (out, in) rounded to `bits` a weight by GPTQ
+    (Frantar et al. 2022) under the input covariance `cov` (None: plain rounding): each column rounded in turn,
+    its error spread over the columns not yet rounded, so that the error the layer's inputs see stays small; a
+    group's scale set where the group begins."""
+    w = gap.clone()
+    out_f, n = w.shape
+    size = rest_group(n)
+    codes = torch.empty(out_f, n, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(out_f, n // size, dtype=w.dtype, device=w.device)
+    if cov is None:
+        g = w.reshape(out_f, n // size, size)
+        scales.copy_(_rest_scale(g, bits))
+        return rest_codes(g, scales[..., None], bits).reshape(out_f, n), scales
+    h = cov + damping * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(n, dtype=cov.dtype, device=cov.device)
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    for i in range(n):
+        if i % size == 0:
+            scales[:, i // size] = _rest_scale(w[:, i:i + size], bits)
+        s = scales[:, i // size]
+        codes[:, i] = rest_codes(w[:, i], s, bits)
+        err = (w[:, i] - rest_values(codes[:, i], s, bits)) / upper[i, i]
+        w[:, i:] -= err[:, None] * upper[i, i:][None, :]
+    return codes, scales
+
+
+def rest_dense(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """The rounded rest as a dense (out, in) tensor in the scales' dtype."""
+    out_f, n = codes.shape
+    size = n // scales.shape[-1]
+    return rest_values(codes.reshape(out_f, -1, size), scales[..., None], bits).reshape(out_f, n)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes (out, in) of `bits` each, 8 / bits to a byte (out, in * bits / 8), the first in the low bits."""
+    per = 8 // bits
+    c = codes.reshape(codes.shape[0], -1, per).to(torch.int32)
+    shifts = torch.arange(per, dtype=torch.int32, device=codes.device) * bits
+    return (c << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """pack_codes undone: (out, in * bits / 8) bytes -> (out, in) codes."""
+    per = 8 // bits
+    shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * bits
+    return ((packed.to(torch.int32)[..., None] >> shifts) & (2 ** bits - 1)).reshape(packed.shape[0], -1).to(
+        torch.uint8)
+
+
 class _WithDelta:
-    """Mixed into a linear layer's class while the full budget runs: W x + B A x."""
+    """Mixed into a linear layer's class while the full budget runs: W x + B A x (+ R x, the rounded rest of the
+    drift, dense, when the delta has one)."""
 
     delta_down: torch.Tensor
     delta_up: torch.Tensor
+    delta_rest: torch.Tensor | None
 
     def forward(self, x):
-        return super().forward(x) + F.linear(F.linear(x, self.delta_down), self.delta_up)
+        y = super().forward(x) + F.linear(F.linear(x, self.delta_down), self.delta_up)
+        return y if self.delta_rest is None else y + F.linear(x, self.delta_rest)
 
 
 class _ExpertsWithDelta:
@@ -279,15 +370,18 @@ class FullDelta(nn.Module):
     experts (their stacked (E, out, in) tensors: A (E, r, in), B (E, out, r)): `up` starts at zero, `down`
     small and random. Parameter keys are the layers' names (the experts' parameters' names), dots as '/'."""
 
-    def __init__(self, model: nn.Module, rank: int, seed: int = 0):
+    def __init__(self, model: nn.Module, rank: int, seed: int = 0, bits: int = 0):
         """`rank` on every target; a restore that gives its parameters out layer by layer (`resize`) keeps it as
-        the delta's nominal size."""
+        the delta's nominal size. `bits` > 0: the restore also rounds the rest of each linear layer's drift past
+        the rank-r part to that many bits a weight (`round_rest`), a fixed term the finish trains A and B beside."""
         from ..model import Experts
 
         super().__init__()
         if rank < 1:
             raise ValueError(f"full delta rank {rank}: give a positive rank")
-        self.nominal_rank = rank
+        if bits and bits not in REST_BITS:
+            raise StarElasticError(f"full delta bits {bits}: give one of {', '.join(map(str, REST_BITS))}")
+        self.nominal_rank, self.bits = rank, bits
         g = torch.Generator().manual_seed(seed)
         self.names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
         self.experts = [f"{n}.{which}" for n, m in model.named_modules() if isinstance(m, Experts)
@@ -305,6 +399,9 @@ class FullDelta(nn.Module):
         self.rest: dict[str, torch.Tensor] = {}
         self.report: dict | None = None  # the last restore's restore_report
         self.shared: dict[str, torch.Tensor] = {}
+        # the rounded rest (bits > 0), set by the restore: per linear layer its codes (out, in) and scales (out, in /
+        # group) as buffers, so that a trainer's saved state holds them and no optimiser sees them
+        self.rounded_codes, self.rounded_scales = nn.Module(), nn.Module()
 
     def keep(self, model: nn.Module, values: dict[str, torch.Tensor]) -> "FullDelta":
         """The full budget keeps `values` ({parameter name: tensor}, e.g. the parent's from `held_values`) as
@@ -380,14 +477,34 @@ class FullDelta(nn.Module):
 
     def resize_like(self, shapes: dict[str, list[int]]) -> "FullDelta":
         """`resize` to the ranks of a saved state dict's tensors ({state-dict key: shape}, as a trainer's saved
-        state holds them)."""
+        state holds them), with room for the rounded rest where the state holds one."""
+        for name in self.names:
+            key = _key(name)
+            if f"rounded_codes.{key}" in shapes:
+                device = self.down[key].device
+                self.set_rounded(name, torch.zeros(shapes[f"rounded_codes.{key}"], dtype=torch.uint8, device=device),
+                                 torch.zeros(shapes[f"rounded_scales.{key}"], device=device))
         return self.resize({name: shapes[f"down.{_key(name)}"][-2] for name in self.targets
                             if f"down.{_key(name)}" in shapes})
+
+    def set_rounded(self, name: str, codes: torch.Tensor, scales: torch.Tensor) -> None:
+        """Linear layer `name`'s rounded rest: codes (out, in) and scales (out, in / group), kept as buffers."""
+        key = _key(name)
+        self.rounded_codes.register_buffer(key, codes.to(torch.uint8))
+        self.rounded_scales.register_buffer(key, scales.float())
+
+    def rounded(self, name: str) -> torch.Tensor | None:
+        """Linear layer `name`'s rounded rest, dense (out, in) in float32, or None (none set)."""
+        key = _key(name)
+        codes = getattr(self.rounded_codes, key, None)
+        return None if codes is None else rest_dense(codes, getattr(self.rounded_scales, key), self.bits)
 
     def delta(self, name: str) -> torch.Tensor:
         """B A of target `name`, (out, in) (experts: (E, out, in)), in float32."""
         key = _key(name)
-        return self.up[key].float() @ self.down[key].float()
+        ba = self.up[key].float() @ self.down[key].float()
+        rest = self.rounded(name) if name in self.names else None
+        return ba if rest is None else ba + rest
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """A and B as the checkpoint stores them: `<layer>.delta_down` (r, in), `<layer>.delta_up` (out, r),
@@ -398,6 +515,10 @@ class FullDelta(nn.Module):
             key = _key(name)
             down, up = _stored_keys(name)
             out[down], out[up] = self.down[key], self.up[key]
+            codes = getattr(self.rounded_codes, key, None)
+            if codes is not None:  # the rounded rest: its codes packed 8 / bits to a byte, a scale a group
+                out[name + ROUNDED], out[name + ROUNDED_SCALE] = pack_codes(codes, self.bits), \
+                    getattr(self.rounded_scales, key)
         return out
 
     @classmethod
@@ -416,8 +537,18 @@ class FullDelta(nn.Module):
             raise StarElasticError(f"{path}: a delta of rank {min(stored_ranks.values())}")
         rank = max(stored_ranks.values())
         with safe_open(str(path), "pt") as f:  # the nominal rank (a delta given out layer by layer: its own)
-            rank = int((f.metadata() or {}).get("rank", rank))
-        delta = cls(model, rank)  # the layers and shapes; its starting values are replaced below
+            meta = f.metadata() or {}
+        rank, bits = int(meta.get("rank", rank)), int(meta.get("bits", 0))
+        delta = cls(model, rank, bits=bits)  # the layers and shapes; its starting values are replaced below
+        for key in [k for k in stored if k.endswith(ROUNDED)]:
+            name, packed = key.removesuffix(ROUNDED), stored.pop(key)
+            scales = stored.pop(name + ROUNDED_SCALE, None)
+            w = model.get_submodule(name).weight if name in delta.names else None
+            if not bits or w is None or scales is None or packed.dtype != torch.uint8 or \
+                    packed.shape != (w.shape[0], w.shape[1] * bits // 8) or \
+                    scales.shape != (w.shape[0], w.shape[1] // rest_group(w.shape[1])):
+                raise StarElasticError(f"{path}: {key} does not fit the model's layer {name} at {bits} bits a weight")
+            delta.set_rounded(name, unpack_codes(packed, bits).to(w.device), scales.to(w.device))
         params = dict(model.named_parameters())
         for key in [k for k in stored if k.endswith(SHARED)]:
             name, t = key.removesuffix(SHARED), stored.pop(key)
@@ -462,7 +593,9 @@ class FullDelta(nn.Module):
         try:
             for name in self.names:
                 key = _key(name)
-                swaps.mix(model.get_submodule(name), _WithDelta, delta_down=self.down[key], delta_up=self.up[key])
+                rest = self.rounded(name)  # dense once here, not in every forward
+                swaps.mix(model.get_submodule(name), _WithDelta, delta_down=self.down[key], delta_up=self.up[key],
+                          delta_rest=None if rest is None else rest.to(self.down[key].dtype))
             for module in dict.fromkeys(name.rpartition(".")[0] for name in self.experts):
                 pairs = {which: (self.down[_key(f"{module}.{which}")],
                                  self.up[_key(f"{module}.{which}")]) for which in EXPERT_TENSORS}
@@ -537,8 +670,13 @@ class FullDelta(nn.Module):
         (`allocate_ranks`; the targets resized, so an optimiser must be given the new parameters), from a first
         pass over the layers' spectra (above EXACT_SVD_MAX each layer's top ALLOCATE_SPAN x r values, so none gets
         more than that). Why: the trained delta follows the shared weights from behind (docs/RESULTS.md §9); this
-        one starts where they are."""
+        one starts where they are. With `bits` (the delta's), each linear layer's rest past its rank-r part is
+        rounded to that many bits a weight under the same covariance (`round_rest`), and the share returned is
+        what both cover (the report's sizes stay the rank's alone)."""
         self.report = None
+        if self.bits and parallel.world()[1] > 1:
+            raise StarElasticError("a full delta's rounded rest (--full-delta-bits) under FSDP2 sharding is not built: "
+                                   "run on one device, or without --full-delta-bits")
         spectra = self._spectra(model, parent, covariances, damping) if allocate else None
         if allocate:
             self.resize(allocate_ranks(spectra, self.rank))
@@ -553,6 +691,17 @@ class FullDelta(nn.Module):
                 mine.setdefault(name, []).append((squares, sum(gap.shape[-2:]), min(gap.shape[-2:])))
                 self.up[key][part].copy_(up.to(self.up[key].dtype))
                 self.down[key][part].copy_(down.to(self.down[key].dtype))
+                if self.bits and name in self.names:  # the rest past the rank-r part, rounded
+                    rest = gap - up @ down
+                    codes, scales = round_rest(rest, cov, self.bits, damping)
+                    self.set_rounded(name, codes, scales)
+                    err = rest - rest_dense(codes, scales, self.bits)
+                    if cov is not None:  # the restore's own weight: the damped covariance
+                        cov_d = cov + damping * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(
+                            cov.shape[0], dtype=cov.dtype, device=cov.device)
+                        c = t - float(torch.einsum("oi,ij,oj->", err, cov_d, err))
+                    else:
+                        c = t - float((err ** 2).sum())
                 caught, total = caught + c, total + t
             if ranks > 1:  # the owner factored it: the others receive B A
                 for t in (self.up[key], self.down[key]):
@@ -691,6 +840,7 @@ def input_covariances(model: nn.Module, names: list[str], run, batches, experts=
 
 
 EXPERT_TENSORS = ("up_proj", "down_proj")  # a MoE's routed experts' stacked tensors, (E, out, in) each
+ROUNDED, ROUNDED_SCALE = ".delta_rest", ".delta_rest_scale"  # a linear layer's rounded rest in the delta file
 SHARED = ".shared"  # the suffix of the smaller budgets' values in the delta file (`FullDelta.keep`)
 HELD_PARTS = ("embeddings", "norms", "mamba", "gates")  # what TrainConfig.hold can keep at the parent's
 
@@ -752,5 +902,6 @@ def save_delta(delta: FullDelta, path, dtype: torch.dtype | None = None, model: 
     if delta.rest and shared is None:
         shared = delta.shared_tensors(model)
     tensors = {**delta.tensors(), **(shared or {})}
-    save_file({k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in tensors.items()},
-              str(path), metadata={"format": "star-elastic-full-delta", "rank": str(delta.rank)})
+    save_file({k: v.detach().to(dtype or v.dtype if v.is_floating_point() else v.dtype).contiguous().cpu()
+               for k, v in tensors.items()}, str(path),
+              metadata={"format": "star-elastic-full-delta", "rank": str(delta.rank), "bits": str(delta.bits)})

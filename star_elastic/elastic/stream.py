@@ -688,11 +688,14 @@ def stream_slice(parent_dir, spec: ElasticSpec | dict, out_dir, *, dtype: torch.
 
 
 def _full_delta(parent_dir: Path, parent: ModelConfig, spec: ElasticSpec) -> tuple[dict[str, tuple], dict]:
-    """{linear weight's in-memory name: (A, B)} of an elastic checkpoint trained with a full budget's delta,
+    """{linear weight's in-memory name: (A, B, its rounded rest dense or None)} of an elastic checkpoint trained
+    with a full budget's delta,
     and {in-memory name: tensor} of the smaller budgets' own embeddings and norms where the full budget keeps
     the parent's (delta.py), for a spec smaller than the parent; ({}, {}) otherwise (the full budget is the
     stored weights as they are)."""
-    from .delta import SHARED, stored_pairs
+    from safetensors import safe_open
+
+    from .delta import ROUNDED, ROUNDED_SCALE, SHARED, rest_dense, stored_pairs, unpack_codes
     from .manifest import DELTA_FILE, read_manifest
 
     if not (parent_dir / "manifest.json").is_file() or spec.keeps_parent(parent):
@@ -700,27 +703,36 @@ def _full_delta(parent_dir: Path, parent: ModelConfig, spec: ElasticSpec) -> tup
     if not read_manifest(parent_dir).get("full_delta"):
         return {}, {}
     stored = hf.read_safetensors([parent_dir / DELTA_FILE])
+    with safe_open(str(parent_dir / DELTA_FILE), "pt") as f:
+        bits = int((f.metadata() or {}).get("bits", 0))
     shared = {k.removesuffix(SHARED): t for k, t in stored.items() if k.endswith(SHARED)}
-    # a linear layer's pair under its weight's name; the routed experts' (A (E, r, in)) under their tensors' own
-    return {name if pair[0].dim() == 3 else f"{name}.weight": pair for name, pair in stored_pairs(stored).items()}, shared
+    rests = {k.removesuffix(ROUNDED): rest_dense(unpack_codes(t, bits), stored[k.removesuffix(ROUNDED) + ROUNDED_SCALE]
+                                                 .float(), bits)
+             for k, t in stored.items() if k.endswith(ROUNDED)}
+    # a linear layer's under its weight's name; the routed experts' (A (E, r, in)) under their tensors' own
+    return {name if pair[0].dim() == 3 else f"{name}.weight": (*pair, rests.get(name))
+            for name, pair in stored_pairs(stored).items()}, shared
 
 
 def _without_delta(reader: "_Reader", it: _Item, cfg: ModelConfig, delta: tuple) -> torch.Tensor:
-    """`it`'s output tensor from the stored W + B A: the kept block minus B's kept rows times A's kept
-    columns, in float32, back in the stored dtype (the whole tensor when `take` does more than pick). An
-    expert's tensor: its own A and B, row `it.row` of the stacked ones."""
-    down, up = delta
+    """`it`'s output tensor from the stored W + B A (+ R, the rounded rest): the kept block minus B's kept rows
+    times A's kept columns (and R's kept block), in float32, back in the stored dtype (the whole tensor when `take`
+    does more than pick). An expert's tensor: its own A and B, row `it.row` of the stacked ones."""
+    down, up, rest = delta
     if it.mode != "plain":  # as `take` sees the expert: a stack of one
         down, up = down[it.row:it.row + 1], up[it.row:it.row + 1]
     if it.keep is None:
         whole = reader.whole(it)
-        t = take(it.name, (whole.float() - up.float() @ down.float()).to(whole.dtype), cfg, it.idx)
+        own = up.float() @ down.float() + (0 if rest is None else rest)
+        t = take(it.name, (whole.float() - own).to(whole.dtype), cfg, it.idx)
         return (t if it.mode == "plain" else t[0]).contiguous()
     t = reader.tensor(it, cfg)
     rows, cols = it.keep[-2:]
     up = up if rows is None else up[..., rows, :]
     down = down if cols is None else down[..., cols]
     bd = up.float() @ down.float()
+    if rest is not None:  # linear layers alone have one
+        bd = bd + (rest if rows is None else rest[rows])[:, cols if cols is not None else slice(None)]
     return (t.float() - (bd if it.mode == "plain" else bd[0])).to(t.dtype)
 
 
