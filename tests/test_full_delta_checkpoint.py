@@ -164,6 +164,11 @@ def test_a_delta_with_its_rest_rounded_is_written_read_and_run(tmp_path, bits):
     manifest = read_manifest(outs[bits])
     entry = manifest["full_delta"]
     assert entry["bits"] == bits and entry["rounded_layers"] == len(load_elastic(outs[0]).delta.names)
+    from safetensors.torch import load_file
+    stored = load_file(str(outs[bits] / DELTA_FILE))  # the codes packed: bits / 8 bytes a weight, and the scales
+    assert entry["rounded_bytes"] == sum(t.numel() * t.element_size() for k, t in stored.items()
+                                         if k.endswith((".delta_rest", ".delta_rest_scale")))
+    assert all(t.dtype == torch.uint8 for k, t in stored.items() if k.endswith(".delta_rest"))
     ckpt = load_elastic(outs[bits])
     assert ckpt.delta.bits == bits
     for name in ckpt.delta.names:

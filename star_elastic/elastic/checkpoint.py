@@ -173,11 +173,9 @@ def _write_elastic(model, router, budgets, out: Path, tokenizer, memory, extra, 
                                "params": sum(p.numel() for p in delta.parameters()),
                                # the rest past rank r rounded (--full-delta-bits): codes packed, a scale a group
                                **({"bits": delta.bits, "rounded_layers": len(list(delta.rounded_codes.buffers())),
-                                   "rounded_bytes": sum(c.numel() * delta.bits // 8 + 4 * sc.numel() for c, sc in
-                                                        zip(delta.rounded_codes.buffers(),
-                                                            delta.rounded_scales.buffers()))}
-                                  if delta.bits else {}),
-                               "weights": "the full budget merged: W + B A; smaller budgets: prefixes of W",
+                                   "rounded_bytes": delta.rounded_bytes(dtype)} if delta.bits else {}),
+                               "weights": f"the full budget merged: W + B A{' + R' if delta.bits else ''}; smaller "
+                                          "budgets: prefixes of W",
                                **({"own": sorted(delta.rest), "own_params": sum(t.numel() for t in delta.rest.values()),
                                    "own_weights": "the full budget's values here; the smaller budgets' in the "
                                                   "delta file as <parameter>.shared"} if delta.rest else {})}}

@@ -382,6 +382,11 @@ class FullDelta(nn.Module):
         if bits and bits not in REST_BITS:
             raise StarElasticError(f"full delta bits {bits}: give one of {', '.join(map(str, REST_BITS))}")
         self.nominal_rank, self.bits = rank, bits
+        odd = [n for n, m in model.named_modules() if bits and isinstance(m, nn.Linear) and n != "lm_head"
+               and m.in_features * bits % 8]
+        if odd:
+            raise StarElasticError(f"full delta bits {bits}: {odd[0]}'s {model.get_submodule(odd[0]).in_features} "
+                                   f"inputs do not pack {8 // bits} codes to a byte")
         g = torch.Generator().manual_seed(seed)
         self.names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
         self.experts = [f"{n}.{which}" for n, m in model.named_modules() if isinstance(m, Experts)
@@ -498,6 +503,12 @@ class FullDelta(nn.Module):
         key = _key(name)
         codes = getattr(self.rounded_codes, key, None)
         return None if codes is None else rest_dense(codes, getattr(self.rounded_scales, key), self.bits)
+
+    def rounded_bytes(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes the rounded rest takes in a delta file: codes packed 8 / bits to a byte, scales in `dtype` (None:
+        as held)."""
+        return sum(c.numel() * self.bits // 8 + sc.numel() * torch.finfo(dtype or sc.dtype).bits // 8
+                   for c, sc in zip(self.rounded_codes.buffers(), self.rounded_scales.buffers()))
 
     def delta(self, name: str) -> torch.Tensor:
         """B A of target `name`, (out, in) (experts: (E, out, in)), in float32."""
