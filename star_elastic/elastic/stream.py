@@ -688,14 +688,14 @@ def stream_slice(parent_dir, spec: ElasticSpec | dict, out_dir, *, dtype: torch.
 
 
 def _full_delta(parent_dir: Path, parent: ModelConfig, spec: ElasticSpec) -> tuple[dict[str, tuple], dict]:
-    """{linear weight's in-memory name: (A, B, its rounded rest dense or None)} of an elastic checkpoint trained
-    with a full budget's delta,
+    """{linear weight's in-memory name: (A, B, its rounded rest as stored: (packed codes, scales, bits), or None)}
+    of an elastic checkpoint trained with a full budget's delta,
     and {in-memory name: tensor} of the smaller budgets' own embeddings and norms where the full budget keeps
     the parent's (delta.py), for a spec smaller than the parent; ({}, {}) otherwise (the full budget is the
     stored weights as they are)."""
     from safetensors import safe_open
 
-    from .delta import ROUNDED, ROUNDED_SCALE, SHARED, rest_dense, stored_pairs, unpack_codes
+    from .delta import ROUNDED, ROUNDED_SCALE, SHARED, stored_pairs
     from .manifest import DELTA_FILE, read_manifest
 
     if not (parent_dir / "manifest.json").is_file() or spec.keeps_parent(parent):
@@ -706,8 +706,8 @@ def _full_delta(parent_dir: Path, parent: ModelConfig, spec: ElasticSpec) -> tup
     with safe_open(str(parent_dir / DELTA_FILE), "pt") as f:
         bits = int((f.metadata() or {}).get("bits", 0))
     shared = {k.removesuffix(SHARED): t for k, t in stored.items() if k.endswith(SHARED)}
-    rests = {k.removesuffix(ROUNDED): rest_dense(unpack_codes(t, bits), stored[k.removesuffix(ROUNDED) + ROUNDED_SCALE]
-                                                 .float(), bits)
+    # packed as stored (a few bits a weight), made dense one tensor at a time as the slicer writes it
+    rests = {k.removesuffix(ROUNDED): (t, stored[k.removesuffix(ROUNDED) + ROUNDED_SCALE], bits)
              for k, t in stored.items() if k.endswith(ROUNDED)}
     # a linear layer's under its weight's name; the routed experts' (A (E, r, in)) under their tensors' own
     return {name if pair[0].dim() == 3 else f"{name}.weight": (*pair, rests.get(name))
@@ -718,7 +718,12 @@ def _without_delta(reader: "_Reader", it: _Item, cfg: ModelConfig, delta: tuple)
     """`it`'s output tensor from the stored W + B A (+ R, the rounded rest): the kept block minus B's kept rows
     times A's kept columns (and R's kept block), in float32, back in the stored dtype (the whole tensor when `take`
     does more than pick). An expert's tensor: its own A and B, row `it.row` of the stacked ones."""
+    from .delta import rest_dense, unpack_codes
+
     down, up, rest = delta
+    if rest is not None:  # linear layers alone have one
+        packed, scales, bits = rest
+        rest = rest_dense(unpack_codes(packed, bits), scales.float(), bits)
     if it.mode != "plain":  # as `take` sees the expert: a stack of one
         down, up = down[it.row:it.row + 1], up[it.row:it.row + 1]
     if it.keep is None:
@@ -731,7 +736,7 @@ def _without_delta(reader: "_Reader", it: _Item, cfg: ModelConfig, delta: tuple)
     up = up if rows is None else up[..., rows, :]
     down = down if cols is None else down[..., cols]
     bd = up.float() @ down.float()
-    if rest is not None:  # linear layers alone have one
+    if rest is not None:
         bd = bd + (rest if rows is None else rest[rows])[:, cols if cols is not None else slice(None)]
     return (t.float() - (bd if it.mode == "plain" else bd[0])).to(t.dtype)
 
