@@ -892,3 +892,14 @@ def test_a_rounded_rest_under_sharding_is_refused_before_training():
     with pytest.raises(StarElasticError, match="FSDP2 sharding is not built"):
         check_config(cfg, budgets, sharded=True, anchor_text=False)
     check_config(dataclasses.replace(cfg, full_delta_bits=0), budgets, sharded=True, anchor_text=False)
+
+
+def test_a_width_that_does_not_pack_its_codes_is_one_line():
+    from conftest import one_line_error
+    from star_elastic.model import ModelConfig
+
+    model = Model(ModelConfig(family="llama", vocab_size=63, hidden_size=36, layer_types="*", num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=9, intermediate_size=64, bos_token_id=1, eos_token_id=2))
+    one_line_error(lambda: FullDelta(model, 2, bits=1), "36 inputs do not pack 8 codes to a byte")
+    assert FullDelta(model, 2, bits=4).bits == 4  # two codes to a byte: 36 packs
+    one_line_error(lambda: FullDelta(model, 2, bits=3), "give one of 1, 2, 4, 8")
