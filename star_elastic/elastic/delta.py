@@ -85,6 +85,13 @@ ALLOCATE_SPAN = 4
 EXPERT_CHUNK = 16
 
 
+def _damped(cov: torch.Tensor, damping: float) -> torch.Tensor:
+    """A linear layer's input covariance plus `damping` x its mean diagonal on the diagonal: the weight the restore
+    factors and rounds under, and measures what it missed by."""
+    return cov + damping * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(cov.shape[0], device=cov.device,
+                                                                              dtype=cov.dtype)
+
+
 def _rank_part(gap: torch.Tensor, r: int, cov: torch.Tensor | None, diagonal: bool, damping: float,
                spectrum_k: int = 0):
     """FullDelta.restore's factors of one weight's float64 `gap` (out, in), or of a stack of experts' (E, out, in):
@@ -101,8 +108,7 @@ def _rank_part(gap: torch.Tensor, r: int, cov: torch.Tensor | None, diagonal: bo
         scale = (cov + damping * cov.mean(-1, keepdim=True).clamp_min(1e-12)).sqrt()[:, None, :]
         target = gap * scale
     else:
-        cov = cov + damping * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(cov.shape[0], device=cov.device,
-                                                                                   dtype=cov.dtype)
+        cov = _damped(cov, damping)
         lower = torch.linalg.cholesky(cov)
         target = gap @ lower
     k, full = min(r, *target.shape[-2:]), min(target.shape[-2:])
@@ -226,8 +232,7 @@ def round_rest(gap: torch.Tensor, cov: torch.Tensor | None, bits: int, damping: 
         g = w.reshape(out_f, n // size, size)
         scales.copy_(_rest_scale(g, bits))
         return rest_codes(g, scales[..., None], bits).reshape(out_f, n), scales
-    h = cov + damping * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(n, dtype=cov.dtype, device=cov.device)
-    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(_damped(cov, damping))), upper=True)
     for i in range(n):
         if i % size == 0:
             scales[:, i // size] = _rest_scale(w[:, i:i + size], bits)
@@ -707,12 +712,9 @@ class FullDelta(nn.Module):
                     codes, scales = round_rest(rest, cov, self.bits, damping)
                     self.set_rounded(name, codes, scales)
                     err = rest - rest_dense(codes, scales, self.bits)
-                    if cov is not None:  # the restore's own weight: the damped covariance
-                        cov_d = cov + damping * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(
-                            cov.shape[0], dtype=cov.dtype, device=cov.device)
-                        c = t - float(torch.einsum("oi,ij,oj->", err, cov_d, err))
-                    else:
-                        c = t - float((err ** 2).sum())
+                    # what both missed, under the weight the rank-r part's total is taken in
+                    c = t - float(torch.einsum("oi,ij,oj->", err, _damped(cov, damping), err) if cov is not None
+                                  else (err ** 2).sum())
                 caught, total = caught + c, total + t
             if ranks > 1:  # the owner factored it: the others receive B A
                 for t in (self.up[key], self.down[key]):
