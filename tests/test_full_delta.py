@@ -881,6 +881,50 @@ def test_a_restore_with_its_rest_rounded_covers_more_and_resumes_exactly_in_the_
         _trainer(tmp_path, "i", **{**kw, "full_delta_bits": 3})
 
 
+def test_the_dense_rest_is_made_once_and_made_again_when_its_codes_change():
+    """`applied` runs every full-budget step: the rest made dense is reused while its codes and scales are the
+    same tensors unchanged, and follows them when a resumed state loads into them in place or a new rest is set
+    (a stale copy would run the full budget on the rest it had before)."""
+    from star_elastic.elastic.delta import rest_dense, round_rest
+
+    model = Model(CFG)
+    delta = FullDelta(model, 2, bits=2)
+    name = delta.names[0]
+    w = model.get_submodule(name).weight
+    g = torch.Generator().manual_seed(0)
+
+    def running():
+        with delta.applied(model):
+            return model.get_submodule(name).delta_rest
+
+    delta.set_rounded(name, *round_rest(torch.randn(w.shape, generator=g, dtype=torch.float64), None, 2))
+    first = running()
+    assert running() is first and torch.equal(first, delta.rounded(name).to(first.dtype))
+    codes, scales = round_rest(torch.randn(w.shape, generator=g, dtype=torch.float64), None, 2)
+    state = {k: v.clone() for k, v in delta.state_dict().items()}
+    key = name.replace(".", "/")
+    state[f"rounded_codes.{key}"], state[f"rounded_scales.{key}"] = codes, scales.float()
+    delta.load_state_dict(state)  # in place, as a resume does
+    torch.testing.assert_close(running().float(), rest_dense(codes, scales.float(), 2))
+    delta.set_rounded(name, torch.zeros_like(codes), torch.ones_like(scales))
+    torch.testing.assert_close(running().float(), delta.rounded(name))
+
+
+def test_a_delta_files_metadata_that_does_not_parse_is_one_line(tmp_path):
+    from safetensors.torch import save_file
+
+    from conftest import one_line_error
+    from star_elastic.elastic.delta import read_delta_file
+
+    t = {"x.delta_down": torch.zeros(2, 4), "x.delta_up": torch.zeros(4, 2)}
+    for meta, problem in [({"rank": "2", "bits": "3"}, "3 bits a weight"), ({"rank": "two"}, "not whole numbers")]:
+        save_file(t, str(tmp_path / "d.safetensors"), metadata=meta)
+        one_line_error(lambda: read_delta_file(tmp_path / "d.safetensors"), problem)
+    save_file(t, str(tmp_path / "d.safetensors"))  # an older file: no metadata, the rank its tensors'
+    stored, rank, bits = read_delta_file(tmp_path / "d.safetensors")
+    assert set(stored) == set(t) and rank is None and bits == 0
+
+
 def test_a_rounded_rest_under_sharding_is_refused_before_training():
     import dataclasses
 

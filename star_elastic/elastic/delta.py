@@ -412,6 +412,9 @@ class FullDelta(nn.Module):
         # the rounded rest (bits > 0), set by the restore: per linear layer its codes (out, in) and scales (out, in /
         # group) as buffers, so that a trainer's saved state holds them and no optimiser sees them
         self.rounded_codes, self.rounded_scales = nn.Module(), nn.Module()
+        # each layer's rest made dense in the weights' dtype, kept while its codes and scales are unchanged: a
+        # training run enters `applied` every full-budget step
+        self._dense_rests: dict[str, tuple] = {}
 
     def keep(self, model: nn.Module, values: dict[str, torch.Tensor]) -> "FullDelta":
         """The full budget keeps `values` ({parameter name: tensor}, e.g. the parent's from `held_values`) as
@@ -500,6 +503,7 @@ class FullDelta(nn.Module):
     def set_rounded(self, name: str, codes: torch.Tensor, scales: torch.Tensor) -> None:
         """Linear layer `name`'s rounded rest: codes (out, in) and scales (out, in / group), kept as buffers."""
         key = _key(name)
+        self._dense_rests.pop(key, None)
         self.rounded_codes.register_buffer(key, codes.to(torch.uint8))
         self.rounded_scales.register_buffer(key, scales.float())
 
@@ -508,6 +512,19 @@ class FullDelta(nn.Module):
         key = _key(name)
         codes = getattr(self.rounded_codes, key, None)
         return None if codes is None else rest_dense(codes, getattr(self.rounded_scales, key), self.bits)
+
+    def _dense_rest(self, name: str, dtype: torch.dtype) -> torch.Tensor | None:
+        """`rounded(name)` in `dtype`, made once and reused while the codes and scales stay as they were (same
+        tensors, devices and in-place versions: a resumed state loads into them in place)."""
+        key = _key(name)
+        codes, scales = getattr(self.rounded_codes, key, None), getattr(self.rounded_scales, key, None)
+        if codes is None:
+            return None
+        stamp = (codes._version, scales._version, dtype)
+        held = self._dense_rests.get(key)  # (codes, scales, stamp, dense): the tensors themselves, not their ids
+        if held is None or held[0] is not codes or held[1] is not scales or held[2] != stamp:
+            held = self._dense_rests[key] = (codes, scales, stamp, self.rounded(name).to(dtype))
+        return held[3]
 
     def rounded_bytes(self, dtype: torch.dtype | None = None) -> int:
         """Bytes the rounded rest takes in a delta file: codes packed 8 / bits to a byte, scales in `dtype` (None:
@@ -541,21 +558,15 @@ class FullDelta(nn.Module):
     def read(cls, model: nn.Module, path) -> "FullDelta":
         """The delta stored at `path` (`tensors`' keys) for `model`, in its weights' dtype and device: one
         line naming the problem when the file does not fit the model's linear layers."""
-        from ..hf import read_safetensors
-
         path = Path(path)
-        stored = read_safetensors([path])
+        stored, rank, bits = read_delta_file(path)
         stored_ranks = {k.removesuffix(".delta_down"): t.shape[-2] for k, t in stored.items()
                         if k.endswith(".delta_down")}
         if not stored_ranks:
             raise StarElasticError(f"{path}: no delta_down tensors (not a full budget's delta)")
         if min(stored_ranks.values()) < 1:
             raise StarElasticError(f"{path}: a delta of rank {min(stored_ranks.values())}")
-        rank = max(stored_ranks.values())
-        with safe_open(str(path), "pt") as f:  # the nominal rank (a delta given out layer by layer: its own)
-            meta = f.metadata() or {}
-        rank, bits = int(meta.get("rank", rank)), int(meta.get("bits", 0))
-        delta = cls(model, rank, bits=bits)  # the layers and shapes; its starting values are replaced below
+        delta = cls(model, rank or max(stored_ranks.values()), bits=bits)  # the layers and shapes; its starting values are replaced below
         for key in [k for k in stored if k.endswith(ROUNDED)]:
             name, packed = key.removesuffix(ROUNDED), stored.pop(key)
             scales = stored.pop(name + ROUNDED_SCALE, None)
@@ -609,9 +620,8 @@ class FullDelta(nn.Module):
         try:
             for name in self.names:
                 key = _key(name)
-                rest = self.rounded(name)  # dense once here, not in every forward
                 swaps.mix(model.get_submodule(name), _WithDelta, delta_down=self.down[key], delta_up=self.up[key],
-                          delta_rest=None if rest is None else rest.to(self.down[key].dtype))
+                          delta_rest=self._dense_rest(name, self.down[key].dtype))
             for module in dict.fromkeys(name.rpartition(".")[0] for name in self.experts):
                 pairs = {which: (self.down[_key(f"{module}.{which}")],
                                  self.up[_key(f"{module}.{which}")]) for which in EXPERT_TENSORS}
@@ -901,6 +911,23 @@ def stored_pairs(stored: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tenso
     """{linear layer's name: (A, B)} of a delta file's tensors (`FullDelta.tensors`' keys)."""
     names = [k.removesuffix(".delta_down") for k in stored if k.endswith(".delta_down")]
     return {name: tuple(stored[k] for k in _stored_keys(name)) for name in names}
+
+
+def read_delta_file(path) -> tuple[dict[str, torch.Tensor], int | None, int]:
+    """A delta file's tensors (`FullDelta.tensors`' keys, as stored), its nominal rank (None where the file does
+    not say: a delta given out layer by layer has its own per layer) and the rounded rest's bits a weight (0: none)."""
+    from ..hf import read_safetensors
+
+    stored = read_safetensors([Path(path)])
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    try:
+        rank, bits = (int(meta["rank"]) if "rank" in meta else None), int(meta.get("bits", 0))
+    except ValueError:
+        raise StarElasticError(f"{path}: its metadata's rank / bits are not whole numbers ({meta})") from None
+    if bits not in (0, *REST_BITS):
+        raise StarElasticError(f"{path}: a rounded rest of {bits} bits a weight (known: {REST_BITS})")
+    return stored, rank, bits
 
 
 def save_delta(delta: FullDelta, path, dtype: torch.dtype | None = None, model: nn.Module | None = None,

@@ -693,18 +693,14 @@ def _full_delta(parent_dir: Path, parent: ModelConfig, spec: ElasticSpec) -> tup
     and {in-memory name: tensor} of the smaller budgets' own embeddings and norms where the full budget keeps
     the parent's (delta.py), for a spec smaller than the parent; ({}, {}) otherwise (the full budget is the
     stored weights as they are)."""
-    from safetensors import safe_open
-
-    from .delta import ROUNDED, ROUNDED_SCALE, SHARED, stored_pairs
+    from .delta import ROUNDED, ROUNDED_SCALE, SHARED, read_delta_file, stored_pairs
     from .manifest import DELTA_FILE, read_manifest
 
     if not (parent_dir / "manifest.json").is_file() or spec.keeps_parent(parent):
         return {}, {}
     if not read_manifest(parent_dir).get("full_delta"):
         return {}, {}
-    stored = hf.read_safetensors([parent_dir / DELTA_FILE])
-    with safe_open(str(parent_dir / DELTA_FILE), "pt") as f:
-        bits = int((f.metadata() or {}).get("bits", 0))
+    stored, _, bits = read_delta_file(parent_dir / DELTA_FILE)
     shared = {k.removesuffix(SHARED): t for k, t in stored.items() if k.endswith(SHARED)}
     # packed as stored (a few bits a weight), made dense one tensor at a time as the slicer writes it
     rests = {k.removesuffix(ROUNDED): (t, stored[k.removesuffix(ROUNDED) + ROUNDED_SCALE], bits)
