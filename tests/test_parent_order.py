@@ -71,6 +71,9 @@ def test_a_wrong_parent_or_an_old_checkpoint_is_one_line(elastified, tmp_path):
     hf.save_pretrained(Model(ModelConfig(**{**CFG, "hidden_size": 48})), other)
     msg = one_line_error(lambda: sorted_parent(ckpt, other), "not the parent", "hidden_size")
     assert "48" in msg
+    for field, value in [("mamba_head_dim", 4), ("head_dim", 4), ("ssm_state_size", 4)]:  # shapes alone differ
+        hf.save_pretrained(Model(ModelConfig(**{**CFG, field: value})), tmp_path / field)
+        one_line_error(lambda: sorted_parent(ckpt, tmp_path / field), "not the parent", field)
     bad = {k: v.flip(-1)[..., :-1] for k, v in read_parent_order(ckpt).items()}  # not permutations of the units
     with pytest.raises(StarElasticError, match="permutation"):
         apply_permutations(hf.load(parent_dir), bad)

@@ -36,6 +36,7 @@ a full delta: then plus r(in + out) parameters a linear layer).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -297,13 +298,14 @@ def sorted_parent(path, parent, dtype=None, device=None) -> Model:
     order = read_parent_order(path)
     ours = read_config(Path(path))[1]
     model = load(parent, dtype=dtype, device=device)
-    fields = ("family", "layer_types", "hidden_size", "vocab_size", "intermediate_size", "num_attention_heads",
-              "num_key_value_heads", "n_routed_experts", "mamba_num_heads")
-    differ = [f for f in fields if getattr(model.config, f, None) != getattr(ours, f, None)]
+    # every field of the architecture (the full budget is the parent's exact one); the special tokens' ids
+    # alone may be read otherwise from a .gguf than from the checkpoint's config.json
+    fields = [f.name for f in dataclasses.fields(ours) if not f.name.endswith("_token_id")]
+    differ = [f for f in fields if getattr(model.config, f) != getattr(ours, f)]
     if differ:
         raise StarElasticError(f"{parent}: not the parent of {path} (its {differ[0]} is "
-                               f"{getattr(model.config, differ[0], None)!r}, the checkpoint's "
-                               f"{getattr(ours, differ[0], None)!r})")
+                               f"{getattr(model.config, differ[0])!r}, the checkpoint's "
+                               f"{getattr(ours, differ[0])!r})")
     return apply_permutations(model, order)
 
 
