@@ -45,11 +45,14 @@ import common  # noqa: E402
 
 from star_elastic.data import load_corpus_tokens  # noqa: E402
 from star_elastic.elastic.checkpoint import load_elastic, sorted_parent  # noqa: E402
-from star_elastic.elastic.delta import (REST_GROUP, _rank_part, input_covariances, rest_dense, rest_group,  # noqa: E402
-                                       round_rest)
+from star_elastic.elastic.delta import (REST_GROUP, _damped, _rank_part, input_covariances, rest_dense,  # noqa: E402
+                                       rest_group, round_rest)
 from star_elastic.elastify import chat_transcripts  # noqa: E402
 from star_elastic.errors import StarElasticError  # noqa: E402
 from star_elastic.evaluate import answer_scores, perplexity  # noqa: E402
+
+DAMPING = 1e-2  # FullDelta.restore's default
+
 
 def rounded(d: torch.Tensor, bits: int) -> torch.Tensor:
     """d (out, in) rounded to nearest, group by group (delta.round_rest without a covariance)."""
@@ -63,7 +66,7 @@ def gptq(d: torch.Tensor, cov: torch.Tensor, bits: int) -> torch.Tensor:
 
 def low_rank(d: torch.Tensor, cov: torch.Tensor, rank: int) -> torch.Tensor:
     """The restore's rank-`rank` part of d under `cov` (delta.py's own)."""
-    up, down, *_ = _rank_part(d, rank, cov, False, 1e-2)
+    up, down, *_ = _rank_part(d, rank, cov, False, DAMPING)
     return up @ down
 
 
@@ -105,6 +108,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens a source")
     ap.add_argument("--no-chat", action="store_true", help="leave out the parent's chat answers")
     ap.add_argument("--rounding", action="store_true", help="also each bit width by plain rounding (no GPTQ)")
+    ap.add_argument("--no-scores", action="store_true",
+                    help="the covered shares alone (no held-out scoring: a minute, not ten)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -131,9 +136,22 @@ def main(argv=None) -> dict:
     parent_bytes = 2.0 * sum(p.numel() for p in parent.parameters())
     weighted = {n: float(torch.einsum("oi,ij,oj->", g, cov[n].double(), g)) for n, g in gaps.items()}
     total = sum(weighted.values())
+    # the restore reports its share under the covariance damped (delta._damped, its default 1e-2): beside it
+    damped = {n: _damped(cov[n].double(), DAMPING) for n in names}
+    total_damped = sum(float(torch.einsum("oi,ij,oj->", g, damped[n], g)) for n, g in gaps.items())
 
-    sources = {s: load_corpus_tokens(s, tok)[1][: args.eval_tokens] for s in args.sources.split(",")}
-    chat = None if args.no_chat else chat_transcripts(parent, tok)
+    def covered(deltas: dict) -> tuple[float, float]:
+        """The share of the drift that {layer: D} covers, under the covariance as it is and damped."""
+        missed = [0.0, 0.0]
+        for n, g in gaps.items():
+            e = g - deltas[n]
+            missed[0] += float(torch.einsum("oi,ij,oj->", e, cov[n].double(), e))
+            missed[1] += float(torch.einsum("oi,ij,oj->", e, damped[n], e))
+        return 1 - missed[0] / total, 1 - missed[1] / total_damped
+
+    sources = {} if args.no_scores else \
+        {s: load_corpus_tokens(s, tok)[1][: args.eval_tokens] for s in args.sources.split(",")}
+    chat = None if args.no_chat or args.no_scores else chat_transcripts(parent, tok)
 
     @torch.no_grad()
     def score(model) -> dict:
@@ -153,7 +171,8 @@ def main(argv=None) -> dict:
         return {s: scores[s]["perplexity"] / base[s]["perplexity"] - 1 for s in scores}
 
     def show(name: str, row: dict) -> None:
-        cover = f"covers {100 * row['covered']:6.2f}%  " if "covered" in row else " " * 17
+        cover = f"covers {100 * row['covered']:6.2f}% ({100 * row['covered_damped']:6.2f}% damped)  " \
+            if "covered" in row else " " * 34
         size = f"{row['bytes'] / 2**20:7.1f} MiB ({100 * row['of_parent_bf16']:4.1f}% of the parent)  " \
             if "bytes" in row else " " * 33
         print(f"{name:22s} {cover}{size}" + "  ".join(f"{s} {100 * v:+.2f}%" for s, v in row["drift"].items()),
@@ -161,20 +180,22 @@ def main(argv=None) -> dict:
 
     rows_out = {}
     rows_out["checkpoint's full"] = {"scores": score(full)}  # its restore, and its finish when it had one
+    if ck.delta is not None:  # its own delta on the linear layers (B A, and the rounded rest where it has one)
+        with torch.no_grad():
+            own = {n: ck.delta.delta(n).double() for n in names}
+        rows_out["checkpoint's full"]["covered"], rows_out["checkpoint's full"]["covered_damped"] = covered(own)
     rows_out["checkpoint's full"]["drift"] = drift(rows_out["checkpoint's full"]["scores"])
     show("checkpoint's full", rows_out["checkpoint's full"])
     for name, (fn, size) in forms(rank, args.rounding).items():
-        model, missed, nbytes = copy.deepcopy(full), 0.0, 0.0
+        model, made, nbytes = copy.deepcopy(full), {}, 0.0
         with torch.no_grad():
             for n, g in gaps.items():
-                c = cov[n].double()
-                d = fn(g, c)
-                e = g - d
-                missed += float(torch.einsum("oi,ij,oj->", e, c, e))
+                made[n] = fn(g, cov[n].double())
                 nbytes += size(tuple(g.shape))
-                model.get_submodule(n).weight.copy_((shared.get_submodule(n).weight.double() + d).float())
-        row = {"covered": 1 - missed / total, "bytes": nbytes, "of_parent_bf16": nbytes / parent_bytes,
-               "scores": score(model)}
+                model.get_submodule(n).weight.copy_((shared.get_submodule(n).weight.double() + made[n]).float())
+        row = {"bytes": nbytes, "of_parent_bf16": nbytes / parent_bytes, "scores": score(model)}
+        row["covered"], row["covered_damped"] = covered(made)
+        del made
         row["drift"] = drift(row["scores"])
         rows_out[name] = row
         show(name, row)

@@ -611,12 +611,16 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
         given = trainer.delta.ranks().values()
         spent = (f"rank {cfg.full_delta_rank}'s parameters given out layer by layer (ranks {min(given)} to "
                  f"{max(given)})" if cfg.full_delta_allocate else f"rank {cfg.full_delta_rank}") + \
-            (f" and the rest rounded to {cfg.full_delta_bits} bits a weight" if cfg.full_delta_bits else "")
+            (f" and the rest rounded to {cfg.full_delta_bits} bit{'s' * (cfg.full_delta_bits > 1)} a weight"
+             if cfg.full_delta_bits else "")
         log(f"the delta set from the shared weights' drift ({restore}) where training ended: {spent} covers "
             f"{trainer.restored:.1%} of it" + (", then the finish trained it on" if cfg.full_delta_finish else ""))
         if trainer.restore_report:  # what other sizes, or the other way of spending this one, would have covered
-            own = "allocated" if cfg.full_delta_allocate else f"rank {cfg.full_delta_rank}"  # what it said above
-            log("  the same restore " + ", ".join(f"at {k}: {v:.1%}" for k, v in trainer.restore_report.items()
+            # what it said above (with a rounded rest, the rank's part alone is new: it is said too)
+            own = "allocated" if cfg.full_delta_allocate else \
+                "" if cfg.full_delta_bits else f"rank {cfg.full_delta_rank}"
+            log("  the same restore " + ", ".join(f"at {k}{' alone' * (k == f'rank {cfg.full_delta_rank}' and bool(cfg.full_delta_bits))}: {v:.1%}"
+                                                  for k, v in trainer.restore_report.items()
                                                   if k.startswith("rank") and k != own)
                 + (f"; rank {cfg.full_delta_rank}'s parameters given out layer by layer: "
                    f"{trainer.restore_report['allocated']:.1%}" if own != "allocated" else ""))

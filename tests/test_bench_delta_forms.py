@@ -53,3 +53,14 @@ def test_the_benchmark_scores_every_form_against_the_sorted_parent(tmp_path):
     alone = abs(rows["no delta"]["drift"][str(text)])
     assert alone > 0.01
     assert abs(rows["4-bit"]["drift"][str(text)]) < alone / 10
+    # the shares under the damped covariance too (the restore's own measure): the bench's rank 4 is the best rank-4
+    # delta under it, so it covers no less than the checkpoint's own rank-4 delta, restored from other inputs
+    ckpt_row = rows["checkpoint's full"]
+    assert 0 < ckpt_row["covered"] <= 1 and 0 < ckpt_row["covered_damped"] <= 1
+    assert rows["rank 4"]["covered_damped"] >= ckpt_row["covered_damped"] - 1e-9
+    assert all(r["covered_damped"] != r["covered"] for k, r in rows.items() if k != "no delta" and "covered" in r)
+    # --no-scores: the same shares, no scoring
+    quick = bench.main([str(tmp_path / "ckpt"), "--parent", str(tmp_path / "parent"), "--calib", str(text),
+                        "--calib-rows", "8", "--seq-len", "32", "--no-scores"])
+    assert all(not r["scores"] for r in quick["rows"].values())
+    assert all(abs(quick["rows"][k]["covered"] - r["covered"]) < 1e-9 for k, r in rows.items() if "covered" in r)

@@ -153,14 +153,20 @@ def test_a_delta_with_its_rest_rounded_is_written_read_and_run(tmp_path, bits):
     torch.manual_seed(0)
     common = dict(budgets=["1.0", "0.5"], tokens=16 * 32 * 6, seq_len=32, batch_size=16, calib_batches=2,
                   eval_tokens=256, lr=3e-3, full_anchor=1.0, full_delta_rank=2, full_delta_restore="activations")
-    outs, results = {}, {}
+    outs, results, logs = {}, {}, {0: [], bits: []}
     for b in (0, bits):
         torch.manual_seed(0)
         outs[b] = tmp_path / f"ckpt{b}"
         results[b] = elastify(Model(PARENTS["nemotron_h"]), word_tokenizer(tmp_path, WORDS), str(tmp_path / "text.txt"),
-                              outs[b], ElastifyConfig(**common, full_delta_bits=b), log=lambda *_: None)
+                              outs[b], ElastifyConfig(**common, full_delta_bits=b), log=logs[b].append)
     # the same training (the bits change only the restore): the rounded rest covers more of the same drift
-    assert results[bits]["training"]["full_delta_restored"] > results[0]["training"]["full_delta_restored"]
+    restored = {b: results[b]["training"]["full_delta_restored"] for b in (0, bits)}
+    assert restored[bits] > restored[0]
+    # and the log says what the rank alone covered beside it (the rank's own figure, said once without bits)
+    assert any(f"rank 2 and the rest rounded to {bits} bits a weight covers {restored[bits]:.1%}" in line
+               for line in logs[bits])
+    assert any(f"at rank 2 alone: {restored[0]:.1%}" in line for line in logs[bits])
+    assert not any("alone" in line for line in logs[0] if "the same restore" in line)
     manifest = read_manifest(outs[bits])
     entry = manifest["full_delta"]
     assert entry["bits"] == bits and entry["rounded_layers"] == len(load_elastic(outs[0]).delta.names)
