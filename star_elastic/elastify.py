@@ -614,12 +614,15 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
             (f" and the rest rounded to {cfg.full_delta_bits} bit{'s' * (cfg.full_delta_bits > 1)} a weight"
              if cfg.full_delta_bits else "")
         log(f"the delta set from the shared weights' drift ({restore}) where training ended: {spent} covers "
-            f"{trainer.restored:.1%} of it" + (", then the finish trained it on" if cfg.full_delta_finish else ""))
+            f"{trainer.restored:.1%} of it" + (f" ({trainer.restored_undamped:.1%} under its inputs' covariance "
+                                              "undamped)" if trainer.restored_undamped is not None else "")
+            + (", then the finish trained it on" if cfg.full_delta_finish else ""))
         if trainer.restore_report:  # what other sizes, or the other way of spending this one, would have covered
             # what it said above (with a rounded rest, the rank's part alone is new: it is said too)
             own = "allocated" if cfg.full_delta_allocate else \
                 "" if cfg.full_delta_bits else f"rank {cfg.full_delta_rank}"
-            log("  the same restore " + ", ".join(f"at {k}{' alone' * (k == f'rank {cfg.full_delta_rank}' and bool(cfg.full_delta_bits))}: {v:.1%}"
+            alone = f"rank {cfg.full_delta_rank}" if cfg.full_delta_bits else None
+            log("  the same restore " + ", ".join(f"at {k}{' alone' * (k == alone)}: {v:.1%}"
                                                   for k, v in trainer.restore_report.items()
                                                   if k.startswith("rank") and k != own)
                 + (f"; rank {cfg.full_delta_rank}'s parameters given out layer by layer: "
@@ -668,6 +671,8 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     training["stages_s"] = stages
     if trainer.restored is not None:  # the share of the shared weights' drift the restored delta covered
         training["full_delta_restored"] = round(trainer.restored, 4)
+        if trainer.restored_undamped is not None:
+            training["full_delta_restored_undamped"] = round(trainer.restored_undamped, 4)
         if trainer.restore_report:
             training["full_delta_restore_report"] = {k: round(v, 4) for k, v in trainer.restore_report.items()}
     log("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in stages.items()))

@@ -881,6 +881,38 @@ def test_a_restore_with_its_rest_rounded_covers_more_and_resumes_exactly_in_the_
         _trainer(tmp_path, "i", **{**kw, "full_delta_bits": 3})
 
 
+def test_the_restore_says_its_share_under_the_inputs_as_they_are_beside_the_damped_one():
+    """FullDelta.restored_undamped: the share of the drift the delta covers under each layer's input covariance
+    itself (the restore's own share counts a damping term beside it), recomputed here layer by layer; without
+    covariances the two are one. The model's own inputs are of low rank (a few calibration tokens), the directions
+    they do not reach count only through the damping."""
+    from star_elastic.elastic.delta import input_covariances
+
+    model, parent = _gap_model(None, seed=3)
+    x = torch.randint(0, CFG.vocab_size, (1, 6))  # 6 tokens: every layer's input covariance of rank <= 6
+    probe = FullDelta(model, 1)
+    cov = input_covariances(parent, probe.names, parent, [x], experts=probe.experts)
+    plain = FullDelta(model, 2)
+    assert plain.restore(model, parent) == pytest.approx(plain.restored_undamped, rel=1e-9)
+    for bits in (0, 1):
+        delta = FullDelta(model, 2, bits=bits)
+        damped = delta.restore(model, parent, cov)
+        missed = total = 0.0
+        with torch.no_grad():
+            for name in delta.targets:
+                gap = (delta.weight_of(parent, name) - delta.weight_of(model, name)).double()
+                e = gap - delta.delta(name).double()
+                c = cov[name].double()
+                if name in delta.experts:
+                    missed += float(((e ** 2) * c[:, None, :]).sum())
+                    total += float(((gap ** 2) * c[:, None, :]).sum())
+                else:
+                    missed += float(torch.einsum("oi,ij,oj->", e, c, e))
+                    total += float(torch.einsum("oi,ij,oj->", gap, c, gap))
+        assert delta.restored_undamped == pytest.approx(1 - missed / total, rel=1e-6)
+        assert delta.restored_undamped > damped  # the unreached directions count only under the damping
+
+
 def test_the_dense_rest_is_made_once_and_made_again_when_its_codes_change():
     """`applied` runs every full-budget step: the rest made dense is reused while its codes and scales are the
     same tensors unchanged, and follows them when a resumed state loads into them in place or a new rest is set

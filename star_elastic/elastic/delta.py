@@ -130,6 +130,16 @@ def _rank_part(gap: torch.Tensor, r: int, cov: torch.Tensor | None, diagonal: bo
     return up_r, down_r, float((s ** 2).sum()), float((target ** 2).sum()), squares
 
 
+def _weighted_square(e: torch.Tensor, cov: torch.Tensor | None, diagonal: bool) -> float:
+    """||e L||^2 with L L^T = `cov` (None: the plain squared norm; `diagonal`: experts' (E, in), a weight per input
+    channel of each expert's (E, out, in))."""
+    if cov is None:
+        return float((e ** 2).sum())
+    if diagonal:
+        return float(((e ** 2) * cov[:, None, :]).sum())
+    return float(torch.einsum("oi,ij,oj->", e, cov, e))
+
+
 def _units(spectra: dict) -> dict[str, tuple[torch.Tensor, float]]:
     """{target: (value of its i-th singular pair, cost of one pair in parameters)}: a weight's squared singular
     values, a stack of experts' summed over the experts (its A and B are (E, r, in) and (E, out, r): one rank for
@@ -408,6 +418,7 @@ class FullDelta(nn.Module):
         # `shared`: the smaller budgets' values read from a checkpoint, until `subtract_from` puts them in
         self.rest: dict[str, torch.Tensor] = {}
         self.report: dict | None = None  # the last restore's restore_report
+        self.restored_undamped: float | None = None  # and its share under the inputs' covariance undamped
         self.shared: dict[str, torch.Tensor] = {}
         # the rounded rest (bits > 0), set by the restore: per linear layer its codes (out, in) and scales (out, in /
         # group) as buffers, so that a trainer's saved state holds them and no optimiser sees them
@@ -707,6 +718,7 @@ class FullDelta(nn.Module):
         if allocate:
             self.resize(allocate_ranks(spectra, self.rank))
         caught = total = 0.0
+        seen = [0.0, 0.0]  # what both missed and the drift, under the covariance undamped (the inputs as they are)
         ranks = parallel.world()[1]
         mine = {}  # target: [(squared singular values, out + in, min(out, in)) of each part] of this rank's layers
         for name, owner, gaps in self._gaps(model, parent, covariances):
@@ -717,26 +729,30 @@ class FullDelta(nn.Module):
                 mine.setdefault(name, []).append((squares, sum(gap.shape[-2:]), min(gap.shape[-2:])))
                 self.up[key][part].copy_(up.to(self.up[key].dtype))
                 self.down[key][part].copy_(down.to(self.down[key].dtype))
+                err = gap - up @ down
                 if self.bits and name in self.names:  # the rest past the rank-r part, rounded
-                    rest = gap - up @ down
-                    codes, scales = round_rest(rest, cov, self.bits, damping)
+                    codes, scales = round_rest(err, cov, self.bits, damping)
                     self.set_rounded(name, codes, scales)
-                    err = rest - rest_dense(codes, scales, self.bits)
+                    err = err - rest_dense(codes, scales, self.bits)
                     # what both missed, under the weight the rank-r part's total is taken in
-                    c = t - float(torch.einsum("oi,ij,oj->", err, _damped(cov, damping), err) if cov is not None
-                                  else (err ** 2).sum())
+                    c = t - _weighted_square(err, None if cov is None else _damped(cov, damping), False)
                 caught, total = caught + c, total + t
+                experts = name in self.experts
+                seen = [seen[0] + _weighted_square(err, cov, experts), seen[1] + _weighted_square(gap, cov, experts)]
             if ranks > 1:  # the owner factored it: the others receive B A
                 for t in (self.up[key], self.down[key]):
                     dist.broadcast(t.data, src=owner)
         if ranks > 1:  # each rank summed its own layers'
             device = next((t.device for t in self.up.values()), torch.device("cpu"))
-            sums = torch.tensor([caught, total], dtype=torch.float64, device=device)
+            sums = torch.tensor([caught, total, *seen], dtype=torch.float64, device=device)
             dist.all_reduce(sums)
-            caught, total = sums.tolist()
+            caught, total, *seen = sums.tolist()
         if spectra is None:  # not allocated: the spectra of the factoring pass
             spectra = self._gather_spectra(mine)
         self.report = restore_report(spectra, total, self.rank)
+        # the share the inputs see: the damping counts directions they barely reach, where GPTQ puts a few bits'
+        # error (docs/RESULTS.md §9, forty-second session: rank 32 + a 1-bit rest 96.38% damped, 97.05% as they are)
+        self.restored_undamped = 1 - seen[0] / seen[1] if seen[1] else 1.0
         return caught / total if total else 1.0
 
     def _gather_spectra(self, mine: dict) -> dict:
