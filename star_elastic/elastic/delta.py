@@ -577,7 +577,9 @@ class FullDelta(nn.Module):
             raise StarElasticError(f"{path}: no delta_down tensors (not a full budget's delta)")
         if min(stored_ranks.values()) < 1:
             raise StarElasticError(f"{path}: a delta of rank {min(stored_ranks.values())}")
-        delta = cls(model, rank or max(stored_ranks.values()), bits=bits)  # the layers and shapes; its starting values are replaced below
+        # the layers and shapes (the nominal rank: a delta given out layer by layer has its own per layer); its
+        # starting values are replaced below
+        delta = cls(model, rank or max(stored_ranks.values()), bits=bits)
         for key in [k for k in stored if k.endswith(ROUNDED)]:
             name, packed = key.removesuffix(ROUNDED), stored.pop(key)
             scales = stored.pop(name + ROUNDED_SCALE, None)
