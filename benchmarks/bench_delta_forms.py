@@ -109,7 +109,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-chat", action="store_true", help="leave out the parent's chat answers")
     ap.add_argument("--rounding", action="store_true", help="also each bit width by plain rounding (no GPTQ)")
     ap.add_argument("--no-scores", action="store_true",
-                    help="the covered shares alone, no held-out scoring (SmolLM2 on the CPU: 10 min, the forms themselves)")
+                    help="the covered shares alone, no held-out scoring (SmolLM2 on the CPU: 10 min, making the "
+                         "forms)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
