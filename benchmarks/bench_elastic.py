@@ -777,6 +777,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                         "full_delta_restore": tcfg.full_delta_restore or None,
                         "full_delta_restored": trainer.restored,
                         "full_delta_restored_undamped": trainer.restored_undamped,
+                        "full_delta_residual": trainer.restore_residual,
                         "full_delta_restore_report": trainer.restore_report,
                         "full_delta_allocate": tcfg.full_delta_allocate or None,
                         "full_delta_bits": tcfg.full_delta_bits or None,

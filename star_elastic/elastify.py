@@ -615,7 +615,9 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
              if cfg.full_delta_bits else "")
         log(f"the delta set from the shared weights' drift ({restore}) where training ended: {spent} covers "
             f"{trainer.restored:.1%} of it" + (f" ({trainer.restored_undamped:.1%} under its inputs' covariance "
-                                              "undamped)" if trainer.restored_undamped is not None else "")
+                                              f"undamped; what it leaves is {trainer.restore_residual:.1e} of the "
+                                              "parent's layers' output energy)"
+                                              if trainer.restored_undamped is not None else "")
             + (", then the finish trained it on" if cfg.full_delta_finish else ""))
         if trainer.restore_report:  # what other sizes, or the other way of spending this one, would have covered
             # what it said above (with a rounded rest, the rank's part alone is new: it is said too)
@@ -673,6 +675,7 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
         training["full_delta_restored"] = round(trainer.restored, 4)
         if trainer.restored_undamped is not None:
             training["full_delta_restored_undamped"] = round(trainer.restored_undamped, 4)
+            training["full_delta_residual"] = float(f"{trainer.restore_residual:.4g}")
         if trainer.restore_report:
             training["full_delta_restore_report"] = {k: round(v, 4) for k, v in trainer.restore_report.items()}
     log("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in stages.items()))

@@ -192,6 +192,7 @@ class ElasticTrainer:
         self.restored: float | None = None  # restore_delta's share of the drift covered, once it ran
         self.restore_report: dict | None = None  # and at other ranks (FullDelta.report)
         self.restored_undamped: float | None = None  # its share under the inputs' covariance undamped
+        self.restore_residual: float | None = None  # what it leaves, against the parent's layers' output energy
         # with the delta restored where training ends, the anchor's passes would train a delta that the restore
         # replaces, and nothing else (their gradient reaches the delta alone): skipped, ~40% of a step. The budget
         # sampler still leaves the full budget to the anchor (cfg.full_anchor), so the shared weights train as
@@ -637,6 +638,7 @@ class ElasticTrainer:
         old = list(self.delta.parameters())
         self.restored = self.delta.restore(self.model, self.teacher, covariances, allocate=cfg.full_delta_allocate)
         self.restore_report, self.restored_undamped = self.delta.report, self.delta.restored_undamped
+        self.restore_residual = self.delta.residual
         for p in old:
             self.opt.state.pop(p, None)
         self.delta_to_optimizer()

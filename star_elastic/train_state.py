@@ -71,6 +71,7 @@ def _meta(t, optimizer: dict) -> dict:
             "sampler": t.sampler.get_state().tolist(), "gumbel": t.gumbel.get_state().tolist(),
             "config": _jsonable(asdict(t.cfg)), "budgets": [b.name for b in t.budgets], "restored": t.restored,
             "restore_report": t.restore_report, "restored_undamped": t.restored_undamped,
+            "restore_residual": t.restore_residual,
             "arch_steps": [[[list(map(list, arch)), steps] for arch, steps in per_budget.items()]
                            for per_budget in t.arch_steps]}
 
@@ -191,6 +192,7 @@ def load(t) -> bool:
     t.step = meta["step"]
     t.restored = meta.get("restored")  # the delta's restore's share (TrainConfig.full_delta_restore), if it ran
     t.restore_report, t.restored_undamped = meta.get("restore_report"), meta.get("restored_undamped")
+    t.restore_residual = meta.get("restore_residual")
     t.arch_steps = [{tuple((n, int(k)) for n, k in arch): steps for arch, steps in per_budget}
                        for per_budget in meta.get("arch_steps", [[] for _ in t.budgets])]
     return True

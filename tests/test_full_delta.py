@@ -911,6 +911,21 @@ def test_the_restore_says_its_share_under_the_inputs_as_they_are_beside_the_damp
                     total += float(torch.einsum("oi,ij,oj->", gap, c, gap))
         assert delta.restored_undamped == pytest.approx(1 - missed / total, rel=1e-6)
         assert delta.restored_undamped > damped  # the unreached directions count only under the damping
+        parents = {n: delta.weight_of(parent, n).detach().double() for n in delta.targets}
+        energy = sum(float(((w ** 2) * cov[n].double()[:, None, :]).sum()) if n in delta.experts else
+                     float(torch.einsum("oi,ij,oj->", w, cov[n].double(), w)) for n, w in parents.items())
+        assert delta.residual == pytest.approx(missed / energy, rel=1e-6)
+    # the same drift twice as large: the same share, four times what it leaves (what the share alone hides)
+    once = FullDelta(model, 2)
+    share = once.restore(model, parent, cov)
+    farther = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in once.targets:
+            w = once.weight_of(farther, name)
+            w.sub_(once.weight_of(parent, name) - w)  # W - (W_p - W): the gap doubled
+    twice = FullDelta(farther, 2)
+    assert twice.restore(farther, parent, cov) == pytest.approx(share, rel=1e-6)
+    assert twice.residual == pytest.approx(4 * once.residual, rel=1e-6)
 
 
 def test_the_dense_rest_is_made_once_and_made_again_when_its_codes_change():

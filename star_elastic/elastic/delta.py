@@ -419,6 +419,7 @@ class FullDelta(nn.Module):
         self.rest: dict[str, torch.Tensor] = {}
         self.report: dict | None = None  # the last restore's restore_report
         self.restored_undamped: float | None = None  # and its share under the inputs' covariance undamped
+        self.residual: float | None = None  # and what it leaves, against the parent's layers' output energy
         self.shared: dict[str, torch.Tensor] = {}
         # the rounded rest (bits > 0), set by the restore: per linear layer its codes (out, in) and scales (out, in /
         # group) as buffers, so that a trainer's saved state holds them and no optimiser sees them
@@ -720,12 +721,13 @@ class FullDelta(nn.Module):
         if allocate:
             self.resize(allocate_ranks(spectra, self.rank))
         caught = total = 0.0
-        seen = [0.0, 0.0]  # what both missed and the drift, under the covariance undamped (the inputs as they are)
+        # what both missed, the drift and the parent's weights, under the covariance undamped (the inputs as they are)
+        seen = [0.0, 0.0, 0.0]
         ranks = parallel.world()[1]
         mine = {}  # target: [(squared singular values, out + in, min(out, in)) of each part] of this rank's layers
         for name, owner, gaps in self._gaps(model, parent, covariances):
             key = _key(name)
-            for part, gap, cov in gaps:
+            for part, gap, cov, parent_part in gaps:
                 up, down, c, t, squares = _rank_part(gap, self.down[key].shape[-2], cov, name in self.experts,
                                                      damping)
                 mine.setdefault(name, []).append((squares, sum(gap.shape[-2:]), min(gap.shape[-2:])))
@@ -740,7 +742,7 @@ class FullDelta(nn.Module):
                     c = t - _weighted_square(err, None if cov is None else _damped(cov, damping), False)
                 caught, total = caught + c, total + t
                 experts = name in self.experts
-                seen = [seen[0] + _weighted_square(err, cov, experts), seen[1] + _weighted_square(gap, cov, experts)]
+                seen = [a + _weighted_square(t, cov, experts) for a, t in zip(seen, (err, gap, parent_part.double()))]
             if ranks > 1:  # the owner factored it: the others receive B A
                 for t in (self.up[key], self.down[key]):
                     dist.broadcast(t.data, src=owner)
@@ -755,6 +757,10 @@ class FullDelta(nn.Module):
         # the share the inputs see: the damping counts directions they barely reach, where GPTQ puts a few bits'
         # error (docs/RESULTS.md §9, forty-second session: rank 32 + a 1-bit rest 96.38% damped, 97.05% as they are)
         self.restored_undamped = 1 - seen[0] / seen[1] if seen[1] else 1.0
+        # and what it leaves against the parent's layers' own output: E||(W_p - W - D) x||^2 / E||W_p x||^2 summed
+        # over the layers. The share alone does not tell a small drift from a large one: at lr 3e-3 rank 64 covered
+        # 99.4% and the full model read 4-7% worse, at 1e-3 98.7% and within 1% (RESULTS §9, forty-second session)
+        self.residual = seen[0] / seen[2] if seen[2] else 0.0
         return caught / total if total else 1.0
 
     def _gather_spectra(self, mine: dict) -> dict:
@@ -771,7 +777,7 @@ class FullDelta(nn.Module):
 
     def _gaps(self, model: nn.Module, parent: nn.Module, covariances):
         """Per target, in order: (name, the rank that owns it, [(part, float64 gap W_p - W of the part, its
-        covariance or None)], empty on the other ranks). Layers are dealt out across ranks, each factoring its
+        covariance or None, the parent's weight of the part)], empty on the other ranks). Layers are dealt out across ranks, each factoring its
         own; every rank gathers every whole weight (sharded: a collective). The experts go EXPERT_CHUNK at a time:
         in float64 Nano's 128 (1856 x 2688) are 5 GB a copy."""
         rank, ranks = parallel.world()
@@ -787,14 +793,14 @@ class FullDelta(nn.Module):
             parts = [slice(e, e + EXPERT_CHUNK) for e in range(0, w.shape[0], EXPERT_CHUNK)] if experts else \
                 [slice(None)]
             yield name, owner, ((part, parent_w[part].double() - w[part].double(),  # (out, in); experts (E, out, in)
-                                 cov[part] if experts and cov is not None else cov) for part in parts)
+                                 cov[part] if experts and cov is not None else cov, parent_w[part]) for part in parts)
 
     def _spectra(self, model: nn.Module, parent: nn.Module, covariances, damping: float) -> dict:
         """Every target's squared singular values of its weighted gap (restore's first pass when it allocates):
         each rank its own targets', then gathered."""
         mine = {}
         for name, _, gaps in self._gaps(model, parent, covariances):
-            for _, gap, cov in gaps:
+            for _, gap, cov, _ in gaps:
                 squares = _rank_part(gap, 1, cov, name in self.experts, damping,
                                      spectrum_k=ALLOCATE_SPAN * self.rank)[4]
                 mine.setdefault(name, []).append((squares, sum(gap.shape[-2:]), min(gap.shape[-2:])))
