@@ -45,8 +45,8 @@ import common  # noqa: E402
 
 from star_elastic.data import load_corpus_tokens  # noqa: E402
 from star_elastic.elastic.checkpoint import load_elastic, sorted_parent  # noqa: E402
-from star_elastic.elastic.delta import (REST_GROUP, _damped, _rank_part, input_covariances, rest_dense,  # noqa: E402
-                                       rest_group, round_rest)
+from star_elastic.elastic.delta import (REST_GROUP, _damped, _rank_part, _weighted_square,  # noqa: E402
+                                       input_covariances, rest_dense, rest_group, round_rest)
 from star_elastic.elastify import chat_transcripts  # noqa: E402
 from star_elastic.errors import StarElasticError  # noqa: E402
 from star_elastic.evaluate import answer_scores, perplexity  # noqa: E402
@@ -135,19 +135,19 @@ def main(argv=None) -> dict:
     gaps = {n: parent.get_submodule(n).weight.detach().double() - shared.get_submodule(n).weight.detach().double()
             for n in names}
     parent_bytes = 2.0 * sum(p.numel() for p in parent.parameters())
-    weighted = {n: float(torch.einsum("oi,ij,oj->", g, cov[n].double(), g)) for n, g in gaps.items()}
-    total = sum(weighted.values())
+    cov = {n: c.double() for n, c in cov.items()}
+    total = sum(_weighted_square(g, cov[n], False) for n, g in gaps.items())
     # the restore reports its share under the covariance damped (delta._damped, its default 1e-2): beside it
-    damped = {n: _damped(cov[n].double(), DAMPING) for n in names}
-    total_damped = sum(float(torch.einsum("oi,ij,oj->", g, damped[n], g)) for n, g in gaps.items())
+    damped = {n: _damped(cov[n], DAMPING) for n in names}
+    total_damped = sum(_weighted_square(g, damped[n], False) for n, g in gaps.items())
 
     def covered(deltas: dict) -> tuple[float, float]:
         """The share of the drift that {layer: D} covers, under the covariance as it is and damped."""
         missed = [0.0, 0.0]
         for n, g in gaps.items():
             e = g - deltas[n]
-            missed[0] += float(torch.einsum("oi,ij,oj->", e, cov[n].double(), e))
-            missed[1] += float(torch.einsum("oi,ij,oj->", e, damped[n], e))
+            missed[0] += _weighted_square(e, cov[n], False)
+            missed[1] += _weighted_square(e, damped[n], False)
         return 1 - missed[0] / total, 1 - missed[1] / total_damped
 
     sources = {} if args.no_scores else \
@@ -191,7 +191,7 @@ def main(argv=None) -> dict:
         model, made, nbytes = copy.deepcopy(full), {}, 0.0
         with torch.no_grad():
             for n, g in gaps.items():
-                made[n] = fn(g, cov[n].double())
+                made[n] = fn(g, cov[n])
                 nbytes += size(tuple(g.shape))
                 model.get_submodule(n).weight.copy_((shared.get_submodule(n).weight.double() + made[n]).float())
         row = {"bytes": nbytes, "of_parent_bf16": nbytes / parent_bytes, "scores": score(model)}

@@ -726,10 +726,9 @@ class FullDelta(nn.Module):
         ranks = parallel.world()[1]
         mine = {}  # target: [(squared singular values, out + in, min(out, in)) of each part] of this rank's layers
         for name, owner, gaps in self._gaps(model, parent, covariances):
-            key = _key(name)
+            key, experts = _key(name), name in self.experts
             for part, gap, cov, parent_part in gaps:
-                up, down, c, t, squares = _rank_part(gap, self.down[key].shape[-2], cov, name in self.experts,
-                                                     damping)
+                up, down, c, t, squares = _rank_part(gap, self.down[key].shape[-2], cov, experts, damping)
                 mine.setdefault(name, []).append((squares, sum(gap.shape[-2:]), min(gap.shape[-2:])))
                 self.up[key][part].copy_(up.to(self.up[key].dtype))
                 self.down[key][part].copy_(down.to(self.down[key].dtype))
@@ -741,8 +740,7 @@ class FullDelta(nn.Module):
                     # what both missed, under the weight the rank-r part's total is taken in
                     c = t - _weighted_square(err, None if cov is None else _damped(cov, damping), False)
                 caught, total = caught + c, total + t
-                experts = name in self.experts
-                seen = [a + _weighted_square(t, cov, experts) for a, t in zip(seen, (err, gap, parent_part.double()))]
+                seen = [a + _weighted_square(x, cov, experts) for a, x in zip(seen, (err, gap, parent_part.double()))]
             if ranks > 1:  # the owner factored it: the others receive B A
                 for t in (self.up[key], self.down[key]):
                     dist.broadcast(t.data, src=owner)
