@@ -607,28 +607,27 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
     elif cfg.full_keeps_held == "training":
         log(f"the full budget kept the parent's {', '.join(cfg.hold)} as its own throughout training "
             f"({sum(t.numel() for t in trainer.delta.rest.values()):,} parameters); the smaller budgets the trained ones")
-    if trainer.restored is not None:
+    if (restored := trainer.restored) is not None:
         given = trainer.delta.ranks().values()
         spent = (f"rank {cfg.full_delta_rank}'s parameters given out layer by layer (ranks {min(given)} to "
                  f"{max(given)})" if cfg.full_delta_allocate else f"rank {cfg.full_delta_rank}") + \
             (f" and the rest rounded to {cfg.full_delta_bits} bit{'s' * (cfg.full_delta_bits > 1)} a weight"
              if cfg.full_delta_bits else "")
         log(f"the delta set from the shared weights' drift ({restore}) where training ended: {spent} covers "
-            f"{trainer.restored:.1%} of it" + (f" ({trainer.restored_undamped:.1%} under its inputs' covariance "
-                                              f"undamped; what it leaves is {trainer.restore_residual:.1e} of the "
-                                              "parent's layers' output energy)"
-                                              if trainer.restored_undamped is not None else "")
+            f"{restored.share:.1%} of it" + (f" ({restored.undamped:.1%} under its inputs' covariance "
+                                            f"undamped; what it leaves is {restored.residual:.1e} of the "
+                                            "parent's layers' output energy)" if restored.undamped is not None else "")
             + (", then the finish trained it on" if cfg.full_delta_finish else ""))
-        if trainer.restore_report:  # what other sizes, or the other way of spending this one, would have covered
+        if restored.report:  # what other sizes, or the other way of spending this one, would have covered
             # what it said above (with a rounded rest, the rank's part alone is new: it is said too)
             own = "allocated" if cfg.full_delta_allocate else \
                 "" if cfg.full_delta_bits else f"rank {cfg.full_delta_rank}"
             alone = f"rank {cfg.full_delta_rank}" if cfg.full_delta_bits else None
             log("  the same restore " + ", ".join(f"at {k}{' alone' * (k == alone)}: {v:.1%}"
-                                                  for k, v in trainer.restore_report.items()
+                                                  for k, v in restored.report.items()
                                                   if k.startswith("rank") and k != own)
                 + (f"; rank {cfg.full_delta_rank}'s parameters given out layer by layer: "
-                   f"{trainer.restore_report['allocated']:.1%}" if own != "allocated" else ""))
+                   f"{restored.report['allocated']:.1%}" if own != "allocated" else ""))
     distribution = {**trainer.distribution, "peak_memory_gib": trainer.peak_memory()}  # per rank, GPU only
     if sharded_parent:
         distribution["parent_load"] = "sharded from disk, importance on the shards, sorted as loaded again"
@@ -671,13 +670,13 @@ def elastify(model, tokenizer, data: str, out, cfg: ElastifyConfig, log=print, d
                 "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}}
     stage("evaluation")
     training["stages_s"] = stages
-    if trainer.restored is not None:  # the share of the shared weights' drift the restored delta covered
-        training["full_delta_restored"] = round(trainer.restored, 4)
-        if trainer.restored_undamped is not None:
-            training["full_delta_restored_undamped"] = round(trainer.restored_undamped, 4)
-            training["full_delta_residual"] = float(f"{trainer.restore_residual:.4g}")
-        if trainer.restore_report:
-            training["full_delta_restore_report"] = {k: round(v, 4) for k, v in trainer.restore_report.items()}
+    if (restored := trainer.restored) is not None:  # what the restored delta covered of the shared weights' drift
+        training["full_delta_restored"] = round(restored.share, 4)
+        if restored.undamped is not None:
+            training["full_delta_restored_undamped"] = round(restored.undamped, 4)
+            training["full_delta_residual"] = float(f"{restored.residual:.4g}")
+        if restored.report:
+            training["full_delta_restore_report"] = {k: round(v, 4) for k, v in restored.report.items()}
     log("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in stages.items()))
     training["exported_arch_share"] = shares
     training["ranks"] = ranks

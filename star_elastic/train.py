@@ -42,7 +42,7 @@ from .elastic.losses import (HeadInput, advantage, budget_loss, compiled_kd, dra
                              full_choice_loss, head_input, kd_loss, score_function_loss, task_loss)
 from .elastic.router import (Projection, Router, entropy, entropy_floor_loss, full_projection,
                              larger_choice, nested_in_band, project_budgets)
-from .elastic.delta import FullDelta, embeddings_and_norms, held_values, input_covariances
+from .elastic.delta import FullDelta, Restored, embeddings_and_norms, held_values, input_covariances
 from .elastic.masking import masked
 from .elastic.spec import ElasticSpec
 from .errors import StarElasticError
@@ -189,10 +189,7 @@ class ElasticTrainer:
         self.held = ((list(slow.values()), [p.detach().clone() for p in slow.values()])
                      if slow and cfg.hold_pull else None)
         self.delta = self._full_delta(groups)
-        self.restored: float | None = None  # restore_delta's share of the drift covered, once it ran
-        self.restore_report: dict | None = None  # and at other ranks (FullDelta.report)
-        self.restored_undamped: float | None = None  # its share under the inputs' covariance undamped
-        self.restore_residual: float | None = None  # what it leaves, against the parent's layers' output energy
+        self.restored: Restored | None = None  # what restore_delta covered of the drift, once it ran
         # with the delta restored where training ends, the anchor's passes would train a delta that the restore
         # replaces, and nothing else (their gradient reaches the delta alone): skipped, ~40% of a step. The budget
         # sampler still leaves the full budget to the anchor (cfg.full_anchor), so the shared weights train as
@@ -613,9 +610,9 @@ class ElasticTrainer:
                        "full_delta": True})
         return delta
 
-    def restore_delta(self) -> float:
+    def restore_delta(self) -> Restored:
         """cfg.full_delta_restore: the delta set from the parent's weights and the shared ones as they are now
-        (FullDelta.restore), Adam's moments of the old one dropped. Returns the share of the drift it covers (also
+        (FullDelta.restore), Adam's moments of the old one dropped. Returns what it covers of the drift (also
         `self.restored`). A function of the weights and fixed calibration rows alone, so a resumed run gets the
         same delta."""
         cfg = self.cfg
@@ -637,8 +634,6 @@ class ElasticTrainer:
                     v /= self.world
         old = list(self.delta.parameters())
         self.restored = self.delta.restore(self.model, self.teacher, covariances, allocate=cfg.full_delta_allocate)
-        self.restore_report, self.restored_undamped = self.delta.report, self.delta.restored_undamped
-        self.restore_residual = self.delta.residual
         for p in old:
             self.opt.state.pop(p, None)
         self.delta_to_optimizer()

@@ -95,7 +95,7 @@ class TrainConfig:
     full_delta_restore: str = ""
     # with the restore: the rank's parameters given out layer by layer where the drift is (delta.allocate_ranks:
     # each further singular pair where its squared value per parameter is highest), not the rank on every layer.
-    # What it would cover is reported beside every restore (FullDelta.report) whether on or not
+    # What it would cover is reported beside every restore (Restored.report) whether on or not
     full_delta_allocate: bool = False
     # with the restore: the rest of each linear layer's drift past its rank-r part rounded to this many bits a
     # weight (1, 2, 4 or 8; 0: none), a fixed term beside B A (delta.round_rest). On SmolLM2's own drift 4 bits

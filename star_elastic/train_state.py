@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import parallel
+from .elastic.delta import Restored
 from .errors import StarElasticError
 
 # The full anchor's own text, saved with the state: text sampled from the parent on CUDA differs from
@@ -69,9 +70,8 @@ def _meta(t, optimizer: dict) -> dict:
     anchor = {} if t.anchor_batches is None else {"anchor_data": t.anchor_batches.state_dict()}
     return {"step": t.step, "optimizer": optimizer, "data": t.batches.state_dict(), **anchor,
             "sampler": t.sampler.get_state().tolist(), "gumbel": t.gumbel.get_state().tolist(),
-            "config": _jsonable(asdict(t.cfg)), "budgets": [b.name for b in t.budgets], "restored": t.restored,
-            "restore_report": t.restore_report, "restored_undamped": t.restored_undamped,
-            "restore_residual": t.restore_residual,
+            "config": _jsonable(asdict(t.cfg)), "budgets": [b.name for b in t.budgets],
+            "restored": None if t.restored is None else asdict(t.restored),
             "arch_steps": [[[list(map(list, arch)), steps] for arch, steps in per_budget.items()]
                            for per_budget in t.arch_steps]}
 
@@ -190,9 +190,7 @@ def load(t) -> bool:
     t.sampler.set_state(torch.tensor(meta["sampler"], dtype=torch.uint8))
     t.gumbel.set_state(torch.tensor(meta["gumbel"], dtype=torch.uint8))
     t.step = meta["step"]
-    t.restored = meta.get("restored")  # the delta's restore's share (TrainConfig.full_delta_restore), if it ran
-    t.restore_report, t.restored_undamped = meta.get("restore_report"), meta.get("restored_undamped")
-    t.restore_residual = meta.get("restore_residual")
+    t.restored = Restored.from_state(meta)  # what the delta's restore covered (TrainConfig.full_delta_restore), if it ran
     t.arch_steps = [{tuple((n, int(k)) for n, k in arch): steps for arch, steps in per_budget}
                        for per_budget in meta.get("arch_steps", [[] for _ in t.budgets])]
     return True

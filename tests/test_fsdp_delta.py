@@ -48,7 +48,7 @@ def _worker(rank, world, port, out, tmp):
         logs = t.run(progress=False)
         x = torch.arange(32).view(2, 16) % 64
         got = dict(losses=[l["total"] for l in logs], delta_norms=[l.get("delta_grad_norm") for l in logs],
-                   phases=[l.get("phase") for l in logs], restored=t.restored, report=t.restore_report, delta=_delta(t),
+                   phases=[l.get("phase") for l in logs], restored=t.restored, delta=_delta(t),
                    weights=parallel.full_state_dict(t.model), full_logits=_full_logits(t, x))
         save_elastic(t.model, t.router, t.budgets, f"{tmp}/ck_sharded", None, delta=t.delta)
 
@@ -90,9 +90,12 @@ def test_sharded_recipe_equals_one_process(runs):
     assert [n is None for n in got["delta_norms"]] == [n is None for n in want]
     assert [n for n in got["delta_norms"] if n is not None] == pytest.approx([n for n in want if n is not None],
                                                                               rel=1e-3)
-    assert got["restored"] == pytest.approx(single.restored, rel=1e-5) and 0 < single.restored <= 1
-    # the report from every rank's layers (each rank factors its own): one process's
-    assert got["report"] == pytest.approx(single.restore_report, rel=1e-5) and single.restore_report
+    mine, one = got["restored"], single.restored
+    assert mine.share == pytest.approx(one.share, rel=1e-5) and 0 < one.share <= 1
+    # the undamped share, the residual and the report from every rank's layers (each rank factors its own): one
+    # process's
+    assert (mine.undamped, mine.residual) == pytest.approx((one.undamped, one.residual), rel=1e-5)
+    assert mine.report == pytest.approx(one.report, rel=1e-5) and one.report
     assert_close_dicts(got["delta"], _delta(single), **ACROSS_RANKS)
     assert_close_dicts(got["weights"], single.model.state_dict(), **ACROSS_RANKS)
     x = torch.arange(32).view(2, 16) % 64

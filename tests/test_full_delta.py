@@ -5,6 +5,7 @@ alone (docs/RESULTS.md §9): with a delta of its own the anchor trains the delta
 budgets use."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -433,7 +434,7 @@ def test_a_restored_delta_is_the_best_rank_r_correction_of_the_shared_weights(tm
     probe = FullDelta(model, 1)
     for covariances in (None, input_covariances(parent, probe.names, parent, [x], experts=probe.experts)):
         delta = FullDelta(model, 3)
-        assert delta.restore(model, parent, covariances) == pytest.approx(1.0, abs=1e-6)
+        assert delta.restore(model, parent, covariances).share == pytest.approx(1.0, abs=1e-6)
         with torch.no_grad(), delta.applied(model):
             torch.testing.assert_close(model(x), parent(x), rtol=1e-4, atol=1e-4)
 
@@ -442,8 +443,8 @@ def test_a_restored_delta_is_the_best_rank_r_correction_of_the_shared_weights(tm
     calib = [torch.randint(0, CFG.vocab_size, (4, 16)) for _ in range(2)]
     covariances = input_covariances(parent, probe.names, parent, calib, experts=probe.experts)
     plain, weighted = FullDelta(model, 2), FullDelta(model, 2)
-    share = plain.restore(model, parent, None)
-    assert 0 < share < 1 and weighted.restore(model, parent, covariances) < 1
+    share = plain.restore(model, parent, None).share
+    assert 0 < share < 1 and weighted.restore(model, parent, covariances).share < 1
     for name in plain.targets:  # the experts expert by expert: the tail of each one's singular values
         gap = (plain.weight_of(parent, name) - plain.weight_of(model, name)).detach().double()
         s = torch.linalg.svdvals(gap)
@@ -467,7 +468,7 @@ def test_a_restored_delta_is_the_best_rank_r_correction_of_the_shared_weights(tm
 
 
 def test_the_restore_reports_what_other_ranks_and_its_parameters_given_out_by_layer_would_cover(monkeypatch):
-    """FullDelta.report (restore_report): the share of the drift a restore at half, two and four times the rank
+    """Restored.report (restore_report): the share of the drift a restore at half, two and four times the rank
     would cover (the one at the rank is the restore's own), and what the same parameters cover given out layer by
     layer where the drift is: more than a uniform rank when one layer carries most of it. None where an SVD was
     not exact (its tail unknown)."""
@@ -478,19 +479,18 @@ def test_the_restore_reports_what_other_ranks_and_its_parameters_given_out_by_la
     with torch.no_grad():  # one layer's gap ten times the others'
         w = delta.weight_of(parent, delta.names[0])
         w.add_(9 * (w - delta.weight_of(model, delta.names[0])))
-    share = delta.restore(model, parent)
-    report = delta.report
+    restored = delta.restore(model, parent)
+    share, report = restored.share, restored.report
     assert set(report) == {"rank 1", "rank 2", "rank 4", "rank 8", "allocated"}
     assert report["rank 2"] == pytest.approx(share, rel=1e-9)
     assert report["rank 1"] < report["rank 2"] < report["rank 4"] < report["rank 8"] <= 1 + 1e-9
-    assert FullDelta(model, 8).restore(model, parent) == pytest.approx(report["rank 8"], rel=1e-9)
+    assert FullDelta(model, 8).restore(model, parent).share == pytest.approx(report["rank 8"], rel=1e-9)
     assert report["allocated"] > report["rank 2"] + 0.05
     uniform = FullDelta(model, 2)
-    uniform.restore(model, copy.deepcopy(model))  # no drift at all: nothing to report on
-    assert uniform.report is None
+    # no drift at all: nothing to report on
+    assert uniform.restore(model, copy.deepcopy(model)).report is None
     monkeypatch.setattr(delta_module, "EXACT_SVD_MAX", 2)  # every layer on the randomized SVD
-    delta.restore(model, parent)
-    assert delta.report is None
+    assert delta.restore(model, parent).report is None
 
 
 def test_a_restore_that_gives_its_rank_out_by_layer_spends_no_more_and_covers_what_it_reported(monkeypatch):
@@ -507,13 +507,14 @@ def test_a_restore_that_gives_its_rank_out_by_layer_spends_no_more_and_covers_wh
         w = FullDelta(model, 1).weight_of(parent, heavy)
         w.add_(9 * (w - FullDelta(model, 1).weight_of(model, heavy)))
     uniform, spent = FullDelta(model, 2), FullDelta(model, 2)
-    covered = uniform.restore(model, parent)
-    share = spent.restore(model, parent, allocate=True)
+    covered, uniform_report = (lambda r: (r.share, r.report))(uniform.restore(model, parent))
+    spent_restored = spent.restore(model, parent, allocate=True)
+    share = spent_restored.share
     ranks = spent.ranks()
     assert ranks[heavy] > 2 and min(ranks.values()) >= 1 and any(r < 2 for r in ranks.values())
     assert sum(p.numel() for p in spent.parameters()) <= sum(p.numel() for p in uniform.parameters())
-    assert share == pytest.approx(uniform.report["allocated"], rel=1e-9) and share > covered + 0.05
-    assert spent.report == pytest.approx(uniform.report, rel=1e-9)  # the report does not depend on the spend
+    assert share == pytest.approx(uniform_report["allocated"], rel=1e-9) and share > covered + 0.05
+    assert spent_restored.report == pytest.approx(uniform_report, rel=1e-9)  # the report does not depend on the spend
 
     def gap(d):
         with torch.no_grad():
@@ -527,15 +528,16 @@ def test_a_restore_that_gives_its_rank_out_by_layer_spends_no_more_and_covers_wh
     # from the randomized SVD: the same ranks and share as the exact spectra where no layer wants more than that
     even, even_parent = _gap_model(None, seed=1)
     exact = FullDelta(even, 2)
-    exact_share = exact.restore(even, even_parent, allocate=True)
+    exact_share = exact.restore(even, even_parent, allocate=True).share
     monkeypatch.setattr(delta_module, "EXACT_SVD_MAX", 2)
     found = FullDelta(even, 2)
-    assert found.restore(even, even_parent, allocate=True) == pytest.approx(exact_share, rel=1e-6)
+    found_restored = found.restore(even, even_parent, allocate=True)
+    assert found_restored.share == pytest.approx(exact_share, rel=1e-6)
     assert found.ranks() == exact.ranks() and max(exact.ranks().values()) <= delta_module.ALLOCATE_SPAN * 2
-    assert set(found.report) == {"rank 1", "rank 2", "rank 4", "rank 8", "allocated"}  # as far as it looked
+    assert set(found_restored.report) == {"rank 1", "rank 2", "rank 4", "rank 8", "allocated"}  # as far as it looked
     # ... and where one layer wants more, it gets that far and no further, still ahead of the uniform rank
     capped = FullDelta(model, 2)
-    assert capped.restore(model, parent, allocate=True) > covered + 0.05
+    assert capped.restore(model, parent, allocate=True).share > covered + 0.05
     assert capped.ranks()[heavy] == delta_module.ALLOCATE_SPAN * 2 < ranks[heavy]
 
 
@@ -628,7 +630,7 @@ def test_training_ends_with_the_restored_delta_and_the_finish_starts_from_it(tmp
     trained.run(progress=False)
     restored = _trainer(tmp_path, "restored", full_delta_restore="weights", **kw)
     logs = restored.run(progress=False)
-    assert restored.restored is not None and 0 < restored.restored <= 1 and trained.restored is None
+    assert restored.restored is not None and 0 < restored.restored.share <= 1 and trained.restored is None
     # the anchor's passes, which would train only what the restore replaces, are skipped: the shared weights
     # train bit for bit as beside them
     assert not any("full_kd" in lg for lg in logs) and len(logs) == 5
@@ -646,14 +648,15 @@ def test_training_ends_with_the_restored_delta_and_the_finish_starts_from_it(tmp
     assert full_kd(restored) < full_kd(trained)
 
     second = _resumes_exactly(tmp_path, stop_after=6, full_delta_restore="activations", full_delta_finish=4, **kw)
-    assert second.restored is not None  # from the state: it ran before the stop, not again
-    assert second.restore_report["rank 4"] == pytest.approx(second.restored, rel=1e-6)
+    assert second.restored is not None  # from the state, whole: it ran before the stop, not again
+    assert 0 < second.restored.undamped <= 1 and second.restored.residual > 0
+    assert second.restored.report["rank 4"] == pytest.approx(second.restored.share, rel=1e-6)
     # the rank given out by layer (TrainConfig.full_delta_allocate): the optimiser trains the resized delta in the
     # finish, and a run stopped inside it resumes exactly, the delta at the ranks it was given
     spent = _resumes_exactly(tmp_path / "allocated", stop_after=6, full_delta_restore="activations",
                              full_delta_finish=4, full_delta_allocate=True, **kw)
     assert len(set(spent.delta.ranks().values())) > 1
-    assert spent.restored == pytest.approx(spent.restore_report["allocated"], rel=1e-6)
+    assert spent.restored.share == pytest.approx(spent.restored.report["allocated"], rel=1e-6)
     in_optimizer = {id(p) for g in spent.opt.param_groups for p in g["params"]}
     assert all(id(p) in in_optimizer and spent.opt.state[p]["exp_avg"].shape == p.shape
                for p in spent.delta.parameters())  # trained in the finish at their new shapes
@@ -715,7 +718,7 @@ def test_a_restore_that_covers_the_experts_brings_a_hybrids_full_budget_closer_t
             return float(kd_loss(t._head(t.model, x), t._head(t.teacher, x)))
     for cov in (None, covariances):
         both, linear = FullDelta(t.model, 4), FullDelta(t.model, 4).without_experts()
-        share = both.restore(t.model, t.teacher, cov)
+        share = both.restore(t.model, t.teacher, cov).share
         linear.restore(t.model, t.teacher, cov)
         assert full_kd(both) < 0.5 * full_kd(linear)  # measured: 0.0105 against 0.11
         # the experts restored a few at a time (Nano's are 5 GB a float64 copy) give the same factors
@@ -723,7 +726,7 @@ def test_a_restore_that_covers_the_experts_brings_a_hybrids_full_budget_closer_t
         chunked = FullDelta(t.model, 4)
         with pytest.MonkeyPatch.context() as mp_:
             mp_.setattr(delta_module, "EXPERT_CHUNK", 3)  # 8 experts: 3, 3, 2
-            assert chunked.restore(t.model, t.teacher, cov) == pytest.approx(share, rel=1e-12)
+            assert chunked.restore(t.model, t.teacher, cov).share == pytest.approx(share, rel=1e-12)
         for k, v in both.state_dict().items():
             assert torch.allclose(chunked.state_dict()[k], v, rtol=1e-6, atol=1e-7), k
 
@@ -859,7 +862,7 @@ def test_a_restore_with_its_rest_rounded_covers_more_and_resumes_exactly_in_the_
     ranked.run(progress=False)
     rounded = _trainer(tmp_path, "rounded", full_delta_bits=4, **kw)
     rounded.run(progress=False)
-    assert rounded.restored > ranked.restored
+    assert rounded.restored.share > ranked.restored.share
     assert rounded.delta.bits == 4 and all(rounded.delta.rounded(n) is not None for n in rounded.delta.names)
     x = torch.arange(64).repeat(2).view(4, 32)
 
@@ -882,7 +885,7 @@ def test_a_restore_with_its_rest_rounded_covers_more_and_resumes_exactly_in_the_
 
 
 def test_the_restore_says_its_share_under_the_inputs_as_they_are_beside_the_damped_one():
-    """FullDelta.restored_undamped: the share of the drift the delta covers under each layer's input covariance
+    """Restored.undamped: the share of the drift the delta covers under each layer's input covariance
     itself (the restore's own share counts a damping term beside it), recomputed here layer by layer; without
     covariances the two are one. The model's own inputs are of low rank (a few calibration tokens), the directions
     they do not reach count only through the damping."""
@@ -893,10 +896,11 @@ def test_the_restore_says_its_share_under_the_inputs_as_they_are_beside_the_damp
     probe = FullDelta(model, 1)
     cov = input_covariances(parent, probe.names, parent, [x], experts=probe.experts)
     plain = FullDelta(model, 2)
-    assert plain.restore(model, parent) == pytest.approx(plain.restored_undamped, rel=1e-9)
+    restored = plain.restore(model, parent)
+    assert restored.share == pytest.approx(restored.undamped, rel=1e-9)
     for bits in (0, 1):
         delta = FullDelta(model, 2, bits=bits)
-        damped = delta.restore(model, parent, cov)
+        restored = delta.restore(model, parent, cov)
         missed = total = 0.0
         with torch.no_grad():
             for name in delta.targets:
@@ -909,23 +913,24 @@ def test_the_restore_says_its_share_under_the_inputs_as_they_are_beside_the_damp
                 else:
                     missed += float(torch.einsum("oi,ij,oj->", e, c, e))
                     total += float(torch.einsum("oi,ij,oj->", gap, c, gap))
-        assert delta.restored_undamped == pytest.approx(1 - missed / total, rel=1e-6)
-        assert delta.restored_undamped > damped  # the unreached directions count only under the damping
+        assert restored.undamped == pytest.approx(1 - missed / total, rel=1e-6)
+        assert restored.undamped > restored.share  # the unreached directions count only under the damping
         parents = {n: delta.weight_of(parent, n).detach().double() for n in delta.targets}
         energy = sum(float(((w ** 2) * cov[n].double()[:, None, :]).sum()) if n in delta.experts else
                      float(torch.einsum("oi,ij,oj->", w, cov[n].double(), w)) for n, w in parents.items())
-        assert delta.residual == pytest.approx(missed / energy, rel=1e-6)
+        assert restored.residual == pytest.approx(missed / energy, rel=1e-6)
     # the same drift twice as large: the same share, four times what it leaves (what the share alone hides)
     once = FullDelta(model, 2)
-    share = once.restore(model, parent, cov)
+    once_restored = once.restore(model, parent, cov)
     farther = copy.deepcopy(model)
     with torch.no_grad():
         for name in once.targets:
             w = once.weight_of(farther, name)
             w.sub_(once.weight_of(parent, name) - w)  # W - (W_p - W): the gap doubled
     twice = FullDelta(farther, 2)
-    assert twice.restore(farther, parent, cov) == pytest.approx(share, rel=1e-6)
-    assert twice.residual == pytest.approx(4 * once.residual, rel=1e-6)
+    twice_restored = twice.restore(farther, parent, cov)
+    assert twice_restored.share == pytest.approx(once_restored.share, rel=1e-6)
+    assert twice_restored.residual == pytest.approx(4 * once_restored.residual, rel=1e-6)
 
 
 def test_the_dense_rest_is_made_once_and_made_again_when_its_codes_change():
@@ -994,3 +999,18 @@ def test_a_width_that_does_not_pack_its_codes_is_one_line():
     one_line_error(lambda: FullDelta(model, 2, bits=1), "36 inputs do not pack 8 codes to a byte")
     assert FullDelta(model, 2, bits=4).bits == 4  # two codes to a byte: 36 packs
     one_line_error(lambda: FullDelta(model, 2, bits=3), "give one of 1, 2, 4, 8")
+
+
+def test_a_resume_state_that_kept_the_share_alone_still_reads():
+    """Restored.from_state: a state written before the restore's outcome was one object (the share a float, the
+    report, undamped share and residual beside it, or missing) reads as one; a state with no restore as None."""
+    from star_elastic.elastic.delta import Restored
+
+    report = {"rank 2": 0.9, "allocated": 0.95}
+    old = Restored.from_state({"restored": 0.9, "restore_report": report})
+    assert old == Restored(0.9, None, None, report)
+    later = Restored.from_state({"restored": 0.9, "restore_report": report, "restored_undamped": 0.93,
+                                 "restore_residual": 1e-4})
+    assert (later.undamped, later.residual) == (0.93, 1e-4)
+    assert Restored.from_state({"restored": dataclasses.asdict(later)}) == later
+    assert Restored.from_state({}) is None and Restored.from_state({"restored": None}) is None

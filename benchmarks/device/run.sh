@@ -664,7 +664,7 @@ for mode in ("", "weights", "activations"):
     x = torch.arange(64).repeat(2).view(4, 32).cuda()
     with torch.no_grad(), t._as_full():
         kd = float(kd_loss(t._head(t.model, x), t._head(t.teacher, x)))
-    print(f"restore {mode or 'none'}: share {t.restored}, full KD on a fixed batch {kd:.5f}, last step {logs[-1]['full_kd']:.5f}")
+    print(f"restore {mode or 'none'}: share {t.restored and t.restored.share}, full KD on a fixed batch {kd:.5f}, last step {logs[-1]['full_kd']:.5f}")
 PY
      ;;
   # CLOCK: the step's rate from CUDA events (StepClock) on a tiny trainer with saves and a finish

@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -380,6 +381,31 @@ def _own_mixin(module: nn.Module) -> type:
     raise StarElasticError(f"a full budget's own weight for a {type(module).__name__} is not built")
 
 
+@dataclass(frozen=True)
+class Restored:
+    """What FullDelta.restore covered of the shared weights' drift W_p - W."""
+    share: float  # of the drift, under the damped covariance the delta was fitted in (1: the parent exactly)
+    # under the inputs' covariance undamped: the damping counts directions the inputs barely reach, where GPTQ puts
+    # a few bits' error (docs/RESULTS.md §9, forty-second session: rank 32 + a 1-bit rest 96.38% damped, 97.05% as
+    # they are)
+    undamped: float | None
+    # what it leaves against the parent's layers' own output, E||(W_p - W - D) x||^2 / E||W_p x||^2 summed over the
+    # layers. A share alone does not tell a small drift from a large one: at lr 3e-3 rank 64 covered 99.4% and the
+    # full model read 4-7% worse, at 1e-3 98.7% and within 1% (RESULTS §9, forty-second session)
+    residual: float | None
+    report: dict | None = None  # restore_report: what other ranks, or this one given out by layer, would cover
+
+    @classmethod
+    def from_state(cls, meta: dict) -> "Restored | None":
+        """From a trainer's saved state (`asdict`); an older state kept the share alone, as a float, beside its
+        report (and the undamped share and residual from the forty-second session)."""
+        got = meta.get("restored")
+        if isinstance(got, (int, float)):
+            return cls(float(got), meta.get("restored_undamped"), meta.get("restore_residual"),
+                       meta.get("restore_report"))
+        return None if got is None else cls(**got)
+
+
 class FullDelta(nn.Module):
     """A, B (rank r) for every nn.Linear of `model` but its LM head, and for each expert of a MoE's routed
     experts (their stacked (E, out, in) tensors: A (E, r, in), B (E, out, r)): `up` starts at zero, `down`
@@ -417,9 +443,6 @@ class FullDelta(nn.Module):
         # the full budget's own values of parameters outside the linear layers (`keep`), by parameter name;
         # `shared`: the smaller budgets' values read from a checkpoint, until `subtract_from` puts them in
         self.rest: dict[str, torch.Tensor] = {}
-        self.report: dict | None = None  # the last restore's restore_report
-        self.restored_undamped: float | None = None  # and its share under the inputs' covariance undamped
-        self.residual: float | None = None  # and what it leaves, against the parent's layers' output energy
         self.shared: dict[str, torch.Tensor] = {}
         # the rounded rest (bits > 0), set by the restore: per linear layer its codes (out, in) and scales (out, in /
         # group) as buffers, so that a trainer's saved state holds them and no optimiser sees them
@@ -696,24 +719,23 @@ class FullDelta(nn.Module):
 
     @torch.no_grad()
     def restore(self, model: nn.Module, parent: nn.Module, covariances: dict[str, torch.Tensor] | None = None,
-                damping: float = 1e-2, allocate: bool = False) -> float:
+                damping: float = 1e-2, allocate: bool = False) -> Restored:
         """Set B A, layer by layer, to the rank-r part of what the shared weights lost: the parent's weight less
         `model`'s, W_p - W. With `covariances` ({layer: E[x x^T] of its inputs in the parent}, `input_covariances`)
         the nearest in ||(W_p - W - B A) L||, where L L^T is the covariance (damped by `damping` x its mean
         diagonal; for an expert, L the root of its diagonal, E[x^2] per input channel): the error weighted by the
         inputs the layer sees, so directions that no input takes cost nothing (ASVD / SVD-LLM's whitening); without,
         the plain nearest in weights. Both factors get the root of the singular values, so that training on from
-        here (the finish) moves them at one pace. Returns the share of the (weighted) loss that the rank-r part
-        covers, over all layers: 1 restores the parent exactly, and what is missing is the full model's drift that a
-        rank-r delta cannot hold; `self.report` says what other ranks, or this one spent unevenly, would cover
-        (restore_report). `allocate`: rank r's parameters given out layer by layer where the drift is
+        here (the finish) moves them at one pace. Returns what it covered (`Restored`): the share of the (weighted)
+        loss that the rank-r part covers, over all layers (1 restores the parent exactly, and what is missing is
+        the full model's drift that a rank-r delta cannot hold), the same undamped, what it leaves against the
+        parent's output, and what other ranks, or this one spent unevenly, would cover (restore_report). `allocate`: rank r's parameters given out layer by layer where the drift is
         (`allocate_ranks`; the targets resized, so an optimiser must be given the new parameters), from a first
         pass over the layers' spectra (above EXACT_SVD_MAX each layer's top ALLOCATE_SPAN x r values, so none gets
         more than that). Why: the trained delta follows the shared weights from behind (docs/RESULTS.md §9); this
         one starts where they are. With `bits` (the delta's), each linear layer's rest past its rank-r part is
         rounded to that many bits a weight under the same covariance (`round_rest`), and the share returned is
         what both cover (the report's sizes stay the rank's alone)."""
-        self.report = None
         if self.bits and parallel.world()[1] > 1:
             raise StarElasticError("a full delta's rounded rest (--full-delta-bits) under FSDP2 sharding is not built: "
                                    "run on one device, or without --full-delta-bits")
@@ -751,15 +773,8 @@ class FullDelta(nn.Module):
             caught, total, *seen = sums.tolist()
         if spectra is None:  # not allocated: the spectra of the factoring pass
             spectra = self._gather_spectra(mine)
-        self.report = restore_report(spectra, total, self.rank)
-        # the share the inputs see: the damping counts directions they barely reach, where GPTQ puts a few bits'
-        # error (docs/RESULTS.md §9, forty-second session: rank 32 + a 1-bit rest 96.38% damped, 97.05% as they are)
-        self.restored_undamped = 1 - seen[0] / seen[1] if seen[1] else 1.0
-        # and what it leaves against the parent's layers' own output: E||(W_p - W - D) x||^2 / E||W_p x||^2 summed
-        # over the layers. The share alone does not tell a small drift from a large one: at lr 3e-3 rank 64 covered
-        # 99.4% and the full model read 4-7% worse, at 1e-3 98.7% and within 1% (RESULTS §9, forty-second session)
-        self.residual = seen[0] / seen[2] if seen[2] else 0.0
-        return caught / total if total else 1.0
+        return Restored(share=caught / total if total else 1.0, undamped=1 - seen[0] / seen[1] if seen[1] else 1.0,
+                        residual=seen[0] / seen[2] if seen[2] else 0.0, report=restore_report(spectra, total, self.rank))
 
     def _gather_spectra(self, mine: dict) -> dict:
         """{target: (squares of all its parts (..., k) or None, out + in, min(out, in))} from each rank's own
