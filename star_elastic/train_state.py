@@ -190,7 +190,7 @@ def load(t) -> bool:
     t.sampler.set_state(torch.tensor(meta["sampler"], dtype=torch.uint8))
     t.gumbel.set_state(torch.tensor(meta["gumbel"], dtype=torch.uint8))
     t.step = meta["step"]
-    t.restored = Restored.from_state(meta)  # what the delta's restore covered (TrainConfig.full_delta_restore), if it ran
+    t.restored = Restored.from_state(meta)  # what the restore covered (TrainConfig.full_delta_restore), if it ran
     t.arch_steps = [{tuple((n, int(k)) for n, k in arch): steps for arch, steps in per_budget}
                        for per_budget in meta.get("arch_steps", [[] for _ in t.budgets])]
     return True

@@ -729,13 +729,14 @@ class FullDelta(nn.Module):
         here (the finish) moves them at one pace. Returns what it covered (`Restored`): the share of the (weighted)
         loss that the rank-r part covers, over all layers (1 restores the parent exactly, and what is missing is
         the full model's drift that a rank-r delta cannot hold), the same undamped, what it leaves against the
-        parent's output, and what other ranks, or this one spent unevenly, would cover (restore_report). `allocate`: rank r's parameters given out layer by layer where the drift is
-        (`allocate_ranks`; the targets resized, so an optimiser must be given the new parameters), from a first
-        pass over the layers' spectra (above EXACT_SVD_MAX each layer's top ALLOCATE_SPAN x r values, so none gets
-        more than that). Why: the trained delta follows the shared weights from behind (docs/RESULTS.md §9); this
-        one starts where they are. With `bits` (the delta's), each linear layer's rest past its rank-r part is
-        rounded to that many bits a weight under the same covariance (`round_rest`), and the share returned is
-        what both cover (the report's sizes stay the rank's alone)."""
+        parent's output, and what other ranks, or this one spent unevenly, would cover (restore_report).
+        `allocate`: rank r's parameters given out layer by layer where the drift is (`allocate_ranks`; the targets
+        resized, so an optimiser must be given the new parameters), from a first pass over the layers' spectra (above
+        EXACT_SVD_MAX each layer's top ALLOCATE_SPAN x r values, so none gets more than that). Why: the trained delta
+        follows the shared weights from behind (docs/RESULTS.md §9); this one starts where they are. With `bits` (the
+        delta's), each linear layer's rest past its rank-r part is rounded to that many bits a weight under the same
+        covariance (`round_rest`), and the share returned is what both cover (the report's sizes stay the rank's
+        alone)."""
         if self.bits and parallel.world()[1] > 1:
             raise StarElasticError("a full delta's rounded rest (--full-delta-bits) under FSDP2 sharding is not built: "
                                    "run on one device, or without --full-delta-bits")
