@@ -21,7 +21,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16mc (MIX=)|16m3 (MIX=)|16m4 (MIX=)|16mk (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16mc (MIX=)|16m3 (MIX=)|16m3b (MIX=)|16m4 (MIX=)|16mk (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -556,6 +556,13 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
        J16mh$x "$R --full-delta-rank 32 --full-delta-bits 2 --state-dir $H/state/J16mh$x" \
        J16mo$x "$R --full-delta-rank 32 --full-delta-bits 1 --state-dir $H/state/J16mo$x"
      ratios J16mq$x:C16ma$x,J16mh$x:C16ma$x,J16mo$x:C16ma$x J16mq$x J16mh$x J16mo$x ;;
+  # 16m3b: 16m3 without rank 64 + 4 bits (35% of the parent's bytes, the size least likely to be kept), for a
+  # session left with less than 16m3's budget: the two side by side, about 850 s over two calls
+  16m3b) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
+     R="${RESTORED/--hold-pull 30/--hold-pull 0} --budget-mix $MIX --tokens-a 16777216 --full-delta-finish 768"
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16mh$x "$R --full-delta-rank 32 --full-delta-bits 2 --state-dir $H/state/J16mh$x" \
+       J16mo$x "$R --full-delta-rank 32 --full-delta-bits 1 --state-dir $H/state/J16mo$x"
+     ratios J16mh$x:C16ma$x,J16mo$x:C16ma$x,J16mh$x:C16mb$x,J16mo$x:C16mb$x J16mh$x J16mo$x ;;
   # 16m4 (after 16m3): rank 128 (J16mr$x: capacity alone, 29%), rank 64's parameters given out layer by layer
   # (J16ma$x, --full-delta-allocate: on SmolLM2's own drift it left half the uniform rank's remainder, as rank 128
   # did), and the 0.75 drawn 65% of the smaller budgets' steps (J16mw$x: the 0.5 leads its (c) by 2-9%, the 0.75
