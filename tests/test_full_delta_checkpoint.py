@@ -186,8 +186,19 @@ def test_a_delta_with_its_rest_rounded_is_written_read_and_run(tmp_path, bits):
         assert _close(ref(x).logits.float(), _logits(ckpt.full_model(), x))
     # the smaller budgets never see the rest: the 0.5 is the same model with or without it
     half0 = slice_model(load_elastic(outs[0]).model, budget_spec(read_manifest(outs[0]), "0.5"))
-    _, x, want, _ = check_every_path(outs[bits], tmp_path)
+    _, x, want, engine = check_every_path(outs[bits], tmp_path)
     assert _close(_logits(half0, x), want, 1e-5)
+    # a server runs each layer with a rest on its own W + B A + R, merged once: no dense R held beside it, and
+    # the layer's weight is the exported full model's
+    from star_elastic.elastic.delta import _MergedLinear
+
+    delta, parent = engine.ckpt.delta, engine.parent
+    assert all(isinstance(parent.get_submodule(n), _MergedLinear) for n in delta.names) and not delta._dense_rests
+    exported = dict(load(tmp_path / "full").named_parameters())
+    for n in delta.names:
+        torch.testing.assert_close(parent.get_submodule(n).own_weight, exported[n + ".weight"], rtol=0, atol=1e-6)
+    with pytest.raises(StarElasticError, match="runs its delta"):  # merged, it still counts as running it
+        engine.ckpt.full_model()
 
 
 def test_save_and_load_give_back_the_trained_shared_weights_and_delta(tmp_path):

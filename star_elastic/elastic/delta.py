@@ -290,6 +290,16 @@ class _WithDelta:
         return y if self.delta_rest is None else y + F.linear(x, self.delta_rest)
 
 
+class _MergedLinear:
+    """Mixed into a linear layer of a server's full budget whose delta has a rounded rest: its own W + B A + R,
+    one product where W x + B A x + R x would be three, in the memory a dense R takes (FullDelta.apply)."""
+
+    own_weight: torch.Tensor
+
+    def forward(self, x):
+        return F.linear(x, self.own_weight, self.bias)
+
+
 class _ExpertsWithDelta:
     """Mixed into routed experts while the full budget runs: each expert's W + B A, and when decoding gathers
     the chosen experts, only theirs (the stack's B A is never formed for one token)."""
@@ -651,13 +661,24 @@ class FullDelta(nn.Module):
         finally:
             swaps.undo()
 
-    def apply(self, model: nn.Module) -> ClassSwaps:
-        """`applied` until the returned swaps are undone (a server's full budget runs with it for good)."""
+    def apply(self, model: nn.Module, merge_rest: bool = False) -> ClassSwaps:
+        """`applied` until the returned swaps are undone (a server's full budget runs with it for good).
+        `merge_rest`: each linear layer with a rounded rest runs its own W + B A + R, made now, in place of W x +
+        B A x + R x: a dense R is as large as W, so the merged copy costs no more memory and saves two products a
+        layer, and it is the exported full model's weight to the rounding. For weights that no longer change
+        (a server): trained afterwards, the copy would not follow."""
         swaps = ClassSwaps()
         try:
             for name in self.names:
                 key = _key(name)
-                swaps.mix(model.get_submodule(name), _WithDelta, delta_down=self.down[key], delta_up=self.up[key],
+                module = model.get_submodule(name)
+                if merge_rest and getattr(self.rounded_codes, key, None) is not None:
+                    w = module.weight
+                    with torch.no_grad():
+                        own = (w.float() + self.delta(name).to(w.device)).to(w.dtype)
+                    swaps.mix(module, _MergedLinear, own_weight=own)
+                    continue
+                swaps.mix(module, _WithDelta, delta_down=self.down[key], delta_up=self.up[key],
                           delta_rest=self._dense_rest(name, self.down[key].dtype))
             for module in dict.fromkeys(name.rpartition(".")[0] for name in self.experts):
                 pairs = {which: (self.down[_key(f"{module}.{which}")],
@@ -676,7 +697,7 @@ class FullDelta(nn.Module):
         """Whether `model` runs this delta now, its linear layers or its own embeddings / norms (inside
         `applied`, or after `apply`)."""
         experts = (model.get_submodule(name.rpartition(".")[0]) for name in self.experts)
-        return any(isinstance(model.get_submodule(name), _WithDelta) for name in self.names) or \
+        return any(isinstance(model.get_submodule(name), (_WithDelta, _MergedLinear)) for name in self.names) or \
             any(isinstance(m, _ExpertsWithDelta) for m in experts) or \
             any(isinstance(m, (_OwnEmbedding, _OwnLinear, _OwnNorm)) for m, _ in self._own_modules(model)) or \
             any(isinstance(m, _OwnValues) for m, _ in self._own_params(model))

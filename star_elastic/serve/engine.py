@@ -90,7 +90,9 @@ class ElasticEngine:
         if self.serving_order:
             use_serving_order(self.parent)
         if ckpt.delta is not None:  # the parent holds W, the smaller budgets' prefixes; the full budget adds B A
-            ckpt.delta.apply(self.parent)  # views are other modules over the same tensors: they run W alone
+            # (and a rounded rest R merged: W + B A + R, one product a layer); views are other modules over the
+            # same tensors: they run W alone
+            ckpt.delta.apply(self.parent, merge_rest=True)
         self.views: dict[str, Model] = {}
         self.lock = threading.Lock()  # one generation at a time: see the module doc
         self.view_lock = threading.Lock()  # a view is built once, even when requests ask for it at once
