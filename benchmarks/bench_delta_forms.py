@@ -21,7 +21,7 @@ under the same input covariance; 1 bit: sign times the group's mean magnitude, B
 2 bits: four levels (k + 1/2) s, s the group's RMS, near Lloyd-Max for a Gaussian) and by plain rounding
 (`--rounding`); and rank k plus the rest of the drift so rounded (the low-rank part takes the few large
 directions, the bits the long tail; what `elastify --full-delta-bits` builds). The rounding is the library's
-(delta.round_rest). Sizes count packed bits, scales and factors in bf16. Routed experts keep the checkpoint's own
+(rounding.round_rest). Sizes count packed bits, scales and factors in bf16. Routed experts keep the checkpoint's own
 delta in every form.
 
     python benchmarks/bench_delta_forms.py CKPT [--parent PARENT] --json OUT.json
@@ -45,8 +45,8 @@ import common  # noqa: E402
 
 from star_elastic.data import load_corpus_tokens  # noqa: E402
 from star_elastic.elastic.checkpoint import load_elastic, sorted_parent  # noqa: E402
-from star_elastic.elastic.delta import (REST_GROUP, _damped, _rank_part, _weighted_square,  # noqa: E402
-                                       input_covariances, rest_dense, rest_group, round_rest)
+from star_elastic.elastic.delta import _rank_part, _weighted_square, input_covariances  # noqa: E402
+from star_elastic.elastic.rounding import REST_GROUP, damped, rest_dense, rest_group, round_rest  # noqa: E402
 from star_elastic.elastify import chat_transcripts  # noqa: E402
 from star_elastic.errors import StarElasticError  # noqa: E402
 from star_elastic.evaluate import answer_scores, perplexity  # noqa: E402
@@ -55,12 +55,12 @@ DAMPING = 1e-2  # FullDelta.restore's default
 
 
 def rounded(d: torch.Tensor, bits: int) -> torch.Tensor:
-    """d (out, in) rounded to nearest, group by group (delta.round_rest without a covariance)."""
+    """d (out, in) rounded to nearest, group by group (rounding.round_rest without a covariance)."""
     return rest_dense(*round_rest(d, None, bits), bits)
 
 
 def gptq(d: torch.Tensor, cov: torch.Tensor, bits: int) -> torch.Tensor:
-    """d (out, in) rounded column by column under the input covariance `cov` (delta.round_rest: GPTQ)."""
+    """d (out, in) rounded column by column under the input covariance `cov` (rounding.round_rest: GPTQ)."""
     return rest_dense(*round_rest(d, cov, bits), bits)
 
 
@@ -137,9 +137,9 @@ def main(argv=None) -> dict:
     parent_bytes = 2.0 * sum(p.numel() for p in parent.parameters())
     cov = {n: c.double() for n, c in cov.items()}
     total = sum(_weighted_square(g, cov[n], False) for n, g in gaps.items())
-    # the restore reports its share under the covariance damped (delta._damped, its default 1e-2): beside it
-    damped = {n: _damped(cov[n], DAMPING) for n in names}
-    total_damped = sum(_weighted_square(g, damped[n], False) for n, g in gaps.items())
+    # the restore reports its share under the covariance damped (rounding.damped, its default 1e-2): beside it
+    cov_damped = {n: damped(cov[n], DAMPING) for n in names}
+    total_damped = sum(_weighted_square(g, cov_damped[n], False) for n, g in gaps.items())
 
     def covered(deltas: dict) -> tuple[float, float]:
         """The share of the drift that {layer: D} covers, under the covariance as it is and damped."""
@@ -147,7 +147,7 @@ def main(argv=None) -> dict:
         for n, g in gaps.items():
             e = g - deltas[n]
             missed[0] += _weighted_square(e, cov[n], False)
-            missed[1] += _weighted_square(e, damped[n], False)
+            missed[1] += _weighted_square(e, cov_damped[n], False)
         return 1 - missed[0] / total, 1 - missed[1] / total_damped
 
     sources = {} if args.no_scores else \

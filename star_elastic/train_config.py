@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 from .elastic.cost import Budget
 from .elastic.losses import LossWeights
-from .elastic.delta import HELD_PARTS, REST_BITS
+from .elastic.delta import HELD_PARTS
+from .elastic.rounding import REST_BITS
 from .elastic.router import ESTIMATORS
 from .errors import StarElasticError
 
@@ -98,7 +99,7 @@ class TrainConfig:
     # What it would cover is reported beside every restore (Restored.report) whether on or not
     full_delta_allocate: bool = False
     # with the restore: the rest of each linear layer's drift past its rank-r part rounded to this many bits a
-    # weight (1, 2, 4 or 8; 0: none), a fixed term beside B A (delta.round_rest). On SmolLM2's own drift 4 bits
+    # weight (1, 2, 4 or 8; 0: none), a fixed term beside B A (rounding.round_rest). On SmolLM2's own drift 4 bits
     # covered 99.96% where rank 64 covered 98.4% (docs/RESULTS.md §9, forty-first session)
     full_delta_bits: int = 0
     # held at or near the parent's values in every budget: "embeddings" (with the LM head), "norms", or both

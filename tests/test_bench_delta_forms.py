@@ -1,5 +1,5 @@
 """benchmarks/bench_delta_forms.py: the forms of the full budget's delta, each against the drift it was cut from
-(the rounding itself, delta.round_rest, is tested in test_full_delta.py)."""
+(the rounding itself, rounding.round_rest, is tested in test_full_delta.py)."""
 
 import sys
 from pathlib import Path

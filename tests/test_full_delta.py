@@ -820,7 +820,7 @@ def test_the_full_budgets_own_norms_are_recomputed_in_backward_with_the_same_gra
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_codes_pack_to_their_bits_and_round_to_the_levels_their_scale_allows(bits):
-    from star_elastic.elastic.delta import pack_codes, rest_dense, round_rest, unpack_codes
+    from star_elastic.elastic.rounding import pack_codes, rest_dense, round_rest, unpack_codes
 
     g = torch.Generator().manual_seed(bits)
     gap = torch.randn(24, 128, generator=g, dtype=torch.float64)
@@ -837,7 +837,7 @@ def test_codes_pack_to_their_bits_and_round_to_the_levels_their_scale_allows(bit
 def test_gptq_spends_the_rounding_error_where_the_inputs_do_not_look():
     """Under inputs with correlated channels GPTQ misses less of the drift as the inputs see it than plain
     rounding does; under white inputs it is plain rounding."""
-    from star_elastic.elastic.delta import rest_dense, round_rest
+    from star_elastic.elastic.rounding import rest_dense, round_rest
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2048, 128, generator=g, dtype=torch.float64) @ torch.randn(128, 128, generator=g,
@@ -937,7 +937,7 @@ def test_the_dense_rest_is_made_once_and_made_again_when_its_codes_change():
     """`applied` runs every full-budget step: the rest made dense is reused while its codes and scales are the
     same tensors unchanged, and follows them when a resumed state loads into them in place or a new rest is set
     (a stale copy would run the full budget on the rest it had before)."""
-    from star_elastic.elastic.delta import rest_dense, round_rest
+    from star_elastic.elastic.rounding import rest_dense, round_rest
 
     model = Model(CFG)
     delta = FullDelta(model, 2, bits=2)

@@ -714,7 +714,7 @@ def _without_delta(reader: "_Reader", it: _Item, cfg: ModelConfig, delta: tuple)
     """`it`'s output tensor from the stored W + B A (+ R, the rounded rest): the kept block minus B's kept rows
     times A's kept columns (and R's kept block), in float32, back in the stored dtype (the whole tensor when `take`
     does more than pick). An expert's tensor: its own A and B, row `it.row` of the stacked ones."""
-    from .delta import rest_dense, unpack_codes
+    from .rounding import rest_dense, unpack_codes
 
     down, up, rest = delta
     if rest is not None:  # linear layers alone have one
