@@ -42,6 +42,7 @@
 #   S39                         SERVE in the leaner serving order, then the parent's own order with compact copies (~8 min)
 #   S40                         GPUTESTS causal_conv, then HFKPRE --profile, one call, no SETUP (~7 min)
 #   S41                         HFKPRE --profile --cudagraphs (TESTS=1: the causal conv's CUDA tests first) (~6 min)
+#   S43                         KERNELS, bench_rest_serve at Nano width, then S41 in the time left (~9 min)
 # The home folder survives between calls while the machine stays warm (30 s); $OUT comes back.
 set -x
 H=/root; SE=$H/.cache/star_elastic; mkdir -p $SE $OUT
@@ -177,6 +178,13 @@ S41) shift  # one call, no SETUP (carry .devcarry/causal_conv1d_built, .devcarry
     "cuda and (conv_scan or causal_conv)" > $OUT/gputests.txt 2>&1; grep -v "^+" $OUT/gputests.txt | tail -n 8; }
   timeout $((${RUN_LIMIT:-540} - SECONDS)) bash $0 HFKPRE --profile --cudagraphs > $OUT/hfk_profile.txt 2>&1
   grep -v "^+" $OUT/hfk_profile.txt | tail -n 36 ;;
+S43) shift  # one call, no SETUP (carry .devcarry/causal_conv1d_built, .devcarry/mamba, .devcarry/run.sh; ~9 min): the
+  # elastic step at Nano width (issue 16's 2x, ~150 s), a server's full budget with a rounded rest merged against
+  # three products at Nano width (bench_rest_serve.py, eager), then S41 in what time is left
+  SECONDS=0; bash $0 KERNELS > $OUT/kernels.txt 2>&1; grep -v "^+" $OUT/kernels.txt | tail -n 14
+  PYTHONPATH=.devcarry/mamba:$PYTHONPATH timeout 150 python3 benchmarks/bench_rest_serve.py --device cuda --model nano \
+    --json $OUT/rest_serve_nano.json > $OUT/rest_serve.txt 2>&1; tail -n 6 $OUT/rest_serve.txt
+  RUN_LIMIT=$((${RUN_LIMIT:-570} - SECONDS)) bash $0 S41 ;;
 S35) shift  # the thirty-fifth session's CPU work on a GPU: its CUDA tests, then the step with conv_scan beside
   # the default and without the recompute (carry .devcarry/mamba)
   bash $0 GPUTESTS; bash $0 KERNELS --conv-scan-apart --keep-activations "$@" ;;
