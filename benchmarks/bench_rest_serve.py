@@ -6,8 +6,9 @@ weight, held dense: `FullDelta.apply`) or on W + B A + R merged once (`apply(mer
 the same memory (a dense R is as large as W), one product in place of three. Measured side by side in one run:
 decode and prefill tokens/s of the three models (greedy decode, `generate`), the bytes each holds beside the
 parent, the share of the memory-bandwidth bound a decode token reaches (the weights a token reads over the card's
-HBM bandwidth; on the CPU against the H200's, a scale only), and how far the two forms' logits are apart. Random
-weights (speed does not depend on what they are): the rest's codes and scales and the factors drawn at random.
+HBM bandwidth; on the CPU against the H200's, a scale only), and each form's logits against the full budget's in
+float32 (relative RMS; beside it the parent's own rounding in the run's dtype). Random weights (speed does not
+depend on what they are): the rest's codes and scales and the factors drawn at random.
 
     python benchmarks/bench_rest_serve.py --model smollm2 --json docs/results/rest_serve_cpu_smollm2.json
     python benchmarks/bench_rest_serve.py --device cuda --model nano --compile --json $OUT/rest_serve_nano.json
@@ -80,10 +81,19 @@ def main():
     for p in parent.parameters():  # O(1) activations everywhere, like a trained model's
         if p.dim() >= 2:
             torch.nn.init.normal_(p, std=p.shape[-1] ** -0.5)
-    parent = parent.to(device, dtype).eval().requires_grad_(False)
+    parent = parent.to(device).eval().requires_grad_(False)
     cfg = parent.config
+    prompt = torch.randint(3, cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    prompt = prompt.to(device)
+    # the reference: the full budget in float32 (the delta made there, then cast with the models): in bf16 each
+    # form rounds differently, W + B A + R rounded once against three products' outputs rounded each
+    reference = copy.deepcopy(parent)
+    delta = random_delta(reference, args.rank, args.bits).requires_grad_(False)
+    with torch.no_grad(), delta.applied(reference):
+        want = {"full": reference(prompt).float(), "parent": parent(prompt).float()}
+    del reference
+    parent, delta = parent.to(dtype), delta.to(dtype)
     models = {"parent": parent, "three products": copy.deepcopy(parent), "merged": copy.deepcopy(parent)}
-    delta = random_delta(models["three products"], args.rank, args.bits).requires_grad_(False)
     delta.apply(models["three products"])
     delta.apply(models["merged"], merge_rest=True)
     extra = {"parent": 0,
@@ -91,16 +101,20 @@ def main():
              "merged": sum(m.own_weight.numel() * m.own_weight.element_size() for m in models["merged"].modules()
                            if hasattr(m, "own_weight"))}
     factors = sum(p.numel() * p.element_size() for p in delta.parameters())
-    prompt = torch.randint(3, cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
-    prompt = prompt.to(device)
     print(f"{args.model} shapes, {parent.num_parameters() / 1e6:.1f}M parameters, rank {args.rank}, rest at "
           f"{args.bits} bit(s); {common.machine(device)}, {dtype}", flush=True)
 
     with torch.no_grad():
         logits = {k: m(prompt).float() for k, m in models.items()}
-    scale = float(logits["three products"].abs().max())
-    apart = float((logits["merged"] - logits["three products"]).abs().max()) / scale
-    moved = float((logits["merged"] - logits["parent"]).abs().max()) / scale
+
+    def off(a, b):  # relative RMS distance of logits a from b
+        return float((a - b).norm() / b.norm())
+    apart = off(logits["merged"], logits["three products"])
+    moved = off(want["parent"], want["full"])  # what the delta does, in float32
+    # each form against the float32 full budget (the parent in the run's dtype against the float32 parent beside:
+    # the dtype's own rounding)
+    errors = {"three products": off(logits["three products"], want["full"]),
+              "merged": off(logits["merged"], want["full"]), "parent": off(logits["parent"], want["parent"])}
     greedy = {k: generate(m, prompt, args.new_tokens, compile=args.compile) for k, m in models.items()}
 
     def gen(m):
@@ -138,9 +152,11 @@ def main():
               f"{100 * rows[k]['bandwidth_bound_share']:.1f}% of the bandwidth bound", flush=True)
     merged_vs_three = med["decode"]["three products"] / med["decode"]["merged"]
     print(f"merged / three products: decode {merged_vs_three:.3f}x, prefill "
-          f"{med['prefill']['three products'] / med['prefill']['merged']:.3f}x; logits apart {apart:.1e} of their "
-          f"largest (the delta moved them {moved:.1e}); greedy tokens equal: "
-          f"{torch.equal(greedy['merged'], greedy['three products'])}", flush=True)
+          f"{med['prefill']['three products'] / med['prefill']['merged']:.3f}x; greedy tokens equal: "
+          f"{torch.equal(greedy['merged'], greedy['three products'])}\n"
+          f"logits (relative RMS): against the float32 full budget, three products {errors['three products']:.1e}, "
+          f"merged {errors['merged']:.1e} (the parent in {dtype} against its float32: {errors['parent']:.1e}); "
+          f"the two forms {apart:.1e} apart; the delta moved them {moved:.1e}", flush=True)
     if args.json:
         common.write_json(args.json, {
             "command": " ".join(sys.argv), "machine": common.machine(device), "dtype": str(dtype),
@@ -148,7 +164,7 @@ def main():
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "reps": args.reps, "compile": args.compile,
             "rows": rows, "merged_vs_three_decode": merged_vs_three,
             "merged_vs_three_prefill": med["prefill"]["three products"] / med["prefill"]["merged"],
-            "logits_apart": apart, "logits_moved_by_delta": moved,
+            "logits_apart": apart, "logits_moved_by_delta": moved, "logits_error_vs_float32": errors,
             "greedy_equal": torch.equal(greedy["merged"], greedy["three products"]),
             "times_s": times})
 

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -203,3 +205,16 @@ def test_train_part_runs_conv_scan_by_default_and_the_apart_row_beside(monkeypat
     assert apart["budgets"] == default["budgets"]
     assert all(abs(a - b) <= 0.02 * abs(b) for a, b in zip(apart["kd"], default["kd"]))
     assert kernels.ENV_CONV_SCAN not in __import__("os").environ  # the switch is put back after each row
+
+
+def test_the_step_rates_say_what_the_mixed_draws_run_at_beside_the_median_step():
+    """bench_kernels.step_rates: the median timed step (the headline, which lands on a full-budget step at these
+    draws) beside the tokens the timed steps made over their time, and each budget's median step."""
+    from bench_kernels import step_rates
+
+    logs = [{"budget": b, "tokens_per_s": t} for b, t in
+            (("0.75", 200), ("1.0", 600), ("0.5", 30000), ("1.0", 40000), ("1.0", 40000), ("0.75", 30000))]
+    median, mixed, by_budget = step_rates(logs)
+    assert median == 40000  # the upper middle of the four timed steps: a full-budget step
+    assert mixed == pytest.approx(4 / (2 / 30000 + 2 / 40000))  # equal tokens a step: time adds up
+    assert mixed < median and by_budget == {"0.5": 30000, "1.0": 40000, "0.75": 30000}
