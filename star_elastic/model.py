@@ -715,8 +715,7 @@ class Experts(nn.Module):
         # the down projection's output for the weights' gradient: at Nano's widths 6 x 2688 values a token
         # that a MoE layer no longer keeps (docs/RESULTS.md, "what a training step keeps").
         if T * k <= self.up_proj.shape[0] // 2 and (T == 1 or not grouped):
-            return gathered_experts(self.hidden, x, self.weights("up_proj", idx), self.weights("down_proj", idx),
-                                    weights)
+            return self.gathered(x, idx, weights)
         flat = idx.flatten()
         order = flat.argsort(stable=True)
         token = order // k
@@ -732,6 +731,11 @@ class Experts(nn.Module):
         else:
             out = self.loop(xs, scale, counts)
         return back_to_tokens(out, order, k)
+
+    def gathered(self, x, idx, weights):
+        """A few tokens x (T, D) on the experts idx (T, k) chooses, their tensors gathered (decoding); a full
+        budget's delta adds its low-rank part here (delta.py)."""
+        return gathered_experts(self.hidden, x, self.weights("up_proj", idx), self.weights("down_proj", idx), weights)
 
     @torch.compiler.disable  # sizes read from the data: under torch.compile, a graph per routing pattern
     def loop(self, xs, scale, counts):

@@ -670,8 +670,9 @@ def test_training_ends_with_the_restored_delta_and_the_finish_starts_from_it(tmp
 
 def test_the_experts_delta_runs_as_merged_weights_when_decoding_gathers_and_when_prefill_groups(tmp_path):
     """The routed experts' B A (FullDelta.experts): the full budget with the delta applied equals a copy with it
-    merged on one token (decode: the chosen experts' weights gathered, B A of those alone) and on many (every
-    expert's), and a delta file written before the experts had one still reads, on the linear layers alone."""
+    merged on one token (decode: the chosen experts' W, A and B gathered, W x + B (A x), their W + B A never
+    formed) and on many (every expert's), and a delta file written before the experts had one still reads, on the
+    linear layers alone."""
     from star_elastic.elastic.delta import save_delta
 
     model = Model(CFG).eval()
@@ -681,11 +682,21 @@ def test_the_experts_delta_runs_as_merged_weights_when_decoding_gathers_and_when
             p.normal_(0, 0.05)
     merged = delta.merge_into(copy.deepcopy(model))
     assert delta.experts and any(not torch.equal(merged.get_parameter(n), model.get_parameter(n)) for n in delta.experts)
+    from star_elastic.elastic.delta import _ExpertsWithDelta
+
+    formed = []  # decoding runs W x + B (A x) on the gathered factors: it never forms W + B A of the chosen experts
+    plain_weights = _ExpertsWithDelta.weights
+
+    def spy(self, which, idx=None):
+        formed.append(idx is not None)
+        return plain_weights(self, which, idx)
     for length in (1, 9):  # one token: T * k <= E / 2, the gather path; nine: every expert's tokens grouped
         x = torch.randint(0, CFG.vocab_size, (1, length))
-        with torch.no_grad(), delta.applied(model):
+        with torch.no_grad(), delta.applied(model), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(_ExpertsWithDelta, "weights", spy)
             got = model(x)
         torch.testing.assert_close(got, merged(x), rtol=1e-5, atol=1e-5)
+        assert not any(formed)
         with torch.no_grad():
             assert not torch.allclose(model(x), got, atol=1e-4)  # undone after the block
     save_delta(FullDelta(model, 2, seed=3).without_experts(), tmp_path / "old.safetensors")

@@ -45,6 +45,7 @@ from torch import nn
 
 from star_elastic import parallel
 from star_elastic.elastic.masking import ClassSwaps
+from star_elastic.model import scaled_activation
 from star_elastic.elastic.rounding import (REST_BITS, damped, pack_codes, rest_dense, rest_group, round_rest,
                                            unpack_codes)
 from star_elastic.errors import StarElasticError
@@ -220,6 +221,19 @@ class _ExpertsWithDelta:
         if idx is not None:
             down, up = down[idx], up[idx]
         return w + (up @ down).to(w.dtype)
+
+    def gathered(self, x, idx, weights):
+        # decoding: W x + B (A x) on the chosen experts' gathered W, A and B. Forming their W + B A (`weights`)
+        # wrote and read again as many bytes as W itself: the full budget decoded at 0.83x its parent at Nano
+        # width (docs/RESULTS.md §9, forty-third session)
+        (a_up, b_up), (a_down, b_down) = (tuple(t[idx] for t in self.delta_pairs[w]) for w in EXPERT_TENSORS)
+        up, down = super().weights("up_proj", idx), super().weights("down_proj", idx)
+        pre = torch.einsum("td,tkid->tki", x, up) + torch.einsum(
+            "tkir,tkr->tki", b_up.to(up.dtype), torch.einsum("tkrd,td->tkr", a_up.to(up.dtype), x))
+        h = scaled_activation(pre, self.hidden, copies=weights[..., None])
+        out = torch.einsum("tki,tkdi->tkd", h, down) + torch.einsum(
+            "tkdr,tkr->tkd", b_down.to(h.dtype), torch.einsum("tkri,tki->tkr", a_down.to(h.dtype), h))
+        return out.sum(1).to(h.dtype)
 
     def grouped(self, which, xs, offs, dt):
         # W x + B (A x) as three grouped GEMMs: forming every expert's W + B A would cost 2 E out in r FLOPs a
