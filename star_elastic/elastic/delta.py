@@ -6,8 +6,8 @@ session): trained beside the 0.5 with no anchor the 0.75 equals separate distill
 0.5 beats it by 5-8%, but the full model drifts 12-29% from its parent. Here the full model gets
 parameters of its own instead: every linear layer of the decoder adds a low-rank term, W x + B A x, and
 every routed expert of a MoE one of its own (the stacked (E, out, in) tensors get A (E, r, in) and B
-(E, out, r): each expert runs W_e + B_e A_e, formed for the chosen experts alone when decoding gathers
-them), in the full budget's passes only, and the anchor's backward accumulates into A and B alone (`inputs=`,
+(E, out, r): each expert runs W_e x + B_e A_e x; decoding gathers the chosen experts' W, A and B and never
+forms W_e + B_e A_e), in the full budget's passes only, and the anchor's backward accumulates into A and B alone (`inputs=`,
 train.py). The anchor's gradient then reaches nothing the smaller budgets use; they train the shared
 weights as if the full model were not there, and the delta follows them to keep the full model on its
 parent. B starts at zero, so training starts from the parent exactly. The delta is applied as masks are
@@ -210,8 +210,9 @@ class _MergedLinear:
 
 
 class _ExpertsWithDelta:
-    """Mixed into routed experts while the full budget runs: each expert's W + B A, and when decoding gathers
-    the chosen experts, only theirs (the stack's B A is never formed for one token)."""
+    """Mixed into routed experts while the full budget runs: each expert's W + B A (`weights`, where the loop
+    over experts reads them), W x + B (A x) as grouped GEMMs (`grouped`) and, decoding, on the chosen experts'
+    gathered factors (`gathered`)."""
 
     delta_pairs: dict  # {"up_proj" / "down_proj": (A (E, r, in), B (E, out, r))}
 
