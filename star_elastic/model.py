@@ -697,7 +697,8 @@ class Experts(nn.Module):
 
     def weights(self, which: str, idx=None):
         """Tensor `which` ("up_proj" or "down_proj"): every expert's, or the experts `idx` (T, k) chooses,
-        gathered. The one place the forward reads them: the full budget's delta adds its own here (delta.py)."""
+        gathered. Where the forward reads them (through `grouped`, `gathered` and `loop`): the full budget's delta adds
+        its own in each (delta.py)."""
         w = getattr(self, which)
         return w if idx is None else gather_experts(w, idx)
 
