@@ -1,17 +1,17 @@
 """The full budget's own low-rank delta (`TrainConfig.full_delta_rank`): the full anchor trains it alone.
 
-Why: the full anchor holds the full model near its parent by pulling on the weights that every budget
-shares, and that pull is the 0.75 budget's whole gap to distilling it alone (docs/RESULTS.md §9, twelfth
-session): trained beside the 0.5 with no anchor the 0.75 equals separate distillation in domain and the
-0.5 beats it by 5-8%, but the full model drifts 12-29% from its parent. Here the full model gets
-parameters of its own instead: every linear layer of the decoder adds a low-rank term, W x + B A x, and
-every routed expert of a MoE one of its own (the stacked (E, out, in) tensors get A (E, r, in) and B
-(E, out, r): each expert runs W_e x + B_e A_e x; decoding gathers the chosen experts' W, A and B and never
-forms W_e + B_e A_e), in the full budget's passes only, and the anchor's backward accumulates into A and B alone (`inputs=`,
-train.py). The anchor's gradient then reaches nothing the smaller budgets use; they train the shared
-weights as if the full model were not there, and the delta follows them to keep the full model on its
-parent. B starts at zero, so training starts from the parent exactly. The delta is applied as masks are
-(masking.py), by swapping each linear layer's class, which compiled layers see.
+Why: the full anchor holds the full model near its parent by pulling on the weights that every budget shares,
+and that pull is the 0.75 budget's whole gap to distilling it alone (docs/RESULTS.md §9, twelfth session):
+trained beside the 0.5 with no anchor the 0.75 equals separate distillation in domain and the 0.5 beats it by
+5-8%, but the full model drifts 12-29% from its parent. Here the full model gets parameters of its own
+instead: every linear layer of the decoder adds a low-rank term, W x + B A x, and every routed expert of a MoE
+one of its own (the stacked (E, out, in) tensors get A (E, r, in) and B (E, out, r): each expert runs W_e x +
+B_e A_e x; decoding gathers the chosen experts' W, A and B and never forms W_e + B_e A_e), in the full
+budget's passes only, and the anchor's backward accumulates into A and B alone (`inputs=`, train.py). The
+anchor's gradient then reaches nothing the smaller budgets use; they train the shared weights as if the full
+model were not there, and the delta follows them to keep the full model on its parent. B starts at zero, so
+training starts from the parent exactly. The delta is applied as masks are (masking.py), by swapping each
+linear layer's class, which compiled layers see.
 
 In the elastic checkpoint (`elastify --full-delta-rank`) the main tensors hold the full budget merged,
 W + B A, so that transformers loads the full model as it loads any checkpoint, and `full_delta.safetensors`
@@ -45,10 +45,10 @@ from torch import nn
 
 from star_elastic import parallel
 from star_elastic.elastic.masking import ClassSwaps
-from star_elastic.model import scaled_activation
 from star_elastic.elastic.rounding import (REST_BITS, damped, pack_codes, rest_dense, rest_group, round_rest,
                                            unpack_codes)
 from star_elastic.errors import StarElasticError
+from star_elastic.model import scaled_activation
 
 # Above this many rows and columns a layer's rank-r part comes from a randomized SVD (`top_singular`), not a full
 # one: a full float64 SVD of one of Nemotron 3 Nano's experts (1856 x 2688) took 5 s on one CPU thread (0.57 s
