@@ -535,10 +535,10 @@ def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: in
                      tokens_per_s_mixed=round(mixed, 1),
                      tokens_per_s_by_budget={b: round(v, 1) for b, v in by_budget.items()},
                      budgets=[log["budget"] for log in logs], kd=[round(log.get("kd", float("nan")), 4) for log in logs],
-                     argmax_forwards=sum(1 for log in logs if log.get("drawn_is_argmax") == 0.0),
                      # which steps ran the router's argmax architecture once more (drawn != argmax: its score is
-                     # the router's quality signal), a forward more than a step without
-                     argmax_forward_each=[log.get("drawn_is_argmax") == 0.0 for log in logs],
+                     # the router's quality signal), a forward more than a step without, and how many
+                     argmax_forward_each=(each := [log.get("drawn_is_argmax") == 0.0 for log in logs]),
+                     argmax_forwards=sum(each),
                      mfu=round(8 * n_active * tok_s / BF16_PEAK, 4), mfu_mixed=round(8 * n_active * mixed / BF16_PEAK, 4))
             print(f"  {name:16s} {tok_s:10.0f} tok/s  MFU {r['mfu']:.3f}  peak {r['peak_gib']} GiB  "
                   f"budgets {r['budgets']}")

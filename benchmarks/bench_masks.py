@@ -68,10 +68,7 @@ def parent(cfg: ModelConfig, device) -> Model:
     torch.manual_seed(0)
     with torch.device(device):
         model = Model(cfg)
-    for p in model.parameters():  # O(1) activations everywhere, like a trained model's
-        if p.dim() >= 2:
-            torch.nn.init.normal_(p, std=p.shape[-1] ** -0.5)
-    return model
+    return common.scaled_normal_(model)
 
 
 def half_spec(cfg: ModelConfig) -> ElasticSpec:

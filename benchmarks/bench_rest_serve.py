@@ -27,20 +27,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402
+from bench_serve import parent_config  # noqa: E402
 from star_elastic.elastic.delta import FullDelta  # noqa: E402
 from star_elastic.elastic.rounding import rest_group  # noqa: E402
 from star_elastic.generate import generate  # noqa: E402
-from star_elastic.model import Model, ModelConfig  # noqa: E402
-
-TINY = dict(vocab_size=512, hidden_size=128, layer_types="M*EM-*", num_attention_heads=8, num_key_value_heads=2,
-            head_dim=16, intermediate_size=256, mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2,
-            chunk_size=32, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
-            moe_shared_expert_intermediate_size=128, max_position_embeddings=1024)
-
-
-def config(kind: str) -> ModelConfig:
-    return {"smollm2": common.smollm2_config, "nano": lambda: common.nano_config("M*EM")}.get(
-        kind, lambda: ModelConfig(**TINY))()
+from star_elastic.model import Model  # noqa: E402
 
 
 def random_delta(model: Model, rank: int, bits: int, seed: int = 0) -> FullDelta:
@@ -77,11 +68,7 @@ def main():
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     torch.manual_seed(0)
-    parent = Model(config(args.model))
-    for p in parent.parameters():  # O(1) activations everywhere, like a trained model's
-        if p.dim() >= 2:
-            torch.nn.init.normal_(p, std=p.shape[-1] ** -0.5)
-    parent = parent.to(device).eval().requires_grad_(False)
+    parent = common.scaled_normal_(Model(parent_config(args.model))).to(device).eval().requires_grad_(False)
     cfg = parent.config
     prompt = torch.randint(3, cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(device)
@@ -96,10 +83,10 @@ def main():
     models = {"parent": parent, "three products": copy.deepcopy(parent), "merged": copy.deepcopy(parent)}
     delta.apply(models["three products"])
     delta.apply(models["merged"], merge_rest=True)
-    extra = {"parent": 0,
-             "three products": sum(t[3].numel() * t[3].element_size() for t in delta._dense_rests.values()),
-             "merged": sum(m.own_weight.numel() * m.own_weight.element_size() for m in models["merged"].modules()
-                           if hasattr(m, "own_weight"))}
+    def held(model, attr):  # bytes of the tensors the delta's layers hold as `attr`
+        return sum(t.numel() * t.element_size() for m in model.modules() if (t := getattr(m, attr, None)) is not None)
+    extra = {"parent": 0, "three products": held(models["three products"], "delta_rest"),
+             "merged": held(models["merged"], "own_weight")}
     factors = sum(p.numel() * p.element_size() for p in delta.parameters())
     print(f"{args.model} shapes, {parent.num_parameters() / 1e6:.1f}M parameters, rank {args.rank}, rest at "
           f"{args.bits} bit(s); {common.machine(device)}, {dtype}", flush=True)
@@ -115,7 +102,6 @@ def main():
     # the dtype's own rounding)
     errors = {"three products": off(logits["three products"], want["full"]),
               "merged": off(logits["merged"], want["full"]), "parent": off(logits["parent"], want["parent"])}
-    greedy = {k: generate(m, prompt, args.new_tokens, compile=args.compile) for k, m in models.items()}
 
     def gen(m):
         return lambda: generate(m, prompt, args.new_tokens, compile=args.compile)
@@ -127,8 +113,9 @@ def main():
         return run
 
     times = {"decode": {k: [] for k in models}, "prefill": {k: [] for k in models}}
-    for k, m in models.items():  # one warm-up each (compiles, graphs)
-        gen(m)()
+    greedy = {}
+    for k, m in models.items():  # one warm-up each (compiles, graphs), its tokens compared below
+        greedy[k] = gen(m)()
         prefill(m)()
     for _ in range(args.reps):  # interleaved: parent, three, merged, parent, ...
         for k, m in models.items():

@@ -99,10 +99,7 @@ def build_checkpoint(kind: str, budgets: list[str], out: Path) -> Path:
     else:
         torch.manual_seed(0)
         # nano: Nemotron 3 Nano's widths with 4 layers (2.1B parameters), the shapes issue 12's targets are set at
-        model = Model(parent_config(kind))
-        for p in model.parameters():  # O(1) activations everywhere, like a trained model's
-            if p.dim() >= 2:
-                torch.nn.init.normal_(p, std=p.shape[-1] ** -0.5)
+        model = common.scaled_normal_(Model(parent_config(kind)))
     cfg = model.config
     parsed, specs = budget_specs(cfg, budgets)
     router = Router(cfg, parsed)

@@ -44,6 +44,15 @@ def smollm2_config() -> ModelConfig:
                        rope_theta=100000.0, tie_word_embeddings=True)
 
 
+def scaled_normal_(model: Model) -> Model:
+    """Every matrix of `model` (and every higher-dimensional tensor) drawn from N(0, 1 / its last dim): O(1)
+    activations everywhere, like a trained model's, for benchmarks on random weights."""
+    for p in model.parameters():
+        if p.dim() >= 2:
+            torch.nn.init.normal_(p, std=p.shape[-1] ** -0.5)
+    return model
+
+
 def active_params(cfg: ModelConfig, model: Model) -> float:
     """Parameters one token multiplies through: all but the embedding table (a lookup) and the
     unchosen experts (an untied LM head counts)."""

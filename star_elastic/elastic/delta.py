@@ -735,9 +735,9 @@ class FullDelta(nn.Module):
 
     def _gaps(self, model: nn.Module, parent: nn.Module, covariances):
         """Per target, in order: (name, the rank that owns it, [(part, float64 gap W_p - W of the part, its
-        covariance or None, the parent's weight of the part)], empty on the other ranks). Layers are dealt out across ranks, each factoring its
-        own; every rank gathers every whole weight (sharded: a collective). The experts go EXPERT_CHUNK at a time:
-        in float64 Nano's 128 (1856 x 2688) are 5 GB a copy."""
+        covariance or None, the parent's weight of the part)], empty on the other ranks). Layers are dealt out
+        across ranks, each factoring its own; every rank gathers every whole weight (sharded: a collective). The
+        experts go EXPERT_CHUNK at a time: in float64 Nano's 128 (1856 x 2688) are 5 GB a copy."""
         rank, ranks = parallel.world()
         for i, name in enumerate(self.targets):
             w = parallel.full_tensor(self.weight_of(model, name).detach())
