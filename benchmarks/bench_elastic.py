@@ -28,8 +28,8 @@ Held-out: the wiki held-out split (primary) and the shakespeare held-out split.
 GPU: bf16 autocast with fp32 master weights (ElasticTrainer; the same here for (c)), teacher in
 bf16; perplexity in fp32. Seeded everywhere; on a GPU deterministic algorithms are requested
 (warn-only). The JSON is rewritten after every stage, so a run cut short keeps what it finished;
-with `--state-dir` a (b) run cut short (or stopped by `--max-train-seconds`, exit 75) goes on from
-its saved state when the same command runs again.
+with `--state-dir` a (b) run cut short (or stopped by `--max-train-seconds` or `--call-seconds`, exit 75)
+goes on from its saved state when the same command runs again.
 
     python benchmarks/bench_elastic.py --part A --json docs/results/elastic_smollm2_h100.json  # one GPU
     python benchmarks/bench_elastic.py --part B --json docs/results/elastic_moe_h100.json       # one GPU
@@ -52,7 +52,9 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
+
+STARTED = time.perf_counter()  # --call-seconds counts from here: before torch's import, which takes seconds
+import warnings  # noqa: E402
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -259,6 +261,11 @@ def parse_args(argv=None):
                     help="with --state-dir: stop training before a tenth of the steps that would end past S "
                          "seconds of this call (at the pace of the last tenth; at least one tenth a call), and exit "
                          "75 (run the same command again to go on)")
+    ap.add_argument("--call-seconds", type=float, metavar="S",
+                    help="with --state-dir: this process must be done S seconds after it started (a device call's "
+                         "limit, less a margin): training goes on while the run can still finish and be scored "
+                         "inside S, else while one more stretch of steps (a fortieth of the run) and the state's save "
+                         "fit with a stretch to spare, then the state is saved and it exits 75")
     ap.add_argument("--compile", action="store_true",
                     help="every training loop, (b) and (c), with its layers under torch.compile (TrainConfig.compile)")
     ap.add_argument("--max-docs", type=int, help="first N documents of each corpus only (quick runs)")
@@ -598,7 +605,8 @@ def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, 
             raise StarElasticError(f"unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
         got = one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, c_specs if variant in FIXED else specs,
                       steps_b, lr, args, device,
-                      row, methods, tokens_per_step, nested_starts, tokenizer, save=save)
+                      row, methods, tokens_per_step, nested_starts, tokenizer, save=save,
+                      parent_eval_s=part["parent_eval_seconds"])
         if variant not in FIXED and (elastic_specs is None or variant == "elastic"):  # the router's choice
             elastic_specs = got
     # (a@b) the router's architectures cut from the untrained sorted parent: how much of (b) is architecture
@@ -655,14 +663,15 @@ def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, 
 
 
 def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, steps, lr, args, device, row, methods,
-            tokens_per_step, nested_starts: dict, tokenizer, save=lambda: None) -> dict:
+            tokens_per_step, nested_starts: dict, tokenizer, save=lambda: None, parent_eval_s: float = 0.0) -> dict:
     """One training run of `steps` serving every budget: `elastic` (router, the paper's budget
     sampling, the full budget = the unmasked parent), `elastic_small` (the same, stage 2 weighted
     toward the smaller budgets), `elastic_anchor` (router; every step distils a
     sampled smaller budget and the full model on the same batch), `joint_fixed` (no router: each
     budget trains (c)'s architecture; what joint training does without architecture search),
     `joint_anchor` (joint_fixed with the full model on every step: what sharing weights costs a budget).
-    Rows per budget; returns the specs it ended with."""
+    Rows per budget; returns the specs it ended with. `parent_eval_s`: the parent's scoring time, from
+    which --call-seconds keeps room for this run's scores."""
     cfg = sorted_parent.config
     print(f"({LABELS[variant]}): {steps} steps of {args.batch_size} x {args.seq_len} = {steps * tokens_per_step:,} "
           f"tokens, budgets {', '.join(b.name for b in budgets)}", flush=True)
@@ -727,23 +736,55 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     every, last_el = max(1, steps // 10), 0.0
+    stretch = max(1, every // 4)  # --call-seconds reads the clock this often (a tenth's state is saved at its end)
+    # the scores that follow the training: the parent's evaluation time per model scored, a budget each and four
+    # more for the full one (without its delta, with the parent's rest, with the held values, against the teacher)
+    score_s = 1.5 * parent_eval_s * (len(budgets) + 4)
+    save_s, step_s = None, None  # the state's save (timed at each tenth's end), a step's time
+    print(f"  {clock(device) - STARTED:.0f} s of this process before its first step", flush=True)
     full_name = next((b.name for b in budgets if b.is_full), None)  # its KD on the anchor's rows, when anchored
     # trajectory: each smaller budget's argmax architecture after every tenth: when did it settle?
+
+    def stop(el: float, why: str, saved: bool = False):  # the state saved, exit 75: the same command goes on
+        if not saved:
+            trainer.save_state()
+        common.write_json(state / "bench.json", {"trajectory": trajectory, "seconds": earlier_s + el,
+                                                 "step": trainer.step})
+        print(f"  stopped at step {trainer.step}/{trainer.end} after {el:.0f} s ({why}); the same command goes on "
+              f"from here (state in {state})", flush=True)
+        raise SystemExit(RESUME_EXIT)
+
     while trainer.step < trainer.end:  # the package's loop (ElasticTrainer.run), a tenth at a time
-        # (then the delta's finish, --full-delta-finish)
-        logs += trainer.run(progress=False, stop_after=every)  # with a state dir, saves the state too
+        # (then the delta's finish, --full-delta-finish), in stretches of a quarter tenth
+        tenth_end = min(trainer.end, (trainer.step // every + 1) * every)
+        while trainer.step < tenth_end:
+            n, s0 = min(stretch, tenth_end - trainer.step), clock(device)
+            restoring = bool(tcfg.full_delta_restore) and trainer.step < steps <= trainer.step + n
+            logs += trainer.run(progress=False, stop_after=n, save=False)
+            if not restoring or step_s is None:  # the pace of training, not of the delta's restore
+                step_s = (clock(device) - s0) / n
+            if state is None or args.call_seconds is None or trainer.step >= trainer.end:
+                continue
+            # the delta's restore (where the elastic steps end) is guessed at two tenths' time, the finish after
+            # it at the elastic steps' pace: the stretch after the restore measures the finish's own
+            restore_s = 8 * stretch * step_s if tcfg.full_delta_restore and trainer.step < steps else 0.0
+            next_s = stretch * step_s + (restore_s if trainer.step + stretch >= steps else 0.0)
+            if call_over(clock(device) - STARTED, next_s, save_s if save_s is not None else stretch * step_s,
+                         (trainer.end - trainer.step) * step_s + restore_s, score_s, args.call_seconds):
+                stop(clock(device) - t, f"--call-seconds {args.call_seconds:g}")
         if router is not None:
             trajectory.append({"step": trainer.step, **{b.name: describe(router.spec(i), cfg)
                                                          for i, b in enumerate(budgets) if not b.is_full}})
+        s0 = clock(device)
+        trainer.save_state()  # a call killed from here on redoes at most a tenth
+        save_s = clock(device) - s0 if state is not None else 0.0
         el = clock(device) - t
         if state is not None:
             common.write_json(state / "bench.json", {"trajectory": trajectory, "seconds": earlier_s + el,
                                                      "step": trainer.step})
             tenth_s, last_el = el - last_el, el
             if out_of_time(el, tenth_s, args.max_train_seconds) and trainer.step < trainer.end:
-                print(f"  stopped at step {trainer.step}/{trainer.end} after {el:.0f} s (--max-train-seconds); the same "
-                      f"command goes on from here (state in {state})", flush=True)
-                raise SystemExit(RESUME_EXIT)
+                stop(el, "--max-train-seconds", saved=True)
         tok_s = (trainer.step - start) * tokens_per_step / el
         recent = {}
         for lg in logs[-every:]:
@@ -884,6 +925,16 @@ def budget_kds(log: dict, full: str | None = None) -> list[tuple[str, float]]:
     if full is not None and "full_kd" in log and all(name != full for name, _ in out):
         out.append((full, log["full_kd"]))
     return out
+
+
+def call_over(elapsed_s: float, next_s: float, save_s: float, left_s: float, score_s: float, limit_s: float) -> bool:
+    """--call-seconds: stop now (the state saved, exit 75) `elapsed_s` after the process started? Not while
+    the rest of the run (`left_s`) and its scores (`score_s`) fit inside `limit_s`; else once the next
+    stretch (`next_s`), one more to spare (the one after may run slower: the delta's finish) and the state's
+    save would pass it."""
+    if elapsed_s + left_s + score_s <= limit_s:
+        return False
+    return elapsed_s + 2 * next_s + save_s > limit_s
 
 
 def out_of_time(elapsed_s: float, last_tenth_s: float, limit_s: float | None) -> bool:
@@ -1161,8 +1212,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.merge:
         return merge(args.merge, args.json)
-    if args.max_train_seconds is not None and not args.state_dir:
-        raise SystemExit("--max-train-seconds needs --state-dir: a stopped run goes on from its saved state")
+    for given, flag in ((args.max_train_seconds, "--max-train-seconds"), (args.call_seconds, "--call-seconds")):
+        if given is not None and not args.state_dir:
+            raise SystemExit(f"{flag} needs --state-dir: a stopped run goes on from its saved state")
     if args.anchor_mix != 1.0 and not args.anchor_data:
         raise SystemExit("--anchor-mix mixes the anchor's own text into its batch: give --anchor-data")
     why = budget_mix_problem(args.budget_mix, bool(args.anchor_data))

@@ -902,10 +902,12 @@ class ElasticTrainer:
 
     # ------------------------------------------------------------------------- the loop
 
-    def run(self, progress: bool = True, stop_after: int | None = None) -> list[dict]:
+    def run(self, progress: bool = True, stop_after: int | None = None, save: bool = True) -> list[dict]:
         """Train to `cfg.steps` (or `stop_after` more steps, for tests of resuming); metrics go to
         `out_dir/metrics.jsonl` (and TensorBoard when installed). Returns this call's step logs. With
-        `cfg.compile`, the layers are plain again once training is over (or has failed)."""
+        `cfg.compile`, the layers are plain again once training is over (or has failed). The state is
+        saved at the end and after `stop_after` steps; `save=False` leaves that to the caller (a bench that
+        reads its clock more often than it saves)."""
         self.out.mkdir(parents=True, exist_ok=True)
         metrics = self.out / "metrics.jsonl"
         writer = _tensorboard(self.out) if self.rank == 0 else None
@@ -926,7 +928,7 @@ class ElasticTrainer:
             if self.cfg.compile and (failed or self.step >= self.end):  # training over: what evaluates
                 for m in (self.model, self.teacher):                          # and exports runs plain layers
                     compile_layers(m, None)
-        if self.step >= self.end or stop_after is not None:
+        if save and (self.step >= self.end or stop_after is not None):
             if stop_after is not None or self.room_for_state():
                 self.save_state()
         return logs

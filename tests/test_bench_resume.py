@@ -283,6 +283,46 @@ def test_a_call_stops_before_the_tenth_that_would_overrun_its_limit():
 
 
 
+def test_a_call_goes_on_while_the_run_can_finish_and_stops_with_a_stretch_to_spare():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_elastic import call_over
+
+    # the rest (50 s) and its scores (30 s) fit in the call's 590 s: train on, though two more stretches would not
+    assert not call_over(500, 60, 20, 50, 30, 590)
+    # the run cannot finish here: train while the next stretch, one to spare and the save fit
+    assert not call_over(500, 30, 20, 500, 30, 590)  # 500 + 2 x 30 + 20 = 580
+    assert call_over(500, 40, 20, 500, 30, 590)  # 600: stop now, the state saved
+    # the forty-fourth session's last call: its finish ran slower than the elastic steps, and the timeout came
+    # first (no --call-seconds then); a run whose rest does not fit with its scores stops before the limit
+    assert call_over(200, 33, 5, 190, 40, 268)
+
+
+def test_a_call_stops_between_tenths_and_the_next_goes_on_from_that_step(tmp_path):
+    """--call-seconds reads the clock every quarter tenth, not every tenth (a tenth of a 16M-token run is a minute
+    or more on an H100), saves the state where it stops and the next call trains every step once."""
+    state, first, second = tmp_path / "state", tmp_path / "first.json", tmp_path / "second.json"
+    bench = BENCH + ["--tokens-b", "5120", "--state-dir", str(state)]  # 40 steps: tenths of 4, stretches of 1
+    r = subprocess.run(bench + ["--call-seconds", "0", "--json", str(first)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 75, r.stderr[-2000:]
+    assert "stopped at step 1/40" in r.stdout and "(--call-seconds 0)" in r.stdout
+    (run_dir,) = state.iterdir()
+    assert json.loads((run_dir / "bench.json").read_text())["step"] == 1 and (run_dir / "train_state").exists()
+    r = subprocess.run(bench + ["--call-seconds", "100000", "--json", str(second)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]  # a call long enough for the rest runs it to the end
+    assert "resumed at step 1" in r.stdout
+    elastic = json.loads(second.read_text())["B"]["methods"]["elastic"]
+    rows = [row for row in json.loads(second.read_text())["B"]["rows"] if row["method"] == "elastic"]
+    assert elastic["resumed_at_step"] == 1 and sum(row["steps_sampled"] for row in rows) == 40
+    assert [t["step"] for t in elastic["argmax_trajectory"]] == list(range(4, 41, 4))  # at each tenth's end only
+
+
+def test_call_seconds_without_a_state_dir_is_refused():
+    r = subprocess.run(BENCH + ["--call-seconds", "500"], capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "--call-seconds needs --state-dir" in r.stderr
+
+
 def test_the_bench_refuses_a_hold_the_trainer_would_refuse_in_the_same_words():
     """bench_elastic checks --hold / --hold-rate / --hold-pull with the trainer's own rule (train_config.hold_problem),
     before any model is built, so a run on the GPU machine cannot fail minutes in on a typo."""

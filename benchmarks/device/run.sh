@@ -21,7 +21,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16mc (MIX=)|16m3 (MIX=)|16m3b (MIX=)|16m4 (MIX=)|16mk (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16mc (MIX=)|16m3 (MIX=)|16m3c (MIX=)|16m3b (MIX=)|16m4 (MIX=)|16mk (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -93,7 +93,10 @@ PAIR|ONE|RUNS) shift  # results are also kept in $H/res, for a later run's --min
     # JSON (rewritten after every stage) comes back even then
     # a run that finished (exit 0) on this machine is not run again: a call repeated after exit 75 resumes the rest
     if [ -e $H/res/$1.done ]; then echo "$1: done already" > $OUT/$1.log; else
-    (CUDA_VISIBLE_DEVICES=$((i % n)) timeout ${RUN_LIMIT:-570} python3 benchmarks/bench_elastic.py $2 \
+    # a run with a state stops itself 10 s inside the limit (--call-seconds: it keeps room for its scores, and
+    # reads its clock every quarter tenth), so a call is not cut in the middle of a tenth or of the scoring
+    calls=; [[ "$2" == *--state-dir* ]] && calls="--call-seconds $((${RUN_LIMIT:-570} - 10))"
+    (CUDA_VISIBLE_DEVICES=$((i % n)) timeout ${RUN_LIMIT:-570} python3 benchmarks/bench_elastic.py $2 $calls \
       --json $H/res/$1.json > $OUT/$1.log 2>&1; rc=$?; echo "$1: exit $rc, $SECONDS s" >> $OUT/$1.log
      [ $rc = 0 ] && touch $H/res/$1.done; cp $H/res/$1.json $OUT/ 2>/dev/null) & fi
     names+=($1); i=$((i + 1)); shift 2
@@ -222,7 +225,7 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   KEPT="$HELD --hold-pull 30 --full-keeps-held-training"
   CHAT="--heldout wiki,shakespeare,bible,wiki-fr,chat"  # with the parent's own chat answers as a fifth source
   # the recipe with the delta restored where training ends (PLAN17 41 and 42, twenty-sixth session)
-  RESTORED="$J0 $KEPT --strict-determinism $CHAT --full-delta-lr 4e-4 --full-delta-restore activations --max-train-seconds ${MTS:-330}"
+  RESTORED="$J0 $KEPT --strict-determinism $CHAT --full-delta-lr 4e-4 --full-delta-restore activations ${MTS:+--max-train-seconds $MTS}"
   HB="--part B --tokenizer $H/tok --heldout wiki,shakespeare,bible,wiki-fr --variants elastic_anchor --minitron-arch elastic \
     --anchor-cache $H/res/anchor"
   case "$1" in  # J*: (c)'s architectures without the router, against E0c / E1c in $B
@@ -557,13 +560,23 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # rounded to 4 bits (J16mq$x, --full-delta-bits 4: 35% of the parent's bytes, a near-exact restore), rank 32 with
   # 2 bits (J16mh$x: 18%), and rank 32 with 1 bit (J16mo$x: 13.4%, below rank 64's 14.5%; in the probe within 1%
   # everywhere). Each records the restore's report.
-  # About 1,100 s over two or three calls (call again on exit 75 while the machine stays warm)
+  # Forty-fourth session (H100): three side by side train at ~25k tok/s each (one alone: ~40k), the delta's
+  # restore at step 2048 took ~60 s, the finish (768 full-budget steps) ran at ~17k tok/s, and a call spent
+  # 120-140 s before its first step: 1,110 s of training and ~1,600 s of device in all (four calls); that
+  # session had 1,720 s after SETUP and lost the last call to its timeout at step 2448/2816. With --call-seconds
+  # (RUNS adds it) no call is cut; with less than ~1,650 s left, run 16m3c (two: ~1,250 s) or 16m3b.
   16m3) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
      R="${RESTORED/--hold-pull 30/--hold-pull 0} --budget-mix $MIX --tokens-a 16777216 --full-delta-finish 768"
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16mq$x "$R --full-delta-bits 4 --state-dir $H/state/J16mq$x" \
        J16mh$x "$R --full-delta-rank 32 --full-delta-bits 2 --state-dir $H/state/J16mh$x" \
        J16mo$x "$R --full-delta-rank 32 --full-delta-bits 1 --state-dir $H/state/J16mo$x"
      ratios J16mq$x:C16ma$x,J16mh$x:C16ma$x,J16mo$x:C16ma$x J16mq$x J16mh$x J16mo$x ;;
+  # 16m3c: 16m3 without rank 32 + 2 bits: the near-exact restore and the smallest delta, side by side
+  16m3c) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
+     R="${RESTORED/--hold-pull 30/--hold-pull 0} --budget-mix $MIX --tokens-a 16777216 --full-delta-finish 768"
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16mq$x "$R --full-delta-bits 4 --state-dir $H/state/J16mq$x" \
+       J16mo$x "$R --full-delta-rank 32 --full-delta-bits 1 --state-dir $H/state/J16mo$x"
+     ratios J16mq$x:C16ma$x,J16mo$x:C16ma$x,J16mq$x:C16mb$x,J16mo$x:C16mb$x J16mq$x J16mo$x ;;
   # 16m3b: 16m3 without rank 64 + 4 bits (35% of the parent's bytes, the size least likely to be kept), for a
   # session left with less than 16m3's budget: the two side by side, about 850 s over two calls
   16m3b) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
