@@ -75,7 +75,7 @@ from star_elastic.elastic.importance import estimate_importance  # noqa: E402
 from star_elastic.elastic.losses import kd_loss  # noqa: E402
 from star_elastic.elastic.router import DEFAULT_AXES, Router, RouterConfig, project_budgets  # noqa: E402
 from star_elastic.commands import restore_mode  # noqa: E402
-from star_elastic.elastify import (ANCHOR_SELF_TOKENS, SAMPLED, ElastifyConfig, anchor_text,  # noqa: E402
+from star_elastic.elastify import (ANCHOR_SELF_TOKENS, CHAT_QUESTIONS, SAMPLED, ElastifyConfig, anchor_text,  # noqa: E402
                                    chat_transcripts, parse_anchor_data)
 from star_elastic.elastic.search import applicable_axes, choose_spec, describe, nested_search, search_spec  # noqa: E402
 from star_elastic.errors import StarElasticError  # noqa: E402
@@ -205,7 +205,8 @@ def parse_args(argv=None):
     ap.add_argument("--anchor-cache", metavar="DIR",
                     help="keep the anchor's sampled text in DIR, keyed by the parent's weights, the seed and the "
                          "anchor's settings: later runs of the same parent read it instead of sampling again (a "
-                         "minute or two a run on a GPU, and on CUDA other text each time)")
+                         "minute or two a run on a GPU, and on CUDA other text each time); with --heldout chat, the "
+                         "parent's chat answers too")
     ap.add_argument("--anchor-mix", type=float, default=1.0, metavar="F",
                     help="with --anchor-data: the share of the anchor's rows from that text, the rest from the "
                          "step's training batch (TrainConfig.anchor_mix)")
@@ -416,12 +417,27 @@ def heldout_streams(tokenizer, args, primary_heldout: torch.Tensor | None = None
     return out
 
 
-def with_chat(heldouts: dict, parent, tokenizer) -> dict:
+def with_chat(heldouts: dict, parent, tokenizer, args=None) -> dict:
     """--heldout chat: the parent's greedy answers to elastify's chat questions (elastify.chat_transcripts),
-    scored on the answers' tokens like the other sources (the full budget's chat drift, each budget's chat)."""
+    scored on the answers' tokens like the other sources (the full budget's chat drift, each budget's chat).
+    With --anchor-cache they are kept there beside the anchor's text: answering takes most of a call's setup
+    (40 s on the CPU, a device call's 50-60 s on an H100 with three runs side by side), and every call of a
+    resumed run, and every run of the machine, scores the same answers."""
     if "chat" in heldouts:
-        with sampling_determinism():  # generation, forward-only, like the anchor's sampling
-            heldouts["chat"] = chat_transcripts(parent, tokenizer)
+        key = ("chat", CHAT_QUESTIONS, getattr(tokenizer, "chat_template", None))
+        cached = anchor_cache_file(args, key, parent, prefix="chat") if args is not None else None
+        with file_lock(cached):  # runs started side by side: the first answers, the others read its file
+            if cached is not None and cached.exists():
+                got = load_file(str(cached))
+                heldouts["chat"] = [(got[f"ids{i}"], int(start)) for i, start in enumerate(got["starts"].tolist())]
+                print(f"  the parent's chat answers from {cached}", flush=True)
+            else:
+                with sampling_determinism():  # generation, forward-only, like the anchor's sampling
+                    heldouts["chat"] = chat_transcripts(parent, tokenizer)
+                if cached is not None and heldouts["chat"] is not None:
+                    common.write_safetensors(cached, {"starts": torch.tensor([s for _, s in heldouts["chat"]]),
+                                                      **{f"ids{i}": ids.contiguous()
+                                                         for i, (ids, _) in enumerate(heldouts["chat"])}})
         if heldouts["chat"] is None:
             raise SystemExit("--heldout chat: the parent answers through its tokenizer's chat template, and this "
                              "tokenizer has none")
@@ -1025,7 +1041,7 @@ def run_a(args, device, res: Results) -> dict:
     if tokenizer is None:
         raise StarElasticError(f"{args.tokenizer or path}: no tokenizer there")
     train, held = load_corpus_tokens(args.train_data, tokenizer, seed=args.seed, max_docs=args.max_docs)
-    heldouts = with_chat(heldout_streams(tokenizer, args, held), parent, tokenizer)
+    heldouts = with_chat(heldout_streams(tokenizer, args, held), parent, tokenizer, args)
     part.update(parent={"name": path.name, "params": parent.num_parameters(), "config": parent.config.to_dict()},
                 **heldout_record(heldouts), eval_seq_len=args.eval_seq_len, setup_seconds=round(clock(device) - t0, 1))
     print(f"A: {path.name}, {parent.num_parameters():,} parameters on {res.data['machine']}; {train.numel():,} "
@@ -1063,7 +1079,7 @@ def run_b(args, device, res: Results) -> dict:
           f"of {args.pretrain_batch_size} x {args.pretrain_seq_len} on {train.numel():,} tokens of {args.train_data}",
           flush=True)
     log, seconds = pretrained_parent(parent, train, pre, device, args.parent_b)
-    heldouts = with_chat(heldouts, parent, tokenizer)
+    heldouts = with_chat(heldouts, parent, tokenizer, args)
     part.update(parent={"params": parent.num_parameters(), "config": cfg.to_dict()},
                 **heldout_record(heldouts), eval_seq_len=args.eval_seq_len,
                 pretraining={"data": f"{args.train_data} (train split)", "steps": args.pretrain_steps,
@@ -1103,10 +1119,11 @@ def file_lock(path: Path | None):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def anchor_cache_file(args, key: tuple, teacher) -> Path | None:
+def anchor_cache_file(args, key: tuple, teacher, prefix: str = "anchor") -> Path | None:
     """--anchor-cache's file for the anchor text of `key` (its settings) sampled from `teacher` at args.seed, or
     None without the flag: named by a digest of those and of the teacher's weights (each tensor's shape and
-    float64 sum), so that another parent, seed or setting never reads it."""
+    float64 sum), so that another parent, seed or setting never reads it. `prefix`: what the file holds (the
+    anchor's text, the parent's chat answers)."""
     if not args.anchor_cache:
         return None
     import hashlib
@@ -1115,7 +1132,7 @@ def anchor_cache_file(args, key: tuple, teacher) -> Path | None:
     with torch.no_grad():
         for name, p in teacher.state_dict().items():
             h.update(f"{name}{tuple(p.shape)}{float(p.double().sum()):.17g}".encode())
-    return Path(args.anchor_cache) / f"anchor-{h.hexdigest()[:20]}.safetensors"
+    return Path(args.anchor_cache) / f"{prefix}-{h.hexdigest()[:20]}.safetensors"
 
 
 def pretrained_parent(parent: Model, train, pre, device, path: str | None) -> tuple[list, float]:

@@ -465,6 +465,36 @@ def test_the_bench_scores_every_row_on_the_parents_own_chat_answers(tmp_path):
     assert trained and all(not math.isclose(t, parent, rel_tol=1e-4) for t in trained)
 
 
+def test_the_parents_chat_answers_are_kept_with_the_anchor_cache_and_read_by_the_next_call(tmp_path):
+    """--anchor-cache: the parent's chat answers (most of a device call's setup) are answered once a machine and
+    read by every later call of the same parent (a resumed run's next call, a run beside it); a file whose answers
+    differ is what the next call scores, so the file is what it reads, and another parent answers afresh."""
+    from safetensors.torch import load_file, save_file
+
+    cache = tmp_path / "cache"
+    argv = [a if a != "wiki" else "wiki,chat" for a in BENCH] + ["--variants=", "--anchor-cache", str(cache)]
+
+    def run(name, *more):
+        out = tmp_path / f"{name}.json"
+        r = subprocess.run(argv + list(more) + ["--json", str(out)], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        part = json.loads(out.read_text())["B"]
+        return next(row for row in part["rows"] if row["method"] == "parent")["perplexity"]["chat"], r.stdout
+
+    first, out = run("first")
+    (kept,) = cache.glob("chat-*.safetensors")
+    assert "chat answers from" not in out
+    second, out = run("second")
+    assert "the parent's chat answers from" in out and second == first
+    answers = load_file(str(kept))
+    answers["ids0"] = answers["ids0"].flip(0)  # the first answer's tokens reversed: another text to score
+    save_file(answers, str(kept))
+    third, _ = run("third")
+    assert third != first
+    _, out = run("other", "--pretrain-lr", "1e-2")  # another parent: its own answers, in a file of their own
+    assert "chat answers from" not in out and len(list(cache.glob("chat-*.safetensors"))) == 2
+
+
 def test_a_run_cut_while_its_full_budget_is_scored_keeps_its_training_log_and_smaller_rows(tmp_path, monkeypatch):
     """A device call's limit that falls while the trained rows are scored (twenty-fourth session: two runs lost
     everything after 512 steps) leaves the training's record and the smaller budgets' rows in --json: the full
