@@ -570,9 +570,9 @@ def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, 
         save()
 
     # the untouched parent
-    t = clock(device)
-    row("parent", budgets[0], parent, ElasticSpec(), score(parent, heldouts, args), 0)
-    part["parent_eval_seconds"] = round(clock(device) - t, 1)
+    ppl, seconds = cached_score(parent, heldouts, args)
+    row("parent", budgets[0], parent, ElasticSpec(), ppl, 0)
+    part["parent_eval_seconds"] = round(seconds, 1)  # the scoring's, when read back from --anchor-cache too
 
     # (a) zero-shot
     t = clock(device)
@@ -586,7 +586,7 @@ def compare(parent, sorted_parent, train: torch.Tensor, heldouts: dict, T: int, 
             spec = ElasticSpec() if b.is_full else choose_spec(cfg, int(b.target), axes)
         specs[b.name] = spec
         small = slice_model(sorted_parent, spec)
-        row("zero_shot", b, small, spec, score(small, heldouts, args), 0)
+        row("zero_shot", b, small, spec, cached_score(small, heldouts, args)[0], 0)
         del small
     # the router's start (elastify's): (a)'s architectures made to nest (search.nested_search)
     searched_smaller = [b for b in budgets if not b.is_full and b.name in searched]
@@ -1119,20 +1119,51 @@ def file_lock(path: Path | None):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def anchor_cache_file(args, key: tuple, teacher, prefix: str = "anchor") -> Path | None:
+def weights_digest(model) -> str:
+    """A digest of `model`'s weights: each tensor's name, shape, float64 sum and position-weighted sum (so that
+    a permutation of a tensor, a function-changing one included, reads as another model)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            flat = p.detach().double().flatten()
+            ramp = torch.linspace(1.0, 2.0, flat.numel(), dtype=torch.float64, device=flat.device)
+            h.update(f"{name}{tuple(p.shape)}{float(flat.sum()):.17g}{float(flat @ ramp):.17g}".encode())
+    return h.hexdigest()
+
+
+def anchor_cache_file(args, key: tuple, teacher, prefix: str = "anchor", suffix: str = ".safetensors") -> Path | None:
     """--anchor-cache's file for the anchor text of `key` (its settings) sampled from `teacher` at args.seed, or
-    None without the flag: named by a digest of those and of the teacher's weights (each tensor's shape and
-    float64 sum), so that another parent, seed or setting never reads it. `prefix`: what the file holds (the
-    anchor's text, the parent's chat answers)."""
+    None without the flag: named by a digest of those and of the teacher's weights (`weights_digest`), so that
+    another parent, seed or setting never reads it. `prefix`: what the file holds (the anchor's text, the parent's
+    chat answers, a model's scores)."""
     if not args.anchor_cache:
         return None
     import hashlib
 
-    h = hashlib.sha256(repr((key, args.seed)).encode())
-    with torch.no_grad():
-        for name, p in teacher.state_dict().items():
-            h.update(f"{name}{tuple(p.shape)}{float(p.double().sum()):.17g}".encode())
-    return Path(args.anchor_cache) / f"{prefix}-{h.hexdigest()[:20]}.safetensors"
+    h = hashlib.sha256(repr((key, args.seed, weights_digest(teacher))).encode())
+    return Path(args.anchor_cache) / f"{prefix}-{h.hexdigest()[:20]}{suffix}"
+
+
+def cached_score(model, heldouts: dict, args) -> tuple[dict, float]:
+    """`score` and the seconds it took, kept in --anchor-cache under a digest of the model's weights, the held-out
+    text and the scoring settings: the parent's and (a)'s rows are the same in every call of a resumed run and in
+    every run of one parent on a machine (30-45 s of a device call with three runs side by side), so they are
+    scored once. The seconds are the scoring's own, read back with it (--call-seconds keeps room by them)."""
+    key = ("score", tuple((name, common.fingerprint(stream)) for name, stream in heldouts.items()),
+           args.eval_seq_len, args.eval_batch_size, next(model.parameters()).device.type)
+    cached = anchor_cache_file(args, key, model, prefix="score", suffix=".json")
+    with file_lock(cached):
+        if cached is not None and cached.exists():
+            got = json.loads(cached.read_text())
+            return got["perplexity"], got["seconds"]
+        t = clock(next(model.parameters()).device)
+        ppl = score(model, heldouts, args)
+        seconds = clock(next(model.parameters()).device) - t
+        if cached is not None:
+            common.write_json(cached, {"perplexity": ppl, "seconds": seconds})
+        return ppl, seconds
 
 
 def pretrained_parent(parent: Model, train, pre, device, path: str | None) -> tuple[list, float]:

@@ -490,9 +490,31 @@ def test_the_parents_chat_answers_are_kept_with_the_anchor_cache_and_read_by_the
     answers["ids0"] = answers["ids0"].flip(0)  # the first answer's tokens reversed: another text to score
     save_file(answers, str(kept))
     third, _ = run("third")
-    assert third != first
+    assert third != first  # other answers: scored afresh (the scores' key holds the held-out text's fingerprint)
+    # the parent's and (a)'s scores are kept too, under the model's weights and the text: what the file says is
+    # what the next call reports
+    scores = list(cache.glob("score-*.json"))
+    assert len(scores) == 2 * 4  # (the parent; (a)'s 1.0, the parent sorted: other weights, the same function;
+    # (a)'s 0.75 and 0.5) x two chat texts
+    for f in scores:
+        kept_score = json.loads(f.read_text())
+        f.write_text(json.dumps({**kept_score, "perplexity": {k: 2 * v for k, v in kept_score["perplexity"].items()}}))
+    fourth, _ = run("fourth")
+    assert math.isclose(fourth, 2 * third, rel_tol=1e-12)
     _, out = run("other", "--pretrain-lr", "1e-2")  # another parent: its own answers, in a file of their own
     assert "chat answers from" not in out and len(list(cache.glob("chat-*.safetensors"))) == 2
+
+
+def test_a_weights_digest_tells_a_permuted_tensor_from_the_original():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_elastic import weights_digest
+
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    assert weights_digest(a) == weights_digest(b)
+    with torch.no_grad():
+        b.weight.copy_(b.weight.flip(0))  # the same values, rows in another order: the same sums, another model
+    assert weights_digest(a) != weights_digest(b)
 
 
 def test_a_run_cut_while_its_full_budget_is_scored_keeps_its_training_log_and_smaller_rows(tmp_path, monkeypatch):
