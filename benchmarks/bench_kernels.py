@@ -445,17 +445,18 @@ def step_setup(cfg: ModelConfig, device, batch: int, seq: int):
 
 
 def step_trainer(model, teacher, cfg, budgets, rows, batch, seq, steps, device, tmp, compile_backend=None,
-                 shard="none"):
+                 shard="none", baseline_rows: float = 1.0):
     """The trainer as elastify builds it (router included), on one process, its state never written."""
     router = Router(cfg, budgets, RouterConfig()).to(device)
     tc = TrainConfig(steps=steps, batch_size=batch, seq_len=seq, lr=1e-5, warmup_steps=1, router_warmup_steps=50,
-                     shard=shard, compile=compile_backend)
+                     shard=shard, compile=compile_backend, router_baseline_rows=baseline_rows)
     t = ElasticTrainer(model, teacher, router, budgets, rows, tc, tmp)
     t.save_state = lambda: None  # a 3.4B train state is ~40 GB: not written
     return t
 
 
-def _train(model, teacher, cfg, budgets, rows, batch, seq, steps, device, compile_backend=None, shard="none"):
+def _train(model, teacher, cfg, budgets, rows, batch, seq, steps, device, compile_backend=None, shard="none",
+           baseline_rows: float = 1.0):
     """One trainer's run: its step logs and peak memory (its optimiser state freed on return). With
     `compile_backend` the layers run under torch.compile (TrainConfig.compile; `run` puts them back). With
     shard "fsdp" the student and teacher are copies sharded by FSDP2 over a process group of this one
@@ -463,7 +464,8 @@ def _train(model, teacher, cfg, budgets, rows, batch, seq, steps, device, compil
     with tempfile.TemporaryDirectory() as tmp, one_rank_group(device, shard == "fsdp"):
         if shard == "fsdp":  # fully_shard changes a module in place: the other variants keep the plain ones
             model, teacher = copy.deepcopy(model), copy.deepcopy(teacher)
-        t = step_trainer(model, teacher, cfg, budgets, rows, batch, seq, steps, device, tmp, compile_backend, shard)
+        t = step_trainer(model, teacher, cfg, budgets, rows, batch, seq, steps, device, tmp, compile_backend, shard,
+                         baseline_rows)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         logs = t.run(progress=False)
@@ -486,7 +488,8 @@ def one_rank_group(device, on: bool = True):
 
 
 def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: int, have_triton: bool,
-               compile_step: bool = False, fsdp1: bool = False, keep: bool = False, apart: bool = False) -> dict:
+               compile_step: bool = False, fsdp1: bool = False, keep: bool = False, apart: bool = False,
+               baseline_rows: float | None = None) -> dict:
     cfg = tiny_config(pattern) if tiny else nano_config(pattern)
     model, teacher, budgets, rows = step_setup(cfg, device, batch, seq)
     n_total = sum(p.numel() for p in model.parameters())
@@ -518,18 +521,25 @@ def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: in
         variants.append((best + "_fsdp1", have_triton, True, None, False, "fsdp", ""))
         if compile_step:
             variants.append((best + "_compiled_fsdp1", have_triton, True, "inductor", False, "fsdp", ""))
+    variants = [v + (1.0,) for v in variants]  # the router's baseline on every row of the batch (the default)
+    if baseline_rows is not None:  # beside the default: the baseline's forward on a share of the rows
+        # (TrainConfig.router_baseline_rows; the smaller budgets' steps ran ~1.35x a full one's, forty-third session)
+        variants.append((f"{best}_baseline{baseline_rows:g}", have_triton, True, None, False, "none", "", baseline_rows))
+        if compile_step:
+            variants.append((f"{best}_compiled_baseline{baseline_rows:g}", have_triton, True, "inductor", False, "none",
+                             "", baseline_rows))
     out = {"pattern": pattern, "params_B": round(n_total / 1e9, 3), "active_params_B": round(n_active / 1e9, 3),
            "batch": batch, "seq": seq, "tokens_per_step": batch * seq, "steps": steps,
            "flops_per_token": 8 * n_active, "peak_tflops": BF16_PEAK / 1e12, "variants": {}}
     print(f"\n  training step: layers {pattern}, {n_total / 1e6:.1f}M parameters ({n_active / 1e6:.1f}M active), "
           f"batch {batch} x {seq}, {steps} steps per variant")
-    for name, triton_on, fused, backend, foreach, shard, activations in variants:
-        r = out["variants"][name] = {}
+    for name, triton_on, fused, backend, foreach, shard, activations, share in variants:
+        r = out["variants"][name] = {"router_baseline_rows": share}
         try:
             with triton_switch(triton_on), fused_kd(on=fused), foreach_adam(on=foreach), \
                     keep_activations(activations == "keep"), conv_scan_switch(activations not in ("keep", "apart")):
                 logs, r["peak_gib"] = _train(model, teacher, cfg, budgets, rows, batch, seq, steps, device, backend,
-                                             shard)
+                                             shard, baseline_rows=share)
             tok_s, mixed, by_budget = step_rates(logs)
             r.update(tokens_per_s=round(tok_s, 1), tokens_per_s_each=[round(log["tokens_per_s"]) for log in logs],
                      tokens_per_s_mixed=round(mixed, 1),
@@ -778,6 +788,9 @@ def main():
     ap.add_argument("--conv-scan-apart", action="store_true",
                     help="--parts train: also the step with Mamba's conv, scan and skip apart, not as one "
                          "function (STAR_ELASTIC_CONV_SCAN=0), eager and compiled")
+    ap.add_argument("--baseline-rows", type=float, metavar="F",
+                    help="--parts train: also the step with the router's score-function baseline on this share of "
+                         "the batch's rows (TrainConfig.router_baseline_rows), beside the default (every row)")
     ap.add_argument("--device")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
@@ -813,7 +826,8 @@ def main():
         "scan": lambda: part_scan(device, args.tiny, compile_, args.iters, fast),
         "kd": lambda: part_kd(device, args.tiny, args.iters),
         "train": lambda: part_train(device, args.tiny, args.pattern, args.batch, args.seq, args.steps, fast,
-                                    compile_, args.fsdp1, args.keep_activations, args.conv_scan_apart),
+                                    compile_, args.fsdp1, args.keep_activations, args.conv_scan_apart,
+                                    args.baseline_rows),
         "kdcurve": lambda: part_kdcurve(device, args.tiny, args.pattern, 1, min(args.seq, 2048), args.kd_steps, fast,
                                         compile_, args.kd_apart),
         "profile": lambda: part_profile(device, args.tiny, args.pattern, *(

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from . import parallel, train_state
 from .data import TokenBatches
 from .elastic.cost import Arch, Budget, CostModel
-from .elastic.losses import (HeadInput, advantage, budget_loss, compiled_kd, drawn_cost,
+from .elastic.losses import (HeadInput, advantage, budget_loss, compiled_kd, drawn_cost, first_rows,
                              full_choice_loss, head_input, kd_loss, score_function_loss, task_loss)
 from .elastic.router import (Projection, Router, entropy, entropy_floor_loss, full_projection,
                              larger_choice, nested_in_band, project_budgets)
@@ -533,8 +533,8 @@ class ElasticTrainer:
         """The distillation loss (no gradient) of the architecture this step does not train, on the same
         batch: with train_on "drawn", the score-function baseline, the router's argmax (scored against
         it, a draw is judged by its architecture, not by how hard the batch is); with "argmax", the
-        draw, scored against the trained argmax. None when there is no score term, or the draw is
-        the argmax (no signal)."""
+        draw, scored against the trained argmax; on the batch's first cfg.router_baseline_rows share of
+        rows. None when there is no score term, or the draw is the argmax (no signal)."""
         if decision is None or decision.log_prob is None:
             return None
         scored = self.router.argmax_choice(decision.probs) if self.cfg.train_on == "drawn" else decision.choice
@@ -542,8 +542,14 @@ class ElasticTrainer:
         if scored == decision.trained:
             logs["advantage"] = 0.0
             return None
+        rows = self._baseline_rows(x)
         with torch.no_grad(), masked(self.model, {k: v.to(self.device) for k, v in self.router.hard_masks(scored).items()}):
-            return kd_loss(self._head(self.model, x), teacher)
+            return kd_loss(self._head(self.model, x[:rows]), first_rows(teacher, rows))
+
+    def _baseline_rows(self, x: torch.Tensor) -> int:
+        """How many of batch x's rows (the first) the score-function term compares the two architectures on
+        (cfg.router_baseline_rows; at least one)."""
+        return max(1, round(self.cfg.router_baseline_rows * x.shape[0]))
 
     def _companions(self, b: int) -> list[int]:
         """The smaller budgets a step trains besides its sampled budget b: with `all_budgets` every other
@@ -569,7 +575,9 @@ class ElasticTrainer:
             losses = task_loss(student, teacher, x, replace(cfg.loss, kd=cfg.loss.kd * self.kd_weights[b]))
             total = losses["total"] + (router_loss if router_loss is not None else 0.0)
             if other is not None:  # the router's quality term: this draw against the argmax
-                trained_kd = losses["kd"] if "kd" in losses else kd_loss(student.detach(), teacher)
+                rows = self._baseline_rows(x)  # the trained architecture's KD on the rows the other one ran on
+                trained_kd = losses["kd"] if "kd" in losses and rows == x.shape[0] else \
+                    kd_loss(first_rows(student.detach(), rows), first_rows(teacher, rows))
                 drawn_kd, baseline = (trained_kd, other) if cfg.train_on == "drawn" else (other, trained_kd)
                 drawn_kd, baseline = self._global_mean(drawn_kd, baseline)  # the advantage of the whole batch
                 a = advantage(drawn_kd, baseline) + cfg.router_band_penalty * (

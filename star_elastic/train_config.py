@@ -34,6 +34,10 @@ class TrainConfig:
     router_mode: str = "hard"
     router_estimator: str = "score"  # how distillation reaches hard choices: "score" or "straight-through"
     router_quality: float = 1.0  # weight of the router's score-function (quality) term
+    router_baseline_rows: float = 1.0  # the share of the batch's rows that term's baseline (the router's argmax,
+    #                                    a forward without gradient) runs on, the draw's KD compared on the same
+    #                                    rows: below 1 the extra forward costs that share of one, the advantage
+    #                                    is noisier (issue 16: a smaller budget's step ran ~1.35x a full one's)
     router_freeze_fraction: float = 0.0  # the last share of the steps trains each budget's in-band argmax,
     #                                      no draws, no router updates (the exported architecture trains last)
     freeze_select: int = 8  # at the freeze, the router's draws (besides its argmax and the warm start) among
@@ -244,6 +248,9 @@ def check_config(cfg: TrainConfig, budgets: list[Budget], sharded: bool, anchor_
     if not 0 <= cfg.router_freeze_fraction < 1:
         raise StarElasticError(f"{name('router_freeze_fraction')} is a share of the steps in [0, 1), got "
                                f"{cfg.router_freeze_fraction:g}")
+    if not 0 < cfg.router_baseline_rows <= 1:
+        raise StarElasticError(f"{name('router_baseline_rows')} is a share of the batch's rows in (0, 1], got "
+                               f"{cfg.router_baseline_rows:g}")
     if cfg.train_on not in ("drawn", "argmax"):
         raise StarElasticError(f"{name('train_on')} is 'drawn' or 'argmax', got {cfg.train_on!r}")
     if cfg.train_on == "argmax" and cfg.router_estimator != "score":

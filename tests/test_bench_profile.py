@@ -218,3 +218,26 @@ def test_the_step_rates_say_what_the_mixed_draws_run_at_beside_the_median_step()
     assert median == 40000  # the upper middle of the four timed steps: a full-budget step
     assert mixed == pytest.approx(4 / (2 / 30000 + 2 / 40000))  # equal tokens a step: time adds up
     assert mixed < median and by_budget == {"0.5": 30000, "1.0": 40000, "0.75": 30000}
+
+
+def test_train_part_times_the_router_baseline_on_a_share_of_the_rows_beside_the_default(monkeypatch):
+    """bench_kernels --parts train --baseline-rows 0.5: one more row whose trainer runs the router's baseline on
+    half the batch's rows (TrainConfig.router_baseline_rows), the others on every row; the same budgets drawn."""
+    import torch
+
+    import bench_kernels
+
+    made, trainer = [], bench_kernels.step_trainer
+
+    def spy(*args, **kwargs):
+        t = trainer(*args, **kwargs)
+        made.append(t.cfg.router_baseline_rows)
+        return t
+
+    monkeypatch.setattr(bench_kernels, "step_trainer", spy)
+    out = bench_kernels.part_train(torch.device("cpu"), True, "MEM*EM", 2, 64, 4, have_triton=False, baseline_rows=0.5)
+    runs = out["variants"]
+    assert list(runs)[-1] == "einsum_fused_kd_baseline0.5" and made[-1] == 0.5 and set(made[:-1]) == {1.0}
+    half, default = runs["einsum_fused_kd_baseline0.5"], runs["einsum_fused_kd"]
+    assert "error" not in half and half["router_baseline_rows"] == 0.5 and default["router_baseline_rows"] == 1.0
+    assert half["budgets"] == default["budgets"] and half["tokens_per_s"] > 0

@@ -52,3 +52,10 @@ def test_s41_profiles_with_cuda_graphs_beside_and_runs_the_conv_scan_tests_first
     assert ".devcarry/causal_conv1d_built" in path
     calls = profiled_run_calls(tmp_path / "tests", "S41", TESTS="1")
     assert "cuda and (conv_scan or causal_conv)" in calls[0][1]
+
+
+def test_s44_times_the_router_baseline_on_half_the_rows_then_serves_then_profiles(tmp_path):
+    calls = run_script(tmp_path, "S44")
+    assert [args.split()[0] for _, args in calls][:2] == ["benchmarks/bench_kernels.py", "benchmarks/bench_rest_serve.py"]
+    assert "--parts train" in calls[0][1] and "--baseline-rows 0.5" in calls[0][1]
+    assert ".devcarry/mamba" in calls[0][0] and "bench_speed.py --hf-kernels" in calls[-1][1]

@@ -827,3 +827,53 @@ def test_a_bad_option_leaves_the_model_as_it_was(tmp_path, bad):
     for m in (model, teacher):
         assert not any("_compiled_call_impl" in vars(layer) for layer in m.model.layers)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_the_router_baseline_on_a_share_of_the_rows_compares_both_architectures_on_the_same_rows(tmp_path,
+                                                                                                 monkeypatch):
+    """router_baseline_rows 0.5 (issue 16: the baseline's forward made a smaller budget's step ~1.35x a full
+    one's): the argmax's forward without gradient runs on the batch's first half, and the advantage compares
+    the trained draw's KD on those same rows with it, not the whole batch's KD."""
+    from star_elastic import train
+    from star_elastic.elastic.losses import HeadInput, advantage, first_rows, head_input, kd_loss
+
+    seen = []  # (model, grad enabled, rows, head input) of every forward up to the head
+
+    def spy(model, x, **kwargs):
+        out = head_input(model, x, **kwargs)
+        kept = HeadInput(out.hidden.detach().clone(), out.weight.detach().clone(), out.dtype)  # before the update
+        seen.append((model, torch.is_grad_enabled(), x.shape[0], kept))
+        return out
+
+    monkeypatch.setattr(train, "head_input", spy)
+    t = trainer(tmp_path, router_warmup_steps=0, router_baseline_rows=0.5, router_band_penalty=0.0)
+    with torch.no_grad():
+        for p in t.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a student away from the teacher: KD > 0
+    for _ in range(40):
+        seen.clear()
+        log = t.train_step()
+        if log["budget"] != "1.0" and log.get("drawn_is_argmax") == 0:
+            break
+    else:
+        raise AssertionError("no smaller-budget step drew other than its argmax in 40 steps")
+    (teacher,) = [out for m, _, _, out in seen if m is t.teacher]
+    baseline = [(rows, out) for m, grad, rows, out in seen if m is t.model and not grad]
+    trained = [(rows, out) for m, grad, rows, out in seen if m is t.model and grad]
+    assert [rows for rows, _ in baseline] == [2] and [rows for rows, _ in trained] == [4]  # of a batch of 4
+    kd_argmax = float(kd_loss(baseline[0][1], first_rows(teacher, 2)))
+    kd_drawn_rows = float(kd_loss(first_rows(trained[0][1], 2), first_rows(teacher, 2)))
+    assert log["kd_argmax"] == pytest.approx(kd_argmax, rel=1e-5)
+    assert log["advantage"] == pytest.approx(float(advantage(kd_drawn_rows, kd_argmax)), rel=1e-5, abs=1e-7)
+    # on the whole batch's KD it would read otherwise: the rows matter
+    assert float(advantage(log["kd"], kd_argmax)) != pytest.approx(log["advantage"], rel=1e-3)
+
+
+def test_the_router_baseline_share_is_checked():
+    from star_elastic.elastic.cost import parse_budget
+    from star_elastic.train_config import check_config
+
+    budgets = [parse_budget(b, CFG) for b in BUDGETS]
+    for bad in (0.0, 1.5):
+        with pytest.raises(StarElasticError, match="router_baseline_rows is a share of the batch's rows"):
+            check_config(TrainConfig(router_baseline_rows=bad), budgets, sharded=False, anchor_text=False)

@@ -43,6 +43,7 @@
 #   S40                         GPUTESTS causal_conv, then HFKPRE --profile, one call, no SETUP (~7 min)
 #   S41                         HFKPRE --profile --cudagraphs (TESTS=1: the causal conv's CUDA tests first) (~6 min)
 #   S43                         KERNELS, bench_rest_serve at Nano width, then S41 in the time left (~9 min)
+#   S44                         S43 with KERNELS --baseline-rows 0.5 (the router's baseline on half the rows, beside)
 # The home folder survives between calls while the machine stays warm (30 s); $OUT comes back.
 set -x
 H=/root; SE=$H/.cache/star_elastic; mkdir -p $SE $OUT
@@ -199,6 +200,12 @@ GPUTESTS) shift  # the tests that need CUDA (skipped in CI): e.g. the head gradi
   # (HFK_PATH=.devcarry/causal_conv1d_built, carried, runs the causal conv kernel's test too: -k causal_conv)
   PYTHONPATH=${HFK_PATH:+$HFK_PATH:}.devcarry/mamba:$PYTHONPATH python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py \
     -k "${1:-cuda}" 2>&1 | tail -n 30 ;;
+S44) shift  # S43 with the router's baseline on half the rows beside (issue 16: a smaller budget's step ran ~1.35x a
+  # full one's, the argmax forward's share; TrainConfig.router_baseline_rows), one call, no SETUP, same carry (~9 min)
+  SECONDS=0; bash $0 KERNELS --baseline-rows 0.5 > $OUT/kernels.txt 2>&1; grep -v "^+" $OUT/kernels.txt | tail -n 18
+  PYTHONPATH=.devcarry/mamba:$PYTHONPATH timeout 150 python3 benchmarks/bench_rest_serve.py --device cuda --model nano \
+    --json $OUT/rest_serve_nano.json > $OUT/rest_serve.txt 2>&1; tail -n 6 $OUT/rest_serve.txt
+  RUN_LIMIT=$((${RUN_LIMIT:-570} - SECONDS)) bash $0 S41 ;;
 KERNELS) shift; PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_kernels.py --parts train \
   --json $OUT/kernels_train.json "$@" 2>&1 | grep -v "%|" | tail -n 40 ;;
 SAMPLEDET) shift; join  # issue 17: is the anchor's sampled text the same run to run? twice side by side, each mode twice

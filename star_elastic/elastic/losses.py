@@ -107,6 +107,11 @@ def _identity(x):
     return x
 
 
+def first_rows(x: Logits, k: int) -> Logits:
+    """The first k sequences of a batch's logits (batch, seq, vocab) or HeadInput (its hidden states')."""
+    return HeadInput(x.hidden[:k], x.weight, x.dtype) if isinstance(x, HeadInput) else x[:k]
+
+
 def _rows(x: Logits) -> torch.Tensor:
     """(tokens, vocab) logits, or (tokens, D) hidden states of a HeadInput."""
     return x.rows() if isinstance(x, HeadInput) else x.reshape(-1, x.shape[-1])
