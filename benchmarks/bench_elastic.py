@@ -71,7 +71,7 @@ from star_elastic.data import TokenBatches, load_corpus_tokens, pack  # noqa: E4
 from star_elastic.elastic import ElasticSpec, slice_model, sort_model  # noqa: E402
 from star_elastic.elastic.cost import CostModel, parse_budget  # noqa: E402
 from star_elastic.elastic.delta import held_values  # noqa: E402
-from star_elastic.elastic.importance import estimate_importance  # noqa: E402
+from star_elastic.elastic.importance import estimate_importance, load_scores, save_scores  # noqa: E402
 from star_elastic.elastic.losses import kd_loss  # noqa: E402
 from star_elastic.elastic.router import DEFAULT_AXES, Router, RouterConfig, project_budgets  # noqa: E402
 from star_elastic.commands import restore_mode  # noqa: E402
@@ -452,10 +452,21 @@ def heldout_record(heldouts: dict) -> dict:
 
 
 def importance_and_sort(model, train: torch.Tensor, args, device) -> tuple[dict, list[torch.Tensor]]:
-    """Importance on the calibration batches and the sort; (what was done, the batches)."""
+    """Importance on the calibration batches and the sort; (what was done, the batches). With --anchor-cache
+    the scores are kept there under the parent's weights and the batches (11-12 s of every device call of a
+    resumed 16M run), and a later call of the same parent sorts by them."""
     t = clock(device)
     batches = zs.calibration(train, args)
-    scores = estimate_importance(model, batches, progress=False)
+    cached = anchor_cache_file(args, ("importance", tuple(common.fingerprint(b) for b in batches)), model,
+                               prefix="importance")
+    with file_lock(cached):
+        if cached is not None and cached.exists():
+            scores = load_scores(cached)
+            print(f"  importance from {cached}", flush=True)
+        else:
+            scores = estimate_importance(model, batches, progress=False)
+            if cached is not None:
+                save_scores(scores, cached)
     sort_model(model, scores, experts_key="experts")  # experts by REAP; every permutation function-preserving
     return {"data": f"{args.train_data} (train split)", "batches": len(batches), "batch_size": args.calib_batch_size,
             "seq_len": args.calib_seq_len, "tokens": sum(b.numel() for b in batches),
@@ -810,8 +821,8 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
         print(f"    {variant} step {trainer.step:5d}/{trainer.end}  kd "
               + " ".join(f"{b.name}:{sum(recent[b.name]) / len(recent[b.name]):.4f}" for b in budgets if b.name in recent)
               + ("  argmax cost " + " ".join(f"{k}:{v:.3f}" for k, v in cost.items()) if cost else "")
-              + f"  {tok_s:,.0f} tok/s  {el:.0f} s, ~{(trainer.end - trainer.step) * tokens_per_step / tok_s:.0f} s to go",
-              flush=True)
+              + f"  {tok_s:,.0f} tok/s  {el:.0f} s, ~{(trainer.end - trainer.step) * tokens_per_step / tok_s:.0f} s to go"
+              + (f"  (state saved in {save_s:.1f} s)" if state is not None else ""), flush=True)
     train_s = earlier_s + clock(device) - t  # over every call of a resumed run
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     student.eval()

@@ -465,27 +465,31 @@ def test_the_bench_scores_every_row_on_the_parents_own_chat_answers(tmp_path):
     assert trained and all(not math.isclose(t, parent, rel_tol=1e-4) for t in trained)
 
 
-def test_the_parents_chat_answers_are_kept_with_the_anchor_cache_and_read_by_the_next_call(tmp_path):
-    """--anchor-cache: the parent's chat answers (most of a device call's setup) are answered once a machine and
-    read by every later call of the same parent (a resumed run's next call, a run beside it); a file whose answers
-    differ is what the next call scores, so the file is what it reads, and another parent answers afresh."""
+def test_a_calls_setup_is_kept_with_the_anchor_cache_and_read_by_the_next_call(tmp_path):
+    """--anchor-cache: the parent's chat answers (most of a device call's setup), its importance and the parent's
+    and (a)'s scores are made once a machine and read by every later call of the same parent (a resumed run's
+    next call, a run beside it); a file that says otherwise is what the next call reports, so the file is what it
+    reads, and another parent makes its own."""
     from safetensors.torch import load_file, save_file
 
     cache = tmp_path / "cache"
     argv = [a if a != "wiki" else "wiki,chat" for a in BENCH] + ["--variants=", "--anchor-cache", str(cache)]
 
+    rows = {}
+
     def run(name, *more):
         out = tmp_path / f"{name}.json"
         r = subprocess.run(argv + list(more) + ["--json", str(out)], capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]
-        part = json.loads(out.read_text())["B"]
-        return next(row for row in part["rows"] if row["method"] == "parent")["perplexity"]["chat"], r.stdout
+        rows[name] = {(row["method"], row["budget"]): row for row in json.loads(out.read_text())["B"]["rows"]}
+        return rows[name][("parent", "1.0")]["perplexity"]["chat"], r.stdout
 
     first, out = run("first")
     (kept,) = cache.glob("chat-*.safetensors")
-    assert "chat answers from" not in out
+    assert "chat answers from" not in out and "importance from" not in out
     second, out = run("second")
-    assert "the parent's chat answers from" in out and second == first
+    assert "the parent's chat answers from" in out and second == first and "importance from" in out
+    assert rows["second"] == rows["first"]
     answers = load_file(str(kept))
     answers["ids0"] = answers["ids0"].flip(0)  # the first answer's tokens reversed: another text to score
     save_file(answers, str(kept))
@@ -501,6 +505,15 @@ def test_the_parents_chat_answers_are_kept_with_the_anchor_cache_and_read_by_the
         f.write_text(json.dumps({**kept_score, "perplexity": {k: 2 * v for k, v in kept_score["perplexity"].items()}}))
     fourth, _ = run("fourth")
     assert math.isclose(fourth, 2 * third, rel_tol=1e-12)
+    from star_elastic.elastic.importance import load_scores, save_scores
+
+    (importance,) = cache.glob("importance-*.safetensors")
+    got = load_scores(importance)
+    save_scores({k: v if k == "meta" else -v for k, v in got.items()}, importance)  # the least important first
+    run("reversed")
+    cut = ("zero_shot", "0.5")  # sorted the other way, (a)'s 0.5 is another model
+    assert rows["reversed"][cut]["spec"] == rows["fourth"][cut]["spec"]
+    assert rows["reversed"][cut]["perplexity"]["wiki"] != rows["fourth"][cut]["perplexity"]["wiki"]
     _, out = run("other", "--pretrain-lr", "1e-2")  # another parent: its own answers, in a file of their own
     assert "chat answers from" not in out and len(list(cache.glob("chat-*.safetensors"))) == 2
 
