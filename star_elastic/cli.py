@@ -207,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="pull of each smaller budget's router toward the search's architecture, all through "
                          "training, so it leaves it only where distillation quality outweighs the pull "
                          "(needs --router-init search; 0: off)")
+    sp.add_argument("--router-baseline-rows", type=float, default=1.0, metavar="F",
+                    help="the score-function term's baseline (the router's argmax, one more forward without "
+                         "gradient on smaller budgets' steps) on this share of the batch's rows, the draw's loss on "
+                         "the same rows: cheaper, noisier (default 1: every row)")
     sp.add_argument("--router-freeze", type=float, default=0.0,
                     help="the last share of the steps trains each budget's exported (in-band argmax) architecture, "
                          "the router fixed (0: off)")

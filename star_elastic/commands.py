@@ -194,6 +194,7 @@ def cmd_elastify(args):
                          anchor_projection=args.anchor_projection, **lever_config(levers),
                          drift_data=args.drift_data, chat_drift=args.chat_drift, router_init=args.router_init,
                          router_estimator=args.router_estimator, router_freeze=args.router_freeze,
+                         router_baseline_rows=args.router_baseline_rows,
                          router_prior=args.router_prior, shard=args.shard,
                          multiple=args.multiple, save_dtype=save_dtype(args.save_dtype, path),
                          compile=compile_backend(args.compile, device, sharding(args.shard, ranks) == "fsdp"))

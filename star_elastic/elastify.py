@@ -116,6 +116,7 @@ class ElastifyConfig:
     router_init: str = "search"  # the router starts from the zero-shot search's architectures, or "cost" alone
     router_estimator: str = "score"  # how distillation reaches the router: "score" or "straight-through"
     router_freeze: float = 0.0  # the last share of the steps trains the in-band argmax, the router fixed
+    router_baseline_rows: float = 1.0  # the score-function baseline's share of the batch's rows (TrainConfig's)
     router_prior: float = 0.0  # pull of each smaller budget's router toward the search's architecture (router_init search)
     shard: str = "auto"  # under torchrun: "auto"/"fsdp" (FSDP2) or "none" (replicated, gradients all-reduced)
     multiple: int | None = None  # kept widths are multiples of it (None: aligned for GPUs, spec.aligned_multiple)
@@ -334,6 +335,7 @@ def train_config(cfg: ElastifyConfig, budgets: list, model_config, steps: int, a
                        seed=cfg.seed, stage1_fraction=cfg.stage1_fraction, stage2_weights=stage2,
                        stage2_seq_len=cfg.stage2_seq_len, budget_kd_weights=kd_weights, full_anchor=anchor,
                        router_estimator=cfg.router_estimator, router_freeze_fraction=cfg.router_freeze,
+                       router_baseline_rows=cfg.router_baseline_rows,
                        router_prior=cfg.router_prior, shard=cfg.shard, compile=cfg.compile,
                        all_budgets=cfg.all_budgets, train_on=cfg.train_on, budget_lrs=budget_lrs,
                        anchor_projection=cfg.anchor_projection, anchor_mix=cfg.anchor_mix, budget_mix=cfg.budget_mix,

@@ -590,9 +590,17 @@ def test_shard_and_router_flags_reach_the_training_config(tmp_path):
 
     args = build_parser().parse_args(["elastify", "m", "--data", "wiki", "--tokens", "64", "--out", "o",
                                       "--shard", "none", "--router-estimator", "straight-through",
-                                      "--router-freeze", "0.2", "--router-prior", "0.5", "--compile"])
+                                      "--router-freeze", "0.2", "--router-prior", "0.5", "--compile",
+                                      "--router-baseline-rows", "0.25"])
     assert (args.shard, args.router_estimator, args.router_freeze, args.router_prior, args.compile) == (
         "none", "straight-through", 0.2, 0.5, "on")
+    assert args.router_baseline_rows == 0.25
+    from star_elastic.elastify import train_config
+    from star_elastic.elastic.cost import parse_budget
+
+    cfg = ElastifyConfig(budgets=["1.0", "0.5"], router_baseline_rows=0.25)
+    budgets = [parse_budget(b, PARENTS["llama"]) for b in cfg.budgets]
+    assert train_config(cfg, budgets, PARENTS["llama"], 8, 0.5).router_baseline_rows == 0.25
     assert build_parser().parse_args(["elastify", "m", "--data", "wiki", "--tokens", "64", "--out", "o"]).compile == "auto"
     assert build_parser().parse_args(["demo", "--compile", "off"]).compile == "off"
     with pytest.raises(SystemExit):
@@ -614,6 +622,7 @@ def test_a_router_prior_without_the_search_start_is_refused(tmp_path, tokenizer,
 @pytest.mark.parametrize("option, value, message", [
     ("stage1_fraction", 1.5, "--stage1-fraction must be in [0, 1], got 1.5"),
     ("router_freeze", 1.0, "--router-freeze is a share of the steps in [0, 1), got 1"),
+    ("router_baseline_rows", 0.0, "--router-baseline-rows is a share of the batch's rows in (0, 1], got 0"),
     ("kd_weights", [1.0], "--kd-weights 1: give one weight per budget (1.0, 0.5)"),
     ("stage2_weights", [1.0, 0.0], "--stage2-weights [1.0, 0.0] give every step to the full budget"),
     ("train_on", "both", "--train-on is 'drawn' or 'argmax', got 'both'"),
