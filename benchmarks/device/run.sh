@@ -201,7 +201,8 @@ GPUTESTS) shift  # the tests that need CUDA (skipped in CI): e.g. the head gradi
   PYTHONPATH=${HFK_PATH:+$HFK_PATH:}.devcarry/mamba:$PYTHONPATH python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py \
     -k "${1:-cuda}" 2>&1 | tail -n 30 ;;
 S44) shift  # S43 with the router's baseline on half the rows beside (issue 16: a smaller budget's step ran ~1.35x a
-  # full one's, the argmax forward's share; TrainConfig.router_baseline_rows), one call, no SETUP, same carry (~9 min)
+  # full one's here, the argmax forward's share; in a trained CPU run only 10 of 62 steps ran it, RESULTS §12;
+  # TrainConfig.router_baseline_rows), one call, no SETUP, same carry (~9 min)
   SECONDS=0; bash $0 KERNELS --baseline-rows 0.5 > $OUT/kernels.txt 2>&1; grep -v "^+" $OUT/kernels.txt | tail -n 18
   PYTHONPATH=.devcarry/mamba:$PYTHONPATH timeout 150 python3 benchmarks/bench_rest_serve.py --device cuda --model nano \
     --json $OUT/rest_serve_nano.json > $OUT/rest_serve.txt 2>&1; tail -n 6 $OUT/rest_serve.txt
