@@ -82,9 +82,9 @@ def test_the_anchor_cache_gives_later_runs_of_the_same_parent_the_same_text(tmp_
     second, out2 = run("second")
     assert "anchor text from" not in out1 and "sampled from the parent" in out1
     assert "anchor text from" in out2 and "sampled from the parent" not in out2
-    assert first == second and len(list(cache.glob("*.safetensors"))) == 1
+    assert first == second and len(list(cache.glob("anchor-*.safetensors"))) == 1
     third, out3 = run("third", "--seed", "1")  # another seed: its own text, its own file
-    assert "sampled from the parent" in out3 and len(list(cache.glob("*.safetensors"))) == 2
+    assert "sampled from the parent" in out3 and len(list(cache.glob("anchor-*.safetensors"))) == 2
 
 
 def _two_processes(target, shared, tmp_path, key):
