@@ -426,18 +426,22 @@ def with_chat(heldouts: dict, parent, tokenizer, args=None) -> dict:
     if "chat" in heldouts:
         key = ("chat", CHAT_QUESTIONS, getattr(tokenizer, "chat_template", None))
         cached = anchor_cache_file(args, key, parent, prefix="chat") if args is not None else None
-        with file_lock(cached):  # runs started side by side: the first answers, the others read its file
-            if cached is not None and cached.exists():
-                got = load_file(str(cached))
-                heldouts["chat"] = [(got[f"ids{i}"], int(start)) for i, start in enumerate(got["starts"].tolist())]
-                print(f"  the parent's chat answers from {cached}", flush=True)
-            else:
-                with sampling_determinism():  # generation, forward-only, like the anchor's sampling
-                    heldouts["chat"] = chat_transcripts(parent, tokenizer)
-                if cached is not None and heldouts["chat"] is not None:
-                    common.write_safetensors(cached, {"starts": torch.tensor([s for _, s in heldouts["chat"]]),
-                                                      **{f"ids{i}": ids.contiguous()
-                                                         for i, (ids, _) in enumerate(heldouts["chat"])}})
+
+        def read(f):
+            got = load_file(str(f))
+            print(f"  the parent's chat answers from {f}", flush=True)
+            return [(got[f"ids{i}"], int(start)) for i, start in enumerate(got["starts"].tolist())]
+
+        def answer():
+            with sampling_determinism():  # generation, forward-only, like the anchor's sampling
+                return chat_transcripts(parent, tokenizer)
+
+        def write(f, transcripts):
+            if transcripts is not None:  # (none: refused below, nothing kept)
+                common.write_safetensors(f, {"starts": torch.tensor([start for _, start in transcripts]),
+                                             **{f"ids{i}": ids.contiguous() for i, (ids, _) in enumerate(transcripts)}})
+
+        heldouts["chat"] = made_once(cached, read, answer, write)
         if heldouts["chat"] is None:
             raise SystemExit("--heldout chat: the parent answers through its tokenizer's chat template, and this "
                              "tokenizer has none")
@@ -459,14 +463,13 @@ def importance_and_sort(model, train: torch.Tensor, args, device) -> tuple[dict,
     batches = zs.calibration(train, args)
     cached = anchor_cache_file(args, ("importance", tuple(common.fingerprint(b) for b in batches)), model,
                                prefix="importance")
-    with file_lock(cached):
-        if cached is not None and cached.exists():
-            scores = load_scores(cached)
-            print(f"  importance from {cached}", flush=True)
-        else:
-            scores = estimate_importance(model, batches, progress=False)
-            if cached is not None:
-                save_scores(scores, cached)
+
+    def read(f):
+        print(f"  importance from {f}", flush=True)
+        return load_scores(f)
+
+    scores = made_once(cached, read, lambda: estimate_importance(model, batches, progress=False),
+                       lambda f, got: save_scores(got, f))
     sort_model(model, scores, experts_key="experts")  # experts by REAP; every permutation function-preserving
     return {"data": f"{args.train_data} (train split)", "batches": len(batches), "batch_size": args.calib_batch_size,
             "seq_len": args.calib_seq_len, "tokens": sum(b.numel() for b in batches),
@@ -773,10 +776,10 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
     # trajectory: each smaller budget's argmax architecture after every tenth: when did it settle?
 
     def stop(el: float, why: str, saved: bool = False):  # the state saved, exit 75: the same command goes on
-        if not saved:
+        if not saved:  # (saved: the tenth's end has just written the state and bench.json)
             trainer.save_state()
-        common.write_json(state / "bench.json", {"trajectory": trajectory, "seconds": earlier_s + el,
-                                                 "step": trainer.step})
+            common.write_json(state / "bench.json", {"trajectory": trajectory, "seconds": earlier_s + el,
+                                                     "step": trainer.step})
         print(f"  stopped at step {trainer.step}/{trainer.end} after {el:.0f} s ({why}); the same command goes on "
               f"from here (state in {state})", flush=True)
         raise SystemExit(RESUME_EXIT)
@@ -804,7 +807,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                                                          for i, b in enumerate(budgets) if not b.is_full}})
         s0 = clock(device)
         trainer.save_state()  # a call killed from here on redoes at most a tenth
-        save_s = clock(device) - s0 if state is not None else 0.0
+        save_s = clock(device) - s0  # (no state: a no-op, ~0)
         el = clock(device) - t
         if state is not None:
             common.write_json(state / "bench.json", {"trajectory": trajectory, "seconds": earlier_s + el,
@@ -918,16 +921,18 @@ def anchor_text_rows(args, teacher, tokenizer, row_len: int, tokens_per_step: in
         cached = anchor_cache_file(args, key, teacher)
         # under a lock: runs started side by side (an elastic run and its (c) with --budget-mix) would each sample,
         # and on CUDA get other text; the second waits for the first's file and reads it
-        with file_lock(cached):
-            if cached is not None and cached.exists():
-                ANCHOR_ROWS[key] = load_file(str(cached))["rows"]
-                print(f"  anchor text from {cached}", flush=True)
-            else:
-                with sampling_determinism():
-                    ANCHOR_ROWS[key] = anchor_text(parse_anchor_data(args.anchor_data), teacher, tokenizer, row_len,
-                                                   tokens_per_step // row_len, key[-1], seed=args.seed)
-                if cached is not None:
-                    common.write_safetensors(cached, {"rows": ANCHOR_ROWS[key].contiguous()})
+
+        def read(f):
+            print(f"  anchor text from {f}", flush=True)
+            return load_file(str(f))["rows"]
+
+        def sample():
+            with sampling_determinism():
+                return anchor_text(parse_anchor_data(args.anchor_data), teacher, tokenizer, row_len,
+                                   tokens_per_step // row_len, key[-1], seed=args.seed)
+
+        ANCHOR_ROWS[key] = made_once(cached, read, sample,
+                                     lambda f, rows: common.write_safetensors(f, {"rows": rows.contiguous()}))
     sha = common.fingerprint(ANCHOR_ROWS[key])
     print(f"  anchor text fingerprint {sha}", flush=True)
     return ANCHOR_ROWS[key], sha
@@ -1130,6 +1135,18 @@ def file_lock(path: Path | None):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def made_once(path: Path | None, read, make, write):
+    """make() once a machine: under `path`'s lock (runs started side by side wait for the first), read(path) when
+    the file is there, else make() and, with a path, write(path, what it made). None: make() alone."""
+    with file_lock(path):
+        if path is not None and path.exists():
+            return read(path)
+        got = make()
+        if path is not None:
+            write(path, got)
+        return got
+
+
 def weights_digest(model) -> str:
     """A digest of `model`'s weights: each tensor's name, shape, float64 sum and position-weighted sum (so that
     a permutation of a tensor, a function-changing one included, reads as another model)."""
@@ -1165,16 +1182,14 @@ def cached_score(model, heldouts: dict, args) -> tuple[dict, float]:
     key = ("score", tuple((name, common.fingerprint(stream)) for name, stream in heldouts.items()),
            args.eval_seq_len, args.eval_batch_size, next(model.parameters()).device.type)
     cached = anchor_cache_file(args, key, model, prefix="score", suffix=".json")
-    with file_lock(cached):
-        if cached is not None and cached.exists():
-            got = json.loads(cached.read_text())
-            return got["perplexity"], got["seconds"]
-        t = clock(next(model.parameters()).device)
-        ppl = score(model, heldouts, args)
-        seconds = clock(next(model.parameters()).device) - t
-        if cached is not None:
-            common.write_json(cached, {"perplexity": ppl, "seconds": seconds})
-        return ppl, seconds
+    device = next(model.parameters()).device
+
+    def timed():
+        t = clock(device)
+        return {"perplexity": score(model, heldouts, args), "seconds": clock(device) - t}
+
+    got = made_once(cached, lambda f: json.loads(f.read_text()), timed, common.write_json)
+    return got["perplexity"], got["seconds"]
 
 
 def pretrained_parent(parent: Model, train, pre, device, path: str | None) -> tuple[list, float]:
