@@ -573,25 +573,20 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # 120-140 s before its first step: 1,110 s of training and ~1,600 s of device in all (four calls); that
   # session had 1,720 s after SETUP and lost the last call to its timeout at step 2448/2816. With --call-seconds
   # (RUNS adds it) no call is cut; with less than ~1,650 s left, run 16m3c (two: ~1,250 s) or 16m3b.
-  16m3) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
-     R="${RESTORED/--hold-pull 30/--hold-pull 0} --budget-mix $MIX --tokens-a 16777216 --full-delta-finish 768"
-     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16mq$x "$R --full-delta-bits 4 --state-dir $H/state/J16mq$x" \
-       J16mh$x "$R --full-delta-rank 32 --full-delta-bits 2 --state-dir $H/state/J16mh$x" \
-       J16mo$x "$R --full-delta-rank 32 --full-delta-bits 1 --state-dir $H/state/J16mo$x"
-     ratios J16mq$x:C16ma$x,J16mh$x:C16ma$x,J16mo$x:C16ma$x J16mq$x J16mh$x J16mo$x ;;
-  # 16m3c: 16m3 without rank 32 + 2 bits: the near-exact restore and the smallest delta, side by side
-  16m3c) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
-     R="${RESTORED/--hold-pull 30/--hold-pull 0} --budget-mix $MIX --tokens-a 16777216 --full-delta-finish 768"
-     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16mq$x "$R --full-delta-bits 4 --state-dir $H/state/J16mq$x" \
-       J16mo$x "$R --full-delta-rank 32 --full-delta-bits 1 --state-dir $H/state/J16mo$x"
-     ratios J16mq$x:C16ma$x,J16mo$x:C16ma$x,J16mq$x:C16mb$x,J16mo$x:C16mb$x J16mq$x J16mo$x ;;
+  # 16m3c: 16m3 without rank 32 + 2 bits: the near-exact restore and the smallest delta, side by side.
   # 16m3b: 16m3 without rank 64 + 4 bits (35% of the parent's bytes, the size least likely to be kept), for a
   # session left with less than 16m3's budget: the two side by side, about 850 s over two calls
-  16m3b) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
+  16m3|16m3b|16m3c) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
      R="${RESTORED/--hold-pull 30/--hold-pull 0} --budget-mix $MIX --tokens-a 16777216 --full-delta-finish 768"
-     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16mh$x "$R --full-delta-rank 32 --full-delta-bits 2 --state-dir $H/state/J16mh$x" \
-       J16mo$x "$R --full-delta-rank 32 --full-delta-bits 1 --state-dir $H/state/J16mo$x"
-     ratios J16mh$x:C16ma$x,J16mo$x:C16ma$x,J16mh$x:C16mb$x,J16mo$x:C16mb$x J16mh$x J16mo$x ;;
+     declare -A DELTA=([q]="--full-delta-bits 4" [h]="--full-delta-rank 32 --full-delta-bits 2"
+                       [o]="--full-delta-rank 32 --full-delta-bits 1")
+     case "$1" in 16m3) which="q h o"; against=C16ma$x ;; 16m3b) which="h o"; against="C16ma$x C16mb$x" ;;
+                  16m3c) which="q o"; against="C16ma$x C16mb$x" ;; esac
+     runs=(); names=(); pairs=
+     for w in $which; do runs+=(J16m$w$x "$R ${DELTA[$w]} --state-dir $H/state/J16m$w$x"); names+=(J16m$w$x); done
+     for c in $against; do for n in "${names[@]}"; do pairs+=${pairs:+,}$n:$c; done; done
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS "${runs[@]}"
+     ratios $pairs "${names[@]}" ;;
   # 16m4 (after 16m3): rank 128 (J16mr$x: capacity alone, 29%), rank 64's parameters given out layer by layer
   # (J16ma$x, --full-delta-allocate: on SmolLM2's own drift it left half the uniform rank's remainder, as rank 128
   # did), and the 0.75 drawn 65% of the smaller budgets' steps (J16mw$x: the 0.5 leads its (c) by 2-9%, the 0.75
