@@ -472,7 +472,7 @@ def test_demo_runs_end_to_end_and_says_what_to_do_next(tmp_path, tokenizer, text
 def test_the_demo_trains_with_elastifys_defaults_on_the_cpu_and_the_recipe_that_keeps_the_full_budget_on_a_gpu():
     """The full-budget flags of `demo` default to its preset: on the CPU elastify's own defaults (none of them),
     on a GPU the recipe measured in docs/RESULTS.md §9 (anchor 1 on half sampled text, a fifth of the smaller
-    budgets' rows that text too, a rank-64 delta, the
+    budgets' rows that text too, a rank-32 delta with the rest rounded to 2 bits, the
     parent's embeddings and norms held at the full rate, pulled back and kept from the first step), which the
     trainer's own checks accept; a flag given wins over either preset, also one that turns a lever off."""
     from star_elastic.cli import build_parser
@@ -489,7 +489,7 @@ def test_the_demo_trains_with_elastifys_defaults_on_the_cpu_and_the_recipe_that_
     assert {k: gpu[k] for k in KEEP_FULL} == KEEP_FULL  # the GPU demo runs elastify --keep-full's recipe
     assert cpu["full_anchor"] == 0.0
     assert {k: gpu[k] for k in levers + ("full_anchor",)} == {
-        "anchor_data": "self", "anchor_mix": 0.5, "budget_mix": 0.2, "full_delta_rank": 64, "full_delta_lr": 4e-4, "full_delta_finish": 256,
+        "anchor_data": "self", "anchor_mix": 0.5, "budget_mix": 0.2, "full_delta_rank": 32, "full_delta_lr": 4e-4, "full_delta_finish": 256,
         "hold": "embeddings,norms",
         "hold_rate": 1.0,
         "hold_pull": 0.0, "full_keeps_held": "training", "full_anchor": 1.0}
@@ -551,7 +551,8 @@ def test_keep_full_is_the_recipe_and_a_flag_beside_it_wins(tmp_path, tokenizer, 
         args = build_parser().parse_args(base + list(flags))
         return lever_options(args, KEEP_FULL if args.keep_full else PLAIN_LEVERS)
     recipe = opts("--keep-full")
-    assert recipe == KEEP_FULL and recipe["full_delta_rank"] == 64 and recipe["full_delta_restore"] == "activations"
+    assert recipe == KEEP_FULL and recipe["full_delta_restore"] == "activations"
+    assert recipe["full_delta_bits"] > 0  # the drift's tail past the rank rounded, not dropped (RESULTS §9)
     hold = recipe["hold"].split(",")
     assert hold_problem(hold, recipe["hold_rate"], recipe["hold_pull"], sharded=False, budget_lrs=False) is None
     assert keep_problem(recipe["full_keeps_held"], recipe["full_delta_rank"], hold, recipe["hold_rate"]) is None
@@ -577,8 +578,10 @@ def test_keep_full_is_the_recipe_and_a_flag_beside_it_wins(tmp_path, tokenizer, 
     assert cli.main(args) == 0
     config = read_manifest(tmp_path / "ckpt")["training"]["config"]
     assert (config["full_anchor"], config["anchor_data"], config["budget_mix"], config["full_delta_rank"],
-            config["full_delta_finish"], config["hold"], config["hold_pull"], config["full_keeps_held"]) == (
-        1.0, "self", KEEP_FULL["budget_mix"], 4, 2, ["embeddings", "norms"], 0.0, "training")
+            config["full_delta_finish"], config["hold"], config["hold_pull"], config["full_keeps_held"],
+            config["full_delta_bits"]) == (
+        1.0, "self", KEEP_FULL["budget_mix"], 4, 2, ["embeddings", "norms"], 0.0, "training",
+        KEEP_FULL["full_delta_bits"])
     assert KEEP_FULL["budget_mix"] > 0  # the smaller budgets see the parent's own text too (RESULTS §9)
 
 
