@@ -448,8 +448,10 @@ def step_trainer(model, teacher, cfg, budgets, rows, batch, seq, steps, device, 
                  shard="none", baseline_rows: float = 1.0):
     """The trainer as elastify builds it (router included), on one process, its state never written."""
     router = Router(cfg, budgets, RouterConfig()).to(device)
+    # baseline_rows 0: no score-function term (router_quality 0), so no argmax forward on any step
     tc = TrainConfig(steps=steps, batch_size=batch, seq_len=seq, lr=1e-5, warmup_steps=1, router_warmup_steps=50,
-                     shard=shard, compile=compile_backend, router_baseline_rows=baseline_rows)
+                     shard=shard, compile=compile_backend, router_baseline_rows=baseline_rows or 1.0,
+                     router_quality=1.0 if baseline_rows else 0.0)
     t = ElasticTrainer(model, teacher, router, budgets, rows, tc, tmp)
     t.save_state = lambda: None  # a 3.4B train state is ~40 GB: not written
     return t
@@ -523,11 +525,12 @@ def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: in
             variants.append((best + "_compiled_fsdp1", have_triton, True, "inductor", False, "fsdp", ""))
     variants = [v + (1.0,) for v in variants]  # the router's baseline on every row of the batch (the default)
     if baseline_rows is not None:  # beside the default: the baseline's forward on a share of the rows
-        # (TrainConfig.router_baseline_rows; the smaller budgets' steps ran ~1.35x a full one's, forty-third session)
-        variants.append((f"{best}_baseline{baseline_rows:g}", have_triton, True, None, False, "none", "", baseline_rows))
+        # (TrainConfig.router_baseline_rows; the smaller budgets' steps ran ~1.35x a full one's, forty-third session);
+        # 0: none at all (no quality term), the same draws: what the argmax forward costs a step, measured
+        tag = f"baseline{baseline_rows:g}" if baseline_rows else "no_quality"
+        variants.append((f"{best}_{tag}", have_triton, True, None, False, "none", "", baseline_rows))
         if compile_step:
-            variants.append((f"{best}_compiled_baseline{baseline_rows:g}", have_triton, True, "inductor", False, "none",
-                             "", baseline_rows))
+            variants.append((f"{best}_compiled_{tag}", have_triton, True, "inductor", False, "none", "", baseline_rows))
     out = {"pattern": pattern, "params_B": round(n_total / 1e9, 3), "active_params_B": round(n_active / 1e9, 3),
            "batch": batch, "seq": seq, "tokens_per_step": batch * seq, "steps": steps,
            "flops_per_token": 8 * n_active, "peak_tflops": BF16_PEAK / 1e12, "variants": {}}
@@ -790,7 +793,8 @@ def main():
                          "function (STAR_ELASTIC_CONV_SCAN=0), eager and compiled")
     ap.add_argument("--baseline-rows", type=float, metavar="F",
                     help="--parts train: also the step with the router's score-function baseline on this share of "
-                         "the batch's rows (TrainConfig.router_baseline_rows), beside the default (every row)")
+                         "the batch's rows (TrainConfig.router_baseline_rows), beside the default (every row); 0: "
+                         "without the score-function term at all (router_quality 0: no argmax forward)")
     ap.add_argument("--device")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()

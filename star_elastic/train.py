@@ -534,8 +534,9 @@ class ElasticTrainer:
         batch: with train_on "drawn", the score-function baseline, the router's argmax (scored against
         it, a draw is judged by its architecture, not by how hard the batch is); with "argmax", the
         draw, scored against the trained argmax; on the batch's first cfg.router_baseline_rows share of
-        rows. None when there is no score term, or the draw is the argmax (no signal)."""
-        if decision is None or decision.log_prob is None:
+        rows. None when there is no score term (or its weight is 0: the forward would be for nothing), or the
+        draw is the argmax (no signal)."""
+        if decision is None or decision.log_prob is None or not self.cfg.router_quality:
             return None
         scored = self.router.argmax_choice(decision.probs) if self.cfg.train_on == "drawn" else decision.choice
         logs["drawn_is_argmax"] = float(scored == decision.trained)

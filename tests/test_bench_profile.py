@@ -241,3 +241,18 @@ def test_train_part_times_the_router_baseline_on_a_share_of_the_rows_beside_the_
     half, default = runs["einsum_fused_kd_baseline0.5"], runs["einsum_fused_kd"]
     assert "error" not in half and half["router_baseline_rows"] == 0.5 and default["router_baseline_rows"] == 1.0
     assert half["budgets"] == default["budgets"] and half["tokens_per_s"] > 0
+
+
+def test_train_part_without_the_quality_term_runs_no_argmax_forward_on_the_same_draws():
+    """bench_kernels --parts train --baseline-rows 0: a row whose trainer has no score-function term
+    (router_quality 0), so no step runs the argmax architecture's forward, on the draws the default row makes:
+    beside it, what that forward costs a step."""
+    import torch
+
+    import bench_kernels
+
+    out = bench_kernels.part_train(torch.device("cpu"), True, "MEM*EM", 2, 64, 6, have_triton=False, baseline_rows=0)
+    runs = out["variants"]
+    none, default = runs["einsum_fused_kd_no_quality"], runs["einsum_fused_kd"]
+    assert "error" not in none and none["budgets"] == default["budgets"]
+    assert default["argmax_forwards"] > 0 and none["argmax_forwards"] == 0

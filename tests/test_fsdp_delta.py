@@ -164,7 +164,7 @@ def test_sharded_anchor_trains_the_delta_as_one_process(tmp_path):
 
 
 def _elastify_worker(rank, world, port, tmp):
-    from star_elastic.commands import KEEP_FULL, lever_config
+    from star_elastic.commands import KEEP_FULL_SHARDED, lever_config
     from star_elastic.elastify import ElastifyConfig, elastify
     from star_elastic.model import Model
     from test_elastify import PARENTS, WORDS
@@ -176,7 +176,7 @@ def _elastify_worker(rank, world, port, tmp):
         tokenizer = word_tokenizer(Path(tmp) / f"rank{rank}", WORDS)
         # the rank given out layer by layer (--full-delta-allocate): each rank factors its own layers, so every rank
         # must come to the same ranks from the gathered spectra, or the broadcasts of A and B would not fit
-        levers = {**lever_config(KEEP_FULL), "full_delta_rank": 4, "full_delta_finish": 2, "full_delta_allocate": True}
+        levers = {**lever_config(KEEP_FULL_SHARDED), "full_delta_rank": 4, "full_delta_finish": 2, "full_delta_allocate": True}
         cfg = ElastifyConfig(budgets=["1.0", "0.75", "0.5"], tokens=16 * 32 * 6, seq_len=32, batch_size=16,
                              calib_batches=2, eval_tokens=256, lr=1e-3, **levers)
         elastify(Model(PARENTS["nemotron_h"]), tokenizer, f"{tmp}/text.txt", f"{tmp}/ckpt", cfg, log=lambda *_: None)

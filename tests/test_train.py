@@ -869,6 +869,33 @@ def test_the_router_baseline_on_a_share_of_the_rows_compares_both_architectures_
     assert float(advantage(log["kd"], kd_argmax)) != pytest.approx(log["advantage"], rel=1e-3)
 
 
+def test_a_router_without_its_quality_term_runs_no_argmax_forward(tmp_path, monkeypatch):
+    """router_quality 0: the score-function term is off, so its baseline (the argmax architecture's forward
+    without gradient, a forward more on a smaller budget's step; issue 16, §12) is not run for nothing: every
+    forward of the student is the trained one, with gradient, and no advantage is logged. The same trainer
+    with the term on runs that forward within the same steps."""
+    from star_elastic import train
+    from star_elastic.elastic.losses import head_input
+
+    seen = []  # (model, grad enabled) of every forward up to the head
+
+    def spy(model, x, **kwargs):
+        seen.append((model, torch.is_grad_enabled()))
+        return head_input(model, x, **kwargs)
+
+    monkeypatch.setattr(train, "head_input", spy)
+    for quality in (1.0, 0.0):
+        seen.clear()
+        t = trainer(tmp_path / str(quality), steps=40, router_warmup_steps=0, router_quality=quality,
+                    router_band_penalty=0.0)
+        logs = [t.train_step() for _ in range(40)]
+        no_grad = sum(not grad for m, grad in seen if m is t.model)
+        if quality:
+            assert no_grad > 0 and any("advantage" in log for log in logs)
+        else:
+            assert no_grad == 0 and not any("advantage" in log or "kd_argmax" in log for log in logs)
+
+
 def test_the_router_baseline_share_is_checked():
     from star_elastic.elastic.cost import parse_budget
     from star_elastic.train_config import check_config

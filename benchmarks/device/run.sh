@@ -207,6 +207,13 @@ S44) shift  # S43 with the router's baseline on half the rows beside (issue 16: 
   PYTHONPATH=.devcarry/mamba:$PYTHONPATH timeout 150 python3 benchmarks/bench_rest_serve.py --device cuda --model nano \
     --json $OUT/rest_serve_nano.json > $OUT/rest_serve.txt 2>&1; tail -n 6 $OUT/rest_serve.txt
   RUN_LIMIT=$((${RUN_LIMIT:-570} - SECONDS)) bash $0 S41 ;;
+S46) shift  # one call, no SETUP (carry .devcarry/causal_conv1d_built, .devcarry/mamba, .devcarry/run.sh; ~9 min): the
+  # elastic step at Nano width beside the same step with no score-function term (--baseline-rows 0: no argmax
+  # forward on any step, the same draws; the forty-fifth session's baseline on half the rows bought nothing, so:
+  # what does that forward cost a step, exactly), then S41 (the 539M table against transformers with
+  # causal_conv1d, never finished: cut in the forty-third and forty-fifth sessions) in the time left
+  SECONDS=0; bash $0 KERNELS --baseline-rows 0 > $OUT/kernels.txt 2>&1; grep -v "^+" $OUT/kernels.txt | tail -n 18
+  RUN_LIMIT=$((${RUN_LIMIT:-570} - SECONDS)) bash $0 S41 ;;
 KERNELS) shift; PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_kernels.py --parts train \
   --json $OUT/kernels_train.json "$@" 2>&1 | grep -v "%|" | tail -n 40 ;;
 SAMPLEDET) shift; join  # issue 17: is the anchor's sampled text the same run to run? twice side by side, each mode twice
