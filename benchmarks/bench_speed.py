@@ -19,6 +19,8 @@ models train with the same AdamW (fused on a GPU, as the trainer's) and the same
 logits (what transformers' own loss computes); ours also with the library's chunked one (`*_chunked_ce`:
 `next_token_ce` on a `head_input`, as elastic training's losses run), printed beside, the best of ours in the
 ratio. Where `causal_conv1d` imports, `ours_pytorch_conv` is ours with Mamba's conv on PyTorch's conv1d.
+Ours compiled twice: `ours_compiled`, the whole model under `torch.compile` (graphs broken at each Triton call),
+and `ours_compiled_layers`, each decoder layer compiled on a copy, as elastify trains (`train.compile_layers`).
 """
 
 from __future__ import annotations
@@ -173,6 +175,19 @@ def print_profiles(profiles: dict):
                 print(f"    {row['ms_per_step']:7.2f}  {row['chain'][:150]}")
 
 
+def compiled_variants(ours: Model, backend: str = "inductor") -> dict:
+    """`ours` compiled the two ways there are: the whole model (`torch.compile(ours)`, broken into graphs at every
+    Triton call, the scan's and the conv's) and each decoder layer compiled on a copy, as elastify's trainer and
+    demo run it (`train.compile_layers`), so that the eager `ours` stays eager. {name: model}."""
+    import copy
+
+    from star_elastic.train import compile_layers
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # (see generate.py)
+    return {"ours_compiled": torch.compile(ours, backend=backend),
+            "ours_compiled_layers": compile_layers(copy.deepcopy(ours), backend)}
+
+
 def logits_of(model, x, hf: bool):
     return model(x).logits if hf else model(x)
 
@@ -270,11 +285,8 @@ def main():
         print(f"logits rel err: ours (causal_conv1d's conv) against ours on PyTorch's conv "
               f"{res['logits_rel_err_causal_conv_vs_ours']:.2e}")
         del b, c
-    compiled = None
-    if not args.no_compile:
-        torch._dynamo.config.recompile_limit = 64  # blocks share one code object (see generate.py)
-        compiled = torch.compile(ours)
-        variants["ours_compiled"] = (compiled, False)
+    compiled = {} if args.no_compile else compiled_variants(ours)
+    variants.update({name: (m, False) for name, m in compiled.items()})
     for name, (m, hf) in variants.items():
         with torch.no_grad(), pytorch_conv(name.endswith("pytorch_conv")):
             s = common.timed(lambda: logits_of(m, x, hf), device, 2, args.iters)
@@ -292,8 +304,7 @@ def main():
     print(f"loss: whole logits {whole.item():.5f}, chunked (next_token_ce) {chunked.item():.5f}")
     train_variants = dict(variants)
     train_variants["ours_chunked_ce"] = (ours, False)
-    if compiled is not None:
-        train_variants["ours_compiled_chunked_ce"] = (compiled, False)
+    train_variants.update({f"{name}_chunked_ce": (m, False) for name, m in compiled.items()})
     if args.cudagraphs and not args.no_compile:
         # a second compile of the same module (its own graphs and recompiles); the graph breaks at the Triton
         # calls run eagerly between the captured regions

@@ -59,3 +59,27 @@ def test_profile_groups_a_steps_time_by_category_and_the_total_is_their_sum():
     # to the operator that made it, with its shape
     assert p["wall_ms_profiled"] >= p["ms_per_step"] and p["idle_ms"] is None and p["host_top"] == []
     assert any(r["chain"].startswith("aten::copy_") and "[32, 64]" in r["chain"] for r in p["copy_operators"])
+
+
+def test_compiled_variants_compile_a_copy_layer_by_layer_and_leave_the_eager_model_eager():
+    """bench_speed's compiled rows: the whole model compiled, and each decoder layer compiled on a copy, as the
+    trainer runs it (train.compile_layers); the eager model itself stays uncompiled (its own row is eager), and
+    each variant computes what it does."""
+    import torch
+
+    from bench_speed import compiled_variants
+    from star_elastic.model import Model
+    from test_elastify import PARENTS
+
+    torch.manual_seed(0)
+    ours = Model(PARENTS["nemotron_h"]).eval()
+    variants = compiled_variants(ours, backend="eager")
+    assert set(variants) == {"ours_compiled", "ours_compiled_layers"}
+    layered = variants["ours_compiled_layers"]
+    assert layered is not ours and all("_compiled_call_impl" in vars(layer) for layer in layered.model.layers)
+    assert not any("_compiled_call_impl" in vars(layer) for layer in ours.model.layers)
+    x = torch.randint(0, PARENTS["nemotron_h"].vocab_size, (2, 16))
+    with torch.no_grad():
+        want = ours(x)
+        for m in variants.values():
+            torch.testing.assert_close(m(x), want)
