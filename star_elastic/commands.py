@@ -168,11 +168,11 @@ def cmd_elastify(args):
     from .zero_shot import check_multiple
 
     check_multiple(args.multiple)
-    lever_options(args, KEEP_FULL if args.keep_full else PLAIN_LEVERS)  # a wrong flag: refused before any work
     out = check_output(args.out, args.force)
     device = init_distributed() or pick_device(args.device)  # under torchrun: this rank's GPU
     rank, ranks = world()
     sharded = sharding(args.shard, ranks) == "fsdp"
+    # (a wrong lever flag is refused here, still before anything loads)
     levers = lever_options(args, (KEEP_FULL_SHARDED if sharded else KEEP_FULL) if args.keep_full else PLAIN_LEVERS)
     path = resolve_model(args.model)
     # under torchrun with FSDP2 (the default there) a checkpoint directory is never loaded whole on a rank:
