@@ -1,6 +1,8 @@
 #!/bin/bash
 # The GPU machine's side of the benchmarks (see prepare.sh beside this for what it carries). $1 = case:
 #   SETUP                       unpack the corpora, tokenizer and gguf wheel into the home folder
+#                               (two calls since the forty-sixth session: part00 + run.sh, then the corpora + the wheel +
+#                               run.sh; the tracked tree beside all of them passed the 64 MiB a call carries)
 #   EXPERTDELTA                 the experts' delta on CUDA's grouped GEMMs and gather path (check_expert_delta.py)
 #   RESTORESVD                  the delta's restore at Nano's shapes: randomized vs full float64 SVD (bench_restore_svd.py)
 #   ISSUE11                     SETUP, then bench_elastify_sharded.py on every GPU (issue 11)
@@ -21,7 +23,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16mc (MIX=)|16m3 (MIX=)|16m3c (MIX=)|16m3b (MIX=)|16m4 (MIX=)|16mk (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16mc (MIX=)|16m3 (MIX=)|16m3c (MIX=)|16m3b (MIX=)|16m4 (MIX=)|16m5 (MIX=)|16mk (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -62,7 +64,7 @@ ratios() {  # ratios PAIRS RUN...: like-for-like ratios of this machine's runs a
   # recompute them at home from the runs' JSON with compare_elastic.py --json
   local pairs=$1; shift; local files=(); for r in "$@"; do [ -s $H/res/$r.json ] && files+=($H/res/$r.json); done
   for p in ${pairs//,/ }; do
-    python3 benchmarks/compare_elastic.py docs/results/elastic_session45_h100.json docs/results/elastic_session40_h100.json docs/results/elastic_session34_h200.json docs/results/elastic_session31_h200.json docs/results/elastic_session30_h200.json docs/results/elastic_session29_h200.json docs/results/elastic_session28_h200.json docs/results/elastic_session27_h200.json docs/results/elastic_session24_h200.json docs/results/elastic_session21_h200.json docs/results/elastic_session19_h200.json docs/results/elastic_session18_h200.json docs/results/elastic_session17_h200.json docs/results/elastic_session16_h200.json docs/results/elastic_session15_h200.json docs/results/elastic_session14_h200.json docs/results/elastic_session13_h200.json docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
+    python3 benchmarks/compare_elastic.py docs/results/elastic_session46_h100.json docs/results/elastic_session45_h100.json docs/results/elastic_session40_h100.json docs/results/elastic_session34_h200.json docs/results/elastic_session31_h200.json docs/results/elastic_session30_h200.json docs/results/elastic_session29_h200.json docs/results/elastic_session28_h200.json docs/results/elastic_session27_h200.json docs/results/elastic_session24_h200.json docs/results/elastic_session21_h200.json docs/results/elastic_session19_h200.json docs/results/elastic_session18_h200.json docs/results/elastic_session17_h200.json docs/results/elastic_session16_h200.json docs/results/elastic_session15_h200.json docs/results/elastic_session14_h200.json docs/results/elastic_session13_h200.json docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
       docs/results/elastic_session9_h200.json "${files[@]}" --pairs $p 2>&1 | tail -n 8
   done
 }
@@ -605,6 +607,20 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16mw$x "$R --stage2-weights 0,0.65,0.35 --state-dir $H/state/J16mw$x" \
        J16mv$x "$R --stage2-weights 0,0.8,0.2 --state-dir $H/state/J16mv$x"
      ratios J16mw$x:C16ma$x,J16mv$x:C16ma$x,J16mw$x:C16mb$x,J16mv$x:C16mb$x J16mw$x J16mv$x ;;
+  # 16m5 (after 16m4; forty-sixth session's note): 16m4's 0.8 / 0.2 (J16mv02) put both smaller budgets within 2% of
+  # the mixed (c) everywhere but gave the 0.75 1,331 steps and the 0.5 717 against (c)'s 1,024 each (equal total
+  # tokens, not equal per budget), and left the 0.5 +2.2% / +3.7% behind the plain (c) in domain; 0.65 / 0.35
+  # (J16mw02) kept the 0.5 within 2% of both (c)s but the 0.75 +2.8% on chat. So: the middle, 0.72 / 0.28
+  # (J16mx$x), beside (c) given J16mv02's per-budget steps (C16mv$x: the 0.75 alone on 1,331 steps, C16mvb$x: the
+  # 0.5 alone on 717): is J16mv02's 0.75 as good as a (c) given as many steps? (~1,250 s after SETUP)
+  16m5) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
+     R="${RESTORED/--hold-pull 30/--hold-pull 0} --budget-mix $MIX --tokens-a 16777216 --full-delta-finish 768 \
+        --full-delta-rank 32 --full-delta-bits 2"
+     C="${A/--no-minitron/} --seed 0 --variants= --minitron-arch $B#E0:elastic_anchor --lr-a 2e-4 \
+         --anchor-data self --budget-mix $MIX $CHAT"
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16mx$x "$R --stage2-weights 0,0.72,0.28 --state-dir $H/state/J16mx$x" \
+       C16mv$x "$C --budgets 1.0,0.75 --tokens-a $((1331 * 8192))" C16mvb$x "$C --budgets 1.0,0.5 --tokens-a $((717 * 8192))"
+     ratios J16mx$x:C16ma$x,J16mx$x:C16mb$x,J16mx$x:C16ra,J16mx$x:C16rb,J16mv$x:C16mv$x,J16mv$x:C16mvb$x J16mx$x C16mv$x C16mvb$x ;;
   # 16mk: the data lever, after 16m3: J16m02 with the anchor, restore rows, finish and mix on half chat-format
   # parent text (J16mk$x, --anchor-data self+chat; in the twenty-third session, before the restore and the finish,
   # the anchor on sampled conversations did not move the chat drift); its smaller budgets against the plain (c)
