@@ -188,6 +188,59 @@ def compiled_variants(ours: Model, backend: str = "inductor") -> dict:
             "ours_compiled_layers": compile_layers(copy.deepcopy(ours), backend)}
 
 
+class _HiddenOnly(torch.nn.Module):
+    """A decoder layer called with the hidden states alone: the one tensor argument that
+    `torch.cuda.make_graphed_callables` captures with."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class _Graphed(torch.nn.Module):
+    """A layer's graphed callable in the layer's place: `Model.forward` passes rope, cache and pos, which a Mamba
+    layer does not read (training: no cache)."""
+
+    def __init__(self, graphed):
+        super().__init__()
+        self.graphed = graphed
+
+    def forward(self, x, rope=None, cache=None, pos=None):
+        return self.graphed(x)
+
+
+def graphed_mamba_variant(ours: Model, hidden_shape, dtype, backend: str = "inductor", graph=None) -> Model:
+    """Issue 16: how much of the compiled step's time with no kernel running is the Mamba layers' host work (the
+    scan's ~15 Triton launches a backward, through Triton's Python launcher, and ours around them: ~40 ms of CPU a
+    step at 539M, RESULTS §2). On a copy of `ours`: every layer compiled as the trainer compiles it, except the
+    Mamba layers, each captured whole, forward and backward, in CUDA graphs (`torch.cuda.make_graphed_callables`,
+    eager inside: the graph replays what the host launched once), all in one call so they share one memory pool.
+    `hidden_shape`: the hidden states' (batch, seq, hidden), the graphs' static input; `graph`: the capture
+    (default make_graphed_callables; tests pass a stand-in)."""
+    import copy
+
+    from star_elastic.train import compile_layers
+
+    graph = graph or torch.cuda.make_graphed_callables
+    m = compile_layers(copy.deepcopy(ours), backend).train()  # captured in the mode it trains in: a graphed
+    # module called in the other mode runs its forward uncaptured
+    mamba = [i for i, layer in enumerate(m.model.layers) if getattr(layer, "kind", None) == "M"]
+    device = m.lm_head.weight.device
+    wrapped = []
+    for i in mamba:
+        layer = m.model.layers[i]
+        vars(layer).pop("_compiled_call_impl", None)  # eager inside the graph: compile and capture do not nest
+        wrapped.append(_HiddenOnly(layer))
+    samples = tuple((torch.randn(hidden_shape, device=device, dtype=dtype, requires_grad=True),) for _ in mamba)
+    graphed = graph(tuple(wrapped), samples) if mamba else ()
+    for i, g in zip(mamba, graphed):
+        m.model.layers[i] = _Graphed(g)
+    return m
+
+
 def logits_of(model, x, hf: bool):
     return model(x).logits if hf else model(x)
 
@@ -209,6 +262,9 @@ def main():
     ap.add_argument("--cudagraphs", action="store_true",
                     help="also train ours compiled with CUDA graphs (mode='reduce-overhead', the chunked loss): "
                          "whether the compiled step's time with no kernel running is the host launching")
+    ap.add_argument("--graphed-mamba", action="store_true",
+                    help="also train ours with each layer compiled and the Mamba layers captured in CUDA graphs, "
+                         "forward and backward (whether the Mamba layer's host work is what the step waits on)")
     ap.add_argument("--profile", action="store_true",
                     help="also profile two training steps of each variant (torch.profiler: kernel time by category, "
                          "the categories of bench_kernels' profile), side by side: where ours and transformers' differ")
@@ -309,6 +365,17 @@ def main():
         # a second compile of the same module (its own graphs and recompiles); the graph breaks at the Triton
         # calls run eagerly between the captured regions
         train_variants["ours_cudagraphs_chunked_ce"] = (torch.compile(ours, mode="reduce-overhead"), False)
+    if args.graphed_mamba and device.type != "cuda":
+        print("--graphed-mamba: CUDA graphs need a GPU; the row is left out on the CPU")
+    if args.graphed_mamba and device.type == "cuda":
+        # built last, when the other variants' copies are made: a capture failing (a host sync inside the layer,
+        # an allocation the graph cannot replay) costs this row alone, said in one line
+        try:
+            train_variants["ours_compiled_layers_graphed_mamba"] = (
+                graphed_mamba_variant(ours, (args.batch, args.seq, ours.config.hidden_size), dtype), False)
+        except Exception as e:  # noqa: BLE001 - the row is an experiment; its failure is the finding
+            res["graphed_mamba_error"] = f"{type(e).__name__}: {e}"[:500]
+            print(f"graphed Mamba layers: not captured ({res['graphed_mamba_error']})")
     for name, (m, hf) in train_variants.items():
         if name == "transformers" and args.skip_hf_train:
             continue
@@ -326,7 +393,14 @@ def main():
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         with pytorch_conv(name.endswith("pytorch_conv")):
-            s = common.timed(step, device, 2, args.iters)
+            try:
+                s = common.timed(step, device, 2, args.iters)
+            except Exception as e:  # noqa: BLE001 - only the experimental graphed row may fail alone
+                if "graphed" not in name:
+                    raise
+                res["graphed_mamba_error"] = f"{type(e).__name__}: {e}"[:500]
+                print(f"train    {name}: failed ({res['graphed_mamba_error']})")
+                continue
             if args.profile:
                 res.setdefault("train_profile", {})[name] = profile_steps(step, device)
         res[f"train_tok_s_{name}"] = tokens / s

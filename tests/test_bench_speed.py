@@ -83,3 +83,42 @@ def test_compiled_variants_compile_a_copy_layer_by_layer_and_leave_the_eager_mod
         want = ours(x)
         for m in variants.values():
             torch.testing.assert_close(m(x), want)
+
+
+def test_graphed_mamba_variant_captures_the_mamba_layers_of_a_copy_and_compiles_the_rest():
+    """bench_speed --graphed-mamba (issue 16: the Mamba layer's host work): on a copy, the Mamba layers are handed to
+    the CUDA-graph capture in one call (one memory pool), each called with the hidden states alone, with a static
+    input of the hidden states' shape that requires grad, in training mode (a graphed module called in the other
+    mode runs uncaptured); every other layer is compiled as the trainer compiles it; `ours` is left as it was; and
+    the variant computes what `ours` does (here with a capture that returns the callables as they are)."""
+    import torch
+
+    from bench_speed import graphed_mamba_variant
+    from star_elastic.model import Model
+    from test_elastify import PARENTS
+
+    torch.manual_seed(0)
+    cfg = PARENTS["nemotron_h"]
+    ours = Model(cfg).eval()
+    calls = []
+
+    def capture(callables, samples):
+        calls.append((callables, samples, [c.training for c in callables]))
+        return callables
+
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    m = graphed_mamba_variant(ours, (2, 16, cfg.hidden_size), torch.float32, backend="eager", graph=capture)
+    kinds = [layer.kind for layer in ours.model.layers]
+    assert "M" in kinds and len(set(kinds)) > 1 and len(calls) == 1
+    callables, samples, modes = calls[0]
+    assert len(callables) == kinds.count("M") and all(modes)
+    assert all(len(s) == 1 and s[0].shape == (2, 16, cfg.hidden_size) and s[0].requires_grad for s in samples)
+    for kind, layer in zip(kinds, m.model.layers):
+        if kind == "M":  # the graphed callable in the layer's place, eager inside
+            assert type(layer).__name__ == "_Graphed" and "_compiled_call_impl" not in vars(layer.graphed.layer)
+        else:
+            assert "_compiled_call_impl" in vars(layer)
+    assert not any("_compiled_call_impl" in vars(layer) for layer in ours.model.layers)
+    assert all(type(layer).__name__ == "Block" for layer in ours.model.layers)
+    with torch.no_grad():
+        torch.testing.assert_close(m.eval()(x), ours(x))

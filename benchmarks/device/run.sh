@@ -46,6 +46,8 @@
 #   S41                         HFKPRE --profile --cudagraphs (TESTS=1: the causal conv's CUDA tests first) (~6 min)
 #   S43                         KERNELS, bench_rest_serve at Nano width, then S41 in the time left (~9 min)
 #   S44                         S43 with KERNELS --baseline-rows 0.5 (the router's baseline on half the rows, beside)
+#   S46                         KERNELS --baseline-rows 0, then S41 (~9 min)
+#   S47                         HFKPRE --profile --graphed-mamba (the Mamba layers in CUDA graphs), then KERNELS --baseline-rows 0 (~9 min)
 # The home folder survives between calls while the machine stays warm (30 s); $OUT comes back.
 set -x
 H=/root; SE=$H/.cache/star_elastic; mkdir -p $SE $OUT
@@ -216,6 +218,15 @@ S46) shift  # one call, no SETUP (carry .devcarry/causal_conv1d_built, .devcarry
   # causal_conv1d, never finished: cut in the forty-third and forty-fifth sessions) in the time left
   SECONDS=0; bash $0 KERNELS --baseline-rows 0 > $OUT/kernels.txt 2>&1; grep -v "^+" $OUT/kernels.txt | tail -n 18
   RUN_LIMIT=$((${RUN_LIMIT:-570} - SECONDS)) bash $0 S41 ;;
+S47) shift  # one call, no SETUP (carry .devcarry/causal_conv1d_built, .devcarry/mamba, .devcarry/run.sh; ~7 min): the
+  # forty-sixth session's S41 finished the 539M table (ours 1.41x transformers-with-kernels, target 1.5x) and put
+  # ~40 ms of CPU a step in ConvScanBackward (mamba_ssm's Triton launches), with the GPU idle ~1/3 of the step:
+  # the same table with the Mamba layers captured in CUDA graphs beside (bench_speed --graphed-mamba), profiled;
+  # then the elastic step's exact cost of the argmax forward (KERNELS --baseline-rows 0) in the time left
+  SECONDS=0; timeout $((${RUN_LIMIT:-560} - 30)) bash $0 HFKPRE --profile --graphed-mamba > $OUT/hfk_profile.txt 2>&1
+  grep -v "^+" $OUT/hfk_profile.txt | grep -v "^      \|^  copies\|^  the host" | tail -n 40
+  [ $SECONDS -lt $((${RUN_LIMIT:-560} - 200)) ] && timeout $((${RUN_LIMIT:-560} - SECONDS)) bash $0 KERNELS \
+    --baseline-rows 0 > $OUT/kernels.txt 2>&1; tail -n 18 $OUT/kernels.txt ;;
 KERNELS) shift; PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 benchmarks/bench_kernels.py --parts train \
   --json $OUT/kernels_train.json "$@" 2>&1 | grep -v "%|" | tail -n 40 ;;
 SAMPLEDET) shift; join  # issue 17: is the anchor's sampled text the same run to run? twice side by side, each mode twice
