@@ -221,10 +221,12 @@ def graphed_mamba_variant(ours: Model, hidden_shape, dtype, backend: str = "indu
     `hidden_shape`: the hidden states' (batch, seq, hidden), the graphs' static input; `graph`: the capture
     (default make_graphed_callables; tests pass a stand-in)."""
     import copy
+    import functools
 
     from star_elastic.train import compile_layers
 
-    graph = graph or torch.cuda.make_graphed_callables
+    # allow_unused_input: a parameter that no output reads (none in a plain Mamba layer) is not an error
+    graph = graph or functools.partial(torch.cuda.make_graphed_callables, allow_unused_input=True)
     m = compile_layers(copy.deepcopy(ours), backend).train()  # captured in the mode it trains in: a graphed
     # module called in the other mode runs its forward uncaptured
     mamba = [i for i, layer in enumerate(m.model.layers) if getattr(layer, "kind", None) == "M"]
