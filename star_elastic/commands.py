@@ -173,7 +173,7 @@ def cmd_elastify(args):
     rank, ranks = world()
     sharded = sharding(args.shard, ranks) == "fsdp"
     # (a wrong lever flag is refused here, still before anything loads)
-    levers = lever_options(args, (KEEP_FULL_SHARDED if sharded else KEEP_FULL) if args.keep_full else PLAIN_LEVERS)
+    levers = lever_options(args, KEEP_FULL if args.keep_full else PLAIN_LEVERS)
     path = resolve_model(args.model)
     # under torchrun with FSDP2 (the default there) a checkpoint directory is never loaded whole on a rank:
     # elastify takes its path and loads it sharded; else the whole model, master weights in fp32 (on a
@@ -208,8 +208,7 @@ def cmd_elastify(args):
         print(f"elastify {path}: {size}, budgets {', '.join(cfg.budgets)}, {cfg.tokens:,} training tokens, "
               f"on {where}{compiled}", flush=True)
         if args.keep_full:
-            print(f"--keep-full: {lever_flags(levers)}" + (" (under FSDP2: rank 64 without a rounded rest, which is "
-                                                           "not built sharded)" if sharded else ""), flush=True)
+            print(f"--keep-full: {lever_flags(levers)}", flush=True)
     result = elastify(model, tokenizer, args.data, out, cfg, log=_log, device=device)
     if rank == 0:
         print_table(result)
@@ -246,9 +245,7 @@ PLAIN_LEVERS = dict(full_anchor=0.5, anchor_data=None, anchor_mix=1.0, budget_mi
 KEEP_FULL = dict(full_anchor=1.0, anchor_data="self", anchor_mix=0.5, budget_mix=0.2, full_delta_rank=32,
                  full_delta_lr=4e-4, full_delta_finish=256, full_delta_restore="activations", full_delta_allocate=False,
                  full_delta_bits=2, hold="embeddings,norms", hold_rate=1.0, hold_pull=0.0, full_keeps_held="training")
-# Under FSDP2 the rounded rest is not built (FullDelta.restore refuses it), so there `--keep-full` keeps the delta
-# of its 4.2M-token runs, rank 64 alone (within 1% at 4.2M; at 16.8M it left chat answers +3.8%, RESULTS §9)
-KEEP_FULL_SHARDED = {**KEEP_FULL, "full_delta_rank": 64, "full_delta_bits": 0}
+# Under FSDP2 too: each layer's rest is rounded by the rank that factors it, then sent to every rank (FullDelta.restore)
 
 
 def lever_options(args, base: dict) -> dict:

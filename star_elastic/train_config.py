@@ -310,9 +310,6 @@ def check_config(cfg: TrainConfig, budgets: list[Budget], sharded: bool, anchor_
     if cfg.full_delta_bits not in (0, *REST_BITS):
         raise StarElasticError(f"{name('full_delta_bits')} {cfg.full_delta_bits}: give one of "
                                f"{', '.join(map(str, REST_BITS))} (or 0: none)")
-    if cfg.full_delta_bits and sharded:
-        raise StarElasticError(f"{name('full_delta_bits')} under FSDP2 sharding is not built (the rounded rest is "
-                               "whole on one device): run on one device, or without it")
     if cfg.full_delta_allocate and not cfg.full_delta_restore:
         raise StarElasticError(f"{name('full_delta_allocate')} gives the delta's rank out where its restore finds the "
                                f"drift, and there is no restore: give {name('full_delta_restore')}")

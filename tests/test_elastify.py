@@ -585,27 +585,22 @@ def test_keep_full_is_the_recipe_and_a_flag_beside_it_wins(tmp_path, tokenizer, 
     assert KEEP_FULL["budget_mix"] > 0  # the smaller budgets see the parent's own text too (RESULTS §9)
 
 
-def test_keep_full_under_fsdp2_is_a_recipe_the_sharded_trainer_accepts():
-    """The rounded rest (--full-delta-bits) is not built under FSDP2, so `--keep-full` there is rank 64 without
-    it (commands.KEEP_FULL_SHARDED; the forty-fifth session's CI caught a sharded --keep-full run that the trainer
-    refused): the one-device recipe is refused sharded, the sharded one accepted, and they differ only there."""
-    from star_elastic.commands import KEEP_FULL, KEEP_FULL_SHARDED, lever_config
+def test_keep_full_under_fsdp2_is_the_same_recipe_and_the_sharded_trainer_accepts_it():
+    """`--keep-full` is one recipe on one device and under FSDP2: its rounded rest (--full-delta-bits) is built
+    sharded too (each layer's by the rank that factors it, sent to every rank: tests/test_fsdp_delta.py). Until
+    the forty-sixth session the sharded trainer refused it and `--keep-full` fell back to rank 64 without it."""
+    from star_elastic import commands
+    from star_elastic.commands import KEEP_FULL, lever_config
     from star_elastic.elastic.cost import parse_budget
     from star_elastic.elastify import train_config
     from star_elastic.train_config import check_config
 
-    assert {k for k in KEEP_FULL if KEEP_FULL[k] != KEEP_FULL_SHARDED[k]} == {"full_delta_rank", "full_delta_bits"}
-    assert KEEP_FULL_SHARDED["full_delta_bits"] == 0
+    assert KEEP_FULL["full_delta_bits"] == 2 and not hasattr(commands, "KEEP_FULL_SHARDED")
     budgets = [parse_budget(b, PARENTS["llama"]) for b in ("1.0", "0.5")]
-
-    def check(preset, sharded):
-        cfg = ElastifyConfig(budgets=["1.0", "0.5"], **lever_config(preset))
+    cfg = ElastifyConfig(budgets=["1.0", "0.5"], **lever_config(KEEP_FULL))
+    for sharded in (False, True):
         check_config(train_config(cfg, budgets, PARENTS["llama"], 8, cfg.full_anchor), budgets, sharded=sharded,
                      anchor_text=True)
-    check(KEEP_FULL, sharded=False)
-    check(KEEP_FULL_SHARDED, sharded=True)
-    with pytest.raises(StarElasticError, match="under FSDP2"):
-        check(KEEP_FULL, sharded=True)
 
 
 def test_shard_and_router_flags_reach_the_training_config(tmp_path):

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from conftest import assert_close_dicts, free_port, gloo_group
 from star_elastic import parallel
 from star_elastic.elastic.checkpoint import save_elastic
+from star_elastic.elastic.delta import ROUNDED
 from star_elastic.train import ElasticTrainer
 
 from test_train import make, trainer
@@ -133,6 +134,67 @@ def test_sharded_checkpoint_with_delta_is_the_one_process_one(runs):
     assert shared  # the smaller budgets' values of the kept embeddings and norms are there
 
 
+# the recipe with the rest of the drift rounded to 2 bits, as `--keep-full` has it
+ROUNDED_RECIPE = {**RECIPE, "full_delta_bits": 2}
+
+
+def _rounded(t) -> dict:
+    return {k: v.clone() for k, v in t.delta.state_dict().items() if k.startswith("rounded_")}
+
+
+def _rounded_worker(rank, world, port, out, tmp):
+    with gloo_group(rank, world, port):
+        def sharded(name):
+            model, teacher, router, budgets, rows, cfg, _ = make(shard="fsdp", **ROUNDED_RECIPE)
+            return ElasticTrainer(model, teacher, router, budgets, rows, cfg, f"{tmp}/{name}")
+
+        t = sharded("rounded")
+        losses = [l["total"] for l in t.run(progress=False)]
+        x = torch.arange(32).view(2, 16) % 64
+        got = dict(rounded=_rounded(t), share=t.restored.share, full_logits=_full_logits(t, x), losses=losses)
+        sharded("stopped").run(progress=False, stop_after=STEPS + 1)  # in the finish: the rest already rounded
+        second = sharded("stopped")
+        assert second.load_state() and second.step == STEPS + 1
+        got.update(resumed_losses=[l["total"] for l in second.run(progress=False)], resumed=_rounded(second))
+        torch.save(got, f"{out}.{rank}")
+
+
+def test_sharded_recipe_rounds_the_rest_once_and_every_rank_holds_it(tmp_path):
+    """`--full-delta-bits` under FSDP2 (refused until the forty-sixth session): each layer's rest is rounded by the
+    rank that factors it and sent to the others, so every rank holds the same codes and scales, a rest for every
+    linear layer, as one process rounds them. Against one process the codes are equal but where the all-reduce's
+    sum order moved a weight across a level (2 bits: a hair from a boundary flips, and GPTQ carries the flip
+    along its row; 42 of ~16k here), so the full model agrees to ~1e-3, not to float rounding as without the rest.
+    A sharded state saved in the finish, after the rounding, resumes to the straight run's losses and rest."""
+    single = trainer(tmp_path, "single", **ROUNDED_RECIPE)
+    single.run(progress=False)
+    out = tmp_path / "rounded.pt"
+    mp.spawn(_rounded_worker, args=(2, free_port(), str(out), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in (0, 1)]
+    want = _rounded(single)
+    codes = [k for k in want if k.startswith("rounded_codes.")]
+    assert len(codes) == len(single.delta.names) > 0  # every linear layer has its rest (the experts have none)
+    for k in want:  # the same on both ranks, bit for bit: sent, not recomputed
+        assert torch.equal(ranks[0]["rounded"][k], ranks[1]["rounded"][k]), k
+    got = ranks[0]["rounded"]
+    assert sorted(got) == sorted(want)
+    for k in want:
+        if k in codes:
+            assert got[k].shape == want[k].shape and got[k].dtype == torch.uint8
+        else:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-3, atol=1e-6)  # a flip upstream moves a group's RMS
+    flipped = sum(int((got[k] != want[k]).sum()) for k in codes)
+    assert flipped < 0.01 * sum(want[k].numel() for k in codes)
+    assert ranks[0]["share"] == pytest.approx(single.restored.share, rel=1e-4)
+    x = torch.arange(32).view(2, 16) % 64
+    want_logits = _full_logits(single, x)
+    assert ((ranks[0]["full_logits"] - want_logits).norm() / want_logits.norm()) < 5e-3
+    # a sharded state saved in the finish keeps the rest: the resumed run goes on as the straight one
+    for r in ranks:
+        assert r["resumed_losses"] == pytest.approx(r["losses"][STEPS + 1:], rel=1e-6, abs=1e-8)
+        assert all(torch.equal(r["resumed"][k], r["rounded"][k]) for k in want)
+
+
 def _trained_delta_worker(rank, world, port, out, tmp):
     with gloo_group(rank, world, port):
         model, teacher, router, budgets, rows, cfg, _ = make(shard="fsdp", **TRAINED)
@@ -164,7 +226,7 @@ def test_sharded_anchor_trains_the_delta_as_one_process(tmp_path):
 
 
 def _elastify_worker(rank, world, port, tmp):
-    from star_elastic.commands import KEEP_FULL_SHARDED, lever_config
+    from star_elastic.commands import KEEP_FULL, lever_config
     from star_elastic.elastify import ElastifyConfig, elastify
     from star_elastic.model import Model
     from test_elastify import PARENTS, WORDS
@@ -176,7 +238,7 @@ def _elastify_worker(rank, world, port, tmp):
         tokenizer = word_tokenizer(Path(tmp) / f"rank{rank}", WORDS)
         # the rank given out layer by layer (--full-delta-allocate): each rank factors its own layers, so every rank
         # must come to the same ranks from the gathered spectra, or the broadcasts of A and B would not fit
-        levers = {**lever_config(KEEP_FULL_SHARDED), "full_delta_rank": 4, "full_delta_finish": 2, "full_delta_allocate": True}
+        levers = {**lever_config(KEEP_FULL), "full_delta_rank": 4, "full_delta_finish": 2, "full_delta_allocate": True}
         cfg = ElastifyConfig(budgets=["1.0", "0.75", "0.5"], tokens=16 * 32 * 6, seq_len=32, batch_size=16,
                              calib_batches=2, eval_tokens=256, lr=1e-3, **levers)
         elastify(Model(PARENTS["nemotron_h"]), tokenizer, f"{tmp}/text.txt", f"{tmp}/ckpt", cfg, log=lambda *_: None)
@@ -184,7 +246,7 @@ def _elastify_worker(rank, world, port, tmp):
 
 def test_elastify_keep_full_under_fsdp2_writes_a_valid_checkpoint(tmp_path):
     """`elastify --keep-full --full-delta-allocate` under torchrun, sharded: its checkpoint has the delta, at the
-    ranks the restore gave out, and passes validate."""
+    ranks the restore gave out, with its rounded rest, and passes validate."""
     from star_elastic.elastic.checkpoint import read_manifest
     from star_elastic.validate import validate_checkpoint
     from test_elastify import WORDS
@@ -197,6 +259,8 @@ def test_elastify_keep_full_under_fsdp2_writes_a_valid_checkpoint(tmp_path):
     assert manifest["training"]["parallel"]["sharding"] == "fsdp2" and manifest["training"]["parallel"]["ranks"] == 2
     assert manifest["full_delta"]["rank"] == 4 and manifest["full_delta"]["own"]
     assert len(set(manifest["full_delta"]["ranks"].values())) > 1
+    stored = load_file(str(tmp_path / "ckpt" / "full_delta.safetensors"))
+    assert any(k.endswith(ROUNDED) for k in stored) and manifest["full_delta"].get("bits") == 2
     report = validate_checkpoint(tmp_path / "ckpt")
     assert report.ok, [c for c in report.checks if c.status == "fail"]
 

@@ -988,19 +988,6 @@ def test_a_delta_files_metadata_that_does_not_parse_is_one_line(tmp_path):
     assert set(stored) == set(t) and rank is None and bits == 0
 
 
-def test_a_rounded_rest_under_sharding_is_refused_before_training():
-    import dataclasses
-
-    from star_elastic.train_config import check_config
-
-    _, _, _, budgets, _, cfg, _ = make(**{**SMALLER_ONLY, "full_anchor": 1.0, "full_delta_rank": 2,
-                                          "full_delta_restore": "activations", "full_delta_bits": 4})
-    check_config(cfg, budgets, sharded=False, anchor_text=False)
-    with pytest.raises(StarElasticError, match="FSDP2 sharding is not built"):
-        check_config(cfg, budgets, sharded=True, anchor_text=False)
-    check_config(dataclasses.replace(cfg, full_delta_bits=0), budgets, sharded=True, anchor_text=False)
-
-
 def test_a_width_that_does_not_pack_its_codes_is_one_line():
     from conftest import one_line_error
     from star_elastic.model import ModelConfig

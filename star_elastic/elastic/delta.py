@@ -681,9 +681,6 @@ class FullDelta(nn.Module):
         delta's), each linear layer's rest past its rank-r part is rounded to that many bits a weight under the same
         covariance (`round_rest`), and the share returned is what both cover (the report's sizes stay the rank's
         alone)."""
-        if self.bits and parallel.world()[1] > 1:
-            raise StarElasticError("a full delta's rounded rest (--full-delta-bits) under FSDP2 sharding is not built: "
-                                   "run on one device, or without --full-delta-bits")
         spectra = self._spectra(model, parent, covariances, damping) if allocate else None
         if allocate:
             self.resize(allocate_ranks(spectra, self.rank))
@@ -708,9 +705,11 @@ class FullDelta(nn.Module):
                     c = t - _weighted_square(err, None if cov is None else damped(cov, damping), False)
                 caught, total = caught + c, total + t
                 seen = [a + _weighted_square(x, cov, experts) for a, x in zip(seen, (err, gap, parent_part.double()))]
-            if ranks > 1:  # the owner factored it: the others receive B A
+            if ranks > 1:  # the owner factored it (and rounded its rest): the others receive B A (and R)
                 for t in (self.up[key], self.down[key]):
                     dist.broadcast(t.data, src=owner)
+                if self.bits and name in self.names:
+                    self._receive_rounded(name, owner)
         if ranks > 1:  # each rank summed its own layers'
             device = next((t.device for t in self.up.values()), torch.device("cpu"))
             sums = torch.tensor([caught, total, *seen], dtype=torch.float64, device=device)
@@ -720,6 +719,19 @@ class FullDelta(nn.Module):
             spectra = self._gather_spectra(mine)
         return Restored(share=caught / total if total else 1.0, undamped=1 - seen[0] / seen[1] if seen[1] else 1.0,
                         residual=seen[0] / seen[2] if seen[2] else 0.0, report=restore_report(spectra, total, self.rank))
+
+    def _receive_rounded(self, name: str, owner: int) -> None:
+        """Under FSDP2: linear layer `name`'s rounded rest, codes and scales, from the rank that rounded it, so that
+        every rank holds it whole, as it holds B and A (its shapes from theirs: (out, in), (out, in / group))."""
+        key = _key(name)
+        if parallel.world()[0] != owner:
+            out_f, n = self.up[key].shape[-2], self.down[key].shape[-1]
+            device = self.down[key].device
+            self.set_rounded(name, torch.zeros(out_f, n, dtype=torch.uint8, device=device),
+                             torch.zeros(out_f, n // rest_group(n), device=device))
+        for t in (getattr(self.rounded_codes, key), getattr(self.rounded_scales, key)):
+            dist.broadcast(t, src=owner)
+        self._dense_rests.pop(key, None)  # made again from what arrived
 
     def _gather_spectra(self, mine: dict) -> dict:
         """{target: (squares of all its parts (..., k) or None, out + in, min(out, in))} from each rank's own
