@@ -53,10 +53,13 @@ set -x
 H=/root; SE=$H/.cache/star_elastic; mkdir -p $SE $OUT
 export PYTHONPATH=$H/site:$PWD
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-setup() {
-  cp .devcarry/smol.part00 $H/ 2>/dev/null
-  python3 -m pip install -q --no-index --no-deps --target $H/site .devcarry/gguf-0.19.0-py3-none-any.whl
-  tar -C $SE -xJf .devcarry/corpora.tar.xz
+setup() {  # each part of what it unpacks as it was carried: SETUP takes two calls since the forty-sixth session
+  [ -f .devcarry/smol.part00 ] && cp .devcarry/smol.part00 $H/
+  [ -f .devcarry/gguf-0.19.0-py3-none-any.whl ] && python3 -m pip install -q --no-index --no-deps --target $H/site \
+    .devcarry/gguf-0.19.0-py3-none-any.whl
+  [ -f .devcarry/corpora.tar.xz ] && tar -C $SE -xJf .devcarry/corpora.tar.xz
+  echo "setup: part00 $([ -s $H/smol.part00 ] && echo here || echo MISSING), gguf $([ -d $H/site/gguf ] && echo here \
+    || echo MISSING), corpora $([ -d $SE/corpora ] && echo here || echo MISSING)"
   # the tokenizer may come with either call: part00, the corpora and the tracked tree near the 64 MiB a call carries
   [ -d .devcarry/tok ] && rm -rf $H/tok && cp -r .devcarry/tok $H/tok
   nvidia-smi --query-gpu=name,memory.used --format=csv; df -h / | tail -1
