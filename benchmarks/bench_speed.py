@@ -367,17 +367,21 @@ def main():
         # a second compile of the same module (its own graphs and recompiles); the graph breaks at the Triton
         # calls run eagerly between the captured regions
         train_variants["ours_cudagraphs_chunked_ce"] = (torch.compile(ours, mode="reduce-overhead"), False)
+
+    def graphed_failed(e: Exception, what: str):  # the graphed row is an experiment: its failure is the finding
+        res["graphed_mamba_error"] = f"{type(e).__name__}: {e}"[:500]
+        print(f"{what} ({res['graphed_mamba_error']})")
+
     if args.graphed_mamba and device.type != "cuda":
         print("--graphed-mamba: CUDA graphs need a GPU; the row is left out on the CPU")
-    if args.graphed_mamba and device.type == "cuda":
+    elif args.graphed_mamba:
         # built last, when the other variants' copies are made: a capture failing (a host sync inside the layer,
         # an allocation the graph cannot replay) costs this row alone, said in one line
         try:
             train_variants["ours_compiled_layers_graphed_mamba"] = (
                 graphed_mamba_variant(ours, (args.batch, args.seq, ours.config.hidden_size), dtype), False)
-        except Exception as e:  # noqa: BLE001 - the row is an experiment; its failure is the finding
-            res["graphed_mamba_error"] = f"{type(e).__name__}: {e}"[:500]
-            print(f"graphed Mamba layers: not captured ({res['graphed_mamba_error']})")
+        except Exception as e:  # noqa: BLE001
+            graphed_failed(e, "graphed Mamba layers: not captured")
     for name, (m, hf) in train_variants.items():
         if name == "transformers" and args.skip_hf_train:
             continue
@@ -400,8 +404,7 @@ def main():
             except Exception as e:  # noqa: BLE001 - only the experimental graphed row may fail alone
                 if "graphed" not in name:
                     raise
-                res["graphed_mamba_error"] = f"{type(e).__name__}: {e}"[:500]
-                print(f"train    {name}: failed ({res['graphed_mamba_error']})")
+                graphed_failed(e, f"train    {name}: failed")
                 continue
             if args.profile:
                 res.setdefault("train_profile", {})[name] = profile_steps(step, device)

@@ -168,12 +168,11 @@ def cmd_elastify(args):
     from .zero_shot import check_multiple
 
     check_multiple(args.multiple)
+    levers = lever_options(args, KEEP_FULL if args.keep_full else PLAIN_LEVERS)
     out = check_output(args.out, args.force)
     device = init_distributed() or pick_device(args.device)  # under torchrun: this rank's GPU
     rank, ranks = world()
     sharded = sharding(args.shard, ranks) == "fsdp"
-    # (a wrong lever flag is refused here, still before anything loads)
-    levers = lever_options(args, KEEP_FULL if args.keep_full else PLAIN_LEVERS)
     path = resolve_model(args.model)
     # under torchrun with FSDP2 (the default there) a checkpoint directory is never loaded whole on a rank:
     # elastify takes its path and loads it sharded; else the whole model, master weights in fp32 (on a
@@ -241,11 +240,11 @@ PLAIN_LEVERS = dict(full_anchor=0.5, anchor_data=None, anchor_mix=1.0, budget_mi
 # without it it trailed by 3-6%; half (0.5) cost 3-4% in domain. Rank 32 with the rest of each layer's drift rounded
 # to 2 bits a weight since the forty-fifth session (§9): at 16.8M tokens on an H100 it held the full model within
 # 1% of its parent on all five sources (chat answers +0.6%), where rank 64 alone left chat +3.8% and rank 64 with 4
-# bits +1.2%; the drift's tail is not low-rank (§9, forty-first session); 18% of the parent's bytes beside it
+# bits +1.2%; the drift's tail is not low-rank (§9, forty-first session); 18% of the parent's bytes beside it. The
+# same under FSDP2: each layer's rest rounded by the rank that factors it, then sent to every rank (FullDelta.restore)
 KEEP_FULL = dict(full_anchor=1.0, anchor_data="self", anchor_mix=0.5, budget_mix=0.2, full_delta_rank=32,
                  full_delta_lr=4e-4, full_delta_finish=256, full_delta_restore="activations", full_delta_allocate=False,
                  full_delta_bits=2, hold="embeddings,norms", hold_rate=1.0, hold_pull=0.0, full_keeps_held="training")
-# Under FSDP2 too: each layer's rest is rounded by the rank that factors it, then sent to every rank (FullDelta.restore)
 
 
 def lever_options(args, base: dict) -> dict:

@@ -27,8 +27,8 @@ RECIPE = dict(steps=STEPS, batch=4, full_anchor=1.0, full_delta_rank=4, full_del
               full_delta_finish=2, hold=["embeddings", "norms"], hold_rate=1.0, hold_pull=30.0, full_keeps_held=True)
 
 
-def _sharded(tmp, name):
-    model, teacher, router, budgets, rows, cfg, _ = make(shard="fsdp", **RECIPE)
+def _sharded(tmp, name, recipe=RECIPE):
+    model, teacher, router, budgets, rows, cfg, _ = make(shard="fsdp", **recipe)
     return ElasticTrainer(model, teacher, router, budgets, rows, cfg, f"{tmp}/{name}")
 
 
@@ -145,8 +145,7 @@ def _rounded(t) -> dict:
 def _rounded_worker(rank, world, port, out, tmp):
     with gloo_group(rank, world, port):
         def sharded(name):
-            model, teacher, router, budgets, rows, cfg, _ = make(shard="fsdp", **ROUNDED_RECIPE)
-            return ElasticTrainer(model, teacher, router, budgets, rows, cfg, f"{tmp}/{name}")
+            return _sharded(tmp, name, ROUNDED_RECIPE)
 
         t = sharded("rounded")
         losses = [l["total"] for l in t.run(progress=False)]
