@@ -212,19 +212,25 @@ class _Graphed(torch.nn.Module):
         return self.graphed(x)
 
 
-def graphed_mamba_variant(ours: Model, hidden_shape, dtype, backend: str = "inductor", graph=None) -> Model:
+def graphed_mamba_variant(ours: Model, hidden_shape, dtype, backend: str = "inductor", graph=None,
+                          inside: str = "compiled") -> Model:
     """Issue 16: how much of the compiled step's time with no kernel running is the Mamba layers' host work (the
     scan's ~15 Triton launches a backward, through Triton's Python launcher, and ours around them: ~40 ms of CPU a
     step at 539M, RESULTS §2). On a copy of `ours`: every layer compiled as the trainer compiles it, except the
-    Mamba layers, each captured whole, forward and backward, in CUDA graphs (`torch.cuda.make_graphed_callables`,
-    eager inside: the graph replays what the host launched once), all in one call so they share one memory pool.
-    `hidden_shape`: the hidden states' (batch, seq, hidden), the graphs' static input; `graph`: the capture
-    (default make_graphed_callables; tests pass a stand-in)."""
+    Mamba layers, each captured whole, forward and backward, in CUDA graphs (`torch.cuda.make_graphed_callables`:
+    the graph replays what the host launched once), all in one call so they share one memory pool. `inside`:
+    "compiled" (the Mamba layers compiled too, their compiled kernels captured: the capture's warm-up compiles
+    them) or "eager" (the forty-seventh session's first try: the idle time went, 28.6 -> 3.2 ms a step, but the
+    eager layer's unfused elementwise work came back, +13 ms). `hidden_shape`: the hidden states' (batch, seq,
+    hidden), the graphs' static input; `graph`: the capture (default make_graphed_callables; tests pass a
+    stand-in)."""
     import copy
     import functools
 
     from star_elastic.train import compile_layers
 
+    if inside not in ("compiled", "eager"):
+        raise ValueError(f"inside: 'compiled' or 'eager', not {inside!r}")
     # allow_unused_input: a parameter that no output reads (none in a plain Mamba layer) is not an error
     graph = graph or functools.partial(torch.cuda.make_graphed_callables, allow_unused_input=True)
     m = compile_layers(copy.deepcopy(ours), backend).train()  # captured in the mode it trains in: a graphed
@@ -234,7 +240,8 @@ def graphed_mamba_variant(ours: Model, hidden_shape, dtype, backend: str = "indu
     wrapped = []
     for i in mamba:
         layer = m.model.layers[i]
-        vars(layer).pop("_compiled_call_impl", None)  # eager inside the graph: compile and capture do not nest
+        if inside == "eager":
+            vars(layer).pop("_compiled_call_impl", None)
         wrapped.append(_HiddenOnly(layer))
     samples = tuple((torch.randn(hidden_shape, device=device, dtype=dtype, requires_grad=True),) for _ in mamba)
     graphed = graph(tuple(wrapped), samples) if mamba else ()
@@ -264,9 +271,10 @@ def main():
     ap.add_argument("--cudagraphs", action="store_true",
                     help="also train ours compiled with CUDA graphs (mode='reduce-overhead', the chunked loss): "
                          "whether the compiled step's time with no kernel running is the host launching")
-    ap.add_argument("--graphed-mamba", action="store_true",
+    ap.add_argument("--graphed-mamba", nargs="?", const="compiled", choices=("compiled", "eager"),
                     help="also train ours with each layer compiled and the Mamba layers captured in CUDA graphs, "
-                         "forward and backward (whether the Mamba layer's host work is what the step waits on)")
+                         "forward and backward (whether the Mamba layer's host work is what the step waits on); "
+                         "inside the graphs the layers compiled (the default) or eager")
     ap.add_argument("--profile", action="store_true",
                     help="also profile two training steps of each variant (torch.profiler: kernel time by category, "
                          "the categories of bench_kernels' profile), side by side: where ours and transformers' differ")
@@ -378,8 +386,9 @@ def main():
         # built last, when the other variants' copies are made: a capture failing (a host sync inside the layer,
         # an allocation the graph cannot replay) costs this row alone, said in one line
         try:
-            train_variants["ours_compiled_layers_graphed_mamba"] = (
-                graphed_mamba_variant(ours, (args.batch, args.seq, ours.config.hidden_size), dtype), False)
+            suffix = "" if args.graphed_mamba == "eager" else "_compiled"
+            train_variants[f"ours_compiled_layers_graphed{suffix}_mamba"] = (graphed_mamba_variant(
+                ours, (args.batch, args.seq, ours.config.hidden_size), dtype, inside=args.graphed_mamba), False)
         except Exception as e:  # noqa: BLE001
             graphed_failed(e, "graphed Mamba layers: not captured")
     for name, (m, hf) in train_variants.items():
@@ -387,11 +396,15 @@ def main():
             continue
         m.train()
         opt = torch.optim.AdamW(m.parameters(), lr=1e-5, **({"fused": True} if device.type == "cuda" else {}))
+        first = []  # the first step's loss: every row should print about the same (a variant that is fast because
+        # it computes something else shows here; rows that share `ours` start where the last one left it, lr 1e-5)
 
         def step():
             if "cudagraphs" in name:  # a new iteration: the last step's graph outputs may be overwritten
                 torch.compiler.cudagraph_mark_step_begin()
             loss = next_token_ce(head_input(m, x), x) if name.endswith("chunked_ce") else whole_logits_ce(m, x, hf)
+            if not first:
+                first.append(loss.detach().clone())
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -414,7 +427,9 @@ def main():
         res[f"train_mfu_{name}"] = 6 * n_active * tokens / s / common.BF16_PEAK
         if device.type == "cuda":
             res[f"train_peak_gib_{name}"] = torch.cuda.max_memory_allocated() / 2**30
-        print(f"train    {name:24s} {tokens / s:10.0f} tok/s  {100 * res[f'train_mfu_{name}']:5.1f}% MFU")
+        res[f"train_first_loss_{name}"] = first[0].item()
+        print(f"train    {name:24s} {tokens / s:10.0f} tok/s  {100 * res[f'train_mfu_{name}']:5.1f}% MFU  "
+              f"first loss {first[0].item():.4f}")
         opt = None  # frees the AdamW moments before the next variant
         m.eval()
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -107,18 +109,45 @@ def test_graphed_mamba_variant_captures_the_mamba_layers_of_a_copy_and_compiles_
         return callables
 
     x = torch.randint(0, cfg.vocab_size, (2, 16))
-    m = graphed_mamba_variant(ours, (2, 16, cfg.hidden_size), torch.float32, backend="eager", graph=capture)
     kinds = [layer.kind for layer in ours.model.layers]
-    assert "M" in kinds and len(set(kinds)) > 1 and len(calls) == 1
-    callables, samples, modes = calls[0]
-    assert len(callables) == kinds.count("M") and all(modes)
-    assert all(len(s) == 1 and s[0].shape == (2, 16, cfg.hidden_size) and s[0].requires_grad for s in samples)
-    for kind, layer in zip(kinds, m.model.layers):
-        if kind == "M":  # the graphed callable in the layer's place, eager inside
-            assert type(layer).__name__ == "_Graphed" and "_compiled_call_impl" not in vars(layer.graphed.layer)
-        else:
-            assert "_compiled_call_impl" in vars(layer)
-    assert not any("_compiled_call_impl" in vars(layer) for layer in ours.model.layers)
-    assert all(type(layer).__name__ == "Block" for layer in ours.model.layers)
-    with torch.no_grad():
-        torch.testing.assert_close(m.eval()(x), ours(x))
+    assert "M" in kinds and len(set(kinds)) > 1
+    for inside in ("compiled", "eager"):
+        calls.clear()
+        m = graphed_mamba_variant(ours, (2, 16, cfg.hidden_size), torch.float32, backend="eager", graph=capture,
+                                  inside=inside)
+        assert len(calls) == 1
+        callables, samples, modes = calls[0]
+        assert len(callables) == kinds.count("M") and all(modes)
+        assert all(len(s) == 1 and s[0].shape == (2, 16, cfg.hidden_size) and s[0].requires_grad for s in samples)
+        for kind, layer in zip(kinds, m.model.layers):
+            if kind == "M":  # the graphed callable in the layer's place, compiled inside or eager as asked
+                assert type(layer).__name__ == "_Graphed"
+                assert ("_compiled_call_impl" in vars(layer.graphed.layer)) == (inside == "compiled")
+            else:
+                assert "_compiled_call_impl" in vars(layer)
+        assert not any("_compiled_call_impl" in vars(layer) for layer in ours.model.layers)
+        assert all(type(layer).__name__ == "Block" for layer in ours.model.layers)
+        with torch.no_grad():
+            torch.testing.assert_close(m.eval()(x), ours(x))
+    with pytest.raises(ValueError, match="inside"):
+        graphed_mamba_variant(ours, (2, 16, cfg.hidden_size), torch.float32, backend="eager", graph=capture,
+                              inside="fused")
+
+
+def test_every_training_row_says_the_loss_it_started_from(tmp_path):
+    """bench_speed's training rows each record their first step's loss (issue 16: a variant that is fast because it
+    computes something else, e.g. a graph replaying stale inputs, must show it): on the tiny config every row starts
+    within 1% of the loss measured before training, transformers' and ours' first rows at the same value."""
+    import json
+
+    out = tmp_path / "speed.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_speed.py"), "--tiny", "--no-compile",
+                        "--iters", "1", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    firsts = {k.removeprefix("train_first_loss_"): v for k, v in res.items() if k.startswith("train_first_loss_")}
+    assert {"transformers", "ours", "ours_chunked_ce"} <= set(firsts)
+    want = res["loss_whole_logits"]
+    assert all(abs(v - want) < 0.01 * want for v in firsts.values()), (firsts, want)
+    assert abs(firsts["ours"] - firsts["transformers"]) < 1e-3 * want
+    assert all(f"first loss {v:.4f}" in r.stdout for v in firsts.values())

@@ -48,6 +48,7 @@
 #   S44                         S43 with KERNELS --baseline-rows 0.5 (the router's baseline on half the rows, beside)
 #   S46                         KERNELS --baseline-rows 0, then S41 (~9 min)
 #   S47                         HFKPRE --profile --graphed-mamba (the Mamba layers in CUDA graphs), then KERNELS --baseline-rows 0 (~9 min)
+#   S48                         HFKPRE --profile --graphed-mamba compiled (compiled Mamba layers in CUDA graphs) (~4 min)
 # The home folder survives between calls while the machine stays warm (30 s); $OUT comes back.
 set -x
 H=/root; SE=$H/.cache/star_elastic; mkdir -p $SE $OUT
@@ -69,7 +70,7 @@ ratios() {  # ratios PAIRS RUN...: like-for-like ratios of this machine's runs a
   # recompute them at home from the runs' JSON with compare_elastic.py --json
   local pairs=$1; shift; local files=(); for r in "$@"; do [ -s $H/res/$r.json ] && files+=($H/res/$r.json); done
   for p in ${pairs//,/ }; do
-    python3 benchmarks/compare_elastic.py docs/results/elastic_session46_h100.json docs/results/elastic_session45_h100.json docs/results/elastic_session40_h100.json docs/results/elastic_session34_h200.json docs/results/elastic_session31_h200.json docs/results/elastic_session30_h200.json docs/results/elastic_session29_h200.json docs/results/elastic_session28_h200.json docs/results/elastic_session27_h200.json docs/results/elastic_session24_h200.json docs/results/elastic_session21_h200.json docs/results/elastic_session19_h200.json docs/results/elastic_session18_h200.json docs/results/elastic_session17_h200.json docs/results/elastic_session16_h200.json docs/results/elastic_session15_h200.json docs/results/elastic_session14_h200.json docs/results/elastic_session13_h200.json docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
+    python3 benchmarks/compare_elastic.py docs/results/elastic_session47_h100.json docs/results/elastic_session46_h100.json docs/results/elastic_session45_h100.json docs/results/elastic_session40_h100.json docs/results/elastic_session34_h200.json docs/results/elastic_session31_h200.json docs/results/elastic_session30_h200.json docs/results/elastic_session29_h200.json docs/results/elastic_session28_h200.json docs/results/elastic_session27_h200.json docs/results/elastic_session24_h200.json docs/results/elastic_session21_h200.json docs/results/elastic_session19_h200.json docs/results/elastic_session18_h200.json docs/results/elastic_session17_h200.json docs/results/elastic_session16_h200.json docs/results/elastic_session15_h200.json docs/results/elastic_session14_h200.json docs/results/elastic_session13_h200.json docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
       docs/results/elastic_session9_h200.json "${files[@]}" --pairs $p 2>&1 | tail -n 8
   done
 }
@@ -221,6 +222,11 @@ S46) shift  # one call, no SETUP (carry .devcarry/causal_conv1d_built, .devcarry
   # causal_conv1d, never finished: cut in the forty-third and forty-fifth sessions) in the time left
   SECONDS=0; bash $0 KERNELS --baseline-rows 0 > $OUT/kernels.txt 2>&1; grep -v "^+" $OUT/kernels.txt | tail -n 18
   RUN_LIMIT=$((${RUN_LIMIT:-570} - SECONDS)) bash $0 S41 ;;
+S48) shift  # one call, no SETUP (carry .devcarry/causal_conv1d_built, .devcarry/mamba, .devcarry/run.sh; ~4 min): S47's
+  # graphed Mamba layers took the step's idle time from 28.6 to 3.2 ms but ran eager inside (+13 ms of unfused
+  # elementwise work, slower than compiled layers): the same table with them compiled inside the graphs
+  timeout $((${RUN_LIMIT:-560} - 30)) bash $0 HFKPRE --profile --graphed-mamba compiled > $OUT/hfk_profile.txt 2>&1
+  grep -v "^+" $OUT/hfk_profile.txt | grep -v "^      \|^  copies\|^  the host" | tail -n 40 ;;
 S47) shift  # one call, no SETUP (carry .devcarry/causal_conv1d_built, .devcarry/mamba, .devcarry/run.sh; ~7 min): the
   # forty-sixth session's S41 finished the 539M table (ours 1.41x transformers-with-kernels, target 1.5x) and put
   # ~40 ms of CPU a step in ConvScanBackward (mamba_ssm's Triton launches), with the GPU idle ~1/3 of the step:
