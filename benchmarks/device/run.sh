@@ -23,7 +23,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16mc (MIX=)|16m3 (MIX=)|16m3c (MIX=)|16m3b (MIX=)|16m4 (MIX=)|16m5 (MIX=)|16mk (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16mc (MIX=)|16m3 (MIX=)|16m3c (MIX=)|16m3b (MIX=)|16m4 (MIX=)|16m5 (MIX=)|16m6|16m6b (MIX=)|16mk (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -641,6 +641,29 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16mx$x "$R --stage2-weights 0,0.72,0.28 --state-dir $H/state/J16mx$x" \
        C16mv$x "$C --budgets 1.0,0.75 --tokens-a $((1331 * 8192))" C16mvb$x "$C --budgets 1.0,0.5 --tokens-a $((717 * 8192))"
      ratios J16mx$x:C16ma$x,J16mx$x:C16mb$x,J16mx$x:C16ra,J16mx$x:C16rb,J16mv$x:C16mv$x,J16mv$x:C16mvb$x J16mx$x C16mv$x C16mvb$x ;;
+  # 16m6 (after 16m5; forty-seventh session's note): against (c) on each budget's own steps J16mv02's 0.75 is +2.2% /
+  # +2.8% on French and chat answers and fits its own batches 10% worse than its (c), the 0.5 5-13% ahead. Which
+  # budget pulls it off? J16mv75: the same recipe with the 0.5 left out (the anchor and the 0.75 alone, 1,331 elastic
+  # steps: the 0.75's own), against C16mv02: if level, the 0.5 is the cause, else the full anchor. Beside it, the
+  # per-budget (c) of seed 1 (E1's architectures) for 16m6b's J16mv02s1 (J16mv02 at seed 1, the second seed; the
+  # (c) steps are seed 0's draws, 1,331 / 717: the sampler's at seed 1 differ by a few tens, count them after);
+  # ~1,200 s after SETUP over 16m6 and 16m6b (calls stop themselves, call again on exit 75)
+  16m6|16m6b) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
+     R="${RESTORED/--hold-pull 30/--hold-pull 0} --budget-mix $MIX --full-delta-finish 768 --full-delta-rank 32 \
+        --full-delta-bits 2"
+     R1="${R/--seed 0 --variants joint_anchor --minitron-arch $B#E0:elastic_anchor/--seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor}"
+     C="${A/--no-minitron/} --seed 1 --variants= --minitron-arch $B#E1:elastic_anchor --lr-a 2e-4 \
+         --anchor-data self --budget-mix $MIX $CHAT"
+     if [ "$1" = 16m6 ]; then
+       RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16mv75$x "$R --budgets 1.0,0.75 --stage2-weights 0,1 \
+           --tokens-a $((1331 * 8192)) --state-dir $H/state/J16mv75$x" \
+         C16mv${x}s1 "$C --budgets 1.0,0.75 --tokens-a $((1331 * 8192))" C16mvb${x}s1 "$C --budgets 1.0,0.5 --tokens-a $((717 * 8192))"
+       ratios J16mv75$x:C16mv$x J16mv75$x
+     else
+       RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16mv${x}s1 "$R1 --tokens-a 16777216 --stage2-weights 0,0.8,0.2 \
+           --state-dir $H/state/J16mv${x}s1"
+       ratios J16mv${x}s1:C16mv${x}s1,J16mv${x}s1:C16mvb${x}s1 J16mv${x}s1 C16mv${x}s1 C16mvb${x}s1
+     fi ;;
   # 16mk: the data lever, after 16m3: J16m02 with the anchor, restore rows, finish and mix on half chat-format
   # parent text (J16mk$x, --anchor-data self+chat; in the twenty-third session, before the restore and the finish,
   # the anchor on sampled conversations did not move the chat drift); its smaller budgets against the plain (c)
