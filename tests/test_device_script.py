@@ -59,3 +59,10 @@ def test_s44_times_the_router_baseline_on_half_the_rows_then_serves_then_profile
     assert [args.split()[0] for _, args in calls][:2] == ["benchmarks/bench_kernels.py", "benchmarks/bench_rest_serve.py"]
     assert "--parts train" in calls[0][1] and "--baseline-rows 0.5" in calls[0][1]
     assert ".devcarry/mamba" in calls[0][0] and "bench_speed.py --hf-kernels" in calls[-1][1]
+
+
+def test_s49_times_the_graphed_mamba_layers_compiled_inside_without_the_profile(tmp_path):
+    # S48's profile ran past its call: S49 is the same table, unprofiled, with the build and mamba_ssm on the path
+    [(path, args)] = run_script(tmp_path, "S49")
+    assert "bench_speed.py --hf-kernels" in args and "--graphed-mamba compiled" in args and "--profile" not in args
+    assert ".devcarry/causal_conv1d_built" in path and ".devcarry/mamba" in path

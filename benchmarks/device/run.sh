@@ -48,7 +48,8 @@
 #   S44                         S43 with KERNELS --baseline-rows 0.5 (the router's baseline on half the rows, beside)
 #   S46                         KERNELS --baseline-rows 0, then S41 (~9 min)
 #   S47                         HFKPRE --profile --graphed-mamba (the Mamba layers in CUDA graphs), then KERNELS --baseline-rows 0 (~9 min)
-#   S48                         HFKPRE --profile --graphed-mamba compiled (compiled Mamba layers in CUDA graphs) (~4 min)
+#   S48                         HFKPRE --profile --graphed-mamba compiled (compiled Mamba layers in CUDA graphs) (~7 min: cut at 420 s)
+#   S49                         HFKPRE --graphed-mamba compiled, no profile: the speed and each row's first loss (~4-5 min)
 # The home folder survives between calls while the machine stays warm (30 s); $OUT comes back.
 set -x
 H=/root; SE=$H/.cache/star_elastic; mkdir -p $SE $OUT
@@ -222,6 +223,11 @@ S46) shift  # one call, no SETUP (carry .devcarry/causal_conv1d_built, .devcarry
   # causal_conv1d, never finished: cut in the forty-third and forty-fifth sessions) in the time left
   SECONDS=0; bash $0 KERNELS --baseline-rows 0 > $OUT/kernels.txt 2>&1; grep -v "^+" $OUT/kernels.txt | tail -n 18
   RUN_LIMIT=$((${RUN_LIMIT:-570} - SECONDS)) bash $0 S41 ;;
+S49) shift  # one call, no SETUP (carry .devcarry/causal_conv1d_built, .devcarry/mamba, .devcarry/run.sh; ~4-5 min): S48
+  # without the profile (which its call's limit cut): the graphed row's speed on a second machine, and the loss each
+  # training row started from (the graphed row computes what the others do)
+  timeout $((${RUN_LIMIT:-560} - 20)) bash $0 HFKPRE --graphed-mamba compiled > $OUT/hfk_graphed.txt 2>&1
+  grep -v "^+" $OUT/hfk_graphed.txt | grep "^train\|^forward\|ratios\|graphed\|^loss" | tail -n 30 ;;
 S48) shift  # one call, no SETUP (carry .devcarry/causal_conv1d_built, .devcarry/mamba, .devcarry/run.sh; ~4 min): S47's
   # graphed Mamba layers took the step's idle time from 28.6 to 3.2 ms but ran eager inside (+13 ms of unfused
   # elementwise work, slower than compiled layers): the same table with them compiled inside the graphs
