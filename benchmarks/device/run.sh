@@ -653,23 +653,24 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # steps: the 0.75's own), against C16mv02: if level, the 0.5 is the cause, else the full anchor. Beside it, the
   # per-budget (c) of seed 1 (E1's architectures) for 16m6b's J16mv02s1 (J16mv02 at seed 1, the second seed; the
   # (c) steps are seed 0's draws, 1,331 / 717: the sampler's at seed 1 differ by a few tens, count them after);
-  # ~1,200 s after SETUP over 16m6 and 16m6b (calls stop themselves, call again on exit 75)
+  # 16m6 once (~585 s), then 16m6b until exit 0 (~2 calls): ~1,500 s after SETUP (calls stop themselves)
   16m6|16m6b) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
      R="${RESTORED/--hold-pull 30/--hold-pull 0} --budget-mix $MIX --full-delta-finish 768 --full-delta-rank 32 \
         --full-delta-bits 2"
      R1="${R/--seed 0 --variants joint_anchor --minitron-arch $B#E0:elastic_anchor/--seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor}"
      C="${A/--no-minitron/} --seed 1 --variants= --minitron-arch $B#E1:elastic_anchor --lr-a 2e-4 \
          --anchor-data self --budget-mix $MIX $CHAT"
-     if [ "$1" = 16m6 ]; then
-       RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16mv75$x "$R --budgets 1.0,0.75 --stage2-weights 0,1 \
-           --tokens-a $((1331 * 8192)) --state-dir $H/state/J16mv75$x" \
+     J75=(J16mv75$x "$R --budgets 1.0,0.75 --stage2-weights 0,1 --tokens-a $((1331 * 8192)) \
+          --state-dir $H/state/J16mv75$x")
+     if [ "$1" = 16m6 ]; then  # the (c) runs have no state: they start here, in a call of their own, and finish in it
+       RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS "${J75[@]}" \
          C16mv${x}s1 "$C --budgets 1.0,0.75 --tokens-a $((1331 * 8192))" C16mvb${x}s1 "$C --budgets 1.0,0.5 --tokens-a $((717 * 8192))"
-       ratios J16mv75$x:C16mv$x J16mv75$x
-     else
-       RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16mv${x}s1 "$R1 --tokens-a 16777216 --stage2-weights 0,0.8,0.2 \
-           --state-dir $H/state/J16mv${x}s1"
+     else  # J16mv75 goes on here (skipped once done) beside the second seed
+       RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS "${J75[@]}" J16mv${x}s1 "$R1 --tokens-a 16777216 \
+           --stage2-weights 0,0.8,0.2 --state-dir $H/state/J16mv${x}s1"
        ratios J16mv${x}s1:C16mv${x}s1,J16mv${x}s1:C16mvb${x}s1 J16mv${x}s1 C16mv${x}s1 C16mvb${x}s1
-     fi ;;
+     fi
+     ratios J16mv75$x:C16mv$x J16mv75$x ;;
   # 16mk: the data lever, after 16m3: J16m02 with the anchor, restore rows, finish and mix on half chat-format
   # parent text (J16mk$x, --anchor-data self+chat; in the twenty-third session, before the restore and the finish,
   # the anchor on sampled conversations did not move the chat drift); its smaller budgets against the plain (c)
