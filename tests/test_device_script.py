@@ -66,3 +66,41 @@ def test_s49_times_the_graphed_mamba_layers_compiled_inside_without_the_profile(
     [(path, args)] = run_script(tmp_path, "S49")
     assert "bench_speed.py --hf-kernels" in args and "--graphed-mamba compiled" in args and "--profile" not in args
     assert ".devcarry/causal_conv1d_built" in path and ".devcarry/mamba" in path
+
+
+def plan17_calls(tmp_path, case: str) -> list[str]:
+    """`run.sh PLAN17 case`'s bench_elastic command lines, with a fake python3 and nvidia-smi (one GPU) and a home
+    folder under tmp_path that already holds the joined model."""
+    home, fake, out = tmp_path / "home", tmp_path / "bin", tmp_path / "out"
+    (home / ".cache" / "star_elastic").mkdir(parents=True)
+    (home / ".cache" / "star_elastic" / "SmolLM2-135M-Instruct.Q4_1.gguf").write_text("joined")
+    fake.mkdir()
+    (fake / "python3").write_text('#!/bin/sh\necho "$*" >> "$OUT/calls"\n')
+    (fake / "nvidia-smi").write_text('#!/bin/sh\necho "GPU 0: fake"\n')
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "OUT": str(out), "DEVICE_HOME": str(home),
+           "MIX": "0.2"}
+    out.mkdir()
+    subprocess.run(["bash", "benchmarks/device/run.sh", "PLAN17", case], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=60)
+    return [c for c in (out / "calls").read_text().splitlines() if c.startswith("benchmarks/bench_elastic.py")]
+
+
+def test_plan17_16m6_gives_each_per_budget_c_run_its_steps_and_every_joint_run_a_state(tmp_path):
+    # 16m6: the recipe without the 0.5 on the 0.75's 1,331 steps, beside seed 1's (c) on J16mv02's per-budget steps
+    # (no state: they must finish in the call); 16m6b: that run resumed beside J16mv02 at seed 1
+    first = {c.split("--json ")[1].split("/")[-1]: c for c in plan17_calls(tmp_path / "a", "16m6")}
+    assert set(first) == {"J16mv7502.json", "C16mv02s1.json", "C16mvb02s1.json"}
+    j75 = first["J16mv7502.json"]
+    assert "--budgets 1.0,0.75 " in j75 and f"--tokens-a {1331 * 8192} " in j75 and "--state-dir" in j75
+    assert "--seed 0 " in j75 and "--full-delta-bits 2" in j75 and "--budget-mix 0.2" in j75
+    for name, budgets, steps in (("C16mv02s1.json", "1.0,0.75", 1331), ("C16mvb02s1.json", "1.0,0.5", 717)):
+        c = first[name]
+        assert f"--budgets {budgets} " in c and f"--tokens-a {steps * 8192} " in c and "--state-dir" not in c
+        assert "--seed 1 " in c and "#E1:" in c and "--variants= " in c
+    second = {c.split("--json ")[1].split("/")[-1]: c for c in plan17_calls(tmp_path / "b", "16m6b")}
+    assert set(second) == {"J16mv7502.json", "J16mv02s1.json"}
+    s1 = second["J16mv02s1.json"]
+    assert "--seed 1 " in s1 and "#E1:" in s1 and "--stage2-weights 0,0.8,0.2" in s1 and "--state-dir" in s1
+    assert "--tokens-a 16777216" in s1 and "--seed 0" not in s1

@@ -1,8 +1,9 @@
 #!/bin/bash
 # The GPU machine's side of the benchmarks (see prepare.sh beside this for what it carries). $1 = case:
 #   SETUP                       unpack the corpora, tokenizer and gguf wheel into the home folder
-#                               (two calls since the forty-sixth session: part00 + run.sh, then the corpora + the wheel +
-#                               run.sh; the tracked tree beside all of them passed the 64 MiB a call carries)
+#                               (three calls since the forty-seventh session: part00 + tok + the wheel + run.sh, then
+#                               the corpora + run.sh; then part01 + smol.sha + run.sh for the runs: the tracked tree
+#                               beside part01 and the corpora passed the 64 MiB a call carries)
 #   EXPERTDELTA                 the experts' delta on CUDA's grouped GEMMs and gather path (check_expert_delta.py)
 #   RESTORESVD                  the delta's restore at Nano's shapes: randomized vs full float64 SVD (bench_restore_svd.py)
 #   ISSUE11                     SETUP, then bench_elastify_sharded.py on every GPU (issue 11)
@@ -50,9 +51,10 @@
 #   S47                         HFKPRE --profile --graphed-mamba (the Mamba layers in CUDA graphs), then KERNELS --baseline-rows 0 (~9 min)
 #   S48                         HFKPRE --profile --graphed-mamba compiled (compiled Mamba layers in CUDA graphs) (~7 min: cut at 420 s)
 #   S49                         HFKPRE --graphed-mamba compiled, no profile: the speed and each row's first loss (~4-5 min)
-# The home folder survives between calls while the machine stays warm (30 s); $OUT comes back.
+# The home folder (/root; DEVICE_HOME for the tests) survives between calls while the machine stays warm (30 s);
+# $OUT comes back.
 set -x
-H=/root; SE=$H/.cache/star_elastic; mkdir -p $SE $OUT
+H=${DEVICE_HOME:-/root}; SE=$H/.cache/star_elastic; mkdir -p $SE $OUT
 export PYTHONPATH=$H/site:$PWD
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 setup() {  # each part of what it unpacks as it was carried: SETUP takes two calls since the forty-sixth session
