@@ -156,3 +156,23 @@ def test_every_training_row_says_the_loss_it_started_from_and_transformers_is_ti
     best = max(v for k, v in res.items() if k.startswith("train_tok_s_ours"))
     assert res["ratio_train"] == pytest.approx(best / res["train_tok_s_transformers"])
     assert res["ratio_train_against_the_later_transformers"] == pytest.approx(best / res["train_tok_s_transformers_again"])
+
+
+def test_train_rows_trains_only_the_rows_named_and_names_an_unknown_one(tmp_path):
+    """--train-rows (a shorter device call): only those rows train, the ratios from them; a row the run does not
+    have is refused in one line that lists the run's rows."""
+    import json
+
+    out = tmp_path / "speed.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_speed.py"), "--tiny", "--no-compile", "--iters", "1"]
+    r = subprocess.run(cmd + ["--train-rows", "transformers,ours_chunked_ce,transformers_again", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    trained = {k.removeprefix("train_tok_s_") for k in res if k.startswith("train_tok_s_")}
+    assert trained == {"transformers", "ours_chunked_ce", "transformers_again"}
+    assert res["ratio_train"] == pytest.approx(res["train_tok_s_ours_chunked_ce"] / res["train_tok_s_transformers"])
+    r = subprocess.run(cmd + ["--train-rows", "ours,ours_graphed"], capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    assert "no row ours_graphed in this run" in r.stderr and "transformers_again" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -65,6 +65,9 @@ def test_s49_times_the_graphed_mamba_layers_compiled_inside_without_the_profile(
     # S48's profile ran past its call: S49 is the same table, unprofiled, with the build and mamba_ssm on the path
     [(path, args)] = run_script(tmp_path, "S49")
     assert "bench_speed.py --hf-kernels" in args and "--graphed-mamba compiled" in args and "--profile" not in args
+    rows = args.split("--train-rows ")[1].split()[0].split(",")  # the rows it needs, in one argument
+    assert rows[0] == "transformers" and rows[-1] == "transformers_again"
+    assert {"ours_compiled_layers", "ours_compiled_layers_graphed_compiled_mamba"} <= set(rows)
     assert ".devcarry/causal_conv1d_built" in path and ".devcarry/mamba" in path
 
 
