@@ -410,8 +410,9 @@ def main():
             continue
         m.train()
         opt = torch.optim.AdamW(m.parameters(), lr=1e-5, **({"fused": True} if device.type == "cuda" else {}))
-        first = []  # the first step's loss: every row should print about the same (a variant that is fast because
-        # it computes something else shows here; rows that share `ours` start where the last one left it, lr 1e-5)
+        first = []  # the first step's loss and gradient norm: every row should print about the same (a variant that
+        # is fast because it computes something else shows here; rows that share `ours` start where the last one
+        # left it, lr 1e-5)
 
         def step():
             if "cudagraphs" in name:  # a new iteration: the last step's graph outputs may be overwritten
@@ -420,6 +421,9 @@ def main():
             if not first:
                 first.append(loss.detach().clone())
             loss.backward()
+            if len(first) == 1:  # and the gradient's norm it took: a backward that computes something else shows
+                first.append(torch.linalg.vector_norm(
+                    torch.stack([p.grad.float().norm() for p in m.parameters() if p.grad is not None])))
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -441,9 +445,9 @@ def main():
         res[f"train_mfu_{name}"] = 6 * n_active * tokens / s / common.BF16_PEAK
         if device.type == "cuda":
             res[f"train_peak_gib_{name}"] = torch.cuda.max_memory_allocated() / 2**30
-        res[f"train_first_loss_{name}"] = first[0].item()
+        res[f"train_first_loss_{name}"], res[f"train_first_grad_norm_{name}"] = first[0].item(), first[1].item()
         print(f"train    {name:24s} {tokens / s:10.0f} tok/s  {100 * res[f'train_mfu_{name}']:5.1f}% MFU  "
-              f"first loss {first[0].item():.4f}")
+              f"first loss {first[0].item():.4f}, its gradient's norm {first[1].item():.4f}")
         opt = None  # frees the AdamW moments before the next variant
         m.eval()
 

@@ -151,6 +151,10 @@ def test_every_training_row_says_the_loss_it_started_from_and_transformers_is_ti
     want = res["loss_whole_logits"]
     assert all(abs(v - want) < 0.01 * want for v in firsts.values()), (firsts, want)
     assert abs(firsts["ours"] - firsts["transformers"]) < 1e-3 * want
+    norms = {k.removeprefix("train_first_grad_norm_"): v for k, v in res.items() if k.startswith("train_first_grad_norm_")}
+    assert set(norms) == set(firsts) and all(v > 0 for v in norms.values())
+    assert norms["ours"] == pytest.approx(norms["transformers"], rel=1e-3)  # same weights, same loss: same gradient
+    assert all(v == pytest.approx(norms["transformers"], rel=0.05) for v in norms.values())
     assert all(f"first loss {v:.4f}" in r.stdout for v in firsts.values())
     # transformers timed again after ours, the ratio against both (the host's speed drifts between rows)
     best = max(v for k, v in res.items() if k.startswith("train_tok_s_ours"))
