@@ -231,7 +231,7 @@ S49) shift  # one call, no SETUP (carry .devcarry/causal_conv1d_built, .devcarry
   timeout $((${RUN_LIMIT:-560} - 20)) bash $0 HFKPRE --graphed-mamba compiled --train-rows transformers,ours,\
 ours_compiled,ours_compiled_layers,ours_compiled_layers_graphed_compiled_mamba,transformers_again > $OUT/hfk_graphed.txt 2>&1
   grep -v "^+" $OUT/hfk_graphed.txt | grep "^train\|^forward\|ratios\|graphed\|^loss" | tail -n 30 ;;
-S48) shift  # one call, no SETUP (carry .devcarry/causal_conv1d_built, .devcarry/mamba, .devcarry/run.sh; ~4 min): S47's
+S48) shift  # one call, no SETUP (carry .devcarry/causal_conv1d_built, .devcarry/mamba, .devcarry/run.sh; ~7 min): S47's
   # graphed Mamba layers took the step's idle time from 28.6 to 3.2 ms but ran eager inside (+13 ms of unfused
   # elementwise work, slower than compiled layers): the same table with them compiled inside the graphs
   timeout $((${RUN_LIMIT:-560} - 30)) bash $0 HFKPRE --profile --graphed-mamba compiled > $OUT/hfk_profile.txt 2>&1
