@@ -654,8 +654,8 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # +2.8% on French and chat answers and fits its own batches 10% worse than its (c), the 0.5 5-13% ahead. Which
   # budget pulls it off? J16mv75: the same recipe with the 0.5 left out (the anchor and the 0.75 alone, 1,331 elastic
   # steps: the 0.75's own), against C16mv02: if level, the 0.5 is the cause, else the full anchor. Beside it, the
-  # per-budget (c) of seed 1 (E1's architectures) for 16m6b's J16mv02s1 (J16mv02 at seed 1, the second seed; the
-  # (c) steps are seed 0's draws, 1,331 / 717: the sampler's at seed 1 differ by a few tens, count them after);
+  # per-budget (c) of seed 1 (E1's architectures) for 16m6b's J16mv02s1 (J16mv02 at seed 1, the second seed; its
+  # per-budget steps are J16mv02's, 1,331 / 717: the trainer's even budget order does not depend on the seed);
   # 16m6 once (~585 s), then 16m6b until exit 0 (~2 calls): ~1,500 s after SETUP (calls stop themselves)
   16m6|16m6b) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
      R="${RESTORED/--hold-pull 30/--hold-pull 0} --budget-mix $MIX --full-delta-finish 768 --full-delta-rank 32 \
