@@ -422,6 +422,7 @@ def main():
                 first.append(loss.detach().clone())
             loss.backward()
             if len(first) == 1:  # and the gradient's norm it took: a backward that computes something else shows
+                # (each norm in fp32, one gradient at a time: get_total_norm would reduce bf16 gradients in bf16)
                 first.append(torch.linalg.vector_norm(
                     torch.stack([p.grad.float().norm() for p in m.parameters() if p.grad is not None])))
             opt.step()
