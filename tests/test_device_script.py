@@ -107,3 +107,6 @@ def test_plan17_16m6_gives_each_per_budget_c_run_its_steps_and_every_joint_run_a
     s1 = second["J16mv02s1.json"]
     assert "--seed 1 " in s1 and "#E1:" in s1 and "--stage2-weights 0,0.8,0.2" in s1 and "--state-dir" in s1
     assert "--tokens-a 16777216" in s1 and "--seed 0" not in s1
+    alone = {c.split("--json ")[1].split("/")[-1]: c for c in plan17_calls(tmp_path / "c", "16m6a")}
+    assert set(alone) == {"J16mv7502.json"}  # 16m6a: the same run, alone
+    assert alone["J16mv7502.json"].replace(str(tmp_path / "c"), "") == j75.replace(str(tmp_path / "a"), "")

@@ -24,7 +24,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16mc (MIX=)|16m3 (MIX=)|16m3c (MIX=)|16m3b (MIX=)|16m4 (MIX=)|16m5 (MIX=)|16m6|16m6b (MIX=)|16mk (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16mc (MIX=)|16m3 (MIX=)|16m3c (MIX=)|16m3b (MIX=)|16m4 (MIX=)|16m5 (MIX=)|16m6|16m6a|16m6b (MIX=)|16mk (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -656,8 +656,9 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # steps: the 0.75's own), against C16mv02: if level, the 0.5 is the cause, else the full anchor. Beside it, the
   # per-budget (c) of seed 1 (E1's architectures) for 16m6b's J16mv02s1 (J16mv02 at seed 1, the second seed; its
   # per-budget steps are J16mv02's, 1,331 / 717: the trainer's even budget order does not depend on the seed);
-  # 16m6 once (~585 s), then 16m6b until exit 0 (~2 calls): ~1,500 s after SETUP (calls stop themselves)
-  16m6|16m6b) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
+  # 16m6 once (~585 s), then 16m6b until exit 0 (~2 calls): ~1,500 s after SETUP (calls stop themselves).
+  # 16m6a: J16mv75 alone, for a session left with too little device time for the second seed (~2 calls)
+  16m6|16m6a|16m6b) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
      R="${RESTORED/--hold-pull 30/--hold-pull 0} --budget-mix $MIX --full-delta-finish 768 --full-delta-rank 32 \
         --full-delta-bits 2"
      R1="${R/--seed 0 --variants joint_anchor --minitron-arch $B#E0:elastic_anchor/--seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor}"
@@ -665,7 +666,8 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
          --anchor-data self --budget-mix $MIX $CHAT"
      J75=(J16mv75$x "$R --budgets 1.0,0.75 --stage2-weights 0,1 --tokens-a $((1331 * 8192)) \
           --state-dir $H/state/J16mv75$x")
-     if [ "$1" = 16m6 ]; then  # the (c) runs have no state: they start here, in a call of their own, and finish in it
+     if [ "$1" = 16m6a ]; then RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS "${J75[@]}"
+     elif [ "$1" = 16m6 ]; then  # the (c) runs have no state: they start here, in a call of their own, and finish in it
        RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS "${J75[@]}" \
          C16mv${x}s1 "$C --budgets 1.0,0.75 --tokens-a $((1331 * 8192))" C16mvb${x}s1 "$C --budgets 1.0,0.5 --tokens-a $((717 * 8192))"
      else  # J16mv75 goes on here (skipped once done) beside the second seed
