@@ -24,7 +24,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16mc (MIX=)|16m3 (MIX=)|16m3c (MIX=)|16m3b (MIX=)|16m4 (MIX=)|16m5 (MIX=)|16m6|16m6a|16m6b (MIX=)|16mk (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16mc (MIX=)|16m3 (MIX=)|16m3c (MIX=)|16m3b (MIX=)|16m4 (MIX=)|16m5 (MIX=)|16m6|16m6a|16m6b (MIX=)|16m7 (MIX=)|16mk (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -676,6 +676,18 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
        ratios J16mv${x}s1:C16mv${x}s1,J16mv${x}s1:C16mvb${x}s1 J16mv${x}s1 C16mv${x}s1 C16mvb${x}s1
      fi
      ratios J16mv75$x:C16mv$x J16mv75$x ;;
+  # 16m7 (forty-eighth session): J16mv02 with the 0.5's distillation weighted 0.5 (J16mvk$x, --kd-weights 1,1,0.5).
+  # The anchor trains its delta alone (no gradient reaches the shared weights), so what moves the 0.75's weights
+  # besides its own steps is the 0.5's, through the one set of AdamW moments they share: the 0.5's gradient norms
+  # ran ~1.5-2x the 0.75's in J16mx02's log (0.46-0.69 against 0.35-0.38 around step 1,000), so its share of the
+  # momentum and of the second moment is larger than its 20% of the steps. Halved, the two are about even. Same
+  # per-budget steps as J16mv02 (1,331 / 717: the even order depends on the weights alone), so against the same
+  # per-budget (c), C16mv$x / C16mvb$x; alone, ~2 calls (~900 s after SETUP; calls stop themselves)
+  16m7) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
+     R="${RESTORED/--hold-pull 30/--hold-pull 0} --budget-mix $MIX --full-delta-finish 768 --full-delta-rank 32 \
+        --full-delta-bits 2 --tokens-a 16777216 --stage2-weights 0,0.8,0.2"
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16mvk$x "$R --kd-weights 1,1,0.5 --state-dir $H/state/J16mvk$x"
+     ratios J16mvk$x:C16mv$x,J16mvk$x:C16mvb$x,J16mvk$x:C16ma$x,J16mvk$x:C16mb$x J16mvk$x ;;
   # 16mk: the data lever, after 16m3: J16m02 with the anchor, restore rows, finish and mix on half chat-format
   # parent text (J16mk$x, --anchor-data self+chat; in the twenty-third session, before the restore and the finish,
   # the anchor on sampled conversations did not move the chat drift); its smaller budgets against the plain (c)
