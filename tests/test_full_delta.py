@@ -1012,3 +1012,20 @@ def test_a_resume_state_that_kept_the_share_alone_still_reads():
     assert (later.undamped, later.residual) == (0.93, 1e-4)
     assert Restored.from_state({"restored": dataclasses.asdict(later)}) == later
     assert Restored.from_state({}) is None and Restored.from_state({"restored": None}) is None
+
+
+def test_a_budgets_kd_weight_scales_its_pull_on_the_shared_weights_and_no_other_budgets(tmp_path):
+    """With the delta, what moves the shared weights is the smaller budgets' steps alone, through one set of
+    AdamW moments; a budget whose gradient runs larger (the 0.5's ran 1.5-2x the 0.75's on the GPU, RESULTS
+    §9, forty-eighth session) has more than its share of steps in them. Its KD weight scales that gradient
+    (below the clip) and leaves every other budget's and the delta's alone."""
+    def first_steps(weights):
+        t = _trainer(tmp_path, f"w{weights[2]}", full_anchor=1.0, full_delta_rank=4, steps=2, budget_kd_weights=weights)
+        return t, t.run(progress=False)
+
+    (plain, a), (halved, b) = first_steps([1.0, 1.0, 1.0]), first_steps([1.0, 1.0, 0.5])
+    assert [lg["budget"] for lg in a] == [lg["budget"] for lg in b] and a[0]["budget"] == "0.5"
+    assert b[0]["grad_norm"] == pytest.approx(0.5 * a[0]["grad_norm"], rel=1e-4)  # the same step, its pull halved
+    assert b[0]["delta_grad_norm"] == pytest.approx(a[0]["delta_grad_norm"], rel=1e-4)  # the anchor's untouched
+    assert b[0]["kd"] == pytest.approx(a[0]["kd"], rel=1e-5)  # the log reads the unweighted fit
+    assert not all(torch.equal(p, q) for p, q in zip(plain.model.parameters(), halved.model.parameters()))
