@@ -114,8 +114,11 @@ def test_plan17_16m6_gives_each_per_budget_c_run_its_steps_and_every_joint_run_a
 
 def test_plan17_16m7_runs_j16mv02s_recipe_with_the_half_budgets_kd_halved(tmp_path):
     # 16m7: J16mv02's flags (same per-budget steps, so the same per-budget (c)) with --kd-weights 1,1,0.5
-    calls = {c.split("--json ")[1].split("/")[-1]: c for c in plan17_calls(tmp_path, "16m7")}
-    assert set(calls) == {"J16mvk02.json"}
+    # (beside it 0.3, J16mvl02; 16m7a: J16mvk02 alone)
+    calls = {c.split("--json ")[1].split("/")[-1]: c for c in plan17_calls(tmp_path / "a", "16m7")}
+    assert set(calls) == {"J16mvk02.json", "J16mvl02.json"} and "--kd-weights 1,1,0.3 " in calls["J16mvl02.json"]
+    assert set(plan17_calls(tmp_path / "b", "16m7a")) == {calls["J16mvk02.json"].replace(str(tmp_path / "a"),
+                                                                                         str(tmp_path / "b"))}
     c = calls["J16mvk02.json"]
     for flag in ("--kd-weights 1,1,0.5 ", "--stage2-weights 0,0.8,0.2 ", "--tokens-a 16777216 ", "--seed 0 ",
                  "--full-delta-rank 32 --full-delta-bits 2", "--budget-mix 0.2 ", "--hold-pull 0 ", "--state-dir"):

@@ -24,7 +24,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16mc (MIX=)|16m3 (MIX=)|16m3c (MIX=)|16m3b (MIX=)|16m4 (MIX=)|16m5 (MIX=)|16m6|16m6a|16m6b (MIX=)|16m7 (MIX=)|16mk (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16mc (MIX=)|16m3 (MIX=)|16m3c (MIX=)|16m3b (MIX=)|16m4 (MIX=)|16m5 (MIX=)|16m6|16m6a|16m6b (MIX=)|16m7|16m7a (MIX=)|16mk (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -682,12 +682,16 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # ran ~1.5-2x the 0.75's in J16mx02's log (0.46-0.69 against 0.35-0.38 around step 1,000), so its share of the
   # momentum and of the second moment is larger than its 20% of the steps. Halved, the two are about even. Same
   # per-budget steps as J16mv02 (1,331 / 717: the even order depends on the weights alone), so against the same
-  # per-budget (c), C16mv$x / C16mvb$x; alone, ~2 calls (~900 s after SETUP; calls stop themselves)
-  16m7) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
+  # per-budget (c), C16mv$x / C16mvb$x. Beside it the lever pushed further, 0.3 (J16mvl$x: the 0.5's gradient
+  # under the 0.75's), for the trade curve: the 0.5 has 5-13% in hand against its own (c) but not against the
+  # plain (c) in domain. Two side by side ~1,350 s after SETUP, three calls; 16m7a: J16mvk$x alone (~900 s, two)
+  16m7|16m7a) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
      R="${RESTORED/--hold-pull 30/--hold-pull 0} --budget-mix $MIX --full-delta-finish 768 --full-delta-rank 32 \
         --full-delta-bits 2 --tokens-a 16777216 --stage2-weights 0,0.8,0.2"
-     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16mvk$x "$R --kd-weights 1,1,0.5 --state-dir $H/state/J16mvk$x"
-     ratios J16mvk$x:C16mv$x,J16mvk$x:C16mvb$x,J16mvk$x:C16ma$x,J16mvk$x:C16mb$x J16mvk$x ;;
+     runs=(J16mvk$x "$R --kd-weights 1,1,0.5 --state-dir $H/state/J16mvk$x"); names=J16mvk$x
+     [ "$1" = 16m7 ] && runs+=(J16mvl$x "$R --kd-weights 1,1,0.3 --state-dir $H/state/J16mvl$x") && names+=" J16mvl$x"
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS "${runs[@]}"
+     for n in $names; do ratios $n:C16mv$x,$n:C16mvb$x,$n:C16ma$x,$n:C16mb$x,$n:C16ra,$n:C16rb $n; done ;;
   # 16mk: the data lever, after 16m3: J16m02 with the anchor, restore rows, finish and mix on half chat-format
   # parent text (J16mk$x, --anchor-data self+chat; in the twenty-third session, before the restore and the finish,
   # the anchor on sampled conversations did not move the chat drift); its smaller budgets against the plain (c)
