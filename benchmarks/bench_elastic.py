@@ -98,6 +98,18 @@ LABELS = {"parent": "parent", "zero_shot": "(a) zero-shot", "elastic": "(b) elas
           "zero_shot_elastic_arch": "(a@b) zero-shot"}
 
 
+def thin_log(logs: list[dict], keep: int = 60) -> list[dict]:
+    """About `keep` step logs of each budget (and of the delta's finish), in step order, evaluations left out.
+    Each budget thinned along its own steps: every n-th step of the run (the forty-seventh session's stride 34
+    of 2,048) is a Fibonacci stride under the trainer's golden-ratio budget order, which lands on one budget for
+    hundreds of steps, so the 0.5 was logged only in the first half of the run and the 0.75 only in the second."""
+    groups: dict[tuple, list[dict]] = {}
+    for lg in logs:
+        groups.setdefault((lg.get("budget"), lg.get("phase")), []).append(lg)
+    kept = [lg for g in groups.values() for lg in g[::max(1, len(g) // keep)]]
+    return [{k: v for k, v in lg.items() if k != "eval"} for lg in sorted(kept, key=lambda lg: lg["step"])]
+
+
 def weights(text: str) -> list[float]:
     """--stage2-weights, --kd-weights, --small-weights: comma-separated numbers (checked as flags are read)."""
     try:
@@ -870,7 +882,7 @@ def one_run(variant, sorted_parent, teacher, budgets, rows, heldouts, specs, ste
                         "peak_gpu_gib": peak,
                         "selection": trainer.selection, "argmax_trajectory": trajectory,
                         "resumed_at_step": start or None,
-                        "log": [{k: v for k, v in lg.items() if k != "eval"} for lg in logs[::max(1, steps // 60)]]}
+                        "log": thin_log(logs)}
     save()
     t = clock(device)
     # each budget's final KD: over the last fifth of the training's steps, the full budget's over the last fifth
