@@ -188,66 +188,18 @@ def compiled_variants(ours: Model, backend: str = "inductor") -> dict:
             "ours_compiled_layers": compile_layers(copy.deepcopy(ours), backend)}
 
 
-class _HiddenOnly(torch.nn.Module):
-    """A decoder layer called with the hidden states alone: the one tensor argument that
-    `torch.cuda.make_graphed_callables` captures with."""
-
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
-
-
-class _Graphed(torch.nn.Module):
-    """A layer's graphed callable in the layer's place: `Model.forward` passes rope, cache and pos, which a Mamba
-    layer does not read (training: no cache)."""
-
-    def __init__(self, graphed):
-        super().__init__()
-        self.graphed = graphed
-
-    def forward(self, x, rope=None, cache=None, pos=None):
-        return self.graphed(x)
-
-
 def graphed_mamba_variant(ours: Model, hidden_shape, dtype, backend: str = "inductor", graph=None,
                           inside: str = "compiled") -> Model:
     """Issue 16: how much of the compiled step's time with no kernel running is the Mamba layers' host work (the
     scan's ~15 Triton launches a backward, through Triton's Python launcher, and ours around them: ~40 ms of CPU a
-    step at 539M, RESULTS §2). On a copy of `ours`: every layer compiled as the trainer compiles it, except the
-    Mamba layers, each captured whole, forward and backward, in CUDA graphs (`torch.cuda.make_graphed_callables`:
-    the graph replays what the host launched once), all in one call so they share one memory pool. `inside`:
-    "compiled" (the Mamba layers compiled too, their compiled kernels captured: the capture's warm-up compiles
-    them) or "eager" (the forty-seventh session's first try: the idle time went, 28.6 -> 3.2 ms a step, but the
-    eager layer's unfused elementwise work came back, +13 ms). `hidden_shape`: the hidden states' (batch, seq,
-    hidden), the graphs' static input; `graph`: the capture (default make_graphed_callables; tests pass a
-    stand-in)."""
+    step at 539M, RESULTS §2): `train.graph_mamba_layers` on a copy of `ours`, so that `ours` stays eager.
+    `inside` "eager" was the forty-seventh session's first try: the idle time went, 28.6 -> 3.2 ms a step, but the
+    eager layer's unfused elementwise work came back, +13 ms."""
     import copy
-    import functools
 
-    from star_elastic.train import compile_layers
+    from star_elastic.train import graph_mamba_layers
 
-    if inside not in ("compiled", "eager"):
-        raise ValueError(f"inside: 'compiled' or 'eager', not {inside!r}")
-    # allow_unused_input: a parameter that no output reads (none in a plain Mamba layer) is not an error
-    graph = graph or functools.partial(torch.cuda.make_graphed_callables, allow_unused_input=True)
-    m = compile_layers(copy.deepcopy(ours), backend).train()  # captured in the mode it trains in: a graphed
-    # module called in the other mode runs its forward uncaptured
-    mamba = [i for i, layer in enumerate(m.model.layers) if getattr(layer, "kind", None) == "M"]
-    device = m.lm_head.weight.device
-    wrapped = []
-    for i in mamba:
-        layer = m.model.layers[i]
-        if inside == "eager":
-            vars(layer).pop("_compiled_call_impl", None)
-        wrapped.append(_HiddenOnly(layer))
-    samples = tuple((torch.randn(hidden_shape, device=device, dtype=dtype, requires_grad=True),) for _ in mamba)
-    graphed = graph(tuple(wrapped), samples) if mamba else ()
-    for i, g in zip(mamba, graphed):
-        m.model.layers[i] = _Graphed(g)
-    return m
+    return graph_mamba_layers(copy.deepcopy(ours), hidden_shape, dtype, backend, graph=graph, inside=inside)
 
 
 def logits_of(model, x, hf: bool):

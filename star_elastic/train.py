@@ -23,6 +23,7 @@ gradient all-reduced. `shard="none"` replicates everything and all-reduces every
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -1021,6 +1022,62 @@ def compile_layers(model: Model, backend: str | None = "inductor") -> Model:
             vars(layer).pop("_compiled_call_impl", None)  # what nn.Module.compile sets
         else:
             layer.compile(backend=backend)
+    return model
+
+
+class _HiddenOnly(torch.nn.Module):
+    """A decoder layer called with the hidden states alone: the one tensor argument that
+    `torch.cuda.make_graphed_callables` captures with."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class GraphedLayer(torch.nn.Module):
+    """A layer's graphed callable in the layer's place: `Model.forward` passes rope, cache and pos, which a Mamba
+    layer does not read in training (no cache)."""
+
+    def __init__(self, graphed):
+        super().__init__()
+        self.graphed = graphed
+
+    def forward(self, x, rope=None, cache=None, pos=None):
+        return self.graphed(x)
+
+
+def graph_mamba_layers(model: Model, hidden_shape, dtype, backend: str | None = "inductor", graph=None,
+                       inside: str = "compiled") -> Model:
+    """Plain training on a GPU with the Mamba layers' host work gone: every layer of `model` compiled in place
+    (compile_layers), then the Mamba layers each captured whole, forward and backward, in CUDA graphs
+    (`torch.cuda.make_graphed_callables`, all in one call so that they share one memory pool); the graph replays
+    what the host launched once, where the scan's Triton launches and the code around them cost ~40 ms of CPU a
+    step at 539M (docs/RESULTS.md §2: 1.56x transformers-with-kernels in one run, `bench_speed --graphed-mamba`).
+    For plain training only: captured in training mode at one hidden-states shape (`hidden_shape`: batch, seq,
+    hidden; every step must have it), with no masks (a masked layer's hooks are not graph inputs) and no cache.
+    `inside`: "compiled" (the capture's warm-up compiles the layers, their fused kernels captured) or "eager";
+    `graph`: the capture (default make_graphed_callables; tests pass a stand-in)."""
+    if inside not in ("compiled", "eager"):
+        raise ValueError(f"inside: 'compiled' or 'eager', not {inside!r}")
+    # allow_unused_input: a parameter that no output reads (none in a plain Mamba layer) is not an error
+    graph = graph or functools.partial(torch.cuda.make_graphed_callables, allow_unused_input=True)
+    compile_layers(model, backend).train()  # captured in the mode it trains in: a graphed module called in the
+    # other mode runs its forward uncaptured
+    mamba = [i for i, layer in enumerate(model.model.layers) if getattr(layer, "kind", None) == "M"]
+    device = model.lm_head.weight.device
+    wrapped = []
+    for i in mamba:
+        layer = model.model.layers[i]
+        if inside == "eager":
+            vars(layer).pop("_compiled_call_impl", None)
+        wrapped.append(_HiddenOnly(layer))
+    samples = tuple((torch.randn(hidden_shape, device=device, dtype=dtype, requires_grad=True),) for _ in mamba)
+    graphed = graph(tuple(wrapped), samples) if mamba else ()
+    for i, g in zip(mamba, graphed):
+        model.model.layers[i] = GraphedLayer(g)
     return model
 
 

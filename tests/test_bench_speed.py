@@ -121,7 +121,7 @@ def test_graphed_mamba_variant_captures_the_mamba_layers_of_a_copy_and_compiles_
         assert all(len(s) == 1 and s[0].shape == (2, 16, cfg.hidden_size) and s[0].requires_grad for s in samples)
         for kind, layer in zip(kinds, m.model.layers):
             if kind == "M":  # the graphed callable in the layer's place, compiled inside or eager as asked
-                assert type(layer).__name__ == "_Graphed"
+                assert type(layer).__name__ == "GraphedLayer"
                 assert ("_compiled_call_impl" in vars(layer.graphed.layer)) == (inside == "compiled")
             else:
                 assert "_compiled_call_impl" in vars(layer)
