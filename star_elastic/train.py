@@ -1038,15 +1038,19 @@ class _HiddenOnly(torch.nn.Module):
 
 
 class GraphedLayer(torch.nn.Module):
-    """A layer's graphed callable in the layer's place: `Model.forward` passes rope, cache and pos, which a Mamba
-    layer does not read in training (no cache)."""
+    """A layer's graphed callable in the layer's place, under the layer's own parameter names (its modules,
+    parameters and buffers are this module's, so the model's state dict reads as before and saves as a
+    checkpoint); the callable is held outside the module tree. `Model.forward` passes rope, cache and pos,
+    which a Mamba layer does not read in training (no cache)."""
 
-    def __init__(self, graphed):
+    def __init__(self, layer, graphed):
         super().__init__()
-        self.graphed = graphed
+        self._modules, self._parameters, self._buffers = layer._modules, layer._parameters, layer._buffers
+        self.kind = layer.kind
+        self.graphed = (graphed,)  # a tuple: not a submodule, so not a second name for the same weights
 
     def forward(self, x, rope=None, cache=None, pos=None):
-        return self.graphed(x)
+        return self.graphed[0](x)
 
 
 def graph_mamba_layers(model: Model, hidden_shape, dtype, backend: str | None = "inductor", graph=None,
@@ -1077,7 +1081,7 @@ def graph_mamba_layers(model: Model, hidden_shape, dtype, backend: str | None = 
     samples = tuple((torch.randn(hidden_shape, device=device, dtype=dtype, requires_grad=True),) for _ in mamba)
     graphed = graph(tuple(wrapped), samples) if mamba else ()
     for i, g in zip(mamba, graphed):
-        model.model.layers[i] = GraphedLayer(g)
+        model.model.layers[i] = GraphedLayer(model.model.layers[i], g)
     return model
 
 
