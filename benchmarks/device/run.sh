@@ -51,6 +51,7 @@
 #   S47                         HFKPRE --profile --graphed-mamba (the Mamba layers in CUDA graphs), then KERNELS --baseline-rows 0 (~9 min)
 #   S48                         HFKPRE --profile --graphed-mamba compiled (compiled Mamba layers in CUDA graphs) (~7 min: cut at 420 s)
 #   S49                         HFKPRE --graphed-mamba compiled, no profile: the speed and each row's first loss (~4-5 min)
+#   S50                         the CUDA test of train.graph_mamba_layers, then S49 (~5-6 min)
 # The home folder (/root; DEVICE_HOME for the tests) survives between calls while the machine stays warm (30 s);
 # $OUT comes back.
 set -x
@@ -225,6 +226,11 @@ S46) shift  # one call, no SETUP (carry .devcarry/causal_conv1d_built, .devcarry
   # causal_conv1d, never finished: cut in the forty-third and forty-fifth sessions) in the time left
   SECONDS=0; bash $0 KERNELS --baseline-rows 0 > $OUT/kernels.txt 2>&1; grep -v "^+" $OUT/kernels.txt | tail -n 18
   RUN_LIMIT=$((${RUN_LIMIT:-570} - SECONDS)) bash $0 S41 ;;
+S50) shift  # one call, no SETUP, S49's carry (~5-6 min): the CUDA test of train.graph_mamba_layers (two steps, loss and
+  # every gradient against the compiled model; written in the forty-eighth session, which got no machine), then S49
+  PYTHONPATH=.devcarry/mamba:$PYTHONPATH timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_graph_mamba.py \
+    2>&1 | tail -n 15
+  RUN_LIMIT=$((${RUN_LIMIT:-560} - 90)) bash $0 S49 ;;
 S49) shift  # one call, no SETUP (carry .devcarry/causal_conv1d_built, .devcarry/mamba, .devcarry/run.sh; ~4-5 min): S48
   # without the profile (which its call's limit cut): the graphed row's speed on a second machine, and the loss each
   # training row started from (the graphed row computes what the others do)
