@@ -135,6 +135,7 @@ def compare(runs: dict, pair: str, part: str = "A") -> dict:
                                   "lr_c": c.get("lr", out["lr_c"]),
                                   "lr_sweep_c": c_part.get("methods", {}).get("minitron", {}).get(
                                       "per_budget", {}).get(budget, {}).get("lr_sweep")}
+    out["grad_norm_last_fifth"] = last_fifth_grad_norms(how, b_part["training"].get("elastic_steps"))
     if "1.0" in b_rows:
         full = b_rows["1.0"]["perplexity"]
         out["full_vs_parent"] = {s: full[s] / parent[s] - 1 for s in parent}
@@ -144,6 +145,20 @@ def compare(runs: dict, pair: str, part: str = "A") -> dict:
         if how.get(key):
             out[key + "_vs_parent"] = {s: how[key][s] / parent[s] - 1 for s in parent}
     return out
+
+
+def last_fifth_grad_norms(how: dict, steps: int | None) -> dict[str, float]:
+    """A joint run's mean gradient norm (before clipping) by budget over the last fifth of its training steps, from
+    its JSON log (the delta's finish left out): which budget's gradient weighs most in the AdamW moments they share
+    (RESULTS §9, forty-eighth session). Logs thinned along the run's steps (before bench_elastic.thin_log) may hold
+    one budget alone there."""
+    if not steps:
+        return {}
+    sums: dict[str, list[float]] = {}
+    for entry in how.get("log") or []:
+        if entry.get("phase") is None and entry.get("grad_norm") is not None and entry["step"] >= steps * 4 // 5:
+            sums.setdefault(entry["budget"], []).append(entry["grad_norm"])
+    return {b: sum(sums[b]) / len(sums[b]) for b in sorted(sums, key=float, reverse=True)}  # largest budget first
 
 
 def last_fifth_kd(part: dict, budget: str) -> float | None:
@@ -210,6 +225,9 @@ def main(argv=None):
             if kd.get("b") is not None and kd.get("c") is not None:
                 print(f"    its KD on its training batches over the last fifth: {kd['b']:.4f} against (c)'s "
                       f"{kd['c']:.4f} ({100 * (kd['b'] / kd['c'] - 1):+.1f}%)")
+        if r.get("grad_norm_last_fifth"):
+            print("  gradient norm before clipping, the last fifth of its logged steps: "
+                  + " / ".join(f"{b} {v:.3f}" for b, v in r["grad_norm_last_fifth"].items()))
         if "full_vs_parent" in r:
             print(f"  full against its parent: {fmt(r['full_vs_parent'])}")
             if r.get("full_budget_invalid"):
