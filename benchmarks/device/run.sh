@@ -278,6 +278,10 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   CHAT="--heldout wiki,shakespeare,bible,wiki-fr,chat"  # with the parent's own chat answers as a fifth source
   # the recipe with the delta restored where training ends (PLAN17 41 and 42, twenty-sixth session)
   RESTORED="$J0 $KEPT --strict-determinism $CHAT --full-delta-lr 4e-4 --full-delta-restore activations ${MTS:+--max-train-seconds $MTS}"
+  # J16mh02's recipe (16m3, forty-fifth session; now --keep-full's): no pull, the delta's finish, rank 32 with the
+  # rest rounded to 2 bits, a share MIX of parent text in the smaller budgets' rows (as the case calling it sets MIX)
+  MH() { echo "${RESTORED/--hold-pull 30/--hold-pull 0} --budget-mix ${MIX:-0.2} --full-delta-finish 768 \
+    --full-delta-rank 32 --full-delta-bits 2"; }
   HB="--part B --tokenizer $H/tok --heldout wiki,shakespeare,bible,wiki-fr --variants elastic_anchor --minitron-arch elastic \
     --anchor-cache $H/res/anchor"
   case "$1" in  # J*: (c)'s architectures without the router, against E0c / E1c in $B
@@ -637,8 +641,7 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # its (c) by 0.2-9%: the 0.75 given more of the smaller budgets' steps, 65% (J16mw$x) and 80% (J16mv$x), on
   # J16mh02's recipe, two side by side (~1,250 s after SETUP; calls stop themselves, call again on exit 75)
   16m4) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
-     R="${RESTORED/--hold-pull 30/--hold-pull 0} --budget-mix $MIX --tokens-a 16777216 --full-delta-finish 768 \
-        --full-delta-rank 32 --full-delta-bits 2"
+     R="$(MH) --tokens-a 16777216"
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16mw$x "$R --stage2-weights 0,0.65,0.35 --state-dir $H/state/J16mw$x" \
        J16mv$x "$R --stage2-weights 0,0.8,0.2 --state-dir $H/state/J16mv$x"
      ratios J16mw$x:C16ma$x,J16mv$x:C16ma$x,J16mw$x:C16mb$x,J16mv$x:C16mb$x J16mw$x J16mv$x ;;
@@ -649,8 +652,7 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # (J16mx$x), beside (c) given J16mv02's per-budget steps (C16mv$x: the 0.75 alone on 1,331 steps, C16mvb$x: the
   # 0.5 alone on 717): is J16mv02's 0.75 as good as a (c) given as many steps? (~1,250 s after SETUP)
   16m5) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
-     R="${RESTORED/--hold-pull 30/--hold-pull 0} --budget-mix $MIX --tokens-a 16777216 --full-delta-finish 768 \
-        --full-delta-rank 32 --full-delta-bits 2"
+     R="$(MH) --tokens-a 16777216"
      C="${A/--no-minitron/} --seed 0 --variants= --minitron-arch $B#E0:elastic_anchor --lr-a 2e-4 \
          --anchor-data self --budget-mix $MIX $CHAT"
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16mx$x "$R --stage2-weights 0,0.72,0.28 --state-dir $H/state/J16mx$x" \
@@ -665,8 +667,7 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # 16m6 once (~585 s), then 16m6b until exit 0 (~2 calls): ~1,500 s after SETUP (calls stop themselves).
   # 16m6a: J16mv75 alone, for a session left with too little device time for the second seed (~2 calls)
   16m6|16m6a|16m6b) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
-     R="${RESTORED/--hold-pull 30/--hold-pull 0} --budget-mix $MIX --full-delta-finish 768 --full-delta-rank 32 \
-        --full-delta-bits 2"
+     R=$(MH)
      R1="${R/--seed 0 --variants joint_anchor --minitron-arch $B#E0:elastic_anchor/--seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor}"
      C="${A/--no-minitron/} --seed 1 --variants= --minitron-arch $B#E1:elastic_anchor --lr-a 2e-4 \
          --anchor-data self --budget-mix $MIX $CHAT"
@@ -692,8 +693,7 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # under the 0.75's), for the trade curve: the 0.5 has 5-13% in hand against its own (c) but not against the
   # plain (c) in domain. Two side by side ~1,350 s after SETUP, three calls; 16m7a: J16mvk$x alone (~900 s, two)
   16m7|16m7a) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
-     R="${RESTORED/--hold-pull 30/--hold-pull 0} --budget-mix $MIX --full-delta-finish 768 --full-delta-rank 32 \
-        --full-delta-bits 2 --tokens-a 16777216 --stage2-weights 0,0.8,0.2"
+     R="$(MH) --tokens-a 16777216 --stage2-weights 0,0.8,0.2"
      runs=(J16mvk$x "$R --kd-weights 1,1,0.5 --state-dir $H/state/J16mvk$x"); names=J16mvk$x
      [ "$1" = 16m7 ] && runs+=(J16mvl$x "$R --kd-weights 1,1,0.3 --state-dir $H/state/J16mvl$x") && names+=" J16mvl$x"
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS "${runs[@]}"
