@@ -32,11 +32,10 @@ from star_elastic.data import load_corpus_tokens  # noqa: E402
 from star_elastic.train import ElasticTrainer  # noqa: E402
 
 
-def run(name: str, args, weights: list[float], kd: list[float] | None, steps: int, heldout: dict) -> dict:
-    """One run from the same sorted parent: `steps` steps at stage-2 `weights`, KD weights `kd`; its figures."""
-    model, teacher, budgets, rows, specs, cfg, device, _ = fixed_cuts(
-        args, full_anchor=0.0, steps=steps, stage2_weights=weights, budget_kd_weights=kd, clip=args.clip,
-        eval_tokens=args.eval_tokens)
+def run(name: str, built: tuple, heldout: dict) -> dict:
+    """One run of `fixed_cuts`' sorted parent, budgets and TrainConfig (`built`); its figures."""
+    model, teacher, budgets, rows, specs, cfg, _, _ = built
+    steps, weights, kd = cfg.steps, cfg.stage2_weights, cfg.budget_kd_weights
     t0 = time.perf_counter()
     trainer = ElasticTrainer(model, teacher, None, budgets, rows, cfg, Path(tempfile.mkdtemp()), fixed_specs=specs)
     logs = trainer.run(progress=False, save=False)
@@ -66,16 +65,20 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.ffn.count(",") != 1:
         raise SystemExit("--ffn: two widths, the 0.75's and the 0.5's")
-    _, _, _, _, _, _, device, tokenizer = fixed_cuts(args)  # the tokenizer, for the held-out text
-    heldout = {s: load_corpus_tokens(s, tokenizer, seed=0)[1][: args.eval_tokens] for s in args.heldout.split(",")}
-    n = args.steps
+    n, heldout = args.steps, None
     plan = [("alone", [0.0, 1.0, 0.0], None, n), ("joint", [0.0, 1.0, 1.0], None, 2 * n)]
     plan += [(f"kd{w}", [0.0, 1.0, 1.0], [1.0, 1.0, float(w)], 2 * n) for w in args.kd.split(",")]
     results = []
     print(f"{'run':>8} {'0.75 steps':>10} {'0.75 KD, last fifth':>20} {'grad norm 0.75 / 0.5':>21}  held-out "
           f"perplexity 0.75 | 0.5 ({args.heldout})")
     for name, weights, kd, steps in plan:
-        r = run(name, args, weights, kd, steps, heldout)
+        built = fixed_cuts(args, full_anchor=0.0, steps=steps, stage2_weights=weights, budget_kd_weights=kd,
+                           clip=args.clip, eval_tokens=args.eval_tokens)
+        device, tokenizer = built[-2:]
+        if heldout is None:  # the same held-out text for every run
+            heldout = {s: load_corpus_tokens(s, tokenizer, seed=0)[1][: args.eval_tokens]
+                       for s in args.heldout.split(",")}
+        r = run(name, built, heldout)
         results.append(r)
         g = r["grad_norm_mean"]
         ppl = "  ".join(f"{v.get('0.75', float('nan')):.2f} | {v.get('0.5', float('nan')):.2f}"
