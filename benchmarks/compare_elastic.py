@@ -154,11 +154,11 @@ def last_fifth_grad_norms(how: dict, steps: int | None) -> dict[str, float]:
     one budget alone there."""
     if not steps:
         return {}
-    sums: dict[str, list[float]] = {}
+    norms: dict[str, list[float]] = {}
     for entry in how.get("log") or []:
         if entry.get("phase") is None and entry.get("grad_norm") is not None and entry["step"] >= steps * 4 // 5:
-            sums.setdefault(entry["budget"], []).append(entry["grad_norm"])
-    return {b: sum(sums[b]) / len(sums[b]) for b in sorted(sums, key=float, reverse=True)}  # largest budget first
+            norms.setdefault(entry["budget"], []).append(entry["grad_norm"])
+    return {b: sum(norms[b]) / len(norms[b]) for b in sorted(norms, key=float, reverse=True)}  # largest budget first
 
 
 def last_fifth_kd(part: dict, budget: str) -> float | None:
