@@ -123,3 +123,18 @@ def test_plan17_16m7_runs_j16mv02s_recipe_with_the_half_budgets_kd_halved(tmp_pa
     for flag in ("--kd-weights 1,1,0.5 ", "--stage2-weights 0,0.8,0.2 ", "--tokens-a 16777216 ", "--seed 0 ",
                  "--full-delta-rank 32 --full-delta-bits 2", "--budget-mix 0.2 ", "--hold-pull 0 ", "--state-dir"):
         assert flag in c, flag
+
+
+def test_plan17_16m7b_runs_the_kd_weighted_recipe_at_seed_1_beside_its_own_per_budget_c(tmp_path):
+    # 16m7b: J16mvk02 at seed 1 (E1's architectures), with seed 1's (c) on its per-budget steps (no state), the
+    # (c) runs the very command lines 16m6 gives them (one result whichever case made it)
+    calls = {c.split("--json ")[1].split("/")[-1]: c for c in plan17_calls(tmp_path / "a", "16m7b")}
+    assert set(calls) == {"J16mvk02s1.json", "C16mv02s1.json", "C16mvb02s1.json"}
+    j = calls["J16mvk02s1.json"]
+    for flag in ("--kd-weights 1,1,0.5 ", "--stage2-weights 0,0.8,0.2 ", "--tokens-a 16777216 ", "--seed 1 ", "#E1:",
+                 "--full-delta-rank 32 --full-delta-bits 2", "--budget-mix 0.2 ", "--state-dir"):
+        assert flag in j, flag
+    assert "--seed 0" not in j and "#E0:" not in j
+    six = {c.split("--json ")[1].split("/")[-1]: c for c in plan17_calls(tmp_path / "b", "16m6")}
+    for name in ("C16mv02s1.json", "C16mvb02s1.json"):
+        assert calls[name].replace(str(tmp_path / "a"), "") == six[name].replace(str(tmp_path / "b"), "")

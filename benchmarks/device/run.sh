@@ -24,7 +24,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16mc (MIX=)|16m3 (MIX=)|16m3c (MIX=)|16m3b (MIX=)|16m4 (MIX=)|16m5 (MIX=)|16m6|16m6a|16m6b (MIX=)|16m7|16m7a (MIX=)|16mk (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16mc (MIX=)|16m3 (MIX=)|16m3c (MIX=)|16m3b (MIX=)|16m4 (MIX=)|16m5 (MIX=)|16m6|16m6a|16m6b (MIX=)|16m7|16m7a|16m7b (MIX=)|16mk (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -74,7 +74,7 @@ ratios() {  # ratios PAIRS RUN...: like-for-like ratios of this machine's runs a
   # recompute them at home from the runs' JSON with compare_elastic.py --json
   local pairs=$1; shift; local files=(); for r in "$@"; do [ -s $H/res/$r.json ] && files+=($H/res/$r.json); done
   for p in ${pairs//,/ }; do
-    python3 benchmarks/compare_elastic.py docs/results/elastic_session47_h100.json docs/results/elastic_session46_h100.json docs/results/elastic_session45_h100.json docs/results/elastic_session40_h100.json docs/results/elastic_session34_h200.json docs/results/elastic_session31_h200.json docs/results/elastic_session30_h200.json docs/results/elastic_session29_h200.json docs/results/elastic_session28_h200.json docs/results/elastic_session27_h200.json docs/results/elastic_session24_h200.json docs/results/elastic_session21_h200.json docs/results/elastic_session19_h200.json docs/results/elastic_session18_h200.json docs/results/elastic_session17_h200.json docs/results/elastic_session16_h200.json docs/results/elastic_session15_h200.json docs/results/elastic_session14_h200.json docs/results/elastic_session13_h200.json docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
+    python3 benchmarks/compare_elastic.py docs/results/elastic_session49_h200.json docs/results/elastic_session47_h100.json docs/results/elastic_session46_h100.json docs/results/elastic_session45_h100.json docs/results/elastic_session40_h100.json docs/results/elastic_session34_h200.json docs/results/elastic_session31_h200.json docs/results/elastic_session30_h200.json docs/results/elastic_session29_h200.json docs/results/elastic_session28_h200.json docs/results/elastic_session27_h200.json docs/results/elastic_session24_h200.json docs/results/elastic_session21_h200.json docs/results/elastic_session19_h200.json docs/results/elastic_session18_h200.json docs/results/elastic_session17_h200.json docs/results/elastic_session16_h200.json docs/results/elastic_session15_h200.json docs/results/elastic_session14_h200.json docs/results/elastic_session13_h200.json docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
       docs/results/elastic_session9_h200.json "${files[@]}" --pairs $p 2>&1 | tail -n 8
   done
 }
@@ -698,6 +698,20 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
      [ "$1" = 16m7 ] && runs+=(J16mvl$x "$R --kd-weights 1,1,0.3 --state-dir $H/state/J16mvl$x") && names+=" J16mvl$x"
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS "${runs[@]}"
      for n in $names; do ratios $n:C16mv$x,$n:C16mvb$x,$n:C16ma$x,$n:C16mb$x,$n:C16ra,$n:C16rb $n; done ;;
+  # 16m7b (after the forty-ninth session's 16m7a: J16mvk02's 0.75 within 2% of its own (c) everywhere, one seed on
+  # an H200): the second seed. J16mvk02 at seed 1 (J16mvk$x's1, E1's architectures) beside seed 1's per-budget (c)
+  # on its steps (C16mv$x's1 / C16mvb$x's1, as 16m6 would make them: no state, they finish in the first call and
+  # are skipped after). Until exit 0: ~1,200 s after SETUP, two or three calls
+  16m7b) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
+     R=$(MH)
+     R1="${R/--seed 0 --variants joint_anchor --minitron-arch $B#E0:elastic_anchor/--seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor}"
+     C="${A/--no-minitron/} --seed 1 --variants= --minitron-arch $B#E1:elastic_anchor --lr-a 2e-4 \
+         --anchor-data self --budget-mix $MIX $CHAT"
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS C16mv${x}s1 "$C --budgets 1.0,0.75 --tokens-a $((1331 * 8192))" \
+       C16mvb${x}s1 "$C --budgets 1.0,0.5 --tokens-a $((717 * 8192))" \
+       J16mvk${x}s1 "$R1 --tokens-a 16777216 --stage2-weights 0,0.8,0.2 --kd-weights 1,1,0.5 \
+         --state-dir $H/state/J16mvk${x}s1"
+     ratios J16mvk${x}s1:C16mv${x}s1,J16mvk${x}s1:C16mvb${x}s1 J16mvk${x}s1 C16mv${x}s1 C16mvb${x}s1 ;;
   # 16mk: the data lever, after 16m3: J16m02 with the anchor, restore rows, finish and mix on half chat-format
   # parent text (J16mk$x, --anchor-data self+chat; in the twenty-third session, before the restore and the finish,
   # the anchor on sampled conversations did not move the chat drift); its smaller budgets against the plain (c)
