@@ -138,3 +138,33 @@ def test_plan17_16m7b_runs_the_kd_weighted_recipe_at_seed_1_beside_its_own_per_b
     six = {c.split("--json ")[1].split("/")[-1]: c for c in plan17_calls(tmp_path / "b", "16m6")}
     for name in ("C16mv02s1.json", "C16mvb02s1.json"):
         assert calls[name].replace(str(tmp_path / "a"), "") == six[name].replace(str(tmp_path / "b"), "")
+
+
+def test_ratios_wait_for_the_runs_to_finish_and_the_call_says_call_again(tmp_path):
+    # a run stopped by its call (exit 75, its JSON written, no .done) gets no ratios in that call: compare_elastic
+    # is not started, and the script exits 75; once the run finishes, the ratios run
+    home, fake, out = tmp_path / "home", tmp_path / "bin", tmp_path / "out"
+    (home / ".cache" / "star_elastic").mkdir(parents=True)
+    (home / ".cache" / "star_elastic" / "SmolLM2-135M-Instruct.Q4_1.gguf").write_text("joined")
+    fake.mkdir()
+    out.mkdir()
+    # bench_elastic writes its JSON and exits as $RC says; compare_elastic is only recorded
+    (fake / "python3").write_text('#!/bin/sh\necho "$*" >> "$OUT/calls"\ncase "$1" in benchmarks/bench_elastic.py)\n'
+                                  '  for a; do [ "$prev" = --json ] && echo "{}" > "$a"; prev=$a; done; exit $RC;; esac\n')
+    (fake / "nvidia-smi").write_text('#!/bin/sh\necho "GPU 0: fake"\n')
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "OUT": str(out), "DEVICE_HOME": str(home),
+           "MIX": "0.2"}
+
+    def call(rc: int) -> tuple[int, list[str]]:
+        (out / "calls").unlink(missing_ok=True)
+        p = subprocess.run(["bash", "benchmarks/device/run.sh", "PLAN17", "16m7a"], cwd=ROOT, capture_output=True,
+                           env={**env, "RC": str(rc)}, timeout=60, text=True)
+        return p.returncode, (out / "calls").read_text().splitlines()
+
+    rc, calls = call(75)
+    assert rc == 75 and not any("compare_elastic" in c for c in calls)
+    assert any(c.startswith("benchmarks/bench_elastic.py") for c in calls)
+    rc, calls = call(0)
+    assert rc == 0 and sum("compare_elastic" in c for c in calls) == 6  # six pairs
