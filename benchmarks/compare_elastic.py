@@ -190,7 +190,12 @@ def main(argv=None):
     ap.add_argument("--json", help="write the ratios here")
     args = ap.parse_args(argv)
     runs = load_runs(args.files)
-    results = [compare(runs, p.strip(), args.part) for p in args.pairs.split(",") if p.strip()]
+    results, refused = [], []
+    for pair in filter(None, (p.strip() for p in args.pairs.split(","))):
+        try:  # a pair refused (e.g. a router that chose other architectures) does not hide the others
+            results.append(compare(runs, pair, args.part))
+        except SystemExit as e:
+            refused.append(str(e))
     for r in results:
         sources = next(iter(r["budgets"].values()))["vs_c"] if r["budgets"] else {}
         lr = f"{r['lr']:g}" if not r["budget_lrs"] else "per budget " + ",".join(f"{x:g}" for x in r["budget_lrs"])
@@ -244,8 +249,13 @@ def main(argv=None):
                   f"{fmt(r['full_with_parents_rest_vs_parent'])}")
         if "full_keeps_held_vs_parent" in r:
             print(f"    keeping the parent's held values (elastify --full-keeps-held): {fmt(r['full_keeps_held_vs_parent'])}")
+    for why in refused:
+        print(why)
     if args.json:
-        common.write_json(args.json, {"benchmark": "compare_elastic", "command": " ".join(sys.argv), "pairs": results})
+        common.write_json(args.json, {"benchmark": "compare_elastic", "command": " ".join(sys.argv), "pairs": results,
+                                      "refused": refused})
+    if refused:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -165,3 +165,18 @@ def test_a_joint_runs_gradient_norm_by_budget_over_the_last_fifth(tmp_path, caps
     assert r["grad_norm_last_fifth"] == pytest.approx({"0.5": 0.5, "0.75": 0.2})  # steps 80-99, no finish
     main([str(tmp_path / "b.json"), "--pairs", "J:C"])
     assert "the last fifth of its logged steps: 0.75 0.200 / 0.5 0.500" in capsys.readouterr().out
+
+
+def test_a_refused_pair_is_printed_and_the_other_pairs_still_compare(tmp_path, capsys):
+    """run.sh reads the files once for all of a call's pairs: one that does not compare (no such run here) must
+    not hide the others, and the exit status still says that one failed."""
+    bundle = tmp_path / "b.json"
+    bundle.write_text(json.dumps({"runs": {"J": _run(0, "joint_anchor", {"0.75": {"wiki": 12.6}}),
+                                           "C": _run(0, "minitron", {"0.75": {"wiki": 12.0}})}}))
+    with pytest.raises(SystemExit) as stop:
+        main([str(bundle), "--pairs", "J:X,J:C", "--json", str(tmp_path / "out.json")])
+    assert stop.value.code == 1
+    printed = capsys.readouterr().out
+    assert "0.75 [75.0%] +5.0" in printed and "compare_elastic: no run 'X'" in printed
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert [r["pair"] for r in out["pairs"]] == ["J:C"] and "no run 'X'" in out["refused"][0]

@@ -69,8 +69,7 @@ setup() {  # each part of what it unpacks as it was carried: SETUP takes two cal
   [ -d .devcarry/tok ] && rm -rf $H/tok && cp -r .devcarry/tok $H/tok
   nvidia-smi --query-gpu=name,memory.used --format=csv; df -h / | tail -1
 }
-ratios() {  # ratios PAIRS RUN...: like-for-like ratios of this machine's runs against the earlier sessions' (c) runs,
-  # a pair at a time (a pair refused, e.g. a router that chose other architectures, does not hide the others);
+ratios() {  # ratios PAIRS RUN...: like-for-like ratios of this machine's runs against the earlier sessions' (c) runs;
   # recompute them at home from the runs' JSON with compare_elastic.py --json
   # Only once every run named is done: a call stopped short would spend its last minute of device time (23 files
   # read once a pair) printing that it has no rows yet, as the forty-ninth session's first 16m7a call did past 600 s
@@ -79,10 +78,9 @@ ratios() {  # ratios PAIRS RUN...: like-for-like ratios of this machine's runs a
     [ -s $H/res/$r.json ] && [ ! -e $H/res/$r.done ] && { echo "ratios: $r not finished (exit 75: call again)"; return 75; }
   done
   for r in "$@"; do [ -s $H/res/$r.json ] && files+=($H/res/$r.json); done
-  for p in ${pairs//,/ }; do
-    python3 benchmarks/compare_elastic.py docs/results/elastic_session49_h200.json docs/results/elastic_session47_h100.json docs/results/elastic_session46_h100.json docs/results/elastic_session45_h100.json docs/results/elastic_session40_h100.json docs/results/elastic_session34_h200.json docs/results/elastic_session31_h200.json docs/results/elastic_session30_h200.json docs/results/elastic_session29_h200.json docs/results/elastic_session28_h200.json docs/results/elastic_session27_h200.json docs/results/elastic_session24_h200.json docs/results/elastic_session21_h200.json docs/results/elastic_session19_h200.json docs/results/elastic_session18_h200.json docs/results/elastic_session17_h200.json docs/results/elastic_session16_h200.json docs/results/elastic_session15_h200.json docs/results/elastic_session14_h200.json docs/results/elastic_session13_h200.json docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
-      docs/results/elastic_session9_h200.json "${files[@]}" --pairs $p 2>&1 | tail -n 8
-  done
+  # one process reads the files once for every pair (a pair refused is printed and does not hide the others)
+  python3 benchmarks/compare_elastic.py docs/results/elastic_session49_h200.json docs/results/elastic_session47_h100.json docs/results/elastic_session46_h100.json docs/results/elastic_session45_h100.json docs/results/elastic_session40_h100.json docs/results/elastic_session34_h200.json docs/results/elastic_session31_h200.json docs/results/elastic_session30_h200.json docs/results/elastic_session29_h200.json docs/results/elastic_session28_h200.json docs/results/elastic_session27_h200.json docs/results/elastic_session24_h200.json docs/results/elastic_session21_h200.json docs/results/elastic_session19_h200.json docs/results/elastic_session18_h200.json docs/results/elastic_session17_h200.json docs/results/elastic_session16_h200.json docs/results/elastic_session15_h200.json docs/results/elastic_session14_h200.json docs/results/elastic_session13_h200.json docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
+    docs/results/elastic_session9_h200.json "${files[@]}" --pairs $pairs 2>&1
 }
 join() {
   [ -d $H/tok ] || cp -r .devcarry/tok $H/tok
