@@ -286,6 +286,12 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # rest rounded to 2 bits, a share MIX of parent text in the smaller budgets' rows (as the case calling it sets MIX)
   MH() { echo "${RESTORED/--hold-pull 30/--hold-pull 0} --budget-mix ${MIX:-0.2} --full-delta-finish 768 \
     --full-delta-rank 32 --full-delta-bits 2"; }
+  # the same at seed 1 on E1's architectures (MH1), and seed 1's (c) with the same share of parent text (C1, given
+  # its --budgets and --tokens-a): 16m6's and 16m7b's
+  MH1() { local r; r=$(MH); echo "${r/--seed 0 --variants joint_anchor --minitron-arch $B#E0:elastic_anchor/--seed 1 \
+--variants joint_anchor --minitron-arch $B#E1:elastic_anchor}"; }
+  C1() { echo "${A/--no-minitron/} --seed 1 --variants= --minitron-arch $B#E1:elastic_anchor --lr-a 2e-4 \
+    --anchor-data self --budget-mix ${MIX:-0.2} $CHAT"; }
   HB="--part B --tokenizer $H/tok --heldout wiki,shakespeare,bible,wiki-fr --variants elastic_anchor --minitron-arch elastic \
     --anchor-cache $H/res/anchor"
   case "$1" in  # J*: (c)'s architectures without the router, against E0c / E1c in $B
@@ -671,10 +677,7 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # 16m6 once (~585 s), then 16m6b until exit 0 (~2 calls): ~1,500 s after SETUP (calls stop themselves).
   # 16m6a: J16mv75 alone, for a session left with too little device time for the second seed (~2 calls)
   16m6|16m6a|16m6b) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
-     R=$(MH)
-     R1="${R/--seed 0 --variants joint_anchor --minitron-arch $B#E0:elastic_anchor/--seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor}"
-     C="${A/--no-minitron/} --seed 1 --variants= --minitron-arch $B#E1:elastic_anchor --lr-a 2e-4 \
-         --anchor-data self --budget-mix $MIX $CHAT"
+     R=$(MH) R1=$(MH1) C=$(C1)
      J75=(J16mv75$x "$R --budgets 1.0,0.75 --stage2-weights 0,1 --tokens-a $((1331 * 8192)) \
           --state-dir $H/state/J16mv75$x")
      if [ "$1" = 16m6a ]; then RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS "${J75[@]}"
@@ -707,10 +710,7 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # on its steps (C16mv$x's1 / C16mvb$x's1, as 16m6 would make them: no state, they finish in the first call and
   # are skipped after). Until exit 0: ~1,200 s after SETUP, two or three calls
   16m7b) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
-     R=$(MH)
-     R1="${R/--seed 0 --variants joint_anchor --minitron-arch $B#E0:elastic_anchor/--seed 1 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor}"
-     C="${A/--no-minitron/} --seed 1 --variants= --minitron-arch $B#E1:elastic_anchor --lr-a 2e-4 \
-         --anchor-data self --budget-mix $MIX $CHAT"
+     R1=$(MH1) C=$(C1)
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS C16mv${x}s1 "$C --budgets 1.0,0.75 --tokens-a $((1331 * 8192))" \
        C16mvb${x}s1 "$C --budgets 1.0,0.5 --tokens-a $((717 * 8192))" \
        J16mvk${x}s1 "$R1 --tokens-a 16777216 --stage2-weights 0,0.8,0.2 --kd-weights 1,1,0.5 \
