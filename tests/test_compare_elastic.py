@@ -156,8 +156,9 @@ def test_a_joint_runs_gradient_norm_by_budget_over_the_last_fifth(tmp_path, caps
     b = _run(0, "joint_anchor", {"0.75": {"wiki": 12.6, "bible": 24.0}, "0.5": {"wiki": 20.0, "bible": 40.0}})
     b["A"]["training"]["elastic_steps"] = 100
     log = [{"step": s, "budget": "0.75" if s % 3 else "0.5", "grad_norm": (0.2 if s % 3 else 0.5) + (s < 80)}
-           for s in range(100)] + [{"step": 99, "budget": "0.5", "grad_norm": 6.5}] + [{"step": 100 + s, "budget": "1.0", "phase": "full_delta_finish", "grad_norm": 9.0}
-                                   for s in range(20)]
+           for s in range(100)]
+    log.append({"step": 99, "budget": "0.5", "grad_norm": 6.5})  # a spike
+    log += [{"step": 100 + s, "budget": "1.0", "phase": "full_delta_finish", "grad_norm": 9.0} for s in range(20)]
     b["A"]["methods"] = {"joint_anchor": {"log": log}}
     c = _run(0, "minitron", {"0.75": {"wiki": 12.0, "bible": 25.0}, "0.5": {"wiki": 21.0, "bible": 40.0}})
     (tmp_path / "b.json").write_text(json.dumps({"runs": {"J": b, "C": c}}))

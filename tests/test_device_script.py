@@ -71,23 +71,30 @@ def test_s49_times_the_graphed_mamba_layers_compiled_inside_without_the_profile(
     assert ".devcarry/causal_conv1d_built" in path and ".devcarry/mamba" in path
 
 
-def plan17_calls(tmp_path, case: str) -> list[str]:
-    """`run.sh PLAN17 case`'s bench_elastic command lines, with a fake python3 and nvidia-smi (one GPU) and a home
-    folder under tmp_path that already holds the joined model."""
+def fake_device(tmp_path, python: str = "") -> dict:
+    """The environment for run.sh on a fake device: python3 records its arguments in $OUT/calls (then runs the
+    shell lines `python`), nvidia-smi shows one GPU, and the home folder under tmp_path already holds the joined
+    model."""
     home, fake, out = tmp_path / "home", tmp_path / "bin", tmp_path / "out"
     (home / ".cache" / "star_elastic").mkdir(parents=True)
     (home / ".cache" / "star_elastic" / "SmolLM2-135M-Instruct.Q4_1.gguf").write_text("joined")
     fake.mkdir()
-    (fake / "python3").write_text('#!/bin/sh\necho "$*" >> "$OUT/calls"\n')
+    out.mkdir()
+    (fake / "python3").write_text('#!/bin/sh\necho "$*" >> "$OUT/calls"\n' + python)
     (fake / "nvidia-smi").write_text('#!/bin/sh\necho "GPU 0: fake"\n')
     for f in fake.iterdir():
         f.chmod(0o755)
-    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "OUT": str(out), "DEVICE_HOME": str(home),
-           "MIX": "0.2"}
-    out.mkdir()
+    return {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "OUT": str(out), "DEVICE_HOME": str(home),
+            "MIX": "0.2"}
+
+
+def plan17_calls(tmp_path, case: str) -> list[str]:
+    """`run.sh PLAN17 case`'s bench_elastic command lines, on a fake device (`fake_device`)."""
+    env = fake_device(tmp_path)
     subprocess.run(["bash", "benchmarks/device/run.sh", "PLAN17", case], cwd=ROOT, env=env, check=True,
                    capture_output=True, timeout=60)
-    return [c for c in (out / "calls").read_text().splitlines() if c.startswith("benchmarks/bench_elastic.py")]
+    calls = Path(env["OUT"]) / "calls"
+    return [c for c in calls.read_text().splitlines() if c.startswith("benchmarks/bench_elastic.py")]
 
 
 def test_plan17_16m6_gives_each_per_budget_c_run_its_steps_and_every_joint_run_a_state(tmp_path):
@@ -143,19 +150,10 @@ def test_plan17_16m7b_runs_the_kd_weighted_recipe_at_seed_1_beside_its_own_per_b
 def test_ratios_wait_for_the_runs_to_finish_and_the_call_says_call_again(tmp_path):
     # a run stopped by its call (exit 75, its JSON written, no .done) gets no ratios in that call: compare_elastic
     # is not started, and the script exits 75; once the run finishes, the ratios run
-    home, fake, out = tmp_path / "home", tmp_path / "bin", tmp_path / "out"
-    (home / ".cache" / "star_elastic").mkdir(parents=True)
-    (home / ".cache" / "star_elastic" / "SmolLM2-135M-Instruct.Q4_1.gguf").write_text("joined")
-    fake.mkdir()
-    out.mkdir()
     # bench_elastic writes its JSON and exits as $RC says; compare_elastic is only recorded
-    (fake / "python3").write_text('#!/bin/sh\necho "$*" >> "$OUT/calls"\ncase "$1" in benchmarks/bench_elastic.py)\n'
-                                  '  for a; do [ "$prev" = --json ] && echo "{}" > "$a"; prev=$a; done; exit $RC;; esac\n')
-    (fake / "nvidia-smi").write_text('#!/bin/sh\necho "GPU 0: fake"\n')
-    for f in fake.iterdir():
-        f.chmod(0o755)
-    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "OUT": str(out), "DEVICE_HOME": str(home),
-           "MIX": "0.2"}
+    env = fake_device(tmp_path, 'case "$1" in benchmarks/bench_elastic.py)\n'
+                                '  for a; do [ "$prev" = --json ] && echo "{}" > "$a"; prev=$a; done; exit $RC;; esac\n')
+    out = Path(env["OUT"])
 
     def call(rc: int) -> tuple[int, list[str]]:
         (out / "calls").unlink(missing_ok=True)

@@ -286,11 +286,11 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # rest rounded to 2 bits, a share MIX of parent text in the smaller budgets' rows (as the case calling it sets MIX)
   MH() { echo "${RESTORED/--hold-pull 30/--hold-pull 0} --budget-mix ${MIX:-0.2} --full-delta-finish 768 \
     --full-delta-rank 32 --full-delta-bits 2"; }
-  # the same at seed 1 on E1's architectures (MH1), and seed 1's (c) with the same share of parent text (C1, given
-  # its --budgets and --tokens-a): 16m6's and 16m7b's
+  # the same at seed 1 on E1's architectures (MH1); CM SEED: that seed's (c) with the same share of parent text on
+  # E<SEED>'s architectures (given its --budgets and --tokens-a): 16m5's, 16m6's and 16m7b's
   MH1() { local r; r=$(MH); echo "${r/--seed 0 --variants joint_anchor --minitron-arch $B#E0:elastic_anchor/--seed 1 \
 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor}"; }
-  C1() { echo "${A/--no-minitron/} --seed 1 --variants= --minitron-arch $B#E1:elastic_anchor --lr-a 2e-4 \
+  CM() { echo "${A/--no-minitron/} --seed $1 --variants= --minitron-arch $B#E$1:elastic_anchor --lr-a 2e-4 \
     --anchor-data self --budget-mix ${MIX:-0.2} $CHAT"; }
   HB="--part B --tokenizer $H/tok --heldout wiki,shakespeare,bible,wiki-fr --variants elastic_anchor --minitron-arch elastic \
     --anchor-cache $H/res/anchor"
@@ -662,9 +662,7 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # (J16mx$x), beside (c) given J16mv02's per-budget steps (C16mv$x: the 0.75 alone on 1,331 steps, C16mvb$x: the
   # 0.5 alone on 717): is J16mv02's 0.75 as good as a (c) given as many steps? (~1,250 s after SETUP)
   16m5) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
-     R="$(MH) --tokens-a 16777216"
-     C="${A/--no-minitron/} --seed 0 --variants= --minitron-arch $B#E0:elastic_anchor --lr-a 2e-4 \
-         --anchor-data self --budget-mix $MIX $CHAT"
+     R="$(MH) --tokens-a 16777216" C=$(CM 0)
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J16mx$x "$R --stage2-weights 0,0.72,0.28 --state-dir $H/state/J16mx$x" \
        C16mv$x "$C --budgets 1.0,0.75 --tokens-a $((1331 * 8192))" C16mvb$x "$C --budgets 1.0,0.5 --tokens-a $((717 * 8192))"
      ratios J16mx$x:C16ma$x,J16mx$x:C16mb$x,J16mx$x:C16ra,J16mx$x:C16rb,J16mv$x:C16mv$x,J16mv$x:C16mvb$x J16mx$x C16mv$x C16mvb$x ;;
@@ -677,7 +675,7 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # 16m6 once (~585 s), then 16m6b until exit 0 (~2 calls): ~1,500 s after SETUP (calls stop themselves).
   # 16m6a: J16mv75 alone, for a session left with too little device time for the second seed (~2 calls)
   16m6|16m6a|16m6b) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
-     R=$(MH) R1=$(MH1) C=$(C1)
+     R=$(MH) R1=$(MH1) C=$(CM 1)
      J75=(J16mv75$x "$R --budgets 1.0,0.75 --stage2-weights 0,1 --tokens-a $((1331 * 8192)) \
           --state-dir $H/state/J16mv75$x")
      if [ "$1" = 16m6a ]; then RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS "${J75[@]}"
@@ -710,7 +708,7 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # on its steps (C16mv$x's1 / C16mvb$x's1, as 16m6 would make them: no state, they finish in the first call and
   # are skipped after). Until exit 0: ~1,200 s after SETUP, two or three calls
   16m7b) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
-     R1=$(MH1) C=$(C1)
+     R1=$(MH1) C=$(CM 1)
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS C16mv${x}s1 "$C --budgets 1.0,0.75 --tokens-a $((1331 * 8192))" \
        C16mvb${x}s1 "$C --budgets 1.0,0.5 --tokens-a $((717 * 8192))" \
        J16mvk${x}s1 "$R1 --tokens-a 16777216 --stage2-weights 0,0.8,0.2 --kd-weights 1,1,0.5 \
