@@ -1306,7 +1306,7 @@ def main(argv=None):
     why = budget_mix_problem(args.budget_mix, bool(args.anchor_data))
     if why:
         raise SystemExit(f"--budget-mix {why}")
-    why = hold_problem(args.hold, args.hold_rate, args.hold_pull, sharded=False, budget_lrs=args.budget_lrs is not None)
+    why = hold_problem(args.hold, args.hold_rate, args.hold_pull, sharded=False)
     if why:  # the trainer's own check, in elastify's words
         raise SystemExit(f"--hold {','.join(args.hold or [])}: {why}")
     why = keep_problem(args.full_keeps_held_training, args.full_delta_rank, args.hold, args.hold_rate)

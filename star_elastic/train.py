@@ -202,10 +202,15 @@ class ElasticTrainer:
                            "weight_decay": 0.0})
         if cfg.budget_lrs is None:
             self.opt = adamw(groups)
-        else:  # each budget's own moments and rate: the model's group scales its schedule per budget
-            groups[0]["scales"] = {f"b{i}": r / cfg.lr for i, r in enumerate(cfg.budget_lrs)}  # keys: _stash
-            for group in groups[1:]:  # the router: one set of moments over every budget's gradient, as before
-                group["per_budget"] = False
+        else:  # each budget's own moments and rate: the model's groups (the held parts' at their rate times the
+            # budget's) scale their schedule per budget; the delta, which the anchor alone trains, and the router
+            # keep one set of moments over every budget's gradient, as before
+            scales = {f"b{i}": r / cfg.lr for i, r in enumerate(cfg.budget_lrs)}  # keys: _stash
+            for i, group in enumerate(groups):
+                if i < (2 if slow else 1):
+                    group["scales"] = dict(scales)
+                else:
+                    group["per_budget"] = False
             self.opt = BudgetAdamW(groups, lr=cfg.lr)
         self.step = 0
         self.stage2 = stage2_weights(cfg, len(budgets))

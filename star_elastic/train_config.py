@@ -158,7 +158,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cosine((step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps), cfg.min_lr_ratio)
 
 
-def hold_problem(hold, rate: float, pull: float, sharded: bool, budget_lrs: bool) -> str | None:
+def hold_problem(hold, rate: float, pull: float, sharded: bool) -> str | None:
     """What is wrong with holding `hold` (TrainConfig.hold) at `rate` with `pull`, in words that fit both the
     trainer's config and elastify's flags; None when nothing is."""
     odd = sorted(set(hold or []) - set(HELD_PARTS))
@@ -168,8 +168,7 @@ def hold_problem(hold, rate: float, pull: float, sharded: bool, budget_lrs: bool
             f"the rate {rate:g} is not in [0, 1]" if not 0 <= rate <= 1 else
             f"the pull {pull:g} is negative" if pull < 0 else
             "a pull needs a rate > 0 (a frozen part has nothing to pull back)" if pull and not rate else
-            "frozen (rate 0) not with FSDP sharding (shard 'none', or a rate > 0)" if sharded and not rate else
-            "a rate > 0 is not with per-budget rates" if budget_lrs and rate else None)
+            "frozen (rate 0) not with FSDP sharding (shard 'none', or a rate > 0)" if sharded and not rate else None)
 
 
 def budget_mix_problem(mix: float, anchor_text: bool) -> str | None:
@@ -280,7 +279,7 @@ def check_config(cfg: TrainConfig, budgets: list[Budget], sharded: bool, anchor_
     if cfg.full_anchor and not any(w > 0 for i, w in enumerate(stage2) if i != full):
         raise StarElasticError(f"{name('stage2_weights')} {stage2} give every step to the full budget, which the "
                                "full anchor trains on every step already: give a smaller budget a weight > 0")
-    why = hold_problem(cfg.hold, cfg.hold_rate, cfg.hold_pull, sharded, cfg.budget_lrs is not None)
+    why = hold_problem(cfg.hold, cfg.hold_rate, cfg.hold_pull, sharded)
     if why:
         raise StarElasticError(f"{name('hold')} {','.join(cfg.hold or [])}: {why}")
     why = keep_problem(cfg.full_keeps_held, cfg.full_delta_rank, cfg.hold, cfg.hold_rate)
@@ -290,7 +289,6 @@ def check_config(cfg: TrainConfig, budgets: list[Budget], sharded: bool, anchor_
     rank = f"{name('full_delta_rank')} {cfg.full_delta_rank}"
     why = ("give a positive rank" if cfg.full_delta_rank < 0 else
            f"the full anchor trains it: {with_anchor}" if cfg.full_delta_rank and not cfg.full_anchor else
-           f"not with {name('budget_lrs')}" if cfg.full_delta_rank and cfg.budget_lrs is not None else
            f"not with {name('anchor_projection')}" if cfg.full_delta_rank and cfg.anchor_projection else None)
     if why:
         raise StarElasticError(f"{rank}: {why}")

@@ -147,6 +147,24 @@ def test_plan17_16m7b_runs_the_kd_weighted_recipe_at_seed_1_beside_its_own_per_b
         assert calls[name].replace(str(tmp_path / "a"), "") == six[name].replace(str(tmp_path / "b"), "")
 
 
+def test_plan17_16m8_runs_the_recipe_with_each_budgets_own_moments_at_both_seeds(tmp_path):
+    # 16m8: J16mv02's recipe with --budget-lrs at the one rate (each budget its own AdamW moments) and the KD weights
+    # at 1, at seed 0 and seed 1, each the very command line of the KD-weighted run of its seed with the weights
+    # swapped for the moments; 16m8a: seed 1 alone
+    calls = {c.split("--json ")[1].split("/")[-1]: c for c in plan17_calls(tmp_path / "a", "16m8")}
+    assert set(calls) == {"J16mvs02.json", "J16mvs02s1.json"}
+    kd = {c.split("--json ")[1].split("/")[-1]: c for c in plan17_calls(tmp_path / "b", "16m7a") + plan17_calls(tmp_path / "c", "16m7b")}
+    for ours, theirs, seed in (("J16mvs02", "J16mvk02", 0), ("J16mvs02s1", "J16mvk02s1", 1)):
+        c = calls[ours + ".json"]
+        assert "--budget-lrs 2e-4,2e-4,2e-4 " in c and "--kd-weights" not in c and f"--seed {seed} " in c
+        assert "--lr-a 2e-4 " in c  # the one rate the moments run at
+        want = kd[theirs + ".json"].replace("--kd-weights 1,1,0.5", "--budget-lrs 2e-4,2e-4,2e-4").replace(theirs, ours)
+        assert c.replace(str(tmp_path / "a"), "").split() == [w for w in want.replace(str(tmp_path / "b"), "").replace(
+            str(tmp_path / "c"), "").split()]
+    alone = {c.split("--json ")[1].split("/")[-1] for c in plan17_calls(tmp_path / "d", "16m8a")}
+    assert alone == {"J16mvs02s1.json"}
+
+
 def test_ratios_wait_for_the_runs_to_finish_and_the_call_says_call_again(tmp_path):
     # a run stopped by its call (exit 75, its JSON written, no .done) gets no ratios in that call: compare_elastic
     # is not started, and the script exits 75; once the run finishes, the ratios run

@@ -495,7 +495,7 @@ def test_the_demo_trains_with_elastifys_defaults_on_the_cpu_and_the_recipe_that_
         "hold_pull": 0.0, "full_keeps_held": "training", "full_anchor": 1.0}
     hold = gpu["hold"].split(",")
     assert budget_mix_problem(gpu["budget_mix"], anchor_text=True) is None
-    assert hold_problem(hold, gpu["hold_rate"], gpu["hold_pull"], sharded=False, budget_lrs=False) is None
+    assert hold_problem(hold, gpu["hold_rate"], gpu["hold_pull"], sharded=False) is None
     assert keep_problem(gpu["full_keeps_held"], gpu["full_delta_rank"], hold, gpu["hold_rate"]) is None
     given = demo_options(build_parser().parse_args(["demo", "--full-delta-rank", "0", "--full-keeps-held",
                                                     "--anchor-mix", "1", "--hold-pull", "10"]), "cuda")
@@ -554,7 +554,7 @@ def test_keep_full_is_the_recipe_and_a_flag_beside_it_wins(tmp_path, tokenizer, 
     assert recipe == KEEP_FULL and recipe["full_delta_restore"] == "activations"
     assert recipe["full_delta_bits"] > 0  # the drift's tail past the rank rounded, not dropped (RESULTS §9)
     hold = recipe["hold"].split(",")
-    assert hold_problem(hold, recipe["hold_rate"], recipe["hold_pull"], sharded=False, budget_lrs=False) is None
+    assert hold_problem(hold, recipe["hold_rate"], recipe["hold_pull"], sharded=False) is None
     assert keep_problem(recipe["full_keeps_held"], recipe["full_delta_rank"], hold, recipe["hold_rate"]) is None
     assert all(delta_option_problem(k, recipe[k], recipe["full_delta_rank"]) is None for k in DELTA_OPTIONS)
     assert opts("--keep-full", "--hold-pull", "30", "--full-anchor", "0.5") == {**KEEP_FULL, "hold_pull": 30.0,

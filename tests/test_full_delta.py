@@ -115,10 +115,42 @@ def test_a_delta_is_refused_where_it_cannot_serve(tmp_path):
         _trainer(tmp_path, "a", full_anchor=0.0, full_delta_rank=2)
     with pytest.raises(StarElasticError, match="full_delta_rank -1: give a positive rank"):
         _trainer(tmp_path, "a", full_anchor=1.0, full_delta_rank=-1)
-    with pytest.raises(StarElasticError, match="budget_lrs"):
-        _trainer(tmp_path, "b", full_anchor=1.0, full_delta_rank=2, budget_lrs=[1e-3, 1e-3, 1e-3])
     with pytest.raises(ValueError, match="positive rank"):
         FullDelta(Model(CFG), 0)
+
+
+# --keep-full's parts on the CPU's scale: the delta restored from the drift where training ends, then a finish of its
+# own, the embeddings and norms held at half the rate (a group of the optimiser's of their own)
+KEPT = dict(full_anchor=1.0, full_delta_rank=2, full_delta_restore="activations", full_delta_finish=3,
+            hold=["embeddings", "norms"], hold_rate=0.5, full_keeps_held=True)
+
+
+def test_per_budget_moments_run_beside_the_delta_and_the_held_parts(tmp_path):
+    """`budget_lrs` with --keep-full's delta and hold (refused before the fiftieth session): with one smaller budget
+    training, its own moments are the one AdamW's, so the model, the held parts and the delta end as without
+    budget_lrs; with two, each budget's gradient moves the held parts through moments of its own, while the delta
+    (the anchor alone trains it) keeps one set."""
+    one = dict(KEPT, stage2_weights=[0.0, 1.0, 0.0])
+    shared, own = _trainer(tmp_path, "shared", **one), _trainer(tmp_path, "own", **one, budget_lrs=[3e-3] * 3)
+    shared.run(progress=False)
+    own.run(progress=False)
+    assert own.restored is not None and own.step == shared.step == 5 + 3  # restored, then the finish ran
+    for (name, a), b in zip(shared.model.named_parameters(), own.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    for key in shared.delta.up:
+        # restored by an SVD of the drift, then trained: rounding of ~1e-6 in single elements
+        torch.testing.assert_close(own.delta.up[key], shared.delta.up[key], rtol=1e-4, atol=1e-5)
+    moved = _trainer(tmp_path, "moved", **one)  # and the run moved them: the check above can fail
+    assert any(not torch.equal(a, b) for a, b in zip(moved.model.parameters(), own.model.parameters()))
+
+    two = _trainer(tmp_path, "two", **KEPT, budget_lrs=[3e-3, 3e-3, 6e-3])
+    two.run(progress=False)
+    state = two.opt.state[two.model.embed.weight]
+    assert state["exp_avg_b1"].abs().max() > 0 and state["exp_avg_b2"].abs().max() > 0  # a held part, per budget
+    assert not torch.equal(state["exp_avg_b1"], state["exp_avg_b2"])
+    for p in two.delta.parameters():
+        assert set(two.opt.state[p]) <= {"step_shared", "exp_avg_shared", "exp_avg_sq_shared"}, set(two.opt.state[p])
+    assert any(two.opt.state[p] for p in two.delta.parameters())  # the finish trained it
 
 
 def test_the_bench_trains_and_scores_the_full_budget_with_its_delta(tmp_path):
@@ -1029,3 +1061,20 @@ def test_a_budgets_kd_weight_scales_its_pull_on_the_shared_weights_and_no_other_
     assert b[0]["delta_grad_norm"] == pytest.approx(a[0]["delta_grad_norm"], rel=1e-4)  # the anchor's untouched
     assert b[0]["kd"] == pytest.approx(a[0]["kd"], rel=1e-5)  # the log reads the unweighted fit
     assert not all(torch.equal(p, q) for p, q in zip(plain.model.parameters(), halved.model.parameters()))
+
+
+def test_per_budget_moments_beside_the_delta_resume_exactly(tmp_path):
+    """What the GPU's calls do (a run stopped by --call-seconds before the restore goes on in the next call):
+    stopped after 3 of the 5 training steps, resumed, it ends where the straight run does, delta included."""
+    kw = dict(KEPT, budget_lrs=[3e-3, 3e-3, 6e-3])
+    straight = _trainer(tmp_path, "straight", **kw)
+    want = straight.run(progress=False)
+    _trainer(tmp_path, "resumed", **kw).run(progress=False, stop_after=3)
+    second = _trainer(tmp_path, "resumed", **kw)
+    assert second.load_state() and second.step == 3
+    rest = second.run(progress=False)
+    assert [lg["total"] for lg in rest] == pytest.approx([lg["total"] for lg in want[3:]], rel=1e-6, abs=1e-7)
+    for a, b in zip(straight.model.parameters(), second.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    for key in straight.delta.up:
+        torch.testing.assert_close(second.delta.up[key], straight.delta.up[key], rtol=1e-6, atol=1e-7)
