@@ -813,7 +813,8 @@ class ElasticTrainer:
         # with the full budget's delta, the anchor trains it alone: no gradient reaches the shared weights
         only = list(self.delta.parameters()) if self.delta is not None else None
         (cfg.full_anchor * full_kd / cfg.grad_accum).backward(inputs=only)
-        self._stash(self.full)
+        if only is None:  # a delta's gradient is stepped with one set of moments, not the full budget's
+            self._stash(self.full)
         if theirs is not None:
             anchor = take_grads(self.model.parameters(), add_to=anchor)
             put_grads(self.model.parameters(), theirs)

@@ -153,6 +153,22 @@ def test_per_budget_moments_run_beside_the_delta_and_the_held_parts(tmp_path):
     assert any(two.opt.state[p] for p in two.delta.parameters())  # the finish trained it
 
 
+def test_per_budget_moments_beside_a_delta_trained_every_step(tmp_path):
+    """Without the restore the anchor trains the delta on every step: the smaller budgets' weights train as with one
+    AdamW's moments each (the anchor's gradient reaches only the delta), the delta learns, and no gradient norm is
+    logged for the full budget, whose weights it never touches."""
+    kw = dict(full_anchor=1.0, full_delta_rank=2, budget_lrs=[3e-3] * 3)
+    one = _trainer(tmp_path, "one", **kw, stage2_weights=[0.0, 1.0, 0.0])
+    logs = one.run(progress=False)
+    assert all("grad_norm@1.0" not in lg and lg["delta_grad_norm"] > 0 for lg in logs)
+    assert max(float(p.detach().abs().max()) for p in one.delta.up.values()) > 0
+    shared = _trainer(tmp_path, "shared", full_anchor=1.0, full_delta_rank=2, stage2_weights=[0.0, 1.0, 0.0])
+    shared.run(progress=False)
+    for a, b in zip(shared.model.parameters(), one.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert set(one.opt.state[next(iter(one.delta.parameters()))]) == {"step_shared", "exp_avg_shared", "exp_avg_sq_shared"}
+
+
 def test_the_bench_trains_and_scores_the_full_budget_with_its_delta(tmp_path):
     """bench_elastic.py --full-delta-rank (--full-delta-allocate, --full-delta-bits): the anchored run records its
     rank and scores the full budget
