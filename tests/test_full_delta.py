@@ -1094,3 +1094,23 @@ def test_per_budget_moments_beside_the_delta_resume_exactly(tmp_path):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
     for key in straight.delta.up:
         torch.testing.assert_close(second.delta.up[key], straight.delta.up[key], rtol=1e-6, atol=1e-7)
+
+
+def test_with_own_moments_the_smaller_budgets_weights_no_longer_decide_who_pulls_the_shared_weights(tmp_path):
+    """The cause of the 0.75's under-fit at 16.8M (docs/RESULTS.md §9, forty-eighth to fiftieth sessions): with one
+    AdamW the 0.5's larger gradient fills the moments both budgets share, so its scale decides how far each budget's
+    steps move the shared weights (here its KD weight x4 moves the run's end). With each budget's own moments, beside
+    --keep-full's delta and hold, a budget's step is normalised by its own gradient: the same run with the 0.5's
+    weight x4 ends nearly where it did (what is left: Adam's epsilon where a gradient is tiny, and the router,
+    which keeps one set of moments over the weighted sum; 63x closer than with one AdamW when written)."""
+    def end(kd, lrs):
+        t = _trainer(tmp_path, f"{kd}-{lrs}", **KEPT, budget_kd_weights=[1.0, 1.0, kd], budget_lrs=lrs)
+        t.run(progress=False)
+        return torch.cat([p.detach().flatten() for p in t.model.parameters()])
+
+    def moved(a, b):
+        return float((a - b).norm() / a.norm())
+
+    shared = moved(end(1.0, None), end(4.0, None))
+    own = moved(end(1.0, [3e-3] * 3), end(4.0, [3e-3] * 3))
+    assert shared > 1e-3 and own < shared / 20, (shared, own)
