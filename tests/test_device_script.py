@@ -88,19 +88,20 @@ def fake_device(tmp_path, python: str = "") -> dict:
             "MIX": "0.2"}
 
 
-def plan17_calls(tmp_path, case: str) -> list[str]:
-    """`run.sh PLAN17 case`'s bench_elastic command lines, on a fake device (`fake_device`)."""
+def plan17_calls(tmp_path, case: str) -> dict[str, str]:
+    """`run.sh PLAN17 case`'s bench_elastic command lines, on a fake device (`fake_device`), by the result file each
+    writes; `tmp_path` taken out of them, so that two cases' lines compare as they would on one machine."""
     env = fake_device(tmp_path)
     subprocess.run(["bash", "benchmarks/device/run.sh", "PLAN17", case], cwd=ROOT, env=env, check=True,
                    capture_output=True, timeout=60)
-    calls = Path(env["OUT"]) / "calls"
-    return [c for c in calls.read_text().splitlines() if c.startswith("benchmarks/bench_elastic.py")]
+    lines = (Path(env["OUT"]) / "calls").read_text().replace(str(tmp_path), "").splitlines()
+    return {c.split("--json ")[1].split("/")[-1]: c for c in lines if c.startswith("benchmarks/bench_elastic.py")}
 
 
 def test_plan17_16m6_gives_each_per_budget_c_run_its_steps_and_every_joint_run_a_state(tmp_path):
     # 16m6: the recipe without the 0.5 on the 0.75's 1,331 steps, beside seed 1's (c) on J16mv02's per-budget steps
     # (no state: they must finish in the call); 16m6b: that run resumed beside J16mv02 at seed 1
-    first = {c.split("--json ")[1].split("/")[-1]: c for c in plan17_calls(tmp_path / "a", "16m6")}
+    first = plan17_calls(tmp_path / "a", "16m6")
     assert set(first) == {"J16mv7502.json", "C16mv02s1.json", "C16mvb02s1.json"}
     j75 = first["J16mv7502.json"]
     assert "--budgets 1.0,0.75 " in j75 and f"--tokens-a {1331 * 8192} " in j75 and "--state-dir" in j75
@@ -109,23 +110,22 @@ def test_plan17_16m6_gives_each_per_budget_c_run_its_steps_and_every_joint_run_a
         c = first[name]
         assert f"--budgets {budgets} " in c and f"--tokens-a {steps * 8192} " in c and "--state-dir" not in c
         assert "--seed 1 " in c and "#E1:" in c and "--variants= " in c
-    second = {c.split("--json ")[1].split("/")[-1]: c for c in plan17_calls(tmp_path / "b", "16m6b")}
+    second = plan17_calls(tmp_path / "b", "16m6b")
     assert set(second) == {"J16mv7502.json", "J16mv02s1.json"}
     s1 = second["J16mv02s1.json"]
     assert "--seed 1 " in s1 and "#E1:" in s1 and "--stage2-weights 0,0.8,0.2" in s1 and "--state-dir" in s1
     assert "--tokens-a 16777216" in s1 and "--seed 0" not in s1
-    alone = {c.split("--json ")[1].split("/")[-1]: c for c in plan17_calls(tmp_path / "c", "16m6a")}
+    alone = plan17_calls(tmp_path / "c", "16m6a")
     assert set(alone) == {"J16mv7502.json"}  # 16m6a: the same run, alone
-    assert alone["J16mv7502.json"].replace(str(tmp_path / "c"), "") == j75.replace(str(tmp_path / "a"), "")
+    assert alone["J16mv7502.json"] == j75
 
 
 def test_plan17_16m7_runs_j16mv02s_recipe_with_the_half_budgets_kd_halved(tmp_path):
     # 16m7: J16mv02's flags (same per-budget steps, so the same per-budget (c)) with --kd-weights 1,1,0.5
     # (beside it 0.3, J16mvl02; 16m7a: J16mvk02 alone)
-    calls = {c.split("--json ")[1].split("/")[-1]: c for c in plan17_calls(tmp_path / "a", "16m7")}
+    calls = plan17_calls(tmp_path / "a", "16m7")
     assert set(calls) == {"J16mvk02.json", "J16mvl02.json"} and "--kd-weights 1,1,0.3 " in calls["J16mvl02.json"]
-    assert set(plan17_calls(tmp_path / "b", "16m7a")) == {calls["J16mvk02.json"].replace(str(tmp_path / "a"),
-                                                                                         str(tmp_path / "b"))}
+    assert plan17_calls(tmp_path / "b", "16m7a") == {"J16mvk02.json": calls["J16mvk02.json"]}
     c = calls["J16mvk02.json"]
     for flag in ("--kd-weights 1,1,0.5 ", "--stage2-weights 0,0.8,0.2 ", "--tokens-a 16777216 ", "--seed 0 ",
                  "--full-delta-rank 32 --full-delta-bits 2", "--budget-mix 0.2 ", "--hold-pull 0 ", "--state-dir"):
@@ -135,34 +135,32 @@ def test_plan17_16m7_runs_j16mv02s_recipe_with_the_half_budgets_kd_halved(tmp_pa
 def test_plan17_16m7b_runs_the_kd_weighted_recipe_at_seed_1_beside_its_own_per_budget_c(tmp_path):
     # 16m7b: J16mvk02 at seed 1 (E1's architectures), with seed 1's (c) on its per-budget steps (no state), the
     # (c) runs the very command lines 16m6 gives them (one result whichever case made it)
-    calls = {c.split("--json ")[1].split("/")[-1]: c for c in plan17_calls(tmp_path / "a", "16m7b")}
+    calls = plan17_calls(tmp_path / "a", "16m7b")
     assert set(calls) == {"J16mvk02s1.json", "C16mv02s1.json", "C16mvb02s1.json"}
     j = calls["J16mvk02s1.json"]
     for flag in ("--kd-weights 1,1,0.5 ", "--stage2-weights 0,0.8,0.2 ", "--tokens-a 16777216 ", "--seed 1 ", "#E1:",
                  "--full-delta-rank 32 --full-delta-bits 2", "--budget-mix 0.2 ", "--state-dir"):
         assert flag in j, flag
     assert "--seed 0" not in j and "#E0:" not in j
-    six = {c.split("--json ")[1].split("/")[-1]: c for c in plan17_calls(tmp_path / "b", "16m6")}
+    six = plan17_calls(tmp_path / "b", "16m6")
     for name in ("C16mv02s1.json", "C16mvb02s1.json"):
-        assert calls[name].replace(str(tmp_path / "a"), "") == six[name].replace(str(tmp_path / "b"), "")
+        assert calls[name] == six[name]
 
 
 def test_plan17_16m8_runs_the_recipe_with_each_budgets_own_moments_at_both_seeds(tmp_path):
     # 16m8: J16mv02's recipe with --budget-lrs at the one rate (each budget its own AdamW moments) and the KD weights
     # at 1, at seed 0 and seed 1, each the very command line of the KD-weighted run of its seed with the weights
     # swapped for the moments; 16m8a: seed 1 alone
-    calls = {c.split("--json ")[1].split("/")[-1]: c for c in plan17_calls(tmp_path / "a", "16m8")}
+    calls = plan17_calls(tmp_path / "a", "16m8")
     assert set(calls) == {"J16mvs02.json", "J16mvs02s1.json"}
-    kd = {c.split("--json ")[1].split("/")[-1]: c for c in plan17_calls(tmp_path / "b", "16m7a") + plan17_calls(tmp_path / "c", "16m7b")}
+    kd = {**plan17_calls(tmp_path / "b", "16m7a"), **plan17_calls(tmp_path / "c", "16m7b")}
     for ours, theirs, seed in (("J16mvs02", "J16mvk02", 0), ("J16mvs02s1", "J16mvk02s1", 1)):
         c = calls[ours + ".json"]
         assert "--budget-lrs 2e-4,2e-4,2e-4 " in c and "--kd-weights" not in c and f"--seed {seed} " in c
         assert "--lr-a 2e-4 " in c  # the one rate the moments run at
         want = kd[theirs + ".json"].replace("--kd-weights 1,1,0.5", "--budget-lrs 2e-4,2e-4,2e-4").replace(theirs, ours)
-        assert c.replace(str(tmp_path / "a"), "").split() == [w for w in want.replace(str(tmp_path / "b"), "").replace(
-            str(tmp_path / "c"), "").split()]
-    alone = {c.split("--json ")[1].split("/")[-1] for c in plan17_calls(tmp_path / "d", "16m8a")}
-    assert alone == {"J16mvs02s1.json"}
+        assert c.split() == want.split()
+    assert set(plan17_calls(tmp_path / "d", "16m8a")) == {"J16mvs02s1.json"}
 
 
 def test_ratios_wait_for_the_runs_to_finish_and_the_call_says_call_again(tmp_path):
