@@ -163,6 +163,19 @@ def test_plan17_16m8_runs_the_recipe_with_each_budgets_own_moments_at_both_seeds
     assert set(plan17_calls(tmp_path / "d", "16m8a")) == {"J16mvs02s1.json"}
 
 
+def test_plan17_16m9_pushes_the_half_budgets_kd_to_0_3_at_seed_1_beside_the_seeds_weight_1_run(tmp_path):
+    # 16m9: J16mvk02s1's command line with --kd-weights 1,1,0.3 (one AdamW again), beside J16mv02s1 (weight 1 at
+    # seed 1), the very line 16m6b gives it (one result whichever case made it); 16m9a: the 0.3 alone
+    calls = plan17_calls(tmp_path / "a", "16m9")
+    assert set(calls) == {"J16mvl02s1.json", "J16mv02s1.json"}
+    kd = plan17_calls(tmp_path / "b", "16m7b")["J16mvk02s1.json"]
+    want = kd.replace("--kd-weights 1,1,0.5", "--kd-weights 1,1,0.3").replace("J16mvk02s1", "J16mvl02s1")
+    assert calls["J16mvl02s1.json"].split() == want.split() and "--budget-lrs" not in want
+    assert calls["J16mv02s1.json"] == plan17_calls(tmp_path / "c", "16m6b")["J16mv02s1.json"]
+    assert "--kd-weights" not in calls["J16mv02s1.json"]
+    assert plan17_calls(tmp_path / "d", "16m9a") == {"J16mvl02s1.json": calls["J16mvl02s1.json"]}
+
+
 def test_ratios_wait_for_the_runs_to_finish_and_the_call_says_call_again(tmp_path):
     # a run stopped by its call (exit 75, its JSON written, no .done) gets no ratios in that call: compare_elastic
     # is not started, and the script exits 75; once the run finishes, the ratios run

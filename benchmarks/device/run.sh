@@ -24,7 +24,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16mc (MIX=)|16m3 (MIX=)|16m3c (MIX=)|16m3b (MIX=)|16m4 (MIX=)|16m5 (MIX=)|16m6|16m6a|16m6b (MIX=)|16m7|16m7a|16m7b (MIX=)|16m8|16m8a (MIX=)|16mk (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16mc (MIX=)|16m3 (MIX=)|16m3c (MIX=)|16m3b (MIX=)|16m4 (MIX=)|16m5 (MIX=)|16m6|16m6a|16m6b (MIX=)|16m7|16m7a|16m7b (MIX=)|16m8|16m8a|16m9|16m9a (MIX=)|16mk (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -79,7 +79,7 @@ ratios() {  # ratios PAIRS RUN...: like-for-like ratios of this machine's runs a
   done
   for r in "$@"; do [ -s $H/res/$r.json ] && files+=($H/res/$r.json); done
   # one process reads the files once for every pair (a pair refused is printed and does not hide the others)
-  python3 benchmarks/compare_elastic.py docs/results/elastic_session50_h200.json docs/results/elastic_session49_h200.json docs/results/elastic_session47_h100.json docs/results/elastic_session46_h100.json docs/results/elastic_session45_h100.json docs/results/elastic_session40_h100.json docs/results/elastic_session34_h200.json docs/results/elastic_session31_h200.json docs/results/elastic_session30_h200.json docs/results/elastic_session29_h200.json docs/results/elastic_session28_h200.json docs/results/elastic_session27_h200.json docs/results/elastic_session24_h200.json docs/results/elastic_session21_h200.json docs/results/elastic_session19_h200.json docs/results/elastic_session18_h200.json docs/results/elastic_session17_h200.json docs/results/elastic_session16_h200.json docs/results/elastic_session15_h200.json docs/results/elastic_session14_h200.json docs/results/elastic_session13_h200.json docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
+  python3 benchmarks/compare_elastic.py docs/results/elastic_session51_h100.json docs/results/elastic_session50_h200.json docs/results/elastic_session49_h200.json docs/results/elastic_session47_h100.json docs/results/elastic_session46_h100.json docs/results/elastic_session45_h100.json docs/results/elastic_session40_h100.json docs/results/elastic_session34_h200.json docs/results/elastic_session31_h200.json docs/results/elastic_session30_h200.json docs/results/elastic_session29_h200.json docs/results/elastic_session28_h200.json docs/results/elastic_session27_h200.json docs/results/elastic_session24_h200.json docs/results/elastic_session21_h200.json docs/results/elastic_session19_h200.json docs/results/elastic_session18_h200.json docs/results/elastic_session17_h200.json docs/results/elastic_session16_h200.json docs/results/elastic_session15_h200.json docs/results/elastic_session14_h200.json docs/results/elastic_session13_h200.json docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
     docs/results/elastic_session9_h200.json "${files[@]}" --pairs $pairs 2>&1
 }
 join() {
@@ -727,6 +727,20 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS "${runs[@]}"
      ratios J16mvs${x}s1:C16mv${x}s1,J16mvs${x}s1:C16mvb${x}s1 J16mvs${x}s1
      [ "$1" = 16m8a ] || ratios J16mvs$x:C16mv$x,J16mvs$x:C16mvb$x J16mvs$x ;;
+  # 16m9 (after the fifty-first session's 16m8a: each budget's own moments left the 0.75 further from its (c) at seed
+  # 1, +4.8% on chat answers and +7.9% on its own batches, where the 0.5's KD weighted 0.5 in one AdamW gave +3.2% /
+  # +3.2%: own moments take away the momentum the budgets share, so the 0.5's steps reach the shared weights at full
+  # size). Back to one AdamW, the 0.5's KD pushed further down: J16mvl$x's1 (--kd-weights 1,1,0.3 at seed 1) beside
+  # J16mv$x's1 (weight 1 at seed 1, 16m6b's very command: the seed's missing baseline), against C16mv$x's1 /
+  # C16mvb$x's1 (same per-budget steps: the even order depends on the weights alone). Two side by side ~1,100 s on
+  # an H200 after SETUP (three calls); 16m9a: J16mvl$x's1 alone (~800 s, two calls)
+  16m9|16m9a) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
+     S="--tokens-a 16777216 --stage2-weights 0,0.8,0.2"
+     runs=(J16mvl${x}s1 "$(MH1) $S --kd-weights 1,1,0.3 --state-dir $H/state/J16mvl${x}s1")
+     [ "$1" = 16m9 ] && runs+=(J16mv${x}s1 "$(MH1) $S --state-dir $H/state/J16mv${x}s1")
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS "${runs[@]}"
+     ratios J16mvl${x}s1:C16mv${x}s1,J16mvl${x}s1:C16mvb${x}s1 J16mvl${x}s1
+     [ "$1" = 16m9a ] || ratios J16mv${x}s1:C16mv${x}s1,J16mv${x}s1:C16mvb${x}s1 J16mv${x}s1 ;;
   # 16mk: the data lever, after 16m3: J16m02 with the anchor, restore rows, finish and mix on half chat-format
   # parent text (J16mk$x, --anchor-data self+chat; in the twenty-third session, before the restore and the finish,
   # the anchor on sampled conversations did not move the chat drift); its smaller budgets against the plain (c)
