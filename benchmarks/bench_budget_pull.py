@@ -37,8 +37,10 @@ NESTED = [ElasticSpec(), ElasticSpec(intermediate_size=48, mamba_num_heads=2, mo
           ElasticSpec(hidden_size=24, intermediate_size=32, mamba_num_heads=2, moe_intermediate_size=8,
                       num_key_value_heads=1)]
 LR = 3e-3
-VARIANTS = {"w=1": {}, "w=0.5": dict(budget_kd_weights=[1.0, 1.0, 0.5]),
-            "w=0.3": dict(budget_kd_weights=[1.0, 1.0, 0.3]), "own": dict(budget_lrs=[LR] * 3)}
+VARIANTS = {"w=1": {}, "w=0.5": dict(budget_kd_weights=[1.0, 1.0, 0.5]), "w=0.4": dict(budget_kd_weights=[1.0, 1.0, 0.4]),
+            "w=0.3": dict(budget_kd_weights=[1.0, 1.0, 0.3]), "own": dict(budget_lrs=[LR] * 3),
+            "own-0.5-at-lr/2": dict(budget_lrs=[LR, LR, LR / 2]), "own-0.5-at-lr/4": dict(budget_lrs=[LR, LR, LR / 4])}
+DEFAULT = "w=1,w=0.5,w=0.3,own"
 
 
 def fits(steps: int, stage2_weights: list[float], seed: int = 0, beta1: float = 0.9, **train) -> tuple[dict, list[float]]:
@@ -71,7 +73,7 @@ def fits(steps: int, stage2_weights: list[float], seed: int = 0, beta1: float = 
     return {b: sum(lg["budget"] == b for lg in logs) for b in ("0.75", "0.5")}, result
 
 
-def compare(steps: int, seed: int, beta1: float, variants=VARIANTS) -> dict:
+def compare(steps: int, seed: int, beta1: float, variants: dict) -> dict:
     """Every variant's fits, and each budget's (c) on the steps it got, with ratios to (c)."""
     runs = {name: fits(steps, [0.0, 0.65, 0.35], seed, beta1, **kw)[1] for name, kw in variants.items()}
     n, _ = fits(steps, [0.0, 0.65, 0.35], seed, beta1)
@@ -85,16 +87,21 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, nargs="+", default=[120])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--beta1", type=float, nargs="+", default=[0.9])
+    ap.add_argument("--variants", default=DEFAULT, help=f"comma-separated, of: {', '.join(VARIANTS)}")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+    variants = {v: VARIANTS[v] for v in args.variants.split(",")}
     os.environ["STAR_ELASTIC_QUIET"] = "1"
     results = []
-    print(f"{'steps':>5} {'seed':>4} {'beta1':>5}  " + "  ".join(f"{k:>18}" for k in VARIANTS)
+    print(f"{'steps':>5} {'seed':>4} {'beta1':>5}  " + "  ".join(f"{k:>18}" for k in variants)
           + "   (the 0.75's KD vs its (c) | the 0.5's)")
     for steps in args.steps:
         for beta1 in args.beta1:
             for seed in args.seeds:
-                r = compare(steps, seed, beta1)
+                r = compare(steps, seed, beta1, variants)
                 results.append(r)
                 cells = "  ".join(f"{100 * v['vs_c'][0]:+7.1f}% | {100 * v['vs_c'][1]:+6.1f}%"
                                   for v in r["runs"].values())
