@@ -88,10 +88,11 @@ def fake_device(tmp_path, python: str = "") -> dict:
             "MIX": "0.2"}
 
 
-def plan17_calls(tmp_path, case: str) -> dict[str, str]:
-    """`run.sh PLAN17 case`'s bench_elastic command lines, on a fake device (`fake_device`), by the result file each
-    writes; `tmp_path` taken out of them, so that two cases' lines compare as they would on one machine."""
-    env = fake_device(tmp_path)
+def plan17_calls(tmp_path, case: str, **variables) -> dict[str, str]:
+    """`run.sh PLAN17 case`'s bench_elastic command lines, on a fake device (`fake_device`, `variables` set in its
+    environment), by the result file each writes; `tmp_path` taken out of them, so that two cases' lines compare
+    as they would on one machine."""
+    env = {**fake_device(tmp_path), **variables}
     subprocess.run(["bash", "benchmarks/device/run.sh", "PLAN17", case], cwd=ROOT, env=env, check=True,
                    capture_output=True, timeout=60)
     lines = (Path(env["OUT"]) / "calls").read_text().replace(str(tmp_path), "").splitlines()
@@ -163,17 +164,20 @@ def test_plan17_16m8_runs_the_recipe_with_each_budgets_own_moments_at_both_seeds
     assert set(plan17_calls(tmp_path / "d", "16m8a")) == {"J16mvs02s1.json"}
 
 
-def test_plan17_16m9_pushes_the_half_budgets_kd_to_0_3_at_seed_1_beside_the_seeds_weight_1_run(tmp_path):
-    # 16m9: J16mvk02s1's command line with --kd-weights 1,1,0.3 (one AdamW again), beside J16mv02s1 (weight 1 at
-    # seed 1), the very line 16m6b gives it (one result whichever case made it); 16m9a: the 0.3 alone
+def test_plan17_16m9_weights_the_half_budgets_kd_at_both_seeds_in_one_adamw(tmp_path):
+    # 16m9: the KD-weighted runs of 16m7a / 16m7b (seed 0 / seed 1) with the 0.5's weight at KD (default 0.4),
+    # their command lines otherwise the same; 16m9a: seed 1 alone; KD=0.3 names the runs by the weight
     calls = plan17_calls(tmp_path / "a", "16m9")
-    assert set(calls) == {"J16mvl02s1.json", "J16mv02s1.json"}
-    kd = plan17_calls(tmp_path / "b", "16m7b")["J16mvk02s1.json"]
-    want = kd.replace("--kd-weights 1,1,0.5", "--kd-weights 1,1,0.3").replace("J16mvk02s1", "J16mvl02s1")
-    assert calls["J16mvl02s1.json"].split() == want.split() and "--budget-lrs" not in want
-    assert calls["J16mv02s1.json"] == plan17_calls(tmp_path / "c", "16m6b")["J16mv02s1.json"]
-    assert "--kd-weights" not in calls["J16mv02s1.json"]
-    assert plan17_calls(tmp_path / "d", "16m9a") == {"J16mvl02s1.json": calls["J16mvl02s1.json"]}
+    assert set(calls) == {"J16mvw0402.json", "J16mvw0402s1.json"}
+    kd = {**plan17_calls(tmp_path / "b", "16m7a"), **plan17_calls(tmp_path / "c", "16m7b")}
+    for ours, theirs, seed in (("J16mvw0402", "J16mvk02", 0), ("J16mvw0402s1", "J16mvk02s1", 1)):
+        c = calls[ours + ".json"]
+        assert f"--seed {seed} " in c and "--budget-lrs" not in c
+        want = kd[theirs + ".json"].replace("--kd-weights 1,1,0.5", "--kd-weights 1,1,0.4").replace(theirs, ours)
+        assert c.split() == want.split()
+    assert plan17_calls(tmp_path / "d", "16m9a") == {"J16mvw0402s1.json": calls["J16mvw0402s1.json"]}
+    three = plan17_calls(tmp_path / "e", "16m9a", KD="0.3")
+    assert set(three) == {"J16mvw0302s1.json"} and "--kd-weights 1,1,0.3 " in three["J16mvw0302s1.json"]
 
 
 def test_ratios_wait_for_the_runs_to_finish_and_the_call_says_call_again(tmp_path):
