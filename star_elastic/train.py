@@ -189,6 +189,7 @@ class ElasticTrainer:
         # cfg.hold_pull: the parent's values (taken before any resume loads trained ones) to pull them back to
         self.held = ((list(slow.values()), [p.detach().clone() for p in slow.values()])
                      if slow and cfg.hold_pull else None)
+        model_groups = len(groups)  # the model's (and held parts') groups; the delta's and the router's follow
         self.delta = self._full_delta(groups)
         self.restored: Restored | None = None  # what restore_delta covered of the drift, once it ran
         # with the delta restored where training ends, the anchor's passes would train a delta that the restore
@@ -206,11 +207,10 @@ class ElasticTrainer:
             # budget's) scale their schedule per budget; the delta, which the anchor alone trains, and the router
             # keep one set of moments over every budget's gradient, as before
             scales = {f"b{i}": r / cfg.lr for i, r in enumerate(cfg.budget_lrs)}  # keys: _stash
-            for i, group in enumerate(groups):
-                if i < (2 if slow else 1):
-                    group["scales"] = dict(scales)
-                else:
-                    group["per_budget"] = False
+            for group in groups[:model_groups]:
+                group["scales"] = dict(scales)
+            for group in groups[model_groups:]:
+                group["per_budget"] = False
             self.opt = BudgetAdamW(groups, lr=cfg.lr)
         self.step = 0
         self.stage2 = stage2_weights(cfg, len(budgets))
