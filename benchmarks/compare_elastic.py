@@ -145,7 +145,33 @@ def compare(runs: dict, pair: str, part: str = "A") -> dict:
     for key in ("full_without_delta", "full_with_parents_rest", "full_keeps_held"):  # a delta run's (bench_elastic)
         if how.get(key):
             out[key + "_vs_parent"] = {s: how[key][s] / parent[s] - 1 for s in parent}
+    out["targets"] = targets(out)
     return out
+
+
+# issue 17's targets (docs/RESULTS.md §9): each smaller budget at most 2% worse than (c), the full model at most
+# 1% worse than its parent, on every held-out source (better counts as met)
+SMALLER_TARGET, FULL_TARGET = 0.02, 0.01
+
+
+def targets(r: dict) -> dict[str, dict]:
+    """Per budget of a compared pair: met or not, and the sources that miss with their ratio."""
+    out = {b: {"target": SMALLER_TARGET, "misses": {s: v for s, v in v["vs_c"].items() if v > SMALLER_TARGET}}
+           for b, v in r["budgets"].items() if b != "1.0"}
+    if "full_vs_parent" in r:
+        out["1.0"] = {"target": FULL_TARGET,
+                      "misses": {s: v for s, v in r["full_vs_parent"].items() if v > FULL_TARGET}}
+    for v in out.values():
+        v["met"] = not v["misses"]
+    return out
+
+
+def verdict(name: str, v: dict) -> str:
+    against = "its parent" if name == "1.0" else "(c)"
+    if v["met"]:
+        return f"{name} within {100 * v['target']:g}% of {against}: met"
+    return (f"{name} within {100 * v['target']:g}% of {against}: MISSED on "
+            + ", ".join(f"{s} {100 * x:+.1f}" for s, x in v["misses"].items()))
 
 
 def last_fifth_grad_norms(how: dict, steps: int | None) -> dict[str, float]:
@@ -249,6 +275,8 @@ def main(argv=None):
                   f"{fmt(r['full_with_parents_rest_vs_parent'])}")
         if "full_keeps_held_vs_parent" in r:
             print(f"    keeping the parent's held values (elastify --full-keeps-held): {fmt(r['full_keeps_held_vs_parent'])}")
+        if r["targets"]:
+            print("  targets: " + "; ".join(verdict(b, v) for b, v in r["targets"].items()))
     for why in refused:
         print(why)
     if args.json:

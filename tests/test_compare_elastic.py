@@ -57,6 +57,25 @@ def test_ratios_of_a_pair_across_a_bundle_and_a_result_file(tmp_path, capsys):
     assert json.loads((tmp_path / "out.json").read_text())["pairs"][0]["pair"] == "J:C"
 
 
+def test_each_pair_says_which_targets_it_meets_and_where_it_misses(tmp_path, capsys):
+    """Issue 17's targets per pair: a smaller budget at most 2% worse than (c) on every source, the full model at
+    most 1% worse than its parent (better is met); a miss names its sources."""
+    bundle = tmp_path / "b.json"
+    bundle.write_text(json.dumps({"runs": {
+        "J": _run(0, "joint_anchor", {"1.0": {"wiki": 10.05, "bible": 20.4}, "0.75": {"wiki": 12.6, "bible": 24.0},
+                                      "0.5": {"wiki": 20.0, "bible": 40.7}}),
+        "C": _run(0, "minitron", {"0.75": {"wiki": 12.0, "bible": 25.0}, "0.5": {"wiki": 21.0, "bible": 40.0}})}}))
+    r = compare(load_runs([str(bundle)]), "J:C")
+    t = r["targets"]
+    assert not t["0.75"]["met"] and t["0.75"]["misses"] == pytest.approx({"wiki": 0.05})  # bible -4%: fine
+    assert t["0.5"]["met"]  # -4.8% and +1.75%: both within 2%
+    assert not t["1.0"]["met"] and set(t["1.0"]["misses"]) == {"bible"}  # +0.5% and +2%
+    main([str(bundle), "--pairs", "J:C"])
+    printed = capsys.readouterr().out
+    assert ("targets: 0.75 within 2% of (c): MISSED on wiki +5.0; 0.5 within 2% of (c): met; "
+            "1.0 within 1% of its parent: MISSED on bible +2.0") in printed
+
+
 def test_each_budgets_training_kd_at_the_end_beside_cs_and_the_mixes(tmp_path, capsys):
     """The last fifth's KD on its own training batches, (b)'s (final_kd) against (c)'s (from its log of fifths,
     the last window short, weighted by steps): fitting the text apart from doing well elsewhere (the thirtieth
