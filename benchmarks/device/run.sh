@@ -24,7 +24,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16mc (MIX=)|16m3 (MIX=)|16m3c (MIX=)|16m3b (MIX=)|16m4 (MIX=)|16m5 (MIX=)|16m6|16m6a|16m6b (MIX=)|16m7|16m7a|16m7b (MIX=)|16m8|16m8a (MIX=)|16m9|16m9a (MIX=, KD=)|16mk (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16mc (MIX=)|16m3 (MIX=)|16m3c (MIX=)|16m3b (MIX=)|16m4 (MIX=)|16m5 (MIX=)|16m6|16m6a|16m6b (MIX=)|16m7|16m7a|16m7b (MIX=)|16m8|16m8a (MIX=)|16m9|16m9a|16m9b (MIX=, KD=)|16mk (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -724,9 +724,10 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
      S="--tokens-a 16777216 --stage2-weights 0,0.8,0.2 --budget-lrs 2e-4,2e-4,2e-4"
      runs=(J16mvs${x}s1 "$(MH1) $S --state-dir $H/state/J16mvs${x}s1")
      [ "$1" = 16m8 ] && runs+=(J16mvs$x "$(MH) $S --state-dir $H/state/J16mvs$x")
-     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS "${runs[@]}"
-     ratios J16mvs${x}s1:C16mv${x}s1,J16mvs${x}s1:C16mvb${x}s1 J16mvs${x}s1
-     [ "$1" = 16m8a ] || ratios J16mvs$x:C16mv$x,J16mvs$x:C16mvb$x J16mvs$x ;;
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS "${runs[@]}"; rc=0  # exit 75 while either is not finished
+     ratios J16mvs${x}s1:C16mv${x}s1,J16mvs${x}s1:C16mvb${x}s1 J16mvs${x}s1 || rc=$?
+     [ "$1" = 16m8a ] || ratios J16mvs$x:C16mv$x,J16mvs$x:C16mvb$x J16mvs$x || rc=$?
+     (exit $rc) ;;
   # 16m9 (after the fifty-first session's 16m8a: each budget's own moments left the 0.75 further from its (c) at seed
   # 1, +4.8% on chat answers and +7.9% on its own batches, where the 0.5's KD weighted 0.5 in one AdamW gave +3.2% /
   # +3.2%; bench_budget_pull's toy: own moments pull the 0.75 off the most at every seed, the shared momentum most of
@@ -734,14 +735,15 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # both seeds, 0.43-0.45 from J16mvk02's and J16mvk02s1's logs), J16mvw<KD digits>$x at seed 0 and ...s1 at seed 1
   # side by side, each against its seed's per-budget (c) (C16mv$x / C16mvb$x, C16mv$x's1 / C16mvb$x's1: the weights
   # leave the even order, so the per-budget steps stay 1,331 / 717). ~1,100 s on an H200 after SETUP (three calls);
-  # 16m9a: seed 1 alone (~800 s, two calls)
-  16m9|16m9a) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .); KD=${KD:-0.4}; w=$(echo "$KD" | tr -d .)
-     S="--tokens-a 16777216 --stage2-weights 0,0.8,0.2 --kd-weights 1,1,$KD"
-     runs=(J16mvw$w${x}s1 "$(MH1) $S --state-dir $H/state/J16mvw$w${x}s1")
-     [ "$1" = 16m9 ] && runs+=(J16mvw$w$x "$(MH) $S --state-dir $H/state/J16mvw$w$x")
-     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS "${runs[@]}"
-     ratios J16mvw$w${x}s1:C16mv${x}s1,J16mvw$w${x}s1:C16mvb${x}s1 J16mvw$w${x}s1
-     [ "$1" = 16m9a ] || ratios J16mvw$w$x:C16mv$x,J16mvw$w$x:C16mvb$x J16mvw$w$x ;;
+  # 16m9a / 16m9b: seed 1 / seed 0 alone (~830 s on an H100, two calls: a session that lost a start to a failed one)
+  16m9|16m9a|16m9b) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .); KD=${KD:-0.4}
+     w=$(echo "$KD" | tr -d .) S="--tokens-a 16777216 --stage2-weights 0,0.8,0.2 --kd-weights 1,1,$KD" runs=()
+     [ "$1" = 16m9b ] || runs+=(J16mvw$w${x}s1 "$(MH1) $S --state-dir $H/state/J16mvw$w${x}s1")
+     [ "$1" = 16m9a ] || runs+=(J16mvw$w$x "$(MH) $S --state-dir $H/state/J16mvw$w$x")
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS "${runs[@]}"; rc=0  # exit 75 while either is not finished
+     [ "$1" = 16m9b ] || ratios J16mvw$w${x}s1:C16mv${x}s1,J16mvw$w${x}s1:C16mvb${x}s1 J16mvw$w${x}s1 || rc=$?
+     [ "$1" = 16m9a ] || ratios J16mvw$w$x:C16mv$x,J16mvw$w$x:C16mvb$x J16mvw$w$x || rc=$?
+     (exit $rc) ;;
   # 16mk: the data lever, after 16m3: J16m02 with the anchor, restore rows, finish and mix on half chat-format
   # parent text (J16mk$x, --anchor-data self+chat; in the twenty-third session, before the restore and the finish,
   # the anchor on sampled conversations did not move the chat drift); its smaller budgets against the plain (c)
