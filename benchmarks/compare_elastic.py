@@ -156,11 +156,11 @@ SMALLER_TARGET, FULL_TARGET = 0.02, 0.01
 
 def targets(r: dict) -> dict[str, dict]:
     """Per budget of a compared pair: met or not, and the sources that miss with their ratio."""
-    out = {b: {"target": SMALLER_TARGET, "misses": {s: v for s, v in v["vs_c"].items() if v > SMALLER_TARGET}}
-           for b, v in r["budgets"].items() if b != "1.0"}
+    out = {b: {"target": SMALLER_TARGET, "misses": {s: x for s, x in row["vs_c"].items() if x > SMALLER_TARGET}}
+           for b, row in r["budgets"].items() if b != "1.0"}
     if "full_vs_parent" in r:
         out["1.0"] = {"target": FULL_TARGET,
-                      "misses": {s: v for s, v in r["full_vs_parent"].items() if v > FULL_TARGET}}
+                      "misses": {s: x for s, x in r["full_vs_parent"].items() if x > FULL_TARGET}}
     for v in out.values():
         v["met"] = not v["misses"]
     return out
