@@ -148,19 +148,26 @@ def test_plan17_16m7b_runs_the_kd_weighted_recipe_at_seed_1_beside_its_own_per_b
         assert calls[name] == six[name]
 
 
+def assert_the_kd_weighted_runs_but(tmp_path, calls, name, flags):
+    """`calls`' runs `name` (seed 0) and `name`s1 (seed 1) are 16m7a's / 16m7b's KD-weighted runs, J16mvk02 and
+    J16mvk02s1, with their --kd-weights swapped for `flags`, word for word."""
+    kd = {**plan17_calls(tmp_path / "kd0", "16m7a"), **plan17_calls(tmp_path / "kd1", "16m7b")}
+    for ours, theirs in ((name, "J16mvk02"), (name + "s1", "J16mvk02s1")):
+        want = kd[theirs + ".json"].replace("--kd-weights 1,1,0.5", flags).replace(theirs, ours)
+        assert calls[ours + ".json"].split() == want.split(), ours
+
+
 def test_plan17_16m8_runs_the_recipe_with_each_budgets_own_moments_at_both_seeds(tmp_path):
     # 16m8: J16mv02's recipe with --budget-lrs at the one rate (each budget its own AdamW moments) and the KD weights
     # at 1, at seed 0 and seed 1, each the very command line of the KD-weighted run of its seed with the weights
     # swapped for the moments; 16m8a: seed 1 alone
     calls = plan17_calls(tmp_path / "a", "16m8")
     assert set(calls) == {"J16mvs02.json", "J16mvs02s1.json"}
-    kd = {**plan17_calls(tmp_path / "b", "16m7a"), **plan17_calls(tmp_path / "c", "16m7b")}
-    for ours, theirs, seed in (("J16mvs02", "J16mvk02", 0), ("J16mvs02s1", "J16mvk02s1", 1)):
-        c = calls[ours + ".json"]
+    for name, seed in (("J16mvs02", 0), ("J16mvs02s1", 1)):
+        c = calls[name + ".json"]
         assert "--budget-lrs 2e-4,2e-4,2e-4 " in c and "--kd-weights" not in c and f"--seed {seed} " in c
         assert "--lr-a 2e-4 " in c  # the one rate the moments run at
-        want = kd[theirs + ".json"].replace("--kd-weights 1,1,0.5", "--budget-lrs 2e-4,2e-4,2e-4").replace(theirs, ours)
-        assert c.split() == want.split()
+    assert_the_kd_weighted_runs_but(tmp_path, calls, "J16mvs02", "--budget-lrs 2e-4,2e-4,2e-4")
     assert set(plan17_calls(tmp_path / "d", "16m8a")) == {"J16mvs02s1.json"}
 
 
@@ -169,12 +176,8 @@ def test_plan17_16m9_weights_the_half_budgets_kd_at_both_seeds_in_one_adamw(tmp_
     # their command lines otherwise the same; 16m9a / 16m9b: seed 1 / seed 0 alone; KD=0.3 names the runs by the weight
     calls = plan17_calls(tmp_path / "a", "16m9")
     assert set(calls) == {"J16mvw0402.json", "J16mvw0402s1.json"}
-    kd = {**plan17_calls(tmp_path / "b", "16m7a"), **plan17_calls(tmp_path / "c", "16m7b")}
-    for ours, theirs, seed in (("J16mvw0402", "J16mvk02", 0), ("J16mvw0402s1", "J16mvk02s1", 1)):
-        c = calls[ours + ".json"]
-        assert f"--seed {seed} " in c and "--budget-lrs" not in c
-        want = kd[theirs + ".json"].replace("--kd-weights 1,1,0.5", "--kd-weights 1,1,0.4").replace(theirs, ours)
-        assert c.split() == want.split()
+    assert "--seed 0 " in calls["J16mvw0402.json"] and "--seed 1 " in calls["J16mvw0402s1.json"]
+    assert_the_kd_weighted_runs_but(tmp_path, calls, "J16mvw0402", "--kd-weights 1,1,0.4")
     assert plan17_calls(tmp_path / "d", "16m9a") == {"J16mvw0402s1.json": calls["J16mvw0402s1.json"]}
     assert plan17_calls(tmp_path / "f", "16m9b") == {"J16mvw0402.json": calls["J16mvw0402.json"]}
     three = plan17_calls(tmp_path / "e", "16m9a", KD="0.3")
