@@ -1,7 +1,7 @@
 """How hard does the 0.5 pull the 0.75 off its fit, with one AdamW (the 0.5's KD weighted 1, 0.5, 0.3) and with
 each budget's own AdamW moments (`--budget-lrs`)? A CPU probe on the 5-layer hybrid of tests/test_train.py (random
 teacher, the student a perturbed copy, a synthetic pattern), fixed nested architectures, the 0.75 and the 0.5
-alone on 65% / 35% of the steps (SmolLM2's share under stage 2 at 0.8 / 0.2), no full budget (as where
+alone on 65% / 35% of the steps (SmolLM2's share under stage 2 at 0.8 / 0.2; `--share`), no full budget (as where
 --keep-full's delta takes the anchor's gradient), beside each budget distilled alone on the steps it got ((c)).
 Each run's figure is a budget's KD on 64 of its training rows at the end.
 
@@ -73,12 +73,14 @@ def fits(steps: int, stage2_weights: list[float], seed: int = 0, beta1: float = 
     return {b: sum(lg["budget"] == b for lg in logs) for b in ("0.75", "0.5")}, result
 
 
-def compare(steps: int, seed: int, beta1: float, variants: dict) -> dict:
-    """Every variant's fits, and each budget's (c) on the steps it got, with ratios to (c)."""
-    runs = {name: fits(steps, [0.0, 0.65, 0.35], seed, beta1, **kw)[1] for name, kw in variants.items()}
-    n, _ = fits(steps, [0.0, 0.65, 0.35], seed, beta1)
+def compare(steps: int, seed: int, beta1: float, variants: dict, share: float = 0.65) -> dict:
+    """Every variant's fits, and each budget's (c) on the steps it got, with ratios to (c); `share`: the 0.75's
+    share of the steps (the 0.5 the rest)."""
+    weights = [0.0, share, 1.0 - share]
+    runs = {name: fits(steps, weights, seed, beta1, **kw)[1] for name, kw in variants.items()}
+    n, _ = fits(steps, weights, seed, beta1)
     alone = [fits(n["0.75"], [0.0, 1.0, 0.0], seed, beta1)[1][0], fits(n["0.5"], [0.0, 0.0, 1.0], seed, beta1)[1][1]]
-    return {"steps": steps, "seed": seed, "beta1": beta1, "steps_sampled": n, "c": alone,
+    return {"steps": steps, "seed": seed, "beta1": beta1, "share": share, "steps_sampled": n, "c": alone,
             "runs": {k: {"kd": v, "vs_c": [v[0] / alone[0] - 1, v[1] / alone[1] - 1]} for k, v in runs.items()}}
 
 
@@ -87,6 +89,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, nargs="+", default=[120])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--beta1", type=float, nargs="+", default=[0.9])
+    ap.add_argument("--share", type=float, default=0.65, help="the 0.75's share of the steps, the 0.5 the rest")
     ap.add_argument("--variants", default=DEFAULT, help=f"comma-separated, of: {', '.join(VARIANTS)}")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
@@ -101,7 +104,7 @@ def main(argv=None):
     for steps in args.steps:
         for beta1 in args.beta1:
             for seed in args.seeds:
-                r = compare(steps, seed, beta1, variants)
+                r = compare(steps, seed, beta1, variants, args.share)
                 results.append(r)
                 cells = "  ".join(f"{100 * v['vs_c'][0]:+7.1f}% | {100 * v['vs_c'][1]:+6.1f}%"
                                   for v in r["runs"].values())
