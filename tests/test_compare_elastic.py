@@ -70,10 +70,19 @@ def test_each_pair_says_which_targets_it_meets_and_where_it_misses(tmp_path, cap
     assert not t["0.75"]["met"] and t["0.75"]["misses"] == pytest.approx({"wiki": 0.05})  # bible -4%: fine
     assert t["0.5"]["met"]  # -4.8% and +1.75%: both within 2%
     assert not t["1.0"]["met"] and set(t["1.0"]["misses"]) == {"bible"}  # +0.5% and +2%
+    assert t["0.75"]["in_band"] and t["0.5"]["in_band"]  # _run keeps each budget's share exactly
     main([str(bundle), "--pairs", "J:C"])
     printed = capsys.readouterr().out
     assert ("targets: 0.75 within 2% of (c): MISSED on wiki +5.0; 0.5 within 2% of (c): met; "
             "1.0 within 1% of its parent: MISSED on bible +2.0") in printed
+    # a budget that kept 53% of the parameters for 0.5 is out of its 5% band, however well it scores
+    data = json.loads(bundle.read_text())
+    next(r for r in data["runs"]["J"]["A"]["rows"] if r["budget"] == "0.5")["param_fraction"] = 0.53
+    bundle.write_text(json.dumps(data))
+    t = compare(load_runs([str(bundle)]), "J:C")["targets"]
+    assert t["0.5"]["in_band"] is False and not t["0.5"]["met"] and not t["0.5"]["misses"]
+    main([str(bundle), "--pairs", "J:C"])
+    assert "0.5 within 2% of (c): met, OUT of its band (53.0% of the parameters)" in capsys.readouterr().out
 
 
 def test_each_budgets_training_kd_at_the_end_beside_cs_and_the_mixes(tmp_path, capsys):
