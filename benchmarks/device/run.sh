@@ -292,6 +292,16 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor}"; }
   CM() { echo "${A/--no-minitron/} --seed $1 --variants= --minitron-arch $B#E$1:elastic_anchor --lr-a 2e-4 \
     --anchor-data self --budget-mix ${MIX:-0.2} $CHAT"; }
+  # per_budget_seeds WHICH NAME "FLAGS": MH's recipe with FLAGS at seed 1 (NAMEs1) and seed 0 (NAME) side by side
+  # (WHICH a: seed 1 alone, b: seed 0 alone), each against its seed's per-budget (c) (C16mv / C16mvb at MIX); exit
+  # 75 while either run is unfinished (16m8, 16m9)
+  per_budget_seeds() { local runs=() rc=0 x; x=$([ "${MIX:-0.2}" = 0.5 ] || echo "${MIX:-0.2}" | tr -d .)
+    [ "$1" = b ] || runs+=($2s1 "$(MH1) $3 --state-dir $H/state/$2s1")
+    [ "$1" = a ] || runs+=($2 "$(MH) $3 --state-dir $H/state/$2")
+    RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS "${runs[@]}"
+    [ "$1" = b ] || ratios $2s1:C16mv${x}s1,$2s1:C16mvb${x}s1 $2s1 || rc=$?
+    [ "$1" = a ] || ratios $2:C16mv$x,$2:C16mvb$x $2 || rc=$?
+    return $rc; }
   HB="--part B --tokenizer $H/tok --heldout wiki,shakespeare,bible,wiki-fr --variants elastic_anchor --minitron-arch elastic \
     --anchor-cache $H/res/anchor"
   case "$1" in  # J*: (c)'s architectures without the router, against E0c / E1c in $B
@@ -721,13 +731,7 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # C16mvb$x, H100) and J16mvs$x's1 (seed 1: against C16mv$x's1 / C16mvb$x's1, H200) side by side, ~1,100 s after
   # SETUP, two or three calls; 16m8a: seed 1 alone (~800 s, two calls)
   16m8|16m8a) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .)
-     S="--tokens-a 16777216 --stage2-weights 0,0.8,0.2 --budget-lrs 2e-4,2e-4,2e-4"
-     runs=(J16mvs${x}s1 "$(MH1) $S --state-dir $H/state/J16mvs${x}s1")
-     [ "$1" = 16m8 ] && runs+=(J16mvs$x "$(MH) $S --state-dir $H/state/J16mvs$x")
-     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS "${runs[@]}"; rc=0  # exit 75 while either is not finished
-     ratios J16mvs${x}s1:C16mv${x}s1,J16mvs${x}s1:C16mvb${x}s1 J16mvs${x}s1 || rc=$?
-     [ "$1" = 16m8a ] || ratios J16mvs$x:C16mv$x,J16mvs$x:C16mvb$x J16mvs$x || rc=$?
-     (exit $rc) ;;
+     per_budget_seeds "${1#16m8}" J16mvs$x "--tokens-a 16777216 --stage2-weights 0,0.8,0.2 --budget-lrs 2e-4,2e-4,2e-4" ;;
   # 16m9 (after the fifty-first session's 16m8a: each budget's own moments left the 0.75 further from its (c) at seed
   # 1, +4.8% on chat answers and +7.9% on its own batches, where the 0.5's KD weighted 0.5 in one AdamW gave +3.2% /
   # +3.2%; bench_budget_pull's toy: own moments pull the 0.75 off the most at every seed, the shared momentum most of
@@ -737,13 +741,8 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # leave the even order, so the per-budget steps stay 1,331 / 717). ~1,100 s on an H200 after SETUP (three calls);
   # 16m9a / 16m9b: seed 1 / seed 0 alone (~830 s on an H100, two calls: a session that lost a start to a failed one)
   16m9|16m9a|16m9b) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .); KD=${KD:-0.4}
-     w=$(echo "$KD" | tr -d .) S="--tokens-a 16777216 --stage2-weights 0,0.8,0.2 --kd-weights 1,1,$KD" runs=()
-     [ "$1" = 16m9b ] || runs+=(J16mvw$w${x}s1 "$(MH1) $S --state-dir $H/state/J16mvw$w${x}s1")
-     [ "$1" = 16m9a ] || runs+=(J16mvw$w$x "$(MH) $S --state-dir $H/state/J16mvw$w$x")
-     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS "${runs[@]}"; rc=0  # exit 75 while either is not finished
-     [ "$1" = 16m9b ] || ratios J16mvw$w${x}s1:C16mv${x}s1,J16mvw$w${x}s1:C16mvb${x}s1 J16mvw$w${x}s1 || rc=$?
-     [ "$1" = 16m9a ] || ratios J16mvw$w$x:C16mv$x,J16mvw$w$x:C16mvb$x J16mvw$w$x || rc=$?
-     (exit $rc) ;;
+     per_budget_seeds "${1#16m9}" J16mvw$(echo "$KD" | tr -d .)$x \
+       "--tokens-a 16777216 --stage2-weights 0,0.8,0.2 --kd-weights 1,1,$KD" ;;
   # 16mk: the data lever, after 16m3: J16m02 with the anchor, restore rows, finish and mix on half chat-format
   # parent text (J16mk$x, --anchor-data self+chat; in the twenty-third session, before the restore and the finish,
   # the anchor on sampled conversations did not move the chat drift); its smaller budgets against the plain (c)
