@@ -29,15 +29,20 @@ CFG = ModelConfig(vocab_size=64, hidden_size=32, layer_types="M*EM-", num_attent
 BUDGETS = ["1.0", "0.75", "0.5"]
 
 
+def pattern_rows(repeats: int) -> torch.Tensor:
+    """Rows of 32 tokens of CFG's vocabulary: 0..63 repeated `repeats` times, a fifth of the tokens noise (fixed)."""
+    g = torch.Generator().manual_seed(123)
+    base = torch.arange(64).repeat(repeats)
+    stream = torch.where(torch.rand(base.shape, generator=g) < 0.2, torch.randint(0, 64, base.shape, generator=g), base)
+    return stream[: (stream.numel() // 32) * 32].view(-1, 32)
+
+
 def run(judge: str, seed: int, steps: int, out: str) -> list[float]:
     torch.manual_seed(seed)
     model = Model(CFG)
     budgets = [parse_budget(b, CFG) for b in BUDGETS]
     router = Router(CFG, budgets, RouterConfig(width_choices=8))
-    g = torch.Generator().manual_seed(123)
-    base = torch.arange(64).repeat(200)
-    stream = torch.where(torch.rand(base.shape, generator=g) < 0.2, torch.randint(0, 64, base.shape, generator=g), base)
-    rows = stream[: (stream.numel() // 32) * 32].view(-1, 32)
+    rows = pattern_rows(200)
     cfg = TrainConfig(steps=steps, batch_size=8, seq_len=32, warmup_steps=10, lr=3e-3, router_lr=1e-2,
                       budget_cost=judge, seed=seed)
     ElasticTrainer(model, copy.deepcopy(model), router, budgets, rows, cfg, out).run(progress=False)

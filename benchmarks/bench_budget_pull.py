@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import common
-from bench_budget_cost import CFG  # tests/test_train.py's toy hybrid, every block type
+from bench_budget_cost import CFG, pattern_rows  # CFG: tests/test_train.py's toy hybrid, every block type
 from star_elastic.elastic.cost import parse_budget
 from star_elastic.elastic.losses import kd_loss
 from star_elastic.elastic.masking import masked
@@ -51,10 +51,7 @@ def fits(steps: int, stage2_weights: list[float], seed: int = 0, beta1: float = 
     with torch.no_grad():  # a student away from its teacher, so that every budget has work to do
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    g = torch.Generator().manual_seed(123)
-    base = torch.arange(64).repeat(40)  # a repeating pattern with a fifth of noise
-    stream = torch.where(torch.rand(base.shape, generator=g) < 0.2, torch.randint(0, 64, base.shape, generator=g), base)
-    rows = stream[: (stream.numel() // 32) * 32].view(-1, 32)
+    rows = pattern_rows(40)  # a repeating pattern with a fifth of noise
     cfg = TrainConfig(**{**dict(steps=steps, batch_size=8, seq_len=16, stage2_seq_len=32, warmup_steps=10, lr=LR,
                                 stage1_fraction=0.0, stage2_weights=stage2_weights, full_anchor=0.0, clip=1e9),
                          **train})
@@ -77,8 +74,9 @@ def compare(steps: int, seed: int, beta1: float, variants: dict, share: float = 
     """Every variant's fits, and each budget's (c) on the steps it got, with ratios to (c); `share`: the 0.75's
     share of the steps (the 0.5 the rest)."""
     weights = [0.0, share, 1.0 - share]
-    runs = {name: fits(steps, weights, seed, beta1, **kw)[1] for name, kw in variants.items()}
-    n, _ = fits(steps, weights, seed, beta1)
+    done = {name: fits(steps, weights, seed, beta1, **kw) for name, kw in variants.items()}
+    runs = {name: kd for name, (_, kd) in done.items()}
+    n = next(iter(done.values()))[0]  # the steps each budget got: the even order's, whatever the variant
     alone = [fits(n["0.75"], [0.0, 1.0, 0.0], seed, beta1)[1][0], fits(n["0.5"], [0.0, 0.0, 1.0], seed, beta1)[1][1]]
     return {"steps": steps, "seed": seed, "beta1": beta1, "share": share, "steps_sampled": n, "c": alone,
             "runs": {k: {"kd": v, "vs_c": [v[0] / alone[0] - 1, v[1] / alone[1] - 1]} for k, v in runs.items()}}

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import common
+from star_elastic.elastic.cost import BAND  # a budget's share of the parameters within 5% of its target
 
 SKIP = {"parent", "zero_shot", "zero_shot_elastic_arch"}
 
@@ -152,7 +153,6 @@ def compare(runs: dict, pair: str, part: str = "A") -> dict:
 # issue 17's targets (docs/RESULTS.md §9): each smaller budget at most 2% worse than (c) and in its band, the full
 # model at most 1% worse than its parent, on every held-out source (better counts as met)
 SMALLER_TARGET, FULL_TARGET = 0.02, 0.01
-BAND = 0.05  # a budget's share of the parameters within 5% of its target (star_elastic.elastic.cost.BAND)
 
 
 def in_band(budget: str, param_fraction: float) -> bool | None:
