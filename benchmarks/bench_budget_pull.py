@@ -3,7 +3,8 @@ each budget's own AdamW moments (`--budget-lrs`)? A CPU probe on the 5-layer hyb
 teacher, the student a perturbed copy, a synthetic pattern), fixed nested architectures, the 0.75 and the 0.5
 alone on 65% / 35% of the steps (SmolLM2's share under stage 2 at 0.8 / 0.2; `--share`), no full budget (as where
 --keep-full's delta takes the anchor's gradient), beside each budget distilled alone on the steps it got ((c)).
-Each run's figure is a budget's KD on 64 of its training rows at the end.
+Each run's figure is a budget's KD on 64 of its training rows at the end; beside it (g) the 0.5's mean gradient
+norm over the 0.75's (what a rule that evens the budgets' gradients out would go by).
 
 Issue 17 (docs/RESULTS.md §9, fifty-first session): on SmolLM2 at 16.8M tokens own moments left the 0.75 further
 from its (c) than one AdamW with the 0.5's KD at 0.5. `--beta1 0` runs everything without momentum, to see how
@@ -43,8 +44,9 @@ VARIANTS = {"w=1": {}, "w=0.5": dict(budget_kd_weights=[1.0, 1.0, 0.5]), "w=0.4"
 DEFAULT = "w=1,w=0.5,w=0.3,own"
 
 
-def fits(steps: int, stage2_weights: list[float], seed: int = 0, beta1: float = 0.9, **train) -> tuple[dict, list[float]]:
-    """(steps each budget got, [the 0.75's KD, the 0.5's KD] on 64 training rows at the end) of one run."""
+def fits(steps: int, stage2_weights: list[float], seed: int = 0, beta1: float = 0.9, **train) -> tuple[dict, list[float], dict]:
+    """(steps each budget got, [the 0.75's KD, the 0.5's KD] on 64 training rows at the end, each budget's mean
+    gradient norm over the last three quarters of the steps) of one run."""
     torch.manual_seed(seed)
     model = Model(CFG)
     teacher = copy.deepcopy(model)
@@ -67,7 +69,10 @@ def fits(steps: int, stage2_weights: list[float], seed: int = 0, beta1: float = 
         for spec in NESTED[1:]:
             with masked(model, spec.masks(CFG)):
                 result.append(float(kd_loss(model(x), teacher(x))))
-    return {b: sum(lg["budget"] == b for lg in logs) for b in ("0.75", "0.5")}, result
+    late = logs[steps // 4:]  # past the warm-up and the first fall
+    norms = {b: sum(lg["grad_norm"] for lg in late if lg["budget"] == b)
+             / max(1, sum(lg["budget"] == b for lg in late)) for b in ("0.75", "0.5")}
+    return {b: sum(lg["budget"] == b for lg in logs) for b in ("0.75", "0.5")}, result, norms
 
 
 def compare(steps: int, seed: int, beta1: float, variants: dict, share: float = 0.65) -> dict:
@@ -75,11 +80,13 @@ def compare(steps: int, seed: int, beta1: float, variants: dict, share: float = 
     share of the steps (the 0.5 the rest)."""
     weights = [0.0, share, 1.0 - share]
     done = {name: fits(steps, weights, seed, beta1, **kw) for name, kw in variants.items()}
-    runs = {name: kd for name, (_, kd) in done.items()}
+    runs = {name: kd for name, (_, kd, _) in done.items()}
     n = next(iter(done.values()))[0]  # the steps each budget got: the even order's, whatever the variant
     alone = [fits(n["0.75"], [0.0, 1.0, 0.0], seed, beta1)[1][0], fits(n["0.5"], [0.0, 0.0, 1.0], seed, beta1)[1][1]]
     return {"steps": steps, "seed": seed, "beta1": beta1, "share": share, "steps_sampled": n, "c": alone,
-            "runs": {k: {"kd": v, "vs_c": [v[0] / alone[0] - 1, v[1] / alone[1] - 1]} for k, v in runs.items()}}
+            "runs": {k: {"kd": v, "vs_c": [v[0] / alone[0] - 1, v[1] / alone[1] - 1],
+                         # the 0.5's gradient norm over the 0.75's (budget_lrs: each budget's own, clipped alone)
+                         "grad_norm_ratio": done[k][2]["0.5"] / done[k][2]["0.75"]} for k, v in runs.items()}}
 
 
 def main(argv=None):
@@ -97,14 +104,14 @@ def main(argv=None):
     variants = {v: VARIANTS[v] for v in args.variants.split(",")}
     os.environ["STAR_ELASTIC_QUIET"] = "1"
     results = []
-    print(f"{'steps':>5} {'seed':>4} {'beta1':>5}  " + "  ".join(f"{k:>18}" for k in variants)
-          + "   (the 0.75's KD vs its (c) | the 0.5's)")
+    print(f"{'steps':>5} {'seed':>4} {'beta1':>5}  " + "  ".join(f"{k:>24}" for k in variants)
+          + "   (the 0.75's KD vs its (c) | the 0.5's; g: the 0.5's gradient norm over the 0.75's)")
     for steps in args.steps:
         for beta1 in args.beta1:
             for seed in args.seeds:
                 r = compare(steps, seed, beta1, variants, args.share)
                 results.append(r)
-                cells = "  ".join(f"{100 * v['vs_c'][0]:+7.1f}% | {100 * v['vs_c'][1]:+6.1f}%"
+                cells = "  ".join(f"{100 * v['vs_c'][0]:+7.1f}% | {100 * v['vs_c'][1]:+6.1f}% g{v['grad_norm_ratio']:.2f}"
                                   for v in r["runs"].values())
                 print(f"{steps:5d} {seed:4d} {beta1:5g}  {cells}", flush=True)
     if args.json:

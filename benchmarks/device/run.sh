@@ -24,7 +24,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16mc (MIX=)|16m3 (MIX=)|16m3c (MIX=)|16m3b (MIX=)|16m4 (MIX=)|16m5 (MIX=)|16m6|16m6a|16m6b (MIX=)|16m7|16m7a|16m7b (MIX=)|16m8|16m8a (MIX=)|16m9|16m9a|16m9b (MIX=, KD=)|16mk (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16mc (MIX=)|16m3 (MIX=)|16m3c (MIX=)|16m3b (MIX=)|16m4 (MIX=)|16m5 (MIX=)|16m6|16m6a|16m6b (MIX=)|16m7|16m7a|16m7b (MIX=)|16m8|16m8a (MIX=)|16m9|16m9a|16m9b (MIX=, KD=)|16m9h (KD=)|16mk (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -79,7 +79,7 @@ ratios() {  # ratios PAIRS RUN...: like-for-like ratios of this machine's runs a
   done
   for r in "$@"; do [ -s $H/res/$r.json ] && files+=($H/res/$r.json); done
   # one process reads the files once for every pair (a pair refused is printed and does not hide the others)
-  python3 benchmarks/compare_elastic.py docs/results/elastic_session51_h100.json docs/results/elastic_session50_h200.json docs/results/elastic_session49_h200.json docs/results/elastic_session47_h100.json docs/results/elastic_session46_h100.json docs/results/elastic_session45_h100.json docs/results/elastic_session40_h100.json docs/results/elastic_session34_h200.json docs/results/elastic_session31_h200.json docs/results/elastic_session30_h200.json docs/results/elastic_session29_h200.json docs/results/elastic_session28_h200.json docs/results/elastic_session27_h200.json docs/results/elastic_session24_h200.json docs/results/elastic_session21_h200.json docs/results/elastic_session19_h200.json docs/results/elastic_session18_h200.json docs/results/elastic_session17_h200.json docs/results/elastic_session16_h200.json docs/results/elastic_session15_h200.json docs/results/elastic_session14_h200.json docs/results/elastic_session13_h200.json docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
+  python3 benchmarks/compare_elastic.py docs/results/elastic_session52_h100.json docs/results/elastic_session51_h100.json docs/results/elastic_session50_h200.json docs/results/elastic_session49_h200.json docs/results/elastic_session47_h100.json docs/results/elastic_session46_h100.json docs/results/elastic_session45_h100.json docs/results/elastic_session40_h100.json docs/results/elastic_session34_h200.json docs/results/elastic_session31_h200.json docs/results/elastic_session30_h200.json docs/results/elastic_session29_h200.json docs/results/elastic_session28_h200.json docs/results/elastic_session27_h200.json docs/results/elastic_session24_h200.json docs/results/elastic_session21_h200.json docs/results/elastic_session19_h200.json docs/results/elastic_session18_h200.json docs/results/elastic_session17_h200.json docs/results/elastic_session16_h200.json docs/results/elastic_session15_h200.json docs/results/elastic_session14_h200.json docs/results/elastic_session13_h200.json docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
     docs/results/elastic_session9_h200.json "${files[@]}" --pairs $pairs 2>&1
 }
 join() {
@@ -589,10 +589,12 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   HB16) R="--full-anchor 1 --anchor-data self --anchor-mix 0.5 --full-delta-rank 64 --full-delta-lr 4e-4 \
        --full-delta-restore activations --full-delta-finish 256 --hold embeddings,norms --hold-rate 1 --hold-pull 0 \
        --full-keeps-held-training --strict-determinism"
-     # SEED=1: the second seed (B16s1, its own parent file; seed 0 ran in the thirtieth session)
-     s=${SEED:-0}; n=B16$([ $s = 0 ] || echo s$s)
+     # SEED=1: the second seed (B16s1, its own parent file; seed 0 ran in the thirtieth session); KD=W: the 0.5's
+     # KD weighted W (B16w<W digits>, 16m9h)
+     s=${SEED:-0}; n=B16$([ $s = 0 ] || echo s$s)${KD:+w$(echo "$KD" | tr -d .)}
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS $n "${HB/--minitron-arch elastic/--no-minitron} --seed $s $R \
-       --tokens-b 16777216 --state-dir $H/state/$n --parent-b $H/res/parentB$s.safetensors --max-train-seconds ${MTS:-400}" ;;
+       --tokens-b 16777216 --state-dir $H/state/$n --parent-b $H/res/parentB$s.safetensors --max-train-seconds ${MTS:-400}\
+       ${KD:+ --kd-weights 1,1,$KD}" ;;
   # 16pw: J16p with the 0.75 drawn 65% of the smaller budgets' steps (stage 2): at 16M J16r's 0.75 fitted its own
   # training text 15% worse than (c) (twenty-ninth session); if more of the steps close that, it was starved of
   # steps, if not, of capacity that the 0.5 shares. Run it only if J16p's 0.75 misses (c)
@@ -743,6 +745,17 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   16m9|16m9a|16m9b) MIX=${MIX:-0.2}; x=$([ "$MIX" = 0.5 ] || echo "$MIX" | tr -d .); KD=${KD:-0.4}
      per_budget_seeds "${1#16m9}" J16mvw$(echo "$KD" | tr -d .)$x \
        "--tokens-a 16777216 --stage2-weights 0,0.8,0.2 --kd-weights 1,1,$KD" ;;
+  # 16m9h (the fifty-second session's 16m9a: the 0.5's KD at 0.4 held every target at seed 1): before the weight
+  # joins --keep-full, the hybrid at 16M with it: HB16's recipe at seed 0 with --kd-weights 1,1,$KD (default 0.4),
+  # B16w<KD digits>, router on, against B16's (c) C16ba / C16bb (thirtieth session, on B16's architectures, from a
+  # parent pretrained under strict determinism, as this one is: the ratios refuse a parent that scores otherwise).
+  # At weight 1 its smaller budgets led their (c) by 4.5-11%: does the weight cost them that? ~460 s on an H200,
+  # resumable: call again on exit 75
+  16m9h) KD=${KD:-0.4}; n=B16w$(echo "$KD" | tr -d .)
+     KD=$KD bash $0 PLAN17 HB16
+     [ -e $H/res/$n.done ] || { echo "ratios: $n not finished (exit 75: call again)"; exit 75; }
+     python3 benchmarks/compare_elastic.py docs/results/elastic_session30_h200.json $H/res/$n.json --part B \
+       --pairs $n:C16ba,$n:C16bb 2>&1 ;;
   # 16mk: the data lever, after 16m3: J16m02 with the anchor, restore rows, finish and mix on half chat-format
   # parent text (J16mk$x, --anchor-data self+chat; in the twenty-third session, before the restore and the finish,
   # the anchor on sampled conversations did not move the chat drift); its smaller budgets against the plain (c)
