@@ -211,6 +211,13 @@ def test_plan17_16m9h_is_the_hybrid_at_16m_with_the_kd_weight_and_its_ratios_aga
     assert set(three) == {"B16w03.json"} and "--kd-weights 1,1,0.3 " in three["B16w03.json"]
 
 
+def test_plan17_16m9n_runs_seed_0_at_the_weight_beside_the_hybrid_with_it(tmp_path):
+    # 16m9n: 16m9b's and 16m9h's runs, each its very command line, side by side in one call
+    both = plan17_calls(tmp_path / "n", "16m9n")
+    assert both == {**plan17_calls(tmp_path / "b", "16m9b"), **plan17_calls(tmp_path / "h", "16m9h")}
+    assert set(both) == {"J16mvw0402.json", "B16w04.json"}
+
+
 def test_ratios_wait_for_the_runs_to_finish_and_the_call_says_call_again(tmp_path):
     # a run stopped by its call (exit 75, its JSON written, no .done) gets no ratios in that call: compare_elastic
     # is not started, and the script exits 75; once the run finishes, the ratios run
@@ -233,6 +240,6 @@ def test_ratios_wait_for_the_runs_to_finish_and_the_call_says_call_again(tmp_pat
     assert rc == 0 and ratios.split("--pairs ")[1].count(":") == 6 and "/res/J16mvk02.json" in ratios
     # a case that reads one seed's ratios of two still says "call again" when its run stopped (16m9a: seed 1's,
     # after which the skipped seed 0's check must not turn the 75 into a 0)
-    for case in ("16m8a", "16m8", "16m9a", "16m9b", "16m9"):
+    for case in ("16m8a", "16m8", "16m9a", "16m9b", "16m9", "16m9n"):
         rc, calls = call(75, case)
         assert rc == 75 and not any("compare_elastic" in c for c in calls), case

@@ -24,7 +24,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16mc (MIX=)|16m3 (MIX=)|16m3c (MIX=)|16m3b (MIX=)|16m4 (MIX=)|16m5 (MIX=)|16m6|16m6a|16m6b (MIX=)|16m7|16m7a|16m7b (MIX=)|16m8|16m8a (MIX=)|16m9|16m9a|16m9b (MIX=, KD=)|16m9h (KD=)|16mk (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16mc (MIX=)|16m3 (MIX=)|16m3c (MIX=)|16m3b (MIX=)|16m4 (MIX=)|16m5 (MIX=)|16m6|16m6a|16m6b (MIX=)|16m7|16m7a|16m7b (MIX=)|16m8|16m8a (MIX=)|16m9|16m9a|16m9b (MIX=, KD=)|16m9h|16m9n (KD=)|16mk (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -756,6 +756,13 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
      [ -e $H/res/$n.done ] || { echo "ratios: $n not finished (exit 75: call again)"; exit 75; }
      python3 benchmarks/compare_elastic.py docs/results/elastic_session30_h200.json $H/res/$n.json --part B \
        --pairs $n:C16ba,$n:C16bb 2>&1 ;;
+  # 16m9n (the next session's, after SETUP): 16m9b (seed 0 at the weight) and 16m9h (the hybrid with it) side by side
+  # on the one GPU (two runs side by side train faster in all than one after the other, forty-fourth session),
+  # called again until it exits 0; exit 75 while either is unfinished, another status as the first case gave it
+  16m9n) bash $0 PLAN17 16m9b > $OUT/n_16m9b.txt 2>&1 & p=$!
+     bash $0 PLAN17 16m9h > $OUT/n_16m9h.txt 2>&1; h=$?; wait $p; b=$?
+     tail -n 30 $OUT/n_16m9b.txt; tail -n 30 $OUT/n_16m9h.txt
+     for rc in $b $h; do [ $rc = 0 ] || exit $rc; done ;;
   # 16mk: the data lever, after 16m3: J16m02 with the anchor, restore rows, finish and mix on half chat-format
   # parent text (J16mk$x, --anchor-data self+chat; in the twenty-third session, before the restore and the finish,
   # the anchor on sampled conversations did not move the chat drift); its smaller budgets against the plain (c)
