@@ -184,38 +184,42 @@ def test_plan17_16m9_weights_the_half_budgets_kd_at_both_seeds_in_one_adamw(tmp_
     assert set(three) == {"J16mvw0302s1.json"} and "--kd-weights 1,1,0.3 " in three["J16mvw0302s1.json"]
 
 
-def test_plan17_16m9h_is_the_hybrid_at_16m_with_the_kd_weight_and_its_ratios_against_b16s_c(tmp_path):
-    # 16m9h: HB16's command line (the hybrid at 16M, seed 0) with the 0.5's KD weighted (default 0.4) and the run
-    # named by the weight; exit 75 and no ratios while it is unfinished, then the ratios against B16's (c), part B
+def test_plan17_16m9h_is_the_hybrid_at_16m_with_the_kd_weight_on_b16s_architectures_against_its_c(tmp_path):
+    # 16m9h: HB16's command line (the hybrid at 16M, seed 0, its recipe and parent file) with the 0.5's KD weighted
+    # (default 0.4), on B16's architectures without the router (B16's (c) ran on them: a router's other choice would
+    # have the pair refused), the run named by the weight; exit 75 and no ratios while it is unfinished, then the
+    # ratios against B16's (c), part B
     env = fake_device(tmp_path / "w", 'case "$1" in benchmarks/bench_elastic.py)\n'
                                       '  for a; do [ "$prev" = --json ] && echo "{}" > "$a"; prev=$a; done; exit $RC;; esac\n')
     out = Path(env["OUT"])
 
-    def call(rc: int) -> tuple[int, list[str]]:
+    def call(rc: int, **variables) -> tuple[int, list[str]]:
         (out / "calls").unlink(missing_ok=True)
         p = subprocess.run(["bash", "benchmarks/device/run.sh", "PLAN17", "16m9h"], cwd=ROOT, capture_output=True,
-                           env={**env, "RC": str(rc)}, timeout=60, text=True)
+                           env={**env, "RC": str(rc), **variables}, timeout=60, text=True)
         return p.returncode, (out / "calls").read_text().replace(str(tmp_path / "w"), "").splitlines()
 
     rc, calls = call(75)
     [run] = [c for c in calls if c.startswith("benchmarks/bench_elastic.py")]
     assert rc == 75 and not any("compare_elastic" in c for c in calls)
     [b16] = plan17_calls(tmp_path / "hb", "HB16").values()
-    assert "--kd-weights 1,1,0.4 " in run and "--seed 0 " in run and "--tokens-b 16777216 " in run
-    assert run.replace("--kd-weights 1,1,0.4 ", "").split() == b16.replace("B16", "B16w04").split()
+    fixed = "--variants joint_anchor --minitron-arch docs/results/elastic_session30_h200.json#B16:elastic_anchor "
+    assert fixed in run and "--kd-weights 1,1,0.4 " in run and "--seed 0 " in run and "--tokens-b 16777216 " in run
+    assert sorted(run.replace(fixed, "").replace("--kd-weights 1,1,0.4 ", "").split()) == \
+        sorted(b16.replace("--variants elastic_anchor ", "").replace("B16", "B16jw04").split())
     rc, calls = call(0)
     [ratios] = [c for c in calls if "compare_elastic" in c]
-    assert rc == 0 and "--part B" in ratios and "--pairs B16w04:C16ba,B16w04:C16bb" in ratios
-    assert "elastic_session30_h200.json" in ratios and "/res/B16w04.json" in ratios
-    three = plan17_calls(tmp_path / "three", "HB16", KD="0.3")
-    assert set(three) == {"B16w03.json"} and "--kd-weights 1,1,0.3 " in three["B16w03.json"]
+    assert rc == 0 and "--part B" in ratios and "--pairs B16jw04:C16ba,B16jw04:C16bb" in ratios
+    assert "elastic_session30_h200.json" in ratios and "/res/B16jw04.json" in ratios
+    rc, calls = call(75, KD="0.3")
+    assert "--kd-weights 1,1,0.3 " in calls[0] and "/res/B16jw03.json" in calls[0]
 
 
 def test_plan17_16m9n_runs_seed_0_at_the_weight_beside_the_hybrid_with_it(tmp_path):
     # 16m9n: 16m9b's and 16m9h's runs, each its very command line, side by side in one call
     both = plan17_calls(tmp_path / "n", "16m9n")
     assert both == {**plan17_calls(tmp_path / "b", "16m9b"), **plan17_calls(tmp_path / "h", "16m9h")}
-    assert set(both) == {"J16mvw0402.json", "B16w04.json"}
+    assert set(both) == {"J16mvw0402.json", "B16jw04.json"}
 
 
 def test_ratios_wait_for_the_runs_to_finish_and_the_call_says_call_again(tmp_path):

@@ -304,6 +304,10 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
     return $rc; }
   HB="--part B --tokenizer $H/tok --heldout wiki,shakespeare,bible,wiki-fr --variants elastic_anchor --minitron-arch elastic \
     --anchor-cache $H/res/anchor"
+  # the hybrid's recipe since the twenty-ninth session (HR0, HB16, HBP, 16m9h): --keep-full's levers then, rank 64
+  HR0R="--full-anchor 1 --anchor-data self --anchor-mix 0.5 --full-delta-rank 64 --full-delta-lr 4e-4 \
+    --full-delta-restore activations --full-delta-finish 256 --hold embeddings,norms --hold-rate 1 --hold-pull 0 \
+    --full-keeps-held-training --strict-determinism"
   case "$1" in  # J*: (c)'s architectures without the router, against E0c / E1c in $B
   1) bash $0 RUNS J0 "$J0" J1 "$J1" \
        R0 "$A --seed 0 --variants elastic_anchor --train-on argmax" ;;
@@ -578,23 +582,17 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # HR0 (twenty-eighth session's HR: the recipe cost the hybrid's 0.75 5-10 points against the unheld B0h / B1h):
   # HR without the pull toward the parent's embeddings, the one lever of the recipe that reaches the smaller
   # budgets (with the restore the full budget's passes train only its delta)
-  HR0) R="--full-anchor 1 --anchor-data self --anchor-mix 0.5 --full-delta-rank 64 --full-delta-lr 4e-4 \
-       --full-delta-restore activations --full-delta-finish 256 --hold embeddings,norms --hold-rate 1 --hold-pull 0 \
-       --full-keeps-held-training --strict-determinism"
+  HR0) R=$HR0R
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS B0kp0 "$HB --seed 0 $R" B1kp0 "$HB --seed 1 $R" ;;
   # HB16 (issue 17's hybrid at T = 16M, never run): HR0's recipe (--keep-full's since the twenty-ninth session) at
   # seed 0, the elastic run alone and resumable (call again on exit 75), its parent pretrained once and kept in
   # $H/res/parentB0.safetensors (--parent-b) so that a resumed call and the (c) runs distil the same one; then
   # HB16c: (c) at 8.4M tokens a budget on B16's architectures, a budget a process, side by side, and the ratios
-  HB16) R="--full-anchor 1 --anchor-data self --anchor-mix 0.5 --full-delta-rank 64 --full-delta-lr 4e-4 \
-       --full-delta-restore activations --full-delta-finish 256 --hold embeddings,norms --hold-rate 1 --hold-pull 0 \
-       --full-keeps-held-training --strict-determinism"
-     # SEED=1: the second seed (B16s1, its own parent file; seed 0 ran in the thirtieth session); KD=W: the 0.5's
-     # KD weighted W (B16w<W digits>, 16m9h)
-     s=${SEED:-0}; n=B16$([ $s = 0 ] || echo s$s)${KD:+w$(echo "$KD" | tr -d .)}
+  HB16) R=$HR0R
+     # SEED=1: the second seed (B16s1, its own parent file; seed 0 ran in the thirtieth session)
+     s=${SEED:-0}; n=B16$([ $s = 0 ] || echo s$s)
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS $n "${HB/--minitron-arch elastic/--no-minitron} --seed $s $R \
-       --tokens-b 16777216 --state-dir $H/state/$n --parent-b $H/res/parentB$s.safetensors --max-train-seconds ${MTS:-400}\
-       ${KD:+ --kd-weights 1,1,$KD}" ;;
+       --tokens-b 16777216 --state-dir $H/state/$n --parent-b $H/res/parentB$s.safetensors --max-train-seconds ${MTS:-400}" ;;
   # 16pw: J16p with the 0.75 drawn 65% of the smaller budgets' steps (stage 2): at 16M J16r's 0.75 fitted its own
   # training text 15% worse than (c) (twenty-ninth session); if more of the steps close that, it was starved of
   # steps, if not, of capacity that the 0.5 shares. Run it only if J16p's 0.75 misses (c)
@@ -747,15 +745,17 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
        "--tokens-a 16777216 --stage2-weights 0,0.8,0.2 --kd-weights 1,1,$KD" ;;
   # 16m9h (the fifty-second session's 16m9a: the 0.5's KD at 0.4 held every target at seed 1): before the weight
   # joins --keep-full, the hybrid at 16M with it: HB16's recipe at seed 0 with --kd-weights 1,1,$KD (default 0.4),
-  # B16w<KD digits>, router on, against B16's (c) C16ba / C16bb (thirtieth session, on B16's architectures, from a
-  # parent pretrained under strict determinism, as this one is: the ratios refuse a parent that scores otherwise).
-  # At weight 1 its smaller budgets led their (c) by 4.5-11%: does the weight cost them that? ~460 s on an H200,
-  # resumable: call again on exit 75
-  16m9h) KD=${KD:-0.4}; n=B16w$(echo "$KD" | tr -d .)
-     KD=$KD bash $0 PLAN17 HB16
+  # B16jw<KD digits>, on B16's architectures without the router (joint_anchor, as the SmolLM2 runs: a router could
+  # choose others, and the ratios refuse a pair whose architectures differ), against B16's (c) C16ba / C16bb
+  # (thirtieth session, from a parent pretrained under strict determinism, as this one is: the ratios refuse a
+  # parent that scores otherwise). At weight 1 B16's smaller budgets led their (c) by 4.5-11%: does the weight
+  # cost them that? ~460 s on an H200, resumable: call again on exit 75
+  16m9h) KD=${KD:-0.4}; n=B16jw$(echo "$KD" | tr -d .); b16=docs/results/elastic_session30_h200.json
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS $n "${HB/--variants elastic_anchor --minitron-arch elastic/--variants \
+joint_anchor --minitron-arch $b16#B16:elastic_anchor --no-minitron} --seed 0 $HR0R --tokens-b 16777216 \
+       --state-dir $H/state/$n --parent-b $H/res/parentB0.safetensors --max-train-seconds ${MTS:-400} --kd-weights 1,1,$KD"
      [ -e $H/res/$n.done ] || { echo "ratios: $n not finished (exit 75: call again)"; exit 75; }
-     python3 benchmarks/compare_elastic.py docs/results/elastic_session30_h200.json $H/res/$n.json --part B \
-       --pairs $n:C16ba,$n:C16bb 2>&1 ;;
+     python3 benchmarks/compare_elastic.py $b16 $H/res/$n.json --part B --pairs $n:C16ba,$n:C16bb 2>&1 ;;
   # 16m9n (the next session's, after SETUP): 16m9b (seed 0 at the weight) and 16m9h (the hybrid with it) side by side
   # on the one GPU (two runs side by side train faster in all than one after the other, forty-fourth session),
   # called again until it exits 0; exit 75 while either is unfinished, another status as the first case gave it
@@ -806,9 +806,7 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # HBP (after S31 and the hybrid's second seed): the hybrid's parent pretrained five times longer (3,000 steps,
   # 24.6M tokens): with 600 its zero-shot 0.75 is within 5% of the parent itself, and (c) over-fits its text, so a
   # weak parent flatters the elastic run's lead; HR0's recipe at 4M, (c) in the same process, SEED=0 then 1
-  HBP) R="--full-anchor 1 --anchor-data self --anchor-mix 0.5 --full-delta-rank 64 --full-delta-lr 4e-4 \
-       --full-delta-restore activations --full-delta-finish 256 --hold embeddings,norms --hold-rate 1 --hold-pull 0 \
-       --full-keeps-held-training --strict-determinism --pretrain-steps 3000"
+  HBP) R="$HR0R --pretrain-steps 3000"
      s=${SEED:-0}  # a seed a call (~230 s of pretraining each); the parent kept in a file for a resumed call
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS B${s}p "$HB --seed $s $R --parent-b $H/res/parentBp$s.safetensors \
        --state-dir $H/state/B${s}p --max-train-seconds ${MTS:-250}" ;;
