@@ -80,13 +80,12 @@ def compare(steps: int, seed: int, beta1: float, variants: dict, share: float = 
     share of the steps (the 0.5 the rest)."""
     weights = [0.0, share, 1.0 - share]
     done = {name: fits(steps, weights, seed, beta1, **kw) for name, kw in variants.items()}
-    runs = {name: kd for name, (_, kd, _) in done.items()}
     n = next(iter(done.values()))[0]  # the steps each budget got: the even order's, whatever the variant
     alone = [fits(n["0.75"], [0.0, 1.0, 0.0], seed, beta1)[1][0], fits(n["0.5"], [0.0, 0.0, 1.0], seed, beta1)[1][1]]
     return {"steps": steps, "seed": seed, "beta1": beta1, "share": share, "steps_sampled": n, "c": alone,
-            "runs": {k: {"kd": v, "vs_c": [v[0] / alone[0] - 1, v[1] / alone[1] - 1],
+            "runs": {k: {"kd": kd, "vs_c": [kd[0] / alone[0] - 1, kd[1] / alone[1] - 1],
                          # the 0.5's gradient norm over the 0.75's (budget_lrs: each budget's own, clipped alone)
-                         "grad_norm_ratio": done[k][2]["0.5"] / done[k][2]["0.75"]} for k, v in runs.items()}}
+                         "grad_norm_ratio": norms["0.5"] / norms["0.75"]} for k, (_, kd, norms) in done.items()}}
 
 
 def main(argv=None):

@@ -70,7 +70,7 @@ setup() {  # each part of what it unpacks as it was carried: SETUP takes two cal
   nvidia-smi --query-gpu=name,memory.used --format=csv; df -h / | tail -1
 }
 ratios() {  # ratios PAIRS RUN...: like-for-like ratios of this machine's runs against the earlier sessions' (c) runs;
-  # recompute them at home from the runs' JSON with compare_elastic.py --json
+  # recompute them at home from the runs' JSON with compare_elastic.py --json; PART=B: the hybrid's (part B) rows
   # Only once every run named is done: a call stopped short would spend its last minute of device time (23 files
   # read once a pair) printing that it has no rows yet, as the forty-ninth session's first 16m7a call did past 600 s
   local pairs=$1; shift; local files=() r
@@ -80,7 +80,7 @@ ratios() {  # ratios PAIRS RUN...: like-for-like ratios of this machine's runs a
   for r in "$@"; do [ -s $H/res/$r.json ] && files+=($H/res/$r.json); done
   # one process reads the files once for every pair (a pair refused is printed and does not hide the others)
   python3 benchmarks/compare_elastic.py docs/results/elastic_session52_h100.json docs/results/elastic_session51_h100.json docs/results/elastic_session50_h200.json docs/results/elastic_session49_h200.json docs/results/elastic_session47_h100.json docs/results/elastic_session46_h100.json docs/results/elastic_session45_h100.json docs/results/elastic_session40_h100.json docs/results/elastic_session34_h200.json docs/results/elastic_session31_h200.json docs/results/elastic_session30_h200.json docs/results/elastic_session29_h200.json docs/results/elastic_session28_h200.json docs/results/elastic_session27_h200.json docs/results/elastic_session24_h200.json docs/results/elastic_session21_h200.json docs/results/elastic_session19_h200.json docs/results/elastic_session18_h200.json docs/results/elastic_session17_h200.json docs/results/elastic_session16_h200.json docs/results/elastic_session15_h200.json docs/results/elastic_session14_h200.json docs/results/elastic_session13_h200.json docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
-    docs/results/elastic_session9_h200.json "${files[@]}" --pairs $pairs 2>&1
+    docs/results/elastic_session9_h200.json "${files[@]}" --pairs $pairs ${PART:+--part $PART} 2>&1
 }
 join() {
   [ -d $H/tok ] || cp -r .devcarry/tok $H/tok
@@ -750,12 +750,12 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # (thirtieth session, from a parent pretrained under strict determinism, as this one is: the ratios refuse a
   # parent that scores otherwise). At weight 1 B16's smaller budgets led their (c) by 4.5-11%: does the weight
   # cost them that? ~460 s on an H200, resumable: call again on exit 75
-  16m9h) KD=${KD:-0.4}; n=B16jw$(echo "$KD" | tr -d .); b16=docs/results/elastic_session30_h200.json
+  16m9h) KD=${KD:-0.4}; n=B16jw$(echo "$KD" | tr -d .)
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS $n "${HB/--variants elastic_anchor --minitron-arch elastic/--variants \
-joint_anchor --minitron-arch $b16#B16:elastic_anchor --no-minitron} --seed 0 $HR0R --tokens-b 16777216 \
-       --state-dir $H/state/$n --parent-b $H/res/parentB0.safetensors --max-train-seconds ${MTS:-400} --kd-weights 1,1,$KD"
-     [ -e $H/res/$n.done ] || { echo "ratios: $n not finished (exit 75: call again)"; exit 75; }
-     python3 benchmarks/compare_elastic.py $b16 $H/res/$n.json --part B --pairs $n:C16ba,$n:C16bb 2>&1 ;;
+joint_anchor --minitron-arch docs/results/elastic_session30_h200.json#B16:elastic_anchor --no-minitron} --seed 0 \
+       $HR0R --tokens-b 16777216 --state-dir $H/state/$n --parent-b $H/res/parentB0.safetensors \
+       --max-train-seconds ${MTS:-400} --kd-weights 1,1,$KD"
+     PART=B ratios $n:C16ba,$n:C16bb $n ;;
   # 16m9n (the next session's, after SETUP): 16m9b (seed 0 at the weight) and 16m9h (the hybrid with it) side by side
   # on the one GPU (two runs side by side train faster in all than one after the other, forty-fourth session),
   # called again until it exits 0; exit 75 while either is unfinished, another status as the first case gave it
