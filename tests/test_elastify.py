@@ -585,6 +585,47 @@ def test_keep_full_is_the_recipe_and_a_flag_beside_it_wins(tmp_path, tokenizer, 
     assert KEEP_FULL["budget_mix"] > 0  # the smaller budgets see the parent's own text too (RESULTS §9)
 
 
+def test_keep_full_weights_the_budgets_it_was_measured_on(tmp_path, tokenizer, monkeypatch, capsys):
+    """`--keep-full` on budgets 1.0,0.75,0.5 also sets their stage-2 and distillation weights (commands.
+    KEEP_FULL_WEIGHTS: the full budget never drawn in stage 2, the 0.5's KD at 0.4; RESULTS §9, the KD weight at
+    two seeds), which reach elastify's config and its printed recipe; each flag given wins; another budget list
+    or no --keep-full keeps elastify's defaults. Until the fifty-third session --keep-full left both at the
+    defaults (stage 2 toward the full model, every KD weight 1), with which the 0.75 trailed one distilled alone."""
+    from star_elastic import cli, elastify as elastify_module, save_pretrained
+    from star_elastic.cli import build_parser
+    from star_elastic.commands import KEEP_FULL_WEIGHTS, budget_weights, weight_flags
+
+    def weights(*flags):
+        args = build_parser().parse_args(["elastify", "m", "--data", "wiki", "--tokens", "64", "--out", "o", *flags])
+        return budget_weights(args, args.budgets.split(","))
+    recipe = KEEP_FULL_WEIGHTS[1.0, 0.75, 0.5]
+    assert weights("--keep-full") == weights("--keep-full", "--budgets", "1,0.75,0.50") == recipe
+    assert weights("--keep-full", "--budgets", "0.5,1.0,0.75") == {"stage2_weights": [0.2, 0.0, 0.8],
+                                                                   "kd_weights": [0.4, 1.0, 1.0]}  # in flag order
+    assert recipe["stage2_weights"][0] == 0 and recipe["kd_weights"][2] < 1
+    assert weights() == weights("--keep-full", "--budgets", "1.0,0.5") == {"stage2_weights": None, "kd_weights": None}
+    assert weights("--keep-full", "--budgets", "full,half") == {"stage2_weights": None, "kd_weights": None}
+    assert weights("--keep-full", "--kd-weights", "1,1,1") == {**recipe, "kd_weights": [1.0, 1.0, 1.0]}
+    assert weights("--stage2-weights", "0.2,0.4,0.4") == {"stage2_weights": [0.2, 0.4, 0.4], "kd_weights": None}
+    assert weights(*weight_flags(recipe).split()) == recipe  # the printed flags, typed back, are the recipe
+
+    seen = {}
+
+    def capture(model, tokenizer, data, out, cfg, log=None, device=None):
+        seen["cfg"] = cfg
+        raise SystemExit(0)
+    monkeypatch.setattr(elastify_module, "elastify", capture)
+    torch.manual_seed(0)
+    save_pretrained(Model(PARENTS["llama"]), tmp_path / "parent", tokenizer=tokenizer)
+    run = ["elastify", str(tmp_path / "parent"), "--data", "wiki", "--tokens", "64", "--device", "cpu",
+           "--out", str(tmp_path / "ckpt"), "--keep-full", "--stage2-weights", "0,0.5,0.5"]
+    with pytest.raises(SystemExit):
+        cli.main(run)
+    assert (seen["cfg"].stage2_weights, seen["cfg"].kd_weights) == ([0.0, 0.5, 0.5], recipe["kd_weights"])
+    said = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("--keep-full:"))
+    assert said.endswith(" --kd-weights 1,1,0.4") and "--stage2-weights" not in said  # what it ran, not what was given
+
+
 def test_keep_full_under_fsdp2_is_the_same_recipe_and_the_sharded_trainer_accepts_it():
     """`--keep-full` is one recipe on one device and under FSDP2: its rounded rest (--full-delta-bits) is built
     sharded too (each layer's by the rank that factors it, sent to every rank: tests/test_fsdp_delta.py). Until

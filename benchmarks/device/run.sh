@@ -79,7 +79,7 @@ ratios() {  # ratios PAIRS RUN...: like-for-like ratios of this machine's runs a
   done
   for r in "$@"; do [ -s $H/res/$r.json ] && files+=($H/res/$r.json); done
   # one process reads the files once for every pair (a pair refused is printed and does not hide the others)
-  python3 benchmarks/compare_elastic.py docs/results/elastic_session52_h100.json docs/results/elastic_session51_h100.json docs/results/elastic_session50_h200.json docs/results/elastic_session49_h200.json docs/results/elastic_session47_h100.json docs/results/elastic_session46_h100.json docs/results/elastic_session45_h100.json docs/results/elastic_session40_h100.json docs/results/elastic_session34_h200.json docs/results/elastic_session31_h200.json docs/results/elastic_session30_h200.json docs/results/elastic_session29_h200.json docs/results/elastic_session28_h200.json docs/results/elastic_session27_h200.json docs/results/elastic_session24_h200.json docs/results/elastic_session21_h200.json docs/results/elastic_session19_h200.json docs/results/elastic_session18_h200.json docs/results/elastic_session17_h200.json docs/results/elastic_session16_h200.json docs/results/elastic_session15_h200.json docs/results/elastic_session14_h200.json docs/results/elastic_session13_h200.json docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
+  python3 benchmarks/compare_elastic.py docs/results/elastic_session53_h200.json docs/results/elastic_session52_h100.json docs/results/elastic_session51_h100.json docs/results/elastic_session50_h200.json docs/results/elastic_session49_h200.json docs/results/elastic_session47_h100.json docs/results/elastic_session46_h100.json docs/results/elastic_session45_h100.json docs/results/elastic_session40_h100.json docs/results/elastic_session34_h200.json docs/results/elastic_session31_h200.json docs/results/elastic_session30_h200.json docs/results/elastic_session29_h200.json docs/results/elastic_session28_h200.json docs/results/elastic_session27_h200.json docs/results/elastic_session24_h200.json docs/results/elastic_session21_h200.json docs/results/elastic_session19_h200.json docs/results/elastic_session18_h200.json docs/results/elastic_session17_h200.json docs/results/elastic_session16_h200.json docs/results/elastic_session15_h200.json docs/results/elastic_session14_h200.json docs/results/elastic_session13_h200.json docs/results/elastic_session12_h200.json docs/results/elastic_session11_h200.json \
     docs/results/elastic_session9_h200.json "${files[@]}" --pairs $pairs ${PART:+--part $PART} 2>&1
 }
 join() {
@@ -746,16 +746,17 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # 16m9h (the fifty-second session's 16m9a: the 0.5's KD at 0.4 held every target at seed 1): before the weight
   # joins --keep-full, the hybrid at 16M with it: HB16's recipe at seed 0 with --kd-weights 1,1,$KD (default 0.4),
   # B16jw<KD digits>, on B16's architectures without the router (joint_anchor, as the SmolLM2 runs: a router could
-  # choose others, and the ratios refuse a pair whose architectures differ), against B16's (c) C16ba / C16bb
-  # (thirtieth session, from a parent pretrained under strict determinism, as this one is: the ratios refuse a
-  # parent that scores otherwise). At weight 1 B16's smaller budgets led their (c) by 4.5-11%: does the weight
-  # cost them that? ~460 s on an H200, resumable: call again on exit 75
+  # choose others, and the ratios refuse a pair whose architectures differ), against B16's (c) on today's parent,
+  # C16ba53 / C16bb53 (fifty-third session, `PLAN17 HB16c` after this case's parent file was written: the thirtieth
+  # session's C16ba / C16bb came from a parent today's code no longer pretrains bit for bit, wiki 149.88 against
+  # 149.07, and the ratios refused them). Run at KD 0.4 and 1 in the fifty-third session (both budgets ahead of
+  # their (c) on every source at either weight). ~330 s on an H200 beside 16m9b, 180 s alone; call again on exit 75
   16m9h) KD=${KD:-0.4}; n=B16jw$(echo "$KD" | tr -d .)
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS $n "${HB/--variants elastic_anchor --minitron-arch elastic/--variants \
 joint_anchor --minitron-arch docs/results/elastic_session30_h200.json#B16:elastic_anchor --no-minitron} --seed 0 \
        $HR0R --tokens-b 16777216 --state-dir $H/state/$n --parent-b $H/res/parentB0.safetensors \
        --max-train-seconds ${MTS:-400} --kd-weights 1,1,$KD"
-     PART=B ratios $n:C16ba,$n:C16bb $n ;;
+     PART=B ratios $n:C16ba53,$n:C16bb53 $n ;;
   # 16m9n (the next session's, after SETUP): 16m9b (seed 0 at the weight) and 16m9h (the hybrid with it) side by side
   # on the one GPU (two runs side by side train faster in all than one after the other, forty-fourth session),
   # called again until it exits 0; exit 75 while either is unfinished, another status as the first case gave it
