@@ -227,6 +227,29 @@ def test_plan17_16m9n_runs_seed_0_at_the_weight_beside_the_hybrid_with_it(tmp_pa
     assert set(both) == {"J16mvw0402.json", "B16jw04.json"}
 
 
+def test_plan17_4kw_is_keep_fulls_weights_at_4m_against_each_budget_alone_at_both_seeds(tmp_path):
+    # 4kw: the 16.8M recipe (16m9's, seed 0 and seed 1) at 4.2M with --keep-full's 256-step finish and its budget
+    # weights, beside each seed's budgets distilled alone on the steps the trainer's even order gives them at 512
+    runs = plan17_calls(tmp_path / "q", "4kw")
+    assert set(runs) == {"J4kw04.json", "J4kw04s1.json", "C4kv.json", "C4kvb.json", "C4kvs1.json", "C4kvbs1.json"}
+    at16 = plan17_calls(tmp_path / "m", "16m9")
+    for seed, x in ((0, ""), (1, "s1")):
+        joint = runs[f"J4kw04{x}.json"]
+        assert "--tokens-a 4194304 " in joint and joint.split("--full-delta-finish ")[-1].startswith("256 ")
+        assert "--stage2-weights 0,0.8,0.2 --kd-weights 1,1,0.4 " in joint and f"--seed {seed} " in joint
+        # the 16.8M run's flags, the tokens and the finish aside
+        drop = ("--tokens-a", "--full-delta-finish", "--state-dir", "--json", "--call-seconds")
+
+        def flags(line):
+            words = line.split()
+            return sorted(w for i, w in enumerate(words) if w not in drop and (i == 0 or words[i - 1] not in drop))
+        assert flags(joint) == flags(at16[f"J16mvw0402{x}.json"])
+        for name, budgets, steps in ((f"C4kv{x}.json", "1.0,0.75", 332), (f"C4kvb{x}.json", "1.0,0.5", 180)):
+            c = runs[name]
+            assert f"--budgets {budgets} " in c and f"--tokens-a {steps * 8192} " in c and "--state-dir" not in c
+            assert f"--seed {seed} " in c and f"#E{seed}:" in c and "--variants= " in c and "--budget-mix 0.2" in c
+
+
 def test_ratios_wait_for_the_runs_to_finish_and_the_call_says_call_again(tmp_path):
     # a run stopped by its call (exit 75, its JSON written, no .done) gets no ratios in that call: compare_elastic
     # is not started, and the script exits 75; once the run finishes, the ratios run
@@ -249,6 +272,6 @@ def test_ratios_wait_for_the_runs_to_finish_and_the_call_says_call_again(tmp_pat
     assert rc == 0 and ratios.split("--pairs ")[1].count(":") == 6 and "/res/J16mvk02.json" in ratios
     # a case that reads one seed's ratios of two still says "call again" when its run stopped (16m9a: seed 1's,
     # after which the skipped seed 0's check must not turn the 75 into a 0)
-    for case in ("16m8a", "16m8", "16m9a", "16m9b", "16m9", "16m9n"):
+    for case in ("16m8a", "16m8", "16m9a", "16m9b", "16m9", "16m9n", "4kw"):
         rc, calls = call(75, case)
         assert rc == 75 and not any("compare_elastic" in c for c in calls), case

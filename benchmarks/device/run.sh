@@ -24,7 +24,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16mc (MIX=)|16m3 (MIX=)|16m3c (MIX=)|16m3b (MIX=)|16m4 (MIX=)|16m5 (MIX=)|16m6|16m6a|16m6b (MIX=)|16m7|16m7a|16m7b (MIX=)|16m8|16m8a (MIX=)|16m9|16m9a|16m9b (MIX=, KD=)|16m9h|16m9n (KD=)|16mk (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16mc (MIX=)|16m3 (MIX=)|16m3c (MIX=)|16m3b (MIX=)|16m4 (MIX=)|16m5 (MIX=)|16m6|16m6a|16m6b (MIX=)|16m7|16m7a|16m7b (MIX=)|16m8|16m8a (MIX=)|16m9|16m9a|16m9b (MIX=, KD=)|16m9h|16m9n (KD=)|4kw (MIX=)|16mk (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -764,6 +764,19 @@ joint_anchor --minitron-arch docs/results/elastic_session30_h200.json#B16:elasti
      bash $0 PLAN17 16m9h > $OUT/n_16m9h.txt 2>&1; h=$?; wait $p; b=$?
      tail -n 30 $OUT/n_16m9b.txt; tail -n 30 $OUT/n_16m9h.txt
      for rc in $b $h; do [ $rc = 0 ] || exit $rc; done ;;
+  # 4kw (the fifty-third session's note): --keep-full now sets --stage2-weights 0,0.8,0.2 --kd-weights 1,1,0.4 for
+  # three budgets, measured at 16.8M only; the same at 4.2M, with --keep-full's 256-step finish (MH's 768 was for
+  # 16.8M), at seeds 0 and 1 (J4kw04, J4kw04s1), each against its seed's budgets distilled alone on their own steps
+  # (the trainer's even order gives the 0.75 332 and the 0.5 180 of the 512 steps: C4kv / C4kvb, C4kvs1 / C4kvbs1,
+  # no state, so the first call must finish them); six runs side by side, call again on exit 75
+  4kw) MIX=${MIX:-0.2}; W="--tokens-a 4194304 --full-delta-finish 256 --stage2-weights 0,0.8,0.2 --kd-weights 1,1,0.4"
+     c=(); for s in 0 1; do x=$([ $s = 0 ] || echo s1)
+       c+=(C4kv$x "$(CM $s) --budgets 1.0,0.75 --tokens-a $((332 * 8192))" \
+           C4kvb$x "$(CM $s) --budgets 1.0,0.5 --tokens-a $((180 * 8192))"); done
+     RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS J4kw04 "$(MH) $W --state-dir $H/state/J4kw04" \
+       J4kw04s1 "$(MH1) $W --state-dir $H/state/J4kw04s1" "${c[@]}"
+     rc=0; ratios J4kw04:C4kv,J4kw04:C4kvb,J4kw04s1:C4kvs1,J4kw04s1:C4kvbs1 J4kw04 J4kw04s1 C4kv C4kvb C4kvs1 C4kvbs1 \
+       || rc=$?; exit $rc ;;
   # 16mk: the data lever, after 16m3: J16m02 with the anchor, restore rows, finish and mix on half chat-format
   # parent text (J16mk$x, --anchor-data self+chat; in the twenty-third session, before the restore and the finish,
   # the anchor on sampled conversations did not move the chat drift); its smaller budgets against the plain (c)
