@@ -210,6 +210,10 @@ def cmd_elastify(args):
         if args.keep_full:
             print(f"--keep-full: {' '.join(filter(None, (lever_flags(levers), weight_flags(weights, args))))}",
                   flush=True)
+            if not keep_full_weights(comma_list(args.budgets)):  # measured for other budgets: say so
+                print("--keep-full's stage-2 and KD weights were measured for budgets "
+                      f"{' and '.join(','.join(map(str, k)) for k in KEEP_FULL_WEIGHTS)}; these budgets train "
+                      "with elastify's unless --stage2-weights / --kd-weights are given", flush=True)
     result = elastify(model, tokenizer, args.data, out, cfg, log=_log, device=device)
     if rank == 0:
         print_table(result)
@@ -260,21 +264,23 @@ KEEP_FULL = dict(full_anchor=1.0, anchor_data="self", anchor_mix=0.5, budget_mix
 KEEP_FULL_WEIGHTS = {(1.0, 0.75, 0.5): dict(stage2_weights=[0.0, 0.8, 0.2], kd_weights=[1.0, 1.0, 0.4])}
 
 
-def budget_weights(args, budgets: list[str]) -> dict:
-    """--stage2-weights and --kd-weights as numbers, each as given, else with --keep-full the recipe's for these
-    budgets (KEEP_FULL_WEIGHTS; None where it has none: elastify's defaults)."""
+def keep_full_weights(budgets: list[str]) -> dict:
+    """KEEP_FULL_WEIGHTS' weights for these budgets, in their order ({} where none were measured for them)."""
     try:
         sizes = [float(b) for b in budgets]
     except ValueError:  # named budgets (elastify says what is wrong with them) have no preset
-        sizes = []
-    preset = KEEP_FULL_WEIGHTS.get(tuple(sorted(sizes, reverse=True)), {}) if args.keep_full else {}
-    rank = sorted(sizes, reverse=True).index  # the preset is largest first, the flags in --budgets order
+        return {}
+    largest_first = sorted(sizes, reverse=True)
+    preset = KEEP_FULL_WEIGHTS.get(tuple(largest_first), {})
+    return {k: [v[largest_first.index(b)] for b in sizes] for k, v in preset.items()}
 
-    def given_or_preset(k):
-        if getattr(args, k) is not None:
-            return _floats(getattr(args, k), "--" + k.replace("_", "-"))
-        return [preset[k][rank(b)] for b in sizes] if preset else None
-    return {k: given_or_preset(k) for k in ("stage2_weights", "kd_weights")}
+
+def budget_weights(args, budgets: list[str]) -> dict:
+    """--stage2-weights and --kd-weights as numbers, each as given, else with --keep-full the recipe's for these
+    budgets (keep_full_weights; None where it has none: elastify's defaults)."""
+    preset = keep_full_weights(budgets) if args.keep_full else {}
+    return {k: _floats(getattr(args, k), "--" + k.replace("_", "-")) if getattr(args, k) is not None
+            else preset.get(k) for k in ("stage2_weights", "kd_weights")}
 
 
 def weight_flags(weights: dict, args=None) -> str:

@@ -530,7 +530,7 @@ def test_the_demo_trains_with_elastifys_defaults_on_the_cpu_and_the_recipe_that_
         demo_options(build_parser().parse_args(["demo", "--stage2-weights", "0.3,0.7"]), "cuda")
 
 
-def test_keep_full_is_the_recipe_and_a_flag_beside_it_wins(tmp_path, tokenizer, text):
+def test_keep_full_is_the_recipe_and_a_flag_beside_it_wins(tmp_path, tokenizer, text, capsys):
     """elastify's full-budget levers: without --keep-full ElastifyConfig's own defaults (the full anchor alone);
     with it the recipe that held the full model within 1% (commands.KEEP_FULL), every value of which passes the
     trainer's checks; a flag given beside it wins, and turning the delta off takes its options along. A run with
@@ -583,6 +583,10 @@ def test_keep_full_is_the_recipe_and_a_flag_beside_it_wins(tmp_path, tokenizer, 
         1.0, "self", KEEP_FULL["budget_mix"], 4, 2, ["embeddings", "norms"], 0.0, "training",
         KEEP_FULL["full_delta_bits"])
     assert KEEP_FULL["budget_mix"] > 0  # the smaller budgets see the parent's own text too (RESULTS §9)
+    # budgets 1.0,0.5 have no measured stage-2 / KD weights: the run says it trains them with elastify's
+    assert (config["stage2_weights"], config["kd_weights"]) == (None, None)
+    assert "weights were measured for budgets 1.0,0.75,0.5; these budgets train with elastify's" in \
+        capsys.readouterr().out
 
 
 def test_keep_full_weights_the_budgets_it_was_measured_on(tmp_path, tokenizer, text, capsys):
@@ -622,8 +626,10 @@ def test_keep_full_weights_the_budgets_it_was_measured_on(tmp_path, tokenizer, t
     config = read_manifest(tmp_path / "ckpt")["training"]["config"]
     assert (config["stage2_weights"], config["kd_weights"]) == ([0.0, 0.5, 0.5], recipe["kd_weights"])
     assert validate_checkpoint(tmp_path / "ckpt").ok
-    said = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("--keep-full:"))
+    printed = capsys.readouterr().out
+    said = next(line for line in printed.splitlines() if line.startswith("--keep-full:"))
     assert said.endswith(" --kd-weights 1,1,0.4") and "--stage2-weights" not in said  # what it ran, not what was given
+    assert "were measured for budgets" not in printed
 
 
 def test_keep_full_under_fsdp2_is_the_same_recipe_and_the_sharded_trainer_accepts_it():
