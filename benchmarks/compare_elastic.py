@@ -27,14 +27,21 @@ SKIP = {"parent", "zero_shot", "zero_shot_elastic_arch"}
 
 
 def load_runs(paths: list[str]) -> dict:
-    """run name -> its result (one bench_elastic.py JSON each), from result files and bundles."""
+    """run name -> its result (one bench_elastic.py JSON each), from result files and bundles; BUNDLE#RUN takes
+    that one run of a bundle (as --minitron-arch names it), so that a bundle can stand beside a new run of the
+    same name as one of its others."""
     runs = {}
-    for path in paths:
+    for given in paths:
+        path, _, only = given.partition("#")
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
             raise SystemExit(f"compare_elastic: cannot read {path} ({e})") from None
         found = data["runs"] if isinstance(data.get("runs"), dict) else {Path(path).stem: data}
+        if only:
+            if only not in found:
+                raise SystemExit(f"compare_elastic: {path} has no run {only!r} (it has {', '.join(found)})")
+            found = {only: found[only]}
         for name, run in found.items():
             if name in runs:
                 raise SystemExit(f"compare_elastic: run {name!r} is in two of the files; give one of them")
@@ -224,7 +231,8 @@ def fmt(ratios: dict) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("files", nargs="+", help="bench_elastic.py result files or session bundles")
+    ap.add_argument("files", nargs="+", help="bench_elastic.py result files or session bundles (BUNDLE#RUN: one run "
+                                             "of a bundle)")
     ap.add_argument("--pairs", required=True, help="comma-separated B[@METHOD]:C pairs of run names")
     ap.add_argument("--part", default="A", choices=["A", "B"])
     ap.add_argument("--json", help="write the ratios here")

@@ -39,6 +39,14 @@ def test_ratios_of_a_pair_across_a_bundle_and_a_result_file(tmp_path, capsys):
                                                           "full_kl_from_parent": {"wiki": 0.0123, "bible": 0.05}}}
     bundle.write_text(json.dumps(data))
     runs = load_runs([str(bundle), str(single)])
+    # one run of a bundle: beside a file with another of its names (a (c) run again on a new machine)
+    again = tmp_path / "S.json"
+    again.write_text(json.dumps(_run(1, "minitron", {"0.75": {"wiki": 12.0, "bible": 25.0}})))
+    with pytest.raises(SystemExit, match="run 'S' is in two of the files"):
+        load_runs([str(bundle), str(again)])
+    assert set(load_runs([f"{bundle}#J", str(again)])) == {"J", "S"}
+    with pytest.raises(SystemExit, match="has no run 'X' \\(it has J, S\\)"):
+        load_runs([f"{bundle}#X"])
     r = compare(runs, "J:C")
     assert r["method"] == "joint_anchor" and r["lr"] == 1e-4 and r["lr_c"] == 4e-4
     assert r["budgets"]["0.75"]["vs_c"] == pytest.approx({"wiki": 0.05, "bible": -0.04})

@@ -218,6 +218,27 @@ def test_plan17_16m9h_is_the_hybrid_at_16m_with_the_kd_weight_on_b16s_architectu
     assert bundle in ratios and {"C16ba53", "C16bb53"} <= set(json.loads((ROOT / bundle).read_text())["runs"])
     rc, calls = call(75, KD="0.3")
     assert "--kd-weights 1,1,0.3 " in calls[0] and "/res/B16jw03.json" in calls[0]
+    # the second seed: B16s1's architectures and parent file, against seed 1's (c) that HB16c made on this machine
+    rc, calls = call(0, SEED="1")
+    [run] = [c for c in calls if c.startswith("benchmarks/bench_elastic.py")]
+    [ratios] = [c for c in calls if "compare_elastic" in c]
+    assert "--minitron-arch docs/results/elastic_session31_h200.json#B16s1:elastic_anchor " in run
+    assert "--seed 1 " in run and "/res/parentB1.safetensors " in run and "/res/B16jw04s1.json" in run
+    assert "--pairs B16jw04s1:C16bas1,B16jw04s1:C16bbs1" in ratios and "--part B" in ratios
+    # the names HB16c gives seed 1's (c) runs
+    assert {"C16bas1.json", "C16bbs1.json"} == set(plan17_calls(tmp_path / "c1", "HB16c", SEED="1"))
+
+
+def test_plan17_hb16c_compares_with_the_bundles_one_run_not_its_c_runs_of_the_same_names(tmp_path):
+    # the thirtieth session's bundle holds B16 and its own C16ba / C16bb: given whole beside this machine's C16ba /
+    # C16bb, compare_elastic refused ("in two of the files", fifty-third session); BUNDLE#RUN takes B16 alone
+    env = fake_device(tmp_path)
+    subprocess.run(["bash", "benchmarks/device/run.sh", "PLAN17", "HB16c"], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=60)
+    [compare] = [c for c in (Path(env["OUT"]) / "calls").read_text().splitlines() if "compare_elastic" in c]
+    files = compare.split("compare_elastic.py ")[1].split(" --part")[0].split()
+    assert files[0] == "docs/results/elastic_session30_h200.json#B16" and "--pairs B16:C16ba,B16:C16bb" in compare
+    assert [f.split("/")[-1] for f in files[1:]] == ["C16ba.json", "C16bb.json"]
 
 
 def test_plan17_16m9n_runs_seed_0_at_the_weight_beside_the_hybrid_with_it(tmp_path):

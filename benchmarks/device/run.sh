@@ -24,7 +24,7 @@
 #   DECODE [args]               issue 12: Mamba's decode update, Triton vs PyTorch (needs .devcarry/mamba)
 #   SAMPLEDET [args]            issue 17: the parent's sampled text twice per mode, graph and eager, two processes
 #   FP8                         issue 13: SmolLM2's perplexity and tok/s, dequantised and with --fp8-matmul
-#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16mc (MIX=)|16m3 (MIX=)|16m3c (MIX=)|16m3b (MIX=)|16m4 (MIX=)|16m5 (MIX=)|16m6|16m6a|16m6b (MIX=)|16m7|16m7a|16m7b (MIX=)|16m8|16m8a (MIX=)|16m9|16m9a|16m9b (MIX=, KD=)|16m9h|16m9n (KD=)|4kw (MIX=)|16mk (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
+#   PLAN17 1|..|45|CLOCK|16r|16p|16pw|16pr|16m (MIX=)|16sc|HB16|HB16c|HBP|S30|S31|S31c (MIX=, ANCHOR=)|S34|16mj (MIX=)|16mc (MIX=)|16m3 (MIX=)|16m3c (MIX=)|16m3b (MIX=)|16m4 (MIX=)|16m5 (MIX=)|16m6|16m6a|16m6b (MIX=)|16m7|16m7a|16m7b (MIX=)|16m8|16m8a (MIX=)|16m9|16m9a|16m9b (MIX=, KD=)|16m9h (KD=, SEED=)|16m9n (KD=)|4kw (MIX=)|16mk (MIX=)|16R|HR|HR0|HRK|16j|16J|16K|16Jc|16|16c  issue 17's next runs, up to three side by side a call (exit 75: call again)
 #   SERVING                     BATCHING, FP8, DECODE and SERVE --contiguous-views ... one after another
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
@@ -751,12 +751,16 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
   # session's C16ba / C16bb came from a parent today's code no longer pretrains bit for bit, wiki 149.88 against
   # 149.07, and the ratios refused them). Run at KD 0.4 and 1 in the fifty-third session (both budgets ahead of
   # their (c) on every source at either weight). ~330 s on an H200 beside 16m9b, 180 s alone; call again on exit 75
-  16m9h) KD=${KD:-0.4}; n=B16jw$(echo "$KD" | tr -d .)
+  # SEED=1: the second seed on B16s1's architectures (thirty-first session) against seed 1's (c) on today's parent,
+  # which `SEED=1 PLAN17 HB16c` makes on the same machine first (C16bas1 / C16bbs1, read from this machine's files)
+  16m9h) KD=${KD:-0.4}; s=${SEED:-0}; n=B16jw$(echo "$KD" | tr -d .)$([ $s = 0 ] || echo s$s)
+     arch=$([ $s = 0 ] && echo elastic_session30_h200.json#B16 || echo elastic_session31_h200.json#B16s$s)
+     c=$([ $s = 0 ] && echo 53 || echo s$s)
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS $n "${HB/--variants elastic_anchor --minitron-arch elastic/--variants \
-joint_anchor --minitron-arch docs/results/elastic_session30_h200.json#B16:elastic_anchor --no-minitron} --seed 0 \
-       $HR0R --tokens-b 16777216 --state-dir $H/state/$n --parent-b $H/res/parentB0.safetensors \
+joint_anchor --minitron-arch docs/results/$arch:elastic_anchor --no-minitron} --seed $s \
+       $HR0R --tokens-b 16777216 --state-dir $H/state/$n --parent-b $H/res/parentB$s.safetensors \
        --max-train-seconds ${MTS:-400} --kd-weights 1,1,$KD"
-     PART=B ratios $n:C16ba53,$n:C16bb53 $n ;;
+     PART=B ratios $n:C16ba$c,$n:C16bb$c $n $([ $s = 0 ] || echo C16ba$c C16bb$c) ;;
   # 16m9n (the next session's, after SETUP): 16m9b (seed 0 at the weight) and 16m9h (the hybrid with it) side by side
   # on the one GPU (two runs side by side train faster in all than one after the other, forty-fourth session),
   # called again until it exits 0; exit 75 while either is unfinished, another status as the first case gave it
@@ -809,7 +813,8 @@ joint_anchor --minitron-arch docs/results/elastic_session30_h200.json#B16:elasti
        --minitron-arch $arch --parent-b $H/res/parentB$s.safetensors ${MLRS:+--minitron-lrs $MLRS} \
        $([ -s $H/res/parentB$s.safetensors ] || echo --strict-determinism)"
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS C16ba$x "$C --budgets 1.0,0.75" C16bb$x "$C --budgets 1.0,0.5"
-     python3 benchmarks/compare_elastic.py $b $H/res/C16ba$x.json $H/res/C16bb$x.json --part B \
+     # the bundle's one run (its own C16ba / C16bb would clash with these; fifty-third session)
+     python3 benchmarks/compare_elastic.py ${arch%:elastic_anchor} $H/res/C16ba$x.json $H/res/C16bb$x.json --part B \
        --pairs $n:C16ba$x,$n:C16bb$x 2>&1 | tail -n 16 ;;
   # 16sc: J16p with the anchor on half conversations (--anchor-data self+chat): at 16M its full model held prose
   # within 1% but drifted +2.4% on the parent's chat answers, and neither the anchor, the restore's calibration nor
