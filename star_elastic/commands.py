@@ -169,7 +169,8 @@ def cmd_elastify(args):
 
     check_multiple(args.multiple)
     levers = lever_options(args, KEEP_FULL if args.keep_full else PLAIN_LEVERS)
-    weights = budget_weights(args, comma_list(args.budgets))
+    budgets = comma_list(args.budgets)
+    weights = budget_weights(args, budgets)
     out = check_output(args.out, args.force)
     device = init_distributed() or pick_device(args.device)  # under torchrun: this rank's GPU
     rank, ranks = world()
@@ -184,7 +185,7 @@ def cmd_elastify(args):
         model, tokenizer = load_model_and_tokenizer(args.model, device,
                                                     None if args.dtype is None else pick_dtype(args.dtype, device))
         model.float()
-    cfg = ElastifyConfig(budgets=comma_list(args.budgets), tokens=args.tokens,
+    cfg = ElastifyConfig(budgets=budgets, tokens=args.tokens,
                          seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, router_lr=args.router_lr,
                          axes=tuple(comma_list(args.axes)) or ElastifyConfig.axes,
                          heterogeneous=args.heterogeneous, calib_batches=args.calib_batches,
@@ -210,7 +211,7 @@ def cmd_elastify(args):
         if args.keep_full:
             print(f"--keep-full: {' '.join(filter(None, (lever_flags(levers), weight_flags(weights, args))))}",
                   flush=True)
-            if not keep_full_weights(comma_list(args.budgets)):  # measured for other budgets: say so
+            if not keep_full_weights(budgets):  # measured for other budgets: say so
                 print("--keep-full's stage-2 and KD weights were measured for budgets "
                       f"{' and '.join(','.join(map(str, k)) for k in KEEP_FULL_WEIGHTS)}; these budgets train "
                       "with elastify's unless --stage2-weights / --kd-weights are given", flush=True)
