@@ -22,6 +22,12 @@ of one --parent) and T tokens (--tokens) of top-k (--top-k) distinct random expe
                      words at 1 token; from 2 tokens on a GPU, the grouped GEMM)
   f  loop_host       no gather: one matmul pair per chosen expert straight on the view, the expert
                      ids known on the host (not a drop-in: the model would have to sync for them)
+  g  compiled        (b) under torch.compile (inductor on CUDA; aot_eager on the CPU, wiring only): what
+                     `generate --compile` and the engine's compiled step run at 1 token
+     fused           the same product written as broadcast multiplies and sums over the gathered
+                     experts, under torch.compile: inductor can fold the gather into the reduction and
+                     read each chosen expert's weights once (1 x the bytes, where gather-and-einsum moves
+                     3 x); a candidate for Experts' compiled decode, measured here first
 
 Each variant computes the same output (T, d) (routing weights applied); max |diff| against (a) is
 printed and checked (bf16 tolerance; the gather variants should be bit-equal). Times are medians
@@ -49,7 +55,7 @@ import common
 from star_elastic.model import Experts, activation, back_to_tokens, gathered_experts, scaled_activation
 
 VARIANTS = ("model", "contig", "view", "wide_i64", "wide_c128", "index_select", "index_select_i64", "rows", "rows_i64",
-            "grouped_mm", "grouped_mm_contig", "loop_host")
+            "grouped_mm", "grouped_mm_contig", "loop_host", "compiled", "fused")
 GATHERED = {"contig", "view", "wide_i64", "wide_c128", "index_select", "index_select_i64", "rows", "rows_i64"}
 
 
@@ -145,6 +151,22 @@ def loop_host_decode(act, x, up, down, idx_host, weights):
     return out
 
 
+def fused_decode(act, x, up, down, idx, weights):
+    """gathered_experts' product as broadcast multiplies and sums on the gathered experts (T, k, I, D) and
+    (T, k, D, I): no matrix product, so under torch.compile one reduction kernel each that reads the chosen
+    experts through idx (the gather folded in) and accumulates in fp32."""
+    h = (x[:, None, None, :] * up[idx]).sum(-1)  # (T, k, I)
+    h = scaled_activation(h, act, copies=weights[..., None])
+    return (h[:, :, None, :] * down[idx]).sum(-1).sum(1).to(x.dtype)  # (T, k, D) summed over the k
+
+
+def compiled(fn, device):
+    """fn under torch.compile: inductor on CUDA, aot_eager elsewhere (the CPU checks the wiring; inductor's C++
+    there is slow to build and is not what a GPU runs)."""
+    return torch.compile(fn, backend="inductor" if device.type == "cuda" else "aot_eager", fullgraph=True,
+                         dynamic=False)
+
+
 def experts_on(views, act) -> Experts:
     """An Experts module holding `views` (up, down) as its weights, as serve/views.py gives a budget."""
     ex = Experts.__new__(Experts)
@@ -155,8 +177,13 @@ def experts_on(views, act) -> Experts:
     return ex
 
 
-def make_variant(name, act, views, copies):
+def make_variant(name, act, views, copies, device=torch.device("cpu")):
     """(gather or None, full decode fn(x, idx, idx_host, weights)) for variant `name`."""
+    if name in ("compiled", "fused"):
+        up, down = views
+        fn = compiled((lambda x, idx, w: gathered_experts(act, x, up[idx], down[idx], w)) if name == "compiled"
+                      else (lambda x, idx, w: fused_decode(act, x, up, down, idx, w)), device)
+        return None, lambda x, idx, idx_host, w: fn(x, idx, w)
     if name == "model":
         ex = experts_on(views, act)
         return None, lambda x, idx, idx_host, w: ex(x, idx, w)
@@ -232,7 +259,7 @@ def bench_config(cut, T, parent, act, args, device, variants, modes) -> dict:
             try:
                 if name.startswith("grouped_mm") and not (hasattr(torch, "_grouped_mm") and (device.type == "cuda" or args.smoke)):
                     raise RuntimeError("needs torch._grouped_mm on CUDA (bf16)")
-                gather, fn = make_variant(name, act, views, copies)
+                gather, fn = make_variant(name, act, views, copies, device)
                 outs = [fn(x, idx[s], idx_host[s], weights[s]) for s in range(len(sets))]
                 if ref is None:
                     if name != "contig":

@@ -180,8 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "training domain, chat answers included, and a fifth of the smaller budgets' rows the "
                          "parent's own text (docs/RESULTS.md §9: "
                          f"{commands.lever_flags(commands.KEEP_FULL)}, the delta restored where training ends; "
-                         "for budgets 1.0,0.75,0.5 also "
-                         f"{commands.weight_flags(commands.KEEP_FULL_WEIGHTS[1.0, 0.75, 0.5])}); each of those flags given beside it wins")
+                         f"{commands.keep_full_weights_help()}); each of those flags given beside it wins")
     sp.add_argument("--all-budgets", action="store_true",
                     help="every step trains every smaller budget on the same batch (with the anchor: the sandwich "
                          "rule in full; each smaller budget trains on all the tokens, at a pass per budget a step)")

@@ -11,6 +11,7 @@ are `StarElasticError`s, printed by `cli.main` as one line, exit status 2.
 
 from __future__ import annotations
 
+import math
 import time
 
 from .runtime import (DEFAULT_MODEL, check_output, comma_list, compile_backend, encode_prompt, eval_tokens,
@@ -211,10 +212,15 @@ def cmd_elastify(args):
         if args.keep_full:
             print(f"--keep-full: {' '.join(filter(None, (lever_flags(levers), weight_flags(weights, args))))}",
                   flush=True)
-            if not keep_full_weights(budgets):  # measured for other budgets: say so
+            at = keep_full_measured(budgets, cfg.tokens)
+            if at is None:  # measured for other budgets: say so
                 print("--keep-full's stage-2 and KD weights were measured for budgets "
                       f"{' and '.join(','.join(map(str, k)) for k in KEEP_FULL_WEIGHTS)}; these budgets train "
                       "with elastify's unless --stage2-weights / --kd-weights are given", flush=True)
+            elif weight_flags(weights, args):  # which measurement the weights come from
+                measured = ", ".join(map(_tokens, keep_full_points(budgets)))
+                print(f"--keep-full's budget weights: those measured at {_tokens(at)} training tokens (measured "
+                      f"at {measured}; the nearest to these {_tokens(cfg.tokens)})", flush=True)
     result = elastify(model, tokenizer, args.data, out, cfg, log=_log, device=device)
     if rank == 0:
         print_table(result)
@@ -254,34 +260,65 @@ KEEP_FULL = dict(full_anchor=1.0, anchor_data="self", anchor_mix=0.5, budget_mix
                  full_delta_bits=2, hold="embeddings,norms", hold_rate=1.0, hold_pull=0.0, full_keeps_held="training")
 
 
-# ... and the budgets' weights that go with it, for the budget list they were measured on (each of the two flags
-# given wins; other lists keep elastify's until measured): stage 2 never draws the full budget (its delta keeps
-# it) and draws 0.75 four times as often as 0.5, and the 0.5's distillation counts 0.4 of the others' in the one
-# AdamW. On SmolLM2 at 16.8M tokens (docs/RESULTS.md §9, forty-ninth to fifty-third sessions) that put the 0.75
-# and the 0.5 both within 2% of each distilled alone on all five sources at two seeds, the full model within 1%
-# of its parent, where equal weights left the 0.75 2-3% behind out of domain; on the hybrid at 16M both smaller
-# budgets stayed ahead of theirs on every source. The weight is an empirical knob: it does not even out the
-# budgets' gradient norms (benchmarks/bench_budget_pull.py).
-KEEP_FULL_WEIGHTS = {(1.0, 0.75, 0.5): dict(stage2_weights=[0.0, 0.8, 0.2], kd_weights=[1.0, 1.0, 0.4])}
+# ... and the budgets' weights that go with it, for the budget list and the training tokens they were measured at
+# (each of the two flags given wins; other lists keep elastify's until measured): stage 2 never draws the full
+# budget (its delta keeps it) and draws 0.75 four times as often as 0.5, and the 0.5's distillation counts less
+# than the others' in the one AdamW: 0.4 at 16.8M tokens, 0.7 at 4.2M. On SmolLM2 at 16.8M (docs/RESULTS.md §9,
+# forty-ninth to fifty-third sessions) 0.4 put the 0.75 and the 0.5 both within 2% of each distilled alone on all
+# five sources at two seeds, the full model within 1% of its parent, where equal weights left the 0.75 2-3% behind
+# out of domain and 0.5 the 0.75 +3.2% on chat answers at seed 1; on the hybrid at 16M both smaller budgets stayed
+# ahead of theirs. At 4.2M (fifty-fourth session) 0.4 starved the 0.5 (+2.4 to +10.4% behind its own at seed 1:
+# it gets 180 of the 512 steps, too few at four tenths of the rate) where 0.7 put it 7-19% ahead at both seeds
+# and kept the 0.75 within 2% (+2.02% on chat answers at seed 0, the edge). A run takes the weights measured
+# nearest its --tokens (in ratio). The weight is an empirical knob: it does not even out the budgets' gradient
+# norms (benchmarks/bench_budget_pull.py).
+KEEP_FULL_WEIGHTS = {(1.0, 0.75, 0.5): {4_194_304: dict(stage2_weights=[0.0, 0.8, 0.2], kd_weights=[1.0, 1.0, 0.7]),
+                                        16_777_216: dict(stage2_weights=[0.0, 0.8, 0.2], kd_weights=[1.0, 1.0, 0.4])}}
 
 
-def keep_full_weights(budgets: list[str]) -> dict:
-    """KEEP_FULL_WEIGHTS' weights for these budgets, in their order ({} where none were measured for them)."""
+def keep_full_points(budgets: list[str]) -> dict:
+    """KEEP_FULL_WEIGHTS' measurements for these budgets, in any order, by training tokens ({} if none)."""
     try:
-        sizes = [float(b) for b in budgets]
+        return KEEP_FULL_WEIGHTS.get(tuple(sorted((float(b) for b in budgets), reverse=True)), {})
     except ValueError:  # named budgets (elastify says what is wrong with them) have no preset
         return {}
+
+
+def keep_full_measured(budgets: list[str], tokens: int) -> int | None:
+    """The training tokens of the measurement a run of these budgets and `tokens` takes its weights from: the
+    nearest in ratio (None where none was measured for these budgets)."""
+    points = keep_full_points(budgets)
+    return min(points, key=lambda t: abs(math.log(t / max(tokens, 1)))) if points else None
+
+
+def keep_full_weights(budgets: list[str], tokens: int) -> dict:
+    """The weights of that measurement (keep_full_measured), in the budgets' order ({} where none was made)."""
+    at = keep_full_measured(budgets, tokens)
+    if at is None:
+        return {}
+    sizes = [float(b) for b in budgets]
     largest_first = sorted(sizes, reverse=True)
-    preset = KEEP_FULL_WEIGHTS.get(tuple(largest_first), {})
-    return {k: [v[largest_first.index(b)] for b in sizes] for k, v in preset.items()}
+    return {k: [v[largest_first.index(b)] for b in sizes] for k, v in keep_full_points(budgets)[at].items()}
 
 
 def budget_weights(args, budgets: list[str]) -> dict:
     """--stage2-weights and --kd-weights as numbers, each as given, else with --keep-full the recipe's for these
-    budgets (keep_full_weights; None where it has none: elastify's defaults)."""
-    preset = keep_full_weights(budgets) if args.keep_full else {}
+    budgets and --tokens (keep_full_weights; None where it has none: elastify's defaults)."""
+    preset = keep_full_weights(budgets, args.tokens) if args.keep_full else {}
     return {k: _floats(getattr(args, k), "--" + k.replace("_", "-")) if getattr(args, k) is not None
             else preset.get(k) for k in ("stage2_weights", "kd_weights")}
+
+
+def _tokens(n: int) -> str:
+    """A token count as a person reads it: 4.2M, or 1,024 below a tenth of a million."""
+    return f"{n / 1e6:.1f}M" if n >= 100_000 else f"{n:,}"
+
+
+def keep_full_weights_help() -> str:
+    """--keep-full's budget weights in words, for --help: the flags of each measurement and its tokens."""
+    return "; ".join(f"for budgets {','.join(map(str, budgets))} also " + " or ".join(
+        f"{weight_flags(w)} at {_tokens(tokens)} training tokens" for tokens, w in points.items())
+        + " (the nearest to --tokens)" for budgets, points in KEEP_FULL_WEIGHTS.items())
 
 
 def weight_flags(weights: dict, args=None) -> str:

@@ -218,13 +218,16 @@ def test_plan17_16m9h_is_the_hybrid_at_16m_with_the_kd_weight_on_b16s_architectu
     assert bundle in ratios and {"C16ba53", "C16bb53"} <= set(json.loads((ROOT / bundle).read_text())["runs"])
     rc, calls = call(75, KD="0.3")
     assert "--kd-weights 1,1,0.3 " in calls[0] and "/res/B16jw03.json" in calls[0]
-    # the second seed: B16s1's architectures and parent file, against seed 1's (c) that HB16c made on this machine
+    # the second seed: B16s1's architectures and parent file, against seed 1's (c) on today's parent (HB16c's,
+    # bundled by the fifty-fourth session under names a later machine's HB16c does not give)
     rc, calls = call(0, SEED="1")
     [run] = [c for c in calls if c.startswith("benchmarks/bench_elastic.py")]
     [ratios] = [c for c in calls if "compare_elastic" in c]
     assert "--minitron-arch docs/results/elastic_session31_h200.json#B16s1:elastic_anchor " in run
     assert "--seed 1 " in run and "/res/parentB1.safetensors " in run and "/res/B16jw04s1.json" in run
-    assert "--pairs B16jw04s1:C16bas1,B16jw04s1:C16bbs1" in ratios and "--part B" in ratios
+    assert "--pairs B16jw04s1:C16ba54s1,B16jw04s1:C16bb54s1" in ratios and "--part B" in ratios
+    bundle = "docs/results/elastic_session54_h100.json"
+    assert bundle in ratios and {"C16ba54s1", "C16bb54s1"} <= set(json.loads((ROOT / bundle).read_text())["runs"])
     # the names HB16c gives seed 1's (c) runs
     assert {"C16bas1.json", "C16bbs1.json"} == set(plan17_calls(tmp_path / "c1", "HB16c", SEED="1"))
 
@@ -271,6 +274,20 @@ def test_plan17_4kw_is_keep_fulls_weights_at_4m_against_each_budget_alone_at_bot
             assert f"--seed {seed} " in c and f"#E{seed}:" in c and "--variants= " in c and "--budget-mix 0.2" in c
 
 
+def test_plan17_4kx_is_4kw_at_other_kd_weights_on_the_05_and_nothing_else_changed(tmp_path):
+    # 4kx: 4kw's joint runs with the 0.5's KD weight changed (its (c) runs stay valid: the stage-2 weights, so the
+    # steps each budget gets, are 4kw's); KDS picks the weight:seed pairs
+    at4 = plan17_calls(tmp_path / "w", "4kw")
+    runs = plan17_calls(tmp_path / "x", "4kx")
+    assert set(runs) == {"J4kw07s1.json", "J4kw1s1.json", "J4kw07.json"}
+    for name, kd, base in (("J4kw07s1", "0.7", "J4kw04s1"), ("J4kw1s1", "1", "J4kw04s1"), ("J4kw07", "0.7", "J4kw04")):
+        line = runs[f"{name}.json"]
+        assert f"--kd-weights 1,1,{kd} " in line and "--stage2-weights 0,0.8,0.2 " in line
+        expected = at4[f"{base}.json"].replace("--kd-weights 1,1,0.4", f"--kd-weights 1,1,{kd}").replace(base, name)
+        assert line == expected
+    assert set(plan17_calls(tmp_path / "k", "4kx", KDS="0.55:0")) == {"J4kw055.json"}
+
+
 def test_ratios_wait_for_the_runs_to_finish_and_the_call_says_call_again(tmp_path):
     # a run stopped by its call (exit 75, its JSON written, no .done) gets no ratios in that call: compare_elastic
     # is not started, and the script exits 75; once the run finishes, the ratios run
@@ -293,6 +310,6 @@ def test_ratios_wait_for_the_runs_to_finish_and_the_call_says_call_again(tmp_pat
     assert rc == 0 and ratios.split("--pairs ")[1].count(":") == 6 and "/res/J16mvk02.json" in ratios
     # a case that reads one seed's ratios of two still says "call again" when its run stopped (16m9a: seed 1's,
     # after which the skipped seed 0's check must not turn the 75 into a 0)
-    for case in ("16m8a", "16m8", "16m9a", "16m9b", "16m9", "16m9n", "4kw"):
+    for case in ("16m8a", "16m8", "16m9a", "16m9b", "16m9", "16m9n", "4kw", "4kx"):
         rc, calls = call(75, case)
         assert rc == 75 and not any("compare_elastic" in c for c in calls), case

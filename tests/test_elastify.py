@@ -591,23 +591,33 @@ def test_keep_full_is_the_recipe_and_a_flag_beside_it_wins(tmp_path, tokenizer, 
 
 def test_keep_full_weights_the_budgets_it_was_measured_on(tmp_path, tokenizer, text, capsys):
     """`--keep-full` on budgets 1.0,0.75,0.5 also sets their stage-2 and distillation weights (commands.
-    KEEP_FULL_WEIGHTS: the full budget never drawn in stage 2, the 0.5's KD at 0.4; RESULTS §9, the KD weight at
-    two seeds), which reach elastify's config and its printed recipe; each flag given wins; another budget list
-    or no --keep-full keeps elastify's defaults. Until the fifty-third session --keep-full left both at the
-    defaults (stage 2 toward the full model, every KD weight 1), with which the 0.75 trailed one distilled alone."""
+    KEEP_FULL_WEIGHTS: the full budget never drawn in stage 2, the 0.5's KD below the others'; RESULTS §9), those
+    measured at the training tokens nearest --tokens (0.4 at 16.8M, 0.7 at 4.2M), which reach elastify's config
+    and its printed recipe; each flag given wins; another budget list or no --keep-full keeps elastify's defaults.
+    Until the fifty-third session --keep-full left both at the defaults (stage 2 toward the full model, every KD
+    weight 1), with which the 0.75 trailed one distilled alone; until the fifty-fourth it set 0.4 at any --tokens,
+    with which at 4.2M tokens the 0.5 trailed one distilled alone by up to 10% (seed 1)."""
     from star_elastic import cli, save_pretrained
     from star_elastic.cli import build_parser
-    from star_elastic.commands import KEEP_FULL_WEIGHTS, budget_weights, weight_flags
+    from star_elastic.commands import KEEP_FULL_WEIGHTS, budget_weights, keep_full_measured, weight_flags
     from star_elastic.validate import validate_checkpoint
 
-    def weights(*flags):
-        args = build_parser().parse_args(["elastify", "m", "--data", "wiki", "--tokens", "64", "--out", "o", *flags])
+    def weights(*flags, tokens=16_777_216):
+        args = build_parser().parse_args(["elastify", "m", "--data", "wiki", "--tokens", str(tokens), "--out", "o",
+                                          *flags])
         return budget_weights(args, args.budgets.split(","))
-    recipe = KEEP_FULL_WEIGHTS[1.0, 0.75, 0.5]
+    at16, at4 = KEEP_FULL_WEIGHTS[1.0, 0.75, 0.5][16_777_216], KEEP_FULL_WEIGHTS[1.0, 0.75, 0.5][4_194_304]
+    recipe = at16
     assert weights("--keep-full") == weights("--keep-full", "--budgets", "1,0.75,0.50") == recipe
     assert weights("--keep-full", "--budgets", "0.5,1.0,0.75") == {"stage2_weights": [0.2, 0.0, 0.8],
                                                                    "kd_weights": [0.4, 1.0, 1.0]}  # in flag order
     assert recipe["stage2_weights"][0] == 0 and recipe["kd_weights"][2] < 1
+    # the nearest measurement in ratio: 4.2M's up to twice 4.2M, 16.8M's from there and past it
+    assert at4["kd_weights"] == [1.0, 1.0, 0.7] and at4["stage2_weights"] == recipe["stage2_weights"]
+    for tokens, expected in ((1024, at4), (4_194_304, at4), (8_000_000, at4), (9_000_000, at16), (10**9, at16)):
+        assert weights("--keep-full", tokens=tokens) == expected, tokens
+    assert keep_full_measured(["1.0", "0.75", "0.5"], 6_000_000) == 4_194_304
+    assert keep_full_measured(["1.0", "0.5"], 6_000_000) is None
     assert weights() == weights("--keep-full", "--budgets", "1.0,0.5") == {"stage2_weights": None, "kd_weights": None}
     assert weights("--keep-full", "--budgets", "full,half") == {"stage2_weights": None, "kd_weights": None}
     assert weights("--keep-full", "--kd-weights", "1,1,1") == {**recipe, "kd_weights": [1.0, 1.0, 1.0]}
@@ -624,11 +634,14 @@ def test_keep_full_weights_the_budgets_it_was_measured_on(tmp_path, tokenizer, t
            "--out", str(tmp_path / "ckpt")]
     assert cli.main(run) == 0
     config = read_manifest(tmp_path / "ckpt")["training"]["config"]
-    assert (config["stage2_weights"], config["kd_weights"]) == ([0.0, 0.5, 0.5], recipe["kd_weights"])
+    # (1,024 training tokens: 4.2M's weights, the nearest measured)
+    assert (config["stage2_weights"], config["kd_weights"]) == ([0.0, 0.5, 0.5], at4["kd_weights"])
     assert validate_checkpoint(tmp_path / "ckpt").ok
     printed = capsys.readouterr().out
     said = next(line for line in printed.splitlines() if line.startswith("--keep-full:"))
-    assert said.endswith(" --kd-weights 1,1,0.4") and "--stage2-weights" not in said  # what it ran, not what was given
+    assert said.endswith(" --kd-weights 1,1,0.7") and "--stage2-weights" not in said  # what it ran, not what was given
+    assert "--keep-full's budget weights: those measured at 4.2M training tokens (measured at 4.2M, 16.8M; the " \
+        "nearest to these 1,024)" in printed
     assert "were measured for budgets" not in printed
 
 
