@@ -23,11 +23,12 @@ of one --parent) and T tokens (--tokens) of top-k (--top-k) distinct random expe
   f  loop_host       no gather: one matmul pair per chosen expert straight on the view, the expert
                      ids known on the host (not a drop-in: the model would have to sync for them)
   g  compiled        (b) under torch.compile (inductor on CUDA; aot_eager on the CPU, wiring only): what
-                     `generate --compile` and the engine's compiled step run at 1 token
-     fused           the same product written as broadcast multiplies and sums over the gathered
-                     experts, under torch.compile: inductor can fold the gather into the reduction and
-                     read each chosen expert's weights once (1 x the bytes, where gather-and-einsum moves
-                     3 x); a candidate for Experts' compiled decode, measured here first
+                     `generate(compile=True)` and the engine's compiled step run at 1 token
+     compiled_gemv   the same under inductor's coordinate descent tuning (generate.GEMV_OPTIONS, what
+                     `generate(compile="gemv")` runs): inductor then writes a product with one row (M = 1)
+                     as a multiply-and-sum reduction, so the gather folds into it and each chosen expert's
+                     weights are read once (1 x the bytes, where gather-and-einsum moves 3 x)
+     fused           that product written out as broadcast multiplies and sums, under inductor's defaults
 
 Each variant computes the same output (T, d) (routing weights applied); max |diff| against (a) is
 printed and checked (bf16 tolerance; the gather variants should be bit-equal). Times are medians
@@ -52,10 +53,11 @@ import datetime
 import torch
 
 import common
+from star_elastic.generate import GEMV_OPTIONS
 from star_elastic.model import Experts, activation, back_to_tokens, gathered_experts, scaled_activation
 
 VARIANTS = ("model", "contig", "view", "wide_i64", "wide_c128", "index_select", "index_select_i64", "rows", "rows_i64",
-            "grouped_mm", "grouped_mm_contig", "loop_host", "compiled", "fused")
+            "grouped_mm", "grouped_mm_contig", "loop_host", "compiled", "compiled_gemv", "fused")
 GATHERED = {"contig", "view", "wide_i64", "wide_c128", "index_select", "index_select_i64", "rows", "rows_i64"}
 
 
@@ -160,11 +162,12 @@ def fused_decode(act, x, up, down, idx, weights):
     return (h[:, :, None, :] * down[idx]).sum(-1).sum(1).to(x.dtype)  # (T, k, D) summed over the k
 
 
-def compiled(fn, device):
-    """fn under torch.compile: inductor on CUDA, aot_eager elsewhere (the CPU checks the wiring; inductor's C++
-    there is slow to build and is not what a GPU runs)."""
-    return torch.compile(fn, backend="inductor" if device.type == "cuda" else "aot_eager", fullgraph=True,
-                         dynamic=False)
+def compiled(fn, device, options=None):
+    """fn under torch.compile: inductor on CUDA (with `options`, inductor's), aot_eager elsewhere (the CPU checks
+    the wiring; inductor's C++ there is slow to build and is not what a GPU runs)."""
+    if device.type != "cuda":
+        return torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=False)
+    return torch.compile(fn, fullgraph=True, dynamic=False, options=options)
 
 
 def experts_on(views, act) -> Experts:
@@ -179,10 +182,11 @@ def experts_on(views, act) -> Experts:
 
 def make_variant(name, act, views, copies, device=torch.device("cpu")):
     """(gather or None, full decode fn(x, idx, idx_host, weights)) for variant `name`."""
-    if name in ("compiled", "fused"):
+    if name in ("compiled", "compiled_gemv", "fused"):
         up, down = views
-        fn = compiled((lambda x, idx, w: gathered_experts(act, x, up[idx], down[idx], w)) if name == "compiled"
-                      else (lambda x, idx, w: fused_decode(act, x, up, down, idx, w)), device)
+        fn = compiled((lambda x, idx, w: fused_decode(act, x, up, down, idx, w)) if name == "fused"
+                      else (lambda x, idx, w: gathered_experts(act, x, up[idx], down[idx], w)), device,
+                      GEMV_OPTIONS if name == "compiled_gemv" else None)
         return None, lambda x, idx, idx_host, w: fn(x, idx, w)
     if name == "model":
         ex = experts_on(views, act)

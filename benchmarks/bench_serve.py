@@ -273,9 +273,11 @@ def main():
                          "contiguous copies, timed against the sliced copy; comma-separated of "
                          f"{','.join(CONTIGUOUS_MODES)} (experts: routed experts' up/down weights; linear: non-contiguous "
                          "Linear/conv weights; all: every non-contiguous tensor; none: the plain view, always timed)")
-    ap.add_argument("--compile", action="store_true",
-                    help="decode through torch.compile'd steps (generate(compile=True)), views and sliced copies "
-                         "alike (fused elementwise kernels, as a server with --compile runs them)")
+    ap.add_argument("--compile", nargs="?", const="default", choices=["default", "gemv"],
+                    help="decode through torch.compile'd steps, views and sliced copies alike: generate(compile="
+                         "True), fused elementwise kernels, as a server with --compile runs them; --compile gemv: "
+                         "generate(compile='gemv'), inductor's coordinate descent tuning, one-row products as "
+                         "tuned reductions with the MoE gather folded in (generate.GEMV_OPTIONS)")
     ap.add_argument("--out", help="JSON results file")
     args = ap.parse_args()
     contiguous_modes = args.contiguous_views.split(",") if args.contiguous_views else []
@@ -360,7 +362,7 @@ def main():
     rows = []
 
     def gen(model, ids, new_tokens):
-        return generate(model, ids, new_tokens, compile=args.compile)
+        return generate(model, ids, new_tokens, compile={"default": True, "gemv": "gemv"}.get(args.compile, False))
 
     for n in names:
         s = sliced[n]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .errors import StarElasticError
 from .model import Model
 
 
@@ -40,10 +41,29 @@ def capture_graph(run, capture_error_mode: str = "global"):
     return graph, out
 
 
+# inductor's options for a one-token step of one row (`compile="gemv"`): under coordinate descent tuning it writes
+# each product with one row (M = 1) as a multiply-and-sum reduction that it tunes, where by default it calls a
+# cuBLAS GEMV (inductor's own note on it: "our matrix vector multiplies only achieve peak bandwidth with coordinate
+# descent tuning"), and the MoE decode's expert gather (model.Experts.gathered) folds into that reduction rather
+# than copying the chosen experts first (bench_expert_gather.py's compiled_gemv). Longer to compile (each kernel
+# timed in a few configurations). gpt-fast decodes this way.
+GEMV_OPTIONS = {"coordinate_descent_tuning": True}
+
+
+def compile_options(compile: bool | str) -> dict | None:
+    """torch.compile's inductor options for generate's `compile`: True (inductor's defaults) or "gemv"
+    (GEMV_OPTIONS); anything else is a one-line error."""
+    if compile is True:
+        return None
+    if compile == "gemv":
+        return GEMV_OPTIONS
+    raise StarElasticError(f"compile={compile!r}: use True (inductor's defaults) or 'gemv' (its GEMVs tuned)")
+
+
 class DecodeStep:
     """model(token, cache, pos) for one token, replayed from a CUDA graph when on a GPU."""
 
-    def __init__(self, model: Model, cache, batch: int, use_graph: bool | None = None, compile: bool = False):
+    def __init__(self, model: Model, cache, batch: int, use_graph: bool | None = None, compile: bool | str = False):
         self.model, self.cache = model, cache
         # torch.compile fuses the many small elementwise kernels of a one-token step; the CUDA
         # graph (ours, below) then removes the launch cost of what remains.
@@ -51,7 +71,7 @@ class DecodeStep:
             # Blocks share one forward code object; each kind/shape/mode is a dynamo cache entry, and
             # the default limit of 8 (shared with any training compile) would silently fall back to eager.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self.forward = torch.compile(model, dynamic=False) if compile else model
+        self.forward = torch.compile(model, dynamic=False, options=compile_options(compile)) if compile else model
         device = model.lm_head.weight.device
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
@@ -89,7 +109,7 @@ def forget_decode_steps(model: Model):
 EOS_CHECK_EVERY = 8  # generate's steps between reads of whether every row is done
 
 
-def _decoder(model: Model, batch: int, length: int, use_graph: bool | None, compile: bool = False):
+def _decoder(model: Model, batch: int, length: int, use_graph: bool | None, compile: bool | str = False):
     """Caches and a captured decode step, kept on the model and reused by later calls of the same
     batch size and length bucket (capturing costs a few forward passes; replaying is free) until
     `forget_decode_steps`."""
@@ -109,14 +129,14 @@ def _decoder(model: Model, batch: int, length: int, use_graph: bool | None, comp
 @torch.no_grad()
 def generate(model: Model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, eos_token_id=None, generator: torch.Generator | None = None,
-             use_graph: bool | None = None, compile: bool = False, on_token=None) -> torch.Tensor:
+             use_graph: bool | None = None, compile: bool | str = False, on_token=None) -> torch.Tensor:
     """Continue `input_ids` (b, t) by up to `max_new_tokens`; returns (b, t + n) with the prompt.
 
     Stops early once every row has produced an EOS token (rows that finish first are padded with
     EOS). `on_token(ids)` is called with each new (b,) tensor, for streaming; if it returns True,
     generation stops after that token (a stop string or marker seen). `compile` fuses the
-    decode step with torch.compile (worth it for long or repeated generation on a GPU).
-    """
+    decode step with torch.compile (worth it for long or repeated generation on a GPU): True with
+    inductor's defaults, "gemv" with its one-row products tuned as reductions (GEMV_OPTIONS)."""
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     b, t = input_ids.shape

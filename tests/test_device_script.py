@@ -313,3 +313,16 @@ def test_ratios_wait_for_the_runs_to_finish_and_the_call_says_call_again(tmp_pat
     for case in ("16m8a", "16m8", "16m9a", "16m9b", "16m9", "16m9n", "4kw", "4kx"):
         rc, calls = call(75, case)
         assert rc == 75 and not any("compare_elastic" in c for c in calls), case
+
+
+def test_decode12_times_the_expert_decode_candidates_then_generate_compiled_both_ways(tmp_path):
+    # issue 12's next measurement: the MoE decode's compiled candidates at Nano's experts, then bench_serve's
+    # compiled decode with inductor's defaults and with its GEMVs tuned (generate.GEMV_OPTIONS), in one call
+    calls = [args for _, args in run_script(tmp_path, "DECODE12")]
+    assert len(calls) == 3 and calls[0].startswith("benchmarks/bench_expert_gather.py --device cuda")
+    variants = calls[0].split("--variants ")[1].split()[0].split(",")
+    assert {"compiled", "compiled_gemv", "fused"} <= set(variants) and variants[0] == "contig"
+    assert "--tokens 1 " in calls[0] and "--cuts 128x1856x2688," in calls[0]
+    for args, mode in zip(calls[1:], ("default", "gemv")):
+        assert args.startswith("benchmarks/bench_serve.py --model nano --device cuda")
+        assert f"--compile {mode} " in args and f"serve_nano_compile_{mode}.json" in args
