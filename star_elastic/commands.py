@@ -219,8 +219,11 @@ def cmd_elastify(args):
                       "with elastify's unless --stage2-weights / --kd-weights are given", flush=True)
             elif weight_flags(weights, args):  # which measurement the weights come from
                 measured = ", ".join(map(_tokens, keep_full_points(budgets)))
+                step = cfg.batch_size * cfg.seq_len  # (measured at elastify's default, 16 x 512 tokens a step)
+                other = f"; they were measured at {KEEP_FULL_STEP_TOKENS:,} tokens a step, these take {step:,}" \
+                    if step != KEEP_FULL_STEP_TOKENS else ""
                 print(f"--keep-full's budget weights: those measured at {_tokens(at)} training tokens (measured "
-                      f"at {measured}; the nearest to these {_tokens(cfg.tokens)})", flush=True)
+                      f"at {measured}; the nearest to these {_tokens(cfg.tokens)}{other})", flush=True)
     result = elastify(model, tokenizer, args.data, out, cfg, log=_log, device=device)
     if rank == 0:
         print_table(result)
@@ -272,6 +275,7 @@ KEEP_FULL = dict(full_anchor=1.0, anchor_data="self", anchor_mix=0.5, budget_mix
 # and kept the 0.75 within 2% (+2.02% on chat answers at seed 0, the edge). A run takes the weights measured
 # nearest its --tokens (in ratio). The weight is an empirical knob: it does not even out the budgets' gradient
 # norms (benchmarks/bench_budget_pull.py).
+KEEP_FULL_STEP_TOKENS = 16 * 512  # the batch they were measured with (elastify's default), tokens a step
 KEEP_FULL_WEIGHTS = {(1.0, 0.75, 0.5): {4_194_304: dict(stage2_weights=[0.0, 0.8, 0.2], kd_weights=[1.0, 1.0, 0.7]),
                                         16_777_216: dict(stage2_weights=[0.0, 0.8, 0.2], kd_weights=[1.0, 1.0, 0.4])}}
 

@@ -641,7 +641,7 @@ def test_keep_full_weights_the_budgets_it_was_measured_on(tmp_path, tokenizer, t
     said = next(line for line in printed.splitlines() if line.startswith("--keep-full:"))
     assert said.endswith(" --kd-weights 1,1,0.7") and "--stage2-weights" not in said  # what it ran, not what was given
     assert "--keep-full's budget weights: those measured at 4.2M training tokens (measured at 4.2M, 16.8M; the " \
-        "nearest to these 1,024)" in printed
+        "nearest to these 1,024; they were measured at 8,192 tokens a step, these take 256)" in printed
     assert "were measured for budgets" not in printed
 
 
