@@ -3,22 +3,24 @@
 import json
 import os
 import subprocess
+
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_script(tmp_path, target: str, **env_vars) -> list[tuple[list[str], str]]:
-    """`run.sh target` with a fake python3 (and `env_vars` set): each call's PYTHONPATH entries and arguments, in
-    order."""
+def run_script(tmp_path, target: str, *words, **env_vars) -> list[tuple[list[str], str]]:
+    """`run.sh target words...` with a fake python3 (and `env_vars` set): each call's PYTHONPATH entries and
+    arguments, in order."""
     fake = tmp_path / "bin"
     fake.mkdir(parents=True)
     (fake / "python3").write_text('#!/bin/sh\necho "$PYTHONPATH|$*" >> "$OUT/calls"\n')
     (fake / "python3").chmod(0o755)
     out = tmp_path / "out"
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "OUT": str(out), **env_vars}
-    subprocess.run(["bash", "benchmarks/device/run.sh", target], cwd=ROOT, env=env, check=True, capture_output=True,
-                   timeout=60)
+    subprocess.run(["bash", "benchmarks/device/run.sh", target, *words], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=60)
     return [(path.split(":"), args) for path, args in
             (line.split("|", 1) for line in (out / "calls").read_text().splitlines())]
 
@@ -316,13 +318,16 @@ def test_ratios_wait_for_the_runs_to_finish_and_the_call_says_call_again(tmp_pat
 
 
 def test_decode12_times_the_expert_decode_candidates_then_generate_compiled_both_ways(tmp_path):
-    # issue 12's next measurement: the MoE decode's compiled candidates at Nano's experts, then bench_serve's
-    # compiled decode with inductor's defaults and with its GEMVs tuned (generate.GEMV_OPTIONS), in one call
-    calls = [args for _, args in run_script(tmp_path, "DECODE12")]
-    assert len(calls) == 3 and calls[0].startswith("benchmarks/bench_expert_gather.py --device cuda")
-    variants = calls[0].split("--variants ")[1].split()[0].split(",")
+    # issue 12's next measurement, a part a call: the MoE decode's compiled candidates at Nano's experts, then
+    # bench_serve's compiled decode with inductor's defaults and with its GEMVs tuned (generate.GEMV_OPTIONS)
+    [gather] = [args for _, args in run_script(tmp_path / "g", "DECODE12")]  # the first part by default
+    assert gather.startswith("benchmarks/bench_expert_gather.py --device cuda")
+    variants = gather.split("--variants ")[1].split()[0].split(",")
     assert {"compiled", "compiled_gemv", "fused"} <= set(variants) and variants[0] == "contig"
-    assert "--tokens 1 " in calls[0] and "--cuts 128x1856x2688," in calls[0]
-    for args, mode in zip(calls[1:], ("default", "gemv")):
-        assert args.startswith("benchmarks/bench_serve.py --model nano --device cuda")
-        assert f"--compile {mode} " in args and f"serve_nano_compile_{mode}.json" in args
+    assert "--tokens 1 " in gather and "--cuts 128x1856x2688," in gather
+    for mode in ("default", "gemv"):
+        [serve] = [args for _, args in run_script(tmp_path / mode, "DECODE12", mode, "--reps", "2")]
+        assert serve.startswith("benchmarks/bench_serve.py --model nano --device cuda")
+        assert f"--compile {mode} " in serve and f"serve_nano_compile_{mode}.json" in serve and serve.endswith("--reps 2")
+    with pytest.raises(subprocess.CalledProcessError):  # a part it does not have: exit 2, nothing run
+        run_script(tmp_path / "typo", "DECODE12", "gemvv")

@@ -29,7 +29,7 @@
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
 #   GATHER [args]               issue 12: the views' MoE decode gather, the candidates side by side (bench_expert_gather)
-#   DECODE12 [serve args]       issue 12: batch-1 decode with inductor's GEMVs tuned (the gather folded in), against its defaults
+#   DECODE12 gather|default|gemv  issue 12: batch-1 decode with inductor's GEMVs tuned (the gather folded in), one part a call
 #   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled; --parts profile: the compiled step by kernel (--compile off: eager); --parts kdcurve: KD over 50 steps, fast against reference (--kd-apart: each fast part alone too); --fsdp1: the FSDP2 rows; --keep-activations: the step without the recompute, beside; --conv-scan-apart: Mamba's conv, scan and skip apart (not as one function, the default), beside
 #                               (bench_kernels --parts train; needs .devcarry/mamba)
 #   SAVED [args]                issue 16: the bytes each layer keeps for backward, 539M and Nano widths, eager and compiled,
@@ -954,13 +954,18 @@ SPEED) for c in "BATCHING" "BATCHING --compile inductor --out $OUT/batching_comp
     timeout 250 bash $0 $c; done ;;  # seventeenth session's serving and sync changes in one call (~5 min; carry mamba)
 SYNCS) shift; python3 benchmarks/bench_syncs.py --json $OUT/syncs.json "$@" 2>&1 | tail -n 50 ;;  # issue 16 item 3 (~1 min)
 DECODE12) shift  # issue 12's batch-1 decode with inductor's GEMVs tuned (generate.GEMV_OPTIONS, fifty-fourth session,
-  # not yet measured): the MoE decode's candidates at Nano's experts (the gather folded into the reduction or not),
-  # then generate's compiled decode at Nano width with inductor's defaults and with the tuning, side by side
-  hbm=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H100 && echo 3350 || echo 4800)
-  python3 benchmarks/bench_expert_gather.py --device cuda --variants contig,view,model,compiled,compiled_gemv,fused \
-    --tokens 1 --cuts 128x1856x2688,64x1280x1792 --hbm-gbs $hbm --json $OUT/expert_gather_gemv.json 2>&1 | tail -n 20
-  for c in default gemv; do timeout ${SERVE_LIMIT:-240} python3 benchmarks/bench_serve.py --model nano --device cuda \
-    --compact on --compile $c --out $OUT/serve_nano_compile_$c.json "$@" 2>&1 | tail -n 25; done ;;
+  # not yet measured), one part a call (each compiles; the tuning times every kernel in a few configurations):
+  # gather: the MoE decode's candidates at Nano's experts, the gather folded into the reduction or not;
+  # default / gemv: generate's compiled decode at Nano width with inductor's defaults / with the tuning
+  hbm=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -q H100 && echo 3350 || echo 4800)
+  case "${1:-gather}" in
+    gather) python3 benchmarks/bench_expert_gather.py --device cuda --tokens 1 --cuts 128x1856x2688,64x1280x1792 \
+      --variants contig,view,model,compiled,compiled_gemv,fused --hbm-gbs $hbm --json $OUT/expert_gather_gemv.json \
+      2>&1 | tail -n 20 ;;
+    default|gemv) python3 benchmarks/bench_serve.py --model nano --device cuda --compact on --compile $1 \
+      --out $OUT/serve_nano_compile_$1.json "${@:2}" 2>&1 | tail -n 25 ;;
+    *) echo "DECODE12: gather, default or gemv, not $1"; exit 2 ;;
+  esac ;;
 GATHER) shift; python3 benchmarks/bench_expert_gather.py --device cuda --json $OUT/expert_gather.json "$@" 2>&1 | tail -n 60 ;;
 JOIN) join ;;
 esac
