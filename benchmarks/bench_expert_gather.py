@@ -180,7 +180,7 @@ def experts_on(views, act) -> Experts:
     return ex
 
 
-def make_variant(name, act, views, copies, device=torch.device("cpu")):
+def make_variant(name, act, views, copies, device):
     """(gather or None, full decode fn(x, idx, idx_host, weights)) for variant `name`."""
     if name in ("compiled", "compiled_gemv", "fused"):
         up, down = views

@@ -293,6 +293,8 @@ PLAN17) shift; A="--part A --train-data wiki,bible --heldout wiki,shakespeare,bi
 --variants joint_anchor --minitron-arch $B#E1:elastic_anchor}"; }
   CM() { echo "${A/--no-minitron/} --seed $1 --variants= --minitron-arch $B#E$1:elastic_anchor --lr-a 2e-4 \
     --anchor-data self --budget-mix ${MIX:-0.2} $CHAT"; }
+  # W4K KD: the 4.2M runs' length, finish and --keep-full's stage-2 weights, with the 0.5's KD at KD (4kw, 4kx)
+  W4K() { echo "--tokens-a 4194304 --full-delta-finish 256 --stage2-weights 0,0.8,0.2 --kd-weights 1,1,$1"; }
   # per_budget_seeds WHICH NAME "FLAGS": MH's recipe with FLAGS at seed 1 (NAMEs1) and seed 0 (NAME) side by side
   # (WHICH a: seed 1 alone, b: seed 0 alone), each against its seed's per-budget (c) (C16mv / C16mvb at MIX); exit
   # 75 while either run is unfinished (16m8, 16m9)
@@ -775,7 +777,7 @@ joint_anchor --minitron-arch docs/results/$arch:elastic_anchor --no-minitron} --
   # 16.8M), at seeds 0 and 1 (J4kw04, J4kw04s1), each against its seed's budgets distilled alone on their own steps
   # (the trainer's even order gives the 0.75 332 and the 0.5 180 of the 512 steps: C4kv / C4kvb, C4kvs1 / C4kvbs1,
   # no state, so the first call must finish them); six runs side by side, call again on exit 75
-  4kw) MIX=${MIX:-0.2}; W="--tokens-a 4194304 --full-delta-finish 256 --stage2-weights 0,0.8,0.2 --kd-weights 1,1,0.4"
+  4kw) MIX=${MIX:-0.2}; W=$(W4K 0.4)
      c=(); for s in 0 1; do x=$([ $s = 0 ] || echo s1)
        c+=(C4kv$x "$(CM $s) --budgets 1.0,0.75 --tokens-a $((332 * 8192))" \
            C4kvb$x "$(CM $s) --budgets 1.0,0.5 --tokens-a $((180 * 8192))"); done
@@ -790,8 +792,7 @@ joint_anchor --minitron-arch docs/results/$arch:elastic_anchor --no-minitron} --
   # are in docs/results/elastic_session54_h100.json); call again on exit 75
   4kx) MIX=${MIX:-0.2}; runs=()
      for ks in ${KDS:-0.7:1 1:1 0.7:0}; do k=${ks%:*}; s=${ks#*:}; n=J4kw$(echo "$k" | tr -d .)$([ $s = 0 ] || echo s$s)
-       runs+=($n "$([ $s = 0 ] && MH || MH1) --tokens-a 4194304 --full-delta-finish 256 --stage2-weights 0,0.8,0.2 \
---kd-weights 1,1,$k --state-dir $H/state/$n"); done
+       runs+=($n "$([ $s = 0 ] && MH || MH1) $(W4K $k) --state-dir $H/state/$n"); done
      RUN_LIMIT=${RUN_LIMIT:-585} bash $0 RUNS "${runs[@]}"
      for ((i = 0; i < ${#runs[@]}; i += 2)); do [ -e $H/res/${runs[i]}.done ] || exit 75; done ;;
   # 16mk: the data lever, after 16m3: J16m02 with the anchor, restore rows, finish and mix on half chat-format
