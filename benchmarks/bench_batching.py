@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -198,7 +197,7 @@ def main():
     # FP8 weights are 1 byte where the active-bytes count assumes the checkpoint's dtype: no bound then
     hbm_gbs = None if args.fp8_matmul else args.hbm_gbs or (common.hbm_gbs(device) if device.type == "cuda" else None)
     ckpt_dir = Path(args.ckpt) if args.ckpt else build_checkpoint(
-        args.model, args.budgets.split(","), Path(tempfile.mkdtemp(prefix="bench_batching_")) / "ckpt")
+        args.model, args.budgets.split(","), common.scratch_dir("bench_batching_") / "ckpt")
     ckpt = load_elastic(ckpt_dir, dtype=dtype, device=device)
     ckpt.model.requires_grad_(False)
     names = [b for b in BatchedEngine(ckpt, slots=1, static=False).budgets]

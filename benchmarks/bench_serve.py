@@ -1,7 +1,9 @@
 """Serving every budget from one elastic checkpoint: speed and memory of budget views (issue 5).
 
 Measured side by side in one run, on one machine:
-  1. decode and prefill tokens/s of each budget's view vs the same budget sliced standalone (target >= 0.95x)
+  1. decode and prefill tokens/s of each budget's view vs the same budget sliced standalone (target >= 0.95x);
+     the decode steps alone (generate's time less that of one new token: the prefill), against the weights a
+     step reads over the card's bandwidth (common.step_weight_bytes, common.hbm_gbs)
   2. budget switch latency: building a view (then cached) vs loading the sliced budget from disk
   3. resident memory: all budgets from one checkpoint vs each budget loaded standalone
      (CPU: bytes of distinct tensor storages; GPU: torch.cuda.memory_allocated)
@@ -40,7 +42,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -274,10 +275,11 @@ def main():
                          f"{','.join(CONTIGUOUS_MODES)} (experts: routed experts' up/down weights; linear: non-contiguous "
                          "Linear/conv weights; all: every non-contiguous tensor; none: the plain view, always timed)")
     ap.add_argument("--compile", nargs="?", const="default", choices=["default", "gemv"],
-                    help="decode through torch.compile'd steps, views and sliced copies alike: generate(compile="
-                         "True), fused elementwise kernels, as a server with --compile runs them; --compile gemv: "
+                    help="decode through torch.compile'd steps, views and sliced copies alike: --compile (default): "
+                         "generate(compile='default'), inductor's defaults, fused elementwise kernels; --compile gemv: "
                          "generate(compile='gemv'), inductor's coordinate descent tuning, one-row products as "
-                         "tuned reductions with the MoE gather folded in (generate.GEMV_OPTIONS)")
+                         "tuned reductions with the MoE gather folded in (generate.GEMV_OPTIONS; what "
+                         "generate(compile=True) runs at batch 1 since the fifty-fifth session)")
     ap.add_argument("--out", help="JSON results file")
     args = ap.parse_args()
     contiguous_modes = args.contiguous_views.split(",") if args.contiguous_views else []
@@ -292,7 +294,7 @@ def main():
     device = torch.device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or
                                                                   ("bfloat16" if device.type == "cuda" else "float32")]
-    work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    work = common.scratch_dir("bench_serve_")  # the built checkpoint and the sliced exports: removed at exit
     t0 = common.clock(device)
     ckpt_dir = Path(args.ckpt) if args.ckpt else build_checkpoint(args.model, args.budgets.split(","), work / "ckpt")
     build_s = common.clock(device) - t0
@@ -360,9 +362,10 @@ def main():
     V = parent.config.vocab_size
     prompt = torch.randint(3, V, (1, args.prompt_len), generator=g).to(device)
     rows = []
+    hbm = common.hbm_gbs(device)  # the card's peak (an H100 3,350 GB/s); a CPU's stand-in is common.HBM_GBS
 
     def gen(model, ids, new_tokens):
-        return generate(model, ids, new_tokens, compile={"default": True, "gemv": "gemv"}.get(args.compile, False))
+        return generate(model, ids, new_tokens, compile=args.compile or False)
 
     for n in names:
         s = sliced[n]
@@ -370,7 +373,14 @@ def main():
         # (no copies either) is the same model as compact off, so only the first such is timed
         timed = [c for c in modes if c == modes[0] or grouped_parts[c][n] or grouped_parts[modes[0]][n]]
         gen_fns = {c: (lambda v=views[c][n]: gen(v, prompt, args.new_tokens)) for c in timed}
-        gen_t = side_by_side({**gen_fns, "sliced": lambda: gen(s, prompt, args.new_tokens)}, args.reps, device)
+        # generate's time includes the prompt's prefill (eager); one new token is prefill and no decode step,
+        # so the difference is the new_tokens - 1 decode steps alone (the same captured step: one length bucket)
+        first_fns = {("first", c): (lambda v=views[c][n]: gen(v, prompt, 1)) for c in timed[:1]}
+        gen_t = side_by_side({**gen_fns, "sliced": lambda: gen(s, prompt, args.new_tokens), **first_fns,
+                              ("first", "sliced"): lambda: gen(s, prompt, 1)}, args.reps, device)
+        steps_tok_s = {k: (args.new_tokens - 1) / max(gen_t[k] - gen_t[("first", k)], 1e-9)
+                       for k in (timed[0], "sliced")}
+        weight_bytes = common.step_weight_bytes(views[modes[0]][n].config, views[modes[0]][n], 1)
         with torch.no_grad():
             pre_t = side_by_side({**{c: (lambda v=views[c][n]: v(prompt, last_only=True)) for c in timed},
                                   "sliced": lambda: s(prompt, last_only=True)}, args.reps, device)
@@ -392,6 +402,10 @@ def main():
                      "decode_ratio": first["decode_ratio"],
                      "prefill_tok_s_view": first["prefill_tok_s_view"], "prefill_tok_s_sliced": args.prompt_len / pre_t["sliced"],
                      "prefill_ratio": first["prefill_ratio"], "greedy_equal": first["greedy_equal"],
+                     "decode_steps_tok_s_view": steps_tok_s[timed[0]], "decode_steps_tok_s_sliced": steps_tok_s["sliced"],
+                     "step_weight_bytes": weight_bytes, "hbm_gbs": hbm,
+                     "hbm_share_view": weight_bytes * steps_tok_s[timed[0]] / (hbm * 1e9),
+                     "hbm_share_sliced": weight_bytes * steps_tok_s["sliced"] / (hbm * 1e9),
                      "view_build_ms": first["view_build_ms"], "standalone_load_ms": load_s[n] * 1e3,
                      "copied_bytes": first["copied_bytes"], "parent_bytes": parent_bytes, "sliced_bytes": sliced_bytes[n],
                      "modes": per_mode})
@@ -401,6 +415,10 @@ def main():
                   f"{r['prefill_ratio']:.3f}x; operators a decode token {r['decode_ops_view']} vs "
                   f"{r['decode_ops_sliced']}; greedy equal: {r['greedy_equal']}"
                   f"{'' if r['timed_separately'] else ' (the same views as compact on: no grouped part)'}", flush=True)
+        r = rows[-1]
+        print(f"  budget {n}, decode steps alone (prefill taken out): view {r['decode_steps_tok_s_view']:.1f} tok/s, "
+              f"sliced {r['decode_steps_tok_s_sliced']:.1f}; {weight_bytes / 1e6:.1f} MB of weights a step: "
+              f"{100 * r['hbm_share_view']:.1f}% / {100 * r['hbm_share_sliced']:.1f}% of {hbm:,.0f} GB/s", flush=True)
     full = rows[0]["decode_tok_s_view"]
     for r in rows:
         r["decode_vs_full"] = r["decode_tok_s_view"] / full
@@ -454,7 +472,7 @@ def main():
                   f"{len(r['non_contiguous_left']):>12} {str(r['greedy_equal']):>9}")
     result = {"machine": {"device": str(device), "name": common.machine(device),
                           "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": str(dtype)},
-              "command": " ".join(sys.argv), "checkpoint": str(ckpt_dir), "model": args.model if not args.ckpt else None,
+              "command": " ".join(sys.argv), "checkpoint": args.ckpt or "built (removed at exit)", "model": args.model if not args.ckpt else None,
               "parent_params": parent.num_parameters(), "serving_order": serving_order, "compact": args.compact,
               "specs": {n: specs[n].to_dict() for n in names},
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,

@@ -5,10 +5,13 @@ from anywhere as `python benchmarks/NAME.py`: Python puts the script's folder on
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
 import platform
+import shutil
+import tempfile
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -173,6 +176,14 @@ def decode_ops(model: Model, ids: torch.Tensor) -> Counter:
             generate(model, ids, n, use_graph=False)
         counts.append(c.ops)
     return counts[1] - counts[0]
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A temporary folder removed when the process exits, however it exits: a benchmark that builds a Nano-sized
+    checkpoint and its slices writes ~13 GB there, and a few left behind filled the GPU machine's disk."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    return work
 
 
 def write_json(path, data: dict, indent: int = 2, default=None) -> None:

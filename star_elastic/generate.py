@@ -41,23 +41,29 @@ def capture_graph(run, capture_error_mode: str = "global"):
     return graph, out
 
 
-# inductor's options for a one-token step of one row (`compile="gemv"`): under coordinate descent tuning it writes
-# each product with one row (M = 1) as a multiply-and-sum reduction that it tunes, where by default it calls a
-# cuBLAS GEMV (inductor's own note on it: "our matrix vector multiplies only achieve peak bandwidth with coordinate
-# descent tuning"), and the MoE decode's expert gather (model.Experts.gathered) folds into that reduction rather
-# than copying the chosen experts first (bench_expert_gather.py's compiled_gemv). Longer to compile (each kernel
-# timed in a few configurations). gpt-fast decodes this way.
+# inductor's options for a one-token step of one row (what `compile=True` compiles at batch 1, or `compile="gemv"` at
+# any): under coordinate descent tuning it writes each product with one row (M = 1) as a multiply-and-sum reduction
+# that it tunes, where by default it calls a cuBLAS GEMV (inductor's own note on it: "our matrix vector multiplies
+# only achieve peak bandwidth with coordinate descent tuning"), and the MoE decode's expert gather
+# (model.Experts.gathered) folds into that reduction rather than copying the chosen experts first. gpt-fast decodes
+# this way. Measured on an H100 at Nano width, batch 1: the full model's decode steps at 70% of the HBM bound, 1.33x
+# inductor's defaults (52%); compiling takes longer (each kernel timed in a few configurations). docs/RESULTS.md,
+# "Batch-1 decode at the bandwidth bound".
 GEMV_OPTIONS = {"coordinate_descent_tuning": True}
 
 
-def compile_options(compile: bool | str) -> dict | None:
-    """torch.compile's inductor options for generate's `compile`: True (inductor's defaults) or "gemv"
-    (GEMV_OPTIONS); anything else is a one-line error."""
+def compile_options(compile: bool | str, batch: int = 1) -> dict | None:
+    """torch.compile's inductor options for a decode step of `batch` rows under generate's `compile`: True,
+    GEMV_OPTIONS at batch 1 (one-row products) and inductor's defaults above; "gemv" GEMV_OPTIONS at any batch;
+    "default" inductor's defaults at any batch; anything else is a one-line error."""
     if compile is True:
-        return None
+        return GEMV_OPTIONS if batch == 1 else None
     if compile == "gemv":
         return GEMV_OPTIONS
-    raise StarElasticError(f"compile={compile!r}: use True (inductor's defaults) or 'gemv' (its GEMVs tuned)")
+    if compile == "default":
+        return None
+    raise StarElasticError(f"compile={compile!r}: use True (GEMVs tuned at batch 1), 'gemv' (tuned at any batch) "
+                           "or 'default' (inductor's defaults)")
 
 
 class DecodeStep:
@@ -71,7 +77,7 @@ class DecodeStep:
             # Blocks share one forward code object; each kind/shape/mode is a dynamo cache entry, and
             # the default limit of 8 (shared with any training compile) would silently fall back to eager.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self.forward = torch.compile(model, dynamic=False, options=compile_options(compile)) if compile else model
+        self.forward = torch.compile(model, dynamic=False, options=compile_options(compile, batch)) if compile else model
         device = model.lm_head.weight.device
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
@@ -136,7 +142,8 @@ def generate(model: Model, input_ids: torch.Tensor, max_new_tokens: int, tempera
     EOS). `on_token(ids)` is called with each new (b,) tensor, for streaming; if it returns True,
     generation stops after that token (a stop string or marker seen). `compile` fuses the
     decode step with torch.compile (worth it for long or repeated generation on a GPU): True with
-    inductor's defaults, "gemv" with its one-row products tuned as reductions (GEMV_OPTIONS)."""
+    its one-row products tuned as reductions at batch 1 (GEMV_OPTIONS) and inductor's defaults above,
+    "gemv" tuned at any batch, "default" inductor's defaults at any batch."""
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     b, t = input_ids.shape

@@ -423,3 +423,27 @@ def test_a_compiled_static_step_decodes_what_the_eager_one_does(engine):
     finally:
         eng.close()
         torch._dynamo.reset()
+
+
+def test_a_pool_of_one_row_compiles_its_step_with_inductors_gemvs_tuned(engine, monkeypatch):
+    """StaticStep under inductor: a pool of one row (one request decoding) compiles with coordinate descent
+    tuning (generate.GEMV_OPTIONS: its products have one row, tuned as reductions; generate's batch-1 step does
+    the same), a pool of several with inductor's defaults, and another backend with no options (aot_eager takes
+    none). The compiled model here is the eager one, recorded: the steps decode what the eager step does."""
+    from star_elastic.generate import GEMV_OPTIONS
+    from star_elastic.serve.batching import StaticStep
+
+    calls = []
+
+    def recording_compile(model, **kwargs):
+        calls.append(kwargs)
+        return model
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    model = engine.parent
+    for rows, backend, options in ((1, "inductor", GEMV_OPTIONS), (2, "inductor", None), (1, "aot_eager", None)):
+        step = StaticStep(model, model.make_cache(rows, 16), rows, use_graph=False, compile=backend)
+        assert calls[-1] == {"backend": backend, "dynamic": False, "options": options}, (rows, backend)
+        tokens, pos = torch.tensor([5] * rows), torch.zeros(rows, dtype=torch.long)
+        want = model(tokens[:, None], model.make_cache(rows, 16), pos[:, None], last_only=True)[:, -1]
+        assert torch.allclose(step(tokens, pos), want)
+    assert len(calls) == 3 and GEMV_OPTIONS == {"coordinate_descent_tuning": True}

@@ -61,3 +61,20 @@ def test_the_bandwidth_bound_is_the_cards_own(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
         assert common.hbm_gbs(torch.device("cuda")) == gbs
     assert common.hbm_gbs(torch.device("cpu")) == common.HBM_GBS
+
+
+def test_a_benchmarks_scratch_folder_is_gone_when_it_exits_even_on_an_error(tmp_path):
+    """common.scratch_dir: bench_serve / bench_batching build a checkpoint and its slices there (~13 GB at Nano
+    width); it is removed at exit, whether the benchmark ends or fails (a few left behind filled the GPU
+    machine's disk in the fifty-fifth session)."""
+    import subprocess
+
+    for ends in ("pass", "raise SystemExit(3)", "raise ValueError('boom')"):
+        code = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import common\n"
+                f"w = common.scratch_dir('bench_t_'); (w / 'ckpt').mkdir(); (w / 'ckpt' / 'a').write_bytes(b'x')\n"
+                f"print(w, flush=True)\n{ends}\n")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                             env={"TMPDIR": str(tmp_path), "PATH": "/usr/bin:/bin"})
+        work = Path(out.stdout.strip())
+        assert work.parent == tmp_path and work.name.startswith("bench_t_"), out.stderr
+        assert not work.exists(), ends

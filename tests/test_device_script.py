@@ -329,5 +329,7 @@ def test_decode12_times_the_expert_decode_candidates_then_generate_compiled_both
         [serve] = [args for _, args in run_script(tmp_path / mode, "DECODE12", mode, "--reps", "2")]
         assert serve.startswith("benchmarks/bench_serve.py --model nano --device cuda")
         assert f"--compile {mode} " in serve and f"serve_nano_compile_{mode}.json" in serve and serve.endswith("--reps 2")
+    both = [args for _, args in run_script(tmp_path / "both", "DECODE12", "both")]  # one call, one card
+    assert [a.split("--compile ")[1].split()[0] for a in both] == ["default", "gemv"]
     with pytest.raises(subprocess.CalledProcessError):  # a part it does not have: exit 2, nothing run
         run_script(tmp_path / "typo", "DECODE12", "gemvv")

@@ -29,7 +29,8 @@
 #   SPEED                       BATCHING, BATCHING --compile inductor and SYNCS one after another
 #   SYNCS [args]                issue 16: where a training step still waits for the GPU, counted by line (bench_syncs)
 #   GATHER [args]               issue 12: the views' MoE decode gather, the candidates side by side (bench_expert_gather)
-#   DECODE12 gather|default|gemv  issue 12: batch-1 decode with inductor's GEMVs tuned (the gather folded in), one part a call
+#   DECODE12 gather|default|gemv|both  issue 12: batch-1 decode with inductor's GEMVs tuned (the gather folded in), one part
+#                               a call (both: default then gemv in one call)
 #   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled; --parts profile: the compiled step by kernel (--compile off: eager); --parts kdcurve: KD over 50 steps, fast against reference (--kd-apart: each fast part alone too); --fsdp1: the FSDP2 rows; --keep-activations: the step without the recompute, beside; --conv-scan-apart: Mamba's conv, scan and skip apart (not as one function, the default), beside
 #                               (bench_kernels --parts train; needs .devcarry/mamba)
 #   SAVED [args]                issue 16: the bytes each layer keeps for backward, 539M and Nano widths, eager and compiled,
@@ -964,8 +965,11 @@ DECODE12) shift  # issue 12's batch-1 decode with inductor's GEMVs tuned (genera
       --variants contig,view,model,compiled,compiled_gemv,fused --hbm-gbs $hbm --json $OUT/expert_gather_gemv.json \
       2>&1 | tail -n 20 ;;
     default|gemv) python3 benchmarks/bench_serve.py --model nano --device cuda --compact on --compile $1 \
-      --out $OUT/serve_nano_compile_$1.json "${@:2}" 2>&1 | tail -n 25 ;;
-    *) echo "DECODE12: gather, default or gemv, not $1"; exit 2 ;;
+      --out $OUT/serve_nano_compile_$1.json "${@:2}" 2>&1 | tail -n 28 ;;
+    both) for m in default gemv; do  # one call, the same card: the decode steps alone, both ways (~8 min)
+      python3 benchmarks/bench_serve.py --model nano --device cuda --compact on --compile $m \
+        --out $OUT/serve_nano_compile_$m.json "${@:2}" 2>&1 | tail -n 22; done ;;
+    *) echo "DECODE12: gather, default, gemv or both, not $1"; exit 2 ;;
   esac ;;
 GATHER) shift; python3 benchmarks/bench_expert_gather.py --device cuda --json $OUT/expert_gather.json "$@" 2>&1 | tail -n 60 ;;
 JOIN) join ;;

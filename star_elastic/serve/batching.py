@@ -57,7 +57,7 @@ from collections import deque
 import torch
 import torch.nn as nn
 
-from ..generate import capture_graph, sample
+from ..generate import GEMV_OPTIONS, capture_graph, sample
 from ..model import Model
 from ..runtime import HostCopy
 from .engine import ElasticEngine, StopWatcher
@@ -115,13 +115,15 @@ class StaticStep:
     builds a new one. `compile` (a torch.compile backend, e.g. "inductor"): the step's small kernels
     fused first, so that the graph holds fewer of them; on an H200 replaying the ~200-kernel graph of a
     one-token Nano step took the host about as long as the device took to run it (docs/RESULTS.md,
-    serving at Nano width)."""
+    serving at Nano width). A pool of one row compiles with inductor's GEMVs tuned, as generate does."""
 
     def __init__(self, model: Model, cache: nn.ModuleList, rows: int, use_graph: bool, compile: str | None = None):
         self.model, self.cache, self.graph = model, cache, None
         if compile:  # one graph per view and pool size: more than the default limit of 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self.forward = torch.compile(model, backend=compile, dynamic=False) if compile else model
+        # a pool of one row multiplies one-row products: inductor tunes them as reductions (generate.GEMV_OPTIONS)
+        options = GEMV_OPTIONS if compile == "inductor" and rows == 1 else None
+        self.forward = torch.compile(model, backend=compile, dynamic=False, options=options) if compile else model
         device = model.lm_head.weight.device
         self.token = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(rows, 1, dtype=torch.long, device=device)

@@ -105,8 +105,8 @@ def add_serve_parser(sub, model_args):
     sp.add_argument("--compile", choices=["off", "on", "auto"], default="off",
                     help="the batched decode step under torch.compile (inductor) before its CUDA graph: on an H200 "
                          "0.84 ms a step at batch 1 against 1.18 eager (docs/RESULTS.md, serving at Nano width), at "
-                         "the cost of compiling once per budget and pool size as requests arrive; auto: on a GPU "
-                         "with Triton; default off")
+                         "the cost of compiling once per budget and pool size as requests arrive (a pool of one request "
+                         "with inductor's GEMVs tuned: longer to compile); auto: on a GPU with Triton; default off")
     add_head_order_arg(sp)
     sp.set_defaults(fn=cmd_serve)
     return sp
