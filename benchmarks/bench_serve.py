@@ -119,6 +119,13 @@ def side_by_side(fns: dict, reps: int, device) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def first_diff(a: torch.Tensor, b: torch.Tensor) -> int | None:
+    """The first position where token sequences a and b differ (a length where one is a prefix), None if equal."""
+    n = min(len(a), len(b))
+    diff = (a[:n] != b[:n].to(a.device)).nonzero()
+    return int(diff[0]) if len(diff) else (None if len(a) == len(b) else n)
+
+
 def storage_bytes(*models) -> int:
     seen = {}
     for m in models:
@@ -392,7 +399,10 @@ def main():
             per_mode["on" if c else "off"] = {
                 "decode_tok_s_view": args.new_tokens / gen_t[t], "decode_ratio": gen_t["sliced"] / gen_t[t],
                 "prefill_tok_s_view": args.prompt_len / pre_t[t], "prefill_ratio": pre_t["sliced"] / pre_t[t],
-                "greedy_equal": torch.equal(gen(v, prompt, args.new_tokens), want),
+                "greedy_equal": torch.equal(got := gen(v, prompt, args.new_tokens), want),
+                # where they part: late, after equal tokens, is a near tie rounded apart (bf16 sums in another
+                # order); at the first token, a different computation
+                "greedy_first_diff": first_diff(got[0, args.prompt_len:], want[0, args.prompt_len:]),
                 "copied_bytes": copied_bytes(v), "copied": list(v.copied), "grouped_modules": len(grouped_parts[c][n]),
                 "timed_separately": c in timed, "view_build_ms": build_ms[c][n],
                 "decode_ops_view": sum(common.decode_ops(v, prompt).values()), "decode_ops_sliced": ops_sliced}
@@ -410,10 +420,11 @@ def main():
                      "copied_bytes": first["copied_bytes"], "parent_bytes": parent_bytes, "sliced_bytes": sliced_bytes[n],
                      "modes": per_mode})
         for m, r in per_mode.items():
+            parted = "" if r["greedy_equal"] else f" (from new token {r['greedy_first_diff']} of {args.new_tokens})"
             print(f"  budget {n}, compact {m}: decode view {r['decode_tok_s_view']:.1f} tok/s vs sliced "
                   f"{rows[-1]['decode_tok_s_sliced']:.1f} ({r['decode_ratio']:.3f}x); prefill "
                   f"{r['prefill_ratio']:.3f}x; operators a decode token {r['decode_ops_view']} vs "
-                  f"{r['decode_ops_sliced']}; greedy equal: {r['greedy_equal']}"
+                  f"{r['decode_ops_sliced']}; greedy equal: {r['greedy_equal']}{parted}"
                   f"{'' if r['timed_separately'] else ' (the same views as compact on: no grouped part)'}", flush=True)
         r = rows[-1]
         print(f"  budget {n}, decode steps alone (prefill taken out): view {r['decode_steps_tok_s_view']:.1f} tok/s, "

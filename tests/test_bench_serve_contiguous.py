@@ -84,3 +84,15 @@ def test_none_copies_nothing_and_an_unknown_mode_is_refused():
     assert contiguous_copies(view, "none") == ([], 0) and tensor_pointers(view) == ptrs
     with pytest.raises(ValueError):
         contiguous_copies(view, "experts,linear")
+
+
+def test_first_diff_names_where_two_greedy_outputs_part():
+    """bench_serve reports where a view's greedy tokens leave its slice's: late is a near tie rounded apart,
+    at 0 a different computation; one output a prefix of the other parts at the shorter's length."""
+    from bench_serve import first_diff
+
+    a = torch.tensor([5, 6, 7, 8])
+    assert first_diff(a, a.clone()) is None
+    assert first_diff(a, torch.tensor([5, 6, 9, 8])) == 2
+    assert first_diff(a, torch.tensor([1, 6, 7, 8])) == 0
+    assert first_diff(a, a[:3]) == 3 and first_diff(a[:2], a) == 2
