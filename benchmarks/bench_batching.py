@@ -203,7 +203,7 @@ def main():
     names = [b for b in BatchedEngine(ckpt, slots=1, static=False).budgets]
     V = ckpt.model.config.vocab_size
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, V, (1, args.prompt_len), generator=g) for _ in range(max(sizes))]
+    prompts = [torch.randint(3, V, (1, args.prompt_len), generator=g) for _ in range(max(*sizes, args.sequential_requests))]
     print(f"checkpoint {ckpt_dir}: {ckpt.model.num_parameters() / 1e6:.1f}M parameters, budgets {', '.join(names)}; "
           f"{device}, {dtype}, {torch.get_num_threads()} threads; prompt {args.prompt_len}, {args.new_tokens} new tokens",
           flush=True)
