@@ -333,3 +333,6 @@ def test_decode12_times_the_expert_decode_candidates_then_generate_compiled_both
     assert [a.split("--compile ")[1].split()[0] for a in both] == ["default", "gemv"]
     with pytest.raises(subprocess.CalledProcessError):  # a part it does not have: exit 2, nothing run
         run_script(tmp_path / "typo", "DECODE12", "gemvv")
+    [replay] = [args for _, args in run_script(tmp_path / "replay", "REPLAY12", "--reps", "3")]
+    assert replay.startswith("benchmarks/bench_replay.py --device cuda --model nano --json ")
+    assert replay.endswith("replay_nano.json --reps 3")

@@ -31,6 +31,7 @@
 #   GATHER [args]               issue 12: the views' MoE decode gather, the candidates side by side (bench_expert_gather)
 #   DECODE12 gather|default|gemv|both  issue 12: batch-1 decode with inductor's GEMVs tuned (the gather folded in), one part
 #                               a call (both: default then gemv in one call)
+#   REPLAY12 [args]             issue 12: generate's batch-1 step against the engine's, the host's time (bench_replay.py)
 #   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled; --parts profile: the compiled step by kernel (--compile off: eager); --parts kdcurve: KD over 50 steps, fast against reference (--kd-apart: each fast part alone too); --fsdp1: the FSDP2 rows; --keep-activations: the step without the recompute, beside; --conv-scan-apart: Mamba's conv, scan and skip apart (not as one function, the default), beside
 #                               (bench_kernels --parts train; needs .devcarry/mamba)
 #   SAVED [args]                issue 16: the bytes each layer keeps for backward, 539M and Nano widths, eager and compiled,
@@ -971,6 +972,10 @@ DECODE12) shift  # issue 12's batch-1 decode with inductor's GEMVs tuned (genera
         --out $OUT/serve_nano_compile_$m.json "${@:2}" 2>&1 | tail -n 22; done ;;
     *) echo "DECODE12: gather, default, gemv or both, not $1"; exit 2 ;;
   esac ;;
+REPLAY12) shift  # issue 12: why the engine's one-request step (0.77 ms) is slower than generate's (0.46 ms) on the
+  # same compiled graph: the host's time in a step's launch, idle and behind queued steps, and the period free-running
+  # against reading one step behind (bench_replay.py; ~3-4 min cold: both steps compile with the GEMVs tuned)
+  python3 benchmarks/bench_replay.py --device cuda --model nano --json $OUT/replay_nano.json "$@" 2>&1 | tail -n 12 ;;
 GATHER) shift; python3 benchmarks/bench_expert_gather.py --device cuda --json $OUT/expert_gather.json "$@" 2>&1 | tail -n 60 ;;
 JOIN) join ;;
 esac
