@@ -23,9 +23,10 @@ of one --parent) and T tokens (--tokens) of top-k (--top-k) distinct random expe
   f  loop_host       no gather: one matmul pair per chosen expert straight on the view, the expert
                      ids known on the host (not a drop-in: the model would have to sync for them)
   g  compiled        (b) under torch.compile (inductor on CUDA; aot_eager on the CPU, wiring only): what
-                     `generate(compile=True)` and the engine's compiled step run at 1 token
+                     `generate(compile="default")` runs at 1 token (and compile=True did until the fifty-fifth session)
      compiled_gemv   the same under inductor's coordinate descent tuning (generate.GEMV_OPTIONS, what
-                     `generate(compile="gemv")` runs): inductor then writes a product with one row (M = 1)
+                     `generate(compile=True)` and the engine's compiled one-row step run at 1 token since the
+                     fifty-fifth session): inductor then writes a product with one row (M = 1)
                      as a multiply-and-sum reduction, so the gather folds into it and each chosen expert's
                      weights are read once (1 x the bytes, where gather-and-einsum moves 3 x)
      fused           that product written out as broadcast multiplies and sums, under inductor's defaults
