@@ -92,7 +92,8 @@ def bench_update(cfg: ModelConfig, args, device) -> list[dict]:
             row["speedup"] = row["recurrence_us"] / row["triton_us"]
         for key in ("recurrence_us", "triton_us"):  # the state read once and written once
             if key in row and device.type == "cuda":
-                row[key.replace("_us", "_hbm_fraction")] = 2 * row["state_bytes"] / (row[key] * 1e-6) / (args.hbm_gbs * 1e9)
+                row[key.replace("_us", "_hbm_fraction")] = common.bandwidth_share(2 * row["state_bytes"], row[key] * 1e-6,
+                                                                                   args.hbm_gbs)
         rows.append(row)
         print(f"  state update, batch {b:3d}: recurrence {row['recurrence_us']:8.1f} us"
               + (f", Triton {row['triton_us']:7.1f} us ({row['speedup']:.1f}x; y rel err {row['y_rel_err']:.1e}, "

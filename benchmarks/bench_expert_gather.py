@@ -281,11 +281,11 @@ def bench_config(cut, T, parent, act, args, device, variants, modes) -> dict:
                     try:
                         us = time_calls(lambda s, fn=fn: fn(x, idx[s], idx_host[s], weights[s]), len(sets), args, device, graph)
                         v[f"{mode}_us"] = us
-                        v[f"{mode}_hbm_fraction"] = active / (us * 1e-6) / (args.hbm_gbs * 1e9)
+                        v[f"{mode}_hbm_fraction"] = common.bandwidth_share(active, us * 1e-6, args.hbm_gbs)
                         if gather is not None:
                             gus = time_calls(lambda s, g=gather: g(idx[s]), len(sets), args, device, graph)
                             v[f"{mode}_gather_us"] = gus
-                            v[f"{mode}_gather_hbm_fraction"] = 2 * active / (gus * 1e-6) / (args.hbm_gbs * 1e9)
+                            v[f"{mode}_gather_hbm_fraction"] = common.bandwidth_share(2 * active, gus * 1e-6, args.hbm_gbs)
                     except Exception as exc:  # e.g. a capture that fails: the other mode may still stand
                         v[f"{mode}_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
             except Exception as exc:

@@ -115,8 +115,8 @@ def main(argv=None):
         print(f"first logits, generate's step against the engine's: max |diff| {gap:.3g} (max |logit| {scale:.3g})")
         for name, step in made.items():
             r = measure(step, device, args.steps, args.reps)
-            r["bound_share_free_running"] = weight_bytes / r["free_running"] / (hbm * 1e9)
-            r["bound_share_read_behind"] = weight_bytes / r["read_behind"] / (hbm * 1e9)
+            r["bound_share_free_running"] = common.bandwidth_share(weight_bytes, r["free_running"], hbm)
+            r["bound_share_read_behind"] = common.bandwidth_share(weight_bytes, r["read_behind"], hbm)
             rows[name] = r
             print(f"{name:>9}: host idle {r['idle'] * 1e3:.3f} ms, queued {r['queued'] * 1e3:.3f} ms; period "
                   f"free-running {r['free_running'] * 1e3:.3f} ms ({100 * r['bound_share_free_running']:.1f}% of "

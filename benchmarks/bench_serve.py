@@ -382,8 +382,8 @@ def main():
         gen_fns = {c: (lambda v=views[c][n]: gen(v, prompt, args.new_tokens)) for c in timed}
         # generate's time includes the prompt's prefill (eager); one new token is prefill and no decode step,
         # so the difference is the new_tokens - 1 decode steps alone (the same captured step: one length bucket)
-        first_fns = {("first", c): (lambda v=views[c][n]: gen(v, prompt, 1)) for c in timed[:1]}
-        gen_t = side_by_side({**gen_fns, "sliced": lambda: gen(s, prompt, args.new_tokens), **first_fns,
+        gen_t = side_by_side({**gen_fns, "sliced": lambda: gen(s, prompt, args.new_tokens),
+                              ("first", timed[0]): lambda: gen(views[timed[0]][n], prompt, 1),
                               ("first", "sliced"): lambda: gen(s, prompt, 1)}, args.reps, device)
         steps_tok_s = {k: (args.new_tokens - 1) / max(gen_t[k] - gen_t[("first", k)], 1e-9)
                        for k in (timed[0], "sliced")}
@@ -414,8 +414,8 @@ def main():
                      "prefill_ratio": first["prefill_ratio"], "greedy_equal": first["greedy_equal"],
                      "decode_steps_tok_s_view": steps_tok_s[timed[0]], "decode_steps_tok_s_sliced": steps_tok_s["sliced"],
                      "step_weight_bytes": weight_bytes, "hbm_gbs": hbm,
-                     "hbm_share_view": weight_bytes * steps_tok_s[timed[0]] / (hbm * 1e9),
-                     "hbm_share_sliced": weight_bytes * steps_tok_s["sliced"] / (hbm * 1e9),
+                     "hbm_share_view": common.bandwidth_share(weight_bytes, 1 / steps_tok_s[timed[0]], hbm),
+                     "hbm_share_sliced": common.bandwidth_share(weight_bytes, 1 / steps_tok_s["sliced"], hbm),
                      "view_build_ms": first["view_build_ms"], "standalone_load_ms": load_s[n] * 1e3,
                      "copied_bytes": first["copied_bytes"], "parent_bytes": parent_bytes, "sliced_bytes": sliced_bytes[n],
                      "modes": per_mode})

@@ -126,6 +126,12 @@ def hbm_gbs(device: torch.device) -> float:
     return next((gbs for card, gbs in HBM_GBS_BY_CARD.items() if card in name), HBM_GBS)
 
 
+def bandwidth_share(nbytes: float, seconds: float, gbs: float) -> float:
+    """The share of a card's memory bandwidth (`gbs`, GB/s) that moving `nbytes` in `seconds` uses: a
+    memory-bound step's distance from its bound."""
+    return nbytes / seconds / (gbs * 1e9)
+
+
 def clock(device: torch.device) -> float:
     """perf_counter after the device's queued work is done."""
     if device.type == "cuda":
