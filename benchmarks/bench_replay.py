@@ -8,6 +8,12 @@ of the same compiled model. This times one captured step of each kind in three w
   queued       the host's time in a call behind 20 queued steps (whether a launch waits for the device)
   free-running the period of steps launched back to back with no read (generate's way: the device's pace)
   read-behind  the period when each step's token is read after the next is launched (the engine's pipeline)
+and then (sixty-first session: both captured steps came out at 0.48-0.51 ms, the launch 0.02-0.07 ms of host time,
+so the engine's 0.77 ms is not its graph) the engine's whole loop and its pieces on the host's clock:
+  scheduler    one greedy request through a `Scheduler` with one slot (the engine's loop, pipelined): its period
+               a decode step, and of it the host's time launching (`launch_s`) and waiting for tokens (`wait_s`)
+  pieces       the host's time of each thing the loop's launch does besides the graph's replay: the argmax, the
+               pinned copy of it to the host (`HostCopy`), and the step's own input copies (`StaticStep.__call__`)
 
 If `queued` is far above `idle`, launching waits for the device and the pipeline cannot hide the host's work; if
 read-behind is above free-running by about the host's time, the host's launch and read are not overlapped.
@@ -32,7 +38,9 @@ import common  # noqa: E402
 from bench_serve import parent_config  # noqa: E402
 from star_elastic.generate import DecodeStep  # noqa: E402
 from star_elastic.model import Model  # noqa: E402
-from star_elastic.serve.batching import StaticStep  # noqa: E402
+from star_elastic.runtime import HostCopy  # noqa: E402
+from star_elastic.serve.batching import Request, Scheduler, StaticStep  # noqa: E402
+from star_elastic.serve.engine import StopWatcher  # noqa: E402
 
 
 def steps(model: Model, device, compile: bool, graph: bool, length: int) -> dict:
@@ -80,6 +88,49 @@ def measure(step, device, n: int, reps: int) -> dict:
     return {k: statistics.median(v) for k, v in out.items()}
 
 
+def scheduler_row(model: Model, device, compile: bool, new_tokens: int, reps: int) -> dict:
+    """One greedy request of `new_tokens` through the engine's loop (a one-slot `Scheduler`, static step, pipelined
+    on a GPU), medians over `reps` after a warm-up request: seconds a decode step, and of it the host's launching and
+    waiting, from the scheduler's own counters."""
+    import threading
+
+    sched = Scheduler(device, slots=1, static=True, compile="inductor" if compile else None)
+    ids = torch.arange(3, 35, device="cpu")
+
+    def run(n: int) -> dict:
+        cancel = threading.Event()
+        sched.reset_counters()
+        req = Request(model, ids, n, 0.0, 1.0, None, [], StopWatcher(None, [], None, cancel), cancel)
+        sched.submit(req).wait()
+        return sched.counters()
+
+    try:
+        run(8)  # warm: the pool, its compiled step and graph
+        counts = [run(new_tokens) for _ in range(reps)]
+    finally:
+        sched.close()
+    per = {k: statistics.median(c[k] / c["steps"] for c in counts) for k in ("decode_s", "launch_s", "wait_s")}
+    return {"period": per["decode_s"], "launch": per["launch_s"], "wait": per["wait_s"],
+            "steps": counts[0]["steps"], "chained": counts[0]["chained"]}
+
+
+def pieces(step, device, n: int = 200) -> dict:
+    """Median host seconds of what the engine's launch does around a step: the step call itself (input copies and
+    the graph's replay), the argmax of its logits, and `HostCopy` of that argmax (pinned buffer, copy, event)."""
+    tok = torch.full((1,), 5, dtype=torch.long, device=device)
+    logits = step(tok, 0)
+    greedy = logits.argmax(-1)
+    out = {"step_call": [], "argmax": [], "host_copy": []}
+    for i in range(n):
+        if i % 20 == 0:
+            common.clock(device)  # never let the queue fill
+        out["step_call"].append(host_time(lambda: step(tok, 1)))
+        out["argmax"].append(host_time(lambda: logits.argmax(-1)))
+        out["host_copy"].append(host_time(lambda: HostCopy(greedy)))
+    common.clock(device)
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -89,11 +140,12 @@ def main(argv=None):
                          "engine's backend inductor: at one row both with inductor's GEMVs tuned); off: eager")
     ap.add_argument("--steps", type=int, default=100, help="steps a timed run")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=200, help="tokens of the request the scheduler row times")
     ap.add_argument("--smoke", action="store_true", help="tiny model, CPU, eager, few steps")
     ap.add_argument("--json", help="results file")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.model, args.compile, args.steps, args.reps = "tiny", "off", 4, 1
+        args.model, args.compile, args.steps, args.reps, args.new_tokens = "tiny", "off", 4, 1, 6
     device = common.setup(args.device, deterministic=False)
     if args.compile != "off" and device.type != "cuda":
         ap.error("--compile needs --device cuda (inductor on this CPU is too slow to be the point)")
@@ -122,9 +174,18 @@ def main(argv=None):
                   f"free-running {r['free_running'] * 1e3:.3f} ms ({100 * r['bound_share_free_running']:.1f}% of "
                   f"{hbm:,.0f} GB/s), read behind {r['read_behind'] * 1e3:.3f} ms "
                   f"({100 * r['bound_share_read_behind']:.1f}%)", flush=True)
+        parts = pieces(made["engine"], device)
+        print("engine's launch, host time of each piece: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in parts.items()),
+              flush=True)
+        loop = scheduler_row(model, device, compile, args.new_tokens, args.reps)
+        loop["bound_share"] = common.bandwidth_share(weight_bytes, loop["period"], hbm)
+        print(f"engine's loop (Scheduler, one slot, {loop['steps']} steps, {loop['chained']} chained): period "
+              f"{loop['period'] * 1e3:.3f} ms ({100 * loop['bound_share']:.1f}%), of it launching "
+              f"{loop['launch'] * 1e3:.3f} ms, waiting {loop['wait'] * 1e3:.3f} ms", flush=True)
     result = {"command": " ".join(sys.argv), "machine": common.machine(device), "torch": torch.__version__,
               "model": args.model, "compile": args.compile, "cuda_graph": graph, "steps": args.steps,
               "reps": args.reps, "step_weight_bytes": weight_bytes, "hbm_gbs": hbm, "rows": rows,
+              "launch_pieces": parts, "scheduler": loop,
               "first_logits_max_diff": gap, "first_logits_max_abs": scale}
     if args.json:
         common.write_json(args.json, result)

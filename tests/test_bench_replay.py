@@ -24,6 +24,12 @@ def test_both_steps_compute_the_same_logits_and_every_timing_is_measured(tmp_pat
         assert all(row[k] > 0 for k in ("idle", "queued", "free_running", "read_behind"))
         assert row["bound_share_free_running"] == pytest.approx(
             result["step_weight_bytes"] / row["free_running"] / (result["hbm_gbs"] * 1e9))
+    # the engine's own loop ran the request: every step but the first launched from the last one's tokens, and the
+    # host's launching and waiting are parts of the step's period
+    loop = result["scheduler"]
+    assert loop["steps"] >= 5 and loop["chained"] == loop["steps"] - 1
+    assert 0 < loop["launch"] + loop["wait"] <= loop["period"]
+    assert all(v > 0 for v in result["launch_pieces"].values())
 
 
 def test_compiling_on_a_cpu_is_refused_in_one_line():

@@ -32,6 +32,8 @@
 #   DECODE12 gather|default|gemv|both  issue 12: batch-1 decode with inductor's GEMVs tuned (the gather folded in), one part
 #                               a call (both: default then gemv in one call)
 #   REPLAY12 [args]             issue 12: generate's batch-1 step against the engine's, the host's time (bench_replay.py)
+#   STEPK12 [args]              issue 12: the batched decode step's kernels per budget at B = 32, side by side
+#                               (bench_step_kernels.py; compiled, CUDA graph; ~3 min with the checkpoint's build)
 #   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled; --parts profile: the compiled step by kernel (--compile off: eager); --parts kdcurve: KD over 50 steps, fast against reference (--kd-apart: each fast part alone too); --fsdp1: the FSDP2 rows; --keep-activations: the step without the recompute, beside; --conv-scan-apart: Mamba's conv, scan and skip apart (not as one function, the default), beside
 #                               (bench_kernels --parts train; needs .devcarry/mamba)
 #   SAVED [args]                issue 16: the bytes each layer keeps for backward, 539M and Nano widths, eager and compiled,
@@ -976,6 +978,8 @@ REPLAY12) shift  # issue 12: why the engine's one-request step (0.77 ms) is slow
   # same compiled graph: the host's time in a step's launch, idle and behind queued steps, and the period free-running
   # against reading one step behind (bench_replay.py; ~3-4 min cold: both steps compile with the GEMVs tuned)
   python3 benchmarks/bench_replay.py --device cuda --model nano --json $OUT/replay_nano.json "$@" 2>&1 | tail -n 12 ;;
+STEPK12) shift  # issue 12: which kernels of the B = 32 step do not shrink with the budget (bench_step_kernels.py)
+  python3 benchmarks/bench_step_kernels.py --device cuda --model nano --json $OUT/step_kernels_nano.json "$@" 2>&1 | tail -n 80 ;;
 GATHER) shift; python3 benchmarks/bench_expert_gather.py --device cuda --json $OUT/expert_gather.json "$@" 2>&1 | tail -n 60 ;;
 JOIN) join ;;
 esac

@@ -1,0 +1,150 @@
+"""Where a batched decode step's time goes, kernel by kernel, for each budget side by side (issue 12: the 0.5 at
+1.8x the full model's throughput at batch 32). The weights a bandwidth-bound step at B = 32 reads would let the
+0.5 run 1.91x the full model's rate (`bench_batching.py --bytes-only`); measured it runs 1.1-1.5x, every step at
+20-30% of its bound. This finds the kernels whose time does not shrink with the budget.
+
+For each budget's view (the engine's, over one loaded Nano-shaped parent and its zero-shot budgets) and each batch
+size, the engine's own static step (`StaticStep`: every row, compiled with --compile, replayed from a CUDA graph)
+on fresh caches with the rows at position 40:
+  period       seconds a step, steps replayed back to back (the device's pace), and its share of the bound
+               (the weights the step reads, `common.step_weight_bytes`, over the card's GB/s)
+  kernels      the step's kernels under torch.profiler: milliseconds a step by category and the largest kernels,
+               each budget's beside the first (full) budget's, with the ratio, so the parts that do not shrink show
+
+    python benchmarks/bench_step_kernels.py --device cuda --json out.json          # Nano, B = 32, compiled
+    python benchmarks/bench_step_kernels.py --smoke                                # tiny model, CPU, eager
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from bench_kernels import categorise, timed_rows  # noqa: E402
+from bench_serve import build_checkpoint  # noqa: E402
+from star_elastic.elastic.checkpoint import load_elastic  # noqa: E402
+from star_elastic.serve.batching import StaticStep  # noqa: E402
+from star_elastic.serve.engine import ElasticEngine  # noqa: E402
+
+# decode-only kernels that the training categories (bench_kernels) would file under another name
+DECODE_CATEGORIES = [("Mamba state update", ("selective_scan_update", "state_update")),
+                     ("inductor GEMM / GEMV templates", ("triton_tem",))]
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    return next((cat for cat, keys in DECODE_CATEGORIES if any(k in low for k in keys)), None) or categorise(name)
+
+
+def step_for(view, rows: int, device, compile: str | None, graph: bool, position: int = 40):
+    """The engine's static step over `rows` fresh rows of `view`, fed random tokens at `position`: a callable."""
+    step = StaticStep(view, view.make_cache(rows, 256), rows, use_graph=graph, compile=compile)
+    g = torch.Generator().manual_seed(rows)
+    tokens = torch.randint(3, view.config.vocab_size, (rows,), generator=g).to(device)
+    pos = torch.full((rows,), position, dtype=torch.long, device=device)
+    return lambda: step(tokens, pos)
+
+
+def measure(fn, device, steps: int, profiled: int) -> dict:
+    """The period of `fn` replayed back to back, and its kernels' time a step (name -> ms) under the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    t0 = common.clock(device)
+    for _ in range(steps):
+        fn()
+    period = (common.clock(device) - t0) / steps
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(profiled):
+            fn()
+        common.clock(device)
+    kernels: dict[str, float] = {}
+    for name, us in timed_rows(prof.key_averages(), cuda):
+        kernels[name] = kernels.get(name, 0.0) + us / 1e3 / profiled
+    return {"period": period, "kernels": kernels}
+
+
+def by_category(kernels: dict[str, float]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, ms in kernels.items():
+        out[kernel_category(name)] = out.get(kernel_category(name), 0.0) + ms
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", choices=["nano", "hybrid", "tiny"], default="nano")
+    ap.add_argument("--budgets", default="1.0,0.75,0.5")
+    ap.add_argument("--batch-sizes", default="32")
+    ap.add_argument("--compile", choices=["inductor", "off"], default="inductor",
+                    help="the static step under torch.compile (the engine's `--compile inductor`), or eager")
+    ap.add_argument("--steps", type=int, default=50, help="steps a timed period")
+    ap.add_argument("--profiled", type=int, default=10, help="steps under the profiler")
+    ap.add_argument("--top", type=int, default=12, help="kernels listed per budget and batch size")
+    ap.add_argument("--smoke", action="store_true", help="tiny model, CPU, eager, few steps")
+    ap.add_argument("--json", help="results file")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.model, args.compile, args.batch_sizes, args.steps, args.profiled = "tiny", "off", "1,4", 3, 2
+    device = common.setup(args.device, deterministic=False)
+    if args.compile != "off" and device.type != "cuda":
+        ap.error("--compile inductor needs --device cuda (pass --compile off on a CPU)")
+    graph = device.type == "cuda"
+    dtype = torch.bfloat16 if graph else torch.float32
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    ckpt_dir = build_checkpoint(args.model, args.budgets.split(","), common.scratch_dir("bench_step_kernels_") / "ckpt")
+    ckpt = load_elastic(ckpt_dir, dtype=dtype, device=device)
+    ckpt.model.requires_grad_(False)
+    engine = ElasticEngine(ckpt)
+    hbm = common.hbm_gbs(device)
+    compile = None if args.compile == "off" else args.compile
+    rows = []
+    with torch.no_grad():
+        for budget in engine.budgets:
+            view = engine.view(budget)
+            for n in sizes:
+                r = measure(step_for(view, n, device, compile, graph), device, args.steps, args.profiled)
+                r.update(budget=budget, batch=n, step_weight_bytes=common.step_weight_bytes(view.config, view, n))
+                r["bound_share"] = common.bandwidth_share(r["step_weight_bytes"], r["period"], hbm)
+                r["kernel_ms"] = sum(r["kernels"].values())
+                r["categories"] = by_category(r["kernels"])
+                rows.append(r)
+                print(f"budget {budget:>6} B = {n:>3}: {r['period'] * 1e3:.3f} ms a step ({n / r['period']:,.0f} tok/s), "
+                      f"kernels {r['kernel_ms']:.3f} ms, {r['step_weight_bytes'] / 1e9:.3f} GB read: "
+                      f"{100 * r['bound_share']:.1f}% of {hbm:,.0f} GB/s", flush=True)
+    for n in sizes:
+        at = [r for r in rows if r["batch"] == n]
+        full = at[0]
+        print(f"\nB = {n}: each budget against {full['budget']} (measured rate ratio; bytes ratio: a bandwidth-bound "
+              "step's)")
+        for r in at:
+            r["rate_vs_full"] = full["period"] / r["period"]
+            r["bytes_vs_full"] = full["step_weight_bytes"] / r["step_weight_bytes"]
+            print(f"  {r['budget']:>6}: {r['rate_vs_full']:.2f}x measured, {r['bytes_vs_full']:.2f}x by bytes")
+        print("  ms a step by kernel category: " + "  ".join(f"{r['budget']:>10}" for r in at))
+        for cat in full["categories"]:
+            print(f"  {cat[:38]:<38} " + "  ".join(f"{r['categories'].get(cat, 0.0):10.4f}" for r in at))
+        for r in at:
+            print(f"  largest kernels, budget {r['budget']} (ms a step; the full budget's same kernel):")
+            for name, ms in sorted(r["kernels"].items(), key=lambda kv: -kv[1])[:args.top]:
+                print(f"    {ms:8.4f}  ({full['kernels'].get(name, 0.0):8.4f})  {name[:110]}")
+    result = {"command": " ".join(sys.argv), "machine": common.machine(device), "torch": torch.__version__,
+              "model": args.model, "compile": args.compile, "cuda_graph": graph, "dtype": str(dtype), "hbm_gbs": hbm,
+              "rows": rows}
+    if args.json:
+        common.write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""benchmarks/bench_step_kernels.py: a batched decode step's kernels for each budget, side by side."""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import pytest  # noqa: E402
+
+
+def test_every_budget_and_batch_size_is_timed_and_its_kernels_add_up():
+    """The smoke run (tiny model, CPU, eager): one row per budget and batch size, its time split by category with
+    nothing lost, the smaller budgets reading fewer bytes than the full one, and the ratios taken against it."""
+    from bench_step_kernels import main
+
+    result = main(["--smoke"])
+    rows = result["rows"]
+    assert [(r["budget"], r["batch"]) for r in rows] == [(b, n) for b in ("1.0", "0.75", "0.5") for n in (1, 4)]
+    for r in rows:
+        assert r["period"] > 0 and r["kernel_ms"] > 0
+        assert sum(r["categories"].values()) == pytest.approx(r["kernel_ms"])
+        full = next(x for x in rows if x["budget"] == "1.0" and x["batch"] == r["batch"])
+        assert r["rate_vs_full"] == pytest.approx(full["period"] / r["period"])
+        assert (r["bytes_vs_full"] > 1) == (r["budget"] != "1.0")
+
+
+def test_the_state_update_kernel_has_its_own_category():
+    from bench_step_kernels import kernel_category
+
+    assert kernel_category("_selective_scan_update_kernel") == "Mamba state update"
+    assert kernel_category("triton_tem_fused_mm_0") == "inductor GEMM / GEMV templates"
+    assert kernel_category("void at::native::vectorized_elementwise_kernel<4, mul>") == "elementwise"
