@@ -8,7 +8,7 @@ of the same compiled model. This times one captured step of each kind in three w
   queued       the host's time in a call behind 20 queued steps (whether a launch waits for the device)
   free-running the period of steps launched back to back with no read (generate's way: the device's pace)
   read-behind  the period when each step's token is read after the next is launched (the engine's pipeline)
-and then (sixty-first session: both captured steps came out at 0.48-0.51 ms, the launch 0.02-0.07 ms of host time,
+and then (fifty-sixth session: both captured steps came out at 0.48-0.51 ms, the launch 0.02-0.07 ms of host time,
 so the engine's 0.77 ms is not its graph) the engine's whole loop and its pieces on the host's clock:
   scheduler    one greedy request through a `Scheduler` with one slot (the engine's loop, pipelined): its period
                a decode step, and of it the host's time launching (`launch_s`) and waiting for tokens (`wait_s`)
@@ -38,7 +38,7 @@ import common  # noqa: E402
 from bench_serve import parent_config  # noqa: E402
 from star_elastic.generate import DecodeStep  # noqa: E402
 from star_elastic.model import Model  # noqa: E402
-from star_elastic.runtime import HostCopy  # noqa: E402
+from star_elastic.runtime import HostCopy, HostSlots  # noqa: E402
 from star_elastic.serve.batching import Request, Scheduler, StaticStep  # noqa: E402
 from star_elastic.serve.engine import StopWatcher  # noqa: E402
 
@@ -116,17 +116,20 @@ def scheduler_row(model: Model, device, compile: bool, new_tokens: int, reps: in
 
 def pieces(step, device, n: int = 200) -> dict:
     """Median host seconds of what the engine's launch does around a step: the step call itself (input copies and
-    the graph's replay), the argmax of its logits, and `HostCopy` of that argmax (pinned buffer, copy, event)."""
+    the graph's replay), the argmax of its logits, and `HostCopy` of that argmax with a new pinned buffer and event
+    (the engine's way until the fifty-sixth session) and into buffers made once (`HostSlots`, the engine's now)."""
     tok = torch.full((1,), 5, dtype=torch.long, device=device)
     logits = step(tok, 0)
     greedy = logits.argmax(-1)
-    out = {"step_call": [], "argmax": [], "host_copy": []}
+    slots = HostSlots(1, greedy.dtype, device)  # the pool's buffers, made once (SlotPool.host_copy)
+    out = {"step_call": [], "argmax": [], "host_copy": [], "host_copy_reused": []}
     for i in range(n):
         if i % 20 == 0:
             common.clock(device)  # never let the queue fill
         out["step_call"].append(host_time(lambda: step(tok, 1)))
         out["argmax"].append(host_time(lambda: logits.argmax(-1)))
         out["host_copy"].append(host_time(lambda: HostCopy(greedy)))
+        out["host_copy_reused"].append(host_time(lambda: slots.copy(greedy)))
     common.clock(device)
     return {k: statistics.median(v) for k, v in out.items()}
 

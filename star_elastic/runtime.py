@@ -18,18 +18,21 @@ class HostCopy:
     work queued before the copy only. A plain `.tolist()` is a copy queued behind whatever was launched
     since (a pipelined next step included), so reading one step's result would wait for the next step too
     (measured on an H200: a batch-1 decode step of 1.40 ms whose kernels take 0.74 ms, docs/RESULTS.md).
-    Off the GPU the tensor itself is read: there nothing runs ahead of the host."""
+    Off the GPU the tensor itself is read: there nothing runs ahead of the host. `into`: a (host buffer of at
+    least the tensor's elements, event) pair to copy into instead of new ones (`HostSlots`)."""
 
     __slots__ = ("tensor", "host", "ready")
 
-    def __init__(self, tensor):
+    def __init__(self, tensor, into=None):
         import torch
 
         self.tensor, self.host, self.ready = tensor, None, None
         if tensor.is_cuda:
-            self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            if into is None:
+                into = (torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True), torch.cuda.Event())
+            buffer, self.ready = into
+            self.host = buffer.view(-1)[:tensor.numel()].view(tensor.shape)
             self.host.copy_(tensor, non_blocking=True)
-            self.ready = torch.cuda.Event()
             self.ready.record()
 
     def tolist(self):
@@ -37,6 +40,30 @@ class HostCopy:
             return self.tensor.tolist()
         self.ready.synchronize()
         return self.host.tolist()
+
+
+class HostSlots:
+    """Pinned buffers of `numel` elements and their events, made once and handed to `HostCopy` in turn, for a
+    loop that copies a small tensor to the host at every step (the batching engine's tokens): no pinned
+    allocation or event made a step. The copy `depth` copies after one reuses its buffer, so each copy must be
+    read (or dropped) before `depth` more are made. Off the GPU, plain `HostCopy`s."""
+
+    def __init__(self, numel: int, dtype, device, depth: int = 3):
+        import torch
+
+        self.cuda = torch.device(device).type == "cuda"
+        self.slots = [(torch.empty(numel, dtype=dtype, pin_memory=True), torch.cuda.Event())
+                      for _ in range(depth)] if self.cuda else []
+        self.next = 0
+
+    def copy(self, tensor) -> HostCopy:
+        if not self.cuda:
+            return HostCopy(tensor)
+        into = self.slots[self.next]
+        if tensor.numel() > into[0].numel():
+            raise ValueError(f"a host copy of {tensor.numel()} elements into slots of {into[0].numel()}")
+        self.next = (self.next + 1) % len(self.slots)
+        return HostCopy(tensor, into)
 
 
 def comma_list(text: str | None) -> list[str]:

@@ -447,3 +447,48 @@ def test_a_pool_of_one_row_compiles_its_step_with_inductors_gemvs_tuned(engine, 
         want = model(tokens[:, None], model.make_cache(rows, 16), pos[:, None], last_only=True)[:, -1]
         assert torch.allclose(step(tokens, pos), want)
     assert len(calls) == 3 and GEMV_OPTIONS == {"coordinate_descent_tuning": True}
+
+
+def test_host_slots_hand_out_their_buffers_in_turn_and_each_copy_reads_its_own_values():
+    """The engine's token copies reuse `depth` buffers in turn (SlotPool.host_copy): a copy reads what was copied
+    into it while fewer than `depth` copies came after it, a shorter tensor uses the front of a buffer, and a tensor
+    larger than the buffers is refused. On the CPU the copies read the tensor itself, as HostCopy does there."""
+    from star_elastic.runtime import HostSlots
+
+    slots = HostSlots(4, torch.long, "cpu", depth=3)
+    copies = [slots.copy(torch.tensor([i, i + 1])) for i in range(3)]
+    assert [c.tolist() for c in copies] == [[0, 1], [1, 2], [2, 3]]
+    assert slots.copy(torch.tensor([7])).tolist() == [7]
+    if torch.cuda.is_available():  # the pinned buffers themselves: the fourth copy reuses the first one's
+        slots = HostSlots(4, torch.long, "cuda", depth=3)
+        made = [slots.copy(torch.tensor([i, i], device="cuda")) for i in range(4)]
+        assert made[3].host.data_ptr() == made[0].host.data_ptr() and made[3].tolist() == [3, 3]
+        assert made[2].tolist() == [2, 2]
+        with pytest.raises(ValueError, match="5 elements into slots of 4"):
+            slots.copy(torch.zeros(5, dtype=torch.long, device="cuda"))
+
+
+def test_a_pool_makes_its_host_buffers_once_for_all_its_steps(engine, monkeypatch):
+    """The static step's tokens reach the host through the pool's HostSlots, made once for the pool, not a pinned
+    buffer and an event a step; the tokens are those of the engine without the pipeline."""
+    from star_elastic.runtime import HostSlots
+
+    made = []
+    real = HostSlots.__init__
+
+    def counted(self, *a, **k):
+        made.append(a)
+        real(self, *a, **k)
+
+    monkeypatch.setattr(HostSlots, "__init__", counted)
+    ids = torch.randint(3, engine.parent.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    batched = BatchedEngine.of(engine, slots=2, static=True)
+    try:
+        piped = [batched.submit(b, ids, 12, ignore_eos=True).wait()[0] for b in engine.budgets]
+        batched.scheduler.pipeline = False
+        plain = [batched.submit(b, ids, 12, ignore_eos=True).wait()[0] for b in engine.budgets]
+        pools = len(batched.scheduler.pools)
+    finally:
+        batched.close()
+    assert piped == plain and all(len(t) == 12 for t in piped)
+    assert pools >= 1 and len(made) == pools

@@ -59,7 +59,7 @@ import torch.nn as nn
 
 from ..generate import GEMV_OPTIONS, capture_graph, sample
 from ..model import Model
-from ..runtime import HostCopy
+from ..runtime import HostSlots
 from .engine import ElasticEngine, StopWatcher
 
 DEFAULT_SLOTS = 16
@@ -150,8 +150,9 @@ class StaticStep:
         """Logits (rows, vocab) of one token per row: `tokens` and `pos` (n,) for the first n rows, the
         other rows token 0 at position 0."""
         n = tokens.shape[0]
-        self.token.zero_()
-        self.pos.zero_()
+        if n < self.token.shape[0]:  # (every kernel launched here is host time a step: none for a full pool)
+            self.token[n:].zero_()
+            self.pos[n:].zero_()
         self.token[:n, 0].copy_(tokens)
         self.pos[:n, 0].copy_(pos)
         if self.graph is None:
@@ -171,6 +172,7 @@ class SlotPool:
         self._views: dict[tuple[int, int], nn.ModuleList] = {}
         self._static: StaticStep | None = None  # for the current cache
         self.inflight = None  # the step launched and not yet read (Scheduler._step, pipelined)
+        self._host: HostSlots | None = None  # pinned buffers for the steps' tokens (host_copy)
 
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, static: bool, use_graph: bool,
                compile: str | None = None) -> torch.Tensor:
@@ -191,6 +193,14 @@ class SlotPool:
 
     def buffers(self):
         return [] if self.cache is None else list(self.cache.buffers())
+
+    def host_copy(self, tokens: torch.Tensor):
+        """`tokens` (n,) copied to the host behind an event (`HostCopy`), into this pool's pinned buffers, made
+        once: a pool has at most two launched steps unread (the one in flight and the one being read), so three
+        buffers in turn are never overwritten before they are read."""
+        if self._host is None:
+            self._host = HostSlots(self.slots, tokens.dtype, tokens.device, depth=3)
+        return self._host.copy(tokens)
 
     def free(self) -> int:
         return self.slots - len(self.active)
@@ -256,9 +266,8 @@ class _Launched:
 
     __slots__ = ("reqs", "pos", "logits", "greedy", "host")
 
-    def __init__(self, reqs, pos, logits, greedy):
-        self.reqs, self.pos, self.logits, self.greedy = reqs, pos, logits, greedy
-        self.host = HostCopy(greedy)
+    def __init__(self, reqs, pos, logits, greedy, host):
+        self.reqs, self.pos, self.logits, self.greedy, self.host = reqs, pos, logits, greedy, host
 
     def tokens(self) -> list[int]:
         """The argmax tokens on the host: waits for this step (and what was queued before it) only."""
@@ -505,7 +514,8 @@ class Scheduler:
         logits = pool.decode(tokens, pos, self.static, self.use_graph and self.static, self.compile)
         self.steps += 1
         self.max_batch = max(self.max_batch, len(reqs))
-        launched = _Launched(reqs, pos, logits, logits.argmax(-1))
+        greedy = logits.argmax(-1)
+        launched = _Launched(reqs, pos, logits, greedy, pool.host_copy(greedy))
         self.launch_s += time.perf_counter() - t0
         return launched
 
