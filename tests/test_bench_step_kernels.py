@@ -31,3 +31,7 @@ def test_the_state_update_kernel_has_its_own_category():
     assert kernel_category("_selective_scan_update_kernel") == "Mamba state update"
     assert kernel_category("triton_tem_fused_mm_0") == "inductor GEMM / GEMV templates"
     assert kernel_category("void at::native::vectorized_elementwise_kernel<4, mul>") == "elementwise"
+    # inductor's fusion of Mamba's one-token step, named after the convolution inside it: not the causal conv kernel
+    fused = "triton_poi_fused__to_copy__unsafe_view_add_clamp_clone_convolution_exp_expand_mul_neg_select_silu_slice_0"
+    assert kernel_category(fused) == "Mamba decode fused by inductor (conv, dt, state update)"
+    assert kernel_category("triton_poi_fused_copy__8") == "other inductor fusions"
