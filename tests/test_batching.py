@@ -69,7 +69,11 @@ def test_batched_equals_sequential_for_mixed_budgets_and_lengths(engine, batched
     reqs = [eng.submit(b, ids, n, **kw) for b, ids, n, kw in work]
     assert [r.wait(120) for r in reqs] == want
     assert eng.scheduler.max_batch > 1  # decoded together, not one at a time
-    assert eng.scheduler.active() == 0 and all(p.cache is None for p in eng.scheduler.pools.values())
+    # idle: a static step's pool keeps its caches for the next burst until released, an eager one gives them back
+    pools = eng.scheduler.pools.values()
+    assert eng.scheduler.active() == 0 and all((p.cache is not None) == static for p in pools)
+    eng.scheduler.release_idle()
+    assert all(p.cache is None for p in pools)
 
 
 def test_the_static_steps_rehearsal_leaves_the_running_rows_as_they_were(engine):
@@ -492,3 +496,41 @@ def test_a_pool_makes_its_host_buffers_once_for_all_its_steps(engine, monkeypatc
         batched.close()
     assert piped == plain and all(len(t) == 12 for t in piped)
     assert pools >= 1 and len(made) == pools
+
+
+def test_a_static_pool_keeps_its_captured_step_between_bursts_until_released(engine, monkeypatch):
+    """The static step (a CUDA graph on a GPU) is built once for a pool's size and kept while the pool is idle, so a
+    request arriving after the last one ended does not capture it again (~8 ms a burst on an H100 at Nano width);
+    `release_idle` gives the caches and the step back, and the next burst builds them anew. The eager step of the
+    CPU's default keeps nothing. The tokens are the same either way."""
+    from star_elastic.serve import batching
+
+    built = []
+    real = batching.StaticStep.__init__
+
+    def counted(self, *a, **k):
+        built.append(1)
+        real(self, *a, **k)
+
+    monkeypatch.setattr(batching.StaticStep, "__init__", counted)
+    ids = torch.randint(3, engine.parent.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(1))
+    budget = engine.budgets[-1]
+    batched = BatchedEngine.of(engine, slots=2, static=True)
+    try:
+        first = batched.submit(budget, ids, 6, ignore_eos=True).wait()[0]
+        second = batched.submit(budget, ids, 6, ignore_eos=True).wait()[0]
+        assert len(built) == 1 and first == second
+        pool = next(iter(batched.scheduler.pools.values()))
+        assert pool.cache is not None and not pool.active  # idle, kept
+        batched.scheduler.release_idle()
+        assert pool.cache is None and pool._static is None
+        assert batched.submit(budget, ids, 6, ignore_eos=True).wait()[0] == first and len(built) == 2
+    finally:
+        batched.close()
+    assert pool.cache is None  # closing gives the kept caches back
+    plain = BatchedEngine.of(engine, slots=2)  # the CPU's default: the eager step, nothing kept when idle
+    try:
+        assert plain.submit(budget, ids, 6, ignore_eos=True).wait()[0] == first
+        assert all(p.cache is None for p in plain.scheduler.pools.values())
+    finally:
+        plain.close()

@@ -7,8 +7,10 @@ and wait (`BatchedEngine` has `ElasticEngine`'s methods, each request blocking i
     caches for `slots` sequences, a KV row per attention layer and conv + SSM state per Mamba layer.
     The active sequences fill rows 0..n-1; one that leaves (finished, cancelled, disconnected) has the
     last row copied into its place, so a step runs on the contiguous prefix [:n] of every buffer (views,
-    no gather). Rows and length grow on demand (length in buckets of 256, as `generate`), and an idle
-    pool's caches are dropped: memory stays within slots x longest request per budget in use.
+    no gather). Rows and length grow on demand (length in buckets of 256, as `generate`). An idle pool
+    keeps its caches and captured step for the next burst where the step is static (a GPU: capturing it again
+    cost each burst ~8 ms), else gives them back; `Scheduler.release_idle()` gives back the kept ones. Memory
+    stays within slots x longest request per budget served.
   - Join: between steps, waiting requests (FIFO; one whose pool is full waits without blocking other
     budgets) are prefilled into zeroed rows. Those admitted together with the same model and the same
     prompt length form a group, prefilled in one forward over consecutive rows (they are added one
@@ -164,8 +166,11 @@ class StaticStep:
 class SlotPool:
     """Static caches for up to `slots` sequences of one model; active sequence i is in row i."""
 
-    def __init__(self, model: Model, slots: int):
+    def __init__(self, model: Model, slots: int, keep_idle: bool = False):
         self.model, self.slots = model, slots
+        # idle, keep the caches and the captured step for the next burst (the static step: capturing it again took
+        # ~8 ms a burst on an H100 at Nano width, docs/RESULTS.md), or give them back (the eager step: nothing to keep)
+        self.keep_idle = keep_idle
         self.cache: nn.ModuleList | None = None
         self.rows = self.length = 0
         self.active: list[Request] = []
@@ -247,14 +252,19 @@ class SlotPool:
             self.active[row].row = row
         self.active.pop()
         req.row = None
-        if not self.active:  # idle: give the memory back
+        if not self.active:
             if self.inflight is not None:  # a step past every request's end may still run on these caches and
                 try:                        # its graph's memory: wait for it (once a burst) before they go
-                    self.inflight.tokens()
+                    self.inflight.tokens()  # or are written by the next burst
                 except Exception:  # noqa: BLE001 - it failed: nothing of it is read, and the failure is reported
                     pass           # by whatever runs next on the device
             self.inflight = None
-            self.cache, self.rows, self.length, self._views, self._static = None, 0, 0, {}, None
+            if not self.keep_idle:
+                self.release()
+
+    def release(self):
+        """Give the caches and the captured step back (an idle pool)."""
+        self.cache, self.rows, self.length, self._views, self._static = None, 0, 0, {}, None
 
 
 class _Launched:
@@ -294,6 +304,7 @@ class Scheduler:
         self.max_batch = 0  # the largest batch a decode step ran
         self.sync_timing = False  # synchronise the device at phase boundaries (benchmarks: exact phase times)
         self._finished: list[tuple[Request, str | None, BaseException | None]] = []  # handed back after a phase
+        self._release: list[threading.Event] = []  # release_idle's calls, for the scheduler's thread to answer
         self.reset_counters()
 
     # -------------------------------------------------------------------------- from request threads
@@ -317,6 +328,28 @@ class Scheduler:
     def active(self) -> int:
         """Sequences holding a slot now."""
         return sum(len(p.active) for p in list(self.pools.values()))
+
+    def release_idle(self, timeout: float | None = 60.0):
+        """Give back the caches and captured steps that idle pools keep for their next burst (static steps keep
+        them: `SlotPool.keep_idle`), e.g. before loading something else on the device. The scheduler's thread does
+        it between steps (it alone touches the pools); this waits for that."""
+        done = threading.Event()
+        with self.cond:
+            if self.thread is None or self.closed:  # nothing has run, or close() gives everything back
+                return
+            self._release.append(done)
+            self.cond.notify()
+        if not done.wait(timeout):
+            raise TimeoutError("the scheduler did not release its idle pools in time")
+
+    def _release_idle(self):
+        with self.cond:
+            waiting, self._release = self._release, []
+        for pool in self.pools.values():
+            if not pool.active:
+                pool.release()
+        for done in waiting:
+            done.set()
 
     def reset_counters(self):
         """Zero the counters (between benchmark runs, while nothing runs)."""
@@ -343,17 +376,21 @@ class Scheduler:
             self.thread.join()
         for req in list(self.waiting) + [r for p in self.pools.values() for r in p.active]:
             req.finish("cancelled")
+        self._release_idle()  # the thread has stopped: every pool, and any release_idle still waiting
 
     # -------------------------------------------------------------------------- the scheduler thread
 
     def _loop(self):
         while True:
             with self.cond:
-                while not self.closed and not self.waiting and not any(p.active for p in self.pools.values()):
+                while (not self.closed and not self.waiting and not self._release
+                       and not any(p.active for p in self.pools.values())):
                     self.cond.wait()
                 if self.closed:
                     return
                 waiting, self.waiting = list(self.waiting), deque()
+            if self._release:
+                self._release_idle()
             try:
                 with torch.no_grad():
                     left = self._admit(waiting)
@@ -378,7 +415,7 @@ class Scheduler:
     def _pool(self, model: Model) -> SlotPool:
         key = id(model)
         if key not in self.pools or self.pools[key].model is not model:
-            self.pools[key] = SlotPool(model, self.slots)
+            self.pools[key] = SlotPool(model, self.slots, keep_idle=self.static)
         return self.pools[key]
 
     def _clock(self) -> float:
