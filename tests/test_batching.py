@@ -525,6 +525,13 @@ def test_a_static_pool_keeps_its_captured_step_between_bursts_until_released(eng
         batched.scheduler.release_idle()
         assert pool.cache is None and pool._static is None
         assert batched.submit(budget, ids, 6, ignore_eos=True).wait()[0] == first and len(built) == 2
+        # a burst of two grows the pool to two rows; a lone request after it runs on one row again, not on the kept
+        # two-row step (built anew once, then kept)
+        with batched.scheduler.cond:  # both queued before the scheduler looks: admitted together
+            pair = [batched.submit(budget, ids, 6, ignore_eos=True) for _ in range(2)]
+        assert [r.wait()[0] for r in pair] == [first, first] and pool.rows == 2 and len(built) == 3
+        assert batched.submit(budget, ids, 6, ignore_eos=True).wait()[0] == first and pool.rows == 1
+        assert batched.submit(budget, ids, 6, ignore_eos=True).wait()[0] == first and len(built) == 4
     finally:
         batched.close()
     assert pool.cache is None  # closing gives the kept caches back

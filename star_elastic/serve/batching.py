@@ -218,12 +218,17 @@ class SlotPool:
     def reserve(self, length: int, more: int = 1):
         """Room for `more` sequences (at most `free()`) of up to `length` tokens: grow rows (powers of
         two up to `slots`) and length (buckets of 256), copying what the active rows hold."""
-        rows, need = max(1, self.rows), len(self.active) + more
+        # an idle pool sizes itself as a fresh one would (its kept caches and step serve a burst of that shape only:
+        # a lone request after a burst of 32 must not run the 32-row step)
+        busy = bool(self.active)
+        rows, need = max(1, self.rows) if busy else 1, len(self.active) + more
         while rows < need and rows < self.slots:
             rows = min(self.slots, 2 * rows)
-        length = max(self.length, -(-length // 256) * 256)
+        length = max(self.length if busy else 0, -(-length // 256) * 256)
         if self.cache is not None and (rows, length) == (self.rows, self.length):
             return
+        if not busy:
+            self.release()  # before the new caches: never both at once
         cache, n = self.model.make_cache(rows, length), len(self.active)
         if self.cache is not None and n:
             for new, old in zip(cache.buffers(), self.cache.buffers()):
