@@ -166,11 +166,8 @@ class StaticStep:
 class SlotPool:
     """Static caches for up to `slots` sequences of one model; active sequence i is in row i."""
 
-    def __init__(self, model: Model, slots: int, keep_idle: bool = False):
+    def __init__(self, model: Model, slots: int):
         self.model, self.slots = model, slots
-        # idle, keep the caches and the captured step for the next burst (the static step: capturing it again took
-        # ~8 ms a burst on an H100 at Nano width, docs/RESULTS.md), or give them back (the eager step: nothing to keep)
-        self.keep_idle = keep_idle
         self.cache: nn.ModuleList | None = None
         self.rows = self.length = 0
         self.active: list[Request] = []
@@ -264,7 +261,9 @@ class SlotPool:
                 except Exception:  # noqa: BLE001 - it failed: nothing of it is read, and the failure is reported
                     pass           # by whatever runs next on the device
             self.inflight = None
-            if not self.keep_idle:
+            # a static step (and its caches) is kept for the next burst: capturing it again took ~8 ms a burst on an
+            # H100 at Nano width (docs/RESULTS.md); the eager step has nothing worth keeping
+            if self._static is None:
                 self.release()
 
     def release(self):
@@ -336,7 +335,7 @@ class Scheduler:
 
     def release_idle(self, timeout: float | None = 60.0):
         """Give back the caches and captured steps that idle pools keep for their next burst (static steps keep
-        them: `SlotPool.keep_idle`), e.g. before loading something else on the device. The scheduler's thread does
+        them: `SlotPool.remove`), e.g. before loading something else on the device. The scheduler's thread does
         it between steps (it alone touches the pools); this waits for that."""
         done = threading.Event()
         with self.cond:
@@ -420,7 +419,7 @@ class Scheduler:
     def _pool(self, model: Model) -> SlotPool:
         key = id(model)
         if key not in self.pools or self.pools[key].model is not model:
-            self.pools[key] = SlotPool(model, self.slots, keep_idle=self.static)
+            self.pools[key] = SlotPool(model, self.slots)
         return self.pools[key]
 
     def _clock(self) -> float:
