@@ -130,10 +130,10 @@ def profile_paths(engine: BatchedEngine, budget: str, prompt: torch.Tensor, new_
     return out
 
 
-def bytes_table(kind: str, budgets: list[str], sizes: list[int]) -> dict:
+def bytes_table(kind: str, budgets: list[str], sizes: list[int], layers: str | None = None) -> dict:
     """The weights a decode step of each budget reads at each batch size, in bf16 (common.step_weight_bytes), on
     the meta device, and their ratio to the full budget's: no model built."""
-    cfg = parent_config(kind)
+    cfg = parent_config(kind, layers)
     parsed, specs = budget_specs(cfg, budgets)
     out = {}
     print(f"weights a decode step reads ({kind}, bf16), x the full budget's at the same B:")
@@ -152,6 +152,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", help="an elastic checkpoint (default: build one, untrained)")
     ap.add_argument("--model", choices=["smollm2", "hybrid", "nano", "tiny"], default="tiny", help="parent to build")
+    ap.add_argument("--layers", help="nano's widths with these layers (default M*EM; Nano's own 52 are "
+                    "common.NANO_LAYERS), drawn on the GPU on one")
     ap.add_argument("--budgets", default="1.0,0.75,0.5")
     ap.add_argument("--batch-sizes", default="1,4,8,16")
     ap.add_argument("--device", default="cpu")
@@ -184,7 +186,8 @@ def main():
     ap.add_argument("--out", help="JSON results file")
     args = ap.parse_args()
     if args.bytes_only:
-        return bytes_table(args.model, args.budgets.split(","), [int(b) for b in args.batch_sizes.split(",")])
+        return bytes_table(args.model, args.budgets.split(","), [int(b) for b in args.batch_sizes.split(",")],
+                           args.layers)
     if args.smoke:
         args.model, args.batch_sizes, args.prompt_len, args.new_tokens, args.reps = "tiny", "1,4", 8, 8, 1
         args.sequential_requests = 2
@@ -197,7 +200,8 @@ def main():
     # FP8 weights are 1 byte where the active-bytes count assumes the checkpoint's dtype: no bound then
     hbm_gbs = None if args.fp8_matmul else args.hbm_gbs or (common.hbm_gbs(device) if device.type == "cuda" else None)
     ckpt_dir = Path(args.ckpt) if args.ckpt else build_checkpoint(
-        args.model, args.budgets.split(","), common.scratch_dir("bench_batching_") / "ckpt")
+        args.model, args.budgets.split(","), common.scratch_dir("bench_batching_") / "ckpt", layers=args.layers,
+        device=device if args.layers and device.type == "cuda" else None)
     ckpt = load_elastic(ckpt_dir, dtype=dtype, device=device)
     ckpt.model.requires_grad_(False)
     names = [b for b in BatchedEngine(ckpt, slots=1, static=False).budgets]
@@ -312,6 +316,7 @@ def main():
     result = {"benchmark": "bench_batching", "command": " ".join(["python"] + sys.argv),
               "machine": common.machine(device), "device": str(device), "dtype": str(dtype),
               "threads": torch.get_num_threads(), "model": args.model if not args.ckpt else args.ckpt,
+              "layers": args.layers,
               "params": ckpt.model.num_parameters(), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "reps": args.reps, "hbm_gbs": hbm_gbs, "fp8_matmul": args.fp8_matmul,
               "static_step": next(iter(engines.values())).scheduler.static if engines else None,

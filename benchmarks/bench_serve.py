@@ -73,11 +73,14 @@ TINY = dict(vocab_size=512, hidden_size=128, layer_types="M*EM-*", num_attention
             moe_shared_expert_intermediate_size=128, max_position_embeddings=1024)
 
 
-def parent_config(kind: str) -> ModelConfig:
-    """The config of the parent `build_checkpoint` makes for `kind` (smollm2: its shapes)."""
+def parent_config(kind: str, layers: str | None = None) -> ModelConfig:
+    """The config of the parent `build_checkpoint` makes for `kind` (smollm2: its shapes). `layers`: nano's
+    widths with another layer pattern (M Mamba, E MoE, * attention; default `M*EM`), e.g. Nano's own mix."""
+    if layers is not None and kind != "nano":
+        raise SystemExit(f"--layers is for --model nano (got --model {kind})")
     if kind == "smollm2":
         return common.smollm2_config()
-    return common.nano_config("M*EM") if kind == "nano" else ModelConfig(**{"hybrid": HYBRID}.get(kind, TINY))
+    return common.nano_config(layers or "M*EM") if kind == "nano" else ModelConfig(**{"hybrid": HYBRID}.get(kind, TINY))
 
 
 def budget_specs(cfg: ModelConfig, budgets: list[str]) -> tuple[list, list]:
@@ -88,8 +91,10 @@ def budget_specs(cfg: ModelConfig, budgets: list[str]) -> tuple[list, list]:
     return parsed, [choose_spec(cfg, int(b.target), axes) for b in parsed]
 
 
-def build_checkpoint(kind: str, budgets: list[str], out: Path) -> Path:
-    """An untrained elastic checkpoint: the parent plus the zero-shot search's homogeneous architecture per budget."""
+def build_checkpoint(kind: str, budgets: list[str], out: Path, layers: str | None = None, device=None) -> Path:
+    """An untrained elastic checkpoint: the parent plus the zero-shot search's homogeneous architecture per budget.
+    `layers`: see `parent_config`. `device` (a GPU): the random parent drawn there and saved in bf16, for parents
+    of ten billion parameters and more, whose fp32 draw on the CPU takes minutes (and 4 bytes a parameter)."""
     tokenizer = None
     if kind == "smollm2":
         from star_elastic.assets import smollm2_gguf
@@ -100,7 +105,10 @@ def build_checkpoint(kind: str, budgets: list[str], out: Path) -> Path:
     else:
         torch.manual_seed(0)
         # nano: Nemotron 3 Nano's widths with 4 layers (2.1B parameters), the shapes issue 12's targets are set at
-        model = common.scaled_normal_(Model(parent_config(kind)))
+        with torch.device(device or "cpu"):
+            model = common.scaled_normal_(Model(parent_config(kind, layers)))
+        if device is not None and torch.device(device).type == "cuda":
+            model = model.to(torch.bfloat16)
     cfg = model.config
     parsed, specs = budget_specs(cfg, budgets)
     router = Router(cfg, parsed)

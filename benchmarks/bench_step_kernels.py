@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from bench_kernels import categorise, timed_rows  # noqa: E402
 from bench_serve import build_checkpoint  # noqa: E402
+from star_elastic import kernels  # noqa: E402
 from star_elastic.elastic.checkpoint import load_elastic  # noqa: E402
 from star_elastic.serve.batching import StaticStep  # noqa: E402
 from star_elastic.serve.engine import ElasticEngine  # noqa: E402
@@ -88,6 +89,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", choices=["nano", "hybrid", "tiny"], default="nano")
+    ap.add_argument("--layers", help="nano's widths with these layers (default M*EM; Nano's own mix is "
+                    "common.NANO_LAYERS, e.g. its first 16, MEMEM*EMEMEM*EME: 10.1B parameters, drawn on the GPU)")
     ap.add_argument("--budgets", default="1.0,0.75,0.5")
     ap.add_argument("--batch-sizes", default="32")
     ap.add_argument("--compile", choices=["inductor", "off"], default="inductor",
@@ -96,6 +99,9 @@ def main(argv=None):
     ap.add_argument("--profiled", type=int, default=10, help="steps under the profiler")
     ap.add_argument("--top", type=int, default=12, help="kernels listed per budget and batch size")
     ap.add_argument("--smoke", action="store_true", help="tiny model, CPU, eager, few steps")
+    ap.add_argument("--step-kernels", default="",
+                    help="Mamba's decode update, each a variant side by side (own, mamba_ssm, torch: "
+                         "STAR_ELASTIC_STEP_KERNEL; default: the one this install runs)")
     ap.add_argument("--json", help="results file")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -106,31 +112,41 @@ def main(argv=None):
     graph = device.type == "cuda"
     dtype = torch.bfloat16 if graph else torch.float32
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    ckpt_dir = build_checkpoint(args.model, args.budgets.split(","), common.scratch_dir("bench_step_kernels_") / "ckpt")
+    ckpt_dir = build_checkpoint(args.model, args.budgets.split(","), common.scratch_dir("bench_step_kernels_") / "ckpt",
+                                layers=args.layers, device=device if args.layers and graph else None)
     ckpt = load_elastic(ckpt_dir, dtype=dtype, device=device)
     ckpt.model.requires_grad_(False)
     engine = ElasticEngine(ckpt)
     hbm = common.hbm_gbs(device)
     compile = None if args.compile == "off" else args.compile
     rows = []
+    variants = [k for k in args.step_kernels.split(",") if k] or [None]
     with torch.no_grad():
-        for budget in engine.budgets:
-            view = engine.view(budget)
-            for n in sizes:
-                r = measure(step_for(view, n, device, compile, graph), device, args.steps, args.profiled)
-                r.update(budget=budget, batch=n, step_weight_bytes=common.step_weight_bytes(view.config, view, n))
-                r["bound_share"] = common.bandwidth_share(r["step_weight_bytes"], r["period"], hbm)
-                r["kernel_ms"] = sum(r["kernels"].values())
-                r["categories"] = by_category(r["kernels"])
-                rows.append(r)
-                print(f"budget {budget:>6} B = {n:>3}: {r['period'] * 1e3:.3f} ms a step ({n / r['period']:,.0f} tok/s), "
-                      f"kernels {r['kernel_ms']:.3f} ms, {r['step_weight_bytes'] / 1e9:.3f} GB read: "
-                      f"{100 * r['bound_share']:.1f}% of {hbm:,.0f} GB/s", flush=True)
-    for n in sizes:
-        at = [r for r in rows if r["batch"] == n]
+        for variant in variants:
+            with common.environment({kernels.ENV_STEP_KERNEL: variant} if variant else {}):
+                torch._dynamo.reset()  # the update's kernel is read once a compile
+                ran = kernels.active_step_kernel() if graph else "torch"
+                if variant and ran != variant:
+                    raise SystemExit(f"--step-kernels {variant}: not importable here (this install runs {ran})")
+                for budget in engine.budgets:
+                    view = engine.view(budget)
+                    for n in sizes:
+                        r = measure(step_for(view, n, device, compile, graph), device, args.steps, args.profiled)
+                        r.update(budget=budget, batch=n, step_kernel=ran,
+                                 step_weight_bytes=common.step_weight_bytes(view.config, view, n))
+                        r["bound_share"] = common.bandwidth_share(r["step_weight_bytes"], r["period"], hbm)
+                        r["kernel_ms"] = sum(r["kernels"].values())
+                        r["categories"] = by_category(r["kernels"])
+                        rows.append(r)
+                        print(f"{ran:>9} budget {budget:>6} B = {n:>3}: {r['period'] * 1e3:.3f} ms a step "
+                              f"({n / r['period']:,.0f} tok/s), kernels {r['kernel_ms']:.3f} ms, "
+                              f"{r['step_weight_bytes'] / 1e9:.3f} GB read: {100 * r['bound_share']:.1f}% of "
+                              f"{hbm:,.0f} GB/s", flush=True)
+    for kernel, n in dict.fromkeys((r["step_kernel"], r["batch"]) for r in rows):
+        at = [r for r in rows if r["batch"] == n and r["step_kernel"] == kernel]
         full = at[0]
-        print(f"\nB = {n}: each budget against {full['budget']} (measured rate ratio; bytes ratio: a bandwidth-bound "
-              "step's)")
+        print(f"\nB = {n}, Mamba's update on {kernel}: each budget against {full['budget']} (measured rate ratio; "
+              "bytes ratio: a bandwidth-bound step's)")
         for r in at:
             r["rate_vs_full"] = full["period"] / r["period"]
             r["bytes_vs_full"] = full["step_weight_bytes"] / r["step_weight_bytes"]
@@ -143,8 +159,8 @@ def main(argv=None):
             for name, ms in sorted(r["kernels"].items(), key=lambda kv: -kv[1])[:args.top]:
                 print(f"    {ms:8.4f}  ({full['kernels'].get(name, 0.0):8.4f})  {name[:110]}")
     result = {"command": " ".join(sys.argv), "machine": common.machine(device), "torch": torch.__version__,
-              "model": args.model, "compile": args.compile, "cuda_graph": graph, "dtype": str(dtype), "hbm_gbs": hbm,
-              "rows": rows}
+              "model": args.model, "layers": args.layers, "compile": args.compile, "cuda_graph": graph,
+              "dtype": str(dtype), "hbm_gbs": hbm, "rows": rows}
     if args.json:
         common.write_json(args.json, result)
     return result

@@ -46,6 +46,12 @@ greedy decode the same tokens, the update 1.1x faster at batch 1 and 1.5x / 2.2x
 generate's CUDA graph and under torch.compile), so on by default since the thirty-second session:
 `STAR_ELASTIC_TRITON_STEP=0` switches it off alone, `STAR_ELASTIC_NO_TRITON=1` with the scan.
 
+Our own Triton decode update (decode_kernel.py, `own_state_update`) makes the same single pass over the state as
+a `torch.library.triton_op`, which torch.compile traces without a graph break; it needs only the Triton that comes
+with PyTorch's CUDA wheels, so a GPU install without `mamba_ssm` no longer runs inductor's fusion of the
+recurrence (which read and wrote the fp32 state about five times a step at batch 32). Which update runs on CUDA:
+`STAR_ELASTIC_STEP_KERNEL` (own, mamba_ssm or torch) where set, else the first of `STEP_ORDER` that imports.
+
 `causal_conv` is Mamba's depthwise causal conv and its SiLU at training and prefill without a cache
 (`model.Mamba2.forward`, and inside `conv_scan`, forward and backward) on `causal_conv1d`'s CUDA kernel
 (`causal_conv1d_fn`, a CUDA build: benchmarks/device says how), under the scan's conditions. On by default
@@ -80,6 +86,8 @@ import torch
 ENV_DISABLE = "STAR_ELASTIC_NO_TRITON"
 ENV_ENABLE = "STAR_ELASTIC_TRITON"
 ENV_STEP = "STAR_ELASTIC_TRITON_STEP"  # "0": the decode state update stays on the recurrence
+ENV_STEP_KERNEL = "STAR_ELASTIC_STEP_KERNEL"  # the decode update's kernel: own, mamba_ssm or torch (unset: STEP_ORDER)
+STEP_KERNELS = ("own", "mamba_ssm", "torch")
 ENV_CONV = "STAR_ELASTIC_CAUSAL_CONV"  # "0": Mamba's conv stays on PyTorch's conv1d
 ENV_CONV_SCAN = "STAR_ELASTIC_CONV_SCAN"  # "0": conv, scan and D skip apart (autograd keeps the conv's output)
 ON_BY_DEFAULT = True  # checked on an H200 (bench_kernels.py check); STAR_ELASTIC_TRITON=0 also switches it off
@@ -172,29 +180,84 @@ def triton_scan(x, dt, A, B, C, chunk_size: int, initial_state=None, scan=None):
     return y, final.float()
 
 
+def _load_own_update():
+    """(decode_kernel.state_update, None), or (None, why not): our Triton decode update (Triton comes with
+    PyTorch's CUDA wheels; a CPU install has none)."""
+    return _import("star_elastic.decode_kernel", "state_update")
+
+
+def step_kernel_choice() -> str | None:
+    """`STAR_ELASTIC_STEP_KERNEL` (own, mamba_ssm or torch), "torch" where the Triton paths are switched off
+    (`STAR_ELASTIC_TRITON_STEP=0`, or with the scan), else None: the first of STEP_ORDER that imports."""
+    choice = os.environ.get(ENV_STEP_KERNEL, "")
+    if choice and choice not in STEP_KERNELS:
+        raise ValueError(f"{ENV_STEP_KERNEL}={choice!r}: expected one of {', '.join(STEP_KERNELS)}")
+    return "torch" if _off(ENV_STEP) or disabled() else choice or None
+
+
+STEP_ORDER = ("mamba_ssm", "own")  # the decode update's kernels tried in turn where none is chosen, before torch's
+
+
+def active_step_kernel() -> str:
+    """The decode update `state_step` runs on CUDA: the chosen kernel (`step_kernel_choice`), else the first of
+    STEP_ORDER that imports; "torch" (the recurrence) where none does."""
+    loaders = {"own": _load_own_update, "mamba_ssm": _load_update}
+    choice = step_kernel_choice()
+    for name in [choice] if choice else STEP_ORDER:
+        if name == "torch" or loaders[name]()[0] is not None:
+            return name
+    return "torch"
+
+
+@torch.compiler.assume_constant_result
+def own_step_enabled() -> bool:
+    """Our Triton decode update (decode_kernel.py) runs on CUDA (`active_step_kernel`)."""
+    return active_step_kernel() == "own"
+
+
 @torch.compiler.assume_constant_result
 def triton_step_enabled() -> bool:
-    """The Triton state update may run: not switched off (`STAR_ELASTIC_TRITON_STEP=0`), not disabled with
-    the scan, and it imports."""
-    return not _off(ENV_STEP) and not disabled() and _load_update()[0] is not None
+    """`mamba_ssm`'s Triton state update runs on CUDA (`active_step_kernel`): not switched off
+    (`STAR_ELASTIC_TRITON_STEP=0`), not disabled with the scan, and it imports."""
+    return active_step_kernel() == "mamba_ssm"
+
+
+def uses_own_step(x: torch.Tensor) -> bool:
+    """Whether `state_step` runs our Triton decode update (decode_kernel.py) for input `x`: any float dtype."""
+    return x.is_cuda and own_step_enabled()
 
 
 def uses_triton_step(x: torch.Tensor) -> bool:
-    """Whether `state_step` runs the Triton state update for input `x`."""
+    """Whether `state_step` runs `mamba_ssm`'s Triton state update for input `x`."""
     return x.is_cuda and x.dtype in _DTYPES and triton_step_enabled()
 
 
 def state_step(x, dt, A, B, C, state, *, fallback):
-    """One token of Mamba-2's recurrence, h = exp(dt A) h + dt B x (in place), y = C h: the Triton
-    state update where it applies (`uses_triton_step`), else `fallback` (`model.recurrence_step`).
+    """One token of Mamba-2's recurrence, h = exp(dt A) h + dt B x (in place), y = C h: our Triton kernel or
+    `mamba_ssm`'s where they apply (`uses_own_step`, `uses_triton_step`), else `fallback`
+    (`model.recurrence_step`).
 
     x: (b, h, p)   dt: (b, h), already softplus'ed and clamped   A: (h,), negative
     B, C: (b, g, n) per group (head h reads group h // (h / g)) or per head (g = h), any dtype
     state: (b, h, p, n) float32, updated in place
     Returns y (b, h, p) in float32, without the D skip."""
+    if uses_own_step(x):
+        return own_state_update(x, dt, A, B, C, state)
     if uses_triton_step(x):
         return triton_state_update(x, dt, A, B, C, state)
     return fallback(x, dt, A, B, C, state)
+
+
+def own_state_update(x, dt, A, B, C, state, update=None):
+    """decode_kernel.state_update (traced by torch.compile, no graph break) with `recurrence_step`'s arguments
+    and result. `update`: the kernel (default: the imported one; tests pass a stand-in)."""
+    update = update or _load_own_update()[0]
+    if update is None:
+        raise RuntimeError(f"our Triton decode update is not available: {_load_own_update()[1]}")
+    if state.dtype != torch.float32 or state.stride(-1) != 1:
+        raise ValueError(f"the decode update needs an fp32 state with a contiguous last dim (got {state.dtype}, "
+                         f"strides {tuple(state.stride())})")
+    return update(x, dt.float(), A.float(), B, C, state)
 
 
 @torch.compiler.disable

@@ -35,3 +35,14 @@ def test_the_state_update_kernel_has_its_own_category():
     fused = "triton_poi_fused__to_copy__unsafe_view_add_clamp_clone_convolution_exp_expand_mul_neg_select_silu_slice_0"
     assert kernel_category(fused) == "Mamba decode fused by inductor (conv, dt, state update)"
     assert kernel_category("triton_poi_fused_copy__8") == "other inductor fusions"
+
+
+def test_the_update_kernels_run_as_variants_and_one_that_cannot_run_here_is_refused():
+    """--step-kernels: each named decode update a variant of every row (the CPU runs the recurrence: torch); one that
+    this install cannot run (our Triton kernel on a CPU) is refused in one line, not measured as something else."""
+    from bench_step_kernels import main
+
+    rows = main(["--smoke", "--budgets", "1.0,0.5", "--step-kernels", "torch"])["rows"]
+    assert {r["step_kernel"] for r in rows} == {"torch"} and len(rows) == 4
+    with pytest.raises(SystemExit, match="--step-kernels own: not importable here"):
+        main(["--smoke", "--budgets", "1.0", "--step-kernels", "own"])

@@ -7,7 +7,10 @@ cannot be imported; the adapter passes the kernel ssd_scan's arguments (through 
 kernel's signature); the model's Mamba layers, masked or not, with a cache or not, go through it.
 """
 
+import importlib.util
+import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -550,6 +553,98 @@ def test_state_step_dispatch(monkeypatch):
         kernels.triton_state_update(*step_inputs())
 
 
+class StandInOwnUpdate:
+    """What decode_kernel.state_update computes, in PyTorch (recurrence_step), recording what it is given."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, dt, A, B, C, state):
+        from star_elastic.model import recurrence_step
+
+        self.calls.append(dict(x=x.dtype, dt=dt.dtype, A=A.dtype, groups=B.shape[1], B=B.dtype))
+        return recurrence_step(x, dt, A, B, C, state)
+
+
+def test_the_decode_update_kernel_is_chosen_in_order_or_by_name(monkeypatch):
+    """With nothing chosen the first of STEP_ORDER that imports runs (mamba_ssm's where both do, ours where
+    mamba_ssm's does not, the recurrence where neither); STAR_ELASTIC_STEP_KERNEL picks one by name;
+    STAR_ELASTIC_TRITON_STEP=0 or the Triton switch-off means the recurrence; our kernel takes any float dtype on
+    CUDA, never a CPU tensor; a name that is not a kernel is one clear error."""
+    for env in (kernels.ENV_STEP, kernels.ENV_STEP_KERNEL, kernels.ENV_DISABLE, kernels.ENV_ENABLE):
+        monkeypatch.delenv(env, raising=False)
+    have = {"own": True, "mamba_ssm": True}
+    monkeypatch.setattr(kernels, "_load_own_update", lambda: (object(), None) if have["own"] else (None, "no triton"))
+    monkeypatch.setattr(kernels, "_load_update", lambda: (object(), None) if have["mamba_ssm"] else (None, "absent"))
+    assert kernels.active_step_kernel() == kernels.STEP_ORDER[0] == "mamba_ssm"
+    assert kernels.uses_triton_step(FakeCuda()) and not kernels.uses_own_step(FakeCuda())
+    have["mamba_ssm"] = False
+    assert kernels.active_step_kernel() == "own"
+    assert kernels.uses_own_step(FakeCuda()) and kernels.uses_own_step(FakeCuda(torch.float32))
+    assert not kernels.uses_own_step(torch.zeros(2, dtype=torch.bfloat16)) and not kernels.uses_triton_step(FakeCuda())
+    have["own"] = False
+    assert kernels.active_step_kernel() == "torch"
+    have.update(own=True, mamba_ssm=True)
+    for name in kernels.STEP_KERNELS:
+        monkeypatch.setenv(kernels.ENV_STEP_KERNEL, name)
+        assert kernels.active_step_kernel() == name
+    monkeypatch.setenv(kernels.ENV_STEP, "0")
+    assert kernels.active_step_kernel() == "torch"
+    monkeypatch.delenv(kernels.ENV_STEP)
+    monkeypatch.setenv(kernels.ENV_DISABLE, "1")
+    assert kernels.active_step_kernel() == "torch"
+    monkeypatch.delenv(kernels.ENV_DISABLE)
+    monkeypatch.setenv(kernels.ENV_STEP_KERNEL, "fast")
+    with pytest.raises(ValueError, match="STAR_ELASTIC_STEP_KERNEL='fast': expected one of own, mamba_ssm, torch"):
+        kernels.active_step_kernel()
+
+
+def test_our_decode_update_gets_the_recurrences_arguments_and_refuses_a_state_it_cannot_write():
+    """own_state_update hands the kernel dt and A in fp32 and B, C per group as given, returns y and updates the
+    state as the recurrence does; a bf16 state or one whose last dim is strided is refused in one line (the kernel
+    writes fp32 rows in place), and a missing kernel says why."""
+    from star_elastic.model import recurrence_step
+
+    fake = StandInOwnUpdate()
+    x, dt, A, B, C, state = step_inputs(h=4)
+    B, C = B[:, :2], C[:, :2]  # two groups of two heads
+    ref_state = state.clone()
+    y = kernels.own_state_update(x, dt.half(), A.half(), B, C, state, update=fake)
+    ref = recurrence_step(x, dt.half().float(), A.half().float(), B, C, ref_state)
+    (call,) = fake.calls
+    assert call["dt"] == call["A"] == torch.float32 and call["groups"] == 2 and call["x"] == torch.bfloat16
+    assert torch.allclose(y, ref) and torch.allclose(state, ref_state)
+    with pytest.raises(ValueError, match="fp32 state with a contiguous last dim"):
+        kernels.own_state_update(x, dt, A, B, C, state.to(torch.bfloat16), update=fake)
+    with pytest.raises(ValueError, match="fp32 state with a contiguous last dim"):
+        kernels.own_state_update(x, dt, A, B, C, state.transpose(-1, -2).contiguous().transpose(-1, -2), update=fake)
+    if kernels._load_own_update()[0] is None:
+        with pytest.raises(RuntimeError, match="our Triton decode update is not available"):
+            kernels.own_state_update(x, dt, A, B, C, state)
+
+
+@pytest.mark.parametrize("serving_order", [False, True])
+def test_decode_through_our_kernel_generates_what_the_recurrence_does(monkeypatch, serving_order):
+    """Greedy decoding of a hybrid model with every Mamba step through our kernel's entry (a stand-in, forced on)
+    writes the same tokens as through the recurrence, in group-major and serving head order."""
+    from star_elastic.generate import generate
+    from star_elastic.serve.order import use_serving_order
+
+    torch.manual_seed(0)
+    model = Model(CFG).eval()
+    if serving_order:
+        use_serving_order(model)
+    ids = torch.randint(0, CFG.vocab_size, (2, 7))
+    ref = generate(model, ids, 8, use_graph=False)
+    fake = StandInOwnUpdate()
+    monkeypatch.setattr(kernels, "_load_own_update", lambda: (fake, None))
+    monkeypatch.setattr(kernels, "uses_own_step", lambda x: True)
+    got = generate(model, ids, 8, use_graph=False)
+    assert len(fake.calls) == 7 * 2  # 7 decode steps x 2 Mamba layers
+    assert {c["groups"] for c in fake.calls} == {CFG.mamba_num_heads if serving_order else CFG.n_groups}
+    assert torch.equal(got, ref)
+
+
 @pytest.mark.parametrize("serving_order", [False, True])
 def test_decode_through_the_kernel_generates_what_the_recurrence_does(monkeypatch, serving_order):
     """Greedy decoding of a hybrid model with every Mamba step through the kernel (a stand-in, forced
@@ -898,6 +993,107 @@ def test_causal_conv_kernel_on_cuda_gives_the_pytorch_convs_output_and_gradients
     for name, got, ref, bf16 in zip(("output", "d input", "d weight", "d bias"), kernel, want, plain):
         err, floor = ((got.float() - ref).norm() / ref.norm()).item(), ((bf16.float() - ref).norm() / ref.norm()).item()
         assert err <= 2 * floor + 1e-3, f"{name}: the kernel off by {err:.2e}, PyTorch's bf16 conv by {floor:.2e}"
+
+
+INTERPRETED_KERNEL = """
+import torch, torch.nn.functional as F
+from star_elastic.decode_kernel import state_update
+from star_elastic.model import recurrence_step
+for b, h, g, p, n in [(3, 8, 2, 64, 128), (2, 6, 6, 3, 5), (2, 4, 1, 16, 16)]:
+    gen = torch.Generator().manual_seed(b * h + n)
+    x = torch.randn(b, h, 2 * p, generator=gen).to(torch.bfloat16)[..., ::2]
+    dt, A = F.softplus(torch.randn(b, h, generator=gen)), -torch.rand(h, generator=gen) - 0.1
+    B, C = (torch.randn(b, g, n, generator=gen).to(torch.bfloat16) for _ in range(2))
+    state = torch.randn(b, h, p, n, generator=gen)
+    ref_state = state.clone()
+    ref = recurrence_step(x, dt, A, B, C, ref_state)
+    y = state_update(x, dt, A, B, C, state)
+    print(b, h, g, p, n, float((y - ref).norm() / ref.norm()), float((state - ref_state).norm() / ref_state.norm()))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed (a CPU install has none)")
+def test_our_decode_kernel_in_tritons_interpreter_is_the_recurrence():
+    """Our Triton decode update run by Triton's interpreter on the CPU (TRITON_INTERPRET=1, its own process: the flag is
+    read when the kernel is defined) gives recurrence_step's y and state: per group and per head, a strided bf16 x,
+    sizes that are not powers of two (masked blocks). Runs wherever Triton imports (GPU machines; CPU with it added)."""
+    import subprocess
+
+    run = subprocess.run([sys.executable, "-c", INTERPRETED_KERNEL], capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [line.split() for line in run.stdout.splitlines()]
+    assert len(rows) == 3 and all(float(r[5]) < 1e-5 and float(r[6]) < 1e-6 for r in rows), run.stdout
+
+
+OWN_STEP_ON_CUDA = pytest.mark.skipif(not torch.cuda.is_available() or kernels._load_own_update()[0] is None,
+                                      reason="our Triton decode update on CUDA (run.sh GPUTESTS)")
+
+
+@OWN_STEP_ON_CUDA
+@pytest.mark.parametrize("b,h,g,p,n", [(3, 8, 2, 64, 128), (2, 6, 6, 3, 5), (32, 64, 8, 64, 128)])
+def test_our_decode_kernel_on_cuda_is_the_recurrence_eager_compiled_and_in_a_cuda_graph(b, h, g, p, n):
+    """On a GPU: decode_kernel.state_update against recurrence_step in fp32 (y and the state in place), with B and C
+    per group or per head, x a strided view in bf16, odd sizes (masked blocks); then the same inside
+    torch.compile(fullgraph=True) (no graph break: inductor traces the kernel) replayed from a CUDA graph."""
+    from star_elastic.decode_kernel import state_update
+    from star_elastic.model import recurrence_step
+
+    gen = torch.Generator(device="cuda").manual_seed(b * h + n)
+    x = torch.randn(b, h, 2 * p, device="cuda", generator=gen).to(torch.bfloat16)[..., ::2]  # strided last dim
+    dt = F.softplus(torch.randn(b, h, device="cuda", generator=gen))
+    A = -torch.rand(h, device="cuda", generator=gen) - 0.1
+    B, C = (torch.randn(b, g, n, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(2))
+    state = torch.randn(b, h, p, n, device="cuda", generator=gen)
+    ref_state = state.clone()
+    ref = recurrence_step(x, dt, A, B, C, ref_state)
+    got_state = state.clone()
+    got = state_update(x, dt, A, B, C, got_state)
+    assert (got - ref).norm() / ref.norm() < 1e-5 and (got_state - ref_state).norm() / ref_state.norm() < 1e-6
+
+    def two_steps(s):  # two tokens, so the second reads what the first wrote
+        return state_update(x, dt, A, B, C, s) + state_update(x, dt, A, B, C, s)
+
+    step = torch.compile(two_steps, fullgraph=True)
+    ref_state = state.clone()
+    ref = recurrence_step(x, dt, A, B, C, ref_state) + recurrence_step(x, dt, A, B, C, ref_state)
+    s = state.clone()
+    step(s.clone())  # compiled and warmed outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step(s)
+    s.copy_(state)
+    graph.replay()
+    assert (out - ref).norm() / ref.norm() < 1e-5 and (s - ref_state).norm() / ref_state.norm() < 1e-6
+
+
+@OWN_STEP_ON_CUDA
+@pytest.mark.parametrize("serving_order", [False, True])
+def test_decode_on_cuda_through_our_kernel_gives_the_recurrences_logits(monkeypatch, serving_order):
+    """On a GPU: a bf16 hybrid decoding through our kernel (B and C per group, or per head in serving order), and the
+    same step compiled, against the decode on the PyTorch recurrence, logits at every step."""
+    from star_elastic.serve.order import use_serving_order
+
+    torch.manual_seed(0)
+    model = Model(CFG).cuda().to(torch.bfloat16).eval()
+    if serving_order:
+        use_serving_order(model)
+    ids = torch.randint(0, CFG.vocab_size, (2, 9), device="cuda")
+    runs = []
+    for kernel, compiled in (("own", False), ("own", True), ("torch", False)):
+        monkeypatch.setenv(kernels.ENV_STEP_KERNEL, kernel)
+        torch._dynamo.reset()  # the kernel's choice is read once a compile
+        assert kernels.uses_own_step(ids.new_zeros(1, dtype=torch.bfloat16)) == (kernel == "own")
+        step = torch.compile(model, fullgraph=True) if compiled else model
+        with torch.no_grad():
+            cache = model.make_cache(2, 16)
+            out = [model(ids[:, :6], cache, torch.arange(6, device="cuda"))]
+            for i in range(6, 9):
+                out.append(step(ids[:, i:i + 1], cache, torch.tensor([i], device="cuda")))
+        runs.append(torch.cat([o[:, -1].float() for o in out]))
+    *got, want = runs
+    for g in got:
+        assert (g - want).norm() / want.norm() < 2e-2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or kernels._load_update()[0] is None,

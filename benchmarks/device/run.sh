@@ -62,6 +62,8 @@
 set -x
 H=${DEVICE_HOME:-/root}; SE=$H/.cache/star_elastic; mkdir -p $SE $OUT
 export PYTHONPATH=$H/site:$PWD
+# MAMBA=1 (any case): mamba_ssm's Triton modules on the path (carry .devcarry/mamba), the GPU install's decode update
+[ -n "$MAMBA" ] && export PYTHONPATH=$PWD/.devcarry/mamba:$PYTHONPATH
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 setup() {  # each part of what it unpacks as it was carried: SETUP takes two calls since the forty-sixth session
   [ -f .devcarry/smol.part00 ] && cp .devcarry/smol.part00 $H/
