@@ -133,15 +133,20 @@ def main(argv=None):
                     for n in sizes:
                         r = measure(step_for(view, n, device, compile, graph), device, args.steps, args.profiled)
                         r.update(budget=budget, batch=n, step_kernel=ran,
-                                 step_weight_bytes=common.step_weight_bytes(view.config, view, n))
+                                 step_weight_bytes=common.step_weight_bytes(view.config, view, n),
+                                 step_state_bytes=common.step_state_bytes(view, n))
                         r["bound_share"] = common.bandwidth_share(r["step_weight_bytes"], r["period"], hbm)
+                        # the bound with Mamba's state read and written once beside the weights
+                        r["bound_share_with_state"] = common.bandwidth_share(
+                            r["step_weight_bytes"] + r["step_state_bytes"], r["period"], hbm)
                         r["kernel_ms"] = sum(r["kernels"].values())
                         r["categories"] = by_category(r["kernels"])
                         rows.append(r)
                         print(f"{ran:>9} budget {budget:>6} B = {n:>3}: {r['period'] * 1e3:.3f} ms a step "
                               f"({n / r['period']:,.0f} tok/s), kernels {r['kernel_ms']:.3f} ms, "
                               f"{r['step_weight_bytes'] / 1e9:.3f} GB read: {100 * r['bound_share']:.1f}% of "
-                              f"{hbm:,.0f} GB/s", flush=True)
+                              f"{hbm:,.0f} GB/s ({100 * r['bound_share_with_state']:.1f}% with Mamba's state, "
+                              f"{r['step_state_bytes'] / 1e9:.3f} GB, moved once)", flush=True)
     for kernel, n in dict.fromkeys((r["step_kernel"], r["batch"]) for r in rows):
         at = [r for r in rows if r["batch"] == n and r["step_kernel"] == kernel]
         full = at[0]
@@ -150,7 +155,10 @@ def main(argv=None):
         for r in at:
             r["rate_vs_full"] = full["period"] / r["period"]
             r["bytes_vs_full"] = full["step_weight_bytes"] / r["step_weight_bytes"]
-            print(f"  {r['budget']:>6}: {r['rate_vs_full']:.2f}x measured, {r['bytes_vs_full']:.2f}x by bytes")
+            r["bytes_with_state_vs_full"] = ((full["step_weight_bytes"] + full["step_state_bytes"])
+                                             / (r["step_weight_bytes"] + r["step_state_bytes"]))
+            print(f"  {r['budget']:>6}: {r['rate_vs_full']:.2f}x measured, {r['bytes_vs_full']:.2f}x by the weights' "
+                  f"bytes, {r['bytes_with_state_vs_full']:.2f}x with Mamba's state")
         print("  ms a step by kernel category: " + "  ".join(f"{r['budget']:>10}" for r in at))
         for cat in full["categories"]:
             print(f"  {cat[:38]:<38} " + "  ".join(f"{r['categories'].get(cat, 0.0):10.4f}" for r in at))

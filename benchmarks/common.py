@@ -84,6 +84,17 @@ def step_weight_bytes(cfg: ModelConfig, model: Model, batch: int = 1) -> float:
     return (total - embed - routed + read) * model.lm_head.weight.element_size()
 
 
+def step_state_bytes(model: Model, batch: int) -> float:
+    """Bytes of Mamba's fp32 SSM state one decode step over `batch` sequences must move at least: each Mamba
+    layer's (batch, heads, head_dim, state) read once and written once. A budget's view counts its kept heads.
+    At Nano's widths and B = 32, 134 MB a layer: a few percent of a step's weights, but what a step that reads the
+    state more than once loses (docs/RESULTS.md, the batch-32 step kernel by kernel)."""
+    from star_elastic.model import Mamba2
+
+    return float(sum(2 * batch * m.num_heads * m.head_dim * m.state_size * 4
+                     for m in model.modules() if isinstance(m, Mamba2)))
+
+
 @contextmanager
 def environment(values: dict[str, str]):
     """The environment variables `values` set for the block, then put back as they were (star_elastic's kernel

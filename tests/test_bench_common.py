@@ -49,6 +49,26 @@ def test_a_decode_steps_weight_bytes_count_the_experts_its_batch_reaches():
     assert step_weight_bytes(small.config, small, 1) == (rest + n_small / 2) * elem
 
 
+def test_a_decode_steps_state_bytes_are_each_mamba_layers_fp32_state_read_and_written_once():
+    """common.step_state_bytes: 2 x batch x heads x head_dim x state x 4 bytes per Mamba layer (none for attention
+    or MoE layers), a budget with fewer Mamba heads moving fewer; at Nano's widths and B = 32, 134 MB a layer."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+
+    from common import nano_config, step_state_bytes
+    from star_elastic.elastic.spec import ElasticSpec
+    from star_elastic.model import Model, ModelConfig
+
+    cfg = ModelConfig(vocab_size=100, hidden_size=16, layer_types="M*EM", num_attention_heads=2, num_key_value_heads=1,
+                      mamba_num_heads=4, mamba_head_dim=4, ssm_state_size=8, n_groups=2, n_routed_experts=4,
+                      num_experts_per_tok=2, moe_intermediate_size=8, moe_shared_expert_intermediate_size=8)
+    assert step_state_bytes(Model(cfg), 3) == 2 * (2 * 3 * 4 * 4 * 8 * 4)
+    assert step_state_bytes(Model(ElasticSpec(mamba_num_heads=2).config(cfg)), 3) == 2 * (2 * 3 * 2 * 4 * 8 * 4)
+    with torch.device("meta"):
+        nano = Model(nano_config("MEM"))
+    assert step_state_bytes(nano, 32) == 2 * 2 * 32 * 64 * 64 * 128 * 4 and abs(step_state_bytes(nano, 32) / 2 - 134e6) < 1e6
+
+
 def test_the_bandwidth_bound_is_the_cards_own(monkeypatch):
     """A decode step's share of the HBM bound is held against the card it ran on (the thirty-sixth session's H100
     run was first reported against an H200's 4,800 GB/s): an H100 3,350, an H200 4,800, an unknown card and the

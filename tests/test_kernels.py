@@ -576,7 +576,9 @@ def test_the_decode_update_kernel_is_chosen_in_order_or_by_name(monkeypatch):
     have = {"own": True, "mamba_ssm": True}
     monkeypatch.setattr(kernels, "_load_own_update", lambda: (object(), None) if have["own"] else (None, "no triton"))
     monkeypatch.setattr(kernels, "_load_update", lambda: (object(), None) if have["mamba_ssm"] else (None, "absent"))
-    assert kernels.active_step_kernel() == kernels.STEP_ORDER[0] == "mamba_ssm"
+    assert kernels.active_step_kernel() == kernels.STEP_ORDER[0]
+    monkeypatch.setattr(kernels, "STEP_ORDER", ("mamba_ssm", "own"))
+    assert kernels.active_step_kernel() == "mamba_ssm"
     assert kernels.uses_triton_step(FakeCuda()) and not kernels.uses_own_step(FakeCuda())
     have["mamba_ssm"] = False
     assert kernels.active_step_kernel() == "own"
