@@ -9,9 +9,11 @@ the update into a new buffer, the copy back into the cache, a batched GEMV for t
 stores it in place and reduces it against C: the state crosses the memory bus twice, the least possible.
 
 `mamba_ssm`'s `selective_state_update` makes the same single pass, but as a Python call that torch.compile
-must break its graph around (kernels.triton_state_update). This one is a `torch.library.triton_op`: inductor
-traces it as a node of the graph (no break; it fuses the operators on either side as it would without the
-kernel) and it is captured in the decode step's CUDA graph like any other kernel.
+must break its graph around (kernels.triton_state_update). This one is a custom operator (`torch.library.custom_op`,
+the state declared as mutated, its output's shape given by a fake implementation): torch.compile keeps it as one
+opaque node of the graph, no break, inductor fusing the operators on either side as it would without it, and the
+decode step's CUDA graph captures it like any other kernel. (A `triton_op`, which inductor could see into, cannot
+be traced under Triton's CPU interpreter, where this one's compiled path is tested.)
 
 Triton comes with PyTorch's CUDA wheels; this module imports it, so import it only where CUDA is (kernels.py
 does, lazily). Heads read B and C per group, head h reading group h // (heads / groups), as the scans do;
@@ -23,7 +25,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 
 @triton.jit
@@ -56,7 +57,7 @@ def block_sizes(head_dim: int, state: int) -> tuple[int, int]:
     return max(1, min(triton.next_power_of_2(head_dim), 2048 // block_n)), block_n
 
 
-@triton_op("star_elastic::mamba_state_update", mutates_args={"state"})
+@torch.library.custom_op("star_elastic::mamba_state_update", mutates_args={"state"})
 def state_update(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                  state: torch.Tensor) -> torch.Tensor:
     """x (b, h, p), dt (b, h) (already softplus'ed and clamped), A (h,), B and C (b, g, n), state (b, h, p, n)
@@ -65,9 +66,14 @@ def state_update(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Te
     n = state.shape[-1]
     y = torch.empty((b, h, p), dtype=torch.float32, device=x.device)
     block_p, block_n = block_sizes(p, n)
-    wrap_triton(_state_update_kernel)[(triton.cdiv(p, block_p), h, b)](
+    _state_update_kernel[(triton.cdiv(p, block_p), h, b)](
         state, x, dt, A, B, C, y,
         state.stride(0), state.stride(1), state.stride(2), x.stride(0), x.stride(1), x.stride(2),
         dt.stride(0), dt.stride(1), B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
         y.stride(0), y.stride(1), h // B.shape[1], p, n, BLOCK_P=block_p, BLOCK_N=block_n)
     return y
+
+
+@state_update.register_fake
+def _(x, dt, A, B, C, state):
+    return x.new_empty(x.shape, dtype=torch.float32)

@@ -248,12 +248,25 @@ def state_step(x, dt, A, B, C, state, *, fallback):
     return fallback(x, dt, A, B, C, state)
 
 
+@torch.compiler.assume_constant_result
+def own_step_available() -> bool:
+    """decode_kernel imports (and so has registered its operator), whatever the environment chooses. A constant
+    to torch.compile: run once while tracing, never traced into (the import inside cannot be)."""
+    return _load_own_update()[0] is not None
+
+
+def _own_op():
+    """decode_kernel's operator as torch.compile sees it: a registered op, called by name (tests swap this)."""
+    return torch.ops.star_elastic.mamba_state_update
+
+
 def own_state_update(x, dt, A, B, C, state, update=None):
-    """decode_kernel.state_update (traced by torch.compile, no graph break) with `recurrence_step`'s arguments
-    and result. `update`: the kernel (default: the imported one; tests pass a stand-in)."""
-    update = update or _load_own_update()[0]
+    """decode_kernel.state_update (one opaque node of a compiled graph, no graph break) with `recurrence_step`'s
+    arguments and result. `update`: the kernel (default: the registered one; tests pass a stand-in)."""
     if update is None:
-        raise RuntimeError(f"our Triton decode update is not available: {_load_own_update()[1]}")
+        if not own_step_available():
+            raise RuntimeError(f"our Triton decode update is not available: {_load_own_update()[1]}")
+        update = _own_op()
     if state.dtype != torch.float32 or state.stride(-1) != 1:
         raise ValueError(f"the decode update needs an fp32 state with a contiguous last dim (got {state.dtype}, "
                          f"strides {tuple(state.stride())})")

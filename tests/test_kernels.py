@@ -639,7 +639,8 @@ def test_decode_through_our_kernel_generates_what_the_recurrence_does(monkeypatc
     ids = torch.randint(0, CFG.vocab_size, (2, 7))
     ref = generate(model, ids, 8, use_graph=False)
     fake = StandInOwnUpdate()
-    monkeypatch.setattr(kernels, "_load_own_update", lambda: (fake, None))
+    monkeypatch.setattr(kernels, "_own_op", lambda: fake)
+    monkeypatch.setattr(kernels, "own_step_available", lambda: True)
     monkeypatch.setattr(kernels, "uses_own_step", lambda x: True)
     got = generate(model, ids, 8, use_graph=False)
     assert len(fake.calls) == 7 * 2  # 7 decode steps x 2 Mamba layers
@@ -1013,6 +1014,36 @@ for b, h, g, p, n in [(3, 8, 2, 64, 128), (2, 6, 6, 3, 5), (2, 4, 1, 16, 16)]:
     print(b, h, g, p, n, float((y - ref).norm() / ref.norm()), float((state - ref_state).norm() / ref_state.norm()))
 """
 
+# a hybrid's decode step through our kernel (forced on: the CPU is not CUDA), eager and under torch.compile
+# (fullgraph: the operator is traced, no break; it writes the cache's state in place), against the recurrence
+INTERPRETED_DECODE = """
+import torch
+from star_elastic import kernels
+from star_elastic.model import Model, ModelConfig
+from star_elastic.serve.order import use_serving_order
+cfg = ModelConfig(vocab_size=97, hidden_size=64, layer_types="M*M", num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=32, n_groups=2, chunk_size=8)
+torch.manual_seed(0)
+ids = torch.randint(0, 97, (3, 8))
+for order in (False, True):
+    model = Model(cfg).eval()
+    if order:
+        use_serving_order(model)
+    runs = []
+    for own, compiled in ((False, False), (True, False), (True, True)):
+        kernels.uses_own_step = (lambda x: True) if own else (lambda x: False)
+        torch._dynamo.reset()
+        step = torch.compile(model, fullgraph=True) if compiled else model
+        cache = model.make_cache(3, 16)
+        with torch.no_grad():
+            model(ids[:, :5], cache, torch.arange(5))
+            out = [step(ids[:, i:i + 1], cache, torch.tensor([i]))[:, -1] for i in range(5, 8)]
+        runs.append((torch.cat(out), torch.cat([c.ssm.flatten() for c in cache if hasattr(c, "ssm")])))
+    (ref, ref_state), *got = runs
+    for logits, state in got:
+        print(order, float((logits - ref).norm() / ref.norm()), float((state - ref_state).norm() / ref_state.norm()))
+"""
+
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed (a CPU install has none)")
 def test_our_decode_kernel_in_tritons_interpreter_is_the_recurrence():
@@ -1026,6 +1057,20 @@ def test_our_decode_kernel_in_tritons_interpreter_is_the_recurrence():
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [line.split() for line in run.stdout.splitlines()]
     assert len(rows) == 3 and all(float(r[5]) < 1e-5 and float(r[6]) < 1e-6 for r in rows), run.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed (a CPU install has none)")
+def test_a_decode_step_through_our_kernel_compiles_whole_and_gives_the_recurrences_logits_and_state():
+    """A hybrid's decode step with our kernel (Triton's interpreter on the CPU), eager and under torch.compile with
+    fullgraph (the operator traced, not a graph break), in group-major and serving head order: the logits of three
+    steps and the caches' states as the recurrence leaves them."""
+    import subprocess
+
+    run = subprocess.run([sys.executable, "-c", INTERPRETED_DECODE], capture_output=True, text=True, timeout=900,
+                         cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line.split() for line in run.stdout.splitlines()]
+    assert len(rows) == 4 and all(float(r[1]) < 1e-5 and float(r[2]) < 1e-5 for r in rows), run.stdout
 
 
 OWN_STEP_ON_CUDA = pytest.mark.skipif(not torch.cuda.is_available() or kernels._load_own_update()[0] is None,
@@ -1086,7 +1131,7 @@ def test_decode_on_cuda_through_our_kernel_gives_the_recurrences_logits(monkeypa
         monkeypatch.setenv(kernels.ENV_STEP_KERNEL, kernel)
         torch._dynamo.reset()  # the kernel's choice is read once a compile
         assert kernels.uses_own_step(ids.new_zeros(1, dtype=torch.bfloat16)) == (kernel == "own")
-        step = torch.compile(model, fullgraph=True) if compiled else model
+        step = torch.compile(model) if compiled else model
         with torch.no_grad():
             cache = model.make_cache(2, 16)
             out = [model(ids[:, :6], cache, torch.arange(6, device="cuda"))]
