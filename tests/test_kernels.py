@@ -562,7 +562,7 @@ class StandInOwnUpdate:
     def __call__(self, x, dt, A, B, C, state):
         from star_elastic.model import recurrence_step
 
-        self.calls.append(dict(x=x.dtype, dt=dt.dtype, A=A.dtype, groups=B.shape[1], B=B.dtype))
+        self.calls.append(dict(x=x.dtype, dt=dt.dtype, A=A.dtype, groups=B.shape[1], B_dtype=B.dtype))
         return recurrence_step(x, dt, A, B, C, state)
 
 
@@ -625,32 +625,10 @@ def test_our_decode_update_gets_the_recurrences_arguments_and_refuses_a_state_it
             kernels.own_state_update(x, dt, A, B, C, state)
 
 
+@pytest.mark.parametrize("kernel", ["mamba_ssm", "own"])
 @pytest.mark.parametrize("serving_order", [False, True])
-def test_decode_through_our_kernel_generates_what_the_recurrence_does(monkeypatch, serving_order):
-    """Greedy decoding of a hybrid model with every Mamba step through our kernel's entry (a stand-in, forced on)
-    writes the same tokens as through the recurrence, in group-major and serving head order."""
-    from star_elastic.generate import generate
-    from star_elastic.serve.order import use_serving_order
-
-    torch.manual_seed(0)
-    model = Model(CFG).eval()
-    if serving_order:
-        use_serving_order(model)
-    ids = torch.randint(0, CFG.vocab_size, (2, 7))
-    ref = generate(model, ids, 8, use_graph=False)
-    fake = StandInOwnUpdate()
-    monkeypatch.setattr(kernels, "_own_op", lambda: fake)
-    monkeypatch.setattr(kernels, "own_step_available", lambda: True)
-    monkeypatch.setattr(kernels, "uses_own_step", lambda x: True)
-    got = generate(model, ids, 8, use_graph=False)
-    assert len(fake.calls) == 7 * 2  # 7 decode steps x 2 Mamba layers
-    assert {c["groups"] for c in fake.calls} == {CFG.mamba_num_heads if serving_order else CFG.n_groups}
-    assert torch.equal(got, ref)
-
-
-@pytest.mark.parametrize("serving_order", [False, True])
-def test_decode_through_the_kernel_generates_what_the_recurrence_does(monkeypatch, serving_order):
-    """Greedy decoding of a hybrid model with every Mamba step through the kernel (a stand-in, forced
+def test_decode_through_either_kernel_generates_what_the_recurrence_does(monkeypatch, serving_order, kernel):
+    """Greedy decoding of a hybrid model with every Mamba step through `mamba_ssm`'s kernel or ours (stand-ins, forced
     on here) writes the same tokens as through the recurrence, in group-major and serving head order."""
     from star_elastic.generate import generate
     from star_elastic.serve.order import use_serving_order
@@ -661,13 +639,19 @@ def test_decode_through_the_kernel_generates_what_the_recurrence_does(monkeypatc
         use_serving_order(model)
     ids = torch.randint(0, CFG.vocab_size, (2, 7))
     ref = generate(model, ids, 8, use_graph=False)
-    fake = StandInUpdate()
-    monkeypatch.setattr(kernels, "_load_update", lambda: (fake, None))
-    monkeypatch.setattr(kernels, "uses_triton_step", lambda x: True)
+    if kernel == "own":
+        fake = StandInOwnUpdate()
+        monkeypatch.setattr(kernels, "_own_op", lambda: fake)
+        monkeypatch.setattr(kernels, "own_step_available", lambda: True)
+        monkeypatch.setattr(kernels, "uses_own_step", lambda x: True)
+    else:
+        fake = StandInUpdate()
+        monkeypatch.setattr(kernels, "_load_update", lambda: (fake, None))
+        monkeypatch.setattr(kernels, "uses_triton_step", lambda x: True)
     got = generate(model, ids, 8, use_graph=False)
     assert len(fake.calls) == 7 * 2  # 7 decode steps (the prompt is one prefill) x 2 Mamba layers
-    # group-major: B and C per group as the conv gives them (the kernel maps heads to groups and casts them
-    # itself); the serving order's rank-major heads need them per head in fp32
+    # group-major: B and C per group as the conv gives them (the kernels map heads to groups and cast them
+    # themselves); the serving order's rank-major heads need them per head in fp32
     groups = {(c["groups"], c["B_dtype"]) for c in fake.calls}
     assert groups == ({(CFG.mamba_num_heads, torch.float32)} if serving_order else {(CFG.n_groups, torch.float32)})
     assert torch.equal(got, ref)
@@ -1114,23 +1098,27 @@ def test_our_decode_kernel_on_cuda_is_the_recurrence_eager_compiled_and_in_a_cud
     assert (out - ref).norm() / ref.norm() < 1e-5 and (s - ref_state).norm() / ref_state.norm() < 1e-6
 
 
-@OWN_STEP_ON_CUDA
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA (run.sh GPUTESTS)")
+@pytest.mark.parametrize("kernel", ["own", "mamba_ssm"])
 @pytest.mark.parametrize("serving_order", [False, True])
-def test_decode_on_cuda_through_our_kernel_gives_the_recurrences_logits(monkeypatch, serving_order):
-    """On a GPU: a bf16 hybrid decoding through our kernel (B and C per group, or per head in serving order), and the
-    same step compiled, against the decode on the PyTorch recurrence, logits at every step."""
+def test_decode_on_cuda_through_either_kernel_gives_the_recurrences_logits(monkeypatch, serving_order, kernel):
+    """On a GPU: a bf16 hybrid decoding through our kernel or mamba_ssm's state update (B and C per group, or per head
+    in fp32 in serving order), eager and the step compiled, against the decode on the PyTorch recurrence, logits at
+    every step."""
     from star_elastic.serve.order import use_serving_order
 
+    if (kernels._load_own_update if kernel == "own" else kernels._load_update)()[0] is None:
+        pytest.skip(f"{kernel}'s decode update does not import here (carry .devcarry/mamba for mamba_ssm's)")
     torch.manual_seed(0)
     model = Model(CFG).cuda().to(torch.bfloat16).eval()
     if serving_order:
         use_serving_order(model)
     ids = torch.randint(0, CFG.vocab_size, (2, 9), device="cuda")
     runs = []
-    for kernel, compiled in (("own", False), ("own", True), ("torch", False)):
-        monkeypatch.setenv(kernels.ENV_STEP_KERNEL, kernel)
+    for chosen, compiled in ((kernel, False), (kernel, True), ("torch", False)):
+        monkeypatch.setenv(kernels.ENV_STEP_KERNEL, chosen)
         torch._dynamo.reset()  # the kernel's choice is read once a compile
-        assert kernels.uses_own_step(ids.new_zeros(1, dtype=torch.bfloat16)) == (kernel == "own")
+        assert kernels.active_step_kernel() == chosen
         step = torch.compile(model) if compiled else model
         with torch.no_grad():
             cache = model.make_cache(2, 16)
@@ -1141,30 +1129,3 @@ def test_decode_on_cuda_through_our_kernel_gives_the_recurrences_logits(monkeypa
     *got, want = runs
     for g in got:
         assert (g - want).norm() / want.norm() < 2e-2
-
-
-@pytest.mark.skipif(not torch.cuda.is_available() or kernels._load_update()[0] is None,
-                    reason="mamba_ssm's Triton state update on CUDA (run.sh GPUTESTS)")
-@pytest.mark.parametrize("serving_order", [False, True])
-def test_decode_on_cuda_through_the_real_state_update_gives_the_recurrences_logits(monkeypatch, serving_order):
-    """On a GPU: a bf16 hybrid decoding through mamba_ssm's state update, B and C given per group (group-major) or per
-    head in fp32 (serving order), against the same decode on the PyTorch recurrence, logits at every step."""
-    from star_elastic.serve.order import use_serving_order
-
-    torch.manual_seed(0)
-    model = Model(CFG).cuda().to(torch.bfloat16).eval()
-    if serving_order:
-        use_serving_order(model)
-    ids = torch.randint(0, CFG.vocab_size, (2, 9), device="cuda")
-    runs = []
-    for on in (True, False):  # STAR_ELASTIC_TRITON_STEP=0: the recurrence
-        monkeypatch.setenv(kernels.ENV_STEP, "1" if on else "0")
-        assert kernels.uses_triton_step(ids.new_zeros(1, dtype=torch.bfloat16)) == on
-        with torch.no_grad():
-            cache = model.make_cache(2, 16)
-            out = [model(ids[:, :6], cache, torch.arange(6, device="cuda"))]
-            for i in range(6, 9):
-                out.append(model(ids[:, i:i + 1], cache, torch.tensor([i], device="cuda")))
-        runs.append(torch.cat([o[:, -1].float() for o in out]))
-    got, want = runs
-    assert (got - want).norm() / want.norm() < 2e-2

@@ -184,7 +184,7 @@ S39) shift  # issue 12's views against slices (carry .devcarry/mamba, .devcarry/
   # and C per group; the CUDA tests of both first, then eager, then the parent in its own order with the grouped
   # parts copied once (compact; 0.99x on the CPU), eager and compiled
   PYTHONPATH=.devcarry/mamba:$PYTHONPATH python3 -m pytest -q -rs -p no:cacheprovider tests/test_serving_order.py \
-    tests/test_kernels.py -k "cuda and (serving_order or real_state_update)" 2>&1 | tail -n 3
+    tests/test_kernels.py -k "cuda and (serving_order or either_kernel)" 2>&1 | tail -n 3
   SECONDS=0; i=0; for c in "--head-order serving --compact on" "--head-order loaded --compact on" "--head-order loaded --compact on --compile"; do
     i=$((i + 1)); timeout $((570 - SECONDS)) bash $0 SERVE $c --reps 5 --out $OUT/serve_s39_$i.json > $OUT/s39.txt 2>&1
     echo "== SERVE $c"; grep -v "^+" $OUT/s39.txt | grep -v "^matmul\|^  budget" | tail -n 9; done ;;
