@@ -47,10 +47,11 @@ generate's CUDA graph and under torch.compile), so on by default since the thirt
 `STAR_ELASTIC_TRITON_STEP=0` switches it off alone, `STAR_ELASTIC_NO_TRITON=1` with the scan.
 
 Our own Triton decode update (decode_kernel.py, `own_state_update`) makes the same single pass over the state as
-a `torch.library.triton_op`, which torch.compile traces without a graph break; it needs only the Triton that comes
-with PyTorch's CUDA wheels, so a GPU install without `mamba_ssm` no longer runs inductor's fusion of the
-recurrence (which read and wrote the fp32 state about five times a step at batch 32). Which update runs on CUDA:
-`STAR_ELASTIC_STEP_KERNEL` (own, mamba_ssm or torch) where set, else the first of `STEP_ORDER` that imports. At
+a custom operator, which torch.compile keeps in its graph without a break; it needs only the Triton that comes
+with PyTorch's CUDA wheels, so a GPU install without `mamba_ssm` need not run inductor's fusion of the recurrence
+(which read and wrote the fp32 state about five times a step at batch 32). Which update runs on CUDA:
+`STAR_ELASTIC_STEP_KERNEL` (own, mamba_ssm or torch) where set, else the first of `STEP_ORDER` that imports (ours
+is chosen by name until its CUDA tests are seen to pass: `run.sh GPUTESTS "either_kernel or our_kernel"`). At
 batch 32 on an H100 ours and `mamba_ssm`'s took the same time, 1.24x / 1.38x faster steps (full / 0.5 budget) than
 inductor's fusion of the recurrence (fifty-seventh session, docs/RESULTS.md "Mamba's decode update in one pass").
 
