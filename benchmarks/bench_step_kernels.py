@@ -28,11 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from bench_kernels import categorise, timed_rows  # noqa: E402
-from bench_serve import build_checkpoint  # noqa: E402
+from bench_serve import CONTIGUOUS_MODES, build_checkpoint, contiguous_copies  # noqa: E402
 from star_elastic import kernels  # noqa: E402
 from star_elastic.elastic.checkpoint import load_elastic  # noqa: E402
 from star_elastic.serve.batching import StaticStep  # noqa: E402
 from star_elastic.serve.engine import ElasticEngine  # noqa: E402
+from star_elastic.serve.views import budget_view  # noqa: E402
 
 # decode-only kernels that the training categories (bench_kernels) would file under another name
 # (inductor names its fused kernels after the operators inside: its fusion of Mamba's conv, dt and state update names
@@ -102,6 +103,10 @@ def main(argv=None):
     ap.add_argument("--step-kernels", default="",
                     help="Mamba's decode update, each a variant side by side (own, mamba_ssm, torch: "
                          "STAR_ELASTIC_STEP_KERNEL; default: the one this install runs)")
+    ap.add_argument("--contiguous", default="none",
+                    help="how each smaller budget's view holds its weights, each a variant: none (the engine's "
+                         "views), experts / linear / all (contiguous copies of those, bench_serve.contiguous_copies): "
+                         "whether the strided prefixes of the parent's matrices cost a batched step")
     ap.add_argument("--json", help="results file")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -121,6 +126,20 @@ def main(argv=None):
     compile = None if args.compile == "off" else args.compile
     rows = []
     variants = [k for k in args.step_kernels.split(",") if k] or [None]
+    layouts = args.contiguous.split(",")
+    if not set(layouts) <= set(CONTIGUOUS_MODES):
+        ap.error(f"--contiguous takes a comma-separated list of {', '.join(CONTIGUOUS_MODES)}")
+
+    def views(budget):  # (layout, the budget's model): the engine's view, then fresh views with contiguous copies
+        view = engine.view(budget)
+        for layout in layouts:
+            if layout == "none":
+                yield layout, view
+            elif view is not engine.parent:  # the full model holds the parent's own (contiguous) tensors
+                fresh = budget_view(engine.parent, engine.ckpt.spec(budget), compact=engine.compact_views)
+                contiguous_copies(fresh, layout)
+                yield layout, fresh
+
     with torch.no_grad():
         for variant in variants:
             with common.environment({kernels.ENV_STEP_KERNEL: variant} if variant else {}):
@@ -128,11 +147,10 @@ def main(argv=None):
                 ran = kernels.active_step_kernel() if graph else "torch"
                 if variant and ran != variant:
                     raise SystemExit(f"--step-kernels {variant}: not importable here (this install runs {ran})")
-                for budget in engine.budgets:
-                    view = engine.view(budget)
+                for budget, (layout, view) in ((b, v) for b in engine.budgets for v in views(b)):
                     for n in sizes:
                         r = measure(step_for(view, n, device, compile, graph), device, args.steps, args.profiled)
-                        r.update(budget=budget, batch=n, step_kernel=ran,
+                        r.update(budget=budget, batch=n, step_kernel=ran, contiguous=layout,
                                  step_weight_bytes=common.step_weight_bytes(view.config, view, n),
                                  step_state_bytes=common.step_state_bytes(view, n))
                         r["bound_share"] = common.bandwidth_share(r["step_weight_bytes"], r["period"], hbm)
@@ -142,11 +160,14 @@ def main(argv=None):
                         r["kernel_ms"] = sum(r["kernels"].values())
                         r["categories"] = by_category(r["kernels"])
                         rows.append(r)
-                        print(f"{ran:>9} budget {budget:>6} B = {n:>3}: {r['period'] * 1e3:.3f} ms a step "
+                        print(f"{ran:>9} budget {budget:>6} ({layout}) B = {n:>3}: {r['period'] * 1e3:.3f} ms a step "
                               f"({n / r['period']:,.0f} tok/s), kernels {r['kernel_ms']:.3f} ms, "
                               f"{r['step_weight_bytes'] / 1e9:.3f} GB read: {100 * r['bound_share']:.1f}% of "
                               f"{hbm:,.0f} GB/s ({100 * r['bound_share_with_state']:.1f}% with Mamba's state, "
                               f"{r['step_state_bytes'] / 1e9:.3f} GB, moved once)", flush=True)
+    def label(r):  # the budget, and how its view held its weights where not as the engine's
+        return r["budget"] if r["contiguous"] == "none" else f"{r['budget']}/{r['contiguous']}"
+
     for kernel, n in dict.fromkeys((r["step_kernel"], r["batch"]) for r in rows):
         at = [r for r in rows if r["batch"] == n and r["step_kernel"] == kernel]
         full = at[0]
@@ -157,13 +178,13 @@ def main(argv=None):
             r["bytes_vs_full"] = full["step_weight_bytes"] / r["step_weight_bytes"]
             r["bytes_with_state_vs_full"] = ((full["step_weight_bytes"] + full["step_state_bytes"])
                                              / (r["step_weight_bytes"] + r["step_state_bytes"]))
-            print(f"  {r['budget']:>6}: {r['rate_vs_full']:.2f}x measured, {r['bytes_vs_full']:.2f}x by the weights' "
+            print(f"  {label(r):>12}: {r['rate_vs_full']:.2f}x measured, {r['bytes_vs_full']:.2f}x by the weights' "
                   f"bytes, {r['bytes_with_state_vs_full']:.2f}x with Mamba's state")
-        print("  ms a step by kernel category: " + "  ".join(f"{r['budget']:>10}" for r in at))
+        print("  ms a step by kernel category: " + "  ".join(f"{label(r):>12}" for r in at))
         for cat in full["categories"]:
-            print(f"  {cat[:38]:<38} " + "  ".join(f"{r['categories'].get(cat, 0.0):10.4f}" for r in at))
+            print(f"  {cat[:38]:<38} " + "  ".join(f"{r['categories'].get(cat, 0.0):12.4f}" for r in at))
         for r in at:
-            print(f"  largest kernels, budget {r['budget']} (ms a step; the full budget's same kernel):")
+            print(f"  largest kernels, budget {label(r)} (ms a step; the full budget's same kernel):")
             for name, ms in sorted(r["kernels"].items(), key=lambda kv: -kv[1])[:args.top]:
                 print(f"    {ms:8.4f}  ({full['kernels'].get(name, 0.0):8.4f})  {name[:110]}")
     result = {"command": " ".join(sys.argv), "machine": common.machine(device), "torch": torch.__version__,

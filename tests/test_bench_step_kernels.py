@@ -46,3 +46,18 @@ def test_the_update_kernels_run_as_variants_and_one_that_cannot_run_here_is_refu
     assert {r["step_kernel"] for r in rows} == {"torch"} and len(rows) == 4
     with pytest.raises(SystemExit, match="--step-kernels own: not importable here"):
         main(["--smoke", "--budgets", "1.0", "--step-kernels", "own"])
+
+
+def test_contiguous_copies_run_as_variants_of_the_smaller_budgets_only():
+    """--contiguous none,linear: each smaller budget once as the engine's view and once with its linear weights
+    copied contiguous (the full model holds the parent's own tensors: once); the copies read the same bytes; a
+    layout that is not one is refused."""
+    from bench_step_kernels import main
+
+    rows = [r for r in main(["--smoke", "--budgets", "1.0,0.5", "--contiguous", "none,linear"])["rows"]
+            if r["batch"] == 4]
+    assert [(r["budget"], r["contiguous"]) for r in rows] == [("1.0", "none"), ("0.5", "none"), ("0.5", "linear")]
+    assert rows[1]["step_weight_bytes"] == rows[2]["step_weight_bytes"]
+    assert all(r["rate_vs_full"] > 0 for r in rows)
+    with pytest.raises(SystemExit):
+        main(["--smoke", "--contiguous", "rows"])
