@@ -29,6 +29,10 @@ def test_the_state_update_kernel_has_its_own_category():
     from bench_step_kernels import kernel_category
 
     assert kernel_category("_selective_scan_update_kernel") == "Mamba state update"
+    assert kernel_category("_state_update_kernel") == "Mamba state update"  # ours (star_elastic/decode_kernel.py)
+    # inductor's fusion of the conv and dt beside our operator, named after it too: not the update
+    beside = "triton_poi_fused__to_copy__unsafe_view_add_clamp_convolution_exp_mamba_state_update_neg_select_silu_slice_0"
+    assert kernel_category(beside) == "Mamba decode fused by inductor (conv, dt, state update)"
     assert kernel_category("triton_tem_fused_mm_0") == "inductor GEMM / GEMV templates"
     assert kernel_category("void at::native::vectorized_elementwise_kernel<4, mul>") == "elementwise"
     # inductor's fusion of Mamba's one-token step, named after the convolution inside it: not the causal conv kernel
