@@ -722,8 +722,7 @@ class Experts(nn.Module):
         token = order // k
         xs = x[token]  # token copies grouped by expert
         scale = weights.flatten()[order, None]
-        # a count of fixed shape (bincount's depends on the data, which breaks a torch.compile graph)
-        counts = flat.new_zeros(self.up_proj.shape[0]).index_add_(0, flat, torch.ones_like(flat))
+        counts = expert_counts(flat, self.up_proj.shape[0])
         if grouped:
             offs = counts.cumsum(0).to(torch.int32)
             h = recomputed(scaled_activation, self.grouped("up_proj", xs, offs, dt), self.act, self.neuron_scale(),
@@ -766,6 +765,14 @@ def gathered_experts(act, x, up, down, weights):
     contraction over k and I together would copy the gathered weights)."""
     h = scaled_activation(torch.einsum("td,tkid->tki", x, up), act, copies=weights[..., None])
     return torch.einsum("tki,tkdi->tkd", h, down).sum(1).to(h.dtype)
+
+
+def expert_counts(flat: torch.Tensor, experts: int) -> torch.Tensor:
+    """How many of the routed copies `flat` (expert indices) go to each of `experts`: a count of fixed shape
+    (bincount's depends on the data, which breaks a torch.compile graph), as a comparison summed, which inductor
+    fuses into one kernel; an int64 `index_add_` is one it cannot lower (no int64 atomic add), and on CUDA ran
+    as a sorting scatter with a bounds check, about eight small kernels a MoE layer a decode step."""
+    return (flat[:, None] == torch.arange(experts, device=flat.device)).sum(0)
 
 
 def back_to_tokens(out, order, k: int):

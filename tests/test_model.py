@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import LLAMA3_ROPE, VOCAB, hf_model, llama_config, nemotron_config, ours_from, rel_err
 from star_elastic.generate import generate, sample
 from star_elastic.hf import config_from_hf, load_weights
-from star_elastic.model import Experts, Model, ModelConfig, MoE, ssd_scan
+from star_elastic.model import Experts, Model, ModelConfig, MoE, expert_counts, ssd_scan
 
 TOL = 1e-4
 
@@ -272,6 +272,20 @@ def test_experts_with_unused_experts():
     assert torch.isfinite(ex.up_proj.grad).all() and torch.isfinite(ex.down_proj.grad).all()
     assert ex.up_proj.grad[3:].abs().max() == 0 and ex.up_proj.grad[:3].abs().max() > 0
     assert torch.isfinite(x.grad).all()
+
+
+def test_expert_counts_are_bincounts_without_an_int64_accumulating_scatter():
+    """The count of routed copies per expert equals bincount's (unused experts 0, fixed length), and its graph has
+    no index_add / index_put / scatter_add: inductor cannot lower an int64 one (no int64 atomic add on GPUs), so
+    on CUDA it ran as a sorting scatter with a bounds check, about eight small kernels a MoE layer a decode step."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    flat = torch.tensor([3, 0, 3, 5, 3, 0])
+    assert expert_counts(flat, 8).tolist() == torch.bincount(flat, minlength=8).tolist() == [2, 0, 0, 3, 0, 1, 0, 0]
+    flat = torch.randint(0, 128, (32 * 6,))
+    assert torch.equal(expert_counts(flat, 128), torch.bincount(flat, minlength=128))
+    ops = {str(n.target) for n in make_fx(lambda f: expert_counts(f, 128))(flat).graph.nodes if n.op == "call_function"}
+    assert ops and not any(name in op for op in ops for name in ("index_add", "index_put", "scatter_add")), ops
 
 
 def test_moe_routes_around_starved_experts():
