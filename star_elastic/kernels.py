@@ -30,8 +30,8 @@ the scan (head and channel masks on its outputs, hidden masks before and after t
 they work the same on either path. The kernel returns y in x's dtype; it is cast to at least fp32,
 as `ssd_scan` returns it; the final state is fp32 from both.
 
-`state_step` is the one-token decode update (`model.Mamba2.step`) on `mamba_ssm`'s Triton
-`selective_state_update` under the scan's conditions (a CUDA tensor in bf16 / fp16, importable, not
+`state_step` is the one-token decode update (`model.Mamba2.step`) on our own Triton kernel (below; the default) or
+`mamba_ssm`'s Triton `selective_state_update` under the scan's conditions (a CUDA tensor in bf16 / fp16, importable, not
 switched off): one kernel updates the fp32 state in place and returns C h, where the PyTorch
 recurrence (`model.recurrence_step`, the fallback and the reference) runs about ten. Both take B and C
 per group (b, groups, n), head h reading group h // (heads / groups), in any dtype: `model.Mamba2.step`
@@ -51,7 +51,7 @@ a custom operator, which torch.compile keeps in its graph without a break; it ne
 with PyTorch's CUDA wheels, so a GPU install without `mamba_ssm` need not run inductor's fusion of the recurrence
 (which read and wrote the fp32 state about five times a step at batch 32). Which update runs on CUDA:
 `STAR_ELASTIC_STEP_KERNEL` (own, mamba_ssm or torch) where set, else the first of `STEP_ORDER` that imports (ours
-is chosen by name until its CUDA tests are seen to pass: `run.sh GPUTESTS "either_kernel or our_kernel"`). At
+first since its CUDA tests passed on an H100 in the fifty-eighth session, then `mamba_ssm`'s). At
 batch 32 on an H100 ours and `mamba_ssm`'s took the same time, 1.24x / 1.38x faster steps (full / 0.5 budget) than
 inductor's fusion of the recurrence (fifty-seventh session, docs/RESULTS.md "Mamba's decode update in one pass").
 
@@ -198,10 +198,10 @@ def step_kernel_choice() -> str | None:
     return "torch" if _off(ENV_STEP) or disabled() else choice or None
 
 
-# the decode update's kernels tried in turn where none is chosen, before torch's. Ours ("own") is chosen by name only
-# until its CUDA tests are seen to pass (fifty-seventh session: checked in Triton's interpreter on the CPU and run in
-# the GPU benchmarks, as fast as mamba_ssm's, but the CUDA tests' output did not come back)
-STEP_ORDER = ("mamba_ssm",)
+# the decode update's kernels tried in turn where none is chosen, before torch's. Ours first: as fast as mamba_ssm's
+# at batch 32 on an H100 (fifty-seventh session), one node of torch.compile's graph, and it needs only the Triton
+# that comes with PyTorch; its CUDA tests passed on an H100 in the fifty-eighth session
+STEP_ORDER = ("own", "mamba_ssm")
 
 
 def active_step_kernel() -> str:

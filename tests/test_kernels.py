@@ -567,8 +567,8 @@ class StandInOwnUpdate:
 
 
 def test_the_decode_update_kernel_is_chosen_in_order_or_by_name(monkeypatch):
-    """With nothing chosen the first of STEP_ORDER that imports runs (mamba_ssm's where both do, ours where
-    mamba_ssm's does not, the recurrence where neither); STAR_ELASTIC_STEP_KERNEL picks one by name;
+    """With nothing chosen the first of STEP_ORDER that imports runs (ours where both do, mamba_ssm's where ours
+    does not, the recurrence where neither; another order is followed too); STAR_ELASTIC_STEP_KERNEL picks one by name;
     STAR_ELASTIC_TRITON_STEP=0 or the Triton switch-off means the recurrence; our kernel takes any float dtype on
     CUDA, never a CPU tensor; a name that is not a kernel is one clear error."""
     for env in (kernels.ENV_STEP, kernels.ENV_STEP_KERNEL, kernels.ENV_DISABLE, kernels.ENV_ENABLE):
@@ -576,7 +576,12 @@ def test_the_decode_update_kernel_is_chosen_in_order_or_by_name(monkeypatch):
     have = {"own": True, "mamba_ssm": True}
     monkeypatch.setattr(kernels, "_load_own_update", lambda: (object(), None) if have["own"] else (None, "no triton"))
     monkeypatch.setattr(kernels, "_load_update", lambda: (object(), None) if have["mamba_ssm"] else (None, "absent"))
-    assert kernels.active_step_kernel() == kernels.STEP_ORDER[0]
+    assert kernels.STEP_ORDER == ("own", "mamba_ssm")
+    assert kernels.active_step_kernel() == "own"
+    assert kernels.uses_own_step(FakeCuda()) and not kernels.uses_triton_step(FakeCuda())
+    have["own"] = False
+    assert kernels.active_step_kernel() == "mamba_ssm"
+    have["own"] = True
     monkeypatch.setattr(kernels, "STEP_ORDER", ("mamba_ssm", "own"))
     assert kernels.active_step_kernel() == "mamba_ssm"
     assert kernels.uses_triton_step(FakeCuda()) and not kernels.uses_own_step(FakeCuda())
