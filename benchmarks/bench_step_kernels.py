@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from unittest import mock
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from bench_kernels import categorise, timed_rows  # noqa: E402
 from bench_serve import CONTIGUOUS_MODES, build_checkpoint, contiguous_copies  # noqa: E402
-from star_elastic import kernels  # noqa: E402
+from star_elastic import kernels, model  # noqa: E402
 from star_elastic.elastic.checkpoint import load_elastic  # noqa: E402
 from star_elastic.serve.batching import StaticStep  # noqa: E402
 from star_elastic.serve.engine import ElasticEngine  # noqa: E402
@@ -43,6 +44,16 @@ DECODE_CATEGORIES = [("Mamba state update", ("selective_scan_update", "_state_up
                      ("inductor GEMM / GEMV templates", ("triton_tem",)),
                      ("Mamba decode fused by inductor (conv, dt, state update)", ("convolution", "softplus")),
                      ("other inductor fusions", ("triton_poi", "triton_red", "triton_per"))]
+
+
+def index_add_counts(flat: torch.Tensor, experts: int) -> torch.Tensor:
+    """The MoE layer's count of routed copies per expert as it was until the fifty-eighth session: an int64
+    `index_add_`, which inductor cannot lower (no int64 atomic add), so on CUDA a sorting scatter with a bounds check."""
+    return flat.new_zeros(experts).index_add_(0, flat, torch.ones_like(flat))
+
+
+# --counts: how `model.Experts` counts each expert's routed copies (`model.expert_counts`, swapped for a variant)
+COUNTS = {"sum": model.expert_counts, "index_add": index_add_counts}
 
 
 def kernel_category(name: str) -> str:
@@ -108,6 +119,9 @@ def main(argv=None):
                     help="how each smaller budget's view holds its weights, each a variant: none (the engine's "
                          "views), experts / linear / all (contiguous copies of those, bench_serve.contiguous_copies): "
                          "whether the strided prefixes of the parent's matrices cost a batched step")
+    ap.add_argument("--counts", default="sum",
+                    help="comma-separated: how the MoE layers count each expert's copies, each a variant of every row: "
+                         "sum (model.expert_counts, the default) / index_add (the int64 index_add_ it replaced)")
     ap.add_argument("--json", help="results file")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -130,6 +144,9 @@ def main(argv=None):
     layouts = args.contiguous.split(",")
     if not set(layouts) <= set(CONTIGUOUS_MODES):
         ap.error(f"--contiguous takes a comma-separated list of {', '.join(CONTIGUOUS_MODES)}")
+    counts = args.counts.split(",")
+    if not set(counts) <= set(COUNTS):
+        ap.error(f"--counts takes a comma-separated list of {', '.join(COUNTS)}")
 
     def views(budget):  # (layout, the budget's model): the engine's view, then fresh views with contiguous copies
         view = engine.view(budget)
@@ -142,16 +159,17 @@ def main(argv=None):
                 yield layout, fresh
 
     with torch.no_grad():
-        for variant in variants:
-            with common.environment({kernels.ENV_STEP_KERNEL: variant} if variant else {}):
-                torch._dynamo.reset()  # the update's kernel is read once a compile
+        for variant, count in ((v, c) for v in variants for c in counts):
+            with common.environment({kernels.ENV_STEP_KERNEL: variant} if variant else {}), \
+                    mock.patch.object(model, "expert_counts", COUNTS[count]):
+                torch._dynamo.reset()  # the update's kernel is read once a compile, the count traced into it
                 ran = kernels.active_step_kernel() if graph else "torch"
                 if variant and ran != variant:
                     raise SystemExit(f"--step-kernels {variant}: not importable here (this install runs {ran})")
                 for budget, (layout, view) in ((b, v) for b in engine.budgets for v in views(b)):
                     for n in sizes:
                         r = measure(step_for(view, n, device, compile, graph), device, args.steps, args.profiled)
-                        r.update(budget=budget, batch=n, step_kernel=ran, contiguous=layout,
+                        r.update(budget=budget, batch=n, step_kernel=ran, contiguous=layout, counts=count,
                                  step_weight_bytes=common.step_weight_bytes(view.config, view, n),
                                  step_state_bytes=common.step_state_bytes(view, n))
                         r["bound_share"] = common.bandwidth_share(r["step_weight_bytes"], r["period"], hbm)
@@ -161,7 +179,7 @@ def main(argv=None):
                         r["kernel_ms"] = sum(r["kernels"].values())
                         r["categories"] = by_category(r["kernels"])
                         rows.append(r)
-                        print(f"{ran:>9} budget {budget:>6} ({layout}) B = {n:>3}: {r['period'] * 1e3:.3f} ms a step "
+                        print(f"{ran:>9} budget {budget:>6} ({layout}, {count}) B = {n:>3}: {r['period'] * 1e3:.3f} ms a step "
                               f"({n / r['period']:,.0f} tok/s), kernels {r['kernel_ms']:.3f} ms, "
                               f"{r['step_weight_bytes'] / 1e9:.3f} GB read: {100 * r['bound_share']:.1f}% of "
                               f"{hbm:,.0f} GB/s ({100 * r['bound_share_with_state']:.1f}% with Mamba's state, "
@@ -170,11 +188,11 @@ def main(argv=None):
     def label(r):  # the budget, and how its view held its weights where not as the engine's
         return r["budget"] if r["contiguous"] == "none" else f"{r['budget']}/{r['contiguous']}"
 
-    for kernel, n in dict.fromkeys((r["step_kernel"], r["batch"]) for r in rows):
-        at = [r for r in rows if r["batch"] == n and r["step_kernel"] == kernel]
+    for kernel, count, n in dict.fromkeys((r["step_kernel"], r["counts"], r["batch"]) for r in rows):
+        at = [r for r in rows if r["batch"] == n and r["step_kernel"] == kernel and r["counts"] == count]
         full = at[0]
-        print(f"\nB = {n}, Mamba's update on {kernel}: each budget against {full['budget']} (measured rate ratio; "
-              "bytes ratio: a bandwidth-bound step's)")
+        print(f"\nB = {n}, Mamba's update on {kernel}, experts' copies counted by {count}: each budget against "
+              f"{full['budget']} (measured rate ratio; bytes ratio: a bandwidth-bound step's)")
         for r in at:
             r["rate_vs_full"] = full["period"] / r["period"]
             r["bytes_vs_full"] = full["step_weight_bytes"] / r["step_weight_bytes"]
@@ -189,6 +207,16 @@ def main(argv=None):
             print(f"  largest kernels, budget {label(r)} (ms a step; the full budget's same kernel):")
             for name, ms in sorted(r["kernels"].items(), key=lambda kv: -kv[1])[:args.top]:
                 print(f"    {ms:8.4f}  ({full['kernels'].get(name, 0.0):8.4f})  {name[:110]}")
+    if len(counts) > 1:  # the same step with the copies counted each way, side by side
+        print(f"\nEach row's step with the experts' copies counted by {counts[0]} against the others (period ratio):")
+        for r in (r for r in rows if r["counts"] == counts[0]):
+            other = [x for x in rows if x["counts"] != counts[0] and (x["step_kernel"], x["batch"], x["budget"],
+                                                                       x["contiguous"]) == (r["step_kernel"], r["batch"],
+                                                                                            r["budget"], r["contiguous"])]
+            for x in other:
+                r.setdefault("speedup_vs_counts", {})[x["counts"]] = x["period"] / r["period"]
+                print(f"  {label(r):>12} B = {r['batch']:>3} ({r['step_kernel']}): {x['period'] / r['period']:.3f}x "
+                      f"faster than {x['counts']} ({r['period'] * 1e3:.3f} against {x['period'] * 1e3:.3f} ms)")
     result = {"command": " ".join(sys.argv), "machine": common.machine(device), "torch": torch.__version__,
               "model": args.model, "layers": args.layers, "compile": args.compile, "cuda_graph": graph,
               "dtype": str(dtype), "hbm_gbs": hbm, "rows": rows}

@@ -65,3 +65,26 @@ def test_contiguous_copies_run_as_variants_of_the_smaller_budgets_only():
     assert all(r["rate_vs_full"] > 0 for r in rows)
     with pytest.raises(SystemExit):
         main(["--smoke", "--contiguous", "rows"])
+
+
+def test_the_experts_counts_run_as_variants_side_by_side(monkeypatch):
+    """--counts sum,index_add: every row once with model.expert_counts and once with the int64 index_add_ it
+    replaced (which the MoE layers really call in that variant), the two compared row by row; both count alike;
+    the model's own count is back afterwards; a name that is not a count is refused."""
+    import bench_step_kernels
+    import torch
+    from star_elastic import model
+
+    calls = []
+    former = bench_step_kernels.COUNTS["index_add"]
+    monkeypatch.setitem(bench_step_kernels.COUNTS, "index_add", lambda f, e: calls.append(e) or former(f, e))
+    flat = torch.randint(0, 16, (40,))
+    assert torch.equal(former(flat, 16), model.expert_counts(flat, 16))
+    rows = bench_step_kernels.main(["--smoke", "--budgets", "1.0,0.5", "--counts", "sum,index_add"])["rows"]
+    assert [(r["budget"], r["counts"]) for r in rows if r["batch"] == 4] == [
+        ("1.0", "sum"), ("0.5", "sum"), ("1.0", "index_add"), ("0.5", "index_add")]
+    assert calls, "the index_add variant never reached the MoE layers"
+    assert all(r["speedup_vs_counts"]["index_add"] > 0 for r in rows if r["counts"] == "sum")
+    assert model.expert_counts is bench_step_kernels.COUNTS["sum"]
+    with pytest.raises(SystemExit):
+        bench_step_kernels.main(["--smoke", "--counts", "bincount"])
