@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from unittest import mock
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -48,7 +48,8 @@ DECODE_CATEGORIES = [("Mamba state update", ("selective_scan_update", "_state_up
 
 def index_add_counts(flat: torch.Tensor, experts: int) -> torch.Tensor:
     """The MoE layer's count of routed copies per expert as it was until the fifty-eighth session: an int64
-    `index_add_`, which inductor cannot lower (no int64 atomic add), so on CUDA a sorting scatter with a bounds check."""
+    `index_add_`, which inductor cannot lower (no int64 atomic add), so on CUDA a sorting scatter with a bounds
+    check."""
     return flat.new_zeros(experts).index_add_(0, flat, torch.ones_like(flat))
 
 
@@ -179,7 +180,8 @@ def main(argv=None):
                         r["kernel_ms"] = sum(r["kernels"].values())
                         r["categories"] = by_category(r["kernels"])
                         rows.append(r)
-                        print(f"{ran:>9} budget {budget:>6} ({layout}, {count}) B = {n:>3}: {r['period'] * 1e3:.3f} ms a step "
+                        print(f"{ran:>9} budget {budget:>6} ({layout}, {count}) B = {n:>3}: "
+                              f"{r['period'] * 1e3:.3f} ms a step "
                               f"({n / r['period']:,.0f} tok/s), kernels {r['kernel_ms']:.3f} ms, "
                               f"{r['step_weight_bytes'] / 1e9:.3f} GB read: {100 * r['bound_share']:.1f}% of "
                               f"{hbm:,.0f} GB/s ({100 * r['bound_share_with_state']:.1f}% with Mamba's state, "
@@ -209,11 +211,11 @@ def main(argv=None):
                 print(f"    {ms:8.4f}  ({full['kernels'].get(name, 0.0):8.4f})  {name[:110]}")
     if len(counts) > 1:  # the same step with the copies counted each way, side by side
         print(f"\nEach row's step with the experts' copies counted by {counts[0]} against the others (period ratio):")
+        def same_step(r):
+            return r["step_kernel"], r["batch"], r["budget"], r["contiguous"]
+
         for r in (r for r in rows if r["counts"] == counts[0]):
-            other = [x for x in rows if x["counts"] != counts[0] and (x["step_kernel"], x["batch"], x["budget"],
-                                                                       x["contiguous"]) == (r["step_kernel"], r["batch"],
-                                                                                            r["budget"], r["contiguous"])]
-            for x in other:
+            for x in (x for x in rows if x["counts"] != counts[0] and same_step(x) == same_step(r)):
                 r.setdefault("speedup_vs_counts", {})[x["counts"]] = x["period"] / r["period"]
                 print(f"  {label(r):>12} B = {r['batch']:>3} ({r['step_kernel']}): {x['period'] / r['period']:.3f}x "
                       f"faster than {x['counts']} ({r['period'] * 1e3:.3f} against {x['period'] * 1e3:.3f} ms)")
