@@ -18,6 +18,7 @@ on fresh caches with the rows at position 40:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from unittest import mock
@@ -53,8 +54,24 @@ def index_add_counts(flat: torch.Tensor, experts: int) -> torch.Tensor:
     return flat.new_zeros(experts).index_add_(0, flat, torch.ones_like(flat))
 
 
-# --counts: how `model.Experts` counts each expert's routed copies (`model.expert_counts`, swapped for a variant)
-COUNTS = {"sum": model.expert_counts, "index_add": index_add_counts}
+def conv_window(window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Decoding's conv as it was until the fifty-eighth session: PyTorch's depthwise conv over the window, a kernel
+    inductor cannot fuse."""
+    return torch.nn.functional.conv1d(window, weight, bias, groups=window.shape[1])
+
+
+# --former: the step as the model computed it before a change, beside today's (its functions swapped in for a variant)
+FORMER = {"none": {}, "counts": {"expert_counts": index_add_counts}, "conv": {"window_conv": conv_window},
+          "both": {"expert_counts": index_add_counts, "window_conv": conv_window}}
+
+
+@contextlib.contextmanager
+def former(name: str):
+    """`model`'s functions as they were before the changes `name` stands for (FORMER), for the block."""
+    with contextlib.ExitStack() as stack:
+        for attr, fn in FORMER[name].items():
+            stack.enter_context(mock.patch.object(model, attr, fn))
+        yield
 
 
 def kernel_category(name: str) -> str:
@@ -120,9 +137,10 @@ def main(argv=None):
                     help="how each smaller budget's view holds its weights, each a variant: none (the engine's "
                          "views), experts / linear / all (contiguous copies of those, bench_serve.contiguous_copies): "
                          "whether the strided prefixes of the parent's matrices cost a batched step")
-    ap.add_argument("--counts", default="sum",
-                    help="comma-separated: how the MoE layers count each expert's copies, each a variant of every row: "
-                         "sum (model.expert_counts, the default) / index_add (the int64 index_add_ it replaced)")
+    ap.add_argument("--former", default="none",
+                    help="comma-separated, each a variant of every row: none (today's model) / counts (the MoE layers' "
+                         "count of routed copies as the int64 index_add_ that model.expert_counts replaced) / conv "
+                         "(decoding's conv as PyTorch's conv, which model.window_conv replaced) / both")
     ap.add_argument("--json", help="results file")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -145,9 +163,9 @@ def main(argv=None):
     layouts = args.contiguous.split(",")
     if not set(layouts) <= set(CONTIGUOUS_MODES):
         ap.error(f"--contiguous takes a comma-separated list of {', '.join(CONTIGUOUS_MODES)}")
-    counts = args.counts.split(",")
-    if not set(counts) <= set(COUNTS):
-        ap.error(f"--counts takes a comma-separated list of {', '.join(COUNTS)}")
+    formers = args.former.split(",")
+    if not set(formers) <= set(FORMER):
+        ap.error(f"--former takes a comma-separated list of {', '.join(FORMER)}")
 
     def views(budget):  # (layout, the budget's model): the engine's view, then fresh views with contiguous copies
         view = engine.view(budget)
@@ -160,17 +178,16 @@ def main(argv=None):
                 yield layout, fresh
 
     with torch.no_grad():
-        for variant, count in ((v, c) for v in variants for c in counts):
-            with common.environment({kernels.ENV_STEP_KERNEL: variant} if variant else {}), \
-                    mock.patch.object(model, "expert_counts", COUNTS[count]):
-                torch._dynamo.reset()  # the update's kernel is read once a compile, the count traced into it
+        for variant, was in ((v, f) for v in variants for f in formers):
+            with common.environment({kernels.ENV_STEP_KERNEL: variant} if variant else {}), former(was):
+                torch._dynamo.reset()  # the update's kernel is read once a compile, the swapped functions traced in
                 ran = kernels.active_step_kernel() if graph else "torch"
                 if variant and ran != variant:
                     raise SystemExit(f"--step-kernels {variant}: not importable here (this install runs {ran})")
                 for budget, (layout, view) in ((b, v) for b in engine.budgets for v in views(b)):
                     for n in sizes:
                         r = measure(step_for(view, n, device, compile, graph), device, args.steps, args.profiled)
-                        r.update(budget=budget, batch=n, step_kernel=ran, contiguous=layout, counts=count,
+                        r.update(budget=budget, batch=n, step_kernel=ran, contiguous=layout, former=was,
                                  step_weight_bytes=common.step_weight_bytes(view.config, view, n),
                                  step_state_bytes=common.step_state_bytes(view, n))
                         r["bound_share"] = common.bandwidth_share(r["step_weight_bytes"], r["period"], hbm)
@@ -180,7 +197,7 @@ def main(argv=None):
                         r["kernel_ms"] = sum(r["kernels"].values())
                         r["categories"] = by_category(r["kernels"])
                         rows.append(r)
-                        print(f"{ran:>9} budget {budget:>6} ({layout}, {count}) B = {n:>3}: "
+                        print(f"{ran:>9} budget {budget:>6} ({layout}, former: {was}) B = {n:>3}: "
                               f"{r['period'] * 1e3:.3f} ms a step "
                               f"({n / r['period']:,.0f} tok/s), kernels {r['kernel_ms']:.3f} ms, "
                               f"{r['step_weight_bytes'] / 1e9:.3f} GB read: {100 * r['bound_share']:.1f}% of "
@@ -190,10 +207,10 @@ def main(argv=None):
     def label(r):  # the budget, and how its view held its weights where not as the engine's
         return r["budget"] if r["contiguous"] == "none" else f"{r['budget']}/{r['contiguous']}"
 
-    for kernel, count, n in dict.fromkeys((r["step_kernel"], r["counts"], r["batch"]) for r in rows):
-        at = [r for r in rows if r["batch"] == n and r["step_kernel"] == kernel and r["counts"] == count]
+    for kernel, was, n in dict.fromkeys((r["step_kernel"], r["former"], r["batch"]) for r in rows):
+        at = [r for r in rows if r["batch"] == n and r["step_kernel"] == kernel and r["former"] == was]
         full = at[0]
-        print(f"\nB = {n}, Mamba's update on {kernel}, experts' copies counted by {count}: each budget against "
+        print(f"\nB = {n}, Mamba's update on {kernel}, former: {was}: each budget against "
               f"{full['budget']} (measured rate ratio; bytes ratio: a bandwidth-bound step's)")
         for r in at:
             r["rate_vs_full"] = full["period"] / r["period"]
@@ -209,16 +226,17 @@ def main(argv=None):
             print(f"  largest kernels, budget {label(r)} (ms a step; the full budget's same kernel):")
             for name, ms in sorted(r["kernels"].items(), key=lambda kv: -kv[1])[:args.top]:
                 print(f"    {ms:8.4f}  ({full['kernels'].get(name, 0.0):8.4f})  {name[:110]}")
-    if len(counts) > 1:  # the same step with the copies counted each way, side by side
-        print(f"\nEach row's step with the experts' copies counted by {counts[0]} against the others (period ratio):")
+    if len(formers) > 1:  # the same step before and after the changes, side by side
+        print(f"\nEach row's step with former {formers[0]} against the others (period ratio):")
+
         def same_step(r):
             return r["step_kernel"], r["batch"], r["budget"], r["contiguous"]
 
-        for r in (r for r in rows if r["counts"] == counts[0]):
-            for x in (x for x in rows if x["counts"] != counts[0] and same_step(x) == same_step(r)):
-                r.setdefault("speedup_vs_counts", {})[x["counts"]] = x["period"] / r["period"]
+        for r in (r for r in rows if r["former"] == formers[0]):
+            for x in (x for x in rows if x["former"] != formers[0] and same_step(x) == same_step(r)):
+                r.setdefault("speedup_vs_former", {})[x["former"]] = x["period"] / r["period"]
                 print(f"  {label(r):>12} B = {r['batch']:>3} ({r['step_kernel']}): {x['period'] / r['period']:.3f}x "
-                      f"faster than {x['counts']} ({r['period'] * 1e3:.3f} against {x['period'] * 1e3:.3f} ms)")
+                      f"faster than former {x['former']} ({r['period'] * 1e3:.3f} against {x['period'] * 1e3:.3f} ms)")
     result = {"command": " ".join(sys.argv), "machine": common.machine(device), "torch": torch.__version__,
               "model": args.model, "layers": args.layers, "compile": args.compile, "cuda_graph": graph,
               "dtype": str(dtype), "hbm_gbs": hbm, "rows": rows}

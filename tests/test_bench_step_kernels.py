@@ -67,24 +67,29 @@ def test_contiguous_copies_run_as_variants_of_the_smaller_budgets_only():
         main(["--smoke", "--contiguous", "rows"])
 
 
-def test_the_experts_counts_run_as_variants_side_by_side(monkeypatch):
-    """--counts sum,index_add: every row once with model.expert_counts and once with the int64 index_add_ it
-    replaced (which the MoE layers really call in that variant), the two compared row by row; both count alike;
-    the model's own count is back afterwards; a name that is not a count is refused."""
+def test_the_former_model_runs_as_variants_side_by_side(monkeypatch):
+    """--former none,both: every row once with today's model and once with the functions it replaced (the int64
+    index_add_ count, PyTorch's conv at decode; the model really calls them in that variant), compared row by row;
+    each former function computes what today's does; the model's own are back afterwards; an unknown name is refused."""
     import bench_step_kernels
     import torch
     from star_elastic import model
 
     calls = []
-    former = bench_step_kernels.COUNTS["index_add"]
-    monkeypatch.setitem(bench_step_kernels.COUNTS, "index_add", lambda f, e: calls.append(e) or former(f, e))
+    count, conv = bench_step_kernels.index_add_counts, bench_step_kernels.conv_window
+    monkeypatch.setitem(bench_step_kernels.FORMER, "both", {
+        "expert_counts": lambda f, e: calls.append("counts") or count(f, e),
+        "window_conv": lambda w, k, b: calls.append("conv") or conv(w, k, b)})
     flat = torch.randint(0, 16, (40,))
-    assert torch.equal(former(flat, 16), model.expert_counts(flat, 16))
-    rows = bench_step_kernels.main(["--smoke", "--budgets", "1.0,0.5", "--counts", "sum,index_add"])["rows"]
-    assert [(r["budget"], r["counts"]) for r in rows if r["batch"] == 4] == [
-        ("1.0", "sum"), ("0.5", "sum"), ("1.0", "index_add"), ("0.5", "index_add")]
-    assert calls, "the index_add variant never reached the MoE layers"
-    assert all(r["speedup_vs_counts"]["index_add"] > 0 for r in rows if r["counts"] == "sum")
-    assert model.expert_counts is bench_step_kernels.COUNTS["sum"]
+    assert torch.equal(count(flat, 16), model.expert_counts(flat, 16))
+    window, weight, bias = torch.randn(2, 8, 4), torch.randn(8, 1, 4), torch.randn(8)
+    assert torch.allclose(conv(window, weight, bias), model.window_conv(window, weight, bias), atol=1e-6)
+    ours = (model.expert_counts, model.window_conv)
+    rows = bench_step_kernels.main(["--smoke", "--budgets", "1.0,0.5", "--former", "none,both"])["rows"]
+    assert [(r["budget"], r["former"]) for r in rows if r["batch"] == 4] == [
+        ("1.0", "none"), ("0.5", "none"), ("1.0", "both"), ("0.5", "both")]
+    assert {"counts", "conv"} <= set(calls), "a former function never reached the model"
+    assert all(r["speedup_vs_former"]["both"] > 0 for r in rows if r["former"] == "none")
+    assert (model.expert_counts, model.window_conv) == ours
     with pytest.raises(SystemExit):
-        bench_step_kernels.main(["--smoke", "--counts", "bincount"])
+        bench_step_kernels.main(["--smoke", "--former", "bincount"])

@@ -338,11 +338,11 @@ def test_decode12_times_the_expert_decode_candidates_then_generate_compiled_both
     assert replay.endswith("replay_nano.json --reps 3")
 
 
-def test_s58_checks_our_decode_kernel_then_counts_both_ways_then_batches_at_32_and_64(tmp_path):
+def test_s58_checks_our_decode_kernel_then_times_the_former_model_beside_then_batches_at_32_and_64(tmp_path):
     calls = run_script(tmp_path, "S58")
     assert len(calls) == 3 and calls[0][1].startswith("-m pytest")
     assert "our_decode_kernel_on_cuda" in calls[0][1] and ".devcarry/mamba" in calls[0][0]
-    assert "bench_step_kernels.py" in calls[1][1] and "--counts sum,index_add" in calls[1][1]
+    assert "bench_step_kernels.py" in calls[1][1] and "--former none,both" in calls[1][1]
     assert "--layers MEMEM*EMEMEM*EME" in calls[1][1]
     assert "bench_batching.py" in calls[2][1] and calls[2][1].endswith("--new-tokens 64")
     assert "--batch-sizes 32,64" in calls[2][1]

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from conftest import LLAMA3_ROPE, VOCAB, hf_model, llama_config, nemotron_config, ours_from, rel_err
 from star_elastic.generate import generate, sample
 from star_elastic.hf import config_from_hf, load_weights
-from star_elastic.model import Experts, Model, ModelConfig, MoE, expert_counts, ssd_scan
+from star_elastic.model import (Experts, MambaCache, Model, ModelConfig, MoE, expert_counts, ssd_scan,
+                                window_conv)
 
 TOL = 1e-4
 
@@ -347,6 +348,28 @@ def test_cached_decoding_equals_full_recompute(build):
         cache = model.make_cache(2, 30)
         last = model(ids[:, :15], cache, torch.arange(15), last_only=True)
         assert last.shape == (2, 1, VOCAB) and rel_err(last, full[:, 14:15]) < TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decodings_conv_is_the_convs_output_without_a_convolution(dtype):
+    """One token's conv over the cache's window equals nn.Conv1d's (to its rounding in bf16), and a Mamba layer's
+    one-token step traces to no convolution: a conv is a kernel torch.compile cannot fuse, one a Mamba layer a
+    decode step."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(24, 24, 4, groups=24).to(dtype)
+    window = torch.randn(3, 24, 4, dtype=dtype)
+    ours, ref = window_conv(window, conv.weight, conv.bias), conv(window)
+    assert ours.shape == ref.shape == (3, 24, 1) and ours.dtype == dtype
+    assert (ours.float() - ref.float()).abs().max() <= (1e-6 if dtype == torch.float32 else 2 ** -7 * ref.abs().max())
+    _, model = _hybrid()
+    mixer = model.model.layers[0].mixer
+    cache = MambaCache(2, mixer, model.config.conv_kernel, torch.float32, "cpu")
+    with torch.no_grad():
+        graph = make_fx(lambda u: mixer(u, cache))(torch.randn(2, 1, model.config.hidden_size)).graph
+    ops = [str(n.target) for n in graph.nodes if n.op == "call_function"]
+    assert ops and not any("conv" in op for op in ops), [op for op in ops if "conv" in op]
 
 
 def test_cache_requires_pos():

@@ -57,8 +57,9 @@
 #   S48                         HFKPRE --profile --graphed-mamba compiled (compiled Mamba layers in CUDA graphs) (~7 min: cut at 420 s)
 #   S49                         HFKPRE --graphed-mamba compiled, no profile: the speed and each row's first loss (~4-5 min)
 #   S50                         the CUDA test of train.graph_mamba_layers, then S49 (~5-6 min)
-#   S58                         our decode kernel's CUDA test, the experts' copies counted both ways on Nano's first 16
-#                               layers (STEPK12 --counts sum,index_add), the engine at B = 32 and 64 (~8 min, no SETUP)
+#   S58                         our decode kernel's CUDA test, the step before and after the session's MoE count and decode
+#                               conv on Nano's first 16 layers (STEPK12 --former none,both), the engine at B = 32 and 64
+#                               (~8 min, no SETUP)
 # The home folder (/root; DEVICE_HOME for the tests) survives between calls while the machine stays warm (30 s);
 # $OUT comes back.
 set -x
@@ -985,13 +986,14 @@ REPLAY12) shift  # issue 12: why the engine's one-request step (0.77 ms) is slow
 S58) shift  # one call, no SETUP (carry .devcarry/run.sh, .devcarry/mamba; ~8 min): what the fifty-eighth session
   # had no device time left for. Our decode update is the default since then on its model-level CUDA tests; its own
   # (eager, compiled, in a CUDA graph, odd sizes) was not in that call's selection. Then issue 12: the MoE layers'
-  # count of routed copies as a fused sum against the int64 index_add_ it replaced (~8 small kernels a MoE layer a
-  # step), side by side on Nano's layer mix, and the engine's decode at B = 32 and 64 (the bytes allow 1.94x at 64)
+  # count of routed copies as a fused sum (the int64 index_add_ before: ~8 small kernels a MoE layer a step) and
+  # decoding's conv as products summed (PyTorch's conv kernel before), against the model before both, side by side on
+  # Nano's layer mix; and the engine's decode at B = 32 and 64 (the bytes allow 1.94x at 64)
   SECONDS=0
   timeout 150 bash $0 GPUTESTS "our_decode_kernel_on_cuda or grouped_experts_on_cuda" > $OUT/gputests.txt 2>&1
   grep -v "^+" $OUT/gputests.txt | tail -n 3
-  timeout 240 bash $0 STEPK12 --layers 'MEMEM*EMEMEM*EME' --batch-sizes 32 --budgets 1.0,0.5 --counts sum,index_add \
-    > $OUT/stepk_counts.txt 2>&1; grep -v "^+" $OUT/stepk_counts.txt | grep -A4 "counted by sum against"
+  timeout 240 bash $0 STEPK12 --layers 'MEMEM*EMEMEM*EME' --batch-sizes 32 --budgets 1.0,0.5 --former none,both \
+    > $OUT/stepk_former.txt 2>&1; grep -v "^+" $OUT/stepk_former.txt | grep -A4 "with former none against"
   timeout $((${RUN_LIMIT:-580} - SECONDS)) bash $0 BATCHING --compile inductor --batch-sizes 32,64 --budgets 1.0,0.5 \
     --no-mixed --sequential-requests 1 --reps 3 --new-tokens 64 > $OUT/batching.txt 2>&1
   grep -v "^+" $OUT/batching.txt | tail -n 12 ;;
