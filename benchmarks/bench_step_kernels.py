@@ -47,22 +47,22 @@ DECODE_CATEGORIES = [("Mamba state update", ("selective_scan_update", "_state_up
                      ("other inductor fusions", ("triton_poi", "triton_red", "triton_per"))]
 
 
-def index_add_counts(flat: torch.Tensor, experts: int) -> torch.Tensor:
+def former_expert_counts(flat: torch.Tensor, experts: int) -> torch.Tensor:
     """The MoE layer's count of routed copies per expert as it was until the fifty-eighth session: an int64
     `index_add_`, which inductor cannot lower (no int64 atomic add), so on CUDA a sorting scatter with a bounds
     check."""
     return flat.new_zeros(experts).index_add_(0, flat, torch.ones_like(flat))
 
 
-def conv_window(window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def former_window_conv(window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Decoding's conv as it was until the fifty-eighth session: PyTorch's depthwise conv over the window, a kernel
     inductor cannot fuse."""
     return torch.nn.functional.conv1d(window, weight, bias, groups=window.shape[1])
 
 
 # --former: the step as the model computed it before a change, beside today's (its functions swapped in for a variant)
-FORMER = {"none": {}, "counts": {"expert_counts": index_add_counts}, "conv": {"window_conv": conv_window},
-          "both": {"expert_counts": index_add_counts, "window_conv": conv_window}}
+FORMER = {"none": {}, "counts": {"expert_counts": former_expert_counts}, "conv": {"window_conv": former_window_conv}}
+FORMER["both"] = {**FORMER["counts"], **FORMER["conv"]}
 
 
 @contextlib.contextmanager

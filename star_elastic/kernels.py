@@ -1,7 +1,8 @@
 """Optional fast paths on CUDA for Mamba-2: the chunked scan on `mamba_ssm`'s Triton kernel and the one-token state
-update on our own Triton kernel or `mamba_ssm`'s (on by default), training's conv, scan and skip as one function on the scan's Triton forward and
-backward (on by default), the causal conv on `causal_conv1d`'s CUDA kernel (on by default where it imports). Each falls back
-to the model's PyTorch code, which stays the CPU path and the tests' reference.
+update on our own Triton kernel or `mamba_ssm`'s (on by default), training's conv, scan and skip as one function on
+the scan's Triton forward and backward (on by default), the causal conv on `causal_conv1d`'s CUDA kernel (on by
+default where it imports). Each falls back to the model's PyTorch code, which stays the CPU path and the tests'
+reference.
 
 `chunk_scan` is what `model.Mamba2` calls instead of the einsum scan (`model.ssd_scan`), with the
 same arguments and the same result: y without the D skip, and the final state. It runs

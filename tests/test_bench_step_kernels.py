@@ -76,7 +76,7 @@ def test_the_former_model_runs_as_variants_side_by_side(monkeypatch):
     from star_elastic import model
 
     calls = []
-    count, conv = bench_step_kernels.index_add_counts, bench_step_kernels.conv_window
+    count, conv = bench_step_kernels.former_expert_counts, bench_step_kernels.former_window_conv
     monkeypatch.setitem(bench_step_kernels.FORMER, "both", {
         "expert_counts": lambda f, e: calls.append("counts") or count(f, e),
         "window_conv": lambda w, k, b: calls.append("conv") or conv(w, k, b)})

@@ -275,17 +275,22 @@ def test_experts_with_unused_experts():
     assert torch.isfinite(x.grad).all()
 
 
+def traced_ops(fn, *args) -> list[str]:
+    """The operators `fn(*args)` calls, as make_fx traces them (what torch.compile's graph would hold)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    return [str(n.target) for n in make_fx(fn)(*args).graph.nodes if n.op == "call_function"]
+
+
 def test_expert_counts_are_bincounts_without_an_int64_accumulating_scatter():
     """The count of routed copies per expert equals bincount's (unused experts 0, fixed length), and its graph has
     no index_add / index_put / scatter_add: inductor cannot lower an int64 one (no int64 atomic add on GPUs), so
     on CUDA it ran as a sorting scatter with a bounds check, about eight small kernels a MoE layer a decode step."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
     flat = torch.tensor([3, 0, 3, 5, 3, 0])
     assert expert_counts(flat, 8).tolist() == torch.bincount(flat, minlength=8).tolist() == [2, 0, 0, 3, 0, 1, 0, 0]
     flat = torch.randint(0, 128, (32 * 6,))
     assert torch.equal(expert_counts(flat, 128), torch.bincount(flat, minlength=128))
-    ops = {str(n.target) for n in make_fx(lambda f: expert_counts(f, 128))(flat).graph.nodes if n.op == "call_function"}
+    ops = traced_ops(lambda f: expert_counts(f, 128), flat)
     assert ops and not any(name in op for op in ops for name in ("index_add", "index_put", "scatter_add")), ops
 
 
@@ -355,8 +360,6 @@ def test_decodings_conv_is_the_convs_output_without_a_convolution(dtype):
     """One token's conv over the cache's window equals nn.Conv1d's (to its rounding in bf16), and a Mamba layer's
     one-token step traces to no convolution: a conv is a kernel torch.compile cannot fuse, one a Mamba layer a
     decode step."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
     torch.manual_seed(0)
     conv = torch.nn.Conv1d(24, 24, 4, groups=24).to(dtype)
     window = torch.randn(3, 24, 4, dtype=dtype)
@@ -367,8 +370,7 @@ def test_decodings_conv_is_the_convs_output_without_a_convolution(dtype):
     mixer = model.model.layers[0].mixer
     cache = MambaCache(2, mixer, model.config.conv_kernel, torch.float32, "cpu")
     with torch.no_grad():
-        graph = make_fx(lambda u: mixer(u, cache))(torch.randn(2, 1, model.config.hidden_size)).graph
-    ops = [str(n.target) for n in graph.nodes if n.op == "call_function"]
+        ops = traced_ops(lambda u: mixer(u, cache), torch.randn(2, 1, model.config.hidden_size))
     assert ops and not any("conv" in op for op in ops), [op for op in ops if "conv" in op]
 
 
