@@ -42,11 +42,15 @@ def cmd_eval(args):
     from .errors import StarElasticError
     from .evaluate import perplexity
 
-    if is_elastic_checkpoint(resolve_model(args.model)):
+    path = resolve_model(args.model)
+    if not path.exists():
+        raise StarElasticError(f"{path}: no such file or directory")
+    if is_elastic_checkpoint(path):
         return _eval_checkpoint(args)
     for flag in ("budgets", "plot", "compare"):
         if getattr(args, flag):
-            raise StarElasticError(f"--{flag} needs an elastic checkpoint; {args.model} has no manifest.json")
+            raise StarElasticError(f"--{flag} needs an elastic checkpoint; {args.model} is not one "
+                                   f"({'no manifest.json' if path.is_dir() else 'not a directory'})")
     args.split = args.split or "all"
     device = pick_device(args.device)
     model, tokenizer = load_for_inference(args, device)

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import StarElasticError
 
 # Per-layer axes shown, in order: (key in ElasticSpec.sizes, label)
 AXES = [("num_attention_heads", "attention heads"), ("num_key_value_heads", "KV heads"),
@@ -116,8 +115,6 @@ def inspect_checkpoint(path, verify: bool = False) -> dict:
     from .hf import check_checkpoint
 
     path = Path(path)
-    if not path.is_dir():
-        raise StarElasticError(f"{path}: not a star-elastic checkpoint (not a directory)")
     manifest = read_manifest(path)
     _, cfg = check_checkpoint(path)  # config, manifest and tensor headers agree; no data read
     if verify:

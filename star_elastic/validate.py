@@ -163,8 +163,6 @@ def validate_checkpoint(path, data: str | None = None, device=None, dtype=None, 
     from .evaluate import perplexity
 
     path = Path(path)
-    if not path.is_dir():
-        raise StarElasticError(f"{path}: not a star-elastic checkpoint (not a directory)")
     manifest = read_manifest(path)  # not ours at all: one-line error, as everywhere
     report = Report()
     try:

@@ -183,3 +183,22 @@ def test_slice_budget_verify_passes_an_intact_checkpoint(elastic_ckpt, tmp_path)
     assert cli.main(["slice", str(elastic_ckpt[0]), "--budget", "0.5", "--verify", "--out", str(tmp_path / "cut")]) == 0
     assert (tmp_path / "cut" / "config.json").is_file()
     assert cli.main(["slice", str(elastic_ckpt[0]), "--params", "0.5", "--verify", "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_a_missing_checkpoint_is_named_missing(tmp_path, capsys, command):
+    """A mistyped path says so, not that some directory lacks a manifest; a file where the checkpoint
+    directory should be says that; nothing is written either way."""
+    text = tmp_path / "t.txt"
+    text.write_text("some text " * 50)
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "weights.bin").write_bytes(b"\0" * 64)
+    for path, words in ((tmp_path / "nope", ["no such file or directory"]),
+                        (tmp_path / "weights.bin", ["directory"])):
+        assert cli.main(COMMANDS[command](path, out, text)) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("star-elastic: error:") and str(path) in last, last
+        for w in words:
+            assert w in last, (w, last)
+    assert entries(out) == []

@@ -60,6 +60,8 @@
 #   S58                         our decode kernel's CUDA test, the step before and after the session's MoE count and decode
 #                               conv on Nano's first 16 layers (STEPK12 --former none,both), the engine at B = 32 and 64
 #                               (~8 min, no SETUP)
+#   S59                         issue 16 again on whichever card comes: KERNELS (the elastic step at Nano width, today's
+#                               code), then the KD curve with each fast part alone (~8 min, no SETUP, S58's carry)
 # The home folder (/root; DEVICE_HOME for the tests) survives between calls while the machine stays warm (30 s);
 # $OUT comes back.
 set -x
@@ -997,6 +999,12 @@ S58) shift  # one call, no SETUP (carry .devcarry/run.sh, .devcarry/mamba; ~8 mi
   timeout $((${RUN_LIMIT:-580} - SECONDS)) bash $0 BATCHING --compile inductor --batch-sizes 32,64 --budgets 1.0,0.5 \
     --no-mixed --sequential-requests 1 --reps 3 --new-tokens 64 > $OUT/batching.txt 2>&1
   grep -v "^+" $OUT/batching.txt | tail -n 12 ;;
+S59) shift  # one call, no SETUP (carry .devcarry/run.sh, .devcarry/mamba; ~8 min): issue 16's step and KD curve,
+  # last measured on an H100 (forty-fifth / thirty-eighth sessions); on an H200 they meet the issue's own start
+  # (25,994 tok/s) and the H200's reference noise (0.005%) again. Each part's lines printed as it ends
+  SECONDS=0; timeout 200 bash $0 KERNELS > $OUT/kernels.txt 2>&1; grep -v "^+" $OUT/kernels.txt | tail -n 16
+  timeout $((${RUN_LIMIT:-580} - SECONDS)) bash $0 KERNELS --parts kdcurve --kd-apart --json $OUT/kdcurve.json \
+    > $OUT/kdcurve.txt 2>&1; grep -v "^+" $OUT/kdcurve.txt | tail -n 12 ;;
 STEPK12) shift  # issue 12: which kernels of the B = 32 step do not shrink with the budget (bench_step_kernels.py)
   python3 benchmarks/bench_step_kernels.py --device cuda --model nano --json $OUT/step_kernels_nano.json "$@" 2>&1 | tail -n 80 ;;
 GATHER) shift; python3 benchmarks/bench_expert_gather.py --device cuda --json $OUT/expert_gather.json "$@" 2>&1 | tail -n 60 ;;

@@ -263,8 +263,6 @@ class ElasticCheckpoint:
 def load_elastic(path, dtype=None, device=None, verify: bool = False) -> ElasticCheckpoint:
     """The sorted parent, its router and the manifest. `verify` checks every weight file's sha256."""
     path = Path(path)
-    if not path.is_dir():
-        raise StarElasticError(f"{path}: not a star-elastic checkpoint (not a directory)")
     manifest = read_manifest(path)
     if verify:
         verify_files(path, manifest)

@@ -44,6 +44,10 @@ def has_manifest(path) -> bool:
 
 def read_manifest(path) -> dict:
     path = Path(path)
+    if not path.exists():
+        raise StarElasticError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise StarElasticError(f"{path}: not a star-elastic checkpoint (not a directory)")
     f = path / "manifest.json"
     if not f.is_file():
         raise StarElasticError(f"{path}: not a star-elastic checkpoint (no manifest.json)")
