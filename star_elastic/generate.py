@@ -147,6 +147,8 @@ def generate(model: Model, input_ids: torch.Tensor, max_new_tokens: int, tempera
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     b, t = input_ids.shape
+    if t == 0:
+        raise ValueError("generate: the prompt has no tokens (give at least one, e.g. the BOS token)")
     if max_new_tokens <= 0:
         return input_ids
     device = model.lm_head.weight.device

@@ -175,6 +175,8 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = True):
     """Token ids (1, t) for a prompt, through the chat template when the tokenizer has one."""
     import torch
 
+    from .errors import StarElasticError
+
     if chat and getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             return_dict=False)
@@ -182,4 +184,6 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = True):
             ids = ids["input_ids"]
     else:
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not len(ids):  # a model continues at least one token; torch's error deep in the first layer says nothing
+        raise StarElasticError("the prompt is empty: it gave no tokens to continue")
     return torch.tensor([list(ids)], dtype=torch.long)

@@ -71,6 +71,9 @@ def test_generate_prints_the_greedy_continuation(checkpoint, capsys):
     (["eval", "{ckpt}", "--data", "{missing}"], ["no such file or corpus"]),
     (["eval", "{ckpt}", "--data", "{text}", "--seq-len", "0"], ["--seq-len", "at least 1"]),
     (["generate", "{text}", "--prompt", "x"], ["checkpoint directory"]),
+    # no tokens at all: a conv kernel's "padded input size" RuntimeError from the first Mamba layer before
+    (["generate", "{ckpt}", "--prompt", "", "--raw"], ["prompt is empty"]),
+    (["eval", "{text}", "--data", "{text}", "--plot", "{missing}"], ["{text}", "--plot", "not a directory"]),
     # weights and config alone: each command says what is missing and how to add it, not a transformers traceback
     (["generate", "{bare}", "--prompt", "x"], ["no tokenizer files", "save_pretrained"]),
     (["eval", "{bare}", "--data", "{text}"], ["no tokenizer files", "save_pretrained"]),
@@ -88,7 +91,13 @@ def test_errors_are_one_line(checkpoint, tmp_path, capsys, argv, words):
     err = capsys.readouterr().err.strip()
     assert err.startswith("star-elastic: error:") and "\n" not in err
     for w in words:
-        assert w in err
+        assert w.format(**fill) in err
+
+
+def test_generate_refuses_a_prompt_without_tokens(checkpoint):
+    model = load(checkpoint[0])
+    with pytest.raises(ValueError, match="no tokens"):
+        generate(model, torch.zeros(1, 0, dtype=torch.long), 4)
 
 
 def test_the_tiny_parent_example_takes_flags_and_refuses_bad_layers(tmp_path):
