@@ -343,7 +343,7 @@ def main(argv=None) -> int:
     from .errors import StarElasticError
 
     args = build_parser().parse_args(argv)
-    for name in ("seq_len", "batch_size", "max_tokens", "max_new_tokens", "batches"):
+    for name in ("seq_len", "batch_size", "max_tokens", "max_new_tokens", "batches", "tokens"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             print(f"star-elastic: error: --{name.replace('_', '-')} must be at least 1, got {value}", file=sys.stderr)

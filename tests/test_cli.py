@@ -70,6 +70,9 @@ def test_generate_prints_the_greedy_continuation(checkpoint, capsys):
     (["eval", "{missing}", "--data", "{text}"], ["no such file"]),
     (["eval", "{ckpt}", "--data", "{missing}"], ["no such file or corpus"]),
     (["eval", "{ckpt}", "--data", "{text}", "--seq-len", "0"], ["--seq-len", "at least 1"]),
+    # --tokens 0 trained one step and wrote a checkpoint
+    (["elastify", "{ckpt}", "--out", "{missing}", "--data", "{text}", "--budgets", "1.0,0.5", "--tokens", "0"],
+     ["--tokens", "at least 1"]),
     (["generate", "{text}", "--prompt", "x"], ["checkpoint directory"]),
     # no tokens at all: a conv kernel's "padded input size" RuntimeError from the first Mamba layer before
     (["generate", "{ckpt}", "--prompt", "", "--raw"], ["prompt is empty"]),
@@ -92,6 +95,7 @@ def test_errors_are_one_line(checkpoint, tmp_path, capsys, argv, words):
     assert err.startswith("star-elastic: error:") and "\n" not in err
     for w in words:
         assert w.format(**fill) in err
+    assert not fill["missing"].exists()  # nothing written
 
 
 def test_generate_refuses_a_prompt_without_tokens(checkpoint):
