@@ -80,9 +80,20 @@ def resolve_model(arg: str) -> Path:
 def pick_device(arg: str | None):
     import torch
 
-    if arg:
-        return torch.device(arg)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from .errors import StarElasticError
+
+    if not arg:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(arg)
+    except RuntimeError:
+        raise StarElasticError(f"--device {arg!r} is not a device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":  # torch's own errors come later, from deep inside the first copy to the GPU
+        if not torch.cuda.is_available():
+            raise StarElasticError(f"--device {arg}: no CUDA device here (torch {torch.__version__})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise StarElasticError(f"--device {arg}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def compile_backend(choice: str, device, sharded: bool = False) -> str | None:

@@ -124,3 +124,16 @@ def test_the_tiny_parent_example_takes_flags_and_refuses_bad_layers(tmp_path):
     assert r.returncode == 0 and "--items" in r.stdout
     r = subprocess.run([sys.executable, str(builder), "--items", "0"], capture_output=True, text=True)
     assert r.returncode == 2 and "--items must be at least 1" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("device, words", [("gpu", ["'gpu'", "not a device"]), ("cuda", ["cuda", "no CUDA device"]),
+                                           ("cuda:3", ["cuda:3", "no CUDA device"])])
+def test_a_device_that_is_not_here_is_one_line(checkpoint, capsys, monkeypatch, device, words):
+    """torch's 'Torch not compiled with CUDA enabled' AssertionError (or its device-string RuntimeError) came
+    from deep inside the first copy, as a traceback; the machine is made CUDA-less so that this holds on a GPU too."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["generate", str(checkpoint[0]), "--prompt", "the cat", "--raw", "--device", device]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("star-elastic: error:") and "\n" not in err, err
+    for w in words:
+        assert w in err, (w, err)
