@@ -346,3 +346,15 @@ def test_s58_checks_our_decode_kernel_then_times_the_former_model_beside_then_ba
     assert "--layers MEMEM*EMEMEM*EME" in calls[1][1]
     assert "bench_batching.py" in calls[2][1] and calls[2][1].endswith("--new-tokens 64")
     assert "--batch-sizes 32,64" in calls[2][1]
+
+
+def test_s59_times_the_step_then_profiles_it_compiled_then_runs_the_kd_curve_by_part(tmp_path):
+    calls = run_script(tmp_path, "S59")
+    assert len(calls) == 3 and all("bench_kernels.py" in args for _, args in calls)
+    assert all(".devcarry/mamba" in path for path, _ in calls)  # the Triton scan on the path in every part
+    parts = [args.split("--parts")[-1].split()[0] for _, args in calls]  # the last --parts given wins
+    assert parts == ["train", "profile", "kdcurve"]
+    assert "--compile" not in calls[1][1]  # compiled by the bench's default on a GPU, as elastify trains
+    assert "--kd-apart" in calls[2][1]
+    assert [args.split("--json")[-1].split()[0].rsplit("/", 1)[-1] for _, args in calls] == [
+        "kernels_train.json", "kernels_profile.json", "kdcurve.json"]
