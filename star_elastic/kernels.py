@@ -52,9 +52,10 @@ a custom operator, which torch.compile keeps in its graph without a break; it ne
 with PyTorch's CUDA wheels, so a GPU install without `mamba_ssm` need not run inductor's fusion of the recurrence
 (which read and wrote the fp32 state about five times a step at batch 32). Which update runs on CUDA:
 `STAR_ELASTIC_STEP_KERNEL` (own, mamba_ssm or torch) where set, else the first of `STEP_ORDER` that imports (ours
-first since its model-level CUDA tests passed on an H100 in the fifty-eighth session, then `mamba_ssm`'s). At
-batch 32 on an H100 ours and `mamba_ssm`'s took the same time, 1.24x / 1.38x faster steps (full / 0.5 budget) than
-inductor's fusion of the recurrence (fifty-seventh session, docs/RESULTS.md "Mamba's decode update in one pass").
+first since its model-level CUDA tests passed on an H100 in the fifty-eighth session, its own kernel test on CUDA in
+the fifty-ninth, then `mamba_ssm`'s). At batch 32 on an H100 ours and `mamba_ssm`'s took the same time, 1.24x /
+1.38x faster steps (full / 0.5 budget) than inductor's fusion of the recurrence (fifty-seventh session,
+docs/RESULTS.md "Mamba's decode update in one pass").
 
 `causal_conv` is Mamba's depthwise causal conv and its SiLU at training and prefill without a cache
 (`model.Mamba2.forward`, and inside `conv_scan`, forward and backward) on `causal_conv1d`'s CUDA kernel
@@ -202,7 +203,8 @@ def step_kernel_choice() -> str | None:
 # the decode update's kernels tried in turn where none is chosen, before torch's. Ours first: as fast as mamba_ssm's
 # at batch 32 on an H100 (fifty-seventh session), one node of torch.compile's graph, and it needs only the Triton
 # that comes with PyTorch; its model-level CUDA tests (a hybrid's decode logits through it, compiled, both head orders)
-# passed on an H100 in the fifty-eighth session (its own kernel test on CUDA: benchmarks/device/run.sh S58, not yet run)
+# passed on an H100 in the fifty-eighth session, its own kernel test on CUDA (eager, compiled, in a CUDA graph) in the
+# fifty-ninth
 STEP_ORDER = ("own", "mamba_ssm")
 
 
