@@ -458,16 +458,19 @@ def step_trainer(model, teacher, cfg, budgets, rows, batch, seq, steps, device, 
 
 
 def _train(model, teacher, cfg, budgets, rows, batch, seq, steps, device, compile_backend=None, shard="none",
-           baseline_rows: float = 1.0):
+           baseline_rows: float = 1.0, fp32: bool = False):
     """One trainer's run: its step logs and peak memory (its optimiser state freed on return). With
     `compile_backend` the layers run under torch.compile (TrainConfig.compile; `run` puts them back). With
     shard "fsdp" the student and teacher are copies sharded by FSDP2 over a process group of this one
-    process: each block's weights cast to bf16 once a gather, not at every use under autocast."""
+    process: each block's weights cast to bf16 once a gather, not at every use under autocast. `fp32`: the
+    teacher in fp32 and no bf16 autocast (what a GPU run computes in bf16 done in fp32; the CPU's runs are)."""
     with tempfile.TemporaryDirectory() as tmp, one_rank_group(device, shard == "fsdp"):
         if shard == "fsdp":  # fully_shard changes a module in place: the other variants keep the plain ones
             model, teacher = copy.deepcopy(model), copy.deepcopy(teacher)
-        t = step_trainer(model, teacher, cfg, budgets, rows, batch, seq, steps, device, tmp, compile_backend, shard,
-                         baseline_rows)
+        t = step_trainer(model, teacher.float() if fp32 else teacher, cfg, budgets, rows, batch, seq, steps, device,
+                         tmp, compile_backend, shard, baseline_rows)
+        if fp32:
+            t.autocast = torch.autocast(device.type, enabled=False)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         logs = t.run(progress=False)
@@ -586,7 +589,7 @@ def step_rates(logs: list[dict]) -> tuple[float, float, dict]:
 
 
 def part_kdcurve(device, tiny: bool, pattern: str, batch: int, seq: int, steps: int, have_triton: bool,
-                 compile_step: bool, apart: bool = False) -> dict:
+                 compile_step: bool, apart: bool = False, fp32: bool = False) -> dict:
     """Issue 16's "no loss of accuracy" over training: the elastic step's distillation losses over `steps` steps from
     one start, on the reference path (the einsum scan, the KD on whole-batch logits, eager) twice (its own
     run-to-run noise) and on the fast default (the Triton scan where it imports, the fused KD, layers and loss
@@ -594,44 +597,58 @@ def part_kdcurve(device, tiny: bool, pattern: str, batch: int, seq: int, steps: 
     draws the same budgets. Reports every step's KD, the mean relative gap of each run to the reference over
     the steps (and its signed mean: on an H200 the fast path ran above the reference at every step), and the last
     ten steps' mean KD. `apart`: also each of the fast path's parts alone on the reference path, to say which one
-    moves the curve."""
+    moves the curve. `fp32`: also the reference path in fp32 (no bf16 autocast, an fp32 teacher; second, so that
+    a call cut short has it), and every run's gap to it: how far bf16's own rounding moves the curve, the
+    yardstick for "within noise" where the reference repeats itself to 0.005% (H200)."""
     cfg = tiny_config(pattern) if tiny else nano_config(pattern)
     model, teacher, budgets, rows = step_setup(cfg, device, batch, seq)
     # every run starts from copies of these, so they wait in host memory: the card holds one run's model, teacher
     # and optimiser (on an 80 GB H100 the originals beside a run's copies ran out of memory, thirty-sixth session)
     model, teacher = model.cpu(), teacher.cpu()
     fast_name = ("triton" if have_triton else "einsum") + "_fused_kd" + ("_compiled" if compile_step else "")
-    variants = {"reference": (False, False, None)}
-    if apart:  # first, so that a call cut short has them: which part moves the curve is the question
-        variants.update({"fused_kd_only": (False, True, None)})
-        variants.update({"triton_only": (True, False, None)} if have_triton else {})
-        variants.update({"compiled_only": (False, False, "inductor")} if compile_step else {})
-    variants.update({fast_name: (have_triton, True, "inductor" if compile_step else None),
-                     "reference_again": (False, False, None)})
+    # (Triton scan, fused KD, compile backend, fp32)
+    variants = {"reference": (False, False, None, False)}
+    variants.update({"reference_fp32": (False, False, None, True)} if fp32 else {})
+    if apart:  # early, so that a call cut short has them: which part moves the curve is the question
+        variants.update({"fused_kd_only": (False, True, None, False)})
+        variants.update({"triton_only": (True, False, None, False)} if have_triton else {})
+        variants.update({"compiled_only": (False, False, "inductor", False)} if compile_step else {})
+    variants.update({fast_name: (have_triton, True, "inductor" if compile_step else None, False),
+                     "reference_again": (False, False, None, False)})
     out = {"pattern": pattern, "batch": batch, "seq": seq, "steps": steps, "variants": {}}
     print(f"\n  KD over {steps} steps: layers {pattern}, batch {batch} x {seq}; " + ", ".join(variants))
-    for name, (triton_on, fused, backend) in variants.items():
+    for name, (triton_on, fused, backend, in_fp32) in variants.items():
         torch.manual_seed(1)  # the router's start
-        with triton_switch(triton_on), fused_kd(on=fused):
-            logs, _ = _train(copy.deepcopy(model).to(device), copy.deepcopy(teacher).to(device), cfg, budgets, rows,
-                             batch, seq, steps, device, backend)
+        try:
+            with triton_switch(triton_on), fused_kd(on=fused):
+                logs, _ = _train(copy.deepcopy(model).to(device), copy.deepcopy(teacher).to(device), cfg, budgets,
+                                 rows, batch, seq, steps, device, backend, fp32=in_fp32)
+        except torch.OutOfMemoryError as e:  # the fp32 run holds twice the bytes: on an 80 GB card it may not fit
+            out["variants"][name] = {"error": f"OutOfMemoryError: {e}"[:300]}
+            print(f"  {name:28s} out of memory")
+            free(device)
+            continue
         out["variants"][name] = r = {"kd": [log.get("kd") for log in logs], "budgets": [log["budget"] for log in logs]}
         free(device)
         kd_gaps(name, r, out["variants"]["reference"])  # printed as each run ends: a call cut short keeps the runs done
+        if "kd" in out["variants"].get("reference_fp32", {}):
+            kd_gaps(name, r, out["variants"]["reference_fp32"], "fp32")
     return out
 
 
-def kd_gaps(name: str, r: dict, ref: dict):
-    """Run `r`'s KD curve against the reference run's `ref`: its gaps and last-ten mean, stored in `r` and printed."""
+def kd_gaps(name: str, r: dict, ref: dict, to: str = "reference"):
+    """Run `r`'s KD curve against the run `ref` (`to`: the reference run's name in the keys): its gaps and
+    last-ten mean, stored in `r` and printed."""
     pairs = [(a, b) for a, b in zip(r["kd"], ref["kd"]) if a is not None and b is not None and b]
     last = [k for k in r["kd"][-10:] if k is not None]
-    r["same_budgets"] = r["budgets"] == ref["budgets"]
-    r["mean_rel_gap_to_reference"] = sum(abs(a - b) / abs(b) for a, b in pairs) / max(1, len(pairs))
-    r["mean_signed_gap_to_reference"] = sum((a - b) / abs(b) for a, b in pairs) / max(1, len(pairs))
+    if to == "reference":
+        r["same_budgets"] = r["budgets"] == ref["budgets"]
+    r[f"mean_rel_gap_to_{to}"] = sum(abs(a - b) / abs(b) for a, b in pairs) / max(1, len(pairs))
+    r[f"mean_signed_gap_to_{to}"] = sum((a - b) / abs(b) for a, b in pairs) / max(1, len(pairs))
     r["last10_mean_kd"] = sum(last) / max(1, len(last))
-    print(f"  {name:28s} mean |KD - reference| / reference over the steps {r['mean_rel_gap_to_reference']:.2e} "
-          f"(signed {r['mean_signed_gap_to_reference']:+.2e}); "
-          f"last ten steps' mean KD {r['last10_mean_kd']:.4f}; the same budgets drawn: {r['same_budgets']}")
+    print(f"  {name:28s} mean |KD - {to}| / {to} over the steps {r[f'mean_rel_gap_to_{to}']:.2e} "
+          f"(signed {r[f'mean_signed_gap_to_{to}']:+.2e}); "
+          f"last ten steps' mean KD {r['last10_mean_kd']:.4f}; the same budgets drawn: {r['budgets'] == ref['budgets']}")
 
 
 # kernel and operator names -> what they do in the step (the first pattern that matches wins)
@@ -784,6 +801,9 @@ def main():
     ap.add_argument("--kd-steps", type=int, default=50, help="--parts kdcurve: training steps per run")
     ap.add_argument("--kd-apart", action="store_true",
                     help="--parts kdcurve: also the Triton scan, the fused KD and the compiled step each alone")
+    ap.add_argument("--kd-fp32", action="store_true",
+                    help="--parts kdcurve: also the reference path in fp32 (no bf16 autocast, an fp32 teacher), and "
+                         "every run's gap to it")
     ap.add_argument("--fsdp1", action="store_true",
                     help="--parts train: also the step sharded by FSDP2 over this one process (measured slower)")
     ap.add_argument("--keep-activations", action="store_true",
@@ -833,7 +853,7 @@ def main():
                                     compile_, args.fsdp1, args.keep_activations, args.conv_scan_apart,
                                     args.baseline_rows),
         "kdcurve": lambda: part_kdcurve(device, args.tiny, args.pattern, 1, min(args.seq, 2048), args.kd_steps, fast,
-                                        compile_, args.kd_apart),
+                                        compile_, args.kd_apart, args.kd_fp32),
         "profile": lambda: part_profile(device, args.tiny, args.pattern, *(
             (16, 512) if args.profile_model == "smollm2" and not args.tiny else (args.batch, args.seq)), fast,
             model_name=args.profile_model, compile_backend="inductor" if compile_ else None),

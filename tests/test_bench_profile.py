@@ -1,5 +1,6 @@
 """benchmarks/bench_kernels.py --parts profile: where a training step's time goes, by category."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -146,6 +147,44 @@ def test_the_kd_curve_part_trains_each_path_from_one_start():
     assert abs(runs["einsum_fused_kd"]["mean_signed_gap_to_reference"]) <= runs["einsum_fused_kd"][
         "mean_rel_gap_to_reference"] < 1e-5
     assert len(set(runs["reference"]["kd"])) > 1  # the losses moved: the runs trained
+
+
+def test_the_kd_curve_in_fp32_is_the_reference_path_without_bf16():
+    """bench_kernels.py --parts kdcurve --kd-fp32: the reference path with no bf16 anywhere, second in the order.
+    On the CPU the reference is already fp32, so the two curves are the same to the bit; handed a bf16 teacher
+    (what a GPU run's teacher is), the fp32 run computes the teacher in fp32: its curve is that of the same weights
+    handed over in fp32, which the bf16 teacher's own run is not; and the trainer's autocast is switched off."""
+    import torch
+
+    import bench_kernels
+    from bench_kernels import _train, part_kdcurve, step_setup, tiny_config
+
+    out = part_kdcurve(torch.device("cpu"), True, "MEM*EM", 1, 64, 4, have_triton=False, compile_step=False,
+                       fp32=True)
+    runs = out["variants"]
+    assert list(runs) == ["reference", "reference_fp32", "einsum_fused_kd", "reference_again"]
+    assert runs["reference_fp32"]["kd"] == runs["reference"]["kd"]
+    assert runs["reference_again"]["mean_rel_gap_to_fp32"] == 0  # every run after it measured against it too
+    assert runs["einsum_fused_kd"]["mean_rel_gap_to_fp32"] == runs["einsum_fused_kd"]["mean_rel_gap_to_reference"]
+
+    cfg = tiny_config("M*E")
+    device = torch.device("cpu")
+    model, teacher, budgets, rows = step_setup(cfg, device, 1, 32)
+    trainers = []
+    made = bench_kernels.step_trainer
+    bench_kernels.step_trainer = lambda *a, **k: trainers.append(made(*a, **k)) or trainers[-1]
+    try:
+        kd = {}
+        bf16 = copy.deepcopy(teacher).to(torch.bfloat16)
+        for name, t, fp32 in [("its weights in fp32", copy.deepcopy(bf16).float(), False), ("bf16", bf16, False),
+                              ("bf16, run in fp32", bf16, True)]:
+            torch.manual_seed(1)
+            logs, _ = _train(copy.deepcopy(model), copy.deepcopy(t), cfg, budgets, rows, 1, 32, 3, device, fp32=fp32)
+            kd[name] = [lg["kd"] for lg in logs]
+    finally:
+        bench_kernels.step_trainer = made
+    assert kd["bf16, run in fp32"] == kd["its weights in fp32"] != kd["bf16"]
+    assert trainers[0].autocast is None and not trainers[2].autocast._enabled
 
 
 def test_the_training_step_with_every_activation_kept_runs_beside_the_default():

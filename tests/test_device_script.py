@@ -355,6 +355,14 @@ def test_s59_times_the_step_then_profiles_it_compiled_then_runs_the_kd_curve_by_
     parts = [args.split("--parts")[-1].split()[0] for _, args in calls]  # the last --parts given wins
     assert parts == ["train", "profile", "kdcurve"]
     assert "--compile" not in calls[1][1]  # compiled by the bench's default on a GPU, as elastify trains
-    assert "--kd-apart" in calls[2][1]
+    assert "--kd-apart" in calls[2][1] and "--kd-fp32" in calls[2][1]
     assert [args.split("--json")[-1].split()[0].rsplit("/", 1)[-1] for _, args in calls] == [
         "kernels_train.json", "kernels_profile.json", "kdcurve.json"]
+    # two calls where one would not fit: the step and its profile, then the KD curve alone
+    def args(calls, out):  # each call's arguments, its $OUT named alike
+        return [a.replace(str(out), "OUT") for _, a in calls]
+    step, kd = run_script(tmp_path / "step", "S59", "step"), run_script(tmp_path / "kd", "S59", "kd")
+    assert args(step, tmp_path / "step" / "out") == args(calls[:2], tmp_path / "out")
+    assert args(kd, tmp_path / "kd" / "out") == args(calls[2:], tmp_path / "out")
+    with pytest.raises(subprocess.CalledProcessError):  # a part it does not have: exit 2, nothing run
+        run_script(tmp_path / "typo", "S59", "kdd")

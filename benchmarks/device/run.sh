@@ -60,9 +60,9 @@
 #   S58                         our decode kernel's CUDA test, the step before and after the session's MoE count and decode
 #                               conv on Nano's first 16 layers (STEPK12 --former none,both), the engine at B = 32 and 64
 #                               (~8 min, no SETUP)
-#   S59                         issue 16 again on whichever card comes: KERNELS (the elastic step at Nano width, today's
-#                               code), the compiled step's profile, then the KD curve with each fast part alone
-#                               (~9 min, no SETUP, S58's carry)
+#   S59 [step|kd]               issue 16 again on whichever card comes: KERNELS (the elastic step at Nano width, today's
+#                               code), the compiled step's profile, then the KD curve with each fast part alone and
+#                               in fp32 (~9 min, no SETUP, S58's carry); step: the first two (~5 min), kd: the last (~6)
 # The home folder (/root; DEVICE_HOME for the tests) survives between calls while the machine stays warm (30 s);
 # $OUT comes back.
 set -x
@@ -1000,15 +1000,24 @@ S58) shift  # one call, no SETUP (carry .devcarry/run.sh, .devcarry/mamba; ~8 mi
   timeout $((${RUN_LIMIT:-580} - SECONDS)) bash $0 BATCHING --compile inductor --batch-sizes 32,64 --budgets 1.0,0.5 \
     --no-mixed --sequential-requests 1 --reps 3 --new-tokens 64 > $OUT/batching.txt 2>&1
   grep -v "^+" $OUT/batching.txt | tail -n 12 ;;
-S59) shift  # one call, no SETUP (carry .devcarry/run.sh, .devcarry/mamba; ~9 min): issue 16's step, profile, KD curve,
-  # last measured on an H100 (forty-fifth / thirty-eighth sessions); on an H200 they meet the issue's own start
-  # (25,994 tok/s) and the H200's reference noise (0.005%) again. Each part's lines printed as it ends
-  SECONDS=0; timeout 200 bash $0 KERNELS > $OUT/kernels.txt 2>&1; grep -v "^+" $OUT/kernels.txt | tail -n 16
-  # where the compiled step's time goes (the profiles in RESULTS §12 are of the eager step, eighth / tenth sessions)
-  timeout 120 bash $0 KERNELS --parts profile --json $OUT/kernels_profile.json > $OUT/profile.txt 2>&1
-  grep -v "^+" $OUT/profile.txt | tail -n 14
-  timeout $((${RUN_LIMIT:-580} - SECONDS)) bash $0 KERNELS --parts kdcurve --kd-apart --json $OUT/kdcurve.json \
-    > $OUT/kdcurve.txt 2>&1; grep -v "^+" $OUT/kdcurve.txt | tail -n 12 ;;
+S59) shift  # no SETUP (carry .devcarry/run.sh, .devcarry/mamba): issue 16's step, profile, KD curve, last measured on
+  # an H100 (forty-fifth / thirty-eighth sessions); on an H200 they meet the issue's own start (25,994 tok/s) and
+  # the H200's reference noise (0.005%) again. S59: all three in one call (~9 min, the KD curve in what is left);
+  # S59 step: the step and its profile (~5 min); S59 kd: the KD curve alone (~6 min), each part alone and the
+  # reference in fp32 (bf16's own rounding, the yardstick beside the reference's run-to-run noise).
+  # Each part's lines printed as it ends
+  SECONDS=0; WHAT=${1:-all}
+  case $WHAT in all|step|kd) ;; *) echo "S59: no part '$WHAT' (step, kd, or nothing for both)"; exit 2 ;; esac
+  if [ $WHAT != kd ]; then
+    timeout 200 bash $0 KERNELS > $OUT/kernels.txt 2>&1; grep -v "^+" $OUT/kernels.txt | tail -n 16
+    # where the compiled step's time goes (the profiles in RESULTS §12 are of the eager step, eighth / tenth sessions)
+    timeout 120 bash $0 KERNELS --parts profile --json $OUT/kernels_profile.json > $OUT/profile.txt 2>&1
+    grep -v "^+" $OUT/profile.txt | tail -n 14
+  fi
+  if [ $WHAT != step ]; then
+    timeout $((${RUN_LIMIT:-580} - SECONDS)) bash $0 KERNELS --parts kdcurve --kd-apart --kd-fp32 \
+      --json $OUT/kdcurve.json > $OUT/kdcurve.txt 2>&1; grep -v "^+" $OUT/kdcurve.txt | tail -n 20
+  fi ;;
 STEPK12) shift  # issue 12: which kernels of the B = 32 step do not shrink with the budget (bench_step_kernels.py)
   python3 benchmarks/bench_step_kernels.py --device cuda --model nano --json $OUT/step_kernels_nano.json "$@" 2>&1 | tail -n 80 ;;
 GATHER) shift; python3 benchmarks/bench_expert_gather.py --device cuda --json $OUT/expert_gather.json "$@" 2>&1 | tail -n 60 ;;
