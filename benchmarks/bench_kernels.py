@@ -429,6 +429,13 @@ def foreach_adam(on: bool):
         if on else nullcontext()
 
 
+def clip_first(on: bool):
+    """On: the trainer clips the model's gradient before the optimiser (clip_grad_norm_'s pass over it), as it
+    did before the sixtieth session, not inside the fused AdamW kernel (`ElasticTrainer._clip_in_step`)."""
+    from star_elastic.train import ElasticTrainer
+    return mock.patch.object(ElasticTrainer, "_clips_in_step", lambda self: False) if on else nullcontext()
+
+
 def step_setup(cfg: ModelConfig, device, batch: int, seq: int):
     """What the train and profile parts time: (student, bf16 teacher on a GPU, budgets 1.0 / 0.75 / 0.5,
     token rows), the student a little away from its teacher so that the KD is not zero."""
@@ -494,7 +501,7 @@ def one_rank_group(device, on: bool = True):
 
 def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: int, have_triton: bool,
                compile_step: bool = False, fsdp1: bool = False, keep: bool = False, apart: bool = False,
-               baseline_rows: float | None = None) -> dict:
+               baseline_rows: float | None = None, clip_apart: bool = False) -> dict:
     cfg = tiny_config(pattern) if tiny else nano_config(pattern)
     model, teacher, budgets, rows = step_setup(cfg, device, batch, seq)
     n_total = sum(p.numel() for p in model.parameters())
@@ -506,6 +513,8 @@ def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: in
     # "_keep": every activation kept (no recompute in backward, --keep-activations), beside the default;
     # "_apart": Mamba's conv and scan apart, autograd keeping the conv's output (--conv-scan-apart; the default
     # until the thirty-sixth session): the default rows run them as one function, the conv recomputed in backward.
+    # "_clip_first": the model's gradient clipped before the optimiser, not in its fused kernel (--clip-apart;
+    # the default until the sixtieth session), compiled only (eager if the step is not compiled).
     # "_fsdp1": FSDP2 over this one process, whose bf16 gathers cast each block's weights once a forward (and
     # once a backward) where autocast casts them at every use: the profile's hundreds of small casts. Measured
     # on an H200 (thirty-first session, docs/RESULTS.md §12): 10% slower and 24-27 GiB more, eager and compiled,
@@ -519,7 +528,10 @@ def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: in
     variants += [(f"{best}_{a}", have_triton, True, None, False, "none", a) for a in extra]
     if compile_step:
         variants.append((best + "_compiled", have_triton, True, "inductor", False, "none", ""))
-        variants += [(f"{best}_compiled_{a}", have_triton, True, "inductor", False, "none", a) for a in extra]
+        variants += [(f"{best}_compiled_{a}", have_triton, True, "inductor", False, "none", a)
+                     for a in extra + ["clip_first"] * clip_apart]
+    elif clip_apart:
+        variants.append((f"{best}_clip_first", have_triton, True, None, False, "none", "clip_first"))
     if fsdp1 and not (parallel.available() and dist.is_available()):
         print("  --fsdp1: FSDP2 is not available in this torch build; its rows are left out")
     elif fsdp1:
@@ -543,7 +555,8 @@ def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: in
         r = out["variants"][name] = {"router_baseline_rows": share}
         try:
             with triton_switch(triton_on), fused_kd(on=fused), foreach_adam(on=foreach), \
-                    keep_activations(activations == "keep"), conv_scan_switch(activations not in ("keep", "apart")):
+                    keep_activations(activations == "keep"), conv_scan_switch(activations not in ("keep", "apart")), \
+                    clip_first(activations == "clip_first"):
                 logs, r["peak_gib"] = _train(model, teacher, cfg, budgets, rows, batch, seq, steps, device, backend,
                                              shard, baseline_rows=share)
             tok_s, mixed, by_budget = step_rates(logs)
@@ -811,6 +824,9 @@ def main():
     ap.add_argument("--conv-scan-apart", action="store_true",
                     help="--parts train: also the step with Mamba's conv, scan and skip apart, not as one "
                          "function (STAR_ELASTIC_CONV_SCAN=0), eager and compiled")
+    ap.add_argument("--clip-apart", action="store_true",
+                    help="--parts train: also the compiled step with the model's gradient clipped before the "
+                         "optimiser (clip_grad_norm_), not inside the fused AdamW kernel (the default)")
     ap.add_argument("--baseline-rows", type=float, metavar="F",
                     help="--parts train: also the step with the router's score-function baseline on this share of "
                          "the batch's rows (TrainConfig.router_baseline_rows), beside the default (every row); 0: "
@@ -851,7 +867,7 @@ def main():
         "kd": lambda: part_kd(device, args.tiny, args.iters),
         "train": lambda: part_train(device, args.tiny, args.pattern, args.batch, args.seq, args.steps, fast,
                                     compile_, args.fsdp1, args.keep_activations, args.conv_scan_apart,
-                                    args.baseline_rows),
+                                    args.baseline_rows, args.clip_apart),
         "kdcurve": lambda: part_kdcurve(device, args.tiny, args.pattern, 1, min(args.seq, 2048), args.kd_steps, fast,
                                         compile_, args.kd_apart, args.kd_fp32),
         "profile": lambda: part_profile(device, args.tiny, args.pattern, *(

@@ -295,3 +295,31 @@ def test_train_part_without_the_quality_term_runs_no_argmax_forward_on_the_same_
     none, default = runs["einsum_fused_kd_no_quality"], runs["einsum_fused_kd"]
     assert "error" not in none and none["budgets"] == default["budgets"]
     assert default["argmax_forwards"] > 0 and none["argmax_forwards"] == 0
+
+
+def test_train_part_runs_the_clip_before_the_optimiser_beside_the_default(monkeypatch):
+    """bench_kernels --parts train --clip-apart: a row with the model's gradient clipped before the optimiser
+    (clip_grad_norm_ over the model's parameters, as before the sixtieth session) beside the default, whose clip
+    is the fused AdamW kernel's (of the fused-AdamW rows only that one hands the model's gradient to
+    clip_grad_norm_)."""
+    import torch
+
+    from bench_kernels import part_train
+
+    sizes, clip = [], torch.nn.utils.clip_grad_norm_
+
+    def counted(params, *a, **k):
+        params = list(params)
+        sizes.append(sum(p.numel() for p in params))
+        return clip(params, *a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", counted)
+    n_model = {}
+    for apart in (False, True):
+        sizes.clear()
+        out = part_train(torch.device("cpu"), True, "MEM*EM", 1, 64, 3, have_triton=False, clip_apart=apart)
+        n_model[apart] = sum(n > 1e5 for n in sizes)  # the model's gradient (the router's is small)
+    runs = out["variants"]
+    assert list(runs)[-1] == "einsum_fused_kd_clip_first" and runs["einsum_fused_kd_clip_first"]["tokens_per_s"] > 0
+    # the foreach AdamW row clips first too (its optimiser has no fused kernel); the new row's three steps besides
+    assert n_model[True] - n_model[False] == 3
