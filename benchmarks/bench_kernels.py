@@ -501,7 +501,7 @@ def one_rank_group(device, on: bool = True):
 
 def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: int, have_triton: bool,
                compile_step: bool = False, fsdp1: bool = False, keep: bool = False, apart: bool = False,
-               baseline_rows: float | None = None, clip_apart: bool = False) -> dict:
+               baseline_rows: float | None = None, clip_apart: bool = False, only: str | None = None) -> dict:
     cfg = tiny_config(pattern) if tiny else nano_config(pattern)
     model, teacher, budgets, rows = step_setup(cfg, device, batch, seq)
     n_total = sum(p.numel() for p in model.parameters())
@@ -546,6 +546,8 @@ def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: in
         variants.append((f"{best}_{tag}", have_triton, True, None, False, "none", "", baseline_rows))
         if compile_step:
             variants.append((f"{best}_compiled_{tag}", have_triton, True, "inductor", False, "none", "", baseline_rows))
+    if only:  # --rows: only the rows whose names hold one of these words (a short device call)
+        variants = [v for v in variants if any(w in v[0] for w in only.split(","))]
     out = {"pattern": pattern, "params_B": round(n_total / 1e9, 3), "active_params_B": round(n_active / 1e9, 3),
            "batch": batch, "seq": seq, "tokens_per_step": batch * seq, "steps": steps,
            "flops_per_token": 8 * n_active, "peak_tflops": BF16_PEAK / 1e12, "variants": {}}
@@ -578,7 +580,7 @@ def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: in
             traceback.print_exc()
             print(f"  {name:16s} failed: {r['error'][:120]}")
         free(device)
-    base = out["variants"]["einsum"].get("tokens_per_s")
+    base = out["variants"].get("einsum", {}).get("tokens_per_s")
     if base:
         out["speedup_vs_einsum"] = {k: round(v["tokens_per_s"] / base, 3) for k, v in out["variants"].items()
                                     if "tokens_per_s" in v}
@@ -827,6 +829,9 @@ def main():
     ap.add_argument("--clip-apart", action="store_true",
                     help="--parts train: also the compiled step with the model's gradient clipped before the "
                          "optimiser (clip_grad_norm_), not inside the fused AdamW kernel (the default)")
+    ap.add_argument("--rows", metavar="WORDS",
+                    help="--parts train: only the rows whose names hold one of these comma-separated words, e.g. "
+                         "'compiled' (the einsum, triton and eager rows take about two minutes of a device call)")
     ap.add_argument("--baseline-rows", type=float, metavar="F",
                     help="--parts train: also the step with the router's score-function baseline on this share of "
                          "the batch's rows (TrainConfig.router_baseline_rows), beside the default (every row); 0: "
@@ -867,7 +872,7 @@ def main():
         "kd": lambda: part_kd(device, args.tiny, args.iters),
         "train": lambda: part_train(device, args.tiny, args.pattern, args.batch, args.seq, args.steps, fast,
                                     compile_, args.fsdp1, args.keep_activations, args.conv_scan_apart,
-                                    args.baseline_rows, args.clip_apart),
+                                    args.baseline_rows, args.clip_apart, args.rows),
         "kdcurve": lambda: part_kdcurve(device, args.tiny, args.pattern, 1, min(args.seq, 2048), args.kd_steps, fast,
                                         compile_, args.kd_apart, args.kd_fp32),
         "profile": lambda: part_profile(device, args.tiny, args.pattern, *(

@@ -323,3 +323,7 @@ def test_train_part_runs_the_clip_before_the_optimiser_beside_the_default(monkey
     assert list(runs)[-1] == "einsum_fused_kd_clip_first" and runs["einsum_fused_kd_clip_first"]["tokens_per_s"] > 0
     # the foreach AdamW row clips first too (its optimiser has no fused kernel); the new row's three steps besides
     assert n_model[True] - n_model[False] == 3
+    # --rows: only the rows named (on a GPU "compiled": the default and its clip_first row), a shorter device call
+    out = part_train(torch.device("cpu"), True, "MEM*EM", 1, 64, 3, have_triton=False, clip_apart=True,
+                     only="clip_first")
+    assert list(out["variants"]) == ["einsum_fused_kd_clip_first"] and "speedup_vs_einsum" not in out
