@@ -906,11 +906,12 @@ def test_the_router_baseline_share_is_checked():
             check_config(TrainConfig(router_baseline_rows=bad), budgets, sharded=False, anchor_text=False)
 
 
-def test_the_clip_left_to_the_fused_adamw_kernel_updates_as_clipping_first(tmp_path, monkeypatch):
-    """The model's gradient clip done by the fused AdamW kernel (its grad_scale) gives the weights and the router
-    that clipping the gradients first gives, to fp32 rounding, with the clip binding on every step, and without
-    clip_grad_norm_'s pass over the model's gradients; the router's own clip is kept. Without any clip the
-    weights end elsewhere, so the comparison can tell."""
+@pytest.mark.parametrize("extra", [{}, dict(full_delta_rank=4, full_anchor=1.0)], ids=["router", "router-delta"])
+def test_the_clip_left_to_the_fused_adamw_kernel_updates_as_clipping_first(tmp_path, monkeypatch, extra):
+    """The model's gradient clip done by the fused AdamW kernel (its grad_scale) gives the weights, the router
+    and the full budget's delta that clipping the gradients first gives, to fp32 rounding, with the clip binding
+    on every step, and without clip_grad_norm_'s pass over the model's gradients; the router's and the delta's
+    own clips are kept. Without any clip the weights end elsewhere, so the comparison can tell."""
     counts, clip_grad_norm = [], torch.nn.utils.clip_grad_norm_
 
     def counted(params, *a, **k):
@@ -922,7 +923,7 @@ def test_the_clip_left_to_the_fused_adamw_kernel_updates_as_clipping_first(tmp_p
     runs = {}
     for name, in_step, clip in [("in step", True, 0.05), ("first", False, 0.05), ("none", False, 1e9)]:
         monkeypatch.setattr(ElasticTrainer, "_clips_in_step", lambda self, v=in_step: v)
-        t = trainer(tmp_path, name, steps=5, clip=clip)
+        t = trainer(tmp_path, name, steps=5, clip=clip, **extra)
         torch.manual_seed(5)  # a student away from its teacher, the same in every run
         with torch.no_grad():
             for p in t.model.parameters():
@@ -930,13 +931,15 @@ def test_the_clip_left_to_the_fused_adamw_kernel_updates_as_clipping_first(tmp_p
         counts.clear()
         logs = t.run(progress=False)
         assert not any(is_masked(m) for m in t.model.modules())
-        runs[name] = (logs, t.model.state_dict(), t.router.state_dict(), list(counts))
-    n_router = len(list(t.router.parameters()))
-    assert set(runs["in step"][3]) == {n_router} and set(runs["first"][3]) == {n_router, len(list(t.model.parameters()))}
+        delta = {} if t.delta is None else {k: v.detach().clone() for k, v in t.delta.state_dict().items()}
+        runs[name] = (logs, t.model.state_dict(), t.router.state_dict(), list(counts), delta)
+    own = {len(list(m.parameters())) for m in (t.router, t.delta) if m is not None}  # clipped on their own
+    assert set(runs["in step"][3]) == own and set(runs["first"][3]) == own | {len(list(t.model.parameters()))}
+    assert bool(runs["first"][4]) == bool(extra)
     assert all(lg["grad_norm"] > 0.05 for lg in runs["first"][0])  # the clip bound on every step
     assert [lg["grad_norm"] for lg in runs["in step"][0]] == pytest.approx([lg["grad_norm"] for lg in runs["first"][0]],
                                                                            rel=1e-5)
-    for part in (1, 2):  # the model's weights, the router's
+    for part in (1, 2, 4):  # the model's weights, the router's, the delta's
         for k, v in runs["first"][part].items():
             assert torch.allclose(runs["in step"][part][k], v, rtol=1e-5, atol=1e-6), k
     moved = max((runs["none"][1][k] - v).abs().max().item() for k, v in runs["first"][1].items())
