@@ -431,7 +431,7 @@ def foreach_adam(on: bool):
 
 def clip_first(on: bool):
     """On: the trainer clips the model's gradient before the optimiser (clip_grad_norm_'s pass over it), as it
-    did before the sixtieth session, not inside the fused AdamW kernel (`ElasticTrainer._clip_in_step`)."""
+    did before the sixtieth session, not inside the fused AdamW kernel (`ElasticTrainer._clip`'s `in_step`)."""
     from star_elastic.train import ElasticTrainer
     return mock.patch.object(ElasticTrainer, "_clips_in_step", lambda self: False) if on else nullcontext()
 
@@ -506,9 +506,9 @@ def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: in
     model, teacher, budgets, rows = step_setup(cfg, device, batch, seq)
     n_total = sum(p.numel() for p in model.parameters())
     n_active = active_params(cfg, model)
-    # (name, Triton scan, fused KD, compile backend, foreach AdamW, shard, activations: "" the default, "keep" every
-    # one kept, "apart" Mamba's conv, scan and skip apart, not as kernels.conv_scan); the compiled
-    # step's first steps
+    # (name, Triton scan, fused KD, compile backend, foreach AdamW, shard, kind: "" the default, "keep" every
+    # activation kept, "apart" Mamba's conv, scan and skip apart, not as kernels.conv_scan, "clip_first" the clip
+    # before the optimiser); the compiled step's first steps
     # compile (the median of the last steps is timed), one graph per layer kind, budget kind and grad mode.
     # "_keep": every activation kept (no recompute in backward, --keep-activations), beside the default;
     # "_apart": Mamba's conv and scan apart, autograd keeping the conv's output (--conv-scan-apart; the default
@@ -553,12 +553,12 @@ def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: in
            "flops_per_token": 8 * n_active, "peak_tflops": BF16_PEAK / 1e12, "variants": {}}
     print(f"\n  training step: layers {pattern}, {n_total / 1e6:.1f}M parameters ({n_active / 1e6:.1f}M active), "
           f"batch {batch} x {seq}, {steps} steps per variant")
-    for name, triton_on, fused, backend, foreach, shard, activations, share in variants:
+    for name, triton_on, fused, backend, foreach, shard, kind, share in variants:
         r = out["variants"][name] = {"router_baseline_rows": share}
         try:
             with triton_switch(triton_on), fused_kd(on=fused), foreach_adam(on=foreach), \
-                    keep_activations(activations == "keep"), conv_scan_switch(activations not in ("keep", "apart")), \
-                    clip_first(activations == "clip_first"):
+                    keep_activations(kind == "keep"), conv_scan_switch(kind not in ("keep", "apart")), \
+                    clip_first(kind == "clip_first"):
                 logs, r["peak_gib"] = _train(model, teacher, cfg, budgets, rows, batch, seq, steps, device, backend,
                                              shard, baseline_rows=share)
             tok_s, mixed, by_budget = step_rates(logs)

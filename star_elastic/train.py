@@ -724,8 +724,8 @@ class ElasticTrainer:
             logs["anchor_cos"] = self._project_anchor(anchor, reduce)
             reduce = False  # averaged over the ranks there, or by FSDP
 
-        def clip():  # the model's gradient
-            return self._clip(self.model.parameters(), cfg.clip, reduce=reduce).detach()
+        def clip(in_step: bool = False):  # the model's gradient
+            return self._clip(self.model.parameters(), cfg.clip, reduce=reduce, in_step=in_step).detach()
 
         if self.delta is not None:  # on its own: clipped with the model's as one norm, the anchor (which trains the
             # delta alone) scaled the smaller budgets' step whenever the clip bound (a fifth to a third of the
@@ -741,12 +741,11 @@ class ElasticTrainer:
                 self.opt.step(key)
                 for p in self.model.parameters():  # the router's gradient stays for its one step below
                     p.grad = None
-        elif self._clips_in_step():
-            logs["grad_norm"] = self._clip_in_step(cfg.clip, reduce).detach()
         else:
-            logs["grad_norm"] = clip()
+            logs["grad_norm"] = clip(in_step=self._clips_in_step())
         self.opt.step()  # BudgetAdamW: the router's group
-        self.opt.grad_scale = None  # _clip_in_step's: this step's alone (the delta's finish steps clip on their own)
+        self.opt.grad_scale = None  # the clip's scale (_clip in_step): this step's alone (the delta's finish steps
+        # clip on their own)
         self.opt.zero_grad(set_to_none=True)
         if self.held is not None:  # cfg.hold_pull: toward the parent's values, in proportion to the rate now
             params, parent = self.held
@@ -849,37 +848,25 @@ class ElasticTrainer:
         dist.all_reduce(t)
         return tuple(t / self.world)
 
-    def _clip(self, params, max_norm: float, reduce: bool = True) -> torch.Tensor:
+    def _clip(self, params, max_norm: float, reduce: bool = True, in_step: bool = False) -> torch.Tensor:
         """All-reduce (under torchrun, with `reduce`) and clip the gradients of `params`; their norm
         before clipping. Sharded gradients (DTensors) are clipped by their global norm: the norm of
-        the whole gradient over all ranks, the same on every rank."""
+        the whole gradient over all ranks, the same on every rank.
+
+        `in_step` (the model's gradient, where `_clips_in_step`): the clip left to the fused AdamW kernel,
+        which divides every gradient by its `grad_scale` (what GradScaler unscales with) as it reads it, here
+        1 / clip_grad_norm_'s coefficient. That saves clip_grad_norm_'s pass over the model's gradients, each
+        read and written once more: 10 ms of the compiled step's 183 at Nano width (H100, sixtieth session). The
+        other groups' gradients (the router's and the delta's, each clipped on its own) are multiplied by the
+        scale first, so that they come out as they were; they are small. The same update as clipping first, to
+        fp32 rounding (tests/test_train.py)."""
         params = [p for p in params if p.grad is not None]
         if not params:
             return torch.zeros(())
         if reduce:
             self._all_reduce_grads([p.grad for p in params])
-        return parallel.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm))
-
-    def _clips_in_step(self) -> bool:
-        """Whether the model's gradient clip can be left to the optimiser's fused kernel (`_clip_in_step`):
-        torch's fused AdamW over plain (not FSDP2-sharded) tensors."""
-        return (type(self.opt) is torch.optim.AdamW and self.shard != "fsdp"
-                and all(g.get("fused") for g in self.opt.param_groups))
-
-    def _clip_in_step(self, max_norm: float, reduce: bool = True) -> torch.Tensor:
-        """The model's gradient norm, its clip done by the fused AdamW kernel as it reads each gradient: the
-        optimiser divides every gradient by its `grad_scale` (what GradScaler unscales with), here 1 / the clip
-        coefficient of `clip_grad_norm_`. That saves clip_grad_norm_'s pass over the model's gradients, each read
-        and written once more: 10 ms of the compiled step's 183 at Nano width (H100, sixtieth session). The
-        other groups' gradients (the router's and the delta's, each clipped on its own) are multiplied by the
-        scale first, so that they come out as they were; they are small. The same update as clipping first, to
-        fp32 rounding (tests/test_train.py)."""
-        params = [p for g in self.opt.param_groups[:self.model_groups] for p in g["params"] if p.grad is not None]
-        if not params:
-            self.opt.grad_scale = None
-            return torch.zeros(())
-        if reduce:
-            self._all_reduce_grads([p.grad for p in params])
+        if not in_step:
+            return parallel.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm))
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         scale = ((norm + 1e-6) / max_norm).clamp(min=1.0).float()  # clip_grad_norm_'s coefficient, inverted
         others = [p.grad for g in self.opt.param_groups[self.model_groups:] for p in g["params"] if p.grad is not None]
@@ -887,6 +874,12 @@ class ElasticTrainer:
             torch._foreach_mul_(others, scale)
         self.opt.grad_scale = scale
         return norm
+
+    def _clips_in_step(self) -> bool:
+        """Whether the model's gradient clip can be left to the optimiser's fused kernel (`_clip`'s `in_step`):
+        torch's fused AdamW over plain (not FSDP2-sharded) tensors."""
+        return (type(self.opt) is torch.optim.AdamW and self.shard != "fsdp"
+                and all(g.get("fused") for g in self.opt.param_groups))
 
     def _all_reduce_grads(self, grads):
         grads = [g for g in grads if g is not None]
