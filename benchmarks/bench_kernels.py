@@ -436,6 +436,24 @@ def clip_first(on: bool):
     return mock.patch.object(ElasticTrainer, "_clips_in_step", lambda self: False) if on else nullcontext()
 
 
+def eager_kd_value(on: bool):
+    """On: the trainer's KD without gradients (the router's score-function baseline) in eager passes over each
+    chunk's logits, as before the sixty-first session, while the KD with gradients stays compiled (compiled_kd)."""
+    import star_elastic.train as train_module
+    from star_elastic.elastic import losses
+
+    @contextmanager
+    def gradients_only(backend):
+        with losses.compiled_kd(backend):
+            outer, losses._FUSED_VALUE = losses._FUSED_VALUE, None
+            try:
+                yield
+            finally:
+                losses._FUSED_VALUE = outer
+
+    return mock.patch.object(train_module, "compiled_kd", gradients_only) if on else nullcontext()
+
+
 def step_setup(cfg: ModelConfig, device, batch: int, seq: int):
     """What the train and profile parts time: (student, bf16 teacher on a GPU, budgets 1.0 / 0.75 / 0.5,
     token rows), the student a little away from its teacher so that the KD is not zero."""
@@ -501,7 +519,8 @@ def one_rank_group(device, on: bool = True):
 
 def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: int, have_triton: bool,
                compile_step: bool = False, fsdp1: bool = False, keep: bool = False, apart: bool = False,
-               baseline_rows: float | None = None, clip_apart: bool = False, only: str | None = None) -> dict:
+               baseline_rows: float | None = None, clip_apart: bool = False, only: str | None = None,
+               kd_value_apart: bool = False) -> dict:
     cfg = tiny_config(pattern) if tiny else nano_config(pattern)
     model, teacher, budgets, rows = step_setup(cfg, device, batch, seq)
     n_total = sum(p.numel() for p in model.parameters())
@@ -515,6 +534,8 @@ def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: in
     # until the thirty-sixth session): the default rows run them as one function, the conv recomputed in backward.
     # "_clip_first": the model's gradient clipped before the optimiser, not in its fused kernel (--clip-apart;
     # the default until the sixtieth session), compiled only (eager if the step is not compiled).
+    # "_eager_kd_value": the KD without gradients (the router's baseline forward) in eager passes, not compiled
+    # (--kd-value-apart; the default until the sixty-first session; the same as the default where nothing compiles).
     # "_fsdp1": FSDP2 over this one process, whose bf16 gathers cast each block's weights once a forward (and
     # once a backward) where autocast casts them at every use: the profile's hundreds of small casts. Measured
     # on an H200 (thirty-first session, docs/RESULTS.md §12): 10% slower and 24-27 GiB more, eager and compiled,
@@ -526,12 +547,13 @@ def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: in
                  (best, have_triton, True, None, False, "none", "")]
     extra = [a for a, on in (("keep", keep), ("apart", apart and have_triton)) if on]
     variants += [(f"{best}_{a}", have_triton, True, None, False, "none", a) for a in extra]
+    step_apart = ["clip_first"] * clip_apart + ["eager_kd_value"] * kd_value_apart
     if compile_step:
         variants.append((best + "_compiled", have_triton, True, "inductor", False, "none", ""))
         variants += [(f"{best}_compiled_{a}", have_triton, True, "inductor", False, "none", a)
-                     for a in extra + ["clip_first"] * clip_apart]
-    elif clip_apart:
-        variants.append((f"{best}_clip_first", have_triton, True, None, False, "none", "clip_first"))
+                     for a in extra + step_apart]
+    else:
+        variants += [(f"{best}_{a}", have_triton, True, None, False, "none", a) for a in step_apart]
     if fsdp1 and not (parallel.available() and dist.is_available()):
         print("  --fsdp1: FSDP2 is not available in this torch build; its rows are left out")
     elif fsdp1:
@@ -558,7 +580,7 @@ def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: in
         try:
             with triton_switch(triton_on), fused_kd(on=fused), foreach_adam(on=foreach), \
                     keep_activations(kind == "keep"), conv_scan_switch(kind not in ("keep", "apart")), \
-                    clip_first(kind == "clip_first"):
+                    clip_first(kind == "clip_first"), eager_kd_value(kind == "eager_kd_value"):
                 logs, r["peak_gib"] = _train(model, teacher, cfg, budgets, rows, batch, seq, steps, device, backend,
                                              shard, baseline_rows=share)
             tok_s, mixed, by_budget = step_rates(logs)
@@ -829,6 +851,9 @@ def main():
     ap.add_argument("--clip-apart", action="store_true",
                     help="--parts train: also the compiled step with the model's gradient clipped before the "
                          "optimiser (clip_grad_norm_), not inside the fused AdamW kernel (the default)")
+    ap.add_argument("--kd-value-apart", action="store_true",
+                    help="--parts train: also the compiled step with the KD of the router's baseline forward (no "
+                         "gradients) in eager passes, not compiled (the default)")
     ap.add_argument("--rows", metavar="WORDS",
                     help="--parts train: only the rows whose names hold one of these comma-separated words, e.g. "
                          "'compiled' (the einsum, triton and eager rows take about two minutes of a device call)")
@@ -872,7 +897,7 @@ def main():
         "kd": lambda: part_kd(device, args.tiny, args.iters),
         "train": lambda: part_train(device, args.tiny, args.pattern, args.batch, args.seq, args.steps, fast,
                                     compile_, args.fsdp1, args.keep_activations, args.conv_scan_apart,
-                                    args.baseline_rows, args.clip_apart, args.rows),
+                                    args.baseline_rows, args.clip_apart, args.rows, args.kd_value_apart),
         "kdcurve": lambda: part_kdcurve(device, args.tiny, args.pattern, 1, min(args.seq, 2048), args.kd_steps, fast,
                                         compile_, args.kd_apart, args.kd_fp32),
         "profile": lambda: part_profile(device, args.tiny, args.pattern, *(

@@ -327,3 +327,24 @@ def test_train_part_runs_the_clip_before_the_optimiser_beside_the_default(monkey
     out = part_train(torch.device("cpu"), True, "MEM*EM", 1, 64, 3, have_triton=False, clip_apart=True,
                      only="clip_first")
     assert list(out["variants"]) == ["einsum_fused_kd_clip_first"] and "speedup_vs_einsum" not in out
+
+
+def test_train_part_runs_the_baseline_kd_in_eager_passes_beside_the_default():
+    """bench_kernels --parts train --kd-value-apart: a row whose KD without gradients (the router's baseline
+    forward) runs the eager passes, as before the sixty-first session, while the KD with gradients stays
+    compiled; the default row compiles both."""
+    import torch
+
+    import star_elastic.train as train_module
+    from bench_kernels import eager_kd_value, part_train
+    from star_elastic.elastic import losses
+
+    for on in (False, True):
+        with eager_kd_value(on), train_module.compiled_kd("aot_eager"):
+            assert losses._FUSED_CHUNK is not None
+            assert (losses._FUSED_VALUE is None) == on
+    assert losses._FUSED_CHUNK is None and losses._FUSED_VALUE is None
+    out = part_train(torch.device("cpu"), True, "MEM*EM", 1, 64, 3, have_triton=False, kd_value_apart=True,
+                     only="kd_value")
+    row = out["variants"]["einsum_fused_kd_eager_kd_value"]
+    assert list(out["variants"]) == ["einsum_fused_kd_eager_kd_value"] and row["tokens_per_s"] > 0

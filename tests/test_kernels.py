@@ -721,6 +721,31 @@ def test_compiled_kd_chunks_give_the_eager_loss_and_gradients(teacher_kind):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("teacher_kind", ["logits", "head"])
+def test_compiled_kd_without_gradients_runs_compiled_and_gives_the_eager_value(teacher_kind):
+    """compiled_kd without gradients (the router's score-function baseline, a forward under no_grad): the
+    chunks' KL runs as a compiled function too, not the eager passes over (chunk, vocab) logits one kernel at
+    a time, and gives the eager value."""
+    from torch._dynamo.utils import counters
+
+    from star_elastic.elastic import losses
+
+    h, W = _head(4)
+    ht, Wt = _head(5)
+    teacher = ht @ Wt.T if teacher_kind == "logits" else HeadInput(ht, Wt)
+    with torch.no_grad():
+        eager = kd_loss(HeadInput(h, W), teacher, chunk_tokens=10)
+        torch._dynamo.reset()
+        counters.clear()
+        with losses.compiled_kd("aot_eager"):
+            compiled = kd_loss(HeadInput(h, W), teacher, chunk_tokens=10)  # 46 tokens: 4 x 10 and 6
+        graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert graphs >= 1  # the compiled chunk ran
+    assert losses._FUSED_VALUE is None
+    assert compiled.item() == pytest.approx(eager.item(), rel=1e-6)
+
+
 def test_fused_kd_makes_no_tensor_of_the_whole_batch_logits():
     """Every tensor any op makes, forward and backward, is at most one chunk of logits (or the
     head's weight / its gradient): nothing of (tokens, vocab) for the whole batch."""

@@ -149,29 +149,40 @@ def _kl_chunk(z: torch.Tensor, z_t: torch.Tensor, w: torch.Tensor) -> tuple[torc
     return total, ((log_s.exp() - p_t) * w[:, None]).to(z.dtype)
 
 
-_FUSED_CHUNK = None  # `_kl_chunk` compiled, while `compiled_kd` is on
+def _kl_chunk_value(z: torch.Tensor, z_t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`_kl_chunk`'s weighted KL sum alone, where no gradient is wanted (the router's score-function baseline:
+    a forward without gradient on the same batch)."""
+    log_s = F.log_softmax(z.float(), dim=-1)
+    log_t = F.log_softmax(z_t.float(), dim=-1)
+    return ((log_t.exp() * (log_t - log_s)).sum(-1) * w).sum()
+
+
+# `_kl_chunk` and `_kl_chunk_value` compiled, while `compiled_kd` is on
+_FUSED_CHUNK = None
+_FUSED_VALUE = None
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_chunk(backend: str):
-    return torch.compile(_kl_chunk, backend=backend, dynamic=False)
+def _compiled_chunk(backend: str, fn=_kl_chunk):
+    return torch.compile(fn, backend=backend, dynamic=False)
 
 
 @contextmanager
 def compiled_kd(backend: str | None):
-    """Within the block, the fused distillation loss (a student `HeadInput`, with gradients) runs each
-    chunk's softmaxes, KL and gradient as one torch.compile'd function (`backend`, e.g. "inductor"),
+    """Within the block, the fused distillation loss (a student `HeadInput`) runs each chunk's softmaxes,
+    KL and gradient (or, without gradients, the KL alone) as one torch.compile'd function (`backend`, e.g. "inductor"),
     which fuses the casts and elementwise passes over the (chunk, vocab) logits that the eager code
     makes one kernel at a time (on an H200 at Nano width: 512 MiB passes, about 28 ms of a
     254 ms training step, docs/RESULTS.md §12). None: eager. The trainer turns it on with
     `TrainConfig.compile`."""
-    global _FUSED_CHUNK
-    outer = _FUSED_CHUNK
-    _FUSED_CHUNK = _compiled_chunk(backend) if backend else None
+    global _FUSED_CHUNK, _FUSED_VALUE
+    outer = _FUSED_CHUNK, _FUSED_VALUE
+    _FUSED_CHUNK, _FUSED_VALUE = ((_compiled_chunk(backend), _compiled_chunk(backend, _kl_chunk_value)) if backend
+                                  else (None, None))
     try:
         yield
     finally:
-        _FUSED_CHUNK = outer
+        _FUSED_CHUNK, _FUSED_VALUE = outer
 
 
 @functools.lru_cache(maxsize=None)
@@ -209,8 +220,11 @@ def _head_kl(hidden, weight, cd, teacher: Logits, t_rows, row_w, chunk: int, nee
     student's logits `hidden @ weight.T` made in `cd` a chunk at a time; with the gradients of that
     sum for hidden / weight (computed in the same pass: d KL_r / d logits_r = p_student - p_teacher).
     Each chunk holds a few (chunk, vocab) fp32 tensors; nothing of the whole batch's logits exists.
-    Under `compiled_kd`, a chunk's softmax math is one compiled function (same result, fewer passes)."""
-    fused = _FUSED_CHUNK if need_h or need_w else None
+    Under `compiled_kd`, a chunk's softmax math is one compiled function (same result, fewer passes); without
+    gradients too (the router's baseline forward: its eager passes were ~15 ms a step of the compiled step's
+    profile at Nano width, averaged over a full and a 0.5 step, H100, docs/RESULTS.md §12)."""
+    grads = need_h or need_w
+    fused = _FUSED_CHUNK if grads else _FUSED_VALUE
     with torch.autocast(hidden.device.type, enabled=False):
         W = weight.to(cd)
         gh = torch.empty_like(hidden) if need_h else None
@@ -222,6 +236,9 @@ def _head_kl(hidden, weight, cd, teacher: Logits, t_rows, row_w, chunk: int, nee
             if fused is not None:
                 rows = t_rows[i:i + chunk]  # the teacher's logits in its matmul dtype: the upcast is fused
                 z_t = teacher.logits(rows, fp32=False) if isinstance(teacher, HeadInput) else rows
+                if not grads:
+                    total += fused(F.linear(h, W), z_t, w)
+                    continue
                 part, g = fused(F.linear(h, W), z_t, w)
                 total += part
             else:
@@ -230,7 +247,7 @@ def _head_kl(hidden, weight, cd, teacher: Logits, t_rows, row_w, chunk: int, nee
                 p_t = log_t.exp()
                 total += (log_t.sub_(log_s).mul_(p_t).sum(-1) * w).sum()  # kl_div's exp(t) * (t - s)
                 del log_t
-                if not (need_h or need_w):
+                if not grads:
                     continue
                 g = log_s.exp_().sub_(p_t).mul_(w[:, None]).to(cd)  # d total / d logits of these rows
                 del log_s, p_t
