@@ -454,6 +454,13 @@ def eager_kd_value(on: bool):
     return mock.patch.object(train_module, "compiled_kd", gradients_only) if on else nullcontext()
 
 
+def small_kd_chunks(on: bool):
+    """On: the compiled KD in the eager path's chunks (CHUNK_ELEMENTS logits, 1024 tokens of a 131k vocabulary),
+    as before the sixty-first session, not FUSED_CHUNK_ELEMENTS' (4096 tokens)."""
+    from star_elastic.elastic import losses
+    return mock.patch.object(losses, "FUSED_CHUNK_ELEMENTS", losses.CHUNK_ELEMENTS) if on else nullcontext()
+
+
 def step_setup(cfg: ModelConfig, device, batch: int, seq: int):
     """What the train and profile parts time: (student, bf16 teacher on a GPU, budgets 1.0 / 0.75 / 0.5,
     token rows), the student a little away from its teacher so that the KD is not zero."""
@@ -520,7 +527,7 @@ def one_rank_group(device, on: bool = True):
 def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: int, have_triton: bool,
                compile_step: bool = False, fsdp1: bool = False, keep: bool = False, apart: bool = False,
                baseline_rows: float | None = None, clip_apart: bool = False, only: str | None = None,
-               kd_value_apart: bool = False) -> dict:
+               kd_value_apart: bool = False, kd_chunk_apart: bool = False) -> dict:
     cfg = tiny_config(pattern) if tiny else nano_config(pattern)
     model, teacher, budgets, rows = step_setup(cfg, device, batch, seq)
     n_total = sum(p.numel() for p in model.parameters())
@@ -536,6 +543,8 @@ def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: in
     # the default until the sixtieth session), compiled only (eager if the step is not compiled).
     # "_eager_kd_value": the KD without gradients (the router's baseline forward) in eager passes, not compiled
     # (--kd-value-apart; the default until the sixty-first session; the same as the default where nothing compiles).
+    # "_small_kd_chunks": the compiled KD in the eager path's chunks, 1024 tokens at Nano's vocabulary, not 4096
+    # (--kd-chunk-apart; the default until the sixty-first session; the same as the default where nothing compiles).
     # "_fsdp1": FSDP2 over this one process, whose bf16 gathers cast each block's weights once a forward (and
     # once a backward) where autocast casts them at every use: the profile's hundreds of small casts. Measured
     # on an H200 (thirty-first session, docs/RESULTS.md §12): 10% slower and 24-27 GiB more, eager and compiled,
@@ -547,7 +556,7 @@ def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: in
                  (best, have_triton, True, None, False, "none", "")]
     extra = [a for a, on in (("keep", keep), ("apart", apart and have_triton)) if on]
     variants += [(f"{best}_{a}", have_triton, True, None, False, "none", a) for a in extra]
-    step_apart = ["clip_first"] * clip_apart + ["eager_kd_value"] * kd_value_apart
+    step_apart = ["clip_first"] * clip_apart + ["eager_kd_value"] * kd_value_apart + ["small_kd_chunks"] * kd_chunk_apart
     if compile_step:
         variants.append((best + "_compiled", have_triton, True, "inductor", False, "none", ""))
         variants += [(f"{best}_compiled_{a}", have_triton, True, "inductor", False, "none", a)
@@ -580,7 +589,8 @@ def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: in
         try:
             with triton_switch(triton_on), fused_kd(on=fused), foreach_adam(on=foreach), \
                     keep_activations(kind == "keep"), conv_scan_switch(kind not in ("keep", "apart")), \
-                    clip_first(kind == "clip_first"), eager_kd_value(kind == "eager_kd_value"):
+                    clip_first(kind == "clip_first"), eager_kd_value(kind == "eager_kd_value"), \
+                    small_kd_chunks(kind == "small_kd_chunks"):
                 logs, r["peak_gib"] = _train(model, teacher, cfg, budgets, rows, batch, seq, steps, device, backend,
                                              shard, baseline_rows=share)
             tok_s, mixed, by_budget = step_rates(logs)
@@ -854,6 +864,9 @@ def main():
     ap.add_argument("--kd-value-apart", action="store_true",
                     help="--parts train: also the compiled step with the KD of the router's baseline forward (no "
                          "gradients) in eager passes, not compiled (the default)")
+    ap.add_argument("--kd-chunk-apart", action="store_true",
+                    help="--parts train: also the compiled step with the KD in the eager path's chunks (1024 tokens "
+                         "at a 131k vocabulary), not the compiled path's (4096, the default)")
     ap.add_argument("--rows", metavar="WORDS",
                     help="--parts train: only the rows whose names hold one of these comma-separated words, e.g. "
                          "'compiled' (the einsum, triton and eager rows take about two minutes of a device call)")
@@ -897,7 +910,8 @@ def main():
         "kd": lambda: part_kd(device, args.tiny, args.iters),
         "train": lambda: part_train(device, args.tiny, args.pattern, args.batch, args.seq, args.steps, fast,
                                     compile_, args.fsdp1, args.keep_activations, args.conv_scan_apart,
-                                    args.baseline_rows, args.clip_apart, args.rows, args.kd_value_apart),
+                                    args.baseline_rows, args.clip_apart, args.rows, args.kd_value_apart,
+                                    args.kd_chunk_apart),
         "kdcurve": lambda: part_kdcurve(device, args.tiny, args.pattern, 1, min(args.seq, 2048), args.kd_steps, fast,
                                         compile_, args.kd_apart, args.kd_fp32),
         "profile": lambda: part_profile(device, args.tiny, args.pattern, *(

@@ -345,6 +345,20 @@ def test_train_part_runs_the_baseline_kd_in_eager_passes_beside_the_default():
             assert (losses._FUSED_VALUE is None) == on
     assert losses._FUSED_CHUNK is None and losses._FUSED_VALUE is None
     out = part_train(torch.device("cpu"), True, "MEM*EM", 1, 64, 3, have_triton=False, kd_value_apart=True,
-                     only="kd_value")
-    row = out["variants"]["einsum_fused_kd_eager_kd_value"]
-    assert list(out["variants"]) == ["einsum_fused_kd_eager_kd_value"] and row["tokens_per_s"] > 0
+                     kd_chunk_apart=True, only="kd_value,kd_chunks")
+    assert list(out["variants"]) == ["einsum_fused_kd_eager_kd_value", "einsum_fused_kd_small_kd_chunks"]
+    assert all(row["tokens_per_s"] > 0 for row in out["variants"].values())
+
+
+def test_small_kd_chunks_are_the_eager_paths():
+    """bench_kernels' small_kd_chunks (--kd-chunk-apart's row): the compiled KD in the eager path's chunks."""
+    from bench_kernels import small_kd_chunks
+    from star_elastic.elastic import losses
+
+    fused = losses.FUSED_CHUNK_ELEMENTS
+    assert fused > losses.CHUNK_ELEMENTS
+    with small_kd_chunks(True):
+        assert losses.FUSED_CHUNK_ELEMENTS == losses.CHUNK_ELEMENTS
+    with small_kd_chunks(False):
+        assert losses.FUSED_CHUNK_ELEMENTS == fused
+    assert losses.FUSED_CHUNK_ELEMENTS == fused

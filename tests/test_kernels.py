@@ -746,6 +746,40 @@ def test_compiled_kd_without_gradients_runs_compiled_and_gives_the_eager_value(t
     assert compiled.item() == pytest.approx(eager.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("grad", [True, False])
+def test_compiled_kd_takes_larger_chunks_and_gives_the_eager_loss(monkeypatch, grad):
+    """Under compiled_kd, whose chunk keeps no fp32 (chunk, vocab) tensor, the default chunk is
+    FUSED_CHUNK_ELEMENTS logits, not the eager path's CHUNK_ELEMENTS: fewer passes of the head's fp32 gradient
+    accumulator. Same loss and gradients as the eager chunks."""
+    from star_elastic.elastic import losses
+
+    h, W = _head(4)
+    ht, Wt = _head(5)
+    V = W.shape[0]
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 4 * V)  # eager: 4 tokens a chunk, 12 chunks of 46
+    monkeypatch.setattr(losses, "FUSED_CHUNK_ELEMENTS", 16 * V)  # compiled: 16 tokens, 3 chunks
+    calls, out = [], []
+    for backend in (None, "aot_eager"):
+        a_h, a_W = h.clone().requires_grad_(grad), W.clone().requires_grad_(grad)
+        torch._dynamo.reset()
+        with losses.compiled_kd(backend):
+            name = "_FUSED_CHUNK" if grad else "_FUSED_VALUE"
+            fused = getattr(losses, name)
+            if fused is not None:
+                monkeypatch.setattr(losses, name, lambda *a: calls.append(a[0].shape[0]) or fused(*a))
+            with torch.set_grad_enabled(grad):
+                loss = kd_loss(HeadInput(a_h, a_W), HeadInput(ht, Wt))
+            if grad:
+                loss.backward()
+        out.append((loss.detach(), a_h.grad, a_W.grad))
+    torch._dynamo.reset()
+    assert calls == [16, 16, 14]
+    (l0, gh0, gw0), (l1, gh1, gw1) = out
+    assert l1.item() == pytest.approx(l0.item(), rel=1e-6)
+    if grad:
+        assert torch.allclose(gh1, gh0, rtol=1e-5, atol=1e-8) and torch.allclose(gw1, gw0, rtol=1e-5, atol=1e-8)
+
+
 def test_fused_kd_makes_no_tensor_of_the_whole_batch_logits():
     """Every tensor any op makes, forward and backward, is at most one chunk of logits (or the
     head's weight / its gradient): nothing of (tokens, vocab) for the whole batch."""

@@ -30,6 +30,11 @@ from .cost import BAND, Budget
 # fp32 elements of one chunk of (tokens, vocab) logits when no chunk size is given: 2^27 (512 MiB), so
 # 1024 tokens of a 131k vocabulary at a time; a small vocabulary runs in one chunk.
 CHUNK_ELEMENTS = 2 ** 27
+# ... and under `compiled_kd`, whose compiled chunk keeps no fp32 (chunk, vocab) tensor (its softmaxes fused
+# into passes over the logits), only the bf16 logits of both sides and the gradient: 2^29 elements, 4096
+# tokens of a 131k vocabulary a chunk (1 GiB each in bf16). Fewer chunks, fewer passes of the head's fp32
+# gradient accumulator (1.4 GB at Nano's head, read and written once a chunk: 22 GB a step at 1024-token chunks)
+FUSED_CHUNK_ELEMENTS = 2 ** 29
 
 
 @dataclass(frozen=True)
@@ -284,7 +289,8 @@ def kd_loss(student_logits: Logits, teacher_logits: Logits, token_mask: torch.Te
     Each side is logits (..., vocab), in any dtype, or a `HeadInput` (the LM head's input and
     weight: `head_input(model, x)`); the teacher's is not differentiated. `token_mask` (...,)
     bool/0-1: tokens that count (e.g. not padding). The KL is computed `chunk_tokens` tokens at a
-    time (default: about `CHUNK_ELEMENTS` logits a chunk), so the fp32 softmaxes of a large
+    time (default: about `CHUNK_ELEMENTS` logits a chunk, `FUSED_CHUNK_ELEMENTS` for a student `HeadInput`
+    under `compiled_kd`), so the fp32 softmaxes of a large
     vocabulary never exist for the whole batch: logits chunks are recomputed in the backward
     (activation checkpointing); a student `HeadInput` is fused, its logits made chunk by chunk
     and its gradients in the same pass, so that no (tokens, vocab) tensor of the batch exists."""
@@ -299,7 +305,10 @@ def kd_loss(student_logits: Logits, teacher_logits: Logits, token_mask: torch.Te
     if isinstance(student_logits, HeadInput):  # fused: a weighted sum with the weights normalised
         row_w = torch.full((n,), 1.0 / n, device=s.device) if w is None else w / w.sum().clamp(min=1)
         W, cd = student_logits.weight, student_logits.compute_dtype
-        if torch.is_grad_enabled() and (s.requires_grad or W.requires_grad):
+        grads = torch.is_grad_enabled() and (s.requires_grad or W.requires_grad)
+        if chunk_tokens is None and (_FUSED_CHUNK if grads else _FUSED_VALUE) is not None:
+            chunk = max(1, FUSED_CHUNK_ELEMENTS // V)
+        if grads:
             return _HeadKD.apply(s, W, row_w, teacher, t, cd, chunk)
         return _head_kl(s, W, cd, teacher, t, row_w, chunk, False, False)[0]
 
