@@ -962,14 +962,15 @@ def test_head_gradient_accumulates_in_one_gemm_where_the_device_has_it(monkeypat
     assert not losses._accumulating_gemm(torch.device("cpu"), torch.bfloat16)
     calls = []
 
-    def addmm(acc, a, b, out_dtype=None, out=None):
-        calls.append((a.dtype, b.dtype, out_dtype, out is acc))
-        return out.add_(a.float() @ b.float())
+    def addmm(acc, a, b, beta=1, out_dtype=None, out=None):
+        calls.append((a.dtype, b.dtype, out_dtype, out is acc, beta))
+        return out.copy_(a.float() @ b.float()) if beta == 0 else out.add_(a.float() @ b.float())
 
     monkeypatch.setattr(losses, "_accumulating_gemm", lambda device, dtype: True)
     monkeypatch.setattr(losses.torch, "addmm", addmm)
     fast_h, fast_w = grads()
-    assert len(calls) == 5 and set(calls) == {(torch.bfloat16, torch.bfloat16, torch.float32, True)}  # 46 rows / 10
+    assert len(calls) == 5 and {c[:4] for c in calls} == {(torch.bfloat16, torch.bfloat16, torch.float32, True)}
+    assert [c[4] for c in calls] == [0, 1, 1, 1, 1]  # 46 rows / 10: the first chunk's product written, not added
     assert torch.equal(fast_h, plain_h)  # the hidden states' gradient does not take this path
     # the same sums, the products added in fp32 rather than rounded to bf16 first: nearer the exact gradient
     assert (fast_w - exact_w).norm() < (plain_w - exact_w).norm() < 0.02 * exact_w.norm()
@@ -990,6 +991,9 @@ def test_head_gradient_gemm_on_cuda_equals_the_product_then_the_add():
     losses._add_product(acc, g.t(), x)
     ref.add_(g.t() @ x)
     assert torch.allclose(acc, ref, rtol=2e-2, atol=0.5)  # the reference rounds its product to bf16
+    fresh = torch.full_like(acc, float("nan"))  # a first chunk: the product written, acc's values never read
+    losses._add_product(fresh, g.t(), x, first=True)
+    assert torch.allclose(fresh, (g.t() @ x).float(), rtol=2e-2, atol=0.5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the grouped GEMM's backward is CUDA's")

@@ -193,8 +193,8 @@ def compiled_kd(backend: str | None):
 @functools.lru_cache(maxsize=None)
 def _accumulating_gemm(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether `torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)` adds a product of `dtype` matrices
-    into an fp32 `acc` in one GEMM on `device` (CUDA builds of recent torch; no CPU kernel): tried once on a
-    small case against the product-then-add, so that a torch without it, or one that gets it wrong, takes
+    into an fp32 `acc` in one GEMM on `device` (CUDA builds of recent torch; no CPU kernel), and with beta=0
+    writes the product alone without reading acc: tried once on a small case against the product-then-add, so that a torch without it, or one that gets it wrong, takes
     the plain path."""
     if dtype == torch.float32:
         return False
@@ -202,20 +202,27 @@ def _accumulating_gemm(device: torch.device, dtype: torch.dtype) -> bool:
         g = torch.Generator(device=device).manual_seed(0)
         a, b = (torch.randn(n, 64, device=device, dtype=dtype, generator=g) for n in (48, 40))
         acc = torch.randn(48, 40, device=device, dtype=torch.float32, generator=g)
-        want = acc + (a @ b.t()).float()
+        product = (a @ b.t()).float()
+        want = acc + product
         torch.addmm(acc, a, b.t(), out_dtype=torch.float32, out=acc)
-        return bool(torch.allclose(acc, want, rtol=1e-2, atol=1e-2))
+        fresh = torch.full_like(acc, float("nan"))  # beta 0 (`_add_product`'s first): the nan never read
+        torch.addmm(fresh, a, b.t(), beta=0, out_dtype=torch.float32, out=fresh)
+        return bool(torch.allclose(acc, want, rtol=1e-2, atol=1e-2)
+                    and torch.allclose(fresh, product, rtol=1e-2, atol=1e-2))
     except (RuntimeError, NotImplementedError, TypeError):
         return False
 
 
-def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
-    """acc += a @ b for an fp32 `acc` and `a`, `b` in the compute dtype: one GEMM accumulating in fp32 where
-    the device has it (`_accumulating_gemm`), else the product in the compute dtype, then the add. At Nano's
-    head (131,072 x 2,688) the separate add read and wrote 1.4 GB of fp32 a chunk, about 10 ms of a 254 ms
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool = False):
+    """acc += a @ b for an fp32 `acc` and `a`, `b` in the compute dtype (`first`: acc = a @ b, acc's values
+    not read, so it may be uninitialised): one GEMM accumulating in fp32 where the device has it
+    (`_accumulating_gemm`), else the product in the compute dtype, then the add. At Nano's head
+    (131,072 x 2,688) the separate add read and wrote 1.4 GB of fp32 a chunk, about 10 ms of a 254 ms
     training step on an H200 (docs/RESULTS.md §12, the step's profile)."""
     if a.dtype != acc.dtype and _accumulating_gemm(acc.device, a.dtype):
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        torch.addmm(acc, a, b, beta=0 if first else 1, out_dtype=acc.dtype, out=acc)  # beta 0: acc not read
+    elif first:
+        acc.copy_(a @ b)
     else:
         acc.add_(a @ b)
 
@@ -233,7 +240,7 @@ def _head_kl(hidden, weight, cd, teacher: Logits, t_rows, row_w, chunk: int, nee
     with torch.autocast(hidden.device.type, enabled=False):
         W = weight.to(cd)
         gh = torch.empty_like(hidden) if need_h else None
-        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        gw = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for i in range(0, hidden.shape[0], chunk):
             h = hidden[i:i + chunk].to(cd)
@@ -259,7 +266,7 @@ def _head_kl(hidden, weight, cd, teacher: Logits, t_rows, row_w, chunk: int, nee
             if need_h:
                 gh[i:i + chunk] = g @ W
             if need_w:
-                _add_product(gw, g.t(), h)
+                _add_product(gw, g.t(), h, first=i == 0)
     return total, gh, gw
 
 
