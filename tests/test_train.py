@@ -909,7 +909,8 @@ def test_the_router_baseline_share_is_checked():
 @pytest.mark.parametrize("extra", [{}, dict(full_delta_rank=4, full_anchor=1.0)], ids=["router", "router-delta"])
 def test_the_clip_left_to_the_fused_adamw_kernel_updates_as_clipping_first(tmp_path, monkeypatch, extra):
     """The model's gradient clip done by the fused AdamW kernel (its grad_scale) gives the weights, the router
-    and the full budget's delta that clipping the gradients first gives, to fp32 rounding, with the clip binding
+    and the full budget's delta that clipping the gradients first gives, to fp32 rounding (within a hundredth of
+    what the clip moves them), with the clip binding
     on every step, and without clip_grad_norm_'s pass over the model's gradients; the router's and the delta's
     own clips are kept. Without any clip the weights end elsewhere, so the comparison can tell."""
     counts, clip_grad_norm = [], torch.nn.utils.clip_grad_norm_
@@ -939,11 +940,16 @@ def test_the_clip_left_to_the_fused_adamw_kernel_updates_as_clipping_first(tmp_p
     assert all(lg["grad_norm"] > 0.05 for lg in runs["first"][0])  # the clip bound on every step
     assert [lg["grad_norm"] for lg in runs["in step"][0]] == pytest.approx([lg["grad_norm"] for lg in runs["first"][0]],
                                                                            rel=1e-5)
-    for part in (1, 2, 4):  # the model's weights, the router's, the delta's
-        for k, v in runs["first"][part].items():
-            assert torch.allclose(runs["in step"][part][k], v, rtol=1e-5, atol=1e-6), k
-    moved = max((runs["none"][1][k] - v).abs().max().item() for k, v in runs["first"][1].items())
-    assert moved > 1e-3
+    def gap(a, b, part):  # the largest difference of two runs' values over a part
+        return max(((runs[a][part][k] - v).abs().max().item() for k, v in runs[b][part].items()), default=0.0)
+
+    # the model's weights and the delta's: the two clips' runs differ by fp32 rounding carried through five steps
+    # (to 2e-6 on some CPUs), a hundredth of what the clip itself moves them
+    for part in (1, 4) if extra else (1,):
+        assert gap("none", "first", part) > 1e-3
+        assert gap("in step", "first", part) < 1e-2 * gap("none", "first", part), part
+    for k, v in runs["first"][2].items():  # the router's (its own clip kept): equal to fp32 rounding
+        assert torch.allclose(runs["in step"][2][k], v, rtol=1e-5, atol=1e-6), k
 
 
 def test_the_default_optimiser_clips_in_its_fused_kernel(tmp_path):
