@@ -164,8 +164,11 @@ def test_per_budget_moments_beside_a_delta_trained_every_step(tmp_path):
     assert max(float(p.detach().abs().max()) for p in one.delta.up.values()) > 0
     shared = _trainer(tmp_path, "shared", full_anchor=1.0, full_delta_rank=2, stage2_weights=[0.0, 1.0, 0.0])
     shared.run(progress=False)
+    start = _trainer(tmp_path, "start", **kw, stage2_weights=[0.0, 1.0, 0.0]).model  # and the run moved them
+    assert max((a - b).abs().max().item() for a, b in zip(start.parameters(), one.model.parameters())) > 1e-3
     for a, b in zip(shared.model.parameters(), one.model.parameters()):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        # fp32 rounding carried through the steps: up to 1.4e-6 in single elements on some CPUs (sixty-first session)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     assert set(one.opt.state[next(iter(one.delta.parameters()))]) == {"step_shared", "exp_avg_shared", "exp_avg_sq_shared"}
 
 
