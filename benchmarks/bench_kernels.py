@@ -556,7 +556,8 @@ def part_train(device, tiny: bool, pattern: str, batch: int, seq: int, steps: in
                  (best, have_triton, True, None, False, "none", "")]
     extra = [a for a, on in (("keep", keep), ("apart", apart and have_triton)) if on]
     variants += [(f"{best}_{a}", have_triton, True, None, False, "none", a) for a in extra]
-    step_apart = ["clip_first"] * clip_apart + ["eager_kd_value"] * kd_value_apart + ["small_kd_chunks"] * kd_chunk_apart
+    step_apart = [kind for kind, on in (("clip_first", clip_apart), ("eager_kd_value", kd_value_apart),
+                                        ("small_kd_chunks", kd_chunk_apart)) if on]
     if compile_step:
         variants.append((best + "_compiled", have_triton, True, "inductor", False, "none", ""))
         variants += [(f"{best}_compiled_{a}", have_triton, True, "inductor", False, "none", a)

@@ -175,8 +175,8 @@ def _compiled_chunk(backend: str, fn=_kl_chunk):
 @contextmanager
 def compiled_kd(backend: str | None):
     """Within the block, the fused distillation loss (a student `HeadInput`) runs each chunk's softmaxes,
-    KL and gradient (or, without gradients, the KL alone) as one torch.compile'd function (`backend`, e.g. "inductor"),
-    which fuses the casts and elementwise passes over the (chunk, vocab) logits that the eager code
+    KL and gradient (or, without gradients, the KL alone) as one torch.compile'd function (`backend`, e.g.
+    "inductor"), which fuses the casts and elementwise passes over the (chunk, vocab) logits that the eager code
     makes one kernel at a time (on an H200 at Nano width: 512 MiB passes, about 28 ms of a
     254 ms training step, docs/RESULTS.md §12). None: eager. The trainer turns it on with
     `TrainConfig.compile`."""
@@ -194,8 +194,8 @@ def compiled_kd(backend: str | None):
 def _accumulating_gemm(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether `torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)` adds a product of `dtype` matrices
     into an fp32 `acc` in one GEMM on `device` (CUDA builds of recent torch; no CPU kernel), and with beta=0
-    writes the product alone without reading acc: tried once on a small case against the product-then-add, so that a torch without it, or one that gets it wrong, takes
-    the plain path."""
+    writes the product alone without reading acc: tried once on a small case against the product-then-add,
+    so that a torch without it, or one that gets it wrong, takes the plain path."""
     if dtype == torch.float32:
         return False
     try:
@@ -240,7 +240,9 @@ def _head_kl(hidden, weight, cd, teacher: Logits, t_rows, row_w, chunk: int, nee
     with torch.autocast(hidden.device.type, enabled=False):
         W = weight.to(cd)
         gh = torch.empty_like(hidden) if need_h else None
-        gw = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        # the first chunk's product is written into gw, not added (`_add_product`'s first): no zero fill
+        gw = (torch.empty if hidden.shape[0] else torch.zeros)(weight.shape, dtype=torch.float32,
+                                                                 device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for i in range(0, hidden.shape[0], chunk):
             h = hidden[i:i + chunk].to(cd)
