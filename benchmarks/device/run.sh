@@ -36,6 +36,8 @@
 #                               (bench_step_kernels.py; compiled, CUDA graph; ~3 min with the checkpoint's build)
 #   KERNELS [args]              issue 16's training step at Nano width, eager / Triton / fused KD / compiled; --parts profile: the compiled step by kernel (--compile off: eager); --parts kdcurve: KD over 50 steps, fast against reference (--kd-apart: each fast part alone too); --fsdp1: the FSDP2 rows; --keep-activations: the step without the recompute, beside; --conv-scan-apart: Mamba's conv, scan and skip apart (not as one function, the default), beside
 #                               (bench_kernels --parts train; needs .devcarry/mamba)
+#                               --clip-apart --kd-value-apart --kd-chunk-apart --rows compiled: the compiled default beside each of the
+#                               sixtieth / sixty-first sessions' changes undone (~5 min)
 #   SAVED [args]                issue 16: the bytes each layer keeps for backward, 539M and Nano widths, eager and compiled,
 #                               on the real kernels (bench_saved.py --kernels real; needs .devcarry/mamba); --conv-scan too
 #   S35 [args] | S35B           GPUTESTS then KERNELS --conv-scan-apart --keep-activations; SAVED plain / --conv-scan / --masked / both / --keep-full
