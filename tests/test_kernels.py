@@ -967,11 +967,15 @@ def test_head_gradient_accumulates_in_one_gemm_where_the_device_has_it(monkeypat
         calls.append((a.dtype, b.dtype, out_dtype, out is acc, beta))
         return out.copy_(a.float() @ b.float()) if beta == 0 else out.add_(a.float() @ b.float())
 
-    monkeypatch.setattr(losses, "_accumulating_gemm", lambda device, dtype: True)
+    beta0 = [True]  # whether the device's GEMM writes a product alone (beta 0)
+    monkeypatch.setattr(losses, "_accumulating_gemm", lambda device, dtype, beta=1: bool(beta) or beta0[0])
     monkeypatch.setattr(losses.torch, "addmm", addmm)
     fast_h, fast_w = grads()
     assert len(calls) == 5 and {c[:4] for c in calls} == {(torch.bfloat16, torch.bfloat16, torch.float32, True)}
     assert [c[4] for c in calls] == [0, 1, 1, 1, 1]  # 46 rows / 10: the first chunk's product written, not added
+    beta0[0] = False  # without that GEMM: the first product added to zeros, the same gradient
+    calls.clear()
+    assert torch.equal(grads()[1], fast_w) and [c[4] for c in calls] == [1] * 5
     assert torch.equal(fast_h, plain_h)  # the hidden states' gradient does not take this path
     # the same sums, the products added in fp32 rather than rounded to bf16 first: nearer the exact gradient
     assert (fast_w - exact_w).norm() < (plain_w - exact_w).norm() < 0.02 * exact_w.norm()
@@ -984,7 +988,7 @@ def test_head_gradient_gemm_on_cuda_equals_the_product_then_the_add():
     from star_elastic.elastic import losses
 
     dev = torch.device("cuda")
-    assert losses._accumulating_gemm(dev, torch.bfloat16)
+    assert losses._accumulating_gemm(dev, torch.bfloat16) and losses._accumulating_gemm(dev, torch.bfloat16, 0)
     g = torch.randn(1024, 8192, device=dev, dtype=torch.bfloat16)
     x = torch.randn(1024, 512, device=dev, dtype=torch.bfloat16)
     acc, ref = (torch.randn(8192, 512, device=dev) for _ in range(2))

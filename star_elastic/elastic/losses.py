@@ -191,24 +191,22 @@ def compiled_kd(backend: str | None):
 
 
 @functools.lru_cache(maxsize=None)
-def _accumulating_gemm(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)` adds a product of `dtype` matrices
-    into an fp32 `acc` in one GEMM on `device` (CUDA builds of recent torch; no CPU kernel), and with beta=0
-    writes the product alone without reading acc: tried once on a small case against the product-then-add,
-    so that a torch without it, or one that gets it wrong, takes the plain path."""
+def _accumulating_gemm(device: torch.device, dtype: torch.dtype, beta: int = 1) -> bool:
+    """Whether `torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)` adds a product of `dtype`
+    matrices into an fp32 `acc` in one GEMM on `device` (CUDA builds of recent torch; no CPU kernel), or with
+    beta 0 writes the product alone without reading acc: tried once on a small case against the
+    product-then-add, so that a torch without it, or one that gets it wrong, takes the plain path."""
     if dtype == torch.float32:
         return False
     try:
         g = torch.Generator(device=device).manual_seed(0)
         a, b = (torch.randn(n, 64, device=device, dtype=dtype, generator=g) for n in (48, 40))
         acc = torch.randn(48, 40, device=device, dtype=torch.float32, generator=g)
-        product = (a @ b.t()).float()
-        want = acc + product
-        torch.addmm(acc, a, b.t(), out_dtype=torch.float32, out=acc)
-        fresh = torch.full_like(acc, float("nan"))  # beta 0 (`_add_product`'s first): the nan never read
-        torch.addmm(fresh, a, b.t(), beta=0, out_dtype=torch.float32, out=fresh)
-        return bool(torch.allclose(acc, want, rtol=1e-2, atol=1e-2)
-                    and torch.allclose(fresh, product, rtol=1e-2, atol=1e-2))
+        if beta == 0:
+            acc.fill_(float("nan"))  # never read
+        want = (a @ b.t()).float() + (acc if beta else 0)
+        torch.addmm(acc, a, b.t(), beta=beta, out_dtype=torch.float32, out=acc)
+        return bool(torch.allclose(acc, want, rtol=1e-2, atol=1e-2))
     except (RuntimeError, NotImplementedError, TypeError):
         return False
 
@@ -220,6 +218,9 @@ def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: boo
     (131,072 x 2,688) the separate add read and wrote 1.4 GB of fp32 a chunk, about 10 ms of a 254 ms
     training step on an H200 (docs/RESULTS.md §12, the step's profile)."""
     if a.dtype != acc.dtype and _accumulating_gemm(acc.device, a.dtype):
+        if first and not _accumulating_gemm(acc.device, a.dtype, 0):  # no beta-0 GEMM: into zeros
+            acc.zero_()
+            first = False
         torch.addmm(acc, a, b, beta=0 if first else 1, out_dtype=acc.dtype, out=acc)  # beta 0: acc not read
     elif first:
         acc.copy_(a @ b)
