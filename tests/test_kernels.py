@@ -1001,6 +1001,36 @@ def test_head_gradient_gemm_on_cuda_equals_the_product_then_the_add():
     assert torch.allclose(fresh, (g.t() @ x).float(), rtol=2e-2, atol=0.5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's fused KD chunk on CUDA (run.sh GPUTESTS)")
+def test_inductor_kd_chunks_on_cuda_give_the_eager_loss_with_and_without_gradients(monkeypatch):
+    """On a GPU, at a head's width: under compiled_kd("inductor") the KD in its large chunks (with gradients,
+    and without, as the router's baseline runs it) gives the eager chunks' loss and gradients, bf16 logits
+    both ways."""
+    from star_elastic.elastic import losses
+
+    dev, V, D, n = torch.device("cuda"), 32768, 256, 3000
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 512 * V)  # eager: 512 tokens a chunk
+    monkeypatch.setattr(losses, "FUSED_CHUNK_ELEMENTS", 1024 * V)  # compiled: 1024, two and a rest of 952
+    g = torch.Generator(device=dev).manual_seed(0)
+    h, ht = (torch.randn(n, D, device=dev, generator=g) for _ in range(2))
+    W, Wt = (torch.randn(V, D, device=dev, generator=g) * 0.05 for _ in range(2))
+    teacher = HeadInput(ht, Wt.bfloat16(), torch.bfloat16)
+    out = []
+    for backend in (None, "inductor"):
+        a_h, a_W = h.clone().requires_grad_(), W.clone().requires_grad_()
+        with losses.compiled_kd(backend):
+            with torch.no_grad():
+                value = kd_loss(HeadInput(h, W, torch.bfloat16), teacher)
+            loss = kd_loss(HeadInput(a_h, a_W, torch.bfloat16), teacher)
+            loss.backward()
+        out.append((value, loss.detach(), a_h.grad, a_W.grad))
+    (v0, l0, gh0, gw0), (v1, l1, gh1, gw1) = out
+    assert v1.item() == pytest.approx(v0.item(), rel=1e-3) and l1.item() == pytest.approx(l0.item(), rel=1e-3)
+    assert v1.item() == pytest.approx(l1.item(), rel=1e-3)
+    for a, b in ((gh1, gh0), (gw1, gw0)):
+        assert (a - b).norm() < 1e-2 * b.norm()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the grouped GEMM's backward is CUDA's")
 def test_grouped_experts_on_cuda_give_the_per_expert_paths_gradients():
     """On a GPU: the experts as one grouped GEMM in bf16 (the routing weights scaling the activations before
