@@ -167,6 +167,11 @@ _FUSED_CHUNK = None
 _FUSED_VALUE = None
 
 
+def _fused(grads: bool):
+    """The compiled chunk `compiled_kd` has on for a KD with gradients (`grads`) or without; None: eager."""
+    return _FUSED_CHUNK if grads else _FUSED_VALUE
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_chunk(backend: str, fn=_kl_chunk):
     return torch.compile(fn, backend=backend, dynamic=False)
@@ -237,7 +242,7 @@ def _head_kl(hidden, weight, cd, teacher: Logits, t_rows, row_w, chunk: int, nee
     gradients too (the router's baseline forward: its eager passes were ~15 ms a step of the compiled step's
     profile at Nano width, averaged over a full and a 0.5 step, H100, docs/RESULTS.md §12)."""
     grads = need_h or need_w
-    fused = _FUSED_CHUNK if grads else _FUSED_VALUE
+    fused = _fused(grads)
     with torch.autocast(hidden.device.type, enabled=False):
         W = weight.to(cd)
         gh = torch.empty_like(hidden) if need_h else None
@@ -316,7 +321,7 @@ def kd_loss(student_logits: Logits, teacher_logits: Logits, token_mask: torch.Te
         row_w = torch.full((n,), 1.0 / n, device=s.device) if w is None else w / w.sum().clamp(min=1)
         W, cd = student_logits.weight, student_logits.compute_dtype
         grads = torch.is_grad_enabled() and (s.requires_grad or W.requires_grad)
-        if chunk_tokens is None and (_FUSED_CHUNK if grads else _FUSED_VALUE) is not None:
+        if chunk_tokens is None and _fused(grads) is not None:
             chunk = max(1, FUSED_CHUNK_ELEMENTS // V)
         if grads:
             return _HeadKD.apply(s, W, row_w, teacher, t, cd, chunk)
